@@ -1,0 +1,545 @@
+//! `fleetctl bundle …`: build, sign, verify and inspect `.fmb` model bundles.
+
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use fleetml_protocol::bundle::{self, Limits, SignatureRecord, Unverified, VerifiedBundle};
+use fleetml_protocol::crypto::{Sha256, Sha256Hasher, SigningKey};
+use fleetml_protocol::features::{FeatureSchema, RawValue};
+use fleetml_protocol::golden::{Golden, Tensor};
+use fleetml_protocol::manifest::{
+    Entry, GOLDEN_ENTRY, Lineage, MANIFEST_FORMAT, MODEL_ENTRY, Manifest, REFERENCE_ENTRY, Targets,
+    valid_entry_name,
+};
+use fleetml_protocol::reference::ReferenceProfile;
+
+use crate::onnx::OnnxModel;
+use crate::output::{self, human_size};
+
+/// Largest model, feature schema, lineage or CSV read into memory at build time.
+const MAX_MODEL: u64 = 2 << 30;
+const MAX_TEXT: u64 = 16 << 20;
+const MAX_CSV: u64 = 1 << 30;
+
+/// Everything `bundle build` needs.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    pub model: PathBuf,
+    pub name: String,
+    pub version: u64,
+    pub label: String,
+    pub features: PathBuf,
+    pub reference: Option<PathBuf>,
+    pub golden: Option<PathBuf>,
+    pub golden_rows: usize,
+    pub lineage: Option<PathBuf>,
+    pub bins: u32,
+    pub backends: Vec<String>,
+    pub boards: Vec<String>,
+    pub min_agent_version: String,
+    pub created_at: u64,
+    pub extra: Vec<PathBuf>,
+    pub keys: Vec<PathBuf>,
+    pub out: PathBuf,
+}
+
+/// Reads a CSV with a header into rows of raw values in schema order. Columns not in the
+/// schema (such as a label) are ignored; a schema feature missing from the header is an
+/// error naming it.
+pub fn read_csv(
+    path: &Path,
+    schema: &FeatureSchema,
+    limit: Option<usize>,
+) -> anyhow::Result<Vec<Vec<RawValue>>> {
+    let size = std::fs::metadata(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .len();
+    anyhow::ensure!(
+        size <= MAX_CSV,
+        "{} is larger than {} bytes",
+        path.display(),
+        MAX_CSV
+    );
+    let mut reader =
+        csv::Reader::from_path(path).with_context(|| format!("reading {}", path.display()))?;
+    let header = reader
+        .headers()
+        .with_context(|| format!("reading the header of {}", path.display()))?
+        .clone();
+    let mut positions = Vec::with_capacity(schema.features.len());
+    for f in &schema.features {
+        let Some(pos) = header.iter().position(|h| h.trim() == f.name) else {
+            bail!(
+                "{} has no column `{}` (a feature of the schema)",
+                path.display(),
+                f.name
+            );
+        };
+        positions.push(pos);
+    }
+    let mut rows = Vec::new();
+    for (i, record) in reader.records().enumerate() {
+        if limit.is_some_and(|l| rows.len() >= l) {
+            break;
+        }
+        let record = record.with_context(|| format!("{} row {}", path.display(), i + 2))?;
+        rows.push(
+            positions
+                .iter()
+                .map(|p| RawValue::parse(record.get(*p).unwrap_or("")))
+                .collect(),
+        );
+    }
+    anyhow::ensure!(!rows.is_empty(), "{} has no data rows", path.display());
+    Ok(rows)
+}
+
+/// Encodes raw rows into one f32 tensor per model input.
+fn encode(schema: &FeatureSchema, model: &OnnxModel, rows: &[Vec<RawValue>]) -> Vec<Tensor> {
+    model
+        .inputs
+        .iter()
+        .map(|input| {
+            let columns = schema.columns_of(&input.name);
+            let mut data = vec![0f32; rows.len() * columns];
+            for (row, out) in rows.iter().zip(data.chunks_mut(columns.max(1))) {
+                schema.encode_row(&input.name, row, out);
+            }
+            Tensor {
+                name: input.name.clone(),
+                shape: vec![rows.len() as u64, columns as u64],
+                data,
+            }
+        })
+        .collect()
+}
+
+fn last_axis(t: &Tensor) -> usize {
+    t.shape.last().copied().unwrap_or(1).max(1) as usize
+}
+
+/// A payload and where its bytes come from.
+enum Source {
+    Memory(Vec<u8>),
+    File(PathBuf),
+}
+
+fn entry_for(name: &str, source: &Source) -> anyhow::Result<Entry> {
+    let (size, sha256) = match source {
+        Source::Memory(bytes) => (bytes.len() as u64, fleetml_protocol::crypto::sha256(bytes)),
+        Source::File(path) => hash_file(path)?,
+    };
+    Ok(Entry {
+        name: name.to_string(),
+        size,
+        sha256,
+    })
+}
+
+fn hash_file(path: &Path) -> anyhow::Result<(u64, Sha256)> {
+    let mut f = File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut hasher = Sha256Hasher::new();
+    let mut buf = vec![0u8; bundle::CHUNK];
+    let mut size = 0u64;
+    loop {
+        let n = f
+            .read(&mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        size += n as u64;
+    }
+    Ok((size, hasher.finish()))
+}
+
+/// Summary of a built bundle.
+#[derive(Debug)]
+pub struct Built {
+    pub manifest: Manifest,
+    pub size: u64,
+    pub signed_by: Vec<String>,
+}
+
+pub fn build(opts: &BuildOptions) -> anyhow::Result<Built> {
+    let schema_text = output::read_bounded(&opts.features, MAX_TEXT, "feature schema")?;
+    let schema = FeatureSchema::from_toml(&String::from_utf8_lossy(&schema_text))
+        .with_context(|| format!("feature schema {}", opts.features.display()))?;
+    let model_bytes = output::read_bounded(&opts.model, MAX_MODEL, "model")?;
+    let model =
+        OnnxModel::load(&model_bytes).with_context(|| format!("model {}", opts.model.display()))?;
+    schema.check_against(&model.inputs).with_context(|| {
+        format!(
+            "feature schema {} does not match model {}",
+            opts.features.display(),
+            opts.model.display()
+        )
+    })?;
+    let lineage = match &opts.lineage {
+        Some(p) => {
+            let text = output::read_bounded(p, MAX_TEXT, "lineage")?;
+            Lineage::from_toml(&String::from_utf8_lossy(&text))
+                .map_err(|e| anyhow::anyhow!("lineage {}: {e}", p.display()))?
+        }
+        None => Lineage::default(),
+    };
+    let keys = opts
+        .keys
+        .iter()
+        .map(|k| crate::keys::load_private(k))
+        .collect::<anyhow::Result<Vec<SigningKey>>>()?;
+
+    let mut payloads: Vec<(String, Source)> =
+        vec![(MODEL_ENTRY.into(), Source::Memory(model_bytes))];
+    if let Some(path) = &opts.reference {
+        let rows = read_csv(path, &schema, None)?;
+        let outputs = model
+            .run(&encode(&schema, &model, &rows))
+            .context("computing reference predictions")?;
+        let outputs: Vec<(String, usize, Vec<f32>)> = outputs
+            .into_iter()
+            .map(|t| (t.name.clone(), last_axis(&t), t.data))
+            .collect();
+        let profile = ReferenceProfile::compute(&schema, &rows, &outputs, opts.bins)?;
+        payloads.push((REFERENCE_ENTRY.into(), Source::Memory(profile.to_cbor())));
+    }
+    if let Some(path) = &opts.golden {
+        let rows = read_csv(path, &schema, Some(opts.golden_rows))?;
+        let inputs = encode(&schema, &model, &rows);
+        let outputs = model.run(&inputs).context("computing golden outputs")?;
+        let golden = Golden {
+            abs_tolerance: 1e-4,
+            rel_tolerance: 1e-3,
+            inputs,
+            outputs,
+        };
+        payloads.push((GOLDEN_ENTRY.into(), Source::Memory(golden.to_cbor())));
+    }
+    for path in &opts.extra {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if !valid_entry_name(&name) || payloads.iter().any(|(n, _)| *n == name) {
+            bail!(
+                "extra file `{name}` needs a plain, unique file name (letters, digits, `_`, `-`, `.`)"
+            );
+        }
+        payloads.push((name, Source::File(path.clone())));
+    }
+    let entries = payloads
+        .iter()
+        .map(|(n, s)| entry_for(n, s))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let manifest = Manifest {
+        format: MANIFEST_FORMAT,
+        name: opts.name.clone(),
+        version: opts.version,
+        label: opts.label.clone(),
+        created_at: opts.created_at,
+        entries,
+        inputs: model.inputs.clone(),
+        outputs: model.outputs.clone(),
+        features: schema,
+        targets: Targets {
+            backends: opts.backends.clone(),
+            boards: opts.boards.clone(),
+        },
+        min_agent_version: opts.min_agent_version.clone(),
+        lineage,
+    };
+    manifest.validate().context("the bundle would be invalid")?;
+    let manifest_bytes = manifest.to_canonical_cbor();
+    let signatures: Vec<SignatureRecord> = keys
+        .iter()
+        .map(|k| SignatureRecord {
+            key: k.id(),
+            signature: k.sign(&manifest_bytes),
+        })
+        .collect();
+    output::write_atomic(&opts.out, |file| {
+        let mut w = BufWriter::new(file);
+        bundle::write(
+            &mut w,
+            &manifest_bytes,
+            &signatures,
+            &manifest,
+            |name, out| match payloads.iter().find(|(n, _)| n == name).map(|(_, s)| s) {
+                Some(Source::Memory(bytes)) => out.write_all(bytes),
+                Some(Source::File(path)) => std::io::copy(&mut File::open(path)?, out).map(|_| ()),
+                None => Err(std::io::Error::other(format!("no payload `{name}`"))),
+            },
+        )?;
+        w.flush()?;
+        Ok(())
+    })?;
+    let size = std::fs::metadata(&opts.out)?.len();
+    Ok(Built {
+        manifest,
+        size,
+        signed_by: signatures.iter().map(|s| s.key.to_string()).collect(),
+    })
+}
+
+/// Adds a signature by `key` to the bundle at `path`, in place (atomically).
+/// Returns `false` if that key had already signed.
+pub fn sign(path: &Path, key: &Path) -> anyhow::Result<(bool, String)> {
+    let key = crate::keys::load_private(key)?;
+    let front = read_front(path)?;
+    let record = SignatureRecord {
+        key: key.id(),
+        signature: key.sign(&front.manifest_bytes),
+    };
+    if front.signatures.contains(&record) {
+        return Ok((false, key.id().to_string()));
+    }
+    let mut changed = false;
+    output::write_atomic(path, |file| {
+        let input = BufReader::new(
+            File::open(path).with_context(|| format!("reading {}", path.display()))?,
+        );
+        let mut w = BufWriter::new(file);
+        changed = bundle::add_signature(input, &mut w, record, &Limits::default())
+            .with_context(|| format!("{} is not a valid bundle", path.display()))?;
+        w.flush()?;
+        Ok(())
+    })?;
+    Ok((changed, key.id().to_string()))
+}
+
+pub fn read_front(path: &Path) -> anyhow::Result<Unverified> {
+    let f = File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    bundle::read_unverified(BufReader::new(f), &Limits::default())
+        .with_context(|| format!("{}", path.display()))
+}
+
+pub fn verify(path: &Path, trust: &Path) -> anyhow::Result<VerifiedBundle> {
+    let policy = crate::keys::load_policy(trust)?;
+    let f = File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    bundle::verify(
+        BufReader::with_capacity(bundle::CHUNK, f),
+        &policy,
+        &Limits::default(),
+    )
+    .with_context(|| format!("{} failed verification", path.display()))
+}
+
+/// One line for a verified bundle.
+pub fn summary(v: &VerifiedBundle, threshold: Option<u32>) -> String {
+    let m = &v.manifest;
+    let label = if m.label.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", m.label)
+    };
+    let keys: Vec<String> = v.signed_by.iter().map(|k| k.to_string()).collect();
+    let need = threshold
+        .map(|t| format!(" (threshold {t})"))
+        .unwrap_or_default();
+    format!(
+        "verified {} v{}{label}: {} payloads, {}, signed by {}{need}, sha256 {}",
+        m.name,
+        m.version,
+        m.entries.len(),
+        human_size(v.size),
+        keys.join(", "),
+        v.digest
+    )
+}
+
+/// `bundle inspect` as a JSON value.
+pub fn inspect_json(front: &Unverified, file_size: u64) -> serde_json::Value {
+    let mut manifest = serde_json::to_value(&front.manifest).unwrap_or(serde_json::Value::Null);
+    if let Some(entries) = manifest.get_mut("entries").and_then(|e| e.as_array_mut()) {
+        for (json, entry) in entries.iter_mut().zip(&front.manifest.entries) {
+            json["sha256"] = serde_json::Value::String(entry.sha256.to_string());
+        }
+    }
+    serde_json::json!({
+        "manifest": manifest,
+        "manifest_bytes": front.manifest_bytes.len(),
+        "file_size": file_size,
+        "signatures": front.signatures.iter().map(|s| s.key.to_string()).collect::<Vec<_>>(),
+        "verified": false,
+    })
+}
+
+/// `bundle inspect` as a human-readable report.
+pub fn inspect_text(front: &Unverified, file_size: u64) -> String {
+    use std::fmt::Write as _;
+    let m = &front.manifest;
+    let mut s = String::new();
+    let created = humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(m.created_at),
+    );
+    let any = |v: &[String]| {
+        if v.is_empty() {
+            "any".to_string()
+        } else {
+            v.join(", ")
+        }
+    };
+    let _ = writeln!(
+        s,
+        "Bundle        {} v{}{}",
+        m.name,
+        m.version,
+        if m.label.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", m.label)
+        }
+    );
+    let _ = writeln!(s, "Created       {created}");
+    let _ = writeln!(
+        s,
+        "Size          {} (manifest {} B)",
+        human_size(file_size),
+        front.manifest_bytes.len()
+    );
+    let _ = writeln!(s, "Min agent     {}", m.min_agent_version);
+    let _ = writeln!(s, "Backends      {}", any(&m.targets.backends));
+    let _ = writeln!(s, "Boards        {}", any(&m.targets.boards));
+    let _ = writeln!(s, "\nInputs");
+    for t in &m.inputs {
+        let _ = writeln!(s, "  {t}");
+    }
+    let _ = writeln!(s, "Outputs");
+    for t in &m.outputs {
+        let _ = writeln!(s, "  {t}");
+    }
+    let _ = writeln!(s, "\nPayloads");
+    let _ = writeln!(s, "  {:<20} {:>12}  SHA-256", "NAME", "SIZE");
+    for e in &m.entries {
+        let _ = writeln!(
+            s,
+            "  {:<20} {:>12}  {}",
+            e.name,
+            human_size(e.size),
+            e.sha256
+        );
+    }
+    let _ = writeln!(s, "\nFeatures");
+    let _ = writeln!(
+        s,
+        "  {:<24} {:<9} {:<8} {:<26} {}",
+        "NAME", "TYPE", "UNIT", "VALID", "COLUMNS"
+    );
+    for f in &m.features.features {
+        let kind = format!("{:?}", f.kind).to_lowercase();
+        let valid = if f.values.is_empty() {
+            let b = |v: Option<f64>| v.map(|x| x.to_string()).unwrap_or_else(|| "-".into());
+            format!("{}..{}", b(f.min), b(f.max))
+        } else {
+            let v = f.values.join("|");
+            if v.len() > 26 {
+                format!(
+                    "{}…",
+                    &v[..v.char_indices().nth(24).map_or(v.len(), |(i, _)| i)]
+                )
+            } else {
+                v
+            }
+        };
+        let cols = if f.width() == 1 {
+            format!("{}[{}]", f.input, f.column)
+        } else {
+            format!("{}[{}..{}]", f.input, f.column, f.column + f.width())
+        };
+        let _ = writeln!(
+            s,
+            "  {:<24} {:<9} {:<8} {:<26} {}",
+            f.name,
+            kind,
+            f.unit.as_deref().unwrap_or("-"),
+            valid,
+            cols
+        );
+    }
+    let l = &m.lineage;
+    let unknown = "unknown";
+    let _ = writeln!(s, "\nLineage");
+    let _ = writeln!(
+        s,
+        "  dataset          {}",
+        l.dataset.as_ref().map_or(unknown.to_string(), |d| format!(
+            "{} (sha256 {})",
+            d.uri,
+            d.sha256.as_deref().unwrap_or(unknown)
+        ))
+    );
+    let _ = writeln!(
+        s,
+        "  code             {}",
+        l.code.as_ref().map_or(unknown.to_string(), |c| format!(
+            "{} @ {}",
+            c.repository,
+            c.commit.as_deref().unwrap_or(unknown)
+        ))
+    );
+    let _ = writeln!(
+        s,
+        "  framework        {}",
+        l.framework
+            .as_ref()
+            .map_or(unknown.to_string(), |f| format!(
+                "{} {}",
+                f.name,
+                f.version.as_deref().unwrap_or("")
+            ))
+            .trim_end()
+    );
+    let _ = writeln!(
+        s,
+        "  dependencies     {}",
+        l.dependencies_lock_sha256
+            .as_deref()
+            .map_or(unknown.to_string(), |d| format!("lockfile sha256 {d}"))
+    );
+    let _ = writeln!(
+        s,
+        "  container        {}",
+        l.container_image.as_deref().unwrap_or(unknown)
+    );
+    let _ = writeln!(
+        s,
+        "  cuda/cudnn/drv   {} / {} / {}",
+        l.cuda_version.as_deref().unwrap_or(unknown),
+        l.cudnn_version.as_deref().unwrap_or(unknown),
+        l.driver_version.as_deref().unwrap_or(unknown)
+    );
+    let _ = writeln!(
+        s,
+        "  seed             {}",
+        l.seed.map_or(unknown.to_string(), |v| v.to_string())
+    );
+    let _ = writeln!(
+        s,
+        "  training device  {}",
+        l.training_device.as_deref().unwrap_or(unknown)
+    );
+    if l.hyperparameters.is_empty() {
+        let _ = writeln!(s, "  hyperparameters  {unknown}");
+    } else {
+        let params: Vec<String> = l
+            .hyperparameters
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let _ = writeln!(s, "  hyperparameters  {}", params.join(" "));
+    }
+    let _ = writeln!(
+        s,
+        "\nSignatures (not checked here; run `fleetctl bundle verify --trust`)"
+    );
+    if front.signatures.is_empty() {
+        let _ = writeln!(s, "  none");
+    }
+    for sig in &front.signatures {
+        let _ = writeln!(s, "  ed25519 key {}", sig.key);
+    }
+    s
+}

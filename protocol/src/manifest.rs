@@ -1,0 +1,440 @@
+//! The bundle manifest: what a model version is, what it contains, what it expects, and
+//! where it came from. Stored as canonical CBOR; the signatures cover exactly those bytes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::crypto::Sha256;
+use crate::features::{FeatureError, FeatureSchema};
+
+/// The manifest schema this crate writes and reads.
+pub const MANIFEST_FORMAT: u32 = 1;
+/// The most payload entries a manifest may list.
+pub const MAX_ENTRIES: usize = 256;
+/// The most input or output tensors a manifest may list.
+pub const MAX_TENSORS: usize = 256;
+/// The most dimensions a tensor spec may have.
+pub const MAX_RANK: usize = 16;
+
+/// Name of the payload holding the ONNX model (required).
+pub const MODEL_ENTRY: &str = "model.onnx";
+/// Name of the payload holding the reference profile for drift monitoring.
+pub const REFERENCE_ENTRY: &str = "reference.cbor";
+/// Name of the payload holding the golden self-test vectors.
+pub const GOLDEN_ENTRY: &str = "golden.cbor";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Manifest schema version; [`MANIFEST_FORMAT`].
+    pub format: u32,
+    /// Model name: 1-64 characters of letters, digits, `_`, `-`, `.`.
+    pub name: String,
+    /// Monotonic version number, at least 1.
+    pub version: u64,
+    /// Free-form label (e.g. `2026-11-claims-q4`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub label: String,
+    /// Creation time, seconds since the Unix epoch (UTC), as supplied by the builder.
+    pub created_at: u64,
+    /// Payload entries, in the order their bytes follow in the bundle.
+    pub entries: Vec<Entry>,
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+    pub features: FeatureSchema,
+    pub targets: Targets,
+    /// The oldest agent release that can run this bundle (`MAJOR.MINOR.PATCH`).
+    pub min_agent_version: String,
+    pub lineage: Lineage,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Entry {
+    pub name: String,
+    pub size: u64,
+    pub sha256: Sha256,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    F16,
+    F32,
+    F64,
+    I8,
+    I16,
+    I32,
+    I64,
+    U8,
+    U16,
+    U32,
+    U64,
+    Bool,
+    String,
+}
+
+impl DType {
+    pub fn is_float(self) -> bool {
+        matches!(self, DType::F16 | DType::F32 | DType::F64)
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = serde_json_like_name(*self);
+        f.write_str(s)
+    }
+}
+
+fn serde_json_like_name(d: DType) -> &'static str {
+    match d {
+        DType::F16 => "f16",
+        DType::F32 => "f32",
+        DType::F64 => "f64",
+        DType::I8 => "i8",
+        DType::I16 => "i16",
+        DType::I32 => "i32",
+        DType::I64 => "i64",
+        DType::U8 => "u8",
+        DType::U16 => "u16",
+        DType::U32 => "u32",
+        DType::U64 => "u64",
+        DType::Bool => "bool",
+        DType::String => "string",
+    }
+}
+
+/// One dimension of a tensor shape: a fixed size or a named symbol (e.g. the batch `N`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Dim {
+    Fixed(u64),
+    Symbol(String),
+}
+
+impl fmt::Display for Dim {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Dim::Fixed(n) => write!(f, "{n}"),
+            Dim::Symbol(s) => f.write_str(s),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TensorSpec {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<Dim>,
+}
+
+impl fmt::Display for TensorSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let dims: Vec<String> = self.shape.iter().map(Dim::to_string).collect();
+        write!(f, "{}: {}[{}]", self.name, self.dtype, dims.join(", "))
+    }
+}
+
+/// Backends and boards a bundle was prepared for. Empty lists mean "any".
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Targets {
+    #[serde(default)]
+    pub backends: Vec<String>,
+    #[serde(default)]
+    pub boards: Vec<String>,
+}
+
+/// Where a model came from. Every field is optional: absent means unknown, and a builder
+/// must never invent a value it did not observe.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Lineage {
+    /// SHA-256 of the dependency lockfile the training code was built with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dependencies_lock_sha256: Option<String>,
+    /// Container image the training ran in, by digest (`registry/image@sha256:…`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cuda_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cudnn_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// What the training ran on (`cpu: x86_64`, `NVIDIA H100 80GB`, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub training_device: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset: Option<DatasetRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<CodeRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub framework: Option<Framework>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub hyperparameters: BTreeMap<String, Param>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetRef {
+    pub uri: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CodeRef {
+    pub repository: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Framework {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+}
+
+/// A hyperparameter value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Param {
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Text(String),
+}
+
+impl fmt::Display for Param {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Param::Bool(b) => write!(f, "{b}"),
+            Param::Int(i) => write!(f, "{i}"),
+            Param::Float(x) => write!(f, "{x}"),
+            Param::Text(s) => f.write_str(s),
+        }
+    }
+}
+
+impl Lineage {
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        let lineage: Lineage = toml::from_str(text).map_err(|e| e.message().to_string())?;
+        lineage.validate().map_err(|e| e.to_string())?;
+        Ok(lineage)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("lineage serializes to TOML")
+    }
+
+    fn validate(&self) -> Result<(), ManifestError> {
+        let digests = [
+            (
+                "lineage.dependencies_lock_sha256",
+                self.dependencies_lock_sha256.as_deref(),
+            ),
+            (
+                "lineage.dataset.sha256",
+                self.dataset.as_ref().and_then(|d| d.sha256.as_deref()),
+            ),
+        ];
+        for (field, value) in digests {
+            if let Some(v) = value
+                && v.parse::<Sha256>().is_err()
+            {
+                return Err(ManifestError::Field {
+                    field,
+                    problem: format!("`{v}` is not a SHA-256 digest (64 hex digits)"),
+                });
+            }
+        }
+        for (k, v) in &self.hyperparameters {
+            if matches!(v, Param::Float(x) if !x.is_finite()) {
+                return Err(ManifestError::Field {
+                    field: "lineage.hyperparameters",
+                    problem: format!("`{k}` must be a finite number"),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ManifestError {
+    #[error("manifest format {0} is not supported (this build reads format {MANIFEST_FORMAT})")]
+    UnsupportedFormat(u32),
+    #[error("model name `{0}` is invalid: use 1-64 letters, digits, `_`, `-` or `.`")]
+    BadModelName(String),
+    #[error("model version must be at least 1")]
+    ZeroVersion,
+    #[error(
+        "payload name `{0}` is invalid: use 1-128 letters, digits, `_`, `-` or `.`, not starting with `.`"
+    )]
+    BadEntryName(String),
+    #[error("payload `{0}` is listed twice")]
+    DuplicateEntry(String),
+    #[error("manifest lists {0} payloads, more than the limit of {MAX_ENTRIES}")]
+    TooManyEntries(usize),
+    #[error("bundle has no `{0}` payload")]
+    MissingEntry(&'static str),
+    #[error("manifest declares no {0} tensors")]
+    NoTensors(&'static str),
+    #[error("tensor spec `{0}` is invalid (empty name, too many dimensions or too many tensors)")]
+    BadTensor(String),
+    #[error("`min_agent_version` `{0}` is not a MAJOR.MINOR.PATCH version")]
+    BadAgentVersion(String),
+    #[error("{field}: {problem}")]
+    Field {
+        field: &'static str,
+        problem: String,
+    },
+    #[error("feature schema: {0}")]
+    Features(#[from] FeatureError),
+}
+
+fn valid_model_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+}
+
+/// Payload names are plain file names: no separators, no leading dot, no `..`.
+pub fn valid_entry_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+}
+
+/// Parses `MAJOR.MINOR.PATCH` (a trailing `-pre` is ignored for comparison).
+pub fn parse_version(v: &str) -> Option<(u64, u64, u64)> {
+    let core = v.split(['-', '+']).next()?;
+    let mut parts = core.split('.');
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    let patch = parts.next()?.parse().ok()?;
+    if parts.next().is_some() {
+        return None;
+    }
+    Some((major, minor, patch))
+}
+
+impl Manifest {
+    /// Semantic checks that need nothing but the manifest itself.
+    pub fn validate(&self) -> Result<(), ManifestError> {
+        if self.format != MANIFEST_FORMAT {
+            return Err(ManifestError::UnsupportedFormat(self.format));
+        }
+        if !valid_model_name(&self.name) {
+            return Err(ManifestError::BadModelName(self.name.clone()));
+        }
+        if self.version == 0 {
+            return Err(ManifestError::ZeroVersion);
+        }
+        if self.label.len() > 256 {
+            return Err(ManifestError::Field {
+                field: "label",
+                problem: "longer than 256 bytes".into(),
+            });
+        }
+        if self.entries.len() > MAX_ENTRIES {
+            return Err(ManifestError::TooManyEntries(self.entries.len()));
+        }
+        let mut names = BTreeSet::new();
+        for e in &self.entries {
+            if !valid_entry_name(&e.name) {
+                return Err(ManifestError::BadEntryName(e.name.clone()));
+            }
+            if !names.insert(e.name.as_str()) {
+                return Err(ManifestError::DuplicateEntry(e.name.clone()));
+            }
+        }
+        if !names.contains(MODEL_ENTRY) {
+            return Err(ManifestError::MissingEntry(MODEL_ENTRY));
+        }
+        for (what, list) in [("input", &self.inputs), ("output", &self.outputs)] {
+            if list.is_empty() {
+                return Err(ManifestError::NoTensors(what));
+            }
+            if list.len() > MAX_TENSORS {
+                return Err(ManifestError::BadTensor(format!("{} {what}s", list.len())));
+            }
+            for t in list.iter() {
+                if t.name.is_empty() || t.shape.len() > MAX_RANK {
+                    return Err(ManifestError::BadTensor(t.name.clone()));
+                }
+            }
+        }
+        if parse_version(&self.min_agent_version).is_none() {
+            return Err(ManifestError::BadAgentVersion(
+                self.min_agent_version.clone(),
+            ));
+        }
+        self.lineage.validate()?;
+        self.features.check_against(&self.inputs)?;
+        Ok(())
+    }
+
+    pub fn entry(&self, name: &str) -> Option<&Entry> {
+        self.entries.iter().find(|e| e.name == name)
+    }
+
+    /// Total payload bytes.
+    pub fn payload_size(&self) -> u64 {
+        self.entries
+            .iter()
+            .map(|e| e.size)
+            .fold(0, u64::saturating_add)
+    }
+
+    /// Whether an agent of version `agent` may run this bundle.
+    pub fn agent_supported(&self, agent: &str) -> bool {
+        match (parse_version(&self.min_agent_version), parse_version(agent)) {
+            (Some(min), Some(have)) => have >= min,
+            _ => false,
+        }
+    }
+
+    /// Encodes the manifest canonically: CBOR with map keys in sorted order, integers
+    /// and floats in their shortest form. Decoding and re-encoding gives the same bytes.
+    pub fn to_canonical_cbor(&self) -> Vec<u8> {
+        let value = serde_cbor::value::to_value(self).expect("manifest converts to a CBOR value");
+        serde_cbor::to_vec(&value).expect("CBOR value encodes")
+    }
+
+    /// Decodes a manifest, refusing any encoding other than the canonical one.
+    pub fn from_canonical_cbor(bytes: &[u8]) -> Result<Self, ManifestDecodeError> {
+        let value: serde_cbor::Value = serde_cbor::from_slice(bytes)
+            .map_err(|e| ManifestDecodeError::Malformed(e.to_string()))?;
+        let reencoded = serde_cbor::to_vec(&value)
+            .map_err(|e| ManifestDecodeError::Malformed(e.to_string()))?;
+        if reencoded != bytes {
+            return Err(ManifestDecodeError::NotCanonical);
+        }
+        serde_cbor::value::from_value(value)
+            .map_err(|e| ManifestDecodeError::Malformed(e.to_string()))
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ManifestDecodeError {
+    #[error("manifest is not valid CBOR for this format: {0}")]
+    Malformed(String),
+    #[error("manifest is valid CBOR but not in canonical encoding")]
+    NotCanonical,
+}

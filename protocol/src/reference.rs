@@ -1,0 +1,322 @@
+//! The reference profile (`reference.cbor`): the distribution of each feature and of the
+//! model's predictions on the data the model was trained on. Drift monitoring on the
+//! device compares live windows against it.
+//!
+//! Numeric features are cut into quantile bins: `edges` holds the interior cut points
+//! (at most `bins - 1`, ties collapsed), and `counts[i]` the values in
+//! `(edges[i-1], edges[i]]`, with the first bin open below and the last open above.
+
+use serde::{Deserialize, Serialize};
+
+use crate::features::{FeatureSchema, FeatureType, RawValue};
+
+/// The most bins a numeric profile may have.
+pub const MAX_BINS: u32 = 1024;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReferenceProfile {
+    /// Rows the profile was computed from.
+    pub rows: u64,
+    /// Requested bins per numeric feature.
+    pub bins: u32,
+    pub features: Vec<FeatureProfile>,
+    pub predictions: Vec<OutputProfile>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeatureProfile {
+    pub name: String,
+    /// Rows where the feature was missing (empty or NaN).
+    pub missing: u64,
+    /// Rows whose value was outside the schema's range or category list.
+    pub invalid: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub numeric: Option<NumericProfile>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub categorical: Option<CategoricalProfile>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NumericProfile {
+    pub edges: Vec<f64>,
+    pub counts: Vec<u64>,
+    pub min: f64,
+    pub max: f64,
+    pub mean: f64,
+    pub std: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CategoricalProfile {
+    /// The schema's allowed values, in order.
+    pub values: Vec<String>,
+    pub counts: Vec<u64>,
+    /// Values not in the schema's list.
+    pub other: u64,
+}
+
+/// Distribution of one model output on the reference data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputProfile {
+    pub output: String,
+    /// For a classifier (last axis > 1): how often each class was the arg-max.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub class_counts: Vec<u64>,
+    /// Score (or regression value) distribution of each column of the last axis.
+    pub scores: Vec<NumericProfile>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ReferenceError {
+    #[error("reference profile is not valid CBOR for this format: {0}")]
+    Malformed(String),
+    #[error("reference profile is inconsistent: {0}")]
+    Inconsistent(String),
+}
+
+impl ReferenceProfile {
+    pub fn to_cbor(&self) -> Vec<u8> {
+        serde_cbor::to_vec(self).expect("reference profile encodes to CBOR")
+    }
+
+    pub fn from_cbor(bytes: &[u8]) -> Result<Self, ReferenceError> {
+        let p: ReferenceProfile =
+            serde_cbor::from_slice(bytes).map_err(|e| ReferenceError::Malformed(e.to_string()))?;
+        p.check()?;
+        Ok(p)
+    }
+
+    fn check(&self) -> Result<(), ReferenceError> {
+        let bad = |m: String| Err(ReferenceError::Inconsistent(m));
+        if self.bins == 0 || self.bins > MAX_BINS {
+            return bad(format!("bins must be 1..={MAX_BINS}, not {}", self.bins));
+        }
+        let numerics = self
+            .features
+            .iter()
+            .filter_map(|f| f.numeric.as_ref().map(|n| (f.name.as_str(), n)))
+            .chain(
+                self.predictions
+                    .iter()
+                    .flat_map(|o| o.scores.iter().map(|s| (o.output.as_str(), s))),
+            );
+        for (name, n) in numerics {
+            if n.counts.len() != n.edges.len() + 1 || n.edges.len() >= MAX_BINS as usize {
+                return bad(format!(
+                    "`{name}` has {} edges and {} counts",
+                    n.edges.len(),
+                    n.counts.len()
+                ));
+            }
+            if n.edges
+                .windows(2)
+                .any(|w| w[0].partial_cmp(&w[1]) != Some(std::cmp::Ordering::Less))
+            {
+                return bad(format!("`{name}` bin edges are not strictly increasing"));
+            }
+        }
+        for f in &self.features {
+            if let Some(c) = &f.categorical
+                && c.values.len() != c.counts.len()
+            {
+                return bad(format!(
+                    "`{}` has {} values and {} counts",
+                    f.name,
+                    c.values.len(),
+                    c.counts.len()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Computes the profile of `rows` (raw values in schema order) and of the model's
+    /// `outputs` on them (each `(name, columns, row-major values)`).
+    pub fn compute(
+        schema: &FeatureSchema,
+        rows: &[Vec<RawValue>],
+        outputs: &[(String, usize, Vec<f32>)],
+        bins: u32,
+    ) -> Result<Self, ReferenceError> {
+        if bins == 0 || bins > MAX_BINS {
+            return Err(ReferenceError::Inconsistent(format!(
+                "bins must be 1..={MAX_BINS}"
+            )));
+        }
+        let mut features = Vec::with_capacity(schema.features.len());
+        for (i, f) in schema.features.iter().enumerate() {
+            let mut missing = 0;
+            let mut invalid = 0;
+            let column = rows.iter().map(|r| r.get(i).unwrap_or(&RawValue::Missing));
+            let profile = match f.kind {
+                FeatureType::Float | FeatureType::Int => {
+                    let mut values = Vec::with_capacity(rows.len());
+                    for v in column {
+                        match v {
+                            RawValue::Number(x) if !x.is_nan() => {
+                                if !f.in_range(*x) {
+                                    invalid += 1;
+                                }
+                                values.push(*x);
+                            }
+                            RawValue::Text(_) => invalid += 1,
+                            _ => missing += 1,
+                        }
+                    }
+                    FeatureProfile {
+                        name: f.name.clone(),
+                        missing,
+                        invalid,
+                        numeric: numeric_profile(values, bins),
+                        categorical: None,
+                    }
+                }
+                FeatureType::Category => {
+                    let mut counts = vec![0u64; f.values.len()];
+                    let mut other = 0;
+                    for v in column {
+                        let key = match v {
+                            RawValue::Missing => {
+                                missing += 1;
+                                continue;
+                            }
+                            RawValue::Number(x) if x.is_nan() => {
+                                missing += 1;
+                                continue;
+                            }
+                            RawValue::Number(x) => x.to_string(),
+                            RawValue::Text(s) => s.clone(),
+                        };
+                        match f.values.iter().position(|v| *v == key) {
+                            Some(k) => counts[k] += 1,
+                            None => {
+                                other += 1;
+                                invalid += 1;
+                            }
+                        }
+                    }
+                    FeatureProfile {
+                        name: f.name.clone(),
+                        missing,
+                        invalid,
+                        numeric: None,
+                        categorical: Some(CategoricalProfile {
+                            values: f.values.clone(),
+                            counts,
+                            other,
+                        }),
+                    }
+                }
+            };
+            features.push(profile);
+        }
+        let mut predictions = Vec::with_capacity(outputs.len());
+        for (name, columns, data) in outputs {
+            let columns = (*columns).max(1);
+            let n = data.len() / columns;
+            let mut class_counts = if columns > 1 {
+                vec![0u64; columns]
+            } else {
+                Vec::new()
+            };
+            if columns > 1 {
+                for row in data.chunks_exact(columns) {
+                    if let Some(best) = argmax(row) {
+                        class_counts[best] += 1;
+                    }
+                }
+            }
+            let scores = (0..columns)
+                .map(|c| {
+                    let col: Vec<f64> = (0..n)
+                        .map(|r| f64::from(data[r * columns + c]))
+                        .filter(|v| !v.is_nan())
+                        .collect();
+                    numeric_profile(col, bins).unwrap_or_else(empty_numeric)
+                })
+                .collect();
+            predictions.push(OutputProfile {
+                output: name.clone(),
+                class_counts,
+                scores,
+            });
+        }
+        Ok(ReferenceProfile {
+            rows: rows.len() as u64,
+            bins,
+            features,
+            predictions,
+        })
+    }
+}
+
+fn empty_numeric() -> NumericProfile {
+    NumericProfile {
+        edges: Vec::new(),
+        counts: vec![0],
+        min: 0.0,
+        max: 0.0,
+        mean: 0.0,
+        std: 0.0,
+    }
+}
+
+/// Index of the largest value, ignoring NaN; the first wins ties.
+pub fn argmax(row: &[f32]) -> Option<usize> {
+    let mut best: Option<(usize, f32)> = None;
+    for (i, v) in row.iter().enumerate() {
+        if v.is_nan() {
+            continue;
+        }
+        if best.is_none_or(|(_, b)| *v > b) {
+            best = Some((i, *v));
+        }
+    }
+    best.map(|(i, _)| i)
+}
+
+/// Quantile-binned profile of `values` (no NaN). `None` when there are no values.
+fn numeric_profile(mut values: Vec<f64>, bins: u32) -> Option<NumericProfile> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    let mut edges: Vec<f64> = Vec::with_capacity(bins as usize);
+    for k in 1..bins as usize {
+        // Nearest-rank quantile k/bins.
+        let rank = (k * n).div_ceil(bins as usize).clamp(1, n) - 1;
+        let edge = values[rank];
+        if edges.last().is_none_or(|last| edge > *last) {
+            edges.push(edge);
+        }
+    }
+    // An edge equal to the maximum leaves an empty top bin; drop it.
+    if edges.last().is_some_and(|e| *e >= values[n - 1]) {
+        edges.pop();
+    }
+    let mut counts = vec![0u64; edges.len() + 1];
+    for v in &values {
+        counts[bin_index(&edges, *v)] += 1;
+    }
+    let mean = values.iter().sum::<f64>() / n as f64;
+    let var = values.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / n as f64;
+    Some(NumericProfile {
+        edges,
+        counts,
+        min: values[0],
+        max: values[n - 1],
+        mean,
+        std: var.sqrt(),
+    })
+}
+
+/// The bin a value falls in: the number of edges strictly below it.
+pub fn bin_index(edges: &[f64], value: f64) -> usize {
+    edges.partition_point(|e| *e < value)
+}
