@@ -1,1 +1,14 @@
-//! placeholder
+//! `fleet-agent` runs on each device. It verifies signed model bundles with the same
+//! code the control plane uses (`fleetml-protocol`), self-tests a model against the
+//! golden vectors its bundle carries, and (in later releases) activates models
+//! atomically, serves predictions, monitors drift and reports over MQTT.
+//!
+//! Invariant: nothing from a bundle is written to disk or loaded for inference before the
+//! whole bundle has been verified against the trust policy.
+
+pub mod runtime;
+pub mod selftest;
+pub mod store;
+
+/// This agent's release, compared against a bundle's `min_agent_version`.
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -36,6 +36,7 @@ pub const MAX_CATEGORY_VALUES: usize = 4096;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FeatureSchema {
+    #[serde(default)]
     pub features: Vec<Feature>,
 }
 

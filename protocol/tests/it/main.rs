@@ -1,1 +1,11 @@
+//! Integration tests of fleetml-protocol (one test binary for the crate).
 
+mod alloc_track;
+mod board;
+mod bundle;
+mod features;
+mod fixture;
+mod wycheproof_ed25519;
+
+#[global_allocator]
+static ALLOC: alloc_track::Tracking = alloc_track::Tracking;

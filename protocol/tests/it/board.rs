@@ -1,0 +1,61 @@
+//! Board profiles: every shipped profile parses; bad ones are refused with a reason.
+
+use fleetml_protocol::board::{Backend, BoardError, BoardProfile};
+
+fn boards_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../boards")
+}
+
+#[test]
+fn shipped_board_profiles_parse_and_validate() {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(boards_dir()).expect("boards/ exists") {
+        let path = entry.expect("dir entry").path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let text = std::fs::read_to_string(&path).expect("readable");
+            let board = BoardProfile::from_toml(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert_eq!(Some(board.name.as_str()), path.file_stem().and_then(|s| s.to_str()), "file name matches `name`");
+            names.push(board.name);
+        }
+    }
+    names.sort();
+    for required in ["generic-x86_64", "jetson-orin-nano", "raspberry-pi-4", "x86_64-vulkan-gpu"] {
+        assert!(names.iter().any(|n| n == required), "boards/{required}.toml is missing");
+    }
+    let jetson = BoardProfile::from_toml(&std::fs::read_to_string(boards_dir().join("jetson-orin-nano.toml")).expect("read"))
+        .expect("valid");
+    assert_eq!(jetson.backends, vec![Backend::Gpu, Backend::Cpu]);
+    assert!(jetson.target.starts_with("aarch64-"));
+}
+
+const GOOD: &str = r#"
+name = "test-board"
+target = "aarch64-unknown-linux-gnu"
+cpu_cores = 4
+memory_mb = 4096
+backends = ["cpu"]
+[agent]
+memory_budget_mb = 256
+[paths]
+data_dir = "/var/lib/fleetml"
+config_dir = "/etc/fleetml"
+"#;
+
+#[test]
+fn bad_board_profiles_are_refused_with_the_reason() {
+    assert!(BoardProfile::from_toml(GOOD).is_ok_and(|b| b.agent.store_budget_mb == 1024));
+    let cases = [
+        (GOOD.replace("cpu_cores = 4", "cpu_cores = 4\ncolour = \"red\""), "unknown field `colour`"),
+        (GOOD.replace("backends = [\"cpu\"]", "backends = [\"gpu\", \"cpu\"]"), "backend `gpu` is listed but no accelerator"),
+        (GOOD.replace("backends = [\"cpu\"]", "backends = []"), "at least one backend"),
+        (GOOD.replace("backends = [\"cpu\"]", "backends = [\"tpu\"]"), "unknown variant `tpu`"),
+        (GOOD.replace("memory_budget_mb = 256", "memory_budget_mb = 8192"), "memory_budget_mb"),
+        (GOOD.replace("\"/var/lib/fleetml\"", "\"var/lib\""), "`paths.data_dir` must be an absolute path"),
+        (GOOD.replace("aarch64-unknown-linux-gnu", "arm"), "is not a target triple"),
+        (GOOD.replace("[agent]\nmemory_budget_mb = 256\n", ""), "missing field `agent`"),
+    ];
+    for (text, expected) in cases {
+        let err: BoardError = BoardProfile::from_toml(&text).expect_err(expected);
+        assert!(err.to_string().contains(expected), "got `{err}`, expected `{expected}`");
+    }
+}
