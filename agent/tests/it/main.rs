@@ -1,1 +1,176 @@
+//! Integration tests of fleet-agent: check-first-then-persist unpacking and the golden
+//! self-test, on real bundles signed with real keys and the real example model.
 
+use std::path::{Path, PathBuf};
+
+use fleet_agent::runtime::CpuModel;
+use fleet_agent::selftest::{self, SelfTestError};
+use fleet_agent::store::{self, StoreError};
+use fleetml_protocol::bundle::{self, BundleError, Limits, SignatureRecord};
+use fleetml_protocol::crypto::{SigningKey, sha256};
+use fleetml_protocol::features::FeatureSchema;
+use fleetml_protocol::golden::{Golden, Tensor};
+use fleetml_protocol::manifest::{
+    DType, Dim, Entry, Lineage, MANIFEST_FORMAT, Manifest, Targets, TensorSpec,
+};
+use fleetml_protocol::trust::{TrustPolicy, TrustedKey};
+
+fn claims_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/claims")
+}
+
+fn claims_model() -> Vec<u8> {
+    std::fs::read(claims_dir().join("model.onnx")).expect("models/claims/model.onnx")
+}
+
+fn claims_schema() -> FeatureSchema {
+    FeatureSchema::from_toml(&std::fs::read_to_string(claims_dir().join("features.toml")).expect("features.toml"))
+        .expect("valid schema")
+}
+
+/// Golden vectors for the claims model: `rows` synthetic rows and tract's outputs.
+fn golden(model: &CpuModel, rows: usize) -> Golden {
+    let data: Vec<f32> = (0..rows * 25).map(|i| ((i * 37 % 101) as f32) / 10.0).collect();
+    let inputs = vec![Tensor { name: "input".into(), shape: vec![rows as u64, 25], data }];
+    let outputs = model.run(&inputs).expect("model runs");
+    Golden { abs_tolerance: 1e-4, rel_tolerance: 1e-3, inputs, outputs }
+}
+
+struct Fixture {
+    key: SigningKey,
+    policy: TrustPolicy,
+}
+
+fn fixture() -> Fixture {
+    let key = SigningKey::generate().expect("key").0;
+    let policy = TrustPolicy::new(1, vec![TrustedKey { name: None, public: key.public_key(), id: None }])
+        .expect("policy");
+    Fixture { key, policy }
+}
+
+fn manifest(payloads: &[(&str, Vec<u8>)]) -> Manifest {
+    Manifest {
+        format: MANIFEST_FORMAT,
+        name: "claims".into(),
+        version: 1,
+        label: String::new(),
+        created_at: 0,
+        entries: payloads
+            .iter()
+            .map(|(n, b)| Entry { name: n.to_string(), size: b.len() as u64, sha256: sha256(b) })
+            .collect(),
+        inputs: vec![TensorSpec { name: "input".into(), dtype: DType::F32, shape: vec![Dim::Symbol("N".into()), Dim::Fixed(25)] }],
+        outputs: vec![TensorSpec { name: "probabilities".into(), dtype: DType::F32, shape: vec![Dim::Symbol("N".into()), Dim::Fixed(2)] }],
+        features: claims_schema(),
+        targets: Targets::default(),
+        min_agent_version: "0.1.0".into(),
+        lineage: Lineage::default(),
+    }
+}
+
+fn write_bundle(path: &Path, m: &Manifest, payloads: &[(&str, Vec<u8>)], key: &SigningKey) {
+    let bytes = m.to_canonical_cbor();
+    let sig = SignatureRecord { key: key.id(), signature: key.sign(&bytes) };
+    let mut out = Vec::new();
+    bundle::write(&mut out, &bytes, &[sig], m, |name, w| {
+        w.write_all(&payloads.iter().find(|(n, _)| *n == name).expect("payload").1)
+    })
+    .expect("bundle writes");
+    std::fs::write(path, out).expect("bundle file");
+}
+
+fn listing(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn golden_self_test_passes_on_the_example_model() {
+    let model = CpuModel::load(&claims_model()).expect("claims model loads");
+    let g = golden(&model, 8);
+    let result = selftest::run(&model, &g.to_cbor()).expect("self-test passes");
+    assert_eq!(result.rows, 8);
+    assert_eq!(result.comparison.max_abs_error, 0.0);
+}
+
+#[test]
+fn golden_self_test_fails_clearly_when_outputs_were_altered() {
+    let model = CpuModel::load(&claims_model()).expect("claims model loads");
+    let mut g = golden(&model, 8);
+    g.outputs[0].data[5] += 0.25;
+    match selftest::run(&model, &g.to_cbor()) {
+        Err(SelfTestError::Failed { failures: 1, output, index: 5, max_abs, .. }) => {
+            assert_eq!(output, "probabilities");
+            assert!((max_abs - 0.25).abs() < 1e-6, "{max_abs}");
+        }
+        other => panic!("expected a failed self-test, got {other:?}"),
+    }
+    let mut wrong_shape = golden(&model, 8);
+    wrong_shape.outputs[0].shape = vec![4, 4];
+    assert!(matches!(selftest::run(&model, &wrong_shape.to_cbor()), Err(SelfTestError::Mismatch(_))));
+    assert!(matches!(selftest::run(&model, b"\xff\x00junk"), Err(SelfTestError::Golden(_))));
+}
+
+#[test]
+fn unpack_verifies_the_whole_bundle_before_writing_anything() {
+    let f = fixture();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = CpuModel::load(&claims_model()).expect("loads");
+    let payloads = vec![
+        ("model.onnx", claims_model()),
+        ("golden.cbor", golden(&model, 4).to_cbor()),
+        ("notes.txt", b"the last payload".to_vec()),
+    ];
+    let m = manifest(&payloads);
+    let good = dir.path().join("good.fmb");
+    write_bundle(&good, &m, &payloads, &f.key);
+
+    // Tamper with the *last* payload: a client that wrote entries as it verified them
+    // would already have written model.onnx and golden.cbor.
+    let mut bytes = std::fs::read(&good).expect("read");
+    let last = bytes.len() - 3;
+    bytes[last] ^= 0x10;
+    let bad = dir.path().join("bad.fmb");
+    std::fs::write(&bad, &bytes).expect("write");
+    let store = dir.path().join("store");
+    std::fs::create_dir(&store).expect("store dir");
+    let dest = store.join("claims-1");
+    match store::unpack(&bad, &f.policy, &Limits::default(), &dest) {
+        Err(StoreError::Bundle(BundleError::DigestMismatch { entry })) => assert_eq!(entry, "notes.txt"),
+        other => panic!("expected a digest mismatch, got {other:?}"),
+    }
+    assert!(listing(&store).is_empty(), "nothing may be written: {:?}", listing(&store));
+
+    // An untrusted signer is refused just as early.
+    let other = fixture();
+    assert!(matches!(
+        store::unpack(&good, &other.policy, &Limits::default(), &dest),
+        Err(StoreError::Bundle(BundleError::UntrustedSigners { .. }))
+    ));
+    assert!(listing(&store).is_empty());
+
+    let v = store::unpack(&good, &f.policy, &Limits::default(), &dest).expect("good bundle unpacks");
+    assert_eq!(v.manifest.name, "claims");
+    assert_eq!(listing(&store), vec!["claims-1"]);
+    assert_eq!(listing(&dest), vec!["golden.cbor", "model.onnx", "notes.txt"]);
+    assert_eq!(std::fs::read(dest.join("model.onnx")).expect("read"), claims_model());
+    assert!(matches!(store::unpack(&good, &f.policy, &Limits::default(), &dest), Err(StoreError::Exists(_))));
+}
+
+#[test]
+fn a_bundle_for_a_newer_agent_is_refused() {
+    let f = fixture();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let payloads = vec![("model.onnx", claims_model())];
+    let mut m = manifest(&payloads);
+    m.min_agent_version = "99.0.0".into();
+    let path = dir.path().join("future.fmb");
+    write_bundle(&path, &m, &payloads, &f.key);
+    match store::verify(&path, &f.policy, &Limits::default()) {
+        Err(StoreError::AgentTooOld { required, .. }) => assert_eq!(required, "99.0.0"),
+        other => panic!("expected AgentTooOld, got {other:?}"),
+    }
+}
