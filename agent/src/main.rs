@@ -39,7 +39,8 @@ enum Command {
 }
 
 fn load_policy(path: &PathBuf) -> anyhow::Result<TrustPolicy> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading trust policy {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading trust policy {}", path.display()))?;
     TrustPolicy::from_toml(&text).with_context(|| format!("trust policy {}", path.display()))
 }
 
@@ -68,7 +69,8 @@ fn verify_bundle(bundle: PathBuf, trust: PathBuf) -> anyhow::Result<()> {
         return Ok(());
     }
     let golden = verified.read_entry(&mut file, GOLDEN_ENTRY, MAX_GOLDEN)?;
-    let result = selftest::run(&model, &golden).with_context(|| format!("{} v{}", m.name, m.version))?;
+    let result =
+        selftest::run(&model, &golden).with_context(|| format!("{} v{}", m.name, m.version))?;
     println!(
         "golden self-test passed: {} rows, max abs error {:e}, max rel error {:e}",
         result.rows, result.comparison.max_abs_error, result.comparison.max_rel_error
@@ -85,7 +87,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             let chain: Vec<String> = err.chain().map(|c| c.to_string()).collect();
-            let prefix = if std::io::stderr().is_terminal() { "\x1b[31merror\x1b[0m" } else { "error" };
+            let prefix = if std::io::stderr().is_terminal() {
+                "\x1b[31merror\x1b[0m"
+            } else {
+                "error"
+            };
             eprintln!("{prefix}: {}", chain.join(": "));
             ExitCode::FAILURE
         }

@@ -11,7 +11,11 @@ pub enum RuntimeError {
     #[error("tract cannot load the model: {0}")]
     Load(String),
     #[error("input `{name}` has shape {shape:?} but {len} values")]
-    BadInput { name: String, shape: Vec<u64>, len: usize },
+    BadInput {
+        name: String,
+        shape: Vec<u64>,
+        len: usize,
+    },
     #[error("the model failed to run: {0}")]
     Run(String),
 }
@@ -24,24 +28,35 @@ pub struct CpuModel {
 
 impl std::fmt::Debug for CpuModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CpuModel").field("outputs", &self.output_names).finish()
+        f.debug_struct("CpuModel")
+            .field("outputs", &self.output_names)
+            .finish()
     }
 }
 
 impl CpuModel {
     pub fn load(onnx: &[u8]) -> Result<Self, RuntimeError> {
         let load = |e: TractError| RuntimeError::Load(format!("{e:#}"));
-        let model = tract_onnx::onnx().model_for_read(&mut &onnx[..]).map_err(load)?;
+        let model = tract_onnx::onnx()
+            .model_for_read(&mut &onnx[..])
+            .map_err(load)?;
         let model = model.into_typed().map_err(load)?;
         let output_names = model
             .output_outlets()
             .map_err(load)?
             .iter()
             .map(|o| {
-                model.outlet_label(*o).map(str::to_string).unwrap_or_else(|| model.node(o.node).name.clone())
+                model
+                    .outlet_label(*o)
+                    .map(str::to_string)
+                    .unwrap_or_else(|| model.node(o.node).name.clone())
             })
             .collect();
-        let plan = model.into_optimized().map_err(load)?.into_runnable().map_err(load)?;
+        let plan = model
+            .into_optimized()
+            .map_err(load)?
+            .into_runnable()
+            .map_err(load)?;
         Ok(CpuModel { output_names, plan })
     }
 
@@ -50,9 +65,14 @@ impl CpuModel {
         let mut values = TVec::new();
         for t in inputs {
             let shape: Vec<usize> = t.shape.iter().map(|d| *d as usize).collect();
-            let tensor = tract_onnx::prelude::Tensor::from_shape(&shape, &t.data).map_err(|_| {
-                RuntimeError::BadInput { name: t.name.clone(), shape: t.shape.clone(), len: t.data.len() }
-            })?;
+            let tensor =
+                tract_onnx::prelude::Tensor::from_shape(&shape, &t.data).map_err(|_| {
+                    RuntimeError::BadInput {
+                        name: t.name.clone(),
+                        shape: t.shape.clone(),
+                        len: t.data.len(),
+                    }
+                })?;
             values.push(tensor.into_tvalue());
         }
         let run = |e: TractError| RuntimeError::Run(format!("{e:#}"));

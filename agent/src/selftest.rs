@@ -50,6 +50,10 @@ pub fn run(model: &CpuModel, golden_cbor: &[u8]) -> Result<SelfTest, SelfTestErr
             max_rel: comparison.max_rel_error,
         });
     }
-    let rows = golden.inputs.first().and_then(|t| t.shape.first().copied()).unwrap_or(0);
+    let rows = golden
+        .inputs
+        .first()
+        .and_then(|t| t.shape.first().copied())
+        .unwrap_or(0);
     Ok(SelfTest { rows, comparison })
 }

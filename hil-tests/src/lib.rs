@@ -1,1 +1,128 @@
-//! placeholder
+//! Helpers for fleetml's system tests: build and locate the real binaries, run them, and
+//! capture what an operator would see.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Path of a workspace binary (`fleetctl`, `fleet-agent`), built once per test run with
+/// the same profile as the test itself so the binaries are never stale.
+pub fn bin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test executable path");
+        // target/<profile>/deps/it-<hash>
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target/<profile>")
+            .to_path_buf();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(root()).args([
+            "build",
+            "--quiet",
+            "-p",
+            "fleet-control",
+            "-p",
+            "fleet-agent",
+            "--bins",
+        ]);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("cargo runs");
+        assert!(status.success(), "building the fleetml binaries failed");
+        profile_dir
+    });
+    dir.join(name)
+}
+
+/// What a command printed and how it exited.
+#[derive(Debug)]
+pub struct Run {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn ok(&self) -> bool {
+        self.code == Some(0)
+    }
+
+    /// Asserts success and returns stdout.
+    #[track_caller]
+    pub fn success(&self) -> &str {
+        assert!(
+            self.ok(),
+            "command failed ({:?}):\nstdout: {}\nstderr: {}",
+            self.code,
+            self.stdout,
+            self.stderr
+        );
+        &self.stdout
+    }
+
+    /// Asserts failure with exactly one line on stderr, and returns that line.
+    #[track_caller]
+    pub fn failure(&self) -> &str {
+        assert!(
+            !self.ok() && self.code.is_some(),
+            "command should have failed:\nstdout: {}",
+            self.stdout
+        );
+        let line = self.stderr.trim_end();
+        assert_eq!(
+            line.lines().count(),
+            1,
+            "stderr should be one line:\n{}",
+            self.stderr
+        );
+        assert!(line.starts_with("error: "), "{line}");
+        line
+    }
+}
+
+impl From<Output> for Run {
+    fn from(o: Output) -> Self {
+        Run {
+            code: o.status.code(),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+}
+
+/// Runs a workspace binary with `args` in `cwd`.
+pub fn run(name: &str, cwd: &Path, args: &[&str]) -> Run {
+    Command::new(bin(name))
+        .current_dir(cwd)
+        .args(args)
+        .env_remove("SOURCE_DATE_EPOCH")
+        .output()
+        .unwrap_or_else(|e| panic!("running {name}: {e}"))
+        .into()
+}
+
+pub fn fleetctl(cwd: &Path, args: &[&str]) -> Run {
+    run("fleetctl", cwd, args)
+}
+
+pub fn agent(cwd: &Path, args: &[&str]) -> Run {
+    run("fleet-agent", cwd, args)
+}
+
+/// Path of an example-model file, as a string for command lines.
+pub fn claims(file: &str) -> String {
+    root()
+        .join("models/claims")
+        .join(file)
+        .to_string_lossy()
+        .into_owned()
+}

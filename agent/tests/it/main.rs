@@ -24,16 +24,29 @@ fn claims_model() -> Vec<u8> {
 }
 
 fn claims_schema() -> FeatureSchema {
-    FeatureSchema::from_toml(&std::fs::read_to_string(claims_dir().join("features.toml")).expect("features.toml"))
-        .expect("valid schema")
+    FeatureSchema::from_toml(
+        &std::fs::read_to_string(claims_dir().join("features.toml")).expect("features.toml"),
+    )
+    .expect("valid schema")
 }
 
 /// Golden vectors for the claims model: `rows` synthetic rows and tract's outputs.
 fn golden(model: &CpuModel, rows: usize) -> Golden {
-    let data: Vec<f32> = (0..rows * 25).map(|i| ((i * 37 % 101) as f32) / 10.0).collect();
-    let inputs = vec![Tensor { name: "input".into(), shape: vec![rows as u64, 25], data }];
+    let data: Vec<f32> = (0..rows * 25)
+        .map(|i| ((i * 37 % 101) as f32) / 10.0)
+        .collect();
+    let inputs = vec![Tensor {
+        name: "input".into(),
+        shape: vec![rows as u64, 25],
+        data,
+    }];
     let outputs = model.run(&inputs).expect("model runs");
-    Golden { abs_tolerance: 1e-4, rel_tolerance: 1e-3, inputs, outputs }
+    Golden {
+        abs_tolerance: 1e-4,
+        rel_tolerance: 1e-3,
+        inputs,
+        outputs,
+    }
 }
 
 struct Fixture {
@@ -43,8 +56,15 @@ struct Fixture {
 
 fn fixture() -> Fixture {
     let key = SigningKey::generate().expect("key").0;
-    let policy = TrustPolicy::new(1, vec![TrustedKey { name: None, public: key.public_key(), id: None }])
-        .expect("policy");
+    let policy = TrustPolicy::new(
+        1,
+        vec![TrustedKey {
+            name: None,
+            public: key.public_key(),
+            id: None,
+        }],
+    )
+    .expect("policy");
     Fixture { key, policy }
 }
 
@@ -57,10 +77,22 @@ fn manifest(payloads: &[(&str, Vec<u8>)]) -> Manifest {
         created_at: 0,
         entries: payloads
             .iter()
-            .map(|(n, b)| Entry { name: n.to_string(), size: b.len() as u64, sha256: sha256(b) })
+            .map(|(n, b)| Entry {
+                name: n.to_string(),
+                size: b.len() as u64,
+                sha256: sha256(b),
+            })
             .collect(),
-        inputs: vec![TensorSpec { name: "input".into(), dtype: DType::F32, shape: vec![Dim::Symbol("N".into()), Dim::Fixed(25)] }],
-        outputs: vec![TensorSpec { name: "probabilities".into(), dtype: DType::F32, shape: vec![Dim::Symbol("N".into()), Dim::Fixed(2)] }],
+        inputs: vec![TensorSpec {
+            name: "input".into(),
+            dtype: DType::F32,
+            shape: vec![Dim::Symbol("N".into()), Dim::Fixed(25)],
+        }],
+        outputs: vec![TensorSpec {
+            name: "probabilities".into(),
+            dtype: DType::F32,
+            shape: vec![Dim::Symbol("N".into()), Dim::Fixed(2)],
+        }],
         features: claims_schema(),
         targets: Targets::default(),
         min_agent_version: "0.1.0".into(),
@@ -70,10 +102,19 @@ fn manifest(payloads: &[(&str, Vec<u8>)]) -> Manifest {
 
 fn write_bundle(path: &Path, m: &Manifest, payloads: &[(&str, Vec<u8>)], key: &SigningKey) {
     let bytes = m.to_canonical_cbor();
-    let sig = SignatureRecord { key: key.id(), signature: key.sign(&bytes) };
+    let sig = SignatureRecord {
+        key: key.id(),
+        signature: key.sign(&bytes),
+    };
     let mut out = Vec::new();
     bundle::write(&mut out, &bytes, &[sig], m, |name, w| {
-        w.write_all(&payloads.iter().find(|(n, _)| *n == name).expect("payload").1)
+        w.write_all(
+            &payloads
+                .iter()
+                .find(|(n, _)| *n == name)
+                .expect("payload")
+                .1,
+        )
     })
     .expect("bundle writes");
     std::fs::write(path, out).expect("bundle file");
@@ -81,7 +122,11 @@ fn write_bundle(path: &Path, m: &Manifest, payloads: &[(&str, Vec<u8>)], key: &S
 
 fn listing(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
-        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default();
     v.sort();
     v
@@ -102,7 +147,13 @@ fn golden_self_test_fails_clearly_when_outputs_were_altered() {
     let mut g = golden(&model, 8);
     g.outputs[0].data[5] += 0.25;
     match selftest::run(&model, &g.to_cbor()) {
-        Err(SelfTestError::Failed { failures: 1, output, index: 5, max_abs, .. }) => {
+        Err(SelfTestError::Failed {
+            failures: 1,
+            output,
+            index: 5,
+            max_abs,
+            ..
+        }) => {
             assert_eq!(output, "probabilities");
             assert!((max_abs - 0.25).abs() < 1e-6, "{max_abs}");
         }
@@ -110,8 +161,14 @@ fn golden_self_test_fails_clearly_when_outputs_were_altered() {
     }
     let mut wrong_shape = golden(&model, 8);
     wrong_shape.outputs[0].shape = vec![4, 4];
-    assert!(matches!(selftest::run(&model, &wrong_shape.to_cbor()), Err(SelfTestError::Mismatch(_))));
-    assert!(matches!(selftest::run(&model, b"\xff\x00junk"), Err(SelfTestError::Golden(_))));
+    assert!(matches!(
+        selftest::run(&model, &wrong_shape.to_cbor()),
+        Err(SelfTestError::Mismatch(_))
+    ));
+    assert!(matches!(
+        selftest::run(&model, b"\xff\x00junk"),
+        Err(SelfTestError::Golden(_))
+    ));
 }
 
 #[test]
@@ -139,10 +196,16 @@ fn unpack_verifies_the_whole_bundle_before_writing_anything() {
     std::fs::create_dir(&store).expect("store dir");
     let dest = store.join("claims-1");
     match store::unpack(&bad, &f.policy, &Limits::default(), &dest) {
-        Err(StoreError::Bundle(BundleError::DigestMismatch { entry })) => assert_eq!(entry, "notes.txt"),
+        Err(StoreError::Bundle(BundleError::DigestMismatch { entry })) => {
+            assert_eq!(entry, "notes.txt")
+        }
         other => panic!("expected a digest mismatch, got {other:?}"),
     }
-    assert!(listing(&store).is_empty(), "nothing may be written: {:?}", listing(&store));
+    assert!(
+        listing(&store).is_empty(),
+        "nothing may be written: {:?}",
+        listing(&store)
+    );
 
     // An untrusted signer is refused just as early.
     let other = fixture();
@@ -152,12 +215,22 @@ fn unpack_verifies_the_whole_bundle_before_writing_anything() {
     ));
     assert!(listing(&store).is_empty());
 
-    let v = store::unpack(&good, &f.policy, &Limits::default(), &dest).expect("good bundle unpacks");
+    let v =
+        store::unpack(&good, &f.policy, &Limits::default(), &dest).expect("good bundle unpacks");
     assert_eq!(v.manifest.name, "claims");
     assert_eq!(listing(&store), vec!["claims-1"]);
-    assert_eq!(listing(&dest), vec!["golden.cbor", "model.onnx", "notes.txt"]);
-    assert_eq!(std::fs::read(dest.join("model.onnx")).expect("read"), claims_model());
-    assert!(matches!(store::unpack(&good, &f.policy, &Limits::default(), &dest), Err(StoreError::Exists(_))));
+    assert_eq!(
+        listing(&dest),
+        vec!["golden.cbor", "model.onnx", "notes.txt"]
+    );
+    assert_eq!(
+        std::fs::read(dest.join("model.onnx")).expect("read"),
+        claims_model()
+    );
+    assert!(matches!(
+        store::unpack(&good, &f.policy, &Limits::default(), &dest),
+        Err(StoreError::Exists(_))
+    ));
 }
 
 #[test]

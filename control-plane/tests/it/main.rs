@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use fleet_control::{bundle, keys};
 
 fn claims(file: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/claims").join(file)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../models/claims")
+        .join(file)
 }
 
 fn options(dir: &Path) -> bundle::BuildOptions {
@@ -32,7 +34,10 @@ fn options(dir: &Path) -> bundle::BuildOptions {
 }
 
 fn chain(err: &anyhow::Error) -> String {
-    err.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ")
+    err.chain()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 #[test]
@@ -52,7 +57,11 @@ fn keys_are_private_and_never_overwritten() {
 
     std::fs::set_permissions(&g.private, std::fs::Permissions::from_mode(0o644)).expect("chmod");
     let err = keys::load_private(&g.private).expect_err("world-readable key");
-    assert!(chain(&err).contains("readable by others"), "{}", chain(&err));
+    assert!(
+        chain(&err).contains("readable by others"),
+        "{}",
+        chain(&err)
+    );
 }
 
 #[test]
@@ -63,7 +72,11 @@ fn trust_policies_check_their_threshold() {
     let p = keys::trust_policy(&[a.public.clone(), b.public.clone()], 2).expect("2 of 2");
     assert_eq!(p.keys.len(), 2);
     let err = keys::trust_policy(&[a.public.clone(), b.public.clone()], 3).expect_err("3 of 2");
-    assert!(chain(&err).contains("threshold 3 is more than its 2 distinct keys"), "{}", chain(&err));
+    assert!(
+        chain(&err).contains("threshold 3 is more than its 2 distinct keys"),
+        "{}",
+        chain(&err)
+    );
     let err = keys::trust_policy(&[a.public.clone(), a.public.clone()], 1).expect_err("duplicate");
     assert!(chain(&err).contains("twice"), "{}", chain(&err));
 }
@@ -75,27 +88,52 @@ fn build_produces_a_bundle_that_verifies() {
     let mut opts = options(dir.path());
     opts.keys = vec![k.private.clone()];
     let built = bundle::build(&opts).expect("builds");
-    let names: Vec<&str> = built.manifest.entries.iter().map(|e| e.name.as_str()).collect();
+    let names: Vec<&str> = built
+        .manifest
+        .entries
+        .iter()
+        .map(|e| e.name.as_str())
+        .collect();
     assert_eq!(names, ["model.onnx", "reference.cbor", "golden.cbor"]);
-    std::fs::write(dir.path().join("trust.toml"), keys::trust_policy(&[k.public], 1).expect("policy").to_toml())
-        .expect("write");
+    std::fs::write(
+        dir.path().join("trust.toml"),
+        keys::trust_policy(&[k.public], 1)
+            .expect("policy")
+            .to_toml(),
+    )
+    .expect("write");
     let v = bundle::verify(&opts.out, &dir.path().join("trust.toml")).expect("verifies");
     assert_eq!(v.manifest.lineage.seed, Some(42));
 
     // The reference profile covers every feature and the prediction distribution.
     let mut f = std::fs::File::open(&opts.out).expect("open");
-    let bytes = v.read_entry(&mut f, "reference.cbor", 1 << 20).expect("reference");
-    let profile = fleetml_protocol::reference::ReferenceProfile::from_cbor(&bytes).expect("decodes");
+    let bytes = v
+        .read_entry(&mut f, "reference.cbor", 1 << 20)
+        .expect("reference");
+    let profile =
+        fleetml_protocol::reference::ReferenceProfile::from_cbor(&bytes).expect("decodes");
     assert_eq!(profile.rows, 4000);
     assert_eq!(profile.features.len(), 15);
-    let amount = profile.features[0].numeric.as_ref().expect("numeric profile");
+    let amount = profile.features[0]
+        .numeric
+        .as_ref()
+        .expect("numeric profile");
     assert_eq!(amount.counts.len(), 10);
     assert_eq!(amount.counts.iter().sum::<u64>(), 4000);
     let witnesses = &profile.features[6];
-    assert!(witnesses.missing > 0, "witness_count has missing values in the data");
-    let channel = profile.features[12].categorical.as_ref().expect("categorical");
+    assert!(
+        witnesses.missing > 0,
+        "witness_count has missing values in the data"
+    );
+    let channel = profile.features[12]
+        .categorical
+        .as_ref()
+        .expect("categorical");
     assert_eq!(channel.values, ["agent", "online", "phone"]);
-    assert_eq!(profile.predictions[0].class_counts.iter().sum::<u64>(), 4000);
+    assert_eq!(
+        profile.predictions[0].class_counts.iter().sum::<u64>(),
+        4000
+    );
 }
 
 #[test]
@@ -107,7 +145,10 @@ fn build_is_reproducible_for_the_same_inputs() {
     b.out = dir.path().join("b.fmb");
     bundle::build(&a).expect("a");
     bundle::build(&b).expect("b");
-    assert_eq!(std::fs::read(&a.out).expect("a"), std::fs::read(&b.out).expect("b"));
+    assert_eq!(
+        std::fs::read(&a.out).expect("a"),
+        std::fs::read(&b.out).expect("b")
+    );
 }
 
 #[test]
@@ -115,7 +156,10 @@ fn a_schema_that_does_not_match_the_model_is_refused_naming_the_feature() {
     let dir = tempfile::tempdir().expect("tempdir");
     let text = std::fs::read_to_string(claims("features.toml")).expect("read");
     // Shift police_report (one-hot, 2 columns) one column right: it would need column 25.
-    let shifted = text.replace("input = \"input\"\ncolumn = 23", "input = \"input\"\ncolumn = 24");
+    let shifted = text.replace(
+        "input = \"input\"\ncolumn = 23",
+        "input = \"input\"\ncolumn = 24",
+    );
     assert_ne!(shifted, text, "the fixture edit applies");
     let features = dir.path().join("features.toml");
     std::fs::write(&features, shifted).expect("write");
@@ -123,15 +167,24 @@ fn a_schema_that_does_not_match_the_model_is_refused_naming_the_feature() {
     opts.features = features;
     let err = bundle::build(&opts).expect_err("mismatch");
     let msg = chain(&err);
-    assert!(msg.contains("feature `police_report` needs columns 24..26 of input `input`, which has 25 columns"), "{msg}");
+    assert!(
+        msg.contains(
+            "feature `police_report` needs columns 24..26 of input `input`, which has 25 columns"
+        ),
+        "{msg}"
+    );
     assert!(!opts.out.exists(), "nothing is written on failure");
 
     let mut opts = options(dir.path());
-    let extra = text + "\n[[features]]\nname = \"fraud_score\"\ntype = \"float\"\ninput = \"scores\"\ncolumn = 0\n";
+    let extra = text
+        + "\n[[features]]\nname = \"fraud_score\"\ntype = \"float\"\ninput = \"scores\"\ncolumn = 0\n";
     std::fs::write(dir.path().join("extra.toml"), extra).expect("write");
     opts.features = dir.path().join("extra.toml");
     let msg = chain(&bundle::build(&opts).expect_err("unknown input"));
-    assert!(msg.contains("feature `fraud_score` feeds input `scores`, which the model does not have"), "{msg}");
+    assert!(
+        msg.contains("feature `fraud_score` feeds input `scores`, which the model does not have"),
+        "{msg}"
+    );
 }
 
 #[test]

@@ -1,1 +1,4 @@
+//! System tests: the real `fleetctl` and `fleet-agent` binaries on real files.
 
+mod architecture;
+mod bundle_cli;

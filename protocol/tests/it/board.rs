@@ -13,17 +13,32 @@ fn shipped_board_profiles_parse_and_validate() {
         let path = entry.expect("dir entry").path();
         if path.extension().is_some_and(|e| e == "toml") {
             let text = std::fs::read_to_string(&path).expect("readable");
-            let board = BoardProfile::from_toml(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            assert_eq!(Some(board.name.as_str()), path.file_stem().and_then(|s| s.to_str()), "file name matches `name`");
+            let board = BoardProfile::from_toml(&text)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert_eq!(
+                Some(board.name.as_str()),
+                path.file_stem().and_then(|s| s.to_str()),
+                "file name matches `name`"
+            );
             names.push(board.name);
         }
     }
     names.sort();
-    for required in ["generic-x86_64", "jetson-orin-nano", "raspberry-pi-4", "x86_64-vulkan-gpu"] {
-        assert!(names.iter().any(|n| n == required), "boards/{required}.toml is missing");
+    for required in [
+        "generic-x86_64",
+        "jetson-orin-nano",
+        "raspberry-pi-4",
+        "x86_64-vulkan-gpu",
+    ] {
+        assert!(
+            names.iter().any(|n| n == required),
+            "boards/{required}.toml is missing"
+        );
     }
-    let jetson = BoardProfile::from_toml(&std::fs::read_to_string(boards_dir().join("jetson-orin-nano.toml")).expect("read"))
-        .expect("valid");
+    let jetson = BoardProfile::from_toml(
+        &std::fs::read_to_string(boards_dir().join("jetson-orin-nano.toml")).expect("read"),
+    )
+    .expect("valid");
     assert_eq!(jetson.backends, vec![Backend::Gpu, Backend::Cpu]);
     assert!(jetson.target.starts_with("aarch64-"));
 }
@@ -45,17 +60,44 @@ config_dir = "/etc/fleetml"
 fn bad_board_profiles_are_refused_with_the_reason() {
     assert!(BoardProfile::from_toml(GOOD).is_ok_and(|b| b.agent.store_budget_mb == 1024));
     let cases = [
-        (GOOD.replace("cpu_cores = 4", "cpu_cores = 4\ncolour = \"red\""), "unknown field `colour`"),
-        (GOOD.replace("backends = [\"cpu\"]", "backends = [\"gpu\", \"cpu\"]"), "backend `gpu` is listed but no accelerator"),
-        (GOOD.replace("backends = [\"cpu\"]", "backends = []"), "at least one backend"),
-        (GOOD.replace("backends = [\"cpu\"]", "backends = [\"tpu\"]"), "unknown variant `tpu`"),
-        (GOOD.replace("memory_budget_mb = 256", "memory_budget_mb = 8192"), "memory_budget_mb"),
-        (GOOD.replace("\"/var/lib/fleetml\"", "\"var/lib\""), "`paths.data_dir` must be an absolute path"),
-        (GOOD.replace("aarch64-unknown-linux-gnu", "arm"), "is not a target triple"),
-        (GOOD.replace("[agent]\nmemory_budget_mb = 256\n", ""), "missing field `agent`"),
+        (
+            GOOD.replace("cpu_cores = 4", "cpu_cores = 4\ncolour = \"red\""),
+            "unknown field `colour`",
+        ),
+        (
+            GOOD.replace("backends = [\"cpu\"]", "backends = [\"gpu\", \"cpu\"]"),
+            "backend `gpu` is listed but no accelerator",
+        ),
+        (
+            GOOD.replace("backends = [\"cpu\"]", "backends = []"),
+            "at least one backend",
+        ),
+        (
+            GOOD.replace("backends = [\"cpu\"]", "backends = [\"tpu\"]"),
+            "unknown variant `tpu`",
+        ),
+        (
+            GOOD.replace("memory_budget_mb = 256", "memory_budget_mb = 8192"),
+            "memory_budget_mb",
+        ),
+        (
+            GOOD.replace("\"/var/lib/fleetml\"", "\"var/lib\""),
+            "`paths.data_dir` must be an absolute path",
+        ),
+        (
+            GOOD.replace("aarch64-unknown-linux-gnu", "arm"),
+            "is not a target triple",
+        ),
+        (
+            GOOD.replace("[agent]\nmemory_budget_mb = 256\n", ""),
+            "missing field `agent`",
+        ),
     ];
     for (text, expected) in cases {
         let err: BoardError = BoardProfile::from_toml(&text).expect_err(expected);
-        assert!(err.to_string().contains(expected), "got `{err}`, expected `{expected}`");
+        assert!(
+            err.to_string().contains(expected),
+            "got `{err}`, expected `{expected}`"
+        );
     }
 }

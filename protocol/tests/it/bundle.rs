@@ -18,7 +18,10 @@ fn verify(bytes: &[u8], policy: &TrustPolicy) -> Result<bundle::VerifiedBundle, 
 }
 
 /// Verifies and also checks that verification stayed within the allocation bound.
-fn verify_bounded(bytes: &[u8], policy: &TrustPolicy) -> Result<bundle::VerifiedBundle, BundleError> {
+fn verify_bounded(
+    bytes: &[u8],
+    policy: &TrustPolicy,
+) -> Result<bundle::VerifiedBundle, BundleError> {
     let (result, peak) = peak_during(|| verify(bytes, policy));
     assert!(peak < ALLOC_BOUND, "verification allocated {peak} bytes");
     result
@@ -37,7 +40,12 @@ fn signed() -> Signed {
     let policy = policy(&[&k1, &k2, &k3], 2);
     let p = payloads();
     let bytes = encode(&manifest(&p), &p, &[&k1, &k2]);
-    Signed { k1, k2, policy, bytes }
+    Signed {
+        k1,
+        k2,
+        policy,
+        bytes,
+    }
 }
 
 #[test]
@@ -50,7 +58,9 @@ fn round_trip_verifies_and_keeps_the_manifest() {
     assert_eq!(v.digest, fleetml_protocol::crypto::sha256(&s.bytes));
     assert_eq!(v.manifest.lineage.seed, Some(7));
     let mut cursor = std::io::Cursor::new(&s.bytes);
-    let model = v.read_entry(&mut cursor, "model.onnx", 1024).expect("entry reads");
+    let model = v
+        .read_entry(&mut cursor, "model.onnx", 1024)
+        .expect("entry reads");
     assert_eq!(model, payloads()[0].1);
 }
 
@@ -65,15 +75,26 @@ fn flipping_any_header_field_fails_with_its_own_error() {
     assert!(matches!(flip(0, 0x01), BundleError::BadMagic));
     assert!(matches!(flip(7, 0x80), BundleError::BadMagic));
     assert!(matches!(flip(9, 0x02), BundleError::UnsupportedVersion(3)));
-    assert!(matches!(flip(10, 0x01), BundleError::TooManySignatures { count: 258 }));
+    assert!(matches!(
+        flip(10, 0x01),
+        BundleError::TooManySignatures { count: 258 }
+    ));
     // Two signatures become three: the third record is read from the payload bytes and
     // its key is unknown, the two real ones still meet the threshold, then the payloads
     // are read 72 bytes late and run out inside the first.
-    assert!(matches!(flip(11, 0x01), BundleError::Truncated(Region::Payload(n)) if n == "model.onnx"));
-    assert!(matches!(flip(12, 0x01), BundleError::ManifestTooLarge { .. }));
+    assert!(
+        matches!(flip(11, 0x01), BundleError::Truncated(Region::Payload(n)) if n == "model.onnx")
+    );
+    assert!(matches!(
+        flip(12, 0x01),
+        BundleError::ManifestTooLarge { .. }
+    ));
     // One byte less of manifest: the signature records are read one byte early, so their
     // key ids are unknown.
-    assert!(matches!(flip(15, 0x01), BundleError::UntrustedSigners { .. }));
+    assert!(matches!(
+        flip(15, 0x01),
+        BundleError::UntrustedSigners { .. }
+    ));
 }
 
 #[test]
@@ -103,9 +124,21 @@ fn flipping_any_signature_byte_fails_on_that_signature() {
             let err = verify_bounded(&b, &s.policy).expect_err("tampered signature must fail");
             if at - range.start < fleetml_protocol::crypto::KEY_ID_LEN {
                 // The key id no longer names a trusted key: one valid signature of two.
-                assert!(matches!(err, BundleError::BelowThreshold { valid: 1, required: 2 }), "byte {at}: {err}");
+                assert!(
+                    matches!(
+                        err,
+                        BundleError::BelowThreshold {
+                            valid: 1,
+                            required: 2
+                        }
+                    ),
+                    "byte {at}: {err}"
+                );
             } else {
-                assert!(matches!(err, BundleError::BadSignature { key } if key == signer), "byte {at}: {err}");
+                assert!(
+                    matches!(err, BundleError::BadSignature { key } if key == signer),
+                    "byte {at}: {err}"
+                );
             }
         }
     }
@@ -120,7 +153,10 @@ fn flipping_any_payload_byte_fails_on_that_payload() {
             let mut b = s.bytes.clone();
             b[at] ^= 0x04;
             let err = verify_bounded(&b, &s.policy).expect_err("tampered payload must fail");
-            assert!(matches!(&err, BundleError::DigestMismatch { entry } if entry == name), "byte {at}: {err}");
+            assert!(
+                matches!(&err, BundleError::DigestMismatch { entry } if entry == name),
+                "byte {at}: {err}"
+            );
         }
     }
 }
@@ -129,18 +165,35 @@ fn flipping_any_payload_byte_fails_on_that_payload() {
 fn truncation_anywhere_names_the_region() {
     let s = signed();
     let l = layout(&s.bytes);
-    let cut = |len: usize| verify_bounded(&s.bytes[..len], &s.policy).expect_err("truncated bundle must fail");
+    let cut = |len: usize| {
+        verify_bounded(&s.bytes[..len], &s.policy).expect_err("truncated bundle must fail")
+    };
     assert!(matches!(cut(0), BundleError::BadMagic));
     assert!(matches!(cut(5), BundleError::BadMagic));
     assert!(matches!(cut(12), BundleError::Truncated(Region::Header)));
-    assert!(matches!(cut(l.manifest.start + 1), BundleError::Truncated(Region::Manifest)));
-    assert!(matches!(cut(l.manifest.end - 1), BundleError::Truncated(Region::Manifest)));
-    assert!(matches!(cut(l.signatures[0].start + 3), BundleError::Truncated(Region::Signatures)));
-    assert!(matches!(cut(l.signatures[1].end - 1), BundleError::Truncated(Region::Signatures)));
+    assert!(matches!(
+        cut(l.manifest.start + 1),
+        BundleError::Truncated(Region::Manifest)
+    ));
+    assert!(matches!(
+        cut(l.manifest.end - 1),
+        BundleError::Truncated(Region::Manifest)
+    ));
+    assert!(matches!(
+        cut(l.signatures[0].start + 3),
+        BundleError::Truncated(Region::Signatures)
+    ));
+    assert!(matches!(
+        cut(l.signatures[1].end - 1),
+        BundleError::Truncated(Region::Signatures)
+    ));
     for (name, range) in &l.payloads {
         for len in [range.start, range.start + 1, range.end - 1] {
             let err = cut(len);
-            assert!(matches!(&err, BundleError::Truncated(Region::Payload(n)) if n == name), "cut at {len}: {err}");
+            assert!(
+                matches!(&err, BundleError::Truncated(Region::Payload(n)) if n == name),
+                "cut at {len}: {err}"
+            );
         }
     }
 }
@@ -151,7 +204,10 @@ fn junk_after_the_last_payload_is_refused() {
     for junk in [&[0u8][..], b"appended", &[0xff; 4096][..]] {
         let mut b = s.bytes.clone();
         b.extend_from_slice(junk);
-        assert!(matches!(verify_bounded(&b, &s.policy), Err(BundleError::TrailingData)));
+        assert!(matches!(
+            verify_bounded(&b, &s.policy),
+            Err(BundleError::TrailingData)
+        ));
     }
 }
 
@@ -181,14 +237,25 @@ fn signer_sets_that_do_not_meet_the_policy_fail_specifically() {
         other => panic!("expected UntrustedSigners, got {other:?}"),
     }
     let by_one = encode(&m, &p, &[&k1]);
-    assert!(matches!(verify_bounded(&by_one, &two_of_two), Err(BundleError::BelowThreshold { valid: 1, required: 2 })));
+    assert!(matches!(
+        verify_bounded(&by_one, &two_of_two),
+        Err(BundleError::BelowThreshold {
+            valid: 1,
+            required: 2
+        })
+    ));
     assert!(verify_bounded(&by_one, &one_of_two).is_ok_and(|v| v.signed_by == vec![k1.id()]));
     let by_one_and_outsider = encode(&m, &p, &[&k1, &outsider]);
     let v = verify_bounded(&by_one_and_outsider, &one_of_two).expect("threshold met");
     assert_eq!(v.ignored, vec![outsider.id()]);
-    assert!(matches!(verify_bounded(&encode(&m, &p, &[]), &one_of_two), Err(BundleError::Unsigned)));
+    assert!(matches!(
+        verify_bounded(&encode(&m, &p, &[]), &one_of_two),
+        Err(BundleError::Unsigned)
+    ));
     let twice = encode(&m, &p, &[&k1, &k1]);
-    assert!(matches!(verify_bounded(&twice, &one_of_two), Err(BundleError::DuplicateSignature(k)) if k == k1.id()));
+    assert!(
+        matches!(verify_bounded(&twice, &one_of_two), Err(BundleError::DuplicateSignature(k)) if k == k1.id())
+    );
 }
 
 #[test]
@@ -213,12 +280,28 @@ fn oversized_length_fields_are_refused_before_allocating() {
     m.entries[0].size = u64::MAX / 2;
     let lying = encode_front_only(&m, &[&s.k1, &s.k2]);
     let err = verify_bounded(&lying, &s.policy).expect_err("absurd size must fail");
-    assert!(matches!(&err, BundleError::EntryTooLarge { entry, .. } if entry == "model.onnx"), "{err}");
+    assert!(
+        matches!(&err, BundleError::EntryTooLarge { entry, .. } if entry == "model.onnx"),
+        "{err}"
+    );
 
     // Within the entry limit but beyond the total.
-    let limits = Limits { max_entry: 1 << 20, max_total: 60, ..Limits::default() };
+    let limits = Limits {
+        max_entry: 1 << 20,
+        max_total: 60,
+        ..Limits::default()
+    };
     let err = bundle::verify(&s.bytes[..], &s.policy, &limits).expect_err("total limit");
-    assert!(matches!(err, BundleError::TotalTooLarge { total: 111, max: 60 }), "{err}");
+    assert!(
+        matches!(
+            err,
+            BundleError::TotalTooLarge {
+                total: 111,
+                max: 60
+            }
+        ),
+        "{err}"
+    );
 }
 
 /// A bundle front whose payloads are not appended (their claimed size can be anything).
@@ -246,14 +329,23 @@ fn a_signed_but_semantically_invalid_manifest_is_refused_last() {
     m.features.features[1].column = 2; // kind needs columns 2..4 of a 3-column input
     let err = verify_bounded(&encode(&m, &p, &[&k]), &pol).expect_err("bad schema must fail");
     match err {
-        BundleError::Invalid(ManifestError::Features(e)) => assert!(e.to_string().contains("`kind`"), "{e}"),
+        BundleError::Invalid(ManifestError::Features(e)) => {
+            assert!(e.to_string().contains("`kind`"), "{e}")
+        }
         other => panic!("expected a feature schema error, got {other:?}"),
     }
     let mut m = manifest(&p);
     m.entries.retain(|e| e.name != "model.onnx");
-    let p2: Vec<_> = p.iter().filter(|(n, _)| *n != "model.onnx").cloned().collect();
+    let p2: Vec<_> = p
+        .iter()
+        .filter(|(n, _)| *n != "model.onnx")
+        .cloned()
+        .collect();
     let err = verify_bounded(&encode(&m, &p2, &[&k]), &pol).expect_err("no model must fail");
-    assert!(matches!(err, BundleError::Invalid(ManifestError::MissingEntry("model.onnx"))));
+    assert!(matches!(
+        err,
+        BundleError::Invalid(ManifestError::MissingEntry("model.onnx"))
+    ));
 }
 
 #[test]
@@ -263,8 +355,14 @@ fn a_non_canonical_manifest_is_refused() {
     // Struct-order CBOR is valid CBOR but not our canonical (sorted-key) encoding.
     let struct_order = serde_cbor::to_vec(&m).expect("encodes");
     assert_ne!(struct_order, m.to_canonical_cbor());
-    assert_eq!(Manifest::from_canonical_cbor(&struct_order), Err(ManifestDecodeError::NotCanonical));
-    assert_eq!(Manifest::from_canonical_cbor(&m.to_canonical_cbor()).as_ref(), Ok(&m));
+    assert_eq!(
+        Manifest::from_canonical_cbor(&struct_order),
+        Err(ManifestDecodeError::NotCanonical)
+    );
+    assert_eq!(
+        Manifest::from_canonical_cbor(&m.to_canonical_cbor()).as_ref(),
+        Ok(&m)
+    );
 }
 
 #[test]
@@ -280,8 +378,14 @@ fn streaming_verification_of_a_large_payload_stays_in_bounded_memory() {
     let reader = std::io::BufReader::with_capacity(8192, &bytes[..]);
     let (result, peak) = peak_during(|| bundle::verify(reader, &pol, &Limits::default()));
     let v = result.expect("large bundle verifies");
-    assert_eq!(v.manifest.entry("weights.bin").map(|e| e.size), Some(64 << 20));
-    assert!(peak < ALLOC_BOUND, "verifying a 64 MiB bundle allocated {peak} bytes");
+    assert_eq!(
+        v.manifest.entry("weights.bin").map(|e| e.size),
+        Some(64 << 20)
+    );
+    assert!(
+        peak < ALLOC_BOUND,
+        "verifying a 64 MiB bundle allocated {peak} bytes"
+    );
 }
 
 #[test]
@@ -290,10 +394,16 @@ fn add_signature_is_idempotent_and_keeps_payloads() {
     let p = payloads();
     let unsigned = encode(&manifest(&p), &p, &[]);
     let sign = |bytes: &[u8], k: &SigningKey| {
-        let bytes_m = bundle::read_unverified(bytes, &Limits::default()).expect("front").manifest_bytes;
-        let rec = bundle::SignatureRecord { key: k.id(), signature: k.sign(&bytes_m) };
+        let bytes_m = bundle::read_unverified(bytes, &Limits::default())
+            .expect("front")
+            .manifest_bytes;
+        let rec = bundle::SignatureRecord {
+            key: k.id(),
+            signature: k.sign(&bytes_m),
+        };
         let mut out = Vec::new();
-        let changed = bundle::add_signature(bytes, &mut out, rec, &Limits::default()).expect("signs");
+        let changed =
+            bundle::add_signature(bytes, &mut out, rec, &Limits::default()).expect("signs");
         (changed, out)
     };
     let (changed, once) = sign(&unsigned, &k1);
@@ -308,8 +418,12 @@ fn add_signature_is_idempotent_and_keeps_payloads() {
     let mut bad = once.clone();
     let last = bad.len() - 1;
     bad[last] ^= 1;
-    let rec = bundle::SignatureRecord { key: k2.id(), signature: [0; 64] };
-    let err = bundle::add_signature(&bad[..], &mut Vec::new(), rec, &Limits::default()).expect_err("tampered");
+    let rec = bundle::SignatureRecord {
+        key: k2.id(),
+        signature: [0; 64],
+    };
+    let err = bundle::add_signature(&bad[..], &mut Vec::new(), rec, &Limits::default())
+        .expect_err("tampered");
     assert!(matches!(err, BundleError::DigestMismatch { .. }));
 }
 

@@ -15,7 +15,11 @@ pub fn key() -> SigningKey {
 pub fn policy(keys: &[&SigningKey], threshold: u32) -> TrustPolicy {
     let keys = keys
         .iter()
-        .map(|k| TrustedKey { name: None, public: k.public_key(), id: None })
+        .map(|k| TrustedKey {
+            name: None,
+            public: k.public_key(),
+            id: None,
+        })
         .collect();
     TrustPolicy::new(threshold, keys).expect("valid policy")
 }
@@ -62,7 +66,11 @@ pub fn manifest(payloads: &[(&str, Vec<u8>)]) -> Manifest {
         created_at: 1_790_000_000,
         entries: payloads
             .iter()
-            .map(|(n, b)| Entry { name: n.to_string(), size: b.len() as u64, sha256: sha256(b) })
+            .map(|(n, b)| Entry {
+                name: n.to_string(),
+                size: b.len() as u64,
+                sha256: sha256(b),
+            })
             .collect(),
         inputs: vec![TensorSpec {
             name: "input".into(),
@@ -75,28 +83,49 @@ pub fn manifest(payloads: &[(&str, Vec<u8>)]) -> Manifest {
             shape: vec![Dim::Symbol("N".into()), Dim::Fixed(2)],
         }],
         features: schema(),
-        targets: Targets { backends: vec!["cpu".into()], boards: vec![] },
+        targets: Targets {
+            backends: vec!["cpu".into()],
+            boards: vec![],
+        },
         min_agent_version: "0.1.0".into(),
-        lineage: Lineage { seed: Some(7), ..Default::default() },
+        lineage: Lineage {
+            seed: Some(7),
+            ..Default::default()
+        },
     }
 }
 
 pub fn payloads() -> Vec<(&'static str, Vec<u8>)> {
     vec![
-        ("model.onnx", b"not really onnx, the protocol does not parse it".to_vec()),
+        (
+            "model.onnx",
+            b"not really onnx, the protocol does not parse it".to_vec(),
+        ),
         ("reference.cbor", vec![0xa0; 40]),
         ("golden.cbor", vec![0x80; 24]),
     ]
 }
 
 /// Encodes a bundle of `manifest` and `payloads`, signed by `signers`.
-pub fn encode(manifest: &Manifest, payloads: &[(&str, Vec<u8>)], signers: &[&SigningKey]) -> Vec<u8> {
+pub fn encode(
+    manifest: &Manifest,
+    payloads: &[(&str, Vec<u8>)],
+    signers: &[&SigningKey],
+) -> Vec<u8> {
     let bytes = manifest.to_canonical_cbor();
-    let sigs: Vec<SignatureRecord> =
-        signers.iter().map(|k| SignatureRecord { key: k.id(), signature: k.sign(&bytes) }).collect();
+    let sigs: Vec<SignatureRecord> = signers
+        .iter()
+        .map(|k| SignatureRecord {
+            key: k.id(),
+            signature: k.sign(&bytes),
+        })
+        .collect();
     let mut out = Vec::new();
     bundle::write(&mut out, &bytes, &sigs, manifest, |name, w| {
-        let (_, data) = payloads.iter().find(|(n, _)| *n == name).expect("payload exists");
+        let (_, data) = payloads
+            .iter()
+            .find(|(n, _)| *n == name)
+            .expect("payload exists");
         w.write_all(data)
     })
     .expect("bundle writes");
@@ -132,5 +161,9 @@ pub fn layout(bytes: &[u8]) -> Layout {
             (e.name.clone(), r)
         })
         .collect();
-    Layout { manifest, signatures, payloads }
+    Layout {
+        manifest,
+        signatures,
+        payloads,
+    }
 }

