@@ -425,8 +425,8 @@ pub fn inspect_text(front: &Unverified, file_size: u64) -> String {
     let _ = writeln!(s, "\nFeatures");
     let _ = writeln!(
         s,
-        "  {:<24} {:<9} {:<8} {:<26} {}",
-        "NAME", "TYPE", "UNIT", "VALID", "COLUMNS"
+        "  {:<24} {:<9} {:<8} {:<26} COLUMNS",
+        "NAME", "TYPE", "UNIT", "VALID"
     );
     for f in &m.features.features {
         let kind = format!("{:?}", f.kind).to_lowercase();

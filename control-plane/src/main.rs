@@ -62,7 +62,7 @@ enum KeysCommand {
 enum BundleCommand {
     /// Build a bundle from an ONNX model, its feature schema, and optional reference
     /// data, golden rows and lineage.
-    Build(BuildArgs),
+    Build(Box<BuildArgs>),
     /// Add a signature to a bundle, in place. Signing twice with one key changes nothing.
     Sign {
         /// The bundle to sign.
@@ -186,6 +186,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::Bundle(BundleCommand::Build(a)) => {
+            let a = *a;
             let created_at = match a.created_at {
                 Some(t) => t,
                 None => std::time::SystemTime::now()

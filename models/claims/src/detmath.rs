@@ -1,7 +1,8 @@
 //! Deterministic math: the same bits on every platform, from `+ - * /` alone.
 
-const LN2_HI: f64 = 6.931_471_803_691_238_2e-1;
-const LN2_LO: f64 = 1.908_214_929_270_587_7e-10;
+// ln 2 split into a high part with trailing zero bits (so k * LN2_HI is exact) and the rest.
+const LN2_HI: f64 = f64::from_bits(0x3fe6_2e42_fee0_0000);
+const LN2_LO: f64 = f64::from_bits(0x3dea_39ef_3579_3c76);
 const INV_LN2: f64 = std::f64::consts::LOG2_E;
 
 /// e^x, accurate to a few ulp, computed with a fixed sequence of basic operations.

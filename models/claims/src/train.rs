@@ -118,7 +118,7 @@ pub fn train(rows: &[[f64; COLUMNS]], labels: &[bool], config: &Config, seed: u6
         .map(|r| (0..COLUMNS).map(|j| (r[j] - mean[j]) / std[j]).collect())
         .collect();
 
-    let mut rng = Generator::new(seed, 0x7472_6169_6e);
+    let mut rng = Generator::new(seed, 0x0074_7261_696e);
     let init = |rng: &mut Generator, fan_in: usize, fan_out: usize, len: usize| -> Vec<f64> {
         let limit = (6.0 / (fan_in + fan_out) as f64).sqrt();
         (0..len)
