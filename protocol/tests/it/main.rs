@@ -5,6 +5,7 @@ mod board;
 mod bundle;
 mod features;
 mod fixture;
+mod payloads;
 mod wycheproof_ed25519;
 
 #[global_allocator]

@@ -1,0 +1,193 @@
+//! Decoders of signed payloads (golden vectors, reference profile) and of operator files
+//! (trust policy, feature schema, board profile): round trips and hostile input.
+
+use fleetml_protocol::board::BoardProfile;
+use fleetml_protocol::features::{FeatureSchema, RawValue};
+use fleetml_protocol::golden::{self, Golden, GoldenError, Tensor};
+use fleetml_protocol::reference::{ReferenceError, ReferenceProfile, bin_index};
+use fleetml_protocol::trust::{TrustPolicy, TrustPolicyError};
+use proptest::prelude::*;
+
+use crate::alloc_track::peak_during;
+use crate::fixture::{key, policy, schema};
+
+fn golden() -> Golden {
+    Golden {
+        abs_tolerance: 1e-4,
+        rel_tolerance: 1e-3,
+        inputs: vec![Tensor {
+            name: "input".into(),
+            shape: vec![2, 3],
+            data: vec![1.0, 0.0, 1.0, 5.0, 1.0, 0.0],
+        }],
+        outputs: vec![Tensor {
+            name: "probabilities".into(),
+            shape: vec![2, 2],
+            data: vec![0.25, 0.75, 0.5, 0.5],
+        }],
+    }
+}
+
+#[test]
+fn golden_vectors_round_trip_and_compare() {
+    let g = golden();
+    assert_eq!(Golden::from_cbor(&g.to_cbor()), Ok(g.clone()));
+    let same = golden::compare(&g, &g.outputs).expect("comparable");
+    assert!(same.passed());
+    let mut off = g.outputs.clone();
+    off[0].data[1] = 0.7501; // within abs 1e-4
+    assert!(golden::compare(&g, &off).expect("comparable").passed());
+    off[0].data[2] = 0.6;
+    let c = golden::compare(&g, &off).expect("comparable");
+    assert_eq!(
+        (c.failures, c.worst.clone()),
+        (1, Some(("probabilities".to_string(), 2)))
+    );
+    let mut bad = g.clone();
+    bad.inputs[0].shape = vec![4, 4];
+    assert!(matches!(
+        Golden::from_cbor(&bad.to_cbor()),
+        Err(GoldenError::ShapeMismatch { .. })
+    ));
+    let mut neg = g;
+    neg.abs_tolerance = -1.0;
+    assert_eq!(
+        Golden::from_cbor(&neg.to_cbor()),
+        Err(GoldenError::BadTolerance)
+    );
+}
+
+#[test]
+fn reference_profile_bins_by_quantiles_and_round_trips() {
+    let s = schema();
+    let rows: Vec<Vec<RawValue>> = (0..100)
+        .map(|i| {
+            let amount = if i % 10 == 0 {
+                RawValue::Missing
+            } else {
+                RawValue::Number(f64::from(i))
+            };
+            let kind = RawValue::Text(["a", "b", "c"][i as usize % 3].into());
+            vec![amount, kind]
+        })
+        .collect();
+    let outputs = vec![(
+        "probabilities".to_string(),
+        2,
+        (0..200)
+            .map(|i| {
+                if (i / 2 % 2 == 0) == (i % 2 == 0) {
+                    0.9
+                } else {
+                    0.1
+                }
+            })
+            .collect(),
+    )];
+    let p = ReferenceProfile::compute(&s, &rows, &outputs, 4).expect("computes");
+    assert_eq!(p.rows, 100);
+    let amount = &p.features[0];
+    assert_eq!(amount.missing, 10);
+    let n = amount.numeric.as_ref().expect("numeric");
+    assert_eq!(n.edges.len(), 3);
+    assert_eq!(n.counts.iter().sum::<u64>(), 90);
+    assert!(
+        n.counts.iter().all(|c| (20..=25).contains(c)),
+        "{:?}",
+        n.counts
+    );
+    assert_eq!((n.min, n.max), (1.0, 99.0));
+    let kind = p.features[1].categorical.as_ref().expect("categorical");
+    assert_eq!((kind.counts.clone(), kind.other), (vec![34, 33], 33));
+    assert_eq!(p.features[1].invalid, 33);
+    assert_eq!(p.predictions[0].class_counts, vec![50, 50]);
+    assert_eq!(ReferenceProfile::from_cbor(&p.to_cbor()), Ok(p.clone()));
+    assert_eq!(
+        bin_index(&n.edges, n.edges[0]),
+        0,
+        "edges close their bin on the right"
+    );
+    assert_eq!(bin_index(&n.edges, f64::INFINITY), n.edges.len());
+
+    let mut broken = p;
+    broken.features[0]
+        .numeric
+        .as_mut()
+        .expect("numeric")
+        .counts
+        .pop();
+    assert!(matches!(
+        ReferenceProfile::from_cbor(&broken.to_cbor()),
+        Err(ReferenceError::Inconsistent(_))
+    ));
+}
+
+#[test]
+fn trust_policies_round_trip_and_refuse_bad_ones() {
+    let (a, b) = (key(), key());
+    let p = policy(&[&a, &b], 2);
+    assert_eq!(TrustPolicy::from_toml(&p.to_toml()), Ok(p.clone()));
+    let mut wrong_id = p.clone();
+    wrong_id.keys[0].id = Some("0000000000000000".into());
+    assert!(matches!(
+        TrustPolicy::from_toml(&wrong_id.to_toml()),
+        Err(TrustPolicyError::IdMismatch { .. })
+    ));
+    let mut zero = p.clone();
+    zero.threshold = 0;
+    assert_eq!(
+        TrustPolicy::from_toml(&zero.to_toml()),
+        Err(TrustPolicyError::ZeroThreshold)
+    );
+    let mut dup = p;
+    dup.keys[1] = dup.keys[0].clone();
+    assert!(matches!(
+        TrustPolicy::from_toml(&dup.to_toml()),
+        Err(TrustPolicyError::DuplicateKey(_))
+    ));
+    assert!(matches!(
+        TrustPolicy::from_toml("threshold = 1\nkeys = []\n"),
+        Err(TrustPolicyError::NoKeys)
+    ));
+    assert!(matches!(
+        TrustPolicy::from_toml("threshold = 1\n[[keys]]\npublic = \"ed25519:zz\"\n"),
+        Err(TrustPolicyError::Syntax(_))
+    ));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    /// Arbitrary bytes never panic the payload decoders, and stay within a bound. A CBOR
+    /// array header can declare any length; serde preallocates at most 1 MiB per sequence
+    /// from it ("cautious" size hints), so the bound is 1 MiB per nesting level (our
+    /// payload types nest sequences at most three deep).
+    #[test]
+    fn payload_decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+        let (_, peak) = peak_during(|| {
+            let _ = Golden::from_cbor(&bytes);
+            let _ = ReferenceProfile::from_cbor(&bytes);
+        });
+        prop_assert!(peak < 4 << 20, "decoding {} bytes allocated {peak}", bytes.len());
+    }
+
+    /// Arbitrary text never panics the TOML decoders.
+    #[test]
+    fn toml_decoders_never_panic(text in "\\PC{0,512}") {
+        let _ = TrustPolicy::from_toml(&text);
+        let _ = FeatureSchema::from_toml(&text);
+        let _ = BoardProfile::from_toml(&text);
+    }
+
+    /// Golden vectors round-trip whatever their values.
+    #[test]
+    fn golden_round_trips(data in proptest::collection::vec(-1e6f32..1e6, 1..64)) {
+        let g = Golden {
+            abs_tolerance: 0.0,
+            rel_tolerance: 0.0,
+            inputs: vec![Tensor { name: "x".into(), shape: vec![data.len() as u64], data: data.clone() }],
+            outputs: vec![Tensor { name: "y".into(), shape: vec![1, data.len() as u64], data }],
+        };
+        prop_assert_eq!(Golden::from_cbor(&g.to_cbor()), Ok(g));
+    }
+}
