@@ -24,6 +24,7 @@ pub fn bin(name: &str) -> PathBuf {
             .to_path_buf();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
+        scrub_cargo_env(&mut cmd);
         cmd.current_dir(root()).args([
             "build",
             "--quiet",
@@ -125,4 +126,29 @@ pub fn claims(file: &str) -> String {
         .join(file)
         .to_string_lossy()
         .into_owned()
+}
+
+/// The cargo target directory the binaries were built in.
+pub fn target_dir() -> PathBuf {
+    bin("fleetctl")
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
+}
+
+/// Removes the variables `cargo test` sets for the test process (`CARGO_PKG_NAME`,
+/// `CARGO_MANIFEST_DIR`, …) from a command that runs cargo again: build scripts such as
+/// ring's re-run when those change, which would rebuild half the tree on every test run.
+pub fn scrub_cargo_env(cmd: &mut Command) {
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        let keep = matches!(
+            key.as_ref(),
+            "CARGO_HOME" | "CARGO_TARGET_DIR" | "CARGO_TERM_COLOR"
+        );
+        if (key.starts_with("CARGO_") && !keep) || key == "OUT_DIR" {
+            cmd.env_remove(key.as_ref());
+        }
+    }
 }

@@ -2,3 +2,4 @@
 
 mod architecture;
 mod bundle_cli;
+mod demo;
