@@ -260,7 +260,7 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<Built> {
             signature: k.sign(&manifest_bytes),
         })
         .collect();
-    output::write_atomic(&opts.out, |file| {
+    output::write_atomic(&opts.out, output::PUBLIC_FILE, |file| {
         let mut w = BufWriter::new(file);
         bundle::write(
             &mut w,
@@ -297,7 +297,7 @@ pub fn sign(path: &Path, key: &Path) -> anyhow::Result<(bool, String)> {
         return Ok((false, key.id().to_string()));
     }
     let mut changed = false;
-    output::write_atomic(path, |file| {
+    output::write_atomic(path, output::PUBLIC_FILE, |file| {
         let input = BufReader::new(
             File::open(path).with_context(|| format!("reading {}", path.display()))?,
         );

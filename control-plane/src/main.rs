@@ -173,7 +173,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 policy.keys.len(),
                 policy.to_toml()
             );
-            fleet_control::output::write_atomic(&out, |f| {
+            fleet_control::output::write_atomic(&out, fleet_control::output::PUBLIC_FILE, |f| {
                 use std::io::Write;
                 f.write_all(text.as_bytes())?;
                 Ok(())

@@ -2,10 +2,13 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use anyhow::Context;
+
+/// Mode of files that are not secret (bundles, trust policies).
+pub const PUBLIC_FILE: u32 = 0o644;
 
 /// Creates `path` with `mode`, failing if it exists. Used for keys: never overwritten.
 pub fn create_new(path: &Path, mode: u32, bytes: &[u8]) -> anyhow::Result<()> {
@@ -29,10 +32,11 @@ pub fn create_new(path: &Path, mode: u32, bytes: &[u8]) -> anyhow::Result<()> {
 }
 
 /// Writes a file atomically: `fill` writes into a temporary file in the same directory,
-/// which is synced and renamed over `path` only if `fill` succeeds. A reader never sees a
-/// partial file, and a failure leaves `path` as it was.
+/// which gets `mode`, is synced and renamed over `path` only if `fill` succeeds. A reader
+/// never sees a partial file, and a failure leaves `path` as it was.
 pub fn write_atomic(
     path: &Path,
+    mode: u32,
     fill: impl FnOnce(&mut File) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let dir = match path.parent() {
@@ -45,6 +49,9 @@ pub fn write_atomic(
         .tempfile_in(dir)
         .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
     fill(tmp.as_file_mut())?;
+    tmp.as_file()
+        .set_permissions(fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting the mode of {}", path.display()))?;
     tmp.as_file()
         .sync_all()
         .with_context(|| format!("syncing {}", path.display()))?;

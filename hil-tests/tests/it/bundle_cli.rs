@@ -518,3 +518,38 @@ fn every_command_has_help() {
     let run = fleetctl(tmp.path(), &["bundle", "frobnicate"]);
     assert_eq!(run.code, Some(2), "usage errors exit 2");
 }
+
+#[test]
+fn bundles_and_policies_are_world_readable_while_keys_stay_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    setup(dir);
+    build(dir, "claims.fmb");
+    fleetctl(
+        dir,
+        &["bundle", "sign", "claims.fmb", "--key", "keys/a.key"],
+    )
+    .success();
+    let mode = |p: &str| {
+        std::fs::metadata(dir.join(p))
+            .expect("exists")
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode("claims.fmb"), 0o644);
+    assert_eq!(mode("trust.toml"), 0o644);
+    assert_eq!(mode("keys/a.key"), 0o600);
+    assert_eq!(mode("keys/a.pub"), 0o644);
+    let leftovers: Vec<_> = std::fs::read_dir(dir)
+        .expect("dir")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".fleetml-"))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "temporary files left behind: {leftovers:?}"
+    );
+}
