@@ -14,6 +14,7 @@ use fleetml_protocol::manifest::{
     valid_entry_name,
 };
 use fleetml_protocol::reference::ReferenceProfile;
+use fleetml_protocol::trust::TrustPolicy;
 
 use crate::onnx::OnnxModel;
 use crate::output::{self, human_size};
@@ -316,8 +317,7 @@ pub fn read_front(path: &Path) -> anyhow::Result<Unverified> {
         .with_context(|| format!("{}", path.display()))
 }
 
-pub fn verify(path: &Path, trust: &Path) -> anyhow::Result<VerifiedBundle> {
-    let policy = crate::keys::load_policy(trust)?;
+pub fn verify(path: &Path, policy: &TrustPolicy) -> anyhow::Result<VerifiedBundle> {
     let f = File::open(path).with_context(|| format!("reading {}", path.display()))?;
     bundle::verify(
         BufReader::with_capacity(bundle::CHUNK, f),

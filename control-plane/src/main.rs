@@ -248,7 +248,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             trust,
         }) => {
             let policy = keys::load_policy(&trust)?;
-            let v = bundle::verify(&path, &trust)?;
+            let v = bundle::verify(&path, &policy)?;
             println!("{}", bundle::summary(&v, Some(policy.threshold)));
         }
         Command::Bundle(BundleCommand::Inspect { bundle: path, json }) => {

@@ -95,14 +95,8 @@ fn build_produces_a_bundle_that_verifies() {
         .map(|e| e.name.as_str())
         .collect();
     assert_eq!(names, ["model.onnx", "reference.cbor", "golden.cbor"]);
-    std::fs::write(
-        dir.path().join("trust.toml"),
-        keys::trust_policy(&[k.public], 1)
-            .expect("policy")
-            .to_toml(),
-    )
-    .expect("write");
-    let v = bundle::verify(&opts.out, &dir.path().join("trust.toml")).expect("verifies");
+    let policy = keys::trust_policy(&[k.public], 1).expect("policy");
+    let v = bundle::verify(&opts.out, &policy).expect("verifies");
     assert_eq!(v.manifest.lineage.seed, Some(42));
 
     // The reference profile covers every feature and the prediction distribution.
