@@ -321,7 +321,7 @@ pub fn verify(path: &Path, policy: &TrustPolicy) -> anyhow::Result<VerifiedBundl
     let f = File::open(path).with_context(|| format!("reading {}", path.display()))?;
     bundle::verify(
         BufReader::with_capacity(bundle::CHUNK, f),
-        &policy,
+        policy,
         &Limits::default(),
     )
     .with_context(|| format!("{} failed verification", path.display()))
