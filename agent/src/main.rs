@@ -7,7 +7,8 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use fleet_agent::{runtime::CpuModel, selftest, store};
+use fleet_agent::{backend, runtime::CpuModel, selftest, store};
+use fleetml_protocol::board::BoardProfile;
 use fleetml_protocol::bundle::Limits;
 use fleetml_protocol::manifest::{GOLDEN_ENTRY, MODEL_ENTRY};
 use fleetml_protocol::trust::TrustPolicy;
@@ -35,6 +36,10 @@ enum Command {
         /// Trust policy (TOML) naming the keys allowed to sign bundles.
         #[arg(long)]
         trust: PathBuf,
+        /// Board profile (TOML): try its backends in order and report any fallback.
+        /// Without it the model runs on the CPU.
+        #[arg(long)]
+        board: Option<PathBuf>,
     },
 }
 
@@ -44,7 +49,14 @@ fn load_policy(path: &PathBuf) -> anyhow::Result<TrustPolicy> {
     TrustPolicy::from_toml(&text).with_context(|| format!("trust policy {}", path.display()))
 }
 
-fn verify_bundle(bundle: PathBuf, trust: PathBuf) -> anyhow::Result<()> {
+fn load_board(path: &PathBuf) -> anyhow::Result<BoardProfile> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading board profile {}", path.display()))?;
+    BoardProfile::from_toml(&text).with_context(|| format!("board profile {}", path.display()))
+}
+
+fn verify_bundle(bundle: PathBuf, trust: PathBuf, board: Option<PathBuf>) -> anyhow::Result<()> {
+    let board = board.as_ref().map(load_board).transpose()?;
     let policy = load_policy(&trust)?;
     let limits = Limits::default();
     let verified = store::verify(&bundle, &policy, &limits)
@@ -62,15 +74,37 @@ fn verify_bundle(bundle: PathBuf, trust: PathBuf) -> anyhow::Result<()> {
     );
     let mut file = File::open(&bundle).with_context(|| format!("reading {}", bundle.display()))?;
     let onnx = verified.read_entry(&mut file, MODEL_ENTRY, MAX_MODEL)?;
-    let model = CpuModel::load(&onnx).with_context(|| format!("{} v{}", m.name, m.version))?;
-    println!("loaded {MODEL_ENTRY} with tract (cpu)");
-    if m.entry(GOLDEN_ENTRY).is_none() {
+    let golden = match m.entry(GOLDEN_ENTRY) {
+        Some(_) => Some(verified.read_entry(&mut file, GOLDEN_ENTRY, MAX_GOLDEN)?),
+        None => None,
+    };
+    let what = || format!("{} v{}", m.name, m.version);
+    let result = match &board {
+        Some(board) => {
+            let selection = backend::select(board, &onnx, golden.as_deref()).with_context(what)?;
+            for line in selection.report() {
+                println!("{line}");
+            }
+            println!(
+                "running on {} (board {})",
+                selection.backend.kind().as_str(),
+                board.name
+            );
+            selection.self_test
+        }
+        None => {
+            let model = CpuModel::load(&onnx).with_context(what)?;
+            println!("loaded {MODEL_ENTRY} with tract (cpu)");
+            match &golden {
+                Some(g) => Some(selftest::run(&model, g).with_context(what)?),
+                None => None,
+            }
+        }
+    };
+    let Some(result) = result else {
         println!("no {GOLDEN_ENTRY} in the bundle: golden self-test skipped");
         return Ok(());
-    }
-    let golden = verified.read_entry(&mut file, GOLDEN_ENTRY, MAX_GOLDEN)?;
-    let result =
-        selftest::run(&model, &golden).with_context(|| format!("{} v{}", m.name, m.version))?;
+    };
     println!(
         "golden self-test passed: {} rows, max abs error {:e}, max rel error {:e}",
         result.rows, result.comparison.max_abs_error, result.comparison.max_rel_error
@@ -81,7 +115,11 @@ fn verify_bundle(bundle: PathBuf, trust: PathBuf) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::VerifyBundle { bundle, trust } => verify_bundle(bundle, trust),
+        Command::VerifyBundle {
+            bundle,
+            trust,
+            board,
+        } => verify_bundle(bundle, trust, board),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -2,7 +2,8 @@
 
 use fleetml_protocol::golden::{self, Comparison, Golden, GoldenError};
 
-use crate::runtime::{CpuModel, RuntimeError};
+use crate::backend::Backend;
+use crate::runtime::RuntimeError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SelfTestError {
@@ -34,7 +35,7 @@ pub struct SelfTest {
 }
 
 /// Runs the golden vectors (CBOR bytes of a verified bundle's `golden.cbor`) on `model`.
-pub fn run(model: &CpuModel, golden_cbor: &[u8]) -> Result<SelfTest, SelfTestError> {
+pub fn run(model: &dyn Backend, golden_cbor: &[u8]) -> Result<SelfTest, SelfTestError> {
     let golden = Golden::from_cbor(golden_cbor)?;
     let outputs = model.run(&golden.inputs)?;
     let comparison = golden::compare(&golden, &outputs).map_err(SelfTestError::Mismatch)?;

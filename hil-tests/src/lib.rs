@@ -11,10 +11,12 @@ pub fn root() -> PathBuf {
 }
 
 /// Path of a workspace binary (`fleetctl`, `fleet-agent`), built once per test run with
-/// the same profile as the test itself so the binaries are never stale.
+/// the same profile as the test itself so the binaries are never stale. The path comes
+/// from cargo's own build messages rather than `target/<profile>/NAME`, which can hold a
+/// binary uplifted from another build sharing the target directory.
 pub fn bin(name: &str) -> PathBuf {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    let dir = BUILT.get_or_init(|| {
+    static BUILT: OnceLock<Vec<(String, PathBuf)>> = OnceLock::new();
+    let built = BUILT.get_or_init(|| {
         let exe = std::env::current_exe().expect("test executable path");
         // target/<profile>/deps/it-<hash>
         let profile_dir = exe
@@ -28,20 +30,35 @@ pub fn bin(name: &str) -> PathBuf {
         cmd.current_dir(root()).args([
             "build",
             "--quiet",
-            "-p",
-            "fleet-control",
-            "-p",
-            "fleet-agent",
+            "--workspace",
             "--bins",
+            "--message-format=json",
         ]);
         if profile_dir.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }
-        let status = cmd.status().expect("cargo runs");
-        assert!(status.success(), "building the fleetml binaries failed");
-        profile_dir
+        let out = cmd.output().expect("cargo runs");
+        assert!(
+            out.status.success(),
+            "building the fleetml binaries failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|m| m["reason"] == "compiler-artifact")
+            .filter_map(|m| {
+                let name = m["target"]["name"].as_str()?.to_string();
+                let exe = m["executable"].as_str()?;
+                Some((name, PathBuf::from(exe)))
+            })
+            .collect()
     });
-    dir.join(name)
+    built
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, p)| p.clone())
+        .unwrap_or_else(|| panic!("cargo built no binary named {name}"))
 }
 
 /// What a command printed and how it exited.

@@ -247,3 +247,73 @@ fn a_bundle_for_a_newer_agent_is_refused() {
         other => panic!("expected AgentTooOld, got {other:?}"),
     }
 }
+
+fn board(backends: &str, accelerators: &str) -> fleetml_protocol::board::BoardProfile {
+    let text = format!(
+        "name = \"test\"\ntarget = \"aarch64-unknown-linux-gnu\"\ncpu_cores = 4\nmemory_mb = 4096\nbackends = {backends}\n{accelerators}\n[agent]\nmemory_budget_mb = 256\n[paths]\ndata_dir = \"/var/lib/fleetml\"\nconfig_dir = \"/etc/fleetml\"\n"
+    );
+    fleetml_protocol::board::BoardProfile::from_toml(&text).expect("valid board")
+}
+
+const NPU_AND_GPU: &str = "[[accelerators]]\nkind = \"npu\"\nname = \"VeriSilicon VIP\"\ndelegate = \"libvx_delegate.so\"\n[[accelerators]]\nkind = \"gpu\"\nname = \"Mali\"\napi = \"vulkan\"\n";
+
+#[test]
+fn backends_fall_back_along_the_board_order_with_reasons() {
+    use fleet_agent::backend;
+    use fleetml_protocol::board::Backend as Kind;
+    let model = CpuModel::load(&claims_model()).expect("loads");
+    let g = golden(&model, 4).to_cbor();
+    let b = board("[\"npu\", \"gpu\", \"cpu\"]", NPU_AND_GPU);
+    let selection = backend::select(&b, &claims_model(), Some(&g)).expect("cpu runs it");
+    assert_eq!(selection.backend.kind(), Kind::Cpu);
+    assert_eq!(selection.self_test.as_ref().map(|t| t.rows), Some(4));
+    let report = selection.report();
+    assert_eq!(report.len(), 2);
+    assert_eq!(
+        report[0],
+        "npu requested, not available: this agent has no NPU delegate support (board names delegate `libvx_delegate.so`), fell back to cpu"
+    );
+    assert!(
+        report[1]
+            .starts_with("gpu requested, not available: this agent was built without GPU support"),
+        "{}",
+        report[1]
+    );
+
+    // Without golden vectors the first backend that loads the model is chosen.
+    let selection = backend::select(&board("[\"cpu\"]", ""), &claims_model(), None).expect("cpu");
+    assert!(selection.fallbacks.is_empty() && selection.self_test.is_none());
+}
+
+#[test]
+fn a_failed_self_test_or_unloadable_model_rules_a_backend_out() {
+    use fleet_agent::backend;
+    use fleetml_protocol::board::Backend as Kind;
+    let model = CpuModel::load(&claims_model()).expect("loads");
+    let mut g = golden(&model, 4);
+    g.outputs[0].data[0] += 0.5;
+    let err = backend::select(&board("[\"cpu\"]", ""), &claims_model(), Some(&g.to_cbor()))
+        .expect_err("fails");
+    assert_eq!(err.reasons.len(), 1);
+    assert_eq!(err.reasons[0].backend, Kind::Cpu);
+    assert!(
+        err.reasons[0].reason.starts_with("golden self-test failed"),
+        "{}",
+        err.reasons[0].reason
+    );
+    assert!(
+        err.to_string().starts_with(
+            "no backend of board `test` can run the model: cpu requested, golden self-test failed"
+        ),
+        "{err}"
+    );
+
+    let err = backend::select(&board("[\"cpu\"]", ""), b"not onnx", None).expect_err("unloadable");
+    assert!(
+        err.reasons[0]
+            .reason
+            .starts_with("tract cannot load the model"),
+        "{}",
+        err.reasons[0].reason
+    );
+}

@@ -553,3 +553,35 @@ fn bundles_and_policies_are_world_readable_while_keys_stay_private() {
         "temporary files left behind: {leftovers:?}"
     );
 }
+
+#[test]
+fn the_agent_reports_a_gpu_board_falling_back_to_cpu() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    setup(dir);
+    build(dir, "claims.fmb");
+    fleetctl(
+        dir,
+        &["bundle", "sign", "claims.fmb", "--key", "keys/a.key"],
+    )
+    .success();
+    let board = hil_tests::root().join("boards/jetson-orin-nano.toml");
+    let run = agent(
+        dir,
+        &[
+            "verify-bundle",
+            "claims.fmb",
+            "--trust",
+            "trust.toml",
+            "--board",
+            &board.to_string_lossy(),
+        ],
+    );
+    let out = run.success();
+    assert!(out.contains("gpu requested, not available: this agent was built without GPU support (board asks for vulkan), fell back to cpu"), "{out}");
+    assert!(
+        out.contains("running on cpu (board jetson-orin-nano)"),
+        "{out}"
+    );
+    assert!(out.contains("golden self-test passed"), "{out}");
+}
