@@ -6,6 +6,7 @@
 //! Invariant: nothing from a bundle is written to disk or loaded for inference before the
 //! whole bundle has been verified against the trust policy.
 
+pub mod activation;
 pub mod backend;
 pub mod runtime;
 pub mod selftest;

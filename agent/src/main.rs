@@ -1,22 +1,19 @@
 //! `fleet-agent`: the fleetml device agent.
 
 use std::fs::File;
-use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::io::{BufReader, IsTerminal};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
-use fleet_agent::{backend, runtime::CpuModel, selftest, store};
+use clap::{Args, Parser, Subcommand};
+use fleet_agent::activation::{self, MAX_GOLDEN, MAX_MODEL};
+use fleet_agent::store::{self, ModelStore};
+use fleet_agent::{runtime::CpuModel, selftest};
 use fleetml_protocol::board::BoardProfile;
-use fleetml_protocol::bundle::Limits;
+use fleetml_protocol::bundle::{self, Limits};
 use fleetml_protocol::manifest::{GOLDEN_ENTRY, MODEL_ENTRY};
 use fleetml_protocol::trust::TrustPolicy;
-
-/// Largest model loaded into memory.
-const MAX_MODEL: u64 = 2 << 30;
-/// Largest golden vector set loaded into memory.
-const MAX_GOLDEN: u64 = 256 << 20;
 
 /// The fleetml device agent.
 #[derive(Parser, Debug)]
@@ -41,25 +38,80 @@ enum Command {
         #[arg(long)]
         board: Option<PathBuf>,
     },
+    /// Install a bundle from a local file and make it the active version of its model:
+    /// verify, store, choose a backend and self-test on it, then swap atomically. On any
+    /// failure the active version keeps serving and the reason is recorded.
+    InstallBundle {
+        bundle: PathBuf,
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Trust policy (TOML) naming the keys allowed to sign bundles.
+        #[arg(long)]
+        trust: PathBuf,
+        /// Board profile (TOML) whose backend order to try. Default: this machine's CPU.
+        #[arg(long)]
+        board: Option<PathBuf>,
+    },
+    /// List installed models: active and previous versions, backend, fallbacks, last failure.
+    Models {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Re-verify each active bundle against this trust policy.
+        #[arg(long)]
+        trust: Option<PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make the previous version of a model active again (and the active one previous).
+    Rollback {
+        /// Model name.
+        name: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
 }
 
-fn load_policy(path: &PathBuf) -> anyhow::Result<TrustPolicy> {
+#[derive(Args, Debug)]
+struct StoreArgs {
+    /// Agent data directory (model store and state).
+    #[arg(long, default_value = "/var/lib/fleetml")]
+    data_dir: PathBuf,
+}
+
+fn load_policy(path: &Path) -> anyhow::Result<TrustPolicy> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading trust policy {}", path.display()))?;
     TrustPolicy::from_toml(&text).with_context(|| format!("trust policy {}", path.display()))
 }
 
-fn load_board(path: &PathBuf) -> anyhow::Result<BoardProfile> {
+fn load_board(path: &Path) -> anyhow::Result<BoardProfile> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading board profile {}", path.display()))?;
     BoardProfile::from_toml(&text).with_context(|| format!("board profile {}", path.display()))
 }
 
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn print_self_test(result: Option<&selftest::SelfTest>) {
+    match result {
+        Some(r) => println!(
+            "golden self-test passed: {} rows, max abs error {:e}, max rel error {:e}",
+            r.rows, r.comparison.max_abs_error, r.comparison.max_rel_error
+        ),
+        None => println!("no {GOLDEN_ENTRY} in the bundle: golden self-test skipped"),
+    }
+}
+
 fn verify_bundle(bundle: PathBuf, trust: PathBuf, board: Option<PathBuf>) -> anyhow::Result<()> {
-    let board = board.as_ref().map(load_board).transpose()?;
+    let board = board.as_deref().map(load_board).transpose()?;
     let policy = load_policy(&trust)?;
-    let limits = Limits::default();
-    let verified = store::verify(&bundle, &policy, &limits)
+    let verified = store::verify(&bundle, &policy, &Limits::default())
         .with_context(|| format!("{} failed verification", bundle.display()))?;
     let m = &verified.manifest;
     let signers: Vec<String> = verified.signed_by.iter().map(|k| k.to_string()).collect();
@@ -72,16 +124,10 @@ fn verify_bundle(bundle: PathBuf, trust: PathBuf, board: Option<PathBuf>) -> any
         policy.threshold,
         verified.digest
     );
-    let mut file = File::open(&bundle).with_context(|| format!("reading {}", bundle.display()))?;
-    let onnx = verified.read_entry(&mut file, MODEL_ENTRY, MAX_MODEL)?;
-    let golden = match m.entry(GOLDEN_ENTRY) {
-        Some(_) => Some(verified.read_entry(&mut file, GOLDEN_ENTRY, MAX_GOLDEN)?),
-        None => None,
-    };
     let what = || format!("{} v{}", m.name, m.version);
     let result = match &board {
         Some(board) => {
-            let selection = backend::select(board, &onnx, golden.as_deref()).with_context(what)?;
+            let selection = activation::prepare(&bundle, &verified, board).with_context(what)?;
             for line in selection.report() {
                 println!("{line}");
             }
@@ -93,21 +139,134 @@ fn verify_bundle(bundle: PathBuf, trust: PathBuf, board: Option<PathBuf>) -> any
             selection.self_test
         }
         None => {
+            let mut file =
+                File::open(&bundle).with_context(|| format!("reading {}", bundle.display()))?;
+            let onnx = verified.read_entry(&mut file, MODEL_ENTRY, MAX_MODEL)?;
             let model = CpuModel::load(&onnx).with_context(what)?;
             println!("loaded {MODEL_ENTRY} with tract (cpu)");
-            match &golden {
-                Some(g) => Some(selftest::run(&model, g).with_context(what)?),
+            match m.entry(GOLDEN_ENTRY) {
+                Some(_) => {
+                    let golden = verified.read_entry(&mut file, GOLDEN_ENTRY, MAX_GOLDEN)?;
+                    Some(selftest::run(&model, &golden).with_context(what)?)
+                }
                 None => None,
             }
         }
     };
-    let Some(result) = result else {
-        println!("no {GOLDEN_ENTRY} in the bundle: golden self-test skipped");
-        return Ok(());
+    print_self_test(result.as_ref());
+    Ok(())
+}
+
+fn install_bundle(
+    bundle: PathBuf,
+    store: StoreArgs,
+    trust: PathBuf,
+    board: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let policy = load_policy(&trust)?;
+    let board = match board {
+        Some(p) => load_board(&p)?,
+        None => activation::local_cpu_board(),
     };
+    let models = ModelStore::open(&store.data_dir)
+        .with_context(|| format!("opening the model store in {}", store.data_dir.display()))?;
+    let activated =
+        activation::install(&models, &bundle, &policy, &board, &Limits::default(), now())
+            .with_context(|| format!("installing {}", bundle.display()))?;
+    for line in &activated.fallbacks {
+        println!("{line}");
+    }
+    print_self_test(activated.self_test.as_ref());
+    let s = &activated.state;
+    let previous = s
+        .previous
+        .as_ref()
+        .map(|p| format!(" (previous: v{})", p.version))
+        .unwrap_or_default();
     println!(
-        "golden self-test passed: {} rows, max abs error {:e}, max rel error {:e}",
-        result.rows, result.comparison.max_abs_error, result.comparison.max_rel_error
+        "activated {} v{} on {}{previous}",
+        s.name, s.active.version, s.backend
+    );
+    Ok(())
+}
+
+fn models(store: StoreArgs, trust: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
+    let models = ModelStore::open(&store.data_dir)
+        .with_context(|| format!("opening the model store in {}", store.data_dir.display()))?;
+    let policy = trust.as_deref().map(load_policy).transpose()?;
+    let states = models.models()?;
+    let mut rows = Vec::new();
+    for s in &states {
+        let integrity = match &policy {
+            Some(p) => {
+                let path = models.bundle_path(&s.active.digest);
+                let f = File::open(&path)
+                    .with_context(|| format!("stored bundle of {} is missing", s.name))?;
+                match bundle::verify(
+                    BufReader::with_capacity(bundle::CHUNK, f),
+                    p,
+                    &Limits::default(),
+                ) {
+                    Ok(v) if v.digest.to_string() == s.active.digest => "verified".to_string(),
+                    Ok(_) => "digest differs from the store record".to_string(),
+                    Err(e) => format!("FAILED: {e}"),
+                }
+            }
+            None => "not checked".to_string(),
+        };
+        rows.push((s, integrity));
+    }
+    if json {
+        let list: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|(s, integrity)| {
+                let mut v = serde_json::to_value(s).unwrap_or_default();
+                v["integrity"] = serde_json::Value::String(integrity.clone());
+                v
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(());
+    }
+    if rows.is_empty() {
+        println!("no models installed in {}", store.data_dir.display());
+        return Ok(());
+    }
+    println!(
+        "{:<20} {:>8} {:>9} {:<8} {:<12} NOTES",
+        "MODEL", "ACTIVE", "PREVIOUS", "BACKEND", "INTEGRITY"
+    );
+    for (s, integrity) in rows {
+        let previous = s
+            .previous
+            .as_ref()
+            .map(|p| format!("v{}", p.version))
+            .unwrap_or_else(|| "-".into());
+        let mut notes: Vec<String> = s.fallbacks.clone();
+        if let Some(f) = &s.last_failure {
+            notes.push(format!("v{} failed to activate: {}", f.version, f.reason));
+        }
+        println!(
+            "{:<20} {:>8} {:>9} {:<8} {:<12} {}",
+            s.name,
+            format!("v{}", s.active.version),
+            previous,
+            s.backend,
+            integrity,
+            notes.join("; ")
+        );
+    }
+    Ok(())
+}
+
+fn rollback(name: String, store: StoreArgs) -> anyhow::Result<()> {
+    let models = ModelStore::open(&store.data_dir)
+        .with_context(|| format!("opening the model store in {}", store.data_dir.display()))?;
+    let s = models.rollback(&name, now())?;
+    let previous = s.previous.as_ref().map(|p| p.version).unwrap_or_default();
+    println!(
+        "rolled back {name}: v{} is active again (v{previous} kept as previous)",
+        s.active.version
     );
     Ok(())
 }
@@ -120,6 +279,14 @@ fn main() -> ExitCode {
             trust,
             board,
         } => verify_bundle(bundle, trust, board),
+        Command::InstallBundle {
+            bundle,
+            store,
+            trust,
+            board,
+        } => install_bundle(bundle, store, trust, board),
+        Command::Models { store, trust, json } => models(store, trust, json),
+        Command::Rollback { name, store } => rollback(name, store),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

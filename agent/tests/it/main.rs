@@ -317,3 +317,128 @@ fn a_failed_self_test_or_unloadable_model_rules_a_backend_out() {
         err.reasons[0].reason
     );
 }
+
+/// A signed claims bundle of `version` (with golden vectors; `tamper` alters one output).
+fn versioned(dir: &Path, f: &Fixture, version: u64, tamper: bool) -> PathBuf {
+    let model = CpuModel::load(&claims_model()).expect("loads");
+    let mut g = golden(&model, 4);
+    if tamper {
+        g.outputs[0].data[1] += 0.5;
+    }
+    let payloads = vec![("model.onnx", claims_model()), ("golden.cbor", g.to_cbor())];
+    let mut m = manifest(&payloads);
+    m.version = version;
+    let path = dir.join(format!(
+        "claims-v{version}{}.fmb",
+        if tamper { "-bad" } else { "" }
+    ));
+    write_bundle(&path, &m, &payloads, &f.key);
+    path
+}
+
+#[test]
+fn the_store_activates_keeps_one_previous_version_and_rolls_back() {
+    use fleet_agent::activation::{self, ActivationError};
+    use fleet_agent::store::ModelStore;
+    let f = fixture();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let board = activation::local_cpu_board();
+    let limits = Limits::default();
+    let store = ModelStore::open(&data).expect("opens");
+    let install = |v: u64, tamper: bool| {
+        let path = versioned(dir.path(), &f, v, tamper);
+        activation::install(&store, &path, &f.policy, &board, &limits, 1000 + v)
+    };
+
+    let a1 = install(1, false).expect("v1 installs");
+    assert_eq!(
+        (a1.state.active.version, a1.state.previous.as_ref()),
+        (1, None)
+    );
+    assert_eq!(a1.state.backend, "cpu");
+    assert_eq!(a1.self_test.as_ref().map(|t| t.rows), Some(4));
+    let a2 = install(2, false).expect("v2 installs");
+    assert_eq!(a2.state.previous.as_ref().map(|p| p.version), Some(1));
+    // Installing the active version again changes nothing.
+    let again = install(2, false).expect("v2 again");
+    assert_eq!(again.state.previous.as_ref().map(|p| p.version), Some(1));
+    let a3 = install(3, false).expect("v3 installs");
+    assert_eq!(a3.state.previous.as_ref().map(|p| p.version), Some(2));
+    // Disk stays bounded: v1 is neither active nor previous, so its bundle is gone.
+    let stored: Vec<String> = listing(&data.join("store/bundles"));
+    assert_eq!(stored.len(), 2, "{stored:?}");
+    assert!(stored.contains(&format!("{}.fmb", a3.state.active.digest)));
+
+    // A bundle whose self-test fails is not activated; v3 keeps serving; the reason is kept.
+    match install(4, true) {
+        Err(ActivationError::NoBackend {
+            model,
+            version: 4,
+            source,
+        }) => {
+            assert_eq!(model, "claims");
+            assert!(
+                source.reasons[0]
+                    .reason
+                    .starts_with("golden self-test failed"),
+                "{source}"
+            );
+        }
+        other => panic!("expected a failed activation, got {other:?}"),
+    }
+    let state = store.model("claims").expect("reads").expect("installed");
+    assert_eq!(state.active.version, 3);
+    let failure = state.last_failure.expect("failure recorded");
+    assert_eq!(failure.version, 4);
+    assert!(
+        failure.reason.contains("golden self-test failed"),
+        "{}",
+        failure.reason
+    );
+    assert_eq!(
+        listing(&data.join("store/bundles")).len(),
+        2,
+        "the failed bundle is not kept"
+    );
+
+    let rolled = store.rollback("claims", 2000).expect("rolls back");
+    assert_eq!(
+        (
+            rolled.active.version,
+            rolled.previous.as_ref().map(|p| p.version)
+        ),
+        (2, Some(3))
+    );
+    assert!(matches!(
+        store.rollback("fraud", 1),
+        Err(fleet_agent::store::StoreError::UnknownModel(_))
+    ));
+    drop(store);
+
+    // Reopened, the store serves what was committed last.
+    let store = ModelStore::open(&data).expect("reopens");
+    assert_eq!(
+        store
+            .model("claims")
+            .expect("reads")
+            .map(|s| s.active.version),
+        Some(2)
+    );
+}
+
+#[test]
+fn opening_the_store_removes_what_an_interrupted_install_left() {
+    use fleet_agent::store::ModelStore;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bundles = dir.path().join("store/bundles");
+    drop(ModelStore::open(dir.path()).expect("opens"));
+    std::fs::write(bundles.join(".incoming-abc"), b"half a bundle").expect("write");
+    std::fs::write(
+        bundles.join(format!("{}.fmb", "0".repeat(64))),
+        b"unreferenced",
+    )
+    .expect("write");
+    drop(ModelStore::open(dir.path()).expect("reopens"));
+    assert!(listing(&bundles).is_empty(), "{:?}", listing(&bundles));
+}

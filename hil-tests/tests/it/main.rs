@@ -3,3 +3,4 @@
 mod architecture;
 mod bundle_cli;
 mod demo;
+mod store_crash;

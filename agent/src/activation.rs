@@ -1,0 +1,143 @@
+//! The activation pipeline: verify → stage into the store → choose a backend and
+//! self-test the model on it → swap. A failure at any step leaves the active version
+//! serving and is recorded in the store with its reason.
+
+use std::fs::File;
+use std::path::Path;
+
+use fleetml_protocol::board::{AgentLimits, Backend as Kind, BoardProfile, Paths};
+use fleetml_protocol::bundle::{Limits, VerifiedBundle};
+use fleetml_protocol::manifest::{GOLDEN_ENTRY, MODEL_ENTRY};
+use fleetml_protocol::trust::TrustPolicy;
+
+use crate::backend::{self, NoBackend, Selection};
+use crate::selftest::SelfTest;
+use crate::store::{ModelState, ModelStore, StoreError};
+
+/// Largest model read into memory.
+pub const MAX_MODEL: u64 = 2 << 30;
+/// Largest golden vector set read into memory.
+pub const MAX_GOLDEN: u64 = 256 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActivationError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{model} v{version}: {source}")]
+    NoBackend {
+        model: String,
+        version: u64,
+        source: NoBackend,
+    },
+}
+
+/// What an activation did.
+#[derive(Debug)]
+pub struct Activated {
+    pub state: ModelState,
+    pub self_test: Option<SelfTest>,
+    /// `<backend> requested, <reason>, fell back to <backend>` lines.
+    pub fallbacks: Vec<String>,
+}
+
+/// A board profile for "this machine, CPU only", used when none is given.
+pub fn local_cpu_board() -> BoardProfile {
+    BoardProfile {
+        name: "local-cpu".into(),
+        description: "this machine, CPU inference".into(),
+        target: format!("{}-unknown-linux-gnu", std::env::consts::ARCH),
+        cpu_cores: std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1),
+        memory_mb: 1024,
+        backends: vec![Kind::Cpu],
+        accelerators: vec![],
+        agent: AgentLimits {
+            memory_budget_mb: 1024,
+            store_budget_mb: 1024,
+            threads: None,
+        },
+        paths: Paths {
+            data_dir: "/var/lib/fleetml".into(),
+            config_dir: "/etc/fleetml".into(),
+            log_dir: None,
+        },
+    }
+}
+
+/// Loads the model (and golden vectors) of a stored, verified bundle and chooses its
+/// backend on `board`. Payloads are re-hashed as they are read.
+pub fn prepare(
+    stored: &Path,
+    verified: &VerifiedBundle,
+    board: &BoardProfile,
+) -> Result<Selection, PrepareError> {
+    let mut file = File::open(stored).map_err(|e| PrepareError::Read(e.to_string()))?;
+    let onnx = verified
+        .read_entry(&mut file, MODEL_ENTRY, MAX_MODEL)
+        .map_err(|e| PrepareError::Read(e.to_string()))?;
+    let golden = match verified.manifest.entry(GOLDEN_ENTRY) {
+        Some(_) => Some(
+            verified
+                .read_entry(&mut file, GOLDEN_ENTRY, MAX_GOLDEN)
+                .map_err(|e| PrepareError::Read(e.to_string()))?,
+        ),
+        None => None,
+    };
+    backend::select(board, &onnx, golden.as_deref()).map_err(PrepareError::NoBackend)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    #[error("reading the stored bundle: {0}")]
+    Read(String),
+    #[error(transparent)]
+    NoBackend(NoBackend),
+}
+
+/// Installs and activates the bundle at `source`.
+pub fn install(
+    store: &ModelStore,
+    source: &Path,
+    policy: &TrustPolicy,
+    board: &BoardProfile,
+    limits: &Limits,
+    now: u64,
+) -> Result<Activated, ActivationError> {
+    let (verified, stored) = store.stage(source, policy, limits)?;
+    let m = &verified.manifest;
+    match prepare(&stored, &verified, board) {
+        Ok(selection) => {
+            let fallbacks = selection.report();
+            let state = store.activate(
+                &verified,
+                selection.backend.kind().as_str(),
+                fallbacks.clone(),
+                now,
+            )?;
+            Ok(Activated {
+                state,
+                self_test: selection.self_test,
+                fallbacks,
+            })
+        }
+        Err(e) => {
+            store.record_failure(&verified, &e.to_string(), now)?;
+            let source = match e {
+                PrepareError::NoBackend(n) => n,
+                PrepareError::Read(reason) => NoBackend {
+                    board: board.name.clone(),
+                    reasons: vec![backend::Fallback {
+                        backend: Kind::Cpu,
+                        reason,
+                    }],
+                },
+            };
+            Err(ActivationError::NoBackend {
+                model: m.name.clone(),
+                version: m.version,
+                source,
+            })
+        }
+    }
+}
