@@ -7,9 +7,11 @@
 //! whole bundle has been verified against the trust policy.
 
 pub mod activation;
+pub mod api;
 pub mod backend;
 pub mod runtime;
 pub mod selftest;
+pub mod serve;
 pub mod store;
 
 /// This agent's release, compared against a bundle's `min_agent_version`.

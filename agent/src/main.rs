@@ -63,6 +63,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve the active models from the store on the local prediction API (loopback TCP
+    /// and optionally a Unix socket). Works with no network at all. SIGHUP reloads the
+    /// store (after `install-bundle` or `rollback`) and swaps models without dropping a
+    /// request; SIGTERM or Ctrl-C stops.
+    Run(RunArgs),
     /// Make the previous version of a model active again (and the active one previous).
     Rollback {
         /// Model name.
@@ -70,6 +75,30 @@ enum Command {
         #[command(flatten)]
         store: StoreArgs,
     },
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Trust policy (TOML); every stored bundle is verified again before it is served.
+    #[arg(long)]
+    trust: PathBuf,
+    /// Board profile (TOML) whose backend order to try. Default: this machine's CPU.
+    #[arg(long)]
+    board: Option<PathBuf>,
+    /// Loopback address for the HTTP API.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    listen: std::net::SocketAddr,
+    /// Also serve the API on this Unix socket.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Predictions run at once. Default: the board's `agent.threads`, else its core count.
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Predictions that may wait for a worker before the agent answers 503.
+    #[arg(long, default_value_t = 64)]
+    queue: usize,
 }
 
 #[derive(Args, Debug)]
@@ -259,6 +288,36 @@ fn models(store: StoreArgs, trust: Option<PathBuf>, json: bool) -> anyhow::Resul
     Ok(())
 }
 
+fn fleet_agent_run(args: RunArgs) -> anyhow::Result<()> {
+    let policy = load_policy(&args.trust)?;
+    let board = match &args.board {
+        Some(p) => load_board(p)?,
+        None => activation::local_cpu_board(),
+    };
+    let workers = args
+        .workers
+        .or(board.agent.threads.map(|t| t as usize))
+        .unwrap_or(board.cpu_cores as usize)
+        .max(1);
+    let config = fleet_agent::serve::Config {
+        data_dir: args.store.data_dir,
+        policy,
+        board,
+        listen: args.listen,
+        socket: args.socket,
+        limits: fleet_agent::api::ApiLimits {
+            workers,
+            queue: args.queue,
+            ..Default::default()
+        },
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(fleet_agent::serve::run(config))
+}
+
 fn rollback(name: String, store: StoreArgs) -> anyhow::Result<()> {
     let models = ModelStore::open(&store.data_dir)
         .with_context(|| format!("opening the model store in {}", store.data_dir.display()))?;
@@ -287,6 +346,7 @@ fn main() -> ExitCode {
         } => install_bundle(bundle, store, trust, board),
         Command::Models { store, trust, json } => models(store, trust, json),
         Command::Rollback { name, store } => rollback(name, store),
+        Command::Run(args) => fleet_agent_run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -170,6 +170,27 @@ pub struct ModelStore {
     db: sled::Db,
 }
 
+/// Opens the sled database, waiting up to 10 s while another process (the agent
+/// reloading, or another install) holds its lock.
+fn open_db(path: &Path) -> Result<sled::Db, StoreError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut pause = std::time::Duration::from_millis(5);
+    loop {
+        match sled::open(path) {
+            Ok(db) => return Ok(db),
+            // sled reports a held lock as an `Other` I/O error with this text.
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_millis(200));
+            }
+            Err(e) => return Err(meta_err(e)),
+        }
+    }
+}
+
 fn meta_err(e: sled::Error) -> StoreError {
     StoreError::Meta(e.to_string())
 }
@@ -192,7 +213,7 @@ impl ModelStore {
                 let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
             }
         }
-        let db = sled::open(root.join(META_DIR)).map_err(meta_err)?;
+        let db = open_db(&root.join(META_DIR))?;
         let store = ModelStore { bundles, db };
         for entry in fs::read_dir(&store.bundles)
             .map_err(write_err(&store.bundles))?
@@ -208,6 +229,11 @@ impl ModelStore {
         }
         store.gc()?;
         Ok(store)
+    }
+
+    /// Directory of the stored bundles.
+    pub fn bundles_dir(&self) -> &Path {
+        &self.bundles
     }
 
     /// Path of the stored bundle with this digest.

@@ -1,0 +1,559 @@
+//! The local prediction API (axum), served on loopback TCP and on a Unix socket.
+//!
+//! - `POST /v1/models/{name}/predict` — body `{"features": {...}}` (one row) or
+//!   `{"features": [{...}, ...]}` (a batch) of named raw features, validated against the
+//!   bundle's feature schema; or `{"inputs": [{"name", "shape", "data"}]}` raw f32 tensors.
+//!   Optional `"timestamp"` (seconds since the epoch) of the event, for prediction lag.
+//!   JSON, or CBOR with `Content-Type: application/cbor` (answered in CBOR).
+//! - `GET /v1/models`, `GET /healthz`, `GET /metrics` (Prometheus text).
+//!
+//! Every bad request gets a 4xx with `{"error": …, "field": …}`. Work runs on a bounded
+//! pool: at most `workers` predictions run and `queue` wait; beyond that the answer is
+//! 503 at once. A panic inside a backend becomes a 500 for that request only.
+
+use std::collections::BTreeMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use fleetml_protocol::features::{FeatureSchema, FeatureType, RawValue};
+use fleetml_protocol::golden::Tensor;
+use fleetml_protocol::manifest::{Dim, TensorSpec};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::{Value, json};
+use tokio::sync::Semaphore;
+
+use crate::backend::Backend;
+
+/// A model being served.
+#[derive(Debug)]
+pub struct Served {
+    pub name: String,
+    pub version: u64,
+    pub schema: FeatureSchema,
+    pub inputs: Vec<TensorSpec>,
+    pub backend: Arc<dyn Backend>,
+    pub fallbacks: Vec<String>,
+}
+
+/// Limits of the API.
+#[derive(Debug, Clone, Copy)]
+pub struct ApiLimits {
+    /// Predictions running at once.
+    pub workers: usize,
+    /// Predictions waiting for a worker; beyond this, 503.
+    pub queue: usize,
+    /// Largest request body, bytes.
+    pub max_body: usize,
+    /// Largest batch, rows.
+    pub max_rows: usize,
+}
+
+impl Default for ApiLimits {
+    fn default() -> Self {
+        ApiLimits {
+            workers: 2,
+            queue: 64,
+            max_body: 1 << 20,
+            max_rows: 1024,
+        }
+    }
+}
+
+/// Shared state of the API.
+#[derive(Debug)]
+pub struct Api {
+    models: RwLock<BTreeMap<String, Arc<Served>>>,
+    admitted: Arc<Semaphore>,
+    running: Arc<Semaphore>,
+    limits: ApiLimits,
+    metrics: Option<PrometheusHandle>,
+    next_id: AtomicU64,
+}
+
+impl Api {
+    pub fn new(limits: ApiLimits, metrics: Option<PrometheusHandle>) -> Arc<Self> {
+        Arc::new(Api {
+            models: RwLock::new(BTreeMap::new()),
+            admitted: Arc::new(Semaphore::new(limits.workers + limits.queue)),
+            running: Arc::new(Semaphore::new(limits.workers.max(1))),
+            limits,
+            metrics,
+            next_id: AtomicU64::new(1),
+        })
+    }
+
+    /// Serves `model` from now on. Requests already running keep the model they started
+    /// with; new ones get this one.
+    pub fn swap(&self, model: Served) {
+        let mut map = self.models.write().unwrap_or_else(|p| p.into_inner());
+        map.insert(model.name.clone(), Arc::new(model));
+    }
+
+    /// The version of `name` being served, if any.
+    pub fn version_of(&self, name: &str) -> Option<u64> {
+        self.get(name).map(|m| m.version)
+    }
+
+    fn get(&self, name: &str) -> Option<Arc<Served>> {
+        self.models
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+}
+
+pub fn router(api: Arc<Api>) -> Router {
+    Router::new()
+        .route("/v1/models/{name}/predict", post(predict))
+        .route("/v1/models", get(list_models))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .with_state(api)
+}
+
+/// An API error: status, message, and the field it concerns.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    error: String,
+    field: Option<String>,
+    reason: &'static str,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, reason: &'static str, error: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            error: error.into(),
+            field: None,
+            reason,
+        }
+    }
+    fn field(mut self, field: impl Into<String>) -> Self {
+        self.field = Some(field.into());
+        self
+    }
+    fn invalid(field: impl Into<String>, error: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_input", error).field(field)
+    }
+}
+
+fn is_cbor(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/cbor"))
+}
+
+fn respond(cbor: bool, status: StatusCode, body: &Value) -> Response {
+    if cbor {
+        match serde_cbor::to_vec(body) {
+            Ok(bytes) => {
+                (status, [(header::CONTENT_TYPE, "application/cbor")], bytes).into_response()
+            }
+            Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+        }
+    } else {
+        (
+            status,
+            [(header::CONTENT_TYPE, "application/json")],
+            body.to_string(),
+        )
+            .into_response()
+    }
+}
+
+fn error_response(cbor: bool, e: &ApiError, model: &str) -> Response {
+    metrics::counter!("fleetml_agent_prediction_errors_total", "model" => model.to_string(), "reason" => e.reason)
+        .increment(1);
+    let mut body = json!({ "error": e.error });
+    if let Some(f) = &e.field {
+        body["field"] = Value::String(f.clone());
+    }
+    respond(cbor, e.status, &body)
+}
+
+async fn predict(
+    State(api): State<Arc<Api>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let cbor = is_cbor(&headers);
+    match predict_inner(&api, &name, cbor, body).await {
+        Ok(v) => respond(cbor, StatusCode::OK, &v),
+        Err(e) => error_response(cbor, &e, &name),
+    }
+}
+
+async fn predict_inner(api: &Api, name: &str, cbor: bool, body: Body) -> Result<Value, ApiError> {
+    let started = Instant::now();
+    let Some(model) = api.get(name) else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_model",
+            format!("no model named `{name}` is active"),
+        ));
+    };
+    let bytes = axum::body::to_bytes(body, api.limits.max_body)
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_input",
+                format!("request body is larger than {} bytes", api.limits.max_body),
+            )
+        })?;
+    let request: Value = if cbor {
+        serde_cbor::from_slice(&bytes).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_input",
+                format!("body is not valid CBOR: {e}"),
+            )
+        })?
+    } else {
+        serde_json::from_slice(&bytes).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_input",
+                format!("body is not valid JSON: {e}"),
+            )
+        })?
+    };
+    let Value::Object(request) = request else {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_input",
+            "body must be an object",
+        ));
+    };
+    for key in request.keys() {
+        if !matches!(key.as_str(), "features" | "inputs" | "timestamp") {
+            return Err(ApiError::invalid(
+                key.clone(),
+                format!(
+                    "unknown field `{key}` (expected `features` or `inputs`, and optionally `timestamp`)"
+                ),
+            ));
+        }
+    }
+    let timestamp = match request.get("timestamp") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) => n.as_f64(),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "timestamp",
+                "`timestamp` must be seconds since the Unix epoch",
+            ));
+        }
+    };
+    let (inputs, rows) = match (request.get("features"), request.get("inputs")) {
+        (Some(f), None) => encode_features(&model, f, api.limits.max_rows)?,
+        (None, Some(i)) => raw_inputs(&model, i)?,
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_input",
+                "give exactly one of `features` or `inputs`",
+            ));
+        }
+    };
+
+    let Ok(_admitted) = api.admitted.clone().try_acquire_owned() else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shed_overload",
+            "the agent is at capacity; retry shortly",
+        ));
+    };
+    let _running = api.running.clone().acquire_owned().await.map_err(|_| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shed_overload",
+            "the agent is shutting down",
+        )
+    })?;
+    let backend = model.backend.clone();
+    let outputs = tokio::task::spawn_blocking(move || {
+        std::panic::catch_unwind(AssertUnwindSafe(|| backend.run(&inputs)))
+    })
+    .await
+    .map_err(|_| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "backend_panic",
+            "the backend worker failed",
+        )
+    })?;
+    let outputs = match outputs {
+        Ok(Ok(o)) => o,
+        Ok(Err(e)) => {
+            return Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "backend_error",
+                e.to_string(),
+            ));
+        }
+        Err(_) => {
+            return Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "backend_panic",
+                "the backend panicked on this input; the prediction was not made",
+            ));
+        }
+    };
+    let predictions: Vec<Value> = (0..rows)
+        .map(|r| {
+            let mut row = serde_json::Map::new();
+            for t in &outputs {
+                let per_row = t.data.len() / rows.max(1);
+                row.insert(
+                    t.name.clone(),
+                    json!(t.data[r * per_row..(r + 1) * per_row]),
+                );
+            }
+            Value::Object(row)
+        })
+        .collect();
+    let elapsed = started.elapsed().as_secs_f64();
+    let labels = [
+        ("model", model.name.clone()),
+        ("backend", model.backend.kind().as_str().to_string()),
+    ];
+    metrics::counter!("fleetml_agent_predictions_total", &labels).increment(rows as u64);
+    metrics::histogram!("fleetml_agent_predict_seconds", &labels).record(elapsed);
+    let request_id = api.next_id.fetch_add(1, Ordering::Relaxed);
+    let mut response = json!({
+        "request_id": format!("{request_id:016x}"),
+        "model": model.name,
+        "version": model.version,
+        "backend": model.backend.kind().as_str(),
+        "predictions": predictions,
+    });
+    if let Some(ts) = timestamp {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        response["lag_seconds"] = json!(now - ts);
+    }
+    Ok(response)
+}
+
+/// Encodes named features (one object or an array of objects) into the model's inputs.
+fn encode_features(
+    model: &Served,
+    features: &Value,
+    max_rows: usize,
+) -> Result<(Vec<Tensor>, usize), ApiError> {
+    let (objects, batch): (Vec<&Value>, bool) = match features {
+        Value::Array(rows) => (rows.iter().collect(), true),
+        Value::Object(_) => (vec![features], false),
+        _ => {
+            return Err(ApiError::invalid(
+                "features",
+                "`features` must be an object or an array of objects",
+            ));
+        }
+    };
+    if objects.is_empty() || objects.len() > max_rows {
+        return Err(ApiError::invalid(
+            "features",
+            format!("a batch holds 1 to {max_rows} rows, not {}", objects.len()),
+        ));
+    }
+    let schema = &model.schema;
+    let mut raw_rows = Vec::with_capacity(objects.len());
+    for (i, obj) in objects.iter().enumerate() {
+        let at = |name: &str| {
+            if batch {
+                format!("features[{i}].{name}")
+            } else {
+                format!("features.{name}")
+            }
+        };
+        let Value::Object(obj) = obj else {
+            return Err(ApiError::invalid(
+                if batch {
+                    format!("features[{i}]")
+                } else {
+                    "features".into()
+                },
+                "each row must be an object",
+            ));
+        };
+        for key in obj.keys() {
+            if schema.feature(key).is_none() {
+                return Err(ApiError::invalid(
+                    at(key),
+                    format!("unknown feature `{key}`"),
+                ));
+            }
+        }
+        let mut row = Vec::with_capacity(schema.features.len());
+        for f in &schema.features {
+            let v = obj.get(&f.name).unwrap_or(&Value::Null);
+            let raw = match (f.kind, v) {
+                (_, Value::Null) => {
+                    if f.impute.is_none() {
+                        return Err(ApiError::invalid(
+                            at(&f.name),
+                            format!("missing feature `{}`", f.name),
+                        ));
+                    }
+                    RawValue::Missing
+                }
+                (FeatureType::Float | FeatureType::Int, Value::Number(n)) => {
+                    let x = n.as_f64().unwrap_or(f64::NAN);
+                    if f.kind == FeatureType::Int && x.fract() != 0.0 {
+                        return Err(ApiError::invalid(
+                            at(&f.name),
+                            format!("`{}` must be an integer", f.name),
+                        ));
+                    }
+                    if !f.in_range(x) {
+                        let range = format!(
+                            "{}..{}",
+                            f.min.map_or("-inf".into(), |m| m.to_string()),
+                            f.max.map_or("inf".into(), |m| m.to_string())
+                        );
+                        return Err(ApiError::invalid(
+                            at(&f.name),
+                            format!("`{}` = {x} is outside its valid range {range}", f.name),
+                        ));
+                    }
+                    RawValue::Number(x)
+                }
+                (FeatureType::Category, Value::String(s)) => {
+                    if !f.values.iter().any(|v| v == s) {
+                        return Err(ApiError::invalid(
+                            at(&f.name),
+                            format!("`{}` = `{s}` is not one of {}", f.name, f.values.join(", ")),
+                        ));
+                    }
+                    RawValue::Text(s.clone())
+                }
+                (FeatureType::Category, _) => {
+                    return Err(ApiError::invalid(
+                        at(&f.name),
+                        format!(
+                            "`{}` must be a string, one of {}",
+                            f.name,
+                            f.values.join(", ")
+                        ),
+                    ));
+                }
+                (_, _) => {
+                    return Err(ApiError::invalid(
+                        at(&f.name),
+                        format!("`{}` must be a number", f.name),
+                    ));
+                }
+            };
+            row.push(raw);
+        }
+        raw_rows.push(row);
+    }
+    let rows = raw_rows.len();
+    let inputs = model
+        .inputs
+        .iter()
+        .map(|spec| {
+            let columns = schema.columns_of(&spec.name);
+            let mut data = vec![0f32; rows * columns];
+            for (row, out) in raw_rows.iter().zip(data.chunks_mut(columns.max(1))) {
+                schema.encode_row(&spec.name, row, out);
+            }
+            Tensor {
+                name: spec.name.clone(),
+                shape: vec![rows as u64, columns as u64],
+                data,
+            }
+        })
+        .collect();
+    Ok((inputs, rows))
+}
+
+/// Checks raw tensors against the model's input specs.
+fn raw_inputs(model: &Served, inputs: &Value) -> Result<(Vec<Tensor>, usize), ApiError> {
+    let tensors: Vec<Tensor> = serde_json::from_value(inputs.clone()).map_err(|e| {
+        ApiError::invalid(
+            "inputs",
+            format!("`inputs` must be a list of {{name, shape, data}}: {e}"),
+        )
+    })?;
+    let mut ordered = Vec::with_capacity(model.inputs.len());
+    let mut rows = 1usize;
+    for spec in &model.inputs {
+        let Some(t) = tensors.iter().find(|t| t.name == spec.name) else {
+            return Err(ApiError::invalid(
+                format!("inputs.{}", spec.name),
+                format!("missing input tensor `{}`", spec.name),
+            ));
+        };
+        let field = format!("inputs.{}", spec.name);
+        let fits = t.shape.len() == spec.shape.len()
+            && t.shape
+                .iter()
+                .zip(&spec.shape)
+                .all(|(got, want)| match want {
+                    Dim::Fixed(n) => got == n,
+                    Dim::Symbol(_) => true,
+                });
+        if !fits || t.elements() != Some(t.data.len()) {
+            let want: Vec<String> = spec.shape.iter().map(ToString::to_string).collect();
+            return Err(ApiError::invalid(
+                field,
+                format!(
+                    "tensor `{}` has shape {:?} and {} values; the model expects [{}]",
+                    t.name,
+                    t.shape,
+                    t.data.len(),
+                    want.join(", ")
+                ),
+            ));
+        }
+        rows = t.shape.first().map_or(1, |n| *n as usize);
+        ordered.push(t.clone());
+    }
+    if let Some(extra) = tensors
+        .iter()
+        .find(|t| !model.inputs.iter().any(|s| s.name == t.name))
+    {
+        return Err(ApiError::invalid(
+            format!("inputs.{}", extra.name),
+            format!("the model has no input `{}`", extra.name),
+        ));
+    }
+    Ok((ordered, rows))
+}
+
+async fn list_models(State(api): State<Arc<Api>>) -> Response {
+    let map = api.models.read().unwrap_or_else(|p| p.into_inner()).clone();
+    let list: Vec<Value> = map
+        .values()
+        .map(|m| json!({"name": m.name, "version": m.version, "backend": m.backend.kind().as_str(), "fallbacks": m.fallbacks}))
+        .collect();
+    respond(false, StatusCode::OK, &json!({ "models": list }))
+}
+
+async fn metrics(State(api): State<Arc<Api>>) -> Response {
+    match &api.metrics {
+        Some(h) => (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            h.render(),
+        )
+            .into_response(),
+        None => (StatusCode::NOT_FOUND, "metrics are not enabled\n").into_response(),
+    }
+}

@@ -1,0 +1,145 @@
+//! `fleet-agent run`: load the active models from the store and serve them.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use fleetml_protocol::board::BoardProfile;
+use fleetml_protocol::bundle::{self, Limits};
+use fleetml_protocol::trust::TrustPolicy;
+
+use crate::activation;
+use crate::api::{self, Api, ApiLimits, Served};
+use crate::store::{ModelState, ModelStore};
+
+#[derive(Debug)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub policy: TrustPolicy,
+    pub board: BoardProfile,
+    pub listen: std::net::SocketAddr,
+    pub socket: Option<PathBuf>,
+    pub limits: ApiLimits,
+}
+
+/// Verifies the stored bundle of `state` again and prepares it on the board's backends.
+fn load(bundles: &std::path::Path, state: &ModelState, config: &Config) -> anyhow::Result<Served> {
+    let path = bundles.join(format!("{}.fmb", state.active.digest));
+    let file = std::fs::File::open(&path)
+        .with_context(|| format!("stored bundle {} is missing", path.display()))?;
+    let verified = bundle::verify(
+        std::io::BufReader::with_capacity(bundle::CHUNK, file),
+        &config.policy,
+        &Limits::default(),
+    )
+    .with_context(|| {
+        format!(
+            "stored bundle of {} v{} no longer verifies",
+            state.name, state.active.version
+        )
+    })?;
+    let selection = activation::prepare(&path, &verified, &config.board)?;
+    let fallbacks = selection.report();
+    Ok(Served {
+        name: state.name.clone(),
+        version: state.active.version,
+        schema: verified.manifest.features.clone(),
+        inputs: verified.manifest.inputs.clone(),
+        backend: Arc::from(selection.backend),
+        fallbacks,
+    })
+}
+
+/// Reads the store and swaps in every model whose active version changed.
+pub fn reload(api: &Api, config: &Config) -> anyhow::Result<()> {
+    // The store is opened only while reading, so `install-bundle` can run beside the agent.
+    let (states, bundles) = {
+        let store = ModelStore::open(&config.data_dir)
+            .with_context(|| format!("opening the model store in {}", config.data_dir.display()))?;
+        (store.models()?, store.bundles_dir().to_path_buf())
+    };
+    for state in states {
+        if api.version_of(&state.name) == Some(state.active.version) {
+            continue;
+        }
+        match load(&bundles, &state, config) {
+            Ok(served) => {
+                for line in &served.fallbacks {
+                    tracing::warn!(model = %state.name, "{line}");
+                }
+                tracing::info!(model = %state.name, version = state.active.version, backend = served.backend.kind().as_str(), "serving");
+                api.swap(served);
+            }
+            Err(e) => {
+                tracing::error!(model = %state.name, version = state.active.version, error = %format!("{e:#}"), "cannot serve this version; keeping what runs")
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Prints a line for whoever started the agent. A closed stdout (the parent went away)
+/// must not stop a device agent, so write errors are ignored.
+fn announce(line: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .try_init();
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .ok();
+    let api = Api::new(config.limits, metrics);
+    reload(&api, &config)?;
+    let config = Arc::new(config);
+    let app = api::router(api.clone());
+    let tcp = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.listen))?;
+    tracing::info!(address = %tcp.local_addr()?, "prediction API listening");
+    announce(&format!("listening on http://{}", tcp.local_addr()?));
+    let mut servers = tokio::task::JoinSet::new();
+    servers.spawn(async move { axum::serve(tcp, app).await.map_err(anyhow::Error::from) });
+    if let Some(path) = &config.socket {
+        let _ = std::fs::remove_file(path);
+        let unix = tokio::net::UnixListener::bind(path)
+            .with_context(|| format!("listening on {}", path.display()))?;
+        announce(&format!("listening on unix:{}", path.display()));
+        let app = api::router(api.clone());
+        servers.spawn(async move { axum::serve(unix, app).await.map_err(anyhow::Error::from) });
+    }
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                let (api, config) = (api.clone(), config.clone());
+                let result = tokio::task::spawn_blocking(move || reload(&api, &config)).await;
+                match result {
+                    Ok(Ok(())) => tracing::info!("store reloaded"),
+                    Ok(Err(e)) => tracing::error!(error = %format!("{e:#}"), "reload failed; keeping what runs"),
+                    Err(e) => tracing::error!(error = %e, "reload failed"),
+                }
+            }
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+            Some(done) = servers.join_next() => {
+                done.context("API server task")??;
+                break;
+            }
+        }
+    }
+    if let Some(path) = &config.socket {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(())
+}

@@ -1,0 +1,439 @@
+//! The agent's local prediction API, through the real `fleet-agent run` process.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use hil_tests::{agent, bin, claims, fleetctl, http};
+use serde_json::{Value, json};
+
+/// A running agent, killed on drop.
+struct Agent {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Agent {
+    fn start(dir: &Path, extra: &[&str]) -> Agent {
+        let mut child = Command::new(bin("fleet-agent"))
+            .current_dir(dir)
+            .args([
+                "run",
+                "--data-dir",
+                "data",
+                "--trust",
+                "trust.toml",
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("agent starts");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("agent prints its address");
+        let addr = line
+            .trim()
+            .strip_prefix("listening on http://")
+            .unwrap_or_else(|| panic!("unexpected: {line}"))
+            .to_string();
+        Agent { child, addr }
+    }
+
+    fn request(&self, method: &str, path: &str, body: &Value) -> (u16, Value) {
+        let stream = TcpStream::connect(&self.addr).expect("connects");
+        let bytes = if body.is_null() {
+            Vec::new()
+        } else {
+            body.to_string().into_bytes()
+        };
+        let (status, body) = http(stream, method, path, "application/json", &bytes).expect("HTTP");
+        (
+            status,
+            serde_json::from_slice(&body)
+                .unwrap_or(Value::String(String::from_utf8_lossy(&body).into_owned())),
+        )
+    }
+
+    fn predict(&self, body: &Value) -> (u16, Value) {
+        self.request("POST", "/v1/models/claims/predict", body)
+    }
+}
+
+fn claim() -> Value {
+    json!({
+        "claim_amount": 7875.09, "policy_tenure_months": 90, "customer_age": 54, "prior_claims": 0,
+        "report_delay_days": 4, "vehicle_age_years": 0, "witness_count": 1, "deductible": 0,
+        "annual_premium": 674.37, "incident_hour": 2, "injuries": 0, "claim_type": "home",
+        "channel": "agent", "region": "east", "police_report": "yes"
+    })
+}
+
+/// Keys, a policy, bundles v1 and v2 of the claims model, and v1 installed.
+fn setup(dir: &Path) -> [String; 2] {
+    fleetctl(dir, &["keys", "generate", "--out", "keys", "--name", "k"]).success();
+    fleetctl(
+        dir,
+        &[
+            "keys",
+            "trust-policy",
+            "--public",
+            "keys/k.pub",
+            "--out",
+            "trust.toml",
+        ],
+    )
+    .success();
+    let (model, features, holdout) = (
+        claims("model.onnx"),
+        claims("features.toml"),
+        claims("holdout.csv"),
+    );
+    let bundles = [1, 2].map(|v| {
+        let out = format!("claims-v{v}.fmb");
+        fleetctl(
+            dir,
+            &[
+                "bundle",
+                "build",
+                "--model",
+                &model,
+                "--name",
+                "claims",
+                "--version",
+                &v.to_string(),
+                "--features",
+                &features,
+                "--golden",
+                &holdout,
+                "--key",
+                "keys/k.key",
+                "--out",
+                &out,
+            ],
+        )
+        .success();
+        out
+    });
+    agent(
+        dir,
+        &[
+            "install-bundle",
+            &bundles[0],
+            "--data-dir",
+            "data",
+            "--trust",
+            "trust.toml",
+        ],
+    )
+    .success();
+    bundles
+}
+
+#[test]
+fn the_prediction_api_serves_the_active_model_over_tcp_and_a_unix_socket() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    setup(dir);
+    let agent = Agent::start(dir, &["--socket", "agent.sock"]);
+
+    let (status, body) = agent.predict(&json!({ "features": claim(), "timestamp": 1.0 }));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (
+            body["model"].as_str(),
+            body["version"].as_u64(),
+            body["backend"].as_str()
+        ),
+        (Some("claims"), Some(1), Some("cpu"))
+    );
+    let p = body["predictions"][0]["probabilities"]
+        .as_array()
+        .expect("probabilities");
+    let sum: f64 = p.iter().filter_map(Value::as_f64).sum();
+    assert!((sum - 1.0).abs() < 1e-5, "{body}");
+    assert_eq!(body["request_id"].as_str().map(str::len), Some(16));
+    assert!(
+        body["lag_seconds"].as_f64().is_some_and(|l| l > 1.0e9),
+        "{body}"
+    );
+
+    let mut missing_witnesses = claim();
+    missing_witnesses["witness_count"] = Value::Null; // imputed, so allowed
+    let (status, body) = agent.predict(&json!({ "features": [claim(), missing_witnesses] }));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["predictions"].as_array().map(Vec::len), Some(2));
+
+    let mut inputs = vec![0f32; 25];
+    inputs[0] = 1000.0;
+    let (status, body) =
+        agent.predict(&json!({ "inputs": [{"name": "input", "shape": [1, 25], "data": inputs}] }));
+    assert_eq!(status, 200, "{body}");
+
+    // CBOR in, CBOR out.
+    let cbor = serde_cbor::to_vec(&json!({ "features": claim() })).expect("cbor");
+    let (status, raw) = http(
+        TcpStream::connect(&agent.addr).expect("tcp"),
+        "POST",
+        "/v1/models/claims/predict",
+        "application/cbor",
+        &cbor,
+    )
+    .expect("HTTP");
+    assert_eq!(status, 200);
+    let decoded: Value = serde_cbor::from_slice(&raw).expect("CBOR response");
+    assert_eq!(decoded["version"], 1);
+
+    // The same over the Unix socket.
+    let unix =
+        std::os::unix::net::UnixStream::connect(dir.join("agent.sock")).expect("unix socket");
+    let (status, raw) = http(
+        unix,
+        "POST",
+        "/v1/models/claims/predict",
+        "application/json",
+        json!({ "features": claim() }).to_string().as_bytes(),
+    )
+    .expect("HTTP");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&raw));
+
+    let (status, body) = agent.request("GET", "/v1/models", &Value::Null);
+    assert_eq!(status, 200);
+    assert_eq!(body["models"][0]["name"], "claims");
+    assert_eq!(agent.request("GET", "/healthz", &Value::Null).0, 200);
+    let (status, metrics) = agent.request("GET", "/metrics", &Value::Null);
+    assert_eq!(status, 200);
+    let text = metrics.as_str().unwrap_or_default();
+    assert!(text.contains("fleetml_agent_predictions_total"), "{text}");
+}
+
+#[test]
+fn every_bad_request_gets_a_4xx_naming_the_field() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    setup(dir);
+    let agent = Agent::start(dir, &[]);
+    let with = |key: &str, value: Value| {
+        let mut c = claim();
+        if value.is_null() {
+            c.as_object_mut().expect("object").remove(key);
+        } else {
+            c[key] = value;
+        }
+        json!({ "features": c })
+    };
+    let cases: Vec<(Value, u16, Option<&str>, &str)> = vec![
+        (
+            with("customer_age", Value::Null),
+            422,
+            Some("features.customer_age"),
+            "missing feature `customer_age`",
+        ),
+        (
+            with("customer_age", json!("old")),
+            422,
+            Some("features.customer_age"),
+            "must be a number",
+        ),
+        (
+            with("customer_age", json!(54.5)),
+            422,
+            Some("features.customer_age"),
+            "must be an integer",
+        ),
+        (
+            with("claim_amount", json!(-5)),
+            422,
+            Some("features.claim_amount"),
+            "outside its valid range 0..1000000",
+        ),
+        (
+            with("channel", json!("fax")),
+            422,
+            Some("features.channel"),
+            "`channel` = `fax` is not one of agent, online, phone",
+        ),
+        (
+            with("channel", json!(3)),
+            422,
+            Some("features.channel"),
+            "must be a string",
+        ),
+        (
+            with("colour", json!("red")),
+            422,
+            Some("features.colour"),
+            "unknown feature `colour`",
+        ),
+        (
+            json!({ "features": [claim(), 5] }),
+            422,
+            Some("features[1]"),
+            "each row must be an object",
+        ),
+        (
+            json!({ "features": [] }),
+            422,
+            Some("features"),
+            "a batch holds 1 to",
+        ),
+        (
+            json!({ "inputs": [{"name": "input", "shape": [1, 24], "data": vec![0.0; 24]}] }),
+            422,
+            Some("inputs.input"),
+            "the model expects [N, 25]",
+        ),
+        (
+            json!({ "inputs": [{"name": "input", "shape": [1, 25], "data": [1.0]}] }),
+            422,
+            Some("inputs.input"),
+            "has shape [1, 25] and 1 values",
+        ),
+        (
+            json!({ "inputs": [] }),
+            422,
+            Some("inputs.input"),
+            "missing input tensor `input`",
+        ),
+        (
+            json!({ "features": claim(), "inputs": [] }),
+            400,
+            None,
+            "exactly one of",
+        ),
+        (
+            json!({ "feature": claim() }),
+            422,
+            Some("feature"),
+            "unknown field `feature`",
+        ),
+        (json!([1, 2]), 400, None, "body must be an object"),
+    ];
+    for (body, status, field, message) in cases {
+        let (got, reply) = agent.predict(&body);
+        assert_eq!(got, status, "{body} -> {reply}");
+        assert_eq!(reply["field"].as_str(), field, "{body} -> {reply}");
+        assert!(
+            reply["error"].as_str().is_some_and(|e| e.contains(message)),
+            "{body} -> {reply}"
+        );
+    }
+    let (status, reply) = agent.request(
+        "POST",
+        "/v1/models/fraud/predict",
+        &json!({ "features": claim() }),
+    );
+    assert_eq!(
+        (status, reply["error"].as_str()),
+        (404, Some("no model named `fraud` is active"))
+    );
+    let stream = TcpStream::connect(&agent.addr).expect("tcp");
+    let (status, raw) = http(
+        stream,
+        "POST",
+        "/v1/models/claims/predict",
+        "application/json",
+        b"{\"features\": ",
+    )
+    .expect("HTTP");
+    assert_eq!(status, 400, "{}", String::from_utf8_lossy(&raw));
+    let huge = vec![b' '; 2 << 20];
+    let stream = TcpStream::connect(&agent.addr).expect("tcp");
+    let (status, raw) = http(
+        stream,
+        "POST",
+        "/v1/models/claims/predict",
+        "application/json",
+        &huge,
+    )
+    .expect("HTTP");
+    assert_eq!(status, 413, "{}", String::from_utf8_lossy(&raw));
+    // Still serving after all that.
+    assert_eq!(agent.predict(&json!({ "features": claim() })).0, 200);
+}
+
+#[test]
+fn hot_swap_under_load_loses_no_request() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let bundles = setup(dir);
+    let agent = Agent::start(dir, &[]);
+    let addr = agent.addr.clone();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut ok, mut errors, mut versions) =
+                (0u32, Vec::new(), std::collections::BTreeSet::new());
+            let body = json!({ "features": claim() }).to_string();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let stream = TcpStream::connect(&addr).expect("connects");
+                match http(
+                    stream,
+                    "POST",
+                    "/v1/models/claims/predict",
+                    "application/json",
+                    body.as_bytes(),
+                ) {
+                    Ok((200, raw)) => {
+                        let v: Value = serde_json::from_slice(&raw).expect("JSON");
+                        versions.insert(v["version"].as_u64().unwrap_or(0));
+                        ok += 1;
+                    }
+                    other => errors.push(format!("{other:?}")),
+                }
+            }
+            (ok, errors, versions)
+        })
+    };
+    for swap in 0..20 {
+        let bundle = &bundles[(swap + 1) % 2];
+        agent_install(dir, bundle);
+        Command::new("kill")
+            .args(["-HUP", &agent.child.id().to_string()])
+            .status()
+            .expect("kill -HUP");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, errors, versions) = client.join().expect("client");
+    assert!(
+        errors.is_empty(),
+        "{} failed requests: {:?}",
+        errors.len(),
+        &errors[..errors.len().min(5)]
+    );
+    assert!(ok > 20, "only {ok} requests made");
+    assert_eq!(
+        versions.into_iter().collect::<Vec<_>>(),
+        vec![1, 2],
+        "requests saw both versions and nothing else"
+    );
+}
+
+fn agent_install(dir: &Path, bundle: &str) {
+    agent(
+        dir,
+        &[
+            "install-bundle",
+            bundle,
+            "--data-dir",
+            "data",
+            "--trust",
+            "trust.toml",
+        ],
+    )
+    .success();
+}
