@@ -437,3 +437,224 @@ fn agent_install(dir: &Path, bundle: &str) {
     )
     .success();
 }
+
+/// An ONNX model that makes tract 0.23 panic: OneHot(depth 3) indexes its output with the
+/// input value unchecked, so an index of 3 or more panics inside ndarray.
+fn one_hot_model() -> Vec<u8> {
+    use prost::Message;
+    use tract_onnx::pb;
+    let float_info = |name: &str, dims: &[Result<i64, &str>]| {
+        use pb::tensor_shape_proto::{Dimension, dimension::Value as D};
+        pb::ValueInfoProto {
+            name: name.into(),
+            r#type: Some(pb::TypeProto {
+                denotation: String::new(),
+                value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                    elem_type: 1,
+                    shape: Some(pb::TensorShapeProto {
+                        dim: dims
+                            .iter()
+                            .map(|d| Dimension {
+                                denotation: String::new(),
+                                value: Some(match d {
+                                    Ok(n) => D::DimValue(*n),
+                                    Err(s) => D::DimParam(s.to_string()),
+                                }),
+                            })
+                            .collect(),
+                    }),
+                })),
+            }),
+            doc_string: String::new(),
+        }
+    };
+    let graph = pb::GraphProto {
+        name: "one_hot".into(),
+        node: vec![pb::NodeProto {
+            input: vec!["x".into(), "depth".into(), "values".into()],
+            output: vec!["y".into()],
+            name: "y".into(),
+            op_type: "OneHot".into(),
+            ..Default::default()
+        }],
+        initializer: vec![
+            pb::TensorProto {
+                name: "depth".into(),
+                dims: vec![],
+                data_type: 7,
+                int64_data: vec![3],
+                ..Default::default()
+            },
+            pb::TensorProto {
+                name: "values".into(),
+                dims: vec![2],
+                data_type: 1,
+                float_data: vec![0.0, 1.0],
+                ..Default::default()
+            },
+        ],
+        input: vec![float_info("x", &[Err("N"), Ok(1)])],
+        output: vec![float_info("y", &[Err("N"), Ok(1), Ok(3)])],
+        ..Default::default()
+    };
+    pb::ModelProto {
+        ir_version: 8,
+        opset_import: vec![pb::OperatorSetIdProto {
+            domain: String::new(),
+            version: 13,
+        }],
+        graph: Some(graph),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+#[test]
+fn a_backend_panic_fails_only_that_request() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    fleetctl(dir, &["keys", "generate", "--out", "keys", "--name", "k"]).success();
+    fleetctl(
+        dir,
+        &[
+            "keys",
+            "trust-policy",
+            "--public",
+            "keys/k.pub",
+            "--out",
+            "trust.toml",
+        ],
+    )
+    .success();
+    std::fs::write(dir.join("one_hot.onnx"), one_hot_model()).expect("model");
+    std::fs::write(
+        dir.join("features.toml"),
+        "[[features]]\nname = \"idx\"\ntype = \"float\"\nmin = 0.0\nmax = 100.0\ninput = \"x\"\ncolumn = 0\n",
+    )
+    .expect("features");
+    std::fs::write(dir.join("golden.csv"), "idx\n0\n1\n2\n").expect("golden");
+    fleetctl(
+        dir,
+        &[
+            "bundle",
+            "build",
+            "--model",
+            "one_hot.onnx",
+            "--name",
+            "onehot",
+            "--version",
+            "1",
+            "--features",
+            "features.toml",
+            "--golden",
+            "golden.csv",
+            "--key",
+            "keys/k.key",
+            "--out",
+            "onehot.fmb",
+        ],
+    )
+    .success();
+    agent(
+        dir,
+        &[
+            "install-bundle",
+            "onehot.fmb",
+            "--data-dir",
+            "data",
+            "--trust",
+            "trust.toml",
+        ],
+    )
+    .success();
+    let agent = Agent::start(dir, &["--workers", "1"]);
+    let predict = |idx: f64| {
+        agent.request(
+            "POST",
+            "/v1/models/onehot/predict",
+            &json!({ "features": { "idx": idx } }),
+        )
+    };
+
+    let (status, body) = predict(1.0);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["predictions"][0]["y"], json!([0.0, 1.0, 0.0]));
+    for _ in 0..3 {
+        let (status, body) = predict(7.0);
+        assert_eq!(status, 500, "{body}");
+        assert!(
+            body["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("panicked")),
+            "{body}"
+        );
+    }
+    let (status, body) = predict(2.0);
+    assert_eq!(
+        status, 200,
+        "the agent keeps serving after a backend panic: {body}"
+    );
+    assert_eq!(body["predictions"][0]["y"], json!([0.0, 0.0, 1.0]));
+    let (_, metrics) = agent.request("GET", "/metrics", &Value::Null);
+    let text = metrics.as_str().unwrap_or_default();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("fleetml_agent_prediction_errors_total")
+                && l.contains("reason=\"backend_panic\"")
+                && l.ends_with(" 3")),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_full_queue_answers_503_at_once() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    setup(dir);
+    let agent = Agent::start(dir, &["--workers", "1", "--queue", "0"]);
+    let batch = json!({ "features": vec![claim(); 1024] }).to_string();
+    let addr = agent.addr.clone();
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            let (addr, batch) = (addr.clone(), batch.clone());
+            std::thread::spawn(move || {
+                let mut statuses = Vec::new();
+                for _ in 0..10 {
+                    let stream = TcpStream::connect(&addr).expect("connects");
+                    let (status, body) = http(
+                        stream,
+                        "POST",
+                        "/v1/models/claims/predict",
+                        "application/json",
+                        batch.as_bytes(),
+                    )
+                    .expect("HTTP");
+                    if status == 503 {
+                        let v: Value = serde_json::from_slice(&body).expect("JSON");
+                        assert!(
+                            v["error"]
+                                .as_str()
+                                .is_some_and(|e| e.contains("at capacity")),
+                            "{v}"
+                        );
+                    }
+                    statuses.push(status);
+                }
+                statuses
+            })
+        })
+        .collect();
+    let statuses: Vec<u16> = clients
+        .into_iter()
+        .flat_map(|c| c.join().expect("client"))
+        .collect();
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 503),
+        "{statuses:?}"
+    );
+    assert!(statuses.contains(&200), "some requests are served");
+    assert!(
+        statuses.contains(&503),
+        "with one worker, no queue and 8 clients, some requests are shed"
+    );
+}
