@@ -9,6 +9,7 @@
 pub mod activation;
 pub mod api;
 pub mod backend;
+pub mod config;
 pub mod runtime;
 pub mod selftest;
 pub mod serve;

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use fleet_agent::activation::{self, MAX_GOLDEN, MAX_MODEL};
+use fleet_agent::config::{self, AgentConfig};
 use fleet_agent::store::{self, ModelStore};
 use fleet_agent::{runtime::CpuModel, selftest};
 use fleetml_protocol::board::BoardProfile;
@@ -44,21 +45,13 @@ enum Command {
     InstallBundle {
         bundle: PathBuf,
         #[command(flatten)]
-        store: StoreArgs,
-        /// Trust policy (TOML) naming the keys allowed to sign bundles.
-        #[arg(long)]
-        trust: PathBuf,
-        /// Board profile (TOML) whose backend order to try. Default: this machine's CPU.
-        #[arg(long)]
-        board: Option<PathBuf>,
+        config: ConfigArgs,
     },
     /// List installed models: active and previous versions, backend, fallbacks, last failure.
     Models {
+        /// With a trust policy (flag or config), each active bundle is verified again.
         #[command(flatten)]
-        store: StoreArgs,
-        /// Re-verify each active bundle against this trust policy.
-        #[arg(long)]
-        trust: Option<PathBuf>,
+        config: ConfigArgs,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -73,39 +66,83 @@ enum Command {
         /// Model name.
         name: String,
         #[command(flatten)]
-        store: StoreArgs,
+        config: ConfigArgs,
     },
 }
 
 #[derive(Args, Debug)]
 struct RunArgs {
     #[command(flatten)]
-    store: StoreArgs,
-    /// Trust policy (TOML); every stored bundle is verified again before it is served.
+    config: ConfigArgs,
+    /// Loopback address for the HTTP API. Default: 127.0.0.1:7070.
     #[arg(long)]
-    trust: PathBuf,
-    /// Board profile (TOML) whose backend order to try. Default: this machine's CPU.
-    #[arg(long)]
-    board: Option<PathBuf>,
-    /// Loopback address for the HTTP API.
-    #[arg(long, default_value = "127.0.0.1:7070")]
-    listen: std::net::SocketAddr,
+    listen: Option<std::net::SocketAddr>,
     /// Also serve the API on this Unix socket.
     #[arg(long)]
     socket: Option<PathBuf>,
     /// Predictions run at once. Default: the board's `agent.threads`, else its core count.
     #[arg(long)]
     workers: Option<usize>,
-    /// Predictions that may wait for a worker before the agent answers 503.
-    #[arg(long, default_value_t = 64)]
-    queue: usize,
+    /// Predictions that may wait for a worker before the agent answers 503. Default: 64.
+    #[arg(long)]
+    queue: Option<usize>,
+    /// Control-plane URL (used from the control-plane release on).
+    #[arg(long)]
+    control_plane: Option<String>,
 }
 
+/// Settings shared by the commands that use the store. Each can come from the config
+/// file instead; a flag wins.
 #[derive(Args, Debug)]
-struct StoreArgs {
-    /// Agent data directory (model store and state).
-    #[arg(long, default_value = "/var/lib/fleetml")]
-    data_dir: PathBuf,
+struct ConfigArgs {
+    /// Agent configuration file (TOML). Unknown keys are an error.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Agent data directory (model store and state). Default: /var/lib/fleetml.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Trust policy (TOML) naming the keys allowed to sign bundles.
+    #[arg(long)]
+    trust: Option<PathBuf>,
+    /// Board profile (TOML) whose backend order to try. Default: this machine's CPU.
+    #[arg(long)]
+    board: Option<PathBuf>,
+}
+
+impl ConfigArgs {
+    fn resolve(&self, more: AgentConfig) -> anyhow::Result<AgentConfig> {
+        let file = match &self.config {
+            Some(p) => AgentConfig::load(p)?,
+            None => AgentConfig::default(),
+        };
+        let flags = AgentConfig {
+            data_dir: self.data_dir.clone(),
+            trust: self.trust.clone(),
+            board: self.board.clone(),
+            ..more
+        };
+        Ok(file.overridden_by(flags))
+    }
+}
+
+fn data_dir(c: &AgentConfig) -> PathBuf {
+    c.data_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(config::DEFAULT_DATA_DIR))
+}
+
+fn trust_of(c: &AgentConfig) -> anyhow::Result<TrustPolicy> {
+    match &c.trust {
+        Some(p) => load_policy(p),
+        None => anyhow::bail!("no trust policy: pass --trust or set `trust` in the config file"),
+    }
+}
+
+fn board_of(c: &AgentConfig) -> anyhow::Result<BoardProfile> {
+    match &c.board {
+        Some(p) => load_board(p),
+        None => Ok(activation::local_cpu_board()),
+    }
 }
 
 fn load_policy(path: &Path) -> anyhow::Result<TrustPolicy> {
@@ -186,19 +223,16 @@ fn verify_bundle(bundle: PathBuf, trust: PathBuf, board: Option<PathBuf>) -> any
     Ok(())
 }
 
-fn install_bundle(
-    bundle: PathBuf,
-    store: StoreArgs,
-    trust: PathBuf,
-    board: Option<PathBuf>,
-) -> anyhow::Result<()> {
-    let policy = load_policy(&trust)?;
-    let board = match board {
-        Some(p) => load_board(&p)?,
-        None => activation::local_cpu_board(),
-    };
-    let models = ModelStore::open(&store.data_dir)
-        .with_context(|| format!("opening the model store in {}", store.data_dir.display()))?;
+fn open_store(c: &AgentConfig) -> anyhow::Result<ModelStore> {
+    let dir = data_dir(c);
+    ModelStore::open(&dir).with_context(|| format!("opening the model store in {}", dir.display()))
+}
+
+fn install_bundle(bundle: PathBuf, config: ConfigArgs) -> anyhow::Result<()> {
+    let c = config.resolve(AgentConfig::default())?;
+    let policy = trust_of(&c)?;
+    let board = board_of(&c)?;
+    let models = open_store(&c)?;
     let activated =
         activation::install(&models, &bundle, &policy, &board, &Limits::default(), now())
             .with_context(|| format!("installing {}", bundle.display()))?;
@@ -219,10 +253,10 @@ fn install_bundle(
     Ok(())
 }
 
-fn models(store: StoreArgs, trust: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
-    let models = ModelStore::open(&store.data_dir)
-        .with_context(|| format!("opening the model store in {}", store.data_dir.display()))?;
-    let policy = trust.as_deref().map(load_policy).transpose()?;
+fn models(config: ConfigArgs, json: bool) -> anyhow::Result<()> {
+    let c = config.resolve(AgentConfig::default())?;
+    let models = open_store(&c)?;
+    let policy = c.trust.as_deref().map(load_policy).transpose()?;
     let states = models.models()?;
     let mut rows = Vec::new();
     for s in &states {
@@ -258,7 +292,7 @@ fn models(store: StoreArgs, trust: Option<PathBuf>, json: bool) -> anyhow::Resul
         return Ok(());
     }
     if rows.is_empty() {
-        println!("no models installed in {}", store.data_dir.display());
+        println!("no models installed in {}", data_dir(&c).display());
         return Ok(());
     }
     println!(
@@ -289,25 +323,36 @@ fn models(store: StoreArgs, trust: Option<PathBuf>, json: bool) -> anyhow::Resul
 }
 
 fn fleet_agent_run(args: RunArgs) -> anyhow::Result<()> {
-    let policy = load_policy(&args.trust)?;
-    let board = match &args.board {
-        Some(p) => load_board(p)?,
-        None => activation::local_cpu_board(),
-    };
-    let workers = args
+    let c = args.config.resolve(AgentConfig {
+        listen: args.listen,
+        socket: args.socket,
+        workers: args.workers,
+        queue: args.queue,
+        control_plane: args.control_plane,
+        ..AgentConfig::default()
+    })?;
+    let policy = trust_of(&c)?;
+    let board = board_of(&c)?;
+    let workers = c
         .workers
         .or(board.agent.threads.map(|t| t as usize))
         .unwrap_or(board.cpu_cores as usize)
         .max(1);
+    let listen = match c.listen {
+        Some(l) => l,
+        None => config::DEFAULT_LISTEN
+            .parse()
+            .context("default listen address")?,
+    };
     let config = fleet_agent::serve::Config {
-        data_dir: args.store.data_dir,
+        data_dir: data_dir(&c),
         policy,
         board,
-        listen: args.listen,
-        socket: args.socket,
+        listen,
+        socket: c.socket.clone(),
         limits: fleet_agent::api::ApiLimits {
             workers,
-            queue: args.queue,
+            queue: c.queue.unwrap_or(config::DEFAULT_QUEUE),
             ..Default::default()
         },
     };
@@ -318,9 +363,9 @@ fn fleet_agent_run(args: RunArgs) -> anyhow::Result<()> {
         .block_on(fleet_agent::serve::run(config))
 }
 
-fn rollback(name: String, store: StoreArgs) -> anyhow::Result<()> {
-    let models = ModelStore::open(&store.data_dir)
-        .with_context(|| format!("opening the model store in {}", store.data_dir.display()))?;
+fn rollback(name: String, config: ConfigArgs) -> anyhow::Result<()> {
+    let c = config.resolve(AgentConfig::default())?;
+    let models = open_store(&c)?;
     let s = models.rollback(&name, now())?;
     let previous = s.previous.as_ref().map(|p| p.version).unwrap_or_default();
     println!(
@@ -338,14 +383,9 @@ fn main() -> ExitCode {
             trust,
             board,
         } => verify_bundle(bundle, trust, board),
-        Command::InstallBundle {
-            bundle,
-            store,
-            trust,
-            board,
-        } => install_bundle(bundle, store, trust, board),
-        Command::Models { store, trust, json } => models(store, trust, json),
-        Command::Rollback { name, store } => rollback(name, store),
+        Command::InstallBundle { bundle, config } => install_bundle(bundle, config),
+        Command::Models { config, json } => models(config, json),
+        Command::Rollback { name, config } => rollback(name, config),
         Command::Run(args) => fleet_agent_run(args),
     };
     match result {

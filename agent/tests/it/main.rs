@@ -442,3 +442,46 @@ fn opening_the_store_removes_what_an_interrupted_install_left() {
     drop(ModelStore::open(dir.path()).expect("reopens"));
     assert!(listing(&bundles).is_empty(), "{:?}", listing(&bundles));
 }
+
+#[test]
+fn config_files_resolve_relative_paths_refuse_unknown_keys_and_yield_to_flags() {
+    use fleet_agent::config::{AgentConfig, ConfigError};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("agent.toml");
+    std::fs::write(&path, "data_dir = \"data\"\ntrust = \"/etc/fleetml/trust.toml\"\nlisten = \"127.0.0.1:9000\"\nworkers = 3\n")
+        .expect("write");
+    let c = AgentConfig::load(&path).expect("loads");
+    assert_eq!(c.data_dir, Some(dir.path().join("data")));
+    assert_eq!(
+        c.trust.as_deref(),
+        Some(Path::new("/etc/fleetml/trust.toml"))
+    );
+    assert_eq!(
+        (c.workers, c.listen.map(|l| l.port())),
+        (Some(3), Some(9000))
+    );
+    let flags = AgentConfig {
+        workers: Some(1),
+        ..Default::default()
+    };
+    let merged = c.overridden_by(flags);
+    assert_eq!((merged.workers, merged.queue), (Some(1), None));
+    assert!(merged.data_dir.is_some(), "keys the flags do not set stay");
+
+    std::fs::write(&path, "data_dir = \"data\"\ncolour = \"red\"\n").expect("write");
+    match AgentConfig::load(&path) {
+        Err(ConfigError::Invalid { message, .. }) => {
+            assert!(message.contains("unknown field `colour`"), "{message}")
+        }
+        other => panic!("expected an invalid config, got {other:?}"),
+    }
+    std::fs::write(&path, "listen = \"not an address\"\n").expect("write");
+    assert!(matches!(
+        AgentConfig::load(&path),
+        Err(ConfigError::Invalid { .. })
+    ));
+    assert!(matches!(
+        AgentConfig::load(&dir.path().join("missing.toml")),
+        Err(ConfigError::Read { .. })
+    ));
+}

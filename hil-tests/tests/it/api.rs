@@ -658,3 +658,59 @@ fn a_full_queue_answers_503_at_once() {
         "with one worker, no queue and 8 clients, some requests are shed"
     );
 }
+
+#[test]
+fn the_agent_runs_from_a_config_file_and_refuses_unknown_keys() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    setup(dir);
+    let board = hil_tests::root().join("boards/generic-x86_64.toml");
+    std::fs::write(
+        dir.join("agent.toml"),
+        format!("data_dir = \"data\"\ntrust = \"trust.toml\"\nboard = \"{}\"\nlisten = \"127.0.0.1:0\"\nqueue = 8\n", board.display()),
+    )
+    .expect("config");
+    let mut child = Command::new(bin("fleet-agent"))
+        .current_dir(dir)
+        .args(["run", "--config", "agent.toml"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("agent starts");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("address");
+    let running = Agent {
+        child,
+        addr: line
+            .trim()
+            .trim_start_matches("listening on http://")
+            .to_string(),
+    };
+    let (status, body) = running.predict(&json!({ "features": claim() }));
+    assert_eq!(status, 200, "{body}");
+    drop(running);
+
+    std::fs::write(
+        dir.join("bad.toml"),
+        "data_dir = \"data\"\nlisten_address = \"127.0.0.1:0\"\n",
+    )
+    .expect("config");
+    let run = agent(
+        dir,
+        &["run", "--config", "bad.toml", "--trust", "trust.toml"],
+    );
+    let line = run.failure();
+    assert!(
+        line.contains("bad.toml") && line.contains("unknown field `listen_address`"),
+        "{line}"
+    );
+    let run = agent(dir, &["run", "--data-dir", "data"]);
+    assert!(
+        run.failure()
+            .contains("no trust policy: pass --trust or set `trust` in the config file"),
+        "{}",
+        run.stderr
+    );
+}

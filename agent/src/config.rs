@@ -1,0 +1,102 @@
+//! The agent's configuration file (`agent.toml`). Every key can also be given as a flag
+//! of the same name (`data_dir` ↔ `--data-dir`); a flag wins over the file.
+//!
+//! ```toml
+//! data_dir = "/var/lib/fleetml"
+//! board = "/etc/fleetml/board.toml"
+//! trust = "/etc/fleetml/trust.toml"
+//! listen = "127.0.0.1:7070"
+//! socket = "/run/fleetml/agent.sock"
+//! workers = 2
+//! queue = 64
+//! control_plane = "https://fleet.example.com"   # used from the control-plane release on
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Where the agent keeps its store when nothing says otherwise.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/fleetml";
+/// Where the API listens when nothing says otherwise.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
+/// Queue length when nothing says otherwise.
+pub const DEFAULT_QUEUE: usize = 64;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    pub data_dir: Option<PathBuf>,
+    pub board: Option<PathBuf>,
+    pub trust: Option<PathBuf>,
+    pub listen: Option<SocketAddr>,
+    pub socket: Option<PathBuf>,
+    pub workers: Option<usize>,
+    pub queue: Option<usize>,
+    pub control_plane: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl AgentConfig {
+    /// Loads a config file. Relative paths in it are taken relative to the file's folder.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut config: AgentConfig = toml::from_str(&text).map_err(|e| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message: e.message().trim().to_string(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [
+            &mut config.data_dir,
+            &mut config.board,
+            &mut config.trust,
+            &mut config.socket,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        if config.workers == Some(0) {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                message: "`workers` must be at least 1".into(),
+            });
+        }
+        Ok(config)
+    }
+
+    /// `self` with every key that `flags` sets replaced by the flag's value.
+    pub fn overridden_by(mut self, flags: AgentConfig) -> Self {
+        macro_rules! take {
+            ($($f:ident),*) => { $( if flags.$f.is_some() { self.$f = flags.$f; } )* };
+        }
+        take!(
+            data_dir,
+            board,
+            trust,
+            listen,
+            socket,
+            workers,
+            queue,
+            control_plane
+        );
+        self
+    }
+}
