@@ -84,7 +84,8 @@ pub fn prepare(
         ),
         None => None,
     };
-    backend::select(board, &onnx, golden.as_deref()).map_err(PrepareError::NoBackend)
+    backend::select(board, &onnx, &verified.manifest.inputs, golden.as_deref())
+        .map_err(PrepareError::NoBackend)
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -13,6 +13,7 @@ use std::fmt;
 
 use fleetml_protocol::board::{Backend as Kind, BoardProfile};
 use fleetml_protocol::golden::Tensor;
+use fleetml_protocol::manifest::TensorSpec;
 
 use crate::runtime::{CpuModel, RuntimeError};
 use crate::selftest::{self, SelfTest};
@@ -75,9 +76,14 @@ pub struct NoBackend {
 }
 
 /// Loads `onnx` on backend `kind`, or says why it cannot.
-pub fn load(kind: Kind, onnx: &[u8], board: &BoardProfile) -> Result<Box<dyn Backend>, String> {
+pub fn load(
+    kind: Kind,
+    onnx: &[u8],
+    inputs: &[TensorSpec],
+    board: &BoardProfile,
+) -> Result<Box<dyn Backend>, String> {
     match kind {
-        Kind::Cpu => CpuModel::load(onnx)
+        Kind::Cpu => CpuModel::load_with_inputs(onnx, inputs)
             .map(|m| Box::new(m) as Box<dyn Backend>)
             .map_err(|e| e.to_string()),
         Kind::Gpu => {
@@ -103,16 +109,17 @@ fn accelerator(board: &BoardProfile, kind: Kind) -> Option<&fleetml_protocol::bo
     board.accelerators.iter().find(|a| a.kind == kind)
 }
 
-/// Chooses the first backend of `board`'s order that loads `onnx` and passes the golden
-/// self-test (`golden`, the bundle's `golden.cbor`, when it has one).
+/// Chooses the first backend of `board`'s order that loads `onnx` (with its declared
+/// `inputs`) and passes the golden self-test (`golden`, the bundle's `golden.cbor`).
 pub fn select(
     board: &BoardProfile,
     onnx: &[u8],
+    inputs: &[TensorSpec],
     golden: Option<&[u8]>,
 ) -> Result<Selection, NoBackend> {
     let mut fallbacks = Vec::new();
     for &kind in &board.backends {
-        let backend = match load(kind, onnx, board) {
+        let backend = match load(kind, onnx, inputs, board) {
             Ok(b) => b,
             Err(reason) => {
                 fallbacks.push(Fallback {

@@ -28,6 +28,8 @@ const MAX_CSV: u64 = 1 << 30;
 #[derive(Debug, Clone)]
 pub struct BuildOptions {
     pub model: PathBuf,
+    /// Shapes to declare for inputs the ONNX file leaves unknown.
+    pub input_shapes: Vec<fleetml_protocol::manifest::TensorSpec>,
     pub name: String,
     pub version: u64,
     pub label: String,
@@ -170,8 +172,8 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<Built> {
     let schema = FeatureSchema::from_toml(&String::from_utf8_lossy(&schema_text))
         .with_context(|| format!("feature schema {}", opts.features.display()))?;
     let model_bytes = output::read_bounded(&opts.model, MAX_MODEL, "model")?;
-    let model =
-        OnnxModel::load(&model_bytes).with_context(|| format!("model {}", opts.model.display()))?;
+    let model = OnnxModel::load(&model_bytes, &opts.input_shapes)
+        .with_context(|| format!("model {}", opts.model.display()))?;
     schema.check_against(&model.inputs).with_context(|| {
         format!(
             "feature schema {} does not match model {}",

@@ -94,6 +94,11 @@ struct BuildArgs {
     /// The ONNX model.
     #[arg(long)]
     model: PathBuf,
+    /// Declare an input's shape, for models whose ONNX inputs leave dimensions unknown:
+    /// NAME=D1,D2,… with sizes or symbols (a symbol such as N is a free batch size).
+    /// Repeatable.
+    #[arg(long = "input-shape", value_parser = fleet_control::onnx::parse_input_shape)]
+    input_shapes: Vec<fleetml_protocol::manifest::TensorSpec>,
     /// Model name (letters, digits, `_`, `-`, `.`).
     #[arg(long)]
     name: String,
@@ -196,6 +201,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let opts = bundle::BuildOptions {
                 model: a.model,
+                input_shapes: a.input_shapes,
                 name: a.name,
                 version: a.version,
                 label: a.label,

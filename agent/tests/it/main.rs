@@ -264,7 +264,7 @@ fn backends_fall_back_along_the_board_order_with_reasons() {
     let model = CpuModel::load(&claims_model()).expect("loads");
     let g = golden(&model, 4).to_cbor();
     let b = board("[\"npu\", \"gpu\", \"cpu\"]", NPU_AND_GPU);
-    let selection = backend::select(&b, &claims_model(), Some(&g)).expect("cpu runs it");
+    let selection = backend::select(&b, &claims_model(), &[], Some(&g)).expect("cpu runs it");
     assert_eq!(selection.backend.kind(), Kind::Cpu);
     assert_eq!(selection.self_test.as_ref().map(|t| t.rows), Some(4));
     let report = selection.report();
@@ -281,7 +281,8 @@ fn backends_fall_back_along_the_board_order_with_reasons() {
     );
 
     // Without golden vectors the first backend that loads the model is chosen.
-    let selection = backend::select(&board("[\"cpu\"]", ""), &claims_model(), None).expect("cpu");
+    let selection =
+        backend::select(&board("[\"cpu\"]", ""), &claims_model(), &[], None).expect("cpu");
     assert!(selection.fallbacks.is_empty() && selection.self_test.is_none());
 }
 
@@ -292,8 +293,13 @@ fn a_failed_self_test_or_unloadable_model_rules_a_backend_out() {
     let model = CpuModel::load(&claims_model()).expect("loads");
     let mut g = golden(&model, 4);
     g.outputs[0].data[0] += 0.5;
-    let err = backend::select(&board("[\"cpu\"]", ""), &claims_model(), Some(&g.to_cbor()))
-        .expect_err("fails");
+    let err = backend::select(
+        &board("[\"cpu\"]", ""),
+        &claims_model(),
+        &[],
+        Some(&g.to_cbor()),
+    )
+    .expect_err("fails");
     assert_eq!(err.reasons.len(), 1);
     assert_eq!(err.reasons[0].backend, Kind::Cpu);
     assert!(
@@ -308,7 +314,8 @@ fn a_failed_self_test_or_unloadable_model_rules_a_backend_out() {
         "{err}"
     );
 
-    let err = backend::select(&board("[\"cpu\"]", ""), b"not onnx", None).expect_err("unloadable");
+    let err =
+        backend::select(&board("[\"cpu\"]", ""), b"not onnx", &[], None).expect_err("unloadable");
     assert!(
         err.reasons[0]
             .reason

@@ -14,6 +14,7 @@ fn claims(file: &str) -> PathBuf {
 fn options(dir: &Path) -> bundle::BuildOptions {
     bundle::BuildOptions {
         model: claims("model.onnx"),
+        input_shapes: vec![],
         name: "claims".into(),
         version: 1,
         label: "test".into(),
@@ -191,4 +192,32 @@ fn a_csv_without_a_schema_column_is_refused_naming_it() {
     opts.golden = Some(dir.path().join("golden.csv"));
     let msg = chain(&bundle::build(&opts).expect_err("missing column"));
     assert!(msg.contains("has no column `customer_age`"), "{msg}");
+}
+
+#[test]
+fn input_shapes_parse_and_are_declared_in_the_manifest() {
+    use fleet_control::onnx::parse_input_shape;
+    use fleetml_protocol::manifest::Dim;
+    let spec = parse_input_shape("x=N,3,48,192").expect("parses");
+    assert_eq!(spec.name, "x");
+    assert_eq!(
+        spec.shape,
+        vec![
+            Dim::Symbol("N".into()),
+            Dim::Fixed(3),
+            Dim::Fixed(48),
+            Dim::Fixed(192)
+        ]
+    );
+    for bad in ["x", "=N,3", "x=", "x=N,,3", "x=N,3.5"] {
+        assert!(parse_input_shape(bad).is_err(), "{bad}");
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut opts = options(dir.path());
+    opts.input_shapes = vec![parse_input_shape("input=batch,25").expect("parses")];
+    let built = bundle::build(&opts).expect("builds");
+    assert_eq!(
+        built.manifest.inputs[0].shape,
+        vec![Dim::Symbol("batch".into()), Dim::Fixed(25)]
+    );
 }

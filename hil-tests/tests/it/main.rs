@@ -4,4 +4,5 @@ mod api;
 mod architecture;
 mod bundle_cli;
 mod demo;
+mod peers;
 mod store_crash;

@@ -1,0 +1,161 @@
+//! Outputs equal the peer's: tract (the agent's CPU backend) against onnxruntime from
+//! PyPI, on the example model and on PP-OCR's text-direction classifier (a real CNN
+//! shipped in the `rapidocr-onnxruntime` wheel). The Python venv comes from
+//! `scripts/test.sh` (`FLEETML_PYTHON`).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use fleet_agent::runtime::CpuModel;
+use fleetml_protocol::features::{FeatureSchema, RawValue};
+use fleetml_protocol::golden::Tensor;
+use fleetml_protocol::manifest::{DType, Dim, TensorSpec};
+use hil_tests::root;
+use serde_json::{Value, json};
+
+/// Relative tolerance of the comparison; values below `FLOOR` in magnitude are compared
+/// absolutely against `REL * FLOOR`.
+const REL: f32 = 1e-4;
+const FLOOR: f32 = 1e-3;
+
+fn python() -> PathBuf {
+    let path = std::env::var_os("FLEETML_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp/fleetml-venv/bin/python"));
+    assert!(
+        path.exists(),
+        "{} not found: run the tests with scripts/test.sh, which prepares the onnxruntime venv",
+        path.display()
+    );
+    path
+}
+
+fn onnxruntime(model: &std::path::Path, inputs: &[Tensor]) -> Vec<Tensor> {
+    let request = json!({
+        "model": model,
+        "inputs": inputs.iter().map(|t| (t.name.clone(), json!({"shape": t.shape, "data": t.data}))).collect::<serde_json::Map<_, _>>(),
+        "threads": 1,
+    });
+    let mut child = Command::new(python())
+        .arg(root().join("scripts/ort_run.py"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python starts");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(request.to_string().as_bytes())
+        .expect("request");
+    let out = child.wait_with_output().expect("onnxruntime runs");
+    assert!(out.status.success(), "onnxruntime failed");
+    let v: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    v.as_object()
+        .expect("outputs")
+        .iter()
+        .map(|(name, t)| Tensor {
+            name: name.clone(),
+            shape: serde_json::from_value(t["shape"].clone()).expect("shape"),
+            data: serde_json::from_value(t["data"].clone()).expect("data"),
+        })
+        .collect()
+}
+
+/// Largest relative difference (with the floor), asserting shapes match.
+fn compare(ours: &[Tensor], theirs: &[Tensor]) -> f32 {
+    let mut worst = 0f32;
+    for t in theirs {
+        let o = ours
+            .iter()
+            .find(|o| o.name == t.name)
+            .unwrap_or_else(|| panic!("tract has no output {}", t.name));
+        assert_eq!(o.shape, t.shape, "output {}", t.name);
+        for (a, b) in o.data.iter().zip(&t.data) {
+            worst = worst.max((a - b).abs() / b.abs().max(FLOOR));
+        }
+    }
+    worst
+}
+
+#[test]
+fn claims_model_outputs_equal_onnxruntime() {
+    let dir = root().join("models/claims");
+    let schema = FeatureSchema::from_toml(
+        &std::fs::read_to_string(dir.join("features.toml")).expect("schema"),
+    )
+    .expect("valid");
+    let csv = std::fs::read_to_string(dir.join("holdout.csv")).expect("holdout");
+    let mut lines = csv.lines();
+    let header: Vec<&str> = lines.next().expect("header").split(',').collect();
+    let rows: Vec<Vec<RawValue>> = lines
+        .take(200)
+        .map(|l| {
+            let cells: Vec<&str> = l.split(',').collect();
+            schema
+                .features
+                .iter()
+                .map(|f| {
+                    RawValue::parse(
+                        cells[header.iter().position(|h| *h == f.name).expect("column")],
+                    )
+                })
+                .collect()
+        })
+        .collect();
+    let mut data = vec![0f32; rows.len() * 25];
+    for (row, out) in rows.iter().zip(data.chunks_mut(25)) {
+        schema.encode_row("input", row, out);
+    }
+    let inputs = vec![Tensor {
+        name: "input".into(),
+        shape: vec![rows.len() as u64, 25],
+        data,
+    }];
+    let model =
+        CpuModel::load(&std::fs::read(dir.join("model.onnx")).expect("model")).expect("loads");
+    let worst = compare(
+        &model.run(&inputs).expect("tract runs"),
+        &onnxruntime(&dir.join("model.onnx"), &inputs),
+    );
+    assert!(worst <= REL, "max relative difference {worst:e} > {REL:e}");
+}
+
+#[test]
+fn ppocr_text_direction_classifier_outputs_equal_onnxruntime() {
+    let out = Command::new(python())
+        .args(["-c", "import os, rapidocr_onnxruntime as r; print(os.path.join(os.path.dirname(r.__file__), 'models', 'ch_ppocr_mobile_v2.0_cls_infer.onnx'))"])
+        .output()
+        .expect("python runs");
+    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    assert!(path.is_file(), "cls model not found at {}", path.display());
+    // Its ONNX input is x: f32[?, 3, ?, ?]; PP-OCR feeds 48x192 crops.
+    let declared = [TensorSpec {
+        name: "x".into(),
+        dtype: DType::F32,
+        shape: vec![
+            Dim::Symbol("N".into()),
+            Dim::Fixed(3),
+            Dim::Fixed(48),
+            Dim::Fixed(192),
+        ],
+    }];
+    let model = CpuModel::load_with_inputs(&std::fs::read(&path).expect("model"), &declared)
+        .expect("tract loads the cls model");
+    // A deterministic image batch in the model's normalized range [-1, 1].
+    let n = 3 * 3 * 48 * 192;
+    let data: Vec<f32> = (0..n)
+        .map(|i| ((i * 7919 % 2000) as f32 / 1000.0) - 1.0)
+        .collect();
+    let inputs = vec![Tensor {
+        name: "x".into(),
+        shape: vec![3, 3, 48, 192],
+        data,
+    }];
+    let worst = compare(
+        &model.run(&inputs).expect("tract runs"),
+        &onnxruntime(&path, &inputs),
+    );
+    assert!(worst <= REL, "max relative difference {worst:e} > {REL:e}");
+}
