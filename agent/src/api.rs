@@ -373,6 +373,15 @@ fn encode_features(
         ));
     }
     let schema = &model.schema;
+    if schema.is_empty() {
+        return Err(ApiError::invalid(
+            "features",
+            format!(
+                "model `{}` has no feature schema; it takes raw tensors: send `inputs`",
+                model.name
+            ),
+        ));
+    }
     let mut raw_rows = Vec::with_capacity(objects.len());
     for (i, obj) in objects.iter().enumerate() {
         let at = |name: &str| {

@@ -9,6 +9,7 @@
 //! socket = "/run/fleetml/agent.sock"
 //! workers = 2
 //! queue = 64
+//! max_body_bytes = 1048576
 //! control_plane = "https://fleet.example.com"   # used from the control-plane release on
 //! ```
 
@@ -34,6 +35,8 @@ pub struct AgentConfig {
     pub socket: Option<PathBuf>,
     pub workers: Option<usize>,
     pub queue: Option<usize>,
+    /// Largest request body the API accepts, in bytes (default 1 MiB).
+    pub max_body_bytes: Option<usize>,
     pub control_plane: Option<String>,
 }
 
@@ -95,6 +98,7 @@ impl AgentConfig {
             socket,
             workers,
             queue,
+            max_body_bytes,
             control_plane
         );
         self

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use fleet_agent::activation::{self, MAX_GOLDEN, MAX_MODEL};
+use fleet_agent::api::ApiLimits;
 use fleet_agent::config::{self, AgentConfig};
 use fleet_agent::store::{self, ModelStore};
 use fleet_agent::{runtime::CpuModel, selftest};
@@ -86,6 +87,10 @@ struct RunArgs {
     /// Predictions that may wait for a worker before the agent answers 503. Default: 64.
     #[arg(long)]
     queue: Option<usize>,
+    /// Largest request body the API accepts, in bytes. Default: 1048576 (1 MiB); image
+    /// models sent as JSON tensors need more.
+    #[arg(long)]
+    max_body_bytes: Option<usize>,
     /// Control-plane URL (used from the control-plane release on).
     #[arg(long)]
     control_plane: Option<String>,
@@ -328,6 +333,7 @@ fn fleet_agent_run(args: RunArgs) -> anyhow::Result<()> {
         socket: args.socket,
         workers: args.workers,
         queue: args.queue,
+        max_body_bytes: args.max_body_bytes,
         control_plane: args.control_plane,
         ..AgentConfig::default()
     })?;
@@ -353,6 +359,7 @@ fn fleet_agent_run(args: RunArgs) -> anyhow::Result<()> {
         limits: fleet_agent::api::ApiLimits {
             workers,
             queue: c.queue.unwrap_or(config::DEFAULT_QUEUE),
+            max_body: c.max_body_bytes.unwrap_or(ApiLimits::default().max_body),
             ..Default::default()
         },
     };

@@ -33,7 +33,8 @@ pub struct BuildOptions {
     pub name: String,
     pub version: u64,
     pub label: String,
-    pub features: PathBuf,
+    /// Feature schema; without one the model takes raw tensors only.
+    pub features: Option<PathBuf>,
     pub reference: Option<PathBuf>,
     pub golden: Option<PathBuf>,
     pub golden_rows: usize,
@@ -168,16 +169,33 @@ pub struct Built {
 }
 
 pub fn build(opts: &BuildOptions) -> anyhow::Result<Built> {
-    let schema_text = output::read_bounded(&opts.features, MAX_TEXT, "feature schema")?;
-    let schema = FeatureSchema::from_toml(&String::from_utf8_lossy(&schema_text))
-        .with_context(|| format!("feature schema {}", opts.features.display()))?;
+    let schema = match &opts.features {
+        Some(path) => {
+            let text = output::read_bounded(path, MAX_TEXT, "feature schema")?;
+            FeatureSchema::from_toml(&String::from_utf8_lossy(&text))
+                .with_context(|| format!("feature schema {}", path.display()))?
+        }
+        None => {
+            if opts.reference.is_some() || opts.golden.is_some() {
+                bail!(
+                    "--reference and --golden read CSV rows of named features; they need --features"
+                );
+            }
+            FeatureSchema {
+                features: Vec::new(),
+            }
+        }
+    };
     let model_bytes = output::read_bounded(&opts.model, MAX_MODEL, "model")?;
     let model = OnnxModel::load(&model_bytes, &opts.input_shapes)
         .with_context(|| format!("model {}", opts.model.display()))?;
     schema.check_against(&model.inputs).with_context(|| {
         format!(
             "feature schema {} does not match model {}",
-            opts.features.display(),
+            opts.features
+                .as_deref()
+                .unwrap_or(std::path::Path::new("-"))
+                .display(),
             opts.model.display()
         )
     })?;

@@ -109,8 +109,9 @@ struct BuildArgs {
     #[arg(long, default_value = "")]
     label: String,
     /// Feature schema (TOML): the raw features and how they map onto the model input.
+    /// Without it the model takes raw tensors only (e.g. an image model).
     #[arg(long)]
-    features: PathBuf,
+    features: Option<PathBuf>,
     /// CSV of training-distribution rows; stores the reference profile drift is measured against.
     #[arg(long)]
     reference: Option<PathBuf>,

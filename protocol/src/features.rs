@@ -183,6 +183,9 @@ impl FeatureSchema {
     pub fn from_toml(text: &str) -> Result<Self, FeatureError> {
         let schema: FeatureSchema =
             toml::from_str(text).map_err(|e| FeatureError::Syntax(e.message().to_string()))?;
+        if schema.is_empty() {
+            return Err(FeatureError::Empty);
+        }
         schema.validate()?;
         Ok(schema)
     }
@@ -195,11 +198,15 @@ impl FeatureSchema {
         self.features.iter().find(|f| f.name == name)
     }
 
-    /// Checks the schema on its own: names, types, ranges, category values.
+    /// Whether the schema declares no features: the model takes raw tensors only
+    /// (an image model, say).
+    pub fn is_empty(&self) -> bool {
+        self.features.is_empty()
+    }
+
+    /// Checks the schema on its own: names, types, ranges, category values. An empty
+    /// schema is valid (a raw-tensor model); a schema *file* must declare features.
     pub fn validate(&self) -> Result<(), FeatureError> {
-        if self.features.is_empty() {
-            return Err(FeatureError::Empty);
-        }
         if self.features.len() > MAX_FEATURES {
             return Err(FeatureError::TooMany(self.features.len()));
         }

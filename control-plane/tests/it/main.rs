@@ -18,7 +18,7 @@ fn options(dir: &Path) -> bundle::BuildOptions {
         name: "claims".into(),
         version: 1,
         label: "test".into(),
-        features: claims("features.toml"),
+        features: Some(claims("features.toml")),
         reference: Some(claims("reference.csv")),
         golden: Some(claims("holdout.csv")),
         golden_rows: 8,
@@ -159,7 +159,7 @@ fn a_schema_that_does_not_match_the_model_is_refused_naming_the_feature() {
     let features = dir.path().join("features.toml");
     std::fs::write(&features, shifted).expect("write");
     let mut opts = options(dir.path());
-    opts.features = features;
+    opts.features = Some(features);
     let err = bundle::build(&opts).expect_err("mismatch");
     let msg = chain(&err);
     assert!(
@@ -174,7 +174,7 @@ fn a_schema_that_does_not_match_the_model_is_refused_naming_the_feature() {
     let extra = text
         + "\n[[features]]\nname = \"fraud_score\"\ntype = \"float\"\ninput = \"scores\"\ncolumn = 0\n";
     std::fs::write(dir.path().join("extra.toml"), extra).expect("write");
-    opts.features = dir.path().join("extra.toml");
+    opts.features = Some(dir.path().join("extra.toml"));
     let msg = chain(&bundle::build(&opts).expect_err("unknown input"));
     assert!(
         msg.contains("feature `fraud_score` feeds input `scores`, which the model does not have"),

@@ -122,14 +122,33 @@ fn claims_model_outputs_equal_onnxruntime() {
     assert!(worst <= REL, "max relative difference {worst:e} > {REL:e}");
 }
 
-#[test]
-fn ppocr_text_direction_classifier_outputs_equal_onnxruntime() {
+/// Path of PP-OCR's text-direction classifier inside the rapidocr-onnxruntime wheel.
+fn cls_model() -> PathBuf {
     let out = Command::new(python())
         .args(["-c", "import os, rapidocr_onnxruntime as r; print(os.path.join(os.path.dirname(r.__file__), 'models', 'ch_ppocr_mobile_v2.0_cls_infer.onnx'))"])
         .output()
         .expect("python runs");
     let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
     assert!(path.is_file(), "cls model not found at {}", path.display());
+    path
+}
+
+/// A deterministic image batch in the model's normalized range [-1, 1].
+fn cls_batch(n: usize) -> Tensor {
+    let len = n * 3 * 48 * 192;
+    let data: Vec<f32> = (0..len)
+        .map(|i| ((i * 7919 % 2000) as f32 / 1000.0) - 1.0)
+        .collect();
+    Tensor {
+        name: "x".into(),
+        shape: vec![n as u64, 3, 48, 192],
+        data,
+    }
+}
+
+#[test]
+fn ppocr_text_direction_classifier_outputs_equal_onnxruntime() {
+    let path = cls_model();
     // Its ONNX input is x: f32[?, 3, ?, ?]; PP-OCR feeds 48x192 crops.
     let declared = [TensorSpec {
         name: "x".into(),
@@ -158,4 +177,158 @@ fn ppocr_text_direction_classifier_outputs_equal_onnxruntime() {
         &onnxruntime(&path, &inputs),
     );
     assert!(worst <= REL, "max relative difference {worst:e} > {REL:e}");
+}
+
+#[test]
+fn an_image_model_bundled_without_features_is_served_on_raw_tensors() {
+    use hil_tests::{agent, fleetctl, http};
+    use std::io::{BufRead, BufReader};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let model = cls_model();
+    fleetctl(dir, &["keys", "generate", "--out", "keys", "--name", "k"]).success();
+    fleetctl(
+        dir,
+        &[
+            "keys",
+            "trust-policy",
+            "--public",
+            "keys/k.pub",
+            "--out",
+            "trust.toml",
+        ],
+    )
+    .success();
+    let run = fleetctl(
+        dir,
+        &[
+            "bundle",
+            "build",
+            "--model",
+            &model.to_string_lossy(),
+            "--name",
+            "textdir",
+            "--version",
+            "1",
+            "--out",
+            "bad.fmb",
+        ],
+    );
+    assert!(
+        run.failure()
+            .contains("Source node without a determined fact"),
+        "{}",
+        run.stderr
+    );
+    fleetctl(
+        dir,
+        &[
+            "bundle",
+            "build",
+            "--model",
+            &model.to_string_lossy(),
+            "--name",
+            "textdir",
+            "--version",
+            "1",
+            "--input-shape",
+            "x=N,3,48,192",
+            "--key",
+            "keys/k.key",
+            "--out",
+            "textdir.fmb",
+        ],
+    )
+    .success();
+    let inspect = fleetctl(dir, &["bundle", "inspect", "textdir.fmb"]);
+    assert!(
+        inspect.success().contains("x: f32[N, 3, 48, 192]"),
+        "{}",
+        inspect.stdout
+    );
+    agent(
+        dir,
+        &[
+            "install-bundle",
+            "textdir.fmb",
+            "--data-dir",
+            "data",
+            "--trust",
+            "trust.toml",
+        ],
+    )
+    .success();
+
+    let mut child = Command::new(hil_tests::bin("fleet-agent"))
+        .current_dir(dir)
+        .args([
+            "run",
+            "--data-dir",
+            "data",
+            "--trust",
+            "trust.toml",
+            "--listen",
+            "127.0.0.1:0",
+            "--max-body-bytes",
+            "8388608",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("agent starts");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("address");
+    let addr = line
+        .trim()
+        .trim_start_matches("listening on http://")
+        .to_string();
+    let batch = cls_batch(2);
+    let body =
+        json!({ "inputs": [{"name": "x", "shape": batch.shape, "data": batch.data}] }).to_string();
+    let (status, raw) = http(
+        std::net::TcpStream::connect(&addr).expect("tcp"),
+        "POST",
+        "/v1/models/textdir/predict",
+        "application/json",
+        body.as_bytes(),
+    )
+    .expect("HTTP");
+    let reply: Value = serde_json::from_slice(&raw).expect("JSON");
+    let features = json!({ "features": {"x": 1.0} }).to_string();
+    let (rejected, why) = http(
+        std::net::TcpStream::connect(&addr).expect("tcp"),
+        "POST",
+        "/v1/models/textdir/predict",
+        "application/json",
+        features.as_bytes(),
+    )
+    .expect("HTTP");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(rejected, 422, "{}", String::from_utf8_lossy(&why));
+
+    let name = reply["predictions"][0]
+        .as_object()
+        .and_then(|o| o.keys().next().cloned())
+        .expect("an output");
+    let served: Vec<f32> = reply["predictions"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .flat_map(|row| row[&name].as_array().cloned().unwrap_or_default())
+        .filter_map(|v| v.as_f64().map(|x| x as f32))
+        .collect();
+    let ours = vec![Tensor {
+        name: name.clone(),
+        shape: vec![2, 2],
+        data: served,
+    }];
+    let worst = compare(&ours, &onnxruntime(&model, &[batch]));
+    assert!(
+        worst <= REL,
+        "served outputs differ from onnxruntime by {worst:e}"
+    );
 }

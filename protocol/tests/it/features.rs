@@ -160,3 +160,13 @@ fn rows_encode_with_one_hot_imputation_and_quality_counts() {
     assert_eq!(RawValue::parse("NA"), RawValue::Missing);
     assert_eq!(RawValue::parse("auto"), RawValue::Text("auto".into()));
 }
+
+#[test]
+fn an_empty_schema_means_raw_tensors_only() {
+    let empty = FeatureSchema { features: vec![] };
+    assert!(empty.is_empty());
+    assert_eq!(empty.validate(), Ok(()));
+    assert_eq!(empty.check_against(&input(3)), Ok(()));
+    // A schema *file* without features is a mistake, not a raw-tensor model.
+    assert_eq!(FeatureSchema::from_toml(""), Err(FeatureError::Empty));
+}
