@@ -39,6 +39,15 @@ fn load(bundles: &std::path::Path, state: &ModelState, config: &Config) -> anyho
         )
     })?;
     let selection = activation::prepare(&path, &verified, &config.board)?;
+    for f in &selection.fallbacks {
+        metrics::counter!(
+            "fleetml_agent_backend_fallbacks_total",
+            "model" => state.name.clone(),
+            "requested" => f.backend.as_str(),
+            "chosen" => selection.backend.kind().as_str()
+        )
+        .increment(1);
+    }
     let fallbacks = selection.report();
     Ok(Served {
         name: state.name.clone(),

@@ -147,7 +147,16 @@ fn the_prediction_api_serves_the_active_model_over_tcp_and_a_unix_socket() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
     setup(dir);
-    let agent = Agent::start(dir, &["--socket", "agent.sock"]);
+    let jetson = hil_tests::root().join("boards/jetson-orin-nano.toml");
+    let agent = Agent::start(
+        dir,
+        &[
+            "--socket",
+            "agent.sock",
+            "--board",
+            &jetson.to_string_lossy(),
+        ],
+    );
 
     let (status, body) = agent.predict(&json!({ "features": claim(), "timestamp": 1.0 }));
     assert_eq!(status, 200, "{body}");
@@ -217,6 +226,21 @@ fn the_prediction_api_serves_the_active_model_over_tcp_and_a_unix_socket() {
     assert_eq!(status, 200);
     let text = metrics.as_str().unwrap_or_default();
     assert!(text.contains("fleetml_agent_predictions_total"), "{text}");
+    // The Jetson profile asks for the GPU first; this build has none, so the model fell back.
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("fleetml_agent_backend_fallbacks_total")
+                && l.contains("requested=\"gpu\"")
+                && l.contains("chosen=\"cpu\"")),
+        "{text}"
+    );
+    let (_, models) = agent.request("GET", "/v1/models", &Value::Null);
+    assert!(
+        models["models"][0]["fallbacks"][0]
+            .as_str()
+            .is_some_and(|f| f.starts_with("gpu requested, not available")),
+        "{models}"
+    );
 }
 
 #[test]
