@@ -221,3 +221,86 @@ fn dechunk(mut data: &[u8]) -> Vec<u8> {
     }
     out
 }
+
+/// A running `fleet-agent`, killed on drop.
+#[derive(Debug)]
+pub struct RunningAgent {
+    pub child: std::process::Child,
+    /// `HOST:PORT` of its HTTP API.
+    pub addr: String,
+}
+
+impl RunningAgent {
+    /// Starts `fleet-agent ARGS` in `dir` (a `run` command) and waits for the address it
+    /// prints on its first line. Its stdout stays open so the agent can keep printing.
+    pub fn start(dir: &Path, args: &[&str]) -> RunningAgent {
+        use std::io::BufRead;
+        let mut child = Command::new(bin("fleet-agent"))
+            .current_dir(dir)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("agent starts");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut reader = std::io::BufReader::new(stdout);
+        let mut line = String::new();
+        reader
+            .read_line(&mut line)
+            .expect("agent prints its address");
+        // Keep draining stdout so later lines never block or break the agent.
+        std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+        let addr = line
+            .trim()
+            .strip_prefix("listening on http://")
+            .unwrap_or_else(|| panic!("unexpected first line: {line}"))
+            .to_string();
+        RunningAgent { child, addr }
+    }
+
+    /// Sends a JSON request (no body when `body` is null); returns the status and the
+    /// body as JSON (or as a JSON string when it is not JSON).
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> (u16, serde_json::Value) {
+        let stream = std::net::TcpStream::connect(&self.addr).expect("connects");
+        let bytes = if body.is_null() {
+            Vec::new()
+        } else {
+            body.to_string().into_bytes()
+        };
+        let (status, raw) = http(stream, method, path, "application/json", &bytes).expect("HTTP");
+        let value = serde_json::from_slice(&raw).unwrap_or_else(|_| {
+            serde_json::Value::String(String::from_utf8_lossy(&raw).into_owned())
+        });
+        (status, value)
+    }
+}
+
+impl Drop for RunningAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Generates `keys/NAME.key` and `keys/NAME.pub` in `dir` and a 1-of-1 `trust.toml`.
+pub fn keys_and_policy(dir: &Path, name: &str) {
+    fleetctl(dir, &["keys", "generate", "--out", "keys", "--name", name]).success();
+    let public = format!("keys/{name}.pub");
+    fleetctl(
+        dir,
+        &[
+            "keys",
+            "trust-policy",
+            "--public",
+            &public,
+            "--out",
+            "trust.toml",
+        ],
+    )
+    .success();
+}

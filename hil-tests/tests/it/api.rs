@@ -1,72 +1,36 @@
 //! The agent's local prediction API, through the real `fleet-agent run` process.
 
-use std::io::{BufRead, BufReader};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
-use hil_tests::{agent, bin, claims, fleetctl, http};
+use hil_tests::{RunningAgent, agent, claims, fleetctl, http, keys_and_policy};
 use serde_json::{Value, json};
 
-/// A running agent, killed on drop.
-struct Agent {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+/// The test agent: `fleet-agent run` on the store in `data`, any free loopback port.
+struct Agent;
 
 impl Agent {
-    fn start(dir: &Path, extra: &[&str]) -> Agent {
-        let mut child = Command::new(bin("fleet-agent"))
-            .current_dir(dir)
-            .args([
-                "run",
-                "--data-dir",
-                "data",
-                "--trust",
-                "trust.toml",
-                "--listen",
-                "127.0.0.1:0",
-            ])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("agent starts");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("agent prints its address");
-        let addr = line
-            .trim()
-            .strip_prefix("listening on http://")
-            .unwrap_or_else(|| panic!("unexpected: {line}"))
-            .to_string();
-        Agent { child, addr }
+    fn start(dir: &Path, extra: &[&str]) -> RunningAgent {
+        let mut args = vec![
+            "run",
+            "--data-dir",
+            "data",
+            "--trust",
+            "trust.toml",
+            "--listen",
+            "127.0.0.1:0",
+        ];
+        args.extend_from_slice(extra);
+        RunningAgent::start(dir, &args)
     }
+}
 
-    fn request(&self, method: &str, path: &str, body: &Value) -> (u16, Value) {
-        let stream = TcpStream::connect(&self.addr).expect("connects");
-        let bytes = if body.is_null() {
-            Vec::new()
-        } else {
-            body.to_string().into_bytes()
-        };
-        let (status, body) = http(stream, method, path, "application/json", &bytes).expect("HTTP");
-        (
-            status,
-            serde_json::from_slice(&body)
-                .unwrap_or(Value::String(String::from_utf8_lossy(&body).into_owned())),
-        )
-    }
+trait Predict {
+    fn predict(&self, body: &Value) -> (u16, Value);
+}
 
+impl Predict for RunningAgent {
     fn predict(&self, body: &Value) -> (u16, Value) {
         self.request("POST", "/v1/models/claims/predict", body)
     }
@@ -83,19 +47,7 @@ fn claim() -> Value {
 
 /// Keys, a policy, bundles v1 and v2 of the claims model, and v1 installed.
 fn setup(dir: &Path) -> [String; 2] {
-    fleetctl(dir, &["keys", "generate", "--out", "keys", "--name", "k"]).success();
-    fleetctl(
-        dir,
-        &[
-            "keys",
-            "trust-policy",
-            "--public",
-            "keys/k.pub",
-            "--out",
-            "trust.toml",
-        ],
-    )
-    .success();
+    keys_and_policy(dir, "k");
     let (model, features, holdout) = (
         claims("model.onnx"),
         claims("features.toml"),
@@ -537,19 +489,7 @@ fn one_hot_model() -> Vec<u8> {
 fn a_backend_panic_fails_only_that_request() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
-    fleetctl(dir, &["keys", "generate", "--out", "keys", "--name", "k"]).success();
-    fleetctl(
-        dir,
-        &[
-            "keys",
-            "trust-policy",
-            "--public",
-            "keys/k.pub",
-            "--out",
-            "trust.toml",
-        ],
-    )
-    .success();
+    keys_and_policy(dir, "k");
     std::fs::write(dir.join("one_hot.onnx"), one_hot_model()).expect("model");
     std::fs::write(
         dir.join("features.toml"),
@@ -694,24 +634,7 @@ fn the_agent_runs_from_a_config_file_and_refuses_unknown_keys() {
         format!("data_dir = \"data\"\ntrust = \"trust.toml\"\nboard = \"{}\"\nlisten = \"127.0.0.1:0\"\nqueue = 8\n", board.display()),
     )
     .expect("config");
-    let mut child = Command::new(bin("fleet-agent"))
-        .current_dir(dir)
-        .args(["run", "--config", "agent.toml"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("agent starts");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("address");
-    let running = Agent {
-        child,
-        addr: line
-            .trim()
-            .trim_start_matches("listening on http://")
-            .to_string(),
-    };
+    let running = RunningAgent::start(dir, &["run", "--config", "agent.toml"]);
     let (status, body) = running.predict(&json!({ "features": claim() }));
     assert_eq!(status, 200, "{body}");
     drop(running);

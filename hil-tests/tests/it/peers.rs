@@ -181,24 +181,11 @@ fn ppocr_text_direction_classifier_outputs_equal_onnxruntime() {
 
 #[test]
 fn an_image_model_bundled_without_features_is_served_on_raw_tensors() {
-    use hil_tests::{agent, fleetctl, http};
-    use std::io::{BufRead, BufReader};
+    use hil_tests::{agent, fleetctl, keys_and_policy};
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
     let model = cls_model();
-    fleetctl(dir, &["keys", "generate", "--out", "keys", "--name", "k"]).success();
-    fleetctl(
-        dir,
-        &[
-            "keys",
-            "trust-policy",
-            "--public",
-            "keys/k.pub",
-            "--out",
-            "trust.toml",
-        ],
-    )
-    .success();
+    keys_and_policy(dir, "k");
     let run = fleetctl(
         dir,
         &[
@@ -259,9 +246,9 @@ fn an_image_model_bundled_without_features_is_served_on_raw_tensors() {
     )
     .success();
 
-    let mut child = Command::new(hil_tests::bin("fleet-agent"))
-        .current_dir(dir)
-        .args([
+    let running = hil_tests::RunningAgent::start(
+        dir,
+        &[
             "run",
             "--data-dir",
             "data",
@@ -271,44 +258,19 @@ fn an_image_model_bundled_without_features_is_served_on_raw_tensors() {
             "127.0.0.1:0",
             "--max-body-bytes",
             "8388608",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("agent starts");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("address");
-    let addr = line
-        .trim()
-        .trim_start_matches("listening on http://")
-        .to_string();
+        ],
+    );
     let batch = cls_batch(2);
-    let body =
-        json!({ "inputs": [{"name": "x", "shape": batch.shape, "data": batch.data}] }).to_string();
-    let (status, raw) = http(
-        std::net::TcpStream::connect(&addr).expect("tcp"),
+    let body = json!({ "inputs": [{"name": "x", "shape": batch.shape, "data": batch.data}] });
+    let (status, reply) = running.request("POST", "/v1/models/textdir/predict", &body);
+    let (rejected, why) = running.request(
         "POST",
         "/v1/models/textdir/predict",
-        "application/json",
-        body.as_bytes(),
-    )
-    .expect("HTTP");
-    let reply: Value = serde_json::from_slice(&raw).expect("JSON");
-    let features = json!({ "features": {"x": 1.0} }).to_string();
-    let (rejected, why) = http(
-        std::net::TcpStream::connect(&addr).expect("tcp"),
-        "POST",
-        "/v1/models/textdir/predict",
-        "application/json",
-        features.as_bytes(),
-    )
-    .expect("HTTP");
-    let _ = child.kill();
-    let _ = child.wait();
+        &json!({ "features": {"x": 1.0} }),
+    );
+    drop(running);
     assert_eq!(status, 200, "{reply}");
-    assert_eq!(rejected, 422, "{}", String::from_utf8_lossy(&why));
+    assert_eq!(rejected, 422, "{why}");
 
     let name = reply["predictions"][0]
         .as_object()

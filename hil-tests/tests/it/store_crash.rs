@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use hil_tests::{agent, bin, claims, fleetctl};
+use hil_tests::{agent, bin, claims, fleetctl, keys_and_policy};
 
 fn build_version(dir: &Path, version: u32) -> String {
     let out = format!("claims-v{version}.fmb");
@@ -63,19 +63,7 @@ fn active_version(dir: &Path) -> u64 {
 fn agent_killed_at_random_points_of_activation_restarts_on_the_old_or_the_new_model() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
-    fleetctl(dir, &["keys", "generate", "--out", "keys", "--name", "k"]).success();
-    fleetctl(
-        dir,
-        &[
-            "keys",
-            "trust-policy",
-            "--public",
-            "keys/k.pub",
-            "--out",
-            "trust.toml",
-        ],
-    )
-    .success();
+    keys_and_policy(dir, "k");
     let bundles = [build_version(dir, 1), build_version(dir, 2)];
     agent(
         dir,
