@@ -304,3 +304,35 @@ pub fn keys_and_policy(dir: &Path, name: &str) {
     )
     .success();
 }
+
+/// Builds `out`, a bundle of the example claims model (`--name claims`, its feature
+/// schema and 16 golden rows from holdout.csv), with `extra` arguments appended
+/// (`--key`, `--reference`, `--lineage`, …). Panics unless fleetctl succeeds.
+pub fn build_claims(dir: &Path, version: u32, out: &str, extra: &[&str]) -> Run {
+    let (model, features, holdout) = (
+        claims("model.onnx"),
+        claims("features.toml"),
+        claims("holdout.csv"),
+    );
+    let version = version.to_string();
+    let mut args = vec![
+        "bundle",
+        "build",
+        "--model",
+        &model,
+        "--name",
+        "claims",
+        "--version",
+        &version,
+        "--features",
+        &features,
+        "--golden",
+        &holdout,
+        "--out",
+        out,
+    ];
+    args.extend_from_slice(extra);
+    let run = fleetctl(dir, &args);
+    run.success();
+    run
+}

@@ -4,7 +4,7 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::process::Command;
 
-use hil_tests::{RunningAgent, agent, claims, fleetctl, http, keys_and_policy};
+use hil_tests::{RunningAgent, agent, build_claims, fleetctl, http, keys_and_policy};
 use serde_json::{Value, json};
 
 /// The test agent: `fleet-agent run` on the store in `data`, any free loopback port.
@@ -48,35 +48,9 @@ fn claim() -> Value {
 /// Keys, a policy, bundles v1 and v2 of the claims model, and v1 installed.
 fn setup(dir: &Path) -> [String; 2] {
     keys_and_policy(dir, "k");
-    let (model, features, holdout) = (
-        claims("model.onnx"),
-        claims("features.toml"),
-        claims("holdout.csv"),
-    );
     let bundles = [1, 2].map(|v| {
         let out = format!("claims-v{v}.fmb");
-        fleetctl(
-            dir,
-            &[
-                "bundle",
-                "build",
-                "--model",
-                &model,
-                "--name",
-                "claims",
-                "--version",
-                &v.to_string(),
-                "--features",
-                &features,
-                "--golden",
-                &holdout,
-                "--key",
-                "keys/k.key",
-                "--out",
-                &out,
-            ],
-        )
-        .success();
+        build_claims(dir, v, &out, &["--key", "keys/k.key"]);
         out
     });
     agent(

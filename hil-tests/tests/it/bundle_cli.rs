@@ -7,7 +7,7 @@ use fleetml_protocol::bundle::{self, Limits, SignatureRecord};
 use fleetml_protocol::crypto::sha256;
 use fleetml_protocol::golden::Golden;
 use fleetml_protocol::manifest::GOLDEN_ENTRY;
-use hil_tests::{agent, claims, fleetctl};
+use hil_tests::{agent, build_claims, claims, fleetctl};
 
 /// Keys `a` and `b`, a 1-of-2 policy `trust.toml` and a 2-of-2 policy `trust2.toml`.
 fn setup(dir: &Path) {
@@ -48,43 +48,21 @@ fn setup(dir: &Path) {
 }
 
 fn build(dir: &Path, out: &str) {
-    let (model, features, reference, holdout, lineage) = (
-        claims("model.onnx"),
-        claims("features.toml"),
-        claims("reference.csv"),
-        claims("holdout.csv"),
-        claims("lineage.toml"),
-    );
-    let stdout = fleetctl(
+    let (reference, lineage) = (claims("reference.csv"), claims("lineage.toml"));
+    let run = build_claims(
         dir,
+        1,
+        out,
         &[
-            "bundle",
-            "build",
-            "--model",
-            &model,
-            "--name",
-            "claims",
-            "--version",
-            "1",
             "--label",
             "q4",
-            "--features",
-            &features,
             "--reference",
             &reference,
-            "--golden",
-            &holdout,
             "--lineage",
             &lineage,
-            "--out",
-            out,
         ],
     );
-    assert!(
-        stdout.success().contains("built claims v1"),
-        "{}",
-        stdout.stdout
-    );
+    assert!(run.stdout.contains("built claims v1"), "{}", run.stdout);
 }
 
 #[test]

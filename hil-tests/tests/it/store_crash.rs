@@ -5,37 +5,11 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use hil_tests::{agent, bin, claims, fleetctl, keys_and_policy};
+use hil_tests::{agent, bin, build_claims, keys_and_policy};
 
 fn build_version(dir: &Path, version: u32) -> String {
     let out = format!("claims-v{version}.fmb");
-    let (model, features, holdout) = (
-        claims("model.onnx"),
-        claims("features.toml"),
-        claims("holdout.csv"),
-    );
-    fleetctl(
-        dir,
-        &[
-            "bundle",
-            "build",
-            "--model",
-            &model,
-            "--name",
-            "claims",
-            "--version",
-            &version.to_string(),
-            "--features",
-            &features,
-            "--golden",
-            &holdout,
-            "--key",
-            "keys/k.key",
-            "--out",
-            &out,
-        ],
-    )
-    .success();
+    build_claims(dir, version, &out, &["--key", "keys/k.key"]);
     out
 }
 
