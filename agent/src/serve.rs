@@ -110,20 +110,32 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     reload(&api, &config)?;
     let config = Arc::new(config);
     let app = api::router(api.clone());
+    // Bind every listener before saying anything: the first line printed means the
+    // agent is ready on all of them.
     let tcp = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
-    tracing::info!(address = %tcp.local_addr()?, "prediction API listening");
-    announce(&format!("listening on http://{}", tcp.local_addr()?));
+    let unix = match &config.socket {
+        Some(path) => {
+            let _ = std::fs::remove_file(path);
+            Some(
+                tokio::net::UnixListener::bind(path)
+                    .with_context(|| format!("listening on {}", path.display()))?,
+            )
+        }
+        None => None,
+    };
     let mut servers = tokio::task::JoinSet::new();
+    let address = tcp.local_addr()?;
     servers.spawn(async move { axum::serve(tcp, app).await.map_err(anyhow::Error::from) });
-    if let Some(path) = &config.socket {
-        let _ = std::fs::remove_file(path);
-        let unix = tokio::net::UnixListener::bind(path)
-            .with_context(|| format!("listening on {}", path.display()))?;
-        announce(&format!("listening on unix:{}", path.display()));
+    if let Some(unix) = unix {
         let app = api::router(api.clone());
         servers.spawn(async move { axum::serve(unix, app).await.map_err(anyhow::Error::from) });
+    }
+    tracing::info!(address = %address, "prediction API listening");
+    announce(&format!("listening on http://{address}"));
+    if let Some(path) = &config.socket {
+        announce(&format!("listening on unix:{}", path.display()));
     }
     use tokio::signal::unix::{SignalKind, signal};
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
