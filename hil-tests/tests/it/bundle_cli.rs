@@ -533,7 +533,7 @@ fn bundles_and_policies_are_world_readable_while_keys_stay_private() {
 }
 
 #[test]
-fn the_agent_reports_a_gpu_board_falling_back_to_cpu() {
+fn the_agent_reports_gpu_and_npu_boards_falling_back_to_cpu() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
     setup(dir);
@@ -562,4 +562,21 @@ fn the_agent_reports_a_gpu_board_falling_back_to_cpu() {
         "{out}"
     );
     assert!(out.contains("golden self-test passed"), "{out}");
+    let npu = hil_tests::root().join("boards/imx8m-plus.toml");
+    let run = agent(
+        dir,
+        &[
+            "verify-bundle",
+            "claims.fmb",
+            "--trust",
+            "trust.toml",
+            "--board",
+            &npu.to_string_lossy(),
+        ],
+    );
+    let out = run.success();
+    assert!(
+        out.contains("npu requested, not available: this agent has no NPU delegate support (board names delegate `libvx_delegate.so`), fell back to cpu"),
+        "{out}"
+    );
 }
