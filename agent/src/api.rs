@@ -473,24 +473,8 @@ fn encode_features(
         }
         raw_rows.push(row);
     }
-    let rows = raw_rows.len();
-    let inputs = model
-        .inputs
-        .iter()
-        .map(|spec| {
-            let columns = schema.columns_of(&spec.name);
-            let mut data = vec![0f32; rows * columns];
-            for (row, out) in raw_rows.iter().zip(data.chunks_mut(columns.max(1))) {
-                schema.encode_row(&spec.name, row, out);
-            }
-            Tensor {
-                name: spec.name.clone(),
-                shape: vec![rows as u64, columns as u64],
-                data,
-            }
-        })
-        .collect();
-    Ok((inputs, rows))
+    let inputs = schema.encode_batch(&model.inputs, &raw_rows);
+    Ok((inputs, raw_rows.len()))
 }
 
 /// Checks raw tensors against the model's input specs.

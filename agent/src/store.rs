@@ -112,7 +112,6 @@ pub fn unpack(
     if let Ok(d) = File::open(parent) {
         let _ = d.sync_all();
     }
-    let _ = std::io::stdout().flush();
     Ok(verified)
 }
 

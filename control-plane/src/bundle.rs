@@ -100,26 +100,6 @@ pub fn read_csv(
     Ok(rows)
 }
 
-/// Encodes raw rows into one f32 tensor per model input.
-fn encode(schema: &FeatureSchema, model: &OnnxModel, rows: &[Vec<RawValue>]) -> Vec<Tensor> {
-    model
-        .inputs
-        .iter()
-        .map(|input| {
-            let columns = schema.columns_of(&input.name);
-            let mut data = vec![0f32; rows.len() * columns];
-            for (row, out) in rows.iter().zip(data.chunks_mut(columns.max(1))) {
-                schema.encode_row(&input.name, row, out);
-            }
-            Tensor {
-                name: input.name.clone(),
-                shape: vec![rows.len() as u64, columns as u64],
-                data,
-            }
-        })
-        .collect()
-}
-
 fn last_axis(t: &Tensor) -> usize {
     t.shape.last().copied().unwrap_or(1).max(1) as usize
 }
@@ -218,7 +198,7 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<Built> {
     if let Some(path) = &opts.reference {
         let rows = read_csv(path, &schema, None)?;
         let outputs = model
-            .run(&encode(&schema, &model, &rows))
+            .run(&schema.encode_batch(&model.inputs, &rows))
             .context("computing reference predictions")?;
         let outputs: Vec<(String, usize, Vec<f32>)> = outputs
             .into_iter()
@@ -229,7 +209,7 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<Built> {
     }
     if let Some(path) = &opts.golden {
         let rows = read_csv(path, &schema, Some(opts.golden_rows))?;
-        let inputs = encode(&schema, &model, &rows);
+        let inputs = schema.encode_batch(&model.inputs, &rows);
         let outputs = model.run(&inputs).context("computing golden outputs")?;
         let golden = Golden {
             abs_tolerance: 1e-4,

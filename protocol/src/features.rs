@@ -26,6 +26,7 @@ use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
+use crate::golden::Tensor;
 use crate::manifest::{DType, Dim, TensorSpec};
 
 /// The most features a schema may declare.
@@ -359,6 +360,27 @@ impl FeatureSchema {
             .map(|f| (f.column + f.width()) as usize)
             .max()
             .unwrap_or(0)
+    }
+
+    /// Encodes a batch of raw rows (values in schema order) into one `f32[rows, columns]`
+    /// tensor per model input, in `inputs` order. Row problems are not reported here;
+    /// see [`Self::encode_row`].
+    pub fn encode_batch(&self, inputs: &[TensorSpec], rows: &[Vec<RawValue>]) -> Vec<Tensor> {
+        inputs
+            .iter()
+            .map(|spec| {
+                let columns = self.columns_of(&spec.name);
+                let mut data = vec![0f32; rows.len() * columns];
+                for (row, out) in rows.iter().zip(data.chunks_mut(columns.max(1))) {
+                    self.encode_row(&spec.name, row, out);
+                }
+                Tensor {
+                    name: spec.name.clone(),
+                    shape: vec![rows.len() as u64, columns as u64],
+                    data,
+                }
+            })
+            .collect()
     }
 
     /// Encodes one row of raw values (in schema order) into `out`, the row of the input
