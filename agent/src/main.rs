@@ -213,7 +213,7 @@ fn verify_bundle(bundle: PathBuf, trust: PathBuf, board: Option<PathBuf>) -> any
             let mut file =
                 File::open(&bundle).with_context(|| format!("reading {}", bundle.display()))?;
             let onnx = verified.read_entry(&mut file, MODEL_ENTRY, MAX_MODEL)?;
-            let model = CpuModel::load(&onnx).with_context(what)?;
+            let model = CpuModel::load_with_inputs(&onnx, &m.inputs).with_context(what)?;
             println!("loaded {MODEL_ENTRY} with tract (cpu)");
             match m.entry(GOLDEN_ENTRY) {
                 Some(_) => {

@@ -233,6 +233,15 @@ fn an_image_model_bundled_without_features_is_served_on_raw_tensors() {
         "{}",
         inspect.stdout
     );
+    // Without --board, verify-bundle loads it on the CPU with the declared shapes too.
+    assert!(
+        agent(
+            dir,
+            &["verify-bundle", "textdir.fmb", "--trust", "trust.toml"]
+        )
+        .success()
+        .contains("no golden.cbor")
+    );
     agent(
         dir,
         &[
