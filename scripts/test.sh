@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # The test command: prepares the Python peers the tests compare against (a venv with
-# onnxruntime, once), then runs every test of the workspace.
+# onnxruntime and onnx, once), then runs every test of the workspace, and the agent's
+# tests again built with the `gpu` feature (wonnx). GPU tests run on whatever Vulkan
+# adapter exists (CI installs Mesa's software one, llvmpipe) and skip, saying why, when
+# there is none; the fallback to the CPU is tested either way.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/fleetml-target}
@@ -18,3 +21,6 @@ export FLEETML_PYTHON="$FLEETML_VENV/bin/python"
 
 cd "$root"
 cargo test --workspace --locked "$@"
+echo "==> the agent again, built with the gpu feature (wonnx)"
+FLEETML_GPU_ALLOW_SOFTWARE=${FLEETML_GPU_ALLOW_SOFTWARE:-1} \
+    cargo test -p fleet-agent -p fleetml-inference --features fleet-agent/gpu --locked "$@"

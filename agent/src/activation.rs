@@ -7,7 +7,7 @@ use std::path::Path;
 
 use fleetml_protocol::board::{AgentLimits, Backend as Kind, BoardProfile, Paths};
 use fleetml_protocol::bundle::{Limits, VerifiedBundle};
-use fleetml_protocol::manifest::{GOLDEN_ENTRY, MODEL_ENTRY};
+use fleetml_protocol::manifest::{GOLDEN_ENTRY, GPU_MODEL_ENTRY, MODEL_ENTRY};
 use fleetml_protocol::trust::TrustPolicy;
 
 use crate::backend::{self, NoBackend, Selection};
@@ -76,16 +76,26 @@ pub fn prepare(
     let onnx = verified
         .read_entry(&mut file, MODEL_ENTRY, MAX_MODEL)
         .map_err(|e| PrepareError::Read(e.to_string()))?;
-    let golden = match verified.manifest.entry(GOLDEN_ENTRY) {
-        Some(_) => Some(
-            verified
-                .read_entry(&mut file, GOLDEN_ENTRY, MAX_GOLDEN)
-                .map_err(|e| PrepareError::Read(e.to_string()))?,
-        ),
-        None => None,
+    let mut optional = |name: &str, max: u64| match verified.manifest.entry(name) {
+        Some(_) => verified
+            .read_entry(&mut file, name, max)
+            .map(Some)
+            .map_err(|e| PrepareError::Read(e.to_string())),
+        None => Ok(None),
     };
-    backend::select(board, &onnx, &verified.manifest.inputs, golden.as_deref())
-        .map_err(PrepareError::NoBackend)
+    let golden = optional(GOLDEN_ENTRY, MAX_GOLDEN)?;
+    // The GPU copy is only read when the board would try the GPU at all.
+    let gpu_onnx = if board.backends.contains(&Kind::Gpu) {
+        optional(GPU_MODEL_ENTRY, MAX_MODEL)?
+    } else {
+        None
+    };
+    let model = backend::ModelFiles {
+        onnx: &onnx,
+        gpu_onnx: gpu_onnx.as_deref(),
+        inputs: &verified.manifest.inputs,
+    };
+    backend::select(board, &model, golden.as_deref()).map_err(PrepareError::NoBackend)
 }
 
 #[derive(Debug, thiserror::Error)]

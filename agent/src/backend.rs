@@ -5,9 +5,10 @@
 //! a backend that is not available on this device, cannot load the model, or fails the
 //! bundle's golden self-test is skipped with a recorded reason ([`Fallback`]).
 //!
-//! `cpu` is tract. `gpu` (wonnx over Vulkan) and `npu` (a vendor delegate) are seams in
-//! this release: requesting them reports plainly that they are not available here and
-//! falls back; nothing pretends to be an accelerator.
+//! `cpu` is tract. `gpu` is wonnx over WebGPU (cargo feature `gpu`, see [`crate::gpu`]);
+//! an agent built without it, or on a device without an adapter, reports why and falls
+//! back. `npu` (a vendor delegate) is a seam: requesting it reports plainly that it is
+//! not available and falls back; nothing pretends to be an accelerator.
 
 use std::fmt;
 
@@ -75,25 +76,36 @@ pub struct NoBackend {
     pub reasons: Vec<Fallback>,
 }
 
-/// Loads `onnx` on backend `kind`, or says why it cannot.
+/// The model files a backend may load: the bundle's `model.onnx` with its declared
+/// inputs, and its GPU-prepared copy when it has one.
+#[derive(Debug, Clone, Copy)]
+pub struct ModelFiles<'a> {
+    pub onnx: &'a [u8],
+    pub gpu_onnx: Option<&'a [u8]>,
+    pub inputs: &'a [TensorSpec],
+}
+
+impl<'a> ModelFiles<'a> {
+    pub fn new(onnx: &'a [u8], inputs: &'a [TensorSpec]) -> Self {
+        ModelFiles {
+            onnx,
+            gpu_onnx: None,
+            inputs,
+        }
+    }
+}
+
+/// Loads the model on backend `kind`, or says why it cannot.
 pub fn load(
     kind: Kind,
-    onnx: &[u8],
-    inputs: &[TensorSpec],
+    model: &ModelFiles<'_>,
     board: &BoardProfile,
 ) -> Result<Box<dyn Backend>, String> {
     match kind {
-        Kind::Cpu => CpuModel::load_with_inputs(onnx, inputs)
+        Kind::Cpu => CpuModel::load_with_inputs(model.onnx, model.inputs)
             .map(|m| Box::new(m) as Box<dyn Backend>)
             .map_err(|e| e.to_string()),
-        Kind::Gpu => {
-            let api = accelerator(board, kind)
-                .and_then(|a| a.api.clone())
-                .unwrap_or_else(|| "unknown".into());
-            Err(format!(
-                "not available: this agent was built without GPU support (board asks for {api})"
-            ))
-        }
+        Kind::Gpu => load_gpu(model, board),
         Kind::Npu => {
             let delegate = accelerator(board, kind)
                 .and_then(|a| a.delegate.clone())
@@ -105,21 +117,36 @@ pub fn load(
     }
 }
 
+#[cfg(feature = "gpu")]
+fn load_gpu(model: &ModelFiles<'_>, _board: &BoardProfile) -> Result<Box<dyn Backend>, String> {
+    crate::gpu::GpuModel::load(model.onnx, model.gpu_onnx, model.inputs)
+        .map(|m| Box::new(m) as Box<dyn Backend>)
+}
+
+#[cfg(not(feature = "gpu"))]
+fn load_gpu(_model: &ModelFiles<'_>, board: &BoardProfile) -> Result<Box<dyn Backend>, String> {
+    let api = accelerator(board, Kind::Gpu)
+        .and_then(|a| a.api.clone())
+        .unwrap_or_else(|| "unknown".into());
+    Err(format!(
+        "not available: this agent was built without GPU support (board asks for {api}; build with --features gpu)"
+    ))
+}
+
 fn accelerator(board: &BoardProfile, kind: Kind) -> Option<&fleetml_protocol::board::Accelerator> {
     board.accelerators.iter().find(|a| a.kind == kind)
 }
 
-/// Chooses the first backend of `board`'s order that loads `onnx` (with its declared
-/// `inputs`) and passes the golden self-test (`golden`, the bundle's `golden.cbor`).
+/// Chooses the first backend of `board`'s order that loads `model` and passes the
+/// golden self-test (`golden`, the bundle's `golden.cbor`).
 pub fn select(
     board: &BoardProfile,
-    onnx: &[u8],
-    inputs: &[TensorSpec],
+    model: &ModelFiles<'_>,
     golden: Option<&[u8]>,
 ) -> Result<Selection, NoBackend> {
     let mut fallbacks = Vec::new();
     for &kind in &board.backends {
-        let backend = match load(kind, onnx, inputs, board) {
+        let backend = match load(kind, model, board) {
             Ok(b) => b,
             Err(reason) => {
                 fallbacks.push(Fallback {

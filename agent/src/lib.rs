@@ -1,7 +1,7 @@
 //! `fleet-agent` runs on each device. It verifies signed model bundles with the same
 //! code the control plane uses (`fleetml-protocol`), self-tests a model against the
-//! golden vectors its bundle carries, and (in later releases) activates models
-//! atomically, serves predictions, monitors drift and reports over MQTT.
+//! golden vectors its bundle carries, activates models atomically and serves
+//! predictions on the CPU (tract) or, built with the `gpu` feature, the GPU (wonnx).
 //!
 //! Invariant: nothing from a bundle is written to disk or loaded for inference before the
 //! whole bundle has been verified against the trust policy.
@@ -10,6 +10,8 @@ pub mod activation;
 pub mod api;
 pub mod backend;
 pub mod config;
+#[cfg(feature = "gpu")]
+pub mod gpu;
 pub mod runtime;
 pub mod selftest;
 pub mod serve;

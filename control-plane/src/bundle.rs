@@ -10,11 +10,13 @@ use fleetml_protocol::crypto::{Sha256, Sha256Hasher, SigningKey};
 use fleetml_protocol::features::{FeatureSchema, RawValue};
 use fleetml_protocol::golden::{Golden, Tensor};
 use fleetml_protocol::manifest::{
-    Entry, GOLDEN_ENTRY, Lineage, MANIFEST_FORMAT, MODEL_ENTRY, Manifest, REFERENCE_ENTRY, Targets,
-    valid_entry_name,
+    Entry, GOLDEN_ENTRY, GPU_COMPAT_ENTRY, GPU_MODEL_ENTRY, Lineage, MANIFEST_FORMAT, MODEL_ENTRY,
+    Manifest, REFERENCE_ENTRY, Targets, valid_entry_name,
 };
 use fleetml_protocol::reference::ReferenceProfile;
 use fleetml_protocol::trust::TrustPolicy;
+
+use fleetml_inference::prepare::{self, CompatReport};
 
 use crate::onnx::OnnxModel;
 use crate::output::{self, human_size};
@@ -40,6 +42,8 @@ pub struct BuildOptions {
     pub golden_rows: usize,
     pub lineage: Option<PathBuf>,
     pub bins: u32,
+    /// Also store a model prepared for the GPU backend, fixed to this batch size.
+    pub prepare_gpu: Option<u64>,
     pub backends: Vec<String>,
     pub boards: Vec<String>,
     pub min_agent_version: String,
@@ -146,6 +150,8 @@ pub struct Built {
     pub manifest: Manifest,
     pub size: u64,
     pub signed_by: Vec<String>,
+    /// The GPU preparation's report, when `--prepare gpu` was asked for.
+    pub gpu_report: Option<CompatReport>,
 }
 
 pub fn build(opts: &BuildOptions) -> anyhow::Result<Built> {
@@ -193,8 +199,21 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<Built> {
         .map(|k| crate::keys::load_private(k))
         .collect::<anyhow::Result<Vec<SigningKey>>>()?;
 
+    let gpu = match opts.prepare_gpu {
+        Some(batch) => Some(
+            prepare::prepare_gpu(&model_bytes, &model.inputs, batch)
+                .with_context(|| format!("preparing {} for the GPU", opts.model.display()))?,
+        ),
+        None => None,
+    };
     let mut payloads: Vec<(String, Source)> =
         vec![(MODEL_ENTRY.into(), Source::Memory(model_bytes))];
+    let gpu_report = gpu.as_ref().map(|g| g.report.clone());
+    if let Some(prepared) = gpu {
+        let report = serde_json::to_vec_pretty(&prepared.report)?;
+        payloads.push((GPU_MODEL_ENTRY.into(), Source::Memory(prepared.onnx)));
+        payloads.push((GPU_COMPAT_ENTRY.into(), Source::Memory(report)));
+    }
     if let Some(path) = &opts.reference {
         let rows = read_csv(path, &schema, None)?;
         let outputs = model
@@ -282,6 +301,7 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<Built> {
         manifest,
         size,
         signed_by: signatures.iter().map(|s| s.key.to_string()).collect(),
+        gpu_report,
     })
 }
 

@@ -127,6 +127,14 @@ struct BuildArgs {
     /// Quantile bins per numeric feature in the reference profile.
     #[arg(long, default_value_t = 10)]
     bins: u32,
+    /// Prepare the model for another backend as well: `gpu` stores a copy with static
+    /// shapes and lowered operators for wonnx (model.gpu.onnx) and the compatibility
+    /// report listing operators it cannot run (gpu-compat.json). Repeatable.
+    #[arg(long = "prepare", value_parser = ["gpu"])]
+    prepare: Vec<String>,
+    /// Batch size the GPU-prepared model is fixed to (wonnx needs static shapes).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    gpu_batch: u64,
     /// Backend the bundle was prepared for (cpu, gpu, npu); repeatable. Default: cpu.
     #[arg(long = "backend")]
     backends: Vec<String>,
@@ -212,8 +220,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 golden_rows: a.golden_rows,
                 lineage: a.lineage,
                 bins: a.bins,
+                prepare_gpu: a.prepare.iter().any(|p| p == "gpu").then_some(a.gpu_batch),
                 backends: if a.backends.is_empty() {
-                    vec!["cpu".into()]
+                    let mut b = vec!["cpu".to_string()];
+                    if a.prepare.iter().any(|p| p == "gpu") {
+                        b.insert(0, "gpu".into());
+                    }
+                    b
                 } else {
                     a.backends
                 },
@@ -225,6 +238,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 out: a.out,
             };
             let built = bundle::build(&opts)?;
+            if let Some(report) = &built.gpu_report {
+                println!("gpu: {}", report.summary());
+            }
             let signed = if built.signed_by.is_empty() {
                 "unsigned; sign it with `fleetctl bundle sign`".to_string()
             } else {

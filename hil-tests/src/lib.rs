@@ -5,6 +5,55 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
+pub mod conformance;
+
+/// The Python of the test venv (`scripts/test.sh` prepares it and sets `FLEETML_PYTHON`),
+/// with onnxruntime, onnx and rapidocr-onnxruntime installed.
+pub fn python() -> PathBuf {
+    let path = std::env::var_os("FLEETML_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp/fleetml-venv/bin/python"));
+    assert!(
+        path.exists(),
+        "{} not found: run the tests with scripts/test.sh, which prepares the Python venv",
+        path.display()
+    );
+    path
+}
+
+/// The input PP-OCR's text-direction classifier is declared with: its ONNX file says
+/// `x: f32[?, 3, ?, ?]`; PP-OCR feeds 48×192 crops, any number at a time.
+pub fn cls_input() -> fleetml_protocol::manifest::TensorSpec {
+    use fleetml_protocol::manifest::{DType, Dim, TensorSpec};
+    TensorSpec {
+        name: "x".into(),
+        dtype: DType::F32,
+        shape: vec![
+            Dim::Symbol("N".into()),
+            Dim::Fixed(3),
+            Dim::Fixed(48),
+            Dim::Fixed(192),
+        ],
+    }
+}
+
+/// Writes the ONNX backend test cases of the venv's `onnx` package into `dir`
+/// (scripts/onnx_cases.py).
+pub fn generate_onnx_cases(dir: &Path) -> Result<(), String> {
+    let out = Command::new(python())
+        .arg(root().join("scripts/onnx_cases.py"))
+        .arg(dir)
+        .output()
+        .map_err(|e| format!("running scripts/onnx_cases.py: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "scripts/onnx_cases.py failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(())
+}
+
 /// The workspace root.
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -205,6 +254,72 @@ pub fn http<S: std::io::Read + std::io::Write>(
         body = dechunk(&body);
     }
     Ok((status, body))
+}
+
+/// A keep-alive HTTP/1.1 client on one connection: each request is one write, each
+/// response is read by its `Content-Length`. What a real application's client does, and
+/// what the API benchmark measures.
+#[derive(Debug)]
+pub struct KeepAlive<S> {
+    stream: S,
+    buf: Vec<u8>,
+}
+
+impl<S: std::io::Read + std::io::Write> KeepAlive<S> {
+    pub fn new(stream: S) -> Self {
+        KeepAlive {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    pub fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        content_type: &str,
+        body: &[u8],
+    ) -> std::io::Result<(u16, Vec<u8>)> {
+        let mut request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        request.extend_from_slice(body);
+        self.stream.write_all(&request)?;
+        let mut chunk = [0u8; 64 * 1024];
+        let (split, length) = loop {
+            if let Some(split) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let header = String::from_utf8_lossy(&self.buf[..split]).to_ascii_lowercase();
+                let length = header
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+                    .ok_or_else(|| std::io::Error::other("response without content-length"))?;
+                break (split, length);
+            }
+            let n = self.stream.read(&mut chunk)?;
+            if n == 0 {
+                return Err(std::io::Error::other("connection closed"));
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        };
+        while self.buf.len() < split + 4 + length {
+            let n = self.stream.read(&mut chunk)?;
+            if n == 0 {
+                return Err(std::io::Error::other("connection closed mid-body"));
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+        let status = String::from_utf8_lossy(&self.buf[..split])
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| std::io::Error::other("no status"))?;
+        let body = self.buf[split + 4..split + 4 + length].to_vec();
+        self.buf.drain(..split + 4 + length);
+        Ok((status, body))
+    }
 }
 
 fn dechunk(mut data: &[u8]) -> Vec<u8> {

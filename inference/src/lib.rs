@@ -6,6 +6,8 @@
 //! A model is parsed and optimized once, keeping a symbolic batch dimension where the
 //! model allows it, and then run on batches of f32 tensors.
 
+pub mod prepare;
+
 use std::sync::Arc;
 
 use fleetml_protocol::golden::Tensor;
@@ -166,41 +168,10 @@ impl CpuModel {
 
     /// Runs the model on `inputs` (in the model's input order).
     pub fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, RuntimeError> {
-        let rows = inputs
-            .first()
-            .and_then(|t| t.shape.first().copied())
-            .unwrap_or(1);
-        if !self.row_by_row || rows <= 1 {
+        if !self.row_by_row {
             return self.run_batch(inputs);
         }
-        let mut outputs: Vec<Tensor> = Vec::new();
-        for r in 0..rows as usize {
-            let row: Vec<Tensor> = inputs
-                .iter()
-                .map(|t| {
-                    let per_row = t.data.len() / rows as usize;
-                    let mut shape = t.shape.clone();
-                    shape[0] = 1;
-                    Tensor {
-                        name: t.name.clone(),
-                        shape,
-                        data: t.data[r * per_row..(r + 1) * per_row].to_vec(),
-                    }
-                })
-                .collect();
-            let out = self.run_batch(&row)?;
-            if outputs.is_empty() {
-                outputs = out;
-            } else {
-                for (acc, o) in outputs.iter_mut().zip(out) {
-                    acc.data.extend_from_slice(&o.data);
-                    if let Some(first) = acc.shape.first_mut() {
-                        *first += 1;
-                    }
-                }
-            }
-        }
-        Ok(outputs)
+        run_in_slices(inputs, 1, |slice| self.run_batch(slice))
     }
 
     fn run_batch(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, RuntimeError> {
@@ -233,6 +204,58 @@ impl CpuModel {
             })
             .collect()
     }
+}
+
+/// Runs a batch of `inputs` (rows along axis 0) through `run` in slices of `slice` rows,
+/// concatenating the outputs along axis 0. For backends whose model is fixed to a batch
+/// size (tract's batch-1 fallback, wonnx's static shapes).
+pub fn run_in_slices(
+    inputs: &[Tensor],
+    slice: u64,
+    mut run: impl FnMut(&[Tensor]) -> Result<Vec<Tensor>, RuntimeError>,
+) -> Result<Vec<Tensor>, RuntimeError> {
+    let rows = inputs
+        .first()
+        .and_then(|t| t.shape.first().copied())
+        .unwrap_or(1);
+    let slice = slice.max(1);
+    if rows <= slice {
+        return run(inputs);
+    }
+    if !rows.is_multiple_of(slice) {
+        return Err(RuntimeError::Run(format!(
+            "the model is fixed to batches of {slice}; {rows} rows do not divide into them"
+        )));
+    }
+    let mut merged: Vec<Tensor> = Vec::new();
+    for start in (0..rows).step_by(slice as usize) {
+        let part: Vec<Tensor> = inputs
+            .iter()
+            .map(|t| {
+                let per_row = t.data.len() / rows as usize;
+                let (a, b) = (start as usize * per_row, (start + slice) as usize * per_row);
+                let mut shape = t.shape.clone();
+                shape[0] = slice;
+                Tensor {
+                    name: t.name.clone(),
+                    shape,
+                    data: t.data[a..b].to_vec(),
+                }
+            })
+            .collect();
+        let out = run(&part)?;
+        if merged.is_empty() {
+            merged = out;
+        } else {
+            for (acc, o) in merged.iter_mut().zip(out) {
+                acc.data.extend_from_slice(&o.data);
+                if let Some(first) = acc.shape.first_mut() {
+                    *first += o.shape.first().copied().unwrap_or(1);
+                }
+            }
+        }
+    }
+    Ok(merged)
 }
 
 fn dtype(dt: DatumType) -> TractResult<DType> {

@@ -24,6 +24,11 @@ pub const MODEL_ENTRY: &str = "model.onnx";
 pub const REFERENCE_ENTRY: &str = "reference.cbor";
 /// Name of the payload holding the golden self-test vectors.
 pub const GOLDEN_ENTRY: &str = "golden.cbor";
+/// Name of the payload holding the model prepared for the GPU backend
+/// (`fleetctl bundle build --prepare gpu`): static shapes, lowered operators.
+pub const GPU_MODEL_ENTRY: &str = "model.gpu.onnx";
+/// Name of the payload holding the GPU preparation's compatibility report (JSON).
+pub const GPU_COMPAT_ENTRY: &str = "gpu-compat.json";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

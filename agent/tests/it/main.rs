@@ -1,6 +1,9 @@
 //! Integration tests of fleet-agent: check-first-then-persist unpacking and the golden
 //! self-test, on real bundles signed with real keys and the real example model.
 
+#[cfg(feature = "gpu")]
+mod gpu;
+
 use std::path::{Path, PathBuf};
 
 use fleet_agent::runtime::CpuModel;
@@ -264,25 +267,35 @@ fn backends_fall_back_along_the_board_order_with_reasons() {
     let model = CpuModel::load(&claims_model()).expect("loads");
     let g = golden(&model, 4).to_cbor();
     let b = board("[\"npu\", \"gpu\", \"cpu\"]", NPU_AND_GPU);
-    let selection = backend::select(&b, &claims_model(), &[], Some(&g)).expect("cpu runs it");
-    assert_eq!(selection.backend.kind(), Kind::Cpu);
+    let onnx = claims_model();
+    let files = backend::ModelFiles::new(&onnx, &[]);
+    let selection = backend::select(&b, &files, Some(&g)).expect("cpu runs it");
     assert_eq!(selection.self_test.as_ref().map(|t| t.rows), Some(4));
     let report = selection.report();
-    assert_eq!(report.len(), 2);
+    let chosen = selection.backend.kind();
     assert_eq!(
         report[0],
-        "npu requested, not available: this agent has no NPU delegate support (board names delegate `libvx_delegate.so`), fell back to cpu"
+        format!(
+            "npu requested, not available: this agent has no NPU delegate support (board names delegate `libvx_delegate.so`), fell back to {}",
+            chosen.as_str()
+        )
     );
-    assert!(
-        report[1]
-            .starts_with("gpu requested, not available: this agent was built without GPU support"),
-        "{}",
-        report[1]
-    );
+    if cfg!(feature = "gpu") && chosen == Kind::Gpu {
+        // An agent built with wonnx on a machine with an adapter runs it on the GPU.
+        assert_eq!(report.len(), 1);
+    } else {
+        assert_eq!(chosen, Kind::Cpu);
+        assert_eq!(report.len(), 2);
+        let expected = if cfg!(feature = "gpu") {
+            "gpu requested, "
+        } else {
+            "gpu requested, not available: this agent was built without GPU support"
+        };
+        assert!(report[1].starts_with(expected), "{}", report[1]);
+    }
 
     // Without golden vectors the first backend that loads the model is chosen.
-    let selection =
-        backend::select(&board("[\"cpu\"]", ""), &claims_model(), &[], None).expect("cpu");
+    let selection = backend::select(&board("[\"cpu\"]", ""), &files, None).expect("cpu");
     assert!(selection.fallbacks.is_empty() && selection.self_test.is_none());
 }
 
@@ -293,10 +306,10 @@ fn a_failed_self_test_or_unloadable_model_rules_a_backend_out() {
     let model = CpuModel::load(&claims_model()).expect("loads");
     let mut g = golden(&model, 4);
     g.outputs[0].data[0] += 0.5;
+    let onnx = claims_model();
     let err = backend::select(
         &board("[\"cpu\"]", ""),
-        &claims_model(),
-        &[],
+        &backend::ModelFiles::new(&onnx, &[]),
         Some(&g.to_cbor()),
     )
     .expect_err("fails");
@@ -314,8 +327,12 @@ fn a_failed_self_test_or_unloadable_model_rules_a_backend_out() {
         "{err}"
     );
 
-    let err =
-        backend::select(&board("[\"cpu\"]", ""), b"not onnx", &[], None).expect_err("unloadable");
+    let err = backend::select(
+        &board("[\"cpu\"]", ""),
+        &backend::ModelFiles::new(b"not onnx", &[]),
+        None,
+    )
+    .expect_err("unloadable");
     assert!(
         err.reasons[0]
             .reason

@@ -24,6 +24,7 @@ fn options(dir: &Path) -> bundle::BuildOptions {
         golden_rows: 8,
         lineage: Some(claims("lineage.toml")),
         bins: 10,
+        prepare_gpu: None,
         backends: vec!["cpu".into()],
         boards: vec![],
         min_agent_version: "0.1.0".into(),

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use fleetml_inference::CpuModel;
 use fleetml_protocol::features::{FeatureSchema, RawValue};
 use fleetml_protocol::golden::Tensor;
-use fleetml_protocol::manifest::{DType, Dim, TensorSpec};
+use fleetml_protocol::manifest::TensorSpec;
 use serde_json::json;
 
 fn arg(args: &[String], name: &str) -> Option<String> {
@@ -68,16 +68,7 @@ fn input(model: &str) -> (Tensor, Vec<TensorSpec>) {
             let data: Vec<f32> = (0..3 * 48 * 192)
                 .map(|i| ((i * 7919 % 2000) as f32 / 1000.0) - 1.0)
                 .collect();
-            let declared = vec![TensorSpec {
-                name: "x".into(),
-                dtype: DType::F32,
-                shape: vec![
-                    Dim::Symbol("N".into()),
-                    Dim::Fixed(3),
-                    Dim::Fixed(48),
-                    Dim::Fixed(192),
-                ],
-            }];
+            let declared = vec![hil_tests::cls_input()];
             (
                 Tensor {
                     name: "x".into(),
@@ -164,24 +155,31 @@ fn main() {
                         (body.clone(), path.clone(), addr.clone(), socket.clone());
                     std::thread::spawn(move || {
                         let mut latencies = Vec::new();
+                        // One keep-alive connection per client, like a real application.
+                        enum Conn {
+                            Tcp(hil_tests::KeepAlive<std::net::TcpStream>),
+                            Unix(hil_tests::KeepAlive<std::os::unix::net::UnixStream>),
+                        }
+                        let mut conn = match (&addr, &socket) {
+                            (Some(a), _) => {
+                                let s = std::net::TcpStream::connect(a).expect("tcp");
+                                s.set_nodelay(true).expect("nodelay");
+                                Conn::Tcp(hil_tests::KeepAlive::new(s))
+                            }
+                            (None, Some(s)) => Conn::Unix(hil_tests::KeepAlive::new(
+                                std::os::unix::net::UnixStream::connect(s).expect("unix"),
+                            )),
+                            _ => panic!("--addr or --socket"),
+                        };
                         while start.elapsed().as_secs_f64() < seconds {
                             let t = Instant::now();
-                            let (status, _) = match (&addr, &socket) {
-                                (Some(a), _) => hil_tests::http(
-                                    std::net::TcpStream::connect(a).expect("tcp"),
-                                    "POST",
-                                    &path,
-                                    "application/json",
-                                    body.as_bytes(),
-                                ),
-                                (None, Some(s)) => hil_tests::http(
-                                    std::os::unix::net::UnixStream::connect(s).expect("unix"),
-                                    "POST",
-                                    &path,
-                                    "application/json",
-                                    body.as_bytes(),
-                                ),
-                                _ => panic!("--addr or --socket"),
+                            let (status, _) = match &mut conn {
+                                Conn::Tcp(c) => {
+                                    c.request("POST", &path, "application/json", body.as_bytes())
+                                }
+                                Conn::Unix(c) => {
+                                    c.request("POST", &path, "application/json", body.as_bytes())
+                                }
                             }
                             .expect("HTTP");
                             assert_eq!(status, 200, "request failed");

@@ -556,7 +556,7 @@ fn the_agent_reports_gpu_and_npu_boards_falling_back_to_cpu() {
         ],
     );
     let out = run.success();
-    assert!(out.contains("gpu requested, not available: this agent was built without GPU support (board asks for vulkan), fell back to cpu"), "{out}");
+    assert!(out.contains("gpu requested, not available: this agent was built without GPU support (board asks for vulkan; build with --features gpu), fell back to cpu"), "{out}");
     assert!(
         out.contains("running on cpu (board jetson-orin-nano)"),
         "{out}"

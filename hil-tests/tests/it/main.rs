@@ -3,6 +3,7 @@
 mod api;
 mod architecture;
 mod bundle_cli;
+mod conformance;
 mod demo;
 mod peers;
 mod store_crash;

@@ -10,26 +10,14 @@ use std::process::{Command, Stdio};
 use fleet_agent::runtime::CpuModel;
 use fleetml_protocol::features::{FeatureSchema, RawValue};
 use fleetml_protocol::golden::Tensor;
-use fleetml_protocol::manifest::{DType, Dim, TensorSpec};
-use hil_tests::root;
+use fleetml_protocol::manifest::Dim;
+use hil_tests::{python, root};
 use serde_json::{Value, json};
 
 /// Relative tolerance of the comparison; values below `FLOOR` in magnitude are compared
 /// absolutely against `REL * FLOOR`.
 const REL: f32 = 1e-4;
 const FLOOR: f32 = 1e-3;
-
-fn python() -> PathBuf {
-    let path = std::env::var_os("FLEETML_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/tmp/fleetml-venv/bin/python"));
-    assert!(
-        path.exists(),
-        "{} not found: run the tests with scripts/test.sh, which prepares the onnxruntime venv",
-        path.display()
-    );
-    path
-}
 
 fn onnxruntime(model: &std::path::Path, inputs: &[Tensor]) -> Vec<Tensor> {
     let request = json!({
@@ -146,20 +134,89 @@ fn cls_batch(n: usize) -> Tensor {
     }
 }
 
+/// The GPU preparation pass on a real CNN needs no GPU: shapes become static and are
+/// written into `value_info`, `HardSigmoid` is lowered, and the rewritten model computes
+/// what the original does (checked with tract).
+#[test]
+fn gpu_preparation_of_the_cls_model_fills_shapes_and_lowers_hard_sigmoid() {
+    use fleetml_inference::prepare;
+    use prost::Message;
+    use tract_onnx::pb;
+
+    let path = cls_model();
+    let onnx = std::fs::read(&path).expect("model");
+    let declared = [hil_tests::cls_input()];
+    let original = pb::ModelProto::decode(&onnx[..]).expect("decodes");
+    let hard_sigmoids = original
+        .graph
+        .as_ref()
+        .expect("graph")
+        .node
+        .iter()
+        .filter(|n| n.op_type == "HardSigmoid")
+        .count();
+    assert!(hard_sigmoids > 0, "the cls model uses HardSigmoid");
+
+    let prepared = prepare::prepare_gpu(&onnx, &declared, 2).expect("prepares");
+    let report = &prepared.report;
+    assert_eq!(report.lowered.get("HardSigmoid"), Some(&hard_sigmoids));
+    assert!(report.is_compatible(), "{}", report.summary());
+    assert_eq!(
+        report.inputs[0].shape,
+        vec![
+            Dim::Fixed(2),
+            Dim::Fixed(3),
+            Dim::Fixed(48),
+            Dim::Fixed(192)
+        ]
+    );
+
+    let graph = pb::ModelProto::decode(&prepared.onnx[..])
+        .expect("re-encoded model decodes")
+        .graph
+        .expect("graph");
+    assert!(graph.node.iter().all(|n| n.op_type != "HardSigmoid"));
+    let typed: std::collections::HashSet<&str> = graph
+        .value_info
+        .iter()
+        .chain(&graph.output)
+        .filter(|v| {
+            matches!(
+                v.r#type.as_ref().and_then(|t| t.value.as_ref()),
+                Some(pb::type_proto::Value::TensorType(t)) if t.shape.as_ref().is_some_and(|s| {
+                    s.dim.iter().all(|d| matches!(d.value, Some(pb::tensor_shape_proto::dimension::Value::DimValue(n)) if n > 0))
+                })
+            )
+        })
+        .map(|v| v.name.as_str())
+        .collect();
+    for node in &graph.node {
+        for out in node.output.iter().filter(|o| !o.is_empty()) {
+            assert!(
+                typed.contains(out.as_str()),
+                "{out} ({}) has no static shape",
+                node.op_type
+            );
+        }
+    }
+    assert_eq!(report.shapes_filled, typed.len());
+
+    let before = CpuModel::load_with_inputs(&onnx, &declared).expect("tract loads the original");
+    let after = CpuModel::load(&prepared.onnx).expect("tract loads the prepared model");
+    let batch = cls_batch(2);
+    let worst = compare(
+        &after
+            .run(std::slice::from_ref(&batch))
+            .expect("prepared runs"),
+        &before.run(&[batch]).expect("original runs"),
+    );
+    assert!(worst <= REL, "max relative difference {worst:e}");
+}
+
 #[test]
 fn ppocr_text_direction_classifier_outputs_equal_onnxruntime() {
     let path = cls_model();
-    // Its ONNX input is x: f32[?, 3, ?, ?]; PP-OCR feeds 48x192 crops.
-    let declared = [TensorSpec {
-        name: "x".into(),
-        dtype: DType::F32,
-        shape: vec![
-            Dim::Symbol("N".into()),
-            Dim::Fixed(3),
-            Dim::Fixed(48),
-            Dim::Fixed(192),
-        ],
-    }];
+    let declared = [hil_tests::cls_input()];
     let model = CpuModel::load_with_inputs(&std::fs::read(&path).expect("model"), &declared)
         .expect("tract loads the cls model");
     // A deterministic image batch in the model's normalized range [-1, 1].
@@ -207,7 +264,7 @@ fn an_image_model_bundled_without_features_is_served_on_raw_tensors() {
         "{}",
         run.stderr
     );
-    fleetctl(
+    let built = fleetctl(
         dir,
         &[
             "bundle",
@@ -220,18 +277,27 @@ fn an_image_model_bundled_without_features_is_served_on_raw_tensors() {
             "1",
             "--input-shape",
             "x=N,3,48,192",
+            "--prepare",
+            "gpu",
             "--key",
             "keys/k.key",
             "--out",
             "textdir.fmb",
         ],
-    )
-    .success();
-    let inspect = fleetctl(dir, &["bundle", "inspect", "textdir.fmb"]);
+    );
     assert!(
-        inspect.success().contains("x: f32[N, 3, 48, 192]"),
+        built
+            .success()
+            .contains("gpu: wonnx-0.5.1 can run every operator of the model"),
         "{}",
-        inspect.stdout
+        built.stdout
+    );
+    let inspect = fleetctl(dir, &["bundle", "inspect", "textdir.fmb"]);
+    let listing = inspect.success();
+    assert!(listing.contains("x: f32[N, 3, 48, 192]"), "{listing}");
+    assert!(
+        listing.contains("model.gpu.onnx") && listing.contains("gpu-compat.json"),
+        "{listing}"
     );
     // Without --board, verify-bundle loads it on the CPU with the declared shapes too.
     assert!(
