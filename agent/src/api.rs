@@ -3,8 +3,16 @@
 //! - `POST /v1/models/{name}/predict` — body `{"features": {...}}` (one row) or
 //!   `{"features": [{...}, ...]}` (a batch) of named raw features, validated against the
 //!   bundle's feature schema; or `{"inputs": [{"name", "shape", "data"}]}` raw f32 tensors.
-//!   Optional `"timestamp"` (seconds since the epoch) of the event, for prediction lag.
+//!   Optional `"timestamp"` (seconds since the epoch) of the event, for prediction lag;
+//!   `"id"` (one row) or `"ids"` (a batch) naming the items, for reconciliation;
+//!   `"explain": true` for per-feature attributions (occlusion, see [`explain`]).
 //!   JSON, or CBOR with `Content-Type: application/cbor` (answered in CBOR).
+//! - `POST /v1/expect` — `{"model", "ids": [...], "deadline": SECONDS_SINCE_EPOCH}` or
+//!   `"within_seconds"`: ids that must be predicted by then; those that are not are
+//!   reported missing (`expected_not_predicted`) with the first few ids.
+//! - `GET /v1/models/{name}/monitoring[?limit=N]` — current alerts and the latest window
+//!   reports (drift per feature and of the predictions, missing values and predictions,
+//!   latency, lag, outages).
 //! - `GET /v1/models`, `GET /healthz`, `GET /metrics` (Prometheus text).
 //!
 //! Every bad request gets a 4xx with `{"error": …, "field": …}`. Work runs on a bounded
@@ -19,7 +27,7 @@ use std::time::Instant;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -30,7 +38,11 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 
+use fleetml_monitor::MissReason;
+
 use crate::backend::Backend;
+use crate::explain;
+use crate::monitoring::ModelMonitor;
 
 /// A model being served.
 #[derive(Debug)]
@@ -41,6 +53,8 @@ pub struct Served {
     pub inputs: Vec<TensorSpec>,
     pub backend: Arc<dyn Backend>,
     pub fallbacks: Vec<String>,
+    /// Drift and health monitoring, when the bundle has a reference profile.
+    pub monitor: Option<Arc<ModelMonitor>>,
 }
 
 /// Limits of the API.
@@ -102,6 +116,34 @@ impl Api {
         self.get(name).map(|m| m.version)
     }
 
+    /// Expires overdue expected ids and closes windows whose time is up (called every
+    /// second by `fleet-agent run`).
+    pub fn tick(&self) {
+        for model in self.served() {
+            if let Some(m) = &model.monitor {
+                m.tick();
+            }
+        }
+    }
+
+    /// Closes every model's current window (shutdown, tests).
+    pub fn flush_monitoring(&self) {
+        for model in self.served() {
+            if let Some(m) = &model.monitor {
+                m.flush();
+            }
+        }
+    }
+
+    fn served(&self) -> Vec<Arc<Served>> {
+        self.models
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
     fn get(&self, name: &str) -> Option<Arc<Served>> {
         self.models
             .read()
@@ -115,6 +157,8 @@ pub fn router(api: Arc<Api>) -> Router {
     Router::new()
         .route("/v1/models/{name}/predict", post(predict))
         .route("/v1/models", get(list_models))
+        .route("/v1/models/{name}/monitoring", get(monitoring))
+        .route("/v1/expect", post(expect))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .with_state(api)
@@ -127,6 +171,8 @@ pub struct ApiError {
     error: String,
     field: Option<String>,
     reason: &'static str,
+    /// Inputs (rows) the failed request carried, for missing-prediction accounting.
+    rows: u32,
 }
 
 impl ApiError {
@@ -136,7 +182,12 @@ impl ApiError {
             error: error.into(),
             field: None,
             reason,
+            rows: 1,
         }
+    }
+    fn rows(mut self, rows: usize) -> Self {
+        self.rows = rows as u32;
+        self
     }
     fn field(mut self, field: impl Into<String>) -> Self {
         self.field = Some(field.into());
@@ -191,7 +242,53 @@ async fn predict(
     let cbor = is_cbor(&headers);
     match predict_inner(&api, &name, cbor, body).await {
         Ok(v) => respond(cbor, StatusCode::OK, &v),
-        Err(e) => error_response(cbor, &e, &name),
+        Err(e) => {
+            // Every input that got no prediction is counted, by reason.
+            let reason = match e.reason {
+                "invalid_input" => Some(MissReason::InvalidInput),
+                "shed_overload" => Some(MissReason::Shed),
+                "backend_error" => Some(MissReason::BackendError),
+                "backend_panic" => Some(MissReason::BackendPanic),
+                "timeout" => Some(MissReason::Timeout),
+                _ => None,
+            };
+            if let (Some(reason), Some(monitor)) =
+                (reason, api.get(&name).and_then(|m| m.monitor.clone()))
+            {
+                monitor.missed(reason, e.rows.max(1));
+            }
+            error_response(cbor, &e, &name)
+        }
+    }
+}
+
+/// Reads a JSON or CBOR body of at most `max_body` bytes.
+async fn read_body(api: &Api, cbor: bool, body: Body) -> Result<Value, ApiError> {
+    let bytes = axum::body::to_bytes(body, api.limits.max_body)
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_input",
+                format!("request body is larger than {} bytes", api.limits.max_body),
+            )
+        })?;
+    if cbor {
+        serde_cbor::from_slice(&bytes).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_input",
+                format!("body is not valid CBOR: {e}"),
+            )
+        })
+    } else {
+        serde_json::from_slice(&bytes).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_input",
+                format!("body is not valid JSON: {e}"),
+            )
+        })
     }
 }
 
@@ -204,32 +301,7 @@ async fn predict_inner(api: &Api, name: &str, cbor: bool, body: Body) -> Result<
             format!("no model named `{name}` is active"),
         ));
     };
-    let bytes = axum::body::to_bytes(body, api.limits.max_body)
-        .await
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "invalid_input",
-                format!("request body is larger than {} bytes", api.limits.max_body),
-            )
-        })?;
-    let request: Value = if cbor {
-        serde_cbor::from_slice(&bytes).map_err(|e| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_input",
-                format!("body is not valid CBOR: {e}"),
-            )
-        })?
-    } else {
-        serde_json::from_slice(&bytes).map_err(|e| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_input",
-                format!("body is not valid JSON: {e}"),
-            )
-        })?
-    };
+    let request = read_body(api, cbor, body).await?;
     let Value::Object(request) = request else {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -238,15 +310,45 @@ async fn predict_inner(api: &Api, name: &str, cbor: bool, body: Body) -> Result<
         ));
     };
     for key in request.keys() {
-        if !matches!(key.as_str(), "features" | "inputs" | "timestamp") {
+        if !matches!(
+            key.as_str(),
+            "features" | "inputs" | "timestamp" | "id" | "ids" | "explain"
+        ) {
             return Err(ApiError::invalid(
                 key.clone(),
                 format!(
-                    "unknown field `{key}` (expected `features` or `inputs`, and optionally `timestamp`)"
+                    "unknown field `{key}` (expected `features` or `inputs`, and optionally `timestamp`, `id`/`ids`, `explain`)"
                 ),
             ));
         }
     }
+    let ids: Vec<String> = match (request.get("id"), request.get("ids")) {
+        (None, None) => Vec::new(),
+        (Some(Value::String(id)), None) => vec![id.clone()],
+        (None, Some(Value::Array(ids))) => ids
+            .iter()
+            .map(|v| v.as_str().map(str::to_string))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| ApiError::invalid("ids", "`ids` must be a list of strings"))?,
+        (Some(_), None) => return Err(ApiError::invalid("id", "`id` must be a string")),
+        (None, Some(_)) => return Err(ApiError::invalid("ids", "`ids` must be a list of strings")),
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "ids",
+                "give `id` (one row) or `ids` (a batch), not both",
+            ));
+        }
+    };
+    let explain = match request.get("explain") {
+        None | Some(Value::Bool(false)) => false,
+        Some(Value::Bool(true)) => true,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "explain",
+                "`explain` must be true or false",
+            ));
+        }
+    };
     let timestamp = match request.get("timestamp") {
         None | Some(Value::Null) => None,
         Some(Value::Number(n)) => n.as_f64(),
@@ -257,9 +359,12 @@ async fn predict_inner(api: &Api, name: &str, cbor: bool, body: Body) -> Result<
             ));
         }
     };
-    let (inputs, rows) = match (request.get("features"), request.get("inputs")) {
+    let (inputs, rows, raw_rows) = match (request.get("features"), request.get("inputs")) {
         (Some(f), None) => encode_features(&model, f, api.limits.max_rows)?,
-        (None, Some(i)) => raw_inputs(&model, i)?,
+        (None, Some(i)) => {
+            let (inputs, rows) = raw_inputs(&model, i)?;
+            (inputs, rows, Vec::new())
+        }
         _ => {
             return Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
@@ -269,12 +374,25 @@ async fn predict_inner(api: &Api, name: &str, cbor: bool, body: Body) -> Result<
         }
     };
 
+    if !ids.is_empty() && ids.len() != rows {
+        return Err(
+            ApiError::invalid("ids", format!("{} ids for {rows} rows", ids.len())).rows(rows),
+        );
+    }
+    if explain && raw_rows.is_empty() {
+        return Err(ApiError::invalid(
+            "explain",
+            "explanations attribute named features; send `features`",
+        )
+        .rows(rows));
+    }
     let Ok(_admitted) = api.admitted.clone().try_acquire_owned() else {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "shed_overload",
             "the agent is at capacity; retry shortly",
-        ));
+        )
+        .rows(rows));
     };
     let _running = api.running.clone().acquire_owned().await.map_err(|_| {
         ApiError::new(
@@ -282,10 +400,33 @@ async fn predict_inner(api: &Api, name: &str, cbor: bool, body: Body) -> Result<
             "shed_overload",
             "the agent is shutting down",
         )
+        .rows(rows)
     })?;
     let backend = model.backend.clone();
+    let explainer = explain.then(|| {
+        (
+            model.schema.clone(),
+            model.inputs.clone(),
+            raw_rows.clone(),
+            model.monitor.clone(),
+        )
+    });
     let outputs = tokio::task::spawn_blocking(move || {
-        std::panic::catch_unwind(AssertUnwindSafe(|| backend.run(&inputs)))
+        std::panic::catch_unwind(AssertUnwindSafe(|| {
+            let outputs = backend.run(&inputs)?;
+            let attributions = match explainer {
+                Some((schema, specs, rows, Some(monitor))) => Some(explain::occlusion(
+                    backend.as_ref(),
+                    &schema,
+                    &specs,
+                    &rows,
+                    &outputs,
+                    monitor.baselines(),
+                )?),
+                _ => None,
+            };
+            Ok::<_, crate::runtime::RuntimeError>((outputs, attributions))
+        }))
     })
     .await
     .map_err(|_| {
@@ -294,22 +435,25 @@ async fn predict_inner(api: &Api, name: &str, cbor: bool, body: Body) -> Result<
             "backend_panic",
             "the backend worker failed",
         )
+        .rows(rows)
     })?;
-    let outputs = match outputs {
+    let (outputs, attributions) = match outputs {
         Ok(Ok(o)) => o,
         Ok(Err(e)) => {
             return Err(ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "backend_error",
                 e.to_string(),
-            ));
+            )
+            .rows(rows));
         }
         Err(_) => {
             return Err(ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "backend_panic",
                 "the backend panicked on this input; the prediction was not made",
-            ));
+            )
+            .rows(rows));
         }
     };
     let predictions: Vec<Value> = (0..rows)
@@ -322,10 +466,48 @@ async fn predict_inner(api: &Api, name: &str, cbor: bool, body: Body) -> Result<
                     json!(t.data[r * per_row..(r + 1) * per_row]),
                 );
             }
+            if let Some(a) = attributions.as_ref().and_then(|a| a.get(r)) {
+                let explanation: serde_json::Map<String, Value> = model
+                    .schema
+                    .features
+                    .iter()
+                    .zip(a)
+                    .map(|(f, v)| (f.name.clone(), json!(v)))
+                    .collect();
+                row.insert("explanation".into(), Value::Object(explanation));
+            }
             Value::Object(row)
         })
         .collect();
     let elapsed = started.elapsed().as_secs_f64();
+    let lag_seconds = timestamp.map(|ts| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        now - ts
+    });
+    if let Some(monitor) = &model.monitor {
+        let first: Vec<Vec<f32>> = outputs
+            .first()
+            .map(|t| {
+                let per_row = t.data.len() / rows.max(1);
+                t.data.chunks(per_row.max(1)).map(<[f32]>::to_vec).collect()
+            })
+            .unwrap_or_default();
+        monitor.predicted(
+            &raw_rows,
+            &first,
+            (elapsed * 1e6) as u64,
+            lag_seconds.map(|s| (s.max(0.0) * 1000.0) as u64),
+            &ids,
+        );
+        if let Some(a) = &attributions {
+            for row in a {
+                monitor.explained(row);
+            }
+        }
+    }
     let labels = [
         ("model", model.name.clone()),
         ("backend", model.backend.kind().as_str().to_string()),
@@ -340,22 +522,21 @@ async fn predict_inner(api: &Api, name: &str, cbor: bool, body: Body) -> Result<
         "backend": model.backend.kind().as_str(),
         "predictions": predictions,
     });
-    if let Some(ts) = timestamp {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0);
-        response["lag_seconds"] = json!(now - ts);
+    if let Some(lag) = lag_seconds {
+        response["lag_seconds"] = json!(lag);
+    }
+    if explain {
+        response["explanation_method"] = json!(explain::METHOD);
     }
     Ok(response)
 }
 
+/// A request's model inputs, its row count, and its raw feature rows (for monitoring
+/// and explanations).
+type Encoded = (Vec<Tensor>, usize, Vec<Vec<RawValue>>);
+
 /// Encodes named features (one object or an array of objects) into the model's inputs.
-fn encode_features(
-    model: &Served,
-    features: &Value,
-    max_rows: usize,
-) -> Result<(Vec<Tensor>, usize), ApiError> {
+fn encode_features(model: &Served, features: &Value, max_rows: usize) -> Result<Encoded, ApiError> {
     let (objects, batch): (Vec<&Value>, bool) = match features {
         Value::Array(rows) => (rows.iter().collect(), true),
         Value::Object(_) => (vec![features], false),
@@ -474,7 +655,7 @@ fn encode_features(
         raw_rows.push(row);
     }
     let inputs = schema.encode_batch(&model.inputs, &raw_rows);
-    Ok((inputs, raw_rows.len()))
+    Ok((inputs, raw_rows.len(), raw_rows))
 }
 
 /// Checks raw tensors against the model's input specs.
@@ -538,6 +719,97 @@ async fn list_models(State(api): State<Arc<Api>>) -> Response {
         .map(|m| json!({"name": m.name, "version": m.version, "backend": m.backend.kind().as_str(), "fallbacks": m.fallbacks}))
         .collect();
     respond(false, StatusCode::OK, &json!({ "models": list }))
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct MonitoringQuery {
+    limit: Option<usize>,
+}
+
+async fn monitoring(
+    State(api): State<Arc<Api>>,
+    Path(name): Path<String>,
+    Query(query): Query<MonitoringQuery>,
+) -> Response {
+    let Some(model) = api.get(&name) else {
+        return respond(
+            false,
+            StatusCode::NOT_FOUND,
+            &json!({"error": format!("no model named `{name}` is active")}),
+        );
+    };
+    let Some(monitor) = &model.monitor else {
+        return respond(
+            false,
+            StatusCode::NOT_FOUND,
+            &json!({"error": format!("model `{name}` v{} is not monitored: its bundle has no reference profile (fleetctl bundle build --reference)", model.version)}),
+        );
+    };
+    let limit = query.limit.unwrap_or(10).clamp(1, 1000);
+    respond(false, StatusCode::OK, &monitor.view(limit))
+}
+
+async fn expect(State(api): State<Arc<Api>>, headers: HeaderMap, body: Body) -> Response {
+    let cbor = is_cbor(&headers);
+    let result = async {
+        let request = read_body(&api, cbor, body).await?;
+        let Some(name) = request.get("model").and_then(Value::as_str) else {
+            return Err(ApiError::invalid("model", "`model` (the model's name) is required"));
+        };
+        let ids: Vec<String> = request
+            .get("ids")
+            .and_then(Value::as_array)
+            .and_then(|a| a.iter().map(|v| v.as_str().map(str::to_string)).collect())
+            .ok_or_else(|| ApiError::invalid("ids", "`ids` must be a list of strings"))?;
+        let now = crate::monitoring::now_ms();
+        let deadline_ms = match (request.get("deadline"), request.get("within_seconds")) {
+            (Some(d), None) => d
+                .as_f64()
+                .filter(|d| *d > 0.0)
+                .map(|d| (d * 1000.0) as u64)
+                .ok_or_else(|| ApiError::invalid("deadline", "`deadline` must be seconds since the Unix epoch"))?,
+            (None, Some(w)) => w
+                .as_f64()
+                .filter(|w| *w > 0.0)
+                .map(|w| now + (w * 1000.0) as u64)
+                .ok_or_else(|| ApiError::invalid("within_seconds", "`within_seconds` must be a positive number"))?,
+            _ => {
+                return Err(ApiError::invalid(
+                    "deadline",
+                    "give `deadline` (seconds since the epoch) or `within_seconds`",
+                ));
+            }
+        };
+        let Some(model) = api.get(name) else {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "unknown_model",
+                format!("no model named `{name}` is active"),
+            ));
+        };
+        let Some(monitor) = &model.monitor else {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "not_monitored",
+                format!("model `{name}` is not monitored: its bundle has no reference profile"),
+            ));
+        };
+        let outstanding = monitor
+            .expect(&ids, deadline_ms)
+            .map_err(|e| ApiError::new(StatusCode::TOO_MANY_REQUESTS, "invalid_input", e))?;
+        Ok(json!({"model": name, "expected": ids.len(), "outstanding": outstanding, "deadline_ms": deadline_ms}))
+    }
+    .await;
+    match result {
+        Ok(v) => respond(cbor, StatusCode::OK, &v),
+        Err(e) => {
+            let mut body = json!({ "error": e.error });
+            if let Some(f) = &e.field {
+                body["field"] = Value::String(f.clone());
+            }
+            respond(cbor, e.status, &body)
+        }
+    }
 }
 
 async fn metrics(State(api): State<Arc<Api>>) -> Response {

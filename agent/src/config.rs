@@ -11,6 +11,17 @@
 //! queue = 64
 //! max_body_bytes = 1048576
 //! control_plane = "https://fleet.example.com"   # used from the control-plane release on
+//! # monitoring: a window closes after this many predictions or seconds, whichever first
+//! window_predictions = 1000
+//! window_seconds = 300
+//! # alert thresholds (a subject alerts after `alert_windows` windows past one, recovers
+//! # after as many within all)
+//! drift_psi = 0.2
+//! drift_js = 0.1
+//! drift_chi2_p = 0.01
+//! missing_rate = 0.05
+//! lag_p95_ms = 300000
+//! alert_windows = 3
 //! ```
 
 use std::net::SocketAddr;
@@ -25,7 +36,7 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
 /// Queue length when nothing says otherwise.
 pub const DEFAULT_QUEUE: usize = 64;
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
     pub data_dir: Option<PathBuf>,
@@ -38,6 +49,14 @@ pub struct AgentConfig {
     /// Largest request body the API accepts, in bytes (default 1 MiB).
     pub max_body_bytes: Option<usize>,
     pub control_plane: Option<String>,
+    pub window_predictions: Option<u32>,
+    pub window_seconds: Option<u64>,
+    pub drift_psi: Option<f64>,
+    pub drift_js: Option<f64>,
+    pub drift_chi2_p: Option<f64>,
+    pub missing_rate: Option<f64>,
+    pub lag_p95_ms: Option<u64>,
+    pub alert_windows: Option<u8>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -99,8 +118,30 @@ impl AgentConfig {
             workers,
             queue,
             max_body_bytes,
-            control_plane
+            control_plane,
+            window_predictions,
+            window_seconds,
+            drift_psi,
+            drift_js,
+            drift_chi2_p,
+            missing_rate,
+            lag_p95_ms,
+            alert_windows
         );
         self
+    }
+
+    /// The monitoring settings this configuration sets (each overrides the bundle's).
+    pub fn monitoring(&self) -> fleetml_protocol::manifest::MonitoringPolicy {
+        fleetml_protocol::manifest::MonitoringPolicy {
+            window_predictions: self.window_predictions,
+            window_seconds: self.window_seconds,
+            drift_psi: self.drift_psi,
+            drift_js: self.drift_js,
+            drift_chi2_p: self.drift_chi2_p,
+            missing_rate: self.missing_rate,
+            lag_p95_ms: self.lag_p95_ms,
+            alert_windows: self.alert_windows,
+        }
     }
 }

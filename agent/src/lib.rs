@@ -10,8 +10,10 @@ pub mod activation;
 pub mod api;
 pub mod backend;
 pub mod config;
+pub mod explain;
 #[cfg(feature = "gpu")]
 pub mod gpu;
+pub mod monitoring;
 pub mod runtime;
 pub mod selftest;
 pub mod serve;

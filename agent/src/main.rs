@@ -61,7 +61,7 @@ enum Command {
     /// and optionally a Unix socket). Works with no network at all. SIGHUP reloads the
     /// store (after `install-bundle` or `rollback`) and swaps models without dropping a
     /// request; SIGTERM or Ctrl-C stops.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Make the previous version of a model active again (and the active one previous).
     Rollback {
         /// Model name.
@@ -94,6 +94,31 @@ struct RunArgs {
     /// Control-plane URL (used from the control-plane release on).
     #[arg(long)]
     control_plane: Option<String>,
+    /// Monitoring: close a window after this many predictions. Default: 1000.
+    #[arg(long)]
+    window_predictions: Option<u32>,
+    /// Monitoring: close a window after this many seconds. Default: 300.
+    #[arg(long)]
+    window_seconds: Option<u64>,
+    /// Alert when a feature's PSI exceeds this. Default: 0.2.
+    #[arg(long)]
+    drift_psi: Option<f64>,
+    /// Alert when a feature's Jensen–Shannon distance exceeds this. Default: 0.1.
+    #[arg(long)]
+    drift_js: Option<f64>,
+    /// Alert when a categorical feature's chi-square p-value is below this. Default: 0.01.
+    #[arg(long)]
+    drift_chi2_p: Option<f64>,
+    /// Alert when missed / (predicted + missed) exceeds this. Default: 0.05.
+    #[arg(long)]
+    missing_rate: Option<f64>,
+    /// Alert when the 95th percentile of prediction lag exceeds this. Default: 300000.
+    #[arg(long)]
+    lag_p95_ms: Option<u64>,
+    /// Windows past (or back within) a threshold before an alert is raised (or
+    /// recovered). Default: 3.
+    #[arg(long)]
+    alert_windows: Option<u8>,
 }
 
 /// Settings shared by the commands that use the store. Each can come from the config
@@ -335,6 +360,14 @@ fn fleet_agent_run(args: RunArgs) -> anyhow::Result<()> {
         queue: args.queue,
         max_body_bytes: args.max_body_bytes,
         control_plane: args.control_plane,
+        window_predictions: args.window_predictions,
+        window_seconds: args.window_seconds,
+        drift_psi: args.drift_psi,
+        drift_js: args.drift_js,
+        drift_chi2_p: args.drift_chi2_p,
+        missing_rate: args.missing_rate,
+        lag_p95_ms: args.lag_p95_ms,
+        alert_windows: args.alert_windows,
         ..AgentConfig::default()
     })?;
     let policy = trust_of(&c)?;
@@ -362,6 +395,8 @@ fn fleet_agent_run(args: RunArgs) -> anyhow::Result<()> {
             max_body: c.max_body_bytes.unwrap_or(ApiLimits::default().max_body),
             ..Default::default()
         },
+        monitoring: c.monitoring(),
+        sink: None,
     };
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -393,7 +428,7 @@ fn main() -> ExitCode {
         Command::InstallBundle { bundle, config } => install_bundle(bundle, config),
         Command::Models { config, json } => models(config, json),
         Command::Rollback { name, config } => rollback(name, config),
-        Command::Run(args) => fleet_agent_run(args),
+        Command::Run(args) => fleet_agent_run(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

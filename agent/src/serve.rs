@@ -20,6 +20,10 @@ pub struct Config {
     pub listen: std::net::SocketAddr,
     pub socket: Option<PathBuf>,
     pub limits: ApiLimits,
+    /// Monitoring settings of the agent's configuration; each overrides the bundle's.
+    pub monitoring: fleetml_protocol::manifest::MonitoringPolicy,
+    /// Where window reports are kept (opened by [`run`] in `DATA_DIR/monitoring`).
+    pub sink: Option<crate::monitoring::Sink>,
 }
 
 /// Verifies the stored bundle of `state` again and prepares it on the board's backends.
@@ -49,6 +53,7 @@ fn load(bundles: &std::path::Path, state: &ModelState, config: &Config) -> anyho
         .increment(1);
     }
     let fallbacks = selection.report();
+    let monitor = monitor_for(&path, &verified, state, config);
     Ok(Served {
         name: state.name.clone(),
         version: state.active.version,
@@ -56,7 +61,46 @@ fn load(bundles: &std::path::Path, state: &ModelState, config: &Config) -> anyho
         inputs: verified.manifest.inputs.clone(),
         backend: Arc::from(selection.backend),
         fallbacks,
+        monitor,
     })
+}
+
+/// The monitor of a stored bundle, from its reference profile; `None` (logged) when the
+/// bundle has none or it cannot be monitored.
+fn monitor_for(
+    path: &std::path::Path,
+    verified: &bundle::VerifiedBundle,
+    state: &ModelState,
+    config: &Config,
+) -> Option<Arc<crate::monitoring::ModelMonitor>> {
+    use fleetml_protocol::manifest::REFERENCE_ENTRY;
+    use fleetml_protocol::reference::ReferenceProfile;
+    verified.manifest.entry(REFERENCE_ENTRY)?;
+    let built = (|| -> anyhow::Result<crate::monitoring::ModelMonitor> {
+        let mut file = std::fs::File::open(path)?;
+        let bytes = verified.read_entry(&mut file, REFERENCE_ENTRY, 64 << 20)?;
+        let profile = ReferenceProfile::from_cbor(&bytes)?;
+        let (window, thresholds) =
+            crate::monitoring::settings(&config.monitoring, &verified.manifest.monitoring)
+                .map_err(anyhow::Error::msg)?;
+        crate::monitoring::ModelMonitor::new(
+            &state.name,
+            state.active.version,
+            &verified.manifest.features,
+            &profile,
+            window,
+            thresholds,
+            config.sink.clone(),
+        )
+        .map_err(anyhow::Error::msg)
+    })();
+    match built {
+        Ok(m) => Some(Arc::new(m)),
+        Err(e) => {
+            tracing::warn!(model = %state.name, error = %format!("{e:#}"), "not monitored");
+            None
+        }
+    }
 }
 
 /// Reads the store and swaps in every model whose active version changed.
@@ -96,7 +140,7 @@ fn announce(line: &str) {
     let _ = out.flush();
 }
 
-pub async fn run(config: Config) -> anyhow::Result<()> {
+pub async fn run(mut config: Config) -> anyhow::Result<()> {
     let _ = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
@@ -107,7 +151,26 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .install_recorder()
         .ok();
     let api = Api::new(config.limits, metrics);
+    if config.sink.is_none() {
+        let path = config.data_dir.join("monitoring");
+        match crate::monitoring::Sink::open(&path) {
+            Ok(sink) => config.sink = Some(sink),
+            Err(e) => tracing::warn!(error = %e, "monitoring windows are kept in memory only"),
+        }
+    }
     reload(&api, &config)?;
+    {
+        // Windows close by time and expected ids expire even when no request comes.
+        let api = api.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                every.tick().await;
+                let api = api.clone();
+                let _ = tokio::task::spawn_blocking(move || api.tick()).await;
+            }
+        });
+    }
     let config = Arc::new(config);
     let app = api::router(api.clone());
     // Bind every listener before saying anything: the first line printed means the
@@ -162,5 +225,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if let Some(path) = &config.socket {
         let _ = std::fs::remove_file(path);
     }
+    // Keep what the current windows saw.
+    api.flush_monitoring();
     Ok(())
 }

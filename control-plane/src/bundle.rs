@@ -42,6 +42,8 @@ pub struct BuildOptions {
     pub golden_rows: usize,
     pub lineage: Option<PathBuf>,
     pub bins: u32,
+    /// Monitoring window and thresholds for this model.
+    pub monitoring: fleetml_protocol::manifest::MonitoringPolicy,
     /// Also store a model prepared for the GPU backend, fixed to this batch size.
     pub prepare_gpu: Option<u64>,
     pub backends: Vec<String>,
@@ -270,6 +272,7 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<Built> {
         },
         min_agent_version: opts.min_agent_version.clone(),
         lineage,
+        monitoring: opts.monitoring,
     };
     manifest.validate().context("the bundle would be invalid")?;
     let manifest_bytes = manifest.to_canonical_cbor();

@@ -124,6 +124,11 @@ struct BuildArgs {
     /// Lineage (TOML): dataset, code, framework, dependencies, container, CUDA, params, seed, device.
     #[arg(long)]
     lineage: Option<PathBuf>,
+    /// Monitoring settings (TOML) for this model: `window_predictions`, `window_seconds`,
+    /// `drift_psi`, `drift_js`, `drift_chi2_p`, `missing_rate`, `lag_p95_ms`,
+    /// `alert_windows`. A device's own agent configuration overrides each it sets.
+    #[arg(long)]
+    monitoring: Option<PathBuf>,
     /// Quantile bins per numeric feature in the reference profile.
     #[arg(long, default_value_t = 10)]
     bins: u32,
@@ -220,6 +225,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 golden_rows: a.golden_rows,
                 lineage: a.lineage,
                 bins: a.bins,
+                monitoring: match &a.monitoring {
+                    Some(p) => {
+                        let text = std::fs::read_to_string(p)
+                            .with_context(|| format!("reading {}", p.display()))?;
+                        fleetml_protocol::manifest::MonitoringPolicy::from_toml(&text).map_err(
+                            |e| anyhow::anyhow!("monitoring settings {}: {e}", p.display()),
+                        )?
+                    }
+                    None => Default::default(),
+                },
                 prepare_gpu: a.prepare.iter().any(|p| p == "gpu").then_some(a.gpu_batch),
                 backends: if a.backends.is_empty() {
                     let mut b = vec!["cpu".to_string()];

@@ -118,23 +118,29 @@ impl fmt::Display for Outcome {
     }
 }
 
-/// Runs `case` on a separate thread, giving up after `timeout` (the thread is left to
-/// finish on its own: tract offers no cancellation).
-pub fn run_with_timeout(case: &Case, timeout: Duration) -> Outcome {
+/// Runs `case` with `runner` ([`run`] or `run_gpu`) on a separate thread, giving up
+/// after `timeout` (the thread is left to finish on its own: backends offer no
+/// cancellation).
+pub fn run_with_timeout(case: &Case, timeout: Duration, runner: fn(&Case) -> Outcome) -> Outcome {
     let (tx, rx) = mpsc::channel();
     let owned = case.clone();
     std::thread::spawn(move || {
-        let _ = tx.send(run(&owned));
+        let _ = tx.send(runner(&owned));
     });
     rx.recv_timeout(timeout).unwrap_or(Outcome::Timeout)
 }
 
 /// Runs every data set of `case` through tract.
 pub fn run(case: &Case) -> Outcome {
+    contained(case, run_inner)
+}
+
+/// Runs `inner` on a tensor-only `case`, a panic becoming [`Outcome::Panic`].
+fn contained(case: &Case, inner: fn(&Case) -> Outcome) -> Outcome {
     if case.values != "tensor" {
         return Outcome::Skipped(format!("uses {} values", case.values));
     }
-    match std::panic::catch_unwind(|| run_inner(case)) {
+    match std::panic::catch_unwind(|| inner(case)) {
         Ok(outcome) => outcome,
         Err(payload) => Outcome::Panic(
             payload
@@ -144,6 +150,23 @@ pub fn run(case: &Case) -> Outcome {
                 .unwrap_or_default(),
         ),
     }
+}
+
+/// The `test_data_set_*` directories of a case, in order.
+fn data_sets(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut sets: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with("test_data_set_"))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    sets.sort();
+    sets
 }
 
 fn one_line(e: &TractError) -> String {
@@ -161,17 +184,7 @@ fn run_inner(case: &Case) -> Outcome {
         Ok(p) => p,
         Err(e) => return Outcome::Unsupported(format!("reading model: {e}")),
     };
-    let mut sets: Vec<PathBuf> = match std::fs::read_dir(&case.dir) {
-        Ok(entries) => entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with("test_data_set_"))
-            })
-            .collect(),
-        Err(e) => return Outcome::Unsupported(e.to_string()),
-    };
-    sets.sort();
+    let sets = data_sets(&case.dir);
     if sets.is_empty() {
         return Outcome::Skipped("no test data set".into());
     }
@@ -290,4 +303,112 @@ pub fn compare(got: &Tensor, want: &Tensor, rtol: f64, atol: f64) -> Result<(), 
         return Err("values differ".into());
     }
     Ok(())
+}
+
+/// Runs every data set of `case` through the GPU backend (wonnx): the model is prepared
+/// with the data set's input shapes (`fleetml_inference::prepare`), compiled by wonnx on
+/// the adapter `fleet_agent::gpu::probe` found, and run. Only f32 inputs are fed (the
+/// backend's contract); other cases are skipped.
+#[cfg(feature = "gpu")]
+pub fn run_gpu(case: &Case) -> Outcome {
+    contained(case, run_gpu_inner)
+}
+
+#[cfg(feature = "gpu")]
+fn run_gpu_inner(case: &Case) -> Outcome {
+    use fleet_agent::backend::Backend;
+    use fleetml_protocol::golden::Tensor as F32Tensor;
+    use fleetml_protocol::manifest::{DType, Dim, TensorSpec};
+
+    let onnx = match std::fs::read(case.dir.join("model.onnx")) {
+        Ok(b) => b,
+        Err(e) => return Outcome::Unsupported(format!("reading model: {e}")),
+    };
+    let Ok(proto) = pb::ModelProto::decode(&onnx[..]) else {
+        return Outcome::Unsupported("not a valid ONNX protobuf".into());
+    };
+    let graph = proto.graph.unwrap_or_default();
+    let initializers: std::collections::HashSet<&str> =
+        graph.initializer.iter().map(|t| t.name.as_str()).collect();
+    let input_names: Vec<&str> = graph
+        .input
+        .iter()
+        .map(|i| i.name.as_str())
+        .filter(|n| !initializers.contains(n))
+        .collect();
+    let sets = data_sets(&case.dir);
+    if sets.is_empty() {
+        return Outcome::Skipped("no test data set".into());
+    }
+    for set in sets {
+        let (inputs, expected) = match (load_tensors(&set, "input"), load_tensors(&set, "output")) {
+            (Ok(i), Ok(o)) => (i, o),
+            (Err(e), _) | (_, Err(e)) => return Outcome::Skipped(format!("data: {e}")),
+        };
+        if inputs.len() != input_names.len() {
+            return Outcome::Skipped("optional inputs left out".into());
+        }
+        let mut specs = Vec::new();
+        let mut feed = Vec::new();
+        for (name, t) in input_names.iter().zip(&inputs) {
+            if t.datum_type() != DatumType::F32 {
+                return Outcome::Skipped(format!(
+                    "input `{name}` is {:?}, not f32",
+                    t.datum_type()
+                ));
+            }
+            let shape: Vec<u64> = t.shape().iter().map(|d| *d as u64).collect();
+            specs.push(TensorSpec {
+                name: name.to_string(),
+                dtype: DType::F32,
+                shape: shape.iter().map(|d| Dim::Fixed(*d)).collect(),
+            });
+            let data = match t.to_plain_array_view::<f32>() {
+                Ok(v) => v.iter().copied().collect(),
+                Err(e) => return Outcome::Skipped(one_line(&e)),
+            };
+            feed.push(F32Tensor {
+                name: name.to_string(),
+                shape,
+                data,
+            });
+        }
+        let batch = feed
+            .first()
+            .and_then(|t| t.shape.first().copied())
+            .unwrap_or(1);
+        let prepared = match fleetml_inference::prepare::prepare_gpu(&onnx, &specs, batch) {
+            Ok(p) => p,
+            Err(e) => return Outcome::Unsupported(format!("preparation: {e}")),
+        };
+        if !prepared.report.is_compatible() {
+            return Outcome::Unsupported(prepared.report.summary());
+        }
+        let model = match fleet_agent::gpu::GpuModel::load(&onnx, Some(&prepared.onnx), &specs) {
+            Ok(m) => m,
+            Err(e) => return Outcome::Unsupported(e),
+        };
+        let outputs = match model.run(&feed) {
+            Ok(o) => o,
+            Err(e) => return Outcome::RunError(e.to_string()),
+        };
+        if outputs.len() != expected.len() {
+            return Outcome::Mismatch(format!(
+                "{} outputs, expected {}",
+                outputs.len(),
+                expected.len()
+            ));
+        }
+        for (i, (got, want)) in outputs.iter().zip(&expected).enumerate() {
+            let shape: Vec<usize> = got.shape.iter().map(|d| *d as usize).collect();
+            let got = match Tensor::from_shape(&shape, &got.data) {
+                Ok(t) => t,
+                Err(e) => return Outcome::Mismatch(format!("output {i}: {}", one_line(&e))),
+            };
+            if let Err(e) = compare(&got, want, case.rtol, case.atol) {
+                return Outcome::Mismatch(format!("output {i}: {e}"));
+            }
+        }
+    }
+    Outcome::Pass
 }

@@ -395,6 +395,24 @@ impl RunningAgent {
     }
 }
 
+impl RunningAgent {
+    /// `fleet-agent run` on the store in `dir/data` with `dir/trust.toml`, on any free
+    /// loopback port, plus `extra` flags.
+    pub fn serve_store(dir: &Path, extra: &[&str]) -> RunningAgent {
+        let mut args = vec![
+            "run",
+            "--data-dir",
+            "data",
+            "--trust",
+            "trust.toml",
+            "--listen",
+            "127.0.0.1:0",
+        ];
+        args.extend_from_slice(extra);
+        RunningAgent::start(dir, &args)
+    }
+}
+
 impl Drop for RunningAgent {
     fn drop(&mut self) {
         let _ = self.child.kill();

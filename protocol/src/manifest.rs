@@ -53,6 +53,73 @@ pub struct Manifest {
     /// The oldest agent release that can run this bundle (`MAJOR.MINOR.PATCH`).
     pub min_agent_version: String,
     pub lineage: Lineage,
+    /// Monitoring window and alert thresholds chosen for this model (the agent's own
+    /// configuration overrides each one it sets).
+    #[serde(default, skip_serializing_if = "MonitoringPolicy::is_empty")]
+    pub monitoring: MonitoringPolicy,
+}
+
+/// Monitoring settings a bundle may carry (`fleetctl bundle build --monitoring FILE`):
+/// the same keys as the agent's configuration.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MonitoringPolicy {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_predictions: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_seconds: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift_psi: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift_js: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift_chi2_p: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub missing_rate: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag_p95_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alert_windows: Option<u8>,
+}
+
+impl MonitoringPolicy {
+    pub fn is_empty(&self) -> bool {
+        *self == MonitoringPolicy::default()
+    }
+
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        let policy: MonitoringPolicy = toml::from_str(text).map_err(|e| e.message().to_string())?;
+        policy.validate().map_err(|e| e.to_string())?;
+        Ok(policy)
+    }
+
+    /// Every setting given is in range: thresholds finite and positive (p-value and rates
+    /// below 1), windows at least 1.
+    pub fn validate(&self) -> Result<(), ManifestError> {
+        let bad = |key: &'static str| Err(ManifestError::BadMonitoring(key));
+        for (key, v, below_one) in [
+            ("drift_psi", self.drift_psi, false),
+            ("drift_js", self.drift_js, true),
+            ("drift_chi2_p", self.drift_chi2_p, true),
+            ("missing_rate", self.missing_rate, true),
+        ] {
+            if let Some(v) = v
+                && (!v.is_finite() || v <= 0.0 || (below_one && v >= 1.0))
+            {
+                return bad(key);
+            }
+        }
+        if self.window_predictions == Some(0) {
+            return bad("window_predictions");
+        }
+        if self.window_seconds == Some(0) {
+            return bad("window_seconds");
+        }
+        if self.alert_windows == Some(0) {
+            return bad("alert_windows");
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -277,6 +344,8 @@ impl Lineage {
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ManifestError {
+    #[error("monitoring setting `{0}` is out of range")]
+    BadMonitoring(&'static str),
     #[error("manifest format {0} is not supported (this build reads format {MANIFEST_FORMAT})")]
     UnsupportedFormat(u32),
     #[error("model name `{0}` is invalid: use 1-64 letters, digits, `_`, `-` or `.`")]
@@ -391,6 +460,7 @@ impl Manifest {
             ));
         }
         self.lineage.validate()?;
+        self.monitoring.validate()?;
         self.features.check_against(&self.inputs)?;
         Ok(())
     }

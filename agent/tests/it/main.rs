@@ -100,6 +100,7 @@ fn manifest(payloads: &[(&str, Vec<u8>)]) -> Manifest {
         targets: Targets::default(),
         min_agent_version: "0.1.0".into(),
         lineage: Lineage::default(),
+        monitoring: Default::default(),
     }
 }
 
@@ -508,4 +509,37 @@ fn config_files_resolve_relative_paths_refuse_unknown_keys_and_yield_to_flags() 
         AgentConfig::load(&dir.path().join("missing.toml")),
         Err(ConfigError::Read { .. })
     ));
+}
+
+#[test]
+fn monitoring_settings_take_the_agent_then_the_bundle_then_the_default() {
+    use fleet_agent::monitoring::settings;
+    use fleetml_protocol::manifest::MonitoringPolicy;
+    let agent = MonitoringPolicy {
+        drift_psi: Some(0.3),
+        window_seconds: Some(60),
+        ..Default::default()
+    };
+    let bundle = MonitoringPolicy {
+        drift_psi: Some(0.25),
+        drift_js: Some(0.2),
+        window_predictions: Some(50),
+        ..Default::default()
+    };
+    let (window, t) = settings(&agent, &bundle).expect("valid");
+    assert_eq!(t.psi, 0.3, "the agent wins");
+    assert_eq!(t.js, 0.2, "then the bundle");
+    assert_eq!(t.chi2_p, 0.01, "then the default");
+    assert_eq!(window.max_predictions, 50);
+    assert_eq!(window.max_duration_ms, 60_000);
+    assert_eq!(t.min_predictions, 50, "a small window still moves alerts");
+    let bad = MonitoringPolicy {
+        drift_chi2_p: Some(1.5),
+        ..Default::default()
+    };
+    assert_eq!(
+        settings(&bad, &bundle).expect_err("out of range"),
+        "agent configuration: monitoring setting `drift_chi2_p` is out of range"
+    );
+    assert!(MonitoringPolicy::from_toml("drift_psi = 0.3\nbogus = 1\n").is_err());
 }

@@ -25,6 +25,7 @@ fn options(dir: &Path) -> bundle::BuildOptions {
         lineage: Some(claims("lineage.toml")),
         bins: 10,
         prepare_gpu: None,
+        monitoring: Default::default(),
         backends: vec!["cpu".into()],
         boards: vec![],
         min_agent_version: "0.1.0".into(),

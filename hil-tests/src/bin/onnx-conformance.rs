@@ -1,8 +1,11 @@
 //! Runs the ONNX backend test cases through tract and reports every case.
 //!
 //! ```text
-//! onnx-conformance [--cases DIR] [--report FILE.tsv] [--pass-list FILE] [--timeout-s N]
+//! onnx-conformance [--backend cpu|gpu] [--cases DIR] [--report FILE.tsv] [--pass-list FILE] [--timeout-s N]
 //! ```
+//!
+//! `--backend gpu` needs a build with `--features gpu` (and an adapter; set
+//! FLEETML_GPU_ALLOW_SOFTWARE=1 to accept a software one such as llvmpipe).
 //!
 //! Without `--cases`, the cases are generated into a temporary directory from the pip
 //! `onnx` package of `$FLEETML_PYTHON` (default /var/tmp/fleetml-venv/bin/python) with
@@ -29,10 +32,12 @@ fn run() -> Result<(), String> {
     let mut report = None;
     let mut pass_list = None;
     let mut timeout = Duration::from_secs(30);
+    let mut backend = "cpu".to_string();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || args.next().ok_or(format!("{arg} needs a value"));
         match arg.as_str() {
+            "--backend" => backend = value()?,
             "--cases" => cases_dir = Some(PathBuf::from(value()?)),
             "--report" => report = Some(PathBuf::from(value()?)),
             "--pass-list" => pass_list = Some(PathBuf::from(value()?)),
@@ -42,13 +47,30 @@ fn run() -> Result<(), String> {
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: onnx-conformance [--cases DIR] [--report FILE.tsv] [--pass-list FILE] [--timeout-s N]"
+                    "usage: onnx-conformance [--backend cpu|gpu] [--cases DIR] [--report FILE.tsv] [--pass-list FILE] [--timeout-s N]"
                 );
                 return Ok(());
             }
             other => return Err(format!("unknown argument `{other}` (see --help)")),
         }
     }
+    let run_case: fn(&conformance::Case) -> Outcome = match backend.as_str() {
+        "cpu" => conformance::run,
+        #[cfg(feature = "gpu")]
+        "gpu" => {
+            if let Err(reason) = fleet_agent::gpu::probe() {
+                return Err(format!("gpu backend: {reason}"));
+            }
+            conformance::run_gpu
+        }
+        #[cfg(not(feature = "gpu"))]
+        "gpu" => {
+            return Err(
+                "this build has no GPU backend: cargo build -p hil-tests --features gpu".into(),
+            );
+        }
+        other => return Err(format!("unknown backend `{other}` (cpu or gpu)")),
+    };
     let _generated;
     let dir = match cases_dir {
         Some(d) => d,
@@ -66,7 +88,7 @@ fn run() -> Result<(), String> {
     let mut rows = Vec::with_capacity(cases.len());
     let mut counts: BTreeMap<(String, &'static str), usize> = BTreeMap::new();
     for case in &cases {
-        let outcome = conformance::run_with_timeout(case, timeout);
+        let outcome = conformance::run_with_timeout(case, timeout, run_case);
         *counts
             .entry((case.kind.clone(), outcome.label()))
             .or_default() += 1;

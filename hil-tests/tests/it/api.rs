@@ -12,17 +12,7 @@ struct Agent;
 
 impl Agent {
     fn start(dir: &Path, extra: &[&str]) -> RunningAgent {
-        let mut args = vec![
-            "run",
-            "--data-dir",
-            "data",
-            "--trust",
-            "trust.toml",
-            "--listen",
-            "127.0.0.1:0",
-        ];
-        args.extend_from_slice(extra);
-        RunningAgent::start(dir, &args)
+        RunningAgent::serve_store(dir, extra)
     }
 }
 

@@ -5,5 +5,6 @@ mod architecture;
 mod bundle_cli;
 mod conformance;
 mod demo;
+mod monitoring;
 mod peers;
 mod store_crash;

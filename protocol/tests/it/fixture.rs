@@ -92,6 +92,7 @@ pub fn manifest(payloads: &[(&str, Vec<u8>)]) -> Manifest {
             seed: Some(7),
             ..Default::default()
         },
+        monitoring: Default::default(),
     }
 }
 

@@ -1,0 +1,701 @@
+//! `fleetml-monitor`: the statistics the agent keeps about every prediction, in fixed
+//! memory and without allocating — `#![no_std]`, `heapless` containers sized at compile
+//! time — so the same core could run on a microcontroller.
+//!
+//! A [`Monitor`] watches one model. Per window (closed after `max_predictions`
+//! predictions or `max_duration_ms`, whichever comes first) it counts, per feature, the
+//! values falling in each reference bin, missing values, values outside the reference
+//! range and unseen categories; the predictions' class (or score) bins; predictions that
+//! were never made, by reason; latency and lag histograms; outages. Closing a window
+//! computes PSI, KS, JS and chi-square against the reference ([`stats`]), updates alerts
+//! with hysteresis, and returns a [`WindowReport`].
+//!
+//! Memory: [`Monitor`] is a fixed-size value (`core::mem::size_of::<Monitor>()`, about
+//! 36 KiB with the default capacities), of which each feature slot takes
+//! `FEATURE_BYTES` ≈ 0.66 KiB (reference edges and proportions, counts, alert state).
+
+#![no_std]
+
+pub mod histogram;
+pub mod stats;
+
+use heapless::Vec;
+
+pub use histogram::Histogram;
+
+/// Features one monitor can watch.
+pub const MAX_FEATURES: usize = 48;
+/// Bins per feature: numeric quantile bins, or categories plus "other".
+pub const MAX_BINS: usize = 24;
+/// Outages kept per window.
+pub const MAX_OUTAGES: usize = 8;
+/// Bytes one feature slot takes (reference + window state + alert state).
+pub const FEATURE_BYTES: usize = core::mem::size_of::<Reference>()
+    + core::mem::size_of::<FeatureState>()
+    + core::mem::size_of::<Alert>();
+
+/// What a feature's values are compared as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Numeric,
+    Categorical,
+}
+
+/// A reference distribution: bin edges (numeric) and the proportion in each bin.
+#[derive(Debug, Clone)]
+pub struct Reference {
+    kind: Kind,
+    /// Interior edges; bin `i` holds `(edges[i-1], edges[i]]`.
+    edges: Vec<f64, MAX_BINS>,
+    /// Proportion of the reference in each bin (sums to 1).
+    q: Vec<f64, MAX_BINS>,
+    min: f64,
+    max: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReferenceError {
+    /// More bins than [`MAX_BINS`].
+    TooManyBins(usize),
+    /// `counts` must have one more entry than `edges`.
+    Shape,
+    /// No reference observations at all.
+    Empty,
+    /// More features than [`MAX_FEATURES`].
+    TooManyFeatures(usize),
+}
+
+impl core::fmt::Display for ReferenceError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            ReferenceError::TooManyBins(n) => {
+                write!(f, "{n} bins; the monitoring core holds at most {MAX_BINS}")
+            }
+            ReferenceError::Shape => f.write_str("bin counts do not match the bin edges"),
+            ReferenceError::Empty => f.write_str("the reference has no observations"),
+            ReferenceError::TooManyFeatures(n) => write!(
+                f,
+                "{n} features; the monitoring core holds at most {MAX_FEATURES}"
+            ),
+        }
+    }
+}
+
+impl Reference {
+    /// A numeric reference: `counts[i]` values in `(edges[i-1], edges[i]]`, observed
+    /// range `[min, max]`.
+    pub fn numeric(
+        edges: &[f64],
+        counts: &[u64],
+        min: f64,
+        max: f64,
+    ) -> Result<Reference, ReferenceError> {
+        if counts.len() != edges.len() + 1 {
+            return Err(ReferenceError::Shape);
+        }
+        Ok(Reference {
+            kind: Kind::Numeric,
+            edges: Vec::from_slice(edges).map_err(|_| ReferenceError::TooManyBins(counts.len()))?,
+            q: proportions(counts)?,
+            min,
+            max,
+        })
+    }
+
+    /// A categorical reference: `counts` per category, the last entry being "other".
+    pub fn categorical(counts: &[u64]) -> Result<Reference, ReferenceError> {
+        if counts.is_empty() {
+            return Err(ReferenceError::Shape);
+        }
+        Ok(Reference {
+            kind: Kind::Categorical,
+            edges: Vec::new(),
+            q: proportions(counts)?,
+            min: f64::NEG_INFINITY,
+            max: f64::INFINITY,
+        })
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    pub fn bins(&self) -> usize {
+        self.q.len()
+    }
+
+    pub fn proportions(&self) -> &[f64] {
+        &self.q
+    }
+
+    /// The bin of a numeric value: the number of edges strictly below it.
+    pub fn bin(&self, value: f64) -> usize {
+        self.edges.partition_point(|e| *e < value)
+    }
+}
+
+fn proportions(counts: &[u64]) -> Result<Vec<f64, MAX_BINS>, ReferenceError> {
+    let n: u64 = counts.iter().sum();
+    if n == 0 {
+        return Err(ReferenceError::Empty);
+    }
+    let mut q = Vec::new();
+    for &c in counts {
+        q.push(c as f64 / n as f64)
+            .map_err(|_| ReferenceError::TooManyBins(counts.len()))?;
+    }
+    Ok(q)
+}
+
+/// One feature value of one prediction, as the monitor sees it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Observation {
+    /// A numeric value (NaN counts as missing).
+    Number(f64),
+    /// A known category, by its index in the schema's list.
+    Category(usize),
+    /// A category the schema does not list (counted in "other").
+    Unseen,
+    /// No value.
+    Missing,
+}
+
+/// Why an input got no prediction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MissReason {
+    InvalidInput = 0,
+    ModelNotLoaded = 1,
+    BackendError = 2,
+    BackendPanic = 3,
+    Timeout = 4,
+    Shed = 5,
+    /// Declared as expected (`POST /v1/expect`) and not predicted by its deadline.
+    ExpectedNotPredicted = 6,
+}
+
+pub const MISS_REASONS: usize = 7;
+
+impl MissReason {
+    pub const ALL: [MissReason; MISS_REASONS] = [
+        MissReason::InvalidInput,
+        MissReason::ModelNotLoaded,
+        MissReason::BackendError,
+        MissReason::BackendPanic,
+        MissReason::Timeout,
+        MissReason::Shed,
+        MissReason::ExpectedNotPredicted,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MissReason::InvalidInput => "invalid_input",
+            MissReason::ModelNotLoaded => "model_not_loaded",
+            MissReason::BackendError => "backend_error",
+            MissReason::BackendPanic => "backend_panic",
+            MissReason::Timeout => "timeout",
+            MissReason::Shed => "shed",
+            MissReason::ExpectedNotPredicted => "expected_not_predicted",
+        }
+    }
+}
+
+/// When a window closes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowConfig {
+    pub max_predictions: u32,
+    pub max_duration_ms: u64,
+}
+
+impl Default for WindowConfig {
+    fn default() -> Self {
+        WindowConfig {
+            max_predictions: 1000,
+            max_duration_ms: 300_000,
+        }
+    }
+}
+
+/// Alert thresholds; a subject alerts after `windows` consecutive windows past a
+/// threshold and recovers after `windows` consecutive windows within all of them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Thresholds {
+    pub psi: f64,
+    pub js: f64,
+    /// Categorical features and class predictions: drifting when the chi-square p-value
+    /// is below this.
+    pub chi2_p: f64,
+    /// Missed predictions / (predictions + missed).
+    pub missing_rate: f64,
+    /// 95th percentile of the prediction lag.
+    pub lag_p95_ms: u64,
+    /// Windows with fewer predictions than this are reported but do not move alerts.
+    pub min_predictions: u32,
+    pub windows: u8,
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Thresholds {
+            psi: 0.2,
+            js: 0.1,
+            chi2_p: 0.01,
+            missing_rate: 0.05,
+            lag_p95_ms: 300_000,
+            min_predictions: 100,
+            windows: 3,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct FeatureState {
+    counts: [u32; MAX_BINS],
+    missing: u32,
+    out_of_range: u32,
+    unseen: u32,
+    attribution_sum: f64,
+    attributions: u32,
+}
+
+impl Default for FeatureState {
+    fn default() -> Self {
+        FeatureState {
+            counts: [0; MAX_BINS],
+            missing: 0,
+            out_of_range: 0,
+            unseen: 0,
+            attribution_sum: 0.0,
+            attributions: 0,
+        }
+    }
+}
+
+impl FeatureState {
+    fn observe(&mut self, reference: &Reference, value: Observation) {
+        let last = reference.bins() - 1;
+        match (reference.kind, value) {
+            (_, Observation::Missing) => self.missing += 1,
+            (_, Observation::Number(v)) if v.is_nan() => self.missing += 1,
+            (Kind::Numeric, Observation::Number(v)) => {
+                if v < reference.min || v > reference.max {
+                    self.out_of_range += 1;
+                }
+                self.counts[reference.bin(v)] += 1;
+            }
+            (Kind::Categorical, Observation::Category(i)) if i < last => self.counts[i] += 1,
+            (Kind::Categorical, Observation::Number(v)) if v >= 0.0 && (v as usize) < last => {
+                self.counts[v as usize] += 1
+            }
+            (Kind::Categorical, _) | (Kind::Numeric, _) => {
+                self.unseen += 1;
+                self.counts[last] += 1;
+            }
+        }
+    }
+
+    fn report(&self, reference: &Reference, predictions: u32) -> FeatureReport {
+        let counts = &self.counts[..reference.bins()];
+        let q = reference.proportions();
+        let rate = |k: u32| {
+            if predictions == 0 {
+                0.0
+            } else {
+                k as f64 / predictions as f64
+            }
+        };
+        FeatureReport {
+            values: counts.iter().sum(),
+            missing_rate: rate(self.missing),
+            out_of_range_rate: rate(self.out_of_range),
+            unseen_rate: rate(self.unseen),
+            psi: stats::psi(counts, q),
+            ks: stats::ks(counts, q),
+            js: stats::js(counts, q),
+            chi2_p: match reference.kind {
+                Kind::Categorical => stats::chi_square(counts, q).map(|(_, p)| p),
+                Kind::Numeric => None,
+            },
+            usefulness: (self.attributions > 0)
+                .then(|| self.attribution_sum / self.attributions as f64),
+            drifting: false,
+        }
+    }
+}
+
+/// Drift of one feature (or of the predictions) in one window.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FeatureReport {
+    /// Values binned (not missing).
+    pub values: u32,
+    pub missing_rate: f64,
+    /// Outside the reference's observed `[min, max]`.
+    pub out_of_range_rate: f64,
+    pub unseen_rate: f64,
+    pub psi: f64,
+    pub ks: f64,
+    pub js: f64,
+    /// Categorical only.
+    pub chi2_p: Option<f64>,
+    /// Mean |attribution| over the window's explained predictions.
+    pub usefulness: Option<f64>,
+    /// The alert state after this window.
+    pub drifting: bool,
+}
+
+impl FeatureReport {
+    fn past(&self, t: &Thresholds) -> bool {
+        self.psi > t.psi || self.js > t.js || self.chi2_p.is_some_and(|p| p < t.chi2_p)
+    }
+}
+
+/// p50, p95 and p99 of a histogram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Quantiles {
+    pub p50: Option<u64>,
+    pub p95: Option<u64>,
+    pub p99: Option<u64>,
+}
+
+impl Quantiles {
+    fn of(h: &Histogram) -> Quantiles {
+        Quantiles {
+            p50: h.quantile(0.50),
+            p95: h.quantile(0.95),
+            p99: h.quantile(0.99),
+        }
+    }
+}
+
+/// A stretch in which inputs arrived (or were expected) and none got a prediction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outage {
+    pub start_ms: u64,
+    /// `None` while it lasts.
+    pub end_ms: Option<u64>,
+    pub missed: u32,
+}
+
+/// What an alert is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subject {
+    /// A feature, by its index.
+    Feature(usize),
+    Prediction,
+    MissingPredictions,
+    Lag,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    Raised,
+    Recovered,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AlertEvent {
+    pub subject: Subject,
+    pub transition: Transition,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Alert {
+    active: bool,
+    streak: u8,
+}
+
+impl Alert {
+    /// Feeds one window's verdict; returns a transition when the state flips.
+    fn update(&mut self, past: bool, windows: u8) -> Option<Transition> {
+        if past != self.active {
+            self.streak = self.streak.saturating_add(1);
+        } else {
+            self.streak = 0;
+        }
+        if self.streak >= windows.max(1) {
+            self.active = past;
+            self.streak = 0;
+            return Some(if past {
+                Transition::Raised
+            } else {
+                Transition::Recovered
+            });
+        }
+        None
+    }
+}
+
+/// Everything a closed window says.
+#[derive(Debug, Clone)]
+pub struct WindowReport {
+    /// Windows closed before this one.
+    pub seq: u64,
+    pub start_ms: u64,
+    pub end_ms: u64,
+    pub predictions: u32,
+    pub features: Vec<FeatureReport, MAX_FEATURES>,
+    pub prediction: Option<FeatureReport>,
+    pub missed: [u32; MISS_REASONS],
+    pub latency_us: Quantiles,
+    pub lag_ms: Quantiles,
+    pub outages: Vec<Outage, MAX_OUTAGES>,
+    /// Outages beyond [`MAX_OUTAGES`] in this window (counted, not listed).
+    pub outages_dropped: u32,
+    pub events: Vec<AlertEvent, { MAX_FEATURES + 3 }>,
+    /// Subjects alerting after this window.
+    pub missing_alert: bool,
+    pub lag_alert: bool,
+}
+
+impl WindowReport {
+    pub fn missed_total(&self) -> u32 {
+        self.missed.iter().sum()
+    }
+
+    /// Missed / (predictions + missed).
+    pub fn missing_prediction_rate(&self) -> f64 {
+        let missed = self.missed_total();
+        let all = self.predictions + missed;
+        if all == 0 {
+            0.0
+        } else {
+            missed as f64 / all as f64
+        }
+    }
+}
+
+/// The monitor of one model.
+#[derive(Debug, Clone)]
+pub struct Monitor {
+    references: Vec<Reference, MAX_FEATURES>,
+    states: Vec<FeatureState, MAX_FEATURES>,
+    alerts: Vec<Alert, MAX_FEATURES>,
+    prediction: Option<(Reference, FeatureState, Alert)>,
+    missing_alert: Alert,
+    lag_alert: Alert,
+    config: WindowConfig,
+    thresholds: Thresholds,
+    seq: u64,
+    start_ms: Option<u64>,
+    predictions: u32,
+    missed: [u32; MISS_REASONS],
+    latency_us: Histogram,
+    lag_ms: Histogram,
+    outages: Vec<Outage, MAX_OUTAGES>,
+    outages_dropped: u32,
+    /// The outage in progress, if inputs are being missed since the last prediction.
+    open_outage: Option<Outage>,
+}
+
+impl Monitor {
+    /// A monitor for features with these references and, optionally, the prediction
+    /// distribution's reference.
+    pub fn new(
+        features: &[Reference],
+        prediction: Option<Reference>,
+        config: WindowConfig,
+        thresholds: Thresholds,
+    ) -> Result<Monitor, ReferenceError> {
+        let too_many = ReferenceError::TooManyFeatures(features.len());
+        let mut states = Vec::new();
+        let mut alerts = Vec::new();
+        for _ in features {
+            states.push(FeatureState::default()).map_err(|_| too_many)?;
+            alerts.push(Alert::default()).map_err(|_| too_many)?;
+        }
+        Ok(Monitor {
+            references: Vec::from_slice(features).map_err(|_| too_many)?,
+            states,
+            alerts,
+            prediction: prediction.map(|r| (r, FeatureState::default(), Alert::default())),
+            missing_alert: Alert::default(),
+            lag_alert: Alert::default(),
+            config,
+            thresholds,
+            seq: 0,
+            start_ms: None,
+            predictions: 0,
+            missed: [0; MISS_REASONS],
+            latency_us: Histogram::default(),
+            lag_ms: Histogram::default(),
+            outages: Vec::new(),
+            outages_dropped: 0,
+            open_outage: None,
+        })
+    }
+
+    pub fn features(&self) -> usize {
+        self.references.len()
+    }
+
+    pub fn thresholds(&self) -> &Thresholds {
+        &self.thresholds
+    }
+
+    /// Records one prediction: its feature values (in reference order; extra values are
+    /// ignored, absent ones count as missing), the predicted class (or score) as an
+    /// observation of the prediction reference, its latency and, when the event carried
+    /// a timestamp, its lag. Returns the window's report if this closed it.
+    pub fn observe(
+        &mut self,
+        now_ms: u64,
+        values: &[Observation],
+        prediction: Option<Observation>,
+        latency_us: u64,
+        lag_ms: Option<u64>,
+    ) -> Option<WindowReport> {
+        self.start_ms.get_or_insert(now_ms);
+        for (i, (reference, state)) in self.references.iter().zip(&mut self.states).enumerate() {
+            state.observe(
+                reference,
+                values.get(i).copied().unwrap_or(Observation::Missing),
+            );
+        }
+        if let (Some((reference, state, _)), Some(p)) = (&mut self.prediction, prediction) {
+            state.observe(reference, p);
+        }
+        self.predictions += 1;
+        self.latency_us.record(latency_us);
+        if let Some(lag) = lag_ms {
+            self.lag_ms.record(lag);
+        }
+        if let Some(mut outage) = self.open_outage.take() {
+            outage.end_ms = Some(now_ms);
+            self.keep_outage(outage);
+        }
+        if self.predictions >= self.config.max_predictions {
+            return Some(self.close(now_ms));
+        }
+        None
+    }
+
+    /// Records `count` inputs that got no prediction.
+    pub fn missed(&mut self, now_ms: u64, reason: MissReason, count: u32) {
+        self.start_ms.get_or_insert(now_ms);
+        self.missed[reason as usize] = self.missed[reason as usize].saturating_add(count);
+        let outage = self.open_outage.get_or_insert(Outage {
+            start_ms: now_ms,
+            end_ms: None,
+            missed: 0,
+        });
+        outage.missed = outage.missed.saturating_add(count);
+    }
+
+    /// Adds one explained prediction's attributions (per feature, reference order) to the
+    /// window's feature-usefulness summary.
+    pub fn attributions(&mut self, attributions: &[f64]) {
+        for (state, a) in self.states.iter_mut().zip(attributions) {
+            if a.is_finite() {
+                state.attribution_sum += libm::fabs(*a);
+                state.attributions += 1;
+            }
+        }
+    }
+
+    /// Closes the window if it has lasted `max_duration_ms` and saw anything.
+    pub fn tick(&mut self, now_ms: u64) -> Option<WindowReport> {
+        let start = self.start_ms?;
+        if now_ms.saturating_sub(start) >= self.config.max_duration_ms {
+            return Some(self.close(now_ms));
+        }
+        None
+    }
+
+    fn keep_outage(&mut self, outage: Outage) {
+        if self.outages.push(outage).is_err() {
+            self.outages_dropped += 1;
+        }
+    }
+
+    /// Closes the window now and returns its report.
+    pub fn close(&mut self, now_ms: u64) -> WindowReport {
+        let t = self.thresholds;
+        let counted = self.predictions >= t.min_predictions;
+        let mut events = Vec::new();
+        let mut features = Vec::new();
+        for (i, ((reference, state), alert)) in self
+            .references
+            .iter()
+            .zip(&mut self.states)
+            .zip(&mut self.alerts)
+            .enumerate()
+        {
+            let mut report = state.report(reference, self.predictions);
+            if counted && let Some(transition) = alert.update(report.past(&t), t.windows) {
+                let _ = events.push(AlertEvent {
+                    subject: Subject::Feature(i),
+                    transition,
+                });
+            }
+            report.drifting = alert.active;
+            let _ = features.push(report);
+            *state = FeatureState::default();
+        }
+        let prediction = match &mut self.prediction {
+            Some((reference, state, alert)) => {
+                let mut report = state.report(reference, self.predictions);
+                if counted && let Some(transition) = alert.update(report.past(&t), t.windows) {
+                    let _ = events.push(AlertEvent {
+                        subject: Subject::Prediction,
+                        transition,
+                    });
+                }
+                report.drifting = alert.active;
+                *state = FeatureState::default();
+                Some(report)
+            }
+            None => None,
+        };
+        let mut outages = core::mem::take(&mut self.outages);
+        if let Some(open) = self.open_outage
+            && outages.push(open).is_err()
+        {
+            self.outages_dropped += 1;
+        }
+        let mut report = WindowReport {
+            seq: self.seq,
+            start_ms: self.start_ms.unwrap_or(now_ms),
+            end_ms: now_ms,
+            predictions: self.predictions,
+            features,
+            prediction,
+            missed: self.missed,
+            latency_us: Quantiles::of(&self.latency_us),
+            lag_ms: Quantiles::of(&self.lag_ms),
+            outages,
+            outages_dropped: self.outages_dropped,
+            events,
+            missing_alert: false,
+            lag_alert: false,
+        };
+        let missing_past = report.missing_prediction_rate() > t.missing_rate;
+        if (counted || report.missed_total() >= t.min_predictions)
+            && let Some(transition) = self.missing_alert.update(missing_past, t.windows)
+        {
+            let _ = report.events.push(AlertEvent {
+                subject: Subject::MissingPredictions,
+                transition,
+            });
+        }
+        if counted
+            && let Some(p95) = report.lag_ms.p95
+            && let Some(transition) = self.lag_alert.update(p95 > t.lag_p95_ms, t.windows)
+        {
+            let _ = report.events.push(AlertEvent {
+                subject: Subject::Lag,
+                transition,
+            });
+        }
+        report.missing_alert = self.missing_alert.active;
+        report.lag_alert = self.lag_alert.active;
+
+        self.seq += 1;
+        // An outage still going on carries into the next window.
+        self.start_ms = self.open_outage.map(|o| o.start_ms.max(now_ms));
+        self.predictions = 0;
+        self.missed = [0; MISS_REASONS];
+        self.latency_us.clear();
+        self.lag_ms.clear();
+        self.outages_dropped = 0;
+        report
+    }
+}

@@ -1,0 +1,375 @@
+//! The monitoring core against independent computations (numpy and scipy, run by the
+//! test) and its memory promise (no allocation, ever, on the prediction path).
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::path::PathBuf;
+use std::process::Command;
+
+use fleetml_monitor::{
+    MissReason, Monitor, Observation, Reference, Subject, Thresholds, Transition, WindowConfig,
+    stats,
+};
+
+/// Counts allocations made by the current thread.
+struct Counting;
+
+thread_local! {
+    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+}
+
+// SAFETY: defers to the system allocator; only counts.
+#[allow(unsafe_code)]
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let _ = ALLOCATIONS.try_with(|a| a.set(a.get() + 1));
+        // SAFETY: same contract as the caller's.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: same contract as the caller's.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let _ = ALLOCATIONS.try_with(|a| a.set(a.get() + 1));
+        // SAFETY: same contract as the caller's.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn allocations() -> u64 {
+    ALLOCATIONS.with(Cell::get)
+}
+
+fn python() -> PathBuf {
+    let path = std::env::var_os("FLEETML_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp/fleetml-venv/bin/python"));
+    assert!(
+        path.exists(),
+        "{} not found: run the tests with scripts/test.sh, which prepares the Python venv",
+        path.display()
+    );
+    path
+}
+
+/// Fixed fixtures: (observed counts, reference counts).
+fn fixtures() -> Vec<(Vec<u32>, Vec<u64>)> {
+    vec![
+        (vec![10, 20, 30, 40], vec![25, 25, 25, 25]),
+        (vec![100, 0, 3, 250, 7], vec![90, 12, 1, 260, 30]),
+        (vec![0, 0, 50], vec![40, 30, 30]),
+        (vec![5, 5], vec![5, 5]),
+        (
+            vec![13, 8, 21, 34, 55, 89, 144, 233, 377, 610],
+            vec![100, 100, 100, 100, 100, 100, 100, 100, 100, 100],
+        ),
+        (vec![1, 2, 3, 4, 5, 6, 7], vec![7, 0, 5, 4, 3, 2, 1]),
+    ]
+}
+
+#[test]
+fn statistics_match_numpy_and_scipy_to_1e_6() {
+    let cases = fixtures();
+    let script = r#"
+import json, sys
+import numpy as np
+from scipy.spatial.distance import jensenshannon
+from scipy.stats import chisquare
+from scipy.special import gammaincc
+EPS = 1e-4
+out = []
+for obs, ref in json.loads(sys.stdin.read()):
+    o = np.array(obs, dtype=float); r = np.array(ref, dtype=float)
+    p = o / o.sum(); q = r / r.sum()
+    pe = np.maximum(p, EPS); qe = np.maximum(q, EPS)
+    psi = float(np.sum((pe - qe) * np.log(pe / qe)))
+    ks = float(np.max(np.abs(np.cumsum(p) - np.cumsum(q))))
+    js = float(jensenshannon(p, q, base=2))
+    e = o.sum() * qe
+    # scipy wants equal sums: chisquare's statistic is Σ(o−e)²/e either way, so compute
+    # the p-value from the statistic with the chi-square survival function.
+    x2 = float(np.sum((o - e) ** 2 / e))
+    from scipy.stats import chi2
+    pval = float(chi2.sf(x2, len(o) - 1))
+    out.append([psi, ks, js, x2, pval])
+grid = [[a, x, float(gammaincc(a, x))] for a in (0.5, 1.0, 1.5, 4.5, 10.0, 60.0) for x in (0.01, 0.5, 2.0, 9.0, 30.0, 80.0)]
+print(json.dumps({"stats": out, "gamma": grid}))
+"#;
+    let input = serde_json::to_string(&cases).expect("json");
+    let mut child = Command::new(python())
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python runs");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("python finishes");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json reply");
+    for ((obs, reference), expected) in cases.iter().zip(reply["stats"].as_array().expect("stats"))
+    {
+        let r = Reference::categorical(reference).expect("reference");
+        let q = r.proportions();
+        let (x2, p) = stats::chi_square(obs, q).expect("chi-square");
+        let ours = [
+            stats::psi(obs, q),
+            stats::ks(obs, q),
+            stats::js(obs, q),
+            x2,
+            p,
+        ];
+        for (name, (a, b)) in ["psi", "ks", "js", "chi2", "p"]
+            .iter()
+            .zip(ours.iter().zip(expected.as_array().expect("row")))
+        {
+            let b = b.as_f64().expect("number");
+            assert!(
+                (a - b).abs() <= 1e-6 * b.abs().max(1.0),
+                "{name} of {obs:?} vs {reference:?}: ours {a}, scipy {b}"
+            );
+        }
+    }
+    for row in reply["gamma"].as_array().expect("gamma") {
+        let (a, x, q) = (
+            row[0].as_f64().expect("a"),
+            row[1].as_f64().expect("x"),
+            row[2].as_f64().expect("q"),
+        );
+        let ours = stats::gamma_q(a, x);
+        assert!(
+            (ours - q).abs() <= 1e-9,
+            "Q({a}, {x}): ours {ours}, scipy {q}"
+        );
+    }
+}
+
+#[test]
+fn identical_distributions_score_zero_and_a_shift_scores_high() {
+    let reference =
+        Reference::numeric(&[1.0, 2.0, 3.0], &[25, 25, 25, 25], 0.0, 4.0).expect("reference");
+    let q = reference.proportions();
+    assert!(stats::psi(&[25, 25, 25, 25], q).abs() < 1e-12);
+    assert!(stats::ks(&[25, 25, 25, 25], q).abs() < 1e-12);
+    assert!(stats::js(&[25, 25, 25, 25], q).abs() < 1e-7);
+    // Everything moved to the top bin.
+    assert!(stats::psi(&[0, 0, 0, 100], q) > 2.0);
+    assert!((stats::ks(&[0, 0, 0, 100], q) - 0.75).abs() < 1e-12);
+    // Bins are (e[i-1], e[i]]: 1.0 is in bin 0, 1.5 in bin 1.
+    assert_eq!(reference.bin(1.0), 0);
+    assert_eq!(reference.bin(1.5), 1);
+    assert_eq!(reference.bin(99.0), 3);
+}
+
+fn claims_like() -> (Vec<Reference>, Reference) {
+    let numeric =
+        Reference::numeric(&[1.0, 2.0, 3.0], &[250, 250, 250, 250], 0.0, 4.0).expect("numeric");
+    let categorical = Reference::categorical(&[500, 300, 200, 0]).expect("categorical");
+    let classes = Reference::categorical(&[900, 100, 0]).expect("classes");
+    (vec![numeric, categorical], classes)
+}
+
+#[test]
+fn windows_close_by_count_or_time_and_alerts_need_k_windows() {
+    let (features, classes) = claims_like();
+    let mut m = Monitor::new(
+        &features,
+        Some(classes),
+        WindowConfig {
+            max_predictions: 200,
+            max_duration_ms: 60_000,
+        },
+        Thresholds::default(),
+    )
+    .expect("monitor");
+    // Reference-like traffic: values spread over the bins, categories 5:3:2, classes 9:1.
+    let mut now = 0u64;
+    let mut reports = Vec::new();
+    let feed = |m: &mut Monitor, shifted: bool, now: &mut u64, reports: &mut Vec<_>| {
+        for i in 0..200u64 {
+            *now += 10;
+            let x = if shifted { 3.5 } else { (i % 4) as f64 + 0.5 };
+            let c = [0, 0, 0, 0, 0, 1, 1, 1, 2, 2][(i % 10) as usize];
+            let class = if i % 10 == 0 { 1 } else { 0 };
+            if let Some(r) = m.observe(
+                *now,
+                &[Observation::Number(x), Observation::Category(c)],
+                Some(Observation::Category(class)),
+                120,
+                Some(40),
+            ) {
+                reports.push(r);
+            }
+        }
+    };
+    for _ in 0..3 {
+        feed(&mut m, false, &mut now, &mut reports);
+    }
+    assert_eq!(reports.len(), 3, "a window per 200 predictions");
+    for r in &reports {
+        assert!(r.events.is_empty(), "{:?}", r.events);
+        assert!(r.features[0].psi < 1e-9 && !r.features[0].drifting);
+        assert_eq!(r.predictions, 200);
+    }
+    reports.clear();
+    for _ in 0..3 {
+        feed(&mut m, true, &mut now, &mut reports);
+    }
+    // Drifting only after the third shifted window, and only feature 0.
+    assert!(reports[0].events.is_empty() && reports[1].events.is_empty());
+    assert_eq!(
+        reports[2].events.as_slice(),
+        &[fleetml_monitor::AlertEvent {
+            subject: Subject::Feature(0),
+            transition: Transition::Raised,
+        }]
+    );
+    assert!(reports[2].features[0].drifting && !reports[2].features[1].drifting);
+    assert_eq!(reports[2].features[0].out_of_range_rate, 0.0);
+    reports.clear();
+    for _ in 0..3 {
+        feed(&mut m, false, &mut now, &mut reports);
+    }
+    assert_eq!(reports[2].events[0].transition, Transition::Recovered);
+
+    // A quiet minute closes the window by time.
+    m.observe(
+        now + 1,
+        &[Observation::Missing, Observation::Unseen],
+        None,
+        5,
+        None,
+    );
+    assert!(m.tick(now + 30_000).is_none());
+    let r = m.tick(now + 60_001).expect("closed by time");
+    assert_eq!(r.predictions, 1);
+    assert_eq!(r.features[0].missing_rate, 1.0);
+    assert_eq!(r.features[1].unseen_rate, 1.0);
+    assert!(r.events.is_empty(), "too few predictions to move alerts");
+}
+
+#[test]
+fn missed_predictions_are_counted_by_reason_with_outages() {
+    let (features, classes) = claims_like();
+    let mut m = Monitor::new(
+        &features,
+        Some(classes),
+        WindowConfig::default(),
+        Thresholds::default(),
+    )
+    .expect("monitor");
+    let ok = |m: &mut Monitor, t| {
+        m.observe(
+            t,
+            &[Observation::Number(1.0), Observation::Category(0)],
+            None,
+            10,
+            None,
+        )
+    };
+    ok(&mut m, 1000);
+    m.missed(1100, MissReason::InvalidInput, 2);
+    m.missed(1200, MissReason::Shed, 1);
+    ok(&mut m, 1300);
+    m.missed(1400, MissReason::BackendPanic, 1);
+    m.missed(1500, MissReason::ExpectedNotPredicted, 3);
+    let r = m.close(2000);
+    assert_eq!(r.predictions, 2);
+    assert_eq!(r.missed, [2, 0, 0, 1, 0, 1, 3]);
+    assert_eq!(r.missed_total(), 7);
+    assert!((r.missing_prediction_rate() - 7.0 / 9.0).abs() < 1e-12);
+    assert_eq!(r.outages.len(), 2);
+    assert_eq!(
+        (
+            r.outages[0].start_ms,
+            r.outages[0].end_ms,
+            r.outages[0].missed
+        ),
+        (1100, Some(1300), 3)
+    );
+    assert_eq!(
+        (
+            r.outages[1].start_ms,
+            r.outages[1].end_ms,
+            r.outages[1].missed
+        ),
+        (1400, None, 4),
+        "still going on at the close"
+    );
+}
+
+#[test]
+fn ten_million_predictions_allocate_nothing() {
+    let features: Vec<Reference> = (0..12)
+        .map(|i| {
+            if i % 3 == 2 {
+                Reference::categorical(&[10, 20, 30, 1]).expect("categorical")
+            } else {
+                Reference::numeric(
+                    &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0],
+                    &[1; 10],
+                    0.0,
+                    10.0,
+                )
+                .expect("numeric")
+            }
+        })
+        .collect();
+    let classes = Reference::categorical(&[5, 5, 0]).expect("classes");
+    let mut m = Box::new(
+        Monitor::new(
+            &features,
+            Some(classes),
+            WindowConfig::default(),
+            Thresholds::default(),
+        )
+        .expect("monitor"),
+    );
+    let mut values = [Observation::Missing; 12];
+    let before = allocations();
+    let mut windows = 0u64;
+    for i in 0..10_000_000u64 {
+        for (j, v) in values.iter_mut().enumerate() {
+            *v = if j % 3 == 2 {
+                Observation::Category((i as usize + j) % 3)
+            } else {
+                Observation::Number(((i * 7 + j as u64) % 100) as f64 / 10.0)
+            };
+        }
+        if i % 1000 == 999 {
+            m.missed(i, MissReason::Timeout, 1);
+        }
+        if m.observe(
+            i,
+            &values,
+            Some(Observation::Category((i % 2) as usize)),
+            i % 5000,
+            Some(i % 300),
+        )
+        .is_some()
+        {
+            windows += 1;
+        }
+    }
+    let after = allocations();
+    assert_eq!(windows, 10_000);
+    assert_eq!(after - before, 0, "the prediction path allocated");
+    println!(
+        "Monitor: {} bytes; one feature slot {} bytes",
+        std::mem::size_of::<Monitor>(),
+        fleetml_monitor::FEATURE_BYTES
+    );
+}

@@ -1,0 +1,544 @@
+//! The agent side of monitoring: feeds every prediction (and every input that got none)
+//! of a model into its `fleetml-monitor` core, keeps the closed windows and alerts
+//! (in memory for the API, in sled for inspection on site after a restart), reconciles
+//! the ids an application declared it expects (`POST /v1/expect`), and computes
+//! occlusion explanations.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use fleetml_monitor::{
+    FeatureReport, MissReason, Monitor, Observation, Reference, Subject, Thresholds, Transition,
+    WindowConfig, WindowReport,
+};
+use fleetml_protocol::features::{FeatureSchema, FeatureType, RawValue};
+use fleetml_protocol::manifest::MonitoringPolicy;
+use fleetml_protocol::reference::{ReferenceProfile, argmax};
+use serde_json::{Value, json};
+
+/// Windows kept in memory per model for `GET /v1/models/{name}/monitoring`.
+const KEPT_IN_MEMORY: usize = 64;
+/// Windows kept in sled per model (older ones are deleted as new ones arrive).
+pub const KEPT_ON_DISK: u64 = 2016;
+/// Ids an application may have outstanding per model (`POST /v1/expect`).
+pub const MAX_EXPECTED: usize = 100_000;
+/// Missing ids listed in a window report.
+const MISSING_IDS_LISTED: usize = 10;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The window and thresholds for a model: the agent's setting where it has one, else
+/// the bundle's, else the default.
+pub fn settings(
+    agent: &MonitoringPolicy,
+    bundle: &MonitoringPolicy,
+) -> Result<(WindowConfig, Thresholds), String> {
+    agent
+        .validate()
+        .map_err(|e| format!("agent configuration: {e}"))?;
+    let w = WindowConfig::default();
+    let t = Thresholds::default();
+    macro_rules! pick {
+        ($f:ident) => {
+            agent.$f.or(bundle.$f)
+        };
+    }
+    let window_predictions = pick!(window_predictions).unwrap_or(w.max_predictions);
+    Ok((
+        WindowConfig {
+            max_predictions: window_predictions,
+            max_duration_ms: pick!(window_seconds).map_or(w.max_duration_ms, |s| s * 1000),
+        },
+        Thresholds {
+            psi: pick!(drift_psi).unwrap_or(t.psi),
+            js: pick!(drift_js).unwrap_or(t.js),
+            chi2_p: pick!(drift_chi2_p).unwrap_or(t.chi2_p),
+            missing_rate: pick!(missing_rate).unwrap_or(t.missing_rate),
+            lag_p95_ms: pick!(lag_p95_ms).unwrap_or(t.lag_p95_ms),
+            windows: pick!(alert_windows).unwrap_or(t.windows),
+            // A window smaller than the default minimum still moves alerts.
+            min_predictions: t.min_predictions.min(window_predictions),
+        },
+    ))
+}
+
+/// How the model's predictions are summarized for prediction drift.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PredictionKind {
+    /// Arg-max of the first output's last axis, against the reference class counts.
+    Classes,
+    /// The first output's first column, against the reference score bins.
+    Score,
+}
+
+/// Where window reports go besides memory.
+#[derive(Debug, Clone)]
+pub struct Sink {
+    db: sled::Db,
+}
+
+impl Sink {
+    /// Opens (or creates) the monitoring database at `path`.
+    pub fn open(path: &Path) -> Result<Sink, String> {
+        let db = sled::Config::new()
+            .path(path)
+            .open()
+            .map_err(|e| format!("opening {}: {e}", path.display()))?;
+        Ok(Sink { db })
+    }
+
+    fn store(&self, model: &str, seq: u64, report: &Value) {
+        let tree = match self.db.open_tree(format!("windows/{model}")) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(model, "cannot store a monitoring window: {e}");
+                return;
+            }
+        };
+        let key = seq.to_be_bytes();
+        let bytes = serde_json::to_vec(report).unwrap_or_default();
+        if let Err(e) = tree.insert(key, bytes) {
+            tracing::warn!(model, "cannot store a monitoring window: {e}");
+        }
+        while tree.len() as u64 > KEPT_ON_DISK {
+            match tree.pop_min() {
+                Ok(Some(_)) => {}
+                _ => break,
+            }
+        }
+        let _ = tree.flush();
+    }
+
+    /// The last `limit` stored windows of `model`, oldest first.
+    pub fn windows(&self, model: &str, limit: usize) -> Vec<Value> {
+        let Ok(tree) = self.db.open_tree(format!("windows/{model}")) else {
+            return Vec::new();
+        };
+        let mut out: Vec<Value> = tree
+            .iter()
+            .rev()
+            .take(limit)
+            .filter_map(|kv| kv.ok())
+            .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
+            .collect();
+        out.reverse();
+        out
+    }
+
+    /// The next window sequence number for `model` (windows survive restarts).
+    fn next_seq(&self, model: &str) -> u64 {
+        self.db
+            .open_tree(format!("windows/{model}"))
+            .ok()
+            .and_then(|t| t.last().ok().flatten())
+            .and_then(|(k, _)| <[u8; 8]>::try_from(k.as_ref()).ok())
+            .map(|k| u64::from_be_bytes(k) + 1)
+            .unwrap_or(0)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Expected {
+    /// id → deadline (ms since epoch).
+    deadlines: HashMap<String, u64>,
+    /// Ids past their deadline since the last window closed, for the report.
+    overdue_sample: Vec<String>,
+    overdue: u64,
+}
+
+#[derive(Debug)]
+struct State {
+    core: Box<Monitor>,
+    history: VecDeque<Value>,
+    expected: Expected,
+    /// Offset added to the core's window numbers (windows stored before a restart).
+    seq_base: u64,
+}
+
+/// The monitor of one served model version.
+#[derive(Debug)]
+pub struct ModelMonitor {
+    pub model: String,
+    pub version: u64,
+    features: Vec<(String, FeatureType, Vec<String>)>,
+    baselines: Vec<RawValue>,
+    prediction: Option<PredictionKind>,
+    config: WindowConfig,
+    state: Mutex<State>,
+    sink: Option<Sink>,
+}
+
+impl ModelMonitor {
+    /// Builds the monitor of `model` v`version` from its schema and reference profile.
+    pub fn new(
+        model: &str,
+        version: u64,
+        schema: &FeatureSchema,
+        profile: &ReferenceProfile,
+        config: WindowConfig,
+        thresholds: Thresholds,
+        sink: Option<Sink>,
+    ) -> Result<ModelMonitor, String> {
+        let mut references = Vec::with_capacity(schema.features.len());
+        let mut baselines = Vec::with_capacity(schema.features.len());
+        for f in &schema.features {
+            let p = profile
+                .features
+                .iter()
+                .find(|p| p.name == f.name)
+                .ok_or_else(|| format!("the reference profile has no feature `{}`", f.name))?;
+            let (reference, baseline) = match (&p.numeric, &p.categorical) {
+                (Some(n), _) => (
+                    Reference::numeric(&n.edges, &n.counts, n.min, n.max),
+                    RawValue::Number(median(&n.edges, &n.counts, n.min)),
+                ),
+                (None, Some(c)) => {
+                    let mut counts = c.counts.clone();
+                    counts.push(c.other);
+                    let mode = c
+                        .counts
+                        .iter()
+                        .enumerate()
+                        .max_by_key(|(_, n)| **n)
+                        .map(|(i, _)| c.values[i].clone())
+                        .unwrap_or_default();
+                    (Reference::categorical(&counts), RawValue::Text(mode))
+                }
+                (None, None) => {
+                    return Err(format!(
+                        "the reference profile of `{}` has no distribution",
+                        f.name
+                    ));
+                }
+            };
+            references.push(reference.map_err(|e| format!("feature `{}`: {e}", f.name))?);
+            baselines.push(baseline);
+        }
+        let (prediction, prediction_reference) = match profile.predictions.first() {
+            Some(o) if !o.class_counts.is_empty() => {
+                let mut counts = o.class_counts.clone();
+                counts.push(0);
+                (
+                    Some(PredictionKind::Classes),
+                    Some(Reference::categorical(&counts).map_err(|e| format!("predictions: {e}"))?),
+                )
+            }
+            Some(o) => match o.scores.first() {
+                Some(n) => (
+                    Some(PredictionKind::Score),
+                    Some(
+                        Reference::numeric(&n.edges, &n.counts, n.min, n.max)
+                            .map_err(|e| format!("predictions: {e}"))?,
+                    ),
+                ),
+                None => (None, None),
+            },
+            None => (None, None),
+        };
+        let core = Monitor::new(&references, prediction_reference, config, thresholds)
+            .map_err(|e| e.to_string())?;
+        let seq_base = sink.as_ref().map(|s| s.next_seq(model)).unwrap_or(0);
+        Ok(ModelMonitor {
+            model: model.to_string(),
+            version,
+            features: schema
+                .features
+                .iter()
+                .map(|f| (f.name.clone(), f.kind, f.values.clone()))
+                .collect(),
+            baselines,
+            prediction,
+            config,
+            state: Mutex::new(State {
+                core: Box::new(core),
+                history: VecDeque::new(),
+                expected: Expected::default(),
+                seq_base,
+            }),
+            sink,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The reference baseline of each feature (median or most frequent category): what
+    /// an occlusion explanation replaces a feature with.
+    pub fn baselines(&self) -> &[RawValue] {
+        &self.baselines
+    }
+
+    /// Records the predictions of a batch: raw feature rows (schema order; empty for raw
+    /// tensor requests), the first output's values per row, latency, lag, and the ids
+    /// the rows carried.
+    pub fn predicted(
+        &self,
+        rows: &[Vec<RawValue>],
+        outputs: &[Vec<f32>],
+        latency_us: u64,
+        lag_ms: Option<u64>,
+        ids: &[String],
+    ) {
+        let now = now_ms();
+        let mut observations: Vec<Observation> = Vec::with_capacity(self.features.len());
+        let mut state = self.lock();
+        for id in ids {
+            state.expected.deadlines.remove(id);
+        }
+        let count = rows.len().max(outputs.len());
+        for r in 0..count {
+            observations.clear();
+            if let Some(row) = rows.get(r) {
+                for ((_, kind, values), v) in self.features.iter().zip(row) {
+                    observations.push(observe(*kind, values, v));
+                }
+            }
+            let prediction = outputs.get(r).and_then(|o| match self.prediction? {
+                PredictionKind::Classes => argmax(o).map(Observation::Category),
+                PredictionKind::Score => o.first().map(|v| Observation::Number(*v as f64)),
+            });
+            if let Some(report) =
+                state
+                    .core
+                    .observe(now, &observations, prediction, latency_us, lag_ms)
+            {
+                self.keep(&mut state, report);
+            }
+        }
+    }
+
+    /// Records `count` inputs that got no prediction.
+    pub fn missed(&self, reason: MissReason, count: u32) {
+        self.lock().core.missed(now_ms(), reason, count);
+    }
+
+    /// Records an explained prediction's attributions (schema order).
+    pub fn explained(&self, attributions: &[f64]) {
+        self.lock().core.attributions(attributions);
+    }
+
+    /// Declares ids that must be predicted by `deadline_ms`. Returns how many are now
+    /// outstanding, or an error when the bound would be exceeded.
+    pub fn expect(&self, ids: &[String], deadline_ms: u64) -> Result<usize, String> {
+        let mut state = self.lock();
+        let new = ids
+            .iter()
+            .filter(|id| !state.expected.deadlines.contains_key(*id))
+            .count();
+        if state.expected.deadlines.len() + new > MAX_EXPECTED {
+            return Err(format!(
+                "at most {MAX_EXPECTED} expected ids may be outstanding per model"
+            ));
+        }
+        for id in ids {
+            state.expected.deadlines.insert(id.clone(), deadline_ms);
+        }
+        Ok(state.expected.deadlines.len())
+    }
+
+    /// Expires overdue expected ids and closes the window if its time is up.
+    pub fn tick(&self) {
+        let now = now_ms();
+        let mut state = self.lock();
+        let overdue: Vec<String> = state
+            .expected
+            .deadlines
+            .iter()
+            .filter(|(_, d)| **d <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        if !overdue.is_empty() {
+            let mut sorted = overdue.clone();
+            sorted.sort();
+            for id in &overdue {
+                state.expected.deadlines.remove(id);
+            }
+            state
+                .core
+                .missed(now, MissReason::ExpectedNotPredicted, overdue.len() as u32);
+            state.expected.overdue += overdue.len() as u64;
+            let room = MISSING_IDS_LISTED.saturating_sub(state.expected.overdue_sample.len());
+            state
+                .expected
+                .overdue_sample
+                .extend(sorted.into_iter().take(room));
+        }
+        if let Some(report) = state.core.tick(now) {
+            self.keep(&mut state, report);
+        }
+    }
+
+    /// Closes the current window now (shutdown, tests).
+    pub fn flush(&self) {
+        let mut state = self.lock();
+        let report = state.core.close(now_ms());
+        if report.predictions > 0 || report.missed_total() > 0 {
+            self.keep(&mut state, report);
+        }
+    }
+
+    fn keep(&self, state: &mut State, report: WindowReport) {
+        let seq = state.seq_base + report.seq;
+        let missing_ids = std::mem::take(&mut state.expected.overdue_sample);
+        state.expected.overdue = 0;
+        let value = self.report_json(seq, &report, &missing_ids);
+        for event in &report.events {
+            let subject = self.subject(event.subject);
+            match event.transition {
+                Transition::Raised => {
+                    tracing::warn!(model = %self.model, %subject, "drift alert raised")
+                }
+                Transition::Recovered => {
+                    tracing::info!(model = %self.model, %subject, "alert recovered")
+                }
+            }
+            metrics::counter!("fleetml_agent_alerts_total", "model" => self.model.clone(), "subject" => subject, "transition" => match event.transition { Transition::Raised => "raised", Transition::Recovered => "recovered" }).increment(1);
+        }
+        if let Some(sink) = &self.sink {
+            sink.store(&self.model, seq, &value);
+        }
+        state.history.push_back(value);
+        while state.history.len() > KEPT_IN_MEMORY {
+            state.history.pop_front();
+        }
+    }
+
+    fn subject(&self, s: Subject) -> String {
+        match s {
+            Subject::Feature(i) => self
+                .features
+                .get(i)
+                .map(|f| f.0.clone())
+                .unwrap_or_else(|| format!("feature {i}")),
+            Subject::Prediction => "prediction".into(),
+            Subject::MissingPredictions => "missing_predictions".into(),
+            Subject::Lag => "lag".into(),
+        }
+    }
+
+    fn report_json(&self, seq: u64, r: &WindowReport, missing_ids: &[String]) -> Value {
+        let feature = |name: &str, f: &FeatureReport| {
+            json!({
+                "name": name,
+                "values": f.values,
+                "missing_rate": f.missing_rate,
+                "out_of_range_rate": f.out_of_range_rate,
+                "unseen_rate": f.unseen_rate,
+                "psi": f.psi,
+                "ks": f.ks,
+                "js": f.js,
+                "chi2_p": f.chi2_p,
+                "usefulness": f.usefulness,
+                "drifting": f.drifting,
+            })
+        };
+        let missed: BTreeMap<&str, u32> = MissReason::ALL
+            .iter()
+            .map(|m| (m.as_str(), r.missed[*m as usize]))
+            .collect();
+        let mut alerts: Vec<String> = r
+            .features
+            .iter()
+            .zip(&self.features)
+            .filter(|(f, _)| f.drifting)
+            .map(|(_, (name, _, _))| name.clone())
+            .collect();
+        if r.prediction.is_some_and(|p| p.drifting) {
+            alerts.push("prediction".into());
+        }
+        if r.missing_alert {
+            alerts.push("missing_predictions".into());
+        }
+        if r.lag_alert {
+            alerts.push("lag".into());
+        }
+        let seconds = (r.end_ms.saturating_sub(r.start_ms)) as f64 / 1000.0;
+        json!({
+            "model": self.model,
+            "version": self.version,
+            "window": seq,
+            "start_ms": r.start_ms,
+            "end_ms": r.end_ms,
+            "predictions": r.predictions,
+            "throughput_per_s": if seconds > 0.0 { r.predictions as f64 / seconds } else { 0.0 },
+            "missed": missed,
+            "missing_prediction_rate": r.missing_prediction_rate(),
+            "missing_ids": missing_ids,
+            "latency_us": {"p50": r.latency_us.p50, "p95": r.latency_us.p95, "p99": r.latency_us.p99},
+            "lag_ms": {"p50": r.lag_ms.p50, "p95": r.lag_ms.p95, "p99": r.lag_ms.p99},
+            "outages": r.outages.iter().map(|o| json!({"start_ms": o.start_ms, "end_ms": o.end_ms, "missed": o.missed})).collect::<Vec<_>>(),
+            "outages_not_listed": r.outages_dropped,
+            "features": r.features.iter().zip(&self.features).map(|(f, (name, _, _))| feature(name, f)).collect::<Vec<_>>(),
+            "prediction": r.prediction.as_ref().map(|p| feature("prediction", p)),
+            "events": r.events.iter().map(|e| json!({"subject": self.subject(e.subject), "transition": match e.transition { Transition::Raised => "raised", Transition::Recovered => "recovered" }})).collect::<Vec<_>>(),
+            "alerts": alerts,
+        })
+    }
+
+    /// The monitoring view of `GET /v1/models/{name}/monitoring`: current alerts and the
+    /// latest `limit` windows (from memory, or from sled after a restart).
+    pub fn view(&self, limit: usize) -> Value {
+        let state = self.lock();
+        let mut windows: Vec<Value> = state.history.iter().rev().take(limit).cloned().collect();
+        windows.reverse();
+        if windows.is_empty()
+            && let Some(sink) = &self.sink
+        {
+            windows = sink.windows(&self.model, limit);
+        }
+        let alerts = windows
+            .last()
+            .and_then(|w| w.get("alerts").cloned())
+            .unwrap_or_else(|| json!([]));
+        let t = state.core.thresholds();
+        json!({
+            "model": self.model,
+            "version": self.version,
+            "window_config": {"max_predictions": self.config.max_predictions, "max_duration_ms": self.config.max_duration_ms},
+            "thresholds": {"psi": t.psi, "js": t.js, "chi2_p": t.chi2_p, "missing_rate": t.missing_rate, "lag_p95_ms": t.lag_p95_ms, "windows": t.windows, "min_predictions": t.min_predictions},
+            "expected_outstanding": state.expected.deadlines.len(),
+            "alerts": alerts,
+            "windows": windows,
+        })
+    }
+}
+
+/// The median of a binned profile: the upper edge of the bin where the cumulative
+/// count reaches half (the minimum when the first bin does; the last edge for the top bin).
+fn median(edges: &[f64], counts: &[u64], min: f64) -> f64 {
+    let total: u64 = counts.iter().sum();
+    let mut seen = 0u64;
+    for (i, c) in counts.iter().enumerate() {
+        seen += c;
+        if seen * 2 >= total {
+            return edges
+                .get(i)
+                .copied()
+                .unwrap_or_else(|| edges.last().copied().unwrap_or(min));
+        }
+    }
+    min
+}
+
+fn observe(kind: FeatureType, values: &[String], v: &RawValue) -> Observation {
+    match (kind, v) {
+        (_, RawValue::Missing) => Observation::Missing,
+        (FeatureType::Category, RawValue::Text(s)) => values
+            .iter()
+            .position(|x| x == s)
+            .map(Observation::Category)
+            .unwrap_or(Observation::Unseen),
+        (FeatureType::Category, RawValue::Number(_)) => Observation::Unseen,
+        (_, RawValue::Number(x)) => Observation::Number(*x),
+        (_, RawValue::Text(_)) => Observation::Missing,
+    }
+}
