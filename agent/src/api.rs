@@ -68,6 +68,9 @@ pub struct ApiLimits {
     pub max_body: usize,
     /// Largest batch, rows.
     pub max_rows: usize,
+    /// Longest a prediction may take before the request is answered 504 (the backend
+    /// call finishes in the background, holding its worker).
+    pub timeout: std::time::Duration,
 }
 
 impl Default for ApiLimits {
@@ -77,6 +80,7 @@ impl Default for ApiLimits {
             queue: 64,
             max_body: 1 << 20,
             max_rows: 1024,
+            timeout: std::time::Duration::from_secs(30),
         }
     }
 }
@@ -173,6 +177,9 @@ pub struct ApiError {
     reason: &'static str,
     /// Inputs (rows) the failed request carried, for missing-prediction accounting.
     rows: u32,
+    /// The feature value that made the input invalid, for the monitor's out-of-range
+    /// and unseen-category rates.
+    rejected: Option<(String, fleetml_monitor::Observation)>,
 }
 
 impl ApiError {
@@ -183,7 +190,12 @@ impl ApiError {
             field: None,
             reason,
             rows: 1,
+            rejected: None,
         }
+    }
+    fn rejected(mut self, feature: &str, value: fleetml_monitor::Observation) -> Self {
+        self.rejected = Some((feature.to_string(), value));
+        self
     }
     fn rows(mut self, rows: usize) -> Self {
         self.rows = rows as u32;
@@ -256,6 +268,9 @@ async fn predict(
                 (reason, api.get(&name).and_then(|m| m.monitor.clone()))
             {
                 monitor.missed(reason, e.rows.max(1));
+                if let Some((feature, value)) = &e.rejected {
+                    monitor.rejected(feature, *value);
+                }
             }
             error_response(cbor, &e, &name)
         }
@@ -360,7 +375,10 @@ async fn predict_inner(api: &Api, name: &str, cbor: bool, body: Body) -> Result<
         }
     };
     let (inputs, rows, raw_rows) = match (request.get("features"), request.get("inputs")) {
-        (Some(f), None) => encode_features(&model, f, api.limits.max_rows)?,
+        (Some(f), None) => {
+            let rows = f.as_array().map_or(1, Vec::len);
+            encode_features(&model, f, api.limits.max_rows).map_err(|e| e.rows(rows))?
+        }
         (None, Some(i)) => {
             let (inputs, rows) = raw_inputs(&model, i)?;
             (inputs, rows, Vec::new())
@@ -411,7 +429,7 @@ async fn predict_inner(api: &Api, name: &str, cbor: bool, body: Body) -> Result<
             model.monitor.clone(),
         )
     });
-    let outputs = tokio::task::spawn_blocking(move || {
+    let work = tokio::task::spawn_blocking(move || {
         std::panic::catch_unwind(AssertUnwindSafe(|| {
             let outputs = backend.run(&inputs)?;
             let attributions = match explainer {
@@ -427,16 +445,28 @@ async fn predict_inner(api: &Api, name: &str, cbor: bool, body: Body) -> Result<
             };
             Ok::<_, crate::runtime::RuntimeError>((outputs, attributions))
         }))
-    })
-    .await
-    .map_err(|_| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "backend_panic",
-            "the backend worker failed",
-        )
-        .rows(rows)
-    })?;
+    });
+    let outputs = tokio::time::timeout(api.limits.timeout, work)
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "timeout",
+                format!(
+                    "the prediction took longer than {} ms",
+                    api.limits.timeout.as_millis()
+                ),
+            )
+            .rows(rows)
+        })?
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "backend_panic",
+                "the backend worker failed",
+            )
+            .rows(rows)
+        })?;
     let (outputs, attributions) = match outputs {
         Ok(Ok(o)) => o,
         Ok(Err(e)) => {
@@ -620,7 +650,8 @@ fn encode_features(model: &Served, features: &Value, max_rows: usize) -> Result<
                         return Err(ApiError::invalid(
                             at(&f.name),
                             format!("`{}` = {x} is outside its valid range {range}", f.name),
-                        ));
+                        )
+                        .rejected(&f.name, fleetml_monitor::Observation::Number(x)));
                     }
                     RawValue::Number(x)
                 }
@@ -629,7 +660,8 @@ fn encode_features(model: &Served, features: &Value, max_rows: usize) -> Result<
                         return Err(ApiError::invalid(
                             at(&f.name),
                             format!("`{}` = `{s}` is not one of {}", f.name, f.values.join(", ")),
-                        ));
+                        )
+                        .rejected(&f.name, fleetml_monitor::Observation::Unseen));
                     }
                     RawValue::Text(s.clone())
                 }

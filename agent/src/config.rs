@@ -11,6 +11,7 @@
 //! queue = 64
 //! max_body_bytes = 1048576
 //! control_plane = "https://fleet.example.com"   # used from the control-plane release on
+//! predict_timeout_ms = 30000                     # 504 beyond this
 //! # monitoring: a window closes after this many predictions or seconds, whichever first
 //! window_predictions = 1000
 //! window_seconds = 300
@@ -49,6 +50,8 @@ pub struct AgentConfig {
     /// Largest request body the API accepts, in bytes (default 1 MiB).
     pub max_body_bytes: Option<usize>,
     pub control_plane: Option<String>,
+    /// Longest a prediction may take before the API answers 504 (default 30000).
+    pub predict_timeout_ms: Option<u64>,
     pub window_predictions: Option<u32>,
     pub window_seconds: Option<u64>,
     pub drift_psi: Option<f64>,
@@ -119,6 +122,7 @@ impl AgentConfig {
             queue,
             max_body_bytes,
             control_plane,
+            predict_timeout_ms,
             window_predictions,
             window_seconds,
             drift_psi,

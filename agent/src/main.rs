@@ -94,6 +94,9 @@ struct RunArgs {
     /// Control-plane URL (used from the control-plane release on).
     #[arg(long)]
     control_plane: Option<String>,
+    /// Answer 504 when a prediction takes longer than this (milliseconds). Default: 30000.
+    #[arg(long)]
+    predict_timeout_ms: Option<u64>,
     /// Monitoring: close a window after this many predictions. Default: 1000.
     #[arg(long)]
     window_predictions: Option<u32>,
@@ -360,6 +363,7 @@ fn fleet_agent_run(args: RunArgs) -> anyhow::Result<()> {
         queue: args.queue,
         max_body_bytes: args.max_body_bytes,
         control_plane: args.control_plane,
+        predict_timeout_ms: args.predict_timeout_ms,
         window_predictions: args.window_predictions,
         window_seconds: args.window_seconds,
         drift_psi: args.drift_psi,
@@ -393,6 +397,11 @@ fn fleet_agent_run(args: RunArgs) -> anyhow::Result<()> {
             workers,
             queue: c.queue.unwrap_or(config::DEFAULT_QUEUE),
             max_body: c.max_body_bytes.unwrap_or(ApiLimits::default().max_body),
+            timeout: c
+                .predict_timeout_ms
+                .map_or(ApiLimits::default().timeout, |ms| {
+                    std::time::Duration::from_millis(ms.max(1))
+                }),
             ..Default::default()
         },
         monitoring: c.monitoring(),

@@ -321,6 +321,14 @@ impl ModelMonitor {
         self.lock().core.missed(now_ms(), reason, count);
     }
 
+    /// Records the offending value of an input rejected as invalid: `feature` is its
+    /// name, `value` the number out of the schema's range or the unknown category.
+    pub fn rejected(&self, feature: &str, value: Observation) {
+        if let Some(i) = self.features.iter().position(|f| f.0 == feature) {
+            self.lock().core.rejected(i, value);
+        }
+    }
+
     /// Records an explained prediction's attributions (schema order).
     pub fn explained(&self, attributions: &[f64]) {
         self.lock().core.attributions(attributions);

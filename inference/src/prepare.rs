@@ -281,10 +281,10 @@ fn unsupported_ops(graph: &pb::GraphProto) -> BTreeMap<String, usize> {
 }
 
 /// Operator variants wonnx 0.5.1 accepts but computes wrongly, found from the static
-/// shapes of a prepared graph. Measured: its single-row matrix kernel (`gemm_1.wgsl`,
-/// used when M = 1) reads the inner dimension four at a time and silently drops the
-/// remainder when K is not a multiple of 4 (the claims model, K = 25, came out wrong
-/// on Mesa's llvmpipe).
+/// shapes of a prepared graph. Measured on Mesa's llvmpipe: its single-row matrix kernel
+/// (`gemm_1.wgsl`, used when M = 1) reads the inner dimension four at a time and silently
+/// drops the remainder when K is not a multiple of 4 (the claims model, K = 25); and
+/// `Concat` along an inner axis (ONNX node tests `concat_2d_axis_1` and friends).
 fn unsupported_variants(graph: &pb::GraphProto) -> BTreeMap<String, usize> {
     let mut shapes: BTreeMap<&str, Vec<i64>> = BTreeMap::new();
     for v in graph
@@ -315,6 +315,33 @@ fn unsupported_variants(graph: &pb::GraphProto) -> BTreeMap<String, usize> {
     }
     let mut problems = BTreeMap::new();
     for node in &graph.node {
+        if node.op_type == "Concat" {
+            // Measured on llvmpipe with the ONNX node tests: wonnx concatenates as if
+            // along the outermost axis; any other effective axis comes out wrong.
+            let axis = node
+                .attribute
+                .iter()
+                .find(|a| a.name == "axis")
+                .map_or(0, |a| a.i);
+            let outer = node
+                .input
+                .first()
+                .and_then(|i| shapes.get(i.as_str()))
+                .map(|s| {
+                    let axis = if axis < 0 {
+                        axis + s.len() as i64
+                    } else {
+                        axis
+                    };
+                    s.iter().take(axis.max(0) as usize).product::<i64>()
+                });
+            if outer.is_some_and(|o| o > 1) {
+                *problems
+                    .entry("Concat along an inner axis".to_string())
+                    .or_insert(0) += 1;
+            }
+            continue;
+        }
         if !matches!(node.op_type.as_str(), "MatMul" | "Gemm") {
             continue;
         }

@@ -293,14 +293,15 @@ impl FeatureState {
         }
     }
 
-    fn report(&self, reference: &Reference, predictions: u32) -> FeatureReport {
+    /// The window's figures; rates are over `inputs` (predicted plus invalid inputs).
+    fn report(&self, reference: &Reference, inputs: u32) -> FeatureReport {
         let counts = &self.counts[..reference.bins()];
         let q = reference.proportions();
         let rate = |k: u32| {
-            if predictions == 0 {
+            if inputs == 0 {
                 0.0
             } else {
-                k as f64 / predictions as f64
+                k as f64 / inputs as f64
             }
         };
         FeatureReport {
@@ -580,6 +581,20 @@ impl Monitor {
         outage.missed = outage.missed.saturating_add(count);
     }
 
+    /// Records a feature value that made its input invalid (and so got no prediction):
+    /// a number outside the schema's range counts as out of range, a category the
+    /// schema does not list as unseen. Rates are over all inputs received (predicted
+    /// plus invalid).
+    pub fn rejected(&mut self, feature: usize, value: Observation) {
+        if let Some(state) = self.states.get_mut(feature) {
+            match value {
+                Observation::Number(v) if !v.is_nan() => state.out_of_range += 1,
+                Observation::Unseen => state.unseen += 1,
+                _ => {}
+            }
+        }
+    }
+
     /// Adds one explained prediction's attributions (per feature, reference order) to the
     /// window's feature-usefulness summary.
     pub fn attributions(&mut self, attributions: &[f64]) {
@@ -619,7 +634,8 @@ impl Monitor {
             .zip(&mut self.alerts)
             .enumerate()
         {
-            let mut report = state.report(reference, self.predictions);
+            let inputs = self.predictions + self.missed[MissReason::InvalidInput as usize];
+            let mut report = state.report(reference, inputs);
             if counted && let Some(transition) = alert.update(report.past(&t), t.windows) {
                 let _ = events.push(AlertEvent {
                     subject: Subject::Feature(i),

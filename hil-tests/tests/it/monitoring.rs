@@ -185,9 +185,19 @@ fn reference_data_raises_no_alert_and_drifted_data_alerts_on_exactly_the_shifted
 #[test]
 fn inputs_without_a_prediction_are_counted_exactly_by_reason() {
     let tmp = tempfile::tempdir().expect("tempdir");
+    // One worker and no queue, so concurrent requests are shed.
     let agent = start(
         tmp.path(),
-        &["--window-seconds", "2", "--window-predictions", "100000"],
+        &[
+            "--window-seconds",
+            "2",
+            "--window-predictions",
+            "100000",
+            "--workers",
+            "1",
+            "--queue",
+            "0",
+        ],
     );
     let reference = rows("reference.csv");
 
@@ -227,6 +237,46 @@ fn inputs_without_a_prediction_are_counted_exactly_by_reason() {
         );
         assert_eq!(status, 422, "{reply}");
     }
+    // Four clients at once, batches of 1000 rows: what the single worker cannot take is
+    // shed (503), and every row of a shed batch is a missed input.
+    let body = json!({ "features": reference[..1000].to_vec() }).to_string();
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (addr, body) = (agent.addr.clone(), body.clone());
+            std::thread::spawn(move || {
+                let stream = std::net::TcpStream::connect(&addr).expect("connects");
+                let mut client = hil_tests::KeepAlive::new(stream);
+                let (mut ok, mut shed) = (0u64, 0u64);
+                for _ in 0..12 {
+                    let (status, _) = client
+                        .request(
+                            "POST",
+                            "/v1/models/claims/predict",
+                            "application/json",
+                            body.as_bytes(),
+                        )
+                        .expect("HTTP");
+                    match status {
+                        200 => ok += 1000,
+                        503 => shed += 1000,
+                        other => panic!("unexpected status {other}"),
+                    }
+                }
+                (ok, shed)
+            })
+        })
+        .collect();
+    let (mut ok_rows, mut shed_rows) = (0u64, 0u64);
+    for c in clients {
+        let (ok, shed) = c.join().expect("client");
+        ok_rows += ok;
+        shed_rows += shed;
+    }
+    assert!(
+        shed_rows > 0,
+        "no request was shed; the test needs concurrency"
+    );
+
     // Wait for the deadline and the window to pass.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
     let (mut predictions, mut missed, mut ids) = (0u64, json!({}), Vec::new());
@@ -251,16 +301,32 @@ fn inputs_without_a_prediction_are_counted_exactly_by_reason() {
             .iter()
             .flat_map(|w| w["missing_ids"].as_array().cloned().unwrap_or_default())
             .collect();
-        if missed["expected_not_predicted"].as_u64() == Some(2) && predictions == 10 {
+        if missed["expected_not_predicted"].as_u64() == Some(2) && predictions == 10 + ok_rows {
             break;
         }
     }
-    assert_eq!(predictions, 10);
+    assert_eq!(predictions, 10 + ok_rows);
     assert_eq!(missed["invalid_input"], 4, "{missed}");
     assert_eq!(missed["expected_not_predicted"], 2, "{missed}");
-    assert_eq!(missed["shed"], 0, "{missed}");
+    assert_eq!(missed["shed"], shed_rows, "{missed}");
     assert_eq!(missed["backend_error"], 0, "{missed}");
     assert_eq!(ids, vec![json!("c2"), json!("c4")]);
+
+    // The rejected values count too: one unknown channel, one age out of range.
+    let view = monitoring(&agent);
+    let rate = |name: &str, key: &str| -> f64 {
+        view["windows"]
+            .as_array()
+            .expect("windows")
+            .iter()
+            .flat_map(|w| w["features"].as_array().cloned().unwrap_or_default())
+            .filter(|f| f["name"] == name)
+            .map(|f| f[key].as_f64().unwrap_or(0.0))
+            .sum()
+    };
+    assert!(rate("channel", "unseen_rate") > 0.0);
+    assert!(rate("customer_age", "out_of_range_rate") > 0.0);
+    assert_eq!(rate("region", "unseen_rate"), 0.0);
 }
 
 #[test]
