@@ -55,6 +55,52 @@ pub struct Served {
     pub fallbacks: Vec<String>,
     /// Drift and health monitoring, when the bundle has a reference profile.
     pub monitor: Option<Arc<ModelMonitor>>,
+    /// One row runs in well under [`INLINE_BUDGET`]: small requests run on the async
+    /// worker instead of the blocking pool.
+    pub inline: bool,
+}
+
+/// A model whose single-row run takes less than this runs small requests inline.
+pub const INLINE_BUDGET: std::time::Duration = std::time::Duration::from_micros(200);
+/// Largest request (rows) run inline.
+pub const INLINE_ROWS: usize = 16;
+
+/// Whether `backend` answers one row of `inputs` (symbolic dimensions set to 1) within
+/// [`INLINE_BUDGET`]: the fastest of five timed runs after a warm-up.
+pub fn runs_inline(backend: &dyn Backend, inputs: &[TensorSpec]) -> bool {
+    let tensors: Vec<Tensor> = inputs
+        .iter()
+        .map(|s| {
+            let shape: Vec<u64> = s
+                .shape
+                .iter()
+                .map(|d| match d {
+                    Dim::Fixed(n) => *n,
+                    Dim::Symbol(_) => 1,
+                })
+                .collect();
+            let len = shape.iter().product::<u64>() as usize;
+            Tensor {
+                name: s.name.clone(),
+                shape,
+                data: vec![0.0; len],
+            }
+        })
+        .collect();
+    let once = || {
+        let start = Instant::now();
+        std::panic::catch_unwind(AssertUnwindSafe(|| backend.run(&tensors)))
+            .ok()
+            .and_then(Result::ok)
+            .map(|_| start.elapsed())
+    };
+    if once().is_none() {
+        return false;
+    }
+    (0..5)
+        .filter_map(|_| once())
+        .min()
+        .is_some_and(|d| d < INLINE_BUDGET)
 }
 
 /// Limits of the API.
@@ -429,7 +475,7 @@ async fn predict_inner(api: &Api, name: &str, cbor: bool, body: Body) -> Result<
             model.monitor.clone(),
         )
     });
-    let work = tokio::task::spawn_blocking(move || {
+    let job = move || {
         std::panic::catch_unwind(AssertUnwindSafe(|| {
             let outputs = backend.run(&inputs)?;
             let attributions = match explainer {
@@ -445,28 +491,37 @@ async fn predict_inner(api: &Api, name: &str, cbor: bool, body: Body) -> Result<
             };
             Ok::<_, crate::runtime::RuntimeError>((outputs, attributions))
         }))
-    });
-    let outputs = tokio::time::timeout(api.limits.timeout, work)
-        .await
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                "timeout",
-                format!(
-                    "the prediction took longer than {} ms",
-                    api.limits.timeout.as_millis()
-                ),
-            )
-            .rows(rows)
-        })?
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "backend_panic",
-                "the backend worker failed",
-            )
-            .rows(rows)
-        })?;
+    };
+    // A model that answers in microseconds runs right here: handing it to the blocking
+    // pool and back costs two thread wake-ups, which the profile showed to be most of
+    // the API's overhead on a small device. Anything slower (or explained) goes to the
+    // pool, under the timeout.
+    let outputs = if model.inline && !explain && rows <= INLINE_ROWS {
+        job()
+    } else {
+        let work = tokio::task::spawn_blocking(job);
+        tokio::time::timeout(api.limits.timeout, work)
+            .await
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "timeout",
+                    format!(
+                        "the prediction took longer than {} ms",
+                        api.limits.timeout.as_millis()
+                    ),
+                )
+                .rows(rows)
+            })?
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "backend_panic",
+                    "the backend worker failed",
+                )
+                .rows(rows)
+            })?
+    };
     let (outputs, attributions) = match outputs {
         Ok(Ok(o)) => o,
         Ok(Err(e)) => {

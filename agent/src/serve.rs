@@ -54,7 +54,9 @@ fn load(bundles: &std::path::Path, state: &ModelState, config: &Config) -> anyho
     }
     let fallbacks = selection.report();
     let monitor = monitor_for(&path, &verified, state, config);
+    let inline = api::runs_inline(selection.backend.as_ref(), &verified.manifest.inputs);
     Ok(Served {
+        inline,
         name: state.name.clone(),
         version: state.active.version,
         schema: verified.manifest.features.clone(),

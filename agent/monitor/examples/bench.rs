@@ -106,9 +106,9 @@ fn main() {
         median(peer)
     );
     println!(
-        "memory: Monitor {} bytes in all ({} features); one feature slot {} bytes",
+        "memory: Monitor {} bytes in all (fixed: capacity {} features); one feature slot {} bytes",
         std::mem::size_of::<Monitor>(),
-        FEATURES,
+        fleetml_monitor::MAX_FEATURES,
         fleetml_monitor::FEATURE_BYTES
     );
 }

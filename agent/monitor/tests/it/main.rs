@@ -373,3 +373,26 @@ fn ten_million_predictions_allocate_nothing() {
         fleetml_monitor::FEATURE_BYTES
     );
 }
+
+#[test]
+fn latency_quantiles_follow_the_documented_buckets() {
+    // Values 1..=100. Bucket of v ≥ 1: floor(4·log2 v) + 1; reported value: the bucket's
+    // upper bound ⌈2^(bucket/4)⌉, capped at the largest value seen.
+    //   p50: rank 50 → v = 50, bucket floor(4 · 5.6439) + 1 = 23, ⌈2^5.75⌉ = ⌈53.82⌉ = 54
+    //   p95: rank 95 → v = 95, bucket floor(4 · 6.5699) + 1 = 27, ⌈2^6.75⌉ = 108 → cap 100
+    //   p10: rank 10 → v = 10, bucket floor(4 · 3.3219) + 1 = 14, ⌈2^3.5⌉ = ⌈11.31⌉ = 12
+    let mut h = fleetml_monitor::Histogram::default();
+    for v in 1..=100u64 {
+        h.record(v);
+    }
+    assert_eq!(h.count(), 100);
+    assert_eq!(h.quantile(0.50), Some(54));
+    assert_eq!(h.quantile(0.95), Some(100));
+    assert_eq!(h.quantile(0.10), Some(12));
+    let empty = fleetml_monitor::Histogram::default();
+    assert_eq!(empty.quantile(0.5), None);
+    // Zero goes to bucket 0 (reported as 1, capped at the max seen: 0).
+    let mut zeros = fleetml_monitor::Histogram::default();
+    zeros.record(0);
+    assert_eq!(zeros.quantile(0.99), Some(0));
+}
