@@ -4,7 +4,7 @@
 //! the ids an application declared it expects (`POST /v1/expect`), and computes
 //! occlusion explanations.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -16,6 +16,7 @@ use fleetml_monitor::{
 use fleetml_protocol::features::{FeatureSchema, FeatureType, RawValue};
 use fleetml_protocol::manifest::MonitoringPolicy;
 use fleetml_protocol::reference::{ReferenceProfile, argmax};
+use fleetml_protocol::telemetry;
 use serde_json::{Value, json};
 
 /// Windows kept in memory per model for `GET /v1/models/{name}/monitoring`.
@@ -435,25 +436,35 @@ impl ModelMonitor {
     }
 
     fn report_json(&self, seq: u64, r: &WindowReport, missing_ids: &[String]) -> Value {
-        let feature = |name: &str, f: &FeatureReport| {
-            json!({
-                "name": name,
-                "values": f.values,
-                "missing_rate": f.missing_rate,
-                "out_of_range_rate": f.out_of_range_rate,
-                "unseen_rate": f.unseen_rate,
-                "psi": f.psi,
-                "ks": f.ks,
-                "js": f.js,
-                "chi2_p": f.chi2_p,
-                "usefulness": f.usefulness,
-                "drifting": f.drifting,
-            })
+        serde_json::to_value(self.report(seq, r, missing_ids)).unwrap_or(Value::Null)
+    }
+
+    /// A closed window as the protocol's [`telemetry::WindowReport`]: what the API shows
+    /// (as JSON) and what telemetry ships (as CBOR).
+    pub fn report(
+        &self,
+        seq: u64,
+        r: &WindowReport,
+        missing_ids: &[String],
+    ) -> telemetry::WindowReport {
+        let feature = |name: &str, f: &FeatureReport| telemetry::FeatureDrift {
+            name: name.to_string(),
+            values: f.values,
+            missing_rate: f.missing_rate,
+            out_of_range_rate: f.out_of_range_rate,
+            unseen_rate: f.unseen_rate,
+            psi: f.psi,
+            ks: f.ks,
+            js: f.js,
+            chi2_p: f.chi2_p,
+            usefulness: f.usefulness,
+            drifting: f.drifting,
         };
-        let missed: BTreeMap<&str, u32> = MissReason::ALL
-            .iter()
-            .map(|m| (m.as_str(), r.missed[*m as usize]))
-            .collect();
+        let quantiles = |q: &fleetml_monitor::Quantiles| telemetry::Quantiles {
+            p50: q.p50,
+            p95: q.p95,
+            p99: q.p99,
+        };
         let mut alerts: Vec<String> = r
             .features
             .iter()
@@ -471,26 +482,57 @@ impl ModelMonitor {
             alerts.push("lag".into());
         }
         let seconds = (r.end_ms.saturating_sub(r.start_ms)) as f64 / 1000.0;
-        json!({
-            "model": self.model,
-            "version": self.version,
-            "window": seq,
-            "start_ms": r.start_ms,
-            "end_ms": r.end_ms,
-            "predictions": r.predictions,
-            "throughput_per_s": if seconds > 0.0 { r.predictions as f64 / seconds } else { 0.0 },
-            "missed": missed,
-            "missing_prediction_rate": r.missing_prediction_rate(),
-            "missing_ids": missing_ids,
-            "latency_us": {"p50": r.latency_us.p50, "p95": r.latency_us.p95, "p99": r.latency_us.p99},
-            "lag_ms": {"p50": r.lag_ms.p50, "p95": r.lag_ms.p95, "p99": r.lag_ms.p99},
-            "outages": r.outages.iter().map(|o| json!({"start_ms": o.start_ms, "end_ms": o.end_ms, "missed": o.missed})).collect::<Vec<_>>(),
-            "outages_not_listed": r.outages_dropped,
-            "features": r.features.iter().zip(&self.features).map(|(f, (name, _, _))| feature(name, f)).collect::<Vec<_>>(),
-            "prediction": r.prediction.as_ref().map(|p| feature("prediction", p)),
-            "events": r.events.iter().map(|e| json!({"subject": self.subject(e.subject), "transition": match e.transition { Transition::Raised => "raised", Transition::Recovered => "recovered" }})).collect::<Vec<_>>(),
-            "alerts": alerts,
-        })
+        telemetry::WindowReport {
+            model: self.model.clone(),
+            version: self.version,
+            window: seq,
+            start_ms: r.start_ms,
+            end_ms: r.end_ms,
+            predictions: r.predictions,
+            throughput_per_s: if seconds > 0.0 {
+                r.predictions as f64 / seconds
+            } else {
+                0.0
+            },
+            missed: MissReason::ALL
+                .iter()
+                .map(|m| (m.as_str().to_string(), r.missed[*m as usize]))
+                .collect(),
+            missing_prediction_rate: r.missing_prediction_rate(),
+            missing_ids: missing_ids.to_vec(),
+            latency_us: quantiles(&r.latency_us),
+            lag_ms: quantiles(&r.lag_ms),
+            outages: r
+                .outages
+                .iter()
+                .map(|o| telemetry::Outage {
+                    start_ms: o.start_ms,
+                    end_ms: o.end_ms,
+                    missed: o.missed,
+                })
+                .collect(),
+            outages_not_listed: r.outages_dropped,
+            features: r
+                .features
+                .iter()
+                .zip(&self.features)
+                .map(|(f, (name, _, _))| feature(name, f))
+                .collect(),
+            prediction: r.prediction.as_ref().map(|p| feature("prediction", p)),
+            events: r
+                .events
+                .iter()
+                .map(|e| telemetry::AlertEvent {
+                    subject: self.subject(e.subject),
+                    transition: match e.transition {
+                        Transition::Raised => "raised",
+                        Transition::Recovered => "recovered",
+                    }
+                    .into(),
+                })
+                .collect(),
+            alerts,
+        }
     }
 
     /// The monitoring view of `GET /v1/models/{name}/monitoring`: current alerts and the

@@ -6,6 +6,7 @@ mod bundle;
 mod features;
 mod fixture;
 mod payloads;
+mod telemetry;
 mod wycheproof_ed25519;
 
 #[global_allocator]

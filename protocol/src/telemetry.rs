@@ -1,0 +1,434 @@
+//! Device ↔ control-plane messages over MQTT: the topic layout, the CBOR messages, and
+//! their authenticator.
+//!
+//! Topics (`v1` is the layout's version):
+//!
+//! | topic | direction | carries |
+//! |---|---|---|
+//! | `fleetml/v1/{device}/status` | device → cloud, retained | [`Body::Status`] |
+//! | `fleetml/v1/{device}/telemetry` | device → cloud | [`Body::Window`], [`Body::Alert`] |
+//! | `fleetml/v1/{device}/events` | device → cloud | [`Body::Event`], [`Body::Ack`] |
+//! | `fleetml/v1/{device}/cmd` | cloud → device | [`Body::Command`] |
+//!
+//! Every message is one CBOR [`Envelope`]: format, device id, a per-device sequence
+//! number that survives restarts, a timestamp, the body, and an HMAC-SHA256 over the
+//! canonical CBOR of everything else, keyed by the device's secret issued at enrollment.
+//! [`open`] refuses (and the caller counts) a message that is too large, not CBOR, of
+//! another format, from a device other than its topic names, or whose authenticator does
+//! not verify — before anything of it is stored.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the topic layout and of [`Envelope`].
+pub const FORMAT: u16 = 1;
+/// First segments of every topic.
+pub const TOPIC_PREFIX: &str = "fleetml/v1";
+/// Largest message [`open`] decodes.
+pub const MAX_MESSAGE: usize = 256 * 1024;
+/// Length of a device secret.
+pub const SECRET_LEN: usize = 32;
+
+/// A device id: 1–64 characters of lowercase letters, digits, `-`, `_`, `.`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct DeviceId(String);
+
+impl DeviceId {
+    pub fn new(id: &str) -> Result<DeviceId, MessageError> {
+        let ok = !id.is_empty()
+            && id.len() <= 64
+            && !id.starts_with('.')
+            && id.chars().all(|c| {
+                c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.')
+            });
+        if ok {
+            Ok(DeviceId(id.to_string()))
+        } else {
+            Err(MessageError::BadDeviceId(id.chars().take(80).collect()))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for DeviceId {
+    type Error = MessageError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        DeviceId::new(&s)
+    }
+}
+
+impl From<DeviceId> for String {
+    fn from(d: DeviceId) -> String {
+        d.0
+    }
+}
+
+impl fmt::Display for DeviceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The last segment of a topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Channel {
+    Status,
+    Telemetry,
+    Events,
+    Cmd,
+}
+
+impl Channel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Channel::Status => "status",
+            Channel::Telemetry => "telemetry",
+            Channel::Events => "events",
+            Channel::Cmd => "cmd",
+        }
+    }
+
+    /// The channel a body travels on.
+    pub fn of(body: &Body) -> Channel {
+        match body {
+            Body::Status(_) => Channel::Status,
+            Body::Window(_) | Body::Alert(_) => Channel::Telemetry,
+            Body::Event(_) | Body::Ack(_) => Channel::Events,
+            Body::Command(_) => Channel::Cmd,
+        }
+    }
+}
+
+/// `fleetml/v1/{device}/{channel}`.
+pub fn topic(device: &DeviceId, channel: Channel) -> String {
+    format!("{TOPIC_PREFIX}/{device}/{}", channel.as_str())
+}
+
+/// The subscription filter of the control plane's ingest for device → cloud messages.
+pub const INGEST_FILTER: &str = "fleetml/v1/+/+";
+
+/// Splits a topic into its device and channel.
+pub fn parse_topic(topic: &str) -> Result<(DeviceId, Channel), MessageError> {
+    let bad = || MessageError::BadTopic(topic.chars().take(200).collect());
+    let rest = topic
+        .strip_prefix(TOPIC_PREFIX)
+        .and_then(|r| r.strip_prefix('/'))
+        .ok_or_else(bad)?;
+    let (device, channel) = rest.split_once('/').ok_or_else(bad)?;
+    let channel = match channel {
+        "status" => Channel::Status,
+        "telemetry" => Channel::Telemetry,
+        "events" => Channel::Events,
+        "cmd" => Channel::Cmd,
+        _ => return Err(bad()),
+    };
+    Ok((DeviceId::new(device).map_err(|_| bad())?, channel))
+}
+
+/// A model a device serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActiveModel {
+    pub name: String,
+    pub version: u64,
+    pub backend: String,
+    /// Why earlier backends of the board's order were passed over.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fallbacks: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Status {
+    pub agent_version: String,
+    pub board: String,
+    /// Backends this agent can use on this device (`cpu`, `gpu`, …).
+    pub backends: Vec<String>,
+    pub models: Vec<ActiveModel>,
+    pub uptime_s: u64,
+    /// `false` only in the last-will message the broker publishes for a vanished device.
+    pub online: bool,
+}
+
+/// Drift of one feature, or of the predictions, in one window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeatureDrift {
+    pub name: String,
+    pub values: u32,
+    pub missing_rate: f64,
+    pub out_of_range_rate: f64,
+    pub unseen_rate: f64,
+    pub psi: f64,
+    pub ks: f64,
+    pub js: f64,
+    pub chi2_p: Option<f64>,
+    pub usefulness: Option<f64>,
+    pub drifting: bool,
+}
+
+/// p50, p95, p99 (absent when the window had no value).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Quantiles {
+    pub p50: Option<u64>,
+    pub p95: Option<u64>,
+    pub p99: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Outage {
+    pub start_ms: u64,
+    pub end_ms: Option<u64>,
+    pub missed: u32,
+}
+
+/// An alert changing state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertEvent {
+    /// A feature name, `prediction`, `missing_predictions` or `lag`.
+    pub subject: String,
+    /// `raised` or `recovered`.
+    pub transition: String,
+}
+
+/// One closed monitoring window of one model (the agent's
+/// `GET /v1/models/{name}/monitoring` shows the same, as JSON).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WindowReport {
+    pub model: String,
+    pub version: u64,
+    pub window: u64,
+    pub start_ms: u64,
+    pub end_ms: u64,
+    pub predictions: u32,
+    pub throughput_per_s: f64,
+    /// Inputs that got no prediction, by reason.
+    pub missed: BTreeMap<String, u32>,
+    pub missing_prediction_rate: f64,
+    /// The first few expected ids not predicted by their deadline.
+    pub missing_ids: Vec<String>,
+    pub latency_us: Quantiles,
+    pub lag_ms: Quantiles,
+    pub outages: Vec<Outage>,
+    pub outages_not_listed: u32,
+    pub features: Vec<FeatureDrift>,
+    pub prediction: Option<FeatureDrift>,
+    pub events: Vec<AlertEvent>,
+    /// Subjects alerting after this window.
+    pub alerts: Vec<String>,
+}
+
+/// An alert transition, sent on its own as soon as it happens.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Alert {
+    pub model: String,
+    pub version: u64,
+    pub window: u64,
+    pub event: AlertEvent,
+}
+
+/// Something that happened to a model on the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Lifecycle {
+    Downloaded,
+    Verified,
+    VerificationFailed,
+    SelfTestFailed,
+    Activated,
+    RolledBack,
+    FellBack,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Event {
+    pub kind: Lifecycle,
+    pub model: String,
+    pub version: u64,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+}
+
+/// What the control plane asks of a device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum CommandKind {
+    AssignmentChanged,
+    CaptureSamples { model: String, count: u32 },
+    SendStatus,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Command {
+    pub id: String,
+    pub command: CommandKind,
+}
+
+/// A device's answer to a command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ack {
+    pub command: String,
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Body {
+    Status(Status),
+    Window(Box<WindowReport>),
+    Alert(Alert),
+    Event(Event),
+    Ack(Ack),
+    Command(Command),
+}
+
+/// The signed part of a message.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+struct Signed<'a> {
+    v: u16,
+    device: &'a DeviceId,
+    seq: u64,
+    ts_ms: u64,
+    body: &'a Body,
+}
+
+/// One message on the wire.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Envelope {
+    pub v: u16,
+    /// The device the message is from (device → cloud) or for (cloud → device).
+    pub device: DeviceId,
+    /// Per device and direction, strictly increasing, surviving restarts.
+    pub seq: u64,
+    /// Milliseconds since the Unix epoch, from the sender's clock.
+    pub ts_ms: u64,
+    pub body: Body,
+    /// HMAC-SHA256 of the CBOR of `{v, device, seq, ts_ms, body}`.
+    #[serde(with = "serde_bytes")]
+    pub auth: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MessageError {
+    #[error("message of {0} bytes is larger than {MAX_MESSAGE}")]
+    TooLarge(usize),
+    #[error("message is not valid CBOR for this format: {0}")]
+    Malformed(String),
+    #[error("message format {0} is not supported (this build reads {FORMAT})")]
+    UnsupportedFormat(u16),
+    #[error("topic `{0}` is not a fleetml v1 topic")]
+    BadTopic(String),
+    #[error("device id `{0}` is invalid: use 1-64 lowercase letters, digits, `-`, `_`, `.`")]
+    BadDeviceId(String),
+    #[error("message says device `{message}` on the topic of device `{topic}`")]
+    DeviceMismatch { topic: String, message: String },
+    #[error("a {body} message does not belong on the `{channel}` topic")]
+    WrongChannel {
+        body: &'static str,
+        channel: &'static str,
+    },
+    #[error("unknown device `{0}`")]
+    UnknownDevice(String),
+    #[error("authenticator does not verify")]
+    BadAuthenticator,
+}
+
+fn mac(secret: &[u8], signed: &Signed<'_>) -> Vec<u8> {
+    let bytes = serde_cbor::to_vec(signed).expect("messages serialize to CBOR");
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+    ring::hmac::sign(&key, &bytes).as_ref().to_vec()
+}
+
+/// Builds and authenticates a message; returns its topic and bytes.
+pub fn seal(
+    device: &DeviceId,
+    seq: u64,
+    ts_ms: u64,
+    body: Body,
+    secret: &[u8],
+) -> (String, Vec<u8>) {
+    let auth = mac(
+        secret,
+        &Signed {
+            v: FORMAT,
+            device,
+            seq,
+            ts_ms,
+            body: &body,
+        },
+    );
+    let channel = Channel::of(&body);
+    let envelope = Envelope {
+        v: FORMAT,
+        device: device.clone(),
+        seq,
+        ts_ms,
+        body,
+        auth,
+    };
+    (
+        topic(device, channel),
+        serde_cbor::to_vec(&envelope).expect("messages serialize to CBOR"),
+    )
+}
+
+/// Decodes and authenticates a message received on `topic`; `secret_of` gives the
+/// secret of an enrolled device (`None`: unknown device).
+pub fn open(
+    topic: &str,
+    bytes: &[u8],
+    secret_of: impl FnOnce(&DeviceId) -> Option<Vec<u8>>,
+) -> Result<Envelope, MessageError> {
+    if bytes.len() > MAX_MESSAGE {
+        return Err(MessageError::TooLarge(bytes.len()));
+    }
+    let (topic_device, channel) = parse_topic(topic)?;
+    let envelope: Envelope =
+        serde_cbor::from_slice(bytes).map_err(|e| MessageError::Malformed(e.to_string()))?;
+    if envelope.v != FORMAT {
+        return Err(MessageError::UnsupportedFormat(envelope.v));
+    }
+    if envelope.device != topic_device {
+        return Err(MessageError::DeviceMismatch {
+            topic: topic_device.to_string(),
+            message: envelope.device.to_string(),
+        });
+    }
+    let expected = Channel::of(&envelope.body);
+    if expected != channel {
+        return Err(MessageError::WrongChannel {
+            body: expected.as_str(),
+            channel: channel.as_str(),
+        });
+    }
+    let secret = secret_of(&envelope.device)
+        .ok_or_else(|| MessageError::UnknownDevice(envelope.device.to_string()))?;
+    let bytes = serde_cbor::to_vec(&Signed {
+        v: envelope.v,
+        device: &envelope.device,
+        seq: envelope.seq,
+        ts_ms: envelope.ts_ms,
+        body: &envelope.body,
+    })
+    .map_err(|e| MessageError::Malformed(e.to_string()))?;
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret);
+    ring::hmac::verify(&key, &bytes, &envelope.auth).map_err(|_| MessageError::BadAuthenticator)?;
+    Ok(envelope)
+}

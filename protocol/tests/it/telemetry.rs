@@ -1,0 +1,149 @@
+//! Telemetry messages: topics, authentication, refusal of forged and malformed messages.
+
+use fleetml_protocol::telemetry::{
+    self, ActiveModel, Body, Channel, DeviceId, Event, Lifecycle, MessageError, Status,
+};
+use proptest::prelude::*;
+
+const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+fn device(id: &str) -> DeviceId {
+    DeviceId::new(id).expect("valid id")
+}
+
+fn status() -> Body {
+    Body::Status(Status {
+        agent_version: "0.1.0".into(),
+        board: "raspberry-pi-4".into(),
+        backends: vec!["cpu".into()],
+        models: vec![ActiveModel {
+            name: "claims".into(),
+            version: 3,
+            backend: "cpu".into(),
+            fallbacks: vec![],
+        }],
+        uptime_s: 42,
+        online: true,
+    })
+}
+
+fn secret_for(id: &'static str) -> impl Fn(&DeviceId) -> Option<Vec<u8>> {
+    move |d: &DeviceId| (d.as_str() == id).then(|| SECRET.to_vec())
+}
+
+#[test]
+fn a_sealed_message_opens_on_its_topic() {
+    let d = device("pi-07");
+    let (topic, bytes) = telemetry::seal(&d, 17, 1_795_000_000_000, status(), SECRET);
+    assert_eq!(topic, "fleetml/v1/pi-07/status");
+    let env = telemetry::open(&topic, &bytes, secret_for("pi-07")).expect("opens");
+    assert_eq!((env.device.as_str(), env.seq), ("pi-07", 17));
+    assert_eq!(env.body, status());
+    assert_eq!(
+        telemetry::parse_topic("fleetml/v1/pi-07/events").expect("topic"),
+        (d, Channel::Events)
+    );
+}
+
+#[test]
+fn forged_misaddressed_and_misrouted_messages_are_refused() {
+    let d = device("pi-07");
+    let (topic, bytes) = telemetry::seal(&d, 1, 0, status(), b"the wrong secret, 32 bytes long!");
+    assert_eq!(
+        telemetry::open(&topic, &bytes, secret_for("pi-07")),
+        Err(MessageError::BadAuthenticator)
+    );
+    // A valid message of pi-07 replayed on another device's topic.
+    let (_, bytes) = telemetry::seal(&d, 1, 0, status(), SECRET);
+    assert_eq!(
+        telemetry::open("fleetml/v1/pi-08/status", &bytes, secret_for("pi-07")),
+        Err(MessageError::DeviceMismatch {
+            topic: "pi-08".into(),
+            message: "pi-07".into()
+        })
+    );
+    // A status on the events topic.
+    assert!(matches!(
+        telemetry::open("fleetml/v1/pi-07/events", &bytes, secret_for("pi-07")),
+        Err(MessageError::WrongChannel { .. })
+    ));
+    // An unknown device.
+    assert_eq!(
+        telemetry::open("fleetml/v1/pi-07/status", &bytes, |_| None),
+        Err(MessageError::UnknownDevice("pi-07".into()))
+    );
+    // Any change to the body breaks the authenticator.
+    let (topic, bytes) = telemetry::seal(
+        &d,
+        2,
+        0,
+        Body::Event(Event {
+            kind: Lifecycle::Activated,
+            model: "claims".into(),
+            version: 3,
+            detail: String::new(),
+        }),
+        SECRET,
+    );
+    let tampered: Vec<u8> = {
+        let mut env: serde_cbor::Value = serde_cbor::from_slice(&bytes).expect("cbor");
+        if let serde_cbor::Value::Map(m) = &mut env {
+            m.insert(
+                serde_cbor::Value::Text("seq".into()),
+                serde_cbor::Value::Integer(3),
+            );
+        }
+        serde_cbor::to_vec(&env).expect("cbor")
+    };
+    assert_eq!(
+        telemetry::open(&topic, &tampered, secret_for("pi-07")),
+        Err(MessageError::BadAuthenticator)
+    );
+}
+
+#[test]
+fn bad_topics_and_ids_are_named() {
+    for t in [
+        "fleetml/v2/a/status",
+        "fleetml/v1/a",
+        "fleetml/v1/A/status",
+        "fleetml/v1/a/other",
+        "",
+    ] {
+        assert!(
+            matches!(telemetry::parse_topic(t), Err(MessageError::BadTopic(_))),
+            "{t}"
+        );
+    }
+    assert!(DeviceId::new("").is_err());
+    assert!(DeviceId::new(&"x".repeat(65)).is_err());
+    assert!(DeviceId::new("has space").is_err());
+    assert!(DeviceId::new("pi-07.lab_1").is_ok());
+}
+
+#[test]
+fn oversize_messages_are_refused_before_decoding() {
+    let big = vec![0u8; telemetry::MAX_MESSAGE + 1];
+    assert_eq!(
+        telemetry::open("fleetml/v1/a/status", &big, |_| None),
+        Err(MessageError::TooLarge(telemetry::MAX_MESSAGE + 1))
+    );
+}
+
+proptest! {
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let _ = telemetry::open("fleetml/v1/pi-07/telemetry", &bytes, secret_for("pi-07"));
+    }
+
+    #[test]
+    fn every_truncation_of_a_message_is_refused(cut in 0usize..10_000, seq in any::<u64>(), uptime in any::<u64>()) {
+        let d = device("pi-07");
+        let mut body = status();
+        if let Body::Status(s) = &mut body { s.uptime_s = uptime; }
+        let (topic, bytes) = telemetry::seal(&d, seq, 5, body, SECRET);
+        let cut = cut % bytes.len();
+        prop_assert!(telemetry::open(&topic, &bytes[..cut], secret_for("pi-07")).is_err());
+        prop_assert!(telemetry::open(&topic, &bytes, secret_for("pi-07")).is_ok());
+    }
+}
