@@ -135,6 +135,29 @@ fn main() {
             }
             report("direct", &model, 1, latencies, start.elapsed());
         }
+        #[cfg(feature = "gpu")]
+        "gpu" => {
+            // The GPU backend's call: the model prepared for wonnx (batch 1), on the
+            // adapter fleet_agent::gpu::probe finds.
+            use fleet_agent::backend::Backend;
+            let onnx = std::fs::read(model_path(&model, &args)).expect("model");
+            let prepared =
+                fleetml_inference::prepare::prepare_gpu(&onnx, &declared, 1).expect("prepares");
+            let m = fleet_agent::gpu::GpuModel::load(&onnx, Some(&prepared.onnx), &declared)
+                .expect("wonnx compiles the model");
+            eprintln!("adapter: {}", m.adapter());
+            let inputs = [tensor];
+            m.run(&inputs).expect("runs");
+            let start = Instant::now();
+            let mut latencies = Vec::new();
+            while start.elapsed().as_secs_f64() < seconds {
+                let t = Instant::now();
+                let out = m.run(&inputs).expect("runs");
+                std::hint::black_box(out);
+                latencies.push(t.elapsed());
+            }
+            report("gpu", &model, 1, latencies, start.elapsed());
+        }
         "http" => {
             let clients: usize = arg(&args, "--clients")
                 .and_then(|s| s.parse().ok())
