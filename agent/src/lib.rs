@@ -14,6 +14,7 @@ pub mod explain;
 #[cfg(feature = "gpu")]
 pub mod gpu;
 pub mod monitoring;
+pub mod outbox;
 pub mod runtime;
 pub mod selftest;
 pub mod serve;

@@ -3,6 +3,7 @@
 
 #[cfg(feature = "gpu")]
 mod gpu;
+mod outbox;
 
 use std::path::{Path, PathBuf};
 

@@ -1,0 +1,263 @@
+//! The durable outbox telemetry is published from (groundwork of the messaging issue).
+//!
+//! Every message is written to sled and flushed before anyone may publish it, and is
+//! deleted only when the broker acknowledged it ([`Outbox::ack`]). After a reconnect or
+//! a restart, everything still here is published again in sequence order: the outbox,
+//! not the MQTT session, is the source of truth (duplicates are fine; the control plane
+//! de-duplicates by `(device, seq)`).
+//!
+//! Sequence numbers are allocated here, in the same sled transaction that stores the
+//! message, so they are strictly increasing, gap-free and survive restarts.
+//!
+//! Bounded by count and bytes: when a new message does not fit, the oldest monitoring
+//! windows are dropped first and counted ([`Outbox::dropped`]); other messages
+//! (lifecycle events, alerts, acknowledgements, status) are never dropped — they may
+//! exceed the bound rather than be lost.
+
+use std::path::Path;
+
+use sled::Transactional;
+
+/// What a message is, for the overflow policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// A monitoring window report: dropped first when the outbox is full.
+    Window,
+    /// Anything else: never dropped.
+    Keep,
+}
+
+/// Limits of the outbox.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_messages: u64,
+    pub max_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_messages: 100_000,
+            max_bytes: 256 << 20,
+        }
+    }
+}
+
+/// One stored message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    pub seq: u64,
+    pub class: Class,
+    pub topic: String,
+    pub payload: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    #[error("outbox storage: {0}")]
+    Storage(String),
+    #[error("outbox entry {0} is corrupt")]
+    Corrupt(u64),
+}
+
+impl From<sled::Error> for OutboxError {
+    fn from(e: sled::Error) -> Self {
+        OutboxError::Storage(e.to_string())
+    }
+}
+
+impl From<sled::transaction::TransactionError<OutboxError>> for OutboxError {
+    fn from(e: sled::transaction::TransactionError<OutboxError>) -> Self {
+        match e {
+            sled::transaction::TransactionError::Abort(e) => e,
+            sled::transaction::TransactionError::Storage(e) => e.into(),
+        }
+    }
+}
+
+const NEXT_SEQ: &[u8] = b"next_seq";
+const DROPPED: &[u8] = b"dropped";
+const BYTES: &[u8] = b"bytes";
+
+/// A durable, bounded, ordered outbox.
+#[derive(Debug)]
+pub struct Outbox {
+    db: sled::Db,
+    queue: sled::Tree,
+    meta: sled::Tree,
+    limits: Limits,
+}
+
+fn read_u64(tree: &sled::Tree, key: &[u8]) -> Result<u64, OutboxError> {
+    Ok(tree
+        .get(key)?
+        .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+        .map(u64::from_be_bytes)
+        .unwrap_or(0))
+}
+
+fn encode(class: Class, topic: &str, payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(3 + topic.len() + payload.len());
+    v.push(match class {
+        Class::Window => 1,
+        Class::Keep => 0,
+    });
+    v.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    v.extend_from_slice(topic.as_bytes());
+    v.extend_from_slice(payload);
+    v
+}
+
+fn decode(seq: u64, v: &[u8]) -> Result<Stored, OutboxError> {
+    let corrupt = || OutboxError::Corrupt(seq);
+    let (&class, rest) = v.split_first().ok_or_else(corrupt)?;
+    let len = u16::from_be_bytes(
+        rest.get(..2)
+            .ok_or_else(corrupt)?
+            .try_into()
+            .map_err(|_| corrupt())?,
+    ) as usize;
+    let topic = rest.get(2..2 + len).ok_or_else(corrupt)?;
+    Ok(Stored {
+        seq,
+        class: if class == 1 {
+            Class::Window
+        } else {
+            Class::Keep
+        },
+        topic: String::from_utf8(topic.to_vec()).map_err(|_| corrupt())?,
+        payload: rest[2 + len..].to_vec(),
+    })
+}
+
+impl Outbox {
+    /// Opens (or creates) the outbox at `path`.
+    pub fn open(path: &Path, limits: Limits) -> Result<Outbox, OutboxError> {
+        let db = sled::Config::new().path(path).open()?;
+        let queue = db.open_tree("queue")?;
+        let meta = db.open_tree("meta")?;
+        Ok(Outbox {
+            db,
+            queue,
+            meta,
+            limits,
+        })
+    }
+
+    /// Stores a message built by `build(seq)` (which seals it with its sequence number)
+    /// for `topic`, makes room by dropping the oldest windows if needed, and flushes to
+    /// disk before returning its sequence number.
+    pub fn push(
+        &self,
+        class: Class,
+        topic: &str,
+        build: impl Fn(u64) -> Vec<u8>,
+    ) -> Result<u64, OutboxError> {
+        let seq = (&self.queue, &self.meta).transaction(|(q, m)| {
+            let seq = m
+                .get(NEXT_SEQ)?
+                .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+                .map(u64::from_be_bytes)
+                .unwrap_or(0);
+            let value = encode(class, topic, &build(seq));
+            let bytes = m
+                .get(BYTES)?
+                .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+                .map(u64::from_be_bytes)
+                .unwrap_or(0);
+            m.insert(NEXT_SEQ, &(seq + 1).to_be_bytes())?;
+            m.insert(BYTES, &(bytes + value.len() as u64).to_be_bytes())?;
+            q.insert(&seq.to_be_bytes(), value)?;
+            Ok(seq)
+        })?;
+        self.make_room(seq)?;
+        self.db.flush()?;
+        Ok(seq)
+    }
+
+    /// Drops the oldest windows (never `keep`) until the limits hold again.
+    fn make_room(&self, keep: u64) -> Result<(), OutboxError> {
+        while self.depth() > self.limits.max_messages || self.bytes()? > self.limits.max_bytes {
+            let victim = self.queue.iter().find_map(|kv| {
+                let (k, v) = kv.ok()?;
+                let seq = u64::from_be_bytes(k.as_ref().try_into().ok()?);
+                (seq != keep && v.first() == Some(&1)).then_some((seq, v.len() as u64))
+            });
+            let Some((seq, len)) = victim else {
+                break;
+            };
+            self.remove(seq, len, true)?;
+        }
+        Ok(())
+    }
+
+    fn remove(&self, seq: u64, len: u64, dropped: bool) -> Result<(), OutboxError> {
+        (&self.queue, &self.meta).transaction(|(q, m)| {
+            if q.remove(&seq.to_be_bytes())?.is_none() {
+                return Ok(());
+            }
+            let bytes = m
+                .get(BYTES)?
+                .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+                .map(u64::from_be_bytes)
+                .unwrap_or(0);
+            m.insert(BYTES, &bytes.saturating_sub(len).to_be_bytes())?;
+            if dropped {
+                let n = m
+                    .get(DROPPED)?
+                    .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+                    .map(u64::from_be_bytes)
+                    .unwrap_or(0);
+                m.insert(DROPPED, &(n + 1).to_be_bytes())?;
+            }
+            Ok(())
+        })?;
+        Ok(())
+    }
+
+    /// The broker acknowledged `seq`: forget it.
+    pub fn ack(&self, seq: u64) -> Result<(), OutboxError> {
+        if let Some(v) = self.queue.get(seq.to_be_bytes())? {
+            self.remove(seq, v.len() as u64, false)?;
+            self.db.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Up to `limit` unacknowledged messages, oldest first.
+    pub fn pending(&self, limit: usize) -> Result<Vec<Stored>, OutboxError> {
+        self.queue
+            .iter()
+            .take(limit)
+            .map(|kv| {
+                let (k, v) = kv?;
+                let seq = u64::from_be_bytes(
+                    k.as_ref()
+                        .try_into()
+                        .map_err(|_| OutboxError::Corrupt(u64::MAX))?,
+                );
+                decode(seq, &v)
+            })
+            .collect()
+    }
+
+    /// Messages waiting.
+    pub fn depth(&self) -> u64 {
+        self.queue.len() as u64
+    }
+
+    /// Bytes waiting.
+    pub fn bytes(&self) -> Result<u64, OutboxError> {
+        read_u64(&self.meta, BYTES)
+    }
+
+    /// Windows dropped for room, ever.
+    pub fn dropped(&self) -> Result<u64, OutboxError> {
+        read_u64(&self.meta, DROPPED)
+    }
+
+    /// The sequence number the next message gets.
+    pub fn next_seq(&self) -> Result<u64, OutboxError> {
+        read_u64(&self.meta, NEXT_SEQ)
+    }
+}
