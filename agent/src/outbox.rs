@@ -96,6 +96,17 @@ fn read_u64(tree: &sled::Tree, key: &[u8]) -> Result<u64, OutboxError> {
         .unwrap_or(0))
 }
 
+fn tx_u64(
+    tree: &sled::transaction::TransactionalTree,
+    key: &[u8],
+) -> Result<u64, sled::transaction::UnabortableTransactionError> {
+    Ok(tree
+        .get(key)?
+        .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+        .map(u64::from_be_bytes)
+        .unwrap_or(0))
+}
+
 fn encode(class: Class, topic: &str, payload: &[u8]) -> Vec<u8> {
     let mut v = Vec::with_capacity(3 + topic.len() + payload.len());
     v.push(match class {
@@ -154,17 +165,9 @@ impl Outbox {
         build: impl Fn(u64) -> Vec<u8>,
     ) -> Result<u64, OutboxError> {
         let seq = (&self.queue, &self.meta).transaction(|(q, m)| {
-            let seq = m
-                .get(NEXT_SEQ)?
-                .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
-                .map(u64::from_be_bytes)
-                .unwrap_or(0);
+            let seq = tx_u64(m, NEXT_SEQ)?;
             let value = encode(class, topic, &build(seq));
-            let bytes = m
-                .get(BYTES)?
-                .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
-                .map(u64::from_be_bytes)
-                .unwrap_or(0);
+            let bytes = tx_u64(m, BYTES)?;
             m.insert(NEXT_SEQ, &(seq + 1).to_be_bytes())?;
             m.insert(BYTES, &(bytes + value.len() as u64).to_be_bytes())?;
             q.insert(&seq.to_be_bytes(), value)?;
@@ -196,18 +199,10 @@ impl Outbox {
             if q.remove(&seq.to_be_bytes())?.is_none() {
                 return Ok(());
             }
-            let bytes = m
-                .get(BYTES)?
-                .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
-                .map(u64::from_be_bytes)
-                .unwrap_or(0);
+            let bytes = tx_u64(m, BYTES)?;
             m.insert(BYTES, &bytes.saturating_sub(len).to_be_bytes())?;
             if dropped {
-                let n = m
-                    .get(DROPPED)?
-                    .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
-                    .map(u64::from_be_bytes)
-                    .unwrap_or(0);
+                let n = tx_u64(m, DROPPED)?;
                 m.insert(DROPPED, &(n + 1).to_be_bytes())?;
             }
             Ok(())
