@@ -15,6 +15,7 @@ pub mod explain;
 pub mod gpu;
 pub mod monitoring;
 pub mod outbox;
+pub mod publisher;
 pub mod runtime;
 pub mod selftest;
 pub mod serve;

@@ -221,8 +221,13 @@ impl Outbox {
 
     /// Up to `limit` unacknowledged messages, oldest first.
     pub fn pending(&self, limit: usize) -> Result<Vec<Stored>, OutboxError> {
+        self.pending_from(0, limit)
+    }
+
+    /// Up to `limit` unacknowledged messages with sequence numbers from `from` on.
+    pub fn pending_from(&self, from: u64, limit: usize) -> Result<Vec<Stored>, OutboxError> {
         self.queue
-            .iter()
+            .range(from.to_be_bytes()..)
             .take(limit)
             .map(|kv| {
                 let (k, v) = kv?;

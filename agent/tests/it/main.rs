@@ -4,6 +4,7 @@
 #[cfg(feature = "gpu")]
 mod gpu;
 mod outbox;
+mod publisher;
 
 use std::path::{Path, PathBuf};
 

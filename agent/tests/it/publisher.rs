@@ -1,0 +1,150 @@
+//! The publisher drains the outbox to a real broker (mosquitto from Debian): in order,
+//! removing only what the broker acknowledged, and catching up once a broker that was
+//! down comes up.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fleet_agent::outbox::{Class, Limits, Outbox};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+
+struct Broker(Child);
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+fn mosquitto(port: u16) -> Broker {
+    let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("mosquitto is not installed: apt-get install mosquitto (.ci/run does)");
+    let child = Command::new(bin)
+        .args(["-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("mosquitto starts");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "mosquitto did not listen on {port}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Broker(child)
+}
+
+fn options(id: &str, port: u16) -> MqttOptions {
+    let mut o = MqttOptions::new(id, "127.0.0.1", port);
+    o.set_keep_alive(Duration::from_secs(5));
+    o
+}
+
+async fn drained(outbox: &Outbox, within: Duration) {
+    let deadline = Instant::now() + within;
+    while outbox.depth() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{} messages never acknowledged",
+            outbox.depth()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[test]
+fn the_outbox_reaches_the_broker_in_order_and_empties_on_acks() {
+    let port = free_port();
+    let _broker = mosquitto(port);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let outbox =
+        Arc::new(Outbox::open(&dir.path().join("outbox"), Limits::default()).expect("opens"));
+    for _ in 0..20 {
+        outbox
+            .push(Class::Window, "fleetml/v1/pi/telemetry", |seq| {
+                seq.to_be_bytes().to_vec()
+            })
+            .expect("push");
+    }
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let (sub, mut sub_events) = AsyncClient::new(options("observer", port), 64);
+        sub.subscribe("fleetml/v1/pi/#", QoS::AtLeastOnce)
+            .await
+            .expect("subscribe");
+        loop {
+            if let Ok(Event::Incoming(Packet::SubAck(_))) = sub_events.poll().await {
+                break;
+            }
+        }
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let task = tokio::spawn(fleet_agent::publisher::run(
+            outbox.clone(),
+            options("pi", port),
+            wake,
+        ));
+        let mut seen = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while seen.len() < 20 {
+            assert!(Instant::now() < deadline, "received only {seen:?}");
+            if let Ok(Ok(Event::Incoming(Packet::Publish(p)))) =
+                tokio::time::timeout(Duration::from_secs(1), sub_events.poll()).await
+            {
+                seen.push(u64::from_be_bytes(
+                    p.payload[..8].try_into().expect("8 bytes"),
+                ));
+            }
+        }
+        assert_eq!(seen, (0..20).collect::<Vec<u64>>(), "in sequence order");
+        drained(&outbox, Duration::from_secs(20)).await;
+        task.abort();
+    });
+}
+
+#[test]
+fn messages_queued_while_the_broker_is_down_are_delivered_when_it_comes_up() {
+    let port = free_port();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let outbox =
+        Arc::new(Outbox::open(&dir.path().join("outbox"), Limits::default()).expect("opens"));
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let task = tokio::spawn(fleet_agent::publisher::run(
+            outbox.clone(),
+            options("pi", port),
+            wake.clone(),
+        ));
+        for _ in 0..5 {
+            outbox
+                .push(Class::Keep, "fleetml/v1/pi/events", |seq| {
+                    seq.to_be_bytes().to_vec()
+                })
+                .expect("push");
+            wake.notify_one();
+        }
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert_eq!(
+            outbox.depth(),
+            5,
+            "nothing is lost while no broker is there"
+        );
+        let _broker = mosquitto(port);
+        drained(&outbox, Duration::from_secs(60)).await;
+        task.abort();
+    });
+}
