@@ -4,6 +4,7 @@
 //! Every check of a bundle is done by `fleetml-protocol`, the same code the agent runs.
 
 pub mod bundle;
+pub mod ingest;
 pub mod keys;
 pub mod onnx;
 pub mod output;

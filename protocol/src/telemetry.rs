@@ -325,7 +325,7 @@ pub struct Envelope {
     pub auth: Vec<u8>,
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum MessageError {
     #[error("message of {0} bytes is larger than {MAX_MESSAGE}")]
     TooLarge(usize),

@@ -1,5 +1,7 @@
 //! Integration tests of fleet-control's offline operations (keys and bundle building).
 
+mod ingest;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
