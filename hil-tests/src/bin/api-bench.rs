@@ -109,6 +109,25 @@ fn report(
     );
 }
 
+/// Times one backend call after a warm-up, for `seconds`, and prints the cell.
+fn time_backend(
+    mode: &str,
+    model: &str,
+    backend: &dyn fleet_agent::backend::Backend,
+    inputs: &[Tensor],
+    seconds: f64,
+) {
+    backend.run(inputs).expect("runs");
+    let start = Instant::now();
+    let mut latencies = Vec::new();
+    while start.elapsed().as_secs_f64() < seconds {
+        let t = Instant::now();
+        std::hint::black_box(backend.run(inputs).expect("runs"));
+        latencies.push(t.elapsed());
+    }
+    report(mode, model, 1, latencies, start.elapsed());
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let mode = args.get(1).cloned().unwrap_or_default();
@@ -124,39 +143,19 @@ fn main() {
                 &declared,
             )
             .expect("loads");
-            let inputs = [tensor];
-            let start = Instant::now();
-            let mut latencies = Vec::new();
-            while start.elapsed().as_secs_f64() < seconds {
-                let t = Instant::now();
-                let out = m.run(&inputs).expect("runs");
-                std::hint::black_box(out);
-                latencies.push(t.elapsed());
-            }
-            report("direct", &model, 1, latencies, start.elapsed());
+            time_backend("direct", &model, &m, &[tensor], seconds);
         }
         #[cfg(feature = "gpu")]
         "gpu" => {
             // The GPU backend's call: the model prepared for wonnx (batch 1), on the
             // adapter fleet_agent::gpu::probe finds.
-            use fleet_agent::backend::Backend;
             let onnx = std::fs::read(model_path(&model, &args)).expect("model");
             let prepared =
                 fleetml_inference::prepare::prepare_gpu(&onnx, &declared, 1).expect("prepares");
             let m = fleet_agent::gpu::GpuModel::load(&onnx, Some(&prepared.onnx), &declared)
                 .expect("wonnx compiles the model");
             eprintln!("adapter: {}", m.adapter());
-            let inputs = [tensor];
-            m.run(&inputs).expect("runs");
-            let start = Instant::now();
-            let mut latencies = Vec::new();
-            while start.elapsed().as_secs_f64() < seconds {
-                let t = Instant::now();
-                let out = m.run(&inputs).expect("runs");
-                std::hint::black_box(out);
-                latencies.push(t.elapsed());
-            }
-            report("gpu", &model, 1, latencies, start.elapsed());
+            time_backend("gpu", &model, &m, &[tensor], seconds);
         }
         "http" => {
             let clients: usize = arg(&args, "--clients")
