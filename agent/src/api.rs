@@ -140,6 +140,8 @@ pub struct Api {
     limits: ApiLimits,
     metrics: Option<PrometheusHandle>,
     next_id: AtomicU64,
+    /// Where predictions are forwarded besides the caller (set once at start).
+    sinks: std::sync::OnceLock<crate::sinks::Sinks>,
 }
 
 impl Api {
@@ -151,7 +153,13 @@ impl Api {
             limits,
             metrics,
             next_id: AtomicU64::new(1),
+            sinks: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Forwards every prediction to `sinks` from now on (once).
+    pub fn set_sinks(&self, sinks: crate::sinks::Sinks) {
+        let _ = self.sinks.set(sinks);
     }
 
     /// Serves `model` from now on. Requests already running keep the model they started
@@ -185,7 +193,8 @@ impl Api {
         }
     }
 
-    fn served(&self) -> Vec<Arc<Served>> {
+    /// The models being served.
+    pub fn served(&self) -> Vec<Arc<Served>> {
         self.models
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -612,6 +621,16 @@ async fn predict_inner(api: &Api, name: &str, cbor: bool, body: Body) -> Result<
     }
     if explain {
         response["explanation_method"] = json!(explain::METHOD);
+    }
+    if let Some(sinks) = api.sinks.get().filter(|s| !s.is_empty()) {
+        sinks.offer(&crate::sinks::Record {
+            request_id: &format!("{request_id:016x}"),
+            model: &model.name,
+            version: model.version,
+            ids: &ids,
+            predictions: &response["predictions"],
+            inputs: &raw_rows,
+        });
     }
     Ok(response)
 }

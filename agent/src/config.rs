@@ -23,6 +23,17 @@
 //! missing_rate = 0.05
 //! lag_p95_ms = 300000
 //! alert_windows = 3
+//! # fleet messaging (written by `fleetctl devices enroll`; the file must then be mode 0600)
+//! device_id = "pi-07"
+//! device_secret = "…64 hex digits…"
+//! mqtt_url = "mqtt://fleet.example.com:1883"
+//! outbox_max_messages = 100000
+//! outbox_max_bytes = 268435456
+//! status_interval_s = 300
+//! # the trust policy may be given inline instead of as a file (`trust`)
+//! [trust_policy]
+//! threshold = 1
+//! keys = [{ public = "…" }]
 //! ```
 
 use std::net::SocketAddr;
@@ -60,6 +71,21 @@ pub struct AgentConfig {
     pub missing_rate: Option<f64>,
     pub lag_p95_ms: Option<u64>,
     pub alert_windows: Option<u8>,
+    /// The device id issued at enrollment.
+    pub device_id: Option<String>,
+    /// The device secret issued at enrollment, hex.
+    pub device_secret: Option<String>,
+    /// The broker telemetry goes to: `mqtt://HOST[:PORT]`.
+    pub mqtt_url: Option<String>,
+    pub outbox_max_messages: Option<u64>,
+    pub outbox_max_bytes: Option<u64>,
+    /// Seconds between heartbeat statuses while connected (default 300).
+    pub status_interval_s: Option<u64>,
+    /// The trust policy, inline (`trust` names a file instead; the file wins).
+    pub trust_policy: Option<fleetml_protocol::trust::TrustPolicy>,
+    /// Where each model's predictions are forwarded besides the caller.
+    #[serde(default, rename = "prediction_sink")]
+    pub prediction_sinks: Vec<crate::sinks::SinkConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +124,31 @@ impl AgentConfig {
                 *p = base.join(&*p);
             }
         }
+        if config.device_secret.is_some() {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(path)
+                .map(|m| m.permissions().mode())
+                .unwrap_or(0);
+            if mode & 0o077 != 0 {
+                return Err(ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    message: format!(
+                        "holds the device secret but is readable by others (mode {:o}); \
+                         run `chmod 600 {}`",
+                        mode & 0o777,
+                        path.display()
+                    ),
+                });
+            }
+        }
+        if let Some(p) = &config.trust_policy
+            && let Err(e) = p.validate()
+        {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                message: format!("trust_policy: {e}"),
+            });
+        }
         if config.workers == Some(0) {
             return Err(ConfigError::Invalid {
                 path: path.to_path_buf(),
@@ -130,9 +181,59 @@ impl AgentConfig {
             drift_chi2_p,
             missing_rate,
             lag_p95_ms,
-            alert_windows
+            alert_windows,
+            device_id,
+            device_secret,
+            mqtt_url,
+            outbox_max_messages,
+            outbox_max_bytes,
+            status_interval_s,
+            trust_policy
         );
+        if !flags.prediction_sinks.is_empty() {
+            self.prediction_sinks = flags.prediction_sinks;
+        }
         self
+    }
+
+    /// The telemetry settings, when the agent is enrolled (`device_id`, `device_secret`
+    /// and `mqtt_url` all set); `Ok(None)` when none of them is.
+    pub fn telemetry(&self) -> Result<Option<crate::telemetry::Settings>, String> {
+        let (id, secret, url) = match (&self.device_id, &self.device_secret, &self.mqtt_url) {
+            (None, None, None) => return Ok(None),
+            (Some(i), Some(s), Some(u)) => (i, s, u),
+            _ => {
+                return Err(
+                    "fleet messaging needs all of `device_id`, `device_secret` and `mqtt_url` \
+                     (as written by `fleetctl devices enroll`)"
+                        .into(),
+                );
+            }
+        };
+        let device = fleetml_protocol::telemetry::DeviceId::new(id).map_err(|e| e.to_string())?;
+        let secret = hex::decode(secret.trim())
+            .ok()
+            .filter(|s| s.len() == fleetml_protocol::telemetry::SECRET_LEN)
+            .ok_or_else(|| {
+                format!(
+                    "`device_secret` must be {} hex digits",
+                    fleetml_protocol::telemetry::SECRET_LEN * 2
+                )
+            })?;
+        let broker = url.parse()?;
+        let defaults = crate::outbox::Limits::default();
+        Ok(Some(crate::telemetry::Settings {
+            device,
+            secret,
+            broker,
+            limits: crate::outbox::Limits {
+                max_messages: self.outbox_max_messages.unwrap_or(defaults.max_messages),
+                max_bytes: self.outbox_max_bytes.unwrap_or(defaults.max_bytes),
+            },
+            status_interval: std::time::Duration::from_secs(
+                self.status_interval_s.unwrap_or(300).max(1),
+            ),
+        }))
     }
 
     /// The monitoring settings this configuration sets (each overrides the bundle's).

@@ -19,7 +19,9 @@ pub mod publisher;
 pub mod runtime;
 pub mod selftest;
 pub mod serve;
+pub mod sinks;
 pub mod store;
+pub mod telemetry;
 
 /// This agent's release, compared against a bundle's `min_agent_version`.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");

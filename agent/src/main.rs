@@ -94,6 +94,16 @@ struct RunArgs {
     /// Control-plane URL (used from the control-plane release on).
     #[arg(long)]
     control_plane: Option<String>,
+    /// Broker for fleet telemetry, `mqtt://HOST[:PORT]` (with `device_id` and
+    /// `device_secret` from the config file `fleetctl devices enroll` wrote).
+    #[arg(long)]
+    mqtt_url: Option<String>,
+    /// Most messages the telemetry outbox keeps while offline. Default: 100000.
+    #[arg(long)]
+    outbox_max_messages: Option<u64>,
+    /// Most bytes the telemetry outbox keeps while offline. Default: 268435456.
+    #[arg(long)]
+    outbox_max_bytes: Option<u64>,
     /// Answer 504 when a prediction takes longer than this (milliseconds). Default: 30000.
     #[arg(long)]
     predict_timeout_ms: Option<u64>,
@@ -165,9 +175,12 @@ fn data_dir(c: &AgentConfig) -> PathBuf {
 }
 
 fn trust_of(c: &AgentConfig) -> anyhow::Result<TrustPolicy> {
-    match &c.trust {
-        Some(p) => load_policy(p),
-        None => anyhow::bail!("no trust policy: pass --trust or set `trust` in the config file"),
+    match (&c.trust, &c.trust_policy) {
+        (Some(p), _) => load_policy(p),
+        (None, Some(policy)) => Ok(policy.clone()),
+        (None, None) => anyhow::bail!(
+            "no trust policy: pass --trust or set `trust` (or `[trust_policy]`) in the config file"
+        ),
     }
 }
 
@@ -289,7 +302,10 @@ fn install_bundle(bundle: PathBuf, config: ConfigArgs) -> anyhow::Result<()> {
 fn models(config: ConfigArgs, json: bool) -> anyhow::Result<()> {
     let c = config.resolve(AgentConfig::default())?;
     let models = open_store(&c)?;
-    let policy = c.trust.as_deref().map(load_policy).transpose()?;
+    let policy = match (&c.trust, &c.trust_policy) {
+        (None, None) => None,
+        _ => Some(trust_of(&c)?),
+    };
     let states = models.models()?;
     let mut rows = Vec::new();
     for s in &states {
@@ -363,6 +379,9 @@ fn fleet_agent_run(args: RunArgs) -> anyhow::Result<()> {
         queue: args.queue,
         max_body_bytes: args.max_body_bytes,
         control_plane: args.control_plane,
+        mqtt_url: args.mqtt_url,
+        outbox_max_messages: args.outbox_max_messages,
+        outbox_max_bytes: args.outbox_max_bytes,
         predict_timeout_ms: args.predict_timeout_ms,
         window_predictions: args.window_predictions,
         window_seconds: args.window_seconds,
@@ -406,6 +425,8 @@ fn fleet_agent_run(args: RunArgs) -> anyhow::Result<()> {
         },
         monitoring: c.monitoring(),
         sink: None,
+        telemetry: c.telemetry().map_err(anyhow::Error::msg)?,
+        prediction_sinks: c.prediction_sinks.clone(),
     };
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

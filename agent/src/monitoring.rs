@@ -84,6 +84,8 @@ enum PredictionKind {
 #[derive(Debug, Clone)]
 pub struct Sink {
     db: sled::Db,
+    /// Fleet messaging: closed windows and alert transitions are queued here too.
+    pub telemetry: Option<std::sync::Arc<crate::telemetry::Telemetry>>,
 }
 
 impl Sink {
@@ -93,7 +95,10 @@ impl Sink {
             .path(path)
             .open()
             .map_err(|e| format!("opening {}: {e}", path.display()))?;
-        Ok(Sink { db })
+        Ok(Sink {
+            db,
+            telemetry: None,
+        })
     }
 
     fn store(&self, model: &str, seq: u64, report: &Value) {
@@ -400,7 +405,8 @@ impl ModelMonitor {
         let seq = state.seq_base + report.seq;
         let missing_ids = std::mem::take(&mut state.expected.overdue_sample);
         state.expected.overdue = 0;
-        let value = self.report_json(seq, &report, &missing_ids);
+        let shipped = self.report(seq, &report, &missing_ids);
+        let value = serde_json::to_value(&shipped).unwrap_or(Value::Null);
         for event in &report.events {
             let subject = self.subject(event.subject);
             match event.transition {
@@ -415,6 +421,17 @@ impl ModelMonitor {
         }
         if let Some(sink) = &self.sink {
             sink.store(&self.model, seq, &value);
+            if let Some(t) = &sink.telemetry {
+                for event in &shipped.events {
+                    t.queue(telemetry::Body::Alert(telemetry::Alert {
+                        model: self.model.clone(),
+                        version: self.version,
+                        window: seq,
+                        event: event.clone(),
+                    }));
+                }
+                t.queue(telemetry::Body::Window(Box::new(shipped)));
+            }
         }
         state.history.push_back(value);
         while state.history.len() > KEPT_IN_MEMORY {
@@ -433,10 +450,6 @@ impl ModelMonitor {
             Subject::MissingPredictions => "missing_predictions".into(),
             Subject::Lag => "lag".into(),
         }
-    }
-
-    fn report_json(&self, seq: u64, r: &WindowReport, missing_ids: &[String]) -> Value {
-        serde_json::to_value(self.report(seq, r, missing_ids)).unwrap_or(Value::Null)
     }
 
     /// A closed window as the protocol's [`telemetry::WindowReport`]: what the API shows

@@ -48,6 +48,8 @@ impl Default for Limits {
 pub struct Stored {
     pub seq: u64,
     pub class: Class,
+    /// When it was queued, milliseconds since the Unix epoch.
+    pub queued_ms: u64,
     pub topic: String,
     pub payload: Vec<u8>,
 }
@@ -78,6 +80,14 @@ impl From<sled::transaction::TransactionError<OutboxError>> for OutboxError {
 const NEXT_SEQ: &[u8] = b"next_seq";
 const DROPPED: &[u8] = b"dropped";
 const BYTES: &[u8] = b"bytes";
+const LAST_COMMAND: &[u8] = b"last_command";
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
 
 /// A durable, bounded, ordered outbox.
 #[derive(Debug)]
@@ -86,6 +96,9 @@ pub struct Outbox {
     queue: sled::Tree,
     meta: sled::Tree,
     limits: Limits,
+    /// Messages handed to the broker and not yet acknowledged: never dropped for room
+    /// (they may arrive, and a drop must mean "will not arrive").
+    inflight: std::sync::Mutex<std::collections::BTreeSet<u64>>,
 }
 
 fn read_u64(tree: &sled::Tree, key: &[u8]) -> Result<u64, OutboxError> {
@@ -107,12 +120,15 @@ fn tx_u64(
         .unwrap_or(0))
 }
 
-fn encode(class: Class, topic: &str, payload: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(3 + topic.len() + payload.len());
+/// Entry layout: class (1 byte), queued at (u64 ms, big-endian), topic length (u16),
+/// topic, payload.
+fn encode(class: Class, queued_ms: u64, topic: &str, payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(11 + topic.len() + payload.len());
     v.push(match class {
         Class::Window => 1,
         Class::Keep => 0,
     });
+    v.extend_from_slice(&queued_ms.to_be_bytes());
     v.extend_from_slice(&(topic.len() as u16).to_be_bytes());
     v.extend_from_slice(topic.as_bytes());
     v.extend_from_slice(payload);
@@ -122,6 +138,13 @@ fn encode(class: Class, topic: &str, payload: &[u8]) -> Vec<u8> {
 fn decode(seq: u64, v: &[u8]) -> Result<Stored, OutboxError> {
     let corrupt = || OutboxError::Corrupt(seq);
     let (&class, rest) = v.split_first().ok_or_else(corrupt)?;
+    let queued_ms = u64::from_be_bytes(
+        rest.get(..8)
+            .ok_or_else(corrupt)?
+            .try_into()
+            .map_err(|_| corrupt())?,
+    );
+    let rest = &rest[8..];
     let len = u16::from_be_bytes(
         rest.get(..2)
             .ok_or_else(corrupt)?
@@ -136,6 +159,7 @@ fn decode(seq: u64, v: &[u8]) -> Result<Stored, OutboxError> {
         } else {
             Class::Keep
         },
+        queued_ms,
         topic: String::from_utf8(topic.to_vec()).map_err(|_| corrupt())?,
         payload: rest[2 + len..].to_vec(),
     })
@@ -152,6 +176,7 @@ impl Outbox {
             queue,
             meta,
             limits,
+            inflight: Default::default(),
         })
     }
 
@@ -164,9 +189,10 @@ impl Outbox {
         topic: &str,
         build: impl Fn(u64) -> Vec<u8>,
     ) -> Result<u64, OutboxError> {
+        let queued_ms = now_ms();
         let seq = (&self.queue, &self.meta).transaction(|(q, m)| {
             let seq = tx_u64(m, NEXT_SEQ)?;
-            let value = encode(class, topic, &build(seq));
+            let value = encode(class, queued_ms, topic, &build(seq));
             let bytes = tx_u64(m, BYTES)?;
             m.insert(NEXT_SEQ, &(seq + 1).to_be_bytes())?;
             m.insert(BYTES, &(bytes + value.len() as u64).to_be_bytes())?;
@@ -178,13 +204,20 @@ impl Outbox {
         Ok(seq)
     }
 
-    /// Drops the oldest windows (never `keep`) until the limits hold again.
+    /// Drops the oldest windows (never `keep`, never one in flight) until the limits
+    /// hold again.
     fn make_room(&self, keep: u64) -> Result<(), OutboxError> {
         while self.depth() > self.limits.max_messages || self.bytes()? > self.limits.max_bytes {
+            let inflight = self
+                .inflight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
             let victim = self.queue.iter().find_map(|kv| {
                 let (k, v) = kv.ok()?;
                 let seq = u64::from_be_bytes(k.as_ref().try_into().ok()?);
-                (seq != keep && v.first() == Some(&1)).then_some((seq, v.len() as u64))
+                (seq != keep && v.first() == Some(&1) && !inflight.contains(&seq))
+                    .then_some((seq, v.len() as u64))
             });
             let Some((seq, len)) = victim else {
                 break;
@@ -210,8 +243,29 @@ impl Outbox {
         Ok(())
     }
 
+    /// `seq` was handed to the broker: it is not dropped for room until acknowledged or
+    /// [`Outbox::clear_inflight`].
+    pub fn mark_inflight(&self, seq: u64) {
+        self.inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(seq);
+    }
+
+    /// The connection is gone: nothing is in flight any more.
+    pub fn clear_inflight(&self) {
+        self.inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
     /// The broker acknowledged `seq`: forget it.
     pub fn ack(&self, seq: u64) -> Result<(), OutboxError> {
+        self.inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&seq);
         if let Some(v) = self.queue.get(seq.to_be_bytes())? {
             self.remove(seq, v.len() as u64, false)?;
             self.db.flush()?;
@@ -254,6 +308,33 @@ impl Outbox {
     /// Windows dropped for room, ever.
     pub fn dropped(&self) -> Result<u64, OutboxError> {
         read_u64(&self.meta, DROPPED)
+    }
+
+    /// How long the oldest waiting message has waited, in milliseconds (0 when empty).
+    pub fn oldest_age_ms(&self) -> Result<u64, OutboxError> {
+        match self.queue.first()? {
+            Some((k, v)) => {
+                let seq = u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0xff; 8]));
+                Ok(now_ms().saturating_sub(decode(seq, &v)?.queued_ms))
+            }
+            None => Ok(0),
+        }
+    }
+
+    /// Records that a command with sequence number `seq` arrived; `false` when it is not
+    /// newer than the last one recorded (a replay or a broker redelivery).
+    pub fn command_is_new(&self, seq: u64) -> Result<bool, OutboxError> {
+        let previous = self.meta.fetch_and_update(LAST_COMMAND, |old| {
+            let old = old
+                .and_then(|v| <[u8; 8]>::try_from(v).ok())
+                .map(u64::from_be_bytes);
+            Some(old.map_or(seq, |o| o.max(seq)).to_be_bytes().to_vec())
+        })?;
+        let previous = previous
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map(u64::from_be_bytes);
+        self.db.flush()?;
+        Ok(previous.is_none_or(|p| seq > p))
     }
 
     /// The sequence number the next message gets.

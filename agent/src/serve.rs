@@ -8,6 +8,8 @@ use fleetml_protocol::board::BoardProfile;
 use fleetml_protocol::bundle::{self, Limits};
 use fleetml_protocol::trust::TrustPolicy;
 
+use fleetml_protocol::telemetry::{self, Lifecycle};
+
 use crate::activation;
 use crate::api::{self, Api, ApiLimits, Served};
 use crate::store::{ModelState, ModelStore};
@@ -24,7 +26,14 @@ pub struct Config {
     pub monitoring: fleetml_protocol::manifest::MonitoringPolicy,
     /// Where window reports are kept (opened by [`run`] in `DATA_DIR/monitoring`).
     pub sink: Option<crate::monitoring::Sink>,
+    /// Fleet messaging, when the agent is enrolled.
+    pub telemetry: Option<crate::telemetry::Settings>,
+    /// Where predictions are forwarded besides the caller.
+    pub prediction_sinks: Vec<crate::sinks::SinkConfig>,
 }
+
+/// What a reload changed, as lifecycle events.
+type Changes = Vec<telemetry::Event>;
 
 /// Verifies the stored bundle of `state` again and prepares it on the board's backends.
 fn load(bundles: &std::path::Path, state: &ModelState, config: &Config) -> anyhow::Result<Served> {
@@ -105,8 +114,17 @@ fn monitor_for(
     }
 }
 
-/// Reads the store and swaps in every model whose active version changed.
-pub fn reload(api: &Api, config: &Config) -> anyhow::Result<()> {
+/// Reads the store and swaps in every model whose active version changed; returns
+/// what happened as lifecycle events (activation failures recorded by
+/// `install-bundle` included: the caller reports each once).
+pub fn reload(api: &Api, config: &Config) -> anyhow::Result<Changes> {
+    let mut changes = Changes::new();
+    let event = |kind, name: &str, version, detail: String| telemetry::Event {
+        kind,
+        model: name.to_string(),
+        version,
+        detail,
+    };
     // The store is opened only while reading, so `install-bundle` can run beside the agent.
     let (states, bundles) = {
         let store = ModelStore::open(&config.data_dir)
@@ -114,23 +132,122 @@ pub fn reload(api: &Api, config: &Config) -> anyhow::Result<()> {
         (store.models()?, store.bundles_dir().to_path_buf())
     };
     for state in states {
-        if api.version_of(&state.name) == Some(state.active.version) {
+        if let Some(f) = &state.last_failure {
+            changes.push(event(
+                Lifecycle::ActivationFailed,
+                &state.name,
+                f.version,
+                format!("{} (at {})", f.reason, f.at),
+            ));
+        }
+        let serving = api.version_of(&state.name);
+        if serving == Some(state.active.version) {
             continue;
         }
         match load(&bundles, &state, config) {
             Ok(served) => {
                 for line in &served.fallbacks {
                     tracing::warn!(model = %state.name, "{line}");
+                    changes.push(event(
+                        Lifecycle::FellBack,
+                        &state.name,
+                        state.active.version,
+                        line.clone(),
+                    ));
                 }
-                tracing::info!(model = %state.name, version = state.active.version, backend = served.backend.kind().as_str(), "serving");
+                let backend = served.backend.kind().as_str();
+                tracing::info!(model = %state.name, version = state.active.version, backend, "serving");
+                let rolled_back = serving.is_some_and(|v| v > state.active.version);
+                changes.push(event(
+                    if rolled_back {
+                        Lifecycle::RolledBack
+                    } else {
+                        Lifecycle::Activated
+                    },
+                    &state.name,
+                    state.active.version,
+                    format!("on {backend}"),
+                ));
                 api.swap(served);
             }
             Err(e) => {
-                tracing::error!(model = %state.name, version = state.active.version, error = %format!("{e:#}"), "cannot serve this version; keeping what runs")
+                tracing::error!(model = %state.name, version = state.active.version, error = %format!("{e:#}"), "cannot serve this version; keeping what runs");
+                changes.push(event(
+                    Lifecycle::ActivationFailed,
+                    &state.name,
+                    state.active.version,
+                    format!("{e:#}"),
+                ));
             }
         }
     }
-    Ok(())
+    Ok(changes)
+}
+
+/// The device's status as telemetry reports it.
+fn status_of(api: &Api, board: &BoardProfile, started: std::time::Instant) -> telemetry::Status {
+    let compiled = |b: &fleetml_protocol::board::Backend| {
+        matches!(b, fleetml_protocol::board::Backend::Cpu)
+            || (cfg!(feature = "gpu") && matches!(b, fleetml_protocol::board::Backend::Gpu))
+    };
+    let mut backends: Vec<String> = board
+        .backends
+        .iter()
+        .filter(|b| compiled(b))
+        .map(|b| b.as_str().to_string())
+        .collect();
+    if backends.is_empty() {
+        backends.push("cpu".into());
+    }
+    telemetry::Status {
+        agent_version: crate::AGENT_VERSION.to_string(),
+        board: board.name.clone(),
+        backends,
+        models: api
+            .served()
+            .iter()
+            .map(|m| telemetry::ActiveModel {
+                name: m.name.clone(),
+                version: m.version,
+                backend: m.backend.kind().as_str().to_string(),
+                fallbacks: m.fallbacks.clone(),
+            })
+            .collect(),
+        uptime_s: started.elapsed().as_secs(),
+        online: true,
+        outbox_depth: 0,
+        dropped_windows: 0,
+    }
+}
+
+/// Answers a command of the control plane.
+fn command(
+    cmd: crate::telemetry::Command,
+    tel: &crate::telemetry::Telemetry,
+    status: &crate::telemetry::StatusFn,
+) -> telemetry::Ack {
+    let (ok, detail) = match cmd.kind {
+        telemetry::CommandKind::SendStatus => {
+            let mut s = status();
+            s.outbox_depth = tel.outbox().depth();
+            s.dropped_windows = tel.dropped_windows();
+            tel.queue(telemetry::Body::Status(s));
+            (true, String::new())
+        }
+        telemetry::CommandKind::AssignmentChanged => (
+            false,
+            "this agent release does not pull assignments; install bundles with `fleet-agent install-bundle`".into(),
+        ),
+        telemetry::CommandKind::CaptureSamples { .. } => (
+            false,
+            "this agent release does not capture samples".into(),
+        ),
+    };
+    telemetry::Ack {
+        command: cmd.id,
+        ok,
+        detail,
+    }
 }
 
 /// Prints a line for whoever started the agent. A closed stdout (the parent went away)
@@ -160,7 +277,44 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
             Err(e) => tracing::warn!(error = %e, "monitoring windows are kept in memory only"),
         }
     }
-    reload(&api, &config)?;
+    let started = std::time::Instant::now();
+    let tel = match &config.telemetry {
+        Some(settings) => {
+            let tel = crate::telemetry::Telemetry::open(&config.data_dir, settings)
+                .context("opening the telemetry outbox")?;
+            if let Some(sink) = &mut config.sink {
+                sink.telemetry = Some(tel.clone());
+            }
+            Some((tel, settings.clone()))
+        }
+        None => {
+            tracing::info!("not enrolled (no device_id / mqtt_url): no fleet telemetry");
+            None
+        }
+    };
+    if !config.prediction_sinks.is_empty() {
+        api.set_sinks(
+            crate::sinks::Sinks::start(&config.prediction_sinks).map_err(anyhow::Error::msg)?,
+        );
+    }
+    // Failures already recorded are in the status; only new ones become events.
+    let mut reported: std::collections::HashSet<(String, u64, String)> = reload(&api, &config)?
+        .into_iter()
+        .filter(|e| e.kind == Lifecycle::ActivationFailed)
+        .map(|e| (e.model, e.version, e.detail))
+        .collect();
+    if let Some((tel, settings)) = &tel {
+        let status: crate::telemetry::StatusFn = {
+            let (api, board) = (api.clone(), config.board.clone());
+            Arc::new(move || status_of(&api, &board, started))
+        };
+        let handler = {
+            let (tel, status) = (tel.clone(), status.clone());
+            Arc::new(move |c| command(c, &tel, &status))
+        };
+        tel.start(settings, status, handler)?;
+        tracing::info!(device = %settings.device, broker = %settings.broker, "fleet telemetry on");
+    }
     {
         // Windows close by time and expected ids expire even when no request comes.
         let api = api.clone();
@@ -208,10 +362,23 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = hup.recv() => {
-                let (api, config) = (api.clone(), config.clone());
-                let result = tokio::task::spawn_blocking(move || reload(&api, &config)).await;
+                let (a, c) = (api.clone(), config.clone());
+                let result = tokio::task::spawn_blocking(move || reload(&a, &c)).await;
                 match result {
-                    Ok(Ok(())) => tracing::info!("store reloaded"),
+                    Ok(Ok(changes)) => {
+                        tracing::info!("store reloaded");
+                        if let Some((tel, _)) = &tel {
+                            for e in changes {
+                                if e.kind == Lifecycle::ActivationFailed
+                                    && !reported.insert((e.model.clone(), e.version, e.detail.clone()))
+                                {
+                                    continue;
+                                }
+                                tel.queue(telemetry::Body::Event(e));
+                            }
+                            tel.queue(telemetry::Body::Status(status_of(&api, &config.board, started)));
+                        }
+                    }
                     Ok(Err(e)) => tracing::error!(error = %format!("{e:#}"), "reload failed; keeping what runs"),
                     Err(e) => tracing::error!(error = %e, "reload failed"),
                 }

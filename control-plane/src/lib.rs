@@ -4,7 +4,10 @@
 //! Every check of a bundle is done by `fleetml-protocol`, the same code the agent runs.
 
 pub mod bundle;
+pub mod client;
 pub mod ingest;
 pub mod keys;
 pub mod onnx;
 pub mod output;
+pub mod server;
+pub mod views;

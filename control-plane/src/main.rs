@@ -8,10 +8,15 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use fleet_control::{bundle, keys};
 
-/// Operate a fleetml fleet: signing keys, model bundles, and (later) the control plane.
+/// Operate a fleetml fleet: signing keys, model bundles, the control plane server, and
+/// the devices that report to it.
 #[derive(Parser, Debug)]
 #[command(name = "fleetctl", version)]
 struct Cli {
+    /// The control plane's API, for the operator commands (devices, drift). The token
+    /// comes from FLEETML_TOKEN or ~/.config/fleetml/token.
+    #[arg(long, global = true, env = "FLEETML_SERVER", default_value = fleet_control::client::DEFAULT_SERVER)]
+    server: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -24,6 +29,87 @@ enum Command {
     /// Build, sign, verify and inspect model bundles (.fmb).
     #[command(subcommand)]
     Bundle(BundleCommand),
+    /// Run the control plane: HTTP API, MQTT broker for devices (embedded unless
+    /// --mqtt-url names an external one) and telemetry ingest. On first start it writes
+    /// an admin API token to DATA_DIR/admin.token (mode 0600).
+    Serve(ServeArgs),
+    /// Enroll devices and see the fleet.
+    #[command(subcommand)]
+    Devices(DevicesCommand),
+    /// Latest drift scores per feature across the fleet, alerting ones first.
+    Drift {
+        /// Only this model.
+        #[arg(long)]
+        model: Option<String>,
+        /// Only this device.
+        #[arg(long)]
+        device: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// Where the control plane keeps its state (created mode 0700).
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Address of the HTTP API.
+    #[arg(long, default_value = "127.0.0.1:7080")]
+    listen: std::net::SocketAddr,
+    /// Address of the embedded MQTT broker devices connect to.
+    #[arg(long, default_value = "127.0.0.1:1883", conflicts_with = "mqtt_url")]
+    mqtt_listen: std::net::SocketAddr,
+    /// Use this external broker instead of the embedded one:
+    /// mqtt://[USER:PASSWORD@]HOST[:PORT]. Enable its persistence.
+    #[arg(long)]
+    mqtt_url: Option<String>,
+    /// Trust policy (TOML) handed to enrolled devices.
+    #[arg(long)]
+    trust: Option<PathBuf>,
+    /// URL devices and operators reach the API at. Default: http://LISTEN.
+    #[arg(long)]
+    public_url: Option<String>,
+    /// Broker URL written into enrolled devices' configs. Default: the broker's address.
+    #[arg(long)]
+    public_mqtt_url: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum DevicesCommand {
+    /// Issue a device id and secret and write a complete agent config, so that
+    /// `fleet-agent run --config agent.toml --data-dir D` joins the fleet.
+    Enroll {
+        /// The device id: 1-64 lowercase letters, digits, `-`, `_`, `.`.
+        name: String,
+        /// Board profile name the device runs on (e.g. raspberry-pi-4).
+        #[arg(long)]
+        board: Option<String>,
+        /// Free tags: k=v,k=v.
+        #[arg(long, value_delimiter = ',')]
+        tags: Vec<String>,
+        /// Trust policy to write into the config when the server has none (--trust of serve).
+        #[arg(long)]
+        trust: Option<PathBuf>,
+        /// Where to write the agent config (mode 0600: it holds the device secret).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Devices with board, tags, online/offline and last seen, active models, open alerts.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// One device: status, latest windows, recent events.
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask a device to send its status now (command over MQTT; the answer arrives as
+    /// an acknowledgement in `devices show`).
+    SendStatus { id: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -163,8 +249,182 @@ struct BuildArgs {
     out: PathBuf,
 }
 
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn enroll(
+    server: &str,
+    name: String,
+    board: Option<String>,
+    tags: Vec<String>,
+    trust: Option<PathBuf>,
+    out: PathBuf,
+) -> anyhow::Result<()> {
+    use fleet_control::client::Client;
+    anyhow::ensure!(
+        !out.exists(),
+        "{} already exists; refusing to overwrite a device config",
+        out.display()
+    );
+    let mut tag_map = serde_json::Map::new();
+    for t in tags.iter().filter(|t| !t.is_empty()) {
+        let (k, v) = t
+            .split_once('=')
+            .with_context(|| format!("--tags: `{t}` is not k=v"))?;
+        tag_map.insert(k.trim().into(), v.trim().into());
+    }
+    let local_trust = match &trust {
+        Some(p) => Some(keys::load_policy(p)?.to_toml()),
+        None => None,
+    };
+    let client = Client::new(server)?;
+    let r = client.post(
+        "/v1/devices",
+        &serde_json::json!({ "id": name, "board": board, "tags": tag_map }),
+    )?;
+    let policy = r["trust_policy"]
+        .as_str()
+        .map(str::to_string)
+        .or(local_trust);
+    let s = |k: &str| r[k].as_str().unwrap_or_default().to_string();
+    let mut table = toml::Table::new();
+    for key in ["device_id", "device_secret", "control_plane", "mqtt_url"] {
+        table.insert(key.into(), toml::Value::String(s(key)));
+    }
+    match &policy {
+        Some(p) => {
+            let policy: toml::Table = toml::from_str(p).context("the trust policy")?;
+            table.insert("trust_policy".into(), toml::Value::Table(policy));
+        }
+        None => eprintln!(
+            "warning: no trust policy (the server has none and --trust was not given): \
+             add `trust = \"PATH\"` to {} before the agent installs bundles",
+            out.display()
+        ),
+    }
+    let mut text = format!(
+        "# fleetml agent configuration of device {id}, written by `fleetctl devices enroll`.\n\
+         # It holds the device secret: keep it mode 0600, off shared storage and version control.\n\
+         # Run: fleet-agent run --config THIS_FILE --data-dir /var/lib/fleetml\n",
+        id = s("device_id"),
+    );
+    if let Some(b) = &board {
+        text.push_str(&format!(
+            "# Board profile: {b} (add `board = \"/path/to/{b}.toml\"` to use its backend order).\n"
+        ));
+    }
+    text.push_str(&toml::to_string(&table).context("writing the agent config")?);
+    fleet_control::output::create_new(&out, 0o600, text.as_bytes())?;
+    println!(
+        "enrolled {} -> {} (mode 0600; it holds the device secret)",
+        s("device_id"),
+        out.display()
+    );
+    Ok(())
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
+    let server = cli.server.clone();
     match cli.command {
+        Command::Serve(a) => {
+            let mqtt = match &a.mqtt_url {
+                Some(u) => {
+                    fleet_control::server::Mqtt::External(u.parse().map_err(anyhow::Error::msg)?)
+                }
+                None => fleet_control::server::Mqtt::Embedded(a.mqtt_listen),
+            };
+            let opts = fleet_control::server::Options {
+                data_dir: a.data_dir,
+                listen: a.listen,
+                mqtt,
+                trust: a.trust,
+                public_url: a.public_url,
+                public_mqtt_url: a.public_mqtt_url,
+            };
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?
+                .block_on(fleet_control::server::serve(opts))?;
+        }
+        Command::Devices(DevicesCommand::Enroll {
+            name,
+            board,
+            tags,
+            trust,
+            out,
+        }) => enroll(&server, name, board, tags, trust, out)?,
+        Command::Devices(DevicesCommand::List { json }) => {
+            let list = fleet_control::client::Client::new(&server)?.get("/v1/devices")?;
+            if json {
+                print_json(&list)?;
+            } else {
+                print!(
+                    "{}",
+                    fleet_control::views::devices_table(
+                        list.as_array().map(Vec::as_slice).unwrap_or_default(),
+                        now_ms()
+                    )
+                );
+            }
+        }
+        Command::Devices(DevicesCommand::Show { id, json }) => {
+            let d =
+                fleet_control::client::Client::new(&server)?.get(&format!("/v1/devices/{id}"))?;
+            if json {
+                print_json(&d)?;
+            } else {
+                print!("{}", fleet_control::views::device_text(&d, now_ms()));
+            }
+        }
+        Command::Devices(DevicesCommand::SendStatus { id }) => {
+            let r = fleet_control::client::Client::new(&server)?.post(
+                &format!("/v1/devices/{id}/commands"),
+                &serde_json::json!({ "kind": "send_status" }),
+            )?;
+            println!(
+                "sent command {} to {id}; its acknowledgement shows in `fleetctl devices show {id}`",
+                r["command"].as_str().unwrap_or("?")
+            );
+        }
+        Command::Drift {
+            model,
+            device,
+            json,
+        } => {
+            let mut query = Vec::new();
+            if let Some(m) = &model {
+                query.push(format!("model={m}"));
+            }
+            if let Some(d) = &device {
+                query.push(format!("device={d}"));
+            }
+            let path = if query.is_empty() {
+                "/v1/drift".to_string()
+            } else {
+                format!("/v1/drift?{}", query.join("&"))
+            };
+            let rows = fleet_control::client::Client::new(&server)?.get(&path)?;
+            if json {
+                print_json(&rows)?;
+            } else {
+                print!(
+                    "{}",
+                    fleet_control::views::drift_table(
+                        rows.as_array().map(Vec::as_slice).unwrap_or_default()
+                    )
+                );
+            }
+        }
         Command::Keys(KeysCommand::Generate { out, name }) => {
             let g = keys::generate(&out, &name)?;
             println!("{}", g.id);

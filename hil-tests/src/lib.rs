@@ -6,6 +6,7 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 pub mod conformance;
+pub mod fleet;
 
 /// The Python of the test venv (`scripts/test.sh` prepares it and sets `FLEETML_PYTHON`),
 /// with onnxruntime, onnx and rapidocr-onnxruntime installed.
@@ -222,16 +223,37 @@ pub fn scrub_cargo_env(cmd: &mut Command) {
 /// A minimal HTTP/1.1 client over any stream (TCP or Unix socket): one request per
 /// connection. Returns the status code and the body.
 pub fn http<S: std::io::Read + std::io::Write>(
-    mut stream: S,
+    stream: S,
     method: &str,
     path: &str,
     content_type: &str,
     body: &[u8],
 ) -> std::io::Result<(u16, Vec<u8>)> {
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+    http_with(
+        stream,
+        method,
+        path,
+        &[("content-type", content_type)],
+        body,
+    )
+}
+
+/// [`http`] with any headers.
+pub fn http_with<S: std::io::Read + std::io::Write>(
+    mut stream: S,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<(u16, Vec<u8>)> {
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str(&format!(
+        "Content-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
-    );
+    ));
     stream.write_all(head.as_bytes())?;
     stream.write_all(body)?;
     let mut raw = Vec::new();
@@ -354,7 +376,12 @@ impl RunningAgent {
             .current_dir(dir)
             .args(args)
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
+            // FLEETML_TEST_LOGS=1 shows the agents' logs.
+            .stderr(if std::env::var_os("FLEETML_TEST_LOGS").is_some() {
+                std::process::Stdio::inherit()
+            } else {
+                std::process::Stdio::null()
+            })
             .spawn()
             .expect("agent starts");
         let stdout = child.stdout.take().expect("stdout");

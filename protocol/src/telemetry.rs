@@ -154,6 +154,12 @@ pub struct Status {
     pub uptime_s: u64,
     /// `false` only in the last-will message the broker publishes for a vanished device.
     pub online: bool,
+    /// Messages waiting in the device's outbox when this status was sealed.
+    #[serde(default)]
+    pub outbox_depth: u64,
+    /// Monitoring windows the outbox ever dropped for room (it never drops anything else).
+    #[serde(default)]
+    pub dropped_windows: u64,
 }
 
 /// Drift of one feature, or of the predictions, in one window.
@@ -246,6 +252,8 @@ pub enum Lifecycle {
     Verified,
     VerificationFailed,
     SelfTestFailed,
+    /// Installing a version failed (the reason is in `detail`); the old one still serves.
+    ActivationFailed,
     Activated,
     RolledBack,
     FellBack,
@@ -431,4 +439,108 @@ pub fn open(
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret);
     ring::hmac::verify(&key, &bytes, &envelope.auth).map_err(|_| MessageError::BadAuthenticator)?;
     Ok(envelope)
+}
+
+/// The MQTT password of a device: HMAC-SHA256(secret, "fleetml/v1 mqtt password"), hex.
+/// A broker that checks logins (the control plane's embedded one does) learns this, never
+/// the secret that authenticates messages.
+pub fn mqtt_password(secret: &[u8]) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+    hex_lower(ring::hmac::sign(&key, b"fleetml/v1 mqtt password").as_ref())
+}
+
+fn hex_lower(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+/// A broker address: `mqtt://[user[:password]@]host[:port]` (port 1883 by default).
+#[derive(Clone, PartialEq, Eq)]
+pub struct BrokerUrl {
+    pub host: String,
+    pub port: u16,
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+impl fmt::Debug for BrokerUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The password never reaches a log.
+        write!(f, "BrokerUrl({self})")
+    }
+}
+
+impl fmt::Display for BrokerUrl {
+    /// The URL without its password.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("mqtt://")?;
+        if let Some(u) = &self.username {
+            write!(f, "{u}@")?;
+        }
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl std::str::FromStr for BrokerUrl {
+    type Err = String;
+    fn from_str(url: &str) -> Result<Self, String> {
+        let bad = |why: &str| format!("broker URL `{url}`: {why}");
+        let rest = if let Some(r) = url.strip_prefix("mqtt://").or(url.strip_prefix("tcp://")) {
+            r
+        } else if url.starts_with("mqtts://") || url.starts_with("ssl://") {
+            return Err(bad(
+                "TLS to the broker is not supported by this release; use mqtt:// on a \
+                 trusted network or a local TLS-terminating proxy",
+            ));
+        } else {
+            return Err(bad("expected mqtt://HOST[:PORT]"));
+        };
+        let rest = rest.trim_end_matches('/');
+        if rest.contains('/') || rest.contains('?') {
+            return Err(bad("a broker URL has no path or query"));
+        }
+        let (login, hostport) = match rest.rsplit_once('@') {
+            Some((l, h)) => (Some(l), h),
+            None => (None, rest),
+        };
+        let (username, password) = match login {
+            Some(l) => match l.split_once(':') {
+                Some((u, p)) => (Some(u.to_string()), Some(p.to_string())),
+                None => (Some(l.to_string()), None),
+            },
+            None => (None, None),
+        };
+        let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
+            let (h, p) = v6.split_once(']').ok_or_else(|| bad("unclosed `[`"))?;
+            (h.to_string(), p.strip_prefix(':'))
+        } else {
+            match hostport.rsplit_once(':') {
+                Some((h, p)) => (h.to_string(), Some(p)),
+                None => (hostport.to_string(), None),
+            }
+        };
+        if host.is_empty() {
+            return Err(bad("no host"));
+        }
+        let port = match port {
+            Some(p) => p
+                .parse()
+                .map_err(|_| bad("the port is not a number 0-65535"))?,
+            None => 1883,
+        };
+        Ok(BrokerUrl {
+            host,
+            port,
+            username,
+            password,
+        })
+    }
 }

@@ -1,6 +1,6 @@
 //! Telemetry ingest: de-duplication by (device, seq), gaps, forged messages stored never.
 
-use fleet_control::ingest::{FleetStore, Ingest, Outcome, SledStore};
+use fleet_control::ingest::{DeviceRecord, FleetStore, Ingest, Outcome, SledStore};
 use fleetml_protocol::telemetry::{self, Body, DeviceId, Event, Lifecycle, MessageError};
 
 const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
@@ -24,26 +24,35 @@ fn event(seq: u64) -> (String, Vec<u8>) {
 fn messages_are_stored_once_in_order_with_gaps_noticed_and_forgeries_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = SledStore::open(&dir.path().join("fleet")).expect("store");
-    let ingest = Ingest::new(store, |d: &DeviceId| {
-        (d.as_str() == "pi-07").then(|| SECRET.to_vec())
-    });
+    assert!(
+        store
+            .enroll(&DeviceRecord {
+                id: DeviceId::new("pi-07").expect("id"),
+                board: None,
+                tags: Default::default(),
+                secret: SECRET.to_vec(),
+                enrolled_ms: 0,
+            })
+            .expect("enroll")
+    );
+    let ingest = Ingest::new(store);
 
     let (t, m0) = event(0);
-    assert_eq!(ingest.handle(&t, &m0), Ok(Outcome::Stored { gap: None }));
+    assert_eq!(ingest.handle(&t, &m0, 0), Ok(Outcome::Stored { gap: None }));
     assert_eq!(
-        ingest.handle(&t, &m0),
+        ingest.handle(&t, &m0, 0),
         Ok(Outcome::Duplicate),
         "re-published after a reconnect"
     );
     let (_, m3) = event(3);
     assert_eq!(
-        ingest.handle(&t, &m3),
+        ingest.handle(&t, &m3, 0),
         Ok(Outcome::Stored { gap: Some((1, 2)) })
     );
     for seq in [1, 2] {
         let (_, m) = event(seq);
         assert_eq!(
-            ingest.handle(&t, &m),
+            ingest.handle(&t, &m, 0),
             Ok(Outcome::Stored { gap: None }),
             "the gap fills"
         );
@@ -62,22 +71,22 @@ fn messages_are_stored_once_in_order_with_gaps_noticed_and_forgeries_refused() {
         b"not the secret of this device!!!",
     );
     assert_eq!(
-        ingest.handle(&t4, &forged),
+        ingest.handle(&t4, &forged, 0),
         Ok(Outcome::Refused(MessageError::BadAuthenticator))
     );
     let (_, m5) = event(5);
     assert!(matches!(
-        ingest.handle("fleetml/v1/pi-08/events", &m5),
+        ingest.handle("fleetml/v1/pi-08/events", &m5, 0),
         Ok(Outcome::Refused(MessageError::DeviceMismatch { .. }))
     ));
     assert!(matches!(
-        ingest.handle(&t, b"\xa1\x61garbage"),
+        ingest.handle(&t, b"\xa1\x61garbage", 0),
         Ok(Outcome::Refused(MessageError::Malformed(_)))
     ));
 
     let stored = ingest
         .store
-        .messages(&DeviceId::new("pi-07").expect("id"))
+        .messages(&DeviceId::new("pi-07").expect("id"), 0, 100)
         .expect("messages");
     assert_eq!(
         stored.iter().map(|e| e.seq).collect::<Vec<_>>(),

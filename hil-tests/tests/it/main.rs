@@ -5,6 +5,7 @@ mod architecture;
 mod bundle_cli;
 mod conformance;
 mod demo;
+mod fleet;
 mod monitoring;
 mod peers;
 mod store_crash;

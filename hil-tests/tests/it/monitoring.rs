@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 /// Rows of a claims CSV as feature objects (numbers as numbers, the rest as strings;
 /// columns not in the schema, such as the label, left out).
-fn rows(file: &str) -> Vec<Value> {
+pub(crate) fn rows(file: &str) -> Vec<Value> {
     let schema: toml::Value =
         toml::from_str(&std::fs::read_to_string(claims("features.toml")).expect("schema"))
             .expect("toml");
@@ -85,7 +85,7 @@ fn start(dir: &Path, extra: &[&str]) -> RunningAgent {
     RunningAgent::serve_store(dir, extra)
 }
 
-fn send(agent: &RunningAgent, rows: &[Value]) {
+pub(crate) fn send(agent: &RunningAgent, rows: &[Value]) {
     for batch in rows.chunks(50) {
         let (status, reply) = agent.request(
             "POST",

@@ -24,6 +24,8 @@ fn status() -> Body {
         }],
         uptime_s: 42,
         online: true,
+        outbox_depth: 0,
+        dropped_windows: 0,
     })
 }
 
@@ -146,4 +148,32 @@ proptest! {
         prop_assert!(telemetry::open(&topic, &bytes[..cut], secret_for("pi-07")).is_err());
         prop_assert!(telemetry::open(&topic, &bytes, secret_for("pi-07")).is_ok());
     }
+}
+
+#[test]
+fn broker_urls_parse_and_hide_their_password() {
+    use telemetry::BrokerUrl;
+    let u: BrokerUrl = "mqtt://ingest:s3cret@broker.example:8883"
+        .parse()
+        .expect("url");
+    assert_eq!((u.host.as_str(), u.port), ("broker.example", 8883));
+    assert_eq!(u.password.as_deref(), Some("s3cret"));
+    assert_eq!(u.to_string(), "mqtt://ingest@broker.example:8883");
+    assert!(!format!("{u:?}").contains("s3cret"));
+    let u: BrokerUrl = "mqtt://[::1]".parse().expect("v6");
+    assert_eq!((u.host.as_str(), u.port), ("::1", 1883));
+    for bad in ["http://x", "mqtt://", "mqtt://h:99999", "mqtt://h/topic"] {
+        assert!(bad.parse::<BrokerUrl>().is_err(), "{bad}");
+    }
+    let e = "mqtts://h".parse::<BrokerUrl>().expect_err("tls");
+    assert!(e.contains("TLS"), "{e}");
+}
+
+#[test]
+fn the_mqtt_password_is_derived_not_the_secret() {
+    let p = telemetry::mqtt_password(SECRET);
+    assert_eq!(p.len(), 64);
+    assert_ne!(p.as_bytes(), SECRET);
+    assert_eq!(p, telemetry::mqtt_password(SECRET));
+    assert_ne!(p, telemetry::mqtt_password(b"another secret"));
 }

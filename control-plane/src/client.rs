@@ -1,0 +1,130 @@
+//! The operator side of the API: `fleetctl` commands that talk to `fleetctl serve`
+//! (`--server URL`; the token from `FLEETML_TOKEN` or `~/.config/fleetml/token`).
+
+use anyhow::{Context, bail};
+use http_body_util::{BodyExt, Full};
+use serde_json::Value;
+
+/// Where the API is when `--server` and `FLEETML_SERVER` say nothing.
+pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7080";
+
+/// An API client.
+pub struct Client {
+    host: String,
+    port: u16,
+    base: String,
+    token: Option<String>,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("base", &self.base)
+            .field("token", &self.token.as_ref().map(|_| "…"))
+            .finish()
+    }
+}
+
+/// The API token: `FLEETML_TOKEN`, else `~/.config/fleetml/token`.
+pub fn token() -> Option<String> {
+    if let Ok(t) = std::env::var("FLEETML_TOKEN")
+        && !t.trim().is_empty()
+    {
+        return Some(t.trim().to_string());
+    }
+    let home = std::env::var_os("HOME")?;
+    let path = std::path::Path::new(&home).join(".config/fleetml/token");
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+}
+
+impl Client {
+    pub fn new(server: &str) -> anyhow::Result<Client> {
+        let rest = server.strip_prefix("http://").with_context(|| {
+            format!("--server {server}: expected http://HOST:PORT (put a TLS proxy in front for remote use)")
+        })?;
+        let hostport = rest.trim_end_matches('/');
+        anyhow::ensure!(
+            !hostport.contains('/'),
+            "--server {server}: give the server's root URL, without a path"
+        );
+        let (host, port) = match hostport.rsplit_once(':') {
+            Some((h, p)) => (
+                h.trim_start_matches('[').trim_end_matches(']').to_string(),
+                p.parse()
+                    .with_context(|| format!("--server {server}: bad port"))?,
+            ),
+            None => (hostport.to_string(), 80),
+        };
+        Ok(Client {
+            host,
+            port,
+            base: format!("http://{hostport}"),
+            token: token(),
+            runtime: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?,
+        })
+    }
+
+    pub fn get(&self, path: &str) -> anyhow::Result<Value> {
+        self.call("GET", path, None)
+    }
+
+    pub fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+        self.call("POST", path, Some(body))
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<&Value>) -> anyhow::Result<Value> {
+        let Some(token) = &self.token else {
+            bail!(
+                "no API token: set FLEETML_TOKEN (the admin token is in the server's DATA_DIR/admin.token)"
+            );
+        };
+        let url = format!("{}{path}", self.base);
+        let (status, bytes) = self.runtime.block_on(async {
+            let stream = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot reach the control plane at {} (is `fleetctl serve` running? pass --server)",
+                        self.base
+                    )
+                })?;
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                    .await?;
+            tokio::spawn(conn);
+            let body = body.map(serde_json::to_vec).transpose()?.unwrap_or_default();
+            let request = hyper::Request::builder()
+                .method(method)
+                .uri(path)
+                .header("host", format!("{}:{}", self.host, self.port))
+                .header("authorization", format!("Bearer {token}"))
+                .header("content-type", "application/json")
+                .body(Full::new(hyper::body::Bytes::from(body)))?;
+            let response = tokio::time::timeout(
+                std::time::Duration::from_secs(60),
+                sender.send_request(request),
+            )
+            .await
+            .with_context(|| format!("{method} {url} timed out"))??;
+            let status = response.status();
+            let bytes = response.into_body().collect().await?.to_bytes();
+            anyhow::Ok((status, bytes))
+        })?;
+        let value: Value = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).trim().to_string()));
+        if !status.is_success() {
+            let message = value["error"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| value.to_string());
+            bail!("{method} {url}: {status}: {message}");
+        }
+        Ok(value)
+    }
+}

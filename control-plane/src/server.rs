@@ -1,0 +1,683 @@
+//! `fleetctl serve`: the control plane — an HTTP API for operators (axum), an MQTT
+//! broker for devices (embedded rumqttd by default, or an external one), and the ingest
+//! task between them.
+//!
+//! Data directory (created mode 0700): `admin.token` (mode 0600, created on first
+//! start), `fleet.db` (sled: registry, messages, device states).
+//!
+//! Delivery: devices delete a message from their outbox when the broker acknowledges
+//! it, so the broker must not lose what it acknowledged. The ingest holds a persistent
+//! session (`clean_session = false`, fixed client id) and acknowledges each message
+//! only after it is stored and flushed, so a message the broker queued for the ingest
+//! survives an ingest restart. With an external broker, enable its persistence
+//! (mosquitto: `persistence true`) so a broker restart keeps those queues too.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::Router;
+use axum::extract::{Path as UrlPath, Query, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use fleetml_protocol::telemetry::{self, Body, BrokerUrl, DeviceId};
+use fleetml_protocol::trust::TrustPolicy;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::ingest::{DeviceRecord, FleetStore, Ingest, SledStore};
+use crate::views;
+
+/// Client id and user name of the ingest's MQTT session.
+pub const INGEST_CLIENT: &str = "fleetml-ingest";
+
+/// Which broker devices talk to.
+#[derive(Debug, Clone)]
+pub enum Mqtt {
+    /// rumqttd inside this process, listening here.
+    Embedded(SocketAddr),
+    /// A broker run elsewhere (mosquitto, EMQX, VerneMQ, …).
+    External(BrokerUrl),
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub mqtt: Mqtt,
+    /// Trust policy handed to enrolled devices.
+    pub trust: Option<PathBuf>,
+    /// The URL devices and operators reach the API at (default: from `listen`).
+    pub public_url: Option<String>,
+    /// The broker URL devices are given (default: from the broker's address).
+    pub public_mqtt_url: Option<String>,
+}
+
+/// Shared state of the running control plane.
+pub struct Plane {
+    pub ingest: Ingest<SledStore>,
+    token: String,
+    trust: Option<TrustPolicy>,
+    public_url: String,
+    public_mqtt_url: String,
+    client: AsyncClient,
+    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+}
+
+impl std::fmt::Debug for Plane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The admin token stays out of logs.
+        f.debug_struct("Plane")
+            .field("public_url", &self.public_url)
+            .field("public_mqtt_url", &self.public_mqtt_url)
+            .finish_non_exhaustive()
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn random_hex(bytes: usize) -> anyhow::Result<String> {
+    use ring::rand::SecureRandom;
+    let mut b = vec![0u8; bytes];
+    ring::rand::SystemRandom::new()
+        .fill(&mut b)
+        .map_err(|_| anyhow::anyhow!("the system random generator failed"))?;
+    Ok(hex::encode(b))
+}
+
+/// Equal in time independent of where they differ.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Reads `DIR/admin.token`, creating it (mode 0600) on first start.
+pub fn admin_token(dir: &Path) -> anyhow::Result<String> {
+    let path = dir.join("admin.token");
+    match std::fs::read_to_string(&path) {
+        Ok(t) => Ok(t.trim().to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let token = format!("fmt_{}", random_hex(32)?);
+            crate::output::create_new(&path, 0o600, format!("{token}\n").as_bytes())?;
+            Ok(token)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Starts rumqttd on `addr` (its own threads) and waits until it accepts connections.
+fn start_broker(
+    addr: SocketAddr,
+    store: SledStore,
+    ingest_password: String,
+    plane_counters: Arc<dyn Fn() + Send + Sync>,
+    ingest_ready: Arc<std::sync::atomic::AtomicBool>,
+) -> anyhow::Result<()> {
+    use rumqttd::{Config, ConnectionSettings, RouterConfig, ServerSettings};
+    // Fail early and clearly if the port is taken (rumqttd would only log it).
+    drop(
+        std::net::TcpListener::bind(addr)
+            .with_context(|| format!("the MQTT listen address {addr} is not available"))?,
+    );
+    let mut connections = ConnectionSettings {
+        connection_timeout_ms: 60_000,
+        max_payload_size: telemetry::MAX_MESSAGE + 1024,
+        max_inflight_count: 100,
+        auth: None,
+        external_auth: None,
+        dynamic_filters: true,
+    };
+    connections.set_auth_handler(move |client_id: String, user: String, password: String| {
+        let store = store.clone();
+        let ingest_password = ingest_password.clone();
+        let refused = plane_counters.clone();
+        let ready = ingest_ready.clone();
+        async move {
+            let ok = if user == INGEST_CLIENT {
+                same(password.as_bytes(), ingest_password.as_bytes())
+            } else if !ready.load(std::sync::atomic::Ordering::Relaxed) {
+                // Until the ingest has subscribed, a device's messages would be
+                // acknowledged to nobody: devices wait (they retry with back-off).
+                tracing::info!(
+                    client_id,
+                    "device login deferred: the ingest is not subscribed yet"
+                );
+                return false;
+            } else {
+                // A device logs in as itself (client id = user = device id) with the
+                // password derived from its secret.
+                DeviceId::new(&user)
+                    .ok()
+                    .filter(|_| client_id == user)
+                    .and_then(|id| store.device(&id).ok().flatten())
+                    .is_some_and(|d| {
+                        same(
+                            password.as_bytes(),
+                            telemetry::mqtt_password(&d.secret).as_bytes(),
+                        )
+                    })
+            };
+            if !ok {
+                refused();
+                tracing::warn!(client_id, "MQTT login refused");
+            }
+            ok
+        }
+    });
+    let server = ServerSettings {
+        name: "fleetml".into(),
+        listen: addr,
+        tls: None,
+        next_connection_delay_ms: 1,
+        connections,
+    };
+    let config = Config {
+        id: 0,
+        router: RouterConfig {
+            max_connections: 10_010,
+            max_outgoing_packet_count: 200,
+            max_segment_size: 100 << 20,
+            max_segment_count: 10,
+            ..Default::default()
+        },
+        v4: Some([("fleetml".to_string(), server)].into_iter().collect()),
+        ..Default::default()
+    };
+    let mut broker = rumqttd::Broker::new(config);
+    std::thread::Builder::new()
+        .name("mqtt-broker".into())
+        .spawn(move || {
+            if let Err(e) = broker.start() {
+                tracing::error!(error = %e, "the embedded MQTT broker stopped");
+            }
+        })
+        .context("starting the embedded MQTT broker")?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(addr).is_err() {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the embedded MQTT broker did not start listening on {addr}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+fn host_for_clients(addr: SocketAddr) -> String {
+    if addr.ip().is_unspecified() {
+        tracing::warn!(
+            %addr,
+            "listening on all interfaces: pass --public-url / --public-mqtt-url so enrolled devices get a reachable address"
+        );
+        format!("127.0.0.1:{}", addr.port())
+    } else {
+        addr.to_string()
+    }
+}
+
+/// Runs the control plane until SIGTERM / Ctrl-C.
+pub async fn serve(opts: Options) -> anyhow::Result<()> {
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,rumqttd=warn".into()),
+        )
+        .try_init();
+    create_private_dir(&opts.data_dir)?;
+    let token = admin_token(&opts.data_dir)?;
+    let store = SledStore::open(&opts.data_dir.join("fleet.db"))?;
+    let trust = match &opts.trust {
+        Some(p) => Some(crate::keys::load_policy(p)?),
+        None => None,
+    };
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .ok();
+    let ingest = Ingest::new(store.clone());
+    let (options, public_mqtt) = match &opts.mqtt {
+        Mqtt::Embedded(addr) => {
+            let password = random_hex(32)?;
+            // The login counter lives in the plane, created below; count through a cell.
+            let refused: Arc<std::sync::atomic::AtomicU64> = Arc::default();
+            let r = refused.clone();
+            start_broker(
+                *addr,
+                store.clone(),
+                password.clone(),
+                Arc::new(move || {
+                    r.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    metrics::counter!("fleetml_broker_logins_refused_total").increment(1);
+                }),
+                ingest.counters.connected.clone(),
+            )?;
+            LOGINS_REFUSED
+                .set(refused)
+                .map_err(|_| anyhow::anyhow!("serve started twice"))?;
+            let local = if addr.ip().is_unspecified() {
+                SocketAddr::from(([127, 0, 0, 1], addr.port()))
+            } else {
+                *addr
+            };
+            let mut o = MqttOptions::new(INGEST_CLIENT, local.ip().to_string(), local.port());
+            o.set_credentials(INGEST_CLIENT, password);
+            (o, format!("mqtt://{}", host_for_clients(*addr)))
+        }
+        Mqtt::External(url) => {
+            let mut o = MqttOptions::new(INGEST_CLIENT, url.host.clone(), url.port);
+            if let Some(u) = &url.username {
+                o.set_credentials(u.clone(), url.password.clone().unwrap_or_default());
+            }
+            let public = BrokerUrl {
+                username: None,
+                password: None,
+                ..url.clone()
+            };
+            (o, public.to_string())
+        }
+    };
+    let mut options = options;
+    options.set_keep_alive(Duration::from_secs(30));
+    options.set_clean_session(false);
+    options.set_manual_acks(true);
+    options.set_max_packet_size(telemetry::MAX_MESSAGE + 1024, telemetry::MAX_MESSAGE + 1024);
+    options.set_inflight(100);
+    let (client, events) = AsyncClient::new(options, 1024);
+    let plane = Arc::new(Plane {
+        ingest,
+        token,
+        trust,
+        public_url: opts
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", host_for_clients(opts.listen))),
+        public_mqtt_url: opts.public_mqtt_url.clone().unwrap_or(public_mqtt),
+        client,
+        metrics,
+    });
+    spawn_ingest(plane.clone(), events);
+
+    let app = router(plane.clone());
+    let tcp = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .with_context(|| format!("listening on {}", opts.listen))?;
+    let address = tcp.local_addr()?;
+    let mut server =
+        tokio::spawn(async move { axum::serve(tcp, app).await.map_err(anyhow::Error::from) });
+    announce(&format!("control plane listening on http://{address}"));
+    announce(&format!("devices connect to {}", plane.public_mqtt_url));
+    announce(&format!(
+        "admin token in {}",
+        opts.data_dir.join("admin.token").display()
+    ));
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+        done = &mut server => { done.context("API server task")??; }
+    }
+    plane.ingest.store.flush()?;
+    Ok(())
+}
+
+static LOGINS_REFUSED: std::sync::OnceLock<Arc<std::sync::atomic::AtomicU64>> =
+    std::sync::OnceLock::new();
+
+fn announce(line: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+/// Receives from the broker on one task and stores on another: a batch is stored,
+/// flushed once, then acknowledged message by message.
+fn spawn_ingest(plane: Arc<Plane>, mut events: rumqttc::EventLoop) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<rumqttc::Publish>(4096);
+    let client = plane.client.clone();
+    let receiver = plane.clone();
+    tokio::spawn(async move {
+        let mut failures = 0u32;
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    failures = 0;
+                    tracing::info!("ingest connected to the broker");
+                    if let Err(e) = client
+                        .subscribe(telemetry::INGEST_FILTER, QoS::AtLeastOnce)
+                        .await
+                    {
+                        tracing::error!(error = %e, "ingest could not subscribe");
+                    }
+                }
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    receiver
+                        .ingest
+                        .counters
+                        .connected
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    if tx.send(p).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    receiver
+                        .ingest
+                        .counters
+                        .connected
+                        .store(false, std::sync::atomic::Ordering::Relaxed);
+                    failures = failures.saturating_add(1);
+                    if failures == 1 {
+                        tracing::warn!(error = %e, "ingest lost the broker; reconnecting");
+                    }
+                    let wait = Duration::from_millis((250u64 << failures.min(5)).min(5_000));
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    });
+    tokio::spawn(async move {
+        let mut batch = Vec::with_capacity(256);
+        while rx.recv_many(&mut batch, 256).await > 0 {
+            let p2 = plane.clone();
+            let publishes = std::mem::take(&mut batch);
+            let stored = tokio::task::spawn_blocking(move || {
+                let now = now_ms();
+                for p in &publishes {
+                    match p2.ingest.handle(&p.topic, &p.payload, now) {
+                        Ok(crate::ingest::Outcome::Refused(e)) => {
+                            tracing::warn!(topic = %p.topic.chars().take(120).collect::<String>(), error = %e, "refused a message")
+                        }
+                        Ok(crate::ingest::Outcome::Stored { gap: Some((a, b)) }) => {
+                            tracing::info!(topic = %p.topic, from = a, to = b, "sequence gap (may still arrive)")
+                        }
+                        Ok(_) => {}
+                        Err(e) => return Err((e, publishes)),
+                    }
+                }
+                p2.ingest.store.flush().map_err(|e| (e, Vec::new()))?;
+                Ok(publishes)
+            })
+            .await;
+            match stored {
+                Ok(Ok(publishes)) => {
+                    for p in &publishes {
+                        let _ = plane.client.ack(p).await;
+                    }
+                }
+                Ok(Err((e, _))) => {
+                    // Not acknowledged: the broker delivers them again after a reconnect.
+                    tracing::error!(error = %e, "storing telemetry failed");
+                }
+                Err(e) => tracing::error!(error = %e, "ingest task failed"),
+            }
+            batch.clear();
+        }
+    });
+}
+
+/// An API error: status and a message naming what was wrong.
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, axum::Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<crate::ingest::StoreError> for ApiError {
+    fn from(e: crate::ingest::StoreError) -> Self {
+        ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+    }
+}
+
+type Api<T> = Result<T, ApiError>;
+
+async fn authorize(State(plane): State<Arc<Plane>>, request: Request, next: Next) -> Response {
+    let given = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if !same(given.trim().as_bytes(), plane.token.as_bytes()) {
+        return ApiError(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong API token: set FLEETML_TOKEN (the admin token is in DATA_DIR/admin.token)".into(),
+        )
+        .into_response();
+    }
+    next.run(request).await
+}
+
+pub fn router(plane: Arc<Plane>) -> Router {
+    let operator = Router::new()
+        .route("/v1/devices", post(enroll).get(list_devices))
+        .route("/v1/devices/{id}", get(show_device))
+        .route("/v1/devices/{id}/messages", get(device_messages))
+        .route("/v1/devices/{id}/commands", post(send_command))
+        .route("/v1/drift", get(drift))
+        .route("/v1/ingest", get(ingest_counters))
+        .route_layer(axum::middleware::from_fn_with_state(
+            plane.clone(),
+            authorize,
+        ));
+    Router::new()
+        .merge(operator)
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics_text))
+        .with_state(plane)
+}
+
+async fn metrics_text(State(plane): State<Arc<Plane>>) -> String {
+    plane
+        .metrics
+        .as_ref()
+        .map(|m| m.render())
+        .unwrap_or_default()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnrollRequest {
+    id: String,
+    #[serde(default)]
+    board: Option<String>,
+    #[serde(default)]
+    tags: std::collections::BTreeMap<String, String>,
+}
+
+fn parse_id(id: &str) -> Api<DeviceId> {
+    DeviceId::new(id).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))
+}
+
+async fn enroll(
+    State(plane): State<Arc<Plane>>,
+    axum::Json(req): axum::Json<EnrollRequest>,
+) -> Api<(StatusCode, axum::Json<Value>)> {
+    let id = parse_id(&req.id)?;
+    let secret = hex::decode(
+        random_hex(telemetry::SECRET_LEN)
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?,
+    )
+    .unwrap_or_default();
+    let record = DeviceRecord {
+        id: id.clone(),
+        board: req.board,
+        tags: req.tags,
+        secret: secret.clone(),
+        enrolled_ms: now_ms(),
+    };
+    if !plane.ingest.store.enroll(&record)? {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!("device `{id}` is already enrolled"),
+        ));
+    }
+    tracing::info!(device = %id, "enrolled");
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(json!({
+            "device_id": id,
+            "device_secret": hex::encode(&secret),
+            "control_plane": plane.public_url,
+            "mqtt_url": plane.public_mqtt_url,
+            "board": record.board,
+            "tags": record.tags,
+            "trust_policy": plane.trust.as_ref().map(|t| t.to_toml()),
+        })),
+    ))
+}
+
+async fn list_devices(State(plane): State<Arc<Plane>>) -> Api<axum::Json<Value>> {
+    let store = &plane.ingest.store;
+    let mut out = Vec::new();
+    for d in store.devices()? {
+        let state = store.state(&d.id)?.unwrap_or_default();
+        out.push(views::device_summary(&d, &state));
+    }
+    Ok(axum::Json(Value::Array(out)))
+}
+
+async fn show_device(
+    State(plane): State<Arc<Plane>>,
+    UrlPath(id): UrlPath<String>,
+) -> Api<axum::Json<Value>> {
+    let id = parse_id(&id)?;
+    let store = &plane.ingest.store;
+    let d = store.device(&id)?.ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no device `{id}` is enrolled"),
+        )
+    })?;
+    let state = store.state(&id)?.unwrap_or_default();
+    // The most recent messages: events, alerts and acknowledgements among them.
+    let recent = store.messages(&id, state.last_seq.saturating_sub(99), 100)?;
+    Ok(axum::Json(views::device_detail(&d, &state, &recent)))
+}
+
+#[derive(Debug, Deserialize)]
+struct Page {
+    #[serde(default)]
+    from: u64,
+    #[serde(default = "default_limit")]
+    limit: usize,
+}
+
+fn default_limit() -> usize {
+    1000
+}
+
+async fn device_messages(
+    State(plane): State<Arc<Plane>>,
+    UrlPath(id): UrlPath<String>,
+    Query(page): Query<Page>,
+) -> Api<axum::Json<Value>> {
+    let id = parse_id(&id)?;
+    let list = plane
+        .ingest
+        .store
+        .messages(&id, page.from, page.limit.min(10_000))?;
+    Ok(axum::Json(Value::Array(
+        list.iter().map(views::message_summary).collect(),
+    )))
+}
+
+async fn send_command(
+    State(plane): State<Arc<Plane>>,
+    UrlPath(id): UrlPath<String>,
+    axum::Json(command): axum::Json<telemetry::CommandKind>,
+) -> Api<(StatusCode, axum::Json<Value>)> {
+    let id = parse_id(&id)?;
+    let store = &plane.ingest.store;
+    let d = store.device(&id)?.ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no device `{id}` is enrolled"),
+        )
+    })?;
+    let seq = store.next_command_seq(&id)?;
+    let command_id = format!("{id}-{seq}");
+    let (topic, bytes) = telemetry::seal(
+        &id,
+        seq,
+        now_ms(),
+        Body::Command(telemetry::Command {
+            id: command_id.clone(),
+            command,
+        }),
+        &d.secret,
+    );
+    plane
+        .client
+        .publish(topic, QoS::AtLeastOnce, false, bytes)
+        .await
+        .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("broker: {e}")))?;
+    Ok((
+        StatusCode::ACCEPTED,
+        axum::Json(json!({ "command": command_id })),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+struct DriftQuery {
+    model: Option<String>,
+    device: Option<String>,
+}
+
+async fn drift(
+    State(plane): State<Arc<Plane>>,
+    Query(q): Query<DriftQuery>,
+) -> Api<axum::Json<Value>> {
+    let store = &plane.ingest.store;
+    let mut states = Vec::new();
+    for d in store.devices()? {
+        if q.device
+            .as_deref()
+            .is_some_and(|want| want != d.id.as_str())
+        {
+            continue;
+        }
+        if let Some(s) = store.state(&d.id)? {
+            states.push((d.id.clone(), s));
+        }
+    }
+    Ok(axum::Json(Value::Array(views::drift_rows(
+        &states,
+        q.model.as_deref(),
+    ))))
+}
+
+async fn ingest_counters(State(plane): State<Arc<Plane>>) -> axum::Json<Value> {
+    let mut v = plane.ingest.counters.to_json();
+    if let Some(r) = LOGINS_REFUSED.get() {
+        v["logins_refused"] = json!(r.load(std::sync::atomic::Ordering::Relaxed));
+    }
+    axum::Json(v)
+}

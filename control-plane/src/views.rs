@@ -1,0 +1,335 @@
+//! The fleet views the API serves as JSON (`GET /v1/devices`, `/v1/devices/{id}`,
+//! `/v1/drift`) and `fleetctl` prints as tables.
+
+use fleetml_protocol::telemetry::{Body, DeviceId, Envelope, FeatureDrift};
+use serde_json::{Value, json};
+
+use crate::ingest::{DeviceRecord, DeviceState};
+
+fn open_alerts(state: &DeviceState) -> Vec<String> {
+    state
+        .alerts
+        .iter()
+        .flat_map(|(model, subjects)| subjects.iter().map(move |s| format!("{model}:{s}")))
+        .collect()
+}
+
+/// One row of `fleetctl devices list`.
+pub fn device_summary(d: &DeviceRecord, state: &DeviceState) -> Value {
+    let status = state.status.as_ref().map(|(_, s)| s);
+    json!({
+        "id": d.id,
+        // What the operator declared at enrollment, else what the agent reports.
+        "board": d.board.clone().or(status.map(|s| s.board.clone())),
+        "tags": d.tags,
+        "online": state.online,
+        "last_seen_ms": state.last_seen_ms,
+        "offline_since_ms": state.offline_since_ms,
+        "models": status.map(|s| s.models.iter().map(|m| json!({
+            "name": m.name, "version": m.version, "backend": m.backend,
+        })).collect::<Vec<_>>()).unwrap_or_default(),
+        "open_alerts": open_alerts(state),
+        "agent_version": status.map(|s| s.agent_version.clone()),
+        "outbox_depth": status.map(|s| s.outbox_depth),
+        "dropped_windows": status.map(|s| s.dropped_windows),
+        "messages": state.stored,
+        "duplicates": state.duplicates,
+        "gaps": state.gaps,
+        "last_seq": state.last_seq,
+    })
+}
+
+/// What kind of message an envelope is, in one word.
+pub fn kind(e: &Envelope) -> &'static str {
+    match &e.body {
+        Body::Status(_) => "status",
+        Body::Window(_) => "window",
+        Body::Alert(_) => "alert",
+        Body::Event(_) => "event",
+        Body::Ack(_) => "ack",
+        Body::Command(_) => "command",
+    }
+}
+
+/// A message in a list: sequence number, time, kind and a one-line summary.
+pub fn message_summary(e: &Envelope) -> Value {
+    let summary = match &e.body {
+        Body::Status(s) => format!(
+            "{} models, uptime {} s, outbox {}",
+            s.models.len(),
+            s.uptime_s,
+            s.outbox_depth
+        ),
+        Body::Window(w) => format!(
+            "{} v{} window {}: {} predictions",
+            w.model, w.version, w.window, w.predictions
+        ),
+        Body::Alert(a) => format!(
+            "{} v{}: {} {}",
+            a.model, a.version, a.event.subject, a.event.transition
+        ),
+        Body::Event(ev) => {
+            let kind = serde_json::to_value(ev.kind)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            format!("{} v{} {kind} {}", ev.model, ev.version, ev.detail)
+                .trim()
+                .to_string()
+        }
+        Body::Ack(a) => format!(
+            "command {} {}{}",
+            a.command,
+            if a.ok { "done" } else { "refused" },
+            if a.detail.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", a.detail)
+            }
+        ),
+        Body::Command(c) => format!("command {}", c.id),
+    };
+    json!({ "seq": e.seq, "ts_ms": e.ts_ms, "kind": kind(e), "summary": summary, "body": e.body })
+}
+
+/// `fleetctl devices show ID`.
+pub fn device_detail(d: &DeviceRecord, state: &DeviceState, recent: &[Envelope]) -> Value {
+    let mut v = device_summary(d, state);
+    v["enrolled_ms"] = json!(d.enrolled_ms);
+    v["status"] = json!(state.status.as_ref().map(|(_, s)| s));
+    v["windows"] = json!(
+        state
+            .windows
+            .values()
+            .map(|(seq, w)| json!({
+                "seq": seq, "model": w.model, "version": w.version, "window": w.window,
+                "end_ms": w.end_ms, "predictions": w.predictions,
+                "missing_prediction_rate": w.missing_prediction_rate, "alerts": w.alerts,
+            }))
+            .collect::<Vec<_>>()
+    );
+    v["recent"] = json!(
+        recent
+            .iter()
+            .rev()
+            .filter(|e| !matches!(e.body, Body::Window(_) | Body::Status(_)))
+            .take(20)
+            .map(|e| {
+                let mut m = message_summary(e);
+                if let Some(o) = m.as_object_mut() {
+                    o.remove("body");
+                }
+                m
+            })
+            .collect::<Vec<_>>()
+    );
+    v
+}
+
+fn drift_row(
+    device: &DeviceId,
+    seq: u64,
+    w: &fleetml_protocol::telemetry::WindowReport,
+    f: &FeatureDrift,
+    alerting: bool,
+) -> Value {
+    json!({
+        "device": device, "model": w.model, "version": w.version, "window": w.window,
+        "seq": seq, "end_ms": w.end_ms, "feature": f.name, "values": f.values,
+        "psi": f.psi, "js": f.js, "ks": f.ks, "chi2_p": f.chi2_p,
+        "missing_rate": f.missing_rate, "out_of_range_rate": f.out_of_range_rate,
+        "drifting": f.drifting, "alerting": alerting,
+    })
+}
+
+/// `fleetctl drift`: the latest drift scores per feature (and of the predictions) of
+/// each device's newest window per model; alerting rows first, then by PSI.
+pub fn drift_rows(states: &[(DeviceId, DeviceState)], model: Option<&str>) -> Vec<Value> {
+    let mut rows = Vec::new();
+    for (device, state) in states {
+        for (name, (seq, w)) in &state.windows {
+            if model.is_some_and(|m| m != name) {
+                continue;
+            }
+            let open = state.alerts.get(name);
+            let alerting = |s: &str| open.is_some_and(|o| o.contains(s));
+            for f in &w.features {
+                rows.push(drift_row(device, *seq, w, f, alerting(&f.name)));
+            }
+            if let Some(p) = &w.prediction {
+                rows.push(drift_row(device, *seq, w, p, alerting("prediction")));
+            }
+        }
+    }
+    let key = |v: &Value| {
+        (
+            !v["alerting"].as_bool().unwrap_or(false),
+            !v["drifting"].as_bool().unwrap_or(false),
+            -(v["psi"].as_f64().unwrap_or(0.0) * 1e6) as i64,
+        )
+    };
+    rows.sort_by_key(key);
+    rows
+}
+
+fn ago(ms: Option<u64>, now_ms: u64) -> String {
+    match ms {
+        None => "never".into(),
+        Some(t) => {
+            let s = now_ms.saturating_sub(t) / 1000;
+            match s {
+                0..60 => format!("{s}s ago"),
+                60..3600 => format!("{}m ago", s / 60),
+                3600..86400 => format!("{}h ago", s / 3600),
+                _ => format!("{}d ago", s / 86400),
+            }
+        }
+    }
+}
+
+fn str_of(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// `fleetctl devices list` as a table.
+pub fn devices_table(list: &[Value], now_ms: u64) -> String {
+    if list.is_empty() {
+        return "no devices enrolled; add one with `fleetctl devices enroll NAME --out agent.toml`\n".into();
+    }
+    let mut out = format!(
+        "{:<20} {:<16} {:<8} {:<10} {:<28} {:<24} TAGS\n",
+        "DEVICE", "BOARD", "STATE", "LAST SEEN", "MODELS", "OPEN ALERTS"
+    );
+    for d in list {
+        let models: Vec<String> = d["models"]
+            .as_array()
+            .map(|m| {
+                m.iter()
+                    .map(|m| {
+                        format!(
+                            "{}@v{}/{}",
+                            str_of(&m["name"]),
+                            m["version"],
+                            str_of(&m["backend"])
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let alerts: Vec<String> = d["open_alerts"]
+            .as_array()
+            .map(|a| a.iter().map(str_of).collect())
+            .unwrap_or_default();
+        let tags: Vec<String> = d["tags"]
+            .as_object()
+            .map(|t| {
+                t.iter()
+                    .map(|(k, v)| format!("{k}={}", str_of(v)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let state = if d["online"].as_bool().unwrap_or(false) {
+            "online"
+        } else if d["last_seen_ms"].is_null() {
+            "never"
+        } else {
+            "offline"
+        };
+        out.push_str(&format!(
+            "{:<20} {:<16} {:<8} {:<10} {:<28} {:<24} {}\n",
+            str_of(&d["id"]),
+            str_of(&d["board"]),
+            state,
+            ago(d["last_seen_ms"].as_u64(), now_ms),
+            if models.is_empty() {
+                "-".into()
+            } else {
+                models.join(",")
+            },
+            if alerts.is_empty() {
+                "-".into()
+            } else {
+                alerts.join(",")
+            },
+            tags.join(",")
+        ));
+    }
+    out
+}
+
+/// `fleetctl devices show ID` as text.
+pub fn device_text(d: &Value, now_ms: u64) -> String {
+    let mut out = devices_table(std::slice::from_ref(d), now_ms);
+    out.push_str(&format!(
+        "\nagent {}, outbox {} waiting, {} windows dropped; {} messages stored, {} duplicates, {} gaps (highest seq {})\n",
+        str_of(&d["agent_version"]),
+        str_of(&d["outbox_depth"]),
+        str_of(&d["dropped_windows"]),
+        d["messages"], d["duplicates"], d["gaps"], d["last_seq"],
+    ));
+    if let Some(w) = d["windows"].as_array().filter(|w| !w.is_empty()) {
+        out.push_str("\nLATEST WINDOWS\n");
+        for w in w {
+            out.push_str(&format!(
+                "  {} v{} window {}: {} predictions, missing rate {:.3}, alerts {}\n",
+                str_of(&w["model"]),
+                w["version"],
+                w["window"],
+                w["predictions"],
+                w["missing_prediction_rate"].as_f64().unwrap_or(0.0),
+                w["alerts"]
+            ));
+        }
+    }
+    if let Some(r) = d["recent"].as_array().filter(|r| !r.is_empty()) {
+        out.push_str("\nRECENT EVENTS\n");
+        for e in r {
+            out.push_str(&format!(
+                "  #{:<6} {:<10} {:<6} {}\n",
+                e["seq"],
+                ago(e["ts_ms"].as_u64(), now_ms),
+                str_of(&e["kind"]),
+                str_of(&e["summary"])
+            ));
+        }
+    }
+    out
+}
+
+/// `fleetctl drift` as a table.
+pub fn drift_table(rows: &[Value]) -> String {
+    if rows.is_empty() {
+        return "no window reports yet\n".into();
+    }
+    let mut out = format!(
+        "{:<20} {:<14} {:>7} {:<20} {:>8} {:>8} {:>8} {:>9} {:>8}  STATE\n",
+        "DEVICE", "MODEL", "WINDOW", "FEATURE", "PSI", "JS", "KS", "CHI2 P", "MISSING"
+    );
+    for r in rows {
+        let num = |v: &Value| v.as_f64().map_or("-".into(), |x| format!("{x:.4}"));
+        let state = if r["alerting"].as_bool().unwrap_or(false) {
+            "ALERT"
+        } else if r["drifting"].as_bool().unwrap_or(false) {
+            "drifting"
+        } else {
+            "ok"
+        };
+        out.push_str(&format!(
+            "{:<20} {:<14} {:>7} {:<20} {:>8} {:>8} {:>8} {:>9} {:>8}  {state}\n",
+            str_of(&r["device"]),
+            format!("{}@v{}", str_of(&r["model"]), r["version"]),
+            r["window"],
+            str_of(&r["feature"]),
+            num(&r["psi"]),
+            num(&r["js"]),
+            num(&r["ks"]),
+            num(&r["chi2_p"]),
+            num(&r["missing_rate"]),
+        ));
+    }
+    out
+}

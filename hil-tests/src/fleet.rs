@@ -1,0 +1,272 @@
+//! Fleet messaging helpers: a real `fleetctl serve`, a real mosquitto, and waiting for
+//! what the control plane shows.
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::{Run, bin};
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// Polls `check` every 100 ms until it returns `Some`, or panics naming `what`.
+#[track_caller]
+pub fn wait_for<T>(what: &str, within: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn wait_listening(port: u16, what: &str) {
+    wait_for(what, Duration::from_secs(15), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    });
+}
+
+/// A mosquitto from Debian (`apt-get install mosquitto`; `.ci/run` does), on a loopback
+/// port, with persistence in its own folder. Stopped (SIGTERM, so it saves) on drop.
+#[derive(Debug)]
+pub struct Mosquitto {
+    child: Option<Child>,
+    pub port: u16,
+    config: PathBuf,
+}
+
+impl Mosquitto {
+    pub fn start(dir: &Path, port: u16) -> Mosquitto {
+        let store = dir.join("mosquitto");
+        std::fs::create_dir_all(&store).expect("mosquitto dir");
+        let config = store.join("mosquitto.conf");
+        // Started as root, mosquitto drops to user `mosquitto`, which cannot write its
+        // persistence file into the test's private folder; stay as the test's user.
+        let root = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("Uid:"))
+                    .map(|l| l.split_whitespace().nth(1) == Some("0"))
+            })
+            .unwrap_or(false);
+        std::fs::write(
+            &config,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n\
+                 persistence_location {}/\nautosave_interval 1\nmax_queued_messages 100000\n{}",
+                store.display(),
+                if root { "user root\n" } else { "" }
+            ),
+        )
+        .expect("mosquitto.conf");
+        let mut m = Mosquitto {
+            child: None,
+            port,
+            config,
+        };
+        m.resume();
+        m
+    }
+
+    /// Starts it again after [`Mosquitto::stop`], on the same port and data.
+    pub fn resume(&mut self) {
+        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("mosquitto is not installed: apt-get install mosquitto (.ci/run does)");
+        let child = Command::new(bin)
+            .arg("-c")
+            .arg(&self.config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto starts");
+        self.child = Some(child);
+        wait_listening(self.port, "mosquitto to listen");
+    }
+
+    /// Stops it gracefully (SIGTERM) and waits until it is gone.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            terminate(&mut c);
+        }
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// SIGTERM, then wait (SIGKILL after 10 s).
+pub fn terminate(child: &mut Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A running `fleetctl serve`, stopped on drop.
+#[derive(Debug)]
+pub struct ControlPlane {
+    child: Child,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    pub token: String,
+    /// Port of the embedded broker (when it runs one).
+    pub mqtt_port: Option<u16>,
+    pub data_dir: PathBuf,
+}
+
+impl ControlPlane {
+    /// `fleetctl serve` in `dir` with its data in `dir/plane`: with the embedded broker
+    /// (`external` = None) or connected to `mqtt://127.0.0.1:PORT`; `extra` flags added.
+    pub fn start(dir: &Path, external: Option<u16>, extra: &[&str]) -> ControlPlane {
+        let data_dir = dir.join("plane");
+        let listen = format!("127.0.0.1:{}", free_port());
+        let mut args: Vec<String> = vec![
+            "serve".into(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--listen".into(),
+            listen,
+        ];
+        let mqtt_port = match external {
+            Some(port) => {
+                args.extend(["--mqtt-url".into(), format!("mqtt://127.0.0.1:{port}")]);
+                None
+            }
+            None => {
+                let port = free_port();
+                args.extend(["--mqtt-listen".into(), format!("127.0.0.1:{port}")]);
+                Some(port)
+            }
+        };
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut child = Command::new(bin("fleetctl"))
+            .current_dir(dir)
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("fleetctl serve starts");
+        let mut reader = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        reader
+            .read_line(&mut line)
+            .expect("serve prints its address");
+        std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+        let url = line
+            .trim()
+            .strip_prefix("control plane listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line of fleetctl serve: {line:?}"))
+            .to_string();
+        let token = std::fs::read_to_string(data_dir.join("admin.token"))
+            .expect("admin.token")
+            .trim()
+            .to_string();
+        let plane = ControlPlane {
+            child,
+            url,
+            token,
+            mqtt_port,
+            data_dir,
+        };
+        // Devices that publish before the ingest subscribed reach nobody on a broker
+        // that never saw the ingest's session; tests start devices after this.
+        wait_for("the ingest to subscribe", Duration::from_secs(60), || {
+            (plane.get("/v1/ingest")["broker_connected"] == true).then_some(())
+        });
+        plane
+    }
+
+    /// `fleetctl ARGS --server URL` with the admin token.
+    pub fn fleetctl(&self, cwd: &Path, args: &[&str]) -> Run {
+        let out = Command::new(bin("fleetctl"))
+            .current_dir(cwd)
+            .args(args)
+            .env("FLEETML_SERVER", &self.url)
+            .env("FLEETML_TOKEN", &self.token)
+            .output()
+            .expect("fleetctl runs");
+        Run {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// `fleetctl ARGS --json` parsed.
+    #[track_caller]
+    pub fn json(&self, cwd: &Path, args: &[&str]) -> Value {
+        let mut args = args.to_vec();
+        args.push("--json");
+        let run = self.fleetctl(cwd, &args);
+        serde_json::from_str(run.success()).expect("fleetctl --json prints JSON")
+    }
+
+    /// `GET path` on the API with the admin token, as JSON.
+    pub fn get(&self, path: &str) -> Value {
+        let addr = self.url.trim_start_matches("http://");
+        let stream = std::net::TcpStream::connect(addr).expect("connects");
+        let (status, body) = crate::http_with(
+            stream,
+            "GET",
+            path,
+            &[("authorization", &format!("Bearer {}", self.token))],
+            b"",
+        )
+        .expect("HTTP");
+        assert_eq!(
+            status,
+            200,
+            "GET {path}: {}",
+            String::from_utf8_lossy(&body)
+        );
+        serde_json::from_slice(&body).expect("JSON")
+    }
+
+    /// The device's stored messages (seq, kind, summary, body), oldest first.
+    pub fn messages(&self, device: &str) -> Vec<Value> {
+        self.get(&format!("/v1/devices/{device}/messages?limit=10000"))
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Stops it gracefully.
+    pub fn stop(&mut self) {
+        terminate(&mut self.child);
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        terminate(&mut self.child);
+    }
+}

@@ -1,0 +1,527 @@
+//! Fleet messaging end to end, with real processes and real brokers: `fleetctl serve`
+//! (embedded rumqttd, or mosquitto from Debian), `fleetctl devices enroll`, and
+//! `fleet-agent run --config agent.toml`. Partitions, SIGKILL, overflow, forgery and
+//! malformed messages included.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use fleetml_protocol::telemetry::{self, Body, DeviceId, Event, Lifecycle};
+use hil_tests::fleet::{ControlPlane, Mosquitto, free_port, wait_for};
+use hil_tests::{RunningAgent, agent, bin, build_claims, claims, keys_and_policy};
+use serde_json::Value;
+
+use crate::monitoring::{rows, send};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Enrolls `name`, installs the claims bundle with the config enrollment wrote, and
+/// starts `fleet-agent run --config NAME.toml` (windows of 50 predictions).
+fn enrolled_agent(dir: &Path, plane: &ControlPlane, name: &str, extra: &[&str]) -> RunningAgent {
+    let config = format!("{name}.toml");
+    plane
+        .fleetctl(
+            dir,
+            &[
+                "devices",
+                "enroll",
+                name,
+                "--board",
+                "raspberry-pi-4",
+                "--tags",
+                "site=plant-3,line=2",
+                "--out",
+                &config,
+            ],
+        )
+        .success();
+    if !dir.join("claims.fmb").exists() {
+        build_claims(
+            dir,
+            1,
+            "claims.fmb",
+            &[
+                "--reference",
+                &claims("reference.csv"),
+                "--key",
+                "keys/k.key",
+            ],
+        );
+    }
+    let data = format!("data-{name}");
+    agent(
+        dir,
+        &[
+            "install-bundle",
+            "claims.fmb",
+            "--config",
+            &config,
+            "--data-dir",
+            &data,
+        ],
+    )
+    .success();
+    start_agent(dir, name, extra)
+}
+
+fn start_agent(dir: &Path, name: &str, extra: &[&str]) -> RunningAgent {
+    let (config, data) = (format!("{name}.toml"), format!("data-{name}"));
+    let mut args = vec![
+        "run",
+        "--config",
+        &config,
+        "--data-dir",
+        &data,
+        "--listen",
+        "127.0.0.1:0",
+    ];
+    if !extra.contains(&"--window-predictions") {
+        args.extend(["--window-predictions", "50"]);
+    }
+    args.extend_from_slice(extra);
+    RunningAgent::start(dir, &args)
+}
+
+fn sigkill(agent: RunningAgent) {
+    let mut agent = agent;
+    let _ = agent.child.kill();
+    let _ = agent.child.wait();
+}
+
+fn of_kind<'a>(messages: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    messages.iter().filter(|m| m["kind"] == kind).collect()
+}
+
+fn seqs(messages: &[Value]) -> Vec<u64> {
+    messages
+        .iter()
+        .map(|m| m["seq"].as_u64().expect("seq"))
+        .collect()
+}
+
+#[test]
+fn an_enrolled_agent_joins_through_the_embedded_broker_and_shows_in_the_fleet_views() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    keys_and_policy(dir, "k");
+    let plane = ControlPlane::start(dir, None, &["--trust", "trust.toml"]);
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode(&plane.data_dir.join("admin.token")), 0o600);
+        assert_eq!(mode(&plane.data_dir), 0o700);
+    }
+    let agent = enrolled_agent(dir, &plane, "pi-01", &[]);
+    let config = std::fs::read_to_string(dir.join("pi-01.toml")).expect("config");
+    for key in [
+        "device_id",
+        "device_secret",
+        "mqtt_url",
+        "control_plane",
+        "[trust_policy]",
+    ] {
+        assert!(config.contains(key), "{key} missing from:\n{config}");
+    }
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(dir.join("pi-01.toml")).expect("meta");
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    }
+    // Enrolling the same name twice is refused, and nothing is overwritten.
+    let again = plane.fleetctl(dir, &["devices", "enroll", "pi-01", "--out", "other.toml"]);
+    assert!(
+        again.failure().contains("already enrolled"),
+        "{}",
+        again.stderr
+    );
+
+    send(&agent, &rows("reference.csv")[..150]);
+    wait_for("3 windows of pi-01 in the control plane", WAIT, || {
+        let messages = plane.messages("pi-01");
+        (of_kind(&messages, "window").len() == 3).then_some(())
+    });
+    let list = plane.json(dir, &["devices", "list"]);
+    let me = &list.as_array().expect("list")[0];
+    assert_eq!(me["id"], "pi-01");
+    assert_eq!(me["online"], true);
+    assert_eq!(me["board"], "raspberry-pi-4");
+    assert_eq!(me["tags"]["site"], "plant-3");
+    assert_eq!(me["models"][0]["name"], "claims");
+    assert_eq!(me["models"][0]["version"], 1);
+    let table = plane.fleetctl(dir, &["devices", "list"]);
+    let table = table.success();
+    assert!(
+        table.contains("pi-01") && table.contains("online"),
+        "{table}"
+    );
+    assert!(table.contains("claims@v1/cpu"), "{table}");
+
+    // Drift across the fleet: one row per schema feature plus the predictions.
+    let features = toml::from_str::<toml::Value>(
+        &std::fs::read_to_string(claims("features.toml")).expect("schema"),
+    )
+    .expect("toml")["features"]
+        .as_array()
+        .expect("features")
+        .len();
+    let drift = plane.json(dir, &["drift", "--model", "claims"]);
+    let drift = drift.as_array().expect("rows");
+    assert_eq!(drift.len(), features + 1, "{drift:?}");
+    assert!(
+        drift
+            .iter()
+            .all(|r| r["device"] == "pi-01" && r["psi"].is_number())
+    );
+    let text = plane.fleetctl(dir, &["drift", "--device", "pi-01"]);
+    assert!(text.success().contains("FEATURE"), "{}", text.stdout);
+    let none = plane.json(dir, &["drift", "--model", "no-such-model"]);
+    assert_eq!(none, Value::Array(vec![]));
+
+    // A command over MQTT, answered with an acknowledgement.
+    plane
+        .fleetctl(dir, &["devices", "send-status", "pi-01"])
+        .success();
+    wait_for("the acknowledgement of send-status", WAIT, || {
+        let messages = plane.messages("pi-01");
+        of_kind(&messages, "ack")
+            .iter()
+            .any(|a| a["body"]["ack"]["ok"] == true)
+            .then_some(())
+    });
+    let show = plane.fleetctl(dir, &["devices", "show", "pi-01"]);
+    assert!(show.success().contains("RECENT EVENTS"), "{}", show.stdout);
+
+    // A login with the wrong password is refused by the embedded broker and counted.
+    let port = plane.mqtt_port.expect("embedded broker");
+    let mut o = rumqttc::MqttOptions::new("intruder", "127.0.0.1", port);
+    o.set_credentials("pi-01", "not-the-password");
+    let (_client, mut conn) = rumqttc::Client::new(o, 10);
+    let first = conn.iter().next().expect("an event");
+    assert!(first.is_err(), "a wrong password connected: {first:?}");
+    assert!(plane.get("/v1/ingest")["logins_refused"].as_u64() >= Some(1));
+
+    // The device vanishes: the broker publishes its last will, the fleet sees it offline.
+    sigkill(agent);
+    wait_for("pi-01 offline after SIGKILL", WAIT, || {
+        let d = plane.json(dir, &["devices", "show", "pi-01"]);
+        (d["online"] == false).then_some(())
+    });
+    assert_eq!(plane.get("/v1/ingest")["refused"], 0);
+}
+
+#[test]
+fn a_broker_outage_with_a_sigkilled_agent_loses_nothing_and_duplicates_nothing() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    keys_and_policy(dir, "k");
+    let mut broker = Mosquitto::start(dir, free_port());
+    let plane = ControlPlane::start(dir, Some(broker.port), &["--trust", "trust.toml"]);
+    let agent = enrolled_agent(dir, &plane, "pi-02", &[]);
+    let data = rows("reference.csv");
+    send(&agent, &data[..100]);
+    wait_for("2 windows before the outage", WAIT, || {
+        (of_kind(&plane.messages("pi-02"), "window").len() == 2).then_some(())
+    });
+
+    broker.stop();
+    send(&agent, &data[100..250]);
+    // Let the agent's monitoring history reach the disk too (sled syncs every 500 ms).
+    std::thread::sleep(Duration::from_secs(2));
+    sigkill(agent);
+    let agent = start_agent(dir, "pi-02", &[]);
+    send(&agent, &data[250..350]);
+    std::thread::sleep(Duration::from_secs(1));
+    broker.resume();
+
+    let messages = wait_for("all 7 windows after the outage", WAIT, || {
+        let m = plane.messages("pi-02");
+        (of_kind(&m, "window").len() == 7).then_some(m)
+    });
+    // Every sequence number from 0 to the highest, each once.
+    let s = seqs(&messages);
+    let expected: Vec<u64> = (0..=*s.last().expect("some")).collect();
+    assert_eq!(s, expected, "stored sequence numbers have a hole");
+    let windows: std::collections::BTreeSet<(u64, u64)> = of_kind(&messages, "window")
+        .iter()
+        .map(|w| {
+            let b = &w["body"]["window"];
+            (
+                b["version"].as_u64().expect("v"),
+                b["window"].as_u64().expect("n"),
+            )
+        })
+        .collect();
+    assert_eq!(windows.len(), 7, "a window reported twice: {windows:?}");
+    let device = plane.json(dir, &["devices", "show", "pi-02"]);
+    assert_eq!(device["gaps"], 0, "arrived out of order: {device}");
+    assert_eq!(device["dropped_windows"], 0, "{device}");
+    drop(agent);
+}
+
+#[test]
+fn a_full_outbox_drops_only_the_oldest_windows_and_counts_them_exactly() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    keys_and_policy(dir, "k");
+    // The ingest's persistent session is made, then the broker goes down (a broker that
+    // never saw the ingest's session cannot queue for it: messages the agent publishes
+    // before the ingest first subscribes reach nobody — keep the ingest's session, e.g.
+    // with mosquitto's `persistence true`).
+    let mut broker = Mosquitto::start(dir, free_port());
+    let plane = ControlPlane::start(dir, Some(broker.port), &["--trust", "trust.toml"]);
+    broker.stop();
+    let agent = enrolled_agent(
+        dir,
+        &plane,
+        "pi-03",
+        // Windows of 10 reference rows look drifted by chance; alerts (which are never
+        // dropped) would crowd out every window, so none is raised here.
+        &[
+            "--outbox-max-messages",
+            "6",
+            "--window-predictions",
+            "10",
+            "--alert-windows",
+            "100",
+        ],
+    );
+    let data = rows("reference.csv");
+    send(&agent, &data[..100]);
+    // A lifecycle event while offline: version 2 activated.
+    build_claims(
+        dir,
+        2,
+        "claims-v2.fmb",
+        &[
+            "--reference",
+            &claims("reference.csv"),
+            "--key",
+            "keys/k.key",
+        ],
+    );
+    hil_tests::agent(
+        dir,
+        &[
+            "install-bundle",
+            "claims-v2.fmb",
+            "--config",
+            "pi-03.toml",
+            "--data-dir",
+            "data-pi-03",
+        ],
+    )
+    .success();
+    Command::new("kill")
+        .args(["-HUP", &agent.child.id().to_string()])
+        .status()
+        .expect("kill");
+    wait_for("v2 served", WAIT, || {
+        let (_, models) = agent.request("GET", "/v1/models", &Value::Null);
+        models.to_string().contains("\"version\":2").then_some(())
+    });
+    send(&agent, &data[100..200]);
+    std::thread::sleep(Duration::from_secs(1));
+
+    broker.resume();
+    let messages = wait_for("the outbox drained", WAIT, || {
+        let m = plane.messages("pi-03");
+        (!of_kind(&m, "window").is_empty() && !of_kind(&m, "event").is_empty()).then_some(m)
+    });
+    let _ = messages;
+    // The status sent after the drain carries the exact drop count.
+    plane
+        .fleetctl(dir, &["devices", "send-status", "pi-03"])
+        .success();
+    let (messages, dropped) = wait_for("a status after the drain", WAIT, || {
+        let m = plane.messages("pi-03");
+        let acked = of_kind(&m, "ack").len() == 1;
+        let d = plane.json(dir, &["devices", "show", "pi-03"]);
+        let status_after_ack = d["status"]["outbox_depth"] == 0;
+        (acked && status_after_ack).then(|| (m, d["dropped_windows"].as_u64().expect("count")))
+    });
+    let windows = of_kind(&messages, "window").len() as u64;
+    assert!(dropped > 0, "nothing was dropped with a bound of 6");
+    assert_eq!(
+        windows + dropped,
+        20,
+        "stored {windows} + dropped {dropped} != produced 20"
+    );
+    // Never a lifecycle event: v2's activation is there.
+    let events = of_kind(&messages, "event");
+    assert!(
+        events.iter().any(
+            |e| e["body"]["event"]["kind"] == "activated" && e["body"]["event"]["version"] == 2
+        ),
+        "{events:?}"
+    );
+    // Only the oldest windows went: what remains is the newest, without holes (window
+    // numbers run on across versions of a model: v1 had 0-9, v2 10-19).
+    let kept: Vec<u64> = of_kind(&messages, "window")
+        .iter()
+        .map(|w| w["body"]["window"]["window"].as_u64().expect("n"))
+        .collect();
+    let newest: Vec<u64> = (20 - kept.len() as u64..20).collect();
+    assert_eq!(kept, newest, "not the newest windows were kept");
+    drop(agent);
+}
+
+/// Publishes raw payloads with a plain MQTT client, waiting for each PUBACK.
+fn publish_raw(port: u16, id: &str, messages: &[(String, Vec<u8>)]) {
+    let (client, mut conn) =
+        rumqttc::Client::new(rumqttc::MqttOptions::new(id, "127.0.0.1", port), 64);
+    for (topic, payload) in messages {
+        client
+            .publish(
+                topic.clone(),
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                payload.clone(),
+            )
+            .expect("queued");
+    }
+    let mut acked = 0;
+    for event in conn.iter() {
+        if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) = event.as_ref() {
+            acked += 1;
+            if acked == messages.len() {
+                break;
+            }
+        }
+        assert!(event.is_ok(), "publishing: {event:?}");
+    }
+}
+
+#[test]
+fn forged_and_malformed_messages_are_counted_and_never_stored() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    keys_and_policy(dir, "k");
+    let broker = Mosquitto::start(dir, free_port());
+    let plane = ControlPlane::start(dir, Some(broker.port), &["--trust", "trust.toml"]);
+    for name in ["pi-04", "pi-05"] {
+        plane
+            .fleetctl(
+                dir,
+                &["devices", "enroll", name, "--out", &format!("{name}.toml")],
+            )
+            .success();
+    }
+    let secret_of = |name: &str| {
+        let text = std::fs::read_to_string(dir.join(format!("{name}.toml"))).expect("config");
+        let v: toml::Value = toml::from_str(&text).expect("toml");
+        let hex = v["device_secret"].as_str().expect("secret").to_string();
+        (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
+            .collect::<Vec<u8>>()
+    };
+    let event = |seq| {
+        Body::Event(Event {
+            kind: Lifecycle::Activated,
+            model: "claims".into(),
+            version: seq,
+            detail: String::new(),
+        })
+    };
+    let (pi4, pi5) = (
+        DeviceId::new("pi-04").expect("id"),
+        DeviceId::new("pi-05").expect("id"),
+    );
+    let mut bad: Vec<(String, Vec<u8>)> = Vec::new();
+    // A wrong secret.
+    bad.push(telemetry::seal(&pi4, 0, 0, event(0), &[7u8; 32]));
+    // pi-05's valid message replayed on pi-04's topic, and pi-04 posing as pi-05.
+    let (_, m) = telemetry::seal(&pi5, 0, 0, event(0), &secret_of("pi-05"));
+    bad.push(("fleetml/v1/pi-04/events".into(), m));
+    bad.push(telemetry::seal(&pi5, 1, 0, event(1), &secret_of("pi-04")));
+    // An unknown device.
+    bad.push(telemetry::seal(
+        &DeviceId::new("ghost").expect("id"),
+        0,
+        0,
+        event(0),
+        &[1u8; 32],
+    ));
+    // Truncations of a valid message, and random bytes.
+    let (topic, valid) = telemetry::seal(&pi4, 0, 0, event(0), &secret_of("pi-04"));
+    for cut in [1, valid.len() / 3, valid.len() / 2, valid.len() - 1] {
+        bad.push((topic.clone(), valid[..cut].to_vec()));
+    }
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for n in 0..40 {
+        let bytes: Vec<u8> = (0..(n * 7 % 300))
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        bad.push(("fleetml/v1/pi-04/telemetry".into(), bytes));
+    }
+    let refused = bad.len() as u64;
+    publish_raw(broker.port, "forger", &bad);
+    // Then the real one: the ingest is alive and stores it.
+    publish_raw(broker.port, "pi-04-test", &[(topic, valid)]);
+    wait_for("the valid message stored", WAIT, || {
+        (plane.messages("pi-04").len() == 1).then_some(())
+    });
+    let counters = plane.get("/v1/ingest");
+    assert_eq!(counters["refused"].as_u64(), Some(refused), "{counters}");
+    assert_eq!(counters["stored"], 1, "{counters}");
+    assert!(plane.messages("pi-05").is_empty());
+}
+
+#[test]
+fn the_outbox_keeps_every_flushed_message_across_sigkill() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("outbox");
+    let mut last_reported = None;
+    for round in 0..5u64 {
+        let mut child = Command::new(bin("outbox-writer"))
+            .arg(&dir)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("writer starts");
+        let reader = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        use std::io::BufRead;
+        let mut reported = Vec::new();
+        // Kill at a different point each round: after 50, 90, 130, … confirmed pushes.
+        let target = 50 + round * 40;
+        for line in reader.lines() {
+            let seq: u64 = line.expect("line").trim().parse().expect("seq");
+            reported.push(seq);
+            if reported.len() as u64 == target {
+                break;
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        let outbox = fleet_agent::outbox::Outbox::open(&dir, Default::default()).expect("reopen");
+        let pending: std::collections::BTreeSet<u64> = outbox
+            .pending(usize::MAX)
+            .expect("pending")
+            .iter()
+            .map(|m| m.seq)
+            .collect();
+        for seq in &reported {
+            assert!(
+                pending.contains(seq),
+                "round {round}: flushed message {seq} lost"
+            );
+        }
+        let next = outbox.next_seq().expect("next");
+        assert!(
+            next > *reported.last().expect("some"),
+            "round {round}: seq went back"
+        );
+        if let Some(prev) = last_reported {
+            assert!(
+                reported[0] > prev,
+                "round {round}: a sequence number was reused"
+            );
+        }
+        last_reported = reported.last().copied();
+    }
+}
