@@ -277,6 +277,11 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
             Err(e) => tracing::warn!(error = %e, "monitoring windows are kept in memory only"),
         }
     }
+    if !config.prediction_sinks.is_empty() {
+        api.set_sinks(
+            crate::sinks::Sinks::start(&config.prediction_sinks).map_err(anyhow::Error::msg)?,
+        );
+    }
     let started = std::time::Instant::now();
     let tel = match &config.telemetry {
         Some(settings) => {
@@ -292,11 +297,6 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
             None
         }
     };
-    if !config.prediction_sinks.is_empty() {
-        api.set_sinks(
-            crate::sinks::Sinks::start(&config.prediction_sinks).map_err(anyhow::Error::msg)?,
-        );
-    }
     // Failures already recorded are in the status; only new ones become events.
     let mut reported: std::collections::HashSet<(String, u64, String)> = reload(&api, &config)?
         .into_iter()

@@ -230,25 +230,41 @@ impl ControlPlane {
         serde_json::from_str(run.success()).expect("fleetctl --json prints JSON")
     }
 
-    /// `GET path` on the API with the admin token, as JSON.
-    pub fn get(&self, path: &str) -> Value {
+    /// `METHOD path` on the API with the admin token (a JSON body unless null);
+    /// expects 2xx and returns the JSON reply.
+    pub fn call(&self, method: &str, path: &str, body: &Value) -> Value {
         let addr = self.url.trim_start_matches("http://");
         let stream = std::net::TcpStream::connect(addr).expect("connects");
-        let (status, body) = crate::http_with(
+        let bytes = if body.is_null() {
+            Vec::new()
+        } else {
+            body.to_string().into_bytes()
+        };
+        let (status, reply) = crate::http_with(
             stream,
-            "GET",
+            method,
             path,
-            &[("authorization", &format!("Bearer {}", self.token))],
-            b"",
+            &[
+                ("authorization", &format!("Bearer {}", self.token)),
+                ("content-type", "application/json"),
+            ],
+            &bytes,
         )
         .expect("HTTP");
-        assert_eq!(
-            status,
-            200,
-            "GET {path}: {}",
-            String::from_utf8_lossy(&body)
+        assert!(
+            (200..300).contains(&status),
+            "{method} {path}: {status} {}",
+            String::from_utf8_lossy(&reply)
         );
-        serde_json::from_slice(&body).expect("JSON")
+        serde_json::from_slice(&reply).expect("JSON")
+    }
+
+    pub fn get(&self, path: &str) -> Value {
+        self.call("GET", path, &Value::Null)
+    }
+
+    pub fn post(&self, path: &str, body: &Value) -> Value {
+        self.call("POST", path, body)
     }
 
     /// The device's stored messages (seq, kind, summary, body), oldest first.

@@ -68,12 +68,14 @@ pub fn bin(name: &str) -> PathBuf {
     static BUILT: OnceLock<Vec<(String, PathBuf)>> = OnceLock::new();
     let built = BUILT.get_or_init(|| {
         let exe = std::env::current_exe().expect("test executable path");
-        // target/<profile>/deps/it-<hash>
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target/<profile>")
-            .to_path_buf();
+        // target/<profile>/deps/it-<hash> for a test, target/<profile>/NAME for a binary.
+        let parent = exe.parent().expect("target/<profile>");
+        let profile_dir = if parent.file_name().is_some_and(|n| n == "deps") {
+            parent.parent().expect("target/<profile>")
+        } else {
+            parent
+        }
+        .to_path_buf();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
         scrub_cargo_env(&mut cmd);

@@ -619,8 +619,9 @@ fn the_agent_runs_from_a_config_file_and_refuses_unknown_keys() {
     );
     let run = agent(dir, &["run", "--data-dir", "data"]);
     assert!(
-        run.failure()
-            .contains("no trust policy: pass --trust or set `trust` in the config file"),
+        run.failure().contains(
+            "no trust policy: pass --trust or set `trust` (or `[trust_policy]`) in the config file"
+        ),
         "{}",
         run.stderr
     );

@@ -525,3 +525,245 @@ fn the_outbox_keeps_every_flushed_message_across_sigkill() {
         last_reported = reported.last().copied();
     }
 }
+
+/// A tiny HTTP server that answers 200 to every POST and hands over the bodies.
+fn webhook_receiver() -> (u16, std::sync::mpsc::Receiver<Value>) {
+    use std::io::{BufRead, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut reader = std::io::BufReader::new(stream);
+                loop {
+                    let mut length = 0usize;
+                    let mut line = String::new();
+                    let mut first = true;
+                    loop {
+                        line.clear();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if first {
+                            first = false;
+                            continue;
+                        }
+                        let l = line.trim_end();
+                        if l.is_empty() {
+                            break;
+                        }
+                        if let Some((k, v)) = l.split_once(':')
+                            && k.eq_ignore_ascii_case("content-length")
+                        {
+                            length = v.trim().parse().unwrap_or(0);
+                        }
+                    }
+                    let mut body = vec![0u8; length];
+                    if reader.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    let _ = tx.send(serde_json::from_slice(&body).unwrap_or(Value::Null));
+                    let _ = reader
+                        .get_mut()
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
+                }
+            });
+        }
+    });
+    (port, rx)
+}
+
+fn metric_sum(text: &str, name: &str, label: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn predictions_reach_every_sink_and_a_dead_consumer_costs_inference_nothing() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    keys_and_policy(dir, "k");
+    build_claims(dir, 1, "claims.fmb", &["--key", "keys/k.key"]);
+    agent(
+        dir,
+        &[
+            "install-bundle",
+            "claims.fmb",
+            "--data-dir",
+            "data",
+            "--trust",
+            "trust.toml",
+        ],
+    )
+    .success();
+    let broker = Mosquitto::start(dir, free_port());
+    let (hook, bodies) = webhook_receiver();
+    let dead = free_port();
+    // Subscribe before any prediction.
+    let (sub, mut conn) = rumqttc::Client::new(
+        rumqttc::MqttOptions::new("dashboard", "127.0.0.1", broker.port),
+        64,
+    );
+    sub.subscribe("plant/claims/predictions", rumqttc::QoS::AtLeastOnce)
+        .expect("subscribe");
+    let (mqtt_tx, mqtt_rx) = std::sync::mpsc::channel::<Value>();
+    let (suback_tx, suback_rx) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        for event in conn.iter() {
+            match event {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => {
+                    let _ = suback_tx.send(());
+                }
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                    let _ = mqtt_tx.send(serde_json::from_slice(&p.payload).unwrap_or(Value::Null));
+                }
+                Ok(_) => {}
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    });
+    suback_rx.recv_timeout(WAIT).expect("subscribed");
+    std::fs::write(
+        dir.join("agent.toml"),
+        format!(
+            r#"trust = "trust.toml"
+
+[[prediction_sink]]
+kind = "jsonl"
+path = "preds/claims.jsonl"
+max_bytes = 4096
+keep = 2
+include_inputs = true
+
+[[prediction_sink]]
+kind = "webhook"
+url = "http://127.0.0.1:{hook}/predictions"
+models = ["claims"]
+
+[[prediction_sink]]
+kind = "webhook"
+url = "http://127.0.0.1:{dead}/nobody-listens"
+queue = 2
+
+[[prediction_sink]]
+kind = "mqtt"
+url = "mqtt://127.0.0.1:{port}"
+topic = "plant/claims/predictions"
+"#,
+            port = broker.port
+        ),
+    )
+    .expect("config");
+    let running = RunningAgent::start(
+        dir,
+        &[
+            "run",
+            "--config",
+            "agent.toml",
+            "--data-dir",
+            "data",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let data = rows("holdout.csv");
+    for (i, row) in data.iter().take(40).enumerate() {
+        let (status, reply) = running.request(
+            "POST",
+            "/v1/models/claims/predict",
+            &serde_json::json!({ "id": format!("r-{i}"), "features": row }),
+        );
+        assert_eq!(
+            status, 200,
+            "inference must not suffer from a dead sink: {reply}"
+        );
+    }
+    // Webhook and MQTT consumers get every prediction, with its request id and version.
+    let got: Vec<Value> = (0..40)
+        .map(|_| bodies.recv_timeout(WAIT).expect("a webhook delivery"))
+        .collect();
+    assert!(
+        got.iter()
+            .all(|b| b["model"] == "claims" && b["version"] == 1)
+    );
+    assert!(
+        got.iter()
+            .all(|b| b["request_id"].is_string() && b["predictions"].is_array())
+    );
+    assert!(
+        got.iter().all(|b| b.get("inputs").is_none()),
+        "inputs only where asked"
+    );
+    let ids: std::collections::BTreeSet<String> = got
+        .iter()
+        .map(|b| b["ids"][0].as_str().expect("id").to_string())
+        .collect();
+    assert_eq!(ids.len(), 40);
+    let published: Vec<Value> = (0..40)
+        .map(|_| mqtt_rx.recv_timeout(WAIT).expect("an MQTT delivery"))
+        .collect();
+    assert!(published.iter().all(|b| b["model"] == "claims"));
+    // The JSON-lines file rotated by size, keeps 2 old files, holds the newest lines.
+    let preds = dir.join("preds");
+    let read = |name: &str| std::fs::read_to_string(preds.join(name)).unwrap_or_default();
+    wait_for("the newest prediction in the JSON-lines file", WAIT, || {
+        read("claims.jsonl").contains("\"r-39\"").then_some(())
+    });
+    assert!(preds.join("claims.jsonl.1").exists() && preds.join("claims.jsonl.2").exists());
+    assert!(!preds.join("claims.jsonl.3").exists(), "keep = 2");
+    for name in ["claims.jsonl", "claims.jsonl.1", "claims.jsonl.2"] {
+        let text = read(name);
+        assert!(text.len() <= 4096, "{name} is {} bytes", text.len());
+        for line in text.lines() {
+            let v: Value = serde_json::from_str(line).expect("a JSON line");
+            assert!(v["inputs"].is_array(), "include_inputs = true: {v}");
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(preds.join(name))
+            .expect("meta")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{name}");
+    }
+    // The dead webhook: every record it could not take or deliver is counted.
+    wait_for("all 40 records of the dead webhook counted", WAIT, || {
+        let (_, text) = running.request("GET", "/metrics", &Value::Null);
+        let text = text.as_str().unwrap_or_default().to_string();
+        let n = metric_sum(
+            &text,
+            "fleetml_agent_sink_dropped_total",
+            "sink=\"webhook#3\"",
+        );
+        (n == 40.0).then_some(())
+    });
+    drop(running);
+
+    // A sink the agent cannot understand stops it at start, naming it.
+    std::fs::write(
+        dir.join("bad.toml"),
+        "trust = \"trust.toml\"\n[[prediction_sink]]\nkind = \"kafka\"\n",
+    )
+    .expect("config");
+    let bad = agent(
+        dir,
+        &[
+            "run",
+            "--config",
+            "bad.toml",
+            "--data-dir",
+            "data",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+    );
+    assert!(
+        bad.failure().contains("unknown kind `kafka`"),
+        "{}",
+        bad.stderr
+    );
+}

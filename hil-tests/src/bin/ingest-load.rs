@@ -1,0 +1,181 @@
+//! Load benchmark of fleet messaging (docs/BENCHMARKS.md): how many messages per second
+//! the control plane's ingest stores (authenticated, de-duplicated, flushed) from N
+//! simulated devices, through the embedded broker or mosquitto; and what one message
+//! costs the agent's outbox (sealed, written, flushed).
+//!
+//! Usage: ingest-load [--devices N] [--messages M] [--broker embedded|mosquitto]
+//!        ingest-load --outbox [--messages M]
+//!
+//! Each device is a real MQTT client logging in as an enrolled device and publishing M
+//! sealed window reports (15 features, like the claims model's) with QoS 1. The clock
+//! runs from the first publish until the ingest's `stored` counter reaches N·M.
+
+use std::time::{Duration, Instant};
+
+use fleetml_protocol::telemetry::{self, Body, DeviceId, FeatureDrift, Quantiles, WindowReport};
+use hil_tests::fleet::{ControlPlane, Mosquitto, free_port, wait_for};
+
+fn window(model: &str, n: u64) -> Body {
+    let feature = |i: usize| FeatureDrift {
+        name: format!("feature_{i}"),
+        values: 1000,
+        missing_rate: 0.01,
+        out_of_range_rate: 0.0,
+        unseen_rate: 0.0,
+        psi: 0.05,
+        ks: 0.03,
+        js: 0.02,
+        chi2_p: None,
+        usefulness: None,
+        drifting: false,
+    };
+    Body::Window(Box::new(WindowReport {
+        model: model.into(),
+        version: 3,
+        window: n,
+        start_ms: 1_795_000_000_000,
+        end_ms: 1_795_000_060_000,
+        predictions: 1000,
+        throughput_per_s: 16.6,
+        missed: Default::default(),
+        missing_prediction_rate: 0.0,
+        missing_ids: vec![],
+        latency_us: Quantiles::default(),
+        lag_ms: Quantiles::default(),
+        outages: vec![],
+        outages_not_listed: 0,
+        features: (0..15).map(feature).collect(),
+        prediction: Some(feature(99)),
+        events: vec![],
+        alerts: vec![],
+    }))
+}
+
+/// Sealed messages of one device: (topic, bytes).
+type Messages = Vec<(String, Vec<u8>)>;
+
+fn arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+fn outbox_cost(messages: u64) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let outbox = fleet_agent::outbox::Outbox::open(dir.path(), Default::default()).expect("outbox");
+    let device = DeviceId::new("bench").expect("id");
+    let secret = [7u8; 32];
+    let topic = telemetry::topic(&device, telemetry::Channel::Telemetry);
+    let start = Instant::now();
+    for n in 0..messages {
+        outbox
+            .push(fleet_agent::outbox::Class::Window, &topic, |seq| {
+                telemetry::seal(&device, seq, 0, window("claims", n), &secret).1
+            })
+            .expect("push");
+    }
+    let per = start.elapsed() / messages as u32;
+    let size = telemetry::seal(&device, 0, 0, window("claims", 0), &secret)
+        .1
+        .len();
+    println!(
+        "{{\"bench\": \"outbox_push\", \"messages\": {messages}, \"bytes_per_message\": {size}, \"us_per_message\": {:.1}}}",
+        per.as_secs_f64() * 1e6
+    );
+}
+
+fn main() {
+    let messages: u64 = arg("--messages")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(500);
+    if std::env::args().any(|a| a == "--outbox") {
+        outbox_cost(messages);
+        return;
+    }
+    let devices: usize = arg("--devices").and_then(|v| v.parse().ok()).unwrap_or(20);
+    let broker_kind = arg("--broker").unwrap_or_else(|| "embedded".into());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mosquitto = (broker_kind == "mosquitto").then(|| Mosquitto::start(dir.path(), free_port()));
+    let plane = ControlPlane::start(dir.path(), mosquitto.as_ref().map(|m| m.port), &[]);
+    let port = plane
+        .mqtt_port
+        .or(mosquitto.as_ref().map(|m| m.port))
+        .expect("a broker");
+    let mut creds = Vec::new();
+    for i in 0..devices {
+        let id = format!("load-{i:04}");
+        let r = plane.post("/v1/devices", &serde_json::json!({ "id": id }));
+        let secret = hex_decode(r["device_secret"].as_str().expect("secret"));
+        creds.push((DeviceId::new(&id).expect("id"), secret));
+    }
+    // Seal everything first: the clock measures the messaging, not the sealing.
+    let sealed: Vec<(DeviceId, Vec<u8>, Messages)> = creds
+        .into_iter()
+        .map(|(id, secret)| {
+            let msgs = (0..messages)
+                .map(|n| telemetry::seal(&id, n, 0, window("claims", n), &secret))
+                .collect();
+            (id, secret, msgs)
+        })
+        .collect();
+    let bytes = sealed[0].2[0].1.len();
+    let start = Instant::now();
+    let threads: Vec<_> = sealed
+        .into_iter()
+        .map(|(id, secret, msgs)| {
+            std::thread::spawn(move || {
+                let mut o = rumqttc::MqttOptions::new(id.as_str(), "127.0.0.1", port);
+                o.set_credentials(id.as_str(), telemetry::mqtt_password(&secret));
+                o.set_max_packet_size(1 << 20, 1 << 20);
+                o.set_keep_alive(Duration::from_secs(30));
+                let (client, mut conn) = rumqttc::Client::new(o, 64);
+                let total = msgs.len();
+                std::thread::spawn(move || {
+                    for (topic, payload) in msgs {
+                        if client
+                            .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                });
+                let mut acked = 0;
+                for event in conn.iter() {
+                    match event {
+                        Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => {
+                            acked += 1;
+                            if acked == total {
+                                break;
+                            }
+                        }
+                        Ok(_) => {}
+                        // Refused until the ingest subscribed, or a hiccup: retry.
+                        Err(_) => std::thread::sleep(Duration::from_millis(100)),
+                    }
+                }
+            })
+        })
+        .collect();
+    let total = devices as u64 * messages;
+    wait_for("every message stored", Duration::from_secs(600), || {
+        (plane.get("/v1/ingest")["stored"].as_u64() == Some(total)).then_some(())
+    });
+    let elapsed = start.elapsed();
+    for t in threads {
+        let _ = t.join();
+    }
+    println!(
+        "{{\"bench\": \"ingest\", \"broker\": \"{broker_kind}\", \"devices\": {devices}, \"messages\": {total}, \"bytes_per_message\": {bytes}, \"seconds\": {:.2}, \"stored_per_s\": {:.0}}}",
+        elapsed.as_secs_f64(),
+        total as f64 / elapsed.as_secs_f64()
+    );
+}
+
+fn hex_decode(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
+        .collect()
+}
