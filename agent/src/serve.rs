@@ -133,8 +133,15 @@ pub fn reload(api: &Api, config: &Config) -> anyhow::Result<Changes> {
     };
     for state in states {
         if let Some(f) = &state.last_failure {
+            // Recorded failures come after verification: no backend loaded the model or
+            // passed its golden self-test.
+            let kind = if f.reason.contains("golden self-test") {
+                Lifecycle::SelfTestFailed
+            } else {
+                Lifecycle::ActivationFailed
+            };
             changes.push(event(
-                Lifecycle::ActivationFailed,
+                kind,
                 &state.name,
                 f.version,
                 format!("{} (at {})", f.reason, f.at),
@@ -146,6 +153,12 @@ pub fn reload(api: &Api, config: &Config) -> anyhow::Result<Changes> {
         }
         match load(&bundles, &state, config) {
             Ok(served) => {
+                changes.push(event(
+                    Lifecycle::Verified,
+                    &state.name,
+                    state.active.version,
+                    format!("sha256 {}", state.active.digest),
+                ));
                 for line in &served.fallbacks {
                     tracing::warn!(model = %state.name, "{line}");
                     changes.push(event(
@@ -228,10 +241,7 @@ fn command(
 ) -> telemetry::Ack {
     let (ok, detail) = match cmd.kind {
         telemetry::CommandKind::SendStatus => {
-            let mut s = status();
-            s.outbox_depth = tel.outbox().depth();
-            s.dropped_windows = tel.dropped_windows();
-            tel.queue(telemetry::Body::Status(s));
+            tel.queue_status(status());
             (true, String::new())
         }
         telemetry::CommandKind::AssignmentChanged => (
@@ -300,7 +310,12 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     // Failures already recorded are in the status; only new ones become events.
     let mut reported: std::collections::HashSet<(String, u64, String)> = reload(&api, &config)?
         .into_iter()
-        .filter(|e| e.kind == Lifecycle::ActivationFailed)
+        .filter(|e| {
+            matches!(
+                e.kind,
+                Lifecycle::ActivationFailed | Lifecycle::SelfTestFailed
+            )
+        })
         .map(|e| (e.model, e.version, e.detail))
         .collect();
     if let Some((tel, settings)) = &tel {
@@ -369,14 +384,14 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
                         tracing::info!("store reloaded");
                         if let Some((tel, _)) = &tel {
                             for e in changes {
-                                if e.kind == Lifecycle::ActivationFailed
+                                if matches!(e.kind, Lifecycle::ActivationFailed | Lifecycle::SelfTestFailed)
                                     && !reported.insert((e.model.clone(), e.version, e.detail.clone()))
                                 {
                                     continue;
                                 }
                                 tel.queue(telemetry::Body::Event(e));
                             }
-                            tel.queue(telemetry::Body::Status(status_of(&api, &config.board, started)));
+                            tel.queue_status(status_of(&api, &config.board, started));
                         }
                     }
                     Ok(Err(e)) => tracing::error!(error = %format!("{e:#}"), "reload failed; keeping what runs"),

@@ -143,6 +143,13 @@ impl Telemetry {
         Ok(seq)
     }
 
+    /// Queues `status` with the outbox's depth and drop count filled in.
+    pub fn queue_status(&self, mut status: Status) {
+        status.outbox_depth = self.outbox.depth();
+        status.dropped_windows = self.dropped_windows();
+        self.queue(Body::Status(status));
+    }
+
     /// Windows dropped, ever: for room in the outbox plus those lost before it.
     pub fn dropped_windows(&self) -> u64 {
         self.outbox.dropped().unwrap_or(0) + self.lost.load(Ordering::Relaxed)
@@ -203,20 +210,9 @@ impl Telemetry {
                 }
             }
         });
-        let with_counts = {
-            let me = self.clone();
-            let status = status.clone();
-            move || {
-                let mut s = status();
-                s.outbox_depth = me.outbox.depth();
-                s.dropped_windows = me.dropped_windows();
-                Body::Status(s)
-            }
-        };
         let on_connect = {
-            let me = self.clone();
-            let with_counts = with_counts.clone();
-            Box::new(move || me.queue(with_counts())) as Box<dyn Fn() + Send>
+            let (me, status) = (self.clone(), status.clone());
+            Box::new(move || me.queue_status(status())) as Box<dyn Fn() + Send>
         };
         let on_message = {
             let me = self.clone();
@@ -244,7 +240,7 @@ impl Telemetry {
             loop {
                 every.tick().await;
                 if me.outbox.depth() == 0 {
-                    me.queue(with_counts());
+                    me.queue_status(status());
                 }
             }
         });

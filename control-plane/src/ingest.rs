@@ -272,7 +272,7 @@ pub struct Counters {
     pub gaps: AtomicU64,
     pub offline: AtomicU64,
     /// MQTT logins the embedded broker refused.
-    pub logins_refused: AtomicU64,
+    pub logins_refused: std::sync::Arc<AtomicU64>,
     /// Whether the ingest holds a subscribed session with the broker now.
     pub connected: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }

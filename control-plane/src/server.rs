@@ -131,7 +131,7 @@ fn start_broker(
     addr: SocketAddr,
     store: SledStore,
     ingest_password: String,
-    plane_counters: Arc<dyn Fn() + Send + Sync>,
+    refused: Arc<std::sync::atomic::AtomicU64>,
     ingest_ready: Arc<std::sync::atomic::AtomicBool>,
 ) -> anyhow::Result<()> {
     use rumqttd::{Config, ConnectionSettings, RouterConfig, ServerSettings};
@@ -151,7 +151,7 @@ fn start_broker(
     connections.set_auth_handler(move |client_id: String, user: String, password: String| {
         let store = store.clone();
         let ingest_password = ingest_password.clone();
-        let refused = plane_counters.clone();
+        let refused = refused.clone();
         let ready = ingest_ready.clone();
         async move {
             let ok = if user == INGEST_CLIENT {
@@ -179,7 +179,8 @@ fn start_broker(
                     })
             };
             if !ok {
-                refused();
+                refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                metrics::counter!("fleetml_broker_logins_refused_total").increment(1);
                 tracing::warn!(client_id, "MQTT login refused");
             }
             ok
@@ -259,22 +260,13 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
     let (options, public_mqtt) = match &opts.mqtt {
         Mqtt::Embedded(addr) => {
             let password = random_hex(32)?;
-            // The login counter lives in the plane, created below; count through a cell.
-            let refused: Arc<std::sync::atomic::AtomicU64> = Arc::default();
-            let r = refused.clone();
             start_broker(
                 *addr,
                 store.clone(),
                 password.clone(),
-                Arc::new(move || {
-                    r.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    metrics::counter!("fleetml_broker_logins_refused_total").increment(1);
-                }),
+                ingest.counters.logins_refused.clone(),
                 ingest.counters.connected.clone(),
             )?;
-            LOGINS_REFUSED
-                .set(refused)
-                .map_err(|_| anyhow::anyhow!("serve started twice"))?;
             let local = if addr.ip().is_unspecified() {
                 SocketAddr::from(([127, 0, 0, 1], addr.port()))
             } else {
@@ -341,9 +333,6 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
     plane.ingest.store.flush()?;
     Ok(())
 }
-
-static LOGINS_REFUSED: std::sync::OnceLock<Arc<std::sync::atomic::AtomicU64>> =
-    std::sync::OnceLock::new();
 
 fn announce(line: &str) {
     use std::io::Write;
@@ -675,9 +664,5 @@ async fn drift(
 }
 
 async fn ingest_counters(State(plane): State<Arc<Plane>>) -> axum::Json<Value> {
-    let mut v = plane.ingest.counters.to_json();
-    if let Some(r) = LOGINS_REFUSED.get() {
-        v["logins_refused"] = json!(r.load(std::sync::atomic::Ordering::Relaxed));
-    }
-    axum::Json(v)
+    axum::Json(plane.ingest.counters.to_json())
 }
