@@ -344,7 +344,11 @@ fn announce(line: &str) {
 /// Receives from the broker on one task and stores on another: a batch is stored,
 /// flushed once, then acknowledged message by message.
 fn spawn_ingest(plane: Arc<Plane>, mut events: rumqttc::EventLoop) {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<rumqttc::Publish>(4096);
+    // Unbounded on purpose: the receiving task must never block, or it stops polling the
+    // event loop that carries the storing task's acknowledgements out — a deadlock seen
+    // under load with mosquitto (system test `the_ingest_keeps_up_with_a_burst…`). What
+    // queues here is what the broker sent and the ingest has not stored yet.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<rumqttc::Publish>();
     let client = plane.client.clone();
     let receiver = plane.clone();
     tokio::spawn(async move {
@@ -369,7 +373,7 @@ fn spawn_ingest(plane: Arc<Plane>, mut events: rumqttc::EventLoop) {
                         .store(true, std::sync::atomic::Ordering::Relaxed);
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    if tx.send(p).await.is_err() {
+                    if tx.send(p).is_err() {
                         return;
                     }
                 }

@@ -108,7 +108,9 @@ fn main() {
     let broker_kind = arg("--broker").unwrap_or_else(|| "embedded".into());
     let dir = tempfile::tempdir().expect("tempdir");
     let mosquitto = (broker_kind == "mosquitto").then(|| Mosquitto::start(dir.path(), free_port()));
+    eprintln!("starting the control plane");
     let plane = ControlPlane::start(dir.path(), mosquitto.as_ref().map(|m| m.port), &[]);
+    eprintln!("enrolling {devices} devices");
     let port = plane
         .mqtt_port
         .or(mosquitto.as_ref().map(|m| m.port))
@@ -131,10 +133,13 @@ fn main() {
         })
         .collect();
     let bytes = sealed[0].2[0].1.len();
+    eprintln!("publishing");
     let start = Instant::now();
+    let broker_acks = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let threads: Vec<_> = sealed
         .into_iter()
         .map(|(id, secret, msgs)| {
+            let broker_acks = broker_acks.clone();
             std::thread::spawn(move || {
                 let mut o = rumqttc::MqttOptions::new(id.as_str(), "127.0.0.1", port);
                 o.set_credentials(id.as_str(), telemetry::mqtt_password(&secret));
@@ -157,6 +162,7 @@ fn main() {
                     match event {
                         Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => {
                             acked += 1;
+                            broker_acks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             if acked == total {
                                 break;
                             }
@@ -170,8 +176,19 @@ fn main() {
         })
         .collect();
     let total = devices as u64 * messages;
+    let mut last = (Instant::now(), 0);
     wait_for("every message stored", Duration::from_secs(600), || {
-        (plane.get("/v1/ingest")["stored"].as_u64() == Some(total)).then_some(())
+        let counters = plane.get("/v1/ingest");
+        let stored = counters["stored"].as_u64().unwrap_or(0);
+        if stored != last.1 {
+            last = (Instant::now(), stored);
+        } else if last.0.elapsed() > Duration::from_secs(30) {
+            panic!(
+                "no progress for 30 s at {stored} of {total} stored ({} acknowledged to the devices by the broker): {counters}",
+                broker_acks.load(std::sync::atomic::Ordering::Relaxed)
+            );
+        }
+        (stored == total).then_some(())
     });
     let elapsed = start.elapsed();
     for t in threads {

@@ -767,3 +767,24 @@ topic = "plant/claims/predictions"
         bad.stderr
     );
 }
+
+#[test]
+fn the_ingest_keeps_up_with_a_burst_from_many_devices_through_mosquitto() {
+    // 6,000 sealed window reports from 30 devices at once: more than the ingest's old
+    // hand-over queue held, which deadlocked it against its own acknowledgements.
+    let run = hil_tests::run(
+        "ingest-load",
+        std::env::temp_dir().as_path(),
+        &[
+            "--devices",
+            "30",
+            "--messages",
+            "200",
+            "--broker",
+            "mosquitto",
+        ],
+    );
+    let line = run.success();
+    let v: Value = serde_json::from_str(line.lines().last().expect("a result line")).expect("JSON");
+    assert_eq!(v["messages"], 6000, "{line}");
+}
