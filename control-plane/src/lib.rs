@@ -1,7 +1,10 @@
 //! `fleet-control` is the fleetml control plane and the library behind the `fleetctl`
-//! operator CLI. This release holds the offline half: signing keys and trust policies
-//! (`keys`), and building, signing, verifying and inspecting model bundles (`bundle`).
-//! Every check of a bundle is done by `fleetml-protocol`, the same code the agent runs.
+//! operator CLI: signing keys and trust policies (`keys`); building, signing, verifying
+//! and inspecting model bundles (`bundle`); and `fleetctl serve` (`server`) — the operator
+//! API, the MQTT broker devices report to (embedded rumqttd or an external one), and the
+//! telemetry ingest (`ingest`) behind the fleet views (`views`) that `fleetctl devices`
+//! and `fleetctl drift` print through the API client (`client`). Every check of a bundle
+//! or a message is done by `fleetml-protocol`, the same code the agent runs.
 
 pub mod bundle;
 pub mod client;

@@ -59,3 +59,67 @@ fn every_crate_opens_with_a_role_paragraph() {
         );
     }
 }
+
+/// `(path, method)` pairs of `.route("PATH", get(..).post(..))` calls in a source file.
+fn routes_in_source(text: &str) -> std::collections::BTreeSet<(String, String)> {
+    let mut out = std::collections::BTreeSet::new();
+    for part in text.split(".route(\"").skip(1) {
+        let Some((path, rest)) = part.split_once('"') else {
+            continue;
+        };
+        // The handler chain runs to the end of the call: `get(a).post(b))`.
+        let chain = rest.split("\n").next().unwrap_or_default();
+        for method in ["get", "post", "put", "delete", "patch"] {
+            if chain.contains(&format!(" {method}(")) || chain.contains(&format!(".{method}(")) {
+                out.insert((path.to_string(), method.to_string()));
+            }
+        }
+    }
+    out
+}
+
+/// `(path, method)` pairs under `paths:` of an OpenAPI YAML file laid out two spaces per
+/// level.
+fn routes_in_openapi(text: &str) -> std::collections::BTreeSet<(String, String)> {
+    let mut out = std::collections::BTreeSet::new();
+    let mut in_paths = false;
+    let mut path = String::new();
+    for line in text.lines() {
+        if line == "paths:" {
+            in_paths = true;
+            continue;
+        }
+        if !in_paths {
+            continue;
+        }
+        if let Some(p) = line.strip_prefix("  /") {
+            path = format!("/{}", p.trim_end_matches(':'));
+        } else if let Some(m) = line.strip_prefix("    ") {
+            let m = m.trim_end_matches(':');
+            if ["get", "post", "put", "delete", "patch"].contains(&m) {
+                out.insert((path.clone(), m.to_string()));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn openapi_lists_exactly_the_routes_of_fleetctl_serve() {
+    let source = std::fs::read_to_string(hil_tests::root().join("control-plane/src/server.rs"))
+        .expect("server.rs");
+    let spec = std::fs::read_to_string(hil_tests::root().join("docs/openapi.yaml"))
+        .expect("docs/openapi.yaml");
+    let served = routes_in_source(&source);
+    let documented = routes_in_openapi(&spec);
+    assert!(
+        served.len() >= 8,
+        "the route scan found too little: {served:?}"
+    );
+    let undocumented: Vec<_> = served.difference(&documented).collect();
+    let stale: Vec<_> = documented.difference(&served).collect();
+    assert!(
+        undocumented.is_empty() && stale.is_empty(),
+        "docs/openapi.yaml is out of date: missing {undocumented:?}, no longer served {stale:?}"
+    );
+}
