@@ -71,14 +71,25 @@ impl Client {
     }
 
     pub fn get(&self, path: &str) -> anyhow::Result<Value> {
-        self.call("GET", path, None)
+        self.call("GET", path, "application/json", Vec::new())
     }
 
     pub fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
-        self.call("POST", path, Some(body))
+        self.call("POST", path, "application/json", serde_json::to_vec(body)?)
     }
 
-    fn call(&self, method: &str, path: &str, body: Option<&Value>) -> anyhow::Result<Value> {
+    /// `POST` of raw bytes (a bundle).
+    pub fn post_bytes(&self, path: &str, bytes: Vec<u8>) -> anyhow::Result<Value> {
+        self.call("POST", path, "application/octet-stream", bytes)
+    }
+
+    fn call(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> anyhow::Result<Value> {
         let Some(token) = &self.token else {
             bail!(
                 "no API token: set FLEETML_TOKEN (the admin token is in the server's DATA_DIR/admin.token)"
@@ -98,16 +109,15 @@ impl Client {
                 hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
                     .await?;
             tokio::spawn(conn);
-            let body = body.map(serde_json::to_vec).transpose()?.unwrap_or_default();
             let request = hyper::Request::builder()
                 .method(method)
                 .uri(path)
                 .header("host", format!("{}:{}", self.host, self.port))
                 .header("authorization", format!("Bearer {token}"))
-                .header("content-type", "application/json")
+                .header("content-type", content_type)
                 .body(Full::new(hyper::body::Bytes::from(body)))?;
             let response = tokio::time::timeout(
-                std::time::Duration::from_secs(60),
+                std::time::Duration::from_secs(600),
                 sender.send_request(request),
             )
             .await

@@ -155,6 +155,11 @@ impl SledStore {
         })
     }
 
+    /// The database, for other parts of the control plane (the registry).
+    pub fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
     fn key(device: &DeviceId, seq: u64) -> Vec<u8> {
         let mut k = device.as_str().as_bytes().to_vec();
         k.push(0);

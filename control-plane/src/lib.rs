@@ -12,5 +12,6 @@ pub mod ingest;
 pub mod keys;
 pub mod onnx;
 pub mod output;
+pub mod registry;
 pub mod server;
 pub mod views;

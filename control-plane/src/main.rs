@@ -36,6 +36,9 @@ enum Command {
     /// Enroll devices and see the fleet.
     #[command(subcommand)]
     Devices(DevicesCommand),
+    /// The model registry of the control plane.
+    #[command(subcommand)]
+    Models(ModelsCommand),
     /// Latest drift scores per feature across the fleet, alerting ones first.
     Drift {
         /// Only this model.
@@ -74,6 +77,27 @@ struct ServeArgs {
     /// Broker URL written into enrolled devices' configs. Default: the broker's address.
     #[arg(long)]
     public_mqtt_url: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum ModelsCommand {
+    /// Upload a bundle. The server verifies it against its trust policy before keeping
+    /// it; pushing the same bytes again changes nothing, other bytes under an existing
+    /// name and version are refused.
+    Push { bundle: PathBuf },
+    /// Every model version in the registry.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// A model (NAME: its versions and where they run) or one version (NAME@VERSION:
+    /// manifest, lineage, feature schema, payloads, signatures, where it runs now).
+    Show {
+        /// NAME or NAME@VERSION.
+        model: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -363,6 +387,100 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             trust,
             out,
         }) => enroll(&server, name, board, tags, trust, out)?,
+        Command::Models(ModelsCommand::Push { bundle: path }) => {
+            let bytes =
+                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            let r = fleet_control::client::Client::new(&server)?.post_bytes("/v1/models", bytes)?;
+            let m = &r["model"];
+            if r["unchanged"] == true {
+                println!(
+                    "{}@v{} is already in the registry with these bytes; nothing changed",
+                    m["name"].as_str().unwrap_or("?"),
+                    m["version"]
+                );
+            } else {
+                println!(
+                    "pushed {}@v{} (sha256 {}, stage {})",
+                    m["name"].as_str().unwrap_or("?"),
+                    m["version"],
+                    m["digest"].as_str().unwrap_or("?"),
+                    m["stage"].as_str().unwrap_or("?")
+                );
+            }
+        }
+        Command::Models(ModelsCommand::List { json }) => {
+            let list = fleet_control::client::Client::new(&server)?.get("/v1/models")?;
+            if json {
+                print_json(&list)?;
+            } else {
+                let rows = list.as_array().cloned().unwrap_or_default();
+                if rows.is_empty() {
+                    println!(
+                        "the registry is empty; add a model with `fleetctl models push FILE.fmb`"
+                    );
+                } else {
+                    println!(
+                        "{:<20} {:>8} {:<12} {:<16} {:>10}  SHA256",
+                        "MODEL", "VERSION", "STAGE", "LABEL", "SIZE"
+                    );
+                    for m in rows {
+                        println!(
+                            "{:<20} {:>8} {:<12} {:<16} {:>10}  {}",
+                            m["name"].as_str().unwrap_or("?"),
+                            format!("v{}", m["version"]),
+                            m["stage"].as_str().unwrap_or("?"),
+                            m["label"].as_str().unwrap_or(""),
+                            fleet_control::output::human_size(m["size"].as_u64().unwrap_or(0)),
+                            m["digest"].as_str().unwrap_or("?").get(..16).unwrap_or("?")
+                        );
+                    }
+                }
+            }
+        }
+        Command::Models(ModelsCommand::Show { model, json }) => {
+            let client = fleet_control::client::Client::new(&server)?;
+            let v = match model.split_once('@') {
+                Some((name, version)) => {
+                    let version: u64 = version
+                        .trim_start_matches('v')
+                        .parse()
+                        .with_context(|| format!("`{model}`: expected NAME@VERSION"))?;
+                    client.get(&format!("/v1/models/{name}/{version}"))?
+                }
+                None => client.get(&format!("/v1/models/{model}"))?,
+            };
+            if json {
+                print_json(&v)?;
+            } else {
+                if let Some(front) = v.get("bundle") {
+                    println!("{}", serde_json::to_string_pretty(front)?);
+                } else {
+                    for m in v["versions"].as_array().cloned().unwrap_or_default() {
+                        println!(
+                            "v{:<6} {:<12} {}",
+                            m["version"],
+                            m["stage"].as_str().unwrap_or("?"),
+                            m["digest"].as_str().unwrap_or("?")
+                        );
+                    }
+                }
+                let on = v["running_on"].as_array().cloned().unwrap_or_default();
+                println!("running on {} device(s)", on.len());
+                for d in on {
+                    println!(
+                        "  {} v{} on {}{}",
+                        d["device"].as_str().unwrap_or("?"),
+                        d["version"],
+                        d["backend"].as_str().unwrap_or("?"),
+                        if d["online"] == true {
+                            ""
+                        } else {
+                            " (offline)"
+                        }
+                    );
+                }
+            }
+        }
         Command::Devices(DevicesCommand::List { json }) => {
             let list = fleet_control::client::Client::new(&server)?.get("/v1/devices")?;
             if json {

@@ -61,6 +61,7 @@ pub struct Options {
 /// Shared state of the running control plane.
 pub struct Plane {
     pub ingest: Ingest<SledStore>,
+    pub registry: crate::registry::Registry,
     token: String,
     trust: Option<TrustPolicy>,
     public_url: String,
@@ -296,8 +297,11 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
     options.set_max_packet_size(telemetry::MAX_MESSAGE + 1024, telemetry::MAX_MESSAGE + 1024);
     options.set_inflight(100);
     let (client, events) = AsyncClient::new(options, 1024);
+    let registry = crate::registry::Registry::open(store.db(), &opts.data_dir.join("blobs"))
+        .map_err(anyhow::Error::from)?;
     let plane = Arc::new(Plane {
         ingest,
+        registry,
         token,
         trust,
         public_url: opts
@@ -476,6 +480,14 @@ pub fn router(plane: Arc<Plane>) -> Router {
         .route("/v1/devices/{id}/commands", post(send_command))
         .route("/v1/drift", get(drift))
         .route("/v1/ingest", get(ingest_counters))
+        .route(
+            "/v1/models",
+            post(push_model)
+                .get(list_models)
+                .layer(axum::extract::DefaultBodyLimit::max(MAX_BUNDLE)),
+        )
+        .route("/v1/models/{name}", get(model_versions))
+        .route("/v1/models/{name}/{version}", get(show_model))
         .route_layer(axum::middleware::from_fn_with_state(
             plane.clone(),
             authorize,
@@ -669,4 +681,135 @@ async fn drift(
 
 async fn ingest_counters(State(plane): State<Arc<Plane>>) -> axum::Json<Value> {
     axum::Json(plane.ingest.counters.to_json())
+}
+
+/// Largest bundle `POST /v1/models` accepts.
+pub const MAX_BUNDLE: usize = 4 << 30;
+
+impl From<crate::registry::RegistryError> for ApiError {
+    fn from(e: crate::registry::RegistryError) -> Self {
+        use crate::registry::RegistryError as E;
+        let status = match &e {
+            E::NoTrustPolicy => StatusCode::PRECONDITION_FAILED,
+            E::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            E::Conflict { .. } => StatusCode::CONFLICT,
+            E::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+/// `POST /v1/models`: the body is a bundle file. Written to disk as it arrives, verified
+/// against the trust policy, then kept.
+async fn push_model(
+    State(plane): State<Arc<Plane>>,
+    body: axum::body::Body,
+) -> Api<(StatusCode, axum::Json<Value>)> {
+    use http_body_util::BodyExt;
+    use std::io::Write;
+    let mut file = plane.registry.incoming()?;
+    let mut body = body;
+    while let Some(frame) = body.frame().await {
+        let frame = frame
+            .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("reading the upload: {e}")))?;
+        if let Ok(data) = frame.into_data() {
+            file.write_all(&data).map_err(|e| {
+                ApiError(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("storing the upload: {e}"),
+                )
+            })?;
+        }
+    }
+    let p2 = plane.clone();
+    let pushed =
+        tokio::task::spawn_blocking(move || p2.registry.push(file, p2.trust.as_ref(), now_ms()))
+            .await
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    Ok(match pushed {
+        crate::registry::Pushed::New(r) => {
+            tracing::info!(model = %r.name, version = r.version, digest = %r.digest, "model pushed");
+            (
+                StatusCode::CREATED,
+                axum::Json(json!({ "unchanged": false, "model": r })),
+            )
+        }
+        crate::registry::Pushed::Unchanged(r) => (
+            StatusCode::OK,
+            axum::Json(json!({ "unchanged": true, "model": r })),
+        ),
+    })
+}
+
+/// Devices whose latest status says they serve `name` (at `version`, if given).
+fn running(plane: &Plane, name: &str, version: Option<u64>) -> Api<Vec<Value>> {
+    let store = &plane.ingest.store;
+    let mut out = Vec::new();
+    for d in store.devices()? {
+        let state = store.state(&d.id)?.unwrap_or_default();
+        if let Some((_, s)) = &state.status {
+            for m in &s.models {
+                if m.name == name && version.is_none_or(|v| v == m.version) {
+                    out.push(json!({
+                        "device": d.id, "version": m.version, "backend": m.backend,
+                        "online": state.online,
+                    }));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+async fn list_models(State(plane): State<Arc<Plane>>) -> Api<axum::Json<Value>> {
+    Ok(axum::Json(json!(plane.registry.list(None)?)))
+}
+
+async fn model_versions(
+    State(plane): State<Arc<Plane>>,
+    UrlPath(name): UrlPath<String>,
+) -> Api<axum::Json<Value>> {
+    let versions = plane.registry.list(Some(&name))?;
+    if versions.is_empty() {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no model `{name}` in the registry"),
+        ));
+    }
+    Ok(axum::Json(json!({
+        "name": name,
+        "versions": versions,
+        "running_on": running(&plane, &name, None)?,
+    })))
+}
+
+async fn show_model(
+    State(plane): State<Arc<Plane>>,
+    UrlPath((name, version)): UrlPath<(String, u64)>,
+) -> Api<axum::Json<Value>> {
+    let record = plane.registry.get(&name, version)?.ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no {name} v{version} in the registry"),
+        )
+    })?;
+    let path = plane.registry.blob_path(&record.digest);
+    let bundle = tokio::task::spawn_blocking(move || -> anyhow::Result<Value> {
+        let front = crate::bundle::read_front(&path)?;
+        let size = std::fs::metadata(&path)?.len();
+        Ok(crate::bundle::inspect_json(&front, size))
+    })
+    .await
+    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    .map_err(|e| {
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("reading the stored bundle: {e:#}"),
+        )
+    })?;
+    Ok(axum::Json(json!({
+        "model": record,
+        "bundle": bundle,
+        "running_on": running(&plane, &name, Some(version))?,
+    })))
 }

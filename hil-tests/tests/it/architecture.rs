@@ -63,12 +63,28 @@ fn every_crate_opens_with_a_role_paragraph() {
 /// `(path, method)` pairs of `.route("PATH", get(..).post(..))` calls in a source file.
 fn routes_in_source(text: &str) -> std::collections::BTreeSet<(String, String)> {
     let mut out = std::collections::BTreeSet::new();
-    for part in text.split(".route(\"").skip(1) {
-        let Some((path, rest)) = part.split_once('"') else {
+    for part in text.split(".route(").skip(1) {
+        let Some((path, rest)) = part
+            .trim_start()
+            .strip_prefix('"')
+            .and_then(|p| p.split_once('"'))
+        else {
             continue;
         };
-        // The handler chain runs to the end of the call: `get(a).post(b))`.
-        let chain = rest.split("\n").next().unwrap_or_default();
+        // The handler chain runs to the `)` closing `.route(`.
+        let mut depth = 1;
+        let end = rest
+            .char_indices()
+            .find_map(|(i, c)| {
+                match c {
+                    '(' => depth += 1,
+                    ')' => depth -= 1,
+                    _ => {}
+                }
+                (depth == 0).then_some(i)
+            })
+            .unwrap_or(rest.len());
+        let chain = &rest[..end];
         for method in ["get", "post", "put", "delete", "patch"] {
             if chain.contains(&format!(" {method}(")) || chain.contains(&format!(".{method}(")) {
                 out.insert((path.to_string(), method.to_string()));

@@ -788,3 +788,114 @@ fn the_ingest_keeps_up_with_a_burst_from_many_devices_through_mosquitto() {
     let v: Value = serde_json::from_str(line.lines().last().expect("a result line")).expect("JSON");
     assert_eq!(v["messages"], 6000, "{line}");
 }
+
+#[test]
+fn the_registry_keeps_only_verified_bundles_and_shows_where_they_run() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    keys_and_policy(dir, "k");
+    let plane = ControlPlane::start(dir, None, &["--trust", "trust.toml"]);
+    build_claims(
+        dir,
+        1,
+        "claims.fmb",
+        &[
+            "--reference",
+            &claims("reference.csv"),
+            "--key",
+            "keys/k.key",
+        ],
+    );
+    let pushed = plane.fleetctl(dir, &["models", "push", "claims.fmb"]);
+    assert!(
+        pushed.success().contains("pushed claims@v1"),
+        "{}",
+        pushed.stdout
+    );
+    let again = plane.fleetctl(dir, &["models", "push", "claims.fmb"]);
+    assert!(
+        again.success().contains("nothing changed"),
+        "{}",
+        again.stdout
+    );
+    // Other bytes under the same name and version.
+    build_claims(
+        dir,
+        1,
+        "claims-other.fmb",
+        &["--label", "other", "--key", "keys/k.key"],
+    );
+    let conflict = plane.fleetctl(dir, &["models", "push", "claims-other.fmb"]);
+    assert!(
+        conflict
+            .failure()
+            .contains("already in the registry with other bytes"),
+        "{}",
+        conflict.stderr
+    );
+    // Unsigned, and signed by a key the server does not trust.
+    build_claims(dir, 2, "unsigned.fmb", &[]);
+    let unsigned = plane.fleetctl(dir, &["models", "push", "unsigned.fmb"]);
+    assert!(
+        unsigned.failure().contains("failed verification"),
+        "{}",
+        unsigned.stderr
+    );
+    hil_tests::fleetctl(
+        dir,
+        &["keys", "generate", "--out", "keys", "--name", "stranger"],
+    )
+    .success();
+    build_claims(dir, 3, "stranger.fmb", &["--key", "keys/stranger.key"]);
+    let stranger = plane.fleetctl(dir, &["models", "push", "stranger.fmb"]);
+    assert!(
+        stranger.failure().contains("failed verification"),
+        "{}",
+        stranger.stderr
+    );
+
+    let list = plane.json(dir, &["models", "list"]);
+    let list = list.as_array().expect("list");
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(
+        (list[0]["name"].as_str(), list[0]["version"].as_u64()),
+        (Some("claims"), Some(1))
+    );
+    assert_eq!(list[0]["stage"], "candidate");
+    let digest = list[0]["digest"].as_str().expect("digest");
+    assert!(
+        plane
+            .data_dir
+            .join("blobs")
+            .join(format!("{digest}.fmb"))
+            .exists()
+    );
+    assert!(
+        std::fs::read_dir(plane.data_dir.join("blobs"))
+            .expect("blobs")
+            .all(|e| !e
+                .expect("entry")
+                .file_name()
+                .to_string_lossy()
+                .starts_with(".incoming")),
+        "refused uploads leave nothing behind"
+    );
+    let show = plane.json(dir, &["models", "show", "claims@1"]);
+    assert_eq!(show["bundle"]["manifest"]["name"], "claims", "{show}");
+    assert_eq!(show["running_on"], Value::Array(vec![]));
+
+    // Once a device reports it, the registry says where it runs.
+    let agent = enrolled_agent(dir, &plane, "pi-09", &[]);
+    let show = wait_for("pi-09 running claims v1", WAIT, || {
+        let v = plane.json(dir, &["models", "show", "claims"]);
+        (v["running_on"][0]["device"] == "pi-09").then_some(v)
+    });
+    assert_eq!(show["versions"].as_array().map(Vec::len), Some(1));
+    let text = plane.fleetctl(dir, &["models", "show", "claims@1"]);
+    assert!(
+        text.success().contains("pi-09 v1 on cpu"),
+        "{}",
+        text.stdout
+    );
+    drop(agent);
+}
