@@ -98,6 +98,46 @@ enum ModelsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Lineage, feature schema, inputs, monitoring settings and reference profile of two
+    /// versions, side by side (only what differs).
+    Diff {
+        /// NAME@VERSION
+        a: String,
+        /// NAME@VERSION
+        b: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move a version to a stage: candidate, staging, production or archived.
+    Stage {
+        /// NAME@VERSION
+        model: String,
+        #[arg(value_parser = fleet_control::registry::STAGES)]
+        stage: String,
+    },
+    /// Set (k=v) or remove (--remove k) free tags of a version.
+    Tag {
+        /// NAME@VERSION
+        model: String,
+        /// k=v,k=v
+        #[arg(value_delimiter = ',')]
+        set: Vec<String>,
+        /// Tag keys to remove; repeatable.
+        #[arg(long)]
+        remove: Vec<String>,
+    },
+}
+
+/// `NAME@VERSION` (the `v` optional) as its API path `/v1/models/NAME/VERSION`.
+fn version_path(model: &str) -> anyhow::Result<String> {
+    let (name, version) = model
+        .split_once('@')
+        .with_context(|| format!("`{model}`: expected NAME@VERSION"))?;
+    let version: u64 = version
+        .trim_start_matches('v')
+        .parse()
+        .with_context(|| format!("`{model}`: the version is not a number"))?;
+    Ok(format!("/v1/models/{name}/{version}"))
 }
 
 #[derive(Subcommand, Debug)]
@@ -439,15 +479,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Models(ModelsCommand::Show { model, json }) => {
             let client = fleet_control::client::Client::new(&server)?;
-            let v = match model.split_once('@') {
-                Some((name, version)) => {
-                    let version: u64 = version
-                        .trim_start_matches('v')
-                        .parse()
-                        .with_context(|| format!("`{model}`: expected NAME@VERSION"))?;
-                    client.get(&format!("/v1/models/{name}/{version}"))?
-                }
-                None => client.get(&format!("/v1/models/{model}"))?,
+            let v = if model.contains('@') {
+                client.get(&version_path(&model)?)?
+            } else {
+                client.get(&format!("/v1/models/{model}"))?
             };
             if json {
                 print_json(&v)?;
@@ -480,6 +515,45 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     );
                 }
             }
+        }
+        Command::Models(ModelsCommand::Diff { a, b, json }) => {
+            let client = fleet_control::client::Client::new(&server)?;
+            let (va, vb) = (
+                client.get(&version_path(&a)?)?,
+                client.get(&version_path(&b)?)?,
+            );
+            let (count, text) = fleet_control::views::model_diff(&va, &vb, &a, &b);
+            if json {
+                print_json(
+                    &serde_json::json!({ "a": a, "b": b, "differences": count, "table": text }),
+                )?;
+            } else {
+                print!("{text}");
+            }
+        }
+        Command::Models(ModelsCommand::Stage { model, stage }) => {
+            let r = fleet_control::client::Client::new(&server)?.post(
+                &format!("{}/stage", version_path(&model)?),
+                &serde_json::json!({ "stage": stage }),
+            )?;
+            println!(
+                "{model} is now in stage {}",
+                r["stage"].as_str().unwrap_or("?")
+            );
+        }
+        Command::Models(ModelsCommand::Tag { model, set, remove }) => {
+            let mut tags = serde_json::Map::new();
+            for t in set.iter().filter(|t| !t.is_empty()) {
+                let (k, v) = t
+                    .split_once('=')
+                    .with_context(|| format!("`{t}` is not k=v"))?;
+                tags.insert(k.trim().into(), v.trim().into());
+            }
+            let r = fleet_control::client::Client::new(&server)?.post(
+                &format!("{}/tags", version_path(&model)?),
+                &serde_json::json!({ "set": tags, "remove": remove }),
+            )?;
+            println!("{model} tags: {}", r["tags"]);
         }
         Command::Devices(DevicesCommand::List { json }) => {
             let list = fleet_control::client::Client::new(&server)?.get("/v1/devices")?;

@@ -172,6 +172,37 @@ impl Registry {
         Ok(Pushed::New(record))
     }
 
+    /// Changes the record of `name` v`version` with `change`; `None` when there is none.
+    pub fn update(
+        &self,
+        name: &str,
+        version: u64,
+        change: impl Fn(&mut ModelRecord),
+    ) -> Result<Option<ModelRecord>, RegistryError> {
+        let mut out = None;
+        let mut failure = None;
+        self.models.update_and_fetch(key(name, version), |old| {
+            let old = old?;
+            match serde_json::from_slice::<ModelRecord>(old) {
+                Ok(mut r) => {
+                    change(&mut r);
+                    let bytes = serde_json::to_vec(&r).ok();
+                    out = Some(r);
+                    bytes.or_else(|| Some(old.to_vec()))
+                }
+                Err(e) => {
+                    failure = Some(e.to_string());
+                    Some(old.to_vec())
+                }
+            }
+        })?;
+        if let Some(e) = failure {
+            return Err(RegistryError::Storage(e));
+        }
+        self.models.flush()?;
+        Ok(out)
+    }
+
     pub fn get(&self, name: &str, version: u64) -> Result<Option<ModelRecord>, RegistryError> {
         match self.models.get(key(name, version))? {
             Some(v) => Ok(Some(

@@ -488,6 +488,8 @@ pub fn router(plane: Arc<Plane>) -> Router {
         )
         .route("/v1/models/{name}", get(model_versions))
         .route("/v1/models/{name}/{version}", get(show_model))
+        .route("/v1/models/{name}/{version}/stage", post(set_stage))
+        .route("/v1/models/{name}/{version}/tags", post(set_tags))
         .route_layer(axum::middleware::from_fn_with_state(
             plane.clone(),
             authorize,
@@ -794,10 +796,30 @@ async fn show_model(
         )
     })?;
     let path = plane.registry.blob_path(&record.digest);
+    let policy = plane.trust.clone();
     let bundle = tokio::task::spawn_blocking(move || -> anyhow::Result<Value> {
         let front = crate::bundle::read_front(&path)?;
         let size = std::fs::metadata(&path)?.len();
-        Ok(crate::bundle::inspect_json(&front, size))
+        let mut v = crate::bundle::inspect_json(&front, size);
+        // The reference profile, read only from a bundle that verifies again.
+        if let Some(policy) = &policy {
+            let verified = crate::bundle::verify(&path, policy)?;
+            if verified
+                .manifest
+                .entry(fleetml_protocol::manifest::REFERENCE_ENTRY)
+                .is_some()
+            {
+                let mut f = std::fs::File::open(&path)?;
+                let bytes = verified.read_entry(
+                    &mut f,
+                    fleetml_protocol::manifest::REFERENCE_ENTRY,
+                    64 << 20,
+                )?;
+                let profile = fleetml_protocol::reference::ReferenceProfile::from_cbor(&bytes)?;
+                v["reference"] = serde_json::to_value(&profile)?;
+            }
+        }
+        Ok(v)
     })
     .await
     .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
@@ -812,4 +834,74 @@ async fn show_model(
         "bundle": bundle,
         "running_on": running(&plane, &name, Some(version))?,
     })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StageRequest {
+    stage: String,
+}
+
+async fn set_stage(
+    State(plane): State<Arc<Plane>>,
+    UrlPath((name, version)): UrlPath<(String, u64)>,
+    axum::Json(req): axum::Json<StageRequest>,
+) -> Api<axum::Json<Value>> {
+    if !crate::registry::STAGES.contains(&req.stage.as_str()) {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "unknown stage `{}`: use one of {}",
+                req.stage,
+                crate::registry::STAGES.join(", ")
+            ),
+        ));
+    }
+    let r = plane
+        .registry
+        .update(&name, version, |r| r.stage = req.stage.clone())?
+        .ok_or_else(|| {
+            ApiError(
+                StatusCode::NOT_FOUND,
+                format!("no {name} v{version} in the registry"),
+            )
+        })?;
+    Ok(axum::Json(json!(r)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TagsRequest {
+    #[serde(default)]
+    set: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    remove: Vec<String>,
+}
+
+async fn set_tags(
+    State(plane): State<Arc<Plane>>,
+    UrlPath((name, version)): UrlPath<(String, u64)>,
+    axum::Json(req): axum::Json<TagsRequest>,
+) -> Api<axum::Json<Value>> {
+    if let Some(k) = req.set.keys().find(|k| k.is_empty() || k.len() > 64) {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("tag key `{k}` must be 1-64 characters"),
+        ));
+    }
+    let r = plane
+        .registry
+        .update(&name, version, |r| {
+            for k in &req.remove {
+                r.tags.remove(k);
+            }
+            r.tags.extend(req.set.clone());
+        })?
+        .ok_or_else(|| {
+            ApiError(
+                StatusCode::NOT_FOUND,
+                format!("no {name} v{version} in the registry"),
+            )
+        })?;
+    Ok(axum::Json(json!(r)))
 }

@@ -333,3 +333,86 @@ pub fn drift_table(rows: &[Value]) -> String {
     }
     out
 }
+
+/// Flattens JSON into `path → value` leaves (`a.b[2].c`).
+fn flatten(prefix: &str, v: &Value, out: &mut std::collections::BTreeMap<String, String>) {
+    match v {
+        Value::Object(map) => {
+            for (k, v) in map {
+                let p = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&p, v, out);
+            }
+        }
+        Value::Array(items) => {
+            for (i, v) in items.iter().enumerate() {
+                flatten(&format!("{prefix}[{i}]"), v, out);
+            }
+        }
+        other => {
+            out.insert(prefix.to_string(), str_of(other));
+        }
+    }
+}
+
+/// What `models diff` compares of a version's `GET /v1/models/{name}/{version}`.
+const DIFFED: [(&str, &str); 5] = [
+    ("lineage", "/bundle/manifest/lineage"),
+    ("features", "/bundle/manifest/features"),
+    ("inputs", "/bundle/manifest/inputs"),
+    ("monitoring", "/bundle/manifest/monitoring"),
+    ("reference", "/bundle/reference"),
+];
+
+/// `fleetctl models diff A B`: every leaf of lineage, schema, inputs, monitoring
+/// settings and reference profile that differs, side by side.
+pub fn model_diff(a: &Value, b: &Value, a_name: &str, b_name: &str) -> (usize, String) {
+    let mut out = String::new();
+    let mut count = 0;
+    for (section, pointer) in DIFFED {
+        let mut left = std::collections::BTreeMap::new();
+        let mut right = std::collections::BTreeMap::new();
+        flatten("", a.pointer(pointer).unwrap_or(&Value::Null), &mut left);
+        flatten("", b.pointer(pointer).unwrap_or(&Value::Null), &mut right);
+        let keys: std::collections::BTreeSet<&String> = left.keys().chain(right.keys()).collect();
+        let rows: Vec<(String, String, String)> = keys
+            .into_iter()
+            .filter_map(|k| {
+                let (l, r) = (left.get(k), right.get(k));
+                (l != r).then(|| {
+                    (
+                        k.clone(),
+                        l.cloned().unwrap_or_else(|| "(absent)".into()),
+                        r.cloned().unwrap_or_else(|| "(absent)".into()),
+                    )
+                })
+            })
+            .collect();
+        if rows.is_empty() {
+            out.push_str(&format!("{section}: same\n"));
+            continue;
+        }
+        count += rows.len();
+        out.push_str(&format!(
+            "{section}: {} difference(s)\n  {:<44} {:<30} {}\n",
+            rows.len(),
+            "",
+            a_name,
+            b_name
+        ));
+        for (k, l, r) in rows {
+            let cut = |s: &str| {
+                if s.chars().count() > 30 {
+                    format!("{}…", s.chars().take(29).collect::<String>())
+                } else {
+                    s.to_string()
+                }
+            };
+            out.push_str(&format!("  {:<44} {:<30} {}\n", cut(&k), cut(&l), cut(&r)));
+        }
+    }
+    (count, out)
+}

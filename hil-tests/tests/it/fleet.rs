@@ -898,4 +898,52 @@ fn the_registry_keeps_only_verified_bundles_and_shows_where_they_run() {
         text.stdout
     );
     drop(agent);
+
+    // A second version profiled on other data: the diff shows the reference profile
+    // changed and the schema did not.
+    build_claims(
+        dir,
+        2,
+        "claims-v2.fmb",
+        &["--reference", &claims("holdout.csv"), "--key", "keys/k.key"],
+    );
+    plane
+        .fleetctl(dir, &["models", "push", "claims-v2.fmb"])
+        .success();
+    let diff = plane.fleetctl(dir, &["models", "diff", "claims@1", "claims@2"]);
+    let diff = diff.success();
+    assert!(diff.contains("features: same"), "{diff}");
+    assert!(
+        diff.contains("reference: ") && diff.contains("difference(s)"),
+        "{diff}"
+    );
+    // Stages and tags.
+    plane
+        .fleetctl(dir, &["models", "stage", "claims@2", "production"])
+        .success();
+    let bad = plane.fleetctl(dir, &["models", "stage", "claims@2", "live"]);
+    // clap refuses it, listing the stages.
+    assert!(
+        !bad.ok() && bad.stderr.contains("production"),
+        "{}",
+        bad.stderr
+    );
+    plane
+        .fleetctl(
+            dir,
+            &["models", "tag", "claims@2", "owner=claims-team,ticket=ML-7"],
+        )
+        .success();
+    plane
+        .fleetctl(dir, &["models", "tag", "claims@2", "--remove", "ticket"])
+        .success();
+    let list = plane.json(dir, &["models", "list"]);
+    let v2 = &list.as_array().expect("list")[1];
+    assert_eq!(v2["stage"], "production", "{v2}");
+    assert_eq!(
+        v2["tags"],
+        serde_json::json!({ "owner": "claims-team" }),
+        "{v2}"
+    );
+    assert_eq!(list[0]["stage"], "candidate");
 }
