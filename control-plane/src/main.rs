@@ -313,6 +313,18 @@ struct BuildArgs {
     out: PathBuf,
 }
 
+/// `k=v` arguments as a JSON object.
+fn pairs(args: &[String]) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
+    let mut map = serde_json::Map::new();
+    for t in args.iter().filter(|t| !t.is_empty()) {
+        let (k, v) = t
+            .split_once('=')
+            .with_context(|| format!("`{t}` is not k=v"))?;
+        map.insert(k.trim().into(), v.trim().into());
+    }
+    Ok(map)
+}
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -339,13 +351,7 @@ fn enroll(
         "{} already exists; refusing to overwrite a device config",
         out.display()
     );
-    let mut tag_map = serde_json::Map::new();
-    for t in tags.iter().filter(|t| !t.is_empty()) {
-        let (k, v) = t
-            .split_once('=')
-            .with_context(|| format!("--tags: `{t}` is not k=v"))?;
-        tag_map.insert(k.trim().into(), v.trim().into());
-    }
+    let tag_map = pairs(&tags).context("--tags")?;
     let local_trust = match &trust {
         Some(p) => Some(keys::load_policy(p)?.to_toml()),
         None => None,
@@ -542,13 +548,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::Models(ModelsCommand::Tag { model, set, remove }) => {
-            let mut tags = serde_json::Map::new();
-            for t in set.iter().filter(|t| !t.is_empty()) {
-                let (k, v) = t
-                    .split_once('=')
-                    .with_context(|| format!("`{t}` is not k=v"))?;
-                tags.insert(k.trim().into(), v.trim().into());
-            }
+            let tags = pairs(&set)?;
             let r = fleet_control::client::Client::new(&server)?.post(
                 &format!("{}/tags", version_path(&model)?),
                 &serde_json::json!({ "set": tags, "remove": remove }),

@@ -836,6 +836,25 @@ async fn show_model(
     })))
 }
 
+/// Applies `change` to a registry record and answers it, or 404.
+fn updated(
+    plane: &Plane,
+    name: &str,
+    version: u64,
+    change: impl Fn(&mut crate::registry::ModelRecord),
+) -> Api<axum::Json<Value>> {
+    let r = plane
+        .registry
+        .update(name, version, change)?
+        .ok_or_else(|| {
+            ApiError(
+                StatusCode::NOT_FOUND,
+                format!("no {name} v{version} in the registry"),
+            )
+        })?;
+    Ok(axum::Json(json!(r)))
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct StageRequest {
@@ -857,16 +876,7 @@ async fn set_stage(
             ),
         ));
     }
-    let r = plane
-        .registry
-        .update(&name, version, |r| r.stage = req.stage.clone())?
-        .ok_or_else(|| {
-            ApiError(
-                StatusCode::NOT_FOUND,
-                format!("no {name} v{version} in the registry"),
-            )
-        })?;
-    Ok(axum::Json(json!(r)))
+    updated(&plane, &name, version, |r| r.stage = req.stage.clone())
 }
 
 #[derive(Debug, Deserialize)]
@@ -889,19 +899,10 @@ async fn set_tags(
             format!("tag key `{k}` must be 1-64 characters"),
         ));
     }
-    let r = plane
-        .registry
-        .update(&name, version, |r| {
-            for k in &req.remove {
-                r.tags.remove(k);
-            }
-            r.tags.extend(req.set.clone());
-        })?
-        .ok_or_else(|| {
-            ApiError(
-                StatusCode::NOT_FOUND,
-                format!("no {name} v{version} in the registry"),
-            )
-        })?;
-    Ok(axum::Json(json!(r)))
+    updated(&plane, &name, version, |r| {
+        for k in &req.remove {
+            r.tags.remove(k);
+        }
+        r.tags.extend(req.set.clone());
+    })
 }
