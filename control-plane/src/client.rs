@@ -78,6 +78,11 @@ impl Client {
         self.call("POST", path, "application/json", serde_json::to_vec(body)?)
     }
 
+    /// `PUT` of a text body (a trust policy).
+    pub fn put_text(&self, path: &str, text: String) -> anyhow::Result<Value> {
+        self.call("PUT", path, "text/plain", text.into_bytes())
+    }
+
     /// `POST` of raw bytes (a bundle).
     pub fn post_bytes(&self, path: &str, bytes: Vec<u8>) -> anyhow::Result<Value> {
         self.call("POST", path, "application/octet-stream", bytes)

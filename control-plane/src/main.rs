@@ -39,6 +39,9 @@ enum Command {
     /// The model registry of the control plane.
     #[command(subcommand)]
     Models(ModelsCommand),
+    /// The control plane's trust policy: which keys bundles must be signed with.
+    #[command(subcommand)]
+    Trust(TrustCommand),
     /// Latest drift scores per feature across the fleet, alerting ones first.
     Drift {
         /// Only this model.
@@ -77,6 +80,17 @@ struct ServeArgs {
     /// Broker URL written into enrolled devices' configs. Default: the broker's address.
     #[arg(long)]
     public_mqtt_url: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum TrustCommand {
+    /// Print the policy the server verifies bundles with.
+    Show,
+    /// Replace it (validated first; kept in the server's DATA_DIR/trust.toml).
+    Set {
+        /// A trust policy from `fleetctl keys trust-policy`.
+        policy: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -521,6 +535,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     );
                 }
             }
+        }
+        Command::Trust(TrustCommand::Show) => {
+            let r = fleet_control::client::Client::new(&server)?.get("/v1/trust")?;
+            match r["policy"].as_str() {
+                Some(p) => print!("{p}"),
+                None => println!(
+                    "the server has no trust policy; set one with `fleetctl trust set TRUST.toml`"
+                ),
+            }
+        }
+        Command::Trust(TrustCommand::Set { policy }) => {
+            // Validate here too, so a typo is named before anything is sent.
+            let text = keys::load_policy(&policy)?.to_toml();
+            fleet_control::client::Client::new(&server)?.put_text("/v1/trust", text)?;
+            println!("the server now verifies bundles with {}", policy.display());
         }
         Command::Models(ModelsCommand::Diff { a, b, json }) => {
             let client = fleet_control::client::Client::new(&server)?;

@@ -63,11 +63,31 @@ pub struct Plane {
     pub ingest: Ingest<SledStore>,
     pub registry: crate::registry::Registry,
     token: String,
-    trust: Option<TrustPolicy>,
+    /// The trust policy bundles are verified with and devices are given; an admin may
+    /// replace it (`PUT /v1/trust`), kept in `DATA_DIR/trust.toml`.
+    trust: std::sync::RwLock<Option<TrustPolicy>>,
+    data_dir: PathBuf,
     public_url: String,
     public_mqtt_url: String,
     client: AsyncClient,
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+}
+
+impl Plane {
+    /// The trust policy now.
+    pub fn policy(&self) -> Option<TrustPolicy> {
+        self.trust.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// Writes `policy` to `path` atomically (mode 0644: it holds public keys only).
+fn keep_policy(path: &Path, policy: &TrustPolicy) -> anyhow::Result<()> {
+    let text = policy.to_toml();
+    crate::output::write_atomic(path, crate::output::PUBLIC_FILE, |f| {
+        use std::io::Write;
+        f.write_all(text.as_bytes())?;
+        Ok(())
+    })
 }
 
 impl std::fmt::Debug for Plane {
@@ -250,8 +270,15 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
     create_private_dir(&opts.data_dir)?;
     let token = admin_token(&opts.data_dir)?;
     let store = SledStore::open(&opts.data_dir.join("fleet.db"))?;
+    // `--trust` wins and is kept; without it, the policy kept from before (if any).
+    let kept = opts.data_dir.join("trust.toml");
     let trust = match &opts.trust {
-        Some(p) => Some(crate::keys::load_policy(p)?),
+        Some(p) => {
+            let policy = crate::keys::load_policy(p)?;
+            keep_policy(&kept, &policy)?;
+            Some(policy)
+        }
+        None if kept.exists() => Some(crate::keys::load_policy(&kept)?),
         None => None,
     };
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
@@ -303,7 +330,8 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
         ingest,
         registry,
         token,
-        trust,
+        trust: std::sync::RwLock::new(trust),
+        data_dir: opts.data_dir.clone(),
         public_url: opts
             .public_url
             .clone()
@@ -480,6 +508,7 @@ pub fn router(plane: Arc<Plane>) -> Router {
         .route("/v1/devices/{id}/commands", post(send_command))
         .route("/v1/drift", get(drift))
         .route("/v1/ingest", get(ingest_counters))
+        .route("/v1/trust", get(get_trust).put(put_trust))
         .route(
             "/v1/models",
             post(push_model)
@@ -556,7 +585,7 @@ async fn enroll(
             "mqtt_url": plane.public_mqtt_url,
             "board": record.board,
             "tags": record.tags,
-            "trust_policy": plane.trust.as_ref().map(|t| t.to_toml()),
+            "trust_policy": plane.policy().map(|t| t.to_toml()),
         })),
     ))
 }
@@ -725,7 +754,7 @@ async fn push_model(
     }
     let p2 = plane.clone();
     let pushed =
-        tokio::task::spawn_blocking(move || p2.registry.push(file, p2.trust.as_ref(), now_ms()))
+        tokio::task::spawn_blocking(move || p2.registry.push(file, p2.policy().as_ref(), now_ms()))
             .await
             .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
     Ok(match pushed {
@@ -796,7 +825,7 @@ async fn show_model(
         )
     })?;
     let path = plane.registry.blob_path(&record.digest);
-    let policy = plane.trust.clone();
+    let policy = plane.policy();
     let bundle = tokio::task::spawn_blocking(move || -> anyhow::Result<Value> {
         let front = crate::bundle::read_front(&path)?;
         let size = std::fs::metadata(&path)?.len();
@@ -905,4 +934,28 @@ async fn set_tags(
         }
         r.tags.extend(req.set.clone());
     })
+}
+
+async fn get_trust(State(plane): State<Arc<Plane>>) -> axum::Json<Value> {
+    axum::Json(json!({ "policy": plane.policy().map(|p| p.to_toml()) }))
+}
+
+/// `PUT /v1/trust`: the body is a trust policy (TOML, as `fleetctl keys trust-policy`
+/// writes it). Validated, kept in DATA_DIR/trust.toml, used from the next request on.
+async fn put_trust(State(plane): State<Arc<Plane>>, body: String) -> Api<axum::Json<Value>> {
+    let policy = TrustPolicy::from_toml(&body).map_err(|e| {
+        ApiError(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("trust policy: {e}"),
+        )
+    })?;
+    keep_policy(&plane.data_dir.join("trust.toml"), &policy)
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))?;
+    *plane.trust.write().unwrap_or_else(|p| p.into_inner()) = Some(policy.clone());
+    tracing::info!(
+        keys = policy.keys.len(),
+        threshold = policy.threshold,
+        "trust policy replaced"
+    );
+    Ok(axum::Json(json!({ "policy": policy.to_toml() })))
 }

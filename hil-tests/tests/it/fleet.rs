@@ -947,3 +947,61 @@ fn the_registry_keeps_only_verified_bundles_and_shows_where_they_run() {
     );
     assert_eq!(list[0]["stage"], "candidate");
 }
+
+#[test]
+fn an_admin_sets_the_trust_policy_and_it_outlives_a_restart() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    keys_and_policy(dir, "k");
+    build_claims(dir, 1, "claims.fmb", &["--key", "keys/k.key"]);
+    let mut plane = ControlPlane::start(dir, None, &[]);
+    let refused = plane.fleetctl(dir, &["models", "push", "claims.fmb"]);
+    assert!(
+        refused.failure().contains("no trust policy"),
+        "{}",
+        refused.stderr
+    );
+    let none = plane.fleetctl(dir, &["trust", "show"]);
+    assert!(
+        none.success().contains("no trust policy"),
+        "{}",
+        none.stdout
+    );
+    std::fs::write(dir.join("broken.toml"), "threshold = 2\nkeys = []\n").expect("write");
+    let broken = plane.fleetctl(dir, &["trust", "set", "broken.toml"]);
+    assert!(
+        broken.failure().contains("broken.toml"),
+        "{}",
+        broken.stderr
+    );
+    plane
+        .fleetctl(dir, &["trust", "set", "trust.toml"])
+        .success();
+    plane
+        .fleetctl(dir, &["models", "push", "claims.fmb"])
+        .success();
+
+    plane.stop();
+    drop(plane);
+    let plane = ControlPlane::start(dir, None, &[]);
+    let shown = plane.fleetctl(dir, &["trust", "show"]);
+    let expected = std::fs::read_to_string(dir.join("trust.toml")).expect("policy");
+    let key_line = expected
+        .lines()
+        .find(|l| l.contains("public"))
+        .expect("a key line");
+    assert!(
+        shown.success().contains(key_line.trim()),
+        "{}",
+        shown.stdout
+    );
+    // Devices enrolled now get it in their config.
+    plane
+        .fleetctl(dir, &["devices", "enroll", "pi-10", "--out", "pi-10.toml"])
+        .success();
+    let config = std::fs::read_to_string(dir.join("pi-10.toml")).expect("config");
+    assert!(
+        config.contains("[trust_policy]") || config.contains("[[trust_policy.keys]]"),
+        "{config}"
+    );
+}
