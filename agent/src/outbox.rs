@@ -82,12 +82,7 @@ const DROPPED: &[u8] = b"dropped";
 const BYTES: &[u8] = b"bytes";
 const LAST_COMMAND: &[u8] = b"last_command";
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+use crate::monitoring::now_ms;
 
 /// A durable, bounded, ordered outbox.
 #[derive(Debug)]
@@ -314,8 +309,18 @@ impl Outbox {
     pub fn oldest_age_ms(&self) -> Result<u64, OutboxError> {
         match self.queue.first()? {
             Some((k, v)) => {
-                let seq = u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0xff; 8]));
-                Ok(now_ms().saturating_sub(decode(seq, &v)?.queued_ms))
+                // Only the entry's time stamp (bytes 1..9), not a copy of its payload: this
+                // runs after every acknowledgement.
+                let queued = v
+                    .get(1..9)
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map(u64::from_be_bytes)
+                    .ok_or_else(|| {
+                        OutboxError::Corrupt(u64::from_be_bytes(
+                            k.as_ref().try_into().unwrap_or([0xff; 8]),
+                        ))
+                    })?;
+                Ok(now_ms().saturating_sub(queued))
             }
             None => Ok(0),
         }

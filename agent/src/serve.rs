@@ -197,6 +197,23 @@ pub fn reload(api: &Api, config: &Config) -> anyhow::Result<Changes> {
     Ok(changes)
 }
 
+/// Activation failures already reported, by (model, version, reason).
+type Reported = std::collections::HashSet<(String, u64, String)>;
+
+/// `changes` less the activation failures reported before: the store keeps a failure
+/// until the next success, so every reload sees it again.
+fn unreported(changes: Changes, reported: &mut Reported) -> Changes {
+    changes
+        .into_iter()
+        .filter(|e| {
+            !matches!(
+                e.kind,
+                Lifecycle::ActivationFailed | Lifecycle::SelfTestFailed
+            ) || reported.insert((e.model.clone(), e.version, e.detail.clone()))
+        })
+        .collect()
+}
+
 /// The device's status as telemetry reports it.
 fn status_of(api: &Api, board: &BoardProfile, started: std::time::Instant) -> telemetry::Status {
     let compiled = |b: &fleetml_protocol::board::Backend| {
@@ -308,16 +325,8 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         }
     };
     // Failures already recorded are in the status; only new ones become events.
-    let mut reported: std::collections::HashSet<(String, u64, String)> = reload(&api, &config)?
-        .into_iter()
-        .filter(|e| {
-            matches!(
-                e.kind,
-                Lifecycle::ActivationFailed | Lifecycle::SelfTestFailed
-            )
-        })
-        .map(|e| (e.model, e.version, e.detail))
-        .collect();
+    let mut reported = Reported::default();
+    unreported(reload(&api, &config)?, &mut reported);
     if let Some((tel, settings)) = &tel {
         let status: crate::telemetry::StatusFn = {
             let (api, board) = (api.clone(), config.board.clone());
@@ -382,13 +391,9 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
                 match result {
                     Ok(Ok(changes)) => {
                         tracing::info!("store reloaded");
+                        let changes = unreported(changes, &mut reported);
                         if let Some((tel, _)) = &tel {
                             for e in changes {
-                                if matches!(e.kind, Lifecycle::ActivationFailed | Lifecycle::SelfTestFailed)
-                                    && !reported.insert((e.model.clone(), e.version, e.detail.clone()))
-                                {
-                                    continue;
-                                }
                                 tel.queue(telemetry::Body::Event(e));
                             }
                             tel.queue_status(status_of(&api, &config.board, started));

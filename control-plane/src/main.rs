@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use fleet_control::server::now_ms;
 use fleet_control::{bundle, keys};
 
 /// Operate a fleetml fleet: signing keys, model bundles, the control plane server, and
@@ -337,13 +338,6 @@ fn pairs(args: &[String]) -> anyhow::Result<serde_json::Map<String, serde_json::
         map.insert(k.trim().into(), v.trim().into());
     }
     Ok(map)
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {

@@ -100,20 +100,21 @@ impl std::fmt::Debug for Plane {
     }
 }
 
-fn now_ms() -> u64 {
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
 
-fn random_hex(bytes: usize) -> anyhow::Result<String> {
+fn random_bytes(n: usize) -> anyhow::Result<Vec<u8>> {
     use ring::rand::SecureRandom;
-    let mut b = vec![0u8; bytes];
+    let mut b = vec![0u8; n];
     ring::rand::SystemRandom::new()
         .fill(&mut b)
         .map_err(|_| anyhow::anyhow!("the system random generator failed"))?;
-    Ok(hex::encode(b))
+    Ok(b)
 }
 
 /// Equal in time independent of where they differ.
@@ -127,7 +128,7 @@ pub fn admin_token(dir: &Path) -> anyhow::Result<String> {
     match std::fs::read_to_string(&path) {
         Ok(t) => Ok(t.trim().to_string()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let token = format!("fmt_{}", random_hex(32)?);
+            let token = format!("fmt_{}", hex::encode(random_bytes(32)?));
             crate::output::create_new(&path, 0o600, format!("{token}\n").as_bytes())?;
             Ok(token)
         }
@@ -287,7 +288,7 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
     let ingest = Ingest::new(store.clone());
     let (options, public_mqtt) = match &opts.mqtt {
         Mqtt::Embedded(addr) => {
-            let password = random_hex(32)?;
+            let password = hex::encode(random_bytes(32)?);
             start_broker(
                 *addr,
                 store.clone(),
@@ -557,11 +558,8 @@ async fn enroll(
     axum::Json(req): axum::Json<EnrollRequest>,
 ) -> Api<(StatusCode, axum::Json<Value>)> {
     let id = parse_id(&req.id)?;
-    let secret = hex::decode(
-        random_hex(telemetry::SECRET_LEN)
-            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?,
-    )
-    .unwrap_or_default();
+    let secret = random_bytes(telemetry::SECRET_LEN)
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let record = DeviceRecord {
         id: id.clone(),
         board: req.board,
@@ -600,21 +598,26 @@ async fn list_devices(State(plane): State<Arc<Plane>>) -> Api<axum::Json<Value>>
     Ok(axum::Json(Value::Array(out)))
 }
 
-async fn show_device(
-    State(plane): State<Arc<Plane>>,
-    UrlPath(id): UrlPath<String>,
-) -> Api<axum::Json<Value>> {
-    let id = parse_id(&id)?;
-    let store = &plane.ingest.store;
-    let d = store.device(&id)?.ok_or_else(|| {
+/// The enrolled device `id`, or 400 (bad id) / 404 (not enrolled).
+fn enrolled(plane: &Plane, id: &str) -> Api<DeviceRecord> {
+    let id = parse_id(id)?;
+    plane.ingest.store.device(&id)?.ok_or_else(|| {
         ApiError(
             StatusCode::NOT_FOUND,
             format!("no device `{id}` is enrolled"),
         )
-    })?;
-    let state = store.state(&id)?.unwrap_or_default();
+    })
+}
+
+async fn show_device(
+    State(plane): State<Arc<Plane>>,
+    UrlPath(id): UrlPath<String>,
+) -> Api<axum::Json<Value>> {
+    let d = enrolled(&plane, &id)?;
+    let (store, id) = (&plane.ingest.store, &d.id);
+    let state = store.state(id)?.unwrap_or_default();
     // The most recent messages: events, alerts and acknowledgements among them.
-    let recent = store.messages(&id, state.last_seq.saturating_sub(99), 100)?;
+    let recent = store.messages(id, state.last_seq.saturating_sub(99), 100)?;
     Ok(axum::Json(views::device_detail(&d, &state, &recent)))
 }
 
@@ -650,15 +653,9 @@ async fn send_command(
     UrlPath(id): UrlPath<String>,
     axum::Json(command): axum::Json<telemetry::CommandKind>,
 ) -> Api<(StatusCode, axum::Json<Value>)> {
-    let id = parse_id(&id)?;
-    let store = &plane.ingest.store;
-    let d = store.device(&id)?.ok_or_else(|| {
-        ApiError(
-            StatusCode::NOT_FOUND,
-            format!("no device `{id}` is enrolled"),
-        )
-    })?;
-    let seq = store.next_command_seq(&id)?;
+    let d = enrolled(&plane, &id)?;
+    let id = d.id.clone();
+    let seq = plane.ingest.store.next_command_seq(&id)?;
     let command_id = format!("{id}-{seq}");
     let (topic, bytes) = telemetry::seal(
         &id,

@@ -37,17 +37,7 @@ fn enrolled_agent(dir: &Path, plane: &ControlPlane, name: &str, extra: &[&str]) 
         )
         .success();
     if !dir.join("claims.fmb").exists() {
-        build_claims(
-            dir,
-            1,
-            "claims.fmb",
-            &[
-                "--reference",
-                &claims("reference.csv"),
-                "--key",
-                "keys/k.key",
-            ],
-        );
+        signed_claims(dir, 1, "claims.fmb", "reference.csv");
     }
     let data = format!("data-{name}");
     agent(
@@ -63,6 +53,17 @@ fn enrolled_agent(dir: &Path, plane: &ControlPlane, name: &str, extra: &[&str]) 
     )
     .success();
     start_agent(dir, name, extra)
+}
+
+/// Builds `out`: the claims model v`version` with a reference profile from the example
+/// CSV `reference`, signed with `keys/k.key`.
+fn signed_claims(dir: &Path, version: u32, out: &str, reference: &str) {
+    build_claims(
+        dir,
+        version,
+        out,
+        &["--reference", &claims(reference), "--key", "keys/k.key"],
+    );
 }
 
 fn start_agent(dir: &Path, name: &str, extra: &[&str]) -> RunningAgent {
@@ -289,17 +290,7 @@ fn a_full_outbox_drops_only_the_oldest_windows_and_counts_them_exactly() {
     let data = rows("reference.csv");
     send(&agent, &data[..100]);
     // A lifecycle event while offline: version 2 activated.
-    build_claims(
-        dir,
-        2,
-        "claims-v2.fmb",
-        &[
-            "--reference",
-            &claims("reference.csv"),
-            "--key",
-            "keys/k.key",
-        ],
-    );
+    signed_claims(dir, 2, "claims-v2.fmb", "reference.csv");
     hil_tests::agent(
         dir,
         &[
@@ -410,11 +401,7 @@ fn forged_and_malformed_messages_are_counted_and_never_stored() {
     let secret_of = |name: &str| {
         let text = std::fs::read_to_string(dir.join(format!("{name}.toml"))).expect("config");
         let v: toml::Value = toml::from_str(&text).expect("toml");
-        let hex = v["device_secret"].as_str().expect("secret").to_string();
-        (0..hex.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
-            .collect::<Vec<u8>>()
+        hex::decode(v["device_secret"].as_str().expect("secret")).expect("hex")
     };
     let event = |seq| {
         Body::Event(Event {
@@ -795,17 +782,7 @@ fn the_registry_keeps_only_verified_bundles_and_shows_where_they_run() {
     let dir = tmp.path();
     keys_and_policy(dir, "k");
     let plane = ControlPlane::start(dir, None, &["--trust", "trust.toml"]);
-    build_claims(
-        dir,
-        1,
-        "claims.fmb",
-        &[
-            "--reference",
-            &claims("reference.csv"),
-            "--key",
-            "keys/k.key",
-        ],
-    );
+    signed_claims(dir, 1, "claims.fmb", "reference.csv");
     let pushed = plane.fleetctl(dir, &["models", "push", "claims.fmb"]);
     assert!(
         pushed.success().contains("pushed claims@v1"),
@@ -901,12 +878,7 @@ fn the_registry_keeps_only_verified_bundles_and_shows_where_they_run() {
 
     // A second version profiled on other data: the diff shows the reference profile
     // changed and the schema did not.
-    build_claims(
-        dir,
-        2,
-        "claims-v2.fmb",
-        &["--reference", &claims("holdout.csv"), "--key", "keys/k.key"],
-    );
+    signed_claims(dir, 2, "claims-v2.fmb", "holdout.csv");
     plane
         .fleetctl(dir, &["models", "push", "claims-v2.fmb"])
         .success();
