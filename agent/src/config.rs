@@ -10,7 +10,7 @@
 //! workers = 2
 //! queue = 64
 //! max_body_bytes = 1048576
-//! control_plane = "https://fleet.example.com"   # used from the control-plane release on
+//! control_plane = "http://fleet.example.com:7080"  # where assignments and bundles come from
 //! predict_timeout_ms = 30000                     # 504 beyond this
 //! # monitoring: a window closes after this many predictions or seconds, whichever first
 //! window_predictions = 1000
@@ -30,6 +30,8 @@
 //! outbox_max_messages = 100000
 //! outbox_max_bytes = 268435456
 //! status_interval_s = 300
+//! assignment_poll_s = 300          # plus a pull whenever the control plane says so
+//! download_max_bytes_per_s = 1000000
 //! # the trust policy may be given inline instead of as a file (`trust`)
 //! [trust_policy]
 //! threshold = 1
@@ -81,6 +83,11 @@ pub struct AgentConfig {
     pub outbox_max_bytes: Option<u64>,
     /// Seconds between heartbeat statuses while connected (default 300).
     pub status_interval_s: Option<u64>,
+    /// Seconds between assignment pulls, ±20 % jitter (default 300); the control plane
+    /// also says when to pull at once.
+    pub assignment_poll_s: Option<u64>,
+    /// Download bandwidth cap for bundles, bytes per second (default: none).
+    pub download_max_bytes_per_s: Option<u64>,
     /// The trust policy, inline (`trust` names a file instead; the file wins).
     pub trust_policy: Option<fleetml_protocol::trust::TrustPolicy>,
     /// Where each model's predictions are forwarded besides the caller.
@@ -188,6 +195,8 @@ impl AgentConfig {
             outbox_max_messages,
             outbox_max_bytes,
             status_interval_s,
+            assignment_poll_s,
+            download_max_bytes_per_s,
             trust_policy
         );
         if !flags.prediction_sinks.is_empty() {
@@ -233,6 +242,20 @@ impl AgentConfig {
             status_interval: std::time::Duration::from_secs(
                 self.status_interval_s.unwrap_or(300).max(1),
             ),
+        }))
+    }
+
+    /// How assignments are pulled: when enrolled and `control_plane` is set.
+    pub fn assignments(&self) -> Result<Option<crate::assignments::Settings>, String> {
+        let (Some(url), Some(tel)) = (&self.control_plane, self.telemetry()?) else {
+            return Ok(None);
+        };
+        Ok(Some(crate::assignments::Settings {
+            server: url.parse()?,
+            token: fleetml_protocol::assignment::http_token(&tel.device, &tel.secret),
+            device: tel.device,
+            poll: std::time::Duration::from_secs(self.assignment_poll_s.unwrap_or(300).max(1)),
+            max_bytes_per_s: self.download_max_bytes_per_s,
         }))
     }
 

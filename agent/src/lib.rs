@@ -8,6 +8,7 @@
 
 pub mod activation;
 pub mod api;
+pub mod assignments;
 pub mod backend;
 pub mod config;
 pub mod explain;

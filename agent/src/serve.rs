@@ -30,6 +30,15 @@ pub struct Config {
     pub telemetry: Option<crate::telemetry::Settings>,
     /// Where predictions are forwarded besides the caller.
     pub prediction_sinks: Vec<crate::sinks::SinkConfig>,
+    /// Pulling assignments from the control plane, when enrolled with one.
+    pub assignments: Option<crate::assignments::Settings>,
+}
+
+/// Held while the model store is open: the store's database takes one opener at a time,
+/// and the SIGHUP reload and the assignment puller both open it.
+pub fn store_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// What a reload changed, as lifecycle events.
@@ -127,6 +136,7 @@ pub fn reload(api: &Api, config: &Config) -> anyhow::Result<Changes> {
     };
     // The store is opened only while reading, so `install-bundle` can run beside the agent.
     let (states, bundles) = {
+        let _guard = store_lock();
         let store = ModelStore::open(&config.data_dir)
             .with_context(|| format!("opening the model store in {}", config.data_dir.display()))?;
         (store.models()?, store.bundles_dir().to_path_buf())
@@ -255,20 +265,26 @@ fn command(
     cmd: crate::telemetry::Command,
     tel: &crate::telemetry::Telemetry,
     status: &crate::telemetry::StatusFn,
+    wake: Option<&crate::assignments::Wake>,
 ) -> telemetry::Ack {
     let (ok, detail) = match cmd.kind {
         telemetry::CommandKind::SendStatus => {
             tel.queue_status(status());
             (true, String::new())
         }
-        telemetry::CommandKind::AssignmentChanged => (
-            false,
-            "this agent release does not pull assignments; install bundles with `fleet-agent install-bundle`".into(),
-        ),
-        telemetry::CommandKind::CaptureSamples { .. } => (
-            false,
-            "this agent release does not capture samples".into(),
-        ),
+        telemetry::CommandKind::AssignmentChanged => match wake {
+            Some(w) => {
+                w.notify_one();
+                (true, "pulling the assignment".into())
+            }
+            None => (
+                false,
+                "this agent has no `control_plane` to pull assignments from".into(),
+            ),
+        },
+        telemetry::CommandKind::CaptureSamples { .. } => {
+            (false, "this agent release does not capture samples".into())
+        }
     };
     telemetry::Ack {
         command: cmd.id,
@@ -327,14 +343,18 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     // Failures already recorded are in the status; only new ones become events.
     let mut reported = Reported::default();
     unreported(reload(&api, &config)?, &mut reported);
+    let wake: crate::assignments::Wake = Arc::new(tokio::sync::Notify::new());
+    let (reload_tx, mut reload_rx) =
+        tokio::sync::mpsc::channel::<crate::assignments::ReloadRequest>(4);
     if let Some((tel, settings)) = &tel {
         let status: crate::telemetry::StatusFn = {
             let (api, board) = (api.clone(), config.board.clone());
             Arc::new(move || status_of(&api, &board, started))
         };
         let handler = {
-            let (tel, status) = (tel.clone(), status.clone());
-            Arc::new(move |c| command(c, &tel, &status))
+            let (tel, status, wake) = (tel.clone(), status.clone(), wake.clone());
+            let wake = config.assignments.is_some().then_some(wake);
+            Arc::new(move |c| command(c, &tel, &status, wake.as_ref()))
         };
         tel.start(settings, status, handler)?;
         tracing::info!(device = %settings.device, broker = %settings.broker, "fleet telemetry on");
@@ -352,6 +372,23 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         });
     }
     let config = Arc::new(config);
+    match (&config.assignments, &tel) {
+        (Some(settings), Some((tel, _))) => {
+            let puller = crate::assignments::Puller::new(
+                settings.clone(),
+                config.clone(),
+                tel.clone(),
+                reload_tx.clone(),
+            );
+            tokio::spawn(puller.run(wake.clone()));
+            tracing::info!(server = ?settings.server, "pulling assignments");
+        }
+        (Some(_), None) => tracing::warn!(
+            "`control_plane` is set but the agent is not enrolled (device_id, device_secret, mqtt_url): no assignments"
+        ),
+        _ => {}
+    }
+    drop(reload_tx);
     let app = api::router(api.clone());
     // Bind every listener before saying anything: the first line printed means the
     // agent is ready on all of them.
@@ -384,8 +421,19 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     loop {
+        let mut done: Option<crate::assignments::ReloadRequest> = None;
         tokio::select! {
-            _ = hup.recv() => {
+            Some(request) = reload_rx.recv() => done = Some(request),
+            _ = hup.recv() => {}
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+            Some(finished) = servers.join_next() => {
+                finished.context("API server task")??;
+                break;
+            }
+        }
+        {
+            {
                 let (a, c) = (api.clone(), config.clone());
                 let result = tokio::task::spawn_blocking(move || reload(&a, &c)).await;
                 match result {
@@ -399,16 +447,15 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
                             tel.queue_status(status_of(&api, &config.board, started));
                         }
                     }
-                    Ok(Err(e)) => tracing::error!(error = %format!("{e:#}"), "reload failed; keeping what runs"),
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %format!("{e:#}"), "reload failed; keeping what runs")
+                    }
                     Err(e) => tracing::error!(error = %e, "reload failed"),
                 }
             }
-            _ = term.recv() => break,
-            _ = tokio::signal::ctrl_c() => break,
-            Some(done) = servers.join_next() => {
-                done.context("API server task")??;
-                break;
-            }
+        }
+        if let Some(done) = done {
+            let _ = done.send(());
         }
     }
     if let Some(path) = &config.socket {

@@ -78,6 +78,10 @@ impl Client {
         self.call("POST", path, "application/json", serde_json::to_vec(body)?)
     }
 
+    pub fn delete(&self, path: &str) -> anyhow::Result<Value> {
+        self.call("DELETE", path, "application/json", Vec::new())
+    }
+
     /// `PUT` of a text body (a trust policy).
     pub fn put_text(&self, path: &str, text: String) -> anyhow::Result<Value> {
         self.call("PUT", path, "text/plain", text.into_bytes())

@@ -94,7 +94,13 @@ pub struct DeviceState {
     pub gaps: u64,
     /// Highest sequence number stored.
     pub last_seq: u64,
+    /// The newest lifecycle events (up to [`LIFECYCLE_KEPT`]), with when they arrived.
+    #[serde(default)]
+    pub lifecycle: Vec<(u64, telemetry::Event)>,
 }
+
+/// Lifecycle events kept per device in its state (all are in the message log).
+pub const LIFECYCLE_KEPT: usize = 64;
 
 /// Where authenticated messages and the device registry live.
 pub trait FleetStore: Send + Sync {
@@ -396,6 +402,12 @@ impl<S: FleetStore> Ingest<S> {
                         .insert(w.model.clone(), w.alerts.iter().cloned().collect());
                     st.windows
                         .insert(w.model.clone(), (envelope.seq, (**w).clone()));
+                }
+                Body::Event(e) => {
+                    st.lifecycle.push((now_ms, e.clone()));
+                    if st.lifecycle.len() > LIFECYCLE_KEPT {
+                        st.lifecycle.remove(0);
+                    }
                 }
                 Body::Alert(a) => {
                     let open = st.alerts.entry(a.model.clone()).or_default();

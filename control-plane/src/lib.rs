@@ -6,12 +6,16 @@
 //! and `fleetctl drift` print through the API client (`client`). Every check of a bundle
 //! or a message is done by `fleetml-protocol`, the same code the agent runs.
 
+pub mod assign;
+pub mod auth;
 pub mod bundle;
 pub mod client;
+pub(crate) mod fleet_api;
 pub mod ingest;
 pub mod keys;
 pub mod onnx;
 pub mod output;
 pub mod registry;
+pub mod rollout;
 pub mod server;
 pub mod views;

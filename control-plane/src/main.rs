@@ -43,6 +43,41 @@ enum Command {
     /// The control plane's trust policy: which keys bundles must be signed with.
     #[command(subcommand)]
     Trust(TrustCommand),
+    /// Staged rollouts of a model version to selected devices, with health gates.
+    #[command(subcommand)]
+    Rollout(RolloutCommand),
+    /// Put the previous (or a named) version of a model back on devices, as a new
+    /// assignment generation; asks for confirmation unless --yes.
+    Rollback {
+        /// The model to roll back.
+        model: String,
+        /// Return to this version instead of each device's previous one.
+        #[arg(long)]
+        to: Option<u64>,
+        /// Only these devices (selector, as for `rollout start --to`; default: all).
+        #[arg(long)]
+        devices: Option<String>,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+        /// Start it and return without following its progress.
+        #[arg(long)]
+        detach: bool,
+    },
+    /// Operator API tokens with roles (viewer, operator, admin); admin only.
+    #[command(subcommand)]
+    Tokens(TokensCommand),
+    /// The audit log of every mutating API call (hash-chained); `audit verify` checks it.
+    Audit {
+        #[command(subcommand)]
+        command: Option<AuditCommand>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Only the last N entries.
+        #[arg(long, default_value_t = 50)]
+        last: usize,
+    },
     /// Latest drift scores per feature across the fleet, alerting ones first.
     Drift {
         /// Only this model.
@@ -81,6 +116,116 @@ struct ServeArgs {
     /// Broker URL written into enrolled devices' configs. Default: the broker's address.
     #[arg(long)]
     public_mqtt_url: Option<String>,
+    /// How long an assignment a device fetched stays valid (devices refuse expired ones:
+    /// an attacker cannot hold a device on old assignments longer than this). Units s, m, h, d.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    assignment_ttl: std::time::Duration,
+}
+
+#[derive(Subcommand, Debug)]
+enum RolloutCommand {
+    /// Start rolling NAME@VERSION out to the devices SELECTOR picks, wave by wave.
+    ///
+    /// Example: fleetctl rollout start claims@3 --to board=raspberry-pi-4,site=lab --waves 10,50,100 --soak 10m
+    Start {
+        /// NAME@VERSION from the registry.
+        model: String,
+        /// Devices: `all`, or key=value terms that must all match: board=…, device=a|b,
+        /// or any tag (site=lab).
+        #[arg(long)]
+        to: String,
+        /// Cumulative wave sizes in percent of the selected devices, e.g. 1,10,50,100.
+        #[arg(long, conflicts_with = "canary")]
+        waves: Option<String>,
+        /// A canary wave of this percent, then everyone (same as --waves N,100).
+        #[arg(long)]
+        canary: Option<u32>,
+        /// Least time each wave runs before the next starts (s, m, h, d).
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        soak: std::time::Duration,
+        /// Percent of a wave's devices that must be active before the next wave;
+        /// the others (offline devices) catch up when they return.
+        #[arg(long, default_value_t = 100)]
+        quorum: u32,
+        /// A wave without its quorum this long after it started fails (s, m, h, d).
+        #[arg(long, default_value = "30m", value_parser = parse_duration)]
+        wave_deadline: std::time::Duration,
+        /// When a health gate fails, return the reached devices to their previous
+        /// version instead of pausing.
+        #[arg(long)]
+        auto_rollback: bool,
+        /// Gate: most devices whose activation (or verification) failed.
+        #[arg(long, default_value_t = 0)]
+        max_activation_failures: u32,
+        /// Gate: most devices whose golden self-test failed.
+        #[arg(long, default_value_t = 0)]
+        max_self_test_failures: u32,
+        /// Gate: most devices that fell back from their requested backend (GPU → CPU).
+        #[arg(long, default_value_t = 0)]
+        max_fallbacks: u32,
+        /// Gate: most devices with open drift alerts on the new version.
+        #[arg(long, default_value_t = 0)]
+        max_drift_alerts: u32,
+        /// Gate: allowed rise of the missing-prediction rate over the old version's.
+        #[arg(long, default_value_t = 0.05)]
+        max_missing_rate_increase: f64,
+        /// Gate: allowed ratio of the new p99 latency to the old version's.
+        #[arg(long, default_value_t = 1.5)]
+        max_p99_ratio: f64,
+        /// Gate: allowed rise of the error rate (backend errors, timeouts) over the old's.
+        #[arg(long, default_value_t = 0.01)]
+        max_error_rate_increase: f64,
+        /// Follow its progress until it ends.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Per-wave progress (pending, downloading, active, failed) and the health gates.
+    Status {
+        id: String,
+        /// Redraw every second until the rollout ends.
+        #[arg(long)]
+        watch: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every rollout and rollback, newest last.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop starting waves (devices already assigned keep their version).
+    Pause { id: String },
+    /// Continue a paused rollout; the gates count anew from now.
+    Resume { id: String },
+    /// End a rollout; devices keep what they were assigned (then `fleetctl rollback`).
+    Abort { id: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum TokensCommand {
+    /// Create a token; it is printed once and stored only as a hash.
+    Create {
+        /// viewer (read), operator (push, rollouts, rollback), admin (tokens, trust, enrollment).
+        #[arg(long)]
+        role: String,
+        /// Who or what uses it (shown in the audit log).
+        #[arg(long)]
+        name: String,
+    },
+    /// Tokens by id, name and role (never the tokens themselves).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token by id.
+    Revoke { id: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum AuditCommand {
+    /// Fetch the whole log and check its hash chain here; exits 1 when an entry was
+    /// changed, inserted or deleted.
+    Verify,
 }
 
 #[derive(Subcommand, Debug)]
@@ -340,6 +485,184 @@ fn pairs(args: &[String]) -> anyhow::Result<serde_json::Map<String, serde_json::
     Ok(map)
 }
 
+/// Asks QUESTION on the terminal; false unless the answer is y or yes. Without a
+/// terminal it refuses rather than guess (use --yes).
+fn confirm(question: &str) -> anyhow::Result<bool> {
+    use std::io::Write;
+    anyhow::ensure!(
+        std::io::stdin().is_terminal(),
+        "not a terminal: pass --yes to confirm"
+    );
+    eprint!("{question} [y/N] ");
+    std::io::stderr().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer)?;
+    Ok(matches!(answer.trim().to_lowercase().as_str(), "y" | "yes"))
+}
+
+fn rollout_command(server: &str, cmd: RolloutCommand) -> anyhow::Result<()> {
+    let client = fleet_control::client::Client::new(server)?;
+    match cmd {
+        RolloutCommand::Start {
+            model,
+            to,
+            waves,
+            canary,
+            soak,
+            quorum,
+            wave_deadline,
+            auto_rollback,
+            max_activation_failures,
+            max_self_test_failures,
+            max_fallbacks,
+            max_drift_alerts,
+            max_missing_rate_increase,
+            max_p99_ratio,
+            max_error_rate_increase,
+            watch: follow,
+        } => {
+            let (name, version) = model
+                .split_once('@')
+                .and_then(|(n, v)| Some((n, v.trim_start_matches('v').parse::<u64>().ok()?)))
+                .with_context(|| format!("`{model}` is not NAME@VERSION (e.g. claims@3)"))?;
+            let r = client.post(
+                "/v1/rollouts",
+                &serde_json::json!({
+                    "model": name, "version": version, "to": to, "waves": waves, "canary": canary,
+                    "soak_s": soak.as_secs(), "quorum_pct": quorum, "deadline_s": wave_deadline.as_secs(),
+                    "auto_rollback": auto_rollback,
+                    "gates": {
+                        "max_activation_failures": max_activation_failures,
+                        "max_self_test_failures": max_self_test_failures,
+                        "max_fallbacks": max_fallbacks,
+                        "max_drift_alerts": max_drift_alerts,
+                        "max_missing_rate_increase": max_missing_rate_increase,
+                        "max_p99_ratio": max_p99_ratio,
+                        "max_error_rate_increase": max_error_rate_increase,
+                    },
+                }),
+            )?;
+            let id = r["id"].as_str().unwrap_or("?").to_string();
+            println!(
+                "rollout {id} started: {name}@v{version} to {} device(s) in {} wave(s)",
+                r["devices_total"],
+                r["waves"].as_array().map_or(0, Vec::len)
+            );
+            if follow {
+                watch(&client, &id)?;
+            } else {
+                println!("follow it with: fleetctl rollout status {id} --watch");
+            }
+        }
+        RolloutCommand::Status {
+            id,
+            watch: follow,
+            json,
+        } => {
+            if follow {
+                watch(&client, &id)?;
+            } else {
+                let v = client.get(&format!("/v1/rollouts/{id}"))?;
+                if json {
+                    print_json(&v)?;
+                } else {
+                    print!("{}", fleet_control::views::rollout_status(&v));
+                }
+            }
+        }
+        RolloutCommand::List { json } => {
+            let list = client.get("/v1/rollouts")?;
+            if json {
+                print_json(&list)?;
+            } else {
+                println!(
+                    "{:<6} {:<9} {:<20} {:>8} {:<11} {:>9}  SELECTOR",
+                    "ID", "KIND", "MODEL", "VERSION", "STATE", "ACTIVE"
+                );
+                for r in list.as_array().cloned().unwrap_or_default() {
+                    println!(
+                        "{:<6} {:<9} {:<20} {:>8} {:<11} {:>9}  {}",
+                        r["id"].as_str().unwrap_or("?"),
+                        r["kind"].as_str().unwrap_or("?"),
+                        r["model"].as_str().unwrap_or("?"),
+                        r["version"]
+                            .as_u64()
+                            .map_or("mixed".into(), |v| format!("v{v}")),
+                        r["state"].as_str().unwrap_or("?"),
+                        format!("{}/{}", r["devices_active"], r["devices_total"]),
+                        r["selector"].as_str().unwrap_or("?")
+                    );
+                }
+            }
+        }
+        RolloutCommand::Pause { id } => {
+            let v = client.post(&format!("/v1/rollouts/{id}/pause"), &serde_json::json!({}))?;
+            println!("rollout {id} is {}", v["state"].as_str().unwrap_or("?"));
+        }
+        RolloutCommand::Resume { id } => {
+            let v = client.post(&format!("/v1/rollouts/{id}/resume"), &serde_json::json!({}))?;
+            println!("rollout {id} is {}", v["state"].as_str().unwrap_or("?"));
+        }
+        RolloutCommand::Abort { id } => {
+            let v = client.post(&format!("/v1/rollouts/{id}/abort"), &serde_json::json!({}))?;
+            println!("rollout {id} is {}", v["state"].as_str().unwrap_or("?"));
+        }
+    }
+    Ok(())
+}
+
+/// Follows rollout `id` until it ends: a redrawn status on a terminal, a line per change
+/// otherwise. Fails when it ends other than completed.
+fn watch(client: &fleet_control::client::Client, id: &str) -> anyhow::Result<()> {
+    let tty = std::io::stdout().is_terminal();
+    let mut last = String::new();
+    loop {
+        let v = client.get(&format!("/v1/rollouts/{id}"))?;
+        let text = fleet_control::views::rollout_status(&v);
+        if tty {
+            print!("\x1b[2J\x1b[H{text}");
+        } else if text != last {
+            println!("{}", fleet_control::views::rollout_line(&v));
+        }
+        last = text;
+        let state = v["state"].as_str().unwrap_or("?");
+        match state {
+            "completed" => return Ok(()),
+            "aborted" | "rolled_back" => {
+                anyhow::bail!(
+                    "{} {id} {state}: {}",
+                    v["kind"].as_str().unwrap_or("rollout"),
+                    v["reason"].as_str().unwrap_or("")
+                )
+            }
+            "paused" if !tty => anyhow::bail!(
+                "{} {id} paused: {} (fleetctl rollout resume|abort {id})",
+                v["kind"].as_str().unwrap_or("rollout"),
+                v["reason"].as_str().unwrap_or("")
+            ),
+            _ => {}
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+}
+
+/// `90`, `90s`, `15m`, `2h`, `7d`.
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let t = text.trim();
+    let (number, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration like 90s, 15m, 2h or 7d"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => return Err(format!("`{text}`: unit `{unit}` is not s, m, h or d")),
+    };
+    Ok(std::time::Duration::from_secs(secs))
+}
+
 fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
@@ -427,6 +750,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 trust: a.trust,
                 public_url: a.public_url,
                 public_mqtt_url: a.public_mqtt_url,
+                assignment_ttl: a.assignment_ttl,
             };
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -527,6 +851,118 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                             " (offline)"
                         }
                     );
+                }
+            }
+        }
+        Command::Rollout(cmd) => rollout_command(&server, cmd)?,
+        Command::Rollback {
+            model,
+            to,
+            devices,
+            yes,
+            detach,
+        } => {
+            let client = fleet_control::client::Client::new(&server)?;
+            let body = |dry_run: bool| serde_json::json!({ "model": model, "to": to, "devices": devices, "dry_run": dry_run });
+            let plan = client.post("/v1/rollbacks", &body(true))?;
+            println!("roll back {model}:");
+            for d in plan["devices"].as_array().cloned().unwrap_or_default() {
+                println!(
+                    "  {:<24} v{} -> v{}",
+                    d["device"].as_str().unwrap_or("?"),
+                    d["from"],
+                    d["to"]
+                );
+            }
+            for d in plan["skipped"].as_array().cloned().unwrap_or_default() {
+                println!(
+                    "  {:<24} skipped: {}",
+                    d["device"].as_str().unwrap_or("?"),
+                    d["reason"].as_str().unwrap_or("")
+                );
+            }
+            if !yes && !confirm("continue?")? {
+                anyhow::bail!("not rolled back (nothing changed)");
+            }
+            let r = client.post("/v1/rollbacks", &body(false))?;
+            let id = r["id"].as_str().unwrap_or("?").to_string();
+            println!("rollback {id} started");
+            if !detach {
+                watch(&client, &id)?;
+            }
+        }
+        Command::Tokens(TokensCommand::Create { role, name }) => {
+            let r = fleet_control::client::Client::new(&server)?.post(
+                "/v1/tokens",
+                &serde_json::json!({ "name": name, "role": role }),
+            )?;
+            eprintln!(
+                "created token {} ({}, role {}); it is shown only now:",
+                r["id"].as_str().unwrap_or("?"),
+                r["name"].as_str().unwrap_or("?"),
+                r["role"].as_str().unwrap_or("?")
+            );
+            println!("{}", r["token"].as_str().unwrap_or("?"));
+        }
+        Command::Tokens(TokensCommand::List { json }) => {
+            let list = fleet_control::client::Client::new(&server)?.get("/v1/tokens")?;
+            if json {
+                print_json(&list)?;
+            } else {
+                println!("{:<16} {:<10} {:<40} CREATED BY", "ID", "ROLE", "NAME");
+                for t in list.as_array().cloned().unwrap_or_default() {
+                    println!(
+                        "{:<16} {:<10} {:<40} {}",
+                        t["id"].as_str().unwrap_or("?"),
+                        t["role"].as_str().unwrap_or("?"),
+                        t["name"].as_str().unwrap_or("?"),
+                        t["created_by"].as_str().unwrap_or("?")
+                    );
+                }
+            }
+        }
+        Command::Tokens(TokensCommand::Revoke { id }) => {
+            fleet_control::client::Client::new(&server)?.delete(&format!("/v1/tokens/{id}"))?;
+            println!("revoked token {id}");
+        }
+        Command::Audit {
+            command,
+            json,
+            last,
+        } => {
+            let all = fleet_control::client::Client::new(&server)?.get("/v1/audit")?;
+            let entries: Vec<fleet_control::auth::AuditEntry> =
+                serde_json::from_value(all).context("decoding the audit log")?;
+            match command {
+                Some(AuditCommand::Verify) => match fleet_control::auth::verify(&entries) {
+                    Ok(head) => println!(
+                        "audit log intact: {} entries, head {head} (keep this hash elsewhere to detect a truncated tail)",
+                        entries.len()
+                    ),
+                    Err(e) => anyhow::bail!("audit log tampered with: {e}"),
+                },
+                None => {
+                    let tail = &entries[entries.len().saturating_sub(last)..];
+                    if json {
+                        print_json(&serde_json::to_value(tail)?)?;
+                    } else {
+                        println!(
+                            "{:>6}  {:<24} {:<28} {:<9} {:<36} {:>6}  TARGET",
+                            "SEQ", "WHEN (UTC)", "WHO", "ROLE", "ACTION", "RESULT"
+                        );
+                        for e in tail {
+                            println!(
+                                "{:>6}  {:<24} {:<28} {:<9} {:<36} {:>6}  {}",
+                                e.seq,
+                                fleet_control::views::utc(e.at_ms),
+                                e.who,
+                                e.role,
+                                e.action,
+                                e.outcome,
+                                e.target
+                            );
+                        }
+                    }
                 }
             }
         }

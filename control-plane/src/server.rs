@@ -23,13 +23,14 @@ use axum::extract::{Path as UrlPath, Query, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use fleetml_protocol::telemetry::{self, Body, BrokerUrl, DeviceId};
 use fleetml_protocol::trust::TrustPolicy;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::auth::{Principal, Role};
 use crate::ingest::{DeviceRecord, FleetStore, Ingest, SledStore};
 use crate::views;
 
@@ -56,20 +57,29 @@ pub struct Options {
     pub public_url: Option<String>,
     /// The broker URL devices are given (default: from the broker's address).
     pub public_mqtt_url: Option<String>,
+    /// How long a signed assignment stays valid after a device fetched it.
+    pub assignment_ttl: Duration,
 }
 
 /// Shared state of the running control plane.
 pub struct Plane {
     pub ingest: Ingest<SledStore>,
     pub registry: crate::registry::Registry,
-    token: String,
+    pub assignments: crate::assign::Assignments,
+    pub rollouts: crate::rollout::Rollouts,
+    pub tokens: crate::auth::Tokens,
+    pub audit: crate::auth::Audit,
+    pub(crate) assignment_key: fleetml_protocol::crypto::SigningKey,
+    pub(crate) assignment_ttl_ms: u64,
+    /// One rollout change at a time (the engine and the API both make them).
+    pub(crate) rollout_lock: std::sync::Mutex<()>,
     /// The trust policy bundles are verified with and devices are given; an admin may
     /// replace it (`PUT /v1/trust`), kept in `DATA_DIR/trust.toml`.
     trust: std::sync::RwLock<Option<TrustPolicy>>,
     data_dir: PathBuf,
     public_url: String,
     public_mqtt_url: String,
-    client: AsyncClient,
+    pub(crate) client: AsyncClient,
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
@@ -77,6 +87,18 @@ impl Plane {
     /// The trust policy now.
     pub fn policy(&self) -> Option<TrustPolicy> {
         self.trust.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The trust policy devices are given: the bundle keys, and this control plane's
+    /// assignment key.
+    pub fn device_policy(&self) -> Option<TrustPolicy> {
+        let mut policy = self.policy()?;
+        policy.assignment_keys = vec![fleetml_protocol::trust::TrustedKey {
+            name: Some("control-plane assignments".into()),
+            public: self.assignment_key.public_key(),
+            id: None,
+        }];
+        Some(policy)
     }
 }
 
@@ -108,7 +130,7 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn random_bytes(n: usize) -> anyhow::Result<Vec<u8>> {
+pub(crate) fn random_bytes(n: usize) -> anyhow::Result<Vec<u8>> {
     use ring::rand::SecureRandom;
     let mut b = vec![0u8; n];
     ring::rand::SystemRandom::new()
@@ -270,7 +292,16 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
         .try_init();
     create_private_dir(&opts.data_dir)?;
     let token = admin_token(&opts.data_dir)?;
+    let assignment_key = crate::assign::assignment_key(&opts.data_dir)?;
     let store = SledStore::open(&opts.data_dir.join("fleet.db"))?;
+    let tokens = crate::auth::Tokens::open(store.db())?;
+    tokens.register(
+        "admin",
+        "bootstrap admin (DATA_DIR/admin.token)",
+        crate::auth::Role::Admin,
+        &token,
+        now_ms(),
+    )?;
     // `--trust` wins and is kept; without it, the policy kept from before (if any).
     let kept = opts.data_dir.join("trust.toml");
     let trust = match &opts.trust {
@@ -328,9 +359,15 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
     let registry = crate::registry::Registry::open(store.db(), &opts.data_dir.join("blobs"))
         .map_err(anyhow::Error::from)?;
     let plane = Arc::new(Plane {
+        assignments: crate::assign::Assignments::open(store.db())?,
+        rollouts: crate::rollout::Rollouts::open(store.db())?,
+        audit: crate::auth::Audit::open(store.db())?,
+        tokens,
+        assignment_key,
+        assignment_ttl_ms: opts.assignment_ttl.as_millis() as u64,
+        rollout_lock: std::sync::Mutex::new(()),
         ingest,
         registry,
-        token,
         trust: std::sync::RwLock::new(trust),
         data_dir: opts.data_dir.clone(),
         public_url: opts
@@ -342,6 +379,7 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
         metrics,
     });
     spawn_ingest(plane.clone(), events);
+    crate::fleet_api::spawn_rollouts(plane.clone());
 
     let app = router(plane.clone());
     let tcp = tokio::net::TcpListener::bind(opts.listen)
@@ -468,7 +506,7 @@ fn spawn_ingest(plane: Arc<Plane>, mut events: rumqttc::EventLoop) {
 }
 
 /// An API error: status and a message naming what was wrong.
-struct ApiError(StatusCode, String);
+pub(crate) struct ApiError(pub StatusCode, pub String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -482,31 +520,146 @@ impl From<crate::ingest::StoreError> for ApiError {
     }
 }
 
-type Api<T> = Result<T, ApiError>;
+pub(crate) type Api<T> = Result<T, ApiError>;
 
-async fn authorize(State(plane): State<Arc<Plane>>, request: Request, next: Next) -> Response {
+/// Who may call `route` with `method`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Role(Role),
+    /// The device the path names (its own assignment, the bundles it names), or a viewer.
+    DeviceOrViewer,
+}
+
+/// The access rule of every authenticated route (documented per route in
+/// docs/openapi.yaml as `x-fleetml-role`, and tested route by route).
+pub fn access(method: &axum::http::Method, route: &str) -> Access {
+    use axum::http::Method;
+    let admin = route.starts_with("/v1/tokens")
+        || (route == "/v1/trust" && method == Method::PUT)
+        || (route == "/v1/devices" && method == Method::POST);
+    if admin {
+        Access::Role(Role::Admin)
+    } else if route == "/v1/devices/{id}/assignment" || route == "/v1/bundles/{digest}" {
+        Access::DeviceOrViewer
+    } else if route == "/v1/audit" || !matches!(*method, Method::GET | Method::HEAD) {
+        Access::Role(Role::Operator)
+    } else {
+        Access::Role(Role::Viewer)
+    }
+}
+
+/// The principal of a bearer token: a device (its derived HTTP token) or an operator
+/// token.
+fn identify(plane: &Plane, token: &str) -> Option<Principal> {
+    if let Some((id, _)) = fleetml_protocol::assignment::parse_http_token(token) {
+        let record = plane.ingest.store.device(&id).ok()??;
+        let expected = fleetml_protocol::assignment::http_token(&id, &record.secret);
+        return same(token.as_bytes(), expected.as_bytes()).then_some(Principal::Device(id));
+    }
+    plane.tokens.find(token).ok()?.map(Principal::Operator)
+}
+
+/// Authenticates, checks the route's role, runs the handler, and writes an audit entry
+/// for every mutating call (refused ones included).
+async fn authorize(
+    State(plane): State<Arc<Plane>>,
+    matched: Option<axum::extract::MatchedPath>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let method = request.method().clone();
+    let target = request.uri().path().to_string();
+    let route = matched.map_or_else(|| target.clone(), |m| m.as_str().to_string());
     let given = request
         .headers()
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if !same(given.trim().as_bytes(), plane.token.as_bytes()) {
-        return ApiError(
+        .map(str::trim)
+        .filter(|t| !t.is_empty());
+    let principal = match given {
+        Some(t) => {
+            let (p2, t) = (plane.clone(), t.to_string());
+            tokio::task::spawn_blocking(move || identify(&p2, &t))
+                .await
+                .ok()
+                .flatten()
+        }
+        None => None,
+    };
+    let action = format!("{method} {route}");
+    let rule = access(&method, &route);
+    let refused = match (&principal, rule) {
+        (None, _) => Some(ApiError(
             StatusCode::UNAUTHORIZED,
-            "missing or wrong API token: set FLEETML_TOKEN (the admin token is in DATA_DIR/admin.token)".into(),
-        )
-        .into_response();
+            if given.is_some() {
+                "unknown or revoked API token: check FLEETML_TOKEN (the bootstrap admin token is in DATA_DIR/admin.token)".into()
+            } else {
+                "missing API token: set FLEETML_TOKEN or ~/.config/fleetml/token (the bootstrap admin token is in DATA_DIR/admin.token)".into()
+            },
+        )),
+        (Some(Principal::Device(d)), Access::Role(_)) => Some(ApiError(
+            StatusCode::FORBIDDEN,
+            format!(
+                "device `{d}` may only read its own assignment and the bundles it names, not {action}"
+            ),
+        )),
+        (Some(Principal::Operator(t)), rule) if t.role < access_role(rule) => Some(ApiError(
+            StatusCode::FORBIDDEN,
+            format!(
+                "token `{}` has role {}; {action} needs {}",
+                t.name,
+                t.role.as_str(),
+                access_role(rule).as_str()
+            ),
+        )),
+        _ => None,
+    };
+    let response = match refused {
+        Some(e) => e.into_response(),
+        None => {
+            if let Some(p) = principal.clone() {
+                request.extensions_mut().insert(p);
+            }
+            next.run(request).await
+        }
+    };
+    if !matches!(method, axum::http::Method::GET | axum::http::Method::HEAD) {
+        let status = response.status().as_u16();
+        let (who, role) = principal
+            .as_ref()
+            .map_or(("anonymous".to_string(), "none".to_string()), |p| {
+                (p.who(), p.role())
+            });
+        let p2 = plane.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            p2.audit.append(now_ms(), who, role, action, target, status)
+        })
+        .await;
+        if !matches!(written, Ok(Ok(_))) {
+            tracing::error!("could not write the audit log entry of a {status} call");
+        }
     }
-    next.run(request).await
+    response
+}
+
+/// The least operator role a rule admits.
+fn access_role(a: Access) -> Role {
+    match a {
+        Access::Role(r) => r,
+        Access::DeviceOrViewer => Role::Viewer,
+    }
 }
 
 pub fn router(plane: Arc<Plane>) -> Router {
-    let operator = Router::new()
+    use crate::fleet_api as f;
+    let authenticated = Router::new()
         .route("/v1/devices", post(enroll).get(list_devices))
         .route("/v1/devices/{id}", get(show_device))
         .route("/v1/devices/{id}/messages", get(device_messages))
         .route("/v1/devices/{id}/commands", post(send_command))
+        .route("/v1/devices/{id}/assignment", get(f::device_assignment))
+        .route("/v1/bundles/{digest}", get(f::bundle))
         .route("/v1/drift", get(drift))
         .route("/v1/ingest", get(ingest_counters))
         .route("/v1/trust", get(get_trust).put(put_trust))
@@ -520,12 +673,21 @@ pub fn router(plane: Arc<Plane>) -> Router {
         .route("/v1/models/{name}/{version}", get(show_model))
         .route("/v1/models/{name}/{version}/stage", post(set_stage))
         .route("/v1/models/{name}/{version}/tags", post(set_tags))
+        .route("/v1/rollouts", post(f::start_rollout).get(f::list_rollouts))
+        .route("/v1/rollouts/{id}", get(f::show_rollout))
+        .route("/v1/rollouts/{id}/pause", post(f::pause_rollout))
+        .route("/v1/rollouts/{id}/resume", post(f::resume_rollout))
+        .route("/v1/rollouts/{id}/abort", post(f::abort_rollout))
+        .route("/v1/rollbacks", post(f::start_rollback))
+        .route("/v1/tokens", post(f::create_token).get(f::list_tokens))
+        .route("/v1/tokens/{id}", delete(f::revoke_token))
+        .route("/v1/audit", get(f::audit_log))
         .route_layer(axum::middleware::from_fn_with_state(
             plane.clone(),
             authorize,
         ));
     Router::new()
-        .merge(operator)
+        .merge(authenticated)
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics_text))
         .with_state(plane)
@@ -583,7 +745,7 @@ async fn enroll(
             "mqtt_url": plane.public_mqtt_url,
             "board": record.board,
             "tags": record.tags,
-            "trust_policy": plane.policy().map(|t| t.to_toml()),
+            "trust_policy": plane.device_policy().map(|t| t.to_toml()),
         })),
     ))
 }
@@ -599,7 +761,7 @@ async fn list_devices(State(plane): State<Arc<Plane>>) -> Api<axum::Json<Value>>
 }
 
 /// The enrolled device `id`, or 400 (bad id) / 404 (not enrolled).
-fn enrolled(plane: &Plane, id: &str) -> Api<DeviceRecord> {
+pub(crate) fn enrolled(plane: &Plane, id: &str) -> Api<DeviceRecord> {
     let id = parse_id(id)?;
     plane.ingest.store.device(&id)?.ok_or_else(|| {
         ApiError(
@@ -654,6 +816,19 @@ async fn send_command(
     axum::Json(command): axum::Json<telemetry::CommandKind>,
 ) -> Api<(StatusCode, axum::Json<Value>)> {
     let d = enrolled(&plane, &id)?;
+    let command_id = send(&plane, &d, command).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        axum::Json(json!({ "command": command_id })),
+    ))
+}
+
+/// Seals `command` for device `d` and publishes it on its `cmd` topic; returns its id.
+pub(crate) async fn send(
+    plane: &Plane,
+    d: &DeviceRecord,
+    command: telemetry::CommandKind,
+) -> Api<String> {
     let id = d.id.clone();
     let seq = plane.ingest.store.next_command_seq(&id)?;
     let command_id = format!("{id}-{seq}");
@@ -672,10 +847,7 @@ async fn send_command(
         .publish(topic, QoS::AtLeastOnce, false, bytes)
         .await
         .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("broker: {e}")))?;
-    Ok((
-        StatusCode::ACCEPTED,
-        axum::Json(json!({ "command": command_id })),
-    ))
+    Ok(command_id)
 }
 
 #[derive(Debug, Deserialize)]

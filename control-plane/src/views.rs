@@ -416,3 +416,147 @@ pub fn model_diff(a: &Value, b: &Value, a_name: &str, b_name: &str) -> (usize, S
     }
     (count, out)
 }
+
+/// `YYYY-MM-DD HH:MM:SS` (UTC) of milliseconds since the Unix epoch.
+pub fn utc(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn bar(done: u64, total: u64, width: usize) -> String {
+    let filled = if total == 0 {
+        width
+    } else {
+        (done as usize * width).div_ceil(total as usize).min(width)
+    };
+    format!("[{}{}]", "#".repeat(filled), "-".repeat(width - filled))
+}
+
+/// One line of a rollout's state, for logs and non-terminal `--watch`.
+pub fn rollout_line(v: &Value) -> String {
+    let waves = v["waves"].as_array().cloned().unwrap_or_default();
+    let current = waves
+        .iter()
+        .position(|w| w["passed_ms"].is_null())
+        .map_or(waves.len(), |i| i + 1);
+    format!(
+        "{} {}: {} {} active {}/{}, wave {current}/{}{}",
+        v["kind"].as_str().unwrap_or("rollout"),
+        str_of(&v["id"]),
+        str_of(&v["state"]),
+        bar(
+            v["devices_active"].as_u64().unwrap_or(0),
+            v["devices_total"].as_u64().unwrap_or(0),
+            20
+        ),
+        v["devices_active"],
+        v["devices_total"],
+        waves.len(),
+        v["reason"]
+            .as_str()
+            .map(|r| format!(" ({r})"))
+            .unwrap_or_default()
+    )
+}
+
+/// `fleetctl rollout status`: progress bar, waves, gates against thresholds, devices.
+pub fn rollout_status(v: &Value) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let version = v["version"]
+        .as_u64()
+        .map_or("each device's previous version".into(), |n| format!("v{n}"));
+    let _ = writeln!(
+        out,
+        "{} {} of {} to {} ({}), by {}",
+        str_of(&v["kind"]),
+        str_of(&v["id"]),
+        str_of(&v["model"]),
+        version,
+        str_of(&v["selector"]),
+        str_of(&v["by"])
+    );
+    let _ = writeln!(out, "{}", rollout_line(v));
+    let _ = writeln!(
+        out,
+        "\n{:<6} {:>7} {:>8} {:>8} {:>8} {:>12} {:>7} {:>7}  PASSED",
+        "WAVE", "PERCENT", "DEVICES", "WAITING", "PENDING", "DOWNLOADING", "ACTIVE", "FAILED"
+    );
+    for w in v["waves"].as_array().cloned().unwrap_or_default() {
+        let c = &w["counts"];
+        let _ = writeln!(
+            out,
+            "{:<6} {:>6}% {:>8} {:>8} {:>8} {:>12} {:>7} {:>7}  {}",
+            w["wave"],
+            w["percent"],
+            w["devices"],
+            c["waiting"],
+            c["pending"],
+            c["downloading"],
+            c["active"],
+            c["failed"],
+            w["passed_ms"].as_u64().map_or_else(|| "-".into(), utc)
+        );
+    }
+    let gates = v["gates"].as_array().cloned().unwrap_or_default();
+    if !gates.is_empty() {
+        let _ = writeln!(out, "\n{:<26} {:>12} {:>12}  OK", "GATE", "VALUE", "LIMIT");
+        for g in gates {
+            let num = |x: &Value| {
+                x.as_f64().map_or("-".into(), |f| {
+                    format!("{f:.4}")
+                        .trim_end_matches('0')
+                        .trim_end_matches('.')
+                        .to_string()
+                })
+            };
+            let _ = writeln!(
+                out,
+                "{:<26} {:>12} {:>12}  {}",
+                str_of(&g["gate"]),
+                num(&g["value"]),
+                num(&g["threshold"]),
+                if g["ok"] == true { "yes" } else { "NO" }
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "\n{:<24} {:>4} {:>6} {:>6} {:<12} DETAIL",
+        "DEVICE", "WAVE", "FROM", "TO", "STATE"
+    );
+    for d in v["devices"].as_array().cloned().unwrap_or_default() {
+        let _ = writeln!(
+            out,
+            "{:<24} {:>4} {:>6} {:>6} {:<12} {}{}",
+            str_of(&d["device"]),
+            d["wave"],
+            d["from"].as_u64().map_or("-".into(), |f| format!("v{f}")),
+            format!("v{}", d["to"]),
+            str_of(&d["state"]),
+            if d["online"] == true {
+                ""
+            } else {
+                "(offline) "
+            },
+            str_of(&d["detail"])
+        );
+    }
+    out
+}

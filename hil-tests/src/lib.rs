@@ -498,3 +498,53 @@ pub fn build_claims(dir: &Path, version: u32, out: &str, extra: &[&str]) -> Run 
     run.success();
     run
 }
+
+/// Writes `out_path`: the bundle `source` with one golden output value changed and no
+/// signature (sign it next): a bundle whose signature can be genuine but whose golden
+/// self-test fails on every device.
+pub fn alter_golden(source: &Path, out_path: &Path) {
+    let bytes = std::fs::read(source).expect("bundle");
+    let front = fleetml_protocol::bundle::read_unverified(
+        &bytes[..],
+        &fleetml_protocol::bundle::Limits::default(),
+    )
+    .expect("front");
+
+    // Re-assemble the bundle with one golden output changed, before any signature.
+    let mut payloads: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut at = front.payload_offset() as usize;
+    for e in &front.manifest.entries {
+        payloads.push((e.name.clone(), bytes[at..at + e.size as usize].to_vec()));
+        at += e.size as usize;
+    }
+    let golden_bytes = &mut payloads
+        .iter_mut()
+        .find(|(n, _)| n == fleetml_protocol::manifest::GOLDEN_ENTRY)
+        .expect("golden")
+        .1;
+    let mut golden =
+        fleetml_protocol::golden::Golden::from_cbor(golden_bytes).expect("golden decodes");
+    golden.outputs[0].data[3] = 1.0 - golden.outputs[0].data[3];
+    *golden_bytes = golden.to_cbor();
+    let mut manifest = front.manifest.clone();
+    for e in &mut manifest.entries {
+        let data = &payloads
+            .iter()
+            .find(|(n, _)| *n == e.name)
+            .expect("payload")
+            .1;
+        e.size = data.len() as u64;
+        e.sha256 = fleetml_protocol::crypto::sha256(data);
+    }
+    let manifest_bytes = manifest.to_canonical_cbor();
+    let mut out = Vec::new();
+    fleetml_protocol::bundle::write(
+        &mut out,
+        &manifest_bytes,
+        &[] as &[fleetml_protocol::bundle::SignatureRecord],
+        &manifest,
+        |name, w| w.write_all(&payloads.iter().find(|(n, _)| n == name).expect("payload").1),
+    )
+    .expect("writes");
+    std::fs::write(out_path, out).expect("write");
+}

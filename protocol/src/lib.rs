@@ -8,6 +8,7 @@
 //! Callers hand it bytes or a [`std::io::Read`] and pass the time in where it matters.
 //! Every decoder bounds what it allocates before it allocates it.
 
+pub mod assignment;
 pub mod board;
 pub mod bundle;
 pub mod crypto;

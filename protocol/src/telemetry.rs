@@ -248,6 +248,15 @@ pub struct Alert {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Lifecycle {
+    /// A signed assignment with a newer generation was accepted (detail: generation).
+    AssignmentAccepted,
+    /// An assignment was refused (replayed, expired, unknown key, …; the reason is in
+    /// `detail`); what runs is unchanged.
+    AssignmentRefused,
+    /// A bundle download started or resumed (detail: from which byte).
+    Downloading,
+    /// A download failed; it resumes from where it stopped on the next try.
+    DownloadFailed,
     Downloaded,
     Verified,
     VerificationFailed,

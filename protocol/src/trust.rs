@@ -6,6 +6,10 @@
 //! [[keys]]
 //! name = "release-1"
 //! public = "ed25519:…64 hex digits…"
+//!
+//! [[assignment_keys]]        # the control plane's assignment key (devices only)
+//! name = "control-plane"
+//! public = "ed25519:…"
 //! ```
 
 use std::collections::BTreeMap;
@@ -23,6 +27,10 @@ pub struct TrustPolicy {
     /// How many distinct trusted keys must have signed.
     pub threshold: u32,
     pub keys: Vec<TrustedKey>,
+    /// Keys whose signature on an assignment (what a device should run) a device
+    /// accepts: the control plane's assignment key. Any one suffices.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub assignment_keys: Vec<TrustedKey>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,7 +66,11 @@ pub enum TrustPolicyError {
 impl TrustPolicy {
     /// Builds and validates a policy.
     pub fn new(threshold: u32, keys: Vec<TrustedKey>) -> Result<Self, TrustPolicyError> {
-        let policy = TrustPolicy { threshold, keys };
+        let policy = TrustPolicy {
+            threshold,
+            keys,
+            assignment_keys: Vec::new(),
+        };
         policy.validate()?;
         Ok(policy)
     }
@@ -98,6 +110,15 @@ impl TrustPolicy {
             }
             if seen.insert(id, ()).is_some() {
                 return Err(TrustPolicyError::DuplicateKey(id));
+            }
+        }
+        if self.assignment_keys.len() > MAX_KEYS {
+            return Err(TrustPolicyError::TooManyKeys(self.assignment_keys.len()));
+        }
+        let mut seen = BTreeMap::new();
+        for key in &self.assignment_keys {
+            if seen.insert(key.public.id(), ()).is_some() {
+                return Err(TrustPolicyError::DuplicateKey(key.public.id()));
             }
         }
         if self.threshold as usize > self.keys.len() {

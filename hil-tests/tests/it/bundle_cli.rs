@@ -3,10 +3,8 @@
 
 use std::path::Path;
 
-use fleetml_protocol::bundle::{self, Limits, SignatureRecord};
+use fleetml_protocol::bundle::{self, Limits};
 use fleetml_protocol::crypto::sha256;
-use fleetml_protocol::golden::Golden;
-use fleetml_protocol::manifest::GOLDEN_ENTRY;
 use hil_tests::{agent, build_claims, claims, fleetctl};
 
 /// Keys `a` and `b`, a 1-of-2 policy `trust.toml` and a 2-of-2 policy `trust2.toml`.
@@ -306,45 +304,7 @@ fn altered_golden_outputs_signed_by_a_trusted_key_fail_the_agent_self_test() {
     let dir = tmp.path();
     setup(dir);
     build(dir, "claims.fmb");
-    let bytes = std::fs::read(dir.join("claims.fmb")).expect("bundle");
-    let front = bundle::read_unverified(&bytes[..], &Limits::default()).expect("front");
-
-    // Re-assemble the bundle with one golden output changed, before any signature.
-    let mut payloads: Vec<(String, Vec<u8>)> = Vec::new();
-    let mut at = front.payload_offset() as usize;
-    for e in &front.manifest.entries {
-        payloads.push((e.name.clone(), bytes[at..at + e.size as usize].to_vec()));
-        at += e.size as usize;
-    }
-    let golden_bytes = &mut payloads
-        .iter_mut()
-        .find(|(n, _)| n == GOLDEN_ENTRY)
-        .expect("golden")
-        .1;
-    let mut golden = Golden::from_cbor(golden_bytes).expect("golden decodes");
-    golden.outputs[0].data[3] = 1.0 - golden.outputs[0].data[3];
-    *golden_bytes = golden.to_cbor();
-    let mut manifest = front.manifest.clone();
-    for e in &mut manifest.entries {
-        let data = &payloads
-            .iter()
-            .find(|(n, _)| *n == e.name)
-            .expect("payload")
-            .1;
-        e.size = data.len() as u64;
-        e.sha256 = sha256(data);
-    }
-    let manifest_bytes = manifest.to_canonical_cbor();
-    let mut out = Vec::new();
-    bundle::write(
-        &mut out,
-        &manifest_bytes,
-        &[] as &[SignatureRecord],
-        &manifest,
-        |name, w| w.write_all(&payloads.iter().find(|(n, _)| n == name).expect("payload").1),
-    )
-    .expect("writes");
-    std::fs::write(dir.join("altered.fmb"), out).expect("write");
+    hil_tests::alter_golden(&dir.join("claims.fmb"), &dir.join("altered.fmb"));
 
     fleetctl(
         dir,

@@ -8,4 +8,5 @@ mod demo;
 mod fleet;
 mod monitoring;
 mod peers;
+mod rollout;
 mod store_crash;

@@ -1,6 +1,7 @@
 //! Integration tests of fleetml-protocol (one test binary for the crate).
 
 mod alloc_track;
+mod assignment;
 mod board;
 mod bundle;
 mod features;

@@ -1,0 +1,610 @@
+//! Pulling what this device should run from the control plane: signed assignments,
+//! resumable bundle downloads, and activation through the runtime's pipeline.
+//!
+//! The puller fetches `GET /v1/devices/{id}/assignment` when the agent starts, when the
+//! control plane says so on the `cmd` topic (`assignment_changed`), and every
+//! `assignment_poll_s` seconds (±20 % jitter, so a fleet does not poll in step). Every
+//! assignment is checked before anything happens ([`SignedAssignment::check`]: trusted
+//! key, this device, newer generation, not expired); a refusal is reported as an
+//! `assignment_refused` event and changes nothing. An accepted assignment is kept in
+//! `DATA_DIR/assignment.cbor` before it is acted on, so a replay of an older one is
+//! refused after a restart too.
+//!
+//! Each assigned model whose bundle is not the active one is downloaded into
+//! `DATA_DIR/downloads/<sha256>.part` with HTTP range requests: an interrupted download
+//! (power cut, agent killed, server gone) resumes from the bytes already on disk. The
+//! finished file must hash to the digest the assignment names; then it goes through
+//! verify → prepare → self-test → swap like `install-bundle`, and the agent reloads.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleetml_protocol::assignment::{AssignedModel, Checked, Held, SignedAssignment};
+use fleetml_protocol::crypto::{Sha256, Sha256Hasher};
+use fleetml_protocol::telemetry::{self, DeviceId, Lifecycle};
+use http_body_util::BodyExt;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use crate::serve::Config;
+use crate::telemetry::Telemetry;
+
+/// File of the last accepted assignment.
+const HELD_FILE: &str = "assignment.cbor";
+/// Folder of partial downloads.
+const DOWNLOADS_DIR: &str = "downloads";
+
+/// The control plane's HTTP address: `http://host[:port][/base]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerUrl {
+    pub host: String,
+    pub port: u16,
+    pub base: String,
+}
+
+impl std::str::FromStr for ServerUrl {
+    type Err = String;
+    fn from_str(url: &str) -> Result<Self, String> {
+        let rest = match url.strip_prefix("http://") {
+            Some(r) => r,
+            None if url.starts_with("https://") => {
+                return Err(format!(
+                    "`control_plane = \"{url}\"`: this release speaks plain http:// only; \
+                     put a TLS-terminating proxy on the device side or use http://"
+                ));
+            }
+            None => {
+                return Err(format!(
+                    "`control_plane = \"{url}\"` must start with http://"
+                ));
+            }
+        };
+        let (hostport, base) = match rest.find('/') {
+            Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
+            None => (rest, ""),
+        };
+        let (host, port) = match hostport.rsplit_once(':') {
+            Some((h, p)) => (
+                h,
+                p.parse()
+                    .map_err(|_| format!("`{url}`: `{p}` is not a port"))?,
+            ),
+            None => (hostport, 80),
+        };
+        if host.is_empty() {
+            return Err(format!("`{url}`: no host"));
+        }
+        Ok(ServerUrl {
+            host: host.to_string(),
+            port,
+            base: base.to_string(),
+        })
+    }
+}
+
+/// How the agent pulls assignments.
+#[derive(Clone)]
+pub struct Settings {
+    pub server: ServerUrl,
+    pub device: DeviceId,
+    /// The device's HTTP bearer token ([`fleetml_protocol::assignment::http_token`]).
+    pub token: String,
+    pub poll: Duration,
+    /// Download bandwidth cap in bytes per second (none: as fast as the link goes).
+    pub max_bytes_per_s: Option<u64>,
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The token stays out of logs.
+        f.debug_struct("Settings")
+            .field("server", &self.server)
+            .field("device", &self.device)
+            .field("poll", &self.poll)
+            .field("max_bytes_per_s", &self.max_bytes_per_s)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Asks the main loop to reload the store and waits until it has.
+pub type ReloadRequest = oneshot::Sender<()>;
+
+/// Wakes the puller (the `assignment_changed` command).
+pub type Wake = Arc<Notify>;
+
+#[derive(Debug)]
+pub struct Puller {
+    settings: Settings,
+    config: Arc<Config>,
+    tel: Arc<Telemetry>,
+    reload: mpsc::Sender<ReloadRequest>,
+    /// Bundles whose activation failed in this run: not retried until a new generation.
+    failed: HashSet<Sha256>,
+    /// The last refusal reported, so a poll does not repeat it.
+    last_refusal: Option<String>,
+    last_generation: Option<u64>,
+}
+
+impl Puller {
+    pub fn new(
+        settings: Settings,
+        config: Arc<Config>,
+        tel: Arc<Telemetry>,
+        reload: mpsc::Sender<ReloadRequest>,
+    ) -> Puller {
+        Puller {
+            settings,
+            config,
+            tel,
+            reload,
+            failed: HashSet::new(),
+            last_refusal: None,
+            last_generation: None,
+        }
+    }
+
+    /// Runs forever: once now, then on every wake-up and poll.
+    pub async fn run(mut self, wake: Wake) {
+        loop {
+            if let Err(e) = self.once().await {
+                tracing::warn!(error = %e, "assignment pull failed; retrying at the next poll");
+            }
+            let poll = jittered(self.settings.poll);
+            tokio::select! {
+                _ = tokio::time::sleep(poll) => {}
+                _ = wake.notified() => {}
+            }
+        }
+    }
+
+    fn event(&self, kind: Lifecycle, model: &str, version: u64, detail: String) {
+        self.tel.queue(telemetry::Body::Event(telemetry::Event {
+            kind,
+            model: model.to_string(),
+            version,
+            detail,
+        }));
+    }
+
+    /// One pull: fetch, check, keep, then bring every assigned model to its bundle.
+    pub async fn once(&mut self) -> Result<(), String> {
+        let path = format!("/v1/devices/{}/assignment", self.settings.device.as_str());
+        let (status, _, body) = self.get(&path, None).await?;
+        if status == 404 {
+            tracing::debug!("no assignment for this device yet");
+            return Ok(());
+        }
+        if status != 200 {
+            return Err(format!(
+                "assignment: the control plane answered {status}: {}",
+                text(&body)
+            ));
+        }
+        let data_dir = self.config.data_dir.clone();
+        let held_bytes = std::fs::read(data_dir.join(HELD_FILE)).ok();
+        let held = held_bytes
+            .as_deref()
+            .and_then(|b| SignedAssignment::from_cbor(b).ok())
+            .and_then(|s| s.verify(&self.config.policy).ok());
+        let checked = SignedAssignment::from_cbor(&body).and_then(|signed| {
+            signed.check(
+                &self.config.policy,
+                &self.settings.device,
+                held.as_ref().map(|h| Held {
+                    generation: h.generation,
+                    models: &h.models,
+                }),
+                crate::monitoring::now_ms(),
+            )
+        });
+        let assignment = match checked {
+            Ok(Checked::Newer(a)) => {
+                keep(&data_dir.join(HELD_FILE), &body)
+                    .map_err(|e| format!("keeping the assignment: {e}"))?;
+                tracing::info!(generation = a.generation, "accepted a new assignment");
+                self.event(
+                    Lifecycle::AssignmentAccepted,
+                    "",
+                    a.generation,
+                    format!("generation {}", a.generation),
+                );
+                self.failed.clear();
+                self.last_refusal = None;
+                a
+            }
+            Ok(Checked::Unchanged(a)) => a,
+            Err(e) => {
+                let reason = e.to_string();
+                tracing::warn!(error = %reason, "refused an assignment; what runs is unchanged");
+                if self.last_refusal.as_ref() != Some(&reason) {
+                    self.event(Lifecycle::AssignmentRefused, "", 0, reason.clone());
+                    self.last_refusal = Some(reason);
+                }
+                return Ok(());
+            }
+        };
+        self.last_generation = Some(assignment.generation);
+        for (name, model) in &assignment.models {
+            if let Err(e) = self.bring(name, model).await {
+                tracing::warn!(model = %name, version = model.version, error = %e, "not activated");
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes `model` the active version of `name` unless it already is.
+    async fn bring(&mut self, name: &str, model: &AssignedModel) -> Result<(), String> {
+        let config = self.config.clone();
+        let digest = model.digest.to_string();
+        let (active, failed_before, stored) = {
+            let (config, name, digest) = (config.clone(), name.to_string(), digest.clone());
+            tokio::task::spawn_blocking(move || {
+                let _guard = crate::serve::store_lock();
+                let store =
+                    crate::store::ModelStore::open(&config.data_dir).map_err(|e| e.to_string())?;
+                let state = store.model(&name).map_err(|e| e.to_string())?;
+                let active = state.as_ref().map(|s| s.active.digest.clone());
+                let failed = state
+                    .as_ref()
+                    .and_then(|s| s.last_failure.as_ref())
+                    .is_some_and(|f| f.digest == digest);
+                let stored = store.bundle_path(&digest);
+                Ok::<_, String>((active, failed, stored.is_file().then_some(stored)))
+            })
+            .await
+            .map_err(|e| e.to_string())??
+        };
+        if active.as_deref() == Some(digest.as_str()) {
+            return Ok(());
+        }
+        if failed_before || self.failed.contains(&model.digest) {
+            // Reported when it failed; a new generation tries again.
+            return Ok(());
+        }
+        // A version still in the store (the previous one: a rollback) needs no download.
+        let (source, downloaded) = match stored {
+            Some(path) => (path, false),
+            None => match self.download(name, model).await {
+                Ok(path) => (path, true),
+                Err(Failure::Mismatch(reason)) => {
+                    self.failed.insert(model.digest);
+                    self.event(
+                        Lifecycle::VerificationFailed,
+                        name,
+                        model.version,
+                        reason.clone(),
+                    );
+                    return Err(reason);
+                }
+                Err(Failure::Transfer(reason)) => {
+                    self.event(
+                        Lifecycle::DownloadFailed,
+                        name,
+                        model.version,
+                        reason.clone(),
+                    );
+                    return Err(reason);
+                }
+            },
+        };
+        let installed = {
+            let (config, source) = (config.clone(), source.clone());
+            tokio::task::spawn_blocking(move || {
+                let _guard = crate::serve::store_lock();
+                let store = crate::store::ModelStore::open(&config.data_dir)
+                    .map_err(crate::activation::ActivationError::Store)?;
+                crate::activation::install(
+                    &store,
+                    &source,
+                    &config.policy,
+                    &config.board,
+                    &fleetml_protocol::bundle::Limits::default(),
+                    crate::monitoring::now_ms() / 1000,
+                )
+            })
+            .await
+            .map_err(|e| e.to_string())?
+        };
+        if downloaded {
+            let _ = std::fs::remove_file(&source);
+        }
+        let result = match installed {
+            Ok(_) => Ok(()),
+            Err(crate::activation::ActivationError::Store(e)) => {
+                // Not recorded in the store (it never got that far): report it here.
+                self.failed.insert(model.digest);
+                let reason = format!("{e}");
+                self.event(
+                    Lifecycle::VerificationFailed,
+                    name,
+                    model.version,
+                    reason.clone(),
+                );
+                Err(reason)
+            }
+            Err(e) => {
+                // Recorded in the store; the reload reports it.
+                self.failed.insert(model.digest);
+                Err(e.to_string())
+            }
+        };
+        let (tx, rx) = oneshot::channel();
+        if self.reload.send(tx).await.is_ok() {
+            let _ = rx.await;
+        }
+        result
+    }
+
+    /// Downloads the bundle of `model`, resuming a partial download; returns the file,
+    /// whose SHA-256 matches the assignment.
+    async fn download(&self, name: &str, model: &AssignedModel) -> Result<PathBuf, Failure> {
+        let dir = self.config.data_dir.join(DOWNLOADS_DIR);
+        create_private_dir(&dir)
+            .map_err(|e| Failure::Transfer(format!("{}: {e}", dir.display())))?;
+        let part = dir.join(format!("{}.part", model.digest));
+        let mut have = std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
+        if have > model.size {
+            let _ = std::fs::remove_file(&part);
+            have = 0;
+        }
+        if have < model.size {
+            self.event(
+                Lifecycle::Downloading,
+                name,
+                model.version,
+                if have == 0 {
+                    format!("{} bytes", model.size)
+                } else {
+                    format!("resuming at byte {have} of {}", model.size)
+                },
+            );
+            tracing::info!(model = %name, version = model.version, from = have, size = model.size, "downloading");
+            if let Err(e) = self.fetch(model, &part, have).await {
+                if matches!(e, Failure::Mismatch(_)) {
+                    let _ = std::fs::remove_file(&part);
+                }
+                return Err(e);
+            }
+        }
+        let got =
+            hash_file(&part).map_err(|e| Failure::Transfer(format!("{}: {e}", part.display())))?;
+        if got != model.digest {
+            let _ = std::fs::remove_file(&part);
+            return Err(Failure::Mismatch(format!(
+                "downloaded bundle has sha256 {got}, the assignment names {}: not installed",
+                model.digest
+            )));
+        }
+        self.event(
+            Lifecycle::Downloaded,
+            name,
+            model.version,
+            format!("sha256 {got}"),
+        );
+        Ok(part)
+    }
+
+    async fn fetch(
+        &self,
+        model: &AssignedModel,
+        part: &Path,
+        mut have: u64,
+    ) -> Result<(), Failure> {
+        use Failure::{Mismatch, Transfer};
+        let path = format!("/v1/bundles/{}", model.digest);
+        let response = self.request(&path, Some(have)).await.map_err(Transfer)?;
+        let status = response.status().as_u16();
+        let mut file = match status {
+            206 => {
+                let range = response
+                    .headers()
+                    .get("content-range")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                if !range.starts_with(&format!("bytes {have}-")) {
+                    return Err(Transfer(format!(
+                        "the server answered range `{range}` to a request from byte {have}"
+                    )));
+                }
+                tokio::fs::OpenOptions::new().append(true).open(part).await
+            }
+            200 => {
+                have = 0;
+                open_private(part).await
+            }
+            _ => {
+                let body = response
+                    .into_body()
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                return Err(Transfer(format!(
+                    "bundle {}: the control plane answered {status}: {}",
+                    model.digest,
+                    text(&body)
+                )));
+            }
+        }
+        .map_err(|e| Transfer(format!("{}: {e}", part.display())))?;
+        let started = tokio::time::Instant::now();
+        let mut received = 0u64;
+        let mut unsynced = 0u64;
+        let mut body = response.into_body();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| {
+                Transfer(format!(
+                    "download interrupted at byte {}: {e}",
+                    have + received
+                ))
+            })?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            if have + received + data.len() as u64 > model.size {
+                return Err(Mismatch(format!(
+                    "the server sent more than the {} bytes of bundle {} the assignment names: not installed",
+                    model.size, model.digest
+                )));
+            }
+            file.write_all(&data)
+                .await
+                .map_err(|e| Transfer(e.to_string()))?;
+            received += data.len() as u64;
+            unsynced += data.len() as u64;
+            if unsynced >= 1 << 20 {
+                file.sync_data()
+                    .await
+                    .map_err(|e| Transfer(e.to_string()))?;
+                unsynced = 0;
+            }
+            if let Some(rate) = self.settings.max_bytes_per_s.filter(|r| *r > 0) {
+                let due = Duration::from_secs_f64(received as f64 / rate as f64);
+                tokio::time::sleep_until(started + due).await;
+            }
+        }
+        file.sync_data()
+            .await
+            .map_err(|e| Transfer(e.to_string()))?;
+        if have + received != model.size {
+            // The body ended as the server declared: its file is not the assigned one.
+            return Err(Mismatch(format!(
+                "the server's bundle ends at byte {}, bundle {} the assignment names has {}: not installed",
+                have + received,
+                model.digest,
+                model.size
+            )));
+        }
+        Ok(())
+    }
+
+    async fn request(
+        &self,
+        path: &str,
+        from: Option<u64>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, String> {
+        let s = &self.settings.server;
+        let stream = tokio::net::TcpStream::connect((s.host.as_str(), s.port))
+            .await
+            .map_err(|e| format!("connecting to the control plane {}:{}: {e}", s.host, s.port))?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        let mut request = hyper::Request::get(format!("{}{path}", s.base))
+            .header("host", format!("{}:{}", s.host, s.port))
+            .header("authorization", format!("Bearer {}", self.settings.token));
+        if let Some(from) = from.filter(|f| *f > 0) {
+            request = request.header("range", format!("bytes={from}-"));
+        }
+        let request = request
+            .body(http_body_util::Empty::<hyper::body::Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        sender
+            .send_request(request)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn get(
+        &self,
+        path: &str,
+        from: Option<u64>,
+    ) -> Result<(u16, hyper::HeaderMap, hyper::body::Bytes), String> {
+        let response = tokio::time::timeout(Duration::from_secs(30), async {
+            let r = self.request(path, from).await?;
+            let status = r.status().as_u16();
+            let headers = r.headers().clone();
+            let body = r
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?
+                .to_bytes();
+            Ok::<_, String>((status, headers, body))
+        })
+        .await
+        .map_err(|_| format!("{path}: no answer within 30 s"))??;
+        Ok(response)
+    }
+}
+
+enum Failure {
+    /// The bytes are not the bundle the assignment names.
+    Mismatch(String),
+    /// The transfer failed; it resumes next time.
+    Transfer(String),
+}
+
+fn text(body: &[u8]) -> String {
+    String::from_utf8_lossy(&body[..body.len().min(300)])
+        .trim()
+        .to_string()
+}
+
+fn jittered(poll: Duration) -> Duration {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 4];
+    let r = match ring::rand::SystemRandom::new().fill(&mut b) {
+        Ok(()) => u32::from_le_bytes(b) as f64 / u32::MAX as f64,
+        Err(_) => 0.5,
+    };
+    poll.mul_f64(0.8 + 0.4 * r)
+}
+
+fn hash_file(path: &Path) -> std::io::Result<Sha256> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256Hasher::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            return Ok(hasher.finish());
+        }
+        hasher.update(&buf[..n]);
+    }
+}
+
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+async fn open_private(path: &Path) -> std::io::Result<tokio::fs::File> {
+    tokio::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .await
+}
+
+/// Writes `bytes` to `path` atomically and durably (mode 0600).
+fn keep(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent()
+        && let Ok(d) = std::fs::File::open(dir)
+    {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}

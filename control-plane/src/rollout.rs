@@ -1,0 +1,900 @@
+//! Staged rollouts and rollbacks: which devices get a version in which wave, how each
+//! device is doing, and the health gates that stop a bad version.
+//!
+//! A rollout selects devices (`board=…`, `site=…` tags, `device=a|b`, or `all`), sorts
+//! them by id and splits them into cumulative waves (`--waves 1,10,50,100` percent, or
+//! `--canary 5` = `5,100`). The engine ([`Rollout::step`], run every second by
+//! `fleetctl serve`) assigns a wave's devices, then waits until the wave's quorum is
+//! active and its soak time has passed before it starts the next. Devices that stay
+//! offline keep their assignment and catch up when they return; the wave moves on once
+//! the quorum is active, and fails if that has not happened by the wave deadline.
+//!
+//! Health gates compare the new version's telemetry with the old one's (the window
+//! reports captured when the rollout started): activation failures, self-test failures,
+//! fallbacks away from the requested backend, drift alerts, missing-prediction rate, p99
+//! latency and error rate. A failing gate pauses the rollout, or with `auto_rollback`
+//! assigns every device it reached back to what it ran before (as a new generation).
+//! A rollback is a rollout of each device's previous version in one wave, without gates.
+
+use std::collections::BTreeMap;
+
+use fleetml_protocol::assignment::AssignedModel;
+use fleetml_protocol::telemetry::{DeviceId, Lifecycle, WindowReport};
+use serde::{Deserialize, Serialize};
+
+use crate::ingest::{DeviceRecord, DeviceState};
+
+/// A device selector: comma-separated `key=value` terms that must all match; `key` is
+/// `board`, `device` (or `id`), or a tag name; `value` may list alternatives with `|`.
+/// `all` selects every device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Selector(Vec<(String, Vec<String>)>);
+
+impl std::str::FromStr for Selector {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Selector, String> {
+        let s = s.trim();
+        if s == "all" {
+            return Ok(Selector(Vec::new()));
+        }
+        if s.is_empty() {
+            return Err(
+                "empty device selector: give `all` or terms like `board=raspberry-pi-4,site=lab`"
+                    .into(),
+            );
+        }
+        let mut terms = Vec::new();
+        for term in s.split(',') {
+            let (k, v) = term.split_once('=').ok_or_else(|| {
+                format!("selector term `{term}` is not key=value (e.g. board=raspberry-pi-4, site=lab, device=pi-1|pi-2, or `all`)")
+            })?;
+            let (k, v) = (k.trim(), v.trim());
+            if k.is_empty() || v.is_empty() {
+                return Err(format!("selector term `{term}` has an empty key or value"));
+            }
+            terms.push((
+                k.to_string(),
+                v.split('|').map(|x| x.trim().to_string()).collect(),
+            ));
+        }
+        Ok(Selector(terms))
+    }
+}
+
+impl Selector {
+    pub fn matches(&self, d: &DeviceRecord) -> bool {
+        self.0.iter().all(|(k, values)| {
+            let actual = match k.as_str() {
+                "board" => d.board.as_deref(),
+                "device" | "id" => Some(d.id.as_str()),
+                tag => d.tags.get(tag).map(String::as_str),
+            };
+            actual.is_some_and(|a| values.iter().any(|v| v == a))
+        })
+    }
+}
+
+/// Cumulative wave percentages from `--waves` or `--canary`.
+pub fn parse_waves(waves: Option<&str>, canary: Option<u32>) -> Result<Vec<u32>, String> {
+    let list: Vec<u32> = match (waves, canary) {
+        (Some(_), Some(_)) => return Err("give --waves or --canary, not both".into()),
+        (None, Some(c)) => vec![c, 100],
+        (Some(w), None) => w
+            .split(',')
+            .map(|p| {
+                p.trim()
+                    .trim_end_matches('%')
+                    .parse::<u32>()
+                    .map_err(|_| format!("wave `{p}` is not a percentage"))
+            })
+            .collect::<Result<_, _>>()?,
+        (None, None) => vec![100],
+    };
+    if list.iter().any(|p| *p == 0 || *p > 100) {
+        return Err(format!("wave percentages must be 1..=100, got {list:?}"));
+    }
+    if list.windows(2).any(|w| w[0] >= w[1]) {
+        return Err(format!("wave percentages must grow, got {list:?}"));
+    }
+    if list.last() != Some(&100) {
+        return Err(format!(
+            "the last wave must be 100 (every selected device), got {list:?}"
+        ));
+    }
+    Ok(list)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    Rollout,
+    Rollback,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    Running,
+    Paused,
+    Completed,
+    Aborted,
+    /// A gate failed and the devices reached were assigned their previous version.
+    RolledBack,
+}
+
+impl State {
+    pub fn is_final(self) -> bool {
+        matches!(self, State::Completed | State::Aborted | State::RolledBack)
+    }
+}
+
+/// Health gate thresholds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Gates {
+    pub max_activation_failures: u32,
+    pub max_self_test_failures: u32,
+    pub max_fallbacks: u32,
+    pub max_drift_alerts: u32,
+    /// Allowed rise of the missing-prediction rate over the old version's.
+    pub max_missing_rate_increase: f64,
+    /// Allowed ratio of the new p99 latency to the old one.
+    pub max_p99_ratio: f64,
+    /// Allowed rise of the error rate (backend errors, panics, timeouts per request).
+    pub max_error_rate_increase: f64,
+}
+
+impl Default for Gates {
+    fn default() -> Self {
+        Gates {
+            max_activation_failures: 0,
+            max_self_test_failures: 0,
+            max_fallbacks: 0,
+            max_drift_alerts: 0,
+            max_missing_rate_increase: 0.05,
+            max_p99_ratio: 1.5,
+            max_error_rate_increase: 0.01,
+        }
+    }
+}
+
+/// How a rollout proceeds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Strategy {
+    /// Cumulative percentages of the selected devices.
+    pub waves: Vec<u32>,
+    /// Least time a wave runs before the next starts.
+    pub soak_ms: u64,
+    /// Share of a wave's devices that must be active before the next wave (percent).
+    pub quorum_pct: u32,
+    /// A wave whose quorum is not active this long after it started fails its gate.
+    pub deadline_ms: u64,
+    pub gates: Gates,
+    /// Roll the reached devices back when a gate fails (default: pause).
+    pub auto_rollback: bool,
+}
+
+/// One device of a rollout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Target {
+    pub device: DeviceId,
+    pub wave: usize,
+    pub to: AssignedModel,
+    /// What the device was assigned before (where a gate failure returns it).
+    pub from: Option<AssignedModel>,
+    pub assigned_ms: Option<u64>,
+    pub generation: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Wave {
+    pub percent: u32,
+    pub devices: usize,
+    pub started_ms: Option<u64>,
+    pub passed_ms: Option<u64>,
+}
+
+/// The old version's telemetry on the selected devices when the rollout started.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Baseline {
+    pub missing_rate: Option<f64>,
+    pub p99_us: Option<f64>,
+    pub error_rate: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rollout {
+    pub id: String,
+    pub kind: Kind,
+    pub model: String,
+    /// The version rolled out (a rollback may return devices to different versions).
+    pub version: Option<u64>,
+    pub selector: String,
+    pub strategy: Strategy,
+    pub targets: Vec<Target>,
+    pub waves: Vec<Wave>,
+    pub state: State,
+    pub reason: Option<String>,
+    pub baseline: Baseline,
+    /// Gates count what devices reported after this time (moved on `resume`).
+    pub gates_since_ms: u64,
+    pub created_ms: u64,
+    pub updated_ms: u64,
+    pub by: String,
+}
+
+/// How one device of a rollout is doing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "state", content = "detail")]
+pub enum Progress {
+    /// Its wave has not started.
+    Waiting,
+    /// Assigned; nothing heard yet.
+    Pending,
+    Downloading,
+    Active,
+    Failed(String),
+}
+
+impl Progress {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Progress::Waiting => "waiting",
+            Progress::Pending => "pending",
+            Progress::Downloading => "downloading",
+            Progress::Active => "active",
+            Progress::Failed(_) => "failed",
+        }
+    }
+}
+
+/// One gate's value against its threshold.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GateValue {
+    pub gate: &'static str,
+    pub value: Option<f64>,
+    pub threshold: Option<f64>,
+    pub ok: bool,
+}
+
+/// An assignment the engine wants made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assign {
+    pub device: DeviceId,
+    pub to: AssignedModel,
+}
+
+/// Lifecycle events that mean the device could not run the version.
+fn failure_kind(kind: Lifecycle) -> bool {
+    matches!(
+        kind,
+        Lifecycle::ActivationFailed
+            | Lifecycle::SelfTestFailed
+            | Lifecycle::VerificationFailed
+            | Lifecycle::AssignmentRefused
+    )
+}
+
+/// What a new rollout is.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub id: String,
+    pub kind: Kind,
+    pub model: String,
+    pub version: Option<u64>,
+    pub selector: String,
+    pub strategy: Strategy,
+    /// Sorted by device id; their waves are set here.
+    pub targets: Vec<Target>,
+    pub baseline: Baseline,
+    pub by: String,
+}
+
+impl Rollout {
+    /// A running rollout of `plan`, its targets split into the strategy's waves.
+    pub fn new(plan: Plan, now_ms: u64) -> Rollout {
+        let mut targets = plan.targets;
+        let waves = Rollout::plan(&mut targets, &plan.strategy.waves);
+        Rollout {
+            id: plan.id,
+            kind: plan.kind,
+            model: plan.model,
+            version: plan.version,
+            selector: plan.selector,
+            strategy: plan.strategy,
+            targets,
+            waves,
+            state: State::Running,
+            reason: None,
+            baseline: plan.baseline,
+            gates_since_ms: now_ms,
+            created_ms: now_ms,
+            updated_ms: now_ms,
+            by: plan.by,
+        }
+    }
+
+    /// Splits `targets` (sorted by device id) into waves.
+    pub fn plan(targets: &mut [Target], percents: &[u32]) -> Vec<Wave> {
+        let n = targets.len();
+        let mut waves = Vec::new();
+        let mut done = 0usize;
+        for &p in percents {
+            let upto = ((n * p as usize).div_ceil(100)).clamp(done.min(n), n);
+            if upto > done || (n == 0 && waves.is_empty()) {
+                for t in &mut targets[done..upto] {
+                    t.wave = waves.len();
+                }
+                waves.push(Wave {
+                    percent: p,
+                    devices: upto - done,
+                    started_ms: None,
+                    passed_ms: None,
+                });
+                done = upto;
+            }
+        }
+        waves
+    }
+
+    /// How `t` is doing, from its device's state.
+    pub fn progress(&self, t: &Target, state: Option<&DeviceState>) -> Progress {
+        let Some(since) = t.assigned_ms else {
+            return Progress::Waiting;
+        };
+        let Some(st) = state else {
+            return Progress::Pending;
+        };
+        let running = st.status.as_ref().is_some_and(|(_, s)| {
+            s.models
+                .iter()
+                .any(|m| m.name == self.model && m.version == t.to.version)
+        });
+        let mut progress = if running {
+            Progress::Active
+        } else {
+            Progress::Pending
+        };
+        for (at, e) in &st.lifecycle {
+            if *at < since {
+                continue;
+            }
+            let ours = e.model == self.model && e.version == t.to.version;
+            if failure_kind(e.kind) && (ours || e.kind == Lifecycle::AssignmentRefused) {
+                progress = Progress::Failed(format!("{}: {}", kind_str(e.kind), e.detail));
+            } else if ours && matches!(e.kind, Lifecycle::Activated | Lifecycle::RolledBack) {
+                progress = Progress::Active;
+            } else if ours
+                && matches!(e.kind, Lifecycle::Downloading | Lifecycle::Downloaded)
+                && progress == Progress::Pending
+            {
+                progress = Progress::Downloading;
+            }
+        }
+        // What runs now wins over an older event.
+        if running && !matches!(progress, Progress::Failed(_)) {
+            progress = Progress::Active;
+        }
+        progress
+    }
+
+    /// The gates over the devices reached so far.
+    pub fn gates(&self, states: &BTreeMap<DeviceId, DeviceState>) -> Vec<GateValue> {
+        let g = &self.strategy.gates;
+        let (mut activation, mut self_test, mut fallbacks, mut drift) = (0u32, 0u32, 0u32, 0u32);
+        let mut windows: Vec<&WindowReport> = Vec::new();
+        for t in self.targets.iter().filter(|t| t.assigned_ms.is_some()) {
+            let Some(st) = states.get(&t.device) else {
+                continue;
+            };
+            let since = t.assigned_ms.unwrap_or(0).max(self.gates_since_ms);
+            let mut failed_activation = false;
+            let mut failed_self_test = false;
+            let mut fell_back = false;
+            for (at, e) in st.lifecycle.iter().filter(|(at, _)| *at >= since) {
+                let _ = at;
+                let ours = e.model == self.model && e.version == t.to.version;
+                match e.kind {
+                    Lifecycle::SelfTestFailed if ours => failed_self_test = true,
+                    Lifecycle::FellBack if ours => fell_back = true,
+                    Lifecycle::AssignmentRefused => failed_activation = true,
+                    k if ours && failure_kind(k) => failed_activation = true,
+                    _ => {}
+                }
+            }
+            activation += failed_activation as u32;
+            self_test += failed_self_test as u32;
+            fallbacks += fell_back as u32;
+            if let Some((_, w)) = st.windows.get(&self.model)
+                && w.version == t.to.version
+                && w.end_ms >= since
+            {
+                windows.push(w);
+                if st.alerts.get(&self.model).is_some_and(|a| !a.is_empty()) {
+                    drift += 1;
+                }
+            }
+        }
+        let count = |gate, value: u32, max: u32| GateValue {
+            gate,
+            value: Some(value as f64),
+            threshold: Some(max as f64),
+            ok: value <= max,
+        };
+        let (missing, p99, errors) = window_figures(&windows);
+        let b = &self.baseline;
+        let relative = |gate, value: Option<f64>, base: Option<f64>, limit: Option<f64>| {
+            let ok = match (value, limit) {
+                (Some(v), Some(l)) => v <= l,
+                _ => true,
+            };
+            let _ = base;
+            GateValue {
+                gate,
+                value,
+                threshold: limit,
+                ok,
+            }
+        };
+        vec![
+            count("activation_failures", activation, g.max_activation_failures),
+            count("self_test_failures", self_test, g.max_self_test_failures),
+            count("backend_fallbacks", fallbacks, g.max_fallbacks),
+            count("drift_alerts", drift, g.max_drift_alerts),
+            relative(
+                "missing_prediction_rate",
+                missing,
+                b.missing_rate,
+                Some(b.missing_rate.unwrap_or(0.0) + g.max_missing_rate_increase),
+            ),
+            relative(
+                "p99_latency_us",
+                p99,
+                b.p99_us,
+                b.p99_us.map(|p| p * g.max_p99_ratio),
+            ),
+            relative(
+                "error_rate",
+                errors,
+                b.error_rate,
+                Some(b.error_rate.unwrap_or(0.0) + g.max_error_rate_increase),
+            ),
+        ]
+    }
+
+    /// Advances a running rollout at `now_ms`: returns the assignments to make. Changes
+    /// `state`, `reason`, and the waves' times.
+    pub fn step(&mut self, states: &BTreeMap<DeviceId, DeviceState>, now_ms: u64) -> Vec<Assign> {
+        if self.state != State::Running {
+            return Vec::new();
+        }
+        self.updated_ms = now_ms;
+        if self.kind == Kind::Rollout {
+            let failing: Vec<String> = self
+                .gates(states)
+                .into_iter()
+                .filter(|g| !g.ok)
+                .map(|g| {
+                    format!(
+                        "{} = {} (limit {})",
+                        g.gate,
+                        g.value.map_or("-".into(), fmt_num),
+                        g.threshold.map_or("-".into(), fmt_num)
+                    )
+                })
+                .collect();
+            if !failing.is_empty() {
+                return self.fail(format!("health gate failed: {}", failing.join("; ")));
+            }
+        }
+        let Some(current) = self.waves.iter().position(|w| w.passed_ms.is_none()) else {
+            self.state = State::Completed;
+            self.reason = None;
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let wave = &self.waves[current];
+        let Some(started) = wave.started_ms else {
+            self.waves[current].started_ms = Some(now_ms);
+            for t in self.targets.iter_mut().filter(|t| t.wave == current) {
+                t.assigned_ms = Some(now_ms);
+                out.push(Assign {
+                    device: t.device.clone(),
+                    to: t.to.clone(),
+                });
+            }
+            return out;
+        };
+        let members: Vec<&Target> = self.targets.iter().filter(|t| t.wave == current).collect();
+        let active = members
+            .iter()
+            .filter(|t| self.progress(t, states.get(&t.device)) == Progress::Active)
+            .count();
+        let needed = (members.len() * self.strategy.quorum_pct as usize)
+            .div_ceil(100)
+            .max(1);
+        let needed = needed.min(members.len());
+        let soaked = now_ms >= started + self.strategy.soak_ms;
+        if active >= needed && soaked {
+            self.waves[current].passed_ms = Some(now_ms);
+            if current + 1 == self.waves.len() {
+                self.state = State::Completed;
+                self.reason = None;
+            }
+            return out;
+        }
+        if active < needed && now_ms >= started + self.strategy.deadline_ms {
+            return self.fail(format!(
+                "wave {} quorum not reached: {active} of {} devices active, {needed} needed, by the deadline",
+                current + 1,
+                members.len()
+            ));
+        }
+        out
+    }
+
+    /// A gate failed: pause, or assign every reached device its previous version.
+    fn fail(&mut self, reason: String) -> Vec<Assign> {
+        if !self.strategy.auto_rollback {
+            self.state = State::Paused;
+            self.reason = Some(reason);
+            return Vec::new();
+        }
+        self.state = State::RolledBack;
+        self.reason = Some(format!("{reason}; rolled back"));
+        self.targets
+            .iter()
+            .filter(|t| t.assigned_ms.is_some())
+            .filter_map(|t| {
+                t.from.as_ref().map(|from| Assign {
+                    device: t.device.clone(),
+                    to: from.clone(),
+                })
+            })
+            .collect()
+    }
+}
+
+/// Mean missing-prediction rate, mean p99 latency (µs) and mean error rate of windows.
+pub fn window_figures(windows: &[&WindowReport]) -> (Option<f64>, Option<f64>, Option<f64>) {
+    if windows.is_empty() {
+        return (None, None, None);
+    }
+    let n = windows.len() as f64;
+    let missing = windows
+        .iter()
+        .map(|w| w.missing_prediction_rate)
+        .sum::<f64>()
+        / n;
+    let p99s: Vec<f64> = windows
+        .iter()
+        .filter_map(|w| w.latency_us.p99.map(|p| p as f64))
+        .collect();
+    let p99 = (!p99s.is_empty()).then(|| p99s.iter().sum::<f64>() / p99s.len() as f64);
+    let errors = windows
+        .iter()
+        .map(|w| {
+            let failed: u32 = w
+                .missed
+                .iter()
+                .filter(|(k, _)| k.starts_with("backend") || k.as_str() == "timeout")
+                .map(|(_, v)| *v)
+                .sum();
+            let total = w.predictions as f64 + w.missed.values().map(|v| *v as f64).sum::<f64>();
+            if total > 0.0 {
+                failed as f64 / total
+            } else {
+                0.0
+            }
+        })
+        .sum::<f64>()
+        / n;
+    (Some(missing), p99, Some(errors))
+}
+
+/// The baseline: the old version's latest windows on the selected devices.
+pub fn baseline(
+    model: &str,
+    targets: &[Target],
+    states: &BTreeMap<DeviceId, DeviceState>,
+) -> Baseline {
+    let windows: Vec<&WindowReport> = targets
+        .iter()
+        .filter_map(|t| states.get(&t.device)?.windows.get(model))
+        .map(|(_, w)| w)
+        .filter(|w| targets.iter().all(|t| t.to.version != w.version))
+        .collect();
+    let (missing_rate, p99_us, error_rate) = window_figures(&windows);
+    Baseline {
+        missing_rate,
+        p99_us,
+        error_rate,
+    }
+}
+
+pub fn kind_str(kind: Lifecycle) -> String {
+    serde_json::to_value(kind)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+fn fmt_num(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e12 {
+        format!("{}", v as i64)
+    } else {
+        format!("{v:.4}")
+    }
+}
+
+/// Rollouts in sled (tree `rollouts`, keyed by id `r<n>`).
+#[derive(Debug, Clone)]
+pub struct Rollouts {
+    tree: sled::Tree,
+    db: sled::Db,
+}
+
+impl Rollouts {
+    pub fn open(db: &sled::Db) -> Result<Rollouts, crate::ingest::StoreError> {
+        Ok(Rollouts {
+            tree: db.open_tree("rollouts")?,
+            db: db.clone(),
+        })
+    }
+
+    pub fn next_id(&self) -> Result<String, crate::ingest::StoreError> {
+        Ok(format!("r{}", self.db.generate_id()? + 1))
+    }
+
+    pub fn put(&self, r: &Rollout) -> Result<(), crate::ingest::StoreError> {
+        self.tree.insert(
+            r.id.as_bytes(),
+            serde_json::to_vec(r).map_err(|e| crate::ingest::StoreError(e.to_string()))?,
+        )?;
+        self.tree.flush()?;
+        Ok(())
+    }
+
+    pub fn get(&self, id: &str) -> Result<Option<Rollout>, crate::ingest::StoreError> {
+        match self.tree.get(id.as_bytes())? {
+            Some(b) => Ok(Some(
+                serde_json::from_slice(&b).map_err(|e| crate::ingest::StoreError(e.to_string()))?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    pub fn all(&self) -> Result<Vec<Rollout>, crate::ingest::StoreError> {
+        let mut out = Vec::new();
+        for item in self.tree.iter() {
+            let (_, v) = item?;
+            out.push(
+                serde_json::from_slice(&v).map_err(|e| crate::ingest::StoreError(e.to_string()))?,
+            );
+        }
+        out.sort_by_key(|r: &Rollout| r.created_ms);
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(id: &str) -> Target {
+        Target {
+            device: DeviceId::new(id).expect("test"),
+            wave: 0,
+            to: AssignedModel {
+                version: 2,
+                digest: fleetml_protocol::crypto::sha256(b"x"),
+                size: 1,
+                rollout: None,
+            },
+            from: None,
+            assigned_ms: None,
+            generation: None,
+        }
+    }
+
+    fn running(version: u64) -> DeviceState {
+        use fleetml_protocol::telemetry::{ActiveModel, Status};
+        DeviceState {
+            online: true,
+            status: Some((
+                1,
+                Status {
+                    agent_version: "test".into(),
+                    board: "b".into(),
+                    backends: vec!["cpu".into()],
+                    models: vec![ActiveModel {
+                        name: "claims".into(),
+                        version,
+                        backend: "cpu".into(),
+                        fallbacks: vec![],
+                    }],
+                    uptime_s: 1,
+                    online: true,
+                    outbox_depth: 0,
+                    dropped_windows: 0,
+                },
+            )),
+            ..DeviceState::default()
+        }
+    }
+
+    fn rollout(ids: &[&str], waves: &[u32], quorum_pct: u32, auto_rollback: bool) -> Rollout {
+        let from = AssignedModel {
+            version: 1,
+            digest: fleetml_protocol::crypto::sha256(b"v1"),
+            size: 1,
+            rollout: None,
+        };
+        Rollout::new(
+            Plan {
+                id: "r1".into(),
+                kind: Kind::Rollout,
+                model: "claims".into(),
+                version: Some(2),
+                selector: "all".into(),
+                strategy: Strategy {
+                    waves: waves.to_vec(),
+                    soak_ms: 1000,
+                    quorum_pct,
+                    deadline_ms: 10_000,
+                    gates: Gates::default(),
+                    auto_rollback,
+                },
+                targets: ids
+                    .iter()
+                    .map(|i| Target {
+                        from: Some(from.clone()),
+                        ..target(i)
+                    })
+                    .collect(),
+                baseline: Baseline::default(),
+                by: "test".into(),
+            },
+            0,
+        )
+    }
+
+    fn id(s: &str) -> DeviceId {
+        DeviceId::new(s).expect("test")
+    }
+
+    #[test]
+    fn a_wave_starts_only_after_the_one_before_is_active_and_soaked() {
+        let mut r = rollout(&["a", "b"], &[50, 100], 100, false);
+        let mut states = BTreeMap::new();
+        let first = r.step(&states, 0);
+        assert_eq!(
+            first.iter().map(|a| a.device.as_str()).collect::<Vec<_>>(),
+            ["a"]
+        );
+        assert!(r.step(&states, 500).is_empty(), "a is not active yet");
+        states.insert(id("a"), running(2));
+        assert!(r.step(&states, 900).is_empty(), "soaking");
+        assert!(r.step(&states, 1000).is_empty(), "wave 1 passes");
+        assert_eq!(r.waves[0].passed_ms, Some(1000));
+        let second = r.step(&states, 1001);
+        assert_eq!(
+            second.iter().map(|a| a.device.as_str()).collect::<Vec<_>>(),
+            ["b"]
+        );
+        states.insert(id("b"), running(2));
+        r.step(&states, 2001);
+        assert_eq!(r.state, State::Completed);
+    }
+
+    #[test]
+    fn a_failed_self_test_pauses_the_rollout_or_rolls_the_reached_devices_back() {
+        use fleetml_protocol::telemetry::Event;
+        let failed = DeviceState {
+            lifecycle: vec![(
+                5,
+                Event {
+                    kind: Lifecycle::SelfTestFailed,
+                    model: "claims".into(),
+                    version: 2,
+                    detail: "golden self-test failed".into(),
+                },
+            )],
+            ..running(1)
+        };
+        let states: BTreeMap<_, _> = [(id("a"), failed)].into();
+        let mut paused = rollout(&["a", "b"], &[50, 100], 100, false);
+        paused.step(&BTreeMap::new(), 0);
+        assert!(paused.step(&states, 10).is_empty());
+        assert_eq!(paused.state, State::Paused);
+        assert!(
+            paused
+                .reason
+                .as_deref()
+                .unwrap_or("")
+                .contains("self_test_failures = 1 (limit 0)"),
+            "{:?}",
+            paused.reason
+        );
+        let mut back = rollout(&["a", "b"], &[50, 100], 100, true);
+        back.step(&BTreeMap::new(), 0);
+        let undo = back.step(&states, 10);
+        assert_eq!(back.state, State::RolledBack);
+        assert_eq!(undo.len(), 1, "only the reached device goes back");
+        assert_eq!((undo[0].device.as_str(), undo[0].to.version), ("a", 1));
+    }
+
+    #[test]
+    fn offline_devices_hold_a_wave_only_until_its_quorum_and_a_missed_deadline_stops_it() {
+        let mut r = rollout(&["a", "b", "c", "d"], &[100], 50, false);
+        let mut states = BTreeMap::new();
+        assert_eq!(r.step(&states, 0).len(), 4);
+        states.insert(id("a"), running(2));
+        r.step(&states, 2000);
+        assert_eq!(r.state, State::Running, "1 of 4 active, 2 needed");
+        states.insert(id("b"), running(2));
+        r.step(&states, 3000);
+        assert_eq!(r.state, State::Completed, "c and d catch up later");
+
+        let mut strict = rollout(&["a", "b"], &[100], 100, false);
+        strict.step(&BTreeMap::new(), 0);
+        let one: BTreeMap<_, _> = [(id("a"), running(2))].into();
+        strict.step(&one, 9_999);
+        assert_eq!(strict.state, State::Running);
+        strict.step(&one, 10_000);
+        assert_eq!(strict.state, State::Paused);
+        assert!(
+            strict
+                .reason
+                .as_deref()
+                .unwrap_or("")
+                .contains("quorum not reached: 1 of 2"),
+            "{:?}",
+            strict.reason
+        );
+    }
+
+    #[test]
+    fn waves_split_devices_cumulatively_and_skip_empty_waves() {
+        let mut t: Vec<Target> = ["a", "b", "c"].iter().map(|i| target(i)).collect();
+        let waves = Rollout::plan(&mut t, &[1, 10, 50, 100]);
+        assert_eq!(
+            waves
+                .iter()
+                .map(|w| (w.percent, w.devices))
+                .collect::<Vec<_>>(),
+            vec![(1, 1), (50, 1), (100, 1)]
+        );
+        assert_eq!(t.iter().map(|t| t.wave).collect::<Vec<_>>(), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn wave_lists_must_grow_to_100() {
+        assert_eq!(
+            parse_waves(Some("1,10,50,100"), None).expect("test"),
+            vec![1, 10, 50, 100]
+        );
+        assert_eq!(parse_waves(None, Some(5)).expect("test"), vec![5, 100]);
+        assert!(parse_waves(Some("50,10,100"), None).is_err());
+        assert!(parse_waves(Some("10,50"), None).is_err());
+        assert!(parse_waves(Some("0,100"), None).is_err());
+        assert!(parse_waves(Some("10,100"), Some(5)).is_err());
+    }
+
+    #[test]
+    fn selectors_match_board_tags_and_ids() {
+        let d = DeviceRecord {
+            id: DeviceId::new("pi-1").expect("test"),
+            board: Some("raspberry-pi-4".into()),
+            tags: [("site".to_string(), "lab".to_string())].into(),
+            secret: vec![],
+            enrolled_ms: 0,
+        };
+        let yes = |s: &str| s.parse::<Selector>().expect("test").matches(&d);
+        assert!(yes("all"));
+        assert!(yes("board=raspberry-pi-4,site=lab"));
+        assert!(yes("device=pi-2|pi-1"));
+        assert!(!yes("board=jetson-orin"));
+        assert!(!yes("site=lab,zone=eu"));
+        assert!("board".parse::<Selector>().is_err());
+    }
+}
