@@ -208,9 +208,9 @@ enum TokensCommand {
         /// viewer (read), operator (push, rollouts, rollback), admin (tokens, trust, enrollment).
         #[arg(long)]
         role: String,
-        /// Who or what uses it (shown in the audit log).
+        /// Who or what uses it (shown in the audit log; default: "ROLE token").
         #[arg(long)]
-        name: String,
+        name: Option<String>,
     },
     /// Tokens by id, name and role (never the tokens themselves).
     List {
@@ -894,7 +894,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Tokens(TokensCommand::Create { role, name }) => {
             let r = fleet_control::client::Client::new(&server)?.post(
                 "/v1/tokens",
-                &serde_json::json!({ "name": name, "role": role }),
+                &serde_json::json!({
+                    "name": name.unwrap_or_else(|| format!("{role} token")),
+                    "role": role,
+                }),
             )?;
             eprintln!(
                 "created token {} ({}, role {}); it is shown only now:",

@@ -780,7 +780,18 @@ async fn show_device(
     let state = store.state(id)?.unwrap_or_default();
     // The most recent messages: events, alerts and acknowledgements among them.
     let recent = store.messages(id, state.last_seq.saturating_sub(99), 100)?;
-    Ok(axum::Json(views::device_detail(&d, &state, &recent)))
+    let mut detail = views::device_detail(&d, &state, &recent);
+    detail["assignment"] = match plane.assignments.get(id)? {
+        Some(a) => json!({
+            "generation": a.generation,
+            "updated_ms": a.updated_ms,
+            "models": a.models.iter().map(|(name, m)| json!({
+                "name": name, "version": m.version, "digest": m.digest.to_string(), "rollout": m.rollout,
+            })).collect::<Vec<_>>(),
+        }),
+        None => Value::Null,
+    };
+    Ok(axum::Json(detail))
 }
 
 #[derive(Debug, Deserialize)]

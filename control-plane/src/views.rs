@@ -285,6 +285,21 @@ pub fn device_text(d: &Value, now_ms: u64) -> String {
             ));
         }
     }
+    if let Some(models) = d["assignment"]["models"].as_array() {
+        out.push_str(&format!(
+            "\nASSIGNMENT generation {}\n",
+            d["assignment"]["generation"]
+        ));
+        for m in models {
+            out.push_str(&format!(
+                "  {} v{} sha256 {} (from {})\n",
+                str_of(&m["name"]),
+                m["version"],
+                str_of(&m["digest"]).get(..16).unwrap_or("?"),
+                str_of(&m["rollout"])
+            ));
+        }
+    }
     if let Some(r) = d["recent"].as_array().filter(|r| !r.is_empty()) {
         out.push_str("\nRECENT EVENTS\n");
         for e in r {

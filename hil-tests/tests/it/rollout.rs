@@ -271,6 +271,12 @@ fn a_rollout_in_waves_reaches_exactly_the_selected_devices_in_order_and_a_rollba
         "{:?}",
         events(&plane, "jet-c")
     );
+    let shown = plane.fleetctl(dir, &["devices", "show", "pi-a"]);
+    assert!(
+        shown.success().contains("ASSIGNMENT generation 2"),
+        "{}",
+        shown.stdout
+    );
     let table = plane.fleetctl(dir, &["rollout", "status", &id]);
     let text = table.success();
     assert!(
@@ -740,6 +746,14 @@ fn every_route_answers_401_without_a_token_403_below_its_role_and_the_audit_chai
         assert!(token.starts_with("fmt_"), "{token}");
         tokens.insert(role, token);
     }
+    let unnamed = plane.fleetctl(dir, &["tokens", "create", "--role", "viewer"]);
+    assert!(unnamed.success().starts_with("fmt_"));
+    let wrong = plane.fleetctl(dir, &["tokens", "create", "--role", "root"]);
+    assert!(
+        !wrong.ok() && wrong.stderr.contains("not one of viewer, operator, admin"),
+        "{}",
+        wrong.stderr
+    );
     // Stored hashed: the token text is nowhere in the server's data.
     let listed = plane.fleetctl(dir, &["tokens", "list"]);
     assert!(!listed.success().contains(&tokens["viewer"][4..]));
