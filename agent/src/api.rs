@@ -142,6 +142,8 @@ pub struct Api {
     next_id: AtomicU64,
     /// Where predictions are forwarded besides the caller (set once at start).
     sinks: std::sync::OnceLock<crate::sinks::Sinks>,
+    /// Capture and the recent predictions feedback refers to (set once at start).
+    capture: std::sync::OnceLock<Arc<crate::capture::Capture>>,
 }
 
 impl Api {
@@ -154,12 +156,18 @@ impl Api {
             metrics,
             next_id: AtomicU64::new(1),
             sinks: std::sync::OnceLock::new(),
+            capture: std::sync::OnceLock::new(),
         })
     }
 
     /// Forwards every prediction to `sinks` from now on (once).
     pub fn set_sinks(&self, sinks: crate::sinks::Sinks) {
         let _ = self.sinks.set(sinks);
+    }
+
+    /// Captures predictions and takes feedback through `capture` from now on (once).
+    pub fn set_capture(&self, capture: Arc<crate::capture::Capture>) {
+        let _ = self.capture.set(capture);
     }
 
     /// Serves `model` from now on. Requests already running keep the model they started
@@ -218,6 +226,7 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/v1/models", get(list_models))
         .route("/v1/models/{name}/monitoring", get(monitoring))
         .route("/v1/expect", post(expect))
+        .route("/v1/feedback", post(feedback))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .with_state(api)
@@ -622,6 +631,36 @@ async fn predict_inner(api: &Api, name: &str, cbor: bool, body: Body) -> Result<
     if explain {
         response["explanation_method"] = json!(explain::METHOD);
     }
+    if let Some(capture) = api.capture.get() {
+        let first: Vec<Vec<f32>> = outputs
+            .first()
+            .map(|t| {
+                let per_row = t.data.len() / rows.max(1);
+                t.data.chunks(per_row.max(1)).map(<[f32]>::to_vec).collect()
+            })
+            .unwrap_or_default();
+        let names: Vec<String> = model
+            .schema
+            .features
+            .iter()
+            .map(|f| f.name.clone())
+            .collect();
+        // A one-row request without an id is labelled by its request id.
+        let ids = if ids.is_empty() && rows == 1 {
+            vec![format!("{request_id:016x}")]
+        } else {
+            ids.clone()
+        };
+        capture.offer(
+            &model.name,
+            model.version,
+            model.monitor.as_ref().and_then(|m| m.prediction_kind()),
+            &names,
+            &raw_rows,
+            &first,
+            &ids,
+        );
+    }
     if let Some(sinks) = api.sinks.get().filter(|s| !s.is_empty()) {
         sinks.offer(&crate::sinks::Record {
             request_id: &format!("{request_id:016x}"),
@@ -904,6 +943,64 @@ async fn expect(State(api): State<Arc<Api>>, headers: HeaderMap, body: Body) -> 
             .expect(&ids, deadline_ms)
             .map_err(|e| ApiError::new(StatusCode::TOO_MANY_REQUESTS, "invalid_input", e))?;
         Ok(json!({"model": name, "expected": ids.len(), "outstanding": outstanding, "deadline_ms": deadline_ms}))
+    }
+    .await;
+    match result {
+        Ok(v) => respond(cbor, StatusCode::OK, &v),
+        Err(e) => {
+            let mut body = json!({ "error": e.error });
+            if let Some(f) = &e.field {
+                body["field"] = Value::String(f.clone());
+            }
+            respond(cbor, e.status, &body)
+        }
+    }
+}
+
+/// `POST /v1/feedback` `{"id", "label"}`: the ground truth of a recent prediction.
+async fn feedback(State(api): State<Arc<Api>>, headers: HeaderMap, body: Body) -> Response {
+    let cbor = is_cbor(&headers);
+    let result = async {
+        let request = read_body(&api, cbor, body).await?;
+        let Some(id) = request.get("id").and_then(Value::as_str) else {
+            return Err(ApiError::invalid(
+                "id",
+                "`id` (the prediction's `id`, or its `request_id`) is required",
+            ));
+        };
+        let Some(label) = request.get("label") else {
+            return Err(ApiError::invalid(
+                "label",
+                "`label` (the ground truth) is required",
+            ));
+        };
+        let Some(capture) = api.capture.get() else {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not_ready",
+                "feedback is not available in this mode",
+            ));
+        };
+        let f = capture.feedback(id, label).map_err(|e| match e {
+            crate::capture::FeedbackError::Unknown(_) => {
+                ApiError::new(StatusCode::NOT_FOUND, "unknown_id", e.to_string())
+            }
+            crate::capture::FeedbackError::BadLabel => ApiError::invalid("label", e.to_string()),
+        })?;
+        if let Some(m) = api.get(&f.model).filter(|m| m.version == f.version)
+            && let Some(monitor) = &m.monitor
+        {
+            monitor.labelled(f.outcome);
+        }
+        metrics::counter!("fleetml_agent_feedback_total", "model" => f.model.clone()).increment(1);
+        let mut reply = json!({ "model": f.model, "version": f.version, "captured": f.captured });
+        match f.outcome {
+            crate::monitoring::Outcome::Classified { correct } => reply["correct"] = json!(correct),
+            crate::monitoring::Outcome::Scored { abs_error } => {
+                reply["abs_error"] = json!(abs_error)
+            }
+        }
+        Ok(reply)
     }
     .await;
     match result {

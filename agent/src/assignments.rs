@@ -201,7 +201,7 @@ impl Puller {
         });
         let assignment = match checked {
             Ok(Checked::Newer(a)) => {
-                keep(&data_dir.join(HELD_FILE), &body)
+                keep_file(&data_dir.join(HELD_FILE), &body)
                     .map_err(|e| format!("keeping the assignment: {e}"))?;
                 tracing::info!(generation = a.generation, "accepted a new assignment");
                 self.event(
@@ -588,7 +588,7 @@ async fn open_private(path: &Path) -> std::io::Result<tokio::fs::File> {
 }
 
 /// Writes `bytes` to `path` atomically and durably (mode 0600).
-fn keep(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn keep_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
@@ -607,4 +607,49 @@ fn keep(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         let _ = d.sync_all();
     }
     Ok(())
+}
+
+/// `POST path` with `body` to the control plane as the device; status and reply.
+pub(crate) async fn post(
+    server: &ServerUrl,
+    token: &str,
+    path: &str,
+    content_type: &str,
+    body: Vec<u8>,
+) -> Result<(u16, hyper::body::Bytes), String> {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let stream = tokio::net::TcpStream::connect((server.host.as_str(), server.port))
+            .await
+            .map_err(|e| {
+                format!(
+                    "connecting to the control plane {}:{}: {e}",
+                    server.host, server.port
+                )
+            })?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        let request = hyper::Request::post(format!("{}{path}", server.base))
+            .header("host", format!("{}:{}", server.host, server.port))
+            .header("authorization", format!("Bearer {token}"))
+            .header("content-type", content_type)
+            .body(http_body_util::Full::new(hyper::body::Bytes::from(body)))
+            .map_err(|e| e.to_string())?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = response.status().as_u16();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok((status, bytes))
+    })
+    .await
+    .map_err(|_| format!("{path}: no answer within 60 s"))?
 }

@@ -93,6 +93,13 @@ pub struct AgentConfig {
     /// Where each model's predictions are forwarded besides the caller.
     #[serde(default, rename = "prediction_sink")]
     pub prediction_sinks: Vec<crate::sinks::SinkConfig>,
+    /// Data capture per model (`[[capture]]`, see `agent/src/capture.rs`).
+    #[serde(default)]
+    pub capture: Vec<crate::capture::CaptureConfig>,
+    /// All capture batches on disk together, bytes (default 64 MiB).
+    pub capture_max_bytes: Option<u64>,
+    /// Seconds between capture uploads (default 60).
+    pub capture_upload_interval_s: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -197,10 +204,15 @@ impl AgentConfig {
             status_interval_s,
             assignment_poll_s,
             download_max_bytes_per_s,
+            capture_max_bytes,
+            capture_upload_interval_s,
             trust_policy
         );
         if !flags.prediction_sinks.is_empty() {
             self.prediction_sinks = flags.prediction_sinks;
+        }
+        if !flags.capture.is_empty() {
+            self.capture = flags.capture;
         }
         self
     }
@@ -257,6 +269,22 @@ impl AgentConfig {
             poll: std::time::Duration::from_secs(self.assignment_poll_s.unwrap_or(300).max(1)),
             max_bytes_per_s: self.download_max_bytes_per_s,
         }))
+    }
+
+    /// Data capture, when any `[[capture]]` entry exists.
+    pub fn capture(&self) -> Result<Option<crate::capture::Settings>, String> {
+        if self.capture.is_empty() {
+            return Ok(None);
+        }
+        let settings = crate::capture::Settings {
+            models: self.capture.clone(),
+            max_bytes: self.capture_max_bytes.unwrap_or(64 << 20),
+            upload_interval: std::time::Duration::from_secs(
+                self.capture_upload_interval_s.unwrap_or(60).max(1),
+            ),
+        };
+        settings.validate()?;
+        Ok(Some(settings))
     }
 
     /// The monitoring settings this configuration sets (each overrides the bundle's).

@@ -428,6 +428,7 @@ fn fleet_agent_run(args: RunArgs) -> anyhow::Result<()> {
         telemetry: c.telemetry().map_err(anyhow::Error::msg)?,
         prediction_sinks: c.prediction_sinks.clone(),
         assignments: c.assignments().map_err(anyhow::Error::msg)?,
+        capture: c.capture().map_err(anyhow::Error::msg)?,
     };
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

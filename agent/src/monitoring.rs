@@ -73,7 +73,7 @@ pub fn settings(
 
 /// How the model's predictions are summarized for prediction drift.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum PredictionKind {
+pub enum PredictionKind {
     /// Arg-max of the first output's last axis, against the reference class counts.
     Classes,
     /// The first output's first column, against the reference score bins.
@@ -91,9 +91,7 @@ pub struct Sink {
 impl Sink {
     /// Opens (or creates) the monitoring database at `path`.
     pub fn open(path: &Path) -> Result<Sink, String> {
-        let db = sled::Config::new()
-            .path(path)
-            .open()
+        let db = crate::store::open_sled(path)
             .map_err(|e| format!("opening {}: {e}", path.display()))?;
         Ok(Sink {
             db,
@@ -168,6 +166,27 @@ struct State {
     expected: Expected,
     /// Offset added to the core's window numbers (windows stored before a restart).
     seq_base: u64,
+    /// Ground truth received in the current window.
+    labels: Labels,
+}
+
+/// Ground-truth outcomes of one window.
+#[derive(Debug, Default, Clone, Copy)]
+struct Labels {
+    count: u32,
+    classified: u32,
+    correct: u32,
+    scored: u32,
+    abs_error: f64,
+}
+
+/// How a prediction compared with the ground truth that arrived for it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Outcome {
+    /// A classification, right or wrong.
+    Classified { correct: bool },
+    /// A score, off by this much.
+    Scored { abs_error: f64 },
 }
 
 /// The monitor of one served model version.
@@ -269,6 +288,7 @@ impl ModelMonitor {
                 history: VecDeque::new(),
                 expected: Expected::default(),
                 seq_base,
+                labels: Labels::default(),
             }),
             sink,
         })
@@ -392,6 +412,27 @@ impl ModelMonitor {
         }
     }
 
+    /// Counts a ground-truth outcome in the current window (live accuracy / MAE).
+    pub fn labelled(&self, outcome: Outcome) {
+        let mut state = self.lock();
+        state.labels.count += 1;
+        match outcome {
+            Outcome::Classified { correct } => {
+                state.labels.classified += 1;
+                state.labels.correct += u32::from(correct);
+            }
+            Outcome::Scored { abs_error } => {
+                state.labels.scored += 1;
+                state.labels.abs_error += abs_error;
+            }
+        }
+    }
+
+    /// What kind of prediction this model makes, when monitored.
+    pub fn prediction_kind(&self) -> Option<PredictionKind> {
+        self.prediction
+    }
+
     /// Closes the current window now (shutdown, tests).
     pub fn flush(&self) {
         let mut state = self.lock();
@@ -405,7 +446,12 @@ impl ModelMonitor {
         let seq = state.seq_base + report.seq;
         let missing_ids = std::mem::take(&mut state.expected.overdue_sample);
         state.expected.overdue = 0;
-        let shipped = self.report(seq, &report, &missing_ids);
+        let mut shipped = self.report(seq, &report, &missing_ids);
+        let labels = std::mem::take(&mut state.labels);
+        shipped.labels = labels.count;
+        shipped.live_accuracy =
+            (labels.classified > 0).then(|| labels.correct as f64 / labels.classified as f64);
+        shipped.live_mae = (labels.scored > 0).then(|| labels.abs_error / labels.scored as f64);
         let value = serde_json::to_value(&shipped).unwrap_or(Value::Null);
         for event in &report.events {
             let subject = self.subject(event.subject);
@@ -545,6 +591,9 @@ impl ModelMonitor {
                 })
                 .collect(),
             alerts,
+            labels: 0,
+            live_accuracy: None,
+            live_mae: None,
         }
     }
 

@@ -163,7 +163,7 @@ fn decode(seq: u64, v: &[u8]) -> Result<Stored, OutboxError> {
 impl Outbox {
     /// Opens (or creates) the outbox at `path`.
     pub fn open(path: &Path, limits: Limits) -> Result<Outbox, OutboxError> {
-        let db = sled::Config::new().path(path).open()?;
+        let db = crate::store::open_sled(path)?;
         let queue = db.open_tree("queue")?;
         let meta = db.open_tree("meta")?;
         Ok(Outbox {

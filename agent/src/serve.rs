@@ -32,6 +32,8 @@ pub struct Config {
     pub prediction_sinks: Vec<crate::sinks::SinkConfig>,
     /// Pulling assignments from the control plane, when enrolled with one.
     pub assignments: Option<crate::assignments::Settings>,
+    /// Data capture, when configured.
+    pub capture: Option<crate::capture::Settings>,
 }
 
 /// Held while the model store is open: the store's database takes one opener at a time,
@@ -325,6 +327,20 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
             crate::sinks::Sinks::start(&config.prediction_sinks).map_err(anyhow::Error::msg)?,
         );
     }
+    // Without `[[capture]]` nothing is captured, but feedback still scores predictions.
+    let capture = {
+        let settings = config.capture.clone().unwrap_or(crate::capture::Settings {
+            models: Vec::new(),
+            max_bytes: 64 << 20,
+            upload_interval: std::time::Duration::from_secs(60),
+        });
+        let capture = crate::capture::Capture::open(&config.data_dir, settings)
+            .map_err(anyhow::Error::msg)
+            .context("opening the capture directory")?;
+        capture.start_flusher();
+        api.set_capture(capture.clone());
+        config.capture.is_some().then_some(capture)
+    };
     let started = std::time::Instant::now();
     let tel = match &config.telemetry {
         Some(settings) => {
@@ -389,6 +405,20 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         _ => {}
     }
     drop(reload_tx);
+    match (&capture, &config.assignments) {
+        (Some(capture), Some(settings)) => {
+            tokio::spawn(crate::capture::upload_loop(
+                capture.clone(),
+                settings.server.clone(),
+                settings.device.clone(),
+                settings.token.clone(),
+            ));
+        }
+        (Some(_), None) => tracing::warn!(
+            "capture is on but there is no control plane to upload to (enroll the device): batches stay on disk within capture_max_bytes"
+        ),
+        _ => {}
+    }
     let app = api::router(api.clone());
     // Bind every listener before saying anything: the first line printed means the
     // agent is ready on all of them.
@@ -461,7 +491,10 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     if let Some(path) = &config.socket {
         let _ = std::fs::remove_file(path);
     }
-    // Keep what the current windows saw.
+    // Keep what the current windows saw, and what was captured.
     api.flush_monitoring();
+    if let Some(capture) = &capture {
+        capture.flush(true);
+    }
     Ok(())
 }

@@ -169,14 +169,14 @@ pub struct ModelStore {
     db: sled::Db,
 }
 
-/// Opens the sled database, waiting up to 10 s while another process (the agent
-/// reloading, or another install) holds its lock.
-fn open_db(path: &Path) -> Result<sled::Db, StoreError> {
+/// Opens the sled database at `path`, waiting up to 10 s while another process (the
+/// agent reloading, or another install) or a just-dropped handle in this one (sled lets
+/// go of its lock when its background flusher stops) still holds its lock.
+pub(crate) fn open_sled(path: &Path) -> Result<sled::Db, sled::Error> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let mut pause = std::time::Duration::from_millis(5);
     loop {
         match sled::open(path) {
-            Ok(db) => return Ok(db),
             // sled reports a held lock as an `Other` I/O error with this text.
             Err(sled::Error::Io(e))
                 if e.to_string().contains("could not acquire lock")
@@ -185,9 +185,13 @@ fn open_db(path: &Path) -> Result<sled::Db, StoreError> {
                 std::thread::sleep(pause);
                 pause = (pause * 2).min(std::time::Duration::from_millis(200));
             }
-            Err(e) => return Err(meta_err(e)),
+            other => return other,
         }
     }
+}
+
+fn open_db(path: &Path) -> Result<sled::Db, StoreError> {
+    open_sled(path).map_err(meta_err)
 }
 
 fn meta_err(e: sled::Error) -> StoreError {

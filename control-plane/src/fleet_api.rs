@@ -774,3 +774,80 @@ pub async fn audit_log(
     let entries = plane.audit.entries(q.from, q.limit.min(1_000_000))?;
     Ok(axum::Json(serde_json::to_value(entries).map_err(internal)?))
 }
+
+#[derive(Debug, Deserialize)]
+pub struct CaptureQuery {
+    seq: u64,
+    model: String,
+    kind: String,
+}
+
+/// `POST /v1/devices/{id}/captures?seq=N&model=M&kind=sampled|labelled`: a batch of
+/// captured rows (JSON lines), stored once per `(device, seq)`.
+pub async fn upload_capture(
+    State(plane): State<Arc<Plane>>,
+    Extension(who): Extension<Principal>,
+    UrlPath(id): UrlPath<String>,
+    query: Result<Query<CaptureQuery>, axum::extract::rejection::QueryRejection>,
+    body: axum::body::Bytes,
+) -> Api<(StatusCode, axum::Json<Value>)> {
+    let d = enrolled(&plane, &id)?;
+    if who != Principal::Device(d.id.clone()) {
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            format!("only device `{}` uploads its captures", d.id),
+        ));
+    }
+    let Query(q) = query.map_err(|e| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("give ?seq=N&model=NAME&kind=sampled|labelled: {e}"),
+        )
+    })?;
+    let p = plane.clone();
+    let stored = blocking(move || {
+        p.captures
+            .store(&d.id, q.seq, &q.model, &q.kind, &body, now_ms())
+            .map_err(|e| match e {
+                crate::captures::CaptureError::Conflict { .. } => {
+                    ApiError(StatusCode::CONFLICT, e.to_string())
+                }
+                crate::captures::CaptureError::Invalid(m) => ApiError(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    format!("capture batch {}: {m}", q.seq),
+                ),
+                crate::captures::CaptureError::Store(e) => internal(e),
+            })
+    })
+    .await?;
+    let (new, record) = stored;
+    if new {
+        metrics::counter!("fleetml_control_capture_rows_total", "model" => record.model.clone())
+            .increment(record.rows);
+    }
+    Ok((
+        if new {
+            StatusCode::CREATED
+        } else {
+            StatusCode::OK
+        },
+        axum::Json(json!({ "stored": new, "batch": record })),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct CaptureListQuery {
+    model: Option<String>,
+    device: Option<String>,
+}
+
+/// `GET /v1/captures?model=&device=`: the captured batches.
+pub async fn list_captures(
+    State(plane): State<Arc<Plane>>,
+    Query(q): Query<CaptureListQuery>,
+) -> Api<axum::Json<Value>> {
+    let list = plane
+        .captures
+        .list(q.model.as_deref(), q.device.as_deref())?;
+    Ok(axum::Json(serde_json::to_value(list).map_err(internal)?))
+}

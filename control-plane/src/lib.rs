@@ -9,6 +9,7 @@
 pub mod assign;
 pub mod auth;
 pub mod bundle;
+pub mod captures;
 pub mod client;
 pub(crate) mod fleet_api;
 pub mod ingest;

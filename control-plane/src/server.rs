@@ -66,6 +66,7 @@ pub struct Plane {
     pub ingest: Ingest<SledStore>,
     pub registry: crate::registry::Registry,
     pub assignments: crate::assign::Assignments,
+    pub captures: crate::captures::Captures,
     pub rollouts: crate::rollout::Rollouts,
     pub tokens: crate::auth::Tokens,
     pub audit: crate::auth::Audit,
@@ -360,6 +361,7 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
         .map_err(anyhow::Error::from)?;
     let plane = Arc::new(Plane {
         assignments: crate::assign::Assignments::open(store.db())?,
+        captures: crate::captures::Captures::open(store.db(), &opts.data_dir.join("captures"))?,
         rollouts: crate::rollout::Rollouts::open(store.db())?,
         audit: crate::auth::Audit::open(store.db())?,
         tokens,
@@ -528,6 +530,8 @@ pub enum Access {
     Role(Role),
     /// The device the path names (its own assignment, the bundles it names), or a viewer.
     DeviceOrViewer,
+    /// Only the device the path names (uploads of its captured data).
+    OwnDevice,
 }
 
 /// The access rule of every authenticated route (documented per route in
@@ -541,6 +545,8 @@ pub fn access(method: &axum::http::Method, route: &str) -> Access {
         Access::Role(Role::Admin)
     } else if route == "/v1/devices/{id}/assignment" || route == "/v1/bundles/{digest}" {
         Access::DeviceOrViewer
+    } else if route == "/v1/devices/{id}/captures" && method == Method::POST {
+        Access::OwnDevice
     } else if route == "/v1/audit" || !matches!(*method, Method::GET | Method::HEAD) {
         Access::Role(Role::Operator)
     } else {
@@ -598,6 +604,13 @@ async fn authorize(
                 "missing API token: set FLEETML_TOKEN or ~/.config/fleetml/token (the bootstrap admin token is in DATA_DIR/admin.token)".into()
             },
         )),
+        (Some(Principal::Operator(t)), Access::OwnDevice) => Some(ApiError(
+            StatusCode::FORBIDDEN,
+            format!(
+                "token `{}` is an operator token; {action} needs a device token (devices upload their own captures)",
+                t.name
+            ),
+        )),
         (Some(Principal::Device(d)), Access::Role(_)) => Some(ApiError(
             StatusCode::FORBIDDEN,
             format!(
@@ -648,6 +661,7 @@ fn access_role(a: Access) -> Role {
     match a {
         Access::Role(r) => r,
         Access::DeviceOrViewer => Role::Viewer,
+        Access::OwnDevice => Role::Admin,
     }
 }
 
@@ -660,6 +674,13 @@ pub fn router(plane: Arc<Plane>) -> Router {
         .route("/v1/devices/{id}/commands", post(send_command))
         .route("/v1/devices/{id}/assignment", get(f::device_assignment))
         .route("/v1/bundles/{digest}", get(f::bundle))
+        .route(
+            "/v1/devices/{id}/captures",
+            post(f::upload_capture).layer(axum::extract::DefaultBodyLimit::max(
+                crate::captures::MAX_BATCH,
+            )),
+        )
+        .route("/v1/captures", get(f::list_captures))
         .route("/v1/drift", get(drift))
         .route("/v1/ingest", get(ingest_counters))
         .route("/v1/trust", get(get_trust).put(put_trust))

@@ -141,6 +141,9 @@ pub struct ControlPlane {
     /// Port of the embedded broker (when it runs one).
     pub mqtt_port: Option<u16>,
     pub data_dir: PathBuf,
+    /// Where and with what it was started (for `restart`).
+    dir: PathBuf,
+    args: Vec<String>,
 }
 
 impl ControlPlane {
@@ -168,9 +171,45 @@ impl ControlPlane {
             }
         };
         args.extend(extra.iter().map(|s| s.to_string()));
+        let (child, url) = Self::spawn(dir, &args);
+        let token = std::fs::read_to_string(data_dir.join("admin.token"))
+            .expect("admin.token")
+            .trim()
+            .to_string();
+        let plane = ControlPlane {
+            child,
+            url,
+            token,
+            mqtt_port,
+            data_dir,
+            dir: dir.to_path_buf(),
+            args,
+        };
+        plane.wait_ready();
+        plane
+    }
+
+    /// Starts it again on the same addresses and data after [`stop`](Self::stop).
+    pub fn restart(&mut self) {
+        terminate(&mut self.child);
+        let (child, url) = Self::spawn(&self.dir, &self.args);
+        assert_eq!(url, self.url, "the restarted server listens where it did");
+        self.child = child;
+        self.wait_ready();
+    }
+
+    fn wait_ready(&self) {
+        // Devices that publish before the ingest subscribed reach nobody on a broker
+        // that never saw the ingest's session; tests start devices after this.
+        wait_for("the ingest to subscribe", Duration::from_secs(60), || {
+            (self.get("/v1/ingest")["broker_connected"] == true).then_some(())
+        });
+    }
+
+    fn spawn(dir: &Path, args: &[String]) -> (Child, String) {
         let mut child = Command::new(bin("fleetctl"))
             .current_dir(dir)
-            .args(&args)
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -186,23 +225,7 @@ impl ControlPlane {
             .strip_prefix("control plane listening on ")
             .unwrap_or_else(|| panic!("unexpected first line of fleetctl serve: {line:?}"))
             .to_string();
-        let token = std::fs::read_to_string(data_dir.join("admin.token"))
-            .expect("admin.token")
-            .trim()
-            .to_string();
-        let plane = ControlPlane {
-            child,
-            url,
-            token,
-            mqtt_port,
-            data_dir,
-        };
-        // Devices that publish before the ingest subscribed reach nobody on a broker
-        // that never saw the ingest's session; tests start devices after this.
-        wait_for("the ingest to subscribe", Duration::from_secs(60), || {
-            (plane.get("/v1/ingest")["broker_connected"] == true).then_some(())
-        });
-        plane
+        (child, url)
     }
 
     /// `fleetctl ARGS --server URL` with the admin token.

@@ -232,6 +232,15 @@ pub struct WindowReport {
     pub events: Vec<AlertEvent>,
     /// Subjects alerting after this window.
     pub alerts: Vec<String>,
+    /// Ground-truth labels that arrived during this window (`POST /v1/feedback`).
+    #[serde(default)]
+    pub labels: u32,
+    /// Share of labelled classifications that were right, when labels arrived.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live_accuracy: Option<f64>,
+    /// Mean absolute error of labelled scores, when labels arrived.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live_mae: Option<f64>,
 }
 
 /// An alert transition, sent on its own as soon as it happens.

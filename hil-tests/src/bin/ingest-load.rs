@@ -48,6 +48,9 @@ fn window(model: &str, n: u64) -> Body {
         prediction: Some(feature(99)),
         events: vec![],
         alerts: vec![],
+        labels: 0,
+        live_accuracy: None,
+        live_mae: None,
     }))
 }
 

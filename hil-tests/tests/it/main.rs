@@ -3,6 +3,7 @@
 mod api;
 mod architecture;
 mod bundle_cli;
+mod capture;
 mod conformance;
 mod demo;
 mod fleet;

@@ -790,6 +790,21 @@ fn every_route_answers_401_without_a_token_403_below_its_role_and_the_audit_chai
             String::from_utf8_lossy(&body).contains("unknown or revoked"),
             "{method} {path}"
         );
+        if role == "device-only" {
+            for token in tokens.values() {
+                let (code, body) = get_as(&plane, token, method, &concrete);
+                assert_eq!(code, 403, "{method} {path} with an operator token");
+                assert!(String::from_utf8_lossy(&body).contains("needs a device token"));
+            }
+            let (own, _) = get_as(&plane, &device_token(dir, "dev-1"), method, &concrete);
+            let (other, _) = get_as(&plane, &device_token(dir, "dev-2"), method, &concrete);
+            assert!(
+                own != 401 && own != 403,
+                "{method} {path} as its device: {own}"
+            );
+            assert_eq!(other, 403, "{method} {path} as another device");
+            continue;
+        }
         let need = if role == "device" {
             Some(0)
         } else {

@@ -1,0 +1,229 @@
+//! Captured data from devices: batches of sampled (and labelled) predictions that agents
+//! upload (`POST /v1/devices/{id}/captures`), kept as files in
+//! `DATA_DIR/captures/<device>/<seq>.jsonl` and indexed in sled (tree `captures`).
+//!
+//! A batch is identified by `(device, seq)`; the same batch sent again (the agent did
+//! not see the answer before a cut) is acknowledged without storing anything twice, and
+//! other bytes under a stored `(device, seq)` are refused. Every line is checked before
+//! anything is kept.
+
+use std::path::{Path, PathBuf};
+
+use fleetml_protocol::crypto::sha256;
+use fleetml_protocol::telemetry::DeviceId;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::ingest::StoreError;
+
+/// Largest batch accepted.
+pub const MAX_BATCH: usize = 16 << 20;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaptureRecord {
+    pub device: DeviceId,
+    pub seq: u64,
+    pub model: String,
+    /// `sampled` or `labelled`.
+    pub kind: String,
+    pub rows: u64,
+    pub bytes: u64,
+    pub sha256: String,
+    pub received_ms: u64,
+    pub first_ts_ms: u64,
+    pub last_ts_ms: u64,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CaptureError {
+    #[error("batch {seq} of device {device} is already stored with other contents")]
+    Conflict { device: String, seq: u64 },
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<sled::Error> for CaptureError {
+    fn from(e: sled::Error) -> Self {
+        CaptureError::Store(e.into())
+    }
+}
+
+/// Stored (`true`) or already there (`false`).
+pub type Stored = (bool, CaptureRecord);
+
+#[derive(Debug, Clone)]
+pub struct Captures {
+    tree: sled::Tree,
+    dir: PathBuf,
+}
+
+fn key(device: &DeviceId, seq: u64) -> Vec<u8> {
+    let mut k = device.as_str().as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// Checks every line of a batch: a JSON object of `model` with a `features` object.
+/// Returns rows, first and last `ts_ms`.
+pub fn check_batch(model: &str, body: &[u8]) -> Result<(u64, u64, u64), String> {
+    let text = std::str::from_utf8(body).map_err(|_| "the batch is not UTF-8 text".to_string())?;
+    let (mut rows, mut first, mut last) = (0u64, u64::MAX, 0u64);
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: Value =
+            serde_json::from_str(line).map_err(|e| format!("line {}: not JSON: {e}", i + 1))?;
+        if v["model"].as_str() != Some(model) {
+            return Err(format!("line {}: `model` is not `{model}`", i + 1));
+        }
+        if !v["features"].is_object() {
+            return Err(format!("line {}: `features` is not an object", i + 1));
+        }
+        let ts = v["ts_ms"].as_u64().unwrap_or(0);
+        first = first.min(ts);
+        last = last.max(ts);
+        rows += 1;
+    }
+    if rows == 0 {
+        return Err("the batch has no rows".into());
+    }
+    Ok((rows, first, last))
+}
+
+impl Captures {
+    pub fn open(db: &sled::Db, dir: &Path) -> Result<Captures, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| StoreError(format!("{}: {e}", dir.display())))?;
+        Ok(Captures {
+            tree: db.open_tree("captures")?,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self, r: &CaptureRecord) -> PathBuf {
+        self.dir
+            .join(r.device.as_str())
+            .join(format!("{:020}.jsonl", r.seq))
+    }
+
+    /// Stores a batch once.
+    pub fn store(
+        &self,
+        device: &DeviceId,
+        seq: u64,
+        model: &str,
+        kind: &str,
+        body: &[u8],
+        now_ms: u64,
+    ) -> Result<Stored, CaptureError> {
+        if !matches!(kind, "sampled" | "labelled") {
+            return Err(CaptureError::Invalid(format!(
+                "kind `{kind}` is not sampled or labelled"
+            )));
+        }
+        let digest = sha256(body).to_string();
+        if let Some(old) = self.tree.get(key(device, seq))? {
+            let old: CaptureRecord =
+                serde_json::from_slice(&old).map_err(|e| StoreError(e.to_string()))?;
+            return if old.sha256 == digest {
+                Ok((false, old))
+            } else {
+                Err(CaptureError::Conflict {
+                    device: device.as_str().into(),
+                    seq,
+                })
+            };
+        }
+        let (rows, first_ts_ms, last_ts_ms) =
+            check_batch(model, body).map_err(CaptureError::Invalid)?;
+        let record = CaptureRecord {
+            device: device.clone(),
+            seq,
+            model: model.into(),
+            kind: kind.into(),
+            rows,
+            bytes: body.len() as u64,
+            sha256: digest,
+            received_ms: now_ms,
+            first_ts_ms,
+            last_ts_ms,
+        };
+        let path = self.path(&record);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| StoreError(e.to_string()))?;
+        }
+        crate::output::write_atomic(&path, 0o600, |f| {
+            use std::io::Write;
+            f.write_all(body)?;
+            Ok(())
+        })
+        .map_err(|e| StoreError(format!("{e:#}")))?;
+        self.tree.insert(
+            key(device, seq),
+            serde_json::to_vec(&record).map_err(|e| StoreError(e.to_string()))?,
+        )?;
+        self.tree.flush()?;
+        Ok((true, record))
+    }
+
+    /// Batches, optionally of one model and one device, in (device, seq) order.
+    pub fn list(
+        &self,
+        model: Option<&str>,
+        device: Option<&str>,
+    ) -> Result<Vec<CaptureRecord>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.tree.iter() {
+            let (_, v) = item?;
+            let r: CaptureRecord =
+                serde_json::from_slice(&v).map_err(|e| StoreError(e.to_string()))?;
+            if model.is_none_or(|m| m == r.model) && device.is_none_or(|d| d == r.device.as_str()) {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_is_stored_once_and_other_bytes_under_its_number_are_refused() {
+        let dir = tempfile::tempdir().expect("test");
+        let db = sled::open(dir.path().join("db")).expect("test");
+        let c = Captures::open(&db, &dir.path().join("captures")).expect("test");
+        let d = DeviceId::new("pi-1").expect("test");
+        let body = b"{\"model\":\"m\",\"ts_ms\":5,\"features\":{\"a\":1}}\n{\"model\":\"m\",\"ts_ms\":9,\"features\":{}}\n";
+        let (new, r) = c.store(&d, 1, "m", "sampled", body, 100).expect("test");
+        assert!(new);
+        assert_eq!((r.rows, r.first_ts_ms, r.last_ts_ms), (2, 5, 9));
+        let (again, _) = c.store(&d, 1, "m", "sampled", body, 200).expect("test");
+        assert!(!again);
+        assert!(matches!(
+            c.store(
+                &d,
+                1,
+                "m",
+                "sampled",
+                b"{\"model\":\"m\",\"features\":{}}\n",
+                300
+            ),
+            Err(CaptureError::Conflict { .. })
+        ));
+        assert!(matches!(
+            c.store(&d, 2, "other", "sampled", body, 300),
+            Err(CaptureError::Invalid(_))
+        ));
+        assert!(matches!(
+            c.store(&d, 3, "m", "sampled", b"not json\n", 300),
+            Err(CaptureError::Invalid(_))
+        ));
+        assert_eq!(c.list(Some("m"), None).expect("test").len(), 1);
+        assert_eq!(std::fs::read(c.path(&r)).expect("test"), body);
+    }
+}
