@@ -92,6 +92,30 @@ impl Client {
         self.call("POST", path, "application/octet-stream", bytes)
     }
 
+    /// `GET` of raw bytes (a dataset file).
+    pub fn get_bytes(&self, path: &str) -> anyhow::Result<Vec<u8>> {
+        let (status, bytes) = self.send("GET", path, "application/json", Vec::new())?;
+        if !status.is_success() {
+            let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            bail!(
+                "GET {}{path}: {status}: {}",
+                self.base,
+                value["error"].as_str().unwrap_or("")
+            );
+        }
+        Ok(bytes.to_vec())
+    }
+
+    /// `POST` of raw bytes with a content type.
+    pub fn post_raw(
+        &self,
+        path: &str,
+        content_type: &str,
+        bytes: Vec<u8>,
+    ) -> anyhow::Result<Value> {
+        self.call("POST", path, content_type, bytes)
+    }
+
     fn call(
         &self,
         method: &str,
@@ -99,6 +123,27 @@ impl Client {
         content_type: &str,
         body: Vec<u8>,
     ) -> anyhow::Result<Value> {
+        let url = format!("{}{path}", self.base);
+        let (status, bytes) = self.send(method, path, content_type, body)?;
+        let value: Value = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).trim().to_string()));
+        if !status.is_success() {
+            let message = value["error"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| value.to_string());
+            bail!("{method} {url}: {status}: {message}");
+        }
+        Ok(value)
+    }
+
+    fn send(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> anyhow::Result<(hyper::StatusCode, hyper::body::Bytes)> {
         let Some(token) = &self.token else {
             bail!(
                 "no API token: set FLEETML_TOKEN (the admin token is in the server's DATA_DIR/admin.token)"
@@ -135,15 +180,19 @@ impl Client {
             let bytes = response.into_body().collect().await?.to_bytes();
             anyhow::Ok((status, bytes))
         })?;
-        let value: Value = serde_json::from_slice(&bytes)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).trim().to_string()));
-        if !status.is_success() {
-            let message = value["error"]
-                .as_str()
-                .map(str::to_string)
-                .unwrap_or_else(|| value.to_string());
-            bail!("{method} {url}: {status}: {message}");
-        }
-        Ok(value)
+        Ok((status, bytes))
     }
+}
+
+/// Percent-encodes a query-string value.
+pub fn encode(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }

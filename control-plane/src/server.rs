@@ -67,6 +67,7 @@ pub struct Plane {
     pub registry: crate::registry::Registry,
     pub assignments: crate::assign::Assignments,
     pub captures: crate::captures::Captures,
+    pub datasets: crate::datasets::Datasets,
     pub rollouts: crate::rollout::Rollouts,
     pub tokens: crate::auth::Tokens,
     pub audit: crate::auth::Audit,
@@ -362,6 +363,7 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
     let plane = Arc::new(Plane {
         assignments: crate::assign::Assignments::open(store.db())?,
         captures: crate::captures::Captures::open(store.db(), &opts.data_dir.join("captures"))?,
+        datasets: crate::datasets::Datasets::open(store.db(), &opts.data_dir.join("datasets"))?,
         rollouts: crate::rollout::Rollouts::open(store.db())?,
         audit: crate::auth::Audit::open(store.db())?,
         tokens,
@@ -665,7 +667,11 @@ fn access_role(a: Access) -> Role {
     }
 }
 
+/// Largest dataset file accepted by `POST /v1/datasets`.
+pub const MAX_DATASET_UPLOAD: usize = 512 << 20;
+
 pub fn router(plane: Arc<Plane>) -> Router {
+    use crate::data_api as d;
     use crate::fleet_api as f;
     let authenticated = Router::new()
         .route("/v1/devices", post(enroll).get(list_devices))
@@ -681,6 +687,16 @@ pub fn router(plane: Arc<Plane>) -> Router {
             )),
         )
         .route("/v1/captures", get(f::list_captures))
+        .route(
+            "/v1/datasets",
+            post(d::import)
+                .get(d::list)
+                .layer(axum::extract::DefaultBodyLimit::max(MAX_DATASET_UPLOAD)),
+        )
+        .route("/v1/datasets/from-captures", post(d::from_captures))
+        .route("/v1/datasets/{id}", get(d::show).delete(d::delete))
+        .route("/v1/datasets/{id}/data", get(d::data))
+        .route("/v1/datasets/{id}/profile", get(d::profile))
         .route("/v1/drift", get(drift))
         .route("/v1/ingest", get(ingest_counters))
         .route("/v1/trust", get(get_trust).put(put_trust))
@@ -1015,6 +1031,67 @@ async fn model_versions(
     })))
 }
 
+/// The reference profile of the stored bundle at `path`, read only after the bundle
+/// verifies again against `policy`; `None` when it has none.
+fn verified_reference(
+    path: &Path,
+    policy: &TrustPolicy,
+) -> anyhow::Result<Option<fleetml_protocol::reference::ReferenceProfile>> {
+    let verified = crate::bundle::verify(path, policy)?;
+    if verified
+        .manifest
+        .entry(fleetml_protocol::manifest::REFERENCE_ENTRY)
+        .is_none()
+    {
+        return Ok(None);
+    }
+    let mut f = std::fs::File::open(path)?;
+    let bytes = verified.read_entry(
+        &mut f,
+        fleetml_protocol::manifest::REFERENCE_ENTRY,
+        64 << 20,
+    )?;
+    Ok(Some(
+        fleetml_protocol::reference::ReferenceProfile::from_cbor(&bytes)?,
+    ))
+}
+
+/// The reference profile of registry version `NAME@VERSION` (blocking).
+pub(crate) fn reference_profile(
+    plane: &Plane,
+    spec: &str,
+) -> Api<fleetml_protocol::reference::ReferenceProfile> {
+    let (name, version) = spec
+        .split_once('@')
+        .and_then(|(n, v)| Some((n, v.trim_start_matches('v').parse::<u64>().ok()?)))
+        .ok_or_else(|| {
+            ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("`{spec}` is not NAME@VERSION"),
+            )
+        })?;
+    let record = plane.registry.get(name, version)?.ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no {name} v{version} in the registry"),
+        )
+    })?;
+    let policy = plane.policy().ok_or_else(|| {
+        ApiError(
+            StatusCode::PRECONDITION_FAILED,
+            "the server has no trust policy".into(),
+        )
+    })?;
+    verified_reference(&plane.registry.blob_path(&record.digest), &policy)
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))?
+        .ok_or_else(|| {
+            ApiError(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("{spec} has no reference profile"),
+            )
+        })
+}
+
 async fn show_model(
     State(plane): State<Arc<Plane>>,
     UrlPath((name, version)): UrlPath<(String, u64)>,
@@ -1032,22 +1109,10 @@ async fn show_model(
         let size = std::fs::metadata(&path)?.len();
         let mut v = crate::bundle::inspect_json(&front, size);
         // The reference profile, read only from a bundle that verifies again.
-        if let Some(policy) = &policy {
-            let verified = crate::bundle::verify(&path, policy)?;
-            if verified
-                .manifest
-                .entry(fleetml_protocol::manifest::REFERENCE_ENTRY)
-                .is_some()
-            {
-                let mut f = std::fs::File::open(&path)?;
-                let bytes = verified.read_entry(
-                    &mut f,
-                    fleetml_protocol::manifest::REFERENCE_ENTRY,
-                    64 << 20,
-                )?;
-                let profile = fleetml_protocol::reference::ReferenceProfile::from_cbor(&bytes)?;
-                v["reference"] = serde_json::to_value(&profile)?;
-            }
+        if let Some(policy) = &policy
+            && let Some(profile) = verified_reference(&path, policy)?
+        {
+            v["reference"] = serde_json::to_value(&profile)?;
         }
         Ok(v)
     })

@@ -291,4 +291,124 @@ fn captured_batches_reach_the_control_plane_once_even_across_a_cut_connection() 
     }
     assert_eq!(ids.len(), 600);
     drop(running);
+
+    // The captured rows become a dataset (Parquet, named by its hash), and files too.
+    let made = plane.fleetctl(dir, &["data", "capture", "claims", "--name", "field data"]);
+    assert!(made.success().contains("600 rows"), "{}", made.stdout);
+    let list = plane.json(dir, &["data", "list"]);
+    let captured = list[0].clone();
+    assert_eq!(captured["devices"], json!(["cap-1"]));
+    assert!(
+        captured["schema"]
+            .as_array()
+            .expect("schema")
+            .iter()
+            .any(|c| c["name"] == "claim_amount")
+    );
+    let id = captured["id"].as_str().expect("id").to_string();
+    let file = dir.join("export.parquet");
+    plane
+        .fleetctl(
+            dir,
+            &["data", "export", &id[..12], "--out", "export.parquet"],
+        )
+        .success();
+    let bytes = std::fs::read(&file).expect("export");
+    assert_eq!(&bytes[..4], b"PAR1");
+    assert_eq!(
+        hex::encode(ring_sha256(&bytes)),
+        id,
+        "named by the hash of its Parquet bytes"
+    );
+    // Re-importing the exported file is the same dataset; a CSV with a filter is another.
+    let again = plane.fleetctl(dir, &["data", "import", "export.parquet"]);
+    assert!(
+        again.success().starts_with("already stored"),
+        "{}",
+        again.stdout
+    );
+    let imported = plane.fleetctl(
+        dir,
+        &[
+            "data",
+            "import",
+            &claims("drifted.csv"),
+            "--name",
+            "drifted",
+            "--drop-na",
+            "claim_amount,region",
+        ],
+    );
+    assert!(
+        imported.success().contains("drifted"),
+        "{}",
+        imported.stdout
+    );
+    let drifted = plane.json(dir, &["data", "list"])[1].clone();
+    assert_eq!(drifted["filters"], json!(["drop_na(claim_amount,region)"]));
+    let did = drifted["id"].as_str().expect("id").to_string();
+    plane
+        .fleetctl(dir, &["models", "push", "claims.fmb"])
+        .success();
+    let profile = plane.fleetctl(
+        dir,
+        &[
+            "data",
+            "profile",
+            &did,
+            "--target",
+            "investigate",
+            "--reference",
+            "claims@1",
+            "--html",
+            "report.html",
+        ],
+    );
+    let table = profile.success();
+    assert!(
+        table.contains("claim_amount") && table.contains("PSI"),
+        "{table}"
+    );
+    let html = std::fs::read_to_string(dir.join("report.html")).expect("html");
+    assert!(
+        html.contains("<svg") && html.contains("investigate"),
+        "report"
+    );
+    let json = plane.json(
+        dir,
+        &[
+            "data",
+            "profile",
+            &did,
+            "--target",
+            "investigate",
+            "--reference",
+            "claims@1",
+        ],
+    );
+    let amount = json["columns"]
+        .as_array()
+        .expect("columns")
+        .iter()
+        .find(|c| c["name"] == "claim_amount")
+        .expect("claim_amount")
+        .clone();
+    assert!(
+        amount["psi"].as_f64().expect("psi") > 0.1,
+        "drifted data drifts: {amount}"
+    );
+    assert!(
+        amount["target_association"]["value"].is_number(),
+        "{amount}"
+    );
+    let missing = plane.fleetctl(dir, &["data", "profile", &did, "--target", "nope"]);
+    assert!(
+        !missing.ok() && missing.stderr.contains("no column `nope`"),
+        "{}",
+        missing.stderr
+    );
+}
+
+fn ring_sha256(bytes: &[u8]) -> [u8; 32] {
+    fleetml_protocol::crypto::sha256(bytes).0
 }
