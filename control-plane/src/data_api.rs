@@ -136,6 +136,23 @@ pub struct FromCaptures {
     name: Option<String>,
 }
 
+impl FromCaptures {
+    pub fn new(
+        model: &str,
+        since_ms: Option<u64>,
+        labelled_only: bool,
+        label_column: Option<String>,
+    ) -> FromCaptures {
+        FromCaptures {
+            model: model.into(),
+            since_ms,
+            labelled_only,
+            label_column,
+            name: None,
+        }
+    }
+}
+
 /// Rows of captured batches as flat records: the captured features, `predicted` (the
 /// class index or score), the label, `device` and `ts_ms`.
 pub(crate) fn captured_table(plane: &Plane, req: &FromCaptures) -> Api<(Table, Provenance)> {

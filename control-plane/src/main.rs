@@ -43,6 +43,10 @@ enum Command {
     /// The control plane's trust policy: which keys bundles must be signed with.
     #[command(subcommand)]
     Trust(TrustCommand),
+    /// Training jobs: run a job spec on datasets and captured data, build and register
+    /// the best trial as a candidate bundle.
+    #[command(subcommand)]
+    Retrain(RetrainCommand),
     /// Versioned datasets (Parquet, named by content hash): import, capture, profile.
     #[command(subcommand)]
     Data(DataCommand),
@@ -123,6 +127,10 @@ struct ServeArgs {
     /// an attacker cannot hold a device on old assignments longer than this). Units s, m, h, d.
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     assignment_ttl: std::time::Duration,
+    /// Signing key (from `fleetctl keys generate`) for the candidate bundles training
+    /// jobs build; the trust policy must list its public key.
+    #[arg(long)]
+    signing_key: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -202,6 +210,42 @@ enum RolloutCommand {
     Resume { id: String },
     /// End a rollout; devices keep what they were assigned (then `fleetctl rollback`).
     Abort { id: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum RetrainCommand {
+    /// Start a training job for MODEL (its spec: --spec, or the one used last).
+    Start {
+        model: String,
+        /// Job spec (TOML), e.g. models/claims/train.toml.
+        #[arg(long)]
+        spec: Option<PathBuf>,
+        /// Input dataset (id or 8+ hex prefix); repeat for several.
+        #[arg(long = "dataset")]
+        datasets: Vec<String>,
+        /// Wait for the job to end and print its result.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Every job: state, trigger, best metric, candidate.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// One job with every trial.
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A trial's output (the best trial unless --trial).
+    Logs {
+        id: String,
+        #[arg(long)]
+        trial: Option<usize>,
+    },
+    /// Stop a running job.
+    Cancel { id: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -318,6 +362,18 @@ enum TrustCommand {
 
 #[derive(Subcommand, Debug)]
 enum ModelsCommand {
+    /// Re-run the training job that produced NAME@VERSION from its lineage (same
+    /// dataset, code, parameters, seed) and report: artifact hash identical or not,
+    /// metric within --tolerance, lineage fields that differ now. Exits 1 when neither
+    /// the artifact nor the metric reproduces.
+    Reproduce {
+        model: String,
+        /// Return the job id without waiting.
+        #[arg(long)]
+        detach: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Upload a bundle. The server verifies it against its trust policy before keeping
     /// it; pushing the same bytes again changes nothing, other bytes under an existing
     /// name and version are refused.
@@ -585,6 +641,155 @@ fn print_dataset(m: &serde_json::Value) {
         m["rows"],
         m["schema"].as_array().map_or(0, Vec::len)
     );
+}
+
+/// Polls job `id` until it ends; returns it.
+fn wait_job(client: &fleet_control::client::Client, id: &str) -> anyhow::Result<serde_json::Value> {
+    loop {
+        let job = client.get(&format!("/v1/retrain/{id}"))?;
+        if matches!(
+            job["state"].as_str(),
+            Some("succeeded" | "failed" | "cancelled")
+        ) {
+            return Ok(job);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+}
+
+fn job_line(j: &serde_json::Value) -> String {
+    let best = j["best"]
+        .as_u64()
+        .and_then(|b| j["trials"].get(b as usize).cloned());
+    format!(
+        "{:<6} {:<9} {:<10} {:<16} {:>7} {:>10} {:<14} {}",
+        j["id"].as_str().unwrap_or("?"),
+        j["kind"].as_str().unwrap_or("?"),
+        j["state"].as_str().unwrap_or("?"),
+        j["model"].as_str().unwrap_or("?"),
+        j["trials"].as_array().map_or(0, Vec::len),
+        best.as_ref()
+            .and_then(|b| b["metric"].as_f64())
+            .map_or("-".into(), |m| format!("{m:.4}")),
+        j["candidate"].as_array().map_or("-".into(), |c| format!(
+            "{}@v{}",
+            c[0].as_str().unwrap_or("?"),
+            c[1]
+        )),
+        j["trigger"].as_str().unwrap_or("")
+    )
+}
+
+fn retrain_command(server: &str, cmd: RetrainCommand) -> anyhow::Result<()> {
+    let client = fleet_control::client::Client::new(server)?;
+    match cmd {
+        RetrainCommand::Start {
+            model,
+            spec,
+            datasets,
+            wait,
+        } => {
+            let spec = match spec {
+                Some(p) => Some(
+                    std::fs::read_to_string(&p)
+                        .with_context(|| format!("reading {}", p.display()))?,
+                ),
+                None => None,
+            };
+            let job = client.post(
+                "/v1/retrain",
+                &serde_json::json!({ "model": model, "spec": spec, "datasets": datasets }),
+            )?;
+            let id = job["id"].as_str().unwrap_or("?").to_string();
+            println!(
+                "job {id} started ({} trial(s))",
+                job["spec"]["grid"].as_object().map_or(1, |g| g
+                    .values()
+                    .filter_map(|v| v.as_array())
+                    .map(Vec::len)
+                    .filter(|n| *n > 0)
+                    .product::<usize>())
+            );
+            if wait {
+                let done = wait_job(&client, &id)?;
+                println!("{}", job_line(&done));
+                if done["state"] != "succeeded" {
+                    anyhow::bail!(
+                        "job {id} {}: {}",
+                        done["state"].as_str().unwrap_or("?"),
+                        done["error"].as_str().unwrap_or("")
+                    );
+                }
+                if let Some(c) = done["candidate"].as_array() {
+                    println!(
+                        "candidate {}@v{} registered (compare it: fleetctl models compare {0}@PRODUCTION {0}@{1} --on DATASET)",
+                        c[0].as_str().unwrap_or("?"),
+                        c[1]
+                    );
+                }
+            }
+        }
+        RetrainCommand::List { json } => {
+            let list = client.get("/v1/retrain")?;
+            if json {
+                print_json(&list)?;
+            } else {
+                println!(
+                    "{:<6} {:<9} {:<10} {:<16} {:>7} {:>10} {:<14} TRIGGER",
+                    "JOB", "KIND", "STATE", "MODEL", "TRIALS", "BEST", "CANDIDATE"
+                );
+                for j in list.as_array().cloned().unwrap_or_default() {
+                    println!("{}", job_line(&j));
+                }
+            }
+        }
+        RetrainCommand::Show { id, json } => {
+            let j = client.get(&format!("/v1/retrain/{id}"))?;
+            if json {
+                print_json(&j)?;
+            } else {
+                println!("{}", job_line(&j));
+                if let Some(e) = j["error"].as_str() {
+                    println!("error: {e}");
+                }
+                println!(
+                    "training dataset: {}",
+                    j["training_dataset"].as_str().unwrap_or("-")
+                );
+                for t in j["trials"].as_array().cloned().unwrap_or_default() {
+                    println!(
+                        "  trial {:<3} {:<10} {} = {:<10} {:>6.1}s  {}{}",
+                        t["n"],
+                        t["state"].as_str().unwrap_or("?"),
+                        j["spec"]["metric"].as_str().unwrap_or("metric"),
+                        t["metric"]
+                            .as_f64()
+                            .map_or("-".into(), |m| format!("{m:.4}")),
+                        t["seconds"].as_f64().unwrap_or(0.0),
+                        serde_json::to_string(&t["params"]).unwrap_or_default(),
+                        t["error"]
+                            .as_str()
+                            .map(|e| format!("  ({e})"))
+                            .unwrap_or_default()
+                    );
+                }
+            }
+        }
+        RetrainCommand::Logs { id, trial } => {
+            let path = match trial {
+                Some(n) => format!("/v1/retrain/{id}/logs?trial={n}"),
+                None => format!("/v1/retrain/{id}/logs"),
+            };
+            let bytes = client.get_bytes(&path)?;
+            use std::io::Write;
+            std::io::stdout().write_all(&bytes)?;
+        }
+        RetrainCommand::Cancel { id } => {
+            client.post(&format!("/v1/retrain/{id}/cancel"), &serde_json::json!({}))?;
+            println!("cancelling job {id}");
+        }
+    }
+    Ok(())
 }
 
 fn data_command(server: &str, cmd: DataCommand) -> anyhow::Result<()> {
@@ -1013,6 +1218,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 public_url: a.public_url,
                 public_mqtt_url: a.public_mqtt_url,
                 assignment_ttl: a.assignment_ttl,
+                signing_key: a.signing_key,
             };
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -1118,6 +1324,76 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Rollout(cmd) => rollout_command(&server, cmd)?,
         Command::Data(cmd) => data_command(&server, cmd)?,
+        Command::Retrain(cmd) => retrain_command(&server, cmd)?,
+        Command::Models(ModelsCommand::Reproduce {
+            model,
+            detach,
+            json,
+        }) => {
+            let client = fleet_control::client::Client::new(&server)?;
+            let job = client.post(
+                &format!("{}/reproduce", version_path(&model)?),
+                &serde_json::json!({}),
+            )?;
+            let id = job["id"].as_str().unwrap_or("?").to_string();
+            if detach {
+                println!("reproduction job {id} started");
+                return Ok(());
+            }
+            eprintln!("reproduction job {id} started; waiting");
+            let done = wait_job(&client, &id)?;
+            let report = &done["report"];
+            if json {
+                print_json(report)?;
+            }
+            if done["state"] != "succeeded" {
+                anyhow::bail!(
+                    "reproduction job {id} {}: {}",
+                    done["state"].as_str().unwrap_or("?"),
+                    done["error"].as_str().unwrap_or("")
+                );
+            }
+            let identical = report["artifact_sha256"]["identical"] == true;
+            let within = report["metric"]["within"] == true;
+            if !json {
+                println!(
+                    "artifact: {} (recorded {}, now {})",
+                    if identical { "identical" } else { "DIFFERENT" },
+                    report["artifact_sha256"]["recorded"]
+                        .as_str()
+                        .unwrap_or("-"),
+                    report["artifact_sha256"]["now"].as_str().unwrap_or("-")
+                );
+                println!(
+                    "{}: recorded {}, now {} ({} tolerance {})",
+                    report["metric"]["name"].as_str().unwrap_or("metric"),
+                    report["metric"]["recorded"],
+                    report["metric"]["now"],
+                    if within { "within" } else { "OUTSIDE" },
+                    report["metric"]["tolerance"]
+                );
+                let diffs = report["lineage_differences"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
+                if diffs.is_empty() {
+                    println!("lineage: every field as recorded");
+                }
+                for d in diffs {
+                    println!(
+                        "lineage differs: {} recorded {} now {}",
+                        d["field"].as_str().unwrap_or("?"),
+                        d["recorded"],
+                        d["now"]
+                    );
+                }
+            }
+            if !identical && !within {
+                anyhow::bail!(
+                    "{model} did not reproduce: the artifact differs and the metric is outside the tolerance"
+                );
+            }
+        }
         Command::Rollback {
             model,
             to,

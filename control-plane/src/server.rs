@@ -59,6 +59,8 @@ pub struct Options {
     pub public_mqtt_url: Option<String>,
     /// How long a signed assignment stays valid after a device fetched it.
     pub assignment_ttl: Duration,
+    /// The key candidate bundles of training jobs are signed with.
+    pub signing_key: Option<PathBuf>,
 }
 
 /// Shared state of the running control plane.
@@ -68,6 +70,9 @@ pub struct Plane {
     pub assignments: crate::assign::Assignments,
     pub captures: crate::captures::Captures,
     pub datasets: crate::datasets::Datasets,
+    pub jobs: crate::jobs::Jobs,
+    pub(crate) running: crate::retrain::Running,
+    pub(crate) signing_key: Option<PathBuf>,
     pub rollouts: crate::rollout::Rollouts,
     pub tokens: crate::auth::Tokens,
     pub audit: crate::auth::Audit,
@@ -364,6 +369,9 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
         assignments: crate::assign::Assignments::open(store.db())?,
         captures: crate::captures::Captures::open(store.db(), &opts.data_dir.join("captures"))?,
         datasets: crate::datasets::Datasets::open(store.db(), &opts.data_dir.join("datasets"))?,
+        jobs: crate::jobs::Jobs::open(store.db(), &opts.data_dir.join("jobs"))?,
+        running: Default::default(),
+        signing_key: opts.signing_key.clone(),
         rollouts: crate::rollout::Rollouts::open(store.db())?,
         audit: crate::auth::Audit::open(store.db())?,
         tokens,
@@ -673,6 +681,7 @@ pub const MAX_DATASET_UPLOAD: usize = 512 << 20;
 pub fn router(plane: Arc<Plane>) -> Router {
     use crate::data_api as d;
     use crate::fleet_api as f;
+    use crate::retrain as r;
     let authenticated = Router::new()
         .route("/v1/devices", post(enroll).get(list_devices))
         .route("/v1/devices/{id}", get(show_device))
@@ -697,6 +706,11 @@ pub fn router(plane: Arc<Plane>) -> Router {
         .route("/v1/datasets/{id}", get(d::show).delete(d::delete))
         .route("/v1/datasets/{id}/data", get(d::data))
         .route("/v1/datasets/{id}/profile", get(d::profile))
+        .route("/v1/retrain", post(r::start_job).get(r::list_jobs))
+        .route("/v1/retrain/{id}", get(r::show_job))
+        .route("/v1/retrain/{id}/logs", get(r::job_logs))
+        .route("/v1/retrain/{id}/cancel", post(r::cancel_job))
+        .route("/v1/models/{name}/{version}/reproduce", post(r::reproduce))
         .route("/v1/drift", get(drift))
         .route("/v1/ingest", get(ingest_counters))
         .route("/v1/trust", get(get_trust).put(put_trust))

@@ -9,5 +9,6 @@ mod demo;
 mod fleet;
 mod monitoring;
 mod peers;
+mod retrain;
 mod rollout;
 mod store_crash;

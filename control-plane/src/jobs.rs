@@ -1,0 +1,662 @@
+//! Training jobs: a job spec (TOML) names the training command (or container image),
+//! the code, the datasets, hyperparameters (optionally a grid), the seed and resources;
+//! an [`Executor`] runs each trial; the best trial by the spec's metric becomes a
+//! candidate bundle — built and signed like `fleetctl bundle build`, its lineage
+//! recorded from the job itself — registered as `candidate`.
+//!
+//! ```toml
+//! model = "claims"
+//! command = ["claims-fit", "--data", "{train_csv}", "--seed", "{seed}",
+//!            "--epochs", "{param:epochs}", "--out", "{out}"]
+//! label = "investigate"          # the target column
+//! seed = 42
+//! metric = "auc"                 # from the trial's metrics.json
+//! goal = "max"                   # or "min"
+//! timeout_s = 1800
+//! concurrency = 2                # trials at once (grid)
+//! datasets = ["3f2a9c1e…"]       # by content hash; more can be given per run
+//! captures = { labelled_only = true, since_s = 604800 }   # plus captured rows
+//! code_repository = "https://git.example.com/claims"
+//! code_commit = "9c1e…"
+//! executor = "local"             # or "kubernetes"
+//! image = "registry.example.com/claims-train@sha256:…"   # kubernetes
+//! [params]
+//! epochs = 30
+//! [grid]
+//! hidden = [8, 16]
+//! [resources]
+//! gpus = 1
+//! ```
+//!
+//! Placeholders in `command`: `{data}` (the trial's input folder), `{train_csv}`,
+//! `{train_parquet}`, `{holdout_csv}` (when a holdout dataset is given), `{out}`,
+//! `{seed}`, `{param:NAME}`. The same values are in the environment as `FLEETML_DATA`,
+//! `FLEETML_TRAIN_CSV`, `FLEETML_OUT`, `FLEETML_SEED`, `FLEETML_PARAM_<NAME>`. A trial
+//! must leave `model.onnx` and `metrics.json` in `{out}` (and may leave
+//! `features.toml`); `metrics.json` may name `framework {name, version}`, `device`,
+//! `cuda`, `cudnn`, `dependencies_lock_sha256` for the lineage.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// A job spec.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    pub model: String,
+    #[serde(default)]
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub image: Option<String>,
+    #[serde(default = "default_executor")]
+    pub executor: String,
+    #[serde(default)]
+    pub label: Option<String>,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    #[serde(default = "default_metric")]
+    pub metric: String,
+    #[serde(default = "default_goal")]
+    pub goal: String,
+    #[serde(default = "default_timeout")]
+    pub timeout_s: u64,
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+    #[serde(default)]
+    pub datasets: Vec<String>,
+    #[serde(default)]
+    pub holdout: Option<String>,
+    #[serde(default)]
+    pub captures: Option<CaptureSelection>,
+    #[serde(default)]
+    pub code_repository: Option<String>,
+    #[serde(default)]
+    pub code_commit: Option<String>,
+    #[serde(default)]
+    pub params: BTreeMap<String, toml::Value>,
+    #[serde(default)]
+    pub grid: BTreeMap<String, Vec<toml::Value>>,
+    #[serde(default)]
+    pub resources: Resources,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaptureSelection {
+    #[serde(default = "yes")]
+    pub labelled_only: bool,
+    /// Only rows captured within this many seconds before the job starts.
+    #[serde(default)]
+    pub since_s: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    #[serde(default)]
+    pub gpus: u32,
+    #[serde(default)]
+    pub cpu: Option<String>,
+    #[serde(default)]
+    pub memory: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_executor() -> String {
+    "local".into()
+}
+fn default_seed() -> u64 {
+    42
+}
+fn default_metric() -> String {
+    "auc".into()
+}
+fn default_goal() -> String {
+    "max".into()
+}
+fn default_timeout() -> u64 {
+    1800
+}
+fn default_concurrency() -> usize {
+    1
+}
+
+/// Most trials one grid may expand to.
+pub const MAX_TRIALS: usize = 256;
+
+impl JobSpec {
+    pub fn from_toml(text: &str) -> Result<JobSpec, String> {
+        let spec: JobSpec =
+            toml::from_str(text).map_err(|e| format!("job spec: {}", e.message()))?;
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_default()
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        match self.executor.as_str() {
+            "local" if self.command.is_empty() => {
+                return Err("job spec: the local executor needs `command`".into());
+            }
+            "kubernetes" if self.image.is_none() => {
+                return Err("job spec: the kubernetes executor needs `image`".into());
+            }
+            "local" | "kubernetes" => {}
+            other => {
+                return Err(format!(
+                    "job spec: executor `{other}` is not local or kubernetes"
+                ));
+            }
+        }
+        if !matches!(self.goal.as_str(), "max" | "min") {
+            return Err(format!("job spec: goal `{}` is not max or min", self.goal));
+        }
+        if self.concurrency == 0 || self.concurrency > 64 {
+            return Err("job spec: concurrency must be 1..=64".into());
+        }
+        if self.trials().len() > MAX_TRIALS {
+            return Err(format!(
+                "job spec: the grid expands to more than {MAX_TRIALS} trials"
+            ));
+        }
+        Ok(())
+    }
+
+    /// The hyperparameters of every trial: `params` merged with each point of `grid`.
+    pub fn trials(&self) -> Vec<BTreeMap<String, toml::Value>> {
+        let mut out = vec![self.params.clone()];
+        for (name, values) in &self.grid {
+            if values.is_empty() {
+                continue;
+            }
+            let mut next = Vec::with_capacity(out.len() * values.len());
+            for base in &out {
+                for v in values {
+                    let mut p = base.clone();
+                    p.insert(name.clone(), v.clone());
+                    next.push(p);
+                }
+                if next.len() > MAX_TRIALS {
+                    break;
+                }
+            }
+            out = next;
+        }
+        out
+    }
+
+    /// `better(a, b)`: whether metric value `a` beats `b` under the goal.
+    pub fn better(&self, a: f64, b: f64) -> bool {
+        if self.goal == "min" { a < b } else { a > b }
+    }
+}
+
+fn param_text(v: &toml::Value) -> String {
+    match v {
+        toml::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
+    }
+}
+
+/// One run of the training command.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Trial {
+    pub n: usize,
+    pub params: BTreeMap<String, String>,
+    pub state: JobState,
+    pub metric: Option<f64>,
+    pub metrics: Value,
+    /// SHA-256 of the trial's model.onnx.
+    pub artifact_sha256: Option<String>,
+    pub error: Option<String>,
+    pub seconds: Option<f64>,
+}
+
+/// What ran where (from the job's own probe and its metrics.json).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Environment {
+    pub framework: Option<(String, Option<String>)>,
+    pub device: Option<String>,
+    pub cuda: Option<String>,
+    pub cudnn: Option<String>,
+    pub driver: Option<String>,
+    pub dependencies_lock_sha256: Option<String>,
+    pub container_image: Option<String>,
+    pub executor: String,
+}
+
+/// What a trial left behind.
+#[derive(Debug, Clone)]
+pub struct TrialOutput {
+    pub out: PathBuf,
+    pub metrics: Value,
+    pub environment: Environment,
+}
+
+/// Everything a trial needs to run.
+#[derive(Debug, Clone)]
+pub struct TrialRun {
+    pub spec: JobSpec,
+    pub params: BTreeMap<String, toml::Value>,
+    /// The trial's folder: `data/` (inputs), `out/`, `log`.
+    pub dir: PathBuf,
+    pub timeout: Duration,
+}
+
+impl TrialRun {
+    pub fn data(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+    pub fn out(&self) -> PathBuf {
+        self.dir.join("out")
+    }
+    pub fn log(&self) -> PathBuf {
+        self.dir.join("log")
+    }
+
+    /// The placeholder values of the command.
+    pub fn values(&self) -> BTreeMap<String, String> {
+        let mut v = BTreeMap::new();
+        let data = self.data();
+        v.insert("data".into(), data.display().to_string());
+        v.insert(
+            "train_csv".into(),
+            data.join("train.csv").display().to_string(),
+        );
+        v.insert(
+            "train_parquet".into(),
+            data.join("train.parquet").display().to_string(),
+        );
+        v.insert(
+            "holdout_csv".into(),
+            data.join("holdout.csv").display().to_string(),
+        );
+        v.insert("out".into(), self.out().display().to_string());
+        v.insert("seed".into(), self.spec.seed.to_string());
+        for (k, p) in &self.params {
+            v.insert(format!("param:{k}"), param_text(p));
+        }
+        v
+    }
+
+    /// The command with its placeholders filled in; an unknown placeholder is an error.
+    pub fn command(&self) -> Result<Vec<String>, String> {
+        let values = self.values();
+        self.spec
+            .command
+            .iter()
+            .map(|arg| {
+                let mut out = String::new();
+                let mut rest = arg.as_str();
+                while let Some(start) = rest.find('{') {
+                    out.push_str(&rest[..start]);
+                    let end = rest[start..]
+                        .find('}')
+                        .ok_or_else(|| format!("command argument `{arg}`: unclosed `{{`"))?;
+                    let key = &rest[start + 1..start + end];
+                    let value = values.get(key).ok_or_else(|| {
+                        format!(
+                            "command argument `{arg}`: no value for `{{{key}}}` (params: {:?})",
+                            self.params.keys().collect::<Vec<_>>()
+                        )
+                    })?;
+                    out.push_str(value);
+                    rest = &rest[start + end + 1..];
+                }
+                out.push_str(rest);
+                Ok(out)
+            })
+            .collect()
+    }
+}
+
+/// Runs trials somewhere.
+pub trait Executor: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// Runs one trial to completion (or until `cancel`), its log in `trial.log()`.
+    fn run(&self, trial: &TrialRun, cancel: &AtomicBool) -> Result<TrialOutput, String>;
+}
+
+/// Runs the command as a subprocess of the control plane.
+#[derive(Debug, Default)]
+pub struct LocalExecutor;
+
+impl Executor for LocalExecutor {
+    fn name(&self) -> &'static str {
+        "local"
+    }
+
+    fn run(&self, trial: &TrialRun, cancel: &AtomicBool) -> Result<TrialOutput, String> {
+        let command = trial.command()?;
+        std::fs::create_dir_all(trial.out()).map_err(|e| e.to_string())?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(trial.log())
+            .map_err(|e| e.to_string())?;
+        let err = log.try_clone().map_err(|e| e.to_string())?;
+        let values = trial.values();
+        let mut cmd = std::process::Command::new(&command[0]);
+        cmd.args(&command[1..])
+            .current_dir(&trial.dir)
+            .stdin(std::process::Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .env("FLEETML_DATA", &values["data"])
+            .env("FLEETML_TRAIN_CSV", &values["train_csv"])
+            .env("FLEETML_OUT", &values["out"])
+            .env("FLEETML_SEED", &values["seed"]);
+        if trial.data().join("holdout.csv").is_file() {
+            cmd.env("FLEETML_HOLDOUT_CSV", &values["holdout_csv"]);
+        }
+        for (k, p) in &trial.params {
+            cmd.env(format!("FLEETML_PARAM_{}", k.to_uppercase()), param_text(p));
+        }
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("starting `{}`: {e}", command[0]))?;
+        let started = std::time::Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+                break status;
+            }
+            if cancel.load(Ordering::Relaxed) {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err("cancelled".into());
+            }
+            if started.elapsed() > trial.timeout {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "timed out after {} s (timeout_s)",
+                    trial.timeout.as_secs()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        if !status.success() {
+            return Err(format!(
+                "`{}` exited with {status}; see `fleetctl retrain logs`",
+                command[0]
+            ));
+        }
+        collect(trial, "local")
+    }
+}
+
+/// Reads what a finished trial left in `out/`, and probes the machine it ran on.
+pub fn collect(trial: &TrialRun, executor: &str) -> Result<TrialOutput, String> {
+    let out = trial.out();
+    if !out.join("model.onnx").is_file() {
+        return Err(format!("the trial left no model.onnx in {}", out.display()));
+    }
+    let metrics: Value = std::fs::read(out.join("metrics.json"))
+        .map_err(|_| format!("the trial left no metrics.json in {}", out.display()))
+        .and_then(|b| {
+            serde_json::from_slice(&b).map_err(|e| format!("metrics.json is not JSON: {e}"))
+        })?;
+    let probe = probe_gpu();
+    let text = |k: &str| metrics[k].as_str().map(str::to_string);
+    let environment = Environment {
+        framework: metrics["framework"]["name"].as_str().map(|n| {
+            (
+                n.to_string(),
+                metrics["framework"]["version"].as_str().map(str::to_string),
+            )
+        }),
+        device: text("device").or(probe.0.clone()),
+        cuda: text("cuda").or(probe.2.clone()),
+        cudnn: text("cudnn"),
+        driver: probe.1.clone().or(text("driver")),
+        dependencies_lock_sha256: text("dependencies_lock_sha256"),
+        container_image: trial.spec.image.clone(),
+        executor: executor.into(),
+    };
+    Ok(TrialOutput {
+        out,
+        metrics,
+        environment,
+    })
+}
+
+/// GPU name, driver and CUDA version from `nvidia-smi`, when there is one.
+pub fn probe_gpu() -> (Option<String>, Option<String>, Option<String>) {
+    let query = std::process::Command::new("nvidia-smi")
+        .args(["--query-gpu=name,driver_version", "--format=csv,noheader"])
+        .output();
+    let Ok(out) = query else {
+        return (None, None, None);
+    };
+    if !out.status.success() {
+        return (None, None, None);
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let first = text.lines().next().unwrap_or("");
+    let (name, driver) = match first.split_once(',') {
+        Some((n, d)) => (Some(n.trim().to_string()), Some(d.trim().to_string())),
+        None => (None, None),
+    };
+    let cuda = std::process::Command::new("nvidia-smi")
+        .output()
+        .ok()
+        .and_then(|o| {
+            let t = String::from_utf8_lossy(&o.stdout).to_string();
+            let at = t.find("CUDA Version:")?;
+            Some(t[at + 13..].split_whitespace().next()?.to_string())
+        });
+    (name, driver, cuda)
+}
+
+/// Writes the trial's inputs: `train.csv` and `train.parquet`, and `holdout.csv`.
+pub fn stage_inputs(
+    trial: &TrialRun,
+    train: &crate::datasets::Table,
+    holdout: Option<&crate::datasets::Table>,
+) -> Result<(), String> {
+    let data = trial.data();
+    std::fs::create_dir_all(&data).map_err(|e| e.to_string())?;
+    std::fs::write(data.join("train.csv"), train.to_csv()).map_err(|e| e.to_string())?;
+    std::fs::write(data.join("train.parquet"), train.to_parquet()?).map_err(|e| e.to_string())?;
+    if let Some(h) = holdout {
+        std::fs::write(data.join("holdout.csv"), h.to_csv()).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// A job as the control plane keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: String,
+    pub model: String,
+    /// `train` or `reproduce`.
+    pub kind: String,
+    pub spec: JobSpec,
+    pub state: JobState,
+    /// Why it ran: `manual (token …)`, the drift policy, a reproduction of NAME@V.
+    pub trigger: String,
+    pub created_ms: u64,
+    pub started_ms: Option<u64>,
+    pub finished_ms: Option<u64>,
+    /// Datasets given (ids) and the combined training dataset.
+    pub inputs: Vec<String>,
+    pub training_dataset: Option<String>,
+    pub trials: Vec<Trial>,
+    pub best: Option<usize>,
+    /// The registered candidate: (name, version, bundle digest).
+    pub candidate: Option<(String, u64, String)>,
+    pub error: Option<String>,
+    /// For `reproduce`: the version reproduced and the comparison.
+    #[serde(default)]
+    pub reproduces: Option<(String, u64)>,
+    #[serde(default)]
+    pub report: Option<Value>,
+}
+
+/// Jobs in sled (tree `jobs`).
+#[derive(Debug, Clone)]
+pub struct Jobs {
+    tree: sled::Tree,
+    /// The last spec of each model (`retrain start MODEL` without `--spec`).
+    specs: sled::Tree,
+    db: sled::Db,
+    pub dir: PathBuf,
+}
+
+impl Jobs {
+    pub fn open(db: &sled::Db, dir: &Path) -> Result<Jobs, crate::ingest::StoreError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| crate::ingest::StoreError(format!("{}: {e}", dir.display())))?;
+        Ok(Jobs {
+            tree: db.open_tree("jobs")?,
+            specs: db.open_tree("job_specs")?,
+            db: db.clone(),
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn next_id(&self) -> Result<String, crate::ingest::StoreError> {
+        Ok(format!("j{}", self.db.generate_id()? + 1))
+    }
+
+    pub fn put(&self, job: &Job) -> Result<(), crate::ingest::StoreError> {
+        self.tree.insert(
+            job.id.as_bytes(),
+            serde_json::to_vec(job).map_err(|e| crate::ingest::StoreError(e.to_string()))?,
+        )?;
+        self.tree.flush()?;
+        Ok(())
+    }
+
+    pub fn get(&self, id: &str) -> Result<Option<Job>, crate::ingest::StoreError> {
+        match self.tree.get(id.as_bytes())? {
+            Some(b) => Ok(Some(
+                serde_json::from_slice(&b).map_err(|e| crate::ingest::StoreError(e.to_string()))?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    pub fn all(&self) -> Result<Vec<Job>, crate::ingest::StoreError> {
+        let mut out: Vec<Job> = Vec::new();
+        for item in self.tree.iter() {
+            let (_, v) = item?;
+            out.push(
+                serde_json::from_slice(&v).map_err(|e| crate::ingest::StoreError(e.to_string()))?,
+            );
+        }
+        out.sort_by_key(|j| j.created_ms);
+        Ok(out)
+    }
+
+    /// Changes job `id` in place.
+    pub fn update(
+        &self,
+        id: &str,
+        change: impl FnOnce(&mut Job),
+    ) -> Result<(), crate::ingest::StoreError> {
+        if let Some(mut job) = self.get(id)? {
+            change(&mut job);
+            self.put(&job)?;
+        }
+        Ok(())
+    }
+
+    pub fn keep_spec(&self, spec: &JobSpec) -> Result<(), crate::ingest::StoreError> {
+        self.specs
+            .insert(spec.model.as_bytes(), spec.to_toml().as_bytes())?;
+        self.specs.flush()?;
+        Ok(())
+    }
+
+    pub fn spec(&self, model: &str) -> Result<Option<JobSpec>, crate::ingest::StoreError> {
+        Ok(match self.specs.get(model.as_bytes())? {
+            Some(b) => JobSpec::from_toml(&String::from_utf8_lossy(&b)).ok(),
+            None => None,
+        })
+    }
+
+    pub fn trial_dir(&self, job: &str, n: usize) -> PathBuf {
+        self.dir.join(job).join(format!("trial-{n}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_grid_expands_over_params_and_placeholders_fill_the_command() {
+        let spec = JobSpec::from_toml(
+            r#"
+model = "m"
+command = ["fit", "--data={train_csv}", "--epochs", "{param:epochs}", "--hidden", "{param:hidden}", "--seed", "{seed}"]
+seed = 7
+[params]
+epochs = 30
+[grid]
+hidden = [8, 16]
+lr = [0.1, 0.01]
+"#,
+        )
+        .expect("test");
+        let trials = spec.trials();
+        assert_eq!(trials.len(), 4);
+        assert!(
+            trials
+                .iter()
+                .all(|t| t["epochs"] == toml::Value::Integer(30))
+        );
+        let run = TrialRun {
+            spec: spec.clone(),
+            params: trials[0].clone(),
+            dir: PathBuf::from("/j/t0"),
+            timeout: Duration::from_secs(1),
+        };
+        let cmd = run.command().expect("test");
+        assert_eq!(cmd[1], "--data=/j/t0/data/train.csv");
+        assert_eq!(
+            &cmd[2..],
+            ["--epochs", "30", "--hidden", "8", "--seed", "7"]
+        );
+        let mut bad = run.clone();
+        bad.spec.command = vec!["fit".into(), "{param:nope}".into()];
+        assert!(bad.command().expect_err("test").contains("nope"));
+        assert!(
+            JobSpec::from_toml("model = \"m\"")
+                .expect_err("test")
+                .contains("command")
+        );
+        assert!(JobSpec::from_toml("model = \"m\"\ncommand=[\"x\"]\ngoal = \"up\"").is_err());
+        assert!(spec.better(0.9, 0.8));
+    }
+}
