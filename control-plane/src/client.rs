@@ -78,6 +78,11 @@ impl Client {
         self.call("POST", path, "application/json", serde_json::to_vec(body)?)
     }
 
+    /// `METHOD path` with a JSON body.
+    pub fn call_json(&self, method: &str, path: &str, body: &Value) -> anyhow::Result<Value> {
+        self.call(method, path, "application/json", serde_json::to_vec(body)?)
+    }
+
     pub fn delete(&self, path: &str) -> anyhow::Result<Value> {
         self.call("DELETE", path, "application/json", Vec::new())
     }

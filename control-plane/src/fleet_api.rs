@@ -228,6 +228,26 @@ fn active_of(plane: &Plane, model: &str) -> Api<Option<Rollout>> {
         .find(|r| r.model == model && !r.state.is_final()))
 }
 
+/// A canary rollout of `model@version` to every device (auto-rollback on), started by
+/// the retraining policy; the engine advances it. Returns its id.
+pub fn start_canary(plane: &Plane, model: &str, version: u64, pct: u32) -> Result<String, String> {
+    let req = RolloutRequest {
+        model: model.into(),
+        version,
+        to: "all".into(),
+        waves: None,
+        canary: Some(pct.clamp(1, 99)),
+        soak_s: None,
+        quorum_pct: None,
+        deadline_s: None,
+        auto_rollback: true,
+        gates: None,
+    };
+    create_rollout(plane, req, format!("policy:{model}"))
+        .map(|r| r.id)
+        .map_err(|e| e.1)
+}
+
 /// `POST /v1/rollouts`.
 pub async fn start_rollout(
     State(plane): State<Arc<Plane>>,
@@ -235,75 +255,93 @@ pub async fn start_rollout(
     axum::Json(req): axum::Json<RolloutRequest>,
 ) -> Api<(StatusCode, axum::Json<Value>)> {
     let p = plane.clone();
-    let rollout = blocking(move || {
-        let plane = p;
-        let record = plane
-            .registry
-            .get(&req.model, req.version)
-            .map_err(internal)?
-            .ok_or_else(|| {
-                ApiError(
-                    StatusCode::NOT_FOUND,
-                    format!("{}@v{} is not in the registry (fleetctl models push)", req.model, req.version),
-                )
-            })?;
-        if record.stage == "archived" {
-            return Err(unprocessable(format!(
-                "{}@v{} is archived; stage it again before rolling it out",
-                req.model, req.version
-            )));
-        }
-        let selector: Selector = req.to.parse().map_err(unprocessable)?;
-        let waves = crate::rollout::parse_waves(req.waves.as_deref(), req.canary).map_err(unprocessable)?;
-        let _guard = plane.rollout_lock.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(r) = active_of(&plane, &req.model)? {
-            return Err(ApiError(
-                StatusCode::CONFLICT,
+    let rollout = blocking(move || create_rollout(&p, req, who.who())).await?;
+    tracing::info!(rollout = %rollout.id, model = %rollout.model, devices = rollout.targets.len(), "rollout started");
+    advance(&plane, &rollout.id).await?;
+    let r = status(&plane, &rollout.id).await?;
+    Ok((StatusCode::CREATED, axum::Json(r)))
+}
+
+/// Checks a rollout request, selects and plans its devices, and keeps it (blocking).
+fn create_rollout(plane: &Plane, req: RolloutRequest, by: String) -> Api<Rollout> {
+    let record = plane
+        .registry
+        .get(&req.model, req.version)
+        .map_err(internal)?
+        .ok_or_else(|| {
+            ApiError(
+                StatusCode::NOT_FOUND,
                 format!(
-                    "rollout {} of {} is {}; abort it (fleetctl rollout abort {}) before starting another",
-                    r.id,
-                    r.model,
-                    serde_json::to_value(r.state).map_err(internal)?.as_str().unwrap_or("?"),
-                    r.id
+                    "{}@v{} is not in the registry (fleetctl models push)",
+                    req.model, req.version
                 ),
-            ));
-        }
-        let digest: Sha256 = record.digest.parse().map_err(internal)?;
-        let id = plane.rollouts.next_id()?;
-        let to = AssignedModel {
-            version: req.version,
-            digest,
-            size: record.size,
-            rollout: Some(id.clone()),
-        };
-        let mut devices: Vec<_> = plane
-            .ingest
-            .store
-            .devices()?
-            .into_iter()
-            .filter(|d| selector.matches(d))
-            .collect();
-        devices.sort_by(|a, b| a.id.cmp(&b.id));
-        if devices.is_empty() {
-            return Err(unprocessable(format!("selector `{}` matches no enrolled device", req.to)));
-        }
-        let mut targets = Vec::new();
-        for d in &devices {
-            let from = plane
-                .assignments
-                .get(&d.id)?
-                .and_then(|r| r.models.get(&req.model).cloned());
-            targets.push(Target {
-                device: d.id.clone(),
-                wave: 0,
-                to: to.clone(),
-                from,
-                assigned_ms: None,
-                generation: None,
-            });
-        }
-        let states = states_of(&plane, &targets)?;
-        let rollout = Rollout::new(Plan {
+            )
+        })?;
+    if record.stage == "archived" {
+        return Err(unprocessable(format!(
+            "{}@v{} is archived; stage it again before rolling it out",
+            req.model, req.version
+        )));
+    }
+    let selector: Selector = req.to.parse().map_err(unprocessable)?;
+    let waves =
+        crate::rollout::parse_waves(req.waves.as_deref(), req.canary).map_err(unprocessable)?;
+    let _guard = plane.rollout_lock.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(r) = active_of(plane, &req.model)? {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!(
+                "rollout {} of {} is {}; abort it (fleetctl rollout abort {}) before starting another",
+                r.id,
+                r.model,
+                serde_json::to_value(r.state)
+                    .map_err(internal)?
+                    .as_str()
+                    .unwrap_or("?"),
+                r.id
+            ),
+        ));
+    }
+    let digest: Sha256 = record.digest.parse().map_err(internal)?;
+    let id = plane.rollouts.next_id()?;
+    let to = AssignedModel {
+        version: req.version,
+        digest,
+        size: record.size,
+        rollout: Some(id.clone()),
+    };
+    let mut devices: Vec<_> = plane
+        .ingest
+        .store
+        .devices()?
+        .into_iter()
+        .filter(|d| selector.matches(d))
+        .collect();
+    devices.sort_by(|a, b| a.id.cmp(&b.id));
+    if devices.is_empty() {
+        return Err(unprocessable(format!(
+            "selector `{}` matches no enrolled device",
+            req.to
+        )));
+    }
+    let mut targets = Vec::new();
+    for d in &devices {
+        let from = plane
+            .assignments
+            .get(&d.id)?
+            .and_then(|r| r.models.get(&req.model).cloned());
+        targets.push(Target {
+            device: d.id.clone(),
+            wave: 0,
+            to: to.clone(),
+            from,
+            assigned_ms: None,
+            generation: None,
+        });
+    }
+    let states = states_of(plane, &targets)?;
+    let rollout = Rollout::new(
+        Plan {
             id,
             kind: Kind::Rollout,
             model: req.model.clone(),
@@ -319,16 +357,12 @@ pub async fn start_rollout(
             },
             baseline: crate::rollout::baseline(&req.model, &targets, &states),
             targets,
-            by: who.who(),
-        }, now_ms());
-        plane.rollouts.put(&rollout)?;
-        Ok(rollout)
-    })
-    .await?;
-    tracing::info!(rollout = %rollout.id, model = %rollout.model, devices = rollout.targets.len(), "rollout started");
-    advance(&plane, &rollout.id).await?;
-    let r = status(&plane, &rollout.id).await?;
-    Ok((StatusCode::CREATED, axum::Json(r)))
+            by,
+        },
+        now_ms(),
+    );
+    plane.rollouts.put(&rollout)?;
+    Ok(rollout)
 }
 
 #[derive(Debug, Deserialize)]

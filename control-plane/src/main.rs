@@ -213,6 +213,60 @@ enum RolloutCommand {
 }
 
 #[derive(Subcommand, Debug)]
+enum PolicyCommand {
+    /// Retrain NAME when enough of its devices hold drift alerts long enough.
+    ///
+    /// Example: fleetctl models policy set claims --drift-share 0.2 --for 30m --dataset 3f2a9c1e --captured-since 7d
+    Set {
+        model: String,
+        /// Share of the devices running it that must hold a drift alert (0..1].
+        #[arg(long, default_value_t = 0.2)]
+        drift_share: f64,
+        /// For at least this long (s, m, h, d).
+        #[arg(long = "for", default_value = "30m", value_parser = parse_duration)]
+        for_: std::time::Duration,
+        /// Original training data added to the captured rows (repeat).
+        #[arg(long = "dataset")]
+        datasets: Vec<String>,
+        /// Labelled rows captured within this long before the trigger.
+        #[arg(long, default_value = "7d", value_parser = parse_duration)]
+        captured_since: std::time::Duration,
+        /// No new trigger within this long of the last one.
+        #[arg(long, default_value = "6h", value_parser = parse_duration)]
+        cooldown: std::time::Duration,
+        /// Most of its jobs running at once.
+        #[arg(long, default_value_t = 1)]
+        max_jobs: usize,
+        /// Start a canary rollout of a candidate that beats production on --holdout.
+        #[arg(long)]
+        auto_promote: bool,
+        /// Dataset the challenger is compared on.
+        #[arg(long)]
+        holdout: Option<String>,
+        /// Label column of the holdout.
+        #[arg(long)]
+        label: Option<String>,
+        #[arg(long, default_value_t = 0.01)]
+        margin: f64,
+        /// Canary size in percent.
+        #[arg(long, default_value_t = 5)]
+        canary: u32,
+        /// Keep the policy but stop triggering.
+        #[arg(long)]
+        disabled: bool,
+        /// The job spec it retrains with (default: the one `retrain start` used last).
+        #[arg(long)]
+        spec: Option<PathBuf>,
+    },
+    /// The policy, the share alerting now, and what it did.
+    Show {
+        model: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum RetrainCommand {
     /// Start a training job for MODEL (its spec: --spec, or the one used last).
     Start {
@@ -362,6 +416,27 @@ enum TrustCommand {
 
 #[derive(Subcommand, Debug)]
 enum ModelsCommand {
+    /// Champion/challenger: evaluate NAME@A and NAME@B on a labelled dataset with the
+    /// agents' runtime — accuracy/AUC or MAE, per board and tag slice, latency — side
+    /// by side.
+    Compare {
+        a: String,
+        b: String,
+        /// The dataset (id or 8+ hex prefix) to evaluate on.
+        #[arg(long)]
+        on: String,
+        /// Label column (default: the model's job spec label, else `label`).
+        #[arg(long)]
+        label: Option<String>,
+        /// How much better B must be on the deciding metric to win.
+        #[arg(long, default_value_t = 0.0)]
+        margin: f64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The drift-triggered retraining policy of a model.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Re-run the training job that produced NAME@VERSION from its lineage (same
     /// dataset, code, parameters, seed) and report: artifact hash identical or not,
     /// metric within --tolerance, lineage fields that differ now. Exits 1 when neither
@@ -1325,6 +1400,89 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Rollout(cmd) => rollout_command(&server, cmd)?,
         Command::Data(cmd) => data_command(&server, cmd)?,
         Command::Retrain(cmd) => retrain_command(&server, cmd)?,
+        Command::Models(ModelsCommand::Compare {
+            a,
+            b,
+            on,
+            label,
+            margin,
+            json,
+        }) => {
+            let r = fleet_control::client::Client::new(&server)?.post(
+                "/v1/compare",
+                &serde_json::json!({ "a": a, "b": b, "dataset": on, "label": label, "margin": margin }),
+            )?;
+            if json {
+                print_json(&r)?;
+            } else {
+                print!("{}", fleet_control::views::comparison(&r));
+            }
+        }
+        Command::Models(ModelsCommand::Policy(PolicyCommand::Set {
+            model,
+            drift_share,
+            for_,
+            datasets,
+            captured_since,
+            cooldown,
+            max_jobs,
+            auto_promote,
+            holdout,
+            label,
+            margin,
+            canary,
+            disabled,
+            spec,
+        })) => {
+            let spec = match spec {
+                Some(p) => Some(
+                    std::fs::read_to_string(&p)
+                        .with_context(|| format!("reading {}", p.display()))?,
+                ),
+                None => None,
+            };
+            let r = fleet_control::client::Client::new(&server)?.call_json(
+                "PUT",
+                &format!("/v1/models/{model}/policy"),
+                &serde_json::json!({
+                    "drift_share": drift_share, "for_s": for_.as_secs(), "datasets": datasets,
+                    "captured_since_s": captured_since.as_secs(), "cooldown_s": cooldown.as_secs(),
+                    "max_jobs": max_jobs, "auto_promote": auto_promote, "holdout": holdout,
+                    "label": label, "margin": margin, "canary_pct": canary, "enabled": !disabled,
+                    "spec": spec,
+                }),
+            )?;
+            println!(
+                "retraining policy of {model} set: {:.0}% of its devices alerting for {} s{}",
+                drift_share * 100.0,
+                for_.as_secs(),
+                if r["policy"]["auto_promote"] == true {
+                    ", winners go to a canary"
+                } else {
+                    ""
+                }
+            );
+        }
+        Command::Models(ModelsCommand::Policy(PolicyCommand::Show { model, json })) => {
+            let r = fleet_control::client::Client::new(&server)?
+                .get(&format!("/v1/models/{model}/policy"))?;
+            if json {
+                print_json(&r)?;
+            } else {
+                println!("{}", serde_json::to_string_pretty(&r["policy"])?);
+                println!(
+                    "alerting now: {:.0}% of its devices",
+                    r["state"]["last_share"].as_f64().unwrap_or(0.0) * 100.0
+                );
+                for e in r["state"]["events"].as_array().cloned().unwrap_or_default() {
+                    println!(
+                        "{}  {}",
+                        fleet_control::views::utc(e[0].as_u64().unwrap_or(0)),
+                        e[1].as_str().unwrap_or("")
+                    );
+                }
+            }
+        }
         Command::Models(ModelsCommand::Reproduce {
             model,
             detach,

@@ -71,6 +71,7 @@ pub struct Plane {
     pub captures: crate::captures::Captures,
     pub datasets: crate::datasets::Datasets,
     pub jobs: crate::jobs::Jobs,
+    pub policies: crate::policy::Policies,
     pub(crate) running: crate::retrain::Running,
     pub(crate) signing_key: Option<PathBuf>,
     pub rollouts: crate::rollout::Rollouts,
@@ -370,6 +371,7 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
         captures: crate::captures::Captures::open(store.db(), &opts.data_dir.join("captures"))?,
         datasets: crate::datasets::Datasets::open(store.db(), &opts.data_dir.join("datasets"))?,
         jobs: crate::jobs::Jobs::open(store.db(), &opts.data_dir.join("jobs"))?,
+        policies: crate::policy::Policies::open(store.db())?,
         running: Default::default(),
         signing_key: opts.signing_key.clone(),
         rollouts: crate::rollout::Rollouts::open(store.db())?,
@@ -392,6 +394,7 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
     });
     spawn_ingest(plane.clone(), events);
     crate::fleet_api::spawn_rollouts(plane.clone());
+    crate::policy::spawn(plane.clone());
 
     let app = router(plane.clone());
     let tcp = tokio::net::TcpListener::bind(opts.listen)
@@ -711,6 +714,11 @@ pub fn router(plane: Arc<Plane>) -> Router {
         .route("/v1/retrain/{id}/logs", get(r::job_logs))
         .route("/v1/retrain/{id}/cancel", post(r::cancel_job))
         .route("/v1/models/{name}/{version}/reproduce", post(r::reproduce))
+        .route(
+            "/v1/models/{name}/policy",
+            get(crate::policy::get_policy).put(crate::policy::put_policy),
+        )
+        .route("/v1/compare", post(crate::policy::compare_handler))
         .route("/v1/drift", get(drift))
         .route("/v1/ingest", get(ingest_counters))
         .route("/v1/trust", get(get_trust).put(put_trust))

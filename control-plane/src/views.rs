@@ -575,3 +575,70 @@ pub fn rollout_status(v: &Value) -> String {
     }
     out
 }
+
+/// `fleetctl models compare` side by side.
+pub fn comparison(r: &Value) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let name = |x: &Value| format!("{}@v{}", str_of(&x["model"]), x["version"]);
+    let (a, b) = (&r["a"], &r["b"]);
+    let _ = writeln!(
+        out,
+        "on dataset {} (label `{}`)\n",
+        str_of(&r["dataset"]).get(..16).unwrap_or("?"),
+        str_of(&r["label"])
+    );
+    let _ = writeln!(out, "{:<28} {:>14} {:>14}", "", name(a), name(b));
+    let row = |out: &mut String, label: &str, pa: &Value, pb: &Value| {
+        let f = |v: &Value| v.as_f64().map_or("-".into(), |x| format!("{x:.4}"));
+        let _ = writeln!(out, "{label:<28} {:>14} {:>14}", f(pa), f(pb));
+    };
+    let (ea, eb) = (&a["evaluation"], &b["evaluation"]);
+    let _ = writeln!(
+        out,
+        "{:<28} {:>14} {:>14}",
+        "rows", ea["overall"]["rows"], eb["overall"]["rows"]
+    );
+    for m in ["accuracy", "auc", "mae"] {
+        if ea["overall"][m].is_number() {
+            row(&mut out, m, &ea["overall"][m], &eb["overall"][m]);
+        }
+    }
+    row(
+        &mut out,
+        "latency p50 (us/row)",
+        &ea["latency_us"]["p50"],
+        &eb["latency_us"]["p50"],
+    );
+    row(
+        &mut out,
+        "latency p99 (us/row)",
+        &ea["latency_us"]["p99"],
+        &eb["latency_us"]["p99"],
+    );
+    if let Some(slices) = ea["slices"].as_object() {
+        for (slice, sa) in slices {
+            let sb = &eb["slices"][slice];
+            for m in ["accuracy", "auc", "mae"] {
+                if sa[m].is_number() {
+                    row(&mut out, &format!("{slice} {m}"), &sa[m], &sb[m]);
+                }
+            }
+        }
+    }
+    let v = &r["verdict"];
+    let winner = match v["winner"].as_str() {
+        Some("a") => format!("{} wins", name(a)),
+        Some("b") => format!("{} wins", name(b)),
+        _ => "no winner".into(),
+    };
+    let _ = writeln!(
+        out,
+        "\n{winner} on {} ({:+.4} for {}, margin {})",
+        str_of(&v["metric"]),
+        v["gain_of_b"].as_f64().unwrap_or(0.0),
+        name(b),
+        v["margin"]
+    );
+    out
+}

@@ -23,6 +23,16 @@ fn spec(dir: &Path, extra: &str) -> String {
     path.display().to_string()
 }
 
+/// Keys, trust policy, and a control plane that signs candidates with `keys/k.key`.
+fn signing_plane(dir: &Path) -> ControlPlane {
+    keys_and_policy(dir, "k");
+    ControlPlane::start(
+        dir,
+        None,
+        &["--trust", "trust.toml", "--signing-key", "keys/k.key"],
+    )
+}
+
 fn sha256_hex(path: &Path) -> String {
     fleetml_protocol::crypto::sha256(&std::fs::read(path).expect("file")).to_string()
 }
@@ -31,12 +41,7 @@ fn sha256_hex(path: &Path) -> String {
 fn a_training_job_registers_the_best_trial_with_its_lineage_and_reproduces_it_bit_for_bit() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
-    keys_and_policy(dir, "k");
-    let plane = ControlPlane::start(
-        dir,
-        None,
-        &["--trust", "trust.toml", "--signing-key", "keys/k.key"],
-    );
+    let plane = signing_plane(dir);
     let imported = plane.fleetctl(
         dir,
         &[
@@ -157,4 +162,293 @@ fn a_training_job_registers_the_best_trial_with_its_lineage_and_reproduces_it_bi
         "{}",
         manual.stderr
     );
+}
+
+/// The `investigate` labels of a claims CSV, in row order.
+fn labels(file: &str) -> Vec<u8> {
+    let text = std::fs::read_to_string(claims(file)).expect("csv");
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().expect("header").split(',').collect();
+    let at = header
+        .iter()
+        .position(|h| *h == "investigate")
+        .expect("label column");
+    lines
+        .map(|l| {
+            l.split(',')
+                .nth(at)
+                .expect("label")
+                .trim()
+                .parse()
+                .expect("0/1")
+        })
+        .collect()
+}
+
+#[test]
+fn drift_on_the_devices_retrains_the_model_and_a_better_challenger_goes_to_a_canary() {
+    use crate::rollout::{enroll, rollout, run_agent, wait_running, wait_state};
+    use hil_tests::fleet::wait_for;
+    use serde_json::json;
+    use std::time::Duration;
+    const WAIT: Duration = Duration::from_secs(120);
+
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let plane = signing_plane(dir);
+    crate::rollout::bundle(dir, 1, "v1.fmb");
+    plane.fleetctl(dir, &["models", "push", "v1.fmb"]).success();
+    plane
+        .fleetctl(dir, &["models", "stage", "claims@1", "production"])
+        .success();
+    // The original training set, and a drifted holdout the devices never see.
+    plane
+        .fleetctl(
+            dir,
+            &[
+                "data",
+                "import",
+                &claims("reference.csv"),
+                "--name",
+                "original",
+            ],
+        )
+        .success();
+    let drifted_csv = std::fs::read_to_string(claims("drifted.csv")).expect("drifted");
+    let mut lines: Vec<&str> = drifted_csv.lines().collect();
+    let header = lines.remove(0);
+    std::fs::write(
+        dir.join("holdout.csv"),
+        format!("{header}\n{}\n", lines[800..].join("\n")),
+    )
+    .expect("holdout");
+    plane
+        .fleetctl(
+            dir,
+            &["data", "import", "holdout.csv", "--name", "drifted holdout"],
+        )
+        .success();
+    let datasets = plane.json(dir, &["data", "list"]);
+    let id_of = |name: &str| {
+        datasets
+            .as_array()
+            .expect("list")
+            .iter()
+            .find(|d| d["name"] == name)
+            .expect("dataset")["id"]
+            .as_str()
+            .expect("id")
+            .to_string()
+    };
+    let (original, holdout) = (id_of("original"), id_of("drifted holdout"));
+
+    let features: Vec<String> = crate::monitoring::rows("reference.csv")[0]
+        .as_object()
+        .expect("row")
+        .keys()
+        .map(|k| format!("{k:?}"))
+        .collect();
+    let capture = format!(
+        "window_predictions = 50\ncapture_upload_interval_s = 1\n[[capture]]\nmodel = \"claims\"\nflush_s = 1\nfeatures = [{}]\n",
+        features.join(", ")
+    );
+    let names = ["edge-a", "edge-b"];
+    let mut agents = Vec::new();
+    for name in names {
+        enroll(dir, &plane, name, "raspberry-pi-4", "site=lab", &capture);
+        agents.push(run_agent(dir, name, "raspberry-pi-4"));
+    }
+    let first = rollout(&plane, dir, &["claims@1", "--to", "all", "--soak", "0s"]);
+    wait_state(&plane, &first, "completed");
+    for name in names {
+        wait_running(&plane, name, 1);
+    }
+
+    // The field drifts: each device predicts 400 drifted claims, and ground truth follows.
+    let rows = crate::monitoring::rows("drifted.csv");
+    let truth = labels("drifted.csv");
+    for (i, agent) in agents.iter().enumerate() {
+        for start in (i * 400..(i + 1) * 400).step_by(50) {
+            let ids: Vec<String> = (start..start + 50).map(|r| format!("claim-{r}")).collect();
+            let (status, reply) = agent.request(
+                "POST",
+                "/v1/models/claims/predict",
+                &json!({ "features": &rows[start..start + 50], "ids": ids }),
+            );
+            assert_eq!(status, 200, "{reply}");
+            for (r, id) in (start..start + 50).zip(&ids) {
+                let (status, reply) = agent.request(
+                    "POST",
+                    "/v1/feedback",
+                    &json!({ "id": id, "label": truth[r] }),
+                );
+                assert_eq!(status, 200, "{reply}");
+            }
+        }
+    }
+    wait_for("drift alerts from both devices", WAIT, || {
+        names
+            .iter()
+            .all(|n| {
+                plane.get(&format!("/v1/devices/{n}"))["open_alerts"]
+                    .as_array()
+                    .is_some_and(|a| !a.is_empty())
+            })
+            .then_some(())
+    });
+    wait_for("the labelled rows upstream", WAIT, || {
+        let total: u64 = plane
+            .get("/v1/captures?model=claims")
+            .as_array()?
+            .iter()
+            .filter(|b| b["kind"] == "labelled")
+            .map(|b| b["rows"].as_u64().unwrap_or(0))
+            .sum();
+        (total >= 800).then_some(())
+    });
+
+    let spec = spec(dir, "");
+    plane
+        .fleetctl(
+            dir,
+            &[
+                "models",
+                "policy",
+                "set",
+                "claims",
+                "--drift-share",
+                "0.5",
+                "--for",
+                "1s",
+                "--dataset",
+                &original,
+                "--captured-since",
+                "1h",
+                "--auto-promote",
+                "--holdout",
+                &holdout,
+                "--margin",
+                "0.0",
+                "--canary",
+                "50",
+                "--spec",
+                &spec,
+            ],
+        )
+        .success();
+    let job = wait_for("the policy's training job to finish", WAIT, || {
+        let jobs = plane.get("/v1/retrain");
+        let j = jobs.as_array()?.first()?.clone();
+        matches!(j["state"].as_str(), Some("succeeded" | "failed")).then_some(j)
+    });
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    assert!(
+        job["trigger"]
+            .as_str()
+            .expect("trigger")
+            .starts_with("drift policy of claims"),
+        "{job:#}"
+    );
+    // Trained on the original set plus what the devices captured.
+    let training = plane.get(&format!(
+        "/v1/datasets/{}",
+        job["training_dataset"].as_str().expect("id")
+    ));
+    assert_eq!(training["rows"], 4800, "{training:#}");
+    let captured = job["inputs"]
+        .as_array()
+        .expect("inputs")
+        .iter()
+        .map(|i| plane.get(&format!("/v1/datasets/{}", i.as_str().expect("id"))))
+        .find(|d| {
+            d["sources"][0]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("captures")
+        })
+        .expect("a captured dataset among the inputs");
+    assert_eq!(captured["devices"], json!(["edge-a", "edge-b"]));
+    assert_eq!(captured["rows"], 800);
+
+    // The candidate and its lineage.
+    let candidate = plane.get("/v1/models/claims/2");
+    assert_eq!(candidate["model"]["stage"], "candidate");
+    let lineage = &candidate["bundle"]["manifest"]["lineage"];
+    for field in [
+        "dataset",
+        "code",
+        "framework",
+        "seed",
+        "training_device",
+        "hyperparameters",
+    ] {
+        assert!(
+            !lineage[field].is_null(),
+            "lineage lacks {field}: {lineage:#}"
+        );
+    }
+    assert_eq!(lineage["dataset"]["sha256"], job["training_dataset"]);
+
+    // Champion/challenger on the drifted holdout.
+    let compared = plane.json(
+        dir,
+        &[
+            "models",
+            "compare",
+            "claims@1",
+            "claims@2",
+            "--on",
+            &holdout[..12],
+            "--label",
+            "investigate",
+        ],
+    );
+    assert_eq!(compared["verdict"]["winner"], "b", "{compared:#}");
+    let table = plane.fleetctl(
+        dir,
+        &[
+            "models",
+            "compare",
+            "claims@1",
+            "claims@2",
+            "--on",
+            &holdout,
+            "--label",
+            "investigate",
+        ],
+    );
+    assert!(
+        table.success().contains("claims@v2 wins on auc"),
+        "{}",
+        table.stdout
+    );
+
+    // Auto-promote: a canary rollout of the challenger.
+    let canary = wait_for("the canary rollout", WAIT, || {
+        plane
+            .get("/v1/rollouts")
+            .as_array()?
+            .iter()
+            .find(|r| r["version"] == 2)
+            .cloned()
+    });
+    assert_eq!(canary["by"], "policy:claims", "{canary:#}");
+    let audit = plane.json(dir, &["audit", "--last", "1000"]);
+    let actions: Vec<&str> = audit
+        .as_array()
+        .expect("audit")
+        .iter()
+        .filter(|e| e["who"] == "policy:claims")
+        .filter_map(|e| e["action"].as_str())
+        .collect();
+    for a in ["retrain.start", "retrain.finished", "promote.canary"] {
+        assert!(actions.contains(&a), "{actions:?}");
+    }
+    let shown = plane.fleetctl(dir, &["models", "policy", "show", "claims"]);
+    assert!(
+        shown.success().contains("canary rollout"),
+        "{}",
+        shown.stdout
+    );
+    drop(agents);
 }

@@ -27,7 +27,7 @@ fn now_ms() -> u64 {
 }
 
 /// Builds claims v`version` signed with `keys/k.key` into `out`.
-fn bundle(dir: &Path, version: u32, out: &str) {
+pub(crate) fn bundle(dir: &Path, version: u32, out: &str) {
     build_claims(
         dir,
         version,
@@ -42,7 +42,14 @@ fn bundle(dir: &Path, version: u32, out: &str) {
 }
 
 /// Enrolls `name` on `board` with `tags`; adds `extra` lines to the config it wrote.
-fn enroll(dir: &Path, plane: &ControlPlane, name: &str, board: &str, tags: &str, extra: &str) {
+pub(crate) fn enroll(
+    dir: &Path,
+    plane: &ControlPlane,
+    name: &str,
+    board: &str,
+    tags: &str,
+    extra: &str,
+) {
     let config = format!("{name}.toml");
     plane
         .fleetctl(
@@ -62,7 +69,7 @@ fn enroll(dir: &Path, plane: &ControlPlane, name: &str, board: &str, tags: &str,
 }
 
 /// `fleet-agent run` for an enrolled device with its board profile; no model installed.
-fn run_agent(dir: &Path, name: &str, board: &str) -> RunningAgent {
+pub(crate) fn run_agent(dir: &Path, name: &str, board: &str) -> RunningAgent {
     let board = root().join(format!("boards/{board}.toml"));
     RunningAgent::start(
         dir,
@@ -80,14 +87,14 @@ fn run_agent(dir: &Path, name: &str, board: &str) -> RunningAgent {
     )
 }
 
-fn kill(agent: RunningAgent) {
+pub(crate) fn kill(agent: RunningAgent) {
     let mut agent = agent;
     let _ = agent.child.kill();
     let _ = agent.child.wait();
 }
 
 /// The version of claims the device reports running, if any.
-fn running(plane: &ControlPlane, device: &str) -> Option<u64> {
+pub(crate) fn running(plane: &ControlPlane, device: &str) -> Option<u64> {
     let d = plane.get(&format!("/v1/devices/{device}"));
     d["models"]
         .as_array()?
@@ -96,14 +103,14 @@ fn running(plane: &ControlPlane, device: &str) -> Option<u64> {
         .as_u64()
 }
 
-fn wait_running(plane: &ControlPlane, device: &str, version: u64) {
+pub(crate) fn wait_running(plane: &ControlPlane, device: &str, version: u64) {
     wait_for(&format!("{device} to run claims v{version}"), WAIT, || {
         (running(plane, device) == Some(version)).then_some(())
     });
 }
 
 /// The lifecycle events the device reported: (kind, model, version, detail).
-fn events(plane: &ControlPlane, device: &str) -> Vec<(String, String, u64, String)> {
+pub(crate) fn events(plane: &ControlPlane, device: &str) -> Vec<(String, String, u64, String)> {
     plane
         .messages(device)
         .iter()
@@ -119,7 +126,7 @@ fn events(plane: &ControlPlane, device: &str) -> Vec<(String, String, u64, Strin
         .collect()
 }
 
-fn wait_event(plane: &ControlPlane, device: &str, kind: &str, detail: &str) -> String {
+pub(crate) fn wait_event(plane: &ControlPlane, device: &str, kind: &str, detail: &str) -> String {
     wait_for(
         &format!("{device} to report {kind} ({detail})"),
         WAIT,
@@ -132,7 +139,7 @@ fn wait_event(plane: &ControlPlane, device: &str, kind: &str, detail: &str) -> S
     )
 }
 
-fn rollout(plane: &ControlPlane, dir: &Path, args: &[&str]) -> String {
+pub(crate) fn rollout(plane: &ControlPlane, dir: &Path, args: &[&str]) -> String {
     let mut all = vec!["rollout", "start"];
     all.extend_from_slice(args);
     let run = plane.fleetctl(dir, &all);
@@ -144,11 +151,11 @@ fn rollout(plane: &ControlPlane, dir: &Path, args: &[&str]) -> String {
         .to_string()
 }
 
-fn status(plane: &ControlPlane, id: &str) -> Value {
+pub(crate) fn status(plane: &ControlPlane, id: &str) -> Value {
     plane.get(&format!("/v1/rollouts/{id}"))
 }
 
-fn wait_state(plane: &ControlPlane, id: &str, state: &str) -> Value {
+pub(crate) fn wait_state(plane: &ControlPlane, id: &str, state: &str) -> Value {
     wait_for(&format!("rollout {id} to be {state}"), WAIT, || {
         let s = status(plane, id);
         (s["state"] == state).then_some(s)
@@ -156,13 +163,13 @@ fn wait_state(plane: &ControlPlane, id: &str, state: &str) -> Value {
 }
 
 /// Reads `key = "value"` from a TOML config.
-fn config_value(dir: &Path, name: &str, key: &str) -> String {
+pub(crate) fn config_value(dir: &Path, name: &str, key: &str) -> String {
     let text = std::fs::read_to_string(dir.join(format!("{name}.toml"))).expect("config");
     let table: toml::Table = toml::from_str(&text).expect("toml");
     table[key].as_str().expect(key).to_string()
 }
 
-fn device_token(dir: &Path, name: &str) -> String {
+pub(crate) fn device_token(dir: &Path, name: &str) -> String {
     let secret = hex::decode(config_value(dir, name, "device_secret")).expect("hex");
     http_token(&DeviceId::new(name).expect("id"), &secret)
 }

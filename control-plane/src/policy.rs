@@ -1,0 +1,595 @@
+//! Drift-triggered retraining and champion/challenger promotion.
+//!
+//! A policy per model (`fleetctl models policy set NAME …`) says: when at least
+//! `drift_share` of the devices running the model have held a drift alert (a feature or
+//! the prediction, not lag or missing predictions) for `for_s` seconds, start a training
+//! job with the model's job spec on `datasets` plus the labelled rows captured in the
+//! last `captured_since_s`; at most `max_jobs` at once, and not again within
+//! `cooldown_s`. When the job registers a candidate and `auto_promote` is on, the
+//! candidate is compared with the production version on `holdout`; if it wins by
+//! `margin`, a canary rollout (`canary_pct`, auto-rollback) starts. The trigger, the
+//! job's outcome and the promotion are audit entries (who = `policy:NAME`) and log
+//! lines.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::extract::{Path as UrlPath, State};
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::ingest::FleetStore;
+use crate::server::{Api, ApiError, Plane, now_ms};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    #[serde(default)]
+    pub model: String,
+    /// Share of the devices running the model that must be alerting (0..1).
+    #[serde(default = "default_share")]
+    pub drift_share: f64,
+    /// For how long, in seconds.
+    #[serde(default = "default_for")]
+    pub for_s: u64,
+    /// Original training data (dataset ids) added to the captured rows.
+    #[serde(default)]
+    pub datasets: Vec<String>,
+    /// Labelled rows captured within this many seconds before the trigger.
+    #[serde(default = "default_since")]
+    pub captured_since_s: u64,
+    #[serde(default = "default_cooldown")]
+    pub cooldown_s: u64,
+    #[serde(default = "default_max_jobs")]
+    pub max_jobs: usize,
+    /// Start a canary rollout of a candidate that beats production (default off).
+    #[serde(default)]
+    pub auto_promote: bool,
+    /// Dataset the challenger is compared on (needed for auto_promote).
+    #[serde(default)]
+    pub holdout: Option<String>,
+    /// Label column of the holdout (default: the job spec's label).
+    #[serde(default)]
+    pub label: Option<String>,
+    /// How much better the challenger must be on the deciding metric.
+    #[serde(default = "default_margin")]
+    pub margin: f64,
+    #[serde(default = "default_canary")]
+    pub canary_pct: u32,
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// A job spec (TOML) to keep as the model's (only in requests).
+    #[serde(default, skip_serializing)]
+    pub spec: Option<String>,
+}
+
+fn default_share() -> f64 {
+    0.2
+}
+fn default_for() -> u64 {
+    1800
+}
+fn default_since() -> u64 {
+    7 * 86_400
+}
+fn default_cooldown() -> u64 {
+    6 * 3600
+}
+fn default_max_jobs() -> usize {
+    1
+}
+fn default_margin() -> f64 {
+    0.01
+}
+fn default_canary() -> u32 {
+    5
+}
+fn yes() -> bool {
+    true
+}
+
+/// What the engine remembers per model.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PolicyState {
+    /// Since when the share has been at or above the threshold.
+    pub breach_since_ms: Option<u64>,
+    pub last_trigger_ms: Option<u64>,
+    /// Jobs this policy started, and whether their outcome was handled.
+    pub jobs: Vec<(String, bool)>,
+    pub last_share: f64,
+    pub events: Vec<(u64, String)>,
+}
+
+/// Policies in sled (tree `policies`: model → (policy, state)).
+#[derive(Debug, Clone)]
+pub struct Policies {
+    tree: sled::Tree,
+}
+
+impl Policies {
+    pub fn open(db: &sled::Db) -> Result<Policies, crate::ingest::StoreError> {
+        Ok(Policies {
+            tree: db.open_tree("policies")?,
+        })
+    }
+
+    pub fn get(
+        &self,
+        model: &str,
+    ) -> Result<Option<(Policy, PolicyState)>, crate::ingest::StoreError> {
+        match self.tree.get(model.as_bytes())? {
+            Some(b) => Ok(serde_json::from_slice(&b).ok()),
+            None => Ok(None),
+        }
+    }
+
+    pub fn put(&self, p: &Policy, s: &PolicyState) -> Result<(), crate::ingest::StoreError> {
+        self.tree.insert(
+            p.model.as_bytes(),
+            serde_json::to_vec(&(p, s)).map_err(|e| crate::ingest::StoreError(e.to_string()))?,
+        )?;
+        self.tree.flush()?;
+        Ok(())
+    }
+
+    pub fn all(&self) -> Result<Vec<(Policy, PolicyState)>, crate::ingest::StoreError> {
+        let mut out = Vec::new();
+        for item in self.tree.iter() {
+            let (_, v) = item?;
+            if let Ok(x) = serde_json::from_slice(&v) {
+                out.push(x);
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn is_drift(subject: &str) -> bool {
+    !matches!(subject, "lag" | "missing_predictions")
+}
+
+/// Devices running `model`, and how many of them hold a drift alert on it.
+pub fn drift_share(
+    plane: &Plane,
+    model: &str,
+) -> Result<(usize, usize), crate::ingest::StoreError> {
+    let (mut running, mut alerting) = (0, 0);
+    for d in plane.ingest.store.devices()? {
+        let Some(st) = plane.ingest.store.state(&d.id)? else {
+            continue;
+        };
+        let runs = st
+            .status
+            .as_ref()
+            .is_some_and(|(_, s)| s.models.iter().any(|m| m.name == model));
+        if !runs || !st.online {
+            continue;
+        }
+        running += 1;
+        if st
+            .alerts
+            .get(model)
+            .is_some_and(|a| a.iter().any(|s| is_drift(s)))
+        {
+            alerting += 1;
+        }
+    }
+    Ok((running, alerting))
+}
+
+fn audit(plane: &Plane, model: &str, action: &str, target: &str, outcome: u16) {
+    if let Err(e) = plane.audit.append(
+        now_ms(),
+        format!("policy:{model}"),
+        "system".into(),
+        action.into(),
+        target.into(),
+        outcome,
+    ) {
+        tracing::error!(error = %e, "could not write the policy's audit entry");
+    }
+}
+
+/// The production version of `model`: the newest staged `production`, else the one
+/// most devices run.
+pub fn production(plane: &Plane, model: &str) -> Option<u64> {
+    let records = plane.registry.list(Some(model)).ok()?;
+    if let Some(r) = records
+        .iter()
+        .filter(|r| r.stage == "production")
+        .map(|r| r.version)
+        .max()
+    {
+        return Some(r);
+    }
+    let mut counts: BTreeMap<u64, usize> = BTreeMap::new();
+    for d in plane.ingest.store.devices().ok()? {
+        if let Some((_, s)) = plane
+            .ingest
+            .store
+            .state(&d.id)
+            .ok()?
+            .and_then(|st| st.status)
+        {
+            for m in s.models.iter().filter(|m| m.name == model) {
+                *counts.entry(m.version).or_default() += 1;
+            }
+        }
+    }
+    counts.into_iter().max_by_key(|(_, c)| *c).map(|(v, _)| v)
+}
+
+/// Compares `model@a` with `model@b` on dataset `dataset` (blocking).
+pub fn compare(
+    plane: &Plane,
+    a: (&str, u64),
+    b: (&str, u64),
+    dataset: &str,
+    label: Option<&str>,
+    margin: f64,
+) -> Result<Value, ApiError> {
+    let m = crate::data_api::dataset(plane, dataset)?;
+    let table = plane
+        .datasets
+        .load(&m.id)
+        .map_err(|e| ApiError(StatusCode::GONE, e))?;
+    let policy = plane.policy().ok_or_else(|| {
+        ApiError(
+            StatusCode::PRECONDITION_FAILED,
+            "the server has no trust policy".into(),
+        )
+    })?;
+    let label = label
+        .map(str::to_string)
+        .or_else(|| plane.jobs.spec(a.0).ok().flatten().and_then(|s| s.label))
+        .unwrap_or_else(|| "label".into());
+    let devices: BTreeMap<String, crate::ingest::DeviceRecord> = plane
+        .ingest
+        .store
+        .devices()?
+        .into_iter()
+        .map(|d| (d.id.as_str().to_string(), d))
+        .collect();
+    let mut evals = Vec::new();
+    for (name, version) in [a, b] {
+        let record = plane
+            .registry
+            .get(name, version)
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+            .ok_or_else(|| {
+                ApiError(
+                    StatusCode::NOT_FOUND,
+                    format!("no {name} v{version} in the registry"),
+                )
+            })?;
+        let scored =
+            crate::compare::score(&plane.registry.blob_path(&record.digest), &policy, &table)
+                .map_err(|e| {
+                    ApiError(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        format!("{name}@v{version}: {e}"),
+                    )
+                })?;
+        let eval = crate::compare::evaluate(&scored, &table, &label, &devices)
+            .map_err(|e| ApiError(StatusCode::UNPROCESSABLE_ENTITY, e))?;
+        evals.push(eval);
+    }
+    let verdict = crate::compare::verdict(&evals[0], &evals[1], margin);
+    Ok(json!({
+        "a": { "model": a.0, "version": a.1, "evaluation": evals[0] },
+        "b": { "model": b.0, "version": b.1, "evaluation": evals[1] },
+        "dataset": m.id, "label": label, "verdict": verdict,
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompareRequest {
+    a: String,
+    b: String,
+    dataset: String,
+    #[serde(default)]
+    label: Option<String>,
+    #[serde(default)]
+    margin: Option<f64>,
+}
+
+fn parse_spec(s: &str) -> Result<(String, u64), ApiError> {
+    s.split_once('@')
+        .and_then(|(n, v)| Some((n.to_string(), v.trim_start_matches('v').parse().ok()?)))
+        .ok_or_else(|| {
+            ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("`{s}` is not NAME@VERSION"),
+            )
+        })
+}
+
+/// `POST /v1/compare` `{a, b, dataset, label?, margin?}`.
+pub async fn compare_handler(
+    State(plane): State<Arc<Plane>>,
+    axum::Json(req): axum::Json<CompareRequest>,
+) -> Api<axum::Json<Value>> {
+    let p = plane.clone();
+    tokio::task::spawn_blocking(move || {
+        let (a, b) = (parse_spec(&req.a)?, parse_spec(&req.b)?);
+        compare(
+            &p,
+            (&a.0, a.1),
+            (&b.0, b.1),
+            &req.dataset,
+            req.label.as_deref(),
+            req.margin.unwrap_or(0.0),
+        )
+        .map(axum::Json)
+    })
+    .await
+    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+}
+
+/// `PUT /v1/models/{name}/policy`.
+pub async fn put_policy(
+    State(plane): State<Arc<Plane>>,
+    UrlPath(name): UrlPath<String>,
+    axum::Json(mut policy): axum::Json<Policy>,
+) -> Api<axum::Json<Value>> {
+    policy.model = name.clone();
+    if let Some(text) = policy.spec.take() {
+        let spec = crate::jobs::JobSpec::from_toml(&text)
+            .map_err(|e| ApiError(StatusCode::UNPROCESSABLE_ENTITY, e))?;
+        if spec.model != name {
+            return Err(ApiError(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("the job spec is for `{}`, not `{name}`", spec.model),
+            ));
+        }
+        plane.jobs.keep_spec(&spec)?;
+    }
+    if !(0.0..=1.0).contains(&policy.drift_share) || policy.drift_share == 0.0 {
+        return Err(ApiError(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "drift_share must be in (0, 1]".into(),
+        ));
+    }
+    if policy.auto_promote && policy.holdout.is_none() {
+        return Err(ApiError(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "auto_promote needs a holdout dataset to compare on".into(),
+        ));
+    }
+    for d in policy.datasets.iter().chain(&policy.holdout) {
+        crate::data_api::dataset(&plane, d)?;
+    }
+    if plane.jobs.spec(&name)?.is_none() {
+        return Err(ApiError(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "`{name}` has no job spec yet: run `fleetctl retrain start {name} --spec FILE` once, or the policy could never retrain"
+            ),
+        ));
+    }
+    let state = plane
+        .policies
+        .get(&name)?
+        .map(|(_, s)| s)
+        .unwrap_or_default();
+    plane.policies.put(&policy, &state)?;
+    Ok(axum::Json(json!({ "policy": policy, "state": state })))
+}
+
+/// `GET /v1/models/{name}/policy`.
+pub async fn get_policy(
+    State(plane): State<Arc<Plane>>,
+    UrlPath(name): UrlPath<String>,
+) -> Api<axum::Json<Value>> {
+    let (policy, state) = plane.policies.get(&name)?.ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!("`{name}` has no retraining policy"),
+        )
+    })?;
+    Ok(axum::Json(json!({ "policy": policy, "state": state })))
+}
+
+fn note(state: &mut PolicyState, text: String) {
+    tracing::info!("{text}");
+    state.events.push((now_ms(), text));
+    if state.events.len() > 50 {
+        state.events.remove(0);
+    }
+}
+
+/// One pass of the engine over every policy (blocking).
+pub fn tick(plane: &Arc<Plane>) {
+    let Ok(all) = plane.policies.all() else {
+        return;
+    };
+    for (policy, mut state) in all {
+        if !policy.enabled {
+            continue;
+        }
+        let before = state.clone();
+        let model = policy.model.clone();
+        let now = now_ms();
+        // Outcomes of the jobs it started.
+        for (job_id, handled) in state.jobs.iter_mut() {
+            if *handled {
+                continue;
+            }
+            let Ok(Some(job)) = plane.jobs.get(job_id) else {
+                *handled = true;
+                continue;
+            };
+            if !job.state.is_final() {
+                continue;
+            }
+            *handled = true;
+            let outcome = if job.state == crate::jobs::JobState::Succeeded {
+                200
+            } else {
+                500
+            };
+            audit(plane, &model, "retrain.finished", job_id, outcome);
+            let mut text = format!("job {job_id} {:?}", job.state).to_lowercase();
+            if let Some((name, version, _)) = &job.candidate {
+                text.push_str(&format!(": candidate {name}@v{version}"));
+                if policy.auto_promote {
+                    text.push_str(&promote(plane, &policy, name, *version));
+                }
+            }
+            state.events.push((now, text.clone()));
+            tracing::info!(model = %model, "{text}");
+        }
+        let Ok((running, alerting)) = drift_share(plane, &model) else {
+            continue;
+        };
+        let share = if running > 0 {
+            alerting as f64 / running as f64
+        } else {
+            0.0
+        };
+        state.last_share = share;
+        if running > 0 && share >= policy.drift_share {
+            let since = *state.breach_since_ms.get_or_insert(now);
+            let active = state
+                .jobs
+                .iter()
+                .filter(|(id, _)| {
+                    plane
+                        .jobs
+                        .get(id)
+                        .ok()
+                        .flatten()
+                        .is_some_and(|j| !j.state.is_final())
+                })
+                .count();
+            let cooled = state
+                .last_trigger_ms
+                .is_none_or(|t| now >= t + policy.cooldown_s * 1000);
+            if now >= since + policy.for_s * 1000 && active < policy.max_jobs && cooled {
+                let why = format!(
+                    "drift policy of {model}: {alerting} of {running} devices ({:.0}%) alerting for {} s",
+                    share * 100.0,
+                    (now - since) / 1000
+                );
+                match trigger(plane, &policy, &why) {
+                    Ok(job) => {
+                        audit(plane, &model, "retrain.start", &job, 201);
+                        state.jobs.push((job.clone(), false));
+                        state.last_trigger_ms = Some(now);
+                        note(&mut state, format!("{why}: started job {job}"));
+                    }
+                    Err(e) => {
+                        audit(plane, &model, "retrain.start", &model, 500);
+                        state.last_trigger_ms = Some(now);
+                        note(&mut state, format!("{why}: could not start a job: {e}"));
+                    }
+                }
+            }
+        } else {
+            state.breach_since_ms = None;
+        }
+        if state != before {
+            let _ = plane.policies.put(&policy, &state);
+        }
+    }
+}
+
+fn trigger(plane: &Arc<Plane>, policy: &Policy, why: &str) -> Result<String, String> {
+    let mut spec = plane
+        .jobs
+        .spec(&policy.model)
+        .map_err(|e| e.to_string())?
+        .ok_or("no job spec")?;
+    spec.captures = Some(crate::jobs::CaptureSelection {
+        labelled_only: true,
+        since_s: Some(policy.captured_since_s),
+    });
+    let job = crate::retrain::start(
+        plane,
+        spec,
+        "train",
+        policy.datasets.clone(),
+        why.to_string(),
+        None,
+        None,
+    )
+    .map_err(|e| e.1)?;
+    Ok(job.id)
+}
+
+/// Compares the candidate with production and starts a canary when it wins.
+fn promote(plane: &Arc<Plane>, policy: &Policy, name: &str, version: u64) -> String {
+    let Some(holdout) = &policy.holdout else {
+        return "; no holdout to compare on".into();
+    };
+    let Some(champion) = production(plane, name) else {
+        return "; no production version to compare with".into();
+    };
+    let result = compare(
+        plane,
+        (name, champion),
+        (name, version),
+        holdout,
+        policy.label.as_deref(),
+        policy.margin,
+    );
+    let verdict = match result {
+        Ok(v) => v["verdict"].clone(),
+        Err(e) => return format!("; comparison failed: {}", e.1),
+    };
+    let summary = format!(
+        "; {} v{champion} {:.4} vs v{version} {:.4}",
+        verdict["metric"].as_str().unwrap_or("metric"),
+        verdict["a"].as_f64().unwrap_or(f64::NAN),
+        verdict["b"].as_f64().unwrap_or(f64::NAN)
+    );
+    if verdict["winner"] != "b" {
+        audit(
+            plane,
+            name,
+            "promote.skipped",
+            &format!("{name}@v{version}"),
+            200,
+        );
+        return format!(
+            "{summary}: the challenger does not win by {}; it stays a candidate",
+            policy.margin
+        );
+    }
+    match crate::fleet_api::start_canary(plane, name, version, policy.canary_pct) {
+        Ok(id) => {
+            audit(
+                plane,
+                name,
+                "promote.canary",
+                &format!("{name}@v{version} {id}"),
+                201,
+            );
+            format!("{summary}: the challenger wins; canary rollout {id} started")
+        }
+        Err(e) => {
+            audit(
+                plane,
+                name,
+                "promote.canary",
+                &format!("{name}@v{version}"),
+                500,
+            );
+            format!("{summary}: the challenger wins, but the canary could not start: {e}")
+        }
+    }
+}
+
+/// Runs the engine every few seconds.
+pub fn spawn(plane: Arc<Plane>) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(2));
+        loop {
+            every.tick().await;
+            let p = plane.clone();
+            let _ = tokio::task::spawn_blocking(move || tick(&p)).await;
+        }
+    });
+}
