@@ -20,6 +20,7 @@ pub mod jobs;
 pub mod keys;
 pub mod onnx;
 pub mod output;
+pub mod pg;
 pub(crate) mod policy;
 pub mod profile;
 pub mod registry;

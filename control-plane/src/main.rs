@@ -304,10 +304,21 @@ enum RetrainCommand {
 
 #[derive(Subcommand, Debug)]
 enum DataCommand {
-    /// Import a CSV, JSON-lines or Parquet file as an immutable dataset.
+    /// Import a CSV, JSON-lines or Parquet file, or the rows of a PostgreSQL query, as
+    /// an immutable dataset.
+    ///
+    /// Example: fleetctl data import --postgres postgres://reader@db:5432/claims --query "SELECT * FROM claims"
     Import {
         /// The file (its extension picks the format unless --format says).
-        file: PathBuf,
+        #[arg(required_unless_present = "postgres", conflicts_with = "postgres")]
+        file: Option<PathBuf>,
+        /// A PostgreSQL connection string (postgres://USER[:PASSWORD]@HOST[:PORT]/DB);
+        /// the password never reaches the dataset's manifest.
+        #[arg(long, requires = "query")]
+        postgres: Option<String>,
+        /// The SQL query whose rows become the dataset (with --postgres).
+        #[arg(long, requires = "postgres")]
+        query: Option<String>,
         /// csv, jsonl or parquet.
         #[arg(long)]
         format: Option<String>,
@@ -872,24 +883,35 @@ fn data_command(server: &str, cmd: DataCommand) -> anyhow::Result<()> {
     match cmd {
         DataCommand::Import {
             file,
+            postgres,
+            query,
             format,
             name,
             drop_na,
         } => {
-            let format = format.unwrap_or_else(|| {
-                match file.extension().and_then(|e| e.to_str()).unwrap_or("") {
-                    "parquet" | "pq" => "parquet",
-                    "jsonl" | "ndjson" | "json" => "jsonl",
-                    _ => "csv",
+            let (format, bytes, source) = match (file, postgres, query) {
+                (_, Some(url), Some(sql)) => {
+                    let (body, rows) = fleet_control::pg::query_csv(&url, &sql)?;
+                    let from = fleet_control::pg::describe(&url)?;
+                    eprintln!("{rows} rows from {from}");
+                    ("csv".to_string(), body, format!("{from}: {sql}"))
                 }
-                .to_string()
-            });
-            let bytes =
-                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
-            let mut query = vec![
-                ("format", format.clone()),
-                ("source", format!("file {}", file.display())),
-            ];
+                (Some(file), _, _) => {
+                    let bytes = std::fs::read(&file)
+                        .with_context(|| format!("reading {}", file.display()))?;
+                    let format = format.unwrap_or_else(|| {
+                        match file.extension().and_then(|e| e.to_str()).unwrap_or("") {
+                            "parquet" | "pq" => "parquet",
+                            "jsonl" | "ndjson" | "json" => "jsonl",
+                            _ => "csv",
+                        }
+                        .to_string()
+                    });
+                    (format, bytes, format!("file {}", file.display()))
+                }
+                _ => anyhow::bail!("give a FILE, or --postgres URL --query SQL"),
+            };
+            let mut query = vec![("format", format.clone()), ("source", source)];
             if let Some(n) = name {
                 query.push(("name", n));
             }

@@ -309,3 +309,130 @@ impl Drop for ControlPlane {
         terminate(&mut self.child);
     }
 }
+
+/// A private PostgreSQL server (Debian's `postgresql` package) in a temporary
+/// directory, on 127.0.0.1 and a free port, trusting local connections; stopped on drop.
+/// As root it runs as the `postgres` user, since PostgreSQL refuses to run as root.
+#[derive(Debug)]
+pub struct Postgres {
+    _dir: tempfile::TempDir,
+    data: PathBuf,
+    bin: PathBuf,
+    root: bool,
+    pub port: u16,
+}
+
+impl Postgres {
+    pub fn start() -> Postgres {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .and_then(|d| {
+                let mut v: Vec<PathBuf> = d.flatten().map(|e| e.path().join("bin")).collect();
+                v.sort();
+                v.pop()
+            })
+            .filter(|b| b.join("initdb").is_file())
+            .expect("PostgreSQL is not installed: apt-get install postgresql (.ci/run does)");
+        let root = Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+        let dir = tempfile::Builder::new()
+            .prefix("fleetml-pg")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+                .expect("chmod");
+        }
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).expect("data dir");
+        if root {
+            let ok = Command::new("chown")
+                .args(["postgres:postgres", &data.display().to_string()])
+                .status()
+                .expect("chown");
+            assert!(ok.success(), "chown postgres {}", data.display());
+        }
+        let pg = Postgres {
+            _dir: dir,
+            data,
+            bin,
+            root,
+            port: free_port(),
+        };
+        let d = pg.data.display().to_string();
+        pg.run(
+            "initdb",
+            &["-D", &d, "-A", "trust", "-U", "postgres", "--no-sync"],
+        );
+        let options = format!("-p {} -k {d} -c listen_addresses=127.0.0.1", pg.port);
+        let log = format!("{d}/server.log");
+        pg.run(
+            "pg_ctl",
+            &["-D", &d, "-o", &options, "-l", &log, "-w", "start"],
+        );
+        pg
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) {
+        let exe = self.bin.join(tool).display().to_string();
+        let out = if self.root {
+            Command::new("runuser")
+                .args(["-u", "postgres", "--", &exe])
+                .args(args)
+                .output()
+        } else {
+            Command::new(&exe).args(args).output()
+        }
+        .unwrap_or_else(|e| panic!("{tool}: {e}"));
+        assert!(
+            out.status.success(),
+            "{tool} {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// `postgres://postgres@127.0.0.1:PORT/postgres`.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Runs SQL with psql.
+    pub fn sql(&self, sql: &str) {
+        let port = self.port.to_string();
+        self.run(
+            "psql",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "postgres",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                sql,
+            ],
+        );
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let d = self.data.display().to_string();
+        let exe = self.bin.join("pg_ctl").display().to_string();
+        let args = ["-D", d.as_str(), "-m", "immediate", "stop"];
+        let _ = if self.root {
+            Command::new("runuser")
+                .args(["-u", "postgres", "--", &exe])
+                .args(args)
+                .output()
+        } else {
+            Command::new(&exe).args(args).output()
+        };
+    }
+}

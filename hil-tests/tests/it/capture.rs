@@ -412,3 +412,104 @@ fn captured_batches_reach_the_control_plane_once_even_across_a_cut_connection() 
 fn ring_sha256(bytes: &[u8]) -> [u8; 32] {
     fleetml_protocol::crypto::sha256(bytes).0
 }
+
+#[test]
+fn rows_of_a_postgresql_query_become_a_dataset_without_the_password() {
+    use hil_tests::fleet::Postgres;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    keys_and_policy(dir, "k");
+    let plane = ControlPlane::start(dir, None, &["--trust", "trust.toml"]);
+    let pg = Postgres::start();
+    pg.sql(
+        "CREATE TABLE claims (claim_amount float8, region text, investigate int4, score numeric); \
+         INSERT INTO claims VALUES (100.5, 'east', 1, 1.5), (NULL, 'west', 0, 2), (300, 'east', NULL, 3);",
+    );
+    let url = pg.url().replace("postgres@", "postgres:s3cret@");
+    let run = plane.fleetctl(
+        dir,
+        &[
+            "data",
+            "import",
+            "--postgres",
+            &url,
+            "--query",
+            "SELECT claim_amount, region, investigate FROM claims ORDER BY region, claim_amount",
+            "--drop-na",
+            "investigate",
+            "--name",
+            "from postgres",
+        ],
+    );
+    assert!(
+        run.success().contains("2 rows, 3 columns"),
+        "{}",
+        run.stdout
+    );
+    let m = plane.json(dir, &["data", "list"])[0].clone();
+    let source = m["sources"][0].as_str().expect("source");
+    assert!(
+        source.starts_with("postgres://postgres@127.0.0.1:"),
+        "{source}"
+    );
+    assert!(
+        !m.to_string().contains("s3cret"),
+        "the password leaked: {m}"
+    );
+    assert_eq!(m["filters"], json!(["drop_na(investigate)"]));
+    let csv = dir.join("out.csv");
+    plane
+        .fleetctl(
+            dir,
+            &[
+                "data",
+                "export",
+                m["id"].as_str().expect("id"),
+                "--out",
+                "out.csv",
+                "--format",
+                "csv",
+            ],
+        )
+        .success();
+    assert_eq!(
+        std::fs::read_to_string(csv).expect("csv"),
+        "claim_amount,region,investigate\n100.5,east,1\n,west,0\n"
+    );
+    // A column type datasets do not hold is named, with the fix.
+    let numeric = plane.fleetctl(
+        dir,
+        &[
+            "data",
+            "import",
+            "--postgres",
+            &pg.url(),
+            "--query",
+            "SELECT score FROM claims",
+        ],
+    );
+    assert!(
+        !numeric.ok() && numeric.stderr.contains("score::float8"),
+        "{}",
+        numeric.stderr
+    );
+    let refused = plane.fleetctl(
+        dir,
+        &[
+            "data",
+            "import",
+            "--postgres",
+            "postgres://nobody@127.0.0.1:1/x",
+            "--query",
+            "SELECT 1",
+        ],
+    );
+    assert!(
+        !refused.ok()
+            && refused
+                .stderr
+                .contains("connecting to postgres://nobody@127.0.0.1:1/x"),
+        "{}",
+        refused.stderr
+    );
+}
