@@ -50,8 +50,11 @@ pub fn query_csv(url: &str, sql: &str) -> anyhow::Result<(Vec<u8>, usize)> {
     ))
 }
 
+/// A query's column names in order, and its rows.
+pub type Rows = (Vec<String>, Vec<Map<String, Value>>);
+
 /// Runs `sql`; returns its column names in order and its rows.
-pub fn query(url: &str, sql: &str) -> anyhow::Result<(Vec<String>, Vec<Map<String, Value>>)> {
+pub fn query(url: &str, sql: &str) -> anyhow::Result<Rows> {
     let where_ = describe(url)?;
     let mut client = postgres::Client::connect(url, postgres::NoTls)
         .with_context(|| format!("connecting to {where_}"))?;
