@@ -77,12 +77,19 @@ pub struct JobSpec {
     pub code_repository: Option<String>,
     #[serde(default)]
     pub code_commit: Option<String>,
+    /// A local clone of `code_repository`: when set, a job (and a reproduction) runs
+    /// only while `code_commit` is in it.
+    #[serde(default)]
+    pub code_dir: Option<PathBuf>,
     #[serde(default)]
     pub params: BTreeMap<String, toml::Value>,
     #[serde(default)]
     pub grid: BTreeMap<String, Vec<toml::Value>>,
     #[serde(default)]
     pub resources: Resources,
+    /// Where and how the kubernetes executor runs trials.
+    #[serde(default)]
+    pub kubernetes: Option<crate::k8s::KubernetesSpec>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -151,6 +158,18 @@ impl JobSpec {
             "kubernetes" if self.image.is_none() => {
                 return Err("job spec: the kubernetes executor needs `image`".into());
             }
+            "kubernetes"
+                if self
+                    .kubernetes
+                    .as_ref()
+                    .and_then(|k| k.volume_claim.as_ref())
+                    .is_none() =>
+            {
+                return Err(
+                    "job spec: the kubernetes executor needs `[kubernetes] volume_claim` (shared storage for inputs and outputs)"
+                        .into(),
+                );
+            }
             "local" | "kubernetes" => {}
             other => {
                 return Err(format!(
@@ -193,6 +212,27 @@ impl JobSpec {
             out = next;
         }
         out
+    }
+
+    /// Refuses when the spec's code commit is not in its local clone.
+    pub fn check_code(&self) -> Result<(), String> {
+        let (Some(dir), Some(commit)) = (&self.code_dir, &self.code_commit) else {
+            return Ok(());
+        };
+        let found = std::process::Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(["cat-file", "-e", &format!("{commit}^{{commit}}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if found {
+            Ok(())
+        } else {
+            Err(format!(
+                "code commit {commit} is not available in {} (the clone is gone or the commit was removed)",
+                dir.display()
+            ))
+        }
     }
 
     /// `better(a, b)`: whether metric value `a` beats `b` under the goal.

@@ -17,6 +17,7 @@ pub mod datasets;
 pub(crate) mod fleet_api;
 pub mod ingest;
 pub mod jobs;
+pub mod k8s;
 pub mod keys;
 pub mod onnx;
 pub mod output;

@@ -51,9 +51,12 @@ impl Running {
     }
 }
 
-fn executor(spec: &JobSpec) -> Result<Box<dyn Executor>, String> {
+fn executor(spec: &JobSpec, jobs_dir: &std::path::Path) -> Result<Box<dyn Executor>, String> {
     match spec.executor.as_str() {
         "local" => Ok(Box::new(LocalExecutor)),
+        "kubernetes" => Ok(Box::new(crate::k8s::KubernetesExecutor {
+            jobs_dir: jobs_dir.to_path_buf(),
+        })),
         other => Err(format!(
             "executor `{other}` is not available in this control plane (local is)"
         )),
@@ -220,7 +223,7 @@ fn run(plane: &Arc<Plane>, id: &str, cancel: &AtomicBool) -> Result<(), String> 
         }
         None => None,
     };
-    let exec = executor(&job.spec)?;
+    let exec = executor(&job.spec, &plane.jobs.dir)?;
     let trials = job.spec.trials();
     let results: Mutex<Vec<Finished>> = Mutex::new(Vec::new());
     for chunk in (0..trials.len())
@@ -563,7 +566,8 @@ pub async fn start_job(
                 spec.model, req.model
             )));
         }
-        executor(&spec).map_err(unprocessable)?;
+        executor(&spec, &p.jobs.dir).map_err(unprocessable)?;
+        spec.check_code().map_err(unprocessable)?;
         for d in &req.datasets {
             crate::data_api::dataset(&p, d)?;
         }
@@ -675,6 +679,9 @@ pub async fn reproduce(
                 ),
             ));
         }
+        original.spec.check_code().map_err(|e| {
+            ApiError(StatusCode::CONFLICT, format!("cannot reproduce {name}@v{version}: {e}"))
+        })?;
         let trial = record
             .tags
             .get("trial")

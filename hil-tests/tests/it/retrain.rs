@@ -155,6 +155,73 @@ fn a_training_job_registers_the_best_trial_with_its_lineage_and_reproduces_it_bi
         "{}",
         refused.stderr
     );
+    // Nor without its code: a job whose commit lives in a clone that is gone. (The
+    // training data of a single input is that input, same bytes, same dataset: the
+    // deletion above took it, so it comes back first.)
+    plane
+        .fleetctl(dir, &["data", "import", &claims("reference.csv"), "--name", "reference"])
+        .success();
+    let repo = dir.join("code");
+    std::fs::create_dir(&repo).expect("repo");
+    let git = |args: &[&str]| {
+        let out = std::process::Command::new("git")
+            .arg("-C")
+            .arg(&repo)
+            .args(args)
+            .output()
+            .expect("git");
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    git(&["init", "-q"]);
+    git(&[
+        "-c",
+        "user.name=t",
+        "-c",
+        "user.email=t@example.invalid",
+        "commit",
+        "-q",
+        "--allow-empty",
+        "-m",
+        "trainer",
+    ]);
+    let commit = git(&["rev-parse", "HEAD"]);
+    let text = std::fs::read_to_string(&spec).expect("spec");
+    let with_code = format!(
+        "code_dir = {:?}\ncode_commit = \"{commit}\"\n{}",
+        repo.display().to_string(),
+        text.replace("[grid]\nhidden = [4, 16]\n", "")
+    );
+    std::fs::write(dir.join("code.toml"), with_code).expect("spec");
+    plane
+        .fleetctl(
+            dir,
+            &[
+                "retrain",
+                "start",
+                "claims",
+                "--spec",
+                "code.toml",
+                "--dataset",
+                &reference,
+                "--wait",
+            ],
+        )
+        .success();
+    std::fs::remove_dir_all(&repo).expect("rm");
+    let gone = plane.fleetctl(dir, &["models", "reproduce", "claims@2"]);
+    assert!(
+        !gone.ok()
+            && gone
+                .stderr
+                .contains(&format!("code commit {commit} is not available")),
+        "{}",
+        gone.stderr
+    );
     // A model pushed by hand has no job to re-run.
     let manual = plane.fleetctl(dir, &["models", "reproduce", "claims@9"]);
     assert!(
@@ -451,4 +518,269 @@ fn drift_on_the_devices_retrains_the_model_and_a_better_challenger_goes_to_a_can
         shown.stdout
     );
     drop(agents);
+}
+
+/// A stand-in Kubernetes API server for the executor's Jobs: it keeps every Job
+/// posted, "schedules" it by running the container's command on this machine (shared
+/// storage is the local file system), and answers Job status, pod list and pod logs as
+/// the API server does.
+struct FakeCluster {
+    url: String,
+    posted: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+}
+
+/// A Job the fake cluster runs: finished (and whether it succeeded), and its log.
+type Run = (Option<bool>, String);
+
+/// Image digest the fake kubelet reports.
+const IMAGE_ID: &str = "registry.example.com/claims-train@sha256:5d41402abc4b2a76b9719d911017c592";
+
+impl FakeCluster {
+    fn start() -> FakeCluster {
+        use std::collections::BTreeMap;
+        use std::io::{BufRead, Read, Write};
+        use std::sync::{Arc, Mutex};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let posted: Arc<Mutex<Vec<Value>>> = Arc::default();
+        // Job name → (finished: Some(success), log).
+        let runs: Arc<Mutex<BTreeMap<String, Run>>> = Arc::default();
+        let (p, r) = (posted.clone(), runs.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let mut reader = std::io::BufReader::new(stream);
+                let mut line = String::new();
+                if reader.read_line(&mut line).is_err() {
+                    continue;
+                }
+                let mut length = 0usize;
+                loop {
+                    let mut h = String::new();
+                    if reader.read_line(&mut h).is_err() || h.trim().is_empty() {
+                        break;
+                    }
+                    if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap_or(0);
+                    }
+                }
+                let mut body = vec![0u8; length];
+                let _ = reader.read_exact(&mut body);
+                let mut parts = line.split_whitespace();
+                let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+                let path = target.split('?').next().unwrap_or("");
+                let segments: Vec<&str> = path.split('/').collect();
+                let (status, reply, kind) = match (method, segments.as_slice()) {
+                    ("POST", ["", "apis", "batch", "v1", "namespaces", _, "jobs"]) => {
+                        let job: Value = serde_json::from_slice(&body).expect("a Job");
+                        let name = job["metadata"]["name"].as_str().expect("name").to_string();
+                        p.lock().expect("lock").push(job.clone());
+                        r.lock()
+                            .expect("lock")
+                            .insert(name.clone(), (None, String::new()));
+                        let c = job["spec"]["template"]["spec"]["containers"][0].clone();
+                        let runs = r.clone();
+                        std::thread::spawn(move || {
+                            let argv: Vec<String> = c["command"]
+                                .as_array()
+                                .expect("command")
+                                .iter()
+                                .map(|a| a.as_str().expect("arg").to_string())
+                                .collect();
+                            let mut cmd = std::process::Command::new(&argv[0]);
+                            cmd.args(&argv[1..])
+                                .current_dir(c["workingDir"].as_str().expect("dir"));
+                            for e in c["env"].as_array().expect("env") {
+                                cmd.env(
+                                    e["name"].as_str().expect("name"),
+                                    e["value"].as_str().expect("value"),
+                                );
+                            }
+                            let out = cmd.output().expect("runs");
+                            let log = format!(
+                                "{}{}",
+                                String::from_utf8_lossy(&out.stdout),
+                                String::from_utf8_lossy(&out.stderr)
+                            );
+                            runs.lock()
+                                .expect("lock")
+                                .insert(name, (Some(out.status.success()), log));
+                        });
+                        let mut created = job;
+                        created["metadata"]["uid"] = Value::from("0000");
+                        (201, created.to_string(), "application/json")
+                    }
+                    ("GET", ["", "apis", "batch", "v1", "namespaces", ns, "jobs", name]) => {
+                        let status = match r.lock().expect("lock").get(*name) {
+                            Some((Some(true), _)) => serde_json::json!({"succeeded": 1}),
+                            Some((Some(false), _)) => serde_json::json!({"failed": 1}),
+                            _ => serde_json::json!({"active": 1}),
+                        };
+                        let job = serde_json::json!({
+                            "apiVersion": "batch/v1", "kind": "Job",
+                            "metadata": {"name": name, "namespace": ns}, "status": status,
+                        });
+                        (200, job.to_string(), "application/json")
+                    }
+                    ("GET", ["", "api", "v1", "namespaces", ns, "pods"]) => {
+                        let name = target
+                            .split("job-name%3D")
+                            .nth(1)
+                            .or_else(|| target.split("job-name=").nth(1))
+                            .unwrap_or("")
+                            .split('&')
+                            .next()
+                            .unwrap_or("")
+                            .to_string();
+                        let list = serde_json::json!({
+                            "apiVersion": "v1", "kind": "PodList", "metadata": {},
+                            "items": [{
+                                "metadata": {"name": format!("{name}-x7k2p"), "namespace": ns},
+                                "status": {"containerStatuses": [{
+                                    "name": "train", "image": "claims-train", "imageID": IMAGE_ID,
+                                    "ready": false, "restartCount": 0,
+                                }]},
+                            }],
+                        });
+                        (200, list.to_string(), "application/json")
+                    }
+                    ("GET", ["", "api", "v1", "namespaces", _, "pods", pod, "log"]) => {
+                        let job = pod.trim_end_matches("-x7k2p");
+                        let log = r
+                            .lock()
+                            .expect("lock")
+                            .get(job)
+                            .map(|x| x.1.clone())
+                            .unwrap_or_default();
+                        (200, log, "text/plain")
+                    }
+                    ("DELETE", _) => (200, "{}".to_string(), "application/json"),
+                    _ => (
+                        404,
+                        "{\"kind\":\"Status\",\"code\":404}".to_string(),
+                        "application/json",
+                    ),
+                };
+                let mut stream = reader.into_inner();
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 {status} X\r\ncontent-type: {kind}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{reply}",
+                    reply.len()
+                );
+            }
+        });
+        FakeCluster { url, posted }
+    }
+}
+
+#[test]
+fn the_kubernetes_executor_creates_gpu_jobs_through_the_api_and_records_the_image_digest() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let plane = signing_plane(dir);
+    plane
+        .fleetctl(
+            dir,
+            &[
+                "data",
+                "import",
+                &claims("reference.csv"),
+                "--name",
+                "reference",
+            ],
+        )
+        .success();
+    let reference = plane.json(dir, &["data", "list"])[0]["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let cluster = FakeCluster::start();
+    let tables = format!(
+        "[kubernetes]\nurl = \"{}\"\nnamespace = \"ml\"\nvolume_claim = \"fleetml-jobs\"\n\
+         [resources]\ngpus = 1\nmemory = \"4Gi\"\n",
+        cluster.url
+    );
+    let spec_path = spec(dir, "");
+    let text = std::fs::read_to_string(&spec_path)
+        .expect("spec")
+        .replace("executor = \"local\"\n", "");
+    // Top-level keys go before the first table.
+    let top = "executor = \"kubernetes\"\nimage = \"registry.example.com/claims-train:1\"\n";
+    std::fs::write(&spec_path, format!("{top}{text}\n{tables}")).expect("spec");
+    let run = plane.fleetctl(
+        dir,
+        &[
+            "retrain",
+            "start",
+            "claims",
+            "--spec",
+            &spec_path,
+            "--dataset",
+            &reference,
+            "--wait",
+        ],
+    );
+    assert!(
+        run.success().contains("candidate claims@v1 registered"),
+        "{}",
+        run.stdout
+    );
+
+    let posted = cluster.posted.lock().expect("lock").clone();
+    assert_eq!(posted.len(), 1);
+    let job = &posted[0];
+    assert_eq!(job["kind"], "Job");
+    assert_eq!(
+        job["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "fleetml"
+    );
+    let pod = &job["spec"]["template"]["spec"];
+    assert_eq!(pod["restartPolicy"], "Never");
+    let c = &pod["containers"][0];
+    assert_eq!(c["image"], "registry.example.com/claims-train:1");
+    assert_eq!(c["resources"]["limits"]["nvidia.com/gpu"], "1");
+    assert_eq!(c["resources"]["limits"]["memory"], "4Gi");
+    assert_eq!(
+        pod["volumes"][0]["persistentVolumeClaim"]["claimName"],
+        "fleetml-jobs"
+    );
+    let jobs_dir = std::fs::canonicalize(plane.data_dir.join("jobs")).expect("jobs dir");
+    assert_eq!(
+        std::fs::canonicalize(c["volumeMounts"][0]["mountPath"].as_str().expect("mount"))
+            .expect("mount"),
+        jobs_dir
+    );
+    assert!(
+        c["env"]
+            .as_array()
+            .expect("env")
+            .iter()
+            .any(|e| e["name"] == "FLEETML_SEED" && e["value"] == "42")
+    );
+
+    // The digest the kubelet ran is the lineage's container image; the pod log is the trial's.
+    let shown = plane.get("/v1/models/claims/1");
+    assert_eq!(
+        shown["bundle"]["manifest"]["lineage"]["container_image"],
+        IMAGE_ID
+    );
+    let jobs = plane.json(dir, &["retrain", "list"]);
+    let logs = plane.fleetctl(
+        dir,
+        &["retrain", "logs", jobs[0]["id"].as_str().expect("id")],
+    );
+    assert!(
+        logs.success().contains("trained on 4000 rows"),
+        "{}",
+        logs.stdout
+    );
+
+    // A spec without shared storage is refused before anything runs.
+    let bad = format!("executor = \"kubernetes\"\nimage = \"x\"\n{text}");
+    std::fs::write(dir.join("bad.toml"), bad).expect("spec");
+    let refused = plane.fleetctl(dir, &["retrain", "start", "claims", "--spec", "bad.toml"]);
+    assert!(
+        !refused.ok() && refused.stderr.contains("volume_claim"),
+        "{}",
+        refused.stderr
+    );
 }
