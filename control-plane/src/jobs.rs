@@ -576,11 +576,15 @@ impl Jobs {
     pub fn open(db: &sled::Db, dir: &Path) -> Result<Jobs, crate::ingest::StoreError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| crate::ingest::StoreError(format!("{}: {e}", dir.display())))?;
+        // Absolute: trials run with their own folder as working directory, and a
+        // Kubernetes pod mounts the same path.
+        let dir = std::fs::canonicalize(dir)
+            .map_err(|e| crate::ingest::StoreError(format!("{}: {e}", dir.display())))?;
         Ok(Jobs {
             tree: db.open_tree("jobs")?,
             specs: db.open_tree("job_specs")?,
             db: db.clone(),
-            dir: dir.to_path_buf(),
+            dir,
         })
     }
 

@@ -292,11 +292,14 @@ enum RetrainCommand {
         #[arg(long)]
         json: bool,
     },
-    /// A trial's output (the best trial unless --trial).
+    /// A trial's output (the best trial unless --trial; the first while running).
     Logs {
         id: String,
         #[arg(long)]
         trial: Option<usize>,
+        /// Keep printing as the trial writes, until the job ends.
+        #[arg(long, short = 'f')]
+        follow: bool,
     },
     /// Stop a running job.
     Cancel { id: String },
@@ -861,14 +864,28 @@ fn retrain_command(server: &str, cmd: RetrainCommand) -> anyhow::Result<()> {
                 }
             }
         }
-        RetrainCommand::Logs { id, trial } => {
-            let path = match trial {
-                Some(n) => format!("/v1/retrain/{id}/logs?trial={n}"),
-                None => format!("/v1/retrain/{id}/logs"),
-            };
-            let bytes = client.get_bytes(&path)?;
+        RetrainCommand::Logs { id, trial, follow } => {
             use std::io::Write;
-            std::io::stdout().write_all(&bytes)?;
+            let trial = trial.map(|n| format!("&trial={n}")).unwrap_or_default();
+            let mut offset = 0u64;
+            loop {
+                // The job's state before the read: its log is complete once it ended.
+                let ended = follow
+                    && matches!(
+                        client.get(&format!("/v1/retrain/{id}"))?["state"].as_str(),
+                        Some("succeeded" | "failed" | "cancelled")
+                    );
+                let bytes =
+                    client.get_bytes(&format!("/v1/retrain/{id}/logs?from={offset}{trial}"))?;
+                offset += bytes.len() as u64;
+                let mut out = std::io::stdout().lock();
+                out.write_all(&bytes)?;
+                out.flush()?;
+                if !follow || ended {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(500));
+            }
         }
         RetrainCommand::Cancel { id } => {
             client.post(&format!("/v1/retrain/{id}/cancel"), &serde_json::json!({}))?;

@@ -618,6 +618,9 @@ pub async fn show_job(
 pub struct LogQuery {
     #[serde(default)]
     trial: Option<usize>,
+    /// Only the bytes from this offset on (`retrain logs --follow`).
+    #[serde(default)]
+    from: Option<u64>,
 }
 
 /// `GET /v1/retrain/{id}/logs?trial=N`: a trial's output (the best, or the first).
@@ -629,7 +632,10 @@ pub async fn job_logs(
     let job = job_of(&plane, &id)?;
     let n = q.trial.or(job.best).unwrap_or(0);
     let path = plane.jobs.trial_dir(&id, n).join("log");
-    let text = std::fs::read(&path).unwrap_or_default();
+    let mut text = std::fs::read(&path).unwrap_or_default();
+    if let Some(from) = q.from {
+        text = text.split_off((from as usize).min(text.len()));
+    }
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
 }
 

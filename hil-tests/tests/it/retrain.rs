@@ -114,6 +114,22 @@ fn a_training_job_registers_the_best_trial_with_its_lineage_and_reproduces_it_bi
         "{}",
         logs.stdout
     );
+    let followed = plane.fleetctl(
+        dir,
+        &[
+            "retrain",
+            "logs",
+            job["id"].as_str().expect("id"),
+            "--follow",
+            "--trial",
+            "0",
+        ],
+    );
+    assert!(
+        followed.success().contains("trained on 4000 rows"),
+        "{}",
+        followed.stdout
+    );
 
     // The candidate: signed, staged as candidate, its lineage recorded by the job.
     let shown = plane.get("/v1/models/claims/1");
@@ -159,7 +175,16 @@ fn a_training_job_registers_the_best_trial_with_its_lineage_and_reproduces_it_bi
     // training data of a single input is that input, same bytes, same dataset: the
     // deletion above took it, so it comes back first.)
     plane
-        .fleetctl(dir, &["data", "import", &claims("reference.csv"), "--name", "reference"])
+        .fleetctl(
+            dir,
+            &[
+                "data",
+                "import",
+                &claims("reference.csv"),
+                "--name",
+                "reference",
+            ],
+        )
         .success();
     let repo = dir.join("code");
     std::fs::create_dir(&repo).expect("repo");
