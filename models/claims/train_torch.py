@@ -86,8 +86,10 @@ class Net(torch.nn.Module):
         )
 
     def forward(self, x):
-        x = torch.nan_to_num((x - self.mean) / self.std)
-        return torch.softmax(self.body(x), dim=-1)
+        # A missing number (NaN) becomes the training mean. `x != x` rather than
+        # nan_to_num: the agent's runtime (tract) evaluates Equal/Not/Where, not IsInf.
+        x = torch.where(x != x, self.mean, x)
+        return torch.softmax(self.body((x - self.mean) / self.std), dim=-1)
 
 
 def auc(scores, labels):
