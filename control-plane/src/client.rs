@@ -70,6 +70,13 @@ impl Client {
         })
     }
 
+    /// A client with this token (instead of FLEETML_TOKEN / the token file).
+    pub fn with_token(server: &str, token: &str) -> anyhow::Result<Client> {
+        let mut c = Client::new(server)?;
+        c.token = Some(token.to_string());
+        Ok(c)
+    }
+
     pub fn get(&self, path: &str) -> anyhow::Result<Value> {
         self.call("GET", path, "application/json", Vec::new())
     }

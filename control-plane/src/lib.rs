@@ -14,6 +14,7 @@ pub mod client;
 pub mod compare;
 pub(crate) mod data_api;
 pub mod datasets;
+pub mod demo;
 pub(crate) mod fleet_api;
 pub mod ingest;
 pub mod jobs;

@@ -43,6 +43,17 @@ enum Command {
     /// The control plane's trust policy: which keys bundles must be signed with.
     #[command(subcommand)]
     Trust(TrustCommand),
+    /// The whole loop on this machine, narrated: a control plane and three agents as
+    /// real processes, a signed model rolled out in waves, drift, retraining,
+    /// champion/challenger, a canary and a rollback — with the command for each step.
+    Demo {
+        /// Work here instead of a fresh temporary directory.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Stop everything at the end instead of leaving the fleet running.
+        #[arg(long)]
+        exit: bool,
+    },
     /// Training jobs: run a job spec on datasets and captured data, build and register
     /// the best trial as a candidate bundle.
     #[command(subcommand)]
@@ -1438,6 +1449,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Rollout(cmd) => rollout_command(&server, cmd)?,
         Command::Data(cmd) => data_command(&server, cmd)?,
+        Command::Demo { dir, exit } => fleet_control::demo::run(dir, exit)?,
         Command::Retrain(cmd) => retrain_command(&server, cmd)?,
         Command::Models(ModelsCommand::Compare {
             a,

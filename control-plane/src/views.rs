@@ -515,17 +515,19 @@ pub fn rollout_status(v: &Value) -> String {
     );
     for w in v["waves"].as_array().cloned().unwrap_or_default() {
         let c = &w["counts"];
+        // serde_json's Display ignores widths: format the numbers as strings first.
+        let n = |v: &Value| str_of(v);
         let _ = writeln!(
             out,
             "{:<6} {:>6}% {:>8} {:>8} {:>8} {:>12} {:>7} {:>7}  {}",
-            w["wave"],
-            w["percent"],
-            w["devices"],
-            c["waiting"],
-            c["pending"],
-            c["downloading"],
-            c["active"],
-            c["failed"],
+            n(&w["wave"]),
+            n(&w["percent"]),
+            n(&w["devices"]),
+            n(&c["waiting"]),
+            n(&c["pending"]),
+            n(&c["downloading"]),
+            n(&c["active"]),
+            n(&c["failed"]),
             w["passed_ms"].as_u64().map_or_else(|| "-".into(), utc)
         );
     }
@@ -561,7 +563,7 @@ pub fn rollout_status(v: &Value) -> String {
             out,
             "{:<24} {:>4} {:>6} {:>6} {:<12} {}{}",
             str_of(&d["device"]),
-            d["wave"],
+            str_of(&d["wave"]),
             d["from"].as_u64().map_or("-".into(), |f| format!("v{f}")),
             format!("v{}", d["to"]),
             str_of(&d["state"]),
@@ -597,7 +599,9 @@ pub fn comparison(r: &Value) -> String {
     let _ = writeln!(
         out,
         "{:<28} {:>14} {:>14}",
-        "rows", ea["overall"]["rows"], eb["overall"]["rows"]
+        "rows",
+        str_of(&ea["overall"]["rows"]),
+        str_of(&eb["overall"]["rows"])
     );
     for m in ["accuracy", "auc", "mae"] {
         if ea["overall"][m].is_number() {

@@ -6,6 +6,7 @@ mod bundle_cli;
 mod capture;
 mod conformance;
 mod demo;
+mod demo_loop;
 mod fleet;
 mod monitoring;
 mod peers;
