@@ -194,6 +194,18 @@ impl Demo {
     }
 }
 
+/// Starts `cmd` and returns it with the first line it prints (where it listens); the
+/// rest of its output is drained so it never blocks.
+fn announcing(cmd: &mut Command) -> anyhow::Result<(Child, String)> {
+    use std::io::BufRead;
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
+    let mut reader = std::io::BufReader::new(child.stdout.take().context("stdout")?);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+    Ok((child, line))
+}
+
 /// Finds (or builds, with the cargo that built this fleetctl) a sibling binary.
 fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
@@ -286,7 +298,8 @@ pub fn run(dir: Option<PathBuf>, exit: bool) -> anyhow::Result<()> {
     println!(
         "  $ fleetctl serve --data-dir plane --listen 127.0.0.1:{http} --mqtt-listen 127.0.0.1:{mqtt} --trust trust.toml --signing-key keys/release.key"
     );
-    let mut serve = Command::new(&fleetctl)
+    let mut serve = Command::new(&fleetctl);
+    serve
         .args([
             "serve",
             "--data-dir",
@@ -301,18 +314,8 @@ pub fn run(dir: Option<PathBuf>, exit: bool) -> anyhow::Result<()> {
             "trust.toml",
         ])
         .args(["--signing-key", "keys/release.key"])
-        .current_dir(&dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting fleetctl serve")?;
-    let mut first = String::new();
-    {
-        use std::io::BufRead;
-        let mut reader = std::io::BufReader::new(serve.stdout.take().context("stdout")?);
-        reader.read_line(&mut first)?;
-        std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
-    }
+        .current_dir(&dir);
+    let (serve, first) = announcing(&mut serve).context("starting fleetctl serve")?;
     demo.children.push(serve);
     demo.server = first
         .trim()
@@ -420,7 +423,8 @@ pub fn run(dir: Option<PathBuf>, exit: bool) -> anyhow::Result<()> {
             format!("{}{extra}{}", &text[..at], &text[at..]),
         )?;
         println!("  $ fleet-agent run --config {config} --data-dir data-{name}");
-        let mut child = Command::new(&agent)
+        let mut command = Command::new(&agent);
+        command
             .args([
                 "run",
                 "--config",
@@ -430,18 +434,8 @@ pub fn run(dir: Option<PathBuf>, exit: bool) -> anyhow::Result<()> {
                 "--listen",
                 "127.0.0.1:0",
             ])
-            .current_dir(&dir)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting fleet-agent")?;
-        let mut line = String::new();
-        {
-            use std::io::BufRead;
-            let mut reader = std::io::BufReader::new(child.stdout.take().context("stdout")?);
-            reader.read_line(&mut line)?;
-            std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
-        }
+            .current_dir(&dir);
+        let (child, line) = announcing(&mut command).context("starting fleet-agent")?;
         let addr = line
             .trim()
             .strip_prefix("listening on http://")
