@@ -18,8 +18,24 @@ use fleetml_protocol::manifest::{GOLDEN_ENTRY, MODEL_ENTRY};
 use fleetml_protocol::trust::TrustPolicy;
 
 /// The fleetml device agent.
+/// `--version`: release, git commit, and the backends compiled in.
+#[cfg(feature = "gpu")]
+const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (git ",
+    env!("FLEETML_GIT_COMMIT"),
+    ", features: cpu, gpu)"
+);
+#[cfg(not(feature = "gpu"))]
+const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (git ",
+    env!("FLEETML_GIT_COMMIT"),
+    ", features: cpu)"
+);
+
 #[derive(Parser, Debug)]
-#[command(name = "fleet-agent", version)]
+#[command(name = "fleet-agent", version = LONG_VERSION)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

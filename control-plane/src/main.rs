@@ -9,10 +9,18 @@ use clap::{Args, Parser, Subcommand};
 use fleet_control::server::now_ms;
 use fleet_control::{bundle, keys};
 
+/// `--version`: release, git commit, and what is compiled in.
+const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (git ",
+    env!("FLEETML_GIT_COMMIT"),
+    ", features: embedded-mqtt, kubernetes, postgres, parquet)"
+);
+
 /// Operate a fleetml fleet: signing keys, model bundles, the control plane server, and
 /// the devices that report to it.
 #[derive(Parser, Debug)]
-#[command(name = "fleetctl", version)]
+#[command(name = "fleetctl", version = LONG_VERSION)]
 struct Cli {
     /// The control plane's API, for the operator commands (devices, drift). The token
     /// comes from FLEETML_TOKEN or ~/.config/fleetml/token.

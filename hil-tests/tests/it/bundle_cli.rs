@@ -540,3 +540,32 @@ fn the_agent_reports_gpu_and_npu_boards_falling_back_to_cpu() {
         "{out}"
     );
 }
+
+#[test]
+fn version_names_the_release_the_git_commit_and_the_features() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let head = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(hil_tests::root())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into());
+    let agent_version = agent(tmp.path(), &["--version"]);
+    let out = agent_version.success().trim().to_string();
+    assert!(
+        out.starts_with(&format!("fleet-agent {} (git ", fleetml_protocol::VERSION)),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("git {head}")) && out.contains("features: cpu"),
+        "{out}"
+    );
+    let ctl = fleetctl(tmp.path(), &["--version"]);
+    let out = ctl.success().trim().to_string();
+    assert!(
+        out.contains(&format!("git {head}")) && out.contains("kubernetes"),
+        "{out}"
+    );
+}
