@@ -139,3 +139,69 @@ fn openapi_lists_exactly_the_routes_of_fleetctl_serve() {
         "docs/openapi.yaml is out of date: missing {undocumented:?}, no longer served {stale:?}"
     );
 }
+
+/// The systemd units in packaging/ pass `systemd-analyze verify` against the real
+/// binaries, keep their hardening, and start the commands with flags the binaries have.
+#[test]
+fn the_systemd_units_verify_and_start_real_commands() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    for (unit, binary) in [
+        ("fleet-agent.service", "fleet-agent"),
+        ("fleetctl.service", "fleetctl"),
+    ] {
+        let text = std::fs::read_to_string(hil_tests::root().join("packaging").join(unit))
+            .expect("unit file");
+        for key in [
+            "User=fleetml",
+            "ProtectSystem=strict",
+            "NoNewPrivileges=true",
+            "Restart=on-failure",
+            "ReadWritePaths=/var/lib/",
+        ] {
+            assert!(text.contains(key), "{unit} lacks {key}");
+        }
+        let exec = text
+            .lines()
+            .find_map(|l| l.strip_prefix("ExecStart="))
+            .expect("ExecStart");
+        let args: Vec<&str> = exec.split_whitespace().collect();
+        assert_eq!(args[0], format!("/usr/bin/{binary}"));
+        // Every flag of ExecStart is one the subcommand accepts.
+        let help = std::process::Command::new(hil_tests::bin(binary))
+            .args([args[1], "--help"])
+            .output()
+            .expect("help");
+        let help = String::from_utf8_lossy(&help.stdout);
+        for flag in args.iter().filter(|a| a.starts_with("--")) {
+            assert!(
+                help.contains(flag),
+                "{unit}: `{binary} {}` has no {flag}",
+                args[1]
+            );
+        }
+        let local = tmp.path().join(unit);
+        std::fs::write(
+            &local,
+            text.replace(
+                &format!("/usr/bin/{binary}"),
+                &hil_tests::bin(binary).display().to_string(),
+            ),
+        )
+        .expect("unit copy");
+        let verify = std::process::Command::new("systemd-analyze")
+            .args(["verify", "--man=no"])
+            .arg(&local)
+            .output()
+            .expect("systemd-analyze runs (.ci/run installs systemd)");
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&verify.stdout),
+            String::from_utf8_lossy(&verify.stderr)
+        );
+        let relevant: Vec<&str> = said.lines().filter(|l| l.contains(unit)).collect();
+        assert!(
+            verify.status.success() && relevant.is_empty(),
+            "{unit}: {said}"
+        );
+    }
+}
