@@ -945,6 +945,11 @@ async fn expect(State(api): State<Arc<Api>>, headers: HeaderMap, body: Body) -> 
         Ok(json!({"model": name, "expected": ids.len(), "outstanding": outstanding, "deadline_ms": deadline_ms}))
     }
     .await;
+    reply(cbor, result)
+}
+
+/// The answer of a handler: 200 with its value, or the error with its field.
+fn reply(cbor: bool, result: Result<Value, ApiError>) -> Response {
     match result {
         Ok(v) => respond(cbor, StatusCode::OK, &v),
         Err(e) => {
@@ -1003,16 +1008,7 @@ async fn feedback(State(api): State<Arc<Api>>, headers: HeaderMap, body: Body) -
         Ok(reply)
     }
     .await;
-    match result {
-        Ok(v) => respond(cbor, StatusCode::OK, &v),
-        Err(e) => {
-            let mut body = json!({ "error": e.error });
-            if let Some(f) = &e.field {
-                body["field"] = Value::String(f.clone());
-            }
-            respond(cbor, e.status, &body)
-        }
-    }
+    reply(cbor, result)
 }
 
 async fn metrics(State(api): State<Arc<Api>>) -> Response {

@@ -396,91 +396,46 @@ impl Table {
 fn column_cells(a: &ArrayRef, name: &str) -> Result<Vec<Cell>, String> {
     use arrow_array::cast::AsArray;
     use arrow_array::types::{Float32Type, Float64Type, Int32Type, Int64Type};
-    let n = a.len();
+    // Row i's cell, or missing where the array holds a null.
+    let cells = |value: &dyn Fn(usize) -> Cell| -> Vec<Cell> {
+        (0..a.len())
+            .map(|i| {
+                if a.is_null(i) {
+                    Cell::Missing
+                } else {
+                    value(i)
+                }
+            })
+            .collect()
+    };
     let out = match a.data_type() {
         DataType::Float64 => {
             let x = a.as_primitive::<Float64Type>();
-            (0..n)
-                .map(|i| {
-                    if x.is_null(i) {
-                        Cell::Missing
-                    } else {
-                        Cell::Number(x.value(i))
-                    }
-                })
-                .collect()
+            cells(&|i| Cell::Number(x.value(i)))
         }
         DataType::Float32 => {
             let x = a.as_primitive::<Float32Type>();
-            (0..n)
-                .map(|i| {
-                    if x.is_null(i) {
-                        Cell::Missing
-                    } else {
-                        Cell::Number(x.value(i) as f64)
-                    }
-                })
-                .collect()
+            cells(&|i| Cell::Number(f64::from(x.value(i))))
         }
         DataType::Int64 => {
             let x = a.as_primitive::<Int64Type>();
-            (0..n)
-                .map(|i| {
-                    if x.is_null(i) {
-                        Cell::Missing
-                    } else {
-                        Cell::Number(x.value(i) as f64)
-                    }
-                })
-                .collect()
+            cells(&|i| Cell::Number(x.value(i) as f64))
         }
         DataType::Int32 => {
             let x = a.as_primitive::<Int32Type>();
-            (0..n)
-                .map(|i| {
-                    if x.is_null(i) {
-                        Cell::Missing
-                    } else {
-                        Cell::Number(x.value(i) as f64)
-                    }
-                })
-                .collect()
+            cells(&|i| Cell::Number(f64::from(x.value(i))))
         }
         DataType::Boolean => {
             let x = a.as_boolean();
-            (0..n)
-                .map(|i| {
-                    if x.is_null(i) {
-                        Cell::Missing
-                    } else {
-                        Cell::Number(f64::from(u8::from(x.value(i))))
-                    }
-                })
-                .collect()
+            cells(&|i| Cell::Number(f64::from(u8::from(x.value(i)))))
         }
         DataType::Utf8 => {
             let x = a.as_string::<i32>();
-            (0..n)
-                .map(|i| {
-                    if x.is_null(i) {
-                        Cell::Missing
-                    } else {
-                        Cell::Text(x.value(i).to_string())
-                    }
-                })
-                .collect()
+            cells(&|i| Cell::Text(x.value(i).to_string()))
         }
         DataType::LargeUtf8 => {
             let x = a.as_string::<i64>();
-            (0..n)
-                .map(|i| {
-                    if x.is_null(i) {
-                        Cell::Missing
-                    } else {
-                        Cell::Text(x.value(i).to_string())
-                    }
-                })
-                .collect()
+            cells(&|i| Cell::Text(x.value(i).to_string()))
         }
         other => {
             return Err(format!(

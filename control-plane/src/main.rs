@@ -531,13 +531,8 @@ enum ModelsCommand {
 
 /// `NAME@VERSION` (the `v` optional) as its API path `/v1/models/NAME/VERSION`.
 fn version_path(model: &str) -> anyhow::Result<String> {
-    let (name, version) = model
-        .split_once('@')
-        .with_context(|| format!("`{model}`: expected NAME@VERSION"))?;
-    let version: u64 = version
-        .trim_start_matches('v')
-        .parse()
-        .with_context(|| format!("`{model}`: the version is not a number"))?;
+    let (name, version) =
+        fleet_control::registry::parse_model_version(model).map_err(anyhow::Error::msg)?;
     Ok(format!("/v1/models/{name}/{version}"))
 }
 
@@ -1121,10 +1116,8 @@ fn rollout_command(server: &str, cmd: RolloutCommand) -> anyhow::Result<()> {
             max_error_rate_increase,
             watch: follow,
         } => {
-            let (name, version) = model
-                .split_once('@')
-                .and_then(|(n, v)| Some((n, v.trim_start_matches('v').parse::<u64>().ok()?)))
-                .with_context(|| format!("`{model}` is not NAME@VERSION (e.g. claims@3)"))?;
+            let (name, version) =
+                fleet_control::registry::parse_model_version(&model).map_err(anyhow::Error::msg)?;
             let r = client.post(
                 "/v1/rollouts",
                 &serde_json::json!({
@@ -1195,19 +1188,24 @@ fn rollout_command(server: &str, cmd: RolloutCommand) -> anyhow::Result<()> {
                 }
             }
         }
-        RolloutCommand::Pause { id } => {
-            let v = client.post(&format!("/v1/rollouts/{id}/pause"), &serde_json::json!({}))?;
-            println!("rollout {id} is {}", v["state"].as_str().unwrap_or("?"));
-        }
-        RolloutCommand::Resume { id } => {
-            let v = client.post(&format!("/v1/rollouts/{id}/resume"), &serde_json::json!({}))?;
-            println!("rollout {id} is {}", v["state"].as_str().unwrap_or("?"));
-        }
-        RolloutCommand::Abort { id } => {
-            let v = client.post(&format!("/v1/rollouts/{id}/abort"), &serde_json::json!({}))?;
-            println!("rollout {id} is {}", v["state"].as_str().unwrap_or("?"));
-        }
+        RolloutCommand::Pause { id } => control_rollout(&client, &id, "pause")?,
+        RolloutCommand::Resume { id } => control_rollout(&client, &id, "resume")?,
+        RolloutCommand::Abort { id } => control_rollout(&client, &id, "abort")?,
     }
+    Ok(())
+}
+
+/// `rollout pause|resume|abort ID`.
+fn control_rollout(
+    client: &fleet_control::client::Client,
+    id: &str,
+    action: &str,
+) -> anyhow::Result<()> {
+    let v = client.post(
+        &format!("/v1/rollouts/{id}/{action}"),
+        &serde_json::json!({}),
+    )?;
+    println!("rollout {id} is {}", v["state"].as_str().unwrap_or("?"));
     Ok(())
 }
 

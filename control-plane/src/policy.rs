@@ -296,14 +296,7 @@ pub struct CompareRequest {
 }
 
 fn parse_spec(s: &str) -> Result<(String, u64), ApiError> {
-    s.split_once('@')
-        .and_then(|(n, v)| Some((n.to_string(), v.trim_start_matches('v').parse().ok()?)))
-        .ok_or_else(|| {
-            ApiError(
-                StatusCode::BAD_REQUEST,
-                format!("`{s}` is not NAME@VERSION"),
-            )
-        })
+    crate::registry::parse_model_version(s).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))
 }
 
 /// `POST /v1/compare` `{a, b, dataset, label?, margin?}`.

@@ -228,3 +228,15 @@ impl Registry {
             .collect()
     }
 }
+
+/// `NAME@VERSION` (the version may be written `v3`) as its parts.
+pub fn parse_model_version(spec: &str) -> Result<(String, u64), String> {
+    let (name, version) = spec
+        .split_once('@')
+        .ok_or_else(|| format!("`{spec}`: expected NAME@VERSION (e.g. claims@3)"))?;
+    let version = version
+        .trim_start_matches('v')
+        .parse()
+        .map_err(|_| format!("`{spec}`: the version is not a number"))?;
+    Ok((name.to_string(), version))
+}

@@ -390,8 +390,7 @@ impl Rollout {
             let mut failed_activation = false;
             let mut failed_self_test = false;
             let mut fell_back = false;
-            for (at, e) in st.lifecycle.iter().filter(|(at, _)| *at >= since) {
-                let _ = at;
+            for (_, e) in st.lifecycle.iter().filter(|(at, _)| *at >= since) {
                 let ours = e.model == self.model && e.version == t.to.version;
                 match e.kind {
                     Lifecycle::SelfTestFailed if ours => failed_self_test = true,
@@ -422,12 +421,12 @@ impl Rollout {
         };
         let (missing, p99, errors) = window_figures(&windows);
         let b = &self.baseline;
-        let relative = |gate, value: Option<f64>, base: Option<f64>, limit: Option<f64>| {
+        // A gate without a value (no windows yet) or without a limit (no baseline) passes.
+        let relative = |gate, value: Option<f64>, limit: Option<f64>| {
             let ok = match (value, limit) {
                 (Some(v), Some(l)) => v <= l,
                 _ => true,
             };
-            let _ = base;
             GateValue {
                 gate,
                 value,
@@ -443,19 +442,12 @@ impl Rollout {
             relative(
                 "missing_prediction_rate",
                 missing,
-                b.missing_rate,
                 Some(b.missing_rate.unwrap_or(0.0) + g.max_missing_rate_increase),
             ),
-            relative(
-                "p99_latency_us",
-                p99,
-                b.p99_us,
-                b.p99_us.map(|p| p * g.max_p99_ratio),
-            ),
+            relative("p99_latency_us", p99, b.p99_us.map(|p| p * g.max_p99_ratio)),
             relative(
                 "error_rate",
                 errors,
-                b.error_rate,
                 Some(b.error_rate.unwrap_or(0.0) + g.max_error_rate_increase),
             ),
         ]

@@ -1083,15 +1083,9 @@ pub(crate) fn reference_profile(
     plane: &Plane,
     spec: &str,
 ) -> Api<fleetml_protocol::reference::ReferenceProfile> {
-    let (name, version) = spec
-        .split_once('@')
-        .and_then(|(n, v)| Some((n, v.trim_start_matches('v').parse::<u64>().ok()?)))
-        .ok_or_else(|| {
-            ApiError(
-                StatusCode::BAD_REQUEST,
-                format!("`{spec}` is not NAME@VERSION"),
-            )
-        })?;
+    let (name, version) = crate::registry::parse_model_version(spec)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
+    let name = name.as_str();
     let record = plane.registry.get(name, version)?.ok_or_else(|| {
         ApiError(
             StatusCode::NOT_FOUND,
