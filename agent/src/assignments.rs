@@ -171,7 +171,7 @@ impl Puller {
     /// One pull: fetch, check, keep, then bring every assigned model to its bundle.
     pub async fn once(&mut self) -> Result<(), String> {
         let path = format!("/v1/devices/{}/assignment", self.settings.device.as_str());
-        let (status, _, body) = self.get(&path, None).await?;
+        let (status, headers, body) = self.get(&path, None).await?;
         if status == 404 {
             tracing::debug!("no assignment for this device yet");
             return Ok(());
@@ -216,7 +216,10 @@ impl Puller {
             }
             Ok(Checked::Unchanged(a)) => a,
             Err(e) => {
-                let reason = e.to_string();
+                let mut reason = e.to_string();
+                if let fleetml_protocol::assignment::AssignmentError::Expired { now_ms, .. } = e {
+                    reason.push_str(&clock_skew(now_ms, &headers));
+                }
                 tracing::warn!(error = %reason, "refused an assignment; what runs is unchanged");
                 if self.last_refusal.as_ref() != Some(&reason) {
                     self.event(Lifecycle::AssignmentRefused, "", 0, reason.clone());
@@ -278,7 +281,7 @@ impl Puller {
                     );
                     return Err(reason);
                 }
-                Err(Failure::Transfer(reason)) => {
+                Err(Failure::Transfer(reason) | Failure::DiskFull(reason)) => {
                     self.event(
                         Lifecycle::DownloadFailed,
                         name,
@@ -350,6 +353,17 @@ impl Puller {
             have = 0;
         }
         if have < model.size {
+            // The download and the store's copy of it must both fit, with room to spare
+            // for the outbox: refuse up front rather than fill the disk.
+            let need = (model.size - have) + model.size + DISK_HEADROOM;
+            if let Some(free) = available_bytes(&dir).filter(|free| *free < need) {
+                return Err(Failure::DiskFull(format!(
+                    "disk full: bundle {} ({} bytes) needs {need} bytes free under {} (download, store copy and headroom), {free} are available; the running model is unchanged",
+                    model.digest,
+                    model.size,
+                    dir.display()
+                )));
+            }
             self.event(
                 Lifecycle::Downloading,
                 name,
@@ -362,7 +376,9 @@ impl Puller {
             );
             tracing::info!(model = %name, version = model.version, from = have, size = model.size, "downloading");
             if let Err(e) = self.fetch(model, &part, have).await {
-                if matches!(e, Failure::Mismatch(_)) {
+                // A partial file that does not match, or that filled the disk, goes: the
+                // first cannot be resumed, the second would keep the disk full.
+                if matches!(e, Failure::Mismatch(_) | Failure::DiskFull(_)) {
                     let _ = std::fs::remove_file(&part);
                 }
                 return Err(e);
@@ -451,13 +467,13 @@ impl Puller {
             }
             file.write_all(&data)
                 .await
-                .map_err(|e| Transfer(e.to_string()))?;
+                .map_err(|e| write_failure(e, have + received, model))?;
             received += data.len() as u64;
             unsynced += data.len() as u64;
             if unsynced >= 1 << 20 {
                 file.sync_data()
                     .await
-                    .map_err(|e| Transfer(e.to_string()))?;
+                    .map_err(|e| write_failure(e, have + received, model))?;
                 unsynced = 0;
             }
             if let Some(rate) = self.settings.max_bytes_per_s.filter(|r| *r > 0) {
@@ -467,7 +483,7 @@ impl Puller {
         }
         file.sync_data()
             .await
-            .map_err(|e| Transfer(e.to_string()))?;
+            .map_err(|e| write_failure(e, have + received, model))?;
         if have + received != model.size {
             // The body ended as the server declared: its file is not the assigned one.
             return Err(Mismatch(format!(
@@ -537,6 +553,55 @@ enum Failure {
     Mismatch(String),
     /// The transfer failed; it resumes next time.
     Transfer(String),
+    /// The disk is full (or would be): the partial file is removed, the next pull
+    /// starts over.
+    DiskFull(String),
+}
+
+/// Free space a download leaves for everything else the agent writes.
+const DISK_HEADROOM: u64 = 1 << 20;
+
+/// Bytes available to this (unprivileged) process on the file system holding `dir`.
+fn available_bytes(dir: &Path) -> Option<u64> {
+    let stat = rustix::fs::statvfs(dir).ok()?;
+    Some(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
+/// A write into the partial download failed at byte `at`.
+fn write_failure(e: std::io::Error, at: u64, model: &AssignedModel) -> Failure {
+    if e.kind() == std::io::ErrorKind::StorageFull {
+        Failure::DiskFull(format!(
+            "disk full while downloading bundle {} at byte {at} of {}: the partial file was removed; the running model is unchanged",
+            model.digest, model.size
+        ))
+    } else {
+        Failure::Transfer(format!("writing the download at byte {at}: {e}"))
+    }
+}
+
+/// What the control plane's `Date` header says about this device's clock, for the
+/// refusal of an expired assignment: a device clock running ahead expires every
+/// assignment (Raspberry Pi class boards have no RTC). The header is not trusted for
+/// the decision itself (without TLS it is as forgeable as a withheld assignment), only
+/// to tell the operator where to look.
+fn clock_skew(now_ms: u64, headers: &hyper::HeaderMap) -> String {
+    let Some(server) = headers
+        .get(hyper::header::DATE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| httpdate::parse_http_date(v).ok())
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+    else {
+        return String::new();
+    };
+    let skew_s = (now_ms as i64 - server.as_millis() as i64) / 1000;
+    if skew_s.abs() < 60 {
+        return " (the device clock agrees with the control plane's within a minute)".into();
+    }
+    format!(
+        " (the device clock is {} s {} the control plane's: check its time source)",
+        skew_s.abs(),
+        if skew_s > 0 { "ahead of" } else { "behind" }
+    )
 }
 
 fn text(body: &[u8]) -> String {

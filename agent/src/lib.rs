@@ -19,6 +19,7 @@ pub mod monitoring;
 pub mod outbox;
 pub mod publisher;
 pub mod runtime;
+pub mod sdnotify;
 pub mod selftest;
 pub mod serve;
 pub mod sinks;

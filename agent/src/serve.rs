@@ -447,6 +447,9 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     if let Some(path) = &config.socket {
         announce(&format!("listening on unix:{}", path.display()));
     }
+    crate::sdnotify::notify(&format!("READY=1\nSTATUS=serving on {address}"));
+    // Pinged from this loop, so a wedged loop (not just a live process) trips the watchdog.
+    let mut watchdog = crate::sdnotify::watchdog_interval().map(tokio::time::interval);
     use tokio::signal::unix::{SignalKind, signal};
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -460,6 +463,10 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
             Some(finished) = servers.join_next() => {
                 finished.context("API server task")??;
                 break;
+            }
+            _ = async { watchdog.as_mut()?.tick().await; Some(()) }, if watchdog.is_some() => {
+                crate::sdnotify::notify("WATCHDOG=1");
+                continue;
             }
         }
         {
@@ -488,6 +495,7 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
             let _ = done.send(());
         }
     }
+    crate::sdnotify::notify("STOPPING=1");
     if let Some(path) = &config.socket {
         let _ = std::fs::remove_file(path);
     }

@@ -144,14 +144,27 @@ pub struct ControlPlane {
     /// Where and with what it was started (for `restart`).
     dir: PathBuf,
     args: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl ControlPlane {
     /// `fleetctl serve` in `dir` with its data in `dir/plane`: with the embedded broker
     /// (`external` = None) or connected to `mqtt://127.0.0.1:PORT`; `extra` flags added.
     pub fn start(dir: &Path, external: Option<u16>, extra: &[&str]) -> ControlPlane {
+        Self::start_at(dir, "127.0.0.1", external, extra, Vec::new())
+    }
+
+    /// [`start`](Self::start) listening on `ip` (API and embedded broker), with `env`
+    /// added to its environment (kept for restarts).
+    pub fn start_at(
+        dir: &Path,
+        ip: &str,
+        external: Option<u16>,
+        extra: &[&str],
+        env: Vec<(String, String)>,
+    ) -> ControlPlane {
         let data_dir = dir.join("plane");
-        let listen = format!("127.0.0.1:{}", free_port());
+        let listen = format!("{ip}:{}", free_port());
         let mut args: Vec<String> = vec![
             "serve".into(),
             "--data-dir".into(),
@@ -166,12 +179,12 @@ impl ControlPlane {
             }
             None => {
                 let port = free_port();
-                args.extend(["--mqtt-listen".into(), format!("127.0.0.1:{port}")]);
+                args.extend(["--mqtt-listen".into(), format!("{ip}:{port}")]);
                 Some(port)
             }
         };
         args.extend(extra.iter().map(|s| s.to_string()));
-        let (child, url) = Self::spawn(dir, &args);
+        let (child, url) = Self::spawn(dir, &args, &env);
         let token = std::fs::read_to_string(data_dir.join("admin.token"))
             .expect("admin.token")
             .trim()
@@ -184,6 +197,7 @@ impl ControlPlane {
             data_dir,
             dir: dir.to_path_buf(),
             args,
+            env,
         };
         plane.wait_ready();
         plane
@@ -192,7 +206,7 @@ impl ControlPlane {
     /// Starts it again on the same addresses and data after [`stop`](Self::stop).
     pub fn restart(&mut self) {
         terminate(&mut self.child);
-        let (child, url) = Self::spawn(&self.dir, &self.args);
+        let (child, url) = Self::spawn(&self.dir, &self.args, &self.env);
         assert_eq!(url, self.url, "the restarted server listens where it did");
         self.child = child;
         self.wait_ready();
@@ -206,10 +220,17 @@ impl ControlPlane {
         });
     }
 
-    fn spawn(dir: &Path, args: &[String]) -> (Child, String) {
+    /// Restarts it with `env` instead of the environment it had (a skewed clock, say).
+    pub fn restart_with(&mut self, env: Vec<(String, String)>) {
+        self.env = env;
+        self.restart();
+    }
+
+    fn spawn(dir: &Path, args: &[String], env: &[(String, String)]) -> (Child, String) {
         let mut child = Command::new(bin("fleetctl"))
             .current_dir(dir)
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
+pub mod board;
 pub mod conformance;
 pub mod fleet;
 
@@ -373,19 +374,31 @@ impl RunningAgent {
     /// Starts `fleet-agent ARGS` in `dir` (a `run` command) and waits for the address it
     /// prints on its first line. Its stdout stays open so the agent can keep printing.
     pub fn start(dir: &Path, args: &[&str]) -> RunningAgent {
+        let mut cmd = Command::new(bin("fleet-agent"));
+        cmd.current_dir(dir).args(args);
+        RunningAgent::spawn(cmd)
+    }
+
+    /// Spawns `cmd` (an agent's `run`, perhaps under a wrapper: an emulator, a network
+    /// namespace, ssh) and waits for the address it prints on its first line.
+    pub fn spawn(cmd: Command) -> RunningAgent {
+        // FLEETML_TEST_LOGS=1 shows the agents' logs.
+        let logs = if std::env::var_os("FLEETML_TEST_LOGS").is_some() {
+            std::process::Stdio::inherit()
+        } else {
+            std::process::Stdio::null()
+        };
+        RunningAgent::spawn_logged(cmd, logs)
+    }
+
+    /// [`spawn`](Self::spawn) with the agent's log (stderr) going to `logs`.
+    pub fn spawn_logged(mut cmd: Command, logs: std::process::Stdio) -> RunningAgent {
         use std::io::BufRead;
-        let mut child = Command::new(bin("fleet-agent"))
-            .current_dir(dir)
-            .args(args)
+        let mut child = cmd
             .stdout(std::process::Stdio::piped())
-            // FLEETML_TEST_LOGS=1 shows the agents' logs.
-            .stderr(if std::env::var_os("FLEETML_TEST_LOGS").is_some() {
-                std::process::Stdio::inherit()
-            } else {
-                std::process::Stdio::null()
-            })
+            .stderr(logs)
             .spawn()
-            .expect("agent starts");
+            .unwrap_or_else(|e| panic!("{cmd:?} does not start: {e}"));
         let stdout = child.stdout.take().expect("stdout");
         let mut reader = std::io::BufReader::new(stdout);
         let mut line = String::new();
@@ -397,7 +410,7 @@ impl RunningAgent {
         let addr = line
             .trim()
             .strip_prefix("listening on http://")
-            .unwrap_or_else(|| panic!("unexpected first line: {line}"))
+            .unwrap_or_else(|| panic!("unexpected first line of {cmd:?}: {line:?}"))
             .to_string();
         RunningAgent { child, addr }
     }
