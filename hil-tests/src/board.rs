@@ -391,6 +391,20 @@ impl Board {
         }
     }
 
+    /// Whether labs on this board must take turns: a real board is one machine.
+    pub fn exclusive(&self) -> bool {
+        matches!(self.driver, Driver::Ssh(_))
+    }
+
+    /// Clears what an earlier lab left for device `name` on the board (its data dir on
+    /// an SSH board; local labs are fresh temporary directories).
+    pub fn prepare(&self, name: &str) -> Result<(), String> {
+        match &self.driver {
+            Driver::Ssh(ssh) => ssh.run(&format!("rm -rf {}/data-{name}", ssh.remote_dir)),
+            _ => Ok(()),
+        }
+    }
+
     /// Starts `fleet-agent run` for the enrolled device `name` (its config
     /// `dir/NAME.toml`, its data in `dir/data-NAME`) inside `netns` when given, its API
     /// on `listen_ip` (port chosen by the agent).

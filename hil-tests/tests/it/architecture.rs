@@ -205,3 +205,64 @@ fn the_systemd_units_verify_and_start_real_commands() {
         );
     }
 }
+
+/// Under systemd (`Type=notify`, `WatchdogSec=`) the agent says READY=1 once it listens,
+/// then WATCHDOG=1 at half the interval, then STOPPING=1: the real binary, a real
+/// notification socket, as systemd sets it up.
+#[test]
+fn the_agent_notifies_systemd_ready_watchdog_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    hil_tests::keys_and_policy(dir, "k");
+    let socket_path = dir.join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).expect("notify socket");
+    socket
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .expect("timeout");
+    let mut cmd = std::process::Command::new(hil_tests::bin("fleet-agent"));
+    cmd.current_dir(dir)
+        .args([
+            "run",
+            "--data-dir",
+            "data",
+            "--trust",
+            "trust.toml",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .env("NOTIFY_SOCKET", &socket_path)
+        // 400 ms: a ping every 200 ms.
+        .env("WATCHDOG_USEC", "400000");
+    let mut agent = hil_tests::RunningAgent::spawn(cmd);
+    let mut buf = [0u8; 256];
+    let mut said = Vec::new();
+    let started = std::time::Instant::now();
+    while said.iter().filter(|s: &&String| *s == "WATCHDOG=1").count() < 3 {
+        let n = socket.recv(&mut buf).expect("a notification within 30 s");
+        said.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert!(
+        said[0].starts_with("READY=1\nSTATUS=serving on 127.0.0.1:"),
+        "{said:?}"
+    );
+    // Three pings at 200 ms take at least 400 ms (the first is immediate).
+    assert!(started.elapsed() >= std::time::Duration::from_millis(350));
+    let pid = agent.child.id().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    let stopping = (0..20).find_map(|_| {
+        let n = socket.recv(&mut buf).ok()?;
+        let s = String::from_utf8_lossy(&buf[..n]).into_owned();
+        (s == "STOPPING=1").then_some(s)
+    });
+    assert_eq!(stopping.as_deref(), Some("STOPPING=1"));
+    let _ = agent.child.wait();
+
+    // Without NOTIFY_SOCKET nothing is sent and nothing breaks (every other test).
+    let text = std::fs::read_to_string(hil_tests::root().join("packaging/fleet-agent.service"))
+        .expect("unit");
+    assert!(text.contains("Type=notify") && text.contains("WatchdogSec="));
+}
