@@ -80,27 +80,44 @@ impl Assignments {
     ) -> Result<u64, StoreError> {
         let mut generation = 0;
         self.tree.update_and_fetch(device.as_str(), |old| {
-            let mut record: AssignmentRecord = old
-                .and_then(|b| serde_cbor::from_slice(b).ok())
-                .unwrap_or_default();
-            let same = record
-                .models
-                .get(model)
-                .is_some_and(|m| m.digest == to.digest && m.rollout == to.rollout);
-            if !same {
-                if let Some(old) = record.models.insert(model.to_string(), to.clone())
-                    && old.digest != to.digest
-                {
-                    record.previous.insert(model.to_string(), old);
-                }
-                record.generation += 1;
-                record.updated_ms = now_ms;
-            }
+            let mut record = decode_or_default(old);
+            point(&mut record, model, to, now_ms);
             generation = record.generation;
             serde_cbor::to_vec(&record).ok()
         })?;
         self.tree.flush()?;
         Ok(generation)
+    }
+
+    /// [`Assignments::assign`] for many devices: one atomic batch, one flush (a flush
+    /// per device took about a millisecond each: ten seconds for a rollout wave of
+    /// 10,000 devices, found with `fleetctl sim`). Returns the generations, in order.
+    /// The caller is the only writer meanwhile (the rollout engine, under its lock).
+    pub fn assign_all(
+        &self,
+        model: &str,
+        changes: &[(DeviceId, AssignedModel)],
+        now_ms: u64,
+    ) -> Result<Vec<u64>, StoreError> {
+        let mut staged: std::collections::HashMap<&DeviceId, AssignmentRecord> =
+            std::collections::HashMap::new();
+        let mut generations = Vec::with_capacity(changes.len());
+        for (device, to) in changes {
+            let mut record = match staged.remove(device) {
+                Some(r) => r,
+                None => decode_or_default(self.tree.get(device.as_str())?.as_deref()),
+            };
+            point(&mut record, model, to, now_ms);
+            generations.push(record.generation);
+            staged.insert(device, record);
+        }
+        let mut batch = sled::Batch::default();
+        for (device, record) in &staged {
+            batch.insert(device.as_str(), serde_cbor::to_vec(record)?);
+        }
+        self.tree.apply_batch(batch)?;
+        self.tree.flush()?;
+        Ok(generations)
     }
 
     pub fn all(&self) -> Result<Vec<(DeviceId, AssignmentRecord)>, StoreError> {
@@ -112,6 +129,29 @@ impl Assignments {
             }
         }
         Ok(out)
+    }
+}
+
+fn decode_or_default(bytes: Option<&[u8]>) -> AssignmentRecord {
+    bytes
+        .and_then(|b| serde_cbor::from_slice(b).ok())
+        .unwrap_or_default()
+}
+
+/// Points `model` of `record` at `to` as a new generation, unless it already is.
+fn point(record: &mut AssignmentRecord, model: &str, to: &AssignedModel, now_ms: u64) {
+    let same = record
+        .models
+        .get(model)
+        .is_some_and(|m| m.digest == to.digest && m.rollout == to.rollout);
+    if !same {
+        if let Some(old) = record.models.insert(model.to_string(), to.clone())
+            && old.digest != to.digest
+        {
+            record.previous.insert(model.to_string(), old);
+        }
+        record.generation += 1;
+        record.updated_ms = now_ms;
     }
 }
 

@@ -15,8 +15,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
-/// The example model and board profiles, compiled in so the demo needs no checkout.
-const CLAIMS: &[(&str, &[u8])] = &[
+/// The example model and board profiles, compiled in so the demo (and `fleetctl sim`)
+/// needs no checkout.
+pub(crate) const CLAIMS: &[(&str, &[u8])] = &[
     (
         "model.onnx",
         include_bytes!("../../models/claims/model.onnx"),
@@ -75,23 +76,28 @@ struct Demo {
 impl Drop for Demo {
     fn drop(&mut self) {
         for c in self.children.iter_mut().rev() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &c.id().to_string()])
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if matches!(c.try_wait(), Ok(Some(_))) {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+            stop_child(c);
         }
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
+/// SIGTERM, up to 5 s to exit, then SIGKILL.
+pub(crate) fn stop_child(c: &mut Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &c.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if matches!(c.try_wait(), Ok(Some(_))) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
@@ -195,10 +201,10 @@ impl Demo {
 }
 
 /// Starts `cmd` and returns it with the first line it prints (where it listens); the
-/// rest of its output is drained so it never blocks.
-fn announcing(cmd: &mut Command) -> anyhow::Result<(Child, String)> {
+/// rest of its stdout is drained so it never blocks (stderr is the caller's to set).
+pub(crate) fn announcing(cmd: &mut Command) -> anyhow::Result<(Child, String)> {
     use std::io::BufRead;
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
+    let mut child = cmd.stdout(Stdio::piped()).spawn()?;
     let mut reader = std::io::BufReader::new(child.stdout.take().context("stdout")?);
     let mut line = String::new();
     reader.read_line(&mut line)?;
@@ -314,6 +320,7 @@ pub fn run(dir: Option<PathBuf>, exit: bool) -> anyhow::Result<()> {
             "trust.toml",
         ])
         .args(["--signing-key", "keys/release.key"])
+        .stderr(Stdio::null())
         .current_dir(&dir);
     let (serve, first) = announcing(&mut serve).context("starting fleetctl serve")?;
     demo.children.push(serve);
@@ -434,6 +441,7 @@ pub fn run(dir: Option<PathBuf>, exit: bool) -> anyhow::Result<()> {
                 "--listen",
                 "127.0.0.1:0",
             ])
+            .stderr(Stdio::null())
             .current_dir(&dir);
         let (child, line) = announcing(&mut command).context("starting fleet-agent")?;
         let addr = line

@@ -2,7 +2,7 @@
 //! rollbacks; and for operator tokens and the audit log. The rollout engine
 //! ([`spawn_rollouts`]) advances running rollouts every second.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use axum::Extension;
@@ -499,32 +499,44 @@ pub async fn advance(plane: &Arc<Plane>, id: &str) -> Api<()> {
         let states = states_of(&plane, &r.targets)?;
         let now = now_ms();
         let before = (r.state, r.waves.clone());
-        let assigns = r.step(&states, now);
-        let mut notify = Vec::new();
-        for Assign { device, to } in &assigns {
-            let generation = plane.assignments.assign(device, &r.model, to, now)?;
-            if let Some(t) = r.targets.iter_mut().find(|t| &t.device == device) {
-                t.generation = Some(generation);
+        let changes: Vec<_> = r
+            .step(&states, now)
+            .into_iter()
+            .map(|Assign { device, to }| (device, to))
+            .collect();
+        let generations = plane.assignments.assign_all(&r.model, &changes, now)?;
+        // By device, not a search of the targets per assignment (quadratic in a wave).
+        let by_device: HashMap<&DeviceId, u64> =
+            changes.iter().map(|(d, _)| d).zip(generations).collect();
+        for t in &mut r.targets {
+            if let Some(g) = by_device.get(&t.device) {
+                t.generation = Some(*g);
             }
-            notify.push(device.clone());
         }
         if r.state != before.0 {
             tracing::info!(rollout = %r.id, state = ?r.state, reason = ?r.reason, "rollout changed state");
         }
-        if !assigns.is_empty() || r.state != before.0 || r.waves != before.1 {
+        if !changes.is_empty() || r.state != before.0 || r.waves != before.1 {
             plane.rollouts.put(&r)?;
         }
-        Ok(notify)
+        if !changes.is_empty() {
+            tracing::info!(rollout = %r.id, devices = changes.len(), "assigned");
+        }
+        Ok(changes.into_iter().map(|(d, _)| d).collect::<Vec<_>>())
     })
     .await?;
-    for device in notify {
-        if let Some(d) = plane.ingest.store.device(&device)? {
-            // The device also polls; a lost notification only delays it.
-            if let Err(e) = crate::server::send(plane, &d, CommandKind::AssignmentChanged).await {
-                tracing::warn!(device = %device, error = %e.1, "could not notify the device");
-            }
+    if notify.is_empty() {
+        return Ok(());
+    }
+    let mut devices = Vec::with_capacity(notify.len());
+    for id in &notify {
+        if let Some(d) = plane.ingest.store.device(id)? {
+            devices.push(d);
         }
     }
+    // The devices also poll; a lost notification only delays one.
+    let sent = crate::server::send_all(plane, &devices, &CommandKind::AssignmentChanged).await?;
+    tracing::info!(rollout = %id, devices = sent, "devices notified");
     Ok(())
 }
 

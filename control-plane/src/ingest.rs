@@ -126,6 +126,10 @@ pub trait FleetStore: Send + Sync {
     ) -> Result<(), StoreError>;
     /// The next sequence number of control plane → device messages.
     fn next_command_seq(&self, device: &DeviceId) -> Result<u64, StoreError>;
+    /// [`FleetStore::next_command_seq`] of each device, made durable together.
+    fn next_command_seqs(&self, devices: &[DeviceId]) -> Result<Vec<u64>, StoreError> {
+        devices.iter().map(|d| self.next_command_seq(d)).collect()
+    }
     /// Makes everything stored so far durable.
     fn flush(&self) -> Result<(), StoreError>;
 }
@@ -164,6 +168,18 @@ impl SledStore {
     /// The database, for other parts of the control plane (the registry).
     pub fn db(&self) -> &sled::Db {
         &self.db
+    }
+
+    /// Allocates the device's next command sequence number (not flushed).
+    fn bump_command_seq(&self, device: &DeviceId) -> Result<u64, StoreError> {
+        let before = be(self.commands.fetch_and_update(device.as_str(), |old| {
+            let n = old
+                .and_then(|v| <[u8; 8]>::try_from(v).ok())
+                .map(u64::from_be_bytes)
+                .unwrap_or(0);
+            Some((n + 1).to_be_bytes().to_vec())
+        })?);
+        Ok(before.unwrap_or(0))
     }
 
     fn key(device: &DeviceId, seq: u64) -> Vec<u8> {
@@ -256,15 +272,18 @@ impl FleetStore for SledStore {
     }
 
     fn next_command_seq(&self, device: &DeviceId) -> Result<u64, StoreError> {
-        let before = be(self.commands.fetch_and_update(device.as_str(), |old| {
-            let n = old
-                .and_then(|v| <[u8; 8]>::try_from(v).ok())
-                .map(u64::from_be_bytes)
-                .unwrap_or(0);
-            Some((n + 1).to_be_bytes().to_vec())
-        })?);
+        let seq = self.bump_command_seq(device)?;
         self.db.flush()?;
-        Ok(before.unwrap_or(0))
+        Ok(seq)
+    }
+
+    fn next_command_seqs(&self, devices: &[DeviceId]) -> Result<Vec<u64>, StoreError> {
+        let seqs = devices
+            .iter()
+            .map(|d| self.bump_command_seq(d))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.db.flush()?;
+        Ok(seqs)
     }
 
     fn flush(&self) -> Result<(), StoreError> {

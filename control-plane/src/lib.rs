@@ -4,7 +4,8 @@
 //! API, the MQTT broker devices report to (embedded rumqttd or an external one), and the
 //! telemetry ingest (`ingest`) behind the fleet views (`views`) that `fleetctl devices`
 //! and `fleetctl drift` print through the API client (`client`). Every check of a bundle
-//! or a message is done by `fleetml-protocol`, the same code the agent runs.
+//! or a message is done by `fleetml-protocol`, the same code the agent runs. `fleetctl sim`
+//! (`sim`) measures a control plane under a fleet of simulated devices.
 
 pub mod assign;
 pub mod auth;
@@ -29,4 +30,5 @@ pub mod registry;
 pub(crate) mod retrain;
 pub mod rollout;
 pub mod server;
+pub mod sim;
 pub mod views;

@@ -589,11 +589,14 @@ pub fn baseline(
     targets: &[Target],
     states: &BTreeMap<DeviceId, DeviceState>,
 ) -> Baseline {
+    // The versions rolled out, once (not a scan of every target per window: quadratic
+    // in the fleet's size).
+    let new: std::collections::BTreeSet<u64> = targets.iter().map(|t| t.to.version).collect();
     let windows: Vec<&WindowReport> = targets
         .iter()
         .filter_map(|t| states.get(&t.device)?.windows.get(model))
         .map(|(_, w)| w)
-        .filter(|w| targets.iter().all(|t| t.to.version != w.version))
+        .filter(|w| !new.contains(&w.version))
         .collect();
     let (missing_rate, p99_us, error_rate) = window_figures(&windows);
     Baseline {

@@ -507,9 +507,30 @@ impl Device {
         self.kill();
     }
 
-    /// Peak memory the board's cgroup saw, in bytes (where a cgroup limits it).
+    /// Peak memory the board's cgroup saw, in bytes (where a cgroup limits it). It
+    /// counts page cache too: the agent's own binary (over 200 MiB in a debug build),
+    /// its store's files.
     pub fn peak_memory(&self) -> Option<u64> {
         self.cgroup.as_ref()?.peak()
+    }
+
+    /// The agent process's peak resident set and its anonymous memory now, in bytes
+    /// (`VmHWM`, `RssAnon`; under qemu, the emulator's), for a local board.
+    pub fn resident(&self) -> Option<(u64, u64)> {
+        if self.remote.is_some() {
+            return None;
+        }
+        let pid = self.agent.as_ref()?.child.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let kib = |key: &str| -> Option<u64> {
+            let line = status.lines().find(|l| l.starts_with(key))?;
+            line.split_whitespace()
+                .nth(1)?
+                .parse::<u64>()
+                .ok()
+                .map(|k| k * 1024)
+        };
+        Some((kib("VmHWM:")?, kib("RssAnon:")?))
     }
 
     fn kill(&mut self) {

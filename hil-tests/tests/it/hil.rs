@@ -495,11 +495,21 @@ fn ensure(ok: bool, why: impl FnOnce() -> String) -> Result<(), String> {
     if ok { Ok(()) } else { Err(why()) }
 }
 
+/// What the agent used, as far as this driver can see.
 fn peak(lab: &Lab) -> String {
-    lab.device()
-        .peak_memory()
-        .map(|b| format!("peak memory {} MiB", b >> 20))
-        .unwrap_or_default()
+    let device = lab.device();
+    let mut parts = Vec::new();
+    if let Some((hwm, anon)) = device.resident() {
+        parts.push(format!(
+            "peak RSS {} MiB, anonymous {} MiB",
+            hwm >> 20,
+            anon >> 20
+        ));
+    }
+    if let Some(peak) = device.peak_memory() {
+        parts.push(format!("cgroup peak {} MiB with page cache", peak >> 20));
+    }
+    parts.join("; ")
 }
 
 /// A small xorshift generator: the power-cut points, replayable from the seed.

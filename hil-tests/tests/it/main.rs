@@ -8,6 +8,7 @@ mod conformance;
 mod demo;
 mod demo_loop;
 mod fleet;
+mod fleet_sim;
 mod hil;
 mod monitoring;
 mod peers;

@@ -1,0 +1,107 @@
+//! `fleetctl sim`: twenty simulated devices against a real `fleetctl serve`, through the
+//! embedded broker and through mosquitto — connected, telemetry stored without a gap,
+//! a rollout and a rollback completed, memory read.
+
+use hil_tests::fleetctl;
+use serde_json::Value;
+
+const DEVICES: u64 = 20;
+
+/// Runs the simulator with `broker` and returns its JSON report (the run must succeed).
+fn simulate(broker: &str) -> Value {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let run = fleetctl(
+        tmp.path(),
+        &[
+            "sim",
+            "--devices",
+            &DEVICES.to_string(),
+            "--duration",
+            "5",
+            "--rate",
+            "2",
+            "--broker",
+            broker,
+            "--json",
+        ],
+    );
+    let out = run.success();
+    serde_json::from_str(out).unwrap_or_else(|e| panic!("the report is not JSON ({e}):\n{out}"))
+}
+
+#[track_caller]
+fn number(report: &Value, path: &[&str]) -> f64 {
+    let mut v = report;
+    for key in path {
+        v = &v[*key];
+    }
+    v.as_f64()
+        .unwrap_or_else(|| panic!("report lacks the number {}: {report:#}", path.join(".")))
+}
+
+fn check(report: &Value) {
+    assert_eq!(report["failures"], Value::Array(vec![]), "{report:#}");
+    assert_eq!(report["connected"], DEVICES, "{report:#}");
+    assert!(number(report, &["connect_s"]) > 0.0);
+    // Telemetry: the control plane's own counter moved during the steady phase, and at
+    // the end it holds exactly what the devices sealed, device by device, without gaps.
+    assert!(number(report, &["steady", "ingested"]) > 0.0, "{report:#}");
+    let checks = &report["checks"];
+    assert!(number(checks, &["sealed"]) > 0.0);
+    assert_eq!(checks["sealed"], checks["stored"], "{report:#}");
+    assert_eq!(checks["devices_mismatched"], 0, "{report:#}");
+    assert!(number(checks, &["sample_devices"]) > 0.0);
+    assert_eq!(checks["sample_gaps"], 0, "{report:#}");
+    assert_eq!(checks["refused"], 0, "{report:#}");
+    assert_eq!(checks["unacked"], 0, "{report:#}");
+    // Every device downloaded v1 and v2 itself; the rollback came from what it held.
+    assert_eq!(report["bundle_downloads"], 2 * DEVICES, "{report:#}");
+    for phase in ["rollout_install", "rollout", "rollback"] {
+        assert!(number(report, &[phase, "control_plane_s"]) > 0.0, "{phase}");
+        assert!(number(report, &[phase, "devices_s"]) > 0.0, "{phase}");
+    }
+    for memory in [
+        "control_plane_idle_kib",
+        "control_plane_connected_kib",
+        "control_plane_peak_kib",
+        "control_plane_per_device_kib",
+        "simulator_kib",
+    ] {
+        assert!(number(report, &["memory", memory]) > 0.0, "{memory}");
+    }
+}
+
+#[test]
+fn twenty_simulated_devices_report_take_a_rollout_and_a_rollback_through_the_embedded_broker() {
+    let report = simulate("embedded");
+    check(&report);
+    assert_eq!(report["memory"]["broker_connected_kib"], Value::Null);
+}
+
+#[test]
+fn twenty_simulated_devices_report_take_a_rollout_and_a_rollback_through_mosquitto() {
+    let report = simulate("mosquitto");
+    check(&report);
+    assert!(number(&report, &["memory", "broker_connected_kib"]) > 0.0);
+}
+
+#[test]
+fn sim_without_mosquitto_says_how_to_get_it() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let run = fleetctl(
+        tmp.path(),
+        &[
+            "sim",
+            "--broker",
+            "mosquitto",
+            "--mosquitto",
+            "/nonexistent/mosquitto",
+        ],
+    );
+    let line = run.failure();
+    assert!(
+        line.contains("/nonexistent/mosquitto: no such file"),
+        "{line}"
+    );
+    assert!(line.contains("--broker embedded"), "{line}");
+}
