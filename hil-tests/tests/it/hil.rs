@@ -707,7 +707,7 @@ fn disk_full(board: &Board, _seed: u64) -> Result<String, String> {
             disk_mib: Some(64),
             versions: vec![1, 2],
             padding: Some(PADDING),
-            config: format!("download_max_bytes_per_s = {}", 2 << 20),
+            config: format!("download_max_bytes_per_s = {}", 1 << 20),
             ..Setup::default()
         },
     );
@@ -730,9 +730,24 @@ fn disk_full(board: &Board, _seed: u64) -> Result<String, String> {
         "the old model stopped serving".into()
     })?;
 
-    // Room to begin, then the disk fills up during the download.
+    // Room to begin, then the disk fills up during the download. The test watches the
+    // partial file on the board's disk rather than the `downloading` event: events travel
+    // through the outbox and the broker, and on a loaded machine one arrived after the
+    // whole bundle was down (CI, stop 13), so the disk filled too late to test anything.
     disk.fill(&filler, 16 << 20);
-    wait_version_event(&lab, "downloading", 2, "bytes");
+    let part_bytes = || {
+        std::fs::read_dir(&downloads)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .max()
+            .unwrap_or(0)
+    };
+    wait_for("the download to begin writing", WAIT, || {
+        (part_bytes() > 0).then_some(())
+    });
     disk.fill(&filler, 256 << 10);
     let stopped = wait_version_event(&lab, "download_failed", 2, "while downloading");
     ensure(stopped.contains("partial file was removed"), || {
