@@ -30,6 +30,7 @@
 //! outbox_max_messages = 100000
 //! outbox_max_bytes = 268435456
 //! status_interval_s = 300
+//! telemetry_resend_after_s = 120   # re-publish what the control plane has not confirmed
 //! assignment_poll_s = 300          # plus a pull whenever the control plane says so
 //! download_max_bytes_per_s = 1000000
 //! # the trust policy may be given inline instead of as a file (`trust`)
@@ -83,6 +84,10 @@ pub struct AgentConfig {
     pub outbox_max_bytes: Option<u64>,
     /// Seconds between heartbeat statuses while connected (default 300).
     pub status_interval_s: Option<u64>,
+    /// Seconds a message the broker acknowledged waits for the control plane's receipt
+    /// before it is published again (default 120; only once the control plane sends
+    /// receipts).
+    pub telemetry_resend_after_s: Option<u64>,
     /// Seconds between assignment pulls, ±20 % jitter (default 300); the control plane
     /// also says when to pull at once.
     pub assignment_poll_s: Option<u64>,
@@ -202,6 +207,7 @@ impl AgentConfig {
             outbox_max_messages,
             outbox_max_bytes,
             status_interval_s,
+            telemetry_resend_after_s,
             assignment_poll_s,
             download_max_bytes_per_s,
             capture_max_bytes,
@@ -254,6 +260,11 @@ impl AgentConfig {
             status_interval: std::time::Duration::from_secs(
                 self.status_interval_s.unwrap_or(300).max(1),
             ),
+            resend_after: self
+                .telemetry_resend_after_s
+                .map_or(crate::publisher::RESEND_AFTER, |s| {
+                    std::time::Duration::from_secs(s.max(1))
+                }),
         }))
     }
 

@@ -1,21 +1,31 @@
 //! The durable outbox telemetry is published from (groundwork of the messaging issue).
 //!
 //! Every message is written to sled and flushed before anyone may publish it, and is
-//! deleted only when the broker acknowledged it ([`Outbox::ack`]). After a reconnect or
-//! a restart, everything still here is published again in sequence order: the outbox,
-//! not the MQTT session, is the source of truth (duplicates are fine; the control plane
-//! de-duplicates by `(device, seq)`).
+//! deleted only when it is known to be delivered. At first that is the broker's PUBACK
+//! ([`Outbox::ack`]); once the control plane has sent one [`Receipt`] (it then sends
+//! them for everything it stores), a message stays after its PUBACK until a receipt
+//! names it ([`Outbox::receipt`]), and one that no receipt names in time is published
+//! again ([`Outbox::overdue`]). A PUBACK only says the broker has the message: the
+//! control plane's embedded broker drops what a lagging subscriber has not read once
+//! its in-memory log is full, and loses its log when it restarts (found with
+//! `fleetctl sim --devices 10000`). After a reconnect or a restart, everything still here
+//! is published again in sequence order: the outbox, not the MQTT session, is the source
+//! of truth (duplicates are fine; the control plane de-duplicates by `(device, seq)`).
+//!
+//! [`Receipt`]: fleetml_protocol::telemetry::Receipt
 //!
 //! Sequence numbers are allocated here, in the same sled transaction that stores the
 //! message, so they are strictly increasing, gap-free and survive restarts.
 //!
 //! Bounded by count and bytes: when a new message does not fit, the oldest monitoring
-//! windows are dropped first and counted ([`Outbox::dropped`]); other messages
+//! windows not in flight (delivered ones awaiting a receipt included) are dropped first
+//! and counted ([`Outbox::dropped`]); other messages
 //! (lifecycle events, alerts, acknowledgements, status) are never dropped — they may
 //! exceed the bound rather than be lost.
 
 use std::path::Path;
 
+use fleetml_protocol::telemetry::Receipt;
 use sled::Transactional;
 
 /// What a message is, for the overflow policy.
@@ -81,6 +91,8 @@ const NEXT_SEQ: &[u8] = b"next_seq";
 const DROPPED: &[u8] = b"dropped";
 const BYTES: &[u8] = b"bytes";
 const LAST_COMMAND: &[u8] = b"last_command";
+/// Set once the control plane has sent a receipt: from then on only receipts delete.
+const RECEIPTS: &[u8] = b"receipts";
 
 use crate::monitoring::now_ms;
 
@@ -94,6 +106,11 @@ pub struct Outbox {
     /// Messages handed to the broker and not yet acknowledged: never dropped for room
     /// (they may arrive, and a drop must mean "will not arrive").
     inflight: std::sync::Mutex<std::collections::BTreeSet<u64>>,
+    /// Acknowledged by the broker, awaiting the control plane's receipt: when (each is
+    /// published again once it has waited too long).
+    delivered: std::sync::Mutex<std::collections::BTreeMap<u64, std::time::Instant>>,
+    /// Whether the control plane sends receipts (persisted under [`RECEIPTS`]).
+    receipts: std::sync::atomic::AtomicBool,
 }
 
 fn read_u64(tree: &sled::Tree, key: &[u8]) -> Result<u64, OutboxError> {
@@ -113,6 +130,13 @@ fn tx_u64(
         .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
         .map(u64::from_be_bytes)
         .unwrap_or(0))
+}
+
+/// The sequence number a queue key holds (8 bytes, big-endian).
+fn key_seq(key: &[u8]) -> Result<u64, OutboxError> {
+    key.try_into()
+        .map(u64::from_be_bytes)
+        .map_err(|_| OutboxError::Corrupt(u64::MAX))
 }
 
 /// Entry layout: class (1 byte), queued at (u64 ms, big-endian), topic length (u16),
@@ -166,12 +190,15 @@ impl Outbox {
         let db = crate::store::open_sled(path)?;
         let queue = db.open_tree("queue")?;
         let meta = db.open_tree("meta")?;
+        let receipts = meta.contains_key(RECEIPTS)?;
         Ok(Outbox {
             db,
             queue,
             meta,
             limits,
             inflight: Default::default(),
+            delivered: Default::default(),
+            receipts: receipts.into(),
         })
     }
 
@@ -247,25 +274,102 @@ impl Outbox {
             .insert(seq);
     }
 
-    /// The connection is gone: nothing is in flight any more.
+    /// The connection is gone: nothing is in flight any more (and everything still here
+    /// is published again on the next connection, delivered or not).
     pub fn clear_inflight(&self) {
         self.inflight
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
+        self.delivered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 
-    /// The broker acknowledged `seq`: forget it.
+    /// The broker acknowledged `seq`: forget it, or, when the control plane sends
+    /// receipts, keep it until one names it.
     pub fn ack(&self, seq: u64) -> Result<(), OutboxError> {
         self.inflight
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&seq);
+        if self.receipts_enabled() {
+            if self.queue.contains_key(seq.to_be_bytes())? {
+                self.delivered
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(seq, std::time::Instant::now());
+            }
+            return Ok(());
+        }
         if let Some(v) = self.queue.get(seq.to_be_bytes())? {
             self.remove(seq, v.len() as u64, false)?;
             self.db.flush()?;
         }
         Ok(())
+    }
+
+    /// Whether messages wait for the control plane's receipt after their PUBACK.
+    pub fn receipts_enabled(&self) -> bool {
+        self.receipts.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The control plane stored what `receipt` names: delete those messages (and, the
+    /// first time, switch to waiting for receipts). Returns how many were deleted.
+    pub fn receipt(&self, receipt: &Receipt) -> Result<usize, OutboxError> {
+        if !self.receipts_enabled() {
+            self.meta.insert(RECEIPTS, &[1u8][..])?;
+            self.receipts
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        let mut removed = 0;
+        for &[first, last] in &receipt.stored {
+            if first > last {
+                continue;
+            }
+            // Only what is here: a receipt's range can be as wide as it likes.
+            let here: Vec<(u64, u64)> = self
+                .queue
+                .range(first.to_be_bytes()..=last.to_be_bytes())
+                .map(|kv| {
+                    let (k, v) = kv?;
+                    Ok((key_seq(&k)?, v.len() as u64))
+                })
+                .collect::<Result<_, OutboxError>>()?;
+            let mut delivered = self.delivered.lock().unwrap_or_else(|p| p.into_inner());
+            for (seq, len) in here {
+                self.remove(seq, len, false)?;
+                delivered.remove(&seq);
+                removed += 1;
+            }
+        }
+        self.db.flush()?;
+        Ok(removed)
+    }
+
+    /// Messages the broker acknowledged at least `after` ago that no receipt has named
+    /// yet, oldest first: the caller publishes them again (they count as in flight from
+    /// now on, until acknowledged again).
+    pub fn overdue(&self, after: std::time::Duration) -> Vec<u64> {
+        let mut delivered = self.delivered.lock().unwrap_or_else(|p| p.into_inner());
+        let due: Vec<u64> = delivered
+            .iter()
+            .filter(|(_, at)| at.elapsed() >= after)
+            .map(|(seq, _)| *seq)
+            .collect();
+        for seq in &due {
+            delivered.remove(seq);
+        }
+        due
+    }
+
+    /// The message with sequence number `seq`, if it is still here.
+    pub fn get(&self, seq: u64) -> Result<Option<Stored>, OutboxError> {
+        self.queue
+            .get(seq.to_be_bytes())?
+            .map(|v| decode(seq, &v))
+            .transpose()
     }
 
     /// Up to `limit` unacknowledged messages, oldest first.
@@ -280,12 +384,7 @@ impl Outbox {
             .take(limit)
             .map(|kv| {
                 let (k, v) = kv?;
-                let seq = u64::from_be_bytes(
-                    k.as_ref()
-                        .try_into()
-                        .map_err(|_| OutboxError::Corrupt(u64::MAX))?,
-                );
-                decode(seq, &v)
+                decode(key_seq(&k)?, &v)
             })
             .collect()
     }

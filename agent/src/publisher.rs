@@ -1,6 +1,8 @@
 //! Drains the [`Outbox`] to an MQTT broker (groundwork of the messaging issue).
 //!
-//! QoS 1; a message leaves the outbox only on the broker's PUBACK. rumqttc keeps
+//! QoS 1; a message leaves the outbox on the broker's PUBACK, or, once the control plane
+//! sends receipts, when a receipt names it: one acknowledged by the broker that no receipt
+//! names within [`Hooks::resend_after`] is published again. rumqttc keeps
 //! unacknowledged publishes in memory and replays them on reconnect; this publisher
 //! discards that replay and re-publishes from the outbox instead, in sequence order, so
 //! a restart and a reconnect behave the same. Reconnects back off exponentially with
@@ -30,7 +32,13 @@ pub struct Hooks {
     pub on_connect: Option<Box<dyn Fn() + Send>>,
     /// Called with each message received on a subscribed topic.
     pub on_message: Option<OnMessage>,
+    /// How long a message the broker acknowledged may wait for the control plane's
+    /// receipt before it is published again ([`RESEND_AFTER`] when `None`).
+    pub resend_after: Option<Duration>,
 }
+
+/// The default of [`Hooks::resend_after`].
+pub const RESEND_AFTER: Duration = Duration::from_secs(120);
 
 impl std::fmt::Debug for Hooks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -55,8 +63,36 @@ pub async fn run_with(outbox: Arc<Outbox>, options: MqttOptions, wake: Arc<Notif
     let mut next: u64 = 0;
     let mut connected = false;
     let mut failures: u32 = 0;
+    // Acknowledged by the broker, never confirmed by the control plane: published again
+    // before anything new.
+    let resend_after = hooks.resend_after.unwrap_or(RESEND_AFTER);
+    let mut resend: VecDeque<u64> = VecDeque::new();
+    let mut overdue_check =
+        tokio::time::interval((resend_after / 4).max(Duration::from_millis(250)));
+    overdue_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         if connected {
+            while WINDOW > handed.len() + inflight.len() {
+                let Some(seq) = resend.pop_front() else { break };
+                match outbox.get(seq) {
+                    Ok(Some(m)) => {
+                        let retain = m.topic.ends_with("/status");
+                        if client
+                            .try_publish(m.topic, QoS::AtLeastOnce, retain, m.payload)
+                            .is_err()
+                        {
+                            resend.push_front(seq);
+                            break;
+                        }
+                        outbox.mark_inflight(seq);
+                        handed.push_back(seq);
+                        metrics::counter!("fleetml_agent_telemetry_republished_total").increment(1);
+                    }
+                    // Named by a receipt (or dropped for room) meanwhile.
+                    Ok(None) => {}
+                    Err(e) => tracing::error!(error = %e, "reading the outbox"),
+                }
+            }
             // Top the window up from the outbox.
             let room = WINDOW.saturating_sub(handed.len() + inflight.len());
             if room > 0 {
@@ -87,6 +123,7 @@ pub async fn run_with(outbox: Arc<Outbox>, options: MqttOptions, wake: Arc<Notif
                     outbox.clear_inflight();
                     handed.clear();
                     inflight.clear();
+                    resend.clear();
                     next = 0;
                     connected = true;
                     failures = 0;
@@ -135,6 +172,18 @@ pub async fn run_with(outbox: Arc<Outbox>, options: MqttOptions, wake: Arc<Notif
                 }
             },
             _ = wake.notified(), if connected => {}
+            _ = overdue_check.tick(), if connected => {
+                let due = outbox.overdue(resend_after);
+                if !due.is_empty() {
+                    tracing::warn!(
+                        messages = due.len(),
+                        first = due[0],
+                        "the control plane has not confirmed storing messages the broker acknowledged {} s ago; publishing them again",
+                        resend_after.as_secs()
+                    );
+                    resend.extend(due);
+                }
+            }
         }
         metrics::gauge!("fleetml_agent_outbox_depth").set(outbox.depth() as f64);
         metrics::gauge!("fleetml_agent_outbox_oldest_age_seconds")

@@ -36,6 +36,9 @@ pub struct Settings {
     pub limits: Limits,
     /// Heartbeat status while connected.
     pub status_interval: Duration,
+    /// How long a message the broker acknowledged waits for the control plane's
+    /// receipt before it is published again.
+    pub resend_after: Duration,
 }
 
 impl std::fmt::Debug for Settings {
@@ -46,6 +49,7 @@ impl std::fmt::Debug for Settings {
             .field("broker", &self.broker)
             .field("limits", &self.limits)
             .field("status_interval", &self.status_interval)
+            .field("resend_after", &self.resend_after)
             .finish_non_exhaustive()
     }
 }
@@ -223,6 +227,7 @@ impl Telemetry {
             subscribe: Some(telemetry::topic(&self.device, telemetry::Channel::Cmd)),
             on_connect: Some(on_connect),
             on_message: Some(on_message),
+            resend_after: Some(settings.resend_after),
         };
         tokio::spawn(publisher::run_with(
             self.outbox.clone(),
@@ -260,8 +265,19 @@ impl Telemetry {
                 return;
             }
         };
-        let Body::Command(c) = envelope.body else {
-            return;
+        let c = match envelope.body {
+            Body::Command(c) => c,
+            // No replay check, no answer: a receipt only names stored messages (and an
+            // answer would be a message to receipt in turn).
+            Body::Receipt(r) => {
+                metrics::counter!("fleetml_agent_receipts_total").increment(1);
+                match self.outbox.receipt(&r) {
+                    Ok(n) => tracing::debug!(removed = n, "receipt"),
+                    Err(e) => tracing::warn!(error = %e, "could not apply a receipt"),
+                }
+                return;
+            }
+            _ => return,
         };
         match self.outbox.command_is_new(envelope.seq) {
             Ok(true) => {}

@@ -343,6 +343,9 @@ fn reason(e: &MessageError) -> &'static str {
 pub struct Ingest<S> {
     pub store: S,
     pub counters: Counters,
+    /// Sequence numbers stored (or found stored) per device since the last
+    /// [`Ingest::take_receipts`].
+    receipts: std::sync::Mutex<std::collections::HashMap<DeviceId, Vec<u64>>>,
 }
 
 impl<S: FleetStore> Ingest<S> {
@@ -350,7 +353,16 @@ impl<S: FleetStore> Ingest<S> {
         Ingest {
             store,
             counters: Counters::default(),
+            receipts: Default::default(),
         }
+    }
+
+    /// What each device should be told is stored, since the last call: the caller
+    /// flushes the store before telling it.
+    pub fn take_receipts(&self) -> Vec<(DeviceId, Vec<u64>)> {
+        std::mem::take(&mut *self.receipts.lock().unwrap_or_else(|p| p.into_inner()))
+            .into_iter()
+            .collect()
     }
 
     /// Handles one message received on `topic` at `now_ms`. Nothing of a refused
@@ -439,6 +451,13 @@ impl<S: FleetStore> Ingest<S> {
                 _ => {}
             }
         })?;
+        // A duplicate too: the device sent it again because it has no receipt for it.
+        self.receipts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(device)
+            .or_default()
+            .push(envelope.seq);
         if !new {
             self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("fleetml_ingest_duplicates_total").increment(1);

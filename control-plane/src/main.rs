@@ -204,6 +204,11 @@ struct ServeArgs {
     /// jobs build; the trust policy must list its public key.
     #[arg(long)]
     signing_key: Option<PathBuf>,
+    /// How often each device is told which of its messages are stored (its receipt):
+    /// until then the device keeps them, so nothing the broker acknowledged but the
+    /// control plane did not store is lost. Units ms, s, m, h.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    receipt_interval: std::time::Duration,
 }
 
 #[derive(Subcommand, Debug)]
@@ -1305,14 +1310,15 @@ fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     let n: u64 = number
         .parse()
         .map_err(|_| format!("`{text}` is not a duration like 90s, 15m, 2h or 7d"))?;
-    let secs = match unit {
-        "" | "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86_400,
-        _ => return Err(format!("`{text}`: unit `{unit}` is not s, m, h or d")),
+    let millis = match unit {
+        "ms" => n,
+        "" | "s" => n.saturating_mul(1000),
+        "m" => n.saturating_mul(60_000),
+        "h" => n.saturating_mul(3_600_000),
+        "d" => n.saturating_mul(86_400_000),
+        _ => return Err(format!("`{text}`: unit `{unit}` is not ms, s, m, h or d")),
     };
-    Ok(std::time::Duration::from_secs(secs))
+    Ok(std::time::Duration::from_millis(millis))
 }
 
 fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
@@ -1404,6 +1410,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 public_mqtt_url: a.public_mqtt_url,
                 assignment_ttl: a.assignment_ttl,
                 signing_key: a.signing_key,
+                receipt_interval: a.receipt_interval,
             };
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

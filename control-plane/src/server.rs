@@ -64,6 +64,8 @@ pub struct Options {
     pub assignment_ttl: Duration,
     /// The key candidate bundles of training jobs are signed with.
     pub signing_key: Option<PathBuf>,
+    /// How often each device gets a receipt for the messages stored since the last one.
+    pub receipt_interval: Duration,
 }
 
 /// Shared state of the running control plane.
@@ -254,8 +256,13 @@ fn start_broker(
         router: RouterConfig {
             max_connections: 10_010,
             max_outgoing_packet_count: 200,
-            max_segment_size: 100 << 20,
-            max_segment_count: 10,
+            // rumqttd's in-memory log of what subscribers have yet to read: once it is
+            // full it drops its oldest segment and skips a reader that lags past it. It
+            // was 1 GiB (100 MiB × 10) and still lost messages at 10,000 devices; with
+            // receipts a device publishes again what was dropped, so the log is kept to
+            // 256 MiB and control-plane memory stays bounded.
+            max_segment_size: 32 << 20,
+            max_segment_count: 8,
             ..Default::default()
         },
         v4: Some([("fleetml".to_string(), server)].into_iter().collect()),
@@ -405,6 +412,7 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
         metrics,
     });
     spawn_ingest(plane.clone(), ingest_client, events);
+    spawn_receipts(plane.clone(), opts.receipt_interval);
     spawn_commands(command_events);
     crate::fleet_api::spawn_rollouts(plane.clone());
     crate::policy::spawn(plane.clone());
@@ -555,6 +563,62 @@ fn spawn_ingest(plane: Arc<Plane>, client: AsyncClient, mut events: rumqttc::Eve
                 Err(e) => tracing::error!(error = %e, "ingest task failed"),
             }
             batch.clear();
+        }
+    });
+}
+
+/// Every `interval`, tells each device which of its messages were stored since the last
+/// receipt (made durable first), so it can delete them from its outbox. QoS 0: a lost
+/// receipt costs a re-publish and a duplicate, nothing more.
+fn spawn_receipts(plane: Arc<Plane>, interval: Duration) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(interval.max(Duration::from_millis(100)));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            let p2 = plane.clone();
+            let sealed = tokio::task::spawn_blocking(move || {
+                let due = p2.ingest.take_receipts();
+                if due.is_empty() {
+                    return Ok(Vec::new());
+                }
+                // What was recorded was inserted first: after this flush it is durable.
+                p2.ingest.store.flush()?;
+                let now = now_ms();
+                let mut out = Vec::new();
+                for (device, seqs) in due {
+                    let Some(d) = p2.ingest.store.device(&device)? else {
+                        continue;
+                    };
+                    for r in telemetry::Receipt::covering(seqs) {
+                        out.push(telemetry::seal(&d.id, 0, now, Body::Receipt(r), &d.secret));
+                    }
+                }
+                Ok::<_, crate::ingest::StoreError>(out)
+            })
+            .await;
+            let sealed = match sealed {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "could not prepare receipts");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "receipt task failed");
+                    continue;
+                }
+            };
+            let n = sealed.len();
+            for (topic, bytes) in sealed {
+                if let Err(e) = plane
+                    .client
+                    .publish(topic, QoS::AtMostOnce, false, bytes)
+                    .await
+                {
+                    tracing::warn!(error = %e, "could not send a receipt");
+                }
+            }
+            metrics::counter!("fleetml_receipts_sent_total").increment(n as u64);
         }
     });
 }

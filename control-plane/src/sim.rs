@@ -12,8 +12,10 @@
 //!   from its secret, a persistent session, a retained last will sealed with the
 //!   sequence number of its first status and `online: false`);
 //! - seals every message with its secret and a contiguous per-device sequence number,
-//!   keeps it in an outbox (in memory here, sled on a device) until the broker's PUBACK,
-//!   at most 32 in flight, and re-publishes what is left after every reconnect, in order;
+//!   keeps it in an outbox (in memory here, sled on a device) until the broker's PUBACK
+//!   or, once the control plane sends receipts, until a receipt names it (re-publishing
+//!   what the broker acknowledged but no receipt named within 120 s), at most 32 in
+//!   flight, and re-publishes what is left after every reconnect, in order;
 //! - sends a status on every connect, after every activation and every 300 s while
 //!   its outbox is drained, and at `--rate` a monitoring window report per model it
 //!   serves (a status while it serves none);
@@ -69,6 +71,8 @@ const ENROLLING: usize = 16;
 const POLL: Duration = Duration::from_secs(300);
 /// The agent's default `status_interval_s`.
 const STATUS_INTERVAL: Duration = Duration::from_secs(300);
+/// The agent's default `telemetry_resend_after_s`.
+const RESEND_AFTER: Duration = Duration::from_secs(120);
 /// The model rolled out, and its versions.
 const MODEL: &str = "claims";
 const BOARDS: [&str; 3] = ["raspberry-pi-4", "generic-x86_64", "jetson-orin-nano"];
@@ -183,8 +187,15 @@ pub struct Checks {
     /// Devices whose whole stored message log was read back and checked for gaps.
     pub sample_devices: usize,
     pub sample_gaps: usize,
-    /// Messages still in devices' outboxes at the end (not acknowledged by the broker).
+    /// Messages the devices saw confirmed: by a receipt, or by a PUBACK before their
+    /// first receipt.
+    pub confirmed: u64,
+    /// Messages still in devices' outboxes at the end (not confirmed delivered).
     pub unacked: i64,
+    /// Messages the devices published again because no receipt named them within
+    /// 120 s of the broker's acknowledgement (each one the broker had and the control
+    /// plane had not stored, or whose receipt was late or lost).
+    pub republished: u64,
     pub reconnects: u64,
     pub connect_failures: u64,
     pub assignment_refusals: u64,
@@ -205,6 +216,9 @@ pub struct Report {
     pub rollout_install: Option<Phase>,
     pub rollout: Option<Phase>,
     pub rollback: Option<Phase>,
+    /// How long the ingest took, once the devices stopped sending and their outboxes
+    /// were empty, to store the last message (its backlog at the end).
+    pub ingest_drain_s: Option<f64>,
     pub bundle_downloads: u64,
     pub bundle_bytes: u64,
     pub memory: Option<Memory>,
@@ -263,6 +277,10 @@ impl Report {
         rows.push((format!("rollout {MODEL}@1 → 2"), phase(&self.rollout)));
         rows.push((format!("rollback {MODEL}@2 → 1"), phase(&self.rollback)));
         rows.push((
+            "ingest backlog at the end".into(),
+            secs(self.ingest_drain_s),
+        ));
+        rows.push((
             "bundle downloads".into(),
             format!(
                 "{} ({})",
@@ -318,8 +336,8 @@ impl Report {
         rows.push((
             "messages".into(),
             format!(
-                "sealed {}, stored {}, duplicates {}, refused {}, gaps seen {}, unacked {}",
-                c.sealed, c.stored, c.duplicates, c.refused, c.ingest_gaps, c.unacked
+                "sealed {}, stored {}, duplicates {}, refused {}, gaps seen {}, unacked {}, re-published {}",
+                c.sealed, c.stored, c.duplicates, c.refused, c.ingest_gaps, c.unacked, c.republished
             ),
         ));
         rows.push((
@@ -888,7 +906,12 @@ struct Stats {
     reconnects: AtomicU64,
     connect_failures: AtomicU64,
     sealed: AtomicU64,
+    /// Messages confirmed delivered (receipt, or PUBACK before the first receipt).
     acked: AtomicU64,
+    /// Broker acknowledgements (PUBACKs) of outbox messages.
+    pubacked: AtomicU64,
+    /// Messages published again because no receipt named them in time.
+    republished: AtomicU64,
     /// Messages in all outboxes.
     depth: AtomicI64,
     refusals: AtomicU64,
@@ -945,11 +968,35 @@ impl std::fmt::Debug for Device {
     }
 }
 
-/// A device's in-memory outbox: sealed messages until the broker acknowledges them.
+/// A device's in-memory outbox: sealed messages until the broker acknowledges them, or,
+/// once the control plane has sent a receipt, until a receipt names them.
 #[derive(Debug, Default)]
 struct Outbox {
     next_seq: u64,
     messages: BTreeMap<u64, (String, Vec<u8>)>,
+    /// Acknowledged by the broker, awaiting a receipt: since when.
+    delivered: BTreeMap<u64, Instant>,
+    receipts: bool,
+}
+
+impl Outbox {
+    /// Deletes what `receipt` names; returns how many messages went.
+    fn receipt(&mut self, receipt: &telemetry::Receipt) -> u64 {
+        self.receipts = true;
+        let mut removed = 0;
+        for &[a, b] in &receipt.stored {
+            if a > b {
+                continue;
+            }
+            let here: Vec<u64> = self.messages.range(a..=b).map(|(s, _)| *s).collect();
+            for seq in here {
+                self.messages.remove(&seq);
+                self.delivered.remove(&seq);
+                removed += 1;
+            }
+        }
+        removed
+    }
 }
 
 impl Device {
@@ -1186,6 +1233,9 @@ async fn run_publisher(dev: Arc<Device>, fleet: Arc<Fleet>, mut rng: Rng) {
     let mut ever_connected = false;
     let mut failures: u32 = 0;
     let mut last_command: Option<u64> = None;
+    let mut resend: VecDeque<u64> = VecDeque::new();
+    let mut overdue_check = tokio::time::interval(RESEND_AFTER / 4);
+    overdue_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut stop = fleet.stop.clone();
     let mut connecting: Option<tokio::sync::SemaphorePermit<'_>> = None;
     loop {
@@ -1202,9 +1252,25 @@ async fn run_publisher(dev: Arc<Device>, fleet: Arc<Fleet>, mut rng: Rng) {
             }
         }
         if connected {
+            let outbox = dev.outbox();
+            // What no receipt named in time goes first.
+            while WINDOW > handed.len() + inflight.len() {
+                let Some(seq) = resend.pop_front() else { break };
+                let Some((topic, payload)) = outbox.messages.get(&seq) else {
+                    continue;
+                };
+                if client
+                    .try_publish(topic.clone(), QoS::AtLeastOnce, false, payload.clone())
+                    .is_err()
+                {
+                    resend.push_front(seq);
+                    break;
+                }
+                stats.republished.fetch_add(1, Ordering::Relaxed);
+                handed.push_back(seq);
+            }
             // Top the window up from the outbox, in sequence order.
             let room = WINDOW.saturating_sub(handed.len() + inflight.len());
-            let outbox = dev.outbox();
             for (&seq, (topic, payload)) in outbox.messages.range(next..).take(room) {
                 let retain = topic.ends_with("/status");
                 if client
@@ -1227,6 +1293,8 @@ async fn run_publisher(dev: Arc<Device>, fleet: Arc<Fleet>, mut rng: Rng) {
                     events.pending.clear();
                     handed.clear();
                     inflight.clear();
+                    resend.clear();
+                    dev.outbox().delivered.clear();
                     next = 0;
                     connected = true;
                     failures = 0;
@@ -1243,7 +1311,7 @@ async fn run_publisher(dev: Arc<Device>, fleet: Arc<Fleet>, mut rng: Rng) {
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     if let Some((ack, send_status)) =
-                        command(&dev, &p.topic, &p.payload, &mut last_command)
+                        command(&dev, stats, &p.topic, &p.payload, &mut last_command)
                     {
                         if send_status {
                             dev.push_status(stats);
@@ -1257,11 +1325,17 @@ async fn run_publisher(dev: Arc<Device>, fleet: Arc<Fleet>, mut rng: Rng) {
                     }
                 }
                 Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                    if let Some(seq) = inflight.remove(&ack.pkid)
-                        && dev.outbox().messages.remove(&seq).is_some()
-                    {
-                        stats.acked.fetch_add(1, Ordering::Relaxed);
-                        stats.depth.fetch_sub(1, Ordering::Relaxed);
+                    if let Some(seq) = inflight.remove(&ack.pkid) {
+                        stats.pubacked.fetch_add(1, Ordering::Relaxed);
+                        let mut outbox = dev.outbox();
+                        if outbox.receipts {
+                            if outbox.messages.contains_key(&seq) {
+                                outbox.delivered.insert(seq, Instant::now());
+                            }
+                        } else if outbox.messages.remove(&seq).is_some() {
+                            stats.acked.fetch_add(1, Ordering::Relaxed);
+                            stats.depth.fetch_sub(1, Ordering::Relaxed);
+                        }
                     }
                 }
                 Ok(_) => {}
@@ -1284,6 +1358,19 @@ async fn run_publisher(dev: Arc<Device>, fleet: Arc<Fleet>, mut rng: Rng) {
                 }
             },
             _ = dev.publish.notified(), if connected => {}
+            _ = overdue_check.tick(), if connected => {
+                let mut outbox = dev.outbox();
+                let due: Vec<u64> = outbox
+                    .delivered
+                    .iter()
+                    .filter(|(_, at)| at.elapsed() >= RESEND_AFTER)
+                    .map(|(seq, _)| *seq)
+                    .collect();
+                for seq in &due {
+                    outbox.delivered.remove(seq);
+                }
+                resend.extend(due);
+            }
             _ = stop.changed() => break,
         }
     }
@@ -1308,6 +1395,7 @@ async fn run_publisher(dev: Arc<Device>, fleet: Arc<Fleet>, mut rng: Rng) {
 /// goes first; `None` for a message not answered.
 fn command(
     dev: &Device,
+    stats: &Stats,
     topic: &str,
     bytes: &[u8],
     last: &mut Option<u64>,
@@ -1320,8 +1408,15 @@ fn command(
                 return None;
             }
         };
-    let Body::Command(c) = envelope.body else {
-        return None;
+    let c = match envelope.body {
+        Body::Command(c) => c,
+        Body::Receipt(r) => {
+            let removed = dev.outbox().receipt(&r);
+            stats.acked.fetch_add(removed, Ordering::Relaxed);
+            stats.depth.fetch_sub(removed as i64, Ordering::Relaxed);
+            return None;
+        }
+        _ => return None,
     };
     if last.is_some_and(|l| envelope.seq <= l) {
         return None;
@@ -1798,6 +1893,7 @@ async fn orchestrate(setup: Setup) -> anyhow::Result<Report> {
         rollout_install: None,
         rollout: None,
         rollback: None,
+        ingest_drain_s: None,
         bundle_downloads: 0,
         bundle_bytes: 0,
         memory: None,
@@ -1959,7 +2055,9 @@ async fn orchestrate(setup: Setup) -> anyhow::Result<Report> {
 
     // Drain: no new telemetry, every outbox empty, then compare with what was stored.
     fleet.quiet.store(true, Ordering::Relaxed);
-    let drain_within = Duration::from_secs(60) + Duration::from_millis(5 * n as u64);
+    // Long enough for a device to re-publish what the broker acknowledged and no receipt
+    // named (lost by the broker, or its receipt was).
+    let drain_within = RESEND_AFTER + Duration::from_secs(60) + Duration::from_millis(5 * n as u64);
     let drained = wait_until(drain_within, Duration::from_millis(250), || async {
         Ok(fleet.stats.depth.load(Ordering::Relaxed) <= 0)
     })
@@ -1971,9 +2069,28 @@ async fn orchestrate(setup: Setup) -> anyhow::Result<Report> {
             drain_within.as_secs()
         ));
     }
+    // The ingest may still be storing what the broker acknowledged: wait while its count
+    // moves (a backlog is slow, not lost); give up after 30 s without progress.
+    let sealed = fleet.stats.sealed.load(Ordering::Relaxed);
+    let waited = Instant::now();
+    let (mut last, mut moved) = (0, Instant::now());
+    loop {
+        let stored = ingest_stored(&setup).await?;
+        if stored >= sealed || moved.elapsed() > Duration::from_secs(30) {
+            break;
+        }
+        if stored > last {
+            (last, moved) = (stored, Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    report.ingest_drain_s = Some(waited.elapsed().as_secs_f64());
+    setup.say(&format!(
+        "the ingest stored the last messages {:.1} s after the devices went quiet",
+        waited.elapsed().as_secs_f64()
+    ));
     let sealed_of = |d: &Device| d.sealed.load(Ordering::Relaxed);
-    // The ingest may still be storing the last messages the broker acknowledged.
-    let deadline = Instant::now() + drain_within;
+    let deadline = Instant::now() + Duration::from_secs(10);
     let mismatched = loop {
         let list = setup.get("/v1/devices").await?;
         let by_id: HashMap<&str, &Value> = list
@@ -2017,7 +2134,9 @@ async fn orchestrate(setup: Setup) -> anyhow::Result<Report> {
         devices_mismatched: mismatched,
         sample_devices: sample.len(),
         sample_gaps,
+        confirmed: stats.acked.load(Ordering::Relaxed),
         unacked: stats.depth.load(Ordering::Relaxed),
+        republished: stats.republished.load(Ordering::Relaxed),
         reconnects: stats.reconnects.load(Ordering::Relaxed),
         connect_failures: stats.connect_failures.load(Ordering::Relaxed),
         assignment_refusals: stats.refusals.load(Ordering::Relaxed),
@@ -2028,7 +2147,7 @@ async fn orchestrate(setup: Setup) -> anyhow::Result<Report> {
     let c = &report.checks;
     if c.sealed != c.stored {
         report.failures.push(format!(
-            "devices sealed {} messages, the control plane stored {}",
+            "devices sealed {} messages, the control plane stored {} (its count stopped moving for 30 s)",
             c.sealed, c.stored
         ));
     }
@@ -2096,7 +2215,7 @@ async fn run_phases(
     let waited = Instant::now();
     let caught_up = wait_until(within, Duration::from_millis(250), || async {
         let stored = ingest_stored(setup).await?;
-        Ok(fleet.stats.acked.load(Ordering::Relaxed) <= stored + slack)
+        Ok(fleet.stats.pubacked.load(Ordering::Relaxed) <= stored + slack)
     })
     .await?;
     anyhow::ensure!(
@@ -2111,13 +2230,13 @@ async fn run_phases(
     ));
     let (stored0, sent0, t0) = (
         ingest_stored(setup).await?,
-        fleet.stats.acked.load(Ordering::Relaxed),
+        fleet.stats.pubacked.load(Ordering::Relaxed),
         Instant::now(),
     );
     tokio::time::sleep(setup.opts.duration).await;
     let (stored1, sent1) = (
         ingest_stored(setup).await?,
-        fleet.stats.acked.load(Ordering::Relaxed),
+        fleet.stats.pubacked.load(Ordering::Relaxed),
     );
     let seconds = t0.elapsed().as_secs_f64();
     let steady = Steady {

@@ -48,6 +48,7 @@ pub fn kind(e: &Envelope) -> &'static str {
         Body::Event(_) => "event",
         Body::Ack(_) => "ack",
         Body::Command(_) => "command",
+        Body::Receipt(_) => "receipt",
     }
 }
 
@@ -88,6 +89,7 @@ pub fn message_summary(e: &Envelope) -> Value {
             }
         ),
         Body::Command(c) => format!("command {}", c.id),
+        Body::Receipt(r) => format!("receipt of {} ranges", r.stored.len()),
     };
     json!({ "seq": e.seq, "ts_ms": e.ts_ms, "kind": kind(e), "summary": summary, "body": e.body })
 }

@@ -52,6 +52,12 @@ pub struct Mosquitto {
 
 impl Mosquitto {
     pub fn start(dir: &Path, port: u16) -> Mosquitto {
+        Self::start_queueing(dir, port, 100_000)
+    }
+
+    /// [`Mosquitto::start`], holding at most `queued` QoS 1 messages for a client that
+    /// is away (it acknowledges and drops the rest: a broker losing what it accepted).
+    pub fn start_queueing(dir: &Path, port: u16, queued: u32) -> Mosquitto {
         let store = dir.join("mosquitto");
         std::fs::create_dir_all(&store).expect("mosquitto dir");
         let config = store.join("mosquitto.conf");
@@ -69,7 +75,7 @@ impl Mosquitto {
             &config,
             format!(
                 "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n\
-                 persistence_location {}/\nautosave_interval 1\nmax_queued_messages 100000\n{}",
+                 persistence_location {}/\nautosave_interval 1\nmax_queued_messages {queued}\n{}",
                 store.display(),
                 if root { "user root\n" } else { "" }
             ),

@@ -8,7 +8,7 @@
 //! | `fleetml/v1/{device}/status` | device → cloud, retained | [`Body::Status`] |
 //! | `fleetml/v1/{device}/telemetry` | device → cloud | [`Body::Window`], [`Body::Alert`] |
 //! | `fleetml/v1/{device}/events` | device → cloud | [`Body::Event`], [`Body::Ack`] |
-//! | `fleetml/v1/{device}/cmd` | cloud → device | [`Body::Command`] |
+//! | `fleetml/v1/{device}/cmd` | cloud → device | [`Body::Command`], [`Body::Receipt`] |
 //!
 //! Every message is one CBOR [`Envelope`]: format, device id, a per-device sequence
 //! number that survives restarts, a timestamp, the body, and an HMAC-SHA256 over the
@@ -100,7 +100,7 @@ impl Channel {
             Body::Status(_) => Channel::Status,
             Body::Window(_) | Body::Alert(_) => Channel::Telemetry,
             Body::Event(_) | Body::Ack(_) => Channel::Events,
-            Body::Command(_) => Channel::Cmd,
+            Body::Command(_) | Body::Receipt(_) => Channel::Cmd,
         }
     }
 }
@@ -303,6 +303,51 @@ pub struct Command {
     pub command: CommandKind,
 }
 
+/// The control plane's word that it stored (and flushed) a device's messages: the
+/// device may now delete them from its outbox. A broker's PUBACK only says the broker
+/// has a message; an embedded broker that is overloaded or restarted can still lose it
+/// before the ingest stores it, so a device that has seen receipts keeps every message
+/// until one names it (and re-publishes one that none names in time).
+///
+/// Sealed with sequence number 0 and not subject to the replay check of commands:
+/// a replayed receipt names messages that were stored, so it changes nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Receipt {
+    /// Inclusive ranges `[first, last]` of the device's sequence numbers, ascending and
+    /// disjoint.
+    pub stored: Vec<[u64; 2]>,
+}
+
+/// Most ranges in one [`Receipt`] (a receipt stays far below [`MAX_MESSAGE`]).
+pub const MAX_RECEIPT_RANGES: usize = 1024;
+
+impl Receipt {
+    /// Receipts covering exactly `seqs` (in any order, repeats allowed), each with at
+    /// most [`MAX_RECEIPT_RANGES`] ranges.
+    pub fn covering(seqs: impl IntoIterator<Item = u64>) -> Vec<Receipt> {
+        let mut seqs: Vec<u64> = seqs.into_iter().collect();
+        seqs.sort_unstable();
+        seqs.dedup();
+        let mut ranges: Vec<[u64; 2]> = Vec::new();
+        for seq in seqs {
+            match ranges.last_mut() {
+                Some(r) if r[1].checked_add(1) == Some(seq) => r[1] = seq,
+                _ => ranges.push([seq, seq]),
+            }
+        }
+        ranges
+            .chunks(MAX_RECEIPT_RANGES)
+            .map(|c| Receipt { stored: c.to_vec() })
+            .collect()
+    }
+
+    /// Whether the receipt names `seq`.
+    pub fn names(&self, seq: u64) -> bool {
+        self.stored.iter().any(|[a, b]| (*a..=*b).contains(&seq))
+    }
+}
+
 /// A device's answer to a command.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -322,6 +367,7 @@ pub enum Body {
     Event(Event),
     Ack(Ack),
     Command(Command),
+    Receipt(Receipt),
 }
 
 /// The signed part of a message.

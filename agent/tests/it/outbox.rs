@@ -82,3 +82,73 @@ fn overflow_drops_the_oldest_windows_only_and_counts_them() {
             .all(|m| m.class == Class::Keep)
     );
 }
+
+#[test]
+fn after_the_first_receipt_only_receipts_delete_and_unconfirmed_messages_come_due() {
+    use fleetml_protocol::telemetry::Receipt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("outbox");
+    {
+        let o = Outbox::open(&path, Limits::default()).expect("opens");
+        assert!(!o.receipts_enabled());
+        for _ in 0..6 {
+            o.push(Class::Window, "fleetml/v1/pi/telemetry", msg)
+                .expect("push");
+        }
+        o.ack(0).expect("ack");
+        assert_eq!(o.depth(), 5, "before any receipt, a PUBACK deletes");
+
+        // The first receipt switches the mode, and deletes what it names.
+        assert_eq!(
+            o.receipt(&Receipt {
+                stored: vec![[1, 1]]
+            })
+            .expect("receipt"),
+            1
+        );
+        assert!(o.receipts_enabled());
+        for seq in 2..6 {
+            o.mark_inflight(seq);
+            o.ack(seq).expect("ack");
+        }
+        assert_eq!(o.depth(), 4, "a PUBACK no longer deletes");
+        assert_eq!(
+            o.overdue(std::time::Duration::from_secs(3600)),
+            Vec::<u64>::new()
+        );
+        assert_eq!(
+            o.overdue(std::time::Duration::ZERO),
+            vec![2, 3, 4, 5],
+            "acknowledged, never confirmed: due again"
+        );
+        assert_eq!(
+            o.overdue(std::time::Duration::ZERO),
+            Vec::<u64>::new(),
+            "handed out once per acknowledgement"
+        );
+        // A receipt wider than what is here, one backwards, and one twice.
+        let r = Receipt {
+            stored: vec![[3, 4], [9, 2], [0, u64::MAX]],
+        };
+        assert_eq!(o.receipt(&r).expect("receipt"), 4);
+        assert_eq!(o.receipt(&r).expect("receipt again"), 0);
+        assert_eq!(o.depth(), 0);
+        assert_eq!(o.bytes().expect("bytes"), 0, "byte count follows deletions");
+        o.push(Class::Keep, "fleetml/v1/pi/events", msg)
+            .expect("push");
+        o.ack(6).expect("ack");
+    }
+    let o = Outbox::open(&path, Limits::default()).expect("reopens");
+    assert!(o.receipts_enabled(), "the mode survives a restart");
+    assert_eq!(
+        o.pending(10)
+            .expect("pending")
+            .iter()
+            .map(|m| m.seq)
+            .collect::<Vec<_>>(),
+        vec![6],
+        "acknowledged by the broker only: still here after a restart"
+    );
+    assert_eq!(o.get(6).expect("get").expect("there").payload, msg(6));
+    assert!(o.get(5).expect("get").is_none());
+}

@@ -54,6 +54,20 @@ fn options(id: &str, port: u16) -> MqttOptions {
     o
 }
 
+/// A client subscribed to everything device `pi` publishes.
+async fn observer(port: u16) -> (AsyncClient, rumqttc::EventLoop) {
+    let (sub, mut events) = AsyncClient::new(options("observer", port), 64);
+    sub.subscribe("fleetml/v1/pi/#", QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    loop {
+        if let Ok(Event::Incoming(Packet::SubAck(_))) = events.poll().await {
+            break;
+        }
+    }
+    (sub, events)
+}
+
 async fn drained(outbox: &Outbox, within: Duration) {
     let deadline = Instant::now() + within;
     while outbox.depth() > 0 {
@@ -82,15 +96,7 @@ fn the_outbox_reaches_the_broker_in_order_and_empties_on_acks() {
     }
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
-        let (sub, mut sub_events) = AsyncClient::new(options("observer", port), 64);
-        sub.subscribe("fleetml/v1/pi/#", QoS::AtLeastOnce)
-            .await
-            .expect("subscribe");
-        loop {
-            if let Ok(Event::Incoming(Packet::SubAck(_))) = sub_events.poll().await {
-                break;
-            }
-        }
+        let (_sub, mut sub_events) = observer(port).await;
         let wake = Arc::new(tokio::sync::Notify::new());
         let task = tokio::spawn(fleet_agent::publisher::run(
             outbox.clone(),
@@ -145,6 +151,76 @@ fn messages_queued_while_the_broker_is_down_are_delivered_when_it_comes_up() {
         );
         let _broker = mosquitto(port);
         drained(&outbox, Duration::from_secs(60)).await;
+        task.abort();
+    });
+}
+
+#[test]
+fn with_receipts_what_the_broker_acknowledged_is_published_again_until_confirmed() {
+    use fleetml_protocol::telemetry::Receipt;
+    let port = free_port();
+    let _broker = mosquitto(port);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let outbox =
+        Arc::new(Outbox::open(&dir.path().join("outbox"), Limits::default()).expect("opens"));
+    // The control plane has sent a receipt before (for nothing here).
+    outbox
+        .receipt(&Receipt { stored: vec![] })
+        .expect("receipt");
+    for _ in 0..5 {
+        outbox
+            .push(Class::Window, "fleetml/v1/pi/telemetry", |seq| {
+                seq.to_be_bytes().to_vec()
+            })
+            .expect("push");
+    }
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let (_sub, mut sub_events) = observer(port).await;
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let task = tokio::spawn(fleet_agent::publisher::run_with(
+            outbox.clone(),
+            options("pi", port),
+            wake,
+            fleet_agent::publisher::Hooks {
+                resend_after: Some(Duration::from_millis(600)),
+                ..Default::default()
+            },
+        ));
+        let mut seen = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        // Every message twice at least: once, then again as nobody confirmed it.
+        while (0..5u64).any(|s| seen.iter().filter(|&&x| x == s).count() < 2) {
+            assert!(Instant::now() < deadline, "received only {seen:?}");
+            if let Ok(Ok(Event::Incoming(Packet::Publish(p)))) =
+                tokio::time::timeout(Duration::from_secs(1), sub_events.poll()).await
+            {
+                seen.push(u64::from_be_bytes(
+                    p.payload[..8].try_into().expect("8 bytes"),
+                ));
+            }
+        }
+        assert_eq!(outbox.depth(), 5, "the broker's PUBACK deleted nothing");
+        outbox
+            .receipt(&Receipt {
+                stored: vec![[0, 4]],
+            })
+            .expect("receipt");
+        assert_eq!(outbox.depth(), 0);
+        // Confirmed: nothing comes again.
+        let quiet_from = Instant::now() + Duration::from_millis(300);
+        let until = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < until {
+            if let Ok(Ok(Event::Incoming(Packet::Publish(p)))) =
+                tokio::time::timeout(Duration::from_millis(200), sub_events.poll()).await
+            {
+                assert!(
+                    Instant::now() < quiet_from,
+                    "published again after its receipt: {:?}",
+                    &p.payload[..8]
+                );
+            }
+        }
         task.abort();
     });
 }

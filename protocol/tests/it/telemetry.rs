@@ -177,3 +177,48 @@ fn the_mqtt_password_is_derived_not_the_secret() {
     assert_eq!(p, telemetry::mqtt_password(SECRET));
     assert_ne!(p, telemetry::mqtt_password(b"another secret"));
 }
+
+#[test]
+fn a_receipt_travels_on_the_cmd_topic_and_verifies() {
+    let body = Body::Receipt(telemetry::Receipt {
+        stored: vec![[0, 4], [7, 7]],
+    });
+    let (topic, bytes) = telemetry::seal(&device("pi-07"), 0, 1, body.clone(), SECRET);
+    assert_eq!(topic, "fleetml/v1/pi-07/cmd");
+    let opened = telemetry::open(&topic, &bytes, secret_for("pi-07")).expect("opens");
+    assert_eq!(opened.body, body);
+    // On a device → cloud topic it is refused.
+    let err = telemetry::open("fleetml/v1/pi-07/events", &bytes, secret_for("pi-07"))
+        .expect_err("wrong channel");
+    assert!(matches!(err, MessageError::WrongChannel { .. }), "{err}");
+}
+
+proptest! {
+    /// Receipts built from any set of sequence numbers name exactly that set, in
+    /// ascending, disjoint, non-adjacent ranges, and no receipt is over the range limit.
+    #[test]
+    fn receipts_cover_exactly_what_was_stored(
+        seqs in proptest::collection::vec(prop_oneof![0u64..3000, Just(u64::MAX), Just(u64::MAX - 1)], 0..3000)
+    ) {
+        let receipts = telemetry::Receipt::covering(seqs.iter().copied());
+        let want: std::collections::BTreeSet<u64> = seqs.iter().copied().collect();
+        let mut got = std::collections::BTreeSet::new();
+        let mut previous: Option<u64> = None;
+        for r in &receipts {
+            prop_assert!(!r.stored.is_empty());
+            prop_assert!(r.stored.len() <= telemetry::MAX_RECEIPT_RANGES);
+            for &[a, b] in &r.stored {
+                prop_assert!(a <= b);
+                if let Some(p) = previous {
+                    prop_assert!(a > p.saturating_add(1), "ranges touch or overlap: {p} then {a}");
+                }
+                previous = Some(b);
+                for s in a..=b {
+                    prop_assert!(r.names(s));
+                    got.insert(s);
+                }
+            }
+        }
+        prop_assert_eq!(got, want);
+    }
+}
