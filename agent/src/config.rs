@@ -30,7 +30,7 @@
 //! outbox_max_messages = 100000
 //! outbox_max_bytes = 268435456
 //! status_interval_s = 300
-//! telemetry_resend_after_s = 120   # re-publish what the control plane has not confirmed
+//! telemetry_resend_after_s = 600   # last resort: re-publish what no receipt confirmed
 //! assignment_poll_s = 300          # plus a pull whenever the control plane says so
 //! download_max_bytes_per_s = 1000000
 //! # the trust policy may be given inline instead of as a file (`trust`)
@@ -85,7 +85,7 @@ pub struct AgentConfig {
     /// Seconds between heartbeat statuses while connected (default 300).
     pub status_interval_s: Option<u64>,
     /// Seconds a message the broker acknowledged waits for the control plane's receipt
-    /// before it is published again (default 120; only once the control plane sends
+    /// before it is published again (default 600; only once the control plane sends
     /// receipts).
     pub telemetry_resend_after_s: Option<u64>,
     /// Seconds between assignment pulls, ±20 % jitter (default 300); the control plane

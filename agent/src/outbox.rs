@@ -4,8 +4,8 @@
 //! deleted only when it is known to be delivered. At first that is the broker's PUBACK
 //! ([`Outbox::ack`]); once the control plane has sent one [`Receipt`] (it then sends
 //! them for everything it stores), a message stays after its PUBACK until a receipt
-//! names it ([`Outbox::receipt`]), and one that no receipt names in time is published
-//! again ([`Outbox::overdue`]). A PUBACK only says the broker has the message: the
+//! names it ([`Outbox::receipt`]); one that a receipt overtakes (it names a later
+//! message), or that no receipt names in time, is published again ([`Outbox::overdue`]). A PUBACK only says the broker has the message: the
 //! control plane's embedded broker drops what a lagging subscriber has not read once
 //! its in-memory log is full, and loses its log when it restarts (found with
 //! `fleetctl sim --devices 10000`). After a reconnect or a restart, everything still here
@@ -111,6 +111,9 @@ pub struct Outbox {
     delivered: std::sync::Mutex<std::collections::BTreeMap<u64, std::time::Instant>>,
     /// Whether the control plane sends receipts (persisted under [`RECEIPTS`]).
     receipts: std::sync::atomic::AtomicBool,
+    /// Delivered messages a receipt overtook (it named a later one): the broker lost
+    /// them, since the ingest stores a device's messages in order. Due at once.
+    overtaken: std::sync::Mutex<std::collections::BTreeSet<u64>>,
 }
 
 fn read_u64(tree: &sled::Tree, key: &[u8]) -> Result<u64, OutboxError> {
@@ -199,6 +202,7 @@ impl Outbox {
             inflight: Default::default(),
             delivered: Default::default(),
             receipts: receipts.into(),
+            overtaken: Default::default(),
         })
     }
 
@@ -285,6 +289,10 @@ impl Outbox {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
+        self.overtaken
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 
     /// The broker acknowledged `seq`: forget it, or, when the control plane sends
@@ -324,6 +332,7 @@ impl Outbox {
                 .store(true, std::sync::atomic::Ordering::Relaxed);
         }
         let mut removed = 0;
+        let mut newest = None;
         for &[first, last] in &receipt.stored {
             if first > last {
                 continue;
@@ -343,25 +352,41 @@ impl Outbox {
                 delivered.remove(&seq);
                 removed += 1;
             }
+            newest = newest.max(Some(last));
+        }
+        // What the broker acknowledged before the newest stored message and no receipt
+        // named is not coming: the ingest stores each device's messages in order.
+        if let Some(newest) = newest {
+            let mut delivered = self.delivered.lock().unwrap_or_else(|p| p.into_inner());
+            let lost: Vec<u64> = delivered.range(..newest).map(|(s, _)| *s).collect();
+            let mut overtaken = self.overtaken.lock().unwrap_or_else(|p| p.into_inner());
+            for seq in lost {
+                delivered.remove(&seq);
+                overtaken.insert(seq);
+            }
         }
         self.db.flush()?;
         Ok(removed)
     }
 
-    /// Messages the broker acknowledged at least `after` ago that no receipt has named
-    /// yet, oldest first: the caller publishes them again (they count as in flight from
-    /// now on, until acknowledged again).
+    /// Messages to publish again, oldest first: those the broker acknowledged and a
+    /// receipt overtook (lost on the way), and those acknowledged at least `after` ago
+    /// that no receipt has named yet (a last resort: a slow ingest is not a lost
+    /// message). Each is handed out once per acknowledgement.
     pub fn overdue(&self, after: std::time::Duration) -> Vec<u64> {
+        let mut due: std::collections::BTreeSet<u64> =
+            std::mem::take(&mut *self.overtaken.lock().unwrap_or_else(|p| p.into_inner()));
         let mut delivered = self.delivered.lock().unwrap_or_else(|p| p.into_inner());
-        let due: Vec<u64> = delivered
-            .iter()
-            .filter(|(_, at)| at.elapsed() >= after)
-            .map(|(seq, _)| *seq)
-            .collect();
+        due.extend(
+            delivered
+                .iter()
+                .filter(|(_, at)| at.elapsed() >= after)
+                .map(|(seq, _)| *seq),
+        );
         for seq in &due {
             delivered.remove(seq);
         }
-        due
+        due.into_iter().collect()
     }
 
     /// The message with sequence number `seq`, if it is still here.

@@ -38,7 +38,7 @@ pub struct Hooks {
 }
 
 /// The default of [`Hooks::resend_after`].
-pub const RESEND_AFTER: Duration = Duration::from_secs(120);
+pub const RESEND_AFTER: Duration = Duration::from_secs(600);
 
 impl std::fmt::Debug for Hooks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -67,8 +67,10 @@ pub async fn run_with(outbox: Arc<Outbox>, options: MqttOptions, wake: Arc<Notif
     // before anything new.
     let resend_after = hooks.resend_after.unwrap_or(RESEND_AFTER);
     let mut resend: VecDeque<u64> = VecDeque::new();
-    let mut overdue_check =
-        tokio::time::interval((resend_after / 4).max(Duration::from_millis(250)));
+    // Often: what a receipt overtook is due at once.
+    let mut overdue_check = tokio::time::interval(
+        (resend_after / 4).clamp(Duration::from_millis(250), Duration::from_secs(2)),
+    );
     overdue_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         if connected {
@@ -178,7 +180,7 @@ pub async fn run_with(outbox: Arc<Outbox>, options: MqttOptions, wake: Arc<Notif
                     tracing::warn!(
                         messages = due.len(),
                         first = due[0],
-                        "the control plane has not confirmed storing messages the broker acknowledged {} s ago; publishing them again",
+                        "messages the broker acknowledged did not reach the control plane (a receipt skipped them, or none came within {} s); publishing them again",
                         resend_after.as_secs()
                     );
                     resend.extend(due);

@@ -14,8 +14,8 @@
 //! - seals every message with its secret and a contiguous per-device sequence number,
 //!   keeps it in an outbox (in memory here, sled on a device) until the broker's PUBACK
 //!   or, once the control plane sends receipts, until a receipt names it (re-publishing
-//!   what the broker acknowledged but no receipt named within 120 s), at most 32 in
-//!   flight, and re-publishes what is left after every reconnect, in order;
+//!   what the broker acknowledged and a receipt skipped, or none named within 600 s), at
+//!   most 32 in flight, and re-publishes what is left after every reconnect, in order;
 //! - sends a status on every connect, after every activation and every 300 s while
 //!   its outbox is drained, and at `--rate` a monitoring window report per model it
 //!   serves (a status while it serves none);
@@ -72,7 +72,7 @@ const POLL: Duration = Duration::from_secs(300);
 /// The agent's default `status_interval_s`.
 const STATUS_INTERVAL: Duration = Duration::from_secs(300);
 /// The agent's default `telemetry_resend_after_s`.
-const RESEND_AFTER: Duration = Duration::from_secs(120);
+const RESEND_AFTER: Duration = Duration::from_secs(600);
 /// The model rolled out, and its versions.
 const MODEL: &str = "claims";
 const BOARDS: [&str; 3] = ["raspberry-pi-4", "generic-x86_64", "jetson-orin-nano"];
@@ -192,9 +192,9 @@ pub struct Checks {
     pub confirmed: u64,
     /// Messages still in devices' outboxes at the end (not confirmed delivered).
     pub unacked: i64,
-    /// Messages the devices published again because no receipt named them within
-    /// 120 s of the broker's acknowledgement (each one the broker had and the control
-    /// plane had not stored, or whose receipt was late or lost).
+    /// Messages the devices published again after the broker had acknowledged them: a
+    /// receipt named a later message but not them (lost between broker and ingest, or
+    /// their receipt was), or none named them within 600 s.
     pub republished: u64,
     pub reconnects: u64,
     pub connect_failures: u64,
@@ -976,6 +976,8 @@ struct Outbox {
     messages: BTreeMap<u64, (String, Vec<u8>)>,
     /// Acknowledged by the broker, awaiting a receipt: since when.
     delivered: BTreeMap<u64, Instant>,
+    /// Acknowledged, and a receipt named a later message but not these: lost.
+    overtaken: Vec<u64>,
     receipts: bool,
 }
 
@@ -993,6 +995,14 @@ impl Outbox {
                 self.messages.remove(&seq);
                 self.delivered.remove(&seq);
                 removed += 1;
+            }
+        }
+        // As the agent does: the ingest stores a device's messages in order.
+        if let Some(newest) = receipt.stored.iter().map(|r| r[1]).max() {
+            let lost: Vec<u64> = self.delivered.range(..newest).map(|(s, _)| *s).collect();
+            for seq in lost {
+                self.delivered.remove(&seq);
+                self.overtaken.push(seq);
             }
         }
         removed
@@ -1234,7 +1244,7 @@ async fn run_publisher(dev: Arc<Device>, fleet: Arc<Fleet>, mut rng: Rng) {
     let mut failures: u32 = 0;
     let mut last_command: Option<u64> = None;
     let mut resend: VecDeque<u64> = VecDeque::new();
-    let mut overdue_check = tokio::time::interval(RESEND_AFTER / 4);
+    let mut overdue_check = tokio::time::interval(Duration::from_secs(2));
     overdue_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut stop = fleet.stop.clone();
     let mut connecting: Option<tokio::sync::SemaphorePermit<'_>> = None;
@@ -1294,7 +1304,10 @@ async fn run_publisher(dev: Arc<Device>, fleet: Arc<Fleet>, mut rng: Rng) {
                     handed.clear();
                     inflight.clear();
                     resend.clear();
-                    dev.outbox().delivered.clear();
+                    let mut outbox = dev.outbox();
+                    outbox.delivered.clear();
+                    outbox.overtaken.clear();
+                    drop(outbox);
                     next = 0;
                     connected = true;
                     failures = 0;
@@ -1360,12 +1373,15 @@ async fn run_publisher(dev: Arc<Device>, fleet: Arc<Fleet>, mut rng: Rng) {
             _ = dev.publish.notified(), if connected => {}
             _ = overdue_check.tick(), if connected => {
                 let mut outbox = dev.outbox();
-                let due: Vec<u64> = outbox
-                    .delivered
-                    .iter()
-                    .filter(|(_, at)| at.elapsed() >= RESEND_AFTER)
-                    .map(|(seq, _)| *seq)
-                    .collect();
+                let mut due = std::mem::take(&mut outbox.overtaken);
+                due.extend(
+                    outbox
+                        .delivered
+                        .iter()
+                        .filter(|(_, at)| at.elapsed() >= RESEND_AFTER)
+                        .map(|(seq, _)| *seq),
+                );
+                due.sort_unstable();
                 for seq in &due {
                     outbox.delivered.remove(seq);
                 }

@@ -152,3 +152,51 @@ fn after_the_first_receipt_only_receipts_delete_and_unconfirmed_messages_come_du
     assert_eq!(o.get(6).expect("get").expect("there").payload, msg(6));
     assert!(o.get(5).expect("get").is_none());
 }
+
+#[test]
+fn a_receipt_that_names_a_later_message_makes_the_skipped_ones_due_at_once() {
+    use fleetml_protocol::telemetry::Receipt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let o = Outbox::open(&dir.path().join("outbox"), Limits::default()).expect("opens");
+    o.receipt(&Receipt { stored: vec![] }).expect("receipt");
+    for _ in 0..6 {
+        o.push(Class::Window, "fleetml/v1/pi/telemetry", msg)
+            .expect("push");
+    }
+    for seq in 0..5 {
+        o.mark_inflight(seq);
+        o.ack(seq).expect("ack");
+    }
+    let long = std::time::Duration::from_secs(3600);
+    // 0 and 3 stored; 1 and 2 were lost between broker and ingest; 4 may still be on
+    // its way (nothing later is named); 5 was never acknowledged.
+    o.receipt(&Receipt {
+        stored: vec![[0, 0], [3, 3]],
+    })
+    .expect("receipt");
+    assert_eq!(o.overdue(long), vec![1, 2]);
+    assert_eq!(
+        o.overdue(long),
+        Vec::<u64>::new(),
+        "once per acknowledgement"
+    );
+    assert_eq!(o.depth(), 4, "nothing deleted that was not named");
+    // Published again and acknowledged: waiting for a receipt again.
+    for seq in [1, 2] {
+        o.mark_inflight(seq);
+        o.ack(seq).expect("ack");
+    }
+    o.receipt(&Receipt {
+        stored: vec![[1, 2], [4, 4]],
+    })
+    .expect("receipt");
+    assert_eq!(o.overdue(long), Vec::<u64>::new());
+    assert_eq!(
+        o.pending(10)
+            .expect("pending")
+            .iter()
+            .map(|m| m.seq)
+            .collect::<Vec<_>>(),
+        vec![5]
+    );
+}

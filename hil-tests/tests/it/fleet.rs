@@ -284,7 +284,9 @@ fn a_broker_outage_with_a_sigkilled_agent_loses_nothing_and_duplicates_nothing()
 /// The broker acknowledges what it then drops (mosquitto holding one message for the
 /// ingest while the control plane is down, as rumqttd's in-memory log does for a
 /// lagging ingest): the agent keeps each message until the control plane's receipt
-/// names it, publishes again what none named in time, and every window arrives, once.
+/// names it; when a receipt names a later message, it publishes the skipped ones again
+/// (the time-out, the last resort, is set to an hour so it cannot be what saves them),
+/// and every window arrives, once.
 #[test]
 fn what_the_broker_acknowledged_and_lost_arrives_because_only_receipts_delete() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -296,7 +298,8 @@ fn what_the_broker_acknowledged_and_lost_arrives_because_only_receipts_delete() 
         Some(broker.port),
         &["--trust", "trust.toml", "--receipt-interval", "300ms"],
     );
-    let agent = enrolled_agent_configured(dir, &plane, "pi-09", "telemetry_resend_after_s = 2\n");
+    let agent =
+        enrolled_agent_configured(dir, &plane, "pi-09", "telemetry_resend_after_s = 3600\n");
     let data = rows("reference.csv");
     send(&agent, &data[..100]);
     wait_for("2 windows stored", WAIT, || {
@@ -316,10 +319,12 @@ fn what_the_broker_acknowledged_and_lost_arrives_because_only_receipts_delete() 
     // (which keeps one for the absent ingest and drops the rest).
     std::thread::sleep(Duration::from_secs(3));
     plane.restart();
+    // Something new, stored after what the broker dropped: its receipt skips them.
+    send(&agent, &data[350..400]);
 
-    let messages = wait_for("all 7 windows", WAIT, || {
+    let messages = wait_for("all 8 windows", WAIT, || {
         let m = plane.messages("pi-09");
-        (of_kind(&m, "window").len() == 7).then_some(m)
+        (of_kind(&m, "window").len() == 8).then_some(m)
     });
     let s = seqs(&messages);
     let expected: Vec<u64> = (0..=*s.last().expect("some")).collect();
