@@ -10,11 +10,12 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/fleetml-target}
 export FLEETML_VENV=${FLEETML_VENV:-/var/tmp/fleetml-venv}
 
 stamp="$FLEETML_VENV/.requirements.sha256"
-want=$(sha256sum "$root/requirements-test.txt" | cut -d' ' -f1)
+want=$(cat "$root/requirements-test.txt" "$root/requirements-nodeps.txt" | sha256sum | cut -d' ' -f1)
 if [ ! -x "$FLEETML_VENV/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-    echo "==> preparing $FLEETML_VENV (onnxruntime and friends, from requirements-test.txt)"
+    echo "==> preparing $FLEETML_VENV (onnxruntime and friends, from requirements-test.txt and requirements-nodeps.txt)"
     python3 -m venv "$FLEETML_VENV"
     "$FLEETML_VENV/bin/pip" install --quiet --disable-pip-version-check -r "$root/requirements-test.txt"
+    "$FLEETML_VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps -r "$root/requirements-nodeps.txt"
     echo "$want" > "$stamp"
 fi
 export FLEETML_PYTHON="$FLEETML_VENV/bin/python"

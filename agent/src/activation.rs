@@ -52,10 +52,12 @@ pub fn local_cpu_board() -> BoardProfile {
         memory_mb: 1024,
         backends: vec![Kind::Cpu],
         accelerators: vec![],
+        onnxruntime: None,
         agent: AgentLimits {
             memory_budget_mb: 1024,
             store_budget_mb: 1024,
             threads: None,
+            intra_op_threads: None,
         },
         paths: Paths {
             data_dir: "/var/lib/fleetml".into(),
@@ -122,7 +124,7 @@ pub fn install(
             let fallbacks = selection.report();
             let state = store.activate(
                 &verified,
-                selection.backend.kind().as_str(),
+                &backend::describe(selection.backend.as_ref()),
                 fallbacks.clone(),
                 now,
             )?;
@@ -140,6 +142,7 @@ pub fn install(
                     board: board.name.clone(),
                     reasons: vec![backend::Fallback {
                         backend: Kind::Cpu,
+                        provider: None,
                         reason,
                     }],
                 },

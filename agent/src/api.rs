@@ -2,11 +2,20 @@
 //!
 //! - `POST /v1/models/{name}/predict` — body `{"features": {...}}` (one row) or
 //!   `{"features": [{...}, ...]}` (a batch) of named raw features, validated against the
-//!   bundle's feature schema; or `{"inputs": [{"name", "shape", "data"}]}` raw f32 tensors.
+//!   bundle's feature schema; or `{"inputs": [{"name", "shape", "data"}]}` raw tensors of
+//!   the model's element types (f32, f16, f64, i8, i32, i64, u8, bool), several inputs
+//!   at once (see [`crate::wire`]).
 //!   Optional `"timestamp"` (seconds since the epoch) of the event, for prediction lag;
 //!   `"id"` (one row) or `"ids"` (a batch) naming the items, for reconciliation;
 //!   `"explain": true` for per-feature attributions (occlusion, see [`explain`]).
-//!   JSON, or CBOR with `Content-Type: application/cbor` (answered in CBOR).
+//!   JSON, or CBOR with `Content-Type: application/cbor` (answered in CBOR), where a
+//!   tensor's elements may be one little-endian byte string (`bytes`); or one input's raw
+//!   little-endian elements as `application/octet-stream` with `x-fleetml-shape` (and
+//!   optionally `x-fleetml-dtype`, `x-fleetml-input`, `x-fleetml-id`,
+//!   `x-fleetml-timestamp`). Raw-tensor requests in CBOR or binary are answered with
+//!   whole `outputs` (`{name, shape, dtype, bytes}`) instead of `predictions` rows, or,
+//!   with `Accept: application/octet-stream`, the single output's bytes with the same
+//!   headers. The default body limit grows to fit one row of the model's inputs.
 //! - `POST /v1/expect` — `{"model", "ids": [...], "deadline": SECONDS_SINCE_EPOCH}` or
 //!   `"within_seconds"`: ids that must be predicted by then; those that are not are
 //!   reported missing (`expected_not_predicted`) with the first few ids.
@@ -83,7 +92,8 @@ pub fn runs_inline(backend: &dyn Backend, inputs: &[TensorSpec]) -> bool {
             Tensor {
                 name: s.name.clone(),
                 shape,
-                data: vec![0.0; len],
+                data: fleetml_protocol::golden::TensorData::zeros(s.dtype, len)
+                    .unwrap_or(fleetml_protocol::golden::TensorData::F32(vec![0.0; len])),
             }
         })
         .collect();
@@ -112,6 +122,9 @@ pub struct ApiLimits {
     pub queue: usize,
     /// Largest request body, bytes.
     pub max_body: usize,
+    /// Raise `max_body` per model to fit one row of its declared inputs as JSON (the
+    /// default; off when the operator set the limit).
+    pub fit_body_to_model: bool,
     /// Largest batch, rows.
     pub max_rows: usize,
     /// Longest a prediction may take before the request is answered 504 (the backend
@@ -125,6 +138,7 @@ impl Default for ApiLimits {
             workers: 2,
             queue: 64,
             max_body: 1 << 20,
+            fit_body_to_model: true,
             max_rows: 1024,
             timeout: std::time::Duration::from_secs(30),
         }
@@ -315,9 +329,11 @@ async fn predict(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let cbor = is_cbor(&headers);
-    match predict_inner(&api, &name, cbor, body).await {
-        Ok(v) => respond(cbor, StatusCode::OK, &v),
+    let format = format_of(&headers);
+    let cbor = format != Format::Json;
+    match predict_inner(&api, &name, format, &headers, body).await {
+        Ok(Reply::Value(v)) => respond(cbor, StatusCode::OK, &v),
+        Ok(Reply::Raw(r)) => r,
         Err(e) => {
             // Every input that got no prediction is counted, by reason.
             let reason = match e.reason {
@@ -341,8 +357,9 @@ async fn predict(
     }
 }
 
-/// Reads a JSON or CBOR body of at most `max_body` bytes.
-async fn read_body(api: &Api, cbor: bool, body: Body) -> Result<Value, ApiError> {
+/// Reads a JSON or CBOR body of at most `max_body` bytes (the small requests besides
+/// predictions).
+async fn read_value(api: &Api, cbor: bool, body: Body) -> Result<Value, ApiError> {
     let bytes = axum::body::to_bytes(body, api.limits.max_body)
         .await
         .map_err(|_| {
@@ -352,26 +369,171 @@ async fn read_body(api: &Api, cbor: bool, body: Body) -> Result<Value, ApiError>
                 format!("request body is larger than {} bytes", api.limits.max_body),
             )
         })?;
-    if cbor {
-        serde_cbor::from_slice(&bytes).map_err(|e| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_input",
-                format!("body is not valid CBOR: {e}"),
-            )
-        })
+    let parsed = if cbor {
+        serde_cbor::from_slice(&bytes).map_err(|e| e.to_string())
     } else {
-        serde_json::from_slice(&bytes).map_err(|e| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_input",
-                format!("body is not valid JSON: {e}"),
-            )
-        })
+        serde_json::from_slice(&bytes).map_err(|e| e.to_string())
+    };
+    parsed.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_input",
+            format!(
+                "body is not valid {}: {e}",
+                if cbor { "CBOR" } else { "JSON" }
+            ),
+        )
+    })
+}
+
+/// How a request body is encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Json,
+    Cbor,
+    Binary,
+}
+
+fn format_of(headers: &HeaderMap) -> Format {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if ct.starts_with("application/cbor") {
+        Format::Cbor
+    } else if ct.starts_with("application/octet-stream") {
+        Format::Binary
+    } else {
+        Format::Json
     }
 }
 
-async fn predict_inner(api: &Api, name: &str, cbor: bool, body: Body) -> Result<Value, ApiError> {
+/// Whether the caller asked for the single output as raw bytes.
+fn wants_binary(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.starts_with("application/octet-stream"))
+}
+
+/// A decoded request: its fields, and the raw tensors when they were decoded already
+/// (CBOR, binary).
+struct Request {
+    fields: serde_json::Map<String, Value>,
+    tensors: Option<Vec<Tensor>>,
+}
+
+/// The most a body for `model` may take: the configured limit, raised to fit one row
+/// of the model's declared inputs as JSON unless the operator set the limit.
+fn body_limit(api: &Api, model: &Served) -> usize {
+    if api.limits.fit_body_to_model {
+        api.limits
+            .max_body
+            .max(crate::wire::json_bytes_for(&model.inputs))
+    } else {
+        api.limits.max_body
+    }
+}
+
+/// Reads a JSON, CBOR or binary body of at most the model's body limit.
+async fn read_body(
+    api: &Api,
+    model: &Served,
+    format: Format,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Request, ApiError> {
+    let limit = body_limit(api, model);
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_input",
+            format!(
+                "request body is larger than {limit} bytes (raise `max_body_bytes`, or send tensors as CBOR bytes or application/octet-stream)"
+            ),
+        )
+    })?;
+    let bad = |what: &str, e: String| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_input",
+            format!("body is not valid {what}: {e}"),
+        )
+    };
+    let wire = |e: crate::wire::WireError| ApiError::invalid(e.field, e.error);
+    match format {
+        Format::Json => match serde_json::from_slice(&bytes) {
+            Ok(Value::Object(fields)) => Ok(Request {
+                fields,
+                tensors: None,
+            }),
+            Ok(_) => Err(bad("a request", "the body must be an object".into())),
+            Err(e) => Err(bad("JSON", e.to_string())),
+        },
+        Format::Cbor => {
+            let value: serde_cbor::Value =
+                serde_cbor::from_slice(&bytes).map_err(|e| bad("CBOR", e.to_string()))?;
+            let serde_cbor::Value::Map(mut map) = value else {
+                return Err(bad("a request", "the body must be a map".into()));
+            };
+            let tensors = map
+                .remove(&serde_cbor::Value::Text("inputs".into()))
+                .map(|inputs| crate::wire::from_cbor(&model.inputs, &inputs))
+                .transpose()
+                .map_err(wire)?;
+            let fields = match serde_json::to_value(serde_cbor::Value::Map(map)) {
+                Ok(Value::Object(fields)) => fields,
+                _ => {
+                    return Err(bad(
+                        "a request",
+                        "fields other than `inputs` must be text, numbers or lists".into(),
+                    ));
+                }
+            };
+            Ok(Request { fields, tensors })
+        }
+        Format::Binary => {
+            let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+            let tensors = crate::wire::from_binary(
+                &model.inputs,
+                header(crate::wire::INPUT_HEADER),
+                header(crate::wire::SHAPE_HEADER),
+                header(crate::wire::DTYPE_HEADER),
+                &bytes,
+            )
+            .map_err(wire)?;
+            let mut fields = serde_json::Map::new();
+            if let Some(id) = header("x-fleetml-id") {
+                fields.insert("id".into(), Value::String(id.to_string()));
+            }
+            if let Some(ts) = header("x-fleetml-timestamp") {
+                let ts: f64 = ts.trim().parse().map_err(|_| {
+                    ApiError::invalid("x-fleetml-timestamp", "must be seconds since the epoch")
+                })?;
+                fields.insert("timestamp".into(), json!(ts));
+            }
+            Ok(Request {
+                fields,
+                tensors: Some(tensors),
+            })
+        }
+    }
+}
+
+/// A prediction's answer: a JSON value (sent as JSON or CBOR), or a response already
+/// encoded (CBOR with byte strings, raw bytes).
+enum Reply {
+    Value(Value),
+    Raw(Response),
+}
+
+async fn predict_inner(
+    api: &Api,
+    name: &str,
+    format: Format,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Reply, ApiError> {
     let started = Instant::now();
     let Some(model) = api.get(name) else {
         return Err(ApiError::new(
@@ -380,14 +542,11 @@ async fn predict_inner(api: &Api, name: &str, cbor: bool, body: Body) -> Result<
             format!("no model named `{name}` is active"),
         ));
     };
-    let request = read_body(api, cbor, body).await?;
-    let Value::Object(request) = request else {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_input",
-            "body must be an object",
-        ));
-    };
+    let Request {
+        fields: request,
+        tensors,
+    } = read_body(api, &model, format, headers, body).await?;
+    let raw_tensors = tensors.is_some() || request.contains_key("inputs");
     for key in request.keys() {
         if !matches!(
             key.as_str(),
@@ -438,13 +597,19 @@ async fn predict_inner(api: &Api, name: &str, cbor: bool, body: Body) -> Result<
             ));
         }
     };
-    let (inputs, rows, raw_rows) = match (request.get("features"), request.get("inputs")) {
-        (Some(f), None) => {
+    let (inputs, rows, raw_rows) = match (request.get("features"), request.get("inputs"), tensors) {
+        (Some(f), None, None) => {
             let rows = f.as_array().map_or(1, Vec::len);
             encode_features(&model, f, api.limits.max_rows).map_err(|e| e.rows(rows))?
         }
-        (None, Some(i)) => {
-            let (inputs, rows) = raw_inputs(&model, i)?;
+        (None, Some(i), None) => {
+            let inputs = crate::wire::from_json(&model.inputs, i)
+                .map_err(|e| ApiError::invalid(e.field, e.error))?;
+            let rows = rows_of(&inputs);
+            (inputs, rows, Vec::new())
+        }
+        (None, None, Some(inputs)) => {
+            let rows = rows_of(&inputs);
             (inputs, rows, Vec::new())
         }
         _ => {
@@ -559,14 +724,16 @@ async fn predict_inner(api: &Api, name: &str, cbor: bool, body: Body) -> Result<
             .rows(rows));
         }
     };
-    let predictions: Vec<Value> = (0..rows)
+    // Whole tensors go back as bytes to binary callers; everyone else gets rows.
+    let binary_reply = raw_tensors && format != Format::Json;
+    let predictions: Vec<Value> = (0..if binary_reply { 0 } else { rows })
         .map(|r| {
             let mut row = serde_json::Map::new();
             for t in &outputs {
                 let per_row = t.data.len() / rows.max(1);
                 row.insert(
                     t.name.clone(),
-                    json!(t.data[r * per_row..(r + 1) * per_row]),
+                    crate::wire::json_values(&t.data, r * per_row..(r + 1) * per_row),
                 );
             }
             if let Some(a) = attributions.as_ref().and_then(|a| a.get(r)) {
@@ -590,14 +757,22 @@ async fn predict_inner(api: &Api, name: &str, cbor: bool, body: Body) -> Result<
             .unwrap_or(0.0);
         now - ts
     });
-    if let Some(monitor) = &model.monitor {
-        let first: Vec<Vec<f32>> = outputs
+    let first: Vec<Vec<f32>> = if model.monitor.is_some() || api.capture.get().is_some() {
+        outputs
             .first()
             .map(|t| {
                 let per_row = t.data.len() / rows.max(1);
-                t.data.chunks(per_row.max(1)).map(<[f32]>::to_vec).collect()
+                t.data
+                    .to_f32()
+                    .chunks(per_row.max(1))
+                    .map(<[f32]>::to_vec)
+                    .collect()
             })
-            .unwrap_or_default();
+            .unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    if let Some(monitor) = &model.monitor {
         monitor.predicted(
             &raw_rows,
             &first,
@@ -632,13 +807,6 @@ async fn predict_inner(api: &Api, name: &str, cbor: bool, body: Body) -> Result<
         response["explanation_method"] = json!(explain::METHOD);
     }
     if let Some(capture) = api.capture.get() {
-        let first: Vec<Vec<f32>> = outputs
-            .first()
-            .map(|t| {
-                let per_row = t.data.len() / rows.max(1);
-                t.data.chunks(per_row.max(1)).map(<[f32]>::to_vec).collect()
-            })
-            .unwrap_or_default();
         let names: Vec<String> = model
             .schema
             .features
@@ -671,7 +839,69 @@ async fn predict_inner(api: &Api, name: &str, cbor: bool, body: Body) -> Result<
             inputs: &raw_rows,
         });
     }
-    Ok(response)
+    if binary_reply {
+        if wants_binary(headers) {
+            let [only] = outputs.as_slice() else {
+                return Err(ApiError::invalid(
+                    "accept",
+                    format!(
+                        "the model has {} outputs; a raw body carries one (accept application/cbor instead)",
+                        outputs.len()
+                    ),
+                ));
+            };
+            let shape: Vec<String> = only.shape.iter().map(ToString::to_string).collect();
+            return Ok(Reply::Raw(
+                (
+                    StatusCode::OK,
+                    [
+                        (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+                        (
+                            header::HeaderName::from_static(crate::wire::SHAPE_HEADER),
+                            shape.join(","),
+                        ),
+                        (
+                            header::HeaderName::from_static(crate::wire::DTYPE_HEADER),
+                            only.dtype().to_string(),
+                        ),
+                        (
+                            header::HeaderName::from_static(crate::wire::INPUT_HEADER),
+                            only.name.clone(),
+                        ),
+                    ],
+                    only.data.to_le_bytes(),
+                )
+                    .into_response(),
+            ));
+        }
+        let mut map = match serde_cbor::value::to_value(&response) {
+            Ok(serde_cbor::Value::Map(m)) => m,
+            _ => std::collections::BTreeMap::new(),
+        };
+        map.remove(&serde_cbor::Value::Text("predictions".into()));
+        map.insert(
+            serde_cbor::Value::Text("outputs".into()),
+            crate::wire::cbor_outputs(&outputs),
+        );
+        let body = serde_cbor::to_vec(&serde_cbor::Value::Map(map)).unwrap_or_default();
+        return Ok(Reply::Raw(
+            (
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, "application/cbor")],
+                body,
+            )
+                .into_response(),
+        ));
+    }
+    Ok(Reply::Value(response))
+}
+
+/// Rows of a raw-tensor request: the first input's leading dimension (1 for a scalar).
+fn rows_of(inputs: &[Tensor]) -> usize {
+    inputs
+        .first()
+        .and_then(|t| t.shape.first())
+        .map_or(1, |n| *n as usize)
 }
 
 /// A request's model inputs, its row count, and its raw feature rows (for monitoring
@@ -803,65 +1033,18 @@ fn encode_features(model: &Served, features: &Value, max_rows: usize) -> Result<
     Ok((inputs, raw_rows.len(), raw_rows))
 }
 
-/// Checks raw tensors against the model's input specs.
-fn raw_inputs(model: &Served, inputs: &Value) -> Result<(Vec<Tensor>, usize), ApiError> {
-    let tensors: Vec<Tensor> = serde_json::from_value(inputs.clone()).map_err(|e| {
-        ApiError::invalid(
-            "inputs",
-            format!("`inputs` must be a list of {{name, shape, data}}: {e}"),
-        )
-    })?;
-    let mut ordered = Vec::with_capacity(model.inputs.len());
-    let mut rows = 1usize;
-    for spec in &model.inputs {
-        let Some(t) = tensors.iter().find(|t| t.name == spec.name) else {
-            return Err(ApiError::invalid(
-                format!("inputs.{}", spec.name),
-                format!("missing input tensor `{}`", spec.name),
-            ));
-        };
-        let field = format!("inputs.{}", spec.name);
-        let fits = t.shape.len() == spec.shape.len()
-            && t.shape
-                .iter()
-                .zip(&spec.shape)
-                .all(|(got, want)| match want {
-                    Dim::Fixed(n) => got == n,
-                    Dim::Symbol(_) => true,
-                });
-        if !fits || t.elements() != Some(t.data.len()) {
-            let want: Vec<String> = spec.shape.iter().map(ToString::to_string).collect();
-            return Err(ApiError::invalid(
-                field,
-                format!(
-                    "tensor `{}` has shape {:?} and {} values; the model expects [{}]",
-                    t.name,
-                    t.shape,
-                    t.data.len(),
-                    want.join(", ")
-                ),
-            ));
-        }
-        rows = t.shape.first().map_or(1, |n| *n as usize);
-        ordered.push(t.clone());
-    }
-    if let Some(extra) = tensors
-        .iter()
-        .find(|t| !model.inputs.iter().any(|s| s.name == t.name))
-    {
-        return Err(ApiError::invalid(
-            format!("inputs.{}", extra.name),
-            format!("the model has no input `{}`", extra.name),
-        ));
-    }
-    Ok((ordered, rows))
-}
-
 async fn list_models(State(api): State<Arc<Api>>) -> Response {
     let map = api.models.read().unwrap_or_else(|p| p.into_inner()).clone();
     let list: Vec<Value> = map
         .values()
-        .map(|m| json!({"name": m.name, "version": m.version, "backend": m.backend.kind().as_str(), "fallbacks": m.fallbacks}))
+        .map(|m| {
+            let mut v = json!({"name": m.name, "version": m.version, "backend": m.backend.kind().as_str(), "fallbacks": m.fallbacks});
+            if let Some((provider, version)) = m.backend.provider() {
+                v["provider"] = json!(provider.as_str());
+                v["onnxruntime_version"] = json!(version);
+            }
+            v
+        })
         .collect();
     respond(false, StatusCode::OK, &json!({ "models": list }))
 }
@@ -897,7 +1080,7 @@ async fn monitoring(
 async fn expect(State(api): State<Arc<Api>>, headers: HeaderMap, body: Body) -> Response {
     let cbor = is_cbor(&headers);
     let result = async {
-        let request = read_body(&api, cbor, body).await?;
+        let request = read_value(&api, cbor, body).await?;
         let Some(name) = request.get("model").and_then(Value::as_str) else {
             return Err(ApiError::invalid("model", "`model` (the model's name) is required"));
         };
@@ -966,7 +1149,7 @@ fn reply(cbor: bool, result: Result<Value, ApiError>) -> Response {
 async fn feedback(State(api): State<Arc<Api>>, headers: HeaderMap, body: Body) -> Response {
     let cbor = is_cbor(&headers);
     let result = async {
-        let request = read_body(&api, cbor, body).await?;
+        let request = read_value(&api, cbor, body).await?;
         let Some(id) = request.get("id").and_then(Value::as_str) else {
             return Err(ApiError::invalid(
                 "id",

@@ -7,12 +7,17 @@
 //!
 //! `cpu` is tract. `gpu` is wonnx over WebGPU (cargo feature `gpu`, see [`crate::gpu`]);
 //! an agent built without it, or on a device without an adapter, reports why and falls
-//! back. `npu` (a vendor delegate) is a seam: requesting it reports plainly that it is
-//! not available and falls back; nothing pretends to be an accelerator.
+//! back. `onnxruntime` (cargo feature `onnxruntime`) is ONNX Runtime loaded from the
+//! board's library; it expands into one candidate per execution provider of the board's
+//! `[onnxruntime] providers`, each registered with error-on-failure, so a provider that
+//! does not load is a recorded fallback like any other backend, never a silent switch to
+//! the CPU. `npu` names a vendor delegate outside ONNX Runtime: requesting it reports
+//! plainly that it is not available and falls back; NPUs that ONNX Runtime reaches
+//! (`rknpu`, `vsinpu`, `qnn`, `openvino`, …) are providers of `onnxruntime`.
 
 use std::fmt;
 
-use fleetml_protocol::board::{Backend as Kind, BoardProfile};
+use fleetml_protocol::board::{Backend as Kind, BoardProfile, Provider};
 use fleetml_protocol::golden::Tensor;
 use fleetml_protocol::manifest::TensorSpec;
 
@@ -22,6 +27,11 @@ use crate::selftest::{self, SelfTest};
 /// A loaded model on one backend.
 pub trait Backend: Send + Sync + fmt::Debug {
     fn kind(&self) -> Kind;
+    /// The execution provider and runtime version, for backends that have them
+    /// (`onnxruntime`: `(cuda, "1.32.0")`).
+    fn provider(&self) -> Option<(Provider, String)> {
+        None
+    }
     /// Runs the model on `inputs`, in the model's input order.
     fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, RuntimeError>;
 }
@@ -36,16 +46,68 @@ impl Backend for CpuModel {
     }
 }
 
+#[cfg(feature = "onnxruntime")]
+impl Backend for fleetml_inference::onnxruntime::OrtModel {
+    fn kind(&self) -> Kind {
+        Kind::Onnxruntime
+    }
+
+    fn provider(&self) -> Option<(Provider, String)> {
+        Some((
+            fleetml_inference::onnxruntime::OrtModel::provider(self),
+            self.library_version().to_string(),
+        ))
+    }
+
+    fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, RuntimeError> {
+        fleetml_inference::onnxruntime::OrtModel::run(self, inputs)
+    }
+}
+
+/// A loaded backend as status and the store name it: `cpu`, `gpu`,
+/// `onnxruntime/cuda (ONNX Runtime 1.32.0)`.
+pub fn describe(backend: &dyn Backend) -> String {
+    match backend.provider() {
+        Some((p, version)) => format!(
+            "{} (ONNX Runtime {version})",
+            label(backend.kind(), Some(p))
+        ),
+        None => backend.kind().as_str().to_string(),
+    }
+}
+
+/// How a backend names itself in reports: `cpu`, `gpu`, `onnxruntime/cuda`.
+pub fn label(kind: Kind, provider: Option<Provider>) -> String {
+    match provider {
+        Some(p) => format!("{}/{p}", kind.as_str()),
+        None => kind.as_str().to_string(),
+    }
+}
+
 /// Why a backend was passed over.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fallback {
     pub backend: Kind,
+    /// The execution provider tried, for `onnxruntime`.
+    pub provider: Option<Provider>,
     pub reason: String,
 }
 
 impl fmt::Display for Fallback {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} requested, {}", self.backend.as_str(), self.reason)
+        write!(
+            f,
+            "{} requested, {}",
+            label(self.backend, self.provider),
+            self.reason
+        )
+    }
+}
+
+impl Selection {
+    /// The chosen backend as reports name it (`cpu`, `onnxruntime/cuda`).
+    pub fn label(&self) -> String {
+        label(self.backend.kind(), self.backend.provider().map(|(p, _)| p))
     }
 }
 
@@ -61,7 +123,7 @@ pub struct Selection {
 impl Selection {
     /// One line per fallback, e.g. `npu requested, not available (…), fell back to cpu`.
     pub fn report(&self) -> Vec<String> {
-        let chosen = self.backend.kind().as_str();
+        let chosen = self.label();
         self.fallbacks
             .iter()
             .map(|f| format!("{f}, fell back to {chosen}"))
@@ -95,13 +157,42 @@ impl<'a> ModelFiles<'a> {
     }
 }
 
-/// Loads the model on backend `kind`, or says why it cannot.
+/// One thing [`select`] tries: a backend, and for `onnxruntime` one provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Candidate {
+    pub backend: Kind,
+    pub provider: Option<Provider>,
+}
+
+/// The board's backend order with `onnxruntime` expanded into its providers.
+pub fn candidates(board: &BoardProfile) -> Vec<Candidate> {
+    let mut out = Vec::new();
+    for &backend in &board.backends {
+        match (backend, &board.onnxruntime) {
+            (Kind::Onnxruntime, Some(ort)) => out.extend(ort.providers.iter().map(|p| Candidate {
+                backend,
+                provider: Some(*p),
+            })),
+            _ => out.push(Candidate {
+                backend,
+                provider: None,
+            }),
+        }
+    }
+    out
+}
+
+/// Loads the model on `candidate`, or says why it cannot.
 pub fn load(
-    kind: Kind,
+    candidate: Candidate,
     model: &ModelFiles<'_>,
     board: &BoardProfile,
 ) -> Result<Box<dyn Backend>, String> {
+    let kind = candidate.backend;
     match kind {
+        Kind::Onnxruntime => {
+            load_onnxruntime(candidate.provider.unwrap_or(Provider::Cpu), model, board)
+        }
         Kind::Cpu => CpuModel::load_with_inputs(model.onnx, model.inputs)
             .map(|m| Box::new(m) as Box<dyn Backend>)
             .map_err(|e| e.to_string()),
@@ -115,6 +206,46 @@ pub fn load(
             ))
         }
     }
+}
+
+/// Where this agent looks for `libonnxruntime`: `ORT_DYLIB_PATH`, else the board's
+/// `onnxruntime.library` (which `onnxruntime_library` in agent.toml sets), else the
+/// system loader's `libonnxruntime.so`.
+pub fn onnxruntime_library(board: &BoardProfile) -> std::path::PathBuf {
+    std::env::var_os("ORT_DYLIB_PATH")
+        .filter(|p| !p.is_empty())
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            board
+                .onnxruntime
+                .as_ref()
+                .and_then(|o| o.library.as_ref())
+                .map(std::path::PathBuf::from)
+        })
+        .unwrap_or_else(|| "libonnxruntime.so".into())
+}
+
+#[cfg(feature = "onnxruntime")]
+fn load_onnxruntime(
+    provider: Provider,
+    model: &ModelFiles<'_>,
+    board: &BoardProfile,
+) -> Result<Box<dyn Backend>, String> {
+    use fleetml_inference::onnxruntime;
+    let lib = onnxruntime::library(&onnxruntime_library(board)).map_err(|e| e.to_string())?;
+    let threads = board.agent.intra_op_threads.map(|t| t as usize);
+    onnxruntime::OrtModel::load(lib, model.onnx, provider, threads)
+        .map(|m| Box::new(m) as Box<dyn Backend>)
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(not(feature = "onnxruntime"))]
+fn load_onnxruntime(
+    _provider: Provider,
+    _model: &ModelFiles<'_>,
+    _board: &BoardProfile,
+) -> Result<Box<dyn Backend>, String> {
+    Err("not available: this agent was built without ONNX Runtime support (build with --features onnxruntime)".into())
 }
 
 #[cfg(feature = "gpu")]
@@ -145,25 +276,27 @@ pub fn select(
     golden: Option<&[u8]>,
 ) -> Result<Selection, NoBackend> {
     let mut fallbacks = Vec::new();
-    for &kind in &board.backends {
-        let backend = match load(kind, model, board) {
+    for candidate in candidates(board) {
+        let fallback = |reason: String| Fallback {
+            backend: candidate.backend,
+            provider: candidate.provider,
+            reason,
+        };
+        let backend = match load(candidate, model, board) {
             Ok(b) => b,
             Err(reason) => {
-                fallbacks.push(Fallback {
-                    backend: kind,
-                    reason,
-                });
+                fallbacks.push(fallback(reason));
                 continue;
             }
         };
+        let widen = candidate
+            .provider
+            .and_then(|p| board.onnxruntime.as_ref()?.tolerance(p));
         let self_test = match golden {
-            Some(g) => match selftest::run(backend.as_ref(), g) {
+            Some(g) => match selftest::run_within(backend.as_ref(), g, widen) {
                 Ok(t) => Some(t),
                 Err(e) => {
-                    fallbacks.push(Fallback {
-                        backend: kind,
-                        reason: e.to_string(),
-                    });
+                    fallbacks.push(fallback(e.to_string()));
                     continue;
                 }
             },

@@ -33,6 +33,7 @@
 //! telemetry_resend_after_s = 600   # last resort: re-publish what no receipt confirmed
 //! assignment_poll_s = 300          # plus a pull whenever the control plane says so
 //! download_max_bytes_per_s = 1000000
+//! onnxruntime_library = "/usr/lib/libonnxruntime.so.1.32.0"  # for the onnxruntime backend
 //! # the trust policy may be given inline instead of as a file (`trust`)
 //! [trust_policy]
 //! threshold = 1
@@ -105,6 +106,9 @@ pub struct AgentConfig {
     pub capture_max_bytes: Option<u64>,
     /// Seconds between capture uploads (default 60).
     pub capture_upload_interval_s: Option<u64>,
+    /// `libonnxruntime` for the `onnxruntime` backend; wins over the board profile's
+    /// `onnxruntime.library` (and `ORT_DYLIB_PATH` wins over both).
+    pub onnxruntime_library: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -212,6 +216,7 @@ impl AgentConfig {
             download_max_bytes_per_s,
             capture_max_bytes,
             capture_upload_interval_s,
+            onnxruntime_library,
             trust_policy
         );
         if !flags.prediction_sinks.is_empty() {

@@ -31,11 +31,12 @@ pub fn occlusion(
     let Some(first) = outputs.first() else {
         return Ok(Vec::new());
     };
-    let per_row = first.data.len() / rows.len().max(1);
+    let first = first.data.to_f32();
+    let per_row = first.len() / rows.len().max(1);
     let features = schema.features.len();
     let mut all = Vec::with_capacity(rows.len());
     for (r, row) in rows.iter().enumerate() {
-        let scores = &first.data[r * per_row..(r + 1) * per_row];
+        let scores = &first[r * per_row..(r + 1) * per_row];
         let class = if per_row > 1 {
             argmax(scores).unwrap_or(0)
         } else {
@@ -56,11 +57,12 @@ pub fn occlusion(
         let Some(o) = out.first() else {
             return Err(RuntimeError::Run("the model returned no output".into()));
         };
-        let width = o.data.len() / features.max(1);
+        let o = o.data.to_f32();
+        let width = o.len() / features.max(1);
         all.push(
             (0..features)
                 .map(|i| {
-                    let s = o.data.get(i * width + class).copied().unwrap_or(f32::NAN) as f64;
+                    let s = o.get(i * width + class).copied().unwrap_or(f32::NAN) as f64;
                     score - s
                 })
                 .collect(),

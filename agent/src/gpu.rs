@@ -192,7 +192,14 @@ impl GpuModel {
                     len: t.data.len(),
                 });
             }
-            feed.insert(spec.name.clone(), t.data.as_slice().into());
+            let Some(data) = t.data.as_f32() else {
+                return Err(RuntimeError::Unsupported(format!(
+                    "input `{}` is {}; the GPU backend (wonnx) runs f32 inputs only",
+                    t.name,
+                    t.dtype()
+                )));
+            };
+            feed.insert(spec.name.clone(), data.into());
         }
         let session = self
             .session
@@ -211,10 +218,9 @@ impl GpuModel {
                 let data: Vec<f32> = out
                     .try_into()
                     .map_err(|e| RuntimeError::Run(format!("output `{}`: {e}", spec.name)))?;
-                Ok(Tensor {
-                    name: spec.name.clone(),
-                    shape: spec
-                        .shape
+                Ok(Tensor::f32(
+                    spec.name.clone(),
+                    spec.shape
                         .iter()
                         .map(|d| match d {
                             Dim::Fixed(n) => *n,
@@ -222,7 +228,7 @@ impl GpuModel {
                         })
                         .collect(),
                     data,
-                })
+                ))
             })
             .collect()
     }

@@ -25,6 +25,7 @@ pub mod serve;
 pub mod sinks;
 pub mod store;
 pub mod telemetry;
+pub mod wire;
 
 /// This agent's release, compared against a bundle's `min_agent_version`.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -17,21 +17,40 @@ use fleetml_protocol::bundle::{self, Limits};
 use fleetml_protocol::manifest::{GOLDEN_ENTRY, MODEL_ENTRY};
 use fleetml_protocol::trust::TrustPolicy;
 
+// The backends compiled in, for `--version`.
+#[cfg(all(feature = "gpu", feature = "onnxruntime"))]
+macro_rules! features {
+    () => {
+        "cpu, gpu, onnxruntime"
+    };
+}
+#[cfg(all(feature = "gpu", not(feature = "onnxruntime")))]
+macro_rules! features {
+    () => {
+        "cpu, gpu"
+    };
+}
+#[cfg(all(not(feature = "gpu"), feature = "onnxruntime"))]
+macro_rules! features {
+    () => {
+        "cpu, onnxruntime"
+    };
+}
+#[cfg(all(not(feature = "gpu"), not(feature = "onnxruntime")))]
+macro_rules! features {
+    () => {
+        "cpu"
+    };
+}
 /// The fleetml device agent.
 /// `--version`: release, git commit, and the backends compiled in.
-#[cfg(feature = "gpu")]
 const LONG_VERSION: &str = concat!(
     env!("CARGO_PKG_VERSION"),
     " (git ",
     env!("FLEETML_GIT_COMMIT"),
-    ", features: cpu, gpu)"
-);
-#[cfg(not(feature = "gpu"))]
-const LONG_VERSION: &str = concat!(
-    env!("CARGO_PKG_VERSION"),
-    " (git ",
-    env!("FLEETML_GIT_COMMIT"),
-    ", features: cpu)"
+    ", features: ",
+    features!(),
+    ")"
 );
 
 #[derive(Parser, Debug)]
@@ -103,8 +122,8 @@ struct RunArgs {
     /// Predictions that may wait for a worker before the agent answers 503. Default: 64.
     #[arg(long)]
     queue: Option<usize>,
-    /// Largest request body the API accepts, in bytes. Default: 1048576 (1 MiB); image
-    /// models sent as JSON tensors need more.
+    /// Largest request body the API accepts, in bytes. Default: 1048576 (1 MiB), raised
+    /// per model to fit one row of its declared inputs as JSON; setting it turns that off.
     #[arg(long)]
     max_body_bytes: Option<usize>,
     /// Control-plane URL (used from the control-plane release on).
@@ -200,11 +219,16 @@ fn trust_of(c: &AgentConfig) -> anyhow::Result<TrustPolicy> {
     }
 }
 
+/// The board profile, with `onnxruntime_library` of the config folded in.
 fn board_of(c: &AgentConfig) -> anyhow::Result<BoardProfile> {
-    match &c.board {
-        Some(p) => load_board(p),
-        None => Ok(activation::local_cpu_board()),
+    let mut board = match &c.board {
+        Some(p) => load_board(p)?,
+        None => activation::local_cpu_board(),
+    };
+    if let (Some(lib), Some(ort)) = (&c.onnxruntime_library, board.onnxruntime.as_mut()) {
+        ort.library = Some(lib.display().to_string());
     }
+    Ok(board)
 }
 
 fn load_policy(path: &Path) -> anyhow::Result<TrustPolicy> {
@@ -261,7 +285,7 @@ fn verify_bundle(bundle: PathBuf, trust: PathBuf, board: Option<PathBuf>) -> any
             }
             println!(
                 "running on {} (board {})",
-                selection.backend.kind().as_str(),
+                fleet_agent::backend::describe(selection.backend.as_ref()),
                 board.name
             );
             selection.self_test
@@ -432,6 +456,7 @@ fn fleet_agent_run(args: RunArgs) -> anyhow::Result<()> {
             workers,
             queue: c.queue.unwrap_or(config::DEFAULT_QUEUE),
             max_body: c.max_body_bytes.unwrap_or(ApiLimits::default().max_body),
+            fit_body_to_model: c.max_body_bytes.is_none(),
             timeout: c
                 .predict_timeout_ms
                 .map_or(ApiLimits::default().timeout, |ms| {

@@ -180,7 +180,8 @@ pub fn reload(api: &Api, config: &Config) -> anyhow::Result<Changes> {
                         line.clone(),
                     ));
                 }
-                let backend = served.backend.kind().as_str();
+                let backend = crate::backend::describe(served.backend.as_ref());
+                let backend = backend.as_str();
                 tracing::info!(model = %state.name, version = state.active.version, backend, "serving");
                 let rolled_back = serving.is_some_and(|v| v > state.active.version);
                 changes.push(event(
@@ -251,7 +252,7 @@ fn status_of(api: &Api, board: &BoardProfile, started: std::time::Instant) -> te
             .map(|m| telemetry::ActiveModel {
                 name: m.name.clone(),
                 version: m.version,
-                backend: m.backend.kind().as_str().to_string(),
+                backend: crate::backend::describe(m.backend.as_ref()),
                 fallbacks: m.fallbacks.clone(),
             })
             .collect(),

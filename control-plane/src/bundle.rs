@@ -154,6 +154,8 @@ pub struct Built {
     pub signed_by: Vec<String>,
     /// The GPU preparation's report, when `--prepare gpu` was asked for.
     pub gpu_report: Option<CompatReport>,
+    /// Why tract (the agents' `cpu` backend) cannot run the model, when it cannot.
+    pub tract_error: Option<String>,
 }
 
 pub fn build(opts: &BuildOptions) -> anyhow::Result<Built> {
@@ -177,6 +179,7 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<Built> {
     let model_bytes = output::read_bounded(&opts.model, MAX_MODEL, "model")?;
     let model = OnnxModel::load(&model_bytes, &opts.input_shapes)
         .with_context(|| format!("model {}", opts.model.display()))?;
+    let tract_error = model.tract_error().map(str::to_string);
     schema.check_against(&model.inputs).with_context(|| {
         format!(
             "feature schema {} does not match model {}",
@@ -223,7 +226,7 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<Built> {
             .context("computing reference predictions")?;
         let outputs: Vec<(String, usize, Vec<f32>)> = outputs
             .into_iter()
-            .map(|t| (t.name.clone(), last_axis(&t), t.data))
+            .map(|t| (t.name.clone(), last_axis(&t), t.data.to_f32()))
             .collect();
         let profile = ReferenceProfile::compute(&schema, &rows, &outputs, opts.bins)?;
         payloads.push((REFERENCE_ENTRY.into(), Source::Memory(profile.to_cbor())));
@@ -305,6 +308,7 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<Built> {
         size,
         signed_by: signatures.iter().map(|s| s.key.to_string()).collect(),
         gpu_report,
+        tract_error,
     })
 }
 

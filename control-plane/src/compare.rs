@@ -82,8 +82,9 @@ pub fn score(path: &Path, policy: &TrustPolicy, table: &Table) -> Result<Scored,
         let inputs = m.features.encode_batch(&m.inputs, chunk);
         let out = model.run(&inputs).map_err(|e| e.to_string())?;
         let first = out.first().ok_or("the model has no output")?;
-        let per_row = first.data.len() / chunk.len().max(1);
-        outputs.extend(first.data.chunks(per_row.max(1)).map(<[f32]>::to_vec));
+        let first = first.data.to_f32();
+        let per_row = first.len() / chunk.len().max(1);
+        outputs.extend(first.chunks(per_row.max(1)).map(<[f32]>::to_vec));
     }
     let mut times: Vec<f64> = Vec::new();
     for row in rows.iter().take(TIMED_ROWS) {

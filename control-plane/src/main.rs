@@ -2003,6 +2003,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 out: a.out,
             };
             let built = bundle::build(&opts)?;
+            if let Some(why) = &built.tract_error {
+                println!("cpu (tract): {why}; the bundle runs on backends that can (onnxruntime)");
+            }
             if let Some(report) = &built.gpu_report {
                 println!("gpu: {}", report.summary());
             }

@@ -10,25 +10,79 @@ use fleetml_protocol::manifest::{DType, Dim, TensorSpec};
 pub struct OnnxModel {
     pub inputs: Vec<TensorSpec>,
     pub outputs: Vec<TensorSpec>,
-    model: CpuModel,
+    /// tract's model, or why tract cannot run it (the bundle then serves on backends
+    /// that can, such as onnxruntime).
+    model: Result<CpuModel, String>,
 }
 
 impl OnnxModel {
     /// Parses and optimizes `bytes`, applying `declared` input shapes first (needed when
-    /// the ONNX file leaves input dimensions unknown).
+    /// the ONNX file leaves input dimensions unknown). A model tract cannot load is
+    /// described from its ONNX graph instead (declared shapes applied), and says so in
+    /// [`Self::tract_error`].
     pub fn load(bytes: &[u8], declared: &[TensorSpec]) -> anyhow::Result<Self> {
-        let model =
-            CpuModel::load_with_inputs(bytes, declared).context("loading the model with tract")?;
-        Ok(OnnxModel {
-            inputs: model.inputs().to_vec(),
-            outputs: model.outputs().to_vec(),
-            model,
-        })
+        // `--input-shape` gives shapes; element types stay the model's own.
+        let from_graph = fleetml_inference::prepare::declared_io(bytes).ok();
+        let declared: Vec<TensorSpec> = declared
+            .iter()
+            .map(|d| {
+                let dtype = from_graph
+                    .as_ref()
+                    .and_then(|(inputs, _)| inputs.iter().find(|i| i.name == d.name))
+                    .map_or(d.dtype, |i| i.dtype);
+                TensorSpec { dtype, ..d.clone() }
+            })
+            .collect();
+        let declared = declared.as_slice();
+        match CpuModel::load_with_inputs(bytes, declared) {
+            Ok(model) => Ok(OnnxModel {
+                inputs: model.inputs().to_vec(),
+                outputs: model.outputs().to_vec(),
+                model: Ok(model),
+            }),
+            Err(e) if !e.to_string().contains("without a determined fact") => {
+                let (mut inputs, outputs) = fleetml_inference::prepare::declared_io(bytes)
+                    .context("reading the model's inputs and outputs")?;
+                for spec in &mut inputs {
+                    if let Some(d) = declared.iter().find(|d| d.name == spec.name) {
+                        spec.shape = d.shape.clone();
+                    }
+                }
+                Ok(OnnxModel {
+                    inputs,
+                    outputs,
+                    model: Err(e.to_string()),
+                })
+            }
+            Err(_) => {
+                let unshaped: Vec<String> = from_graph
+                    .map(|(inputs, _)| {
+                        inputs
+                            .into_iter()
+                            .filter(|i| !declared.iter().any(|d| d.name == i.name))
+                            .map(|i| i.to_string())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                anyhow::bail!(
+                    "the model does not say the shape of every input ({}); pass --input-shape NAME=D1,D2,… for each (a symbol such as N for a dimension that varies; NAME= for a scalar)",
+                    unshaped.join("; ")
+                )
+            }
+        }
     }
 
-    /// Runs the model on f32 inputs given in input order; returns every output as f32.
+    /// Why tract cannot run the model, when it cannot.
+    pub fn tract_error(&self) -> Option<&str> {
+        self.model.as_ref().err().map(String::as_str)
+    }
+
+    /// Runs the model on inputs given in input order.
     pub fn run(&self, inputs: &[Tensor]) -> anyhow::Result<Vec<Tensor>> {
-        self.model.run(inputs).context("running the model")
+        match &self.model {
+            Ok(m) => m.run(inputs).context("running the model"),
+            Err(e) => Err(anyhow::anyhow!("{e}")),
+        }
     }
 }
 
@@ -37,10 +91,18 @@ pub fn parse_input_shape(arg: &str) -> Result<TensorSpec, String> {
     let (name, dims) = arg
         .split_once('=')
         .ok_or_else(|| format!("`{arg}`: expected NAME=D1,D2,… (e.g. x=N,3,48,192)"))?;
-    if name.is_empty() || dims.is_empty() {
+    if name.is_empty() {
         return Err(format!(
             "`{arg}`: expected NAME=D1,D2,… (e.g. x=N,3,48,192)"
         ));
+    }
+    if dims.trim().is_empty() {
+        // A scalar input (`sr=`).
+        return Ok(TensorSpec {
+            name: name.to_string(),
+            dtype: DType::F32,
+            shape: Vec::new(),
+        });
     }
     let shape = dims
         .split(',')

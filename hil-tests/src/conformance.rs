@@ -363,15 +363,11 @@ fn run_gpu_inner(case: &Case) -> Outcome {
                 dtype: DType::F32,
                 shape: shape.iter().map(|d| Dim::Fixed(*d)).collect(),
             });
-            let data = match t.to_plain_array_view::<f32>() {
+            let data: Vec<f32> = match t.to_plain_array_view::<f32>() {
                 Ok(v) => v.iter().copied().collect(),
                 Err(e) => return Outcome::Skipped(one_line(&e)),
             };
-            feed.push(F32Tensor {
-                name: name.to_string(),
-                shape,
-                data,
-            });
+            feed.push(F32Tensor::f32(name.to_string(), shape, data));
         }
         let batch = feed
             .first()
@@ -401,7 +397,7 @@ fn run_gpu_inner(case: &Case) -> Outcome {
         }
         for (i, (got, want)) in outputs.iter().zip(&expected).enumerate() {
             let shape: Vec<usize> = got.shape.iter().map(|d| *d as usize).collect();
-            let got = match Tensor::from_shape(&shape, &got.data) {
+            let got = match Tensor::from_shape(&shape, &got.data.to_f32()) {
                 Ok(t) => t,
                 Err(e) => return Outcome::Mismatch(format!("output {i}: {}", one_line(&e))),
             };

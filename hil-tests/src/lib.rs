@@ -537,7 +537,10 @@ pub fn alter_golden(source: &Path, out_path: &Path) {
         .1;
     let mut golden =
         fleetml_protocol::golden::Golden::from_cbor(golden_bytes).expect("golden decodes");
-    golden.outputs[0].data[3] = 1.0 - golden.outputs[0].data[3];
+    match &mut golden.outputs[0].data {
+        fleetml_protocol::golden::TensorData::F32(v) => v[3] = 1.0 - v[3],
+        other => panic!("f32 golden output expected, got {other:?}"),
+    }
     *golden_bytes = golden.to_cbor();
     let mut manifest = front.manifest.clone();
     for e in &mut manifest.entries {

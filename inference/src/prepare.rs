@@ -379,6 +379,64 @@ pub struct PreparedModel {
     pub unsupported: BTreeMap<String, usize>,
 }
 
+/// The inputs (initializers excluded) and outputs an ONNX file declares, read from its
+/// graph without any runtime: element types from the protobuf, sizes as given, named
+/// symbols for `dim_param`s and `NAME:AXIS` for unnamed dimensions. For models a
+/// runtime cannot type, so a bundle can still say what they take.
+pub fn declared_io(onnx: &[u8]) -> Result<(Vec<TensorSpec>, Vec<TensorSpec>), PrepareError> {
+    use fleetml_protocol::manifest::DType;
+    use pb::tensor_shape_proto::dimension::Value as DimValue;
+    let model = pb::ModelProto::decode(onnx)?;
+    let graph = model.graph.as_ref().ok_or(PrepareError::NoGraph)?;
+    let initializers: HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
+    let spec = |v: &pb::ValueInfoProto| -> Result<TensorSpec, PrepareError> {
+        let Some(pb::type_proto::Value::TensorType(t)) =
+            v.r#type.as_ref().and_then(|t| t.value.as_ref())
+        else {
+            return Err(PrepareError::Untyped(v.name.clone()));
+        };
+        let dtype = match t.elem_type {
+            1 => DType::F32,
+            2 => DType::U8,
+            3 => DType::I8,
+            4 => DType::U16,
+            5 => DType::I16,
+            6 => DType::I32,
+            7 => DType::I64,
+            8 => DType::String,
+            9 => DType::Bool,
+            10 => DType::F16,
+            11 => DType::F64,
+            12 => DType::U32,
+            13 => DType::U64,
+            _ => return Err(PrepareError::Untyped(v.name.clone())),
+        };
+        let dims = t.shape.as_ref().map(|s| s.dim.as_slice()).unwrap_or(&[]);
+        let shape = dims
+            .iter()
+            .enumerate()
+            .map(|(axis, d)| match &d.value {
+                Some(DimValue::DimValue(n)) if *n >= 0 => Dim::Fixed(*n as u64),
+                Some(DimValue::DimParam(p)) if !p.is_empty() => Dim::Symbol(p.clone()),
+                _ => Dim::Symbol(format!("{}:{axis}", v.name)),
+            })
+            .collect();
+        Ok(TensorSpec {
+            name: v.name.clone(),
+            dtype,
+            shape,
+        })
+    };
+    let inputs = graph
+        .input
+        .iter()
+        .filter(|v| !initializers.contains(v.name.as_str()))
+        .map(spec)
+        .collect::<Result<_, _>>()?;
+    let outputs = graph.output.iter().map(spec).collect::<Result<_, _>>()?;
+    Ok((inputs, outputs))
+}
+
 /// Reads back a model produced by [`prepare_gpu`]. An input or output without a static
 /// shape is an error: the model was not prepared.
 pub fn inspect_prepared(onnx: &[u8]) -> Result<PreparedModel, PrepareError> {
@@ -969,13 +1027,9 @@ mod tests {
         let m = CpuModel::load_with_inputs(onnx, &[spec]).expect("test value");
         let data: Vec<f32> = (0..rows * 4).map(|i| i as f32 - 4.0).collect();
         let out = m
-            .run(&[Tensor {
-                name: "x".into(),
-                shape: vec![rows, 4],
-                data,
-            }])
+            .run(&[Tensor::f32("x", vec![rows, 4], data)])
             .expect("test value");
-        out[0].data.clone()
+        out[0].data.to_f32()
     }
 
     #[test]

@@ -374,11 +374,11 @@ impl FeatureSchema {
                 for (row, out) in rows.iter().zip(data.chunks_mut(columns.max(1))) {
                     self.encode_row(&spec.name, row, out);
                 }
-                Tensor {
-                    name: spec.name.clone(),
-                    shape: vec![rows.len() as u64, columns as u64],
+                Tensor::f32(
+                    spec.name.clone(),
+                    vec![rows.len() as u64, columns as u64],
                     data,
-                }
+                )
             })
             .collect()
     }

@@ -17,14 +17,7 @@ pub struct Golden {
     pub outputs: Vec<Tensor>,
 }
 
-/// A dense f32 tensor in row-major order.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Tensor {
-    pub name: String,
-    pub shape: Vec<u64>,
-    pub data: Vec<f32>,
-}
+pub use crate::tensor::{Tensor, TensorData};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum GoldenError {
@@ -40,15 +33,6 @@ pub enum GoldenError {
     Empty,
     #[error("golden tolerances must be finite and not negative")]
     BadTolerance,
-}
-
-impl Tensor {
-    pub fn elements(&self) -> Option<usize> {
-        self.shape
-            .iter()
-            .try_fold(1u64, |acc, d| acc.checked_mul(*d))
-            .and_then(|n| usize::try_from(n).ok())
-    }
 }
 
 impl Golden {
@@ -70,7 +54,7 @@ impl Golden {
             }
         }
         for t in golden.inputs.iter().chain(&golden.outputs) {
-            if t.elements() != Some(t.data.len()) || t.data.len() > MAX_ELEMENTS {
+            if t.check().is_err() || t.data.len() > MAX_ELEMENTS {
                 return Err(GoldenError::ShapeMismatch {
                     name: t.name.clone(),
                     shape: t.shape.clone(),
@@ -120,7 +104,22 @@ pub fn compare(golden: &Golden, computed: &[Tensor]) -> Result<Comparison, Strin
                 expected.name, actual.shape, expected.shape
             ));
         }
-        for (i, (e, a)) in expected.data.iter().zip(&actual.data).enumerate() {
+        if actual.dtype() != expected.dtype() {
+            return Err(format!(
+                "output `{}` is {}, golden has {}",
+                expected.name,
+                actual.dtype(),
+                expected.dtype()
+            ));
+        }
+        for (i, (e, a)) in expected
+            .data
+            .to_f32()
+            .into_iter()
+            .zip(actual.data.to_f32())
+            .enumerate()
+        {
+            let (e, a) = (&e, &a);
             let (abs, rel) = if e.is_nan() && a.is_nan() {
                 (0.0, 0.0)
             } else if e.is_nan() || a.is_nan() {

@@ -17,6 +17,7 @@ pub mod golden;
 pub mod manifest;
 pub mod reference;
 pub mod telemetry;
+pub mod tensor;
 pub mod trust;
 
 /// The version of this crate, which is also the agent and control-plane release version.

@@ -26,7 +26,7 @@ fn worst_relative(ours: &[Tensor], theirs: &[Tensor]) -> f32 {
     let mut worst = 0f32;
     for (a, b) in ours.iter().zip(theirs) {
         assert_eq!(a.shape, b.shape, "output {}", a.name);
-        for (x, y) in a.data.iter().zip(&b.data) {
+        for (x, y) in a.data.to_f32().iter().zip(&b.data.to_f32()) {
             worst = worst.max((x - y).abs() / y.abs().max(1e-3));
         }
     }
@@ -173,13 +173,13 @@ fn the_prepared_cls_cnn_runs_on_the_gpu_like_tract() {
     let gpu = GpuModel::load(&onnx, Some(&prepared.onnx), &declared).expect("wonnx compiles it");
     let cpu = CpuModel::load_with_inputs(&onnx, &declared).expect("tract loads it");
     let n = 2usize;
-    let input = Tensor {
-        name: "x".into(),
-        shape: vec![n as u64, 3, 48, 192],
-        data: (0..n * 3 * 48 * 192)
+    let input = Tensor::f32(
+        "x",
+        vec![n as u64, 3, 48, 192],
+        (0..n * 3 * 48 * 192)
             .map(|i| ((i * 7919 % 2000) as f32 / 1000.0) - 1.0)
             .collect(),
-    };
+    );
     let ours = gpu.run(std::slice::from_ref(&input)).expect("wonnx runs");
     let theirs = cpu.run(&[input]).expect("tract runs");
     let worst = worst_relative(&ours, &theirs);

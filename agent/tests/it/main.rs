@@ -40,17 +40,21 @@ fn golden(model: &CpuModel, rows: usize) -> Golden {
     let data: Vec<f32> = (0..rows * 25)
         .map(|i| ((i * 37 % 101) as f32) / 10.0)
         .collect();
-    let inputs = vec![Tensor {
-        name: "input".into(),
-        shape: vec![rows as u64, 25],
-        data,
-    }];
+    let inputs = vec![Tensor::f32("input", vec![rows as u64, 25], data)];
     let outputs = model.run(&inputs).expect("model runs");
     Golden {
         abs_tolerance: 1e-4,
         rel_tolerance: 1e-3,
         inputs,
         outputs,
+    }
+}
+
+/// Adds `by` to element `i` of an f32 tensor.
+fn bump(t: &mut Tensor, i: usize, by: f32) {
+    match &mut t.data {
+        fleetml_protocol::golden::TensorData::F32(v) => v[i] += by,
+        other => panic!("an f32 output expected, got {other:?}"),
     }
 }
 
@@ -151,7 +155,7 @@ fn golden_self_test_passes_on_the_example_model() {
 fn golden_self_test_fails_clearly_when_outputs_were_altered() {
     let model = CpuModel::load(&claims_model()).expect("claims model loads");
     let mut g = golden(&model, 8);
-    g.outputs[0].data[5] += 0.25;
+    bump(&mut g.outputs[0], 5, 0.25);
     match selftest::run(&model, &g.to_cbor()) {
         Err(SelfTestError::Failed {
             failures: 1,
@@ -308,7 +312,7 @@ fn a_failed_self_test_or_unloadable_model_rules_a_backend_out() {
     use fleetml_protocol::board::Backend as Kind;
     let model = CpuModel::load(&claims_model()).expect("loads");
     let mut g = golden(&model, 4);
-    g.outputs[0].data[0] += 0.5;
+    bump(&mut g.outputs[0], 0, 0.5);
     let onnx = claims_model();
     let err = backend::select(
         &board("[\"cpu\"]", ""),
@@ -350,7 +354,7 @@ fn versioned(dir: &Path, f: &Fixture, version: u64, tamper: bool) -> PathBuf {
     let model = CpuModel::load(&claims_model()).expect("loads");
     let mut g = golden(&model, 4);
     if tamper {
-        g.outputs[0].data[1] += 0.5;
+        bump(&mut g.outputs[0], 1, 0.5);
     }
     let payloads = vec![("model.onnx", claims_model()), ("golden.cbor", g.to_cbor())];
     let mut m = manifest(&payloads);

@@ -55,28 +55,14 @@ fn input(model: &str) -> (Tensor, Vec<TensorSpec>) {
                 .collect();
             let mut data = vec![0f32; 25];
             schema.encode_row("input", &raw, &mut data);
-            (
-                Tensor {
-                    name: "input".into(),
-                    shape: vec![1, 25],
-                    data,
-                },
-                vec![],
-            )
+            (Tensor::f32("input", vec![1, 25], data), vec![])
         }
         "cls" => {
             let data: Vec<f32> = (0..3 * 48 * 192)
                 .map(|i| ((i * 7919 % 2000) as f32 / 1000.0) - 1.0)
                 .collect();
             let declared = vec![hil_tests::cls_input()];
-            (
-                Tensor {
-                    name: "x".into(),
-                    shape: vec![1, 3, 48, 192],
-                    data,
-                },
-                declared,
-            )
+            (Tensor::f32("x", vec![1, 3, 48, 192], data), declared)
         }
         other => panic!("unknown model {other} (claims or cls)"),
     }
@@ -165,7 +151,7 @@ fn main() {
             let body = if args.iter().any(|a| a == "--features") {
                 json!({ "features": claims_row() }).to_string()
             } else {
-                json!({ "inputs": [{"name": tensor.name, "shape": tensor.shape, "data": tensor.data}] }).to_string()
+                json!({ "inputs": [{"name": tensor.name, "shape": tensor.shape, "data": tensor.data.to_f32()}] }).to_string()
             };
             let path = format!("/v1/models/{name}/predict");
             let addr = arg(&args, "--addr");

@@ -12,6 +12,7 @@ mod fleet_sim;
 mod hil;
 mod monitoring;
 mod peers;
+mod real_models;
 mod retrain;
 mod rollout;
 mod store_crash;

@@ -22,7 +22,7 @@ const FLOOR: f32 = 1e-3;
 fn onnxruntime(model: &std::path::Path, inputs: &[Tensor]) -> Vec<Tensor> {
     let request = json!({
         "model": model,
-        "inputs": inputs.iter().map(|t| (t.name.clone(), json!({"shape": t.shape, "data": t.data}))).collect::<serde_json::Map<_, _>>(),
+        "inputs": inputs.iter().map(|t| (t.name.clone(), json!({"shape": t.shape, "data": t.data.to_f32()}))).collect::<serde_json::Map<_, _>>(),
         "threads": 1,
     });
     let mut child = Command::new(python())
@@ -43,10 +43,12 @@ fn onnxruntime(model: &std::path::Path, inputs: &[Tensor]) -> Vec<Tensor> {
     v.as_object()
         .expect("outputs")
         .iter()
-        .map(|(name, t)| Tensor {
-            name: name.clone(),
-            shape: serde_json::from_value(t["shape"].clone()).expect("shape"),
-            data: serde_json::from_value(t["data"].clone()).expect("data"),
+        .map(|(name, t)| {
+            Tensor::f32(
+                name.clone(),
+                serde_json::from_value(t["shape"].clone()).expect("shape"),
+                serde_json::from_value(t["data"].clone()).expect("data"),
+            )
         })
         .collect()
 }
@@ -60,7 +62,7 @@ fn compare(ours: &[Tensor], theirs: &[Tensor]) -> f32 {
             .find(|o| o.name == t.name)
             .unwrap_or_else(|| panic!("tract has no output {}", t.name));
         assert_eq!(o.shape, t.shape, "output {}", t.name);
-        for (a, b) in o.data.iter().zip(&t.data) {
+        for (a, b) in o.data.to_f32().iter().zip(&t.data.to_f32()) {
             worst = worst.max((a - b).abs() / b.abs().max(FLOOR));
         }
     }
@@ -96,11 +98,7 @@ fn claims_model_outputs_equal_onnxruntime() {
     for (row, out) in rows.iter().zip(data.chunks_mut(25)) {
         schema.encode_row("input", row, out);
     }
-    let inputs = vec![Tensor {
-        name: "input".into(),
-        shape: vec![rows.len() as u64, 25],
-        data,
-    }];
+    let inputs = vec![Tensor::f32("input", vec![rows.len() as u64, 25], data)];
     let model =
         CpuModel::load(&std::fs::read(dir.join("model.onnx")).expect("model")).expect("loads");
     let worst = compare(
@@ -127,11 +125,7 @@ fn cls_batch(n: usize) -> Tensor {
     let data: Vec<f32> = (0..len)
         .map(|i| ((i * 7919 % 2000) as f32 / 1000.0) - 1.0)
         .collect();
-    Tensor {
-        name: "x".into(),
-        shape: vec![n as u64, 3, 48, 192],
-        data,
-    }
+    Tensor::f32("x", vec![n as u64, 3, 48, 192], data)
 }
 
 /// The GPU preparation pass on a real CNN needs no GPU: shapes become static and are
@@ -224,11 +218,7 @@ fn ppocr_text_direction_classifier_outputs_equal_onnxruntime() {
     let data: Vec<f32> = (0..n)
         .map(|i| ((i * 7919 % 2000) as f32 / 1000.0) - 1.0)
         .collect();
-    let inputs = vec![Tensor {
-        name: "x".into(),
-        shape: vec![3, 3, 48, 192],
-        data,
-    }];
+    let inputs = vec![Tensor::f32("x", vec![3, 3, 48, 192], data)];
     let worst = compare(
         &model.run(&inputs).expect("tract runs"),
         &onnxruntime(&path, &inputs),
@@ -336,7 +326,8 @@ fn an_image_model_bundled_without_features_is_served_on_raw_tensors() {
         ],
     );
     let batch = cls_batch(2);
-    let body = json!({ "inputs": [{"name": "x", "shape": batch.shape, "data": batch.data}] });
+    let body =
+        json!({ "inputs": [{"name": "x", "shape": batch.shape, "data": batch.data.to_f32()}] });
     let (status, reply) = running.request("POST", "/v1/models/textdir/predict", &body);
     let (rejected, why) = running.request(
         "POST",
@@ -358,11 +349,7 @@ fn an_image_model_bundled_without_features_is_served_on_raw_tensors() {
         .flat_map(|row| row[&name].as_array().cloned().unwrap_or_default())
         .filter_map(|v| v.as_f64().map(|x| x as f32))
         .collect();
-    let ours = vec![Tensor {
-        name: name.clone(),
-        shape: vec![2, 2],
-        data: served,
-    }];
+    let ours = vec![Tensor::f32(name.clone(), vec![2, 2], served)];
     let worst = compare(&ours, &onnxruntime(&model, &[batch]));
     assert!(
         worst <= REL,

@@ -3,7 +3,8 @@
 
 use fleetml_protocol::board::BoardProfile;
 use fleetml_protocol::features::{FeatureSchema, RawValue};
-use fleetml_protocol::golden::{self, Golden, GoldenError, Tensor};
+use fleetml_protocol::golden::{self, Golden, GoldenError, Tensor, TensorData};
+use fleetml_protocol::manifest::DType;
 use fleetml_protocol::reference::{ReferenceError, ReferenceProfile, bin_index};
 use fleetml_protocol::trust::{TrustPolicy, TrustPolicyError};
 use proptest::prelude::*;
@@ -15,16 +16,16 @@ fn golden() -> Golden {
     Golden {
         abs_tolerance: 1e-4,
         rel_tolerance: 1e-3,
-        inputs: vec![Tensor {
-            name: "input".into(),
-            shape: vec![2, 3],
-            data: vec![1.0, 0.0, 1.0, 5.0, 1.0, 0.0],
-        }],
-        outputs: vec![Tensor {
-            name: "probabilities".into(),
-            shape: vec![2, 2],
-            data: vec![0.25, 0.75, 0.5, 0.5],
-        }],
+        inputs: vec![Tensor::f32(
+            "input",
+            vec![2, 3],
+            vec![1.0, 0.0, 1.0, 5.0, 1.0, 0.0],
+        )],
+        outputs: vec![Tensor::f32(
+            "probabilities",
+            vec![2, 2],
+            vec![0.25, 0.75, 0.5, 0.5],
+        )],
     }
 }
 
@@ -35,9 +36,13 @@ fn golden_vectors_round_trip_and_compare() {
     let same = golden::compare(&g, &g.outputs).expect("comparable");
     assert!(same.passed());
     let mut off = g.outputs.clone();
-    off[0].data[1] = 0.7501; // within abs 1e-4
+    let set = |t: &mut Tensor, i: usize, x: f32| match &mut t.data {
+        TensorData::F32(v) => v[i] = x,
+        other => panic!("f32 expected, got {other:?}"),
+    };
+    set(&mut off[0], 1, 0.7501); // within abs 1e-4
     assert!(golden::compare(&g, &off).expect("comparable").passed());
-    off[0].data[2] = 0.6;
+    set(&mut off[0], 2, 0.6);
     let c = golden::compare(&g, &off).expect("comparable");
     assert_eq!(
         (c.failures, c.worst.clone()),
@@ -185,9 +190,76 @@ proptest! {
         let g = Golden {
             abs_tolerance: 0.0,
             rel_tolerance: 0.0,
-            inputs: vec![Tensor { name: "x".into(), shape: vec![data.len() as u64], data: data.clone() }],
-            outputs: vec![Tensor { name: "y".into(), shape: vec![1, data.len() as u64], data }],
+            inputs: vec![Tensor::f32("x", vec![data.len() as u64], data.clone())],
+            outputs: vec![Tensor::f32("y", vec![1, data.len() as u64], data)],
         };
         prop_assert_eq!(Golden::from_cbor(&g.to_cbor()), Ok(g));
     }
+
+    #[test]
+    fn typed_tensors_round_trip(data in typed_data()) {
+        let t = Tensor { name: "t".into(), shape: vec![data.len() as u64], data };
+        let g = Golden { abs_tolerance: 0.0, rel_tolerance: 0.0, inputs: vec![t.clone()], outputs: vec![t.clone()] };
+        let back = Golden::from_cbor(&g.to_cbor()).expect("decodes");
+        // NaN payloads aside, the values come back bit for bit.
+        prop_assert_eq!(back.inputs[0].data.to_le_bytes(), t.data.to_le_bytes());
+        prop_assert_eq!(back.inputs[0].dtype(), t.dtype());
+        let again = TensorData::from_le_bytes(t.dtype(), &t.data.to_le_bytes()).expect("decodes");
+        prop_assert_eq!(again.to_le_bytes(), t.data.to_le_bytes());
+    }
+
+    #[test]
+    fn tensor_bytes_never_panic(dtype in proptest::sample::select(vec![
+        DType::F32, DType::F16, DType::F64, DType::I8, DType::I32, DType::I64, DType::U8, DType::Bool, DType::String,
+    ]), bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+        if let Ok(d) = TensorData::from_le_bytes(dtype, &bytes) {
+            prop_assert_eq!(d.to_le_bytes(), bytes);
+        }
+    }
+}
+
+fn typed_data() -> impl Strategy<Value = TensorData> {
+    use proptest::collection::vec;
+    prop_oneof![
+        vec(any::<f32>(), 0..16).prop_map(TensorData::F32),
+        vec(any::<u16>(), 0..16).prop_map(TensorData::F16),
+        vec(any::<f64>(), 0..16).prop_map(TensorData::F64),
+        vec(any::<i8>(), 0..16).prop_map(TensorData::I8),
+        vec(any::<i32>(), 0..16).prop_map(TensorData::I32),
+        vec(any::<i64>(), 0..16).prop_map(TensorData::I64),
+        vec(any::<u8>(), 0..16).prop_map(TensorData::U8),
+        vec(any::<bool>(), 0..16).prop_map(TensorData::Bool),
+    ]
+}
+
+/// Golden vectors written before tensors were typed (`{name, shape, data}`) decode as
+/// f32 tensors, and f32 tensors are still written that way.
+#[test]
+fn f32_tensors_keep_the_original_encoding() {
+    #[derive(serde::Serialize)]
+    struct Old {
+        name: String,
+        shape: Vec<u64>,
+        data: Vec<f32>,
+    }
+    let old = serde_cbor::to_vec(&Old {
+        name: "x".into(),
+        shape: vec![2],
+        data: vec![1.5, -2.0],
+    })
+    .expect("encodes");
+    let t = Tensor::f32("x", vec![2], vec![1.5, -2.0]);
+    assert_eq!(serde_cbor::to_vec(&t).expect("encodes"), old);
+    assert_eq!(serde_cbor::from_slice::<Tensor>(&old).expect("decodes"), t);
+    // A typed tensor whose bytes do not divide into elements is refused.
+    let ragged = Tensor {
+        name: "y".into(),
+        shape: vec![1],
+        data: TensorData::I64(vec![7]),
+    };
+    let mut bytes = serde_cbor::to_vec(&ragged).expect("encodes");
+    let at = bytes.len() - 8;
+    bytes[at - 1] -= 1; // byte string of 7
+    bytes.pop();
+    assert!(serde_cbor::from_slice::<Tensor>(&bytes).is_err());
 }

@@ -1,0 +1,428 @@
+//! Real models nobody here wrote, through the agent's API on every CPU backend, held to
+//! Python onnxruntime: PP-OCRv4's text detector and recogniser and PP-OCR's direction
+//! classifier (from the `rapidocr-onnxruntime` wheel) with symbolic height and width,
+//! and Silero VAD (from the `silero-vad` wheel), stateful, with an int64 input.
+//!
+//! Each model is built into a signed bundle with `fleetctl bundle build`, installed by
+//! `fleet-agent install-bundle` on a board whose backend is `onnxruntime` (the PyPI
+//! wheel's `libonnxruntime`) or `cpu` (tract), served by `fleet-agent run`, and fed
+//! through the API as CBOR byte strings; the outputs must equal Python onnxruntime's
+//! within 1e-4 relative.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use fleetml_protocol::golden::{Tensor, TensorData};
+use hil_tests::{agent, fleetctl, keys_and_policy, python, root};
+use serde_json::{Value, json};
+
+/// onnxruntime in the agent against onnxruntime in Python.
+const REL: f64 = 1e-4;
+/// tract against onnxruntime: a different convolution kernel sums in another order;
+/// measured worst on PP-OCRv4's detector 4.5e-4 (docs/CONFORMANCE.md).
+const REL_TRACT: f64 = 1e-3;
+const FLOOR: f64 = 1e-3;
+
+/// A file inside an installed Python package.
+fn package_file(module: &str, relative: &str) -> PathBuf {
+    let out = Command::new(python())
+        .args([
+            "-c",
+            &format!(
+                "import importlib.util, os; s = importlib.util.find_spec('{module}'); print(os.path.join(s.submodule_search_locations[0], '{relative}'))"
+            ),
+        ])
+        .output()
+        .expect("python runs");
+    assert!(
+        out.status.success(),
+        "{module} is not installed in the test venv: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    assert!(path.exists(), "{} is missing", path.display());
+    path
+}
+
+/// The PyPI wheel's libonnxruntime.
+pub fn onnxruntime_library() -> PathBuf {
+    let capi = package_file("onnxruntime", "capi");
+    std::fs::read_dir(&capi)
+        .expect("capi")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libonnxruntime.so."))
+        })
+        .unwrap_or_else(|| panic!("no libonnxruntime.so.* in {}", capi.display()))
+}
+
+fn pseudo_random(n: usize, seed: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| (((i * 7919 + seed * 104_729) % 2000) as f32 / 1000.0) - 1.0)
+        .collect()
+}
+
+/// Python onnxruntime's outputs for `inputs`, one thread.
+fn onnxruntime(model: &Path, inputs: &[Tensor]) -> Vec<(String, Vec<u64>, Vec<f64>)> {
+    let feeds: serde_json::Map<String, Value> = inputs
+        .iter()
+        .map(|t| {
+            let data: Vec<f64> = (0..t.data.len())
+                .map(|i| t.data.get_f64(i).unwrap_or(f64::NAN))
+                .collect();
+            (
+                t.name.clone(),
+                json!({"shape": t.shape, "dtype": t.dtype().to_string(), "data": data}),
+            )
+        })
+        .collect();
+    let request = json!({"model": model, "inputs": feeds, "threads": 1});
+    let mut child = Command::new(python())
+        .arg(root().join("scripts/ort_run.py"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python starts");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(request.to_string().as_bytes())
+        .expect("request");
+    let out = child.wait_with_output().expect("onnxruntime runs");
+    assert!(out.status.success(), "onnxruntime failed");
+    let v: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    v.as_object()
+        .expect("outputs")
+        .iter()
+        .map(|(name, t)| {
+            (
+                name.clone(),
+                serde_json::from_value(t["shape"].clone()).expect("shape"),
+                serde_json::from_value(t["data"].clone()).expect("data"),
+            )
+        })
+        .collect()
+}
+
+/// Sends `inputs` as CBOR byte strings; returns the whole output tensors.
+fn predict(agent: &hil_tests::RunningAgent, model: &str, inputs: &[Tensor]) -> Vec<Tensor> {
+    use serde_cbor::Value as C;
+    let list: Vec<C> = inputs
+        .iter()
+        .map(|t| {
+            let mut m = std::collections::BTreeMap::new();
+            m.insert(C::Text("name".into()), C::Text(t.name.clone()));
+            m.insert(
+                C::Text("shape".into()),
+                C::Array(t.shape.iter().map(|d| C::Integer(i128::from(*d))).collect()),
+            );
+            m.insert(C::Text("dtype".into()), C::Text(t.dtype().to_string()));
+            m.insert(C::Text("bytes".into()), C::Bytes(t.data.to_le_bytes()));
+            C::Map(m)
+        })
+        .collect();
+    let mut body = std::collections::BTreeMap::new();
+    body.insert(C::Text("inputs".into()), C::Array(list));
+    let body = serde_cbor::to_vec(&C::Map(body)).expect("cbor");
+    let stream = std::net::TcpStream::connect(&agent.addr).expect("connects");
+    let (status, raw) = hil_tests::http(
+        stream,
+        "POST",
+        &format!("/v1/models/{model}/predict"),
+        "application/cbor",
+        &body,
+    )
+    .expect("HTTP");
+    let reply: C = serde_cbor::from_slice(&raw).expect("CBOR reply");
+    let text = format!("{reply:?}");
+    assert_eq!(status, 200, "{}", &text[..text.len().min(2000)]);
+    let C::Map(reply) = reply else {
+        panic!("a map");
+    };
+    let Some(C::Array(outputs)) = reply.get(&C::Text("outputs".into())) else {
+        panic!("no outputs: {}", &text[..text.len().min(2000)]);
+    };
+    outputs
+        .iter()
+        .map(|o| {
+            let C::Map(o) = o else { panic!("output map") };
+            let get = |k: &str| o.get(&C::Text(k.into())).cloned();
+            let (
+                Some(C::Text(name)),
+                Some(C::Array(shape)),
+                Some(C::Text(dtype)),
+                Some(C::Bytes(bytes)),
+            ) = (get("name"), get("shape"), get("dtype"), get("bytes"))
+            else {
+                panic!("output fields");
+            };
+            let dtype = fleet_agent::wire::parse_dtype(&dtype).expect("dtype");
+            Tensor {
+                name,
+                shape: shape
+                    .iter()
+                    .map(|d| match d {
+                        C::Integer(n) => *n as u64,
+                        _ => panic!("size"),
+                    })
+                    .collect(),
+                data: TensorData::from_le_bytes(dtype, &bytes).expect("elements"),
+            }
+        })
+        .collect()
+}
+
+/// Largest relative difference (floored) between ours and the peer's outputs.
+fn worst(ours: &[Tensor], theirs: &[(String, Vec<u64>, Vec<f64>)]) -> f64 {
+    let mut worst = 0f64;
+    for (name, shape, data) in theirs {
+        let o = ours
+            .iter()
+            .find(|o| &o.name == name)
+            .unwrap_or_else(|| panic!("the agent returned no output {name}"));
+        assert_eq!(&o.shape, shape, "output {name}");
+        assert_eq!(o.data.len(), data.len(), "output {name}");
+        for (i, b) in data.iter().enumerate() {
+            let a = o.data.get_f64(i).expect("element");
+            worst = worst.max((a - b).abs() / b.abs().max(FLOOR));
+        }
+    }
+    worst
+}
+
+struct Case {
+    name: &'static str,
+    model: PathBuf,
+    /// `--input-shape` arguments for the build.
+    shapes: Vec<&'static str>,
+    /// Requests, each fed in turn (a stateful model carries its state over).
+    requests: Vec<Vec<Tensor>>,
+}
+
+fn ocr(name: &'static str, file: &str, shape: &'static str, dims: &[(u64, u64)]) -> Case {
+    Case {
+        name,
+        model: package_file("rapidocr_onnxruntime", &format!("models/{file}")),
+        shapes: vec![shape],
+        requests: dims
+            .iter()
+            .enumerate()
+            .map(|(i, (h, w))| {
+                let n = (3 * h * w) as usize;
+                vec![Tensor::f32("x", vec![1, 3, *h, *w], pseudo_random(n, i))]
+            })
+            .collect(),
+    }
+}
+
+fn cases() -> Vec<Case> {
+    vec![
+        // Symbolic height and width: two image sizes through one bundle.
+        ocr(
+            "det",
+            "ch_PP-OCRv4_det_infer.onnx",
+            "x=N,3,H,W",
+            &[(640, 640), (320, 480)],
+        ),
+        ocr(
+            "rec",
+            "ch_PP-OCRv4_rec_infer.onnx",
+            "x=N,3,48,W",
+            &[(48, 320), (48, 160)],
+        ),
+        ocr(
+            "cls",
+            "ch_ppocr_mobile_v2.0_cls_infer.onnx",
+            "x=N,3,48,192",
+            &[(48, 192)],
+        ),
+    ]
+}
+
+fn silero() -> Case {
+    let state = |t: &[f32]| Tensor::f32("state", vec![2, 1, 128], t.to_vec());
+    let sr = Tensor {
+        name: "sr".into(),
+        shape: vec![],
+        data: TensorData::I64(vec![16000]),
+    };
+    let audio = |seed| {
+        Tensor::f32(
+            "input",
+            vec![1, 512],
+            pseudo_random(512, seed).iter().map(|x| x * 0.3).collect(),
+        )
+    };
+    Case {
+        name: "vad",
+        model: package_file("silero_vad", "data/silero_vad.onnx"),
+        shapes: vec!["input=N,S", "state=2,N,128", "sr="],
+        requests: vec![
+            vec![audio(1), state(&[0.0; 256]), sr.clone()],
+            vec![audio(2), state(&pseudo_random(256, 3)), sr],
+        ],
+    }
+}
+
+fn board(dir: &Path, backend: &str) -> PathBuf {
+    let path = dir.join(format!("board-{backend}.toml"));
+    let ort = if backend == "onnxruntime" {
+        format!(
+            "[onnxruntime]\nlibrary = \"{}\"\nproviders = [\"cpu\"]\n",
+            onnxruntime_library().display()
+        )
+    } else {
+        String::new()
+    };
+    std::fs::write(
+        &path,
+        format!(
+            "name = \"test-{backend}\"\ntarget = \"x86_64-unknown-linux-gnu\"\ncpu_cores = 2\nmemory_mb = 4096\nbackends = [\"{backend}\"]\n{ort}[agent]\nmemory_budget_mb = 2048\n[paths]\ndata_dir = \"/var/lib/fleetml\"\nconfig_dir = \"/etc/fleetml\"\n"
+        ),
+    )
+    .expect("board");
+    path
+}
+
+fn build(dir: &Path, case: &Case) -> String {
+    let out = format!("{}.fmb", case.name);
+    let model = case.model.to_string_lossy().into_owned();
+    let mut args = vec![
+        "bundle",
+        "build",
+        "--model",
+        &model,
+        "--name",
+        case.name,
+        "--version",
+        "1",
+        "--key",
+        "keys/k.key",
+        "--out",
+        &out,
+    ];
+    for s in &case.shapes {
+        args.extend(["--input-shape", s]);
+    }
+    fleetctl(dir, &args).success();
+    out
+}
+
+/// Installs every case's bundle on `backend`, serves them, and compares each request's
+/// outputs with onnxruntime's.
+fn serve_and_compare(dir: &Path, backend: &str, cases: &[Case]) {
+    let board = board(dir, backend);
+    let data = format!("data-{backend}");
+    for case in cases {
+        let bundle = build(dir, case);
+        let installed = agent(
+            dir,
+            &[
+                "install-bundle",
+                &bundle,
+                "--data-dir",
+                &data,
+                "--trust",
+                "trust.toml",
+                "--board",
+                &board.to_string_lossy(),
+            ],
+        );
+        let out = installed.success();
+        assert!(out.contains(&format!("on {backend}")), "{out}");
+    }
+    let running = hil_tests::RunningAgent::start(
+        dir,
+        &[
+            "run",
+            "--data-dir",
+            &data,
+            "--trust",
+            "trust.toml",
+            "--board",
+            &board.to_string_lossy(),
+            "--listen",
+            "127.0.0.1:0",
+            // Symbolic image sizes: the default limit cannot know how large they get.
+            "--max-body-bytes",
+            "67108864",
+        ],
+    );
+    let (status, models) = running.request("GET", "/v1/models", &Value::Null);
+    assert_eq!(status, 200);
+    if backend == "onnxruntime" {
+        let m = &models["models"][0];
+        assert_eq!(m["provider"], "cpu", "{models}");
+        assert!(
+            m["onnxruntime_version"]
+                .as_str()
+                .is_some_and(|v| v.starts_with("1.")),
+            "{models}"
+        );
+    }
+    for case in cases {
+        for (i, request) in case.requests.iter().enumerate() {
+            let ours = predict(&running, case.name, request);
+            let theirs = onnxruntime(&case.model, request);
+            let w = worst(&ours, &theirs);
+            println!(
+                "{} on {backend}, request {i}: max relative difference {w:e}",
+                case.name
+            );
+            let rel = if backend == "cpu" { REL_TRACT } else { REL };
+            assert!(w <= rel, "{} on {backend}, request {i}: {w:e}", case.name);
+        }
+    }
+}
+
+fn setup() -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().expect("tmp");
+    keys_and_policy(tmp.path(), "k");
+    tmp
+}
+
+#[test]
+fn real_models_on_onnxruntime_equal_python_onnxruntime() {
+    let tmp = setup();
+    let mut all = cases();
+    all.push(silero());
+    serve_and_compare(tmp.path(), "onnxruntime", &all);
+}
+
+#[test]
+fn real_models_on_tract_equal_python_onnxruntime() {
+    let tmp = setup();
+    serve_and_compare(tmp.path(), "cpu", &cases());
+}
+
+#[test]
+fn a_model_tract_cannot_run_is_refused_at_install_naming_the_operator() {
+    let tmp = setup();
+    let dir = tmp.path();
+    let case = silero();
+    let bundle = build(dir, &case);
+    let board = board(dir, "cpu");
+    let refused = agent(
+        dir,
+        &[
+            "install-bundle",
+            &bundle,
+            "--data-dir",
+            "data",
+            "--trust",
+            "trust.toml",
+            "--board",
+            &board.to_string_lossy(),
+        ],
+    );
+    let err = refused.failure();
+    assert!(
+        err.contains("no backend") && err.contains("\"If_0\" If"),
+        "the refusal names the node and operator: {err}"
+    );
+}

@@ -1,0 +1,537 @@
+//! Dense tensors of the element types real models use, and their little-endian byte
+//! form (golden vectors, binary request bodies).
+//!
+//! A [`Tensor`] is a name, a shape and [`TensorData`]: one typed vector per ONNX element
+//! type fleetml serves (f32, f16, f64, i8, i32, i64, u8, bool). In CBOR (`golden.cbor`)
+//! an f32 tensor is `{name, shape, data: [f32…]}`, exactly as before typed tensors
+//! existed, so older bundles decode unchanged; any other type is
+//! `{name, shape, dtype, bytes}` with the elements little-endian in one byte string.
+
+use serde::{Deserialize, Serialize};
+
+use crate::manifest::DType;
+
+/// A dense tensor in row-major order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(into = "Wire", try_from = "Wire")]
+pub struct Tensor {
+    pub name: String,
+    pub shape: Vec<u64>,
+    pub data: TensorData,
+}
+
+/// The elements of a tensor, by type. f16 elements are kept as their IEEE 754 binary16
+/// bits.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TensorData {
+    F32(Vec<f32>),
+    F16(Vec<u16>),
+    F64(Vec<f64>),
+    I8(Vec<i8>),
+    I32(Vec<i32>),
+    I64(Vec<i64>),
+    U8(Vec<u8>),
+    Bool(Vec<bool>),
+}
+
+/// Why bytes or numbers do not make a tensor.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TensorError {
+    #[error("element type `{0}` is not supported (f32, f16, f64, i8, i32, i64, u8, bool are)")]
+    Unsupported(DType),
+    #[error("{len} bytes are not a whole number of {dtype} elements ({size} bytes each)")]
+    Ragged {
+        dtype: DType,
+        len: usize,
+        size: usize,
+    },
+    #[error("tensor `{name}` has shape {shape:?} but {len} values")]
+    ShapeMismatch {
+        name: String,
+        shape: Vec<u64>,
+        len: usize,
+    },
+    #[error("value {value} at index {index} is not a valid {dtype}")]
+    BadValue {
+        dtype: DType,
+        index: usize,
+        value: String,
+    },
+}
+
+macro_rules! each_type {
+    ($data:expr, $v:ident => $body:expr) => {
+        match $data {
+            TensorData::F32($v) => $body,
+            TensorData::F16($v) => $body,
+            TensorData::F64($v) => $body,
+            TensorData::I8($v) => $body,
+            TensorData::I32($v) => $body,
+            TensorData::I64($v) => $body,
+            TensorData::U8($v) => $body,
+            TensorData::Bool($v) => $body,
+        }
+    };
+}
+
+macro_rules! map_same {
+    ($data:expr, $v:ident => $body:expr) => {
+        match $data {
+            TensorData::F32($v) => TensorData::F32($body),
+            TensorData::F16($v) => TensorData::F16($body),
+            TensorData::F64($v) => TensorData::F64($body),
+            TensorData::I8($v) => TensorData::I8($body),
+            TensorData::I32($v) => TensorData::I32($body),
+            TensorData::I64($v) => TensorData::I64($body),
+            TensorData::U8($v) => TensorData::U8($body),
+            TensorData::Bool($v) => TensorData::Bool($body),
+        }
+    };
+}
+
+impl TensorData {
+    pub fn dtype(&self) -> DType {
+        match self {
+            TensorData::F32(_) => DType::F32,
+            TensorData::F16(_) => DType::F16,
+            TensorData::F64(_) => DType::F64,
+            TensorData::I8(_) => DType::I8,
+            TensorData::I32(_) => DType::I32,
+            TensorData::I64(_) => DType::I64,
+            TensorData::U8(_) => DType::U8,
+            TensorData::Bool(_) => DType::Bool,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        each_type!(self, v => v.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The f32 elements, when the tensor is f32.
+    pub fn as_f32(&self) -> Option<&[f32]> {
+        match self {
+            TensorData::F32(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// Every element as f32 (integers and booleans converted; f64 rounded). For
+    /// monitoring and comparisons, never for feeding a model.
+    pub fn to_f32(&self) -> Vec<f32> {
+        match self {
+            TensorData::F32(v) => v.clone(),
+            TensorData::F16(v) => v.iter().map(|b| f16_to_f32(*b)).collect(),
+            TensorData::F64(v) => v.iter().map(|x| *x as f32).collect(),
+            TensorData::I8(v) => v.iter().map(|x| f32::from(*x)).collect(),
+            TensorData::I32(v) => v.iter().map(|x| *x as f32).collect(),
+            TensorData::I64(v) => v.iter().map(|x| *x as f32).collect(),
+            TensorData::U8(v) => v.iter().map(|x| f32::from(*x)).collect(),
+            TensorData::Bool(v) => v.iter().map(|x| f32::from(u8::from(*x))).collect(),
+        }
+    }
+
+    /// Element `i` as f64 (f16 decoded), for comparisons and JSON.
+    pub fn get_f64(&self, i: usize) -> Option<f64> {
+        Some(match self {
+            TensorData::F32(v) => f64::from(*v.get(i)?),
+            TensorData::F16(v) => f64::from(f16_to_f32(*v.get(i)?)),
+            TensorData::F64(v) => *v.get(i)?,
+            TensorData::I8(v) => f64::from(*v.get(i)?),
+            TensorData::I32(v) => f64::from(*v.get(i)?),
+            TensorData::I64(v) => *v.get(i)? as f64,
+            TensorData::U8(v) => f64::from(*v.get(i)?),
+            TensorData::Bool(v) => f64::from(u8::from(*v.get(i)?)),
+        })
+    }
+
+    /// Elements `range` as a new vector of the same type.
+    pub fn slice(&self, range: std::ops::Range<usize>) -> TensorData {
+        map_same!(self, v => v[range].to_vec())
+    }
+
+    /// Appends `other`'s elements; false (and nothing appended) when the types differ.
+    pub fn extend(&mut self, other: &TensorData) -> bool {
+        match (self, other) {
+            (TensorData::F32(a), TensorData::F32(b)) => a.extend_from_slice(b),
+            (TensorData::F16(a), TensorData::F16(b)) => a.extend_from_slice(b),
+            (TensorData::F64(a), TensorData::F64(b)) => a.extend_from_slice(b),
+            (TensorData::I8(a), TensorData::I8(b)) => a.extend_from_slice(b),
+            (TensorData::I32(a), TensorData::I32(b)) => a.extend_from_slice(b),
+            (TensorData::I64(a), TensorData::I64(b)) => a.extend_from_slice(b),
+            (TensorData::U8(a), TensorData::U8(b)) => a.extend_from_slice(b),
+            (TensorData::Bool(a), TensorData::Bool(b)) => a.extend_from_slice(b),
+            _ => return false,
+        }
+        true
+    }
+
+    /// `len` zero (false) elements of `dtype`.
+    pub fn zeros(dtype: DType, len: usize) -> Result<TensorData, TensorError> {
+        Ok(match dtype {
+            DType::F32 => TensorData::F32(vec![0.0; len]),
+            DType::F16 => TensorData::F16(vec![0; len]),
+            DType::F64 => TensorData::F64(vec![0.0; len]),
+            DType::I8 => TensorData::I8(vec![0; len]),
+            DType::I32 => TensorData::I32(vec![0; len]),
+            DType::I64 => TensorData::I64(vec![0; len]),
+            DType::U8 => TensorData::U8(vec![0; len]),
+            DType::Bool => TensorData::Bool(vec![false; len]),
+            other => return Err(TensorError::Unsupported(other)),
+        })
+    }
+
+    /// Bytes per element of `dtype`, for the types tensors hold.
+    pub fn element_size(dtype: DType) -> Result<usize, TensorError> {
+        Ok(match dtype {
+            DType::F32 | DType::I32 => 4,
+            DType::F16 => 2,
+            DType::F64 | DType::I64 => 8,
+            DType::I8 | DType::U8 | DType::Bool => 1,
+            other => return Err(TensorError::Unsupported(other)),
+        })
+    }
+
+    /// Decodes little-endian elements of `dtype`. Booleans are one byte each, 0 or 1.
+    /// Allocates exactly what `bytes` holds; callers bound `bytes`.
+    pub fn from_le_bytes(dtype: DType, bytes: &[u8]) -> Result<TensorData, TensorError> {
+        let size = Self::element_size(dtype)?;
+        if !bytes.len().is_multiple_of(size) {
+            return Err(TensorError::Ragged {
+                dtype,
+                len: bytes.len(),
+                size,
+            });
+        }
+        fn each<const N: usize, T>(bytes: &[u8], f: impl Fn([u8; N]) -> T) -> Vec<T> {
+            bytes
+                .chunks_exact(N)
+                .map(|c| {
+                    let mut a = [0u8; N];
+                    a.copy_from_slice(c);
+                    f(a)
+                })
+                .collect()
+        }
+        Ok(match dtype {
+            DType::F32 => TensorData::F32(each(bytes, f32::from_le_bytes)),
+            DType::F16 => TensorData::F16(each(bytes, u16::from_le_bytes)),
+            DType::F64 => TensorData::F64(each(bytes, f64::from_le_bytes)),
+            DType::I8 => TensorData::I8(each(bytes, i8::from_le_bytes)),
+            DType::I32 => TensorData::I32(each(bytes, i32::from_le_bytes)),
+            DType::I64 => TensorData::I64(each(bytes, i64::from_le_bytes)),
+            DType::U8 => TensorData::U8(bytes.to_vec()),
+            DType::Bool => {
+                if let Some(index) = bytes.iter().position(|b| *b > 1) {
+                    return Err(TensorError::BadValue {
+                        dtype,
+                        index,
+                        value: bytes[index].to_string(),
+                    });
+                }
+                TensorData::Bool(bytes.iter().map(|b| *b == 1).collect())
+            }
+            other => return Err(TensorError::Unsupported(other)),
+        })
+    }
+
+    /// The elements little-endian, booleans one byte each.
+    pub fn to_le_bytes(&self) -> Vec<u8> {
+        match self {
+            TensorData::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            TensorData::F16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            TensorData::F64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            TensorData::I8(v) => v.iter().map(|x| x.to_le_bytes()[0]).collect(),
+            TensorData::I32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            TensorData::I64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            TensorData::U8(v) => v.clone(),
+            TensorData::Bool(v) => v.iter().map(|x| u8::from(*x)).collect(),
+        }
+    }
+
+    /// Elements of `dtype` from numbers as JSON or CBOR give them (f64, or i64 when the
+    /// number is an integer, so i64 inputs such as token ids survive exactly). Values
+    /// out of the type's range, fractions for integer types and anything but 0/1 for
+    /// booleans are refused with their index.
+    pub fn from_numbers(
+        dtype: DType,
+        values: impl ExactSizeIterator<Item = Number>,
+    ) -> Result<TensorData, TensorError> {
+        let bad = |index: usize, n: Number| TensorError::BadValue {
+            dtype,
+            index,
+            value: n.to_string(),
+        };
+        macro_rules! ints {
+            ($t:ty, $variant:ident) => {{
+                let mut out = Vec::with_capacity(values.len());
+                for (i, n) in values.enumerate() {
+                    out.push(
+                        n.to_int()
+                            .and_then(|x| <$t>::try_from(x).ok())
+                            .ok_or_else(|| bad(i, n))?,
+                    );
+                }
+                TensorData::$variant(out)
+            }};
+        }
+        Ok(match dtype {
+            DType::F32 => TensorData::F32(values.map(|n| n.to_f64() as f32).collect()),
+            DType::F64 => TensorData::F64(values.map(Number::to_f64).collect()),
+            DType::F16 => TensorData::F16(values.map(|n| f32_to_f16(n.to_f64() as f32)).collect()),
+            DType::I8 => ints!(i8, I8),
+            DType::I32 => ints!(i32, I32),
+            DType::I64 => ints!(i64, I64),
+            DType::U8 => ints!(u8, U8),
+            DType::Bool => {
+                let mut out = Vec::with_capacity(values.len());
+                for (i, n) in values.enumerate() {
+                    out.push(match n.to_int() {
+                        Some(0) => false,
+                        Some(1) => true,
+                        _ => return Err(bad(i, n)),
+                    });
+                }
+                TensorData::Bool(out)
+            }
+            other => return Err(TensorError::Unsupported(other)),
+        })
+    }
+}
+
+/// A number as a text format carries it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Number {
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+}
+
+impl Number {
+    fn to_f64(self) -> f64 {
+        match self {
+            Number::Int(i) => i as f64,
+            Number::Float(f) => f,
+            Number::Bool(b) => f64::from(u8::from(b)),
+        }
+    }
+
+    fn to_int(self) -> Option<i64> {
+        match self {
+            Number::Int(i) => Some(i),
+            Number::Float(f) if f.fract() == 0.0 && f.abs() < 9.007_199_254_740_992e15 => {
+                Some(f as i64)
+            }
+            Number::Float(_) => None,
+            Number::Bool(b) => Some(i64::from(b)),
+        }
+    }
+}
+
+impl std::fmt::Display for Number {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Number::Int(i) => write!(f, "{i}"),
+            Number::Float(x) => write!(f, "{x}"),
+            Number::Bool(b) => write!(f, "{b}"),
+        }
+    }
+}
+
+impl Tensor {
+    /// An f32 tensor.
+    pub fn f32(name: impl Into<String>, shape: Vec<u64>, data: Vec<f32>) -> Tensor {
+        Tensor {
+            name: name.into(),
+            shape,
+            data: TensorData::F32(data),
+        }
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.data.dtype()
+    }
+
+    /// The number of elements the shape holds (None on overflow).
+    pub fn elements(&self) -> Option<usize> {
+        elements(&self.shape)
+    }
+
+    /// Checks that the shape holds exactly the elements there are.
+    pub fn check(&self) -> Result<(), TensorError> {
+        if self.elements() != Some(self.data.len()) {
+            return Err(TensorError::ShapeMismatch {
+                name: self.name.clone(),
+                shape: self.shape.clone(),
+                len: self.data.len(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Rows `start..end` along axis 0.
+    pub fn rows(&self, start: u64, end: u64) -> Tensor {
+        let rows = self.shape.first().copied().unwrap_or(1).max(1);
+        let per_row = self.data.len() / rows as usize;
+        let mut shape = self.shape.clone();
+        if let Some(first) = shape.first_mut() {
+            *first = end - start;
+        }
+        Tensor {
+            name: self.name.clone(),
+            shape,
+            data: self
+                .data
+                .slice(start as usize * per_row..end as usize * per_row),
+        }
+    }
+}
+
+/// The number of elements of `shape` (None on overflow).
+pub fn elements(shape: &[u64]) -> Option<usize> {
+    shape
+        .iter()
+        .try_fold(1u64, |acc, d| acc.checked_mul(*d))
+        .and_then(|n| usize::try_from(n).ok())
+}
+
+/// IEEE 754 binary16 bits to f32 (exact).
+pub fn f16_to_f32(bits: u16) -> f32 {
+    let sign = u32::from(bits >> 15) << 31;
+    let exp = u32::from((bits >> 10) & 0x1f);
+    let man = u32::from(bits & 0x3ff);
+    let value = match (exp, man) {
+        (0, 0) => sign,
+        (0, _) => {
+            // Subnormal: normalise the mantissa.
+            let mut e: i32 = -14;
+            let mut m = man;
+            while m & 0x400 == 0 {
+                m <<= 1;
+                e -= 1;
+            }
+            sign | (((e + 127) as u32) << 23) | ((m & 0x3ff) << 13)
+        }
+        (0x1f, 0) => sign | 0x7f80_0000,
+        (0x1f, _) => sign | 0x7fc0_0000 | (man << 13),
+        _ => sign | ((exp + 127 - 15) << 23) | (man << 13),
+    };
+    f32::from_bits(value)
+}
+
+/// f32 to IEEE 754 binary16 bits, rounding to nearest even.
+pub fn f32_to_f16(x: f32) -> u16 {
+    let bits = x.to_bits();
+    let sign = ((bits >> 16) & 0x8000) as u16;
+    let exp = ((bits >> 23) & 0xff) as i32;
+    let man = bits & 0x7f_ffff;
+    if exp == 0xff {
+        return sign | 0x7c00 | if man != 0 { 0x200 } else { 0 };
+    }
+    let e = exp - 127 + 15;
+    if e >= 0x1f {
+        return sign | 0x7c00;
+    }
+    if e <= 0 {
+        if e < -10 {
+            return sign;
+        }
+        let m = man | 0x80_0000;
+        let shift = (14 - e) as u32;
+        let half = 1u32 << (shift - 1);
+        let rest = m & ((1 << shift) - 1);
+        let mut h = m >> shift;
+        if rest > half || (rest == half && h & 1 == 1) {
+            h += 1;
+        }
+        return sign | h as u16;
+    }
+    let rest = man & 0x1fff;
+    let mut h = ((e as u32) << 10) | (man >> 13);
+    if rest > 0x1000 || (rest == 0x1000 && h & 1 == 1) {
+        h += 1;
+    }
+    sign | h as u16
+}
+
+/// A tensor as CBOR carries it (see the module documentation).
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Wire {
+    name: String,
+    shape: Vec<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    data: Option<Vec<f32>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    dtype: Option<DType>,
+    #[serde(default, with = "serde_bytes", skip_serializing_if = "Option::is_none")]
+    bytes: Option<Vec<u8>>,
+}
+
+impl From<Tensor> for Wire {
+    fn from(t: Tensor) -> Wire {
+        match t.data {
+            TensorData::F32(data) => Wire {
+                name: t.name,
+                shape: t.shape,
+                data: Some(data),
+                dtype: None,
+                bytes: None,
+            },
+            other => Wire {
+                name: t.name,
+                shape: t.shape,
+                data: None,
+                dtype: Some(other.dtype()),
+                bytes: Some(other.to_le_bytes()),
+            },
+        }
+    }
+}
+
+impl TryFrom<Wire> for Tensor {
+    type Error = String;
+
+    fn try_from(w: Wire) -> Result<Tensor, String> {
+        let data = match (w.data, w.dtype, w.bytes) {
+            (Some(data), None | Some(DType::F32), None) => TensorData::F32(data),
+            (None, Some(dtype), Some(bytes)) => {
+                TensorData::from_le_bytes(dtype, &bytes).map_err(|e| e.to_string())?
+            }
+            _ => {
+                return Err(format!(
+                    "tensor `{}` needs `data` (f32) or `dtype` with `bytes`",
+                    w.name
+                ));
+            }
+        };
+        Ok(Tensor {
+            name: w.name,
+            shape: w.shape,
+            data,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn f16_round_trips_every_value() {
+        for bits in 0..=u16::MAX {
+            let x = f16_to_f32(bits);
+            if x.is_nan() {
+                assert!(f16_to_f32(f32_to_f16(x)).is_nan());
+            } else {
+                assert_eq!(f32_to_f16(x), bits, "{bits:#06x} = {x}");
+            }
+        }
+        assert_eq!(f32_to_f16(1.0), 0x3c00);
+        assert_eq!(f32_to_f16(65520.0), 0x7c00, "rounds to infinity");
+        assert_eq!(f32_to_f16(1.0 + 1.0 / 4096.0), 0x3c00, "ties to even");
+    }
+}
