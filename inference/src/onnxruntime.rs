@@ -61,7 +61,8 @@ pub fn library(path: &Path) -> Result<&'static Library, RuntimeError> {
         }
         return Ok(lib);
     }
-    if !path.exists() {
+    // A bare file name is left to the system loader's search path.
+    if path.components().count() > 1 && !path.exists() {
         return Err(RuntimeError::Load(format!(
             "no ONNX Runtime library at {} (set `onnxruntime_library` in agent.toml, the board's `onnxruntime.library` or ORT_DYLIB_PATH; the PyPI `onnxruntime` wheel ships one in onnxruntime/capi/)",
             path.display()
