@@ -700,7 +700,8 @@ struct BuildArgs {
     #[arg(long)]
     model: PathBuf,
     /// Declare an input's shape, for models whose ONNX inputs leave dimensions unknown:
-    /// NAME=D1,D2,… with sizes or symbols (a symbol such as N is a free batch size).
+    /// NAME=D1,D2,… with sizes or symbols (a symbol such as N is a free batch size; H,
+    /// W a free image size), NAME= for a scalar. The element type stays the model's.
     /// Repeatable.
     #[arg(long = "input-shape", value_parser = fleet_control::onnx::parse_input_shape)]
     input_shapes: Vec<fleetml_protocol::manifest::TensorSpec>,

@@ -86,7 +86,9 @@ impl OnnxModel {
     }
 }
 
-/// Parses `NAME=D1,D2,…` (each D a size or a symbol such as `N`) into an f32 input spec.
+/// Parses `NAME=D1,D2,…` (each D a size or a symbol such as `N`; `NAME=` for a scalar)
+/// into an input spec. Its element type is f32 here; the builder replaces it with the
+/// type the model declares for that input.
 pub fn parse_input_shape(arg: &str) -> Result<TensorSpec, String> {
     let (name, dims) = arg
         .split_once('=')

@@ -213,9 +213,11 @@ fn input_shapes_parse_and_are_declared_in_the_manifest() {
             Dim::Fixed(192)
         ]
     );
-    for bad in ["x", "=N,3", "x=", "x=N,,3", "x=N,3.5"] {
+    for bad in ["x", "=N,3", "x=N,,3", "x=N,3.5"] {
         assert!(parse_input_shape(bad).is_err(), "{bad}");
     }
+    // `NAME=` is a scalar input (Silero VAD's sample rate).
+    assert_eq!(parse_input_shape("sr=").expect("a scalar").shape, vec![]);
     let dir = tempfile::tempdir().expect("tempdir");
     let mut opts = options(dir.path());
     opts.input_shapes = vec![parse_input_shape("input=batch,25").expect("parses")];

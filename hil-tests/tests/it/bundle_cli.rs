@@ -517,6 +517,16 @@ fn the_agent_reports_gpu_and_npu_boards_falling_back_to_cpu() {
     );
     let out = run.success();
     assert!(out.contains("gpu requested, not available: this agent was built without GPU support (board asks for vulkan; build with --features gpu), fell back to cpu"), "{out}");
+    // The Jetson profile tries ONNX Runtime's TensorRT, CUDA and CPU first; no library
+    // here, each is passed over with the loader's reason.
+    for provider in ["tensorrt", "cuda", "cpu"] {
+        assert!(
+            out.contains(&format!(
+                "onnxruntime/{provider} requested, cannot use ONNX Runtime at libonnxruntime.so"
+            )),
+            "{out}"
+        );
+    }
     assert!(
         out.contains("running on cpu (board jetson-orin-nano)"),
         "{out}"
@@ -535,10 +545,17 @@ fn the_agent_reports_gpu_and_npu_boards_falling_back_to_cpu() {
         ],
     );
     let out = run.success();
+    // The i.MX 8M Plus NPU is ONNX Runtime's VSI NPU provider; this machine has no
+    // /usr/lib/libonnxruntime.so, so both of its providers are passed over, saying why.
     assert!(
-        out.contains("npu requested, not available: this agent has no NPU delegate support (board names delegate `libvx_delegate.so`), fell back to cpu"),
+        out.contains(
+            "onnxruntime/vsinpu requested, no ONNX Runtime library at /usr/lib/libonnxruntime.so"
+        ) && out.contains(
+            "onnxruntime/cpu requested, no ONNX Runtime library at /usr/lib/libonnxruntime.so"
+        ),
         "{out}"
     );
+    assert!(out.contains("running on cpu (board imx8m-plus)"), "{out}");
 }
 
 #[test]

@@ -270,23 +270,69 @@ fn silero() -> Case {
 }
 
 fn board(dir: &Path, backend: &str) -> PathBuf {
-    let path = dir.join(format!("board-{backend}.toml"));
-    let ort = if backend == "onnxruntime" {
-        format!(
-            "[onnxruntime]\nlibrary = \"{}\"\nproviders = [\"cpu\"]\n",
-            onnxruntime_library().display()
+    if backend == "onnxruntime" {
+        board_with(
+            dir,
+            "onnxruntime",
+            &["onnxruntime"],
+            &["cpu"],
+            &onnxruntime_library(),
         )
     } else {
+        board_with(dir, backend, &[backend], &[], Path::new(""))
+    }
+}
+
+/// A board profile named `name` with these backends and (when `providers` is not empty)
+/// an `[onnxruntime]` section with `library`.
+fn board_with(
+    dir: &Path,
+    name: &str,
+    backends: &[&str],
+    providers: &[&str],
+    library: &Path,
+) -> PathBuf {
+    let path = dir.join(format!("board-{name}.toml"));
+    let quoted = |v: &[&str]| {
+        v.iter()
+            .map(|b| format!("\"{b}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let ort = if providers.is_empty() {
         String::new()
+    } else {
+        format!(
+            "[onnxruntime]\nlibrary = \"{}\"\nproviders = [{}]\n",
+            library.display(),
+            quoted(providers)
+        )
     };
     std::fs::write(
         &path,
         format!(
-            "name = \"test-{backend}\"\ntarget = \"x86_64-unknown-linux-gnu\"\ncpu_cores = 2\nmemory_mb = 4096\nbackends = [\"{backend}\"]\n{ort}[agent]\nmemory_budget_mb = 2048\n[paths]\ndata_dir = \"/var/lib/fleetml\"\nconfig_dir = \"/etc/fleetml\"\n"
+            "name = \"test-{name}\"\ntarget = \"x86_64-unknown-linux-gnu\"\ncpu_cores = 2\nmemory_mb = 4096\nbackends = [{}]\n{ort}[agent]\nmemory_budget_mb = 2048\n[paths]\ndata_dir = \"/var/lib/fleetml\"\nconfig_dir = \"/etc/fleetml\"\n",
+            quoted(backends)
         ),
     )
     .expect("board");
     path
+}
+
+fn install(dir: &Path, bundle: &str, data: &str, board: &Path) -> hil_tests::Run {
+    agent(
+        dir,
+        &[
+            "install-bundle",
+            bundle,
+            "--data-dir",
+            data,
+            "--trust",
+            "trust.toml",
+            "--board",
+            &board.to_string_lossy(),
+        ],
+    )
 }
 
 fn build(dir: &Path, case: &Case) -> String {
@@ -320,19 +366,7 @@ fn serve_and_compare(dir: &Path, backend: &str, cases: &[Case]) {
     let data = format!("data-{backend}");
     for case in cases {
         let bundle = build(dir, case);
-        let installed = agent(
-            dir,
-            &[
-                "install-bundle",
-                &bundle,
-                "--data-dir",
-                &data,
-                "--trust",
-                "trust.toml",
-                "--board",
-                &board.to_string_lossy(),
-            ],
-        );
+        let installed = install(dir, &bundle, &data, &board);
         let out = installed.success();
         assert!(out.contains(&format!("on {backend}")), "{out}");
     }
@@ -407,22 +441,79 @@ fn a_model_tract_cannot_run_is_refused_at_install_naming_the_operator() {
     let case = silero();
     let bundle = build(dir, &case);
     let board = board(dir, "cpu");
-    let refused = agent(
-        dir,
-        &[
-            "install-bundle",
-            &bundle,
-            "--data-dir",
-            "data",
-            "--trust",
-            "trust.toml",
-            "--board",
-            &board.to_string_lossy(),
-        ],
-    );
+    let refused = install(dir, &bundle, "data", &board);
     let err = refused.failure();
     assert!(
         err.contains("no backend") && err.contains("\"If_0\" If"),
         "the refusal names the node and operator: {err}"
     );
+}
+
+#[test]
+fn a_provider_that_does_not_load_is_reported_and_the_next_one_is_tried() {
+    let tmp = setup();
+    let dir = tmp.path();
+    let cls = cases().pop().expect("cls");
+    let bundle = build(dir, &cls);
+    // The PyPI wheel is built without CUDA: registering it fails, with ONNX Runtime's
+    // reason, and the board's next provider runs the model; never a silent switch.
+    let board = board_with(
+        dir,
+        "cuda-first",
+        &["onnxruntime", "cpu"],
+        &["cuda", "cpu"],
+        &onnxruntime_library(),
+    );
+    let run = install(dir, &bundle, "data", &board);
+    let out = run.success();
+    let cuda = out
+        .lines()
+        .find(|l| l.starts_with("onnxruntime/cuda requested, "))
+        .unwrap_or_else(|| panic!("the CUDA failure is reported: {out}"));
+    assert!(
+        cuda.contains("CUDA") && cuda.ends_with("fell back to onnxruntime/cpu"),
+        "{cuda}"
+    );
+    assert!(
+        out.contains("activated cls v1 on onnxruntime/cpu (ONNX Runtime 1."),
+        "{out}"
+    );
+    let models = agent(dir, &["models", "--data-dir", "data"]);
+    assert!(
+        models.success().contains("onnxruntime/cpu"),
+        "{}",
+        models.stdout
+    );
+}
+
+#[test]
+fn an_onnxruntime_older_than_the_agents_api_is_refused_with_its_version() {
+    let tmp = setup();
+    let dir = tmp.path();
+    let cls = cases().pop().expect("cls");
+    let bundle = build(dir, &cls);
+    // scripts/test.sh keeps the library of the onnxruntime 1.19.2 wheel beside the venv.
+    let old_dir = python()
+        .parent()
+        .and_then(Path::parent)
+        .expect("venv")
+        .join("old-onnxruntime");
+    let old = std::fs::read_dir(&old_dir)
+        .unwrap_or_else(|e| panic!("{}: {e} (scripts/test.sh prepares it)", old_dir.display()))
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().contains("libonnxruntime.so.1.19"))
+        .expect("libonnxruntime.so.1.19.* from the old wheel");
+    let board = board_with(dir, "old", &["onnxruntime", "cpu"], &["cpu"], &old);
+    let out = install(dir, &bundle, "data", &board);
+    let out = out.success();
+    let refused = out
+        .lines()
+        .find(|l| l.starts_with("onnxruntime/cpu requested, "))
+        .unwrap_or_else(|| panic!("the refusal is reported: {out}"));
+    assert!(
+        refused.contains("1.19.2") && refused.contains("needs ONNX Runtime 1.20 or newer"),
+        "{refused}"
+    );
+    assert!(out.contains("activated cls v1 on cpu"), "{out}");
 }

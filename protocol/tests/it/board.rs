@@ -1,6 +1,6 @@
 //! Board profiles: every shipped profile parses; bad ones are refused with a reason.
 
-use fleetml_protocol::board::{Backend, BoardError, BoardProfile};
+use fleetml_protocol::board::{Backend, BoardError, BoardProfile, Provider};
 
 fn boards_dir() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../boards")
@@ -39,8 +39,34 @@ fn shipped_board_profiles_parse_and_validate() {
         &std::fs::read_to_string(boards_dir().join("jetson-orin-nano.toml")).expect("read"),
     )
     .expect("valid");
-    assert_eq!(jetson.backends, vec![Backend::Gpu, Backend::Cpu]);
+    assert_eq!(
+        jetson.backends,
+        vec![Backend::Onnxruntime, Backend::Gpu, Backend::Cpu]
+    );
     assert!(jetson.target.starts_with("aarch64-"));
+    let ort = jetson.onnxruntime.as_ref().expect("[onnxruntime]");
+    assert_eq!(
+        ort.providers,
+        vec![Provider::Tensorrt, Provider::Cuda, Provider::Cpu]
+    );
+    assert_eq!(ort.tolerance(Provider::Tensorrt), Some((1e-2, 1e-2)));
+    assert_eq!(ort.tolerance(Provider::Cuda), None);
+    for (board, npu) in [
+        ("imx8m-plus", Provider::Vsinpu),
+        ("rk3588", Provider::Rknpu),
+    ] {
+        let b = BoardProfile::from_toml(
+            &std::fs::read_to_string(boards_dir().join(format!("{board}.toml"))).expect("read"),
+        )
+        .expect("valid");
+        let ort = b.onnxruntime.expect("[onnxruntime]");
+        assert_eq!(ort.providers, vec![npu, Provider::Cpu], "{board}");
+        assert_eq!(
+            b.backends,
+            vec![Backend::Onnxruntime, Backend::Cpu],
+            "{board}"
+        );
+    }
 }
 
 const GOOD: &str = r#"
@@ -91,6 +117,37 @@ fn bad_board_profiles_are_refused_with_the_reason() {
         (
             GOOD.replace("[agent]\nmemory_budget_mb = 256\n", ""),
             "missing field `agent`",
+        ),
+        (
+            GOOD.replace("backends = [\"cpu\"]", "backends = [\"onnxruntime\", \"cpu\"]"),
+            "no `[onnxruntime]` section",
+        ),
+        (
+            GOOD.replace("[agent]", "[onnxruntime]\nproviders = []\n[agent]"),
+            "at least one provider",
+        ),
+        (
+            GOOD.replace("[agent]", "[onnxruntime]\nproviders = [\"cuda\", \"cuda\"]\n[agent]"),
+            "provider `cuda` is listed twice",
+        ),
+        (
+            GOOD.replace("[agent]", "[onnxruntime]\nproviders = [\"warp\"]\n[agent]"),
+            "unknown variant `warp`",
+        ),
+        (
+            GOOD.replace("[agent]", "[onnxruntime]\nlibrary = \"lib.so\"\nproviders = [\"cpu\"]\n[agent]"),
+            "must be an absolute path",
+        ),
+        (
+            GOOD.replace(
+                "[agent]",
+                "[onnxruntime]\nproviders = [\"cpu\"]\n[[onnxruntime.tolerances]]\nprovider = \"cpu\"\nabs = -1.0\nrel = 0.0\n[agent]",
+            ),
+            "finite and not negative",
+        ),
+        (
+            GOOD.replace("memory_budget_mb = 256", "memory_budget_mb = 256\nintra_op_threads = 0"),
+            "`agent.intra_op_threads` must be at least 1",
         ),
     ];
     for (text, expected) in cases {
