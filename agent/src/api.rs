@@ -67,6 +67,8 @@ pub struct Served {
     /// One row runs in well under [`INLINE_BUDGET`]: small requests run on the async
     /// worker instead of the blocking pool.
     pub inline: bool,
+    /// The dynamic batcher, when the model's requests are batched.
+    pub batcher: Option<Arc<crate::batcher::Batcher>>,
 }
 
 /// A model whose single-row run takes less than this runs small requests inline.
@@ -641,14 +643,24 @@ async fn predict_inner(
         )
         .rows(rows));
     };
-    let _running = api.running.clone().acquire_owned().await.map_err(|_| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "shed_overload",
-            "the agent is shutting down",
-        )
-        .rows(rows)
-    })?;
+    // A batched request waits in its model's batch queue, not for a worker.
+    let batcher = model.batcher.clone().filter(|_| !explain);
+    let _running = match batcher {
+        Some(_) => None,
+        None => Some(api.running.clone().acquire_owned().await.map_err(|_| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shed_overload",
+                "the agent is shutting down",
+            )
+            .rows(rows)
+        })?),
+    };
+    let (inputs, inputs_for_batch) = if batcher.is_some() {
+        (Vec::new(), inputs)
+    } else {
+        (inputs, Vec::new())
+    };
     let backend = model.backend.clone();
     let explainer = explain.then(|| {
         (
@@ -679,7 +691,34 @@ async fn predict_inner(
     // pool and back costs two thread wake-ups, which the profile showed to be most of
     // the API's overhead on a small device. Anything slower (or explained) goes to the
     // pool, under the timeout.
-    let outputs = if model.inline && !explain && rows <= INLINE_ROWS {
+    let outputs = if let Some(batcher) = batcher {
+        let timeout = || {
+            ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "timeout",
+                format!(
+                    "the prediction took longer than {} ms",
+                    api.limits.timeout.as_millis()
+                ),
+            )
+            .rows(rows)
+        };
+        drop(job);
+        match tokio::time::timeout(api.limits.timeout, batcher.submit(inputs_for_batch, rows)).await
+        {
+            Err(_) => return Err(timeout()),
+            Ok(Err(crate::batcher::Full)) => {
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "shed_overload",
+                    "the model's batch queue is full; retry shortly",
+                )
+                .rows(rows));
+            }
+            Ok(Ok(Ok(out))) => Ok(Ok((out, None))),
+            Ok(Ok(Err(e))) => Ok(Err(crate::runtime::RuntimeError::Run(e))),
+        }
+    } else if model.inline && !explain && rows <= INLINE_ROWS {
         job()
     } else {
         let work = tokio::task::spawn_blocking(job);

@@ -34,6 +34,11 @@
 //! assignment_poll_s = 300          # plus a pull whenever the control plane says so
 //! download_max_bytes_per_s = 1000000
 //! onnxruntime_library = "/usr/lib/libonnxruntime.so.1.32.0"  # for the onnxruntime backend
+//! # concurrent requests for a model run as one batch (like Triton's dynamic batcher)
+//! [[batching]]
+//! model = "cls"
+//! max_batch = 8
+//! max_queue_delay_us = 2000
 //! # the trust policy may be given inline instead of as a file (`trust`)
 //! [trust_policy]
 //! threshold = 1
@@ -106,6 +111,10 @@ pub struct AgentConfig {
     pub capture_max_bytes: Option<u64>,
     /// Seconds between capture uploads (default 60).
     pub capture_upload_interval_s: Option<u64>,
+    /// Dynamic batching per model (`[[batching]]`: `model`, `max_batch`,
+    /// `max_queue_delay_us`).
+    #[serde(default)]
+    pub batching: Vec<crate::batcher::BatchingConfig>,
     /// `libonnxruntime` for the `onnxruntime` backend; wins over the board profile's
     /// `onnxruntime.library` (and `ORT_DYLIB_PATH` wins over both).
     pub onnxruntime_library: Option<PathBuf>,
@@ -224,6 +233,9 @@ impl AgentConfig {
         }
         if !flags.capture.is_empty() {
             self.capture = flags.capture;
+        }
+        if !flags.batching.is_empty() {
+            self.batching = flags.batching;
         }
         self
     }

@@ -10,6 +10,7 @@ pub mod activation;
 pub mod api;
 pub mod assignments;
 pub mod backend;
+pub mod batcher;
 pub mod capture;
 pub mod config;
 pub mod explain;

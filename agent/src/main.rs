@@ -470,6 +470,7 @@ fn fleet_agent_run(args: RunArgs) -> anyhow::Result<()> {
         prediction_sinks: c.prediction_sinks.clone(),
         assignments: c.assignments().map_err(anyhow::Error::msg)?,
         capture: c.capture().map_err(anyhow::Error::msg)?,
+        batching: c.batching.clone(),
     };
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -34,6 +34,8 @@ pub struct Config {
     pub assignments: Option<crate::assignments::Settings>,
     /// Data capture, when configured.
     pub capture: Option<crate::capture::Settings>,
+    /// Dynamic batching per model.
+    pub batching: Vec<crate::batcher::BatchingConfig>,
 }
 
 /// Held while the model store is open: the store's database takes one opener at a time,
@@ -75,15 +77,36 @@ fn load(bundles: &std::path::Path, state: &ModelState, config: &Config) -> anyho
     let fallbacks = selection.report();
     let monitor = monitor_for(&path, &verified, state, config);
     let inline = api::runs_inline(selection.backend.as_ref(), &verified.manifest.inputs);
+    let backend: Arc<dyn crate::backend::Backend> = Arc::from(selection.backend);
+    let batcher = config
+        .batching
+        .iter()
+        .find(|b| b.model == state.name)
+        .and_then(|b| {
+            match crate::batcher::Batcher::start(
+                &state.name,
+                &verified.manifest.inputs,
+                backend.clone(),
+                b,
+                config.limits.queue,
+            ) {
+                Ok(batcher) => Some(Arc::new(batcher)),
+                Err(e) => {
+                    tracing::warn!(model = %state.name, "not batching: {e}");
+                    None
+                }
+            }
+        });
     Ok(Served {
         inline,
         name: state.name.clone(),
         version: state.active.version,
         schema: verified.manifest.features.clone(),
         inputs: verified.manifest.inputs.clone(),
-        backend: Arc::from(selection.backend),
+        backend,
         fallbacks,
         monitor,
+        batcher,
     })
 }
 

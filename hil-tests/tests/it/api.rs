@@ -628,3 +628,86 @@ fn the_agent_runs_from_a_config_file_and_refuses_unknown_keys() {
         run.stderr
     );
 }
+
+/// The `value` of the first metric line starting with `name` (labels included).
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
+}
+
+#[test]
+fn concurrent_requests_are_batched_and_each_gets_its_own_prediction() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    setup(dir);
+    std::fs::write(
+        dir.join("agent.toml"),
+        "data_dir = \"data\"\ntrust = \"trust.toml\"\nlisten = \"127.0.0.1:0\"\n\
+         [[batching]]\nmodel = \"claims\"\nmax_batch = 16\nmax_queue_delay_us = 50000\n",
+    )
+    .expect("config");
+    let running = std::sync::Arc::new(RunningAgent::start(dir, &["run", "--config", "agent.toml"]));
+    let claims: Vec<Value> = (0..12)
+        .map(|i| {
+            let mut c = claim();
+            c["claim_amount"] = json!(1000.0 + 900.0 * i as f64);
+            c["witness_count"] = json!(i % 3);
+            c
+        })
+        .collect();
+    // One at a time: each is a batch of one.
+    let alone: Vec<Value> = claims
+        .iter()
+        .map(|c| {
+            let (status, body) = running.predict(&json!({ "features": c }));
+            assert_eq!(status, 200, "{body}");
+            body["predictions"][0].clone()
+        })
+        .collect();
+    let (_, text) = running.request("GET", "/metrics", &Value::Null);
+    let text = text.as_str().expect("metrics text").to_string();
+    let serial_batches = metric(&text, "fleetml_agent_batches_total{model=\"claims\"}");
+    assert_eq!(serial_batches, 12.0, "{text}");
+
+    // All at once: they share batches, and each gets its own row back.
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(claims.len()));
+    let threads: Vec<_> = claims
+        .iter()
+        .cloned()
+        .map(|c| {
+            let (running, barrier) = (running.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                running.predict(&json!({ "features": c }))
+            })
+        })
+        .collect();
+    for (i, t) in threads.into_iter().enumerate() {
+        let (status, body) = t.join().expect("thread");
+        assert_eq!(status, 200, "{body}");
+        let got = body["predictions"][0]["probabilities"]
+            .as_array()
+            .expect("probabilities");
+        let want = alone[i]["probabilities"].as_array().expect("probabilities");
+        for (g, w) in got.iter().zip(want) {
+            let (g, w) = (g.as_f64().expect("number"), w.as_f64().expect("number"));
+            assert!((g - w).abs() <= 1e-6, "request {i}: batched {g}, alone {w}");
+        }
+    }
+    let (_, text) = running.request("GET", "/metrics", &Value::Null);
+    let text = text.as_str().expect("metrics text").to_string();
+    let batches = metric(&text, "fleetml_agent_batches_total{model=\"claims\"}") - serial_batches;
+    assert!(
+        batches < claims.len() as f64,
+        "{} concurrent requests ran in {batches} batches:\n{text}",
+        claims.len()
+    );
+    assert_eq!(
+        metric(&text, "fleetml_agent_batch_rows_sum{model=\"claims\"}"),
+        24.0,
+        "{text}"
+    );
+}
