@@ -157,7 +157,7 @@ pub fn from_json(specs: &[TensorSpec], inputs: &Value) -> Result<Vec<Tensor>, Wi
             return Err(err(
                 &field,
                 format!(
-                    "tensor `{name}` has shape {shape:?} ({n} values) but {} values",
+                    "tensor `{name}` has shape {shape:?} ({n} values) but `data` has {}",
                     data.len()
                 ),
             ));
@@ -263,7 +263,7 @@ pub fn from_cbor(
             return Err(err(
                 &field,
                 format!(
-                    "tensor `{name}` has shape {shape:?} ({n} values) but {} values",
+                    "tensor `{name}` has shape {shape:?} ({n} values) but `data` has {}",
                     data.len()
                 ),
             ));

@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use fleetml_protocol::bundle::{self, Limits, SignatureRecord, Unverified, VerifiedBundle};
 use fleetml_protocol::crypto::{Sha256, Sha256Hasher, SigningKey};
 use fleetml_protocol::features::{FeatureSchema, RawValue};
-use fleetml_protocol::golden::{Golden, Tensor};
+use fleetml_protocol::golden::Tensor;
 use fleetml_protocol::manifest::{
     Entry, GOLDEN_ENTRY, GPU_COMPAT_ENTRY, GPU_MODEL_ENTRY, Lineage, MANIFEST_FORMAT, MODEL_ENTRY,
     Manifest, REFERENCE_ENTRY, Targets, valid_entry_name,
@@ -40,6 +40,13 @@ pub struct BuildOptions {
     pub reference: Option<PathBuf>,
     pub golden: Option<PathBuf>,
     pub golden_rows: usize,
+    /// Raw golden input tensors (`.npz`, one array per model input).
+    pub golden_inputs: Option<PathBuf>,
+    /// The ONNX Runtime library golden outputs are computed with (else `ORT_DYLIB_PATH`,
+    /// else tract).
+    pub onnxruntime: Option<PathBuf>,
+    /// Build even when a target backend disagrees with the golden outputs (recorded).
+    pub allow_backend_disagreement: bool,
     pub lineage: Option<PathBuf>,
     pub bins: u32,
     /// Monitoring window and thresholds for this model.
@@ -156,6 +163,8 @@ pub struct Built {
     pub gpu_report: Option<CompatReport>,
     /// Why tract (the agents' `cpu` backend) cannot run the model, when it cannot.
     pub tract_error: Option<String>,
+    /// How the golden outputs were computed and checked, when the bundle has them.
+    pub golden_check: Option<crate::golden::GoldenCheck>,
 }
 
 pub fn build(opts: &BuildOptions) -> anyhow::Result<Built> {
@@ -168,7 +177,7 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<Built> {
         None => {
             if opts.reference.is_some() || opts.golden.is_some() {
                 bail!(
-                    "--reference and --golden read CSV rows of named features; they need --features"
+                    "--reference and --golden read CSV rows of named features; they need --features (a raw-tensor model takes --golden-inputs FILE.npz)"
                 );
             }
             FeatureSchema {
@@ -211,6 +220,31 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<Built> {
         ),
         None => None,
     };
+    let golden_inputs = match (&opts.golden, &opts.golden_inputs) {
+        (Some(_), Some(_)) => bail!(
+            "give --golden (CSV rows of named features) or --golden-inputs (.npz tensors), not both"
+        ),
+        (Some(path), None) => {
+            let rows = read_csv(path, &schema, Some(opts.golden_rows))?;
+            Some(schema.encode_batch(&model.inputs, &rows))
+        }
+        (None, Some(npz)) => Some(crate::golden::read_npz(npz, &model.inputs)?),
+        (None, None) => None,
+    };
+    let golden = match golden_inputs {
+        Some(inputs) => {
+            let library = crate::golden::onnxruntime_library(opts.onnxruntime.as_deref());
+            Some(crate::golden::compute(
+                &model_bytes,
+                &model,
+                inputs,
+                &opts.backends,
+                library.as_deref(),
+                opts.allow_backend_disagreement,
+            )?)
+        }
+        None => None,
+    };
     let mut payloads: Vec<(String, Source)> =
         vec![(MODEL_ENTRY.into(), Source::Memory(model_bytes))];
     let gpu_report = gpu.as_ref().map(|g| g.report.clone());
@@ -231,17 +265,14 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<Built> {
         let profile = ReferenceProfile::compute(&schema, &rows, &outputs, opts.bins)?;
         payloads.push((REFERENCE_ENTRY.into(), Source::Memory(profile.to_cbor())));
     }
-    if let Some(path) = &opts.golden {
-        let rows = read_csv(path, &schema, Some(opts.golden_rows))?;
-        let inputs = schema.encode_batch(&model.inputs, &rows);
-        let outputs = model.run(&inputs).context("computing golden outputs")?;
-        let golden = Golden {
-            abs_tolerance: 1e-4,
-            rel_tolerance: 1e-3,
-            inputs,
-            outputs,
-        };
+    let mut golden_check = None;
+    if let Some((golden, check)) = golden {
         payloads.push((GOLDEN_ENTRY.into(), Source::Memory(golden.to_cbor())));
+        payloads.push((
+            crate::golden::CHECK_ENTRY.into(),
+            Source::Memory(serde_json::to_vec_pretty(&check)?),
+        ));
+        golden_check = Some(check);
     }
     for path in &opts.extra {
         let name = path
@@ -309,6 +340,7 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<Built> {
         signed_by: signatures.iter().map(|s| s.key.to_string()).collect(),
         gpu_report,
         tract_error,
+        golden_check,
     })
 }
 

@@ -17,6 +17,7 @@ pub(crate) mod data_api;
 pub mod datasets;
 pub mod demo;
 pub(crate) mod fleet_api;
+pub mod golden;
 pub mod ingest;
 pub mod jobs;
 pub mod k8s;

@@ -727,6 +727,20 @@ struct BuildArgs {
     /// How many rows of --golden to store.
     #[arg(long, default_value_t = 16)]
     golden_rows: usize,
+    /// Golden input tensors for a raw-tensor model: an .npz (`numpy.savez`) with one array
+    /// per model input, named by the input. Their outputs are computed by ONNX Runtime
+    /// when it is available (--onnxruntime), else by tract, and every backend the bundle
+    /// targets that can run here is checked against them.
+    #[arg(long, value_name = "FILE.npz")]
+    golden_inputs: Option<PathBuf>,
+    /// libonnxruntime for golden outputs (the reference implementation), e.g. the PyPI
+    /// wheel's onnxruntime/capi/libonnxruntime.so.1.x.y.
+    #[arg(long, env = "ORT_DYLIB_PATH", value_name = "PATH")]
+    onnxruntime: Option<PathBuf>,
+    /// Build even when a target backend disagrees with the golden outputs; the
+    /// disagreement is recorded in the bundle's golden-check.json.
+    #[arg(long)]
+    allow_backend_disagreement: bool,
     /// Lineage (TOML): dataset, code, framework, dependencies, container, CUDA, params, seed, device.
     #[arg(long)]
     lineage: Option<PathBuf>,
@@ -1974,6 +1988,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 reference: a.reference,
                 golden: a.golden,
                 golden_rows: a.golden_rows,
+                golden_inputs: a.golden_inputs,
+                onnxruntime: a.onnxruntime,
+                allow_backend_disagreement: a.allow_backend_disagreement,
                 lineage: a.lineage,
                 bins: a.bins,
                 monitoring: match &a.monitoring {
@@ -2004,6 +2021,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 out: a.out,
             };
             let built = bundle::build(&opts)?;
+            for line in built.golden_check.iter().flat_map(|c| c.lines()) {
+                println!("{line}");
+            }
             if let Some(why) = &built.tract_error {
                 println!("cpu (tract): {why}; the bundle runs on backends that can (onnxruntime)");
             }

@@ -21,7 +21,7 @@ use tract_onnx::prelude::*;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
-    #[error("tract cannot load the model: {0}")]
+    #[error("{0}")]
     Load(String),
     #[error("input `{name}` has shape {shape:?} but {len} values")]
     BadInput {
@@ -113,7 +113,9 @@ impl CpuModel {
                     })
                     .collect();
                 let mut m = Self::load_declared(onnx, &fixed).map_err(|_| first)?;
-                let load = |e: TractError| RuntimeError::Load(format!("{e:#}"));
+                let load = |e: TractError| {
+                    RuntimeError::Load(format!("tract cannot load the model: {e:#}"))
+                };
                 let source = tract_onnx::onnx()
                     .model_for_read(&mut &onnx[..])
                     .map_err(load)?;
@@ -149,7 +151,8 @@ impl CpuModel {
     }
 
     fn load_declared(onnx: &[u8], inputs: &[TensorSpec]) -> Result<Self, RuntimeError> {
-        let load = |e: TractError| RuntimeError::Load(format!("{e:#}"));
+        let load =
+            |e: TractError| RuntimeError::Load(format!("tract cannot load the model: {e:#}"));
         let mut model = tract_onnx::onnx()
             .model_for_read(&mut &onnx[..])
             .map_err(load)?;

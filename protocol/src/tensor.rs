@@ -457,6 +457,124 @@ pub fn f32_to_f16(x: f32) -> u16 {
     sign | h as u16
 }
 
+/// The most bytes an `.npy` header may take.
+const MAX_NPY_HEADER: usize = 64 << 10;
+
+/// Decodes one NumPy `.npy` array (format versions 1–3, C order, little-endian or
+/// byte-order-free element types `f4 f2 f8 i1 i4 i8 u1 b1`) into a tensor named `name`.
+/// The header is bounded and the element count is checked against the bytes present
+/// before anything is allocated for them.
+pub fn from_npy(name: &str, bytes: &[u8]) -> Result<Tensor, String> {
+    let rest = bytes
+        .strip_prefix(b"\x93NUMPY")
+        .ok_or("not a .npy array (no \\x93NUMPY magic)")?;
+    let (&major, rest) = rest.split_first().ok_or("truncated header")?;
+    let (_minor, rest) = rest.split_first().ok_or("truncated header")?;
+    let (len, rest) = match major {
+        1 => {
+            let b = rest.get(..2).ok_or("truncated header")?;
+            (usize::from(u16::from_le_bytes([b[0], b[1]])), &rest[2..])
+        }
+        2 | 3 => {
+            let b = rest.get(..4).ok_or("truncated header")?;
+            let n = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            (
+                usize::try_from(n).map_err(|_| "header too long")?,
+                &rest[4..],
+            )
+        }
+        v => return Err(format!(".npy format version {v} is not supported")),
+    };
+    if len > MAX_NPY_HEADER {
+        return Err(format!("header of {len} bytes (at most {MAX_NPY_HEADER})"));
+    }
+    let header = rest.get(..len).ok_or("truncated header")?;
+    let data = &rest[len..];
+    let header = std::str::from_utf8(header).map_err(|_| "header is not text")?;
+    let field = |key: &str| -> Option<&str> {
+        let at = header.find(&format!("'{key}'"))? + key.len() + 2;
+        let after = header[at..].trim_start().strip_prefix(':')?.trim_start();
+        Some(after)
+    };
+    let descr = field("descr")
+        .and_then(|v| v.strip_prefix('\''))
+        .and_then(|v| v.split('\'').next())
+        .ok_or("header has no 'descr'")?;
+    if field("fortran_order").is_some_and(|v| v.starts_with("True")) {
+        return Err("Fortran-ordered arrays are not supported; save it C-ordered".into());
+    }
+    let shape_text = field("shape")
+        .and_then(|v| v.strip_prefix('('))
+        .and_then(|v| v.split(')').next())
+        .ok_or("header has no 'shape'")?;
+    let shape: Vec<u64> = shape_text
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .map(|d| d.trim_end_matches('L').parse::<u64>())
+        .collect::<Result<_, _>>()
+        .map_err(|_| format!("shape ({shape_text}) is not a list of sizes"))?;
+    let dtype = match descr {
+        "<f4" => DType::F32,
+        "<f2" => DType::F16,
+        "<f8" => DType::F64,
+        "|i1" | "<i1" => DType::I8,
+        "<i4" => DType::I32,
+        "<i8" => DType::I64,
+        "|u1" | "<u1" => DType::U8,
+        "|b1" => DType::Bool,
+        other => {
+            return Err(format!(
+                "element type '{other}' is not supported (little-endian f4, f2, f8, i1, i4, i8, u1, b1 are)"
+            ));
+        }
+    };
+    let n = elements(&shape).ok_or("shape overflows")?;
+    let size = TensorData::element_size(dtype).map_err(|e| e.to_string())?;
+    let want = n.checked_mul(size).ok_or("shape overflows")?;
+    if data.len() != want {
+        return Err(format!(
+            "shape {shape:?} of {descr} needs {want} bytes, the array has {}",
+            data.len()
+        ));
+    }
+    let data = TensorData::from_le_bytes(dtype, data).map_err(|e| e.to_string())?;
+    Ok(Tensor {
+        name: name.to_string(),
+        shape,
+        data,
+    })
+}
+
+/// Encodes a tensor as a NumPy `.npy` array (version 1, C order, little-endian).
+pub fn to_npy(t: &Tensor) -> Vec<u8> {
+    let descr = match t.dtype() {
+        DType::F32 => "<f4",
+        DType::F16 => "<f2",
+        DType::F64 => "<f8",
+        DType::I8 => "|i1",
+        DType::I32 => "<i4",
+        DType::I64 => "<i8",
+        DType::U8 => "|u1",
+        _ => "|b1",
+    };
+    let dims: Vec<String> = t.shape.iter().map(u64::to_string).collect();
+    let shape = match dims.len() {
+        1 => format!("({},)", dims[0]),
+        _ => format!("({})", dims.join(", ")),
+    };
+    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+    // Magic (6) + version (2) + length (2) + header + newline, padded to 64.
+    let total = 10 + header.len() + 1;
+    header.push_str(&" ".repeat((64 - total % 64) % 64));
+    header.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    out.extend_from_slice(&t.data.to_le_bytes());
+    out
+}
+
 /// A tensor as CBOR carries it (see the module documentation).
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

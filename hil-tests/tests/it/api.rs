@@ -241,7 +241,7 @@ fn every_bad_request_gets_a_4xx_naming_the_field() {
             json!({ "inputs": [{"name": "input", "shape": [1, 25], "data": [1.0]}] }),
             422,
             Some("inputs.input"),
-            "has shape [1, 25] and 1 values",
+            "has shape [1, 25] (25 values) but `data` has 1",
         ),
         (
             json!({ "inputs": [] }),

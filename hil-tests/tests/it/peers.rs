@@ -250,7 +250,7 @@ fn an_image_model_bundled_without_features_is_served_on_raw_tensors() {
     );
     assert!(
         run.failure()
-            .contains("Source node without a determined fact"),
+            .contains("does not say the shape of every input (x: f32[x:0, 3, ?, ?]); pass --input-shape NAME=D1,D2,…"),
         "{}",
         run.stderr
     );

@@ -517,3 +517,191 @@ fn an_onnxruntime_older_than_the_agents_api_is_refused_with_its_version() {
     );
     assert!(out.contains("activated cls v1 on cpu"), "{out}");
 }
+
+/// Writes `arrays` (name, numpy dtype, shape, values) to `path` with `numpy.savez`.
+fn savez(path: &Path, arrays: &[(&str, &str, Vec<u64>, Vec<f64>)]) {
+    let spec: Vec<Value> = arrays
+        .iter()
+        .map(|(n, d, s, v)| json!({"name": n, "dtype": d, "shape": s, "data": v}))
+        .collect();
+    let script = "import json, sys, numpy as np\n\
+        spec = json.load(sys.stdin)\n\
+        np.savez(sys.argv[1], **{a['name']: np.asarray(a['data'], dtype=a['dtype']).reshape(a['shape']) for a in spec})\n";
+    let mut child = Command::new(python())
+        .args(["-c", script, &path.to_string_lossy()])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("python starts");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(Value::Array(spec).to_string().as_bytes())
+        .expect("arrays");
+    assert!(child.wait().expect("numpy").success(), "numpy.savez failed");
+}
+
+#[test]
+fn raw_tensor_bundles_carry_golden_vectors_computed_by_onnxruntime_and_checked_on_every_backend() {
+    let tmp = setup();
+    let dir = tmp.path();
+    let lib = onnxruntime_library();
+    let lib = lib.to_string_lossy();
+
+    // The direction classifier: two images; tract and ONNX Runtime both checked.
+    let cls = cases().pop().expect("cls");
+    let x: Vec<f64> = pseudo_random(2 * 3 * 48 * 192, 9)
+        .iter()
+        .map(|v| f64::from(*v))
+        .collect();
+    savez(
+        &dir.join("cls.npz"),
+        &[("x", "float32", vec![2, 3, 48, 192], x)],
+    );
+    let model = cls.model.to_string_lossy().into_owned();
+    let built = fleetctl(
+        dir,
+        &[
+            "bundle",
+            "build",
+            "--model",
+            &model,
+            "--name",
+            "cls",
+            "--version",
+            "1",
+            "--input-shape",
+            "x=N,3,48,192",
+            "--golden-inputs",
+            "cls.npz",
+            "--onnxruntime",
+            &lib,
+            "--backend",
+            "onnxruntime",
+            "--backend",
+            "cpu",
+            "--key",
+            "keys/k.key",
+            "--out",
+            "cls.fmb",
+        ],
+    );
+    let out = built.success();
+    assert!(
+        out.contains("golden outputs computed by onnxruntime 1."),
+        "{out}"
+    );
+    assert!(out.contains("golden check on cpu: agrees"), "{out}");
+    assert!(out.contains("golden check on onnxruntime: agrees"), "{out}");
+    let listing = fleetctl(dir, &["bundle", "inspect", "cls.fmb"]);
+    assert!(
+        listing.success().contains("golden.cbor") && listing.stdout.contains("golden-check.json"),
+        "{}",
+        listing.stdout
+    );
+    for backend in ["cpu", "onnxruntime"] {
+        let board = board(dir, backend);
+        let installed = install(dir, "cls.fmb", &format!("data-{backend}"), &board);
+        assert!(
+            installed
+                .success()
+                .contains("golden self-test passed: 2 rows"),
+            "{backend}: {}",
+            installed.stdout
+        );
+    }
+
+    // Silero VAD: an int64 scalar among the golden inputs; tract cannot run it, which the
+    // check says rather than hides.
+    let vad = silero();
+    let model = vad.model.to_string_lossy().into_owned();
+    let audio: Vec<f64> = pseudo_random(512, 4)
+        .iter()
+        .map(|v| f64::from(*v) * 0.3)
+        .collect();
+    savez(
+        &dir.join("vad.npz"),
+        &[
+            ("input", "float32", vec![1, 512], audio),
+            ("state", "float32", vec![2, 1, 128], vec![0.0; 256]),
+            ("sr", "int64", vec![], vec![16000.0]),
+        ],
+    );
+    let built = fleetctl(
+        dir,
+        &[
+            "bundle",
+            "build",
+            "--model",
+            &model,
+            "--name",
+            "vad",
+            "--version",
+            "1",
+            "--input-shape",
+            "input=N,S",
+            "--input-shape",
+            "state=2,N,128",
+            "--input-shape",
+            "sr=",
+            "--golden-inputs",
+            "vad.npz",
+            "--onnxruntime",
+            &lib,
+            "--backend",
+            "onnxruntime",
+            "--backend",
+            "cpu",
+            "--key",
+            "keys/k.key",
+            "--out",
+            "vad.fmb",
+        ],
+    );
+    let out = built.success();
+    assert!(out.contains("golden check on onnxruntime: agrees"), "{out}");
+    assert!(
+        out.contains("golden check on cpu: not run: tract cannot run the model"),
+        "{out}"
+    );
+    let board = board(dir, "onnxruntime");
+    let installed = install(dir, "vad.fmb", "data-vad", &board);
+    assert!(
+        installed
+            .success()
+            .contains("golden self-test passed: 1 rows"),
+        "{}",
+        installed.stdout
+    );
+
+    // A .npz that does not fit the model is refused, naming the input.
+    savez(
+        &dir.join("bad.npz"),
+        &[("x", "float32", vec![1, 3, 48, 100], vec![0.0; 14400])],
+    );
+    let model = cls.model.to_string_lossy().into_owned();
+    let refused = fleetctl(
+        dir,
+        &[
+            "bundle",
+            "build",
+            "--model",
+            &model,
+            "--name",
+            "cls",
+            "--version",
+            "2",
+            "--input-shape",
+            "x=N,3,48,192",
+            "--golden-inputs",
+            "bad.npz",
+            "--out",
+            "bad.fmb",
+        ],
+    );
+    let err = refused.failure();
+    assert!(
+        err.contains("array `x` is f32[1, 3, 48, 100]; the model's input is x: f32[N, 3, 48, 192]"),
+        "{err}"
+    );
+}

@@ -209,6 +209,27 @@ proptest! {
     }
 
     #[test]
+    fn npy_arrays_round_trip(data in typed_data(), rows in 1u64..4) {
+        let cols = data.len() as u64;
+        let mut all = data.clone();
+        for _ in 1..rows {
+            all.extend(&data);
+        }
+        let t = Tensor { name: "x".into(), shape: vec![rows, cols], data: all };
+        let back = fleetml_protocol::tensor::from_npy("x", &fleetml_protocol::tensor::to_npy(&t)).expect("decodes");
+        prop_assert_eq!(back.shape, t.shape);
+        prop_assert_eq!(back.data.to_le_bytes(), t.data.to_le_bytes());
+    }
+
+    #[test]
+    fn npy_decoding_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+        let mut with_magic = b"\x93NUMPY\x01\x00".to_vec();
+        with_magic.extend_from_slice(&bytes);
+        let _ = fleetml_protocol::tensor::from_npy("x", &bytes);
+        let _ = fleetml_protocol::tensor::from_npy("x", &with_magic);
+    }
+
+    #[test]
     fn tensor_bytes_never_panic(dtype in proptest::sample::select(vec![
         DType::F32, DType::F16, DType::F64, DType::I8, DType::I32, DType::I64, DType::U8, DType::Bool, DType::String,
     ]), bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
@@ -262,4 +283,39 @@ fn f32_tensors_keep_the_original_encoding() {
     bytes[at - 1] -= 1; // byte string of 7
     bytes.pop();
     assert!(serde_cbor::from_slice::<Tensor>(&bytes).is_err());
+}
+
+/// An array exactly as numpy 2 writes it (`np.save` of `np.arange(6, dtype='<i8')
+/// .reshape(2, 3)`), and the refusals that name what is wrong.
+#[test]
+fn npy_arrays_as_numpy_writes_them() {
+    let mut file = b"\x93NUMPY\x01\x00v\x00".to_vec();
+    let header = "{'descr': '<i8', 'fortran_order': False, 'shape': (2, 3), }";
+    let mut header = header.to_string();
+    header.push_str(&" ".repeat(118 - header.len() - 1));
+    header.push('\n');
+    file.extend_from_slice(header.as_bytes());
+    for i in 0..6i64 {
+        file.extend_from_slice(&i.to_le_bytes());
+    }
+    let t = fleetml_protocol::tensor::from_npy("ids", &file).expect("decodes");
+    assert_eq!(t.shape, vec![2, 3]);
+    assert_eq!(t.data, TensorData::I64(vec![0, 1, 2, 3, 4, 5]));
+    let short = &file[..file.len() - 1];
+    assert!(
+        fleetml_protocol::tensor::from_npy("ids", short)
+            .expect_err("short")
+            .contains("needs 48 bytes")
+    );
+    let mut big_endian = file.clone();
+    let at = big_endian
+        .windows(3)
+        .position(|w| w == b"<i8")
+        .expect("descr");
+    big_endian[at] = b'>';
+    assert!(
+        fleetml_protocol::tensor::from_npy("ids", &big_endian)
+            .expect_err("big-endian")
+            .contains("not supported")
+    );
 }
