@@ -46,6 +46,11 @@ pub struct BackendCheck {
 }
 
 impl GoldenCheck {
+    /// Whether the golden outputs came from ONNX Runtime rather than from tract.
+    pub fn independent(&self) -> bool {
+        self.reference.starts_with("onnxruntime")
+    }
+
     /// One line per fact, for the build's output.
     pub fn lines(&self) -> Vec<String> {
         let mut out = vec![format!("golden outputs computed by {}", self.reference)];
