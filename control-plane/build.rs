@@ -10,8 +10,12 @@ fn main() {
         .filter(|c| !c.is_empty())
         .unwrap_or_else(|| "unknown".into());
     println!("cargo:rustc-env=FLEETML_GIT_COMMIT={commit}");
-    // A new commit moves a ref; HEAD moves on checkout.
+    // A new commit moves a ref; HEAD moves on checkout. Only files that exist are
+    // named: cargo reruns a build script on every build for a missing one (a fresh clone
+    // has no packed-refs until git packs).
     for path in ["../.git/HEAD", "../.git/refs/heads", "../.git/packed-refs"] {
-        println!("cargo:rerun-if-changed={path}");
+        if std::path::Path::new(path).exists() {
+            println!("cargo:rerun-if-changed={path}");
+        }
     }
 }
