@@ -691,18 +691,18 @@ async fn predict_inner(
     // pool and back costs two thread wake-ups, which the profile showed to be most of
     // the API's overhead on a small device. Anything slower (or explained) goes to the
     // pool, under the timeout.
+    let timeout = || {
+        ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "timeout",
+            format!(
+                "the prediction took longer than {} ms",
+                api.limits.timeout.as_millis()
+            ),
+        )
+        .rows(rows)
+    };
     let outputs = if let Some(batcher) = batcher {
-        let timeout = || {
-            ApiError::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                "timeout",
-                format!(
-                    "the prediction took longer than {} ms",
-                    api.limits.timeout.as_millis()
-                ),
-            )
-            .rows(rows)
-        };
         drop(job);
         match tokio::time::timeout(api.limits.timeout, batcher.submit(inputs_for_batch, rows)).await
         {
@@ -724,17 +724,7 @@ async fn predict_inner(
         let work = tokio::task::spawn_blocking(job);
         tokio::time::timeout(api.limits.timeout, work)
             .await
-            .map_err(|_| {
-                ApiError::new(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "timeout",
-                    format!(
-                        "the prediction took longer than {} ms",
-                        api.limits.timeout.as_millis()
-                    ),
-                )
-                .rows(rows)
-            })?
+            .map_err(|_| timeout())?
             .map_err(|_| {
                 ApiError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,

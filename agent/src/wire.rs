@@ -361,8 +361,9 @@ pub fn json_values(data: &TensorData, range: std::ops::Range<usize>) -> Value {
     }
 }
 
-/// Whole output tensors for a binary-capable (CBOR) response: elements little-endian in
-/// one byte string each.
+/// Whole tensors as CBOR `{name, shape, dtype, bytes}` maps, elements little-endian in
+/// one byte string each: the outputs of a binary-capable response (and the form a
+/// request's `inputs` may take).
 pub fn cbor_outputs(outputs: &[Tensor]) -> serde_cbor::Value {
     use serde_cbor::Value as C;
     C::Array(

@@ -112,22 +112,12 @@ fn onnxruntime(model: &Path, inputs: &[Tensor]) -> Vec<(String, Vec<u64>, Vec<f6
 /// Sends `inputs` as CBOR byte strings; returns the whole output tensors.
 fn predict(agent: &hil_tests::RunningAgent, model: &str, inputs: &[Tensor]) -> Vec<Tensor> {
     use serde_cbor::Value as C;
-    let list: Vec<C> = inputs
-        .iter()
-        .map(|t| {
-            let mut m = std::collections::BTreeMap::new();
-            m.insert(C::Text("name".into()), C::Text(t.name.clone()));
-            m.insert(
-                C::Text("shape".into()),
-                C::Array(t.shape.iter().map(|d| C::Integer(i128::from(*d))).collect()),
-            );
-            m.insert(C::Text("dtype".into()), C::Text(t.dtype().to_string()));
-            m.insert(C::Text("bytes".into()), C::Bytes(t.data.to_le_bytes()));
-            C::Map(m)
-        })
-        .collect();
+    // Inputs go in as the API gives outputs back: {name, shape, dtype, bytes}.
     let mut body = std::collections::BTreeMap::new();
-    body.insert(C::Text("inputs".into()), C::Array(list));
+    body.insert(
+        C::Text("inputs".into()),
+        fleet_agent::wire::cbor_outputs(inputs),
+    );
     let body = serde_cbor::to_vec(&C::Map(body)).expect("cbor");
     let stream = std::net::TcpStream::connect(&agent.addr).expect("connects");
     let (status, raw) = hil_tests::http(
