@@ -119,6 +119,23 @@ fn in_model_order(
     Ok(ordered)
 }
 
+/// Checks that `len` values were given for a tensor whose shape holds `n`.
+fn count_fits(
+    field: &str,
+    name: &str,
+    shape: &[u64],
+    n: usize,
+    len: usize,
+) -> Result<(), WireError> {
+    if len != n {
+        return Err(err(
+            field,
+            format!("tensor `{name}` has shape {shape:?} ({n} values) but `data` has {len}"),
+        ));
+    }
+    Ok(())
+}
+
 /// Decodes `"inputs"` of a JSON request.
 pub fn from_json(specs: &[TensorSpec], inputs: &Value) -> Result<Vec<Tensor>, WireError> {
     let Value::Array(list) = inputs else {
@@ -153,15 +170,7 @@ pub fn from_json(specs: &[TensorSpec], inputs: &Value) -> Result<Vec<Tensor>, Wi
         let data = item["data"]
             .as_array()
             .ok_or_else(|| err(&field, "`data` must be a flat list of numbers"))?;
-        if data.len() != n {
-            return Err(err(
-                &field,
-                format!(
-                    "tensor `{name}` has shape {shape:?} ({n} values) but `data` has {}",
-                    data.len()
-                ),
-            ));
-        }
+        count_fits(&field, name, &shape, n, data.len())?;
         let mut numbers = Vec::with_capacity(n);
         for (i, v) in data.iter().enumerate() {
             numbers.push(match v {
@@ -259,15 +268,7 @@ pub fn from_cbor(
                 ));
             }
         };
-        if data.len() != n {
-            return Err(err(
-                &field,
-                format!(
-                    "tensor `{name}` has shape {shape:?} ({n} values) but `data` has {}",
-                    data.len()
-                ),
-            ));
-        }
+        count_fits(&field, &name, &shape, n, data.len())?;
         out.push(Tensor { name, shape, data });
     }
     in_model_order(specs, out)

@@ -23,6 +23,54 @@ pub fn python() -> PathBuf {
     path
 }
 
+/// Python onnxruntime's outputs for `inputs` (one thread, CPU provider; the peer the
+/// backends are held to): `(name, shape, values)` per output, values widened to f64.
+pub fn onnxruntime_peer(
+    model: &Path,
+    inputs: &[fleetml_protocol::golden::Tensor],
+) -> Vec<(String, Vec<u64>, Vec<f64>)> {
+    let feeds: serde_json::Map<String, serde_json::Value> = inputs
+        .iter()
+        .map(|t| {
+            let data: Vec<f64> = (0..t.data.len())
+                .map(|i| t.data.get_f64(i).unwrap_or(f64::NAN))
+                .collect();
+            (
+                t.name.clone(),
+                serde_json::json!({"shape": t.shape, "dtype": t.dtype().to_string(), "data": data}),
+            )
+        })
+        .collect();
+    let request = serde_json::json!({"model": model, "inputs": feeds, "threads": 1});
+    use std::io::Write;
+    let mut child = Command::new(python())
+        .arg(root().join("scripts/ort_run.py"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python starts");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(request.to_string().as_bytes())
+        .expect("request");
+    let out = child.wait_with_output().expect("onnxruntime runs");
+    assert!(out.status.success(), "onnxruntime failed");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    v.as_object()
+        .expect("outputs")
+        .iter()
+        .map(|(name, t)| {
+            (
+                name.clone(),
+                serde_json::from_value(t["shape"].clone()).expect("shape"),
+                serde_json::from_value(t["data"].clone()).expect("data"),
+            )
+        })
+        .collect()
+}
+
 /// The input PP-OCR's text-direction classifier is declared with: its ONNX file says
 /// `x: f32[?, 3, ?, ?]`; PP-OCR feeds 48×192 crops, any number at a time.
 pub fn cls_input() -> fleetml_protocol::manifest::TensorSpec {

@@ -62,8 +62,6 @@ pub struct CpuModel {
     /// inputs, typed and optimized anew for each shape.
     per_shape: Option<(InferenceModel, Vec<TensorSpec>)>,
     plans: Mutex<Vec<(Vec<Vec<u64>>, Plan)>>,
-    /// The model could not be typed with its symbols and is typed per concrete shape.
-    row_by_row: bool,
 }
 
 impl std::fmt::Debug for CpuModel {
@@ -121,7 +119,6 @@ impl CpuModel {
                     .map_err(load)?;
                 m.per_shape = Some((source, inputs.to_vec()));
                 m.fixed = None;
-                m.row_by_row = true;
                 // Report the declared (symbolic) shapes, not the shape it was checked at.
                 for spec in &mut m.inputs {
                     if let Some(d) = inputs.iter().find(|d| d.name == spec.name) {
@@ -146,8 +143,8 @@ impl CpuModel {
 
     /// Whether the model is typed anew for each concrete shape (tract cannot type it
     /// with its symbols).
-    pub fn row_by_row(&self) -> bool {
-        self.row_by_row
+    pub fn typed_per_shape(&self) -> bool {
+        self.per_shape.is_some()
     }
 
     fn load_declared(onnx: &[u8], inputs: &[TensorSpec]) -> Result<Self, RuntimeError> {
@@ -237,7 +234,6 @@ impl CpuModel {
             fixed,
             per_shape: None,
             plans: Mutex::new(Vec::new()),
-            row_by_row: false,
         })
     }
 
@@ -322,10 +318,6 @@ impl CpuModel {
 
     /// Runs the model on `inputs` (in the model's input order).
     pub fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, RuntimeError> {
-        self.run_batch(inputs)
-    }
-
-    fn run_batch(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, RuntimeError> {
         let mut values = TVec::new();
         for t in inputs {
             values.push(to_tract(t)?.into_tvalue());

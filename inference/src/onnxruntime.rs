@@ -250,34 +250,21 @@ impl OrtModel {
             Vec::with_capacity(inputs.len());
         for t in inputs {
             let shape: Vec<i64> = t.shape.iter().map(|d| *d as i64).collect();
-            let value: ort::session::SessionInputValue<'_> = match &t.data {
-                TensorData::F32(v) => TensorRef::from_array_view((shape, v.as_slice()))
-                    .map_err(run)?
-                    .into(),
-                TensorData::F64(v) => TensorRef::from_array_view((shape, v.as_slice()))
-                    .map_err(run)?
-                    .into(),
-                TensorData::I8(v) => TensorRef::from_array_view((shape, v.as_slice()))
-                    .map_err(run)?
-                    .into(),
-                TensorData::I32(v) => TensorRef::from_array_view((shape, v.as_slice()))
-                    .map_err(run)?
-                    .into(),
-                TensorData::I64(v) => TensorRef::from_array_view((shape, v.as_slice()))
-                    .map_err(run)?
-                    .into(),
-                TensorData::U8(v) => TensorRef::from_array_view((shape, v.as_slice()))
-                    .map_err(run)?
-                    .into(),
-                TensorData::Bool(v) => TensorRef::from_array_view((shape, v.as_slice()))
-                    .map_err(run)?
-                    .into(),
+            let value = match &t.data {
+                TensorData::F32(v) => view(shape, v),
+                TensorData::F64(v) => view(shape, v),
+                TensorData::I8(v) => view(shape, v),
+                TensorData::I32(v) => view(shape, v),
+                TensorData::I64(v) => view(shape, v),
+                TensorData::U8(v) => view(shape, v),
+                TensorData::Bool(v) => view(shape, v),
                 TensorData::F16(v) => {
                     let halves: Vec<half::f16> =
                         v.iter().map(|b| half::f16::from_bits(*b)).collect();
-                    OrtTensor::from_array((shape, halves)).map_err(run)?.into()
+                    OrtTensor::from_array((shape, halves)).map(Into::into)
                 }
-            };
+            }
+            .map_err(run)?;
             feed.push((t.name.clone(), value));
         }
         let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
@@ -292,6 +279,14 @@ impl OrtModel {
             })
             .collect()
     }
+}
+
+/// `data` as an input ONNX Runtime reads in place.
+fn view<'a, T: PrimitiveTensorElementType + Clone + std::fmt::Debug + 'static>(
+    shape: Vec<i64>,
+    data: &'a [T],
+) -> Result<ort::session::SessionInputValue<'a>, ort::Error> {
+    TensorRef::from_array_view((shape, data)).map(Into::into)
 }
 
 fn from_ort(name: &str, value: &DynValue) -> Result<Tensor, ort::Error> {
@@ -365,16 +360,6 @@ fn dtype(ty: TensorElementType) -> Option<DType> {
         TensorElementType::String => DType::String,
         _ => return None,
     })
-}
-
-/// Where to find `libonnxruntime`, in order: `configured` (agent.toml), the
-/// `ORT_DYLIB_PATH` environment variable, the board's `onnxruntime.library`. None when
-/// nothing names one.
-pub fn library_path(configured: Option<&Path>, board: Option<&str>) -> Option<PathBuf> {
-    configured
-        .map(Path::to_path_buf)
-        .or_else(|| std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from))
-        .or_else(|| board.map(PathBuf::from))
 }
 
 #[cfg(test)]

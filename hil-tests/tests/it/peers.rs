@@ -3,52 +3,27 @@
 //! shipped in the `rapidocr-onnxruntime` wheel). The Python venv comes from
 //! `scripts/test.sh` (`FLEETML_PYTHON`).
 
-use std::io::Write;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use fleet_agent::runtime::CpuModel;
 use fleetml_protocol::features::{FeatureSchema, RawValue};
 use fleetml_protocol::golden::Tensor;
 use fleetml_protocol::manifest::Dim;
 use hil_tests::{python, root};
-use serde_json::{Value, json};
+use serde_json::json;
 
 /// Relative tolerance of the comparison; values below `FLOOR` in magnitude are compared
 /// absolutely against `REL * FLOOR`.
 const REL: f32 = 1e-4;
 const FLOOR: f32 = 1e-3;
 
+/// The peer's outputs as f32 tensors.
 fn onnxruntime(model: &std::path::Path, inputs: &[Tensor]) -> Vec<Tensor> {
-    let request = json!({
-        "model": model,
-        "inputs": inputs.iter().map(|t| (t.name.clone(), json!({"shape": t.shape, "data": t.data.to_f32()}))).collect::<serde_json::Map<_, _>>(),
-        "threads": 1,
-    });
-    let mut child = Command::new(python())
-        .arg(root().join("scripts/ort_run.py"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python starts");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(request.to_string().as_bytes())
-        .expect("request");
-    let out = child.wait_with_output().expect("onnxruntime runs");
-    assert!(out.status.success(), "onnxruntime failed");
-    let v: Value = serde_json::from_slice(&out.stdout).expect("JSON");
-    v.as_object()
-        .expect("outputs")
-        .iter()
-        .map(|(name, t)| {
-            Tensor::f32(
-                name.clone(),
-                serde_json::from_value(t["shape"].clone()).expect("shape"),
-                serde_json::from_value(t["data"].clone()).expect("data"),
-            )
+    hil_tests::onnxruntime_peer(model, inputs)
+        .into_iter()
+        .map(|(name, shape, data)| {
+            Tensor::f32(name, shape, data.iter().map(|x| *x as f32).collect())
         })
         .collect()
 }

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use fleetml_protocol::golden::{Tensor, TensorData};
-use hil_tests::{agent, fleetctl, keys_and_policy, python, root};
+use hil_tests::{agent, fleetctl, keys_and_policy, python};
 use serde_json::{Value, json};
 
 /// onnxruntime in the agent against onnxruntime in Python.
@@ -63,49 +63,6 @@ pub fn onnxruntime_library() -> PathBuf {
 fn pseudo_random(n: usize, seed: usize) -> Vec<f32> {
     (0..n)
         .map(|i| (((i * 7919 + seed * 104_729) % 2000) as f32 / 1000.0) - 1.0)
-        .collect()
-}
-
-/// Python onnxruntime's outputs for `inputs`, one thread.
-fn onnxruntime(model: &Path, inputs: &[Tensor]) -> Vec<(String, Vec<u64>, Vec<f64>)> {
-    let feeds: serde_json::Map<String, Value> = inputs
-        .iter()
-        .map(|t| {
-            let data: Vec<f64> = (0..t.data.len())
-                .map(|i| t.data.get_f64(i).unwrap_or(f64::NAN))
-                .collect();
-            (
-                t.name.clone(),
-                json!({"shape": t.shape, "dtype": t.dtype().to_string(), "data": data}),
-            )
-        })
-        .collect();
-    let request = json!({"model": model, "inputs": feeds, "threads": 1});
-    let mut child = Command::new(python())
-        .arg(root().join("scripts/ort_run.py"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python starts");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(request.to_string().as_bytes())
-        .expect("request");
-    let out = child.wait_with_output().expect("onnxruntime runs");
-    assert!(out.status.success(), "onnxruntime failed");
-    let v: Value = serde_json::from_slice(&out.stdout).expect("JSON");
-    v.as_object()
-        .expect("outputs")
-        .iter()
-        .map(|(name, t)| {
-            (
-                name.clone(),
-                serde_json::from_value(t["shape"].clone()).expect("shape"),
-                serde_json::from_value(t["data"].clone()).expect("data"),
-            )
-        })
         .collect()
 }
 
@@ -392,7 +349,7 @@ fn serve_and_compare(dir: &Path, backend: &str, cases: &[Case]) {
     for case in cases {
         for (i, request) in case.requests.iter().enumerate() {
             let ours = predict(&running, case.name, request);
-            let theirs = onnxruntime(&case.model, request);
+            let theirs = hil_tests::onnxruntime_peer(&case.model, request);
             let w = worst(&ours, &theirs);
             println!(
                 "{} on {backend}, request {i}: max relative difference {w:e}",
