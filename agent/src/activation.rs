@@ -16,6 +16,8 @@ use crate::store::{ModelState, ModelStore, StoreError};
 
 /// Largest model read into memory.
 pub const MAX_MODEL: u64 = 2 << 30;
+/// Largest external data file (a model's weights kept beside it) read into memory.
+pub const MAX_EXTERNAL: u64 = 16 << 30;
 /// Largest golden vector set read into memory.
 pub const MAX_GOLDEN: u64 = 256 << 20;
 
@@ -75,9 +77,14 @@ pub fn prepare(
     board: &BoardProfile,
 ) -> Result<Selection, PrepareError> {
     let mut file = File::open(stored).map_err(|e| PrepareError::Read(e.to_string()))?;
-    let onnx = verified
-        .read_entry(&mut file, MODEL_ENTRY, MAX_MODEL)
-        .map_err(|e| PrepareError::Read(e.to_string()))?;
+    let (onnx, external) = fleetml_inference::external::read_from_bundle(
+        verified,
+        &mut file,
+        MODEL_ENTRY,
+        MAX_MODEL,
+        MAX_EXTERNAL,
+    )
+    .map_err(PrepareError::Read)?;
     let mut optional = |name: &str, max: u64| match verified.manifest.entry(name) {
         Some(_) => verified
             .read_entry(&mut file, name, max)
@@ -93,7 +100,10 @@ pub fn prepare(
         None
     };
     let model = backend::ModelFiles {
-        onnx: &onnx,
+        onnx: fleetml_inference::Onnx {
+            model: &onnx,
+            external: &external,
+        },
         gpu_onnx: gpu_onnx.as_deref(),
         inputs: &verified.manifest.inputs,
     };

@@ -23,6 +23,7 @@ use fleetml_protocol::manifest::TensorSpec;
 
 use crate::runtime::{CpuModel, RuntimeError};
 use crate::selftest::{self, SelfTest};
+use fleetml_inference::Onnx;
 
 /// A loaded model on one backend.
 pub trait Backend: Send + Sync + fmt::Debug {
@@ -142,7 +143,8 @@ pub struct NoBackend {
 /// inputs, and its GPU-prepared copy when it has one.
 #[derive(Debug, Clone, Copy)]
 pub struct ModelFiles<'a> {
-    pub onnx: &'a [u8],
+    /// The model and its external data files.
+    pub onnx: Onnx<'a>,
     pub gpu_onnx: Option<&'a [u8]>,
     pub inputs: &'a [TensorSpec],
 }
@@ -150,7 +152,7 @@ pub struct ModelFiles<'a> {
 impl<'a> ModelFiles<'a> {
     pub fn new(onnx: &'a [u8], inputs: &'a [TensorSpec]) -> Self {
         ModelFiles {
-            onnx,
+            onnx: Onnx::from(onnx),
             gpu_onnx: None,
             inputs,
         }

@@ -115,8 +115,8 @@ impl std::fmt::Debug for GpuModel {
 impl GpuModel {
     /// Loads `prepared` (a bundle's `model.gpu.onnx`) or, when the bundle has none,
     /// prepares `onnx` with the declared `inputs` at batch 1.
-    pub fn load(
-        onnx: &[u8],
+    pub fn load<'a>(
+        onnx: impl Into<fleetml_inference::Onnx<'a>>,
         prepared: Option<&[u8]>,
         inputs: &[TensorSpec],
     ) -> Result<GpuModel, String> {
@@ -125,7 +125,9 @@ impl GpuModel {
         let bytes = match prepared {
             Some(p) => p,
             None => {
-                owned = prepare::prepare_gpu(onnx, inputs, 1)
+                let whole = fleetml_inference::external::inlined_bytes(onnx.into())
+                    .map_err(|e| format!("cannot prepare the model for wonnx: {e}"))?;
+                owned = prepare::prepare_gpu(&whole, inputs, 1)
                     .map_err(|e| format!("cannot prepare the model for wonnx: {e}"))?
                     .onnx;
                 &owned

@@ -293,8 +293,19 @@ fn verify_bundle(bundle: PathBuf, trust: PathBuf, board: Option<PathBuf>) -> any
         None => {
             let mut file =
                 File::open(&bundle).with_context(|| format!("reading {}", bundle.display()))?;
-            let onnx = verified.read_entry(&mut file, MODEL_ENTRY, MAX_MODEL)?;
-            let model = CpuModel::load_with_inputs(&onnx, &m.inputs).with_context(what)?;
+            let (onnx, external) = fleetml_inference::external::read_from_bundle(
+                &verified,
+                &mut file,
+                MODEL_ENTRY,
+                MAX_MODEL,
+                activation::MAX_EXTERNAL,
+            )
+            .map_err(anyhow::Error::msg)?;
+            let onnx = fleetml_inference::Onnx {
+                model: &onnx,
+                external: &external,
+            };
+            let model = CpuModel::load_with_inputs(onnx, &m.inputs).with_context(what)?;
             println!("loaded {MODEL_ENTRY} with tract (cpu)");
             match m.entry(GOLDEN_ENTRY) {
                 Some(_) => {

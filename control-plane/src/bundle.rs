@@ -120,12 +120,14 @@ fn last_axis(t: &Tensor) -> usize {
 /// A payload and where its bytes come from.
 enum Source {
     Memory(Vec<u8>),
+    Shared(std::sync::Arc<[u8]>),
     File(PathBuf),
 }
 
 fn entry_for(name: &str, source: &Source) -> anyhow::Result<Entry> {
     let (size, sha256) = match source {
         Source::Memory(bytes) => (bytes.len() as u64, fleetml_protocol::crypto::sha256(bytes)),
+        Source::Shared(bytes) => (bytes.len() as u64, fleetml_protocol::crypto::sha256(bytes)),
         Source::File(path) => hash_file(path)?,
     };
     Ok(Entry {
@@ -186,7 +188,12 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<Built> {
         }
     };
     let model_bytes = output::read_bounded(&opts.model, MAX_MODEL, "model")?;
-    let model = OnnxModel::load(&model_bytes, &opts.input_shapes)
+    let (model_bytes, external) = pack_external_data(&opts.model, model_bytes)?;
+    let onnx = fleetml_inference::Onnx {
+        model: &model_bytes,
+        external: &external,
+    };
+    let model = OnnxModel::load(onnx, &opts.input_shapes)
         .with_context(|| format!("model {}", opts.model.display()))?;
     let tract_error = model.tract_error().map(str::to_string);
     schema.check_against(&model.inputs).with_context(|| {
@@ -215,7 +222,9 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<Built> {
 
     let gpu = match opts.prepare_gpu {
         Some(batch) => Some(
-            prepare::prepare_gpu(&model_bytes, &model.inputs, batch)
+            fleetml_inference::external::inlined_bytes(onnx)
+                .map_err(anyhow::Error::from)
+                .and_then(|whole| Ok(prepare::prepare_gpu(&whole, &model.inputs, batch)?))
                 .with_context(|| format!("preparing {} for the GPU", opts.model.display()))?,
         ),
         None => None,
@@ -235,7 +244,7 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<Built> {
         Some(inputs) => {
             let library = crate::golden::onnxruntime_library(opts.onnxruntime.as_deref());
             Some(crate::golden::compute(
-                &model_bytes,
+                onnx,
                 &model,
                 inputs,
                 &opts.backends,
@@ -246,7 +255,10 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<Built> {
         None => None,
     };
     let mut payloads: Vec<(String, Source)> =
-        vec![(MODEL_ENTRY.into(), Source::Memory(model_bytes))];
+        vec![(MODEL_ENTRY.into(), Source::Memory(model_bytes.clone()))];
+    for (name, bytes) in &external {
+        payloads.push((name.clone(), Source::Shared(bytes.clone())));
+    }
     let gpu_report = gpu.as_ref().map(|g| g.report.clone());
     if let Some(prepared) = gpu {
         let report = serde_json::to_vec_pretty(&prepared.report)?;
@@ -329,6 +341,7 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<Built> {
             &manifest,
             |name, out| match payloads.iter().find(|(n, _)| n == name).map(|(_, s)| s) {
                 Some(Source::Memory(bytes)) => out.write_all(bytes),
+                Some(Source::Shared(bytes)) => out.write_all(bytes),
                 Some(Source::File(path)) => std::io::copy(&mut File::open(path)?, out).map(|_| ()),
                 None => Err(std::io::Error::other(format!("no payload `{name}`"))),
             },
@@ -345,6 +358,76 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<Built> {
         tract_error,
         golden_check,
     })
+}
+
+/// Largest external data file packed into a bundle.
+const MAX_EXTERNAL: u64 = 16 << 30;
+
+/// Reads the external data files `model` names (weights torch's exporter writes beside
+/// the model) and renames them to the bundle entries they become: `model.onnx.data`, or
+/// `model.onnx.data.1`, `.2`, … when there are several. A location must be a relative
+/// path that stays inside the model's folder (symbolic links included); anything else
+/// is refused, since it would read files the model's author did not ship with it.
+fn pack_external_data(
+    model: &Path,
+    bytes: Vec<u8>,
+) -> anyhow::Result<(Vec<u8>, fleetml_inference::ExternalFiles)> {
+    let locations = fleetml_inference::external::locations(&bytes)
+        .with_context(|| format!("model {}", model.display()))?;
+    let mut files = fleetml_inference::ExternalFiles::new();
+    if locations.is_empty() {
+        return Ok((bytes, files));
+    }
+    let dir = model
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let dir = dir
+        .canonicalize()
+        .with_context(|| format!("resolving the folder of {}", model.display()))?;
+    let mut names = std::collections::BTreeMap::new();
+    for (i, location) in locations.iter().enumerate() {
+        let relative = Path::new(location);
+        let plain = relative
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+        if location.is_empty() || !plain {
+            bail!(
+                "model {} names external data file `{location}`: external data must be a relative path inside the model's folder, without `..`",
+                model.display()
+            );
+        }
+        let path = dir.join(relative);
+        let resolved = path.canonicalize().with_context(|| {
+            format!(
+                "model {} keeps weights in `{location}`, which is not at {}: copy it beside the model",
+                model.display(),
+                path.display()
+            )
+        })?;
+        if !resolved.starts_with(&dir) {
+            bail!(
+                "model {} names external data file `{location}`, which resolves to {} outside the model's folder",
+                model.display(),
+                resolved.display()
+            );
+        }
+        let data = output::read_bounded(&resolved, MAX_EXTERNAL, "external data")?;
+        let name = if locations.len() == 1 {
+            format!("{MODEL_ENTRY}.data")
+        } else {
+            format!("{MODEL_ENTRY}.data.{}", i + 1)
+        };
+        names.insert(location.clone(), name.clone());
+        files.insert(name, data.into());
+    }
+    let relocated = fleetml_inference::external::relocate(&bytes, &names)?;
+    fleetml_inference::external::check(fleetml_inference::Onnx {
+        model: &relocated,
+        external: &files,
+    })
+    .with_context(|| format!("model {}", model.display()))?;
+    Ok((relocated, files))
 }
 
 /// Adds a signature by `key` to the bundle at `path`, in place (atomically).

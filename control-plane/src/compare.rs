@@ -40,9 +40,13 @@ fn raw(col: &Column, row: usize) -> RawValue {
 pub fn score(path: &Path, policy: &TrustPolicy, table: &Table) -> Result<Scored, String> {
     let verified = crate::bundle::verify(path, policy).map_err(|e| format!("{e:#}"))?;
     let mut file = std::fs::File::open(path).map_err(|e| e.to_string())?;
-    let onnx = verified
-        .read_entry(&mut file, MODEL_ENTRY, 2 << 30)
-        .map_err(|e| e.to_string())?;
+    let (onnx, external) = fleetml_inference::external::read_from_bundle(
+        &verified,
+        &mut file,
+        MODEL_ENTRY,
+        2 << 30,
+        16 << 30,
+    )?;
     let m = &verified.manifest;
     if m.features.is_empty() {
         return Err(format!(
@@ -68,7 +72,11 @@ pub fn score(path: &Path, policy: &TrustPolicy, table: &Table) -> Result<Scored,
             missing.0.name, m.name, m.version
         ));
     }
-    let model = CpuModel::load_with_inputs(&onnx, &m.inputs).map_err(|e| e.to_string())?;
+    let onnx = fleetml_inference::Onnx {
+        model: &onnx,
+        external: &external,
+    };
+    let model = CpuModel::load_with_inputs(onnx, &m.inputs).map_err(|e| e.to_string())?;
     let rows: Vec<Vec<RawValue>> = (0..table.rows())
         .map(|r| {
             columns

@@ -148,7 +148,7 @@ pub fn onnxruntime_library(configured: Option<&Path>) -> Option<PathBuf> {
 /// Computes golden outputs for `inputs` and checks the bundle's target backends on
 /// them.
 pub fn compute(
-    onnx: &[u8],
+    onnx: fleetml_inference::Onnx<'_>,
     model: &OnnxModel,
     inputs: Vec<Tensor>,
     backends: &[String],

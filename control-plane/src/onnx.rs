@@ -20,7 +20,11 @@ impl OnnxModel {
     /// the ONNX file leaves input dimensions unknown). A model tract cannot load is
     /// described from its ONNX graph instead (declared shapes applied), and says so in
     /// [`Self::tract_error`].
-    pub fn load(bytes: &[u8], declared: &[TensorSpec]) -> anyhow::Result<Self> {
+    pub fn load(
+        onnx: fleetml_inference::Onnx<'_>,
+        declared: &[TensorSpec],
+    ) -> anyhow::Result<Self> {
+        let bytes = onnx.model;
         // `--input-shape` gives shapes; element types stay the model's own.
         let from_graph = fleetml_inference::prepare::declared_io(bytes).ok();
         let declared: Vec<TensorSpec> = declared
@@ -34,7 +38,7 @@ impl OnnxModel {
             })
             .collect();
         let declared = declared.as_slice();
-        match CpuModel::load_with_inputs(bytes, declared) {
+        match CpuModel::load_with_inputs(onnx, declared) {
             Ok(model) => Ok(OnnxModel {
                 inputs: model.inputs().to_vec(),
                 outputs: model.outputs().to_vec(),

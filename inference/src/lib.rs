@@ -8,9 +8,12 @@
 //! and outputs are tensors of any element type real models use (f32, f16, f64, i8, i32,
 //! i64, u8, bool).
 
+pub mod external;
 #[cfg(feature = "onnxruntime")]
 pub mod onnxruntime;
 pub mod prepare;
+
+pub use external::{ExternalFiles, Onnx};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -33,6 +36,15 @@ pub enum RuntimeError {
     Run(String),
     #[error("the model cannot run on this backend: {0}")]
     Unsupported(String),
+}
+
+/// Parses `onnx` into tract's graph, its external data (if any) copied in.
+fn parse(onnx: Onnx<'_>) -> Result<InferenceModel, RuntimeError> {
+    let proto = external::inline(onnx)
+        .map_err(|e| RuntimeError::Load(format!("tract cannot load the model: {e}")))?;
+    tract_onnx::onnx()
+        .model_for_proto_model(&proto)
+        .map_err(|e| RuntimeError::Load(format!("tract cannot load the model: {e:#}")))
 }
 
 /// Plans kept per model for concrete input shapes (least recently used evicted).
@@ -74,7 +86,7 @@ impl std::fmt::Debug for CpuModel {
 
 impl CpuModel {
     /// Loads a model whose inputs declare their own shapes.
-    pub fn load(onnx: &[u8]) -> Result<Self, RuntimeError> {
+    pub fn load<'a>(onnx: impl Into<Onnx<'a>>) -> Result<Self, RuntimeError> {
         Self::load_with_inputs(onnx, &[])
     }
 
@@ -85,7 +97,11 @@ impl CpuModel {
     /// When a model cannot be typed with a symbolic dimension (a `Reshape` computed from
     /// `Shape`, say), it is loaded again with each symbol fixed to 1 and runs batches row
     /// by row.
-    pub fn load_with_inputs(onnx: &[u8], inputs: &[TensorSpec]) -> Result<Self, RuntimeError> {
+    pub fn load_with_inputs<'a>(
+        onnx: impl Into<Onnx<'a>>,
+        inputs: &[TensorSpec],
+    ) -> Result<Self, RuntimeError> {
+        let onnx = onnx.into();
         match Self::load_declared(onnx, inputs) {
             Ok(m) => Ok(m),
             Err(first)
@@ -111,12 +127,7 @@ impl CpuModel {
                     })
                     .collect();
                 let mut m = Self::load_declared(onnx, &fixed).map_err(|_| first)?;
-                let load = |e: TractError| {
-                    RuntimeError::Load(format!("tract cannot load the model: {e:#}"))
-                };
-                let source = tract_onnx::onnx()
-                    .model_for_read(&mut &onnx[..])
-                    .map_err(load)?;
+                let source = parse(onnx)?;
                 m.per_shape = Some((source, inputs.to_vec()));
                 m.fixed = None;
                 // Report the declared (symbolic) shapes, not the shape it was checked at.
@@ -147,12 +158,10 @@ impl CpuModel {
         self.per_shape.is_some()
     }
 
-    fn load_declared(onnx: &[u8], inputs: &[TensorSpec]) -> Result<Self, RuntimeError> {
+    fn load_declared(onnx: Onnx<'_>, inputs: &[TensorSpec]) -> Result<Self, RuntimeError> {
         let load =
             |e: TractError| RuntimeError::Load(format!("tract cannot load the model: {e:#}"));
-        let mut model = tract_onnx::onnx()
-            .model_for_read(&mut &onnx[..])
-            .map_err(load)?;
+        let mut model = parse(onnx)?;
         if let Some(node) = model
             .nodes()
             .iter()

@@ -147,9 +147,9 @@ impl OrtModel {
     /// Loads `onnx` with `lib` on `provider` alone (ONNX Runtime places nodes the
     /// provider has no kernel for on its CPU kernels, as it always does). `threads`
     /// sets the intra-op pool (ONNX Runtime's default, one per core, when None).
-    pub fn load(
+    pub fn load<'a>(
         lib: &Library,
-        onnx: &[u8],
+        onnx: impl Into<crate::Onnx<'a>>,
         provider: Provider,
         threads: Option<usize>,
     ) -> Result<OrtModel, RuntimeError> {
@@ -171,7 +171,20 @@ impl OrtModel {
                 .with_execution_providers([ep.error_on_failure()])
                 .map_err(|e| fail(e.into()))?;
         }
-        let session = builder.commit_from_memory(onnx).map_err(fail)?;
+        let onnx = onnx.into();
+        let session = if onnx.external.is_empty() {
+            builder.commit_from_memory(onnx.model).map_err(fail)?
+        } else {
+            // Weights stay in the bundle's buffers; shape tensors go into the graph.
+            crate::external::check(onnx)?;
+            let model = crate::external::inline_small(onnx)?;
+            for (name, bytes) in onnx.external {
+                builder = builder
+                    .with_external_initializer_file_in_memory(name, bytes.clone())
+                    .map_err(|e| fail(e.into()))?;
+            }
+            builder.commit_from_memory(&model).map_err(fail)?
+        };
         let spec = |name: &str, ty: &ValueType| -> Result<TensorSpec, RuntimeError> {
             let ValueType::Tensor {
                 ty,

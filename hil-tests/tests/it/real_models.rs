@@ -652,3 +652,162 @@ fn raw_tensor_bundles_carry_golden_vectors_computed_by_onnxruntime_and_checked_o
         "{err}"
     );
 }
+
+/// Saves `model` again the way torch's exporter does for large models: every weight in
+/// the external data file `location` (relative to `out`'s folder).
+fn save_with_external_data(model: &Path, out: &Path, location: &str) {
+    // PP-OCR keeps its weights in Constant nodes; an exporter writes initializers.
+    let script = "import sys, onnx\n\
+        from onnx import numpy_helper as nh\n\
+        m = onnx.load(sys.argv[1])\n\
+        g = m.graph\n\
+        consts = [n for n in g.node if n.op_type == 'Constant' and n.attribute[0].name == 'value']\n\
+        for n in consts:\n\
+        \x20   g.initializer.append(nh.from_array(nh.to_array(n.attribute[0].t), n.output[0]))\n\
+        \x20   g.node.remove(n)\n\
+        onnx.save_model(m, sys.argv[2], save_as_external_data=True, all_tensors_to_one_file=True, location=sys.argv[3], size_threshold=0)\n";
+    let status = Command::new(python())
+        .args([
+            "-c",
+            script,
+            &model.to_string_lossy(),
+            &out.to_string_lossy(),
+            location,
+        ])
+        .status()
+        .expect("python runs");
+    assert!(status.success(), "onnx.save_model failed");
+}
+
+#[test]
+fn models_with_external_data_are_packed_into_the_bundle_and_served_from_it() {
+    let tmp = setup();
+    let dir = tmp.path();
+    let lib = onnxruntime_library();
+    let lib = lib.to_string_lossy();
+    let original = cases().pop().expect("cls");
+    std::fs::create_dir(dir.join("export")).expect("dir");
+    let model = dir.join("export/cls.onnx");
+    save_with_external_data(&original.model, &model, "cls.onnx.data");
+    assert!(
+        std::fs::metadata(&model).expect("model").len() < 100_000,
+        "the weights left the model file"
+    );
+    let x: Vec<f64> = pseudo_random(3 * 48 * 192, 5)
+        .iter()
+        .map(|v| f64::from(*v))
+        .collect();
+    savez(
+        &dir.join("cls.npz"),
+        &[("x", "float32", vec![1, 3, 48, 192], x)],
+    );
+    let model_arg = model.to_string_lossy().into_owned();
+    let build_args = |out: &'static str, model: &str| -> Vec<String> {
+        [
+            "bundle",
+            "build",
+            "--model",
+            model,
+            "--name",
+            "cls",
+            "--version",
+            "1",
+            "--input-shape",
+            "x=N,3,48,192",
+            "--golden-inputs",
+            "cls.npz",
+            "--onnxruntime",
+            &lib,
+            "--backend",
+            "onnxruntime",
+            "--backend",
+            "cpu",
+            "--key",
+            "keys/k.key",
+            "--out",
+            out,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let args = build_args("cls.fmb", &model_arg);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let built = fleetctl(dir, &args);
+    let out = built.success();
+    // Both backends ran the model with its weights from the packed file.
+    assert!(out.contains("golden check on cpu: agrees"), "{out}");
+    assert!(out.contains("golden check on onnxruntime: agrees"), "{out}");
+    let listing = fleetctl(dir, &["bundle", "inspect", "cls.fmb"]);
+    assert!(
+        listing.success().contains("model.onnx.data"),
+        "{}",
+        listing.stdout
+    );
+    // The device never sees the exporter's folder: only the bundle.
+    std::fs::remove_dir_all(dir.join("export")).expect("rm");
+    for backend in ["cpu", "onnxruntime"] {
+        let board = board(dir, backend);
+        let installed = install(dir, "cls.fmb", &format!("data-{backend}"), &board);
+        assert!(
+            installed
+                .success()
+                .contains("golden self-test passed: 1 rows"),
+            "{backend}: {}",
+            installed.stdout
+        );
+    }
+    let running = hil_tests::RunningAgent::start(
+        dir,
+        &[
+            "run",
+            "--data-dir",
+            "data-onnxruntime",
+            "--trust",
+            "trust.toml",
+            "--board",
+            &board(dir, "onnxruntime").to_string_lossy(),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let request = &original.requests[0];
+    let ours = predict(&running, "cls", request);
+    let theirs = hil_tests::onnxruntime_peer(&original.model, request);
+    let w = worst(&ours, &theirs);
+    assert!(w <= REL, "external-data cls against onnxruntime: {w:e}");
+
+    // Attacks: a location outside the model's folder, directly or through a symbolic
+    // link, is refused at build; nothing outside is read into the bundle.
+    std::fs::create_dir(dir.join("evil")).expect("dir");
+    let escaping = dir.join("evil/cls.onnx");
+    save_with_external_data(&original.model, &escaping, "weights.data");
+    std::fs::rename(dir.join("evil/weights.data"), dir.join("stolen.data")).expect("mv");
+    let clean = std::fs::read(&escaping).expect("model");
+    for location in ["../stolen.data", "/etc/passwd"] {
+        let names = std::collections::BTreeMap::from([("weights.data".into(), location.into())]);
+        let crafted = fleetml_inference::external::relocate(&clean, &names).expect("relocates");
+        std::fs::write(&escaping, crafted).expect("crafted model");
+        let args = build_args("evil.fmb", &escaping.to_string_lossy());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let refused = fleetctl(dir, &args);
+        let err = refused.failure();
+        assert!(
+            err.contains(&format!("`{location}`"))
+                && err.contains("relative path inside the model's folder"),
+            "{err}"
+        );
+    }
+    std::fs::create_dir(dir.join("linked")).expect("dir");
+    let linked = dir.join("linked/cls.onnx");
+    save_with_external_data(&original.model, &linked, "weights.data");
+    std::fs::rename(dir.join("linked/weights.data"), dir.join("outside.data")).expect("mv");
+    std::os::unix::fs::symlink(dir.join("outside.data"), dir.join("linked/weights.data"))
+        .expect("symlink");
+    let args = build_args("linked.fmb", &linked.to_string_lossy());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let refused = fleetctl(dir, &args);
+    let err = refused.failure();
+    assert!(err.contains("outside the model's folder"), "{err}");
+    assert!(!dir.join("evil.fmb").exists() && !dir.join("linked.fmb").exists());
+}
