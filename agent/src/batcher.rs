@@ -7,7 +7,12 @@
 //! (batch) dimension — two image sizes, say — never share a batch: the later one starts
 //! the next. A backend error or panic fails every request of that batch, and only them.
 //! Batch sizes go to the `fleetml_agent_batch_rows` histogram and the batches to
-//! `fleetml_agent_batches_total`, per model.
+//! `fleetml_agent_batches_total`, per model, and to the model's monitoring windows
+//! (`batch_rows`).
+//!
+//! A model is batched when agent.toml has a `[[batching]]` entry for it or, failing
+//! that, when its bundle's serving section sets `max_batch` (`fleetctl bundle build
+//! --max-batch N --max-queue-delay-us US`).
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -35,6 +40,27 @@ pub struct BatchingConfig {
 
 fn default_delay_us() -> u64 {
     1000
+}
+
+impl BatchingConfig {
+    /// The batching of `model`: agent.toml's entry, else the bundle's serving section.
+    pub fn choose(
+        model: &str,
+        configured: &[BatchingConfig],
+        serving: &fleetml_protocol::manifest::ServingPolicy,
+    ) -> Option<BatchingConfig> {
+        configured
+            .iter()
+            .find(|b| b.model == model)
+            .cloned()
+            .or_else(|| {
+                serving.max_batch.map(|max_batch| BatchingConfig {
+                    model: model.to_string(),
+                    max_batch: max_batch as usize,
+                    max_queue_delay_us: serving.max_queue_delay_us.unwrap_or_else(default_delay_us),
+                })
+            })
+    }
 }
 
 /// What a batched request gets back: its outputs, or why the batch failed.
@@ -70,6 +96,7 @@ impl Batcher {
         backend: Arc<dyn Backend>,
         config: &BatchingConfig,
         queue: usize,
+        on_batch: Box<dyn Fn(usize) + Send>,
     ) -> Result<Batcher, String> {
         if config.max_batch < 2 {
             return Err(format!(
@@ -92,7 +119,7 @@ impl Batcher {
         let name = model.to_string();
         std::thread::Builder::new()
             .name(format!("batch-{model}"))
-            .spawn(move || run(&name, backend.as_ref(), &rx, max_batch, delay))
+            .spawn(move || run(&name, backend.as_ref(), &rx, max_batch, delay, &*on_batch))
             .map_err(|e| format!("starting the batching thread of `{model}`: {e}"))?;
         Ok(Batcher { tx })
     }
@@ -138,6 +165,7 @@ fn run(
     rx: &Receiver<JobBox>,
     max_batch: usize,
     delay: Duration,
+    on_batch: &dyn Fn(usize),
 ) {
     let mut carried: Option<Box<Job>> = None;
     loop {
@@ -179,6 +207,7 @@ fn run(
         metrics::histogram!("fleetml_agent_batch_rows", "model" => model.to_string())
             .record(rows as f64);
         metrics::counter!("fleetml_agent_batches_total", "model" => model.to_string()).increment(1);
+        on_batch(rows);
         run_batch(backend, jobs, rows);
     }
 }
@@ -283,8 +312,12 @@ mod tests {
             max_batch: 8,
             max_queue_delay_us: 200_000,
         };
-        let batcher =
-            Arc::new(Batcher::start("m", &spec(), backend.clone(), &config, 64).expect("starts"));
+        let rows = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = rows.clone();
+        let on_batch = Box::new(move |n| seen.lock().expect("rows").push(n));
+        let batcher = Arc::new(
+            Batcher::start("m", &spec(), backend.clone(), &config, 64, on_batch).expect("starts"),
+        );
         let mut tasks = Vec::new();
         for i in 0..8u32 {
             let b = batcher.clone();
@@ -301,6 +334,10 @@ mod tests {
         }
         let calls = backend.calls.load(Ordering::SeqCst);
         assert!(calls < 8, "8 requests ran in {calls} batches");
+        // Every batch was reported with its rows, for the monitoring window.
+        let rows = rows.lock().expect("rows");
+        assert_eq!(rows.len(), calls);
+        assert_eq!(rows.iter().sum::<usize>(), 8);
     }
 
     #[tokio::test]
@@ -313,7 +350,8 @@ mod tests {
         };
         let mut specs = spec();
         specs[0].shape[1] = Dim::Symbol("W".into());
-        let batcher = Batcher::start("m", &specs, backend.clone(), &config, 64).expect("starts");
+        let batcher = Batcher::start("m", &specs, backend.clone(), &config, 64, Box::new(|_| {}))
+            .expect("starts");
         let a = batcher.submit(vec![Tensor::f32("x", vec![1, 2], vec![1.0, 2.0])], 1);
         let b = batcher.submit(vec![Tensor::f32("x", vec![1, 3], vec![1.0, 2.0, 3.0])], 1);
         let (a, b) = tokio::join!(a, b);
@@ -331,8 +369,15 @@ mod tests {
             max_batch: 8,
             max_queue_delay_us: 100,
         };
-        let e = Batcher::start("m", &specs, Arc::new(Double::default()), &config, 4)
-            .expect_err("refused");
+        let e = Batcher::start(
+            "m",
+            &specs,
+            Arc::new(Double::default()),
+            &config,
+            4,
+            Box::new(|_| {}),
+        )
+        .expect_err("refused");
         assert!(e.contains("no symbolic leading"), "{e}");
     }
 }

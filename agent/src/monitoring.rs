@@ -343,6 +343,11 @@ impl ModelMonitor {
         }
     }
 
+    /// Records a batch of `rows` rows run by the dynamic batcher.
+    pub fn batched(&self, rows: usize) {
+        self.lock().core.batched(rows.min(u32::MAX as usize) as u32);
+    }
+
     /// Records `count` inputs that got no prediction.
     pub fn missed(&self, reason: MissReason, count: u32) {
         self.lock().core.missed(now_ms(), reason, count);
@@ -561,6 +566,7 @@ impl ModelMonitor {
             missing_ids: missing_ids.to_vec(),
             latency_us: quantiles(&r.latency_us),
             lag_ms: quantiles(&r.lag_ms),
+            batch_rows: quantiles(&r.batch_rows),
             outages: r
                 .outages
                 .iter()

@@ -78,25 +78,33 @@ fn load(bundles: &std::path::Path, state: &ModelState, config: &Config) -> anyho
     let monitor = monitor_for(&path, &verified, state, config);
     let inline = api::runs_inline(selection.backend.as_ref(), &verified.manifest.inputs);
     let backend: Arc<dyn crate::backend::Backend> = Arc::from(selection.backend);
-    let batcher = config
-        .batching
-        .iter()
-        .find(|b| b.model == state.name)
-        .and_then(|b| {
-            match crate::batcher::Batcher::start(
-                &state.name,
-                &verified.manifest.inputs,
-                backend.clone(),
-                b,
-                config.limits.queue,
-            ) {
-                Ok(batcher) => Some(Arc::new(batcher)),
-                Err(e) => {
-                    tracing::warn!(model = %state.name, "not batching: {e}");
-                    None
-                }
+    let batching = crate::batcher::BatchingConfig::choose(
+        &state.name,
+        &config.batching,
+        &verified.manifest.serving,
+    );
+    let batcher = batching.as_ref().and_then(|b| {
+        let watched = monitor.clone();
+        let on_batch = Box::new(move |rows| {
+            if let Some(m) = &watched {
+                m.batched(rows);
             }
         });
+        match crate::batcher::Batcher::start(
+            &state.name,
+            &verified.manifest.inputs,
+            backend.clone(),
+            b,
+            config.limits.queue,
+            on_batch,
+        ) {
+            Ok(batcher) => Some(Arc::new(batcher)),
+            Err(e) => {
+                tracing::warn!(model = %state.name, "not batching: {e}");
+                None
+            }
+        }
+    });
     Ok(Served {
         inline,
         name: state.name.clone(),

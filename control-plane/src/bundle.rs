@@ -51,6 +51,8 @@ pub struct BuildOptions {
     pub bins: u32,
     /// Monitoring window and thresholds for this model.
     pub monitoring: fleetml_protocol::manifest::MonitoringPolicy,
+    /// Dynamic batching the agent applies unless configured otherwise.
+    pub serving: fleetml_protocol::manifest::ServingPolicy,
     /// Also store a model prepared for the GPU backend, fixed to this batch size.
     pub prepare_gpu: Option<u64>,
     pub backends: Vec<String>,
@@ -322,6 +324,7 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<Built> {
         min_agent_version: opts.min_agent_version.clone(),
         lineage,
         monitoring: opts.monitoring,
+        serving: opts.serving,
     };
     manifest.validate().context("the bundle would be invalid")?;
     let manifest_bytes = manifest.to_canonical_cbor();

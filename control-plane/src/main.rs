@@ -749,6 +749,15 @@ struct BuildArgs {
     /// `alert_windows`. A device's own agent configuration overrides each it sets.
     #[arg(long)]
     monitoring: Option<PathBuf>,
+    /// Serve with dynamic batching: concurrent requests coalesce into batches of up to
+    /// N rows (2 or more; every input needs a symbolic leading dimension). A device's
+    /// `[[batching]]` in agent.toml overrides it.
+    #[arg(long, value_name = "N")]
+    max_batch: Option<u32>,
+    /// With --max-batch: longest the first request of a batch waits for others
+    /// (microseconds; the agent's default is 1000).
+    #[arg(long, value_name = "US", requires = "max_batch")]
+    max_queue_delay_us: Option<u64>,
     /// Quantile bins per numeric feature in the reference profile.
     #[arg(long, default_value_t = 10)]
     bins: u32,
@@ -2002,6 +2011,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         )?
                     }
                     None => Default::default(),
+                },
+                serving: fleetml_protocol::manifest::ServingPolicy {
+                    max_batch: a.max_batch,
+                    max_queue_delay_us: a.max_queue_delay_us,
                 },
                 prepare_gpu: a.prepare.iter().any(|p| p == "gpu").then_some(a.gpu_batch),
                 backends: if a.backends.is_empty() {

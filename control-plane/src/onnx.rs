@@ -27,6 +27,18 @@ impl OnnxModel {
         let bytes = onnx.model;
         // `--input-shape` gives shapes; element types stay the model's own.
         let from_graph = fleetml_inference::prepare::declared_io(bytes).ok();
+        if let Some((inputs, _)) = &from_graph
+            && let Some(unknown) = declared
+                .iter()
+                .find(|d| !inputs.iter().any(|i| i.name == d.name))
+        {
+            let names: Vec<&str> = inputs.iter().map(|i| i.name.as_str()).collect();
+            anyhow::bail!(
+                "--input-shape names `{}`, which is not an input of the model (its inputs: {})",
+                unknown.name,
+                names.join(", ")
+            );
+        }
         let declared: Vec<TensorSpec> = declared
             .iter()
             .map(|d| {

@@ -428,6 +428,7 @@ fn build_candidate(
         lineage: Some(lineage_path),
         bins: 10,
         monitoring: Default::default(),
+        serving: Default::default(),
         prepare_gpu: None,
         backends: vec!["cpu".into()],
         boards: Vec::new(),

@@ -1153,6 +1153,7 @@ fn window(fleet: &Fleet, model: &str, version: u64, n: u64, rng: &mut Rng) -> Bo
             p95: Some(2),
             p99: Some(3),
         },
+        batch_rows: Quantiles::default(),
         outages: Vec::new(),
         outages_not_listed: 0,
         features: fleet.features.iter().map(|f| feature(f, rng)).collect(),

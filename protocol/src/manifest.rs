@@ -57,6 +57,28 @@ pub struct Manifest {
     /// configuration overrides each one it sets).
     #[serde(default, skip_serializing_if = "MonitoringPolicy::is_empty")]
     pub monitoring: MonitoringPolicy,
+    /// How the agent serves this model unless its configuration says otherwise.
+    #[serde(default, skip_serializing_if = "ServingPolicy::is_empty")]
+    pub serving: ServingPolicy,
+}
+
+/// Serving settings a bundle may carry (`fleetctl bundle build --max-batch N
+/// --max-queue-delay-us US`): dynamic batching, as agent.toml's `[[batching]]` sets it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServingPolicy {
+    /// Most rows in one batch (2 or more); absent: not batched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_batch: Option<u32>,
+    /// Longest the first request of a batch waits for others, microseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_queue_delay_us: Option<u64>,
+}
+
+impl ServingPolicy {
+    pub fn is_empty(&self) -> bool {
+        *self == ServingPolicy::default()
+    }
 }
 
 /// Monitoring settings a bundle may carry (`fleetctl bundle build --monitoring FILE`):
@@ -461,7 +483,51 @@ impl Manifest {
         }
         self.lineage.validate()?;
         self.monitoring.validate()?;
+        self.validate_serving()?;
         self.features.check_against(&self.inputs)?;
+        Ok(())
+    }
+
+    fn validate_serving(&self) -> Result<(), ManifestError> {
+        let bad =
+            |field: &'static str, problem: String| Err(ManifestError::Field { field, problem });
+        let serving = &self.serving;
+        match serving.max_batch {
+            None if serving.max_queue_delay_us.is_some() => {
+                return bad(
+                    "serving.max_queue_delay_us",
+                    "is set without serving.max_batch".into(),
+                );
+            }
+            None => {}
+            Some(n) if !(2..=65_536).contains(&n) => {
+                return bad(
+                    "serving.max_batch",
+                    format!("{n} is not between 2 and 65536"),
+                );
+            }
+            Some(_) => {
+                if let Some(fixed) = self
+                    .inputs
+                    .iter()
+                    .find(|t| !matches!(t.shape.first(), Some(Dim::Symbol(_))))
+                {
+                    return bad(
+                        "serving.max_batch",
+                        format!(
+                            "input `{}` has no symbolic leading (batch) dimension, so requests cannot be batched (declare it with --input-shape {}=N,…)",
+                            fixed.name, fixed.name
+                        ),
+                    );
+                }
+            }
+        }
+        if serving.max_queue_delay_us.is_some_and(|us| us > 10_000_000) {
+            return bad(
+                "serving.max_queue_delay_us",
+                "is more than 10 s (10000000)".into(),
+            );
+        }
         Ok(())
     }
 

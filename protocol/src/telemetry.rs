@@ -188,6 +188,13 @@ pub struct Quantiles {
     pub p99: Option<u64>,
 }
 
+impl Quantiles {
+    /// Nothing was recorded.
+    pub fn is_empty(&self) -> bool {
+        self.p50.is_none() && self.p95.is_none() && self.p99.is_none()
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Outage {
@@ -225,6 +232,10 @@ pub struct WindowReport {
     pub missing_ids: Vec<String>,
     pub latency_us: Quantiles,
     pub lag_ms: Quantiles,
+    /// Rows per batch the agent's dynamic batcher ran in this window (absent when the
+    /// model is not batched).
+    #[serde(default, skip_serializing_if = "Quantiles::is_empty")]
+    pub batch_rows: Quantiles,
     pub outages: Vec<Outage>,
     pub outages_not_listed: u32,
     pub features: Vec<FeatureDrift>,

@@ -438,6 +438,8 @@ pub struct WindowReport {
     pub missed: [u32; MISS_REASONS],
     pub latency_us: Quantiles,
     pub lag_ms: Quantiles,
+    /// Rows per batch the dynamic batcher ran (count 0 when the model is not batched).
+    pub batch_rows: Quantiles,
     pub outages: Vec<Outage, MAX_OUTAGES>,
     /// Outages beyond [`MAX_OUTAGES`] in this window (counted, not listed).
     pub outages_dropped: u32,
@@ -481,6 +483,7 @@ pub struct Monitor {
     missed: [u32; MISS_REASONS],
     latency_us: Histogram,
     lag_ms: Histogram,
+    batch_rows: Histogram,
     outages: Vec<Outage, MAX_OUTAGES>,
     outages_dropped: u32,
     /// The outage in progress, if inputs are being missed since the last prediction.
@@ -518,6 +521,7 @@ impl Monitor {
             missed: [0; MISS_REASONS],
             latency_us: Histogram::default(),
             lag_ms: Histogram::default(),
+            batch_rows: Histogram::default(),
             outages: Vec::new(),
             outages_dropped: 0,
             open_outage: None,
@@ -530,6 +534,12 @@ impl Monitor {
 
     pub fn thresholds(&self) -> &Thresholds {
         &self.thresholds
+    }
+
+    /// Records that the dynamic batcher ran a batch of `rows` rows (its predictions are
+    /// recorded one by one with [`Self::observe`]).
+    pub fn batched(&mut self, rows: u32) {
+        self.batch_rows.record(u64::from(rows));
     }
 
     /// Records one prediction: its feature values (in reference order; extra values are
@@ -677,6 +687,7 @@ impl Monitor {
             missed: self.missed,
             latency_us: Quantiles::of(&self.latency_us),
             lag_ms: Quantiles::of(&self.lag_ms),
+            batch_rows: Quantiles::of(&self.batch_rows),
             outages,
             outages_dropped: self.outages_dropped,
             events,
@@ -711,6 +722,7 @@ impl Monitor {
         self.missed = [0; MISS_REASONS];
         self.latency_us.clear();
         self.lag_ms.clear();
+        self.batch_rows.clear();
         self.outages_dropped = 0;
         report
     }

@@ -107,6 +107,7 @@ fn manifest(payloads: &[(&str, Vec<u8>)]) -> Manifest {
         min_agent_version: "0.1.0".into(),
         lineage: Lineage::default(),
         monitoring: Default::default(),
+        serving: Default::default(),
     }
 }
 

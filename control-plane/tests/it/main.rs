@@ -31,6 +31,7 @@ fn options(dir: &Path) -> bundle::BuildOptions {
         bins: 10,
         prepare_gpu: None,
         monitoring: Default::default(),
+        serving: Default::default(),
         backends: vec!["cpu".into()],
         boards: vec![],
         min_agent_version: "0.1.0".into(),

@@ -42,6 +42,7 @@ fn window(model: &str, n: u64) -> Body {
         missing_ids: vec![],
         latency_us: Quantiles::default(),
         lag_ms: Quantiles::default(),
+        batch_rows: Quantiles::default(),
         outages: vec![],
         outages_not_listed: 0,
         features: (0..15).map(feature).collect(),

@@ -711,3 +711,130 @@ fn concurrent_requests_are_batched_and_each_gets_its_own_prediction() {
         "{text}"
     );
 }
+
+#[test]
+fn a_bundles_serving_section_batches_without_agent_configuration_and_windows_report_batch_sizes() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    keys_and_policy(dir, "k");
+    // The claims model's input has a symbolic batch `N`.
+    let built = build_claims(
+        dir,
+        1,
+        "claims.fmb",
+        &[
+            "--key",
+            "keys/k.key",
+            "--max-batch",
+            "16",
+            "--max-queue-delay-us",
+            "50000",
+            "--reference",
+            &hil_tests::claims("reference.csv"),
+        ],
+    );
+    built.success();
+    let inspect = fleetctl(dir, &["bundle", "inspect", "claims.fmb", "--json"]);
+    let manifest: Value = serde_json::from_str(inspect.success()).expect("json");
+    assert_eq!(
+        manifest["manifest"]["serving"],
+        json!({"max_batch": 16, "max_queue_delay_us": 50000}),
+        "{manifest}"
+    );
+    agent(
+        dir,
+        &[
+            "install-bundle",
+            "claims.fmb",
+            "--data-dir",
+            "data",
+            "--trust",
+            "trust.toml",
+        ],
+    )
+    .success();
+    std::fs::write(
+        dir.join("agent.toml"),
+        "data_dir = \"data\"\ntrust = \"trust.toml\"\nlisten = \"127.0.0.1:0\"\nwindow_predictions = 8\n",
+    )
+    .expect("config");
+    let running = std::sync::Arc::new(RunningAgent::start(dir, &["run", "--config", "agent.toml"]));
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(8));
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let (running, barrier) = (running.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                running.predict(&json!({ "features": claim() }))
+            })
+        })
+        .collect();
+    for t in threads {
+        let (status, body) = t.join().expect("thread");
+        assert_eq!(status, 200, "{body}");
+    }
+    let (_, text) = running.request("GET", "/metrics", &Value::Null);
+    let text = text.as_str().expect("metrics text").to_string();
+    let batches = metric(&text, "fleetml_agent_batches_total{model=\"claims\"}");
+    assert!(
+        batches < 8.0,
+        "8 concurrent requests ran in {batches} batches"
+    );
+    let (status, view) = running.request("GET", "/v1/models/claims/monitoring", &Value::Null);
+    assert_eq!(status, 200, "{view}");
+    let window = &view["windows"][0];
+    assert_eq!(window["predictions"], 8, "{view}");
+    let p99 = window["batch_rows"]["p99"]
+        .as_u64()
+        .expect("batch sizes in the window");
+    assert!((2..=8).contains(&p99), "{view}");
+
+    // A model whose input has a fixed batch cannot carry a serving section.
+    let refused = fleetctl(
+        dir,
+        &[
+            "bundle",
+            "build",
+            "--model",
+            &hil_tests::claims("model.onnx"),
+            "--name",
+            "c",
+            "--version",
+            "1",
+            "--input-shape",
+            "input=1,25",
+            "--max-batch",
+            "4",
+            "--out",
+            "c.fmb",
+        ],
+    );
+    let err = refused.failure();
+    assert!(
+        err.contains("input `input` has no symbolic leading (batch) dimension"),
+        "{err}"
+    );
+    // A shape for an input the model does not have is refused, naming the inputs.
+    let refused = fleetctl(
+        dir,
+        &[
+            "bundle",
+            "build",
+            "--model",
+            &hil_tests::claims("model.onnx"),
+            "--name",
+            "c",
+            "--version",
+            "1",
+            "--input-shape",
+            "claim=N,25",
+            "--out",
+            "c.fmb",
+        ],
+    );
+    let err = refused.failure();
+    assert!(
+        err.contains("`claim`, which is not an input of the model (its inputs: input)"),
+        "{err}"
+    );
+}

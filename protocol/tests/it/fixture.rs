@@ -93,6 +93,7 @@ pub fn manifest(payloads: &[(&str, Vec<u8>)]) -> Manifest {
             ..Default::default()
         },
         monitoring: Default::default(),
+        serving: Default::default(),
     }
 }
 
