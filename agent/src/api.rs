@@ -69,6 +69,8 @@ pub struct Served {
     pub inline: bool,
     /// The dynamic batcher, when the model's requests are batched.
     pub batcher: Option<Arc<crate::batcher::Batcher>>,
+    /// Resident memory the agent grew by while loading and self-testing this model.
+    pub memory_bytes: u64,
 }
 
 /// A model whose single-row run takes less than this runs small requests inline.
@@ -160,6 +162,12 @@ pub struct Api {
     sinks: std::sync::OnceLock<crate::sinks::Sinks>,
     /// Capture and the recent predictions feedback refers to (set once at start).
     capture: std::sync::OnceLock<Arc<crate::capture::Capture>>,
+    /// Models being loaded that serve nothing yet: their requests wait for them.
+    loading: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// Woken whenever a model finishes loading (or fails to).
+    ready: tokio::sync::Notify,
+    /// Predictions since memory was last handed back to the system.
+    since_trim: AtomicU64,
 }
 
 impl Api {
@@ -173,7 +181,70 @@ impl Api {
             next_id: AtomicU64::new(1),
             sinks: std::sync::OnceLock::new(),
             capture: std::sync::OnceLock::new(),
+            loading: std::sync::Mutex::new(std::collections::BTreeSet::new()),
+            ready: tokio::sync::Notify::new(),
+            since_trim: AtomicU64::new(0),
         })
+    }
+
+    /// `name` is being loaded: its requests wait for it (up to the prediction timeout)
+    /// instead of being refused as unknown.
+    pub fn loading(&self, name: &str) {
+        self.loading
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string());
+    }
+
+    /// `name` finished loading, served ([`Self::swap`] says so itself) or not.
+    pub fn loaded(&self, name: &str) {
+        self.loading
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        self.ready.notify_waiters();
+    }
+
+    /// Models still loading that serve nothing yet.
+    pub fn pending(&self) -> Vec<String> {
+        let loading = self.loading.lock().unwrap_or_else(|p| p.into_inner());
+        loading
+            .iter()
+            .filter(|n| self.get(n).is_none())
+            .cloned()
+            .collect()
+    }
+
+    /// The model `name`, waiting until `deadline` while it is still loading.
+    async fn model(&self, name: &str, deadline: Instant) -> Result<Arc<Served>, ApiError> {
+        loop {
+            let woken = self.ready.notified();
+            if let Some(m) = self.get(name) {
+                return Ok(m);
+            }
+            let loading = self
+                .loading
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(name);
+            if !loading {
+                return Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "unknown_model",
+                    format!("no model named `{name}` is active"),
+                ));
+            }
+            if tokio::time::timeout_at(deadline.into(), woken)
+                .await
+                .is_err()
+            {
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "timeout",
+                    format!("model `{name}` is still loading; retry shortly"),
+                ));
+            }
+        }
     }
 
     /// Forwards every prediction to `sinks` from now on (once).
@@ -189,8 +260,14 @@ impl Api {
     /// Serves `model` from now on. Requests already running keep the model they started
     /// with; new ones get this one.
     pub fn swap(&self, model: Served) {
+        metrics::gauge!("fleetml_agent_model_memory_bytes", "model" => model.name.clone())
+            .set(model.memory_bytes as f64);
+        let name = model.name.clone();
         let mut map = self.models.write().unwrap_or_else(|p| p.into_inner());
-        map.insert(model.name.clone(), Arc::new(model));
+        map.insert(name.clone(), Arc::new(model));
+        drop(map);
+        // Served before it stops counting as loading: a waiter never sees neither.
+        self.loaded(&name);
     }
 
     /// The version of `name` being served, if any.
@@ -205,6 +282,16 @@ impl Api {
             if let Some(m) = &model.monitor {
                 m.tick();
             }
+        }
+        // After a burst, once nothing runs, hand freed memory back to the system: glibc
+        // keeps freed blocks of every thread's arena otherwise.
+        let idle = self.running.available_permits() == self.limits.workers.max(1);
+        if idle && self.since_trim.load(Ordering::Relaxed) > 0 {
+            self.since_trim.store(0, Ordering::Relaxed);
+            crate::memory::trim();
+        }
+        if let Some(rss) = crate::memory::resident_bytes() {
+            metrics::gauge!("fleetml_agent_resident_bytes").set(rss as f64);
         }
     }
 
@@ -244,6 +331,7 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/v1/expect", post(expect))
         .route("/v1/feedback", post(feedback))
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(api)
 }
@@ -537,13 +625,8 @@ async fn predict_inner(
     body: Body,
 ) -> Result<Reply, ApiError> {
     let started = Instant::now();
-    let Some(model) = api.get(name) else {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "unknown_model",
-            format!("no model named `{name}` is active"),
-        ));
-    };
+    api.since_trim.fetch_add(1, Ordering::Relaxed);
+    let model = api.model(name, started + api.limits.timeout).await?;
     let Request {
         fields: request,
         tensors,
@@ -1062,12 +1145,28 @@ fn encode_features(model: &Served, features: &Value, max_rows: usize) -> Result<
     Ok((inputs, raw_rows.len(), raw_rows))
 }
 
+/// 200 once every model of the store has been loaded (served, or refused and
+/// recorded); 503 with the models still loading before that.
+async fn readyz(State(api): State<Arc<Api>>) -> Response {
+    let loading = api.pending();
+    let status = if loading.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    respond(
+        false,
+        status,
+        &json!({"ready": loading.is_empty(), "loading": loading}),
+    )
+}
+
 async fn list_models(State(api): State<Arc<Api>>) -> Response {
     let map = api.models.read().unwrap_or_else(|p| p.into_inner()).clone();
     let list: Vec<Value> = map
         .values()
         .map(|m| {
-            let mut v = json!({"name": m.name, "version": m.version, "backend": m.backend.kind().as_str(), "fallbacks": m.fallbacks});
+            let mut v = json!({"name": m.name, "version": m.version, "state": "serving", "backend": m.backend.kind().as_str(), "fallbacks": m.fallbacks, "memory_bytes": m.memory_bytes});
             if let Some((provider, version)) = m.backend.provider() {
                 v["provider"] = json!(provider.as_str());
                 v["onnxruntime_version"] = json!(version);
@@ -1075,6 +1174,12 @@ async fn list_models(State(api): State<Arc<Api>>) -> Response {
             v
         })
         .collect();
+    let mut list = list;
+    list.extend(
+        api.pending()
+            .into_iter()
+            .map(|name| json!({"name": name, "state": "loading"})),
+    );
     respond(false, StatusCode::OK, &json!({ "models": list }))
 }
 

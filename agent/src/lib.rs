@@ -16,6 +16,7 @@ pub mod config;
 pub mod explain;
 #[cfg(feature = "gpu")]
 pub mod gpu;
+pub mod memory;
 pub mod monitoring;
 pub mod outbox;
 pub mod publisher;

@@ -50,6 +50,9 @@ type Changes = Vec<telemetry::Event>;
 
 /// Verifies the stored bundle of `state` again and prepares it on the board's backends.
 fn load(bundles: &std::path::Path, state: &ModelState, config: &Config) -> anyhow::Result<Served> {
+    // Models load one at a time (reloads are serialized), so the growth of resident
+    // memory across this call is this model's: weights, plans, self-test buffers.
+    let before = crate::memory::resident_bytes();
     let path = bundles.join(format!("{}.fmb", state.active.digest));
     let file = std::fs::File::open(&path)
         .with_context(|| format!("stored bundle {} is missing", path.display()))?;
@@ -105,7 +108,12 @@ fn load(bundles: &std::path::Path, state: &ModelState, config: &Config) -> anyho
             }
         }
     });
+    let memory_bytes = match (before, crate::memory::resident_bytes()) {
+        (Some(b), Some(a)) => a.saturating_sub(b),
+        _ => 0,
+    };
     Ok(Served {
+        memory_bytes,
         inline,
         name: state.name.clone(),
         version: state.active.version,
@@ -160,6 +168,10 @@ fn monitor_for(
 /// what happened as lifecycle events (activation failures recorded by
 /// `install-bundle` included: the caller reports each once).
 pub fn reload(api: &Api, config: &Config) -> anyhow::Result<Changes> {
+    // One reload at a time (start-up, SIGHUP, the assignment puller): a model is never
+    // loaded twice at once, and memory measured per model stays its own.
+    static RELOAD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = RELOAD.lock().unwrap_or_else(|p| p.into_inner());
     let mut changes = Changes::new();
     let event = |kind, name: &str, version, detail: String| telemetry::Event {
         kind,
@@ -174,6 +186,7 @@ pub fn reload(api: &Api, config: &Config) -> anyhow::Result<Changes> {
             .with_context(|| format!("opening the model store in {}", config.data_dir.display()))?;
         (store.models()?, store.bundles_dir().to_path_buf())
     };
+    mark_loading(api, &states);
     for state in states {
         if let Some(f) = &state.last_failure {
             // Recorded failures come after verification: no backend loaded the model or
@@ -228,6 +241,7 @@ pub fn reload(api: &Api, config: &Config) -> anyhow::Result<Changes> {
                 api.swap(served);
             }
             Err(e) => {
+                api.loaded(&state.name);
                 tracing::error!(model = %state.name, version = state.active.version, error = %format!("{e:#}"), "cannot serve this version; keeping what runs");
                 changes.push(event(
                     Lifecycle::ActivationFailed,
@@ -239,6 +253,16 @@ pub fn reload(api: &Api, config: &Config) -> anyhow::Result<Changes> {
         }
     }
     Ok(changes)
+}
+
+/// Requests for a model not served yet wait for it rather than being refused, and
+/// `/readyz` says 503 until it is loaded.
+fn mark_loading(api: &Api, states: &[ModelState]) {
+    for state in states {
+        if api.version_of(&state.name).is_none() {
+            api.loading(&state.name);
+        }
+    }
 }
 
 /// Activation failures already reported, by (model, version, reason).
@@ -390,7 +414,6 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     };
     // Failures already recorded are in the status; only new ones become events.
     let mut reported = Reported::default();
-    unreported(reload(&api, &config)?, &mut reported);
     let wake: crate::assignments::Wake = Arc::new(tokio::sync::Notify::new());
     let (reload_tx, mut reload_rx) =
         tokio::sync::mpsc::channel::<crate::assignments::ReloadRequest>(4);
@@ -451,6 +474,13 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         ),
         _ => {}
     }
+    {
+        // Before listening: /readyz must not say ready before loading has begun.
+        let _guard = store_lock();
+        let store = ModelStore::open(&config.data_dir)
+            .with_context(|| format!("opening the model store in {}", config.data_dir.display()))?;
+        mark_loading(&api, &store.models()?);
+    }
     let app = api::router(api.clone());
     // Bind every listener before saying anything: the first line printed means the
     // agent is ready on all of them.
@@ -479,7 +509,16 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     if let Some(path) = &config.socket {
         announce(&format!("listening on unix:{}", path.display()));
     }
-    crate::sdnotify::notify(&format!("READY=1\nSTATUS=serving on {address}"));
+    crate::sdnotify::notify(&format!(
+        "READY=1\nSTATUS=loading models, listening on {address}"
+    ));
+    // Models load after the listeners are up, one by one, each served as soon as it is
+    // ready; requests for one still loading wait for it.
+    let mut initial = {
+        let (a, c) = (api.clone(), config.clone());
+        tokio::task::spawn_blocking(move || reload(&a, &c))
+    };
+    let mut initial_done = false;
     // Pinged from this loop, so a wedged loop (not just a live process) trips the watchdog.
     let mut watchdog = crate::sdnotify::watchdog_interval().map(tokio::time::interval);
     use tokio::signal::unix::{SignalKind, signal};
@@ -488,6 +527,23 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     loop {
         let mut done: Option<crate::assignments::ReloadRequest> = None;
         tokio::select! {
+            loaded = &mut initial, if !initial_done => {
+                initial_done = true;
+                match loaded {
+                    Ok(Ok(changes)) => {
+                        unreported(changes, &mut reported);
+                        if let Some((tel, _)) = &tel {
+                            tel.queue_status(status_of(&api, &config.board, started));
+                        }
+                        let served = api.served().len();
+                        tracing::info!(models = served, "models loaded");
+                        crate::sdnotify::notify(&format!("STATUS=serving {served} model(s) on {address}"));
+                    }
+                    Ok(Err(e)) => return Err(e.context("loading the models")),
+                    Err(e) => anyhow::bail!("loading the models: {e}"),
+                }
+                continue;
+            }
             Some(request) = reload_rx.recv() => done = Some(request),
             _ = hup.recv() => {}
             _ = term.recv() => break,

@@ -431,6 +431,7 @@ impl Board {
             if let Some(port) = agent.addr.strip_prefix("0.0.0.0:") {
                 agent.addr = format!("{}:{port}", ssh.host);
             }
+            agent.wait_ready();
             return Device {
                 agent: Some(agent),
                 cgroup: None,
@@ -467,8 +468,10 @@ impl Board {
             .arg(format!("{listen_ip}:0"))
             .arg("--board")
             .arg(&self.profile.path);
+        let agent = RunningAgent::spawn_logged(cmd, log.into());
+        agent.wait_ready();
         Device {
-            agent: Some(RunningAgent::spawn_logged(cmd, log.into())),
+            agent: Some(agent),
             cgroup,
             remote: None,
         }

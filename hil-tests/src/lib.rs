@@ -424,7 +424,26 @@ impl RunningAgent {
     pub fn start(dir: &Path, args: &[&str]) -> RunningAgent {
         let mut cmd = Command::new(bin("fleet-agent"));
         cmd.current_dir(dir).args(args);
-        RunningAgent::spawn(cmd)
+        let agent = RunningAgent::spawn(cmd);
+        agent.wait_ready();
+        agent
+    }
+
+    /// Waits until `/readyz` says every model of the agent's store is loaded (the agent
+    /// listens first and loads its models after).
+    pub fn wait_ready(&self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+        loop {
+            let (status, body) = self.request("GET", "/readyz", &serde_json::Value::Null);
+            if status == 200 {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the agent's models did not load within 300 s: {status} {body}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 
     /// Spawns `cmd` (an agent's `run`, perhaps under a wrapper: an emulator, a network

@@ -243,7 +243,7 @@ fn the_agent_notifies_systemd_ready_watchdog_and_stopping() {
         said.push(String::from_utf8_lossy(&buf[..n]).into_owned());
     }
     assert!(
-        said[0].starts_with("READY=1\nSTATUS=serving on 127.0.0.1:"),
+        said[0].starts_with("READY=1\nSTATUS=loading models, listening on 127.0.0.1:"),
         "{said:?}"
     );
     // Three pings at 200 ms take at least 400 ms (the first is immediate).

@@ -811,3 +811,113 @@ fn models_with_external_data_are_packed_into_the_bundle_and_served_from_it() {
     assert!(err.contains("outside the model's folder"), "{err}");
     assert!(!dir.join("evil.fmb").exists() && !dir.join("linked.fmb").exists());
 }
+
+#[test]
+fn the_agent_listens_at_once_and_serves_each_model_as_soon_as_it_is_ready() {
+    let tmp = setup();
+    let dir = tmp.path();
+    let lib = onnxruntime_library();
+    let lib = lib.to_string_lossy();
+    // PP-OCRv4's detector with golden inputs at 640×640: its load and self-test on
+    // tract take a while; the classifier loads quickly.
+    let x: Vec<f64> = pseudo_random(3 * 640 * 640, 2)
+        .iter()
+        .map(|v| f64::from(*v))
+        .collect();
+    savez(
+        &dir.join("det.npz"),
+        &[("x", "float32", vec![1, 3, 640, 640], x)],
+    );
+    let det = cases().remove(0);
+    let model = det.model.to_string_lossy().into_owned();
+    fleetctl(
+        dir,
+        &[
+            "bundle",
+            "build",
+            "--model",
+            &model,
+            "--name",
+            "a-det",
+            "--version",
+            "1",
+            "--input-shape",
+            "x=N,3,H,W",
+            "--golden-inputs",
+            "det.npz",
+            "--onnxruntime",
+            &lib,
+            "--key",
+            "keys/k.key",
+            "--out",
+            "det.fmb",
+        ],
+    )
+    .success();
+    let cls = cases().pop().expect("cls");
+    let bundle = build(dir, &cls);
+    let board = board(dir, "cpu");
+    for b in ["det.fmb", bundle.as_str()] {
+        install(dir, b, "data", &board).success();
+    }
+    let mut cmd = Command::new(hil_tests::bin("fleet-agent"));
+    cmd.current_dir(dir).args([
+        "run",
+        "--data-dir",
+        "data",
+        "--trust",
+        "trust.toml",
+        "--board",
+        &board.to_string_lossy(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    let running = hil_tests::RunningAgent::spawn(cmd);
+    // Listening before any model is loaded: health answers, readiness says what loads.
+    let (status, body) = running.request("GET", "/healthz", &Value::Null);
+    assert_eq!(status, 200, "{body}");
+    let (status, ready) = running.request("GET", "/readyz", &Value::Null);
+    assert_eq!(status, 503, "the detector is still loading: {ready}");
+    assert!(
+        ready["loading"]
+            .as_array()
+            .is_some_and(|l| l.contains(&json!("a-det"))),
+        "{ready}"
+    );
+    let (_, models) = running.request("GET", "/v1/models", &Value::Null);
+    assert!(
+        models["models"]
+            .as_array()
+            .expect("models")
+            .iter()
+            .any(|m| m["name"] == "a-det" && m["state"] == "loading"),
+        "{models}"
+    );
+    // A request for a model still loading waits for it instead of failing.
+    let ours = predict(&running, "cls", &cls.requests[0]);
+    assert_eq!(ours[0].shape, vec![1, 2]);
+    running.wait_ready();
+    let (_, models) = running.request("GET", "/v1/models", &Value::Null);
+    for m in models["models"].as_array().expect("models") {
+        assert_eq!(m["state"], "serving", "{models}");
+        assert!(m["memory_bytes"].as_u64().is_some(), "{models}");
+    }
+    let det_memory = models["models"]
+        .as_array()
+        .expect("models")
+        .iter()
+        .find(|m| m["name"] == "a-det")
+        .and_then(|m| m["memory_bytes"].as_u64())
+        .expect("det");
+    // Its weights alone are 4.7 MB.
+    assert!(det_memory > 4 << 20, "{models}");
+    let (_, metrics) = running.request("GET", "/metrics", &Value::Null);
+    let metrics = metrics.as_str().expect("text");
+    assert!(
+        metrics.contains("fleetml_agent_model_memory_bytes{model=\"a-det\"}"),
+        "{metrics}"
+    );
+    // A model nobody installed is still refused at once.
+    let (status, body) = running.request("POST", "/v1/models/nope/predict", &json!({}));
+    assert_eq!(status, 404, "{body}");
+}
