@@ -1,6 +1,6 @@
 """Latency and throughput of onnxruntime (the peer) on the benchmark models.
 
-usage: ort_bench.py MODEL.onnx claims|cls THREADS CLIENTS SECONDS
+usage: ort_bench.py MODEL.onnx claims|cls|det|rec THREADS CLIENTS SECONDS
 Prints: `ort-<threads>t model clients p50_us p99_us requests_per_second`.
 """
 import sys
@@ -25,8 +25,9 @@ def main() -> None:
         x[0, 20] = 1.0  # east
         x[0, 23] = 1.0  # police report: yes
     else:
-        i = np.arange(3 * 48 * 192)
-        x = (((i * 7919) % 2000).astype(np.float32) / 1000.0 - 1.0).reshape(1, 3, 48, 192)
+        h, w = {"cls": (48, 192), "det": (640, 640), "rec": (48, 320)}[model]
+        i = np.arange(3 * h * w)
+        x = (((i * 7919) % 2000).astype(np.float32) / 1000.0 - 1.0).reshape(1, 3, h, w)
     latencies = []
     lock = threading.Lock()
     start = time.perf_counter()
@@ -48,7 +49,7 @@ def main() -> None:
     elapsed = time.perf_counter() - start
     latencies.sort()
     pct = lambda p: latencies[min(int(len(latencies) * p), len(latencies) - 1)] * 1e6
-    print(f"ort-{threads}t {model} {clients} {pct(0.5):.1f} {pct(0.99):.1f} {len(latencies) / elapsed:.0f}")
+    print(f"ort-{threads}t {model} {clients} {pct(0.5):.1f} {pct(0.99):.1f} {len(latencies) / elapsed:.1f}")
 
 
 if __name__ == "__main__":

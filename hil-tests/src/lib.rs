@@ -353,11 +353,22 @@ impl<S: std::io::Read + std::io::Write> KeepAlive<S> {
         content_type: &str,
         body: &[u8],
     ) -> std::io::Result<(u16, Vec<u8>)> {
-        let mut request = format!(
-            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        )
-        .into_bytes();
+        self.request_with(method, path, &[("Content-Type", content_type)], body)
+    }
+
+    /// [`Self::request`] with any headers (`Content-Length` is added).
+    pub fn request_with(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> std::io::Result<(u16, Vec<u8>)> {
+        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\n");
+        for (k, v) in headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        let mut request = format!("{head}Content-Length: {}\r\n\r\n", body.len()).into_bytes();
         request.extend_from_slice(body);
         self.stream.write_all(&request)?;
         let mut chunk = [0u8; 64 * 1024];

@@ -38,6 +38,26 @@ pub enum RuntimeError {
     Unsupported(String),
 }
 
+/// Runs tract's matrix products and elementwise kernels on a pool of `threads`
+/// threads (process-wide). Returns false when this build cannot (feature
+/// `tract-threads` off); one thread (the default) runs each request on its caller.
+pub fn set_tract_threads(threads: usize) -> bool {
+    #[cfg(feature = "tract-threads")]
+    {
+        use tract_linalg::multithread::{Executor, set_default_executor};
+        set_default_executor(if threads > 1 {
+            Executor::multithread_with_name(threads, "tract")
+        } else {
+            Executor::SingleThread
+        });
+        true
+    }
+    #[cfg(not(feature = "tract-threads"))]
+    {
+        threads <= 1
+    }
+}
+
 /// Parses `onnx` into tract's graph, its external data (if any) copied in.
 fn parse(onnx: Onnx<'_>) -> Result<InferenceModel, RuntimeError> {
     let proto = external::inline(onnx)

@@ -203,8 +203,9 @@ pub struct AgentLimits {
     /// Inference threads; the core count when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub threads: Option<u32>,
-    /// Threads one model run may use inside the runtime (ONNX Runtime's intra-op
-    /// pool); the runtime's default (one per core) when absent.
+    /// Threads one model run may use inside the runtime: ONNX Runtime's intra-op pool
+    /// (its default, one per core, when absent) and tract's matrix-product pool (one
+    /// thread when absent; agents built with the `tract-threads` feature).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub intra_op_threads: Option<u32>,
 }
