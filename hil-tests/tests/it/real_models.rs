@@ -942,7 +942,10 @@ fn tract_on_two_threads_computes_what_it_computes_on_one() {
     )
     .expect("tract loads it");
     let one = model.run(&rec.requests[0]).expect("runs");
-    assert!(fleetml_inference::set_tract_threads(2), "hil-tests builds tract-threads");
+    assert!(
+        fleetml_inference::set_tract_threads(2),
+        "hil-tests builds tract-threads"
+    );
     let two = model.run(&rec.requests[0]).expect("runs");
     fleetml_inference::set_tract_threads(1);
     assert_eq!(one, two, "the split changes no result");
