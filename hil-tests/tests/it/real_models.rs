@@ -465,6 +465,40 @@ fn an_onnxruntime_older_than_the_agents_api_is_refused_with_its_version() {
     assert!(out.contains("activated cls v1 on cpu"), "{out}");
 }
 
+/// Builds the direction classifier at `model` into `out` with golden vectors for
+/// `cls.npz` computed by ONNX Runtime and checked on tract and ONNX Runtime.
+fn build_cls_checked(dir: &Path, model: &Path, out: &str) -> hil_tests::Run {
+    let lib = onnxruntime_library();
+    let (model, lib) = (model.to_string_lossy(), lib.to_string_lossy());
+    fleetctl(
+        dir,
+        &[
+            "bundle",
+            "build",
+            "--model",
+            &model,
+            "--name",
+            "cls",
+            "--version",
+            "1",
+            "--input-shape",
+            "x=N,3,48,192",
+            "--golden-inputs",
+            "cls.npz",
+            "--onnxruntime",
+            &lib,
+            "--backend",
+            "onnxruntime",
+            "--backend",
+            "cpu",
+            "--key",
+            "keys/k.key",
+            "--out",
+            out,
+        ],
+    )
+}
+
 /// Writes `arrays` (name, numpy dtype, shape, values) to `path` with `numpy.savez`.
 fn savez(path: &Path, arrays: &[(&str, &str, Vec<u64>, Vec<f64>)]) {
     let spec: Vec<Value> = arrays
@@ -505,34 +539,7 @@ fn raw_tensor_bundles_carry_golden_vectors_computed_by_onnxruntime_and_checked_o
         &dir.join("cls.npz"),
         &[("x", "float32", vec![2, 3, 48, 192], x)],
     );
-    let model = cls.model.to_string_lossy().into_owned();
-    let built = fleetctl(
-        dir,
-        &[
-            "bundle",
-            "build",
-            "--model",
-            &model,
-            "--name",
-            "cls",
-            "--version",
-            "1",
-            "--input-shape",
-            "x=N,3,48,192",
-            "--golden-inputs",
-            "cls.npz",
-            "--onnxruntime",
-            &lib,
-            "--backend",
-            "onnxruntime",
-            "--backend",
-            "cpu",
-            "--key",
-            "keys/k.key",
-            "--out",
-            "cls.fmb",
-        ],
-    );
+    let built = build_cls_checked(dir, &cls.model, "cls.fmb");
     let out = built.success();
     assert!(
         out.contains("golden outputs computed by onnxruntime 1."),
@@ -683,8 +690,6 @@ fn save_with_external_data(model: &Path, out: &Path, location: &str) {
 fn models_with_external_data_are_packed_into_the_bundle_and_served_from_it() {
     let tmp = setup();
     let dir = tmp.path();
-    let lib = onnxruntime_library();
-    let lib = lib.to_string_lossy();
     let original = cases().pop().expect("cls");
     std::fs::create_dir(dir.join("export")).expect("dir");
     let model = dir.join("export/cls.onnx");
@@ -701,39 +706,7 @@ fn models_with_external_data_are_packed_into_the_bundle_and_served_from_it() {
         &dir.join("cls.npz"),
         &[("x", "float32", vec![1, 3, 48, 192], x)],
     );
-    let model_arg = model.to_string_lossy().into_owned();
-    let build_args = |out: &'static str, model: &str| -> Vec<String> {
-        [
-            "bundle",
-            "build",
-            "--model",
-            model,
-            "--name",
-            "cls",
-            "--version",
-            "1",
-            "--input-shape",
-            "x=N,3,48,192",
-            "--golden-inputs",
-            "cls.npz",
-            "--onnxruntime",
-            &lib,
-            "--backend",
-            "onnxruntime",
-            "--backend",
-            "cpu",
-            "--key",
-            "keys/k.key",
-            "--out",
-            out,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-    };
-    let args = build_args("cls.fmb", &model_arg);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let built = fleetctl(dir, &args);
+    let built = build_cls_checked(dir, &model, "cls.fmb");
     let out = built.success();
     // Both backends ran the model with its weights from the packed file.
     assert!(out.contains("golden check on cpu: agrees"), "{out}");
@@ -788,9 +761,7 @@ fn models_with_external_data_are_packed_into_the_bundle_and_served_from_it() {
         let names = std::collections::BTreeMap::from([("weights.data".into(), location.into())]);
         let crafted = fleetml_inference::external::relocate(&clean, &names).expect("relocates");
         std::fs::write(&escaping, crafted).expect("crafted model");
-        let args = build_args("evil.fmb", &escaping.to_string_lossy());
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let refused = fleetctl(dir, &args);
+        let refused = build_cls_checked(dir, &escaping, "evil.fmb");
         let err = refused.failure();
         assert!(
             err.contains(&format!("`{location}`"))
@@ -804,9 +775,7 @@ fn models_with_external_data_are_packed_into_the_bundle_and_served_from_it() {
     std::fs::rename(dir.join("linked/weights.data"), dir.join("outside.data")).expect("mv");
     std::os::unix::fs::symlink(dir.join("outside.data"), dir.join("linked/weights.data"))
         .expect("symlink");
-    let args = build_args("linked.fmb", &linked.to_string_lossy());
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let refused = fleetctl(dir, &args);
+    let refused = build_cls_checked(dir, &linked, "linked.fmb");
     let err = refused.failure();
     assert!(err.contains("outside the model's folder"), "{err}");
     assert!(!dir.join("evil.fmb").exists() && !dir.join("linked.fmb").exists());
