@@ -411,10 +411,19 @@ fn a_full_outbox_drops_only_the_oldest_windows_and_counts_them_exactly() {
         .success();
     let (messages, dropped) = wait_for("a status after the drain", WAIT, || {
         let m = plane.messages("pi-03");
-        let acked = of_kind(&m, "ack").len() == 1;
+        let acked = !of_kind(&m, "ack").is_empty();
         let d = plane.json(dir, &["devices", "show", "pi-03"]);
-        let status_after_ack = d["status"]["outbox_depth"] == 0;
-        (acked && status_after_ack).then(|| (m, d["dropped_windows"].as_u64().expect("count")))
+        if acked && d["status"]["outbox_depth"] == 0 {
+            return Some((m, d["dropped_windows"].as_u64().expect("count")));
+        }
+        // A status counts what still waits for its receipt when it is taken; on a loaded
+        // machine receipts can trail the drain, so ask again until one finds it empty.
+        if acked {
+            plane
+                .fleetctl(dir, &["devices", "send-status", "pi-03"])
+                .success();
+        }
+        None
     });
     let windows = of_kind(&messages, "window").len() as u64;
     assert!(dropped > 0, "nothing was dropped with a bound of 6");
