@@ -289,6 +289,15 @@ pub fn http<S: std::io::Read + std::io::Write>(
     )
 }
 
+/// The request line, `Host` and `headers`, each line ended; the caller adds the length.
+fn request_head(method: &str, path: &str, headers: &[(&str, &str)]) -> String {
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head
+}
+
 /// [`http`] with any headers.
 pub fn http_with<S: std::io::Read + std::io::Write>(
     mut stream: S,
@@ -297,10 +306,7 @@ pub fn http_with<S: std::io::Read + std::io::Write>(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> std::io::Result<(u16, Vec<u8>)> {
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\n");
-    for (k, v) in headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
+    let mut head = request_head(method, path, headers);
     head.push_str(&format!(
         "Content-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
@@ -364,10 +370,7 @@ impl<S: std::io::Read + std::io::Write> KeepAlive<S> {
         headers: &[(&str, &str)],
         body: &[u8],
     ) -> std::io::Result<(u16, Vec<u8>)> {
-        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\n");
-        for (k, v) in headers {
-            head.push_str(&format!("{k}: {v}\r\n"));
-        }
+        let head = request_head(method, path, headers);
         let mut request = format!("{head}Content-Length: {}\r\n\r\n", body.len()).into_bytes();
         request.extend_from_slice(body);
         self.stream.write_all(&request)?;
