@@ -483,22 +483,11 @@ fn fleet_agent_run(args: RunArgs) -> anyhow::Result<()> {
         capture: c.capture().map_err(anyhow::Error::msg)?,
         batching: c.batching.clone(),
     };
-    // tract's own threads per request (the board's `intra_op_threads`, default one:
-    // concurrent requests already use every core).
-    let tract_threads = config.board.agent.intra_op_threads.unwrap_or(1) as usize;
-    if !fleetml_inference::set_tract_threads(tract_threads) {
-        tracing::warn!(
-            tract_threads,
-            "this agent was built without tract-threads: tract runs each request on one thread"
-        );
-    }
     // Sized by the board: predictions run on the blocking pool (`workers` at once), so
-    // the async side (HTTP, decoding, telemetry) needs few threads; idle ones exit.
+    // the async side (HTTP, decoding, telemetry) needs few threads.
     let async_threads = (config.board.cpu_cores as usize).clamp(1, 2);
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(async_threads)
-        .max_blocking_threads(workers + 16)
-        .thread_keep_alive(std::time::Duration::from_secs(5))
         .enable_all()
         .build()
         .context("starting the async runtime")?

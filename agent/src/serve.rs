@@ -367,6 +367,16 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .try_init();
+    // tract's own threads per request (the board's `intra_op_threads`, default one:
+    // concurrent requests already use every core). After the log is up, so the warning
+    // is seen.
+    let tract_threads = config.board.agent.intra_op_threads.unwrap_or(1) as usize;
+    if !fleetml_inference::set_tract_threads(tract_threads) {
+        tracing::warn!(
+            tract_threads,
+            "this agent was built without tract-threads: tract runs each request on one thread"
+        );
+    }
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .ok();
