@@ -22,7 +22,10 @@ venv=${FLEETML_VENV:-/var/tmp/fleetml-venv}
 py="$venv/bin/python"
 [ -x "$py" ] || { echo "no $py: run scripts/test.sh once to prepare the onnxruntime venv" >&2; exit 1; }
 
-cargo build --quiet --release --locked --manifest-path "$root/Cargo.toml" --workspace --bins
+# tract-threads for `api-bench direct --threads 2`; the agents run on boards without
+# `intra_op_threads`, so tract runs each of their requests on one thread.
+cargo build --quiet --release --locked --manifest-path "$root/Cargo.toml" --workspace --bins \
+    --features hil-tests/tract-threads
 R="$CARGO_TARGET_DIR/release"
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 models=$("$py" -c "import os, rapidocr_onnxruntime as r; print(os.path.join(os.path.dirname(r.__file__), 'models'))")

@@ -40,6 +40,8 @@ export FLEETML_PYTHON="$FLEETML_VENV/bin/python"
 
 cd "$root"
 cargo test --workspace --locked "$@"
+echo "==> tract's multithreaded matrix products (feature tract-threads)"
+cargo test -p fleetml-inference --features tract-threads --locked tract_threads "$@"
 echo "==> the agent again, built with the gpu feature (wonnx)"
 FLEETML_GPU_ALLOW_SOFTWARE=${FLEETML_GPU_ALLOW_SOFTWARE:-1} \
     cargo test -p fleet-agent -p fleetml-inference --features fleet-agent/gpu --locked "$@"

@@ -526,3 +526,30 @@ fn spec(model: &TypedModel, outlet: OutletId) -> TractResult<TensorSpec> {
         shape,
     })
 }
+
+#[cfg(all(test, feature = "tract-threads"))]
+mod tract_threads {
+    use super::*;
+
+    /// tract splits matrix products by rows of panels: two threads compute exactly
+    /// what one computes.
+    #[test]
+    fn tract_threads_compute_what_one_thread_computes() {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/claims/model.onnx");
+        let model = CpuModel::load(&std::fs::read(path).expect("claims model")).expect("loads");
+        let rows = 512u64;
+        let data: Vec<f32> = (0..rows * 25)
+            .map(|i| ((i * 7919 % 2000) as f32 / 100.0) - 10.0)
+            .collect();
+        let input = [Tensor::f32("input", vec![rows, 25], data)];
+        let one = model.run(&input).expect("runs");
+        // Thread even the claims model's small products.
+        tract_linalg::multithread::set_threading_panel_threshold(0);
+        tract_linalg::multithread::set_threading_element_threshold(0);
+        assert!(set_tract_threads(2));
+        let two = model.run(&input).expect("runs");
+        assert!(set_tract_threads(1));
+        assert_eq!(one, two, "the split changes no result");
+    }
+}

@@ -156,7 +156,7 @@ fn direct(args: &[String], model: &str, seconds: f64) {
         "tract" => {
             assert!(
                 fleetml_inference::set_tract_threads(threads),
-                "this build runs tract on one thread (feature tract-threads)"
+                "this build runs tract on one thread: build with --features hil-tests/tract-threads"
             );
             let m = CpuModel::load_with_inputs(&onnx, &declared).expect("loads");
             time_backend(

@@ -890,32 +890,3 @@ fn the_agent_listens_at_once_and_serves_each_model_as_soon_as_it_is_ready() {
     let (status, body) = running.request("POST", "/v1/models/nope/predict", &json!({}));
     assert_eq!(status, 404, "{body}");
 }
-
-#[test]
-fn tract_on_two_threads_computes_what_it_computes_on_one() {
-    // PP-OCRv4's recogniser: matrix products large enough for tract to split.
-    let rec = cases().remove(1);
-    let declared = vec![fleetml_protocol::manifest::TensorSpec {
-        name: "x".into(),
-        dtype: fleetml_protocol::manifest::DType::F32,
-        shape: vec![
-            fleetml_protocol::manifest::Dim::Symbol("N".into()),
-            fleetml_protocol::manifest::Dim::Fixed(3),
-            fleetml_protocol::manifest::Dim::Fixed(48),
-            fleetml_protocol::manifest::Dim::Symbol("W".into()),
-        ],
-    }];
-    let model = fleetml_inference::CpuModel::load_with_inputs(
-        &std::fs::read(&rec.model).expect("model"),
-        &declared,
-    )
-    .expect("tract loads it");
-    let one = model.run(&rec.requests[0]).expect("runs");
-    assert!(
-        fleetml_inference::set_tract_threads(2),
-        "hil-tests builds tract-threads"
-    );
-    let two = model.run(&rec.requests[0]).expect("runs");
-    fleetml_inference::set_tract_threads(1);
-    assert_eq!(one, two, "the split changes no result");
-}
