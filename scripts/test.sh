@@ -42,6 +42,8 @@ cd "$root"
 cargo test --workspace --locked "$@"
 echo "==> tract's multithreaded matrix products (feature tract-threads)"
 cargo test -p fleetml-inference --features tract-threads --locked tract_threads "$@"
+echo "==> the agent built without sinks and capture (they refuse what they cannot serve)"
+cargo test -p fleet-agent --no-default-features --features onnxruntime --locked --test it features "$@"
 echo "==> the agent again, built with the gpu feature (wonnx)"
 FLEETML_GPU_ALLOW_SOFTWARE=${FLEETML_GPU_ALLOW_SOFTWARE:-1} \
     cargo test -p fleet-agent -p fleetml-inference --features fleet-agent/gpu --locked "$@"

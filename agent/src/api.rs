@@ -159,8 +159,10 @@ pub struct Api {
     metrics: Option<PrometheusHandle>,
     next_id: AtomicU64,
     /// Where predictions are forwarded besides the caller (set once at start).
+    #[cfg(feature = "sinks")]
     sinks: std::sync::OnceLock<crate::sinks::Sinks>,
     /// Capture and the recent predictions feedback refers to (set once at start).
+    #[cfg(feature = "capture")]
     capture: std::sync::OnceLock<Arc<crate::capture::Capture>>,
     /// Models being loaded that serve nothing yet: their requests wait for them.
     loading: std::sync::Mutex<std::collections::BTreeSet<String>>,
@@ -179,7 +181,9 @@ impl Api {
             limits,
             metrics,
             next_id: AtomicU64::new(1),
+            #[cfg(feature = "sinks")]
             sinks: std::sync::OnceLock::new(),
+            #[cfg(feature = "capture")]
             capture: std::sync::OnceLock::new(),
             loading: std::sync::Mutex::new(std::collections::BTreeSet::new()),
             ready: tokio::sync::Notify::new(),
@@ -248,11 +252,13 @@ impl Api {
     }
 
     /// Forwards every prediction to `sinks` from now on (once).
+    #[cfg(feature = "sinks")]
     pub fn set_sinks(&self, sinks: crate::sinks::Sinks) {
         let _ = self.sinks.set(sinks);
     }
 
     /// Captures predictions and takes feedback through `capture` from now on (once).
+    #[cfg(feature = "capture")]
     pub fn set_capture(&self, capture: Arc<crate::capture::Capture>) {
         let _ = self.capture.set(capture);
     }
@@ -869,7 +875,11 @@ async fn predict_inner(
             .unwrap_or(0.0);
         now - ts
     });
-    let first: Vec<Vec<f32>> = if model.monitor.is_some() || api.capture.get().is_some() {
+    #[cfg(feature = "capture")]
+    let captured = api.capture.get().is_some();
+    #[cfg(not(feature = "capture"))]
+    let captured = false;
+    let first: Vec<Vec<f32>> = if model.monitor.is_some() || captured {
         outputs
             .first()
             .map(|t| {
@@ -918,6 +928,7 @@ async fn predict_inner(
     if explain {
         response["explanation_method"] = json!(explain::METHOD);
     }
+    #[cfg(feature = "capture")]
     if let Some(capture) = api.capture.get() {
         let names: Vec<String> = model
             .schema
@@ -941,6 +952,7 @@ async fn predict_inner(
             &ids,
         );
     }
+    #[cfg(feature = "sinks")]
     if let Some(sinks) = api.sinks.get().filter(|s| !s.is_empty()) {
         sinks.offer(&crate::sinks::Record {
             request_id: &format!("{request_id:016x}"),
@@ -1279,7 +1291,21 @@ fn reply(cbor: bool, result: Result<Value, ApiError>) -> Response {
     }
 }
 
+/// `POST /v1/feedback` in an agent built without the `capture` feature: 501, saying so.
+#[cfg(not(feature = "capture"))]
+async fn feedback(headers: HeaderMap) -> Response {
+    reply(
+        is_cbor(&headers),
+        Err(ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "not_built",
+            "this fleet-agent was built without the `capture` feature, which keeps the recent predictions feedback is scored against; install a build with it (on by default)",
+        )),
+    )
+}
+
 /// `POST /v1/feedback` `{"id", "label"}`: the ground truth of a recent prediction.
+#[cfg(feature = "capture")]
 async fn feedback(State(api): State<Arc<Api>>, headers: HeaderMap, body: Body) -> Response {
     let cbor = is_cbor(&headers);
     let result = async {

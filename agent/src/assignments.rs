@@ -675,6 +675,7 @@ pub(crate) fn keep_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 /// `POST path` with `body` to the control plane as the device; status and reply.
+#[cfg(feature = "capture")]
 pub(crate) async fn post(
     server: &ServerUrl,
     token: &str,

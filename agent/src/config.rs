@@ -57,6 +57,20 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
 /// Queue length when nothing says otherwise.
 pub const DEFAULT_QUEUE: usize = 64;
 
+/// One `[[prediction_sink]]`; a build without the `sinks` feature only counts them, and
+/// [`AgentConfig::check_features`] refuses any.
+#[cfg(feature = "sinks")]
+pub type SinkEntry = crate::sinks::SinkConfig;
+#[cfg(not(feature = "sinks"))]
+pub type SinkEntry = serde::de::IgnoredAny;
+
+/// One `[[capture]]`; a build without the `capture` feature only counts them, and
+/// [`AgentConfig::check_features`] refuses any.
+#[cfg(feature = "capture")]
+pub type CaptureEntry = crate::capture::CaptureConfig;
+#[cfg(not(feature = "capture"))]
+pub type CaptureEntry = serde::de::IgnoredAny;
+
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
@@ -103,10 +117,10 @@ pub struct AgentConfig {
     pub trust_policy: Option<fleetml_protocol::trust::TrustPolicy>,
     /// Where each model's predictions are forwarded besides the caller.
     #[serde(default, rename = "prediction_sink")]
-    pub prediction_sinks: Vec<crate::sinks::SinkConfig>,
+    pub prediction_sinks: Vec<SinkEntry>,
     /// Data capture per model (`[[capture]]`, see `agent/src/capture.rs`).
     #[serde(default)]
-    pub capture: Vec<crate::capture::CaptureConfig>,
+    pub capture: Vec<CaptureEntry>,
     /// All capture batches on disk together, bytes (default 64 MiB).
     pub capture_max_bytes: Option<u64>,
     /// Seconds between capture uploads (default 60).
@@ -299,7 +313,28 @@ impl AgentConfig {
         }))
     }
 
+    /// Refuses sections this build of the agent cannot honour, naming the cargo feature
+    /// it was built without: a configured sink or capture is never silently ignored.
+    pub fn check_features(&self) -> Result<(), String> {
+        #[cfg(not(feature = "sinks"))]
+        if !self.prediction_sinks.is_empty() {
+            return Err(format!(
+                "agent.toml has {} [[prediction_sink]] section(s), but this fleet-agent was built without the `sinks` feature: remove them, or install a build with `--features sinks` (on by default)",
+                self.prediction_sinks.len()
+            ));
+        }
+        #[cfg(not(feature = "capture"))]
+        if !self.capture.is_empty() {
+            return Err(format!(
+                "agent.toml has {} [[capture]] section(s), but this fleet-agent was built without the `capture` feature: remove them, or install a build with `--features capture` (on by default)",
+                self.capture.len()
+            ));
+        }
+        Ok(())
+    }
+
     /// Data capture, when any `[[capture]]` entry exists.
+    #[cfg(feature = "capture")]
     pub fn capture(&self) -> Result<Option<crate::capture::Settings>, String> {
         if self.capture.is_empty() {
             return Ok(None);

@@ -11,6 +11,7 @@ pub mod api;
 pub mod assignments;
 pub mod backend;
 pub mod batcher;
+#[cfg(feature = "capture")]
 pub mod capture;
 pub mod config;
 pub mod explain;
@@ -24,6 +25,7 @@ pub mod runtime;
 pub mod sdnotify;
 pub mod selftest;
 pub mod serve;
+#[cfg(feature = "sinks")]
 pub mod sinks;
 pub mod store;
 pub mod telemetry;

@@ -444,6 +444,7 @@ fn fleet_agent_run(args: RunArgs) -> anyhow::Result<()> {
         alert_windows: args.alert_windows,
         ..AgentConfig::default()
     })?;
+    c.check_features().map_err(anyhow::Error::msg)?;
     let policy = trust_of(&c)?;
     let board = board_of(&c)?;
     let workers = c
@@ -478,8 +479,10 @@ fn fleet_agent_run(args: RunArgs) -> anyhow::Result<()> {
         monitoring: c.monitoring(),
         sink: None,
         telemetry: c.telemetry().map_err(anyhow::Error::msg)?,
+        #[cfg(feature = "sinks")]
         prediction_sinks: c.prediction_sinks.clone(),
         assignments: c.assignments().map_err(anyhow::Error::msg)?,
+        #[cfg(feature = "capture")]
         capture: c.capture().map_err(anyhow::Error::msg)?,
         batching: c.batching.clone(),
     };

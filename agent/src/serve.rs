@@ -29,10 +29,12 @@ pub struct Config {
     /// Fleet messaging, when the agent is enrolled.
     pub telemetry: Option<crate::telemetry::Settings>,
     /// Where predictions are forwarded besides the caller.
+    #[cfg(feature = "sinks")]
     pub prediction_sinks: Vec<crate::sinks::SinkConfig>,
     /// Pulling assignments from the control plane, when enrolled with one.
     pub assignments: Option<crate::assignments::Settings>,
     /// Data capture, when configured.
+    #[cfg(feature = "capture")]
     pub capture: Option<crate::capture::Settings>,
     /// Dynamic batching per model.
     pub batching: Vec<crate::batcher::BatchingConfig>,
@@ -388,12 +390,14 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
             Err(e) => tracing::warn!(error = %e, "monitoring windows are kept in memory only"),
         }
     }
+    #[cfg(feature = "sinks")]
     if !config.prediction_sinks.is_empty() {
         api.set_sinks(
             crate::sinks::Sinks::start(&config.prediction_sinks).map_err(anyhow::Error::msg)?,
         );
     }
     // Without `[[capture]]` nothing is captured, but feedback still scores predictions.
+    #[cfg(feature = "capture")]
     let capture = {
         let settings = config.capture.clone().unwrap_or(crate::capture::Settings {
             models: Vec::new(),
@@ -470,6 +474,7 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         _ => {}
     }
     drop(reload_tx);
+    #[cfg(feature = "capture")]
     match (&capture, &config.assignments) {
         (Some(capture), Some(settings)) => {
             tokio::spawn(crate::capture::upload_loop(
@@ -599,6 +604,7 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     }
     // Keep what the current windows saw, and what was captured.
     api.flush_monitoring();
+    #[cfg(feature = "capture")]
     if let Some(capture) = &capture {
         capture.flush(true);
     }

@@ -1,6 +1,7 @@
 //! Integration tests of fleet-agent: check-first-then-persist unpacking and the golden
 //! self-test, on real bundles signed with real keys and the real example model.
 
+mod features;
 #[cfg(feature = "gpu")]
 mod gpu;
 mod outbox;
