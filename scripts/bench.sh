@@ -24,9 +24,9 @@ py="$venv/bin/python"
 
 # tract-threads for `api-bench direct --threads 2`; the agents run on boards without
 # `intra_op_threads`, so tract runs each of their requests on one thread.
-cargo build --quiet --release --locked --manifest-path "$root/Cargo.toml" --workspace --bins \
+cargo build --quiet --profile dist --locked --manifest-path "$root/Cargo.toml" --workspace --bins \
     --features hil-tests/tract-threads
-R="$CARGO_TARGET_DIR/release"
+R="$CARGO_TARGET_DIR/dist"
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 models=$("$py" -c "import os, rapidocr_onnxruntime as r; print(os.path.join(os.path.dirname(r.__file__), 'models'))")
 lib=$("$py" -c "import glob, os, onnxruntime as o; print(sorted(glob.glob(os.path.join(os.path.dirname(o.__file__), 'capi', 'libonnxruntime.so.*')))[0])")

@@ -20,8 +20,9 @@ cd "$root"
   > "$out/device.txt" || true
 cat "$out/device.txt"
 
-# PROFILE=dev gives a quicker build (for trying the script; report release numbers).
-profile=${PROFILE:-release}
+# PROFILE=dev gives a quicker build (for trying the script; report dist numbers, the
+# profile packages are built with).
+profile=${PROFILE:-dist}
 dir=$([ "$profile" = dev ] && echo debug || echo "$profile")
 cargo build --profile "$profile" --locked -p hil-tests --features gpu --bins
 R="$CARGO_TARGET_DIR/$dir"

@@ -12,8 +12,8 @@ devices=${1:-20}
 messages=${2:-250}
 repeats=${3:-3}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/fleetml-target}
-cargo build --quiet --release --locked --manifest-path "$root/Cargo.toml" --workspace --bins
-bin="$CARGO_TARGET_DIR/release/ingest-load"
+cargo build --quiet --profile dist --locked --manifest-path "$root/Cargo.toml" --workspace --bins
+bin="$CARGO_TARGET_DIR/dist/ingest-load"
 out=$(mktemp -t fleetml-ingest.XXXXXX)
 trap 'rm -f "$out"' EXIT
 for _ in $(seq "$repeats"); do

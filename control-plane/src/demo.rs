@@ -212,43 +212,63 @@ pub(crate) fn announcing(cmd: &mut Command) -> anyhow::Result<(Child, String)> {
     Ok((child, line))
 }
 
-/// Finds (or builds, with the cargo that built this fleetctl) a sibling binary.
-fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+/// Finds the sibling binaries `names` next to this fleetctl, building the missing ones
+/// with the cargo that built it, in one invocation and the same profile.
+fn siblings<const N: usize>(names: [&str; N]) -> anyhow::Result<[PathBuf; N]> {
     let exe = std::env::current_exe()?;
-    let path = exe.with_file_name(name);
-    if path.is_file() {
-        return Ok(path);
+    let paths = names.map(|name| exe.with_file_name(name));
+    let missing: Vec<&str> = names
+        .iter()
+        .zip(&paths)
+        .filter(|(_, p)| !p.is_file())
+        .map(|(n, _)| *n)
+        .collect();
+    if missing.is_empty() {
+        return Ok(paths);
     }
-    let release = exe
+    // target/<dir>/fleetctl: `debug` is the dev profile; every other dir is its profile.
+    let profile = match exe
         .parent()
         .and_then(|p| p.file_name())
-        .is_some_and(|n| n == "release");
+        .and_then(|n| n.to_str())
+    {
+        Some("debug") | None => "dev".to_string(),
+        Some(dir) => dir.to_string(),
+    };
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
-    println!("building {name} (the demo runs it next to fleetctl)…");
+    println!(
+        "building {} (the demo runs them next to fleetctl)…",
+        missing.join(" and ")
+    );
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.args(["build", "--quiet", "--bin", name, "--manifest-path"])
+    cmd.args(["build", "--quiet", "--profile", &profile, "--manifest-path"])
         .arg(&manifest);
-    if release {
-        cmd.arg("--release");
+    for name in &missing {
+        cmd.args(["--bin", name]);
     }
     let ok = cmd
         .status()
-        .with_context(|| format!("building {name} with cargo"))?;
-    if !ok.success() || !path.is_file() {
+        .with_context(|| format!("building {} with cargo", missing.join(", ")))?;
+    if !ok.success() {
         bail!(
-            "{name} is not next to fleetctl ({}); build it: cargo build --release --bins",
+            "building {} failed (above); build every binary: cargo build --release --bins",
+            missing.join(", ")
+        );
+    }
+    if let Some(path) = paths.iter().find(|p| !p.is_file()) {
+        bail!(
+            "{} is not next to fleetctl; build every binary: cargo build --release --bins",
             path.display()
         );
     }
-    Ok(path)
+    Ok(paths)
 }
 
 /// Runs the demo in `dir` (a fresh temporary directory when `None`). With `exit`, it
 /// stops everything at the end; otherwise it keeps the fleet running until Ctrl-C.
 pub fn run(dir: Option<PathBuf>, exit: bool) -> anyhow::Result<()> {
     let fleetctl = std::env::current_exe()?;
-    let agent = sibling("fleet-agent")?;
-    let trainer = sibling("claims-fit")?;
+    let [agent, trainer] = siblings(["fleet-agent", "claims-fit"])?;
     let dir = match dir {
         Some(d) => {
             std::fs::create_dir_all(&d)?;
