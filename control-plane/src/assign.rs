@@ -1,5 +1,6 @@
-//! What each device should run: assignment records in sled (tree `assignments`), and
-//! the control plane's assignment key that signs them.
+//! What each device should run: assignment records (kept by the store's
+//! [`AssignmentStore`](crate::store::AssignmentStore)), how a change moves one, and the
+//! control plane's assignment key that signs them.
 //!
 //! A record holds the device's current generation, its models (each pinned to a bundle
 //! digest) and, per model, what it had before, which is where `fleetctl rollback` returns
@@ -14,8 +15,6 @@ use fleetml_protocol::assignment::{AssignedModel, Assignment, FORMAT, SignedAssi
 use fleetml_protocol::crypto::SigningKey;
 use fleetml_protocol::telemetry::DeviceId;
 use serde::{Deserialize, Serialize};
-
-use crate::ingest::StoreError;
 
 /// One device's assignment as the control plane keeps it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,97 +48,8 @@ impl AssignmentRecord {
     }
 }
 
-/// Assignment records in sled.
-#[derive(Debug, Clone)]
-pub struct Assignments {
-    tree: sled::Tree,
-}
-
-impl Assignments {
-    pub fn open(db: &sled::Db) -> Result<Assignments, StoreError> {
-        Ok(Assignments {
-            tree: db.open_tree("assignments")?,
-        })
-    }
-
-    pub fn get(&self, device: &DeviceId) -> Result<Option<AssignmentRecord>, StoreError> {
-        match self.tree.get(device.as_str())? {
-            Some(bytes) => Ok(Some(serde_cbor::from_slice(&bytes)?)),
-            None => Ok(None),
-        }
-    }
-
-    /// Points `model` of `device` at `to` as a new generation, unless it already is;
-    /// returns the generation that names it. Atomic per device.
-    pub fn assign(
-        &self,
-        device: &DeviceId,
-        model: &str,
-        to: &AssignedModel,
-        now_ms: u64,
-    ) -> Result<u64, StoreError> {
-        let mut generation = 0;
-        self.tree.update_and_fetch(device.as_str(), |old| {
-            let mut record = decode_or_default(old);
-            point(&mut record, model, to, now_ms);
-            generation = record.generation;
-            serde_cbor::to_vec(&record).ok()
-        })?;
-        self.tree.flush()?;
-        Ok(generation)
-    }
-
-    /// [`Assignments::assign`] for many devices: one atomic batch, one flush (a flush
-    /// per device took about a millisecond each: ten seconds for a rollout wave of
-    /// 10,000 devices, found with `fleetctl sim`). Returns the generations, in order.
-    /// The caller is the only writer meanwhile (the rollout engine, under its lock).
-    pub fn assign_all(
-        &self,
-        model: &str,
-        changes: &[(DeviceId, AssignedModel)],
-        now_ms: u64,
-    ) -> Result<Vec<u64>, StoreError> {
-        let mut staged: std::collections::HashMap<&DeviceId, AssignmentRecord> =
-            std::collections::HashMap::new();
-        let mut generations = Vec::with_capacity(changes.len());
-        for (device, to) in changes {
-            let mut record = match staged.remove(device) {
-                Some(r) => r,
-                None => decode_or_default(self.tree.get(device.as_str())?.as_deref()),
-            };
-            point(&mut record, model, to, now_ms);
-            generations.push(record.generation);
-            staged.insert(device, record);
-        }
-        let mut batch = sled::Batch::default();
-        for (device, record) in &staged {
-            batch.insert(device.as_str(), serde_cbor::to_vec(record)?);
-        }
-        self.tree.apply_batch(batch)?;
-        self.tree.flush()?;
-        Ok(generations)
-    }
-
-    pub fn all(&self) -> Result<Vec<(DeviceId, AssignmentRecord)>, StoreError> {
-        let mut out = Vec::new();
-        for item in self.tree.iter() {
-            let (k, v) = item?;
-            if let Ok(id) = DeviceId::new(&String::from_utf8_lossy(&k)) {
-                out.push((id, serde_cbor::from_slice(&v)?));
-            }
-        }
-        Ok(out)
-    }
-}
-
-fn decode_or_default(bytes: Option<&[u8]>) -> AssignmentRecord {
-    bytes
-        .and_then(|b| serde_cbor::from_slice(b).ok())
-        .unwrap_or_default()
-}
-
 /// Points `model` of `record` at `to` as a new generation, unless it already is.
-fn point(record: &mut AssignmentRecord, model: &str, to: &AssignedModel, now_ms: u64) {
+pub(crate) fn point(record: &mut AssignmentRecord, model: &str, to: &AssignedModel, now_ms: u64) {
     let same = record
         .models
         .get(model)

@@ -14,54 +14,13 @@
 //! entry holds the hash of the one before and its own hash over both, so an edited,
 //! inserted or deleted entry breaks the chain ([`verify`], `fleetctl audit verify`).
 
-use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 use fleetml_protocol::crypto::sha256;
 use fleetml_protocol::telemetry::DeviceId;
 
-use crate::ingest::StoreError;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    Viewer,
-    Operator,
-    Admin,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Viewer => "viewer",
-            Role::Operator => "operator",
-            Role::Admin => "admin",
-        }
-    }
-}
-
-impl std::str::FromStr for Role {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Role, String> {
-        match s {
-            "viewer" => Ok(Role::Viewer),
-            "operator" => Ok(Role::Operator),
-            "admin" => Ok(Role::Admin),
-            _ => Err(format!("role `{s}` is not one of viewer, operator, admin")),
-        }
-    }
-}
-
-/// A stored operator token (its hash, never the token).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TokenRecord {
-    pub id: String,
-    pub name: String,
-    pub role: Role,
-    /// Hex SHA-256 of the token.
-    pub hash: String,
-    pub created_ms: u64,
-    pub created_by: String,
-}
+pub use crate::records::{AuditEntry, Role, TokenRecord};
+use crate::store::{AuditStore, StoreError, TokenStore};
 
 /// Who made a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,20 +49,25 @@ fn hash_hex(token: &str) -> String {
     sha256(token.as_bytes()).to_string()
 }
 
-/// Operator tokens in sled.
-#[derive(Debug, Clone)]
+/// Operator tokens, kept by a [`TokenStore`].
+#[derive(Clone)]
 pub struct Tokens {
-    tree: sled::Tree,
+    store: Arc<dyn TokenStore>,
+}
+
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokens").finish_non_exhaustive()
+    }
 }
 
 impl Tokens {
-    pub fn open(db: &sled::Db) -> Result<Tokens, StoreError> {
-        Ok(Tokens {
-            tree: db.open_tree("tokens")?,
-        })
+    pub fn new(store: Arc<dyn TokenStore>) -> Tokens {
+        Tokens { store }
     }
 
-    /// Registers `token` under `id` (the bootstrap admin token).
+    /// Registers `token` under `id` (the bootstrap admin token); any earlier record with
+    /// this id (an older bootstrap token) goes.
     pub fn register(
         &self,
         id: &str,
@@ -112,30 +76,14 @@ impl Tokens {
         token: &str,
         now_ms: u64,
     ) -> Result<(), StoreError> {
-        let record = TokenRecord {
+        self.store.put_token(&TokenRecord {
             id: id.into(),
             name: name.into(),
             role,
             hash: hash_hex(token),
             created_ms: now_ms,
             created_by: "fleetctl serve".into(),
-        };
-        // Any earlier record with this id (an older bootstrap token) goes.
-        for r in self.list()? {
-            if r.id == id && r.hash != record.hash {
-                self.tree.remove(r.hash.as_bytes())?;
-            }
-        }
-        self.put(&record)
-    }
-
-    fn put(&self, r: &TokenRecord) -> Result<(), StoreError> {
-        self.tree.insert(
-            r.hash.as_bytes(),
-            serde_json::to_vec(r).map_err(|e| StoreError(e.to_string()))?,
-        )?;
-        self.tree.flush()?;
-        Ok(())
+        })
     }
 
     /// Creates a token; returns its record and the token, shown only now.
@@ -157,59 +105,22 @@ impl Tokens {
             created_ms: now_ms,
             created_by: by.into(),
         };
-        self.put(&record)?;
+        self.store.put_token(&record)?;
         Ok((record, token))
     }
 
     pub fn find(&self, token: &str) -> Result<Option<TokenRecord>, StoreError> {
-        match self.tree.get(hash_hex(token).as_bytes())? {
-            Some(b) => Ok(serde_json::from_slice(&b).ok()),
-            None => Ok(None),
-        }
+        self.store.token(&hash_hex(token))
     }
 
     pub fn list(&self) -> Result<Vec<TokenRecord>, StoreError> {
-        let mut out: Vec<TokenRecord> = Vec::new();
-        for item in self.tree.iter() {
-            let (_, v) = item?;
-            if let Ok(r) = serde_json::from_slice(&v) {
-                out.push(r);
-            }
-        }
-        out.sort_by_key(|r| r.created_ms);
-        Ok(out)
+        self.store.tokens()
     }
 
     /// Removes the token with this id; `false` when there is none.
     pub fn revoke(&self, id: &str) -> Result<bool, StoreError> {
-        for r in self.list()? {
-            if r.id == id {
-                self.tree.remove(r.hash.as_bytes())?;
-                self.tree.flush()?;
-                return Ok(true);
-            }
-        }
-        Ok(false)
+        self.store.remove_token(id)
     }
-}
-
-/// One audit log entry.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AuditEntry {
-    pub seq: u64,
-    pub at_ms: u64,
-    pub who: String,
-    pub role: String,
-    /// `METHOD /route/{template}`.
-    pub action: String,
-    /// The path called.
-    pub target: String,
-    /// HTTP status of the answer.
-    pub outcome: u16,
-    /// Hex SHA-256 of the previous entry (zeros for the first).
-    pub prev: String,
-    /// Hex SHA-256 over `prev` and every field above.
-    pub hash: String,
 }
 
 /// The hash an entry should have.
@@ -222,7 +133,7 @@ pub fn entry_hash(e: &AuditEntry) -> String {
     sha256(&input).to_string()
 }
 
-const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+pub(crate) const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 /// Checks a chain from its first entry: sequence numbers without gaps, each `prev` the
 /// hash of the entry before, each hash recomputed. Returns the head hash.
@@ -257,22 +168,24 @@ pub fn verify(entries: &[AuditEntry]) -> Result<String, String> {
     Ok(prev)
 }
 
-/// The audit log in sled.
-#[derive(Debug)]
+/// The audit log, kept by an [`AuditStore`]: this side builds the hash chain.
+#[derive(Clone)]
 pub struct Audit {
-    tree: sled::Tree,
-    append: std::sync::Mutex<()>,
+    store: Arc<dyn AuditStore>,
+}
+
+impl std::fmt::Debug for Audit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Audit").finish_non_exhaustive()
+    }
 }
 
 impl Audit {
-    pub fn open(db: &sled::Db) -> Result<Audit, StoreError> {
-        Ok(Audit {
-            tree: db.open_tree("audit")?,
-            append: std::sync::Mutex::new(()),
-        })
+    pub fn new(store: Arc<dyn AuditStore>) -> Audit {
+        Audit { store }
     }
 
-    /// Appends an entry and makes it durable.
+    /// Appends an entry, chained to the one before, and makes it durable.
     pub fn append(
         &self,
         at_ms: u64,
@@ -282,59 +195,31 @@ impl Audit {
         target: String,
         outcome: u16,
     ) -> Result<AuditEntry, StoreError> {
-        let _guard = self.append.lock().unwrap_or_else(|p| p.into_inner());
-        let (seq, prev) = match self.tree.last()? {
-            Some((_, v)) => {
-                let last: AuditEntry =
-                    serde_json::from_slice(&v).map_err(|e| StoreError(e.to_string()))?;
-                (last.seq + 1, last.hash)
-            }
-            None => (1, GENESIS.to_string()),
-        };
-        let mut entry = AuditEntry {
-            seq,
-            at_ms,
-            who,
-            role,
-            action,
-            target,
-            outcome,
-            prev,
-            hash: String::new(),
-        };
-        entry.hash = entry_hash(&entry);
-        self.tree.insert(
-            seq.to_be_bytes(),
-            serde_json::to_vec(&entry).map_err(|e| StoreError(e.to_string()))?,
-        )?;
-        self.tree.flush()?;
-        Ok(entry)
+        self.store.append_audit(&mut |last| {
+            let (seq, prev) = match last {
+                Some(last) => (last.seq + 1, last.hash.clone()),
+                None => (1, GENESIS.to_string()),
+            };
+            let mut entry = AuditEntry {
+                seq,
+                at_ms,
+                who: who.clone(),
+                role: role.clone(),
+                action: action.clone(),
+                target: target.clone(),
+                outcome,
+                prev,
+                hash: String::new(),
+            };
+            entry.hash = entry_hash(&entry);
+            entry
+        })
     }
 
     /// Up to `limit` entries from sequence number `from` on. An entry that no longer
     /// decodes is returned as written, with its hash emptied, so `verify` names it.
     pub fn entries(&self, from: u64, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
-        let mut out = Vec::new();
-        for item in self.tree.range(from.to_be_bytes()..).take(limit) {
-            let (k, v) = item?;
-            let seq = k
-                .as_ref()
-                .try_into()
-                .map(u64::from_be_bytes)
-                .unwrap_or_default();
-            out.push(serde_json::from_slice(&v).unwrap_or(AuditEntry {
-                seq,
-                at_ms: 0,
-                who: String::from_utf8_lossy(&v).chars().take(200).collect(),
-                role: String::new(),
-                action: "(unreadable entry)".into(),
-                target: String::new(),
-                outcome: 0,
-                prev: String::new(),
-                hash: String::new(),
-            }));
-        }
-        Ok(out)
+        self.store.audit_entries(from, limit)
     }
 }
 
@@ -344,8 +229,8 @@ mod tests {
 
     fn chain() -> (tempfile::TempDir, Audit) {
         let dir = tempfile::tempdir().expect("test");
-        let db = sled::open(dir.path()).expect("test");
-        let audit = Audit::open(&db).expect("test");
+        let store = crate::store::sled::SledStore::open(dir.path()).expect("test");
+        let audit = Audit::new(Arc::new(store));
         for i in 0..4 {
             audit
                 .append(

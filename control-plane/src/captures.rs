@@ -14,7 +14,7 @@ use fleetml_protocol::telemetry::DeviceId;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::ingest::StoreError;
+use crate::store::StoreError;
 
 /// Largest batch accepted.
 pub const MAX_BATCH: usize = 16 << 20;
@@ -96,7 +96,7 @@ pub fn check_batch(model: &str, body: &[u8]) -> Result<(u64, u64, u64), String> 
 
 impl Captures {
     pub fn open(db: &sled::Db, dir: &Path) -> Result<Captures, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|e| StoreError(format!("{}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::unavailable(dir.display(), e))?;
         Ok(Captures {
             tree: db.open_tree("captures")?,
             dir: dir.to_path_buf(),
@@ -126,8 +126,8 @@ impl Captures {
         }
         let digest = sha256(body).to_string();
         if let Some(old) = self.tree.get(key(device, seq))? {
-            let old: CaptureRecord =
-                serde_json::from_slice(&old).map_err(|e| StoreError(e.to_string()))?;
+            let old: CaptureRecord = serde_json::from_slice(&old)
+                .map_err(|e| StoreError::corrupt("a stored record", e))?;
             return if old.sha256 == digest {
                 Ok((false, old))
             } else {
@@ -153,17 +153,18 @@ impl Captures {
         };
         let path = self.path(&record);
         if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| StoreError(e.to_string()))?;
+            std::fs::create_dir_all(parent)
+                .map_err(|e| StoreError::unavailable(parent.display(), e))?;
         }
         crate::output::write_atomic(&path, 0o600, |f| {
             use std::io::Write;
             f.write_all(body)?;
             Ok(())
         })
-        .map_err(|e| StoreError(format!("{e:#}")))?;
+        .map_err(|e| StoreError::unavailable(path.display(), format_args!("{e:#}")))?;
         self.tree.insert(
             key(device, seq),
-            serde_json::to_vec(&record).map_err(|e| StoreError(e.to_string()))?,
+            serde_json::to_vec(&record).map_err(|e| StoreError::corrupt("a stored record", e))?,
         )?;
         self.tree.flush()?;
         Ok((true, record))
@@ -178,8 +179,8 @@ impl Captures {
         let mut out = Vec::new();
         for item in self.tree.iter() {
             let (_, v) = item?;
-            let r: CaptureRecord =
-                serde_json::from_slice(&v).map_err(|e| StoreError(e.to_string()))?;
+            let r: CaptureRecord = serde_json::from_slice(&v)
+                .map_err(|e| StoreError::corrupt("a stored record", e))?;
             if model.is_none_or(|m| m == r.model) && device.is_none_or(|d| d == r.device.as_str()) {
                 out.push(r);
             }

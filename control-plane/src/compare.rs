@@ -13,7 +13,7 @@ use fleetml_protocol::trust::TrustPolicy;
 use serde_json::{Value, json};
 
 use crate::datasets::{Column, Table};
-use crate::ingest::DeviceRecord;
+use crate::records::DeviceRecord;
 
 /// Rows per inference batch.
 const BATCH: usize = 256;

@@ -19,7 +19,7 @@ use fleetml_protocol::crypto::sha256;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::ingest::StoreError;
+use crate::store::StoreError;
 
 /// Most rows one dataset holds.
 pub const MAX_ROWS: usize = 5_000_000;
@@ -512,7 +512,7 @@ pub struct Datasets {
 
 impl Datasets {
     pub fn open(db: &sled::Db, dir: &Path) -> Result<Datasets, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|e| StoreError(format!("{}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::unavailable(dir.display(), e))?;
         Ok(Datasets {
             tree: db.open_tree("datasets")?,
             dir: dir.to_path_buf(),
@@ -569,7 +569,8 @@ impl Datasets {
     pub fn get(&self, id: &str) -> Result<Option<DatasetManifest>, StoreError> {
         match self.tree.get(id.as_bytes())? {
             Some(b) => Ok(Some(
-                serde_json::from_slice(&b).map_err(|e| StoreError(e.to_string()))?,
+                serde_json::from_slice(&b)
+                    .map_err(|e| StoreError::corrupt("a stored record", e))?,
             )),
             None => Ok(None),
         }
@@ -592,7 +593,10 @@ impl Datasets {
         let mut out: Vec<DatasetManifest> = Vec::new();
         for item in self.tree.iter() {
             let (_, v) = item?;
-            out.push(serde_json::from_slice(&v).map_err(|e| StoreError(e.to_string()))?);
+            out.push(
+                serde_json::from_slice(&v)
+                    .map_err(|e| StoreError::corrupt("a stored record", e))?,
+            );
         }
         out.sort_by_key(|m| m.created_ms);
         Ok(out)

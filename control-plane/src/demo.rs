@@ -243,6 +243,18 @@ fn siblings<const N: usize>(names: [&str; N]) -> anyhow::Result<[PathBuf; N]> {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.args(["build", "--quiet", "--profile", &profile, "--manifest-path"])
         .arg(&manifest);
+    // What `cargo run` set for fleetctl describes fleetctl's own build; a nested build
+    // that inherits it reruns build scripts, and fleetctl's next build reruns them again.
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        let keep = matches!(
+            key.as_ref(),
+            "CARGO_HOME" | "CARGO_TARGET_DIR" | "CARGO_TERM_COLOR"
+        );
+        if (key.starts_with("CARGO_") && !keep) || key == "OUT_DIR" {
+            cmd.env_remove(key.as_ref());
+        }
+    }
     for name in &missing {
         cmd.args(["--bin", name]);
     }

@@ -2,7 +2,7 @@
 //! rollbacks; and for operator tokens and the audit log. The rollout engine
 //! ([`spawn_rollouts`]) advances running rollouts every second.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::Extension;
@@ -16,11 +16,12 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::auth::{Principal, Role};
-use crate::ingest::{DeviceState, FleetStore};
+use crate::records::DeviceState;
 use crate::rollout::{
     Assign, Gates, Kind, Plan, Progress, Rollout, Selector, State as RState, Strategy, Target,
 };
 use crate::server::{Api, ApiError, Plane, enrolled, now_ms};
+use crate::store::FleetStore;
 
 fn internal(e: impl std::fmt::Display) -> ApiError {
     ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
@@ -45,7 +46,7 @@ pub async fn device_assignment(
             format!("device `{caller}` may read only its own assignment"),
         ));
     }
-    let record = plane.assignments.get(&d.id)?.ok_or_else(|| {
+    let record = plane.assignments.assignment(&d.id)?.ok_or_else(|| {
         ApiError(
             StatusCode::NOT_FOUND,
             format!("device `{id}` has no assignment yet (start a rollout that selects it)"),
@@ -77,7 +78,7 @@ pub async fn bundle(
     if let Principal::Device(d) = &who {
         let named = plane
             .assignments
-            .get(d)?
+            .assignment(d)?
             .is_some_and(|r| r.models.values().any(|m| m.digest == digest));
         if !named {
             return Err(ApiError(
@@ -223,7 +224,7 @@ fn unprocessable(e: impl std::fmt::Display) -> ApiError {
 fn active_of(plane: &Plane, model: &str) -> Api<Option<Rollout>> {
     Ok(plane
         .rollouts
-        .all()?
+        .rollouts()?
         .into_iter()
         .find(|r| r.model == model && !r.state.is_final()))
 }
@@ -303,7 +304,7 @@ fn create_rollout(plane: &Plane, req: RolloutRequest, by: String) -> Api<Rollout
         ));
     }
     let digest: Sha256 = record.digest.parse().map_err(internal)?;
-    let id = plane.rollouts.next_id()?;
+    let id = plane.rollouts.next_rollout_id()?;
     let to = AssignedModel {
         version: req.version,
         digest,
@@ -328,7 +329,7 @@ fn create_rollout(plane: &Plane, req: RolloutRequest, by: String) -> Api<Rollout
     for d in &devices {
         let from = plane
             .assignments
-            .get(&d.id)?
+            .assignment(&d.id)?
             .and_then(|r| r.models.get(&req.model).cloned());
         targets.push(Target {
             device: d.id.clone(),
@@ -361,7 +362,7 @@ fn create_rollout(plane: &Plane, req: RolloutRequest, by: String) -> Api<Rollout
         },
         now_ms(),
     );
-    plane.rollouts.put(&rollout)?;
+    plane.rollouts.put_rollout(&rollout)?;
     Ok(rollout)
 }
 
@@ -403,13 +404,13 @@ pub async fn start_rollback(
             None => None,
         };
         let _guard = plane.rollout_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let id = if req.dry_run { "(dry run)".to_string() } else { plane.rollouts.next_id()? };
+        let id = if req.dry_run { "(dry run)".to_string() } else { plane.rollouts.next_rollout_id()? };
         let mut targets = Vec::new();
         let mut skipped = Vec::new();
         let mut devices = plane.ingest.store.devices()?;
         devices.sort_by(|a, b| a.id.cmp(&b.id));
         for d in devices.iter().filter(|d| selector.matches(d)) {
-            let Some(record) = plane.assignments.get(&d.id)? else { continue };
+            let Some(record) = plane.assignments.assignment(&d.id)? else { continue };
             let Some(current) = record.models.get(&req.model) else { continue };
             let to = named.clone().or_else(|| record.previous.get(&req.model).cloned());
             match to {
@@ -446,11 +447,11 @@ pub async fn start_rollback(
             return Ok((None, plan));
         }
         // A rollback supersedes a rollout of the same model still going.
-        for mut r in plane.rollouts.all()? {
+        for mut r in plane.rollouts.rollouts()? {
             if r.model == req.model && !r.state.is_final() {
                 r.state = RState::Aborted;
                 r.reason = Some(format!("superseded by rollback {id}"));
-                plane.rollouts.put(&r)?;
+                plane.rollouts.put_rollout(&r)?;
             }
         }
         let versions: std::collections::BTreeSet<u64> = targets.iter().map(|t| t.to.version).collect();
@@ -472,7 +473,7 @@ pub async fn start_rollback(
             targets,
             by: who.who(),
         }, now_ms());
-        plane.rollouts.put(&rollout)?;
+        plane.rollouts.put_rollout(&rollout)?;
         Ok((Some(id), plan))
     })
     .await?;
@@ -492,7 +493,7 @@ pub async fn advance(plane: &Arc<Plane>, id: &str) -> Api<()> {
     let notify = blocking(move || {
         let plane = p;
         let _guard = plane.rollout_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(mut r) = plane.rollouts.get(&id2)? else { return Ok(Vec::new()) };
+        let Some(mut r) = plane.rollouts.rollout(&id2)? else { return Ok(Vec::new()) };
         if r.state != RState::Running {
             return Ok(Vec::new());
         }
@@ -504,20 +505,14 @@ pub async fn advance(plane: &Arc<Plane>, id: &str) -> Api<()> {
             .into_iter()
             .map(|Assign { device, to }| (device, to))
             .collect();
-        let generations = plane.assignments.assign_all(&r.model, &changes, now)?;
-        // By device, not a search of the targets per assignment (quadratic in a wave).
-        let by_device: HashMap<&DeviceId, u64> =
-            changes.iter().map(|(d, _)| d).zip(generations).collect();
-        for t in &mut r.targets {
-            if let Some(g) = by_device.get(&t.device) {
-                t.generation = Some(*g);
-            }
-        }
         if r.state != before.0 {
             tracing::info!(rollout = %r.id, state = ?r.state, reason = ?r.reason, "rollout changed state");
         }
-        if !changes.is_empty() || r.state != before.0 || r.waves != before.1 {
-            plane.rollouts.put(&r)?;
+        if !changes.is_empty() {
+            // The assignments and the rollout that made them, in one transaction.
+            plane.rollouts.advance_rollout(&mut r, &changes, now)?;
+        } else if r.state != before.0 || r.waves != before.1 {
+            plane.rollouts.put_rollout(&r)?;
         }
         if !changes.is_empty() {
             tracing::info!(rollout = %r.id, devices = changes.len(), "assigned");
@@ -546,7 +541,7 @@ pub fn spawn_rollouts(plane: Arc<Plane>) {
         let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
         loop {
             every.tick().await;
-            let running: Vec<String> = match plane.rollouts.all() {
+            let running: Vec<String> = match plane.rollouts.rollouts() {
                 Ok(all) => all
                     .into_iter()
                     .filter(|r| r.state == RState::Running)
@@ -570,7 +565,7 @@ pub fn spawn_rollouts(plane: Arc<Plane>) {
 async fn status(plane: &Arc<Plane>, id: &str) -> Api<Value> {
     let (p, id) = (plane.clone(), id.to_string());
     blocking(move || {
-        let r = p.rollouts.get(&id)?.ok_or_else(|| {
+        let r = p.rollouts.rollout(&id)?.ok_or_else(|| {
             ApiError(
                 StatusCode::NOT_FOUND,
                 format!("no rollout `{id}` (fleetctl rollout list)"),
@@ -645,7 +640,7 @@ pub async fn list_rollouts(State(plane): State<Arc<Plane>>) -> Api<axum::Json<Va
     let p = plane.clone();
     let list = blocking(move || {
         let mut out = Vec::new();
-        for r in p.rollouts.all()? {
+        for r in p.rollouts.rollouts()? {
             let states = states_of(&p, &r.targets)?;
             let v = rollout_view(&r, &states);
             out.push(json!({
@@ -675,7 +670,7 @@ async fn control(plane: Arc<Plane>, id: String, to: RState) -> Api<axum::Json<Va
     let id2 = id.clone();
     blocking(move || {
         let _guard = p.rollout_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let mut r = p.rollouts.get(&id2)?.ok_or_else(|| {
+        let mut r = p.rollouts.rollout(&id2)?.ok_or_else(|| {
             ApiError(StatusCode::NOT_FOUND, format!("no rollout `{id2}`"))
         })?;
         let state = |s: RState| serde_json::to_value(s).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
@@ -707,7 +702,7 @@ async fn control(plane: Arc<Plane>, id: String, to: RState) -> Api<axum::Json<Va
         }
         r.state = to;
         r.updated_ms = now;
-        p.rollouts.put(&r)?;
+        p.rollouts.put_rollout(&r)?;
         Ok(())
     })
     .await?;

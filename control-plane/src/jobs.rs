@@ -573,13 +573,13 @@ pub struct Jobs {
 }
 
 impl Jobs {
-    pub fn open(db: &sled::Db, dir: &Path) -> Result<Jobs, crate::ingest::StoreError> {
+    pub fn open(db: &sled::Db, dir: &Path) -> Result<Jobs, crate::store::StoreError> {
         std::fs::create_dir_all(dir)
-            .map_err(|e| crate::ingest::StoreError(format!("{}: {e}", dir.display())))?;
+            .map_err(|e| crate::store::StoreError::unavailable(dir.display(), e))?;
         // Absolute: trials run with their own folder as working directory, and a
         // Kubernetes pod mounts the same path.
         let dir = std::fs::canonicalize(dir)
-            .map_err(|e| crate::ingest::StoreError(format!("{}: {e}", dir.display())))?;
+            .map_err(|e| crate::store::StoreError::unavailable(dir.display(), e))?;
         Ok(Jobs {
             tree: db.open_tree("jobs")?,
             specs: db.open_tree("job_specs")?,
@@ -588,34 +588,36 @@ impl Jobs {
         })
     }
 
-    pub fn next_id(&self) -> Result<String, crate::ingest::StoreError> {
+    pub fn next_id(&self) -> Result<String, crate::store::StoreError> {
         Ok(format!("j{}", self.db.generate_id()? + 1))
     }
 
-    pub fn put(&self, job: &Job) -> Result<(), crate::ingest::StoreError> {
+    pub fn put(&self, job: &Job) -> Result<(), crate::store::StoreError> {
         self.tree.insert(
             job.id.as_bytes(),
-            serde_json::to_vec(job).map_err(|e| crate::ingest::StoreError(e.to_string()))?,
+            serde_json::to_vec(job)
+                .map_err(|e| crate::store::StoreError::corrupt("a stored record", e))?,
         )?;
         self.tree.flush()?;
         Ok(())
     }
 
-    pub fn get(&self, id: &str) -> Result<Option<Job>, crate::ingest::StoreError> {
+    pub fn get(&self, id: &str) -> Result<Option<Job>, crate::store::StoreError> {
         match self.tree.get(id.as_bytes())? {
-            Some(b) => Ok(Some(
-                serde_json::from_slice(&b).map_err(|e| crate::ingest::StoreError(e.to_string()))?,
-            )),
+            Some(b) => Ok(Some(serde_json::from_slice(&b).map_err(|e| {
+                crate::store::StoreError::corrupt("a stored record", e)
+            })?)),
             None => Ok(None),
         }
     }
 
-    pub fn all(&self) -> Result<Vec<Job>, crate::ingest::StoreError> {
+    pub fn all(&self) -> Result<Vec<Job>, crate::store::StoreError> {
         let mut out: Vec<Job> = Vec::new();
         for item in self.tree.iter() {
             let (_, v) = item?;
             out.push(
-                serde_json::from_slice(&v).map_err(|e| crate::ingest::StoreError(e.to_string()))?,
+                serde_json::from_slice(&v)
+                    .map_err(|e| crate::store::StoreError::corrupt("a stored record", e))?,
             );
         }
         out.sort_by_key(|j| j.created_ms);
@@ -627,7 +629,7 @@ impl Jobs {
         &self,
         id: &str,
         change: impl FnOnce(&mut Job),
-    ) -> Result<(), crate::ingest::StoreError> {
+    ) -> Result<(), crate::store::StoreError> {
         if let Some(mut job) = self.get(id)? {
             change(&mut job);
             self.put(&job)?;
@@ -635,14 +637,14 @@ impl Jobs {
         Ok(())
     }
 
-    pub fn keep_spec(&self, spec: &JobSpec) -> Result<(), crate::ingest::StoreError> {
+    pub fn keep_spec(&self, spec: &JobSpec) -> Result<(), crate::store::StoreError> {
         self.specs
             .insert(spec.model.as_bytes(), spec.to_toml().as_bytes())?;
         self.specs.flush()?;
         Ok(())
     }
 
-    pub fn spec(&self, model: &str) -> Result<Option<JobSpec>, crate::ingest::StoreError> {
+    pub fn spec(&self, model: &str) -> Result<Option<JobSpec>, crate::store::StoreError> {
         Ok(match self.specs.get(model.as_bytes())? {
             Some(b) => JobSpec::from_toml(&String::from_utf8_lossy(&b)).ok(),
             None => None,

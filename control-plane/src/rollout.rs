@@ -22,7 +22,7 @@ use fleetml_protocol::assignment::AssignedModel;
 use fleetml_protocol::telemetry::{DeviceId, Lifecycle, WindowReport};
 use serde::{Deserialize, Serialize};
 
-use crate::ingest::{DeviceRecord, DeviceState};
+use crate::records::{DeviceRecord, DeviceState};
 
 /// A device selector: comma-separated `key=value` terms that must all match; `key` is
 /// `board`, `device` (or `id`), or a tag name; `value` may list alternatives with `|`.
@@ -618,56 +618,6 @@ fn fmt_num(v: f64) -> String {
         format!("{}", v as i64)
     } else {
         format!("{v:.4}")
-    }
-}
-
-/// Rollouts in sled (tree `rollouts`, keyed by id `r<n>`).
-#[derive(Debug, Clone)]
-pub struct Rollouts {
-    tree: sled::Tree,
-    db: sled::Db,
-}
-
-impl Rollouts {
-    pub fn open(db: &sled::Db) -> Result<Rollouts, crate::ingest::StoreError> {
-        Ok(Rollouts {
-            tree: db.open_tree("rollouts")?,
-            db: db.clone(),
-        })
-    }
-
-    pub fn next_id(&self) -> Result<String, crate::ingest::StoreError> {
-        Ok(format!("r{}", self.db.generate_id()? + 1))
-    }
-
-    pub fn put(&self, r: &Rollout) -> Result<(), crate::ingest::StoreError> {
-        self.tree.insert(
-            r.id.as_bytes(),
-            serde_json::to_vec(r).map_err(|e| crate::ingest::StoreError(e.to_string()))?,
-        )?;
-        self.tree.flush()?;
-        Ok(())
-    }
-
-    pub fn get(&self, id: &str) -> Result<Option<Rollout>, crate::ingest::StoreError> {
-        match self.tree.get(id.as_bytes())? {
-            Some(b) => Ok(Some(
-                serde_json::from_slice(&b).map_err(|e| crate::ingest::StoreError(e.to_string()))?,
-            )),
-            None => Ok(None),
-        }
-    }
-
-    pub fn all(&self) -> Result<Vec<Rollout>, crate::ingest::StoreError> {
-        let mut out = Vec::new();
-        for item in self.tree.iter() {
-            let (_, v) = item?;
-            out.push(
-                serde_json::from_slice(&v).map_err(|e| crate::ingest::StoreError(e.to_string()))?,
-            );
-        }
-        out.sort_by_key(|r: &Rollout| r.created_ms);
-        Ok(out)
     }
 }
 

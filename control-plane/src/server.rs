@@ -31,7 +31,10 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::auth::{Principal, Role};
-use crate::ingest::{DeviceRecord, FleetStore, Ingest, SledStore};
+use crate::ingest::Ingest;
+use crate::records::DeviceRecord;
+use crate::store::sled::SledStore;
+use crate::store::{AssignmentStore, FleetStore, RolloutStore};
 use crate::views;
 
 /// Client id and user name of the ingest's MQTT session.
@@ -72,14 +75,14 @@ pub struct Options {
 pub struct Plane {
     pub ingest: Ingest<SledStore>,
     pub registry: crate::registry::Registry,
-    pub assignments: crate::assign::Assignments,
+    pub assignments: Arc<dyn AssignmentStore>,
     pub captures: crate::captures::Captures,
     pub datasets: crate::datasets::Datasets,
     pub jobs: crate::jobs::Jobs,
-    pub policies: crate::policy::Policies,
+    pub policies: Arc<dyn crate::store::PolicyStore>,
     pub(crate) running: crate::retrain::Running,
     pub(crate) signing_key: Option<PathBuf>,
-    pub rollouts: crate::rollout::Rollouts,
+    pub rollouts: Arc<dyn RolloutStore>,
     pub tokens: crate::auth::Tokens,
     pub audit: crate::auth::Audit,
     pub(crate) assignment_key: fleetml_protocol::crypto::SigningKey,
@@ -313,7 +316,7 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
     let token = admin_token(&opts.data_dir)?;
     let assignment_key = crate::assign::assignment_key(&opts.data_dir)?;
     let store = SledStore::open(&opts.data_dir.join("fleet.db"))?;
-    let tokens = crate::auth::Tokens::open(store.db())?;
+    let tokens = crate::auth::Tokens::new(Arc::new(store.clone()));
     tokens.register(
         "admin",
         "bootstrap admin (DATA_DIR/admin.token)",
@@ -386,15 +389,15 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
     let registry = crate::registry::Registry::open(store.db(), &opts.data_dir.join("blobs"))
         .map_err(anyhow::Error::from)?;
     let plane = Arc::new(Plane {
-        assignments: crate::assign::Assignments::open(store.db())?,
+        assignments: Arc::new(store.clone()),
         captures: crate::captures::Captures::open(store.db(), &opts.data_dir.join("captures"))?,
         datasets: crate::datasets::Datasets::open(store.db(), &opts.data_dir.join("datasets"))?,
         jobs: crate::jobs::Jobs::open(store.db(), &opts.data_dir.join("jobs"))?,
-        policies: crate::policy::Policies::open(store.db())?,
+        policies: Arc::new(store.clone()),
         running: Default::default(),
         signing_key: opts.signing_key.clone(),
-        rollouts: crate::rollout::Rollouts::open(store.db())?,
-        audit: crate::auth::Audit::open(store.db())?,
+        rollouts: Arc::new(store.clone()),
+        audit: crate::auth::Audit::new(Arc::new(store.clone())),
         tokens,
         assignment_key,
         assignment_ttl_ms: opts.assignment_ttl.as_millis() as u64,
@@ -594,7 +597,7 @@ fn spawn_receipts(plane: Arc<Plane>, interval: Duration) {
                         out.push(telemetry::seal(&d.id, 0, now, Body::Receipt(r), &d.secret));
                     }
                 }
-                Ok::<_, crate::ingest::StoreError>(out)
+                Ok::<_, crate::store::StoreError>(out)
             })
             .await;
             let sealed = match sealed {
@@ -632,9 +635,16 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<crate::ingest::StoreError> for ApiError {
-    fn from(e: crate::ingest::StoreError) -> Self {
-        ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        use crate::store::StoreError as E;
+        let status = match &e {
+            E::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            E::Corrupt { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            E::Conflict(_) => StatusCode::CONFLICT,
+            E::NotFound(_) => StatusCode::NOT_FOUND,
+        };
+        ApiError(status, e.to_string())
     }
 }
 
@@ -943,7 +953,7 @@ async fn show_device(
     // The most recent messages: events, alerts and acknowledgements among them.
     let recent = store.messages(id, state.last_seq.saturating_sub(99), 100)?;
     let mut detail = views::device_detail(&d, &state, &recent);
-    detail["assignment"] = match plane.assignments.get(id)? {
+    detail["assignment"] = match plane.assignments.assignment(id)? {
         Some(a) => json!({
             "generation": a.generation,
             "updated_ms": a.updated_ms,

@@ -4,7 +4,7 @@
 use fleetml_protocol::telemetry::{Body, DeviceId, Envelope, FeatureDrift};
 use serde_json::{Value, json};
 
-use crate::ingest::{DeviceRecord, DeviceState};
+use crate::records::{DeviceRecord, DeviceState};
 
 fn open_alerts(state: &DeviceState) -> Vec<String> {
     state

@@ -1,6 +1,9 @@
 //! Telemetry ingest: de-duplication by (device, seq), gaps, forged messages stored never.
 
-use fleet_control::ingest::{DeviceRecord, FleetStore, Ingest, Outcome, SledStore};
+use fleet_control::ingest::{Ingest, Outcome};
+use fleet_control::records::DeviceRecord;
+use fleet_control::store::FleetStore;
+use fleet_control::store::sled::SledStore;
 use fleetml_protocol::telemetry::{self, Body, DeviceId, Event, Lifecycle, MessageError};
 
 const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";

@@ -10,150 +10,31 @@
 //! `margin`, a canary rollout (`canary_pct`, auto-rollback) starts. The trigger, the
 //! job's outcome and the promotion are audit entries (who = `policy:NAME`) and log
 //! lines.
+//!
+//! The decisions are [`engine::decide`]'s, with no I/O and no clock; this module keeps
+//! the policies, serves their API and runs the engine every two seconds.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::{Path as UrlPath, State};
 use axum::http::StatusCode;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::ingest::FleetStore;
 use crate::server::{Api, ApiError, Plane, now_ms};
+use crate::store::FleetStore;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Policy {
-    #[serde(default)]
-    pub model: String,
-    /// Share of the devices running the model that must be alerting (0..1).
-    #[serde(default = "default_share")]
-    pub drift_share: f64,
-    /// For how long, in seconds.
-    #[serde(default = "default_for")]
-    pub for_s: u64,
-    /// Original training data (dataset ids) added to the captured rows.
-    #[serde(default)]
-    pub datasets: Vec<String>,
-    /// Labelled rows captured within this many seconds before the trigger.
-    #[serde(default = "default_since")]
-    pub captured_since_s: u64,
-    #[serde(default = "default_cooldown")]
-    pub cooldown_s: u64,
-    #[serde(default = "default_max_jobs")]
-    pub max_jobs: usize,
-    /// Start a canary rollout of a candidate that beats production (default off).
-    #[serde(default)]
-    pub auto_promote: bool,
-    /// Dataset the challenger is compared on (needed for auto_promote).
-    #[serde(default)]
-    pub holdout: Option<String>,
-    /// Label column of the holdout (default: the job spec's label).
-    #[serde(default)]
-    pub label: Option<String>,
-    /// How much better the challenger must be on the deciding metric.
-    #[serde(default = "default_margin")]
-    pub margin: f64,
-    #[serde(default = "default_canary")]
-    pub canary_pct: u32,
-    #[serde(default = "yes")]
-    pub enabled: bool,
-    /// A job spec (TOML) to keep as the model's (only in requests).
-    #[serde(default, skip_serializing)]
-    pub spec: Option<String>,
-}
+pub mod engine;
 
-fn default_share() -> f64 {
-    0.2
-}
-fn default_for() -> u64 {
-    1800
-}
-fn default_since() -> u64 {
-    7 * 86_400
-}
-fn default_cooldown() -> u64 {
-    6 * 3600
-}
-fn default_max_jobs() -> usize {
-    1
-}
-fn default_margin() -> f64 {
-    0.01
-}
-fn default_canary() -> u32 {
-    5
-}
-fn yes() -> bool {
-    true
-}
-
-/// What the engine remembers per model.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct PolicyState {
-    /// Since when the share has been at or above the threshold.
-    pub breach_since_ms: Option<u64>,
-    pub last_trigger_ms: Option<u64>,
-    /// Jobs this policy started, and whether their outcome was handled.
-    pub jobs: Vec<(String, bool)>,
-    pub last_share: f64,
-    pub events: Vec<(u64, String)>,
-}
-
-/// Policies in sled (tree `policies`: model → (policy, state)).
-#[derive(Debug, Clone)]
-pub struct Policies {
-    tree: sled::Tree,
-}
-
-impl Policies {
-    pub fn open(db: &sled::Db) -> Result<Policies, crate::ingest::StoreError> {
-        Ok(Policies {
-            tree: db.open_tree("policies")?,
-        })
-    }
-
-    pub fn get(
-        &self,
-        model: &str,
-    ) -> Result<Option<(Policy, PolicyState)>, crate::ingest::StoreError> {
-        match self.tree.get(model.as_bytes())? {
-            Some(b) => Ok(serde_json::from_slice(&b).ok()),
-            None => Ok(None),
-        }
-    }
-
-    pub fn put(&self, p: &Policy, s: &PolicyState) -> Result<(), crate::ingest::StoreError> {
-        self.tree.insert(
-            p.model.as_bytes(),
-            serde_json::to_vec(&(p, s)).map_err(|e| crate::ingest::StoreError(e.to_string()))?,
-        )?;
-        self.tree.flush()?;
-        Ok(())
-    }
-
-    pub fn all(&self) -> Result<Vec<(Policy, PolicyState)>, crate::ingest::StoreError> {
-        let mut out = Vec::new();
-        for item in self.tree.iter() {
-            let (_, v) = item?;
-            if let Ok(x) = serde_json::from_slice(&v) {
-                out.push(x);
-            }
-        }
-        Ok(out)
-    }
-}
+pub use crate::records::{Policy, PolicyState};
 
 fn is_drift(subject: &str) -> bool {
     !matches!(subject, "lag" | "missing_predictions")
 }
 
 /// Devices running `model`, and how many of them hold a drift alert on it.
-pub fn drift_share(
-    plane: &Plane,
-    model: &str,
-) -> Result<(usize, usize), crate::ingest::StoreError> {
+pub fn drift_share(plane: &Plane, model: &str) -> Result<(usize, usize), crate::store::StoreError> {
     let (mut running, mut alerting) = (0, 0);
     for d in plane.ingest.store.devices()? {
         let Some(st) = plane.ingest.store.state(&d.id)? else {
@@ -244,7 +125,7 @@ pub fn compare(
         .map(str::to_string)
         .or_else(|| plane.jobs.spec(a.0).ok().flatten().and_then(|s| s.label))
         .unwrap_or_else(|| "label".into());
-    let devices: BTreeMap<String, crate::ingest::DeviceRecord> = plane
+    let devices: BTreeMap<String, crate::records::DeviceRecord> = plane
         .ingest
         .store
         .devices()?
@@ -364,10 +245,10 @@ pub async fn put_policy(
     }
     let state = plane
         .policies
-        .get(&name)?
+        .policy(&name)?
         .map(|(_, s)| s)
         .unwrap_or_default();
-    plane.policies.put(&policy, &state)?;
+    plane.policies.put_policy(&policy, &state)?;
     Ok(axum::Json(json!({ "policy": policy, "state": state })))
 }
 
@@ -376,7 +257,7 @@ pub async fn get_policy(
     State(plane): State<Arc<Plane>>,
     UrlPath(name): UrlPath<String>,
 ) -> Api<axum::Json<Value>> {
-    let (policy, state) = plane.policies.get(&name)?.ok_or_else(|| {
+    let (policy, state) = plane.policies.policy(&name)?.ok_or_else(|| {
         ApiError(
             StatusCode::NOT_FOUND,
             format!("`{name}` has no retraining policy"),
@@ -385,106 +266,72 @@ pub async fn get_policy(
     Ok(axum::Json(json!({ "policy": policy, "state": state })))
 }
 
-fn note(state: &mut PolicyState, text: String) {
-    tracing::info!("{text}");
-    state.events.push((now_ms(), text));
-    if state.events.len() > 50 {
-        state.events.remove(0);
-    }
-}
-
-/// One pass of the engine over every policy (blocking).
+/// One pass of the engine over every policy (blocking): gathers what each policy sees,
+/// lets [`engine::decide`] decide, carries the actions out and records how they went.
 pub fn tick(plane: &Arc<Plane>) {
-    let Ok(all) = plane.policies.all() else {
+    let Ok(all) = plane.policies.policies() else {
         return;
     };
     for (policy, mut state) in all {
         if !policy.enabled {
             continue;
         }
-        let before = state.clone();
         let model = policy.model.clone();
-        let now = now_ms();
-        // Outcomes of the jobs it started.
-        for (job_id, handled) in state.jobs.iter_mut() {
-            if *handled {
-                continue;
-            }
-            let Ok(Some(job)) = plane.jobs.get(job_id) else {
-                *handled = true;
-                continue;
-            };
-            if !job.state.is_final() {
-                continue;
-            }
-            *handled = true;
-            let outcome = if job.state == crate::jobs::JobState::Succeeded {
-                200
-            } else {
-                500
-            };
-            audit(plane, &model, "retrain.finished", job_id, outcome);
-            let mut text = format!("job {job_id} {:?}", job.state).to_lowercase();
-            if let Some((name, version, _)) = &job.candidate {
-                text.push_str(&format!(": candidate {name}@v{version}"));
-                if policy.auto_promote {
-                    text.push_str(&promote(plane, &policy, name, *version));
-                }
-            }
-            state.events.push((now, text.clone()));
-            tracing::info!(model = %model, "{text}");
-        }
         let Ok((running, alerting)) = drift_share(plane, &model) else {
             continue;
         };
-        let share = if running > 0 {
-            alerting as f64 / running as f64
-        } else {
-            0.0
+        let jobs = state
+            .jobs
+            .iter()
+            .filter(|(_, handled)| !handled)
+            .filter_map(|(id, _)| {
+                let job = plane.jobs.get(id).ok().flatten()?;
+                let now = if job.state.is_final() {
+                    engine::JobNow::Finished {
+                        state: job.state,
+                        candidate: job.candidate.map(|(name, version, _)| (name, version)),
+                    }
+                } else {
+                    engine::JobNow::Running
+                };
+                Some((id.clone(), now))
+            })
+            .collect();
+        let seen = engine::Seen {
+            running,
+            alerting,
+            jobs,
         };
-        state.last_share = share;
-        if running > 0 && share >= policy.drift_share {
-            let since = *state.breach_since_ms.get_or_insert(now);
-            let active = state
-                .jobs
-                .iter()
-                .filter(|(id, _)| {
-                    plane
-                        .jobs
-                        .get(id)
-                        .ok()
-                        .flatten()
-                        .is_some_and(|j| !j.state.is_final())
-                })
-                .count();
-            let cooled = state
-                .last_trigger_ms
-                .is_none_or(|t| now >= t + policy.cooldown_s * 1000);
-            if now >= since + policy.for_s * 1000 && active < policy.max_jobs && cooled {
-                let why = format!(
-                    "drift policy of {model}: {alerting} of {running} devices ({:.0}%) alerting for {} s",
-                    share * 100.0,
-                    (now - since) / 1000
-                );
-                match trigger(plane, &policy, &why) {
-                    Ok(job) => {
-                        audit(plane, &model, "retrain.start", &job, 201);
-                        state.jobs.push((job.clone(), false));
-                        state.last_trigger_ms = Some(now);
-                        note(&mut state, format!("{why}: started job {job}"));
+        let before = state.clone();
+        let now = now_ms();
+        for action in engine::decide(&policy, &mut state, &seen, now) {
+            match action {
+                engine::Action::Finished {
+                    job,
+                    outcome,
+                    mut text,
+                    promote: candidate,
+                } => {
+                    audit(plane, &model, "retrain.finished", &job, outcome);
+                    if let Some((name, version)) = candidate {
+                        text.push_str(&promote(plane, &policy, &name, version));
                     }
-                    Err(e) => {
-                        audit(plane, &model, "retrain.start", &model, 500);
-                        state.last_trigger_ms = Some(now);
-                        note(&mut state, format!("{why}: could not start a job: {e}"));
+                    tracing::info!(model = %model, "{text}");
+                    engine::finished(&mut state, now, text);
+                }
+                engine::Action::Start { why } => {
+                    let job = trigger(plane, &policy, &why);
+                    match &job {
+                        Ok(job) => audit(plane, &model, "retrain.start", job, 201),
+                        Err(_) => audit(plane, &model, "retrain.start", &model, 500),
                     }
+                    tracing::info!(model = %model, job = ?job, "{why}");
+                    engine::started(&mut state, now, &why, job);
                 }
             }
-        } else {
-            state.breach_since_ms = None;
         }
         if state != before {
-            let _ = plane.policies.put(&policy, &state);
+            let _ = plane.policies.put_policy(&policy, &state);
         }
     }
 }

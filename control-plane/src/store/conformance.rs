@@ -1,0 +1,386 @@
+//! The store conformance suite: one set of tests every implementation must pass. Each
+//! test is a function of a fresh store; `conformance!` runs all of them against a
+//! backend. A new backend adds one line at the bottom.
+
+use std::collections::BTreeMap;
+
+use fleetml_protocol::assignment::AssignedModel;
+use fleetml_protocol::telemetry::{Body, DeviceId, Envelope, Receipt};
+
+use super::{AssignmentStore, FleetStore, RolloutStore, Store, StoreError};
+use crate::auth::Role;
+use crate::records::{AuditEntry, DeviceRecord, DeviceState, Policy, PolicyState, TokenRecord};
+use crate::rollout::{Baseline, Gates, Kind, Plan, Rollout, State, Strategy, Target};
+
+fn id(s: &str) -> DeviceId {
+    DeviceId::new(s).expect("test id")
+}
+
+fn device(name: &str) -> DeviceRecord {
+    DeviceRecord {
+        id: id(name),
+        board: Some("rpi4".into()),
+        tags: BTreeMap::from([("site".to_string(), "plant-1".to_string())]),
+        secret: vec![7; 32],
+        enrolled_ms: 1_000,
+    }
+}
+
+fn message(name: &str, seq: u64) -> Envelope {
+    Envelope {
+        v: 1,
+        device: id(name),
+        seq,
+        ts_ms: 10 * seq,
+        body: Body::Receipt(Receipt {
+            stored: vec![[seq, seq]],
+        }),
+        auth: vec![seq as u8; 32],
+    }
+}
+
+fn model(version: u64, rollout: Option<&str>) -> AssignedModel {
+    AssignedModel {
+        version,
+        digest: fleetml_protocol::crypto::sha256(&version.to_be_bytes()),
+        size: 100 + version,
+        rollout: rollout.map(str::to_string),
+    }
+}
+
+fn rollout(id_: &str, devices: &[&str], created_ms: u64) -> Rollout {
+    Rollout::new(
+        Plan {
+            id: id_.into(),
+            kind: Kind::Rollout,
+            model: "claims".into(),
+            version: Some(2),
+            selector: "all".into(),
+            strategy: Strategy {
+                waves: vec![50, 100],
+                soak_ms: 1000,
+                quorum_pct: 100,
+                deadline_ms: 10_000,
+                gates: Gates::default(),
+                auto_rollback: false,
+            },
+            targets: devices
+                .iter()
+                .map(|d| Target {
+                    device: id(d),
+                    wave: 0,
+                    to: model(2, Some(id_)),
+                    from: Some(model(1, None)),
+                    assigned_ms: None,
+                    generation: None,
+                })
+                .collect(),
+            baseline: Baseline::default(),
+            by: "test".into(),
+        },
+        created_ms,
+    )
+}
+
+pub(super) fn devices_enroll_once(s: &dyn Store) -> Result<(), StoreError> {
+    assert_eq!(s.device(&id("d1"))?, None);
+    assert!(s.enroll(&device("d1"))?);
+    let mut other = device("d1");
+    other.board = Some("jetson".into());
+    assert!(!s.enroll(&other)?, "an id is enrolled once");
+    assert_eq!(s.device(&id("d1"))?, Some(device("d1")), "the first stays");
+    assert!(s.enroll(&device("d0"))?);
+    let mut ids: Vec<String> = s.devices()?.into_iter().map(|d| d.id.to_string()).collect();
+    ids.sort();
+    assert_eq!(ids, ["d0", "d1"]);
+    Ok(())
+}
+
+pub(super) fn messages_are_stored_once_in_order_per_device(
+    s: &dyn Store,
+) -> Result<(), StoreError> {
+    assert_eq!(s.insert(&message("d1", 2))?, (true, None));
+    assert_eq!(
+        s.insert(&message("d1", 1))?,
+        (true, Some(2)),
+        "highest before"
+    );
+    assert_eq!(
+        s.insert(&message("d1", 2))?,
+        (false, Some(2)),
+        "a duplicate"
+    );
+    assert_eq!(s.insert(&message("d1", 5))?, (true, Some(2)));
+    // A device whose id extends another's keeps its own log.
+    assert_eq!(s.insert(&message("d10", 3))?, (true, None));
+    let seqs = |v: Vec<Envelope>| v.into_iter().map(|e| e.seq).collect::<Vec<_>>();
+    assert_eq!(seqs(s.messages(&id("d1"), 0, 100)?), [1, 2, 5]);
+    assert_eq!(seqs(s.messages(&id("d1"), 2, 100)?), [2, 5]);
+    assert_eq!(seqs(s.messages(&id("d1"), 0, 2)?), [1, 2]);
+    assert_eq!(seqs(s.messages(&id("d10"), 0, 100)?), [3]);
+    assert_eq!(s.messages(&id("d2"), 0, 100)?, Vec::new());
+    assert_eq!(
+        s.messages(&id("d1"), 2, 1)?,
+        vec![message("d1", 2)],
+        "whole"
+    );
+    s.flush()
+}
+
+pub(super) fn device_state_changes_in_place(s: &dyn Store) -> Result<(), StoreError> {
+    assert_eq!(s.state(&id("d1"))?, None);
+    s.update_state(&id("d1"), &mut |st| {
+        st.online = true;
+        st.stored += 1;
+    })?;
+    s.update_state(&id("d1"), &mut |st| st.stored += 1)?;
+    assert_eq!(
+        s.state(&id("d1"))?,
+        Some(DeviceState {
+            online: true,
+            stored: 2,
+            ..DeviceState::default()
+        })
+    );
+    assert_eq!(s.state(&id("d2"))?, None);
+    Ok(())
+}
+
+pub(super) fn command_sequence_numbers_count_per_device(s: &dyn Store) -> Result<(), StoreError> {
+    assert_eq!(s.next_command_seq(&id("d1"))?, 0);
+    assert_eq!(s.next_command_seq(&id("d1"))?, 1);
+    assert_eq!(
+        s.next_command_seqs(&[id("d1"), id("d2"), id("d1")])?,
+        [2, 0, 3]
+    );
+    assert_eq!(s.next_command_seq(&id("d2"))?, 1);
+    Ok(())
+}
+
+pub(super) fn an_assignment_moves_its_generation_only_when_it_changes(
+    s: &dyn Store,
+) -> Result<(), StoreError> {
+    let d = id("d1");
+    assert_eq!(s.assignment(&d)?, None);
+    assert_eq!(s.assign(&d, "claims", &model(1, None), 5)?, 1);
+    assert_eq!(s.assign(&d, "claims", &model(1, None), 6)?, 1, "unchanged");
+    assert_eq!(s.assign(&d, "claims", &model(2, Some("r1")), 7)?, 2);
+    assert_eq!(s.assign(&d, "vad", &model(1, None), 8)?, 3);
+    let r = s.assignment(&d)?.expect("stored");
+    assert_eq!(r.generation, 3);
+    assert_eq!(r.updated_ms, 8);
+    assert_eq!(r.models["claims"], model(2, Some("r1")));
+    assert_eq!(
+        r.previous["claims"],
+        model(1, None),
+        "where a rollback returns"
+    );
+    assert!(!r.previous.contains_key("vad"));
+    Ok(())
+}
+
+pub(super) fn many_assignments_apply_in_order(s: &dyn Store) -> Result<(), StoreError> {
+    s.assign(&id("d1"), "claims", &model(1, None), 1)?;
+    let changes = vec![
+        (id("d1"), model(2, None)),
+        (id("d2"), model(2, None)),
+        (id("d1"), model(3, None)),
+        (id("d2"), model(2, None)),
+    ];
+    assert_eq!(s.assign_all("claims", &changes, 2)?, [2, 1, 3, 1]);
+    let all: BTreeMap<String, u64> = s
+        .assignments()?
+        .into_iter()
+        .map(|(d, r)| (d.to_string(), r.generation))
+        .collect();
+    assert_eq!(all, BTreeMap::from([("d1".into(), 3), ("d2".into(), 1)]));
+    assert_eq!(
+        s.assignment(&id("d1"))?.expect("d1").previous["claims"],
+        model(2, None)
+    );
+    assert_eq!(s.assign_all("claims", &[], 3)?, Vec::<u64>::new());
+    Ok(())
+}
+
+pub(super) fn rollouts_keep_ids_and_order(s: &dyn Store) -> Result<(), StoreError> {
+    let a = s.next_rollout_id()?;
+    let b = s.next_rollout_id()?;
+    assert_ne!(a, b, "ids are never handed out twice");
+    assert!(a.starts_with('r') && b.starts_with('r'), "{a} {b}");
+    assert_eq!(s.rollout(&a)?, None);
+    s.put_rollout(&rollout(&b, &["d1"], 20))?;
+    s.put_rollout(&rollout(&a, &["d1", "d2"], 10))?;
+    let mut changed = rollout(&b, &["d1"], 20);
+    changed.state = State::Paused;
+    changed.reason = Some("operator".into());
+    s.put_rollout(&changed)?;
+    assert_eq!(s.rollout(&b)?, Some(changed));
+    let order: Vec<String> = s.rollouts()?.into_iter().map(|r| r.id).collect();
+    assert_eq!(order, [a, b], "oldest first");
+    Ok(())
+}
+
+pub(super) fn advancing_a_rollout_writes_its_assignments_and_itself_together(
+    s: &dyn Store,
+) -> Result<(), StoreError> {
+    s.assign(&id("d2"), "claims", &model(1, None), 1)?;
+    let mut r = rollout("r7", &["d1", "d2", "d3"], 5);
+    let changes = vec![
+        (id("d1"), model(2, Some("r7"))),
+        (id("d2"), model(2, Some("r7"))),
+    ];
+    assert_eq!(s.advance_rollout(&mut r, &changes, 9)?, [1, 2]);
+    let generations: Vec<Option<u64>> = r.targets.iter().map(|t| t.generation).collect();
+    assert_eq!(
+        generations,
+        [Some(1), Some(2), None],
+        "the caller's copy learns them"
+    );
+    assert_eq!(s.rollout("r7")?, Some(r.clone()), "stored with them");
+    assert_eq!(
+        s.assignment(&id("d2"))?.expect("d2").models["claims"],
+        model(2, Some("r7"))
+    );
+    assert_eq!(s.assignment(&id("d3"))?, None);
+    Ok(())
+}
+
+fn token(id: &str, hash: &str, created_ms: u64) -> TokenRecord {
+    TokenRecord {
+        id: id.into(),
+        name: format!("{id} token"),
+        role: Role::Operator,
+        hash: hash.into(),
+        created_ms,
+        created_by: "test".into(),
+    }
+}
+
+pub(super) fn a_token_is_found_by_hash_and_replaced_by_id(s: &dyn Store) -> Result<(), StoreError> {
+    assert_eq!(s.token("h1")?, None);
+    s.put_token(&token("admin", "h1", 2))?;
+    s.put_token(&token("t2", "h2", 1))?;
+    assert_eq!(s.token("h1")?, Some(token("admin", "h1", 2)));
+    // A new bootstrap token under the same id: the old hash authenticates no more.
+    s.put_token(&token("admin", "h3", 3))?;
+    assert_eq!(s.token("h1")?, None);
+    let ids: Vec<(String, String)> = s.tokens()?.into_iter().map(|t| (t.id, t.hash)).collect();
+    assert_eq!(
+        ids,
+        [("t2".into(), "h2".into()), ("admin".into(), "h3".into())],
+        "oldest first"
+    );
+    assert!(s.remove_token("t2")?);
+    assert!(!s.remove_token("t2")?, "gone already");
+    assert_eq!(s.token("h2")?, None);
+    Ok(())
+}
+
+pub(super) fn audit_appends_see_the_entry_before(s: &dyn Store) -> Result<(), StoreError> {
+    let append = |s: &dyn Store, what: &str| {
+        s.append_audit(&mut |last| AuditEntry {
+            seq: last.map_or(1, |l| l.seq + 1),
+            at_ms: 5,
+            who: "token:t1".into(),
+            role: "operator".into(),
+            action: what.into(),
+            target: "/v1/models".into(),
+            outcome: 201,
+            prev: last.map_or_else(String::new, |l| l.hash.clone()),
+            hash: format!("hash of {what}"),
+        })
+    };
+    assert_eq!(s.audit_entries(1, 10)?, Vec::new());
+    assert_eq!(append(s, "a")?.seq, 1);
+    let b = append(s, "b")?;
+    assert_eq!((b.seq, b.prev.as_str()), (2, "hash of a"));
+    append(s, "c")?;
+    let seqs = |v: Vec<AuditEntry>| v.into_iter().map(|e| e.seq).collect::<Vec<_>>();
+    assert_eq!(seqs(s.audit_entries(1, 10)?), [1, 2, 3]);
+    assert_eq!(seqs(s.audit_entries(2, 1)?), [2]);
+    assert_eq!(s.audit_entries(2, 1)?, vec![b]);
+    Ok(())
+}
+
+pub(super) fn a_policy_is_kept_with_its_state(s: &dyn Store) -> Result<(), StoreError> {
+    let policy: Policy = serde_json::from_value(serde_json::json!({"model": "claims"}))
+        .expect("a policy with defaults");
+    assert_eq!(s.policy("claims")?, None);
+    let state = PolicyState {
+        last_share: 0.5,
+        events: vec![(1, "started".into())],
+        ..PolicyState::default()
+    };
+    s.put_policy(&policy, &state)?;
+    let mut other = policy.clone();
+    other.model = "vad".into();
+    s.put_policy(&other, &PolicyState::default())?;
+    assert_eq!(s.policy("claims")?, Some((policy.clone(), state)));
+    s.put_policy(&policy, &PolicyState::default())?;
+    assert_eq!(
+        s.policy("claims")?.map(|(_, st)| st),
+        Some(PolicyState::default())
+    );
+    let mut models: Vec<String> = s.policies()?.into_iter().map(|(p, _)| p.model).collect();
+    models.sort();
+    assert_eq!(models, ["claims", "vad"]);
+    Ok(())
+}
+
+/// Runs every test of the suite against the store `$make` builds, in module `$name`.
+macro_rules! conformance {
+    ($name:ident, $make:expr) => {
+        mod $name {
+            conformance!(@each $make;
+                devices_enroll_once,
+                messages_are_stored_once_in_order_per_device,
+                device_state_changes_in_place,
+                command_sequence_numbers_count_per_device,
+                an_assignment_moves_its_generation_only_when_it_changes,
+                many_assignments_apply_in_order,
+                rollouts_keep_ids_and_order,
+                advancing_a_rollout_writes_its_assignments_and_itself_together,
+                a_token_is_found_by_hash_and_replaced_by_id,
+                audit_appends_see_the_entry_before,
+                a_policy_is_kept_with_its_state,
+            );
+        }
+    };
+    (@each $make:expr; $($test:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $test() {
+                let (store, _keep) = $make;
+                super::$test(&store).expect("the store answers");
+            }
+        )*
+    };
+}
+
+conformance!(memory, (super::super::memory::MemoryStore::new(), ()));
+conformance!(sled, {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = super::super::sled::SledStore::open(dir.path()).expect("sled opens");
+    (store, dir)
+});
+
+/// What sled stores survives reopening it: assignments, and rollouts advanced in one
+/// transaction.
+#[test]
+fn sled_keeps_what_it_stored_across_a_reopen() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut r = rollout("r1", &["d1"], 5);
+    {
+        let s = super::sled::SledStore::open(dir.path()).expect("sled opens");
+        s.enroll(&device("d1")).expect("enroll");
+        s.advance_rollout(&mut r, &[(id("d1"), model(2, Some("r1")))], 9)
+            .expect("advance");
+    }
+    let s = super::sled::SledStore::open(dir.path()).expect("sled reopens");
+    assert_eq!(s.device(&id("d1")).expect("read"), Some(device("d1")));
+    assert_eq!(s.rollout("r1").expect("read"), Some(r));
+    assert_eq!(
+        s.assignment(&id("d1")).expect("read").map(|a| a.generation),
+        Some(1)
+    );
+}

@@ -1,0 +1,300 @@
+//! The store in memory: nothing survives the process. For tests (the conformance suite
+//! runs on it beside sled) and for a control plane that is meant to keep nothing.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use fleetml_protocol::assignment::AssignedModel;
+use fleetml_protocol::telemetry::{DeviceId, Envelope};
+
+use super::{
+    AssignmentStore, AuditStore, FleetStore, PolicyStore, RolloutStore, StoreError, TokenStore,
+};
+use crate::assign::{AssignmentRecord, point};
+use crate::records::{AuditEntry, DeviceRecord, DeviceState, Policy, PolicyState, TokenRecord};
+use crate::rollout::Rollout;
+
+/// Every record behind one lock: each call is one transaction.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    devices: BTreeMap<DeviceId, DeviceRecord>,
+    messages: BTreeMap<(DeviceId, u64), Envelope>,
+    high: BTreeMap<DeviceId, u64>,
+    state: BTreeMap<DeviceId, DeviceState>,
+    commands: BTreeMap<DeviceId, u64>,
+    assignments: BTreeMap<DeviceId, AssignmentRecord>,
+    rollouts: BTreeMap<String, Rollout>,
+    rollout_ids: u64,
+    tokens: BTreeMap<String, TokenRecord>,
+    audit: BTreeMap<u64, AuditEntry>,
+    policies: BTreeMap<String, (Policy, PolicyState)>,
+}
+
+impl MemoryStore {
+    pub fn new() -> MemoryStore {
+        MemoryStore::default()
+    }
+
+    fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding the lock left whole records: every change below is
+        // computed first and then written.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Inner {
+    fn bump_command_seq(&mut self, device: &DeviceId) -> u64 {
+        let n = self.commands.entry(device.clone()).or_insert(0);
+        let before = *n;
+        *n += 1;
+        before
+    }
+
+    fn assign_all(
+        &mut self,
+        model: &str,
+        changes: &[(DeviceId, AssignedModel)],
+        now_ms: u64,
+    ) -> Vec<u64> {
+        changes
+            .iter()
+            .map(|(device, to)| {
+                let record = self.assignments.entry(device.clone()).or_default();
+                point(record, model, to, now_ms);
+                record.generation
+            })
+            .collect()
+    }
+}
+
+impl FleetStore for MemoryStore {
+    fn enroll(&self, device: &DeviceRecord) -> Result<bool, StoreError> {
+        let mut inner = self.inner();
+        if inner.devices.contains_key(&device.id) {
+            return Ok(false);
+        }
+        inner.devices.insert(device.id.clone(), device.clone());
+        Ok(true)
+    }
+
+    fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
+        Ok(self.inner().devices.get(id).cloned())
+    }
+
+    fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
+        Ok(self.inner().devices.values().cloned().collect())
+    }
+
+    fn insert(&self, envelope: &Envelope) -> Result<(bool, Option<u64>), StoreError> {
+        let mut inner = self.inner();
+        let key = (envelope.device.clone(), envelope.seq);
+        let new = !inner.messages.contains_key(&key);
+        if new {
+            inner.messages.insert(key, envelope.clone());
+        }
+        let high = inner.high.entry(envelope.device.clone());
+        let before = match high {
+            std::collections::btree_map::Entry::Occupied(mut o) => {
+                let before = *o.get();
+                *o.get_mut() = before.max(envelope.seq);
+                Some(before)
+            }
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert(envelope.seq);
+                None
+            }
+        };
+        Ok((new, before))
+    }
+
+    fn messages(
+        &self,
+        device: &DeviceId,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<Envelope>, StoreError> {
+        Ok(self
+            .inner()
+            .messages
+            .range((device.clone(), from)..=(device.clone(), u64::MAX))
+            .take(limit)
+            .map(|(_, e)| e.clone())
+            .collect())
+    }
+
+    fn state(&self, device: &DeviceId) -> Result<Option<DeviceState>, StoreError> {
+        Ok(self.inner().state.get(device).cloned())
+    }
+
+    fn update_state(
+        &self,
+        device: &DeviceId,
+        change: &mut dyn FnMut(&mut DeviceState),
+    ) -> Result<(), StoreError> {
+        let mut inner = self.inner();
+        let mut state = inner.state.get(device).cloned().unwrap_or_default();
+        change(&mut state);
+        inner.state.insert(device.clone(), state);
+        Ok(())
+    }
+
+    fn next_command_seq(&self, device: &DeviceId) -> Result<u64, StoreError> {
+        Ok(self.inner().bump_command_seq(device))
+    }
+
+    fn next_command_seqs(&self, devices: &[DeviceId]) -> Result<Vec<u64>, StoreError> {
+        let mut inner = self.inner();
+        Ok(devices.iter().map(|d| inner.bump_command_seq(d)).collect())
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+impl AssignmentStore for MemoryStore {
+    fn assignment(&self, device: &DeviceId) -> Result<Option<AssignmentRecord>, StoreError> {
+        Ok(self.inner().assignments.get(device).cloned())
+    }
+
+    fn assign(
+        &self,
+        device: &DeviceId,
+        model: &str,
+        to: &AssignedModel,
+        now_ms: u64,
+    ) -> Result<u64, StoreError> {
+        let mut inner = self.inner();
+        let record = inner.assignments.entry(device.clone()).or_default();
+        point(record, model, to, now_ms);
+        Ok(record.generation)
+    }
+
+    fn assign_all(
+        &self,
+        model: &str,
+        changes: &[(DeviceId, AssignedModel)],
+        now_ms: u64,
+    ) -> Result<Vec<u64>, StoreError> {
+        Ok(self.inner().assign_all(model, changes, now_ms))
+    }
+
+    fn assignments(&self) -> Result<Vec<(DeviceId, AssignmentRecord)>, StoreError> {
+        Ok(self
+            .inner()
+            .assignments
+            .iter()
+            .map(|(d, r)| (d.clone(), r.clone()))
+            .collect())
+    }
+}
+
+impl RolloutStore for MemoryStore {
+    fn next_rollout_id(&self) -> Result<String, StoreError> {
+        let mut inner = self.inner();
+        inner.rollout_ids += 1;
+        Ok(format!("r{}", inner.rollout_ids))
+    }
+
+    fn put_rollout(&self, rollout: &Rollout) -> Result<(), StoreError> {
+        self.inner()
+            .rollouts
+            .insert(rollout.id.clone(), rollout.clone());
+        Ok(())
+    }
+
+    fn rollout(&self, id: &str) -> Result<Option<Rollout>, StoreError> {
+        Ok(self.inner().rollouts.get(id).cloned())
+    }
+
+    fn rollouts(&self) -> Result<Vec<Rollout>, StoreError> {
+        let mut out: Vec<Rollout> = self.inner().rollouts.values().cloned().collect();
+        out.sort_by_key(|r| r.created_ms);
+        Ok(out)
+    }
+
+    fn advance_rollout(
+        &self,
+        rollout: &mut Rollout,
+        changes: &[(DeviceId, AssignedModel)],
+        now_ms: u64,
+    ) -> Result<Vec<u64>, StoreError> {
+        let mut inner = self.inner();
+        let generations = inner.assign_all(&rollout.model, changes, now_ms);
+        super::record_generations(rollout, changes, &generations);
+        inner.rollouts.insert(rollout.id.clone(), rollout.clone());
+        Ok(generations)
+    }
+}
+
+impl TokenStore for MemoryStore {
+    fn token(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError> {
+        Ok(self.inner().tokens.get(hash).cloned())
+    }
+
+    fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        let mut out: Vec<TokenRecord> = self.inner().tokens.values().cloned().collect();
+        out.sort_by_key(|r| r.created_ms);
+        Ok(out)
+    }
+
+    fn put_token(&self, record: &TokenRecord) -> Result<(), StoreError> {
+        let mut inner = self.inner();
+        inner
+            .tokens
+            .retain(|hash, r| r.id != record.id || *hash == record.hash);
+        inner.tokens.insert(record.hash.clone(), record.clone());
+        Ok(())
+    }
+
+    fn remove_token(&self, id: &str) -> Result<bool, StoreError> {
+        let mut inner = self.inner();
+        let before = inner.tokens.len();
+        inner.tokens.retain(|_, r| r.id != id);
+        Ok(inner.tokens.len() < before)
+    }
+}
+
+impl AuditStore for MemoryStore {
+    fn append_audit(
+        &self,
+        next: &mut dyn FnMut(Option<&AuditEntry>) -> AuditEntry,
+    ) -> Result<AuditEntry, StoreError> {
+        let mut inner = self.inner();
+        let entry = next(inner.audit.values().next_back());
+        inner.audit.insert(entry.seq, entry.clone());
+        Ok(entry)
+    }
+
+    fn audit_entries(&self, from: u64, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+        Ok(self
+            .inner()
+            .audit
+            .range(from..)
+            .take(limit)
+            .map(|(_, e)| e.clone())
+            .collect())
+    }
+}
+
+impl PolicyStore for MemoryStore {
+    fn policy(&self, model: &str) -> Result<Option<(Policy, PolicyState)>, StoreError> {
+        Ok(self.inner().policies.get(model).cloned())
+    }
+
+    fn put_policy(&self, policy: &Policy, state: &PolicyState) -> Result<(), StoreError> {
+        self.inner()
+            .policies
+            .insert(policy.model.clone(), (policy.clone(), state.clone()));
+        Ok(())
+    }
+
+    fn policies(&self) -> Result<Vec<(Policy, PolicyState)>, StoreError> {
+        Ok(self.inner().policies.values().cloned().collect())
+    }
+}

@@ -1,0 +1,219 @@
+//! All the control plane's state that lives in its database, behind traits split by what
+//! callers do: devices and their message log ([`FleetStore`]), assignment records
+//! ([`AssignmentStore`]), rollouts ([`RolloutStore`]), operator tokens
+//! ([`TokenStore`]), the audit log ([`AuditStore`]), drift policies ([`PolicyStore`]). A change that takes several
+//! writes is one method, so one call is one transaction (advancing a rollout writes its
+//! assignments and its own state together: [`RolloutStore::advance_rollout`]).
+//!
+//! Implementations: [`sled::SledStore`] (the default, embedded in the data directory)
+//! and [`memory::MemoryStore`] (tests, and a control plane that keeps nothing). Both
+//! pass the same conformance suite (`store/conformance.rs`), which a new backend has to
+//! pass too. Only this folder names sled for these records.
+
+use std::fmt::Display;
+
+use fleetml_protocol::assignment::AssignedModel;
+use fleetml_protocol::telemetry::{DeviceId, Envelope};
+
+use crate::assign::AssignmentRecord;
+use crate::records::{AuditEntry, DeviceRecord, DeviceState, Policy, PolicyState, TokenRecord};
+use crate::rollout::Rollout;
+
+#[cfg(test)]
+mod conformance;
+pub mod memory;
+pub mod sled;
+
+/// Why a store call failed, in terms a caller can act on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The store cannot be reached or written now (I/O, a full disk, a lost server);
+    /// retrying later may work.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// A stored record does not decode: `what` names it and why.
+    #[error("stored data is corrupt: {what}")]
+    Corrupt { what: String },
+    /// The change conflicts with what is stored (it was changed meanwhile, or exists).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// What the change refers to does not exist.
+    #[error("not found: {0}")]
+    NotFound(String),
+}
+
+impl StoreError {
+    /// A record that does not decode (or encode): what it is, and the decoder's words.
+    pub fn corrupt(what: impl Display, error: impl Display) -> StoreError {
+        StoreError::Corrupt {
+            what: format!("{what}: {error}"),
+        }
+    }
+
+    /// I/O that failed: where, and why.
+    pub fn unavailable(what: impl Display, error: impl Display) -> StoreError {
+        StoreError::Unavailable(format!("{what}: {error}"))
+    }
+}
+
+impl From<serde_cbor::Error> for StoreError {
+    fn from(e: serde_cbor::Error) -> Self {
+        StoreError::corrupt("a stored record", e)
+    }
+}
+
+/// Where authenticated messages and the device registry live.
+pub trait FleetStore: Send + Sync {
+    /// Adds a device; `false` when the id is taken (nothing changes then).
+    fn enroll(&self, device: &DeviceRecord) -> Result<bool, StoreError>;
+    fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError>;
+    fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError>;
+    /// Stores `envelope` unless `(device, seq)` is already stored; returns whether it
+    /// was new, and the highest sequence number stored for the device before it.
+    fn insert(&self, envelope: &Envelope) -> Result<(bool, Option<u64>), StoreError>;
+    /// Up to `limit` messages of `device` from sequence number `from` on, in order.
+    fn messages(
+        &self,
+        device: &DeviceId,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<Envelope>, StoreError>;
+    fn state(&self, device: &DeviceId) -> Result<Option<DeviceState>, StoreError>;
+    fn update_state(
+        &self,
+        device: &DeviceId,
+        change: &mut dyn FnMut(&mut DeviceState),
+    ) -> Result<(), StoreError>;
+    /// The next sequence number of control plane → device messages.
+    fn next_command_seq(&self, device: &DeviceId) -> Result<u64, StoreError>;
+    /// [`FleetStore::next_command_seq`] of each device, made durable together.
+    fn next_command_seqs(&self, devices: &[DeviceId]) -> Result<Vec<u64>, StoreError> {
+        devices.iter().map(|d| self.next_command_seq(d)).collect()
+    }
+    /// Makes everything stored so far durable.
+    fn flush(&self) -> Result<(), StoreError>;
+}
+
+/// What each device should run: one [`AssignmentRecord`] per device.
+pub trait AssignmentStore: Send + Sync {
+    fn assignment(&self, device: &DeviceId) -> Result<Option<AssignmentRecord>, StoreError>;
+    /// Points `model` of `device` at `to` as a new generation, unless it already is;
+    /// returns the generation that names it. Atomic and durable.
+    fn assign(
+        &self,
+        device: &DeviceId,
+        model: &str,
+        to: &AssignedModel,
+        now_ms: u64,
+    ) -> Result<u64, StoreError>;
+    /// [`AssignmentStore::assign`] for many devices (a device may appear more than once:
+    /// each change applies in order), all or nothing, made durable once. Returns the
+    /// generations, in order.
+    fn assign_all(
+        &self,
+        model: &str,
+        changes: &[(DeviceId, AssignedModel)],
+        now_ms: u64,
+    ) -> Result<Vec<u64>, StoreError>;
+    /// Every device's record.
+    fn assignments(&self) -> Result<Vec<(DeviceId, AssignmentRecord)>, StoreError>;
+}
+
+/// Rollouts and rollbacks, keyed by their id.
+pub trait RolloutStore: Send + Sync {
+    /// A fresh id `r<n>`, never handed out before by this store.
+    fn next_rollout_id(&self) -> Result<String, StoreError>;
+    /// Stores `rollout` (replacing the one with its id), durably.
+    fn put_rollout(&self, rollout: &Rollout) -> Result<(), StoreError>;
+    fn rollout(&self, id: &str) -> Result<Option<Rollout>, StoreError>;
+    /// Every rollout, oldest first.
+    fn rollouts(&self) -> Result<Vec<Rollout>, StoreError>;
+    /// One engine step, written together or not at all: `changes` as
+    /// [`AssignmentStore::assign_all`] for `rollout.model`, each target the changes
+    /// reach learns the generation that names its assignment, and `rollout` is stored.
+    /// Returns the generations, in the order of `changes`.
+    fn advance_rollout(
+        &self,
+        rollout: &mut Rollout,
+        changes: &[(DeviceId, AssignedModel)],
+        now_ms: u64,
+    ) -> Result<Vec<u64>, StoreError>;
+}
+
+/// Operator tokens (their hashes), keyed by hash; each has an id too.
+pub trait TokenStore: Send + Sync {
+    /// The record of the token whose SHA-256 (hex) is `hash`.
+    fn token(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError>;
+    /// Every record, oldest first.
+    fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
+    /// Stores `record`, and removes any other record with its id, in one transaction.
+    fn put_token(&self, record: &TokenRecord) -> Result<(), StoreError>;
+    /// Removes the record with id `id`; `false` when there is none.
+    fn remove_token(&self, id: &str) -> Result<bool, StoreError>;
+}
+
+/// The audit log: entries by sequence number, appended one at a time.
+pub trait AuditStore: Send + Sync {
+    /// Appends the entry `next` makes of the last one (`None` when the log is empty),
+    /// durably. Appends are serialized: no two see the same last entry.
+    fn append_audit(
+        &self,
+        next: &mut dyn FnMut(Option<&AuditEntry>) -> AuditEntry,
+    ) -> Result<AuditEntry, StoreError>;
+    /// Up to `limit` entries from sequence number `from` on, in order. An entry that no
+    /// longer decodes comes back as written (its text in `who`), with no hash.
+    fn audit_entries(&self, from: u64, limit: usize) -> Result<Vec<AuditEntry>, StoreError>;
+}
+
+/// Drift policies and their engine's state, per model.
+pub trait PolicyStore: Send + Sync {
+    fn policy(&self, model: &str) -> Result<Option<(Policy, PolicyState)>, StoreError>;
+    /// Stores the policy of `policy.model` and its state together.
+    fn put_policy(&self, policy: &Policy, state: &PolicyState) -> Result<(), StoreError>;
+    fn policies(&self) -> Result<Vec<(Policy, PolicyState)>, StoreError>;
+}
+
+/// Every part of the store, as the control plane holds it.
+pub trait Store:
+    FleetStore + AssignmentStore + RolloutStore + TokenStore + AuditStore + PolicyStore
+{
+}
+
+impl<T> Store for T where
+    T: FleetStore + AssignmentStore + RolloutStore + TokenStore + AuditStore + PolicyStore
+{
+}
+
+/// An audit entry that no longer decodes, as [`AuditStore::audit_entries`] returns it.
+pub fn unreadable_audit_entry(seq: u64, bytes: &[u8]) -> AuditEntry {
+    AuditEntry {
+        seq,
+        at_ms: 0,
+        who: String::from_utf8_lossy(bytes).chars().take(200).collect(),
+        role: String::new(),
+        action: "(unreadable entry)".into(),
+        target: String::new(),
+        outcome: 0,
+        prev: String::new(),
+        hash: String::new(),
+    }
+}
+
+/// Sets each target of `rollout` that `changes` reach to the generation of its change.
+fn record_generations(
+    rollout: &mut Rollout,
+    changes: &[(DeviceId, AssignedModel)],
+    generations: &[u64],
+) {
+    // By device, not a search of the targets per change (quadratic in a wave).
+    let by_device: std::collections::HashMap<&DeviceId, u64> = changes
+        .iter()
+        .map(|(d, _)| d)
+        .zip(generations.iter().copied())
+        .collect();
+    for t in &mut rollout.targets {
+        if let Some(g) = by_device.get(&t.device) {
+            t.generation = Some(*g);
+        }
+    }
+}
