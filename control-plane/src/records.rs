@@ -198,3 +198,19 @@ pub struct PolicyState {
     pub last_share: f64,
     pub events: Vec<(u64, String)>,
 }
+
+/// One pushed model version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelRecord {
+    pub name: String,
+    pub version: u64,
+    pub label: String,
+    /// SHA-256 of the bundle file, hex: its name in the blob directory.
+    pub digest: String,
+    pub size: u64,
+    pub signed_by: Vec<String>,
+    pub pushed_ms: u64,
+    pub stage: String,
+    #[serde(default)]
+    pub tags: std::collections::BTreeMap<String, String>,
+}

@@ -1,35 +1,23 @@
 //! The model registry of `fleetctl serve`: bundles verified against the server's trust
-//! policy before they are kept, content-addressed in `DATA_DIR/blobs/<sha256>.fmb`, with
-//! one record per name and version in sled (tree `models`).
+//! policy before they are kept, content-addressed by a [`BlobStore`]
+//! (`DATA_DIR/blobs/<sha256>.fmb`), with one record per name and version in a
+//! [`RegistryStore`].
 //!
 //! A re-push of identical bytes changes nothing; the same name and version with other
 //! bytes is refused — a version, once pushed, means one thing forever.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use fleetml_protocol::bundle::{self, Limits, VerifiedBundle};
 use fleetml_protocol::trust::TrustPolicy;
-use serde::{Deserialize, Serialize};
+
+pub use crate::records::ModelRecord;
+use crate::store::{BlobStore, RegistryStore, StoreError};
 
 /// Stages a model version moves through.
 pub const STAGES: [&str; 4] = ["candidate", "staging", "production", "archived"];
-
-/// One pushed model version.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ModelRecord {
-    pub name: String,
-    pub version: u64,
-    pub label: String,
-    /// SHA-256 of the bundle file, hex: its name in the blob directory.
-    pub digest: String,
-    pub size: u64,
-    pub signed_by: Vec<String>,
-    pub pushed_ms: u64,
-    pub stage: String,
-    #[serde(default)]
-    pub tags: std::collections::BTreeMap<String, String>,
-}
 
 /// What a push did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,8 +47,8 @@ pub enum RegistryError {
     Storage(String),
 }
 
-impl From<sled::Error> for RegistryError {
-    fn from(e: sled::Error) -> Self {
+impl From<StoreError> for RegistryError {
+    fn from(e: StoreError) -> Self {
         RegistryError::Storage(e.to_string())
     }
 }
@@ -72,38 +60,31 @@ impl From<std::io::Error> for RegistryError {
 }
 
 /// The registry.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Registry {
-    blobs: PathBuf,
-    models: sled::Tree,
+    blobs: Arc<dyn BlobStore>,
+    models: Arc<dyn RegistryStore>,
 }
 
-fn key(name: &str, version: u64) -> Vec<u8> {
-    let mut k = name.as_bytes().to_vec();
-    k.push(0);
-    k.extend_from_slice(&version.to_be_bytes());
-    k
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").finish_non_exhaustive()
+    }
 }
 
 impl Registry {
-    /// Opens the registry: blobs in `blobs`, records in `db`'s tree `models`.
-    pub fn open(db: &sled::Db, blobs: &Path) -> Result<Registry, RegistryError> {
-        std::fs::create_dir_all(blobs)?;
-        Ok(Registry {
-            blobs: blobs.to_path_buf(),
-            models: db.open_tree("models")?,
-        })
+    /// The registry: records in `models`, bundle files in `blobs`.
+    pub fn new(models: Arc<dyn RegistryStore>, blobs: Arc<dyn BlobStore>) -> Registry {
+        Registry { blobs, models }
     }
 
     /// Where a new upload is written before it is verified.
     pub fn incoming(&self) -> Result<tempfile::NamedTempFile, RegistryError> {
-        Ok(tempfile::Builder::new()
-            .prefix(".incoming-")
-            .tempfile_in(&self.blobs)?)
+        Ok(self.blobs.incoming()?)
     }
 
     pub fn blob_path(&self, digest: &str) -> PathBuf {
-        self.blobs.join(format!("{digest}.fmb"))
+        self.blobs.path(digest)
     }
 
     /// Verifies the uploaded bundle in `file` and keeps it (blocking: hashes the file).
@@ -135,8 +116,7 @@ impl Registry {
             };
         }
         file.as_file().sync_all()?;
-        file.persist(self.blob_path(&digest))
-            .map_err(|e| RegistryError::Storage(e.to_string()))?;
+        self.blobs.keep(file, &digest)?;
         let record = ModelRecord {
             name: m.name.clone(),
             version: m.version,
@@ -148,28 +128,16 @@ impl Registry {
             stage: STAGES[0].to_string(),
             tags: Default::default(),
         };
-        let bytes =
-            serde_json::to_vec(&record).map_err(|e| RegistryError::Storage(e.to_string()))?;
-        let won = self
-            .models
-            .compare_and_swap(key(&m.name, m.version), None as Option<&[u8]>, Some(bytes))?
-            .is_ok();
-        self.models.flush()?;
-        if !won {
+        match self.models.insert_model_version(&record)? {
+            None => Ok(Pushed::New(record)),
             // A concurrent push of the same version got there first.
-            return match self.get(&m.name, m.version)? {
-                Some(existing) if existing.digest == record.digest => {
-                    Ok(Pushed::Unchanged(existing))
-                }
-                Some(existing) => Err(RegistryError::Conflict {
-                    name: record.name,
-                    version: record.version,
-                    existing: existing.digest,
-                }),
-                None => Err(RegistryError::Storage("the record vanished".into())),
-            };
+            Some(existing) if existing.digest == record.digest => Ok(Pushed::Unchanged(existing)),
+            Some(existing) => Err(RegistryError::Conflict {
+                name: record.name,
+                version: record.version,
+                existing: existing.digest,
+            }),
         }
-        Ok(Pushed::New(record))
     }
 
     /// Changes the record of `name` v`version` with `change`; `None` when there is none.
@@ -179,53 +147,16 @@ impl Registry {
         version: u64,
         change: impl Fn(&mut ModelRecord),
     ) -> Result<Option<ModelRecord>, RegistryError> {
-        let mut out = None;
-        let mut failure = None;
-        self.models.update_and_fetch(key(name, version), |old| {
-            let old = old?;
-            match serde_json::from_slice::<ModelRecord>(old) {
-                Ok(mut r) => {
-                    change(&mut r);
-                    let bytes = serde_json::to_vec(&r).ok();
-                    out = Some(r);
-                    bytes.or_else(|| Some(old.to_vec()))
-                }
-                Err(e) => {
-                    failure = Some(e.to_string());
-                    Some(old.to_vec())
-                }
-            }
-        })?;
-        if let Some(e) = failure {
-            return Err(RegistryError::Storage(e));
-        }
-        self.models.flush()?;
-        Ok(out)
+        Ok(self.models.update_model_version(name, version, &change)?)
     }
 
     pub fn get(&self, name: &str, version: u64) -> Result<Option<ModelRecord>, RegistryError> {
-        match self.models.get(key(name, version))? {
-            Some(v) => Ok(Some(
-                serde_json::from_slice(&v).map_err(|e| RegistryError::Storage(e.to_string()))?,
-            )),
-            None => Ok(None),
-        }
+        Ok(self.models.model_version(name, version)?)
     }
 
-    /// Every version of `name` (or of every model), oldest first.
+    /// Every version of `name` (or of every model), by name, then version.
     pub fn list(&self, name: Option<&str>) -> Result<Vec<ModelRecord>, RegistryError> {
-        let prefix = name.map(|n| {
-            let mut p = n.as_bytes().to_vec();
-            p.push(0);
-            p
-        });
-        self.models
-            .scan_prefix(prefix.unwrap_or_default())
-            .map(|kv| {
-                let (_, v) = kv?;
-                serde_json::from_slice(&v).map_err(|e| RegistryError::Storage(e.to_string()))
-            })
-            .collect()
+        Ok(self.models.model_versions(name)?)
     }
 }
 

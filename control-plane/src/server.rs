@@ -386,8 +386,12 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
     options.set_manual_acks(true);
     options.set_inflight(100);
     let (ingest_client, events) = AsyncClient::new(options, 1024);
-    let registry = crate::registry::Registry::open(store.db(), &opts.data_dir.join("blobs"))
-        .map_err(anyhow::Error::from)?;
+    let registry = crate::registry::Registry::new(
+        Arc::new(store.clone()),
+        Arc::new(crate::store::blobs::FileBlobs::open(
+            &opts.data_dir.join("blobs"),
+        )?),
+    );
     let plane = Arc::new(Plane {
         assignments: Arc::new(store.clone()),
         captures: crate::captures::Captures::open(store.db(), &opts.data_dir.join("captures"))?,

@@ -106,7 +106,7 @@ pub fn generate_onnx_cases(dir: &Path) -> Result<(), String> {
 
 /// The workspace root.
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    manifest_dir().join("..")
 }
 
 /// Path of a workspace binary (`fleetctl`, `fleet-agent`), built once per test run with
@@ -644,4 +644,14 @@ pub fn alter_golden(source: &Path, out_path: &Path) {
     )
     .expect("writes");
     std::fs::write(out_path, out).expect("write");
+}
+
+/// This package's directory: the one cargo names when it runs the tests (the path
+/// compiled in may be another checkout's that shares the target directory and built
+/// this binary first), else the compiled-in one.
+fn manifest_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(
+        || std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+        std::path::PathBuf::from,
+    )
 }

@@ -535,8 +535,13 @@ mod tract_threads {
     /// what one computes.
     #[test]
     fn tract_threads_compute_what_one_thread_computes() {
-        let path =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/claims/model.onnx");
+        // The directory cargo names at run time (the compiled-in one may be another
+        // checkout's sharing the target directory).
+        let dir = std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(
+            || std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+            std::path::PathBuf::from,
+        );
+        let path = dir.join("../models/claims/model.onnx");
         let model = CpuModel::load(&std::fs::read(path).expect("claims model")).expect("loads");
         let rows = 512u64;
         let data: Vec<f32> = (0..rows * 25)

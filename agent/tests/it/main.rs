@@ -22,7 +22,7 @@ use fleetml_protocol::manifest::{
 use fleetml_protocol::trust::{TrustPolicy, TrustedKey};
 
 fn claims_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/claims")
+    manifest_dir().join("../models/claims")
 }
 
 fn claims_model() -> Vec<u8> {
@@ -550,4 +550,14 @@ fn monitoring_settings_take_the_agent_then_the_bundle_then_the_default() {
         "agent configuration: monitoring setting `drift_chi2_p` is out of range"
     );
     assert!(MonitoringPolicy::from_toml("drift_psi = 0.3\nbogus = 1\n").is_err());
+}
+
+/// This package's directory: the one cargo names when it runs the tests (the path
+/// compiled in may be another checkout's that shares the target directory and built
+/// this binary first), else the compiled-in one.
+fn manifest_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(
+        || std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+        std::path::PathBuf::from,
+    )
 }

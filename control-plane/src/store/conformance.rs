@@ -9,7 +9,9 @@ use fleetml_protocol::telemetry::{Body, DeviceId, Envelope, Receipt};
 
 use super::{AssignmentStore, FleetStore, RolloutStore, Store, StoreError};
 use crate::auth::Role;
-use crate::records::{AuditEntry, DeviceRecord, DeviceState, Policy, PolicyState, TokenRecord};
+use crate::records::{
+    AuditEntry, DeviceRecord, DeviceState, ModelRecord, Policy, PolicyState, TokenRecord,
+};
 use crate::rollout::{Baseline, Gates, Kind, Plan, Rollout, State, Strategy, Target};
 
 fn id(s: &str) -> DeviceId {
@@ -327,6 +329,69 @@ pub(super) fn a_policy_is_kept_with_its_state(s: &dyn Store) -> Result<(), Store
     Ok(())
 }
 
+fn version(name: &str, version: u64, digest: &str) -> ModelRecord {
+    ModelRecord {
+        name: name.into(),
+        version,
+        label: "test".into(),
+        digest: digest.into(),
+        size: 10,
+        signed_by: vec!["k1".into()],
+        pushed_ms: version,
+        stage: "candidate".into(),
+        tags: BTreeMap::new(),
+    }
+}
+
+pub(super) fn a_model_version_is_written_once_and_changed_in_place(
+    s: &dyn Store,
+) -> Result<(), StoreError> {
+    assert_eq!(s.model_version("claims", 1)?, None);
+    assert_eq!(s.insert_model_version(&version("claims", 2, "d2"))?, None);
+    assert_eq!(s.insert_model_version(&version("claims", 1, "d1"))?, None);
+    assert_eq!(
+        s.insert_model_version(&version("claims-v2", 1, "e1"))?,
+        None
+    );
+    assert_eq!(s.insert_model_version(&version("a", 9, "a9"))?, None);
+    // The same name and version again: nothing changes, the first comes back.
+    assert_eq!(
+        s.insert_model_version(&version("claims", 1, "other"))?,
+        Some(version("claims", 1, "d1"))
+    );
+    let changed = s.update_model_version("claims", 1, &|r| r.stage = "production".into())?;
+    assert_eq!(changed.map(|r| r.stage), Some("production".to_string()));
+    assert_eq!(
+        s.model_version("claims", 1)?.map(|r| r.stage),
+        Some("production".into())
+    );
+    assert_eq!(
+        s.update_model_version("claims", 7, &|r| r.stage = "x".into())?,
+        None
+    );
+    let listed = |name| -> Result<Vec<(String, u64)>, StoreError> {
+        Ok(s.model_versions(name)?
+            .into_iter()
+            .map(|r| (r.name, r.version))
+            .collect())
+    };
+    assert_eq!(
+        listed(Some("claims"))?,
+        [("claims".into(), 1), ("claims".into(), 2)]
+    );
+    assert_eq!(
+        listed(None)?,
+        [
+            ("a".into(), 9),
+            ("claims".into(), 1),
+            ("claims".into(), 2),
+            ("claims-v2".into(), 1)
+        ]
+    );
+    assert_eq!(listed(Some("clai"))?, Vec::new(), "a name, not a prefix");
+    Ok(())
+}
+
 /// Runs every test of the suite against the store `$make` builds, in module `$name`.
 macro_rules! conformance {
     ($name:ident, $make:expr) => {
@@ -343,6 +408,7 @@ macro_rules! conformance {
                 a_token_is_found_by_hash_and_replaced_by_id,
                 audit_appends_see_the_entry_before,
                 a_policy_is_kept_with_its_state,
+                a_model_version_is_written_once_and_changed_in_place,
             );
         }
     };

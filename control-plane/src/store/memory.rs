@@ -8,10 +8,13 @@ use fleetml_protocol::assignment::AssignedModel;
 use fleetml_protocol::telemetry::{DeviceId, Envelope};
 
 use super::{
-    AssignmentStore, AuditStore, FleetStore, PolicyStore, RolloutStore, StoreError, TokenStore,
+    AssignmentStore, AuditStore, FleetStore, PolicyStore, RegistryStore, RolloutStore, StoreError,
+    TokenStore,
 };
 use crate::assign::{AssignmentRecord, point};
-use crate::records::{AuditEntry, DeviceRecord, DeviceState, Policy, PolicyState, TokenRecord};
+use crate::records::{
+    AuditEntry, DeviceRecord, DeviceState, ModelRecord, Policy, PolicyState, TokenRecord,
+};
 use crate::rollout::Rollout;
 
 /// Every record behind one lock: each call is one transaction.
@@ -33,6 +36,7 @@ struct Inner {
     tokens: BTreeMap<String, TokenRecord>,
     audit: BTreeMap<u64, AuditEntry>,
     policies: BTreeMap<String, (Policy, PolicyState)>,
+    models: BTreeMap<(String, u64), ModelRecord>,
 }
 
 impl MemoryStore {
@@ -296,5 +300,51 @@ impl PolicyStore for MemoryStore {
 
     fn policies(&self) -> Result<Vec<(Policy, PolicyState)>, StoreError> {
         Ok(self.inner().policies.values().cloned().collect())
+    }
+}
+
+impl RegistryStore for MemoryStore {
+    fn model_version(&self, name: &str, version: u64) -> Result<Option<ModelRecord>, StoreError> {
+        Ok(self
+            .inner()
+            .models
+            .get(&(name.to_string(), version))
+            .cloned())
+    }
+
+    fn insert_model_version(
+        &self,
+        record: &ModelRecord,
+    ) -> Result<Option<ModelRecord>, StoreError> {
+        let mut inner = self.inner();
+        let key = (record.name.clone(), record.version);
+        if let Some(existing) = inner.models.get(&key) {
+            return Ok(Some(existing.clone()));
+        }
+        inner.models.insert(key, record.clone());
+        Ok(None)
+    }
+
+    fn update_model_version(
+        &self,
+        name: &str,
+        version: u64,
+        change: &dyn Fn(&mut ModelRecord),
+    ) -> Result<Option<ModelRecord>, StoreError> {
+        let mut inner = self.inner();
+        Ok(inner.models.get_mut(&(name.to_string(), version)).map(|r| {
+            change(r);
+            r.clone()
+        }))
+    }
+
+    fn model_versions(&self, name: Option<&str>) -> Result<Vec<ModelRecord>, StoreError> {
+        Ok(self
+            .inner()
+            .models
+            .values()
+            .filter(|r| name.is_none_or(|n| r.name == n))
+            .cloned()
+            .collect())
     }
 }

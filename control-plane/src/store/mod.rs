@@ -1,7 +1,9 @@
 //! All the control plane's state that lives in its database, behind traits split by what
 //! callers do: devices and their message log ([`FleetStore`]), assignment records
 //! ([`AssignmentStore`]), rollouts ([`RolloutStore`]), operator tokens
-//! ([`TokenStore`]), the audit log ([`AuditStore`]), drift policies ([`PolicyStore`]). A change that takes several
+//! ([`TokenStore`]), the audit log ([`AuditStore`]), drift policies ([`PolicyStore`]),
+//! the registry's model versions ([`RegistryStore`]); the bundle files themselves
+//! behind [`BlobStore`] (`blobs::FileBlobs`: content-addressed files). A change that takes several
 //! writes is one method, so one call is one transaction (advancing a rollout writes its
 //! assignments and its own state together: [`RolloutStore::advance_rollout`]).
 //!
@@ -16,9 +18,12 @@ use fleetml_protocol::assignment::AssignedModel;
 use fleetml_protocol::telemetry::{DeviceId, Envelope};
 
 use crate::assign::AssignmentRecord;
-use crate::records::{AuditEntry, DeviceRecord, DeviceState, Policy, PolicyState, TokenRecord};
+use crate::records::{
+    AuditEntry, DeviceRecord, DeviceState, ModelRecord, Policy, PolicyState, TokenRecord,
+};
 use crate::rollout::Rollout;
 
+pub mod blobs;
 #[cfg(test)]
 mod conformance;
 pub mod memory;
@@ -173,14 +178,49 @@ pub trait PolicyStore: Send + Sync {
     fn policies(&self) -> Result<Vec<(Policy, PolicyState)>, StoreError>;
 }
 
+/// The registry's model versions, one record per name and version.
+pub trait RegistryStore: Send + Sync {
+    fn model_version(&self, name: &str, version: u64) -> Result<Option<ModelRecord>, StoreError>;
+    /// Stores `record` unless its name and version are taken; then nothing changes and
+    /// the record stored under them comes back.
+    fn insert_model_version(&self, record: &ModelRecord)
+    -> Result<Option<ModelRecord>, StoreError>;
+    /// Changes the record of `name` v`version` with `change`, atomically; `None` when
+    /// there is none.
+    fn update_model_version(
+        &self,
+        name: &str,
+        version: u64,
+        change: &dyn Fn(&mut ModelRecord),
+    ) -> Result<Option<ModelRecord>, StoreError>;
+    /// Every version of `name` (or of every model), by name, then version.
+    fn model_versions(&self, name: Option<&str>) -> Result<Vec<ModelRecord>, StoreError>;
+}
+
+/// Bundle files, content-addressed by their SHA-256 (hex).
+pub trait BlobStore: Send + Sync {
+    /// A new, empty file to upload into; keeping it is then a rename.
+    fn incoming(&self) -> std::io::Result<tempfile::NamedTempFile>;
+    /// Keeps `file` (written and synced by the caller) as blob `digest`.
+    fn keep(&self, file: tempfile::NamedTempFile, digest: &str) -> std::io::Result<()>;
+    /// Where blob `digest` is read from (it may not exist).
+    fn path(&self, digest: &str) -> std::path::PathBuf;
+}
+
 /// Every part of the store, as the control plane holds it.
 pub trait Store:
-    FleetStore + AssignmentStore + RolloutStore + TokenStore + AuditStore + PolicyStore
+    FleetStore + AssignmentStore + RolloutStore + TokenStore + AuditStore + PolicyStore + RegistryStore
 {
 }
 
 impl<T> Store for T where
-    T: FleetStore + AssignmentStore + RolloutStore + TokenStore + AuditStore + PolicyStore
+    T: FleetStore
+        + AssignmentStore
+        + RolloutStore
+        + TokenStore
+        + AuditStore
+        + PolicyStore
+        + RegistryStore
 {
 }
 

@@ -6,10 +6,13 @@ use fleetml_protocol::assignment::AssignedModel;
 use fleetml_protocol::telemetry::{DeviceId, Envelope};
 
 use super::{
-    AssignmentStore, AuditStore, FleetStore, PolicyStore, RolloutStore, StoreError, TokenStore,
+    AssignmentStore, AuditStore, FleetStore, PolicyStore, RegistryStore, RolloutStore, StoreError,
+    TokenStore,
 };
 use crate::assign::{AssignmentRecord, point};
-use crate::records::{AuditEntry, DeviceRecord, DeviceState, Policy, PolicyState, TokenRecord};
+use crate::records::{
+    AuditEntry, DeviceRecord, DeviceState, ModelRecord, Policy, PolicyState, TokenRecord,
+};
 use crate::rollout::Rollout;
 
 impl From<::sled::Error> for StoreError {
@@ -49,7 +52,8 @@ fn decode_assignment(bytes: Option<&[u8]>) -> AssignmentRecord {
 /// The store in sled: trees `devices`, `messages` (keyed `device \0 seq`, big-endian),
 /// `high` (highest seq per device), `state`, `commands` (next command seq per device),
 /// `assignments` (CBOR per device), `rollouts` (JSON per id), `tokens` (JSON by token
-/// hash), `audit` (JSON by big-endian seq), `policies` (JSON `[policy, state]` by model).
+/// hash), `audit` (JSON by big-endian seq), `policies` (JSON `[policy, state]` by model),
+/// `models` (JSON, keyed `name \0 version`, big-endian).
 #[derive(Debug, Clone)]
 pub struct SledStore {
     db: ::sled::Db,
@@ -63,6 +67,7 @@ pub struct SledStore {
     tokens: ::sled::Tree,
     audit: ::sled::Tree,
     policies: ::sled::Tree,
+    models: ::sled::Tree,
     /// Serializes audit appends (read the last entry, then write the next).
     audit_append: std::sync::Arc<std::sync::Mutex<()>>,
 }
@@ -87,6 +92,7 @@ impl SledStore {
             tokens: db.open_tree("tokens")?,
             audit: db.open_tree("audit")?,
             policies: db.open_tree("policies")?,
+            models: db.open_tree("models")?,
             audit_append: Default::default(),
             db,
         })
@@ -484,5 +490,99 @@ impl PolicyStore for SledStore {
             }
         }
         Ok(out)
+    }
+}
+
+fn model_key(name: &str, version: u64) -> Vec<u8> {
+    let mut k = name.as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(&version.to_be_bytes());
+    k
+}
+
+impl RegistryStore for SledStore {
+    fn model_version(&self, name: &str, version: u64) -> Result<Option<ModelRecord>, StoreError> {
+        match self.models.get(model_key(name, version))? {
+            Some(v) => Ok(Some(from_json(
+                &format!("model record {name} v{version}"),
+                &v,
+            )?)),
+            None => Ok(None),
+        }
+    }
+
+    fn insert_model_version(
+        &self,
+        record: &ModelRecord,
+    ) -> Result<Option<ModelRecord>, StoreError> {
+        let key = model_key(&record.name, record.version);
+        let won = self
+            .models
+            .compare_and_swap(
+                &key,
+                None as Option<&[u8]>,
+                Some(json("a model record", record)?),
+            )?
+            .is_ok();
+        self.models.flush()?;
+        if won {
+            return Ok(None);
+        }
+        match self.models.get(&key)? {
+            Some(v) => Ok(Some(from_json("a model record", &v)?)),
+            None => Err(StoreError::Conflict(format!(
+                "{} v{} was replaced and removed meanwhile",
+                record.name, record.version
+            ))),
+        }
+    }
+
+    fn update_model_version(
+        &self,
+        name: &str,
+        version: u64,
+        change: &dyn Fn(&mut ModelRecord),
+    ) -> Result<Option<ModelRecord>, StoreError> {
+        let mut out = None;
+        let mut failure = None;
+        self.models
+            .update_and_fetch(model_key(name, version), |old| {
+                let old = old?;
+                match serde_json::from_slice::<ModelRecord>(old) {
+                    Ok(mut r) => {
+                        change(&mut r);
+                        let bytes = serde_json::to_vec(&r).ok();
+                        out = Some(r);
+                        bytes.or_else(|| Some(old.to_vec()))
+                    }
+                    Err(e) => {
+                        failure = Some(StoreError::corrupt(
+                            format_args!("model record {name} v{version}"),
+                            e,
+                        ));
+                        Some(old.to_vec())
+                    }
+                }
+            })?;
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        self.models.flush()?;
+        Ok(out)
+    }
+
+    fn model_versions(&self, name: Option<&str>) -> Result<Vec<ModelRecord>, StoreError> {
+        let prefix = name.map(|n| {
+            let mut p = n.as_bytes().to_vec();
+            p.push(0);
+            p
+        });
+        self.models
+            .scan_prefix(prefix.unwrap_or_default())
+            .map(|kv| {
+                let (_, v) = kv?;
+                from_json("a model record", &v)
+            })
+            .collect()
     }
 }

@@ -8,9 +8,7 @@ use std::path::{Path, PathBuf};
 use fleet_control::{bundle, keys};
 
 fn claims(file: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../models/claims")
-        .join(file)
+    manifest_dir().join("../models/claims").join(file)
 }
 
 fn options(dir: &Path) -> bundle::BuildOptions {
@@ -230,4 +228,14 @@ fn input_shapes_parse_and_are_declared_in_the_manifest() {
         built.manifest.inputs[0].shape,
         vec![Dim::Symbol("batch".into()), Dim::Fixed(25)]
     );
+}
+
+/// This package's directory: the one cargo names when it runs the tests (the path
+/// compiled in may be another checkout's that shares the target directory and built
+/// this binary first), else the compiled-in one.
+fn manifest_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(
+        || std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+        std::path::PathBuf::from,
+    )
 }

@@ -1,12 +1,10 @@
 //! The trainer is deterministic: the committed artifacts are reproduced bit for bit.
 
-use std::path::Path;
 
 use fleetml_claims::{Run, run};
 
 fn committed(name: &str) -> Vec<u8> {
-    std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join(name))
-        .unwrap_or_else(|e| panic!("{name}: {e}"))
+    std::fs::read(manifest_dir().join(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
 #[test]
@@ -96,4 +94,14 @@ fn drifted_data_shows_the_documented_shift() {
         (mean(&drifted, 1) - mean(&reference, 1)).abs() < 10.0,
         "policy_tenure_months unchanged"
     );
+}
+
+/// This package's directory: the one cargo names when it runs the tests (the path
+/// compiled in may be another checkout's that shares the target directory and built
+/// this binary first), else the compiled-in one.
+fn manifest_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(
+        || std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+        std::path::PathBuf::from,
+    )
 }
