@@ -127,7 +127,7 @@ impl<S: FleetStore> Ingest<S> {
             Ok(e) => e,
             Err(e) => {
                 self.counters.refused.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("fleetml_ingest_refused_total", "reason" => reason(&e))
+                metrics::counter!("fleetml_control_ingest_refused_total", "reason" => reason(&e))
                     .increment(1);
                 return Ok(Outcome::Refused(e));
             }
@@ -200,11 +200,11 @@ impl<S: FleetStore> Ingest<S> {
             .push(envelope.seq);
         if !new {
             self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("fleetml_ingest_duplicates_total").increment(1);
+            metrics::counter!("fleetml_control_ingest_duplicates_total").increment(1);
             return Ok(Outcome::Duplicate);
         }
         self.counters.stored.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("fleetml_ingest_stored_total").increment(1);
+        metrics::counter!("fleetml_control_ingest_stored_total").increment(1);
         if gap.is_some() {
             self.counters.gaps.fetch_add(1, Ordering::Relaxed);
         }

@@ -241,7 +241,7 @@ fn start_broker(
             };
             if !ok {
                 refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                metrics::counter!("fleetml_broker_logins_refused_total").increment(1);
+                metrics::counter!("fleetml_control_broker_logins_refused_total").increment(1);
                 tracing::warn!(client_id, "MQTT login refused");
             }
             ok
@@ -625,7 +625,7 @@ fn spawn_receipts(plane: Arc<Plane>, interval: Duration) {
                     tracing::warn!(error = %e, "could not send a receipt");
                 }
             }
-            metrics::counter!("fleetml_receipts_sent_total").increment(n as u64);
+            metrics::counter!("fleetml_control_receipts_sent_total").increment(n as u64);
         }
     });
 }

@@ -367,3 +367,49 @@ fn only_the_store_names_sled_in_the_control_plane() {
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
+
+/// Metric names say whose they are and what they are: `fleetml_agent_*` in the agent,
+/// `fleetml_control_*` in the control plane; counters end in `_total`, gauges and
+/// histograms do not.
+#[test]
+fn metric_names_are_consistent() {
+    let mut wrong = Vec::new();
+    let mut seen = 0;
+    for (dir, prefix) in [
+        ("agent/src", "fleetml_agent_"),
+        ("control-plane/src", "fleetml_control_"),
+    ] {
+        for file in sources(dir) {
+            let text = std::fs::read_to_string(root().join(&file)).expect("source");
+            for kind in ["counter!(", "gauge!(", "histogram!("] {
+                for (at, _) in text.match_indices(kind) {
+                    let rest = text[at + kind.len()..].trim_start();
+                    let Some(name) = rest
+                        .strip_prefix('"')
+                        .and_then(|r| r.split_once('"'))
+                        .map(|(n, _)| n)
+                    else {
+                        continue; // a name held in a constant or variable
+                    };
+                    seen += 1;
+                    let counter = kind == "counter!(";
+                    if !name.starts_with(prefix) {
+                        wrong.push(format!("{file}: `{name}` does not start with {prefix}"));
+                    }
+                    if counter != name.ends_with("_total") {
+                        wrong.push(format!(
+                            "{file}: `{name}` is a {} and {} end in _total",
+                            kind.trim_end_matches("!("),
+                            if counter { "must" } else { "must not" }
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        seen > 20,
+        "found only {seen} metric names: is the scan still right?"
+    );
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}

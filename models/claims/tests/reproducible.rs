@@ -1,6 +1,5 @@
 //! The trainer is deterministic: the committed artifacts are reproduced bit for bit.
 
-
 use fleetml_claims::{Run, run};
 
 fn committed(name: &str) -> Vec<u8> {
