@@ -94,8 +94,6 @@ const LAST_COMMAND: &[u8] = b"last_command";
 /// Set once the control plane has sent a receipt: from then on only receipts delete.
 const RECEIPTS: &[u8] = b"receipts";
 
-use crate::monitoring::now_ms;
-
 /// A durable, bounded, ordered outbox.
 #[derive(Debug)]
 pub struct Outbox {
@@ -207,15 +205,15 @@ impl Outbox {
     }
 
     /// Stores a message built by `build(seq)` (which seals it with its sequence number)
-    /// for `topic`, makes room by dropping the oldest windows if needed, and flushes to
-    /// disk before returning its sequence number.
+    /// for `topic`, queued at `queued_ms` (wall clock), makes room by dropping the oldest
+    /// windows if needed, and flushes to disk before returning its sequence number.
     pub fn push(
         &self,
         class: Class,
         topic: &str,
+        queued_ms: u64,
         build: impl Fn(u64) -> Vec<u8>,
     ) -> Result<u64, OutboxError> {
-        let queued_ms = now_ms();
         let seq = (&self.queue, &self.meta).transaction(|(q, m)| {
             let seq = tx_u64(m, NEXT_SEQ)?;
             let value = encode(class, queued_ms, topic, &build(seq));
@@ -295,9 +293,9 @@ impl Outbox {
             .clear();
     }
 
-    /// The broker acknowledged `seq`: forget it, or, when the control plane sends
-    /// receipts, keep it until one names it.
-    pub fn ack(&self, seq: u64) -> Result<(), OutboxError> {
+    /// The broker acknowledged `seq` at `at`: forget it, or, when the control plane
+    /// sends receipts, keep it until one names it.
+    pub fn ack(&self, seq: u64, at: std::time::Instant) -> Result<(), OutboxError> {
         self.inflight
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -307,7 +305,7 @@ impl Outbox {
                 self.delivered
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .insert(seq, std::time::Instant::now());
+                    .insert(seq, at);
             }
             return Ok(());
         }
@@ -372,15 +370,15 @@ impl Outbox {
     /// Messages to publish again, oldest first: those the broker acknowledged and a
     /// receipt overtook (lost on the way), and those acknowledged at least `after` ago
     /// that no receipt has named yet (a last resort: a slow ingest is not a lost
-    /// message). Each is handed out once per acknowledgement.
-    pub fn overdue(&self, after: std::time::Duration) -> Vec<u64> {
+    /// message), as of `now`. Each is handed out once per acknowledgement.
+    pub fn overdue(&self, after: std::time::Duration, now: std::time::Instant) -> Vec<u64> {
         let mut due: std::collections::BTreeSet<u64> =
             std::mem::take(&mut *self.overtaken.lock().unwrap_or_else(|p| p.into_inner()));
         let mut delivered = self.delivered.lock().unwrap_or_else(|p| p.into_inner());
         due.extend(
             delivered
                 .iter()
-                .filter(|(_, at)| at.elapsed() >= after)
+                .filter(|(_, at)| now.saturating_duration_since(**at) >= after)
                 .map(|(seq, _)| *seq),
         );
         for seq in &due {
@@ -429,8 +427,9 @@ impl Outbox {
         read_u64(&self.meta, DROPPED)
     }
 
-    /// How long the oldest waiting message has waited, in milliseconds (0 when empty).
-    pub fn oldest_age_ms(&self) -> Result<u64, OutboxError> {
+    /// How long the oldest waiting message has waited at `now_ms`, in milliseconds (0
+    /// when empty).
+    pub fn oldest_age_ms(&self, now_ms: u64) -> Result<u64, OutboxError> {
         match self.queue.first()? {
             Some((k, v)) => {
                 // Only the entry's time stamp (bytes 1..9), not a copy of its payload: this
@@ -444,7 +443,7 @@ impl Outbox {
                             k.as_ref().try_into().unwrap_or([0xff; 8]),
                         ))
                     })?;
-                Ok(now_ms().saturating_sub(queued))
+                Ok(now_ms.saturating_sub(queued))
             }
             None => Ok(0),
         }

@@ -152,7 +152,7 @@ pub async fn run_with(outbox: Arc<Outbox>, options: MqttOptions, wake: Arc<Notif
                 Ok(Event::Incoming(Packet::PubAck(ack))) => {
                     if let Some(seq) = inflight.remove(&ack.pkid) {
                         let outbox = outbox.clone();
-                        let acked = tokio::task::spawn_blocking(move || outbox.ack(seq)).await;
+                        let acked = tokio::task::spawn_blocking(move || outbox.ack(seq, std::time::Instant::now())).await;
                         if !matches!(acked, Ok(Ok(()))) {
                             tracing::error!(seq, "could not remove an acknowledged message");
                         }
@@ -175,7 +175,7 @@ pub async fn run_with(outbox: Arc<Outbox>, options: MqttOptions, wake: Arc<Notif
             },
             _ = wake.notified(), if connected => {}
             _ = overdue_check.tick(), if connected => {
-                let due = outbox.overdue(resend_after);
+                let due = outbox.overdue(resend_after, std::time::Instant::now());
                 if !due.is_empty() {
                     tracing::warn!(
                         messages = due.len(),
@@ -188,8 +188,12 @@ pub async fn run_with(outbox: Arc<Outbox>, options: MqttOptions, wake: Arc<Notif
             }
         }
         metrics::gauge!("fleetml_agent_outbox_depth").set(outbox.depth() as f64);
-        metrics::gauge!("fleetml_agent_outbox_oldest_age_seconds")
-            .set(outbox.oldest_age_ms().unwrap_or(0) as f64 / 1000.0);
+        metrics::gauge!("fleetml_agent_outbox_oldest_age_seconds").set(
+            outbox
+                .oldest_age_ms(crate::monitoring::now_ms())
+                .unwrap_or(0) as f64
+                / 1000.0,
+        );
         // A count kept in the outbox across restarts: a counter, set to its total.
         metrics::counter!("fleetml_agent_outbox_dropped_windows_total")
             .absolute(outbox.dropped().unwrap_or(0));

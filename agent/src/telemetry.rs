@@ -140,7 +140,7 @@ impl Telemetry {
         let class = class_of(&body);
         let topic = telemetry::topic(&self.device, telemetry::Channel::of(&body));
         let ts = crate::monitoring::now_ms();
-        let seq = self.outbox.push(class, &topic, |seq| {
+        let seq = self.outbox.push(class, &topic, ts, |seq| {
             telemetry::seal(&self.device, seq, ts, body.clone(), &self.secret).1
         })?;
         self.wake.notify_one();

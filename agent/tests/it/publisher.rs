@@ -89,7 +89,7 @@ fn the_outbox_reaches_the_broker_in_order_and_empties_on_acks() {
         Arc::new(Outbox::open(&dir.path().join("outbox"), Limits::default()).expect("opens"));
     for _ in 0..20 {
         outbox
-            .push(Class::Window, "fleetml/v1/pi/telemetry", |seq| {
+            .push(Class::Window, "fleetml/v1/pi/telemetry", 0, |seq| {
                 seq.to_be_bytes().to_vec()
             })
             .expect("push");
@@ -137,7 +137,7 @@ fn messages_queued_while_the_broker_is_down_are_delivered_when_it_comes_up() {
         ));
         for _ in 0..5 {
             outbox
-                .push(Class::Keep, "fleetml/v1/pi/events", |seq| {
+                .push(Class::Keep, "fleetml/v1/pi/events", 0, |seq| {
                     seq.to_be_bytes().to_vec()
                 })
                 .expect("push");
@@ -169,7 +169,7 @@ fn with_receipts_what_the_broker_acknowledged_is_published_again_until_confirmed
         .expect("receipt");
     for _ in 0..5 {
         outbox
-            .push(Class::Window, "fleetml/v1/pi/telemetry", |seq| {
+            .push(Class::Window, "fleetml/v1/pi/telemetry", 0, |seq| {
                 seq.to_be_bytes().to_vec()
             })
             .expect("push");

@@ -74,7 +74,7 @@ fn outbox_cost(messages: u64) {
     let start = Instant::now();
     for n in 0..messages {
         outbox
-            .push(fleet_agent::outbox::Class::Window, &topic, |seq| {
+            .push(fleet_agent::outbox::Class::Window, &topic, 0, |seq| {
                 telemetry::seal(&device, seq, 0, window("claims", n), &secret).1
             })
             .expect("push");

@@ -15,7 +15,7 @@ fn main() {
     let mut out = std::io::stdout().lock();
     loop {
         let seq = outbox
-            .push(Class::Keep, "fleetml/v1/crash/events", |seq| {
+            .push(Class::Keep, "fleetml/v1/crash/events", 0, |seq| {
                 format!("payload of message {seq}: {}", "x".repeat(200)).into_bytes()
             })
             .expect("push");
