@@ -1,0 +1,66 @@
+//! `fleetctl serve`: the control plane.
+
+use super::*;
+
+#[derive(Args, Debug)]
+pub(crate) struct ServeArgs {
+    /// Where the control plane keeps its state (created mode 0700).
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Address of the HTTP API.
+    #[arg(long, default_value = "127.0.0.1:7080")]
+    listen: std::net::SocketAddr,
+    /// Address of the embedded MQTT broker devices connect to.
+    #[arg(long, default_value = "127.0.0.1:1883", conflicts_with = "mqtt_url")]
+    mqtt_listen: std::net::SocketAddr,
+    /// Use this external broker instead of the embedded one:
+    /// mqtt://[USER:PASSWORD@]HOST[:PORT]. Enable its persistence.
+    #[arg(long)]
+    mqtt_url: Option<String>,
+    /// Trust policy (TOML) handed to enrolled devices.
+    #[arg(long)]
+    trust: Option<PathBuf>,
+    /// URL devices and operators reach the API at. Default: http://LISTEN.
+    #[arg(long)]
+    public_url: Option<String>,
+    /// Broker URL written into enrolled devices' configs. Default: the broker's address.
+    #[arg(long)]
+    public_mqtt_url: Option<String>,
+    /// How long an assignment a device fetched stays valid (devices refuse expired ones:
+    /// an attacker cannot hold a device on old assignments longer than this). Units s, m, h, d.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    assignment_ttl: std::time::Duration,
+    /// Signing key (from `fleetctl keys generate`) for the candidate bundles training
+    /// jobs build; the trust policy must list its public key.
+    #[arg(long)]
+    signing_key: Option<PathBuf>,
+    /// How often each device is told which of its messages are stored (its receipt):
+    /// until then the device keeps them, so nothing the broker acknowledged but the
+    /// control plane did not store is lost. Units ms, s, m, h.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    receipt_interval: std::time::Duration,
+}
+
+pub(crate) fn serve_command(a: ServeArgs) -> anyhow::Result<()> {
+    let mqtt = match &a.mqtt_url {
+        Some(u) => fleet_control::server::Mqtt::External(u.parse().map_err(anyhow::Error::msg)?),
+        None => fleet_control::server::Mqtt::Embedded(a.mqtt_listen),
+    };
+    let opts = fleet_control::server::Options {
+        data_dir: a.data_dir,
+        listen: a.listen,
+        mqtt,
+        trust: a.trust,
+        public_url: a.public_url,
+        public_mqtt_url: a.public_mqtt_url,
+        assignment_ttl: a.assignment_ttl,
+        signing_key: a.signing_key,
+        receipt_interval: a.receipt_interval,
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(fleet_control::server::serve(opts))?;
+    Ok(())
+}
