@@ -1,6 +1,6 @@
 //! Captured data from devices: batches of sampled (and labelled) predictions that agents
 //! upload (`POST /v1/devices/{id}/captures`), kept as files in
-//! `DATA_DIR/captures/<device>/<seq>.jsonl` and indexed in sled (tree `captures`).
+//! `DATA_DIR/captures/<device>/<seq>.jsonl` and indexed in a [`CaptureStore`].
 //!
 //! A batch is identified by `(device, seq)`; the same batch sent again (the agent did
 //! not see the answer before a cut) is acknowledged without storing anything twice, and
@@ -8,31 +8,17 @@
 //! anything is kept.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use fleetml_protocol::crypto::sha256;
 use fleetml_protocol::telemetry::DeviceId;
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::store::StoreError;
+pub use crate::records::CaptureRecord;
+use crate::store::{CaptureStore, StoreError};
 
 /// Largest batch accepted.
 pub const MAX_BATCH: usize = 16 << 20;
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CaptureRecord {
-    pub device: DeviceId,
-    pub seq: u64,
-    pub model: String,
-    /// `sampled` or `labelled`.
-    pub kind: String,
-    pub rows: u64,
-    pub bytes: u64,
-    pub sha256: String,
-    pub received_ms: u64,
-    pub first_ts_ms: u64,
-    pub last_ts_ms: u64,
-}
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CaptureError {
@@ -44,26 +30,22 @@ pub enum CaptureError {
     Store(#[from] StoreError),
 }
 
-impl From<sled::Error> for CaptureError {
-    fn from(e: sled::Error) -> Self {
-        CaptureError::Store(e.into())
-    }
-}
-
 /// Stored (`true`) or already there (`false`).
 pub type Stored = (bool, CaptureRecord);
 
-#[derive(Debug, Clone)]
+/// Captured batches: their records in a [`CaptureStore`], their rows in files.
+#[derive(Clone)]
 pub struct Captures {
-    tree: sled::Tree,
+    store: Arc<dyn CaptureStore>,
     dir: PathBuf,
 }
 
-fn key(device: &DeviceId, seq: u64) -> Vec<u8> {
-    let mut k = device.as_str().as_bytes().to_vec();
-    k.push(0);
-    k.extend_from_slice(&seq.to_be_bytes());
-    k
+impl std::fmt::Debug for Captures {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Captures")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Checks every line of a batch: a JSON object of `model` with a `features` object.
@@ -95,10 +77,11 @@ pub fn check_batch(model: &str, body: &[u8]) -> Result<(u64, u64, u64), String> 
 }
 
 impl Captures {
-    pub fn open(db: &sled::Db, dir: &Path) -> Result<Captures, StoreError> {
+    /// Records in `store`, batch files under `dir` (created if missing).
+    pub fn open(store: Arc<dyn CaptureStore>, dir: &Path) -> Result<Captures, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| StoreError::unavailable(dir.display(), e))?;
         Ok(Captures {
-            tree: db.open_tree("captures")?,
+            store,
             dir: dir.to_path_buf(),
         })
     }
@@ -125,9 +108,7 @@ impl Captures {
             )));
         }
         let digest = sha256(body).to_string();
-        if let Some(old) = self.tree.get(key(device, seq))? {
-            let old: CaptureRecord = serde_json::from_slice(&old)
-                .map_err(|e| StoreError::corrupt("a stored record", e))?;
+        if let Some(old) = self.store.capture(device, seq)? {
             return if old.sha256 == digest {
                 Ok((false, old))
             } else {
@@ -162,12 +143,15 @@ impl Captures {
             Ok(())
         })
         .map_err(|e| StoreError::unavailable(path.display(), format_args!("{e:#}")))?;
-        self.tree.insert(
-            key(device, seq),
-            serde_json::to_vec(&record).map_err(|e| StoreError::corrupt("a stored record", e))?,
-        )?;
-        self.tree.flush()?;
-        Ok((true, record))
+        match self.store.put_capture(&record)? {
+            None => Ok((true, record)),
+            // A concurrent upload of the same batch stored it first.
+            Some(old) if old.sha256 == record.sha256 => Ok((false, old)),
+            Some(_) => Err(CaptureError::Conflict {
+                device: device.as_str().into(),
+                seq,
+            }),
+        }
     }
 
     /// Batches, optionally of one model and one device, in (device, seq) order.
@@ -176,16 +160,14 @@ impl Captures {
         model: Option<&str>,
         device: Option<&str>,
     ) -> Result<Vec<CaptureRecord>, StoreError> {
-        let mut out = Vec::new();
-        for item in self.tree.iter() {
-            let (_, v) = item?;
-            let r: CaptureRecord = serde_json::from_slice(&v)
-                .map_err(|e| StoreError::corrupt("a stored record", e))?;
-            if model.is_none_or(|m| m == r.model) && device.is_none_or(|d| d == r.device.as_str()) {
-                out.push(r);
-            }
-        }
-        Ok(out)
+        Ok(self
+            .store
+            .captures()?
+            .into_iter()
+            .filter(|r| {
+                model.is_none_or(|m| m == r.model) && device.is_none_or(|d| d == r.device.as_str())
+            })
+            .collect())
     }
 }
 
@@ -196,8 +178,8 @@ mod tests {
     #[test]
     fn a_batch_is_stored_once_and_other_bytes_under_its_number_are_refused() {
         let dir = tempfile::tempdir().expect("test");
-        let db = sled::open(dir.path().join("db")).expect("test");
-        let c = Captures::open(&db, &dir.path().join("captures")).expect("test");
+        let store = crate::store::memory::MemoryStore::new();
+        let c = Captures::open(Arc::new(store), &dir.path().join("captures")).expect("test");
         let d = DeviceId::new("pi-1").expect("test");
         let body = b"{\"model\":\"m\",\"ts_ms\":5,\"features\":{\"a\":1}}\n{\"model\":\"m\",\"ts_ms\":9,\"features\":{}}\n";
         let (new, r) = c.store(&d, 1, "m", "sampled", body, 100).expect("test");

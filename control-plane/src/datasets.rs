@@ -1,7 +1,7 @@
 //! Versioned datasets: immutable tables named by the SHA-256 of their Parquet file
 //! (`DATA_DIR/datasets/<sha256>.parquet`, readable by pandas, polars and DuckDB), each
-//! with a manifest (sources, devices, time range, rows, schema, filters) in sled (tree
-//! `datasets`). They come from files (CSV, JSON lines, Parquet), from query results, and
+//! with a manifest (sources, devices, time range, rows, schema, filters) in the store
+//! ([`DatasetStore`]). They come from files (CSV, JSON lines, Parquet), from query results, and
 //! from the data devices captured.
 //!
 //! Columns are numbers (Float64) or text (Utf8), nullable: what the feature schema and
@@ -16,10 +16,10 @@ use std::sync::Arc;
 use arrow_array::{Array, ArrayRef, Float64Array, RecordBatch, StringArray};
 use arrow_schema::{DataType, Field, Schema};
 use fleetml_protocol::crypto::sha256;
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::store::StoreError;
+pub use crate::records::{ColumnInfo, DatasetManifest};
+use crate::store::{DatasetStore, StoreError};
 
 /// Most rows one dataset holds.
 pub const MAX_ROWS: usize = 5_000_000;
@@ -462,37 +462,6 @@ fn check_names(names: &[String]) -> Result<(), String> {
     Ok(())
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ColumnInfo {
-    pub name: String,
-    /// `number` or `text`.
-    pub kind: String,
-}
-
-/// What a dataset is, kept next to its data.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DatasetManifest {
-    /// SHA-256 of the Parquet file: the dataset's name.
-    pub id: String,
-    /// A human label (not unique).
-    pub name: String,
-    pub created_ms: u64,
-    /// Where the rows came from (files, queries, captures, other datasets).
-    pub sources: Vec<String>,
-    /// Devices whose captured data is in it.
-    #[serde(default)]
-    pub devices: Vec<String>,
-    /// First and last capture time, when known.
-    #[serde(default)]
-    pub time_range: Option<(u64, u64)>,
-    pub rows: u64,
-    pub bytes: u64,
-    pub schema: Vec<ColumnInfo>,
-    /// Row filters applied (`drop_na(a,b)`).
-    #[serde(default)]
-    pub filters: Vec<String>,
-}
-
 /// Where a table came from, for its manifest.
 #[derive(Debug, Clone, Default)]
 pub struct Provenance {
@@ -503,18 +472,27 @@ pub struct Provenance {
     pub filters: Vec<String>,
 }
 
-/// Datasets on disk and their manifests in sled.
-#[derive(Debug, Clone)]
+/// Datasets on disk and their manifests in a [`DatasetStore`].
+#[derive(Clone)]
 pub struct Datasets {
-    tree: sled::Tree,
+    store: Arc<dyn DatasetStore>,
     dir: PathBuf,
 }
 
+impl std::fmt::Debug for Datasets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Datasets")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Datasets {
-    pub fn open(db: &sled::Db, dir: &Path) -> Result<Datasets, StoreError> {
+    /// Manifests in `store`, Parquet files under `dir` (created if missing).
+    pub fn open(store: Arc<dyn DatasetStore>, dir: &Path) -> Result<Datasets, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| StoreError::unavailable(dir.display(), e))?;
         Ok(Datasets {
-            tree: db.open_tree("datasets")?,
+            store,
             dir: dir.to_path_buf(),
         })
     }
@@ -556,24 +534,14 @@ impl Datasets {
             Ok(())
         })
         .map_err(|e| format!("{e:#}"))?;
-        self.tree
-            .insert(
-                id.as_bytes(),
-                serde_json::to_vec(&manifest).map_err(|e| e.to_string())?,
-            )
+        self.store
+            .put_dataset(&manifest)
             .map_err(|e| e.to_string())?;
-        self.tree.flush().map_err(|e| e.to_string())?;
         Ok((true, manifest))
     }
 
     pub fn get(&self, id: &str) -> Result<Option<DatasetManifest>, StoreError> {
-        match self.tree.get(id.as_bytes())? {
-            Some(b) => Ok(Some(
-                serde_json::from_slice(&b)
-                    .map_err(|e| StoreError::corrupt("a stored record", e))?,
-            )),
-            None => Ok(None),
-        }
+        self.store.dataset(id)
     }
 
     /// The dataset whose id is `id` or starts with it (at least 8 hex digits).
@@ -589,17 +557,9 @@ impl Datasets {
         Ok((matches.len() == 1).then(|| matches[0].clone()))
     }
 
+    /// Every dataset, oldest first.
     pub fn list(&self) -> Result<Vec<DatasetManifest>, StoreError> {
-        let mut out: Vec<DatasetManifest> = Vec::new();
-        for item in self.tree.iter() {
-            let (_, v) = item?;
-            out.push(
-                serde_json::from_slice(&v)
-                    .map_err(|e| StoreError::corrupt("a stored record", e))?,
-            );
-        }
-        out.sort_by_key(|m| m.created_ms);
-        Ok(out)
+        self.store.datasets()
     }
 
     /// The table of dataset `id`, re-hashed on the way in.
@@ -617,9 +577,8 @@ impl Datasets {
 
     /// Deletes a dataset (its manifest and file); `false` when there was none.
     pub fn delete(&self, id: &str) -> Result<bool, StoreError> {
-        let existed = self.tree.remove(id.as_bytes())?.is_some();
+        let existed = self.store.remove_dataset(id)?;
         let _ = std::fs::remove_file(self.path(id));
-        self.tree.flush()?;
         Ok(existed)
     }
 }

@@ -214,3 +214,49 @@ pub struct ModelRecord {
     #[serde(default)]
     pub tags: std::collections::BTreeMap<String, String>,
 }
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaptureRecord {
+    pub device: DeviceId,
+    pub seq: u64,
+    pub model: String,
+    /// `sampled` or `labelled`.
+    pub kind: String,
+    pub rows: u64,
+    pub bytes: u64,
+    pub sha256: String,
+    pub received_ms: u64,
+    pub first_ts_ms: u64,
+    pub last_ts_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ColumnInfo {
+    pub name: String,
+    /// `number` or `text`.
+    pub kind: String,
+}
+
+/// What a dataset is, kept next to its data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatasetManifest {
+    /// SHA-256 of the Parquet file: the dataset's name.
+    pub id: String,
+    /// A human label (not unique).
+    pub name: String,
+    pub created_ms: u64,
+    /// Where the rows came from (files, queries, captures, other datasets).
+    pub sources: Vec<String>,
+    /// Devices whose captured data is in it.
+    #[serde(default)]
+    pub devices: Vec<String>,
+    /// First and last capture time, when known.
+    #[serde(default)]
+    pub time_range: Option<(u64, u64)>,
+    pub rows: u64,
+    pub bytes: u64,
+    pub schema: Vec<ColumnInfo>,
+    /// Row filters applied (`drop_na(a,b)`).
+    #[serde(default)]
+    pub filters: Vec<String>,
+}

@@ -394,8 +394,14 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
     );
     let plane = Arc::new(Plane {
         assignments: Arc::new(store.clone()),
-        captures: crate::captures::Captures::open(store.db(), &opts.data_dir.join("captures"))?,
-        datasets: crate::datasets::Datasets::open(store.db(), &opts.data_dir.join("datasets"))?,
+        captures: crate::captures::Captures::open(
+            Arc::new(store.clone()),
+            &opts.data_dir.join("captures"),
+        )?,
+        datasets: crate::datasets::Datasets::open(
+            Arc::new(store.clone()),
+            &opts.data_dir.join("datasets"),
+        )?,
         jobs: crate::jobs::Jobs::open(store.db(), &opts.data_dir.join("jobs"))?,
         policies: Arc::new(store.clone()),
         running: Default::default(),

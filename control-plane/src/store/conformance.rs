@@ -10,7 +10,8 @@ use fleetml_protocol::telemetry::{Body, DeviceId, Envelope, Receipt};
 use super::{AssignmentStore, FleetStore, RolloutStore, Store, StoreError};
 use crate::auth::Role;
 use crate::records::{
-    AuditEntry, DeviceRecord, DeviceState, ModelRecord, Policy, PolicyState, TokenRecord,
+    AuditEntry, CaptureRecord, ColumnInfo, DatasetManifest, DeviceRecord, DeviceState, ModelRecord,
+    Policy, PolicyState, TokenRecord,
 };
 use crate::rollout::{Baseline, Gates, Kind, Plan, Rollout, State, Strategy, Target};
 
@@ -392,6 +393,76 @@ pub(super) fn a_model_version_is_written_once_and_changed_in_place(
     Ok(())
 }
 
+fn capture(device: &str, seq: u64, sha256: &str) -> CaptureRecord {
+    CaptureRecord {
+        device: id(device),
+        seq,
+        model: "claims".into(),
+        kind: "labelled".into(),
+        rows: 3,
+        bytes: 99,
+        sha256: sha256.into(),
+        received_ms: 5,
+        first_ts_ms: 1,
+        last_ts_ms: 2,
+    }
+}
+
+pub(super) fn a_captured_batch_is_recorded_once(s: &dyn Store) -> Result<(), StoreError> {
+    assert_eq!(s.capture(&id("d1"), 1)?, None);
+    assert_eq!(s.put_capture(&capture("d10", 1, "a"))?, None);
+    assert_eq!(s.put_capture(&capture("d1", 2, "b"))?, None);
+    assert_eq!(s.put_capture(&capture("d1", 1, "c"))?, None);
+    assert_eq!(
+        s.put_capture(&capture("d1", 1, "other"))?,
+        Some(capture("d1", 1, "c")),
+        "the first stays"
+    );
+    assert_eq!(s.capture(&id("d1"), 1)?, Some(capture("d1", 1, "c")));
+    let order: Vec<(String, u64)> = s
+        .captures()?
+        .into_iter()
+        .map(|r| (r.device.to_string(), r.seq))
+        .collect();
+    assert_eq!(
+        order,
+        [("d1".into(), 1), ("d1".into(), 2), ("d10".into(), 1)],
+        "by device, then seq"
+    );
+    Ok(())
+}
+
+fn manifest(id_: &str, created_ms: u64) -> DatasetManifest {
+    DatasetManifest {
+        id: id_.into(),
+        name: format!("set {id_}"),
+        created_ms,
+        sources: vec!["claims.csv".into()],
+        devices: vec![],
+        time_range: Some((1, 2)),
+        rows: 10,
+        bytes: 100,
+        schema: vec![ColumnInfo {
+            name: "age".into(),
+            kind: "number".into(),
+        }],
+        filters: vec![],
+    }
+}
+
+pub(super) fn dataset_manifests_are_kept_and_removed(s: &dyn Store) -> Result<(), StoreError> {
+    assert_eq!(s.dataset("aa")?, None);
+    s.put_dataset(&manifest("bb", 20))?;
+    s.put_dataset(&manifest("aa", 10))?;
+    assert_eq!(s.dataset("aa")?, Some(manifest("aa", 10)));
+    let ids: Vec<String> = s.datasets()?.into_iter().map(|m| m.id).collect();
+    assert_eq!(ids, ["aa", "bb"], "oldest first");
+    assert!(s.remove_dataset("aa")?);
+    assert!(!s.remove_dataset("aa")?);
+    assert_eq!(s.dataset("aa")?, None);
+    Ok(())
+}
+
 /// Runs every test of the suite against the store `$make` builds, in module `$name`.
 macro_rules! conformance {
     ($name:ident, $make:expr) => {
@@ -409,6 +480,8 @@ macro_rules! conformance {
                 audit_appends_see_the_entry_before,
                 a_policy_is_kept_with_its_state,
                 a_model_version_is_written_once_and_changed_in_place,
+                a_captured_batch_is_recorded_once,
+                dataset_manifests_are_kept_and_removed,
             );
         }
     };

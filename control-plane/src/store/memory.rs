@@ -8,12 +8,13 @@ use fleetml_protocol::assignment::AssignedModel;
 use fleetml_protocol::telemetry::{DeviceId, Envelope};
 
 use super::{
-    AssignmentStore, AuditStore, FleetStore, PolicyStore, RegistryStore, RolloutStore, StoreError,
-    TokenStore,
+    AssignmentStore, AuditStore, CaptureStore, DatasetStore, FleetStore, PolicyStore,
+    RegistryStore, RolloutStore, StoreError, TokenStore,
 };
 use crate::assign::{AssignmentRecord, point};
 use crate::records::{
-    AuditEntry, DeviceRecord, DeviceState, ModelRecord, Policy, PolicyState, TokenRecord,
+    AuditEntry, CaptureRecord, DatasetManifest, DeviceRecord, DeviceState, ModelRecord, Policy,
+    PolicyState, TokenRecord,
 };
 use crate::rollout::Rollout;
 
@@ -37,6 +38,8 @@ struct Inner {
     audit: BTreeMap<u64, AuditEntry>,
     policies: BTreeMap<String, (Policy, PolicyState)>,
     models: BTreeMap<(String, u64), ModelRecord>,
+    captures: BTreeMap<(DeviceId, u64), CaptureRecord>,
+    datasets: BTreeMap<String, DatasetManifest>,
 }
 
 impl MemoryStore {
@@ -346,5 +349,48 @@ impl RegistryStore for MemoryStore {
             .filter(|r| name.is_none_or(|n| r.name == n))
             .cloned()
             .collect())
+    }
+}
+
+impl CaptureStore for MemoryStore {
+    fn capture(&self, device: &DeviceId, seq: u64) -> Result<Option<CaptureRecord>, StoreError> {
+        Ok(self.inner().captures.get(&(device.clone(), seq)).cloned())
+    }
+
+    fn put_capture(&self, record: &CaptureRecord) -> Result<Option<CaptureRecord>, StoreError> {
+        let mut inner = self.inner();
+        let key = (record.device.clone(), record.seq);
+        if let Some(existing) = inner.captures.get(&key) {
+            return Ok(Some(existing.clone()));
+        }
+        inner.captures.insert(key, record.clone());
+        Ok(None)
+    }
+
+    fn captures(&self) -> Result<Vec<CaptureRecord>, StoreError> {
+        Ok(self.inner().captures.values().cloned().collect())
+    }
+}
+
+impl DatasetStore for MemoryStore {
+    fn dataset(&self, id: &str) -> Result<Option<DatasetManifest>, StoreError> {
+        Ok(self.inner().datasets.get(id).cloned())
+    }
+
+    fn put_dataset(&self, manifest: &DatasetManifest) -> Result<(), StoreError> {
+        self.inner()
+            .datasets
+            .insert(manifest.id.clone(), manifest.clone());
+        Ok(())
+    }
+
+    fn datasets(&self) -> Result<Vec<DatasetManifest>, StoreError> {
+        let mut out: Vec<DatasetManifest> = self.inner().datasets.values().cloned().collect();
+        out.sort_by_key(|m| m.created_ms);
+        Ok(out)
+    }
+
+    fn remove_dataset(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self.inner().datasets.remove(id).is_some())
     }
 }

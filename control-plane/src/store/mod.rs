@@ -2,7 +2,8 @@
 //! callers do: devices and their message log ([`FleetStore`]), assignment records
 //! ([`AssignmentStore`]), rollouts ([`RolloutStore`]), operator tokens
 //! ([`TokenStore`]), the audit log ([`AuditStore`]), drift policies ([`PolicyStore`]),
-//! the registry's model versions ([`RegistryStore`]); the bundle files themselves
+//! the registry's model versions ([`RegistryStore`]), captured batches
+//! ([`CaptureStore`]), dataset manifests ([`DatasetStore`]); the bundle files themselves
 //! behind [`BlobStore`] (`blobs::FileBlobs`: content-addressed files). A change that takes several
 //! writes is one method, so one call is one transaction (advancing a rollout writes its
 //! assignments and its own state together: [`RolloutStore::advance_rollout`]).
@@ -19,7 +20,8 @@ use fleetml_protocol::telemetry::{DeviceId, Envelope};
 
 use crate::assign::AssignmentRecord;
 use crate::records::{
-    AuditEntry, DeviceRecord, DeviceState, ModelRecord, Policy, PolicyState, TokenRecord,
+    AuditEntry, CaptureRecord, DatasetManifest, DeviceRecord, DeviceState, ModelRecord, Policy,
+    PolicyState, TokenRecord,
 };
 use crate::rollout::Rollout;
 
@@ -197,6 +199,27 @@ pub trait RegistryStore: Send + Sync {
     fn model_versions(&self, name: Option<&str>) -> Result<Vec<ModelRecord>, StoreError>;
 }
 
+/// The records of captured batches devices uploaded, one per `(device, seq)`.
+pub trait CaptureStore: Send + Sync {
+    fn capture(&self, device: &DeviceId, seq: u64) -> Result<Option<CaptureRecord>, StoreError>;
+    /// Stores `record` unless its `(device, seq)` is taken; then nothing changes and the
+    /// record stored under it comes back.
+    fn put_capture(&self, record: &CaptureRecord) -> Result<Option<CaptureRecord>, StoreError>;
+    /// Every record, in `(device, seq)` order.
+    fn captures(&self) -> Result<Vec<CaptureRecord>, StoreError>;
+}
+
+/// Dataset manifests, by id (the SHA-256 of the dataset's file).
+pub trait DatasetStore: Send + Sync {
+    fn dataset(&self, id: &str) -> Result<Option<DatasetManifest>, StoreError>;
+    /// Stores `manifest` (replacing the one with its id), durably.
+    fn put_dataset(&self, manifest: &DatasetManifest) -> Result<(), StoreError>;
+    /// Every manifest, oldest first.
+    fn datasets(&self) -> Result<Vec<DatasetManifest>, StoreError>;
+    /// Removes the manifest `id`; `false` when there is none.
+    fn remove_dataset(&self, id: &str) -> Result<bool, StoreError>;
+}
+
 /// Bundle files, content-addressed by their SHA-256 (hex).
 pub trait BlobStore: Send + Sync {
     /// A new, empty file to upload into; keeping it is then a rename.
@@ -209,7 +232,15 @@ pub trait BlobStore: Send + Sync {
 
 /// Every part of the store, as the control plane holds it.
 pub trait Store:
-    FleetStore + AssignmentStore + RolloutStore + TokenStore + AuditStore + PolicyStore + RegistryStore
+    FleetStore
+    + AssignmentStore
+    + RolloutStore
+    + TokenStore
+    + AuditStore
+    + PolicyStore
+    + RegistryStore
+    + CaptureStore
+    + DatasetStore
 {
 }
 
@@ -221,6 +252,8 @@ impl<T> Store for T where
         + AuditStore
         + PolicyStore
         + RegistryStore
+        + CaptureStore
+        + DatasetStore
 {
 }
 

@@ -6,12 +6,13 @@ use fleetml_protocol::assignment::AssignedModel;
 use fleetml_protocol::telemetry::{DeviceId, Envelope};
 
 use super::{
-    AssignmentStore, AuditStore, FleetStore, PolicyStore, RegistryStore, RolloutStore, StoreError,
-    TokenStore,
+    AssignmentStore, AuditStore, CaptureStore, DatasetStore, FleetStore, PolicyStore,
+    RegistryStore, RolloutStore, StoreError, TokenStore,
 };
 use crate::assign::{AssignmentRecord, point};
 use crate::records::{
-    AuditEntry, DeviceRecord, DeviceState, ModelRecord, Policy, PolicyState, TokenRecord,
+    AuditEntry, CaptureRecord, DatasetManifest, DeviceRecord, DeviceState, ModelRecord, Policy,
+    PolicyState, TokenRecord,
 };
 use crate::rollout::Rollout;
 
@@ -53,7 +54,8 @@ fn decode_assignment(bytes: Option<&[u8]>) -> AssignmentRecord {
 /// `high` (highest seq per device), `state`, `commands` (next command seq per device),
 /// `assignments` (CBOR per device), `rollouts` (JSON per id), `tokens` (JSON by token
 /// hash), `audit` (JSON by big-endian seq), `policies` (JSON `[policy, state]` by model),
-/// `models` (JSON, keyed `name \0 version`, big-endian).
+/// `models` (JSON, keyed `name \0 version`, big-endian), `captures` (JSON, keyed
+/// `device \0 seq`), `datasets` (JSON by id).
 #[derive(Debug, Clone)]
 pub struct SledStore {
     db: ::sled::Db,
@@ -68,6 +70,8 @@ pub struct SledStore {
     audit: ::sled::Tree,
     policies: ::sled::Tree,
     models: ::sled::Tree,
+    captures: ::sled::Tree,
+    datasets: ::sled::Tree,
     /// Serializes audit appends (read the last entry, then write the next).
     audit_append: std::sync::Arc<std::sync::Mutex<()>>,
 }
@@ -93,6 +97,8 @@ impl SledStore {
             audit: db.open_tree("audit")?,
             policies: db.open_tree("policies")?,
             models: db.open_tree("models")?,
+            captures: db.open_tree("captures")?,
+            datasets: db.open_tree("datasets")?,
             audit_append: Default::default(),
             db,
         })
@@ -584,5 +590,87 @@ impl RegistryStore for SledStore {
                 from_json("a model record", &v)
             })
             .collect()
+    }
+}
+
+impl CaptureStore for SledStore {
+    fn capture(&self, device: &DeviceId, seq: u64) -> Result<Option<CaptureRecord>, StoreError> {
+        match self.captures.get(Self::key(device, seq))? {
+            Some(v) => Ok(Some(from_json(
+                &format!("capture record {device} {seq}"),
+                &v,
+            )?)),
+            None => Ok(None),
+        }
+    }
+
+    fn put_capture(&self, record: &CaptureRecord) -> Result<Option<CaptureRecord>, StoreError> {
+        let key = Self::key(&record.device, record.seq);
+        let won = self
+            .captures
+            .compare_and_swap(
+                &key,
+                None as Option<&[u8]>,
+                Some(json("a capture record", record)?),
+            )?
+            .is_ok();
+        self.captures.flush()?;
+        if won {
+            return Ok(None);
+        }
+        match self.captures.get(&key)? {
+            Some(v) => Ok(Some(from_json("a capture record", &v)?)),
+            None => Err(StoreError::Conflict(format!(
+                "capture {} {} was removed meanwhile",
+                record.device, record.seq
+            ))),
+        }
+    }
+
+    fn captures(&self) -> Result<Vec<CaptureRecord>, StoreError> {
+        self.captures
+            .iter()
+            .map(|kv| {
+                let (_, v) = kv?;
+                from_json("a capture record", &v)
+            })
+            .collect()
+    }
+}
+
+impl DatasetStore for SledStore {
+    fn dataset(&self, id: &str) -> Result<Option<DatasetManifest>, StoreError> {
+        match self.datasets.get(id.as_bytes())? {
+            Some(v) => Ok(Some(from_json(&format!("dataset manifest {id}"), &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn put_dataset(&self, manifest: &DatasetManifest) -> Result<(), StoreError> {
+        self.datasets.insert(
+            manifest.id.as_bytes(),
+            json("a dataset manifest", manifest)?,
+        )?;
+        self.datasets.flush()?;
+        Ok(())
+    }
+
+    fn datasets(&self) -> Result<Vec<DatasetManifest>, StoreError> {
+        let mut out: Vec<DatasetManifest> = self
+            .datasets
+            .iter()
+            .map(|kv| {
+                let (_, v) = kv?;
+                from_json("a dataset manifest", &v)
+            })
+            .collect::<Result<_, StoreError>>()?;
+        out.sort_by_key(|m| m.created_ms);
+        Ok(out)
+    }
+
+    fn remove_dataset(&self, id: &str) -> Result<bool, StoreError> {
+        let existed = self.datasets.remove(id.as_bytes())?.is_some();
+        self.datasets.flush()?;
+        Ok(existed)
     }
 }
