@@ -402,7 +402,7 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
             Arc::new(store.clone()),
             &opts.data_dir.join("datasets"),
         )?,
-        jobs: crate::jobs::Jobs::open(store.db(), &opts.data_dir.join("jobs"))?,
+        jobs: crate::jobs::Jobs::open(Arc::new(store.clone()), &opts.data_dir.join("jobs"))?,
         policies: Arc::new(store.clone()),
         running: Default::default(),
         signing_key: opts.signing_key.clone(),

@@ -463,6 +463,56 @@ pub(super) fn dataset_manifests_are_kept_and_removed(s: &dyn Store) -> Result<()
     Ok(())
 }
 
+fn job(id_: &str, created_ms: u64) -> crate::jobs::Job {
+    let spec = crate::jobs::JobSpec::from_toml(
+        "model = \"claims\"\ncommand = [\"claims-fit\", \"--out\", \"{out}\"]\n",
+    )
+    .expect("a minimal job spec");
+    crate::jobs::Job {
+        id: id_.into(),
+        model: "claims".into(),
+        kind: "train".into(),
+        spec,
+        state: crate::jobs::JobState::Queued,
+        trigger: "test".into(),
+        created_ms,
+        started_ms: None,
+        finished_ms: None,
+        inputs: vec![],
+        training_dataset: None,
+        trials: vec![],
+        best: None,
+        candidate: None,
+        error: None,
+        reproduces: None,
+        report: None,
+    }
+}
+
+pub(super) fn jobs_and_their_specs_are_kept(s: &dyn Store) -> Result<(), StoreError> {
+    let (a, b) = (s.next_job_id()?, s.next_job_id()?);
+    assert_ne!(a, b, "ids are never handed out twice");
+    assert_eq!(s.job(&a)?, None);
+    s.put_job(&job(&b, 20))?;
+    s.put_job(&job(&a, 10))?;
+    assert!(s.update_job(&b, &mut |j| j.state = crate::jobs::JobState::Running)?);
+    assert!(!s.update_job("j999999", &mut |j| j.error = Some("x".into()))?);
+    assert_eq!(
+        s.job(&b)?.map(|j| j.state),
+        Some(crate::jobs::JobState::Running)
+    );
+    let ids: Vec<String> = s.jobs()?.into_iter().map(|j| j.id).collect();
+    assert_eq!(ids, [a, b], "oldest first");
+    assert_eq!(s.job_spec("claims")?, None);
+    s.put_job_spec("claims", "model = \"claims\"")?;
+    s.put_job_spec("claims", "model = \"claims\"\nseed = 7")?;
+    assert_eq!(
+        s.job_spec("claims")?.as_deref(),
+        Some("model = \"claims\"\nseed = 7")
+    );
+    Ok(())
+}
+
 /// Runs every test of the suite against the store `$make` builds, in module `$name`.
 macro_rules! conformance {
     ($name:ident, $make:expr) => {
@@ -482,6 +532,7 @@ macro_rules! conformance {
                 a_model_version_is_written_once_and_changed_in_place,
                 a_captured_batch_is_recorded_once,
                 dataset_manifests_are_kept_and_removed,
+                jobs_and_their_specs_are_kept,
             );
         }
     };

@@ -8,10 +8,11 @@ use fleetml_protocol::assignment::AssignedModel;
 use fleetml_protocol::telemetry::{DeviceId, Envelope};
 
 use super::{
-    AssignmentStore, AuditStore, CaptureStore, DatasetStore, FleetStore, PolicyStore,
+    AssignmentStore, AuditStore, CaptureStore, DatasetStore, FleetStore, JobStore, PolicyStore,
     RegistryStore, RolloutStore, StoreError, TokenStore,
 };
 use crate::assign::{AssignmentRecord, point};
+use crate::jobs::spec::Job;
 use crate::records::{
     AuditEntry, CaptureRecord, DatasetManifest, DeviceRecord, DeviceState, ModelRecord, Policy,
     PolicyState, TokenRecord,
@@ -40,6 +41,9 @@ struct Inner {
     models: BTreeMap<(String, u64), ModelRecord>,
     captures: BTreeMap<(DeviceId, u64), CaptureRecord>,
     datasets: BTreeMap<String, DatasetManifest>,
+    jobs: BTreeMap<String, Job>,
+    job_ids: u64,
+    job_specs: BTreeMap<String, String>,
 }
 
 impl MemoryStore {
@@ -392,5 +396,43 @@ impl DatasetStore for MemoryStore {
 
     fn remove_dataset(&self, id: &str) -> Result<bool, StoreError> {
         Ok(self.inner().datasets.remove(id).is_some())
+    }
+}
+
+impl JobStore for MemoryStore {
+    fn next_job_id(&self) -> Result<String, StoreError> {
+        let mut inner = self.inner();
+        inner.job_ids += 1;
+        Ok(format!("j{}", inner.job_ids))
+    }
+
+    fn put_job(&self, job: &Job) -> Result<(), StoreError> {
+        self.inner().jobs.insert(job.id.clone(), job.clone());
+        Ok(())
+    }
+
+    fn job(&self, id: &str) -> Result<Option<Job>, StoreError> {
+        Ok(self.inner().jobs.get(id).cloned())
+    }
+
+    fn jobs(&self) -> Result<Vec<Job>, StoreError> {
+        let mut out: Vec<Job> = self.inner().jobs.values().cloned().collect();
+        out.sort_by_key(|j| j.created_ms);
+        Ok(out)
+    }
+
+    fn update_job(&self, id: &str, change: &mut dyn FnMut(&mut Job)) -> Result<bool, StoreError> {
+        Ok(self.inner().jobs.get_mut(id).map(change).is_some())
+    }
+
+    fn put_job_spec(&self, model: &str, toml: &str) -> Result<(), StoreError> {
+        self.inner()
+            .job_specs
+            .insert(model.to_string(), toml.to_string());
+        Ok(())
+    }
+
+    fn job_spec(&self, model: &str) -> Result<Option<String>, StoreError> {
+        Ok(self.inner().job_specs.get(model).cloned())
     }
 }

@@ -3,7 +3,7 @@
 //! ([`AssignmentStore`]), rollouts ([`RolloutStore`]), operator tokens
 //! ([`TokenStore`]), the audit log ([`AuditStore`]), drift policies ([`PolicyStore`]),
 //! the registry's model versions ([`RegistryStore`]), captured batches
-//! ([`CaptureStore`]), dataset manifests ([`DatasetStore`]); the bundle files themselves
+//! ([`CaptureStore`]), dataset manifests ([`DatasetStore`]), training jobs ([`JobStore`]); the bundle files themselves
 //! behind [`BlobStore`] (`blobs::FileBlobs`: content-addressed files). A change that takes several
 //! writes is one method, so one call is one transaction (advancing a rollout writes its
 //! assignments and its own state together: [`RolloutStore::advance_rollout`]).
@@ -19,6 +19,7 @@ use fleetml_protocol::assignment::AssignedModel;
 use fleetml_protocol::telemetry::{DeviceId, Envelope};
 
 use crate::assign::AssignmentRecord;
+use crate::jobs::spec::Job;
 use crate::records::{
     AuditEntry, CaptureRecord, DatasetManifest, DeviceRecord, DeviceState, ModelRecord, Policy,
     PolicyState, TokenRecord,
@@ -220,6 +221,21 @@ pub trait DatasetStore: Send + Sync {
     fn remove_dataset(&self, id: &str) -> Result<bool, StoreError>;
 }
 
+/// Training jobs by id, and the last job spec of each model (its TOML text).
+pub trait JobStore: Send + Sync {
+    /// A fresh id `j<n>`, never handed out before by this store.
+    fn next_job_id(&self) -> Result<String, StoreError>;
+    /// Stores `job` (replacing the one with its id), durably.
+    fn put_job(&self, job: &Job) -> Result<(), StoreError>;
+    fn job(&self, id: &str) -> Result<Option<Job>, StoreError>;
+    /// Every job, oldest first.
+    fn jobs(&self) -> Result<Vec<Job>, StoreError>;
+    /// Changes job `id` with `change` in one step; `false` when there is none.
+    fn update_job(&self, id: &str, change: &mut dyn FnMut(&mut Job)) -> Result<bool, StoreError>;
+    fn put_job_spec(&self, model: &str, toml: &str) -> Result<(), StoreError>;
+    fn job_spec(&self, model: &str) -> Result<Option<String>, StoreError>;
+}
+
 /// Bundle files, content-addressed by their SHA-256 (hex).
 pub trait BlobStore: Send + Sync {
     /// A new, empty file to upload into; keeping it is then a rename.
@@ -241,6 +257,7 @@ pub trait Store:
     + RegistryStore
     + CaptureStore
     + DatasetStore
+    + JobStore
 {
 }
 
@@ -254,6 +271,7 @@ impl<T> Store for T where
         + RegistryStore
         + CaptureStore
         + DatasetStore
+        + JobStore
 {
 }
 

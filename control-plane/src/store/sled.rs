@@ -6,10 +6,11 @@ use fleetml_protocol::assignment::AssignedModel;
 use fleetml_protocol::telemetry::{DeviceId, Envelope};
 
 use super::{
-    AssignmentStore, AuditStore, CaptureStore, DatasetStore, FleetStore, PolicyStore,
+    AssignmentStore, AuditStore, CaptureStore, DatasetStore, FleetStore, JobStore, PolicyStore,
     RegistryStore, RolloutStore, StoreError, TokenStore,
 };
 use crate::assign::{AssignmentRecord, point};
+use crate::jobs::spec::Job;
 use crate::records::{
     AuditEntry, CaptureRecord, DatasetManifest, DeviceRecord, DeviceState, ModelRecord, Policy,
     PolicyState, TokenRecord,
@@ -55,7 +56,8 @@ fn decode_assignment(bytes: Option<&[u8]>) -> AssignmentRecord {
 /// `assignments` (CBOR per device), `rollouts` (JSON per id), `tokens` (JSON by token
 /// hash), `audit` (JSON by big-endian seq), `policies` (JSON `[policy, state]` by model),
 /// `models` (JSON, keyed `name \0 version`, big-endian), `captures` (JSON, keyed
-/// `device \0 seq`), `datasets` (JSON by id).
+/// `device \0 seq`), `datasets` (JSON by id), `jobs` (JSON by id), `job_specs` (TOML by
+/// model).
 #[derive(Debug, Clone)]
 pub struct SledStore {
     db: ::sled::Db,
@@ -72,8 +74,12 @@ pub struct SledStore {
     models: ::sled::Tree,
     captures: ::sled::Tree,
     datasets: ::sled::Tree,
+    jobs: ::sled::Tree,
+    job_specs: ::sled::Tree,
     /// Serializes audit appends (read the last entry, then write the next).
     audit_append: std::sync::Arc<std::sync::Mutex<()>>,
+    /// Serializes job updates (read, change, write).
+    job_update: std::sync::Arc<std::sync::Mutex<()>>,
 }
 
 fn be(v: Option<::sled::IVec>) -> Option<u64> {
@@ -99,16 +105,12 @@ impl SledStore {
             models: db.open_tree("models")?,
             captures: db.open_tree("captures")?,
             datasets: db.open_tree("datasets")?,
+            jobs: db.open_tree("jobs")?,
+            job_specs: db.open_tree("job_specs")?,
             audit_append: Default::default(),
+            job_update: Default::default(),
             db,
         })
-    }
-
-    /// The database, for the parts of the control plane whose records are not behind
-    /// the store's traits yet (registry, tokens, audit, datasets, captures, jobs,
-    /// policies).
-    pub fn db(&self) -> &::sled::Db {
-        &self.db
     }
 
     /// Allocates the device's next command sequence number (not flushed).
@@ -672,5 +674,60 @@ impl DatasetStore for SledStore {
         let existed = self.datasets.remove(id.as_bytes())?.is_some();
         self.datasets.flush()?;
         Ok(existed)
+    }
+}
+
+impl JobStore for SledStore {
+    fn next_job_id(&self) -> Result<String, StoreError> {
+        Ok(format!("j{}", self.db.generate_id()? + 1))
+    }
+
+    fn put_job(&self, job: &Job) -> Result<(), StoreError> {
+        self.jobs.insert(job.id.as_bytes(), json("a job", job)?)?;
+        self.jobs.flush()?;
+        Ok(())
+    }
+
+    fn job(&self, id: &str) -> Result<Option<Job>, StoreError> {
+        match self.jobs.get(id.as_bytes())? {
+            Some(v) => Ok(Some(from_json(&format!("job {id}"), &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn jobs(&self) -> Result<Vec<Job>, StoreError> {
+        let mut out: Vec<Job> = self
+            .jobs
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                from_json(&format!("job {}", String::from_utf8_lossy(&k)), &v)
+            })
+            .collect::<Result<_, StoreError>>()?;
+        out.sort_by_key(|j| j.created_ms);
+        Ok(out)
+    }
+
+    fn update_job(&self, id: &str, change: &mut dyn FnMut(&mut Job)) -> Result<bool, StoreError> {
+        let _guard = self.job_update.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(mut job) = self.job(id)? else {
+            return Ok(false);
+        };
+        change(&mut job);
+        self.put_job(&job)?;
+        Ok(true)
+    }
+
+    fn put_job_spec(&self, model: &str, toml: &str) -> Result<(), StoreError> {
+        self.job_specs.insert(model.as_bytes(), toml.as_bytes())?;
+        self.job_specs.flush()?;
+        Ok(())
+    }
+
+    fn job_spec(&self, model: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .job_specs
+            .get(model.as_bytes())?
+            .map(|b| String::from_utf8_lossy(&b).into_owned()))
     }
 }

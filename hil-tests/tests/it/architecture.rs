@@ -350,27 +350,20 @@ fn the_pure_cores_read_no_clock_and_do_no_io() {
     );
 }
 
-/// Only `control-plane/src/store/` names sled — except the files listed here, whose
-/// records are not behind the store's traits yet. The list only shrinks: a listed file
-/// that no longer names sled fails too, so it is taken off.
+/// Only `control-plane/src/store/` names sled: everything else keeps its records
+/// through the store's traits.
 #[test]
 fn only_the_store_names_sled_in_the_control_plane() {
-    let not_yet = ["control-plane/src/jobs.rs"];
     let mut wrong = Vec::new();
     for file in sources("control-plane/src") {
         if file.starts_with("control-plane/src/store/") {
             continue;
         }
         // `store::sled::SledStore` is the wiring choosing the backend, not sled itself.
-        let names = code_lines(&file).iter().any(|(_, l)| {
-            l.replace("store::sled::", "").contains("sled::") || l.contains("sled =")
-        });
-        match (names, not_yet.contains(&file.as_str())) {
-            (true, false) => wrong.push(format!("{file} names sled: go through crate::store")),
-            (false, true) => wrong.push(format!(
-                "{file} no longer names sled: take it off this test's list"
-            )),
-            _ => {}
+        for (n, line) in code_lines(&file) {
+            if line.replace("store::sled::", "").contains("sled::") || line.contains("sled =") {
+                wrong.push(format!("{file}:{n} names sled: go through crate::store"));
+            }
         }
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
