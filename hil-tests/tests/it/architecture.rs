@@ -414,3 +414,45 @@ fn metric_names_are_consistent() {
     );
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
+
+/// The embedded broker is the server's: no other file of the workspace's crates runs
+/// rumqttd.
+#[test]
+fn only_the_server_names_rumqttd() {
+    let mut wrong = Vec::new();
+    for dir in [
+        "control-plane/src",
+        "agent/src",
+        "protocol/src",
+        "inference/src",
+    ] {
+        for file in sources(dir) {
+            if file == "control-plane/src/server.rs" {
+                continue;
+            }
+            for (n, line) in code_lines(&file) {
+                if line.contains("rumqttd") {
+                    wrong.push(format!(
+                        "{file}:{n} names rumqttd: only server.rs runs the broker"
+                    ));
+                }
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+/// `fleetml-inference` is shared by the builder and the agent: of the workspace's
+/// crates it may depend on `fleetml-protocol` alone.
+#[test]
+fn inference_depends_on_protocol_alone() {
+    let ours: Vec<String> = dependencies("inference")
+        .into_iter()
+        .filter(|d| d.starts_with("fleet") || d == "hil-tests")
+        .collect();
+    assert_eq!(
+        ours,
+        ["fleetml-protocol"],
+        "inference's workspace dependencies"
+    );
+}
