@@ -37,52 +37,7 @@ const HELD_FILE: &str = "assignment.cbor";
 const DOWNLOADS_DIR: &str = "downloads";
 
 /// The control plane's HTTP address: `http://host[:port][/base]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServerUrl {
-    pub host: String,
-    pub port: u16,
-    pub base: String,
-}
-
-impl std::str::FromStr for ServerUrl {
-    type Err = String;
-    fn from_str(url: &str) -> Result<Self, String> {
-        let rest = match url.strip_prefix("http://") {
-            Some(r) => r,
-            None if url.starts_with("https://") => {
-                return Err(format!(
-                    "`control_plane = \"{url}\"`: this release speaks plain http:// only; \
-                     put a TLS-terminating proxy on the device side or use http://"
-                ));
-            }
-            None => {
-                return Err(format!(
-                    "`control_plane = \"{url}\"` must start with http://"
-                ));
-            }
-        };
-        let (hostport, base) = match rest.find('/') {
-            Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
-            None => (rest, ""),
-        };
-        let (host, port) = match hostport.rsplit_once(':') {
-            Some((h, p)) => (
-                h,
-                p.parse()
-                    .map_err(|_| format!("`{url}`: `{p}` is not a port"))?,
-            ),
-            None => (hostport, 80),
-        };
-        if host.is_empty() {
-            return Err(format!("`{url}`: no host"));
-        }
-        Ok(ServerUrl {
-            host: host.to_string(),
-            port,
-            base: base.to_string(),
-        })
-    }
-}
+pub use crate::http::HttpUrl as ServerUrl;
 
 /// How the agent pulls assignments.
 #[derive(Clone)]
@@ -496,33 +451,19 @@ impl Puller {
         Ok(())
     }
 
+    /// `GET path` from the control plane as the device, from byte `from` on when
+    /// resuming; the response as it starts (its body streamed by the caller).
     async fn request(
         &self,
         path: &str,
         from: Option<u64>,
     ) -> Result<hyper::Response<hyper::body::Incoming>, String> {
-        let s = &self.settings.server;
-        let stream = tokio::net::TcpStream::connect((s.host.as_str(), s.port))
-            .await
-            .map_err(|e| format!("connecting to the control plane {}:{}: {e}", s.host, s.port))?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .map_err(|e| e.to_string())?;
-        tokio::spawn(conn);
-        let mut request = hyper::Request::get(format!("{}{path}", s.base))
-            .header("host", format!("{}:{}", s.host, s.port))
+        let mut request = crate::http::Request::get(&self.settings.server, path)
             .header("authorization", format!("Bearer {}", self.settings.token));
         if let Some(from) = from.filter(|f| *f > 0) {
             request = request.header("range", format!("bytes={from}-"));
         }
-        let request = request
-            .body(http_body_util::Empty::<hyper::body::Bytes>::new())
-            .map_err(|e| e.to_string())?;
-        sender
-            .send_request(request)
-            .await
-            .map_err(|e| e.to_string())
+        request.send().await
     }
 
     async fn get(
@@ -530,21 +471,13 @@ impl Puller {
         path: &str,
         from: Option<u64>,
     ) -> Result<(u16, hyper::HeaderMap, hyper::body::Bytes), String> {
-        let response = tokio::time::timeout(Duration::from_secs(30), async {
-            let r = self.request(path, from).await?;
-            let status = r.status().as_u16();
-            let headers = r.headers().clone();
-            let body = r
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| e.to_string())?
-                .to_bytes();
-            Ok::<_, String>((status, headers, body))
-        })
-        .await
-        .map_err(|_| format!("{path}: no answer within 30 s"))??;
-        Ok(response)
+        let mut request = crate::http::Request::get(&self.settings.server, path)
+            .header("authorization", format!("Bearer {}", self.settings.token));
+        if let Some(from) = from.filter(|f| *f > 0) {
+            request = request.header("range", format!("bytes={from}-"));
+        }
+        let r = request.fetch(Duration::from_secs(30)).await?;
+        Ok((r.status, r.headers, r.body))
     }
 }
 
@@ -683,39 +616,9 @@ pub(crate) async fn post(
     content_type: &str,
     body: Vec<u8>,
 ) -> Result<(u16, hyper::body::Bytes), String> {
-    tokio::time::timeout(Duration::from_secs(60), async {
-        let stream = tokio::net::TcpStream::connect((server.host.as_str(), server.port))
-            .await
-            .map_err(|e| {
-                format!(
-                    "connecting to the control plane {}:{}: {e}",
-                    server.host, server.port
-                )
-            })?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .map_err(|e| e.to_string())?;
-        tokio::spawn(conn);
-        let request = hyper::Request::post(format!("{}{path}", server.base))
-            .header("host", format!("{}:{}", server.host, server.port))
-            .header("authorization", format!("Bearer {token}"))
-            .header("content-type", content_type)
-            .body(http_body_util::Full::new(hyper::body::Bytes::from(body)))
-            .map_err(|e| e.to_string())?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| e.to_string())?;
-        let status = response.status().as_u16();
-        let bytes = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
-        Ok((status, bytes))
-    })
-    .await
-    .map_err(|_| format!("{path}: no answer within 60 s"))?
+    let r = crate::http::Request::post(server, path, content_type, body)
+        .header("authorization", format!("Bearer {token}"))
+        .fetch(Duration::from_secs(60))
+        .await?;
+    Ok((r.status, r.body))
 }

@@ -17,6 +17,7 @@ pub mod config;
 pub mod explain;
 #[cfg(feature = "gpu")]
 pub mod gpu;
+pub mod http;
 pub mod memory;
 pub mod monitoring;
 pub mod outbox;

@@ -318,61 +318,24 @@ impl JsonLines {
 /// An `http://host[:port]/path` webhook, posted one JSON record at a time.
 #[derive(Debug, Clone)]
 struct Webhook {
-    host: String,
-    port: u16,
-    path: String,
+    url: crate::http::HttpUrl,
 }
 
 impl Webhook {
     fn parse(url: &str) -> Result<Webhook, String> {
-        let rest = url.strip_prefix("http://").ok_or_else(|| {
-            format!("webhook `{url}`: only http:// is supported in this release (put a local TLS proxy in front of https endpoints)")
-        })?;
-        let (hostport, path) = match rest.find('/') {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, "/"),
-        };
-        let (host, port) = match hostport.rsplit_once(':') {
-            Some((h, p)) => (
-                h.to_string(),
-                p.parse()
-                    .map_err(|_| format!("webhook `{url}`: bad port"))?,
-            ),
-            None => (hostport.to_string(), 80),
-        };
-        if host.is_empty() {
-            return Err(format!("webhook `{url}`: no host"));
-        }
         Ok(Webhook {
-            host,
-            port,
-            path: path.to_string(),
+            url: crate::http::HttpUrl::parse(url, "webhook")?,
         })
     }
 
-    async fn post(&self, body: Vec<u8>) -> Result<(), String> {
-        use http_body_util::Full;
-        let stream = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
-            .await
-            .map_err(|e| e.to_string())?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .map_err(|e| e.to_string())?;
-        tokio::spawn(conn);
-        let request = hyper::Request::post(&self.path)
-            .header("host", format!("{}:{}", self.host, self.port))
-            .header("content-type", "application/json")
-            .body(Full::new(hyper::body::Bytes::from(body)))
-            .map_err(|e| e.to_string())?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| e.to_string())?;
-        if response.status().is_success() {
+    async fn post(&self, body: Vec<u8>, timeout: Duration) -> Result<(), String> {
+        let r = crate::http::Request::post(&self.url, "", "application/json", body)
+            .fetch(timeout)
+            .await?;
+        if (200..300).contains(&r.status) {
             Ok(())
         } else {
-            Err(format!("answered {}", response.status()))
+            Err(format!("answered {}", r.status))
         }
     }
 
@@ -385,13 +348,12 @@ impl Webhook {
     ) {
         while let Some(v) = rx.recv().await {
             let body = serde_json::to_vec(&*v).unwrap_or_default();
-            match tokio::time::timeout(timeout, self.post(body)).await {
-                Ok(Ok(())) => delivered(&counters, &name),
-                Ok(Err(e)) => {
+            match self.post(body, timeout).await {
+                Ok(()) => delivered(&counters, &name),
+                Err(e) => {
                     tracing::debug!(sink = %name, error = %e, "webhook delivery failed");
                     failed(&counters, &name);
                 }
-                Err(_) => failed(&counters, &name),
             }
         }
     }

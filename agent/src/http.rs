@@ -1,0 +1,199 @@
+//! The agent's one HTTP client: HTTP/1.1 over TCP, one request per connection, a
+//! deadline on the whole exchange. The assignment puller, bundle downloads, capture
+//! uploads and webhook sinks all go through it, and [`HttpUrl`] is the one URL type
+//! they are configured with.
+
+use std::time::Duration;
+
+use http_body_util::BodyExt;
+
+/// An `http://host[:port][/path]` address. `https://` is refused with what to do
+/// instead: this agent speaks plain HTTP (put a TLS-terminating proxy beside it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpUrl {
+    pub host: String,
+    pub port: u16,
+    /// The path as written (empty for none).
+    pub path: String,
+}
+
+impl HttpUrl {
+    /// Parses `url`, naming it as `what` (e.g. `control_plane`, `webhook`) in errors.
+    pub fn parse(url: &str, what: &str) -> Result<HttpUrl, String> {
+        let rest = match url.strip_prefix("http://") {
+            Some(r) => r,
+            None if url.starts_with("https://") => {
+                return Err(format!(
+                    "`{what} = \"{url}\"`: this release speaks plain http:// only; \
+                     put a TLS-terminating proxy on the device side or use http://"
+                ));
+            }
+            None => return Err(format!("`{what} = \"{url}\"` must start with http://")),
+        };
+        let (hostport, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        let (host, port) = match hostport.rsplit_once(':') {
+            Some((h, p)) => (
+                h,
+                p.parse()
+                    .map_err(|_| format!("`{what} = \"{url}\"`: `{p}` is not a port"))?,
+            ),
+            None => (hostport, 80),
+        };
+        if host.is_empty() {
+            return Err(format!("`{what} = \"{url}\"`: no host"));
+        }
+        Ok(HttpUrl {
+            host: host.to_string(),
+            port,
+            path: path.to_string(),
+        })
+    }
+
+    /// The request target for `path` below this URL's own path: the URL's path as
+    /// written when `path` is empty (`/` for none).
+    pub fn target(&self, path: &str) -> String {
+        if path.is_empty() {
+            return if self.path.is_empty() {
+                "/".into()
+            } else {
+                self.path.clone()
+            };
+        }
+        format!("{}{path}", self.path.trim_end_matches('/'))
+    }
+}
+
+impl std::str::FromStr for HttpUrl {
+    type Err = String;
+    fn from_str(url: &str) -> Result<Self, String> {
+        HttpUrl::parse(url, "control_plane")
+    }
+}
+
+/// One request: `method` to `path` below `url`, with `headers` and a body.
+#[derive(Debug)]
+pub struct Request<'a> {
+    pub method: hyper::Method,
+    pub url: &'a HttpUrl,
+    pub path: &'a str,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: Vec<u8>,
+}
+
+impl<'a> Request<'a> {
+    pub fn get(url: &'a HttpUrl, path: &'a str) -> Request<'a> {
+        Request {
+            method: hyper::Method::GET,
+            url,
+            path,
+            headers: Vec::new(),
+            body: Vec::new(),
+        }
+    }
+
+    pub fn post(url: &'a HttpUrl, path: &'a str, content_type: &str, body: Vec<u8>) -> Self {
+        Request {
+            method: hyper::Method::POST,
+            url,
+            path,
+            headers: vec![("content-type", content_type.to_string())],
+            body,
+        }
+    }
+
+    pub fn header(mut self, name: &'static str, value: impl Into<String>) -> Self {
+        self.headers.push((name, value.into()));
+        self
+    }
+
+    /// Connects, sends, and returns the response as it starts (its body still to be
+    /// read), for a caller that streams it.
+    pub async fn send(self) -> Result<hyper::Response<hyper::body::Incoming>, String> {
+        let url = self.url;
+        let stream = tokio::net::TcpStream::connect((url.host.as_str(), url.port))
+            .await
+            .map_err(|e| format!("connecting to {}:{}: {e}", url.host, url.port))?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        let mut request = hyper::Request::builder()
+            .method(self.method)
+            .uri(url.target(self.path))
+            .header("host", format!("{}:{}", url.host, url.port));
+        for (name, value) in self.headers {
+            request = request.header(name, value);
+        }
+        let request = request
+            .body(http_body_util::Full::new(hyper::body::Bytes::from(
+                self.body,
+            )))
+            .map_err(|e| e.to_string())?;
+        sender
+            .send_request(request)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// [`Request::send`] and read the whole reply, all within `deadline`.
+    pub async fn fetch(self, deadline: Duration) -> Result<Response, String> {
+        let path = self.path.to_string();
+        tokio::time::timeout(deadline, async {
+            let r = self.send().await?;
+            let status = r.status().as_u16();
+            let headers = r.headers().clone();
+            let body = r
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?
+                .to_bytes();
+            Ok(Response {
+                status,
+                headers,
+                body,
+            })
+        })
+        .await
+        .map_err(|_| format!("{path}: no answer within {} s", deadline.as_secs()))?
+    }
+}
+
+/// A whole reply.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: hyper::HeaderMap,
+    pub body: hyper::body::Bytes,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse_with_their_defaults_and_refuse_what_this_agent_cannot_speak() {
+        let u = HttpUrl::parse("http://cp.local:8080/fleet/", "control_plane").expect("parses");
+        assert_eq!((u.host.as_str(), u.port), ("cp.local", 8080));
+        assert_eq!(u.target("/v1/x"), "/fleet/v1/x");
+        assert_eq!(u.target(""), "/fleet/", "a webhook's own path, as written");
+        let root = HttpUrl::parse("http://hook", "webhook").expect("parses");
+        assert_eq!((root.port, root.target("")), (80, "/".to_string()));
+        let e = HttpUrl::parse("https://hook/p", "webhook").expect_err("no TLS here");
+        assert!(
+            e.contains("`webhook = \"https://hook/p\"`") && e.contains("proxy"),
+            "{e}"
+        );
+        assert!(HttpUrl::parse("ftp://x", "webhook").is_err());
+        assert!(HttpUrl::parse("http://:80", "webhook").is_err());
+        assert!(
+            HttpUrl::parse("http://h:port", "webhook")
+                .expect_err("bad port")
+                .contains("`port`")
+        );
+    }
+}
