@@ -2,7 +2,6 @@
 //! (`--server URL`; the token from `FLEETML_TOKEN` or `~/.config/fleetml/token`).
 
 use anyhow::{Context, bail};
-use http_body_util::{BodyExt, Full};
 use serde_json::Value;
 
 /// Where the API is when `--server` and `FLEETML_SERVER` say nothing.
@@ -162,36 +161,30 @@ impl Client {
             );
         };
         let url = format!("{}{path}", self.base);
-        let (status, bytes) = self.runtime.block_on(async {
-            let stream = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
-                .await
-                .with_context(|| {
-                    format!(
-                        "cannot reach the control plane at {} (is `fleetctl serve` running? pass --server)",
-                        self.base
-                    )
-                })?;
-            let (mut sender, conn) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                    .await?;
-            tokio::spawn(conn);
-            let request = hyper::Request::builder()
-                .method(method)
-                .uri(path)
-                .header("host", format!("{}:{}", self.host, self.port))
-                .header("authorization", format!("Bearer {token}"))
-                .header("content-type", content_type)
-                .body(Full::new(hyper::body::Bytes::from(body)))?;
-            let response = tokio::time::timeout(
+        let to = crate::http::Endpoint {
+            host: self.host.clone(),
+            port: self.port,
+        };
+        let authorization = format!("Bearer {token}");
+        let headers = [
+            ("authorization", authorization.as_str()),
+            ("content-type", content_type),
+        ];
+        let (status, bytes) = self
+            .runtime
+            .block_on(crate::http::call(
+                &to,
+                method,
+                path,
+                &headers,
+                body,
                 std::time::Duration::from_secs(600),
-                sender.send_request(request),
-            )
-            .await
-            .with_context(|| format!("{method} {url} timed out"))??;
-            let status = response.status();
-            let bytes = response.into_body().collect().await?.to_bytes();
-            anyhow::Ok((status, bytes))
-        })?;
+            ))
+            .with_context(|| {
+                format!(
+                    "{method} {url}: cannot reach the control plane (is `fleetctl serve` running there? pass --server)"
+                )
+            })?;
         Ok((status, bytes))
     }
 }

@@ -18,6 +18,7 @@ pub mod datasets;
 pub mod demo;
 pub(crate) mod fleet_api;
 pub mod golden;
+pub mod http;
 pub mod ingest;
 pub mod jobs;
 pub mod k8s;

@@ -815,6 +815,13 @@ impl Http {
         })
     }
 
+    fn endpoint(&self) -> crate::http::Endpoint {
+        crate::http::Endpoint {
+            host: self.host.clone(),
+            port: self.port,
+        }
+    }
+
     async fn send(
         &self,
         method: &str,
@@ -822,31 +829,15 @@ impl Http {
         token: &str,
         body: Option<(&str, Vec<u8>)>,
     ) -> anyhow::Result<hyper::Response<hyper::body::Incoming>> {
-        let stream = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
+        let authorization = format!("Bearer {token}");
+        let (content_type, bytes) = body.unwrap_or(("", Vec::new()));
+        let mut headers = vec![("authorization", authorization.as_str())];
+        if !content_type.is_empty() {
+            headers.push(("content-type", content_type));
+        }
+        crate::http::send(&self.endpoint(), method, path, &headers, bytes)
             .await
-            .with_context(|| {
-                format!(
-                    "connecting to the control plane {}:{}",
-                    self.host, self.port
-                )
-            })?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-        tokio::spawn(conn);
-        let mut request = hyper::Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", format!("{}:{}", self.host, self.port))
-            .header("authorization", format!("Bearer {token}"));
-        let bytes = match body {
-            Some((content_type, bytes)) => {
-                request = request.header("content-type", content_type);
-                bytes
-            }
-            None => Vec::new(),
-        };
-        let request = request.body(http_body_util::Full::new(hyper::body::Bytes::from(bytes)))?;
-        Ok(sender.send_request(request).await?)
+            .context("the control plane")
     }
 
     /// Status and whole body.
@@ -857,14 +848,22 @@ impl Http {
         token: &str,
         body: Option<(&str, Vec<u8>)>,
     ) -> anyhow::Result<(u16, hyper::body::Bytes)> {
-        tokio::time::timeout(HTTP_TIMEOUT, async {
-            let response = self.send(method, path, token, body).await?;
-            let status = response.status().as_u16();
-            let bytes = response.into_body().collect().await?.to_bytes();
-            anyhow::Ok((status, bytes))
-        })
-        .await
-        .with_context(|| format!("{method} {path}: no answer within {HTTP_TIMEOUT:?}"))?
+        let authorization = format!("Bearer {token}");
+        let (content_type, bytes) = body.unwrap_or(("", Vec::new()));
+        let mut headers = vec![("authorization", authorization.as_str())];
+        if !content_type.is_empty() {
+            headers.push(("content-type", content_type));
+        }
+        let (status, bytes) = crate::http::call(
+            &self.endpoint(),
+            method,
+            path,
+            &headers,
+            bytes,
+            HTTP_TIMEOUT,
+        )
+        .await?;
+        Ok((status.as_u16(), bytes))
     }
 
     /// A JSON call that must succeed.

@@ -1,0 +1,60 @@
+//! The control plane side's one HTTP client core: HTTP/1.1 over TCP, one request per
+//! connection. The operator CLI's [`crate::client::Client`] (blocking) and the
+//! simulator's devices (async) both send through [`send`] and [`call`].
+
+use std::time::Duration;
+
+use anyhow::Context;
+use http_body_util::BodyExt;
+
+/// Where to send: `host:port`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub host: String,
+    pub port: u16,
+}
+
+/// Sends `method path` with `headers` and `body` to `to`; the response as it starts
+/// (its body still to be read).
+pub async fn send(
+    to: &Endpoint,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> anyhow::Result<hyper::Response<hyper::body::Incoming>> {
+    let stream = tokio::net::TcpStream::connect((to.host.as_str(), to.port))
+        .await
+        .with_context(|| format!("connecting to {}:{}", to.host, to.port))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let mut request = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", format!("{}:{}", to.host, to.port));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request.body(http_body_util::Full::new(hyper::body::Bytes::from(body)))?;
+    Ok(sender.send_request(request).await?)
+}
+
+/// [`send`], then the whole reply: status and body, all within `deadline`.
+pub async fn call(
+    to: &Endpoint,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+    deadline: Duration,
+) -> anyhow::Result<(hyper::StatusCode, hyper::body::Bytes)> {
+    tokio::time::timeout(deadline, async {
+        let response = send(to, method, path, headers, body).await?;
+        let status = response.status();
+        let bytes = response.into_body().collect().await?.to_bytes();
+        anyhow::Ok((status, bytes))
+    })
+    .await
+    .with_context(|| format!("{method} {path}: no answer within {deadline:?}"))?
+}
