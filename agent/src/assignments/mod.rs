@@ -16,19 +16,22 @@
 //! finished file must hash to the digest the assignment names; then it goes through
 //! verify → prepare → self-test → swap like `install-bundle`, and the agent reloads.
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fleetml_protocol::assignment::{AssignedModel, Checked, Held, SignedAssignment};
+use fleetml_protocol::assignment::AssignedModel;
 use fleetml_protocol::crypto::{Sha256, Sha256Hasher};
 use fleetml_protocol::telemetry::{self, DeviceId, Lifecycle};
 use http_body_util::BodyExt;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{Notify, mpsc, oneshot};
 
+use self::state::text;
+pub use self::state::{Answer, PullState, Step};
 use crate::serve::Config;
+
+mod state;
 use crate::telemetry::Telemetry;
 
 /// File of the last accepted assignment.
@@ -75,11 +78,8 @@ pub struct Puller {
     config: Arc<Config>,
     tel: Arc<Telemetry>,
     reload: mpsc::Sender<ReloadRequest>,
-    /// Bundles whose activation failed in this run: not retried until a new generation.
-    failed: HashSet<Sha256>,
-    /// The last refusal reported, so a poll does not repeat it.
-    last_refusal: Option<String>,
-    last_generation: Option<u64>,
+    /// What it decides with (failed bundles, the last refusal reported).
+    state: PullState,
 }
 
 impl Puller {
@@ -94,9 +94,7 @@ impl Puller {
             config,
             tel,
             reload,
-            failed: HashSet::new(),
-            last_refusal: None,
-            last_generation: None,
+            state: PullState::default(),
         }
     }
 
@@ -127,35 +125,27 @@ impl Puller {
     pub async fn once(&mut self) -> Result<(), String> {
         let path = format!("/v1/devices/{}/assignment", self.settings.device.as_str());
         let (status, headers, body) = self.get(&path, None).await?;
-        if status == 404 {
-            tracing::debug!("no assignment for this device yet");
-            return Ok(());
-        }
-        if status != 200 {
-            return Err(format!(
-                "assignment: the control plane answered {status}: {}",
-                text(&body)
-            ));
-        }
         let data_dir = self.config.data_dir.clone();
-        let held_bytes = std::fs::read(data_dir.join(HELD_FILE)).ok();
-        let held = held_bytes
-            .as_deref()
-            .and_then(|b| SignedAssignment::from_cbor(b).ok())
-            .and_then(|s| s.verify(&self.config.policy).ok());
-        let checked = SignedAssignment::from_cbor(&body).and_then(|signed| {
-            signed.check(
-                &self.config.policy,
-                &self.settings.device,
-                held.as_ref().map(|h| Held {
-                    generation: h.generation,
-                    models: &h.models,
-                }),
-                crate::monitoring::now_ms(),
-            )
-        });
-        let assignment = match checked {
-            Ok(Checked::Newer(a)) => {
+        let held = std::fs::read(data_dir.join(HELD_FILE)).ok();
+        let date = headers
+            .get(hyper::header::DATE)
+            .and_then(|v| v.to_str().ok());
+        let answer = self.state.answer(
+            status,
+            &body,
+            date,
+            held.as_deref(),
+            &self.config.policy,
+            &self.settings.device,
+            crate::monitoring::now_ms(),
+        );
+        let assignment = match answer {
+            Answer::NoAssignment => {
+                tracing::debug!("no assignment for this device yet");
+                return Ok(());
+            }
+            Answer::Failed(e) => return Err(e),
+            Answer::Newer(a) => {
                 keep_file(&data_dir.join(HELD_FILE), &body)
                     .map_err(|e| format!("keeping the assignment: {e}"))?;
                 tracing::info!(generation = a.generation, "accepted a new assignment");
@@ -165,25 +155,17 @@ impl Puller {
                     a.generation,
                     format!("generation {}", a.generation),
                 );
-                self.failed.clear();
-                self.last_refusal = None;
                 a
             }
-            Ok(Checked::Unchanged(a)) => a,
-            Err(e) => {
-                let mut reason = e.to_string();
-                if let fleetml_protocol::assignment::AssignmentError::Expired { now_ms, .. } = e {
-                    reason.push_str(&clock_skew(now_ms, &headers));
-                }
+            Answer::Unchanged(a) => a,
+            Answer::Refused { reason, report } => {
                 tracing::warn!(error = %reason, "refused an assignment; what runs is unchanged");
-                if self.last_refusal.as_ref() != Some(&reason) {
-                    self.event(Lifecycle::AssignmentRefused, "", 0, reason.clone());
-                    self.last_refusal = Some(reason);
+                if report {
+                    self.event(Lifecycle::AssignmentRefused, "", 0, reason);
                 }
                 return Ok(());
             }
         };
-        self.last_generation = Some(assignment.generation);
         for (name, model) in &assignment.models {
             if let Err(e) = self.bring(name, model).await {
                 tracing::warn!(model = %name, version = model.version, error = %e, "not activated");
@@ -214,20 +196,18 @@ impl Puller {
             .await
             .map_err(|e| e.to_string())??
         };
-        if active.as_deref() == Some(digest.as_str()) {
-            return Ok(());
-        }
-        if failed_before || self.failed.contains(&model.digest) {
+        let step = self
+            .state
+            .step(model, active.as_deref(), failed_before, stored.is_some());
+        let (source, downloaded) = match (step, stored) {
             // Reported when it failed; a new generation tries again.
-            return Ok(());
-        }
-        // A version still in the store (the previous one: a rollback) needs no download.
-        let (source, downloaded) = match stored {
-            Some(path) => (path, false),
-            None => match self.download(name, model).await {
+            (Step::Active | Step::Failed, _) => return Ok(()),
+            // A version still in the store (the previous one: a rollback) needs no download.
+            (Step::InstallStored, Some(path)) => (path, false),
+            (Step::InstallStored | Step::Download, _) => match self.download(name, model).await {
                 Ok(path) => (path, true),
                 Err(Failure::Mismatch(reason)) => {
-                    self.failed.insert(model.digest);
+                    self.state.failed(model.digest);
                     self.event(
                         Lifecycle::VerificationFailed,
                         name,
@@ -272,7 +252,7 @@ impl Puller {
             Ok(_) => Ok(()),
             Err(crate::activation::ActivationError::Store(e)) => {
                 // Not recorded in the store (it never got that far): report it here.
-                self.failed.insert(model.digest);
+                self.state.failed(model.digest);
                 let reason = format!("{e}");
                 self.event(
                     Lifecycle::VerificationFailed,
@@ -284,7 +264,7 @@ impl Puller {
             }
             Err(e) => {
                 // Recorded in the store; the reload reports it.
-                self.failed.insert(model.digest);
+                self.state.failed(model.digest);
                 Err(e.to_string())
             }
         };
@@ -517,32 +497,6 @@ fn write_failure(e: std::io::Error, at: u64, model: &AssignedModel) -> Failure {
 /// assignment (Raspberry Pi class boards have no RTC). The header is not trusted for
 /// the decision itself (without TLS it is as forgeable as a withheld assignment), only
 /// to tell the operator where to look.
-fn clock_skew(now_ms: u64, headers: &hyper::HeaderMap) -> String {
-    let Some(server) = headers
-        .get(hyper::header::DATE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| httpdate::parse_http_date(v).ok())
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-    else {
-        return String::new();
-    };
-    let skew_s = (now_ms as i64 - server.as_millis() as i64) / 1000;
-    if skew_s.abs() < 60 {
-        return " (the device clock agrees with the control plane's within a minute)".into();
-    }
-    format!(
-        " (the device clock is {} s {} the control plane's: check its time source)",
-        skew_s.abs(),
-        if skew_s > 0 { "ahead of" } else { "behind" }
-    )
-}
-
-fn text(body: &[u8]) -> String {
-    String::from_utf8_lossy(&body[..body.len().min(300)])
-        .trim()
-        .to_string()
-}
-
 fn jittered(poll: Duration) -> Duration {
     use ring::rand::SecureRandom;
     let mut b = [0u8; 4];
