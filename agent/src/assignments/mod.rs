@@ -400,6 +400,25 @@ impl Puller {
                     model.size, model.digest
                 )));
             }
+            // Stop before the disk is full, not when it is: the outbox, the monitoring
+            // windows and the store write to the same disk, and an event that cannot be
+            // stored is an event lost (a download that filled the disk to the last byte
+            // made the agent's own "disk full" report unwritable).
+            if (have + received) / CHECK_FREE_EVERY
+                != (have + received + data.len() as u64) / CHECK_FREE_EVERY
+                && let Some(free) = part
+                    .parent()
+                    .and_then(available_bytes)
+                    .filter(|free| *free < DISK_HEADROOM / 2 + data.len() as u64)
+            {
+                return Err(Failure::DiskFull(format!(
+                    "disk full while downloading bundle {} at byte {} of {}: {free} bytes left, less than the {} kept for everything else the agent writes; the partial file was removed; the running model is unchanged",
+                    model.digest,
+                    have + received,
+                    model.size,
+                    DISK_HEADROOM / 2
+                )));
+            }
             file.write_all(&data)
                 .await
                 .map_err(|e| write_failure(e, have + received, model))?;
@@ -473,6 +492,9 @@ enum Failure {
 
 /// Free space a download leaves for everything else the agent writes.
 const DISK_HEADROOM: u64 = 1 << 20;
+
+/// How often a download checks the free space while it writes, in bytes.
+const CHECK_FREE_EVERY: u64 = 64 << 10;
 
 /// Bytes available to this (unprivileged) process on the file system holding `dir`.
 fn available_bytes(dir: &Path) -> Option<u64> {

@@ -749,9 +749,9 @@ fn disk_full(board: &Board, _seed: u64) -> Result<String, String> {
         (part_bytes() > 0).then_some(())
     });
     disk.fill(&filler, 256 << 10);
-    // Any disk-full refusal other than the first (the agent may notice the full disk
-    // mid-write or when it checks again; under qemu in CI the mid-write text did not
-    // come within 120 s once, cause not established).
+    // Any disk-full refusal other than the first: the download stops while half its
+    // headroom is still free (it once wrote until the disk was full, and the agent's own
+    // report then could not be stored: the event never came), or the next pull refuses.
     let stopped = wait_for("a second disk-full download_failed for v2", WAIT, || {
         events(&lab.plane, NAME)
             .into_iter()
