@@ -7,6 +7,7 @@
 //! or a message is done by `fleetml-protocol`, the same code the agent runs. `fleetctl sim`
 //! (`sim`) measures a control plane under a fleet of simulated devices.
 
+pub mod api;
 pub mod assign;
 pub mod auth;
 pub mod bundle;

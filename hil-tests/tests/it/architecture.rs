@@ -122,8 +122,8 @@ fn routes_in_openapi(text: &str) -> std::collections::BTreeSet<(String, String)>
 
 #[test]
 fn openapi_lists_exactly_the_routes_of_fleetctl_serve() {
-    let source = std::fs::read_to_string(hil_tests::root().join("control-plane/src/server.rs"))
-        .expect("server.rs");
+    let source = std::fs::read_to_string(hil_tests::root().join("control-plane/src/api/mod.rs"))
+        .expect("api/mod.rs");
     let spec = std::fs::read_to_string(hil_tests::root().join("docs/openapi.yaml"))
         .expect("docs/openapi.yaml");
     let served = routes_in_source(&source);
