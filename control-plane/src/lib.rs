@@ -14,7 +14,6 @@ pub mod bundle;
 pub mod captures;
 pub mod client;
 pub mod compare;
-pub(crate) mod data_api;
 pub mod datasets;
 pub mod demo;
 pub(crate) mod fleet_api;

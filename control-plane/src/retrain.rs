@@ -151,18 +151,18 @@ fn inputs(plane: &Plane, job: &Job) -> Result<(Table, String, Vec<String>), Stri
     ids.extend(job.inputs.iter().cloned());
     let mut tables = Vec::new();
     for id in &ids {
-        let m = crate::data_api::dataset(plane, id).map_err(|e| e.1)?;
+        let m = crate::api::data::dataset(plane, id).map_err(|e| e.1)?;
         tables.push(plane.datasets.load(&m.id)?);
     }
     let mut used = ids.clone();
     if let Some(c) = &job.spec.captures {
-        let req = crate::data_api::FromCaptures::new(
+        let req = crate::api::data::FromCaptures::new(
             &job.model,
             c.since_s.map(|s| now_ms().saturating_sub(s * 1000)),
             c.labelled_only,
             job.spec.label.clone(),
         );
-        match crate::data_api::captured_table(plane, &req) {
+        match crate::api::data::captured_table(plane, &req) {
             Ok((table, provenance)) => {
                 let (_, m) = plane.datasets.put(&table, provenance, now_ms())?;
                 used.push(m.id.clone());
@@ -218,7 +218,7 @@ fn run(plane: &Arc<Plane>, id: &str, cancel: &AtomicBool) -> Result<(), String> 
         .map_err(|e| e.to_string())?;
     let holdout = match &job.spec.holdout {
         Some(h) => {
-            let m = crate::data_api::dataset(plane, h).map_err(|e| e.1)?;
+            let m = crate::api::data::dataset(plane, h).map_err(|e| e.1)?;
             Some(plane.datasets.load(&m.id)?)
         }
         None => None,
@@ -573,7 +573,7 @@ pub async fn start_job(
         executor(&spec, &p.jobs.dir).map_err(unprocessable)?;
         spec.check_code().map_err(unprocessable)?;
         for d in &req.datasets {
-            crate::data_api::dataset(&p, d)?;
+            crate::api::data::dataset(&p, d)?;
         }
         p.jobs.keep_spec(&spec)?;
         start(

@@ -1,8 +1,8 @@
 //! The operator and device HTTP API of `fleetctl serve`: one error type, who may call
 //! what (`access`, the `authorize` middleware that also audits), and the router. The
-//! handlers live by resource: `devices` (enrolment, inventory, messages, commands,
-//! drift, ingest counters), `models` (the registry and the trust policy), and, outside
-//! this folder still, `fleet_api`, `data_api`, `policy` and `retrain`.
+//! handlers live by resource: `data` (datasets), `devices` (enrolment, inventory,
+//! messages, commands, drift, ingest counters), `models` (the registry and the trust
+//! policy), and, outside this folder still, `fleet_api`, `policy` and `retrain`.
 
 use std::sync::Arc;
 
@@ -19,6 +19,7 @@ use crate::store::FleetStore;
 
 use crate::server::*;
 
+pub(crate) mod data;
 pub mod devices;
 pub mod models;
 
@@ -194,7 +195,7 @@ fn access_role(a: Access) -> Role {
 pub const MAX_DATASET_UPLOAD: usize = 512 << 20;
 
 pub fn router(plane: Arc<Plane>) -> Router {
-    use crate::data_api as d;
+    use crate::api::data as d;
     use crate::fleet_api as f;
     use crate::retrain as r;
     let authenticated = Router::new()

@@ -110,7 +110,7 @@ pub fn compare(
     label: Option<&str>,
     margin: f64,
 ) -> Result<Value, ApiError> {
-    let m = crate::data_api::dataset(plane, dataset)?;
+    let m = crate::api::data::dataset(plane, dataset)?;
     let table = plane
         .datasets
         .load(&m.id)
@@ -233,7 +233,7 @@ pub async fn put_policy(
         ));
     }
     for d in policy.datasets.iter().chain(&policy.holdout) {
-        crate::data_api::dataset(&plane, d)?;
+        crate::api::data::dataset(&plane, d)?;
     }
     if plane.jobs.spec(&name)?.is_none() {
         return Err(ApiError(
