@@ -1235,7 +1235,7 @@ async fn expect(State(api): State<Arc<Api>>, headers: HeaderMap, body: Body) -> 
             .and_then(Value::as_array)
             .and_then(|a| a.iter().map(|v| v.as_str().map(str::to_string)).collect())
             .ok_or_else(|| ApiError::invalid("ids", "`ids` must be a list of strings"))?;
-        let now = crate::monitoring::now_ms();
+        let now = crate::clock::now_ms();
         let deadline_ms = match (request.get("deadline"), request.get("within_seconds")) {
             (Some(d), None) => d
                 .as_f64()

@@ -163,7 +163,7 @@ pub struct Feedback {
 }
 
 fn now_ms() -> u64 {
-    crate::monitoring::now_ms()
+    crate::clock::now_ms()
 }
 
 fn raw_json(v: &RawValue) -> Value {

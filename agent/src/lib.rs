@@ -13,6 +13,7 @@ pub mod backend;
 pub mod batcher;
 #[cfg(feature = "capture")]
 pub mod capture;
+pub mod clock;
 pub mod config;
 pub mod explain;
 #[cfg(feature = "gpu")]

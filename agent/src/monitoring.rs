@@ -4,10 +4,10 @@
 //! the ids an application declared it expects (`POST /v1/expect`), and computes
 //! occlusion explanations.
 
+use crate::clock::now_ms;
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use fleetml_monitor::{
     FeatureReport, MissReason, Monitor, Observation, Reference, Subject, Thresholds, Transition,
@@ -27,14 +27,6 @@ pub const KEPT_ON_DISK: u64 = 2016;
 pub const MAX_EXPECTED: usize = 100_000;
 /// Missing ids listed in a window report.
 const MISSING_IDS_LISTED: usize = 10;
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 /// The window and thresholds for a model: the agent's setting where it has one, else
 /// the bundle's, else the default.

@@ -188,12 +188,8 @@ pub async fn run_with(outbox: Arc<Outbox>, options: MqttOptions, wake: Arc<Notif
             }
         }
         metrics::gauge!("fleetml_agent_outbox_depth").set(outbox.depth() as f64);
-        metrics::gauge!("fleetml_agent_outbox_oldest_age_seconds").set(
-            outbox
-                .oldest_age_ms(crate::monitoring::now_ms())
-                .unwrap_or(0) as f64
-                / 1000.0,
-        );
+        metrics::gauge!("fleetml_agent_outbox_oldest_age_seconds")
+            .set(outbox.oldest_age_ms(crate::clock::now_ms()).unwrap_or(0) as f64 / 1000.0);
         // A count kept in the outbox across restarts: a counter, set to its total.
         metrics::counter!("fleetml_agent_outbox_dropped_windows_total")
             .absolute(outbox.dropped().unwrap_or(0));

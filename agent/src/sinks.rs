@@ -193,7 +193,7 @@ impl Sinks {
             let value = slot
                 .get_or_insert_with(|| {
                     let mut v = json!({
-                        "ts_ms": crate::monitoring::now_ms(),
+                        "ts_ms": crate::clock::now_ms(),
                         "request_id": r.request_id,
                         "model": r.model,
                         "version": r.version,

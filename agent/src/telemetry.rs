@@ -139,7 +139,7 @@ impl Telemetry {
     pub fn push(&self, body: Body) -> Result<u64, OutboxError> {
         let class = class_of(&body);
         let topic = telemetry::topic(&self.device, telemetry::Channel::of(&body));
-        let ts = crate::monitoring::now_ms();
+        let ts = crate::clock::now_ms();
         let seq = self.outbox.push(class, &topic, ts, |seq| {
             telemetry::seal(&self.device, seq, ts, body.clone(), &self.secret).1
         })?;
@@ -165,7 +165,7 @@ impl Telemetry {
         let mut first = status();
         let seq = self.push(Body::Status(first.clone()))?;
         first.online = false;
-        let ts = crate::monitoring::now_ms();
+        let ts = crate::clock::now_ms();
         let (topic, will) =
             telemetry::seal(&self.device, seq, ts, Body::Status(first), &self.secret);
         let b = &settings.broker;

@@ -137,7 +137,7 @@ impl Puller {
             held.as_deref(),
             &self.config.policy,
             &self.settings.device,
-            crate::monitoring::now_ms(),
+            crate::clock::now_ms(),
         );
         let assignment = match answer {
             Answer::NoAssignment => {
@@ -239,7 +239,7 @@ impl Puller {
                     &config.policy,
                     &config.board,
                     &fleetml_protocol::bundle::Limits::default(),
-                    crate::monitoring::now_ms() / 1000,
+                    crate::clock::now_ms() / 1000,
                 )
             })
             .await
