@@ -15,12 +15,13 @@ use fleetml_protocol::telemetry::{CommandKind, DeviceId};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::api::{Api, ApiError, enrolled};
 use crate::auth::{Principal, Role};
 use crate::records::DeviceState;
 use crate::rollout::{
     Assign, Gates, Kind, Plan, Progress, Rollout, Selector, State as RState, Strategy, Target,
 };
-use crate::server::{Api, ApiError, Plane, enrolled, now_ms};
+use crate::server::{Plane, now_ms};
 use crate::store::FleetStore;
 
 fn internal(e: impl std::fmt::Display) -> ApiError {
@@ -530,7 +531,7 @@ pub async fn advance(plane: &Arc<Plane>, id: &str) -> Api<()> {
         }
     }
     // The devices also poll; a lost notification only delays one.
-    let sent = crate::server::send_all(plane, &devices, &CommandKind::AssignmentChanged).await?;
+    let sent = crate::api::send_all(plane, &devices, &CommandKind::AssignmentChanged).await?;
     tracing::info!(rollout = %id, devices = sent, "devices notified");
     Ok(())
 }

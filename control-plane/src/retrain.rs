@@ -16,10 +16,11 @@ use fleetml_protocol::manifest::{CodeRef, DatasetRef, Framework, Lineage, Param}
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::api::{Api, ApiError};
 use crate::auth::Principal;
 use crate::datasets::{Provenance, Table};
 use crate::jobs::{Executor, Job, JobSpec, JobState, LocalExecutor, Trial, TrialRun};
-use crate::server::{Api, ApiError, Plane, now_ms};
+use crate::server::{Plane, now_ms};
 
 /// Default tolerance of a reproduced metric (absolute: 2 percentage points).
 pub const TOLERANCE: f64 = 0.02;

@@ -26,7 +26,7 @@ use crate::ingest::Ingest;
 use crate::store::sled::SledStore;
 use crate::store::{AssignmentStore, FleetStore, RolloutStore};
 
-pub(crate) use crate::api::*;
+use crate::api::router;
 
 /// Client id and user name of the ingest's MQTT session.
 pub const INGEST_CLIENT: &str = "fleetml-ingest";

@@ -795,6 +795,22 @@ fn cpu_of(pid: u32) -> f64 {
     (field(11) + field(12)) as f64 / 100.0
 }
 
+/// The headers of a request with `authorization` and an optional `(content type, body)`.
+fn with_body<'a>(
+    authorization: &'a str,
+    body: Option<(&'a str, Vec<u8>)>,
+) -> (Vec<(&'static str, &'a str)>, Vec<u8>) {
+    let mut headers = vec![("authorization", authorization)];
+    let bytes = match body {
+        Some((content_type, bytes)) => {
+            headers.push(("content-type", content_type));
+            bytes
+        }
+        None => Vec::new(),
+    };
+    (headers, bytes)
+}
+
 /// A tiny HTTP/1.1 client: one connection per request, as the agent's puller does.
 #[derive(Debug, Clone)]
 struct Http {
@@ -830,11 +846,7 @@ impl Http {
         body: Option<(&str, Vec<u8>)>,
     ) -> anyhow::Result<hyper::Response<hyper::body::Incoming>> {
         let authorization = format!("Bearer {token}");
-        let (content_type, bytes) = body.unwrap_or(("", Vec::new()));
-        let mut headers = vec![("authorization", authorization.as_str())];
-        if !content_type.is_empty() {
-            headers.push(("content-type", content_type));
-        }
+        let (headers, bytes) = with_body(&authorization, body);
         crate::http::send(&self.endpoint(), method, path, &headers, bytes)
             .await
             .context("the control plane")
@@ -849,11 +861,7 @@ impl Http {
         body: Option<(&str, Vec<u8>)>,
     ) -> anyhow::Result<(u16, hyper::body::Bytes)> {
         let authorization = format!("Bearer {token}");
-        let (content_type, bytes) = body.unwrap_or(("", Vec::new()));
-        let mut headers = vec![("authorization", authorization.as_str())];
-        if !content_type.is_empty() {
-            headers.push(("content-type", content_type));
-        }
+        let (headers, bytes) = with_body(&authorization, body);
         let (status, bytes) = crate::http::call(
             &self.endpoint(),
             method,

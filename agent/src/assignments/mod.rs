@@ -457,12 +457,7 @@ impl Puller {
         path: &str,
         from: Option<u64>,
     ) -> Result<hyper::Response<hyper::body::Incoming>, String> {
-        let mut request = crate::http::Request::get(&self.settings.server, path)
-            .header("authorization", format!("Bearer {}", self.settings.token));
-        if let Some(from) = from.filter(|f| *f > 0) {
-            request = request.header("range", format!("bytes={from}-"));
-        }
-        request.send().await
+        self.get_request(path, from).send().await
     }
 
     async fn get(
@@ -470,13 +465,21 @@ impl Puller {
         path: &str,
         from: Option<u64>,
     ) -> Result<(u16, hyper::HeaderMap, hyper::body::Bytes), String> {
-        let mut request = crate::http::Request::get(&self.settings.server, path)
-            .header("authorization", format!("Bearer {}", self.settings.token));
-        if let Some(from) = from.filter(|f| *f > 0) {
-            request = request.header("range", format!("bytes={from}-"));
-        }
-        let r = request.fetch(Duration::from_secs(30)).await?;
+        let r = self
+            .get_request(path, from)
+            .fetch(Duration::from_secs(30))
+            .await?;
         Ok((r.status, r.headers, r.body))
+    }
+
+    /// `GET path` as this device, from byte `from` on (a range) when resuming.
+    fn get_request<'a>(&'a self, path: &'a str, from: Option<u64>) -> crate::http::Request<'a> {
+        let request = crate::http::Request::get(&self.settings.server, path)
+            .header("authorization", format!("Bearer {}", self.settings.token));
+        match from.filter(|f| *f > 0) {
+            Some(from) => request.header("range", format!("bytes={from}-")),
+            None => request,
+        }
     }
 }
 

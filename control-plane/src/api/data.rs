@@ -10,9 +10,10 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::api::{Api, ApiError};
 use crate::auth::Principal;
 use crate::datasets::{DatasetManifest, Provenance, Table};
-use crate::server::{Api, ApiError, Plane, now_ms};
+use crate::server::{Plane, now_ms};
 
 fn internal(e: impl std::fmt::Display) -> ApiError {
     ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
@@ -345,7 +346,7 @@ pub async fn profile(
             .load(&m.id)
             .map_err(|e| ApiError(StatusCode::GONE, e))?;
         let reference = match &q.reference {
-            Some(r) => Some(crate::server::reference_profile(&p, r)?),
+            Some(r) => Some(crate::api::reference_profile(&p, r)?),
             None => None,
         };
         let mut v = crate::profile::profile(&table, q.target.as_deref(), reference.as_ref())

@@ -14,7 +14,7 @@ use crate::records::DeviceRecord;
 use crate::store::FleetStore;
 use crate::views;
 
-use crate::server::*;
+use crate::server::{Plane, now_ms, random_bytes};
 
 use super::*;
 

@@ -17,7 +17,7 @@ use serde_json::json;
 use crate::auth::{Principal, Role};
 use crate::store::FleetStore;
 
-use crate::server::*;
+use crate::server::{Plane, now_ms, same};
 
 pub(crate) mod data;
 pub mod devices;

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use crate::store::FleetStore;
 
-use crate::server::*;
+use crate::server::{Plane, keep_policy, now_ms};
 
 use super::*;
 

@@ -22,7 +22,8 @@ use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::server::{Api, ApiError, Plane, now_ms};
+use crate::api::{Api, ApiError};
+use crate::server::{Plane, now_ms};
 use crate::store::FleetStore;
 
 pub mod engine;

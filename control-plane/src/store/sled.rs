@@ -39,6 +39,52 @@ fn json<T: serde::Serialize>(what: &str, value: &T) -> Result<Vec<u8>, StoreErro
     serde_json::to_vec(value).map_err(|e| StoreError::corrupt(what, e))
 }
 
+/// The record under `key` in `tree`, decoded; `what` names it in an error.
+fn get_json<T: serde::de::DeserializeOwned>(
+    tree: &::sled::Tree,
+    key: impl AsRef<[u8]>,
+    what: &str,
+) -> Result<Option<T>, StoreError> {
+    tree.get(key)?.map(|v| from_json(what, &v)).transpose()
+}
+
+/// Every record of `entries` (a tree or a scan of one), decoded; `what` and the key
+/// name a record in an error.
+fn all_json<T: serde::de::DeserializeOwned>(
+    entries: impl Iterator<Item = ::sled::Result<(::sled::IVec, ::sled::IVec)>>,
+    what: &str,
+) -> Result<Vec<T>, StoreError> {
+    entries
+        .map(|kv| {
+            let (k, v) = kv?;
+            from_json(
+                &format!("{what} {}", String::from_utf8_lossy(&k).escape_debug()),
+                &v,
+            )
+        })
+        .collect()
+}
+
+/// Stores `value` under `key` unless the key is taken, durably; then nothing changes
+/// and the record stored there comes back.
+fn insert_new<T: serde::Serialize + serde::de::DeserializeOwned>(
+    tree: &::sled::Tree,
+    key: &[u8],
+    value: &T,
+    what: &str,
+) -> Result<Option<T>, StoreError> {
+    let won = tree
+        .compare_and_swap(key, None as Option<&[u8]>, Some(json(what, value)?))?
+        .is_ok();
+    tree.flush()?;
+    if won {
+        return Ok(None);
+    }
+    get_json(tree, key, what)?
+        .map(Some)
+        .ok_or_else(|| StoreError::Conflict(format!("{what} was removed meanwhile")))
+}
+
 fn from_json<T: serde::de::DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, StoreError> {
     serde_json::from_slice(bytes).map_err(|e| StoreError::corrupt(what, e))
 }
@@ -337,21 +383,11 @@ impl RolloutStore for SledStore {
     }
 
     fn rollout(&self, id: &str) -> Result<Option<Rollout>, StoreError> {
-        match self.rollouts.get(id.as_bytes())? {
-            Some(b) => Ok(Some(from_json(&format!("rollout {id}"), &b)?)),
-            None => Ok(None),
-        }
+        get_json(&self.rollouts, id, &format!("rollout {id}"))
     }
 
     fn rollouts(&self) -> Result<Vec<Rollout>, StoreError> {
-        let mut out = Vec::new();
-        for item in self.rollouts.iter() {
-            let (k, v) = item?;
-            out.push(from_json::<Rollout>(
-                &format!("rollout {}", String::from_utf8_lossy(&k)),
-                &v,
-            )?);
-        }
+        let mut out: Vec<Rollout> = all_json(self.rollouts.iter(), "rollout")?;
         out.sort_by_key(|r| r.created_ms);
         Ok(out)
     }
@@ -510,39 +546,23 @@ fn model_key(name: &str, version: u64) -> Vec<u8> {
 
 impl RegistryStore for SledStore {
     fn model_version(&self, name: &str, version: u64) -> Result<Option<ModelRecord>, StoreError> {
-        match self.models.get(model_key(name, version))? {
-            Some(v) => Ok(Some(from_json(
-                &format!("model record {name} v{version}"),
-                &v,
-            )?)),
-            None => Ok(None),
-        }
+        get_json(
+            &self.models,
+            model_key(name, version),
+            &format!("model record {name} v{version}"),
+        )
     }
 
     fn insert_model_version(
         &self,
         record: &ModelRecord,
     ) -> Result<Option<ModelRecord>, StoreError> {
-        let key = model_key(&record.name, record.version);
-        let won = self
-            .models
-            .compare_and_swap(
-                &key,
-                None as Option<&[u8]>,
-                Some(json("a model record", record)?),
-            )?
-            .is_ok();
-        self.models.flush()?;
-        if won {
-            return Ok(None);
-        }
-        match self.models.get(&key)? {
-            Some(v) => Ok(Some(from_json("a model record", &v)?)),
-            None => Err(StoreError::Conflict(format!(
-                "{} v{} was replaced and removed meanwhile",
-                record.name, record.version
-            ))),
-        }
+        insert_new(
+            &self.models,
+            &model_key(&record.name, record.version),
+            record,
+            &format!("model record {} v{}", record.name, record.version),
+        )
     }
 
     fn update_model_version(
@@ -585,67 +605,39 @@ impl RegistryStore for SledStore {
             p.push(0);
             p
         });
-        self.models
-            .scan_prefix(prefix.unwrap_or_default())
-            .map(|kv| {
-                let (_, v) = kv?;
-                from_json("a model record", &v)
-            })
-            .collect()
+        all_json(
+            self.models.scan_prefix(prefix.unwrap_or_default()),
+            "model record",
+        )
     }
 }
 
 impl CaptureStore for SledStore {
     fn capture(&self, device: &DeviceId, seq: u64) -> Result<Option<CaptureRecord>, StoreError> {
-        match self.captures.get(Self::key(device, seq))? {
-            Some(v) => Ok(Some(from_json(
-                &format!("capture record {device} {seq}"),
-                &v,
-            )?)),
-            None => Ok(None),
-        }
+        get_json(
+            &self.captures,
+            Self::key(device, seq),
+            &format!("capture record {device} {seq}"),
+        )
     }
 
     fn put_capture(&self, record: &CaptureRecord) -> Result<Option<CaptureRecord>, StoreError> {
-        let key = Self::key(&record.device, record.seq);
-        let won = self
-            .captures
-            .compare_and_swap(
-                &key,
-                None as Option<&[u8]>,
-                Some(json("a capture record", record)?),
-            )?
-            .is_ok();
-        self.captures.flush()?;
-        if won {
-            return Ok(None);
-        }
-        match self.captures.get(&key)? {
-            Some(v) => Ok(Some(from_json("a capture record", &v)?)),
-            None => Err(StoreError::Conflict(format!(
-                "capture {} {} was removed meanwhile",
-                record.device, record.seq
-            ))),
-        }
+        insert_new(
+            &self.captures,
+            &Self::key(&record.device, record.seq),
+            record,
+            &format!("capture record {} {}", record.device, record.seq),
+        )
     }
 
     fn captures(&self) -> Result<Vec<CaptureRecord>, StoreError> {
-        self.captures
-            .iter()
-            .map(|kv| {
-                let (_, v) = kv?;
-                from_json("a capture record", &v)
-            })
-            .collect()
+        all_json(self.captures.iter(), "capture record")
     }
 }
 
 impl DatasetStore for SledStore {
     fn dataset(&self, id: &str) -> Result<Option<DatasetManifest>, StoreError> {
-        match self.datasets.get(id.as_bytes())? {
-            Some(v) => Ok(Some(from_json(&format!("dataset manifest {id}"), &v)?)),
-            None => Ok(None),
-        }
+        get_json(&self.datasets, id, &format!("dataset manifest {id}"))
     }
 
     fn put_dataset(&self, manifest: &DatasetManifest) -> Result<(), StoreError> {
@@ -658,14 +650,7 @@ impl DatasetStore for SledStore {
     }
 
     fn datasets(&self) -> Result<Vec<DatasetManifest>, StoreError> {
-        let mut out: Vec<DatasetManifest> = self
-            .datasets
-            .iter()
-            .map(|kv| {
-                let (_, v) = kv?;
-                from_json("a dataset manifest", &v)
-            })
-            .collect::<Result<_, StoreError>>()?;
+        let mut out: Vec<DatasetManifest> = all_json(self.datasets.iter(), "dataset manifest")?;
         out.sort_by_key(|m| m.created_ms);
         Ok(out)
     }
@@ -689,21 +674,11 @@ impl JobStore for SledStore {
     }
 
     fn job(&self, id: &str) -> Result<Option<Job>, StoreError> {
-        match self.jobs.get(id.as_bytes())? {
-            Some(v) => Ok(Some(from_json(&format!("job {id}"), &v)?)),
-            None => Ok(None),
-        }
+        get_json(&self.jobs, id, &format!("job {id}"))
     }
 
     fn jobs(&self) -> Result<Vec<Job>, StoreError> {
-        let mut out: Vec<Job> = self
-            .jobs
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv?;
-                from_json(&format!("job {}", String::from_utf8_lossy(&k)), &v)
-            })
-            .collect::<Result<_, StoreError>>()?;
+        let mut out: Vec<Job> = all_json(self.jobs.iter(), "job")?;
         out.sort_by_key(|j| j.created_ms);
         Ok(out)
     }
