@@ -284,9 +284,10 @@ impl Api {
     /// Expires overdue expected ids and closes windows whose time is up (called every
     /// second by `fleet-agent run`).
     pub fn tick(&self) {
+        let now = crate::clock::now_ms();
         for model in self.served() {
             if let Some(m) = &model.monitor {
-                m.tick();
+                m.tick(now);
             }
         }
         // After a burst, once nothing runs, hand freed memory back to the system: glibc
@@ -303,9 +304,10 @@ impl Api {
 
     /// Closes every model's current window (shutdown, tests).
     pub fn flush_monitoring(&self) {
+        let now = crate::clock::now_ms();
         for model in self.served() {
             if let Some(m) = &model.monitor {
-                m.flush();
+                m.flush(now);
             }
         }
     }
@@ -443,7 +445,7 @@ async fn predict(
             if let (Some(reason), Some(monitor)) =
                 (reason, api.get(&name).and_then(|m| m.monitor.clone()))
             {
-                monitor.missed(reason, e.rows.max(1));
+                monitor.missed(crate::clock::now_ms(), reason, e.rows.max(1));
                 if let Some((feature, value)) = &e.rejected {
                     monitor.rejected(feature, *value);
                 }
@@ -896,6 +898,7 @@ async fn predict_inner(
     };
     if let Some(monitor) = &model.monitor {
         monitor.predicted(
+            crate::clock::now_ms(),
             &raw_rows,
             &first,
             (elapsed * 1e6) as u64,

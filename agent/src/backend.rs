@@ -18,52 +18,12 @@
 use std::fmt;
 
 use fleetml_protocol::board::{Backend as Kind, BoardProfile, Provider};
-use fleetml_protocol::golden::Tensor;
 use fleetml_protocol::manifest::TensorSpec;
 
-use crate::runtime::{CpuModel, RuntimeError};
+pub use crate::runtime::Backend;
+use crate::runtime::CpuModel;
 use crate::selftest::{self, SelfTest};
 use fleetml_inference::Onnx;
-
-/// A loaded model on one backend.
-pub trait Backend: Send + Sync + fmt::Debug {
-    fn kind(&self) -> Kind;
-    /// The execution provider and runtime version, for backends that have them
-    /// (`onnxruntime`: `(cuda, "1.32.0")`).
-    fn provider(&self) -> Option<(Provider, String)> {
-        None
-    }
-    /// Runs the model on `inputs`, in the model's input order.
-    fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, RuntimeError>;
-}
-
-impl Backend for CpuModel {
-    fn kind(&self) -> Kind {
-        Kind::Cpu
-    }
-
-    fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, RuntimeError> {
-        CpuModel::run(self, inputs)
-    }
-}
-
-#[cfg(feature = "onnxruntime")]
-impl Backend for fleetml_inference::onnxruntime::OrtModel {
-    fn kind(&self) -> Kind {
-        Kind::Onnxruntime
-    }
-
-    fn provider(&self) -> Option<(Provider, String)> {
-        Some((
-            fleetml_inference::onnxruntime::OrtModel::provider(self),
-            self.library_version().to_string(),
-        ))
-    }
-
-    fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, RuntimeError> {
-        fleetml_inference::onnxruntime::OrtModel::run(self, inputs)
-    }
-}
 
 /// A loaded backend as status and the store name it: `cpu`, `gpu`,
 /// `onnxruntime/cuda (ONNX Runtime 1.32.0)`.

@@ -449,13 +449,13 @@ impl Capture {
         }
         let seq = files.1;
         files.1 += 1;
-        crate::assignments::keep_file(&self.dir.join("next_seq"), files.1.to_string().as_bytes())?;
+        crate::files::keep_file(&self.dir.join("next_seq"), files.1.to_string().as_bytes())?;
         let name = format!(
             "{seq:020}-{}-{model}.jsonl",
             if labelled { "labelled" } else { "sampled" }
         );
         let path = self.dir.join(name);
-        crate::assignments::keep_file(&path, &text)?;
+        crate::files::keep_file(&path, &text)?;
         files.0.push(Batch {
             seq,
             model: model.to_string(),
@@ -551,7 +551,7 @@ fn next_f64(state: &mut u64) -> f64 {
 /// cannot be reached. A batch is deleted only once the control plane has stored it.
 pub async fn upload_loop(
     capture: Arc<Capture>,
-    server: crate::assignments::ServerUrl,
+    server: crate::http::HttpUrl,
     device: fleetml_protocol::telemetry::DeviceId,
     token: String,
 ) {
@@ -582,9 +582,7 @@ pub async fn upload_loop(
                     "sampled"
                 }
             );
-            match crate::assignments::post(&server, &token, &path, "application/x-ndjson", body)
-                .await
-            {
+            match crate::http::post(&server, &token, &path, "application/x-ndjson", body).await {
                 Ok((status, _)) if (200..300).contains(&status) => {
                     failures = 0;
                     capture.uploaded(batch.seq);

@@ -19,8 +19,7 @@ use fleetml_protocol::board::Backend as Kind;
 use fleetml_protocol::golden::Tensor;
 use fleetml_protocol::manifest::{Dim, TensorSpec};
 
-use crate::backend::Backend;
-use crate::runtime::RuntimeError;
+use crate::runtime::{Backend, RuntimeError};
 
 /// Lets the GPU backend use a software Vulkan implementation (Mesa's llvmpipe, say).
 /// Off by default: on a device it would be slower than the CPU backend. Tests and CI

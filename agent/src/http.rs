@@ -171,6 +171,22 @@ pub struct Response {
     pub body: hyper::body::Bytes,
 }
 
+/// `POST path` with `body` to the control plane as the device; status and reply.
+#[cfg(feature = "capture")]
+pub(crate) async fn post(
+    server: &HttpUrl,
+    token: &str,
+    path: &str,
+    content_type: &str,
+    body: Vec<u8>,
+) -> Result<(u16, hyper::body::Bytes), String> {
+    let r = Request::post(server, path, content_type, body)
+        .header("authorization", format!("Bearer {token}"))
+        .fetch(Duration::from_secs(60))
+        .await?;
+    Ok((r.status, r.body))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,6 +16,7 @@ pub mod capture;
 pub mod clock;
 pub mod config;
 pub mod explain;
+pub mod files;
 #[cfg(feature = "gpu")]
 pub mod gpu;
 pub mod http;

@@ -4,7 +4,6 @@
 //! the ids an application declared it expects (`POST /v1/expect`), and computes
 //! occlusion explanations.
 
-use crate::clock::now_ms;
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::sync::Mutex;
@@ -296,18 +295,19 @@ impl ModelMonitor {
         &self.baselines
     }
 
-    /// Records the predictions of a batch: raw feature rows (schema order; empty for raw
-    /// tensor requests), the first output's values per row, latency, lag, and the ids
-    /// the rows carried.
+    /// Records the predictions of a batch made at `now` (milliseconds since the epoch):
+    /// raw feature rows (schema order; empty for raw tensor requests), the first output's
+    /// values per row, latency, lag, and the ids the rows carried.
+    #[allow(clippy::too_many_arguments)]
     pub fn predicted(
         &self,
+        now: u64,
         rows: &[Vec<RawValue>],
         outputs: &[Vec<f32>],
         latency_us: u64,
         lag_ms: Option<u64>,
         ids: &[String],
     ) {
-        let now = now_ms();
         let mut observations: Vec<Observation> = Vec::with_capacity(self.features.len());
         let mut state = self.lock();
         for id in ids {
@@ -340,9 +340,9 @@ impl ModelMonitor {
         self.lock().core.batched(rows.min(u32::MAX as usize) as u32);
     }
 
-    /// Records `count` inputs that got no prediction.
-    pub fn missed(&self, reason: MissReason, count: u32) {
-        self.lock().core.missed(now_ms(), reason, count);
+    /// Records `count` inputs that got no prediction at `now`.
+    pub fn missed(&self, now: u64, reason: MissReason, count: u32) {
+        self.lock().core.missed(now, reason, count);
     }
 
     /// Records the offending value of an input rejected as invalid: `feature` is its
@@ -377,9 +377,8 @@ impl ModelMonitor {
         Ok(state.expected.deadlines.len())
     }
 
-    /// Expires overdue expected ids and closes the window if its time is up.
-    pub fn tick(&self) {
-        let now = now_ms();
+    /// Expires the expected ids overdue at `now` and closes the window if its time is up.
+    pub fn tick(&self, now: u64) {
         let mut state = self.lock();
         let overdue: Vec<String> = state
             .expected
@@ -430,10 +429,10 @@ impl ModelMonitor {
         self.prediction
     }
 
-    /// Closes the current window now (shutdown, tests).
-    pub fn flush(&self) {
+    /// Closes the current window at `now` (shutdown, tests).
+    pub fn flush(&self, now: u64) {
         let mut state = self.lock();
-        let report = state.core.close(now_ms());
+        let report = state.core.close(now);
         if report.predictions > 0 || report.missed_total() > 0 {
             self.keep(&mut state, report);
         }

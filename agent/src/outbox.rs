@@ -1,18 +1,14 @@
-//! The durable outbox telemetry is published from (groundwork of the messaging issue).
+//! The durable outbox telemetry is published from.
 //!
 //! Every message is written to sled and flushed before anyone may publish it, and is
-//! deleted only when it is known to be delivered. At first that is the broker's PUBACK
-//! ([`Outbox::ack`]); once the control plane has sent one [`Receipt`] (it then sends
-//! them for everything it stores), a message stays after its PUBACK until a receipt
-//! names it ([`Outbox::receipt`]); one that a receipt overtakes (it names a later
-//! message), or that no receipt names in time, is published again ([`Outbox::overdue`]). A PUBACK only says the broker has the message: the
-//! control plane's embedded broker drops what a lagging subscriber has not read once
-//! its in-memory log is full, and loses its log when it restarts (found with
-//! `fleetctl sim --devices 10000`). After a reconnect or a restart, everything still here
-//! is published again in sequence order: the outbox, not the MQTT session, is the source
-//! of truth (duplicates are fine; the control plane de-duplicates by `(device, seq)`).
-//!
-//! [`Receipt`]: fleetml_protocol::telemetry::Receipt
+//! deleted only when it is known to be delivered: the rule of
+//! [`fleetml_device::delivery`] (the broker's PUBACK until the control plane sends
+//! receipts, then a receipt naming it; what a receipt overtakes or none names in time
+//! is published again), which `fleetctl sim` follows too. The embedded broker drops
+//! what a lagging subscriber has not read once its in-memory log is full, and loses its
+//! log when it restarts (found with `fleetctl sim --devices 10000`): hence receipts.
+//! After a reconnect or a restart, everything still here is published again in
+//! sequence order: the outbox, not the MQTT session, is the source of truth.
 //!
 //! Sequence numbers are allocated here, in the same sled transaction that stores the
 //! message, so they are strictly increasing, gap-free and survive restarts.
@@ -25,6 +21,7 @@
 
 use std::path::Path;
 
+use fleetml_device::delivery::{Acked, Delivery};
 use fleetml_protocol::telemetry::Receipt;
 use sled::Transactional;
 
@@ -101,17 +98,12 @@ pub struct Outbox {
     queue: sled::Tree,
     meta: sled::Tree,
     limits: Limits,
-    /// Messages handed to the broker and not yet acknowledged: never dropped for room
-    /// (they may arrive, and a drop must mean "will not arrive").
-    inflight: std::sync::Mutex<std::collections::BTreeSet<u64>>,
-    /// Acknowledged by the broker, awaiting the control plane's receipt: when (each is
-    /// published again once it has waited too long).
-    delivered: std::sync::Mutex<std::collections::BTreeMap<u64, std::time::Instant>>,
-    /// Whether the control plane sends receipts (persisted under [`RECEIPTS`]).
-    receipts: std::sync::atomic::AtomicBool,
-    /// Delivered messages a receipt overtook (it named a later one): the broker lost
-    /// them, since the ingest stores a device's messages in order. Due at once.
-    overtaken: std::sync::Mutex<std::collections::BTreeSet<u64>>,
+    /// The delivery rule (shared with `fleetctl sim`): what is in flight, what awaits
+    /// a receipt and since when, what a receipt overtook. Whether the control plane
+    /// sends receipts is persisted under [`RECEIPTS`].
+    delivery: std::sync::Mutex<Delivery>,
+    /// The instant the rule's milliseconds count from: the first its caller passed in.
+    origin: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 fn read_u64(tree: &sled::Tree, key: &[u8]) -> Result<u64, OutboxError> {
@@ -197,11 +189,20 @@ impl Outbox {
             queue,
             meta,
             limits,
-            inflight: Default::default(),
-            delivered: Default::default(),
-            receipts: receipts.into(),
-            overtaken: Default::default(),
+            delivery: std::sync::Mutex::new(Delivery::new(receipts)),
+            origin: Default::default(),
         })
+    }
+
+    fn delivery(&self) -> std::sync::MutexGuard<'_, Delivery> {
+        self.delivery.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `at` as the delivery rule's milliseconds.
+    fn ms(&self, at: std::time::Instant) -> u64 {
+        let mut origin = self.origin.lock().unwrap_or_else(|p| p.into_inner());
+        let origin = *origin.get_or_insert(at);
+        at.saturating_duration_since(origin).as_millis() as u64
     }
 
     /// Stores a message built by `build(seq)` (which seals it with its sequence number)
@@ -232,11 +233,7 @@ impl Outbox {
     /// hold again.
     fn make_room(&self, keep: u64) -> Result<(), OutboxError> {
         while self.depth() > self.limits.max_messages || self.bytes()? > self.limits.max_bytes {
-            let inflight = self
-                .inflight
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone();
+            let inflight = self.delivery().inflight().clone();
             let victim = self.queue.iter().find_map(|kv| {
                 let (k, v) = kv.ok()?;
                 let seq = u64::from_be_bytes(k.as_ref().try_into().ok()?);
@@ -270,46 +267,22 @@ impl Outbox {
     /// `seq` was handed to the broker: it is not dropped for room until acknowledged or
     /// [`Outbox::clear_inflight`].
     pub fn mark_inflight(&self, seq: u64) {
-        self.inflight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(seq);
+        self.delivery().sent(seq);
     }
 
     /// The connection is gone: nothing is in flight any more (and everything still here
     /// is published again on the next connection, delivered or not).
     pub fn clear_inflight(&self) {
-        self.inflight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
-        self.delivered
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
-        self.overtaken
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        self.delivery().reconnected();
     }
 
     /// The broker acknowledged `seq` at `at`: forget it, or, when the control plane
     /// sends receipts, keep it until one names it.
     pub fn ack(&self, seq: u64, at: std::time::Instant) -> Result<(), OutboxError> {
-        self.inflight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&seq);
-        if self.receipts_enabled() {
-            if self.queue.contains_key(seq.to_be_bytes())? {
-                self.delivered
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(seq, at);
-            }
-            return Ok(());
-        }
-        if let Some(v) = self.queue.get(seq.to_be_bytes())? {
+        let held = self.queue.get(seq.to_be_bytes())?;
+        let at = self.ms(at);
+        let acked = self.delivery().acked(seq, held.is_some(), at);
+        if let (Acked::Forget, Some(v)) = (acked, held) {
             self.remove(seq, v.len() as u64, false)?;
             self.db.flush()?;
         }
@@ -318,23 +291,18 @@ impl Outbox {
 
     /// Whether messages wait for the control plane's receipt after their PUBACK.
     pub fn receipts_enabled(&self) -> bool {
-        self.receipts.load(std::sync::atomic::Ordering::Relaxed)
+        self.delivery().receipts_enabled()
     }
 
     /// The control plane stored what `receipt` names: delete those messages (and, the
     /// first time, switch to waiting for receipts). Returns how many were deleted.
     pub fn receipt(&self, receipt: &Receipt) -> Result<usize, OutboxError> {
-        if !self.receipts_enabled() {
+        let receipted = self.delivery().receipt(receipt);
+        if receipted.first {
             self.meta.insert(RECEIPTS, &[1u8][..])?;
-            self.receipts
-                .store(true, std::sync::atomic::Ordering::Relaxed);
         }
         let mut removed = 0;
-        let mut newest = None;
-        for &[first, last] in &receipt.stored {
-            if first > last {
-                continue;
-            }
+        for (first, last) in receipted.delete {
             // Only what is here: a receipt's range can be as wide as it likes.
             let here: Vec<(u64, u64)> = self
                 .queue
@@ -344,23 +312,9 @@ impl Outbox {
                     Ok((key_seq(&k)?, v.len() as u64))
                 })
                 .collect::<Result<_, OutboxError>>()?;
-            let mut delivered = self.delivered.lock().unwrap_or_else(|p| p.into_inner());
             for (seq, len) in here {
                 self.remove(seq, len, false)?;
-                delivered.remove(&seq);
                 removed += 1;
-            }
-            newest = newest.max(Some(last));
-        }
-        // What the broker acknowledged before the newest stored message and no receipt
-        // named is not coming: the ingest stores each device's messages in order.
-        if let Some(newest) = newest {
-            let mut delivered = self.delivered.lock().unwrap_or_else(|p| p.into_inner());
-            let lost: Vec<u64> = delivered.range(..newest).map(|(s, _)| *s).collect();
-            let mut overtaken = self.overtaken.lock().unwrap_or_else(|p| p.into_inner());
-            for seq in lost {
-                delivered.remove(&seq);
-                overtaken.insert(seq);
             }
         }
         self.db.flush()?;
@@ -372,19 +326,8 @@ impl Outbox {
     /// that no receipt has named yet (a last resort: a slow ingest is not a lost
     /// message), as of `now`. Each is handed out once per acknowledgement.
     pub fn overdue(&self, after: std::time::Duration, now: std::time::Instant) -> Vec<u64> {
-        let mut due: std::collections::BTreeSet<u64> =
-            std::mem::take(&mut *self.overtaken.lock().unwrap_or_else(|p| p.into_inner()));
-        let mut delivered = self.delivered.lock().unwrap_or_else(|p| p.into_inner());
-        due.extend(
-            delivered
-                .iter()
-                .filter(|(_, at)| now.saturating_duration_since(**at) >= after)
-                .map(|(seq, _)| *seq),
-        );
-        for seq in &due {
-            delivered.remove(seq);
-        }
-        due.into_iter().collect()
+        let now = self.ms(now);
+        self.delivery().overdue(after.as_millis() as u64, now)
     }
 
     /// The message with sequence number `seq`, if it is still here.

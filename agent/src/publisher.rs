@@ -199,11 +199,10 @@ pub async fn run_with(outbox: Arc<Outbox>, options: MqttOptions, wake: Arc<Notif
 /// Exponential back-off with jitter: between half and all of 0.5 s · 2^(failures−1),
 /// capped at 60 s.
 pub fn backoff(failures: u32) -> Duration {
-    let cap_ms = (500u64 << failures.saturating_sub(1).min(7)).min(60_000);
     // A cheap jitter source: the clock's nanoseconds.
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos() as u64)
         .unwrap_or(0);
-    Duration::from_millis(cap_ms / 2 + nanos % (cap_ms / 2 + 1))
+    fleetml_device::backoff::reconnect(failures, nanos)
 }

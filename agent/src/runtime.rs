@@ -1,4 +1,51 @@
-//! CPU inference: tract, through `fleetml-inference` (the same code the bundle builder
-//! used to compute the golden outputs this agent checks).
+//! Running a loaded model: the [`Backend`] trait every inference engine implements, for
+//! CPU inference with tract (through `fleetml-inference`, the same code the bundle
+//! builder used to compute the golden outputs this agent checks) and ONNX Runtime; the
+//! GPU's wonnx implements it in `gpu`. Choosing between them is `backend`'s.
+
+use std::fmt;
+
+use fleetml_protocol::board::{Backend as Kind, Provider};
+use fleetml_protocol::golden::Tensor;
 
 pub use fleetml_inference::{CpuModel, RuntimeError};
+
+/// A loaded model on one backend.
+pub trait Backend: Send + Sync + fmt::Debug {
+    fn kind(&self) -> Kind;
+    /// The execution provider and runtime version, for backends that have them
+    /// (`onnxruntime`: `(cuda, "1.32.0")`).
+    fn provider(&self) -> Option<(Provider, String)> {
+        None
+    }
+    /// Runs the model on `inputs`, in the model's input order.
+    fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, RuntimeError>;
+}
+
+impl Backend for CpuModel {
+    fn kind(&self) -> Kind {
+        Kind::Cpu
+    }
+
+    fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, RuntimeError> {
+        CpuModel::run(self, inputs)
+    }
+}
+
+#[cfg(feature = "onnxruntime")]
+impl Backend for fleetml_inference::onnxruntime::OrtModel {
+    fn kind(&self) -> Kind {
+        Kind::Onnxruntime
+    }
+
+    fn provider(&self) -> Option<(Provider, String)> {
+        Some((
+            fleetml_inference::onnxruntime::OrtModel::provider(self),
+            self.library_version().to_string(),
+        ))
+    }
+
+    fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, RuntimeError> {
+        fleetml_inference::onnxruntime::OrtModel::run(self, inputs)
+    }
+}

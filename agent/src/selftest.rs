@@ -2,8 +2,7 @@
 
 use fleetml_protocol::golden::{self, Comparison, Golden, GoldenError};
 
-use crate::backend::Backend;
-use crate::runtime::RuntimeError;
+use crate::runtime::{Backend, RuntimeError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SelfTestError {

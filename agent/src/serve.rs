@@ -40,13 +40,6 @@ pub struct Config {
     pub batching: Vec<crate::batcher::BatchingConfig>,
 }
 
-/// Held while the model store is open: the store's database takes one opener at a time,
-/// and the SIGHUP reload and the assignment puller both open it.
-pub fn store_lock() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    LOCK.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// What a reload changed, as lifecycle events.
 type Changes = Vec<telemetry::Event>;
 
@@ -183,7 +176,7 @@ pub fn reload(api: &Api, config: &Config) -> anyhow::Result<Changes> {
     };
     // The store is opened only while reading, so `install-bundle` can run beside the agent.
     let (states, bundles) = {
-        let _guard = store_lock();
+        let _guard = crate::store::store_lock();
         let store = ModelStore::open(&config.data_dir)
             .with_context(|| format!("opening the model store in {}", config.data_dir.display()))?;
         (store.models()?, store.bundles_dir().to_path_buf())
@@ -461,7 +454,11 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         (Some(settings), Some((tel, _))) => {
             let puller = crate::assignments::Puller::new(
                 settings.clone(),
-                config.clone(),
+                Arc::new(crate::assignments::Local {
+                    data_dir: config.data_dir.clone(),
+                    policy: config.policy.clone(),
+                    board: config.board.clone(),
+                }),
                 tel.clone(),
                 reload_tx.clone(),
             );
@@ -491,7 +488,7 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     }
     {
         // Before listening: /readyz must not say ready before loading has begun.
-        let _guard = store_lock();
+        let _guard = crate::store::store_lock();
         let store = ModelStore::open(&config.data_dir)
             .with_context(|| format!("opening the model store in {}", config.data_dir.display()))?;
         mark_loading(&api, &store.models()?);

@@ -445,3 +445,10 @@ impl ModelStore {
             .unwrap_or(0)
     }
 }
+
+/// Held while the model store is open: the store's database takes one opener at a time,
+/// and the SIGHUP reload and the assignment puller both open it.
+pub fn store_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -231,7 +231,7 @@ impl Table {
 
     pub fn from_parquet(bytes: Vec<u8>) -> Result<Table, String> {
         use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-        let reader = ParquetRecordBatchReaderBuilder::try_new(axum::body::Bytes::from(bytes))
+        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes))
             .map_err(|e| format!("not a Parquet file: {e}"))?
             .build()
             .map_err(|e| format!("Parquet: {e}"))?;

@@ -30,33 +30,10 @@ use std::time::Duration;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, ListParams, LogParams, PostParams};
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+pub use crate::jobs::KubernetesSpec;
 use crate::jobs::{Executor, TrialOutput, TrialRun};
-
-/// `[kubernetes]` of a job spec.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KubernetesSpec {
-    /// API server URL (plain HTTP: the API behind `kubectl proxy`); default: the
-    /// in-cluster service account or KUBECONFIG.
-    #[serde(default)]
-    pub url: Option<String>,
-    #[serde(default = "default_namespace")]
-    pub namespace: String,
-    /// The ReadWriteMany claim holding the jobs folder.
-    #[serde(default)]
-    pub volume_claim: Option<String>,
-    #[serde(default)]
-    pub service_account: Option<String>,
-    #[serde(default)]
-    pub node_selector: std::collections::BTreeMap<String, String>,
-}
-
-fn default_namespace() -> String {
-    "default".into()
-}
 
 /// Runs trials as Kubernetes Jobs.
 #[derive(Debug)]

@@ -4,7 +4,6 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 mod cli;
@@ -79,55 +78,14 @@ enum Command {
     Rollout(RolloutCommand),
     /// Put the previous (or a named) version of a model back on devices, as a new
     /// assignment generation; asks for confirmation unless --yes.
-    Rollback {
-        /// The model to roll back.
-        model: String,
-        /// Return to this version instead of each device's previous one.
-        #[arg(long)]
-        to: Option<u64>,
-        /// Only these devices (selector, as for `rollout start --to`; default: all).
-        #[arg(long)]
-        devices: Option<String>,
-        /// Do not ask for confirmation.
-        #[arg(long)]
-        yes: bool,
-        /// Start it and return without following its progress.
-        #[arg(long)]
-        detach: bool,
-    },
+    Rollback(RollbackArgs),
     /// Operator API tokens with roles (viewer, operator, admin); admin only.
     #[command(subcommand)]
     Tokens(TokensCommand),
     /// The audit log of every mutating API call (hash-chained); `audit verify` checks it.
-    Audit {
-        #[command(subcommand)]
-        command: Option<AuditCommand>,
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-        /// Only the last N entries.
-        #[arg(long, default_value_t = 50)]
-        last: usize,
-    },
+    Audit(AuditArgs),
     /// Latest drift scores per feature across the fleet, alerting ones first.
-    Drift {
-        /// Only this model.
-        #[arg(long)]
-        model: Option<String>,
-        /// Only this device.
-        #[arg(long)]
-        device: Option<String>,
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
-}
-
-#[derive(Subcommand, Debug)]
-enum AuditCommand {
-    /// Fetch the whole log and check its hash chain here; exits 1 when an entry was
-    /// changed, inserted or deleted.
-    Verify,
+    Drift(DriftArgs),
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -141,114 +99,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo { dir, exit } => fleet_control::demo::run(dir, exit)?,
         Command::Sim(a) => sim_command(a)?,
         Command::Retrain(cmd) => retrain_command(&server, cmd)?,
-        Command::Rollback {
-            model,
-            to,
-            devices,
-            yes,
-            detach,
-        } => {
-            let client = fleet_control::client::Client::new(&server)?;
-            let body = |dry_run: bool| serde_json::json!({ "model": model, "to": to, "devices": devices, "dry_run": dry_run });
-            let plan = client.post("/v1/rollbacks", &body(true))?;
-            println!("roll back {model}:");
-            for d in plan["devices"].as_array().cloned().unwrap_or_default() {
-                println!(
-                    "  {:<24} v{} -> v{}",
-                    d["device"].as_str().unwrap_or("?"),
-                    d["from"],
-                    d["to"]
-                );
-            }
-            for d in plan["skipped"].as_array().cloned().unwrap_or_default() {
-                println!(
-                    "  {:<24} skipped: {}",
-                    d["device"].as_str().unwrap_or("?"),
-                    d["reason"].as_str().unwrap_or("")
-                );
-            }
-            if !yes && !confirm("continue?")? {
-                anyhow::bail!("not rolled back (nothing changed)");
-            }
-            let r = client.post("/v1/rollbacks", &body(false))?;
-            let id = r["id"].as_str().unwrap_or("?").to_string();
-            println!("rollback {id} started");
-            if !detach {
-                watch(&client, &id)?;
-            }
-        }
+        Command::Rollback(a) => rollback_command(&server, a)?,
         Command::Tokens(cmd) => tokens_command(&server, cmd)?,
-        Command::Audit {
-            command,
-            json,
-            last,
-        } => {
-            let all = fleet_control::client::Client::new(&server)?.get("/v1/audit")?;
-            let entries: Vec<fleet_control::auth::AuditEntry> =
-                serde_json::from_value(all).context("decoding the audit log")?;
-            match command {
-                Some(AuditCommand::Verify) => match fleet_control::auth::verify(&entries) {
-                    Ok(head) => println!(
-                        "audit log intact: {} entries, head {head} (keep this hash elsewhere to detect a truncated tail)",
-                        entries.len()
-                    ),
-                    Err(e) => anyhow::bail!("audit log tampered with: {e}"),
-                },
-                None => {
-                    let tail = &entries[entries.len().saturating_sub(last)..];
-                    if json {
-                        print_json(&serde_json::to_value(tail)?)?;
-                    } else {
-                        println!(
-                            "{:>6}  {:<24} {:<28} {:<9} {:<36} {:>6}  TARGET",
-                            "SEQ", "WHEN (UTC)", "WHO", "ROLE", "ACTION", "RESULT"
-                        );
-                        for e in tail {
-                            println!(
-                                "{:>6}  {:<24} {:<28} {:<9} {:<36} {:>6}  {}",
-                                e.seq,
-                                fleet_control::views::utc(e.at_ms),
-                                e.who,
-                                e.role,
-                                e.action,
-                                e.outcome,
-                                e.target
-                            );
-                        }
-                    }
-                }
-            }
-        }
+        Command::Audit(a) => audit_command(&server, a)?,
         Command::Trust(cmd) => trust_command(&server, cmd)?,
-        Command::Drift {
-            model,
-            device,
-            json,
-        } => {
-            let mut query = Vec::new();
-            if let Some(m) = &model {
-                query.push(format!("model={m}"));
-            }
-            if let Some(d) = &device {
-                query.push(format!("device={d}"));
-            }
-            let path = if query.is_empty() {
-                "/v1/drift".to_string()
-            } else {
-                format!("/v1/drift?{}", query.join("&"))
-            };
-            let rows = fleet_control::client::Client::new(&server)?.get(&path)?;
-            if json {
-                print_json(&rows)?;
-            } else {
-                print!(
-                    "{}",
-                    fleet_control::views::drift_table(
-                        rows.as_array().map(Vec::as_slice).unwrap_or_default()
-                    )
-                );
-            }
-        }
+        Command::Drift(a) => drift_command(&server, a)?,
         Command::Keys(cmd) => keys_command(cmd)?,
         Command::Bundle(cmd) => bundle_command(cmd)?,
     }

@@ -8,51 +8,21 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::Extension;
-use axum::extract::{Path as UrlPath, Query, State};
-use axum::http::{StatusCode, header};
-use axum::response::{IntoResponse, Response};
 use fleetml_protocol::manifest::{CodeRef, DatasetRef, Framework, Lineage, Param};
-use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::api::{Api, ApiError};
-use crate::auth::Principal;
+use crate::api::ApiError;
 use crate::datasets::{Provenance, Table};
 use crate::jobs::{Executor, Job, JobSpec, JobState, LocalExecutor, Trial, TrialRun};
-use crate::server::{Plane, now_ms};
+use crate::plane::{Plane, now_ms};
 
 /// Default tolerance of a reproduced metric (absolute: 2 percentage points).
 pub const TOLERANCE: f64 = 0.02;
 
-fn internal(e: impl std::fmt::Display) -> ApiError {
-    ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
-}
-
-fn unprocessable(e: impl std::fmt::Display) -> ApiError {
-    ApiError(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
-}
-
-/// Cancellation flags of running jobs.
-#[derive(Debug, Default)]
-pub struct Running(Mutex<BTreeMap<String, Arc<AtomicBool>>>);
-
-impl Running {
-    fn flag(&self, id: &str) -> Arc<AtomicBool> {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(id.to_string())
-            .or_default()
-            .clone()
-    }
-
-    fn done(&self, id: &str) {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
-    }
-}
-
-fn executor(spec: &JobSpec, jobs_dir: &std::path::Path) -> Result<Box<dyn Executor>, String> {
+pub(crate) fn executor(
+    spec: &JobSpec,
+    jobs_dir: &std::path::Path,
+) -> Result<Box<dyn Executor>, String> {
     match spec.executor.as_str() {
         "local" => Ok(Box::new(LocalExecutor)),
         "kubernetes" => Ok(Box::new(crate::k8s::KubernetesExecutor {
@@ -132,7 +102,7 @@ pub fn start(
             }
             p.running.done(&id);
         })
-        .map_err(internal)?;
+        .map_err(ApiError::internal)?;
     Ok(job)
 }
 
@@ -535,190 +505,4 @@ fn recorded_lineage(
     let front = crate::bundle::read_front(&plane.registry.blob_path(&record.digest))
         .map_err(|e| format!("{e:#}"))?;
     Ok(front.manifest.lineage.clone())
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StartRequest {
-    model: String,
-    /// The job spec (TOML); without one, the model's last spec.
-    #[serde(default)]
-    spec: Option<String>,
-    #[serde(default)]
-    datasets: Vec<String>,
-}
-
-/// `POST /v1/retrain`.
-pub async fn start_job(
-    State(plane): State<Arc<Plane>>,
-    Extension(who): Extension<Principal>,
-    axum::Json(req): axum::Json<StartRequest>,
-) -> Api<(StatusCode, axum::Json<Value>)> {
-    let p = plane.clone();
-    let job = tokio::task::spawn_blocking(move || {
-        let spec = match &req.spec {
-            Some(text) => JobSpec::from_toml(text).map_err(unprocessable)?,
-            None => p.jobs.spec(&req.model)?.ok_or_else(|| {
-                unprocessable(format!(
-                    "no job spec for `{}` yet: give one (fleetctl retrain start {} --spec FILE)",
-                    req.model, req.model
-                ))
-            })?,
-        };
-        if spec.model != req.model {
-            return Err(unprocessable(format!(
-                "the spec is for `{}`, not `{}`",
-                spec.model, req.model
-            )));
-        }
-        executor(&spec, &p.jobs.dir).map_err(unprocessable)?;
-        spec.check_code().map_err(unprocessable)?;
-        for d in &req.datasets {
-            crate::api::data::dataset(&p, d)?;
-        }
-        p.jobs.keep_spec(&spec)?;
-        start(
-            &p,
-            spec,
-            "train",
-            req.datasets.clone(),
-            format!("manual ({})", who.who()),
-            None,
-            None,
-        )
-    })
-    .await
-    .map_err(internal)??;
-    Ok((
-        StatusCode::CREATED,
-        axum::Json(serde_json::to_value(job).map_err(internal)?),
-    ))
-}
-
-pub async fn list_jobs(State(plane): State<Arc<Plane>>) -> Api<axum::Json<Value>> {
-    Ok(axum::Json(
-        serde_json::to_value(plane.jobs.all()?).map_err(internal)?,
-    ))
-}
-
-fn job_of(plane: &Plane, id: &str) -> Api<Job> {
-    plane.jobs.get(id)?.ok_or_else(|| {
-        ApiError(
-            StatusCode::NOT_FOUND,
-            format!("no job `{id}` (fleetctl retrain list)"),
-        )
-    })
-}
-
-pub async fn show_job(
-    State(plane): State<Arc<Plane>>,
-    UrlPath(id): UrlPath<String>,
-) -> Api<axum::Json<Value>> {
-    Ok(axum::Json(
-        serde_json::to_value(job_of(&plane, &id)?).map_err(internal)?,
-    ))
-}
-
-#[derive(Debug, Deserialize)]
-pub struct LogQuery {
-    #[serde(default)]
-    trial: Option<usize>,
-    /// Only the bytes from this offset on (`retrain logs --follow`).
-    #[serde(default)]
-    from: Option<u64>,
-}
-
-/// `GET /v1/retrain/{id}/logs?trial=N`: a trial's output (the best, or the first).
-pub async fn job_logs(
-    State(plane): State<Arc<Plane>>,
-    UrlPath(id): UrlPath<String>,
-    Query(q): Query<LogQuery>,
-) -> Api<Response> {
-    let job = job_of(&plane, &id)?;
-    let n = q.trial.or(job.best).unwrap_or(0);
-    let path = plane.jobs.trial_dir(&id, n).join("log");
-    let mut text = std::fs::read(&path).unwrap_or_default();
-    if let Some(from) = q.from {
-        text = text.split_off((from as usize).min(text.len()));
-    }
-    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
-}
-
-pub async fn cancel_job(
-    State(plane): State<Arc<Plane>>,
-    UrlPath(id): UrlPath<String>,
-) -> Api<axum::Json<Value>> {
-    let job = job_of(&plane, &id)?;
-    if job.state.is_final() {
-        return Err(ApiError(
-            StatusCode::CONFLICT,
-            format!("job {id} already ended"),
-        ));
-    }
-    plane
-        .running
-        .flag(&id)
-        .store(true, std::sync::atomic::Ordering::Relaxed);
-    Ok(axum::Json(json!({ "job": id, "cancelling": true })))
-}
-
-/// `POST /v1/models/{name}/{version}/reproduce`: re-runs the recorded job.
-pub async fn reproduce(
-    State(plane): State<Arc<Plane>>,
-    Extension(who): Extension<Principal>,
-    UrlPath((name, version)): UrlPath<(String, u64)>,
-) -> Api<(StatusCode, axum::Json<Value>)> {
-    let p = plane.clone();
-    let job = tokio::task::spawn_blocking(move || {
-        let record = p.registry.get(&name, version).map_err(internal)?.ok_or_else(|| {
-            ApiError(StatusCode::NOT_FOUND, format!("no {name} v{version} in the registry"))
-        })?;
-        let origin = record.tags.get("job").cloned().ok_or_else(|| {
-            unprocessable(format!(
-                "{name}@v{version} was not trained by a control-plane job (no `job` tag): there is no recorded job to re-run"
-            ))
-        })?;
-        let original = job_of(&p, &origin)?;
-        let training = original.training_dataset.clone().ok_or_else(|| {
-            unprocessable(format!("job {origin} recorded no training dataset"))
-        })?;
-        if p.datasets.get(&training)?.is_none() || !p.datasets.path(&training).is_file() {
-            return Err(ApiError(
-                StatusCode::CONFLICT,
-                format!(
-                    "cannot reproduce {name}@v{version}: its training dataset {training} is no longer available (deleted)"
-                ),
-            ));
-        }
-        original.spec.check_code().map_err(|e| {
-            ApiError(StatusCode::CONFLICT, format!("cannot reproduce {name}@v{version}: {e}"))
-        })?;
-        let trial = record
-            .tags
-            .get("trial")
-            .and_then(|t| t.parse::<usize>().ok())
-            .unwrap_or(0);
-        let mut spec = original.spec.clone();
-        // The very trial that won, nothing else.
-        spec.params = original.spec.trials().get(trial).cloned().unwrap_or_default();
-        spec.grid.clear();
-        spec.captures = None;
-        spec.datasets.clear();
-        let job = start(
-            &p,
-            spec,
-            "reproduce",
-            original.inputs.clone(),
-            format!("reproduction of {name}@v{version} ({})", who.who()),
-            Some((name.clone(), version)),
-            Some(training),
-        )?;
-        Ok::<_, ApiError>(job)
-    })
-    .await
-    .map_err(internal)??;
-    Ok((
-        StatusCode::CREATED,
-        axum::Json(serde_json::to_value(job).map_err(internal)?),
-    ))
 }

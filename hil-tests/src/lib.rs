@@ -237,6 +237,23 @@ pub fn agent(cwd: &Path, args: &[&str]) -> Run {
     run("fleet-agent", cwd, args)
 }
 
+/// `fleet-agent install-bundle BUNDLE --data-dir data --trust trust.toml` in `dir`, the
+/// way most tests install a model; it must succeed.
+pub fn install(dir: &Path, bundle: &str) {
+    agent(
+        dir,
+        &[
+            "install-bundle",
+            bundle,
+            "--data-dir",
+            "data",
+            "--trust",
+            "trust.toml",
+        ],
+    )
+    .success();
+}
+
 /// Path of an example-model file, as a string for command lines.
 pub fn claims(file: &str) -> String {
     root()

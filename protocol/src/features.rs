@@ -26,8 +26,7 @@ use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
-use crate::golden::Tensor;
-use crate::manifest::{DType, Dim, TensorSpec};
+use crate::tensor::{DType, Dim, Tensor, TensorSpec};
 
 /// The most features a schema may declare.
 pub const MAX_FEATURES: usize = 4096;

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::crypto::Sha256;
 use crate::features::{FeatureError, FeatureSchema};
+pub use crate::tensor::{DType, Dim, TensorSpec};
 
 /// The manifest schema this crate writes and reads.
 pub const MANIFEST_FORMAT: u32 = 1;
@@ -150,87 +151,6 @@ pub struct Entry {
     pub name: String,
     pub size: u64,
     pub sha256: Sha256,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DType {
-    F16,
-    F32,
-    F64,
-    I8,
-    I16,
-    I32,
-    I64,
-    U8,
-    U16,
-    U32,
-    U64,
-    Bool,
-    String,
-}
-
-impl DType {
-    pub fn is_float(self) -> bool {
-        matches!(self, DType::F16 | DType::F32 | DType::F64)
-    }
-}
-
-impl fmt::Display for DType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let s = serde_json_like_name(*self);
-        f.write_str(s)
-    }
-}
-
-fn serde_json_like_name(d: DType) -> &'static str {
-    match d {
-        DType::F16 => "f16",
-        DType::F32 => "f32",
-        DType::F64 => "f64",
-        DType::I8 => "i8",
-        DType::I16 => "i16",
-        DType::I32 => "i32",
-        DType::I64 => "i64",
-        DType::U8 => "u8",
-        DType::U16 => "u16",
-        DType::U32 => "u32",
-        DType::U64 => "u64",
-        DType::Bool => "bool",
-        DType::String => "string",
-    }
-}
-
-/// One dimension of a tensor shape: a fixed size or a named symbol (e.g. the batch `N`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum Dim {
-    Fixed(u64),
-    Symbol(String),
-}
-
-impl fmt::Display for Dim {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Dim::Fixed(n) => write!(f, "{n}"),
-            Dim::Symbol(s) => f.write_str(s),
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TensorSpec {
-    pub name: String,
-    pub dtype: DType,
-    pub shape: Vec<Dim>,
-}
-
-impl fmt::Display for TensorSpec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let dims: Vec<String> = self.shape.iter().map(Dim::to_string).collect();
-        write!(f, "{}: {}[{}]", self.name, self.dtype, dims.join(", "))
-    }
 }
 
 /// Backends and boards a bundle was prepared for. Empty lists mean "any".

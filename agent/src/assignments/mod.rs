@@ -27,11 +27,13 @@ use http_body_util::BodyExt;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use self::state::text;
-pub use self::state::{Answer, PullState, Step};
-use crate::serve::Config;
+use fleetml_device::download::{self, Begin, Failure};
+use fleetml_device::pull::text;
+pub use fleetml_device::pull::{Answer, PullState, Step};
+use fleetml_protocol::board::BoardProfile;
+use fleetml_protocol::trust::TrustPolicy;
 
-mod state;
+use crate::files::{create_private_dir, keep_file, open_private};
 use crate::telemetry::Telemetry;
 
 /// File of the last accepted assignment.
@@ -72,10 +74,19 @@ pub type ReloadRequest = oneshot::Sender<()>;
 /// Wakes the puller (the `assignment_changed` command).
 pub type Wake = Arc<Notify>;
 
+/// What the puller needs of the agent's configuration: where the store is, what it
+/// trusts, and the board a bundle is prepared for.
+#[derive(Debug, Clone)]
+pub struct Local {
+    pub data_dir: PathBuf,
+    pub policy: TrustPolicy,
+    pub board: BoardProfile,
+}
+
 #[derive(Debug)]
 pub struct Puller {
     settings: Settings,
-    config: Arc<Config>,
+    config: Arc<Local>,
     tel: Arc<Telemetry>,
     reload: mpsc::Sender<ReloadRequest>,
     /// What it decides with (failed bundles, the last refusal reported).
@@ -85,7 +96,7 @@ pub struct Puller {
 impl Puller {
     pub fn new(
         settings: Settings,
-        config: Arc<Config>,
+        config: Arc<Local>,
         tel: Arc<Telemetry>,
         reload: mpsc::Sender<ReloadRequest>,
     ) -> Puller {
@@ -181,7 +192,7 @@ impl Puller {
         let (active, failed_before, stored) = {
             let (config, name, digest) = (config.clone(), name.to_string(), digest.clone());
             tokio::task::spawn_blocking(move || {
-                let _guard = crate::serve::store_lock();
+                let _guard = crate::store::store_lock();
                 let store =
                     crate::store::ModelStore::open(&config.data_dir).map_err(|e| e.to_string())?;
                 let state = store.model(&name).map_err(|e| e.to_string())?;
@@ -230,7 +241,7 @@ impl Puller {
         let installed = {
             let (config, source) = (config.clone(), source.clone());
             tokio::task::spawn_blocking(move || {
-                let _guard = crate::serve::store_lock();
+                let _guard = crate::store::store_lock();
                 let store = crate::store::ModelStore::open(&config.data_dir)
                     .map_err(crate::activation::ActivationError::Store)?;
                 crate::activation::install(
@@ -282,23 +293,24 @@ impl Puller {
         create_private_dir(&dir)
             .map_err(|e| Failure::Transfer(format!("{}: {e}", dir.display())))?;
         let part = dir.join(format!("{}.part", model.digest));
-        let mut have = std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
-        if have > model.size {
-            let _ = std::fs::remove_file(&part);
-            have = 0;
-        }
-        if have < model.size {
-            // The download and the store's copy of it must both fit, with room to spare
-            // for the outbox: refuse up front rather than fill the disk.
-            let need = (model.size - have) + model.size + DISK_HEADROOM;
-            if let Some(free) = available_bytes(&dir).filter(|free| *free < need) {
-                return Err(Failure::DiskFull(format!(
+        let have = std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
+        // The download and the store's copy of it must both fit, with room to spare for
+        // the outbox: refuse up front rather than fill the disk.
+        let plan = download::plan(model, have, available_bytes(&dir), DISK_HEADROOM).map_err(
+            |download::NoRoom { need, free }| {
+                Failure::DiskFull(format!(
                     "disk full: bundle {} ({} bytes) needs {need} bytes free under {} (download, store copy and headroom), {free} are available; the running model is unchanged",
                     model.digest,
                     model.size,
                     dir.display()
-                )));
-            }
+                ))
+            },
+        )?;
+        if plan.discard {
+            let _ = std::fs::remove_file(&part);
+        }
+        if !plan.complete {
+            let have = plan.from;
             self.event(
                 Lifecycle::Downloading,
                 name,
@@ -321,12 +333,9 @@ impl Puller {
         }
         let got =
             hash_file(&part).map_err(|e| Failure::Transfer(format!("{}: {e}", part.display())))?;
-        if got != model.digest {
+        if let Err(e) = download::check_digest(model, &got) {
             let _ = std::fs::remove_file(&part);
-            return Err(Failure::Mismatch(format!(
-                "downloaded bundle has sha256 {got}, the assignment names {}: not installed",
-                model.digest
-            )));
+            return Err(e);
         }
         self.event(
             Lifecycle::Downloaded,
@@ -337,35 +346,22 @@ impl Puller {
         Ok(part)
     }
 
-    async fn fetch(
-        &self,
-        model: &AssignedModel,
-        part: &Path,
-        mut have: u64,
-    ) -> Result<(), Failure> {
-        use Failure::{Mismatch, Transfer};
+    async fn fetch(&self, model: &AssignedModel, part: &Path, have: u64) -> Result<(), Failure> {
+        use Failure::Transfer;
         let path = format!("/v1/bundles/{}", model.digest);
         let response = self.request(&path, Some(have)).await.map_err(Transfer)?;
-        let status = response.status().as_u16();
-        let mut file = match status {
-            206 => {
-                let range = response
-                    .headers()
-                    .get("content-range")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("");
-                if !range.starts_with(&format!("bytes {have}-")) {
-                    return Err(Transfer(format!(
-                        "the server answered range `{range}` to a request from byte {have}"
-                    )));
-                }
-                tokio::fs::OpenOptions::new().append(true).open(part).await
-            }
-            200 => {
-                have = 0;
-                open_private(part).await
-            }
-            _ => {
+        let mut transfer = download::Transfer::new(model, have);
+        let begin = transfer.begin(
+            response.status().as_u16(),
+            response
+                .headers()
+                .get("content-range")
+                .and_then(|v| v.to_str().ok()),
+        )?;
+        let mut file = match begin {
+            Begin::Append => tokio::fs::OpenOptions::new().append(true).open(part).await,
+            Begin::Restart => open_private(part).await,
+            Begin::Refused(status) => {
                 let body = response
                     .into_body()
                     .collect()
@@ -381,73 +377,58 @@ impl Puller {
         }
         .map_err(|e| Transfer(format!("{}: {e}", part.display())))?;
         let started = tokio::time::Instant::now();
-        let mut received = 0u64;
         let mut unsynced = 0u64;
         let mut body = response.into_body();
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| {
                 Transfer(format!(
                     "download interrupted at byte {}: {e}",
-                    have + received
+                    transfer.at()
                 ))
             })?;
             let Ok(data) = frame.into_data() else {
                 continue;
             };
-            if have + received + data.len() as u64 > model.size {
-                return Err(Mismatch(format!(
-                    "the server sent more than the {} bytes of bundle {} the assignment names: not installed",
-                    model.size, model.digest
-                )));
-            }
+            let at = transfer.at();
+            transfer.chunk(data.len())?;
             // Stop before the disk is full, not when it is: the outbox, the monitoring
             // windows and the store write to the same disk, and an event that cannot be
             // stored is an event lost (a download that filled the disk to the last byte
             // made the agent's own "disk full" report unwritable).
-            if (have + received) / CHECK_FREE_EVERY
-                != (have + received + data.len() as u64) / CHECK_FREE_EVERY
+            if at / CHECK_FREE_EVERY != transfer.at() / CHECK_FREE_EVERY
                 && let Some(free) = part
                     .parent()
                     .and_then(available_bytes)
                     .filter(|free| *free < DISK_HEADROOM / 2 + data.len() as u64)
             {
                 return Err(Failure::DiskFull(format!(
-                    "disk full while downloading bundle {} at byte {} of {}: {free} bytes left, less than the {} kept for everything else the agent writes; the partial file was removed; the running model is unchanged",
+                    "disk full while downloading bundle {} at byte {at} of {}: {free} bytes left, less than the {} kept for everything else the agent writes; the partial file was removed; the running model is unchanged",
                     model.digest,
-                    have + received,
                     model.size,
                     DISK_HEADROOM / 2
                 )));
             }
             file.write_all(&data)
                 .await
-                .map_err(|e| write_failure(e, have + received, model))?;
-            received += data.len() as u64;
+                .map_err(|e| write_failure(e, at, model))?;
             unsynced += data.len() as u64;
             if unsynced >= 1 << 20 {
                 file.sync_data()
                     .await
-                    .map_err(|e| write_failure(e, have + received, model))?;
+                    .map_err(|e| write_failure(e, transfer.at(), model))?;
                 unsynced = 0;
             }
             if let Some(rate) = self.settings.max_bytes_per_s.filter(|r| *r > 0) {
-                let due = Duration::from_secs_f64(received as f64 / rate as f64);
+                let due = Duration::from_secs_f64(transfer.received() as f64 / rate as f64);
                 tokio::time::sleep_until(started + due).await;
             }
         }
         file.sync_data()
             .await
-            .map_err(|e| write_failure(e, have + received, model))?;
-        if have + received != model.size {
-            // The body ended as the server declared: its file is not the assigned one.
-            return Err(Mismatch(format!(
-                "the server's bundle ends at byte {}, bundle {} the assignment names has {}: not installed",
-                have + received,
-                model.digest,
-                model.size
-            )));
-        }
-        Ok(())
+            .map_err(|e| write_failure(e, transfer.at(), model))?;
+        // The body ended as the server declared: short of the size, its file is not the
+        // assigned one.
+        transfer.finish()
     }
 
     /// `GET path` from the control plane as the device, from byte `from` on when
@@ -483,16 +464,6 @@ impl Puller {
     }
 }
 
-enum Failure {
-    /// The bytes are not the bundle the assignment names.
-    Mismatch(String),
-    /// The transfer failed; it resumes next time.
-    Transfer(String),
-    /// The disk is full (or would be): the partial file is removed, the next pull
-    /// starts over.
-    DiskFull(String),
-}
-
 /// Free space a download leaves for everything else the agent writes.
 const DISK_HEADROOM: u64 = 1 << 20;
 
@@ -517,11 +488,7 @@ fn write_failure(e: std::io::Error, at: u64, model: &AssignedModel) -> Failure {
     }
 }
 
-/// What the control plane's `Date` header says about this device's clock, for the
-/// refusal of an expired assignment: a device clock running ahead expires every
-/// assignment (Raspberry Pi class boards have no RTC). The header is not trusted for
-/// the decision itself (without TLS it is as forgeable as a withheld assignment), only
-/// to tell the operator where to look.
+/// The poll interval ± 20 %, from the system's random source.
 fn jittered(poll: Duration) -> Duration {
     use ring::rand::SecureRandom;
     let mut b = [0u8; 4];
@@ -529,7 +496,7 @@ fn jittered(poll: Duration) -> Duration {
         Ok(()) => u32::from_le_bytes(b) as f64 / u32::MAX as f64,
         Err(_) => 0.5,
     };
-    poll.mul_f64(0.8 + 0.4 * r)
+    fleetml_device::backoff::jittered(poll, r)
 }
 
 fn hash_file(path: &Path) -> std::io::Result<Sha256> {
@@ -544,60 +511,4 @@ fn hash_file(path: &Path) -> std::io::Result<Sha256> {
         }
         hasher.update(&buf[..n]);
     }
-}
-
-fn create_private_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-}
-
-async fn open_private(path: &Path) -> std::io::Result<tokio::fs::File> {
-    tokio::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .await
-}
-
-/// Writes `bytes` to `path` atomically and durably (mode 0600).
-pub(crate) fn keep_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent()
-        && let Ok(d) = std::fs::File::open(dir)
-    {
-        let _ = d.sync_all();
-    }
-    Ok(())
-}
-
-/// `POST path` with `body` to the control plane as the device; status and reply.
-#[cfg(feature = "capture")]
-pub(crate) async fn post(
-    server: &ServerUrl,
-    token: &str,
-    path: &str,
-    content_type: &str,
-    body: Vec<u8>,
-) -> Result<(u16, hyper::body::Bytes), String> {
-    let r = crate::http::Request::post(server, path, content_type, body)
-        .header("authorization", format!("Bearer {token}"))
-        .fetch(Duration::from_secs(60))
-        .await?;
-    Ok((r.status, r.body))
 }

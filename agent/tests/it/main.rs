@@ -4,6 +4,7 @@
 mod features;
 #[cfg(feature = "gpu")]
 mod gpu;
+mod monitoring;
 mod outbox;
 mod publisher;
 

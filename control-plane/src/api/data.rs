@@ -13,18 +13,12 @@ use serde_json::{Value, json};
 use crate::api::{Api, ApiError};
 use crate::auth::Principal;
 use crate::datasets::{DatasetManifest, Provenance, Table};
-use crate::server::{Plane, now_ms};
-
-fn internal(e: impl std::fmt::Display) -> ApiError {
-    ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
-}
-
-fn unprocessable(e: impl std::fmt::Display) -> ApiError {
-    ApiError(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
-}
+use crate::plane::{Plane, now_ms};
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Api<T> + Send + 'static) -> Api<T> {
-    tokio::task::spawn_blocking(f).await.map_err(internal)?
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(ApiError::internal)?
 }
 
 fn created(new: bool, m: DatasetManifest) -> (StatusCode, axum::Json<Value>) {
@@ -77,12 +71,12 @@ pub async fn import(
             "jsonl" | "ndjson" => Table::from_jsonl(&body),
             "parquet" => Table::from_parquet(body.to_vec()),
             other => {
-                return Err(unprocessable(format!(
+                return Err(ApiError::unprocessable(format!(
                     "format `{other}` is not csv, jsonl or parquet"
                 )));
             }
         }
-        .map_err(|e| unprocessable(format!("{} input: {e}", q.format)))?;
+        .map_err(|e| ApiError::unprocessable(format!("{} input: {e}", q.format)))?;
         let drop: Vec<String> = q
             .drop_na
             .as_deref()
@@ -99,7 +93,7 @@ pub async fn import(
             table
         } else {
             filters.push(format!("drop_na({})", drop.join(",")));
-            table.drop_na(&drop).map_err(unprocessable)?
+            table.drop_na(&drop).map_err(ApiError::unprocessable)?
         };
         let source = q.source.unwrap_or_else(|| format!("upload ({})", q.format));
         let (new, m) = p
@@ -114,7 +108,7 @@ pub async fn import(
                 },
                 now_ms(),
             )
-            .map_err(unprocessable)?;
+            .map_err(ApiError::unprocessable)?;
         Ok(created(new, m))
     })
     .await
@@ -169,10 +163,10 @@ pub(crate) fn captured_table(plane: &Plane, req: &FromCaptures) -> Api<(Table, P
         if req.since_ms.is_some_and(|s| r.last_ts_ms < s) {
             continue;
         }
-        let text = std::fs::read_to_string(plane.captures.path(&r)).map_err(internal)?;
+        let text = std::fs::read_to_string(plane.captures.path(&r)).map_err(ApiError::internal)?;
         batches += 1;
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
-            let v: Value = serde_json::from_str(line).map_err(internal)?;
+            let v: Value = serde_json::from_str(line).map_err(ApiError::internal)?;
             let ts = v["ts_ms"].as_u64().unwrap_or(0);
             if req.since_ms.is_some_and(|s| ts < s) {
                 continue;
@@ -208,12 +202,12 @@ pub(crate) fn captured_table(plane: &Plane, req: &FromCaptures) -> Api<(Table, P
         }
     }
     if objects.is_empty() {
-        return Err(unprocessable(format!(
+        return Err(ApiError::unprocessable(format!(
             "no captured rows of `{}` match (labelled only: {}, since: {:?}); enable [[capture]] on the devices",
             req.model, req.labelled_only, req.since_ms
         )));
     }
-    let table = Table::from_objects(&objects).map_err(unprocessable)?;
+    let table = Table::from_objects(&objects).map_err(ApiError::unprocessable)?;
     let mut filters = Vec::new();
     if req.labelled_only {
         filters.push("labelled_only".into());
@@ -247,7 +241,7 @@ pub async fn from_captures(
         let (new, m) = p
             .datasets
             .put(&table, provenance, now_ms())
-            .map_err(unprocessable)?;
+            .map_err(ApiError::unprocessable)?;
         Ok(created(new, m))
     })
     .await
@@ -255,7 +249,7 @@ pub async fn from_captures(
 
 pub async fn list(State(plane): State<Arc<Plane>>) -> Api<axum::Json<Value>> {
     Ok(axum::Json(
-        serde_json::to_value(plane.datasets.list()?).map_err(internal)?,
+        serde_json::to_value(plane.datasets.list()?).map_err(ApiError::internal)?,
     ))
 }
 
@@ -265,7 +259,7 @@ pub async fn show(
 ) -> Api<axum::Json<Value>> {
     let m = dataset(&plane, &id)?;
     let available = plane.datasets.path(&m.id).is_file();
-    let mut v = serde_json::to_value(m).map_err(internal)?;
+    let mut v = serde_json::to_value(m).map_err(ApiError::internal)?;
     v["available"] = json!(available);
     Ok(axum::Json(v))
 }
@@ -305,7 +299,7 @@ pub async fn data(
                 .map_err(|e| ApiError(StatusCode::GONE, e))?;
             Ok(([(header::CONTENT_TYPE, "text/csv")], table.to_csv()).into_response())
         }
-        other => Err(unprocessable(format!(
+        other => Err(ApiError::unprocessable(format!(
             "format `{other}` is not parquet or csv"
         ))),
     })
@@ -346,11 +340,11 @@ pub async fn profile(
             .load(&m.id)
             .map_err(|e| ApiError(StatusCode::GONE, e))?;
         let reference = match &q.reference {
-            Some(r) => Some(crate::api::reference_profile(&p, r)?),
+            Some(r) => Some(crate::api::models::reference_profile(&p, r)?),
             None => None,
         };
         let mut v = crate::profile::profile(&table, q.target.as_deref(), reference.as_ref())
-            .map_err(unprocessable)?;
+            .map_err(ApiError::unprocessable)?;
         v["dataset"] = json!(m.id);
         v["reference"] = json!(q.reference);
         Ok(axum::Json(v))

@@ -14,9 +14,9 @@ use crate::records::DeviceRecord;
 use crate::store::FleetStore;
 use crate::views;
 
-use crate::server::{Plane, now_ms, random_bytes};
+use crate::plane::{Plane, now_ms, random_bytes};
 
-use super::*;
+use super::{Api, ApiError};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -1,33 +1,61 @@
 //! The operator and device HTTP API of `fleetctl serve`: one error type, who may call
-//! what (`access`, the `authorize` middleware that also audits), and the router. The
-//! handlers live by resource: `data` (datasets), `devices` (enrolment, inventory,
-//! messages, commands, drift, ingest counters), `models` (the registry and the trust
-//! policy), and, outside this folder still, `fleet_api`, `policy` and `retrain`.
+//! what (`access`, the `authorize` middleware that also audits), and the handlers by
+//! resource: `data` (datasets), `devices` (enrolment, inventory, messages, commands,
+//! drift, ingest counters), `models` (the registry and the trust policy), `fleet`
+//! (assignments, bundles, captures, rollouts, rollbacks, tokens, audit), `policy`
+//! (retraining policies, comparisons) and `retrain` (training jobs). `router` puts them
+//! all behind `authorize`.
 
 use std::sync::Arc;
 
-use axum::Router;
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
 use serde_json::json;
 
 use crate::auth::{Principal, Role};
 use crate::store::FleetStore;
 
-use crate::server::{Plane, now_ms, same};
+use crate::plane::{Plane, now_ms, same};
 
 pub(crate) mod data;
 pub mod devices;
+pub(crate) mod fleet;
 pub mod models;
-
-pub(crate) use self::devices::*;
-pub(crate) use self::models::*;
+pub(crate) mod policy;
+pub(crate) mod retrain;
+pub mod router;
 
 /// An API error: status and a message naming what was wrong.
 pub(crate) struct ApiError(pub StatusCode, pub String);
+
+impl ApiError {
+    /// 404: what it names does not exist.
+    pub fn not_found(e: impl std::fmt::Display) -> ApiError {
+        ApiError(StatusCode::NOT_FOUND, e.to_string())
+    }
+
+    /// 410: it existed, its data is gone.
+    pub fn gone(e: impl std::fmt::Display) -> ApiError {
+        ApiError(StatusCode::GONE, e.to_string())
+    }
+
+    /// 412: the control plane is not set up for it (no trust policy, say).
+    pub fn precondition(e: impl std::fmt::Display) -> ApiError {
+        ApiError(StatusCode::PRECONDITION_FAILED, e.to_string())
+    }
+
+    /// 422: well-formed, but not something that can be done.
+    pub fn unprocessable(e: impl std::fmt::Display) -> ApiError {
+        ApiError(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
+    }
+
+    /// 500: the control plane failed.
+    pub fn internal(e: impl std::fmt::Display) -> ApiError {
+        ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+    }
+}
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -93,7 +121,7 @@ fn identify(plane: &Plane, token: &str) -> Option<Principal> {
 
 /// Authenticates, checks the route's role, runs the handler, and writes an audit entry
 /// for every mutating call (refused ones included).
-async fn authorize(
+pub(crate) async fn authorize(
     State(plane): State<Arc<Plane>>,
     matched: Option<axum::extract::MatchedPath>,
     mut request: Request,
@@ -193,82 +221,3 @@ fn access_role(a: Access) -> Role {
 
 /// Largest dataset file accepted by `POST /v1/datasets`.
 pub const MAX_DATASET_UPLOAD: usize = 512 << 20;
-
-pub fn router(plane: Arc<Plane>) -> Router {
-    use crate::api::data as d;
-    use crate::fleet_api as f;
-    use crate::retrain as r;
-    let authenticated = Router::new()
-        .route("/v1/devices", post(enroll).get(list_devices))
-        .route("/v1/devices/{id}", get(show_device))
-        .route("/v1/devices/{id}/messages", get(device_messages))
-        .route("/v1/devices/{id}/commands", post(send_command))
-        .route("/v1/devices/{id}/assignment", get(f::device_assignment))
-        .route("/v1/bundles/{digest}", get(f::bundle))
-        .route(
-            "/v1/devices/{id}/captures",
-            post(f::upload_capture).layer(axum::extract::DefaultBodyLimit::max(
-                crate::captures::MAX_BATCH,
-            )),
-        )
-        .route("/v1/captures", get(f::list_captures))
-        .route(
-            "/v1/datasets",
-            post(d::import)
-                .get(d::list)
-                .layer(axum::extract::DefaultBodyLimit::max(MAX_DATASET_UPLOAD)),
-        )
-        .route("/v1/datasets/from-captures", post(d::from_captures))
-        .route("/v1/datasets/{id}", get(d::show).delete(d::delete))
-        .route("/v1/datasets/{id}/data", get(d::data))
-        .route("/v1/datasets/{id}/profile", get(d::profile))
-        .route("/v1/retrain", post(r::start_job).get(r::list_jobs))
-        .route("/v1/retrain/{id}", get(r::show_job))
-        .route("/v1/retrain/{id}/logs", get(r::job_logs))
-        .route("/v1/retrain/{id}/cancel", post(r::cancel_job))
-        .route("/v1/models/{name}/{version}/reproduce", post(r::reproduce))
-        .route(
-            "/v1/models/{name}/policy",
-            get(crate::policy::get_policy).put(crate::policy::put_policy),
-        )
-        .route("/v1/compare", post(crate::policy::compare_handler))
-        .route("/v1/drift", get(drift))
-        .route("/v1/ingest", get(ingest_counters))
-        .route("/v1/trust", get(get_trust).put(put_trust))
-        .route(
-            "/v1/models",
-            post(push_model)
-                .get(list_models)
-                .layer(axum::extract::DefaultBodyLimit::max(MAX_BUNDLE)),
-        )
-        .route("/v1/models/{name}", get(model_versions))
-        .route("/v1/models/{name}/{version}", get(show_model))
-        .route("/v1/models/{name}/{version}/stage", post(set_stage))
-        .route("/v1/models/{name}/{version}/tags", post(set_tags))
-        .route("/v1/rollouts", post(f::start_rollout).get(f::list_rollouts))
-        .route("/v1/rollouts/{id}", get(f::show_rollout))
-        .route("/v1/rollouts/{id}/pause", post(f::pause_rollout))
-        .route("/v1/rollouts/{id}/resume", post(f::resume_rollout))
-        .route("/v1/rollouts/{id}/abort", post(f::abort_rollout))
-        .route("/v1/rollbacks", post(f::start_rollback))
-        .route("/v1/tokens", post(f::create_token).get(f::list_tokens))
-        .route("/v1/tokens/{id}", delete(f::revoke_token))
-        .route("/v1/audit", get(f::audit_log))
-        .route_layer(axum::middleware::from_fn_with_state(
-            plane.clone(),
-            authorize,
-        ));
-    Router::new()
-        .merge(authenticated)
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/metrics", get(metrics_text))
-        .with_state(plane)
-}
-
-async fn metrics_text(State(plane): State<Arc<Plane>>) -> String {
-    plane
-        .metrics
-        .as_ref()
-        .map(|m| m.render())
-        .unwrap_or_default()
-}

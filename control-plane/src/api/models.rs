@@ -11,9 +11,9 @@ use serde_json::{Value, json};
 
 use crate::store::FleetStore;
 
-use crate::server::{Plane, keep_policy, now_ms};
+use crate::plane::{Plane, keep_policy, now_ms};
 
-use super::*;
+use super::{Api, ApiError};
 
 impl From<crate::registry::RegistryError> for ApiError {
     fn from(e: crate::registry::RegistryError) -> Self {

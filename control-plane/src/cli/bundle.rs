@@ -1,6 +1,6 @@
 //! `fleetctl bundle …`: build, sign, verify and inspect model bundles.
 
-use super::*;
+use super::common::*;
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum BundleCommand {

@@ -1,6 +1,6 @@
 //! `fleetctl data …`: datasets, imports, captures, profiles.
 
-use super::*;
+use super::common::*;
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum DataCommand {

@@ -1,6 +1,6 @@
 //! `fleetctl devices …`: enrolment and the fleet inventory.
 
-use super::*;
+use super::common::*;
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum DevicesCommand {

@@ -1,6 +1,6 @@
 //! `fleetctl keys …`: signing keys and trust policies.
 
-use super::*;
+use super::common::*;
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum KeysCommand {

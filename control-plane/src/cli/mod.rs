@@ -1,83 +1,33 @@
 //! The operator commands of `fleetctl`, one file per noun; `main.rs` parses the
-//! command line and hands each command to its file.
+//! command line and hands each command to its file. `common` holds what several share.
 
-pub(crate) use std::io::IsTerminal;
-pub(crate) use std::path::PathBuf;
-
-pub(crate) use anyhow::Context;
-pub(crate) use clap::{Args, Subcommand};
-pub(crate) use fleet_control::server::now_ms;
-
+pub(crate) mod audit;
 pub(crate) mod bundle;
+pub(crate) mod common;
 pub(crate) mod data;
 pub(crate) mod devices;
+pub(crate) mod drift;
 pub(crate) mod keys;
 pub(crate) mod models;
 pub(crate) mod retrain;
+pub(crate) mod rollback;
 pub(crate) mod rollout;
 pub(crate) mod serve;
 pub(crate) mod sim;
 pub(crate) mod tokens;
 pub(crate) mod trust;
 
+pub(crate) use self::audit::*;
 pub(crate) use self::bundle::*;
 pub(crate) use self::data::*;
 pub(crate) use self::devices::*;
+pub(crate) use self::drift::*;
 pub(crate) use self::keys::*;
 pub(crate) use self::models::*;
 pub(crate) use self::retrain::*;
+pub(crate) use self::rollback::*;
 pub(crate) use self::rollout::*;
 pub(crate) use self::serve::*;
 pub(crate) use self::sim::*;
 pub(crate) use self::tokens::*;
 pub(crate) use self::trust::*;
-
-/// `k=v` arguments as a JSON object.
-pub(crate) fn pairs(args: &[String]) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
-    let mut map = serde_json::Map::new();
-    for t in args.iter().filter(|t| !t.is_empty()) {
-        let (k, v) = t
-            .split_once('=')
-            .with_context(|| format!("`{t}` is not k=v"))?;
-        map.insert(k.trim().into(), v.trim().into());
-    }
-    Ok(map)
-}
-
-/// Asks QUESTION on the terminal; false unless the answer is y or yes. Without a
-/// terminal it refuses rather than guess (use --yes).
-pub(crate) fn confirm(question: &str) -> anyhow::Result<bool> {
-    use std::io::Write;
-    anyhow::ensure!(
-        std::io::stdin().is_terminal(),
-        "not a terminal: pass --yes to confirm"
-    );
-    eprint!("{question} [y/N] ");
-    std::io::stderr().flush()?;
-    let mut answer = String::new();
-    std::io::stdin().read_line(&mut answer)?;
-    Ok(matches!(answer.trim().to_lowercase().as_str(), "y" | "yes"))
-}
-
-/// `90`, `90s`, `15m`, `2h`, `7d`.
-pub(crate) fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
-    let t = text.trim();
-    let (number, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` is not a duration like 90s, 15m, 2h or 7d"))?;
-    let millis = match unit {
-        "ms" => n,
-        "" | "s" => n.saturating_mul(1000),
-        "m" => n.saturating_mul(60_000),
-        "h" => n.saturating_mul(3_600_000),
-        "d" => n.saturating_mul(86_400_000),
-        _ => return Err(format!("`{text}`: unit `{unit}` is not ms, s, m, h or d")),
-    };
-    Ok(std::time::Duration::from_millis(millis))
-}
-
-pub(crate) fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
-    Ok(())
-}

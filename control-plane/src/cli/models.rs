@@ -1,6 +1,7 @@
 //! `fleetctl models …`: the registry, comparisons, drift policies, reproductions.
 
-use super::*;
+use super::common::*;
+use super::retrain::wait_job;
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum ModelsCommand {

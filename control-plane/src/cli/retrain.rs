@@ -1,6 +1,6 @@
 //! `fleetctl retrain …`: training jobs.
 
-use super::*;
+use super::common::*;
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum RetrainCommand {

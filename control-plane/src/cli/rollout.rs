@@ -1,6 +1,6 @@
 //! `fleetctl rollout …`: staged rollouts, and watching them.
 
-use super::*;
+use super::common::*;
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum RolloutCommand {

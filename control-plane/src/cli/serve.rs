@@ -1,6 +1,6 @@
 //! `fleetctl serve`: the control plane.
 
-use super::*;
+use super::common::*;
 
 #[derive(Args, Debug)]
 pub(crate) struct ServeArgs {

@@ -1,6 +1,6 @@
 //! `fleetctl sim`: simulated devices against a real control plane.
 
-use super::*;
+use super::common::*;
 
 pub(crate) const SIM_ABOUT: &str = "\
 Measure a control plane under a fleet of simulated devices.

@@ -1,6 +1,6 @@
 //! `fleetctl tokens …`: operator tokens.
 
-use super::*;
+use super::common::*;
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum TokensCommand {

@@ -1,6 +1,6 @@
 //! `fleetctl trust …`: the control plane's trust policy.
 
-use super::*;
+use super::common::*;
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum TrustCommand {

@@ -41,7 +41,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -50,6 +50,25 @@ pub use self::spec::*;
 use crate::store::{JobStore, StoreError};
 
 pub mod spec;
+
+/// Cancellation flags of running jobs.
+#[derive(Debug, Default)]
+pub struct Running(Mutex<BTreeMap<String, Arc<AtomicBool>>>);
+
+impl Running {
+    pub(crate) fn flag(&self, id: &str) -> Arc<AtomicBool> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(id.to_string())
+            .or_default()
+            .clone()
+    }
+
+    pub(crate) fn done(&self, id: &str) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+    }
+}
 
 impl JobSpec {
     /// Refuses when the spec's code commit is not in its local clone.

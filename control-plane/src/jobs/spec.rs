@@ -52,7 +52,7 @@ pub struct JobSpec {
     pub resources: Resources,
     /// Where and how the kubernetes executor runs trials.
     #[serde(default)]
-    pub kubernetes: Option<crate::k8s::KubernetesSpec>,
+    pub kubernetes: Option<KubernetesSpec>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -250,4 +250,27 @@ pub struct Job {
     pub reproduces: Option<(String, u64)>,
     #[serde(default)]
     pub report: Option<Value>,
+}
+
+/// `[kubernetes]` of a job spec.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesSpec {
+    /// API server URL (plain HTTP: the API behind `kubectl proxy`); default: the
+    /// in-cluster service account or KUBECONFIG.
+    #[serde(default)]
+    pub url: Option<String>,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// The ReadWriteMany claim holding the jobs folder.
+    #[serde(default)]
+    pub volume_claim: Option<String>,
+    #[serde(default)]
+    pub service_account: Option<String>,
+    #[serde(default)]
+    pub node_selector: std::collections::BTreeMap<String, String>,
+}
+
+fn default_namespace() -> String {
+    "default".into()
 }

@@ -17,13 +17,10 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use axum::extract::{Path as UrlPath, State};
-use axum::http::StatusCode;
-use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::api::{Api, ApiError};
-use crate::server::{Plane, now_ms};
+use crate::api::ApiError;
+use crate::plane::{Plane, now_ms};
 use crate::store::FleetStore;
 
 pub mod engine;
@@ -112,16 +109,10 @@ pub fn compare(
     margin: f64,
 ) -> Result<Value, ApiError> {
     let m = crate::api::data::dataset(plane, dataset)?;
-    let table = plane
-        .datasets
-        .load(&m.id)
-        .map_err(|e| ApiError(StatusCode::GONE, e))?;
-    let policy = plane.policy().ok_or_else(|| {
-        ApiError(
-            StatusCode::PRECONDITION_FAILED,
-            "the server has no trust policy".into(),
-        )
-    })?;
+    let table = plane.datasets.load(&m.id).map_err(ApiError::gone)?;
+    let policy = plane
+        .policy()
+        .ok_or_else(|| ApiError::precondition("the server has no trust policy"))?;
     let label = label
         .map(str::to_string)
         .or_else(|| plane.jobs.spec(a.0).ok().flatten().and_then(|s| s.label))
@@ -138,23 +129,13 @@ pub fn compare(
         let record = plane
             .registry
             .get(name, version)
-            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-            .ok_or_else(|| {
-                ApiError(
-                    StatusCode::NOT_FOUND,
-                    format!("no {name} v{version} in the registry"),
-                )
-            })?;
+            .map_err(|e| ApiError::internal(e.to_string()))?
+            .ok_or_else(|| ApiError::not_found(format!("no {name} v{version} in the registry")))?;
         let scored =
             crate::compare::score(&plane.registry.blob_path(&record.digest), &policy, &table)
-                .map_err(|e| {
-                    ApiError(
-                        StatusCode::UNPROCESSABLE_ENTITY,
-                        format!("{name}@v{version}: {e}"),
-                    )
-                })?;
+                .map_err(|e| ApiError::unprocessable(format!("{name}@v{version}: {e}")))?;
         let eval = crate::compare::evaluate(&scored, &table, &label, &devices)
-            .map_err(|e| ApiError(StatusCode::UNPROCESSABLE_ENTITY, e))?;
+            .map_err(ApiError::unprocessable)?;
         evals.push(eval);
     }
     let verdict = crate::compare::verdict(&evals[0], &evals[1], margin);
@@ -163,108 +144,6 @@ pub fn compare(
         "b": { "model": b.0, "version": b.1, "evaluation": evals[1] },
         "dataset": m.id, "label": label, "verdict": verdict,
     }))
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CompareRequest {
-    a: String,
-    b: String,
-    dataset: String,
-    #[serde(default)]
-    label: Option<String>,
-    #[serde(default)]
-    margin: Option<f64>,
-}
-
-fn parse_spec(s: &str) -> Result<(String, u64), ApiError> {
-    crate::registry::parse_model_version(s).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))
-}
-
-/// `POST /v1/compare` `{a, b, dataset, label?, margin?}`.
-pub async fn compare_handler(
-    State(plane): State<Arc<Plane>>,
-    axum::Json(req): axum::Json<CompareRequest>,
-) -> Api<axum::Json<Value>> {
-    let p = plane.clone();
-    tokio::task::spawn_blocking(move || {
-        let (a, b) = (parse_spec(&req.a)?, parse_spec(&req.b)?);
-        compare(
-            &p,
-            (&a.0, a.1),
-            (&b.0, b.1),
-            &req.dataset,
-            req.label.as_deref(),
-            req.margin.unwrap_or(0.0),
-        )
-        .map(axum::Json)
-    })
-    .await
-    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-}
-
-/// `PUT /v1/models/{name}/policy`.
-pub async fn put_policy(
-    State(plane): State<Arc<Plane>>,
-    UrlPath(name): UrlPath<String>,
-    axum::Json(mut policy): axum::Json<Policy>,
-) -> Api<axum::Json<Value>> {
-    policy.model = name.clone();
-    if let Some(text) = policy.spec.take() {
-        let spec = crate::jobs::JobSpec::from_toml(&text)
-            .map_err(|e| ApiError(StatusCode::UNPROCESSABLE_ENTITY, e))?;
-        if spec.model != name {
-            return Err(ApiError(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                format!("the job spec is for `{}`, not `{name}`", spec.model),
-            ));
-        }
-        plane.jobs.keep_spec(&spec)?;
-    }
-    if !(0.0..=1.0).contains(&policy.drift_share) || policy.drift_share == 0.0 {
-        return Err(ApiError(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "drift_share must be in (0, 1]".into(),
-        ));
-    }
-    if policy.auto_promote && policy.holdout.is_none() {
-        return Err(ApiError(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "auto_promote needs a holdout dataset to compare on".into(),
-        ));
-    }
-    for d in policy.datasets.iter().chain(&policy.holdout) {
-        crate::api::data::dataset(&plane, d)?;
-    }
-    if plane.jobs.spec(&name)?.is_none() {
-        return Err(ApiError(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            format!(
-                "`{name}` has no job spec yet: run `fleetctl retrain start {name} --spec FILE` once, or the policy could never retrain"
-            ),
-        ));
-    }
-    let state = plane
-        .policies
-        .policy(&name)?
-        .map(|(_, s)| s)
-        .unwrap_or_default();
-    plane.policies.put_policy(&policy, &state)?;
-    Ok(axum::Json(json!({ "policy": policy, "state": state })))
-}
-
-/// `GET /v1/models/{name}/policy`.
-pub async fn get_policy(
-    State(plane): State<Arc<Plane>>,
-    UrlPath(name): UrlPath<String>,
-) -> Api<axum::Json<Value>> {
-    let (policy, state) = plane.policies.policy(&name)?.ok_or_else(|| {
-        ApiError(
-            StatusCode::NOT_FOUND,
-            format!("`{name}` has no retraining policy"),
-        )
-    })?;
-    Ok(axum::Json(json!({ "policy": policy, "state": state })))
 }
 
 /// One pass of the engine over every policy (blocking): gathers what each policy sees,
@@ -399,7 +278,7 @@ fn promote(plane: &Arc<Plane>, policy: &Policy, name: &str, version: u64) -> Str
             policy.margin
         );
     }
-    match crate::fleet_api::start_canary(plane, name, version, policy.canary_pct) {
+    match crate::api::fleet::start_canary(plane, name, version, policy.canary_pct) {
         Ok(id) => {
             audit(
                 plane,

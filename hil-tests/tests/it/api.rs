@@ -4,7 +4,7 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::process::Command;
 
-use hil_tests::{RunningAgent, agent, build_claims, fleetctl, http, keys_and_policy};
+use hil_tests::{RunningAgent, agent, build_claims, fleetctl, http, install, keys_and_policy};
 use serde_json::{Value, json};
 
 /// The test agent: `fleet-agent run` on the store in `data`, any free loopback port.
@@ -43,18 +43,7 @@ fn setup(dir: &Path) -> [String; 2] {
         build_claims(dir, v, &out, &["--key", "keys/k.key"]);
         out
     });
-    agent(
-        dir,
-        &[
-            "install-bundle",
-            &bundles[0],
-            "--data-dir",
-            "data",
-            "--trust",
-            "trust.toml",
-        ],
-    )
-    .success();
+    install(dir, &bundles[0]);
     bundles
 }
 
@@ -342,7 +331,7 @@ fn hot_swap_under_load_loses_no_request() {
     };
     for swap in 0..20 {
         let bundle = &bundles[(swap + 1) % 2];
-        agent_install(dir, bundle);
+        install(dir, bundle);
         Command::new("kill")
             .args(["-HUP", &agent.child.id().to_string()])
             .status()
@@ -363,21 +352,6 @@ fn hot_swap_under_load_loses_no_request() {
         vec![1, 2],
         "requests saw both versions and nothing else"
     );
-}
-
-fn agent_install(dir: &Path, bundle: &str) {
-    agent(
-        dir,
-        &[
-            "install-bundle",
-            bundle,
-            "--data-dir",
-            "data",
-            "--trust",
-            "trust.toml",
-        ],
-    )
-    .success();
 }
 
 /// An ONNX model that makes tract 0.23 panic: OneHot(depth 3) indexes its output with the
@@ -485,18 +459,7 @@ fn a_backend_panic_fails_only_that_request() {
         ],
     )
     .success();
-    agent(
-        dir,
-        &[
-            "install-bundle",
-            "onehot.fmb",
-            "--data-dir",
-            "data",
-            "--trust",
-            "trust.toml",
-        ],
-    )
-    .success();
+    install(dir, "onehot.fmb");
     let agent = Agent::start(dir, &["--workers", "1"]);
     let predict = |idx: f64| {
         agent.request(
@@ -741,18 +704,7 @@ fn a_bundles_serving_section_batches_without_agent_configuration_and_windows_rep
         json!({"max_batch": 16, "max_queue_delay_us": 50000}),
         "{manifest}"
     );
-    agent(
-        dir,
-        &[
-            "install-bundle",
-            "claims.fmb",
-            "--data-dir",
-            "data",
-            "--trust",
-            "trust.toml",
-        ],
-    )
-    .success();
+    install(dir, "claims.fmb");
     std::fs::write(
         dir.join("agent.toml"),
         "data_dir = \"data\"\ntrust = \"trust.toml\"\nlisten = \"127.0.0.1:0\"\nwindow_predictions = 8\n",

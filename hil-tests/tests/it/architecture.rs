@@ -47,6 +47,7 @@ fn agent_and_control_plane_never_depend_on_each_other() {
 fn every_crate_opens_with_a_role_paragraph() {
     for lib in [
         "protocol/src/lib.rs",
+        "device/src/lib.rs",
         "agent/src/lib.rs",
         "control-plane/src/lib.rs",
         "hil-tests/src/lib.rs",
@@ -122,8 +123,8 @@ fn routes_in_openapi(text: &str) -> std::collections::BTreeSet<(String, String)>
 
 #[test]
 fn openapi_lists_exactly_the_routes_of_fleetctl_serve() {
-    let source = std::fs::read_to_string(hil_tests::root().join("control-plane/src/api/mod.rs"))
-        .expect("api/mod.rs");
+    let source = std::fs::read_to_string(hil_tests::root().join("control-plane/src/api/router.rs"))
+        .expect("api/router.rs");
     let spec = std::fs::read_to_string(hil_tests::root().join("docs/openapi.yaml"))
         .expect("docs/openapi.yaml");
     let served = routes_in_source(&source);
@@ -309,11 +310,13 @@ fn code_lines(file: &str) -> Vec<(usize, String)> {
 /// touches files, sockets or the async runtime. Their shells do that.
 #[test]
 fn the_pure_cores_read_no_clock_and_do_no_io() {
-    let cores = [
-        "control-plane/src/rollout.rs",
-        "control-plane/src/policy/engine.rs",
-        "agent/src/assignments/state.rs",
+    let mut cores = vec![
+        "control-plane/src/rollout.rs".to_string(),
+        "control-plane/src/policy/engine.rs".to_string(),
     ];
+    // The device rules the agent and the simulator share, and the wire formats.
+    cores.extend(sources("device/src"));
+    cores.extend(sources("protocol/src"));
     let banned = [
         "SystemTime::now",
         "Instant::now",
@@ -325,7 +328,7 @@ fn the_pure_cores_read_no_clock_and_do_no_io() {
         "sled",
     ];
     let mut found = Vec::new();
-    for core in cores {
+    for core in &cores {
         for (n, line) in code_lines(core) {
             for b in banned.iter().filter(|b| line.contains(**b)) {
                 found.push(format!("{core}:{n}: `{b}` in `{}`", line.trim()));
@@ -333,7 +336,10 @@ fn the_pure_cores_read_no_clock_and_do_no_io() {
         }
     }
     // These keep state on disk, but take the time from their caller.
-    let mut clock_free = vec!["agent/src/outbox.rs".to_string()];
+    let mut clock_free = vec![
+        "agent/src/outbox.rs".to_string(),
+        "agent/src/monitoring.rs".to_string(),
+    ];
     clock_free.extend(sources("control-plane/src/store"));
     for file in &clock_free {
         for (n, line) in code_lines(file) {
@@ -416,31 +422,41 @@ fn metric_names_are_consistent() {
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
 
-/// The embedded broker is the server's: no other file of the workspace's crates runs
-/// rumqttd.
-#[test]
-fn only_the_server_names_rumqttd() {
+/// Lines naming `word` in the sources under `dirs`, outside the files `allowed` admits.
+fn named_outside(word: &str, dirs: &[&str], allowed: impl Fn(&str) -> bool) -> Vec<String> {
     let mut wrong = Vec::new();
-    for dir in [
-        "control-plane/src",
-        "agent/src",
-        "protocol/src",
-        "inference/src",
-    ] {
-        for file in sources(dir) {
-            if file == "control-plane/src/server.rs" {
-                continue;
-            }
+    for dir in dirs {
+        for file in sources(dir).into_iter().filter(|f| !allowed(f)) {
             for (n, line) in code_lines(&file) {
-                if line.contains("rumqttd") {
-                    wrong.push(format!(
-                        "{file}:{n} names rumqttd: only server.rs runs the broker"
-                    ));
+                if line.contains(word) {
+                    wrong.push(format!("{file}:{n} names {word}"));
                 }
             }
         }
     }
-    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    wrong
+}
+
+/// The embedded broker is the server's: no other file of the workspace's crates runs
+/// rumqttd.
+#[test]
+fn only_the_server_names_rumqttd() {
+    let wrong = named_outside(
+        "rumqttd",
+        &[
+            "control-plane/src",
+            "agent/src",
+            "protocol/src",
+            "inference/src",
+            "device/src",
+        ],
+        |f| f == "control-plane/src/server.rs",
+    );
+    assert!(
+        wrong.is_empty(),
+        "only server.rs runs the broker:\n{}",
+        wrong.join("\n")
+    );
 }
 
 /// `fleetml-inference` is shared by the builder and the agent: of the workspace's
@@ -456,4 +472,248 @@ fn inference_depends_on_protocol_alone() {
         ["fleetml-protocol"],
         "inference's workspace dependencies"
     );
+}
+
+/// The device rules exist once: `fleetml-device` depends on the protocol alone, and both
+/// devices there are (the agent, and `fleetctl sim`'s simulated ones) use it.
+#[test]
+fn the_device_rules_are_one_crate_both_devices_use() {
+    let ours: Vec<String> = dependencies("device")
+        .into_iter()
+        .filter(|d| d.starts_with("fleet") || d == "hil-tests")
+        .collect();
+    assert_eq!(
+        ours,
+        ["fleetml-protocol"],
+        "device's workspace dependencies"
+    );
+    for (krate, user) in [
+        ("agent", "agent/src/outbox.rs"),
+        ("agent", "agent/src/assignments/mod.rs"),
+        ("control-plane", "control-plane/src/sim/device.rs"),
+    ] {
+        assert!(
+            dependencies(krate).iter().any(|d| d == "fleetml-device"),
+            "{krate} must depend on fleetml-device"
+        );
+        let text = std::fs::read_to_string(root().join(user)).expect("source");
+        assert!(
+            text.contains("fleetml_device::"),
+            "{user} must take its rules from fleetml_device"
+        );
+    }
+}
+
+/// In the control plane only the HTTP API (`api/`) and its wiring (`server.rs`) name
+/// axum: the domain rooms know no HTTP framework.
+#[test]
+fn only_the_api_and_the_server_name_axum() {
+    let wrong = named_outside("axum", &["control-plane/src"], |f| {
+        f.starts_with("control-plane/src/api/") || f == "control-plane/src/server.rs"
+    });
+    assert!(
+        wrong.is_empty(),
+        "HTTP belongs in api/:\n{}",
+        wrong.join("\n")
+    );
+}
+
+/// A module path (`["api", "data"]`) per source file under `src` (a crate's `src`).
+fn modules(src: &str) -> std::collections::BTreeMap<Vec<String>, String> {
+    sources(src)
+        .into_iter()
+        .filter(|f| !f[src.len()..].starts_with("/bin/"))
+        .map(|f| {
+            let rel = f[src.len() + 1..].trim_end_matches(".rs").to_string();
+            let mut path: Vec<String> = rel.split('/').map(str::to_string).collect();
+            if matches!(
+                path.last().map(String::as_str),
+                Some("mod" | "lib" | "main")
+            ) {
+                path.pop();
+            }
+            (path, f)
+        })
+        .collect()
+}
+
+/// The modules a file names through `crate::`, `super::` and `self::` paths (groups
+/// `{a, b::c}` expanded one level), outside comments and its test module: each path
+/// resolved to the longest module it starts with.
+fn module_edges(
+    src: &str,
+) -> std::collections::BTreeMap<Vec<String>, std::collections::BTreeSet<Vec<String>>> {
+    let files = modules(src);
+    let mut graph = std::collections::BTreeMap::new();
+    for (module, file) in &files {
+        let text: String = code_lines(file)
+            .into_iter()
+            .map(|(_, l)| l + "\n")
+            .collect();
+        let mut deps = std::collections::BTreeSet::new();
+        for (at, _) in text
+            .match_indices("crate::")
+            .chain(text.match_indices("super::"))
+            .chain(text.match_indices("self::"))
+        {
+            // Whole words only (not `fleet_control::crate::`, not `myself::`).
+            if text[..at]
+                .chars()
+                .next_back()
+                .is_some_and(|c| c.is_alphanumeric() || c == '_')
+            {
+                continue;
+            }
+            let rest = &text[at..];
+            let end = rest
+                .find(|c: char| !(c.is_alphanumeric() || c == '_' || c == ':'))
+                .unwrap_or(rest.len());
+            let mut segs: Vec<&str> = rest[..end].split("::").filter(|s| !s.is_empty()).collect();
+            let mut base: Vec<String> = match segs.first().copied() {
+                Some("crate") => Vec::new(),
+                Some("self") => module.clone(),
+                _ => module.clone(),
+            };
+            segs.remove(0);
+            if rest.starts_with("super::") {
+                base.pop();
+                while segs.first() == Some(&"super") {
+                    segs.remove(0);
+                    base.pop();
+                }
+            }
+            let mut paths = vec![segs.iter().map(|s| s.to_string()).collect::<Vec<_>>()];
+            if rest[end..].starts_with('{')
+                && let Some(close) = rest[end..].find('}')
+            {
+                for item in rest[end + 1..end + close].split(',') {
+                    let item = item.split(" as ").next().unwrap_or("").trim();
+                    if !item.is_empty() {
+                        let mut p = paths[0].clone();
+                        p.extend(item.split("::").map(str::to_string));
+                        paths.push(p);
+                    }
+                }
+            }
+            for p in paths {
+                let mut full = base.clone();
+                full.extend(p);
+                if let Some(target) = (1..=full.len())
+                    .rev()
+                    .map(|k| full[..k].to_vec())
+                    .find(|k| files.contains_key(k))
+                    && &target != module
+                {
+                    deps.insert(target);
+                }
+            }
+        }
+        graph.insert(module.clone(), deps);
+    }
+    graph
+}
+
+/// The strongly connected components of more than one node (Tarjan), each sorted.
+fn cycles<N: Ord + Clone>(
+    graph: &std::collections::BTreeMap<N, std::collections::BTreeSet<N>>,
+) -> Vec<Vec<N>> {
+    struct Walk<'g, N> {
+        graph: &'g std::collections::BTreeMap<N, std::collections::BTreeSet<N>>,
+        index: std::collections::BTreeMap<N, (usize, usize)>,
+        stack: Vec<N>,
+        next: usize,
+        found: Vec<Vec<N>>,
+    }
+    impl<N: Ord + Clone> Walk<'_, N> {
+        fn visit(&mut self, v: &N) {
+            self.index.insert(v.clone(), (self.next, self.next));
+            self.next += 1;
+            self.stack.push(v.clone());
+            let graph = self.graph;
+            for w in graph.get(v).into_iter().flatten() {
+                if !graph.contains_key(w) {
+                    continue;
+                }
+                match self.index.get(w).copied() {
+                    None => {
+                        self.visit(w);
+                        let low = self.index[w].1.min(self.index[v].1);
+                        self.index.get_mut(v).expect("visited").1 = low;
+                    }
+                    Some((i, _)) if self.stack.contains(w) => {
+                        let low = i.min(self.index[v].1);
+                        self.index.get_mut(v).expect("visited").1 = low;
+                    }
+                    Some(_) => {}
+                }
+            }
+            if self.index[v].0 == self.index[v].1 {
+                let mut component = Vec::new();
+                while let Some(w) = self.stack.pop() {
+                    let done = &w == v;
+                    component.push(w);
+                    if done {
+                        break;
+                    }
+                }
+                if component.len() > 1 {
+                    component.sort();
+                    self.found.push(component);
+                }
+            }
+        }
+    }
+    let mut walk = Walk {
+        graph,
+        index: Default::default(),
+        stack: Vec::new(),
+        next: 0,
+        found: Vec::new(),
+    };
+    for v in graph.keys() {
+        if !walk.index.contains_key(v) {
+            walk.visit(v);
+        }
+    }
+    walk.found
+}
+
+#[test]
+fn the_cycle_finder_finds_cycles() {
+    let graph: std::collections::BTreeMap<&str, std::collections::BTreeSet<&str>> = [
+        ("a", ["b"].into()),
+        ("b", ["c"].into()),
+        ("c", ["a", "d"].into()),
+        ("d", [].into()),
+        ("e", ["d"].into()),
+    ]
+    .into();
+    assert_eq!(cycles(&graph), vec![vec!["a", "b", "c"]]);
+    let mut acyclic = graph.clone();
+    acyclic.insert("c", ["d"].into());
+    assert!(cycles(&acyclic).is_empty());
+}
+
+/// No module imports another that imports it back, directly or around a circle, in any
+/// crate of the workspace: each room can be read, tested and changed from its
+/// dependencies up. (A module is a file; `crate::`, `super::` and `self::` paths count,
+/// doc comments and test modules do not.)
+#[test]
+fn no_module_imports_itself_around_a_circle() {
+    let mut found = Vec::new();
+    for src in [
+        "protocol/src",
+        "device/src",
+        "inference/src",
+        "agent/monitor/src",
+        "agent/src",
+        "control-plane/src",
+        "hil-tests/src",
+    ] {
+        for cycle in cycles(&module_edges(src)) {
+            let names: Vec<String> = cycle.iter().map(|m| m.join("::")).collect();
+            found.push(format!("{src}: {}", names.join(" <-> ")));
+        }
+    }
+    assert!(found.is_empty(), "module circles:\n{}", found.join("\n"));
 }

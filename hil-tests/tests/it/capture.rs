@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use hil_tests::fleet::{ControlPlane, wait_for};
-use hil_tests::{RunningAgent, agent, build_claims, claims, keys_and_policy};
+use hil_tests::{RunningAgent, agent, build_claims, claims, install, keys_and_policy};
 use serde_json::{Value, json};
 
 use crate::monitoring::rows;
@@ -75,18 +75,7 @@ fn capture_keeps_its_byte_budget_and_allow_list_under_a_flood_and_feedback_score
          features = [\"claim_amount\", \"region\"]\n",
     )
     .expect("config");
-    agent(
-        dir,
-        &[
-            "install-bundle",
-            "claims.fmb",
-            "--trust",
-            "trust.toml",
-            "--data-dir",
-            "data",
-        ],
-    )
-    .success();
+    install(dir, "claims.fmb");
     let running = RunningAgent::start(
         dir,
         &[

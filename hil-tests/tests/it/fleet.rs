@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use fleetml_protocol::telemetry::{self, Body, DeviceId, Event, Lifecycle};
 use hil_tests::fleet::{ControlPlane, Mosquitto, free_port, wait_for};
-use hil_tests::{RunningAgent, agent, bin, build_claims, claims, keys_and_policy};
+use hil_tests::{RunningAgent, agent, bin, build_claims, claims, install, keys_and_policy};
 use serde_json::Value;
 
 use crate::monitoring::{rows, send};
@@ -670,18 +670,7 @@ fn predictions_reach_every_sink_and_a_dead_consumer_costs_inference_nothing() {
     let dir = tmp.path();
     keys_and_policy(dir, "k");
     build_claims(dir, 1, "claims.fmb", &["--key", "keys/k.key"]);
-    agent(
-        dir,
-        &[
-            "install-bundle",
-            "claims.fmb",
-            "--data-dir",
-            "data",
-            "--trust",
-            "trust.toml",
-        ],
-    )
-    .success();
+    install(dir, "claims.fmb");
     let broker = Mosquitto::start(dir, free_port());
     let (hook, bodies) = webhook_receiver();
     let dead = free_port();

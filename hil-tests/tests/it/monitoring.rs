@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use hil_tests::{RunningAgent, agent, build_claims, claims, keys_and_policy};
+use hil_tests::{RunningAgent, build_claims, claims, install, keys_and_policy};
 use serde_json::{Value, json};
 
 /// Rows of a claims CSV as feature objects (numbers as numbers, the rest as strings;
@@ -70,18 +70,7 @@ fn start(dir: &Path, extra: &[&str]) -> RunningAgent {
             "keys/k.key",
         ],
     );
-    agent(
-        dir,
-        &[
-            "install-bundle",
-            "claims.fmb",
-            "--data-dir",
-            "data",
-            "--trust",
-            "trust.toml",
-        ],
-    )
-    .success();
+    install(dir, "claims.fmb");
     RunningAgent::serve_store(dir, extra)
 }
 

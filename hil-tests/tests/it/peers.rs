@@ -10,7 +10,7 @@ use fleet_agent::runtime::CpuModel;
 use fleetml_protocol::features::{FeatureSchema, RawValue};
 use fleetml_protocol::golden::Tensor;
 use fleetml_protocol::manifest::Dim;
-use hil_tests::{python, root};
+use hil_tests::{install, python, root};
 use serde_json::json;
 
 /// Relative tolerance of the comparison; values below `FLOOR` in magnitude are compared
@@ -273,18 +273,7 @@ fn an_image_model_bundled_without_features_is_served_on_raw_tensors() {
         .success()
         .contains("no golden.cbor")
     );
-    agent(
-        dir,
-        &[
-            "install-bundle",
-            "textdir.fmb",
-            "--data-dir",
-            "data",
-            "--trust",
-            "trust.toml",
-        ],
-    )
-    .success();
+    install(dir, "textdir.fmb");
 
     let running = hil_tests::RunningAgent::start(
         dir,

@@ -15,21 +15,20 @@ use fleetml_protocol::telemetry::{CommandKind, DeviceId};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::api::{Api, ApiError, enrolled};
+use crate::api::devices::enrolled;
+use crate::api::{Api, ApiError};
 use crate::auth::{Principal, Role};
+use crate::plane::{Plane, now_ms};
 use crate::records::DeviceState;
 use crate::rollout::{
     Assign, Gates, Kind, Plan, Progress, Rollout, Selector, State as RState, Strategy, Target,
 };
-use crate::server::{Plane, now_ms};
 use crate::store::FleetStore;
 
-fn internal(e: impl std::fmt::Display) -> ApiError {
-    ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
-}
-
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Api<T> + Send + 'static) -> Api<T> {
-    tokio::task::spawn_blocking(f).await.map_err(internal)?
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(ApiError::internal)?
 }
 
 /// `GET /v1/devices/{id}/assignment`: the device's assignment, signed now (CBOR).
@@ -97,9 +96,9 @@ pub async fn bundle(
                 format!("no bundle {digest} in the registry"),
             ));
         }
-        Err(e) => return Err(internal(e)),
+        Err(e) => return Err(ApiError::internal(e)),
     };
-    let len = file.metadata().await.map_err(internal)?.len();
+    let len = file.metadata().await.map_err(ApiError::internal)?.len();
     let from = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
         None => None,
         Some(r) => Some(parse_range(r).ok_or_else(|| {
@@ -122,7 +121,7 @@ pub async fn bundle(
     use tokio::io::{AsyncReadExt, AsyncSeekExt};
     file.seek(std::io::SeekFrom::Start(start))
         .await
-        .map_err(internal)?;
+        .map_err(ApiError::internal)?;
     let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
         file.take(len - start),
         64 * 1024,
@@ -142,7 +141,7 @@ pub async fn bundle(
         ),
         None => response.status(StatusCode::OK),
     };
-    response.body(body).map_err(internal)
+    response.body(body).map_err(ApiError::internal)
 }
 
 /// `bytes=N-` (or `bytes=N-M`, served to the end): N.
@@ -217,10 +216,6 @@ fn gates_from(o: Option<GateOverrides>) -> Gates {
     }
 }
 
-fn unprocessable(e: impl std::fmt::Display) -> ApiError {
-    ApiError(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
-}
-
 /// An active (running or paused) rollout of `model`, if any.
 fn active_of(plane: &Plane, model: &str) -> Api<Option<Rollout>> {
     Ok(plane
@@ -269,7 +264,7 @@ fn create_rollout(plane: &Plane, req: RolloutRequest, by: String) -> Api<Rollout
     let record = plane
         .registry
         .get(&req.model, req.version)
-        .map_err(internal)?
+        .map_err(ApiError::internal)?
         .ok_or_else(|| {
             ApiError(
                 StatusCode::NOT_FOUND,
@@ -280,14 +275,14 @@ fn create_rollout(plane: &Plane, req: RolloutRequest, by: String) -> Api<Rollout
             )
         })?;
     if record.stage == "archived" {
-        return Err(unprocessable(format!(
+        return Err(ApiError::unprocessable(format!(
             "{}@v{} is archived; stage it again before rolling it out",
             req.model, req.version
         )));
     }
-    let selector: Selector = req.to.parse().map_err(unprocessable)?;
-    let waves =
-        crate::rollout::parse_waves(req.waves.as_deref(), req.canary).map_err(unprocessable)?;
+    let selector: Selector = req.to.parse().map_err(ApiError::unprocessable)?;
+    let waves = crate::rollout::parse_waves(req.waves.as_deref(), req.canary)
+        .map_err(ApiError::unprocessable)?;
     let _guard = plane.rollout_lock.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(r) = active_of(plane, &req.model)? {
         return Err(ApiError(
@@ -297,14 +292,14 @@ fn create_rollout(plane: &Plane, req: RolloutRequest, by: String) -> Api<Rollout
                 r.id,
                 r.model,
                 serde_json::to_value(r.state)
-                    .map_err(internal)?
+                    .map_err(ApiError::internal)?
                     .as_str()
                     .unwrap_or("?"),
                 r.id
             ),
         ));
     }
-    let digest: Sha256 = record.digest.parse().map_err(internal)?;
+    let digest: Sha256 = record.digest.parse().map_err(ApiError::internal)?;
     let id = plane.rollouts.next_rollout_id()?;
     let to = AssignedModel {
         version: req.version,
@@ -321,7 +316,7 @@ fn create_rollout(plane: &Plane, req: RolloutRequest, by: String) -> Api<Rollout
         .collect();
     devices.sort_by(|a, b| a.id.cmp(&b.id));
     if devices.is_empty() {
-        return Err(unprocessable(format!(
+        return Err(ApiError::unprocessable(format!(
             "selector `{}` matches no enrolled device",
             req.to
         )));
@@ -389,15 +384,15 @@ pub async fn start_rollback(
     let p = plane.clone();
     let planned = blocking(move || {
         let plane = p;
-        let selector: Selector = req.devices.as_deref().unwrap_or("all").parse().map_err(unprocessable)?;
+        let selector: Selector = req.devices.as_deref().unwrap_or("all").parse().map_err(ApiError::unprocessable)?;
         let named = match req.to {
             Some(v) => {
-                let r = plane.registry.get(&req.model, v).map_err(internal)?.ok_or_else(|| {
+                let r = plane.registry.get(&req.model, v).map_err(ApiError::internal)?.ok_or_else(|| {
                     ApiError(StatusCode::NOT_FOUND, format!("{}@v{v} is not in the registry", req.model))
                 })?;
                 Some(AssignedModel {
                     version: v,
-                    digest: r.digest.parse().map_err(internal)?,
+                    digest: r.digest.parse().map_err(ApiError::internal)?,
                     size: r.size,
                     rollout: None,
                 })
@@ -431,7 +426,7 @@ pub async fn start_rollback(
             }
         }
         if targets.is_empty() {
-            return Err(unprocessable(format!(
+            return Err(ApiError::unprocessable(format!(
                 "nothing to roll back: no selected device has another version of {} to return to{}",
                 req.model,
                 if skipped.is_empty() { String::new() } else { format!(" ({})", Value::Array(skipped.clone())) }
@@ -531,7 +526,8 @@ pub async fn advance(plane: &Arc<Plane>, id: &str) -> Api<()> {
         }
     }
     // The devices also poll; a lost notification only delays one.
-    let sent = crate::api::send_all(plane, &devices, &CommandKind::AssignmentChanged).await?;
+    let sent =
+        crate::api::devices::send_all(plane, &devices, &CommandKind::AssignmentChanged).await?;
     tracing::info!(rollout = %id, devices = sent, "devices notified");
     Ok(())
 }
@@ -744,13 +740,13 @@ pub async fn create_token(
     Extension(who): Extension<Principal>,
     axum::Json(req): axum::Json<TokenRequest>,
 ) -> Api<(StatusCode, axum::Json<Value>)> {
-    let role: Role = req.role.parse().map_err(unprocessable)?;
+    let role: Role = req.role.parse().map_err(ApiError::unprocessable)?;
     if req.name.trim().is_empty() || req.name.len() > 64 {
-        return Err(unprocessable(
+        return Err(ApiError::unprocessable(
             "a token needs a name of 1–64 characters (who or what uses it)",
         ));
     }
-    let random = crate::server::random_bytes(32).map_err(internal)?;
+    let random = crate::plane::random_bytes(32).map_err(ApiError::internal)?;
     let (record, token) =
         plane
             .tokens
@@ -814,7 +810,9 @@ pub async fn audit_log(
     Query(q): Query<AuditQuery>,
 ) -> Api<axum::Json<Value>> {
     let entries = plane.audit.entries(q.from, q.limit.min(1_000_000))?;
-    Ok(axum::Json(serde_json::to_value(entries).map_err(internal)?))
+    Ok(axum::Json(
+        serde_json::to_value(entries).map_err(ApiError::internal)?,
+    ))
 }
 
 #[derive(Debug, Deserialize)]
@@ -858,7 +856,7 @@ pub async fn upload_capture(
                     StatusCode::UNPROCESSABLE_ENTITY,
                     format!("capture batch {}: {m}", q.seq),
                 ),
-                crate::captures::CaptureError::Store(e) => internal(e),
+                crate::captures::CaptureError::Store(e) => ApiError::internal(e),
             })
     })
     .await?;
@@ -891,5 +889,7 @@ pub async fn list_captures(
     let list = plane
         .captures
         .list(q.model.as_deref(), q.device.as_deref())?;
-    Ok(axum::Json(serde_json::to_value(list).map_err(internal)?))
+    Ok(axum::Json(
+        serde_json::to_value(list).map_err(ApiError::internal)?,
+    ))
 }

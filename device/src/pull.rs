@@ -1,6 +1,6 @@
-//! The puller's decisions, without I/O and without a clock: what the control plane
-//! answered, the assignment held on disk and the time go in; what to keep, report and
-//! do comes out. `Puller` fetches, writes files, downloads and installs.
+//! The assignment pull's decisions, without I/O and without a clock: what the control
+//! plane answered, the assignment held and the time go in; what to keep, report and do
+//! comes out. The caller fetches, keeps files, downloads and installs.
 
 use std::collections::HashSet;
 
@@ -131,7 +131,11 @@ impl PullState {
     }
 }
 
-/// The device clock against the control plane's `Date` header, for an expiry refusal.
+/// What the control plane's `Date` header says about this device's clock, for the
+/// refusal of an expired assignment: a device clock running ahead expires every
+/// assignment (Raspberry Pi class boards have no RTC). The header is not trusted for
+/// the decision itself (without TLS it is as forgeable as a withheld assignment), only
+/// to tell the operator where to look.
 pub fn clock_skew(now_ms: u64, date: Option<&str>) -> String {
     let Some(server) = date
         .and_then(|v| httpdate::parse_http_date(v).ok())

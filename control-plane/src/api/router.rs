@@ -1,0 +1,92 @@
+//! Every route of `fleetctl serve`, behind the `authorize` middleware but `/healthz` and
+//! `/metrics`.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::routing::{delete, get, post};
+
+use super::{MAX_DATASET_UPLOAD, authorize};
+use crate::api::devices::*;
+use crate::api::models::*;
+use crate::plane::Plane;
+
+pub fn router(plane: Arc<Plane>) -> Router {
+    use crate::api::data as d;
+    use crate::api::fleet as f;
+    use crate::api::retrain as r;
+    let authenticated = Router::new()
+        .route("/v1/devices", post(enroll).get(list_devices))
+        .route("/v1/devices/{id}", get(show_device))
+        .route("/v1/devices/{id}/messages", get(device_messages))
+        .route("/v1/devices/{id}/commands", post(send_command))
+        .route("/v1/devices/{id}/assignment", get(f::device_assignment))
+        .route("/v1/bundles/{digest}", get(f::bundle))
+        .route(
+            "/v1/devices/{id}/captures",
+            post(f::upload_capture).layer(axum::extract::DefaultBodyLimit::max(
+                crate::captures::MAX_BATCH,
+            )),
+        )
+        .route("/v1/captures", get(f::list_captures))
+        .route(
+            "/v1/datasets",
+            post(d::import)
+                .get(d::list)
+                .layer(axum::extract::DefaultBodyLimit::max(MAX_DATASET_UPLOAD)),
+        )
+        .route("/v1/datasets/from-captures", post(d::from_captures))
+        .route("/v1/datasets/{id}", get(d::show).delete(d::delete))
+        .route("/v1/datasets/{id}/data", get(d::data))
+        .route("/v1/datasets/{id}/profile", get(d::profile))
+        .route("/v1/retrain", post(r::start_job).get(r::list_jobs))
+        .route("/v1/retrain/{id}", get(r::show_job))
+        .route("/v1/retrain/{id}/logs", get(r::job_logs))
+        .route("/v1/retrain/{id}/cancel", post(r::cancel_job))
+        .route("/v1/models/{name}/{version}/reproduce", post(r::reproduce))
+        .route(
+            "/v1/models/{name}/policy",
+            get(crate::api::policy::get_policy).put(crate::api::policy::put_policy),
+        )
+        .route("/v1/compare", post(crate::api::policy::compare_handler))
+        .route("/v1/drift", get(drift))
+        .route("/v1/ingest", get(ingest_counters))
+        .route("/v1/trust", get(get_trust).put(put_trust))
+        .route(
+            "/v1/models",
+            post(push_model)
+                .get(list_models)
+                .layer(axum::extract::DefaultBodyLimit::max(MAX_BUNDLE)),
+        )
+        .route("/v1/models/{name}", get(model_versions))
+        .route("/v1/models/{name}/{version}", get(show_model))
+        .route("/v1/models/{name}/{version}/stage", post(set_stage))
+        .route("/v1/models/{name}/{version}/tags", post(set_tags))
+        .route("/v1/rollouts", post(f::start_rollout).get(f::list_rollouts))
+        .route("/v1/rollouts/{id}", get(f::show_rollout))
+        .route("/v1/rollouts/{id}/pause", post(f::pause_rollout))
+        .route("/v1/rollouts/{id}/resume", post(f::resume_rollout))
+        .route("/v1/rollouts/{id}/abort", post(f::abort_rollout))
+        .route("/v1/rollbacks", post(f::start_rollback))
+        .route("/v1/tokens", post(f::create_token).get(f::list_tokens))
+        .route("/v1/tokens/{id}", delete(f::revoke_token))
+        .route("/v1/audit", get(f::audit_log))
+        .route_layer(axum::middleware::from_fn_with_state(
+            plane.clone(),
+            authorize,
+        ));
+    Router::new()
+        .merge(authenticated)
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics_text))
+        .with_state(plane)
+}
+
+async fn metrics_text(State(plane): State<Arc<Plane>>) -> String {
+    plane
+        .metrics
+        .as_ref()
+        .map(|m| m.render())
+        .unwrap_or_default()
+}

@@ -1,0 +1,104 @@
+//! The running control plane's shared state ([`Plane`]: the stores, the registry, the
+//! trust policy, the assignment key, the command session) and the small helpers every
+//! room uses with it. `server` builds it; the API handlers and the background tasks
+//! take it. It knows no HTTP and no broker task.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use fleetml_protocol::trust::TrustPolicy;
+use rumqttc::AsyncClient;
+
+use crate::ingest::Ingest;
+use crate::store::sled::SledStore;
+use crate::store::{AssignmentStore, RolloutStore};
+
+/// Shared state of the running control plane.
+pub struct Plane {
+    pub ingest: Ingest<SledStore>,
+    pub registry: crate::registry::Registry,
+    pub assignments: Arc<dyn AssignmentStore>,
+    pub captures: crate::captures::Captures,
+    pub datasets: crate::datasets::Datasets,
+    pub jobs: crate::jobs::Jobs,
+    pub policies: Arc<dyn crate::store::PolicyStore>,
+    pub(crate) running: crate::jobs::Running,
+    pub(crate) signing_key: Option<PathBuf>,
+    pub rollouts: Arc<dyn RolloutStore>,
+    pub tokens: crate::auth::Tokens,
+    pub audit: crate::auth::Audit,
+    pub(crate) assignment_key: fleetml_protocol::crypto::SigningKey,
+    pub(crate) assignment_ttl_ms: u64,
+    /// One rollout change at a time (the engine and the API both make them).
+    pub(crate) rollout_lock: std::sync::Mutex<()>,
+    /// The trust policy bundles are verified with and devices are given; an admin may
+    /// replace it (`PUT /v1/trust`), kept in `DATA_DIR/trust.toml`.
+    pub(crate) trust: std::sync::RwLock<Option<TrustPolicy>>,
+    pub(crate) data_dir: PathBuf,
+    pub(crate) public_url: String,
+    pub(crate) public_mqtt_url: String,
+    /// The session commands to devices are published on; the ingest has its own.
+    pub(crate) client: AsyncClient,
+    pub(crate) metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+}
+
+impl Plane {
+    /// The trust policy now.
+    pub fn policy(&self) -> Option<TrustPolicy> {
+        self.trust.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The trust policy devices are given: the bundle keys, and this control plane's
+    /// assignment key.
+    pub fn device_policy(&self) -> Option<TrustPolicy> {
+        let mut policy = self.policy()?;
+        policy.assignment_keys = vec![fleetml_protocol::trust::TrustedKey {
+            name: Some("control-plane assignments".into()),
+            public: self.assignment_key.public_key(),
+            id: None,
+        }];
+        Some(policy)
+    }
+}
+
+/// Writes `policy` to `path` atomically (mode 0644: it holds public keys only).
+pub(crate) fn keep_policy(path: &Path, policy: &TrustPolicy) -> anyhow::Result<()> {
+    let text = policy.to_toml();
+    crate::output::write_atomic(path, crate::output::PUBLIC_FILE, |f| {
+        use std::io::Write;
+        f.write_all(text.as_bytes())?;
+        Ok(())
+    })
+}
+
+impl std::fmt::Debug for Plane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The admin token stays out of logs.
+        f.debug_struct("Plane")
+            .field("public_url", &self.public_url)
+            .field("public_mqtt_url", &self.public_mqtt_url)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+pub(crate) fn random_bytes(n: usize) -> anyhow::Result<Vec<u8>> {
+    use ring::rand::SecureRandom;
+    let mut b = vec![0u8; n];
+    ring::rand::SystemRandom::new()
+        .fill(&mut b)
+        .map_err(|_| anyhow::anyhow!("the system random generator failed"))?;
+    Ok(b)
+}
+
+/// Equal in time independent of where they differ.
+pub(crate) fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

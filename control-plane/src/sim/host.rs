@@ -1,0 +1,248 @@
+//! The processes a simulation runs (`fleetctl serve`, mosquitto) and what `/proc`
+//! says about them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use super::options::*;
+
+/// Child processes, stopped (SIGTERM, then SIGKILL) in reverse order on drop.
+pub(super) struct Children(pub(super) Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in self.0.iter_mut().rev() {
+            crate::demo::stop_child(c);
+        }
+    }
+}
+
+pub(super) fn log_file(dir: &Path, name: &str) -> anyhow::Result<std::fs::File> {
+    std::fs::File::create(dir.join(name)).with_context(|| format!("creating {name}"))
+}
+
+/// Runs `fleetctl ARGS` in `dir`; its stdout, or an error with its stderr.
+pub(super) fn fleetctl(exe: &Path, dir: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(exe)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .with_context(|| format!("running fleetctl {}", args.join(" ")))?;
+    if !out.status.success() {
+        bail!(
+            "`fleetctl {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A signing key, the trust policy naming it, and claims v1 and v2 built and signed with
+/// the same commands an operator types.
+pub(super) fn prepare_bundles(exe: &Path, dir: &Path) -> anyhow::Result<()> {
+    for (name, bytes) in crate::demo::CLAIMS {
+        std::fs::write(dir.join(name), bytes).with_context(|| format!("writing {name}"))?;
+    }
+    fleetctl(
+        exe,
+        dir,
+        &["keys", "generate", "--out", "keys", "--name", "sim"],
+    )?;
+    fleetctl(
+        exe,
+        dir,
+        &[
+            "keys",
+            "trust-policy",
+            "--public",
+            "keys/sim.pub",
+            "--out",
+            "trust.toml",
+        ],
+    )?;
+    for version in ["1", "2"] {
+        let out = format!("{MODEL}-v{version}.fmb");
+        fleetctl(
+            exe,
+            dir,
+            &[
+                "bundle",
+                "build",
+                "--model",
+                "model.onnx",
+                "--name",
+                MODEL,
+                "--version",
+                version,
+                "--label",
+                "sim",
+                "--features",
+                "features.toml",
+                "--lineage",
+                "lineage.toml",
+                "--reference",
+                "reference.csv",
+                "--golden",
+                "holdout.csv",
+                "--key",
+                "keys/sim.key",
+                "--out",
+                &out,
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+/// The mosquitto executable: `--mosquitto`, else the usual places and PATH.
+pub(super) fn find_mosquitto(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = given {
+        anyhow::ensure!(
+            p.is_file(),
+            "--mosquitto {}: no such file (install Debian's mosquitto, or use --broker embedded)",
+            p.display()
+        );
+        return Ok(p.to_path_buf());
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    ["/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin"]
+        .into_iter()
+        .map(PathBuf::from)
+        .chain(std::env::split_paths(&path))
+        .map(|d| d.join("mosquitto"))
+        .find(|p| p.is_file())
+        .context(
+            "mosquitto not found: install Debian's mosquitto (apt-get install mosquitto), pass --mosquitto PATH, or use --broker embedded",
+        )
+}
+
+pub(super) fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// A private mosquitto on `port` (loopback), persistence on, no connection cap.
+pub(super) fn start_mosquitto(bin: &Path, dir: &Path, port: u16) -> anyhow::Result<Child> {
+    let store = dir.join("mosquitto");
+    std::fs::create_dir_all(&store)?;
+    let config = store.join("mosquitto.conf");
+    // As root, mosquitto would drop to user `mosquitto`, which cannot write into this
+    // private folder. Devices send their derived passwords; without a password file
+    // mosquitto accepts any login (the embedded broker checks them).
+    std::fs::write(
+        &config,
+        format!(
+            "listener {port} 127.0.0.1\nmax_connections -1\nallow_anonymous true\n\
+             persistence true\npersistence_location {}/\n\
+             # The ingest's queue: devices' messages wait here while it stores a batch.\n\
+             max_queued_messages 1000000\n\
+             log_type error\nlog_type warning\nconnection_messages false\n{}",
+            store.display(),
+            if running_as_root() { "user root\n" } else { "" }
+        ),
+    )?;
+    let mut child = Command::new(bin)
+        .arg("-c")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(log_file(dir, "mosquitto.log")?)
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            bail!(
+                "mosquitto exited ({status}) before listening; see {}",
+                dir.join("mosquitto.log").display()
+            );
+        }
+        if Instant::now() > deadline {
+            crate::demo::stop_child(&mut child);
+            bail!("mosquitto did not listen on 127.0.0.1:{port} within 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(child)
+}
+
+/// Raises this process's open-file limit towards `want` (children inherit it): the soft
+/// limit up to the hard one, and the hard one too where the process may (root). Returns
+/// the soft limit now in force.
+///
+/// `libc` is a direct dependency for this call alone (std has no setrlimit); the unsafe
+/// blocks only pass a struct owned here to the two system calls.
+#[allow(unsafe_code)]
+pub(super) fn raise_open_file_limit(want: u64) -> anyhow::Result<u64> {
+    let mut now = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one `rlimit` into `now`, which lives across the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut now) } != 0 {
+        bail!(
+            "reading the open-file limit: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    if now.rlim_cur >= want {
+        return Ok(now.rlim_cur);
+    }
+    for wanted in [
+        libc::rlimit {
+            rlim_cur: want,
+            rlim_max: now.rlim_max.max(want),
+        },
+        libc::rlimit {
+            rlim_cur: now.rlim_max.min(want),
+            rlim_max: now.rlim_max,
+        },
+    ] {
+        // SAFETY: setrlimit reads one `rlimit` from `wanted`, which lives across the call.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) } == 0 {
+            return Ok(wanted.rlim_cur);
+        }
+    }
+    Ok(now.rlim_cur)
+}
+
+/// `VmRSS` and `VmHWM` of a process, KiB.
+pub(super) fn memory_of(pid: u32) -> (u64, u64) {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+pub(super) fn rss(pid: u32) -> u64 {
+    memory_of(pid).0
+}
+
+/// User + system CPU seconds of a process, all its threads (`/proc/PID/stat` fields 14
+/// and 15, in the kernel's USER_HZ of 100 ticks per second).
+pub(super) fn cpu_of(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The command name (field 2) may hold spaces; the fields after it are plain.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let field = |i: usize| {
+        rest.split_whitespace()
+            .nth(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (field(11) + field(12)) as f64 / 100.0
+}
