@@ -84,6 +84,24 @@ impl Client {
         self.call("POST", path, "application/json", serde_json::to_vec(body)?)
     }
 
+    /// `GET path`, its answer read as `T` (one of [`crate::api::types`]).
+    pub fn get_as<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        let v = self.get(path)?;
+        serde_json::from_value(v)
+            .with_context(|| format!("GET {path}: the server's answer is not what this fleetctl reads (different versions?)"))
+    }
+
+    /// `POST path` with `body`, its answer read as `T` (both of [`crate::api::types`]).
+    pub fn post_as<B: serde::Serialize, T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<T> {
+        let v = self.call("POST", path, "application/json", serde_json::to_vec(body)?)?;
+        serde_json::from_value(v)
+            .with_context(|| format!("POST {path}: the server's answer is not what this fleetctl reads (different versions?)"))
+    }
+
     /// `METHOD path` with a JSON body.
     pub fn call_json(&self, method: &str, path: &str, body: &Value) -> anyhow::Result<Value> {
         self.call(method, path, "application/json", serde_json::to_vec(body)?)

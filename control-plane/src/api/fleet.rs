@@ -16,6 +16,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::api::devices::enrolled;
+use crate::api::types::{CreatedToken, TokenInfo, TokenRequest};
 use crate::api::{Api, ApiError};
 use crate::auth::{Principal, Role};
 use crate::plane::{Plane, now_ms};
@@ -727,19 +728,12 @@ pub async fn abort_rollout(
     control(plane, id, RState::Aborted).await
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TokenRequest {
-    name: String,
-    role: String,
-}
-
 /// `POST /v1/tokens`: a new operator token, shown once.
 pub async fn create_token(
     State(plane): State<Arc<Plane>>,
     Extension(who): Extension<Principal>,
     axum::Json(req): axum::Json<TokenRequest>,
-) -> Api<(StatusCode, axum::Json<Value>)> {
+) -> Api<(StatusCode, axum::Json<CreatedToken>)> {
     let role: Role = req.role.parse().map_err(ApiError::unprocessable)?;
     if req.name.trim().is_empty() || req.name.len() > 64 {
         return Err(ApiError::unprocessable(
@@ -753,19 +747,18 @@ pub async fn create_token(
             .create(req.name.trim(), role, &who.who(), now_ms(), &random)?;
     Ok((
         StatusCode::CREATED,
-        axum::Json(json!({
-            "id": record.id, "name": record.name, "role": record.role, "token": token,
-        })),
+        axum::Json(CreatedToken {
+            id: record.id,
+            name: record.name,
+            role: record.role,
+            token,
+        }),
     ))
 }
 
-pub async fn list_tokens(State(plane): State<Arc<Plane>>) -> Api<axum::Json<Value>> {
+pub async fn list_tokens(State(plane): State<Arc<Plane>>) -> Api<axum::Json<Vec<TokenInfo>>> {
     let list = plane.tokens.list()?;
-    Ok(axum::Json(Value::Array(
-        list.iter()
-            .map(|t| json!({"id": t.id, "name": t.name, "role": t.role, "created_ms": t.created_ms, "created_by": t.created_by}))
-            .collect(),
-    )))
+    Ok(axum::Json(list.iter().map(TokenInfo::from).collect()))
 }
 
 pub async fn revoke_token(

@@ -26,6 +26,7 @@ pub mod models;
 pub(crate) mod policy;
 pub(crate) mod retrain;
 pub mod router;
+pub mod types;
 
 /// An API error: status and a message naming what was wrong.
 pub(crate) struct ApiError(pub StatusCode, pub String);

@@ -1,5 +1,7 @@
 //! `fleetctl tokens …`: operator tokens.
 
+use fleet_control::api::types::{CreatedToken, TokenInfo, TokenRequest};
+
 use super::common::*;
 
 #[derive(Subcommand, Debug)]
@@ -25,34 +27,34 @@ pub(crate) enum TokensCommand {
 pub(crate) fn tokens_command(server: &str, cmd: TokensCommand) -> anyhow::Result<()> {
     match cmd {
         TokensCommand::Create { role, name } => {
-            let r = fleet_control::client::Client::new(server)?.post(
-                "/v1/tokens",
-                &serde_json::json!({
-                    "name": name.unwrap_or_else(|| format!("{role} token")),
-                    "role": role,
-                }),
-            )?;
+            let request = TokenRequest {
+                name: name.unwrap_or_else(|| format!("{role} token")),
+                role,
+            };
+            let r: CreatedToken =
+                fleet_control::client::Client::new(server)?.post_as("/v1/tokens", &request)?;
             eprintln!(
                 "created token {} ({}, role {}); it is shown only now:",
-                r["id"].as_str().unwrap_or("?"),
-                r["name"].as_str().unwrap_or("?"),
-                r["role"].as_str().unwrap_or("?")
+                r.id,
+                r.name,
+                r.role.as_str()
             );
-            println!("{}", r["token"].as_str().unwrap_or("?"));
+            println!("{}", r.token);
         }
         TokensCommand::List { json } => {
-            let list = fleet_control::client::Client::new(server)?.get("/v1/tokens")?;
+            let list: Vec<TokenInfo> =
+                fleet_control::client::Client::new(server)?.get_as("/v1/tokens")?;
             if json {
-                print_json(&list)?;
+                print_json(&serde_json::to_value(&list)?)?;
             } else {
                 println!("{:<16} {:<10} {:<40} CREATED BY", "ID", "ROLE", "NAME");
-                for t in list.as_array().cloned().unwrap_or_default() {
+                for t in &list {
                     println!(
                         "{:<16} {:<10} {:<40} {}",
-                        t["id"].as_str().unwrap_or("?"),
-                        t["role"].as_str().unwrap_or("?"),
-                        t["name"].as_str().unwrap_or("?"),
-                        t["created_by"].as_str().unwrap_or("?")
+                        t.id,
+                        t.role.as_str(),
+                        t.name,
+                        t.created_by
                     );
                 }
             }

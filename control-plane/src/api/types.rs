@@ -1,0 +1,82 @@
+//! Request and response bodies of the HTTP API that the server and the operator CLI
+//! share: `fleetctl serve` answers with these types and `fleetctl` reads them back as
+//! the same types, so a renamed or retyped field fails the build, not an operator's
+//! command. (Endpoints not listed here still answer JSON built in their handler, read
+//! by the CLI as `serde_json::Value`.)
+
+use serde::{Deserialize, Serialize};
+
+use crate::records::{Role, TokenRecord};
+
+/// `POST /v1/tokens`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRequest {
+    /// Who or what uses it (1–64 characters; shown in the audit log).
+    pub name: String,
+    /// `viewer`, `operator` or `admin`.
+    pub role: String,
+}
+
+/// The answer to `POST /v1/tokens`: the only time the token itself is shown.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreatedToken {
+    pub id: String,
+    pub name: String,
+    pub role: Role,
+    pub token: String,
+}
+
+/// One entry of `GET /v1/tokens` (never the token or its hash).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenInfo {
+    pub id: String,
+    pub name: String,
+    pub role: Role,
+    pub created_ms: u64,
+    pub created_by: String,
+}
+
+impl From<&TokenRecord> for TokenInfo {
+    fn from(t: &TokenRecord) -> TokenInfo {
+        TokenInfo {
+            id: t.id.clone(),
+            name: t.name.clone(),
+            role: t.role,
+            created_ms: t.created_ms,
+            created_by: t.created_by.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The wire form is what the OpenAPI document and older clients read.
+    #[test]
+    fn token_bodies_keep_their_wire_form() {
+        let created = CreatedToken {
+            id: "t1".into(),
+            name: "ci".into(),
+            role: Role::Operator,
+            token: "fmt_x".into(),
+        };
+        assert_eq!(
+            serde_json::to_value(&created).expect("json"),
+            serde_json::json!({"id": "t1", "name": "ci", "role": "operator", "token": "fmt_x"})
+        );
+        let info: TokenInfo = serde_json::from_value(serde_json::json!({
+            "id": "t1", "name": "ci", "role": "admin", "created_ms": 5, "created_by": "admin"
+        }))
+        .expect("decodes");
+        assert_eq!(info.role, Role::Admin);
+        assert!(
+            serde_json::from_value::<TokenRequest>(
+                serde_json::json!({"name": "a", "role": "viewer", "x": 1})
+            )
+            .is_err(),
+            "unknown fields are refused"
+        );
+    }
+}
