@@ -45,6 +45,17 @@ fn setup(dir: &Path) {
     .success();
 }
 
+/// Keys, a trust policy and `claims.fmb` built and signed with key `a`.
+fn signed_claims(dir: &Path) {
+    setup(dir);
+    build(dir, "claims.fmb");
+    fleetctl(
+        dir,
+        &["bundle", "sign", "claims.fmb", "--key", "keys/a.key"],
+    )
+    .success();
+}
+
 fn build(dir: &Path, out: &str) {
     let (reference, lineage) = (claims("reference.csv"), claims("lineage.toml"));
     let run = build_claims(
@@ -179,13 +190,7 @@ fn operator_builds_signs_and_verifies_a_bundle_and_the_agent_self_tests_it() {
 fn tampered_or_untrusted_bundles_are_rejected_by_fleetctl_and_the_agent_with_the_cause() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
-    setup(dir);
-    build(dir, "claims.fmb");
-    fleetctl(
-        dir,
-        &["bundle", "sign", "claims.fmb", "--key", "keys/a.key"],
-    )
-    .success();
+    signed_claims(dir);
     let good = std::fs::read(dir.join("claims.fmb")).expect("bundle");
     let front = bundle::read_unverified(&good[..], &Limits::default()).expect("front");
     let model_at = front.payload_offset() as usize;
@@ -462,13 +467,7 @@ fn bundles_and_policies_are_world_readable_while_keys_stay_private() {
     use std::os::unix::fs::PermissionsExt;
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
-    setup(dir);
-    build(dir, "claims.fmb");
-    fleetctl(
-        dir,
-        &["bundle", "sign", "claims.fmb", "--key", "keys/a.key"],
-    )
-    .success();
+    signed_claims(dir);
     let mode = |p: &str| {
         std::fs::metadata(dir.join(p))
             .expect("exists")
@@ -496,13 +495,7 @@ fn bundles_and_policies_are_world_readable_while_keys_stay_private() {
 fn the_agent_reports_gpu_and_npu_boards_falling_back_to_cpu() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
-    setup(dir);
-    build(dir, "claims.fmb");
-    fleetctl(
-        dir,
-        &["bundle", "sign", "claims.fmb", "--key", "keys/a.key"],
-    )
-    .success();
+    signed_claims(dir);
     let board = hil_tests::root().join("boards/jetson-orin-nano.toml");
     let run = agent(
         dir,
