@@ -328,7 +328,7 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
     spawn_ingest(plane.clone(), ingest_client, events);
     spawn_receipts(plane.clone(), opts.receipt_interval);
     spawn_commands(command_events);
-    crate::api::fleet::spawn_rollouts(plane.clone());
+    crate::api::rollouts::spawn_rollouts(plane.clone());
     crate::policy::spawn(plane.clone());
 
     let app = router(plane.clone());

@@ -2,9 +2,10 @@
 //! what (`access`, the `authorize` middleware that also audits), and the handlers by
 //! resource: `data` (datasets), `devices` (enrolment, inventory, messages, commands,
 //! drift, ingest counters), `models` (the registry and the trust policy), `fleet`
-//! (assignments, bundles, captures, rollouts, rollbacks, tokens, audit), `policy`
-//! (retraining policies, comparisons) and `retrain` (training jobs). `router` puts them
-//! all behind `authorize`.
+//! (assignments, bundles, captures), `rollouts` (rollouts, rollbacks, the engine task),
+//! `tokens` (tokens, audit log), `policy` (retraining policies, comparisons) and
+//! `retrain` (training jobs); `types` holds the bodies the CLI reads back typed.
+//! `router` puts them all behind `authorize`.
 
 use std::sync::Arc;
 
@@ -25,7 +26,9 @@ pub(crate) mod fleet;
 pub mod models;
 pub(crate) mod policy;
 pub(crate) mod retrain;
+pub(crate) mod rollouts;
 pub mod router;
+pub(crate) mod tokens;
 pub mod types;
 
 /// An API error: status and a message naming what was wrong.
@@ -222,3 +225,11 @@ fn access_role(a: Access) -> Role {
 
 /// Largest dataset file accepted by `POST /v1/datasets`.
 pub const MAX_DATASET_UPLOAD: usize = 512 << 20;
+
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Api<T> + Send + 'static,
+) -> Api<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(ApiError::internal)?
+}

@@ -16,6 +16,8 @@ pub fn router(plane: Arc<Plane>) -> Router {
     use crate::api::data as d;
     use crate::api::fleet as f;
     use crate::api::retrain as r;
+    use crate::api::rollouts as ro;
+    use crate::api::tokens as t;
     let authenticated = Router::new()
         .route("/v1/devices", post(enroll).get(list_devices))
         .route("/v1/devices/{id}", get(show_device))
@@ -63,15 +65,18 @@ pub fn router(plane: Arc<Plane>) -> Router {
         .route("/v1/models/{name}/{version}", get(show_model))
         .route("/v1/models/{name}/{version}/stage", post(set_stage))
         .route("/v1/models/{name}/{version}/tags", post(set_tags))
-        .route("/v1/rollouts", post(f::start_rollout).get(f::list_rollouts))
-        .route("/v1/rollouts/{id}", get(f::show_rollout))
-        .route("/v1/rollouts/{id}/pause", post(f::pause_rollout))
-        .route("/v1/rollouts/{id}/resume", post(f::resume_rollout))
-        .route("/v1/rollouts/{id}/abort", post(f::abort_rollout))
-        .route("/v1/rollbacks", post(f::start_rollback))
-        .route("/v1/tokens", post(f::create_token).get(f::list_tokens))
-        .route("/v1/tokens/{id}", delete(f::revoke_token))
-        .route("/v1/audit", get(f::audit_log))
+        .route(
+            "/v1/rollouts",
+            post(ro::start_rollout).get(ro::list_rollouts),
+        )
+        .route("/v1/rollouts/{id}", get(ro::show_rollout))
+        .route("/v1/rollouts/{id}/pause", post(ro::pause_rollout))
+        .route("/v1/rollouts/{id}/resume", post(ro::resume_rollout))
+        .route("/v1/rollouts/{id}/abort", post(ro::abort_rollout))
+        .route("/v1/rollbacks", post(ro::start_rollback))
+        .route("/v1/tokens", post(t::create_token).get(t::list_tokens))
+        .route("/v1/tokens/{id}", delete(t::revoke_token))
+        .route("/v1/audit", get(t::audit_log))
         .route_layer(axum::middleware::from_fn_with_state(
             plane.clone(),
             authorize,

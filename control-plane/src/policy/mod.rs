@@ -278,7 +278,7 @@ fn promote(plane: &Arc<Plane>, policy: &Policy, name: &str, version: u64) -> Str
             policy.margin
         );
     }
-    match crate::api::fleet::start_canary(plane, name, version, policy.canary_pct) {
+    match crate::api::rollouts::start_canary(plane, name, version, policy.canary_pct) {
         Ok(id) => {
             audit(
                 plane,
