@@ -15,6 +15,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::api::blocking;
+use crate::api::types::{RollbackMove, RollbackPlan, RollbackRequest, Skipped};
 use crate::api::{Api, ApiError};
 use crate::auth::Principal;
 use crate::plane::{Plane, now_ms};
@@ -235,18 +236,6 @@ fn create_rollout(plane: &Plane, req: RolloutRequest, by: String) -> Api<Rollout
     Ok(rollout)
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RollbackRequest {
-    model: String,
-    #[serde(default)]
-    to: Option<u64>,
-    #[serde(default)]
-    devices: Option<String>,
-    #[serde(default)]
-    dry_run: bool,
-}
-
 /// `POST /v1/rollbacks`: each selected device back to its previous (or the named)
 /// version, as a new generation; one wave, no gates.
 pub async fn start_rollback(
@@ -257,12 +246,24 @@ pub async fn start_rollback(
     let p = plane.clone();
     let planned = blocking(move || {
         let plane = p;
-        let selector: Selector = req.devices.as_deref().unwrap_or("all").parse().map_err(ApiError::unprocessable)?;
+        let selector: Selector = req
+            .devices
+            .as_deref()
+            .unwrap_or("all")
+            .parse()
+            .map_err(ApiError::unprocessable)?;
         let named = match req.to {
             Some(v) => {
-                let r = plane.registry.get(&req.model, v).map_err(ApiError::internal)?.ok_or_else(|| {
-                    ApiError(StatusCode::NOT_FOUND, format!("{}@v{v} is not in the registry", req.model))
-                })?;
+                let r = plane
+                    .registry
+                    .get(&req.model, v)
+                    .map_err(ApiError::internal)?
+                    .ok_or_else(|| {
+                        ApiError(
+                            StatusCode::NOT_FOUND,
+                            format!("{}@v{v} is not in the registry", req.model),
+                        )
+                    })?;
                 Some(AssignedModel {
                     version: v,
                     digest: r.digest.parse().map_err(ApiError::internal)?,
@@ -273,15 +274,25 @@ pub async fn start_rollback(
             None => None,
         };
         let _guard = plane.rollout_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let id = if req.dry_run { "(dry run)".to_string() } else { plane.rollouts.next_rollout_id()? };
+        let id = if req.dry_run {
+            "(dry run)".to_string()
+        } else {
+            plane.rollouts.next_rollout_id()?
+        };
         let mut targets = Vec::new();
         let mut skipped = Vec::new();
         let mut devices = plane.ingest.store.devices()?;
         devices.sort_by(|a, b| a.id.cmp(&b.id));
         for d in devices.iter().filter(|d| selector.matches(d)) {
-            let Some(record) = plane.assignments.assignment(&d.id)? else { continue };
-            let Some(current) = record.models.get(&req.model) else { continue };
-            let to = named.clone().or_else(|| record.previous.get(&req.model).cloned());
+            let Some(record) = plane.assignments.assignment(&d.id)? else {
+                continue;
+            };
+            let Some(current) = record.models.get(&req.model) else {
+                continue;
+            };
+            let to = named
+                .clone()
+                .or_else(|| record.previous.get(&req.model).cloned());
             match to {
                 Some(mut to) if to.digest != current.digest => {
                     to.rollout = Some(id.clone());
@@ -294,24 +305,39 @@ pub async fn start_rollback(
                         generation: None,
                     });
                 }
-                Some(_) => skipped.push(json!({"device": d.id, "reason": format!("already assigned v{}", current.version)})),
-                None => skipped.push(json!({"device": d.id, "reason": "no previous version assigned"})),
+                Some(_) => skipped.push(Skipped {
+                    device: d.id.to_string(),
+                    reason: format!("already assigned v{}", current.version),
+                }),
+                None => skipped.push(Skipped {
+                    device: d.id.to_string(),
+                    reason: "no previous version assigned".into(),
+                }),
             }
         }
         if targets.is_empty() {
             return Err(ApiError::unprocessable(format!(
                 "nothing to roll back: no selected device has another version of {} to return to{}",
                 req.model,
-                if skipped.is_empty() { String::new() } else { format!(" ({})", Value::Array(skipped.clone())) }
+                if skipped.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", serde_json::to_string(&skipped).unwrap_or_default())
+                }
             )));
         }
-        let plan = json!({
-            "model": req.model,
-            "devices": targets.iter().map(|t| json!({
-                "device": t.device, "from": t.from.as_ref().map(|f| f.version), "to": t.to.version,
-            })).collect::<Vec<_>>(),
-            "skipped": skipped,
-        });
+        let plan = RollbackPlan {
+            model: req.model.clone(),
+            devices: targets
+                .iter()
+                .map(|t| RollbackMove {
+                    device: t.device.to_string(),
+                    from: t.from.as_ref().map(|f| f.version),
+                    to: t.to.version,
+                })
+                .collect(),
+            skipped,
+        };
         if req.dry_run {
             return Ok((None, plan));
         }
@@ -323,31 +349,38 @@ pub async fn start_rollback(
                 plane.rollouts.put_rollout(&r)?;
             }
         }
-        let versions: std::collections::BTreeSet<u64> = targets.iter().map(|t| t.to.version).collect();
-        let rollout = Rollout::new(Plan {
-            id: id.clone(),
-            kind: Kind::Rollback,
-            model: req.model.clone(),
-            version: (versions.len() == 1).then(|| versions.into_iter().next().unwrap_or(0)),
-            selector: req.devices.clone().unwrap_or_else(|| "all".into()),
-            strategy: Strategy {
-                waves: vec![100],
-                soak_ms: 0,
-                quorum_pct: 100,
-                deadline_ms: 30 * 60 * 1000,
-                gates: Gates::default(),
-                auto_rollback: false,
+        let versions: std::collections::BTreeSet<u64> =
+            targets.iter().map(|t| t.to.version).collect();
+        let rollout = Rollout::new(
+            Plan {
+                id: id.clone(),
+                kind: Kind::Rollback,
+                model: req.model.clone(),
+                version: (versions.len() == 1).then(|| versions.into_iter().next().unwrap_or(0)),
+                selector: req.devices.clone().unwrap_or_else(|| "all".into()),
+                strategy: Strategy {
+                    waves: vec![100],
+                    soak_ms: 0,
+                    quorum_pct: 100,
+                    deadline_ms: 30 * 60 * 1000,
+                    gates: Gates::default(),
+                    auto_rollback: false,
+                },
+                baseline: Default::default(),
+                targets,
+                by: who.who(),
             },
-            baseline: Default::default(),
-            targets,
-            by: who.who(),
-        }, now_ms());
+            now_ms(),
+        );
         plane.rollouts.put_rollout(&rollout)?;
         Ok((Some(id), plan))
     })
     .await?;
     match planned {
-        (None, plan) => Ok((StatusCode::OK, axum::Json(plan))),
+        (None, plan) => Ok((
+            StatusCode::OK,
+            axum::Json(serde_json::to_value(plan).map_err(ApiError::internal)?),
+        )),
         (Some(id), _) => {
             tracing::info!(rollback = %id, "rollback started");
             advance(&plane, &id).await?;

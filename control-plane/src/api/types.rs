@@ -1,8 +1,9 @@
 //! Request and response bodies of the HTTP API that the server and the operator CLI
 //! share: `fleetctl serve` answers with these types and `fleetctl` reads them back as
 //! the same types, so a renamed or retyped field fails the build, not an operator's
-//! command. (Endpoints not listed here still answer JSON built in their handler, read
-//! by the CLI as `serde_json::Value`.)
+//! command. Here: tokens, and the rollback request and its dry-run plan. (Endpoints not
+//! listed here still answer JSON built in their handler, read by the CLI as
+//! `serde_json::Value`.)
 
 use serde::{Deserialize, Serialize};
 
@@ -47,6 +48,45 @@ impl From<&TokenRecord> for TokenInfo {
             created_by: t.created_by.clone(),
         }
     }
+}
+
+/// `POST /v1/rollbacks`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackRequest {
+    pub model: String,
+    /// The version to return to (default: each device's previous one).
+    #[serde(default)]
+    pub to: Option<u64>,
+    /// A device selector (default: all).
+    #[serde(default)]
+    pub devices: Option<String>,
+    /// Only say what would move.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// The answer to a dry run of `POST /v1/rollbacks`: what would move, and what not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RollbackPlan {
+    pub model: String,
+    pub devices: Vec<RollbackMove>,
+    pub skipped: Vec<Skipped>,
+}
+
+/// One device a rollback moves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RollbackMove {
+    pub device: String,
+    pub from: Option<u64>,
+    pub to: u64,
+}
+
+/// A selected device a rollback leaves alone, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Skipped {
+    pub device: String,
+    pub reason: String,
 }
 
 #[cfg(test)]

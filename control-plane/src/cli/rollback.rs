@@ -1,5 +1,7 @@
 //! `fleetctl rollback MODEL`: every selected device back to its previous version (or `--to V`), as one rollout wave.
 
+use fleet_control::api::types::{RollbackPlan, RollbackRequest};
+
 use super::common::*;
 use super::rollout::watch;
 
@@ -30,29 +32,29 @@ pub(crate) fn rollback_command(server: &str, a: RollbackArgs) -> anyhow::Result<
         detach,
     } = a;
     let client = fleet_control::client::Client::new(server)?;
-    let body = |dry_run: bool| serde_json::json!({ "model": model, "to": to, "devices": devices, "dry_run": dry_run });
-    let plan = client.post("/v1/rollbacks", &body(true))?;
+    let request = |dry_run: bool| RollbackRequest {
+        model: model.clone(),
+        to,
+        devices: devices.clone(),
+        dry_run,
+    };
+    let plan: RollbackPlan = client.post_as("/v1/rollbacks", &request(true))?;
     println!("roll back {model}:");
-    for d in plan["devices"].as_array().cloned().unwrap_or_default() {
-        println!(
-            "  {:<24} v{} -> v{}",
-            d["device"].as_str().unwrap_or("?"),
-            d["from"],
-            d["to"]
-        );
+    for d in &plan.devices {
+        let from = d.from.map_or("none".to_string(), |v| format!("v{v}"));
+        println!("  {:<24} {from} -> v{}", d.device, d.to);
     }
-    for d in plan["skipped"].as_array().cloned().unwrap_or_default() {
-        println!(
-            "  {:<24} skipped: {}",
-            d["device"].as_str().unwrap_or("?"),
-            d["reason"].as_str().unwrap_or("")
-        );
+    for d in &plan.skipped {
+        println!("  {:<24} skipped: {}", d.device, d.reason);
     }
     if !yes && !confirm("continue?")? {
         anyhow::bail!("not rolled back (nothing changed)");
     }
-    let r = client.post("/v1/rollbacks", &body(false))?;
-    let id = r["id"].as_str().unwrap_or("?").to_string();
+    let r = client.post("/v1/rollbacks", &serde_json::to_value(request(false))?)?;
+    let id = r["id"]
+        .as_str()
+        .context("the server's answer to the rollback names no rollback id")?
+        .to_string();
     println!("rollback {id} started");
     if !detach {
         watch(&client, &id)?;
