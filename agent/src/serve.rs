@@ -493,7 +493,7 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
             .with_context(|| format!("opening the model store in {}", config.data_dir.display()))?;
         mark_loading(&api, &store.models()?);
     }
-    let app = api::router(api.clone());
+    let app = api::router::router(api.clone());
     // Bind every listener before saying anything: the first line printed means the
     // agent is ready on all of them.
     let tcp = tokio::net::TcpListener::bind(config.listen)
@@ -513,7 +513,7 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     let address = tcp.local_addr()?;
     servers.spawn(async move { axum::serve(tcp, app).await.map_err(anyhow::Error::from) });
     if let Some(unix) = unix {
-        let app = api::router(api.clone());
+        let app = api::router::router(api.clone());
         servers.spawn(async move { axum::serve(unix, app).await.map_err(anyhow::Error::from) });
     }
     tracing::info!(address = %address, "prediction API listening");

@@ -9,8 +9,11 @@
 //! ([`fleetml_protocol::assignment::http_token`]) and may read only their own
 //! assignment and the bundles it names.
 //!
-//! **Audit log.** Every mutating call (and every refused one) appends an entry — who,
-//! role, what, target, when, outcome — to tree `audit`, keyed by a sequence number. Each
+//! **Audit log.** Every mutating call of an authenticated caller (refused ones included)
+//! appends an entry — who, role, what, target (cut at [`MAX_AUDIT_FIELD`] bytes), when,
+//! outcome — to tree `audit`, keyed by a sequence number. Calls without a valid token
+//! are counted and written as one entry per interval ([`Audit::flush_unauthenticated`]),
+//! so that nobody can fill the disk by being refused. Each
 //! entry holds the hash of the one before and its own hash over both, so an edited,
 //! inserted or deleted entry breaks the chain ([`verify`], `fleetctl audit verify`).
 
@@ -172,6 +175,34 @@ pub fn verify(entries: &[AuditEntry]) -> Result<String, String> {
 #[derive(Clone)]
 pub struct Audit {
     store: Arc<dyn AuditStore>,
+    /// Calls refused for want of a valid token since the last tally entry.
+    unauthenticated: Arc<std::sync::Mutex<Tally>>,
+}
+
+/// Longest `action` or `target` an audit entry keeps; the rest is cut, and the cut said.
+pub const MAX_AUDIT_FIELD: usize = 256;
+
+/// `text` cut to [`MAX_AUDIT_FIELD`] bytes (on a character boundary), saying how long it
+/// was.
+fn capped(text: String) -> String {
+    if text.len() <= MAX_AUDIT_FIELD {
+        return text;
+    }
+    let mut end = MAX_AUDIT_FIELD;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &text[..end], text.len())
+}
+
+/// Unauthenticated calls refused between two tally entries.
+#[derive(Debug, Default)]
+struct Tally {
+    count: u64,
+    first_ms: u64,
+    last_ms: u64,
+    /// The first one's action (capped).
+    example: String,
 }
 
 impl std::fmt::Debug for Audit {
@@ -182,7 +213,10 @@ impl std::fmt::Debug for Audit {
 
 impl Audit {
     pub fn new(store: Arc<dyn AuditStore>) -> Audit {
-        Audit { store }
+        Audit {
+            store,
+            unauthenticated: Arc::new(std::sync::Mutex::new(Tally::default())),
+        }
     }
 
     /// Appends an entry, chained to the one before, and makes it durable.
@@ -195,6 +229,7 @@ impl Audit {
         target: String,
         outcome: u16,
     ) -> Result<AuditEntry, StoreError> {
+        let (action, target) = (capped(action), capped(target));
         self.store.append_audit(&mut |last| {
             let (seq, prev) = match last {
                 Some(last) => (last.seq + 1, last.hash.clone()),
@@ -214,6 +249,51 @@ impl Audit {
             entry.hash = entry_hash(&entry);
             entry
         })
+    }
+
+    /// Counts a call refused for want of a valid token, instead of an entry of its own:
+    /// anyone can send those, and one entry each would let them fill the disk.
+    /// [`Audit::flush_unauthenticated`] writes them as one entry.
+    pub fn refused_unauthenticated(&self, at_ms: u64, action: &str) {
+        let mut t = self
+            .unauthenticated
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if t.count == 0 {
+            t.first_ms = at_ms;
+            t.example = capped(action.to_string());
+        }
+        t.count += 1;
+        t.last_ms = at_ms;
+    }
+
+    /// One entry for the unauthenticated calls refused since the last one (none if there
+    /// were none): `anonymous`, `refused unauthenticated calls`, how many, when, and the
+    /// first one's action; outcome 401. `fleetctl serve` writes it every
+    /// `--audit-interval` and when it stops.
+    pub fn flush_unauthenticated(&self) -> Result<Option<AuditEntry>, StoreError> {
+        let t = std::mem::take(
+            &mut *self
+                .unauthenticated
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        if t.count == 0 {
+            return Ok(None);
+        }
+        let target = format!(
+            "{} call(s) from {} to {} (ms since the epoch), the first: {}",
+            t.count, t.first_ms, t.last_ms, t.example
+        );
+        self.append(
+            t.last_ms,
+            "anonymous".into(),
+            "none".into(),
+            "refused unauthenticated calls".into(),
+            target,
+            401,
+        )
+        .map(Some)
     }
 
     /// Up to `limit` entries from sequence number `from` on. An entry that no longer
@@ -273,5 +353,52 @@ mod tests {
                 .expect_err("test")
                 .contains("entry 3 does not follow entry 2")
         );
+    }
+
+    /// A 60 KB path costs the log 256 bytes and says how long it was; a character cut in
+    /// the middle is not split.
+    #[test]
+    fn long_actions_and_targets_are_cut_and_say_so() {
+        let (_dir, audit) = chain();
+        let long = format!("/v1/{}", "é".repeat(30_000));
+        let e = audit
+            .append(
+                9,
+                "token:t1 (ci)".into(),
+                "operator".into(),
+                format!("POST {long}"),
+                long.clone(),
+                404,
+            )
+            .expect("test");
+        assert!(e.target.len() < MAX_AUDIT_FIELD + 32, "{}", e.target.len());
+        assert!(e.target.ends_with(&format!("… ({} bytes)", long.len())));
+        assert!(e.action.len() < MAX_AUDIT_FIELD + 32);
+        assert!(verify(&audit.entries(1, 100).expect("test")).is_ok());
+    }
+
+    /// Refused unauthenticated calls become one entry per flush, with their count, and
+    /// nothing when there were none.
+    #[test]
+    fn unauthenticated_refusals_are_one_entry_per_interval() {
+        let (_dir, audit) = chain();
+        for i in 0..500 {
+            audit.refused_unauthenticated(1_000 + i, &format!("POST /v1/{}", "x".repeat(60_000)));
+        }
+        let e = audit
+            .flush_unauthenticated()
+            .expect("test")
+            .expect("an entry");
+        assert_eq!((e.who.as_str(), e.outcome), ("anonymous", 401));
+        assert!(
+            e.target.starts_with("500 call(s) from 1000 to 1499"),
+            "{}",
+            e.target
+        );
+        assert!(e.target.len() < MAX_AUDIT_FIELD + 32);
+        assert!(audit.flush_unauthenticated().expect("test").is_none());
+        let entries = audit.entries(1, 100).expect("test");
+        assert_eq!(entries.len(), 5);
+        assert!(verify(&entries).is_ok());
     }
 }

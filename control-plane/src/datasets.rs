@@ -19,6 +19,7 @@ use fleetml_protocol::crypto::sha256;
 use serde_json::Value;
 
 pub use crate::records::{ColumnInfo, DatasetManifest};
+use crate::refusal::Refusal;
 use crate::store::{DatasetStore, StoreError};
 
 /// Most rows one dataset holds.
@@ -558,6 +559,15 @@ impl Datasets {
     }
 
     /// Every dataset, oldest first.
+    /// The dataset `id`, or the one whose id starts with `id` (8 hex digits or more).
+    pub fn resolve(&self, id: &str) -> Result<DatasetManifest, Refusal> {
+        let found = match self.get(id)? {
+            Some(m) => Some(m),
+            None => self.find(id)?,
+        };
+        found.ok_or_else(|| Refusal::not_found(format!("no dataset `{id}` (fleetctl data list)")))
+    }
+
     pub fn list(&self) -> Result<Vec<DatasetManifest>, StoreError> {
         self.store.datasets()
     }

@@ -15,6 +15,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
+use crate::api::types::{RolloutSummary, RolloutView};
+use crate::rollout::State as RolloutState;
+
 /// The example model and board profiles, compiled in so the demo (and `fleetctl sim`)
 /// needs no checkout.
 pub(crate) const CLAIMS: &[(&str, &[u8])] = &[
@@ -507,16 +510,20 @@ pub fn run(dir: Option<PathBuf>, exit: bool) -> anyhow::Result<()> {
         .to_string();
     let mut last = String::new();
     demo.wait("the rollout to complete", Duration::from_secs(90), || {
-        let v = client.get(&format!("/v1/rollouts/{id}"))?;
+        let v: RolloutView = client.get_as(&format!("/v1/rollouts/{id}"))?;
         let line = crate::views::rollout_line(&v);
         if line != last {
             println!("    {line}");
             last = line;
         }
-        match v["state"].as_str() {
-            Some("completed") => Ok(Some(())),
-            Some("paused" | "aborted" | "rolled_back") => bail!("{}", v["reason"]),
-            _ => Ok(None),
+        match v.state {
+            RolloutState::Completed => Ok(Some(())),
+            RolloutState::Paused | RolloutState::Aborted | RolloutState::RolledBack => bail!(
+                "the rollout is {}: {}",
+                v.state.as_str(),
+                v.reason.as_deref().unwrap_or("no reason given")
+            ),
+            RolloutState::Running => Ok(None),
         }
     })?;
     println!("  (watch it live: fleetctl rollout status {id} --watch)");
@@ -695,18 +702,16 @@ pub fn run(dir: Option<PathBuf>, exit: bool) -> anyhow::Result<()> {
 
     demo.say("The challenger won: the policy started a canary rollout of claims v2.");
     let canary = demo.wait("the canary", Duration::from_secs(60), || {
-        Ok(client
-            .get("/v1/rollouts")?
-            .as_array()
-            .and_then(|a| a.iter().find(|r| r["version"] == 2).cloned()))
+        let list: Vec<RolloutSummary> = client.get_as("/v1/rollouts")?;
+        Ok(list.into_iter().find(|r| r.version == Some(2)))
     })?;
-    let canary_id = canary["id"].as_str().unwrap_or("?").to_string();
+    let canary_id = canary.id;
     demo.wait(
         "the canary device to run v2",
         Duration::from_secs(60),
         || {
-            let v = client.get(&format!("/v1/rollouts/{canary_id}"))?;
-            Ok((v["devices_active"].as_u64().unwrap_or(0) >= 1).then_some(()))
+            let v: RolloutView = client.get_as(&format!("/v1/rollouts/{canary_id}"))?;
+            Ok((v.devices_active >= 1).then_some(()))
         },
     )?;
     demo.show(&["rollout", "status", &canary_id], 8)?;

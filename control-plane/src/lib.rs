@@ -29,6 +29,7 @@ pub mod plane;
 pub(crate) mod policy;
 pub mod profile;
 pub mod records;
+pub mod refusal;
 pub mod registry;
 pub(crate) mod retrain;
 pub mod rollout;

@@ -11,10 +11,10 @@ use std::time::Duration;
 use fleetml_protocol::manifest::{CodeRef, DatasetRef, Framework, Lineage, Param};
 use serde_json::{Value, json};
 
-use crate::api::ApiError;
 use crate::datasets::{Provenance, Table};
 use crate::jobs::{Executor, Job, JobSpec, JobState, LocalExecutor, Trial, TrialRun};
 use crate::plane::{Plane, now_ms};
+use crate::refusal::Refusal;
 
 /// Default tolerance of a reproduced metric (absolute: 2 percentage points).
 pub const TOLERANCE: f64 = 0.02;
@@ -53,7 +53,7 @@ pub fn start(
     trigger: String,
     reproduces: Option<(String, u64)>,
     training: Option<String>,
-) -> Result<Job, ApiError> {
+) -> Result<Job, Refusal> {
     let id = plane.jobs.next_id()?;
     let job = Job {
         id: id.clone(),
@@ -102,7 +102,7 @@ pub fn start(
             }
             p.running.done(&id);
         })
-        .map_err(ApiError::internal)?;
+        .map_err(Refusal::internal)?;
     Ok(job)
 }
 
@@ -122,24 +122,24 @@ fn inputs(plane: &Plane, job: &Job) -> Result<(Table, String, Vec<String>), Stri
     ids.extend(job.inputs.iter().cloned());
     let mut tables = Vec::new();
     for id in &ids {
-        let m = crate::api::data::dataset(plane, id).map_err(|e| e.1)?;
+        let m = plane.datasets.resolve(id).map_err(|e| e.to_string())?;
         tables.push(plane.datasets.load(&m.id)?);
     }
     let mut used = ids.clone();
     if let Some(c) = &job.spec.captures {
-        let req = crate::api::data::FromCaptures::new(
+        let req = crate::captures::FromCaptures::new(
             &job.model,
             c.since_s.map(|s| now_ms().saturating_sub(s * 1000)),
             c.labelled_only,
             job.spec.label.clone(),
         );
-        match crate::api::data::captured_table(plane, &req) {
+        match plane.captures.table(&req) {
             Ok((table, provenance)) => {
                 let (_, m) = plane.datasets.put(&table, provenance, now_ms())?;
                 used.push(m.id.clone());
                 tables.push(table);
             }
-            Err(e) => tracing::warn!(job = %job.id, error = %e.1, "no captured rows for this job"),
+            Err(e) => tracing::warn!(job = %job.id, error = %e, "no captured rows for this job"),
         }
     }
     let Some(first) = tables.first() else {
@@ -189,7 +189,7 @@ fn run(plane: &Arc<Plane>, id: &str, cancel: &AtomicBool) -> Result<(), String> 
         .map_err(|e| e.to_string())?;
     let holdout = match &job.spec.holdout {
         Some(h) => {
-            let m = crate::api::data::dataset(plane, h).map_err(|e| e.1)?;
+            let m = plane.datasets.resolve(h).map_err(|e| e.to_string())?;
             Some(plane.datasets.load(&m.id)?)
         }
         None => None,

@@ -60,6 +60,9 @@ pub struct Options {
     pub signing_key: Option<PathBuf>,
     /// How often each device gets a receipt for the messages stored since the last one.
     pub receipt_interval: Duration,
+    /// How often the calls refused for want of a valid token are written to the audit
+    /// log, as one entry.
+    pub audit_interval: Duration,
 }
 
 /// Reads `DIR/admin.token`, creating it (mode 0600) on first start.
@@ -327,6 +330,7 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
     });
     spawn_ingest(plane.clone(), ingest_client, events);
     spawn_receipts(plane.clone(), opts.receipt_interval);
+    spawn_audit_tally(plane.clone(), opts.audit_interval);
     spawn_commands(command_events);
     crate::api::rollouts::spawn_rollouts(plane.clone());
     crate::policy::spawn(plane.clone());
@@ -351,6 +355,7 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => {}
         done = &mut server => { done.context("API server task")??; }
     }
+    plane.audit.flush_unauthenticated()?;
     plane.ingest.store.flush()?;
     Ok(())
 }
@@ -477,6 +482,24 @@ fn spawn_ingest(plane: Arc<Plane>, client: AsyncClient, mut events: rumqttc::Eve
                 Err(e) => tracing::error!(error = %e, "ingest task failed"),
             }
             batch.clear();
+        }
+    });
+}
+
+/// Every `interval`, one audit entry for the unauthenticated calls refused since the
+/// last (none when there were none).
+fn spawn_audit_tally(plane: Arc<Plane>, interval: Duration) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(interval.max(Duration::from_millis(100)));
+        every.tick().await;
+        loop {
+            every.tick().await;
+            let p = plane.clone();
+            match tokio::task::spawn_blocking(move || p.audit.flush_unauthenticated()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "writing the tally of refused calls"),
+                Err(e) => tracing::error!(error = %e, "the audit tally task failed"),
+            }
         }
     });
 }

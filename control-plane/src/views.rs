@@ -4,6 +4,7 @@
 use fleetml_protocol::telemetry::{Body, DeviceId, Envelope, FeatureDrift};
 use serde_json::{Value, json};
 
+use crate::api::types::RolloutView;
 use crate::records::{DeviceRecord, DeviceState};
 
 fn open_alerts(state: &DeviceState) -> Vec<String> {
@@ -466,48 +467,44 @@ fn bar(done: u64, total: u64, width: usize) -> String {
 }
 
 /// One line of a rollout's state, for logs and non-terminal `--watch`.
-pub fn rollout_line(v: &Value) -> String {
-    let waves = v["waves"].as_array().cloned().unwrap_or_default();
-    let current = waves
+pub fn rollout_line(v: &RolloutView) -> String {
+    let current = v
+        .waves
         .iter()
-        .position(|w| w["passed_ms"].is_null())
-        .map_or(waves.len(), |i| i + 1);
+        .position(|w| w.passed_ms.is_none())
+        .map_or(v.waves.len(), |i| i + 1);
     format!(
         "{} {}: {} {} active {}/{}, wave {current}/{}{}",
-        v["kind"].as_str().unwrap_or("rollout"),
-        str_of(&v["id"]),
-        str_of(&v["state"]),
-        bar(
-            v["devices_active"].as_u64().unwrap_or(0),
-            v["devices_total"].as_u64().unwrap_or(0),
-            20
-        ),
-        v["devices_active"],
-        v["devices_total"],
-        waves.len(),
-        v["reason"]
-            .as_str()
+        v.kind.as_str(),
+        v.id,
+        v.state.as_str(),
+        bar(v.devices_active as u64, v.devices_total as u64, 20),
+        v.devices_active,
+        v.devices_total,
+        v.waves.len(),
+        v.reason
+            .as_deref()
             .map(|r| format!(" ({r})"))
             .unwrap_or_default()
     )
 }
 
 /// `fleetctl rollout status`: progress bar, waves, gates against thresholds, devices.
-pub fn rollout_status(v: &Value) -> String {
+pub fn rollout_status(v: &RolloutView) -> String {
     use std::fmt::Write;
     let mut out = String::new();
-    let version = v["version"]
-        .as_u64()
+    let version = v
+        .version
         .map_or("each device's previous version".into(), |n| format!("v{n}"));
     let _ = writeln!(
         out,
         "{} {} of {} to {} ({}), by {}",
-        str_of(&v["kind"]),
-        str_of(&v["id"]),
-        str_of(&v["model"]),
+        v.kind.as_str(),
+        v.id,
+        v.model,
         version,
-        str_of(&v["selector"]),
-        str_of(&v["by"])
+        v.selector,
+        v.by
     );
     let _ = writeln!(out, "{}", rollout_line(v));
     let _ = writeln!(
@@ -515,43 +512,40 @@ pub fn rollout_status(v: &Value) -> String {
         "\n{:<6} {:>7} {:>8} {:>8} {:>8} {:>12} {:>7} {:>7}  PASSED",
         "WAVE", "PERCENT", "DEVICES", "WAITING", "PENDING", "DOWNLOADING", "ACTIVE", "FAILED"
     );
-    for w in v["waves"].as_array().cloned().unwrap_or_default() {
-        let c = &w["counts"];
-        // serde_json's Display ignores widths: format the numbers as strings first.
-        let n = |v: &Value| str_of(v);
+    for w in &v.waves {
+        let n = |k: &str| w.counts.get(k).copied().unwrap_or(0);
         let _ = writeln!(
             out,
             "{:<6} {:>6}% {:>8} {:>8} {:>8} {:>12} {:>7} {:>7}  {}",
-            n(&w["wave"]),
-            n(&w["percent"]),
-            n(&w["devices"]),
-            n(&c["waiting"]),
-            n(&c["pending"]),
-            n(&c["downloading"]),
-            n(&c["active"]),
-            n(&c["failed"]),
-            w["passed_ms"].as_u64().map_or_else(|| "-".into(), utc)
+            w.wave,
+            w.percent,
+            w.devices,
+            n("waiting"),
+            n("pending"),
+            n("downloading"),
+            n("active"),
+            n("failed"),
+            w.passed_ms.map_or_else(|| "-".into(), utc)
         );
     }
-    let gates = v["gates"].as_array().cloned().unwrap_or_default();
-    if !gates.is_empty() {
+    if !v.gates.is_empty() {
         let _ = writeln!(out, "\n{:<26} {:>12} {:>12}  OK", "GATE", "VALUE", "LIMIT");
-        for g in gates {
-            let num = |x: &Value| {
-                x.as_f64().map_or("-".into(), |f| {
-                    format!("{f:.4}")
-                        .trim_end_matches('0')
-                        .trim_end_matches('.')
-                        .to_string()
-                })
-            };
+        let num = |x: Option<f64>| {
+            x.map_or("-".into(), |f| {
+                format!("{f:.4}")
+                    .trim_end_matches('0')
+                    .trim_end_matches('.')
+                    .to_string()
+            })
+        };
+        for g in &v.gates {
             let _ = writeln!(
                 out,
                 "{:<26} {:>12} {:>12}  {}",
-                str_of(&g["gate"]),
-                num(&g["value"]),
-                num(&g["threshold"]),
-                if g["ok"] == true { "yes" } else { "NO" }
+                g.gate,
+                num(g.value),
+                num(g.threshold),
+                if g.ok { "yes" } else { "NO" }
             );
         }
     }
@@ -560,21 +554,17 @@ pub fn rollout_status(v: &Value) -> String {
         "\n{:<24} {:>4} {:>6} {:>6} {:<12} DETAIL",
         "DEVICE", "WAVE", "FROM", "TO", "STATE"
     );
-    for d in v["devices"].as_array().cloned().unwrap_or_default() {
+    for d in &v.devices {
         let _ = writeln!(
             out,
             "{:<24} {:>4} {:>6} {:>6} {:<12} {}{}",
-            str_of(&d["device"]),
-            str_of(&d["wave"]),
-            d["from"].as_u64().map_or("-".into(), |f| format!("v{f}")),
-            format!("v{}", d["to"]),
-            str_of(&d["state"]),
-            if d["online"] == true {
-                ""
-            } else {
-                "(offline) "
-            },
-            str_of(&d["detail"])
+            d.device,
+            d.wave,
+            d.from.map_or("-".into(), |f| format!("v{f}")),
+            format!("v{}", d.to),
+            d.state,
+            if d.online { "" } else { "(offline) " },
+            d.detail
         );
     }
     out

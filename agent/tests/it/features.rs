@@ -63,7 +63,7 @@ async fn feedback_says_which_feature_it_needs() {
         .expect("bind");
     let addr = listener.local_addr().expect("address");
     let server = tokio::spawn(async move {
-        axum::serve(listener, api::router(api))
+        axum::serve(listener, api::router::router(api))
             .await
             .expect("serve");
     });

@@ -10,16 +10,10 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::api::{Api, ApiError};
+use crate::api::{Api, ApiError, blocking};
 use crate::auth::Principal;
 use crate::datasets::{DatasetManifest, Provenance, Table};
 use crate::plane::{Plane, now_ms};
-
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Api<T> + Send + 'static) -> Api<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(ApiError::internal)?
-}
 
 fn created(new: bool, m: DatasetManifest) -> (StatusCode, axum::Json<Value>) {
     (
@@ -34,16 +28,7 @@ fn created(new: bool, m: DatasetManifest) -> (StatusCode, axum::Json<Value>) {
 
 /// The dataset `id` (or a unique prefix of at least 8 hex digits), or 404.
 pub(crate) fn dataset(plane: &Plane, id: &str) -> Api<DatasetManifest> {
-    let found = match plane.datasets.get(id)? {
-        Some(m) => Some(m),
-        None => plane.datasets.find(id)?,
-    };
-    found.ok_or_else(|| {
-        ApiError(
-            StatusCode::NOT_FOUND,
-            format!("no dataset `{id}` (fleetctl data list)"),
-        )
-    })
+    Ok(plane.datasets.resolve(id)?)
 }
 
 #[derive(Debug, Deserialize)]
@@ -114,130 +99,14 @@ pub async fn import(
     .await
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FromCaptures {
-    model: String,
-    /// Only rows captured at or after this time.
-    #[serde(default)]
-    since_ms: Option<u64>,
-    /// Only rows that got a ground-truth label.
-    #[serde(default)]
-    labelled_only: bool,
-    /// Name of the label column (default `label`): the training target.
-    #[serde(default)]
-    label_column: Option<String>,
-    #[serde(default)]
-    name: Option<String>,
-}
-
-impl FromCaptures {
-    pub fn new(
-        model: &str,
-        since_ms: Option<u64>,
-        labelled_only: bool,
-        label_column: Option<String>,
-    ) -> FromCaptures {
-        FromCaptures {
-            model: model.into(),
-            since_ms,
-            labelled_only,
-            label_column,
-            name: None,
-        }
-    }
-}
-
-/// Rows of captured batches as flat records: the captured features, `predicted` (the
-/// class index or score), the label, `device` and `ts_ms`.
-pub(crate) fn captured_table(plane: &Plane, req: &FromCaptures) -> Api<(Table, Provenance)> {
-    let label = req.label_column.clone().unwrap_or_else(|| "label".into());
-    let mut objects = Vec::new();
-    let mut devices = std::collections::BTreeSet::new();
-    let (mut first, mut last) = (u64::MAX, 0u64);
-    let mut batches = 0;
-    for r in plane.captures.list(Some(&req.model), None)? {
-        if req.labelled_only && r.kind != "labelled" {
-            continue;
-        }
-        if req.since_ms.is_some_and(|s| r.last_ts_ms < s) {
-            continue;
-        }
-        let text = std::fs::read_to_string(plane.captures.path(&r)).map_err(ApiError::internal)?;
-        batches += 1;
-        for line in text.lines().filter(|l| !l.trim().is_empty()) {
-            let v: Value = serde_json::from_str(line).map_err(ApiError::internal)?;
-            let ts = v["ts_ms"].as_u64().unwrap_or(0);
-            if req.since_ms.is_some_and(|s| ts < s) {
-                continue;
-            }
-            if req.labelled_only && v.get("label").is_none_or(Value::is_null) {
-                continue;
-            }
-            let mut o = v["features"].as_object().cloned().unwrap_or_default();
-            let prediction: Vec<f64> = v["prediction"]
-                .as_array()
-                .map(|a| a.iter().filter_map(Value::as_f64).collect())
-                .unwrap_or_default();
-            let predicted = if prediction.len() > 1 {
-                prediction
-                    .iter()
-                    .enumerate()
-                    .max_by(|a, b| a.1.total_cmp(b.1))
-                    .map(|(i, _)| i as f64)
-            } else {
-                prediction.first().copied()
-            };
-            o.insert("predicted".into(), json!(predicted));
-            o.insert(
-                label.clone(),
-                v.get("label").cloned().unwrap_or(Value::Null),
-            );
-            o.insert("device".into(), json!(r.device));
-            o.insert("ts_ms".into(), json!(ts));
-            devices.insert(r.device.as_str().to_string());
-            first = first.min(ts);
-            last = last.max(ts);
-            objects.push(o);
-        }
-    }
-    if objects.is_empty() {
-        return Err(ApiError::unprocessable(format!(
-            "no captured rows of `{}` match (labelled only: {}, since: {:?}); enable [[capture]] on the devices",
-            req.model, req.labelled_only, req.since_ms
-        )));
-    }
-    let table = Table::from_objects(&objects).map_err(ApiError::unprocessable)?;
-    let mut filters = Vec::new();
-    if req.labelled_only {
-        filters.push("labelled_only".into());
-    }
-    if let Some(s) = req.since_ms {
-        filters.push(format!("since_ms({s})"));
-    }
-    Ok((
-        table,
-        Provenance {
-            name: req
-                .name
-                .clone()
-                .unwrap_or_else(|| format!("captures of {}", req.model)),
-            sources: vec![format!("captures: {} ({batches} batches)", req.model)],
-            devices: devices.into_iter().collect(),
-            time_range: Some((first, last)),
-            filters,
-        },
-    ))
-}
-
 /// `POST /v1/datasets/from-captures`.
 pub async fn from_captures(
     State(plane): State<Arc<Plane>>,
-    axum::Json(req): axum::Json<FromCaptures>,
+    axum::Json(req): axum::Json<crate::captures::FromCaptures>,
 ) -> Api<(StatusCode, axum::Json<Value>)> {
     let p = plane.clone();
     blocking(move || {
-        let (table, provenance) = captured_table(&p, &req)?;
+        let (table, provenance) = p.captures.table(&req)?;
         let (new, m) = p
             .datasets
             .put(&table, provenance, now_ms())

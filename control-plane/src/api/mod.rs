@@ -40,16 +40,6 @@ impl ApiError {
         ApiError(StatusCode::NOT_FOUND, e.to_string())
     }
 
-    /// 410: it existed, its data is gone.
-    pub fn gone(e: impl std::fmt::Display) -> ApiError {
-        ApiError(StatusCode::GONE, e.to_string())
-    }
-
-    /// 412: the control plane is not set up for it (no trust policy, say).
-    pub fn precondition(e: impl std::fmt::Display) -> ApiError {
-        ApiError(StatusCode::PRECONDITION_FAILED, e.to_string())
-    }
-
     /// 422: well-formed, but not something that can be done.
     pub fn unprocessable(e: impl std::fmt::Display) -> ApiError {
         ApiError(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
@@ -67,10 +57,32 @@ impl IntoResponse for ApiError {
     }
 }
 
+impl From<crate::refusal::Refusal> for ApiError {
+    fn from(e: crate::refusal::Refusal) -> Self {
+        use crate::refusal::Refusal as R;
+        let status = match &e {
+            R::NotFound(_) => StatusCode::NOT_FOUND,
+            R::Gone(_) => StatusCode::GONE,
+            R::Conflict(_) => StatusCode::CONFLICT,
+            R::Precondition(_) => StatusCode::PRECONDITION_FAILED,
+            R::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            R::Store(s) => return ApiError::from_store(s),
+            R::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
 impl From<crate::store::StoreError> for ApiError {
     fn from(e: crate::store::StoreError) -> Self {
+        ApiError::from_store(&e)
+    }
+}
+
+impl ApiError {
+    fn from_store(e: &crate::store::StoreError) -> ApiError {
         use crate::store::StoreError as E;
-        let status = match &e {
+        let status = match e {
             E::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             E::Corrupt { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             E::Conflict(_) => StatusCode::CONFLICT,
@@ -124,7 +136,9 @@ fn identify(plane: &Plane, token: &str) -> Option<Principal> {
 }
 
 /// Authenticates, checks the route's role, runs the handler, and writes an audit entry
-/// for every mutating call (refused ones included).
+/// for every mutating call of an authenticated caller (refused ones included); calls
+/// without a valid token are counted (`fleetml_control_unauthenticated_requests_total`)
+/// and audited as one entry per interval.
 pub(crate) async fn authorize(
     State(plane): State<Arc<Plane>>,
     matched: Option<axum::extract::MatchedPath>,
@@ -195,21 +209,24 @@ pub(crate) async fn authorize(
             next.run(request).await
         }
     };
-    if !matches!(method, axum::http::Method::GET | axum::http::Method::HEAD) {
-        let status = response.status().as_u16();
-        let (who, role) = principal
-            .as_ref()
-            .map_or(("anonymous".to_string(), "none".to_string()), |p| {
-                (p.who(), p.role())
-            });
-        let p2 = plane.clone();
-        let written = tokio::task::spawn_blocking(move || {
-            p2.audit.append(now_ms(), who, role, action, target, status)
-        })
-        .await;
-        if !matches!(written, Ok(Ok(_))) {
-            tracing::error!("could not write the audit log entry of a {status} call");
+    if principal.is_none() {
+        metrics::counter!("fleetml_control_unauthenticated_requests_total").increment(1);
+    }
+    let mutating = !matches!(method, axum::http::Method::GET | axum::http::Method::HEAD);
+    match (&principal, mutating) {
+        (None, true) => plane.audit.refused_unauthenticated(now_ms(), &action),
+        (Some(p), true) => {
+            let status = response.status().as_u16();
+            let (who, role, p2) = (p.who(), p.role(), plane.clone());
+            let written = tokio::task::spawn_blocking(move || {
+                p2.audit.append(now_ms(), who, role, action, target, status)
+            })
+            .await;
+            if !matches!(written, Ok(Ok(_))) {
+                tracing::error!("could not write the audit log entry of a {status} call");
+            }
         }
+        (_, false) => {}
     }
     response
 }
@@ -232,4 +249,47 @@ pub(crate) async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(ApiError::internal)?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::refusal::Refusal;
+    use crate::store::StoreError;
+
+    /// Every kind of refusal becomes the status a client acts on, with its message.
+    #[test]
+    fn refusals_become_their_http_status() {
+        let cases = [
+            (Refusal::not_found("no dataset `x`"), StatusCode::NOT_FOUND),
+            (Refusal::gone("file removed"), StatusCode::GONE),
+            (
+                Refusal::conflict("rollout r1 is running"),
+                StatusCode::CONFLICT,
+            ),
+            (
+                Refusal::precondition("no trust policy"),
+                StatusCode::PRECONDITION_FAILED,
+            ),
+            (
+                Refusal::unprocessable("archived"),
+                StatusCode::UNPROCESSABLE_ENTITY,
+            ),
+            (Refusal::internal("disk"), StatusCode::INTERNAL_SERVER_ERROR),
+            (
+                Refusal::Store(StoreError::Unavailable("sled".into())),
+                StatusCode::SERVICE_UNAVAILABLE,
+            ),
+            (
+                Refusal::Store(StoreError::Conflict("seq".into())),
+                StatusCode::CONFLICT,
+            ),
+        ];
+        for (refusal, status) in cases {
+            let text = refusal.to_string();
+            let e = ApiError::from(refusal);
+            assert_eq!(e.0, status, "{text}");
+            assert_eq!(e.1, text);
+        }
+    }
 }

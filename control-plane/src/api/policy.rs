@@ -8,7 +8,7 @@ use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::api::{Api, ApiError};
+use crate::api::{Api, ApiError, blocking};
 use crate::plane::Plane;
 use crate::policy::{Policy, compare};
 
@@ -34,20 +34,19 @@ pub async fn compare_handler(
     axum::Json(req): axum::Json<CompareRequest>,
 ) -> Api<axum::Json<Value>> {
     let p = plane.clone();
-    tokio::task::spawn_blocking(move || {
+    blocking(move || {
         let (a, b) = (parse_spec(&req.a)?, parse_spec(&req.b)?);
-        compare(
+        let compared = compare(
             &p,
             (&a.0, a.1),
             (&b.0, b.1),
             &req.dataset,
             req.label.as_deref(),
             req.margin.unwrap_or(0.0),
-        )
-        .map(axum::Json)
+        )?;
+        Ok(axum::Json(compared))
     })
     .await
-    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
 }
 
 /// `PUT /v1/models/{name}/policy`.

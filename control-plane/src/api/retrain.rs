@@ -56,7 +56,7 @@ pub async fn start_job(
             crate::api::data::dataset(&p, d)?;
         }
         p.jobs.keep_spec(&spec)?;
-        start(
+        Ok(start(
             &p,
             spec,
             "train",
@@ -64,7 +64,7 @@ pub async fn start_job(
             format!("manual ({})", who.who()),
             None,
             None,
-        )
+        )?)
     })
     .await
     .map_err(ApiError::internal)??;

@@ -1,5 +1,8 @@
 //! `fleetctl rollout …`: staged rollouts, and watching them.
 
+use fleet_control::api::types::{GateOverrides, RolloutRequest, RolloutSummary, RolloutView};
+use fleet_control::rollout::State as RolloutState;
+
 use super::common::*;
 
 #[derive(Subcommand, Debug)]
@@ -104,28 +107,34 @@ pub(crate) fn rollout_command(server: &str, cmd: RolloutCommand) -> anyhow::Resu
         } => {
             let (name, version) =
                 fleet_control::registry::parse_model_version(&model).map_err(anyhow::Error::msg)?;
-            let r = client.post(
+            let r: RolloutView = client.post_as(
                 "/v1/rollouts",
-                &serde_json::json!({
-                    "model": name, "version": version, "to": to, "waves": waves, "canary": canary,
-                    "soak_s": soak.as_secs(), "quorum_pct": quorum, "deadline_s": wave_deadline.as_secs(),
-                    "auto_rollback": auto_rollback,
-                    "gates": {
-                        "max_activation_failures": max_activation_failures,
-                        "max_self_test_failures": max_self_test_failures,
-                        "max_fallbacks": max_fallbacks,
-                        "max_drift_alerts": max_drift_alerts,
-                        "max_missing_rate_increase": max_missing_rate_increase,
-                        "max_p99_ratio": max_p99_ratio,
-                        "max_error_rate_increase": max_error_rate_increase,
-                    },
-                }),
+                &RolloutRequest {
+                    model: name.clone(),
+                    version,
+                    to,
+                    waves,
+                    canary,
+                    soak_s: Some(soak.as_secs()),
+                    quorum_pct: Some(quorum),
+                    deadline_s: Some(wave_deadline.as_secs()),
+                    auto_rollback,
+                    gates: Some(GateOverrides {
+                        max_activation_failures: Some(max_activation_failures),
+                        max_self_test_failures: Some(max_self_test_failures),
+                        max_fallbacks: Some(max_fallbacks),
+                        max_drift_alerts: Some(max_drift_alerts),
+                        max_missing_rate_increase: Some(max_missing_rate_increase),
+                        max_p99_ratio: Some(max_p99_ratio),
+                        max_error_rate_increase: Some(max_error_rate_increase),
+                    }),
+                },
             )?;
-            let id = r["id"].as_str().unwrap_or("?").to_string();
+            let id = r.id;
             println!(
                 "rollout {id} started: {name}@v{version} to {} device(s) in {} wave(s)",
-                r["devices_total"],
-                r["waves"].as_array().map_or(0, Vec::len)
+                r.devices_total,
+                r.waves.len()
             );
             if follow {
                 watch(&client, &id)?;
@@ -141,35 +150,33 @@ pub(crate) fn rollout_command(server: &str, cmd: RolloutCommand) -> anyhow::Resu
             if follow {
                 watch(&client, &id)?;
             } else {
-                let v = client.get(&format!("/v1/rollouts/{id}"))?;
+                let v: RolloutView = client.get_as(&format!("/v1/rollouts/{id}"))?;
                 if json {
-                    print_json(&v)?;
+                    print_json(&serde_json::to_value(&v)?)?;
                 } else {
                     print!("{}", fleet_control::views::rollout_status(&v));
                 }
             }
         }
         RolloutCommand::List { json } => {
-            let list = client.get("/v1/rollouts")?;
+            let list: Vec<RolloutSummary> = client.get_as("/v1/rollouts")?;
             if json {
-                print_json(&list)?;
+                print_json(&serde_json::to_value(&list)?)?;
             } else {
                 println!(
                     "{:<6} {:<9} {:<20} {:>8} {:<11} {:>9}  SELECTOR",
                     "ID", "KIND", "MODEL", "VERSION", "STATE", "ACTIVE"
                 );
-                for r in list.as_array().cloned().unwrap_or_default() {
+                for r in list {
                     println!(
                         "{:<6} {:<9} {:<20} {:>8} {:<11} {:>9}  {}",
-                        r["id"].as_str().unwrap_or("?"),
-                        r["kind"].as_str().unwrap_or("?"),
-                        r["model"].as_str().unwrap_or("?"),
-                        r["version"]
-                            .as_u64()
-                            .map_or("mixed".into(), |v| format!("v{v}")),
-                        r["state"].as_str().unwrap_or("?"),
-                        format!("{}/{}", r["devices_active"], r["devices_total"]),
-                        r["selector"].as_str().unwrap_or("?")
+                        r.id,
+                        r.kind.as_str(),
+                        r.model,
+                        r.version.map_or("mixed".into(), |v| format!("v{v}")),
+                        r.state.as_str(),
+                        format!("{}/{}", r.devices_active, r.devices_total),
+                        r.selector
                     );
                 }
             }
@@ -187,11 +194,11 @@ pub(crate) fn control_rollout(
     id: &str,
     action: &str,
 ) -> anyhow::Result<()> {
-    let v = client.post(
+    let v: RolloutView = client.post_as(
         &format!("/v1/rollouts/{id}/{action}"),
         &serde_json::json!({}),
     )?;
-    println!("rollout {id} is {}", v["state"].as_str().unwrap_or("?"));
+    println!("rollout {id} is {}", v.state.as_str());
     Ok(())
 }
 
@@ -201,7 +208,7 @@ pub(crate) fn watch(client: &fleet_control::client::Client, id: &str) -> anyhow:
     let tty = std::io::stdout().is_terminal();
     let mut last = String::new();
     loop {
-        let v = client.get(&format!("/v1/rollouts/{id}"))?;
+        let v: RolloutView = client.get_as(&format!("/v1/rollouts/{id}"))?;
         let text = fleet_control::views::rollout_status(&v);
         if tty {
             print!("\x1b[2J\x1b[H{text}");
@@ -209,20 +216,16 @@ pub(crate) fn watch(client: &fleet_control::client::Client, id: &str) -> anyhow:
             println!("{}", fleet_control::views::rollout_line(&v));
         }
         last = text;
-        let state = v["state"].as_str().unwrap_or("?");
-        match state {
-            "completed" => return Ok(()),
-            "aborted" | "rolled_back" => {
-                anyhow::bail!(
-                    "{} {id} {state}: {}",
-                    v["kind"].as_str().unwrap_or("rollout"),
-                    v["reason"].as_str().unwrap_or("")
-                )
+        let state = v.state.as_str();
+        let reason = v.reason.as_deref().unwrap_or("");
+        match v.state {
+            RolloutState::Completed => return Ok(()),
+            RolloutState::Aborted | RolloutState::RolledBack => {
+                anyhow::bail!("{} {id} {state}: {reason}", v.kind.as_str())
             }
-            "paused" if !tty => anyhow::bail!(
-                "{} {id} paused: {} (fleetctl rollout resume|abort {id})",
-                v["kind"].as_str().unwrap_or("rollout"),
-                v["reason"].as_str().unwrap_or("")
+            RolloutState::Paused if !tty => anyhow::bail!(
+                "{} {id} paused: {reason} (fleetctl rollout resume|abort {id})",
+                v.kind.as_str()
             ),
             _ => {}
         }

@@ -39,6 +39,11 @@ pub(crate) struct ServeArgs {
     /// control plane did not store is lost. Units ms, s, m, h.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     receipt_interval: std::time::Duration,
+    /// How often the calls refused for want of a valid token are written to the audit
+    /// log, as one entry with their count (each is also counted in
+    /// fleetml_control_unauthenticated_requests_total). Units ms, s, m, h.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    audit_interval: std::time::Duration,
 }
 
 pub(crate) fn serve_command(a: ServeArgs) -> anyhow::Result<()> {
@@ -56,6 +61,7 @@ pub(crate) fn serve_command(a: ServeArgs) -> anyhow::Result<()> {
         assignment_ttl: a.assignment_ttl,
         signing_key: a.signing_key,
         receipt_interval: a.receipt_interval,
+        audit_interval: a.audit_interval,
     };
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

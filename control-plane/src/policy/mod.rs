@@ -19,8 +19,8 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 
-use crate::api::ApiError;
 use crate::plane::{Plane, now_ms};
+use crate::refusal::Refusal;
 use crate::store::FleetStore;
 
 pub mod engine;
@@ -107,12 +107,12 @@ pub fn compare(
     dataset: &str,
     label: Option<&str>,
     margin: f64,
-) -> Result<Value, ApiError> {
-    let m = crate::api::data::dataset(plane, dataset)?;
-    let table = plane.datasets.load(&m.id).map_err(ApiError::gone)?;
+) -> Result<Value, Refusal> {
+    let m = plane.datasets.resolve(dataset)?;
+    let table = plane.datasets.load(&m.id).map_err(Refusal::gone)?;
     let policy = plane
         .policy()
-        .ok_or_else(|| ApiError::precondition("the server has no trust policy"))?;
+        .ok_or_else(|| Refusal::precondition("the server has no trust policy"))?;
     let label = label
         .map(str::to_string)
         .or_else(|| plane.jobs.spec(a.0).ok().flatten().and_then(|s| s.label))
@@ -129,13 +129,13 @@ pub fn compare(
         let record = plane
             .registry
             .get(name, version)
-            .map_err(|e| ApiError::internal(e.to_string()))?
-            .ok_or_else(|| ApiError::not_found(format!("no {name} v{version} in the registry")))?;
+            .map_err(|e| Refusal::internal(e.to_string()))?
+            .ok_or_else(|| Refusal::not_found(format!("no {name} v{version} in the registry")))?;
         let scored =
             crate::compare::score(&plane.registry.blob_path(&record.digest), &policy, &table)
-                .map_err(|e| ApiError::unprocessable(format!("{name}@v{version}: {e}")))?;
+                .map_err(|e| Refusal::unprocessable(format!("{name}@v{version}: {e}")))?;
         let eval = crate::compare::evaluate(&scored, &table, &label, &devices)
-            .map_err(ApiError::unprocessable)?;
+            .map_err(Refusal::unprocessable)?;
         evals.push(eval);
     }
     let verdict = crate::compare::verdict(&evals[0], &evals[1], margin);
@@ -235,7 +235,7 @@ fn trigger(plane: &Arc<Plane>, policy: &Policy, why: &str) -> Result<String, Str
         None,
         None,
     )
-    .map_err(|e| e.1)?;
+    .map_err(|e| e.to_string())?;
     Ok(job.id)
 }
 
@@ -257,7 +257,7 @@ fn promote(plane: &Arc<Plane>, policy: &Policy, name: &str, version: u64) -> Str
     );
     let verdict = match result {
         Ok(v) => v["verdict"].clone(),
-        Err(e) => return format!("; comparison failed: {}", e.1),
+        Err(e) => return format!("; comparison failed: {e}"),
     };
     let summary = format!(
         "; {} v{champion} {:.4} vs v{version} {:.4}",
@@ -278,7 +278,7 @@ fn promote(plane: &Arc<Plane>, policy: &Policy, name: &str, version: u64) -> Str
             policy.margin
         );
     }
-    match crate::api::rollouts::start_canary(plane, name, version, policy.canary_pct) {
+    match crate::rollout::start::start_canary(plane, name, version, policy.canary_pct) {
         Ok(id) => {
             audit(
                 plane,

@@ -311,7 +311,7 @@ fn code_lines(file: &str) -> Vec<(usize, String)> {
 #[test]
 fn the_pure_cores_read_no_clock_and_do_no_io() {
     let mut cores = vec![
-        "control-plane/src/rollout.rs".to_string(),
+        "control-plane/src/rollout/mod.rs".to_string(),
         "control-plane/src/policy/engine.rs".to_string(),
     ];
     // The device rules the agent and the simulator share, and the wire formats.
@@ -514,6 +514,42 @@ fn only_the_api_and_the_server_name_axum() {
     assert!(
         wrong.is_empty(),
         "HTTP belongs in api/:\n{}",
+        wrong.join("\n")
+    );
+}
+
+/// The rooms below the API never call into it: what both a handler and a background
+/// task do lives in its room and reports a `Refusal`, which the API turns into a status.
+/// Besides `api/` and `server`, only the operator-side callers of the API (`cli/`,
+/// `client`, `demo`, `views`) name it, and only its shared bodies, `api::types`.
+#[test]
+fn the_domain_never_calls_the_api() {
+    let callers = |f: &str| {
+        f.starts_with("control-plane/src/cli/")
+            || [
+                "control-plane/src/client.rs",
+                "control-plane/src/demo.rs",
+                "control-plane/src/views.rs",
+            ]
+            .contains(&f)
+    };
+    let mut wrong = named_outside("crate::api", &["control-plane/src"], |f| {
+        f.starts_with("control-plane/src/api/") || f == "control-plane/src/server.rs" || callers(f)
+    });
+    for file in sources("control-plane/src")
+        .into_iter()
+        .filter(|f| callers(f))
+    {
+        for (n, line) in code_lines(&file) {
+            let bare = line.replace("api::types", "");
+            if bare.contains("crate::api") || bare.contains("fleet_control::api") {
+                wrong.push(format!("{file}:{n} names the API beyond api::types"));
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "the domain calls into the HTTP API:\n{}",
         wrong.join("\n")
     );
 }

@@ -15,4 +15,5 @@ mod peers;
 mod real_models;
 mod retrain;
 mod rollout;
+mod security;
 mod store_crash;

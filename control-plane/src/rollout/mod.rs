@@ -24,6 +24,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::records::{DeviceRecord, DeviceState};
 
+pub mod start;
+
 /// A device selector: comma-separated `key=value` terms that must all match; `key` is
 /// `board`, `device` (or `id`), or a tag name; `value` may list alternatives with `|`.
 /// `all` selects every device.
@@ -122,7 +124,28 @@ pub enum State {
     RolledBack,
 }
 
+impl Kind {
+    /// Its name on the wire and on screen.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Rollout => "rollout",
+            Kind::Rollback => "rollback",
+        }
+    }
+}
+
 impl State {
+    /// Its name on the wire and on screen.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Running => "running",
+            State::Paused => "paused",
+            State::Completed => "completed",
+            State::Aborted => "aborted",
+            State::RolledBack => "rolled_back",
+        }
+    }
+
     pub fn is_final(self) -> bool {
         matches!(self, State::Completed | State::Aborted | State::RolledBack)
     }
@@ -622,224 +645,4 @@ fn fmt_num(v: f64) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn target(id: &str) -> Target {
-        Target {
-            device: DeviceId::new(id).expect("test"),
-            wave: 0,
-            to: AssignedModel {
-                version: 2,
-                digest: fleetml_protocol::crypto::sha256(b"x"),
-                size: 1,
-                rollout: None,
-            },
-            from: None,
-            assigned_ms: None,
-            generation: None,
-        }
-    }
-
-    fn running(version: u64) -> DeviceState {
-        use fleetml_protocol::telemetry::{ActiveModel, Status};
-        DeviceState {
-            online: true,
-            status: Some((
-                1,
-                Status {
-                    agent_version: "test".into(),
-                    board: "b".into(),
-                    backends: vec!["cpu".into()],
-                    models: vec![ActiveModel {
-                        name: "claims".into(),
-                        version,
-                        backend: "cpu".into(),
-                        fallbacks: vec![],
-                    }],
-                    uptime_s: 1,
-                    online: true,
-                    outbox_depth: 0,
-                    dropped_windows: 0,
-                },
-            )),
-            ..DeviceState::default()
-        }
-    }
-
-    fn rollout(ids: &[&str], waves: &[u32], quorum_pct: u32, auto_rollback: bool) -> Rollout {
-        let from = AssignedModel {
-            version: 1,
-            digest: fleetml_protocol::crypto::sha256(b"v1"),
-            size: 1,
-            rollout: None,
-        };
-        Rollout::new(
-            Plan {
-                id: "r1".into(),
-                kind: Kind::Rollout,
-                model: "claims".into(),
-                version: Some(2),
-                selector: "all".into(),
-                strategy: Strategy {
-                    waves: waves.to_vec(),
-                    soak_ms: 1000,
-                    quorum_pct,
-                    deadline_ms: 10_000,
-                    gates: Gates::default(),
-                    auto_rollback,
-                },
-                targets: ids
-                    .iter()
-                    .map(|i| Target {
-                        from: Some(from.clone()),
-                        ..target(i)
-                    })
-                    .collect(),
-                baseline: Baseline::default(),
-                by: "test".into(),
-            },
-            0,
-        )
-    }
-
-    fn id(s: &str) -> DeviceId {
-        DeviceId::new(s).expect("test")
-    }
-
-    #[test]
-    fn a_wave_starts_only_after_the_one_before_is_active_and_soaked() {
-        let mut r = rollout(&["a", "b"], &[50, 100], 100, false);
-        let mut states = BTreeMap::new();
-        let first = r.step(&states, 0);
-        assert_eq!(
-            first.iter().map(|a| a.device.as_str()).collect::<Vec<_>>(),
-            ["a"]
-        );
-        assert!(r.step(&states, 500).is_empty(), "a is not active yet");
-        states.insert(id("a"), running(2));
-        assert!(r.step(&states, 900).is_empty(), "soaking");
-        assert!(r.step(&states, 1000).is_empty(), "wave 1 passes");
-        assert_eq!(r.waves[0].passed_ms, Some(1000));
-        let second = r.step(&states, 1001);
-        assert_eq!(
-            second.iter().map(|a| a.device.as_str()).collect::<Vec<_>>(),
-            ["b"]
-        );
-        states.insert(id("b"), running(2));
-        r.step(&states, 2001);
-        assert_eq!(r.state, State::Completed);
-    }
-
-    #[test]
-    fn a_failed_self_test_pauses_the_rollout_or_rolls_the_reached_devices_back() {
-        use fleetml_protocol::telemetry::Event;
-        let failed = DeviceState {
-            lifecycle: vec![(
-                5,
-                Event {
-                    kind: Lifecycle::SelfTestFailed,
-                    model: "claims".into(),
-                    version: 2,
-                    detail: "golden self-test failed".into(),
-                },
-            )],
-            ..running(1)
-        };
-        let states: BTreeMap<_, _> = [(id("a"), failed)].into();
-        let mut paused = rollout(&["a", "b"], &[50, 100], 100, false);
-        paused.step(&BTreeMap::new(), 0);
-        assert!(paused.step(&states, 10).is_empty());
-        assert_eq!(paused.state, State::Paused);
-        assert!(
-            paused
-                .reason
-                .as_deref()
-                .unwrap_or("")
-                .contains("self_test_failures = 1 (limit 0)"),
-            "{:?}",
-            paused.reason
-        );
-        let mut back = rollout(&["a", "b"], &[50, 100], 100, true);
-        back.step(&BTreeMap::new(), 0);
-        let undo = back.step(&states, 10);
-        assert_eq!(back.state, State::RolledBack);
-        assert_eq!(undo.len(), 1, "only the reached device goes back");
-        assert_eq!((undo[0].device.as_str(), undo[0].to.version), ("a", 1));
-    }
-
-    #[test]
-    fn offline_devices_hold_a_wave_only_until_its_quorum_and_a_missed_deadline_stops_it() {
-        let mut r = rollout(&["a", "b", "c", "d"], &[100], 50, false);
-        let mut states = BTreeMap::new();
-        assert_eq!(r.step(&states, 0).len(), 4);
-        states.insert(id("a"), running(2));
-        r.step(&states, 2000);
-        assert_eq!(r.state, State::Running, "1 of 4 active, 2 needed");
-        states.insert(id("b"), running(2));
-        r.step(&states, 3000);
-        assert_eq!(r.state, State::Completed, "c and d catch up later");
-
-        let mut strict = rollout(&["a", "b"], &[100], 100, false);
-        strict.step(&BTreeMap::new(), 0);
-        let one: BTreeMap<_, _> = [(id("a"), running(2))].into();
-        strict.step(&one, 9_999);
-        assert_eq!(strict.state, State::Running);
-        strict.step(&one, 10_000);
-        assert_eq!(strict.state, State::Paused);
-        assert!(
-            strict
-                .reason
-                .as_deref()
-                .unwrap_or("")
-                .contains("quorum not reached: 1 of 2"),
-            "{:?}",
-            strict.reason
-        );
-    }
-
-    #[test]
-    fn waves_split_devices_cumulatively_and_skip_empty_waves() {
-        let mut t: Vec<Target> = ["a", "b", "c"].iter().map(|i| target(i)).collect();
-        let waves = Rollout::plan(&mut t, &[1, 10, 50, 100]);
-        assert_eq!(
-            waves
-                .iter()
-                .map(|w| (w.percent, w.devices))
-                .collect::<Vec<_>>(),
-            vec![(1, 1), (50, 1), (100, 1)]
-        );
-        assert_eq!(t.iter().map(|t| t.wave).collect::<Vec<_>>(), vec![0, 1, 2]);
-    }
-
-    #[test]
-    fn wave_lists_must_grow_to_100() {
-        assert_eq!(
-            parse_waves(Some("1,10,50,100"), None).expect("test"),
-            vec![1, 10, 50, 100]
-        );
-        assert_eq!(parse_waves(None, Some(5)).expect("test"), vec![5, 100]);
-        assert!(parse_waves(Some("50,10,100"), None).is_err());
-        assert!(parse_waves(Some("10,50"), None).is_err());
-        assert!(parse_waves(Some("0,100"), None).is_err());
-        assert!(parse_waves(Some("10,100"), Some(5)).is_err());
-    }
-
-    #[test]
-    fn selectors_match_board_tags_and_ids() {
-        let d = DeviceRecord {
-            id: DeviceId::new("pi-1").expect("test"),
-            board: Some("raspberry-pi-4".into()),
-            tags: [("site".to_string(), "lab".to_string())].into(),
-            secret: vec![],
-            enrolled_ms: 0,
-        };
-        let yes = |s: &str| s.parse::<Selector>().expect("test").matches(&d);
-        assert!(yes("all"));
-        assert!(yes("board=raspberry-pi-4,site=lab"));
-        assert!(yes("device=pi-2|pi-1"));
-        assert!(!yes("board=jetson-orin"));
-        assert!(!yes("site=lab,zone=eu"));
-        assert!("board".parse::<Selector>().is_err());
-    }
-}
+mod tests;

@@ -1,0 +1,464 @@
+//! Rollouts and rollbacks on the running control plane: checking a request against the
+//! registry and the fleet, planning its devices and keeping it ([`create`], [`rollback`],
+//! [`start_canary`] for the drift policy), pausing, resuming and aborting one
+//! ([`control`]), and one engine step of a rollout ([`step`]:
+//! [`Rollout::step`] with the fleet's states, its assignments and state written in one
+//! store transaction). Blocking; the API and the engine task call these from
+//! `spawn_blocking`. The HTTP handlers are in `api::rollouts`.
+
+use std::collections::BTreeMap;
+
+use fleetml_protocol::assignment::AssignedModel;
+use fleetml_protocol::crypto::Sha256;
+use fleetml_protocol::telemetry::DeviceId;
+use serde::{Deserialize, Serialize};
+
+use crate::plane::{Plane, now_ms};
+use crate::records::DeviceState;
+use crate::refusal::Refusal;
+use crate::rollout::{
+    Assign, Gates, Kind, Plan, Rollout, Selector, State as RState, Strategy, Target,
+};
+use crate::store::FleetStore;
+
+/// Device states by id, for the devices of `targets`.
+pub(crate) fn states_of(
+    plane: &Plane,
+    targets: &[Target],
+) -> Result<BTreeMap<DeviceId, DeviceState>, Refusal> {
+    let mut out = BTreeMap::new();
+    for t in targets {
+        if let Some(st) = plane.ingest.store.state(&t.device)? {
+            out.insert(t.device.clone(), st);
+        }
+    }
+    Ok(out)
+}
+
+/// `POST /v1/rollouts`: NAME@VERSION to the devices `to` selects, wave by wave.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutRequest {
+    pub model: String,
+    pub version: u64,
+    pub to: String,
+    #[serde(default)]
+    pub waves: Option<String>,
+    #[serde(default)]
+    pub canary: Option<u32>,
+    #[serde(default)]
+    pub soak_s: Option<u64>,
+    #[serde(default)]
+    pub quorum_pct: Option<u32>,
+    #[serde(default)]
+    pub deadline_s: Option<u64>,
+    #[serde(default)]
+    pub auto_rollback: bool,
+    #[serde(default)]
+    pub gates: Option<GateOverrides>,
+}
+
+/// Gate thresholds a rollout sets instead of the defaults ([`Gates::default`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GateOverrides {
+    pub max_activation_failures: Option<u32>,
+    pub max_self_test_failures: Option<u32>,
+    pub max_fallbacks: Option<u32>,
+    pub max_drift_alerts: Option<u32>,
+    pub max_missing_rate_increase: Option<f64>,
+    pub max_p99_ratio: Option<f64>,
+    pub max_error_rate_increase: Option<f64>,
+}
+
+fn gates_from(o: Option<GateOverrides>) -> Gates {
+    let o = o.unwrap_or_default();
+    let d = Gates::default();
+    Gates {
+        max_activation_failures: o
+            .max_activation_failures
+            .unwrap_or(d.max_activation_failures),
+        max_self_test_failures: o.max_self_test_failures.unwrap_or(d.max_self_test_failures),
+        max_fallbacks: o.max_fallbacks.unwrap_or(d.max_fallbacks),
+        max_drift_alerts: o.max_drift_alerts.unwrap_or(d.max_drift_alerts),
+        max_missing_rate_increase: o
+            .max_missing_rate_increase
+            .unwrap_or(d.max_missing_rate_increase),
+        max_p99_ratio: o.max_p99_ratio.unwrap_or(d.max_p99_ratio),
+        max_error_rate_increase: o
+            .max_error_rate_increase
+            .unwrap_or(d.max_error_rate_increase),
+    }
+}
+
+/// An active (running or paused) rollout of `model`, if any.
+fn active_of(plane: &Plane, model: &str) -> Result<Option<Rollout>, Refusal> {
+    Ok(plane
+        .rollouts
+        .rollouts()?
+        .into_iter()
+        .find(|r| r.model == model && !r.state.is_final()))
+}
+
+/// A canary rollout of `model@version` to every device (auto-rollback on), started by
+/// the retraining policy; the engine advances it. Returns its id.
+pub fn start_canary(plane: &Plane, model: &str, version: u64, pct: u32) -> Result<String, Refusal> {
+    let req = RolloutRequest {
+        model: model.into(),
+        version,
+        to: "all".into(),
+        waves: None,
+        canary: Some(pct.clamp(1, 99)),
+        soak_s: None,
+        quorum_pct: None,
+        deadline_s: None,
+        auto_rollback: true,
+        gates: None,
+    };
+    create(plane, req, format!("policy:{model}")).map(|r| r.id)
+}
+
+/// Checks a rollout request, selects and plans its devices, and keeps it (blocking).
+pub fn create(plane: &Plane, req: RolloutRequest, by: String) -> Result<Rollout, Refusal> {
+    let record = plane
+        .registry
+        .get(&req.model, req.version)
+        .map_err(Refusal::internal)?
+        .ok_or_else(|| {
+            Refusal::not_found(format!(
+                "{}@v{} is not in the registry (fleetctl models push)",
+                req.model, req.version
+            ))
+        })?;
+    if record.stage == "archived" {
+        return Err(Refusal::unprocessable(format!(
+            "{}@v{} is archived; stage it again before rolling it out",
+            req.model, req.version
+        )));
+    }
+    let selector: Selector = req.to.parse().map_err(Refusal::unprocessable)?;
+    let waves = crate::rollout::parse_waves(req.waves.as_deref(), req.canary)
+        .map_err(Refusal::unprocessable)?;
+    let _guard = plane.rollout_lock.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(r) = active_of(plane, &req.model)? {
+        return Err(Refusal::conflict(format!(
+            "rollout {} of {} is {}; abort it (fleetctl rollout abort {}) before starting another",
+            r.id,
+            r.model,
+            r.state.as_str(),
+            r.id
+        )));
+    }
+    let digest: Sha256 = record.digest.parse().map_err(Refusal::internal)?;
+    let id = plane.rollouts.next_rollout_id()?;
+    let to = AssignedModel {
+        version: req.version,
+        digest,
+        size: record.size,
+        rollout: Some(id.clone()),
+    };
+    let mut devices: Vec<_> = plane
+        .ingest
+        .store
+        .devices()?
+        .into_iter()
+        .filter(|d| selector.matches(d))
+        .collect();
+    devices.sort_by(|a, b| a.id.cmp(&b.id));
+    if devices.is_empty() {
+        return Err(Refusal::unprocessable(format!(
+            "selector `{}` matches no enrolled device",
+            req.to
+        )));
+    }
+    let mut targets = Vec::new();
+    for d in &devices {
+        let from = plane
+            .assignments
+            .assignment(&d.id)?
+            .and_then(|r| r.models.get(&req.model).cloned());
+        targets.push(Target {
+            device: d.id.clone(),
+            wave: 0,
+            to: to.clone(),
+            from,
+            assigned_ms: None,
+            generation: None,
+        });
+    }
+    let states = states_of(plane, &targets)?;
+    let rollout = Rollout::new(
+        Plan {
+            id,
+            kind: Kind::Rollout,
+            model: req.model.clone(),
+            version: Some(req.version),
+            selector: req.to.clone(),
+            strategy: Strategy {
+                waves,
+                soak_ms: req.soak_s.unwrap_or(60) * 1000,
+                quorum_pct: req.quorum_pct.unwrap_or(100).clamp(1, 100),
+                deadline_ms: req.deadline_s.unwrap_or(1800) * 1000,
+                gates: gates_from(req.gates),
+                auto_rollback: req.auto_rollback,
+            },
+            baseline: crate::rollout::baseline(&req.model, &targets, &states),
+            targets,
+            by,
+        },
+        now_ms(),
+    );
+    plane.rollouts.put_rollout(&rollout)?;
+    Ok(rollout)
+}
+
+/// `POST /v1/rollbacks`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackRequest {
+    pub model: String,
+    /// The version to return to (default: each device's previous one).
+    #[serde(default)]
+    pub to: Option<u64>,
+    /// A device selector (default: all).
+    #[serde(default)]
+    pub devices: Option<String>,
+    /// Only say what would move.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// The answer to a dry run of `POST /v1/rollbacks`: what would move, and what not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RollbackPlan {
+    pub model: String,
+    pub devices: Vec<RollbackMove>,
+    pub skipped: Vec<Skipped>,
+}
+
+/// One device a rollback moves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RollbackMove {
+    pub device: String,
+    pub from: Option<u64>,
+    pub to: u64,
+}
+
+/// A selected device a rollback leaves alone, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Skipped {
+    pub device: String,
+    pub reason: String,
+}
+
+/// Plans a rollback of `req.model` (each selected device back to its previous or the
+/// named version, as a new generation; one wave, no gates) and, unless it is a dry run,
+/// keeps it: its id (none for a dry run) and the plan.
+pub fn rollback(
+    plane: &Plane,
+    req: &RollbackRequest,
+    by: String,
+) -> Result<(Option<String>, RollbackPlan), Refusal> {
+    let selector: Selector = req
+        .devices
+        .as_deref()
+        .unwrap_or("all")
+        .parse()
+        .map_err(Refusal::unprocessable)?;
+    let named = match req.to {
+        Some(v) => {
+            let r = plane
+                .registry
+                .get(&req.model, v)
+                .map_err(Refusal::internal)?
+                .ok_or_else(|| {
+                    Refusal::not_found(format!("{}@v{v} is not in the registry", req.model))
+                })?;
+            Some(AssignedModel {
+                version: v,
+                digest: r.digest.parse().map_err(Refusal::internal)?,
+                size: r.size,
+                rollout: None,
+            })
+        }
+        None => None,
+    };
+    let _guard = plane.rollout_lock.lock().unwrap_or_else(|p| p.into_inner());
+    let id = if req.dry_run {
+        "(dry run)".to_string()
+    } else {
+        plane.rollouts.next_rollout_id()?
+    };
+    let mut targets = Vec::new();
+    let mut skipped = Vec::new();
+    let mut devices = plane.ingest.store.devices()?;
+    devices.sort_by(|a, b| a.id.cmp(&b.id));
+    for d in devices.iter().filter(|d| selector.matches(d)) {
+        let Some(record) = plane.assignments.assignment(&d.id)? else {
+            continue;
+        };
+        let Some(current) = record.models.get(&req.model) else {
+            continue;
+        };
+        let to = named
+            .clone()
+            .or_else(|| record.previous.get(&req.model).cloned());
+        match to {
+            Some(mut to) if to.digest != current.digest => {
+                to.rollout = Some(id.clone());
+                targets.push(Target {
+                    device: d.id.clone(),
+                    wave: 0,
+                    to,
+                    from: Some(current.clone()),
+                    assigned_ms: None,
+                    generation: None,
+                });
+            }
+            Some(_) => skipped.push(Skipped {
+                device: d.id.to_string(),
+                reason: format!("already assigned v{}", current.version),
+            }),
+            None => skipped.push(Skipped {
+                device: d.id.to_string(),
+                reason: "no previous version assigned".into(),
+            }),
+        }
+    }
+    if targets.is_empty() {
+        return Err(Refusal::unprocessable(format!(
+            "nothing to roll back: no selected device has another version of {} to return to{}",
+            req.model,
+            if skipped.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", serde_json::to_string(&skipped).unwrap_or_default())
+            }
+        )));
+    }
+    let plan = RollbackPlan {
+        model: req.model.clone(),
+        devices: targets
+            .iter()
+            .map(|t| RollbackMove {
+                device: t.device.to_string(),
+                from: t.from.as_ref().map(|f| f.version),
+                to: t.to.version,
+            })
+            .collect(),
+        skipped,
+    };
+    if req.dry_run {
+        return Ok((None, plan));
+    }
+    // A rollback supersedes a rollout of the same model still going.
+    for mut r in plane.rollouts.rollouts()? {
+        if r.model == req.model && !r.state.is_final() {
+            r.state = RState::Aborted;
+            r.reason = Some(format!("superseded by rollback {id}"));
+            plane.rollouts.put_rollout(&r)?;
+        }
+    }
+    let versions: std::collections::BTreeSet<u64> = targets.iter().map(|t| t.to.version).collect();
+    let rollout = Rollout::new(
+        Plan {
+            id: id.clone(),
+            kind: Kind::Rollback,
+            model: req.model.clone(),
+            version: (versions.len() == 1).then(|| versions.into_iter().next().unwrap_or(0)),
+            selector: req.devices.clone().unwrap_or_else(|| "all".into()),
+            strategy: Strategy {
+                waves: vec![100],
+                soak_ms: 0,
+                quorum_pct: 100,
+                deadline_ms: 30 * 60 * 1000,
+                gates: Gates::default(),
+                auto_rollback: false,
+            },
+            baseline: Default::default(),
+            targets,
+            by,
+        },
+        now_ms(),
+    );
+    plane.rollouts.put_rollout(&rollout)?;
+    Ok((Some(id), plan))
+}
+
+/// One engine step of rollout `id` (blocking): its assignments and its state kept in one
+/// transaction. The devices that got a new assignment, to be told.
+pub fn step(plane: &Plane, id: &str) -> Result<Vec<DeviceId>, Refusal> {
+    let _guard = plane.rollout_lock.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(mut r) = plane.rollouts.rollout(id)? else {
+        return Ok(Vec::new());
+    };
+    if r.state != RState::Running {
+        return Ok(Vec::new());
+    }
+    let states = states_of(plane, &r.targets)?;
+    let now = now_ms();
+    let before = (r.state, r.waves.clone());
+    let changes: Vec<_> = r
+        .step(&states, now)
+        .into_iter()
+        .map(|Assign { device, to }| (device, to))
+        .collect();
+    if r.state != before.0 {
+        tracing::info!(rollout = %r.id, state = ?r.state, reason = ?r.reason, "rollout changed state");
+    }
+    if !changes.is_empty() {
+        // The assignments and the rollout that made them, in one transaction.
+        plane.rollouts.advance_rollout(&mut r, &changes, now)?;
+    } else if r.state != before.0 || r.waves != before.1 {
+        plane.rollouts.put_rollout(&r)?;
+    }
+    if !changes.is_empty() {
+        tracing::info!(rollout = %r.id, devices = changes.len(), "assigned");
+    }
+    Ok(changes.into_iter().map(|(d, _)| d).collect::<Vec<_>>())
+}
+
+/// Pauses, resumes or aborts rollout `id` (`to`: paused, running or aborted). Resuming
+/// acknowledges what the gates saw so far (they count anew) and gives a wave whose
+/// deadline passed a new one from now.
+pub fn control(plane: &Plane, id: &str, to: RState) -> Result<(), Refusal> {
+    let _guard = plane.rollout_lock.lock().unwrap_or_else(|p| p.into_inner());
+    let mut r = plane
+        .rollouts
+        .rollout(id)?
+        .ok_or_else(|| Refusal::not_found(format!("no rollout `{id}`")))?;
+    let allowed = match to {
+        RState::Paused => r.state == RState::Running,
+        RState::Running => r.state == RState::Paused,
+        RState::Aborted => !r.state.is_final(),
+        _ => false,
+    };
+    if !allowed {
+        return Err(Refusal::conflict(format!(
+            "rollout {} is {}; it cannot become {}",
+            r.id,
+            r.state.as_str(),
+            to.as_str()
+        )));
+    }
+    let now = now_ms();
+    if to == RState::Running {
+        r.gates_since_ms = now;
+        if let Some(w) = r
+            .waves
+            .iter_mut()
+            .find(|w| w.passed_ms.is_none() && w.started_ms.is_some())
+        {
+            w.started_ms = Some(now);
+        }
+        r.reason = None;
+    } else if to == RState::Aborted {
+        r.reason = Some("aborted by an operator; devices keep what they were assigned (use fleetctl rollback to return them)".into());
+    } else {
+        r.reason = Some("paused by an operator".into());
+    }
+    r.state = to;
+    r.updated_ms = now;
+    plane.rollouts.put_rollout(&r)?;
+    Ok(())
+}
