@@ -12,6 +12,7 @@
 //! max_body_bytes = 1048576
 //! control_plane = "http://fleet.example.com:7080"  # where assignments and bundles come from
 //! predict_timeout_ms = 30000                     # 504 beyond this
+//! api_max_connections = 1024                     # more are closed at once
 //! # monitoring: a window closes after this many predictions or seconds, whichever first
 //! window_predictions = 1000
 //! window_seconds = 300
@@ -86,6 +87,9 @@ pub struct AgentConfig {
     pub control_plane: Option<String>,
     /// Longest a prediction may take before the API answers 504 (default 30000).
     pub predict_timeout_ms: Option<u64>,
+    /// API connections served at once, TCP and Unix socket each (default 1024); more
+    /// are closed at once.
+    pub api_max_connections: Option<usize>,
     pub window_predictions: Option<u32>,
     pub window_seconds: Option<u64>,
     pub drift_psi: Option<f64>,
@@ -220,6 +224,7 @@ impl AgentConfig {
             max_body_bytes,
             control_plane,
             predict_timeout_ms,
+            api_max_connections,
             window_predictions,
             window_seconds,
             drift_psi,

@@ -474,6 +474,10 @@ fn fleet_agent_run(args: RunArgs) -> anyhow::Result<()> {
                 .map_or(ApiLimits::default().timeout, |ms| {
                     std::time::Duration::from_millis(ms.max(1))
                 }),
+            max_connections: c
+                .api_max_connections
+                .unwrap_or(ApiLimits::default().max_connections)
+                .max(1),
             ..Default::default()
         },
         monitoring: c.monitoring(),

@@ -362,6 +362,9 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .try_init();
+    if let Err(e) = fleetml_net::raise_open_files_limit() {
+        tracing::warn!(error = %e, "the open-files limit stays as it is");
+    }
     // tract's own threads per request (the board's `intra_op_threads`, default one:
     // concurrent requests already use every core). After the log is up, so the warning
     // is seen.
@@ -511,10 +514,20 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     };
     let mut servers = tokio::task::JoinSet::new();
     let address = tcp.local_addr()?;
-    servers.spawn(async move { axum::serve(tcp, app).await.map_err(anyhow::Error::from) });
+    let limits = config.limits.http();
+    let l = limits.clone();
+    servers.spawn(async move {
+        fleetml_net::serve(tcp, app, l)
+            .await
+            .map_err(anyhow::Error::from)
+    });
     if let Some(unix) = unix {
         let app = api::router::router(api.clone());
-        servers.spawn(async move { axum::serve(unix, app).await.map_err(anyhow::Error::from) });
+        servers.spawn(async move {
+            fleetml_net::serve(unix, app, limits)
+                .await
+                .map_err(anyhow::Error::from)
+        });
     }
     tracing::info!(address = %address, "prediction API listening");
     announce(&format!("listening on http://{address}"));

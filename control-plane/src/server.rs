@@ -63,6 +63,24 @@ pub struct Options {
     /// How often the calls refused for want of a valid token are written to the audit
     /// log, as one entry.
     pub audit_interval: Duration,
+    /// What one HTTP caller may take: time-outs and the connection limit.
+    pub http: fleetml_net::Limits,
+}
+
+/// The API's default limits: a request head within 10 s, an answer within 5 minutes
+/// (a 512 MiB dataset upload at 2 MB/s), 4,096 connections.
+pub fn http_limits(request: Duration, max_connections: usize) -> fleetml_net::Limits {
+    fleetml_net::Limits {
+        header_read: Duration::from_secs(10),
+        idle: Duration::from_secs(60),
+        request,
+        max_connections,
+        metrics: fleetml_net::Metrics {
+            open: "fleetml_control_http_connections",
+            refused: "fleetml_control_http_connections_refused_total",
+            timed_out: "fleetml_control_http_requests_timed_out_total",
+        },
+    }
 }
 
 /// Reads `DIR/admin.token`, creating it (mode 0600) on first start.
@@ -216,6 +234,15 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "info,rumqttd=warn".into()),
         )
         .try_init();
+    match fleetml_net::raise_open_files_limit() {
+        Ok((soft, _)) if (soft as usize) < opts.http.max_connections + 256 => tracing::warn!(
+            open_files = soft,
+            max_connections = opts.http.max_connections,
+            "the open-files limit is below the connection limit plus the store and broker; raise LimitNOFILE"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "the open-files limit stays as it is"),
+    }
     create_private_dir(&opts.data_dir)?;
     let token = admin_token(&opts.data_dir)?;
     let assignment_key = crate::assign::assignment_key(&opts.data_dir)?;
@@ -340,8 +367,12 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening on {}", opts.listen))?;
     let address = tcp.local_addr()?;
-    let mut server =
-        tokio::spawn(async move { axum::serve(tcp, app).await.map_err(anyhow::Error::from) });
+    let limits = opts.http.clone();
+    let mut server = tokio::spawn(async move {
+        fleetml_net::serve(tcp, app, limits)
+            .await
+            .map_err(anyhow::Error::from)
+    });
     announce(&format!("control plane listening on http://{address}"));
     announce(&format!("devices connect to {}", plane.public_mqtt_url));
     announce(&format!(

@@ -139,6 +139,27 @@ pub struct ApiLimits {
     /// Longest a prediction may take before the request is answered 504 (the backend
     /// call finishes in the background, holding its worker).
     pub timeout: std::time::Duration,
+    /// Connections served at once on each listener; more are closed at once.
+    pub max_connections: usize,
+}
+
+impl ApiLimits {
+    /// What one HTTP caller may take: its whole request head within 10 s, an answer
+    /// within the prediction time-out plus a minute to send the body (the handler
+    /// answers 504 itself before that), and `max_connections`.
+    pub fn http(&self) -> fleetml_net::Limits {
+        fleetml_net::Limits {
+            header_read: std::time::Duration::from_secs(10),
+            idle: std::time::Duration::from_secs(60),
+            request: self.timeout + std::time::Duration::from_secs(60),
+            max_connections: self.max_connections,
+            metrics: fleetml_net::Metrics {
+                open: "fleetml_agent_http_connections",
+                refused: "fleetml_agent_http_connections_refused_total",
+                timed_out: "fleetml_agent_http_requests_timed_out_total",
+            },
+        }
+    }
 }
 
 impl Default for ApiLimits {
@@ -150,6 +171,7 @@ impl Default for ApiLimits {
             fit_body_to_model: true,
             max_rows: 1024,
             timeout: std::time::Duration::from_secs(30),
+            max_connections: 1024,
         }
     }
 }

@@ -44,6 +44,17 @@ pub(crate) struct ServeArgs {
     /// fleetml_control_unauthenticated_requests_total). Units ms, s, m, h.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     audit_interval: std::time::Duration,
+    /// An API request not answered this long after its head arrived gets 408; a
+    /// connection on which nothing moves this long is closed. Large dataset uploads on
+    /// slow links need it longer. Units s, m, h.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    request_timeout: std::time::Duration,
+    /// API connections served at once; more are closed at once (and counted in
+    /// fleetml_control_http_connections_refused_total). The open-files limit must leave
+    /// room for them: the packaged unit sets LimitNOFILE=65536, and the soft limit is
+    /// raised to the hard one at start.
+    #[arg(long, default_value_t = 4096)]
+    max_connections: usize,
 }
 
 pub(crate) fn serve_command(a: ServeArgs) -> anyhow::Result<()> {
@@ -62,6 +73,7 @@ pub(crate) fn serve_command(a: ServeArgs) -> anyhow::Result<()> {
         signing_key: a.signing_key,
         receipt_interval: a.receipt_interval,
         audit_interval: a.audit_interval,
+        http: fleet_control::server::http_limits(a.request_timeout, a.max_connections),
     };
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -1,0 +1,228 @@
+//! `fleetml-net` is the network edge that `fleet-agent`'s prediction API and
+//! `fleetctl serve` share: [`serve`], an HTTP/1.1 accept loop for an axum router that
+//! sheds abuse, and [`raise_open_files_limit`].
+//!
+//! What [`serve`] does that `axum::serve` does not:
+//! - a **header-read time-out**: a client that has not sent its whole request head this
+//!   long after connecting (or after the first byte of a later request) is cut — the
+//!   slowloris attack, which otherwise holds a connection for good;
+//! - an **idle time-out**: a connection on which nothing is read or written this long is
+//!   closed (a half-sent body, an idle keep-alive connection);
+//! - a **request time-out**: a handler that has not answered this long after the head
+//!   arrived is answered 408 and dropped;
+//! - a **connection limit**: beyond it a new connection is closed at once, and counted,
+//!   so that the process keeps file descriptors for its store, its broker and the
+//!   connections it already serves.
+//!
+//! Each server names its metrics ([`Limits::metrics`]): open connections (a gauge) and
+//! connections refused at the limit (a counter).
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::Router;
+use axum::serve::Listener;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Semaphore;
+use tokio::time::Sleep;
+use tower::ServiceExt;
+
+/// How much one server lets its callers take.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// The whole request head must arrive within this.
+    pub header_read: Duration,
+    /// A connection on which nothing moves this long is closed.
+    pub idle: Duration,
+    /// A request not answered this long after its head arrived gets 408.
+    pub request: Duration,
+    /// Connections served at once; more are closed at once.
+    pub max_connections: usize,
+    /// The names of its metrics.
+    pub metrics: Metrics,
+}
+
+/// The metric names of one server's connections.
+#[derive(Debug, Clone, Copy)]
+pub struct Metrics {
+    /// Gauge: connections open now.
+    pub open: &'static str,
+    /// Counter: connections closed at once because `max_connections` were open.
+    pub refused: &'static str,
+    /// Counter: requests answered 408 by the request time-out.
+    pub timed_out: &'static str,
+}
+
+/// Serves `app` on `listener` within `limits` until the listener fails for good.
+///
+/// The idle time-out is at least the request time-out: while a handler runs, hyper
+/// watches the connection for the client going away, and that wait must not count as
+/// idle.
+pub async fn serve<L>(mut listener: L, app: Router, mut limits: Limits) -> io::Result<()>
+where
+    L: Listener,
+    L::Io: Unpin,
+{
+    limits.idle = limits.idle.max(limits.request);
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let limits = Arc::new(limits);
+    loop {
+        // axum's listeners retry failed accepts themselves (after a pause when out of
+        // file descriptors).
+        let (io, _) = listener.accept().await;
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            metrics::counter!(limits.metrics.refused).increment(1);
+            // Counted, not logged at warn: a flood would flood the log too.
+            tracing::debug!(
+                limit = limits.max_connections,
+                "connection refused: the connection limit is reached"
+            );
+            drop(io);
+            continue;
+        };
+        let (app, limits) = (app.clone(), limits.clone());
+        tokio::spawn(async move {
+            metrics::gauge!(limits.metrics.open).increment(1.0);
+            let request_limit = limits.request;
+            let timed_out = limits.metrics.timed_out;
+            let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+                let app = app.clone();
+                async move {
+                    let request = request.map(axum::body::Body::new);
+                    match tokio::time::timeout(request_limit, app.oneshot(request)).await {
+                        Ok(answer) => answer,
+                        Err(_) => {
+                            metrics::counter!(timed_out).increment(1);
+                            Ok(request_timed_out(request_limit))
+                        }
+                    }
+                }
+            });
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(TokioTimer::new())
+                .header_read_timeout(limits.header_read);
+            let io = TokioIo::new(Idle::new(io, limits.idle));
+            if let Err(e) = http.serve_connection(io, service).await {
+                tracing::debug!(error = %e, "connection ended");
+            }
+            metrics::gauge!(limits.metrics.open).decrement(1.0);
+            drop(slot);
+        });
+    }
+}
+
+/// The answer to a request its handler did not answer in time.
+fn request_timed_out(limit: Duration) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let body = serde_json::json!({
+        "error": format!(
+            "the request was not answered within {} s; send it again (a large upload may need a faster link)",
+            limit.as_secs()
+        )
+    });
+    (
+        axum::http::StatusCode::REQUEST_TIMEOUT,
+        [(axum::http::header::CONNECTION, "close")],
+        axum::Json(body),
+    )
+        .into_response()
+}
+
+/// An I/O stream closed when nothing has been read or written on it for `timeout`.
+struct Idle<S> {
+    io: S,
+    timeout: Duration,
+    deadline: Pin<Box<Sleep>>,
+}
+
+impl<S> Idle<S> {
+    fn new(io: S, timeout: Duration) -> Idle<S> {
+        Idle {
+            io,
+            timeout,
+            deadline: Box::pin(tokio::time::sleep(timeout)),
+        }
+    }
+
+    /// Something moved: the idle clock starts again.
+    fn moved(&mut self) {
+        let next = tokio::time::Instant::now() + self.timeout;
+        self.deadline.as_mut().reset(next);
+    }
+
+    /// Pending I/O: an error once the deadline passed.
+    fn check(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("nothing moved for {} s", self.timeout.as_secs()),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Idle<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.io).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                this.moved();
+                Poll::Ready(r)
+            }
+            Poll::Pending => this.check(cx),
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Idle<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.io).poll_write(cx, buf) {
+            Poll::Ready(r) => {
+                this.moved();
+                Poll::Ready(r)
+            }
+            Poll::Pending => this.check(cx).map_ok(|()| 0),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// Raises this process's soft limit of open files to its hard limit (a server holds a
+/// descriptor per connection, plus its store and broker). The limits after, or why not.
+pub fn raise_open_files_limit() -> Result<(u64, u64), String> {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        limit.current = limit.maximum;
+        setrlimit(Resource::Nofile, limit)
+            .map_err(|e| format!("raising the open-files limit: {e}"))?;
+    }
+    let now = getrlimit(Resource::Nofile);
+    Ok((
+        now.current.unwrap_or(u64::MAX),
+        now.maximum.unwrap_or(u64::MAX),
+    ))
+}
