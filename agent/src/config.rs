@@ -34,6 +34,7 @@
 //! telemetry_resend_after_s = 600   # last resort: re-publish what no receipt confirmed
 //! assignment_poll_s = 300          # plus a pull whenever the control plane says so
 //! download_max_bytes_per_s = 1000000
+//! download_idle_timeout_s = 30     # a download stalled this long stops; resumes later
 //! onnxruntime_library = "/usr/lib/libonnxruntime.so.1.32.0"  # for the onnxruntime backend
 //! # concurrent requests for a model run as one batch (like Triton's dynamic batcher)
 //! [[batching]]
@@ -117,6 +118,9 @@ pub struct AgentConfig {
     pub assignment_poll_s: Option<u64>,
     /// Download bandwidth cap for bundles, bytes per second (default: none).
     pub download_max_bytes_per_s: Option<u64>,
+    /// Seconds a bundle download may go without receiving anything before it stops and
+    /// resumes at the next pull (default 30).
+    pub download_idle_timeout_s: Option<u64>,
     /// The trust policy, inline (`trust` names a file instead; the file wins).
     pub trust_policy: Option<fleetml_protocol::trust::TrustPolicy>,
     /// Where each model's predictions are forwarded besides the caller.
@@ -242,6 +246,7 @@ impl AgentConfig {
             telemetry_resend_after_s,
             assignment_poll_s,
             download_max_bytes_per_s,
+            download_idle_timeout_s,
             capture_max_bytes,
             capture_upload_interval_s,
             onnxruntime_library,
@@ -315,6 +320,9 @@ impl AgentConfig {
             device: tel.device,
             poll: std::time::Duration::from_secs(self.assignment_poll_s.unwrap_or(300).max(1)),
             max_bytes_per_s: self.download_max_bytes_per_s,
+            download_idle: std::time::Duration::from_secs(
+                self.download_idle_timeout_s.unwrap_or(30).max(1),
+            ),
         }))
     }
 

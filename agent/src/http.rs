@@ -1,7 +1,13 @@
-//! The agent's one HTTP client: HTTP/1.1 over TCP, one request per connection, a
-//! deadline on the whole exchange. The assignment puller, bundle downloads, capture
-//! uploads and webhook sinks all go through it, and [`HttpUrl`] is the one URL type
-//! they are configured with.
+//! The agent's one HTTP client: HTTP/1.1 over TCP, one request per connection. The
+//! assignment puller, bundle downloads, capture uploads and webhook sinks all go through
+//! it, and [`HttpUrl`] is the one URL type they are configured with.
+//!
+//! Nothing a server sends can hold or swamp the agent: connecting is bounded by
+//! [`CONNECT_TIMEOUT`], the answer's head by [`HEAD_TIMEOUT`], a whole exchange by the
+//! caller's deadline, and a reply read whole by the caller's size limit — checked against
+//! `Content-Length` before reading and enforced while reading (a chunked reply that
+//! never ends is cut at the limit). Streamed bodies (bundle downloads) read each chunk
+//! within an idle time-out ([`next_chunk`]).
 
 use std::time::Duration;
 
@@ -73,6 +79,16 @@ impl std::str::FromStr for HttpUrl {
     }
 }
 
+/// Longest wait for a TCP connection to the server.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Longest wait for the head of the answer once the request is sent.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Largest reply the agent reads whose content it only reports (an error's text, a
+/// capture upload's or webhook's answer).
+pub const SMALL_REPLY: usize = 16 << 10;
+
 /// One request: `method` to `path` below `url`, with `headers` and a body.
 #[derive(Debug)]
 pub struct Request<'a> {
@@ -113,9 +129,20 @@ impl<'a> Request<'a> {
     /// read), for a caller that streams it.
     pub async fn send(self) -> Result<hyper::Response<hyper::body::Incoming>, String> {
         let url = self.url;
-        let stream = tokio::net::TcpStream::connect((url.host.as_str(), url.port))
-            .await
-            .map_err(|e| format!("connecting to {}:{}: {e}", url.host, url.port))?;
+        let stream = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            tokio::net::TcpStream::connect((url.host.as_str(), url.port)),
+        )
+        .await
+        .map_err(|_| {
+            format!(
+                "connecting to {}:{}: no connection within {} s",
+                url.host,
+                url.port,
+                CONNECT_TIMEOUT.as_secs()
+            )
+        })?
+        .map_err(|e| format!("connecting to {}:{}: {e}", url.host, url.port))?;
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
                 .await
@@ -133,25 +160,30 @@ impl<'a> Request<'a> {
                 self.body,
             )))
             .map_err(|e| e.to_string())?;
-        sender
-            .send_request(request)
+        tokio::time::timeout(HEAD_TIMEOUT, sender.send_request(request))
             .await
+            .map_err(|_| {
+                format!(
+                    "{}:{}: no answer within {} s",
+                    url.host,
+                    url.port,
+                    HEAD_TIMEOUT.as_secs()
+                )
+            })?
             .map_err(|e| e.to_string())
     }
 
-    /// [`Request::send`] and read the whole reply, all within `deadline`.
-    pub async fn fetch(self, deadline: Duration) -> Result<Response, String> {
+    /// [`Request::send`] and read the whole reply, all within `deadline`, refusing one
+    /// of more than `max_body` bytes without reading past that.
+    pub async fn fetch(self, deadline: Duration, max_body: usize) -> Result<Response, String> {
         let path = self.path.to_string();
         tokio::time::timeout(deadline, async {
             let r = self.send().await?;
             let status = r.status().as_u16();
             let headers = r.headers().clone();
-            let body = r
-                .into_body()
-                .collect()
+            let body = read_limited(r.into_body(), &headers, max_body)
                 .await
-                .map_err(|e| e.to_string())?
-                .to_bytes();
+                .map_err(|e| format!("{path}: {e}"))?;
             Ok(Response {
                 status,
                 headers,
@@ -160,6 +192,57 @@ impl<'a> Request<'a> {
         })
         .await
         .map_err(|_| format!("{path}: no answer within {} s", deadline.as_secs()))?
+    }
+}
+
+/// Reads `body` whole if it is at most `max` bytes: refused at once when its
+/// `Content-Length` says more, cut when it grows past `max` while read.
+pub async fn read_limited(
+    body: hyper::body::Incoming,
+    headers: &hyper::HeaderMap,
+    max: usize,
+) -> Result<hyper::body::Bytes, String> {
+    let declared = headers
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(n) = declared.filter(|n| *n > max as u64) {
+        return Err(format!(
+            "the reply is {n} bytes, more than the {max} this request reads; refused unread"
+        ));
+    }
+    http_body_util::Limited::new(body, max)
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                format!("the reply grew past the {max} bytes this request reads; cut there")
+            } else {
+                e.to_string()
+            }
+        })
+}
+
+/// The next data chunk of a streamed body, waiting at most `idle` for it; `None` at its
+/// end. Non-data frames (trailers) are skipped.
+pub async fn next_chunk(
+    body: &mut hyper::body::Incoming,
+    idle: Duration,
+) -> Result<Option<hyper::body::Bytes>, String> {
+    loop {
+        let frame = tokio::time::timeout(idle, body.frame())
+            .await
+            .map_err(|_| format!("nothing arrived for {} s", idle.as_secs()))?;
+        match frame {
+            None => return Ok(None),
+            Some(Err(e)) => return Err(e.to_string()),
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    return Ok(Some(data));
+                }
+            }
+        }
     }
 }
 
@@ -182,7 +265,7 @@ pub(crate) async fn post(
 ) -> Result<(u16, hyper::body::Bytes), String> {
     let r = Request::post(server, path, content_type, body)
         .header("authorization", format!("Bearer {token}"))
-        .fetch(Duration::from_secs(60))
+        .fetch(Duration::from_secs(60), SMALL_REPLY)
         .await?;
     Ok((r.status, r.body))
 }

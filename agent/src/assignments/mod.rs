@@ -23,7 +23,6 @@ use std::time::Duration;
 use fleetml_protocol::assignment::AssignedModel;
 use fleetml_protocol::crypto::{Sha256, Sha256Hasher};
 use fleetml_protocol::telemetry::{self, DeviceId, Lifecycle};
-use http_body_util::BodyExt;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{Notify, mpsc, oneshot};
 
@@ -54,6 +53,9 @@ pub struct Settings {
     pub poll: Duration,
     /// Download bandwidth cap in bytes per second (none: as fast as the link goes).
     pub max_bytes_per_s: Option<u64>,
+    /// A download on which nothing arrives this long stops (and resumes at the next
+    /// pull).
+    pub download_idle: Duration,
 }
 
 impl std::fmt::Debug for Settings {
@@ -64,6 +66,7 @@ impl std::fmt::Debug for Settings {
             .field("device", &self.device)
             .field("poll", &self.poll)
             .field("max_bytes_per_s", &self.max_bytes_per_s)
+            .field("download_idle", &self.download_idle)
             .finish_non_exhaustive()
     }
 }
@@ -362,12 +365,14 @@ impl Puller {
             Begin::Append => tokio::fs::OpenOptions::new().append(true).open(part).await,
             Begin::Restart => open_private(part).await,
             Begin::Refused(status) => {
-                let body = response
-                    .into_body()
-                    .collect()
-                    .await
-                    .map(|b| b.to_bytes())
-                    .unwrap_or_default();
+                let headers = response.headers().clone();
+                let body = crate::http::read_limited(
+                    response.into_body(),
+                    &headers,
+                    crate::http::SMALL_REPLY,
+                )
+                .await
+                .unwrap_or_default();
                 return Err(Transfer(format!(
                     "bundle {}: the control plane answered {status}: {}",
                     model.digest,
@@ -379,16 +384,17 @@ impl Puller {
         let started = tokio::time::Instant::now();
         let mut unsynced = 0u64;
         let mut body = response.into_body();
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| {
+        let idle = self.settings.download_idle;
+        while let Some(data) = crate::http::next_chunk(&mut body, idle)
+            .await
+            .map_err(|e| {
                 Transfer(format!(
-                    "download interrupted at byte {}: {e}",
-                    transfer.at()
+                    "download interrupted at byte {} of {}: {e}; it resumes from there at the next pull",
+                    transfer.at(),
+                    model.size
                 ))
-            })?;
-            let Ok(data) = frame.into_data() else {
-                continue;
-            };
+            })?
+        {
             let at = transfer.at();
             transfer.chunk(data.len())?;
             // Stop before the disk is full, not when it is: the outbox, the monitoring
@@ -448,7 +454,7 @@ impl Puller {
     ) -> Result<(u16, hyper::HeaderMap, hyper::body::Bytes), String> {
         let r = self
             .get_request(path, from)
-            .fetch(Duration::from_secs(30))
+            .fetch(Duration::from_secs(30), MAX_ASSIGNMENT_REPLY)
             .await?;
         Ok((r.status, r.headers, r.body))
     }
@@ -463,6 +469,9 @@ impl Puller {
         }
     }
 }
+
+/// Largest assignment reply read: a signed assignment of a few models is well under 1 KiB.
+pub const MAX_ASSIGNMENT_REPLY: usize = 64 << 10;
 
 /// Free space a download leaves for everything else the agent writes.
 const DISK_HEADROOM: u64 = 1 << 20;

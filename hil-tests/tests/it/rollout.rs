@@ -175,7 +175,12 @@ pub(crate) fn device_token(dir: &Path, name: &str) -> String {
 }
 
 /// `GET path` on the control plane with `token` (none when empty): status and body.
-fn get_as(plane: &ControlPlane, token: &str, method: &str, path: &str) -> (u16, Vec<u8>) {
+pub(crate) fn get_as(
+    plane: &ControlPlane,
+    token: &str,
+    method: &str,
+    path: &str,
+) -> (u16, Vec<u8>) {
     let stream =
         std::net::TcpStream::connect(plane.url.trim_start_matches("http://")).expect("connects");
     let auth = format!("Bearer {token}");
@@ -491,7 +496,7 @@ impl Attacker {
 }
 
 /// Points the device's config at `url` (the real control plane or an attacker).
-fn point_at(dir: &Path, name: &str, url: &str) {
+pub(crate) fn point_at(dir: &Path, name: &str, url: &str) {
     let path = dir.join(format!("{name}.toml"));
     let text = std::fs::read_to_string(&path).expect("config");
     let replaced: Vec<String> = text

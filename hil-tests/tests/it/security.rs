@@ -208,3 +208,212 @@ fn connections_beyond_the_limit_are_closed_and_counted() {
     );
     plane.stop();
 }
+
+/// What the hostile server does with a request.
+#[derive(Clone)]
+enum Hostile {
+    /// 200 with these bytes.
+    Answer(Vec<u8>),
+    /// 200, chunked, a body that never ends (up to 1.2 GB).
+    Endless,
+    /// 200 declaring `declared` bytes, sends `first`, then nothing, holding the
+    /// connection (a relay that stops relaying).
+    Stall { declared: u64, first: Vec<u8> },
+    /// 404.
+    Nothing,
+}
+
+/// A hostile HTTP server standing in for the control plane: `route` picks what each
+/// request line gets.
+fn hostile(route: impl Fn(&str) -> Hostile + Send + Sync + 'static) -> String {
+    use std::io::{BufRead, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let route = std::sync::Arc::new(route);
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let route = route.clone();
+            std::thread::spawn(move || {
+                let mut reader = std::io::BufReader::new(stream);
+                let mut line = String::new();
+                if reader.read_line(&mut line).is_err() {
+                    return;
+                }
+                loop {
+                    let mut header = String::new();
+                    if reader.read_line(&mut header).is_err() || header.trim().is_empty() {
+                        break;
+                    }
+                }
+                let mut s = reader.into_inner();
+                match route(&line) {
+                    Hostile::Answer(body) => {
+                        let _ = write!(
+                            s,
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                            body.len()
+                        );
+                        let _ = s.write_all(&body);
+                    }
+                    Hostile::Endless => {
+                        let _ = write!(s, "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n");
+                        let chunk = vec![b'{'; 64 << 10];
+                        for _ in 0..(1_200_000_000 / chunk.len()) {
+                            if write!(s, "{:x}\r\n", chunk.len()).is_err()
+                                || s.write_all(&chunk).is_err()
+                                || s.write_all(b"\r\n").is_err()
+                            {
+                                return;
+                            }
+                        }
+                    }
+                    Hostile::Stall { declared, first } => {
+                        let _ = write!(s, "HTTP/1.1 200 OK\r\ncontent-length: {declared}\r\n\r\n");
+                        let _ = s.write_all(&first);
+                        std::thread::sleep(Duration::from_secs(120));
+                    }
+                    Hostile::Nothing => {
+                        let _ = write!(
+                            s,
+                            "HTTP/1.1 404 Not Found\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{{}}"
+                        );
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// The agent's peak resident memory, in kB (`VmHWM`).
+fn peak_rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("status")
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmHWM")
+}
+
+/// `fleet-agent run` for enrolled device `name`, its log (stderr) in `dir/NAME.log`.
+fn logged_agent(dir: &std::path::Path, name: &str) -> hil_tests::RunningAgent {
+    let board = hil_tests::root().join("boards/raspberry-pi-4.toml");
+    let mut cmd = std::process::Command::new(hil_tests::bin("fleet-agent"));
+    cmd.current_dir(dir).args([
+        "run",
+        "--config",
+        &format!("{name}.toml"),
+        "--data-dir",
+        &format!("data-{name}"),
+        "--listen",
+        "127.0.0.1:0",
+        "--board",
+        &board.display().to_string(),
+    ]);
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).expect("log");
+    hil_tests::RunningAgent::spawn_logged(cmd, std::process::Stdio::from(log))
+}
+
+/// The agent reads no more of a reply than it can use. Before: a fake control plane
+/// answered the assignment request with 1.2 GB and the agent's RSS peaked at 2.2 GB
+/// before it refused it (the security review's measurement: the reply was read whole,
+/// then its size checked). Against that code this test's memory bound fails. Now an
+/// assignment reply is cut at 64 KiB, here a chunked one that never ends.
+#[test]
+fn an_endless_assignment_reply_is_cut_at_its_limit() {
+    use crate::rollout::{enroll, point_at};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    hil_tests::keys_and_policy(dir, "k");
+    let plane = ControlPlane::start(dir, None, &["--trust", "trust.toml"]);
+    enroll(
+        dir,
+        &plane,
+        "pi-m",
+        "raspberry-pi-4",
+        "site=lab",
+        "assignment_poll_s = 1",
+    );
+    let attacker = hostile(|line| {
+        if line.contains("/assignment") {
+            Hostile::Endless
+        } else {
+            Hostile::Nothing
+        }
+    });
+    point_at(dir, "pi-m", &format!("http://{attacker}"));
+    let agent = logged_agent(dir, "pi-m");
+    let log = wait_for(
+        "the refusal in the agent's log",
+        Duration::from_secs(60),
+        || {
+            let text = std::fs::read_to_string(dir.join("pi-m.log")).ok()?;
+            text.contains("grew past the 65536 bytes").then_some(text)
+        },
+    );
+    assert!(log.contains("assignment pull failed"), "{log}");
+    // Several pulls later, still small.
+    std::thread::sleep(Duration::from_secs(3));
+    let peak = peak_rss_kb(agent.child.id());
+    assert!(peak < 200_000, "the agent's peak RSS was {peak} kB");
+    let (status, _) = agent.request("GET", "/healthz", &Value::Null);
+    assert_eq!(status, 200);
+}
+
+/// A stalled bundle download stops and is reported; the agent keeps answering. Before:
+/// the puller waited on a stalled download forever (no connect, idle or total
+/// time-outs), and the systemd watchdog, pinged from the main loop, did not notice (the
+/// security review's measurement; the download loop awaited each frame without a time
+/// limit, so against that code no `download_failed` event ever comes). Now a download on
+/// which nothing arrives for `download_idle_timeout_s` stops and resumes at the next pull.
+#[test]
+fn a_stalled_download_stops_is_reported_and_resumes_later() {
+    use crate::rollout::{bundle, device_token, enroll, get_as, point_at, rollout, wait_event};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    hil_tests::keys_and_policy(dir, "k");
+    let plane = ControlPlane::start(dir, None, &["--trust", "trust.toml"]);
+    bundle(dir, 1, "v1.fmb");
+    plane.fleetctl(dir, &["models", "push", "v1.fmb"]).success();
+    let bytes = std::fs::read(dir.join("v1.fmb")).expect("bundle");
+    let (size, first) = (bytes.len() as u64, bytes[..1000].to_vec());
+    enroll(
+        dir,
+        &plane,
+        "pi-s",
+        "raspberry-pi-4",
+        "site=lab",
+        "assignment_poll_s = 2\ndownload_idle_timeout_s = 2",
+    );
+    rollout(&plane, dir, &["claims@1", "--to", "all", "--soak", "0s"]);
+    let token = device_token(dir, "pi-s");
+    let (code, assignment) = get_as(&plane, &token, "GET", "/v1/devices/pi-s/assignment");
+    assert_eq!(code, 200);
+    let attacker = hostile(move |line| {
+        if line.contains("/assignment") {
+            Hostile::Answer(assignment.clone())
+        } else if line.contains("/v1/bundles/") {
+            Hostile::Stall {
+                declared: size,
+                first: first.clone(),
+            }
+        } else {
+            Hostile::Nothing
+        }
+    });
+    point_at(dir, "pi-s", &format!("http://{attacker}"));
+    let started = std::time::Instant::now();
+    let agent = logged_agent(dir, "pi-s");
+    let detail = wait_event(&plane, "pi-s", "download_failed", "nothing arrived for 2 s");
+    assert!(detail.contains("interrupted at byte 1000"), "{detail}");
+    assert!(started.elapsed() < Duration::from_secs(60));
+    let (status, _) = agent.request("GET", "/healthz", &Value::Null);
+    assert_eq!(status, 200);
+    // Back on the real control plane, the download resumes from byte 1000.
+    drop(agent);
+    point_at(dir, "pi-s", &plane.url);
+    let _agent = logged_agent(dir, "pi-s");
+    let resumed = wait_event(&plane, "pi-s", "downloading", "resuming");
+    assert!(resumed.starts_with("resuming at byte 1000 of"), "{resumed}");
+    crate::rollout::wait_running(&plane, "pi-s", 1);
+}
