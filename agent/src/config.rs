@@ -13,6 +13,9 @@
 //! control_plane = "http://fleet.example.com:7080"  # where assignments and bundles come from
 //! predict_timeout_ms = 30000                     # 504 beyond this
 //! api_max_connections = 1024                     # more are closed at once
+//! # a listen address other than loopback needs both of these (the API has no other guard):
+//! allow_remote_api = true
+//! api_token_file = "/etc/fleetml/api.token"      # 32+ characters, mode 0600
 //! # monitoring: a window closes after this many predictions or seconds, whichever first
 //! window_predictions = 1000
 //! window_seconds = 300
@@ -91,6 +94,10 @@ pub struct AgentConfig {
     /// API connections served at once, TCP and Unix socket each (default 1024); more
     /// are closed at once.
     pub api_max_connections: Option<usize>,
+    /// Serve the API on an address other than loopback (needs `api_token_file`).
+    pub allow_remote_api: Option<bool>,
+    /// A file holding the bearer token every API request must carry (but the probes).
+    pub api_token_file: Option<PathBuf>,
     pub window_predictions: Option<u32>,
     pub window_seconds: Option<u64>,
     pub drift_psi: Option<f64>,
@@ -229,6 +236,8 @@ impl AgentConfig {
             control_plane,
             predict_timeout_ms,
             api_max_connections,
+            allow_remote_api,
+            api_token_file,
             window_predictions,
             window_seconds,
             drift_psi,

@@ -116,6 +116,14 @@ struct RunArgs {
     /// Also serve the API on this Unix socket.
     #[arg(long)]
     socket: Option<PathBuf>,
+    /// Allow a --listen address other than loopback. The API then requires the token of
+    /// --api-token-file on every request but /healthz and /readyz.
+    #[arg(long)]
+    allow_remote_api: bool,
+    /// A file (mode 0600) holding the bearer token API requests must carry: at least 32
+    /// characters, e.g. from `head -c 32 /dev/urandom | xxd -p -c 64`.
+    #[arg(long)]
+    api_token_file: Option<PathBuf>,
     /// Predictions run at once. Default: the board's `agent.threads`, else its core count.
     #[arg(long)]
     workers: Option<usize>,
@@ -434,6 +442,8 @@ fn fleet_agent_run(args: RunArgs) -> anyhow::Result<()> {
         outbox_max_messages: args.outbox_max_messages,
         outbox_max_bytes: args.outbox_max_bytes,
         predict_timeout_ms: args.predict_timeout_ms,
+        allow_remote_api: args.allow_remote_api.then_some(true),
+        api_token_file: args.api_token_file,
         window_predictions: args.window_predictions,
         window_seconds: args.window_seconds,
         drift_psi: args.drift_psi,
@@ -458,6 +468,22 @@ fn fleet_agent_run(args: RunArgs) -> anyhow::Result<()> {
             .parse()
             .context("default listen address")?,
     };
+    let token = match &c.api_token_file {
+        Some(path) => Some(api_token(path)?),
+        None => None,
+    };
+    if !listen.ip().is_loopback() {
+        if !c.allow_remote_api.unwrap_or(false) {
+            anyhow::bail!(
+                "listen = {listen} is not a loopback address, and the prediction API (predictions, and feedback labels that become training data) has no guard of its own there: listen on 127.0.0.1 or a socket, or set allow_remote_api = true with api_token_file = FILE (--allow-remote-api --api-token-file FILE)"
+            );
+        }
+        if token.is_none() {
+            anyhow::bail!(
+                "allow_remote_api needs api_token_file = FILE: a token of at least 32 characters, mode 0600, that every request must carry"
+            );
+        }
+    }
     let config = fleet_agent::serve::Config {
         data_dir: data_dir(&c),
         policy,
@@ -478,6 +504,7 @@ fn fleet_agent_run(args: RunArgs) -> anyhow::Result<()> {
                 .api_max_connections
                 .unwrap_or(ApiLimits::default().max_connections)
                 .max(1),
+            token,
             ..Default::default()
         },
         monitoring: c.monitoring(),
@@ -539,6 +566,33 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The API token in `path`: private to its owner, at least 32 characters.
+fn api_token(path: &std::path::Path) -> anyhow::Result<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("api_token_file {}", path.display()))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        anyhow::bail!(
+            "api_token_file {} is mode {mode:o}: others can read the token; run: chmod 600 {}",
+            path.display(),
+            path.display()
+        );
+    }
+    let token = std::fs::read_to_string(path)
+        .with_context(|| format!("reading api_token_file {}", path.display()))?
+        .trim()
+        .to_string();
+    if token.len() < 32 {
+        anyhow::bail!(
+            "api_token_file {} holds {} characters; use at least 32 (head -c 32 /dev/urandom | xxd -p -c 64 > FILE)",
+            path.display(),
+            token.len()
+        );
+    }
+    Ok(token)
 }
 
 #[cfg(test)]

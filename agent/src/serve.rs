@@ -378,7 +378,7 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .ok();
-    let api = Api::new(config.limits, metrics);
+    let api = Api::new(config.limits.clone(), metrics);
     if config.sink.is_none() {
         let path = config.data_dir.join("monitoring");
         match crate::monitoring::Sink::open(&path) {

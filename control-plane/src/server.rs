@@ -109,6 +109,60 @@ fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Makes `dir` (DATA_DIR) private, at every start: the directory 0700, the store
+/// (`fleet.db`, which holds the device secrets) 0700 with its files 0600, the admin token
+/// and the assignment key 0600. What it had to change, one line each (the caller warns);
+/// an error naming the command that fixes it when this user cannot change a mode.
+pub fn private_data_dir(dir: &Path) -> anyhow::Result<Vec<String>> {
+    use std::os::unix::fs::PermissionsExt;
+    create_private_dir(dir)?;
+    let mut fixed = Vec::new();
+    let mut tighten = |path: &Path, dir_mode: u32, file_mode: u32| -> anyhow::Result<()> {
+        let meta = std::fs::symlink_metadata(path)
+            .with_context(|| format!("reading the mode of {}", path.display()))?;
+        if meta.file_type().is_symlink() {
+            return Ok(());
+        }
+        let mode = if meta.is_dir() { dir_mode } else { file_mode };
+        let now = meta.permissions().mode() & 0o777;
+        if now & 0o077 != 0 {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).with_context(
+                || {
+                    format!(
+                        "{} is mode {now:o}: others may read what it holds, and this user cannot change it; run: chmod -R go-rwx {}",
+                        path.display(),
+                        dir.display()
+                    )
+                },
+            )?;
+            fixed.push(format!("{} was mode {now:o}, now {mode:o}", path.display()));
+        }
+        Ok(())
+    };
+    tighten(dir, 0o700, 0o600)?;
+    for name in ["admin.token", "assignment.key"] {
+        let path = dir.join(name);
+        if path.exists() {
+            tighten(&path, 0o700, 0o600)?;
+        }
+    }
+    let mut pending = vec![dir.join("fleet.db")];
+    while let Some(path) = pending.pop() {
+        if !path.exists() {
+            continue;
+        }
+        tighten(&path, 0o700, 0o600)?;
+        if path.is_dir() && !path.is_symlink() {
+            for entry in
+                std::fs::read_dir(&path).with_context(|| format!("reading {}", path.display()))?
+            {
+                pending.push(entry?.path());
+            }
+        }
+    }
+    Ok(fixed)
+}
+
 /// Starts rumqttd on `addr` (its own threads) and waits until it accepts connections.
 fn start_broker(
     addr: SocketAddr,
@@ -243,7 +297,12 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "the open-files limit stays as it is"),
     }
-    create_private_dir(&opts.data_dir)?;
+    // Everything this process creates is private unless written with a mode of its own
+    // (the trust policy, 0644).
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    for line in private_data_dir(&opts.data_dir)? {
+        tracing::warn!("made the data directory private: {line}");
+    }
     let token = admin_token(&opts.data_dir)?;
     let assignment_key = crate::assign::assignment_key(&opts.data_dir)?;
     let store = SledStore::open(&opts.data_dir.join("fleet.db"))?;

@@ -123,7 +123,7 @@ pub fn runs_inline(backend: &dyn Backend, inputs: &[TensorSpec]) -> bool {
 }
 
 /// Limits of the API.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ApiLimits {
     /// Predictions running at once.
     pub workers: usize,
@@ -141,6 +141,9 @@ pub struct ApiLimits {
     pub timeout: std::time::Duration,
     /// Connections served at once on each listener; more are closed at once.
     pub max_connections: usize,
+    /// The bearer token every request but `/healthz` and `/readyz` must carry
+    /// (`api_token_file`; none: no token asked, for loopback and the Unix socket).
+    pub token: Option<String>,
 }
 
 impl ApiLimits {
@@ -172,6 +175,7 @@ impl Default for ApiLimits {
             max_rows: 1024,
             timeout: std::time::Duration::from_secs(30),
             max_connections: 1024,
+            token: None,
         }
     }
 }
@@ -234,6 +238,21 @@ impl Api {
             .unwrap_or_else(|p| p.into_inner())
             .remove(name);
         self.ready.notify_waiters();
+    }
+
+    /// `name` as a metric label: itself for a model served or loading, `unknown` for
+    /// any other, so that requests for made-up names cannot grow the metrics without end.
+    fn metric_label<'a>(&self, name: &'a str) -> &'a str {
+        let loading = self
+            .loading
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(name);
+        if loading || self.get(name).is_some() {
+            name
+        } else {
+            "unknown"
+        }
     }
 
     /// Models still loading that serve nothing yet.

@@ -48,7 +48,7 @@ pub(super) async fn predict(
                     monitor.rejected(feature, *value);
                 }
             }
-            error_response(cbor, &e, &name)
+            error_response(cbor, &e, api.metric_label(&name))
         }
     }
 }

@@ -738,7 +738,11 @@ fn every_route_answers_401_without_a_token_403_below_its_role_and_the_audit_chai
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
     keys_and_policy(dir, "k");
-    let mut plane = ControlPlane::start(dir, None, &["--trust", "trust.toml"]);
+    let mut plane = ControlPlane::start(
+        dir,
+        None,
+        &["--trust", "trust.toml", "--audit-interval", "1s"],
+    );
     enroll(dir, &plane, "dev-1", "raspberry-pi-4", "site=lab", "");
     enroll(dir, &plane, "dev-2", "raspberry-pi-4", "site=lab", "");
     let mut tokens = std::collections::BTreeMap::new();
@@ -866,8 +870,20 @@ fn every_route_answers_401_without_a_token_403_below_its_role_and_the_audit_chai
     }
     assert!(checked >= 75, "{checked}");
 
-    // Refused calls are audited too; the chain verifies.
-    let audit = plane.json(dir, &["audit", "--last", "100000"]);
+    // Refused calls are audited too (those without a valid token as one tally entry
+    // per --audit-interval); the chain verifies.
+    let audit = wait_for(
+        "the tally of anonymous calls",
+        Duration::from_secs(20),
+        || {
+            let audit = plane.json(dir, &["audit", "--last", "100000"]);
+            audit
+                .as_array()?
+                .iter()
+                .any(|e| e["outcome"] == 401 && e["who"] == "anonymous")
+                .then_some(audit)
+        },
+    );
     let entries = audit.as_array().expect("entries");
     assert!(
         entries

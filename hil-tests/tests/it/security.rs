@@ -417,3 +417,168 @@ fn a_stalled_download_stops_is_reported_and_resumes_later() {
     assert!(resumed.starts_with("resuming at byte 1000 of"), "{resumed}");
     crate::rollout::wait_running(&plane, "pi-s", 1);
 }
+
+/// Requests for made-up model names cannot grow the agent's metrics. Before: the agent
+/// labelled its error counter with the model name from the URL, so 20,000 random names
+/// grew its RSS from 14.5 to 40.7 MB and `/metrics` to 21.6 MB (the security review's
+/// measurement; against that code this test finds 2,000 series). Now every model the
+/// agent does not serve is `unknown`.
+#[test]
+fn made_up_model_names_share_one_metric_label() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    hil_tests::keys_and_policy(dir.path(), "k");
+    let agent = hil_tests::RunningAgent::serve_store(dir.path(), &[]);
+    for i in 0..2000 {
+        let (status, _) = agent.request(
+            "POST",
+            &format!("/v1/models/made-up-{i:05}/predict"),
+            &serde_json::json!({ "features": {} }),
+        );
+        assert_eq!(status, 404);
+    }
+    let stream = std::net::TcpStream::connect(&agent.addr).expect("connects");
+    let (_, metrics) = hil_tests::http(stream, "GET", "/metrics", "text/plain", b"").expect("HTTP");
+    let metrics = String::from_utf8_lossy(&metrics);
+    assert!(
+        !metrics.contains("made-up-"),
+        "a made-up name became a label"
+    );
+    assert!(
+        metrics.len() < 64 << 10,
+        "/metrics is {} bytes",
+        metrics.len()
+    );
+    let unknown: f64 = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("fleetml_agent_prediction_errors_total")
+                && l.contains("model=\"unknown\"")
+        })
+        .and_then(|l| l.split_whitespace().last()?.parse().ok())
+        .expect("the unknown series");
+    assert_eq!(unknown, 2000.0);
+}
+
+/// The mode of `path` (permission bits).
+fn mode(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::symlink_metadata(path)
+        .expect("metadata")
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+/// Every file below `dir` with its mode.
+fn modes(dir: &std::path::Path) -> Vec<(std::path::PathBuf, u32)> {
+    let mut out = vec![(dir.to_path_buf(), mode(dir))];
+    for entry in std::fs::read_dir(dir).expect("dir").flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(modes(&path));
+        } else {
+            out.push((path.clone(), mode(&path)));
+        }
+    }
+    out
+}
+
+/// The control plane's secrets are private at rest, on a fresh start and after someone
+/// loosened them. Before: the store that holds the device secrets was created with the
+/// process umask (0644 files; the security review found them world-readable, protected
+/// only by a 0700 directory that was set only when the server created it). Against that
+/// code this test finds 0644 files in `fleet.db` and a 0755 data directory left as it is.
+#[test]
+fn secrets_at_rest_are_private_at_every_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut plane = ControlPlane::start(dir.path(), None, &[]);
+    plane.stop();
+    let data = plane.data_dir.clone();
+    for (path, m) in modes(&data.join("fleet.db")) {
+        assert_eq!(
+            m & 0o077,
+            0,
+            "{} is {m:o} after a fresh start",
+            path.display()
+        );
+    }
+    assert_eq!(mode(&data), 0o700);
+    assert_eq!(mode(&data.join("admin.token")), 0o600);
+    // Loosened by hand (a restore from a backup, a careless chmod): made private again.
+    for (path, _) in modes(&data) {
+        let loose = if path.is_dir() { 0o755 } else { 0o644 };
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(loose)).expect("chmod");
+    }
+    plane.restart();
+    plane.stop();
+    assert_eq!(mode(&data), 0o700);
+    for (path, m) in modes(&data.join("fleet.db")) {
+        assert_eq!(m & 0o077, 0, "{} is {m:o} after a restart", path.display());
+    }
+    assert_eq!(mode(&data.join("admin.token")), 0o600);
+    assert_eq!(mode(&data.join("assignment.key")), 0o600);
+}
+
+/// The prediction API is not served beyond loopback unguarded. Before: `--listen
+/// 0.0.0.0:7070` served predictions and took feedback labels (which flow into training
+/// data) from anyone who could reach the device (the security review's finding; that
+/// code had no check of the address, so against it the first run here starts). Now an
+/// address other than loopback needs `--allow-remote-api` and a token file, and then
+/// every request but the probes must carry the token.
+#[test]
+fn a_remote_prediction_api_needs_a_flag_and_then_a_token() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    hil_tests::keys_and_policy(d, "k");
+    let base = [
+        "run",
+        "--data-dir",
+        "data",
+        "--trust",
+        "trust.toml",
+        "--listen",
+        "0.0.0.0:0",
+    ];
+    let refused = hil_tests::agent(d, &base);
+    assert!(
+        refused.failure().contains("allow_remote_api"),
+        "{}",
+        refused.stderr
+    );
+    let token = "f".repeat(40);
+    std::fs::write(d.join("api.token"), &token).expect("token");
+    std::fs::set_permissions(d.join("api.token"), std::fs::Permissions::from_mode(0o644))
+        .expect("chmod");
+    let mut flags = base.to_vec();
+    flags.extend(["--allow-remote-api", "--api-token-file", "api.token"]);
+    let loose = hil_tests::agent(d, &flags);
+    assert!(loose.failure().contains("chmod 600"), "{}", loose.stderr);
+    std::fs::set_permissions(d.join("api.token"), std::fs::Permissions::from_mode(0o600))
+        .expect("chmod");
+    let agent = hil_tests::RunningAgent::start(d, &flags);
+    let port = agent.addr.rsplit(':').next().expect("port");
+    let addr = format!("127.0.0.1:{port}");
+    let call = |path: &str, auth: Option<&str>| {
+        let stream = std::net::TcpStream::connect(&addr).expect("connects");
+        let bearer = auth.map(|t| format!("Bearer {t}"));
+        let mut headers = vec![("content-type", "application/json")];
+        if let Some(b) = &bearer {
+            headers.push(("authorization", b.as_str()));
+        }
+        hil_tests::http_with(stream, "POST", path, &headers, b"{\"features\":{}}")
+            .expect("HTTP")
+            .0
+    };
+    assert_eq!(call("/v1/models/claims/predict", None), 401);
+    assert_eq!(call("/v1/feedback", Some("wrong")), 401);
+    assert_eq!(
+        call("/v1/models/claims/predict", Some(&token)),
+        404,
+        "past the guard"
+    );
+    let stream = std::net::TcpStream::connect(&addr).expect("connects");
+    let (status, _) = hil_tests::http(stream, "GET", "/healthz", "text/plain", b"").expect("HTTP");
+    assert_eq!(status, 200, "the probes stay open");
+}
