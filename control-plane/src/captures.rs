@@ -28,6 +28,14 @@ pub enum CaptureError {
     Conflict { device: String, seq: u64 },
     #[error("{0}")]
     Invalid(String),
+    #[error(
+        "device {device} keeps {kept} bytes of captures, and this batch would take it past its quota of {quota} (fleetctl serve --capture-quota)"
+    )]
+    Quota {
+        device: String,
+        kept: u64,
+        quota: u64,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -40,6 +48,8 @@ pub type Stored = (bool, CaptureRecord);
 pub struct Captures {
     store: Arc<dyn CaptureStore>,
     dir: PathBuf,
+    /// Bytes of captures kept per device (none: no limit).
+    quota: u64,
 }
 
 impl std::fmt::Debug for Captures {
@@ -85,7 +95,13 @@ impl Captures {
         Ok(Captures {
             store,
             dir: dir.to_path_buf(),
+            quota: u64::MAX,
         })
+    }
+
+    /// The same captures, keeping at most `quota` bytes per device.
+    pub fn with_quota(self, quota: u64) -> Captures {
+        Captures { quota, ..self }
     }
 
     pub fn path(&self, r: &CaptureRecord) -> PathBuf {
@@ -94,7 +110,9 @@ impl Captures {
             .join(format!("{:020}.jsonl", r.seq))
     }
 
-    /// Stores a batch once.
+    /// Stores a batch once; a new batch that would take the device's captures past its
+    /// quota ([`Captures::with_quota`]) is refused (the same batch again is still
+    /// acknowledged).
     pub fn store(
         &self,
         device: &DeviceId,
@@ -104,6 +122,7 @@ impl Captures {
         body: &[u8],
         now_ms: u64,
     ) -> Result<Stored, CaptureError> {
+        let quota = self.quota;
         if !matches!(kind, "sampled" | "labelled") {
             return Err(CaptureError::Invalid(format!(
                 "kind `{kind}` is not sampled or labelled"
@@ -119,6 +138,18 @@ impl Captures {
                     seq,
                 })
             };
+        }
+        let kept: u64 = self
+            .list(None, Some(device.as_str()))?
+            .iter()
+            .map(|r| r.bytes)
+            .sum();
+        if kept + body.len() as u64 > quota {
+            return Err(CaptureError::Quota {
+                device: device.as_str().into(),
+                kept,
+                quota,
+            });
         }
         let (rows, first_ts_ms, last_ts_ms) =
             check_batch(model, body).map_err(CaptureError::Invalid)?;
@@ -330,5 +361,27 @@ mod tests {
         ));
         assert_eq!(c.list(Some("m"), None).expect("test").len(), 1);
         assert_eq!(std::fs::read(c.path(&r)).expect("test"), body);
+    }
+
+    /// A device's captures stop at its quota; the same batch again is still answered.
+    #[test]
+    fn a_device_past_its_quota_is_refused_new_batches_but_not_a_resend() {
+        let dir = tempfile::tempdir().expect("test");
+        let store = crate::store::memory::MemoryStore::new();
+        let d = DeviceId::new("pi-1").expect("test");
+        let body = b"{\"model\":\"m\",\"ts_ms\":5,\"features\":{\"a\":1}}\n";
+        let quota = body.len() as u64 + 10;
+        let c = Captures::open(Arc::new(store), &dir.path().join("captures"))
+            .expect("test")
+            .with_quota(quota);
+        assert!(c.store(&d, 1, "m", "sampled", body, 1).expect("test").0);
+        assert!(!c.store(&d, 1, "m", "sampled", body, 2).expect("test").0);
+        let e = c
+            .store(&d, 2, "m", "sampled", body, 3)
+            .expect_err("past the quota");
+        assert!(matches!(e, CaptureError::Quota { .. }), "{e}");
+        assert!(e.to_string().contains("--capture-quota"), "{e}");
+        let other = DeviceId::new("pi-2").expect("test");
+        assert!(c.store(&other, 1, "m", "sampled", body, 4).expect("test").0);
     }
 }

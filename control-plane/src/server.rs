@@ -65,6 +65,8 @@ pub struct Options {
     pub audit_interval: Duration,
     /// What one HTTP caller may take: time-outs and the connection limit.
     pub http: fleetml_net::Limits,
+    /// Bytes of captured data kept per device.
+    pub capture_quota: u64,
 }
 
 /// The API's default limits: a request head within 10 s, an answer within 5 minutes
@@ -387,7 +389,8 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
         captures: crate::captures::Captures::open(
             Arc::new(store.clone()),
             &opts.data_dir.join("captures"),
-        )?,
+        )?
+        .with_quota(opts.capture_quota),
         datasets: crate::datasets::Datasets::open(
             Arc::new(store.clone()),
             &opts.data_dir.join("datasets"),

@@ -424,10 +424,14 @@ impl Board {
             std::fs::copy(&self.profile.path, &board).expect("board profile");
             ssh.copy(&[&ssh.agent, &dir.join(&config), &board], remote)
                 .expect("copy to the board");
+            let token = api_token(dir);
+            ssh.copy(&[&dir.join(API_TOKEN_FILE)], remote)
+                .expect("copy to the board");
             let cmd = ssh.command(&format!(
-                "cd {remote} && chmod 0600 {config} && exec ./fleet-agent run --config {config} --data-dir {data} --listen 0.0.0.0:0 --board {name}.board.toml"
+                "cd {remote} && chmod 0600 {config} {API_TOKEN_FILE} && exec ./fleet-agent run --config {config} --data-dir {data} --listen 0.0.0.0:0 --allow-remote-api --api-token-file {API_TOKEN_FILE} --board {name}.board.toml"
             ));
             let mut agent = RunningAgent::spawn_logged(cmd, log.into());
+            agent.token = Some(token);
             if let Some(port) = agent.addr.strip_prefix("0.0.0.0:") {
                 agent.addr = format!("{}:{port}", ssh.host);
             }
@@ -468,7 +472,14 @@ impl Board {
             .arg(format!("{listen_ip}:0"))
             .arg("--board")
             .arg(&self.profile.path);
-        let agent = RunningAgent::spawn_logged(cmd, log.into());
+        // Inside a network namespace the API listens on the namespace's address, not
+        // loopback: the agent then asks for a token on every request.
+        let token = netns.map(|_| {
+            cmd.args(["--allow-remote-api", "--api-token-file", API_TOKEN_FILE]);
+            api_token(dir)
+        });
+        let mut agent = RunningAgent::spawn_logged(cmd, log.into());
+        agent.token = token;
         agent.wait_ready();
         Device {
             agent: Some(agent),
@@ -491,6 +502,11 @@ impl Device {
     /// `HOST:PORT` of its API.
     pub fn addr(&self) -> String {
         self.agent.as_ref().expect("running").addr.clone()
+    }
+
+    /// The API token its requests must carry, if it asks for one.
+    pub fn token(&self) -> Option<String> {
+        self.agent.as_ref().expect("running").token.clone()
     }
 
     pub fn request(
@@ -1010,4 +1026,18 @@ impl Summary {
         }
         out
     }
+}
+
+/// The file, in the lab's directory, holding the API token of agents that listen beyond
+/// loopback.
+const API_TOKEN_FILE: &str = "api.token";
+
+/// Writes the lab's API token to `dir/api.token` (mode 0600) and returns it.
+fn api_token(dir: &Path) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let token = "hil-lab-api-token-0123456789abcdef0123456789".to_string();
+    let path = dir.join(API_TOKEN_FILE);
+    std::fs::write(&path, &token).expect("api token");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    token
 }

@@ -447,6 +447,8 @@ pub struct RunningAgent {
     pub child: std::process::Child,
     /// `HOST:PORT` of its HTTP API.
     pub addr: String,
+    /// The API token its requests carry (an agent listening beyond loopback needs one).
+    pub token: Option<String>,
 }
 
 impl RunningAgent {
@@ -510,7 +512,11 @@ impl RunningAgent {
             .strip_prefix("listening on http://")
             .unwrap_or_else(|| panic!("unexpected first line of {cmd:?}: {line:?}"))
             .to_string();
-        RunningAgent { child, addr }
+        RunningAgent {
+            child,
+            addr,
+            token: None,
+        }
     }
 
     /// Sends a JSON request (no body when `body` is null); returns the status and the
@@ -527,7 +533,12 @@ impl RunningAgent {
         } else {
             body.to_string().into_bytes()
         };
-        let (status, raw) = http(stream, method, path, "application/json", &bytes).expect("HTTP");
+        let bearer = self.token.as_ref().map(|t| format!("Bearer {t}"));
+        let mut headers = vec![("content-type", "application/json")];
+        if let Some(b) = &bearer {
+            headers.push(("authorization", b.as_str()));
+        }
+        let (status, raw) = http_with(stream, method, path, &headers, &bytes).expect("HTTP");
         let value = serde_json::from_slice(&raw).unwrap_or_else(|_| {
             serde_json::Value::String(String::from_utf8_lossy(&raw).into_owned())
         });

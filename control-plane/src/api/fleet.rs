@@ -168,6 +168,21 @@ pub async fn upload_capture(
     })?;
     let p = plane.clone();
     let stored = blocking(move || {
+        // Training data comes only from what a device was given to run: a device cannot
+        // feed rows into another model's datasets.
+        let assigned = p
+            .assignments
+            .assignment(&d.id)?
+            .is_some_and(|a| a.models.contains_key(&q.model));
+        if !assigned {
+            return Err(ApiError(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "device `{}` is not assigned model `{}`: captures are taken only for the models a device is assigned (fleetctl rollout start)",
+                    d.id, q.model
+                ),
+            ));
+        }
         p.captures
             .store(&d.id, q.seq, &q.model, &q.kind, &body, now_ms())
             .map_err(|e| match e {
@@ -178,6 +193,9 @@ pub async fn upload_capture(
                     StatusCode::UNPROCESSABLE_ENTITY,
                     format!("capture batch {}: {m}", q.seq),
                 ),
+                crate::captures::CaptureError::Quota { .. } => {
+                    ApiError(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
+                }
                 crate::captures::CaptureError::Store(e) => ApiError::internal(e),
             })
     })

@@ -55,6 +55,11 @@ pub(crate) struct ServeArgs {
     /// raised to the hard one at start.
     #[arg(long, default_value_t = 4096)]
     max_connections: usize,
+    /// Bytes of captured data kept per device (uploads only for the models a device is
+    /// assigned); a new batch beyond it is refused with 413 until old captures are
+    /// removed.
+    #[arg(long, default_value_t = 1 << 30)]
+    capture_quota: u64,
 }
 
 pub(crate) fn serve_command(a: ServeArgs) -> anyhow::Result<()> {
@@ -74,6 +79,7 @@ pub(crate) fn serve_command(a: ServeArgs) -> anyhow::Result<()> {
         receipt_interval: a.receipt_interval,
         audit_interval: a.audit_interval,
         http: fleet_control::server::http_limits(a.request_timeout, a.max_connections),
+        capture_quota: a.capture_quota,
     };
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

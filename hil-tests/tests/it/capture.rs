@@ -223,6 +223,19 @@ fn captured_batches_reach_the_control_plane_once_even_across_a_cut_connection() 
         ],
     )
     .success();
+    // Captures are taken only for a model the device is assigned: the bundle it has
+    // installed, assigned to it.
+    plane
+        .fleetctl(dir, &["models", "push", "claims.fmb"])
+        .success();
+    plane
+        .fleetctl(
+            dir,
+            &[
+                "rollout", "start", "claims@1", "--to", "all", "--soak", "0s",
+            ],
+        )
+        .success();
     let running = RunningAgent::start(
         dir,
         &[

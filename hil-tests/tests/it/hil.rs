@@ -353,6 +353,7 @@ impl Lab {
     /// Continuous predictions until dropped.
     fn load(&self) -> Load {
         let addr = self.device().addr();
+        let bearer = self.device().token().map(|t| format!("Bearer {t}"));
         let rows: Vec<Value> = crate::monitoring::rows("reference.csv");
         let mut load = Load {
             stop: Arc::new(AtomicBool::new(false)),
@@ -376,11 +377,15 @@ impl Lab {
                 let reply = std::net::TcpStream::connect(&addr)
                     .map_err(|e| e.to_string())
                     .and_then(|s| {
-                        hil_tests::http(
+                        let mut headers = vec![("content-type", "application/json")];
+                        if let Some(b) = &bearer {
+                            headers.push(("authorization", b.as_str()));
+                        }
+                        hil_tests::http_with(
                             s,
                             "POST",
                             "/v1/models/claims/predict",
-                            "application/json",
+                            &headers,
                             body.as_bytes(),
                         )
                         .map_err(|e| e.to_string())

@@ -582,3 +582,73 @@ fn a_remote_prediction_api_needs_a_flag_and_then_a_token() {
     let (status, _) = hil_tests::http(stream, "GET", "/healthz", "text/plain", b"").expect("HTTP");
     assert_eq!(status, 200, "the probes stay open");
 }
+
+/// A device cannot feed rows into the training data of a model it was not given. Before:
+/// capture uploads were accepted for any model name (the security review's finding:
+/// dataset poisoning by one enrolled device; the handler checked only that the device
+/// uploads its own captures, so against that code the first upload here is stored).
+/// Now only assigned models are accepted, within a per-device quota.
+#[test]
+fn captures_only_for_assigned_models_and_within_the_quota() {
+    use crate::rollout::{bundle, device_token, enroll, rollout, wait_state};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    hil_tests::keys_and_policy(dir, "k");
+    let plane = ControlPlane::start(
+        dir,
+        None,
+        &["--trust", "trust.toml", "--capture-quota", "300"],
+    );
+    enroll(dir, &plane, "pi-c", "raspberry-pi-4", "site=lab", "");
+    let token = device_token(dir, "pi-c");
+    let upload = |seq: u64, model: &str| {
+        let body = format!(
+            "{{\"model\":\"{model}\",\"ts_ms\":{seq},\"features\":{{\"claim_amount\":{seq}}}}}\n"
+        );
+        let stream = std::net::TcpStream::connect(plane.url.trim_start_matches("http://"))
+            .expect("connects");
+        let auth = format!("Bearer {token}");
+        let (status, reply) = hil_tests::http_with(
+            stream,
+            "POST",
+            &format!("/v1/devices/pi-c/captures?seq={seq}&model={model}&kind=sampled"),
+            &[
+                ("authorization", &auth),
+                ("content-type", "application/x-ndjson"),
+            ],
+            body.as_bytes(),
+        )
+        .expect("HTTP");
+        (status, String::from_utf8_lossy(&reply).into_owned())
+    };
+    let (status, reply) = upload(1, "claims");
+    assert_eq!(status, 403, "not assigned yet: {reply}");
+    assert!(reply.contains("not assigned model `claims`"), "{reply}");
+    bundle(dir, 1, "v1.fmb");
+    plane.fleetctl(dir, &["models", "push", "v1.fmb"]).success();
+    let id = rollout(&plane, dir, &["claims@1", "--to", "all", "--soak", "0s"]);
+    wait_state(&plane, &id, "running");
+    let (status, reply) = upload(2, "claims");
+    assert_eq!(status, 201, "{reply}");
+    let (status, _) = upload(3, "someone-elses-model");
+    assert_eq!(status, 403);
+    let mut refused = None;
+    for seq in 4..20 {
+        let (status, reply) = upload(seq, "claims");
+        if status != 201 {
+            refused = Some((status, reply));
+            break;
+        }
+    }
+    let (status, reply) = refused.expect("the quota stops the uploads");
+    assert_eq!(status, 413, "{reply}");
+    assert!(reply.contains("--capture-quota"), "{reply}");
+    let stored: u64 = plane
+        .get("/v1/captures?device=pi-c")
+        .as_array()
+        .expect("batches")
+        .iter()
+        .map(|b| b["bytes"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(stored <= 300, "{stored}");
+}
