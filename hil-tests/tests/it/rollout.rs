@@ -4,7 +4,6 @@
 //! expiry, unknown key, swapped bundle), resumable downloads, and the RBAC matrix with
 //! the audit chain.
 
-use std::io::{BufRead, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,7 +12,7 @@ use std::time::Duration;
 use fleetml_protocol::assignment::{AssignedModel, Assignment, FORMAT, http_token};
 use fleetml_protocol::crypto::{Sha256, SigningKey};
 use fleetml_protocol::telemetry::DeviceId;
-use hil_tests::fleet::{ControlPlane, wait_for};
+use hil_tests::fleet::{ControlPlane, Hostile, hostile, wait_for};
 use hil_tests::{RunningAgent, build_claims, claims, fleetctl, keys_and_policy, root};
 use serde_json::{Value, json};
 
@@ -455,36 +454,14 @@ struct Attacker {
 
 impl Attacker {
     fn start() -> Attacker {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = listener.local_addr().expect("addr").to_string();
         let bytes = Arc::new(Mutex::new(Vec::new()));
         let served = bytes.clone();
-        std::thread::spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let mut reader = std::io::BufReader::new(stream);
-                let mut line = String::new();
-                if reader.read_line(&mut line).is_err() {
-                    continue;
-                }
-                loop {
-                    let mut header = String::new();
-                    if reader.read_line(&mut header).is_err() || header.trim().is_empty() {
-                        break;
-                    }
-                }
-                let body = served.lock().expect("lock").clone();
-                let mut stream = reader.into_inner();
-                let (status, body) = if line.contains("/assignment") && !body.is_empty() {
-                    ("200 OK", body)
-                } else {
-                    ("404 Not Found", b"{\"error\":\"no\"}".to_vec())
-                };
-                let _ = write!(
-                    stream,
-                    "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-                    body.len()
-                );
-                let _ = stream.write_all(&body);
+        let addr = hostile(move |line| {
+            let body = served.lock().expect("lock").clone();
+            if line.contains("/assignment") && !body.is_empty() {
+                Hostile::Answer(body)
+            } else {
+                Hostile::Nothing
             }
         });
         Attacker { addr, bytes }

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use hil_tests::fleet::{ControlPlane, wait_for};
+use hil_tests::fleet::{ControlPlane, Hostile, hostile, wait_for};
 use serde_json::Value;
 
 /// The size of every file below `dir`.
@@ -207,82 +207,6 @@ fn connections_beyond_the_limit_are_closed_and_counted() {
         "{metrics}"
     );
     plane.stop();
-}
-
-/// What the hostile server does with a request.
-#[derive(Clone)]
-enum Hostile {
-    /// 200 with these bytes.
-    Answer(Vec<u8>),
-    /// 200, chunked, a body that never ends (up to 1.2 GB).
-    Endless,
-    /// 200 declaring `declared` bytes, sends `first`, then nothing, holding the
-    /// connection (a relay that stops relaying).
-    Stall { declared: u64, first: Vec<u8> },
-    /// 404.
-    Nothing,
-}
-
-/// A hostile HTTP server standing in for the control plane: `route` picks what each
-/// request line gets.
-fn hostile(route: impl Fn(&str) -> Hostile + Send + Sync + 'static) -> String {
-    use std::io::{BufRead, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("addr").to_string();
-    let route = std::sync::Arc::new(route);
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            let route = route.clone();
-            std::thread::spawn(move || {
-                let mut reader = std::io::BufReader::new(stream);
-                let mut line = String::new();
-                if reader.read_line(&mut line).is_err() {
-                    return;
-                }
-                loop {
-                    let mut header = String::new();
-                    if reader.read_line(&mut header).is_err() || header.trim().is_empty() {
-                        break;
-                    }
-                }
-                let mut s = reader.into_inner();
-                match route(&line) {
-                    Hostile::Answer(body) => {
-                        let _ = write!(
-                            s,
-                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-                            body.len()
-                        );
-                        let _ = s.write_all(&body);
-                    }
-                    Hostile::Endless => {
-                        let _ = write!(s, "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n");
-                        let chunk = vec![b'{'; 64 << 10];
-                        for _ in 0..(1_200_000_000 / chunk.len()) {
-                            if write!(s, "{:x}\r\n", chunk.len()).is_err()
-                                || s.write_all(&chunk).is_err()
-                                || s.write_all(b"\r\n").is_err()
-                            {
-                                return;
-                            }
-                        }
-                    }
-                    Hostile::Stall { declared, first } => {
-                        let _ = write!(s, "HTTP/1.1 200 OK\r\ncontent-length: {declared}\r\n\r\n");
-                        let _ = s.write_all(&first);
-                        std::thread::sleep(Duration::from_secs(120));
-                    }
-                    Hostile::Nothing => {
-                        let _ = write!(
-                            s,
-                            "HTTP/1.1 404 Not Found\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{{}}"
-                        );
-                    }
-                }
-            });
-        }
-    });
-    addr
 }
 
 /// The agent's peak resident memory, in kB (`VmHWM`).
