@@ -141,34 +141,100 @@ pub(crate) const GENESIS: &str = "0000000000000000000000000000000000000000000000
 /// Checks a chain from its first entry: sequence numbers without gaps, each `prev` the
 /// hash of the entry before, each hash recomputed. Returns the head hash.
 pub fn verify(entries: &[AuditEntry]) -> Result<String, String> {
-    let mut prev = GENESIS.to_string();
-    for (i, e) in entries.iter().enumerate() {
-        let expected = i as u64 + 1;
-        if e.seq != expected {
-            return Err(format!(
-                "entry {expected} is missing (found entry {} in its place): entries were deleted",
-                e.seq
-            ));
+    let mut chain = Chain::default();
+    chain.feed(entries)?;
+    Ok(chain.head().to_string())
+}
+
+/// The hash chain checked page by page ([`verify`] over entries read in pages: the log
+/// may be larger than one answer), and whether an anchor hash kept elsewhere is in it.
+#[derive(Debug, Clone)]
+pub struct Chain {
+    prev: String,
+    /// Entries checked so far.
+    pub checked: u64,
+    anchors: Vec<String>,
+    seen: Vec<bool>,
+}
+
+impl Default for Chain {
+    fn default() -> Self {
+        Chain {
+            prev: GENESIS.to_string(),
+            checked: 0,
+            anchors: Vec::new(),
+            seen: Vec::new(),
         }
-        if e.prev != prev {
-            return Err(format!(
-                "entry {} does not follow entry {}: its `prev` hash is {}, entry {} hashes to {prev}",
-                e.seq,
-                e.seq - 1,
-                e.prev,
-                e.seq - 1
-            ));
-        }
-        let actual = entry_hash(e);
-        if actual != e.hash {
-            return Err(format!(
-                "entry {} was changed after it was written: it hashes to {actual}, recorded {}",
-                e.seq, e.hash
-            ));
-        }
-        prev = e.hash.clone();
     }
-    Ok(prev)
+}
+
+impl Chain {
+    /// A chain that must also contain an entry hashing to each of `anchors` (heads a
+    /// former `audit verify` printed): a log rewritten or cut before them fails.
+    pub fn anchored(anchors: Vec<String>) -> Chain {
+        let seen = vec![false; anchors.len()];
+        Chain {
+            anchors,
+            seen,
+            ..Chain::default()
+        }
+    }
+
+    /// Checks the next entries, which must follow those fed before.
+    pub fn feed(&mut self, entries: &[AuditEntry]) -> Result<(), String> {
+        for e in entries {
+            let expected = self.checked + 1;
+            if e.seq != expected {
+                return Err(format!(
+                    "entry {expected} is missing (found entry {} in its place): entries were deleted",
+                    e.seq
+                ));
+            }
+            if e.prev != self.prev {
+                return Err(format!(
+                    "entry {} does not follow entry {}: its `prev` hash is {}, entry {} hashes to {}",
+                    e.seq,
+                    e.seq - 1,
+                    e.prev,
+                    e.seq - 1,
+                    self.prev
+                ));
+            }
+            let actual = entry_hash(e);
+            if actual != e.hash {
+                return Err(format!(
+                    "entry {} was changed after it was written: it hashes to {actual}, recorded {}",
+                    e.seq, e.hash
+                ));
+            }
+            for (anchor, seen) in self.anchors.iter().zip(self.seen.iter_mut()) {
+                *seen |= *anchor == e.hash;
+            }
+            self.prev = e.hash.clone();
+            self.checked = e.seq;
+        }
+        Ok(())
+    }
+
+    /// The hash of the last entry checked (the genesis value before any).
+    pub fn head(&self) -> &str {
+        &self.prev
+    }
+
+    /// After the last page: every anchor was found.
+    pub fn finish(&self) -> Result<(), String> {
+        match self
+            .anchors
+            .iter()
+            .zip(&self.seen)
+            .find(|(_, seen)| !**seen)
+        {
+            Some((anchor, _)) => Err(format!(
+                "no entry hashes to the anchored head {anchor}: the log was rewritten or cut before it"
+            )),
+            None => Ok(()),
+        }
+    }
 }
 
 /// The audit log, kept by an [`AuditStore`]: this side builds the hash chain.
@@ -400,5 +466,35 @@ mod tests {
         let entries = audit.entries(1, 100).expect("test");
         assert_eq!(entries.len(), 5);
         assert!(verify(&entries).is_ok());
+    }
+
+    /// Page by page or all at once, the chain checks the same; an anchor must be in it.
+    #[test]
+    fn the_chain_checks_across_pages_and_finds_its_anchors() {
+        let (_dir, audit) = chain();
+        let entries = audit.entries(1, 100).expect("test");
+        let whole = verify(&entries).expect("intact");
+        let mut paged = Chain::anchored(vec![entries[1].hash.clone()]);
+        for page in entries.chunks(3) {
+            paged.feed(page).expect("intact");
+        }
+        assert_eq!((paged.head(), paged.checked), (whole.as_str(), 4));
+        assert!(paged.finish().is_ok());
+        let mut missing = Chain::anchored(vec!["0".repeat(64)]);
+        missing.feed(&entries).expect("intact");
+        assert!(
+            missing
+                .finish()
+                .expect_err("no such head")
+                .contains("rewritten or cut")
+        );
+        // An entry deleted at a page boundary is still found.
+        let mut cut = Chain::default();
+        cut.feed(&entries[..2]).expect("intact");
+        assert!(
+            cut.feed(&entries[3..])
+                .expect_err("deleted")
+                .contains("entry 3 is missing")
+        );
     }
 }

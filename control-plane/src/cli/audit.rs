@@ -16,10 +16,20 @@ pub(crate) struct AuditArgs {
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum AuditCommand {
-    /// Fetch the whole log and check its hash chain here; exits 1 when an entry was
-    /// changed, inserted or deleted.
-    Verify,
+    /// Fetch the whole log, page by page, and check its hash chain here; exits 1 when an
+    /// entry was changed, inserted or deleted.
+    ///
+    /// Example: fleetctl audit verify --head 3f2a…  (a head an earlier verify printed)
+    Verify {
+        /// A head hash an earlier `audit verify` printed and you kept elsewhere: the log
+        /// must still contain it, so a log rewritten or cut before it fails. Repeatable.
+        #[arg(long)]
+        head: Vec<String>,
+    },
 }
+
+/// Entries fetched per request by `audit verify`.
+const PAGE: u64 = 10_000;
 
 pub(crate) fn audit_command(server: &str, a: AuditArgs) -> anyhow::Result<()> {
     let AuditArgs {
@@ -27,39 +37,65 @@ pub(crate) fn audit_command(server: &str, a: AuditArgs) -> anyhow::Result<()> {
         json,
         last,
     } = a;
-    let all = fleet_control::client::Client::new(server)?.get("/v1/audit")?;
+    let client = fleet_control::client::Client::new(server)?;
+    match command {
+        Some(AuditCommand::Verify { head }) => verify(&client, head),
+        None => tail(&client, json, last),
+    }
+}
+
+/// `audit verify`: the whole chain, page by page, and the anchors.
+fn verify(client: &fleet_control::client::Client, head: Vec<String>) -> anyhow::Result<()> {
+    let mut chain = fleet_control::auth::Chain::anchored(head);
+    loop {
+        let page = client.get(&format!(
+            "/v1/audit?from={}&limit={PAGE}",
+            chain.checked + 1
+        ))?;
+        let entries: Vec<fleet_control::auth::AuditEntry> =
+            serde_json::from_value(page).context("decoding the audit log")?;
+        if let Err(e) = chain.feed(&entries) {
+            anyhow::bail!("audit log tampered with: {e}");
+        }
+        if (entries.len() as u64) < PAGE {
+            break;
+        }
+    }
+    if let Err(e) = chain.finish() {
+        anyhow::bail!("audit log tampered with: {e}");
+    }
+    println!(
+        "audit log intact: {} entries, head {} (keep this hash elsewhere and pass it as --head to detect a rewritten or truncated log)",
+        chain.checked,
+        chain.head()
+    );
+    Ok(())
+}
+
+/// `audit`: the last `last` entries.
+fn tail(client: &fleet_control::client::Client, json: bool, last: usize) -> anyhow::Result<()> {
+    let all = client.get("/v1/audit")?;
     let entries: Vec<fleet_control::auth::AuditEntry> =
         serde_json::from_value(all).context("decoding the audit log")?;
-    match command {
-        Some(AuditCommand::Verify) => match fleet_control::auth::verify(&entries) {
-            Ok(head) => println!(
-                "audit log intact: {} entries, head {head} (keep this hash elsewhere to detect a truncated tail)",
-                entries.len()
-            ),
-            Err(e) => anyhow::bail!("audit log tampered with: {e}"),
-        },
-        None => {
-            let tail = &entries[entries.len().saturating_sub(last)..];
-            if json {
-                print_json(&serde_json::to_value(tail)?)?;
-            } else {
-                println!(
-                    "{:>6}  {:<24} {:<28} {:<9} {:<36} {:>6}  TARGET",
-                    "SEQ", "WHEN (UTC)", "WHO", "ROLE", "ACTION", "RESULT"
-                );
-                for e in tail {
-                    println!(
-                        "{:>6}  {:<24} {:<28} {:<9} {:<36} {:>6}  {}",
-                        e.seq,
-                        fleet_control::views::utc(e.at_ms),
-                        e.who,
-                        e.role,
-                        e.action,
-                        e.outcome,
-                        e.target
-                    );
-                }
-            }
+    let tail = &entries[entries.len().saturating_sub(last)..];
+    if json {
+        print_json(&serde_json::to_value(tail)?)?;
+    } else {
+        println!(
+            "{:>6}  {:<24} {:<28} {:<9} {:<36} {:>6}  TARGET",
+            "SEQ", "WHEN (UTC)", "WHO", "ROLE", "ACTION", "RESULT"
+        );
+        for e in tail {
+            println!(
+                "{:>6}  {:<24} {:<28} {:<9} {:<36} {:>6}  {}",
+                e.seq,
+                fleet_control::views::utc(e.at_ms),
+                e.who,
+                e.role,
+                e.action,
+                e.outcome,
+                e.target
+            );
         }
     }
     Ok(())
