@@ -140,7 +140,8 @@ impl Captures {
             };
         }
         let kept: u64 = self
-            .list(None, Some(device.as_str()))?
+            .store
+            .device_captures(device)?
             .iter()
             .map(|r| r.bytes)
             .sum();
@@ -193,13 +194,15 @@ impl Captures {
         model: Option<&str>,
         device: Option<&str>,
     ) -> Result<Vec<CaptureRecord>, StoreError> {
-        Ok(self
-            .store
-            .captures()?
+        let records = match device.map(DeviceId::new) {
+            Some(Ok(d)) => self.store.device_captures(&d)?,
+            // Not a device id: no device has it.
+            Some(Err(_)) => Vec::new(),
+            None => self.store.captures()?,
+        };
+        Ok(records
             .into_iter()
-            .filter(|r| {
-                model.is_none_or(|m| m == r.model) && device.is_none_or(|d| d == r.device.as_str())
-            })
+            .filter(|r| model.is_none_or(|m| m == r.model))
             .collect())
     }
 }

@@ -10,12 +10,11 @@ use fleetml_protocol::trust::TrustPolicy;
 use rumqttc::AsyncClient;
 
 use crate::ingest::Ingest;
-use crate::store::sled::SledStore;
 use crate::store::{AssignmentStore, RolloutStore};
 
 /// Shared state of the running control plane.
 pub struct Plane {
-    pub ingest: Ingest<SledStore>,
+    pub ingest: Ingest<Arc<dyn crate::store::FleetStore>>,
     pub registry: crate::registry::Registry,
     pub assignments: Arc<dyn AssignmentStore>,
     pub captures: crate::captures::Captures,

@@ -69,20 +69,18 @@ pub struct Options {
     pub capture_quota: u64,
 }
 
-/// The API's default limits: a request head within 10 s, an answer within 5 minutes
-/// (a 512 MiB dataset upload at 2 MB/s), 4,096 connections.
+/// The API's limits: a request head within 10 s, an answer within `request` (default 5
+/// minutes: a 512 MiB dataset upload at 2 MB/s), `max_connections` (default 4,096).
 pub fn http_limits(request: Duration, max_connections: usize) -> fleetml_net::Limits {
-    fleetml_net::Limits {
-        header_read: Duration::from_secs(10),
-        idle: Duration::from_secs(60),
+    fleetml_net::Limits::new(
         request,
         max_connections,
-        metrics: fleetml_net::Metrics {
+        fleetml_net::Metrics {
             open: "fleetml_control_http_connections",
             refused: "fleetml_control_http_connections_refused_total",
             timed_out: "fleetml_control_http_requests_timed_out_total",
         },
-    }
+    )
 }
 
 /// Reads `DIR/admin.token`, creating it (mode 0600) on first start.
@@ -330,7 +328,7 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .ok();
-    let ingest = Ingest::new(store.clone());
+    let ingest = Ingest::new(Arc::new(store.clone()) as Arc<dyn crate::store::FleetStore>);
     let (options, public_mqtt) = match &opts.mqtt {
         Mqtt::Embedded(addr) => {
             let password = hex::encode(random_bytes(32)?);

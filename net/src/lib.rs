@@ -6,10 +6,13 @@
 //! - a **header-read time-out**: a client that has not sent its whole request head this
 //!   long after connecting (or after the first byte of a later request) is cut — the
 //!   slowloris attack, which otherwise holds a connection for good;
-//! - an **idle time-out**: a connection on which nothing is read or written this long is
-//!   closed (a half-sent body, an idle keep-alive connection);
 //! - a **request time-out**: a handler that has not answered this long after the head
 //!   arrived is answered 408 and dropped;
+//! - an **idle time-out** of twice that: a connection on which nothing is read or
+//!   written that long is closed (a half-sent body, an idle keep-alive connection). It
+//!   must be longer than the request time-out: while a handler runs, hyper watches the
+//!   connection for the client going away, and that wait must not end the connection
+//!   before the 408 is written;
 //! - a **connection limit**: beyond it a new connection is closed at once, and counted,
 //!   so that the process keeps file descriptors for its store, its broker and the
 //!   connections it already serves.
@@ -38,14 +41,25 @@ use tower::ServiceExt;
 pub struct Limits {
     /// The whole request head must arrive within this.
     pub header_read: Duration,
-    /// A connection on which nothing moves this long is closed.
-    pub idle: Duration,
-    /// A request not answered this long after its head arrived gets 408.
+    /// A request not answered this long after its head arrived gets 408; a connection on
+    /// which nothing moves for twice this long is closed.
     pub request: Duration,
     /// Connections served at once; more are closed at once.
     pub max_connections: usize,
     /// The names of its metrics.
     pub metrics: Metrics,
+}
+
+impl Limits {
+    /// `request` and `max_connections` with the head due within 10 s.
+    pub fn new(request: Duration, max_connections: usize, metrics: Metrics) -> Limits {
+        Limits {
+            header_read: Duration::from_secs(10),
+            request,
+            max_connections,
+            metrics,
+        }
+    }
 }
 
 /// The metric names of one server's connections.
@@ -60,16 +74,11 @@ pub struct Metrics {
 }
 
 /// Serves `app` on `listener` within `limits` until the listener fails for good.
-///
-/// The idle time-out is at least the request time-out: while a handler runs, hyper
-/// watches the connection for the client going away, and that wait must not count as
-/// idle.
-pub async fn serve<L>(mut listener: L, app: Router, mut limits: Limits) -> io::Result<()>
+pub async fn serve<L>(mut listener: L, app: Router, limits: Limits) -> io::Result<()>
 where
     L: Listener,
     L::Io: Unpin,
 {
-    limits.idle = limits.idle.max(limits.request);
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let limits = Arc::new(limits);
     loop {
@@ -107,7 +116,7 @@ where
             let mut http = hyper::server::conn::http1::Builder::new();
             http.timer(TokioTimer::new())
                 .header_read_timeout(limits.header_read);
-            let io = TokioIo::new(Idle::new(io, limits.idle));
+            let io = TokioIo::new(Idle::new(io, limits.request * 2));
             if let Err(e) = http.serve_connection(io, service).await {
                 tracing::debug!(error = %e, "connection ended");
             }
@@ -156,15 +165,14 @@ impl<S> Idle<S> {
         self.deadline.as_mut().reset(next);
     }
 
-    /// Pending I/O: an error once the deadline passed.
-    fn check(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.deadline.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+    /// Called while I/O is pending: the error to end with once the deadline passed.
+    fn expired(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
+        self.deadline.as_mut().poll(cx).is_ready().then(|| {
+            io::Error::new(
                 io::ErrorKind::TimedOut,
                 format!("nothing moved for {} s", self.timeout.as_secs()),
-            ))),
-            Poll::Pending => Poll::Pending,
-        }
+            )
+        })
     }
 }
 
@@ -180,7 +188,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Idle<S> {
                 this.moved();
                 Poll::Ready(r)
             }
-            Poll::Pending => this.check(cx),
+            Poll::Pending => this
+                .expired(cx)
+                .map_or(Poll::Pending, |e| Poll::Ready(Err(e))),
         }
     }
 }
@@ -197,7 +207,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Idle<S> {
                 this.moved();
                 Poll::Ready(r)
             }
-            Poll::Pending => this.check(cx).map_ok(|()| 0),
+            Poll::Pending => this
+                .expired(cx)
+                .map_or(Poll::Pending, |e| Poll::Ready(Err(e))),
         }
     }
 

@@ -14,7 +14,7 @@ const METRICS: Metrics = Metrics {
     timed_out: "fleetml_test_requests_timed_out_total",
 };
 
-/// A server with 1 s head, 2 s idle, 1 s request limits and room for `max` connections.
+/// A server with 1 s head, 1 s request (2 s idle) limits and room for `max` connections.
 fn server(max: usize) -> std::net::SocketAddr {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -33,10 +33,7 @@ fn server(max: usize) -> std::net::SocketAddr {
             );
             let limits = Limits {
                 header_read: Duration::from_secs(1),
-                idle: Duration::from_secs(2),
-                request: Duration::from_secs(1),
-                max_connections: max,
-                metrics: METRICS,
+                ..Limits::new(Duration::from_secs(1), max, METRICS)
             };
             fleetml_net::serve(listener, app, limits)
                 .await

@@ -151,17 +151,15 @@ impl ApiLimits {
     /// within the prediction time-out plus a minute to send the body (the handler
     /// answers 504 itself before that), and `max_connections`.
     pub fn http(&self) -> fleetml_net::Limits {
-        fleetml_net::Limits {
-            header_read: std::time::Duration::from_secs(10),
-            idle: std::time::Duration::from_secs(60),
-            request: self.timeout + std::time::Duration::from_secs(60),
-            max_connections: self.max_connections,
-            metrics: fleetml_net::Metrics {
+        fleetml_net::Limits::new(
+            self.timeout + std::time::Duration::from_secs(60),
+            self.max_connections,
+            fleetml_net::Metrics {
                 open: "fleetml_agent_http_connections",
                 refused: "fleetml_agent_http_connections_refused_total",
                 timed_out: "fleetml_agent_http_requests_timed_out_total",
             },
-        }
+        )
     }
 }
 

@@ -219,3 +219,27 @@ fn selectors_match_board_tags_and_ids() {
     assert!(!yes("site=lab,zone=eu"));
     assert!("board".parse::<Selector>().is_err());
 }
+
+/// The names kinds and states are shown by are their wire names.
+#[test]
+fn kind_and_state_names_are_their_wire_names() {
+    let wire = |v: serde_json::Value| v.as_str().map(str::to_string);
+    for k in [Kind::Rollout, Kind::Rollback] {
+        assert_eq!(
+            wire(serde_json::to_value(k).expect("json")).as_deref(),
+            Some(k.as_str())
+        );
+    }
+    for s in [
+        State::Running,
+        State::Paused,
+        State::Completed,
+        State::Aborted,
+        State::RolledBack,
+    ] {
+        assert_eq!(
+            wire(serde_json::to_value(s).expect("json")).as_deref(),
+            Some(s.as_str())
+        );
+    }
+}

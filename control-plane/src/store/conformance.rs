@@ -429,6 +429,14 @@ pub(super) fn a_captured_batch_is_recorded_once(s: &dyn Store) -> Result<(), Sto
         [("d1".into(), 1), ("d1".into(), 2), ("d10".into(), 1)],
         "by device, then seq"
     );
+    // One device's records only: `d1` is a prefix of `d10`, which must not come along.
+    let of_d1: Vec<u64> = s
+        .device_captures(&id("d1"))?
+        .iter()
+        .map(|r| r.seq)
+        .collect();
+    assert_eq!(of_d1, [1, 2]);
+    assert!(s.device_captures(&id("d2"))?.is_empty());
     Ok(())
 }
 

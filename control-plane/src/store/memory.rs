@@ -374,6 +374,15 @@ impl CaptureStore for MemoryStore {
     fn captures(&self) -> Result<Vec<CaptureRecord>, StoreError> {
         Ok(self.inner().captures.values().cloned().collect())
     }
+
+    fn device_captures(&self, device: &DeviceId) -> Result<Vec<CaptureRecord>, StoreError> {
+        Ok(self
+            .inner()
+            .captures
+            .range((device.clone(), 0)..=(device.clone(), u64::MAX))
+            .map(|(_, r)| r.clone())
+            .collect())
+    }
 }
 
 impl DatasetStore for MemoryStore {

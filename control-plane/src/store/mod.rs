@@ -102,6 +102,50 @@ pub trait FleetStore: Send + Sync {
     fn flush(&self) -> Result<(), StoreError>;
 }
 
+/// A shared store is a store: the control plane holds its fleet store as
+/// `Arc<dyn FleetStore>`, whatever the implementation.
+impl<T: FleetStore + ?Sized> FleetStore for std::sync::Arc<T> {
+    fn enroll(&self, device: &DeviceRecord) -> Result<bool, StoreError> {
+        (**self).enroll(device)
+    }
+    fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
+        (**self).device(id)
+    }
+    fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
+        (**self).devices()
+    }
+    fn insert(&self, envelope: &Envelope) -> Result<(bool, Option<u64>), StoreError> {
+        (**self).insert(envelope)
+    }
+    fn messages(
+        &self,
+        device: &DeviceId,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<Envelope>, StoreError> {
+        (**self).messages(device, from, limit)
+    }
+    fn state(&self, device: &DeviceId) -> Result<Option<DeviceState>, StoreError> {
+        (**self).state(device)
+    }
+    fn update_state(
+        &self,
+        device: &DeviceId,
+        change: &mut dyn FnMut(&mut DeviceState),
+    ) -> Result<(), StoreError> {
+        (**self).update_state(device, change)
+    }
+    fn next_command_seq(&self, device: &DeviceId) -> Result<u64, StoreError> {
+        (**self).next_command_seq(device)
+    }
+    fn next_command_seqs(&self, devices: &[DeviceId]) -> Result<Vec<u64>, StoreError> {
+        (**self).next_command_seqs(devices)
+    }
+    fn flush(&self) -> Result<(), StoreError> {
+        (**self).flush()
+    }
+}
+
 /// What each device should run: one [`AssignmentRecord`] per device.
 pub trait AssignmentStore: Send + Sync {
     fn assignment(&self, device: &DeviceId) -> Result<Option<AssignmentRecord>, StoreError>;
@@ -208,6 +252,9 @@ pub trait CaptureStore: Send + Sync {
     fn put_capture(&self, record: &CaptureRecord) -> Result<Option<CaptureRecord>, StoreError>;
     /// Every record, in `(device, seq)` order.
     fn captures(&self) -> Result<Vec<CaptureRecord>, StoreError>;
+    /// The records of `device`, in `seq` order (checked on every upload against the
+    /// device's quota: an implementation reads only that device's records).
+    fn device_captures(&self, device: &DeviceId) -> Result<Vec<CaptureRecord>, StoreError>;
 }
 
 /// Dataset manifests, by id (the SHA-256 of the dataset's file).

@@ -633,6 +633,12 @@ impl CaptureStore for SledStore {
     fn captures(&self) -> Result<Vec<CaptureRecord>, StoreError> {
         all_json(self.captures.iter(), "capture record")
     }
+
+    fn device_captures(&self, device: &DeviceId) -> Result<Vec<CaptureRecord>, StoreError> {
+        let mut prefix = device.as_str().as_bytes().to_vec();
+        prefix.push(0);
+        all_json(self.captures.scan_prefix(prefix), "capture record")
+    }
 }
 
 impl DatasetStore for SledStore {

@@ -69,21 +69,27 @@ pub(crate) fn enroll(
 
 /// `fleet-agent run` for an enrolled device with its board profile; no model installed.
 pub(crate) fn run_agent(dir: &Path, name: &str, board: &str) -> RunningAgent {
+    let agent = RunningAgent::spawn(agent_command(dir, name, board));
+    agent.wait_ready();
+    agent
+}
+
+/// The command of [`run_agent`], for a caller that starts it its own way.
+pub(crate) fn agent_command(dir: &Path, name: &str, board: &str) -> std::process::Command {
     let board = root().join(format!("boards/{board}.toml"));
-    RunningAgent::start(
-        dir,
-        &[
-            "run",
-            "--config",
-            &format!("{name}.toml"),
-            "--data-dir",
-            &format!("data-{name}"),
-            "--listen",
-            "127.0.0.1:0",
-            "--board",
-            &board.display().to_string(),
-        ],
-    )
+    let mut cmd = std::process::Command::new(hil_tests::bin("fleet-agent"));
+    cmd.current_dir(dir).args([
+        "run",
+        "--config",
+        &format!("{name}.toml"),
+        "--data-dir",
+        &format!("data-{name}"),
+        "--listen",
+        "127.0.0.1:0",
+        "--board",
+        &board.display().to_string(),
+    ]);
+    cmd
 }
 
 pub(crate) fn kill(agent: RunningAgent) {

@@ -232,19 +232,7 @@ fn peak_rss_kb(pid: u32) -> u64 {
 
 /// `fleet-agent run` for enrolled device `name`, its log (stderr) in `dir/NAME.log`.
 fn logged_agent(dir: &std::path::Path, name: &str) -> hil_tests::RunningAgent {
-    let board = hil_tests::root().join("boards/raspberry-pi-4.toml");
-    let mut cmd = std::process::Command::new(hil_tests::bin("fleet-agent"));
-    cmd.current_dir(dir).args([
-        "run",
-        "--config",
-        &format!("{name}.toml"),
-        "--data-dir",
-        &format!("data-{name}"),
-        "--listen",
-        "127.0.0.1:0",
-        "--board",
-        &board.display().to_string(),
-    ]);
+    let cmd = crate::rollout::agent_command(dir, name, "raspberry-pi-4");
     let log = std::fs::File::create(dir.join(format!("{name}.log"))).expect("log");
     hil_tests::RunningAgent::spawn_logged(cmd, std::process::Stdio::from(log))
 }
