@@ -552,6 +552,7 @@ fn next_f64(state: &mut u64) -> f64 {
 pub async fn upload_loop(
     capture: Arc<Capture>,
     server: crate::http::HttpUrl,
+    roots: crate::http::Roots,
     device: fleetml_protocol::telemetry::DeviceId,
     token: String,
 ) {
@@ -582,7 +583,9 @@ pub async fn upload_loop(
                     "sampled"
                 }
             );
-            match crate::http::post(&server, &token, &path, "application/x-ndjson", body).await {
+            match crate::http::post(&server, &roots, &token, &path, "application/x-ndjson", body)
+                .await
+            {
                 Ok((status, _)) if (200..300).contains(&status) => {
                     failures = 0;
                     capture.uploaded(batch.seq);

@@ -10,7 +10,7 @@
 //! workers = 2
 //! queue = 64
 //! max_body_bytes = 1048576
-//! control_plane = "http://fleet.example.com:7080"  # where assignments and bundles come from
+//! control_plane = "https://fleet.example.com:7080"  # where assignments and bundles come from
 //! predict_timeout_ms = 30000                     # 504 beyond this
 //! api_max_connections = 1024                     # more are closed at once
 //! # a listen address other than loopback needs both of these (the API has no other guard):
@@ -30,7 +30,14 @@
 //! # fleet messaging (written by `fleetctl devices enroll`; the file must then be mode 0600)
 //! device_id = "pi-07"
 //! device_secret = "…64 hex digits…"
-//! mqtt_url = "mqtt://fleet.example.com:1883"
+//! mqtt_url = "mqtts://fleet.example.com:8883"
+//! # the CA control_plane and mqtt_url are checked against (pinned; written by enroll):
+//! tls_ca = """-----BEGIN CERTIFICATE-----…"""
+//! # or a CA file (e.g. the system bundle /etc/ssl/certs/ca-certificates.crt):
+//! # tls_ca_file = "/etc/fleetml/ca.pem"
+//! # or the system's CA store: tls_ca_system = true
+//! # plain http:// and mqtt:// beyond this machine (tokens and passwords in clear):
+//! # allow_insecure_transport = true
 //! outbox_max_messages = 100000
 //! outbox_max_bytes = 268435456
 //! status_interval_s = 300
@@ -110,8 +117,18 @@ pub struct AgentConfig {
     pub device_id: Option<String>,
     /// The device secret issued at enrollment, hex.
     pub device_secret: Option<String>,
-    /// The broker telemetry goes to: `mqtt://HOST[:PORT]`.
+    /// The broker telemetry goes to: `mqtts://HOST[:PORT]` (or plain `mqtt://`).
     pub mqtt_url: Option<String>,
+    /// The CA certificates (PEM) `control_plane` and `mqtt_url` are checked against;
+    /// written by `fleetctl devices enroll`.
+    pub tls_ca: Option<String>,
+    /// A file of CA certificates (PEM) instead of `tls_ca`.
+    pub tls_ca_file: Option<PathBuf>,
+    /// Trust the system's CA store instead (a control plane with a public certificate).
+    pub tls_ca_system: Option<bool>,
+    /// Allow plain `http://` and `mqtt://` to another machine: the device's token and
+    /// MQTT password then cross the network in clear. Loopback is always allowed.
+    pub allow_insecure_transport: Option<bool>,
     pub outbox_max_messages: Option<u64>,
     pub outbox_max_bytes: Option<u64>,
     /// Seconds between heartbeat statuses while connected (default 300).
@@ -249,6 +266,10 @@ impl AgentConfig {
             device_id,
             device_secret,
             mqtt_url,
+            tls_ca,
+            tls_ca_file,
+            tls_ca_system,
+            allow_insecure_transport,
             outbox_max_messages,
             outbox_max_bytes,
             status_interval_s,
@@ -297,11 +318,19 @@ impl AgentConfig {
                     fleetml_protocol::telemetry::SECRET_LEN * 2
                 )
             })?;
-        let broker = url.parse()?;
+        let broker: fleetml_protocol::telemetry::BrokerUrl = url.parse()?;
+        let tls = broker.tls;
+        self.transport(
+            "mqtt_url",
+            url,
+            tls,
+            crate::http::is_loopback_host(&broker.host),
+        )?;
         let defaults = crate::outbox::Limits::default();
         Ok(Some(crate::telemetry::Settings {
             device,
             secret,
+            roots: if tls { self.tls_roots()? } else { None },
             broker,
             limits: crate::outbox::Limits {
                 max_messages: self.outbox_max_messages.unwrap_or(defaults.max_messages),
@@ -323,8 +352,11 @@ impl AgentConfig {
         let (Some(url), Some(tel)) = (&self.control_plane, self.telemetry()?) else {
             return Ok(None);
         };
+        let server: crate::http::HttpUrl = url.parse()?;
+        self.transport("control_plane", url, server.tls, server.is_loopback())?;
         Ok(Some(crate::assignments::Settings {
-            server: url.parse()?,
+            roots: if server.tls { self.tls_roots()? } else { None },
+            server,
             token: fleetml_protocol::assignment::http_token(&tel.device, &tel.secret),
             device: tel.device,
             poll: std::time::Duration::from_secs(self.assignment_poll_s.unwrap_or(300).max(1)),
@@ -333,6 +365,45 @@ impl AgentConfig {
                 self.download_idle_timeout_s.unwrap_or(30).max(1),
             ),
         }))
+    }
+
+    /// Refuses a plain URL to another machine unless `allow_insecure_transport`; refuses
+    /// a TLS URL without a CA to check the server against.
+    fn transport(&self, key: &str, url: &str, tls: bool, loopback: bool) -> Result<(), String> {
+        let has_ca =
+            self.tls_ca.is_some() || self.tls_ca_file.is_some() || self.tls_ca_system == Some(true);
+        if tls && !has_ca {
+            return Err(format!(
+                "`{key} = \"{url}\"` needs a CA to check the server against: `tls_ca` (written by `fleetctl devices enroll`), `tls_ca_file`, or `tls_ca_system = true`"
+            ));
+        }
+        if !tls && !loopback && self.allow_insecure_transport != Some(true) {
+            return Err(format!(
+                "`{key} = \"{url}\"` is plain text to another machine: the device's token and password would cross the network in clear. Use the TLS URL (https:// / mqtts://, `fleetctl serve --self-signed`), or set `allow_insecure_transport = true`"
+            ));
+        }
+        Ok(())
+    }
+
+    /// The roots TLS connections check the control plane and broker against:
+    /// `tls_ca`, `tls_ca_file` or the system store (`tls_ca_system`), in that order.
+    pub fn tls_roots(&self) -> Result<crate::http::Roots, String> {
+        if let Some(pem) = &self.tls_ca {
+            return fleetml_net::tls::client_config(pem.as_bytes(), "`tls_ca`").map(Some);
+        }
+        if let Some(path) = &self.tls_ca_file {
+            let pem = std::fs::read(path)
+                .map_err(|e| format!("`tls_ca_file = {}`: {e}", path.display()))?;
+            return fleetml_net::tls::client_config(
+                &pem,
+                &format!("`tls_ca_file = {}`", path.display()),
+            )
+            .map(Some);
+        }
+        if self.tls_ca_system == Some(true) {
+            return fleetml_net::tls::system_roots().map(Some);
+        }
+        Ok(None)
     }
 
     /// Refuses sections this build of the agent cannot honour, naming the cargo feature

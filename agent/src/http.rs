@@ -1,6 +1,8 @@
-//! The agent's one HTTP client: HTTP/1.1 over TCP, one request per connection. The
-//! assignment puller, bundle downloads, capture uploads and webhook sinks all go through
-//! it, and [`HttpUrl`] is the one URL type they are configured with.
+//! The agent's one HTTP client: HTTP/1.1 over TCP or TLS, one request per connection.
+//! The assignment puller, bundle downloads, capture uploads and webhook sinks all go
+//! through it, and [`HttpUrl`] is the one URL type they are configured with. Over
+//! `https://` the server is checked against the roots the request is given (the CA
+//! pinned in `agent.toml`), never the system store unless configured so.
 //!
 //! Nothing a server sends can hold or swamp the agent: connecting is bounded by
 //! [`CONNECT_TIMEOUT`], the answer's head by [`HEAD_TIMEOUT`], a whole exchange by the
@@ -13,10 +15,11 @@ use std::time::Duration;
 
 use http_body_util::BodyExt;
 
-/// An `http://host[:port][/path]` address. `https://` is refused with what to do
-/// instead: this agent speaks plain HTTP (put a TLS-terminating proxy beside it).
+/// An `https://host[:port][/path]` (or plain `http://`) address.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpUrl {
+    /// `https://`.
+    pub tls: bool,
     pub host: String,
     pub port: u16,
     /// The path as written (empty for none).
@@ -26,15 +29,14 @@ pub struct HttpUrl {
 impl HttpUrl {
     /// Parses `url`, naming it as `what` (e.g. `control_plane`, `webhook`) in errors.
     pub fn parse(url: &str, what: &str) -> Result<HttpUrl, String> {
-        let rest = match url.strip_prefix("http://") {
-            Some(r) => r,
-            None if url.starts_with("https://") => {
-                return Err(format!(
-                    "`{what} = \"{url}\"`: this release speaks plain http:// only; \
-                     put a TLS-terminating proxy on the device side or use http://"
-                ));
-            }
-            None => return Err(format!("`{what} = \"{url}\"` must start with http://")),
+        let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
+            (true, r)
+        } else if let Some(r) = url.strip_prefix("http://") {
+            (false, r)
+        } else {
+            return Err(format!(
+                "`{what} = \"{url}\"` must start with https:// (or http://)"
+            ));
         };
         let (hostport, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
@@ -46,16 +48,22 @@ impl HttpUrl {
                 p.parse()
                     .map_err(|_| format!("`{what} = \"{url}\"`: `{p}` is not a port"))?,
             ),
-            None => (hostport, 80),
+            None => (hostport, if tls { 443 } else { 80 }),
         };
         if host.is_empty() {
             return Err(format!("`{what} = \"{url}\"`: no host"));
         }
         Ok(HttpUrl {
+            tls,
             host: host.to_string(),
             port,
             path: path.to_string(),
         })
+    }
+
+    /// Whether its host is this machine (plain HTTP to it crosses no network).
+    pub fn is_loopback(&self) -> bool {
+        is_loopback_host(&self.host)
     }
 
     /// The request target for `path` below this URL's own path: the URL's path as
@@ -71,6 +79,25 @@ impl HttpUrl {
         format!("{}{path}", self.path.trim_end_matches('/'))
     }
 }
+
+/// `localhost`, or an IP address of this machine's loopback.
+pub fn is_loopback_host(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+impl std::fmt::Display for HttpUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let scheme = if self.tls { "https" } else { "http" };
+        write!(f, "{scheme}://{}:{}{}", self.host, self.port, self.path)
+    }
+}
+
+/// The roots an `https://` request checks its server against.
+pub type Roots = Option<std::sync::Arc<fleetml_net::tls::rustls::ClientConfig>>;
 
 impl std::str::FromStr for HttpUrl {
     type Err = String;
@@ -97,6 +124,8 @@ pub struct Request<'a> {
     pub path: &'a str,
     pub headers: Vec<(&'static str, String)>,
     pub body: Vec<u8>,
+    /// Required for an `https://` URL.
+    pub roots: Roots,
 }
 
 impl<'a> Request<'a> {
@@ -107,6 +136,7 @@ impl<'a> Request<'a> {
             path,
             headers: Vec::new(),
             body: Vec::new(),
+            roots: None,
         }
     }
 
@@ -117,7 +147,14 @@ impl<'a> Request<'a> {
             path,
             headers: vec![("content-type", content_type.to_string())],
             body,
+            roots: None,
         }
+    }
+
+    /// The roots the server of an `https://` URL is checked against.
+    pub fn roots(mut self, roots: &Roots) -> Self {
+        self.roots = roots.clone();
+        self
     }
 
     pub fn header(mut self, name: &'static str, value: impl Into<String>) -> Self {
@@ -143,11 +180,36 @@ impl<'a> Request<'a> {
             )
         })?
         .map_err(|e| format!("connecting to {}:{}: {e}", url.host, url.port))?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .map_err(|e| e.to_string())?;
-        tokio::spawn(conn);
+        let mut sender = if url.tls {
+            let roots = self.roots.as_ref().ok_or_else(|| {
+                format!("{url}: no CA to check the server against (tls_ca in agent.toml)")
+            })?;
+            let stream = tokio::time::timeout(
+                CONNECT_TIMEOUT,
+                fleetml_net::tls::connect(roots, &url.host, stream),
+            )
+            .await
+            .map_err(|_| {
+                format!(
+                    "{url}: no TLS handshake within {} s",
+                    CONNECT_TIMEOUT.as_secs()
+                )
+            })?
+            .map_err(|e| e.to_string())?;
+            let (sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                    .await
+                    .map_err(|e| e.to_string())?;
+            tokio::spawn(conn);
+            sender
+        } else {
+            let (sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                    .await
+                    .map_err(|e| e.to_string())?;
+            tokio::spawn(conn);
+            sender
+        };
         let mut request = hyper::Request::builder()
             .method(self.method)
             .uri(url.target(self.path))
@@ -258,12 +320,14 @@ pub struct Response {
 #[cfg(feature = "capture")]
 pub(crate) async fn post(
     server: &HttpUrl,
+    roots: &Roots,
     token: &str,
     path: &str,
     content_type: &str,
     body: Vec<u8>,
 ) -> Result<(u16, hyper::body::Bytes), String> {
     let r = Request::post(server, path, content_type, body)
+        .roots(roots)
         .header("authorization", format!("Bearer {token}"))
         .fetch(Duration::from_secs(60), SMALL_REPLY)
         .await?;
@@ -282,10 +346,23 @@ mod tests {
         assert_eq!(u.target(""), "/fleet/", "a webhook's own path, as written");
         let root = HttpUrl::parse("http://hook", "webhook").expect("parses");
         assert_eq!((root.port, root.target("")), (80, "/".to_string()));
-        let e = HttpUrl::parse("https://hook/p", "webhook").expect_err("no TLS here");
+        assert!(!root.tls && !root.is_loopback());
+        let tls = HttpUrl::parse("https://cp/p", "control_plane").expect("TLS");
+        assert!(tls.tls && tls.port == 443);
         assert!(
-            e.contains("`webhook = \"https://hook/p\"`") && e.contains("proxy"),
-            "{e}"
+            HttpUrl::parse("http://127.0.0.1:9", "x")
+                .expect("ip")
+                .is_loopback()
+        );
+        assert!(
+            HttpUrl::parse("http://[::1]:9", "x")
+                .expect("v6")
+                .is_loopback()
+        );
+        assert!(
+            HttpUrl::parse("http://localhost", "x")
+                .expect("name")
+                .is_loopback()
         );
         assert!(HttpUrl::parse("ftp://x", "webhook").is_err());
         assert!(HttpUrl::parse("http://:80", "webhook").is_err());

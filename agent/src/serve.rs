@@ -466,7 +466,7 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
                 reload_tx.clone(),
             );
             tokio::spawn(puller.run(wake.clone()));
-            tracing::info!(server = ?settings.server, "pulling assignments");
+            tracing::info!(server = %settings.server, "pulling assignments");
         }
         (Some(_), None) => tracing::warn!(
             "`control_plane` is set but the agent is not enrolled (device_id, device_secret, mqtt_url): no assignments"
@@ -480,6 +480,7 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
             tokio::spawn(crate::capture::upload_loop(
                 capture.clone(),
                 settings.server.clone(),
+                settings.roots.clone(),
                 settings.device.clone(),
                 settings.token.clone(),
             ));
@@ -517,14 +518,14 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     let limits = config.limits.http();
     let l = limits.clone();
     servers.spawn(async move {
-        fleetml_net::serve(tcp, app, l)
+        fleetml_net::serve(tcp, app, l, None)
             .await
             .map_err(anyhow::Error::from)
     });
     if let Some(unix) = unix {
         let app = api::router::router(api.clone());
         servers.spawn(async move {
-            fleetml_net::serve(unix, app, limits)
+            fleetml_net::serve(unix, app, limits, None)
                 .await
                 .map_err(anyhow::Error::from)
         });

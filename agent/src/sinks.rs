@@ -144,6 +144,11 @@ impl Sinks {
                         .ok_or_else(|| bad("`url` is required"))?
                         .parse()
                         .map_err(|e: String| bad(&e))?;
+                    if url.tls {
+                        return Err(bad(
+                            "prediction sinks publish plain MQTT to a broker on this device or its network; use mqtt://",
+                        ));
+                    }
                     let topic = c.topic.clone().ok_or_else(|| bad("`topic` is required"))?;
                     if topic.is_empty() || topic.contains(['+', '#']) {
                         return Err(bad("`topic` must be a topic name without wildcards"));
@@ -323,9 +328,13 @@ struct Webhook {
 
 impl Webhook {
     fn parse(url: &str) -> Result<Webhook, String> {
-        Ok(Webhook {
-            url: crate::http::HttpUrl::parse(url, "webhook")?,
-        })
+        let url = crate::http::HttpUrl::parse(url, "webhook")?;
+        if url.tls {
+            return Err(format!(
+                "`url = \"{url}\"`: prediction sinks post plain HTTP to an application on this device or its network; use http://"
+            ));
+        }
+        Ok(Webhook { url })
     }
 
     async fn post(&self, body: Vec<u8>, timeout: Duration) -> Result<(), String> {

@@ -33,6 +33,8 @@ pub struct Settings {
     /// The device secret issued at enrollment (HMAC key of every message).
     pub secret: Vec<u8>,
     pub broker: BrokerUrl,
+    /// What an `mqtts://` broker is checked against.
+    pub roots: crate::http::Roots,
     pub limits: Limits,
     /// Heartbeat status while connected.
     pub status_interval: Duration,
@@ -175,6 +177,14 @@ impl Telemetry {
         o.set_clean_session(false);
         o.set_max_packet_size(telemetry::MAX_MESSAGE + 1024, telemetry::MAX_MESSAGE + 1024);
         o.set_last_will(LastWill::new(topic, will, QoS::AtLeastOnce, true));
+        if b.tls {
+            let roots = settings.roots.clone().ok_or_else(|| {
+                anyhow::anyhow!("{b}: no CA to check the broker against (tls_ca in agent.toml)")
+            })?;
+            o.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(roots),
+            ));
+        }
         let password = b
             .password
             .clone()

@@ -1,16 +1,47 @@
 //! The operator side of the API: `fleetctl` commands that talk to `fleetctl serve`
-//! (`--server URL`; the token from `FLEETML_TOKEN` or `~/.config/fleetml/token`).
+//! (`--server URL`; the token from `FLEETML_TOKEN` or `~/.config/fleetml/token`; over
+//! `https://` the server's CA from `--ca` / `FLEETML_CA`, else the system's CA store).
 
 use anyhow::{Context, bail};
 use serde_json::Value;
 
 /// Where the API is when `--server` and `FLEETML_SERVER` say nothing.
-pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7080";
+pub const DEFAULT_SERVER: &str = "https://127.0.0.1:7080";
+
+static CA: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// The CA file (`--ca`) clients made from now on trust; `FLEETML_CA` when not set.
+pub fn set_ca(path: std::path::PathBuf) {
+    let _ = CA.set(path);
+}
+
+/// The CA file clients trust: `--ca`, else `FLEETML_CA`.
+pub fn ca_file() -> Option<std::path::PathBuf> {
+    CA.get().cloned().or_else(|| {
+        std::env::var_os("FLEETML_CA")
+            .filter(|v| !v.is_empty())
+            .map(Into::into)
+    })
+}
+
+/// The roots a client of `https://` trusts: the CA file, else the system store.
+pub fn roots() -> anyhow::Result<std::sync::Arc<fleetml_net::tls::rustls::ClientConfig>> {
+    match ca_file() {
+        Some(path) => {
+            let pem = std::fs::read(&path)
+                .with_context(|| format!("reading the CA file {} (--ca / FLEETML_CA)", path.display()))?;
+            fleetml_net::tls::client_config(&pem, &path.display().to_string())
+                .map_err(anyhow::Error::msg)
+        }
+        None => fleetml_net::tls::system_roots().map_err(|e| {
+            anyhow::anyhow!("{e}; pass --ca FILE (or set FLEETML_CA): with `fleetctl serve --self-signed` it is DATA_DIR/tls/ca.pem")
+        }),
+    }
+}
 
 /// An API client.
 pub struct Client {
-    host: String,
-    port: u16,
+    to: crate::http::Endpoint,
     base: String,
     token: Option<String>,
     runtime: tokio::runtime::Runtime,
@@ -42,26 +73,37 @@ pub fn token() -> Option<String> {
 
 impl Client {
     pub fn new(server: &str) -> anyhow::Result<Client> {
-        let rest = server.strip_prefix("http://").with_context(|| {
-            format!("--server {server}: expected http://HOST:PORT (put a TLS proxy in front for remote use)")
-        })?;
+        let (tls, rest) = if let Some(r) = server.strip_prefix("https://") {
+            (true, r)
+        } else if let Some(r) = server.strip_prefix("http://") {
+            (false, r)
+        } else {
+            bail!(
+                "--server {server}: expected https://HOST:PORT (or http:// for a server run with --insecure-listen)"
+            );
+        };
         let hostport = rest.trim_end_matches('/');
         anyhow::ensure!(
             !hostport.contains('/'),
             "--server {server}: give the server's root URL, without a path"
         );
         let (host, port) = match hostport.rsplit_once(':') {
-            Some((h, p)) => (
+            Some((h, p)) if !h.ends_with(':') => (
                 h.trim_start_matches('[').trim_end_matches(']').to_string(),
                 p.parse()
                     .with_context(|| format!("--server {server}: bad port"))?,
             ),
-            None => (hostport.to_string(), 80),
+            _ => (hostport.to_string(), if tls { 443 } else { 80 }),
         };
+        let roots = if tls { Some(roots()?) } else { None };
+        let scheme = if tls { "https" } else { "http" };
         Ok(Client {
-            host,
-            port,
-            base: format!("http://{hostport}"),
+            to: crate::http::Endpoint {
+                host,
+                port,
+                tls: roots,
+            },
+            base: format!("{scheme}://{hostport}"),
             token: token(),
             runtime: tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -179,10 +221,7 @@ impl Client {
             );
         };
         let url = format!("{}{path}", self.base);
-        let to = crate::http::Endpoint {
-            host: self.host.clone(),
-            port: self.port,
-        };
+        let to = &self.to;
         let authorization = format!("Bearer {token}");
         let headers = [
             ("authorization", authorization.as_str()),
@@ -191,7 +230,7 @@ impl Client {
         let (status, bytes) = self
             .runtime
             .block_on(crate::http::call(
-                &to,
+                to,
                 method,
                 path,
                 &headers,
@@ -199,9 +238,15 @@ impl Client {
                 std::time::Duration::from_secs(600),
             ))
             .with_context(|| {
-                format!(
-                    "{method} {url}: cannot reach the control plane (is `fleetctl serve` running there? pass --server)"
-                )
+                if to.tls.is_some() {
+                    format!(
+                        "{method} {url}: cannot reach the control plane over TLS (is `fleetctl serve` running there? pass --server; the CA is --ca / FLEETML_CA, DATA_DIR/tls/ca.pem with --self-signed)"
+                    )
+                } else {
+                    format!(
+                        "{method} {url}: cannot reach the control plane (is `fleetctl serve` running there? pass --server)"
+                    )
+                }
             })?;
         Ok((status, bytes))
     }

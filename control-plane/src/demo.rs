@@ -46,6 +46,9 @@ pub(crate) const CLAIMS: &[(&str, &[u8])] = &[
         include_bytes!("../../models/claims/drifted.csv"),
     ),
 ];
+/// The private CA `fleetctl serve --self-signed` made, below the demo's folder.
+const CA: &str = "plane/tls/ca.pem";
+
 const BOARDS: &[(&str, &str)] = &[
     (
         "raspberry-pi-4",
@@ -139,6 +142,7 @@ impl Demo {
             .args(args)
             .current_dir(&self.dir)
             .env("FLEETML_SERVER", &self.server)
+            .env("FLEETML_CA", self.dir.join(CA))
             .env("FLEETML_TOKEN", &self.token)
             .output()
             .context("running fleetctl")?;
@@ -172,6 +176,7 @@ impl Demo {
             .args(&all)
             .current_dir(&self.dir)
             .env("FLEETML_SERVER", &self.server)
+            .env("FLEETML_CA", self.dir.join(CA))
             .env("FLEETML_TOKEN", &self.token)
             .output()?;
         if !out.status.success() {
@@ -334,15 +339,18 @@ pub fn run(dir: Option<PathBuf>, exit: bool) -> anyhow::Result<()> {
         1,
     )?;
 
-    demo.say("The control plane starts: HTTP API, embedded MQTT broker, telemetry ingest.");
-    let (http, mqtt) = (free_port()?, free_port()?);
+    demo.say(
+        "The control plane starts: HTTPS API, embedded MQTT broker over TLS, telemetry ingest.",
+    );
+    let (http, mqtt, mqtts) = (free_port()?, free_port()?, free_port()?);
     println!(
-        "  $ fleetctl serve --data-dir plane --listen 127.0.0.1:{http} --mqtt-listen 127.0.0.1:{mqtt} --trust trust.toml --signing-key keys/release.key"
+        "  $ fleetctl serve --self-signed --data-dir plane --listen 127.0.0.1:{http} --mqtt-listen 127.0.0.1:{mqtt} --mqtts-listen 127.0.0.1:{mqtts} --trust trust.toml --signing-key keys/release.key"
     );
     let mut serve = Command::new(&fleetctl);
     serve
         .args([
             "serve",
+            "--self-signed",
             "--data-dir",
             "plane",
             "--listen",
@@ -351,6 +359,8 @@ pub fn run(dir: Option<PathBuf>, exit: bool) -> anyhow::Result<()> {
         .args([
             "--mqtt-listen",
             &format!("127.0.0.1:{mqtt}"),
+            "--mqtts-listen",
+            &format!("127.0.0.1:{mqtts}"),
             "--trust",
             "trust.toml",
         ])
@@ -367,6 +377,8 @@ pub fn run(dir: Option<PathBuf>, exit: bool) -> anyhow::Result<()> {
     demo.token = std::fs::read_to_string(dir.join("plane/admin.token"))?
         .trim()
         .to_string();
+    // Operators trust the private CA the server made (devices get it in agent.toml).
+    crate::client::set_ca(dir.join(CA));
     let client = crate::client::Client::with_token(&demo.server, &demo.token)?;
     demo.wait("the ingest to connect", Duration::from_secs(30), || {
         Ok((client.get("/v1/ingest")?["broker_connected"] == true).then_some(()))
@@ -722,9 +734,10 @@ pub fn run(dir: Option<PathBuf>, exit: bool) -> anyhow::Result<()> {
     demo.show(&["audit", "--last", "5"], 6)?;
 
     demo.say(&format!(
-        "Done in {:.0} s. Explore: export FLEETML_SERVER={} FLEETML_TOKEN=$(cat {}/plane/admin.token)",
+        "Done in {:.0} s. Explore: export FLEETML_SERVER={} FLEETML_CA={} FLEETML_TOKEN=$(cat {}/plane/admin.token)",
         demo.started.elapsed().as_secs_f64(),
         demo.server,
+        dir.join(CA).display(),
         dir.display()
     ));
     println!(

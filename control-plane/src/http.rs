@@ -1,5 +1,5 @@
-//! The control plane side's one HTTP client core: HTTP/1.1 over TCP, one request per
-//! connection. The operator CLI's [`crate::client::Client`] (blocking) and the
+//! The control plane side's one HTTP client core: HTTP/1.1 over TCP or TLS, one request
+//! per connection. The operator CLI's [`crate::client::Client`] (blocking) and the
 //! simulator's devices (async) both send through [`send`] and [`call`].
 
 use std::time::Duration;
@@ -7,11 +7,12 @@ use std::time::Duration;
 use anyhow::Context;
 use http_body_util::BodyExt;
 
-/// Where to send: `host:port`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where to send: `host:port`, over TLS trusting `tls`'s roots when given.
+#[derive(Debug, Clone)]
 pub struct Endpoint {
     pub host: String,
     pub port: u16,
+    pub tls: Option<std::sync::Arc<fleetml_net::tls::rustls::ClientConfig>>,
 }
 
 /// Sends `method path` with `headers` and `body` to `to`; the response as it starts
@@ -26,9 +27,21 @@ pub async fn send(
     let stream = tokio::net::TcpStream::connect((to.host.as_str(), to.port))
         .await
         .with_context(|| format!("connecting to {}:{}", to.host, to.port))?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
+    let mut sender = match &to.tls {
+        Some(roots) => {
+            let stream = fleetml_net::tls::connect(roots, &to.host, stream).await?;
+            let (sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+            tokio::spawn(conn);
+            sender
+        }
+        None => {
+            let (sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+            tokio::spawn(conn);
+            sender
+        }
+    };
     let mut request = hyper::Request::builder()
         .method(method)
         .uri(path)

@@ -10,6 +10,7 @@
 pub mod api;
 pub mod assign;
 pub mod auth;
+pub mod broker;
 pub mod bundle;
 pub mod captures;
 pub mod client;
@@ -36,4 +37,5 @@ pub mod rollout;
 pub mod server;
 pub mod sim;
 pub mod store;
+pub mod tls;
 pub mod views;

@@ -27,6 +27,11 @@ struct Cli {
     /// comes from FLEETML_TOKEN or ~/.config/fleetml/token.
     #[arg(long, global = true, env = "FLEETML_SERVER", default_value = fleet_control::client::DEFAULT_SERVER)]
     server: String,
+    /// The CA certificate (PEM) the control plane's certificate is checked against over
+    /// https:// (with `fleetctl serve --self-signed`: DATA_DIR/tls/ca.pem). Default: the
+    /// system's CA store.
+    #[arg(long, global = true, env = "FLEETML_CA")]
+    ca: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -42,7 +47,7 @@ enum Command {
     /// Run the control plane: HTTP API, MQTT broker for devices (embedded unless
     /// --mqtt-url names an external one) and telemetry ingest. On first start it writes
     /// an admin API token to DATA_DIR/admin.token (mode 0600).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Enroll devices and see the fleet.
     #[command(subcommand)]
     Devices(DevicesCommand),
@@ -52,6 +57,10 @@ enum Command {
     /// The control plane's trust policy: which keys bundles must be signed with.
     #[command(subcommand)]
     Trust(TrustCommand),
+    /// A private CA and server certificates (for an external broker, a proxy); `serve
+    /// --self-signed` makes and uses its own.
+    #[command(subcommand)]
+    Tls(TlsCommand),
     /// The whole loop on this machine, narrated: a control plane and three agents as
     /// real processes, a signed model rolled out in waves, drift, retraining,
     /// champion/challenger, a canary and a rollback — with the command for each step.
@@ -90,8 +99,11 @@ enum Command {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let server = cli.server.clone();
+    if let Some(ca) = &cli.ca {
+        fleet_control::client::set_ca(ca.clone());
+    }
     match cli.command {
-        Command::Serve(a) => serve_command(a)?,
+        Command::Serve(a) => serve_command(*a)?,
         Command::Devices(cmd) => devices_command(&server, cmd)?,
         Command::Models(cmd) => models_command(&server, cmd)?,
         Command::Rollout(cmd) => rollout_command(&server, cmd)?,
@@ -103,6 +115,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Tokens(cmd) => tokens_command(&server, cmd)?,
         Command::Audit(a) => audit_command(&server, a)?,
         Command::Trust(cmd) => trust_command(&server, cmd)?,
+        Command::Tls(cmd) => tls_command(cmd)?,
         Command::Drift(a) => drift_command(&server, a)?,
         Command::Keys(cmd) => keys_command(cmd)?,
         Command::Bundle(cmd) => bundle_command(cmd)?,

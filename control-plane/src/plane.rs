@@ -36,6 +36,8 @@ pub struct Plane {
     pub(crate) data_dir: PathBuf,
     pub(crate) public_url: String,
     pub(crate) public_mqtt_url: String,
+    /// The CA enrolled devices trust for the API and the broker.
+    pub(crate) device_ca: crate::tls::DeviceCa,
     /// The session commands to devices are published on; the ingest has its own.
     pub(crate) client: AsyncClient,
     pub(crate) metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,

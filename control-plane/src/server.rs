@@ -67,6 +67,14 @@ pub struct Options {
     pub http: fleetml_net::Limits,
     /// Bytes of captured data kept per device.
     pub capture_quota: u64,
+    /// TLS for the API and the embedded broker, or plain (`--insecure-listen`).
+    pub tls: crate::tls::Mode,
+    /// The embedded broker's TLS listener (with TLS; default 127.0.0.1:8883). Its plain
+    /// listener (`mqtt`) then serves loopback only: the ingest and local tools.
+    pub mqtts_listen: Option<SocketAddr>,
+    /// CA of an external `mqtts://` broker (default: the system's CA bundle); enrolled
+    /// devices are told to trust it too.
+    pub mqtt_ca: Option<PathBuf>,
 }
 
 /// The API's limits: a request head within 10 s, an answer within `request` (default 5
@@ -163,6 +171,13 @@ pub fn private_data_dir(dir: &Path) -> anyhow::Result<Vec<String>> {
     Ok(fixed)
 }
 
+/// A loopback address with a port free right now (for rumqttd, which binds it itself).
+fn loopback_port() -> anyhow::Result<SocketAddr> {
+    let probe = std::net::TcpListener::bind(("127.0.0.1", 0))
+        .context("finding a loopback port for the embedded broker")?;
+    Ok(probe.local_addr()?)
+}
+
 /// Starts rumqttd on `addr` (its own threads) and waits until it accepts connections.
 fn start_broker(
     addr: SocketAddr,
@@ -172,11 +187,6 @@ fn start_broker(
     ingest_ready: Arc<std::sync::atomic::AtomicBool>,
 ) -> anyhow::Result<()> {
     use rumqttd::{Config, ConnectionSettings, RouterConfig, ServerSettings};
-    // Fail early and clearly if the port is taken (rumqttd would only log it).
-    drop(
-        std::net::TcpListener::bind(addr)
-            .with_context(|| format!("the MQTT listen address {addr} is not available"))?,
-    );
     let mut connections = ConnectionSettings {
         connection_timeout_ms: 60_000,
         max_payload_size: telemetry::MAX_MESSAGE + 1024,
@@ -329,29 +339,120 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
         .install_recorder()
         .ok();
     let ingest = Ingest::new(Arc::new(store.clone()) as Arc<dyn crate::store::FleetStore>);
+    let mqtts_listen = match (&opts.tls, &opts.mqtt) {
+        (crate::tls::Mode::Insecure, _) | (_, Mqtt::External(_)) => None,
+        (_, Mqtt::Embedded(plain)) => {
+            anyhow::ensure!(
+                plain.ip().is_loopback(),
+                "--mqtt-listen {plain}: with TLS the broker's plain listener serves loopback only \
+                 (the ingest and local tools); devices connect to --mqtts-listen. Pass \
+                 --insecure-listen to serve plain MQTT beyond this host"
+            );
+            Some(
+                opts.mqtts_listen
+                    .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8883))),
+            )
+        }
+    };
+    let mut listen_addrs = vec![opts.listen];
+    listen_addrs.extend(mqtts_listen);
+    let urls: Vec<&str> = [opts.public_url.as_deref(), opts.public_mqtt_url.as_deref()]
+        .into_iter()
+        .flatten()
+        .collect();
+    let tls = crate::tls::load(
+        &opts.tls,
+        &opts.data_dir,
+        &crate::tls::names_for(&listen_addrs, &urls),
+    )?;
+    let mut device_ca = tls
+        .as_ref()
+        .map_or(crate::tls::DeviceCa::None, |t| t.device_ca.clone());
     let (options, public_mqtt) = match &opts.mqtt {
         Mqtt::Embedded(addr) => {
             let password = hex::encode(random_bytes(32)?);
+            // rumqttd listens on loopback only; devices reach it through the ACL relay
+            // (plain on `addr`, TLS on `mqtts_listen`), the ingest directly.
+            let local = loopback_port()?;
             start_broker(
-                *addr,
+                local,
                 store.clone(),
                 password.clone(),
                 ingest.counters.logins_refused.clone(),
                 ingest.counters.connected.clone(),
             )?;
-            let local = if addr.ip().is_unspecified() {
-                SocketAddr::from(([127, 0, 0, 1], addr.port()))
-            } else {
-                *addr
-            };
             let mut o = MqttOptions::new(INGEST_CLIENT, local.ip().to_string(), local.port());
             o.set_credentials(INGEST_CLIENT, password);
-            (o, format!("mqtt://{}", host_for_clients(*addr)))
+            let refused = ingest.counters.logins_refused.clone();
+            let relay = move |at: SocketAddr, tls: Option<fleetml_net::Tls>| {
+                let refused = refused.clone();
+                async move {
+                    let listener = tokio::net::TcpListener::bind(at).await.with_context(|| {
+                        format!("the MQTT listen address {at} is not available")
+                    })?;
+                    tokio::spawn(fleetml_net::relay(
+                        listener,
+                        tls,
+                        local,
+                        Duration::from_secs(10),
+                        10_000,
+                        move || crate::broker::DeviceAcl::new(refused.clone()),
+                        fleetml_net::RelayMetrics {
+                            denied: "fleetml_control_broker_acl_denied_total",
+                        },
+                    ));
+                    anyhow::Ok(())
+                }
+            };
+            relay(*addr, None).await?;
+            let public = match (&tls, mqtts_listen) {
+                (Some(t), Some(at)) => {
+                    let tls = fleetml_net::Tls {
+                        config: t.mqtt.clone(),
+                        failed: "fleetml_control_mqtt_tls_handshakes_failed_total",
+                    };
+                    relay(at, Some(tls)).await?;
+                    format!("mqtts://{}", host_for_clients(at))
+                }
+                _ => format!("mqtt://{}", host_for_clients(*addr)),
+            };
+            (o, public)
         }
         Mqtt::External(url) => {
             let mut o = MqttOptions::new(INGEST_CLIENT, url.host.clone(), url.port);
             if let Some(u) = &url.username {
                 o.set_credentials(u.clone(), url.password.clone().unwrap_or_default());
+            }
+            if url.tls {
+                let (roots, pem) = match &opts.mqtt_ca {
+                    Some(p) => {
+                        let pem = std::fs::read_to_string(p)
+                            .with_context(|| format!("reading --mqtt-ca {}", p.display()))?;
+                        let roots = fleetml_net::tls::client_config(
+                            pem.as_bytes(),
+                            &p.display().to_string(),
+                        )
+                        .map_err(anyhow::Error::msg)?;
+                        (roots, Some(pem))
+                    }
+                    None => (
+                        fleetml_net::tls::system_roots().map_err(anyhow::Error::msg)?,
+                        None,
+                    ),
+                };
+                o.set_transport(rumqttc::Transport::tls_with_config(
+                    rumqttc::TlsConfiguration::Rustls(roots),
+                ));
+                // Devices trust the broker's CA beside the control plane's.
+                device_ca = match (device_ca, pem) {
+                    (crate::tls::DeviceCa::Pem(mine), Some(broker)) => {
+                        crate::tls::DeviceCa::Pem(format!("{}\n{broker}", mine.trim_end()))
+                    }
+                    (crate::tls::DeviceCa::None | crate::tls::DeviceCa::System, Some(broker)) => {
+                        crate::tls::DeviceCa::Pem(broker)
+                    }
+                    (kept, None) => kept,
+                };
             }
             let public = BrokerUrl {
                 username: None,
@@ -407,10 +508,11 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
         registry,
         trust: std::sync::RwLock::new(trust),
         data_dir: opts.data_dir.clone(),
-        public_url: opts
-            .public_url
-            .clone()
-            .unwrap_or_else(|| format!("http://{}", host_for_clients(opts.listen))),
+        public_url: opts.public_url.clone().unwrap_or_else(|| {
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            format!("{scheme}://{}", host_for_clients(opts.listen))
+        }),
+        device_ca,
         public_mqtt_url: opts.public_mqtt_url.clone().unwrap_or(public_mqtt),
         client,
         metrics,
@@ -428,17 +530,34 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
         .with_context(|| format!("listening on {}", opts.listen))?;
     let address = tcp.local_addr()?;
     let limits = opts.http.clone();
+    let https = tls.as_ref().map(|t| fleetml_net::Tls {
+        config: t.http.clone(),
+        failed: "fleetml_control_http_tls_handshakes_failed_total",
+    });
+    let scheme = if https.is_some() { "https" } else { "http" };
     let mut server = tokio::spawn(async move {
-        fleetml_net::serve(tcp, app, limits)
+        fleetml_net::serve(tcp, app, limits, https)
             .await
             .map_err(anyhow::Error::from)
     });
-    announce(&format!("control plane listening on http://{address}"));
+    announce(&format!("control plane listening on {scheme}://{address}"));
     announce(&format!("devices connect to {}", plane.public_mqtt_url));
     announce(&format!(
         "admin token in {}",
         opts.data_dir.join("admin.token").display()
     ));
+    match tls.as_ref().and_then(|t| t.ca_file.as_ref()) {
+        Some(ca) => announce(&format!(
+            "operators: export FLEETML_CA={} (or pass --ca)",
+            std::fs::canonicalize(ca)
+                .unwrap_or_else(|_| ca.clone())
+                .display()
+        )),
+        None if tls.is_none() => tracing::warn!(
+            "serving plain HTTP and MQTT (--insecure-listen): tokens and device secrets cross the network in clear"
+        ),
+        None => {}
+    }
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     tokio::select! {

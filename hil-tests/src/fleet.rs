@@ -58,6 +58,17 @@ impl Mosquitto {
     /// [`Mosquitto::start`], holding at most `queued` QoS 1 messages for a client that
     /// is away (it acknowledges and drops the rest: a broker losing what it accepted).
     pub fn start_queueing(dir: &Path, port: u16, queued: u32) -> Mosquitto {
+        Self::start_with(dir, port, queued, "")
+    }
+
+    /// [`Mosquitto::start`] over TLS only, presenting `cert` (chain, PEM) with `key`.
+    pub fn start_tls(dir: &Path, port: u16, cert: &Path, key: &Path) -> Mosquitto {
+        let tls = format!("certfile {}\nkeyfile {}\n", cert.display(), key.display());
+        Self::start_with(dir, port, 100_000, &tls)
+    }
+
+    /// `listener_conf`: more lines for the listener (TLS files).
+    fn start_with(dir: &Path, port: u16, queued: u32, listener_conf: &str) -> Mosquitto {
         let store = dir.join("mosquitto");
         std::fs::create_dir_all(&store).expect("mosquitto dir");
         let config = store.join("mosquitto.conf");
@@ -74,7 +85,7 @@ impl Mosquitto {
         std::fs::write(
             &config,
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n\
+                "listener {port} 127.0.0.1\n{listener_conf}allow_anonymous true\npersistence true\n\
                  persistence_location {}/\nautosave_interval 1\nmax_queued_messages {queued}\n{}",
                 store.display(),
                 if root { "user root\n" } else { "" }
@@ -137,15 +148,78 @@ pub fn terminate(child: &mut Child) {
     let _ = child.wait();
 }
 
-/// A running `fleetctl serve`, stopped on drop.
+/// A byte stream to a server: plain TCP or TLS over it.
+pub trait Stream: std::io::Read + std::io::Write + Send {}
+impl<T: std::io::Read + std::io::Write + Send> Stream for T {}
+
+/// TLS over a blocking TCP stream whose end without `close_notify` reads as the end.
+struct Tls(rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>);
+
+impl std::io::Read for Tls {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self.0.read(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(0),
+            other => other,
+        }
+    }
+}
+
+impl std::io::Write for Tls {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+/// Opens `url` (`https://HOST:PORT` checked against `roots`, or `http://HOST:PORT`).
+pub fn open(
+    url: &str,
+    roots: Option<&std::sync::Arc<rustls::ClientConfig>>,
+) -> std::io::Result<Box<dyn Stream>> {
+    let (tls, addr) = match url.strip_prefix("https://") {
+        Some(a) => (true, a),
+        None => (false, url.trim_start_matches("http://")),
+    };
+    let addr = addr.trim_end_matches('/');
+    let tcp = std::net::TcpStream::connect(addr)?;
+    tcp.set_read_timeout(Some(Duration::from_secs(120)))?;
+    if !tls {
+        return Ok(Box::new(tcp));
+    }
+    let roots = roots.unwrap_or_else(|| panic!("{url}: no CA to check it against"));
+    let host = addr
+        .rsplit_once(':')
+        .map_or(addr, |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let name = rustls::pki_types::ServerName::try_from(host.to_string()).expect("server name");
+    let conn = rustls::ClientConnection::new(roots.clone(), name).map_err(std::io::Error::other)?;
+    Ok(Box::new(Tls(rustls::StreamOwned::new(conn, tcp))))
+}
+
+/// The roots in the PEM file `ca`.
+pub fn roots(ca: &Path) -> std::sync::Arc<rustls::ClientConfig> {
+    let pem = std::fs::read(ca).unwrap_or_else(|e| panic!("{}: {e}", ca.display()));
+    fleetml_net::tls::client_config(&pem, &ca.display().to_string()).expect("CA")
+}
+
+/// A running `fleetctl serve`, stopped on drop: over TLS with its own private CA
+/// (`--self-signed`) unless started with `--insecure-listen`.
 #[derive(Debug)]
 pub struct ControlPlane {
     child: Child,
-    /// `http://127.0.0.1:PORT`.
+    /// `https://127.0.0.1:PORT` (`http://` when plain).
     pub url: String,
     pub token: String,
-    /// Port of the embedded broker (when it runs one).
+    /// Port of the embedded broker's plain (loopback) listener (when it runs one).
     pub mqtt_port: Option<u16>,
+    /// Port of the embedded broker's TLS listener (when it has one).
+    pub mqtts_port: Option<u16>,
+    /// `DATA_DIR/tls/ca.pem` (with TLS).
+    pub ca: Option<PathBuf>,
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     pub data_dir: PathBuf,
     /// Where and with what it was started (for `restart`).
     dir: PathBuf,
@@ -178,19 +252,44 @@ impl ControlPlane {
             "--listen".into(),
             listen,
         ];
-        let mqtt_port = match external {
+        let plain = extra.contains(&"--insecure-listen");
+        let own_tls = extra.contains(&"--tls-cert");
+        let own_broker = extra.contains(&"--mqtt-url");
+        if !plain && !own_tls {
+            args.push("--self-signed".into());
+        }
+        let (mqtt_port, mqtts_port) = match external {
+            None if own_broker => (None, None),
             Some(port) => {
                 args.extend(["--mqtt-url".into(), format!("mqtt://127.0.0.1:{port}")]);
-                None
+                (None, None)
             }
-            None => {
+            None if plain => {
                 let port = free_port();
                 args.extend(["--mqtt-listen".into(), format!("{ip}:{port}")]);
-                Some(port)
+                (Some(port), None)
+            }
+            None => {
+                // The plain listener serves loopback only (the ingest); devices use TLS.
+                let (port, tls_port) = (free_port(), free_port());
+                args.extend(["--mqtt-listen".into(), format!("127.0.0.1:{port}")]);
+                args.extend(["--mqtts-listen".into(), format!("{ip}:{tls_port}")]);
+                (Some(port), Some(tls_port))
             }
         };
         args.extend(extra.iter().map(|s| s.to_string()));
         let (child, url) = Self::spawn(dir, &args, &env);
+        // With --tls-cert, the CA is the one named by --tls-ca.
+        let ca = if own_tls {
+            extra
+                .iter()
+                .position(|a| *a == "--tls-ca")
+                .and_then(|i| extra.get(i + 1))
+                .map(|p| dir.join(p))
+        } else {
+            (!plain).then(|| data_dir.join("tls/ca.pem"))
+        };
+        let tls = ca.as_deref().map(roots);
         let token = std::fs::read_to_string(data_dir.join("admin.token"))
             .expect("admin.token")
             .trim()
@@ -200,6 +299,9 @@ impl ControlPlane {
             url,
             token,
             mqtt_port,
+            mqtts_port,
+            ca,
+            tls,
             data_dir,
             dir: dir.to_path_buf(),
             args,
@@ -255,13 +357,41 @@ impl ControlPlane {
         (child, url)
     }
 
+    /// A connection to the API (TLS checked against the server's CA).
+    pub fn connect(&self) -> Box<dyn Stream> {
+        self.try_connect()
+            .unwrap_or_else(|e| panic!("{}: {e}", self.url))
+    }
+
+    /// [`connect`](Self::connect), or why not.
+    pub fn try_connect(&self) -> std::io::Result<Box<dyn Stream>> {
+        open(&self.url, self.tls.as_ref())
+    }
+
+    /// `host:port` of the API.
+    pub fn addr(&self) -> &str {
+        self.url
+            .trim_start_matches("https://")
+            .trim_start_matches("http://")
+    }
+
+    /// A command with `FLEETML_SERVER`, `FLEETML_CA` and the admin token set.
+    pub fn command(&self, program: &Path) -> Command {
+        let mut cmd = Command::new(program);
+        cmd.env("FLEETML_SERVER", &self.url)
+            .env("FLEETML_TOKEN", &self.token);
+        if let Some(ca) = &self.ca {
+            cmd.env("FLEETML_CA", ca);
+        }
+        cmd
+    }
+
     /// `fleetctl ARGS --server URL` with the admin token.
     pub fn fleetctl(&self, cwd: &Path, args: &[&str]) -> Run {
-        let out = Command::new(bin("fleetctl"))
+        let out = self
+            .command(&bin("fleetctl"))
             .current_dir(cwd)
             .args(args)
-            .env("FLEETML_SERVER", &self.url)
-            .env("FLEETML_TOKEN", &self.token)
             .output()
             .expect("fleetctl runs");
         Run {
@@ -283,8 +413,7 @@ impl ControlPlane {
     /// `METHOD path` on the API with the admin token (a JSON body unless null);
     /// expects 2xx and returns the JSON reply.
     pub fn call(&self, method: &str, path: &str, body: &Value) -> Value {
-        let addr = self.url.trim_start_matches("http://");
-        let stream = std::net::TcpStream::connect(addr).expect("connects");
+        let stream = self.connect();
         let bytes = if body.is_null() {
             Vec::new()
         } else {

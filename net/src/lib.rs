@@ -36,6 +36,8 @@ use tokio::sync::Semaphore;
 use tokio::time::Sleep;
 use tower::ServiceExt;
 
+pub mod tls;
+
 /// How much one server lets its callers take.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -73,14 +75,32 @@ pub struct Metrics {
     pub timed_out: &'static str,
 }
 
-/// Serves `app` on `listener` within `limits` until the listener fails for good.
-pub async fn serve<L>(mut listener: L, app: Router, limits: Limits) -> io::Result<()>
+/// TLS on a server's connections.
+#[derive(Debug, Clone)]
+pub struct Tls {
+    pub config: Arc<rustls::ServerConfig>,
+    /// Counter: connections whose TLS handshake failed or did not finish within the
+    /// header-read time-out (a plain-text client, an unknown CA on the client's side).
+    pub failed: &'static str,
+}
+
+/// Serves `app` on `listener` within `limits` until the listener fails for good; over
+/// TLS when `tls` is given (the handshake must finish within the header-read time-out).
+pub async fn serve<L>(
+    mut listener: L,
+    app: Router,
+    limits: Limits,
+    tls: Option<Tls>,
+) -> io::Result<()>
 where
     L: Listener,
     L::Io: Unpin,
 {
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let limits = Arc::new(limits);
+    let acceptor = tls
+        .as_ref()
+        .map(|t| (tokio_rustls::TlsAcceptor::from(t.config.clone()), t.failed));
     loop {
         // axum's listeners retry failed accepts themselves (after a pause when out of
         // file descriptors).
@@ -95,34 +115,201 @@ where
             drop(io);
             continue;
         };
-        let (app, limits) = (app.clone(), limits.clone());
+        let (app, limits, acceptor) = (app.clone(), limits.clone(), acceptor.clone());
         tokio::spawn(async move {
             metrics::gauge!(limits.metrics.open).increment(1.0);
-            let request_limit = limits.request;
-            let timed_out = limits.metrics.timed_out;
-            let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
-                let app = app.clone();
-                async move {
-                    let request = request.map(axum::body::Body::new);
-                    match tokio::time::timeout(request_limit, app.oneshot(request)).await {
-                        Ok(answer) => answer,
+            let io = Idle::new(io, limits.request * 2);
+            match acceptor {
+                None => serve_connection(io, app, &limits).await,
+                Some((acceptor, failed)) => {
+                    match tokio::time::timeout(limits.header_read, acceptor.accept(io)).await {
+                        Ok(Ok(stream)) => serve_connection(stream, app, &limits).await,
+                        Ok(Err(e)) => {
+                            metrics::counter!(failed).increment(1);
+                            tracing::debug!(error = %e, "TLS handshake failed");
+                        }
                         Err(_) => {
-                            metrics::counter!(timed_out).increment(1);
-                            Ok(request_timed_out(request_limit))
+                            metrics::counter!(failed).increment(1);
+                            tracing::debug!("TLS handshake not finished in time");
                         }
                     }
                 }
-            });
-            let mut http = hyper::server::conn::http1::Builder::new();
-            http.timer(TokioTimer::new())
-                .header_read_timeout(limits.header_read);
-            let io = TokioIo::new(Idle::new(io, limits.request * 2));
-            if let Err(e) = http.serve_connection(io, service).await {
-                tracing::debug!(error = %e, "connection ended");
             }
             metrics::gauge!(limits.metrics.open).decrement(1.0);
             drop(slot);
         });
+    }
+}
+
+/// Serves HTTP/1.1 requests on one connection until it ends.
+async fn serve_connection<I>(io: I, app: Router, limits: &Limits)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let request_limit = limits.request;
+    let timed_out = limits.metrics.timed_out;
+    let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+        let app = app.clone();
+        async move {
+            let request = request.map(axum::body::Body::new);
+            match tokio::time::timeout(request_limit, app.oneshot(request)).await {
+                Ok(answer) => answer,
+                Err(_) => {
+                    metrics::counter!(timed_out).increment(1);
+                    Ok(request_timed_out(request_limit))
+                }
+            }
+        }
+    });
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read);
+    if let Err(e) = http.serve_connection(TokioIo::new(io), service).await {
+        tracing::debug!(error = %e, "connection ended");
+    }
+}
+
+/// Judges what a relayed client sends, unit by unit (MQTT packets, say).
+pub trait Inspect: Send + 'static {
+    /// The length of the first whole unit at the start of `buf`; `None` while more bytes
+    /// are needed; an error (why the connection is closed) for a unit not to be read.
+    fn frame(&mut self, buf: &[u8]) -> Result<Option<usize>, String>;
+    /// Whether one whole unit may pass; an error closes the connection.
+    fn check(&mut self, unit: &[u8]) -> Result<(), String>;
+}
+
+/// What [`relay`] closes a connection for.
+#[derive(Debug, Clone, Copy)]
+pub struct RelayMetrics {
+    /// Counter: connections closed because the client sent what [`Inspect`] refused.
+    pub denied: &'static str,
+}
+
+/// Accepts connections on `listener` (over TLS when given; the handshake within
+/// `handshake`) and relays each to a plain TCP server at `upstream` (the embedded MQTT
+/// broker's loopback listener), at most `max_connections` at once. What a client sends
+/// passes only unit by unit as `inspector()` allows; the first refusal closes the
+/// connection. What the server sends passes as it is.
+pub async fn relay<I, F>(
+    listener: tokio::net::TcpListener,
+    tls: Option<Tls>,
+    upstream: std::net::SocketAddr,
+    handshake: Duration,
+    max_connections: usize,
+    inspector: F,
+    metrics: RelayMetrics,
+) -> io::Result<()>
+where
+    I: Inspect,
+    F: Fn() -> I + Send + Sync + 'static,
+{
+    let slots = Arc::new(Semaphore::new(max_connections.max(1)));
+    let acceptor = tls
+        .as_ref()
+        .map(|t| (tokio_rustls::TlsAcceptor::from(t.config.clone()), t.failed));
+    let inspector = Arc::new(inspector);
+    loop {
+        let (io, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of descriptors, say: wait instead of spinning.
+                tracing::warn!(error = %e, "accepting a relayed connection");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            drop(io);
+            continue;
+        };
+        let (acceptor, inspector) = (acceptor.clone(), inspector.clone());
+        tokio::spawn(async move {
+            let _ = io.set_nodelay(true);
+            let judge = inspector();
+            match acceptor {
+                None => relay_one(io, upstream, judge, peer, metrics).await,
+                Some((acceptor, failed)) => {
+                    match tokio::time::timeout(handshake, acceptor.accept(io)).await {
+                        Ok(Ok(stream)) => relay_one(stream, upstream, judge, peer, metrics).await,
+                        Ok(Err(e)) => {
+                            metrics::counter!(failed).increment(1);
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        }
+                        Err(_) => {
+                            metrics::counter!(failed).increment(1);
+                            tracing::debug!(%peer, "TLS handshake not finished in time");
+                        }
+                    }
+                }
+            }
+            drop(slot);
+        });
+    }
+}
+
+/// Relays one client connection until either side ends it or the client is refused.
+async fn relay_one<S, I>(
+    client: S,
+    upstream: std::net::SocketAddr,
+    mut judge: I,
+    peer: std::net::SocketAddr,
+    metrics: RelayMetrics,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+    I: Inspect,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = match tokio::net::TcpStream::connect(upstream).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(%upstream, error = %e, "the relay cannot reach its server");
+            return;
+        }
+    };
+    let _ = server.set_nodelay(true);
+    let (mut from_client, mut to_client) = tokio::io::split(client);
+    let (mut from_server, mut to_server) = server.into_split();
+    let down = async {
+        let _ = tokio::io::copy(&mut from_server, &mut to_client).await;
+        let _ = to_client.shutdown().await;
+    };
+    let up = async {
+        let mut buf: Vec<u8> = Vec::with_capacity(16 << 10);
+        let mut chunk = vec![0u8; 16 << 10];
+        loop {
+            let n = match from_client.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            buf.extend_from_slice(&chunk[..n]);
+            let mut start = 0;
+            loop {
+                let verdict = judge.frame(&buf[start..]).and_then(|len| match len {
+                    Some(len) => judge.check(&buf[start..start + len]).map(|()| Some(len)),
+                    None => Ok(None),
+                });
+                match verdict {
+                    Ok(Some(len)) => {
+                        if to_server.write_all(&buf[start..start + len]).await.is_err() {
+                            return;
+                        }
+                        start += len;
+                    }
+                    Ok(None) => break,
+                    Err(why) => {
+                        metrics::counter!(metrics.denied).increment(1);
+                        tracing::warn!(%peer, "closed a relayed connection: {why}");
+                        return;
+                    }
+                }
+            }
+            buf.drain(..start);
+        }
+    };
+    // Whichever direction ends first ends the connection.
+    tokio::select! {
+        () = down => {}
+        () = up => {}
     }
 }
 

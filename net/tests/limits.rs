@@ -35,7 +35,7 @@ fn server(max: usize) -> std::net::SocketAddr {
                 header_read: Duration::from_secs(1),
                 ..Limits::new(Duration::from_secs(1), max, METRICS)
             };
-            fleetml_net::serve(listener, app, limits)
+            fleetml_net::serve(listener, app, limits, None)
                 .await
                 .expect("serve");
         });

@@ -10,6 +10,7 @@
 
 pub mod assignment;
 pub mod board;
+pub mod broker_acl;
 pub mod bundle;
 pub mod crypto;
 pub mod features;

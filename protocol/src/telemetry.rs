@@ -536,6 +536,8 @@ fn hex_lower(bytes: &[u8]) -> String {
 /// A broker address: `mqtt://[user[:password]@]host[:port]` (port 1883 by default).
 #[derive(Clone, PartialEq, Eq)]
 pub struct BrokerUrl {
+    /// `mqtts://`: MQTT over TLS.
+    pub tls: bool,
     pub host: String,
     pub port: u16,
     pub username: Option<String>,
@@ -552,7 +554,7 @@ impl fmt::Debug for BrokerUrl {
 impl fmt::Display for BrokerUrl {
     /// The URL without its password.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("mqtt://")?;
+        f.write_str(if self.tls { "mqtts://" } else { "mqtt://" })?;
         if let Some(u) = &self.username {
             write!(f, "{u}@")?;
         }
@@ -568,16 +570,16 @@ impl std::str::FromStr for BrokerUrl {
     type Err = String;
     fn from_str(url: &str) -> Result<Self, String> {
         let bad = |why: &str| format!("broker URL `{url}`: {why}");
-        let rest = if let Some(r) = url.strip_prefix("mqtt://").or(url.strip_prefix("tcp://")) {
-            r
-        } else if url.starts_with("mqtts://") || url.starts_with("ssl://") {
-            return Err(bad(
-                "TLS to the broker is not supported by this release; use mqtt:// on a \
-                 trusted network or a local TLS-terminating proxy",
-            ));
-        } else {
-            return Err(bad("expected mqtt://HOST[:PORT]"));
-        };
+        let (tls, rest) =
+            if let Some(r) = url.strip_prefix("mqtt://").or(url.strip_prefix("tcp://")) {
+                (false, r)
+            } else if let Some(r) = url.strip_prefix("mqtts://").or(url.strip_prefix("ssl://")) {
+                (true, r)
+            } else {
+                return Err(bad(
+                    "expected mqtts://HOST[:PORT] (or mqtt:// for plain MQTT)",
+                ));
+            };
         let rest = rest.trim_end_matches('/');
         if rest.contains('/') || rest.contains('?') {
             return Err(bad("a broker URL has no path or query"));
@@ -609,9 +611,11 @@ impl std::str::FromStr for BrokerUrl {
             Some(p) => p
                 .parse()
                 .map_err(|_| bad("the port is not a number 0-65535"))?,
+            None if tls => 8883,
             None => 1883,
         };
         Ok(BrokerUrl {
+            tls,
             host,
             port,
             username,

@@ -40,13 +40,15 @@ const HELD_FILE: &str = "assignment.cbor";
 /// Folder of partial downloads.
 const DOWNLOADS_DIR: &str = "downloads";
 
-/// The control plane's HTTP address: `http://host[:port][/base]`.
+/// The control plane's HTTP address: `https://host[:port][/base]`.
 pub use crate::http::HttpUrl as ServerUrl;
 
 /// How the agent pulls assignments.
 #[derive(Clone)]
 pub struct Settings {
     pub server: ServerUrl,
+    /// What an `https://` server is checked against.
+    pub roots: crate::http::Roots,
     pub device: DeviceId,
     /// The device's HTTP bearer token ([`fleetml_protocol::assignment::http_token`]).
     pub token: String,
@@ -462,6 +464,7 @@ impl Puller {
     /// `GET path` as this device, from byte `from` on (a range) when resuming.
     fn get_request<'a>(&'a self, path: &'a str, from: Option<u64>) -> crate::http::Request<'a> {
         let request = crate::http::Request::get(&self.settings.server, path)
+            .roots(&self.settings.roots)
             .header("authorization", format!("Bearer {}", self.settings.token));
         match from.filter(|f| *f > 0) {
             Some(from) => request.header("range", format!("bytes={from}-")),

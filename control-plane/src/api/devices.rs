@@ -63,6 +63,11 @@ pub(crate) async fn enroll(
             "board": record.board,
             "tags": record.tags,
             "trust_policy": plane.device_policy().map(|t| t.to_toml()),
+            "tls_ca": match &plane.device_ca {
+                crate::tls::DeviceCa::Pem(pem) => Some(pem.as_str()),
+                _ => None,
+            },
+            "tls_ca_system": plane.device_ca == crate::tls::DeviceCa::System,
         })),
     ))
 }

@@ -71,6 +71,13 @@ pub(crate) fn enroll(
     for key in ["device_id", "device_secret", "control_plane", "mqtt_url"] {
         table.insert(key.into(), toml::Value::String(s(key)));
     }
+    // The CA the device checks the control plane and the broker against: pinned here,
+    // or the device's system store when the server's certificate is a public one.
+    if let Some(ca) = r["tls_ca"].as_str() {
+        table.insert("tls_ca".into(), toml::Value::String(ca.to_string()));
+    } else if r["tls_ca_system"] == true {
+        table.insert("tls_ca_system".into(), toml::Value::Boolean(true));
+    }
     match &policy {
         Some(p) => {
             let policy: toml::Table = toml::from_str(p).context("the trust policy")?;

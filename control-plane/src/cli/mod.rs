@@ -14,6 +14,7 @@ pub(crate) mod rollback;
 pub(crate) mod rollout;
 pub(crate) mod serve;
 pub(crate) mod sim;
+pub(crate) mod tls;
 pub(crate) mod tokens;
 pub(crate) mod trust;
 
@@ -29,5 +30,6 @@ pub(crate) use self::rollback::*;
 pub(crate) use self::rollout::*;
 pub(crate) use self::serve::*;
 pub(crate) use self::sim::*;
+pub(crate) use self::tls::*;
 pub(crate) use self::tokens::*;
 pub(crate) use self::trust::*;

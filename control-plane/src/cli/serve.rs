@@ -10,13 +10,46 @@ pub(crate) struct ServeArgs {
     /// Address of the HTTP API.
     #[arg(long, default_value = "127.0.0.1:7080")]
     listen: std::net::SocketAddr,
-    /// Address of the embedded MQTT broker devices connect to.
+    /// Address of the embedded MQTT broker's plain listener. With TLS it serves loopback
+    /// only (the ingest, local tools); devices connect to --mqtts-listen.
     #[arg(long, default_value = "127.0.0.1:1883", conflicts_with = "mqtt_url")]
     mqtt_listen: std::net::SocketAddr,
+    /// Address of the embedded broker's MQTT-over-TLS listener (same certificate as the
+    /// API). Default with TLS: 127.0.0.1:8883.
+    #[arg(long, conflicts_with_all = ["mqtt_url", "insecure_listen"])]
+    mqtts_listen: Option<std::net::SocketAddr>,
     /// Use this external broker instead of the embedded one:
-    /// mqtt://[USER:PASSWORD@]HOST[:PORT]. Enable its persistence.
+    /// mqtts://[USER:PASSWORD@]HOST[:PORT] (or mqtt:// for plain). Enable its persistence.
     #[arg(long)]
     mqtt_url: Option<String>,
+    /// CA of the external broker's certificate (PEM); enrolled devices are told to trust
+    /// it too. Default: the system's CA bundle.
+    #[arg(long, requires = "mqtt_url")]
+    mqtt_ca: Option<PathBuf>,
+    /// Serve HTTPS and MQTTS with a private CA kept in DATA_DIR/tls (made on first start;
+    /// enrolled devices pin it; operators pass DATA_DIR/tls/ca.pem with --ca). The server
+    /// certificate is issued at every start for loopback, this host's name, the listen
+    /// addresses, the public URLs' hosts and --tls-name.
+    #[arg(long, conflicts_with_all = ["tls_cert", "insecure_listen"])]
+    self_signed: bool,
+    /// More names (DNS or IP) the self-signed server certificate covers.
+    #[arg(long, requires = "self_signed")]
+    tls_name: Vec<String>,
+    /// Serve HTTPS and MQTTS with this certificate chain (PEM; the server's first).
+    #[arg(long, requires = "tls_key", conflicts_with = "insecure_listen")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// The CA enrolled devices are told to trust (PEM). Default with --tls-cert: the
+    /// device's system CA bundle.
+    #[arg(long, requires = "tls_cert")]
+    tls_ca: Option<PathBuf>,
+    /// Serve plain HTTP and MQTT: API tokens, enrolment replies (with device secrets) and
+    /// MQTT passwords cross the network in clear. Only behind a TLS-terminating proxy or
+    /// for a test on one machine.
+    #[arg(long)]
+    insecure_listen: bool,
     /// Trust policy (TOML) handed to enrolled devices.
     #[arg(long)]
     trust: Option<PathBuf>,
@@ -63,6 +96,20 @@ pub(crate) struct ServeArgs {
 }
 
 pub(crate) fn serve_command(a: ServeArgs) -> anyhow::Result<()> {
+    let tls = match (a.self_signed, a.tls_cert, a.tls_key, a.insecure_listen) {
+        (true, ..) => fleet_control::tls::Mode::SelfSigned { names: a.tls_name },
+        (_, Some(cert), Some(key), _) => fleet_control::tls::Mode::Files {
+            cert,
+            key,
+            ca: a.tls_ca,
+        },
+        (.., true) => fleet_control::tls::Mode::Insecure,
+        _ => anyhow::bail!(
+            "fleetctl serve needs TLS: pass --self-signed (a private CA kept in DATA_DIR/tls; \
+             the easy path), or --tls-cert FILE --tls-key FILE, or --insecure-listen to serve \
+             plain HTTP and MQTT behind a TLS-terminating proxy"
+        ),
+    };
     let mqtt = match &a.mqtt_url {
         Some(u) => fleet_control::server::Mqtt::External(u.parse().map_err(anyhow::Error::msg)?),
         None => fleet_control::server::Mqtt::Embedded(a.mqtt_listen),
@@ -80,6 +127,9 @@ pub(crate) fn serve_command(a: ServeArgs) -> anyhow::Result<()> {
         audit_interval: a.audit_interval,
         http: fleet_control::server::http_limits(a.request_timeout, a.max_connections),
         capture_quota: a.capture_quota,
+        tls,
+        mqtts_listen: a.mqtts_listen,
+        mqtt_ca: a.mqtt_ca,
     };
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -45,6 +45,7 @@ impl Http {
         crate::http::Endpoint {
             host: self.host.clone(),
             port: self.port,
+            tls: None,
         }
     }
 

@@ -157,7 +157,15 @@ fn run_in(
     let http_port = crate::demo::free_port()?;
     let mut serve = Command::new(&fleetctl);
     serve
-        .args(["serve", "--data-dir", "plane", "--trust", "trust.toml"])
+        // A measurement on one machine's loopback: plain, said so.
+        .args([
+            "serve",
+            "--insecure-listen",
+            "--data-dir",
+            "plane",
+            "--trust",
+            "trust.toml",
+        ])
         .args(["--listen", &format!("127.0.0.1:{http_port}")])
         .current_dir(dir)
         .stderr(log_file(dir, "serve.log")?);

@@ -19,7 +19,7 @@ fn fleetctl_demo_runs_the_whole_loop_and_narrates_each_milestone() {
     let out = run.success();
     for milestone in [
         "$ fleetctl keys generate",
-        "$ fleetctl serve --data-dir plane",
+        "$ fleetctl serve --self-signed --data-dir plane",
         "$ fleetctl bundle build",
         "$ fleetctl models push claims-v1.fmb",
         "$ fleetctl devices enroll pi-lab-1 --board raspberry-pi-4",
@@ -33,7 +33,7 @@ fn fleetctl_demo_runs_the_whole_loop_and_narrates_each_milestone() {
         "$ fleetctl rollback claims --to 1 --yes",
         "rollback r4 started",
         "promote.canary",
-        "Explore: export FLEETML_SERVER=http://127.0.0.1:",
+        "Explore: export FLEETML_SERVER=https://127.0.0.1:",
     ] {
         assert!(
             out.contains(milestone),

@@ -17,3 +17,4 @@ mod retrain;
 mod rollout;
 mod security;
 mod store_crash;
+mod tls;

@@ -186,8 +186,7 @@ pub(crate) fn get_as(
     method: &str,
     path: &str,
 ) -> (u16, Vec<u8>) {
-    let stream =
-        std::net::TcpStream::connect(plane.url.trim_start_matches("http://")).expect("connects");
+    let stream = plane.connect();
     let auth = format!("Bearer {token}");
     let mut headers = vec![("content-type", "application/json")];
     if !token.is_empty() {

@@ -28,9 +28,7 @@ fn call(
     path: &str,
     headers: &[(&str, &str)],
 ) -> (u16, Vec<u8>) {
-    let addr = plane.url.trim_start_matches("http://");
-    let stream = std::net::TcpStream::connect(addr).expect("connects");
-    hil_tests::http_with(stream, method, path, headers, b"{}").expect("HTTP")
+    hil_tests::http_with(plane.connect(), method, path, headers, b"{}").expect("HTTP")
 }
 
 /// Anonymous callers cannot fill the disk by being refused. Before: every refused
@@ -45,6 +43,7 @@ fn anonymous_refused_calls_are_counted_not_written_one_by_one() {
     let mut plane = ControlPlane::start(dir.path(), None, &["--audit-interval", "1s"]);
     let before = tree_bytes(&plane.data_dir);
     let path = format!("/v1/models/{}", "a".repeat(60_000));
+    let started = std::time::Instant::now();
     for _ in 0..500 {
         let (status, _) = call(
             &plane,
@@ -87,9 +86,13 @@ fn anonymous_refused_calls_are_counted_not_written_one_by_one() {
             .sum();
         (counted == 501).then_some(anonymous)
     });
+    // One entry per second of sending (each call is a TLS handshake, ~10-30 ms here),
+    // plus the interval that was open at each end.
+    let intervals = started.elapsed().as_secs() as usize + 3;
     assert!(
-        tally.len() <= 3,
-        "one entry per interval, not per call: {tally:?}"
+        tally.len() <= intervals && tally.len() <= 50,
+        "one entry per interval, not per call: {} entries in {intervals} intervals: {tally:?}",
+        tally.len()
     );
     for e in &tally {
         assert_eq!(e["action"], "refused unauthenticated calls");
@@ -166,7 +169,7 @@ fn half_sent_still_held(addr: &str, n: usize, wait: Duration) -> usize {
 fn half_sent_requests_are_cut_and_both_apis_keep_answering() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut plane = ControlPlane::start(dir.path(), None, &[]);
-    let addr = plane.url.trim_start_matches("http://").to_string();
+    let addr = plane.addr().to_string();
     let held = half_sent_still_held(&addr, 300, Duration::from_secs(14));
     assert_eq!(
         held, 0,
@@ -192,7 +195,7 @@ fn connections_beyond_the_limit_are_closed_and_counted() {
     use std::io::Read;
     let dir = tempfile::tempdir().expect("tempdir");
     let mut plane = ControlPlane::start(dir.path(), None, &["--max-connections", "20"]);
-    let addr = plane.url.trim_start_matches("http://").to_string();
+    let addr = plane.addr().to_string();
     let idle: Vec<std::net::TcpStream> = (0..20)
         .map(|_| std::net::TcpStream::connect(&addr).expect("connects"))
         .collect();
@@ -206,7 +209,7 @@ fn connections_beyond_the_limit_are_closed_and_counted() {
     assert_eq!(n, 0, "closed at once, without an answer");
     drop(idle);
     let metrics = wait_for("an answer again", Duration::from_secs(20), || {
-        let stream = std::net::TcpStream::connect(&addr).ok()?;
+        let stream = plane.try_connect().ok()?;
         let (status, body) = hil_tests::http_with(stream, "GET", "/metrics", &[], b"").ok()?;
         (status == 200).then(|| String::from_utf8_lossy(&body).into_owned())
     });
@@ -528,8 +531,7 @@ fn captures_only_for_assigned_models_and_within_the_quota() {
         let body = format!(
             "{{\"model\":\"{model}\",\"ts_ms\":{seq},\"features\":{{\"claim_amount\":{seq}}}}}\n"
         );
-        let stream = std::net::TcpStream::connect(plane.url.trim_start_matches("http://"))
-            .expect("connects");
+        let stream = plane.connect();
         let auth = format!("Bearer {token}");
         let (status, reply) = hil_tests::http_with(
             stream,
@@ -574,4 +576,200 @@ fn captures_only_for_assigned_models_and_within_the_quota() {
         .map(|b| b["bytes"].as_u64().unwrap_or(0))
         .sum();
     assert!(stored <= 300, "{stored}");
+}
+
+/// What an enrolled device's own connection to the embedded broker survives doing.
+enum Probe {
+    Subscribe(&'static str),
+    Publish {
+        topic: String,
+        retain: bool,
+        payload: Vec<u8>,
+    },
+}
+
+/// Logs in to the broker's port as `device` (`user` as user name, `password`), does
+/// `probe`, and says whether the connection was still up 3 s later; `None` when the
+/// login itself was refused.
+fn broker_survives(
+    port: u16,
+    device: &str,
+    user: Option<&str>,
+    password: &str,
+    probe: Probe,
+) -> Option<bool> {
+    let mut o = rumqttc::MqttOptions::new(device, "127.0.0.1", port);
+    if let Some(user) = user {
+        o.set_credentials(user, password);
+    }
+    o.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut conn) = rumqttc::Client::new(o, 10);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match conn.recv_timeout(Duration::from_secs(10)) {
+            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_)))) => break,
+            Ok(Ok(_)) if std::time::Instant::now() < deadline => {}
+            _ => return None,
+        }
+    }
+    match probe {
+        Probe::Subscribe(filter) => client.subscribe(filter, rumqttc::QoS::AtLeastOnce),
+        Probe::Publish {
+            topic,
+            retain,
+            payload,
+        } => client.publish(topic, rumqttc::QoS::AtLeastOnce, retain, payload),
+    }
+    .expect("queued");
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < until {
+        if let Ok(Err(_)) = conn.recv_timeout(Duration::from_millis(500)) {
+            return Some(false);
+        }
+    }
+    Some(true)
+}
+
+/// A device may use the embedded broker only as itself. Before: an enrolled device could
+/// subscribe to `#` (it received another device's status, commands and receipts),
+/// replay another device's last will to mark it offline, and publish retained messages
+/// anywhere (400 retained 200 KiB messages raised the control plane's RSS from 34 to 155
+/// MB for good) — rumqttd has no topic ACLs, and against that code every probe below
+/// survives. Now every device connection passes the ACL relay, which closes it at the
+/// first packet outside the device's own topics, and counts it.
+#[test]
+fn a_device_can_use_the_broker_only_as_itself() {
+    use crate::rollout::{config_value, enroll};
+    use fleetml_protocol::telemetry;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    hil_tests::keys_and_policy(dir, "k");
+    let plane = ControlPlane::start(dir, None, &["--trust", "trust.toml"]);
+    enroll(dir, &plane, "pi-a", "raspberry-pi-4", "site=lab", "");
+    enroll(dir, &plane, "pi-b", "raspberry-pi-4", "site=lab", "");
+    let _victim = logged_agent(dir, "pi-a");
+    let online = |id: &str| {
+        plane
+            .get("/v1/devices")
+            .as_array()
+            .and_then(|a| a.iter().find(|d| d["id"] == id).cloned())
+            .is_some_and(|d| d["online"] == true)
+    };
+    wait_for("pi-a online", Duration::from_secs(60), || {
+        online("pi-a").then_some(())
+    });
+
+    let secret = |id: &str| hex::decode(config_value(dir, id, "device_secret")).expect("hex");
+    let (a, b) = (secret("pi-a"), secret("pi-b"));
+    let password = telemetry::mqtt_password(&b);
+    let port = plane.mqtt_port.expect("the broker's plain loopback port");
+    let tls_port = plane.mqtts_port.expect("the broker's TLS port");
+    let probe = |probe| broker_survives(port, "pi-b", Some("pi-b"), &password, probe);
+    let victim = telemetry::DeviceId::new("pi-a").expect("id");
+
+    // The baseline: its own topics pass (the ingest judges the content).
+    assert_eq!(
+        probe(Probe::Publish {
+            topic: "fleetml/v1/pi-b/events".into(),
+            retain: false,
+            payload: b"not sealed".to_vec()
+        }),
+        Some(true)
+    );
+    assert_eq!(probe(Probe::Subscribe("fleetml/v1/pi-b/cmd")), Some(true));
+
+    // Everyone's messages: closed.
+    assert_eq!(probe(Probe::Subscribe("#")), Some(false));
+    assert_eq!(probe(Probe::Subscribe("fleetml/v1/pi-a/cmd")), Some(false));
+    // Another device's last will (what a captured one looks like), replayed: closed, and
+    // the victim stays online.
+    let (topic, will) = telemetry::seal(
+        &victim,
+        u64::MAX / 2,
+        0,
+        telemetry::Body::Status(telemetry::Status {
+            agent_version: "x".into(),
+            board: "x".into(),
+            backends: vec![],
+            models: vec![],
+            uptime_s: 0,
+            online: false,
+            outbox_depth: 0,
+            dropped_windows: 0,
+        }),
+        &a,
+    );
+    assert_eq!(
+        probe(Probe::Publish {
+            topic,
+            retain: true,
+            payload: will
+        }),
+        Some(false)
+    );
+    // Retained messages anywhere but its own status: closed.
+    assert_eq!(
+        probe(Probe::Publish {
+            topic: "fleetml/v1/pi-b/telemetry".into(),
+            retain: true,
+            payload: vec![0; 200 << 10]
+        }),
+        Some(false)
+    );
+    assert_eq!(
+        probe(Probe::Publish {
+            topic: "anything/else".into(),
+            retain: true,
+            payload: vec![0; 16]
+        }),
+        Some(false)
+    );
+    // A 300 KB message: closed from its head, and counted (before: cut by the broker
+    // without a trace).
+    assert_eq!(
+        probe(Probe::Publish {
+            topic: "fleetml/v1/pi-b/telemetry".into(),
+            retain: false,
+            payload: vec![0; 300 << 10]
+        }),
+        Some(false)
+    );
+    // Anonymous, and as another device: refused logins.
+    assert_eq!(
+        broker_survives(port, "pi-b", None, "", Probe::Subscribe("#")),
+        None
+    );
+    assert_eq!(
+        broker_survives(port, "pi-a", Some("pi-b"), &password, Probe::Subscribe("#")),
+        None
+    );
+    // The TLS listener is guarded the same way (here reached without TLS: refused too).
+    assert_eq!(
+        broker_survives(
+            tls_port,
+            "pi-b",
+            Some("pi-b"),
+            &password,
+            Probe::Subscribe("#")
+        ),
+        None
+    );
+
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        online("pi-a"),
+        "the replayed will marked the victim offline"
+    );
+    let (_, metrics) =
+        hil_tests::http_with(plane.connect(), "GET", "/metrics", &[], b"").expect("metrics");
+    let metrics = String::from_utf8_lossy(&metrics).into_owned();
+    let denied: f64 = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("fleetml_control_broker_acl_denied_total ")?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0);
+    assert!(denied >= 6.0, "denials counted: {denied}\n{metrics}");
 }

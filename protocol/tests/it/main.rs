@@ -3,6 +3,7 @@
 mod alloc_track;
 mod assignment;
 mod board;
+mod broker_acl;
 mod bundle;
 mod features;
 mod fixture;

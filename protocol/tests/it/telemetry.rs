@@ -165,8 +165,12 @@ fn broker_urls_parse_and_hide_their_password() {
     for bad in ["http://x", "mqtt://", "mqtt://h:99999", "mqtt://h/topic"] {
         assert!(bad.parse::<BrokerUrl>().is_err(), "{bad}");
     }
-    let e = "mqtts://h".parse::<BrokerUrl>().expect_err("tls");
-    assert!(e.contains("TLS"), "{e}");
+    let u: BrokerUrl = "mqtts://broker.example".parse().expect("tls");
+    assert!(u.tls && !"mqtt://h".parse::<BrokerUrl>().expect("plain").tls);
+    assert_eq!(u.port, 8883, "the MQTT-over-TLS port by default");
+    assert_eq!(u.to_string(), "mqtts://broker.example:8883");
+    let e = "https://h".parse::<BrokerUrl>().expect_err("not MQTT");
+    assert!(e.contains("mqtts://"), "{e}");
 }
 
 #[test]
