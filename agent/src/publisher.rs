@@ -30,6 +30,10 @@ pub struct Hooks {
     pub subscribe: Option<String>,
     /// Called on every connect, before draining (the agent queues a fresh status).
     pub on_connect: Option<Box<dyn Fn() + Send>>,
+    /// Called when a connection is lost: the last will the next connection carries (the
+    /// agent seals a new one, so the broker's will of the lost connection, should it be
+    /// published late, is recognised as stale).
+    pub next_will: Option<Box<dyn Fn() -> Option<rumqttc::LastWill> + Send>>,
     /// Called with each message received on a subscribed topic.
     pub on_message: Option<OnMessage>,
     /// How long a message the broker acknowledged may wait for the control plane's
@@ -163,6 +167,9 @@ pub async fn run_with(outbox: Arc<Outbox>, options: MqttOptions, wake: Arc<Notif
                 Err(e) => {
                     if connected {
                         tracing::warn!(error = %e, "telemetry disconnected");
+                        if let Some(will) = hooks.next_will.as_ref().and_then(|f| f()) {
+                            events.mqtt_options.set_last_will(will);
+                        }
                     }
                     connected = false;
                     outbox.clear_inflight();

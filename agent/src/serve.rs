@@ -310,6 +310,7 @@ fn status_of(api: &Api, board: &BoardProfile, started: std::time::Instant) -> te
         online: true,
         outbox_depth: 0,
         dropped_windows: 0,
+        will_seq: None,
     }
 }
 

@@ -76,6 +76,8 @@ pub struct Telemetry {
     receiver: std::sync::Mutex<Option<mpsc::Receiver<Body>>>,
     /// Bodies lost because the hand-over queue was full.
     lost: AtomicU64,
+    /// The sequence number of the last will the current connection carries.
+    will_seq: AtomicU64,
 }
 
 impl std::fmt::Debug for Telemetry {
@@ -110,6 +112,7 @@ impl Telemetry {
             hand_over: tx,
             receiver: std::sync::Mutex::new(Some(rx)),
             lost: AtomicU64::new(0),
+            will_seq: AtomicU64::new(0),
         }))
     }
 
@@ -149,10 +152,11 @@ impl Telemetry {
         Ok(seq)
     }
 
-    /// Queues `status` with the outbox's depth and drop count filled in.
+    /// Queues `status` with the outbox's depth, drop count and current will filled in.
     pub fn queue_status(&self, mut status: Status) {
         status.outbox_depth = self.outbox.depth();
         status.dropped_windows = self.dropped_windows();
+        status.will_seq = Some(self.will_seq.load(Ordering::Relaxed));
         self.queue(Body::Status(status));
     }
 
@@ -161,22 +165,47 @@ impl Telemetry {
         self.outbox.dropped().unwrap_or(0) + self.lost.load(Ordering::Relaxed)
     }
 
+    /// Stores a status (online) and returns the last will that matches it: the same
+    /// status with `online: false`, the same sequence number and time. Both name that
+    /// number as the current will (`will_seq`).
+    fn will(&self, mut status: Status) -> Result<LastWill, OutboxError> {
+        status.online = true;
+        status.outbox_depth = self.outbox.depth();
+        status.dropped_windows = self.dropped_windows();
+        let topic = telemetry::topic(&self.device, telemetry::Channel::Status);
+        let ts = crate::clock::now_ms();
+        let sealed_will = std::cell::RefCell::new(Vec::new());
+        let seq = self.outbox.push(Class::Keep, &topic, ts, |seq| {
+            let mut s = status.clone();
+            s.will_seq = Some(seq);
+            let (_, online) =
+                telemetry::seal(&self.device, seq, ts, Body::Status(s.clone()), &self.secret);
+            s.online = false;
+            *sealed_will.borrow_mut() =
+                telemetry::seal(&self.device, seq, ts, Body::Status(s), &self.secret).1;
+            online
+        })?;
+        self.will_seq.store(seq, Ordering::Relaxed);
+        self.wake.notify_one();
+        Ok(LastWill::new(
+            topic,
+            sealed_will.into_inner(),
+            QoS::AtLeastOnce,
+            true,
+        ))
+    }
+
     /// Stores the run's first status and returns the MQTT options carrying the matching
     /// last will.
     fn options(&self, settings: &Settings, status: &StatusFn) -> anyhow::Result<MqttOptions> {
-        let mut first = status();
-        let seq = self.push(Body::Status(first.clone()))?;
-        first.online = false;
-        let ts = crate::clock::now_ms();
-        let (topic, will) =
-            telemetry::seal(&self.device, seq, ts, Body::Status(first), &self.secret);
+        let will = self.will(status())?;
         let b = &settings.broker;
         let mut o = MqttOptions::new(self.device.as_str(), b.host.clone(), b.port);
         o.set_keep_alive(Duration::from_secs(30));
         // Commands sent while the device was away wait in its broker session.
         o.set_clean_session(false);
         o.set_max_packet_size(telemetry::MAX_MESSAGE + 1024, telemetry::MAX_MESSAGE + 1024);
-        o.set_last_will(LastWill::new(topic, will, QoS::AtLeastOnce, true));
+        o.set_last_will(will);
         if b.tls {
             let roots = settings.roots.clone().ok_or_else(|| {
                 anyhow::anyhow!("{b}: no CA to check the broker against (tls_ca in agent.toml)")
@@ -233,9 +262,20 @@ impl Telemetry {
             Box::new(move |topic: &str, bytes: &[u8]| me.command(topic, bytes, &*commands))
                 as publisher::OnMessage
         };
+        let next_will = {
+            let (me, status) = (self.clone(), status.clone());
+            Box::new(move || match me.will(status()) {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not seal a new last will; the next connection keeps the old one");
+                    None
+                }
+            }) as Box<dyn Fn() -> Option<LastWill> + Send>
+        };
         let hooks = Hooks {
             subscribe: Some(telemetry::topic(&self.device, telemetry::Channel::Cmd)),
             on_connect: Some(on_connect),
+            next_will: Some(next_will),
             on_message: Some(on_message),
             resend_after: Some(settings.resend_after),
         };

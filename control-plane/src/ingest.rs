@@ -6,8 +6,10 @@
 //! data directory, or memory.
 //!
 //! Presence: a device's last will (a status with `online: false`, published by the
-//! broker when the device's connection dies) marks it offline and is not logged; any
-//! other authenticated message marks it online again.
+//! broker when the device's connection dies) marks it offline and is not logged, unless
+//! it is older than the will the device's newest status names (`will_seq`: each
+//! connection carries a will of its own); any other authenticated message marks it
+//! online again.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -26,6 +28,9 @@ pub enum Outcome {
     Duplicate,
     /// A last will: the device went offline. Not logged.
     Offline,
+    /// A last will of a connection older than the one the device's newest status names
+    /// (the broker published it late, or someone replayed it): ignored, counted.
+    StaleWill,
     /// A control-plane → device message seen on the shared subscription: not ours.
     Ignored,
     /// Refused and not stored.
@@ -41,6 +46,8 @@ pub struct Counters {
     pub refused: AtomicU64,
     pub gaps: AtomicU64,
     pub offline: AtomicU64,
+    /// Last wills older than the device's current one, ignored.
+    pub stale_wills: AtomicU64,
     /// MQTT logins the embedded broker refused.
     pub logins_refused: std::sync::Arc<AtomicU64>,
     /// Whether the ingest holds a subscribed session with the broker now.
@@ -57,6 +64,7 @@ impl Counters {
             "refused": g(&self.refused),
             "gaps": g(&self.gaps),
             "offline": g(&self.offline),
+            "stale_wills": g(&self.stale_wills),
             "logins_refused": g(&self.logins_refused),
             "broker_connected": self.connected.load(Ordering::Relaxed),
         })
@@ -136,11 +144,20 @@ impl<S: FleetStore> Ingest<S> {
         if let Body::Status(s) = &envelope.body
             && !s.online
         {
-            self.counters.offline.fetch_add(1, Ordering::Relaxed);
+            let mut stale = false;
             self.store.update_state(&device, &mut |st| {
-                st.online = false;
-                st.offline_since_ms = Some(now_ms);
+                stale = envelope.seq < st.will_seq;
+                if !stale {
+                    st.online = false;
+                    st.offline_since_ms = Some(now_ms);
+                }
             })?;
+            if stale {
+                self.counters.stale_wills.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("fleetml_control_ingest_stale_wills_total").increment(1);
+                return Ok(Outcome::StaleWill);
+            }
+            self.counters.offline.fetch_add(1, Ordering::Relaxed);
             return Ok(Outcome::Offline);
         }
         let (new, before) = self.store.insert(&envelope)?;
@@ -161,6 +178,7 @@ impl<S: FleetStore> Ingest<S> {
             }
             match &envelope.body {
                 Body::Status(s) if st.status.as_ref().is_none_or(|(q, _)| *q < envelope.seq) => {
+                    st.will_seq = st.will_seq.max(s.will_seq.unwrap_or(0));
                     st.status = Some((envelope.seq, s.clone()));
                 }
                 Body::Window(w)
@@ -209,5 +227,70 @@ impl<S: FleetStore> Ingest<S> {
             self.counters.gaps.fetch_add(1, Ordering::Relaxed);
         }
         Ok(Outcome::Stored { gap })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn status(online: bool, will_seq: Option<u64>) -> Body {
+        Body::Status(telemetry::Status {
+            agent_version: "t".into(),
+            board: "b".into(),
+            backends: vec![],
+            models: vec![],
+            uptime_s: 1,
+            online,
+            outbox_depth: 0,
+            dropped_windows: 0,
+            will_seq,
+        })
+    }
+
+    /// A will of a connection older than the one the newest status names does not mark
+    /// the device offline (the broker published it late, or it was replayed); the
+    /// current connection's will does.
+    #[test]
+    fn a_stale_last_will_is_ignored_and_the_current_one_counts() {
+        let store = Arc::new(crate::store::memory::MemoryStore::new());
+        let id = DeviceId::new("pi-1").expect("id");
+        let secret = vec![7u8; telemetry::SECRET_LEN];
+        store
+            .enroll(&crate::records::DeviceRecord {
+                id: id.clone(),
+                board: None,
+                tags: Default::default(),
+                secret: secret.clone(),
+                enrolled_ms: 0,
+            })
+            .expect("enrolled");
+        let ingest = Ingest::new(store.clone() as Arc<dyn FleetStore>);
+        let send = |seq: u64, body: Body| {
+            let (topic, bytes) = telemetry::seal(&id, seq, 0, body, &secret);
+            ingest.handle(&topic, &bytes, 1).expect("handled")
+        };
+        let online = || store.state(&id).expect("state").expect("some").online;
+        // The first connection's will is seq 0; a reconnect carries seq 5.
+        assert!(matches!(
+            send(0, status(true, Some(0))),
+            Outcome::Stored { .. }
+        ));
+        assert!(matches!(
+            send(5, status(true, Some(5))),
+            Outcome::Stored { .. }
+        ));
+        assert_eq!(send(0, status(false, Some(0))), Outcome::StaleWill);
+        assert!(online(), "a stale will marked the device offline");
+        assert_eq!(send(5, status(false, Some(5))), Outcome::Offline);
+        assert!(!online());
+        assert_eq!(ingest.counters.stale_wills.load(Ordering::Relaxed), 1);
+        // An agent that names no will (older releases): every will counts, as before.
+        assert!(matches!(
+            send(6, status(true, None)),
+            Outcome::Stored { .. }
+        ));
+        assert_eq!(send(5, status(false, None)), Outcome::Offline);
     }
 }

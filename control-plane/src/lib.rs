@@ -23,6 +23,7 @@ pub mod ingest;
 pub mod jobs;
 pub mod k8s;
 pub mod keys;
+pub mod mosquitto;
 pub mod onnx;
 pub mod output;
 pub mod pg;

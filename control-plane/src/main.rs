@@ -61,6 +61,9 @@ enum Command {
     /// --self-signed` makes and uses its own.
     #[command(subcommand)]
     Tls(TlsCommand),
+    /// What an external broker needs to enforce the fleet's rules (mosquitto files).
+    #[command(subcommand)]
+    Broker(BrokerCommand),
     /// The whole loop on this machine, narrated: a control plane and three agents as
     /// real processes, a signed model rolled out in waves, drift, retraining,
     /// champion/challenger, a canary and a rollback — with the command for each step.
@@ -116,6 +119,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Audit(a) => audit_command(&server, a)?,
         Command::Trust(cmd) => trust_command(&server, cmd)?,
         Command::Tls(cmd) => tls_command(cmd)?,
+        Command::Broker(cmd) => broker_command(&server, cmd)?,
         Command::Drift(a) => drift_command(&server, a)?,
         Command::Keys(cmd) => keys_command(cmd)?,
         Command::Bundle(cmd) => bundle_command(cmd)?,

@@ -38,6 +38,9 @@ pub struct Plane {
     pub(crate) public_mqtt_url: String,
     /// The CA enrolled devices trust for the API and the broker.
     pub(crate) device_ca: crate::tls::DeviceCa,
+    /// The ingest's user name on the broker, and its password when an external broker's
+    /// `--mqtt-url` gave one.
+    pub(crate) broker_login: (String, Option<String>),
     /// The session commands to devices are published on; the ingest has its own.
     pub(crate) client: AsyncClient,
     pub(crate) metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,

@@ -54,6 +54,10 @@ pub struct DeviceState {
     /// The newest lifecycle events (up to [`LIFECYCLE_KEPT`]), with when they arrived.
     #[serde(default)]
     pub lifecycle: Vec<(u64, telemetry::Event)>,
+    /// The sequence number of the last will the device's newest status names: a will
+    /// numbered lower belongs to a connection that is gone, and is ignored.
+    #[serde(default)]
+    pub will_seq: u64,
 }
 
 /// Lifecycle events kept per device in its state (all are in the message log).

@@ -339,6 +339,10 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
         .install_recorder()
         .ok();
     let ingest = Ingest::new(Arc::new(store.clone()) as Arc<dyn crate::store::FleetStore>);
+    // The API's port first: the embedded broker picks a free loopback port below.
+    let tcp = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .with_context(|| format!("listening on {}", opts.listen))?;
     let mqtts_listen = match (&opts.tls, &opts.mqtt) {
         (crate::tls::Mode::Insecure, _) | (_, Mqtt::External(_)) => None,
         (_, Mqtt::Embedded(plain)) => {
@@ -372,7 +376,26 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
         Mqtt::Embedded(addr) => {
             let password = hex::encode(random_bytes(32)?);
             // rumqttd listens on loopback only; devices reach it through the ACL relay
-            // (plain on `addr`, TLS on `mqtts_listen`), the ingest directly.
+            // (plain on `addr`, TLS on `mqtts_listen`), the ingest directly. Every port
+            // named on the command line is bound before the internal one is picked, so
+            // the kernel cannot hand out one of them.
+            let bind = |at: SocketAddr| async move {
+                tokio::net::TcpListener::bind(at)
+                    .await
+                    .with_context(|| format!("the MQTT listen address {at} is not available"))
+            };
+            let plain = bind(*addr).await?;
+            let secure = match (&tls, mqtts_listen) {
+                (Some(t), Some(at)) => Some((
+                    bind(at).await?,
+                    fleetml_net::Tls {
+                        config: t.mqtt.clone(),
+                        failed: "fleetml_control_mqtt_tls_handshakes_failed_total",
+                    },
+                    at,
+                )),
+                _ => None,
+            };
             let local = loopback_port()?;
             start_broker(
                 local,
@@ -384,37 +407,27 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
             let mut o = MqttOptions::new(INGEST_CLIENT, local.ip().to_string(), local.port());
             o.set_credentials(INGEST_CLIENT, password);
             let refused = ingest.counters.logins_refused.clone();
-            let relay = move |at: SocketAddr, tls: Option<fleetml_net::Tls>| {
+            let relay = move |listener: tokio::net::TcpListener, tls: Option<fleetml_net::Tls>| {
                 let refused = refused.clone();
-                async move {
-                    let listener = tokio::net::TcpListener::bind(at).await.with_context(|| {
-                        format!("the MQTT listen address {at} is not available")
-                    })?;
-                    tokio::spawn(fleetml_net::relay(
-                        listener,
-                        tls,
-                        local,
-                        Duration::from_secs(10),
-                        10_000,
-                        move || crate::broker::DeviceAcl::new(refused.clone()),
-                        fleetml_net::RelayMetrics {
-                            denied: "fleetml_control_broker_acl_denied_total",
-                        },
-                    ));
-                    anyhow::Ok(())
-                }
+                tokio::spawn(fleetml_net::relay(
+                    listener,
+                    tls,
+                    local,
+                    Duration::from_secs(10),
+                    10_000,
+                    move || crate::broker::DeviceAcl::new(refused.clone()),
+                    fleetml_net::RelayMetrics {
+                        denied: "fleetml_control_broker_acl_denied_total",
+                    },
+                ));
             };
-            relay(*addr, None).await?;
-            let public = match (&tls, mqtts_listen) {
-                (Some(t), Some(at)) => {
-                    let tls = fleetml_net::Tls {
-                        config: t.mqtt.clone(),
-                        failed: "fleetml_control_mqtt_tls_handshakes_failed_total",
-                    };
-                    relay(at, Some(tls)).await?;
+            relay(plain, None);
+            let public = match secure {
+                Some((listener, tls, at)) => {
+                    relay(listener, Some(tls));
                     format!("mqtts://{}", host_for_clients(at))
                 }
-                _ => format!("mqtt://{}", host_for_clients(*addr)),
+                None => format!("mqtt://{}", host_for_clients(*addr)),
             };
             (o, public)
         }
@@ -513,6 +526,13 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
             format!("{scheme}://{}", host_for_clients(opts.listen))
         }),
         device_ca,
+        broker_login: match &opts.mqtt {
+            Mqtt::External(url) => match &url.username {
+                Some(u) => (u.clone(), url.password.clone()),
+                None => (INGEST_CLIENT.to_string(), None),
+            },
+            Mqtt::Embedded(_) => (INGEST_CLIENT.to_string(), None),
+        },
         public_mqtt_url: opts.public_mqtt_url.clone().unwrap_or(public_mqtt),
         client,
         metrics,
@@ -525,9 +545,6 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
     crate::policy::spawn(plane.clone());
 
     let app = router(plane.clone());
-    let tcp = tokio::net::TcpListener::bind(opts.listen)
-        .await
-        .with_context(|| format!("listening on {}", opts.listen))?;
     let address = tcp.local_addr()?;
     let limits = opts.http.clone();
     let https = tls.as_ref().map(|t| fleetml_net::Tls {

@@ -67,7 +67,13 @@ impl Mosquitto {
         Self::start_with(dir, port, 100_000, &tls)
     }
 
-    /// `listener_conf`: more lines for the listener (TLS files).
+    /// [`Mosquitto::start`] with `conf` added to its configuration (e.g. the files of
+    /// `fleetctl broker acl`; anonymous logins stay allowed unless `conf` says).
+    pub fn start_configured(dir: &Path, port: u16, conf: &str) -> Mosquitto {
+        Self::start_with(dir, port, 100_000, conf)
+    }
+
+    /// `listener_conf`: more lines for the listener (TLS files, security settings).
     fn start_with(dir: &Path, port: u16, queued: u32, listener_conf: &str) -> Mosquitto {
         let store = dir.join("mosquitto");
         std::fs::create_dir_all(&store).expect("mosquitto dir");
@@ -85,8 +91,13 @@ impl Mosquitto {
         std::fs::write(
             &config,
             format!(
-                "listener {port} 127.0.0.1\n{listener_conf}allow_anonymous true\npersistence true\n\
+                "listener {port} 127.0.0.1\n{listener_conf}{}persistence true\n\
                  persistence_location {}/\nautosave_interval 1\nmax_queued_messages {queued}\n{}",
+                if listener_conf.contains("allow_anonymous") {
+                    ""
+                } else {
+                    "allow_anonymous true\n"
+                },
                 store.display(),
                 if root { "user root\n" } else { "" }
             ),

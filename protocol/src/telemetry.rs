@@ -160,6 +160,11 @@ pub struct Status {
     /// Monitoring windows the outbox ever dropped for room (it never drops anything else).
     #[serde(default)]
     pub dropped_windows: u64,
+    /// The sequence number of the last will the device's connection carries now (the
+    /// will is a copy of the status with that number, `online: false`). A will with a
+    /// lower number belongs to an earlier connection, and the ingest ignores it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub will_seq: Option<u64>,
 }
 
 /// Drift of one feature, or of the predictions, in one window.

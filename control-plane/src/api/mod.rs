@@ -20,6 +20,7 @@ use crate::store::FleetStore;
 
 use crate::plane::{Plane, now_ms, same};
 
+pub(crate) mod broker;
 pub(crate) mod data;
 pub mod devices;
 pub(crate) mod fleet;
@@ -109,6 +110,7 @@ pub enum Access {
 pub fn access(method: &axum::http::Method, route: &str) -> Access {
     use axum::http::Method;
     let admin = route.starts_with("/v1/tokens")
+        || route.starts_with("/v1/broker")
         || (route == "/v1/trust" && method == Method::PUT)
         || (route == "/v1/devices" && method == Method::POST);
     if admin {

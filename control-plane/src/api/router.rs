@@ -77,6 +77,7 @@ pub fn router(plane: Arc<Plane>) -> Router {
         .route("/v1/tokens", post(t::create_token).get(t::list_tokens))
         .route("/v1/tokens/{id}", delete(t::revoke_token))
         .route("/v1/audit", get(t::audit_log))
+        .route("/v1/broker/mosquitto", get(crate::api::broker::mosquitto))
         .route_layer(axum::middleware::from_fn_with_state(
             plane.clone(),
             authorize,

@@ -2,6 +2,7 @@
 //! command line and hands each command to its file. `common` holds what several share.
 
 pub(crate) mod audit;
+pub(crate) mod broker;
 pub(crate) mod bundle;
 pub(crate) mod common;
 pub(crate) mod data;
@@ -19,6 +20,7 @@ pub(crate) mod tokens;
 pub(crate) mod trust;
 
 pub(crate) use self::audit::*;
+pub(crate) use self::broker::*;
 pub(crate) use self::bundle::*;
 pub(crate) use self::data::*;
 pub(crate) use self::devices::*;

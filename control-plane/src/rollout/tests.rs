@@ -38,6 +38,7 @@ fn running(version: u64) -> DeviceState {
                 online: true,
                 outbox_depth: 0,
                 dropped_windows: 0,
+                will_seq: None,
             },
         )),
         ..DeviceState::default()

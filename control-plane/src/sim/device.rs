@@ -203,6 +203,7 @@ impl Device {
             online: true,
             outbox_depth: 0,
             dropped_windows: 0,
+            will_seq: None,
         }
     }
 

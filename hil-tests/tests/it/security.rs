@@ -696,6 +696,7 @@ fn a_device_can_use_the_broker_only_as_itself() {
             online: false,
             outbox_depth: 0,
             dropped_windows: 0,
+            will_seq: None,
         }),
         &a,
     );
@@ -772,4 +773,114 @@ fn a_device_can_use_the_broker_only_as_itself() {
         })
         .unwrap_or(0.0);
     assert!(denied >= 6.0, "denials counted: {denied}\n{metrics}");
+}
+
+/// `fleetctl broker acl` makes an external mosquitto enforce the same rules: the ingest
+/// and the devices log in with their passwords, a device cannot read other devices'
+/// messages nor write to their topics, anonymous and wrong-password logins are refused.
+/// Before: there was no such command, and the fleet's mosquitto ran with anonymous
+/// logins and no ACL (Mosquitto::start in this harness still does), where every probe
+/// below succeeds.
+#[test]
+fn fleetctl_broker_acl_makes_mosquitto_enforce_the_fleet_rules() {
+    use crate::rollout::{config_value, enroll};
+    use fleetml_protocol::telemetry;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    hil_tests::keys_and_policy(dir, "k");
+    let port = hil_tests::fleet::free_port();
+    let mut open = hil_tests::fleet::Mosquitto::start(dir, port);
+    let url = format!("mqtt://fleetml-ingest:ingest-password-0123456789@127.0.0.1:{port}");
+    let plane = ControlPlane::start(dir, None, &["--trust", "trust.toml", "--mqtt-url", &url]);
+    enroll(dir, &plane, "pi-a", "raspberry-pi-4", "site=lab", "");
+    enroll(dir, &plane, "pi-b", "raspberry-pi-4", "site=lab", "");
+    let run = plane.fleetctl(dir, &["broker", "acl", "--out", "acl"]);
+    assert!(run.success().contains("2 devices"), "{}", run.stdout);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.join("acl/passwd"))
+        .expect("passwd")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let conf = std::fs::read_to_string(dir.join("acl/fleetml.conf")).expect("conf");
+    assert!(conf.contains("allow_anonymous false"), "{conf}");
+    open.stop();
+    let _guarded = hil_tests::fleet::Mosquitto::start_configured(dir, port, &conf);
+    wait_for(
+        "the ingest back on the guarded broker",
+        Duration::from_secs(60),
+        || (plane.get("/v1/ingest")["broker_connected"] == true).then_some(()),
+    );
+
+    let _victim = logged_agent(dir, "pi-a");
+    let online = |id: &str| {
+        plane
+            .get("/v1/devices")
+            .as_array()
+            .and_then(|a| a.iter().find(|d| d["id"] == id).cloned())
+            .is_some_and(|d| d["online"] == true)
+    };
+    wait_for(
+        "pi-a online through the guarded broker",
+        Duration::from_secs(60),
+        || online("pi-a").then_some(()),
+    );
+
+    let secret = |id: &str| hex::decode(config_value(dir, id, "device_secret")).expect("hex");
+    let password = telemetry::mqtt_password(&secret("pi-b"));
+    // Everything, from pi-b: mosquitto may grant the filter (it checks read access per
+    // message), but nothing of pi-a's — its retained status included — arrives.
+    let mut o = rumqttc::MqttOptions::new("pi-b", "127.0.0.1", port);
+    o.set_credentials("pi-b", password.clone());
+    let (client, mut conn) = rumqttc::Client::new(o, 10);
+    client
+        .subscribe("#", rumqttc::QoS::AtLeastOnce)
+        .expect("queued");
+    let (topic, will) = telemetry::seal(
+        &telemetry::DeviceId::new("pi-a").expect("id"),
+        u64::MAX / 2,
+        0,
+        telemetry::Body::Status(telemetry::Status {
+            agent_version: "x".into(),
+            board: "x".into(),
+            backends: vec![],
+            models: vec![],
+            uptime_s: 0,
+            online: false,
+            outbox_depth: 0,
+            dropped_windows: 0,
+            will_seq: None,
+        }),
+        &secret("pi-a"),
+    );
+    client
+        .publish(topic, rumqttc::QoS::AtLeastOnce, true, will)
+        .expect("queued");
+    let (mut subscribed, mut seen) = (false, Vec::new());
+    let until = std::time::Instant::now() + Duration::from_secs(4);
+    while std::time::Instant::now() < until {
+        match conn.recv_timeout(Duration::from_millis(500)) {
+            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)))) => subscribed = true,
+            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)))) => seen.push(p.topic),
+            Ok(Err(e)) => panic!("pi-b's own login failed: {e}"),
+            _ => {}
+        }
+    }
+    assert!(subscribed, "the SUBACK never came");
+    assert!(seen.is_empty(), "a device read: {seen:?}");
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(online("pi-a"), "the replayed will reached the ingest");
+
+    // Anonymous, and a wrong password: refused.
+    for (user, pass) in [(None, ""), (Some("pi-b"), "not-the-password")] {
+        let mut o = rumqttc::MqttOptions::new("pi-b", "127.0.0.1", port);
+        if let Some(u) = user {
+            o.set_credentials(u, pass);
+        }
+        let (_c, mut conn) = rumqttc::Client::new(o, 10);
+        let first = conn
+            .recv_timeout(Duration::from_secs(10))
+            .expect("an event");
+        assert!(first.is_err(), "{user:?} logged in: {first:?}");
+    }
 }

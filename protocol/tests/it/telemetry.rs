@@ -26,6 +26,7 @@ fn status() -> Body {
         online: true,
         outbox_depth: 0,
         dropped_windows: 0,
+        will_seq: None,
     })
 }
 
