@@ -640,11 +640,18 @@ pub fn run(dir: Option<PathBuf>, exit: bool) -> anyhow::Result<()> {
             .with_context(|| format!("dataset `{name}`"))
     };
     let (original, holdout) = (id_of("original training data")?, id_of("drifted holdout")?);
-    let spec = format!(
-        "model = \"claims\"\ncommand = [{:?}, \"--data\", \"{{train_csv}}\", \"--seed\", \"{{seed}}\", \"--epochs\", \"{{param:epochs}}\", \"--out\", \"{{out}}\"]\n\
-         label = \"investigate\"\nseed = 42\nmetric = \"auc\"\n[params]\nepochs = 30\n",
+    // An admin registers what may run; the operator's spec names it.
+    let fit = format!(
+        "command = [{:?}, \"--data\", \"{{train_csv}}\", \"--seed\", \"{{seed}}\", \"--epochs\", \"{{param:epochs}}\", \"--out\", \"{{out}}\"]\n",
         trainer.display().to_string()
     );
+    std::fs::write(dir.join("trainer.toml"), fit)?;
+    demo.show(
+        &["trainers", "add", "claims-fit", "--file", "trainer.toml"],
+        1,
+    )?;
+    let spec = "model = \"claims\"\ntrainer = \"claims-fit\"\n\
+         label = \"investigate\"\nseed = 42\nmetric = \"auc\"\n[params]\nepochs = 30\n";
     std::fs::write(dir.join("train.toml"), spec)?;
     demo.show(
         &[

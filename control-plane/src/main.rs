@@ -64,6 +64,9 @@ enum Command {
     /// What an external broker needs to enforce the fleet's rules (mosquitto files).
     #[command(subcommand)]
     Broker(BrokerCommand),
+    /// The commands training jobs may run, registered by an admin; job specs name one.
+    #[command(subcommand)]
+    Trainers(TrainersCommand),
     /// The whole loop on this machine, narrated: a control plane and three agents as
     /// real processes, a signed model rolled out in waves, drift, retraining,
     /// champion/challenger, a canary and a rollback — with the command for each step.
@@ -120,6 +123,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Trust(cmd) => trust_command(&server, cmd)?,
         Command::Tls(cmd) => tls_command(cmd)?,
         Command::Broker(cmd) => broker_command(&server, cmd)?,
+        Command::Trainers(cmd) => trainers_command(&server, cmd)?,
         Command::Drift(a) => drift_command(&server, a)?,
         Command::Keys(cmd) => keys_command(cmd)?,
         Command::Bundle(cmd) => bundle_command(cmd)?,

@@ -20,6 +20,8 @@ pub struct Plane {
     pub captures: crate::captures::Captures,
     pub datasets: crate::datasets::Datasets,
     pub jobs: crate::jobs::Jobs,
+    /// The commands training jobs may run, registered by an admin.
+    pub trainers: crate::jobs::trainers::Trainers,
     pub policies: Arc<dyn crate::store::PolicyStore>,
     pub(crate) running: crate::jobs::Running,
     pub(crate) signing_key: Option<PathBuf>,

@@ -47,13 +47,21 @@ fn param(v: &toml::Value) -> Param {
 /// Creates a job record and starts it on a thread of its own.
 pub fn start(
     plane: &Arc<Plane>,
-    spec: JobSpec,
+    mut spec: JobSpec,
     kind: &str,
     inputs: Vec<String>,
     trigger: String,
     reproduces: Option<(String, u64)>,
     training: Option<String>,
 ) -> Result<Job, Refusal> {
+    // What runs is the trainer's as registered now (a removed trainer runs no more); a
+    // reproduction runs exactly what the job it reproduces ran.
+    if reproduces.is_none() {
+        plane
+            .trainers
+            .resolve(&mut spec)
+            .map_err(Refusal::unprocessable)?;
+    }
     let id = plane.jobs.next_id()?;
     let job = Job {
         id: id.clone(),

@@ -148,7 +148,7 @@ pub fn private_data_dir(dir: &Path) -> anyhow::Result<Vec<String>> {
         Ok(())
     };
     tighten(dir, 0o700, 0o600)?;
-    for name in ["admin.token", "assignment.key"] {
+    for name in ["admin.token", "assignment.key", "trainers.toml"] {
         let path = dir.join(name);
         if path.exists() {
             tighten(&path, 0o700, 0o600)?;
@@ -508,6 +508,7 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
             &opts.data_dir.join("datasets"),
         )?,
         jobs: crate::jobs::Jobs::open(Arc::new(store.clone()), &opts.data_dir.join("jobs"))?,
+        trainers: crate::jobs::trainers::Trainers::open(&opts.data_dir)?,
         policies: Arc::new(store.clone()),
         running: Default::default(),
         signing_key: opts.signing_key.clone(),

@@ -30,6 +30,7 @@ pub(crate) mod retrain;
 pub(crate) mod rollouts;
 pub mod router;
 pub(crate) mod tokens;
+pub(crate) mod trainers;
 pub mod types;
 
 /// An API error: status and a message naming what was wrong.
@@ -111,6 +112,7 @@ pub fn access(method: &axum::http::Method, route: &str) -> Access {
     use axum::http::Method;
     let admin = route.starts_with("/v1/tokens")
         || route.starts_with("/v1/broker")
+        || (route.starts_with("/v1/trainers") && method != Method::GET)
         || (route == "/v1/trust" && method == Method::PUT)
         || (route == "/v1/devices" && method == Method::POST);
     if admin {

@@ -57,7 +57,7 @@ pub async fn put_policy(
 ) -> Api<axum::Json<Value>> {
     policy.model = name.clone();
     if let Some(text) = policy.spec.take() {
-        let spec = crate::jobs::JobSpec::from_toml(&text)
+        let spec = crate::jobs::trainers::operator_spec(&text, &plane.trainers)
             .map_err(|e| ApiError(StatusCode::UNPROCESSABLE_ENTITY, e))?;
         if spec.model != name {
             return Err(ApiError(

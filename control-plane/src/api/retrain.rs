@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 use crate::api::{Api, ApiError};
 use crate::auth::Principal;
-use crate::jobs::{Job, JobSpec};
+use crate::jobs::Job;
 use crate::plane::Plane;
 use crate::retrain::{executor, start};
 
@@ -36,7 +36,8 @@ pub async fn start_job(
     let p = plane.clone();
     let job = tokio::task::spawn_blocking(move || {
         let spec = match &req.spec {
-            Some(text) => JobSpec::from_toml(text).map_err(ApiError::unprocessable)?,
+            Some(text) => crate::jobs::trainers::operator_spec(text, &p.trainers)
+                .map_err(ApiError::unprocessable)?,
             None => p.jobs.spec(&req.model)?.ok_or_else(|| {
                 ApiError::unprocessable(format!(
                     "no job spec for `{}` yet: give one (fleetctl retrain start {} --spec FILE)",

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::State;
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 
 use super::{MAX_DATASET_UPLOAD, authorize};
 use crate::api::devices::*;
@@ -78,6 +78,11 @@ pub fn router(plane: Arc<Plane>) -> Router {
         .route("/v1/tokens/{id}", delete(t::revoke_token))
         .route("/v1/audit", get(t::audit_log))
         .route("/v1/broker/mosquitto", get(crate::api::broker::mosquitto))
+        .route("/v1/trainers", get(crate::api::trainers::list))
+        .route(
+            "/v1/trainers/{name}",
+            put(crate::api::trainers::put).delete(crate::api::trainers::remove),
+        )
         .route_layer(axum::middleware::from_fn_with_state(
             plane.clone(),
             authorize,

@@ -17,6 +17,7 @@ pub(crate) mod serve;
 pub(crate) mod sim;
 pub(crate) mod tls;
 pub(crate) mod tokens;
+pub(crate) mod trainers;
 pub(crate) mod trust;
 
 pub(crate) use self::audit::*;
@@ -34,4 +35,5 @@ pub(crate) use self::serve::*;
 pub(crate) use self::sim::*;
 pub(crate) use self::tls::*;
 pub(crate) use self::tokens::*;
+pub(crate) use self::trainers::*;
 pub(crate) use self::trust::*;

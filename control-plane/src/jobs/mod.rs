@@ -1,13 +1,13 @@
-//! Training jobs: a job spec (TOML) names the training command (or container image),
-//! the code, the datasets, hyperparameters (optionally a grid), the seed and resources;
+//! Training jobs: a job spec (TOML) names a registered trainer ([`trainers`]: the
+//! command or container image an admin allowed, and the code), the datasets,
+//! hyperparameters (optionally a grid), the seed and resources;
 //! an [`Executor`] runs each trial; the best trial by the spec's metric becomes a
 //! candidate bundle — built and signed like `fleetctl bundle build`, its lineage
 //! recorded from the job itself — registered as `candidate`.
 //!
 //! ```toml
 //! model = "claims"
-//! command = ["claims-fit", "--data", "{train_csv}", "--seed", "{seed}",
-//!            "--epochs", "{param:epochs}", "--out", "{out}"]
+//! trainer = "claims-fit"         # registered by an admin (`fleetctl trainers add`)
 //! label = "investigate"          # the target column
 //! seed = 42
 //! metric = "auc"                 # from the trial's metrics.json
@@ -18,8 +18,6 @@
 //! captures = { labelled_only = true, since_s = 604800 }   # plus captured rows
 //! code_repository = "https://git.example.com/claims"
 //! code_commit = "9c1e…"
-//! executor = "local"             # or "kubernetes"
-//! image = "registry.example.com/claims-train@sha256:…"   # kubernetes
 //! [params]
 //! epochs = 30
 //! [grid]
@@ -28,7 +26,7 @@
 //! gpus = 1
 //! ```
 //!
-//! Placeholders in `command`: `{data}` (the trial's input folder), `{train_csv}`,
+//! Placeholders in the trainer's `command`: `{data}` (the trial's input folder), `{train_csv}`,
 //! `{train_parquet}`, `{holdout_csv}` (when a holdout dataset is given), `{out}`,
 //! `{seed}`, `{param:NAME}`. The same values are in the environment as `FLEETML_DATA`,
 //! `FLEETML_TRAIN_CSV`, `FLEETML_OUT`, `FLEETML_SEED`, `FLEETML_PARAM_<NAME>`. A trial
@@ -50,6 +48,7 @@ pub use self::spec::*;
 use crate::store::{JobStore, StoreError};
 
 pub mod spec;
+pub mod trainers;
 
 /// Cancellation flags of running jobs.
 #[derive(Debug, Default)]
@@ -218,6 +217,17 @@ impl Executor for LocalExecutor {
         let err = log.try_clone().map_err(|e| e.to_string())?;
         let values = trial.values();
         let mut cmd = std::process::Command::new(&command[0]);
+        // A cleared environment: nothing of the control plane's own (tokens, cloud
+        // credentials, FLEETML_*) reaches a trial; PATH to find the trainer, HOME its own
+        // folder, and what the trainer adds.
+        cmd.env_clear()
+            .env(
+                "PATH",
+                std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()),
+            )
+            .env("HOME", &trial.dir)
+            .env("LANG", "C.UTF-8")
+            .envs(&trial.spec.env);
         cmd.args(&command[1..])
             .current_dir(&trial.dir)
             .stdin(std::process::Stdio::null())

@@ -12,6 +12,12 @@ use serde_json::Value;
 #[serde(deny_unknown_fields)]
 pub struct JobSpec {
     pub model: String,
+    /// The registered trainer whose command this job runs (`fleetctl trainers`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trainer: Option<String>,
+    /// Environment the trainer adds to the trial's (otherwise cleared) environment.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
     #[serde(default)]
     pub command: Vec<String>,
     #[serde(default)]

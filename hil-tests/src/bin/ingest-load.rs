@@ -3,12 +3,19 @@
 //! simulated devices, through the embedded broker or mosquitto; and what one message
 //! costs the agent's outbox (sealed, written, flushed).
 //!
-//! Usage: ingest-load [--devices N] [--messages M] [--broker embedded|mosquitto]
+//! Usage: ingest-load [--devices N] [--messages M] [--broker embedded|mosquitto] [--tls]
 //!        ingest-load --outbox [--messages M]
+//!        ingest-load --api N [--tls]
 //!
 //! Each device is a real MQTT client logging in as an enrolled device and publishing M
 //! sealed window reports (15 features, like the claims model's) with QoS 1. The clock
-//! runs from the first publish until the ingest's `stored` counter reaches N·M.
+//! runs from the first publish until the ingest's `stored` counter reaches N·M. With
+//! `--tls` the control plane runs `--self-signed` and the devices connect to the
+//! embedded broker over TLS; without, it runs `--insecure-listen` (both pass the same
+//! ACL relay).
+//!
+//! `--api N`: N calls of `GET /v1/ingest`, each on a new connection as fleetctl and the
+//! agents make them (over TLS: a full handshake each); p50 and p95 of each call.
 
 use std::time::{Duration, Instant};
 
@@ -108,17 +115,27 @@ fn main() {
         outbox_cost(messages);
         return;
     }
+    let tls = std::env::args().any(|a| a == "--tls");
+    if let Some(n) = arg("--api").and_then(|v| v.parse().ok()) {
+        api_latency(n, tls);
+        return;
+    }
     let devices: usize = arg("--devices").and_then(|v| v.parse().ok()).unwrap_or(20);
     let broker_kind = arg("--broker").unwrap_or_else(|| "embedded".into());
     let dir = tempfile::tempdir().expect("tempdir");
     let mosquitto = (broker_kind == "mosquitto").then(|| Mosquitto::start(dir.path(), free_port()));
     eprintln!("starting the control plane");
-    let plane = ControlPlane::start(dir.path(), mosquitto.as_ref().map(|m| m.port), &[]);
+    let plain: &[&str] = if tls { &[] } else { &["--insecure-listen"] };
+    let plane = ControlPlane::start(dir.path(), mosquitto.as_ref().map(|m| m.port), plain);
     eprintln!("enrolling {devices} devices");
-    let port = plane
-        .mqtt_port
-        .or(mosquitto.as_ref().map(|m| m.port))
-        .expect("a broker");
+    let port = if tls && mosquitto.is_none() {
+        plane.mqtts_port
+    } else {
+        plane.mqtt_port.or(mosquitto.as_ref().map(|m| m.port))
+    }
+    .expect("a broker");
+    let roots = (tls && mosquitto.is_none())
+        .then(|| hil_tests::fleet::roots(plane.ca.as_deref().expect("the private CA")));
     let mut creds = Vec::new();
     for i in 0..devices {
         let id = format!("load-{i:04}");
@@ -144,9 +161,15 @@ fn main() {
         .into_iter()
         .map(|(id, secret, msgs)| {
             let broker_acks = broker_acks.clone();
+            let roots = roots.clone();
             std::thread::spawn(move || {
                 let mut o = rumqttc::MqttOptions::new(id.as_str(), "127.0.0.1", port);
                 o.set_credentials(id.as_str(), telemetry::mqtt_password(&secret));
+                if let Some(roots) = roots {
+                    o.set_transport(rumqttc::Transport::tls_with_config(
+                        rumqttc::TlsConfiguration::Rustls(roots),
+                    ));
+                }
                 o.set_max_packet_size(1 << 20, 1 << 20);
                 o.set_keep_alive(Duration::from_secs(30));
                 let (client, mut conn) = rumqttc::Client::new(o, 64);
@@ -199,8 +222,45 @@ fn main() {
         let _ = t.join();
     }
     println!(
-        "{{\"bench\": \"ingest\", \"broker\": \"{broker_kind}\", \"devices\": {devices}, \"messages\": {total}, \"bytes_per_message\": {bytes}, \"seconds\": {:.2}, \"stored_per_s\": {:.0}}}",
+        "{{\"bench\": \"ingest\", \"broker\": \"{broker_kind}\", \"tls\": {}, \"devices\": {devices}, \"messages\": {total}, \"bytes_per_message\": {bytes}, \"seconds\": {:.2}, \"stored_per_s\": {:.0}}}",
+        roots.is_some(),
         elapsed.as_secs_f64(),
         total as f64 / elapsed.as_secs_f64()
+    );
+}
+
+/// `n` sequential `GET /v1/ingest` calls, a new connection each; prints p50 and p95.
+fn api_latency(n: usize, tls: bool) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let plain: &[&str] = if tls { &[] } else { &["--insecure-listen"] };
+    let plane = ControlPlane::start(dir.path(), None, plain);
+    let auth = format!("Bearer {}", plane.token);
+    let call = || {
+        let (status, _) = hil_tests::http_with(
+            plane.connect(),
+            "GET",
+            "/v1/ingest",
+            &[("authorization", &auth)],
+            b"",
+        )
+        .expect("HTTP");
+        assert_eq!(status, 200);
+    };
+    for _ in 0..20 {
+        call();
+    }
+    let mut micros: Vec<u128> = (0..n)
+        .map(|_| {
+            let start = Instant::now();
+            call();
+            start.elapsed().as_micros()
+        })
+        .collect();
+    micros.sort_unstable();
+    let at = |q: f64| micros[((micros.len() as f64 - 1.0) * q).round() as usize];
+    println!(
+        "{{\"bench\": \"api\", \"tls\": {tls}, \"calls\": {n}, \"p50_us\": {}, \"p95_us\": {}}}",
+        at(0.5),
+        at(0.95)
     );
 }

@@ -8,14 +8,38 @@ use hil_tests::fleet::ControlPlane;
 use hil_tests::{bin, claims, keys_and_policy};
 use serde_json::Value;
 
-/// The claims job spec with the trainer's absolute path and `extra` lines.
-fn spec(dir: &Path, extra: &str) -> String {
-    let text = std::fs::read_to_string(hil_tests::root().join("models/claims/train.toml"))
-        .expect("train.toml");
+/// Registers trainer `name` (TOML `text`) as the admin.
+fn register(dir: &Path, plane: &ControlPlane, name: &str, text: &str) -> hil_tests::Run {
+    let file = dir.join(format!("{name}.trainer.toml"));
+    std::fs::write(&file, text).expect("trainer");
+    plane.fleetctl(
+        dir,
+        &[
+            "trainers",
+            "add",
+            name,
+            "--file",
+            &file.display().to_string(),
+        ],
+    )
+}
+
+/// The claims trainer with its binary's absolute path, and `extra` lines.
+fn claims_trainer(extra: &str) -> String {
+    let text = std::fs::read_to_string(hil_tests::root().join("models/claims/trainer.toml"))
+        .expect("trainer.toml");
     let text = text.replace(
         "\"claims-fit\",",
         &format!("{:?},", bin("claims-fit").display().to_string()),
     );
+    format!("{extra}{text}")
+}
+
+/// The claims job spec (its trainer `claims-fit` registered) with `extra` lines.
+fn spec(dir: &Path, plane: &ControlPlane, extra: &str) -> String {
+    register(dir, plane, "claims-fit", &claims_trainer("")).success();
+    let text = std::fs::read_to_string(hil_tests::root().join("models/claims/train.toml"))
+        .expect("train.toml");
     // The system test gives its datasets explicitly.
     let text = text.replace("captures = { labelled_only = true, since_s = 604800 }", "");
     let path = dir.join("train.toml");
@@ -74,6 +98,7 @@ fn a_training_job_registers_the_best_trial_with_its_lineage_and_reproduces_it_bi
     // A grid of two trials, evaluated on the holdout set.
     let spec = spec(
         dir,
+        &plane,
         &format!("holdout = \"{holdout}\"\n[grid]\nhidden = [4, 16]\n"),
     );
     let run = plane.fleetctl(
@@ -216,10 +241,18 @@ fn a_training_job_registers_the_best_trial_with_its_lineage_and_reproduces_it_bi
     ]);
     let commit = git(&["rev-parse", "HEAD"]);
     let text = std::fs::read_to_string(&spec).expect("spec");
+    // The clone is the trainer's (an admin's); the commit is the job's.
+    register(
+        dir,
+        &plane,
+        "claims-fit-code",
+        &claims_trainer(&format!("code_dir = {:?}\n", repo.display().to_string())),
+    )
+    .success();
     let with_code = format!(
-        "code_dir = {:?}\ncode_commit = \"{commit}\"\n{}",
-        repo.display().to_string(),
+        "code_commit = \"{commit}\"\n{}",
         text.replace("[grid]\nhidden = [4, 16]\n", "")
+            .replace("trainer = \"claims-fit\"", "trainer = \"claims-fit-code\"")
     );
     std::fs::write(dir.join("code.toml"), with_code).expect("spec");
     plane
@@ -399,7 +432,7 @@ fn drift_on_the_devices_retrains_the_model_and_a_better_challenger_goes_to_a_can
         (total >= 800).then_some(())
     });
 
-    let spec = spec(dir, "");
+    let spec = spec(dir, &plane, "");
     plane
         .fleetctl(
             dir,
@@ -719,18 +752,35 @@ fn the_kubernetes_executor_creates_gpu_jobs_through_the_api_and_records_the_imag
         .expect("id")
         .to_string();
     let cluster = FakeCluster::start();
-    let tables = format!(
-        "[kubernetes]\nurl = \"{}\"\nnamespace = \"ml\"\nvolume_claim = \"fleetml-jobs\"\n\
-         [resources]\ngpus = 1\nmemory = \"4Gi\"\n",
-        cluster.url
-    );
-    let spec_path = spec(dir, "");
+    // The executor, image and cluster are the trainer's; the resources the job's.
+    let trainer = |kubernetes: &str| {
+        format!(
+            "{}\n{kubernetes}",
+            claims_trainer(
+                "executor = \"kubernetes\"\nimage = \"registry.example.com/claims-train:1\"\n"
+            )
+            .replace("executor = \"local\"\n", "")
+        )
+    };
+    register(
+        dir,
+        &plane,
+        "claims-k8s",
+        &trainer(&format!(
+            "[kubernetes]\nurl = \"{}\"\nnamespace = \"ml\"\nvolume_claim = \"fleetml-jobs\"\n",
+            cluster.url
+        )),
+    )
+    .success();
+    let spec_path = spec(dir, &plane, "");
     let text = std::fs::read_to_string(&spec_path)
         .expect("spec")
-        .replace("executor = \"local\"\n", "");
-    // Top-level keys go before the first table.
-    let top = "executor = \"kubernetes\"\nimage = \"registry.example.com/claims-train:1\"\n";
-    std::fs::write(&spec_path, format!("{top}{text}\n{tables}")).expect("spec");
+        .replace("trainer = \"claims-fit\"", "trainer = \"claims-k8s\"");
+    std::fs::write(
+        &spec_path,
+        format!("{text}\n[resources]\ngpus = 1\nmemory = \"4Gi\"\n"),
+    )
+    .expect("spec");
     let run = plane.fleetctl(
         dir,
         &[
@@ -799,10 +849,13 @@ fn the_kubernetes_executor_creates_gpu_jobs_through_the_api_and_records_the_imag
         logs.stdout
     );
 
-    // A spec without shared storage is refused before anything runs.
-    let bad = format!("executor = \"kubernetes\"\nimage = \"x\"\n{text}");
-    std::fs::write(dir.join("bad.toml"), bad).expect("spec");
-    let refused = plane.fleetctl(dir, &["retrain", "start", "claims", "--spec", "bad.toml"]);
+    // A trainer without shared storage is refused before anything runs.
+    let refused = register(
+        dir,
+        &plane,
+        "bad",
+        &trainer("[kubernetes]\nnamespace = \"ml\"\n"),
+    );
     assert!(
         !refused.ok() && refused.stderr.contains("volume_claim"),
         "{}",

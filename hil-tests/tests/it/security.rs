@@ -884,3 +884,153 @@ fn fleetctl_broker_acl_makes_mosquitto_enforce_the_fleet_rules() {
         assert!(first.is_err(), "{user:?} logged in: {first:?}");
     }
 }
+
+/// An operator token cannot run commands on the control-plane host. Before: `POST
+/// /v1/retrain` took a job spec whose `command` the local executor ran with the control
+/// plane's privileges; a job `sh -c "cp …/admin.token …"` copied the admin token (the
+/// security review's reproduction; against that code the first job below runs and
+/// `stolen` appears). Now a job spec names a trainer an admin registered, an operator
+/// cannot register one, and a trial runs with a cleared environment in its own folder.
+#[test]
+fn an_operator_cannot_run_a_command_on_the_control_plane_host() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    hil_tests::keys_and_policy(dir, "k");
+    let plane = ControlPlane::start_at(
+        dir,
+        "127.0.0.1",
+        None,
+        &["--trust", "trust.toml", "--signing-key", "keys/k.key"],
+        vec![("AWS_SECRET_ACCESS_KEY".into(), "leaked-secret".into())],
+    );
+    plane
+        .fleetctl(
+            dir,
+            &["data", "import", &hil_tests::claims("reference.csv")],
+        )
+        .success();
+    let dataset = plane.json(dir, &["data", "list"])[0]["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let operator = plane
+        .fleetctl(
+            dir,
+            &["tokens", "create", "--role", "operator", "--name", "op"],
+        )
+        .success()
+        .trim()
+        .to_string();
+    let as_operator = |args: &[&str]| {
+        let out = plane
+            .command(&hil_tests::bin("fleetctl"))
+            .current_dir(dir)
+            .env("FLEETML_TOKEN", &operator)
+            .args(args)
+            .output()
+            .expect("fleetctl");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let token_path = plane.data_dir.join("admin.token");
+    let steal = format!(
+        "model = \"claims\"\ncommand = [\"sh\", \"-c\", \"cp {} {}\"]\n",
+        token_path.display(),
+        dir.join("stolen").display()
+    );
+    std::fs::write(dir.join("evil.toml"), &steal).expect("spec");
+    let (ok, err) = as_operator(&[
+        "retrain",
+        "start",
+        "claims",
+        "--spec",
+        "evil.toml",
+        "--dataset",
+        &dataset,
+    ]);
+    assert!(!ok && err.contains("trainer"), "{err}");
+    let (ok, err) = as_operator(&["trainers", "add", "evil", "--file", "evil.toml"]);
+    assert!(!ok && err.contains("403"), "{err}");
+    std::fs::write(
+        dir.join("unknown.toml"),
+        "model = \"claims\"\ntrainer = \"nobody-registered-this\"\n",
+    )
+    .expect("spec");
+    let (ok, err) = as_operator(&[
+        "retrain",
+        "start",
+        "claims",
+        "--spec",
+        "unknown.toml",
+        "--dataset",
+        &dataset,
+    ]);
+    assert!(!ok && err.contains("not registered"), "{err}");
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(!dir.join("stolen").exists(), "the operator's command ran");
+
+    // What an admin registers runs — in its own folder, with a cleared environment.
+    std::fs::write(
+        dir.join("env-trainer.toml"),
+        "command = [\"sh\", \"-c\", \"env > {out}/env.txt; pwd >> {out}/env.txt\"]\n",
+    )
+    .expect("trainer");
+    plane
+        .fleetctl(
+            dir,
+            &["trainers", "add", "env-dump", "--file", "env-trainer.toml"],
+        )
+        .success();
+    assert!(
+        plane
+            .fleetctl(dir, &["trainers", "list"])
+            .success()
+            .contains("env-dump"),
+        "listed"
+    );
+    std::fs::write(
+        dir.join("env.toml"),
+        "model = \"claims\"\ntrainer = \"env-dump\"\ntimeout_s = 60\n",
+    )
+    .expect("spec");
+    let (_, _) = as_operator(&[
+        "retrain",
+        "start",
+        "claims",
+        "--spec",
+        "env.toml",
+        "--dataset",
+        &dataset,
+        "--wait",
+    ]);
+    let env = wait_for("the trial's environment", Duration::from_secs(60), || {
+        let jobs = plane.data_dir.join("jobs");
+        std::fs::read_dir(&jobs)
+            .ok()?
+            .flatten()
+            .find_map(|job| std::fs::read_to_string(job.path().join("trial-0/out/env.txt")).ok())
+    });
+    assert!(!env.contains("leaked-secret"), "{env}");
+    assert!(!env.contains("FLEETML_TOKEN"), "{env}");
+    assert!(
+        env.contains("FLEETML_OUT="),
+        "the trial's own values: {env}"
+    );
+    assert!(env.contains("trial-0"), "it runs in its own folder: {env}");
+    // Removed, it runs no more.
+    plane
+        .fleetctl(dir, &["trainers", "remove", "env-dump"])
+        .success();
+    let (ok, err) = as_operator(&[
+        "retrain",
+        "start",
+        "claims",
+        "--spec",
+        "env.toml",
+        "--dataset",
+        &dataset,
+    ]);
+    assert!(!ok && err.contains("not registered"), "{err}");
+}
