@@ -20,6 +20,7 @@ pub mod files;
 #[cfg(feature = "gpu")]
 pub mod gpu;
 pub mod http;
+pub mod liveness;
 pub mod memory;
 pub mod monitoring;
 pub mod outbox;

@@ -11,7 +11,11 @@
 //! sequence order: the outbox, not the MQTT session, is the source of truth.
 //!
 //! Sequence numbers are allocated here, in the same sled transaction that stores the
-//! message, so they are strictly increasing, gap-free and survive restarts.
+//! message, so they are strictly increasing, gap-free and survive restarts. A new outbox
+//! starts at the base its creator gives ([`Outbox::open_from`]; the agent's is
+//! [`fleetml_protocol::telemetry::sequence_base`] of the clock), so a device whose data
+//! directory is wiped continues above the numbers it used before rather than repeating
+//! them.
 //!
 //! Bounded by count and bytes: when a new message does not fit, the oldest monitoring
 //! windows not in flight (delivered ones awaiting a receipt included) are dropped first
@@ -178,11 +182,21 @@ fn decode(seq: u64, v: &[u8]) -> Result<Stored, OutboxError> {
 }
 
 impl Outbox {
-    /// Opens (or creates) the outbox at `path`.
+    /// Opens (or creates, numbering from 0) the outbox at `path`.
     pub fn open(path: &Path, limits: Limits) -> Result<Outbox, OutboxError> {
+        Self::open_from(path, limits, 0)
+    }
+
+    /// Opens the outbox at `path`; one created now numbers its messages from
+    /// `first_seq` (an existing one goes on where it was).
+    pub fn open_from(path: &Path, limits: Limits, first_seq: u64) -> Result<Outbox, OutboxError> {
         let db = crate::store::open_sled(path)?;
         let queue = db.open_tree("queue")?;
         let meta = db.open_tree("meta")?;
+        if meta.get(NEXT_SEQ)?.is_none() && queue.is_empty() {
+            meta.insert(NEXT_SEQ, &first_seq.to_be_bytes())?;
+            meta.flush()?;
+        }
         let receipts = meta.contains_key(RECEIPTS)?;
         Ok(Outbox {
             db,

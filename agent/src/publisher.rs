@@ -39,6 +39,8 @@ pub struct Hooks {
     /// How long a message the broker acknowledged may wait for the control plane's
     /// receipt before it is published again ([`RESEND_AFTER`] when `None`).
     pub resend_after: Option<Duration>,
+    /// Beaten on every turn of the loop (the watchdog depends on it).
+    pub progress: Option<std::sync::Arc<crate::liveness::Part>>,
 }
 
 /// The default of [`Hooks::resend_after`].
@@ -77,6 +79,9 @@ pub async fn run_with(outbox: Arc<Outbox>, options: MqttOptions, wake: Arc<Notif
     );
     overdue_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        if let Some(p) = &hooks.progress {
+            p.beat();
+        }
         if connected {
             while WINDOW > handed.len() + inflight.len() {
                 let Some(seq) = resend.pop_front() else { break };

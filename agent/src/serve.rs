@@ -426,6 +426,8 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     // Failures already recorded are in the status; only new ones become events.
     let mut reported = Reported::default();
     let wake: crate::assignments::Wake = Arc::new(tokio::sync::Notify::new());
+    // The watchdog is fed only while these make progress (and the main loop turns).
+    let liveness = crate::liveness::Liveness::default();
     let (reload_tx, mut reload_rx) =
         tokio::sync::mpsc::channel::<crate::assignments::ReloadRequest>(4);
     if let Some((tel, settings)) = &tel {
@@ -438,7 +440,10 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
             let wake = config.assignments.is_some().then_some(wake);
             Arc::new(move |c| command(c, &tel, &status, wake.as_ref()))
         };
-        tel.start(settings, status, handler)?;
+        // The publisher turns at least every few seconds (its receipt check) and backs off
+        // at most a minute between connection attempts.
+        let progress = liveness.part("telemetry publisher", std::time::Duration::from_secs(300));
+        tel.start(settings, status, handler, Some(progress))?;
         tracing::info!(device = %settings.device, broker = %settings.broker, "fleet telemetry on");
     }
     {
@@ -465,7 +470,13 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
                 }),
                 tel.clone(),
                 reload_tx.clone(),
-            );
+            )
+            // Every step of a pull is bounded (connect 10 s, answer 30 s, a download
+            // chunk within download_idle_timeout_s): ten minutes without one is a hang.
+            .with_progress(liveness.part(
+                "assignment puller",
+                std::time::Duration::from_secs(600).max(settings.download_idle * 4),
+            ));
             tokio::spawn(puller.run(wake.clone()));
             tracing::info!(server = %settings.server, "pulling assignments");
         }
@@ -580,7 +591,16 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
                 break;
             }
             _ = async { watchdog.as_mut()?.tick().await; Some(()) }, if watchdog.is_some() => {
-                crate::sdnotify::notify("WATCHDOG=1");
+                match liveness.stalled_at(std::time::Instant::now()) {
+                    Some((part, quiet)) => tracing::error!(
+                        part,
+                        quiet_s = quiet.as_secs(),
+                        "no progress: not feeding the watchdog (systemd restarts the agent)"
+                    ),
+                    None => {
+                        crate::sdnotify::notify("WATCHDOG=1");
+                    }
+                }
                 continue;
             }
         }

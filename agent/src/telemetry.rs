@@ -102,7 +102,11 @@ impl Telemetry {
         data_dir: &std::path::Path,
         settings: &Settings,
     ) -> Result<Arc<Telemetry>, OutboxError> {
-        let outbox = Outbox::open(&data_dir.join("outbox"), settings.limits)?;
+        let outbox = Outbox::open_from(
+            &data_dir.join("outbox"),
+            settings.limits,
+            telemetry::sequence_base(crate::clock::now_ms()),
+        )?;
         let (tx, rx) = mpsc::channel(HAND_OVER);
         Ok(Arc::new(Telemetry {
             outbox: Arc::new(outbox),
@@ -233,6 +237,7 @@ impl Telemetry {
         settings: &Settings,
         status: StatusFn,
         commands: Arc<dyn Fn(Command) -> Ack + Send + Sync>,
+        progress: Option<Arc<crate::liveness::Part>>,
     ) -> anyhow::Result<()> {
         let options = self.options(settings, &status)?;
         let receiver = self
@@ -278,6 +283,7 @@ impl Telemetry {
             next_will: Some(next_will),
             on_message: Some(on_message),
             resend_after: Some(settings.resend_after),
+            progress,
         };
         tokio::spawn(publisher::run_with(
             self.outbox.clone(),

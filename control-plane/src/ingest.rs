@@ -48,6 +48,8 @@ pub struct Counters {
     pub offline: AtomicU64,
     /// Last wills older than the device's current one, ignored.
     pub stale_wills: AtomicU64,
+    /// Devices' sequence numbers that jumped to a new base (a wiped data directory).
+    pub restarts: AtomicU64,
     /// MQTT logins the embedded broker refused.
     pub logins_refused: std::sync::Arc<AtomicU64>,
     /// Whether the ingest holds a subscribed session with the broker now.
@@ -65,6 +67,7 @@ impl Counters {
             "gaps": g(&self.gaps),
             "offline": g(&self.offline),
             "stale_wills": g(&self.stale_wills),
+            "sequence_restarts": g(&self.restarts),
             "logins_refused": g(&self.logins_refused),
             "broker_connected": self.connected.load(Ordering::Relaxed),
         })
@@ -161,12 +164,45 @@ impl<S: FleetStore> Ingest<S> {
             return Ok(Outcome::Offline);
         }
         let (new, before) = self.store.insert(&envelope)?;
-        let expected = before.map_or(0, |b| b + 1);
-        let gap = (new && envelope.seq > expected).then(|| (expected, envelope.seq - 1));
+        // A jump to a new base is a new outbox (its data directory was wiped), not lost
+        // messages; the first message of a device starts wherever its outbox does.
+        let restarted =
+            before.filter(|b| new && envelope.seq > b.saturating_add(telemetry::RESTART_JUMP));
+        let expected = before.map_or(envelope.seq, |b| b + 1);
+        let gap = (new && restarted.is_none() && envelope.seq > expected)
+            .then(|| (expected, envelope.seq - 1));
+        if let Some(from) = restarted {
+            self.counters.restarts.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("fleetml_control_ingest_sequence_restarts_total").increment(1);
+            tracing::warn!(
+                device = %device,
+                from,
+                to = envelope.seq,
+                "the device's sequence numbers restarted at a new base (its data directory was wiped or replaced)"
+            );
+        }
         self.store.update_state(&device, &mut |st| {
             st.online = true;
             st.offline_since_ms = None;
             st.last_seen_ms = Some(now_ms);
+            if let Some(from) = restarted {
+                st.sequence_restarts += 1;
+                st.lifecycle.push((
+                    now_ms,
+                    telemetry::Event {
+                        kind: telemetry::Lifecycle::SequenceRestarted,
+                        model: String::new(),
+                        version: 0,
+                        detail: format!(
+                            "from {from} to {}: the device's data directory was wiped or replaced",
+                            envelope.seq
+                        ),
+                    },
+                ));
+                if st.lifecycle.len() > LIFECYCLE_KEPT {
+                    st.lifecycle.remove(0);
+                }
+            }
             if !new {
                 st.duplicates += 1;
                 return;

@@ -58,6 +58,9 @@ pub struct DeviceState {
     /// numbered lower belongs to a connection that is gone, and is ignored.
     #[serde(default)]
     pub will_seq: u64,
+    /// Times its sequence numbers jumped to a new base (a new outbox: data dir wiped).
+    #[serde(default)]
+    pub sequence_restarts: u64,
 }
 
 /// Lifecycle events kept per device in its state (all are in the message log).

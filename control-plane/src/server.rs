@@ -553,6 +553,11 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
         failed: "fleetml_control_http_tls_handshakes_failed_total",
     });
     let scheme = if https.is_some() { "https" } else { "http" };
+    // Answers go out at once (no Nagle delay behind the TLS handshake's last record).
+    use axum::serve::ListenerExt;
+    let tcp = tcp.tap_io(|s| {
+        let _ = s.set_nodelay(true);
+    });
     let mut server = tokio::spawn(async move {
         fleetml_net::serve(tcp, app, limits, https)
             .await

@@ -31,6 +31,7 @@ pub fn device_summary(d: &DeviceRecord, state: &DeviceState) -> Value {
         })).collect::<Vec<_>>()).unwrap_or_default(),
         "open_alerts": open_alerts(state),
         "agent_version": status.map(|s| s.agent_version.clone()),
+        "sequence_restarts": state.sequence_restarts,
         "outbox_depth": status.map(|s| s.outbox_depth),
         "dropped_windows": status.map(|s| s.dropped_windows),
         "messages": state.stored,
@@ -100,6 +101,15 @@ pub fn device_detail(d: &DeviceRecord, state: &DeviceState, recent: &[Envelope])
     let mut v = device_summary(d, state);
     v["enrolled_ms"] = json!(d.enrolled_ms);
     v["status"] = json!(state.status.as_ref().map(|(_, s)| s));
+    // What the control plane itself noticed about the device (a restarted sequence).
+    v["noticed"] = json!(
+        state
+            .lifecycle
+            .iter()
+            .filter(|(_, e)| e.kind == fleetml_protocol::telemetry::Lifecycle::SequenceRestarted)
+            .map(|(at, e)| json!({"at_ms": at, "kind": e.kind, "detail": e.detail}))
+            .collect::<Vec<_>>()
+    );
     v["windows"] = json!(
         state
             .windows
@@ -267,6 +277,14 @@ pub fn devices_table(list: &[Value], now_ms: u64) -> String {
 /// `fleetctl devices show ID` as text.
 pub fn device_text(d: &Value, now_ms: u64) -> String {
     let mut out = devices_table(std::slice::from_ref(d), now_ms);
+    for n in d["noticed"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "\n{} {}: {}\n",
+            ago(n["at_ms"].as_u64(), now_ms),
+            str_of(&n["kind"]),
+            str_of(&n["detail"])
+        ));
+    }
     out.push_str(&format!(
         "\nagent {}, outbox {} waiting, {} windows dropped; {} messages stored, {} duplicates, {} gaps (highest seq {})\n",
         str_of(&d["agent_version"]),

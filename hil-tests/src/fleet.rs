@@ -196,6 +196,7 @@ pub fn open(
     let addr = addr.trim_end_matches('/');
     let tcp = std::net::TcpStream::connect(addr)?;
     tcp.set_read_timeout(Some(Duration::from_secs(120)))?;
+    tcp.set_nodelay(true)?;
     if !tls {
         return Ok(Box::new(tcp));
     }

@@ -31,6 +31,19 @@ pub const MAX_MESSAGE: usize = 256 * 1024;
 /// Length of a device secret.
 pub const SECRET_LEN: usize = 32;
 
+/// Where a new outbox starts numbering its messages: the clock in ms times 2^20. A device
+/// whose data directory is wiped starts again above every number it used before (unless
+/// its clock went back, or it sent more than 2^20 messages per millisecond since), so its
+/// messages are stored, not taken for resends. The control plane takes a jump of more
+/// than [`RESTART_JUMP`] for such a restart.
+pub fn sequence_base(now_ms: u64) -> u64 {
+    now_ms.saturating_mul(1 << 20)
+}
+
+/// A jump in a device's sequence numbers larger than this is a restarted sequence (a new
+/// outbox), not messages lost in between.
+pub const RESTART_JUMP: u64 = 1 << 19;
+
 /// A device id: 1–64 characters of lowercase letters, digits, `-`, `_`, `.`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
@@ -291,6 +304,9 @@ pub enum Lifecycle {
     Activated,
     RolledBack,
     FellBack,
+    /// Raised by the control plane, not the device: the device's sequence numbers jumped
+    /// to a new base (its data directory was wiped or replaced; detail: from, to).
+    SequenceRestarted,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -96,6 +96,8 @@ pub struct Puller {
     reload: mpsc::Sender<ReloadRequest>,
     /// What it decides with (failed bundles, the last refusal reported).
     state: PullState,
+    /// Its progress, which the watchdog depends on.
+    progress: Option<Arc<crate::liveness::Part>>,
 }
 
 impl Puller {
@@ -111,14 +113,32 @@ impl Puller {
             tel,
             reload,
             state: PullState::default(),
+            progress: None,
+        }
+    }
+
+    /// Reports its progress to `part` (busy from the start of a pull until it waits for
+    /// the next, a beat on every downloaded chunk).
+    pub fn with_progress(mut self, part: Arc<crate::liveness::Part>) -> Puller {
+        self.progress = Some(part);
+        self
+    }
+
+    fn beat(&self) {
+        if let Some(p) = &self.progress {
+            p.beat();
         }
     }
 
     /// Runs forever: once now, then on every wake-up and poll.
     pub async fn run(mut self, wake: Wake) {
         loop {
+            self.beat();
             if let Err(e) = self.once().await {
                 tracing::warn!(error = %e, "assignment pull failed; retrying at the next poll");
+            }
+            if let Some(p) = &self.progress {
+                p.idle();
             }
             let poll = jittered(self.settings.poll);
             tokio::select! {
@@ -389,6 +409,7 @@ impl Puller {
         let idle = self.settings.download_idle;
         while let Some(data) = crate::http::next_chunk(&mut body, idle)
             .await
+            .inspect(|_| self.beat())
             .map_err(|e| {
                 Transfer(format!(
                     "download interrupted at byte {} of {}: {e}; it resumes from there at the next pull",

@@ -7,6 +7,7 @@ mod gpu;
 mod monitoring;
 mod outbox;
 mod publisher;
+mod wire;
 
 use std::path::{Path, PathBuf};
 

@@ -414,14 +414,15 @@ impl Lab {
     }
 
     /// The device's messages as the control plane stored them, once the newest is
-    /// younger than `since`: the sequence numbers must run 1, 2, 3, … without a gap
+    /// younger than `since`: the sequence numbers must run on from the first without a gap
     /// (nothing the outbox held was lost); otherwise the gaps.
     fn complete_telemetry(&self, since: u64) -> Result<Vec<Value>, String> {
         let deadline = Instant::now() + WAIT;
         loop {
             let messages = self.plane.messages(NAME);
             let seqs: Vec<u64> = messages.iter().filter_map(|m| m["seq"].as_u64()).collect();
-            let missing: Vec<u64> = (1..=seqs.last().copied().unwrap_or(0))
+            let first = seqs.first().copied().unwrap_or(0);
+            let missing: Vec<u64> = (first..=seqs.last().copied().unwrap_or(0))
                 .filter(|s| seqs.binary_search(s).is_err())
                 .collect();
             let recent = messages

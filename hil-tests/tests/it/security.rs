@@ -1034,3 +1034,54 @@ fn an_operator_cannot_run_a_command_on_the_control_plane_host() {
     ]);
     assert!(!ok && err.contains("not registered"), "{err}");
 }
+
+/// A device whose data directory is wiped is recognised: its new messages are stored and
+/// the restart is an event of the device. Before: a new outbox numbered its messages from
+/// 0 again, and the control plane took them for resends of what it had stored, discarded
+/// them and even sent receipts for them (the security review's finding; against that
+/// code the wait below for a newer status times out).
+#[test]
+fn a_wiped_device_is_recognised_and_its_messages_are_stored() {
+    use crate::rollout::enroll;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    hil_tests::keys_and_policy(dir, "k");
+    let plane = ControlPlane::start(dir, None, &["--trust", "trust.toml"]);
+    enroll(dir, &plane, "pi-w", "raspberry-pi-4", "site=lab", "");
+    let agent = logged_agent(dir, "pi-w");
+    let statuses = || {
+        plane
+            .messages("pi-w")
+            .iter()
+            .filter(|m| m["kind"] == "status")
+            .map(|m| m["seq"].as_u64().expect("seq"))
+            .collect::<Vec<u64>>()
+    };
+    let before = wait_for("the first status", Duration::from_secs(60), || {
+        statuses().last().copied()
+    });
+    crate::rollout::kill(agent);
+    std::fs::remove_dir_all(dir.join("data-pi-w")).expect("wiped");
+    // The clock moves on (the new outbox's base is the clock's).
+    std::thread::sleep(Duration::from_millis(50));
+    let _agent = logged_agent(dir, "pi-w");
+    let after = wait_for(
+        "a status from the wiped device stored",
+        Duration::from_secs(60),
+        || statuses().into_iter().find(|s| *s > before),
+    );
+    assert!(after > before);
+    let device = plane
+        .get("/v1/devices")
+        .as_array()
+        .and_then(|a| a.iter().find(|d| d["id"] == "pi-w").cloned())
+        .expect("listed");
+    assert_eq!(device["sequence_restarts"], 1, "{device}");
+    let shown = plane.fleetctl(dir, &["devices", "show", "pi-w"]);
+    assert!(
+        shown.success().contains("sequence_restarted"),
+        "the restart is an event of the device: {}",
+        shown.stdout
+    );
+    assert_eq!(plane.get("/v1/ingest")["sequence_restarts"], 1);
+}
