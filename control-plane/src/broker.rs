@@ -7,20 +7,35 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use fleetml_protocol::broker_acl::{Acl, MAX_PACKET, frame_len};
+use fleetml_protocol::telemetry::DeviceId;
+
+/// Whether a device is revoked (or no longer enrolled).
+pub type Revoked = Arc<dyn Fn(&DeviceId) -> bool + Send + Sync>;
 
 /// One device connection's judge.
-#[derive(Debug)]
 pub struct DeviceAcl {
     acl: Acl,
     /// The ingest's count of refused logins (a refused CONNECT is one).
     logins_refused: Arc<AtomicU64>,
+    /// Checked on every packet: a device revoked while connected is cut at its next
+    /// packet (at most its keep-alive, 30 s).
+    revoked: Revoked,
+}
+
+impl std::fmt::Debug for DeviceAcl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceAcl")
+            .field("acl", &self.acl)
+            .finish_non_exhaustive()
+    }
 }
 
 impl DeviceAcl {
-    pub fn new(logins_refused: Arc<AtomicU64>) -> DeviceAcl {
+    pub fn new(logins_refused: Arc<AtomicU64>, revoked: Revoked) -> DeviceAcl {
         DeviceAcl {
             acl: Acl::new(),
             logins_refused,
+            revoked,
         }
     }
 }
@@ -33,7 +48,11 @@ impl fleetml_net::Inspect for DeviceAcl {
     fn check(&mut self, packet: &[u8]) -> Result<(), String> {
         self.acl
             .check(packet)
-            .map_err(|e| self.refused(e.to_string()))
+            .map_err(|e| self.refused(e.to_string()))?;
+        match self.acl.device() {
+            Some(d) if (self.revoked)(d) => Err(self.refused("it is revoked".into())),
+            _ => Ok(()),
+        }
     }
 }
 

@@ -125,7 +125,8 @@ impl<S: FleetStore> Ingest<S> {
         self.counters.received.fetch_add(1, Ordering::Relaxed);
         let mut lookup_error = None;
         let opened = telemetry::open(topic, bytes, |d| match self.store.device(d) {
-            Ok(r) => r.map(|r| r.secret),
+            // A revoked device's messages are refused like an unknown device's.
+            Ok(r) => r.and_then(|r| r.live_secret().map(<[u8]>::to_vec)),
             Err(e) => {
                 lookup_error = Some(e);
                 None
@@ -300,6 +301,7 @@ mod tests {
                 tags: Default::default(),
                 secret: secret.clone(),
                 enrolled_ms: 0,
+                revoked_ms: None,
             })
             .expect("enrolled");
         let ingest = Ingest::new(store.clone() as Arc<dyn FleetStore>);

@@ -19,6 +19,17 @@ pub struct DeviceRecord {
     #[serde(with = "serde_bytes")]
     pub secret: Vec<u8>,
     pub enrolled_ms: u64,
+    /// When an admin revoked it (`fleetctl devices revoke`): its logins, tokens and
+    /// messages are refused from then on, until it is rotated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_ms: Option<u64>,
+}
+
+impl DeviceRecord {
+    /// Its secret, unless it is revoked: what every check of a device's credentials uses.
+    pub fn live_secret(&self) -> Option<&[u8]> {
+        self.revoked_ms.is_none().then_some(self.secret.as_slice())
+    }
 }
 
 impl std::fmt::Debug for DeviceRecord {

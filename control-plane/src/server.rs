@@ -219,10 +219,13 @@ fn start_broker(
                     .filter(|_| client_id == user)
                     .and_then(|id| store.device(&id).ok().flatten())
                     .is_some_and(|d| {
-                        same(
-                            password.as_bytes(),
-                            telemetry::mqtt_password(&d.secret).as_bytes(),
-                        )
+                        // A revoked device logs in no more.
+                        d.live_secret().is_some_and(|secret| {
+                            same(
+                                password.as_bytes(),
+                                telemetry::mqtt_password(secret).as_bytes(),
+                            )
+                        })
                     })
             };
             if !ok {
@@ -407,15 +410,23 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
             let mut o = MqttOptions::new(INGEST_CLIENT, local.ip().to_string(), local.port());
             o.set_credentials(INGEST_CLIENT, password);
             let refused = ingest.counters.logins_refused.clone();
+            let devices = store.clone();
+            let revoked: crate::broker::Revoked = Arc::new(move |id: &DeviceId| {
+                devices
+                    .device(id)
+                    .ok()
+                    .flatten()
+                    .is_none_or(|d| d.revoked_ms.is_some())
+            });
             let relay = move |listener: tokio::net::TcpListener, tls: Option<fleetml_net::Tls>| {
-                let refused = refused.clone();
+                let (refused, revoked) = (refused.clone(), revoked.clone());
                 tokio::spawn(fleetml_net::relay(
                     listener,
                     tls,
                     local,
                     Duration::from_secs(10),
                     10_000,
-                    move || crate::broker::DeviceAcl::new(refused.clone()),
+                    move || crate::broker::DeviceAcl::new(refused.clone(), revoked.clone()),
                     fleetml_net::RelayMetrics {
                         denied: "fleetml_control_broker_acl_denied_total",
                     },

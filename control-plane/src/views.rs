@@ -32,6 +32,7 @@ pub fn device_summary(d: &DeviceRecord, state: &DeviceState) -> Value {
         "open_alerts": open_alerts(state),
         "agent_version": status.map(|s| s.agent_version.clone()),
         "sequence_restarts": state.sequence_restarts,
+        "revoked_ms": d.revoked_ms,
         "outbox_depth": status.map(|s| s.outbox_depth),
         "dropped_windows": status.map(|s| s.dropped_windows),
         "messages": state.stored,
@@ -245,7 +246,9 @@ pub fn devices_table(list: &[Value], now_ms: u64) -> String {
                     .collect()
             })
             .unwrap_or_default();
-        let state = if d["online"].as_bool().unwrap_or(false) {
+        let state = if !d["revoked_ms"].is_null() {
+            "revoked"
+        } else if d["online"].as_bool().unwrap_or(false) {
             "online"
         } else if d["last_seen_ms"].is_null() {
             "never"

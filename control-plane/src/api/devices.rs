@@ -45,6 +45,7 @@ pub(crate) async fn enroll(
         tags: req.tags,
         secret: secret.clone(),
         enrolled_ms: now_ms(),
+        revoked_ms: None,
     };
     if !plane.ingest.store.enroll(&record)? {
         return Err(ApiError(
@@ -55,21 +56,66 @@ pub(crate) async fn enroll(
     tracing::info!(device = %id, "enrolled");
     Ok((
         StatusCode::CREATED,
-        axum::Json(json!({
-            "device_id": id,
-            "device_secret": hex::encode(&secret),
-            "control_plane": plane.public_url,
-            "mqtt_url": plane.public_mqtt_url,
-            "board": record.board,
-            "tags": record.tags,
-            "trust_policy": plane.device_policy().map(|t| t.to_toml()),
-            "tls_ca": match &plane.device_ca {
-                crate::tls::DeviceCa::Pem(pem) => Some(pem.as_str()),
-                _ => None,
-            },
-            "tls_ca_system": plane.device_ca == crate::tls::DeviceCa::System,
-        })),
+        axum::Json(credentials(&plane, &record)),
     ))
+}
+
+/// What a device's `agent.toml` is written from: its id and secret, where to reach the
+/// control plane and the broker, the trust policy and the CA to check them against.
+fn credentials(plane: &Plane, record: &DeviceRecord) -> Value {
+    json!({
+        "device_id": record.id,
+        "device_secret": hex::encode(&record.secret),
+        "control_plane": plane.public_url,
+        "mqtt_url": plane.public_mqtt_url,
+        "board": record.board,
+        "tags": record.tags,
+        "trust_policy": plane.device_policy().map(|t| t.to_toml()),
+        "tls_ca": match &plane.device_ca {
+            crate::tls::DeviceCa::Pem(pem) => Some(pem.as_str()),
+            _ => None,
+        },
+        "tls_ca_system": plane.device_ca == crate::tls::DeviceCa::System,
+    })
+}
+
+/// `POST /v1/devices/{id}/revoke` (admin): its logins, tokens and messages are refused
+/// from now on; a connection it holds is cut at its next packet; it shows offline.
+pub(crate) async fn revoke(
+    State(plane): State<Arc<Plane>>,
+    UrlPath(id): UrlPath<String>,
+) -> Api<axum::Json<Value>> {
+    let mut d = enrolled(&plane, &id)?;
+    let at = now_ms();
+    if d.revoked_ms.is_none() {
+        d.revoked_ms = Some(at);
+        plane.ingest.store.replace_device(&d)?;
+        plane.ingest.store.update_state(&d.id, &mut |st| {
+            st.online = false;
+            st.offline_since_ms = Some(at);
+        })?;
+        tracing::warn!(device = %d.id, "device revoked");
+    }
+    Ok(axum::Json(
+        json!({ "device_id": d.id, "revoked_ms": d.revoked_ms }),
+    ))
+}
+
+/// `POST /v1/devices/{id}/rotate` (admin): a new secret (the old one is refused at
+/// once, a revocation lifted); the answer is what enrolment answers, for a new
+/// `agent.toml`. Messages still in the device's outbox were sealed with the old secret
+/// and are refused.
+pub(crate) async fn rotate(
+    State(plane): State<Arc<Plane>>,
+    UrlPath(id): UrlPath<String>,
+) -> Api<axum::Json<Value>> {
+    let mut d = enrolled(&plane, &id)?;
+    d.secret = random_bytes(telemetry::SECRET_LEN)
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    d.revoked_ms = None;
+    plane.ingest.store.replace_device(&d)?;
+    tracing::warn!(device = %d.id, "device secret rotated");
+    Ok(axum::Json(credentials(&plane, &d)))
 }
 
 pub(crate) async fn list_devices(State(plane): State<Arc<Plane>>) -> Api<axum::Json<Value>> {

@@ -111,6 +111,8 @@ pub enum Access {
 pub fn access(method: &axum::http::Method, route: &str) -> Access {
     use axum::http::Method;
     let admin = route.starts_with("/v1/tokens")
+        || route == "/v1/devices/{id}/revoke"
+        || route == "/v1/devices/{id}/rotate"
         || route.starts_with("/v1/broker")
         || (route.starts_with("/v1/trainers") && method != Method::GET)
         || (route == "/v1/trust" && method == Method::PUT)
@@ -133,7 +135,8 @@ pub fn access(method: &axum::http::Method, route: &str) -> Access {
 fn identify(plane: &Plane, token: &str) -> Option<Principal> {
     if let Some((id, _)) = fleetml_protocol::assignment::parse_http_token(token) {
         let record = plane.ingest.store.device(&id).ok()??;
-        let expected = fleetml_protocol::assignment::http_token(&id, &record.secret);
+        // A revoked device's token is refused like an unknown one.
+        let expected = fleetml_protocol::assignment::http_token(&id, record.live_secret()?);
         return same(token.as_bytes(), expected.as_bytes()).then_some(Principal::Device(id));
     }
     plane.tokens.find(token).ok()?.map(Principal::Operator)

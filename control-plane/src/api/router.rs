@@ -23,6 +23,8 @@ pub fn router(plane: Arc<Plane>) -> Router {
         .route("/v1/devices/{id}", get(show_device))
         .route("/v1/devices/{id}/messages", get(device_messages))
         .route("/v1/devices/{id}/commands", post(send_command))
+        .route("/v1/devices/{id}/revoke", post(revoke))
+        .route("/v1/devices/{id}/rotate", post(rotate))
         .route("/v1/devices/{id}/assignment", get(f::device_assignment))
         .route("/v1/bundles/{digest}", get(f::bundle))
         .route(

@@ -36,6 +36,28 @@ pub(crate) enum DevicesCommand {
     /// Ask a device to send its status now (command over MQTT; the answer arrives as
     /// an acknowledgement in `devices show`).
     SendStatus { id: String },
+    /// Lock a device out at once: its MQTT logins, HTTP token and messages are refused,
+    /// a connection it holds is cut at its next packet (within its 30 s keep-alive).
+    /// Audited. `rotate` gives it a new secret (and lifts this). Admin only.
+    Revoke {
+        id: String,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Give a device a new secret and write its new agent config (mode 0600); the old
+    /// secret is refused at once. Messages still in the device's outbox were sealed with
+    /// the old secret and are refused: rotate a device that is connected and caught up,
+    /// or accept their loss. Admin only.
+    Rotate {
+        id: String,
+        /// Where to write the new agent config.
+        #[arg(long)]
+        out: PathBuf,
+        /// Trust policy to write into the config when the server has none.
+        #[arg(long)]
+        trust: Option<PathBuf>,
+    },
 }
 
 pub(crate) fn enroll(
@@ -62,6 +84,18 @@ pub(crate) fn enroll(
         "/v1/devices",
         &serde_json::json!({ "id": name, "board": board, "tags": tag_map }),
     )?;
+    write_config(&r, &board, local_trust, &out, "enrolled")
+}
+
+/// Writes `out` (mode 0600), the agent config of the device `r` (an enrolment or
+/// rotation answer) describes.
+fn write_config(
+    r: &serde_json::Value,
+    board: &Option<String>,
+    local_trust: Option<String>,
+    out: &std::path::Path,
+    verb: &str,
+) -> anyhow::Result<()> {
     let policy = r["trust_policy"]
         .as_str()
         .map(str::to_string)
@@ -95,15 +129,15 @@ pub(crate) fn enroll(
          # Run: fleet-agent run --config THIS_FILE --data-dir /var/lib/fleetml\n",
         id = s("device_id"),
     );
-    if let Some(b) = &board {
+    if let Some(b) = board {
         text.push_str(&format!(
             "# Board profile: {b} (add `board = \"/path/to/{b}.toml\"` to use its backend order).\n"
         ));
     }
     text.push_str(&toml::to_string(&table).context("writing the agent config")?);
-    fleet_control::output::create_new(&out, 0o600, text.as_bytes())?;
+    fleet_control::output::create_new(out, 0o600, text.as_bytes())?;
     println!(
-        "enrolled {} -> {} (mode 0600; it holds the device secret)",
+        "{verb} {} -> {} (mode 0600; it holds the device secret)",
         s("device_id"),
         out.display()
     );
@@ -141,6 +175,44 @@ pub(crate) fn devices_command(server: &str, cmd: DevicesCommand) -> anyhow::Resu
             } else {
                 print!("{}", fleet_control::views::device_text(&d, now_ms()));
             }
+        }
+        DevicesCommand::Revoke { id, yes } => {
+            if !yes
+                && !confirm(&format!(
+                    "revoke {id}? Its logins, token and messages are refused at once"
+                ))?
+            {
+                anyhow::bail!("not revoked");
+            }
+            let client = fleet_control::client::Client::new(server)?;
+            client.post(
+                &format!("/v1/devices/{}/revoke", fleet_control::client::encode(&id)),
+                &serde_json::json!({}),
+            )?;
+            println!(
+                "revoked {id}: its logins, token and messages are refused; `fleetctl devices rotate {id} --out FILE` gives it a new secret"
+            );
+        }
+        DevicesCommand::Rotate { id, out, trust } => {
+            anyhow::ensure!(
+                !out.exists(),
+                "{} already exists; refusing to overwrite a device config",
+                out.display()
+            );
+            let local_trust = match &trust {
+                Some(p) => Some(fleet_control::keys::load_policy(p)?.to_toml()),
+                None => None,
+            };
+            let client = fleet_control::client::Client::new(server)?;
+            let r = client.post(
+                &format!("/v1/devices/{}/rotate", fleet_control::client::encode(&id)),
+                &serde_json::json!({}),
+            )?;
+            let board = r["board"].as_str().map(str::to_string);
+            write_config(&r, &board, local_trust, &out, "rotated")?;
+            println!(
+                "the old secret of {id} is refused from now on; install the new config on the device and restart its agent"
+            );
         }
         DevicesCommand::SendStatus { id } => {
             let r = fleet_control::client::Client::new(server)?.post(

@@ -211,6 +211,7 @@ fn selectors_match_board_tags_and_ids() {
         tags: [("site".to_string(), "lab".to_string())].into(),
         secret: vec![],
         enrolled_ms: 0,
+        revoked_ms: None,
     };
     let yes = |s: &str| s.parse::<Selector>().expect("test").matches(&d);
     assert!(yes("all"));

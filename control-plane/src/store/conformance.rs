@@ -26,6 +26,7 @@ fn device(name: &str) -> DeviceRecord {
         tags: BTreeMap::from([("site".to_string(), "plant-1".to_string())]),
         secret: vec![7; 32],
         enrolled_ms: 1_000,
+        revoked_ms: None,
     }
 }
 
@@ -96,6 +97,14 @@ pub(super) fn devices_enroll_once(s: &dyn Store) -> Result<(), StoreError> {
     let mut ids: Vec<String> = s.devices()?.into_iter().map(|d| d.id.to_string()).collect();
     ids.sort();
     assert_eq!(ids, ["d0", "d1"]);
+    // Replaced only when enrolled.
+    let mut revoked = device("d1");
+    revoked.revoked_ms = Some(7);
+    revoked.secret = vec![9; 32];
+    assert!(s.replace_device(&revoked)?);
+    assert_eq!(s.device(&id("d1"))?, Some(revoked));
+    assert!(!s.replace_device(&device("nobody"))?);
+    assert_eq!(s.device(&id("nobody"))?, None);
     Ok(())
 }
 

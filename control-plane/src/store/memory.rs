@@ -97,6 +97,17 @@ impl FleetStore for MemoryStore {
         Ok(self.inner().devices.get(id).cloned())
     }
 
+    fn replace_device(&self, device: &DeviceRecord) -> Result<bool, StoreError> {
+        let mut inner = self.inner();
+        match inner.devices.get_mut(&device.id) {
+            Some(d) => {
+                *d = device.clone();
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
     fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
         Ok(self.inner().devices.values().cloned().collect())
     }

@@ -76,6 +76,9 @@ pub trait FleetStore: Send + Sync {
     fn enroll(&self, device: &DeviceRecord) -> Result<bool, StoreError>;
     fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError>;
     fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError>;
+    /// Replaces an enrolled device's record (revoked, a new secret); `false` when it is
+    /// not enrolled (nothing changes then).
+    fn replace_device(&self, device: &DeviceRecord) -> Result<bool, StoreError>;
     /// Stores `envelope` unless `(device, seq)` is already stored; returns whether it
     /// was new, and the highest sequence number stored for the device before it.
     fn insert(&self, envelope: &Envelope) -> Result<(bool, Option<u64>), StoreError>;
@@ -113,6 +116,9 @@ impl<T: FleetStore + ?Sized> FleetStore for std::sync::Arc<T> {
     }
     fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
         (**self).devices()
+    }
+    fn replace_device(&self, device: &DeviceRecord) -> Result<bool, StoreError> {
+        (**self).replace_device(device)
     }
     fn insert(&self, envelope: &Envelope) -> Result<(bool, Option<u64>), StoreError> {
         (**self).insert(envelope)

@@ -190,6 +190,16 @@ impl FleetStore for SledStore {
         Ok(new)
     }
 
+    fn replace_device(&self, device: &DeviceRecord) -> Result<bool, StoreError> {
+        let bytes = serde_cbor::to_vec(device)?;
+        let found = self
+            .devices
+            .fetch_and_update(device.id.as_str(), |old| old.map(|_| bytes.clone()))?
+            .is_some();
+        self.db.flush()?;
+        Ok(found)
+    }
+
     fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
         match self.devices.get(id.as_str())? {
             Some(v) => Ok(Some(serde_cbor::from_slice(&v)?)),

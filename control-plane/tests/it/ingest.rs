@@ -34,6 +34,7 @@ fn store_with_pi07(dir: &std::path::Path) -> SledStore {
                 tags: Default::default(),
                 secret: SECRET.to_vec(),
                 enrolled_ms: 0,
+                revoked_ms: None,
             })
             .expect("enroll"),
         "enrolled once"

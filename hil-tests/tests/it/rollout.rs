@@ -727,6 +727,8 @@ fn every_route_answers_401_without_a_token_403_below_its_role_and_the_audit_chai
     );
     enroll(dir, &plane, "dev-1", "raspberry-pi-4", "site=lab", "");
     enroll(dir, &plane, "dev-2", "raspberry-pi-4", "site=lab", "");
+    // Revoked and rotated by the admin's calls below (dev-1 and dev-2 keep their tokens).
+    enroll(dir, &plane, "dev-3", "raspberry-pi-4", "site=lab", "");
     let mut tokens = std::collections::BTreeMap::new();
     for role in ["viewer", "operator", "admin"] {
         let run = plane.fleetctl(
@@ -764,7 +766,9 @@ fn every_route_answers_401_without_a_token_403_below_its_role_and_the_audit_chai
         let concrete = path
             .replace(
                 "{id}",
-                if path.starts_with("/v1/devices") {
+                if path.ends_with("/revoke") || path.ends_with("/rotate") {
+                    "dev-3"
+                } else if path.starts_with("/v1/devices") {
                     "dev-1"
                 } else {
                     "none-such"

@@ -1085,3 +1085,113 @@ fn a_wiped_device_is_recognised_and_its_messages_are_stored() {
     );
     assert_eq!(plane.get("/v1/ingest")["sequence_restarts"], 1);
 }
+
+/// A device can be locked out at once, and given a new identity. Before: there was no
+/// way to revoke or rotate a device (the review's finding 10); its derived credentials
+/// never changed, so one captured secret impersonated it for good — against that code
+/// the `devices revoke` below is an unknown command.
+#[test]
+fn a_revoked_device_is_locked_out_at_once_and_a_rotated_one_comes_back() {
+    use crate::rollout::{config_value, device_token, enroll, get_as};
+    use fleetml_protocol::telemetry;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    hil_tests::keys_and_policy(dir, "k");
+    let plane = ControlPlane::start(dir, None, &["--trust", "trust.toml"]);
+    enroll(dir, &plane, "pi-r", "raspberry-pi-4", "site=lab", "");
+    let device = |id: &str| {
+        plane
+            .get("/v1/devices")
+            .as_array()
+            .and_then(|a| a.iter().find(|d| d["id"] == id).cloned())
+            .expect("listed")
+    };
+    let agent = logged_agent(dir, "pi-r");
+    wait_for("pi-r online", Duration::from_secs(60), || {
+        (device("pi-r")["online"] == true).then_some(())
+    });
+    let token = device_token(dir, "pi-r");
+    let secret = hex::decode(config_value(dir, "pi-r", "device_secret")).expect("hex");
+    let password = telemetry::mqtt_password(&secret);
+    let port = plane.mqtt_port.expect("broker");
+    assert_eq!(
+        get_as(&plane, &token, "GET", "/v1/devices/pi-r/assignment").0,
+        404,
+        "authenticated: no assignment yet (404, not 401)"
+    );
+
+    plane
+        .fleetctl(dir, &["devices", "revoke", "pi-r", "--yes"])
+        .success();
+    // At once: its token, its logins, and the connection it holds (cut at its next
+    // packet: a keep-alive within 30 s, or its next message).
+    assert_eq!(
+        get_as(&plane, &token, "GET", "/v1/devices/pi-r/assignment").0,
+        401
+    );
+    assert_eq!(
+        broker_survives(
+            port,
+            "pi-r",
+            Some("pi-r"),
+            &password,
+            Probe::Subscribe("fleetml/v1/pi-r/cmd")
+        ),
+        None,
+        "a revoked device logged in"
+    );
+    assert!(!device("pi-r")["revoked_ms"].is_null());
+    let listed = plane.fleetctl(dir, &["devices", "list"]);
+    assert!(listed.success().contains("revoked"), "{}", listed.stdout);
+    let audit = plane.get("/v1/audit?limit=1000");
+    assert!(
+        audit
+            .as_array()
+            .expect("entries")
+            .iter()
+            .any(|e| e["target"]
+                .as_str()
+                .is_some_and(|t| t.contains("pi-r/revoke"))),
+        "audited: {audit}"
+    );
+    // Its next message is refused, not stored (a status it is told to send now).
+    let stored = plane.messages("pi-r").len();
+    let _ = plane.fleetctl(dir, &["devices", "send-status", "pi-r"]);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        plane.messages("pi-r").len(),
+        stored,
+        "a revoked device's message was stored"
+    );
+    crate::rollout::kill(agent);
+
+    // Rotated: a new secret in a new config; the old one stays refused.
+    plane
+        .fleetctl(
+            dir,
+            &["devices", "rotate", "pi-r", "--out", "pi-r-new.toml"],
+        )
+        .success();
+    let new_secret = config_value(dir, "pi-r-new", "device_secret");
+    assert_ne!(new_secret, hex::encode(&secret));
+    assert_eq!(
+        get_as(&plane, &token, "GET", "/v1/devices/pi-r/assignment").0,
+        401
+    );
+    std::fs::rename(dir.join("pi-r-new.toml"), dir.join("pi-r.toml")).expect("installed");
+    let _agent = logged_agent(dir, "pi-r");
+    wait_for(
+        "pi-r online again with its new secret",
+        Duration::from_secs(60),
+        || {
+            let d = device("pi-r");
+            (d["online"] == true && d["revoked_ms"].is_null()).then_some(())
+        },
+    );
+    let new_token = device_token(dir, "pi-r");
+    assert_eq!(
+        get_as(&plane, &new_token, "GET", "/v1/devices/pi-r/assignment").0,
+        404,
+        "authenticated with its new secret"
+    );
+}
