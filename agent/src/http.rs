@@ -199,19 +199,9 @@ impl<'a> Request<'a> {
                 )
             })?
             .map_err(|e| e.to_string())?;
-            let (sender, conn) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                    .await
-                    .map_err(|e| e.to_string())?;
-            tokio::spawn(conn);
-            sender
+            handshake(stream).await?
         } else {
-            let (sender, conn) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                    .await
-                    .map_err(|e| e.to_string())?;
-            tokio::spawn(conn);
-            sender
+            handshake(stream).await?
         };
         let mut request = hyper::Request::builder()
             .method(self.method)
@@ -258,6 +248,20 @@ impl<'a> Request<'a> {
         .await
         .map_err(|_| format!("{path}: no answer within {} s", deadline.as_secs()))?
     }
+}
+
+/// HTTP/1.1 over `io`, its connection driven by a task of its own.
+async fn handshake<IO>(
+    io: IO,
+) -> Result<hyper::client::conn::http1::SendRequest<http_body_util::Full<hyper::body::Bytes>>, String>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    Ok(sender)
 }
 
 /// Reads `body` whole if it is at most `max` bytes: refused at once when its

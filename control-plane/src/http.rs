@@ -31,19 +31,8 @@ pub async fn send(
     // against delayed ACKs): 40 ms on every call (measured, docs/BENCHMARKS.md).
     let _ = stream.set_nodelay(true);
     let mut sender = match &to.tls {
-        Some(roots) => {
-            let stream = fleetml_net::tls::connect(roots, &to.host, stream).await?;
-            let (sender, conn) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-            tokio::spawn(conn);
-            sender
-        }
-        None => {
-            let (sender, conn) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-            tokio::spawn(conn);
-            sender
-        }
+        Some(roots) => handshake(fleetml_net::tls::connect(roots, &to.host, stream).await?).await?,
+        None => handshake(stream).await?,
     };
     let mut request = hyper::Request::builder()
         .method(method)
@@ -54,6 +43,19 @@ pub async fn send(
     }
     let request = request.body(http_body_util::Full::new(hyper::body::Bytes::from(body)))?;
     Ok(sender.send_request(request).await?)
+}
+
+/// HTTP/1.1 over `io`, its connection driven by a task of its own.
+async fn handshake<IO>(
+    io: IO,
+) -> anyhow::Result<hyper::client::conn::http1::SendRequest<http_body_util::Full<hyper::body::Bytes>>>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io)).await?;
+    tokio::spawn(conn);
+    Ok(sender)
 }
 
 /// [`send`], then the whole reply: status and body, all within `deadline`.

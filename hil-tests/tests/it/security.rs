@@ -665,7 +665,6 @@ fn a_device_can_use_the_broker_only_as_itself() {
     let port = plane.mqtt_port.expect("the broker's plain loopback port");
     let tls_port = plane.mqtts_port.expect("the broker's TLS port");
     let probe = |probe| broker_survives(port, "pi-b", Some("pi-b"), &password, probe);
-    let victim = telemetry::DeviceId::new("pi-a").expect("id");
 
     // The baseline: its own topics pass (the ingest judges the content).
     assert_eq!(
@@ -683,23 +682,7 @@ fn a_device_can_use_the_broker_only_as_itself() {
     assert_eq!(probe(Probe::Subscribe("fleetml/v1/pi-a/cmd")), Some(false));
     // Another device's last will (what a captured one looks like), replayed: closed, and
     // the victim stays online.
-    let (topic, will) = telemetry::seal(
-        &victim,
-        u64::MAX / 2,
-        0,
-        telemetry::Body::Status(telemetry::Status {
-            agent_version: "x".into(),
-            board: "x".into(),
-            backends: vec![],
-            models: vec![],
-            uptime_s: 0,
-            online: false,
-            outbox_depth: 0,
-            dropped_windows: 0,
-            will_seq: None,
-        }),
-        &a,
-    );
+    let (topic, will) = forged_will("pi-a", &a);
     assert_eq!(
         probe(Probe::Publish {
             topic,
@@ -836,23 +819,7 @@ fn fleetctl_broker_acl_makes_mosquitto_enforce_the_fleet_rules() {
     client
         .subscribe("#", rumqttc::QoS::AtLeastOnce)
         .expect("queued");
-    let (topic, will) = telemetry::seal(
-        &telemetry::DeviceId::new("pi-a").expect("id"),
-        u64::MAX / 2,
-        0,
-        telemetry::Body::Status(telemetry::Status {
-            agent_version: "x".into(),
-            board: "x".into(),
-            backends: vec![],
-            models: vec![],
-            uptime_s: 0,
-            online: false,
-            outbox_depth: 0,
-            dropped_windows: 0,
-            will_seq: None,
-        }),
-        &secret("pi-a"),
-    );
+    let (topic, will) = forged_will("pi-a", &secret("pi-a"));
     client
         .publish(topic, rumqttc::QoS::AtLeastOnce, true, will)
         .expect("queued");
@@ -1194,4 +1161,27 @@ fn a_revoked_device_is_locked_out_at_once_and_a_rotated_one_comes_back() {
         404,
         "authenticated with its new secret"
     );
+}
+
+/// The last will of device `id` as its broker would publish it (offline), sealed with its
+/// `secret`: what a captured one looks like.
+fn forged_will(id: &str, secret: &[u8]) -> (String, Vec<u8>) {
+    use fleetml_protocol::telemetry;
+    telemetry::seal(
+        &telemetry::DeviceId::new(id).expect("id"),
+        u64::MAX / 2,
+        0,
+        telemetry::Body::Status(telemetry::Status {
+            agent_version: "x".into(),
+            board: "x".into(),
+            backends: vec![],
+            models: vec![],
+            uptime_s: 0,
+            online: false,
+            outbox_depth: 0,
+            dropped_windows: 0,
+            will_seq: None,
+        }),
+        secret,
+    )
 }

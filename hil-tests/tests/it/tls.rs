@@ -244,18 +244,7 @@ fn a_server_signed_by_another_ca_is_refused_by_fleetctl_and_the_agent() {
     std::fs::write(&config, text).expect("the pinned CA back");
     let cmd = crate::rollout::agent_command(d, "pi-w", "raspberry-pi-4");
     let _agent = hil_tests::RunningAgent::spawn(cmd);
-    wait_for(
-        "the device online over MQTTS",
-        Duration::from_secs(60),
-        || {
-            plane
-                .get("/v1/devices")
-                .as_array()?
-                .iter()
-                .any(|d| d["id"] == "pi-w" && d["online"] == true)
-                .then_some(())
-        },
-    );
+    wait_online(&plane, "pi-w", "the device online over MQTTS");
 }
 
 /// An expired certificate, or one for another name, is refused even when it chains to
@@ -385,16 +374,21 @@ fn an_external_broker_over_tls_carries_the_fleet() {
     );
     let _agent =
         hil_tests::RunningAgent::spawn(crate::rollout::agent_command(d, "pi-x", "raspberry-pi-4"));
-    wait_for(
+    wait_online(
+        &plane,
+        "pi-x",
         "the device online through mosquitto over TLS",
-        Duration::from_secs(60),
-        || {
-            plane
-                .get("/v1/devices")
-                .as_array()?
-                .iter()
-                .any(|d| d["id"] == "pi-x" && d["online"] == true)
-                .then_some(())
-        },
     );
+}
+
+/// Waits until `plane` lists device `id` online (`what` names the wait).
+fn wait_online(plane: &ControlPlane, id: &str, what: &str) {
+    wait_for(what, Duration::from_secs(60), || {
+        plane
+            .get("/v1/devices")
+            .as_array()?
+            .iter()
+            .any(|d| d["id"] == id && d["online"] == true)
+            .then_some(())
+    });
 }
