@@ -6,20 +6,32 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use fleetml_protocol::broker_acl::{Acl, MAX_PACKET, frame_len};
+use fleetml_protocol::broker_acl::{Acl, frame_len};
 use fleetml_protocol::telemetry::DeviceId;
 
-/// Whether a device is revoked (or no longer enrolled).
-pub type Revoked = Arc<dyn Fn(&DeviceId) -> bool + Send + Sync>;
+/// A fingerprint of a device's live secret: `None` when it is revoked or not enrolled;
+/// another value once its secret was rotated.
+pub type Credential = Arc<dyn Fn(&DeviceId) -> Option<[u8; 32]> + Send + Sync>;
+
+/// The [`Credential`] of devices in `store`.
+pub fn credential(store: Arc<dyn crate::store::FleetStore>) -> Credential {
+    Arc::new(move |id: &DeviceId| {
+        let d = store.device(id).ok().flatten()?;
+        let digest = ring::digest::digest(&ring::digest::SHA256, d.live_secret()?);
+        digest.as_ref().try_into().ok()
+    })
+}
 
 /// One device connection's judge.
 pub struct DeviceAcl {
     acl: Acl,
     /// The ingest's count of refused logins (a refused CONNECT is one).
     logins_refused: Arc<AtomicU64>,
-    /// Checked on every packet: a device revoked while connected is cut at its next
-    /// packet (at most its keep-alive, 30 s).
-    revoked: Revoked,
+    /// Checked on every packet: a device revoked or rotated while connected is cut at
+    /// its next packet (within its keep-alive: at most 120 s, the agent's 30 s).
+    credential: Credential,
+    /// The credential it logged in with.
+    bound: Option<[u8; 32]>,
 }
 
 impl std::fmt::Debug for DeviceAcl {
@@ -31,26 +43,38 @@ impl std::fmt::Debug for DeviceAcl {
 }
 
 impl DeviceAcl {
-    pub fn new(logins_refused: Arc<AtomicU64>, revoked: Revoked) -> DeviceAcl {
+    pub fn new(logins_refused: Arc<AtomicU64>, credential: Credential) -> DeviceAcl {
         DeviceAcl {
             acl: Acl::new(),
             logins_refused,
-            revoked,
+            credential,
+            bound: None,
         }
     }
 }
 
 impl fleetml_net::Inspect for DeviceAcl {
     fn frame(&mut self, buf: &[u8]) -> Result<Option<usize>, String> {
-        frame_len(buf, MAX_PACKET).map_err(|e| self.refused(e.to_string()))
+        frame_len(buf, self.acl.max_packet()).map_err(|e| self.refused(e.to_string()))
     }
 
     fn check(&mut self, packet: &[u8]) -> Result<(), String> {
         self.acl
             .check(packet)
             .map_err(|e| self.refused(e.to_string()))?;
-        match self.acl.device() {
-            Some(d) if (self.revoked)(d) => Err(self.refused("it is revoked".into())),
+        let Some(device) = self.acl.device() else {
+            return Ok(());
+        };
+        let now = (self.credential)(device);
+        match (now, self.bound) {
+            (None, _) => Err(self.refused("it is revoked".into())),
+            (Some(now), None) => {
+                self.bound = Some(now);
+                Ok(())
+            }
+            (Some(now), Some(bound)) if now != bound => {
+                Err(self.refused("its secret was rotated".into()))
+            }
             _ => Ok(()),
         }
     }
@@ -68,5 +92,54 @@ impl DeviceAcl {
                 format!("login refused: {why}")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleetml_net::Inspect;
+    use std::sync::Mutex;
+
+    fn connect(device: &str) -> Vec<u8> {
+        let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x80 | 0x02, 0, 30];
+        for s in [device, device] {
+            body.extend_from_slice(&(s.len() as u16).to_be_bytes());
+            body.extend_from_slice(s.as_bytes());
+        }
+        let mut p = vec![0x10, body.len() as u8];
+        p.extend_from_slice(&body);
+        p
+    }
+
+    /// A connection is bound to the secret it logged in with: revoked or rotated, its
+    /// next packet ends it.
+    #[test]
+    fn a_connection_ends_at_its_next_packet_once_its_secret_is_revoked_or_rotated() {
+        let secret = Arc::new(Mutex::new(Some([1u8; 32])));
+        let s = secret.clone();
+        let credential: Credential =
+            Arc::new(move |_: &DeviceId| *s.lock().unwrap_or_else(|p| p.into_inner()));
+        let ping = [0xc0u8, 0];
+        let mut acl = DeviceAcl::new(Arc::new(AtomicU64::new(0)), credential.clone());
+        acl.check(&connect("pi-1")).expect("login");
+        acl.check(&ping).expect("alive");
+        *secret.lock().expect("lock") = Some([2u8; 32]);
+        let e = acl.check(&ping).expect_err("rotated");
+        assert!(e.contains("rotated"), "{e}");
+        let mut again = DeviceAcl::new(Arc::new(AtomicU64::new(0)), credential);
+        again
+            .check(&connect("pi-1"))
+            .expect("login with the new secret");
+        *secret.lock().expect("lock") = None;
+        let e = again.check(&ping).expect_err("revoked");
+        assert!(e.contains("revoked"), "{e}");
+        // A login larger than a CONNECT may be is refused from its head.
+        let big = [0x10u8, 0xff, 0xff, 0x01];
+        assert!(
+            DeviceAcl::new(Arc::new(AtomicU64::new(0)), Arc::new(|_: &DeviceId| None))
+                .frame(&big)
+                .is_err()
+        );
     }
 }

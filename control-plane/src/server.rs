@@ -410,14 +410,7 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
             let mut o = MqttOptions::new(INGEST_CLIENT, local.ip().to_string(), local.port());
             o.set_credentials(INGEST_CLIENT, password);
             let refused = ingest.counters.logins_refused.clone();
-            let devices = store.clone();
-            let revoked: crate::broker::Revoked = Arc::new(move |id: &DeviceId| {
-                devices
-                    .device(id)
-                    .ok()
-                    .flatten()
-                    .is_none_or(|d| d.revoked_ms.is_some())
-            });
+            let revoked = crate::broker::credential(Arc::new(store.clone()));
             let relay = move |listener: tokio::net::TcpListener, tls: Option<fleetml_net::Tls>| {
                 let (refused, revoked) = (refused.clone(), revoked.clone());
                 tokio::spawn(fleetml_net::relay(

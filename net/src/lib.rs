@@ -247,7 +247,10 @@ where
     }
 }
 
-/// Relays one client connection until either side ends it or the client is refused.
+/// Relays one client connection until either side ends it or the client is refused. The
+/// server is connected only once the client's first unit (its login) passed, which must
+/// arrive within `FIRST_UNIT`: a stranger holds neither a server connection nor more
+/// than one login's bytes.
 async fn relay_one<S, I>(
     client: S,
     upstream: std::net::SocketAddr,
@@ -259,6 +262,46 @@ async fn relay_one<S, I>(
     I: Inspect,
 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut from_client, mut to_client) = tokio::io::split(client);
+    let mut buf: Vec<u8> = Vec::with_capacity(16 << 10);
+    let mut chunk = vec![0u8; 16 << 10];
+    // Judges what `buf` holds: the length of the whole units that passed (to forward),
+    // or why the connection ends.
+    let mut judged = |buf: &[u8]| -> Result<usize, String> {
+        let mut start = 0;
+        while let Some(len) = judge.frame(&buf[start..])? {
+            judge.check(&buf[start..start + len])?;
+            start += len;
+        }
+        Ok(start)
+    };
+    let deny = |why: String| {
+        metrics::counter!(metrics.denied).increment(1);
+        tracing::warn!(%peer, "closed a relayed connection: {why}");
+    };
+    // The login, within its deadline.
+    let first = tokio::time::timeout(FIRST_UNIT, async {
+        loop {
+            let n = match from_client.read(&mut chunk).await {
+                Ok(0) | Err(_) => return Ok(None),
+                Ok(n) => n,
+            };
+            buf.extend_from_slice(&chunk[..n]);
+            let passed = judged(&buf)?;
+            if passed > 0 {
+                return Ok(Some(passed));
+            }
+        }
+    })
+    .await;
+    let passed = match first {
+        Ok(Ok(Some(passed))) => passed,
+        Ok(Ok(None)) => return,
+        Ok(Err(why)) => return deny(why),
+        Err(_) => {
+            return deny(format!("no login within {} s", FIRST_UNIT.as_secs()));
+        }
+    };
     let server = match tokio::net::TcpStream::connect(upstream).await {
         Ok(s) => s,
         Err(e) => {
@@ -267,43 +310,32 @@ async fn relay_one<S, I>(
         }
     };
     let _ = server.set_nodelay(true);
-    let (mut from_client, mut to_client) = tokio::io::split(client);
     let (mut from_server, mut to_server) = server.into_split();
+    if to_server.write_all(&buf[..passed]).await.is_err() {
+        return;
+    }
+    buf.drain(..passed);
     let down = async {
         let _ = tokio::io::copy(&mut from_server, &mut to_client).await;
         let _ = to_client.shutdown().await;
     };
     let up = async {
-        let mut buf: Vec<u8> = Vec::with_capacity(16 << 10);
-        let mut chunk = vec![0u8; 16 << 10];
         loop {
+            let passed = match judged(&buf) {
+                Ok(passed) => passed,
+                Err(why) => return deny(why),
+            };
+            if passed > 0 {
+                if to_server.write_all(&buf[..passed]).await.is_err() {
+                    return;
+                }
+                buf.drain(..passed);
+            }
             let n = match from_client.read(&mut chunk).await {
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
             buf.extend_from_slice(&chunk[..n]);
-            let mut start = 0;
-            loop {
-                let verdict = judge.frame(&buf[start..]).and_then(|len| match len {
-                    Some(len) => judge.check(&buf[start..start + len]).map(|()| Some(len)),
-                    None => Ok(None),
-                });
-                match verdict {
-                    Ok(Some(len)) => {
-                        if to_server.write_all(&buf[start..start + len]).await.is_err() {
-                            return;
-                        }
-                        start += len;
-                    }
-                    Ok(None) => break,
-                    Err(why) => {
-                        metrics::counter!(metrics.denied).increment(1);
-                        tracing::warn!(%peer, "closed a relayed connection: {why}");
-                        return;
-                    }
-                }
-            }
-            buf.drain(..start);
         }
     };
     // Whichever direction ends first ends the connection.
@@ -312,6 +344,9 @@ async fn relay_one<S, I>(
         () = up => {}
     }
 }
+
+/// How long a relayed client has for its first unit (its login).
+const FIRST_UNIT: Duration = Duration::from_secs(10);
 
 /// The answer to a request its handler did not answer in time.
 fn request_timed_out(limit: Duration) -> axum::response::Response {

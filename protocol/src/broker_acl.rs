@@ -22,6 +22,16 @@ use crate::telemetry::{Channel, DeviceId, MAX_MESSAGE, parse_topic, topic};
 /// The largest packet a device may send: a whole message plus its topic and headers.
 pub const MAX_PACKET: usize = MAX_MESSAGE + 1024;
 
+/// The largest CONNECT: its will is a status (a few hundred bytes). A login is judged
+/// before anything else is read, so a stranger cannot make the relay hold a whole
+/// message's worth of memory per connection.
+pub const MAX_CONNECT: usize = 8 << 10;
+
+/// The longest keep-alive a device may ask for, seconds (the agent's is 30): a device
+/// must send something this often, and each packet is when the relay sees that it was
+/// revoked.
+pub const MAX_KEEP_ALIVE_S: u16 = 120;
+
 /// Why a device's packet is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Denied {
@@ -49,6 +59,8 @@ pub enum Denied {
     Will(String),
     #[error("packet type {0} is not one a client sends")]
     ServerPacket(u8),
+    #[error("keep-alive {0} s; a device keeps alive every 1 to {MAX_KEEP_ALIVE_S} s")]
+    KeepAlive(u16),
 }
 
 /// The length of the first whole packet at the start of `buf`: `Ok(None)` while more
@@ -85,6 +97,16 @@ impl Acl {
     /// The device logged in on this connection, once CONNECT was allowed.
     pub fn device(&self) -> Option<&DeviceId> {
         self.device.as_ref()
+    }
+
+    /// The largest packet [`frame_len`] should accept next: a CONNECT's until the login,
+    /// [`MAX_PACKET`] after.
+    pub fn max_packet(&self) -> usize {
+        if self.device.is_some() {
+            MAX_PACKET
+        } else {
+            MAX_CONNECT
+        }
     }
 
     /// Judges one whole packet (as [`frame_len`] delimited it).
@@ -172,7 +194,10 @@ fn connect(mut body: Reader<'_>, flags: u8) -> Result<DeviceId, Denied> {
         return Err(Denied::Protocol(level));
     }
     let connect_flags = body.u8()?;
-    let _keep_alive = body.u16()?;
+    let keep_alive = body.u16()?;
+    if keep_alive == 0 || keep_alive > MAX_KEEP_ALIVE_S {
+        return Err(Denied::KeepAlive(keep_alive));
+    }
     let client = body.string()?;
     let will = if connect_flags & 0x04 != 0 {
         let will_topic = body.string()?;

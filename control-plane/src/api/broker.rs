@@ -19,7 +19,8 @@ pub(crate) async fn mosquitto(State(plane): State<Arc<Plane>>) -> Api<axum::Json
             .store
             .devices()?
             .into_iter()
-            .map(|d| (d.id, d.secret))
+            // A revoked device gets no password: it cannot log in to mosquitto either.
+            .filter_map(|d| d.live_secret().map(|s| (d.id.clone(), s.to_vec())))
             .collect();
         let (ingest_user, password) = plane.broker_login.clone();
         let mut salt_error = None;

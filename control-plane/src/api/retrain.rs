@@ -173,6 +173,26 @@ pub async fn reproduce(
         original.spec.check_code().map_err(|e| {
             ApiError(StatusCode::CONFLICT, format!("cannot reproduce {name}@v{version}: {e}"))
         })?;
+        // A reproduction runs what the job ran, and only while an admin still allows it:
+        // its trainer registered with the same command, image, executor and environment
+        // (a `job` tag is an operator's to set, so it must not reach a removed trainer or
+        // a command from before trainers).
+        let mut now = original.spec.clone();
+        p.trainers.resolve(&mut now).map_err(|e| {
+            ApiError(StatusCode::CONFLICT, format!("cannot reproduce {name}@v{version}: {e}"))
+        })?;
+        let same = |s: &crate::jobs::JobSpec| {
+            (s.command.clone(), s.image.clone(), s.executor.clone(), s.env.clone(), s.code_dir.clone())
+        };
+        if same(&now) != same(&original.spec) {
+            return Err(ApiError(
+                StatusCode::CONFLICT,
+                format!(
+                    "cannot reproduce {name}@v{version}: trainer `{}` no longer runs what job {origin} ran (an admin changed it)",
+                    original.spec.trainer.as_deref().unwrap_or("?")
+                ),
+            ));
+        }
         let trial = record
             .tags
             .get("trial")

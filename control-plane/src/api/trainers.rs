@@ -12,10 +12,17 @@ use crate::plane::Plane;
 
 use super::{Api, ApiError};
 
-/// `GET /v1/trainers`.
+/// `GET /v1/trainers` (viewers): what runs; of `env` only the names (its values are
+/// settings, but an admin may not expect a viewer to read them).
 pub(crate) async fn list(State(plane): State<Arc<Plane>>) -> Api<axum::Json<Value>> {
+    let mut all = plane.trainers.list();
+    for t in all.values_mut() {
+        for v in t.env.values_mut() {
+            *v = "…".into();
+        }
+    }
     Ok(axum::Json(
-        serde_json::to_value(plane.trainers.list()).map_err(ApiError::internal)?,
+        serde_json::to_value(all).map_err(ApiError::internal)?,
     ))
 }
 
