@@ -1185,3 +1185,57 @@ fn forged_will(id: &str, secret: &[u8]) -> (String, Vec<u8>) {
         secret,
     )
 }
+
+/// Reads of the fleet's data are audited like changes: a dataset's rows and profile, and
+/// an operator's download of a bundle. Before: only mutating calls were (the review's
+/// audit item); against that code no `GET` entry appears below.
+#[test]
+fn reads_of_datasets_and_bundles_are_audited() {
+    use crate::rollout::get_as;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    hil_tests::keys_and_policy(dir, "k");
+    let plane = ControlPlane::start(dir, None, &["--trust", "trust.toml"]);
+    plane
+        .fleetctl(dir, &["data", "import", &hil_tests::claims("holdout.csv")])
+        .success();
+    let id = plane.json(dir, &["data", "list"])[0]["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    plane
+        .fleetctl(dir, &["data", "export", &id, "--out", "out.parquet"])
+        .success();
+    crate::rollout::bundle(dir, 1, "v1.fmb");
+    plane.fleetctl(dir, &["models", "push", "v1.fmb"]).success();
+    let digest = plane.get("/v1/models/claims/1")["model"]["digest"]
+        .as_str()
+        .expect("digest")
+        .to_string();
+    let (status, _) = get_as(
+        &plane,
+        &plane.token,
+        "GET",
+        &format!("/v1/bundles/{digest}"),
+    );
+    assert_eq!(status, 200);
+    let audit = plane.get("/v1/audit?limit=1000");
+    let entries = audit.as_array().expect("entries");
+    let read = |action: &str, target: &str| {
+        entries.iter().any(|e| {
+            e["action"] == action
+                && e["role"] == "admin"
+                && e["target"].as_str().is_some_and(|t| t.contains(target))
+        })
+    };
+    assert!(read("GET /v1/datasets/{id}/data", &id), "{audit}");
+    assert!(read("GET /v1/bundles/{digest}", &digest), "{audit}");
+    // Ordinary reads are not written.
+    assert!(
+        !entries.iter().any(|e| e["action"] == "GET /v1/datasets"
+            || e["action"] == "GET /v1/models/{name}/{version}"),
+        "{audit}"
+    );
+    let verify = plane.fleetctl(dir, &["audit", "verify"]);
+    verify.success();
+}
