@@ -27,12 +27,17 @@ pub struct DeviceAcl {
     acl: Acl,
     /// The ingest's count of refused logins (a refused CONNECT is one).
     logins_refused: Arc<AtomicU64>,
-    /// Checked on every packet: a device revoked or rotated while connected is cut at
-    /// its next packet (within its keep-alive: at most 120 s, the agent's 30 s).
+    /// Checked at login, then on a packet at most every `recheck` (not on every message:
+    /// the store is read for it): a device revoked or rotated while connected is cut at
+    /// its next packet after that (within its keep-alive: at most 120 s, the agent's 30 s).
     credential: Credential,
-    /// The credential it logged in with.
-    bound: Option<[u8; 32]>,
+    /// The credential it logged in with, and when it was last checked.
+    bound: Option<([u8; 32], std::time::Instant)>,
+    recheck: std::time::Duration,
 }
+
+/// How often a connection's credential is checked again.
+const RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl std::fmt::Debug for DeviceAcl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -49,6 +54,7 @@ impl DeviceAcl {
             logins_refused,
             credential,
             bound: None,
+            recheck: RECHECK,
         }
     }
 }
@@ -65,17 +71,21 @@ impl fleetml_net::Inspect for DeviceAcl {
         let Some(device) = self.acl.device() else {
             return Ok(());
         };
+        if let Some((_, at)) = self.bound
+            && at.elapsed() < self.recheck
+        {
+            return Ok(());
+        }
         let now = (self.credential)(device);
         match (now, self.bound) {
             (None, _) => Err(self.refused("it is revoked".into())),
-            (Some(now), None) => {
-                self.bound = Some(now);
-                Ok(())
-            }
-            (Some(now), Some(bound)) if now != bound => {
+            (Some(now), Some((bound, _))) if now != bound => {
                 Err(self.refused("its secret was rotated".into()))
             }
-            _ => Ok(()),
+            (Some(now), _) => {
+                self.bound = Some((now, std::time::Instant::now()));
+                Ok(())
+            }
         }
     }
 }
@@ -122,12 +132,14 @@ mod tests {
             Arc::new(move |_: &DeviceId| *s.lock().unwrap_or_else(|p| p.into_inner()));
         let ping = [0xc0u8, 0];
         let mut acl = DeviceAcl::new(Arc::new(AtomicU64::new(0)), credential.clone());
+        acl.recheck = std::time::Duration::ZERO;
         acl.check(&connect("pi-1")).expect("login");
         acl.check(&ping).expect("alive");
         *secret.lock().expect("lock") = Some([2u8; 32]);
         let e = acl.check(&ping).expect_err("rotated");
         assert!(e.contains("rotated"), "{e}");
         let mut again = DeviceAcl::new(Arc::new(AtomicU64::new(0)), credential);
+        again.recheck = std::time::Duration::ZERO;
         again
             .check(&connect("pi-1"))
             .expect("login with the new secret");
