@@ -347,18 +347,27 @@ impl AgentConfig {
         }))
     }
 
-    /// How assignments are pulled: when enrolled and `control_plane` is set.
-    pub fn assignments(&self) -> Result<Option<crate::assignments::Settings>, String> {
-        let (Some(url), Some(tel)) = (&self.control_plane, self.telemetry()?) else {
+    /// How assignments are pulled: when enrolled (`tel`, from [`Self::telemetry`]) and
+    /// `control_plane` is set.
+    pub fn assignments(
+        &self,
+        tel: Option<&crate::telemetry::Settings>,
+    ) -> Result<Option<crate::assignments::Settings>, String> {
+        let (Some(url), Some(tel)) = (&self.control_plane, tel) else {
             return Ok(None);
         };
         let server: crate::http::HttpUrl = url.parse()?;
         self.transport("control_plane", url, server.tls, server.is_loopback())?;
+        let roots = match (&tel.roots, server.tls) {
+            (_, false) => None,
+            (Some(same), true) => Some(same.clone()),
+            (None, true) => self.tls_roots()?,
+        };
         Ok(Some(crate::assignments::Settings {
-            roots: if server.tls { self.tls_roots()? } else { None },
+            roots,
             server,
             token: fleetml_protocol::assignment::http_token(&tel.device, &tel.secret),
-            device: tel.device,
+            device: tel.device.clone(),
             poll: std::time::Duration::from_secs(self.assignment_poll_s.unwrap_or(300).max(1)),
             max_bytes_per_s: self.download_max_bytes_per_s,
             download_idle: std::time::Duration::from_secs(

@@ -484,6 +484,8 @@ fn fleet_agent_run(args: RunArgs) -> anyhow::Result<()> {
             );
         }
     }
+    // Once: the assignment puller shares the enrolment and the TLS roots.
+    let telemetry = c.telemetry().map_err(anyhow::Error::msg)?;
     let config = fleet_agent::serve::Config {
         data_dir: data_dir(&c),
         policy,
@@ -509,10 +511,12 @@ fn fleet_agent_run(args: RunArgs) -> anyhow::Result<()> {
         },
         monitoring: c.monitoring(),
         sink: None,
-        telemetry: c.telemetry().map_err(anyhow::Error::msg)?,
+        assignments: c
+            .assignments(telemetry.as_ref())
+            .map_err(anyhow::Error::msg)?,
+        telemetry,
         #[cfg(feature = "sinks")]
         prediction_sinks: c.prediction_sinks.clone(),
-        assignments: c.assignments().map_err(anyhow::Error::msg)?,
         #[cfg(feature = "capture")]
         capture: c.capture().map_err(anyhow::Error::msg)?,
         batching: c.batching.clone(),

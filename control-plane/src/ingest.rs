@@ -286,11 +286,8 @@ mod tests {
         })
     }
 
-    /// A will of a connection older than the one the newest status names does not mark
-    /// the device offline (the broker published it late, or it was replayed); the
-    /// current connection's will does.
-    #[test]
-    fn a_stale_last_will_is_ignored_and_the_current_one_counts() {
+    /// An ingest on a memory store with device `pi-1` enrolled, and its secret.
+    fn one_device() -> OneDevice {
         let store = Arc::new(crate::store::memory::MemoryStore::new());
         let id = DeviceId::new("pi-1").expect("id");
         let secret = vec![7u8; telemetry::SECRET_LEN];
@@ -305,6 +302,22 @@ mod tests {
             })
             .expect("enrolled");
         let ingest = Ingest::new(store.clone() as Arc<dyn FleetStore>);
+        (store, ingest, id, secret)
+    }
+
+    type OneDevice = (
+        Arc<crate::store::memory::MemoryStore>,
+        Ingest<Arc<dyn FleetStore>>,
+        DeviceId,
+        Vec<u8>,
+    );
+
+    /// A will of a connection older than the one the newest status names does not mark
+    /// the device offline (the broker published it late, or it was replayed); the
+    /// current connection's will does.
+    #[test]
+    fn a_stale_last_will_is_ignored_and_the_current_one_counts() {
+        let (store, ingest, id, secret) = one_device();
         let send = |seq: u64, body: Body| {
             let (topic, bytes) = telemetry::seal(&id, seq, 0, body, &secret);
             ingest.handle(&topic, &bytes, 1).expect("handled")
@@ -330,5 +343,40 @@ mod tests {
             Outcome::Stored { .. }
         ));
         assert_eq!(send(5, status(false, None)), Outcome::Offline);
+    }
+
+    /// A device whose data directory was wiped starts a new outbox at a higher base: its
+    /// messages are stored, not taken for resends, no gap is counted, and the restart
+    /// is an event of the device.
+    #[test]
+    fn a_restarted_sequence_is_stored_and_raised_not_counted_as_a_gap() {
+        let (store, ingest, id, secret) = one_device();
+        let send = |seq: u64| {
+            let (topic, bytes) = telemetry::seal(&id, seq, 0, status(true, None), &secret);
+            ingest.handle(&topic, &bytes, 1).expect("handled")
+        };
+        let first = telemetry::sequence_base(1_795_000_000_000);
+        assert_eq!(
+            send(first),
+            Outcome::Stored { gap: None },
+            "a device starts anywhere"
+        );
+        assert_eq!(send(first + 1), Outcome::Stored { gap: None });
+        assert_eq!(
+            send(first + 3),
+            Outcome::Stored {
+                gap: Some((first + 2, first + 2))
+            }
+        );
+        let wiped = telemetry::sequence_base(1_795_000_600_000);
+        assert_eq!(send(wiped), Outcome::Stored { gap: None });
+        let st = store.state(&id).expect("state").expect("some");
+        assert_eq!((st.sequence_restarts, st.gaps), (1, 1));
+        assert!(
+            st.lifecycle
+                .iter()
+                .any(|(_, e)| e.kind == telemetry::Lifecycle::SequenceRestarted)
+        );
+        assert_eq!(ingest.counters.restarts.load(Ordering::Relaxed), 1);
     }
 }

@@ -458,6 +458,19 @@ impl ControlPlane {
         self.call("POST", path, body)
     }
 
+    /// Device `id` as `GET /v1/devices` lists it (null when it is not listed).
+    pub fn device(&self, id: &str) -> Value {
+        self.get("/v1/devices")
+            .as_array()
+            .and_then(|a| a.iter().find(|d| d["id"] == id).cloned())
+            .unwrap_or(Value::Null)
+    }
+
+    /// Whether device `id` is listed online.
+    pub fn online(&self, id: &str) -> bool {
+        self.device(id)["online"] == true
+    }
+
     /// The device's stored messages (seq, kind, summary, body), oldest first.
     pub fn messages(&self, device: &str) -> Vec<Value> {
         self.get(&format!("/v1/devices/{device}/messages?limit=10000"))

@@ -122,22 +122,41 @@ where
             match acceptor {
                 None => serve_connection(io, app, &limits).await,
                 Some((acceptor, failed)) => {
-                    match tokio::time::timeout(limits.header_read, acceptor.accept(io)).await {
-                        Ok(Ok(stream)) => serve_connection(stream, app, &limits).await,
-                        Ok(Err(e)) => {
-                            metrics::counter!(failed).increment(1);
-                            tracing::debug!(error = %e, "TLS handshake failed");
-                        }
-                        Err(_) => {
-                            metrics::counter!(failed).increment(1);
-                            tracing::debug!("TLS handshake not finished in time");
-                        }
+                    if let Some(stream) = handshake(&acceptor, failed, io, limits.header_read).await
+                    {
+                        serve_connection(stream, app, &limits).await
                     }
                 }
             }
             metrics::gauge!(limits.metrics.open).decrement(1.0);
             drop(slot);
         });
+    }
+}
+
+/// The server side of a TLS handshake on `io` within `within`; a failure or a time-out
+/// is counted in `failed` and ends the connection.
+async fn handshake<IO>(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    failed: &'static str,
+    io: IO,
+    within: Duration,
+) -> Option<tokio_rustls::server::TlsStream<IO>>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    match tokio::time::timeout(within, acceptor.accept(io)).await {
+        Ok(Ok(stream)) => Some(stream),
+        Ok(Err(e)) => {
+            metrics::counter!(failed).increment(1);
+            tracing::debug!(error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            metrics::counter!(failed).increment(1);
+            tracing::debug!("TLS handshake not finished in time");
+            None
+        }
     }
 }
 
@@ -186,7 +205,7 @@ pub struct RelayMetrics {
 }
 
 /// Accepts connections on `listener` (over TLS when given; the handshake within
-/// `handshake`) and relays each to a plain TCP server at `upstream` (the embedded MQTT
+/// `within`) and relays each to a plain TCP server at `upstream` (the embedded MQTT
 /// broker's loopback listener), at most `max_connections` at once. What a client sends
 /// passes only unit by unit as `inspector()` allows; the first refusal closes the
 /// connection. What the server sends passes as it is.
@@ -194,7 +213,7 @@ pub async fn relay<I, F>(
     listener: tokio::net::TcpListener,
     tls: Option<Tls>,
     upstream: std::net::SocketAddr,
-    handshake: Duration,
+    within: Duration,
     max_connections: usize,
     inspector: F,
     metrics: RelayMetrics,
@@ -229,16 +248,8 @@ where
             match acceptor {
                 None => relay_one(io, upstream, judge, peer, metrics).await,
                 Some((acceptor, failed)) => {
-                    match tokio::time::timeout(handshake, acceptor.accept(io)).await {
-                        Ok(Ok(stream)) => relay_one(stream, upstream, judge, peer, metrics).await,
-                        Ok(Err(e)) => {
-                            metrics::counter!(failed).increment(1);
-                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                        }
-                        Err(_) => {
-                            metrics::counter!(failed).increment(1);
-                            tracing::debug!(%peer, "TLS handshake not finished in time");
-                        }
+                    if let Some(stream) = handshake(&acceptor, failed, io, within).await {
+                        relay_one(stream, upstream, judge, peer, metrics).await
                     }
                 }
             }

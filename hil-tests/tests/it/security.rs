@@ -648,15 +648,8 @@ fn a_device_can_use_the_broker_only_as_itself() {
     enroll(dir, &plane, "pi-a", "raspberry-pi-4", "site=lab", "");
     enroll(dir, &plane, "pi-b", "raspberry-pi-4", "site=lab", "");
     let _victim = logged_agent(dir, "pi-a");
-    let online = |id: &str| {
-        plane
-            .get("/v1/devices")
-            .as_array()
-            .and_then(|a| a.iter().find(|d| d["id"] == id).cloned())
-            .is_some_and(|d| d["online"] == true)
-    };
     wait_for("pi-a online", Duration::from_secs(60), || {
-        online("pi-a").then_some(())
+        plane.online("pi-a").then_some(())
     });
 
     let secret = |id: &str| hex::decode(config_value(dir, id, "device_secret")).expect("hex");
@@ -741,7 +734,7 @@ fn a_device_can_use_the_broker_only_as_itself() {
 
     std::thread::sleep(Duration::from_secs(1));
     assert!(
-        online("pi-a"),
+        plane.online("pi-a"),
         "the replayed will marked the victim offline"
     );
     let (_, metrics) =
@@ -796,17 +789,10 @@ fn fleetctl_broker_acl_makes_mosquitto_enforce_the_fleet_rules() {
     );
 
     let _victim = logged_agent(dir, "pi-a");
-    let online = |id: &str| {
-        plane
-            .get("/v1/devices")
-            .as_array()
-            .and_then(|a| a.iter().find(|d| d["id"] == id).cloned())
-            .is_some_and(|d| d["online"] == true)
-    };
     wait_for(
         "pi-a online through the guarded broker",
         Duration::from_secs(60),
-        || online("pi-a").then_some(()),
+        || plane.online("pi-a").then_some(()),
     );
 
     let secret = |id: &str| hex::decode(config_value(dir, id, "device_secret")).expect("hex");
@@ -836,7 +822,7 @@ fn fleetctl_broker_acl_makes_mosquitto_enforce_the_fleet_rules() {
     assert!(subscribed, "the SUBACK never came");
     assert!(seen.is_empty(), "a device read: {seen:?}");
     std::thread::sleep(Duration::from_secs(1));
-    assert!(online("pi-a"), "the replayed will reached the ingest");
+    assert!(plane.online("pi-a"), "the replayed will reached the ingest");
 
     // Anonymous, and a wrong password: refused.
     for (user, pass) in [(None, ""), (Some("pi-b"), "not-the-password")] {
@@ -1038,11 +1024,7 @@ fn a_wiped_device_is_recognised_and_its_messages_are_stored() {
         || statuses().into_iter().find(|s| *s > before),
     );
     assert!(after > before);
-    let device = plane
-        .get("/v1/devices")
-        .as_array()
-        .and_then(|a| a.iter().find(|d| d["id"] == "pi-w").cloned())
-        .expect("listed");
+    let device = plane.device("pi-w");
     assert_eq!(device["sequence_restarts"], 1, "{device}");
     let shown = plane.fleetctl(dir, &["devices", "show", "pi-w"]);
     assert!(
@@ -1066,16 +1048,9 @@ fn a_revoked_device_is_locked_out_at_once_and_a_rotated_one_comes_back() {
     hil_tests::keys_and_policy(dir, "k");
     let plane = ControlPlane::start(dir, None, &["--trust", "trust.toml"]);
     enroll(dir, &plane, "pi-r", "raspberry-pi-4", "site=lab", "");
-    let device = |id: &str| {
-        plane
-            .get("/v1/devices")
-            .as_array()
-            .and_then(|a| a.iter().find(|d| d["id"] == id).cloned())
-            .expect("listed")
-    };
     let agent = logged_agent(dir, "pi-r");
     wait_for("pi-r online", Duration::from_secs(60), || {
-        (device("pi-r")["online"] == true).then_some(())
+        (plane.device("pi-r")["online"] == true).then_some(())
     });
     let token = device_token(dir, "pi-r");
     let secret = hex::decode(config_value(dir, "pi-r", "device_secret")).expect("hex");
@@ -1107,7 +1082,7 @@ fn a_revoked_device_is_locked_out_at_once_and_a_rotated_one_comes_back() {
         None,
         "a revoked device logged in"
     );
-    assert!(!device("pi-r")["revoked_ms"].is_null());
+    assert!(!plane.device("pi-r")["revoked_ms"].is_null());
     let listed = plane.fleetctl(dir, &["devices", "list"]);
     assert!(listed.success().contains("revoked"), "{}", listed.stdout);
     let audit = plane.get("/v1/audit?limit=1000");
@@ -1151,7 +1126,7 @@ fn a_revoked_device_is_locked_out_at_once_and_a_rotated_one_comes_back() {
         "pi-r online again with its new secret",
         Duration::from_secs(60),
         || {
-            let d = device("pi-r");
+            let d = plane.device("pi-r");
             (d["online"] == true && d["revoked_ms"].is_null()).then_some(())
         },
     );
