@@ -14,8 +14,11 @@
 //! outcome — to tree `audit`, keyed by a sequence number. Calls without a valid token
 //! are counted and written as one entry per interval ([`Audit::flush_unauthenticated`]),
 //! so that nobody can fill the disk by being refused. Each
-//! entry holds the hash of the one before and its own hash over both, so an edited,
-//! inserted or deleted entry breaks the chain ([`verify`], `fleetctl audit verify`).
+//! entry holds the hash of the one before and its own HMAC-SHA256 over both, keyed with
+//! the [`AuditKey`] kept in a file outside the database (`DATA_DIR/audit.key` or
+//! `--audit-key`), so an edited, inserted or deleted entry breaks the chain even for
+//! someone who can write the database and recompute hashes ([`verify`],
+//! `fleetctl audit verify`).
 
 use std::sync::Arc;
 
@@ -126,22 +129,122 @@ impl Tokens {
     }
 }
 
-/// The hash an entry should have.
-pub fn entry_hash(e: &AuditEntry) -> String {
-    let mut unsigned = e.clone();
-    unsigned.hash = String::new();
-    let bytes = serde_json::to_vec(&unsigned).unwrap_or_default();
-    let mut input = e.prev.as_bytes().to_vec();
-    input.extend_from_slice(&bytes);
-    sha256(&input).to_string()
+/// The key of the audit chain: entries are MACed with it, so rewriting the log takes
+/// the key as well as the database. It lives in a file of its own (mode 0600, TOML:
+/// `key`, 64 hex digits, and `keyed_from`, the first entry it covers), never in the
+/// database; keep a copy where the database is not (a backup of the database alone
+/// cannot be rewritten undetectably).
+#[derive(Clone)]
+pub struct AuditKey {
+    key: ring::hmac::Key,
+    /// Entries before this one were written before the log was keyed (a log from an
+    /// older version): they are checked with the plain SHA-256 chain.
+    keyed_from: u64,
+}
+
+impl std::fmt::Debug for AuditKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditKey")
+            .field("keyed_from", &self.keyed_from)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditKeyFile {
+    key: String,
+    keyed_from: u64,
+}
+
+impl AuditKey {
+    pub fn new(secret: &[u8; 32], keyed_from: u64) -> AuditKey {
+        AuditKey {
+            key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret),
+            keyed_from: keyed_from.max(1),
+        }
+    }
+
+    /// The first entry the key covers.
+    pub fn keyed_from(&self) -> u64 {
+        self.keyed_from
+    }
+
+    /// Reads the key file; refuses one others may read, naming the `chmod` that fixes it.
+    pub fn read(path: &std::path::Path) -> anyhow::Result<AuditKey> {
+        use anyhow::Context as _;
+        use std::os::unix::fs::PermissionsExt;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the audit key {}", path.display()))?;
+        let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            anyhow::bail!(
+                "the audit key {} is mode {mode:o}: others may read it; run: chmod 600 {}",
+                path.display(),
+                path.display()
+            );
+        }
+        let file: AuditKeyFile = toml::from_str(&text)
+            .with_context(|| format!("{} is not an audit key file", path.display()))?;
+        let secret: [u8; 32] = hex::decode(file.key.trim())
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .with_context(|| format!("{}: `key` must be 64 hex digits", path.display()))?;
+        Ok(AuditKey::new(&secret, file.keyed_from))
+    }
+
+    /// Reads the key at `path`, or makes one (mode 0600) on first start. A log that
+    /// already has entries (written by a version without keys) is keyed from its next
+    /// entry on.
+    pub fn open(path: &std::path::Path, audit: &dyn AuditStore) -> anyhow::Result<AuditKey> {
+        if path.exists() {
+            return AuditKey::read(path);
+        }
+        let mut last = 0;
+        loop {
+            let page = audit.audit_entries(last + 1, 10_000)?;
+            match page.last() {
+                Some(e) => last = e.seq,
+                None => break,
+            }
+        }
+        let secret: [u8; 32] = crate::plane::random_bytes(32)?
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("the random source gave a short key"))?;
+        let text = format!(
+            "# The key of the fleetml audit chain. Keep it mode 0600, and a copy where the\n\
+             # database is not: without it `fleetctl audit verify` cannot tell a rewritten log.\n{}",
+            toml::to_string(&AuditKeyFile {
+                key: hex::encode(secret),
+                keyed_from: last + 1,
+            })?
+        );
+        crate::output::create_new(path, 0o600, text.as_bytes())?;
+        Ok(AuditKey::new(&secret, last + 1))
+    }
+
+    /// The hash an entry should have: HMAC-SHA256 under this key of `prev` followed by
+    /// the entry's JSON with `hash` empty (plain SHA-256 before `keyed_from`).
+    pub fn entry_hash(&self, e: &AuditEntry) -> String {
+        let mut unsigned = e.clone();
+        unsigned.hash = String::new();
+        let bytes = serde_json::to_vec(&unsigned).unwrap_or_default();
+        let mut input = e.prev.as_bytes().to_vec();
+        input.extend_from_slice(&bytes);
+        if e.seq < self.keyed_from {
+            sha256(&input).to_string()
+        } else {
+            hex::encode(ring::hmac::sign(&self.key, &input).as_ref())
+        }
+    }
 }
 
 pub(crate) const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 /// Checks a chain from its first entry: sequence numbers without gaps, each `prev` the
-/// hash of the entry before, each hash recomputed. Returns the head hash.
-pub fn verify(entries: &[AuditEntry]) -> Result<String, String> {
-    let mut chain = Chain::default();
+/// hash of the entry before, each MAC recomputed. Returns the head hash.
+pub fn verify(key: &AuditKey, entries: &[AuditEntry]) -> Result<String, String> {
+    let mut chain = Chain::new(key.clone());
     chain.feed(entries)?;
     Ok(chain.head().to_string())
 }
@@ -150,6 +253,7 @@ pub fn verify(entries: &[AuditEntry]) -> Result<String, String> {
 /// may be larger than one answer), and whether an anchor hash kept elsewhere is in it.
 #[derive(Debug, Clone)]
 pub struct Chain {
+    key: AuditKey,
     prev: String,
     /// Entries checked so far.
     pub checked: u64,
@@ -157,26 +261,21 @@ pub struct Chain {
     seen: Vec<bool>,
 }
 
-impl Default for Chain {
-    fn default() -> Self {
-        Chain {
-            prev: GENESIS.to_string(),
-            checked: 0,
-            anchors: Vec::new(),
-            seen: Vec::new(),
-        }
-    }
-}
-
 impl Chain {
+    pub fn new(key: AuditKey) -> Chain {
+        Chain::anchored(key, Vec::new())
+    }
+
     /// A chain that must also contain an entry hashing to each of `anchors` (heads a
     /// former `audit verify` printed): a log rewritten or cut before them fails.
-    pub fn anchored(anchors: Vec<String>) -> Chain {
+    pub fn anchored(key: AuditKey, anchors: Vec<String>) -> Chain {
         let seen = vec![false; anchors.len()];
         Chain {
+            key,
+            prev: GENESIS.to_string(),
+            checked: 0,
             anchors,
             seen,
-            ..Chain::default()
         }
     }
 
@@ -200,7 +299,7 @@ impl Chain {
                     self.prev
                 ));
             }
-            let actual = entry_hash(e);
+            let actual = self.key.entry_hash(e);
             if actual != e.hash {
                 return Err(format!(
                     "entry {} was changed after it was written: it hashes to {actual}, recorded {}",
@@ -241,6 +340,7 @@ impl Chain {
 #[derive(Clone)]
 pub struct Audit {
     store: Arc<dyn AuditStore>,
+    key: AuditKey,
     /// Calls refused for want of a valid token since the last tally entry.
     unauthenticated: Arc<std::sync::Mutex<Tally>>,
 }
@@ -278,9 +378,10 @@ impl std::fmt::Debug for Audit {
 }
 
 impl Audit {
-    pub fn new(store: Arc<dyn AuditStore>) -> Audit {
+    pub fn new(store: Arc<dyn AuditStore>, key: AuditKey) -> Audit {
         Audit {
             store,
+            key,
             unauthenticated: Arc::new(std::sync::Mutex::new(Tally::default())),
         }
     }
@@ -312,7 +413,7 @@ impl Audit {
                 prev,
                 hash: String::new(),
             };
-            entry.hash = entry_hash(&entry);
+            entry.hash = self.key.entry_hash(&entry);
             entry
         })
     }
@@ -367,16 +468,41 @@ impl Audit {
     pub fn entries(&self, from: u64, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
         self.store.audit_entries(from, limit)
     }
+
+    /// Walks the whole log page by page with the key: the number of entries and the head
+    /// hash, or what is wrong. `anchors` are heads kept elsewhere that must be in it.
+    pub fn verify_all(&self, anchors: Vec<String>) -> Result<Result<Chain, String>, StoreError> {
+        const PAGE: usize = 10_000;
+        let mut chain = Chain::anchored(self.key.clone(), anchors);
+        loop {
+            let page = self.store.audit_entries(chain.checked + 1, PAGE)?;
+            if let Err(e) = chain.feed(&page) {
+                return Ok(Err(e));
+            }
+            if page.len() < PAGE {
+                break;
+            }
+        }
+        Ok(chain.finish().map(|()| chain))
+    }
+
+    pub fn key(&self) -> &AuditKey {
+        &self.key
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn key() -> AuditKey {
+        AuditKey::new(&[7; 32], 1)
+    }
+
     fn chain() -> (tempfile::TempDir, Audit) {
         let dir = tempfile::tempdir().expect("test");
         let store = crate::store::sled::SledStore::open(dir.path()).expect("test");
-        let audit = Audit::new(Arc::new(store));
+        let audit = Audit::new(Arc::new(store), key());
         for i in 0..4 {
             audit
                 .append(
@@ -396,28 +522,83 @@ mod tests {
     fn an_intact_chain_verifies_and_any_edit_or_deletion_is_named() {
         let (_dir, audit) = chain();
         let entries = audit.entries(1, 100).expect("test");
-        assert!(verify(&entries).is_ok());
+        assert!(verify(&key(), &entries).is_ok());
         let mut edited = entries.clone();
         edited[2].outcome = 403;
         assert!(
-            verify(&edited)
+            verify(&key(), &edited)
                 .expect_err("test")
                 .contains("entry 3 was changed")
         );
         let mut deleted = entries.clone();
         deleted.remove(1);
         assert!(
-            verify(&deleted)
+            verify(&key(), &deleted)
                 .expect_err("test")
                 .contains("entry 2 is missing")
         );
         let mut rehashed = entries;
         rehashed[1].who = "someone else".into();
-        rehashed[1].hash = entry_hash(&rehashed[1]);
+        rehashed[1].hash = key().entry_hash(&rehashed[1]);
         assert!(
-            verify(&rehashed)
+            verify(&key(), &rehashed)
                 .expect_err("test")
                 .contains("entry 3 does not follow entry 2")
+        );
+    }
+
+    /// Someone who can write the database but has not the key: an entry edited and the
+    /// chain recomputed with plain SHA-256 (which the unkeyed chain accepted), or with
+    /// another key, is named; a log from before keys checks as SHA-256 up to
+    /// `keyed_from`, and the key file is made 0600 and read back.
+    #[test]
+    fn a_rewrite_without_the_key_is_detected_and_old_logs_are_keyed_from_their_next_entry() {
+        let (dir, audit) = chain();
+        let entries = audit.entries(1, 100).expect("test");
+        let mut forged = entries.clone();
+        forged[1].outcome = 200;
+        let mut prev = forged[0].hash.clone();
+        for e in &mut forged[1..] {
+            e.prev = prev;
+            e.hash = AuditKey::new(&[7; 32], u64::MAX).entry_hash(e);
+            prev = e.hash.clone();
+        }
+        assert!(
+            verify(&key(), &forged)
+                .expect_err("forged")
+                .contains("entry 2 was changed")
+        );
+        let other = AuditKey::new(&[8; 32], 1);
+        assert!(verify(&other, &entries).is_err());
+
+        let store = crate::store::sled::SledStore::open(&dir.path().join("old")).expect("test");
+        let legacy = Audit::new(Arc::new(store.clone()), AuditKey::new(&[0; 32], u64::MAX));
+        for i in 0..3 {
+            legacy
+                .append(i, "w".into(), "admin".into(), "a".into(), "t".into(), 200)
+                .expect("test");
+        }
+        let path = dir.path().join("audit.key");
+        let opened = AuditKey::open(&path, &store).expect("made");
+        assert_eq!(opened.keyed_from(), 4);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).expect("test").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let upgraded = Audit::new(Arc::new(store), AuditKey::read(&path).expect("read"));
+        upgraded
+            .append(9, "w".into(), "admin".into(), "a".into(), "t".into(), 200)
+            .expect("test");
+        let chain = upgraded
+            .verify_all(Vec::new())
+            .expect("test")
+            .expect("intact");
+        assert_eq!(chain.checked, 4);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("test");
+        assert!(
+            AuditKey::read(&path)
+                .expect_err("readable by others")
+                .to_string()
+                .contains("chmod 600")
         );
     }
 
@@ -440,7 +621,7 @@ mod tests {
         assert!(e.target.len() < MAX_AUDIT_FIELD + 32, "{}", e.target.len());
         assert!(e.target.ends_with(&format!("… ({} bytes)", long.len())));
         assert!(e.action.len() < MAX_AUDIT_FIELD + 32);
-        assert!(verify(&audit.entries(1, 100).expect("test")).is_ok());
+        assert!(verify(&key(), &audit.entries(1, 100).expect("test")).is_ok());
     }
 
     /// Refused unauthenticated calls become one entry per flush, with their count, and
@@ -465,7 +646,7 @@ mod tests {
         assert!(audit.flush_unauthenticated().expect("test").is_none());
         let entries = audit.entries(1, 100).expect("test");
         assert_eq!(entries.len(), 5);
-        assert!(verify(&entries).is_ok());
+        assert!(verify(&key(), &entries).is_ok());
     }
 
     /// Page by page or all at once, the chain checks the same; an anchor must be in it.
@@ -473,14 +654,14 @@ mod tests {
     fn the_chain_checks_across_pages_and_finds_its_anchors() {
         let (_dir, audit) = chain();
         let entries = audit.entries(1, 100).expect("test");
-        let whole = verify(&entries).expect("intact");
-        let mut paged = Chain::anchored(vec![entries[1].hash.clone()]);
+        let whole = verify(&key(), &entries).expect("intact");
+        let mut paged = Chain::anchored(key(), vec![entries[1].hash.clone()]);
         for page in entries.chunks(3) {
             paged.feed(page).expect("intact");
         }
         assert_eq!((paged.head(), paged.checked), (whole.as_str(), 4));
         assert!(paged.finish().is_ok());
-        let mut missing = Chain::anchored(vec!["0".repeat(64)]);
+        let mut missing = Chain::anchored(key(), vec!["0".repeat(64)]);
         missing.feed(&entries).expect("intact");
         assert!(
             missing
@@ -489,7 +670,7 @@ mod tests {
                 .contains("rewritten or cut")
         );
         // An entry deleted at a page boundary is still found.
-        let mut cut = Chain::default();
+        let mut cut = Chain::new(key());
         cut.feed(&entries[..2]).expect("intact");
         assert!(
             cut.feed(&entries[3..])

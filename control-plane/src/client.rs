@@ -213,7 +213,7 @@ impl Client {
         method: &str,
         path: &str,
         content_type: &str,
-        body: Vec<u8>,
+        mut body: Vec<u8>,
     ) -> anyhow::Result<(hyper::StatusCode, hyper::body::Bytes)> {
         let Some(token) = &self.token else {
             bail!(
@@ -227,17 +227,30 @@ impl Client {
             ("authorization", authorization.as_str()),
             ("content-type", content_type),
         ];
-        let (status, bytes) = self
-            .runtime
-            .block_on(crate::http::call(
+        // A 429 (the server's rate limit) is retried after 1, 2 and 4 s, as kubectl and
+        // the cloud CLIs do; a body over 1 MiB is not copied for that.
+        let mut pause = std::time::Duration::from_secs(1);
+        let mut retries = if body.len() <= 1 << 20 { 3 } else { 0 };
+        let (status, bytes) = loop {
+            let attempt = if retries > 0 { body.clone() } else { std::mem::take(&mut body) };
+            let answer = self.runtime.block_on(crate::http::call(
                 to,
                 method,
                 path,
                 &headers,
-                body,
+                attempt,
                 std::time::Duration::from_secs(600),
-            ))
-            .with_context(|| {
+            ));
+            match answer {
+                Ok((hyper::StatusCode::TOO_MANY_REQUESTS, _)) if retries > 0 => {
+                    retries -= 1;
+                    std::thread::sleep(pause);
+                    pause *= 2;
+                }
+                other => break other,
+            }
+        }
+        .with_context(|| {
                 if to.tls.is_some() {
                     format!(
                         "{method} {url}: cannot reach the control plane over TLS (is `fleetctl serve` running there? pass --server; the CA is --ca / FLEETML_CA, DATA_DIR/tls/ca.pem with --self-signed)"

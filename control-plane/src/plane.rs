@@ -46,6 +46,38 @@ pub struct Plane {
     /// The session commands to devices are published on; the ingest has its own.
     pub(crate) client: AsyncClient,
     pub(crate) metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// Rate limits on mutating calls.
+    pub(crate) rate: CallLimits,
+}
+
+/// The rate limits of mutating API calls, per principal and per client address.
+#[derive(Debug)]
+pub(crate) struct CallLimits {
+    pub(crate) per_principal: fleetml_net::rate::RateLimiter<String>,
+    pub(crate) per_address: fleetml_net::rate::RateLimiter<std::net::IpAddr>,
+    pub(crate) rates: crate::server::RateLimits,
+}
+
+/// Keys each limit remembers at most (beyond, rotating keys share one bucket).
+const RATE_KEYS: usize = 65_536;
+
+impl CallLimits {
+    pub(crate) fn new(rates: crate::server::RateLimits) -> CallLimits {
+        let burst = |r: u32| r.saturating_mul(10);
+        CallLimits {
+            per_principal: fleetml_net::rate::RateLimiter::new(
+                rates.per_token,
+                burst(rates.per_token),
+                RATE_KEYS,
+            ),
+            per_address: fleetml_net::rate::RateLimiter::new(
+                rates.per_address,
+                burst(rates.per_address),
+                RATE_KEYS,
+            ),
+            rates,
+        }
+    }
 }
 
 impl Plane {

@@ -63,8 +63,13 @@ pub struct Options {
     /// How often the calls refused for want of a valid token are written to the audit
     /// log, as one entry.
     pub audit_interval: Duration,
+    /// The audit chain's key file (default `DATA_DIR/audit.key`).
+    pub audit_key: Option<PathBuf>,
     /// What one HTTP caller may take: time-outs and the connection limit.
     pub http: fleetml_net::Limits,
+    /// Mutating API calls per second per token or device, and per client address (0:
+    /// no limit); each may burst to ten times that.
+    pub rate_limits: RateLimits,
     /// Bytes of captured data kept per device.
     pub capture_quota: u64,
     /// TLS for the API and the embedded broker, or plain (`--insecure-listen`).
@@ -89,6 +94,27 @@ pub fn http_limits(request: Duration, max_connections: usize) -> fleetml_net::Li
             timed_out: "fleetml_control_http_requests_timed_out_total",
         },
     )
+}
+
+/// Mutating API calls admitted per second (0: no limit), each limit bursting to ten
+/// times its rate.
+#[derive(Debug, Clone, Copy)]
+pub struct RateLimits {
+    /// Per operator token or device.
+    pub per_token: u32,
+    /// Per client IP address, checked before the token (so guessing tokens is limited
+    /// too). Behind a proxy every call comes from its address: raise or turn it off
+    /// there and let the proxy limit.
+    pub per_address: u32,
+}
+
+impl Default for RateLimits {
+    fn default() -> Self {
+        RateLimits {
+            per_token: 20,
+            per_address: 50,
+        }
+    }
 }
 
 /// Reads `DIR/admin.token`, creating it (mode 0600) on first start.
@@ -119,7 +145,7 @@ fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
 
 /// Makes `dir` (DATA_DIR) private, at every start: the directory 0700, the store
 /// (`fleet.db`, which holds the device secrets) 0700 with its files 0600, the admin token
-/// and the assignment key 0600. What it had to change, one line each (the caller warns);
+/// the assignment key, the trainers file and the audit key 0600. What it had to change, one line each (the caller warns);
 /// an error naming the command that fixes it when this user cannot change a mode.
 pub fn private_data_dir(dir: &Path) -> anyhow::Result<Vec<String>> {
     use std::os::unix::fs::PermissionsExt;
@@ -148,7 +174,12 @@ pub fn private_data_dir(dir: &Path) -> anyhow::Result<Vec<String>> {
         Ok(())
     };
     tighten(dir, 0o700, 0o600)?;
-    for name in ["admin.token", "assignment.key", "trainers.toml"] {
+    for name in [
+        "admin.token",
+        "assignment.key",
+        "trainers.toml",
+        "audit.key",
+    ] {
         let path = dir.join(name);
         if path.exists() {
             tighten(&path, 0o700, 0o600)?;
@@ -500,6 +531,13 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
             &opts.data_dir.join("blobs"),
         )?),
     );
+    let audit_key = crate::auth::AuditKey::open(
+        &opts
+            .audit_key
+            .clone()
+            .unwrap_or_else(|| opts.data_dir.join("audit.key")),
+        &store,
+    )?;
     let plane = Arc::new(Plane {
         assignments: Arc::new(store.clone()),
         captures: crate::captures::Captures::open(
@@ -517,7 +555,7 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
         running: Default::default(),
         signing_key: opts.signing_key.clone(),
         rollouts: Arc::new(store.clone()),
-        audit: crate::auth::Audit::new(Arc::new(store.clone())),
+        audit: crate::auth::Audit::new(Arc::new(store.clone()), audit_key),
         tokens,
         assignment_key,
         assignment_ttl_ms: opts.assignment_ttl.as_millis() as u64,
@@ -541,6 +579,7 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
         public_mqtt_url: opts.public_mqtt_url.clone().unwrap_or(public_mqtt),
         client,
         metrics,
+        rate: crate::plane::CallLimits::new(opts.rate_limits),
     });
     spawn_ingest(plane.clone(), ingest_client, events);
     spawn_receipts(plane.clone(), opts.receipt_interval);

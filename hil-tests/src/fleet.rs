@@ -189,12 +189,35 @@ pub fn open(
     url: &str,
     roots: Option<&std::sync::Arc<rustls::ClientConfig>>,
 ) -> std::io::Result<Box<dyn Stream>> {
+    open_from(url, roots, None)
+}
+
+/// [`open`] from the local address `from` (another loopback address, say 127.0.0.2:
+/// another client as far as the server can tell).
+pub fn open_from(
+    url: &str,
+    roots: Option<&std::sync::Arc<rustls::ClientConfig>>,
+    from: Option<std::net::IpAddr>,
+) -> std::io::Result<Box<dyn Stream>> {
     let (tls, addr) = match url.strip_prefix("https://") {
         Some(a) => (true, a),
         None => (false, url.trim_start_matches("http://")),
     };
     let addr = addr.trim_end_matches('/');
-    let tcp = std::net::TcpStream::connect(addr)?;
+    let tcp = match from {
+        None => std::net::TcpStream::connect(addr)?,
+        Some(ip) => {
+            let to: std::net::SocketAddr = addr.parse().map_err(std::io::Error::other)?;
+            let socket = socket2::Socket::new(
+                socket2::Domain::for_address(to),
+                socket2::Type::STREAM,
+                None,
+            )?;
+            socket.bind(&std::net::SocketAddr::new(ip, 0).into())?;
+            socket.connect(&to.into())?;
+            socket.into()
+        }
+    };
     tcp.set_read_timeout(Some(Duration::from_secs(120)))?;
     tcp.set_nodelay(true)?;
     if !tls {
@@ -378,6 +401,11 @@ impl ControlPlane {
     /// [`connect`](Self::connect), or why not.
     pub fn try_connect(&self) -> std::io::Result<Box<dyn Stream>> {
         open(&self.url, self.tls.as_ref())
+    }
+
+    /// A connection to the API from the local address `from`.
+    pub fn connect_from(&self, from: std::net::IpAddr) -> Box<dyn Stream> {
+        open_from(&self.url, self.tls.as_ref(), Some(from)).expect("connects to the API")
     }
 
     /// `host:port` of the API.

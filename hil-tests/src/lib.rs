@@ -317,12 +317,23 @@ fn request_head(method: &str, path: &str, headers: &[(&str, &str)]) -> String {
 
 /// [`http`] with any headers.
 pub fn http_with<S: std::io::Read + std::io::Write>(
-    mut stream: S,
+    stream: S,
     method: &str,
     path: &str,
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> std::io::Result<(u16, Vec<u8>)> {
+    http_answer(stream, method, path, headers, body).map(|(status, _, body)| (status, body))
+}
+
+/// [`http_with`], with the answer's head (status line and headers) too.
+pub fn http_answer<S: std::io::Read + std::io::Write>(
+    mut stream: S,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<(u16, String, Vec<u8>)> {
     let mut head = request_head(method, path, headers);
     head.push_str(&format!(
         "Content-Length: {}\r\nConnection: close\r\n\r\n",
@@ -349,7 +360,7 @@ pub fn http_with<S: std::io::Read + std::io::Write>(
     {
         body = dechunk(&body);
     }
-    Ok((status, body))
+    Ok((status, header, body))
 }
 
 /// A keep-alive HTTP/1.1 client on one connection: each request is one write, each

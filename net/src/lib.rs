@@ -18,7 +18,9 @@
 //!   connections it already serves.
 //!
 //! Each server names its metrics ([`Limits::metrics`]): open connections (a gauge) and
-//! connections refused at the limit (a counter).
+//! connections refused at the limit (a counter). Every request carries its peer's
+//! address as `axum::extract::ConnectInfo<L::Addr>`, for per-address limits
+//! ([`rate::RateLimiter`]).
 
 use std::future::Future;
 use std::io;
@@ -36,6 +38,7 @@ use tokio::sync::Semaphore;
 use tokio::time::Sleep;
 use tower::ServiceExt;
 
+pub mod rate;
 pub mod tls;
 
 /// How much one server lets its callers take.
@@ -95,6 +98,7 @@ pub async fn serve<L>(
 where
     L: Listener,
     L::Io: Unpin,
+    L::Addr: Clone + Send + Sync + 'static,
 {
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let limits = Arc::new(limits);
@@ -104,7 +108,7 @@ where
     loop {
         // axum's listeners retry failed accepts themselves (after a pause when out of
         // file descriptors).
-        let (io, _) = listener.accept().await;
+        let (io, peer) = listener.accept().await;
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             metrics::counter!(limits.metrics.refused).increment(1);
             // Counted, not logged at warn: a flood would flood the log too.
@@ -120,11 +124,11 @@ where
             metrics::gauge!(limits.metrics.open).increment(1.0);
             let io = Idle::new(io, limits.request * 2);
             match acceptor {
-                None => serve_connection(io, app, &limits).await,
+                None => serve_connection(io, app, peer, &limits).await,
                 Some((acceptor, failed)) => {
                     if let Some(stream) = handshake(&acceptor, failed, io, limits.header_read).await
                     {
-                        serve_connection(stream, app, &limits).await
+                        serve_connection(stream, app, peer, &limits).await
                     }
                 }
             }
@@ -161,16 +165,20 @@ where
 }
 
 /// Serves HTTP/1.1 requests on one connection until it ends.
-async fn serve_connection<I>(io: I, app: Router, limits: &Limits)
+async fn serve_connection<I, A>(io: I, app: Router, peer: A, limits: &Limits)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    A: Clone + Send + Sync + 'static,
 {
     let request_limit = limits.request;
     let timed_out = limits.metrics.timed_out;
     let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
-        let app = app.clone();
+        let (app, peer) = (app.clone(), peer.clone());
         async move {
-            let request = request.map(axum::body::Body::new);
+            let mut request = request.map(axum::body::Body::new);
+            request
+                .extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer));
             match tokio::time::timeout(request_limit, app.oneshot(request)).await {
                 Ok(answer) => answer,
                 Err(_) => {

@@ -130,7 +130,7 @@ pub fn access(method: &axum::http::Method, route: &str) -> Access {
         Access::DeviceOrViewer
     } else if route == "/v1/devices/{id}/captures" && method == Method::POST {
         Access::OwnDevice
-    } else if route == "/v1/audit" || !matches!(*method, Method::GET | Method::HEAD) {
+    } else if route.starts_with("/v1/audit") || !matches!(*method, Method::GET | Method::HEAD) {
         Access::Role(Role::Operator)
     } else {
         Access::Role(Role::Viewer)
@@ -149,7 +149,8 @@ fn identify(plane: &Plane, token: &str) -> Option<Principal> {
     plane.tokens.find(token).ok()?.map(Principal::Operator)
 }
 
-/// Authenticates, checks the route's role, runs the handler, and writes an audit entry
+/// Limits mutating calls per client address (before authentication) and per token or
+/// device (after), authenticates, checks the route's role, runs the handler, and writes an audit entry
 /// for every mutating call of an authenticated caller (refused ones included); calls
 /// without a valid token are counted (`fleetml_control_unauthenticated_requests_total`)
 /// and audited as one entry per interval.
@@ -160,6 +161,25 @@ pub(crate) async fn authorize(
     next: Next,
 ) -> Response {
     let method = request.method().clone();
+    let mutating = !matches!(method, axum::http::Method::GET | axum::http::Method::HEAD);
+    if mutating {
+        let peer = request
+            .extensions()
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| c.0.ip());
+        if let Some(ip) = peer
+            && let Err(limited) = plane.rate.per_address.check(&ip)
+        {
+            return too_many(
+                "address",
+                limited,
+                format!(
+                    "too many changes from {ip}: {} per second (bursts of ten times that) per address; retry later (fleetctl serve --rate-limit-address)",
+                    plane.rate.rates.per_address
+                ),
+            );
+        }
+    }
     let target = request.uri().path().to_string();
     let route = matched.map_or_else(|| target.clone(), |m| m.as_str().to_string());
     let given = request
@@ -214,6 +234,21 @@ pub(crate) async fn authorize(
         )),
         _ => None,
     };
+    if mutating
+        && refused.is_none()
+        && let Some(p) = &principal
+        && let Err(limited) = plane.rate.per_principal.check(&p.who())
+    {
+        return too_many(
+            "token",
+            limited,
+            format!(
+                "too many changes by {}: {} per second (bursts of ten times that) per token or device; retry later (fleetctl serve --rate-limit-token)",
+                p.who(),
+                plane.rate.rates.per_token
+            ),
+        );
+    }
     let response = match refused {
         Some(e) => e.into_response(),
         None => {
@@ -226,7 +261,6 @@ pub(crate) async fn authorize(
     if principal.is_none() {
         metrics::counter!("fleetml_control_unauthenticated_requests_total").increment(1);
     }
-    let mutating = !matches!(method, axum::http::Method::GET | axum::http::Method::HEAD);
     // Besides every change: reads of the fleet's data (a dataset's rows, its profile) and
     // an operator's download of a bundle (a model's weights). A device's download of a
     // bundle its assignment names is the fleet working, not audited.
@@ -248,6 +282,20 @@ pub(crate) async fn authorize(
         }
         (_, false) => {}
     }
+    response
+}
+
+/// 429 with `Retry-After` (whole seconds, at least 1), counted per limit in
+/// `fleetml_control_rate_limited_total{by}`; not audited one by one (a flood would fill
+/// the log).
+fn too_many(by: &'static str, limited: fleetml_net::rate::Limited, why: String) -> Response {
+    metrics::counter!("fleetml_control_rate_limited_total", "by" => by).increment(1);
+    let seconds = limited.retry_after.as_secs_f64().ceil().max(1.0) as u64;
+    let mut response = ApiError(StatusCode::TOO_MANY_REQUESTS, why).into_response();
+    response.headers_mut().insert(
+        axum::http::header::RETRY_AFTER,
+        axum::http::HeaderValue::from(seconds),
+    );
     response
 }
 

@@ -79,6 +79,7 @@ pub fn router(plane: Arc<Plane>) -> Router {
         .route("/v1/tokens", post(t::create_token).get(t::list_tokens))
         .route("/v1/tokens/{id}", delete(t::revoke_token))
         .route("/v1/audit", get(t::audit_log))
+        .route("/v1/audit/verify", get(t::audit_verify))
         .route("/v1/broker/mosquitto", get(crate::api::broker::mosquitto))
         .route("/v1/trainers", get(crate::api::trainers::list))
         .route(

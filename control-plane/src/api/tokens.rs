@@ -93,3 +93,49 @@ pub async fn audit_log(
         serde_json::to_value(entries).map_err(ApiError::internal)?,
     ))
 }
+
+#[derive(Debug, Deserialize)]
+pub struct VerifyQuery {
+    /// Heads kept elsewhere, comma-separated.
+    #[serde(default)]
+    head: String,
+}
+
+/// `GET /v1/audit/verify`: the whole log checked here, with the key the client does not
+/// have: `{intact, entries, head, keyed_from}` or `{intact: false, error, …}`.
+pub async fn audit_verify(
+    State(plane): State<Arc<Plane>>,
+    Query(q): Query<VerifyQuery>,
+) -> Api<axum::Json<Value>> {
+    let anchors: Vec<String> = q
+        .head
+        .split(',')
+        .map(str::trim)
+        .filter(|h| !h.is_empty())
+        .map(str::to_string)
+        .collect();
+    if anchors.len() > 64 || anchors.iter().any(|h| h.len() != 64) {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "head: up to 64 hashes of 64 hex digits, comma-separated (heads `fleetctl audit verify` printed)".into(),
+        ));
+    }
+    let audit = plane.audit.clone();
+    let keyed_from = audit.key().keyed_from();
+    let outcome = tokio::task::spawn_blocking(move || audit.verify_all(anchors))
+        .await
+        .map_err(ApiError::internal)??;
+    Ok(axum::Json(match outcome {
+        Ok(chain) => serde_json::json!({
+            "intact": true,
+            "entries": chain.checked,
+            "head": chain.head(),
+            "keyed_from": keyed_from,
+        }),
+        Err(error) => serde_json::json!({
+            "intact": false,
+            "error": error,
+            "keyed_from": keyed_from,
+        }),
+    }))
+}

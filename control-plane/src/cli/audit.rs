@@ -16,8 +16,10 @@ pub(crate) struct AuditArgs {
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum AuditCommand {
-    /// Fetch the whole log, page by page, and check its hash chain here; exits 1 when an
-    /// entry was changed, inserted or deleted.
+    /// Check the whole log's chain (every entry MACed with the audit key, each naming the
+    /// one before); exits 1 when an entry was changed, inserted or deleted. The server
+    /// checks it with its key; with --key, this command fetches the log page by page and
+    /// checks it here, trusting nothing the server says.
     ///
     /// Example: fleetctl audit verify --head 3f2a…  (a head an earlier verify printed)
     Verify {
@@ -25,10 +27,14 @@ pub(crate) enum AuditCommand {
         /// must still contain it, so a log rewritten or cut before it fails. Repeatable.
         #[arg(long)]
         head: Vec<String>,
+        /// A copy of the audit key (DATA_DIR/audit.key or `serve --audit-key`): check
+        /// here instead of asking the server.
+        #[arg(long)]
+        key: Option<PathBuf>,
     },
 }
 
-/// Entries fetched per request by `audit verify`.
+/// Entries fetched per request by `audit verify --key`.
 const PAGE: u64 = 10_000;
 
 pub(crate) fn audit_command(server: &str, a: AuditArgs) -> anyhow::Result<()> {
@@ -39,14 +45,46 @@ pub(crate) fn audit_command(server: &str, a: AuditArgs) -> anyhow::Result<()> {
     } = a;
     let client = fleet_control::client::Client::new(server)?;
     match command {
-        Some(AuditCommand::Verify { head }) => verify(&client, head),
+        Some(AuditCommand::Verify { head, key: None }) => verify_remote(&client, head),
+        Some(AuditCommand::Verify {
+            head,
+            key: Some(key),
+        }) => verify_here(&client, head, &key),
         None => tail(&client, json, last),
     }
 }
 
-/// `audit verify`: the whole chain, page by page, and the anchors.
-fn verify(client: &fleet_control::client::Client, head: Vec<String>) -> anyhow::Result<()> {
-    let mut chain = fleet_control::auth::Chain::anchored(head);
+fn intact(entries: u64, head: &str) {
+    println!(
+        "audit log intact: {entries} entries, head {head} (keep this hash elsewhere and pass it as --head to detect a rewritten or truncated log)"
+    );
+}
+
+/// `audit verify`: the server walks the chain with its key.
+fn verify_remote(client: &fleet_control::client::Client, head: Vec<String>) -> anyhow::Result<()> {
+    let answer = client.get(&format!("/v1/audit/verify?head={}", head.join(",")))?;
+    if answer["intact"] == true {
+        intact(
+            answer["entries"].as_u64().unwrap_or_default(),
+            answer["head"].as_str().unwrap_or_default(),
+        );
+        Ok(())
+    } else {
+        anyhow::bail!(
+            "audit log tampered with: {}",
+            answer["error"].as_str().unwrap_or("(no reason given)")
+        )
+    }
+}
+
+/// `audit verify --key`: the whole chain fetched page by page and checked here.
+fn verify_here(
+    client: &fleet_control::client::Client,
+    head: Vec<String>,
+    key: &std::path::Path,
+) -> anyhow::Result<()> {
+    let key = fleet_control::auth::AuditKey::read(key)?;
+    let mut chain = fleet_control::auth::Chain::anchored(key, head);
     loop {
         let page = client.get(&format!(
             "/v1/audit?from={}&limit={PAGE}",
@@ -64,11 +102,7 @@ fn verify(client: &fleet_control::client::Client, head: Vec<String>) -> anyhow::
     if let Err(e) = chain.finish() {
         anyhow::bail!("audit log tampered with: {e}");
     }
-    println!(
-        "audit log intact: {} entries, head {} (keep this hash elsewhere and pass it as --head to detect a rewritten or truncated log)",
-        chain.checked,
-        chain.head()
-    );
+    intact(chain.checked, chain.head());
     Ok(())
 }
 

@@ -77,6 +77,12 @@ pub(crate) struct ServeArgs {
     /// fleetml_control_unauthenticated_requests_total). Units ms, s, m, h.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     audit_interval: std::time::Duration,
+    /// The key the audit chain is MACed with (made, mode 0600, on first start). It must
+    /// not live in the database: put it on another disk or in a systemd credential, and
+    /// keep a copy; `fleetctl audit verify --key FILE` checks the log with it.
+    /// [default: DATA_DIR/audit.key]
+    #[arg(long, env = "FLEETML_AUDIT_KEY")]
+    audit_key: Option<PathBuf>,
     /// An API request not answered this long after its head arrived gets 408; a
     /// connection on which nothing moves this long is closed. Large dataset uploads on
     /// slow links need it longer. Units s, m, h.
@@ -88,6 +94,16 @@ pub(crate) struct ServeArgs {
     /// raised to the hard one at start.
     #[arg(long, default_value_t = 4096)]
     max_connections: usize,
+    /// Changes (POST, PUT, DELETE) one operator token or device may make per second,
+    /// with bursts of ten times that; more are answered 429 with Retry-After and counted
+    /// in fleetml_control_rate_limited_total{by="token"}. 0: no limit.
+    #[arg(long, default_value_t = 20)]
+    rate_limit_token: u32,
+    /// Changes one client IP address may send per second (checked before its token, so
+    /// token guessing is limited too), with bursts of ten times that. Behind a proxy
+    /// every call has the proxy's address: raise it, or set 0 and limit at the proxy.
+    #[arg(long, default_value_t = 50)]
+    rate_limit_address: u32,
     /// Bytes of captured data kept per device (uploads only for the models a device is
     /// assigned); a new batch beyond it is refused with 413 until old captures are
     /// removed.
@@ -125,7 +141,12 @@ pub(crate) fn serve_command(a: ServeArgs) -> anyhow::Result<()> {
         signing_key: a.signing_key,
         receipt_interval: a.receipt_interval,
         audit_interval: a.audit_interval,
+        audit_key: a.audit_key,
         http: fleet_control::server::http_limits(a.request_timeout, a.max_connections),
+        rate_limits: fleet_control::server::RateLimits {
+            per_token: a.rate_limit_token,
+            per_address: a.rate_limit_address,
+        },
         capture_quota: a.capture_quota,
         tls,
         mqtts_listen: a.mqtts_listen,

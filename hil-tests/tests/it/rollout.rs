@@ -893,17 +893,47 @@ fn every_route_answers_401_without_a_token_403_below_its_role_and_the_audit_chai
         ok.stdout
     );
 
-    // Edit entry 3 in the server's database while it is stopped.
+    // Checked here with a copy of the key, the same.
+    let key = plane.data_dir.join("audit.key");
+    let here = plane.fleetctl(
+        dir,
+        &["audit", "verify", "--key", key.to_str().expect("utf-8")],
+    );
+    assert!(
+        here.success().starts_with("audit log intact"),
+        "{}",
+        here.stdout
+    );
+
+    // Someone who can write the database, not the key: entry 3 edited while the server is
+    // stopped and every hash from there on recomputed as the unkeyed chain computed them
+    // (SHA-256 of `prev` and the entry's JSON). Before the chain was keyed, this rewrite
+    // verified as intact (checked by running this test against the unkeyed chain).
     plane.stop();
     {
         let db = sled::open(plane.data_dir.join("fleet.db")).expect("sled");
         let tree = db.open_tree("audit").expect("tree");
-        let key = 3u64.to_be_bytes();
-        let mut entry: Value =
-            serde_json::from_slice(&tree.get(key).expect("get").expect("entry 3")).expect("json");
-        entry["outcome"] = json!(200);
-        tree.insert(key, serde_json::to_vec(&entry).expect("json"))
-            .expect("insert");
+        let mut prev = String::new();
+        for item in tree.iter() {
+            let (k, v) = item.expect("entry");
+            let mut entry: Value = serde_json::from_slice(&v).expect("json");
+            let seq = entry["seq"].as_u64().expect("seq");
+            if seq < 3 {
+                prev = entry["hash"].as_str().expect("hash").to_string();
+                continue;
+            }
+            if seq == 3 {
+                entry["outcome"] = json!(200);
+            }
+            entry["prev"] = json!(prev);
+            entry["hash"] = json!("");
+            let mut input = prev.as_bytes().to_vec();
+            input.extend(serde_json::to_vec(&entry).expect("json"));
+            prev = fleetml_protocol::crypto::sha256(&input).to_string();
+            entry["hash"] = json!(prev);
+            tree.insert(k, serde_json::to_vec(&entry).expect("json"))
+                .expect("insert");
+        }
         db.flush().expect("flush");
     }
     let plane = ControlPlane::start(dir, None, &["--trust", "trust.toml"]);

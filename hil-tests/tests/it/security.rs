@@ -40,7 +40,13 @@ fn call(
 #[test]
 fn anonymous_refused_calls_are_counted_not_written_one_by_one() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut plane = ControlPlane::start(dir.path(), None, &["--audit-interval", "1s"]);
+    // The flood is judged by the audit tally alone here: the per-address rate limit,
+    // which would answer most of it 429 before authentication, has its own test.
+    let mut plane = ControlPlane::start(
+        dir.path(),
+        None,
+        &["--audit-interval", "1s", "--rate-limit-address", "0"],
+    );
     let before = tree_bytes(&plane.data_dir);
     let path = format!("/v1/models/{}", "a".repeat(60_000));
     let started = std::time::Instant::now();
@@ -128,6 +134,97 @@ fn anonymous_refused_calls_are_counted_not_written_one_by_one() {
     let cut = plane.fleetctl(dir.path(), &["audit", "verify", "--head", &"0".repeat(64)]);
     assert!(cut.failure().contains("rewritten or cut"), "{}", cut.stderr);
     plane.stop();
+}
+
+/// Changes are rate-limited per token and per client address. Before: nothing limited
+/// them: a stolen operator token could make changes (each an fsynced audit entry) as fast
+/// as the server answered, and one address could guess tokens without end (against
+/// that code every call below is answered 401 or 422, never 429). Now a token beyond its
+/// burst gets 429 with Retry-After while another token and reads still pass, and an
+/// address beyond its burst gets 429 before its token is even looked at, while another
+/// address still passes.
+#[test]
+fn changes_are_rate_limited_per_token_and_per_address() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let plane = ControlPlane::start(
+        dir.path(),
+        None,
+        &["--rate-limit-token", "2", "--rate-limit-address", "5"],
+    );
+    let other = plane.fleetctl(
+        dir.path(),
+        &["tokens", "create", "--name", "second", "--role", "admin"],
+    );
+    let other = format!("Bearer {}", other.success().trim());
+    let admin = format!("Bearer {}", plane.token);
+    let change = |stream, auth: &str| {
+        hil_tests::http_answer(
+            stream,
+            "POST",
+            "/v1/tokens",
+            &[
+                ("authorization", auth),
+                ("content-type", "application/json"),
+            ],
+            b"{}",
+        )
+        .expect("HTTP")
+    };
+    // The admin token: a burst of 20 (ten times 2 per second), then 429.
+    let mut limited = None;
+    for i in 0..40 {
+        let (status, head, body) = change(plane.connect(), &admin);
+        if status == 429 {
+            limited = Some((i, head, String::from_utf8_lossy(&body).into_owned()));
+            break;
+        }
+        assert_eq!(status, 422, "{}", String::from_utf8_lossy(&body));
+    }
+    let (after, head, body) = limited.expect("the token was limited");
+    assert!((19..=24).contains(&after), "limited after {after} calls");
+    assert!(
+        head.to_ascii_lowercase().contains("retry-after: "),
+        "{head}"
+    );
+    assert!(body.contains("--rate-limit-token"), "{body}");
+    // Another token from the same address, and reads by the limited one, still pass.
+    assert_eq!(change(plane.connect(), &other).0, 422);
+    let (status, _) = hil_tests::http_with(
+        plane.connect(),
+        "GET",
+        "/v1/devices",
+        &[("authorization", admin.as_str())],
+        b"",
+    )
+    .expect("HTTP");
+    assert_eq!(status, 200);
+
+    // Another address guessing tokens: a burst of 50, then 429 before any token is
+    // looked at; 127.0.0.1 is not affected.
+    let guesser: std::net::IpAddr = "127.0.0.2".parse().expect("ip");
+    let mut statuses = Vec::new();
+    for i in 0..80 {
+        let (status, _, _) = change(
+            plane.connect_from(guesser),
+            &format!("Bearer fmt_guess_{i}"),
+        );
+        statuses.push(status);
+    }
+    let refused = statuses.iter().filter(|s| **s == 429).count();
+    assert!(refused >= 20, "{statuses:?}");
+    assert!(statuses[..45].iter().all(|s| *s == 401), "{statuses:?}");
+    assert_eq!(change(plane.connect(), &other).0, 422);
+
+    let (_, metrics) = call(&plane, "GET", "/metrics", &[]);
+    let metrics = String::from_utf8_lossy(&metrics);
+    for by in ["token", "address"] {
+        assert!(
+            metrics.lines().any(|l| l.starts_with(&format!(
+                "fleetml_control_rate_limited_total{{by=\"{by}\"}}"
+            ))),
+            "{metrics}"
+        );
+    }
 }
 
 /// Opens `n` connections to `addr`, each sending half a request head; waits `wait`; the
