@@ -31,6 +31,7 @@
 //! device_id = "pi-07"
 //! device_secret = "…64 hex digits…"
 //! mqtt_url = "mqtts://fleet.example.com:8883"
+//! enrolled_board = "raspberry-pi-4"             # the board the status reports
 //! # the CA control_plane and mqtt_url are checked against (pinned; written by enroll):
 //! tls_ca = """-----BEGIN CERTIFICATE-----…"""
 //! # or a CA file (e.g. the system bundle /etc/ssl/certs/ca-certificates.crt):
@@ -88,6 +89,9 @@ pub type CaptureEntry = serde::de::IgnoredAny;
 pub struct AgentConfig {
     pub data_dir: Option<PathBuf>,
     pub board: Option<PathBuf>,
+    /// The board this device was enrolled as (written by `fleetctl devices enroll`): the
+    /// name its status reports, as the control plane lists it.
+    pub enrolled_board: Option<String>,
     pub trust: Option<PathBuf>,
     pub listen: Option<SocketAddr>,
     pub socket: Option<PathBuf>,

@@ -486,10 +486,25 @@ fn fleet_agent_run(args: RunArgs) -> anyhow::Result<()> {
     }
     // Once: the assignment puller shares the enrolment and the TLS roots.
     let telemetry = c.telemetry().map_err(anyhow::Error::msg)?;
+    let board_name = match &c.enrolled_board {
+        Some(enrolled) => {
+            if c.board.is_some() && *enrolled != board.name {
+                tracing::warn!(
+                    enrolled = %enrolled,
+                    profile = %board.name,
+                    "the board profile names another board than this device was enrolled as; the status reports `{enrolled}` (use boards/{enrolled}.toml, or enroll the device again with --board {})",
+                    board.name
+                );
+            }
+            enrolled.clone()
+        }
+        None => board.name.clone(),
+    };
     let config = fleet_agent::serve::Config {
         data_dir: data_dir(&c),
         policy,
         board,
+        board_name,
         listen,
         socket: c.socket.clone(),
         limits: fleet_agent::api::ApiLimits {

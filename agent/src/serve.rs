@@ -19,6 +19,9 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub policy: TrustPolicy,
     pub board: BoardProfile,
+    /// The board name the status reports: the one the device was enrolled as, else the
+    /// profile's.
+    pub board_name: String,
     pub listen: std::net::SocketAddr,
     pub socket: Option<PathBuf>,
     pub limits: ApiLimits,
@@ -278,7 +281,12 @@ fn unreported(changes: Changes, reported: &mut Reported) -> Changes {
 }
 
 /// The device's status as telemetry reports it.
-fn status_of(api: &Api, board: &BoardProfile, started: std::time::Instant) -> telemetry::Status {
+fn status_of(
+    api: &Api,
+    board: &BoardProfile,
+    board_name: &str,
+    started: std::time::Instant,
+) -> telemetry::Status {
     let compiled = |b: &fleetml_protocol::board::Backend| {
         matches!(b, fleetml_protocol::board::Backend::Cpu)
             || (cfg!(feature = "gpu") && matches!(b, fleetml_protocol::board::Backend::Gpu))
@@ -294,7 +302,7 @@ fn status_of(api: &Api, board: &BoardProfile, started: std::time::Instant) -> te
     }
     telemetry::Status {
         agent_version: crate::AGENT_VERSION.to_string(),
-        board: board.name.clone(),
+        board: board_name.to_string(),
         backends,
         models: api
             .served()
@@ -433,7 +441,8 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     if let Some((tel, settings)) = &tel {
         let status: crate::telemetry::StatusFn = {
             let (api, board) = (api.clone(), config.board.clone());
-            Arc::new(move || status_of(&api, &board, started))
+            let name = config.board_name.clone();
+            Arc::new(move || status_of(&api, &board, &name, started))
         };
         let handler = {
             let (tel, status, wake) = (tel.clone(), status.clone(), wake.clone());
@@ -571,7 +580,7 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
                     Ok(Ok(changes)) => {
                         unreported(changes, &mut reported);
                         if let Some((tel, _)) = &tel {
-                            tel.queue_status(status_of(&api, &config.board, started));
+                            tel.queue_status(status_of(&api, &config.board, &config.board_name, started));
                         }
                         let served = api.served().len();
                         tracing::info!(models = served, "models loaded");
@@ -616,7 +625,12 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
                             for e in changes {
                                 tel.queue(telemetry::Body::Event(e));
                             }
-                            tel.queue_status(status_of(&api, &config.board, started));
+                            tel.queue_status(status_of(
+                                &api,
+                                &config.board,
+                                &config.board_name,
+                                started,
+                            ));
                         }
                     }
                     Ok(Err(e)) => {

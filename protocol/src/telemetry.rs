@@ -10,9 +10,13 @@
 //! | `fleetml/v1/{device}/events` | device → cloud | [`Body::Event`], [`Body::Ack`] |
 //! | `fleetml/v1/{device}/cmd` | cloud → device | [`Body::Command`], [`Body::Receipt`] |
 //!
-//! Every message is one CBOR [`Envelope`]: format, device id, a per-device sequence
-//! number that survives restarts, a timestamp, the body, and an HMAC-SHA256 over the
-//! canonical CBOR of everything else, keyed by the device's secret issued at enrollment.
+//! Every message is one CBOR map `{v: 2, msg, auth}`: `msg` is a byte string holding the
+//! CBOR of the [`Envelope`]'s fields — format, device id, a per-device sequence number
+//! that survives restarts, a timestamp, the body — and `auth` the HMAC-SHA256 of exactly
+//! those bytes, keyed by the 32-byte secret issued at enrollment. A receiver checks the
+//! bytes it received, never a re-encoding, so any CBOR library can verify a message.
+//! Format 1 (the fields and `auth` in one map, the MAC over their re-encoding) is still
+//! read, from agents of earlier versions, and never written.
 //! [`open`] refuses (and the caller counts) a message that is too large, not CBOR, of
 //! another format, from a device other than its topic names, or whose authenticator does
 //! not verify — before anything of it is stored.
@@ -22,8 +26,10 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-/// Version of the topic layout and of [`Envelope`].
-pub const FORMAT: u16 = 1;
+/// Version of [`Envelope`] on the wire.
+pub const FORMAT: u16 = 2;
+/// The first format: still accepted by [`open`], never written.
+pub const FORMAT_V1: u16 = 1;
 /// First segments of every topic.
 pub const TOPIC_PREFIX: &str = "fleetml/v1";
 /// Largest message [`open`] decodes.
@@ -402,6 +408,28 @@ pub enum Body {
     Receipt(Receipt),
 }
 
+/// A message on the wire (format 2): the CBOR of [`Signed`], and its MAC.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Sealed<'a> {
+    v: u16,
+    #[serde(with = "serde_bytes", borrow)]
+    msg: std::borrow::Cow<'a, [u8]>,
+    #[serde(with = "serde_bytes", borrow)]
+    auth: std::borrow::Cow<'a, [u8]>,
+}
+
+/// What `msg` holds, decoded.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Fields {
+    v: u16,
+    device: DeviceId,
+    seq: u64,
+    ts_ms: u64,
+    body: Body,
+}
+
 /// The signed part of a message.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 struct Signed<'a> {
@@ -412,7 +440,8 @@ struct Signed<'a> {
     body: &'a Body,
 }
 
-/// One message on the wire.
+/// One message, authenticated (as [`open`] returns it and the control plane stores it;
+/// on the wire it travels sealed, see the module's documentation).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Envelope {
@@ -424,7 +453,7 @@ pub struct Envelope {
     /// Milliseconds since the Unix epoch, from the sender's clock.
     pub ts_ms: u64,
     pub body: Body,
-    /// HMAC-SHA256 of the CBOR of `{v, device, seq, ts_ms, body}`.
+    /// HMAC-SHA256 of the CBOR of `{v, device, seq, ts_ms, body}` as sent.
     #[serde(with = "serde_bytes")]
     pub auth: Vec<u8>,
 }
@@ -435,7 +464,7 @@ pub enum MessageError {
     TooLarge(usize),
     #[error("message is not valid CBOR for this format: {0}")]
     Malformed(String),
-    #[error("message format {0} is not supported (this build reads {FORMAT})")]
+    #[error("message format {0} is not supported (this build reads {FORMAT_V1} and {FORMAT})")]
     UnsupportedFormat(u16),
     #[error("topic `{0}` is not a fleetml v1 topic")]
     BadTopic(String),
@@ -454,13 +483,14 @@ pub enum MessageError {
     BadAuthenticator,
 }
 
-fn mac(secret: &[u8], signed: &Signed<'_>) -> Vec<u8> {
-    let bytes = serde_cbor::to_vec(signed).expect("messages serialize to CBOR");
+fn hmac(secret: &[u8], bytes: &[u8]) -> Vec<u8> {
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
-    ring::hmac::sign(&key, &bytes).as_ref().to_vec()
+    ring::hmac::sign(&key, bytes).as_ref().to_vec()
 }
 
-/// Builds and authenticates a message; returns its topic and bytes.
+/// Builds and authenticates a message; returns its topic and bytes: the CBOR map
+/// `{v: 2, msg, auth}`, `msg` the CBOR of `{v, device, seq, ts_ms, body}` and `auth`
+/// HMAC-SHA256(`secret`, `msg`).
 pub fn seal(
     device: &DeviceId,
     seq: u64,
@@ -468,33 +498,29 @@ pub fn seal(
     body: Body,
     secret: &[u8],
 ) -> (String, Vec<u8>) {
-    let auth = mac(
-        secret,
-        &Signed {
-            v: FORMAT,
-            device,
-            seq,
-            ts_ms,
-            body: &body,
-        },
-    );
-    let channel = Channel::of(&body);
-    let envelope = Envelope {
+    let msg = serde_cbor::to_vec(&Signed {
         v: FORMAT,
-        device: device.clone(),
+        device,
         seq,
         ts_ms,
-        body,
-        auth,
+        body: &body,
+    })
+    .expect("messages serialize to CBOR");
+    let auth = hmac(secret, &msg);
+    let sealed = Sealed {
+        v: FORMAT,
+        msg: msg.into(),
+        auth: auth.into(),
     };
     (
-        topic(device, channel),
-        serde_cbor::to_vec(&envelope).expect("messages serialize to CBOR"),
+        topic(device, Channel::of(&body)),
+        serde_cbor::to_vec(&sealed).expect("messages serialize to CBOR"),
     )
 }
 
 /// Decodes and authenticates a message received on `topic`; `secret_of` gives the
-/// secret of an enrolled device (`None`: unknown device).
+/// secret of an enrolled device (`None`: unknown device). In format 2 the MAC is checked
+/// over the received `msg` bytes before they are decoded; format 1 is read as before.
 pub fn open(
     topic: &str,
     bytes: &[u8],
@@ -504,12 +530,48 @@ pub fn open(
         return Err(MessageError::TooLarge(bytes.len()));
     }
     let (topic_device, channel) = parse_topic(topic)?;
-    let envelope: Envelope =
-        serde_cbor::from_slice(bytes).map_err(|e| MessageError::Malformed(e.to_string()))?;
-    if envelope.v != FORMAT {
-        return Err(MessageError::UnsupportedFormat(envelope.v));
+    let sealed = match serde_cbor::from_slice::<Sealed<'_>>(bytes) {
+        Ok(sealed) => sealed,
+        Err(e) => {
+            return match serde_cbor::from_slice::<Envelope>(bytes) {
+                Ok(v1) if v1.v == FORMAT_V1 => open_v1(v1, topic_device, channel, secret_of),
+                Ok(other) => Err(MessageError::UnsupportedFormat(other.v)),
+                Err(_) => Err(MessageError::Malformed(e.to_string())),
+            };
+        }
+    };
+    if sealed.v != FORMAT {
+        return Err(MessageError::UnsupportedFormat(sealed.v));
     }
-    if envelope.device != topic_device {
+    let secret = secret_of(&topic_device)
+        .ok_or_else(|| MessageError::UnknownDevice(topic_device.to_string()))?;
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret);
+    ring::hmac::verify(&key, &sealed.msg, &sealed.auth)
+        .map_err(|_| MessageError::BadAuthenticator)?;
+    let fields: Fields =
+        serde_cbor::from_slice(&sealed.msg).map_err(|e| MessageError::Malformed(e.to_string()))?;
+    if fields.v != FORMAT {
+        return Err(MessageError::UnsupportedFormat(fields.v));
+    }
+    let envelope = Envelope {
+        v: fields.v,
+        device: fields.device,
+        seq: fields.seq,
+        ts_ms: fields.ts_ms,
+        body: fields.body,
+        auth: sealed.auth.into_owned(),
+    };
+    check_route(&envelope, &topic_device, channel)?;
+    Ok(envelope)
+}
+
+/// The message names the topic's device and belongs on the topic's channel.
+fn check_route(
+    envelope: &Envelope,
+    topic_device: &DeviceId,
+    channel: Channel,
+) -> Result<(), MessageError> {
+    if envelope.device != *topic_device {
         return Err(MessageError::DeviceMismatch {
             topic: topic_device.to_string(),
             message: envelope.device.to_string(),
@@ -522,6 +584,17 @@ pub fn open(
             channel: channel.as_str(),
         });
     }
+    Ok(())
+}
+
+/// Format 1: the fields and `auth` in one map, the MAC over the fields' re-encoding.
+fn open_v1(
+    envelope: Envelope,
+    topic_device: DeviceId,
+    channel: Channel,
+    secret_of: impl FnOnce(&DeviceId) -> Option<Vec<u8>>,
+) -> Result<Envelope, MessageError> {
+    check_route(&envelope, &topic_device, channel)?;
     let secret = secret_of(&envelope.device)
         .ok_or_else(|| MessageError::UnknownDevice(envelope.device.to_string()))?;
     let bytes = serde_cbor::to_vec(&Signed {

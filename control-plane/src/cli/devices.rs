@@ -105,6 +105,10 @@ fn write_config(
     for key in ["device_id", "device_secret", "control_plane", "mqtt_url"] {
         table.insert(key.into(), toml::Value::String(s(key)));
     }
+    // The board the control plane lists the device as: its status reports the same.
+    if let Some(b) = r["board"].as_str().or(board.as_deref()) {
+        table.insert("enrolled_board".into(), toml::Value::String(b.to_string()));
+    }
     // The CA the device checks the control plane and the broker against: pinned here,
     // or the device's system store when the server's certificate is a public one.
     if let Some(ca) = r["tls_ca"].as_str() {

@@ -477,6 +477,127 @@ fn publish_raw(port: u16, id: &str, messages: &[(String, Vec<u8>)]) {
     }
 }
 
+/// PROTOCOL.md is true to the wire, checked from outside the code: every message a real
+/// agent and control plane exchange (status, windows, an acknowledged command, receipts)
+/// is captured from mosquitto and handed to `scripts/wire_check.py`, which decodes it
+/// with Python's `cbor2`, verifies its MAC with Python's `hmac` over the bytes sent,
+/// keyed by the decoded 32-byte secret, compares every body's keys with the page's table,
+/// and derives the MQTT password (checked against the mosquitto password file) and the
+/// HTTP token (used here) as the page says. Before: the MAC covered the receiver's
+/// re-encoding of the fields (cbor2 encodes floats differently, so no outside check
+/// could work), the page did not list `labels`, and the status named `local-cpu` for a
+/// device enrolled as `raspberry-pi-4`.
+#[test]
+fn the_wire_is_what_protocol_md_says_checked_with_cbor2_and_a_plain_hmac() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    keys_and_policy(dir, "k");
+    let broker = Mosquitto::start(dir, free_port());
+    let plane = ControlPlane::start(
+        dir,
+        Some(broker.port),
+        &["--trust", "trust.toml", "--receipt-interval", "300ms"],
+    );
+    let captured = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(String, Vec<u8>)>::new()));
+    let (client, mut conn) = rumqttc::Client::new(
+        rumqttc::MqttOptions::new("wire-sniffer", "127.0.0.1", broker.port),
+        64,
+    );
+    client
+        .subscribe("fleetml/v1/#", rumqttc::QoS::AtLeastOnce)
+        .expect("subscribe");
+    {
+        let captured = captured.clone();
+        std::thread::spawn(move || {
+            for event in conn.iter() {
+                match event {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => captured
+                        .lock()
+                        .expect("lock")
+                        .push((p.topic.clone(), p.payload.to_vec())),
+                    Ok(_) => {}
+                    Err(_) => std::thread::sleep(Duration::from_millis(100)),
+                }
+            }
+        });
+    }
+    let agent = enrolled_agent(dir, &plane, "pi-09", &[]);
+    send(&agent, &rows("reference.csv")[..100]);
+    wait_for("2 windows stored", WAIT, || {
+        (of_kind(&plane.messages("pi-09"), "window").len() == 2).then_some(())
+    });
+    plane
+        .fleetctl(dir, &["devices", "send-status", "pi-09"])
+        .success();
+    let kinds = |m: &[(String, Vec<u8>)]| -> Vec<String> {
+        m.iter()
+            .map(|(t, _)| t.rsplit('/').next().unwrap_or_default().to_string())
+            .collect()
+    };
+    wait_for("status, telemetry, events and cmd captured", WAIT, || {
+        let k = kinds(&captured.lock().expect("lock"));
+        [("status", 2), ("telemetry", 2), ("events", 1), ("cmd", 2)]
+            .iter()
+            .all(|(c, n)| k.iter().filter(|x| x == c).count() >= *n)
+            .then_some(())
+    });
+    let config: toml::Value =
+        toml::from_str(&std::fs::read_to_string(dir.join("pi-09.toml")).expect("config"))
+            .expect("toml");
+    let messages: Vec<Value> = captured
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter(|(t, _)| t.starts_with("fleetml/v1/pi-09/"))
+        .map(|(t, p)| serde_json::json!({ "topic": t, "payload": hex::encode(p) }))
+        .collect();
+    let capture = serde_json::json!({
+        "device": "pi-09",
+        "secret": config["device_secret"].as_str().expect("secret"),
+        "board": "raspberry-pi-4",
+        "passwd": plane.get("/v1/broker/mosquitto")["passwd"],
+        "messages": messages,
+    });
+    let file = dir.join("capture.json");
+    std::fs::write(&file, capture.to_string()).expect("capture");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = Command::new(hil_tests::python())
+        .arg(root.join("scripts/wire_check.py"))
+        .arg(&file)
+        .arg(root.join("docs/PROTOCOL.md"))
+        .output()
+        .expect("python runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: Value = serde_json::from_slice(&out.stdout).expect("summary");
+    for kind in ["status", "window", "ack", "receipt"] {
+        assert!(summary["kinds"][kind].as_u64() >= Some(1), "{summary}");
+    }
+    // The HTTP token derived outside is the device's.
+    let token = format!("Bearer {}", summary["http_token"].as_str().expect("token"));
+    let (status, body) = hil_tests::http_with(
+        plane.connect(),
+        "GET",
+        "/v1/devices/pi-09/assignment",
+        &[("authorization", token.as_str())],
+        b"",
+    )
+    .expect("HTTP");
+    assert!(
+        status != 401 && status != 403,
+        "{status}: {}",
+        String::from_utf8_lossy(&body)
+    );
+    assert_eq!(
+        plane.json(dir, &["devices", "show", "pi-09"])["board"],
+        "raspberry-pi-4"
+    );
+    drop(agent);
+}
+
 #[test]
 fn forged_and_malformed_messages_are_counted_and_never_stored() {
     let tmp = tempfile::tempdir().expect("tempdir");

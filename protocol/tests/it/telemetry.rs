@@ -56,13 +56,25 @@ fn forged_misaddressed_and_misrouted_messages_are_refused() {
         telemetry::open(&topic, &bytes, secret_for("pi-07")),
         Err(MessageError::BadAuthenticator)
     );
-    // A valid message of pi-07 replayed on another device's topic.
+    // A valid message of pi-07 replayed on another device's topic: checked with that
+    // device's secret.
     let (_, bytes) = telemetry::seal(&d, 1, 0, status(), SECRET);
+    let two = |id: &DeviceId| match id.as_str() {
+        "pi-07" => Some(SECRET.to_vec()),
+        "pi-08" => Some(vec![8; 32]),
+        _ => None,
+    };
     assert_eq!(
-        telemetry::open("fleetml/v1/pi-08/status", &bytes, secret_for("pi-07")),
+        telemetry::open("fleetml/v1/pi-08/status", &bytes, two),
+        Err(MessageError::BadAuthenticator)
+    );
+    // pi-07 speaking for pi-08 on its own topic, with its own secret.
+    let (_, impostor) = telemetry::seal(&device("pi-08"), 1, 0, status(), SECRET);
+    assert_eq!(
+        telemetry::open("fleetml/v1/pi-07/status", &impostor, secret_for("pi-07")),
         Err(MessageError::DeviceMismatch {
-            topic: "pi-08".into(),
-            message: "pi-07".into()
+            topic: "pi-07".into(),
+            message: "pi-08".into()
         })
     );
     // A status on the events topic.
@@ -89,18 +101,95 @@ fn forged_misaddressed_and_misrouted_messages_are_refused() {
         SECRET,
     );
     let tampered: Vec<u8> = {
-        let mut env: serde_cbor::Value = serde_cbor::from_slice(&bytes).expect("cbor");
-        if let serde_cbor::Value::Map(m) = &mut env {
-            m.insert(
-                serde_cbor::Value::Text("seq".into()),
-                serde_cbor::Value::Integer(3),
-            );
+        use serde_cbor::Value;
+        let mut env: Value = serde_cbor::from_slice(&bytes).expect("cbor");
+        if let Value::Map(m) = &mut env
+            && let Some(Value::Bytes(msg)) = m.get_mut(&Value::Text("msg".into()))
+        {
+            let mut fields: Value = serde_cbor::from_slice(msg).expect("cbor");
+            if let Value::Map(f) = &mut fields {
+                f.insert(Value::Text("seq".into()), Value::Integer(3));
+            }
+            *msg = serde_cbor::to_vec(&fields).expect("cbor");
         }
         serde_cbor::to_vec(&env).expect("cbor")
     };
     assert_eq!(
         telemetry::open(&topic, &tampered, secret_for("pi-07")),
         Err(MessageError::BadAuthenticator)
+    );
+}
+
+/// On the wire: `{v: 2, msg, auth}`, `auth` the HMAC-SHA256 of the `msg` bytes exactly
+/// as sent, under the 32-byte secret (checked here with ring's HMAC over the raw bytes,
+/// not through `open`); a format-1 message (fields and `auth` in one map, the MAC over
+/// their encoding) from an agent of an earlier version still opens.
+#[test]
+fn the_mac_covers_the_msg_bytes_as_sent_and_format_1_still_opens() {
+    use serde_cbor::Value;
+    let d = device("pi-07");
+    let (topic, bytes) = telemetry::seal(&d, 5, 9, status(), SECRET);
+    let Value::Map(outer) = serde_cbor::from_slice::<Value>(&bytes).expect("cbor") else {
+        panic!("a map");
+    };
+    let get = |k: &str| outer.get(&Value::Text(k.into())).cloned();
+    assert_eq!(get("v"), Some(Value::Integer(2)));
+    let (Some(Value::Bytes(msg)), Some(Value::Bytes(auth))) = (get("msg"), get("auth")) else {
+        panic!("msg and auth are byte strings");
+    };
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, SECRET);
+    ring::hmac::verify(&key, &msg, &auth).expect("the MAC of the msg bytes");
+    assert_eq!(outer.len(), 3);
+
+    #[derive(serde::Serialize)]
+    struct V1<'a> {
+        v: u16,
+        device: &'a DeviceId,
+        seq: u64,
+        ts_ms: u64,
+        body: &'a Body,
+    }
+    #[derive(serde::Serialize)]
+    struct V1Sealed<'a> {
+        v: u16,
+        device: &'a DeviceId,
+        seq: u64,
+        ts_ms: u64,
+        body: &'a Body,
+        #[serde(with = "serde_bytes")]
+        auth: Vec<u8>,
+    }
+    let body = status();
+    let fields = serde_cbor::to_vec(&V1 {
+        v: 1,
+        device: &d,
+        seq: 6,
+        ts_ms: 9,
+        body: &body,
+    })
+    .expect("cbor");
+    let v1 = serde_cbor::to_vec(&V1Sealed {
+        v: 1,
+        device: &d,
+        seq: 6,
+        ts_ms: 9,
+        body: &body,
+        auth: ring::hmac::sign(&key, &fields).as_ref().to_vec(),
+    })
+    .expect("cbor");
+    let opened = telemetry::open(&topic, &v1, secret_for("pi-07")).expect("format 1 opens");
+    assert_eq!((opened.v, opened.seq), (1, 6));
+    let mut other = serde_cbor::from_slice::<Value>(&bytes).expect("cbor");
+    if let Value::Map(m) = &mut other {
+        m.insert(Value::Text("v".into()), Value::Integer(3));
+    }
+    assert_eq!(
+        telemetry::open(
+            &topic,
+            &serde_cbor::to_vec(&other).expect("cbor"),
+            secret_for("pi-07")
+        ),
+        Err(MessageError::UnsupportedFormat(3))
     );
 }
 
