@@ -119,7 +119,7 @@ pub fn job_object(trial: &TrialRun, name: &str, jobs_dir: &std::path::Path) -> R
 }
 
 async fn client(k: &KubernetesSpec) -> Result<kube::Client, String> {
-    let config = match &k.url {
+    let mut config = match &k.url {
         Some(url) => kube::Config::new(
             url.parse()
                 .map_err(|e| format!("[kubernetes] url `{url}`: {e}"))?,
@@ -128,6 +128,12 @@ async fn client(k: &KubernetesSpec) -> Result<kube::Client, String> {
             .await
             .map_err(|e| format!("no Kubernetes configuration (in-cluster or KUBECONFIG): {e}"))?,
     };
+    if let Some(ca) = &k.ca {
+        let what = format!("[kubernetes] ca {}", ca.display());
+        let pem = std::fs::read(ca).map_err(|e| format!("{what}: {e}"))?;
+        let certs = fleetml_net::tls::certs(&pem, &what)?;
+        config.root_cert = Some(certs.into_iter().map(|c| c.to_vec()).collect());
+    }
     kube::Client::try_from(config).map_err(|e| format!("Kubernetes client: {e}"))
 }
 

@@ -533,6 +533,16 @@ pub struct Postgres {
 
 impl Postgres {
     pub fn start() -> Postgres {
+        Postgres::start_with(None)
+    }
+
+    /// [`Postgres::start`] with TLS only: `cert` (chain, PEM) and `key` presented, and
+    /// plain TCP connections refused by `pg_hba.conf`.
+    pub fn start_tls(cert: &Path, key: &Path) -> Postgres {
+        Postgres::start_with(Some((cert, key)))
+    }
+
+    fn start_with(tls: Option<(&Path, &Path)>) -> Postgres {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .ok()
             .and_then(|d| {
@@ -576,7 +586,29 @@ impl Postgres {
             "initdb",
             &["-D", &d, "-A", "trust", "-U", "postgres", "--no-sync"],
         );
-        let options = format!("-p {} -k {d} -c listen_addresses=127.0.0.1", pg.port);
+        let mut options = format!("-p {} -k {d} -c listen_addresses=127.0.0.1", pg.port);
+        if let Some((cert, key)) = tls {
+            use std::os::unix::fs::PermissionsExt;
+            for (from, to) in [(cert, "server.crt"), (key, "server.key")] {
+                let to = pg.data.join(to);
+                std::fs::copy(from, &to).expect("copy the certificate");
+                std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600))
+                    .expect("chmod");
+                if root {
+                    let ok = Command::new("chown")
+                        .args(["postgres:postgres", &to.display().to_string()])
+                        .status()
+                        .expect("chown");
+                    assert!(ok.success());
+                }
+            }
+            std::fs::write(
+                pg.data.join("pg_hba.conf"),
+                "local all all trust\nhostssl all all 127.0.0.1/32 trust\n",
+            )
+            .expect("pg_hba.conf");
+            options.push_str(" -c ssl=on -c ssl_cert_file=server.crt -c ssl_key_file=server.key");
+        }
         let log = format!("{d}/server.log");
         pg.run(
             "pg_ctl",

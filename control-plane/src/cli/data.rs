@@ -19,6 +19,10 @@ pub(crate) enum DataCommand {
         /// The SQL query whose rows become the dataset (with --postgres).
         #[arg(long, requires = "postgres")]
         query: Option<String>,
+        /// With `sslmode=require` in the URL: the CA (PEM) the server's certificate is
+        /// checked against; default PGSSLROOTCERT, else the system's CA store.
+        #[arg(long, requires = "postgres")]
+        postgres_ca: Option<PathBuf>,
         /// csv, jsonl or parquet.
         #[arg(long)]
         format: Option<String>,
@@ -94,13 +98,15 @@ pub(crate) fn data_command(server: &str, cmd: DataCommand) -> anyhow::Result<()>
             file,
             postgres,
             query,
+            postgres_ca,
             format,
             name,
             drop_na,
         } => {
             let (format, bytes, source) = match (file, postgres, query) {
                 (_, Some(url), Some(sql)) => {
-                    let (body, rows) = fleet_control::pg::query_csv(&url, &sql)?;
+                    let (body, rows) =
+                        fleet_control::pg::query_csv(&url, &sql, postgres_ca.as_deref())?;
                     let from = fleet_control::pg::describe(&url)?;
                     eprintln!("{rows} rows from {from}");
                     ("csv".to_string(), body, format!("{from}: {sql}"))

@@ -262,10 +262,14 @@ pub struct Job {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KubernetesSpec {
-    /// API server URL (plain HTTP: the API behind `kubectl proxy`); default: the
-    /// in-cluster service account or KUBECONFIG.
+    /// API server URL: `https://` (its certificate checked against `ca`, else the
+    /// system's CA store; rustls on ring), or plain `http://` to the API behind `kubectl
+    /// proxy`; default: the in-cluster service account or KUBECONFIG (their CA).
     #[serde(default)]
     pub url: Option<String>,
+    /// The CA (PEM file) an `https://` `url`'s certificate is checked against.
+    #[serde(default)]
+    pub ca: Option<std::path::PathBuf>,
     #[serde(default = "default_namespace")]
     pub namespace: String,
     /// The ReadWriteMany claim holding the jobs folder.

@@ -595,17 +595,32 @@ const IMAGE_ID: &str = "registry.example.com/claims-train@sha256:5d41402abc4b2a7
 
 impl FakeCluster {
     fn start() -> FakeCluster {
+        FakeCluster::start_with(None)
+    }
+
+    /// Over TLS with `tls` (`https://`), else plain.
+    fn start_with(tls: Option<std::sync::Arc<rustls::ServerConfig>>) -> FakeCluster {
         use std::collections::BTreeMap;
         use std::io::{BufRead, Read, Write};
         use std::sync::{Arc, Mutex};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let url = format!("{scheme}://{}", listener.local_addr().expect("addr"));
         let posted: Arc<Mutex<Vec<Value>>> = Arc::default();
         // Job name → (finished: Some(success), log).
         let runs: Arc<Mutex<BTreeMap<String, Run>>> = Arc::default();
         let (p, r) = (posted.clone(), runs.clone());
         std::thread::spawn(move || {
-            for stream in listener.incoming().flatten() {
+            for tcp in listener.incoming().flatten() {
+                let stream: Box<dyn hil_tests::fleet::Stream> = match &tls {
+                    None => Box::new(tcp),
+                    Some(config) => {
+                        let Ok(conn) = rustls::ServerConnection::new(config.clone()) else {
+                            continue;
+                        };
+                        Box::new(rustls::StreamOwned::new(conn, tcp))
+                    }
+                };
                 let mut reader = std::io::BufReader::new(stream);
                 let mut line = String::new();
                 if reader.read_line(&mut line).is_err() {
@@ -848,6 +863,80 @@ fn the_kubernetes_executor_creates_gpu_jobs_through_the_api_and_records_the_imag
         "{}",
         logs.stdout
     );
+
+    // Over TLS: the API server's certificate is checked against the trainer's `ca`; a
+    // cluster whose certificate another CA issued is refused before any Job is made.
+    for (ca, out) in [
+        ("kube-ca", None),
+        ("other-ca", None),
+        ("kube-ca", Some("kube")),
+    ] {
+        let args: Vec<&str> = match out {
+            None => vec!["tls", "ca", "--dir", ca],
+            Some(out) => vec![
+                "tls",
+                "issue",
+                "--ca-dir",
+                ca,
+                "--name",
+                "127.0.0.1",
+                "--out",
+                out,
+            ],
+        };
+        plane.fleetctl(dir, &args).success();
+    }
+    let read = |f: &str| std::fs::read(dir.join(f)).expect("pem");
+    let secure = FakeCluster::start_with(Some(
+        fleetml_net::tls::server_config(&read("kube.pem"), &read("kube.key"), &[b"http/1.1"])
+            .expect("server config"),
+    ));
+    let mut runs = Vec::new();
+    for (name, ca) in [
+        ("claims-k8s-tls", "kube-ca"),
+        ("claims-k8s-other", "other-ca"),
+    ] {
+        register(
+            dir,
+            &plane,
+            name,
+            &trainer(&format!(
+                "[kubernetes]\nurl = \"{}\"\nca = \"{}\"\nnamespace = \"ml\"\nvolume_claim = \"fleetml-jobs\"\n",
+                secure.url,
+                dir.join(ca).join("ca.pem").display()
+            )),
+        )
+        .success();
+        let text = std::fs::read_to_string(&spec_path)
+            .expect("spec")
+            .replace("trainer = \"claims-k8s\"", &format!("trainer = \"{name}\""));
+        let path = dir.join(format!("{name}.train.toml"));
+        std::fs::write(&path, text).expect("spec");
+        runs.push(plane.fleetctl(
+            dir,
+            &[
+                "retrain",
+                "start",
+                "claims",
+                "--spec",
+                path.to_str().expect("utf-8"),
+                "--dataset",
+                &reference,
+                "--wait",
+            ],
+        ));
+    }
+    assert!(
+        runs[0].success().contains("registered"),
+        "{}",
+        runs[0].stdout
+    );
+    assert!(
+        !runs[1].ok(),
+        "another CA's certificate was accepted: {}",
+        runs[1].stdout
+    );
+    assert_eq!(secure.posted.lock().expect("lock").len(), 1);
 
     // A trainer without shared storage is refused before anything runs.
     let refused = register(

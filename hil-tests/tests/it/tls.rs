@@ -380,3 +380,69 @@ fn wait_online(plane: &ControlPlane, id: &str, what: &str) {
         plane.online(id).then_some(())
     });
 }
+
+/// `fleetctl data import --postgres` speaks TLS when the URL asks (`sslmode=require`),
+/// checking the server's certificate against `--postgres-ca`. Before: the client was
+/// built without TLS, so a server that takes only TLS could not be imported from at all
+/// (the first import below failed with the server's "no pg_hba.conf entry … no
+/// encryption", as the plain one at the end still does).
+#[test]
+fn postgresql_import_uses_tls_when_the_url_asks_and_checks_the_server() {
+    use hil_tests::fleet::Postgres;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let plane = ControlPlane::start(dir, None, &[]);
+    for args in [
+        &["tls", "ca", "--dir", "pg-ca"][..],
+        &["tls", "ca", "--dir", "other-ca"],
+        &[
+            "tls",
+            "issue",
+            "--ca-dir",
+            "pg-ca",
+            "--name",
+            "127.0.0.1",
+            "--out",
+            "pg",
+        ],
+    ] {
+        plane.fleetctl(dir, args).success();
+    }
+    let pg = Postgres::start_tls(&dir.join("pg.pem"), &dir.join("pg.key"));
+    pg.sql("CREATE TABLE t (x float8, y text); INSERT INTO t VALUES (1.5, 'a'), (2.5, 'b');");
+    let import = |url: &str, ca: &str| {
+        plane.fleetctl(
+            dir,
+            &[
+                "data",
+                "import",
+                "--postgres",
+                url,
+                "--postgres-ca",
+                &dir.join(ca).join("ca.pem").display().to_string(),
+                "--query",
+                "SELECT x, y FROM t ORDER BY x",
+            ],
+        )
+    };
+    let tls_url = format!("{}?sslmode=require", pg.url());
+    let ok = import(&tls_url, "pg-ca");
+    assert!(
+        ok.success().contains("2 rows"),
+        "{}{}",
+        ok.stdout,
+        ok.stderr
+    );
+    let other = import(&tls_url, "other-ca");
+    assert!(
+        other.failure().contains("over TLS"),
+        "another CA's server was accepted: {}",
+        other.stdout
+    );
+    let plain = import(&pg.url(), "pg-ca");
+    assert!(
+        !plain.ok(),
+        "the server took a plain connection: {}",
+        plain.stdout
+    );
+}
