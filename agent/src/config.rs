@@ -46,6 +46,7 @@
 //! assignment_poll_s = 300          # plus a pull whenever the control plane says so
 //! download_max_bytes_per_s = 1000000
 //! download_idle_timeout_s = 30     # a download stalled this long stops; resumes later
+//! assignment_stall_s = 600         # a pull without progress this long: watchdog unfed
 //! onnxruntime_library = "/usr/lib/libonnxruntime.so.1.32.0"  # for the onnxruntime backend
 //! # concurrent requests for a model run as one batch (like Triton's dynamic batcher)
 //! [[batching]]
@@ -149,6 +150,10 @@ pub struct AgentConfig {
     /// Seconds a bundle download may go without receiving anything before it stops and
     /// resumes at the next pull (default 30).
     pub download_idle_timeout_s: Option<u64>,
+    /// Seconds an assignment pull may go without progress (a step, a downloaded chunk)
+    /// before the agent stops feeding systemd's watchdog, which then restarts it
+    /// (default 600, and at least four download idle time-outs).
+    pub assignment_stall_s: Option<u64>,
     /// The trust policy, inline (`trust` names a file instead; the file wins).
     pub trust_policy: Option<fleetml_protocol::trust::TrustPolicy>,
     /// Where each model's predictions are forwarded besides the caller.
@@ -281,6 +286,7 @@ impl AgentConfig {
             assignment_poll_s,
             download_max_bytes_per_s,
             download_idle_timeout_s,
+            assignment_stall_s,
             capture_max_bytes,
             capture_upload_interval_s,
             onnxruntime_library,
@@ -377,6 +383,10 @@ impl AgentConfig {
             download_idle: std::time::Duration::from_secs(
                 self.download_idle_timeout_s.unwrap_or(30).max(1),
             ),
+            stall: std::time::Duration::from_secs(match self.assignment_stall_s {
+                Some(s) => s.max(1),
+                None => 600.max(self.download_idle_timeout_s.unwrap_or(30).max(1) * 4),
+            }),
         }))
     }
 

@@ -481,11 +481,9 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
                 reload_tx.clone(),
             )
             // Every step of a pull is bounded (connect 10 s, answer 30 s, a download
-            // chunk within download_idle_timeout_s): ten minutes without one is a hang.
-            .with_progress(liveness.part(
-                "assignment puller",
-                std::time::Duration::from_secs(600).max(settings.download_idle * 4),
-            ));
+            // chunk within download_idle_timeout_s): `assignment_stall_s` (ten minutes)
+            // without one is a hang.
+            .with_progress(liveness.part("assignment puller", settings.stall));
             tokio::spawn(puller.run(wake.clone()));
             tracing::info!(server = %settings.server, "pulling assignments");
         }

@@ -12,27 +12,12 @@ use fleetml_protocol::manifest::{CodeRef, DatasetRef, Framework, Lineage, Param}
 use serde_json::{Value, json};
 
 use crate::datasets::{Provenance, Table};
-use crate::jobs::{Executor, Job, JobSpec, JobState, LocalExecutor, Trial, TrialRun};
+use crate::jobs::{Job, JobSpec, JobState, Trial, TrialRun};
 use crate::plane::{Plane, now_ms};
 use crate::refusal::Refusal;
 
 /// Default tolerance of a reproduced metric (absolute: 2 percentage points).
 pub const TOLERANCE: f64 = 0.02;
-
-pub(crate) fn executor(
-    spec: &JobSpec,
-    jobs_dir: &std::path::Path,
-) -> Result<Box<dyn Executor>, String> {
-    match spec.executor.as_str() {
-        "local" => Ok(Box::new(LocalExecutor)),
-        "kubernetes" => Ok(Box::new(crate::k8s::KubernetesExecutor {
-            jobs_dir: jobs_dir.to_path_buf(),
-        })),
-        other => Err(format!(
-            "executor `{other}` is not available in this control plane (local is)"
-        )),
-    }
-}
 
 fn param(v: &toml::Value) -> Param {
     match v {
@@ -202,7 +187,7 @@ fn run(plane: &Arc<Plane>, id: &str, cancel: &AtomicBool) -> Result<(), String> 
         }
         None => None,
     };
-    let exec = executor(&job.spec, &plane.jobs.dir)?;
+    let exec = plane.jobs.executor(&job.spec)?;
     let trials = job.spec.trials();
     let results: Mutex<Vec<Finished>> = Mutex::new(Vec::new());
     for chunk in (0..trials.len())

@@ -65,6 +65,10 @@ pub struct Options {
     pub audit_interval: Duration,
     /// The audit chain's key file (default `DATA_DIR/audit.key`).
     pub audit_key: Option<PathBuf>,
+    /// Where trial folders are (default `DATA_DIR/jobs`).
+    pub trials_dir: Option<PathBuf>,
+    /// The OS user local trials run as (needs root; `trials_dir` outside DATA_DIR).
+    pub trial_user: Option<String>,
     /// What one HTTP caller may take: time-outs and the connection limit.
     pub http: fleetml_net::Limits,
     /// Mutating API calls per second per token or device, and per client address (0:
@@ -200,6 +204,32 @@ pub fn private_data_dir(dir: &Path) -> anyhow::Result<Vec<String>> {
         }
     }
     Ok(fixed)
+}
+
+/// The jobs and their trial folders (`--trials-dir`), run as `--trial-user` when given:
+/// a folder outside DATA_DIR, which that user could not enter.
+fn open_jobs(
+    opts: &Options,
+    store: Arc<dyn crate::store::JobStore>,
+) -> anyhow::Result<crate::jobs::Jobs> {
+    let dir = opts
+        .trials_dir
+        .clone()
+        .unwrap_or_else(|| opts.data_dir.join("jobs"));
+    let jobs = crate::jobs::Jobs::open(store, &dir)?;
+    let Some(name) = &opts.trial_user else {
+        return Ok(jobs);
+    };
+    let data = std::fs::canonicalize(&opts.data_dir)
+        .with_context(|| format!("reading {}", opts.data_dir.display()))?;
+    if jobs.dir.starts_with(&data) {
+        anyhow::bail!(
+            "--trial-user {name} cannot enter DATA_DIR (mode 0700), where the trial folders would be: give --trials-dir DIR outside it (e.g. /var/lib/fleetml-trials)"
+        );
+    }
+    let user = crate::jobs::TrialUser::lookup(name, &jobs.dir)?;
+    tracing::info!(user = %user.name, uid = user.uid, trials = %jobs.dir.display(), "local trials run as their own user");
+    Ok(jobs.with_trial_user(Some(user)))
 }
 
 /// A loopback address with a port free right now (for rumqttd, which binds it itself).
@@ -538,6 +568,7 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
             .unwrap_or_else(|| opts.data_dir.join("audit.key")),
         &store,
     )?;
+    let jobs = open_jobs(&opts, Arc::new(store.clone()))?;
     let plane = Arc::new(Plane {
         assignments: Arc::new(store.clone()),
         captures: crate::captures::Captures::open(
@@ -549,7 +580,7 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
             Arc::new(store.clone()),
             &opts.data_dir.join("datasets"),
         )?,
-        jobs: crate::jobs::Jobs::open(Arc::new(store.clone()), &opts.data_dir.join("jobs"))?,
+        jobs,
         trainers: crate::jobs::trainers::Trainers::open(&opts.data_dir)?,
         policies: Arc::new(store.clone()),
         running: Default::default(),

@@ -171,6 +171,15 @@ pub struct Run {
 }
 
 impl Run {
+    /// What `output` says.
+    pub fn of(output: std::process::Output) -> Run {
+        Run {
+            code: output.status.code(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+
     pub fn ok(&self) -> bool {
         self.code == Some(0)
     }

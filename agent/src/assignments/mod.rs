@@ -58,6 +58,8 @@ pub struct Settings {
     /// A download on which nothing arrives this long stops (and resumes at the next
     /// pull).
     pub download_idle: Duration,
+    /// A pull without progress this long is stalled: the watchdog goes unfed.
+    pub stall: Duration,
 }
 
 impl std::fmt::Debug for Settings {
@@ -69,6 +71,7 @@ impl std::fmt::Debug for Settings {
             .field("poll", &self.poll)
             .field("max_bytes_per_s", &self.max_bytes_per_s)
             .field("download_idle", &self.download_idle)
+            .field("stall", &self.stall)
             .finish_non_exhaustive()
     }
 }

@@ -83,6 +83,17 @@ pub(crate) struct ServeArgs {
     /// [default: DATA_DIR/audit.key]
     #[arg(long, env = "FLEETML_AUDIT_KEY")]
     audit_key: Option<PathBuf>,
+    /// Where training trials get their folders (data in, model and log out). With
+    /// --trial-user it must be outside DATA_DIR. [default: DATA_DIR/jobs]
+    #[arg(long)]
+    trials_dir: Option<PathBuf>,
+    /// Run local training trials as this OS user (one of their own, e.g. `useradd
+    /// --system --no-create-home --shell /usr/sbin/nologin fleetml-trial`), so a trainer
+    /// cannot read DATA_DIR's keys, tokens and device secrets. Needs the control plane to
+    /// run as root and --trials-dir outside DATA_DIR. Without it trials run as the
+    /// control plane's user (the packaged unit's `fleetml`).
+    #[arg(long, requires = "trials_dir")]
+    trial_user: Option<String>,
     /// An API request not answered this long after its head arrived gets 408; a
     /// connection on which nothing moves this long is closed. Large dataset uploads on
     /// slow links need it longer. Units s, m, h.
@@ -112,6 +123,13 @@ pub(crate) struct ServeArgs {
 }
 
 pub(crate) fn serve_command(a: ServeArgs) -> anyhow::Result<()> {
+    if let (Some(user), Some(trials)) = (&a.trial_user, &a.trials_dir)
+        && std::path::absolute(trials)?.starts_with(std::path::absolute(&a.data_dir)?)
+    {
+        anyhow::bail!(
+            "--trial-user {user} cannot enter DATA_DIR (mode 0700), where the trial folders would be: give --trials-dir DIR outside it (e.g. /var/lib/fleetml-trials)"
+        );
+    }
     let tls = match (a.self_signed, a.tls_cert, a.tls_key, a.insecure_listen) {
         (true, ..) => fleet_control::tls::Mode::SelfSigned { names: a.tls_name },
         (_, Some(cert), Some(key), _) => fleet_control::tls::Mode::Files {
@@ -142,6 +160,8 @@ pub(crate) fn serve_command(a: ServeArgs) -> anyhow::Result<()> {
         receipt_interval: a.receipt_interval,
         audit_interval: a.audit_interval,
         audit_key: a.audit_key,
+        trials_dir: a.trials_dir,
+        trial_user: a.trial_user,
         http: fleet_control::server::http_limits(a.request_timeout, a.max_connections),
         rate_limits: fleet_control::server::RateLimits {
             per_token: a.rate_limit_token,

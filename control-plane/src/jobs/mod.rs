@@ -197,9 +197,118 @@ pub trait Executor: Send + Sync {
     fn run(&self, trial: &TrialRun, cancel: &AtomicBool) -> Result<TrialOutput, String>;
 }
 
-/// Runs the command as a subprocess of the control plane.
+/// The OS user local trials run as (`fleetctl serve --trial-user`), so that a trainer
+/// cannot read the control plane's data directory, keys or tokens. Each trial's folder
+/// is handed to it (owner the trial user, group the control plane's, `2770`/`0660`)
+/// before the trial starts; the control plane, which must run as root to start
+/// processes as another user, reads what the trial leaves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrialUser {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl TrialUser {
+    /// Looks `name` up (through NSS: `getent passwd`), and checks that this process may
+    /// start processes as it and that it can enter `trials_dir`.
+    pub fn lookup(name: &str, trials_dir: &Path) -> anyhow::Result<TrialUser> {
+        use anyhow::Context as _;
+        let out = std::process::Command::new("getent")
+            .args(["passwd", name])
+            .output()
+            .context("--trial-user: running getent")?;
+        let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let fields: Vec<&str> = line.split(':').collect();
+        let (Some(uid), Some(gid)) = (
+            fields.get(2).and_then(|f| f.parse::<u32>().ok()),
+            fields.get(3).and_then(|f| f.parse::<u32>().ok()),
+        ) else {
+            anyhow::bail!(
+                "--trial-user {name}: no such user (create one without a login: useradd --system --no-create-home --shell /usr/sbin/nologin {name})"
+            );
+        };
+        let me = rustix::process::geteuid().as_raw();
+        if uid == 0 || uid == me {
+            anyhow::bail!(
+                "--trial-user {name}: that is root or the control plane's own user; name a user of its own, who cannot read DATA_DIR"
+            );
+        }
+        if me != 0 {
+            anyhow::bail!(
+                "--trial-user {name}: starting trials as another user needs the control plane to run as root (it runs as uid {me}); leave --trial-user out to run them as this user"
+            );
+        }
+        let user = TrialUser {
+            name: name.to_string(),
+            uid,
+            gid,
+        };
+        let entered = user
+            .command("/bin/sh")
+            .args(["-c", "cd \"$1\"", "sh"])
+            .arg(trials_dir)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .context("--trial-user: starting a process as that user")?;
+        if !entered.success() {
+            anyhow::bail!(
+                "--trial-user {name} cannot enter --trials-dir {}: every folder above it must be searchable by others (chmod o+x)",
+                trials_dir.display()
+            );
+        }
+        Ok(user)
+    }
+
+    /// `program` to be run as this user (supplementary groups dropped: std does that
+    /// when root changes the uid).
+    fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> std::process::Command {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = std::process::Command::new(program);
+        cmd.uid(self.uid).gid(self.gid);
+        cmd
+    }
+
+    /// Hands a trial's folder to this user: everything in it owned by the trial user and
+    /// the control plane's group, folders `2770`, files `0660`; the folders above it
+    /// searchable (`0711`) up to `root`.
+    fn hand_over(&self, dir: &Path, root: &Path) -> std::io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let group = rustix::process::getegid().as_raw();
+        let mut pending = vec![dir.to_path_buf()];
+        while let Some(path) = pending.pop() {
+            let meta = std::fs::symlink_metadata(&path)?;
+            if meta.file_type().is_symlink() {
+                continue;
+            }
+            std::os::unix::fs::lchown(&path, Some(self.uid), Some(group))?;
+            let mode = if meta.is_dir() { 0o2770 } else { 0o660 };
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))?;
+            if meta.is_dir() {
+                for entry in std::fs::read_dir(&path)? {
+                    pending.push(entry?.path());
+                }
+            }
+        }
+        let mut above = dir.parent();
+        while let Some(p) = above {
+            if !p.starts_with(root) {
+                break;
+            }
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o711))?;
+            above = p.parent();
+        }
+        Ok(())
+    }
+}
+
+/// Runs the command as a subprocess of the control plane, as the trial user when one
+/// is configured.
 #[derive(Debug, Default)]
-pub struct LocalExecutor;
+pub struct LocalExecutor {
+    /// Who trials run as, and the folder theirs are in.
+    pub user: Option<(TrialUser, PathBuf)>,
+}
 
 impl Executor for LocalExecutor {
     fn name(&self) -> &'static str {
@@ -216,7 +325,15 @@ impl Executor for LocalExecutor {
             .map_err(|e| e.to_string())?;
         let err = log.try_clone().map_err(|e| e.to_string())?;
         let values = trial.values();
-        let mut cmd = std::process::Command::new(&command[0]);
+        let mut cmd = match &self.user {
+            Some((user, root)) => {
+                user.hand_over(&trial.dir, root).map_err(|e| {
+                    format!("handing {} to {}: {e}", trial.dir.display(), user.name)
+                })?;
+                user.command(&command[0])
+            }
+            None => std::process::Command::new(&command[0]),
+        };
         // A cleared environment: nothing of the control plane's own (tokens, cloud
         // credentials, FLEETML_*) reaches a trial; PATH to find the trainer, HOME its own
         // folder, and what the trainer adds.
@@ -360,6 +477,9 @@ pub fn stage_inputs(
 pub struct Jobs {
     store: Arc<dyn JobStore>,
     pub dir: PathBuf,
+    /// Who local trials run as (`serve --trial-user`); the control plane's user when
+    /// none.
+    pub trial_user: Option<TrialUser>,
 }
 
 impl std::fmt::Debug for Jobs {
@@ -378,7 +498,32 @@ impl Jobs {
         // Kubernetes pod mounts the same path.
         let dir =
             std::fs::canonicalize(dir).map_err(|e| StoreError::unavailable(dir.display(), e))?;
-        Ok(Jobs { store, dir })
+        Ok(Jobs {
+            store,
+            dir,
+            trial_user: None,
+        })
+    }
+
+    /// Local trials run as `user`.
+    pub fn with_trial_user(mut self, user: Option<TrialUser>) -> Jobs {
+        self.trial_user = user;
+        self
+    }
+
+    /// What runs the trials of `spec`.
+    pub fn executor(&self, spec: &JobSpec) -> Result<Box<dyn Executor>, String> {
+        match spec.executor.as_str() {
+            "local" => Ok(Box::new(LocalExecutor {
+                user: self.trial_user.clone().map(|u| (u, self.dir.clone())),
+            })),
+            "kubernetes" => Ok(Box::new(crate::k8s::KubernetesExecutor {
+                jobs_dir: self.dir.clone(),
+            })),
+            other => Err(format!(
+                "executor `{other}` is not available in this control plane (local is)"
+            )),
+        }
     }
 
     pub fn next_id(&self) -> Result<String, StoreError> {

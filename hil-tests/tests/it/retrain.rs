@@ -951,3 +951,153 @@ fn the_kubernetes_executor_creates_gpu_jobs_through_the_api_and_records_the_imag
         refused.stderr
     );
 }
+
+/// With `--trial-user`, local trials run as a user of their own in folders outside
+/// DATA_DIR, and a trainer cannot read the control plane's secrets. Before: trials ran
+/// as the control plane's user (root here), so this trainer copied the admin token
+/// (checked: without `--trial-user` its `stolen` file holds the token). The real claims
+/// trainer still trains as that user, and a trials folder inside DATA_DIR is refused.
+#[test]
+fn trials_run_as_their_own_user_who_cannot_read_the_data_dir() {
+    let root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    if !root {
+        eprintln!("skipped: --trial-user needs the control plane to run as root (CI runs as root)");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    keys_and_policy(dir, "k");
+    let inside = hil_tests::Run::of(
+        std::process::Command::new(bin("fleetctl"))
+            .current_dir(dir)
+            .args([
+                "serve",
+                "--insecure-listen",
+                "--listen",
+                "127.0.0.1:0",
+                "--mqtt-listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                "inside",
+                "--trials-dir",
+                "inside/trials",
+                "--trial-user",
+                "nobody",
+            ])
+            .output()
+            .expect("fleetctl runs"),
+    );
+    assert!(
+        inside.failure().contains("--trials-dir DIR outside it"),
+        "{}",
+        inside.stderr
+    );
+
+    let trials = tempfile::Builder::new()
+        .prefix("fleetml-trials")
+        .tempdir_in("/tmp")
+        .expect("trials dir");
+    std::fs::set_permissions(trials.path(), std::fs::Permissions::from_mode(0o711)).expect("chmod");
+    let trials_dir = trials.path().display().to_string();
+    let plane = ControlPlane::start(
+        dir,
+        None,
+        &[
+            "--trust",
+            "trust.toml",
+            "--signing-key",
+            "keys/k.key",
+            "--trials-dir",
+            &trials_dir,
+            "--trial-user",
+            "nobody",
+        ],
+    );
+    plane
+        .fleetctl(
+            dir,
+            &[
+                "data",
+                "import",
+                &claims("reference.csv"),
+                "--name",
+                "reference",
+            ],
+        )
+        .success();
+    let reference = plane.json(dir, &["data", "list"])[0]["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let spec_path = spec(dir, &plane, "");
+    let start = |spec: &str| {
+        plane.fleetctl(
+            dir,
+            &[
+                "retrain",
+                "start",
+                "claims",
+                "--spec",
+                spec,
+                "--dataset",
+                &reference,
+                "--wait",
+            ],
+        )
+    };
+    let trained = start(&spec_path);
+    assert!(
+        trained.success().contains("candidate claims@v1 registered"),
+        "{}",
+        trained.stdout
+    );
+
+    let token = plane.data_dir.join("admin.token");
+    register(
+        dir,
+        &plane,
+        "thief",
+        &format!(
+            "command = [\"/bin/sh\", \"-c\", \"id -u > {{out}}/uid; cat {} > {{out}}/stolen 2> {{out}}/denied; exit 1\"]\nexecutor = \"local\"\n",
+            token.display()
+        ),
+    )
+    .success();
+    let thief_spec = dir.join("thief.toml");
+    std::fs::write(
+        &thief_spec,
+        std::fs::read_to_string(&spec_path)
+            .expect("spec")
+            .replace("trainer = \"claims-fit\"", "trainer = \"thief\""),
+    )
+    .expect("spec");
+    assert!(!start(thief_spec.to_str().expect("utf-8")).ok());
+    let jobs = plane.json(dir, &["retrain", "list"]);
+    let thief = jobs
+        .as_array()
+        .expect("jobs")
+        .iter()
+        .find(|j| j["spec"]["trainer"] == "thief")
+        .expect("the thief's job");
+    let out = trials
+        .path()
+        .join(thief["id"].as_str().expect("id"))
+        .join("trial-0/out");
+    let read = |f: &str| std::fs::read_to_string(out.join(f)).unwrap_or_default();
+    assert_eq!(read("uid").trim(), "65534", "the trial ran as another user");
+    let secret = std::fs::read_to_string(&token).expect("token");
+    assert!(
+        !read("stolen").contains(secret.trim()) && read("stolen").is_empty(),
+        "the trial read the admin token"
+    );
+    assert!(
+        read("denied").contains("Permission denied"),
+        "{}",
+        read("denied")
+    );
+    assert!(!out.starts_with(&plane.data_dir));
+}

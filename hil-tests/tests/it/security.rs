@@ -441,6 +441,95 @@ fn a_stalled_download_stops_is_reported_and_resumes_later() {
     crate::rollout::wait_running(&plane, "pi-s", 1);
 }
 
+/// systemd's watchdog is fed only while the assignment puller makes progress. Before:
+/// the main loop pinged it whatever the puller did, so a pull hung on a server that
+/// stops answering kept the agent "healthy" (the security review: the watchdog did not
+/// notice a stalled puller; against that code the pings below never pause). Now, with
+/// `assignment_stall_s = 3` and a server that sends the first byte of an answer and then
+/// nothing (the agent gives an answer 30 s), the pings stop after 3 s while the agent
+/// keeps serving, the log names the puller, and they resume when the step times out.
+#[test]
+fn the_watchdog_goes_unfed_while_an_assignment_pull_makes_no_progress() {
+    use crate::rollout::{enroll, point_at};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    hil_tests::keys_and_policy(dir, "k");
+    let plane = ControlPlane::start(dir, None, &["--trust", "trust.toml"]);
+    enroll(
+        dir,
+        &plane,
+        "pi-w",
+        "raspberry-pi-4",
+        "site=lab",
+        "assignment_poll_s = 1\nassignment_stall_s = 3",
+    );
+    let attacker = hostile(|line| {
+        if line.contains("/assignment") {
+            Hostile::Stall {
+                declared: 1000,
+                first: b"{".to_vec(),
+            }
+        } else {
+            Hostile::Nothing
+        }
+    });
+    point_at(dir, "pi-w", &format!("http://{attacker}"));
+    let socket_path = dir.join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).expect("notify socket");
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let mut cmd = crate::rollout::agent_command(dir, "pi-w", "raspberry-pi-4");
+    cmd.env("NOTIFY_SOCKET", &socket_path)
+        .env("WATCHDOG_USEC", "1000000");
+    let log = dir.join("pi-w.log");
+    let agent = hil_tests::RunningAgent::spawn_logged(
+        cmd,
+        std::process::Stdio::from(std::fs::File::create(&log).expect("log")),
+    );
+    // Pings every 0.5 s; the longest pause between two, and whether they came back.
+    let started = std::time::Instant::now();
+    let (mut last, mut longest, mut after_pause) = (None::<std::time::Instant>, Duration::ZERO, 0);
+    let mut buf = [0u8; 256];
+    while started.elapsed() < Duration::from_secs(50) {
+        let Ok(n) = socket.recv(&mut buf) else {
+            continue;
+        };
+        if !String::from_utf8_lossy(&buf[..n]).contains("WATCHDOG=1") {
+            continue;
+        }
+        let now = std::time::Instant::now();
+        if let Some(prev) = last {
+            let gap = now - prev;
+            if gap > longest {
+                longest = gap;
+                after_pause = 0;
+            } else if longest > Duration::from_secs(4) {
+                after_pause += 1;
+            }
+        }
+        last = Some(now);
+        if longest > Duration::from_secs(4) && after_pause >= 3 {
+            break;
+        }
+    }
+    assert!(
+        longest > Duration::from_secs(4),
+        "the watchdog was fed throughout (longest pause {longest:?})"
+    );
+    assert!(
+        after_pause >= 3,
+        "the pings did not come back after the step timed out"
+    );
+    let (status, _) = agent.request("GET", "/healthz", &Value::Null);
+    assert_eq!(status, 200);
+    let text = std::fs::read_to_string(&log).expect("log");
+    assert!(
+        text.contains("not feeding the watchdog") && text.contains("assignment puller"),
+        "{text}"
+    );
+}
+
 /// Requests for made-up model names cannot grow the agent's metrics. Before: the agent
 /// labelled its error counter with the model name from the URL, so 20,000 random names
 /// grew its RSS from 14.5 to 40.7 MB and `/metrics` to 21.6 MB (the security review's
