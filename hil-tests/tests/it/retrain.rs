@@ -47,6 +47,26 @@ fn spec(dir: &Path, plane: &ControlPlane, extra: &str) -> String {
     path.display().to_string()
 }
 
+/// Imports the claims reference rows as dataset `reference`; its id.
+fn import_reference(dir: &Path, plane: &ControlPlane) -> String {
+    plane
+        .fleetctl(
+            dir,
+            &[
+                "data",
+                "import",
+                &claims("reference.csv"),
+                "--name",
+                "reference",
+            ],
+        )
+        .success();
+    plane.json(dir, &["data", "list"])[0]["id"]
+        .as_str()
+        .expect("id")
+        .to_string()
+}
+
 /// Keys, trust policy, and a control plane that signs candidates with `keys/k.key`.
 fn signing_plane(dir: &Path) -> ControlPlane {
     keys_and_policy(dir, "k");
@@ -199,18 +219,7 @@ fn a_training_job_registers_the_best_trial_with_its_lineage_and_reproduces_it_bi
     // Nor without its code: a job whose commit lives in a clone that is gone. (The
     // training data of a single input is that input, same bytes, same dataset: the
     // deletion above took it, so it comes back first.)
-    plane
-        .fleetctl(
-            dir,
-            &[
-                "data",
-                "import",
-                &claims("reference.csv"),
-                "--name",
-                "reference",
-            ],
-        )
-        .success();
+    import_reference(dir, &plane);
     let repo = dir.join("code");
     std::fs::create_dir(&repo).expect("repo");
     let git = |args: &[&str]| {
@@ -750,22 +759,7 @@ fn the_kubernetes_executor_creates_gpu_jobs_through_the_api_and_records_the_imag
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
     let plane = signing_plane(dir);
-    plane
-        .fleetctl(
-            dir,
-            &[
-                "data",
-                "import",
-                &claims("reference.csv"),
-                "--name",
-                "reference",
-            ],
-        )
-        .success();
-    let reference = plane.json(dir, &["data", "list"])[0]["id"]
-        .as_str()
-        .expect("id")
-        .to_string();
+    let reference = import_reference(dir, &plane);
     let cluster = FakeCluster::start();
     // The executor, image and cluster are the trainer's; the resources the job's.
     let trainer = |kubernetes: &str| {
@@ -1017,22 +1011,7 @@ fn trials_run_as_their_own_user_who_cannot_read_the_data_dir() {
             "nobody",
         ],
     );
-    plane
-        .fleetctl(
-            dir,
-            &[
-                "data",
-                "import",
-                &claims("reference.csv"),
-                "--name",
-                "reference",
-            ],
-        )
-        .success();
-    let reference = plane.json(dir, &["data", "list"])[0]["id"]
-        .as_str()
-        .expect("id")
-        .to_string();
+    let reference = import_reference(dir, &plane);
     let spec_path = spec(dir, &plane, "");
     let start = |spec: &str| {
         plane.fleetctl(

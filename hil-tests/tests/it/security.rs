@@ -331,6 +331,15 @@ fn peak_rss_kb(pid: u32) -> u64 {
 }
 
 /// `fleet-agent run` for enrolled device `name`, its log (stderr) in `dir/NAME.log`.
+/// Keys, a control plane with their trust policy, and `name` enrolled (a Raspberry Pi
+/// 4 at site=lab) with `extra` agent settings.
+fn plane_with_device(dir: &std::path::Path, name: &str, extra: &str) -> ControlPlane {
+    hil_tests::keys_and_policy(dir, "k");
+    let plane = ControlPlane::start(dir, None, &["--trust", "trust.toml"]);
+    crate::rollout::enroll(dir, &plane, name, "raspberry-pi-4", "site=lab", extra);
+    plane
+}
+
 fn logged_agent(dir: &std::path::Path, name: &str) -> hil_tests::RunningAgent {
     let cmd = crate::rollout::agent_command(dir, name, "raspberry-pi-4");
     let log = std::fs::File::create(dir.join(format!("{name}.log"))).expect("log");
@@ -344,19 +353,10 @@ fn logged_agent(dir: &std::path::Path, name: &str) -> hil_tests::RunningAgent {
 /// assignment reply is cut at 64 KiB, here a chunked one that never ends.
 #[test]
 fn an_endless_assignment_reply_is_cut_at_its_limit() {
-    use crate::rollout::{enroll, point_at};
+    use crate::rollout::point_at;
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
-    hil_tests::keys_and_policy(dir, "k");
-    let plane = ControlPlane::start(dir, None, &["--trust", "trust.toml"]);
-    enroll(
-        dir,
-        &plane,
-        "pi-m",
-        "raspberry-pi-4",
-        "site=lab",
-        "assignment_poll_s = 1",
-    );
+    let _plane = plane_with_device(dir, "pi-m", "assignment_poll_s = 1");
     let attacker = hostile(|line| {
         if line.contains("/assignment") {
             Hostile::Endless
@@ -450,19 +450,10 @@ fn a_stalled_download_stops_is_reported_and_resumes_later() {
 /// keeps serving, the log names the puller, and they resume when the step times out.
 #[test]
 fn the_watchdog_goes_unfed_while_an_assignment_pull_makes_no_progress() {
-    use crate::rollout::{enroll, point_at};
+    use crate::rollout::point_at;
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
-    hil_tests::keys_and_policy(dir, "k");
-    let plane = ControlPlane::start(dir, None, &["--trust", "trust.toml"]);
-    enroll(
-        dir,
-        &plane,
-        "pi-w",
-        "raspberry-pi-4",
-        "site=lab",
-        "assignment_poll_s = 1\nassignment_stall_s = 3",
-    );
+    let _plane = plane_with_device(dir, "pi-w", "assignment_poll_s = 1\nassignment_stall_s = 3");
     let attacker = hostile(|line| {
         if line.contains("/assignment") {
             Hostile::Stall {
