@@ -208,9 +208,9 @@ impl AuditKey {
                 None => break,
             }
         }
-        let secret: [u8; 32] = crate::plane::random_bytes(32)?
-            .try_into()
-            .map_err(|_| anyhow::anyhow!("the random source gave a short key"))?;
+        let mut secret = [0u8; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
+            .map_err(|_| anyhow::anyhow!("the system's random source failed"))?;
         let text = format!(
             "# The key of the fleetml audit chain. Keep it mode 0600, and a copy where the\n\
              # database is not: without it `fleetctl audit verify` cannot tell a rewritten log.\n{}",

@@ -50,19 +50,40 @@ pub struct Plane {
     pub(crate) rate: CallLimits,
 }
 
+/// Mutating API calls admitted per second (0: no limit), each limit bursting to ten
+/// times its rate.
+#[derive(Debug, Clone, Copy)]
+pub struct RateLimits {
+    /// Per operator token or device.
+    pub per_token: u32,
+    /// Per client IP address, checked before the token (so guessing tokens is limited
+    /// too). Behind a proxy every call comes from its address: raise or turn it off
+    /// there and let the proxy limit.
+    pub per_address: u32,
+}
+
+impl Default for RateLimits {
+    fn default() -> Self {
+        RateLimits {
+            per_token: 20,
+            per_address: 50,
+        }
+    }
+}
+
 /// The rate limits of mutating API calls, per principal and per client address.
 #[derive(Debug)]
 pub(crate) struct CallLimits {
     pub(crate) per_principal: fleetml_net::rate::RateLimiter<String>,
     pub(crate) per_address: fleetml_net::rate::RateLimiter<std::net::IpAddr>,
-    pub(crate) rates: crate::server::RateLimits,
+    pub(crate) rates: RateLimits,
 }
 
 /// Keys each limit remembers at most (beyond, rotating keys share one bucket).
 const RATE_KEYS: usize = 65_536;
 
 impl CallLimits {
-    pub(crate) fn new(rates: crate::server::RateLimits) -> CallLimits {
+    pub(crate) fn new(rates: RateLimits) -> CallLimits {
         let burst = |r: u32| r.saturating_mul(10);
         CallLimits {
             per_principal: fleetml_net::rate::RateLimiter::new(

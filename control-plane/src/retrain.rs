@@ -19,6 +19,25 @@ use crate::refusal::Refusal;
 /// Default tolerance of a reproduced metric (absolute: 2 percentage points).
 pub const TOLERANCE: f64 = 0.02;
 
+/// What runs the trials of `spec`: the local executor (as `--trial-user` when given)
+/// or the Kubernetes one.
+pub(crate) fn executor(
+    spec: &JobSpec,
+    jobs: &crate::jobs::Jobs,
+) -> Result<Box<dyn crate::jobs::Executor>, String> {
+    match spec.executor.as_str() {
+        "local" => Ok(Box::new(crate::jobs::LocalExecutor {
+            user: jobs.trial_user.clone().map(|u| (u, jobs.dir.clone())),
+        })),
+        "kubernetes" => Ok(Box::new(crate::k8s::KubernetesExecutor {
+            jobs_dir: jobs.dir.clone(),
+        })),
+        other => Err(format!(
+            "executor `{other}` is not available in this control plane (local is)"
+        )),
+    }
+}
+
 fn param(v: &toml::Value) -> Param {
     match v {
         toml::Value::Boolean(b) => Param::Bool(*b),
@@ -187,7 +206,7 @@ fn run(plane: &Arc<Plane>, id: &str, cancel: &AtomicBool) -> Result<(), String> 
         }
         None => None,
     };
-    let exec = plane.jobs.executor(&job.spec)?;
+    let exec = executor(&job.spec, &plane.jobs)?;
     let trials = job.spec.trials();
     let results: Mutex<Vec<Finished>> = Mutex::new(Vec::new());
     for chunk in (0..trials.len())

@@ -100,26 +100,7 @@ pub fn http_limits(request: Duration, max_connections: usize) -> fleetml_net::Li
     )
 }
 
-/// Mutating API calls admitted per second (0: no limit), each limit bursting to ten
-/// times its rate.
-#[derive(Debug, Clone, Copy)]
-pub struct RateLimits {
-    /// Per operator token or device.
-    pub per_token: u32,
-    /// Per client IP address, checked before the token (so guessing tokens is limited
-    /// too). Behind a proxy every call comes from its address: raise or turn it off
-    /// there and let the proxy limit.
-    pub per_address: u32,
-}
-
-impl Default for RateLimits {
-    fn default() -> Self {
-        RateLimits {
-            per_token: 20,
-            per_address: 50,
-        }
-    }
-}
+pub use crate::plane::RateLimits;
 
 /// Reads `DIR/admin.token`, creating it (mode 0600) on first start.
 pub fn admin_token(dir: &Path) -> anyhow::Result<String> {

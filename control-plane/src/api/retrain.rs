@@ -14,7 +14,7 @@ use crate::api::{Api, ApiError};
 use crate::auth::Principal;
 use crate::jobs::Job;
 use crate::plane::Plane;
-use crate::retrain::start;
+use crate::retrain::{executor, start};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -51,7 +51,7 @@ pub async fn start_job(
                 spec.model, req.model
             )));
         }
-        p.jobs.executor(&spec).map_err(ApiError::unprocessable)?;
+        executor(&spec, &p.jobs).map_err(ApiError::unprocessable)?;
         spec.check_code().map_err(ApiError::unprocessable)?;
         for d in &req.datasets {
             crate::api::data::dataset(&p, d)?;

@@ -511,21 +511,6 @@ impl Jobs {
         self
     }
 
-    /// What runs the trials of `spec`.
-    pub fn executor(&self, spec: &JobSpec) -> Result<Box<dyn Executor>, String> {
-        match spec.executor.as_str() {
-            "local" => Ok(Box::new(LocalExecutor {
-                user: self.trial_user.clone().map(|u| (u, self.dir.clone())),
-            })),
-            "kubernetes" => Ok(Box::new(crate::k8s::KubernetesExecutor {
-                jobs_dir: self.dir.clone(),
-            })),
-            other => Err(format!(
-                "executor `{other}` is not available in this control plane (local is)"
-            )),
-        }
-    }
-
     pub fn next_id(&self) -> Result<String, StoreError> {
         self.store.next_job_id()
     }
