@@ -47,6 +47,12 @@ pub struct NumericProfile {
     pub max: f64,
     pub mean: f64,
     pub std: f64,
+    /// The mean of the values in each bin (bundles built before this field have none:
+    /// the agent then takes bin midpoints). With the window's own bin means it makes the
+    /// agent's Wasserstein distance exact wherever the two distributions do not cross
+    /// inside a bin.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub means: Vec<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -110,6 +116,13 @@ impl ReferenceProfile {
                 return bad(format!(
                     "`{name}` has {} edges and {} counts",
                     n.edges.len(),
+                    n.counts.len()
+                ));
+            }
+            if !n.means.is_empty() && n.means.len() != n.counts.len() {
+                return bad(format!(
+                    "`{name}` has {} bin means and {} counts",
+                    n.means.len(),
                     n.counts.len()
                 ));
             }
@@ -263,6 +276,7 @@ fn empty_numeric() -> NumericProfile {
         max: 0.0,
         mean: 0.0,
         std: 0.0,
+        means: Vec::new(),
     }
 }
 
@@ -301,9 +315,17 @@ fn numeric_profile(mut values: Vec<f64>, bins: u32) -> Option<NumericProfile> {
         edges.pop();
     }
     let mut counts = vec![0u64; edges.len() + 1];
+    let mut sums = vec![0f64; edges.len() + 1];
     for v in &values {
-        counts[bin_index(&edges, *v)] += 1;
+        let bin = bin_index(&edges, *v);
+        counts[bin] += 1;
+        sums[bin] += v;
     }
+    let means = sums
+        .iter()
+        .zip(&counts)
+        .map(|(s, c)| if *c == 0 { 0.0 } else { s / *c as f64 })
+        .collect();
     let mean = values.iter().sum::<f64>() / n as f64;
     let var = values.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / n as f64;
     Some(NumericProfile {
@@ -313,6 +335,7 @@ fn numeric_profile(mut values: Vec<f64>, bins: u32) -> Option<NumericProfile> {
         max: values[n - 1],
         mean,
         std: var.sqrt(),
+        means,
     })
 }
 

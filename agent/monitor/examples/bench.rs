@@ -23,8 +23,9 @@ fn references() -> Vec<Reference> {
                 Reference::numeric(
                     &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0],
                     &[10; 10],
-                    0.0,
-                    10.0,
+                    &[],
+                    (0.0, 10.0),
+                    2.9,
                 )
                 .expect("numeric")
             }

@@ -7,12 +7,14 @@
 //! values falling in each reference bin, missing values, values outside the reference
 //! range and unseen categories; the predictions' class (or score) bins; predictions that
 //! were never made, by reason; latency and lag histograms; outages. Closing a window
-//! computes PSI, KS, JS and chi-square against the reference ([`stats`]), updates alerts
+//! computes PSI, KS, JS, chi-square and the Wasserstein distance against the reference
+//! ([`stats`]), updates alerts
 //! with hysteresis, and returns a [`WindowReport`].
 //!
-//! Memory: [`Monitor`] is a fixed-size value (`core::mem::size_of::<Monitor>()`: 28,264
+//! Memory: [`Monitor`] is a fixed-size value (`core::mem::size_of::<Monitor>()`: 49,184
 //! bytes with the default capacities on x86_64), of which each feature slot takes
-//! [`FEATURE_BYTES`] = 546 bytes (reference edges and proportions, counts, alert state).
+//! [`FEATURE_BYTES`] = 962 bytes (reference edges, proportions and bin means; the
+//! window's counts and per-bin sums; alert state).
 
 #![no_std]
 
@@ -51,6 +53,10 @@ pub struct Reference {
     q: Vec<f64, MAX_BINS>,
     min: f64,
     max: f64,
+    /// Standard deviation (numeric): the unit of the normed Wasserstein distance.
+    std: f64,
+    /// The mean of the reference's values in each bin (numeric).
+    means: Vec<f64, MAX_BINS>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,23 +88,35 @@ impl core::fmt::Display for ReferenceError {
 }
 
 impl Reference {
-    /// A numeric reference: `counts[i]` values in `(edges[i-1], edges[i]]`, observed
-    /// range `[min, max]`.
+    /// A numeric reference: `counts[i]` values in `(edges[i-1], edges[i]]` with mean
+    /// `means[i]` (empty: the bins' midpoints), observed range `[min, max]`, standard
+    /// deviation `std`.
     pub fn numeric(
         edges: &[f64],
         counts: &[u64],
-        min: f64,
-        max: f64,
+        means: &[f64],
+        (min, max): (f64, f64),
+        std: f64,
     ) -> Result<Reference, ReferenceError> {
-        if counts.len() != edges.len() + 1 {
+        if counts.len() != edges.len() + 1 || !(means.is_empty() || means.len() == counts.len()) {
             return Err(ReferenceError::Shape);
+        }
+        let too_many = ReferenceError::TooManyBins(counts.len());
+        let mut bin_means = Vec::new();
+        for i in 0..counts.len() {
+            let low = if i == 0 { min } else { edges[i - 1] };
+            let high = if i == edges.len() { max } else { edges[i] };
+            let mean = means.get(i).copied().unwrap_or((low + high) / 2.0);
+            bin_means.push(mean).map_err(|_| too_many)?;
         }
         Ok(Reference {
             kind: Kind::Numeric,
-            edges: Vec::from_slice(edges).map_err(|_| ReferenceError::TooManyBins(counts.len()))?,
+            edges: Vec::from_slice(edges).map_err(|_| too_many)?,
             q: proportions(counts)?,
             min,
             max,
+            std,
+            means: bin_means,
         })
     }
 
@@ -113,6 +131,8 @@ impl Reference {
             q: proportions(counts)?,
             min: f64::NEG_INFINITY,
             max: f64::INFINITY,
+            std: 0.0,
+            means: Vec::new(),
         })
     }
 
@@ -224,6 +244,10 @@ pub struct Thresholds {
     /// Categorical features and class predictions: drifting when the chi-square p-value
     /// is below this.
     pub chi2_p: f64,
+    /// Share of a window's values that are categories the reference never saw (for a
+    /// numeric feature: values that are not numbers): drifting above this. They are left
+    /// out of the chi-square test, which compares only categories the reference has.
+    pub unseen_rate: f64,
     /// Missed predictions / (predictions + missed).
     pub missing_rate: f64,
     /// 95th percentile of the prediction lag.
@@ -239,6 +263,7 @@ impl Default for Thresholds {
             psi: 0.2,
             js: 0.1,
             chi2_p: 0.01,
+            unseen_rate: 0.05,
             missing_rate: 0.05,
             lag_p95_ms: 300_000,
             min_predictions: 100,
@@ -250,6 +275,11 @@ impl Default for Thresholds {
 #[derive(Debug, Clone)]
 struct FeatureState {
     counts: [u32; MAX_BINS],
+    /// The sum of the numeric values in each bin.
+    sums: [f64; MAX_BINS],
+    /// Lowest and highest numeric value binned.
+    low: f64,
+    high: f64,
     missing: u32,
     out_of_range: u32,
     unseen: u32,
@@ -261,6 +291,9 @@ impl Default for FeatureState {
     fn default() -> Self {
         FeatureState {
             counts: [0; MAX_BINS],
+            sums: [0.0; MAX_BINS],
+            low: f64::INFINITY,
+            high: f64::NEG_INFINITY,
             missing: 0,
             out_of_range: 0,
             unseen: 0,
@@ -280,7 +313,11 @@ impl FeatureState {
                 if v < reference.min || v > reference.max {
                     self.out_of_range += 1;
                 }
-                self.counts[reference.bin(v)] += 1;
+                self.low = self.low.min(v);
+                self.high = self.high.max(v);
+                let bin = reference.bin(v);
+                self.counts[bin] += 1;
+                self.sums[bin] += v;
             }
             (Kind::Categorical, Observation::Category(i)) if i < last => self.counts[i] += 1,
             (Kind::Categorical, Observation::Number(v)) if v >= 0.0 && (v as usize) < last => {
@@ -310,11 +347,27 @@ impl FeatureState {
             out_of_range_rate: rate(self.out_of_range),
             unseen_rate: rate(self.unseen),
             psi: stats::psi(counts, q),
-            ks: stats::ks(counts, q),
+            ks: (reference.kind == Kind::Numeric).then(|| stats::ks(counts, q)),
             js: stats::js(counts, q),
             chi2_p: match reference.kind {
                 Kind::Categorical => stats::chi_square(counts, q).map(|(_, p)| p),
                 Kind::Numeric => None,
+            },
+            wasserstein: match reference.kind {
+                Kind::Numeric => stats::wasserstein(
+                    counts,
+                    &self.sums[..reference.bins()],
+                    q,
+                    stats::Support {
+                        edges: &reference.edges,
+                        means: &reference.means,
+                        reference: (reference.min, reference.max),
+                        window: (self.low, self.high),
+                        std: reference.std,
+                    },
+                )
+                .map(|(w, _)| w),
+                Kind::Categorical => None,
             },
             usefulness: (self.attributions > 0)
                 .then(|| self.attribution_sum / self.attributions as f64),
@@ -333,10 +386,13 @@ pub struct FeatureReport {
     pub out_of_range_rate: f64,
     pub unseen_rate: f64,
     pub psi: f64,
-    pub ks: f64,
+    /// Numeric only (at the reference quantile edges; see [`stats`]).
+    pub ks: Option<f64>,
     pub js: f64,
     /// Categorical only.
     pub chi2_p: Option<f64>,
+    /// Numeric only: in reference standard deviations (see [`stats`]).
+    pub wasserstein: Option<f64>,
     /// Mean |attribution| over the window's explained predictions.
     pub usefulness: Option<f64>,
     /// The alert state after this window.
@@ -345,7 +401,10 @@ pub struct FeatureReport {
 
 impl FeatureReport {
     fn past(&self, t: &Thresholds) -> bool {
-        self.psi > t.psi || self.js > t.js || self.chi2_p.is_some_and(|p| p < t.chi2_p)
+        self.psi > t.psi
+            || self.js > t.js
+            || self.chi2_p.is_some_and(|p| p < t.chi2_p)
+            || self.unseen_rate > t.unseen_rate
     }
 }
 
