@@ -24,6 +24,7 @@
 //! drift_psi = 0.2
 //! drift_js = 0.1
 //! drift_chi2_p = 0.01
+//! unseen_rate = 0.05                              # categories the reference never saw
 //! missing_rate = 0.05
 //! lag_p95_ms = 300000
 //! alert_windows = 3
@@ -115,6 +116,7 @@ pub struct AgentConfig {
     pub drift_psi: Option<f64>,
     pub drift_js: Option<f64>,
     pub drift_chi2_p: Option<f64>,
+    pub unseen_rate: Option<f64>,
     pub missing_rate: Option<f64>,
     pub lag_p95_ms: Option<u64>,
     pub alert_windows: Option<u8>,
@@ -269,6 +271,7 @@ impl AgentConfig {
             drift_psi,
             drift_js,
             drift_chi2_p,
+            unseen_rate,
             missing_rate,
             lag_p95_ms,
             alert_windows,
@@ -474,6 +477,7 @@ impl AgentConfig {
             drift_psi: self.drift_psi,
             drift_js: self.drift_js,
             drift_chi2_p: self.drift_chi2_p,
+            unseen_rate: self.unseen_rate,
             missing_rate: self.missing_rate,
             lag_p95_ms: self.lag_p95_ms,
             alert_windows: self.alert_windows,

@@ -165,6 +165,10 @@ struct RunArgs {
     /// Alert when a categorical feature's chi-square p-value is below this. Default: 0.01.
     #[arg(long)]
     drift_chi2_p: Option<f64>,
+    /// Alert when this share of a feature's values are categories the reference never
+    /// saw (not numbers, for a numeric feature). Default: 0.05.
+    #[arg(long)]
+    unseen_rate: Option<f64>,
     /// Alert when missed / (predicted + missed) exceeds this. Default: 0.05.
     #[arg(long)]
     missing_rate: Option<f64>,
@@ -449,6 +453,7 @@ fn fleet_agent_run(args: RunArgs) -> anyhow::Result<()> {
         drift_psi: args.drift_psi,
         drift_js: args.drift_js,
         drift_chi2_p: args.drift_chi2_p,
+        unseen_rate: args.unseen_rate,
         missing_rate: args.missing_rate,
         lag_p95_ms: args.lag_p95_ms,
         alert_windows: args.alert_windows,

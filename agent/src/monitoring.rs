@@ -53,6 +53,7 @@ pub fn settings(
             psi: pick!(drift_psi).unwrap_or(t.psi),
             js: pick!(drift_js).unwrap_or(t.js),
             chi2_p: pick!(drift_chi2_p).unwrap_or(t.chi2_p),
+            unseen_rate: pick!(unseen_rate).unwrap_or(t.unseen_rate),
             missing_rate: pick!(missing_rate).unwrap_or(t.missing_rate),
             lag_p95_ms: pick!(lag_p95_ms).unwrap_or(t.lag_p95_ms),
             windows: pick!(alert_windows).unwrap_or(t.windows),
@@ -214,7 +215,7 @@ impl ModelMonitor {
                 .ok_or_else(|| format!("the reference profile has no feature `{}`", f.name))?;
             let (reference, baseline) = match (&p.numeric, &p.categorical) {
                 (Some(n), _) => (
-                    Reference::numeric(&n.edges, &n.counts, n.min, n.max),
+                    Reference::numeric(&n.edges, &n.counts, &n.means, (n.min, n.max), n.std),
                     RawValue::Number(median(&n.edges, &n.counts, n.min)),
                 ),
                 (None, Some(c)) => {
@@ -252,7 +253,7 @@ impl ModelMonitor {
                 Some(n) => (
                     Some(PredictionKind::Score),
                     Some(
-                        Reference::numeric(&n.edges, &n.counts, n.min, n.max)
+                        Reference::numeric(&n.edges, &n.counts, &n.means, (n.min, n.max), n.std)
                             .map_err(|e| format!("predictions: {e}"))?,
                     ),
                 ),
@@ -512,6 +513,7 @@ impl ModelMonitor {
             ks: f.ks,
             js: f.js,
             chi2_p: f.chi2_p,
+            wasserstein: f.wasserstein,
             usefulness: f.usefulness,
             drifting: f.drifting,
         };
@@ -614,7 +616,7 @@ impl ModelMonitor {
             "model": self.model,
             "version": self.version,
             "window_config": {"max_predictions": self.config.max_predictions, "max_duration_ms": self.config.max_duration_ms},
-            "thresholds": {"psi": t.psi, "js": t.js, "chi2_p": t.chi2_p, "missing_rate": t.missing_rate, "lag_p95_ms": t.lag_p95_ms, "windows": t.windows, "min_predictions": t.min_predictions},
+            "thresholds": {"psi": t.psi, "js": t.js, "chi2_p": t.chi2_p, "unseen_rate": t.unseen_rate, "missing_rate": t.missing_rate, "lag_p95_ms": t.lag_p95_ms, "windows": t.windows, "min_predictions": t.min_predictions},
             "expected_outstanding": state.expected.deadlines.len(),
             "alerts": alerts,
             "windows": windows,

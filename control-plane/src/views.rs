@@ -151,6 +151,7 @@ fn drift_row(
         "device": device, "model": w.model, "version": w.version, "window": w.window,
         "seq": seq, "end_ms": w.end_ms, "feature": f.name, "values": f.values,
         "psi": f.psi, "js": f.js, "ks": f.ks, "chi2_p": f.chi2_p,
+        "wasserstein": f.wasserstein, "unseen_rate": f.unseen_rate,
         "missing_rate": f.missing_rate, "out_of_range_rate": f.out_of_range_rate,
         "drifting": f.drifting, "alerting": alerting,
     })
@@ -345,8 +346,8 @@ pub fn drift_table(rows: &[Value]) -> String {
         return "no window reports yet\n".into();
     }
     let mut out = format!(
-        "{:<20} {:<14} {:>7} {:<20} {:>8} {:>8} {:>8} {:>9} {:>8}  STATE\n",
-        "DEVICE", "MODEL", "WINDOW", "FEATURE", "PSI", "JS", "KS", "CHI2 P", "MISSING"
+        "{:<20} {:<14} {:>7} {:<20} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8}  STATE\n",
+        "DEVICE", "MODEL", "WINDOW", "FEATURE", "PSI", "JS", "KS", "WASSERS", "CHI2 P", "MISSING"
     );
     for r in rows {
         let num = |v: &Value| v.as_f64().map_or("-".into(), |x| format!("{x:.4}"));
@@ -358,7 +359,7 @@ pub fn drift_table(rows: &[Value]) -> String {
             "ok"
         };
         out.push_str(&format!(
-            "{:<20} {:<14} {:>7} {:<20} {:>8} {:>8} {:>8} {:>9} {:>8}  {state}\n",
+            "{:<20} {:<14} {:>7} {:<20} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8}  {state}\n",
             str_of(&r["device"]),
             format!("{}@v{}", str_of(&r["model"]), r["version"]),
             r["window"],
@@ -366,6 +367,7 @@ pub fn drift_table(rows: &[Value]) -> String {
             num(&r["psi"]),
             num(&r["js"]),
             num(&r["ks"]),
+            num(&r["wasserstein"]),
             num(&r["chi2_p"]),
             num(&r["missing_rate"]),
         ));

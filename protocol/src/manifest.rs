@@ -97,6 +97,10 @@ pub struct MonitoringPolicy {
     pub drift_js: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drift_chi2_p: Option<f64>,
+    /// A feature alerts when this share of its values are categories the reference
+    /// never saw (default 0.05).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unseen_rate: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub missing_rate: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -124,6 +128,7 @@ impl MonitoringPolicy {
             ("drift_psi", self.drift_psi, false),
             ("drift_js", self.drift_js, true),
             ("drift_chi2_p", self.drift_chi2_p, true),
+            ("unseen_rate", self.unseen_rate, true),
             ("missing_rate", self.missing_rate, true),
         ] {
             if let Some(v) = v

@@ -196,9 +196,14 @@ pub struct FeatureDrift {
     pub out_of_range_rate: f64,
     pub unseen_rate: f64,
     pub psi: f64,
-    pub ks: f64,
+    /// Numeric features only.
+    pub ks: Option<f64>,
     pub js: f64,
     pub chi2_p: Option<f64>,
+    /// Numeric features only: the normed Wasserstein distance (in reference standard
+    /// deviations).
+    #[serde(default)]
+    pub wasserstein: Option<f64>,
     pub usefulness: Option<f64>,
     pub drifting: bool,
 }

@@ -150,7 +150,8 @@ pub fn wasserstein(counts: &[u32], sums: &[f64], q: &[f64], s: Support<'_>) -> O
     let n = total(counts);
     let bins = counts.len();
     if n == 0.0
-        || !(s.std > 0.0)
+        || s.std.is_nan()
+        || s.std <= 0.0
         || bins != s.edges.len() + 1
         || sums.len() != bins
         || s.means.len() != bins

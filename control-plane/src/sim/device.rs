@@ -243,9 +243,10 @@ pub(super) fn window(fleet: &Fleet, model: &str, version: u64, n: u64, rng: &mut
         out_of_range_rate: 0.0,
         unseen_rate: 0.0,
         psi: 0.01 + rng.unit() * 0.02,
-        ks: 0.02 + rng.unit() * 0.02,
+        ks: Some(0.02 + rng.unit() * 0.02),
         js: 0.01 + rng.unit() * 0.01,
         chi2_p: None,
+        wasserstein: Some(0.01 + rng.unit() * 0.02),
         usefulness: None,
         drifting: false,
     };

@@ -583,7 +583,19 @@ fn sled_keeps_what_it_stored_across_a_reopen() {
         s.advance_rollout(&mut r, &[(id("d1"), model(2, Some("r1")))], 9)
             .expect("advance");
     }
-    let s = super::sled::SledStore::open(dir.path()).expect("sled reopens");
+    // sled's flusher thread lets go of the file lock a moment after the last handle is
+    // dropped; under load the first reopen can find it still held.
+    let mut attempt = 0;
+    let s = loop {
+        match super::sled::SledStore::open(dir.path()) {
+            Ok(s) => break s,
+            Err(_) if attempt < 50 => {
+                attempt += 1;
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            Err(e) => panic!("sled reopens: {e}"),
+        }
+    };
     assert_eq!(s.device(&id("d1")).expect("read"), Some(device("d1")));
     assert_eq!(s.rollout("r1").expect("read"), Some(r));
     assert_eq!(

@@ -30,9 +30,10 @@ fn window(model: &str, n: u64) -> Body {
         out_of_range_rate: 0.0,
         unseen_rate: 0.0,
         psi: 0.05,
-        ks: 0.03,
+        ks: Some(0.03),
         js: 0.02,
         chi2_p: None,
+        wasserstein: Some(0.04),
         usefulness: None,
         drifting: false,
     };
