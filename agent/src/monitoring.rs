@@ -56,6 +56,13 @@ pub fn settings(
             unseen_rate: pick!(unseen_rate).unwrap_or(t.unseen_rate),
             missing_rate: pick!(missing_rate).unwrap_or(t.missing_rate),
             lag_p95_ms: pick!(lag_p95_ms).unwrap_or(t.lag_p95_ms),
+            // Set explicitly (agent or bundle), a threshold holds for every feature;
+            // otherwise each feature's calibrated one, when its profile has some.
+            fixed: fleetml_monitor::Fixed {
+                psi: pick!(drift_psi).is_some(),
+                js: pick!(drift_js).is_some(),
+                chi2_p: pick!(drift_chi2_p).is_some(),
+            },
             windows: pick!(alert_windows).unwrap_or(t.windows),
             // A window smaller than the default minimum still moves alerts.
             min_predictions: t.min_predictions.min(window_predictions),
@@ -205,6 +212,28 @@ impl ModelMonitor {
         thresholds: Thresholds,
         sink: Option<Sink>,
     ) -> Result<ModelMonitor, String> {
+        // The thresholds the bundle's builder calibrated for a subject, per window size.
+        let limits_of = |name: &str| -> Vec<fleetml_monitor::Limit> {
+            let Some(c) = &profile.calibration else {
+                return Vec::new();
+            };
+            c.limits
+                .iter()
+                .find(|l| l.name == name)
+                .map(|l| {
+                    c.sizes
+                        .iter()
+                        .enumerate()
+                        .map(|(i, size)| fleetml_monitor::Limit {
+                            size: *size,
+                            psi: l.psi[i],
+                            js: l.js[i],
+                            chi2_p: l.chi2_p.get(i).copied().unwrap_or(0.0),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
         let mut references = Vec::with_capacity(schema.features.len());
         let mut baselines = Vec::with_capacity(schema.features.len());
         for f in &schema.features {
@@ -237,7 +266,11 @@ impl ModelMonitor {
                     ));
                 }
             };
-            references.push(reference.map_err(|e| format!("feature `{}`: {e}", f.name))?);
+            references.push(
+                reference
+                    .and_then(|r| r.with_limits(&limits_of(&f.name)))
+                    .map_err(|e| format!("feature `{}`: {e}", f.name))?,
+            );
             baselines.push(baseline);
         }
         let (prediction, prediction_reference) = match profile.predictions.first() {
@@ -246,7 +279,11 @@ impl ModelMonitor {
                 counts.push(0);
                 (
                     Some(PredictionKind::Classes),
-                    Some(Reference::categorical(&counts).map_err(|e| format!("predictions: {e}"))?),
+                    Some(
+                        Reference::categorical(&counts)
+                            .and_then(|r| r.with_limits(&limits_of("prediction")))
+                            .map_err(|e| format!("predictions: {e}"))?,
+                    ),
                 )
             }
             Some(o) => match o.scores.first() {
@@ -254,6 +291,7 @@ impl ModelMonitor {
                     Some(PredictionKind::Score),
                     Some(
                         Reference::numeric(&n.edges, &n.counts, &n.means, (n.min, n.max), n.std)
+                            .and_then(|r| r.with_limits(&limits_of("prediction")))
                             .map_err(|e| format!("predictions: {e}"))?,
                     ),
                 ),

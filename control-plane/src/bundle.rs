@@ -49,6 +49,9 @@ pub struct BuildOptions {
     pub allow_backend_disagreement: bool,
     pub lineage: Option<PathBuf>,
     pub bins: u32,
+    /// Window sizes and false-alarm rate the drift thresholds are calibrated for (with
+    /// a reference; the bundle's own window size is added).
+    pub calibration: crate::calibrate::Options,
     /// Monitoring window and thresholds for this model.
     pub monitoring: fleetml_protocol::manifest::MonitoringPolicy,
     /// Dynamic batching the agent applies unless configured otherwise.
@@ -276,7 +279,13 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<Built> {
             .into_iter()
             .map(|t| (t.name.clone(), last_axis(&t), t.data.to_f32()))
             .collect();
-        let profile = ReferenceProfile::compute(&schema, &rows, &outputs, opts.bins)?;
+        let mut profile = ReferenceProfile::compute(&schema, &rows, &outputs, opts.bins)?;
+        let mut calibration = opts.calibration.clone();
+        calibration.sizes.extend(opts.monitoring.window_predictions);
+        profile.calibration = Some(
+            crate::calibrate::calibrate(&profile, &schema, &rows, &outputs, &calibration)
+                .context("calibrating the drift thresholds")?,
+        );
         payloads.push((REFERENCE_ENTRY.into(), Source::Memory(profile.to_cbor())));
     }
     let mut golden_check = None;
@@ -513,6 +522,70 @@ pub fn inspect_json(front: &Unverified, file_size: u64) -> serde_json::Value {
         "signatures": front.signatures.iter().map(|s| s.key.to_string()).collect::<Vec<_>>(),
         "verified": false,
     })
+}
+
+/// The reference profile stored in the bundle at `path` (its bytes checked against the
+/// manifest's digest; the signatures are not checked, as for the rest of `inspect`), or
+/// `None` when the bundle has none.
+pub fn stored_reference(
+    path: &Path,
+    front: &Unverified,
+) -> anyhow::Result<Option<ReferenceProfile>> {
+    use std::io::{Seek, SeekFrom};
+    let mut offset = front.payload_offset();
+    let Some(entry) = front.manifest.entries.iter().find(|e| {
+        let found = e.name == fleetml_protocol::manifest::REFERENCE_ENTRY;
+        if !found {
+            offset += e.size;
+        }
+        found
+    }) else {
+        return Ok(None);
+    };
+    if entry.size > 64 << 20 {
+        bail!(
+            "the reference profile is {} bytes, more than 64 MiB",
+            entry.size
+        );
+    }
+    let mut f = File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    f.seek(SeekFrom::Start(offset))?;
+    let mut bytes = vec![0u8; entry.size as usize];
+    f.read_exact(&mut bytes)
+        .with_context(|| format!("{}: the reference profile is cut short", path.display()))?;
+    if fleetml_protocol::crypto::sha256(&bytes) != entry.sha256 {
+        bail!(
+            "{}: the reference profile does not match its digest in the manifest",
+            path.display()
+        );
+    }
+    Ok(Some(ReferenceProfile::from_cbor(&bytes)?))
+}
+
+/// The calibrated drift thresholds of a reference profile as a table: per feature and
+/// window size, PSI / JS (/ chi-square p).
+pub fn calibration_text(c: &fleetml_protocol::reference::Calibration) -> String {
+    use std::fmt::Write as _;
+    let mut s = format!(
+        "\nDrift thresholds, calibrated for a false-alarm rate of {} per window and feature ({} resampled windows per size)\n  {:<24}",
+        c.false_alarm_rate, c.resamples, "FEATURE"
+    );
+    for size in &c.sizes {
+        let _ = write!(s, " {:>26}", format!("{size} rows: PSI/JS/chi2 p"));
+    }
+    s.push('\n');
+    for l in &c.limits {
+        let _ = write!(s, "  {:<24}", l.name);
+        for i in 0..c.sizes.len() {
+            let cell = match l.chi2_p.get(i) {
+                Some(p) => format!("{:.3}/{:.3}/{:.2e}", l.psi[i], l.js[i], p),
+                None => format!("{:.3}/{:.3}", l.psi[i], l.js[i]),
+            };
+            let _ = write!(s, " {cell:>26}");
+        }
+        s.push('\n');
+    }
+    s
 }
 
 /// `bundle inspect` as a human-readable report.

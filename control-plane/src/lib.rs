@@ -12,6 +12,7 @@ pub mod assign;
 pub mod auth;
 pub mod broker;
 pub mod bundle;
+pub mod calibrate;
 pub mod captures;
 pub mod client;
 pub mod compare;

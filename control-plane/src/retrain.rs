@@ -410,6 +410,7 @@ fn build_candidate(
         allow_backend_disagreement: false,
         lineage: Some(lineage_path),
         bins: 10,
+        calibration: Default::default(),
         monitoring: Default::default(),
         serving: Default::default(),
         prepare_gpu: None,

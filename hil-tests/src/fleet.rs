@@ -12,11 +12,24 @@ use crate::{Run, bin};
 
 /// A loopback port nobody listens on right now.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    // Below Linux's ephemeral range (32768-60999): the kernel never gives these to
+    // outgoing connections, so a port found free here stays free until a test binds it
+    // on purpose (a port from the ephemeral range was once taken by a client connection
+    // between this check and the server's bind). Each process walks the range from its
+    // own offset, so concurrent test processes rarely meet, and never hands one out twice.
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    let offset = (std::process::id() % 1_000) * 12;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (LOW + (offset + n) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+        assert!(n < 4 * SPAN, "no free port below the ephemeral range");
+    }
 }
 
 /// Polls `check` every 100 ms until it returns `Some`, or panics naming `what`.

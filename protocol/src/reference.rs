@@ -22,6 +22,39 @@ pub struct ReferenceProfile {
     pub bins: u32,
     pub features: Vec<FeatureProfile>,
     pub predictions: Vec<OutputProfile>,
+    /// Drift thresholds calibrated per window size on resamples of the reference (absent
+    /// in profiles built without, and before, calibration: the agent then uses fixed
+    /// thresholds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<Calibration>,
+}
+
+/// Drift thresholds calibrated per window size when the bundle was built: for each
+/// feature (and `prediction`), the PSI, JS and (categorical) chi-square p-value
+/// thresholds at which a share `false_alarm_rate` of undrifted windows of each size was
+/// past any of them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Calibration {
+    /// Target share of undrifted windows in which a feature is past its thresholds.
+    pub false_alarm_rate: f64,
+    /// Windows resampled per size.
+    pub resamples: u32,
+    /// Window sizes (rows), ascending.
+    pub sizes: Vec<u32>,
+    pub limits: Vec<SubjectLimits>,
+}
+
+/// One feature's (or the predictions') calibrated thresholds, one per window size.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubjectLimits {
+    pub name: String,
+    pub psi: Vec<f64>,
+    pub js: Vec<f64>,
+    /// Categorical subjects only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chi2_p: Vec<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -131,6 +164,35 @@ impl ReferenceProfile {
                 .any(|w| w[0].partial_cmp(&w[1]) != Some(std::cmp::Ordering::Less))
             {
                 return bad(format!("`{name}` bin edges are not strictly increasing"));
+            }
+        }
+        if let Some(c) = &self.calibration {
+            let positive = |v: &[f64]| v.iter().all(|x| x.is_finite() && *x > 0.0);
+            if c.sizes.is_empty()
+                || c.sizes.len() > 8
+                || c.sizes.windows(2).any(|w| w[0] >= w[1])
+                || !(c.false_alarm_rate > 0.0 && c.false_alarm_rate < 1.0)
+            {
+                return bad(
+                    "calibration: 1 to 8 ascending window sizes and a false-alarm rate in (0, 1)"
+                        .into(),
+                );
+            }
+            for l in &c.limits {
+                if l.psi.len() != c.sizes.len()
+                    || l.js.len() != c.sizes.len()
+                    || !(l.chi2_p.is_empty() || l.chi2_p.len() == c.sizes.len())
+                    || !positive(&l.psi)
+                    || !positive(&l.js)
+                    || l.chi2_p
+                        .iter()
+                        .any(|p| !(p.is_finite() && *p >= 0.0 && *p < 1.0))
+                {
+                    return bad(format!(
+                        "calibration of `{}`: one positive threshold per window size",
+                        l.name
+                    ));
+                }
             }
         }
         for f in &self.features {
@@ -264,6 +326,7 @@ impl ReferenceProfile {
             bins,
             features,
             predictions,
+            calibration: None,
         })
     }
 }

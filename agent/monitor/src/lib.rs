@@ -31,6 +31,18 @@ pub const MAX_FEATURES: usize = 48;
 pub const MAX_BINS: usize = 24;
 /// Outages kept per window.
 pub const MAX_OUTAGES: usize = 8;
+/// Window sizes a feature's calibrated thresholds are given for.
+pub const MAX_LIMITS: usize = 8;
+
+/// Thresholds calibrated for windows of `size` values (`chi2_p` 0 where it does not
+/// apply).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limit {
+    pub size: u32,
+    pub psi: f64,
+    pub js: f64,
+    pub chi2_p: f64,
+}
 /// Bytes one feature slot takes (reference + window state + alert state).
 pub const FEATURE_BYTES: usize = core::mem::size_of::<Reference>()
     + core::mem::size_of::<FeatureState>()
@@ -57,6 +69,8 @@ pub struct Reference {
     std: f64,
     /// The mean of the reference's values in each bin (numeric).
     means: Vec<f64, MAX_BINS>,
+    /// Thresholds calibrated per window size, ascending (none: the fixed ones).
+    limits: Vec<Limit, MAX_LIMITS>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +83,8 @@ pub enum ReferenceError {
     Empty,
     /// More features than [`MAX_FEATURES`].
     TooManyFeatures(usize),
+    /// Calibrated thresholds out of order, out of range or more than [`MAX_LIMITS`].
+    Limits,
 }
 
 impl core::fmt::Display for ReferenceError {
@@ -82,6 +98,10 @@ impl core::fmt::Display for ReferenceError {
             ReferenceError::TooManyFeatures(n) => write!(
                 f,
                 "{n} features; the monitoring core holds at most {MAX_FEATURES}"
+            ),
+            ReferenceError::Limits => write!(
+                f,
+                "calibrated thresholds must be positive, for at most {MAX_LIMITS} ascending window sizes"
             ),
         }
     }
@@ -117,6 +137,7 @@ impl Reference {
             max,
             std,
             means: bin_means,
+            limits: Vec::new(),
         })
     }
 
@@ -133,6 +154,7 @@ impl Reference {
             max: f64::INFINITY,
             std: 0.0,
             means: Vec::new(),
+            limits: Vec::new(),
         })
     }
 
@@ -151,6 +173,69 @@ impl Reference {
     /// The bin of a numeric value: the number of edges strictly below it.
     pub fn bin(&self, value: f64) -> usize {
         self.edges.partition_point(|e| *e < value)
+    }
+
+    /// This reference with thresholds calibrated per window size (sizes ascending and
+    /// distinct, every threshold positive and finite).
+    pub fn with_limits(mut self, limits: &[Limit]) -> Result<Reference, ReferenceError> {
+        let valid = |x: f64| x.is_finite() && x > 0.0;
+        if limits.windows(2).any(|w| w[0].size >= w[1].size)
+            || !limits.iter().all(|l| {
+                l.size > 0
+                    && valid(l.psi)
+                    && valid(l.js)
+                    && l.chi2_p.is_finite()
+                    && (0.0..1.0).contains(&l.chi2_p)
+            })
+        {
+            return Err(ReferenceError::Limits);
+        }
+        self.limits = Vec::from_slice(limits).map_err(|_| ReferenceError::Limits)?;
+        Ok(self)
+    }
+
+    /// The calibrated thresholds for a window of `n` values: between two calibrated
+    /// sizes, interpolated linearly in `log n` against the logarithm of each threshold (the
+    /// statistics' spread under no drift falls as a power of `n`); beyond them, the
+    /// nearest size's. `None` when the reference has none.
+    pub fn limits_at(&self, n: u32) -> Option<Limit> {
+        let first = *self.limits.first()?;
+        let last = *self.limits.last()?;
+        if n <= first.size {
+            return Some(Limit { size: n, ..first });
+        }
+        if n >= last.size {
+            return Some(Limit { size: n, ..last });
+        }
+        let i = self.limits.partition_point(|l| l.size < n);
+        let (a, b) = (self.limits[i - 1], self.limits[i]);
+        let t = (libm::log(f64::from(n)) - libm::log(f64::from(a.size)))
+            / (libm::log(f64::from(b.size)) - libm::log(f64::from(a.size)));
+        let between = |x: f64, y: f64| {
+            if x > 0.0 && y > 0.0 {
+                libm::exp(libm::log(x) + t * (libm::log(y) - libm::log(x)))
+            } else {
+                x + t * (y - x)
+            }
+        };
+        Some(Limit {
+            size: n,
+            psi: between(a.psi, b.psi),
+            js: between(a.js, b.js),
+            chi2_p: between(a.chi2_p, b.chi2_p),
+        })
+    }
+
+    /// The figures of one window of `values` against this reference, computed exactly as
+    /// a [`Monitor`] computes them (the builder calibrates thresholds with it).
+    pub fn window(&self, values: impl IntoIterator<Item = Observation>) -> FeatureReport {
+        let mut state = FeatureState::default();
+        let mut inputs = 0u32;
+        for v in values {
+            state.observe(self, v);
+            inputs += 1;
+        }
+        state.report(self, inputs)
     }
 }
 
@@ -252,6 +337,9 @@ pub struct Thresholds {
     pub missing_rate: f64,
     /// 95th percentile of the prediction lag.
     pub lag_p95_ms: u64,
+    /// Which of `psi`, `js` and `chi2_p` were set explicitly: those hold for every
+    /// feature; the others give way to a feature's calibrated thresholds when it has some.
+    pub fixed: Fixed,
     /// Windows with fewer predictions than this are reported but do not move alerts.
     pub min_predictions: u32,
     pub windows: u8,
@@ -266,9 +354,37 @@ impl Default for Thresholds {
             unseen_rate: 0.05,
             missing_rate: 0.05,
             lag_p95_ms: 300_000,
+            fixed: Fixed::default(),
             min_predictions: 100,
             windows: 3,
         }
+    }
+}
+
+/// Thresholds set explicitly (they win over calibrated ones).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Fixed {
+    pub psi: bool,
+    pub js: bool,
+    pub chi2_p: bool,
+}
+
+impl Thresholds {
+    /// The thresholds for a window of `n` values of a feature with `reference`.
+    pub fn for_window(&self, reference: &Reference, n: u32) -> Thresholds {
+        let mut t = *self;
+        if let Some(l) = reference.limits_at(n) {
+            if !self.fixed.psi {
+                t.psi = l.psi;
+            }
+            if !self.fixed.js {
+                t.js = l.js;
+            }
+            if !self.fixed.chi2_p && l.chi2_p > 0.0 {
+                t.chi2_p = l.chi2_p;
+            }
+        }
+        t
     }
 }
 
@@ -705,7 +821,8 @@ impl Monitor {
         {
             let inputs = self.predictions + self.missed[MissReason::InvalidInput as usize];
             let mut report = state.report(reference, inputs);
-            if counted && let Some(transition) = alert.update(report.past(&t), t.windows) {
+            let limits = t.for_window(reference, report.values);
+            if counted && let Some(transition) = alert.update(report.past(&limits), t.windows) {
                 let _ = events.push(AlertEvent {
                     subject: Subject::Feature(i),
                     transition,
@@ -718,7 +835,8 @@ impl Monitor {
         let prediction = match &mut self.prediction {
             Some((reference, state, alert)) => {
                 let mut report = state.report(reference, self.predictions);
-                if counted && let Some(transition) = alert.update(report.past(&t), t.windows) {
+                let limits = t.for_window(reference, report.values);
+                if counted && let Some(transition) = alert.update(report.past(&limits), t.windows) {
                     let _ = events.push(AlertEvent {
                         subject: Subject::Prediction,
                         transition,

@@ -100,6 +100,16 @@ pub(crate) struct BuildArgs {
     /// Quantile bins per numeric feature in the reference profile.
     #[arg(long, default_value_t = 10)]
     bins: u32,
+    /// With --reference: calibrate the drift thresholds so that at most this share of
+    /// undrifted windows puts a feature past any of them (per window, per feature: with F
+    /// features, at most F times that per window for the model, and far less for an
+    /// alert, which needs `alert_windows` such windows in a row).
+    #[arg(long, default_value_t = fleet_control::calibrate::DEFAULT_FALSE_ALARM_RATE)]
+    false_alarm_rate: f64,
+    /// With --reference: the window sizes (predictions) to calibrate thresholds for; the
+    /// agent interpolates between them. The [monitoring] window size is added.
+    #[arg(long, value_delimiter = ',', default_values_t = fleet_control::calibrate::DEFAULT_SIZES)]
+    calibrate_windows: Vec<u32>,
     /// Prepare the model for another backend as well: `gpu` stores a copy with static
     /// shapes and lowered operators for wonnx (model.gpu.onnx) and the compatibility
     /// report listing operators it cannot run (gpu-compat.json). Repeatable.
@@ -157,6 +167,10 @@ pub(crate) fn bundle_command(cmd: BundleCommand) -> anyhow::Result<()> {
                 allow_backend_disagreement: a.allow_backend_disagreement,
                 lineage: a.lineage,
                 bins: a.bins,
+                calibration: fleet_control::calibrate::Options {
+                    sizes: a.calibrate_windows,
+                    false_alarm_rate: a.false_alarm_rate,
+                },
                 monitoring: match &a.monitoring {
                     Some(p) => {
                         let text = std::fs::read_to_string(p)
@@ -237,15 +251,17 @@ pub(crate) fn bundle_command(cmd: BundleCommand) -> anyhow::Result<()> {
         BundleCommand::Inspect { bundle: path, json } => {
             let front = fleet_control::bundle::read_front(&path)?;
             let size = std::fs::metadata(&path)?.len();
+            let calibration =
+                fleet_control::bundle::stored_reference(&path, &front)?.and_then(|r| r.calibration);
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&fleet_control::bundle::inspect_json(
-                        &front, size
-                    ))?
-                );
+                let mut report = fleet_control::bundle::inspect_json(&front, size);
+                report["calibration"] = serde_json::to_value(&calibration)?;
+                println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print!("{}", fleet_control::bundle::inspect_text(&front, size));
+                if let Some(c) = &calibration {
+                    print!("{}", fleet_control::bundle::calibration_text(c));
+                }
             }
         }
     }

@@ -1,5 +1,6 @@
 //! Integration tests of fleet-control's offline operations (keys and bundle building).
 
+mod calibration;
 mod ingest;
 
 use std::os::unix::fs::PermissionsExt;
@@ -27,6 +28,7 @@ fn options(dir: &Path) -> bundle::BuildOptions {
         golden_rows: 8,
         lineage: Some(claims("lineage.toml")),
         bins: 10,
+        calibration: Default::default(),
         prepare_gpu: None,
         monitoring: Default::default(),
         serving: Default::default(),

@@ -627,3 +627,53 @@ fn unseen_categories_alert_by_their_rate_and_leave_chi_square_to_the_known_ones(
     assert!(n.wasserstein.expect("numeric") < 0.1, "{n:?}");
     assert!(!n.drifting);
 }
+
+/// Calibrated thresholds: exact at the calibrated sizes, interpolated as a power of the
+/// window size between them, the nearest beyond; an explicit (fixed) threshold wins; bad
+/// tables are refused.
+#[test]
+fn calibrated_thresholds_interpolate_by_window_size_and_yield_to_fixed_ones() {
+    use fleetml_monitor::{Fixed, Limit};
+    let limit = |size, psi, js| Limit {
+        size,
+        psi,
+        js,
+        chi2_p: 0.0,
+    };
+    let r = Reference::numeric(&[1.0, 2.0, 3.0], &[25, 25, 25, 25], &[], (0.0, 4.0), 1.1)
+        .expect("reference")
+        .with_limits(&[limit(100, 0.4, 0.2), limit(1_000, 0.04, 0.05)])
+        .expect("limits");
+    let at = |n| r.limits_at(n).expect("calibrated");
+    assert_eq!((at(100).psi, at(100).js), (0.4, 0.2));
+    assert_eq!((at(50).psi, at(5_000).psi), (0.4, 0.04));
+    // √(100 · 1000) ≈ 316: halfway in log n, the geometric mean of the thresholds.
+    assert!(
+        (at(316).psi - (0.4f64 * 0.04).sqrt()).abs() < 1e-3,
+        "{:?}",
+        at(316)
+    );
+    assert!((at(316).js - 0.1).abs() < 1e-3, "{:?}", at(316));
+
+    let t = Thresholds::default().for_window(&r, 1_000);
+    assert_eq!((t.psi, t.js, t.chi2_p), (0.04, 0.05, 0.01));
+    let fixed = Thresholds {
+        psi: 0.3,
+        fixed: Fixed {
+            psi: true,
+            ..Fixed::default()
+        },
+        ..Thresholds::default()
+    }
+    .for_window(&r, 1_000);
+    assert_eq!((fixed.psi, fixed.js), (0.3, 0.05));
+    let plain = Reference::numeric(&[1.0], &[1, 1], &[], (0.0, 2.0), 0.5).expect("reference");
+    assert_eq!(Thresholds::default().for_window(&plain, 10).psi, 0.2);
+    assert!(
+        plain
+            .clone()
+            .with_limits(&[limit(1_000, 0.1, 0.1), limit(100, 0.2, 0.2)])
+            .is_err()
+    );
+    assert!(plain.with_limits(&[limit(100, -0.1, 0.1)]).is_err());
+}

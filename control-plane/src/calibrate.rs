@@ -1,0 +1,262 @@
+//! Drift thresholds calibrated to the window size, at bundle build time.
+//!
+//! Under no drift, PSI and the JS distance of a window shrink as the window grows, so a
+//! fixed threshold raises false alerts on small windows and misses drift on large ones.
+//! For each window size asked for, the builder draws `resamples` windows of that many
+//! rows from the reference data (with replacement, from a fixed seed: the same data
+//! gives the same bundle), computes each feature's statistics exactly as the agent's
+//! monitor does ([`fleetml_monitor::Reference::window`]), and keeps, per feature and size,
+//! thresholds for PSI, JS and (categorical) the chi-square p-value at one common quantile
+//! level, the lowest at which the share of resampled windows past any of them is at most
+//! the target false-alarm rate. The agent interpolates between sizes (see
+//! `fleetml_monitor::Reference::limits_at`).
+
+use anyhow::{Context, bail};
+use fleetml_monitor::{Observation, Reference};
+use fleetml_protocol::features::{FeatureSchema, FeatureType, RawValue};
+use fleetml_protocol::reference::{Calibration, ReferenceProfile, SubjectLimits, argmax};
+
+/// Window sizes calibrated when none are given (plus the bundle's own window size).
+pub const DEFAULT_SIZES: [u32; 3] = [100, 250, 1000];
+/// Target share of undrifted windows in which a feature is past its thresholds.
+pub const DEFAULT_FALSE_ALARM_RATE: f64 = 0.01;
+/// Most window sizes one profile calibrates.
+pub const MAX_SIZES: usize = fleetml_monitor::MAX_LIMITS;
+/// The resampling's seed: fixed, so that a rebuild gives the same bundle.
+const SEED: u64 = 0x05ee_d0ff_1ee7;
+
+/// What to calibrate.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub sizes: Vec<u32>,
+    pub false_alarm_rate: f64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            sizes: DEFAULT_SIZES.to_vec(),
+            false_alarm_rate: DEFAULT_FALSE_ALARM_RATE,
+        }
+    }
+}
+
+/// Resampled windows per size: enough that the target quantile has about fifty windows
+/// beyond it.
+pub fn resamples(false_alarm_rate: f64) -> u32 {
+    ((50.0 / false_alarm_rate).ceil() as u32).clamp(1_000, 20_000)
+}
+
+/// The monitor's reference of one profiled feature, as the agent builds it.
+fn reference_of(profile: &ReferenceProfile, name: &str) -> anyhow::Result<Reference> {
+    let p = profile
+        .features
+        .iter()
+        .find(|p| p.name == name)
+        .with_context(|| format!("the reference profile has no feature `{name}`"))?;
+    let r = match (&p.numeric, &p.categorical) {
+        (Some(n), _) => Reference::numeric(&n.edges, &n.counts, &n.means, (n.min, n.max), n.std),
+        (None, Some(c)) => {
+            let mut counts = c.counts.clone();
+            counts.push(c.other);
+            Reference::categorical(&counts)
+        }
+        (None, None) => bail!("the reference profile of `{name}` has no distribution"),
+    };
+    r.map_err(|e| anyhow::anyhow!("feature `{name}`: {e}"))
+}
+
+/// A raw value as the agent's monitor observes it.
+fn observe(kind: FeatureType, values: &[String], v: &RawValue) -> Observation {
+    match (kind, v) {
+        (_, RawValue::Missing) => Observation::Missing,
+        (FeatureType::Category, RawValue::Text(s)) => values
+            .iter()
+            .position(|x| x == s)
+            .map(Observation::Category)
+            .unwrap_or(Observation::Unseen),
+        (FeatureType::Category, RawValue::Number(_)) => Observation::Unseen,
+        (_, RawValue::Number(x)) => Observation::Number(*x),
+        (_, RawValue::Text(_)) => Observation::Missing,
+    }
+}
+
+/// Thresholds for `profile`'s features (and its first output's predictions) on windows of
+/// `opts.sizes` rows drawn from `rows` (and the model's `outputs` on them).
+pub fn calibrate(
+    profile: &ReferenceProfile,
+    schema: &FeatureSchema,
+    rows: &[Vec<RawValue>],
+    outputs: &[(String, usize, Vec<f32>)],
+    opts: &Options,
+) -> anyhow::Result<Calibration> {
+    let alpha = opts.false_alarm_rate;
+    if !(alpha > 0.0 && alpha < 0.5) {
+        bail!("--false-alarm-rate must be between 0 and 0.5, not {alpha}");
+    }
+    let mut sizes = opts.sizes.clone();
+    sizes.sort_unstable();
+    sizes.dedup();
+    if sizes.is_empty() || sizes.len() > MAX_SIZES || sizes[0] < 10 {
+        bail!(
+            "calibrate 1 to {MAX_SIZES} window sizes of at least 10 rows, not {:?}",
+            opts.sizes
+        );
+    }
+    if rows.is_empty() {
+        bail!("no reference rows to calibrate thresholds on");
+    }
+    // Each subject: its reference and its observations, row by row.
+    let mut subjects: Vec<(String, Reference, Vec<Observation>)> = Vec::new();
+    for (i, f) in schema.features.iter().enumerate() {
+        let reference = reference_of(profile, &f.name)?;
+        let column = rows
+            .iter()
+            .map(|r| observe(f.kind, &f.values, r.get(i).unwrap_or(&RawValue::Missing)))
+            .collect();
+        subjects.push((f.name.clone(), reference, column));
+    }
+    if let (Some(o), Some((_, columns, data))) = (profile.predictions.first(), outputs.first()) {
+        let columns = (*columns).max(1);
+        let rows_out = data.len() / columns;
+        let prediction = if !o.class_counts.is_empty() {
+            let mut counts = o.class_counts.clone();
+            counts.push(0);
+            Reference::categorical(&counts).ok().map(|r| {
+                let column = data
+                    .chunks_exact(columns)
+                    .map(|row| argmax(row).map_or(Observation::Missing, Observation::Category))
+                    .collect::<Vec<_>>();
+                (r, column)
+            })
+        } else {
+            o.scores.first().and_then(|n| {
+                Reference::numeric(&n.edges, &n.counts, &n.means, (n.min, n.max), n.std)
+                    .ok()
+                    .map(|r| {
+                        let column = (0..rows_out)
+                            .map(|r| Observation::Number(f64::from(data[r * columns])))
+                            .collect::<Vec<_>>();
+                        (r, column)
+                    })
+            })
+        };
+        if let Some((r, column)) = prediction
+            && column.len() == rows.len()
+        {
+            subjects.push(("prediction".into(), r, column));
+        }
+    }
+    let resamples = resamples(alpha);
+    let mut limits: Vec<SubjectLimits> = subjects
+        .iter()
+        .map(|(name, _, _)| SubjectLimits {
+            name: name.clone(),
+            psi: Vec::new(),
+            js: Vec::new(),
+            chi2_p: Vec::new(),
+        })
+        .collect();
+    let mut rng = SplitMix(SEED);
+    let n_rows = rows.len() as u64;
+    for &size in &sizes {
+        let draws: Vec<Vec<usize>> = (0..resamples)
+            .map(|_| (0..size).map(|_| rng.below(n_rows) as usize).collect())
+            .collect();
+        for ((_, reference, column), out) in subjects.iter().zip(&mut limits) {
+            let mut psi = Vec::with_capacity(draws.len());
+            let mut js = Vec::with_capacity(draws.len());
+            let mut p = Vec::with_capacity(draws.len());
+            for draw in &draws {
+                let report = reference.window(draw.iter().map(|&i| column[i]));
+                psi.push(report.psi);
+                js.push(report.js);
+                p.push(report.chi2_p.unwrap_or(1.0));
+            }
+            let categorical = reference.kind() == fleetml_monitor::Kind::Categorical;
+            let (tpsi, tjs, tp) = joint_limits(psi, js, categorical.then_some(p), alpha);
+            out.psi.push(tpsi);
+            out.js.push(tjs);
+            if let Some(tp) = tp {
+                out.chi2_p.push(tp);
+            }
+        }
+    }
+    Ok(Calibration {
+        false_alarm_rate: alpha,
+        resamples,
+        sizes,
+        limits,
+    })
+}
+
+/// Thresholds at one quantile level `γ` of each statistic's undrifted values (PSI and JS
+/// at `γ`, the p-value at `1 − γ`): the lowest `γ` at which at most a share `alpha` of
+/// the windows is past any of them.
+fn joint_limits(
+    mut psi: Vec<f64>,
+    mut js: Vec<f64>,
+    p: Option<Vec<f64>>,
+    alpha: f64,
+) -> (f64, f64, Option<f64>) {
+    let windows: Vec<(f64, f64, f64)> = psi
+        .iter()
+        .zip(&js)
+        .enumerate()
+        .map(|(i, (a, b))| (*a, *b, p.as_ref().map_or(1.0, |p| p[i])))
+        .collect();
+    psi.sort_by(f64::total_cmp);
+    js.sort_by(f64::total_cmp);
+    let mut p_sorted = p.clone().unwrap_or_default();
+    p_sorted.sort_by(f64::total_cmp);
+    let n = windows.len();
+    let upper =
+        |sorted: &[f64], level: f64| sorted[((level * n as f64).ceil() as usize).clamp(1, n) - 1];
+    let lower = |sorted: &[f64], level: f64| {
+        sorted[(((1.0 - level) * n as f64).floor() as usize).min(n - 1)]
+    };
+    let at = |level: f64| {
+        let (tpsi, tjs) = (upper(&psi, level), upper(&js, level));
+        let tp = (!p_sorted.is_empty()).then(|| lower(&p_sorted, level));
+        let past = windows
+            .iter()
+            .filter(|(a, b, c)| *a > tpsi || *b > tjs || tp.is_some_and(|tp| *c < tp))
+            .count();
+        ((tpsi, tjs, tp), past as f64 / n as f64)
+    };
+    // The share past falls as the level rises; find the lowest level that keeps it at
+    // most alpha (the level 1 keeps every window within).
+    let (mut low, mut high) = (1.0 - alpha, 1.0);
+    if at(low).1 <= alpha {
+        return at(low).0;
+    }
+    for _ in 0..40 {
+        let mid = (low + high) / 2.0;
+        if at(mid).1 <= alpha {
+            high = mid;
+        } else {
+            low = mid;
+        }
+    }
+    at(high).0
+}
+
+/// SplitMix64: a small, fixed, well-mixed generator (the resampling must be the same
+/// on every machine and in every build).
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (Lemire's multiply-shift; the bias is below 2⁻³² for the row
+    /// counts a reference has).
+    fn below(&mut self, n: u64) -> u64 {
+        ((u128::from(self.next()) * u128::from(n)) >> 64) as u64
+    }
+}

@@ -1,0 +1,178 @@
+//! Drift thresholds calibrated to the window size, held to their promise: on undrifted
+//! windows resampled from the claims reference the observed false-alarm rate is within
+//! the binomial bound of the target, and on `drifted.csv` exactly the documented shifted
+//! features alert.
+
+use fleet_control::calibrate;
+use fleetml_monitor::{Monitor, Observation, Reference, Thresholds, WindowConfig};
+use fleetml_protocol::features::{FeatureSchema, FeatureType, RawValue};
+use fleetml_protocol::reference::ReferenceProfile;
+
+use crate::claims;
+
+fn schema() -> FeatureSchema {
+    FeatureSchema::from_toml(&std::fs::read_to_string(claims("features.toml")).expect("schema"))
+        .expect("schema")
+}
+
+fn rows(schema: &FeatureSchema, file: &str) -> Vec<Vec<RawValue>> {
+    fleet_control::bundle::read_csv(&claims(file), schema, None).expect("rows")
+}
+
+/// The claims reference profile with calibrated thresholds for windows of 100, 250 and
+/// 1,000 rows at a 1 % false-alarm rate.
+fn calibrated(schema: &FeatureSchema, reference: &[Vec<RawValue>]) -> ReferenceProfile {
+    let mut profile = ReferenceProfile::compute(schema, reference, &[], 10).expect("profile");
+    profile.calibration = Some(
+        calibrate::calibrate(
+            &profile,
+            schema,
+            reference,
+            &[],
+            &calibrate::Options::default(),
+        )
+        .expect("calibration"),
+    );
+    // What the agent reads back is checked on the way in.
+    ReferenceProfile::from_cbor(&profile.to_cbor()).expect("a valid profile")
+}
+
+/// The monitor the agent would build from `profile`, windows of `n`, alerts after `k`.
+fn monitor(schema: &FeatureSchema, profile: &ReferenceProfile, n: u32, k: u8) -> Monitor {
+    let c = profile.calibration.as_ref().expect("calibrated");
+    let references: Vec<Reference> = schema
+        .features
+        .iter()
+        .map(|f| {
+            let p = profile
+                .features
+                .iter()
+                .find(|p| p.name == f.name)
+                .expect("profiled");
+            let r = match (&p.numeric, &p.categorical) {
+                (Some(n), _) => {
+                    Reference::numeric(&n.edges, &n.counts, &n.means, (n.min, n.max), n.std)
+                }
+                (_, Some(cat)) => {
+                    let mut counts = cat.counts.clone();
+                    counts.push(cat.other);
+                    Reference::categorical(&counts)
+                }
+                _ => panic!("no distribution"),
+            }
+            .expect("reference");
+            let l = c.limits.iter().find(|l| l.name == f.name).expect("limits");
+            let limits: Vec<fleetml_monitor::Limit> = c
+                .sizes
+                .iter()
+                .enumerate()
+                .map(|(i, size)| fleetml_monitor::Limit {
+                    size: *size,
+                    psi: l.psi[i],
+                    js: l.js[i],
+                    chi2_p: l.chi2_p.get(i).copied().unwrap_or(0.0),
+                })
+                .collect();
+            r.with_limits(&limits).expect("limits")
+        })
+        .collect();
+    Monitor::new(
+        &references,
+        None,
+        WindowConfig {
+            max_predictions: n,
+            max_duration_ms: u64::MAX,
+        },
+        Thresholds {
+            windows: k,
+            ..Thresholds::default()
+        },
+    )
+    .expect("monitor")
+}
+
+fn observations(schema: &FeatureSchema, row: &[RawValue]) -> Vec<Observation> {
+    schema
+        .features
+        .iter()
+        .zip(row)
+        .map(|(f, v)| match (f.kind, v) {
+            (_, RawValue::Missing) => Observation::Missing,
+            (FeatureType::Category, RawValue::Text(s)) => f
+                .values
+                .iter()
+                .position(|x| x == s)
+                .map_or(Observation::Unseen, Observation::Category),
+            (FeatureType::Category, RawValue::Number(_)) => Observation::Unseen,
+            (_, RawValue::Number(x)) => Observation::Number(*x),
+            (_, RawValue::Text(_)) => Observation::Missing,
+        })
+        .collect()
+}
+
+#[test]
+fn undrifted_windows_false_alarm_at_the_target_rate_and_drifted_ones_alert_on_the_shifted_features()
+{
+    let schema = schema();
+    let reference = rows(&schema, "reference.csv");
+    let profile = calibrated(&schema, &reference);
+    let features = schema.features.len();
+    // Fresh undrifted windows, drawn with another generator than the calibration's.
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let windows = 1_000u32;
+    let alpha = calibrate::DEFAULT_FALSE_ALARM_RATE;
+    for size in calibrate::DEFAULT_SIZES {
+        let mut m = monitor(&schema, &profile, size, 1);
+        let mut past = 0u32;
+        for _ in 0..windows {
+            let mut report = None;
+            for _ in 0..size {
+                let row = &reference[(next() % reference.len() as u64) as usize];
+                report = m.observe(0, &observations(&schema, row), None, 1, None);
+            }
+            let report = report.expect("the window closed");
+            // With alerts after one window, `drifting` is "past a threshold in this one".
+            past += report.features.iter().filter(|f| f.drifting).count() as u32;
+        }
+        let trials = f64::from(windows) * features as f64;
+        let expected = alpha * trials;
+        let sd = (trials * alpha * (1.0 - alpha)).sqrt();
+        let observed = f64::from(past);
+        println!(
+            "windows of {size}: {past} of {trials} window-features past (target {expected:.0})"
+        );
+        // 99.9 % two-sided binomial bound (normal approximation, 3.3 σ).
+        assert!(
+            (observed - expected).abs() <= 3.3 * sd,
+            "windows of {size}: {past} false alarms in {trials} window-features, expected {expected:.0} ± {:.0}",
+            3.3 * sd
+        );
+    }
+    // drifted.csv: one window of its 1,000 rows; then four of 250, alerting after three.
+    let drifted = rows(&schema, "drifted.csv");
+    let shifted = ["claim_amount", "customer_age", "channel"];
+    for (size, k) in [(1_000u32, 1u8), (250, 3)] {
+        let mut m = monitor(&schema, &profile, size, k);
+        let mut last = None;
+        for row in &drifted {
+            if let Some(r) = m.observe(0, &observations(&schema, row), None, 1, None) {
+                last = Some(r);
+            }
+        }
+        let last = last.expect("windows closed");
+        let alerting: Vec<&str> = schema
+            .features
+            .iter()
+            .zip(&last.features)
+            .filter(|(_, f)| f.drifting)
+            .map(|(s, _)| s.name.as_str())
+            .collect();
+        assert_eq!(alerting, shifted, "windows of {size}");
+    }
+}
