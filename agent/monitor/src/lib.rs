@@ -11,10 +11,10 @@
 //! ([`stats`]), updates alerts
 //! with hysteresis, and returns a [`WindowReport`].
 //!
-//! Memory: [`Monitor`] is a fixed-size value (`core::mem::size_of::<Monitor>()`: 49,184
+//! Memory: [`Monitor`] is a fixed-size value (`core::mem::size_of::<Monitor>()`: 62,120
 //! bytes with the default capacities on x86_64), of which each feature slot takes
-//! [`FEATURE_BYTES`] = 962 bytes (reference edges, proportions and bin means; the
-//! window's counts and per-bin sums; alert state).
+//! [`FEATURE_BYTES`] = 1,226 bytes (reference edges, proportions, bin means and
+//! calibrated thresholds; the window's counts and per-bin sums; alert state).
 
 #![no_std]
 
