@@ -194,6 +194,10 @@ pub struct ModelMonitor {
     pub model: String,
     pub version: u64,
     features: Vec<(String, FeatureType, Vec<String>)>,
+    /// What each bin of each feature is (`(10, 20]`, `auto`, `other`), and of the
+    /// predictions: how a report names the bins that moved.
+    bin_labels: Vec<Vec<String>>,
+    prediction_labels: Vec<String>,
     baselines: Vec<RawValue>,
     prediction: Option<PredictionKind>,
     config: WindowConfig,
@@ -299,6 +303,35 @@ impl ModelMonitor {
             },
             None => (None, None),
         };
+        let bin_labels = schema
+            .features
+            .iter()
+            .map(|f| {
+                profile
+                    .features
+                    .iter()
+                    .find(|p| p.name == f.name)
+                    .map(|p| match (&p.numeric, &p.categorical) {
+                        (Some(n), _) => range_labels(&n.edges),
+                        (None, Some(c)) => category_labels(&c.values),
+                        (None, None) => Vec::new(),
+                    })
+                    .unwrap_or_default()
+            })
+            .collect();
+        let prediction_labels = match profile.predictions.first() {
+            Some(o) if !o.class_counts.is_empty() => category_labels(
+                &(0..o.class_counts.len())
+                    .map(|k| format!("class {k}"))
+                    .collect::<Vec<_>>(),
+            ),
+            Some(o) => o
+                .scores
+                .first()
+                .map(|n| range_labels(&n.edges))
+                .unwrap_or_default(),
+            None => Vec::new(),
+        };
         let core = Monitor::new(&references, prediction_reference, config, thresholds)
             .map_err(|e| e.to_string())?;
         let seq_base = sink.as_ref().map(|s| s.next_seq(model)).unwrap_or(0);
@@ -310,6 +343,8 @@ impl ModelMonitor {
                 .iter()
                 .map(|f| (f.name.clone(), f.kind, f.values.clone()))
                 .collect(),
+            bin_labels,
+            prediction_labels,
             baselines,
             prediction,
             config,
@@ -541,7 +576,35 @@ impl ModelMonitor {
         r: &WindowReport,
         missing_ids: &[String],
     ) -> telemetry::WindowReport {
-        let feature = |name: &str, f: &FeatureReport| telemetry::FeatureDrift {
+        let moved = |labels: &[String], f: &FeatureReport| -> Vec<telemetry::BinShift> {
+            f.moved
+                .iter()
+                .flatten()
+                .map(|s| telemetry::BinShift {
+                    bin: labels
+                        .get(usize::from(s.bin))
+                        .cloned()
+                        .unwrap_or_else(|| format!("bin {}", s.bin)),
+                    current: s.current,
+                    reference: s.reference,
+                })
+                .collect()
+        };
+        let labels_of = |subject: Subject| -> &[String] {
+            match subject {
+                Subject::Feature(i) => self.bin_labels.get(i).map_or(&[], Vec::as_slice),
+                Subject::Prediction => &self.prediction_labels,
+                _ => &[],
+            }
+        };
+        let report_of = |subject: Subject| -> Option<&FeatureReport> {
+            match subject {
+                Subject::Feature(i) => r.features.get(i),
+                Subject::Prediction => r.prediction.as_ref(),
+                _ => None,
+            }
+        };
+        let feature = |name: &str, labels: &[String], f: &FeatureReport| telemetry::FeatureDrift {
             name: name.to_string(),
             values: f.values,
             missing_rate: f.missing_rate,
@@ -553,6 +616,11 @@ impl ModelMonitor {
             chi2_p: f.chi2_p,
             wasserstein: f.wasserstein,
             usefulness: f.usefulness,
+            moved: if f.drifting {
+                moved(labels, f)
+            } else {
+                Vec::new()
+            },
             drifting: f.drifting,
         };
         let quantiles = |q: &fleetml_monitor::Quantiles| telemetry::Quantiles {
@@ -612,13 +680,21 @@ impl ModelMonitor {
                 .features
                 .iter()
                 .zip(&self.features)
-                .map(|(f, (name, _, _))| feature(name, f))
+                .enumerate()
+                .map(|(i, (f, (name, _, _)))| feature(name, labels_of(Subject::Feature(i)), f))
                 .collect(),
-            prediction: r.prediction.as_ref().map(|p| feature("prediction", p)),
+            prediction: r
+                .prediction
+                .as_ref()
+                .map(|p| feature("prediction", &self.prediction_labels, p)),
             events: r
                 .events
                 .iter()
                 .map(|e| telemetry::AlertEvent {
+                    moved: match (e.transition, report_of(e.subject)) {
+                        (Transition::Raised, Some(f)) => moved(labels_of(e.subject), f),
+                        _ => Vec::new(),
+                    },
                     subject: self.subject(e.subject),
                     transition: match e.transition {
                         Transition::Raised => "raised",
@@ -677,6 +753,37 @@ fn median(edges: &[f64], counts: &[u64], min: f64) -> f64 {
         }
     }
     min
+}
+
+/// The bins of quantile `edges`: `≤ e₀`, `(eᵢ₋₁, eᵢ]`, `> eₖ` (one bin: `all`).
+fn range_labels(edges: &[f64]) -> Vec<String> {
+    let num = |x: f64| {
+        let text = format!("{x:.4}");
+        let text = text.trim_end_matches('0').trim_end_matches('.');
+        if text == "-0" {
+            "0".to_string()
+        } else {
+            text.to_string()
+        }
+    };
+    if edges.is_empty() {
+        return vec!["all".into()];
+    }
+    let mut labels = vec![format!("≤ {}", num(edges[0]))];
+    for w in edges.windows(2) {
+        labels.push(format!("({}, {}]", num(w[0]), num(w[1])));
+    }
+    labels.push(format!("> {}", num(edges[edges.len() - 1])));
+    labels
+}
+
+/// The bins of a categorical feature: its categories, then `other`.
+fn category_labels(values: &[String]) -> Vec<String> {
+    values
+        .iter()
+        .cloned()
+        .chain(std::iter::once("other".to_string()))
+        .collect()
 }
 
 fn observe(kind: FeatureType, values: &[String], v: &RawValue) -> Observation {

@@ -151,7 +151,7 @@ fn drift_row(
         "device": device, "model": w.model, "version": w.version, "window": w.window,
         "seq": seq, "end_ms": w.end_ms, "feature": f.name, "values": f.values,
         "psi": f.psi, "js": f.js, "ks": f.ks, "chi2_p": f.chi2_p,
-        "wasserstein": f.wasserstein, "unseen_rate": f.unseen_rate,
+        "wasserstein": f.wasserstein, "unseen_rate": f.unseen_rate, "moved": f.moved,
         "missing_rate": f.missing_rate, "out_of_range_rate": f.out_of_range_rate,
         "drifting": f.drifting, "alerting": alerting,
     })
@@ -371,6 +371,29 @@ pub fn drift_table(rows: &[Value]) -> String {
             num(&r["chi2_p"]),
             num(&r["missing_rate"]),
         ));
+        // What moved, under an alerting feature: `online 30% -> 70%`.
+        let moved: Vec<String> = r["moved"]
+            .as_array()
+            .map(|m| {
+                m.iter()
+                    .map(|b| {
+                        let pct = |v: &Value| {
+                            v.as_f64()
+                                .map_or("?".into(), |x| format!("{:.0}%", x * 100.0))
+                        };
+                        format!(
+                            "{} {} -> {}",
+                            str_of(&b["bin"]),
+                            pct(&b["reference"]),
+                            pct(&b["current"])
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !moved.is_empty() {
+            out.push_str(&format!("{:<20} moved: {}\n", "", moved.join(", ")));
+        }
     }
     out
 }

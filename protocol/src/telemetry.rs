@@ -204,6 +204,9 @@ pub struct FeatureDrift {
     /// deviations).
     #[serde(default)]
     pub wasserstein: Option<f64>,
+    /// While the feature alerts: the bins whose share moved most, largest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub moved: Vec<BinShift>,
     pub usefulness: Option<f64>,
     pub drifting: bool,
 }
@@ -233,13 +236,27 @@ pub struct Outage {
 }
 
 /// An alert changing state.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AlertEvent {
     /// A feature name, `prediction`, `missing_predictions` or `lag`.
     pub subject: String,
     /// `raised` or `recovered`.
     pub transition: String,
+    /// For a raised feature or prediction alert: the bins whose share moved most.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub moved: Vec<BinShift>,
+}
+
+/// A bin of a feature's distribution whose share moved: its range (`(10, 20]`, `≤ 10`,
+/// `> 90`) or category (`other`: values the schema does not list), the window's share
+/// and the reference's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BinShift {
+    pub bin: String,
+    pub current: f64,
+    pub reference: f64,
 }
 
 /// One closed monitoring window of one model (the agent's
@@ -284,7 +301,7 @@ pub struct WindowReport {
 }
 
 /// An alert transition, sent on its own as soon as it happens.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Alert {
     pub model: String,

@@ -33,6 +33,18 @@ pub const MAX_BINS: usize = 24;
 pub const MAX_OUTAGES: usize = 8;
 /// Window sizes a feature's calibrated thresholds are given for.
 pub const MAX_LIMITS: usize = 8;
+/// Bins a window report names as having moved most.
+pub const TOP_SHIFTS: usize = 3;
+
+/// A bin whose share moved: the window's share against the reference's.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Shift {
+    /// The bin (numeric: `(edgeᵢ₋₁, edgeᵢ]`; categorical: the category, the last one
+    /// being "other").
+    pub bin: u8,
+    pub current: f64,
+    pub reference: f64,
+}
 
 /// Thresholds calibrated for windows of `size` values (`chi2_p` 0 where it does not
 /// apply).
@@ -487,9 +499,37 @@ impl FeatureState {
             },
             usefulness: (self.attributions > 0)
                 .then(|| self.attribution_sum / self.attributions as f64),
+            moved: moved(counts, q),
             drifting: false,
         }
     }
+}
+
+/// The [`TOP_SHIFTS`] bins whose share differs most from the reference's (none without
+/// values; bins that did not move are left out).
+fn moved(counts: &[u32], q: &[f64]) -> [Option<Shift>; TOP_SHIFTS] {
+    let mut top = [None; TOP_SHIFTS];
+    let n: f64 = counts.iter().map(|&c| f64::from(c)).sum();
+    if n == 0.0 {
+        return top;
+    }
+    let gap = |s: &Option<Shift>| s.map_or(0.0, |s| libm::fabs(s.current - s.reference));
+    for (i, (&c, &q)) in counts.iter().zip(q).enumerate() {
+        let shift = Some(Shift {
+            bin: i as u8,
+            current: f64::from(c) / n,
+            reference: q,
+        });
+        let g = gap(&shift);
+        if g == 0.0 {
+            continue;
+        }
+        if let Some(at) = top.iter().position(|t| g > gap(t)) {
+            top.copy_within(at..TOP_SHIFTS - 1, at + 1);
+            top[at] = shift;
+        }
+    }
+    top
 }
 
 /// Drift of one feature (or of the predictions) in one window.
@@ -509,6 +549,8 @@ pub struct FeatureReport {
     pub chi2_p: Option<f64>,
     /// Numeric only: in reference standard deviations (see [`stats`]).
     pub wasserstein: Option<f64>,
+    /// The bins whose share moved most, largest move first (what an alert says moved).
+    pub moved: [Option<Shift>; TOP_SHIFTS],
     /// Mean |attribution| over the window's explained predictions.
     pub usefulness: Option<f64>,
     /// The alert state after this window.

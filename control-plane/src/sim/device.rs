@@ -247,6 +247,7 @@ pub(super) fn window(fleet: &Fleet, model: &str, version: u64, n: u64, rng: &mut
         js: 0.01 + rng.unit() * 0.01,
         chi2_p: None,
         wasserstein: Some(0.01 + rng.unit() * 0.02),
+        moved: Vec::new(),
         usefulness: None,
         drifting: false,
     };

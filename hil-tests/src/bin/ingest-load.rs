@@ -34,6 +34,7 @@ fn window(model: &str, n: u64) -> Body {
         js: 0.02,
         chi2_p: None,
         wasserstein: Some(0.04),
+        moved: Vec::new(),
         usefulness: None,
         drifting: false,
     };

@@ -148,6 +148,19 @@ fn reference_data_raises_no_alert_and_drifted_data_alerts_on_exactly_the_shifted
         .map(|s| s.to_string())
         .collect();
     assert_eq!(features, shifted, "events: {raised:?}");
+    // Each raised alert says what moved: channel's `online` share went from 30 % to 70 %.
+    let channel = windows[8..]
+        .iter()
+        .flat_map(|w| w["events"].as_array().cloned().unwrap_or_default())
+        .find(|e| e["subject"] == "channel" && e["transition"] == "raised")
+        .expect("channel raised");
+    let top = &channel["moved"][0];
+    assert_eq!(top["bin"], "online", "{channel}");
+    assert!(
+        top["current"].as_f64().expect("current") > 0.6
+            && top["reference"].as_f64().expect("reference") < 0.4,
+        "{channel}"
+    );
     assert_eq!(
         names(&windows[10]["alerts"])
             .into_iter()

@@ -677,3 +677,30 @@ fn calibrated_thresholds_interpolate_by_window_size_and_yield_to_fixed_ones() {
     );
     assert!(plain.with_limits(&[limit(100, -0.1, 0.1)]).is_err());
 }
+
+/// A window names the bins whose share moved most, largest move first.
+#[test]
+fn a_window_names_the_bins_that_moved_most() {
+    let r = Reference::categorical(&[50, 30, 20, 0]).expect("categorical");
+    let report = r.window((0..100).map(|i| match i {
+        0..20 => Observation::Category(0),
+        20..90 => Observation::Category(1),
+        _ => Observation::Category(2),
+    }));
+    let moved: Vec<(u8, f64, f64)> = report
+        .moved
+        .iter()
+        .flatten()
+        .map(|s| (s.bin, s.current, s.reference))
+        .collect();
+    assert_eq!(moved, vec![(1, 0.7, 0.3), (0, 0.2, 0.5), (2, 0.1, 0.2)]);
+    // The reference's own shares: nothing moved.
+    let unmoved = r.window((0..100).map(|i| {
+        Observation::Category(match i {
+            0..50 => 0,
+            50..80 => 1,
+            _ => 2,
+        })
+    }));
+    assert!(unmoved.moved.iter().all(Option::is_none), "{unmoved:?}");
+}
