@@ -9,8 +9,8 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use fleetml_monitor::{
-    FeatureReport, MissReason, Monitor, Observation, Reference, Subject, Thresholds, Transition,
-    WindowConfig, WindowReport,
+    FeatureReport, MissReason, Monitor, Observation, Subject, Thresholds, Transition, WindowConfig,
+    WindowReport,
 };
 use fleetml_protocol::features::{FeatureSchema, FeatureType, RawValue};
 use fleetml_protocol::manifest::MonitoringPolicy;
@@ -217,27 +217,8 @@ impl ModelMonitor {
         sink: Option<Sink>,
     ) -> Result<ModelMonitor, String> {
         // The thresholds the bundle's builder calibrated for a subject, per window size.
-        let limits_of = |name: &str| -> Vec<fleetml_monitor::Limit> {
-            let Some(c) = &profile.calibration else {
-                return Vec::new();
-            };
-            c.limits
-                .iter()
-                .find(|l| l.name == name)
-                .map(|l| {
-                    c.sizes
-                        .iter()
-                        .enumerate()
-                        .map(|(i, size)| fleetml_monitor::Limit {
-                            size: *size,
-                            psi: l.psi[i],
-                            js: l.js[i],
-                            chi2_p: l.chi2_p.get(i).copied().unwrap_or(0.0),
-                        })
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
+        let limits_of =
+            |name: &str| fleetml_monitor::profile::limits(profile.calibration.as_ref(), name);
         let mut references = Vec::with_capacity(schema.features.len());
         let mut baselines = Vec::with_capacity(schema.features.len());
         for f in &schema.features {
@@ -246,55 +227,38 @@ impl ModelMonitor {
                 .iter()
                 .find(|p| p.name == f.name)
                 .ok_or_else(|| format!("the reference profile has no feature `{}`", f.name))?;
-            let (reference, baseline) = match (&p.numeric, &p.categorical) {
-                (Some(n), _) => (
-                    Reference::numeric(&n.edges, &n.counts, &n.means, (n.min, n.max), n.std),
-                    RawValue::Number(median(&n.edges, &n.counts, n.min)),
-                ),
-                (None, Some(c)) => {
-                    let mut counts = c.counts.clone();
-                    counts.push(c.other);
-                    let mode = c
-                        .counts
+            let baseline = match (&p.numeric, &p.categorical) {
+                (Some(n), _) => RawValue::Number(median(&n.edges, &n.counts, n.min)),
+                (None, Some(c)) => RawValue::Text(
+                    c.counts
                         .iter()
                         .enumerate()
                         .max_by_key(|(_, n)| **n)
                         .map(|(i, _)| c.values[i].clone())
-                        .unwrap_or_default();
-                    (Reference::categorical(&counts), RawValue::Text(mode))
-                }
-                (None, None) => {
-                    return Err(format!(
-                        "the reference profile of `{}` has no distribution",
-                        f.name
-                    ));
-                }
+                        .unwrap_or_default(),
+                ),
+                (None, None) => RawValue::Missing,
             };
-            references.push(
-                reference
-                    .and_then(|r| r.with_limits(&limits_of(&f.name)))
-                    .map_err(|e| format!("feature `{}`: {e}", f.name))?,
-            );
+            references.push(fleetml_monitor::profile::feature(p).and_then(|r| {
+                r.with_limits(&limits_of(&f.name))
+                    .map_err(|e| format!("feature `{}`: {e}", f.name))
+            })?);
             baselines.push(baseline);
         }
         let (prediction, prediction_reference) = match profile.predictions.first() {
-            Some(o) if !o.class_counts.is_empty() => {
-                let mut counts = o.class_counts.clone();
-                counts.push(0);
-                (
-                    Some(PredictionKind::Classes),
-                    Some(
-                        Reference::categorical(&counts)
-                            .and_then(|r| r.with_limits(&limits_of("prediction")))
-                            .map_err(|e| format!("predictions: {e}"))?,
-                    ),
-                )
-            }
+            Some(o) if !o.class_counts.is_empty() => (
+                Some(PredictionKind::Classes),
+                Some(
+                    fleetml_monitor::profile::classes(&o.class_counts)
+                        .and_then(|r| r.with_limits(&limits_of("prediction")))
+                        .map_err(|e| format!("predictions: {e}"))?,
+                ),
+            ),
             Some(o) => match o.scores.first() {
                 Some(n) => (
                     Some(PredictionKind::Score),
                     Some(
-                        Reference::numeric(&n.edges, &n.counts, &n.means, (n.min, n.max), n.std)
+                        fleetml_monitor::profile::numeric(n)
                             .and_then(|r| r.with_limits(&limits_of("prediction")))
                             .map_err(|e| format!("predictions: {e}"))?,
                     ),
@@ -787,15 +751,5 @@ fn category_labels(values: &[String]) -> Vec<String> {
 }
 
 fn observe(kind: FeatureType, values: &[String], v: &RawValue) -> Observation {
-    match (kind, v) {
-        (_, RawValue::Missing) => Observation::Missing,
-        (FeatureType::Category, RawValue::Text(s)) => values
-            .iter()
-            .position(|x| x == s)
-            .map(Observation::Category)
-            .unwrap_or(Observation::Unseen),
-        (FeatureType::Category, RawValue::Number(_)) => Observation::Unseen,
-        (_, RawValue::Number(x)) => Observation::Number(*x),
-        (_, RawValue::Text(_)) => Observation::Missing,
-    }
+    fleetml_monitor::profile::observe(kind, values, v)
 }

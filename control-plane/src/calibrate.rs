@@ -13,7 +13,7 @@
 
 use anyhow::{Context, bail};
 use fleetml_monitor::{Observation, Reference};
-use fleetml_protocol::features::{FeatureSchema, FeatureType, RawValue};
+use fleetml_protocol::features::{FeatureSchema, RawValue};
 use fleetml_protocol::reference::{Calibration, ReferenceProfile, SubjectLimits, argmax};
 
 /// Window sizes calibrated when none are given (plus the bundle's own window size).
@@ -54,31 +54,7 @@ fn reference_of(profile: &ReferenceProfile, name: &str) -> anyhow::Result<Refere
         .iter()
         .find(|p| p.name == name)
         .with_context(|| format!("the reference profile has no feature `{name}`"))?;
-    let r = match (&p.numeric, &p.categorical) {
-        (Some(n), _) => Reference::numeric(&n.edges, &n.counts, &n.means, (n.min, n.max), n.std),
-        (None, Some(c)) => {
-            let mut counts = c.counts.clone();
-            counts.push(c.other);
-            Reference::categorical(&counts)
-        }
-        (None, None) => bail!("the reference profile of `{name}` has no distribution"),
-    };
-    r.map_err(|e| anyhow::anyhow!("feature `{name}`: {e}"))
-}
-
-/// A raw value as the agent's monitor observes it.
-fn observe(kind: FeatureType, values: &[String], v: &RawValue) -> Observation {
-    match (kind, v) {
-        (_, RawValue::Missing) => Observation::Missing,
-        (FeatureType::Category, RawValue::Text(s)) => values
-            .iter()
-            .position(|x| x == s)
-            .map(Observation::Category)
-            .unwrap_or(Observation::Unseen),
-        (FeatureType::Category, RawValue::Number(_)) => Observation::Unseen,
-        (_, RawValue::Number(x)) => Observation::Number(*x),
-        (_, RawValue::Text(_)) => Observation::Missing,
-    }
+    fleetml_monitor::profile::feature(p).map_err(anyhow::Error::msg)
 }
 
 /// Thresholds for `profile`'s features (and its first output's predictions) on windows of
@@ -112,7 +88,13 @@ pub fn calibrate(
         let reference = reference_of(profile, &f.name)?;
         let column = rows
             .iter()
-            .map(|r| observe(f.kind, &f.values, r.get(i).unwrap_or(&RawValue::Missing)))
+            .map(|r| {
+                fleetml_monitor::profile::observe(
+                    f.kind,
+                    &f.values,
+                    r.get(i).unwrap_or(&RawValue::Missing),
+                )
+            })
             .collect();
         subjects.push((f.name.clone(), reference, column));
     }
@@ -120,25 +102,23 @@ pub fn calibrate(
         let columns = (*columns).max(1);
         let rows_out = data.len() / columns;
         let prediction = if !o.class_counts.is_empty() {
-            let mut counts = o.class_counts.clone();
-            counts.push(0);
-            Reference::categorical(&counts).ok().map(|r| {
-                let column = data
-                    .chunks_exact(columns)
-                    .map(|row| argmax(row).map_or(Observation::Missing, Observation::Category))
-                    .collect::<Vec<_>>();
-                (r, column)
-            })
+            fleetml_monitor::profile::classes(&o.class_counts)
+                .ok()
+                .map(|r| {
+                    let column = data
+                        .chunks_exact(columns)
+                        .map(|row| argmax(row).map_or(Observation::Missing, Observation::Category))
+                        .collect::<Vec<_>>();
+                    (r, column)
+                })
         } else {
             o.scores.first().and_then(|n| {
-                Reference::numeric(&n.edges, &n.counts, &n.means, (n.min, n.max), n.std)
-                    .ok()
-                    .map(|r| {
-                        let column = (0..rows_out)
-                            .map(|r| Observation::Number(f64::from(data[r * columns])))
-                            .collect::<Vec<_>>();
-                        (r, column)
-                    })
+                fleetml_monitor::profile::numeric(n).ok().map(|r| {
+                    let column = (0..rows_out)
+                        .map(|r| Observation::Number(f64::from(data[r * columns])))
+                        .collect::<Vec<_>>();
+                    (r, column)
+                })
             })
         };
         if let Some((r, column)) = prediction
@@ -227,19 +207,32 @@ fn joint_limits(
     // The share past falls as the level rises; find the lowest level that keeps it at
     // most alpha (the level 1 keeps every window within).
     let (mut low, mut high) = (1.0 - alpha, 1.0);
-    if at(low).1 <= alpha {
-        return at(low).0;
-    }
-    for _ in 0..40 {
-        let mid = (low + high) / 2.0;
-        if at(mid).1 <= alpha {
-            high = mid;
-        } else {
-            low = mid;
+    let level = if at(low).1 <= alpha {
+        low
+    } else {
+        for _ in 0..40 {
+            let mid = (low + high) / 2.0;
+            if at(mid).1 <= alpha {
+                high = mid;
+            } else {
+                low = mid;
+            }
         }
-    }
-    at(high).0
+        high
+    };
+    // A statistic that never moves (a constant feature, one category) has the threshold
+    // 0 (PSI, JS) or 1 (p): kept just inside the valid range, where it still never fires.
+    let (tpsi, tjs, tp) = at(level).0;
+    (
+        tpsi.max(MIN_THRESHOLD),
+        tjs.max(MIN_THRESHOLD),
+        tp.map(|p| p.min(1.0 - MIN_THRESHOLD)),
+    )
 }
+
+/// The smallest PSI or JS threshold kept (a statistic that is always 0 is never above
+/// it), and how far below 1 a p-value threshold stays.
+const MIN_THRESHOLD: f64 = 1e-9;
 
 /// SplitMix64: a small, fixed, well-mixed generator (the resampling must be the same
 /// on every machine and in every build).
@@ -258,5 +251,55 @@ impl SplitMix {
     /// counts a reference has).
     fn below(&mut self, n: u64) -> u64 {
         ((u128::from(self.next()) * u128::from(n)) >> 64) as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A feature that never varies (one numeric value, one category) still calibrates to
+    /// thresholds the profile accepts, and they never fire on it.
+    #[test]
+    fn features_that_never_vary_calibrate_to_valid_thresholds() {
+        let schema = FeatureSchema::from_toml(
+            r#"
+[[features]]
+name = "constant"
+type = "float"
+input = "x"
+column = 0
+
+[[features]]
+name = "one_kind"
+type = "category"
+values = ["only", "never"]
+encoding = "one-hot"
+input = "x"
+column = 1
+"#,
+        )
+        .expect("schema");
+        let rows: Vec<Vec<RawValue>> = (0..500)
+            .map(|_| vec![RawValue::Number(3.0), RawValue::Text("only".into())])
+            .collect();
+        let mut profile = ReferenceProfile::compute(&schema, &rows, &[], 10).expect("profile");
+        let calibration = calibrate(
+            &profile,
+            &schema,
+            &rows,
+            &[],
+            &Options {
+                sizes: vec![100],
+                false_alarm_rate: 0.01,
+            },
+        )
+        .expect("calibrated");
+        for l in &calibration.limits {
+            assert!(l.psi[0] > 0.0 && l.js[0] > 0.0, "{l:?}");
+            assert!(l.chi2_p.iter().all(|p| *p < 1.0), "{l:?}");
+        }
+        profile.calibration = Some(calibration);
+        ReferenceProfile::from_cbor(&profile.to_cbor()).expect("the profile stays valid");
     }
 }

@@ -18,7 +18,12 @@
 
 #![no_std]
 
+#[cfg(feature = "profile")]
+extern crate std;
+
 pub mod histogram;
+#[cfg(feature = "profile")]
+pub mod profile;
 pub mod stats;
 
 use heapless::Vec;
@@ -863,7 +868,8 @@ impl Monitor {
         {
             let inputs = self.predictions + self.missed[MissReason::InvalidInput as usize];
             let mut report = state.report(reference, inputs);
-            let limits = t.for_window(reference, report.values);
+            // Calibrated by rows: the window's inputs, missing values included.
+            let limits = t.for_window(reference, inputs);
             if counted && let Some(transition) = alert.update(report.past(&limits), t.windows) {
                 let _ = events.push(AlertEvent {
                     subject: Subject::Feature(i),
@@ -877,7 +883,7 @@ impl Monitor {
         let prediction = match &mut self.prediction {
             Some((reference, state, alert)) => {
                 let mut report = state.report(reference, self.predictions);
-                let limits = t.for_window(reference, report.values);
+                let limits = t.for_window(reference, self.predictions);
                 if counted && let Some(transition) = alert.update(report.past(&limits), t.windows) {
                     let _ = events.push(AlertEvent {
                         subject: Subject::Prediction,

@@ -5,7 +5,7 @@
 
 use fleet_control::calibrate;
 use fleetml_monitor::{Monitor, Observation, Reference, Thresholds, WindowConfig};
-use fleetml_protocol::features::{FeatureSchema, FeatureType, RawValue};
+use fleetml_protocol::features::{FeatureSchema, RawValue};
 use fleetml_protocol::reference::ReferenceProfile;
 
 use crate::claims;
@@ -39,7 +39,6 @@ fn calibrated(schema: &FeatureSchema, reference: &[Vec<RawValue>]) -> ReferenceP
 
 /// The monitor the agent would build from `profile`, windows of `n`, alerts after `k`.
 fn monitor(schema: &FeatureSchema, profile: &ReferenceProfile, n: u32, k: u8) -> Monitor {
-    let c = profile.calibration.as_ref().expect("calibrated");
     let references: Vec<Reference> = schema
         .features
         .iter()
@@ -49,31 +48,13 @@ fn monitor(schema: &FeatureSchema, profile: &ReferenceProfile, n: u32, k: u8) ->
                 .iter()
                 .find(|p| p.name == f.name)
                 .expect("profiled");
-            let r = match (&p.numeric, &p.categorical) {
-                (Some(n), _) => {
-                    Reference::numeric(&n.edges, &n.counts, &n.means, (n.min, n.max), n.std)
-                }
-                (_, Some(cat)) => {
-                    let mut counts = cat.counts.clone();
-                    counts.push(cat.other);
-                    Reference::categorical(&counts)
-                }
-                _ => panic!("no distribution"),
-            }
-            .expect("reference");
-            let l = c.limits.iter().find(|l| l.name == f.name).expect("limits");
-            let limits: Vec<fleetml_monitor::Limit> = c
-                .sizes
-                .iter()
-                .enumerate()
-                .map(|(i, size)| fleetml_monitor::Limit {
-                    size: *size,
-                    psi: l.psi[i],
-                    js: l.js[i],
-                    chi2_p: l.chi2_p.get(i).copied().unwrap_or(0.0),
-                })
-                .collect();
-            r.with_limits(&limits).expect("limits")
+            fleetml_monitor::profile::feature(p)
+                .expect("reference")
+                .with_limits(&fleetml_monitor::profile::limits(
+                    profile.calibration.as_ref(),
+                    &f.name,
+                ))
+                .expect("limits")
         })
         .collect();
     Monitor::new(
@@ -96,17 +77,7 @@ fn observations(schema: &FeatureSchema, row: &[RawValue]) -> Vec<Observation> {
         .features
         .iter()
         .zip(row)
-        .map(|(f, v)| match (f.kind, v) {
-            (_, RawValue::Missing) => Observation::Missing,
-            (FeatureType::Category, RawValue::Text(s)) => f
-                .values
-                .iter()
-                .position(|x| x == s)
-                .map_or(Observation::Unseen, Observation::Category),
-            (FeatureType::Category, RawValue::Number(_)) => Observation::Unseen,
-            (_, RawValue::Number(x)) => Observation::Number(*x),
-            (_, RawValue::Text(_)) => Observation::Missing,
-        })
+        .map(|(f, v)| fleetml_monitor::profile::observe(f.kind, &f.values, v))
         .collect()
 }
 

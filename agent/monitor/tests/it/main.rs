@@ -56,6 +56,30 @@ fn python() -> PathBuf {
     path
 }
 
+/// Runs `script` with the test venv's Python, `input` on its stdin; its JSON answer.
+fn run_python(script: &str, input: &str) -> serde_json::Value {
+    use std::io::Write;
+    let mut child = Command::new(python())
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python runs");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("python finishes");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("json reply")
+}
+
 /// Fixed fixtures: (observed counts, reference counts).
 fn fixtures() -> Vec<(Vec<u32>, Vec<u64>)> {
     vec![
@@ -100,26 +124,7 @@ grid = [[a, x, float(gammaincc(a, x))] for a in (0.5, 1.0, 1.5, 4.5, 10.0, 60.0)
 print(json.dumps({"stats": out, "gamma": grid}))
 "#;
     let input = serde_json::to_string(&cases).expect("json");
-    let mut child = Command::new(python())
-        .args(["-c", script])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("python runs");
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(input.as_bytes())
-        .expect("write");
-    let out = child.wait_with_output().expect("python finishes");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json reply");
+    let reply = run_python(script, &input);
     for ((obs, reference), expected) in cases.iter().zip(reply["stats"].as_array().expect("stats"))
     {
         let r = Reference::categorical(reference).expect("reference");
@@ -501,26 +506,7 @@ print(json.dumps({"numeric": out, "chi2": [float(res.statistic), float(res.pvalu
         "reference": reference, "windows": windows, "cat_ref": cat_ref, "cat_window": cat_window,
     })
     .to_string();
-    let mut child = Command::new(python())
-        .args(["-c", script])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("python runs");
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(input.as_bytes())
-        .expect("write");
-    let out = child.wait_with_output().expect("python finishes");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json reply");
+    let reply = run_python(script, &input);
     let q = r.proportions();
     for (window, exact) in windows
         .iter()
