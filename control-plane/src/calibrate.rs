@@ -82,6 +82,12 @@ pub fn calibrate(
     if rows.is_empty() {
         bail!("no reference rows to calibrate thresholds on");
     }
+    // A window larger than the reference cannot be drawn from it meaningfully (and would
+    // cost resamples × size work for nothing): such sizes are left out, and the agent
+    // holds windows beyond the largest calibrated size to that size's thresholds (looser,
+    // so no extra false alarms). The smallest size is kept whatever the reference's size.
+    let smallest = sizes[0];
+    sizes.retain(|s| *s == smallest || (*s as usize) <= rows.len());
     // Each subject: its reference and its observations, row by row.
     let mut subjects: Vec<(String, Reference, Vec<Observation>)> = Vec::new();
     for (i, f) in schema.features.iter().enumerate() {
@@ -295,11 +301,15 @@ column = 1
             },
         )
         .expect("calibrated");
+        assert_eq!(calibration.sizes, vec![100]);
         for l in &calibration.limits {
             assert!(l.psi[0] > 0.0 && l.js[0] > 0.0, "{l:?}");
             assert!(l.chi2_p.iter().all(|p| *p < 1.0), "{l:?}");
         }
         profile.calibration = Some(calibration);
         ReferenceProfile::from_cbor(&profile.to_cbor()).expect("the profile stays valid");
+        // 500 rows: windows of 1,000 are not calibrated, 100 and 250 are.
+        let sized = calibrate(&profile, &schema, &rows, &[], &Options::default()).expect("ok");
+        assert_eq!(sized.sizes, vec![100, 250]);
     }
 }
