@@ -198,6 +198,8 @@ pub struct ModelMonitor {
     /// predictions: how a report names the bins that moved.
     bin_labels: Vec<Vec<String>>,
     prediction_labels: Vec<String>,
+    /// The thresholds the bundle's builder calibrated, shown by [`Self::view`].
+    calibration: Option<fleetml_protocol::reference::Calibration>,
     baselines: Vec<RawValue>,
     prediction: Option<PredictionKind>,
     config: WindowConfig,
@@ -309,6 +311,7 @@ impl ModelMonitor {
                 .collect(),
             bin_labels,
             prediction_labels,
+            calibration: profile.calibration.clone(),
             baselines,
             prediction,
             config,
@@ -695,6 +698,10 @@ impl ModelMonitor {
             "version": self.version,
             "window_config": {"max_predictions": self.config.max_predictions, "max_duration_ms": self.config.max_duration_ms},
             "thresholds": {"psi": t.psi, "js": t.js, "chi2_p": t.chi2_p, "unseen_rate": t.unseen_rate, "missing_rate": t.missing_rate, "lag_p95_ms": t.lag_p95_ms, "windows": t.windows, "min_predictions": t.min_predictions},
+            // Which of psi, js and chi2_p were set explicitly (they hold for every feature);
+            // the others give way to the calibrated thresholds below, per feature and size.
+            "fixed": {"psi": t.fixed.psi, "js": t.fixed.js, "chi2_p": t.fixed.chi2_p},
+            "calibration": self.calibration,
             "expected_outstanding": state.expected.deadlines.len(),
             "alerts": alerts,
             "windows": windows,

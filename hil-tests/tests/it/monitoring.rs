@@ -338,6 +338,18 @@ fn predictions_explain_themselves_by_occlusion() {
     let view = monitoring(&agent);
     assert_eq!(view["thresholds"]["psi"], 0.25, "from the bundle: {view}");
     assert_eq!(view["thresholds"]["js"], 0.15, "from the agent's flag");
+    // Set explicitly, PSI and JS hold for every feature; chi-square p gives way to the
+    // thresholds the builder calibrated, which the view shows per feature and size.
+    assert_eq!(
+        view["fixed"],
+        serde_json::json!({"psi": true, "js": true, "chi2_p": false}),
+        "{view}"
+    );
+    let sizes = view["calibration"]["sizes"]
+        .as_array()
+        .expect("calibrated sizes");
+    assert!(sizes.contains(&serde_json::json!(100)), "{sizes:?}");
+    assert_eq!(view["calibration"]["false_alarm_rate"], 0.01);
     assert_eq!(
         view["window_config"]["max_predictions"], 700,
         "from the bundle"
