@@ -359,7 +359,7 @@ impl ModelMonitor {
             observations.clear();
             if let Some(row) = rows.get(r) {
                 for ((_, kind, values), v) in self.features.iter().zip(row) {
-                    observations.push(observe(*kind, values, v));
+                    observations.push(fleetml_monitor::profile::observe(*kind, values, v));
                 }
             }
             let prediction = outputs.get(r).and_then(|o| match self.prediction? {
@@ -755,8 +755,4 @@ fn category_labels(values: &[String]) -> Vec<String> {
         .cloned()
         .chain(std::iter::once("other".to_string()))
         .collect()
-}
-
-fn observe(kind: FeatureType, values: &[String], v: &RawValue) -> Observation {
-    fleetml_monitor::profile::observe(kind, values, v)
 }

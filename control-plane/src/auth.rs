@@ -315,6 +315,26 @@ impl Chain {
         Ok(())
     }
 
+    /// Checks the whole log, fetched `page` entries at a time by `fetch(from, limit)`,
+    /// and that every anchor is in it: the chain, or what is wrong with the log; `Err`
+    /// when a page could not be fetched.
+    pub fn walk<E>(
+        mut self,
+        page: usize,
+        mut fetch: impl FnMut(u64, usize) -> Result<Vec<AuditEntry>, E>,
+    ) -> Result<Result<Chain, String>, E> {
+        loop {
+            let entries = fetch(self.checked + 1, page)?;
+            if let Err(e) = self.feed(&entries) {
+                return Ok(Err(e));
+            }
+            if entries.len() < page {
+                break;
+            }
+        }
+        Ok(self.finish().map(|()| self))
+    }
+
     /// The hash of the last entry checked (the genesis value before any).
     pub fn head(&self) -> &str {
         &self.prev
@@ -472,18 +492,8 @@ impl Audit {
     /// Walks the whole log page by page with the key: the number of entries and the head
     /// hash, or what is wrong. `anchors` are heads kept elsewhere that must be in it.
     pub fn verify_all(&self, anchors: Vec<String>) -> Result<Result<Chain, String>, StoreError> {
-        const PAGE: usize = 10_000;
-        let mut chain = Chain::anchored(self.key.clone(), anchors);
-        loop {
-            let page = self.store.audit_entries(chain.checked + 1, PAGE)?;
-            if let Err(e) = chain.feed(&page) {
-                return Ok(Err(e));
-            }
-            if page.len() < PAGE {
-                break;
-            }
-        }
-        Ok(chain.finish().map(|()| chain))
+        Chain::anchored(self.key.clone(), anchors)
+            .walk(10_000, |from, limit| self.store.audit_entries(from, limit))
     }
 
     pub fn key(&self) -> &AuditKey {

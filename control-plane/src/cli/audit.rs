@@ -35,7 +35,7 @@ pub(crate) enum AuditCommand {
 }
 
 /// Entries fetched per request by `audit verify --key`.
-const PAGE: u64 = 10_000;
+const PAGE: usize = 10_000;
 
 pub(crate) fn audit_command(server: &str, a: AuditArgs) -> anyhow::Result<()> {
     let AuditArgs {
@@ -84,26 +84,18 @@ fn verify_here(
     key: &std::path::Path,
 ) -> anyhow::Result<()> {
     let key = fleet_control::auth::AuditKey::read(key)?;
-    let mut chain = fleet_control::auth::Chain::anchored(key, head);
-    loop {
-        let page = client.get(&format!(
-            "/v1/audit?from={}&limit={PAGE}",
-            chain.checked + 1
-        ))?;
-        let entries: Vec<fleet_control::auth::AuditEntry> =
-            serde_json::from_value(page).context("decoding the audit log")?;
-        if let Err(e) = chain.feed(&entries) {
-            anyhow::bail!("audit log tampered with: {e}");
+    let walked = fleet_control::auth::Chain::anchored(key, head).walk(PAGE, |from, limit| {
+        let page = client.get(&format!("/v1/audit?from={from}&limit={limit}"))?;
+        serde_json::from_value::<Vec<fleet_control::auth::AuditEntry>>(page)
+            .context("decoding the audit log")
+    })?;
+    match walked {
+        Ok(chain) => {
+            intact(chain.checked, chain.head());
+            Ok(())
         }
-        if (entries.len() as u64) < PAGE {
-            break;
-        }
+        Err(e) => anyhow::bail!("audit log tampered with: {e}"),
     }
-    if let Err(e) = chain.finish() {
-        anyhow::bail!("audit log tampered with: {e}");
-    }
-    intact(chain.checked, chain.head());
-    Ok(())
 }
 
 /// `audit`: the last `last` entries.

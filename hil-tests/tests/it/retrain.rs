@@ -47,20 +47,14 @@ fn spec(dir: &Path, plane: &ControlPlane, extra: &str) -> String {
     path.display().to_string()
 }
 
+/// Imports the claims data `file` as a dataset named `name`.
+fn import_as(dir: &Path, plane: &ControlPlane, file: &str, name: &str) -> hil_tests::Run {
+    plane.fleetctl(dir, &["data", "import", &claims(file), "--name", name])
+}
+
 /// Imports the claims reference rows as dataset `reference`; its id.
 fn import_reference(dir: &Path, plane: &ControlPlane) -> String {
-    plane
-        .fleetctl(
-            dir,
-            &[
-                "data",
-                "import",
-                &claims("reference.csv"),
-                "--name",
-                "reference",
-            ],
-        )
-        .success();
+    import_as(dir, plane, "reference.csv", "reference").success();
     plane.json(dir, &["data", "list"])[0]["id"]
         .as_str()
         .expect("id")
@@ -86,29 +80,11 @@ fn a_training_job_registers_the_best_trial_with_its_lineage_and_reproduces_it_bi
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
     let plane = signing_plane(dir);
-    let imported = plane.fleetctl(
-        dir,
-        &[
-            "data",
-            "import",
-            &claims("reference.csv"),
-            "--name",
-            "reference",
-        ],
-    );
+    let imported = import_as(dir, &plane, "reference.csv", "reference");
     imported.success();
     let data = plane.json(dir, &["data", "list"]);
     let reference = data[0]["id"].as_str().expect("id").to_string();
-    let holdout = plane.fleetctl(
-        dir,
-        &[
-            "data",
-            "import",
-            &claims("holdout.csv"),
-            "--name",
-            "holdout",
-        ],
-    );
+    let holdout = import_as(dir, &plane, "holdout.csv", "holdout");
     holdout.success();
     let holdout = plane.json(dir, &["data", "list"])[1]["id"]
         .as_str()
@@ -336,18 +312,7 @@ fn drift_on_the_devices_retrains_the_model_and_a_better_challenger_goes_to_a_can
         .fleetctl(dir, &["models", "stage", "claims@1", "production"])
         .success();
     // The original training set, and a drifted holdout the devices never see.
-    plane
-        .fleetctl(
-            dir,
-            &[
-                "data",
-                "import",
-                &claims("reference.csv"),
-                "--name",
-                "original",
-            ],
-        )
-        .success();
+    import_as(dir, &plane, "reference.csv", "original").success();
     let drifted_csv = std::fs::read_to_string(claims("drifted.csv")).expect("drifted");
     let mut lines: Vec<&str> = drifted_csv.lines().collect();
     let header = lines.remove(0);

@@ -820,9 +820,7 @@ fn a_device_can_use_the_broker_only_as_itself() {
     use fleetml_protocol::telemetry;
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
-    hil_tests::keys_and_policy(dir, "k");
-    let plane = ControlPlane::start(dir, None, &["--trust", "trust.toml"]);
-    enroll(dir, &plane, "pi-a", "raspberry-pi-4", "site=lab", "");
+    let plane = plane_with_device(dir, "pi-a", "");
     enroll(dir, &plane, "pi-b", "raspberry-pi-4", "site=lab", "");
     let _victim = logged_agent(dir, "pi-a");
     wait_for("pi-a online", Duration::from_secs(60), || {
@@ -1172,12 +1170,9 @@ fn an_operator_cannot_run_a_command_on_the_control_plane_host() {
 /// code the wait below for a newer status times out).
 #[test]
 fn a_wiped_device_is_recognised_and_its_messages_are_stored() {
-    use crate::rollout::enroll;
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
-    hil_tests::keys_and_policy(dir, "k");
-    let plane = ControlPlane::start(dir, None, &["--trust", "trust.toml"]);
-    enroll(dir, &plane, "pi-w", "raspberry-pi-4", "site=lab", "");
+    let plane = plane_with_device(dir, "pi-w", "");
     let agent = logged_agent(dir, "pi-w");
     let statuses = || {
         plane
@@ -1218,13 +1213,11 @@ fn a_wiped_device_is_recognised_and_its_messages_are_stored() {
 /// the `devices revoke` below is an unknown command.
 #[test]
 fn a_revoked_device_is_locked_out_at_once_and_a_rotated_one_comes_back() {
-    use crate::rollout::{config_value, device_token, enroll, get_as};
+    use crate::rollout::{config_value, device_token, get_as};
     use fleetml_protocol::telemetry;
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
-    hil_tests::keys_and_policy(dir, "k");
-    let plane = ControlPlane::start(dir, None, &["--trust", "trust.toml"]);
-    enroll(dir, &plane, "pi-r", "raspberry-pi-4", "site=lab", "");
+    let plane = plane_with_device(dir, "pi-r", "");
     let agent = logged_agent(dir, "pi-r");
     wait_for("pi-r online", Duration::from_secs(60), || {
         (plane.device("pi-r")["online"] == true).then_some(())
