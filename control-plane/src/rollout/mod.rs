@@ -393,8 +393,11 @@ impl Rollout {
                 progress = Progress::Downloading;
             }
         }
-        // What runs now wins over an older event.
-        if running && !matches!(progress, Progress::Failed(_)) {
+        // What runs now wins over any event: the status kept is the device's newest (by
+        // its sequence numbers), while events are ordered by arrival, and an event the
+        // outbox published again (or a refused forgery) can arrive after the activation
+        // it preceded. A rollout's gates still count the failures.
+        if running {
             progress = Progress::Active;
         }
         progress

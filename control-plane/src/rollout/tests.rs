@@ -147,6 +147,54 @@ fn a_failed_self_test_pauses_the_rollout_or_rolls_the_reached_devices_back() {
 }
 
 #[test]
+fn a_refusal_arriving_after_the_activation_does_not_hold_a_rollback_whose_device_runs_it() {
+    use fleetml_protocol::telemetry::Event;
+    let event = |at, kind, version, detail: &str| {
+        (
+            at,
+            Event {
+                kind,
+                model: if version == 0 { "" } else { "claims" }.into(),
+                version,
+                detail: detail.into(),
+            },
+        )
+    };
+    let late = DeviceState {
+        lifecycle: vec![
+            event(5, Lifecycle::Activated, 2, "activated"),
+            event(6, Lifecycle::AssignmentRefused, 0, "generation 3 expired"),
+        ],
+        ..running(2)
+    };
+    let mut back = rollout(&["a"], &[100], 100, false);
+    back.kind = Kind::Rollback;
+    back.strategy.soak_ms = 0;
+    back.step(&BTreeMap::new(), 0);
+    let states: BTreeMap<_, _> = [(id("a"), late.clone())].into();
+    assert_eq!(
+        back.progress(&back.targets[0], states.get(&id("a"))),
+        Progress::Active
+    );
+    back.step(&states, 10);
+    assert_eq!(back.state, State::Completed, "{:?}", back.reason);
+    // Not running it: the refusal is what the device last said.
+    let refused = DeviceState {
+        lifecycle: late.lifecycle.clone(),
+        ..running(1)
+    };
+    assert!(matches!(
+        back.progress(&back.targets[0], Some(&refused)),
+        Progress::Failed(_)
+    ));
+    // A rollout's gates still count the refusal.
+    let mut gated = rollout(&["a"], &[100], 100, false);
+    gated.step(&BTreeMap::new(), 0);
+    gated.step(&states, 10);
+    assert_eq!(gated.state, State::Paused, "{:?}", gated.reason);
+}
+
+#[test]
 fn offline_devices_hold_a_wave_only_until_its_quorum_and_a_missed_deadline_stops_it() {
     let mut r = rollout(&["a", "b", "c", "d"], &[100], 50, false);
     let mut states = BTreeMap::new();

@@ -161,10 +161,20 @@ pub(crate) fn status(plane: &ControlPlane, id: &str) -> Value {
 }
 
 pub(crate) fn wait_state(plane: &ControlPlane, id: &str, state: &str) -> Value {
-    wait_for(&format!("rollout {id} to be {state}"), WAIT, || {
+    let mut last = Value::Null;
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
         let s = status(plane, id);
-        (s["state"] == state).then_some(s)
-    })
+        if s["state"] == state {
+            return s;
+        }
+        last = s;
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {WAIT:?} waiting for rollout {id} to be {state}; it is: {last:#}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Reads `key = "value"` from a TOML config.
