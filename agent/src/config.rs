@@ -26,6 +26,7 @@
 //! drift_chi2_p = 0.01
 //! unseen_rate = 0.05                              # categories the reference never saw
 //! missing_rate = 0.05
+//! min_estimated_accuracy = 0.7                  # default: calibrated per window size
 //! lag_p95_ms = 300000
 //! alert_windows = 3
 //! # fleet messaging (written by `fleetctl devices enroll`; the file must then be mode 0600)
@@ -118,6 +119,7 @@ pub struct AgentConfig {
     pub drift_chi2_p: Option<f64>,
     pub unseen_rate: Option<f64>,
     pub missing_rate: Option<f64>,
+    pub min_estimated_accuracy: Option<f64>,
     pub lag_p95_ms: Option<u64>,
     pub alert_windows: Option<u8>,
     /// The device id issued at enrollment.
@@ -273,6 +275,7 @@ impl AgentConfig {
             drift_chi2_p,
             unseen_rate,
             missing_rate,
+            min_estimated_accuracy,
             lag_p95_ms,
             alert_windows,
             device_id,
@@ -479,6 +482,7 @@ impl AgentConfig {
             drift_chi2_p: self.drift_chi2_p,
             unseen_rate: self.unseen_rate,
             missing_rate: self.missing_rate,
+            min_estimated_accuracy: self.min_estimated_accuracy,
             lag_p95_ms: self.lag_p95_ms,
             alert_windows: self.alert_windows,
         }

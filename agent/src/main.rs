@@ -172,6 +172,11 @@ struct RunArgs {
     /// Alert when missed / (predicted + missed) exceeds this. Default: 0.05.
     #[arg(long)]
     missing_rate: Option<f64>,
+    /// Alert when a classifier's accuracy estimated from its confidence (bundles built
+    /// with --label-column) falls below this. Default: the limit the bundle calibrated
+    /// for the window size.
+    #[arg(long)]
+    min_estimated_accuracy: Option<f64>,
     /// Alert when the 95th percentile of prediction lag exceeds this. Default: 300000.
     #[arg(long)]
     lag_p95_ms: Option<u64>,
@@ -455,6 +460,7 @@ fn fleet_agent_run(args: RunArgs) -> anyhow::Result<()> {
         drift_chi2_p: args.drift_chi2_p,
         unseen_rate: args.unseen_rate,
         missing_rate: args.missing_rate,
+        min_estimated_accuracy: args.min_estimated_accuracy,
         lag_p95_ms: args.lag_p95_ms,
         alert_windows: args.alert_windows,
         ..AgentConfig::default()

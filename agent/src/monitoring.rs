@@ -14,7 +14,7 @@ use fleetml_monitor::{
 };
 use fleetml_protocol::features::{FeatureSchema, FeatureType, RawValue};
 use fleetml_protocol::manifest::MonitoringPolicy;
-use fleetml_protocol::reference::{ReferenceProfile, argmax};
+use fleetml_protocol::reference::{RECONSTRUCTION_ERROR, ReferenceProfile, argmax};
 use fleetml_protocol::telemetry;
 use serde_json::{Value, json};
 
@@ -55,6 +55,7 @@ pub fn settings(
             chi2_p: pick!(drift_chi2_p).unwrap_or(t.chi2_p),
             unseen_rate: pick!(unseen_rate).unwrap_or(t.unseen_rate),
             missing_rate: pick!(missing_rate).unwrap_or(t.missing_rate),
+            min_estimated_accuracy: pick!(min_estimated_accuracy),
             lag_p95_ms: pick!(lag_p95_ms).unwrap_or(t.lag_p95_ms),
             // Set explicitly (agent or bundle), a threshold holds for every feature;
             // otherwise each feature's calibrated one, when its profile has some.
@@ -198,6 +199,10 @@ pub struct ModelMonitor {
     /// predictions: how a report names the bins that moved.
     bin_labels: Vec<Vec<String>>,
     prediction_labels: Vec<String>,
+    /// The reconstruction error's bins, when the profile has a multivariate reference.
+    error_labels: Vec<String>,
+    /// Whether each prediction's confidence feeds an accuracy estimate.
+    estimates: bool,
     /// The thresholds the bundle's builder calibrated, shown by [`Self::view`].
     calibration: Option<fleetml_protocol::reference::Calibration>,
     baselines: Vec<RawValue>,
@@ -298,8 +303,23 @@ impl ModelMonitor {
                 .unwrap_or_default(),
             None => Vec::new(),
         };
-        let core = Monitor::new(&references, prediction_reference, config, thresholds)
+        let mut core = Monitor::new(&references, prediction_reference, config, thresholds)
             .map_err(|e| e.to_string())?;
+        let mut error_labels = Vec::new();
+        if let Some(m) = &profile.multivariate {
+            let names: Vec<&str> = schema.features.iter().map(|f| f.name.as_str()).collect();
+            let (pca, reference) =
+                fleetml_monitor::profile::multivariate(m, &names, profile.calibration.as_ref())?;
+            error_labels = range_labels(&m.error.edges);
+            core = core.with_multivariate(pca, reference);
+        }
+        let estimates = match (&profile.performance, prediction) {
+            (Some(p), Some(PredictionKind::Classes)) => {
+                core = core.with_performance(fleetml_monitor::profile::performance(p)?);
+                true
+            }
+            _ => false,
+        };
         let seq_base = sink.as_ref().map(|s| s.next_seq(model)).unwrap_or(0);
         Ok(ModelMonitor {
             model: model.to_string(),
@@ -311,6 +331,8 @@ impl ModelMonitor {
                 .collect(),
             bin_labels,
             prediction_labels,
+            error_labels,
+            estimates,
             calibration: profile.calibration.clone(),
             baselines,
             prediction,
@@ -361,6 +383,13 @@ impl ModelMonitor {
                 for ((_, kind, values), v) in self.features.iter().zip(row) {
                     observations.push(fleetml_monitor::profile::observe(*kind, values, v));
                 }
+            }
+            if self.estimates
+                && let Some(c) = outputs
+                    .get(r)
+                    .and_then(|o| fleetml_monitor::profile::confidence(o))
+            {
+                state.core.confidence(c);
             }
             let prediction = outputs.get(r).and_then(|o| match self.prediction? {
                 PredictionKind::Classes => argmax(o).map(Observation::Category),
@@ -532,6 +561,8 @@ impl ModelMonitor {
             Subject::Prediction => "prediction".into(),
             Subject::MissingPredictions => "missing_predictions".into(),
             Subject::Lag => "lag".into(),
+            Subject::Multivariate => RECONSTRUCTION_ERROR.into(),
+            Subject::EstimatedAccuracy => "estimated_accuracy".into(),
         }
     }
 
@@ -561,6 +592,7 @@ impl ModelMonitor {
             match subject {
                 Subject::Feature(i) => self.bin_labels.get(i).map_or(&[], Vec::as_slice),
                 Subject::Prediction => &self.prediction_labels,
+                Subject::Multivariate => &self.error_labels,
                 _ => &[],
             }
         };
@@ -568,6 +600,7 @@ impl ModelMonitor {
             match subject {
                 Subject::Feature(i) => r.features.get(i),
                 Subject::Prediction => r.prediction.as_ref(),
+                Subject::Multivariate => r.multivariate.as_ref(),
                 _ => None,
             }
         };
@@ -604,6 +637,12 @@ impl ModelMonitor {
             .collect();
         if r.prediction.is_some_and(|p| p.drifting) {
             alerts.push("prediction".into());
+        }
+        if r.multivariate.is_some_and(|m| m.drifting) {
+            alerts.push(RECONSTRUCTION_ERROR.into());
+        }
+        if r.estimated_accuracy.is_some_and(|e| e.alerting) {
+            alerts.push("estimated_accuracy".into());
         }
         if r.missing_alert {
             alerts.push("missing_predictions".into());
@@ -674,6 +713,16 @@ impl ModelMonitor {
             labels: 0,
             live_accuracy: None,
             live_mae: None,
+            multivariate: r
+                .multivariate
+                .as_ref()
+                .map(|m| feature(RECONSTRUCTION_ERROR, &self.error_labels, m)),
+            estimated_accuracy: r.estimated_accuracy.map(|e| telemetry::EstimatedAccuracy {
+                accuracy: e.accuracy,
+                limit: e.limit,
+                predictions: e.predictions,
+                alerting: e.alerting,
+            }),
         }
     }
 
@@ -697,7 +746,7 @@ impl ModelMonitor {
             "model": self.model,
             "version": self.version,
             "window_config": {"max_predictions": self.config.max_predictions, "max_duration_ms": self.config.max_duration_ms},
-            "thresholds": {"psi": t.psi, "js": t.js, "chi2_p": t.chi2_p, "unseen_rate": t.unseen_rate, "missing_rate": t.missing_rate, "lag_p95_ms": t.lag_p95_ms, "windows": t.windows, "min_predictions": t.min_predictions},
+            "thresholds": {"psi": t.psi, "js": t.js, "chi2_p": t.chi2_p, "unseen_rate": t.unseen_rate, "missing_rate": t.missing_rate, "min_estimated_accuracy": t.min_estimated_accuracy, "lag_p95_ms": t.lag_p95_ms, "windows": t.windows, "min_predictions": t.min_predictions},
             // Which of psi, js and chi2_p were set explicitly (they hold for every feature);
             // the others give way to the calibrated thresholds below, per feature and size.
             "fixed": {"psi": t.fixed.psi, "js": t.fixed.js, "chi2_p": t.fixed.chi2_p},

@@ -52,6 +52,12 @@ pub struct BuildOptions {
     /// Window sizes and false-alarm rate the drift thresholds are calibrated for (with
     /// a reference; the bundle's own window size is added).
     pub calibration: crate::calibrate::Options,
+    /// With a reference: the column holding each row's true class, for the calibration
+    /// map that lets the agent estimate accuracy without labels.
+    pub label_column: Option<String>,
+    /// The labelled rows the calibration map is measured on (default: the reference).
+    /// Rows the model was not trained on give an unbiased map.
+    pub labelled: Option<PathBuf>,
     /// Monitoring window and thresholds for this model.
     pub monitoring: fleetml_protocol::manifest::MonitoringPolicy,
     /// Dynamic batching the agent applies unless configured otherwise.
@@ -280,12 +286,43 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<Built> {
             .map(|t| (t.name.clone(), last_axis(&t), t.data.to_f32()))
             .collect();
         let mut profile = ReferenceProfile::compute(&schema, &rows, &outputs, opts.bins)?;
+        profile.multivariate = crate::multivariate::fit(&schema, &rows, opts.bins);
         let mut calibration = opts.calibration.clone();
         calibration.sizes.extend(opts.monitoring.window_predictions);
-        profile.calibration = Some(
+        let calibrated =
             crate::calibrate::calibrate(&profile, &schema, &rows, &outputs, &calibration)
-                .context("calibrating the drift thresholds")?,
-        );
+                .context("calibrating the drift thresholds")?;
+        if let Some(column) = &opts.label_column {
+            let source = opts.labelled.as_deref().unwrap_or(path);
+            let labels = crate::performance::read_labels(source, column, None)?;
+            let labelled_outputs = match &opts.labelled {
+                Some(p) => {
+                    let rows = read_csv(p, &schema, None)?;
+                    model
+                        .run(&schema.encode_batch(&model.inputs, &rows))
+                        .context("computing predictions on the labelled rows")?
+                        .into_iter()
+                        .map(|t| (t.name.clone(), last_axis(&t), t.data.to_f32()))
+                        .collect()
+                }
+                None => outputs.clone(),
+            };
+            let (_, columns, scores) = labelled_outputs
+                .first()
+                .context("--label-column: the model has no output")?;
+            profile.performance = Some(
+                crate::performance::fit(
+                    column,
+                    *columns,
+                    scores,
+                    &labels,
+                    &calibration,
+                    &calibrated.sizes,
+                )
+                .context("checking the model's calibration on the labelled reference")?,
+            );
+        }
+        profile.calibration = Some(calibrated);
         payloads.push((REFERENCE_ENTRY.into(), Source::Memory(profile.to_cbor())));
     }
     let mut golden_check = None;
@@ -584,6 +621,54 @@ pub fn calibration_text(c: &fleetml_protocol::reference::Calibration) -> String 
             let _ = write!(s, " {cell:>26}");
         }
         s.push('\n');
+    }
+    s
+}
+
+/// The multivariate and accuracy-estimation references of a profile, for `bundle
+/// inspect` (empty when it has neither).
+pub fn monitors_text(r: &ReferenceProfile) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    if let Some(m) = &r.multivariate {
+        let _ = writeln!(
+            s,
+            "\nMultivariate drift: {} principal components of {} numeric features explain {:.1}% of their variance; reconstruction error on the reference: mean {:.3}, largest {:.3} ({})",
+            m.components.len(),
+            m.features.len(),
+            m.explained * 100.0,
+            m.error.mean,
+            m.error.max,
+            m.features.join(", ")
+        );
+    }
+    if let Some(p) = &r.performance {
+        let _ = writeln!(
+            s,
+            "\nEstimated accuracy (labels from `{}`): reference accuracy {:.3}, calibration error of the raw scores {:.3}; alerts below {}",
+            p.label,
+            p.reference_accuracy,
+            p.calibration_error,
+            p.sizes
+                .iter()
+                .zip(&p.lower)
+                .map(|(n, l)| format!("{l:.3} ({n} rows)"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let _ = writeln!(s, "  {:<16} {:>8} {:>6}", "CONFIDENCE", "ACCURACY", "ROWS");
+        for (i, (a, n)) in p.accuracy.iter().zip(&p.counts).enumerate() {
+            let range = match (
+                i.checked_sub(1).and_then(|j| p.edges.get(j)),
+                p.edges.get(i),
+            ) {
+                (None, Some(hi)) => format!("<= {hi:.3}"),
+                (Some(lo), Some(hi)) => format!("({lo:.3}, {hi:.3}]"),
+                (Some(lo), None) => format!("> {lo:.3}"),
+                (None, None) => "all".into(),
+            };
+            let _ = writeln!(s, "  {range:<16} {a:>8.3} {n:>6}");
+        }
     }
     s
 }

@@ -14,7 +14,9 @@
 use anyhow::{Context, bail};
 use fleetml_monitor::{Observation, Reference};
 use fleetml_protocol::features::{FeatureSchema, RawValue};
-use fleetml_protocol::reference::{Calibration, ReferenceProfile, SubjectLimits, argmax};
+use fleetml_protocol::reference::{
+    Calibration, RECONSTRUCTION_ERROR, ReferenceProfile, SubjectLimits, argmax,
+};
 
 /// Window sizes calibrated when none are given (plus the bundle's own window size).
 pub const DEFAULT_SIZES: [u32; 3] = [100, 250, 1000];
@@ -133,6 +135,17 @@ pub fn calibrate(
             subjects.push(("prediction".into(), r, column));
         }
     }
+    // The rows' reconstruction error, computed by the monitor's own code.
+    if let Some(m) = &profile.multivariate {
+        let names: Vec<&str> = schema.features.iter().map(|f| f.name.as_str()).collect();
+        let (pca, reference) =
+            fleetml_monitor::profile::multivariate(m, &names, None).map_err(anyhow::Error::msg)?;
+        let column = rows
+            .iter()
+            .map(|r| Observation::Number(pca.error(&crate::multivariate::observations(schema, r))))
+            .collect();
+        subjects.push((RECONSTRUCTION_ERROR.into(), reference, column));
+    }
     let resamples = resamples(alpha);
     let mut limits: Vec<SubjectLimits> = subjects
         .iter()
@@ -242,7 +255,7 @@ const MIN_THRESHOLD: f64 = 1e-9;
 
 /// SplitMix64: a small, fixed, well-mixed generator (the resampling must be the same
 /// on every machine and in every build).
-struct SplitMix(u64);
+pub(crate) struct SplitMix(pub(crate) u64);
 
 impl SplitMix {
     fn next(&mut self) -> u64 {
@@ -255,7 +268,7 @@ impl SplitMix {
 
     /// Uniform in `0..n` (Lemire's multiply-shift; the bias is below 2⁻³² for the row
     /// counts a reference has).
-    fn below(&mut self, n: u64) -> u64 {
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
         ((u128::from(self.next()) * u128::from(n)) >> 64) as u64
     }
 }

@@ -411,6 +411,8 @@ fn build_candidate(
         lineage: Some(lineage_path),
         bins: 10,
         calibration: Default::default(),
+        label_column: None,
+        labelled: None,
         monitoring: Default::default(),
         serving: Default::default(),
         prepare_gpu: None,

@@ -119,6 +119,7 @@ pub fn device_detail(d: &DeviceRecord, state: &DeviceState, recent: &[Envelope])
                 "seq": seq, "model": w.model, "version": w.version, "window": w.window,
                 "end_ms": w.end_ms, "predictions": w.predictions,
                 "missing_prediction_rate": w.missing_prediction_rate, "alerts": w.alerts,
+                "estimated_accuracy": w.estimated_accuracy, "live_accuracy": w.live_accuracy,
             }))
             .collect::<Vec<_>>()
     );
@@ -173,6 +174,19 @@ pub fn drift_rows(states: &[(DeviceId, DeviceState)], model: Option<&str>) -> Ve
             }
             if let Some(p) = &w.prediction {
                 rows.push(drift_row(device, *seq, w, p, alerting("prediction")));
+            }
+            if let Some(m) = &w.multivariate {
+                rows.push(drift_row(device, *seq, w, m, alerting(&m.name)));
+            }
+            if let Some(e) = &w.estimated_accuracy {
+                rows.push(json!({
+                    "device": device, "model": w.model, "version": w.version,
+                    "window": w.window, "seq": seq, "end_ms": w.end_ms,
+                    "feature": "estimated_accuracy", "values": e.predictions,
+                    "estimated_accuracy": e.accuracy, "limit": e.limit,
+                    "live_accuracy": w.live_accuracy, "labels": w.labels,
+                    "drifting": e.alerting, "alerting": alerting("estimated_accuracy"),
+                }));
             }
         }
     }
@@ -358,6 +372,24 @@ pub fn drift_table(rows: &[Value]) -> String {
         } else {
             "ok"
         };
+        if let Some(estimate) = r["estimated_accuracy"].as_f64() {
+            let live = match r["live_accuracy"].as_f64() {
+                Some(a) => format!("; live {a:.3} over {} labels", r["labels"]),
+                None => String::new(),
+            };
+            out.push_str(&format!(
+                "{:<20} {:<14} {:>7} {:<20} {:>8.3} (limit {}{live})  {state}\n",
+                str_of(&r["device"]),
+                format!("{}@v{}", str_of(&r["model"]), r["version"]),
+                r["window"],
+                "estimated_accuracy",
+                estimate,
+                r["limit"]
+                    .as_f64()
+                    .map_or("-".into(), |l| format!("{l:.3}")),
+            ));
+            continue;
+        }
         out.push_str(&format!(
             "{:<20} {:<14} {:>7} {:<20} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8}  {state}\n",
             str_of(&r["device"]),

@@ -103,6 +103,10 @@ pub struct MonitoringPolicy {
     pub unseen_rate: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub missing_rate: Option<f64>,
+    /// A classifier with a calibration map alerts when its estimated accuracy falls
+    /// below this (default: the limit calibrated for the window size).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_estimated_accuracy: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lag_p95_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -130,6 +134,7 @@ impl MonitoringPolicy {
             ("drift_chi2_p", self.drift_chi2_p, true),
             ("unseen_rate", self.unseen_rate, true),
             ("missing_rate", self.missing_rate, true),
+            ("min_estimated_accuracy", self.min_estimated_accuracy, true),
         ] {
             if let Some(v) = v
                 && (!v.is_finite() || v <= 0.0 || (below_one && v >= 1.0))

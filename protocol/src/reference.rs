@@ -27,6 +27,63 @@ pub struct ReferenceProfile {
     /// thresholds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub calibration: Option<Calibration>,
+    /// The principal-component model of the numeric features and the reference rows'
+    /// reconstruction error (absent with fewer than two numeric features).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multivariate: Option<Multivariate>,
+    /// The classifier's calibration map for estimating accuracy without labels (present
+    /// when the bundle was built with a label column).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub performance: Option<Performance>,
+}
+
+/// The subject name of the reconstruction error in [`Calibration::limits`] and in
+/// window reports.
+pub const RECONSTRUCTION_ERROR: &str = "reconstruction_error";
+
+/// Principal components most a multivariate reference keeps.
+pub const MAX_COMPONENTS: usize = 8;
+
+/// A principal-component model of the standardized numeric features, fitted on the
+/// reference.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Multivariate {
+    /// The numeric features it takes, by name.
+    pub features: Vec<String>,
+    /// Their reference means and standard deviations (missing values left out).
+    pub means: Vec<f64>,
+    pub stds: Vec<f64>,
+    /// The kept components (unit vectors, one loading per feature), largest variance
+    /// first.
+    pub components: Vec<Vec<f64>>,
+    /// Share of the standardized variance the kept components explain.
+    pub explained: f64,
+    /// The reference rows' reconstruction error.
+    pub error: NumericProfile,
+}
+
+/// A classifier's calibration map: how often its prediction was right on the labelled
+/// reference, by confidence (the winning class's score).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Performance {
+    /// The label column it was measured against.
+    pub label: String,
+    /// Confidence bin edges (`accuracy[i]` for `(edges[i-1], edges[i]]`).
+    pub edges: Vec<f64>,
+    pub accuracy: Vec<f64>,
+    pub counts: Vec<u64>,
+    /// Accuracy on the reference rows.
+    pub reference_accuracy: f64,
+    /// Expected calibration error of the raw confidences (mean |confidence − accuracy|
+    /// over the bins, weighted by their rows): how far the scores are from being
+    /// probabilities. The map corrects for it.
+    pub calibration_error: f64,
+    /// Window sizes and, per size, the estimate below which a share `false_alarm_rate`
+    /// of undrifted windows fell.
+    pub sizes: Vec<u32>,
+    pub lower: Vec<f64>,
 }
 
 /// Drift thresholds calibrated per window size when the bundle was built: for each
@@ -195,6 +252,48 @@ impl ReferenceProfile {
                 }
             }
         }
+        if let Some(m) = &self.multivariate {
+            let d = m.features.len();
+            if d == 0
+                || m.means.len() != d
+                || m.stds.len() != d
+                || m.components.is_empty()
+                || m.components.len() > MAX_COMPONENTS
+                || m.components.iter().any(|c| c.len() != d)
+                || !m
+                    .means
+                    .iter()
+                    .chain(&m.stds)
+                    .chain(m.components.iter().flatten())
+                    .all(|x| x.is_finite())
+                || m.error.counts.len() != m.error.edges.len() + 1
+            {
+                return bad(
+                    "multivariate: one mean, deviation and loading per feature, 1 to 8 components"
+                        .into(),
+                );
+            }
+        }
+        if let Some(p) = &self.performance {
+            let share = |x: &f64| (0.0..=1.0).contains(x);
+            if p.accuracy.len() != p.edges.len() + 1
+                || p.counts.len() != p.accuracy.len()
+                || p.edges.windows(2).any(|w| w[0] >= w[1])
+                || !p.edges.iter().all(|e| e.is_finite())
+                || !p.accuracy.iter().all(share)
+                || !share(&p.reference_accuracy)
+                || !share(&p.calibration_error)
+                || p.sizes.len() != p.lower.len()
+                || p.sizes.len() > 8
+                || p.sizes.windows(2).any(|w| w[0] >= w[1])
+                || !p.lower.iter().all(share)
+            {
+                return bad(
+                    "performance: one accuracy in [0, 1] per confidence bin, one limit per window size"
+                        .into(),
+                );
+            }
+        }
         for f in &self.features {
             if let Some(c) = &f.categorical
                 && c.values.len() != c.counts.len()
@@ -327,6 +426,8 @@ impl ReferenceProfile {
             features,
             predictions,
             calibration: None,
+            multivariate: None,
+            performance: None,
         })
     }
 }
@@ -358,7 +459,7 @@ pub fn argmax(row: &[f32]) -> Option<usize> {
 }
 
 /// Quantile-binned profile of `values` (no NaN). `None` when there are no values.
-fn numeric_profile(mut values: Vec<f64>, bins: u32) -> Option<NumericProfile> {
+pub fn numeric_profile(mut values: Vec<f64>, bins: u32) -> Option<NumericProfile> {
     if values.is_empty() {
         return None;
     }

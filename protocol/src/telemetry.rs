@@ -298,6 +298,27 @@ pub struct WindowReport {
     /// Mean absolute error of labelled scores, when labels arrived.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub live_mae: Option<f64>,
+    /// Drift of the rows' reconstruction error (all numeric features together), when the
+    /// bundle has a multivariate reference (named `reconstruction_error`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multivariate: Option<FeatureDrift>,
+    /// Accuracy estimated from the predictions' confidence, when the bundle has a
+    /// calibration map.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimated_accuracy: Option<EstimatedAccuracy>,
+}
+
+/// A window's accuracy estimated without labels (see `fleetml_monitor::performance`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EstimatedAccuracy {
+    pub accuracy: f64,
+    /// The limit below which it alerts, explicit or calibrated for the window size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<f64>,
+    /// Predictions with a confidence it is estimated over.
+    pub predictions: u32,
+    pub alerting: bool,
 }
 
 /// An alert transition, sent on its own as soon as it happens.

@@ -22,6 +22,8 @@
 extern crate std;
 
 pub mod histogram;
+pub mod multivariate;
+pub mod performance;
 #[cfg(feature = "profile")]
 pub mod profile;
 pub mod stats;
@@ -29,6 +31,8 @@ pub mod stats;
 use heapless::Vec;
 
 pub use histogram::Histogram;
+pub use multivariate::Pca;
+pub use performance::Cbpe;
 
 /// Features one monitor can watch.
 pub const MAX_FEATURES: usize = 48;
@@ -354,6 +358,9 @@ pub struct Thresholds {
     pub missing_rate: f64,
     /// 95th percentile of the prediction lag.
     pub lag_p95_ms: u64,
+    /// Estimated accuracy (classifiers with a calibration map) below which the model
+    /// alerts; `None`: the limit calibrated for the window size.
+    pub min_estimated_accuracy: Option<f64>,
     /// Which of `psi`, `js` and `chi2_p` were set explicitly: those hold for every
     /// feature; the others give way to a feature's calibrated thresholds when it has some.
     pub fixed: Fixed,
@@ -371,6 +378,7 @@ impl Default for Thresholds {
             unseen_rate: 0.05,
             missing_rate: 0.05,
             lag_p95_ms: 300_000,
+            min_estimated_accuracy: None,
             fixed: Fixed::default(),
             min_predictions: 100,
             windows: 3,
@@ -606,6 +614,10 @@ pub enum Subject {
     Prediction,
     MissingPredictions,
     Lag,
+    /// The reconstruction error of the numeric features together ([`Pca`]).
+    Multivariate,
+    /// The accuracy estimated from the predictions' confidence ([`Cbpe`]).
+    EstimatedAccuracy,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -665,7 +677,12 @@ pub struct WindowReport {
     pub outages: Vec<Outage, MAX_OUTAGES>,
     /// Outages beyond [`MAX_OUTAGES`] in this window (counted, not listed).
     pub outages_dropped: u32,
-    pub events: Vec<AlertEvent, { MAX_FEATURES + 3 }>,
+    pub events: Vec<AlertEvent, { MAX_FEATURES + 5 }>,
+    /// The reconstruction error's drift, when the model has a multivariate reference.
+    pub multivariate: Option<FeatureReport>,
+    /// Estimated accuracy of the window's predictions and the limit it was held to, when
+    /// the model has a calibration map and the window saw confidences.
+    pub estimated_accuracy: Option<Estimate>,
     /// Subjects alerting after this window.
     pub missing_alert: bool,
     pub lag_alert: bool,
@@ -688,6 +705,27 @@ impl WindowReport {
     }
 }
 
+/// A window's estimated accuracy.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Estimate {
+    pub accuracy: f64,
+    /// The limit below which it alerts (explicit or calibrated), if any.
+    pub limit: Option<f64>,
+    /// Predictions it is estimated over.
+    pub predictions: u32,
+    /// The alert state after this window.
+    pub alerting: bool,
+}
+
+/// The window state of the accuracy estimate.
+#[derive(Debug, Clone)]
+struct Performance {
+    cbpe: Cbpe,
+    sum: f64,
+    count: u32,
+    alert: Alert,
+}
+
 /// The monitor of one model.
 #[derive(Debug, Clone)]
 pub struct Monitor {
@@ -695,6 +733,8 @@ pub struct Monitor {
     states: Vec<FeatureState, MAX_FEATURES>,
     alerts: Vec<Alert, MAX_FEATURES>,
     prediction: Option<(Reference, FeatureState, Alert)>,
+    multivariate: Option<(Pca, Reference, FeatureState, Alert)>,
+    performance: Option<Performance>,
     missing_alert: Alert,
     lag_alert: Alert,
     config: WindowConfig,
@@ -733,6 +773,8 @@ impl Monitor {
             states,
             alerts,
             prediction: prediction.map(|r| (r, FeatureState::default(), Alert::default())),
+            multivariate: None,
+            performance: None,
             missing_alert: Alert::default(),
             lag_alert: Alert::default(),
             config,
@@ -752,6 +794,36 @@ impl Monitor {
 
     pub fn features(&self) -> usize {
         self.references.len()
+    }
+
+    /// Also watches the rows' reconstruction error under `pca` against `reference` (the
+    /// error's distribution on the reference rows, with its calibrated thresholds).
+    pub fn with_multivariate(mut self, pca: Pca, reference: Reference) -> Monitor {
+        self.multivariate = Some((pca, reference, FeatureState::default(), Alert::default()));
+        self
+    }
+
+    /// Also estimates each window's accuracy from the confidences given to
+    /// [`Self::confidence`].
+    pub fn with_performance(mut self, cbpe: Cbpe) -> Monitor {
+        self.performance = Some(Performance {
+            cbpe,
+            sum: 0.0,
+            count: 0,
+            alert: Alert::default(),
+        });
+        self
+    }
+
+    /// Records the confidence (the winning class's score) of the prediction about to be
+    /// given to [`Self::observe`].
+    pub fn confidence(&mut self, confidence: f64) {
+        if let Some(p) = &mut self.performance
+            && confidence.is_finite()
+        {
+            p.sum += p.cbpe.expected(confidence);
+            p.count += 1;
+        }
     }
 
     pub fn thresholds(&self) -> &Thresholds {
@@ -785,6 +857,9 @@ impl Monitor {
         }
         if let (Some((reference, state, _)), Some(p)) = (&mut self.prediction, prediction) {
             state.observe(reference, p);
+        }
+        if let Some((pca, reference, state, _)) = &mut self.multivariate {
+            state.observe(reference, Observation::Number(pca.error(values)));
         }
         self.predictions += 1;
         self.latency_us.record(latency_us);
@@ -896,6 +971,47 @@ impl Monitor {
             }
             None => None,
         };
+        let multivariate = match &mut self.multivariate {
+            Some((_, reference, state, alert)) => {
+                let mut report = state.report(reference, self.predictions);
+                let limits = t.for_window(reference, self.predictions);
+                if counted && let Some(transition) = alert.update(report.past(&limits), t.windows) {
+                    let _ = events.push(AlertEvent {
+                        subject: Subject::Multivariate,
+                        transition,
+                    });
+                }
+                report.drifting = alert.active;
+                *state = FeatureState::default();
+                Some(report)
+            }
+            None => None,
+        };
+        let estimated_accuracy = match &mut self.performance {
+            Some(p) if p.count > 0 => {
+                let accuracy = p.sum / f64::from(p.count);
+                let limit = t
+                    .min_estimated_accuracy
+                    .or_else(|| p.cbpe.limit_at(p.count));
+                let below = limit.is_some_and(|l| accuracy < l);
+                if counted && let Some(transition) = p.alert.update(below, t.windows) {
+                    let _ = events.push(AlertEvent {
+                        subject: Subject::EstimatedAccuracy,
+                        transition,
+                    });
+                }
+                let estimate = Estimate {
+                    accuracy,
+                    limit,
+                    predictions: p.count,
+                    alerting: p.alert.active,
+                };
+                p.sum = 0.0;
+                p.count = 0;
+                Some(estimate)
+            }
+            _ => None,
+        };
         let mut outages = core::mem::take(&mut self.outages);
         if let Some(open) = self.open_outage
             && outages.push(open).is_err()
@@ -916,6 +1032,8 @@ impl Monitor {
             outages,
             outages_dropped: self.outages_dropped,
             events,
+            multivariate,
+            estimated_accuracy,
             missing_alert: false,
             lag_alert: false,
         };

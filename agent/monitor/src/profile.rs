@@ -8,9 +8,11 @@ use std::string::{String, ToString};
 use std::vec::Vec;
 
 use fleetml_protocol::features::{FeatureType, RawValue};
-use fleetml_protocol::reference::{Calibration, FeatureProfile, NumericProfile};
+use fleetml_protocol::reference::{
+    Calibration, FeatureProfile, Multivariate, NumericProfile, Performance, RECONSTRUCTION_ERROR,
+};
 
-use crate::{Limit, Observation, Reference, ReferenceError};
+use crate::{Cbpe, Limit, Observation, Pca, Reference, ReferenceError};
 
 /// A numeric profile's reference (a feature's, or a regressor's score's).
 pub fn numeric(n: &NumericProfile) -> Result<Reference, ReferenceError> {
@@ -85,4 +87,53 @@ pub fn observe(kind: FeatureType, values: &[String], v: &RawValue) -> Observatio
         (_, RawValue::Number(x)) => Observation::Number(*x),
         (_, RawValue::Text(_)) => Observation::Missing,
     }
+}
+
+/// The multivariate monitor of a profile: its principal-component model over the
+/// features named in `features` (the monitor's feature order) and the reference of the
+/// reconstruction error, with its calibrated thresholds.
+pub fn multivariate(
+    m: &Multivariate,
+    features: &[&str],
+    calibration: Option<&Calibration>,
+) -> Result<(Pca, Reference), String> {
+    let inputs = m
+        .features
+        .iter()
+        .map(|name| {
+            features.iter().position(|f| f == name).ok_or_else(|| {
+                format!("the multivariate reference names `{name}`, not in the schema")
+            })
+        })
+        .collect::<Result<Vec<usize>, String>>()?;
+    let pca = Pca::new(&inputs, &m.means, &m.stds, &m.components)
+        .map_err(|e| format!("the multivariate reference: {e}"))?;
+    let reference = numeric(&m.error)
+        .and_then(|r| r.with_limits(&limits(calibration, RECONSTRUCTION_ERROR)))
+        .map_err(|e| format!("the reconstruction error's reference: {e}"))?;
+    Ok((pca, reference))
+}
+
+/// A classifier's calibration map and limits, as the monitor holds them.
+pub fn performance(p: &Performance) -> Result<Cbpe, String> {
+    let limits: Vec<(u32, f64)> = p
+        .sizes
+        .iter()
+        .copied()
+        .zip(p.lower.iter().copied())
+        .collect();
+    Cbpe::new(&p.edges, &p.accuracy, &limits).map_err(|e| format!("the calibration map: {e}"))
+}
+
+/// The confidence of one classification: its winning class's score (`None` for fewer
+/// than two classes or no finite score).
+pub fn confidence(scores: &[f32]) -> Option<f64> {
+    if scores.len() < 2 {
+        return None;
+    }
+    scores
+        .iter()
+        .filter(|s| s.is_finite())
+        .map(|s| f64::from(*s))
+        .max_by(f64::total_cmp)
 }

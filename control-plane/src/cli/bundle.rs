@@ -110,6 +110,17 @@ pub(crate) struct BuildArgs {
     /// agent interpolates between them. The [monitoring] window size is added.
     #[arg(long, value_delimiter = ',', default_values_t = fleet_control::calibrate::DEFAULT_SIZES)]
     calibrate_windows: Vec<u32>,
+    /// With --reference, for a classifier: the column of --reference holding each row's
+    /// true class (0, 1, …). The builder checks how well the model's confidence predicts
+    /// being right, stores a calibration map, and the agent then estimates each window's
+    /// accuracy without labels and alerts when it falls below the calibrated limit.
+    #[arg(long, value_name = "COLUMN", requires = "reference")]
+    label_column: Option<String>,
+    /// With --label-column: measure the calibration map on this labelled CSV instead of
+    /// --reference. Rows the model was not trained on (a holdout) give an unbiased map;
+    /// the training rows make the estimate optimistic by the model's overfit.
+    #[arg(long, value_name = "FILE", requires = "label_column")]
+    labelled: Option<PathBuf>,
     /// Prepare the model for another backend as well: `gpu` stores a copy with static
     /// shapes and lowered operators for wonnx (model.gpu.onnx) and the compatibility
     /// report listing operators it cannot run (gpu-compat.json). Repeatable.
@@ -171,6 +182,8 @@ pub(crate) fn bundle_command(cmd: BundleCommand) -> anyhow::Result<()> {
                     sizes: a.calibrate_windows,
                     false_alarm_rate: a.false_alarm_rate,
                 },
+                label_column: a.label_column,
+                labelled: a.labelled,
                 monitoring: match &a.monitoring {
                     Some(p) => {
                         let text = std::fs::read_to_string(p)
@@ -251,16 +264,23 @@ pub(crate) fn bundle_command(cmd: BundleCommand) -> anyhow::Result<()> {
         BundleCommand::Inspect { bundle: path, json } => {
             let front = fleet_control::bundle::read_front(&path)?;
             let size = std::fs::metadata(&path)?.len();
-            let calibration =
-                fleet_control::bundle::stored_reference(&path, &front)?.and_then(|r| r.calibration);
+            let reference = fleet_control::bundle::stored_reference(&path, &front)?;
+            let calibration = reference.as_ref().and_then(|r| r.calibration.clone());
             if json {
                 let mut report = fleet_control::bundle::inspect_json(&front, size);
                 report["calibration"] = serde_json::to_value(&calibration)?;
+                if let Some(r) = &reference {
+                    report["multivariate"] = serde_json::to_value(&r.multivariate)?;
+                    report["performance"] = serde_json::to_value(&r.performance)?;
+                }
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print!("{}", fleet_control::bundle::inspect_text(&front, size));
                 if let Some(c) = &calibration {
                     print!("{}", fleet_control::bundle::calibration_text(c));
+                }
+                if let Some(r) = &reference {
+                    print!("{}", fleet_control::bundle::monitors_text(r));
                 }
             }
         }

@@ -282,6 +282,8 @@ pub(super) fn window(fleet: &Fleet, model: &str, version: u64, n: u64, rng: &mut
         labels: 0,
         live_accuracy: None,
         live_mae: None,
+        multivariate: None,
+        estimated_accuracy: None,
     }))
 }
 

@@ -23,6 +23,7 @@ fn rows(schema: &FeatureSchema, file: &str) -> Vec<Vec<RawValue>> {
 /// 1,000 rows at a 1 % false-alarm rate.
 fn calibrated(schema: &FeatureSchema, reference: &[Vec<RawValue>]) -> ReferenceProfile {
     let mut profile = ReferenceProfile::compute(schema, reference, &[], 10).expect("profile");
+    profile.multivariate = fleet_control::multivariate::fit(schema, reference, 10);
     profile.calibration = Some(
         calibrate::calibrate(
             &profile,
@@ -57,6 +58,16 @@ fn monitor(schema: &FeatureSchema, profile: &ReferenceProfile, n: u32, k: u8) ->
                 .expect("limits")
         })
         .collect();
+    let names: Vec<&str> = schema.features.iter().map(|f| f.name.as_str()).collect();
+    let (pca, error) = fleetml_monitor::profile::multivariate(
+        profile
+            .multivariate
+            .as_ref()
+            .expect("a multivariate reference"),
+        &names,
+        profile.calibration.as_ref(),
+    )
+    .expect("multivariate");
     Monitor::new(
         &references,
         None,
@@ -70,6 +81,7 @@ fn monitor(schema: &FeatureSchema, profile: &ReferenceProfile, n: u32, k: u8) ->
         },
     )
     .expect("monitor")
+    .with_multivariate(pca, error)
 }
 
 fn observations(schema: &FeatureSchema, row: &[RawValue]) -> Vec<Observation> {
@@ -109,9 +121,11 @@ fn undrifted_windows_false_alarm_at_the_target_rate_and_drifted_ones_alert_on_th
             }
             let report = report.expect("the window closed");
             // With alerts after one window, `drifting` is "past a threshold in this one".
+            // The reconstruction error is one more subject with its own thresholds.
             past += report.features.iter().filter(|f| f.drifting).count() as u32;
+            past += u32::from(report.multivariate.expect("reported").drifting);
         }
-        let trials = f64::from(windows) * features as f64;
+        let trials = f64::from(windows) * (features + 1) as f64;
         let expected = alpha * trials;
         let sd = (trials * alpha * (1.0 - alpha)).sqrt();
         let observed = f64::from(past);
@@ -145,5 +159,13 @@ fn undrifted_windows_false_alarm_at_the_target_rate_and_drifted_ones_alert_on_th
             .map(|(s, _)| s.name.as_str())
             .collect();
         assert_eq!(alerting, shifted, "windows of {size}");
+        // Shifted means move rows off the reference's principal components too (seen in
+        // the window of 1,000; not three windows in a row of 250).
+        if size == 1_000 {
+            assert!(
+                last.multivariate.expect("reported").drifting,
+                "the reconstruction error alerts as well"
+            );
+        }
     }
 }

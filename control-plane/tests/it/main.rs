@@ -2,6 +2,7 @@
 
 mod calibration;
 mod ingest;
+mod monitors;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -29,6 +30,8 @@ fn options(dir: &Path) -> bundle::BuildOptions {
         lineage: Some(claims("lineage.toml")),
         bins: 10,
         calibration: Default::default(),
+        label_column: Some("investigate".into()),
+        labelled: Some(claims("holdout.csv")),
         prepare_gpu: None,
         monitoring: Default::default(),
         serving: Default::default(),

@@ -61,6 +61,8 @@ fn window(model: &str, n: u64) -> Body {
         labels: 0,
         live_accuracy: None,
         live_mae: None,
+        multivariate: None,
+        estimated_accuracy: None,
     }))
 }
 

@@ -64,6 +64,12 @@ fn start(dir: &Path, extra: &[&str]) -> RunningAgent {
         &[
             "--reference",
             &claims("reference.csv"),
+            // The calibration map for estimated accuracy, from rows the model was not
+            // trained on.
+            "--label-column",
+            "investigate",
+            "--labelled",
+            &claims("holdout.csv"),
             "--monitoring",
             "monitoring.toml",
             "--key",
@@ -120,6 +126,18 @@ fn reference_data_raises_no_alert_and_drifted_data_alerts_on_exactly_the_shifted
         for f in w["features"].as_array().expect("features") {
             assert!(f["psi"].as_f64().expect("psi") < 0.05, "{f}");
         }
+        // The numeric features together, and the accuracy estimated without labels
+        // (the model's accuracy on rows it was not trained on is 0.795).
+        assert_eq!(w["multivariate"]["name"], "reconstruction_error", "{w}");
+        assert!(w["multivariate"]["psi"].as_f64().expect("psi") < 0.1, "{w}");
+        let estimate = &w["estimated_accuracy"];
+        let accuracy = estimate["accuracy"].as_f64().expect("estimated");
+        assert!((0.75..0.86).contains(&accuracy), "{estimate}");
+        assert_eq!(estimate["predictions"], 500);
+        assert!(
+            accuracy > estimate["limit"].as_f64().expect("limit"),
+            "{estimate}"
+        );
     }
     assert!(names(&view["alerts"]).is_empty(), "{}", view["alerts"]);
 
@@ -138,11 +156,26 @@ fn reference_data_raises_no_alert_and_drifted_data_alerts_on_exactly_the_shifted
         .filter(|e| e["transition"] == "raised")
         .map(|e| e["subject"].as_str().expect("subject").to_string())
         .collect();
+    // Beside the features: the reconstruction error (the numeric features together) and
+    // the estimated accuracy, which falls as the claims shift.
+    let not_features = ["prediction", "reconstruction_error", "estimated_accuracy"];
     let features: BTreeSet<String> = raised
         .iter()
-        .filter(|s| *s != "prediction")
+        .filter(|s| !not_features.contains(&s.as_str()))
         .cloned()
         .collect();
+    assert!(
+        raised.contains("reconstruction_error") && raised.contains("estimated_accuracy"),
+        "events: {raised:?}"
+    );
+    for w in &windows[8..] {
+        let estimate = &w["estimated_accuracy"];
+        assert!(
+            estimate["accuracy"].as_f64().expect("estimated")
+                < estimate["limit"].as_f64().expect("limit"),
+            "{estimate}"
+        );
+    }
     let shifted: BTreeSet<String> = ["channel", "claim_amount", "customer_age"]
         .iter()
         .map(|s| s.to_string())
@@ -164,7 +197,7 @@ fn reference_data_raises_no_alert_and_drifted_data_alerts_on_exactly_the_shifted
     assert_eq!(
         names(&windows[10]["alerts"])
             .into_iter()
-            .filter(|s| s != "prediction")
+            .filter(|s| !not_features.contains(&s.as_str()))
             .collect::<BTreeSet<_>>(),
         shifted,
         "alerting after the third drifted window"

@@ -161,17 +161,15 @@ pub(crate) fn status(plane: &ControlPlane, id: &str) -> Value {
 }
 
 pub(crate) fn wait_state(plane: &ControlPlane, id: &str, state: &str) -> Value {
-    let mut last = Value::Null;
     let deadline = std::time::Instant::now() + WAIT;
     loop {
         let s = status(plane, id);
         if s["state"] == state {
             return s;
         }
-        last = s;
         assert!(
             std::time::Instant::now() < deadline,
-            "timed out after {WAIT:?} waiting for rollout {id} to be {state}; it is: {last:#}"
+            "timed out after {WAIT:?} waiting for rollout {id} to be {state}; it is: {s:#}"
         );
         std::thread::sleep(Duration::from_millis(100));
     }

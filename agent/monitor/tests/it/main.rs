@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use fleetml_monitor::{
-    MissReason, Monitor, Observation, Reference, Subject, Thresholds, Transition, WindowConfig,
-    stats,
+    Cbpe, MissReason, Monitor, Observation, Pca, Reference, Subject, Thresholds, Transition,
+    WindowConfig, stats,
 };
 
 /// Counts allocations made by the current thread.
@@ -341,6 +341,19 @@ fn ten_million_predictions_allocate_nothing() {
         })
         .collect();
     let classes = Reference::categorical(&[5, 5, 0]).expect("classes");
+    // The multivariate monitor over the eight numeric features, and the accuracy
+    // estimate: both on the prediction path too.
+    let numeric: Vec<usize> = (0..12).filter(|i| i % 3 != 2).collect();
+    let components: Vec<Vec<f64>> = (0..3)
+        .map(|j| {
+            (0..numeric.len())
+                .map(|i| if i == j { 1.0 } else { 0.0 })
+                .collect()
+        })
+        .collect();
+    let pca = Pca::new(&numeric, &[5.0; 8], &[2.9; 8], &components).expect("pca");
+    let error = Reference::numeric(&[1.0, 2.0, 3.0], &[1; 4], &[], (0.0, 9.0), 1.0).expect("error");
+    let cbpe = Cbpe::new(&[0.6, 0.8], &[0.55, 0.7, 0.9], &[(100, 0.6), (1000, 0.65)]).expect("map");
     let mut m = Box::new(
         Monitor::new(
             &features,
@@ -348,7 +361,9 @@ fn ten_million_predictions_allocate_nothing() {
             WindowConfig::default(),
             Thresholds::default(),
         )
-        .expect("monitor"),
+        .expect("monitor")
+        .with_multivariate(pca, error)
+        .with_performance(cbpe),
     );
     let mut values = [Observation::Missing; 12];
     let before = allocations();
@@ -364,6 +379,7 @@ fn ten_million_predictions_allocate_nothing() {
         if i % 1000 == 999 {
             m.missed(i, MissReason::Timeout, 1);
         }
+        m.confidence(0.5 + (i % 50) as f64 / 100.0);
         if m.observe(
             i,
             &values,
@@ -689,4 +705,93 @@ fn a_window_names_the_bins_that_moved_most() {
         })
     }));
     assert!(unmoved.moved.iter().all(Option::is_none), "{unmoved:?}");
+}
+
+#[test]
+fn the_reconstruction_error_is_the_distance_to_the_kept_components() {
+    // Features 0 and 2 go in (1 is categorical and left out), one component along
+    // (1, 1)/√2: a row standardized to (z0, z2) has error |z0 − z2| / √2.
+    let h = std::f64::consts::FRAC_1_SQRT_2;
+    let pca = Pca::new(&[0, 2], &[10.0, -1.0], &[2.0, 0.5], &[[h, h]]).expect("pca");
+    assert_eq!(pca.components(), 1);
+    let row = |a: f64, c: f64| {
+        [
+            Observation::Number(a),
+            Observation::Category(1),
+            Observation::Number(c),
+        ]
+    };
+    // z = (1, 1): on the component, no error.
+    assert!(pca.error(&row(12.0, -0.5)) < 1e-6);
+    // z = (1, −1): all of it off the component, |z| = √2.
+    assert!((pca.error(&row(12.0, -1.5)) - 2f64.sqrt()).abs() < 1e-6);
+    // z = (3, 1): error |3 − 1| / √2.
+    assert!((pca.error(&row(16.0, -0.5)) - 2.0 * h).abs() < 1e-6);
+    // A missing value stands at its mean (z = 0).
+    let missing = [
+        Observation::Number(12.0),
+        Observation::Missing,
+        Observation::Missing,
+    ];
+    assert!((pca.error(&missing) - h).abs() < 1e-6);
+    // Shapes that do not fit are refused.
+    assert!(Pca::new(&[0, 2], &[0.0], &[1.0, 1.0], &[[h, h]]).is_err());
+    assert!(Pca::new(&[0, 2], &[0.0, 0.0], &[1.0, 1.0], &[[h, h, h]]).is_err());
+}
+
+#[test]
+fn the_estimated_accuracy_averages_the_map_and_alerts_below_the_limit() {
+    let cbpe = Cbpe::new(&[0.6, 0.8], &[0.5, 0.7, 0.95], &[(100, 0.7), (1000, 0.8)]).expect("map");
+    assert_eq!(cbpe.expected(0.55), 0.5);
+    assert_eq!(cbpe.expected(0.6), 0.5, "edges close their bin");
+    assert!((cbpe.expected(0.7) - 0.7).abs() < 1e-6);
+    assert!((cbpe.expected(0.99) - 0.95).abs() < 1e-6);
+    assert_eq!(cbpe.limit_at(50), Some(0.7));
+    assert_eq!(cbpe.limit_at(5000), Some(0.8));
+    let mid = cbpe.limit_at(316).expect("interpolated");
+    assert!((mid - 0.75).abs() < 1e-3, "half way in log n: {mid}");
+    let monitor = |min: Option<f64>| {
+        Monitor::new(
+            &[],
+            None,
+            WindowConfig {
+                max_predictions: 100,
+                max_duration_ms: u64::MAX,
+            },
+            Thresholds {
+                windows: 1,
+                min_predictions: 1,
+                min_estimated_accuracy: min,
+                ..Thresholds::default()
+            },
+        )
+        .expect("monitor")
+        .with_performance(cbpe.clone())
+    };
+    // Half the predictions confident (0.95), half not (0.5): 0.725, above 0.7.
+    let run = |m: &mut Monitor| {
+        let mut last = None;
+        for i in 0..100 {
+            m.confidence(if i % 2 == 0 { 0.9 } else { 0.55 });
+            last = m.observe(0, &[], None, 1, None).or(last);
+        }
+        last.expect("closed").estimated_accuracy.expect("estimated")
+    };
+    let e = run(&mut monitor(None));
+    assert!((e.accuracy - 0.725).abs() < 1e-6, "{e:?}");
+    assert_eq!(
+        (e.limit, e.predictions, e.alerting),
+        (Some(0.7), 100, false)
+    );
+    // An explicit minimum wins over the calibrated limit.
+    let mut strict = monitor(Some(0.74));
+    let e = run(&mut strict);
+    assert!(e.alerting, "{e:?}");
+    // No confidences in a window: no estimate.
+    let r = strict.close(1);
+    assert!(r.estimated_accuracy.is_none());
+    // Maps that do not fit are refused.
+    assert!(Cbpe::new(&[0.6], &[0.5], &[]).is_err());
+    assert!(Cbpe::new(&[0.8, 0.6], &[0.5, 0.7, 0.9], &[]).is_err());
+    assert!(Cbpe::new(&[0.6], &[0.5, 1.5], &[]).is_err());
 }
