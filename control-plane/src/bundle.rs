@@ -178,7 +178,14 @@ pub struct Built {
     pub tract_error: Option<String>,
     /// How the golden outputs were computed and checked, when the bundle has them.
     pub golden_check: Option<crate::golden::GoldenCheck>,
+    /// What the monitoring references say about themselves (the multivariate model, the
+    /// calibration map, a reference small for its windows), for the builder to print.
+    pub notes: Vec<String>,
 }
+
+/// The reference rows, as a multiple of the largest calibrated window, below which
+/// single features false-alarm noticeably above the target (docs/MONITORING.md).
+pub const REFERENCE_PER_WINDOW: u32 = 10;
 
 pub fn build(opts: &BuildOptions) -> anyhow::Result<Built> {
     let schema = match &opts.features {
@@ -276,6 +283,7 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<Built> {
         payloads.push((GPU_MODEL_ENTRY.into(), Source::Memory(prepared.onnx)));
         payloads.push((GPU_COMPAT_ENTRY.into(), Source::Memory(report)));
     }
+    let mut notes = Vec::new();
     if let Some(path) = &opts.reference {
         let rows = read_csv(path, &schema, None)?;
         let outputs = model
@@ -286,6 +294,21 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<Built> {
             .map(|t| (t.name.clone(), last_axis(&t), t.data.to_f32()))
             .collect();
         let mut profile = ReferenceProfile::compute(&schema, &rows, &outputs, opts.bins)?;
+        let largest = opts
+            .calibration
+            .sizes
+            .iter()
+            .chain(&opts.monitoring.window_predictions)
+            .copied()
+            .max()
+            .unwrap_or(0);
+        if (rows.len() as u64) < u64::from(largest) * u64::from(REFERENCE_PER_WINDOW) {
+            notes.push(format!(
+                "monitoring: the reference has {} rows, fewer than {REFERENCE_PER_WINDOW} times the largest window ({largest}); a feature whose reference share is off by chance will false-alarm above --false-alarm-rate on windows that large (a reference of {} rows or more avoids it)",
+                rows.len(),
+                u64::from(largest) * u64::from(REFERENCE_PER_WINDOW)
+            ));
+        }
         profile.multivariate = crate::multivariate::fit(&schema, &rows, opts.bins);
         let mut calibration = opts.calibration.clone();
         calibration.sizes.extend(opts.monitoring.window_predictions);
@@ -323,6 +346,27 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<Built> {
             );
         }
         profile.calibration = Some(calibrated);
+        if let Some(m) = &profile.multivariate {
+            notes.push(format!(
+                "monitoring: multivariate drift over {} numeric features, {} principal components ({:.1}% of their variance)",
+                m.features.len(),
+                m.components.len(),
+                m.explained * 100.0
+            ));
+        }
+        if let Some(p) = &profile.performance {
+            notes.push(format!(
+                "monitoring: accuracy on the labelled rows {:.3}, calibration error of the raw scores {:.3}; the agent estimates each window's accuracy and alerts below {}",
+                p.reference_accuracy,
+                p.calibration_error,
+                p.sizes
+                    .iter()
+                    .zip(&p.lower)
+                    .map(|(n, l)| format!("{l:.3} ({n} rows)"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
         payloads.push((REFERENCE_ENTRY.into(), Source::Memory(profile.to_cbor())));
     }
     let mut golden_check = None;
@@ -406,6 +450,7 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<Built> {
         gpu_report,
         tract_error,
         golden_check,
+        notes,
     })
 }
 
@@ -645,7 +690,7 @@ pub fn monitors_text(r: &ReferenceProfile) -> String {
     if let Some(p) = &r.performance {
         let _ = writeln!(
             s,
-            "\nEstimated accuracy (labels from `{}`): reference accuracy {:.3}, calibration error of the raw scores {:.3}; alerts below {}",
+            "\nEstimated accuracy (labels from `{}`): accuracy on the labelled rows {:.3}, calibration error of the raw scores {:.3}; alerts below {}",
             p.label,
             p.reference_accuracy,
             p.calibration_error,

@@ -4,7 +4,8 @@
 //! fixed threshold raises false alerts on small windows and misses drift on large ones.
 //! For each window size asked for, the builder draws `resamples` windows of that many
 //! rows from the reference data (with replacement, from a fixed seed: the same data
-//! gives the same bundle), computes each feature's statistics exactly as the agent's
+//! gives the same bundle; fewer rows than the window, so that the spread also covers the
+//! reference's own sampling error, see [`effective`]), computes each feature's statistics exactly as the agent's
 //! monitor does ([`fleetml_monitor::Reference::window`]), and keeps, per feature and size,
 //! thresholds for PSI, JS and (categorical) the chi-square p-value at one common quantile
 //! level, the lowest at which the share of resampled windows past any of them is at most
@@ -159,8 +160,9 @@ pub fn calibrate(
     let mut rng = SplitMix(SEED);
     let n_rows = rows.len() as u64;
     for &size in &sizes {
+        let drawn = effective(size, rows.len());
         let draws: Vec<Vec<usize>> = (0..resamples)
-            .map(|_| (0..size).map(|_| rng.below(n_rows) as usize).collect())
+            .map(|_| (0..drawn).map(|_| rng.below(n_rows) as usize).collect())
             .collect();
         for ((_, reference, column), out) in subjects.iter().zip(&mut limits) {
             let mut psi = Vec::with_capacity(draws.len());
@@ -187,6 +189,21 @@ pub fn calibrate(
         sizes,
         limits,
     })
+}
+
+/// Rows to resample for the thresholds of windows of `size` compared with a reference of
+/// `rows` rows: `size · rows / (size + rows)`.
+///
+/// A window resampled from the reference differs from it by the window's sampling error
+/// only; a window of fresh data also differs by the reference's own (the reference is
+/// a sample too, and every window is compared with that one sample). For PSI, JS and the
+/// chi-square statistic, which grow as `1/n` under no drift, the two together are what
+/// one resampled window of `1 / (1/size + 1/rows)` rows shows. Without this, a
+/// reference of 4,000 rows gave fresh undrifted windows of 1,000 rows six times the
+/// target false-alarm rate (docs/BENCHMARKS.md).
+pub fn effective(size: u32, rows: usize) -> u32 {
+    let (n, r) = (f64::from(size), rows as f64);
+    ((n * r / (n + r)).round() as u32).clamp(1, size)
 }
 
 /// Thresholds at one quantile level `γ` of each statistic's undrifted values (PSI and JS

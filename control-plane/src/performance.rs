@@ -133,12 +133,15 @@ pub fn fit(
     let mut rng = SplitMix(SEED);
     let mut lower = Vec::with_capacity(sizes.len());
     for &size in sizes {
+        // Fewer rows than the window: the spread also covers the labelled sample's own
+        // (see `calibrate::effective`).
+        let drawn = crate::calibrate::effective(size, expected.len());
         let mut estimates: Vec<f64> = (0..draws)
             .map(|_| {
-                (0..size)
+                (0..drawn)
                     .map(|_| expected[rng.below(expected.len() as u64) as usize])
                     .sum::<f64>()
-                    / f64::from(size)
+                    / f64::from(drawn)
             })
             .collect();
         estimates.sort_by(f64::total_cmp);

@@ -5,12 +5,15 @@
 //! categorical with 4 values + other, 1 more numeric) and a class prediction through a
 //! `Monitor` (windows of 1000 closing as they fill), then the same numeric values into
 //! one DDSketch per feature (crate `sketches-ddsketch`, the Rust port the issue cites).
-//! Prints the median over RUNS of ns per feature value for both.
+//! Prints the median over RUNS of ns per feature value for both, and for the monitor as
+//! the agent runs a classifier built with a multivariate reference and a calibration
+//! map: the 12 numeric features' reconstruction error under 8 principal components and
+//! each prediction's confidence looked up for the accuracy estimate.
 
 use std::hint::black_box;
 use std::time::Instant;
 
-use fleetml_monitor::{Monitor, Observation, Reference, Thresholds, WindowConfig};
+use fleetml_monitor::{Cbpe, Monitor, Observation, Pca, Reference, Thresholds, WindowConfig};
 
 const FEATURES: usize = 16;
 
@@ -55,34 +58,73 @@ fn main() {
     let runs: usize = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(5);
     let refs = references();
     let classes = Reference::categorical(&[70, 30, 0]).expect("classes");
+    let numeric: Vec<usize> = (0..FEATURES).filter(|i| i % 4 != 3).collect();
+    let components: Vec<Vec<f64>> = (0..8)
+        .map(|j| {
+            (0..numeric.len())
+                .map(|i| {
+                    if (i + j) % numeric.len() < 2 {
+                        0.5f64.sqrt()
+                    } else {
+                        0.0
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    let pca = Pca::new(&numeric, &[5.0; 12], &[2.9; 12], &components).expect("pca");
+    let error = Reference::numeric(
+        &[0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5],
+        &[10; 10],
+        &[],
+        (0.0, 9.0),
+        1.0,
+    )
+    .expect("error");
+    let edges: Vec<f64> = (1..10).map(|k| 0.5 + 0.05 * k as f64).collect();
+    let accuracy: Vec<f64> = (0..10).map(|k| 0.55 + 0.04 * k as f64).collect();
+    let cbpe = Cbpe::new(&edges, &accuracy, &[(100, 0.7), (1000, 0.75)]).expect("map");
     let mut ours = Vec::new();
+    let mut full = Vec::new();
     let mut peer = Vec::new();
     for _ in 0..runs {
-        let mut monitor = Box::new(
-            Monitor::new(
-                &refs,
-                Some(classes.clone()),
-                WindowConfig::default(),
-                Thresholds::default(),
-            )
-            .expect("monitor"),
-        );
-        let mut state = 0x9E37_79B9_7F4A_7C15u64;
-        let mut values = [Observation::Missing; FEATURES];
-        let start = Instant::now();
-        for i in 0..predictions {
-            for (j, v) in values.iter_mut().enumerate() {
-                let r = next(&mut state);
-                *v = if j % 4 == 3 {
-                    Observation::Category((r % 5) as usize)
-                } else {
-                    Observation::Number((r % 10_000) as f64 / 1000.0)
-                };
+        for with in [false, true] {
+            let mut monitor = Box::new(
+                Monitor::new(
+                    &refs,
+                    Some(classes.clone()),
+                    WindowConfig::default(),
+                    Thresholds::default(),
+                )
+                .expect("monitor"),
+            );
+            if with {
+                *monitor = monitor
+                    .clone()
+                    .with_multivariate(pca.clone(), error.clone())
+                    .with_performance(cbpe.clone());
             }
-            let class = Observation::Category((i & 1) as usize);
-            black_box(monitor.observe(i, &values, Some(class), 250, Some(10)));
+            let mut state = 0x9E37_79B9_7F4A_7C15u64;
+            let mut values = [Observation::Missing; FEATURES];
+            let start = Instant::now();
+            for i in 0..predictions {
+                for (j, v) in values.iter_mut().enumerate() {
+                    let r = next(&mut state);
+                    *v = if j % 4 == 3 {
+                        Observation::Category((r % 5) as usize)
+                    } else {
+                        Observation::Number((r % 10_000) as f64 / 1000.0)
+                    };
+                }
+                let class = Observation::Category((i & 1) as usize);
+                if with {
+                    monitor.confidence(0.5 + (i % 50) as f64 / 100.0);
+                }
+                black_box(monitor.observe(i, &values, Some(class), 250, Some(10)));
+            }
+            let ns = start.elapsed().as_nanos() as f64 / (predictions as f64 * FEATURES as f64);
+            if with { full.push(ns) } else { ours.push(ns) }
         }
-        ours.push(start.elapsed().as_nanos() as f64 / (predictions as f64 * FEATURES as f64));
 
         let mut sketches: Vec<sketches_ddsketch::DDSketch> = (0..FEATURES)
             .map(|_| sketches_ddsketch::DDSketch::new(sketches_ddsketch::Config::defaults()))
@@ -101,6 +143,10 @@ fn main() {
     println!(
         "monitor core: {:.1} ns per feature value (median of {runs} runs of {predictions} predictions x {FEATURES} features)",
         median(ours)
+    );
+    println!(
+        "monitor core with the reconstruction error and the accuracy estimate: {:.1} ns per feature value (same runs)",
+        median(full)
     );
     println!(
         "DDSketch (sketches-ddsketch) add: {:.1} ns per value (same values, same run)",

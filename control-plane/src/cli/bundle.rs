@@ -225,6 +225,9 @@ pub(crate) fn bundle_command(cmd: BundleCommand) -> anyhow::Result<()> {
             if let Some(report) = &built.gpu_report {
                 println!("gpu: {}", report.summary());
             }
+            for note in &built.notes {
+                println!("{note}");
+            }
             let signed = if built.signed_by.is_empty() {
                 "unsigned; sign it with `fleetctl bundle sign`".to_string()
             } else {

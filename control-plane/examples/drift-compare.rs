@@ -1,0 +1,131 @@
+//! Runs fleetml's drift monitor over CSV streams, for `scripts/drift_compare.py`, which
+//! runs Evidently and NannyML over the same windows.
+//!
+//! ```text
+//! cargo run --release -p fleet-control --example drift-compare -- \
+//!     REFERENCE.csv FEATURES.toml SIZES WINDOWS STREAM.csv...
+//! ```
+//!
+//! The reference profile is built as `fleetctl bundle build` builds it (10 quantile bins,
+//! the multivariate reference, thresholds calibrated for SIZES at the default 1 %
+//! false-alarm rate). Each stream is cut into consecutive windows of each size (at most
+//! WINDOWS of them) and fed to the agent's monitor with alerts after one window, so a
+//! window's verdict is its own. One JSON line per window: `{"stream", "size", "window",
+//! "flagged": [subjects past a threshold]}`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use fleet_control::{calibrate, multivariate};
+use fleetml_monitor::{Monitor, Reference, Thresholds, WindowConfig};
+use fleetml_protocol::features::FeatureSchema;
+use fleetml_protocol::reference::ReferenceProfile;
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    anyhow::ensure!(
+        args.len() >= 5,
+        "usage: drift-compare REFERENCE.csv FEATURES.toml SIZES WINDOWS STREAM.csv..."
+    );
+    let schema = FeatureSchema::from_toml(&std::fs::read_to_string(&args[1])?)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args[1]))?;
+    let reference = fleet_control::bundle::read_csv(&PathBuf::from(&args[0]), &schema, None)?;
+    let sizes: Vec<u32> = args[2]
+        .split(',')
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .context("SIZES: window sizes, comma-separated")?;
+    let most: usize = args[3].parse().context("WINDOWS: a number")?;
+    let mut profile = ReferenceProfile::compute(&schema, &reference, &[], 10)?;
+    profile.multivariate = multivariate::fit(&schema, &reference, 10);
+    profile.calibration = Some(calibrate::calibrate(
+        &profile,
+        &schema,
+        &reference,
+        &[],
+        &calibrate::Options {
+            sizes: sizes.clone(),
+            ..Default::default()
+        },
+    )?);
+    let names: Vec<&str> = schema.features.iter().map(|f| f.name.as_str()).collect();
+    for stream in &args[4..] {
+        let rows = fleet_control::bundle::read_csv(&PathBuf::from(stream), &schema, None)?;
+        for &size in &sizes {
+            let mut monitor = monitor(&schema, &profile, &names, size)?;
+            let mut window = 0;
+            for row in &rows {
+                if window == most {
+                    break;
+                }
+                let observed = multivariate::observations(&schema, row);
+                if let Some(r) = monitor.observe(0, &observed, None, 1, None) {
+                    let mut flagged: Vec<&str> = r
+                        .features
+                        .iter()
+                        .zip(&names)
+                        .filter(|(f, _)| f.drifting)
+                        .map(|(_, n)| *n)
+                        .collect();
+                    if r.multivariate.is_some_and(|m| m.drifting) {
+                        flagged.push(fleetml_protocol::reference::RECONSTRUCTION_ERROR);
+                    }
+                    println!(
+                        "{}",
+                        serde_json::json!({"stream": stream, "size": size, "window": window, "flagged": flagged})
+                    );
+                    window += 1;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The agent's monitor of `profile`, windows of `size`, a verdict per window.
+fn monitor(
+    schema: &FeatureSchema,
+    profile: &ReferenceProfile,
+    names: &[&str],
+    size: u32,
+) -> anyhow::Result<Monitor> {
+    let references = schema
+        .features
+        .iter()
+        .map(|f| {
+            let p = profile
+                .features
+                .iter()
+                .find(|p| p.name == f.name)
+                .context("profiled")?;
+            fleetml_monitor::profile::feature(p)
+                .map_err(anyhow::Error::msg)?
+                .with_limits(&fleetml_monitor::profile::limits(
+                    profile.calibration.as_ref(),
+                    &f.name,
+                ))
+                .map_err(|e| anyhow::anyhow!("{e}"))
+        })
+        .collect::<anyhow::Result<Vec<Reference>>>()?;
+    let mut monitor = Monitor::new(
+        &references,
+        None,
+        WindowConfig {
+            max_predictions: size,
+            max_duration_ms: u64::MAX,
+        },
+        Thresholds {
+            windows: 1,
+            min_predictions: size,
+            ..Thresholds::default()
+        },
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    if let Some(m) = &profile.multivariate {
+        let (pca, error) =
+            fleetml_monitor::profile::multivariate(m, names, profile.calibration.as_ref())
+                .map_err(anyhow::Error::msg)?;
+        monitor = monitor.with_multivariate(pca, error);
+    }
+    Ok(monitor)
+}
