@@ -20,9 +20,9 @@ cargo build --quiet --release --locked --manifest-path "$root/Cargo.toml" \
     -p fleet-control --example drift-compare -p fleetml-claims --bin claims-train
 streams=$(mktemp -d -t fleetml-streams.XXXXXX)
 trap 'rm -rf "$streams"' EXIT
-# 20,000 rows each of undrifted and shifted claims (the tiny training run is not used).
+# 220,000 undrifted and 20,000 shifted claims (the tiny training run is not used).
 "$CARGO_TARGET_DIR/release/claims-train" --seed "$seed" --out "$streams" \
-    --rows 200 --holdout 20000 --drifted 20000 --epochs 1 > /dev/null
+    --rows 200 --holdout 220000 --drifted 20000 --epochs 1 > /dev/null
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 "$venv/bin/python" "$root/scripts/drift_compare.py" \
     --fleetml "$CARGO_TARGET_DIR/release/examples/drift-compare" \

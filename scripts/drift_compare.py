@@ -134,7 +134,7 @@ def main():
     ap.add_argument("--features", required=True)
     ap.add_argument("--streams", required=True, help="folder with a fresh seed's holdout.csv and drifted.csv")
     ap.add_argument("--sizes", default="100,250,1000")
-    ap.add_argument("--undrifted-windows", type=int, default=40)
+    ap.add_argument("--undrifted-windows", type=int, default=100)
     ap.add_argument("--drifted-windows", type=int, default=10)
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
@@ -148,7 +148,7 @@ def main():
     half = len(holdout) // 2
     undrifted = holdout.iloc[:half].reset_index(drop=True)
     rng = np.random.default_rng(7)
-    rest = holdout.iloc[half:].reset_index(drop=True)
+    rest = holdout.iloc[half:half + len(drifted)].reset_index(drop=True)
     pick = rng.random(len(rest)) < 0.25
     quarter = rest.copy()
     quarter.loc[pick] = drifted.iloc[: len(rest)].reset_index(drop=True).loc[pick].values
