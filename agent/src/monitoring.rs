@@ -226,7 +226,6 @@ impl ModelMonitor {
         // The thresholds the bundle's builder calibrated for a subject, per window size.
         let limits_of =
             |name: &str| fleetml_monitor::profile::limits(profile.calibration.as_ref(), name);
-        let mut references = Vec::with_capacity(schema.features.len());
         let mut baselines = Vec::with_capacity(schema.features.len());
         for f in &schema.features {
             let p = profile
@@ -246,10 +245,6 @@ impl ModelMonitor {
                 ),
                 (None, None) => RawValue::Missing,
             };
-            references.push(fleetml_monitor::profile::feature(p).and_then(|r| {
-                r.with_limits(&limits_of(&f.name))
-                    .map_err(|e| format!("feature `{}`: {e}", f.name))
-            })?);
             baselines.push(baseline);
         }
         let (prediction, prediction_reference) = match profile.predictions.first() {
@@ -303,16 +298,19 @@ impl ModelMonitor {
                 .unwrap_or_default(),
             None => Vec::new(),
         };
-        let mut core = Monitor::new(&references, prediction_reference, config, thresholds)
-            .map_err(|e| e.to_string())?;
-        let mut error_labels = Vec::new();
-        if let Some(m) = &profile.multivariate {
-            let names: Vec<&str> = schema.features.iter().map(|f| f.name.as_str()).collect();
-            let (pca, reference) =
-                fleetml_monitor::profile::multivariate(m, &names, profile.calibration.as_ref())?;
-            error_labels = range_labels(&m.error.edges);
-            core = core.with_multivariate(pca, reference);
-        }
+        let names: Vec<&str> = schema.features.iter().map(|f| f.name.as_str()).collect();
+        let mut core = fleetml_monitor::profile::monitor(
+            profile,
+            &names,
+            prediction_reference,
+            config,
+            thresholds,
+        )?;
+        let error_labels = profile
+            .multivariate
+            .as_ref()
+            .map(|m| range_labels(&m.error.edges))
+            .unwrap_or_default();
         let estimates = match (&profile.performance, prediction) {
             (Some(p), Some(PredictionKind::Classes)) => {
                 core = core.with_performance(fleetml_monitor::profile::performance(p)?);

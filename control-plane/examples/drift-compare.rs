@@ -17,7 +17,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use fleet_control::{calibrate, multivariate};
-use fleetml_monitor::{Monitor, Reference, Thresholds, WindowConfig};
+use fleetml_monitor::{Monitor, Thresholds, WindowConfig};
 use fleetml_protocol::features::FeatureSchema;
 use fleetml_protocol::reference::ReferenceProfile;
 
@@ -52,7 +52,7 @@ fn main() -> anyhow::Result<()> {
     for stream in &args[4..] {
         let rows = fleet_control::bundle::read_csv(&PathBuf::from(stream), &schema, None)?;
         for &size in &sizes {
-            let mut monitor = monitor(&schema, &profile, &names, size)?;
+            let mut monitor = monitor(&profile, &names, size)?;
             let mut window = 0;
             for row in &rows {
                 if window == most {
@@ -83,32 +83,10 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// The agent's monitor of `profile`, windows of `size`, a verdict per window.
-fn monitor(
-    schema: &FeatureSchema,
-    profile: &ReferenceProfile,
-    names: &[&str],
-    size: u32,
-) -> anyhow::Result<Monitor> {
-    let references = schema
-        .features
-        .iter()
-        .map(|f| {
-            let p = profile
-                .features
-                .iter()
-                .find(|p| p.name == f.name)
-                .context("profiled")?;
-            fleetml_monitor::profile::feature(p)
-                .map_err(anyhow::Error::msg)?
-                .with_limits(&fleetml_monitor::profile::limits(
-                    profile.calibration.as_ref(),
-                    &f.name,
-                ))
-                .map_err(|e| anyhow::anyhow!("{e}"))
-        })
-        .collect::<anyhow::Result<Vec<Reference>>>()?;
-    let mut monitor = Monitor::new(
-        &references,
+fn monitor(profile: &ReferenceProfile, names: &[&str], size: u32) -> anyhow::Result<Monitor> {
+    fleetml_monitor::profile::monitor(
+        profile,
+        names,
         None,
         WindowConfig {
             max_predictions: size,
@@ -120,12 +98,5 @@ fn monitor(
             ..Thresholds::default()
         },
     )
-    .map_err(|e| anyhow::anyhow!("{e}"))?;
-    if let Some(m) = &profile.multivariate {
-        let (pca, error) =
-            fleetml_monitor::profile::multivariate(m, names, profile.calibration.as_ref())
-                .map_err(anyhow::Error::msg)?;
-        monitor = monitor.with_multivariate(pca, error);
-    }
-    Ok(monitor)
+    .map_err(anyhow::Error::msg)
 }

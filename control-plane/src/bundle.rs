@@ -81,21 +81,7 @@ pub fn read_csv(
     schema: &FeatureSchema,
     limit: Option<usize>,
 ) -> anyhow::Result<Vec<Vec<RawValue>>> {
-    let size = std::fs::metadata(path)
-        .with_context(|| format!("reading {}", path.display()))?
-        .len();
-    anyhow::ensure!(
-        size <= MAX_CSV,
-        "{} is larger than {} bytes",
-        path.display(),
-        MAX_CSV
-    );
-    let mut reader =
-        csv::Reader::from_path(path).with_context(|| format!("reading {}", path.display()))?;
-    let header = reader
-        .headers()
-        .with_context(|| format!("reading the header of {}", path.display()))?
-        .clone();
+    let (mut reader, header) = open_csv(path)?;
     let mut positions = Vec::with_capacity(schema.features.len());
     for f in &schema.features {
         let Some(pos) = header.iter().position(|h| h.trim() == f.name) else {
@@ -122,6 +108,26 @@ pub fn read_csv(
     }
     anyhow::ensure!(!rows.is_empty(), "{} has no data rows", path.display());
     Ok(rows)
+}
+
+/// A CSV reader on `path` (at most 1 GiB) and its header.
+pub fn open_csv(path: &Path) -> anyhow::Result<(csv::Reader<File>, csv::StringRecord)> {
+    let size = std::fs::metadata(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .len();
+    anyhow::ensure!(
+        size <= MAX_CSV,
+        "{} is larger than {} bytes",
+        path.display(),
+        MAX_CSV
+    );
+    let mut reader =
+        csv::Reader::from_path(path).with_context(|| format!("reading {}", path.display()))?;
+    let header = reader
+        .headers()
+        .with_context(|| format!("reading the header of {}", path.display()))?
+        .clone();
+    Ok((reader, header))
 }
 
 fn last_axis(t: &Tensor) -> usize {
@@ -359,12 +365,7 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<Built> {
                 "monitoring: accuracy on the labelled rows {:.3}, calibration error of the raw scores {:.3}; the agent estimates each window's accuracy and alerts below {}",
                 p.reference_accuracy,
                 p.calibration_error,
-                p.sizes
-                    .iter()
-                    .zip(&p.lower)
-                    .map(|(n, l)| format!("{l:.3} ({n} rows)"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                estimate_limits(p)
             ));
         }
         payloads.push((REFERENCE_ENTRY.into(), Source::Memory(profile.to_cbor())));
@@ -670,6 +671,16 @@ pub fn calibration_text(c: &fleetml_protocol::reference::Calibration) -> String 
     s
 }
 
+/// The estimated accuracy's limit per window size: `0.779 (1000 rows), …`.
+fn estimate_limits(p: &fleetml_protocol::reference::Performance) -> String {
+    p.sizes
+        .iter()
+        .zip(&p.lower)
+        .map(|(n, l)| format!("{l:.3} ({n} rows)"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The multivariate and accuracy-estimation references of a profile, for `bundle
 /// inspect` (empty when it has neither).
 pub fn monitors_text(r: &ReferenceProfile) -> String {
@@ -694,12 +705,7 @@ pub fn monitors_text(r: &ReferenceProfile) -> String {
             p.label,
             p.reference_accuracy,
             p.calibration_error,
-            p.sizes
-                .iter()
-                .zip(&p.lower)
-                .map(|(n, l)| format!("{l:.3} ({n} rows)"))
-                .collect::<Vec<_>>()
-                .join(", ")
+            estimate_limits(p)
         );
         let _ = writeln!(s, "  {:<16} {:>8} {:>6}", "CONFIDENCE", "ACCURACY", "ROWS");
         for (i, (a, n)) in p.accuracy.iter().zip(&p.counts).enumerate() {

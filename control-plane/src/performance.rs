@@ -25,12 +25,7 @@ const SEED: u64 = 0x0cb9_e5ee_d000;
 
 /// The label column of `path`, one class index per data row (`limit` rows at most).
 pub fn read_labels(path: &Path, column: &str, limit: Option<usize>) -> anyhow::Result<Vec<usize>> {
-    let mut reader =
-        csv::Reader::from_path(path).with_context(|| format!("reading {}", path.display()))?;
-    let header = reader
-        .headers()
-        .with_context(|| format!("reading the header of {}", path.display()))?
-        .clone();
+    let (mut reader, header) = crate::bundle::open_csv(path)?;
     let Some(pos) = header.iter().position(|h| h.trim() == column) else {
         bail!(
             "{} has no label column `{column}` (--label-column names the column holding each row's true class)",

@@ -10,9 +10,49 @@ use std::vec::Vec;
 use fleetml_protocol::features::{FeatureType, RawValue};
 use fleetml_protocol::reference::{
     Calibration, FeatureProfile, Multivariate, NumericProfile, Performance, RECONSTRUCTION_ERROR,
+    ReferenceProfile,
 };
 
-use crate::{Cbpe, Limit, Observation, Pca, Reference, ReferenceError};
+use crate::{
+    Cbpe, Limit, Monitor, Observation, Pca, Reference, ReferenceError, Thresholds, WindowConfig,
+};
+
+/// The references of the features `names` (the monitor's order) of `profile`, each with
+/// its calibrated thresholds.
+pub fn references(profile: &ReferenceProfile, names: &[&str]) -> Result<Vec<Reference>, String> {
+    names
+        .iter()
+        .map(|name| {
+            let p = profile
+                .features
+                .iter()
+                .find(|p| p.name == *name)
+                .ok_or_else(|| format!("the reference profile has no feature `{name}`"))?;
+            feature(p)?
+                .with_limits(&limits(profile.calibration.as_ref(), name))
+                .map_err(|e| format!("feature `{name}`: {e}"))
+        })
+        .collect()
+}
+
+/// The monitor of the features `names` of `profile` (and of the predictions against
+/// `prediction`), with the reconstruction error when the profile has a multivariate
+/// reference: what the agent runs, and what the builder's tests and benchmarks run.
+pub fn monitor(
+    profile: &ReferenceProfile,
+    names: &[&str],
+    prediction: Option<Reference>,
+    config: WindowConfig,
+    thresholds: Thresholds,
+) -> Result<Monitor, String> {
+    let mut monitor = Monitor::new(&references(profile, names)?, prediction, config, thresholds)
+        .map_err(|e| e.to_string())?;
+    if let Some(m) = &profile.multivariate {
+        let (pca, error) = multivariate(m, names, profile.calibration.as_ref())?;
+        monitor = monitor.with_multivariate(pca, error);
+    }
+    Ok(monitor)
+}
 
 /// A numeric profile's reference (a feature's, or a regressor's score's).
 pub fn numeric(n: &NumericProfile) -> Result<Reference, ReferenceError> {

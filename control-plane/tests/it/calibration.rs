@@ -4,7 +4,7 @@
 //! `drifted.csv` exactly the documented shifted features alert.
 
 use fleet_control::calibrate;
-use fleetml_monitor::{Monitor, Observation, Reference, Thresholds, WindowConfig};
+use fleetml_monitor::{Monitor, Observation, Thresholds, WindowConfig};
 use fleetml_protocol::features::{FeatureSchema, RawValue};
 use fleetml_protocol::reference::ReferenceProfile;
 
@@ -40,36 +40,10 @@ fn calibrated(schema: &FeatureSchema, reference: &[Vec<RawValue>]) -> ReferenceP
 
 /// The monitor the agent would build from `profile`, windows of `n`, alerts after `k`.
 fn monitor(schema: &FeatureSchema, profile: &ReferenceProfile, n: u32, k: u8) -> Monitor {
-    let references: Vec<Reference> = schema
-        .features
-        .iter()
-        .map(|f| {
-            let p = profile
-                .features
-                .iter()
-                .find(|p| p.name == f.name)
-                .expect("profiled");
-            fleetml_monitor::profile::feature(p)
-                .expect("reference")
-                .with_limits(&fleetml_monitor::profile::limits(
-                    profile.calibration.as_ref(),
-                    &f.name,
-                ))
-                .expect("limits")
-        })
-        .collect();
     let names: Vec<&str> = schema.features.iter().map(|f| f.name.as_str()).collect();
-    let (pca, error) = fleetml_monitor::profile::multivariate(
-        profile
-            .multivariate
-            .as_ref()
-            .expect("a multivariate reference"),
+    fleetml_monitor::profile::monitor(
+        profile,
         &names,
-        profile.calibration.as_ref(),
-    )
-    .expect("multivariate");
-    Monitor::new(
-        &references,
         None,
         WindowConfig {
             max_predictions: n,
@@ -81,7 +55,6 @@ fn monitor(schema: &FeatureSchema, profile: &ReferenceProfile, n: u32, k: u8) ->
         },
     )
     .expect("monitor")
-    .with_multivariate(pca, error)
 }
 
 fn observations(schema: &FeatureSchema, row: &[RawValue]) -> Vec<Observation> {

@@ -5,9 +5,7 @@
 
 use fleet_control::{calibrate, multivariate, performance};
 use fleetml_claims::data::{Generator, Shift};
-use fleetml_monitor::{
-    Monitor, Observation, Reference, Subject, Thresholds, Transition, WindowConfig,
-};
+use fleetml_monitor::{Monitor, Observation, Subject, Thresholds, Transition, WindowConfig};
 use fleetml_protocol::features::{FeatureSchema, RawValue};
 use fleetml_protocol::reference::{ReferenceProfile, argmax};
 
@@ -75,36 +73,11 @@ fn profile_ref(p: &ReferenceProfile) -> &ReferenceProfile {
 /// windows of `n` rows, with the default alert policy (three windows in a row past a
 /// threshold raise an alert).
 fn monitor(schema: &FeatureSchema, profile: &ReferenceProfile, n: u32) -> Monitor {
-    let references: Vec<Reference> = schema
-        .features
-        .iter()
-        .map(|f| {
-            let p = profile
-                .features
-                .iter()
-                .find(|p| p.name == f.name)
-                .expect("profiled");
-            fleetml_monitor::profile::feature(p)
-                .expect("reference")
-                .with_limits(&fleetml_monitor::profile::limits(
-                    profile.calibration.as_ref(),
-                    &f.name,
-                ))
-                .expect("limits")
-        })
-        .collect();
+    assert!(profile.multivariate.is_some(), "a multivariate reference");
     let names: Vec<&str> = schema.features.iter().map(|f| f.name.as_str()).collect();
-    let (pca, error) = fleetml_monitor::profile::multivariate(
-        profile
-            .multivariate
-            .as_ref()
-            .expect("a multivariate reference"),
+    fleetml_monitor::profile::monitor(
+        profile,
         &names,
-        profile.calibration.as_ref(),
-    )
-    .expect("multivariate");
-    Monitor::new(
-        &references,
         None,
         WindowConfig {
             max_predictions: n,
@@ -113,7 +86,6 @@ fn monitor(schema: &FeatureSchema, profile: &ReferenceProfile, n: u32) -> Monito
         Thresholds::default(),
     )
     .expect("monitor")
-    .with_multivariate(pca, error)
 }
 
 fn observations(schema: &FeatureSchema, row: &[RawValue]) -> Vec<Observation> {

@@ -179,7 +179,8 @@ fn an_enrolled_agent_joins_through_the_embedded_broker_and_shows_in_the_fleet_vi
     );
     assert!(table.contains("claims@v1/cpu"), "{table}");
 
-    // Drift across the fleet: one row per schema feature plus the predictions.
+    // Drift across the fleet: one row per schema feature, the predictions and the
+    // reconstruction error (the numeric features together).
     let features = toml::from_str::<toml::Value>(
         &std::fs::read_to_string(claims("features.toml")).expect("schema"),
     )
@@ -189,7 +190,11 @@ fn an_enrolled_agent_joins_through_the_embedded_broker_and_shows_in_the_fleet_vi
         .len();
     let drift = plane.json(dir, &["drift", "--model", "claims"]);
     let drift = drift.as_array().expect("rows");
-    assert_eq!(drift.len(), features + 1, "{drift:?}");
+    assert_eq!(drift.len(), features + 2, "{drift:?}");
+    assert!(
+        drift.iter().any(|r| r["feature"] == "reconstruction_error"),
+        "{drift:?}"
+    );
     assert!(
         drift
             .iter()

@@ -5,7 +5,9 @@ use fleetml_protocol::board::BoardProfile;
 use fleetml_protocol::features::{FeatureSchema, RawValue};
 use fleetml_protocol::golden::{self, Golden, GoldenError, Tensor, TensorData};
 use fleetml_protocol::manifest::DType;
-use fleetml_protocol::reference::{ReferenceError, ReferenceProfile, bin_index};
+use fleetml_protocol::reference::{
+    Multivariate, Performance, ReferenceError, ReferenceProfile, bin_index,
+};
 use fleetml_protocol::trust::{TrustPolicy, TrustPolicyError};
 use proptest::prelude::*;
 
@@ -113,6 +115,57 @@ fn reference_profile_bins_by_quantiles_and_round_trips() {
         "edges close their bin on the right"
     );
     assert_eq!(bin_index(&n.edges, f64::INFINITY), n.edges.len());
+
+    // The multivariate model and the calibration map round-trip, and ones whose
+    // shapes or values do not fit are refused before anything uses them.
+    let error = p.features[0].numeric.clone().expect("numeric");
+    let mut monitored = p.clone();
+    monitored.multivariate = Some(Multivariate {
+        features: vec!["x".into(), "y".into()],
+        means: vec![50.0, 1.0],
+        stds: vec![29.0, 2.0],
+        components: vec![vec![0.6, 0.8]],
+        explained: 0.7,
+        error,
+    });
+    monitored.performance = Some(Performance {
+        label: "y".into(),
+        edges: vec![0.6, 0.8],
+        accuracy: vec![0.5, 0.7, 0.9],
+        counts: vec![10, 10, 10],
+        reference_accuracy: 0.7,
+        calibration_error: 0.02,
+        sizes: vec![100, 1000],
+        lower: vec![0.6, 0.65],
+    });
+    assert_eq!(
+        ReferenceProfile::from_cbor(&monitored.to_cbor()),
+        Ok(monitored.clone())
+    );
+    let refused = |edit: &dyn Fn(&mut ReferenceProfile)| {
+        let mut bad = monitored.clone();
+        edit(&mut bad);
+        assert!(
+            matches!(
+                ReferenceProfile::from_cbor(&bad.to_cbor()),
+                Err(ReferenceError::Inconsistent(_))
+            ),
+            "accepted {:?} / {:?}",
+            bad.multivariate,
+            bad.performance
+        );
+    };
+    refused(&|p| p.multivariate.as_mut().expect("set").components[0].push(0.1));
+    refused(&|p| {
+        p.multivariate.as_mut().expect("set").means.pop();
+    });
+    refused(&|p| p.multivariate.as_mut().expect("set").stds[1] = f64::NAN);
+    refused(&|p| p.multivariate.as_mut().expect("set").components = vec![vec![1.0, 0.0]; 9]);
+    refused(&|p| p.performance.as_mut().expect("set").accuracy[2] = 1.5);
+    refused(&|p| p.performance.as_mut().expect("set").edges = vec![0.8, 0.6]);
+    refused(&|p| {
+        p.performance.as_mut().expect("set").lower.pop();
+    });
 
     let mut broken = p;
     broken.features[0]
