@@ -24,7 +24,6 @@ use crate::output::{self, human_size};
 /// Largest model, feature schema, lineage or CSV read into memory at build time.
 const MAX_MODEL: u64 = 2 << 30;
 const MAX_TEXT: u64 = 16 << 20;
-const MAX_CSV: u64 = 1 << 30;
 
 /// Everything `bundle build` needs.
 #[derive(Debug, Clone)]
@@ -81,7 +80,7 @@ pub fn read_csv(
     schema: &FeatureSchema,
     limit: Option<usize>,
 ) -> anyhow::Result<Vec<Vec<RawValue>>> {
-    let (mut reader, header) = open_csv(path)?;
+    let (mut reader, header) = crate::csvfile::open(path)?;
     let mut positions = Vec::with_capacity(schema.features.len());
     for f in &schema.features {
         let Some(pos) = header.iter().position(|h| h.trim() == f.name) else {
@@ -108,26 +107,6 @@ pub fn read_csv(
     }
     anyhow::ensure!(!rows.is_empty(), "{} has no data rows", path.display());
     Ok(rows)
-}
-
-/// A CSV reader on `path` (at most 1 GiB) and its header.
-pub fn open_csv(path: &Path) -> anyhow::Result<(csv::Reader<File>, csv::StringRecord)> {
-    let size = std::fs::metadata(path)
-        .with_context(|| format!("reading {}", path.display()))?
-        .len();
-    anyhow::ensure!(
-        size <= MAX_CSV,
-        "{} is larger than {} bytes",
-        path.display(),
-        MAX_CSV
-    );
-    let mut reader =
-        csv::Reader::from_path(path).with_context(|| format!("reading {}", path.display()))?;
-    let header = reader
-        .headers()
-        .with_context(|| format!("reading the header of {}", path.display()))?
-        .clone();
-    Ok((reader, header))
 }
 
 fn last_axis(t: &Tensor) -> usize {

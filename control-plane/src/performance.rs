@@ -25,7 +25,7 @@ const SEED: u64 = 0x0cb9_e5ee_d000;
 
 /// The label column of `path`, one class index per data row (`limit` rows at most).
 pub fn read_labels(path: &Path, column: &str, limit: Option<usize>) -> anyhow::Result<Vec<usize>> {
-    let (mut reader, header) = crate::bundle::open_csv(path)?;
+    let (mut reader, header) = crate::csvfile::open(path)?;
     let Some(pos) = header.iter().position(|h| h.trim() == column) else {
         bail!(
             "{} has no label column `{column}` (--label-column names the column holding each row's true class)",
