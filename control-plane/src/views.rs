@@ -716,3 +716,39 @@ pub fn comparison(r: &Value) -> String {
     );
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `fleetctl drift`: a feature row with what moved under it, and the estimated
+    /// accuracy on its own line with its limit and the live accuracy.
+    #[test]
+    fn the_drift_table_shows_what_moved_and_the_estimated_accuracy() {
+        let rows = vec![
+            json!({"device": "pi-01", "model": "claims", "version": 1, "window": 11,
+                   "feature": "channel", "psi": 0.41, "js": 0.3, "ks": null,
+                   "wasserstein": null, "chi2_p": 1e-9, "missing_rate": 0.0,
+                   "moved": [{"bin": "online", "reference": 0.3, "current": 0.7}],
+                   "drifting": true, "alerting": true}),
+            json!({"device": "pi-01", "model": "claims", "version": 1, "window": 11,
+                   "feature": "estimated_accuracy", "estimated_accuracy": 0.7364,
+                   "limit": 0.779, "live_accuracy": 0.69, "labels": 120,
+                   "drifting": true, "alerting": true}),
+        ];
+        let table = drift_table(&rows);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[0].starts_with("DEVICE"), "{table}");
+        assert!(
+            lines[1].contains("channel") && lines[1].ends_with("ALERT"),
+            "{table}"
+        );
+        assert!(lines[2].contains("moved: online 30% -> 70%"), "{table}");
+        assert!(
+            lines[3].contains("estimated_accuracy")
+                && lines[3].contains("0.736 (limit 0.779; live 0.690 over 120 labels)")
+                && lines[3].ends_with("ALERT"),
+            "{table}"
+        );
+    }
+}
