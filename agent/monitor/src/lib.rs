@@ -9,9 +9,12 @@
 //! were never made, by reason; latency and lag histograms; outages. Closing a window
 //! computes PSI, KS, JS, chi-square and the Wasserstein distance against the reference
 //! ([`stats`]), updates alerts
-//! with hysteresis, and returns a [`WindowReport`].
+//! with hysteresis, and returns a [`WindowReport`]. Optionally it also watches each
+//! row's reconstruction error under the bundle's principal components
+//! ([`multivariate`]) and estimates the window's accuracy from the predictions'
+//! confidence ([`performance`]).
 //!
-//! Memory: [`Monitor`] is a fixed-size value (`core::mem::size_of::<Monitor>()`: 62,120
+//! Memory: [`Monitor`] is a fixed-size value (`core::mem::size_of::<Monitor>()`: 65,728
 //! bytes with the default capacities on x86_64), of which each feature slot takes
 //! [`FEATURE_BYTES`] = 1,226 bytes (reference edges, proportions, bin means and
 //! calibrated thresholds; the window's counts and per-bin sums; alert state).
