@@ -299,22 +299,48 @@ impl ModelMonitor {
             None => Vec::new(),
         };
         let names: Vec<&str> = schema.features.iter().map(|f| f.name.as_str()).collect();
-        let mut core = fleetml_monitor::profile::monitor(
+        // A multivariate model or calibration map the monitoring core cannot hold costs
+        // that monitor only, not the features'.
+        let (mut core, multivariate) = match fleetml_monitor::profile::monitor(
             profile,
             &names,
-            prediction_reference,
+            prediction_reference.clone(),
             config,
             thresholds,
-        )?;
-        let error_labels = profile
-            .multivariate
-            .as_ref()
+        ) {
+            Ok(core) => (core, profile.multivariate.as_ref()),
+            Err(e) if profile.multivariate.is_some() => {
+                let without = ReferenceProfile {
+                    multivariate: None,
+                    ..profile.clone()
+                };
+                let core = fleetml_monitor::profile::monitor(
+                    &without,
+                    &names,
+                    prediction_reference,
+                    config,
+                    thresholds,
+                )?;
+                tracing::warn!(model, version, error = %e, "not watching the reconstruction error");
+                (core, None)
+            }
+            Err(e) => return Err(e),
+        };
+        let error_labels = multivariate
             .map(|m| range_labels(&m.error.edges))
             .unwrap_or_default();
         let estimates = match (&profile.performance, prediction) {
             (Some(p), Some(PredictionKind::Classes)) => {
-                core = core.with_performance(fleetml_monitor::profile::performance(p)?);
-                true
+                match fleetml_monitor::profile::performance(p) {
+                    Ok(cbpe) => {
+                        core = core.with_performance(cbpe);
+                        true
+                    }
+                    Err(e) => {
+                        tracing::warn!(model, version, error = %e, "not estimating accuracy");
+                        false
+                    }
+                }
             }
             _ => false,
         };
@@ -639,7 +665,7 @@ impl ModelMonitor {
         if r.multivariate.is_some_and(|m| m.drifting) {
             alerts.push(RECONSTRUCTION_ERROR.into());
         }
-        if r.estimated_accuracy.is_some_and(|e| e.alerting) {
+        if r.accuracy_alert {
             alerts.push("estimated_accuracy".into());
         }
         if r.missing_alert {

@@ -143,7 +143,10 @@ pub fn calibrate(
             fleetml_monitor::profile::multivariate(m, &names, None).map_err(anyhow::Error::msg)?;
         let column = rows
             .iter()
-            .map(|r| Observation::Number(pca.error(&crate::multivariate::observations(schema, r))))
+            .map(|r| {
+                pca.error(&crate::multivariate::observations(schema, r))
+                    .map_or(Observation::Missing, Observation::Number)
+            })
             .collect();
         subjects.push((RECONSTRUCTION_ERROR.into(), reference, column));
     }
@@ -168,11 +171,23 @@ pub fn calibrate(
             let mut psi = Vec::with_capacity(draws.len());
             let mut js = Vec::with_capacity(draws.len());
             let mut p = Vec::with_capacity(draws.len());
+            // Resampling leaves the chi-square statistic's distribution as it is whatever
+            // the rows drawn; against a fixed reference of N rows, live windows of n show
+            // it (1 + n/N) times as large: the p-value is taken of that.
+            let inflate = 1.0 + f64::from(size) / rows.len() as f64;
+            let df = reference
+                .proportions()
+                .iter()
+                .filter(|q| **q > 0.0)
+                .count()
+                .saturating_sub(1) as f64;
             for draw in &draws {
                 let report = reference.window(draw.iter().map(|&i| column[i]));
                 psi.push(report.psi);
                 js.push(report.js);
-                p.push(report.chi2_p.unwrap_or(1.0));
+                p.push(report.chi2.map_or(1.0, |x2| {
+                    fleetml_monitor::stats::gamma_q(df / 2.0, x2 * inflate / 2.0)
+                }));
             }
             let categorical = reference.kind() == fleetml_monitor::Kind::Categorical;
             let (tpsi, tjs, tp) = joint_limits(psi, js, categorical.then_some(p), alpha);

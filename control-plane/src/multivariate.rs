@@ -102,7 +102,7 @@ pub fn fit(schema: &FeatureSchema, rows: &[Vec<RawValue>], bins: u32) -> Option<
     let (pca, _) = fleetml_monitor::profile::multivariate(&m, &names, None).ok()?;
     let errors: Vec<f64> = rows
         .iter()
-        .map(|r| pca.error(&observations(schema, r)))
+        .filter_map(|r| pca.error(&observations(schema, r)))
         .collect();
     m.error = numeric_profile(errors, bins)?;
     Some(m)

@@ -200,6 +200,11 @@ impl ReferenceProfile {
                 self.predictions
                     .iter()
                     .flat_map(|o| o.scores.iter().map(|s| (o.output.as_str(), s))),
+            )
+            .chain(
+                self.multivariate
+                    .iter()
+                    .map(|m| (RECONSTRUCTION_ERROR, &m.error)),
             );
         for (name, n) in numerics {
             if n.counts.len() != n.edges.len() + 1 || n.edges.len() >= MAX_BINS as usize {
@@ -257,8 +262,10 @@ impl ReferenceProfile {
             if d == 0
                 || m.means.len() != d
                 || m.stds.len() != d
+                || m.stds.iter().any(|s| !s.is_finite() || *s <= 0.0)
                 || m.components.is_empty()
                 || m.components.len() > MAX_COMPONENTS
+                || m.components.len() >= d
                 || m.components.iter().any(|c| c.len() != d)
                 || !m
                     .means
@@ -269,7 +276,7 @@ impl ReferenceProfile {
                 || m.error.counts.len() != m.error.edges.len() + 1
             {
                 return bad(
-                    "multivariate: one mean, deviation and loading per feature, 1 to 8 components"
+                    "multivariate: one mean, positive deviation and loading per feature, 1 to 8 components and fewer than the features"
                         .into(),
                 );
             }
@@ -286,6 +293,7 @@ impl ReferenceProfile {
                 || p.sizes.len() != p.lower.len()
                 || p.sizes.len() > 8
                 || p.sizes.windows(2).any(|w| w[0] >= w[1])
+                || p.sizes.first() == Some(&0)
                 || !p.lower.iter().all(share)
             {
                 return bad(

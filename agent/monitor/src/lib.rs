@@ -14,7 +14,7 @@
 //! ([`multivariate`]) and estimates the window's accuracy from the predictions'
 //! confidence ([`performance`]).
 //!
-//! Memory: [`Monitor`] is a fixed-size value (`core::mem::size_of::<Monitor>()`: 65,728
+//! Memory: [`Monitor`] is a fixed-size value (`core::mem::size_of::<Monitor>()`: 66,112
 //! bytes with the default capacities on x86_64), of which each feature slot takes
 //! [`FEATURE_BYTES`] = 1,226 bytes (reference edges, proportions, bin means and
 //! calibrated thresholds; the window's counts and per-bin sums; alert state).
@@ -485,6 +485,10 @@ impl FeatureState {
                 k as f64 / inputs as f64
             }
         };
+        let chi = match reference.kind {
+            Kind::Categorical => stats::chi_square(counts, q),
+            Kind::Numeric => None,
+        };
         FeatureReport {
             values: counts.iter().sum(),
             missing_rate: rate(self.missing),
@@ -493,10 +497,8 @@ impl FeatureState {
             psi: stats::psi(counts, q),
             ks: (reference.kind == Kind::Numeric).then(|| stats::ks(counts, q)),
             js: stats::js(counts, q),
-            chi2_p: match reference.kind {
-                Kind::Categorical => stats::chi_square(counts, q).map(|(_, p)| p),
-                Kind::Numeric => None,
-            },
+            chi2_p: chi.map(|(_, p)| p),
+            chi2: chi.map(|(x2, _)| x2),
             wasserstein: match reference.kind {
                 Kind::Numeric => stats::wasserstein(
                     counts,
@@ -563,6 +565,9 @@ pub struct FeatureReport {
     pub js: f64,
     /// Categorical only.
     pub chi2_p: Option<f64>,
+    /// The chi-square statistic `chi2_p` is the p-value of (the builder's calibration
+    /// adjusts it for the reference's own sampling error).
+    pub chi2: Option<f64>,
     /// Numeric only: in reference standard deviations (see [`stats`]).
     pub wasserstein: Option<f64>,
     /// The bins whose share moved most, largest move first (what an alert says moved).
@@ -686,6 +691,9 @@ pub struct WindowReport {
     /// Estimated accuracy of the window's predictions and the limit it was held to, when
     /// the model has a calibration map and the window saw confidences.
     pub estimated_accuracy: Option<Estimate>,
+    /// Whether the estimated accuracy alerts after this window (also in a window that
+    /// saw no confidences, which leaves the alert as it was).
+    pub accuracy_alert: bool,
     /// Subjects alerting after this window.
     pub missing_alert: bool,
     pub lag_alert: bool,
@@ -862,7 +870,10 @@ impl Monitor {
             state.observe(reference, p);
         }
         if let Some((pca, reference, state, _)) = &mut self.multivariate {
-            state.observe(reference, Observation::Number(pca.error(values)));
+            let error = pca
+                .error(values)
+                .map_or(Observation::Missing, Observation::Number);
+            state.observe(reference, error);
         }
         self.predictions += 1;
         self.latency_us.record(latency_us);
@@ -1015,6 +1026,7 @@ impl Monitor {
             }
             _ => None,
         };
+        let accuracy_alert = self.performance.as_ref().is_some_and(|p| p.alert.active);
         let mut outages = core::mem::take(&mut self.outages);
         if let Some(open) = self.open_outage
             && outages.push(open).is_err()
@@ -1037,6 +1049,7 @@ impl Monitor {
             events,
             multivariate,
             estimated_accuracy,
+            accuracy_alert,
             missing_alert: false,
             lag_alert: false,
         };

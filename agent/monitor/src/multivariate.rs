@@ -23,9 +23,9 @@ pub const MAX_COMPONENTS: usize = 8;
 pub struct Pca {
     /// The features fed to it, by index in the monitor's feature order.
     inputs: Vec<u8, MAX_FEATURES>,
-    mean: Vec<f32, MAX_FEATURES>,
+    mean: Vec<f64, MAX_FEATURES>,
     /// 1 / standard deviation (0 for a constant feature: it is left out).
-    scale: Vec<f32, MAX_FEATURES>,
+    scale: Vec<f64, MAX_FEATURES>,
     /// Component `j`'s loading of input `i` at `j * inputs + i`.
     components: Vec<f32, { MAX_COMPONENTS * MAX_FEATURES }>,
 }
@@ -60,8 +60,8 @@ impl Pca {
         for (&i, (&m, &s)) in inputs.iter().zip(mean.iter().zip(std)) {
             let i = u8::try_from(i).map_err(|_| ReferenceError::Shape)?;
             let _ = pca.inputs.push(i);
-            let _ = pca.mean.push(m as f32);
-            let _ = pca.scale.push(if s > 0.0 { (1.0 / s) as f32 } else { 0.0 });
+            let _ = pca.mean.push(m);
+            let _ = pca.scale.push(if s > 0.0 { 1.0 / s } else { 0.0 });
         }
         for c in components {
             let c = c.as_ref();
@@ -83,16 +83,22 @@ impl Pca {
     /// The reconstruction error of one row (`values` in the monitor's feature order):
     /// the length of what the kept components leave of the standardized row, computed
     /// as that residual (not as a difference of squared lengths, which loses the small
-    /// errors to rounding).
-    pub fn error(&self, values: &[Observation]) -> f64 {
+    /// errors to rounding). `None` when the row has none of the inputs (a raw-tensor
+    /// request, or every input missing): the error is then missing, not 0.
+    pub fn error(&self, values: &[Observation]) -> Option<f64> {
         let d = self.inputs.len();
         let mut z = [0.0f64; MAX_FEATURES];
+        let mut present = false;
         for (k, &i) in self.inputs.iter().enumerate() {
             if let Some(Observation::Number(x)) = values.get(usize::from(i))
                 && x.is_finite()
             {
-                z[k] = (x - f64::from(self.mean[k])) * f64::from(self.scale[k]);
+                z[k] = (x - self.mean[k]) * self.scale[k];
+                present = true;
             }
+        }
+        if !present {
+            return None;
         }
         let mut projections = [0.0f64; MAX_COMPONENTS];
         for (p, c) in projections.iter_mut().zip(self.components.chunks_exact(d)) {
@@ -107,6 +113,7 @@ impl Pca {
                 .sum();
             residual += (zk - back) * (zk - back);
         }
-        libm::sqrt(residual)
+        let error = libm::sqrt(residual);
+        error.is_finite().then_some(error)
     }
 }

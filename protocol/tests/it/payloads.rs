@@ -160,9 +160,19 @@ fn reference_profile_bins_by_quantiles_and_round_trips() {
         p.multivariate.as_mut().expect("set").means.pop();
     });
     refused(&|p| p.multivariate.as_mut().expect("set").stds[1] = f64::NAN);
+    refused(&|p| p.multivariate.as_mut().expect("set").stds[0] = -1.0);
+    refused(&|p| {
+        let m = p.multivariate.as_mut().expect("set");
+        m.components.push(vec![0.8, -0.6]);
+    });
+    refused(&|p| {
+        let e = &mut p.multivariate.as_mut().expect("set").error;
+        e.edges.reverse();
+    });
     refused(&|p| p.multivariate.as_mut().expect("set").components = vec![vec![1.0, 0.0]; 9]);
     refused(&|p| p.performance.as_mut().expect("set").accuracy[2] = 1.5);
     refused(&|p| p.performance.as_mut().expect("set").edges = vec![0.8, 0.6]);
+    refused(&|p| p.performance.as_mut().expect("set").sizes = vec![0, 1000]);
     refused(&|p| {
         p.performance.as_mut().expect("set").lower.pop();
     });

@@ -722,18 +722,22 @@ fn the_reconstruction_error_is_the_distance_to_the_kept_components() {
         ]
     };
     // z = (1, 1): on the component, no error.
-    assert!(pca.error(&row(12.0, -0.5)) < 1e-6);
+    let error = |r: &[Observation]| pca.error(r).expect("an input present");
+    assert!(error(&row(12.0, -0.5)) < 1e-6);
     // z = (1, −1): all of it off the component, |z| = √2.
-    assert!((pca.error(&row(12.0, -1.5)) - 2f64.sqrt()).abs() < 1e-6);
+    assert!((error(&row(12.0, -1.5)) - 2f64.sqrt()).abs() < 1e-6);
     // z = (3, 1): error |3 − 1| / √2.
-    assert!((pca.error(&row(16.0, -0.5)) - 2.0 * h).abs() < 1e-6);
+    assert!((error(&row(16.0, -0.5)) - 2.0 * h).abs() < 1e-6);
     // A missing value stands at its mean (z = 0).
     let missing = [
         Observation::Number(12.0),
         Observation::Missing,
         Observation::Missing,
     ];
-    assert!((pca.error(&missing) - h).abs() < 1e-6);
+    assert!((error(&missing) - h).abs() < 1e-6);
+    // No input at all (a raw-tensor request): the error is missing, not 0.
+    assert_eq!(pca.error(&[]), None);
+    assert_eq!(pca.error(&[Observation::Missing; 3]), None);
     // Shapes that do not fit are refused.
     assert!(Pca::new(&[0, 2], &[0.0], &[1.0, 1.0], &[[h, h]]).is_err());
     assert!(Pca::new(&[0, 2], &[0.0, 0.0], &[1.0, 1.0], &[[h, h, h]]).is_err());
@@ -787,9 +791,10 @@ fn the_estimated_accuracy_averages_the_map_and_alerts_below_the_limit() {
     let mut strict = monitor(Some(0.74));
     let e = run(&mut strict);
     assert!(e.alerting, "{e:?}");
-    // No confidences in a window: no estimate.
+    // No confidences in a window: no estimate, and the alert stays as it was.
     let r = strict.close(1);
     assert!(r.estimated_accuracy.is_none());
+    assert!(r.accuracy_alert, "still alerting");
     // Maps that do not fit are refused.
     assert!(Cbpe::new(&[0.6], &[0.5], &[]).is_err());
     assert!(Cbpe::new(&[0.8, 0.6], &[0.5, 0.7, 0.9], &[]).is_err());
