@@ -45,6 +45,9 @@ pub const MAX_BINS: usize = 24;
 pub const MAX_OUTAGES: usize = 8;
 /// Window sizes a feature's calibrated thresholds are given for.
 pub const MAX_LIMITS: usize = 8;
+/// Alert transitions one window can report: one per feature, and the prediction,
+/// missing predictions, lag, reconstruction error and estimated accuracy.
+pub const MAX_EVENTS: usize = MAX_FEATURES + 5;
 /// Bins a window report names as having moved most.
 pub const TOP_SHIFTS: usize = 3;
 
@@ -667,6 +670,51 @@ impl Alert {
     }
 }
 
+/// A subject's window figures and the alert transition they caused, if any.
+struct Closed {
+    report: FeatureReport,
+    transition: Option<Transition>,
+}
+
+impl Closed {
+    /// The report, after queueing the transition (if any) as an event of `subject`.
+    fn then_raise(
+        self,
+        subject: Subject,
+        events: &mut Vec<AlertEvent, MAX_EVENTS>,
+    ) -> FeatureReport {
+        if let Some(transition) = self.transition {
+            let _ = events.push(AlertEvent {
+                subject,
+                transition,
+            });
+        }
+        self.report
+    }
+}
+
+/// Closes one subject's window of `inputs` values: its figures against the thresholds
+/// for that many (moving its alert only when the window `counted`), and a fresh state.
+fn close_subject(
+    reference: &Reference,
+    state: &mut FeatureState,
+    alert: &mut Alert,
+    inputs: u32,
+    t: &Thresholds,
+    counted: bool,
+) -> Closed {
+    let mut report = state.report(reference, inputs);
+    let limits = t.for_window(reference, inputs);
+    let transition = if counted {
+        alert.update(report.past(&limits), t.windows)
+    } else {
+        None
+    };
+    report.drifting = alert.active;
+    *state = FeatureState::default();
+    Closed { report, transition }
+}
+
 /// Everything a closed window says.
 #[derive(Debug, Clone)]
 pub struct WindowReport {
@@ -685,7 +733,7 @@ pub struct WindowReport {
     pub outages: Vec<Outage, MAX_OUTAGES>,
     /// Outages beyond [`MAX_OUTAGES`] in this window (counted, not listed).
     pub outages_dropped: u32,
-    pub events: Vec<AlertEvent, { MAX_FEATURES + 5 }>,
+    pub events: Vec<AlertEvent, MAX_EVENTS>,
     /// The reconstruction error's drift, when the model has a multivariate reference.
     pub multivariate: Option<FeatureReport>,
     /// Estimated accuracy of the window's predictions and the limit it was held to, when
@@ -948,6 +996,7 @@ impl Monitor {
         let counted = self.predictions >= t.min_predictions;
         let mut events = Vec::new();
         let mut features = Vec::new();
+        let inputs = self.predictions + self.missed[MissReason::InvalidInput as usize];
         for (i, ((reference, state), alert)) in self
             .references
             .iter()
@@ -955,52 +1004,23 @@ impl Monitor {
             .zip(&mut self.alerts)
             .enumerate()
         {
-            let inputs = self.predictions + self.missed[MissReason::InvalidInput as usize];
-            let mut report = state.report(reference, inputs);
             // Calibrated by rows: the window's inputs, missing values included.
-            let limits = t.for_window(reference, inputs);
-            if counted && let Some(transition) = alert.update(report.past(&limits), t.windows) {
-                let _ = events.push(AlertEvent {
-                    subject: Subject::Feature(i),
-                    transition,
-                });
-            }
-            report.drifting = alert.active;
+            let report = close_subject(reference, state, alert, inputs, &t, counted)
+                .then_raise(Subject::Feature(i), &mut events);
             let _ = features.push(report);
-            *state = FeatureState::default();
         }
-        let prediction = match &mut self.prediction {
-            Some((reference, state, alert)) => {
-                let mut report = state.report(reference, self.predictions);
-                let limits = t.for_window(reference, self.predictions);
-                if counted && let Some(transition) = alert.update(report.past(&limits), t.windows) {
-                    let _ = events.push(AlertEvent {
-                        subject: Subject::Prediction,
-                        transition,
-                    });
-                }
-                report.drifting = alert.active;
-                *state = FeatureState::default();
-                Some(report)
-            }
-            None => None,
-        };
-        let multivariate = match &mut self.multivariate {
-            Some((_, reference, state, alert)) => {
-                let mut report = state.report(reference, self.predictions);
-                let limits = t.for_window(reference, self.predictions);
-                if counted && let Some(transition) = alert.update(report.past(&limits), t.windows) {
-                    let _ = events.push(AlertEvent {
-                        subject: Subject::Multivariate,
-                        transition,
-                    });
-                }
-                report.drifting = alert.active;
-                *state = FeatureState::default();
-                Some(report)
-            }
-            None => None,
-        };
+        let predictions = self.predictions;
+        let prediction = self.prediction.as_mut().map(|(reference, state, alert)| {
+            close_subject(reference, state, alert, predictions, &t, counted)
+                .then_raise(Subject::Prediction, &mut events)
+        });
+        let multivariate = self
+            .multivariate
+            .as_mut()
+            .map(|(_, reference, state, alert)| {
+                close_subject(reference, state, alert, predictions, &t, counted)
+                    .then_raise(Subject::Multivariate, &mut events)
+            });
         let estimated_accuracy = match &mut self.performance {
             Some(p) if p.count > 0 => {
                 let accuracy = p.sum / f64::from(p.count);
