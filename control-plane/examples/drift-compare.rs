@@ -58,7 +58,7 @@ fn main() -> anyhow::Result<()> {
                 if window == most {
                     break;
                 }
-                let observed = multivariate::observations(&schema, row);
+                let observed = fleetml_monitor::profile::observations(&schema, row);
                 if let Some(r) = monitor.observe(0, &observed, None, 1, None) {
                     let mut flagged: Vec<&str> = r
                         .features

@@ -12,7 +12,7 @@
 //! the target false-alarm rate. The agent interpolates between sizes (see
 //! `fleetml_monitor::Reference::limits_at`).
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use fleetml_monitor::{Observation, Reference};
 use fleetml_protocol::features::{FeatureSchema, RawValue};
 use fleetml_protocol::reference::{
@@ -50,16 +50,6 @@ pub fn resamples(false_alarm_rate: f64) -> u32 {
     ((50.0 / false_alarm_rate).ceil() as u32).clamp(1_000, 20_000)
 }
 
-/// The monitor's reference of one profiled feature, as the agent builds it.
-fn reference_of(profile: &ReferenceProfile, name: &str) -> anyhow::Result<Reference> {
-    let p = profile
-        .features
-        .iter()
-        .find(|p| p.name == name)
-        .with_context(|| format!("the reference profile has no feature `{name}`"))?;
-    fleetml_monitor::profile::feature(p).map_err(anyhow::Error::msg)
-}
-
 /// Thresholds for `profile`'s features (and its first output's predictions) on windows of
 /// `opts.sizes` rows drawn from `rows` (and the model's `outputs` on them).
 pub fn calibrate(
@@ -92,20 +82,17 @@ pub fn calibrate(
     let smallest = sizes[0];
     sizes.retain(|s| *s == smallest || (*s as usize) <= rows.len());
     // Each subject: its reference and its observations, row by row.
+    let observed: Vec<Vec<Observation>> = rows
+        .iter()
+        .map(|r| fleetml_monitor::profile::observations(schema, r))
+        .collect();
+    let names: Vec<&str> = schema.features.iter().map(|f| f.name.as_str()).collect();
+    let references =
+        fleetml_monitor::profile::references(profile, &names).map_err(anyhow::Error::msg)?;
     let mut subjects: Vec<(String, Reference, Vec<Observation>)> = Vec::new();
-    for (i, f) in schema.features.iter().enumerate() {
-        let reference = reference_of(profile, &f.name)?;
-        let column = rows
-            .iter()
-            .map(|r| {
-                fleetml_monitor::profile::observe(
-                    f.kind,
-                    &f.values,
-                    r.get(i).unwrap_or(&RawValue::Missing),
-                )
-            })
-            .collect();
-        subjects.push((f.name.clone(), reference, column));
+    for (i, (name, reference)) in names.iter().zip(references).enumerate() {
+        let column = observed.iter().map(|o| o[i]).collect();
+        subjects.push((name.to_string(), reference, column));
     }
     if let (Some(o), Some((_, columns, data))) = (profile.predictions.first(), outputs.first()) {
         let columns = (*columns).max(1);
@@ -138,13 +125,12 @@ pub fn calibrate(
     }
     // The rows' reconstruction error, computed by the monitor's own code.
     if let Some(m) = &profile.multivariate {
-        let names: Vec<&str> = schema.features.iter().map(|f| f.name.as_str()).collect();
         let (pca, reference) =
             fleetml_monitor::profile::multivariate(m, &names, None).map_err(anyhow::Error::msg)?;
-        let column = rows
+        let column = observed
             .iter()
-            .map(|r| {
-                pca.error(&crate::multivariate::observations(schema, r))
+            .map(|o| {
+                pca.error(o)
                     .map_or(Observation::Missing, Observation::Number)
             })
             .collect();

@@ -10,7 +10,6 @@
 //! eigen-decomposition is the cyclic Jacobi method on the correlation matrix (at most 48
 //! × 48 here; exact to rounding, no dependency).
 
-use fleetml_monitor::Observation;
 use fleetml_protocol::features::{FeatureSchema, FeatureType, RawValue};
 use fleetml_protocol::reference::{MAX_COMPONENTS, Multivariate, numeric_profile};
 
@@ -102,26 +101,10 @@ pub fn fit(schema: &FeatureSchema, rows: &[Vec<RawValue>], bins: u32) -> Option<
     let (pca, _) = fleetml_monitor::profile::multivariate(&m, &names, None).ok()?;
     let errors: Vec<f64> = rows
         .iter()
-        .filter_map(|r| pca.error(&observations(schema, r)))
+        .filter_map(|r| pca.error(&fleetml_monitor::profile::observations(schema, r)))
         .collect();
     m.error = numeric_profile(errors, bins)?;
     Some(m)
-}
-
-/// A row's values as the monitor observes them (schema order).
-pub fn observations(schema: &FeatureSchema, row: &[RawValue]) -> Vec<Observation> {
-    schema
-        .features
-        .iter()
-        .enumerate()
-        .map(|(i, f)| {
-            fleetml_monitor::profile::observe(
-                f.kind,
-                &f.values,
-                row.get(i).unwrap_or(&RawValue::Missing),
-            )
-        })
-        .collect()
 }
 
 /// Eigenvalues and eigenvectors (as columns) of the symmetric matrix `a`, by cyclic

@@ -7,7 +7,7 @@ use std::format;
 use std::string::{String, ToString};
 use std::vec::Vec;
 
-use fleetml_protocol::features::{FeatureType, RawValue};
+use fleetml_protocol::features::{FeatureSchema, FeatureType, RawValue};
 use fleetml_protocol::reference::{
     Calibration, FeatureProfile, Multivariate, NumericProfile, Performance, RECONSTRUCTION_ERROR,
     ReferenceProfile,
@@ -108,6 +108,17 @@ pub fn limits(calibration: Option<&Calibration>, name: &str) -> Vec<Limit> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// A row's raw values (schema order) as the monitor observes them; absent ones are
+/// missing.
+pub fn observations(schema: &FeatureSchema, row: &[RawValue]) -> Vec<Observation> {
+    schema
+        .features
+        .iter()
+        .enumerate()
+        .map(|(i, f)| observe(f.kind, &f.values, row.get(i).unwrap_or(&RawValue::Missing)))
+        .collect()
 }
 
 /// A raw value of a feature of `kind` (with `values`, its categories) as the monitor

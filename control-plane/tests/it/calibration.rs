@@ -4,7 +4,8 @@
 //! `drifted.csv` exactly the documented shifted features alert.
 
 use fleet_control::calibrate;
-use fleetml_monitor::{Monitor, Observation, Thresholds, WindowConfig};
+use fleetml_monitor::profile::observations;
+use fleetml_monitor::{Monitor, Thresholds, WindowConfig};
 use fleetml_protocol::features::{FeatureSchema, RawValue};
 use fleetml_protocol::reference::ReferenceProfile;
 
@@ -55,15 +56,6 @@ fn monitor(schema: &FeatureSchema, profile: &ReferenceProfile, n: u32, k: u8) ->
         },
     )
     .expect("monitor")
-}
-
-fn observations(schema: &FeatureSchema, row: &[RawValue]) -> Vec<Observation> {
-    schema
-        .features
-        .iter()
-        .zip(row)
-        .map(|(f, v)| fleetml_monitor::profile::observe(f.kind, &f.values, v))
-        .collect()
 }
 
 #[test]

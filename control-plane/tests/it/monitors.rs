@@ -5,7 +5,8 @@
 
 use fleet_control::{calibrate, multivariate, performance};
 use fleetml_claims::data::{Generator, Shift};
-use fleetml_monitor::{Monitor, Observation, Subject, Thresholds, Transition, WindowConfig};
+use fleetml_monitor::profile::observations;
+use fleetml_monitor::{Monitor, Subject, Thresholds, Transition, WindowConfig};
 use fleetml_protocol::features::{FeatureSchema, RawValue};
 use fleetml_protocol::reference::{ReferenceProfile, argmax};
 
@@ -86,10 +87,6 @@ fn monitor(schema: &FeatureSchema, profile: &ReferenceProfile, n: u32) -> Monito
         Thresholds::default(),
     )
     .expect("monitor")
-}
-
-fn observations(schema: &FeatureSchema, row: &[RawValue]) -> Vec<Observation> {
-    multivariate::observations(schema, row)
 }
 
 #[test]
