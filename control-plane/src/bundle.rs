@@ -270,83 +270,7 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<Built> {
     }
     let mut notes = Vec::new();
     if let Some(path) = &opts.reference {
-        let rows = read_csv(path, &schema, None)?;
-        let outputs = model
-            .run(&schema.encode_batch(&model.inputs, &rows))
-            .context("computing reference predictions")?;
-        let outputs: Vec<(String, usize, Vec<f32>)> = outputs
-            .into_iter()
-            .map(|t| (t.name.clone(), last_axis(&t), t.data.to_f32()))
-            .collect();
-        let mut profile = ReferenceProfile::compute(&schema, &rows, &outputs, opts.bins)?;
-        let largest = opts
-            .calibration
-            .sizes
-            .iter()
-            .chain(&opts.monitoring.window_predictions)
-            .copied()
-            .max()
-            .unwrap_or(0);
-        if (rows.len() as u64) < u64::from(largest) * u64::from(REFERENCE_PER_WINDOW) {
-            notes.push(format!(
-                "monitoring: the reference has {} rows, fewer than {REFERENCE_PER_WINDOW} times the largest window ({largest}); a feature whose reference share is off by chance will false-alarm above --false-alarm-rate on windows that large (a reference of {} rows or more avoids it)",
-                rows.len(),
-                u64::from(largest) * u64::from(REFERENCE_PER_WINDOW)
-            ));
-        }
-        profile.multivariate = crate::multivariate::fit(&schema, &rows, opts.bins);
-        let mut calibration = opts.calibration.clone();
-        calibration.sizes.extend(opts.monitoring.window_predictions);
-        let calibrated =
-            crate::calibrate::calibrate(&profile, &schema, &rows, &outputs, &calibration)
-                .context("calibrating the drift thresholds")?;
-        if let Some(column) = &opts.label_column {
-            let source = opts.labelled.as_deref().unwrap_or(path);
-            let labels = crate::performance::read_labels(source, column, None)?;
-            let labelled_outputs = match &opts.labelled {
-                Some(p) => {
-                    let rows = read_csv(p, &schema, None)?;
-                    model
-                        .run(&schema.encode_batch(&model.inputs, &rows))
-                        .context("computing predictions on the labelled rows")?
-                        .into_iter()
-                        .map(|t| (t.name.clone(), last_axis(&t), t.data.to_f32()))
-                        .collect()
-                }
-                None => outputs.clone(),
-            };
-            let (_, columns, scores) = labelled_outputs
-                .first()
-                .context("--label-column: the model has no output")?;
-            profile.performance = Some(
-                crate::performance::fit(
-                    column,
-                    *columns,
-                    scores,
-                    &labels,
-                    &calibration,
-                    &calibrated.sizes,
-                )
-                .context("checking the model's calibration on the labelled reference")?,
-            );
-        }
-        profile.calibration = Some(calibrated);
-        if let Some(m) = &profile.multivariate {
-            notes.push(format!(
-                "monitoring: multivariate drift over {} numeric features, {} principal components ({:.1}% of their variance)",
-                m.features.len(),
-                m.components.len(),
-                m.explained * 100.0
-            ));
-        }
-        if let Some(p) = &profile.performance {
-            notes.push(format!(
-                "monitoring: accuracy on the labelled rows {:.3}, calibration error of the raw scores {:.3}; the agent estimates each window's accuracy and alerts below {}",
-                p.reference_accuracy,
-                p.calibration_error,
-                estimate_limits(p)
-            ));
-        }
+        let profile = monitoring_reference(opts, &schema, &model, path, &mut notes)?;
         payloads.push((REFERENCE_ENTRY.into(), Source::Memory(profile.to_cbor())));
     }
     let mut golden_check = None;
@@ -432,6 +356,99 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<Built> {
         golden_check,
         notes,
     })
+}
+
+/// The reference profile of `path`'s rows (the `--reference` CSV): the features' and
+/// predictions' distributions, the multivariate model, the calibrated thresholds and,
+/// with `--label-column`, the calibration map; what it says of itself goes to `notes`.
+fn monitoring_reference(
+    opts: &BuildOptions,
+    schema: &FeatureSchema,
+    model: &OnnxModel,
+    path: &Path,
+    notes: &mut Vec<String>,
+) -> anyhow::Result<ReferenceProfile> {
+    let rows = read_csv(path, schema, None)?;
+    let outputs = scores(model, schema, &rows).context("computing reference predictions")?;
+    let mut profile = ReferenceProfile::compute(schema, &rows, &outputs, opts.bins)?;
+    let largest = opts
+        .calibration
+        .sizes
+        .iter()
+        .chain(&opts.monitoring.window_predictions)
+        .copied()
+        .max()
+        .unwrap_or(0);
+    if (rows.len() as u64) < u64::from(largest) * u64::from(REFERENCE_PER_WINDOW) {
+        notes.push(format!(
+            "monitoring: the reference has {} rows, fewer than {REFERENCE_PER_WINDOW} times the largest window ({largest}); a feature whose reference share is off by chance will false-alarm above --false-alarm-rate on windows that large (a reference of {} rows or more avoids it)",
+            rows.len(),
+            u64::from(largest) * u64::from(REFERENCE_PER_WINDOW)
+        ));
+    }
+    profile.multivariate = crate::multivariate::fit(schema, &rows, opts.bins);
+    let mut calibration = opts.calibration.clone();
+    calibration.sizes.extend(opts.monitoring.window_predictions);
+    let calibrated = crate::calibrate::calibrate(&profile, schema, &rows, &outputs, &calibration)
+        .context("calibrating the drift thresholds")?;
+    if let Some(column) = &opts.label_column {
+        let source = opts.labelled.as_deref().unwrap_or(path);
+        let labels = crate::performance::read_labels(source, column, None)?;
+        let labelled = match &opts.labelled {
+            Some(p) => Some(
+                scores(model, schema, &read_csv(p, schema, None)?)
+                    .context("computing predictions on the labelled rows")?,
+            ),
+            None => None,
+        };
+        let (_, columns, scores) = labelled
+            .as_ref()
+            .unwrap_or(&outputs)
+            .first()
+            .context("--label-column: the model has no output")?;
+        profile.performance = Some(
+            crate::performance::fit(
+                column,
+                *columns,
+                scores,
+                &labels,
+                &calibration,
+                &calibrated.sizes,
+            )
+            .context("checking the model's calibration on the labelled reference")?,
+        );
+    }
+    profile.calibration = Some(calibrated);
+    if let Some(m) = &profile.multivariate {
+        notes.push(format!(
+            "monitoring: multivariate drift over {} numeric features, {} principal components ({:.1}% of their variance)",
+            m.features.len(),
+            m.components.len(),
+            m.explained * 100.0
+        ));
+    }
+    if let Some(p) = &profile.performance {
+        notes.push(format!(
+            "monitoring: accuracy on the labelled rows {:.3}, calibration error of the raw scores {:.3}; the agent estimates each window's accuracy and alerts below {}",
+            p.reference_accuracy,
+            p.calibration_error,
+            estimate_limits(p)
+        ));
+    }
+    Ok(profile)
+}
+
+/// The model's outputs on `rows`, each as `(name, classes or columns, row-major values)`.
+fn scores(
+    model: &OnnxModel,
+    schema: &FeatureSchema,
+    rows: &[Vec<RawValue>],
+) -> anyhow::Result<Vec<(String, usize, Vec<f32>)>> {
+    Ok(model
+        .run(&schema.encode_batch(&model.inputs, rows))?
+        .into_iter()
+        .map(|t| (t.name.clone(), last_axis(&t), t.data.to_f32()))
+        .collect())
 }
 
 /// Largest external data file packed into a bundle.
@@ -593,34 +610,14 @@ pub fn stored_reference(
     path: &Path,
     front: &Unverified,
 ) -> anyhow::Result<Option<ReferenceProfile>> {
-    use std::io::{Seek, SeekFrom};
-    let mut offset = front.payload_offset();
-    let Some(entry) = front.manifest.entries.iter().find(|e| {
-        let found = e.name == fleetml_protocol::manifest::REFERENCE_ENTRY;
-        if !found {
-            offset += e.size;
-        }
-        found
-    }) else {
+    let name = fleetml_protocol::manifest::REFERENCE_ENTRY;
+    if front.manifest.entry(name).is_none() {
         return Ok(None);
-    };
-    if entry.size > 64 << 20 {
-        bail!(
-            "the reference profile is {} bytes, more than 64 MiB",
-            entry.size
-        );
     }
     let mut f = File::open(path).with_context(|| format!("reading {}", path.display()))?;
-    f.seek(SeekFrom::Start(offset))?;
-    let mut bytes = vec![0u8; entry.size as usize];
-    f.read_exact(&mut bytes)
-        .with_context(|| format!("{}: the reference profile is cut short", path.display()))?;
-    if fleetml_protocol::crypto::sha256(&bytes) != entry.sha256 {
-        bail!(
-            "{}: the reference profile does not match its digest in the manifest",
-            path.display()
-        );
-    }
+    let bytes = front
+        .read_entry(&mut f, name, 64 << 20)
+        .with_context(|| format!("{}: the reference profile", path.display()))?;
     Ok(Some(ReferenceProfile::from_cbor(&bytes)?))
 }
 

@@ -181,6 +181,18 @@ impl Unverified {
         self.payload_offset()
             .saturating_add(self.manifest.payload_size())
     }
+
+    /// Reads payload `name` into memory, hashed against the manifest, refusing payloads
+    /// over `max` bytes. The signatures are not checked: for inspecting a bundle, not
+    /// for using it.
+    pub fn read_entry<R: Read + Seek>(
+        &self,
+        bundle: &mut R,
+        name: &str,
+        max: u64,
+    ) -> Result<Vec<u8>, BundleError> {
+        read_entry(&self.manifest, self.payload_offset(), bundle, name, max)
+    }
 }
 
 fn payload_offset(manifest_len: usize, signatures: usize) -> u64 {
@@ -433,17 +445,66 @@ pub fn read_unverified<R: Read>(mut reader: R, limits: &Limits) -> Result<Unveri
     })
 }
 
+/// Byte offset of payload `name` of `manifest` in a bundle whose payloads start at
+/// `payload_offset`.
+fn entry_offset(manifest: &Manifest, payload_offset: u64, name: &str) -> Option<u64> {
+    let mut offset = payload_offset;
+    for e in &manifest.entries {
+        if e.name == name {
+            return Some(offset);
+        }
+        offset += e.size;
+    }
+    None
+}
+
+/// Copies payload `name` of `manifest` from `bundle` into `out`, re-hashing it.
+fn copy_entry<R: Read + Seek, W: Write>(
+    manifest: &Manifest,
+    payload_offset: u64,
+    bundle: &mut R,
+    name: &str,
+    out: &mut W,
+) -> Result<u64, BundleError> {
+    let entry = manifest
+        .entry(name)
+        .ok_or_else(|| BundleError::NoSuchEntry(name.to_string()))?;
+    let offset = entry_offset(manifest, payload_offset, name)
+        .ok_or_else(|| BundleError::NoSuchEntry(name.into()))?;
+    bundle.seek(SeekFrom::Start(offset))?;
+    let mut buf = vec![0u8; CHUNK];
+    hash_entry(bundle, entry, &mut buf, |chunk| out.write_all(chunk))?;
+    Ok(entry.size)
+}
+
+/// Reads payload `name` of `manifest` into memory (re-hashed), refusing payloads over
+/// `max` bytes.
+fn read_entry<R: Read + Seek>(
+    manifest: &Manifest,
+    payload_offset: u64,
+    bundle: &mut R,
+    name: &str,
+    max: u64,
+) -> Result<Vec<u8>, BundleError> {
+    let entry = manifest
+        .entry(name)
+        .ok_or_else(|| BundleError::NoSuchEntry(name.to_string()))?;
+    if entry.size > max {
+        return Err(BundleError::EntryTooLarge {
+            entry: name.into(),
+            size: entry.size,
+            max,
+        });
+    }
+    let mut out = Vec::with_capacity(entry.size as usize);
+    copy_entry(manifest, payload_offset, bundle, name, &mut out)?;
+    Ok(out)
+}
+
 impl VerifiedBundle {
     /// Byte offset of a payload within the bundle file.
     pub fn entry_offset(&self, name: &str) -> Option<u64> {
-        let mut offset = self.payload_offset;
-        for e in &self.manifest.entries {
-            if e.name == name {
-                return Some(offset);
-            }
-            offset += e.size;
-        }
-        None
+        entry_offset(&self.manifest, self.payload_offset, name)
     }
 
     /// Copies payload `name` from the (already verified) bundle file into `out`,
@@ -455,17 +516,7 @@ impl VerifiedBundle {
         name: &str,
         out: &mut W,
     ) -> Result<u64, BundleError> {
-        let entry = self
-            .manifest
-            .entry(name)
-            .ok_or_else(|| BundleError::NoSuchEntry(name.to_string()))?;
-        let offset = self
-            .entry_offset(name)
-            .ok_or_else(|| BundleError::NoSuchEntry(name.into()))?;
-        bundle.seek(SeekFrom::Start(offset))?;
-        let mut buf = vec![0u8; CHUNK];
-        hash_entry(bundle, entry, &mut buf, |chunk| out.write_all(chunk))?;
-        Ok(entry.size)
+        copy_entry(&self.manifest, self.payload_offset, bundle, name, out)
     }
 
     /// Reads payload `name` into memory (re-hashed), refusing payloads over `max` bytes.
@@ -475,20 +526,7 @@ impl VerifiedBundle {
         name: &str,
         max: u64,
     ) -> Result<Vec<u8>, BundleError> {
-        let entry = self
-            .manifest
-            .entry(name)
-            .ok_or_else(|| BundleError::NoSuchEntry(name.to_string()))?;
-        if entry.size > max {
-            return Err(BundleError::EntryTooLarge {
-                entry: name.into(),
-                size: entry.size,
-                max,
-            });
-        }
-        let mut out = Vec::with_capacity(entry.size as usize);
-        self.copy_entry(bundle, name, &mut out)?;
-        Ok(out)
+        read_entry(&self.manifest, self.payload_offset, bundle, name, max)
     }
 }
 
