@@ -227,6 +227,7 @@ impl ModelMonitor {
         let limits_of =
             |name: &str| fleetml_monitor::profile::limits(profile.calibration.as_ref(), name);
         let mut baselines = Vec::with_capacity(schema.features.len());
+        let mut bin_labels = Vec::with_capacity(schema.features.len());
         for f in &schema.features {
             let p = profile
                 .features
@@ -246,6 +247,11 @@ impl ModelMonitor {
                 (None, None) => RawValue::Missing,
             };
             baselines.push(baseline);
+            bin_labels.push(match (&p.numeric, &p.categorical) {
+                (Some(n), _) => range_labels(&n.edges),
+                (None, Some(c)) => category_labels(&c.values),
+                (None, None) => Vec::new(),
+            });
         }
         let (prediction, prediction_reference) = match profile.predictions.first() {
             Some(o) if !o.class_counts.is_empty() => (
@@ -269,22 +275,6 @@ impl ModelMonitor {
             },
             None => (None, None),
         };
-        let bin_labels = schema
-            .features
-            .iter()
-            .map(|f| {
-                profile
-                    .features
-                    .iter()
-                    .find(|p| p.name == f.name)
-                    .map(|p| match (&p.numeric, &p.categorical) {
-                        (Some(n), _) => range_labels(&n.edges),
-                        (None, Some(c)) => category_labels(&c.values),
-                        (None, None) => Vec::new(),
-                    })
-                    .unwrap_or_default()
-            })
-            .collect();
         let prediction_labels = match profile.predictions.first() {
             Some(o) if !o.class_counts.is_empty() => category_labels(
                 &(0..o.class_counts.len())
@@ -299,36 +289,27 @@ impl ModelMonitor {
             None => Vec::new(),
         };
         let names: Vec<&str> = schema.features.iter().map(|f| f.name.as_str()).collect();
-        // A multivariate model or calibration map the monitoring core cannot hold costs
-        // that monitor only, not the features'.
-        let (mut core, multivariate) = match fleetml_monitor::profile::monitor(
-            profile,
-            &names,
-            prediction_reference.clone(),
+        let mut core = Monitor::new(
+            &fleetml_monitor::profile::references(profile, &names)?,
+            prediction_reference,
             config,
             thresholds,
-        ) {
-            Ok(core) => (core, profile.multivariate.as_ref()),
-            Err(e) if profile.multivariate.is_some() => {
-                let without = ReferenceProfile {
-                    multivariate: None,
-                    ..profile.clone()
-                };
-                let core = fleetml_monitor::profile::monitor(
-                    &without,
-                    &names,
-                    prediction_reference,
-                    config,
-                    thresholds,
-                )?;
-                tracing::warn!(model, version, error = %e, "not watching the reconstruction error");
-                (core, None)
+        )
+        .map_err(|e| e.to_string())?;
+        // A multivariate model or calibration map the monitoring core cannot hold costs
+        // that monitor only, not the features'.
+        let mut error_labels = Vec::new();
+        if let Some(m) = &profile.multivariate {
+            match fleetml_monitor::profile::multivariate(m, &names, profile.calibration.as_ref()) {
+                Ok((pca, error)) => {
+                    core = core.with_multivariate(pca, error);
+                    error_labels = range_labels(&m.error.edges);
+                }
+                Err(e) => {
+                    tracing::warn!(model, version, error = %e, "not watching the reconstruction error")
+                }
             }
-            Err(e) => return Err(e),
-        };
-        let error_labels = multivariate
-            .map(|m| range_labels(&m.error.edges))
-            .unwrap_or_default();
+        }
         let estimates = match (&profile.performance, prediction) {
             (Some(p), Some(PredictionKind::Classes)) => {
                 match fleetml_monitor::profile::performance(p) {

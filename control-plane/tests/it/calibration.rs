@@ -5,7 +5,6 @@
 
 use fleet_control::calibrate;
 use fleetml_monitor::profile::observations;
-use fleetml_monitor::{Monitor, Thresholds, WindowConfig};
 use fleetml_protocol::features::{FeatureSchema, RawValue};
 use fleetml_protocol::reference::ReferenceProfile;
 
@@ -39,25 +38,6 @@ fn calibrated(schema: &FeatureSchema, reference: &[Vec<RawValue>]) -> ReferenceP
     ReferenceProfile::from_cbor(&profile.to_cbor()).expect("a valid profile")
 }
 
-/// The monitor the agent would build from `profile`, windows of `n`, alerts after `k`.
-fn monitor(schema: &FeatureSchema, profile: &ReferenceProfile, n: u32, k: u8) -> Monitor {
-    let names: Vec<&str> = schema.features.iter().map(|f| f.name.as_str()).collect();
-    fleetml_monitor::profile::monitor(
-        profile,
-        &names,
-        None,
-        WindowConfig {
-            max_predictions: n,
-            max_duration_ms: u64::MAX,
-        },
-        Thresholds {
-            windows: k,
-            ..Thresholds::default()
-        },
-    )
-    .expect("monitor")
-}
-
 #[test]
 fn undrifted_windows_false_alarm_at_the_target_rate_and_drifted_ones_alert_on_the_shifted_features()
 {
@@ -78,7 +58,7 @@ fn undrifted_windows_false_alarm_at_the_target_rate_and_drifted_ones_alert_on_th
     let windows = 1_000u32;
     let alpha = calibrate::DEFAULT_FALSE_ALARM_RATE;
     for size in calibrate::DEFAULT_SIZES {
-        let mut m = monitor(&schema, &profile, size, 1);
+        let mut m = crate::monitor(&schema, &profile, size, 1);
         let mut past = 0u32;
         let mut per = vec![0u32; features + 1];
         for _ in 0..windows {
@@ -118,7 +98,7 @@ fn undrifted_windows_false_alarm_at_the_target_rate_and_drifted_ones_alert_on_th
     let drifted = rows(&schema, "drifted.csv");
     let shifted = ["claim_amount", "customer_age", "channel"];
     for (size, k) in [(1_000u32, 1u8), (250, 3)] {
-        let mut m = monitor(&schema, &profile, size, k);
+        let mut m = crate::monitor(&schema, &profile, size, k);
         let mut last = None;
         for row in &drifted {
             if let Some(r) = m.observe(0, &observations(&schema, row), None, 1, None) {

@@ -244,3 +244,28 @@ fn manifest_dir() -> std::path::PathBuf {
         std::path::PathBuf::from,
     )
 }
+
+/// The monitor the agent builds from `profile` (features and, when the profile has one,
+/// the reconstruction error), windows of `n` rows, alerts after `k` windows in a row.
+fn monitor(
+    schema: &fleetml_protocol::features::FeatureSchema,
+    profile: &fleetml_protocol::reference::ReferenceProfile,
+    n: u32,
+    k: u8,
+) -> fleetml_monitor::Monitor {
+    let names: Vec<&str> = schema.features.iter().map(|f| f.name.as_str()).collect();
+    fleetml_monitor::profile::monitor(
+        profile,
+        &names,
+        None,
+        fleetml_monitor::WindowConfig {
+            max_predictions: n,
+            max_duration_ms: u64::MAX,
+        },
+        fleetml_monitor::Thresholds {
+            windows: k,
+            ..fleetml_monitor::Thresholds::default()
+        },
+    )
+    .expect("monitor")
+}

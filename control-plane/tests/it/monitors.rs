@@ -70,25 +70,6 @@ fn profile_ref(p: &ReferenceProfile) -> &ReferenceProfile {
     p
 }
 
-/// The monitor the agent builds from `profile` (features and reconstruction error),
-/// windows of `n` rows, with the default alert policy (three windows in a row past a
-/// threshold raise an alert).
-fn monitor(schema: &FeatureSchema, profile: &ReferenceProfile, n: u32) -> Monitor {
-    assert!(profile.multivariate.is_some(), "a multivariate reference");
-    let names: Vec<&str> = schema.features.iter().map(|f| f.name.as_str()).collect();
-    fleetml_monitor::profile::monitor(
-        profile,
-        &names,
-        None,
-        WindowConfig {
-            max_predictions: n,
-            max_duration_ms: u64::MAX,
-        },
-        Thresholds::default(),
-    )
-    .expect("monitor")
-}
-
 #[test]
 fn a_flipped_correlation_is_caught_by_the_reconstruction_error_and_by_no_single_feature() {
     let schema = four_features();
@@ -101,7 +82,8 @@ fn a_flipped_correlation_is_caught_by_the_reconstruction_error_and_by_no_single_
     let size = 500u32;
     for (rho, seed) in [(0.8, 2), (-0.8, 3)] {
         let stream = correlated(windows * size as usize, rho, seed);
-        let mut monitor = monitor(&schema, &profile, size);
+        // The default alert policy: three windows in a row past a threshold.
+        let mut monitor = crate::monitor(&schema, &profile, size, 3);
         let mut raised: Vec<Subject> = Vec::new();
         for row in &stream {
             if let Some(r) = monitor.observe(0, &observations(&schema, row), None, 1, None) {
