@@ -37,7 +37,7 @@ pub fn describe(url: &str) -> anyhow::Result<String> {
 }
 
 /// The CAs a PostgreSQL server's certificate is checked against.
-fn tls_roots(
+pub(crate) fn tls_roots(
     ca: Option<&std::path::Path>,
 ) -> anyhow::Result<std::sync::Arc<fleetml_net::tls::rustls::ClientConfig>> {
     let file = ca

@@ -145,7 +145,7 @@ impl Registry {
         &self,
         name: &str,
         version: u64,
-        change: impl Fn(&mut ModelRecord),
+        change: impl Fn(&mut ModelRecord) + Sync,
     ) -> Result<Option<ModelRecord>, RegistryError> {
         Ok(self.models.update_model_version(name, version, &change)?)
     }

@@ -23,6 +23,7 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 use crate::ingest::Ingest;
 use crate::store::FleetStore;
+use crate::store::Store;
 use crate::store::sled::SledStore;
 
 use crate::api::router::router;
@@ -46,6 +47,8 @@ pub enum Mqtt {
 #[derive(Debug, Clone)]
 pub struct Options {
     pub data_dir: PathBuf,
+    /// `postgres://…`: keep the state in PostgreSQL instead of DATA_DIR/fleet.db.
+    pub database: Option<String>,
     pub listen: SocketAddr,
     pub mqtt: Mqtt,
     /// Trust policy handed to enrolled devices.
@@ -220,10 +223,26 @@ fn loopback_port() -> anyhow::Result<SocketAddr> {
     Ok(probe.local_addr()?)
 }
 
+/// The store `--database` names (PostgreSQL), or the sled database in DATA_DIR.
+fn open_store(opts: &Options) -> anyhow::Result<Arc<dyn Store>> {
+    match &opts.database {
+        Some(url) => {
+            let store = crate::store::postgres::PgStore::open(url)?;
+            tracing::info!(
+                database = store.describe(),
+                schema = crate::store::postgres::schema_version(),
+                "the control plane's state is in PostgreSQL"
+            );
+            Ok(Arc::new(store))
+        }
+        None => Ok(Arc::new(SledStore::open(&opts.data_dir.join("fleet.db"))?)),
+    }
+}
+
 /// Starts rumqttd on `addr` (its own threads) and waits until it accepts connections.
 fn start_broker(
     addr: SocketAddr,
-    store: SledStore,
+    store: Arc<dyn FleetStore>,
     ingest_password: String,
     refused: Arc<std::sync::atomic::AtomicU64>,
     ingest_ready: Arc<std::sync::atomic::AtomicBool>,
@@ -340,7 +359,7 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,rumqttd=warn".into()),
+                .unwrap_or_else(|_| "info,rumqttd=warn,refinery_core=warn,postgres=warn".into()),
         )
         .try_init();
     match fleetml_net::raise_open_files_limit() {
@@ -360,8 +379,8 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
     }
     let token = admin_token(&opts.data_dir)?;
     let assignment_key = crate::assign::assignment_key(&opts.data_dir)?;
-    let store = SledStore::open(&opts.data_dir.join("fleet.db"))?;
-    let tokens = crate::auth::Tokens::new(Arc::new(store.clone()));
+    let store = open_store(&opts)?;
+    let tokens = crate::auth::Tokens::new(store.clone());
     tokens.register(
         "admin",
         "bootstrap admin (DATA_DIR/admin.token)",
@@ -383,7 +402,7 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .ok();
-    let ingest = Ingest::new(Arc::new(store.clone()) as Arc<dyn crate::store::FleetStore>);
+    let ingest = Ingest::new(store.clone() as Arc<dyn FleetStore>);
     // The API's port first: the embedded broker picks a free loopback port below.
     let tcp = tokio::net::TcpListener::bind(opts.listen)
         .await
@@ -452,7 +471,7 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
             let mut o = MqttOptions::new(INGEST_CLIENT, local.ip().to_string(), local.port());
             o.set_credentials(INGEST_CLIENT, password);
             let refused = ingest.counters.logins_refused.clone();
-            let revoked = crate::broker::credential(Arc::new(store.clone()));
+            let revoked = crate::broker::credential(store.clone());
             let relay = move |listener: tokio::net::TcpListener, tls: Option<fleetml_net::Tls>| {
                 let (refused, revoked) = (refused.clone(), revoked.clone());
                 tokio::spawn(fleetml_net::relay(
@@ -537,7 +556,7 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
     options.set_inflight(100);
     let (ingest_client, events) = AsyncClient::new(options, 1024);
     let registry = crate::registry::Registry::new(
-        Arc::new(store.clone()),
+        store.clone(),
         Arc::new(crate::store::blobs::FileBlobs::open(
             &opts.data_dir.join("blobs"),
         )?),
@@ -547,27 +566,21 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
             .audit_key
             .clone()
             .unwrap_or_else(|| opts.data_dir.join("audit.key")),
-        &store,
+        &*store,
     )?;
-    let jobs = open_jobs(&opts, Arc::new(store.clone()))?;
+    let jobs = open_jobs(&opts, store.clone())?;
     let plane = Arc::new(Plane {
-        assignments: Arc::new(store.clone()),
-        captures: crate::captures::Captures::open(
-            Arc::new(store.clone()),
-            &opts.data_dir.join("captures"),
-        )?
-        .with_quota(opts.capture_quota),
-        datasets: crate::datasets::Datasets::open(
-            Arc::new(store.clone()),
-            &opts.data_dir.join("datasets"),
-        )?,
+        assignments: store.clone(),
+        captures: crate::captures::Captures::open(store.clone(), &opts.data_dir.join("captures"))?
+            .with_quota(opts.capture_quota),
+        datasets: crate::datasets::Datasets::open(store.clone(), &opts.data_dir.join("datasets"))?,
         jobs,
         trainers: crate::jobs::trainers::Trainers::open(&opts.data_dir)?,
-        policies: Arc::new(store.clone()),
+        policies: store.clone(),
         running: Default::default(),
         signing_key: opts.signing_key.clone(),
-        rollouts: Arc::new(store.clone()),
-        audit: crate::auth::Audit::new(Arc::new(store.clone()), audit_key),
+        rollouts: store.clone(),
+        audit: crate::auth::Audit::new(store.clone(), audit_key),
         tokens,
         assignment_key,
         assignment_ttl_ms: opts.assignment_ttl.as_millis() as u64,

@@ -211,7 +211,7 @@ pub(crate) fn updated(
     plane: &Plane,
     name: &str,
     version: u64,
-    change: impl Fn(&mut crate::registry::ModelRecord),
+    change: impl Fn(&mut crate::registry::ModelRecord) + Sync,
 ) -> Api<axum::Json<Value>> {
     let r = plane
         .registry

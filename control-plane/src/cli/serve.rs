@@ -7,6 +7,15 @@ pub(crate) struct ServeArgs {
     /// Where the control plane keeps its state (created mode 0700).
     #[arg(long)]
     data_dir: PathBuf,
+    /// Keep the control plane's state (devices, messages, rollouts, registry, tokens,
+    /// audit log, policies, datasets, jobs) in this PostgreSQL database instead of
+    /// DATA_DIR/fleet.db: postgres://USER[:PASSWORD]@HOST[:PORT]/DB. The schema is
+    /// created and migrated at start; a database written by a newer fleetctl is refused.
+    /// Add ?sslmode=require for TLS (the server's certificate is checked against
+    /// PGSSLROOTCERT, else the system's CAs). Prefer the environment variable: a
+    /// password on the command line shows in `ps`. Never logged with its password.
+    #[arg(long, env = "FLEETML_DATABASE_URL", hide_env_values = true)]
+    database: Option<String>,
     /// Address of the HTTP API.
     #[arg(long, default_value = "127.0.0.1:7080")]
     listen: std::net::SocketAddr,
@@ -150,6 +159,7 @@ pub(crate) fn serve_command(a: ServeArgs) -> anyhow::Result<()> {
     };
     let opts = fleet_control::server::Options {
         data_dir: a.data_dir,
+        database: a.database,
         listen: a.listen,
         mqtt,
         trust: a.trust,

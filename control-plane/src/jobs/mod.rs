@@ -529,7 +529,7 @@ impl Jobs {
     }
 
     /// Changes job `id` in place (nothing when there is none).
-    pub fn update(&self, id: &str, change: impl FnOnce(&mut Job)) -> Result<(), StoreError> {
+    pub fn update(&self, id: &str, change: impl FnOnce(&mut Job) + Send) -> Result<(), StoreError> {
         let mut change = Some(change);
         self.store.update_job(id, &mut |job| {
             if let Some(change) = change.take() {

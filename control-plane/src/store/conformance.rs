@@ -530,27 +530,35 @@ pub(super) fn jobs_and_their_specs_are_kept(s: &dyn Store) -> Result<(), StoreEr
     Ok(())
 }
 
-/// Runs every test of the suite against the store `$make` builds, in module `$name`.
+/// Calls macro `$m` with `$args` followed by the name of every test of the suite.
+macro_rules! each_case {
+    ($m:ident!($($args:tt)*)) => {
+        $m! { $($args)*
+            devices_enroll_once,
+            messages_are_stored_once_in_order_per_device,
+            device_state_changes_in_place,
+            command_sequence_numbers_count_per_device,
+            an_assignment_moves_its_generation_only_when_it_changes,
+            many_assignments_apply_in_order,
+            rollouts_keep_ids_and_order,
+            advancing_a_rollout_writes_its_assignments_and_itself_together,
+            a_token_is_found_by_hash_and_replaced_by_id,
+            audit_appends_see_the_entry_before,
+            a_policy_is_kept_with_its_state,
+            a_model_version_is_written_once_and_changed_in_place,
+            a_captured_batch_is_recorded_once,
+            dataset_manifests_are_kept_and_removed,
+            jobs_and_their_specs_are_kept,
+        }
+    };
+}
+
+/// Runs every test of the suite against the store `$make` builds, in module `$name`:
+/// one `#[test]` per case.
 macro_rules! conformance {
     ($name:ident, $make:expr) => {
         mod $name {
-            conformance!(@each $make;
-                devices_enroll_once,
-                messages_are_stored_once_in_order_per_device,
-                device_state_changes_in_place,
-                command_sequence_numbers_count_per_device,
-                an_assignment_moves_its_generation_only_when_it_changes,
-                many_assignments_apply_in_order,
-                rollouts_keep_ids_and_order,
-                advancing_a_rollout_writes_its_assignments_and_itself_together,
-                a_token_is_found_by_hash_and_replaced_by_id,
-                audit_appends_see_the_entry_before,
-                a_policy_is_kept_with_its_state,
-                a_model_version_is_written_once_and_changed_in_place,
-                a_captured_batch_is_recorded_once,
-                dataset_manifests_are_kept_and_removed,
-                jobs_and_their_specs_are_kept,
-            );
+            each_case!(conformance!(@each $make;));
         }
     };
     (@each $make:expr; $($test:ident),* $(,)?) => {
@@ -561,6 +569,13 @@ macro_rules! conformance {
                 super::$test(&store).expect("the store answers");
             }
         )*
+    };
+}
+
+/// The suite as a list of named cases.
+macro_rules! case_list {
+    ($($test:ident),* $(,)?) => {
+        [$((stringify!($test), $test as fn(&dyn Store) -> Result<(), StoreError>)),*]
     };
 }
 
@@ -602,4 +617,25 @@ fn sled_keeps_what_it_stored_across_a_reopen() {
         s.assignment(&id("d1")).expect("read").map(|a| a.generation),
         Some(1)
     );
+}
+
+/// The suite against a real PostgreSQL server (Debian's `postgresql`, started here):
+/// each case on a fresh database, migrated by the store as `fleetctl serve --database`
+/// does. One server for all the cases (starting one takes seconds); every failing case
+/// is named.
+#[test]
+fn postgres_passes_the_suite() {
+    let pg = fleetml_testkit::Postgres::start();
+    let mut failed = Vec::new();
+    for (i, (name, case)) in each_case!(case_list!()).into_iter().enumerate() {
+        let url = pg.create_database(&format!("conformance{i}"));
+        let store = super::postgres::PgStore::open(&url).expect("the store opens");
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            case(&store).expect("the store answers")
+        }));
+        if outcome.is_err() {
+            failed.push(name);
+        }
+    }
+    assert!(failed.is_empty(), "cases failed on PostgreSQL: {failed:?}");
 }

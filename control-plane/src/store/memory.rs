@@ -156,7 +156,7 @@ impl FleetStore for MemoryStore {
     fn update_state(
         &self,
         device: &DeviceId,
-        change: &mut dyn FnMut(&mut DeviceState),
+        change: &mut (dyn FnMut(&mut DeviceState) + Send),
     ) -> Result<(), StoreError> {
         let mut inner = self.inner();
         let mut state = inner.state.get(device).cloned().unwrap_or_default();
@@ -285,7 +285,7 @@ impl TokenStore for MemoryStore {
 impl AuditStore for MemoryStore {
     fn append_audit(
         &self,
-        next: &mut dyn FnMut(Option<&AuditEntry>) -> AuditEntry,
+        next: &mut (dyn FnMut(Option<&AuditEntry>) -> AuditEntry + Send),
     ) -> Result<AuditEntry, StoreError> {
         let mut inner = self.inner();
         let entry = next(inner.audit.values().next_back());
@@ -347,7 +347,7 @@ impl RegistryStore for MemoryStore {
         &self,
         name: &str,
         version: u64,
-        change: &dyn Fn(&mut ModelRecord),
+        change: &(dyn Fn(&mut ModelRecord) + Sync),
     ) -> Result<Option<ModelRecord>, StoreError> {
         let mut inner = self.inner();
         Ok(inner.models.get_mut(&(name.to_string(), version)).map(|r| {
@@ -441,7 +441,11 @@ impl JobStore for MemoryStore {
         Ok(out)
     }
 
-    fn update_job(&self, id: &str, change: &mut dyn FnMut(&mut Job)) -> Result<bool, StoreError> {
+    fn update_job(
+        &self,
+        id: &str,
+        change: &mut (dyn FnMut(&mut Job) + Send),
+    ) -> Result<bool, StoreError> {
         Ok(self.inner().jobs.get_mut(id).map(change).is_some())
     }
 

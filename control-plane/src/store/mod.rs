@@ -30,6 +30,7 @@ pub mod blobs;
 #[cfg(test)]
 mod conformance;
 pub mod memory;
+pub mod postgres;
 pub mod sled;
 
 /// Why a store call failed, in terms a caller can act on.
@@ -93,7 +94,7 @@ pub trait FleetStore: Send + Sync {
     fn update_state(
         &self,
         device: &DeviceId,
-        change: &mut dyn FnMut(&mut DeviceState),
+        change: &mut (dyn FnMut(&mut DeviceState) + Send),
     ) -> Result<(), StoreError>;
     /// The next sequence number of control plane → device messages.
     fn next_command_seq(&self, device: &DeviceId) -> Result<u64, StoreError>;
@@ -137,7 +138,7 @@ impl<T: FleetStore + ?Sized> FleetStore for std::sync::Arc<T> {
     fn update_state(
         &self,
         device: &DeviceId,
-        change: &mut dyn FnMut(&mut DeviceState),
+        change: &mut (dyn FnMut(&mut DeviceState) + Send),
     ) -> Result<(), StoreError> {
         (**self).update_state(device, change)
     }
@@ -216,7 +217,7 @@ pub trait AuditStore: Send + Sync {
     /// durably. Appends are serialized: no two see the same last entry.
     fn append_audit(
         &self,
-        next: &mut dyn FnMut(Option<&AuditEntry>) -> AuditEntry,
+        next: &mut (dyn FnMut(Option<&AuditEntry>) -> AuditEntry + Send),
     ) -> Result<AuditEntry, StoreError>;
     /// Up to `limit` entries from sequence number `from` on, in order. An entry that no
     /// longer decodes comes back as written (its text in `who`), with no hash.
@@ -244,7 +245,7 @@ pub trait RegistryStore: Send + Sync {
         &self,
         name: &str,
         version: u64,
-        change: &dyn Fn(&mut ModelRecord),
+        change: &(dyn Fn(&mut ModelRecord) + Sync),
     ) -> Result<Option<ModelRecord>, StoreError>;
     /// Every version of `name` (or of every model), by name, then version.
     fn model_versions(&self, name: Option<&str>) -> Result<Vec<ModelRecord>, StoreError>;
@@ -284,7 +285,11 @@ pub trait JobStore: Send + Sync {
     /// Every job, oldest first.
     fn jobs(&self) -> Result<Vec<Job>, StoreError>;
     /// Changes job `id` with `change` in one step; `false` when there is none.
-    fn update_job(&self, id: &str, change: &mut dyn FnMut(&mut Job)) -> Result<bool, StoreError>;
+    fn update_job(
+        &self,
+        id: &str,
+        change: &mut (dyn FnMut(&mut Job) + Send),
+    ) -> Result<bool, StoreError>;
     fn put_job_spec(&self, model: &str, toml: &str) -> Result<(), StoreError>;
     fn job_spec(&self, model: &str) -> Result<Option<String>, StoreError>;
 }
@@ -360,4 +365,42 @@ fn record_generations(
             t.generation = Some(*g);
         }
     }
+}
+
+/// An assignment record as stored; a record that does not decode is started afresh
+/// (the next generation supersedes it on the device).
+pub(super) fn decode_assignment(bytes: Option<&[u8]>) -> AssignmentRecord {
+    bytes
+        .and_then(|b| serde_cbor::from_slice(b).ok())
+        .unwrap_or_default()
+}
+
+/// The records `changes` leave, by device, and each change's generation: read through
+/// `read` once per device, then changed in memory in order.
+#[allow(clippy::type_complexity)]
+pub(super) fn stage<'a, B: AsRef<[u8]>, E>(
+    model: &str,
+    changes: &'a [(DeviceId, AssignedModel)],
+    now_ms: u64,
+    mut read: impl FnMut(&DeviceId) -> Result<Option<B>, E>,
+) -> Result<
+    (
+        std::collections::HashMap<&'a DeviceId, AssignmentRecord>,
+        Vec<u64>,
+    ),
+    E,
+> {
+    let mut staged: std::collections::HashMap<&DeviceId, AssignmentRecord> =
+        std::collections::HashMap::new();
+    let mut generations = Vec::with_capacity(changes.len());
+    for (device, to) in changes {
+        let mut record = match staged.remove(device) {
+            Some(r) => r,
+            None => decode_assignment(read(device)?.as_ref().map(AsRef::as_ref)),
+        };
+        crate::assign::point(&mut record, model, to, now_ms);
+        generations.push(record.generation);
+        staged.insert(device, record);
+    }
+    Ok((staged, generations))
 }

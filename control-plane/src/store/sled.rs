@@ -9,6 +9,7 @@ use super::{
     AssignmentStore, AuditStore, CaptureStore, DatasetStore, FleetStore, JobStore, PolicyStore,
     RegistryStore, RolloutStore, StoreError, TokenStore,
 };
+use super::{decode_assignment, stage};
 use crate::assign::{AssignmentRecord, point};
 use crate::jobs::spec::Job;
 use crate::records::{
@@ -87,14 +88,6 @@ fn insert_new<T: serde::Serialize + serde::de::DeserializeOwned>(
 
 fn from_json<T: serde::de::DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, StoreError> {
     serde_json::from_slice(bytes).map_err(|e| StoreError::corrupt(what, e))
-}
-
-/// An assignment record as stored; a record that does not decode is started afresh
-/// (the next generation supersedes it on the device).
-fn decode_assignment(bytes: Option<&[u8]>) -> AssignmentRecord {
-    bytes
-        .and_then(|b| serde_cbor::from_slice(b).ok())
-        .unwrap_or_default()
 }
 
 /// The store in sled: trees `devices`, `messages` (keyed `device \0 seq`, big-endian),
@@ -260,7 +253,7 @@ impl FleetStore for SledStore {
     fn update_state(
         &self,
         device: &DeviceId,
-        change: &mut dyn FnMut(&mut DeviceState),
+        change: &mut (dyn FnMut(&mut DeviceState) + Send),
     ) -> Result<(), StoreError> {
         // One ingest task writes states; views only read.
         let mut state = self.state(device)?.unwrap_or_default();
@@ -348,36 +341,6 @@ impl AssignmentStore for SledStore {
         }
         Ok(out)
     }
-}
-
-/// The records `changes` leave, by device, and each change's generation: read through
-/// `read` once per device, then changed in memory in order.
-#[allow(clippy::type_complexity)]
-fn stage<'a, E>(
-    model: &str,
-    changes: &'a [(DeviceId, AssignedModel)],
-    now_ms: u64,
-    mut read: impl FnMut(&DeviceId) -> Result<Option<::sled::IVec>, E>,
-) -> Result<
-    (
-        std::collections::HashMap<&'a DeviceId, AssignmentRecord>,
-        Vec<u64>,
-    ),
-    E,
-> {
-    let mut staged: std::collections::HashMap<&DeviceId, AssignmentRecord> =
-        std::collections::HashMap::new();
-    let mut generations = Vec::with_capacity(changes.len());
-    for (device, to) in changes {
-        let mut record = match staged.remove(device) {
-            Some(r) => r,
-            None => decode_assignment(read(device)?.as_deref()),
-        };
-        point(&mut record, model, to, now_ms);
-        generations.push(record.generation);
-        staged.insert(device, record);
-    }
-    Ok((staged, generations))
 }
 
 impl RolloutStore for SledStore {
@@ -486,7 +449,7 @@ impl TokenStore for SledStore {
 impl AuditStore for SledStore {
     fn append_audit(
         &self,
-        next: &mut dyn FnMut(Option<&AuditEntry>) -> AuditEntry,
+        next: &mut (dyn FnMut(Option<&AuditEntry>) -> AuditEntry + Send),
     ) -> Result<AuditEntry, StoreError> {
         let _guard = self.audit_append.lock().unwrap_or_else(|p| p.into_inner());
         let last: Option<AuditEntry> = match self.audit.last()? {
@@ -579,7 +542,7 @@ impl RegistryStore for SledStore {
         &self,
         name: &str,
         version: u64,
-        change: &dyn Fn(&mut ModelRecord),
+        change: &(dyn Fn(&mut ModelRecord) + Sync),
     ) -> Result<Option<ModelRecord>, StoreError> {
         let mut out = None;
         let mut failure = None;
@@ -699,7 +662,11 @@ impl JobStore for SledStore {
         Ok(out)
     }
 
-    fn update_job(&self, id: &str, change: &mut dyn FnMut(&mut Job)) -> Result<bool, StoreError> {
+    fn update_job(
+        &self,
+        id: &str,
+        change: &mut (dyn FnMut(&mut Job) + Send),
+    ) -> Result<bool, StoreError> {
         let _guard = self.job_update.lock().unwrap_or_else(|p| p.into_inner());
         let Some(mut job) = self.job(id)? else {
             return Ok(false);

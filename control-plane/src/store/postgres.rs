@@ -1,0 +1,1183 @@
+//! The store in PostgreSQL: `fleetctl serve --database postgres://…` (or
+//! `FLEETML_DATABASE_URL`), for a control plane that outlives its host and for several
+//! replicas on one database.
+//!
+//! - **Schema**: the versioned migrations in `control-plane/migrations`, embedded in the
+//!   binary (refinery) and applied at every start under an advisory lock, so replicas
+//!   starting together migrate once. A database whose schema is newer than the binary is
+//!   refused, naming both versions: an older binary must not write a schema it does not
+//!   know.
+//! - **Transactions**: one per store method; a read-change-write (a device's state, an
+//!   assignment, a job, the audit log's tail) locks its row (`SELECT … FOR UPDATE`, or a
+//!   transaction-scoped advisory lock for the audit log), so replicas serialize on it.
+//! - **Connections**: a pool (r2d2) of the synchronous rust-postgres clients. The store
+//!   traits are synchronous; the client drives its own small runtime, which must not run
+//!   inside a tokio worker, so a call made from async code leaves the worker for the
+//!   blocking section ([`tokio::task::block_in_place`]) or, on a current-thread runtime,
+//!   runs on a scoped thread.
+//! - **TLS** when the URL says `sslmode=require`: rustls on ring, checking the server's
+//!   certificate against `PGSSLROOTCERT` or the system's CAs (as `data import` does).
+//!
+//! Numbers the records carry as `u64` (sequence numbers, versions, times) are `bigint`
+//! here; a value above `i64::MAX` is refused as a conflict rather than wrapped.
+
+use ::postgres::{Client, NoTls, Transaction};
+use fleetml_protocol::assignment::AssignedModel;
+use fleetml_protocol::telemetry::{DeviceId, Envelope};
+use r2d2_postgres::PostgresConnectionManager;
+
+use super::{
+    AssignmentStore, AuditStore, CaptureStore, DatasetStore, FleetStore, JobStore, PolicyStore,
+    RegistryStore, RolloutStore, StoreError, TokenStore, stage,
+};
+use crate::assign::AssignmentRecord;
+use crate::jobs::spec::Job;
+use crate::records::{
+    AuditEntry, CaptureRecord, DatasetManifest, DeviceRecord, DeviceState, ModelRecord, Policy,
+    PolicyState, TokenRecord,
+};
+use crate::rollout::Rollout;
+
+mod embedded {
+    refinery::embed_migrations!("migrations");
+}
+
+/// The advisory lock key migrations run under (any constant shared by every replica).
+const MIGRATION_LOCK: i64 = 0x666c_6565_746d_6c01;
+/// The advisory lock key audit appends serialize on (within their transaction).
+const AUDIT_LOCK: i64 = 0x666c_6565_746d_6c02;
+/// Connections a control plane opens to PostgreSQL at most.
+const POOL_SIZE: u32 = 8;
+
+/// The newest schema version this binary knows.
+pub fn schema_version() -> u32 {
+    embedded::migrations::runner()
+        .get_migrations()
+        .iter()
+        .map(|m| m.version())
+        .max()
+        .unwrap_or(0)
+}
+
+impl From<::postgres::Error> for StoreError {
+    fn from(e: ::postgres::Error) -> Self {
+        use ::postgres::error::SqlState;
+        match e.code() {
+            Some(c) if *c == SqlState::UNIQUE_VIOLATION => StoreError::Conflict(e.to_string()),
+            _ => StoreError::Unavailable(format!("postgres: {e}")),
+        }
+    }
+}
+
+impl From<r2d2::Error> for StoreError {
+    fn from(e: r2d2::Error) -> Self {
+        StoreError::Unavailable(format!("no PostgreSQL connection: {e}"))
+    }
+}
+
+/// The two kinds of pool: plain, or TLS through rustls.
+#[derive(Clone)]
+enum Pool {
+    Plain(r2d2::Pool<PostgresConnectionManager<NoTls>>),
+    Tls(r2d2::Pool<PostgresConnectionManager<tokio_postgres_rustls::MakeRustlsConnect>>),
+}
+
+type Connection = Box<dyn std::ops::DerefMut<Target = Client>>;
+
+impl Pool {
+    fn get(&self) -> Result<Connection, StoreError> {
+        Ok(match self {
+            Pool::Plain(p) => Box::new(p.get()?),
+            Pool::Tls(p) => Box::new(p.get()?),
+        })
+    }
+}
+
+/// Runs `call` where the synchronous client may block: in place outside a runtime; on a
+/// multi-thread runtime's worker after handing its other tasks to other workers
+/// ([`tokio::task::block_in_place`]); on a current-thread runtime, on a scoped thread.
+fn off_runtime<R: Send>(call: impl FnOnce() -> R + Send) -> R {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(call),
+        Ok(_) => std::thread::scope(|s| {
+            s.spawn(call)
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p))
+        }),
+        Err(_) => call(),
+    }
+}
+
+/// How the pool is sized and how long a caller waits for a connection.
+fn builder<M: r2d2::ManageConnection>() -> r2d2::Builder<M> {
+    r2d2::Pool::builder()
+        .max_size(POOL_SIZE)
+        .min_idle(Some(1))
+        .connection_timeout(std::time::Duration::from_secs(10))
+}
+
+/// The store in PostgreSQL. Cloning shares the pool.
+#[derive(Clone)]
+pub struct PgStore {
+    pool: Pool,
+    /// `postgres://USER@HOST:PORT/DB`: the URL without its password, for messages.
+    describe: String,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore")
+            .field("database", &self.describe)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `v` as a `bigint`, or a conflict naming `what`.
+fn big(v: u64, what: &str) -> Result<i64, StoreError> {
+    i64::try_from(v).map_err(|_| {
+        StoreError::Conflict(format!(
+            "{what} {v} is beyond what PostgreSQL's bigint holds (2^63 - 1)"
+        ))
+    })
+}
+
+/// A stored `bigint` as the `u64` it was written from.
+fn unbig(v: i64, what: &str) -> Result<u64, StoreError> {
+    u64::try_from(v).map_err(|_| StoreError::corrupt(what, format_args!("negative value {v}")))
+}
+
+fn json<T: serde::Serialize>(what: &str, value: &T) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(|e| StoreError::corrupt(what, e))
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(what: &str, text: &str) -> Result<T, StoreError> {
+    serde_json::from_str(text).map_err(|e| StoreError::corrupt(what, e))
+}
+
+fn cbor<T: serde::de::DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_cbor::from_slice(bytes).map_err(|e| StoreError::corrupt(what, e))
+}
+
+impl PgStore {
+    /// Connects to `url`, applies the migrations this binary has that the database
+    /// lacks, and refuses a database whose schema is newer than the binary's.
+    pub fn open(url: &str) -> anyhow::Result<PgStore> {
+        use anyhow::Context;
+        let describe = crate::pg::describe(url)?;
+        let config: ::postgres::Config = url
+            .parse()
+            .context("--database: not a PostgreSQL connection string")?;
+        let pool = if config.get_ssl_mode() == ::postgres::config::SslMode::Require {
+            let roots = crate::pg::tls_roots(None)?;
+            let tls = tokio_postgres_rustls::MakeRustlsConnect::new(
+                std::sync::Arc::unwrap_or_clone(roots),
+            );
+            Pool::Tls(
+                builder()
+                    .build(PostgresConnectionManager::new(config, tls))
+                    .with_context(|| format!("connecting to {describe} over TLS"))?,
+            )
+        } else {
+            Pool::Plain(
+                builder()
+                    .build(PostgresConnectionManager::new(config, NoTls))
+                    .with_context(|| format!("connecting to {describe}"))?,
+            )
+        };
+        let store = PgStore { pool, describe };
+        off_runtime(|| store.migrate())?;
+        Ok(store)
+    }
+
+    /// `postgres://USER@HOST:PORT/DB` (no password).
+    pub fn describe(&self) -> &str {
+        &self.describe
+    }
+
+    /// Applies the embedded migrations under the migration lock; refuses a newer schema.
+    fn migrate(&self) -> anyhow::Result<()> {
+        let mut c = self.pool.get()?;
+        c.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])?;
+        let outcome = self.migrate_locked(&mut c);
+        let _ = c.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK]);
+        outcome
+    }
+
+    fn migrate_locked(&self, c: &mut Client) -> anyhow::Result<()> {
+        let ours = i32::try_from(schema_version()).unwrap_or(i32::MAX);
+        let history = c
+            .query_one(
+                "SELECT to_regclass('refinery_schema_history') IS NOT NULL",
+                &[],
+            )?
+            .get::<_, bool>(0);
+        if history {
+            let theirs: Option<i32> = c
+                .query_one("SELECT max(version) FROM refinery_schema_history", &[])?
+                .get(0);
+            if let Some(v) = theirs.filter(|v| *v > ours) {
+                anyhow::bail!(
+                    "{}: the database's schema is version {v}, newer than this fleetctl's \
+                     (version {ours}); a newer fleetctl wrote it. Run that version (or newer), \
+                     or restore a backup taken before the upgrade",
+                    self.describe
+                );
+            }
+        }
+        let report = embedded::migrations::runner()
+            .set_grouped(false)
+            .set_abort_divergent(true)
+            .run(c)
+            .map_err(|e| {
+                anyhow::anyhow!("{}: applying the schema migrations: {e}", self.describe)
+            })?;
+        for m in report.applied_migrations() {
+            tracing::info!(
+                database = %self.describe,
+                version = m.version(),
+                name = m.name(),
+                "applied a schema migration"
+            );
+        }
+        Ok(())
+    }
+
+    /// Runs `f` on a pooled connection, off the async runtime's worker (see the module
+    /// documentation).
+    fn run<R: Send>(
+        &self,
+        f: impl FnOnce(&mut Client) -> Result<R, StoreError> + Send,
+    ) -> Result<R, StoreError> {
+        off_runtime(|| {
+            let mut c = self.pool.get()?;
+            f(&mut c)
+        })
+    }
+
+    /// Runs `f` in one transaction, committed when it returns `Ok`.
+    fn tx<R: Send>(
+        &self,
+        f: impl FnOnce(&mut Transaction<'_>) -> Result<R, StoreError> + Send,
+    ) -> Result<R, StoreError> {
+        self.run(|c| {
+            let mut t = c.transaction()?;
+            let out = f(&mut t)?;
+            t.commit()?;
+            Ok(out)
+        })
+    }
+
+    /// Writes `changes` to the assignments of `model` in transaction `t`: reads and locks
+    /// each device's record once, applies the changes in order, writes each record once.
+    fn assign_in(
+        t: &mut Transaction<'_>,
+        model: &str,
+        changes: &[(DeviceId, AssignedModel)],
+        now_ms: u64,
+    ) -> Result<Vec<u64>, StoreError> {
+        let mut devices: Vec<&str> = changes.iter().map(|(d, _)| d.as_str()).collect();
+        devices.sort_unstable();
+        devices.dedup();
+        // Placeholders first, so that a device without a record is locked too (an empty
+        // record decodes as a fresh one).
+        t.execute(
+            "INSERT INTO assignments (device, record) SELECT d, ''::bytea FROM unnest($1::text[]) AS d \
+             ON CONFLICT (device) DO NOTHING",
+            &[&devices],
+        )?;
+        let rows = t.query(
+            "SELECT device, record FROM assignments WHERE device = ANY($1) ORDER BY device FOR UPDATE",
+            &[&devices],
+        )?;
+        let mut old: std::collections::HashMap<String, Vec<u8>> = rows
+            .into_iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, Vec<u8>>(1)))
+            .collect();
+        let (staged, generations) = stage(model, changes, now_ms, |d| {
+            Ok::<_, StoreError>(old.remove(d.as_str()))
+        })?;
+        let mut keys = Vec::with_capacity(staged.len());
+        let mut records = Vec::with_capacity(staged.len());
+        for (device, record) in &staged {
+            keys.push(device.as_str());
+            records.push(serde_cbor::to_vec(record)?);
+        }
+        t.execute(
+            "UPDATE assignments SET record = n.record FROM unnest($1::text[], $2::bytea[]) AS n(device, record) \
+             WHERE assignments.device = n.device",
+            &[&keys, &records],
+        )?;
+        Ok(generations)
+    }
+}
+
+impl FleetStore for PgStore {
+    fn enroll(&self, device: &DeviceRecord) -> Result<bool, StoreError> {
+        let bytes = serde_cbor::to_vec(device)?;
+        self.run(|c| {
+            Ok(c.execute(
+                "INSERT INTO devices (id, record) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
+                &[&device.id.as_str(), &bytes],
+            )? == 1)
+        })
+    }
+
+    fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
+        self.run(|c| {
+            c.query_opt("SELECT record FROM devices WHERE id = $1", &[&id.as_str()])?
+                .map(|r| cbor(&format!("device {id}"), r.get(0)))
+                .transpose()
+        })
+    }
+
+    fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
+        self.run(|c| {
+            c.query("SELECT id, record FROM devices ORDER BY id", &[])?
+                .iter()
+                .map(|r| cbor(&format!("device {}", r.get::<_, &str>(0)), r.get(1)))
+                .collect()
+        })
+    }
+
+    fn replace_device(&self, device: &DeviceRecord) -> Result<bool, StoreError> {
+        let bytes = serde_cbor::to_vec(device)?;
+        self.run(|c| {
+            Ok(c.execute(
+                "UPDATE devices SET record = $2 WHERE id = $1",
+                &[&device.id.as_str(), &bytes],
+            )? == 1)
+        })
+    }
+
+    fn insert(&self, envelope: &Envelope) -> Result<(bool, Option<u64>), StoreError> {
+        let bytes = serde_cbor::to_vec(envelope)?;
+        let seq = big(envelope.seq, "sequence number")?;
+        let device = envelope.device.as_str();
+        self.tx(|t| {
+            let new = t.execute(
+                "INSERT INTO messages (device, seq, envelope) VALUES ($1, $2, $3) \
+                 ON CONFLICT (device, seq) DO NOTHING",
+                &[&device, &seq, &bytes],
+            )? == 1;
+            // The row exists (and is locked) before it is read, so concurrent inserts
+            // for one device see each other's highest.
+            t.execute(
+                "INSERT INTO device_high (device, high) VALUES ($1, -1) ON CONFLICT (device) DO NOTHING",
+                &[&device],
+            )?;
+            let before: i64 = t
+                .query_one(
+                    "SELECT high FROM device_high WHERE device = $1 FOR UPDATE",
+                    &[&device],
+                )?
+                .get(0);
+            t.execute(
+                "UPDATE device_high SET high = GREATEST(high, $2) WHERE device = $1",
+                &[&device, &seq],
+            )?;
+            let before = u64::try_from(before).ok();
+            Ok((new, before))
+        })
+    }
+
+    fn messages(
+        &self,
+        device: &DeviceId,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<Envelope>, StoreError> {
+        let Ok(from) = i64::try_from(from) else {
+            return Ok(Vec::new());
+        };
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.run(|c| {
+            c.query(
+                "SELECT seq, envelope FROM messages WHERE device = $1 AND seq >= $2 ORDER BY seq LIMIT $3",
+                &[&device.as_str(), &from, &limit],
+            )?
+            .iter()
+            .map(|r| {
+                cbor(
+                    &format!("message {device} {}", r.get::<_, i64>(0)),
+                    r.get(1),
+                )
+            })
+            .collect()
+        })
+    }
+
+    fn state(&self, device: &DeviceId) -> Result<Option<DeviceState>, StoreError> {
+        self.run(|c| {
+            c.query_opt(
+                "SELECT state FROM device_state WHERE device = $1",
+                &[&device.as_str()],
+            )?
+            .map(|r| cbor(&format!("the state of {device}"), r.get(0)))
+            .transpose()
+        })
+    }
+
+    fn update_state(
+        &self,
+        device: &DeviceId,
+        change: &mut (dyn FnMut(&mut DeviceState) + Send),
+    ) -> Result<(), StoreError> {
+        let fresh = serde_cbor::to_vec(&DeviceState::default())?;
+        self.tx(|t| {
+            t.execute(
+                "INSERT INTO device_state (device, state) VALUES ($1, $2) ON CONFLICT (device) DO NOTHING",
+                &[&device.as_str(), &fresh],
+            )?;
+            let row = t.query_one(
+                "SELECT state FROM device_state WHERE device = $1 FOR UPDATE",
+                &[&device.as_str()],
+            )?;
+            let mut state: DeviceState = cbor(&format!("the state of {device}"), row.get(0))?;
+            change(&mut state);
+            t.execute(
+                "UPDATE device_state SET state = $2 WHERE device = $1",
+                &[&device.as_str(), &serde_cbor::to_vec(&state)?],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn next_command_seq(&self, device: &DeviceId) -> Result<u64, StoreError> {
+        Ok(self.next_command_seqs(std::slice::from_ref(device))?[0])
+    }
+
+    fn next_command_seqs(&self, devices: &[DeviceId]) -> Result<Vec<u64>, StoreError> {
+        self.tx(|t| {
+            let bump = t.prepare(
+                "INSERT INTO command_seq (device, next) VALUES ($1, 1) \
+                 ON CONFLICT (device) DO UPDATE SET next = command_seq.next + 1 RETURNING next - 1",
+            )?;
+            devices
+                .iter()
+                .map(|d| {
+                    let n: i64 = t.query_one(&bump, &[&d.as_str()])?.get(0);
+                    unbig(n, "a command sequence number")
+                })
+                .collect()
+        })
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        // Every method commits its own transaction: nothing waits to be made durable.
+        Ok(())
+    }
+}
+
+impl AssignmentStore for PgStore {
+    fn assignment(&self, device: &DeviceId) -> Result<Option<AssignmentRecord>, StoreError> {
+        self.run(|c| {
+            c.query_opt(
+                "SELECT record FROM assignments WHERE device = $1 AND length(record) > 0",
+                &[&device.as_str()],
+            )?
+            .map(|r| cbor(&format!("the assignment of {device}"), r.get(0)))
+            .transpose()
+        })
+    }
+
+    fn assign(
+        &self,
+        device: &DeviceId,
+        model: &str,
+        to: &AssignedModel,
+        now_ms: u64,
+    ) -> Result<u64, StoreError> {
+        let changes = [(device.clone(), to.clone())];
+        Ok(self.tx(|t| Self::assign_in(t, model, &changes, now_ms))?[0])
+    }
+
+    fn assign_all(
+        &self,
+        model: &str,
+        changes: &[(DeviceId, AssignedModel)],
+        now_ms: u64,
+    ) -> Result<Vec<u64>, StoreError> {
+        if changes.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.tx(|t| Self::assign_in(t, model, changes, now_ms))
+    }
+
+    fn assignments(&self) -> Result<Vec<(DeviceId, AssignmentRecord)>, StoreError> {
+        self.run(|c| {
+            let mut out = Vec::new();
+            for r in c.query(
+                "SELECT device, record FROM assignments WHERE length(record) > 0 ORDER BY device",
+                &[],
+            )? {
+                let device: &str = r.get(0);
+                if let Ok(id) = DeviceId::new(device) {
+                    let record = cbor(&format!("the assignment of {device}"), r.get(1))?;
+                    out.push((id, record));
+                }
+            }
+            Ok(out)
+        })
+    }
+}
+
+impl RolloutStore for PgStore {
+    fn next_rollout_id(&self) -> Result<String, StoreError> {
+        self.run(|c| {
+            let n: i64 = c.query_one("SELECT nextval('rollout_ids')", &[])?.get(0);
+            Ok(format!("r{n}"))
+        })
+    }
+
+    fn put_rollout(&self, rollout: &Rollout) -> Result<(), StoreError> {
+        let record = json("a rollout", rollout)?;
+        let created = big(rollout.created_ms, "a creation time")?;
+        self.run(|c| {
+            c.execute(
+                "INSERT INTO rollouts (id, created_ms, record) VALUES ($1, $2, $3::text::jsonb) \
+                 ON CONFLICT (id) DO UPDATE SET created_ms = EXCLUDED.created_ms, record = EXCLUDED.record",
+                &[&rollout.id, &created, &record],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn rollout(&self, id: &str) -> Result<Option<Rollout>, StoreError> {
+        self.run(|c| {
+            c.query_opt("SELECT record::text FROM rollouts WHERE id = $1", &[&id])?
+                .map(|r| from_json(&format!("rollout {id}"), r.get(0)))
+                .transpose()
+        })
+    }
+
+    fn rollouts(&self) -> Result<Vec<Rollout>, StoreError> {
+        self.run(|c| {
+            c.query(
+                "SELECT id, record::text FROM rollouts ORDER BY created_ms, id",
+                &[],
+            )?
+            .iter()
+            .map(|r| from_json(&format!("rollout {}", r.get::<_, &str>(0)), r.get(1)))
+            .collect()
+        })
+    }
+
+    fn advance_rollout(
+        &self,
+        rollout: &mut Rollout,
+        changes: &[(DeviceId, AssignedModel)],
+        now_ms: u64,
+    ) -> Result<Vec<u64>, StoreError> {
+        let current: &Rollout = rollout;
+        let generations = self.tx(|t| {
+            let generations = if changes.is_empty() {
+                Vec::new()
+            } else {
+                Self::assign_in(t, &current.model, changes, now_ms)?
+            };
+            let mut after = current.clone();
+            super::record_generations(&mut after, changes, &generations);
+            t.execute(
+                "INSERT INTO rollouts (id, created_ms, record) VALUES ($1, $2, $3::text::jsonb) \
+                 ON CONFLICT (id) DO UPDATE SET created_ms = EXCLUDED.created_ms, record = EXCLUDED.record",
+                &[
+                    &after.id,
+                    &big(after.created_ms, "a creation time")?,
+                    &json("a rollout", &after)?,
+                ],
+            )?;
+            Ok(generations)
+        })?;
+        super::record_generations(rollout, changes, &generations);
+        Ok(generations)
+    }
+}
+
+impl TokenStore for PgStore {
+    fn token(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError> {
+        // A record that no longer decodes authenticates nobody.
+        self.run(|c| {
+            Ok(
+                c.query_opt("SELECT record::text FROM tokens WHERE hash = $1", &[&hash])?
+                    .and_then(|r| serde_json::from_str(r.get(0)).ok()),
+            )
+        })
+    }
+
+    fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        self.run(|c| {
+            Ok(c.query(
+                "SELECT record::text FROM tokens ORDER BY created_ms, hash",
+                &[],
+            )?
+            .iter()
+            .filter_map(|r| serde_json::from_str(r.get(0)).ok())
+            .collect())
+        })
+    }
+
+    fn put_token(&self, record: &TokenRecord) -> Result<(), StoreError> {
+        let text = json("a token record", record)?;
+        let created = big(record.created_ms, "a creation time")?;
+        self.tx(|t| {
+            t.execute(
+                "DELETE FROM tokens WHERE id = $1 AND hash <> $2",
+                &[&record.id, &record.hash],
+            )?;
+            t.execute(
+                "INSERT INTO tokens (hash, id, created_ms, record) VALUES ($1, $2, $3, $4::text::jsonb) \
+                 ON CONFLICT (hash) DO UPDATE SET id = EXCLUDED.id, created_ms = EXCLUDED.created_ms, \
+                 record = EXCLUDED.record",
+                &[&record.hash, &record.id, &created, &text],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn remove_token(&self, id: &str) -> Result<bool, StoreError> {
+        self.run(|c| Ok(c.execute("DELETE FROM tokens WHERE id = $1", &[&id])? > 0))
+    }
+}
+
+impl AuditStore for PgStore {
+    fn append_audit(
+        &self,
+        next: &mut (dyn FnMut(Option<&AuditEntry>) -> AuditEntry + Send),
+    ) -> Result<AuditEntry, StoreError> {
+        self.tx(|t| {
+            t.execute("SELECT pg_advisory_xact_lock($1)", &[&AUDIT_LOCK])?;
+            let last: Option<AuditEntry> = t
+                .query_opt(
+                    "SELECT seq, entry::text FROM audit ORDER BY seq DESC LIMIT 1",
+                    &[],
+                )?
+                .map(|r| from_json(&format!("audit entry {}", r.get::<_, i64>(0)), r.get(1)))
+                .transpose()?;
+            let entry = next(last.as_ref());
+            t.execute(
+                "INSERT INTO audit (seq, entry) VALUES ($1, $2::text::jsonb)",
+                &[
+                    &big(entry.seq, "an audit sequence number")?,
+                    &json("an audit entry", &entry)?,
+                ],
+            )?;
+            Ok(entry)
+        })
+    }
+
+    fn audit_entries(&self, from: u64, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+        let Ok(from) = i64::try_from(from) else {
+            return Ok(Vec::new());
+        };
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.run(|c| {
+            Ok(c.query(
+                "SELECT seq, entry::text FROM audit WHERE seq >= $1 ORDER BY seq LIMIT $2",
+                &[&from, &limit],
+            )?
+            .iter()
+            .map(|r| {
+                let text: &str = r.get(1);
+                serde_json::from_str(text).unwrap_or_else(|_| {
+                    super::unreadable_audit_entry(r.get::<_, i64>(0) as u64, text.as_bytes())
+                })
+            })
+            .collect())
+        })
+    }
+}
+
+impl PolicyStore for PgStore {
+    fn policy(&self, model: &str) -> Result<Option<(Policy, PolicyState)>, StoreError> {
+        self.run(|c| {
+            Ok(c.query_opt(
+                "SELECT policy::text, state::text FROM policies WHERE model = $1",
+                &[&model],
+            )?
+            .and_then(|r| {
+                Some((
+                    serde_json::from_str(r.get(0)).ok()?,
+                    serde_json::from_str(r.get(1)).ok()?,
+                ))
+            }))
+        })
+    }
+
+    fn put_policy(&self, policy: &Policy, state: &PolicyState) -> Result<(), StoreError> {
+        let (p, s) = (json("a policy", policy)?, json("a policy's state", state)?);
+        self.run(|c| {
+            c.execute(
+                "INSERT INTO policies (model, policy, state) VALUES ($1, $2::text::jsonb, $3::text::jsonb) \
+                 ON CONFLICT (model) DO UPDATE SET policy = EXCLUDED.policy, state = EXCLUDED.state",
+                &[&policy.model, &p, &s],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn policies(&self) -> Result<Vec<(Policy, PolicyState)>, StoreError> {
+        self.run(|c| {
+            Ok(c.query(
+                "SELECT policy::text, state::text FROM policies ORDER BY model",
+                &[],
+            )?
+            .iter()
+            .filter_map(|r| {
+                Some((
+                    serde_json::from_str(r.get(0)).ok()?,
+                    serde_json::from_str(r.get(1)).ok()?,
+                ))
+            })
+            .collect())
+        })
+    }
+}
+
+impl RegistryStore for PgStore {
+    fn model_version(&self, name: &str, version: u64) -> Result<Option<ModelRecord>, StoreError> {
+        let Ok(v) = i64::try_from(version) else {
+            return Ok(None);
+        };
+        self.run(|c| {
+            c.query_opt(
+                "SELECT record::text FROM models WHERE name = $1 AND version = $2",
+                &[&name, &v],
+            )?
+            .map(|r| from_json(&format!("model record {name} v{version}"), r.get(0)))
+            .transpose()
+        })
+    }
+
+    fn insert_model_version(
+        &self,
+        record: &ModelRecord,
+    ) -> Result<Option<ModelRecord>, StoreError> {
+        let what = format!("model record {} v{}", record.name, record.version);
+        let text = json(&what, record)?;
+        let v = big(record.version, "a model version")?;
+        self.tx(|t| {
+            if t.execute(
+                "INSERT INTO models (name, version, record) VALUES ($1, $2, $3::text::jsonb) \
+                 ON CONFLICT (name, version) DO NOTHING",
+                &[&record.name, &v, &text],
+            )? == 1
+            {
+                return Ok(None);
+            }
+            let r = t.query_one(
+                "SELECT record::text FROM models WHERE name = $1 AND version = $2",
+                &[&record.name, &v],
+            )?;
+            Ok(Some(from_json(&what, r.get(0))?))
+        })
+    }
+
+    fn update_model_version(
+        &self,
+        name: &str,
+        version: u64,
+        change: &(dyn Fn(&mut ModelRecord) + Sync),
+    ) -> Result<Option<ModelRecord>, StoreError> {
+        let Ok(v) = i64::try_from(version) else {
+            return Ok(None);
+        };
+        let what = format!("model record {name} v{version}");
+        self.tx(|t| {
+            let Some(row) = t.query_opt(
+                "SELECT record::text FROM models WHERE name = $1 AND version = $2 FOR UPDATE",
+                &[&name, &v],
+            )?
+            else {
+                return Ok(None);
+            };
+            let mut record: ModelRecord = from_json(&what, row.get(0))?;
+            change(&mut record);
+            t.execute(
+                "UPDATE models SET record = $3::text::jsonb WHERE name = $1 AND version = $2",
+                &[&name, &v, &json(&what, &record)?],
+            )?;
+            Ok(Some(record))
+        })
+    }
+
+    fn model_versions(&self, name: Option<&str>) -> Result<Vec<ModelRecord>, StoreError> {
+        self.run(|c| {
+            c.query(
+                "SELECT name, version, record::text FROM models WHERE $1::text IS NULL OR name = $1 \
+                 ORDER BY name, version",
+                &[&name],
+            )?
+            .iter()
+            .map(|r| {
+                from_json(
+                    &format!(
+                        "model record {} v{}",
+                        r.get::<_, &str>(0),
+                        r.get::<_, i64>(1)
+                    ),
+                    r.get(2),
+                )
+            })
+            .collect()
+        })
+    }
+}
+
+impl CaptureStore for PgStore {
+    fn capture(&self, device: &DeviceId, seq: u64) -> Result<Option<CaptureRecord>, StoreError> {
+        let Ok(s) = i64::try_from(seq) else {
+            return Ok(None);
+        };
+        self.run(|c| {
+            c.query_opt(
+                "SELECT record::text FROM captures WHERE device = $1 AND seq = $2",
+                &[&device.as_str(), &s],
+            )?
+            .map(|r| from_json(&format!("capture record {device} {seq}"), r.get(0)))
+            .transpose()
+        })
+    }
+
+    fn put_capture(&self, record: &CaptureRecord) -> Result<Option<CaptureRecord>, StoreError> {
+        let what = format!("capture record {} {}", record.device, record.seq);
+        let text = json(&what, record)?;
+        let s = big(record.seq, "a capture's sequence number")?;
+        self.tx(|t| {
+            if t.execute(
+                "INSERT INTO captures (device, seq, record) VALUES ($1, $2, $3::text::jsonb) \
+                 ON CONFLICT (device, seq) DO NOTHING",
+                &[&record.device.as_str(), &s, &text],
+            )? == 1
+            {
+                return Ok(None);
+            }
+            let r = t.query_one(
+                "SELECT record::text FROM captures WHERE device = $1 AND seq = $2",
+                &[&record.device.as_str(), &s],
+            )?;
+            Ok(Some(from_json(&what, r.get(0))?))
+        })
+    }
+
+    fn captures(&self) -> Result<Vec<CaptureRecord>, StoreError> {
+        self.run(|c| {
+            c.query(
+                "SELECT device, seq, record::text FROM captures ORDER BY device, seq",
+                &[],
+            )?
+            .iter()
+            .map(|r| {
+                from_json(
+                    &format!(
+                        "capture record {} {}",
+                        r.get::<_, &str>(0),
+                        r.get::<_, i64>(1)
+                    ),
+                    r.get(2),
+                )
+            })
+            .collect()
+        })
+    }
+
+    fn device_captures(&self, device: &DeviceId) -> Result<Vec<CaptureRecord>, StoreError> {
+        self.run(|c| {
+            c.query(
+                "SELECT seq, record::text FROM captures WHERE device = $1 ORDER BY seq",
+                &[&device.as_str()],
+            )?
+            .iter()
+            .map(|r| {
+                from_json(
+                    &format!("capture record {device} {}", r.get::<_, i64>(0)),
+                    r.get(1),
+                )
+            })
+            .collect()
+        })
+    }
+}
+
+impl DatasetStore for PgStore {
+    fn dataset(&self, id: &str) -> Result<Option<DatasetManifest>, StoreError> {
+        self.run(|c| {
+            c.query_opt("SELECT record::text FROM datasets WHERE id = $1", &[&id])?
+                .map(|r| from_json(&format!("dataset manifest {id}"), r.get(0)))
+                .transpose()
+        })
+    }
+
+    fn put_dataset(&self, manifest: &DatasetManifest) -> Result<(), StoreError> {
+        let text = json("a dataset manifest", manifest)?;
+        let created = big(manifest.created_ms, "a creation time")?;
+        self.run(|c| {
+            c.execute(
+                "INSERT INTO datasets (id, created_ms, record) VALUES ($1, $2, $3::text::jsonb) \
+                 ON CONFLICT (id) DO UPDATE SET created_ms = EXCLUDED.created_ms, record = EXCLUDED.record",
+                &[&manifest.id, &created, &text],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn datasets(&self) -> Result<Vec<DatasetManifest>, StoreError> {
+        self.run(|c| {
+            c.query(
+                "SELECT id, record::text FROM datasets ORDER BY created_ms, id",
+                &[],
+            )?
+            .iter()
+            .map(|r| {
+                from_json(
+                    &format!("dataset manifest {}", r.get::<_, &str>(0)),
+                    r.get(1),
+                )
+            })
+            .collect()
+        })
+    }
+
+    fn remove_dataset(&self, id: &str) -> Result<bool, StoreError> {
+        self.run(|c| Ok(c.execute("DELETE FROM datasets WHERE id = $1", &[&id])? == 1))
+    }
+}
+
+impl JobStore for PgStore {
+    fn next_job_id(&self) -> Result<String, StoreError> {
+        self.run(|c| {
+            let n: i64 = c.query_one("SELECT nextval('job_ids')", &[])?.get(0);
+            Ok(format!("j{n}"))
+        })
+    }
+
+    fn put_job(&self, job: &Job) -> Result<(), StoreError> {
+        let text = json("a job", job)?;
+        let created = big(job.created_ms, "a creation time")?;
+        self.run(|c| {
+            c.execute(
+                "INSERT INTO jobs (id, created_ms, record) VALUES ($1, $2, $3::text::jsonb) \
+                 ON CONFLICT (id) DO UPDATE SET created_ms = EXCLUDED.created_ms, record = EXCLUDED.record",
+                &[&job.id, &created, &text],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn job(&self, id: &str) -> Result<Option<Job>, StoreError> {
+        self.run(|c| {
+            c.query_opt("SELECT record::text FROM jobs WHERE id = $1", &[&id])?
+                .map(|r| from_json(&format!("job {id}"), r.get(0)))
+                .transpose()
+        })
+    }
+
+    fn jobs(&self) -> Result<Vec<Job>, StoreError> {
+        self.run(|c| {
+            c.query(
+                "SELECT id, record::text FROM jobs ORDER BY created_ms, id",
+                &[],
+            )?
+            .iter()
+            .map(|r| from_json(&format!("job {}", r.get::<_, &str>(0)), r.get(1)))
+            .collect()
+        })
+    }
+
+    fn update_job(
+        &self,
+        id: &str,
+        change: &mut (dyn FnMut(&mut Job) + Send),
+    ) -> Result<bool, StoreError> {
+        self.tx(|t| {
+            let Some(row) = t.query_opt(
+                "SELECT record::text FROM jobs WHERE id = $1 FOR UPDATE",
+                &[&id],
+            )?
+            else {
+                return Ok(false);
+            };
+            let mut job: Job = from_json(&format!("job {id}"), row.get(0))?;
+            change(&mut job);
+            t.execute(
+                "UPDATE jobs SET created_ms = $2, record = $3::text::jsonb WHERE id = $1",
+                &[
+                    &id,
+                    &big(job.created_ms, "a creation time")?,
+                    &json("a job", &job)?,
+                ],
+            )?;
+            Ok(true)
+        })
+    }
+
+    fn put_job_spec(&self, model: &str, toml: &str) -> Result<(), StoreError> {
+        self.run(|c| {
+            c.execute(
+                "INSERT INTO job_specs (model, spec) VALUES ($1, $2) \
+                 ON CONFLICT (model) DO UPDATE SET spec = EXCLUDED.spec",
+                &[&model, &toml],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn job_spec(&self, model: &str) -> Result<Option<String>, StoreError> {
+        self.run(|c| {
+            Ok(
+                c.query_opt("SELECT spec FROM job_specs WHERE model = $1", &[&model])?
+                    .map(|r| r.get(0)),
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleetml_protocol::telemetry::{Body, Receipt};
+
+    fn message(seq: u64) -> Envelope {
+        Envelope {
+            v: 1,
+            device: DeviceId::new("d1").expect("id"),
+            seq,
+            ts_ms: seq,
+            body: Body::Receipt(Receipt {
+                stored: vec![[seq, seq]],
+            }),
+            auth: vec![1; 32],
+        }
+    }
+
+    fn applied(url: &str) -> Vec<i32> {
+        let mut c = Client::connect(url, NoTls).expect("connect");
+        c.query(
+            "SELECT version FROM refinery_schema_history ORDER BY version",
+            &[],
+        )
+        .expect("history")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    }
+
+    /// An empty database gets every migration; a database one version behind (data
+    /// written in the old schema) is brought forward with its data; a database whose
+    /// schema is newer than the binary is refused by name, and left as it was; replicas
+    /// starting together migrate once.
+    #[test]
+    fn migrations_apply_forward_and_refuse_a_newer_schema() {
+        let pg = fleetml_testkit::Postgres::start();
+        let ours = schema_version() as i32;
+        assert!(ours >= 2, "the test needs a previous version to start from");
+
+        let url = pg.create_database("empty");
+        PgStore::open(&url).expect("an empty database is migrated");
+        assert_eq!(applied(&url), (1..=ours).collect::<Vec<_>>());
+        PgStore::open(&url).expect("reopening applies nothing more");
+        assert_eq!(applied(&url), (1..=ours).collect::<Vec<_>>());
+
+        let url = pg.create_database("previous");
+        {
+            let mut c = Client::connect(&url, NoTls).expect("connect");
+            embedded::migrations::runner()
+                .set_target(refinery::Target::Version(ours as u32 - 1))
+                .run(&mut c)
+                .expect("the previous schema");
+            c.execute(
+                "INSERT INTO messages (device, seq, envelope) VALUES ('d1', 7, $1)",
+                &[&serde_cbor::to_vec(&message(7)).expect("cbor")],
+            )
+            .expect("a message in the previous schema");
+            c.execute(
+                "INSERT INTO device_high (device, high) VALUES ('d1', 7)",
+                &[],
+            )
+            .expect("its high-water mark");
+        }
+        assert_eq!(applied(&url), (1..ours).collect::<Vec<_>>());
+        let store = PgStore::open(&url).expect("the previous schema is migrated");
+        assert_eq!(applied(&url), (1..=ours).collect::<Vec<_>>());
+        let id = DeviceId::new("d1").expect("id");
+        assert_eq!(
+            store.messages(&id, 0, 10).expect("read"),
+            vec![message(7)],
+            "data written before the migration is still there"
+        );
+        assert_eq!(store.insert(&message(8)).expect("insert"), (true, Some(7)));
+
+        let url = pg.create_database("newer");
+        PgStore::open(&url).expect("migrated");
+        let future = ours + 1;
+        pg.sql_in(
+            "newer",
+            &format!(
+                "INSERT INTO refinery_schema_history (version, name, applied_on, checksum) \
+                 VALUES ({future}, 'from_the_future', '2030-01-01T00:00:00Z', '0')"
+            ),
+        );
+        let e = PgStore::open(&url).expect_err("a newer schema is refused");
+        let text = format!("{e:#}");
+        assert!(
+            text.contains(&format!("version {future}"))
+                && text.contains(&format!("(version {ours})")),
+            "{text}"
+        );
+        assert!(!text.contains("password"), "{text}");
+        assert_eq!(applied(&url).last(), Some(&future), "nothing was changed");
+
+        let e = PgStore::open("postgres://postgres:s3cret-pw@127.0.0.1:1/nowhere")
+            .expect_err("nothing listens on port 1");
+        let text = format!("{e:#}");
+        assert!(
+            text.contains("postgres://postgres@127.0.0.1:1/nowhere") && !text.contains("s3cret"),
+            "{text}"
+        );
+
+        let url = pg.create_database("together");
+        let opened: Vec<_> = (0..4)
+            .map(|_| {
+                let url = url.clone();
+                std::thread::spawn(move || PgStore::open(&url).map(|_| ()))
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|t| t.join().expect("thread"))
+            .collect();
+        assert!(opened.iter().all(Result::is_ok), "{opened:?}");
+        assert_eq!(applied(&url), (1..=ours).collect::<Vec<_>>());
+    }
+
+    /// Sequence numbers beyond `bigint` are refused by name, not wrapped.
+    #[test]
+    fn numbers_beyond_bigint_are_refused_not_wrapped() {
+        assert!(
+            matches!(big(u64::MAX, "sequence number"), Err(StoreError::Conflict(m)) if m.contains("sequence number"))
+        );
+        assert_eq!(big(i64::MAX as u64, "x"), Ok(i64::MAX));
+    }
+
+    /// Called from async code on either kind of runtime, the store answers (the
+    /// synchronous client must not run on a runtime's worker).
+    #[test]
+    fn the_store_answers_from_async_code_on_both_runtimes() {
+        let pg = fleetml_testkit::Postgres::start();
+        let store = PgStore::open(&pg.create_database("rt")).expect("opens");
+        let multi = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .expect("runtime");
+        let s = store.clone();
+        multi.block_on(async move {
+            tokio::spawn(async move { s.insert(&message(1)).expect("insert") })
+                .await
+                .expect("task")
+        });
+        let current = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let s = store.clone();
+        let got = current.block_on(async move { s.insert(&message(2)).expect("insert") });
+        assert_eq!(got, (true, Some(1)));
+    }
+}

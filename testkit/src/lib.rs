@@ -1,0 +1,220 @@
+//! What the tests of several crates share: a free loopback port, and a private
+//! PostgreSQL server started from Debian's `postgresql` package (the store conformance
+//! suite in `fleet-control` and the system tests in `hil-tests` both run against one).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    // Below Linux's ephemeral range (32768-60999): the kernel never gives these to
+    // outgoing connections, so a port found free here stays free until a test binds it
+    // on purpose (a port from the ephemeral range was once taken by a client connection
+    // between this check and the server's bind). Each process walks the range from its
+    // own offset, so concurrent test processes rarely meet, and never hands one out twice.
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    let offset = (std::process::id() % 1_000) * 12;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (LOW + (offset + n) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+        assert!(n < 4 * SPAN, "no free port below the ephemeral range");
+    }
+}
+
+/// A private PostgreSQL server (Debian's `postgresql` package) in a temporary
+/// directory, on 127.0.0.1 and a free port, trusting local connections; stopped on drop.
+/// As root it runs as the `postgres` user, since PostgreSQL refuses to run as root.
+#[derive(Debug)]
+pub struct Postgres {
+    _dir: tempfile::TempDir,
+    data: PathBuf,
+    bin: PathBuf,
+    root: bool,
+    pub port: u16,
+}
+
+impl Postgres {
+    pub fn start() -> Postgres {
+        Postgres::start_with(None)
+    }
+
+    /// [`Postgres::start`] with TLS only: `cert` (chain, PEM) and `key` presented, and
+    /// plain TCP connections refused by `pg_hba.conf`.
+    pub fn start_tls(cert: &Path, key: &Path) -> Postgres {
+        Postgres::start_with(Some((cert, key)))
+    }
+
+    fn start_with(tls: Option<(&Path, &Path)>) -> Postgres {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .and_then(|d| {
+                let mut v: Vec<PathBuf> = d.flatten().map(|e| e.path().join("bin")).collect();
+                v.sort();
+                v.pop()
+            })
+            .filter(|b| b.join("initdb").is_file())
+            .expect("PostgreSQL is not installed: apt-get install postgresql (.ci/run does)");
+        let root = Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+        let dir = tempfile::Builder::new()
+            .prefix("fleetml-pg")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+                .expect("chmod");
+        }
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).expect("data dir");
+        if root {
+            let ok = Command::new("chown")
+                .args(["postgres:postgres", &data.display().to_string()])
+                .status()
+                .expect("chown");
+            assert!(ok.success(), "chown postgres {}", data.display());
+        }
+        let pg = Postgres {
+            _dir: dir,
+            data,
+            bin,
+            root,
+            port: free_port(),
+        };
+        let d = pg.data.display().to_string();
+        pg.run(
+            "initdb",
+            &["-D", &d, "-A", "trust", "-U", "postgres", "--no-sync"],
+        );
+        let mut options = format!("-p {} -k {d} -c listen_addresses=127.0.0.1", pg.port);
+        if let Some((cert, key)) = tls {
+            use std::os::unix::fs::PermissionsExt;
+            for (from, to) in [(cert, "server.crt"), (key, "server.key")] {
+                let to = pg.data.join(to);
+                std::fs::copy(from, &to).expect("copy the certificate");
+                std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600))
+                    .expect("chmod");
+                if root {
+                    let ok = Command::new("chown")
+                        .args(["postgres:postgres", &to.display().to_string()])
+                        .status()
+                        .expect("chown");
+                    assert!(ok.success());
+                }
+            }
+            std::fs::write(
+                pg.data.join("pg_hba.conf"),
+                "local all all trust\nhostssl all all 127.0.0.1/32 trust\n",
+            )
+            .expect("pg_hba.conf");
+            options.push_str(" -c ssl=on -c ssl_cert_file=server.crt -c ssl_key_file=server.key");
+        }
+        let log = format!("{d}/server.log");
+        pg.run(
+            "pg_ctl",
+            &["-D", &d, "-o", &options, "-l", &log, "-w", "start"],
+        );
+        pg
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) {
+        let exe = self.bin.join(tool).display().to_string();
+        let out = if self.root {
+            Command::new("runuser")
+                .args(["-u", "postgres", "--", &exe])
+                .args(args)
+                .output()
+        } else {
+            Command::new(&exe).args(args).output()
+        }
+        .unwrap_or_else(|e| panic!("{tool}: {e}"));
+        assert!(
+            out.status.success(),
+            "{tool} {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// `postgres://postgres@127.0.0.1:PORT/postgres`.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// `postgres://postgres@127.0.0.1:PORT/DB`.
+    pub fn url_of(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// Creates database `db` and returns its URL.
+    pub fn create_database(&self, db: &str) -> String {
+        self.sql(&format!("CREATE DATABASE \"{db}\""));
+        self.url_of(db)
+    }
+
+    /// Runs SQL with psql in database `db`.
+    pub fn sql_in(&self, db: &str, sql: &str) {
+        let port = self.port.to_string();
+        self.run(
+            "psql",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "postgres",
+                "-d",
+                db,
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                sql,
+            ],
+        );
+    }
+
+    /// Runs SQL with psql.
+    pub fn sql(&self, sql: &str) {
+        let port = self.port.to_string();
+        self.run(
+            "psql",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "postgres",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                sql,
+            ],
+        );
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let d = self.data.display().to_string();
+        let exe = self.bin.join("pg_ctl").display().to_string();
+        let args = ["-D", d.as_str(), "-m", "immediate", "stop"];
+        let _ = if self.root {
+            Command::new("runuser")
+                .args(["-u", "postgres", "--", &exe])
+                .args(args)
+                .output()
+        } else {
+            Command::new(&exe).args(args).output()
+        };
+    }
+}
