@@ -25,6 +25,7 @@ pub mod ingest;
 pub mod jobs;
 pub mod k8s;
 pub mod keys;
+pub mod leader;
 pub mod mosquitto;
 pub mod multivariate;
 pub mod onnx;

@@ -14,6 +14,8 @@ use crate::store::{AssignmentStore, RolloutStore};
 
 /// Shared state of the running control plane.
 pub struct Plane {
+    /// Whether this replica runs the rollout and policy engines now.
+    pub leader: Arc<crate::leader::Leadership>,
     pub ingest: Ingest<Arc<dyn crate::store::FleetStore>>,
     pub registry: crate::registry::Registry,
     pub assignments: Arc<dyn AssignmentStore>,

@@ -49,6 +49,13 @@ pub struct Options {
     pub data_dir: PathBuf,
     /// `postgres://…`: keep the state in PostgreSQL instead of DATA_DIR/fleet.db.
     pub database: Option<String>,
+    /// Where bundle files are kept (default `DATA_DIR/blobs`): a folder every replica
+    /// mounts when there are several.
+    pub blobs: Option<PathBuf>,
+    /// This replica's name among several on one database and broker: its MQTT client
+    /// ids carry it, the ingest shares the telemetry subscription with the other
+    /// replicas, and leadership is elected. None: the only process.
+    pub replica_id: Option<String>,
     pub listen: SocketAddr,
     pub mqtt: Mqtt,
     /// Trust policy handed to enrolled devices.
@@ -379,7 +386,40 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
     }
     let token = admin_token(&opts.data_dir)?;
     let assignment_key = crate::assign::assignment_key(&opts.data_dir)?;
+    if let Some(id) = &opts.replica_id {
+        anyhow::ensure!(
+            opts.database.is_some() && matches!(opts.mqtt, Mqtt::External(_)),
+            "--replica-id {id}: replicas share one PostgreSQL database (--database) and one \
+             external broker (--mqtt-url); the embedded store and broker belong to one process"
+        );
+        anyhow::ensure!(
+            !id.is_empty()
+                && id.len() <= 64
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
+            "--replica-id {id:?}: use 1 to 64 letters, digits, '-' or '_' (it goes into MQTT client ids)"
+        );
+    }
     let store = open_store(&opts)?;
+    let leader = match (&opts.database, &opts.replica_id) {
+        (Some(url), Some(id)) => crate::leader::Leadership::elect(url, id.clone())?,
+        (_, id) => crate::leader::Leadership::sole(id.clone().unwrap_or_else(|| "sole".into())),
+    };
+    let (ingest_id, commands_id, ingest_filter) = match &opts.replica_id {
+        // The replicas' ingests share one subscription: the broker hands each
+        // message to one of them.
+        Some(id) => (
+            format!("{INGEST_CLIENT}-{id}"),
+            format!("{COMMANDS_CLIENT}-{id}"),
+            format!("$share/{INGEST_CLIENT}/{}", telemetry::INGEST_FILTER),
+        ),
+        None => (
+            INGEST_CLIENT.to_string(),
+            COMMANDS_CLIENT.to_string(),
+            telemetry::INGEST_FILTER.to_string(),
+        ),
+    };
     let tokens = crate::auth::Tokens::new(store.clone());
     tokens.register(
         "admin",
@@ -497,7 +537,7 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
             (o, public)
         }
         Mqtt::External(url) => {
-            let mut o = MqttOptions::new(INGEST_CLIENT, url.host.clone(), url.port);
+            let mut o = MqttOptions::new(ingest_id.clone(), url.host.clone(), url.port);
             if let Some(u) = &url.username {
                 o.set_credentials(u.clone(), url.password.clone().unwrap_or_default());
             }
@@ -548,17 +588,27 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
     // acknowledgements queued behind them until the broker gave up on the session
     // (found with `fleetctl sim --devices 1000`).
     let mut command_options = options.clone();
-    command_options.set_client_id(COMMANDS_CLIENT.to_string());
+    command_options.set_client_id(commands_id);
     command_options.set_clean_session(true);
     let (client, command_events) = AsyncClient::new(command_options, 1024);
-    options.set_clean_session(false);
+    // The only ingest keeps a persistent session: what the broker accepted while it
+    // was away waits for it. A replica's session is clean: a broker hands a shared
+    // subscription's messages to the sessions of absent members too (mosquitto
+    // does), so a dead replica's persistent session would hold every other message
+    // until it came back; with a clean one the broker forgets it on disconnect, the
+    // other replicas get everything, and what was in flight to the dead one comes
+    // again from the devices' outboxes (no receipt named it).
+    options.set_clean_session(opts.replica_id.is_some());
     options.set_manual_acks(true);
     options.set_inflight(100);
     let (ingest_client, events) = AsyncClient::new(options, 1024);
     let registry = crate::registry::Registry::new(
         store.clone(),
         Arc::new(crate::store::blobs::FileBlobs::open(
-            &opts.data_dir.join("blobs"),
+            &opts
+                .blobs
+                .clone()
+                .unwrap_or_else(|| opts.data_dir.join("blobs")),
         )?),
     );
     let audit_key = crate::auth::AuditKey::open(
@@ -570,6 +620,7 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
     )?;
     let jobs = open_jobs(&opts, store.clone())?;
     let plane = Arc::new(Plane {
+        leader,
         assignments: store.clone(),
         captures: crate::captures::Captures::open(store.clone(), &opts.data_dir.join("captures"))?
             .with_quota(opts.capture_quota),
@@ -606,7 +657,7 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
         metrics,
         rate: crate::plane::CallLimits::new(opts.rate_limits),
     });
-    spawn_ingest(plane.clone(), ingest_client, events);
+    spawn_ingest(plane.clone(), ingest_client, events, ingest_filter);
     spawn_receipts(plane.clone(), opts.receipt_interval);
     spawn_audit_tally(plane.clone(), opts.audit_interval);
     spawn_commands(command_events);
@@ -692,7 +743,12 @@ fn spawn_commands(mut events: rumqttc::EventLoop) {
 
 /// Receives from the broker on one task and stores on another: a batch is stored,
 /// flushed once, then acknowledged message by message.
-fn spawn_ingest(plane: Arc<Plane>, client: AsyncClient, mut events: rumqttc::EventLoop) {
+fn spawn_ingest(
+    plane: Arc<Plane>,
+    client: AsyncClient,
+    mut events: rumqttc::EventLoop,
+    filter: String,
+) {
     // Unbounded on purpose: the receiving task must never block, or it stops polling the
     // event loop that carries the storing task's acknowledgements out — a deadlock seen
     // under load with mosquitto (system test `the_ingest_keeps_up_with_a_burst…`). What
@@ -711,10 +767,7 @@ fn spawn_ingest(plane: Arc<Plane>, client: AsyncClient, mut events: rumqttc::Eve
                     // arrive in the order it sent them (rumqttd keeps one log per
                     // filter); it also brings back the commands the control plane
                     // publishes, which the ingest ignores.
-                    if let Err(e) = client
-                        .subscribe(telemetry::INGEST_FILTER, QoS::AtLeastOnce)
-                        .await
-                    {
+                    if let Err(e) = client.subscribe(filter.as_str(), QoS::AtLeastOnce).await {
                         tracing::error!(error = %e, "ingest could not subscribe");
                     }
                 }

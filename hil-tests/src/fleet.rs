@@ -500,6 +500,12 @@ impl ControlPlane {
             .unwrap_or_default()
     }
 
+    /// Kills it (SIGKILL: no shutdown, as a crash or a lost host).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Stops it gracefully.
     pub fn stop(&mut self) {
         terminate(&mut self.child);

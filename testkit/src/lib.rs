@@ -126,21 +126,73 @@ impl Postgres {
     }
 
     fn run(&self, tool: &str, args: &[&str]) {
+        self.run_with(tool, args, &[]);
+    }
+
+    /// Runs PostgreSQL's `tool` (as the `postgres` user under root) with `stdin`; its
+    /// standard output.
+    fn run_with(&self, tool: &str, args: &[&str], stdin: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        use std::process::Stdio;
         let exe = self.bin.join(tool).display().to_string();
-        let out = if self.root {
-            Command::new("runuser")
-                .args(["-u", "postgres", "--", &exe])
-                .args(args)
-                .output()
+        let mut command = if self.root {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--", &exe]);
+            c
         } else {
-            Command::new(&exe).args(args).output()
-        }
-        .unwrap_or_else(|e| panic!("{tool}: {e}"));
+            Command::new(&exe)
+        };
+        let mut child = command
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{tool}: {e}"));
+        let mut input = child.stdin.take().expect("stdin");
+        let bytes = stdin.to_vec();
+        let writer = std::thread::spawn(move || {
+            let _ = input.write_all(&bytes);
+        });
+        let out = child
+            .wait_with_output()
+            .unwrap_or_else(|e| panic!("{tool}: {e}"));
+        let _ = writer.join();
         assert!(
             out.status.success(),
-            "{tool} {args:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
+            "{tool} {args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    }
+
+    /// `pg_dump --format=custom` of database `db`: what an operator backs up.
+    pub fn dump(&self, db: &str) -> Vec<u8> {
+        let port = self.port.to_string();
+        self.run_with(
+            "pg_dump",
+            &["-h", "127.0.0.1", "-p", &port, "-U", "postgres", "-Fc", db],
+            &[],
+        )
+    }
+
+    /// `pg_restore` of `dump` (from [`Postgres::dump`]) into the empty database `db`.
+    pub fn restore(&self, db: &str, dump: &[u8]) {
+        let port = self.port.to_string();
+        self.run_with(
+            "pg_restore",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "postgres",
+                "-d",
+                db,
+                "--exit-on-error",
+            ],
+            dump,
         );
     }
 

@@ -294,7 +294,10 @@ pub(crate) async fn drift(
 }
 
 pub(crate) async fn ingest_counters(State(plane): State<Arc<Plane>>) -> axum::Json<Value> {
-    axum::Json(plane.ingest.counters.to_json())
+    let mut v = plane.ingest.counters.to_json();
+    v["replica"] = plane.leader.replica.clone().into();
+    v["leader"] = plane.leader.leads().into();
+    axum::Json(v)
 }
 
 /// Largest bundle `POST /v1/models` accepts.

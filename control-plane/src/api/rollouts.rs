@@ -89,6 +89,10 @@ pub fn spawn_rollouts(plane: Arc<Plane>) {
         let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
         loop {
             every.tick().await;
+            // One engine across replicas: the leader's.
+            if !plane.leader.leads() {
+                continue;
+            }
             let running: Vec<String> = match plane.rollouts.rollouts() {
                 Ok(all) => all
                     .into_iter()

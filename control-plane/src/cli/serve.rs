@@ -16,6 +16,17 @@ pub(crate) struct ServeArgs {
     /// password on the command line shows in `ps`. Never logged with its password.
     #[arg(long, env = "FLEETML_DATABASE_URL", hide_env_values = true)]
     database: Option<String>,
+    /// Where bundle files are kept: a folder (local, or shared by every replica — NFS,
+    /// a mounted volume). [default: DATA_DIR/blobs]
+    #[arg(long)]
+    blobs: Option<PathBuf>,
+    /// Run as one of several replicas on one --database and one --mqtt-url broker:
+    /// every replica serves the whole API, the replicas share the telemetry ingest (an
+    /// MQTT shared subscription), and one elected leader runs the rollout and policy
+    /// engines; another takes over within seconds when it dies. Letters, digits, '-'
+    /// and '_'; unique per replica.
+    #[arg(long, requires_all = ["database", "mqtt_url"])]
+    replica_id: Option<String>,
     /// Address of the HTTP API.
     #[arg(long, default_value = "127.0.0.1:7080")]
     listen: std::net::SocketAddr,
@@ -160,6 +171,8 @@ pub(crate) fn serve_command(a: ServeArgs) -> anyhow::Result<()> {
     let opts = fleet_control::server::Options {
         data_dir: a.data_dir,
         database: a.database,
+        blobs: a.blobs,
+        replica_id: a.replica_id,
         listen: a.listen,
         mqtt,
         trust: a.trust,

@@ -308,6 +308,10 @@ pub fn spawn(plane: Arc<Plane>) {
         let mut every = tokio::time::interval(std::time::Duration::from_secs(2));
         loop {
             every.tick().await;
+            // One engine across replicas: the leader's.
+            if !plane.leader.leads() {
+                continue;
+            }
             let p = plane.clone();
             let _ = tokio::task::spawn_blocking(move || tick(&p)).await;
         }

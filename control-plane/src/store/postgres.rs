@@ -116,10 +116,32 @@ fn builder<M: r2d2::ManageConnection>() -> r2d2::Builder<M> {
         .connection_timeout(std::time::Duration::from_secs(10))
 }
 
+/// The pool, closed off the async runtime: closing a client blocks on its own runtime,
+/// which must not happen on a tokio worker (the last store is often dropped on one when
+/// the control plane shuts down).
+struct Shared(Option<Pool>);
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        if let Some(pool) = self.0.take() {
+            let _ = std::thread::spawn(move || drop(pool)).join();
+        }
+    }
+}
+
+impl std::ops::Deref for Shared {
+    type Target = Pool;
+    fn deref(&self) -> &Pool {
+        self.0
+            .as_ref()
+            .expect("the pool lives until the store is dropped")
+    }
+}
+
 /// The store in PostgreSQL. Cloning shares the pool.
 #[derive(Clone)]
 pub struct PgStore {
-    pool: Pool,
+    pool: std::sync::Arc<Shared>,
     /// `postgres://USER@HOST:PORT/DB`: the URL without its password, for messages.
     describe: String,
 }
@@ -184,7 +206,10 @@ impl PgStore {
                     .with_context(|| format!("connecting to {describe}"))?,
             )
         };
-        let store = PgStore { pool, describe };
+        let store = PgStore {
+            pool: std::sync::Arc::new(Shared(Some(pool))),
+            describe,
+        };
         off_runtime(|| store.migrate())?;
         Ok(store)
     }

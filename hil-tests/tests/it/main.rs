@@ -13,6 +13,7 @@ mod hil;
 mod monitoring;
 mod peers;
 mod real_models;
+mod replicas;
 mod retrain;
 mod rollout;
 mod security;

@@ -369,11 +369,14 @@ fn a_rollout_in_waves_reaches_exactly_the_selected_devices_in_order_and_a_rollba
 }
 
 /// `fleetctl serve` with its state in PostgreSQL (`FLEETML_DATABASE_URL`, a password
-/// in it): devices enroll, a rollout reaches them, the control plane restarts with
-/// nothing of its state on its disk (no sled database), and a rollback after the restart
-/// finds the rollout, assignments and message log where it left them.
+/// in it): devices enroll, a rollout reaches them; then the backup drill of
+/// docs/DEPLOY.md: the control plane stops, the database is dumped (`pg_dump`), wiped
+/// (dropped and created empty) and restored (`pg_restore`), and the control plane starts
+/// again with nothing of its state on its disk (no sled database): a rollback finds the
+/// rollout, assignments, devices, tokens and message log where they were, and the audit
+/// chain still verifies.
 #[test]
-fn with_postgresql_the_fleet_rolls_out_restarts_and_rolls_back() {
+fn with_postgresql_the_fleet_survives_a_backup_wipe_and_restore() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
     keys_and_policy(dir, "k");
@@ -425,6 +428,11 @@ fn with_postgresql_the_fleet_rolls_out_restarts_and_rolls_back() {
         .collect();
     assert!(before[0] > 0, "pi-a's messages are stored");
 
+    plane.stop();
+    let backup = pg.dump("fleet");
+    pg.sql("DROP DATABASE fleet");
+    pg.sql("CREATE DATABASE fleet");
+    pg.restore("fleet", &backup);
     plane.restart();
     assert!(!plane.data_dir.join("fleet.db").exists());
     // Commands reach connected devices; the agents reconnect with back-off and say so
