@@ -52,6 +52,9 @@ pub struct Options {
     /// Where bundle files are kept (default `DATA_DIR/blobs`): a folder every replica
     /// mounts when there are several.
     pub blobs: Option<PathBuf>,
+    /// Messages kept per device in the message log, newest first (0: all); the leader
+    /// prunes the rest every [`RETENTION_EVERY`].
+    pub retain_messages: usize,
     /// This replica's name among several on one database and broker: its MQTT client
     /// ids carry it, the ingest shares the telemetry subscription with the other
     /// replicas, and leadership is elected. None: the only process.
@@ -660,6 +663,9 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
     spawn_ingest(plane.clone(), ingest_client, events, ingest_filter);
     spawn_receipts(plane.clone(), opts.receipt_interval);
     spawn_audit_tally(plane.clone(), opts.audit_interval);
+    if opts.retain_messages > 0 {
+        spawn_retention(plane.clone(), opts.retain_messages);
+    }
     spawn_commands(command_events);
     crate::api::rollouts::spawn_rollouts(plane.clone());
     crate::policy::spawn(plane.clone());
@@ -853,6 +859,43 @@ fn spawn_audit_tally(plane: Arc<Plane>, interval: Duration) {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => tracing::error!(error = %e, "writing the tally of refused calls"),
                 Err(e) => tracing::error!(error = %e, "the audit tally task failed"),
+            }
+        }
+    });
+}
+
+/// How often the leader applies the message log's retention.
+pub const RETENTION_EVERY: Duration = Duration::from_secs(600);
+
+/// On the leader, every [`RETENTION_EVERY`] (and at start): each device's message log
+/// cut to its newest `keep` messages. Devices' derived state (status, latest windows,
+/// lifecycle, alerts) is kept apart from the log and is not touched.
+fn spawn_retention(plane: Arc<Plane>, keep: usize) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(RETENTION_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            if !plane.leader.leads() {
+                continue;
+            }
+            let p = plane.clone();
+            let pruned = tokio::task::spawn_blocking(move || {
+                let mut pruned = 0;
+                for d in p.ingest.store.devices()? {
+                    pruned += p.ingest.store.prune_messages(&d.id, keep)?;
+                }
+                Ok::<_, crate::store::StoreError>(pruned)
+            })
+            .await;
+            match pruned {
+                Ok(Ok(0)) => {}
+                Ok(Ok(n)) => {
+                    metrics::counter!("fleetml_control_messages_pruned_total").increment(n);
+                    tracing::info!(pruned = n, keep, "message log retention applied");
+                }
+                Ok(Err(e)) => tracing::error!(error = %e, "message log retention failed"),
+                Err(e) => tracing::error!(error = %e, "message log retention task failed"),
             }
         }
     });

@@ -27,6 +27,12 @@ pub(crate) struct ServeArgs {
     /// and '_'; unique per replica.
     #[arg(long, requires_all = ["database", "mqtt_url"])]
     replica_id: Option<String>,
+    /// Messages kept per device in the message log (GET /v1/devices/ID/messages): the
+    /// newest N; the leader removes older ones at start and every 10 minutes. Each
+    /// device's status, latest windows, lifecycle events and alerts are kept apart and
+    /// stay. 0 keeps everything.
+    #[arg(long, default_value_t = 50_000)]
+    retain_messages: usize,
     /// Address of the HTTP API.
     #[arg(long, default_value = "127.0.0.1:7080")]
     listen: std::net::SocketAddr,
@@ -173,6 +179,7 @@ pub(crate) fn serve_command(a: ServeArgs) -> anyhow::Result<()> {
         database: a.database,
         blobs: a.blobs,
         replica_id: a.replica_id,
+        retain_messages: a.retain_messages,
         listen: a.listen,
         mqtt,
         trust: a.trust,

@@ -530,12 +530,41 @@ pub(super) fn jobs_and_their_specs_are_kept(s: &dyn Store) -> Result<(), StoreEr
     Ok(())
 }
 
+pub(super) fn the_message_log_keeps_the_newest_of_each_device(
+    s: &dyn Store,
+) -> Result<(), StoreError> {
+    for seq in [3, 1, 4, 5, 9, 2, 6] {
+        s.insert(&message("d1", seq))?;
+    }
+    s.insert(&message("d10", 1))?;
+    let seqs = |d: &str| -> Result<Vec<u64>, StoreError> {
+        Ok(s.messages(&id(d), 0, 100)?
+            .into_iter()
+            .map(|e| e.seq)
+            .collect())
+    };
+    assert_eq!(s.prune_messages(&id("d1"), 10)?, 0, "fewer than kept");
+    assert_eq!(s.prune_messages(&id("d1"), 3)?, 4);
+    assert_eq!(seqs("d1")?, [5, 6, 9], "the newest three");
+    assert_eq!(seqs("d10")?, [1], "another device's log is its own");
+    assert_eq!(
+        s.insert(&message("d1", 10))?,
+        (true, Some(9)),
+        "the highest stored is still known"
+    );
+    assert_eq!(s.prune_messages(&id("d1"), 0)?, 4);
+    assert_eq!(seqs("d1")?, Vec::<u64>::new());
+    assert_eq!(s.prune_messages(&id("nobody"), 1)?, 0);
+    s.flush()
+}
+
 /// Calls macro `$m` with `$args` followed by the name of every test of the suite.
 macro_rules! each_case {
     ($m:ident!($($args:tt)*)) => {
         $m! { $($args)*
             devices_enroll_once,
             messages_are_stored_once_in_order_per_device,
+            the_message_log_keeps_the_newest_of_each_device,
             device_state_changes_in_place,
             command_sequence_numbers_count_per_device,
             an_assignment_moves_its_generation_only_when_it_changes,

@@ -134,6 +134,20 @@ impl FleetStore for MemoryStore {
         Ok((new, before))
     }
 
+    fn prune_messages(&self, device: &DeviceId, keep: usize) -> Result<u64, StoreError> {
+        let mut inner = self.inner();
+        let seqs: Vec<u64> = inner
+            .messages
+            .range((device.clone(), 0)..=(device.clone(), u64::MAX))
+            .map(|((_, s), _)| *s)
+            .collect();
+        let drop = seqs.len().saturating_sub(keep);
+        for s in &seqs[..drop] {
+            inner.messages.remove(&(device.clone(), *s));
+        }
+        Ok(drop as u64)
+    }
+
     fn messages(
         &self,
         device: &DeviceId,

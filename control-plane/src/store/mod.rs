@@ -96,6 +96,10 @@ pub trait FleetStore: Send + Sync {
         device: &DeviceId,
         change: &mut (dyn FnMut(&mut DeviceState) + Send),
     ) -> Result<(), StoreError>;
+    /// Removes all but the newest `keep` messages of `device` (by sequence number);
+    /// returns how many it removed. The highest sequence number stored stays known, so
+    /// gaps and restarts are still told apart afterwards.
+    fn prune_messages(&self, device: &DeviceId, keep: usize) -> Result<u64, StoreError>;
     /// The next sequence number of control plane → device messages.
     fn next_command_seq(&self, device: &DeviceId) -> Result<u64, StoreError>;
     /// [`FleetStore::next_command_seq`] of each device, made durable together.
@@ -141,6 +145,9 @@ impl<T: FleetStore + ?Sized> FleetStore for std::sync::Arc<T> {
         change: &mut (dyn FnMut(&mut DeviceState) + Send),
     ) -> Result<(), StoreError> {
         (**self).update_state(device, change)
+    }
+    fn prune_messages(&self, device: &DeviceId, keep: usize) -> Result<u64, StoreError> {
+        (**self).prune_messages(device, keep)
     }
     fn next_command_seq(&self, device: &DeviceId) -> Result<u64, StoreError> {
         (**self).next_command_seq(device)

@@ -431,6 +431,22 @@ impl FleetStore for PgStore {
         })
     }
 
+    fn prune_messages(&self, device: &DeviceId, keep: usize) -> Result<u64, StoreError> {
+        let keep = i64::try_from(keep).unwrap_or(i64::MAX);
+        self.run(|c| {
+            // Below the `keep`-th newest sequence number (none: fewer are stored).
+            Ok(c.execute(
+                "DELETE FROM messages WHERE device = $1 AND seq < (\
+                 SELECT seq FROM messages WHERE device = $1 ORDER BY seq DESC OFFSET $2::bigint - 1 LIMIT 1)",
+                &[&device.as_str(), &keep.max(1)],
+            )? + if keep == 0 {
+                c.execute("DELETE FROM messages WHERE device = $1", &[&device.as_str()])?
+            } else {
+                0
+            })
+        })
+    }
+
     fn state(&self, device: &DeviceId) -> Result<Option<DeviceState>, StoreError> {
         self.run(|c| {
             c.query_opt(

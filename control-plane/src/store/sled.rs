@@ -243,6 +243,21 @@ impl FleetStore for SledStore {
             .collect()
     }
 
+    fn prune_messages(&self, device: &DeviceId, keep: usize) -> Result<u64, StoreError> {
+        let mut end = device.as_str().as_bytes().to_vec();
+        end.push(1);
+        let range = Self::key(device, 0)..end;
+        let stored = self.messages.range(range.clone()).keys().count();
+        let drop = stored.saturating_sub(keep);
+        let mut batch = ::sled::Batch::default();
+        for k in self.messages.range(range).keys().take(drop) {
+            batch.remove(k?);
+        }
+        self.messages.apply_batch(batch)?;
+        self.messages.flush()?;
+        Ok(drop as u64)
+    }
+
     fn state(&self, device: &DeviceId) -> Result<Option<DeviceState>, StoreError> {
         match self.state.get(device.as_str())? {
             Some(v) => Ok(Some(serde_cbor::from_slice(&v)?)),
