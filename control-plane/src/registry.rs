@@ -83,8 +83,10 @@ impl Registry {
         Ok(self.blobs.incoming()?)
     }
 
-    pub fn blob_path(&self, digest: &str) -> PathBuf {
-        self.blobs.path(digest)
+    /// A local file holding bundle `digest` (from object storage, fetched into the
+    /// replica's cache first).
+    pub fn blob_path(&self, digest: &str) -> std::io::Result<PathBuf> {
+        self.blobs.local(digest)
     }
 
     /// Verifies the uploaded bundle in `file` and keeps it (blocking: hashes the file).

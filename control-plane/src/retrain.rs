@@ -517,7 +517,10 @@ fn recorded_lineage(
     plane: &Plane,
     record: &crate::registry::ModelRecord,
 ) -> Result<Lineage, String> {
-    let front = crate::bundle::read_front(&plane.registry.blob_path(&record.digest))
-        .map_err(|e| format!("{e:#}"))?;
+    let path = plane
+        .registry
+        .blob_path(&record.digest)
+        .map_err(|e| e.to_string())?;
+    let front = crate::bundle::read_front(&path).map_err(|e| format!("{e:#}"))?;
     Ok(front.manifest.lineage.clone())
 }

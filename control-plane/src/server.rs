@@ -49,9 +49,9 @@ pub struct Options {
     pub data_dir: PathBuf,
     /// `postgres://…`: keep the state in PostgreSQL instead of DATA_DIR/fleet.db.
     pub database: Option<String>,
-    /// Where bundle files are kept (default `DATA_DIR/blobs`): a folder every replica
-    /// mounts when there are several.
-    pub blobs: Option<PathBuf>,
+    /// Where bundle files are kept (default `DATA_DIR/blobs`): a folder (every
+    /// replica mounts it when there are several) or `s3://BUCKET/PREFIX`.
+    pub blobs: Option<String>,
     /// Messages kept per device in the message log, newest first (0: all); the leader
     /// prunes the rest every [`RETENTION_EVERY`].
     pub retain_messages: usize,
@@ -247,6 +247,22 @@ fn open_store(opts: &Options) -> anyhow::Result<Arc<dyn Store>> {
         }
         None => Ok(Arc::new(SledStore::open(&opts.data_dir.join("fleet.db"))?)),
     }
+}
+
+/// The blob store `--blobs` names: S3-compatible object storage (`s3://…`, cached in
+/// DATA_DIR/blob-cache) or a folder (default DATA_DIR/blobs).
+fn open_blobs(opts: &Options) -> anyhow::Result<Arc<dyn crate::store::BlobStore>> {
+    Ok(match opts.blobs.as_deref() {
+        Some(url) if url.starts_with("s3://") => {
+            let blobs = crate::store::s3::S3Blobs::open(url, &opts.data_dir.join("blob-cache"))?;
+            tracing::info!(blobs = url, "bundle files are in object storage");
+            Arc::new(blobs)
+        }
+        Some(dir) => Arc::new(crate::store::blobs::FileBlobs::open(Path::new(dir))?),
+        None => Arc::new(crate::store::blobs::FileBlobs::open(
+            &opts.data_dir.join("blobs"),
+        )?),
+    })
 }
 
 /// Starts rumqttd on `addr` (its own threads) and waits until it accepts connections.
@@ -605,15 +621,7 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
     options.set_manual_acks(true);
     options.set_inflight(100);
     let (ingest_client, events) = AsyncClient::new(options, 1024);
-    let registry = crate::registry::Registry::new(
-        store.clone(),
-        Arc::new(crate::store::blobs::FileBlobs::open(
-            &opts
-                .blobs
-                .clone()
-                .unwrap_or_else(|| opts.data_dir.join("blobs")),
-        )?),
-    );
+    let registry = crate::registry::Registry::new(store.clone(), open_blobs(&opts)?);
     let audit_key = crate::auth::AuditKey::open(
         &opts
             .audit_key

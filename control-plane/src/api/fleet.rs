@@ -73,8 +73,11 @@ pub async fn bundle(
             ));
         }
     }
-    let path = plane.registry.blob_path(&digest.to_string());
-    let mut file = match tokio::fs::File::open(&path).await {
+    let opened = match plane.registry.blob_path(&digest.to_string()) {
+        Ok(path) => tokio::fs::File::open(&path).await,
+        Err(e) => Err(e),
+    };
+    let mut file = match opened {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(ApiError(

@@ -157,7 +157,11 @@ pub(crate) fn reference_profile(
             "the server has no trust policy".into(),
         )
     })?;
-    verified_reference(&plane.registry.blob_path(&record.digest), &policy)
+    let path = plane
+        .registry
+        .blob_path(&record.digest)
+        .map_err(ApiError::internal)?;
+    verified_reference(&path, &policy)
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))?
         .ok_or_else(|| {
             ApiError(
@@ -177,7 +181,10 @@ pub(crate) async fn show_model(
             format!("no {name} v{version} in the registry"),
         )
     })?;
-    let path = plane.registry.blob_path(&record.digest);
+    let path = plane
+        .registry
+        .blob_path(&record.digest)
+        .map_err(ApiError::internal)?;
     let policy = plane.policy();
     let bundle = tokio::task::spawn_blocking(move || -> anyhow::Result<Value> {
         let front = crate::bundle::read_front(&path)?;

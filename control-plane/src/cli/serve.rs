@@ -17,9 +17,13 @@ pub(crate) struct ServeArgs {
     #[arg(long, env = "FLEETML_DATABASE_URL", hide_env_values = true)]
     database: Option<String>,
     /// Where bundle files are kept: a folder (local, or shared by every replica — NFS,
-    /// a mounted volume). [default: DATA_DIR/blobs]
+    /// a mounted volume), or S3-compatible object storage, s3://BUCKET/PREFIX, with the
+    /// endpoint, region and credentials from AWS_ENDPOINT_URL, AWS_REGION,
+    /// AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (AWS_ALLOW_HTTP=true for a plain
+    /// endpoint); each replica caches what it serves in DATA_DIR/blob-cache.
+    /// [default: DATA_DIR/blobs]
     #[arg(long)]
-    blobs: Option<PathBuf>,
+    blobs: Option<String>,
     /// Run as one of several replicas on one --database and one --mqtt-url broker:
     /// every replica serves the whole API, the replicas share the telemetry ingest (an
     /// MQTT shared subscription), and one elected leader runs the rollout and policy

@@ -35,6 +35,10 @@ pub(crate) struct SimArgs {
     /// The mosquitto executable (default: /usr/sbin/mosquitto, /usr/bin/mosquitto, PATH).
     #[arg(long)]
     mosquitto: Option<PathBuf>,
+    /// Keep the control plane's state in this PostgreSQL database (`serve --database`;
+    /// an empty database: the run writes into it) instead of sled.
+    #[arg(long, env = "FLEETML_SIM_DATABASE_URL", hide_env_values = true)]
+    database: Option<String>,
     /// Telemetry messages per device per second: a window report per served model, or a
     /// status heartbeat while it serves none.
     #[arg(long, default_value_t = 0.2)]
@@ -58,6 +62,7 @@ pub(crate) fn sim_command(a: SimArgs) -> anyhow::Result<()> {
         devices: a.devices,
         broker: a.broker,
         mosquitto: a.mosquitto,
+        database: a.database,
         rate: a.rate,
         duration: a.duration,
         dir: a.dir,

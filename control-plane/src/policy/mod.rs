@@ -131,9 +131,15 @@ pub fn compare(
             .get(name, version)
             .map_err(|e| Refusal::internal(e.to_string()))?
             .ok_or_else(|| Refusal::not_found(format!("no {name} v{version} in the registry")))?;
-        let scored =
-            crate::compare::score(&plane.registry.blob_path(&record.digest), &policy, &table)
-                .map_err(|e| Refusal::unprocessable(format!("{name}@v{version}: {e}")))?;
+        let scored = crate::compare::score(
+            &plane
+                .registry
+                .blob_path(&record.digest)
+                .map_err(|e| Refusal::internal(e.to_string()))?,
+            &policy,
+            &table,
+        )
+        .map_err(|e| Refusal::unprocessable(format!("{name}@v{version}: {e}")))?;
         let eval = crate::compare::evaluate(&scored, &table, &label, &devices)
             .map_err(Refusal::unprocessable)?;
         evals.push(eval);

@@ -172,6 +172,9 @@ fn run_in(
         .args(["--listen", &format!("127.0.0.1:{http_port}")])
         .current_dir(dir)
         .stderr(log_file(dir, "serve.log")?);
+    if let Some(url) = &opts.database {
+        serve.env("FLEETML_DATABASE_URL", url);
+    }
     match broker_pid {
         Some(_) => serve.args(["--mqtt-url", &format!("mqtt://127.0.0.1:{broker_port}")]),
         None => serve.args(["--mqtt-listen", &format!("127.0.0.1:{broker_port}")]),

@@ -53,6 +53,8 @@ pub struct Options {
     pub broker: Broker,
     /// The mosquitto executable (default: found in /usr/sbin, /usr/bin or PATH).
     pub mosquitto: Option<PathBuf>,
+    /// `postgres://…`: the control plane's store (`serve --database`); None: sled.
+    pub database: Option<String>,
     /// Telemetry messages per device per second (window reports, or heartbeats).
     pub rate: f64,
     /// Length of the steady phase.

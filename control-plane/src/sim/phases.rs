@@ -230,6 +230,11 @@ pub(super) async fn orchestrate(setup: Setup) -> anyhow::Result<Report> {
     let mut report = Report {
         devices: n,
         broker: setup.opts.broker,
+        store: if setup.opts.database.is_some() {
+            "postgresql"
+        } else {
+            "sled"
+        },
         rate_per_device_per_s: setup.opts.rate,
         enroll_s: 0.0,
         connected: 0,

@@ -94,6 +94,8 @@ pub struct Checks {
 pub struct Report {
     pub devices: usize,
     pub broker: Broker,
+    /// `sled` or `postgresql`.
+    pub store: &'static str,
     pub rate_per_device_per_s: f64,
     pub enroll_s: f64,
     /// Devices the control plane lists online after the connection phase.
@@ -247,12 +249,13 @@ impl Report {
             .max()
             .unwrap_or(0);
         let mut out = format!(
-            "fleetctl sim: {} devices, {} broker, {} msgs/device/s\n",
+            "fleetctl sim: {} devices, {} broker, {} store, {} msgs/device/s\n",
             self.devices,
             match self.broker {
                 Broker::Embedded => "embedded",
                 Broker::Mosquitto => "mosquitto",
             },
+            self.store,
             self.rate_per_device_per_s
         );
         for (k, v) in rows {

@@ -20,6 +20,11 @@ impl FileBlobs {
             dir: dir.to_path_buf(),
         })
     }
+
+    /// Where blob `digest` is (it may not exist).
+    pub fn path(&self, digest: &str) -> PathBuf {
+        self.dir.join(format!("{digest}.fmb"))
+    }
 }
 
 impl BlobStore for FileBlobs {
@@ -35,8 +40,8 @@ impl BlobStore for FileBlobs {
         std::fs::File::open(&self.dir)?.sync_all()
     }
 
-    fn path(&self, digest: &str) -> PathBuf {
-        self.dir.join(format!("{digest}.fmb"))
+    fn local(&self, digest: &str) -> std::io::Result<PathBuf> {
+        Ok(self.path(digest))
     }
 }
 

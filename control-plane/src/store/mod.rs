@@ -31,6 +31,7 @@ pub mod blobs;
 mod conformance;
 pub mod memory;
 pub mod postgres;
+pub mod s3;
 pub mod sled;
 
 /// Why a store call failed, in terms a caller can act on.
@@ -307,8 +308,10 @@ pub trait BlobStore: Send + Sync {
     fn incoming(&self) -> std::io::Result<tempfile::NamedTempFile>;
     /// Keeps `file` (written and synced by the caller) as blob `digest`.
     fn keep(&self, file: tempfile::NamedTempFile, digest: &str) -> std::io::Result<()>;
-    /// Where blob `digest` is read from (it may not exist).
-    fn path(&self, digest: &str) -> std::path::PathBuf;
+    /// A local file to read blob `digest` from: in a folder store, where it is (it may
+    /// not exist); in object storage, the replica's cached copy, fetched (and checked
+    /// against the digest) on first use.
+    fn local(&self, digest: &str) -> std::io::Result<std::path::PathBuf>;
 }
 
 /// Every part of the store, as the control plane holds it.
@@ -410,4 +413,20 @@ pub(super) fn stage<'a, B: AsRef<[u8]>, E>(
         staged.insert(device, record);
     }
     Ok((staged, generations))
+}
+
+/// Runs `call`, which blocks (a synchronous PostgreSQL client, a wait on another
+/// runtime), where it may: in place outside a runtime; on a
+/// multi-thread runtime's worker after handing its other tasks to other workers
+/// ([`tokio::task::block_in_place`]); on a current-thread runtime, on a scoped thread.
+pub(crate) fn off_runtime<R: Send>(call: impl FnOnce() -> R + Send) -> R {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(call),
+        Ok(_) => std::thread::scope(|s| {
+            s.spawn(call)
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p))
+        }),
+        Err(_) => call(),
+    }
 }

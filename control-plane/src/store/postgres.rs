@@ -28,7 +28,7 @@ use r2d2_postgres::PostgresConnectionManager;
 
 use super::{
     AssignmentStore, AuditStore, CaptureStore, DatasetStore, FleetStore, JobStore, PolicyStore,
-    RegistryStore, RolloutStore, StoreError, TokenStore, stage,
+    RegistryStore, RolloutStore, StoreError, TokenStore, off_runtime, stage,
 };
 use crate::assign::AssignmentRecord;
 use crate::jobs::spec::Job;
@@ -90,21 +90,6 @@ impl Pool {
             Pool::Plain(p) => Box::new(p.get()?),
             Pool::Tls(p) => Box::new(p.get()?),
         })
-    }
-}
-
-/// Runs `call` where the synchronous client may block: in place outside a runtime; on a
-/// multi-thread runtime's worker after handing its other tasks to other workers
-/// ([`tokio::task::block_in_place`]); on a current-thread runtime, on a scoped thread.
-fn off_runtime<R: Send>(call: impl FnOnce() -> R + Send) -> R {
-    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(call),
-        Ok(_) => std::thread::scope(|s| {
-            s.spawn(call)
-                .join()
-                .unwrap_or_else(|p| std::panic::resume_unwind(p))
-        }),
-        Err(_) => call(),
     }
 }
 

@@ -1,5 +1,5 @@
-//! Several `fleetctl serve` replicas on one PostgreSQL database, one shared blob folder
-//! and one mosquitto: any replica answers any call, one elected leader runs the rollout
+//! Several `fleetctl serve` replicas on one PostgreSQL database, one S3-compatible
+//! object store (moto's server) and one mosquitto: any replica answers any call, one elected leader runs the rollout
 //! engine and another takes over when it dies, and the replicas share the telemetry
 //! ingest without losing or doubling a message when one of them is killed.
 
@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
-use hil_tests::fleet::{ControlPlane, Mosquitto, Postgres, free_port, wait_for};
+use hil_tests::fleet::{ControlPlane, Mosquitto, Postgres, S3Server, free_port, wait_for};
 use hil_tests::keys_and_policy;
 use serde_json::Value;
 
@@ -15,9 +15,12 @@ use crate::rollout::{bundle, enroll, kill, rollout, run_agent, wait_running, wai
 
 const WAIT: Duration = Duration::from_secs(90);
 
-/// A replica of the control plane in `dir` (its DATA_DIR `dir/plane`), named `id`.
-fn replica(dir: &Path, id: &str, broker: u16, blobs: &Path, url: &str) -> ControlPlane {
+/// A replica of the control plane in `dir` (its DATA_DIR `dir/plane`), named `id`, its
+/// bundles in bucket `fleet` of `s3`.
+fn replica(dir: &Path, id: &str, broker: u16, s3: &S3Server, url: &str) -> ControlPlane {
     let trust = dir.parent().expect("parent").join("trust.toml");
+    let mut env = s3.env();
+    env.push(("FLEETML_DATABASE_URL".into(), url.into()));
     ControlPlane::start_at(
         dir,
         "127.0.0.1",
@@ -29,9 +32,11 @@ fn replica(dir: &Path, id: &str, broker: u16, blobs: &Path, url: &str) -> Contro
             "--replica-id",
             id,
             "--blobs",
-            &blobs.display().to_string(),
+            "s3://fleet/bundles",
+            "--receipt-interval",
+            "500ms",
         ],
-        vec![("FLEETML_DATABASE_URL".into(), url.into())],
+        env,
     )
 }
 
@@ -63,13 +68,14 @@ fn two_replicas_share_the_api_and_ingest_and_a_new_leader_finishes_a_rollout() {
     let pg = Postgres::start();
     let url = pg.create_database("fleet");
     let broker = Mosquitto::start(dir, free_port());
-    let blobs = dir.join("shared-blobs");
+    let s3 = S3Server::start();
+    s3.create_bucket("fleet");
     let (dir_a, dir_b) = (dir.join("a"), dir.join("b"));
     std::fs::create_dir_all(&dir_b).expect("dir b");
 
     // B starts first and leads; A gets B's keys (the replicas sign assignments and
     // chain the audit log with the same keys, and share the admin token).
-    let mut b = replica(&dir_b, "b", broker.port, &blobs, &url);
+    let mut b = replica(&dir_b, "b", broker.port, &s3, &url);
     wait_for("replica b to lead", WAIT, || leads(&b).then_some(()));
     let keys = dir_a.join("plane");
     std::fs::create_dir_all(&keys).expect("dir a");
@@ -80,12 +86,12 @@ fn two_replicas_share_the_api_and_ingest_and_a_new_leader_finishes_a_rollout() {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o700)).expect("chmod");
     }
-    let a = replica(&dir_a, "a", broker.port, &blobs, &url);
+    let a = replica(&dir_a, "a", broker.port, &s3, &url);
     assert!(!leads(&a), "one leader: B");
     assert_eq!(a.get("/v1/ingest")["replica"], "a");
 
-    // Bundles pushed through A; devices enrolled through A (their API is A's) and
-    // seen through B.
+    // Bundles pushed through A (into the bucket); devices enrolled through A (their API
+    // is A's) and seen through B.
     bundle(dir, 1, "v1.fmb");
     bundle(dir, 2, "v2.fmb");
     for f in ["v1.fmb", "v2.fmb"] {
@@ -115,6 +121,9 @@ fn two_replicas_share_the_api_and_ingest_and_a_new_leader_finishes_a_rollout() {
             (!b.messages(name).is_empty()).then_some(())
         });
     }
+    // A device keeps what the broker acknowledged until a receipt names it once it has
+    // had its first receipt (every 500 ms here); before that a PUBACK is enough.
+    std::thread::sleep(Duration::from_secs(2));
 
     // A rollout started through the leader, which dies after the first wave.
     let first = rollout(&b, dir, &["claims@1", "--to", "all", "--soak", "0s"]);
@@ -170,12 +179,24 @@ fn two_replicas_share_the_api_and_ingest_and_a_new_leader_finishes_a_rollout() {
     // Through the kill, every device's messages are stored once each, without a gap,
     // and more arrive after it (through A alone).
     for ((name, _), n) in devices.iter().zip(&before) {
-        wait_for(&format!("{name}'s messages after the kill"), WAIT, || {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
             let seqs = stored(&a, name);
             let first = seqs.first().copied().unwrap_or(0);
-            let contiguous = seqs.iter().copied().eq(first..first + seqs.len() as u64);
-            (contiguous && seqs.len() > *n).then_some(())
-        });
+            let missing: Vec<u64> = (first..seqs.last().copied().unwrap_or(0))
+                .filter(|q| seqs.binary_search(q).is_err())
+                .collect();
+            if missing.is_empty() && seqs.len() > *n {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{name}: missing {missing:?} of {first}..; {} stored, {n} before the kill; {}",
+                seqs.len(),
+                a.get(&format!("/v1/devices/{name}"))
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
     let run = a.fleetctl(dir, &["rollback", "claims", "--yes"]);
     assert!(run.success().contains("pi-a"), "{}", run.stdout);
