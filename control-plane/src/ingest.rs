@@ -15,8 +15,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use fleetml_protocol::telemetry::{self, Body, Channel, DeviceId, MessageError};
 
+use crate::records::DeviceState;
 use crate::records::LIFECYCLE_KEPT;
 use crate::store::{FleetStore, StoreError};
+use fleetml_protocol::telemetry::Envelope;
 
 /// What happened to one received message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -164,14 +166,24 @@ impl<S: FleetStore> Ingest<S> {
             self.counters.offline.fetch_add(1, Ordering::Relaxed);
             return Ok(Outcome::Offline);
         }
-        let (new, before) = self.store.insert(&envelope)?;
-        // A jump to a new base is a new outbox (its data directory was wiped), not lost
-        // messages; the first message of a device starts wherever its outbox does.
-        let restarted =
-            before.filter(|b| new && envelope.seq > b.saturating_add(telemetry::RESTART_JUMP));
-        let expected = before.map_or(envelope.seq, |b| b + 1);
-        let gap = (new && restarted.is_none() && envelope.seq > expected)
-            .then(|| (expected, envelope.seq - 1));
+        // The message and the device state it changes, stored together (one transaction
+        // where the store has them).
+        let mut seen: (Option<u64>, Option<(u64, u64)>) = (None, None);
+        let (new, _) = self
+            .store
+            .store_message(&envelope, &mut |st, new, before| {
+                // A jump to a new base is a new outbox (its data directory was wiped), not
+                // lost messages; the first message of a device starts wherever its outbox
+                // does.
+                let restarted = before
+                    .filter(|b| new && envelope.seq > b.saturating_add(telemetry::RESTART_JUMP));
+                let expected = before.map_or(envelope.seq, |b| b + 1);
+                let gap = (new && restarted.is_none() && envelope.seq > expected)
+                    .then(|| (expected, envelope.seq - 1));
+                seen = (restarted, gap);
+                apply(st, &envelope, new, restarted, gap, now_ms);
+            })?;
+        let (restarted, gap) = seen;
         if let Some(from) = restarted {
             self.counters.restarts.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("fleetml_control_ingest_sequence_restarts_total").increment(1);
@@ -182,70 +194,6 @@ impl<S: FleetStore> Ingest<S> {
                 "the device's sequence numbers restarted at a new base (its data directory was wiped or replaced)"
             );
         }
-        self.store.update_state(&device, &mut |st| {
-            st.online = true;
-            st.offline_since_ms = None;
-            st.last_seen_ms = Some(now_ms);
-            if let Some(from) = restarted {
-                st.sequence_restarts += 1;
-                st.lifecycle.push((
-                    now_ms,
-                    telemetry::Event {
-                        kind: telemetry::Lifecycle::SequenceRestarted,
-                        model: String::new(),
-                        version: 0,
-                        detail: format!(
-                            "from {from} to {}: the device's data directory was wiped or replaced",
-                            envelope.seq
-                        ),
-                    },
-                ));
-                if st.lifecycle.len() > LIFECYCLE_KEPT {
-                    st.lifecycle.remove(0);
-                }
-            }
-            if !new {
-                st.duplicates += 1;
-                return;
-            }
-            st.stored += 1;
-            st.last_seq = st.last_seq.max(envelope.seq);
-            if gap.is_some() {
-                st.gaps += 1;
-            }
-            match &envelope.body {
-                Body::Status(s) if st.status.as_ref().is_none_or(|(q, _)| *q < envelope.seq) => {
-                    st.will_seq = st.will_seq.max(s.will_seq.unwrap_or(0));
-                    st.status = Some((envelope.seq, s.clone()));
-                }
-                Body::Window(w)
-                    if st
-                        .windows
-                        .get(&w.model)
-                        .is_none_or(|(q, _)| *q < envelope.seq) =>
-                {
-                    st.alerts
-                        .insert(w.model.clone(), w.alerts.iter().cloned().collect());
-                    st.windows
-                        .insert(w.model.clone(), (envelope.seq, (**w).clone()));
-                }
-                Body::Event(e) => {
-                    st.lifecycle.push((now_ms, e.clone()));
-                    if st.lifecycle.len() > LIFECYCLE_KEPT {
-                        st.lifecycle.remove(0);
-                    }
-                }
-                Body::Alert(a) => {
-                    let open = st.alerts.entry(a.model.clone()).or_default();
-                    if a.event.transition == "raised" {
-                        open.insert(a.event.subject.clone());
-                    } else {
-                        open.remove(&a.event.subject);
-                    }
-                }
-                _ => {}
-            }
-        })?;
         // A duplicate too: the device sent it again because it has no receipt for it.
         self.receipts
             .lock()
@@ -264,6 +212,81 @@ impl<S: FleetStore> Ingest<S> {
             self.counters.gaps.fetch_add(1, Ordering::Relaxed);
         }
         Ok(Outcome::Stored { gap })
+    }
+}
+
+/// What a message stored (`new`) or seen again changes in its device's state.
+fn apply(
+    st: &mut DeviceState,
+    envelope: &Envelope,
+    new: bool,
+    restarted: Option<u64>,
+    gap: Option<(u64, u64)>,
+    now_ms: u64,
+) {
+    {
+        st.online = true;
+        st.offline_since_ms = None;
+        st.last_seen_ms = Some(now_ms);
+        if let Some(from) = restarted {
+            st.sequence_restarts += 1;
+            st.lifecycle.push((
+                now_ms,
+                telemetry::Event {
+                    kind: telemetry::Lifecycle::SequenceRestarted,
+                    model: String::new(),
+                    version: 0,
+                    detail: format!(
+                        "from {from} to {}: the device's data directory was wiped or replaced",
+                        envelope.seq
+                    ),
+                },
+            ));
+            if st.lifecycle.len() > LIFECYCLE_KEPT {
+                st.lifecycle.remove(0);
+            }
+        }
+        if !new {
+            st.duplicates += 1;
+            return;
+        }
+        st.stored += 1;
+        st.last_seq = st.last_seq.max(envelope.seq);
+        if gap.is_some() {
+            st.gaps += 1;
+        }
+        match &envelope.body {
+            Body::Status(s) if st.status.as_ref().is_none_or(|(q, _)| *q < envelope.seq) => {
+                st.will_seq = st.will_seq.max(s.will_seq.unwrap_or(0));
+                st.status = Some((envelope.seq, s.clone()));
+            }
+            Body::Window(w)
+                if st
+                    .windows
+                    .get(&w.model)
+                    .is_none_or(|(q, _)| *q < envelope.seq) =>
+            {
+                st.alerts
+                    .insert(w.model.clone(), w.alerts.iter().cloned().collect());
+                st.windows
+                    .insert(w.model.clone(), (envelope.seq, (**w).clone()));
+            }
+            Body::Event(e) => {
+                st.lifecycle.push((now_ms, e.clone()));
+                if st.lifecycle.len() > LIFECYCLE_KEPT {
+                    st.lifecycle.remove(0);
+                }
+            }
+            Body::Alert(a) => {
+                let open = st.alerts.entry(a.model.clone()).or_default();
+                if a.event.transition == "raised" {
+                    open.insert(a.event.subject.clone());
+                } else {
+                    open.remove(&a.event.subject);
+                }
+            }
+            _ => {}
+        }
     }
 }
 

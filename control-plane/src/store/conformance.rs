@@ -158,6 +158,47 @@ pub(super) fn device_state_changes_in_place(s: &dyn Store) -> Result<(), StoreEr
     Ok(())
 }
 
+pub(super) fn a_message_is_stored_with_the_state_it_changes(
+    s: &dyn Store,
+) -> Result<(), StoreError> {
+    let mut calls = Vec::new();
+    let mut record = |st: &mut DeviceState, new: bool, before: Option<u64>| {
+        calls.push((new, before));
+        if new {
+            st.stored += 1;
+            st.last_seq = st.last_seq.max(before.unwrap_or(0));
+        } else {
+            st.duplicates += 1;
+        }
+    };
+    assert_eq!(
+        s.store_message(&message("d1", 4), &mut record)?,
+        (true, None)
+    );
+    assert_eq!(
+        s.store_message(&message("d1", 5), &mut record)?,
+        (true, Some(4))
+    );
+    assert_eq!(
+        s.store_message(&message("d1", 4), &mut record)?,
+        (false, Some(5))
+    );
+    assert_eq!(
+        calls,
+        [(true, None), (true, Some(4)), (false, Some(5))],
+        "once each"
+    );
+    let st = s.state(&id("d1"))?.expect("a state");
+    assert_eq!((st.stored, st.duplicates, st.last_seq), (2, 1, 4));
+    let seqs: Vec<u64> = s
+        .messages(&id("d1"), 0, 10)?
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(seqs, [4, 5]);
+    Ok(())
+}
+
 pub(super) fn command_sequence_numbers_count_per_device(s: &dyn Store) -> Result<(), StoreError> {
     assert_eq!(s.next_command_seq(&id("d1"))?, 0);
     assert_eq!(s.next_command_seq(&id("d1"))?, 1);
@@ -566,6 +607,7 @@ macro_rules! each_case {
             messages_are_stored_once_in_order_per_device,
             the_message_log_keeps_the_newest_of_each_device,
             device_state_changes_in_place,
+            a_message_is_stored_with_the_state_it_changes,
             command_sequence_numbers_count_per_device,
             an_assignment_moves_its_generation_only_when_it_changes,
             many_assignments_apply_in_order,

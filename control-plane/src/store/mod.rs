@@ -97,6 +97,20 @@ pub trait FleetStore: Send + Sync {
         device: &DeviceId,
         change: &mut (dyn FnMut(&mut DeviceState) + Send),
     ) -> Result<(), StoreError>;
+    /// [`FleetStore::insert`] and then [`FleetStore::update_state`] of the envelope's
+    /// device with `change(state, new, highest before)`, as one transaction where the
+    /// store has them (so a crash between the two cannot keep the message and lose
+    /// what it changes: the copy a device sends again is a duplicate and changes
+    /// nothing). `change` runs once.
+    fn store_message(
+        &self,
+        envelope: &Envelope,
+        change: &mut (dyn FnMut(&mut DeviceState, bool, Option<u64>) + Send),
+    ) -> Result<(bool, Option<u64>), StoreError> {
+        let (new, before) = self.insert(envelope)?;
+        self.update_state(&envelope.device, &mut |st| change(st, new, before))?;
+        Ok((new, before))
+    }
     /// Removes all but the newest `keep` messages of `device` (by sequence number);
     /// returns how many it removed. The highest sequence number stored stays known, so
     /// gaps and restarts are still told apart afterwards.
@@ -149,6 +163,13 @@ impl<T: FleetStore + ?Sized> FleetStore for std::sync::Arc<T> {
     }
     fn prune_messages(&self, device: &DeviceId, keep: usize) -> Result<u64, StoreError> {
         (**self).prune_messages(device, keep)
+    }
+    fn store_message(
+        &self,
+        envelope: &Envelope,
+        change: &mut (dyn FnMut(&mut DeviceState, bool, Option<u64>) + Send),
+    ) -> Result<(bool, Option<u64>), StoreError> {
+        (**self).store_message(envelope, change)
     }
     fn next_command_seq(&self, device: &DeviceId) -> Result<u64, StoreError> {
         (**self).next_command_seq(device)

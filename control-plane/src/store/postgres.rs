@@ -277,6 +277,61 @@ impl PgStore {
         })
     }
 
+    /// [`FleetStore::insert`] in transaction `t`.
+    fn insert_in(
+        t: &mut Transaction<'_>,
+        device: &str,
+        seq: i64,
+        bytes: &[u8],
+    ) -> Result<(bool, Option<u64>), StoreError> {
+        let new = t.execute(
+            "INSERT INTO messages (device, seq, envelope) VALUES ($1, $2, $3) \
+             ON CONFLICT (device, seq) DO NOTHING",
+            &[&device, &seq, &bytes],
+        )? == 1;
+        // The row exists (and is locked) before it is read, so concurrent inserts for
+        // one device see each other's highest.
+        t.execute(
+            "INSERT INTO device_high (device, high) VALUES ($1, -1) ON CONFLICT (device) DO NOTHING",
+            &[&device],
+        )?;
+        let before: i64 = t
+            .query_one(
+                "SELECT high FROM device_high WHERE device = $1 FOR UPDATE",
+                &[&device],
+            )?
+            .get(0);
+        t.execute(
+            "UPDATE device_high SET high = GREATEST(high, $2) WHERE device = $1",
+            &[&device, &seq],
+        )?;
+        Ok((new, u64::try_from(before).ok()))
+    }
+
+    /// [`FleetStore::update_state`] in transaction `t` (`fresh`: a new state, encoded).
+    fn change_state_in(
+        t: &mut Transaction<'_>,
+        device: &DeviceId,
+        fresh: &[u8],
+        change: &mut (dyn FnMut(&mut DeviceState) + Send),
+    ) -> Result<(), StoreError> {
+        t.execute(
+            "INSERT INTO device_state (device, state) VALUES ($1, $2) ON CONFLICT (device) DO NOTHING",
+            &[&device.as_str(), &fresh],
+        )?;
+        let row = t.query_one(
+            "SELECT state FROM device_state WHERE device = $1 FOR UPDATE",
+            &[&device.as_str()],
+        )?;
+        let mut state: DeviceState = cbor(&format!("the state of {device}"), row.get(0))?;
+        change(&mut state);
+        t.execute(
+            "UPDATE device_state SET state = $2 WHERE device = $1",
+            &[&device.as_str(), &serde_cbor::to_vec(&state)?],
+        )?;
+        Ok(())
+    }
+
     /// Writes `changes` to the assignments of `model` in transaction `t`: reads and locks
     /// each device's record once, applies the changes in order, writes each record once.
     fn assign_in(
@@ -362,30 +417,23 @@ impl FleetStore for PgStore {
     fn insert(&self, envelope: &Envelope) -> Result<(bool, Option<u64>), StoreError> {
         let bytes = serde_cbor::to_vec(envelope)?;
         let seq = big(envelope.seq, "sequence number")?;
+        self.tx(|t| Self::insert_in(t, envelope.device.as_str(), seq, &bytes))
+    }
+
+    fn store_message(
+        &self,
+        envelope: &Envelope,
+        change: &mut (dyn FnMut(&mut DeviceState, bool, Option<u64>) + Send),
+    ) -> Result<(bool, Option<u64>), StoreError> {
+        let bytes = serde_cbor::to_vec(envelope)?;
+        let seq = big(envelope.seq, "sequence number")?;
+        let fresh = serde_cbor::to_vec(&DeviceState::default())?;
         let device = envelope.device.as_str();
         self.tx(|t| {
-            let new = t.execute(
-                "INSERT INTO messages (device, seq, envelope) VALUES ($1, $2, $3) \
-                 ON CONFLICT (device, seq) DO NOTHING",
-                &[&device, &seq, &bytes],
-            )? == 1;
-            // The row exists (and is locked) before it is read, so concurrent inserts
-            // for one device see each other's highest.
-            t.execute(
-                "INSERT INTO device_high (device, high) VALUES ($1, -1) ON CONFLICT (device) DO NOTHING",
-                &[&device],
-            )?;
-            let before: i64 = t
-                .query_one(
-                    "SELECT high FROM device_high WHERE device = $1 FOR UPDATE",
-                    &[&device],
-                )?
-                .get(0);
-            t.execute(
-                "UPDATE device_high SET high = GREATEST(high, $2) WHERE device = $1",
-                &[&device, &seq],
-            )?;
-            let before = u64::try_from(before).ok();
+            let (new, before) = Self::insert_in(t, device, seq, &bytes)?;
+            Self::change_state_in(t, &envelope.device, &fresh, &mut |st| {
+                change(st, new, before)
+            })?;
             Ok((new, before))
         })
     }
@@ -449,23 +497,7 @@ impl FleetStore for PgStore {
         change: &mut (dyn FnMut(&mut DeviceState) + Send),
     ) -> Result<(), StoreError> {
         let fresh = serde_cbor::to_vec(&DeviceState::default())?;
-        self.tx(|t| {
-            t.execute(
-                "INSERT INTO device_state (device, state) VALUES ($1, $2) ON CONFLICT (device) DO NOTHING",
-                &[&device.as_str(), &fresh],
-            )?;
-            let row = t.query_one(
-                "SELECT state FROM device_state WHERE device = $1 FOR UPDATE",
-                &[&device.as_str()],
-            )?;
-            let mut state: DeviceState = cbor(&format!("the state of {device}"), row.get(0))?;
-            change(&mut state);
-            t.execute(
-                "UPDATE device_state SET state = $2 WHERE device = $1",
-                &[&device.as_str(), &serde_cbor::to_vec(&state)?],
-            )?;
-            Ok(())
-        })
+        self.tx(|t| Self::change_state_in(t, device, &fresh, change))
     }
 
     fn next_command_seq(&self, device: &DeviceId) -> Result<u64, StoreError> {
