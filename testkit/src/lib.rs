@@ -330,25 +330,39 @@ impl S3Server {
         .collect()
     }
 
-    /// An HTTP request to the server (path style); the status code.
+    /// An HTTP request to the server (path style); the status code. Retried for a few
+    /// seconds while the server, just started, drops connections.
     pub fn request(&self, method: &str, path: &str, body: &[u8]) -> u16 {
         use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
-        write!(
-            s,
-            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            self.port,
-            body.len()
-        )
-        .expect("request");
-        s.write_all(body).expect("body");
-        let mut answer = String::new();
-        let _ = s.read_to_string(&mut answer);
-        answer
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0)
+        let once = || -> std::io::Result<u16> {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port))?;
+            write!(
+                s,
+                "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                self.port,
+                body.len()
+            )?;
+            s.write_all(body)?;
+            let mut answer = String::new();
+            s.read_to_string(&mut answer)?;
+            answer
+                .split_whitespace()
+                .nth(1)
+                .and_then(|c| c.parse().ok())
+                .ok_or_else(|| std::io::Error::other(format!("no HTTP status in {answer:?}")))
+        };
+        let mut tries = 0;
+        loop {
+            match once() {
+                Ok(status) => return status,
+                Err(e) if tries < 50 => {
+                    tries += 1;
+                    let _ = e;
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                Err(e) => panic!("{method} {path} on moto_server: {e}"),
+            }
+        }
     }
 
     /// Creates bucket `name`.

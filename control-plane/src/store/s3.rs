@@ -27,7 +27,21 @@ pub struct S3Blobs {
     /// What the operator named (`s3://BUCKET/PREFIX`), for messages.
     url: String,
     cache: super::blobs::FileBlobs,
-    runtime: Arc<tokio::runtime::Runtime>,
+    runtime: Arc<OwnRuntime>,
+}
+
+/// The store's runtime, shut down without waiting when the last store goes (dropping a
+/// runtime blocks, which panics on another runtime's worker — where the control plane
+/// drops its stores at shutdown).
+#[derive(Debug)]
+struct OwnRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for OwnRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 fn io(what: impl std::fmt::Display, e: impl std::fmt::Display) -> std::io::Error {
@@ -80,7 +94,7 @@ impl S3Blobs {
             prefix: prefix.trim_matches('/').to_string(),
             url: url.to_string(),
             cache: super::blobs::FileBlobs::open(cache)?,
-            runtime: Arc::new(runtime),
+            runtime: Arc::new(OwnRuntime(Some(runtime))),
         };
         // Listing (one page, under the prefix) fails on a missing bucket, a wrong
         // endpoint or a refused credential, where a missing object would not.
@@ -114,7 +128,12 @@ impl S3Blobs {
 
     /// Runs `f` on the store's own runtime, off the caller's.
     fn block<R: Send>(&self, f: impl std::future::Future<Output = R> + Send) -> R {
-        off_runtime(|| self.runtime.block_on(f))
+        let runtime = self
+            .runtime
+            .0
+            .as_ref()
+            .expect("the runtime lives as long as the store");
+        off_runtime(|| runtime.block_on(f))
     }
 
     /// Copies object `digest` into the cache, checking its SHA-256 on the way.
@@ -254,5 +273,21 @@ mod tests {
         assert!(e.to_string().contains("does not answer"), "{e}");
         let e = open(&server, "/not/s3", &tmp.path().join("four")).expect_err("not s3");
         assert!(e.to_string().contains("s3://BUCKET/PREFIX"), "{e}");
+    }
+
+    /// The last store dropped on an async runtime's worker (as at the control plane's
+    /// shutdown) does not panic.
+    #[test]
+    fn the_store_can_be_dropped_on_a_runtime() {
+        let server = fleetml_testkit::S3Server::start();
+        server.create_bucket("drop");
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let blobs = open(&server, "s3://drop", tmp.path()).expect("opens");
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .expect("runtime")
+            .block_on(async move { tokio::spawn(async move { drop(blobs) }).await })
+            .expect("dropped without a panic");
     }
 }
