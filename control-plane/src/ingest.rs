@@ -224,69 +224,67 @@ fn apply(
     gap: Option<(u64, u64)>,
     now_ms: u64,
 ) {
-    {
-        st.online = true;
-        st.offline_since_ms = None;
-        st.last_seen_ms = Some(now_ms);
-        if let Some(from) = restarted {
-            st.sequence_restarts += 1;
-            st.lifecycle.push((
-                now_ms,
-                telemetry::Event {
-                    kind: telemetry::Lifecycle::SequenceRestarted,
-                    model: String::new(),
-                    version: 0,
-                    detail: format!(
-                        "from {from} to {}: the device's data directory was wiped or replaced",
-                        envelope.seq
-                    ),
-                },
-            ));
+    st.online = true;
+    st.offline_since_ms = None;
+    st.last_seen_ms = Some(now_ms);
+    if let Some(from) = restarted {
+        st.sequence_restarts += 1;
+        st.lifecycle.push((
+            now_ms,
+            telemetry::Event {
+                kind: telemetry::Lifecycle::SequenceRestarted,
+                model: String::new(),
+                version: 0,
+                detail: format!(
+                    "from {from} to {}: the device's data directory was wiped or replaced",
+                    envelope.seq
+                ),
+            },
+        ));
+        if st.lifecycle.len() > LIFECYCLE_KEPT {
+            st.lifecycle.remove(0);
+        }
+    }
+    if !new {
+        st.duplicates += 1;
+        return;
+    }
+    st.stored += 1;
+    st.last_seq = st.last_seq.max(envelope.seq);
+    if gap.is_some() {
+        st.gaps += 1;
+    }
+    match &envelope.body {
+        Body::Status(s) if st.status.as_ref().is_none_or(|(q, _)| *q < envelope.seq) => {
+            st.will_seq = st.will_seq.max(s.will_seq.unwrap_or(0));
+            st.status = Some((envelope.seq, s.clone()));
+        }
+        Body::Window(w)
+            if st
+                .windows
+                .get(&w.model)
+                .is_none_or(|(q, _)| *q < envelope.seq) =>
+        {
+            st.alerts
+                .insert(w.model.clone(), w.alerts.iter().cloned().collect());
+            st.windows
+                .insert(w.model.clone(), (envelope.seq, (**w).clone()));
+        }
+        Body::Event(e) => {
+            st.lifecycle.push((now_ms, e.clone()));
             if st.lifecycle.len() > LIFECYCLE_KEPT {
                 st.lifecycle.remove(0);
             }
         }
-        if !new {
-            st.duplicates += 1;
-            return;
+        Body::Alert(a) => {
+            let open = st.alerts.entry(a.model.clone()).or_default();
+            if a.event.transition == "raised" {
+                open.insert(a.event.subject.clone());
+            } else {
+                open.remove(&a.event.subject);
+            }
         }
-        st.stored += 1;
-        st.last_seq = st.last_seq.max(envelope.seq);
-        if gap.is_some() {
-            st.gaps += 1;
-        }
-        match &envelope.body {
-            Body::Status(s) if st.status.as_ref().is_none_or(|(q, _)| *q < envelope.seq) => {
-                st.will_seq = st.will_seq.max(s.will_seq.unwrap_or(0));
-                st.status = Some((envelope.seq, s.clone()));
-            }
-            Body::Window(w)
-                if st
-                    .windows
-                    .get(&w.model)
-                    .is_none_or(|(q, _)| *q < envelope.seq) =>
-            {
-                st.alerts
-                    .insert(w.model.clone(), w.alerts.iter().cloned().collect());
-                st.windows
-                    .insert(w.model.clone(), (envelope.seq, (**w).clone()));
-            }
-            Body::Event(e) => {
-                st.lifecycle.push((now_ms, e.clone()));
-                if st.lifecycle.len() > LIFECYCLE_KEPT {
-                    st.lifecycle.remove(0);
-                }
-            }
-            Body::Alert(a) => {
-                let open = st.alerts.entry(a.model.clone()).or_default();
-                if a.event.transition == "raised" {
-                    open.insert(a.event.subject.clone());
-                } else {
-                    open.remove(&a.event.subject);
-                }
-            }
-            _ => {}
-        }
+        _ => {}
     }
 }
 

@@ -62,11 +62,7 @@ impl Leadership {
             .keepalives_interval(Duration::from_secs(5))
             .keepalives_retries(3)
             .connect_timeout(Duration::from_secs(5));
-        let tls = if config.get_ssl_mode() == postgres::config::SslMode::Require {
-            Some(std::sync::Arc::unwrap_or_clone(crate::pg::tls_roots(None)?))
-        } else {
-            None
-        };
+        let tls = crate::pg::tls_for(&config, None)?;
         let me = Arc::new(Leadership {
             leads: AtomicBool::new(false),
             replica,
@@ -81,9 +77,7 @@ impl Leadership {
                     let outcome = match session.as_mut() {
                         None => {
                             let connected = match &tls {
-                                Some(roots) => config.connect(
-                                    tokio_postgres_rustls::MakeRustlsConnect::new(roots.clone()),
-                                ),
+                                Some(tls) => config.connect(tls.clone()),
                                 None => config.connect(postgres::NoTls),
                             };
                             match connected {

@@ -37,7 +37,7 @@ pub fn describe(url: &str) -> anyhow::Result<String> {
 }
 
 /// The CAs a PostgreSQL server's certificate is checked against.
-pub(crate) fn tls_roots(
+fn tls_roots(
     ca: Option<&std::path::Path>,
 ) -> anyhow::Result<std::sync::Arc<fleetml_net::tls::rustls::ClientConfig>> {
     let file = ca
@@ -52,6 +52,21 @@ pub(crate) fn tls_roots(
         }
         None => fleetml_net::tls::system_roots().map_err(anyhow::Error::msg),
     }
+}
+
+/// The TLS connector `config` asks for: rustls, checking the server against `ca` (else
+/// `PGSSLROOTCERT`, else the system's CAs), when it says `sslmode=require`; None (plain)
+/// otherwise. Every PostgreSQL connection of the control plane chooses through this.
+pub(crate) fn tls_for(
+    config: &postgres::Config,
+    ca: Option<&std::path::Path>,
+) -> anyhow::Result<Option<tokio_postgres_rustls::MakeRustlsConnect>> {
+    if config.get_ssl_mode() != postgres::config::SslMode::Require {
+        return Ok(None);
+    }
+    Ok(Some(tokio_postgres_rustls::MakeRustlsConnect::new(
+        std::sync::Arc::unwrap_or_clone(tls_roots(ca)?),
+    )))
 }
 
 /// Runs `sql` and returns its rows as CSV (columns in the query's order) and the row
@@ -85,17 +100,13 @@ pub type Rows = (Vec<String>, Vec<Map<String, Value>>);
 pub fn query(url: &str, sql: &str, ca: Option<&std::path::Path>) -> anyhow::Result<Rows> {
     let where_ = describe(url)?;
     let config: postgres::Config = url.parse().context("--postgres")?;
-    let mut client = if config.get_ssl_mode() == postgres::config::SslMode::Require {
-        let roots = tls_roots(ca)?;
-        config
-            .connect(tokio_postgres_rustls::MakeRustlsConnect::new(
-                std::sync::Arc::unwrap_or_clone(roots),
-            ))
-            .with_context(|| format!("connecting to {where_} over TLS"))?
-    } else {
-        config
+    let mut client = match tls_for(&config, ca)? {
+        Some(tls) => config
+            .connect(tls)
+            .with_context(|| format!("connecting to {where_} over TLS"))?,
+        None => config
             .connect(postgres::NoTls)
-            .with_context(|| format!("connecting to {where_}"))?
+            .with_context(|| format!("connecting to {where_}"))?,
     };
     let rows = client
         .query(sql, &[])

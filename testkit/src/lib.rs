@@ -198,7 +198,7 @@ impl Postgres {
 
     /// `postgres://postgres@127.0.0.1:PORT/postgres`.
     pub fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+        self.url_of("postgres")
     }
 
     /// `postgres://postgres@127.0.0.1:PORT/DB`.
@@ -234,24 +234,9 @@ impl Postgres {
         );
     }
 
-    /// Runs SQL with psql.
+    /// Runs SQL with psql (in database `postgres`).
     pub fn sql(&self, sql: &str) {
-        let port = self.port.to_string();
-        self.run(
-            "psql",
-            &[
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port,
-                "-U",
-                "postgres",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-c",
-                sql,
-            ],
-        );
+        self.sql_in("postgres", sql);
     }
 }
 

@@ -165,6 +165,56 @@ fn cbor<T: serde::de::DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, S
     serde_cbor::from_slice(bytes).map_err(|e| StoreError::corrupt(what, e))
 }
 
+/// Stores `record` (JSON) as row `id` of `table` — one of the tables of records with an
+/// id and a creation time: rollouts, datasets, jobs — replacing the row there.
+fn put_record(
+    c: &mut impl ::postgres::GenericClient,
+    table: &str,
+    id: &str,
+    created_ms: u64,
+    record: &str,
+) -> Result<(), StoreError> {
+    c.execute(
+        format!(
+            "INSERT INTO {table} (id, created_ms, record) VALUES ($1, $2, $3::text::jsonb) \
+             ON CONFLICT (id) DO UPDATE SET created_ms = EXCLUDED.created_ms, record = EXCLUDED.record"
+        )
+        .as_str(),
+        &[&id, &big(created_ms, "a creation time")?, &record],
+    )?;
+    Ok(())
+}
+
+/// Row `id` of `table` (see [`put_record`]), decoded; `what` names it in an error.
+fn get_record<T: serde::de::DeserializeOwned>(
+    c: &mut Client,
+    table: &str,
+    id: &str,
+    what: &str,
+) -> Result<Option<T>, StoreError> {
+    c.query_opt(
+        format!("SELECT record::text FROM {table} WHERE id = $1").as_str(),
+        &[&id],
+    )?
+    .map(|r| from_json(&format!("{what} {id}"), r.get(0)))
+    .transpose()
+}
+
+/// Every row of `table` (see [`put_record`]), oldest first, decoded.
+fn all_records<T: serde::de::DeserializeOwned>(
+    c: &mut Client,
+    table: &str,
+    what: &str,
+) -> Result<Vec<T>, StoreError> {
+    c.query(
+        format!("SELECT id, record::text FROM {table} ORDER BY created_ms, id").as_str(),
+        &[],
+    )?
+    .iter()
+    .map(|r| from_json(&format!("{what} {}", r.get::<_, &str>(0)), r.get(1)))
+    .collect()
+}
+
 impl PgStore {
     /// Connects to `url`, applies the migrations this binary has that the database
     /// lacks, and refuses a database whose schema is newer than the binary's.
@@ -174,22 +224,17 @@ impl PgStore {
         let config: ::postgres::Config = url
             .parse()
             .context("--database: not a PostgreSQL connection string")?;
-        let pool = if config.get_ssl_mode() == ::postgres::config::SslMode::Require {
-            let roots = crate::pg::tls_roots(None)?;
-            let tls = tokio_postgres_rustls::MakeRustlsConnect::new(
-                std::sync::Arc::unwrap_or_clone(roots),
-            );
-            Pool::Tls(
+        let pool = match crate::pg::tls_for(&config, None)? {
+            Some(tls) => Pool::Tls(
                 builder()
                     .build(PostgresConnectionManager::new(config, tls))
                     .with_context(|| format!("connecting to {describe} over TLS"))?,
-            )
-        } else {
-            Pool::Plain(
+            ),
+            None => Pool::Plain(
                 builder()
                     .build(PostgresConnectionManager::new(config, NoTls))
                     .with_context(|| format!("connecting to {describe}"))?,
-            )
+            ),
         };
         let store = PgStore {
             pool: std::sync::Arc::new(Shared(Some(pool))),
@@ -467,16 +512,11 @@ impl FleetStore for PgStore {
     fn prune_messages(&self, device: &DeviceId, keep: usize) -> Result<u64, StoreError> {
         let keep = i64::try_from(keep).unwrap_or(i64::MAX);
         self.run(|c| {
-            // Below the `keep`-th newest sequence number (none: fewer are stored).
             Ok(c.execute(
-                "DELETE FROM messages WHERE device = $1 AND seq < (\
-                 SELECT seq FROM messages WHERE device = $1 ORDER BY seq DESC OFFSET $2::bigint - 1 LIMIT 1)",
-                &[&device.as_str(), &keep.max(1)],
-            )? + if keep == 0 {
-                c.execute("DELETE FROM messages WHERE device = $1", &[&device.as_str()])?
-            } else {
-                0
-            })
+                "DELETE FROM messages WHERE device = $1 AND seq NOT IN (\
+                 SELECT seq FROM messages WHERE device = $1 ORDER BY seq DESC LIMIT $2)",
+                &[&device.as_str(), &keep],
+            )?)
         })
     }
 
@@ -589,35 +629,15 @@ impl RolloutStore for PgStore {
 
     fn put_rollout(&self, rollout: &Rollout) -> Result<(), StoreError> {
         let record = json("a rollout", rollout)?;
-        let created = big(rollout.created_ms, "a creation time")?;
-        self.run(|c| {
-            c.execute(
-                "INSERT INTO rollouts (id, created_ms, record) VALUES ($1, $2, $3::text::jsonb) \
-                 ON CONFLICT (id) DO UPDATE SET created_ms = EXCLUDED.created_ms, record = EXCLUDED.record",
-                &[&rollout.id, &created, &record],
-            )?;
-            Ok(())
-        })
+        self.run(|c| put_record(c, "rollouts", &rollout.id, rollout.created_ms, &record))
     }
 
     fn rollout(&self, id: &str) -> Result<Option<Rollout>, StoreError> {
-        self.run(|c| {
-            c.query_opt("SELECT record::text FROM rollouts WHERE id = $1", &[&id])?
-                .map(|r| from_json(&format!("rollout {id}"), r.get(0)))
-                .transpose()
-        })
+        self.run(|c| get_record(c, "rollouts", id, "rollout"))
     }
 
     fn rollouts(&self) -> Result<Vec<Rollout>, StoreError> {
-        self.run(|c| {
-            c.query(
-                "SELECT id, record::text FROM rollouts ORDER BY created_ms, id",
-                &[],
-            )?
-            .iter()
-            .map(|r| from_json(&format!("rollout {}", r.get::<_, &str>(0)), r.get(1)))
-            .collect()
-        })
+        self.run(|c| all_records(c, "rollouts", "rollout"))
     }
 
     fn advance_rollout(
@@ -635,14 +655,12 @@ impl RolloutStore for PgStore {
             };
             let mut after = current.clone();
             super::record_generations(&mut after, changes, &generations);
-            t.execute(
-                "INSERT INTO rollouts (id, created_ms, record) VALUES ($1, $2, $3::text::jsonb) \
-                 ON CONFLICT (id) DO UPDATE SET created_ms = EXCLUDED.created_ms, record = EXCLUDED.record",
-                &[
-                    &after.id,
-                    &big(after.created_ms, "a creation time")?,
-                    &json("a rollout", &after)?,
-                ],
+            put_record(
+                t,
+                "rollouts",
+                &after.id,
+                after.created_ms,
+                &json("a rollout", &after)?,
             )?;
             Ok(generations)
         })?;
@@ -958,41 +976,16 @@ impl CaptureStore for PgStore {
 
 impl DatasetStore for PgStore {
     fn dataset(&self, id: &str) -> Result<Option<DatasetManifest>, StoreError> {
-        self.run(|c| {
-            c.query_opt("SELECT record::text FROM datasets WHERE id = $1", &[&id])?
-                .map(|r| from_json(&format!("dataset manifest {id}"), r.get(0)))
-                .transpose()
-        })
+        self.run(|c| get_record(c, "datasets", id, "dataset manifest"))
     }
 
     fn put_dataset(&self, manifest: &DatasetManifest) -> Result<(), StoreError> {
         let text = json("a dataset manifest", manifest)?;
-        let created = big(manifest.created_ms, "a creation time")?;
-        self.run(|c| {
-            c.execute(
-                "INSERT INTO datasets (id, created_ms, record) VALUES ($1, $2, $3::text::jsonb) \
-                 ON CONFLICT (id) DO UPDATE SET created_ms = EXCLUDED.created_ms, record = EXCLUDED.record",
-                &[&manifest.id, &created, &text],
-            )?;
-            Ok(())
-        })
+        self.run(|c| put_record(c, "datasets", &manifest.id, manifest.created_ms, &text))
     }
 
     fn datasets(&self) -> Result<Vec<DatasetManifest>, StoreError> {
-        self.run(|c| {
-            c.query(
-                "SELECT id, record::text FROM datasets ORDER BY created_ms, id",
-                &[],
-            )?
-            .iter()
-            .map(|r| {
-                from_json(
-                    &format!("dataset manifest {}", r.get::<_, &str>(0)),
-                    r.get(1),
-                )
-            })
-            .collect()
-        })
+        self.run(|c| all_records(c, "datasets", "dataset manifest"))
     }
 
     fn remove_dataset(&self, id: &str) -> Result<bool, StoreError> {
@@ -1010,35 +1003,15 @@ impl JobStore for PgStore {
 
     fn put_job(&self, job: &Job) -> Result<(), StoreError> {
         let text = json("a job", job)?;
-        let created = big(job.created_ms, "a creation time")?;
-        self.run(|c| {
-            c.execute(
-                "INSERT INTO jobs (id, created_ms, record) VALUES ($1, $2, $3::text::jsonb) \
-                 ON CONFLICT (id) DO UPDATE SET created_ms = EXCLUDED.created_ms, record = EXCLUDED.record",
-                &[&job.id, &created, &text],
-            )?;
-            Ok(())
-        })
+        self.run(|c| put_record(c, "jobs", &job.id, job.created_ms, &text))
     }
 
     fn job(&self, id: &str) -> Result<Option<Job>, StoreError> {
-        self.run(|c| {
-            c.query_opt("SELECT record::text FROM jobs WHERE id = $1", &[&id])?
-                .map(|r| from_json(&format!("job {id}"), r.get(0)))
-                .transpose()
-        })
+        self.run(|c| get_record(c, "jobs", id, "job"))
     }
 
     fn jobs(&self) -> Result<Vec<Job>, StoreError> {
-        self.run(|c| {
-            c.query(
-                "SELECT id, record::text FROM jobs ORDER BY created_ms, id",
-                &[],
-            )?
-            .iter()
-            .map(|r| from_json(&format!("job {}", r.get::<_, &str>(0)), r.get(1)))
-            .collect()
-        })
+        self.run(|c| all_records(c, "jobs", "job"))
     }
 
     fn update_job(
