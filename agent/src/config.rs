@@ -126,7 +126,9 @@ pub struct AgentConfig {
     pub device_id: Option<String>,
     /// The device secret issued at enrollment, hex.
     pub device_secret: Option<String>,
-    /// The broker telemetry goes to: `mqtts://HOST[:PORT]` (or plain `mqtt://`).
+    /// The broker telemetry goes to: `mqtts://HOST[:PORT]` (or plain `mqtt://`);
+    /// comma-separated for the nodes of a clustered broker, tried in turn when a
+    /// connection fails.
     pub mqtt_url: Option<String>,
     /// The CA certificates (PEM) `control_plane` and `mqtt_url` are checked against;
     /// written by `fleetctl devices enroll`.
@@ -334,20 +336,30 @@ impl AgentConfig {
                     fleetml_protocol::telemetry::SECRET_LEN * 2
                 )
             })?;
-        let broker: fleetml_protocol::telemetry::BrokerUrl = url.parse()?;
-        let tls = broker.tls;
-        self.transport(
-            "mqtt_url",
-            url,
-            tls,
-            crate::http::is_loopback_host(&broker.host),
-        )?;
+        // Several brokers (a cluster's nodes), comma-separated: tried in turn.
+        let mut brokers = Vec::new();
+        for one in url.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+            let broker: fleetml_protocol::telemetry::BrokerUrl = one.parse()?;
+            self.transport(
+                "mqtt_url",
+                one,
+                broker.tls,
+                crate::http::is_loopback_host(&broker.host),
+            )?;
+            brokers.push(broker);
+        }
+        if brokers.is_empty() {
+            return Err("`mqtt_url` is empty: name the broker, mqtts://HOST[:PORT]".into());
+        }
+        let tls = brokers.iter().any(|b| b.tls);
+        let broker = brokers.remove(0);
         let defaults = crate::outbox::Limits::default();
         Ok(Some(crate::telemetry::Settings {
             device,
             secret,
             roots: if tls { self.tls_roots()? } else { None },
             broker,
+            more_brokers: brokers,
             limits: crate::outbox::Limits {
                 max_messages: self.outbox_max_messages.unwrap_or(defaults.max_messages),
                 max_bytes: self.outbox_max_bytes.unwrap_or(defaults.max_bytes),
@@ -486,5 +498,44 @@ impl AgentConfig {
             lag_p95_ms: self.lag_p95_ms,
             alert_windows: self.alert_windows,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn enrolled(mqtt_url: &str) -> AgentConfig {
+        AgentConfig {
+            device_id: Some("pi-1".into()),
+            device_secret: Some("ab".repeat(fleetml_protocol::telemetry::SECRET_LEN)),
+            mqtt_url: Some(mqtt_url.into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn mqtt_url_may_list_the_nodes_of_a_cluster_each_held_to_the_transport_rules() {
+        let s = enrolled("mqtt://127.0.0.1:1883, mqtt://localhost:1884")
+            .telemetry()
+            .expect("two loopback brokers")
+            .expect("enrolled");
+        assert_eq!((s.broker.host.as_str(), s.broker.port), ("127.0.0.1", 1883));
+        let more: Vec<_> = s.more_brokers.iter().map(|b| b.port).collect();
+        assert_eq!(more, [1884]);
+        // The second node is plain text to another machine: refused by name.
+        let e = enrolled("mqtt://127.0.0.1:1883,mqtt://192.0.2.1:1883")
+            .telemetry()
+            .expect_err("plain to another machine");
+        assert!(
+            e.contains("mqtt://192.0.2.1:1883") && e.contains("allow_insecure_transport"),
+            "{e}"
+        );
+        // A TLS node needs a CA, whichever place it has in the list.
+        let e = enrolled("mqtt://127.0.0.1:1883,mqtts://broker.example:8883")
+            .telemetry()
+            .expect_err("no CA");
+        assert!(e.contains("tls_ca"), "{e}");
+        assert!(enrolled(" , ").telemetry().is_err());
     }
 }

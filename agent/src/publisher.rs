@@ -41,6 +41,10 @@ pub struct Hooks {
     pub resend_after: Option<Duration>,
     /// Beaten on every turn of the loop (the watchdog depends on it).
     pub progress: Option<std::sync::Arc<crate::liveness::Part>>,
+    /// Other nodes of a clustered broker: after a failed connection the next one is
+    /// tried (round robin, starting from the options given to [`run_with`]), carrying
+    /// the current last will.
+    pub more_brokers: Vec<MqttOptions>,
 }
 
 /// The default of [`Hooks::resend_after`].
@@ -62,6 +66,9 @@ pub async fn run(outbox: Arc<Outbox>, options: MqttOptions, wake: Arc<Notify>) {
 
 /// [`run`], with [`Hooks`]. Messages on `…/status` topics are published retained.
 pub async fn run_with(outbox: Arc<Outbox>, options: MqttOptions, wake: Arc<Notify>, hooks: Hooks) {
+    let mut brokers = vec![options.clone()];
+    brokers.extend(hooks.more_brokers.iter().cloned());
+    let mut broker = 0;
     let (client, mut events) = AsyncClient::new(options, WINDOW * 2);
     // Sequence numbers handed to the client, waiting for their packet id.
     let mut handed: VecDeque<u64> = VecDeque::new();
@@ -178,6 +185,16 @@ pub async fn run_with(outbox: Arc<Outbox>, options: MqttOptions, wake: Arc<Notif
                     }
                     connected = false;
                     outbox.clear_inflight();
+                    if brokers.len() > 1 {
+                        broker = (broker + 1) % brokers.len();
+                        let mut next = brokers[broker].clone();
+                        if let Some(will) = events.mqtt_options.last_will() {
+                            next.set_last_will(will);
+                        }
+                        let (host, port) = next.broker_address();
+                        tracing::info!(error = %e, host, port, "trying the next broker");
+                        events.mqtt_options = next;
+                    }
                     failures = failures.saturating_add(1);
                     metrics::counter!("fleetml_agent_telemetry_connect_failures_total").increment(1);
                     metrics::counter!("fleetml_agent_telemetry_publish_failures_total")

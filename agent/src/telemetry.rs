@@ -33,6 +33,9 @@ pub struct Settings {
     /// The device secret issued at enrollment (HMAC key of every message).
     pub secret: Vec<u8>,
     pub broker: BrokerUrl,
+    /// Other nodes of the same (clustered) broker, tried in turn after `broker` when a
+    /// connection fails; the device's session and permissions are the cluster's.
+    pub more_brokers: Vec<BrokerUrl>,
     /// What an `mqtts://` broker is checked against.
     pub roots: crate::http::Roots,
     pub limits: Limits,
@@ -49,6 +52,7 @@ impl std::fmt::Debug for Settings {
         f.debug_struct("Settings")
             .field("device", &self.device)
             .field("broker", &self.broker)
+            .field("more_brokers", &self.more_brokers)
             .field("limits", &self.limits)
             .field("status_interval", &self.status_interval)
             .field("resend_after", &self.resend_after)
@@ -199,11 +203,22 @@ impl Telemetry {
         ))
     }
 
-    /// Stores the run's first status and returns the MQTT options carrying the matching
-    /// last will.
-    fn options(&self, settings: &Settings, status: &StatusFn) -> anyhow::Result<MqttOptions> {
+    /// Stores the run's first status and returns the MQTT options of each broker
+    /// (`broker` first, then `more_brokers`), carrying the matching last will.
+    fn options(&self, settings: &Settings, status: &StatusFn) -> anyhow::Result<Vec<MqttOptions>> {
         let will = self.will(status())?;
-        let b = &settings.broker;
+        std::iter::once(&settings.broker)
+            .chain(&settings.more_brokers)
+            .map(|b| self.options_at(settings, b, will.clone()))
+            .collect()
+    }
+
+    fn options_at(
+        &self,
+        settings: &Settings,
+        b: &BrokerUrl,
+        will: LastWill,
+    ) -> anyhow::Result<MqttOptions> {
         let mut o = MqttOptions::new(self.device.as_str(), b.host.clone(), b.port);
         o.set_keep_alive(Duration::from_secs(30));
         // Commands sent while the device was away wait in its broker session.
@@ -239,7 +254,9 @@ impl Telemetry {
         commands: Arc<dyn Fn(Command) -> Ack + Send + Sync>,
         progress: Option<Arc<crate::liveness::Part>>,
     ) -> anyhow::Result<()> {
-        let options = self.options(settings, &status)?;
+        let mut options = self.options(settings, &status)?;
+        let more_brokers = options.split_off(1);
+        let options = options.remove(0);
         let receiver = self
             .receiver
             .lock()
@@ -284,6 +301,7 @@ impl Telemetry {
             on_message: Some(on_message),
             resend_after: Some(settings.resend_after),
             progress,
+            more_brokers,
         };
         tokio::spawn(publisher::run_with(
             self.outbox.clone(),

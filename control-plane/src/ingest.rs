@@ -118,60 +118,137 @@ impl<S: FleetStore> Ingest<S> {
             .collect()
     }
 
+    /// Handles a batch the broker delivered, `(topic, bytes)` in order, then makes what
+    /// was stored durable with one flush: the caller acknowledges the batch to the broker
+    /// once this returns `Ok` (on `Err`, nothing of it: the broker delivers it again and
+    /// what was stored already is a duplicate then).
+    pub fn store_batch<'a>(
+        &self,
+        batch: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        let batch: Vec<(&str, &[u8])> = batch.into_iter().collect();
+        let outcomes = self.handle_batch(&batch, now_ms)?;
+        for ((topic, _), outcome) in batch.iter().zip(outcomes) {
+            match outcome {
+                Outcome::Refused(e) => tracing::warn!(
+                    topic = %topic.chars().take(120).collect::<String>(),
+                    error = %e,
+                    "refused a message"
+                ),
+                Outcome::Stored { gap: Some((a, b)) } => {
+                    tracing::info!(topic, from = a, to = b, "sequence gap (may still arrive)")
+                }
+                _ => {}
+            }
+        }
+        self.store.flush()
+    }
+
     /// Handles one message received on `topic` at `now_ms`. Nothing of a refused
     /// message is stored.
     pub fn handle(&self, topic: &str, bytes: &[u8], now_ms: u64) -> Result<Outcome, StoreError> {
-        if let Ok((_, Channel::Cmd)) = telemetry::parse_topic(topic) {
-            return Ok(Outcome::Ignored);
-        }
-        self.counters.received.fetch_add(1, Ordering::Relaxed);
-        let mut lookup_error = None;
-        let opened = telemetry::open(topic, bytes, |d| match self.store.device(d) {
-            // A revoked device's messages are refused like an unknown device's.
-            Ok(r) => r.and_then(|r| r.live_secret().map(<[u8]>::to_vec)),
-            Err(e) => {
-                lookup_error = Some(e);
-                None
-            }
-        });
-        if let Some(e) = lookup_error {
-            return Err(e);
-        }
-        let envelope = match opened {
-            Ok(e) => e,
-            Err(e) => {
-                self.counters.refused.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("fleetml_control_ingest_refused_total", "reason" => reason(&e))
-                    .increment(1);
-                return Ok(Outcome::Refused(e));
-            }
-        };
-        let device = envelope.device.clone();
-        if let Body::Status(s) = &envelope.body
-            && !s.online
-        {
-            let mut stale = false;
-            self.store.update_state(&device, &mut |st| {
-                stale = envelope.seq < st.will_seq;
-                if !stale {
-                    st.online = false;
-                    st.offline_since_ms = Some(now_ms);
-                }
-            })?;
-            if stale {
-                self.counters.stale_wills.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("fleetml_control_ingest_stale_wills_total").increment(1);
-                return Ok(Outcome::StaleWill);
-            }
-            self.counters.offline.fetch_add(1, Ordering::Relaxed);
-            return Ok(Outcome::Offline);
-        }
-        // The message and the device state it changes, stored together (one transaction
-        // where the store has them).
-        let mut seen: (Option<u64>, Option<(u64, u64)>) = (None, None);
-        let (new, _) = self
+        let mut outcomes = self.handle_batch(&[(topic, bytes)], now_ms)?;
+        Ok(outcomes.pop().unwrap_or(Outcome::Ignored))
+    }
+
+    /// Handles messages received at `now_ms`, in order, with what the store can do for
+    /// many at once: one lookup of the batch's devices, and the messages between two
+    /// last wills stored together ([`FleetStore::store_messages`]: one transaction on
+    /// PostgreSQL). The outcome of each, in order.
+    pub fn handle_batch(
+        &self,
+        batch: &[(&str, &[u8])],
+        now_ms: u64,
+    ) -> Result<Vec<Outcome>, StoreError> {
+        let mut ids: Vec<DeviceId> = batch
+            .iter()
+            .filter_map(|(topic, _)| telemetry::parse_topic(topic).ok().map(|(d, _)| d))
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let secrets: std::collections::HashMap<DeviceId, Vec<u8>> = self
             .store
-            .store_message(&envelope, &mut |st, new, before| {
+            .devices_named(&ids)?
+            .into_iter()
+            // A revoked device's messages are refused like an unknown device's.
+            .filter_map(|r| r.live_secret().map(<[u8]>::to_vec).map(|s| (r.id, s)))
+            .collect();
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
+        // Opened messages waiting to be stored together: (index in the batch, envelope).
+        let mut pending: Vec<(usize, Envelope)> = Vec::new();
+        for (i, (topic, bytes)) in batch.iter().enumerate() {
+            if let Ok((_, Channel::Cmd)) = telemetry::parse_topic(topic) {
+                outcomes[i] = Some(Outcome::Ignored);
+                continue;
+            }
+            self.counters.received.fetch_add(1, Ordering::Relaxed);
+            let envelope = match telemetry::open(topic, bytes, |d| secrets.get(d).cloned()) {
+                Ok(e) => e,
+                Err(e) => {
+                    self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("fleetml_control_ingest_refused_total", "reason" => reason(&e))
+                        .increment(1);
+                    outcomes[i] = Some(Outcome::Refused(e));
+                    continue;
+                }
+            };
+            if let Body::Status(s) = &envelope.body
+                && !s.online
+            {
+                // A will is judged against what came before it: store those first.
+                self.store_pending(&mut pending, &mut outcomes, now_ms)?;
+                outcomes[i] = Some(self.will(&envelope, now_ms)?);
+                continue;
+            }
+            pending.push((i, envelope));
+        }
+        self.store_pending(&mut pending, &mut outcomes, now_ms)?;
+        Ok(outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or(Outcome::Ignored))
+            .collect())
+    }
+
+    /// A last will: the device goes offline, unless the will is older than the one its
+    /// newest status names.
+    fn will(&self, envelope: &Envelope, now_ms: u64) -> Result<Outcome, StoreError> {
+        let mut stale = false;
+        self.store.update_state(&envelope.device, &mut |st| {
+            stale = envelope.seq < st.will_seq;
+            if !stale {
+                st.online = false;
+                st.offline_since_ms = Some(now_ms);
+            }
+        })?;
+        if stale {
+            self.counters.stale_wills.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("fleetml_control_ingest_stale_wills_total").increment(1);
+            return Ok(Outcome::StaleWill);
+        }
+        self.counters.offline.fetch_add(1, Ordering::Relaxed);
+        Ok(Outcome::Offline)
+    }
+
+    /// Stores `pending` (the messages and the device state each changes, together) and
+    /// writes each one's outcome; empties `pending`.
+    fn store_pending(
+        &self,
+        pending: &mut Vec<(usize, Envelope)>,
+        outcomes: &mut [Option<Outcome>],
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let (at, envelopes): (Vec<usize>, Vec<Envelope>) =
+            std::mem::take(pending).into_iter().unzip();
+        // Per envelope: (restarted from, gap).
+        let mut seen: Vec<Seen> = vec![(None, None); envelopes.len()];
+        let stored = self
+            .store
+            .store_messages(&envelopes, &mut |i, st, new, before| {
+                let envelope = &envelopes[i];
                 // A jump to a new base is a new outbox (its data directory was wiped), not
                 // lost messages; the first message of a device starts wherever its outbox
                 // does.
@@ -180,40 +257,48 @@ impl<S: FleetStore> Ingest<S> {
                 let expected = before.map_or(envelope.seq, |b| b + 1);
                 let gap = (new && restarted.is_none() && envelope.seq > expected)
                     .then(|| (expected, envelope.seq - 1));
-                seen = (restarted, gap);
-                apply(st, &envelope, new, restarted, gap, now_ms);
+                seen[i] = (restarted, gap);
+                apply(st, envelope, new, restarted, gap, now_ms);
             })?;
-        let (restarted, gap) = seen;
-        if let Some(from) = restarted {
-            self.counters.restarts.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("fleetml_control_ingest_sequence_restarts_total").increment(1);
-            tracing::warn!(
-                device = %device,
-                from,
-                to = envelope.seq,
-                "the device's sequence numbers restarted at a new base (its data directory was wiped or replaced)"
-            );
+        let mut receipts = self.receipts.lock().unwrap_or_else(|p| p.into_inner());
+        for (((i, envelope), (new, _)), (restarted, gap)) in
+            at.into_iter().zip(envelopes).zip(stored).zip(seen)
+        {
+            if let Some(from) = restarted {
+                self.counters.restarts.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("fleetml_control_ingest_sequence_restarts_total").increment(1);
+                tracing::warn!(
+                    device = %envelope.device,
+                    from,
+                    to = envelope.seq,
+                    "the device's sequence numbers restarted at a new base (its data directory was wiped or replaced)"
+                );
+            }
+            // A duplicate too: the device sent it again because it has no receipt for it.
+            receipts
+                .entry(envelope.device.clone())
+                .or_default()
+                .push(envelope.seq);
+            outcomes[i] = Some(if new {
+                self.counters.stored.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("fleetml_control_ingest_stored_total").increment(1);
+                if gap.is_some() {
+                    self.counters.gaps.fetch_add(1, Ordering::Relaxed);
+                }
+                Outcome::Stored { gap }
+            } else {
+                self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("fleetml_control_ingest_duplicates_total").increment(1);
+                Outcome::Duplicate
+            });
         }
-        // A duplicate too: the device sent it again because it has no receipt for it.
-        self.receipts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(device)
-            .or_default()
-            .push(envelope.seq);
-        if !new {
-            self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("fleetml_control_ingest_duplicates_total").increment(1);
-            return Ok(Outcome::Duplicate);
-        }
-        self.counters.stored.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("fleetml_control_ingest_stored_total").increment(1);
-        if gap.is_some() {
-            self.counters.gaps.fetch_add(1, Ordering::Relaxed);
-        }
-        Ok(Outcome::Stored { gap })
+        Ok(())
     }
 }
+
+/// Of a stored message: the base its device's sequence numbers restarted from, and the
+/// sequence numbers skipped before it.
+type Seen = (Option<u64>, Option<(u64, u64)>);
 
 /// What a message stored (`new`) or seen again changes in its device's state.
 fn apply(

@@ -59,6 +59,9 @@ pub struct Options {
     /// ids carry it, the ingest shares the telemetry subscription with the other
     /// replicas, and leadership is elected. None: the only process.
     pub replica_id: Option<String>,
+    /// Pull the devices' messages from a JetStream work queue on a NATS cluster instead
+    /// of subscribing over MQTT (NATS's MQTT has no shared subscriptions).
+    pub ingest_queue: Option<crate::ingest_queue::QueueOptions>,
     pub listen: SocketAddr,
     pub mqtt: Mqtt,
     /// Trust policy handed to enrolled devices.
@@ -420,6 +423,11 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
             "--replica-id {id:?}: use 1 to 64 letters, digits, '-' or '_' (it goes into MQTT client ids)"
         );
     }
+    anyhow::ensure!(
+        opts.ingest_queue.is_none() || matches!(opts.mqtt, Mqtt::External(_)),
+        "--ingest-queue: the devices reach the NATS cluster over MQTT; name its MQTT port \
+         with --mqtt-url (commands and receipts go out there)"
+    );
     let store = open_store(&opts)?;
     let leader = match (&opts.database, &opts.replica_id) {
         (Some(url), Some(id)) => crate::leader::Leadership::elect(url, id.clone())?,
@@ -486,6 +494,8 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
     let urls: Vec<&str> = [opts.public_url.as_deref(), opts.public_mqtt_url.as_deref()]
         .into_iter()
         .flatten()
+        .flat_map(|u| u.split(','))
+        .map(str::trim)
         .collect();
     let tls = crate::tls::load(
         &opts.tls,
@@ -668,7 +678,10 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
         metrics,
         rate: crate::plane::CallLimits::new(opts.rate_limits),
     });
-    spawn_ingest(plane.clone(), ingest_client, events, ingest_filter);
+    match &opts.ingest_queue {
+        Some(queue) => crate::ingest_queue::spawn(plane.clone(), queue.clone()),
+        None => spawn_ingest(plane.clone(), ingest_client, events, ingest_filter),
+    }
     spawn_receipts(plane.clone(), opts.receipt_interval);
     spawn_audit_tally(plane.clone(), opts.audit_interval);
     if opts.retain_messages > 0 {
@@ -820,21 +833,12 @@ fn spawn_ingest(
             let p2 = plane.clone();
             let publishes = std::mem::take(&mut batch);
             let stored = tokio::task::spawn_blocking(move || {
-                let now = now_ms();
-                for p in &publishes {
-                    match p2.ingest.handle(&p.topic, &p.payload, now) {
-                        Ok(crate::ingest::Outcome::Refused(e)) => {
-                            tracing::warn!(topic = %p.topic.chars().take(120).collect::<String>(), error = %e, "refused a message")
-                        }
-                        Ok(crate::ingest::Outcome::Stored { gap: Some((a, b)) }) => {
-                            tracing::info!(topic = %p.topic, from = a, to = b, "sequence gap (may still arrive)")
-                        }
-                        Ok(_) => {}
-                        Err(e) => return Err((e, publishes)),
-                    }
-                }
-                p2.ingest.store.flush().map_err(|e| (e, Vec::new()))?;
-                Ok(publishes)
+                p2.ingest
+                    .store_batch(
+                        publishes.iter().map(|p| (p.topic.as_str(), &p.payload[..])),
+                        now_ms(),
+                    )
+                    .map(|()| publishes)
             })
             .await;
             match stored {
@@ -843,7 +847,7 @@ fn spawn_ingest(
                         let _ = acks.ack(p).await;
                     }
                 }
-                Ok(Err((e, _))) => {
+                Ok(Err(e)) => {
                     // Not acknowledged: the broker delivers them again after a reconnect.
                     tracing::error!(error = %e, "storing telemetry failed");
                 }

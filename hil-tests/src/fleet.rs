@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use crate::{Run, bin};
 
-pub use fleetml_testkit::{Postgres, S3Server, free_port};
+pub use fleetml_testkit::{NatsCluster, Postgres, S3Server, free_port};
 
 /// Polls `check` every 100 ms until it returns `Some`, or panics naming `what`.
 #[track_caller]

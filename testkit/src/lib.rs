@@ -1,6 +1,7 @@
-//! What the tests of several crates share: a free loopback port, and a private
-//! PostgreSQL server started from Debian's `postgresql` package (the store conformance
-//! suite in `fleet-control` and the system tests in `hil-tests` both run against one).
+//! What the tests of several crates share: a free loopback port, a private PostgreSQL
+//! server started from Debian's `postgresql` package (the store conformance suite in
+//! `fleet-control` and the system tests in `hil-tests` both run against one), a private
+//! S3-compatible server (moto) and a private NATS cluster (Debian's `nats-server`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -361,5 +362,150 @@ impl Drop for S3Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A private NATS cluster (Debian's `nats-server`): `n` nodes on 127.0.0.1, each with
+/// JetStream (its own store folder) and MQTT enabled, routed to each other; every node
+/// stopped (by PID) on drop. Anonymous clients, as the tests' mosquitto.
+#[derive(Debug)]
+pub struct NatsCluster {
+    dir: tempfile::TempDir,
+    nodes: Vec<NatsNode>,
+}
+
+/// One node of a [`NatsCluster`].
+#[derive(Debug)]
+pub struct NatsNode {
+    child: Option<std::process::Child>,
+    /// NATS clients' port.
+    pub port: u16,
+    /// MQTT 3.1.1 port.
+    pub mqtt_port: u16,
+    /// The monitoring endpoint's port (`/jsz`, `/varz`).
+    pub http_port: u16,
+    route_port: u16,
+}
+
+impl NatsCluster {
+    pub fn start(n: usize) -> NatsCluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut nodes: Vec<NatsNode> = (0..n)
+            .map(|_| NatsNode {
+                child: None,
+                port: free_port(),
+                mqtt_port: free_port(),
+                http_port: free_port(),
+                route_port: free_port(),
+            })
+            .collect();
+        let routes: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("nats-route://127.0.0.1:{}", n.route_port))
+            .collect();
+        for (i, node) in nodes.iter().enumerate() {
+            let conf = format!(
+                "server_name: n{i}\nlisten: 127.0.0.1:{}\n\
+                 jetstream {{ store_dir: \"{}\" }}\n\
+                 cluster {{ name: fleetml, listen: 127.0.0.1:{}, routes: [{}] }}\n\
+                 mqtt {{ listen: 127.0.0.1:{} }}\nhttp: 127.0.0.1:{}\n",
+                node.port,
+                dir.path().join(format!("js{i}")).display(),
+                node.route_port,
+                routes.join(", "),
+                node.mqtt_port,
+                node.http_port,
+            );
+            std::fs::write(dir.path().join(format!("n{i}.conf")), conf).expect("nats conf");
+        }
+        for (i, node) in nodes.iter_mut().enumerate() {
+            Self::spawn(dir.path(), i, node);
+        }
+        let cluster = NatsCluster { dir, nodes };
+        // JetStream answers once the nodes have elected a meta leader; the tests'
+        // clients retry until then.
+        for node in &cluster.nodes {
+            wait_listening(node.mqtt_port, "nats-server's MQTT");
+        }
+        cluster
+    }
+
+    fn spawn(dir: &Path, i: usize, node: &mut NatsNode) {
+        let log = std::fs::File::create(dir.join(format!("n{i}.log"))).expect("nats log");
+        node.child = Some(
+            Command::new("nats-server")
+                .arg("-c")
+                .arg(dir.join(format!("n{i}.conf")))
+                .stdout(std::process::Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("nats-server starts (apt-get install nats-server)"),
+        );
+        wait_listening(node.port, "nats-server");
+    }
+
+    pub fn nodes(&self) -> &[NatsNode] {
+        &self.nodes
+    }
+
+    /// `nats://127.0.0.1:P1,nats://127.0.0.1:P2,…` (the nodes still running).
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .filter(|n| n.child.is_some())
+            .map(|n| format!("nats://127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Kills node `i` (SIGKILL): its clients must go to another node.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The body of `GET path` on node `i`'s monitoring endpoint (JSON).
+    pub fn monitor(&self, i: usize, path: &str) -> String {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.nodes[i].http_port))
+            .expect("nats-server monitoring endpoint");
+        write!(
+            s,
+            // HTTP/1.0: the answer comes whole, not chunked.
+            "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n"
+        )
+        .expect("request");
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).expect("answer");
+        answer
+            .split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_string())
+            .unwrap_or_default()
+    }
+
+    /// Node `i`'s log so far, for a failing test's message.
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("n{i}.log"))).unwrap_or_default()
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+    }
+}
+
+fn wait_listening(port: u16, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} did not listen on {port} within 30 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }

@@ -1,6 +1,6 @@
 //! The publisher drains the outbox to a real broker (mosquitto from Debian): in order,
 //! removing only what the broker acknowledged, and catching up once a broker that was
-//! down comes up.
+//! down comes up, or moving to the next of several brokers when one is down.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -221,6 +221,47 @@ fn with_receipts_what_the_broker_acknowledged_is_published_again_until_confirmed
                 );
             }
         }
+        task.abort();
+    });
+}
+
+#[test]
+fn with_several_brokers_a_dead_one_is_passed_over_for_the_next() {
+    let (dead, live) = (free_port(), free_port());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let outbox =
+        Arc::new(Outbox::open(&dir.path().join("outbox"), Limits::default()).expect("opens"));
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let wake = Arc::new(tokio::sync::Notify::new());
+        // The first broker of the list never answers; the second takes everything.
+        let first = mosquitto(live);
+        let task = tokio::spawn(fleet_agent::publisher::run_with(
+            outbox.clone(),
+            options("pi", dead),
+            wake.clone(),
+            fleet_agent::publisher::Hooks {
+                more_brokers: vec![options("pi", live)],
+                ..Default::default()
+            },
+        ));
+        let push = |n: usize| {
+            for _ in 0..n {
+                outbox
+                    .push(Class::Keep, "fleetml/v1/pi/events", 0, |seq| {
+                        seq.to_be_bytes().to_vec()
+                    })
+                    .expect("push");
+                wake.notify_one();
+            }
+        };
+        push(5);
+        drained(&outbox, Duration::from_secs(30)).await;
+        // That one dies and the first comes up: the publisher goes round to it.
+        drop(first);
+        let _back = mosquitto(dead);
+        push(5);
+        drained(&outbox, Duration::from_secs(60)).await;
         task.abort();
     });
 }

@@ -31,6 +31,24 @@ pub(crate) struct ServeArgs {
     /// and '_'; unique per replica.
     #[arg(long, requires_all = ["database", "mqtt_url"])]
     replica_id: Option<String>,
+    /// Take the devices' messages from a JetStream work queue on a NATS cluster instead
+    /// of an MQTT subscription: nats://[USER:PASSWORD@]HOST:PORT (tls:// with TLS;
+    /// --mqtt-ca names its CA), comma-separated for several nodes. The stream
+    /// FLEETML_INGEST and its consumer fleetml-ingest are made when missing. Devices keep
+    /// speaking MQTT to the cluster's MQTT port (--mqtt-url). NATS's MQTT has no shared
+    /// subscriptions: this is how replicas on NATS split the ingest. Prefer the
+    /// environment variable when the URL holds a password.
+    #[arg(
+        long,
+        env = "FLEETML_INGEST_QUEUE",
+        hide_env_values = true,
+        requires = "mqtt_url"
+    )]
+    ingest_queue: Option<String>,
+    /// Copies of the FLEETML_INGEST stream the NATS cluster keeps when it is made
+    /// (1 to 5). Default: as many as the cluster has nodes, at most 3.
+    #[arg(long, requires = "ingest_queue", value_parser = clap::value_parser!(u8).range(1..=5))]
+    ingest_queue_replicas: Option<u8>,
     /// Messages kept per device in the message log (GET /v1/devices/ID/messages): the
     /// newest N; the leader removes older ones at start and every 10 minutes. Each
     /// device's status, latest windows, lifecycle events and alerts are kept apart and
@@ -86,7 +104,9 @@ pub(crate) struct ServeArgs {
     /// URL devices and operators reach the API at. Default: http://LISTEN.
     #[arg(long)]
     public_url: Option<String>,
-    /// Broker URL written into enrolled devices' configs. Default: the broker's address.
+    /// Broker URL written into enrolled devices' configs; comma-separated for the nodes
+    /// of a clustered broker, which devices try in turn when a connection fails.
+    /// Default: the broker's address.
     #[arg(long)]
     public_mqtt_url: Option<String>,
     /// How long an assignment a device fetched stays valid (devices refuse expired ones:
@@ -183,6 +203,15 @@ pub(crate) fn serve_command(a: ServeArgs) -> anyhow::Result<()> {
         database: a.database,
         blobs: a.blobs,
         replica_id: a.replica_id,
+        ingest_queue: match &a.ingest_queue {
+            Some(list) => Some(fleet_control::ingest_queue::QueueOptions {
+                urls: fleet_control::ingest_queue::QueueOptions::parse(list)
+                    .map_err(anyhow::Error::msg)?,
+                ca: a.mqtt_ca.clone(),
+                replicas: a.ingest_queue_replicas.map(usize::from),
+            }),
+            None => None,
+        },
         retain_messages: a.retain_messages,
         listen: a.listen,
         mqtt,

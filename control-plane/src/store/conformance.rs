@@ -199,6 +199,73 @@ pub(super) fn a_message_is_stored_with_the_state_it_changes(
     Ok(())
 }
 
+/// A batch is stored as if message by message: a duplicate of an earlier batch and one
+/// within the batch are not new, "highest before" counts what came earlier in the batch,
+/// each device's state sees its messages in order, and the batch's devices are found
+/// with one call.
+pub(super) fn a_batch_is_stored_as_one_message_after_another(
+    s: &dyn Store,
+) -> Result<(), StoreError> {
+    assert!(s.enroll(&device("d1"))?);
+    assert!(s.enroll(&device("d2"))?);
+    let mut named: Vec<String> = s
+        .devices_named(&[id("d2"), id("nobody"), id("d1")])?
+        .into_iter()
+        .map(|d| d.id.to_string())
+        .collect();
+    named.sort();
+    assert_eq!(named, ["d1", "d2"]);
+    assert_eq!(s.insert(&message("d1", 3))?, (true, None));
+    let batch = [
+        message("d1", 3),
+        message("d2", 7),
+        message("d1", 4),
+        message("d1", 2),
+        message("d2", 7),
+        message("d2", 9),
+    ];
+    let mut calls = Vec::new();
+    let out = s.store_messages(&batch, &mut |i, st, new, before| {
+        calls.push((i, new, before));
+        if new {
+            st.stored += 1;
+            st.last_seq = batch[i].seq;
+        } else {
+            st.duplicates += 1;
+        }
+    })?;
+    assert_eq!(
+        out,
+        [
+            (false, Some(3)),
+            (true, None),
+            (true, Some(3)),
+            (true, Some(4)),
+            (false, Some(7)),
+            (true, Some(7)),
+        ]
+    );
+    let expected: Vec<(usize, bool, Option<u64>)> = out
+        .iter()
+        .enumerate()
+        .map(|(i, (new, before))| (i, *new, *before))
+        .collect();
+    assert_eq!(calls, expected, "once each, in batch order");
+    let st = s.state(&id("d1"))?.expect("d1's state");
+    assert_eq!((st.stored, st.duplicates, st.last_seq), (2, 1, 2));
+    let st = s.state(&id("d2"))?.expect("d2's state");
+    assert_eq!((st.stored, st.duplicates, st.last_seq), (2, 1, 9));
+    let seqs = |d: &str| -> Result<Vec<u64>, StoreError> {
+        Ok(s.messages(&id(d), 0, 10)?.iter().map(|e| e.seq).collect())
+    };
+    assert_eq!(seqs("d1")?, [2, 3, 4]);
+    assert_eq!(seqs("d2")?, [7, 9]);
+    // The highest stays known after a batch: the next single insert sees it.
+    assert_eq!(s.insert(&message("d2", 10))?, (true, Some(9)));
+    assert_eq!(s.store_messages(&[], &mut |_, _, _, _| {})?, Vec::new());
+    Ok(())
+}
+
 pub(super) fn command_sequence_numbers_count_per_device(s: &dyn Store) -> Result<(), StoreError> {
     assert_eq!(s.next_command_seq(&id("d1"))?, 0);
     assert_eq!(s.next_command_seq(&id("d1"))?, 1);
@@ -608,6 +675,7 @@ macro_rules! each_case {
             the_message_log_keeps_the_newest_of_each_device,
             device_state_changes_in_place,
             a_message_is_stored_with_the_state_it_changes,
+            a_batch_is_stored_as_one_message_after_another,
             command_sequence_numbers_count_per_device,
             an_assignment_moves_its_generation_only_when_it_changes,
             many_assignments_apply_in_order,

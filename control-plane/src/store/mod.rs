@@ -72,6 +72,10 @@ impl From<serde_cbor::Error> for StoreError {
     }
 }
 
+/// What [`FleetStore::store_messages`] calls for each envelope: its index in the batch,
+/// its device's state, whether it was new, the highest sequence number before it.
+pub type BatchChange<'a> = dyn FnMut(usize, &mut DeviceState, bool, Option<u64>) + Send + 'a;
+
 /// Where authenticated messages and the device registry live.
 pub trait FleetStore: Send + Sync {
     /// Adds a device; `false` when the id is taken (nothing changes then).
@@ -110,6 +114,31 @@ pub trait FleetStore: Send + Sync {
         let (new, before) = self.insert(envelope)?;
         self.update_state(&envelope.device, &mut |st| change(st, new, before))?;
         Ok((new, before))
+    }
+    /// [`FleetStore::store_message`] for each of `envelopes` in order (`change` gets the
+    /// envelope's index), as one transaction where the store has them: the same
+    /// outcome as one call per envelope, a duplicate within the batch included, with
+    /// one commit. On `Err` nothing of the batch is stored where the store has
+    /// transactions.
+    fn store_messages(
+        &self,
+        envelopes: &[Envelope],
+        change: &mut BatchChange<'_>,
+    ) -> Result<Vec<(bool, Option<u64>)>, StoreError> {
+        envelopes
+            .iter()
+            .enumerate()
+            .map(|(i, e)| self.store_message(e, &mut |st, new, before| change(i, st, new, before)))
+            .collect()
+    }
+    /// The enrolled devices among `ids` (in no particular order; unknown ids are left
+    /// out), with one query where the store has them.
+    fn devices_named(&self, ids: &[DeviceId]) -> Result<Vec<DeviceRecord>, StoreError> {
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            out.extend(self.device(id)?);
+        }
+        Ok(out)
     }
     /// Removes all but the newest `keep` messages of `device` (by sequence number);
     /// returns how many it removed. The highest sequence number stored stays known, so
@@ -163,6 +192,16 @@ impl<T: FleetStore + ?Sized> FleetStore for std::sync::Arc<T> {
     }
     fn prune_messages(&self, device: &DeviceId, keep: usize) -> Result<u64, StoreError> {
         (**self).prune_messages(device, keep)
+    }
+    fn store_messages(
+        &self,
+        envelopes: &[Envelope],
+        change: &mut BatchChange<'_>,
+    ) -> Result<Vec<(bool, Option<u64>)>, StoreError> {
+        (**self).store_messages(envelopes, change)
+    }
+    fn devices_named(&self, ids: &[DeviceId]) -> Result<Vec<DeviceRecord>, StoreError> {
+        (**self).devices_named(ids)
     }
     fn store_message(
         &self,

@@ -406,18 +406,38 @@ impl PgStore {
         let (staged, generations) = stage(model, changes, now_ms, |d| {
             Ok::<_, StoreError>(old.remove(d.as_str()))
         })?;
-        let mut keys = Vec::with_capacity(staged.len());
-        let mut records = Vec::with_capacity(staged.len());
-        for (device, record) in &staged {
-            keys.push(device.as_str());
-            records.push(serde_cbor::to_vec(record)?);
-        }
-        t.execute(
-            "UPDATE assignments SET record = n.record FROM unnest($1::text[], $2::bytea[]) AS n(device, record) \
-             WHERE assignments.device = n.device",
-            &[&keys, &records],
+        Self::write_encoded(
+            t,
+            "assignments",
+            "device",
+            "record",
+            staged.iter().map(|(d, r)| (d.as_str(), r)),
         )?;
         Ok(generations)
+    }
+
+    /// `UPDATE table SET column = …` of each `(key, value)` of `rows`, CBOR-encoded, in
+    /// one statement (`table`, `key` and `column` are this file's constants).
+    fn write_encoded<'a, T: serde::Serialize + 'a>(
+        t: &mut Transaction<'_>,
+        table: &str,
+        key: &str,
+        column: &str,
+        rows: impl Iterator<Item = (&'a str, &'a T)>,
+    ) -> Result<(), StoreError> {
+        let (mut keys, mut values) = (Vec::new(), Vec::new());
+        for (k, v) in rows {
+            keys.push(k);
+            values.push(serde_cbor::to_vec(v)?);
+        }
+        t.execute(
+            &format!(
+                "UPDATE {table} SET {column} = n.v FROM unnest($1::text[], $2::bytea[]) AS n(k, v) \
+                 WHERE {table}.{key} = n.k"
+            ),
+            &[&keys, &values],
+        )?;
+        Ok(())
     }
 }
 
@@ -480,6 +500,116 @@ impl FleetStore for PgStore {
                 change(st, new, before)
             })?;
             Ok((new, before))
+        })
+    }
+
+    /// One transaction for the batch, its statements over whole arrays: each device's
+    /// highest sequence number and state read and locked once (in device order, as
+    /// every writer locks them), the messages inserted in one statement that returns
+    /// which were new, the changes applied in memory in batch order, and each
+    /// device's highest and state written back once.
+    fn store_messages(
+        &self,
+        envelopes: &[Envelope],
+        change: &mut crate::store::BatchChange<'_>,
+    ) -> Result<Vec<(bool, Option<u64>)>, StoreError> {
+        if envelopes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut devices: Vec<&str> = envelopes.iter().map(|e| e.device.as_str()).collect();
+        devices.sort_unstable();
+        devices.dedup();
+        let mut keys = Vec::with_capacity(envelopes.len());
+        let mut seqs = Vec::with_capacity(envelopes.len());
+        let mut bodies = Vec::with_capacity(envelopes.len());
+        for e in envelopes {
+            keys.push(e.device.as_str());
+            seqs.push(big(e.seq, "sequence number")?);
+            bodies.push(serde_cbor::to_vec(e)?);
+        }
+        let fresh = serde_cbor::to_vec(&DeviceState::default())?;
+        self.tx(|t| {
+            t.execute(
+                "INSERT INTO device_high (device, high) SELECT d, -1 FROM unnest($1::text[]) AS d \
+                 ON CONFLICT (device) DO NOTHING",
+                &[&devices],
+            )?;
+            let mut high: std::collections::HashMap<String, i64> = t
+                .query(
+                    "SELECT device, high FROM device_high WHERE device = ANY($1) ORDER BY device FOR UPDATE",
+                    &[&devices],
+                )?
+                .into_iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect();
+            t.execute(
+                "INSERT INTO device_state (device, state) SELECT d, $2 FROM unnest($1::text[]) AS d \
+                 ON CONFLICT (device) DO NOTHING",
+                &[&devices, &fresh],
+            )?;
+            let mut states = std::collections::HashMap::with_capacity(devices.len());
+            for r in t.query(
+                "SELECT device, state FROM device_state WHERE device = ANY($1) ORDER BY device FOR UPDATE",
+                &[&devices],
+            )? {
+                let device: String = r.get(0);
+                let state: DeviceState = cbor(&format!("the state of {device}"), r.get(1))?;
+                states.insert(device, state);
+            }
+            // A (device, seq) twice in the batch is inserted once: the first is new.
+            let mut inserted: std::collections::HashSet<(String, i64)> = t
+                .query(
+                    "INSERT INTO messages (device, seq, envelope) \
+                     SELECT * FROM unnest($1::text[], $2::bigint[], $3::bytea[]) \
+                     ON CONFLICT (device, seq) DO NOTHING RETURNING device, seq",
+                    &[&keys, &seqs, &bodies],
+                )?
+                .into_iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect();
+            let mut out = Vec::with_capacity(envelopes.len());
+            for (i, (e, &seq)) in envelopes.iter().zip(&seqs).enumerate() {
+                let device = e.device.as_str();
+                let new = inserted.remove(&(device.to_string(), seq));
+                let h = high.get_mut(device).ok_or_else(|| {
+                    StoreError::corrupt("device_high", format!("no row for {device}"))
+                })?;
+                let before = u64::try_from(*h).ok();
+                *h = (*h).max(seq);
+                let st = states.get_mut(device).ok_or_else(|| {
+                    StoreError::corrupt("device_state", format!("no row for {device}"))
+                })?;
+                change(i, st, new, before);
+                out.push((new, before));
+            }
+            let (mut names, mut highs) = (Vec::new(), Vec::new());
+            for (d, h) in &high {
+                names.push(d.as_str());
+                highs.push(*h);
+            }
+            t.execute(
+                "UPDATE device_high SET high = n.high FROM unnest($1::text[], $2::bigint[]) AS n(device, high) \
+                 WHERE device_high.device = n.device",
+                &[&names, &highs],
+            )?;
+            Self::write_encoded(
+                t,
+                "device_state",
+                "device",
+                "state",
+                states.iter().map(|(d, st)| (d.as_str(), st)),
+            )?;
+            Ok(out)
+        })
+    }
+
+    fn devices_named(&self, ids: &[DeviceId]) -> Result<Vec<DeviceRecord>, StoreError> {
+        let ids: Vec<&str> = ids.iter().map(DeviceId::as_str).collect();
+        self.run(|c| {
+            c.query("SELECT id, record FROM devices WHERE id = ANY($1)", &[&ids])?
+                .iter()
+                .map(|r| cbor(&format!("device {}", r.get::<_, &str>(0)), r.get(1)))
+                .collect()
         })
     }
 

@@ -1,13 +1,18 @@
 //! Several `fleetctl serve` replicas on one PostgreSQL database, one S3-compatible
-//! object store (moto's server) and one mosquitto: any replica answers any call, one elected leader runs the rollout
-//! engine and another takes over when it dies, and the replicas share the telemetry
-//! ingest without losing or doubling a message when one of them is killed.
+//! object store (moto's server) and one broker: any replica answers any call, one
+//! elected leader runs the rollout engine and another takes over when it dies, and the
+//! replicas share the telemetry ingest without losing or doubling a message when one of
+//! them is killed. The broker is mosquitto (a shared MQTT subscription splits the
+//! ingest) or a 3-node NATS cluster with JetStream and MQTT (a JetStream work queue
+//! splits it; devices on different nodes, one node killed mid-run).
 
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
-use hil_tests::fleet::{ControlPlane, Mosquitto, Postgres, S3Server, free_port, wait_for};
+use hil_tests::fleet::{
+    ControlPlane, Mosquitto, NatsCluster, Postgres, S3Server, free_port, wait_for,
+};
 use hil_tests::keys_and_policy;
 use serde_json::Value;
 
@@ -17,10 +22,22 @@ const WAIT: Duration = Duration::from_secs(90);
 
 /// A replica of the control plane in `dir` (its DATA_DIR `dir/plane`), named `id`, its
 /// bundles in bucket `fleet` of `s3`.
-fn replica(dir: &Path, id: &str, broker: u16, s3: &S3Server, url: &str) -> ControlPlane {
+/// `queue`: the NATS nodes the ingest pulls from (`--ingest-queue`), or none for a
+/// shared MQTT subscription.
+fn replica(
+    dir: &Path,
+    id: &str,
+    broker: u16,
+    s3: &S3Server,
+    url: &str,
+    queue: Option<&str>,
+) -> ControlPlane {
     let trust = dir.parent().expect("parent").join("trust.toml");
     let mut env = s3.env();
     env.push(("FLEETML_DATABASE_URL".into(), url.into()));
+    if let Some(q) = queue {
+        env.push(("FLEETML_INGEST_QUEUE".into(), q.into()));
+    }
     ControlPlane::start_at(
         dir,
         "127.0.0.1",
@@ -63,11 +80,61 @@ fn stored(plane: &ControlPlane, device: &str) -> Vec<u64> {
 #[test]
 fn two_replicas_share_the_api_and_ingest_and_a_new_leader_finishes_a_rollout() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let dir = tmp.path();
+    let broker = Mosquitto::start(tmp.path(), free_port());
+    let url = format!("mqtt://127.0.0.1:{}", broker.port);
+    two_replicas(tmp.path(), [broker.port; 2], &url, None, || {});
+}
+
+#[test]
+fn on_a_nats_cluster_the_replicas_split_the_ingest_through_a_work_queue_and_lose_nothing_when_a_node_dies()
+ {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut nats = NatsCluster::start(3);
+    let nodes: Vec<(u16, u16)> = nats.nodes().iter().map(|n| (n.port, n.mqtt_port)).collect();
+    // The replicas' MQTT sessions are on nodes 0 (B) and 1 (A), two devices on node 1
+    // and the third on node 2, which dies mid-run: it moves to node 0, the next in its
+    // list. The replicas' queue connections may be on node 2 too.
+    let queue = nats.urls();
+    let last = format!(
+        "mqtt://127.0.0.1:{},mqtt://127.0.0.1:{}",
+        nodes[2].1, nodes[0].1
+    );
+    let (mut replicated, mut jsz) = (None, String::new());
+    two_replicas(
+        tmp.path(),
+        [nodes[0].1, nodes[1].1],
+        &last,
+        Some(&queue),
+        || {
+            // The queue is kept on all three nodes: losing one loses nothing.
+            jsz = nats.monitor(0, "/jsz?accounts=true&streams=true&config=true");
+            replicated = serde_json::from_str::<Value>(&jsz).ok().and_then(|v| {
+                v["account_details"].as_array()?.iter().find_map(|a| {
+                    a["stream_detail"].as_array()?.iter().find_map(|s| {
+                        (s["name"] == "FLEETML_INGEST")
+                            .then(|| s["config"]["num_replicas"].as_u64())?
+                    })
+                })
+            });
+            nats.kill(2);
+        },
+    );
+    assert_eq!(replicated, Some(3), "the stream's replicas: {jsz}");
+}
+
+/// The scenario both brokers pass: B (its MQTT session on `brokers[0]`) leads, A (on
+/// `brokers[1]`) follows; two devices are on A's broker, the third on `last_device`;
+/// B dies mid-rollout and `mid_run` runs then (a broker node killed).
+fn two_replicas(
+    dir: &Path,
+    brokers: [u16; 2],
+    last_device: &str,
+    queue: Option<&str>,
+    mid_run: impl FnOnce(),
+) {
     keys_and_policy(dir, "k");
     let pg = Postgres::start();
     let url = pg.create_database("fleet");
-    let broker = Mosquitto::start(dir, free_port());
     let s3 = S3Server::start();
     s3.create_bucket("fleet");
     let (dir_a, dir_b) = (dir.join("a"), dir.join("b"));
@@ -75,7 +142,7 @@ fn two_replicas_share_the_api_and_ingest_and_a_new_leader_finishes_a_rollout() {
 
     // B starts first and leads; A gets B's keys (the replicas sign assignments and
     // chain the audit log with the same keys, and share the admin token).
-    let mut b = replica(&dir_b, "b", broker.port, &s3, &url);
+    let mut b = replica(&dir_b, "b", brokers[0], &s3, &url, queue);
     wait_for("replica b to lead", WAIT, || leads(&b).then_some(()));
     let keys = dir_a.join("plane");
     std::fs::create_dir_all(&keys).expect("dir a");
@@ -86,12 +153,12 @@ fn two_replicas_share_the_api_and_ingest_and_a_new_leader_finishes_a_rollout() {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o700)).expect("chmod");
     }
-    let a = replica(&dir_a, "a", broker.port, &s3, &url);
+    let a = replica(&dir_a, "a", brokers[1], &s3, &url, queue);
     assert!(!leads(&a), "one leader: B");
     assert_eq!(a.get("/v1/ingest")["replica"], "a");
 
-    // Bundles pushed through A (into the bucket); devices enrolled through A (their API
-    // is A's) and seen through B.
+    // Bundles pushed through A (into the bucket); devices enrolled through A (their
+    // API is A's, which lives) and seen through B.
     bundle(dir, 1, "v1.fmb");
     bundle(dir, 2, "v2.fmb");
     for f in ["v1.fmb", "v2.fmb"] {
@@ -104,7 +171,7 @@ fn two_replicas_share_the_api_and_ingest_and_a_new_leader_finishes_a_rollout() {
         ("pi-c", "raspberry-pi-4"),
     ];
     let mut agents = Vec::new();
-    for (name, board) in devices {
+    for (i, (name, board)) in devices.into_iter().enumerate() {
         // Messages a killed replica's session holds come again from the outbox.
         enroll(
             dir,
@@ -114,6 +181,13 @@ fn two_replicas_share_the_api_and_ingest_and_a_new_leader_finishes_a_rollout() {
             "site=lab",
             "telemetry_resend_after_s = 5",
         );
+        if i == 2 {
+            let config = dir.join(format!("{name}.toml"));
+            let text = std::fs::read_to_string(&config).expect("config");
+            let on_a = format!("mqtt://127.0.0.1:{}", brokers[1]);
+            assert!(text.contains(&on_a), "{text}");
+            std::fs::write(&config, text.replace(&on_a, last_device)).expect("config");
+        }
         agents.push(run_agent(dir, name, board));
     }
     for (name, _) in devices {
@@ -147,6 +221,7 @@ fn two_replicas_share_the_api_and_ingest_and_a_new_leader_finishes_a_rollout() {
     });
     let before: Vec<usize> = devices.iter().map(|(n, _)| stored(&a, n).len()).collect();
     b.kill();
+    mid_run();
     let killed_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")
