@@ -105,23 +105,56 @@ fn without_password(url: &str) -> String {
     }
 }
 
+/// `url` without its user information, and that information as (user, password).
+fn split_credentials(url: &str) -> (String, Option<(String, String)>) {
+    if let Some((scheme, rest)) = url.split_once("://")
+        && let Some((userinfo, host)) = rest.rsplit_once('@')
+    {
+        let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+        return (
+            format!("{scheme}://{host}"),
+            Some((user.to_string(), password.to_string())),
+        );
+    }
+    (url.to_string(), None)
+}
+
 async fn connect(opts: &QueueOptions) -> anyhow::Result<async_nats::Client> {
     let mut connect = async_nats::ConnectOptions::new()
         .name("fleetml-control-ingest")
-        .retry_on_initial_connect()
-        .connection_timeout(Duration::from_secs(10));
+        .connection_timeout(Duration::from_secs(10))
+        // async-nats reports every failed reconnect at INFO; once is enough here.
+        .event_callback(|event| async move {
+            match event {
+                async_nats::Event::Disconnected => {
+                    tracing::warn!("the NATS ingest queue's connection was lost; reconnecting")
+                }
+                async_nats::Event::Connected => {
+                    tracing::info!("connected to the NATS ingest queue")
+                }
+                other => tracing::debug!(event = %other, "NATS"),
+            }
+        });
     if let Some(ca) = &opts.ca {
         connect = connect.add_root_certificates(ca.clone());
     }
     if opts.urls.iter().any(|u| u.starts_with("tls://")) {
         connect = connect.require_tls(true);
     }
-    let addrs: Vec<async_nats::ServerAddr> = opts
-        .urls
-        .iter()
-        .map(|u| u.parse())
-        .collect::<Result<_, _>>()
-        .context("parsing --ingest-queue")?;
+    // The credentials go to the client apart from the addresses, which it logs.
+    let mut addrs: Vec<async_nats::ServerAddr> = Vec::with_capacity(opts.urls.len());
+    let mut login = None;
+    for u in &opts.urls {
+        let (bare, credentials) = split_credentials(u);
+        login = login.or(credentials);
+        addrs.push(
+            bare.parse()
+                .with_context(|| format!("--ingest-queue {bare}: not a NATS URL"))?,
+        );
+    }
+    if let Some((user, password)) = login {
+        connect = connect.user_and_password(user, password);
+    }
     connect
         .connect(addrs)
         .await
@@ -315,6 +348,21 @@ mod tests {
                 "fleetml.v1.*.telemetry",
                 "fleetml.v1.*.events"
             ]
+        );
+    }
+
+    #[test]
+    fn credentials_leave_the_address() {
+        assert_eq!(
+            split_credentials("nats://fleet:s3cret@n1:4222"),
+            (
+                "nats://n1:4222".to_string(),
+                Some(("fleet".to_string(), "s3cret".to_string()))
+            )
+        );
+        assert_eq!(
+            split_credentials("tls://n1:4222"),
+            ("tls://n1:4222".to_string(), None)
         );
     }
 

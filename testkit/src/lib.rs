@@ -366,7 +366,8 @@ impl Drop for S3Server {
 }
 
 /// A private NATS cluster (Debian's `nats-server`): `n` nodes on 127.0.0.1, each with
-/// JetStream (its own store folder) and MQTT enabled, routed to each other; every node
+/// JetStream (its own store folder) and MQTT enabled, routed to each other (one node:
+/// a plain server); every node
 /// stopped (by PID) on drop. Anonymous clients, as the tests' mosquitto.
 #[derive(Debug)]
 pub struct NatsCluster {
@@ -389,6 +390,12 @@ pub struct NatsNode {
 
 impl NatsCluster {
     pub fn start(n: usize) -> NatsCluster {
+        NatsCluster::start_configured(n, "")
+    }
+
+    /// [`NatsCluster::start`] with `conf` added to every node's configuration (an
+    /// `authorization` block, say).
+    pub fn start_configured(n: usize, conf: &str) -> NatsCluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut nodes: Vec<NatsNode> = (0..n)
             .map(|_| NatsNode {
@@ -404,15 +411,22 @@ impl NatsCluster {
             .map(|n| format!("nats-route://127.0.0.1:{}", n.route_port))
             .collect();
         for (i, node) in nodes.iter().enumerate() {
+            // One node is a server of its own, not a cluster of one.
+            let cluster = if n > 1 {
+                format!(
+                    "cluster {{ name: fleetml, listen: 127.0.0.1:{}, routes: [{}] }}\n",
+                    node.route_port,
+                    routes.join(", ")
+                )
+            } else {
+                String::new()
+            };
             let conf = format!(
                 "server_name: n{i}\nlisten: 127.0.0.1:{}\n\
-                 jetstream {{ store_dir: \"{}\" }}\n\
-                 cluster {{ name: fleetml, listen: 127.0.0.1:{}, routes: [{}] }}\n\
-                 mqtt {{ listen: 127.0.0.1:{} }}\nhttp: 127.0.0.1:{}\n",
+                 jetstream {{ store_dir: \"{}\" }}\n{cluster}\
+                 mqtt {{ listen: 127.0.0.1:{} }}\nhttp: 127.0.0.1:{}\n{conf}",
                 node.port,
                 dir.path().join(format!("js{i}")).display(),
-                node.route_port,
-                routes.join(", "),
                 node.mqtt_port,
                 node.http_port,
             );
