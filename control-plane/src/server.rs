@@ -55,6 +55,9 @@ pub struct Options {
     /// Messages kept per device in the message log, newest first (0: all); the leader
     /// prunes the rest every [`RETENTION_EVERY`].
     pub retain_messages: usize,
+    /// How long the message log keeps each kind of message, and when window reports
+    /// are thinned; applied by the leader with `retain_messages`.
+    pub retain: crate::store::AgeRules,
     /// This replica's name among several on one database and broker: its MQTT client
     /// ids carry it, the ingest shares the telemetry subscription with the other
     /// replicas, and leadership is elected. None: the only process.
@@ -684,9 +687,7 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
     }
     spawn_receipts(plane.clone(), opts.receipt_interval);
     spawn_audit_tally(plane.clone(), opts.audit_interval);
-    if opts.retain_messages > 0 {
-        spawn_retention(plane.clone(), opts.retain_messages);
-    }
+    spawn_retention(plane.clone(), opts.retain_messages, opts.retain.clone());
     spawn_commands(command_events);
     crate::api::rollouts::spawn_rollouts(plane.clone());
     crate::policy::spawn(plane.clone());
@@ -879,10 +880,12 @@ fn spawn_audit_tally(plane: Arc<Plane>, interval: Duration) {
 /// How often the leader applies the message log's retention.
 pub const RETENTION_EVERY: Duration = Duration::from_secs(600);
 
-/// On the leader, every [`RETENTION_EVERY`] (and at start): each device's message log
-/// cut to its newest `keep` messages. Devices' derived state (status, latest windows,
-/// lifecycle, alerts) is kept apart from the log and is not touched.
-fn spawn_retention(plane: Arc<Plane>, keep: usize) {
+/// On the leader, every [`RETENTION_EVERY`] (and at start): the message log's messages
+/// older than their kind allows removed and old window reports thinned (`rules`), then
+/// each device's log cut to its newest `keep` messages (0: no cut). Devices' derived
+/// state (status, latest windows, lifecycle, alerts) is kept apart from the log and is
+/// not touched.
+fn spawn_retention(plane: Arc<Plane>, keep: usize, rules: crate::store::AgeRules) {
     tokio::spawn(async move {
         let mut every = tokio::time::interval(RETENTION_EVERY);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -891,11 +894,13 @@ fn spawn_retention(plane: Arc<Plane>, keep: usize) {
             if !plane.leader.leads() {
                 continue;
             }
-            let p = plane.clone();
+            let (p, rules) = (plane.clone(), rules.clone());
             let pruned = tokio::task::spawn_blocking(move || {
-                let mut pruned = 0;
-                for d in p.ingest.store.devices()? {
-                    pruned += p.ingest.store.prune_messages(&d.id, keep)?;
+                let mut pruned = p.ingest.store.expire_messages(&rules, now_ms())?;
+                if keep > 0 {
+                    for d in p.ingest.store.devices()? {
+                        pruned += p.ingest.store.prune_messages(&d.id, keep)?;
+                    }
                 }
                 Ok::<_, crate::store::StoreError>(pruned)
             })

@@ -44,15 +44,7 @@ pub fn device_summary(d: &DeviceRecord, state: &DeviceState) -> Value {
 
 /// What kind of message an envelope is, in one word.
 pub fn kind(e: &Envelope) -> &'static str {
-    match &e.body {
-        Body::Status(_) => "status",
-        Body::Window(_) => "window",
-        Body::Alert(_) => "alert",
-        Body::Event(_) => "event",
-        Body::Ack(_) => "ack",
-        Body::Command(_) => "command",
-        Body::Receipt(_) => "receipt",
-    }
+    e.body.kind()
 }
 
 /// A message in a list: sequence number, time, kind and a one-line summary.

@@ -451,6 +451,22 @@ pub enum Body {
     Receipt(Receipt),
 }
 
+impl Body {
+    /// The kind of message in one word, as views and retention rules name it (the
+    /// variant's name on the wire).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Body::Status(_) => "status",
+            Body::Window(_) => "window",
+            Body::Alert(_) => "alert",
+            Body::Event(_) => "event",
+            Body::Ack(_) => "ack",
+            Body::Command(_) => "command",
+            Body::Receipt(_) => "receipt",
+        }
+    }
+}
+
 /// A message on the wire (format 2): the CBOR of [`Signed`], and its MAC.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

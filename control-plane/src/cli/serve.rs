@@ -55,6 +55,18 @@ pub(crate) struct ServeArgs {
     /// stay. 0 keeps everything.
     #[arg(long, default_value_t = 50_000)]
     retain_messages: usize,
+    /// How long the message log keeps a kind of message, counted from when the control
+    /// plane stored it: KIND=AGE, repeatable; KIND is status, window, alert, event or
+    /// ack; AGE like 30d, or 0 to keep that kind until --retain-messages removes it.
+    /// Defaults: status=30d, ack=30d, window=365d, alert=365d, event=365d (naming a
+    /// kind replaces its default only). Applied by the leader with --retain-messages.
+    #[arg(long = "retain", value_name = "KIND=AGE", value_parser = parse_retain)]
+    retain: Vec<(String, std::time::Duration)>,
+    /// Window reports older than this are thinned to the first of each device, model and
+    /// hour (a chart over months keeps its shape at a 12th of the size with 5-minute
+    /// windows); 0: never thinned.
+    #[arg(long, default_value = "7d", value_parser = parse_duration)]
+    downsample_windows_after: std::time::Duration,
     /// Address of the HTTP API.
     #[arg(long, default_value = "127.0.0.1:7080")]
     listen: std::net::SocketAddr,
@@ -213,6 +225,21 @@ pub(crate) fn serve_command(a: ServeArgs) -> anyhow::Result<()> {
             None => None,
         },
         retain_messages: a.retain_messages,
+        retain: {
+            let mut rules = fleet_control::store::AgeRules::defaults();
+            for (kind, age) in &a.retain {
+                match age.as_millis() as u64 {
+                    0 => rules.max_age_ms.remove(kind),
+                    ms => rules.max_age_ms.insert(kind.clone(), ms),
+                };
+            }
+            rules.downsample_windows_after_ms = match a.downsample_windows_after.as_millis() as u64
+            {
+                0 => None,
+                ms => Some(ms),
+            };
+            rules
+        },
         listen: a.listen,
         mqtt,
         trust: a.trust,
@@ -241,4 +268,19 @@ pub(crate) fn serve_command(a: ServeArgs) -> anyhow::Result<()> {
         .context("starting the async runtime")?
         .block_on(fleet_control::server::serve(opts))?;
     Ok(())
+}
+
+/// `KIND=AGE` of `--retain`.
+fn parse_retain(text: &str) -> Result<(String, std::time::Duration), String> {
+    let (kind, age) = text
+        .split_once('=')
+        .ok_or_else(|| format!("`{text}`: expected KIND=AGE, like window=90d"))?;
+    let kind = kind.trim();
+    if !fleet_control::store::KINDS.contains(&kind) {
+        return Err(format!(
+            "`{text}`: `{kind}` is not a kind of message; use one of {}",
+            fleet_control::store::KINDS.join(", ")
+        ));
+    }
+    Ok((kind.to_string(), parse_duration(age)?))
 }

@@ -666,6 +666,113 @@ pub(super) fn the_message_log_keeps_the_newest_of_each_device(
     s.flush()
 }
 
+fn with_body(name: &str, seq: u64, body: Body) -> Envelope {
+    Envelope {
+        body,
+        ..message(name, seq)
+    }
+}
+
+fn window(model: &str) -> Body {
+    use fleetml_protocol::telemetry::{Quantiles, WindowReport};
+    Body::Window(Box::new(WindowReport {
+        model: model.into(),
+        version: 1,
+        window: 0,
+        start_ms: 0,
+        end_ms: 0,
+        predictions: 0,
+        throughput_per_s: 0.0,
+        missed: BTreeMap::new(),
+        missing_prediction_rate: 0.0,
+        missing_ids: Vec::new(),
+        latency_us: Quantiles::default(),
+        lag_ms: Quantiles::default(),
+        batch_rows: Quantiles::default(),
+        outages: Vec::new(),
+        outages_not_listed: 0,
+        features: Vec::new(),
+        prediction: None,
+        events: Vec::new(),
+        alerts: Vec::new(),
+        labels: 0,
+        live_accuracy: None,
+        live_mae: None,
+        multivariate: None,
+        estimated_accuracy: None,
+    }))
+}
+
+fn status() -> Body {
+    Body::Status(fleetml_protocol::telemetry::Status {
+        agent_version: "t".into(),
+        board: "b".into(),
+        backends: vec![],
+        models: vec![],
+        uptime_s: 1,
+        online: true,
+        outbox_depth: 0,
+        dropped_windows: 0,
+        will_seq: None,
+    })
+}
+
+/// Retention by kind and age, counted from when each message was stored: statuses go
+/// after their limit, window reports past the downsampling age are thinned to the first
+/// of each device, model and hour and go after theirs, a kind without a limit stays;
+/// each device's log is its own and its highest sequence number stays known.
+pub(super) fn retention_removes_by_kind_and_age_and_thins_old_windows(
+    s: &dyn Store,
+) -> Result<(), StoreError> {
+    use super::AgeRules;
+    const DAY: u64 = 86_400_000;
+    let now = crate::plane::now_ms();
+    let event = Body::Event(fleetml_protocol::telemetry::Event {
+        kind: fleetml_protocol::telemetry::Lifecycle::AssignmentAccepted,
+        model: "a".into(),
+        version: 1,
+        detail: String::new(),
+    });
+    let d1 = [
+        (1, window("a")),
+        (2, window("a")),
+        (3, window("b")),
+        (4, status()),
+        (5, event),
+        (6, window("a")),
+    ];
+    for (seq, body) in d1 {
+        assert!(s.insert(&with_body("d1", seq, body))?.0);
+    }
+    assert!(s.insert(&with_body("d2", 1, window("a")))?.0);
+    let rules = AgeRules {
+        max_age_ms: BTreeMap::from([
+            ("status".to_string(), DAY),
+            ("window".to_string(), 30 * DAY),
+        ]),
+        downsample_windows_after_ms: Some(7 * DAY),
+    };
+    let seqs = |d: &str| -> Result<Vec<u64>, StoreError> {
+        Ok(s.messages(&id(d), 0, 100)?.iter().map(|e| e.seq).collect())
+    };
+    assert_eq!(s.expire_messages(&rules, now)?, 0, "nothing is old yet");
+    assert_eq!(seqs("d1")?, [1, 2, 3, 4, 5, 6]);
+    // Eight days on: the status is gone, the windows thinned to one per model and hour.
+    assert_eq!(s.expire_messages(&rules, now + 8 * DAY)?, 3);
+    assert_eq!(seqs("d1")?, [1, 3, 5]);
+    assert_eq!(seqs("d2")?, [1], "another device's hour is its own");
+    // A month on: the windows are gone; the event's kind has no limit.
+    assert_eq!(s.expire_messages(&rules, now + 31 * DAY)?, 3);
+    assert_eq!(seqs("d1")?, [5]);
+    assert_eq!(seqs("d2")?, Vec::<u64>::new());
+    assert_eq!(
+        s.insert(&message("d1", 7))?,
+        (true, Some(6)),
+        "the highest stored is still known"
+    );
+    s.flush()
+}
+
 /// Calls macro `$m` with `$args` followed by the name of every test of the suite.
 macro_rules! each_case {
     ($m:ident!($($args:tt)*)) => {
@@ -673,6 +780,7 @@ macro_rules! each_case {
             devices_enroll_once,
             messages_are_stored_once_in_order_per_device,
             the_message_log_keeps_the_newest_of_each_device,
+            retention_removes_by_kind_and_age_and_thins_old_windows,
             device_state_changes_in_place,
             a_message_is_stored_with_the_state_it_changes,
             a_batch_is_stored_as_one_message_after_another,

@@ -29,6 +29,8 @@ pub struct MemoryStore {
 struct Inner {
     devices: BTreeMap<DeviceId, DeviceRecord>,
     messages: BTreeMap<(DeviceId, u64), Envelope>,
+    /// When each message was stored (milliseconds since the epoch).
+    stored_ms: BTreeMap<(DeviceId, u64), u64>,
     high: BTreeMap<DeviceId, u64>,
     state: BTreeMap<DeviceId, DeviceState>,
     commands: BTreeMap<DeviceId, u64>,
@@ -117,6 +119,7 @@ impl FleetStore for MemoryStore {
         let key = (envelope.device.clone(), envelope.seq);
         let new = !inner.messages.contains_key(&key);
         if new {
+            inner.stored_ms.insert(key.clone(), crate::plane::now_ms());
             inner.messages.insert(key, envelope.clone());
         }
         let high = inner.high.entry(envelope.device.clone());
@@ -144,8 +147,34 @@ impl FleetStore for MemoryStore {
         let drop = seqs.len().saturating_sub(keep);
         for s in &seqs[..drop] {
             inner.messages.remove(&(device.clone(), *s));
+            inner.stored_ms.remove(&(device.clone(), *s));
         }
         Ok(drop as u64)
+    }
+
+    fn expire_messages(&self, rules: &super::AgeRules, now_ms: u64) -> Result<u64, StoreError> {
+        let mut inner = self.inner();
+        let mut expiry = super::Expiry::new(rules, now_ms);
+        let mut gone = Vec::new();
+        for (key, e) in &inner.messages {
+            let entry = super::LogEntry {
+                device: key.0.as_str(),
+                kind: Some(e.body.kind()),
+                model: match &e.body {
+                    fleetml_protocol::telemetry::Body::Window(w) => Some(w.model.as_str()),
+                    _ => None,
+                },
+                stored_ms: inner.stored_ms.get(key).copied().unwrap_or(now_ms),
+            };
+            if expiry.gone(&entry) {
+                gone.push(key.clone());
+            }
+        }
+        for key in &gone {
+            inner.messages.remove(key);
+            inner.stored_ms.remove(key);
+        }
+        Ok(gone.len() as u64)
     }
 
     fn messages(

@@ -13,6 +13,7 @@
 //! pass the same conformance suite (`store/conformance.rs`), which a new backend has to
 //! pass too. Only this folder names sled for these records.
 
+use std::collections::BTreeMap;
 use std::fmt::Display;
 
 use fleetml_protocol::assignment::AssignedModel;
@@ -69,6 +70,120 @@ impl StoreError {
 impl From<serde_cbor::Error> for StoreError {
     fn from(e: serde_cbor::Error) -> Self {
         StoreError::corrupt("a stored record", e)
+    }
+}
+
+/// The kinds of message [`AgeRules`] may name ([`Body::kind`](fleetml_protocol::telemetry::Body::kind)
+/// of what the ingest stores; `command` and `receipt` travel the other way).
+pub const KINDS: [&str; 5] = ["status", "window", "alert", "event", "ack"];
+
+/// How long the message log keeps each kind of message, counted from when the control
+/// plane stored it (devices' clocks are not trusted for this).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgeRules {
+    /// Per kind (of [`KINDS`]), the age after which a message goes; a kind not named
+    /// stays until the count limit removes it.
+    pub max_age_ms: BTreeMap<String, u64>,
+    /// Window reports older than this are thinned to the first of each model and hour
+    /// (what a chart of a month needs), not dropped; `None`: never thinned.
+    pub downsample_windows_after_ms: Option<u64>,
+}
+
+impl AgeRules {
+    /// `fleetctl serve`'s defaults: statuses and acknowledgements 30 days; window
+    /// reports (thinned after 7 days), alerts and lifecycle events a year.
+    pub fn defaults() -> AgeRules {
+        const DAY: u64 = 86_400_000;
+        AgeRules {
+            max_age_ms: [
+                ("status", 30 * DAY),
+                ("ack", 30 * DAY),
+                ("window", 365 * DAY),
+                ("alert", 365 * DAY),
+                ("event", 365 * DAY),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+            downsample_windows_after_ms: Some(7 * DAY),
+        }
+    }
+
+    /// The age after which a message whose kind is not known (stored before kinds were
+    /// recorded) goes: the longest of the rules, or never when a kind has none.
+    pub fn unknown_kind_age(&self) -> Option<u64> {
+        if KINDS.iter().any(|k| !self.max_age_ms.contains_key(*k)) {
+            return None;
+        }
+        self.max_age_ms.values().copied().max()
+    }
+
+    /// Whether a message of `kind` stored at `stored_ms` has expired at `now_ms`.
+    pub fn expired(&self, kind: Option<&str>, stored_ms: u64, now_ms: u64) -> bool {
+        let age = match kind {
+            Some(k) => self.max_age_ms.get(k).copied(),
+            None => self.unknown_kind_age(),
+        };
+        age.is_some_and(|a| now_ms.saturating_sub(stored_ms) > a)
+    }
+}
+
+/// The hour a window report stored at `stored_ms` is thinned into.
+pub const DOWNSAMPLE_MS: u64 = 3_600_000;
+
+/// One message of a log as retention sees it.
+#[derive(Debug, Clone)]
+pub struct LogEntry<'a> {
+    pub device: &'a str,
+    /// Of [`KINDS`]; `None` when not recorded.
+    pub kind: Option<&'a str>,
+    /// A window report's model.
+    pub model: Option<&'a str>,
+    pub stored_ms: u64,
+}
+
+/// Decides, message after message of a log in (device, seq) order, what [`AgeRules`]
+/// remove at `now_ms`: what is older than its kind allows, and window reports past the
+/// downsampling age other than the first of each (device, model, hour). The stores
+/// without SQL share this rule; PostgreSQL's statements say the same. Holds one
+/// device's hours at a time.
+#[derive(Debug)]
+pub struct Expiry<'r> {
+    rules: &'r AgeRules,
+    now_ms: u64,
+    device: String,
+    kept_hours: std::collections::HashSet<(String, u64)>,
+}
+
+impl<'r> Expiry<'r> {
+    pub fn new(rules: &'r AgeRules, now_ms: u64) -> Self {
+        Expiry {
+            rules,
+            now_ms,
+            device: String::new(),
+            kept_hours: Default::default(),
+        }
+    }
+
+    /// Whether `e` goes.
+    pub fn gone(&mut self, e: &LogEntry<'_>) -> bool {
+        if e.device != self.device {
+            self.device = e.device.to_string();
+            self.kept_hours.clear();
+        }
+        if self.rules.expired(e.kind, e.stored_ms, self.now_ms) {
+            return true;
+        }
+        let thinned = e.kind == Some("window")
+            && self
+                .rules
+                .downsample_windows_after_ms
+                .is_some_and(|after| self.now_ms.saturating_sub(e.stored_ms) > after);
+        thinned
+            && !self.kept_hours.insert((
+                e.model.unwrap_or_default().to_string(),
+                e.stored_ms / DOWNSAMPLE_MS,
+            ))
     }
 }
 
@@ -144,6 +259,11 @@ pub trait FleetStore: Send + Sync {
     /// returns how many it removed. The highest sequence number stored stays known, so
     /// gaps and restarts are still told apart afterwards.
     fn prune_messages(&self, device: &DeviceId, keep: usize) -> Result<u64, StoreError>;
+    /// Applies `rules` to every device's message log at `now_ms`: removes what is older
+    /// than its kind allows and thins window reports past the downsampling age to the
+    /// first of each (device, model, hour). Returns how many messages it removed. As
+    /// [`FleetStore::prune_messages`], the highest sequence numbers stay known.
+    fn expire_messages(&self, rules: &AgeRules, now_ms: u64) -> Result<u64, StoreError>;
     /// The next sequence number of control plane → device messages.
     fn next_command_seq(&self, device: &DeviceId) -> Result<u64, StoreError>;
     /// [`FleetStore::next_command_seq`] of each device, made durable together.
@@ -199,6 +319,9 @@ impl<T: FleetStore + ?Sized> FleetStore for std::sync::Arc<T> {
         change: &mut BatchChange<'_>,
     ) -> Result<Vec<(bool, Option<u64>)>, StoreError> {
         (**self).store_messages(envelopes, change)
+    }
+    fn expire_messages(&self, rules: &AgeRules, now_ms: u64) -> Result<u64, StoreError> {
+        (**self).expire_messages(rules, now_ms)
     }
     fn devices_named(&self, ids: &[DeviceId]) -> Result<Vec<DeviceRecord>, StoreError> {
         (**self).devices_named(ids)

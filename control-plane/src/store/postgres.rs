@@ -325,14 +325,16 @@ impl PgStore {
     /// [`FleetStore::insert`] in transaction `t`.
     fn insert_in(
         t: &mut Transaction<'_>,
-        device: &str,
+        envelope: &Envelope,
         seq: i64,
         bytes: &[u8],
     ) -> Result<(bool, Option<u64>), StoreError> {
+        let device = envelope.device.as_str();
+        let (kind, model) = kind_and_model(envelope);
         let new = t.execute(
-            "INSERT INTO messages (device, seq, envelope) VALUES ($1, $2, $3) \
+            "INSERT INTO messages (device, seq, envelope, kind, model) VALUES ($1, $2, $3, $4, $5) \
              ON CONFLICT (device, seq) DO NOTHING",
-            &[&device, &seq, &bytes],
+            &[&device, &seq, &bytes, &kind, &model],
         )? == 1;
         // The row exists (and is locked) before it is read, so concurrent inserts for
         // one device see each other's highest.
@@ -441,6 +443,15 @@ impl PgStore {
     }
 }
 
+/// The `kind` and `model` columns of a message.
+fn kind_and_model(e: &Envelope) -> (&'static str, Option<&str>) {
+    let model = match &e.body {
+        fleetml_protocol::telemetry::Body::Window(w) => Some(w.model.as_str()),
+        _ => None,
+    };
+    (e.body.kind(), model)
+}
+
 impl FleetStore for PgStore {
     fn enroll(&self, device: &DeviceRecord) -> Result<bool, StoreError> {
         let bytes = serde_cbor::to_vec(device)?;
@@ -482,7 +493,7 @@ impl FleetStore for PgStore {
     fn insert(&self, envelope: &Envelope) -> Result<(bool, Option<u64>), StoreError> {
         let bytes = serde_cbor::to_vec(envelope)?;
         let seq = big(envelope.seq, "sequence number")?;
-        self.tx(|t| Self::insert_in(t, envelope.device.as_str(), seq, &bytes))
+        self.tx(|t| Self::insert_in(t, envelope, seq, &bytes))
     }
 
     fn store_message(
@@ -493,9 +504,8 @@ impl FleetStore for PgStore {
         let bytes = serde_cbor::to_vec(envelope)?;
         let seq = big(envelope.seq, "sequence number")?;
         let fresh = serde_cbor::to_vec(&DeviceState::default())?;
-        let device = envelope.device.as_str();
         self.tx(|t| {
-            let (new, before) = Self::insert_in(t, device, seq, &bytes)?;
+            let (new, before) = Self::insert_in(t, envelope, seq, &bytes)?;
             Self::change_state_in(t, &envelope.device, &fresh, &mut |st| {
                 change(st, new, before)
             })?;
@@ -522,10 +532,14 @@ impl FleetStore for PgStore {
         let mut keys = Vec::with_capacity(envelopes.len());
         let mut seqs = Vec::with_capacity(envelopes.len());
         let mut bodies = Vec::with_capacity(envelopes.len());
+        let (mut kinds, mut models) = (Vec::new(), Vec::new());
         for e in envelopes {
             keys.push(e.device.as_str());
             seqs.push(big(e.seq, "sequence number")?);
             bodies.push(serde_cbor::to_vec(e)?);
+            let (kind, model) = kind_and_model(e);
+            kinds.push(kind);
+            models.push(model);
         }
         let fresh = serde_cbor::to_vec(&DeviceState::default())?;
         self.tx(|t| {
@@ -559,10 +573,10 @@ impl FleetStore for PgStore {
             // A (device, seq) twice in the batch is inserted once: the first is new.
             let mut inserted: std::collections::HashSet<(String, i64)> = t
                 .query(
-                    "INSERT INTO messages (device, seq, envelope) \
-                     SELECT * FROM unnest($1::text[], $2::bigint[], $3::bytea[]) \
+                    "INSERT INTO messages (device, seq, envelope, kind, model) \
+                     SELECT * FROM unnest($1::text[], $2::bigint[], $3::bytea[], $4::text[], $5::text[]) \
                      ON CONFLICT (device, seq) DO NOTHING RETURNING device, seq",
-                    &[&keys, &seqs, &bodies],
+                    &[&keys, &seqs, &bodies, &kinds, &models],
                 )?
                 .into_iter()
                 .map(|r| (r.get(0), r.get(1)))
@@ -647,6 +661,50 @@ impl FleetStore for PgStore {
                  SELECT seq FROM messages WHERE device = $1 ORDER BY seq DESC LIMIT $2)",
                 &[&device.as_str(), &keep],
             )?)
+        })
+    }
+
+    /// Two statements in one transaction, ages first (so that a window report the age
+    /// rule removes does not stand for its hour), then the thinning, both over the
+    /// whole fleet: the same rule as [`super::Expiry`], the clock being the caller's.
+    fn expire_messages(&self, rules: &super::AgeRules, now_ms: u64) -> Result<u64, StoreError> {
+        let now = big(now_ms, "the time")?;
+        let (mut kinds, mut ages) = (Vec::new(), Vec::new());
+        for (k, age) in &rules.max_age_ms {
+            kinds.push(k.as_str());
+            ages.push(big(*age, "an age")?);
+        }
+        let unknown = rules
+            .unknown_kind_age()
+            .map(|a| big(a, "an age"))
+            .transpose()?;
+        let downsample = rules
+            .downsample_windows_after_ms
+            .map(|a| big(a, "an age"))
+            .transpose()?;
+        let hour = big(super::DOWNSAMPLE_MS, "an hour")?;
+        self.tx(|t| {
+            let mut gone = t.execute(
+                "DELETE FROM messages m USING unnest($1::text[], $2::bigint[]) AS r(kind, age) \
+                 WHERE m.kind = r.kind AND $3 - m.stored_ms > r.age",
+                &[&kinds, &ages, &now],
+            )?;
+            if let Some(age) = unknown {
+                gone += t.execute(
+                    "DELETE FROM messages WHERE kind IS NULL AND $1 - stored_ms > $2",
+                    &[&now, &age],
+                )?;
+            }
+            if let Some(after) = downsample {
+                gone += t.execute(
+                    "DELETE FROM messages m WHERE m.kind = 'window' AND $1 - m.stored_ms > $2 \
+                     AND EXISTS (SELECT 1 FROM messages o WHERE o.device = m.device \
+                       AND o.kind = 'window' AND o.model = m.model AND o.seq < m.seq \
+                       AND $1 - o.stored_ms > $2 AND o.stored_ms / $3 = m.stored_ms / $3)",
+                    &[&now, &after, &hour],
+                )?;
+            }
+            Ok(gone)
         })
     }
 

@@ -91,6 +91,7 @@ fn from_json<T: serde::de::DeserializeOwned>(what: &str, bytes: &[u8]) -> Result
 }
 
 /// The store in sled: trees `devices`, `messages` (keyed `device \0 seq`, big-endian),
+/// `message_meta` (same keys: stored time, kind, a window's model, for retention),
 /// `high` (highest seq per device), `state`, `commands` (next command seq per device),
 /// `assignments` (CBOR per device), `rollouts` (JSON per id), `tokens` (JSON by token
 /// hash), `audit` (JSON by big-endian seq), `policies` (JSON `[policy, state]` by model),
@@ -102,6 +103,8 @@ pub struct SledStore {
     db: ::sled::Db,
     devices: ::sled::Tree,
     messages: ::sled::Tree,
+    /// Per message (same key): when it was stored, its kind, a window's model.
+    message_meta: ::sled::Tree,
     high: ::sled::Tree,
     state: ::sled::Tree,
     commands: ::sled::Tree,
@@ -130,9 +133,10 @@ impl SledStore {
     pub fn open(path: &Path) -> Result<SledStore, StoreError> {
         let db = ::sled::open(path)
             .map_err(|e| StoreError::unavailable(format_args!("opening {}", path.display()), e))?;
-        Ok(SledStore {
+        let store = SledStore {
             devices: db.open_tree("devices")?,
             messages: db.open_tree("messages")?,
+            message_meta: db.open_tree("message_meta")?,
             high: db.open_tree("high")?,
             state: db.open_tree("state")?,
             commands: db.open_tree("commands")?,
@@ -149,7 +153,54 @@ impl SledStore {
             audit_append: Default::default(),
             job_update: Default::default(),
             db,
-        })
+        };
+        store.backfill_meta()?;
+        Ok(store)
+    }
+
+    /// Marks that every message stored before kinds and times were recorded has them.
+    const BACKFILLED: &'static [u8] = b"\xffbackfilled";
+
+    /// Messages stored by a release that kept no [`SledStore::message_meta`] get it
+    /// once, counted as stored now (as PostgreSQL's migration does).
+    fn backfill_meta(&self) -> Result<(), StoreError> {
+        if self.message_meta.contains_key(Self::BACKFILLED)? {
+            return Ok(());
+        }
+        let now = crate::plane::now_ms();
+        for kv in self.messages.iter() {
+            let (k, v) = kv?;
+            if !self.message_meta.contains_key(&k)? {
+                let e: Envelope = serde_cbor::from_slice(&v)?;
+                self.message_meta.insert(k, Self::meta(&e, now))?;
+            }
+        }
+        self.message_meta.insert(Self::BACKFILLED, &[])?;
+        self.message_meta.flush()?;
+        Ok(())
+    }
+
+    /// A message's meta record: stored time (8 bytes, big-endian), its kind's index in
+    /// [`super::KINDS`] (255: another), a window's model.
+    fn meta(e: &Envelope, stored_ms: u64) -> Vec<u8> {
+        let kind = e.body.kind();
+        let mut v = stored_ms.to_be_bytes().to_vec();
+        v.push(
+            super::KINDS
+                .iter()
+                .position(|k| *k == kind)
+                .map_or(255, |i| i as u8),
+        );
+        if let fleetml_protocol::telemetry::Body::Window(w) = &e.body {
+            v.extend_from_slice(w.model.as_bytes());
+        }
+        v
+    }
+
+    /// The device of a message key (`device \0 seq`).
+    fn device_of(key: &[u8]) -> Option<DeviceId> {
+        let end = key.len().checked_sub(9)?;
+        DeviceId::new(std::str::from_utf8(&key[..end]).ok()?).ok()
     }
 
     /// Allocates the device's next command sequence number (not flushed).
@@ -212,8 +263,12 @@ impl FleetStore for SledStore {
         let key = Self::key(&envelope.device, envelope.seq);
         let new = self
             .messages
-            .compare_and_swap(key, None as Option<&[u8]>, Some(bytes))?
+            .compare_and_swap(&key, None as Option<&[u8]>, Some(bytes))?
             .is_ok();
+        if new {
+            self.message_meta
+                .insert(key, Self::meta(envelope, crate::plane::now_ms()))?;
+        }
         let device = envelope.device.as_str().as_bytes();
         let before = be(self.high.fetch_and_update(device, |old| {
             let old = old
@@ -253,9 +308,50 @@ impl FleetStore for SledStore {
         for k in self.messages.range(range).keys().take(drop) {
             batch.remove(k?);
         }
+        self.message_meta.apply_batch(batch.clone())?;
         self.messages.apply_batch(batch)?;
         self.messages.flush()?;
         Ok(drop as u64)
+    }
+
+    fn expire_messages(&self, rules: &super::AgeRules, now_ms: u64) -> Result<u64, StoreError> {
+        let mut expiry = super::Expiry::new(rules, now_ms);
+        let (mut gone, mut batch, mut pending) = (0u64, ::sled::Batch::default(), 0usize);
+        for kv in self.message_meta.iter() {
+            let (key, v) = kv?;
+            let (Some(device), Some(stored)) = (
+                Self::device_of(&key),
+                v.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()),
+            ) else {
+                continue;
+            };
+            let kind = v
+                .get(8)
+                .and_then(|i| super::KINDS.get(*i as usize))
+                .copied();
+            let model = (kind == Some("window")).then(|| String::from_utf8_lossy(&v[9..]));
+            let entry = super::LogEntry {
+                device: device.as_str(),
+                kind,
+                model: model.as_deref(),
+                stored_ms: u64::from_be_bytes(stored),
+            };
+            if expiry.gone(&entry) {
+                batch.remove(key);
+                pending += 1;
+                gone += 1;
+            }
+            // Removed in slices: a first pass over a big log holds no list of it all.
+            if pending == 10_000 {
+                self.messages.apply_batch(batch.clone())?;
+                self.message_meta.apply_batch(std::mem::take(&mut batch))?;
+                pending = 0;
+            }
+        }
+        self.messages.apply_batch(batch.clone())?;
+        self.message_meta.apply_batch(batch)?;
+        self.messages.flush()?;
+        Ok(gone)
     }
 
     fn state(&self, device: &DeviceId) -> Result<Option<DeviceState>, StoreError> {
@@ -702,5 +798,72 @@ impl JobStore for SledStore {
             .job_specs
             .get(model.as_bytes())?
             .map(|b| String::from_utf8_lossy(&b).into_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{AgeRules, FleetStore};
+
+    /// A log written by a release that kept no stored times or kinds gets them once when
+    /// opened, counted as stored then: retention by age starts from the upgrade, not
+    /// from nothing (which would remove everything at once).
+    #[test]
+    fn messages_of_an_older_release_count_as_stored_at_the_upgrade() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("fleet.db");
+        let device = DeviceId::new("d1").expect("id");
+        let message = |seq| Envelope {
+            v: 1,
+            device: device.clone(),
+            seq,
+            ts_ms: 0,
+            body: fleetml_protocol::telemetry::Body::Receipt(
+                fleetml_protocol::telemetry::Receipt {
+                    stored: vec![[seq, seq]],
+                },
+            ),
+            auth: vec![0; 32],
+        };
+        {
+            let s = SledStore::open(&path).expect("open");
+            s.insert(&message(1)).expect("insert");
+            s.insert(&message(2)).expect("insert");
+            // What an older release left: the log without its meta records.
+            s.message_meta.clear().expect("clear");
+            s.db.flush().expect("flush");
+        }
+        let before = crate::plane::now_ms();
+        let s = SledStore::open(&path).expect("reopen");
+        let stored: Vec<u64> = s
+            .message_meta
+            .range(..SledStore::BACKFILLED)
+            .values()
+            .map(|v| {
+                let v = v.expect("meta");
+                u64::from_be_bytes(v[..8].try_into().expect("8 bytes"))
+            })
+            .collect();
+        assert_eq!(stored.len(), 2, "each message got its meta");
+        assert!(
+            stored.iter().all(|t| *t >= before),
+            "{stored:?} before {before}"
+        );
+        // Of unknown kind ("receipt" is none of the five): kept as long as the longest
+        // rule, and only when every kind has one.
+        let rules = AgeRules {
+            max_age_ms: crate::store::KINDS
+                .iter()
+                .map(|k| (k.to_string(), 1_000))
+                .collect(),
+            downsample_windows_after_ms: None,
+        };
+        assert_eq!(s.expire_messages(&rules, before).expect("expire"), 0);
+        assert_eq!(
+            s.expire_messages(&rules, before + 60_000).expect("expire"),
+            2
+        );
+        assert_eq!(s.messages(&device, 0, 10).expect("read"), Vec::new());
     }
 }

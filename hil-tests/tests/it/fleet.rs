@@ -680,6 +680,67 @@ fn forged_and_malformed_messages_are_counted_and_never_stored() {
     assert!(plane.messages("pi-05").is_empty());
 }
 
+/// Retention by kind and age in a running control plane: with `--retain event=2s` the
+/// events a device sent are gone once the leader applies retention (at start and every
+/// 10 minutes), its status stays (`--retain status=0` keeps statuses), and the device's
+/// state still shows what it reported.
+#[test]
+fn the_leader_removes_messages_older_than_their_kind_allows() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    keys_and_policy(dir, "k");
+    let broker = Mosquitto::start(dir, free_port());
+    let mut plane = ControlPlane::start(
+        dir,
+        Some(broker.port),
+        &["--retain", "event=2s", "--retain", "status=0"],
+    );
+    plane
+        .fleetctl(dir, &["devices", "enroll", "pi-06", "--out", "pi-06.toml"])
+        .success();
+    let text = std::fs::read_to_string(dir.join("pi-06.toml")).expect("config");
+    let v: toml::Value = toml::from_str(&text).expect("toml");
+    let secret = hex::decode(v["device_secret"].as_str().expect("secret")).expect("hex");
+    let id = DeviceId::new("pi-06").expect("id");
+    let mut sent: Vec<(String, Vec<u8>)> = (0..3)
+        .map(|seq| {
+            let event = Body::Event(Event {
+                kind: Lifecycle::Activated,
+                model: "claims".into(),
+                version: seq + 1,
+                detail: String::new(),
+            });
+            telemetry::seal(&id, seq, 0, event, &secret)
+        })
+        .collect();
+    let status = Body::Status(telemetry::Status {
+        agent_version: "t".into(),
+        board: "raspberry-pi-4".into(),
+        backends: vec![],
+        models: vec![],
+        uptime_s: 1,
+        online: true,
+        outbox_depth: 0,
+        dropped_windows: 0,
+        will_seq: None,
+    });
+    sent.push(telemetry::seal(&id, 3, 0, status, &secret));
+    publish_raw(broker.port, "pi-06-test", &sent);
+    wait_for("four messages stored", WAIT, || {
+        (plane.messages("pi-06").len() == 4).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    plane.restart();
+    wait_for("the events to expire", WAIT, || {
+        let m = plane.messages("pi-06");
+        (of_kind(&m, "event").is_empty()).then_some(())
+    });
+    let messages = plane.messages("pi-06");
+    assert_eq!(seqs(&messages), [3], "the status stays: {messages:#?}");
+    let view = plane.get("/v1/devices/pi-06");
+    assert!(view.to_string().contains("raspberry-pi-4"), "{view:#}");
+}
+
 #[test]
 fn the_outbox_keeps_every_flushed_message_across_sigkill() {
     let tmp = tempfile::tempdir().expect("tempdir");
