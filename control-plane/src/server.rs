@@ -806,7 +806,13 @@ fn spawn_ingest(
                         .connected
                         .store(true, std::sync::atomic::Ordering::Relaxed);
                 }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
+                Ok(Event::Incoming(Packet::Publish(mut p))) => {
+                    // A payload of its own: as received it is a slice of the
+                    // connection's read buffer and keeps that whole buffer alive until
+                    // stored (heaptrack: 4 GiB of read buffers held at 7,000 msg/s
+                    // from 1,000 simulated devices).
+                    p.payload = bytes::Bytes::copy_from_slice(&p.payload);
+                    metrics::gauge!("fleetml_control_ingest_pending").increment(1.0);
                     if tx.send(p).is_err() {
                         return;
                     }
@@ -833,6 +839,7 @@ fn spawn_ingest(
         while rx.recv_many(&mut batch, 256).await > 0 {
             let p2 = plane.clone();
             let publishes = std::mem::take(&mut batch);
+            metrics::gauge!("fleetml_control_ingest_pending").decrement(publishes.len() as f64);
             let stored = tokio::task::spawn_blocking(move || {
                 p2.ingest
                     .store_batch(

@@ -296,32 +296,39 @@ fn the_ingest_queue_logs_in_to_nats_and_never_logs_the_password() {
     let node = &nats.nodes()[0];
     let serve = |name: &str, password: &str, wanted: &str| -> String {
         let log = tmp.path().join(format!("{name}.log"));
-        let mut child = std::process::Command::new(hil_tests::bin("fleetctl"))
-            .args(["serve", "--insecure-listen", "--data-dir"])
-            .arg(tmp.path().join(name))
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{}", free_port()))
-            .arg("--mqtt-url")
-            .arg(format!(
-                "mqtt://fleet:{password}@127.0.0.1:{}",
-                node.mqtt_port
-            ))
-            .env(
-                "FLEETML_INGEST_QUEUE",
-                format!("nats://fleet:{password}@127.0.0.1:{}", node.port),
-            )
-            .env("RUST_LOG", "debug,sled=info")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log"))
-            .spawn()
-            .expect("fleetctl serve starts");
-        let text = wait_for(&format!("{name}: {wanted}"), WAIT, || {
+        /// Killed on drop, a failing wait included.
+        struct Serve(std::process::Child);
+        impl Drop for Serve {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let _serve = Serve(
+            std::process::Command::new(hil_tests::bin("fleetctl"))
+                .args(["serve", "--insecure-listen", "--data-dir"])
+                .arg(tmp.path().join(name))
+                .arg("--listen")
+                .arg(format!("127.0.0.1:{}", free_port()))
+                .arg("--mqtt-url")
+                .arg(format!(
+                    "mqtt://fleet:{password}@127.0.0.1:{}",
+                    node.mqtt_port
+                ))
+                .env(
+                    "FLEETML_INGEST_QUEUE",
+                    format!("nats://fleet:{password}@127.0.0.1:{}", node.port),
+                )
+                .env("RUST_LOG", "debug,sled=info")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::fs::File::create(&log).expect("log"))
+                .spawn()
+                .expect("fleetctl serve starts"),
+        );
+        wait_for(&format!("{name}: {wanted}"), WAIT, || {
             let text = std::fs::read_to_string(&log).unwrap_or_default();
             text.contains(wanted).then_some(text)
-        });
-        let _ = child.kill();
-        let _ = child.wait();
-        text
+        })
     };
     let good = serve("good", "s3cret-pw-1", "ingest pulling from NATS");
     assert!(!good.contains("s3cret-pw-1"), "the password in the log");
