@@ -247,7 +247,7 @@ impl<S: FleetStore> Ingest<S> {
         let mut seen: Vec<Seen> = vec![(None, None); envelopes.len()];
         let stored = self
             .store
-            .store_messages(&envelopes, &mut |i, st, new, before| {
+            .store_messages(&envelopes, now_ms, &mut |i, st, new, before| {
                 let envelope = &envelopes[i];
                 // A jump to a new base is a new outbox (its data directory was wiped), not
                 // lost messages; the first message of a device starts wherever its outbox

@@ -15,6 +15,9 @@ use crate::records::{
 };
 use crate::rollout::{Baseline, Gates, Kind, Plan, Rollout, State, Strategy, Target};
 
+/// When the suite's messages are stored (2027-01-15 08:00:00 UTC, an hour's start).
+const NOW: u64 = 1_800_000_000_000;
+
 fn id(s: &str) -> DeviceId {
     DeviceId::new(s).expect("test id")
 }
@@ -111,20 +114,20 @@ pub(super) fn devices_enroll_once(s: &dyn Store) -> Result<(), StoreError> {
 pub(super) fn messages_are_stored_once_in_order_per_device(
     s: &dyn Store,
 ) -> Result<(), StoreError> {
-    assert_eq!(s.insert(&message("d1", 2))?, (true, None));
+    assert_eq!(s.insert(&message("d1", 2), NOW)?, (true, None));
     assert_eq!(
-        s.insert(&message("d1", 1))?,
+        s.insert(&message("d1", 1), NOW)?,
         (true, Some(2)),
         "highest before"
     );
     assert_eq!(
-        s.insert(&message("d1", 2))?,
+        s.insert(&message("d1", 2), NOW)?,
         (false, Some(2)),
         "a duplicate"
     );
-    assert_eq!(s.insert(&message("d1", 5))?, (true, Some(2)));
+    assert_eq!(s.insert(&message("d1", 5), NOW)?, (true, Some(2)));
     // A device whose id extends another's keeps its own log.
-    assert_eq!(s.insert(&message("d10", 3))?, (true, None));
+    assert_eq!(s.insert(&message("d10", 3), NOW)?, (true, None));
     let seqs = |v: Vec<Envelope>| v.into_iter().map(|e| e.seq).collect::<Vec<_>>();
     assert_eq!(seqs(s.messages(&id("d1"), 0, 100)?), [1, 2, 5]);
     assert_eq!(seqs(s.messages(&id("d1"), 2, 100)?), [2, 5]);
@@ -172,15 +175,15 @@ pub(super) fn a_message_is_stored_with_the_state_it_changes(
         }
     };
     assert_eq!(
-        s.store_message(&message("d1", 4), &mut record)?,
+        s.store_message(&message("d1", 4), NOW, &mut record)?,
         (true, None)
     );
     assert_eq!(
-        s.store_message(&message("d1", 5), &mut record)?,
+        s.store_message(&message("d1", 5), NOW, &mut record)?,
         (true, Some(4))
     );
     assert_eq!(
-        s.store_message(&message("d1", 4), &mut record)?,
+        s.store_message(&message("d1", 4), NOW, &mut record)?,
         (false, Some(5))
     );
     assert_eq!(
@@ -215,7 +218,7 @@ pub(super) fn a_batch_is_stored_as_one_message_after_another(
         .collect();
     named.sort();
     assert_eq!(named, ["d1", "d2"]);
-    assert_eq!(s.insert(&message("d1", 3))?, (true, None));
+    assert_eq!(s.insert(&message("d1", 3), NOW)?, (true, None));
     let batch = [
         message("d1", 3),
         message("d2", 7),
@@ -225,7 +228,7 @@ pub(super) fn a_batch_is_stored_as_one_message_after_another(
         message("d2", 9),
     ];
     let mut calls = Vec::new();
-    let out = s.store_messages(&batch, &mut |i, st, new, before| {
+    let out = s.store_messages(&batch, NOW, &mut |i, st, new, before| {
         calls.push((i, new, before));
         if new {
             st.stored += 1;
@@ -261,8 +264,11 @@ pub(super) fn a_batch_is_stored_as_one_message_after_another(
     assert_eq!(seqs("d1")?, [2, 3, 4]);
     assert_eq!(seqs("d2")?, [7, 9]);
     // The highest stays known after a batch: the next single insert sees it.
-    assert_eq!(s.insert(&message("d2", 10))?, (true, Some(9)));
-    assert_eq!(s.store_messages(&[], &mut |_, _, _, _| {})?, Vec::new());
+    assert_eq!(s.insert(&message("d2", 10), NOW)?, (true, Some(9)));
+    assert_eq!(
+        s.store_messages(&[], NOW, &mut |_, _, _, _| {})?,
+        Vec::new()
+    );
     Ok(())
 }
 
@@ -642,9 +648,9 @@ pub(super) fn the_message_log_keeps_the_newest_of_each_device(
     s: &dyn Store,
 ) -> Result<(), StoreError> {
     for seq in [3, 1, 4, 5, 9, 2, 6] {
-        s.insert(&message("d1", seq))?;
+        s.insert(&message("d1", seq), NOW)?;
     }
-    s.insert(&message("d10", 1))?;
+    s.insert(&message("d10", 1), NOW)?;
     let seqs = |d: &str| -> Result<Vec<u64>, StoreError> {
         Ok(s.messages(&id(d), 0, 100)?
             .into_iter()
@@ -656,7 +662,7 @@ pub(super) fn the_message_log_keeps_the_newest_of_each_device(
     assert_eq!(seqs("d1")?, [5, 6, 9], "the newest three");
     assert_eq!(seqs("d10")?, [1], "another device's log is its own");
     assert_eq!(
-        s.insert(&message("d1", 10))?,
+        s.insert(&message("d1", 10), NOW)?,
         (true, Some(9)),
         "the highest stored is still known"
     );
@@ -726,7 +732,8 @@ pub(super) fn retention_removes_by_kind_and_age_and_thins_old_windows(
 ) -> Result<(), StoreError> {
     use super::AgeRules;
     const DAY: u64 = 86_400_000;
-    let now = crate::plane::now_ms();
+    // On an hour's first millisecond: every message falls into that hour.
+    let now = NOW;
     let event = Body::Event(fleetml_protocol::telemetry::Event {
         kind: fleetml_protocol::telemetry::Lifecycle::AssignmentAccepted,
         model: "a".into(),
@@ -742,9 +749,9 @@ pub(super) fn retention_removes_by_kind_and_age_and_thins_old_windows(
         (6, window("a")),
     ];
     for (seq, body) in d1 {
-        assert!(s.insert(&with_body("d1", seq, body))?.0);
+        assert!(s.insert(&with_body("d1", seq, body), NOW)?.0);
     }
-    assert!(s.insert(&with_body("d2", 1, window("a")))?.0);
+    assert!(s.insert(&with_body("d2", 1, window("a")), NOW)?.0);
     let rules = AgeRules {
         max_age_ms: BTreeMap::from([
             ("status".to_string(), DAY),
@@ -766,7 +773,7 @@ pub(super) fn retention_removes_by_kind_and_age_and_thins_old_windows(
     assert_eq!(seqs("d1")?, [5]);
     assert_eq!(seqs("d2")?, Vec::<u64>::new());
     assert_eq!(
-        s.insert(&message("d1", 7))?,
+        s.insert(&message("d1", 7), NOW)?,
         (true, Some(6)),
         "the highest stored is still known"
     );

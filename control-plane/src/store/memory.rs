@@ -114,12 +114,12 @@ impl FleetStore for MemoryStore {
         Ok(self.inner().devices.values().cloned().collect())
     }
 
-    fn insert(&self, envelope: &Envelope) -> Result<(bool, Option<u64>), StoreError> {
+    fn insert(&self, envelope: &Envelope, now_ms: u64) -> Result<(bool, Option<u64>), StoreError> {
         let mut inner = self.inner();
         let key = (envelope.device.clone(), envelope.seq);
         let new = !inner.messages.contains_key(&key);
         if new {
-            inner.stored_ms.insert(key.clone(), crate::plane::now_ms());
+            inner.stored_ms.insert(key.clone(), now_ms);
             inner.messages.insert(key, envelope.clone());
         }
         let high = inner.high.entry(envelope.device.clone());

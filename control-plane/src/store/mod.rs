@@ -200,9 +200,10 @@ pub trait FleetStore: Send + Sync {
     /// Replaces an enrolled device's record (revoked, a new secret); `false` when it is
     /// not enrolled (nothing changes then).
     fn replace_device(&self, device: &DeviceRecord) -> Result<bool, StoreError>;
-    /// Stores `envelope` unless `(device, seq)` is already stored; returns whether it
-    /// was new, and the highest sequence number stored for the device before it.
-    fn insert(&self, envelope: &Envelope) -> Result<(bool, Option<u64>), StoreError>;
+    /// Stores `envelope` unless `(device, seq)` is already stored, as stored at
+    /// `now_ms` (for retention by age); returns whether it was new, and the highest
+    /// sequence number stored for the device before it.
+    fn insert(&self, envelope: &Envelope, now_ms: u64) -> Result<(bool, Option<u64>), StoreError>;
     /// Up to `limit` messages of `device` from sequence number `from` on, in order.
     fn messages(
         &self,
@@ -224,9 +225,10 @@ pub trait FleetStore: Send + Sync {
     fn store_message(
         &self,
         envelope: &Envelope,
+        now_ms: u64,
         change: &mut (dyn FnMut(&mut DeviceState, bool, Option<u64>) + Send),
     ) -> Result<(bool, Option<u64>), StoreError> {
-        let (new, before) = self.insert(envelope)?;
+        let (new, before) = self.insert(envelope, now_ms)?;
         self.update_state(&envelope.device, &mut |st| change(st, new, before))?;
         Ok((new, before))
     }
@@ -238,12 +240,15 @@ pub trait FleetStore: Send + Sync {
     fn store_messages(
         &self,
         envelopes: &[Envelope],
+        now_ms: u64,
         change: &mut BatchChange<'_>,
     ) -> Result<Vec<(bool, Option<u64>)>, StoreError> {
         envelopes
             .iter()
             .enumerate()
-            .map(|(i, e)| self.store_message(e, &mut |st, new, before| change(i, st, new, before)))
+            .map(|(i, e)| {
+                self.store_message(e, now_ms, &mut |st, new, before| change(i, st, new, before))
+            })
             .collect()
     }
     /// The enrolled devices among `ids` (in no particular order; unknown ids are left
@@ -289,8 +294,8 @@ impl<T: FleetStore + ?Sized> FleetStore for std::sync::Arc<T> {
     fn replace_device(&self, device: &DeviceRecord) -> Result<bool, StoreError> {
         (**self).replace_device(device)
     }
-    fn insert(&self, envelope: &Envelope) -> Result<(bool, Option<u64>), StoreError> {
-        (**self).insert(envelope)
+    fn insert(&self, envelope: &Envelope, now_ms: u64) -> Result<(bool, Option<u64>), StoreError> {
+        (**self).insert(envelope, now_ms)
     }
     fn messages(
         &self,
@@ -316,9 +321,10 @@ impl<T: FleetStore + ?Sized> FleetStore for std::sync::Arc<T> {
     fn store_messages(
         &self,
         envelopes: &[Envelope],
+        now_ms: u64,
         change: &mut BatchChange<'_>,
     ) -> Result<Vec<(bool, Option<u64>)>, StoreError> {
-        (**self).store_messages(envelopes, change)
+        (**self).store_messages(envelopes, now_ms, change)
     }
     fn expire_messages(&self, rules: &AgeRules, now_ms: u64) -> Result<u64, StoreError> {
         (**self).expire_messages(rules, now_ms)
@@ -329,9 +335,10 @@ impl<T: FleetStore + ?Sized> FleetStore for std::sync::Arc<T> {
     fn store_message(
         &self,
         envelope: &Envelope,
+        now_ms: u64,
         change: &mut (dyn FnMut(&mut DeviceState, bool, Option<u64>) + Send),
     ) -> Result<(bool, Option<u64>), StoreError> {
-        (**self).store_message(envelope, change)
+        (**self).store_message(envelope, now_ms, change)
     }
     fn next_command_seq(&self, device: &DeviceId) -> Result<u64, StoreError> {
         (**self).next_command_seq(device)

@@ -328,13 +328,14 @@ impl PgStore {
         envelope: &Envelope,
         seq: i64,
         bytes: &[u8],
+        now: i64,
     ) -> Result<(bool, Option<u64>), StoreError> {
         let device = envelope.device.as_str();
         let (kind, model) = kind_and_model(envelope);
         let new = t.execute(
-            "INSERT INTO messages (device, seq, envelope, kind, model) VALUES ($1, $2, $3, $4, $5) \
-             ON CONFLICT (device, seq) DO NOTHING",
-            &[&device, &seq, &bytes, &kind, &model],
+            "INSERT INTO messages (device, seq, envelope, kind, model, stored_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (device, seq) DO NOTHING",
+            &[&device, &seq, &bytes, &kind, &model, &now],
         )? == 1;
         // The row exists (and is locked) before it is read, so concurrent inserts for
         // one device see each other's highest.
@@ -490,22 +491,25 @@ impl FleetStore for PgStore {
         })
     }
 
-    fn insert(&self, envelope: &Envelope) -> Result<(bool, Option<u64>), StoreError> {
+    fn insert(&self, envelope: &Envelope, now_ms: u64) -> Result<(bool, Option<u64>), StoreError> {
         let bytes = serde_cbor::to_vec(envelope)?;
         let seq = big(envelope.seq, "sequence number")?;
-        self.tx(|t| Self::insert_in(t, envelope, seq, &bytes))
+        let now = big(now_ms, "the time")?;
+        self.tx(|t| Self::insert_in(t, envelope, seq, &bytes, now))
     }
 
     fn store_message(
         &self,
         envelope: &Envelope,
+        now_ms: u64,
         change: &mut (dyn FnMut(&mut DeviceState, bool, Option<u64>) + Send),
     ) -> Result<(bool, Option<u64>), StoreError> {
         let bytes = serde_cbor::to_vec(envelope)?;
         let seq = big(envelope.seq, "sequence number")?;
+        let now = big(now_ms, "the time")?;
         let fresh = serde_cbor::to_vec(&DeviceState::default())?;
         self.tx(|t| {
-            let (new, before) = Self::insert_in(t, envelope, seq, &bytes)?;
+            let (new, before) = Self::insert_in(t, envelope, seq, &bytes, now)?;
             Self::change_state_in(t, &envelope.device, &fresh, &mut |st| {
                 change(st, new, before)
             })?;
@@ -521,11 +525,13 @@ impl FleetStore for PgStore {
     fn store_messages(
         &self,
         envelopes: &[Envelope],
+        now_ms: u64,
         change: &mut crate::store::BatchChange<'_>,
     ) -> Result<Vec<(bool, Option<u64>)>, StoreError> {
         if envelopes.is_empty() {
             return Ok(Vec::new());
         }
+        let now = big(now_ms, "the time")?;
         let mut devices: Vec<&str> = envelopes.iter().map(|e| e.device.as_str()).collect();
         devices.sort_unstable();
         devices.dedup();
@@ -573,10 +579,11 @@ impl FleetStore for PgStore {
             // A (device, seq) twice in the batch is inserted once: the first is new.
             let mut inserted: std::collections::HashSet<(String, i64)> = t
                 .query(
-                    "INSERT INTO messages (device, seq, envelope, kind, model) \
-                     SELECT * FROM unnest($1::text[], $2::bigint[], $3::bytea[], $4::text[], $5::text[]) \
+                    "INSERT INTO messages (device, seq, envelope, kind, model, stored_ms) \
+                     SELECT d, s, e, k, m, $6 \
+                     FROM unnest($1::text[], $2::bigint[], $3::bytea[], $4::text[], $5::text[]) AS n(d, s, e, k, m) \
                      ON CONFLICT (device, seq) DO NOTHING RETURNING device, seq",
-                    &[&keys, &seqs, &bodies, &kinds, &models],
+                    &[&keys, &seqs, &bodies, &kinds, &models, &now],
                 )?
                 .into_iter()
                 .map(|r| (r.get(0), r.get(1)))
@@ -666,7 +673,7 @@ impl FleetStore for PgStore {
 
     /// Two statements in one transaction, ages first (so that a window report the age
     /// rule removes does not stand for its hour), then the thinning, both over the
-    /// whole fleet: the same rule as [`super::Expiry`], the clock being the caller's.
+    /// whole fleet: the same rule as [`super::Expiry`], every time the caller's.
     fn expire_messages(&self, rules: &super::AgeRules, now_ms: u64) -> Result<u64, StoreError> {
         let now = big(now_ms, "the time")?;
         let (mut kinds, mut ages) = (Vec::new(), Vec::new());
@@ -1323,7 +1330,10 @@ mod tests {
             vec![message(7)],
             "data written before the migration is still there"
         );
-        assert_eq!(store.insert(&message(8)).expect("insert"), (true, Some(7)));
+        assert_eq!(
+            store.insert(&message(8), 8).expect("insert"),
+            (true, Some(7))
+        );
 
         let url = pg.create_database("newer");
         PgStore::open(&url).expect("migrated");
@@ -1388,7 +1398,7 @@ mod tests {
             .expect("runtime");
         let s = store.clone();
         multi.block_on(async move {
-            tokio::spawn(async move { s.insert(&message(1)).expect("insert") })
+            tokio::spawn(async move { s.insert(&message(1), 1).expect("insert") })
                 .await
                 .expect("task")
         });
@@ -1396,7 +1406,7 @@ mod tests {
             .build()
             .expect("runtime");
         let s = store.clone();
-        let got = current.block_on(async move { s.insert(&message(2)).expect("insert") });
+        let got = current.block_on(async move { s.insert(&message(2), 2).expect("insert") });
         assert_eq!(got, (true, Some(1)));
     }
 }

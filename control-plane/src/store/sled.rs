@@ -154,7 +154,6 @@ impl SledStore {
             job_update: Default::default(),
             db,
         };
-        store.backfill_meta()?;
         Ok(store)
     }
 
@@ -162,12 +161,12 @@ impl SledStore {
     const BACKFILLED: &'static [u8] = b"\xffbackfilled";
 
     /// Messages stored by a release that kept no [`SledStore::message_meta`] get it
-    /// once, counted as stored now (as PostgreSQL's migration does).
-    fn backfill_meta(&self) -> Result<(), StoreError> {
+    /// once, at the first retention pass, counted as stored at `now` (as PostgreSQL's
+    /// migration counts them stored when it ran).
+    fn backfill_meta(&self, now: u64) -> Result<(), StoreError> {
         if self.message_meta.contains_key(Self::BACKFILLED)? {
             return Ok(());
         }
-        let now = crate::plane::now_ms();
         for kv in self.messages.iter() {
             let (k, v) = kv?;
             if !self.message_meta.contains_key(&k)? {
@@ -258,7 +257,7 @@ impl FleetStore for SledStore {
             .collect()
     }
 
-    fn insert(&self, envelope: &Envelope) -> Result<(bool, Option<u64>), StoreError> {
+    fn insert(&self, envelope: &Envelope, now_ms: u64) -> Result<(bool, Option<u64>), StoreError> {
         let bytes = serde_cbor::to_vec(envelope)?;
         let key = Self::key(&envelope.device, envelope.seq);
         let new = self
@@ -267,7 +266,7 @@ impl FleetStore for SledStore {
             .is_ok();
         if new {
             self.message_meta
-                .insert(key, Self::meta(envelope, crate::plane::now_ms()))?;
+                .insert(key, Self::meta(envelope, now_ms))?;
         }
         let device = envelope.device.as_str().as_bytes();
         let before = be(self.high.fetch_and_update(device, |old| {
@@ -315,6 +314,7 @@ impl FleetStore for SledStore {
     }
 
     fn expire_messages(&self, rules: &super::AgeRules, now_ms: u64) -> Result<u64, StoreError> {
+        self.backfill_meta(now_ms)?;
         let mut expiry = super::Expiry::new(rules, now_ms);
         let (mut gone, mut batch, mut pending) = (0u64, ::sled::Batch::default(), 0usize);
         for kv in self.message_meta.iter() {
@@ -806,9 +806,9 @@ mod tests {
     use super::*;
     use crate::store::{AgeRules, FleetStore};
 
-    /// A log written by a release that kept no stored times or kinds gets them once when
-    /// opened, counted as stored then: retention by age starts from the upgrade, not
-    /// from nothing (which would remove everything at once).
+    /// A log written by a release that kept no stored times or kinds gets them at the
+    /// first retention pass, counted as stored then: retention by age starts from the
+    /// upgrade, not from nothing (which would remove everything at once).
     #[test]
     fn messages_of_an_older_release_count_as_stored_at_the_upgrade() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -828,28 +828,15 @@ mod tests {
         };
         {
             let s = SledStore::open(&path).expect("open");
-            s.insert(&message(1)).expect("insert");
-            s.insert(&message(2)).expect("insert");
+            s.insert(&message(1), 1).expect("insert");
+            s.insert(&message(2), 2).expect("insert");
             // What an older release left: the log without its meta records.
             s.message_meta.clear().expect("clear");
             s.db.flush().expect("flush");
         }
-        let before = crate::plane::now_ms();
+        // The first retention pass after the upgrade, at time `upgrade`.
+        let upgrade = 1_800_000_000_000;
         let s = SledStore::open(&path).expect("reopen");
-        let stored: Vec<u64> = s
-            .message_meta
-            .range(..SledStore::BACKFILLED)
-            .values()
-            .map(|v| {
-                let v = v.expect("meta");
-                u64::from_be_bytes(v[..8].try_into().expect("8 bytes"))
-            })
-            .collect();
-        assert_eq!(stored.len(), 2, "each message got its meta");
-        assert!(
-            stored.iter().all(|t| *t >= before),
-            "{stored:?} before {before}"
-        );
         // Of unknown kind ("receipt" is none of the five): kept as long as the longest
         // rule, and only when every kind has one.
         let rules = AgeRules {
@@ -859,9 +846,19 @@ mod tests {
                 .collect(),
             downsample_windows_after_ms: None,
         };
-        assert_eq!(s.expire_messages(&rules, before).expect("expire"), 0);
+        assert_eq!(s.expire_messages(&rules, upgrade).expect("expire"), 0);
+        let stored: Vec<u64> = s
+            .message_meta
+            .range(..SledStore::BACKFILLED)
+            .values()
+            .map(|v| {
+                let v = v.expect("meta");
+                u64::from_be_bytes(v[..8].try_into().expect("8 bytes"))
+            })
+            .collect();
+        assert_eq!(stored, [upgrade, upgrade], "each message got its meta");
         assert_eq!(
-            s.expire_messages(&rules, before + 60_000).expect("expire"),
+            s.expire_messages(&rules, upgrade + 60_000).expect("expire"),
             2
         );
         assert_eq!(s.messages(&device, 0, 10).expect("read"), Vec::new());
