@@ -22,6 +22,7 @@ pub mod demo;
 pub mod golden;
 pub mod http;
 pub mod ingest;
+pub mod ingest_mqtt;
 pub mod ingest_queue;
 pub mod jobs;
 pub mod k8s;

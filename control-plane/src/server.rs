@@ -683,7 +683,7 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
     });
     match &opts.ingest_queue {
         Some(queue) => crate::ingest_queue::spawn(plane.clone(), queue.clone()),
-        None => spawn_ingest(plane.clone(), ingest_client, events, ingest_filter),
+        None => crate::ingest_mqtt::spawn(plane.clone(), ingest_client, events, ingest_filter),
     }
     spawn_receipts(plane.clone(), opts.receipt_interval);
     spawn_audit_tally(plane.clone(), opts.audit_interval);
@@ -765,103 +765,6 @@ fn spawn_commands(mut events: rumqttc::EventLoop) {
                     tokio::time::sleep(wait).await;
                 }
             }
-        }
-    });
-}
-
-/// Receives from the broker on one task and stores on another: a batch is stored,
-/// flushed once, then acknowledged message by message.
-fn spawn_ingest(
-    plane: Arc<Plane>,
-    client: AsyncClient,
-    mut events: rumqttc::EventLoop,
-    filter: String,
-) {
-    // Unbounded on purpose: the receiving task must never block, or it stops polling the
-    // event loop that carries the storing task's acknowledgements out — a deadlock seen
-    // under load with mosquitto (system test `the_ingest_keeps_up_with_a_burst…`). What
-    // queues here is what the broker sent and the ingest has not stored yet.
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<rumqttc::Publish>();
-    let acks = client.clone();
-    let receiver = plane.clone();
-    tokio::spawn(async move {
-        let mut failures = 0u32;
-        loop {
-            match events.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    failures = 0;
-                    tracing::info!("ingest connected to the broker");
-                    // One filter, so that a device's messages on its three channels
-                    // arrive in the order it sent them (rumqttd keeps one log per
-                    // filter); it also brings back the commands the control plane
-                    // publishes, which the ingest ignores.
-                    if let Err(e) = client.subscribe(filter.as_str(), QoS::AtLeastOnce).await {
-                        tracing::error!(error = %e, "ingest could not subscribe");
-                    }
-                }
-                Ok(Event::Incoming(Packet::SubAck(_))) => {
-                    receiver
-                        .ingest
-                        .counters
-                        .connected
-                        .store(true, std::sync::atomic::Ordering::Relaxed);
-                }
-                Ok(Event::Incoming(Packet::Publish(mut p))) => {
-                    // A payload of its own: as received it is a slice of the
-                    // connection's read buffer and keeps that whole buffer alive until
-                    // stored (heaptrack: 4 GiB of read buffers held at 7,000 msg/s
-                    // from 1,000 simulated devices).
-                    p.payload = bytes::Bytes::copy_from_slice(&p.payload);
-                    metrics::gauge!("fleetml_control_ingest_pending").increment(1.0);
-                    if tx.send(p).is_err() {
-                        return;
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    receiver
-                        .ingest
-                        .counters
-                        .connected
-                        .store(false, std::sync::atomic::Ordering::Relaxed);
-                    failures = failures.saturating_add(1);
-                    if failures == 1 {
-                        tracing::warn!(error = %e, "ingest lost the broker; reconnecting");
-                    }
-                    let wait = Duration::from_millis((250u64 << failures.min(5)).min(5_000));
-                    tokio::time::sleep(wait).await;
-                }
-            }
-        }
-    });
-    tokio::spawn(async move {
-        let mut batch = Vec::with_capacity(256);
-        while rx.recv_many(&mut batch, 256).await > 0 {
-            let p2 = plane.clone();
-            let publishes = std::mem::take(&mut batch);
-            metrics::gauge!("fleetml_control_ingest_pending").decrement(publishes.len() as f64);
-            let stored = tokio::task::spawn_blocking(move || {
-                p2.ingest
-                    .store_batch(
-                        publishes.iter().map(|p| (p.topic.as_str(), &p.payload[..])),
-                        now_ms(),
-                    )
-                    .map(|()| publishes)
-            })
-            .await;
-            match stored {
-                Ok(Ok(publishes)) => {
-                    for p in &publishes {
-                        let _ = acks.ack(p).await;
-                    }
-                }
-                Ok(Err(e)) => {
-                    // Not acknowledged: the broker delivers them again after a reconnect.
-                    tracing::error!(error = %e, "storing telemetry failed");
-                }
-                Err(e) => tracing::error!(error = %e, "ingest task failed"),
-            }
-            batch.clear();
         }
     });
 }

@@ -5,8 +5,11 @@ use super::common::*;
 pub(crate) const SIM_ABOUT: &str = "\
 Measure a control plane under a fleet of simulated devices.
 
-Starts `fleetctl serve` (this executable) in a work directory, with its embedded broker or \
-on a private mosquitto (--broker mosquitto), pushes claims v1 and v2, enrolls --devices N \
+Starts `fleetctl serve` (this executable) in a work directory, with its embedded broker, \
+on a private mosquitto (--broker mosquitto) or on a private three-node NATS cluster with \
+JetStream and MQTT (--broker nats: devices spread over the nodes, the ingest pulls from \
+the JetStream work queue), as --replicas N replicas sharing one PostgreSQL database \
+(--database) and one blob store (--blobs), then pushes claims v1 and v2, enrolls --devices N \
 devices through the API and runs them in this process. Each speaks the real device \
 protocol: its own MQTT login and last will, messages sealed with its secret and a \
 contiguous sequence number, an outbox re-published until the broker acknowledges, its \
@@ -28,13 +31,27 @@ pub(crate) struct SimArgs {
     /// How many devices to simulate.
     #[arg(long, default_value_t = 100)]
     devices: usize,
-    /// Broker: `embedded` (rumqttd inside the control plane) or `mosquitto` (started by
-    /// the simulator; Debian's mosquitto package).
+    /// Broker: `embedded` (rumqttd inside the control plane), `mosquitto` (started by
+    /// the simulator; Debian's mosquitto package) or `nats` (three nats-server nodes
+    /// started by the simulator; Debian's nats-server package).
     #[arg(long, default_value = "embedded")]
     broker: fleet_control::sim::Broker,
     /// The mosquitto executable (default: /usr/sbin/mosquitto, /usr/bin/mosquitto, PATH).
     #[arg(long)]
     mosquitto: Option<PathBuf>,
+    /// The nats-server executable (default: /usr/sbin/nats-server, /usr/bin, PATH).
+    #[arg(long)]
+    nats: Option<PathBuf>,
+    /// Control-plane replicas (`serve --replica-id`); more than one needs --database and
+    /// --broker mosquitto or nats. Devices and enrollments spread over them.
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
+    /// Where the control plane keeps bundles (`serve --blobs`): a folder, or
+    /// s3://BUCKET/PREFIX with AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID and
+    /// AWS_SECRET_ACCESS_KEY in the environment. Default: the data directory, or with
+    /// replicas a folder in the work directory that they share.
+    #[arg(long)]
+    blobs: Option<String>,
     /// Keep the control plane's state in this PostgreSQL database (`serve --database`;
     /// an empty database: the run writes into it) instead of sled.
     #[arg(long, env = "FLEETML_SIM_DATABASE_URL", hide_env_values = true)]
@@ -62,7 +79,10 @@ pub(crate) fn sim_command(a: SimArgs) -> anyhow::Result<()> {
         devices: a.devices,
         broker: a.broker,
         mosquitto: a.mosquitto,
+        nats: a.nats,
         database: a.database,
+        replicas: a.replicas,
+        blobs: a.blobs,
         rate: a.rate,
         duration: a.duration,
         dir: a.dir,

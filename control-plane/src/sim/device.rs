@@ -53,8 +53,10 @@ pub(super) struct Stats {
 /// What every device shares: where the control plane is, limits, and the stop signal.
 #[derive(Debug)]
 pub(super) struct Fleet {
-    pub(super) http: Http,
-    pub(super) broker: (String, u16),
+    /// The replicas' APIs: device `slot` uses `http[slot % len]`.
+    pub(super) http: Vec<Http>,
+    /// Loopback MQTT ports: device `slot` connects to `brokers[slot % len]`.
+    pub(super) brokers: Vec<u16>,
     pub(super) stats: Stats,
     pub(super) http_slots: Semaphore,
     pub(super) connect_slots: Semaphore,
@@ -66,9 +68,18 @@ pub(super) struct Fleet {
     pub(super) features: Vec<String>,
 }
 
+impl Fleet {
+    /// The API `dev` talks to.
+    pub(super) fn http_of(&self, dev: &Device) -> &Http {
+        &self.http[dev.slot % self.http.len()]
+    }
+}
+
 /// One simulated device.
 pub(super) struct Device {
     pub(super) id: DeviceId,
+    /// Its number in the fleet: which replica and broker node it uses.
+    pub(super) slot: usize,
     pub(super) secret: Vec<u8>,
     pub(super) token: String,
     pub(super) board: String,
@@ -130,11 +141,13 @@ pub(super) fn since_start_ms() -> u64 {
 impl Device {
     pub(super) fn new(
         id: DeviceId,
+        slot: usize,
         secret: Vec<u8>,
         board: &str,
         policy: Arc<TrustPolicy>,
     ) -> Device {
         Device {
+            slot,
             token: fleetml_protocol::assignment::http_token(&id, &secret),
             id,
             secret,
@@ -349,7 +362,8 @@ pub(super) async fn run_publisher(dev: Arc<Device>, fleet: Arc<Fleet>, mut rng: 
     gone.online = false;
     let (will_topic, will) =
         telemetry::seal(&dev.id, s0, now_ms(), Body::Status(gone), &dev.secret);
-    let mut options = MqttOptions::new(dev.id.as_str(), fleet.broker.0.clone(), fleet.broker.1);
+    let port = fleet.brokers[dev.slot % fleet.brokers.len()];
+    let mut options = MqttOptions::new(dev.id.as_str(), "127.0.0.1", port);
     options.set_keep_alive(Duration::from_secs(30));
     options.set_clean_session(false);
     options.set_max_packet_size(telemetry::MAX_MESSAGE + 1024, telemetry::MAX_MESSAGE + 1024);
@@ -619,7 +633,7 @@ impl Puller {
         let (status, body) = {
             let _slot = self.fleet.http_slots.acquire().await?;
             self.fleet
-                .http
+                .http_of(&self.dev)
                 .call("GET", &path, &self.dev.token, None)
                 .await?
         };
@@ -768,7 +782,7 @@ impl Puller {
         let fetched = tokio::time::timeout(HTTP_TIMEOUT, async {
             let response = self
                 .fleet
-                .http
+                .http_of(&self.dev)
                 .send("GET", &path, &self.dev.token, None)
                 .await
                 .map_err(|e| Transfer(format!("{e:#}")))?;

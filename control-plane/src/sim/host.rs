@@ -100,12 +100,26 @@ pub(super) fn prepare_bundles(exe: &Path, dir: &Path) -> anyhow::Result<()> {
 
 /// The mosquitto executable: `--mosquitto`, else the usual places and PATH.
 pub(super) fn find_mosquitto(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    find_program(
+        "mosquitto",
+        given,
+        "install Debian's mosquitto (apt-get install mosquitto), pass --mosquitto PATH, or use --broker embedded",
+    )
+}
+
+/// The nats-server executable: `--nats`, else the usual places and PATH.
+pub(super) fn find_nats(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    find_program(
+        "nats-server",
+        given,
+        "install Debian's nats-server (apt-get install nats-server), pass --nats PATH, or use another --broker",
+    )
+}
+
+/// `given` when it is a file, else `name` in the usual places and PATH.
+fn find_program(name: &str, given: Option<&Path>, hint: &str) -> anyhow::Result<PathBuf> {
     if let Some(p) = given {
-        anyhow::ensure!(
-            p.is_file(),
-            "--mosquitto {}: no such file (install Debian's mosquitto, or use --broker embedded)",
-            p.display()
-        );
+        anyhow::ensure!(p.is_file(), "{}: no such file ({hint})", p.display());
         return Ok(p.to_path_buf());
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
@@ -113,11 +127,9 @@ pub(super) fn find_mosquitto(given: Option<&Path>) -> anyhow::Result<PathBuf> {
         .into_iter()
         .map(PathBuf::from)
         .chain(std::env::split_paths(&path))
-        .map(|d| d.join("mosquitto"))
+        .map(|d| d.join(name))
         .find(|p| p.is_file())
-        .context(
-            "mosquitto not found: install Debian's mosquitto (apt-get install mosquitto), pass --mosquitto PATH, or use --broker embedded",
-        )
+        .with_context(|| format!("{name} not found: {hint}"))
 }
 
 pub(super) fn running_as_root() -> bool {
@@ -176,6 +188,73 @@ pub(super) fn start_mosquitto(bin: &Path, dir: &Path, port: u16) -> anyhow::Resu
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok(child)
+}
+
+/// The ports of one node of the simulator's NATS cluster.
+pub(super) struct NatsNode {
+    pub(super) port: u16,
+    pub(super) mqtt_port: u16,
+}
+
+/// A private NATS cluster of `n` nodes on loopback (JetStream and MQTT on each, its
+/// files under `dir/nats`), as docs/DEPLOY.md lays one out.
+pub(super) fn start_nats(
+    bin: &Path,
+    dir: &Path,
+    n: usize,
+    children: &mut Children,
+) -> anyhow::Result<Vec<NatsNode>> {
+    let store = dir.join("nats");
+    std::fs::create_dir_all(&store)?;
+    let mut nodes = Vec::new();
+    let mut routes = Vec::new();
+    for _ in 0..n {
+        let (port, mqtt_port) = (crate::demo::free_port()?, crate::demo::free_port()?);
+        routes.push(crate::demo::free_port()?);
+        nodes.push(NatsNode { port, mqtt_port });
+    }
+    let route_urls: Vec<String> = routes
+        .iter()
+        .map(|p| format!("nats-route://127.0.0.1:{p}"))
+        .collect();
+    for (i, node) in nodes.iter().enumerate() {
+        let config = store.join(format!("n{i}.conf"));
+        std::fs::write(
+            &config,
+            format!(
+                "server_name: n{i}\nlisten: 127.0.0.1:{}\nmax_connections: 1000000\n\
+                 jetstream {{ store_dir: \"{}\" }}\n\
+                 cluster {{ name: fleetml, listen: 127.0.0.1:{}, routes: [{}] }}\n\
+                 mqtt {{ listen: 127.0.0.1:{} }}\n",
+                node.port,
+                store.join(format!("js{i}")).display(),
+                routes[i],
+                route_urls.join(", "),
+                node.mqtt_port,
+            ),
+        )?;
+        let child = Command::new(bin)
+            .arg("-c")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(log_file(dir, &format!("nats-{i}.log"))?)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        children.0.push(child);
+    }
+    for (i, node) in nodes.iter().enumerate() {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", node.mqtt_port)).is_err() {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "nats-server node {i} did not listen for MQTT on 127.0.0.1:{} within 20 s; see {}",
+                node.mqtt_port,
+                dir.join(format!("nats-{i}.log")).display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    Ok(nodes)
 }
 
 /// Raises this process's open-file limit towards `want` (children inherit it): the soft

@@ -45,13 +45,14 @@ mod phases;
 mod report;
 
 use std::path::Path;
-use std::process::Command;
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
 use self::host::*;
 use self::http::*;
+use self::options::NATS_NODES;
 pub use self::options::{Broker, Options};
 use self::phases::*;
 pub use self::report::*;
@@ -73,8 +74,26 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
         opts.http_concurrency >= 1,
         "--http-concurrency must be at least 1"
     );
-    let mosquitto = match opts.broker {
+    anyhow::ensure!(
+        (1..=8).contains(&opts.replicas),
+        "--replicas {}: give 1 to 8",
+        opts.replicas
+    );
+    if opts.replicas > 1 {
+        anyhow::ensure!(
+            opts.database.is_some(),
+            "--replicas {}: replicas share one PostgreSQL database; give --database postgres://…",
+            opts.replicas
+        );
+        anyhow::ensure!(
+            opts.broker != Broker::Embedded,
+            "--replicas {}: replicas share an external broker; give --broker mosquitto or nats",
+            opts.replicas
+        );
+    }
+    let broker_exe = match opts.broker {
         Broker::Mosquitto => Some(find_mosquitto(opts.mosquitto.as_deref())?),
+        Broker::Nats => Some(find_nats(opts.nats.as_deref())?),
         Broker::Embedded => None,
     };
     // Each device holds a socket in this process, in the broker and (embedded) in the
@@ -112,29 +131,30 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
                 .unwrap_or_else(|_| "warn".into()),
         )
         .try_init();
-    let report = run_in(opts, &dir, mosquitto.as_deref(), open_file_limit);
+    let report = run_in(opts, &dir, broker_exe.as_deref(), open_file_limit);
     if !report.as_ref().is_ok_and(Report::ok)
         && let Some(t) = temporary
     {
         // What went wrong is in the logs: keep them.
         eprintln!(
-            "kept the work directory {} (serve.log{})",
+            "kept the work directory {} (serve*.log{})",
             t.keep().display(),
-            if mosquitto.is_some() {
-                ", mosquitto.log"
-            } else {
-                ""
+            match opts.broker {
+                Broker::Embedded => "",
+                Broker::Mosquitto => ", mosquitto.log",
+                Broker::Nats => ", nats-*.log",
             }
         );
     }
     report
 }
 
-/// [`run`] in the work directory `dir`.
+/// [`run`] in the work directory `dir`, with the broker executable `broker_exe` (none:
+/// the embedded broker).
 fn run_in(
     opts: &Options,
     dir: &Path,
-    mosquitto: Option<&Path>,
+    broker_exe: Option<&Path>,
     open_file_limit: u64,
 ) -> anyhow::Result<Report> {
     let clock = Instant::now();
@@ -144,61 +164,130 @@ fn run_in(
     prepare_bundles(&fleetctl, dir)?;
 
     let mut children = Children(Vec::new());
-    let broker_port = crate::demo::free_port()?;
-    let broker_pid = match mosquitto {
-        Some(bin) => {
-            let child = start_mosquitto(bin, dir, broker_port)?;
+    // Where devices connect (spread over the list), where each replica's MQTT session
+    // goes (replica i: the i-th, round the list), the NATS nodes the ingest pulls from.
+    let (device_ports, replica_ports, queue, broker_pids) = match (opts.broker, broker_exe) {
+        (Broker::Mosquitto, Some(bin)) => {
+            let port = crate::demo::free_port()?;
+            let child = start_mosquitto(bin, dir, port)?;
             let pid = child.id();
             children.0.push(child);
-            Some(pid)
+            (vec![port], vec![port], None, vec![pid])
         }
-        None => None,
+        (Broker::Nats, Some(bin)) => {
+            let nodes = start_nats(bin, dir, NATS_NODES, &mut children)?;
+            let pids = children.0.iter().map(Child::id).collect();
+            let mqtt: Vec<u16> = nodes.iter().map(|n| n.mqtt_port).collect();
+            let queue = nodes
+                .iter()
+                .map(|n| format!("nats://127.0.0.1:{}", n.port))
+                .collect::<Vec<_>>()
+                .join(",");
+            say(&format!(
+                "NATS cluster of {NATS_NODES} nodes, MQTT on {mqtt:?}"
+            ));
+            (mqtt.clone(), mqtt, Some(queue), pids)
+        }
+        _ => {
+            let port = crate::demo::free_port()?;
+            (vec![port], vec![port], None, Vec::new())
+        }
     };
-    let http_port = crate::demo::free_port()?;
-    let mut serve = Command::new(&fleetctl);
-    serve
-        // A measurement on one machine's loopback: plain, said so.
-        .args([
-            "serve",
-            "--insecure-listen",
-            "--data-dir",
-            "plane",
-            "--trust",
-            "trust.toml",
-        ])
-        // One admin token enrolls and drives thousands of devices as fast as it can: the
-        // capacity is measured, not the abuse limits.
-        .args(["--rate-limit-token", "0", "--rate-limit-address", "0"])
-        .args(["--listen", &format!("127.0.0.1:{http_port}")])
-        .current_dir(dir)
-        .stderr(log_file(dir, "serve.log")?);
-    if let Some(url) = &opts.database {
-        serve.env("FLEETML_DATABASE_URL", url);
+    let embedded = broker_pids.is_empty();
+    let mut server_pids = Vec::new();
+    let mut apis = Vec::new();
+    let mut token = String::new();
+    for r in 0..opts.replicas {
+        // The first replica's data directory is `plane`; the others get its keys and
+        // admin token (replicas sign assignments and chain the audit log with the same
+        // keys), as docs/DEPLOY.md says to.
+        let data_dir = if r == 0 {
+            "plane".to_string()
+        } else {
+            format!("plane-{r}")
+        };
+        if r > 0 {
+            let keys = dir.join(&data_dir);
+            std::fs::create_dir_all(&keys)?;
+            for f in ["admin.token", "assignment.key", "audit.key"] {
+                std::fs::copy(dir.join("plane").join(f), keys.join(f))
+                    .with_context(|| format!("copying plane/{f} to the replica {data_dir}"))?;
+            }
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o700))?;
+        }
+        let log = if r == 0 {
+            "serve.log".to_string()
+        } else {
+            format!("serve-{r}.log")
+        };
+        let http_port = crate::demo::free_port()?;
+        let mut serve = Command::new(&fleetctl);
+        serve
+            // A measurement on one machine's loopback: plain, said so.
+            .args([
+                "serve",
+                "--insecure-listen",
+                "--data-dir",
+                &data_dir,
+                "--trust",
+                "trust.toml",
+            ])
+            // One admin token enrolls and drives thousands of devices as fast as it can:
+            // the capacity is measured, not the abuse limits.
+            .args(["--rate-limit-token", "0", "--rate-limit-address", "0"])
+            .args(["--listen", &format!("127.0.0.1:{http_port}")])
+            .current_dir(dir)
+            .stderr(log_file(dir, &log)?);
+        if let Some(url) = &opts.database {
+            serve.env("FLEETML_DATABASE_URL", url);
+        }
+        if opts.replicas > 1 || opts.blobs.is_some() {
+            serve.args(["--blobs", opts.blobs.as_deref().unwrap_or("blobs")]);
+        }
+        if opts.replicas > 1 {
+            serve.args(["--replica-id", &format!("r{r}")]);
+        }
+        if let Some(q) = &queue {
+            serve.env("FLEETML_INGEST_QUEUE", q);
+        }
+        let port = replica_ports[r % replica_ports.len()];
+        if embedded {
+            serve.args(["--mqtt-listen", &format!("127.0.0.1:{port}")]);
+        } else {
+            serve.args(["--mqtt-url", &format!("mqtt://127.0.0.1:{port}")]);
+        }
+        let (child, first) =
+            crate::demo::announcing(&mut serve).context("starting fleetctl serve")?;
+        server_pids.push(child.id());
+        children.0.push(child);
+        let address = first
+            .trim()
+            .strip_prefix("control plane listening on http://")
+            .with_context(|| {
+                format!(
+                    "fleetctl serve did not start (see {})",
+                    dir.join(&log).display()
+                )
+            })?
+            .to_string();
+        if r == 0 {
+            token = std::fs::read_to_string(dir.join("plane/admin.token"))
+                .context("reading the control plane's admin token")?
+                .trim()
+                .to_string();
+        }
+        say(&format!(
+            "control plane{} at http://{address} (pid {})",
+            if opts.replicas > 1 {
+                format!(" replica r{r}")
+            } else {
+                String::new()
+            },
+            server_pids[r]
+        ));
+        apis.push(Http::new(&address)?);
     }
-    match broker_pid {
-        Some(_) => serve.args(["--mqtt-url", &format!("mqtt://127.0.0.1:{broker_port}")]),
-        None => serve.args(["--mqtt-listen", &format!("127.0.0.1:{broker_port}")]),
-    };
-    let (child, first) = crate::demo::announcing(&mut serve).context("starting fleetctl serve")?;
-    let server_pid = child.id();
-    children.0.push(child);
-    let address = first
-        .trim()
-        .strip_prefix("control plane listening on http://")
-        .with_context(|| {
-            format!(
-                "fleetctl serve did not start (see {})",
-                dir.join("serve.log").display()
-            )
-        })?
-        .to_string();
-    let token = std::fs::read_to_string(dir.join("plane/admin.token"))
-        .context("reading the control plane's admin token")?
-        .trim()
-        .to_string();
-    say(&format!(
-        "control plane at http://{address} (pid {server_pid})"
-    ));
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -207,11 +296,12 @@ fn run_in(
     let setup = Setup {
         opts: opts.clone(),
         dir: dir.to_path_buf(),
-        api: Http::new(&address)?,
+        api: apis[0].clone(),
+        apis,
         token,
-        server_pid,
-        broker_pid,
-        broker_port,
+        server_pids,
+        broker_pids,
+        device_ports,
         open_file_limit,
         clock,
     };

@@ -33,7 +33,15 @@ pub enum Broker {
     Embedded,
     /// A private mosquitto started by the simulator (`fleetctl serve --mqtt-url`).
     Mosquitto,
+    /// A private three-node NATS cluster with JetStream and MQTT started by the
+    /// simulator: devices spread over the nodes, each control-plane replica's MQTT
+    /// session on one of them and its ingest pulling from the JetStream work queue
+    /// (`serve --ingest-queue`).
+    Nats,
 }
+
+/// Nodes of the simulator's NATS cluster.
+pub(super) const NATS_NODES: usize = 3;
 
 impl std::str::FromStr for Broker {
     type Err = String;
@@ -41,7 +49,8 @@ impl std::str::FromStr for Broker {
         match s {
             "embedded" => Ok(Broker::Embedded),
             "mosquitto" => Ok(Broker::Mosquitto),
-            _ => Err(format!("broker `{s}`: use embedded or mosquitto")),
+            "nats" => Ok(Broker::Nats),
+            _ => Err(format!("broker `{s}`: use embedded, mosquitto or nats")),
         }
     }
 }
@@ -53,8 +62,16 @@ pub struct Options {
     pub broker: Broker,
     /// The mosquitto executable (default: found in /usr/sbin, /usr/bin or PATH).
     pub mosquitto: Option<PathBuf>,
+    /// The nats-server executable (default: found in /usr/sbin, /usr/bin or PATH).
+    pub nats: Option<PathBuf>,
     /// `postgres://…`: the control plane's store (`serve --database`); None: sled.
     pub database: Option<String>,
+    /// Control-plane replicas (`serve --replica-id`), all on `database` and `blobs`.
+    pub replicas: usize,
+    /// Where bundles are kept (`serve --blobs`: a folder, or `s3://BUCKET/PREFIX` with
+    /// the endpoint and credentials from the environment); None: a folder in the work
+    /// directory that every replica shares.
+    pub blobs: Option<String>,
     /// Telemetry messages per device per second (window reports, or heartbeats).
     pub rate: f64,
     /// Length of the steady phase.

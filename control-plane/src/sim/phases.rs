@@ -24,12 +24,17 @@ use super::report::*;
 pub(super) struct Setup {
     pub(super) opts: Options,
     pub(super) dir: PathBuf,
+    /// The first replica's API (operator calls go there).
     pub(super) api: Http,
+    /// Every replica's API (devices spread over them).
+    pub(super) apis: Vec<Http>,
     pub(super) token: String,
-    pub(super) server_pid: u32,
-    /// mosquitto's pid, when it is the broker.
-    pub(super) broker_pid: Option<u32>,
-    pub(super) broker_port: u16,
+    /// The control plane's processes, one per replica.
+    pub(super) server_pids: Vec<u32>,
+    /// The broker's processes (mosquitto, or the NATS nodes); none for the embedded one.
+    pub(super) broker_pids: Vec<u32>,
+    /// The MQTT ports devices connect to (spread over them).
+    pub(super) device_ports: Vec<u16>,
     pub(super) open_file_limit: u64,
     pub(super) clock: Instant,
 }
@@ -46,6 +51,37 @@ impl Setup {
     pub(super) async fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
         self.api.json("POST", path, &self.token, Some(body)).await
     }
+
+    /// The ingest counters of `GET /v1/ingest` (`stored`, `duplicates`, …) added up over
+    /// the replicas (each counts what it ingested), and whether every replica's ingest
+    /// is connected.
+    pub(super) async fn ingest(&self) -> anyhow::Result<(HashMap<String, u64>, bool)> {
+        let mut sums: HashMap<String, u64> = HashMap::new();
+        let mut connected = true;
+        for api in &self.apis {
+            let v = api.json("GET", "/v1/ingest", &self.token, None).await?;
+            connected &= v["broker_connected"] == true;
+            if let Some(fields) = v.as_object() {
+                for (k, v) in fields {
+                    if let Some(n) = v.as_u64() {
+                        *sums.entry(k.clone()).or_default() += n;
+                    }
+                }
+            }
+        }
+        Ok((sums, connected))
+    }
+
+    /// Resident memory of the control plane (all replicas added) now, KiB.
+    pub(super) fn server_rss(&self) -> u64 {
+        self.server_pids.iter().map(|p| rss(*p)).sum()
+    }
+
+    /// Resident memory of the broker's processes added up, KiB; none for the embedded
+    /// broker (it is inside the control plane).
+    pub(super) fn broker_rss(&self) -> Option<u64> {
+        (!self.broker_pids.is_empty()).then(|| self.broker_pids.iter().map(|p| rss(*p)).sum())
+    }
 }
 
 /// The trust policy devices were given, parsed once: (its TOML, the policy).
@@ -58,7 +94,11 @@ pub(super) async fn enroll(setup: &Setup, n: usize) -> anyhow::Result<Vec<Arc<De
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..n {
         let (slots, policies) = (slots.clone(), policies.clone());
-        let (api, token) = (setup.api.clone(), setup.token.clone());
+        // Enrolled through every replica in turn: any answers any request.
+        let (api, token) = (
+            setup.apis[i % setup.apis.len()].clone(),
+            setup.token.clone(),
+        );
         tasks.spawn(async move {
             let _slot = slots.acquire().await?;
             let board = BOARDS[i % BOARDS.len()];
@@ -96,7 +136,7 @@ pub(super) async fn enroll(setup: &Setup, n: usize) -> anyhow::Result<Vec<Arc<De
                 }
             };
             let id = DeviceId::new(&id).map_err(anyhow::Error::msg)?;
-            anyhow::Ok((i, Device::new(id, secret, board, policy)))
+            anyhow::Ok((i, Device::new(id, i, secret, board, policy)))
         });
     }
     let mut devices: Vec<Option<Arc<Device>>> = (0..n).map(|_| None).collect();
@@ -117,9 +157,7 @@ pub(super) async fn online(setup: &Setup) -> anyhow::Result<usize> {
 }
 
 pub(super) async fn ingest_stored(setup: &Setup) -> anyhow::Result<u64> {
-    Ok(setup.get("/v1/ingest").await?["stored"]
-        .as_u64()
-        .unwrap_or(0))
+    Ok(setup.ingest().await?.0.get("stored").copied().unwrap_or(0))
 }
 
 /// A rollout or rollback to time: its name, the API path and body that start it, and
@@ -235,6 +273,8 @@ pub(super) async fn orchestrate(setup: Setup) -> anyhow::Result<Report> {
         } else {
             "sled"
         },
+        replicas: setup.opts.replicas,
+        blobs: setup.opts.blobs.clone(),
         rate_per_device_per_s: setup.opts.rate,
         enroll_s: 0.0,
         connected: 0,
@@ -255,13 +295,13 @@ pub(super) async fn orchestrate(setup: Setup) -> anyhow::Result<Report> {
     let ready = wait_until(
         Duration::from_secs(30),
         Duration::from_millis(100),
-        || async { Ok(setup.get("/v1/ingest").await?["broker_connected"] == true) },
+        || async { Ok(setup.ingest().await?.1) },
     )
     .await?;
     anyhow::ensure!(
         ready,
         "the control plane's ingest did not connect to the broker within 30 s (see {})",
-        setup.dir.join("serve.log").display()
+        setup.dir.join("serve*.log").display()
     );
     for version in [1, 2] {
         let path = setup.dir.join(format!("{MODEL}-v{version}.fmb"));
@@ -286,14 +326,14 @@ pub(super) async fn orchestrate(setup: Setup) -> anyhow::Result<Report> {
             })?;
     }
     setup.say(&format!("pushed {MODEL}@1 and {MODEL}@2"));
-    let idle = rss(setup.server_pid);
-    let broker_idle = setup.broker_pid.map(rss);
+    let idle = setup.server_rss();
+    let broker_idle = setup.broker_rss();
 
     let started = Instant::now();
     let devices = enroll(&setup, n).await?;
     report.enroll_s = started.elapsed().as_secs_f64();
     setup.say(&format!("enrolled {n} devices in {:.1} s", report.enroll_s));
-    let enrolled = rss(setup.server_pid);
+    let enrolled = setup.server_rss();
 
     let features: Vec<String> = crate::datasets::Table::from_csv(crate::demo::CLAIMS[3].1)
         .map_err(anyhow::Error::msg)?
@@ -304,8 +344,8 @@ pub(super) async fn orchestrate(setup: Setup) -> anyhow::Result<Report> {
         .collect();
     let (stop_tx, stop_rx) = watch::channel(false);
     let fleet = Arc::new(Fleet {
-        http: setup.api.clone(),
-        broker: ("127.0.0.1".to_string(), setup.broker_port),
+        http: setup.apis.clone(),
+        brokers: setup.device_ports.clone(),
         stats: Stats::default(),
         http_slots: Semaphore::new(setup.opts.http_concurrency),
         connect_slots: Semaphore::new(CONNECTING),
@@ -370,8 +410,8 @@ pub(super) async fn orchestrate(setup: Setup) -> anyhow::Result<Report> {
     }
     // Let the connection storm's messages settle before reading memory.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let connected_rss = rss(setup.server_pid);
-    let broker_connected = setup.broker_pid.map(rss);
+    let connected_rss = setup.server_rss();
+    let broker_connected = setup.broker_rss();
 
     let rollout_within = Duration::from_secs(120) + Duration::from_millis(30 * n as u64);
     if all_online {
@@ -381,7 +421,12 @@ pub(super) async fn orchestrate(setup: Setup) -> anyhow::Result<Report> {
         }
     }
 
-    let (end, peak) = memory_of(setup.server_pid);
+    // Added up over the replicas; the peak is the largest one replica reached.
+    let (end, peak) = setup
+        .server_pids
+        .iter()
+        .map(|p| memory_of(*p))
+        .fold((0, 0), |(e, p), (e1, p1)| (e + e1, p.max(p1)));
     report.memory = Some(Memory {
         control_plane_idle_kib: idle,
         control_plane_enrolled_kib: enrolled,
@@ -397,8 +442,9 @@ pub(super) async fn orchestrate(setup: Setup) -> anyhow::Result<Report> {
         simulator_kib: memory_of(std::process::id()).0,
     });
     report.cpu = Some(Cpu {
-        control_plane_s: cpu_of(setup.server_pid),
-        broker_s: setup.broker_pid.map(cpu_of),
+        control_plane_s: setup.server_pids.iter().map(|p| cpu_of(*p)).sum(),
+        broker_s: (!setup.broker_pids.is_empty())
+            .then(|| setup.broker_pids.iter().map(|p| cpu_of(*p)).sum()),
         simulator_s: cpu_of(std::process::id()),
     });
 
@@ -465,7 +511,8 @@ pub(super) async fn orchestrate(setup: Setup) -> anyhow::Result<Report> {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
-    let counters = setup.get("/v1/ingest").await?;
+    let (counters, _) = setup.ingest().await?;
+    let counter = |name: &str| counters.get(name).copied().unwrap_or(0);
     let stats = &fleet.stats;
     let mut sample_gaps = 0;
     let sample: Vec<&Arc<Device>> = devices.iter().step_by((n / 5).max(1)).take(5).collect();
@@ -476,10 +523,10 @@ pub(super) async fn orchestrate(setup: Setup) -> anyhow::Result<Report> {
     }
     report.checks = Checks {
         sealed: stats.sealed.load(Ordering::Relaxed),
-        stored: counters["stored"].as_u64().unwrap_or(0),
-        duplicates: counters["duplicates"].as_u64().unwrap_or(0),
-        refused: counters["refused"].as_u64().unwrap_or(0),
-        ingest_gaps: counters["gaps"].as_u64().unwrap_or(0),
+        stored: counter("stored"),
+        duplicates: counter("duplicates"),
+        refused: counter("refused"),
+        ingest_gaps: counter("gaps"),
         devices_mismatched: mismatched,
         sample_devices: sample.len(),
         sample_gaps,

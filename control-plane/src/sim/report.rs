@@ -32,7 +32,9 @@ pub struct Steady {
     pub sent_per_s: f64,
 }
 
-/// Resident memory, KiB (`VmRSS`; `peak` is `VmHWM`).
+/// Resident memory, KiB (`VmRSS`; `peak` is `VmHWM`). With replicas, the control
+/// plane's figures are their sum, except the peak: the largest one replica reached.
+/// The broker's are mosquitto's, or the NATS nodes' added up.
 #[derive(Debug, Clone, Serialize)]
 pub struct Memory {
     pub control_plane_idle_kib: u64,
@@ -96,6 +98,10 @@ pub struct Report {
     pub broker: Broker,
     /// `sled` or `postgresql`.
     pub store: &'static str,
+    /// Control-plane replicas.
+    pub replicas: usize,
+    /// `--blobs` as given (none: a folder in the work directory).
+    pub blobs: Option<String>,
     pub rate_per_device_per_s: f64,
     pub enroll_s: f64,
     /// Devices the control plane lists online after the connection phase.
@@ -121,6 +127,14 @@ pub struct Report {
 impl Report {
     pub fn ok(&self) -> bool {
         self.failures.is_empty()
+    }
+
+    fn broker_name(&self) -> &'static str {
+        match self.broker {
+            Broker::Embedded => "broker",
+            Broker::Mosquitto => "mosquitto",
+            Broker::Nats => "NATS nodes",
+        }
     }
 
     /// The human summary.
@@ -199,7 +213,7 @@ impl Report {
                 m.broker_per_device_kib,
             ) {
                 rows.push((
-                    "mosquitto RSS".into(),
+                    format!("{} RSS", self.broker_name()),
                     format!(
                         "idle {}, connected {}, {p:.1} KiB per device",
                         mib(i),
@@ -215,8 +229,10 @@ impl Report {
                 format!(
                     "control plane {:.1} s, {}simulator {:.1} s",
                     c.control_plane_s,
-                    c.broker_s
-                        .map_or(String::new(), |b| format!("mosquitto {b:.1} s, ")),
+                    c.broker_s.map_or(String::new(), |b| format!(
+                        "{} {b:.1} s, ",
+                        self.broker_name()
+                    )),
                     c.simulator_s
                 ),
             ));
@@ -249,13 +265,23 @@ impl Report {
             .max()
             .unwrap_or(0);
         let mut out = format!(
-            "fleetctl sim: {} devices, {} broker, {} store, {} msgs/device/s\n",
+            "fleetctl sim: {} devices, {} broker, {} store{}{}, {} msgs/device/s\n",
             self.devices,
             match self.broker {
                 Broker::Embedded => "embedded",
                 Broker::Mosquitto => "mosquitto",
+                Broker::Nats => "3-node NATS",
             },
             self.store,
+            match &self.blobs {
+                Some(b) => format!(", blobs {b}"),
+                None => String::new(),
+            },
+            if self.replicas > 1 {
+                format!(", {} replicas", self.replicas)
+            } else {
+                String::new()
+            },
             self.rate_per_device_per_s
         );
         for (k, v) in rows {

@@ -2,17 +2,23 @@
 //! embedded broker and through mosquitto — connected, telemetry stored without a gap,
 //! a rollout and a rollback completed, memory read.
 
-use hil_tests::fleetctl;
+use hil_tests::fleet::{Postgres, S3Server};
+use hil_tests::{Run, bin, fleetctl};
 use serde_json::Value;
 
 const DEVICES: u64 = 20;
 
 /// Runs the simulator with `broker` and returns its JSON report (the run must succeed).
 fn simulate(broker: &str) -> Value {
+    simulate_with(broker, &[], Vec::new())
+}
+
+/// [`simulate`] with more arguments and environment variables.
+fn simulate_with(broker: &str, more: &[&str], env: Vec<(String, String)>) -> Value {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let run = fleetctl(
-        tmp.path(),
-        &[
+    let out = std::process::Command::new(bin("fleetctl"))
+        .current_dir(tmp.path())
+        .args([
             "sim",
             "--devices",
             &DEVICES.to_string(),
@@ -23,8 +29,16 @@ fn simulate(broker: &str) -> Value {
             "--broker",
             broker,
             "--json",
-        ],
-    );
+        ])
+        .args(more)
+        .envs(env)
+        .output()
+        .expect("fleetctl runs");
+    let run = Run {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
     let out = run.success();
     serde_json::from_str(out).unwrap_or_else(|e| panic!("the report is not JSON ({e}):\n{out}"))
 }
@@ -83,6 +97,57 @@ fn twenty_simulated_devices_report_take_a_rollout_and_a_rollback_through_mosquit
     let report = simulate("mosquitto");
     check(&report);
     assert!(number(&report, &["memory", "broker_connected_kib"]) > 0.0);
+}
+
+/// The scaled layout of docs/DEPLOY.md: two replicas on one PostgreSQL database, their
+/// bundles in an S3 bucket, devices spread over a three-node NATS cluster, the ingest
+/// pulling from its JetStream work queue.
+#[test]
+fn twenty_simulated_devices_on_two_replicas_a_nats_cluster_postgresql_and_s3() {
+    let pg = Postgres::start();
+    let url = pg.create_database("sim");
+    let s3 = S3Server::start();
+    s3.create_bucket("fleet");
+    let report = simulate_with(
+        "nats",
+        &[
+            "--replicas",
+            "2",
+            "--database",
+            &url,
+            "--blobs",
+            "s3://fleet/sim",
+        ],
+        s3.env(),
+    );
+    check(&report);
+    assert_eq!(report["replicas"], 2, "{report:#}");
+    assert_eq!(report["store"], "postgresql", "{report:#}");
+    // The NATS nodes' memory, added up.
+    assert!(number(&report, &["memory", "broker_connected_kib"]) > 0.0);
+}
+
+#[test]
+fn sim_replicas_without_a_shared_database_say_what_they_need() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let run = fleetctl(
+        tmp.path(),
+        &["sim", "--broker", "mosquitto", "--replicas", "2"],
+    );
+    let line = run.failure();
+    assert!(line.contains("--database postgres://"), "{line}");
+    let run = fleetctl(
+        tmp.path(),
+        &[
+            "sim",
+            "--replicas",
+            "2",
+            "--database",
+            "postgres://127.0.0.1:1/none",
+        ],
+    );
+    let line = run.failure();
+    assert!(line.contains("--broker mosquitto or nats"), "{line}");
 }
 
 #[test]
