@@ -5,7 +5,8 @@
 # layouts interleaved within a round. JSON reports, stderr and `uptime` before and
 # after each run go to $OUT. Run as root (initdb runs as postgres) on an idle machine,
 # after `cargo build --release -p fleet-control` and `scripts/test.sh` (its venv holds
-# moto). LAYOUTS (default "embedded mosquitto-sled mosquitto-pg nats-replicas") picks.
+# moto). LAYOUTS (default "embedded mosquitto-sled mosquitto-pg nats-replicas") picks
+# layouts, FIRST (default 1) the first round's number.
 set -u
 BIN=${FLEETCTL:-${CARGO_TARGET_DIR:-target}/release/fleetctl}
 VENV=${FLEETML_VENV:-/var/tmp/fleetml-venv}
@@ -30,7 +31,7 @@ fresh_db() {
 }
 
 uptime > "$OUT/load.txt"
-for run in $(seq "$ROUNDS"); do
+for run in $(seq "${FIRST:-1}" "$ROUNDS"); do
   for layout in $LAYOUTS; do
     args=(sim --devices "$N" --rate "$RATE" --duration "$DURATION" --json)
     env=()

@@ -12,7 +12,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS, SubscribeReasonCode};
 use tokio::sync::Notify;
 
 use crate::outbox::Outbox;
@@ -36,6 +36,9 @@ pub struct Hooks {
     pub next_will: Option<Box<dyn Fn() -> Option<rumqttc::LastWill> + Send>>,
     /// Called with each message received on a subscribed topic.
     pub on_message: Option<OnMessage>,
+    /// Called when the broker grants the subscription after refusing it: commands sent
+    /// meanwhile were missed (the agent pulls its assignment at once).
+    pub on_subscribed_late: Option<Box<dyn Fn() + Send>>,
     /// How long a message the broker acknowledged may wait for the control plane's
     /// receipt before it is published again ([`RESEND_AFTER`] when `None`).
     pub resend_after: Option<Duration>,
@@ -76,6 +79,10 @@ pub async fn run_with(outbox: Arc<Outbox>, options: MqttOptions, wake: Arc<Notif
     let mut next: u64 = 0;
     let mut connected = false;
     let mut failures: u32 = 0;
+    // The broker refused the command subscription (a NATS node too busy to create its
+    // JetStream consumer answers SUBACK 0x80): subscribe again then, with back-off.
+    let mut resubscribe_at: Option<std::time::Instant> = None;
+    let mut refusals: u32 = 0;
     // Acknowledged by the broker, never confirmed by the control plane: published again
     // before anything new.
     let resend_after = hooks.resend_after.unwrap_or(RESEND_AFTER);
@@ -145,6 +152,7 @@ pub async fn run_with(outbox: Arc<Outbox>, options: MqttOptions, wake: Arc<Notif
                     next = 0;
                     connected = true;
                     failures = 0;
+                    resubscribe_at = None;
                     tracing::info!("telemetry connected");
                     if let Some(topic) = &hooks.subscribe
                         && client.try_subscribe(topic.clone(), QoS::AtLeastOnce).is_err()
@@ -153,6 +161,25 @@ pub async fn run_with(outbox: Arc<Outbox>, options: MqttOptions, wake: Arc<Notif
                     }
                     if let Some(f) = &hooks.on_connect {
                         f();
+                    }
+                }
+                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                    if ack.return_codes.contains(&SubscribeReasonCode::Failure) {
+                        refusals = refusals.saturating_add(1);
+                        let wait = backoff(refusals);
+                        tracing::warn!(
+                            topic = hooks.subscribe.as_deref().unwrap_or(""),
+                            retry_in_ms = wait.as_millis() as u64,
+                            "the broker refused the command subscription; subscribing again (commands meanwhile come from the assignment poll)"
+                        );
+                        metrics::counter!("fleetml_agent_command_subscribe_refused_total").increment(1);
+                        resubscribe_at = Some(std::time::Instant::now() + wait);
+                    } else if refusals > 0 {
+                        refusals = 0;
+                        tracing::info!("the broker granted the command subscription");
+                        if let Some(f) = &hooks.on_subscribed_late {
+                            f();
+                        }
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
@@ -204,6 +231,14 @@ pub async fn run_with(outbox: Arc<Outbox>, options: MqttOptions, wake: Arc<Notif
             },
             _ = wake.notified(), if connected => {}
             _ = overdue_check.tick(), if connected => {
+                if resubscribe_at.is_some_and(|at| std::time::Instant::now() >= at) {
+                    resubscribe_at = None;
+                    if let Some(topic) = &hooks.subscribe
+                        && client.try_subscribe(topic.clone(), QoS::AtLeastOnce).is_err()
+                    {
+                        tracing::warn!(topic, "could not subscribe");
+                    }
+                }
                 let due = outbox.overdue(resend_after, std::time::Instant::now());
                 if !due.is_empty() {
                     tracing::warn!(

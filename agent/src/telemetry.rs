@@ -279,6 +279,17 @@ impl Telemetry {
             let (me, status) = (self.clone(), status.clone());
             Box::new(move || me.queue_status(status())) as Box<dyn Fn() + Send>
         };
+        let on_subscribed_late = {
+            let commands = commands.clone();
+            // What an `assignment_changed` sent while the subscription was refused would
+            // have done: pull now. No answer goes out (no command came).
+            Box::new(move || {
+                let _ = commands(Command {
+                    id: "subscribed-late".into(),
+                    kind: telemetry::CommandKind::AssignmentChanged,
+                });
+            }) as Box<dyn Fn() + Send>
+        };
         let on_message = {
             let me = self.clone();
             Box::new(move |topic: &str, bytes: &[u8]| me.command(topic, bytes, &*commands))
@@ -299,6 +310,7 @@ impl Telemetry {
             on_connect: Some(on_connect),
             next_will: Some(next_will),
             on_message: Some(on_message),
+            on_subscribed_late: Some(on_subscribed_late),
             resend_after: Some(settings.resend_after),
             progress,
             more_brokers,

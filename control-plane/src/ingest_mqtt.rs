@@ -23,20 +23,21 @@ use tokio::sync::{Notify, mpsc};
 
 use crate::plane::{Plane, now_ms};
 
-/// Storing pipelines.
+/// Storing pipelines (PostgreSQL: its transactions wait on the server and on WAL
+/// flushes, so several in flight store more).
 pub const LANES: usize = 4;
 /// Messages stored in one batch, at most.
 const BATCH: usize = 256;
 
-/// The lane of the message on `topic`: by its device id, the third level
+/// The lane, of `lanes`, of the message on `topic`: by its device id, the third level
 /// (`fleetml/v1/DEVICE/CHANNEL`); a topic without one (it is refused) goes by its whole
 /// text.
-pub fn lane_of(topic: &str) -> usize {
+pub fn lane_of(topic: &str, lanes: usize) -> usize {
     use std::hash::{Hash, Hasher};
     let device = topic.split('/').nth(2).unwrap_or(topic);
     let mut h = std::collections::hash_map::DefaultHasher::new();
     device.hash(&mut h);
-    (h.finish() % LANES as u64) as usize
+    (h.finish() % lanes.max(1) as u64) as usize
 }
 
 /// Received messages waiting for their acknowledgement, in the order they arrived. A
@@ -102,14 +103,20 @@ impl AckOrder {
     }
 }
 
-/// Starts the receiving task, the lanes and the acknowledging task.
-pub fn spawn(plane: Arc<Plane>, client: AsyncClient, events: rumqttc::EventLoop, filter: String) {
+/// Starts the receiving task, `lanes` storing lanes and the acknowledging task.
+pub fn spawn(
+    plane: Arc<Plane>,
+    client: AsyncClient,
+    events: rumqttc::EventLoop,
+    filter: String,
+    lanes: usize,
+) {
     // Unbounded on purpose: the receiving task must never block, or it stops polling the
     // event loop that carries the acknowledgements out — a deadlock seen under load with
     // mosquitto (system test `the_ingest_keeps_up_with_a_burst…`). What queues here is
     // what the broker sent and the ingest has not stored yet: at most the broker's
     // in-flight window.
-    let (lanes, receivers): (Vec<_>, Vec<_>) = (0..LANES)
+    let (lanes, receivers): (Vec<_>, Vec<_>) = (0..lanes.max(1))
         .map(|_| mpsc::unbounded_channel::<(u64, Publish)>())
         .unzip();
     let order = Arc::new(Mutex::new(AckOrder::default()));
@@ -178,7 +185,7 @@ async fn receive(
                 p.payload = bytes::Bytes::copy_from_slice(&p.payload);
                 let n = lock(&order).push(&p);
                 metrics::gauge!("fleetml_control_ingest_pending").increment(1.0);
-                if lanes[lane_of(&p.topic)].send((n, p)).is_err() {
+                if lanes[lane_of(&p.topic, lanes.len())].send((n, p)).is_err() {
                     return;
                 }
             }
@@ -320,12 +327,13 @@ mod tests {
 
     #[test]
     fn a_devices_messages_share_a_lane() {
-        let lane = lane_of("fleetml/v1/pi-7/telemetry");
-        assert_eq!(lane_of("fleetml/v1/pi-7/status"), lane);
-        assert_eq!(lane_of("fleetml/v1/pi-7/events"), lane);
+        let lane = lane_of("fleetml/v1/pi-7/telemetry", LANES);
+        assert_eq!(lane_of("fleetml/v1/pi-7/status", LANES), lane);
+        assert_eq!(lane_of("fleetml/v1/pi-7/events", LANES), lane);
         let used: std::collections::BTreeSet<usize> = (0..64)
-            .map(|i| lane_of(&format!("fleetml/v1/dev-{i}/telemetry")))
+            .map(|i| lane_of(&format!("fleetml/v1/dev-{i}/telemetry"), LANES))
             .collect();
         assert_eq!(used.len(), LANES, "64 devices spread over every lane");
+        assert_eq!(lane_of("fleetml/v1/pi-7/status", 1), 0);
     }
 }

@@ -84,7 +84,13 @@ pub fn conf_snippet(dir: &str) -> String {
          password_file {dir}/passwd\n\
          acl_file {dir}/acl\n\
          # a whole fleetml message and its headers, no more\n\
-         message_size_limit {}\n",
+         message_size_limit {}\n\
+         # the ingest acknowledges a batch once stored: at mosquitto's default of 20\n\
+         # unacknowledged messages per client a batch is 20 messages\n\
+         max_inflight_messages 1000\n\
+         # what waits for the ingest while it stores, or while the control plane is down\n\
+         # (the default, 1000, drops the rest; devices publish it again, late)\n\
+         max_queued_messages 1000000\n",
         telemetry::MAX_MESSAGE + 1024
     )
 }

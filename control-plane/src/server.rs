@@ -683,7 +683,13 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
     });
     match &opts.ingest_queue {
         Some(queue) => crate::ingest_queue::spawn(plane.clone(), queue.clone()),
-        None => crate::ingest_mqtt::spawn(plane.clone(), ingest_client, events, ingest_filter),
+        None => crate::ingest_mqtt::spawn(
+            plane.clone(),
+            ingest_client,
+            events,
+            ingest_filter,
+            crate::ingest_mqtt::LANES,
+        ),
     }
     spawn_receipts(plane.clone(), opts.receipt_interval);
     spawn_audit_tally(plane.clone(), opts.audit_interval);

@@ -265,3 +265,135 @@ fn with_several_brokers_a_dead_one_is_passed_over_for_the_next() {
         task.abort();
     });
 }
+
+/// A broker that refuses the command subscription — mosquitto answers SUBACK 0x80 for a
+/// topic its ACL denies, as a busy NATS node does when it cannot create the session's
+/// JetStream consumer — is asked again, with back-off, and the commands come once it
+/// allows the subscription.
+#[test]
+fn a_refused_command_subscription_is_tried_again_until_the_broker_allows_it() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let port = free_port();
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Readable by the user mosquitto drops to when started as root.
+    let readable = |p: &std::path::Path, mode: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    };
+    readable(dir.path(), 0o755);
+    let acl = dir.path().join("acl");
+    let write_acl = |cmd: bool| {
+        std::fs::write(
+            &acl,
+            format!(
+                "user pi\ntopic write fleetml/v1/pi/#\n{}user operator\ntopic readwrite #\n",
+                if cmd {
+                    "topic read fleetml/v1/pi/cmd\n"
+                } else {
+                    ""
+                }
+            ),
+        )
+        .expect("acl");
+        readable(&acl, 0o644);
+    };
+    write_acl(false);
+    let conf = dir.path().join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\nacl_file {}\n",
+            acl.display()
+        ),
+    )
+    .expect("conf");
+    readable(&conf, 0o644);
+    let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("mosquitto is not installed: apt-get install mosquitto (.ci/run does)");
+    let broker = Broker(
+        Command::new(bin)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto starts"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "mosquitto did not listen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let outbox =
+        Arc::new(Outbox::open(&dir.path().join("outbox"), Limits::default()).expect("opens"));
+    let received = Arc::new(AtomicUsize::new(0));
+    let late = Arc::new(AtomicUsize::new(0));
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let mut device = options("pi", port);
+        device.set_credentials("pi", "any");
+        let counted = received.clone();
+        let granted = late.clone();
+        let task = tokio::spawn(fleet_agent::publisher::run_with(
+            outbox.clone(),
+            device,
+            Arc::new(tokio::sync::Notify::new()),
+            fleet_agent::publisher::Hooks {
+                subscribe: Some("fleetml/v1/pi/cmd".into()),
+                on_message: Some(Box::new(move |_, _| {
+                    counted.fetch_add(1, Ordering::Relaxed);
+                })),
+                on_subscribed_late: Some(Box::new(move || {
+                    granted.fetch_add(1, Ordering::Relaxed);
+                })),
+                ..Default::default()
+            },
+        ));
+        let mut operator = options("operator", port);
+        operator.set_credentials("operator", "any");
+        let (commands, mut events) = AsyncClient::new(operator, 16);
+        tokio::spawn(async move {
+            loop {
+                if events.poll().await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        });
+        let send = || async {
+            commands
+                .publish("fleetml/v1/pi/cmd", QoS::AtLeastOnce, false, b"x".to_vec())
+                .await
+                .expect("publish");
+        };
+        // Refused: a command sent now does not reach the device.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        send().await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(
+            received.load(Ordering::Relaxed),
+            0,
+            "the ACL refused the subscription"
+        );
+        // Allowed now (mosquitto reads its ACL again on SIGHUP): the next try subscribes.
+        write_acl(true);
+        let hup = Command::new("kill")
+            .args(["-HUP", &broker.0.id().to_string()])
+            .status()
+            .expect("kill -HUP");
+        assert!(hup.success());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while received.load(Ordering::Relaxed) == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "no command 60 s after the broker allowed the subscription: it was not tried again"
+            );
+            send().await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        // Told, so the agent pulls what it missed.
+        assert_eq!(late.load(Ordering::Relaxed), 1);
+        task.abort();
+    });
+}

@@ -20,7 +20,9 @@ use fleetml_protocol::telemetry::{
 };
 use fleetml_protocol::trust::TrustPolicy;
 use http_body_util::BodyExt;
-use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Outgoing, Packet, QoS};
+use rumqttc::{
+    AsyncClient, Event, LastWill, MqttOptions, Outgoing, Packet, QoS, SubscribeReasonCode,
+};
 use tokio::sync::{Notify, Semaphore, watch};
 
 use super::http::*;
@@ -33,6 +35,8 @@ pub(super) struct Stats {
     pub(super) connected: AtomicI64,
     pub(super) reconnects: AtomicU64,
     pub(super) connect_failures: AtomicU64,
+    /// Command subscriptions the broker refused (each subscribed again).
+    pub(super) subscribe_refusals: AtomicU64,
     pub(super) sealed: AtomicU64,
     /// Messages confirmed delivered (receipt, or PUBACK before the first receipt).
     pub(super) acked: AtomicU64,
@@ -378,6 +382,8 @@ pub(super) async fn run_publisher(dev: Arc<Device>, fleet: Arc<Fleet>, mut rng: 
     let mut connected = false;
     let mut ever_connected = false;
     let mut failures: u32 = 0;
+    let mut refusals: u32 = 0;
+    let mut resubscribe_at: Option<Instant> = None;
     let mut last_command: Option<u64> = None;
     let mut resend: VecDeque<u64> = VecDeque::new();
     let mut overdue_check = tokio::time::interval(Duration::from_secs(2));
@@ -456,7 +462,23 @@ pub(super) async fn run_publisher(dev: Arc<Device>, fleet: Arc<Fleet>, mut rng: 
                     if client.try_subscribe(cmd_topic.clone(), QoS::AtLeastOnce).is_err() {
                         tracing::warn!(device = %dev.id, "could not subscribe");
                     }
+                    resubscribe_at = None;
                     dev.push_status(stats);
+                }
+                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                    // Refused (a busy NATS node answers 0x80): again, with back-off, as
+                    // the agent does.
+                    if ack.return_codes.contains(&SubscribeReasonCode::Failure) {
+                        refusals = refusals.saturating_add(1);
+                        stats.subscribe_refusals.fetch_add(1, Ordering::Relaxed);
+                        resubscribe_at =
+                            Some(Instant::now() + backoff::reconnect(refusals, rng.next()));
+                    } else if refusals > 0 {
+                        // Commands sent while refused were missed: pull now, as the
+                        // agent does.
+                        refusals = 0;
+                        dev.pull.notify_one();
+                    }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     if let Some((ack, send_status)) =
@@ -506,6 +528,10 @@ pub(super) async fn run_publisher(dev: Arc<Device>, fleet: Arc<Fleet>, mut rng: 
             },
             _ = dev.publish.notified(), if connected => {}
             _ = overdue_check.tick(), if connected => {
+                if resubscribe_at.is_some_and(|at| Instant::now() >= at) {
+                    resubscribe_at = None;
+                    let _ = client.try_subscribe(cmd_topic.clone(), QoS::AtLeastOnce);
+                }
                 let due = dev
                     .outbox()
                     .delivery

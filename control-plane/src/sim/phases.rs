@@ -535,6 +535,7 @@ pub(super) async fn orchestrate(setup: Setup) -> anyhow::Result<Report> {
         republished: stats.republished.load(Ordering::Relaxed),
         reconnects: stats.reconnects.load(Ordering::Relaxed),
         connect_failures: stats.connect_failures.load(Ordering::Relaxed),
+        subscribe_refusals: stats.subscribe_refusals.load(Ordering::Relaxed),
         assignment_refusals: stats.refusals.load(Ordering::Relaxed),
         download_failures: stats.download_failures.load(Ordering::Relaxed),
     };

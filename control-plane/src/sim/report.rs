@@ -87,6 +87,8 @@ pub struct Checks {
     pub republished: u64,
     pub reconnects: u64,
     pub connect_failures: u64,
+    /// Command subscriptions the broker refused (SUBACK 0x80), each tried again.
+    pub subscribe_refusals: u64,
     pub assignment_refusals: u64,
     pub download_failures: u64,
 }
@@ -255,8 +257,8 @@ impl Report {
         rows.push((
             "reconnects".into(),
             format!(
-                "{} (failed connection attempts {})",
-                c.reconnects, c.connect_failures
+                "{} (failed connection attempts {}, command subscriptions refused {})",
+                c.reconnects, c.connect_failures, c.subscribe_refusals
             ),
         ));
         let width = rows
