@@ -31,14 +31,15 @@ def get(r, *path):
     return r
 
 
-def cell(reports, fn, fmt="{:.2f}"):
+def cell(reports, fn, fmt="{:.2f}", each=True):
     values = [fn(r) if r else None for r in reports]
     got = [v for v in values if v is not None]
     if not got:
         return "-"
-    each = ", ".join("-" if v is None else fmt.format(v) for v in values)
     med = fmt.format(statistics.median(got))
-    return med if len(values) == 1 else f"{med} ({each})"
+    if len(values) == 1 or not each:
+        return med
+    return "{} ({})".format(med, ", ".join("-" if v is None else fmt.format(v) for v in values))
 
 
 print("| layout | N | connect (s) | ingested msg/s (sent) | rollout to all (s) | rollback (s) "
@@ -53,14 +54,14 @@ for (layout, n), reports in sorted(runs.items(), key=lambda kv: (kv[0][1], kv[0]
         layout, n,
         cell(reports, lambda r: get(r, "connect_s")),
         cell(reports, lambda r: get(r, "steady", "ingested_per_s"), "{:.0f}"),
-        cell(reports, lambda r: get(r, "steady", "sent_per_s"), "{:.0f}"),
+        cell(reports, lambda r: get(r, "steady", "sent_per_s"), "{:.0f}", each=False),
         cell(reports, lambda r: get(r, "rollout", "control_plane_s")),
         cell(reports, lambda r: get(r, "rollback", "control_plane_s")),
         cell(reports, lambda r: get(r, "memory", "control_plane_per_device_kib"), "{:.1f}"),
         cell(reports, lambda r: (get(r, "memory", "control_plane_peak_kib") or 0) / 1024 or None, "{:.0f}"),
         cell(reports, lambda r: get(r, "memory", "broker_per_device_kib"), "{:.1f}"),
         "/".join(oks),
-        cell(reports, lost, "{:d}"),
+        cell(reports, lost, "{:d}", each=False),
     ))
     for r in reports:
         for f in (r or {}).get("failures", []):

@@ -266,64 +266,51 @@ fn with_several_brokers_a_dead_one_is_passed_over_for_the_next() {
     });
 }
 
-/// A broker that refuses the command subscription — mosquitto answers SUBACK 0x80 for a
-/// topic its ACL denies, as a busy NATS node does when it cannot create the session's
-/// JetStream consumer — is asked again, with back-off, and the commands come once it
-/// allows the subscription.
+/// A broker that refuses the command subscription — nats-server answers SUBACK 0x80
+/// when the user may not subscribe, as it does when it cannot create the session's
+/// JetStream consumer in time — is asked again, with back-off, and the commands come
+/// once it allows the subscription. (mosquitto's ACL file never refuses a
+/// subscription: it filters what is delivered.)
 #[test]
 fn a_refused_command_subscription_is_tried_again_until_the_broker_allows_it() {
-    use std::os::unix::fs::PermissionsExt;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    let port = free_port();
+    let (port, nats_port) = (free_port(), free_port());
     let dir = tempfile::tempdir().expect("tempdir");
-    // Readable by the user mosquitto drops to when started as root.
-    let readable = |p: &std::path::Path, mode: u32| {
-        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod");
-    };
-    readable(dir.path(), 0o755);
-    let acl = dir.path().join("acl");
-    let write_acl = |cmd: bool| {
+    let conf = dir.path().join("nats.conf");
+    let write_conf = |allowed: bool| {
+        let pi = if allowed {
+            "{ user: pi, password: any }".to_string()
+        } else {
+            "{ user: pi, password: any, permissions: { subscribe: { deny: [\"fleetml.v1.pi.cmd\"] } } }"
+                .to_string()
+        };
         std::fs::write(
-            &acl,
+            &conf,
             format!(
-                "user pi\ntopic write fleetml/v1/pi/#\n{}user operator\ntopic readwrite #\n",
-                if cmd {
-                    "topic read fleetml/v1/pi/cmd\n"
-                } else {
-                    ""
-                }
+                "server_name: t\nlisten: 127.0.0.1:{nats_port}\njetstream {{ store_dir: \"{}\" }}\n\
+                 mqtt {{ listen: 127.0.0.1:{port} }}\n\
+                 authorization {{ users: [ {pi}, {{ user: operator, password: any }} ] }}\n",
+                dir.path().join("js").display()
             ),
         )
-        .expect("acl");
-        readable(&acl, 0o644);
+        .expect("nats.conf");
     };
-    write_acl(false);
-    let conf = dir.path().join("mosquitto.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\nacl_file {}\n",
-            acl.display()
-        ),
-    )
-    .expect("conf");
-    readable(&conf, 0o644);
-    let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())
-        .expect("mosquitto is not installed: apt-get install mosquitto (.ci/run does)");
+    write_conf(false);
     let broker = Broker(
-        Command::new(bin)
+        Command::new("nats-server")
             .arg("-c")
             .arg(&conf)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("mosquitto starts"),
+            .expect("nats-server is not installed: apt-get install nats-server (.ci/run does)"),
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(20);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "mosquitto did not listen");
+        assert!(
+            Instant::now() < deadline,
+            "nats-server did not listen for MQTT"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let outbox =
@@ -334,8 +321,7 @@ fn a_refused_command_subscription_is_tried_again_until_the_broker_allows_it() {
     rt.block_on(async {
         let mut device = options("pi", port);
         device.set_credentials("pi", "any");
-        let counted = received.clone();
-        let granted = late.clone();
+        let (counted, granted) = (received.clone(), late.clone());
         let task = tokio::spawn(fleet_agent::publisher::run_with(
             outbox.clone(),
             device,
@@ -367,17 +353,20 @@ fn a_refused_command_subscription_is_tried_again_until_the_broker_allows_it() {
                 .await
                 .expect("publish");
         };
-        // Refused: a command sent now does not reach the device.
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        send().await;
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        // Refused: commands sent now do not reach the device.
+        for _ in 0..6 {
+            send().await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
         assert_eq!(
             received.load(Ordering::Relaxed),
             0,
-            "the ACL refused the subscription"
+            "the broker refused the subscription"
         );
-        // Allowed now (mosquitto reads its ACL again on SIGHUP): the next try subscribes.
-        write_acl(true);
+        assert_eq!(late.load(Ordering::Relaxed), 0);
+        // Allowed now (nats-server reads its configuration again on SIGHUP): the next
+        // try subscribes.
+        write_conf(true);
         let hup = Command::new("kill")
             .args(["-HUP", &broker.0.id().to_string()])
             .status()
