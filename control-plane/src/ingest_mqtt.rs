@@ -16,12 +16,11 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, Packet, Publish, QoS};
 use tokio::sync::{Notify, mpsc};
 
-use crate::plane::{Plane, now_ms};
+use crate::plane::{Plane, now_ms, reconnect_wait};
 
 /// Storing pipelines (PostgreSQL: its transactions wait on the server and on WAL
 /// flushes, so several in flight store more).
@@ -196,15 +195,10 @@ async fn receive(
                 if failures == 1 {
                     tracing::warn!(error = %e, "ingest lost the broker; reconnecting");
                 }
-                tokio::time::sleep(backoff(failures)).await;
+                tokio::time::sleep(reconnect_wait(failures)).await;
             }
         }
     }
-}
-
-/// 0.5 s, 1 s, 2 s, … 5 s.
-fn backoff(failures: u32) -> Duration {
-    Duration::from_millis((250u64 << failures.min(5)).min(5_000))
 }
 
 /// One storing pipeline: batches of what `rx` brings, each stored and flushed (retried
@@ -259,7 +253,7 @@ async fn store_lane(
                             "storing telemetry failed; retrying (unacknowledged until stored)"
                         );
                     }
-                    tokio::time::sleep(backoff(failures)).await;
+                    tokio::time::sleep(reconnect_wait(failures)).await;
                 }
             }
         }

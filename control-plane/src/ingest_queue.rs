@@ -317,10 +317,7 @@ pub fn spawn(plane: Arc<Plane>, opts: QueueOptions) {
                         "the NATS ingest queue failed; reconnecting"
                     );
                 }
-                tokio::time::sleep(Duration::from_millis(
-                    (250u64 << failures.min(5)).min(5_000),
-                ))
-                .await;
+                tokio::time::sleep(crate::plane::reconnect_wait(failures)).await;
             }
         }
     });

@@ -143,6 +143,12 @@ impl std::fmt::Debug for Plane {
 }
 
 /// Milliseconds since the Unix epoch.
+/// How long a session to the broker or the ingest queue waits before its next try
+/// after `failures` failed ones: 0.5 s, 1 s, 2 s, … 5 s.
+pub fn reconnect_wait(failures: u32) -> std::time::Duration {
+    std::time::Duration::from_millis((250u64 << failures.min(5)).min(5_000))
+}
+
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

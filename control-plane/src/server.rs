@@ -767,7 +767,7 @@ fn spawn_commands(mut events: rumqttc::EventLoop) {
                     if failures == 1 {
                         tracing::warn!(error = %e, "the commands session lost the broker; reconnecting");
                     }
-                    let wait = Duration::from_millis((250u64 << failures.min(5)).min(5_000));
+                    let wait = crate::plane::reconnect_wait(failures);
                     tokio::time::sleep(wait).await;
                 }
             }
