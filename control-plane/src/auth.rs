@@ -165,6 +165,14 @@ impl AuditKey {
         }
     }
 
+    /// A key for another purpose derived from this one (HMAC of `label`): replicas that
+    /// share the audit key (docs/DEPLOY.md) derive the same keys, and none of them can
+    /// be turned back into the audit key.
+    pub fn derive(&self, label: &str) -> ring::hmac::Key {
+        let tag = ring::hmac::sign(&self.key, label.as_bytes());
+        ring::hmac::Key::new(ring::hmac::HMAC_SHA256, tag.as_ref())
+    }
+
     /// The first entry the key covers.
     pub fn keyed_from(&self) -> u64 {
         self.keyed_from

@@ -16,6 +16,7 @@ pub mod calibrate;
 pub mod captures;
 pub mod client;
 pub mod compare;
+pub mod console;
 pub mod csvfile;
 pub mod datasets;
 pub mod demo;

@@ -210,6 +210,8 @@ pub trait Inspect: Send + 'static {
 pub struct RelayMetrics {
     /// Counter: connections closed because the client sent what [`Inspect`] refused.
     pub denied: &'static str,
+    /// Counter: connections closed at once because `max_connections` were open.
+    pub full: &'static str,
 }
 
 /// Accepts connections on `listener` (over TLS when given; the handshake within
@@ -246,6 +248,7 @@ where
             }
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
+            metrics::counter!(metrics.full).increment(1);
             drop(io);
             continue;
         };

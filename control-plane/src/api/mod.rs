@@ -300,7 +300,7 @@ fn too_many(by: &'static str, limited: fleetml_net::rate::Limited, why: String) 
 }
 
 /// The least operator role a rule admits.
-fn access_role(a: Access) -> Role {
+pub(crate) fn access_role(a: Access) -> Role {
     match a {
         Access::Role(r) => r,
         Access::DeviceOrViewer => Role::Viewer,

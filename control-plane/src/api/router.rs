@@ -92,6 +92,7 @@ pub fn router(plane: Arc<Plane>) -> Router {
         ));
     Router::new()
         .merge(authenticated)
+        .merge(crate::console::router(plane.clone()))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics_text))
         .with_state(plane)

@@ -257,46 +257,6 @@ pub(super) fn start_nats(
     Ok(nodes)
 }
 
-/// Raises this process's open-file limit towards `want` (children inherit it): the soft
-/// limit up to the hard one, and the hard one too where the process may (root). Returns
-/// the soft limit now in force.
-///
-/// `libc` is a direct dependency for this call alone (std has no setrlimit); the unsafe
-/// blocks only pass a struct owned here to the two system calls.
-#[allow(unsafe_code)]
-pub(super) fn raise_open_file_limit(want: u64) -> anyhow::Result<u64> {
-    let mut now = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes one `rlimit` into `now`, which lives across the call.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut now) } != 0 {
-        bail!(
-            "reading the open-file limit: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-    if now.rlim_cur >= want {
-        return Ok(now.rlim_cur);
-    }
-    for wanted in [
-        libc::rlimit {
-            rlim_cur: want,
-            rlim_max: now.rlim_max.max(want),
-        },
-        libc::rlimit {
-            rlim_cur: now.rlim_max.min(want),
-            rlim_max: now.rlim_max,
-        },
-    ] {
-        // SAFETY: setrlimit reads one `rlimit` from `wanted`, which lives across the call.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) } == 0 {
-            return Ok(wanted.rlim_cur);
-        }
-    }
-    Ok(now.rlim_cur)
-}
-
 /// `VmRSS` and `VmHWM` of a process, KiB.
 pub(super) fn memory_of(pid: u32) -> (u64, u64) {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();

@@ -98,7 +98,9 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
     };
     // Each device holds a socket in this process, in the broker and (embedded) in the
     // control plane; HTTP requests take more. The children inherit the limit.
-    let open_file_limit = raise_open_file_limit(2 * opts.devices as u64 + 4096)?;
+    // The embedded broker holds three descriptors per device in the control plane (the
+    // device's socket, the relay's connection and rumqttd's end of it).
+    let open_file_limit = crate::plane::raise_open_file_limit(3 * opts.devices as u64 + 4096)?;
     if open_file_limit < opts.devices as u64 + 1024 {
         eprintln!(
             "warning: the open-file limit is {open_file_limit}; {} devices need about {} (raise `ulimit -Hn`, or run as root)",

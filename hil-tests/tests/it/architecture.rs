@@ -504,12 +504,15 @@ fn the_device_rules_are_one_crate_both_devices_use() {
     }
 }
 
-/// In the control plane only the HTTP API (`api/`) and its wiring (`server.rs`) name
-/// axum: the domain rooms know no HTTP framework.
+/// In the control plane only the HTTP API (`api/`), the console on top of it
+/// (`console/`) and their wiring (`server.rs`) name axum: the domain rooms know no HTTP
+/// framework.
 #[test]
 fn only_the_api_and_the_server_name_axum() {
     let wrong = named_outside("axum", &["control-plane/src"], |f| {
-        f.starts_with("control-plane/src/api/") || f == "control-plane/src/server.rs"
+        f.starts_with("control-plane/src/api/")
+            || f.starts_with("control-plane/src/console/")
+            || f == "control-plane/src/server.rs"
     });
     assert!(
         wrong.is_empty(),
@@ -520,8 +523,10 @@ fn only_the_api_and_the_server_name_axum() {
 
 /// The rooms below the API never call into it: what both a handler and a background
 /// task do lives in its room and reports a `Refusal`, which the API turns into a status.
-/// Besides `api/` and `server`, only the operator-side callers of the API (`cli/`,
-/// `client`, `demo`, `views`) name it, and only its shared bodies, `api::types`.
+/// Besides `api/`, the console (`console/`, the API's pages: it reads and acts through
+/// the API's handlers and access rule) and `server`, only the operator-side callers of
+/// the API (`cli/`, `client`, `demo`, `views`) name it, and only its shared bodies,
+/// `api::types`.
 #[test]
 fn the_domain_never_calls_the_api() {
     let callers = |f: &str| {
@@ -534,7 +539,10 @@ fn the_domain_never_calls_the_api() {
             .contains(&f)
     };
     let mut wrong = named_outside("crate::api", &["control-plane/src"], |f| {
-        f.starts_with("control-plane/src/api/") || f == "control-plane/src/server.rs" || callers(f)
+        f.starts_with("control-plane/src/api/")
+            || f.starts_with("control-plane/src/console/")
+            || f == "control-plane/src/server.rs"
+            || callers(f)
     });
     for file in sources("control-plane/src")
         .into_iter()

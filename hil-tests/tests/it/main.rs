@@ -5,6 +5,7 @@ mod architecture;
 mod bundle_cli;
 mod capture;
 mod conformance;
+mod console;
 mod demo;
 mod demo_loop;
 mod fleet;

@@ -218,11 +218,17 @@ fn metric(plane: &ControlPlane, name: &str) -> u64 {
         .map_or(0, |v| v as u64)
 }
 
-#[test]
-fn a_rollout_in_waves_reaches_exactly_the_selected_devices_in_order_and_a_rollback_keeps_them_serving()
- {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let dir = tmp.path();
+/// The three devices of [`lab_fleet_on_v1`]: name, board, tags.
+pub(crate) const LAB_FLEET: [(&str, &str, &str); 3] = [
+    ("pi-a", "raspberry-pi-4", "site=lab"),
+    ("x86-b", "generic-x86_64", "site=lab"),
+    ("jet-c", "jetson-orin-nano", "site=field"),
+];
+
+/// `fleetctl serve` (embedded broker, TLS) with claims v1 and v2 pushed, and the three
+/// [`LAB_FLEET`] agents running (`extra` added to each one's config), all on v1 after a
+/// first rollout.
+pub(crate) fn lab_fleet_on_v1(dir: &Path, extra: &str) -> (ControlPlane, Vec<RunningAgent>) {
     keys_and_policy(dir, "k");
     let plane = ControlPlane::start(dir, None, &["--trust", "trust.toml"]);
     bundle(dir, 1, "v1.fmb");
@@ -230,14 +236,9 @@ fn a_rollout_in_waves_reaches_exactly_the_selected_devices_in_order_and_a_rollba
     for f in ["v1.fmb", "v2.fmb"] {
         plane.fleetctl(dir, &["models", "push", f]).success();
     }
-    let devices = [
-        ("pi-a", "raspberry-pi-4", "site=lab"),
-        ("x86-b", "generic-x86_64", "site=lab"),
-        ("jet-c", "jetson-orin-nano", "site=field"),
-    ];
     let mut agents = Vec::new();
-    for (name, board, tags) in devices {
-        enroll(dir, &plane, name, board, tags, "");
+    for (name, board, tags) in LAB_FLEET {
+        enroll(dir, &plane, name, board, tags, extra);
         agents.push(run_agent(dir, name, board));
     }
     // v1 everywhere, in one wave. The Jetson runs it on CPU in this build (no `gpu`
@@ -256,9 +257,18 @@ fn a_rollout_in_waves_reaches_exactly_the_selected_devices_in_order_and_a_rollba
         ],
     );
     wait_state(&plane, &first, "completed");
-    for (name, _, _) in devices {
+    for (name, _, _) in LAB_FLEET {
         wait_running(&plane, name, 1);
     }
+    (plane, agents)
+}
+
+#[test]
+fn a_rollout_in_waves_reaches_exactly_the_selected_devices_in_order_and_a_rollback_keeps_them_serving()
+ {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let (plane, agents) = lab_fleet_on_v1(dir, "");
 
     // v2 to the lab only, one device per wave, with a soak.
     let id = rollout(
