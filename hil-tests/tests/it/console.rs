@@ -26,7 +26,12 @@ struct Driver {
 }
 
 impl Drop for Driver {
+    /// Stops chromedriver and the browsers it started (its process group), also when
+    /// the test failed before closing its session.
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.child.id())])
+            .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -44,8 +49,11 @@ fn program(name: &str, package: &str) -> PathBuf {
 
 fn start_driver(dir: &Path) -> Driver {
     let port = fleetml_testkit::free_port();
+    use std::os::unix::process::CommandExt as _;
     let child = Command::new(program("chromedriver", "chromium-driver"))
         .arg(format!("--port={port}"))
+        // Its own process group, which Drop stops as a whole.
+        .process_group(0)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join("chromedriver.log")).expect("log"))
         .spawn()
