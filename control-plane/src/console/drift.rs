@@ -142,7 +142,10 @@ fn grade(v: Option<f64>, threshold: Option<f64>, max: f64) -> String {
 
 #[derive(Debug, Default, serde::Deserialize)]
 pub struct FeatureQuery {
+    /// Whose windows the reference-against-current chart takes (default: any).
     device: Option<String>,
+    /// Which window (default: the newest with moved bins).
+    window: Option<u64>,
 }
 
 /// The bins that moved most in one window: (device, window, [(bin, reference, current)]).
@@ -160,7 +163,7 @@ pub async fn feature(
 ) -> PageResult {
     let plane = c.plane.clone();
     let (m2, f2) = (model.clone(), feature.clone());
-    let (series, moved) = read(move || {
+    let (series, moved, choices) = read(move || {
         let states: Vec<(DeviceId, crate::records::DeviceState)> = fleet_states(&plane)?
             .into_iter()
             .map(|(d, s)| (d.id, s))
@@ -182,6 +185,8 @@ pub async fn feature(
         ranked.truncate(CHART_DEVICES);
         let mut series = Vec::new();
         let mut moved: Option<Moved> = None;
+        // Windows with moved bins to choose from: (device, window).
+        let mut choices: Vec<(String, u64)> = Vec::new();
         for (_, id, last) in ranked {
             let messages = plane
                 .ingest
@@ -200,7 +205,11 @@ pub async fn feature(
                     .find(|f| f.name == f2)
                 {
                     points.push((w.end_ms, f.psi, f.drifting));
-                    let wanted = q.device.as_deref().is_none_or(|d| d == id.as_str());
+                    if !f.moved.is_empty() {
+                        choices.push((id.to_string(), w.window));
+                    }
+                    let wanted = q.device.as_deref().is_none_or(|d| d == id.as_str())
+                        && q.window.is_none_or(|n| n == w.window);
                     if wanted && !f.moved.is_empty() {
                         moved = Some((
                             id.to_string(),
@@ -218,7 +227,7 @@ pub async fn feature(
                 points,
             });
         }
-        Ok((series, moved))
+        Ok((series, moved, choices))
     })
     .await
     .map_err(h::fail(&user))?;
@@ -234,6 +243,13 @@ pub async fn feature(
                     (svg::paired_bars(&format!("{feature}: reference against window {window} on {device}"), bins))
                 }
                 None => { p.muted { "No recent window of these devices reports moved bins for this feature (the agent reports them while a feature alerts)." } }
+            }
+            @if !choices.is_empty() {
+                p { "Other windows with moved bins: "
+                    @for (device, window) in choices.iter().rev().take(20) {
+                        a href=(format!("/ui/drift/{}/{}?device={}&window={window}", h::url_escape(&model), h::url_escape(&feature), h::url_escape(device))) { (device) " #" (window) } " "
+                    }
+                }
             }
         }))
         p { a href=(format!("/ui/drift?model={}", h::url_escape(&model))) { "Back to the heatmap" } }

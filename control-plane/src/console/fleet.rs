@@ -97,17 +97,6 @@ pub async fn fleet(State(c): State<Shared>, user: User, Query(f): Query<Filter>)
     let count = |w: &str| all.iter().filter(|(d, s)| state_word(d, s) == w).count();
     let body = html! {
         h1 { "Fleet" }
-        (h::live("fleet-live", 5, html! {
-            p.summary {
-                strong { (all.len()) } " devices: "
-                (h::badge("online")) " " (count("online")) " · "
-                (h::badge("alerting")) " " (count("alerting")) " · "
-                (h::badge("offline")) " " (count("offline")) " · "
-                (h::badge("revoked")) " " (count("revoked"))
-                " · as of " (h::at(Some(now)))
-            }
-            (devices_table(&shown, now))
-        }))
         form.filters method="get" action="/ui/" aria-label="Filter devices" {
             label { "Tag " input type="text" name="tag" value=(f.tag) placeholder="site=lab"; }
             label { "Board "
@@ -133,6 +122,17 @@ pub async fn fleet(State(c): State<Shared>, user: User, Query(f): Query<Filter>)
             button type="submit" { "Filter" }
             " " a href="/ui/" { "Clear" }
         }
+        (h::live("fleet-live", 5, html! {
+            p.summary {
+                strong { (all.len()) } " devices: "
+                (h::badge("online")) " " (count("online")) " · "
+                (h::badge("alerting")) " " (count("alerting")) " · "
+                (h::badge("offline")) " " (count("offline")) " · "
+                (h::badge("revoked")) " " (count("revoked"))
+                " · as of " (h::at(Some(now)))
+            }
+            (devices_table(&shown, now))
+        }))
     };
     Ok(h::respond(
         StatusCode::OK,
@@ -178,23 +178,32 @@ fn devices_table(rows: &[&(DeviceRecord, DeviceState)], now: u64) -> Markup {
     }
 }
 
-/// The windows among a device's most recent messages, oldest first.
-fn recent_windows(
-    plane: &Plane,
-    d: &DeviceRecord,
-    last_seq: u64,
-) -> Result<Vec<(u64, WindowReport)>, ApiError> {
-    let messages = plane
-        .ingest
-        .store
-        .messages(&d.id, last_seq.saturating_sub(499), 500)?;
-    Ok(messages
-        .into_iter()
-        .filter_map(|e| match e.body {
-            Body::Window(w) => Some((e.seq, *w)),
-            _ => None,
-        })
-        .collect())
+/// What a device's page shows of its history: its windows and statuses among its most
+/// recent messages, oldest first.
+#[derive(Default)]
+struct History {
+    windows: Vec<(u64, WindowReport)>,
+    statuses: Vec<(u64, u64, fleetml_protocol::telemetry::Status)>,
+}
+
+/// Messages a device page reads back.
+const HISTORY_MESSAGES: u64 = 500;
+
+fn history(plane: &Plane, d: &DeviceRecord, last_seq: u64) -> Result<History, ApiError> {
+    let messages = plane.ingest.store.messages(
+        &d.id,
+        last_seq.saturating_sub(HISTORY_MESSAGES - 1),
+        HISTORY_MESSAGES as usize,
+    )?;
+    let mut h = History::default();
+    for e in messages {
+        match e.body {
+            Body::Window(w) => h.windows.push((e.seq, *w)),
+            Body::Status(s) => h.statuses.push((e.seq, e.ts_ms, s)),
+            _ => {}
+        }
+    }
+    Ok(h)
 }
 
 /// The PSI threshold a chart draws: the agent's default (bundles and agents may set
@@ -212,10 +221,10 @@ pub async fn device(State(c): State<Shared>, user: User, Path(id): Path<String>)
         .map_err(h::fail(&user))?
         .0;
     let p2 = plane.clone();
-    let windows = read(move || {
+    let History { windows, statuses } = read(move || {
         let d = crate::api::devices::enrolled(&p2, &id)?;
         let last = p2.ingest.store.state(&d.id)?.map_or(0, |s| s.last_seq);
-        recent_windows(&p2, &d, last)
+        history(&p2, &d, last)
     })
     .await
     .map_err(h::fail(&user))?;
@@ -280,6 +289,28 @@ pub async fn device(State(c): State<Shared>, user: User, Path(id): Path<String>)
             (svg::line_chart(&format!("{model}: missing-prediction rate on {id}"), "share of inputs without a prediction",
                 &[Series { name: "missing-prediction rate".into(), points: ws.iter().map(|(_, w)| (w.end_ms, w.missing_prediction_rate, false)).collect() }], None))
         }
+        h2 { "Window history" }
+        div.scroll { table #window-history {
+            thead { tr { th scope="col" { "Seq" } th scope="col" { "Model" } th scope="col" { "Window" } th scope="col" { "Ended" }
+                th scope="col" { "Predictions" } th scope="col" { "Missing" } th scope="col" { "p50 / p95 latency" } th scope="col" { "Alerting" } } }
+            tbody { @for (seq, w) in windows.iter().rev().take(50) { tr {
+                td.num { (seq) } th scope="row" { (w.model) " v" (w.version) } td.num { (w.window) } td { (h::at(Some(w.end_ms))) }
+                td.num { (w.predictions) } td.num { (h::pct(Some(w.missing_prediction_rate))) }
+                td.num { (w.latency_us.p50.map_or("—".into(), |v| format!("{:.2} ms", v as f64 / 1000.0))) " / "
+                    (w.latency_us.p95.map_or("—".into(), |v| format!("{:.2} ms", v as f64 / 1000.0))) }
+                td { (w.alerts.join(", ")) }
+            } } }
+        } }
+        h2 { "Status history" }
+        div.scroll { table #status-history {
+            thead { tr { th scope="col" { "Seq" } th scope="col" { "Reported" } th scope="col" { "Agent" } th scope="col" { "Uptime" }
+                th scope="col" { "Outbox" } th scope="col" { "Models" } } }
+            tbody { @for (seq, at, st) in statuses.iter().rev().take(20) { tr {
+                td.num { (seq) } td { (h::at(Some(*at))) } td { (st.agent_version) } td.num { (st.uptime_s) " s" }
+                td.num { (st.outbox_depth) }
+                td { @for m in &st.models { span.model { (m.name) " v" (m.version) " (" (m.backend) ")" } " " } }
+            } } }
+        } }
         h2 { "Recent events" }
         div.scroll { table #events {
             thead { tr { th scope="col" { "Seq" } th scope="col" { "Time" } th scope="col" { "Kind" } th scope="col" { "What" } } }

@@ -115,13 +115,26 @@ async fn wait_css(c: &Client, css: &str, what: &str) {
     }
 }
 
+/// The text of the first element matching `css`. A live region may be swapped between
+/// finding an element and reading it (a stale element): then it is found again.
 async fn text_of(c: &Client, css: &str) -> String {
-    c.find(Locator::Css(css))
-        .await
-        .unwrap_or_else(|e| panic!("{css}: {e}"))
-        .text()
-        .await
-        .expect("text")
+    let mut tries = 0;
+    loop {
+        let found = c.find(Locator::Css(css)).await;
+        let read = match found {
+            Ok(e) => e.text().await,
+            Err(e) => Err(e),
+        };
+        match read {
+            Ok(text) => return text,
+            Err(e) if tries < 20 => {
+                tries += 1;
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{css}: {e}"),
+        }
+    }
 }
 
 async fn shot(c: &Client, name: &str) {
@@ -280,6 +293,12 @@ fn an_operator_signs_in_watches_a_rollout_pauses_it_sees_drift_and_a_viewer_cann
         }
         assert!(table.contains("claims v1"), "{table}");
         shot(&c, "fleet").await;
+        // A phone's width: the page reflows, the table scrolls inside it.
+        c.set_window_size(390, 844).await.expect("resize");
+        c.refresh().await.expect("reload");
+        wait_css(&c, "#devices tr[data-device]", "device rows on a phone").await;
+        shot(&c, "fleet-phone").await;
+        c.set_window_size(1280, 1000).await.expect("resize");
         // Filtering by tag leaves the lab.
         c.goto(&format!("{base}/ui/?tag=site%3Dlab"))
             .await
@@ -322,14 +341,11 @@ fn an_operator_signs_in_watches_a_rollout_pauses_it_sees_drift_and_a_viewer_cann
         let active_in_wave = |wave: usize| {
             let c = c.clone();
             async move {
-                c.find(Locator::Css(&format!(
-                    "li.wave[data-wave=\"{wave}\"] span[data-count-of=\"active\"]"
-                )))
+                text_of(
+                    &c,
+                    &format!("li.wave[data-wave=\"{wave}\"] span[data-count-of=\"active\"]"),
+                )
                 .await
-                .expect("wave count")
-                .text()
-                .await
-                .expect("text")
                 .trim()
                 .to_string()
             }
@@ -449,6 +465,14 @@ fn an_operator_signs_in_watches_a_rollout_pauses_it_sees_drift_and_a_viewer_cann
             .expect("goto");
         wait_css(&c, "figure.chart", "the device's charts").await;
         assert!(text_of(&c, "main").await.contains("claims:"));
+        // Its history: the drifted windows, and its statuses.
+        assert!(text_of(&c, "#window-history").await.contains("claims v"));
+        wait_css(
+            &c,
+            "#status-history tbody tr",
+            "the device's status history",
+        )
+        .await;
         shot(&c, "device").await;
         for (path, name) in [
             ("/ui/models", "models"),
