@@ -101,6 +101,17 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
     // The embedded broker holds three descriptors per device in the control plane (the
     // device's socket, the relay's connection and rumqttd's end of it).
     let open_file_limit = crate::plane::raise_open_file_limit(3 * opts.devices as u64 + 4096)?;
+    // The control plane admits (limit − 4,096) / 3 devices through its embedded broker
+    // (server::embedded_connection_cap): more would wait for a slot that never frees.
+    let embedded_room = open_file_limit.saturating_sub(4096) / 3;
+    anyhow::ensure!(
+        opts.broker != Broker::Embedded || opts.devices as u64 <= embedded_room,
+        "the open-file limit here is {open_file_limit} (the hard limit could not be raised); the \
+         embedded broker holds 3 descriptors per device, so at most {embedded_room} devices: \
+         raise the hard limit (`ulimit -Hn {}` as root with CAP_SYS_RESOURCE, or LimitNOFILE), \
+         use --devices {embedded_room}, or --broker mosquitto (one descriptor per device)",
+        3 * opts.devices as u64 + 4096
+    );
     if open_file_limit < opts.devices as u64 + 1024 {
         eprintln!(
             "warning: the open-file limit is {open_file_limit}; {} devices need about {} (raise `ulimit -Hn`, or run as root)",

@@ -332,6 +332,7 @@ fn an_operator_signs_in_watches_a_rollout_pauses_it_sees_drift_and_a_viewer_cann
             "the new rollout on the list",
         )
         .await;
+        shot(&c, "rollouts").await;
 
         // Its page: wave 2 waits while wave 1 soaks, then its bar moves to active, seen
         // through the page's own refresh.
@@ -474,6 +475,14 @@ fn an_operator_signs_in_watches_a_rollout_pauses_it_sees_drift_and_a_viewer_cann
         )
         .await;
         shot(&c, "device").await;
+        // A dataset and its profile report (the HTML `fleetctl data profile --html` makes).
+        let dataset = crate::retrain::import_reference(dir, &plane);
+        c.goto(&format!("{base}/ui/data/datasets/{dataset}/profile"))
+            .await
+            .expect("goto");
+        wait_css(&c, "h1", "the profile report").await;
+        assert!(text_of(&c, "body").await.contains("rows"));
+        shot(&c, "dataset-profile").await;
         for (path, name) in [
             ("/ui/models", "models"),
             ("/ui/models/claims", "model"),

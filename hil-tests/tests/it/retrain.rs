@@ -53,7 +53,7 @@ fn import_as(dir: &Path, plane: &ControlPlane, file: &str, name: &str) -> hil_te
 }
 
 /// Imports the claims reference rows as dataset `reference`; its id.
-fn import_reference(dir: &Path, plane: &ControlPlane) -> String {
+pub(crate) fn import_reference(dir: &Path, plane: &ControlPlane) -> String {
     import_as(dir, plane, "reference.csv", "reference").success();
     plane.json(dir, &["data", "list"])[0]["id"]
         .as_str()
