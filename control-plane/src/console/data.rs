@@ -130,6 +130,23 @@ pub async fn profile(State(c): State<Shared>, user: User, Path(id): Path<String>
 /// The last this many bytes of a trial's log are shown.
 const LOG_TAIL: usize = 64 << 10;
 
+/// The last [`LOG_TAIL`] bytes of a log (read from there, not whole), or nothing.
+fn log_tail(path: &std::path::Path) -> String {
+    use std::io::{Read as _, Seek as _};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let from = len.saturating_sub(LOG_TAIL as u64);
+    let mut bytes = Vec::new();
+    if f.seek(std::io::SeekFrom::Start(from)).is_err()
+        || f.take(LOG_TAIL as u64).read_to_end(&mut bytes).is_err()
+    {
+        return String::new();
+    }
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
 /// `GET /ui/data/jobs/{id}`: a job's trials, its best trial's log (live while it runs)
 /// and its champion/challenger report.
 pub async fn job(State(c): State<Shared>, user: User, Path(id): Path<String>) -> PageResult {
@@ -139,9 +156,7 @@ pub async fn job(State(c): State<Shared>, user: User, Path(id): Path<String>) ->
             crate::api::ApiError::not_found(format!("no job `{id}` (fleetctl retrain list)"))
         })?;
         let n = job.best.unwrap_or(0);
-        let bytes = std::fs::read(plane.jobs.trial_dir(&id, n).join("log")).unwrap_or_default();
-        let tail = &bytes[bytes.len().saturating_sub(LOG_TAIL)..];
-        Ok((job, String::from_utf8_lossy(tail).into_owned()))
+        Ok((job, log_tail(&plane.jobs.trial_dir(&id, n).join("log"))))
     })
     .await
     .map_err(h::fail(&user))?;

@@ -101,7 +101,7 @@ pub async fn heatmap(
                     caption { (stat.1) " of each feature (rows) on each device (columns), latest window" }
                     thead { tr { th scope="col" { "Feature" } @for d in &devices { th scope="col" { a href=(format!("/ui/devices/{d}")) { (d) } } } } }
                     tbody { @for (feature, by) in &grid { tr {
-                        th scope="row" { a href=(format!("/ui/drift/{}/{}", h::url_escape(model), h::url_escape(feature))) { (feature) } }
+                        th scope="row" { a href=(format!("/ui/drift/{}/{}", h::segment(model), h::segment(feature))) { (feature) } }
                         @for d in &devices {
                             @match by.get(d) {
                                 None => { td.h-none { "—" } }
@@ -247,7 +247,7 @@ pub async fn feature(
             @if !choices.is_empty() {
                 p { "Other windows with moved bins: "
                     @for (device, window) in choices.iter().rev().take(20) {
-                        a href=(format!("/ui/drift/{}/{}?device={}&window={window}", h::url_escape(&model), h::url_escape(&feature), h::url_escape(device))) { (device) " #" (window) } " "
+                        a href=(format!("/ui/drift/{}/{}?device={}&window={window}", h::segment(&model), h::segment(&feature), h::url_escape(device))) { (device) " #" (window) } " "
                     }
                 }
             }

@@ -255,7 +255,7 @@ pub async fn device(State(c): State<Shared>, user: User, Path(id): Path<String>)
                         @let name = m["name"].as_str().unwrap_or_default();
                         @let assigned = detail["assignment"]["models"].as_array().and_then(|a| a.iter().find(|x| x["name"] == name)).and_then(|x| x["version"].as_u64());
                         tr {
-                            th scope="row" { a href=(format!("/ui/models/{name}")) { (name) } }
+                            th scope="row" { a href=(format!("/ui/models/{}", h::segment(name))) { (name) } }
                             td { "v" (m["version"]) }
                             td { (m["backend"].as_str().unwrap_or_default()) }
                             td { (assigned.map_or("—".into(), |v| format!("v{v} (generation {})", detail["assignment"]["generation"]))) }

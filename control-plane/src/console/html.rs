@@ -175,6 +175,20 @@ pub fn url_escape(s: &str) -> String {
     out
 }
 
+/// Percent-encodes one path segment (a model or feature name): everything but
+/// unreserved characters, so `/`, `?`, `#`, `%` and `..` cannot change the path.
+pub fn segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// A number with at most `digits` decimals, or "—".
 pub fn num(v: Option<f64>, digits: usize) -> String {
     match v {
@@ -198,6 +212,7 @@ mod tests {
     #[test]
     fn query_values_are_escaped_and_times_read_as_ages() {
         assert_eq!(url_escape("/ui/x?a=b c"), "/ui/x%3Fa%3Db%20c");
+        assert_eq!(segment("../a/b?c#d%"), "%2E%2E%2Fa%2Fb%3Fc%23d%25");
         let now = 10_000_000;
         let s = |ms| ago(Some(ms), now).into_string();
         assert!(s(now - 5_000).contains(">5s ago<"));

@@ -184,13 +184,17 @@ impl FromRequestParts<Shared> for User {
 #[derive(serde::Deserialize)]
 struct Next {
     next: Option<String>,
-    error: Option<String>,
 }
 
 /// Only a path of this console is a place to go back to after sign-in.
 fn safe_next(next: Option<&str>) -> String {
     match next {
-        Some(n) if n.starts_with("/ui/") && !n.starts_with("//") && !n.contains('\\') => {
+        Some(n)
+            if n.starts_with("/ui/")
+                && !n.starts_with("//")
+                && !n.contains('\\')
+                && !n.chars().any(char::is_control) =>
+        {
             n.to_string()
         }
         _ => "/ui/".into(),
@@ -198,11 +202,7 @@ fn safe_next(next: Option<&str>) -> String {
 }
 
 async fn login_page(axum::extract::Query(q): axum::extract::Query<Next>) -> Response {
-    html::login(
-        &safe_next(q.next.as_deref()),
-        q.error.as_deref(),
-        StatusCode::OK,
-    )
+    html::login(&safe_next(q.next.as_deref()), None, StatusCode::OK)
 }
 
 #[derive(serde::Deserialize)]
@@ -232,6 +232,7 @@ async fn login(
         );
     }
     if let Err(why) = &origin.0 {
+        metrics::counter!("fleetml_control_console_refused_posts_total").increment(1);
         return html::login(
             &next,
             Some(&format!("This sign-in was refused: {why}.")),
@@ -299,6 +300,15 @@ async fn logout(
     axum::Form(form): axum::Form<CsrfForm>,
 ) -> Response {
     if let Err(refused) = check_post(&console, &user, &origin, form.csrf.as_deref()) {
+        let status = refused.status().as_u16();
+        audit(
+            &console,
+            &user.principal(),
+            "POST /ui/logout",
+            "/ui/logout",
+            status,
+        )
+        .await;
         return *refused;
     }
     console.sessions.sign_out(&user.cookie, now_ms());

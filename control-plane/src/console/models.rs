@@ -47,7 +47,7 @@ pub async fn list(State(c): State<Shared>, user: User) -> PageResult {
             tbody {
                 @for r in &records {
                     tr {
-                        th scope="row" { a href=(format!("/ui/models/{}", r.name)) { (r.name) } }
+                        th scope="row" { a href=(format!("/ui/models/{}", h::segment(&r.name))) { (r.name) } }
                         td { "v" (r.version) }
                         td { (r.label) }
                         td { (h::badge(&r.stage)) }
@@ -149,7 +149,7 @@ pub async fn show(State(c): State<Shared>, user: User, Path(name): Path<String>)
         h2 { "Lineage of v" (latest.version) }
         (json_facts(lineage))
         h2 { "Compare two versions" }
-        form.filters method="get" action=(format!("/ui/models/{name}/diff")) {
+        form.filters method="get" action=(format!("/ui/models/{}/diff", h::segment(&name))) {
             label { "From " select name="a" { @for v in &versions { option value=(v) selected[Some(v) == versions.iter().rev().nth(1)] { "v" (v) } } } }
             label { "To " select name="b" { @for v in &versions { option value=(v) selected[*v == latest.version] { "v" (v) } } } }
             button type="submit" { "Diff" }
@@ -241,7 +241,7 @@ pub async fn diff(
         h1 { (name) ": v" (q.a) " against v" (q.b) }
         p { (count) " differences in lineage, features, inputs, monitoring settings and reference profile." }
         pre.diff { (text) }
-        p { a href=(format!("/ui/models/{name}")) { "Back to " (name) } }
+        p { a href=(format!("/ui/models/{}", h::segment(&name))) { "Back to " (name) } }
     };
     Ok(h::respond(
         StatusCode::OK,

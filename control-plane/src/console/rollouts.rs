@@ -122,6 +122,15 @@ pub async fn show(State(c): State<Shared>, user: User, Path(id): Path<String>) -
     let now = now_ms();
     let body = html! {
         h1 { (v.kind.as_str()) " " (v.id) ": " (v.model) (v.version.map_or(String::new(), |x| format!(" v{x}"))) }
+        // Outside the live region: a refresh never takes a button from under the
+        // pointer or the keyboard focus (a stale button is refused by the server).
+        div.actions {
+            @for (action, label, route) in actions(&v) {
+                @if user.may(&Method::POST, route) {
+                    (h::action_button(&user, &format!("/ui/rollouts/{}/{action}", v.id), label, &[]))
+                }
+            }
+        }
         (h::live("rollout-live", 2, html! {
             p.summary {
                 (h::badge(v.state.as_str())) " "
@@ -130,13 +139,6 @@ pub async fn show(State(c): State<Shared>, user: User, Path(id): Path<String>) -
             }
             @if let Some(reason) = &v.reason {
                 p.reason role="status" { strong { "Why: " } (reason) }
-            }
-            div.actions {
-                @for (action, label, route) in actions(&v) {
-                    @if user.may(&Method::POST, route) {
-                        (h::action_button(&user, &format!("/ui/rollouts/{}/{action}", v.id), label, &[]))
-                    }
-                }
             }
             h2 { "Waves" }
             (wave_bars(&v))
@@ -206,7 +208,15 @@ pub async fn act(
     Path((id, action)): Path<(String, String)>,
     axum::Form(form): axum::Form<ActForm>,
 ) -> PageResult {
-    check_post(&c, &user, &origin, form.csrf.as_deref()).map_err(|e| *e)?;
+    let audit_action = format!("POST /ui/rollouts/{{id}}/{action}");
+    let target = format!("/ui/rollouts/{id}/{action}");
+    // A refused post (another origin, no CSRF token, over the rate) is audited like the
+    // API's refused changes.
+    if let Err(refused) = check_post(&c, &user, &origin, form.csrf.as_deref()) {
+        let status = refused.status().as_u16();
+        super::audit(&c, &user.principal(), &audit_action, &target, status).await;
+        return Err(*refused);
+    }
     let route = match action.as_str() {
         "pause" => "/v1/rollouts/{id}/pause",
         "resume" => "/v1/rollouts/{id}/resume",
@@ -221,8 +231,6 @@ pub async fn act(
             ));
         }
     };
-    let audit_action = format!("POST /ui/rollouts/{{id}}/{action}");
-    let target = format!("/ui/rollouts/{id}/{action}");
     if !user.may(&Method::POST, route) {
         super::audit(&c, &user.principal(), &audit_action, &target, 403).await;
         return Err(h::error_page(

@@ -157,8 +157,13 @@ pub fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 /// Whether a posted form comes from the console's own pages: a browser sends `Origin`
 /// with every POST (and `Sec-Fetch-Site` where it knows it); either naming another site
 /// refuses the post. A request with neither (not a browser) still needs the CSRF token.
-/// The host is the `Host` header, or over HTTP/2 the request's `:authority`.
-pub fn same_origin(headers: &HeaderMap, authority: Option<&str>) -> Result<(), String> {
+/// The host is the `Host` header, or over HTTP/2 the request's `:authority`; the origin
+/// of `--public-url` is accepted too (a proxy in front may rewrite `Host`).
+pub fn same_origin(
+    headers: &HeaderMap,
+    authority: Option<&str>,
+    public_url: Option<&str>,
+) -> Result<(), String> {
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     if let Some(site) = header("sec-fetch-site")
         && !matches!(site, "same-origin" | "none")
@@ -167,8 +172,19 @@ pub fn same_origin(headers: &HeaderMap, authority: Option<&str>) -> Result<(), S
             "the browser says it came from a {site} page (Sec-Fetch-Site)"
         ));
     }
+    let public_origin = public_url.map(|u| match u.split_once("://") {
+        Some((scheme, rest)) => format!("{scheme}://{}", rest.split('/').next().unwrap_or("")),
+        None => u.to_string(),
+    });
     match (header("origin"), header("host").or(authority)) {
         (None, _) => Ok(()),
+        (Some(origin), _)
+            if public_origin
+                .as_deref()
+                .is_some_and(|p| p.eq_ignore_ascii_case(origin)) =>
+        {
+            Ok(())
+        }
         (Some(origin), Some(host))
             if origin
                 .split_once("://")
@@ -186,16 +202,17 @@ pub fn same_origin(headers: &HeaderMap, authority: Option<&str>) -> Result<(), S
 /// Whether the request is a post from the console's own origin ([`same_origin`]).
 pub struct SameOrigin(pub Result<(), String>);
 
-impl<S: Send + Sync> axum::extract::FromRequestParts<S> for SameOrigin {
+impl axum::extract::FromRequestParts<super::Shared> for SameOrigin {
     type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(
         parts: &mut axum::http::request::Parts,
-        _: &S,
+        console: &super::Shared,
     ) -> Result<SameOrigin, Self::Rejection> {
         Ok(SameOrigin(same_origin(
             &parts.headers,
             parts.uri.authority().map(|a| a.as_str()),
+            Some(console.plane.public_url.as_str()),
         )))
     }
 }
@@ -309,7 +326,7 @@ mod tests {
             }
             m
         };
-        let ok = |h: &HeaderMap, a: Option<&str>| same_origin(h, a).is_ok();
+        let ok = |h: &HeaderMap, a: Option<&str>| same_origin(h, a, None).is_ok();
         assert!(ok(
             &h(&[("host", "fleet:8443"), ("origin", "https://fleet:8443")]),
             None
@@ -320,6 +337,13 @@ mod tests {
             Some("fleet:8443")
         ));
         assert!(!ok(&h(&[("origin", "https://fleet:8443")]), None));
+        // Behind a proxy that rewrites Host: the public URL's origin.
+        let proxied = h(&[
+            ("host", "10.0.0.5:7080"),
+            ("origin", "https://fleet.example.com"),
+        ]);
+        assert!(same_origin(&proxied, None, Some("https://fleet.example.com/")).is_ok());
+        assert!(same_origin(&proxied, None, Some("https://other.example.com")).is_err());
         assert!(ok(&h(&[("host", "fleet:8443")]), None));
         assert!(!ok(
             &h(&[("host", "fleet:8443"), ("origin", "https://evil.example")]),

@@ -428,6 +428,15 @@ fn an_operator_signs_in_watches_a_rollout_pauses_it_sees_drift_and_a_viewer_cann
             403
         );
         assert_eq!(plane.get(&format!("/v1/rollouts/{id}"))["state"], "paused");
+        // The refused posts are audited, as the API's refused changes are.
+        let audit = plane.json(dir, &["audit", "--last", "500"]);
+        let refused = audit
+            .as_array()
+            .expect("entries")
+            .iter()
+            .filter(|e| e["action"] == "POST /ui/rollouts/{id}/resume" && e["outcome"] == 403)
+            .count();
+        assert_eq!(refused, 3, "{audit:#}");
 
         // Drifted traffic on one device: its alert reaches the heatmap by itself.
         c.goto(&format!("{base}/ui/drift?model=claims"))

@@ -19,7 +19,8 @@
             const doc = new DOMParser().parseFromString(await r.text(), "text/html");
             const fresh = doc.getElementById(id);
             const now = document.getElementById(id);
-            if (fresh && now) {
+            // Never swap what the keyboard is in (a focused link or field).
+            if (fresh && now && !now.contains(document.activeElement)) {
               now.replaceWith(document.importNode(fresh, true));
             }
           }
