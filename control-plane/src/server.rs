@@ -915,7 +915,7 @@ const RESERVED_DESCRIPTORS: u64 = 4096;
 /// process would run out of descriptors, and rumqttd, whose accept loop retries at once
 /// and logs each failure, would spin (measured: a 17 GiB log in six minutes at 10,000
 /// simulated devices with 24,096 descriptors).
-fn embedded_connection_cap(nofile: u64) -> usize {
+pub(crate) fn embedded_connection_cap(nofile: u64) -> usize {
     let usable =
         nofile.saturating_sub(RESERVED_DESCRIPTORS.min(nofile / 2)) / DESCRIPTORS_PER_DEVICE;
     (usable as usize).clamp(1, MAX_EMBEDDED_CONNECTIONS)

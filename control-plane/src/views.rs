@@ -423,7 +423,11 @@ pub fn drift_table(rows: &[Value]) -> String {
 }
 
 /// Flattens JSON into `path → value` leaves (`a.b[2].c`).
-fn flatten(prefix: &str, v: &Value, out: &mut std::collections::BTreeMap<String, String>) {
+pub(crate) fn flatten(
+    prefix: &str,
+    v: &Value,
+    out: &mut std::collections::BTreeMap<String, String>,
+) {
     match v {
         Value::Object(map) => {
             for (k, v) in map {

@@ -18,15 +18,21 @@ use super::svg::{self, Series};
 use super::{Shared, User, read};
 use crate::plane::now_ms;
 
-/// The statistics a heatmap can show, with the threshold the agent uses by default.
-const STATS: [(&str, &str, Option<f64>); 6] = [
-    ("psi", "PSI", Some(0.2)),
-    ("js", "Jensen–Shannon", Some(0.1)),
-    ("ks", "Kolmogorov–Smirnov", None),
-    ("wasserstein", "Wasserstein (reference sd)", None),
-    ("missing_rate", "missing values", Some(0.05)),
-    ("unseen_rate", "unseen categories", Some(0.05)),
-];
+/// The statistics a heatmap can show, with the threshold the agent uses by default
+/// (`fleetml_monitor::Thresholds`; none where it judges by another statistic).
+fn stats() -> [(&'static str, &'static str, Option<f64>); 6] {
+    let t = fleetml_monitor::Thresholds::default();
+    [
+        ("psi", "PSI", Some(t.psi)),
+        ("js", "Jensen–Shannon", Some(t.js)),
+        ("ks", "Kolmogorov–Smirnov", None),
+        ("wasserstein", "Wasserstein (reference sd)", None),
+        // The agent's `missing_rate` judges missing predictions, not a feature's
+        // missing values: no threshold to draw.
+        ("missing_rate", "missing values", None),
+        ("unseen_rate", "unseen categories", Some(t.unseen_rate)),
+    ]
+}
 
 #[derive(Debug, Default, serde::Deserialize)]
 pub struct HeatQuery {
@@ -60,10 +66,11 @@ pub async fn heatmap(
         .model
         .filter(|m| models.contains(m))
         .or_else(|| models.iter().next().cloned());
-    let stat = STATS
+    let stats = stats();
+    let stat = stats
         .iter()
         .find(|(k, _, _)| Some(*k) == q.stat.as_deref())
-        .unwrap_or(&STATS[0]);
+        .unwrap_or(&stats[0]);
     let rows = crate::views::drift_rows(&states, model.as_deref());
     // feature → device → row
     let mut grid: BTreeMap<String, BTreeMap<String, &Value>> = BTreeMap::new();
@@ -90,7 +97,7 @@ pub async fn heatmap(
         h1 { "Drift" }
         form.filters method="get" action="/ui/drift" {
             label { "Model " select name="model" { @for m in &models { option value=(m) selected[Some(m) == model.as_ref()] { (m) } } } }
-            label { "Statistic " select name="stat" { @for (k, label, _) in STATS { option value=(k) selected[k == stat.0] { (label) } } } }
+            label { "Statistic " select name="stat" { @for (k, label, _) in stats { option value=(k) selected[k == stat.0] { (label) } } } }
             button type="submit" { "Show" }
         }
         (h::live("drift-live", 5, html! {

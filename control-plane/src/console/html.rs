@@ -162,25 +162,22 @@ pub fn live(id: &str, seconds: u32, inner: Markup) -> Markup {
     }
 }
 
-/// Percent-encodes a query value.
+/// Percent-encodes a query value (`/` kept: a path given as `?next=` stays readable).
 pub fn url_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~/".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    percent_encode(s, b"-_.~/")
 }
 
 /// Percent-encodes one path segment (a model or feature name): everything but
 /// unreserved characters, so `/`, `?`, `#`, `%` and `..` cannot change the path.
 pub fn segment(s: &str) -> String {
+    percent_encode(s, b"-_~")
+}
+
+/// Every byte but ASCII letters, digits and `keep` as `%XX`.
+fn percent_encode(s: &str, keep: &[u8]) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_~".contains(&b) {
+        if b.is_ascii_alphanumeric() || keep.contains(&b) {
             out.push(b as char);
         } else {
             out.push_str(&format!("%{b:02X}"));

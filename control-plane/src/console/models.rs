@@ -188,30 +188,13 @@ fn median(v: &[u64]) -> Option<u64> {
     v.get(v.len() / 2).copied()
 }
 
-/// A JSON object as a definition list (nested objects flattened to `a.b` keys).
+/// A JSON object as a definition list, its leaves flattened to `a.b[2].c` keys as
+/// `fleetctl models diff` names them.
 fn json_facts(v: &Value) -> maud::Markup {
-    let mut leaves = Vec::new();
-    fn walk(prefix: String, v: &Value, out: &mut Vec<(String, String)>) {
-        match v {
-            Value::Object(m) => {
-                for (k, x) in m {
-                    walk(
-                        if prefix.is_empty() {
-                            k.clone()
-                        } else {
-                            format!("{prefix}.{k}")
-                        },
-                        x,
-                        out,
-                    );
-                }
-            }
-            Value::Null => {}
-            Value::String(s) => out.push((prefix, s.clone())),
-            other => out.push((prefix, other.to_string())),
-        }
+    let mut leaves = BTreeMap::new();
+    if !v.is_null() {
+        crate::views::flatten("", v, &mut leaves);
     }
-    walk(String::new(), v, &mut leaves);
     html! {
         @if leaves.is_empty() { p.muted { "No lineage recorded." } }
         @else { dl.facts { @for (k, x) in &leaves { dt { (k) } dd { (x) } } } }

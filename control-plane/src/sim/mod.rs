@@ -101,9 +101,9 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
     // The embedded broker holds three descriptors per device in the control plane (the
     // device's socket, the relay's connection and rumqttd's end of it).
     let open_file_limit = crate::plane::raise_open_file_limit(3 * opts.devices as u64 + 4096)?;
-    // The control plane admits (limit − 4,096) / 3 devices through its embedded broker
-    // (server::embedded_connection_cap): more would wait for a slot that never frees.
-    let embedded_room = open_file_limit.saturating_sub(4096) / 3;
+    // The control plane admits no more devices through its embedded broker than its
+    // descriptors hold: more would wait for a slot that never frees.
+    let embedded_room = crate::server::embedded_connection_cap(open_file_limit) as u64;
     anyhow::ensure!(
         opts.broker != Broker::Embedded || opts.devices as u64 <= embedded_room,
         "the open-file limit here is {open_file_limit} (the hard limit could not be raised); the \
