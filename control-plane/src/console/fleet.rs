@@ -184,6 +184,8 @@ fn devices_table(rows: &[&(DeviceRecord, DeviceState)], now: u64) -> Markup {
 struct History {
     windows: Vec<(u64, WindowReport)>,
     statuses: Vec<(u64, u64, fleetml_protocol::telemetry::Status)>,
+    /// The rollouts and rollbacks that assigned it a version, oldest first.
+    assignments: Vec<crate::rollout::Rollout>,
 }
 
 /// Messages a device page reads back.
@@ -203,6 +205,13 @@ fn history(plane: &Plane, d: &DeviceRecord, last_seq: u64) -> Result<History, Ap
             _ => {}
         }
     }
+    h.assignments = plane
+        .rollouts
+        .rollouts()?
+        .into_iter()
+        .filter(|r| r.targets.iter().any(|t| t.device == d.id))
+        .collect();
+    h.assignments.sort_by_key(|r| r.created_ms);
     Ok(h)
 }
 
@@ -221,7 +230,11 @@ pub async fn device(State(c): State<Shared>, user: User, Path(id): Path<String>)
         .map_err(h::fail(&user))?
         .0;
     let p2 = plane.clone();
-    let History { windows, statuses } = read(move || {
+    let History {
+        windows,
+        statuses,
+        assignments,
+    } = read(move || {
         let d = crate::api::devices::enrolled(&p2, &id)?;
         let last = p2.ingest.store.state(&d.id)?.map_or(0, |s| s.last_seq);
         history(&p2, &d, last)
@@ -300,6 +313,22 @@ pub async fn device(State(c): State<Shared>, user: User, Path(id): Path<String>)
                     (w.latency_us.p95.map_or("—".into(), |v| format!("{:.2} ms", v as f64 / 1000.0))) }
                 td { (w.alerts.join(", ")) }
             } } }
+        } }
+        h2 { "Assignment history" }
+        div.scroll { table #assignment-history {
+            thead { tr { th scope="col" { "Rollout" } th scope="col" { "Kind" } th scope="col" { "Model" } th scope="col" { "From" }
+                th scope="col" { "To" } th scope="col" { "Generation" } th scope="col" { "Assigned" } th scope="col" { "Rollout state" } } }
+            tbody { @for r in assignments.iter().rev() {
+                @if let Some(t) = r.targets.iter().find(|t| t.device.as_str() == id) { tr {
+                    th scope="row" { a href=(format!("/ui/rollouts/{}", h::segment(&r.id))) { (r.id) } }
+                    td { (r.kind.as_str()) } td { (r.model) }
+                    td { (t.from.as_ref().map_or("—".into(), |f| format!("v{}", f.version))) }
+                    td { "v" (t.to.version) }
+                    td.num { (t.generation.map_or("—".into(), |g| g.to_string())) }
+                    td { (h::at(t.assigned_ms)) }
+                    td { (h::badge(r.state.as_str())) }
+                } }
+            } }
         } }
         h2 { "Status history" }
         div.scroll { table #status-history {

@@ -483,6 +483,13 @@ fn an_operator_signs_in_watches_a_rollout_pauses_it_sees_drift_and_a_viewer_cann
             "the device's status history",
         )
         .await;
+        // Its assignments: the first install (r1, the fleet's first rollout) and the
+        // paused one.
+        let assigned = text_of(&c, "#assignment-history").await;
+        assert!(
+            assigned.contains("r1") && assigned.contains(&id),
+            "{assigned}"
+        );
         shot(&c, "device").await;
         // A dataset and its profile report (the HTML `fleetctl data profile --html` makes).
         let dataset = crate::retrain::import_reference(dir, &plane);
