@@ -7,6 +7,7 @@
 //! or a message is done by `fleetml-protocol`, the same code the agent runs. `fleetctl sim`
 //! (`sim`) measures a control plane under a fleet of simulated devices.
 
+pub mod alerts;
 pub mod api;
 pub mod assign;
 pub mod auth;
@@ -20,6 +21,7 @@ pub mod console;
 pub mod csvfile;
 pub mod datasets;
 pub mod demo;
+pub mod fleet_metrics;
 pub mod golden;
 pub mod http;
 pub mod ingest;
@@ -45,6 +47,7 @@ pub(crate) mod retrain;
 pub mod rollout;
 pub mod server;
 pub mod sim;
+pub mod snapshot;
 pub mod store;
 pub mod tls;
 pub mod views;

@@ -101,6 +101,10 @@ enum Command {
     Audit(AuditArgs),
     /// Latest drift scores per feature across the fleet, alerting ones first.
     Drift(DriftArgs),
+    /// Notifications: alerts firing and resolved, what each receiver was told, a test
+    /// notification, silences. Rules and receivers: `fleetctl serve --alerts FILE`.
+    #[command(subcommand)]
+    Alerts(AlertsCommand),
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -125,6 +129,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Broker(cmd) => broker_command(&server, cmd)?,
         Command::Trainers(cmd) => trainers_command(&server, cmd)?,
         Command::Drift(a) => drift_command(&server, a)?,
+        Command::Alerts(cmd) => alerts_command(&server, cmd)?,
         Command::Keys(cmd) => keys_command(cmd)?,
         Command::Bundle(cmd) => bundle_command(cmd)?,
     }

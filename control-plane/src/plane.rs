@@ -50,6 +50,12 @@ pub struct Plane {
     pub(crate) metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// Rate limits on mutating calls.
     pub(crate) rate: CallLimits,
+    /// The notifier's rules and receivers (`--alerts`).
+    pub alerts: crate::alerts::config::Config,
+    /// The notifier's alerts and the operators' silences.
+    pub alert_store: Arc<dyn crate::store::AlertStore>,
+    /// The fleet-level series `/metrics` adds to the process's own.
+    pub fleet_metrics: crate::fleet_metrics::FleetMetrics,
 }
 
 /// Mutating API calls admitted per second (0: no limit), each limit bursting to ten

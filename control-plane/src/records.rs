@@ -278,3 +278,66 @@ pub struct DatasetManifest {
     #[serde(default)]
     pub filters: Vec<String>,
 }
+
+/// One alert the notifier keeps: a condition a rule watches, from when it was first seen
+/// until it was resolved and every receiver was told, and what each receiver was told.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AlertRecord {
+    /// Its fingerprint: hex of the first 8 bytes of SHA-256 over its labels.
+    pub key: String,
+    /// `alertname` (the rule), `severity`, and what the condition is about (device,
+    /// model, board, rollout, job…).
+    pub labels: BTreeMap<String, String>,
+    /// What a person reads: `summary`, and details that may change while it fires.
+    pub annotations: BTreeMap<String, String>,
+    /// When the condition was first seen in this episode.
+    pub seen_ms: u64,
+    /// When it fired (after the rule's `for`); `None` while pending.
+    pub fired_ms: Option<u64>,
+    /// When its condition cleared.
+    pub resolved_ms: Option<u64>,
+    /// A one-off happening (a rollout completed, a job finished): fires once, never
+    /// resolves.
+    pub event: bool,
+    /// What each receiver (by name) was told.
+    pub told: BTreeMap<String, Told>,
+}
+
+/// What one receiver was told of one alert.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Told {
+    /// The state it last received: `firing` or `resolved`.
+    pub state: Option<String>,
+    /// When it last received it.
+    pub at_ms: u64,
+    /// Failed deliveries since the last that went through.
+    pub attempts: u32,
+    /// No new attempt before this time (back-off after failures).
+    pub retry_ms: u64,
+    /// Why the last attempt failed.
+    pub error: Option<String>,
+}
+
+/// A silence: alerts whose labels match every matcher are not sent while it lasts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Silence {
+    pub id: String,
+    /// Label name → value, all of which must match.
+    pub matchers: BTreeMap<String, String>,
+    pub starts_ms: u64,
+    pub ends_ms: u64,
+    pub by: String,
+    pub comment: String,
+}
+
+impl Silence {
+    /// Whether it silences an alert with `labels` at `now_ms`.
+    pub fn silences(&self, labels: &BTreeMap<String, String>, now_ms: u64) -> bool {
+        self.starts_ms <= now_ms
+            && now_ms < self.ends_ms
+            && self
+                .matchers
+                .iter()
+                .all(|(k, v)| labels.get(k).is_some_and(|l| l == v))
+    }
+}

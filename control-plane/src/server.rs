@@ -84,6 +84,9 @@ pub struct Options {
     pub audit_interval: Duration,
     /// The audit chain's key file (default `DATA_DIR/audit.key`).
     pub audit_key: Option<PathBuf>,
+    /// The notifier's rules and receivers (`--alerts FILE`); None: the built-in rules,
+    /// no receiver.
+    pub alerts: Option<PathBuf>,
     /// Where trial folders are (default `DATA_DIR/jobs`).
     pub trials_dir: Option<PathBuf>,
     /// The OS user local trials run as (needs root; `trials_dir` outside DATA_DIR).
@@ -472,6 +475,8 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .ok();
+    // Leadership was settled (or its election started) before the recorder existed.
+    metrics::gauge!("fleetml_control_leader").set(if leader.leads() { 1.0 } else { 0.0 });
     let ingest = Ingest::new(store.clone() as Arc<dyn FleetStore>);
     // The API's port first: the embedded broker picks a free loopback port below.
     let tcp = tokio::net::TcpListener::bind(opts.listen)
@@ -656,6 +661,10 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
         &*store,
     )?;
     let jobs = open_jobs(&opts, store.clone())?;
+    let alerts = match &opts.alerts {
+        Some(path) => crate::alerts::config::Config::load(path)?,
+        None => crate::alerts::config::Config::default(),
+    };
     let plane = Arc::new(Plane {
         leader,
         assignments: store.clone(),
@@ -693,6 +702,9 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
         client,
         metrics,
         rate: crate::plane::CallLimits::new(opts.rate_limits),
+        alerts,
+        alert_store: store.clone(),
+        fleet_metrics: Default::default(),
     });
     match &opts.ingest_queue {
         Some(queue) => crate::ingest_queue::spawn(plane.clone(), queue.clone()),
@@ -710,6 +722,8 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
     spawn_commands(command_events);
     crate::api::rollouts::spawn_rollouts(plane.clone());
     crate::policy::spawn(plane.clone());
+    crate::alerts::spawn(plane.clone());
+    spawn_fleet_metrics(plane.clone());
 
     let app = router(plane.clone());
     let address = tcp.local_addr()?;
@@ -801,6 +815,33 @@ fn spawn_audit_tally(plane: Arc<Plane>, interval: Duration) {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => tracing::error!(error = %e, "writing the tally of refused calls"),
                 Err(e) => tracing::error!(error = %e, "the audit tally task failed"),
+            }
+        }
+    });
+}
+
+/// Refreshes the fleet-level series of `/metrics` at start and every
+/// [`crate::fleet_metrics::EVERY`], on every replica.
+fn spawn_fleet_metrics(plane: Arc<Plane>) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(crate::fleet_metrics::EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            let p = plane.clone();
+            let done = tokio::task::spawn_blocking(move || {
+                let snap =
+                    crate::snapshot::Snapshot::read(&*p.ingest.store, &*p.rollouts, &p.jobs)?;
+                let alerts = p.alert_store.alerts()?;
+                p.fleet_metrics
+                    .set(crate::fleet_metrics::render(&snap, &alerts), now_ms());
+                Ok::<_, crate::store::StoreError>(())
+            })
+            .await;
+            match done {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "could not compute the fleet metrics"),
+                Err(e) => tracing::error!(error = %e, "the fleet metrics task failed"),
             }
         }
     });

@@ -20,6 +20,7 @@ use crate::store::FleetStore;
 
 use crate::plane::{Plane, now_ms, same};
 
+pub(crate) mod alerts;
 pub(crate) mod broker;
 pub(crate) mod data;
 pub mod devices;

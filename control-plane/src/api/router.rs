@@ -78,6 +78,16 @@ pub fn router(plane: Arc<Plane>) -> Router {
         .route("/v1/rollbacks", post(ro::start_rollback))
         .route("/v1/tokens", post(t::create_token).get(t::list_tokens))
         .route("/v1/tokens/{id}", delete(t::revoke_token))
+        .route("/v1/alerts", get(crate::api::alerts::list))
+        .route("/v1/alerts/test", post(crate::api::alerts::test))
+        .route(
+            "/v1/alerts/silences",
+            get(crate::api::alerts::silences).post(crate::api::alerts::silence),
+        )
+        .route(
+            "/v1/alerts/silences/{id}",
+            delete(crate::api::alerts::expire),
+        )
         .route("/v1/audit", get(t::audit_log))
         .route("/v1/audit/verify", get(t::audit_verify))
         .route("/v1/broker/mosquitto", get(crate::api::broker::mosquitto))
@@ -99,9 +109,11 @@ pub fn router(plane: Arc<Plane>) -> Router {
 }
 
 async fn metrics_text(State(plane): State<Arc<Plane>>) -> String {
-    plane
+    let mut text = plane
         .metrics
         .as_ref()
         .map(|m| m.render())
-        .unwrap_or_default()
+        .unwrap_or_default();
+    text.push_str(&plane.fleet_metrics.text(crate::plane::now_ms()));
+    text
 }

@@ -1,6 +1,7 @@
 //! The operator commands of `fleetctl`, one file per noun; `main.rs` parses the
 //! command line and hands each command to its file. `common` holds what several share.
 
+pub(crate) mod alerts;
 pub(crate) mod audit;
 pub(crate) mod broker;
 pub(crate) mod bundle;
@@ -20,6 +21,7 @@ pub(crate) mod tokens;
 pub(crate) mod trainers;
 pub(crate) mod trust;
 
+pub(crate) use self::alerts::*;
 pub(crate) use self::audit::*;
 pub(crate) use self::broker::*;
 pub(crate) use self::bundle::*;

@@ -139,6 +139,14 @@ pub(crate) struct ServeArgs {
     /// fleetml_control_unauthenticated_requests_total). Units ms, s, m, h.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     audit_interval: std::time::Duration,
+    /// Notification rules and receivers (TOML; docs/ALERTS.md): which conditions alert —
+    /// drift alerts, missing predictions, silent devices, rollouts paused, rolled back or
+    /// completed, retraining jobs finished — and where they go: Alertmanager's API v2, a
+    /// signed JSON webhook, a Slack-compatible incoming webhook. Without it the built-in
+    /// rules run and alerts are listed (`fleetctl alerts list`) but sent nowhere. Every
+    /// replica needs the same file; the leader sends.
+    #[arg(long, value_name = "FILE")]
+    alerts: Option<PathBuf>,
     /// The key the audit chain is MACed with (made, mode 0600, on first start). It must
     /// not live in the database: put it on another disk or in a systemd credential, and
     /// keep a copy; `fleetctl audit verify --key FILE` checks the log with it.
@@ -249,6 +257,7 @@ pub(crate) fn serve_command(a: ServeArgs) -> anyhow::Result<()> {
         signing_key: a.signing_key,
         receipt_interval: a.receipt_interval,
         audit_interval: a.audit_interval,
+        alerts: a.alerts,
         audit_key: a.audit_key,
         trials_dir: a.trials_dir,
         trial_user: a.trial_user,

@@ -780,6 +780,58 @@ pub(super) fn retention_removes_by_kind_and_age_and_thins_old_windows(
     s.flush()
 }
 
+fn alert(key: &str, device: &str) -> crate::records::AlertRecord {
+    crate::records::AlertRecord {
+        key: key.into(),
+        labels: [("alertname", "device_silent"), ("device", device)]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        annotations: Default::default(),
+        seen_ms: 10,
+        fired_ms: Some(20),
+        resolved_ms: None,
+        event: false,
+        told: Default::default(),
+    }
+}
+
+pub(super) fn alerts_and_silences_are_kept_changed_and_removed(
+    s: &dyn Store,
+) -> Result<(), StoreError> {
+    assert!(s.alerts()?.is_empty());
+    s.update_alerts(&[alert("a1", "d1"), alert("a2", "d2")], &[])?;
+    let mut told = alert("a1", "d1");
+    told.told.insert(
+        "hook".into(),
+        crate::records::Told {
+            state: Some("firing".into()),
+            at_ms: 30,
+            ..Default::default()
+        },
+    );
+    // A change and a removal in one call.
+    s.update_alerts(std::slice::from_ref(&told), &["a2".to_string()])?;
+    assert_eq!(s.alerts()?, vec![told]);
+    s.update_alerts(&[], &["a1".to_string(), "unknown".to_string()])?;
+    assert!(s.alerts()?.is_empty());
+
+    let silence = crate::records::Silence {
+        id: "s1".into(),
+        matchers: [("device".to_string(), "d1".to_string())].into(),
+        starts_ms: 5,
+        ends_ms: 50,
+        by: "token:t1".into(),
+        comment: "maintenance".into(),
+    };
+    s.put_silence(&silence)?;
+    assert_eq!(s.silences()?, vec![silence]);
+    assert!(s.remove_silence("s1")?);
+    assert!(!s.remove_silence("s1")?);
+    assert!(s.silences()?.is_empty());
+    Ok(())
+}
+
 /// Calls macro `$m` with `$args` followed by the name of every test of the suite.
 macro_rules! each_case {
     ($m:ident!($($args:tt)*)) => {
@@ -803,6 +855,7 @@ macro_rules! each_case {
             a_captured_batch_is_recorded_once,
             dataset_manifests_are_kept_and_removed,
             jobs_and_their_specs_are_kept,
+            alerts_and_silences_are_kept_changed_and_removed,
         }
     };
 }

@@ -8,14 +8,14 @@ use fleetml_protocol::assignment::AssignedModel;
 use fleetml_protocol::telemetry::{DeviceId, Envelope};
 
 use super::{
-    AssignmentStore, AuditStore, CaptureStore, DatasetStore, FleetStore, JobStore, PolicyStore,
-    RegistryStore, RolloutStore, StoreError, TokenStore,
+    AlertStore, AssignmentStore, AuditStore, CaptureStore, DatasetStore, FleetStore, JobStore,
+    PolicyStore, RegistryStore, RolloutStore, StoreError, TokenStore,
 };
 use crate::assign::{AssignmentRecord, point};
 use crate::jobs::spec::Job;
 use crate::records::{
-    AuditEntry, CaptureRecord, DatasetManifest, DeviceRecord, DeviceState, ModelRecord, Policy,
-    PolicyState, TokenRecord,
+    AlertRecord, AuditEntry, CaptureRecord, DatasetManifest, DeviceRecord, DeviceState,
+    ModelRecord, Policy, PolicyState, Silence, TokenRecord,
 };
 use crate::rollout::Rollout;
 
@@ -46,6 +46,8 @@ struct Inner {
     jobs: BTreeMap<String, Job>,
     job_ids: u64,
     job_specs: BTreeMap<String, String>,
+    alerts: BTreeMap<String, AlertRecord>,
+    silences: BTreeMap<String, Silence>,
 }
 
 impl MemoryStore {
@@ -459,6 +461,38 @@ impl DatasetStore for MemoryStore {
 
     fn remove_dataset(&self, id: &str) -> Result<bool, StoreError> {
         Ok(self.inner().datasets.remove(id).is_some())
+    }
+}
+
+impl AlertStore for MemoryStore {
+    fn alerts(&self) -> Result<Vec<AlertRecord>, StoreError> {
+        Ok(self.inner().alerts.values().cloned().collect())
+    }
+
+    fn update_alerts(&self, changed: &[AlertRecord], removed: &[String]) -> Result<(), StoreError> {
+        let mut inner = self.inner();
+        for a in changed {
+            inner.alerts.insert(a.key.clone(), a.clone());
+        }
+        for k in removed {
+            inner.alerts.remove(k);
+        }
+        Ok(())
+    }
+
+    fn silences(&self) -> Result<Vec<Silence>, StoreError> {
+        Ok(self.inner().silences.values().cloned().collect())
+    }
+
+    fn put_silence(&self, silence: &Silence) -> Result<(), StoreError> {
+        self.inner()
+            .silences
+            .insert(silence.id.clone(), silence.clone());
+        Ok(())
+    }
+
+    fn remove_silence(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self.inner().silences.remove(id).is_some())
     }
 }
 

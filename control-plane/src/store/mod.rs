@@ -3,7 +3,8 @@
 //! ([`AssignmentStore`]), rollouts ([`RolloutStore`]), operator tokens
 //! ([`TokenStore`]), the audit log ([`AuditStore`]), drift policies ([`PolicyStore`]),
 //! the registry's model versions ([`RegistryStore`]), captured batches
-//! ([`CaptureStore`]), dataset manifests ([`DatasetStore`]), training jobs ([`JobStore`]); the bundle files themselves
+//! ([`CaptureStore`]), dataset manifests ([`DatasetStore`]), training jobs ([`JobStore`]),
+//! the notifier's alerts and silences ([`AlertStore`]); the bundle files themselves
 //! behind [`BlobStore`] (`blobs::FileBlobs`: content-addressed files). A change that takes several
 //! writes is one method, so one call is one transaction (advancing a rollout writes its
 //! assignments and its own state together: [`RolloutStore::advance_rollout`]).
@@ -22,8 +23,8 @@ use fleetml_protocol::telemetry::{DeviceId, Envelope};
 use crate::assign::AssignmentRecord;
 use crate::jobs::spec::Job;
 use crate::records::{
-    AuditEntry, CaptureRecord, DatasetManifest, DeviceRecord, DeviceState, ModelRecord, Policy,
-    PolicyState, TokenRecord,
+    AlertRecord, AuditEntry, CaptureRecord, DatasetManifest, DeviceRecord, DeviceState,
+    ModelRecord, Policy, PolicyState, Silence, TokenRecord,
 };
 use crate::rollout::Rollout;
 
@@ -504,6 +505,18 @@ pub trait BlobStore: Send + Sync {
     fn local(&self, digest: &str) -> std::io::Result<std::path::PathBuf>;
 }
 
+/// The notifier's alerts (what each receiver was told, so a restart or a new leader
+/// sends nothing twice) and the operators' silences.
+pub trait AlertStore: Send + Sync {
+    fn alerts(&self) -> Result<Vec<AlertRecord>, StoreError>;
+    /// Writes `changed` (by key) and removes `removed`, together.
+    fn update_alerts(&self, changed: &[AlertRecord], removed: &[String]) -> Result<(), StoreError>;
+    fn silences(&self) -> Result<Vec<Silence>, StoreError>;
+    fn put_silence(&self, silence: &Silence) -> Result<(), StoreError>;
+    /// Whether there was one with that id.
+    fn remove_silence(&self, id: &str) -> Result<bool, StoreError>;
+}
+
 /// Every part of the store, as the control plane holds it.
 pub trait Store:
     FleetStore
@@ -516,6 +529,7 @@ pub trait Store:
     + CaptureStore
     + DatasetStore
     + JobStore
+    + AlertStore
 {
 }
 
@@ -530,6 +544,7 @@ impl<T> Store for T where
         + CaptureStore
         + DatasetStore
         + JobStore
+        + AlertStore
 {
 }
 

@@ -27,14 +27,14 @@ use fleetml_protocol::telemetry::{DeviceId, Envelope};
 use r2d2_postgres::PostgresConnectionManager;
 
 use super::{
-    AssignmentStore, AuditStore, CaptureStore, DatasetStore, FleetStore, JobStore, PolicyStore,
-    RegistryStore, RolloutStore, StoreError, TokenStore, off_runtime, stage,
+    AlertStore, AssignmentStore, AuditStore, CaptureStore, DatasetStore, FleetStore, JobStore,
+    PolicyStore, RegistryStore, RolloutStore, StoreError, TokenStore, off_runtime, stage,
 };
 use crate::assign::AssignmentRecord;
 use crate::jobs::spec::Job;
 use crate::records::{
-    AuditEntry, CaptureRecord, DatasetManifest, DeviceRecord, DeviceState, ModelRecord, Policy,
-    PolicyState, TokenRecord,
+    AlertRecord, AuditEntry, CaptureRecord, DatasetManifest, DeviceRecord, DeviceState,
+    ModelRecord, Policy, PolicyState, Silence, TokenRecord,
 };
 use crate::rollout::Rollout;
 
@@ -955,6 +955,66 @@ impl AuditStore for PgStore {
             })
             .collect())
         })
+    }
+}
+
+impl AlertStore for PgStore {
+    fn alerts(&self) -> Result<Vec<AlertRecord>, StoreError> {
+        self.run(|c| {
+            c.query("SELECT record::text FROM alerts ORDER BY key", &[])?
+                .iter()
+                .map(|r| {
+                    serde_json::from_str(r.get(0)).map_err(|e| StoreError::corrupt("an alert", e))
+                })
+                .collect()
+        })
+    }
+
+    fn update_alerts(&self, changed: &[AlertRecord], removed: &[String]) -> Result<(), StoreError> {
+        let rows = changed
+            .iter()
+            .map(|a| Ok((a.key.clone(), json("an alert", a)?)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        self.tx(|t| {
+            for (key, record) in &rows {
+                t.execute(
+                    "INSERT INTO alerts (key, record) VALUES ($1, $2::text::jsonb) \
+                     ON CONFLICT (key) DO UPDATE SET record = EXCLUDED.record",
+                    &[key, record],
+                )?;
+            }
+            if !removed.is_empty() {
+                t.execute("DELETE FROM alerts WHERE key = ANY($1)", &[&removed])?;
+            }
+            Ok(())
+        })
+    }
+
+    fn silences(&self) -> Result<Vec<Silence>, StoreError> {
+        self.run(|c| {
+            c.query("SELECT record::text FROM silences ORDER BY id", &[])?
+                .iter()
+                .map(|r| {
+                    serde_json::from_str(r.get(0)).map_err(|e| StoreError::corrupt("a silence", e))
+                })
+                .collect()
+        })
+    }
+
+    fn put_silence(&self, silence: &Silence) -> Result<(), StoreError> {
+        let record = json("a silence", silence)?;
+        self.run(|c| {
+            c.execute(
+                "INSERT INTO silences (id, record) VALUES ($1, $2::text::jsonb) \
+                 ON CONFLICT (id) DO UPDATE SET record = EXCLUDED.record",
+                &[&silence.id, &record],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn remove_silence(&self, id: &str) -> Result<bool, StoreError> {
+        self.run(|c| Ok(c.execute("DELETE FROM silences WHERE id = $1", &[&id])? > 0))
     }
 }
 

@@ -6,15 +6,15 @@ use fleetml_protocol::assignment::AssignedModel;
 use fleetml_protocol::telemetry::{DeviceId, Envelope};
 
 use super::{
-    AssignmentStore, AuditStore, CaptureStore, DatasetStore, FleetStore, JobStore, PolicyStore,
-    RegistryStore, RolloutStore, StoreError, TokenStore,
+    AlertStore, AssignmentStore, AuditStore, CaptureStore, DatasetStore, FleetStore, JobStore,
+    PolicyStore, RegistryStore, RolloutStore, StoreError, TokenStore,
 };
 use super::{decode_assignment, stage};
 use crate::assign::{AssignmentRecord, point};
 use crate::jobs::spec::Job;
 use crate::records::{
-    AuditEntry, CaptureRecord, DatasetManifest, DeviceRecord, DeviceState, ModelRecord, Policy,
-    PolicyState, TokenRecord,
+    AlertRecord, AuditEntry, CaptureRecord, DatasetManifest, DeviceRecord, DeviceState,
+    ModelRecord, Policy, PolicyState, Silence, TokenRecord,
 };
 use crate::rollout::Rollout;
 
@@ -97,7 +97,7 @@ fn from_json<T: serde::de::DeserializeOwned>(what: &str, bytes: &[u8]) -> Result
 /// hash), `audit` (JSON by big-endian seq), `policies` (JSON `[policy, state]` by model),
 /// `models` (JSON, keyed `name \0 version`, big-endian), `captures` (JSON, keyed
 /// `device \0 seq`), `datasets` (JSON by id), `jobs` (JSON by id), `job_specs` (TOML by
-/// model).
+/// model), `alerts` (JSON by key), `silences` (JSON by id).
 #[derive(Debug, Clone)]
 pub struct SledStore {
     db: ::sled::Db,
@@ -118,6 +118,8 @@ pub struct SledStore {
     datasets: ::sled::Tree,
     jobs: ::sled::Tree,
     job_specs: ::sled::Tree,
+    alerts: ::sled::Tree,
+    silences: ::sled::Tree,
     /// Serializes audit appends (read the last entry, then write the next).
     audit_append: std::sync::Arc<std::sync::Mutex<()>>,
     /// Serializes job updates (read, change, write).
@@ -150,6 +152,8 @@ impl SledStore {
             datasets: db.open_tree("datasets")?,
             jobs: db.open_tree("jobs")?,
             job_specs: db.open_tree("job_specs")?,
+            alerts: db.open_tree("alerts")?,
+            silences: db.open_tree("silences")?,
             audit_append: Default::default(),
             job_update: Default::default(),
             db,
@@ -591,6 +595,52 @@ impl AuditStore for SledStore {
             );
         }
         Ok(out)
+    }
+}
+
+impl AlertStore for SledStore {
+    fn alerts(&self) -> Result<Vec<AlertRecord>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.alerts.iter() {
+            let (_, v) = item?;
+            out.push(serde_json::from_slice(&v).map_err(|e| StoreError::corrupt("an alert", e))?);
+        }
+        Ok(out)
+    }
+
+    fn update_alerts(&self, changed: &[AlertRecord], removed: &[String]) -> Result<(), StoreError> {
+        let mut batch = ::sled::Batch::default();
+        for a in changed {
+            batch.insert(a.key.as_bytes(), json("an alert", a)?);
+        }
+        for k in removed {
+            batch.remove(k.as_bytes());
+        }
+        self.alerts.apply_batch(batch)?;
+        self.alerts.flush()?;
+        Ok(())
+    }
+
+    fn silences(&self) -> Result<Vec<Silence>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.silences.iter() {
+            let (_, v) = item?;
+            out.push(serde_json::from_slice(&v).map_err(|e| StoreError::corrupt("a silence", e))?);
+        }
+        Ok(out)
+    }
+
+    fn put_silence(&self, silence: &Silence) -> Result<(), StoreError> {
+        self.silences
+            .insert(silence.id.as_bytes(), json("a silence", silence)?)?;
+        self.silences.flush()?;
+        Ok(())
+    }
+
+    fn remove_silence(&self, id: &str) -> Result<bool, StoreError> {
+        let gone = self.silences.remove(id.as_bytes())?.is_some();
+        self.silences.flush()?;
+        Ok(gone)
     }
 }
 

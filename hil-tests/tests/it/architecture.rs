@@ -313,6 +313,9 @@ fn the_pure_cores_read_no_clock_and_do_no_io() {
     let mut cores = vec![
         "control-plane/src/rollout/mod.rs".to_string(),
         "control-plane/src/policy/engine.rs".to_string(),
+        "control-plane/src/alerts/engine.rs".to_string(),
+        "control-plane/src/alerts/conditions.rs".to_string(),
+        "control-plane/src/fleet_metrics.rs".to_string(),
     ];
     // The device rules the agent and the simulator share, and the wire formats.
     cores.extend(sources("device/src"));

@@ -1,5 +1,6 @@
 //! System tests: the real `fleetctl` and `fleet-agent` binaries on real files.
 
+mod alerts;
 mod api;
 mod architecture;
 mod bundle_cli;
