@@ -118,6 +118,23 @@ pub enum PrepareError {
     NoBackend(NoBackend),
 }
 
+impl PrepareError {
+    /// As a [`NoBackend`] on `board` (a bundle that cannot be read loads nowhere).
+    fn into_no_backend(self, board: &BoardProfile) -> NoBackend {
+        match self {
+            PrepareError::NoBackend(n) => n,
+            PrepareError::Read(reason) => NoBackend {
+                board: board.name.clone(),
+                reasons: vec![backend::Fallback {
+                    backend: Kind::Cpu,
+                    provider: None,
+                    reason,
+                }],
+            },
+        }
+    }
+}
+
 /// Installs and activates the bundle at `source`.
 pub fn install(
     store: &ModelStore,
@@ -146,17 +163,48 @@ pub fn install(
         }
         Err(e) => {
             store.record_failure(&verified, &e.to_string(), now)?;
-            let source = match e {
-                PrepareError::NoBackend(n) => n,
-                PrepareError::Read(reason) => NoBackend {
-                    board: board.name.clone(),
-                    reasons: vec![backend::Fallback {
-                        backend: Kind::Cpu,
-                        provider: None,
-                        reason,
-                    }],
-                },
-            };
+            let source = e.into_no_backend(board);
+            Err(ActivationError::NoBackend {
+                model: m.name.clone(),
+                version: m.version,
+                source,
+            })
+        }
+    }
+}
+
+/// Verify → stage → prepare (backend selection and golden self-test) → record as the
+/// shadow of its model, run on `sample_permille` of the requests. Nothing serving
+/// changes; a failure is returned, not recorded as the model's failure.
+pub fn install_shadow(
+    store: &ModelStore,
+    source: &Path,
+    policy: &TrustPolicy,
+    board: &BoardProfile,
+    limits: &Limits,
+    sample_permille: u16,
+    now: u64,
+) -> Result<Activated, ActivationError> {
+    let (verified, stored) = store.stage(source, policy, limits)?;
+    let m = &verified.manifest;
+    match prepare(&stored, &verified, board) {
+        Ok(selection) => {
+            let fallbacks = selection.report();
+            let state = store.set_shadow(
+                &verified,
+                &backend::describe(selection.backend.as_ref()),
+                sample_permille,
+                now,
+            )?;
+            Ok(Activated {
+                state,
+                self_test: selection.self_test,
+                fallbacks,
+            })
+        }
+        Err(e) => {
+            store.gc()?;
+            let source = e.into_no_backend(board);
             Err(ActivationError::NoBackend {
                 model: m.name.clone(),
                 version: m.version,

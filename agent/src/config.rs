@@ -44,6 +44,7 @@
 //! outbox_max_messages = 100000
 //! outbox_max_bytes = 268435456
 //! status_interval_s = 300
+//! shadow_cpu_percent = 50          # a shadow version's share of one core; beyond it, shed
 //! telemetry_resend_after_s = 600   # last resort: re-publish what no receipt confirmed
 //! assignment_poll_s = 300          # plus a pull whenever the control plane says so
 //! download_max_bytes_per_s = 1000000
@@ -144,6 +145,10 @@ pub struct AgentConfig {
     pub outbox_max_bytes: Option<u64>,
     /// Seconds between heartbeat statuses while connected (default 300).
     pub status_interval_s: Option<u64>,
+    /// The share of one core a shadow version (a candidate run beside the served one on
+    /// live requests) may use, percent (1-100, default 50); beyond it shadow runs are
+    /// shed, never the requests being served.
+    pub shadow_cpu_percent: Option<u8>,
     /// Seconds a message the broker acknowledged waits for the control plane's receipt
     /// before it is published again (default 600; only once the control plane sends
     /// receipts).
@@ -290,6 +295,7 @@ impl AgentConfig {
             outbox_max_messages,
             outbox_max_bytes,
             status_interval_s,
+            shadow_cpu_percent,
             telemetry_resend_after_s,
             assignment_poll_s,
             download_max_bytes_per_s,

@@ -29,6 +29,7 @@ pub mod runtime;
 pub mod sdnotify;
 pub mod selftest;
 pub mod serve;
+pub mod shadow;
 #[cfg(feature = "sinks")]
 pub mod sinks;
 pub mod store;

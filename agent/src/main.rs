@@ -533,6 +533,7 @@ fn fleet_agent_run(args: RunArgs) -> anyhow::Result<()> {
                 .unwrap_or(ApiLimits::default().max_connections)
                 .max(1),
             token,
+            shadow_cpu_percent: c.shadow_cpu_percent.unwrap_or(50).clamp(1, 100),
             ..Default::default()
         },
         monitoring: c.monitoring(),

@@ -6,7 +6,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use fleetml_monitor::{
     FeatureReport, MissReason, Monitor, Observation, Subject, Thresholds, Transition, WindowConfig,
@@ -189,6 +189,119 @@ pub enum Outcome {
     Scored { abs_error: f64 },
 }
 
+/// Latencies of shadow runs kept per window for its quantiles (the first ones; the
+/// counts go on).
+const SHADOW_LATENCIES_KEPT: usize = 4096;
+
+/// A shadow version beside the served one: what its runs showed in the current window,
+/// reported with the served model's window ([`telemetry::ShadowReport`]). The shadow's
+/// own monitor (its prediction drift against its own reference) closes its window when
+/// the served one does.
+#[derive(Debug)]
+pub struct Comparison {
+    pub version: u64,
+    monitor: Option<Arc<ModelMonitor>>,
+    counts: Mutex<ShadowCounts>,
+}
+
+#[derive(Debug, Default)]
+struct ShadowCounts {
+    runs: u32,
+    shed: u32,
+    failed: u32,
+    rows: u32,
+    classified: u32,
+    agreed: u32,
+    scored: u32,
+    abs_error_sum: f64,
+    abs_error_max: f64,
+    latencies_us: Vec<u64>,
+}
+
+impl Comparison {
+    /// The comparison with shadow `version`, whose own monitor is `monitor`.
+    pub fn new(version: u64, monitor: Option<Arc<ModelMonitor>>) -> Comparison {
+        Comparison {
+            version,
+            monitor,
+            counts: Mutex::new(ShadowCounts::default()),
+        }
+    }
+
+    fn counts(&self) -> std::sync::MutexGuard<'_, ShadowCounts> {
+        self.counts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The shadow's own monitor.
+    pub fn monitor(&self) -> Option<&Arc<ModelMonitor>> {
+        self.monitor.as_ref()
+    }
+
+    /// A request not run in shadow to keep serving unhindered.
+    pub fn shed(&self) {
+        self.counts().shed += 1;
+    }
+
+    /// A shadow run that failed.
+    pub fn failed(&self) {
+        let mut c = self.counts();
+        c.runs += 1;
+        c.failed += 1;
+    }
+
+    /// A shadow run of `latency_us`: the first output's rows as answered and as the
+    /// shadow computed them. Rows of several values compare by class (arg-max), rows
+    /// of one by absolute difference.
+    pub fn ran(&self, answered: &[Vec<f32>], shadow: &[Vec<f32>], latency_us: u64) {
+        let mut c = self.counts();
+        c.runs += 1;
+        if c.latencies_us.len() < SHADOW_LATENCIES_KEPT {
+            c.latencies_us.push(latency_us);
+        }
+        for (a, b) in answered.iter().zip(shadow) {
+            c.rows += 1;
+            if a.len() > 1 && b.len() > 1 {
+                c.classified += 1;
+                c.agreed += u32::from(argmax(a) == argmax(b));
+            } else if let (Some(x), Some(y)) = (a.first(), b.first()) {
+                let d = (f64::from(*x) - f64::from(*y)).abs();
+                c.scored += 1;
+                c.abs_error_sum += d;
+                c.abs_error_max = c.abs_error_max.max(d);
+            }
+        }
+    }
+
+    /// The window's report, closing the shadow monitor's window at `now`; the counts
+    /// start again.
+    fn take(&self, now: u64) -> telemetry::ShadowReport {
+        let mut c = std::mem::take(&mut *self.counts());
+        c.latencies_us.sort_unstable();
+        let q = |p: f64| -> Option<u64> {
+            let n = c.latencies_us.len();
+            (n > 0).then(|| c.latencies_us[((n - 1) as f64 * p).round() as usize])
+        };
+        let own = self.monitor.as_ref().and_then(|m| m.close_window(now));
+        telemetry::ShadowReport {
+            version: self.version,
+            runs: c.runs,
+            shed: c.shed,
+            failed: c.failed,
+            rows: c.rows,
+            agreement: (c.classified > 0).then(|| f64::from(c.agreed) / f64::from(c.classified)),
+            mean_abs_error: (c.scored > 0).then(|| c.abs_error_sum / f64::from(c.scored)),
+            max_abs_error: (c.scored > 0).then_some(c.abs_error_max),
+            latency_us: telemetry::Quantiles {
+                p50: q(0.5),
+                p95: q(0.95),
+                p99: q(0.99),
+            },
+            prediction: own.as_ref().and_then(|w| w.prediction.clone()),
+            alerts: own.map(|w| w.alerts).unwrap_or_default(),
+        }
+    }
+}
+
 /// The monitor of one served model version.
 #[derive(Debug)]
 pub struct ModelMonitor {
@@ -210,6 +323,8 @@ pub struct ModelMonitor {
     config: WindowConfig,
     state: Mutex<State>,
     sink: Option<Sink>,
+    /// The shadow version running beside this one, when there is one.
+    comparison: Mutex<Option<Arc<Comparison>>>,
 }
 
 impl ModelMonitor {
@@ -350,6 +465,7 @@ impl ModelMonitor {
                 labels: Labels::default(),
             }),
             sink,
+            comparison: Mutex::new(None),
         })
     }
 
@@ -504,6 +620,42 @@ impl ModelMonitor {
         self.prediction
     }
 
+    /// Runs a shadow version beside this one from now on (`None`: stops it).
+    pub fn compare_with(&self, comparison: Option<Arc<Comparison>>) {
+        *self.comparison.lock().unwrap_or_else(|p| p.into_inner()) = comparison;
+    }
+
+    /// The shadow comparison in force, if any.
+    pub fn comparison(&self) -> Option<Arc<Comparison>> {
+        self.comparison
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Closes the current window at `now` when it saw predictions, and returns it as
+    /// reported; else the last window closed before. For a shadow's monitor, whose
+    /// windows close with the served model's.
+    pub fn close_window(&self, now: u64) -> Option<telemetry::WindowReport> {
+        let mut state = self.lock();
+        let report = state.core.close(now);
+        if report.predictions > 0 {
+            let seq = state.seq_base + report.seq;
+            let shipped = self.report(seq, &report, &[]);
+            state
+                .history
+                .push_back(serde_json::to_value(&shipped).unwrap_or(Value::Null));
+            while state.history.len() > KEPT_IN_MEMORY {
+                state.history.pop_front();
+            }
+            return Some(shipped);
+        }
+        state
+            .history
+            .back()
+            .and_then(|v| serde_json::from_value(v.clone()).ok())
+    }
+
     /// Closes the current window at `now` (shutdown, tests).
     pub fn flush(&self, now: u64) {
         let mut state = self.lock();
@@ -518,6 +670,12 @@ impl ModelMonitor {
         let missing_ids = std::mem::take(&mut state.expected.overdue_sample);
         state.expected.overdue = 0;
         let mut shipped = self.report(seq, &report, &missing_ids);
+        shipped.shadow = self
+            .comparison
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .map(|c| c.take(report.end_ms));
         let labels = std::mem::take(&mut state.labels);
         shipped.labels = labels.count;
         shipped.live_accuracy =
@@ -657,6 +815,7 @@ impl ModelMonitor {
         }
         let seconds = (r.end_ms.saturating_sub(r.start_ms)) as f64 / 1000.0;
         telemetry::WindowReport {
+            shadow: None,
             model: self.model.clone(),
             version: self.version,
             window: seq,

@@ -76,7 +76,14 @@ fn load(bundles: &std::path::Path, state: &ModelState, config: &Config) -> anyho
         .increment(1);
     }
     let fallbacks = selection.report();
-    let monitor = monitor_for(&path, &verified, state, config);
+    let monitor = monitor_for(
+        &path,
+        &verified,
+        &state.name,
+        state.active.version,
+        config,
+        config.sink.clone(),
+    );
     let inline = api::runs_inline(selection.backend.as_ref(), &verified.manifest.inputs);
     let backend: Arc<dyn crate::backend::Backend> = Arc::from(selection.backend);
     let batching = crate::batcher::BatchingConfig::choose(
@@ -121,7 +128,55 @@ fn load(bundles: &std::path::Path, state: &ModelState, config: &Config) -> anyho
         fallbacks,
         monitor,
         batcher,
+        shadow: None,
     })
+}
+
+/// Loads the shadow version of `state` (verified again, prepared and self-tested on the
+/// board's backends, with a monitor of its own) to run beside `served`.
+fn load_shadow(
+    bundles: &std::path::Path,
+    state: &ModelState,
+    served: &Served,
+    config: &Config,
+) -> anyhow::Result<Option<Arc<crate::shadow::Shadow>>> {
+    let Some(shadow) = &state.shadow else {
+        return Ok(None);
+    };
+    let version = shadow.installed.version;
+    let path = bundles.join(format!("{}.fmb", shadow.installed.digest));
+    let file = std::fs::File::open(&path)
+        .with_context(|| format!("stored shadow bundle {} is missing", path.display()))?;
+    let verified = bundle::verify(
+        std::io::BufReader::with_capacity(bundle::CHUNK, file),
+        &config.policy,
+        &Limits::default(),
+    )
+    .with_context(|| {
+        format!(
+            "stored bundle of {} v{version} no longer verifies",
+            state.name
+        )
+    })?;
+    anyhow::ensure!(
+        verified.manifest.name == state.name,
+        "the shadow bundle is of model `{}`, not `{}`",
+        verified.manifest.name,
+        state.name
+    );
+    let selection = activation::prepare(&path, &verified, &config.board)?;
+    let monitor = monitor_for(&path, &verified, &state.name, version, config, None);
+    let comparison = Arc::new(crate::monitoring::Comparison::new(version, monitor));
+    if served.monitor.is_none() {
+        tracing::warn!(model = %state.name, "the served version is not monitored: its shadow is compared but reported nowhere");
+    }
+    Ok(Some(Arc::new(crate::shadow::Shadow::new(
+        version,
+        Arc::from(selection.backend),
+        comparison,
+        shadow.sample_permille,
+        config.limits.shadow_cpu_percent,
+    ))))
 }
 
 /// The monitor of a stored bundle, from its reference profile; `None` (logged) when the
@@ -129,8 +184,10 @@ fn load(bundles: &std::path::Path, state: &ModelState, config: &Config) -> anyho
 fn monitor_for(
     path: &std::path::Path,
     verified: &bundle::VerifiedBundle,
-    state: &ModelState,
+    name: &str,
+    version: u64,
     config: &Config,
+    sink: Option<crate::monitoring::Sink>,
 ) -> Option<Arc<crate::monitoring::ModelMonitor>> {
     use fleetml_protocol::manifest::REFERENCE_ENTRY;
     use fleetml_protocol::reference::ReferenceProfile;
@@ -143,20 +200,20 @@ fn monitor_for(
             crate::monitoring::settings(&config.monitoring, &verified.manifest.monitoring)
                 .map_err(anyhow::Error::msg)?;
         crate::monitoring::ModelMonitor::new(
-            &state.name,
-            state.active.version,
+            name,
+            version,
             &verified.manifest.features,
             &profile,
             window,
             thresholds,
-            config.sink.clone(),
+            sink,
         )
         .map_err(anyhow::Error::msg)
     })();
     match built {
         Ok(m) => Some(Arc::new(m)),
         Err(e) => {
-            tracing::warn!(model = %state.name, error = %format!("{e:#}"), "not monitored");
+            tracing::warn!(model = %name, version, error = %format!("{e:#}"), "not monitored");
             None
         }
     }
@@ -203,10 +260,24 @@ pub fn reload(api: &Api, config: &Config) -> anyhow::Result<Changes> {
         }
         let serving = api.version_of(&state.name);
         if serving == Some(state.active.version) {
+            if let Some(current) = api.get(&state.name) {
+                changes.extend(reshadow(api, &bundles, &state, &current, config));
+            }
             continue;
         }
         match load(&bundles, &state, config) {
-            Ok(served) => {
+            Ok(mut served) => {
+                let shadow_events = match load_shadow(&bundles, &state, &served, config) {
+                    Ok(shadow) => {
+                        served = served.with_shadow(shadow);
+                        served
+                            .shadow
+                            .iter()
+                            .map(|s| shadow_started(&state, s))
+                            .collect()
+                    }
+                    Err(e) => vec![shadow_failed(&state, &e)],
+                };
                 changes.push(event(
                     Lifecycle::Verified,
                     &state.name,
@@ -237,6 +308,7 @@ pub fn reload(api: &Api, config: &Config) -> anyhow::Result<Changes> {
                     format!("on {backend}"),
                 ));
                 api.swap(served);
+                changes.extend(shadow_events);
             }
             Err(e) => {
                 api.loaded(&state.name);
@@ -251,6 +323,68 @@ pub fn reload(api: &Api, config: &Config) -> anyhow::Result<Changes> {
         }
     }
     Ok(changes)
+}
+
+/// The shadow of a model already served brought in line with the store (started,
+/// changed, stopped), the served version untouched; the events.
+fn reshadow(
+    api: &Api,
+    bundles: &std::path::Path,
+    state: &ModelState,
+    current: &Served,
+    config: &Config,
+) -> Changes {
+    let want = state
+        .shadow
+        .as_ref()
+        .map(|s| (s.installed.version, s.sample_permille));
+    let have = current
+        .shadow
+        .as_ref()
+        .map(|s| (s.version, s.sample_permille));
+    if want == have {
+        return Changes::new();
+    }
+    let stopped = current.shadow.as_ref().map(|s| telemetry::Event {
+        kind: Lifecycle::ShadowStopped,
+        model: state.name.clone(),
+        version: s.version,
+        detail: String::new(),
+    });
+    match load_shadow(bundles, state, current, config) {
+        Ok(shadow) => {
+            let started = shadow.as_ref().map(|s| shadow_started(state, s));
+            api.swap(current.with_shadow(shadow));
+            stopped
+                .into_iter()
+                .filter(|_| want.map(|w| w.0) != have.map(|h| h.0))
+                .chain(started)
+                .collect()
+        }
+        Err(e) => vec![shadow_failed(state, &e)],
+    }
+}
+
+fn shadow_started(state: &ModelState, s: &crate::shadow::Shadow) -> telemetry::Event {
+    let backend = crate::backend::describe(s.backend.as_ref());
+    tracing::info!(model = %state.name, version = s.version, %backend, sample_permille = s.sample_permille, "running in shadow");
+    telemetry::Event {
+        kind: Lifecycle::ShadowActivated,
+        model: state.name.clone(),
+        version: s.version,
+        detail: format!("on {backend}, {} per thousand requests", s.sample_permille),
+    }
+}
+
+fn shadow_failed(state: &ModelState, e: &anyhow::Error) -> telemetry::Event {
+    let version = state.shadow.as_ref().map_or(0, |s| s.installed.version);
+    tracing::error!(model = %state.name, version, error = %format!("{e:#}"), "cannot run this shadow version");
+    telemetry::Event {
+        kind: Lifecycle::ShadowFailed,
+        model: state.name.clone(),
+        version,
+        detail: format!("{e:#}"),
+    }
 }
 
 /// Requests for a model not served yet wait for it rather than being refused, and
@@ -308,6 +442,10 @@ fn status_of(
             .served()
             .iter()
             .map(|m| telemetry::ActiveModel {
+                shadow: m.shadow.as_ref().map(|s| telemetry::ActiveShadow {
+                    version: s.version,
+                    backend: crate::backend::describe(s.backend.as_ref()),
+                }),
                 name: m.name.clone(),
                 version: m.version,
                 backend: crate::backend::describe(m.backend.as_ref()),

@@ -146,6 +146,19 @@ pub struct ModelState {
     pub fallbacks: Vec<String>,
     /// The last activation of this model that failed, and why; cleared by a success.
     pub last_failure: Option<Failure>,
+    /// A version running beside the active one in shadow (never answering).
+    #[serde(default)]
+    pub shadow: Option<Shadowed>,
+}
+
+/// A shadow version in the store.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Shadowed {
+    pub installed: Installed,
+    /// Requests run in shadow per thousand answered.
+    pub sample_permille: u16,
+    /// Backend it was self-tested on.
+    pub backend: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -338,6 +351,11 @@ impl ModelStore {
             Some(old) => old.previous,
             None => None,
         };
+        // A shadow that becomes the active version (a promotion) stops being a shadow.
+        let shadow = self
+            .model(&m.name)?
+            .and_then(|o| o.shadow)
+            .filter(|sh| sh.installed.digest != installed.digest);
         let state = ModelState {
             name: m.name.clone(),
             active: installed,
@@ -345,10 +363,72 @@ impl ModelStore {
             backend: backend.to_string(),
             fallbacks,
             last_failure: None,
+            shadow,
         };
         self.put(&state)?;
         self.gc()?;
         Ok(state)
+    }
+
+    /// Records `verified` (staged, prepared and self-tested by the caller) as the shadow
+    /// of its model, run on `sample_permille` of the requests. The model needs an active
+    /// version to run beside.
+    pub fn set_shadow(
+        &self,
+        verified: &VerifiedBundle,
+        backend: &str,
+        sample_permille: u16,
+        now: u64,
+    ) -> Result<ModelState, StoreError> {
+        let m = &verified.manifest;
+        let digest = verified.digest.to_string();
+        if !self.bundle_path(&digest).is_file() {
+            return Err(StoreError::NotStaged(digest));
+        }
+        let mut state = self
+            .model(&m.name)?
+            .ok_or_else(|| StoreError::UnknownModel(m.name.clone()))?;
+        state.shadow = Some(Shadowed {
+            installed: Installed {
+                digest,
+                version: m.version,
+                label: m.label.clone(),
+                size: verified.size,
+                activated_at: now,
+            },
+            sample_permille,
+            backend: backend.to_string(),
+        });
+        self.put(&state)?;
+        self.gc()?;
+        Ok(state)
+    }
+
+    /// Changes the shadow's sample; false when `name` has no shadow.
+    pub fn set_shadow_sample(&self, name: &str, sample_permille: u16) -> Result<bool, StoreError> {
+        let Some(mut state) = self.model(name)? else {
+            return Ok(false);
+        };
+        let Some(shadow) = state.shadow.as_mut() else {
+            return Ok(false);
+        };
+        shadow.sample_permille = sample_permille;
+        self.put(&state)?;
+        Ok(true)
+    }
+
+    /// Stops the shadow of `name` (its bundle is removed unless active or previous);
+    /// the version it was, if any.
+    pub fn clear_shadow(&self, name: &str) -> Result<Option<u64>, StoreError> {
+        let Some(mut state) = self.model(name)? else {
+            return Ok(None);
+        };
+        let Some(old) = state.shadow.take() else {
+            return Ok(None);
+        };
+        self.put(&state)?;
+        self.gc()?;
+        Ok(Some(old.installed.version))
     }
 
     /// Records that activating `verified` failed; the active version stays as it is.
@@ -406,7 +486,7 @@ impl ModelStore {
         Ok(out)
     }
 
-    /// Deletes stored bundles that are neither active nor previous for any model.
+    /// Deletes stored bundles that are neither active, previous nor shadow for any model.
     /// Returns the digests removed.
     pub fn gc(&self) -> Result<Vec<String>, StoreError> {
         let mut keep = BTreeSet::new();
@@ -414,6 +494,9 @@ impl ModelStore {
             keep.insert(m.active.digest);
             if let Some(p) = m.previous {
                 keep.insert(p.digest);
+            }
+            if let Some(sh) = m.shadow {
+                keep.insert(sh.installed.digest);
             }
         }
         let mut removed = Vec::new();

@@ -53,7 +53,7 @@ pub(crate) fn point(record: &mut AssignmentRecord, model: &str, to: &AssignedMod
     let same = record
         .models
         .get(model)
-        .is_some_and(|m| m.digest == to.digest && m.rollout == to.rollout);
+        .is_some_and(|m| m.digest == to.digest && m.rollout == to.rollout && m.shadow == to.shadow);
     if !same {
         if let Some(old) = record.models.insert(model.to_string(), to.clone())
             && old.digest != to.digest

@@ -173,6 +173,11 @@ pub struct Policy {
     pub margin: f64,
     #[serde(default = "default_canary")]
     pub canary_pct: u32,
+    /// A winning candidate runs first as a shadow beside what every device serves (a
+    /// shadow rollout whose waves are the canary's, auto-rollback on); an operator's
+    /// `fleetctl rollout promote` then starts the canary.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shadow_first: bool,
     #[serde(default = "yes")]
     pub enabled: bool,
     /// A job spec (TOML) to keep as the model's (only in requests).

@@ -623,6 +623,48 @@ pub fn rollout_status(v: &RolloutView) -> String {
             );
         }
     }
+    if let Some(sh) = &v.shadow {
+        let _ = writeln!(
+            out,
+            "\nshadow v{} on {}% of requests (beside what each device serves; never answers)",
+            sh.version,
+            f64::from(sh.sample_permille) / 10.0
+        );
+        let _ = writeln!(
+            out,
+            "{:<24} {:>4} {:>8} {:>7} {:>8} {:>10} {:>10} {:>10} {:>8}  ALERTS",
+            "BOARD / DEVICE",
+            "DEVS",
+            "ROWS",
+            "SHED",
+            "AGREE",
+            "MEAN|DIFF|",
+            "P95 SHADOW",
+            "P95 SERVED",
+            "RATIO"
+        );
+        let pct = |x: Option<f64>| x.map_or("-".into(), |a| format!("{:.1}%", a * 100.0));
+        let num = |x: Option<f64>, unit: &str| x.map_or("-".into(), |a| format!("{a:.3}{unit}"));
+        let ms = |x: Option<f64>| x.map_or("-".into(), |u| format!("{:.2}ms", u / 1000.0));
+        for (rows, indent) in [(&sh.boards, ""), (&sh.devices, "  ")] {
+            for r in rows {
+                let _ = writeln!(
+                    out,
+                    "{:<24} {:>4} {:>8} {:>7} {:>8} {:>10} {:>10} {:>10} {:>8}  {}",
+                    format!("{indent}{}", r.name),
+                    r.devices,
+                    r.rows,
+                    r.shed,
+                    pct(r.agreement),
+                    num(r.mean_abs_error, ""),
+                    ms(r.shadow_p95_us),
+                    ms(r.served_p95_us),
+                    num(r.latency_ratio, "x"),
+                    r.alerts.join(", ")
+                );
+            }
+        }
+    }
     let _ = writeln!(
         out,
         "\n{:<24} {:>4} {:>6} {:>6} {:<12} DETAIL",

@@ -181,6 +181,7 @@ mod tests {
 
     fn model(size: u64) -> AssignedModel {
         AssignedModel {
+            shadow: None,
             version: 1,
             digest: sha256(b"bundle"),
             size,

@@ -129,6 +129,12 @@ impl PullState {
     pub fn failed(&mut self, digest: Sha256) {
         self.failed.insert(digest);
     }
+
+    /// Whether bundle `digest` failed since the last new generation (a shadow version is
+    /// not tried again until the assignment changes).
+    pub fn has_failed(&self, digest: &Sha256) -> bool {
+        self.failed.contains(digest)
+    }
 }
 
 /// What the control plane's `Date` header says about this device's clock, for the
@@ -215,6 +221,7 @@ mod tests {
 
     fn model(v: u64) -> AssignedModel {
         AssignedModel {
+            shadow: None,
             version: v,
             digest: sha256(&v.to_be_bytes()),
             size: 10,

@@ -60,6 +60,26 @@ pub struct AssignedModel {
     /// The rollout (or rollback) that set it, for reports.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<String>,
+    /// A candidate version to run beside it on live requests, never answering
+    /// (a shadow deployment).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ShadowModel>,
+}
+
+/// A shadow version: verified, self-tested and run like any version, on a sampled share
+/// of the requests its model answers, after the answer; its outputs are only compared.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShadowModel {
+    pub version: u64,
+    /// SHA-256 of the whole `.fmb` file.
+    pub digest: Sha256,
+    pub size: u64,
+    /// Requests run in shadow per thousand answered (1..=1000).
+    pub sample_permille: u16,
+    /// The shadow rollout that set it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<String>,
 }
 
 /// An assignment as it travels: its canonical CBOR and one signature over it.
@@ -184,6 +204,17 @@ impl SignedAssignment {
         }
         if assignment.models.len() > MAX_MODELS {
             return Err(AssignmentError::TooManyModels(assignment.models.len()));
+        }
+        if let Some((name, s)) = assignment.models.iter().find_map(|(n, m)| {
+            m.shadow
+                .as_ref()
+                .filter(|s| !(1..=1000).contains(&s.sample_permille))
+                .map(|s| (n, s))
+        }) {
+            return Err(AssignmentError::Malformed(format!(
+                "model `{name}`: a shadow sample of {} per thousand (1 to 1000)",
+                s.sample_permille
+            )));
         }
         Ok(assignment)
     }

@@ -160,6 +160,17 @@ pub struct ActiveModel {
     /// Why earlier backends of the board's order were passed over.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub fallbacks: Vec<String>,
+    /// The version running beside it in shadow, when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ActiveShadow>,
+}
+
+/// A shadow version a device runs beside a model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActiveShadow {
+    pub version: u64,
+    pub backend: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -306,6 +317,42 @@ pub struct WindowReport {
     /// calibration map.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub estimated_accuracy: Option<EstimatedAccuracy>,
+    /// The shadow version's comparison with this one over the window, when one runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ShadowReport>,
+}
+
+/// One window of a shadow version beside the serving one: how often it ran, how often it
+/// was shed to keep the device's serving unhindered, how its outputs compare with what
+/// was answered, and its own latency and prediction drift.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShadowReport {
+    pub version: u64,
+    /// Requests run in shadow (each may hold several rows).
+    pub runs: u32,
+    /// Requests not run because the device was busy or the shadow's CPU budget was spent.
+    pub shed: u32,
+    /// Shadow runs that failed (an error or a panic in its backend).
+    pub failed: u32,
+    /// Rows whose outputs were compared.
+    pub rows: u32,
+    /// Classifications: the share of rows whose class agreed with the answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agreement: Option<f64>,
+    /// Scores: the mean and largest absolute difference from the answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mean_abs_error: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_abs_error: Option<f64>,
+    /// The shadow's own latency per request, microseconds.
+    pub latency_us: Quantiles,
+    /// The shadow's prediction drift against its own reference profile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prediction: Option<FeatureDrift>,
+    /// Subjects the shadow's own monitor alerts on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub alerts: Vec<String>,
 }
 
 /// A window's accuracy estimated without labels (see `fleetml_monitor::performance`).
@@ -353,6 +400,14 @@ pub enum Lifecycle {
     Activated,
     RolledBack,
     FellBack,
+    /// A shadow version verified, self-tested and running beside the model (detail: its
+    /// backend).
+    ShadowActivated,
+    /// A shadow version could not be installed (the reason is in `detail`); serving is
+    /// unchanged.
+    ShadowFailed,
+    /// The shadow version was stopped (the assignment names none any more, or promoted).
+    ShadowStopped,
     /// Raised by the control plane, not the device: the device's sequence numbers jumped
     /// to a new base (its data directory was wiped or replaced; detail: from, to).
     SequenceRestarted,

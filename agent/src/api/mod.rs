@@ -76,6 +76,31 @@ pub struct Served {
     pub batcher: Option<Arc<crate::batcher::Batcher>>,
     /// Resident memory the agent grew by while loading and self-testing this model.
     pub memory_bytes: u64,
+    /// A candidate version run beside this one in shadow, when assigned.
+    pub shadow: Option<Arc<crate::shadow::Shadow>>,
+}
+
+impl Served {
+    /// The same served version with `shadow` beside it instead (its monitor and batcher
+    /// carry on: only the shadow changes).
+    pub fn with_shadow(&self, shadow: Option<Arc<crate::shadow::Shadow>>) -> Served {
+        if let Some(m) = &self.monitor {
+            m.compare_with(shadow.as_ref().map(|s| s.comparison.clone()));
+        }
+        Served {
+            name: self.name.clone(),
+            version: self.version,
+            schema: self.schema.clone(),
+            inputs: self.inputs.clone(),
+            backend: self.backend.clone(),
+            fallbacks: self.fallbacks.clone(),
+            monitor: self.monitor.clone(),
+            inline: self.inline,
+            batcher: self.batcher.clone(),
+            memory_bytes: self.memory_bytes,
+            shadow,
+        }
+    }
 }
 
 /// A model whose single-row run takes less than this runs small requests inline.
@@ -136,6 +161,8 @@ pub struct ApiLimits {
     pub fit_body_to_model: bool,
     /// Largest batch, rows.
     pub max_rows: usize,
+    /// The share of one core shadow runs may use, percent (`shadow_cpu_percent`).
+    pub shadow_cpu_percent: u8,
     /// Longest a prediction may take before the request is answered 504 (the backend
     /// call finishes in the background, holding its worker).
     pub timeout: std::time::Duration,
@@ -171,6 +198,7 @@ impl Default for ApiLimits {
             max_body: 1 << 20,
             fit_body_to_model: true,
             max_rows: 1024,
+            shadow_cpu_percent: 50,
             timeout: std::time::Duration::from_secs(30),
             max_connections: 1024,
             token: None,
@@ -366,7 +394,7 @@ impl Api {
             .collect()
     }
 
-    fn get(&self, name: &str) -> Option<Arc<Served>> {
+    pub fn get(&self, name: &str) -> Option<Arc<Served>> {
         self.models
             .read()
             .unwrap_or_else(|p| p.into_inner())

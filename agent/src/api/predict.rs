@@ -316,6 +316,14 @@ async fn predict_inner(
             .rows(rows)
         })?),
     };
+    // Whether this request also runs in shadow is decided now, while its inputs can
+    // still be copied; the shadow runs after the answer is made, off this request's path.
+    let shadow_job = model.shadow.as_ref().and_then(|shadow| {
+        let busy = api.running.available_permits() == 0;
+        shadow
+            .admit(busy)
+            .map(|admitted| (shadow.clone(), admitted, inputs.clone()))
+    });
     let (inputs, inputs_for_batch) = if batcher.is_some() {
         (Vec::new(), inputs)
     } else {
@@ -450,7 +458,7 @@ async fn predict_inner(
     let captured = api.capture.get().is_some();
     #[cfg(not(feature = "capture"))]
     let captured = false;
-    let first: Vec<Vec<f32>> = if model.monitor.is_some() || captured {
+    let first: Vec<Vec<f32>> = if model.monitor.is_some() || captured || shadow_job.is_some() {
         outputs
             .first()
             .map(|t| {
@@ -479,6 +487,9 @@ async fn predict_inner(
                 monitor.explained(row);
             }
         }
+    }
+    if let Some((shadow, admitted, inputs)) = shadow_job {
+        shadow.run(admitted, inputs, first.clone(), raw_rows.clone());
     }
     let labels = [
         ("model", model.name.clone()),

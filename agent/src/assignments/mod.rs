@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fleetml_protocol::assignment::AssignedModel;
+use fleetml_protocol::assignment::{AssignedModel, ShadowModel};
 use fleetml_protocol::crypto::{Sha256, Sha256Hasher};
 use fleetml_protocol::telemetry::{self, DeviceId, Lifecycle};
 use tokio::io::AsyncWriteExt;
@@ -209,8 +209,162 @@ impl Puller {
             if let Err(e) = self.bring(name, model).await {
                 tracing::warn!(model = %name, version = model.version, error = %e, "not activated");
             }
+            if let Err(e) = self.bring_shadow(name, model.shadow.as_ref()).await {
+                tracing::warn!(model = %name, error = %e, "shadow not running");
+            }
         }
         Ok(())
+    }
+
+    /// Brings the shadow of `name` in line with the assignment once its active version
+    /// runs: installs the shadow version it names (from the store or downloaded;
+    /// verified and self-tested, never activated), changes its sample, or stops it.
+    async fn bring_shadow(&mut self, name: &str, want: Option<&ShadowModel>) -> Result<(), String> {
+        let config = self.config.clone();
+        let state = {
+            let (config, name) = (config.clone(), name.to_string());
+            tokio::task::spawn_blocking(move || {
+                let _guard = crate::store::store_lock();
+                let store =
+                    crate::store::ModelStore::open(&config.data_dir).map_err(|e| e.to_string())?;
+                store.model(&name).map_err(|e| e.to_string())
+            })
+            .await
+            .map_err(|e| e.to_string())??
+        };
+        let Some(state) = state else {
+            return Ok(());
+        };
+        let have = state.shadow.as_ref();
+        enum Change {
+            Stop,
+            Sample(u16),
+            Install(ShadowModel),
+        }
+        let change = match (want, have) {
+            (None, None) => return Ok(()),
+            (None, Some(_)) => Change::Stop,
+            (Some(w), Some(h)) if h.installed.digest == w.digest.to_string() => {
+                if h.sample_permille == w.sample_permille {
+                    return Ok(());
+                }
+                Change::Sample(w.sample_permille)
+            }
+            // The active version itself has nothing to be compared with.
+            (Some(w), _) if state.active.digest == w.digest.to_string() => return Ok(()),
+            (Some(w), _) if self.state.has_failed(&w.digest) => return Ok(()),
+            (Some(w), _) => Change::Install(w.clone()),
+        };
+        let outcome = match change {
+            Change::Install(w) => self.install_shadow(name, &w).await,
+            other => {
+                let (config, name) = (config.clone(), name.to_string());
+                tokio::task::spawn_blocking(move || {
+                    let _guard = crate::store::store_lock();
+                    let store = crate::store::ModelStore::open(&config.data_dir)
+                        .map_err(|e| e.to_string())?;
+                    match other {
+                        Change::Sample(p) => store.set_shadow_sample(&name, p).map(|_| ()),
+                        _ => store.clear_shadow(&name).map(|_| ()),
+                    }
+                    .map_err(|e| e.to_string())
+                })
+                .await
+                .map_err(|e| e.to_string())?
+            }
+        };
+        let (tx, rx) = oneshot::channel();
+        if self.reload.send(tx).await.is_ok() {
+            let _ = rx.await;
+        }
+        outcome
+    }
+
+    /// Downloads (unless stored) and installs `shadow` as the shadow of `name`; a failure
+    /// is reported once (`shadow_failed`, or the download's own events) and not tried
+    /// again for this generation.
+    async fn install_shadow(&mut self, name: &str, shadow: &ShadowModel) -> Result<(), String> {
+        let config = self.config.clone();
+        let as_model = AssignedModel {
+            version: shadow.version,
+            digest: shadow.digest,
+            size: shadow.size,
+            rollout: shadow.rollout.clone(),
+            shadow: None,
+        };
+        let stored = {
+            let (config, digest) = (config.clone(), shadow.digest.to_string());
+            tokio::task::spawn_blocking(move || {
+                let store =
+                    crate::store::ModelStore::open(&config.data_dir).map_err(|e| e.to_string())?;
+                let path = store.bundle_path(&digest);
+                Ok::<_, String>(path.is_file().then_some(path))
+            })
+            .await
+            .map_err(|e| e.to_string())??
+        };
+        let (source, downloaded) = match stored {
+            Some(path) => (path, false),
+            None => match self.download(name, &as_model).await {
+                Ok(path) => (path, true),
+                Err(Failure::Mismatch(reason)) => {
+                    self.state.failed(shadow.digest);
+                    self.event(
+                        Lifecycle::ShadowFailed,
+                        name,
+                        shadow.version,
+                        reason.clone(),
+                    );
+                    return Err(reason);
+                }
+                Err(Failure::Transfer(reason) | Failure::DiskFull(reason)) => {
+                    self.event(
+                        Lifecycle::DownloadFailed,
+                        name,
+                        shadow.version,
+                        reason.clone(),
+                    );
+                    return Err(reason);
+                }
+            },
+        };
+        let sample = shadow.sample_permille;
+        let installed = {
+            let (config, source) = (config.clone(), source.clone());
+            tokio::task::spawn_blocking(move || {
+                let _guard = crate::store::store_lock();
+                let store = crate::store::ModelStore::open(&config.data_dir)
+                    .map_err(crate::activation::ActivationError::Store)?;
+                crate::activation::install_shadow(
+                    &store,
+                    &source,
+                    &config.policy,
+                    &config.board,
+                    &fleetml_protocol::bundle::Limits::default(),
+                    sample,
+                    crate::clock::now_ms() / 1000,
+                )
+            })
+            .await
+            .map_err(|e| e.to_string())?
+        };
+        if downloaded {
+            let _ = std::fs::remove_file(&source);
+        }
+        match installed {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                self.state.failed(shadow.digest);
+                let reason = e.to_string();
+                self.event(
+                    Lifecycle::ShadowFailed,
+                    name,
+                    shadow.version,
+                    reason.clone(),
+                );
+                Err(reason)
+            }
+        }
     }
 
     /// Makes `model` the active version of `name` unless it already is.

@@ -62,10 +62,11 @@ pub async fn bundle(
         .parse()
         .map_err(|e: String| ApiError(StatusCode::BAD_REQUEST, e))?;
     if let Principal::Device(d) = &who {
-        let named = plane
-            .assignments
-            .assignment(d)?
-            .is_some_and(|r| r.models.values().any(|m| m.digest == digest));
+        let named = plane.assignments.assignment(d)?.is_some_and(|r| {
+            r.models.values().any(|m| {
+                m.digest == digest || m.shadow.as_ref().is_some_and(|s| s.digest == digest)
+            })
+        });
         if !named {
             return Err(ApiError(
                 StatusCode::FORBIDDEN,

@@ -9,17 +9,19 @@ use std::sync::Arc;
 use axum::Extension;
 use axum::extract::{Path as UrlPath, State};
 use axum::http::StatusCode;
-use fleetml_protocol::telemetry::{CommandKind, DeviceId};
+use fleetml_protocol::telemetry::{CommandKind, DeviceId, ShadowReport, WindowReport};
 use serde_json::Value;
 
 use crate::api::blocking;
-use crate::api::types::{DeviceProgress, GateView, RolloutSummary, RolloutView, WaveView};
+use crate::api::types::{
+    DeviceProgress, GateView, RolloutSummary, RolloutView, ShadowRow, ShadowView, WaveView,
+};
 use crate::api::{Api, ApiError};
 use crate::auth::Principal;
 use crate::plane::Plane;
 use crate::records::DeviceState;
 use crate::rollout::start::{self, RollbackRequest, RolloutRequest};
-use crate::rollout::{Kind, Progress, Rollout, State as RState};
+use crate::rollout::{Kind, Progress, Rollout, ShadowFigures, State as RState};
 use crate::store::FleetStore;
 
 /// `POST /v1/rollouts`.
@@ -127,6 +129,71 @@ async fn status(plane: &Arc<Plane>, id: &str) -> Api<RolloutView> {
 }
 
 /// A rollout with each device's progress, per-wave counts and the gates.
+/// A served window and the shadow's report in it.
+type Compared<'a> = (&'a WindowReport, &'a ShadowReport);
+
+/// A shadow rollout's comparison per device and per board (`None` for other rollouts).
+fn shadow_view(r: &Rollout, states: &BTreeMap<DeviceId, DeviceState>) -> Option<ShadowView> {
+    let sample_permille = r.shadow?;
+    let version = r.version?;
+    let row = |name: String, pairs: &[Compared<'_>], alerts: Vec<String>| -> ShadowRow {
+        let f = ShadowFigures::of(pairs);
+        let sum =
+            |g: &dyn Fn(&ShadowReport) -> u32| pairs.iter().map(|(_, s)| u64::from(g(s))).sum();
+        ShadowRow {
+            name,
+            devices: pairs.len(),
+            runs: sum(&|s| s.runs),
+            shed: sum(&|s| s.shed),
+            failed: sum(&|s| s.failed),
+            rows: f.rows,
+            agreement: f.agreement,
+            mean_abs_error: f.mean_abs_error,
+            shadow_p95_us: f.shadow_p95_us,
+            served_p95_us: f.served_p95_us,
+            latency_ratio: f.latency_ratio(),
+            alerts,
+        }
+    };
+    let mut devices = Vec::new();
+    let mut boards: BTreeMap<String, (Vec<Compared<'_>>, usize)> = BTreeMap::new();
+    for t in r.targets.iter().filter(|t| t.assigned_ms.is_some()) {
+        let Some(st) = states.get(&t.device) else {
+            continue;
+        };
+        let Some((_, w)) = st.windows.get(&r.model) else {
+            continue;
+        };
+        let Some(s) = w.shadow.as_ref().filter(|s| s.version == version) else {
+            continue;
+        };
+        let board = st
+            .status
+            .as_ref()
+            .map_or_else(|| "unknown".to_string(), |(_, s)| s.board.clone());
+        devices.push(row(t.device.to_string(), &[(w, s)], s.alerts.clone()));
+        let b = boards.entry(board).or_default();
+        b.0.push((w, s));
+        b.1 += usize::from(!s.alerts.is_empty());
+    }
+    Some(ShadowView {
+        version,
+        sample_permille,
+        boards: boards
+            .into_iter()
+            .map(|(name, (pairs, alerting))| {
+                let alerts = if alerting > 0 {
+                    vec![format!("{alerting} device(s) alerting")]
+                } else {
+                    Vec::new()
+                };
+                row(name, &pairs, alerts)
+            })
+            .collect(),
+        devices,
+    })
+}
+
 pub fn rollout_view(r: &Rollout, states: &BTreeMap<DeviceId, DeviceState>) -> RolloutView {
     let progress: Vec<Progress> = r
         .targets
@@ -190,6 +257,7 @@ pub fn rollout_view(r: &Rollout, states: &BTreeMap<DeviceId, DeviceState>) -> Ro
         Vec::new()
     };
     RolloutView {
+        shadow: shadow_view(r, states),
         baseline: r.baseline.clone(),
         by: r.by.clone(),
         created_ms: r.created_ms,
@@ -240,6 +308,20 @@ async fn control(plane: Arc<Plane>, id: String, to: RState) -> Api<axum::Json<Ro
     let (p, id2) = (plane.clone(), id.clone());
     blocking(move || Ok(start::control(&p, &id2, to)?)).await?;
     Ok(axum::Json(status(&plane, &id).await?))
+}
+
+/// `POST /v1/rollouts/{id}/promote`: a shadow rollout made a real one (409 naming the
+/// failing gates when they do not pass).
+pub async fn promote_rollout(
+    State(plane): State<Arc<Plane>>,
+    Extension(who): Extension<Principal>,
+    UrlPath(id): UrlPath<String>,
+) -> Api<(StatusCode, axum::Json<RolloutView>)> {
+    let p = plane.clone();
+    let rollout = blocking(move || Ok(start::promote(&p, &id, who.who())?)).await?;
+    advance(&plane, &rollout.id).await?;
+    let r = status(&plane, &rollout.id).await?;
+    Ok((StatusCode::CREATED, axum::Json(r)))
 }
 
 pub async fn pause_rollout(

@@ -72,6 +72,7 @@ pub fn router(plane: Arc<Plane>) -> Router {
             post(ro::start_rollout).get(ro::list_rollouts),
         )
         .route("/v1/rollouts/{id}", get(ro::show_rollout))
+        .route("/v1/rollouts/{id}/promote", post(ro::promote_rollout))
         .route("/v1/rollouts/{id}/pause", post(ro::pause_rollout))
         .route("/v1/rollouts/{id}/resume", post(ro::resume_rollout))
         .route("/v1/rollouts/{id}/abort", post(ro::abort_rollout))

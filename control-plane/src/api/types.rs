@@ -81,6 +81,39 @@ pub struct RolloutView {
     /// The version rolled out (none: a rollback to each device's previous version).
     pub version: Option<u64>,
     pub waves: Vec<WaveView>,
+    /// A shadow rollout's comparison, per board and per device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ShadowView>,
+}
+
+/// How a shadow version compares with what the devices serve, from each reached
+/// device's newest window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShadowView {
+    pub version: u64,
+    pub sample_permille: u16,
+    pub boards: Vec<ShadowRow>,
+    pub devices: Vec<ShadowRow>,
+}
+
+/// One board's or one device's shadow comparison.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShadowRow {
+    /// The board, or the device.
+    pub name: String,
+    /// Devices with a comparison.
+    pub devices: usize,
+    pub runs: u64,
+    pub shed: u64,
+    pub failed: u64,
+    pub rows: u64,
+    pub agreement: Option<f64>,
+    pub mean_abs_error: Option<f64>,
+    pub shadow_p95_us: Option<f64>,
+    pub served_p95_us: Option<f64>,
+    pub latency_ratio: Option<f64>,
+    /// The shadow's own monitor's alerts (devices: its subjects; boards: devices alerting).
+    pub alerts: Vec<String>,
 }
 
 /// One wave of a [`RolloutView`].

@@ -124,6 +124,11 @@ pub(crate) enum PolicyCommand {
         /// Canary size in percent.
         #[arg(long, default_value_t = 5)]
         canary: u32,
+        /// With --auto-promote: run a winning candidate first as a shadow beside what
+        /// every device serves (its waves the canary's); `fleetctl rollout promote ID`
+        /// then starts the canary.
+        #[arg(long, requires = "auto_promote")]
+        shadow_first: bool,
         /// Keep the policy but stop triggering.
         #[arg(long)]
         disabled: bool,
@@ -268,6 +273,7 @@ pub(crate) fn models_command(server: &str, cmd: ModelsCommand) -> anyhow::Result
             label,
             margin,
             canary,
+            shadow_first,
             disabled,
             spec,
         }) => {
@@ -286,6 +292,7 @@ pub(crate) fn models_command(server: &str, cmd: ModelsCommand) -> anyhow::Result
                     "captured_since_s": captured_since.as_secs(), "cooldown_s": cooldown.as_secs(),
                     "max_jobs": max_jobs, "auto_promote": auto_promote, "holdout": holdout,
                     "label": label, "margin": margin, "canary_pct": canary, "enabled": !disabled,
+                    "shadow_first": shadow_first,
                     "spec": spec,
                 }),
             )?;
@@ -293,7 +300,9 @@ pub(crate) fn models_command(server: &str, cmd: ModelsCommand) -> anyhow::Result
                 "retraining policy of {model} set: {:.0}% of its devices alerting for {} s{}",
                 drift_share * 100.0,
                 for_.as_secs(),
-                if r["policy"]["auto_promote"] == true {
+                if r["policy"]["shadow_first"] == true {
+                    ", winners run in shadow first, then to a canary once promoted"
+                } else if r["policy"]["auto_promote"] == true {
                     ", winners go to a canary"
                 } else {
                     ""

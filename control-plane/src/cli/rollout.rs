@@ -58,10 +58,33 @@ pub(crate) enum RolloutCommand {
         /// Gate: allowed rise of the error rate (backend errors, timeouts) over the old's.
         #[arg(long, default_value_t = 0.01)]
         max_error_rate_increase: f64,
+        /// A shadow rollout: the version runs beside what each selected device serves, on
+        /// live requests after they are answered, never answering itself; its agreement,
+        /// output differences and latency are reported per window (`rollout status`), and
+        /// `rollout promote ID` makes it a real rollout once its gates pass.
+        #[arg(long)]
+        shadow: bool,
+        /// The share of requests a shadow runs on: a percentage (25%) or a fraction
+        /// (0.25), 0.1% to 100%. Devices shed shadow runs first when busy.
+        #[arg(long, requires = "shadow", value_parser = parse_sample, default_value = "100%")]
+        shadow_sample: u16,
+        /// A gate as NAME OP VALUE, repeatable: shadow_agreement>=0.98,
+        /// shadow_latency_ratio<=1.5, shadow_mean_abs_error<=0.05, and the flags above by
+        /// name: activation_failures<=0, self_test_failures<=0, backend_fallbacks<=0,
+        /// drift_alerts<=0, missing_rate_increase<=0.05, p99_ratio<=1.5,
+        /// error_rate_increase<=0.01.
+        #[arg(long = "gate", value_name = "NAME<=VALUE", value_parser = parse_gate)]
+        gates: Vec<(String, f64)>,
         /// Follow its progress until it ends.
         #[arg(long)]
         watch: bool,
     },
+    /// Turn a shadow rollout into a real one: its version becomes what the devices it
+    /// reached serve (a new assignment generation, the same waves, soak and gates).
+    /// Refused while a gate fails or a shadow gate has no comparison yet.
+    ///
+    /// Example: fleetctl rollout promote r7
+    Promote { id: String },
     /// Per-wave progress (pending, downloading, active, failed) and the health gates.
     Status {
         id: String,
@@ -103,10 +126,46 @@ pub(crate) fn rollout_command(server: &str, cmd: RolloutCommand) -> anyhow::Resu
             max_missing_rate_increase,
             max_p99_ratio,
             max_error_rate_increase,
+            shadow,
+            shadow_sample,
+            gates,
             watch: follow,
         } => {
             let (name, version) =
                 fleet_control::registry::parse_model_version(&model).map_err(anyhow::Error::msg)?;
+            let mut overrides = GateOverrides {
+                max_activation_failures: Some(max_activation_failures),
+                max_self_test_failures: Some(max_self_test_failures),
+                max_fallbacks: Some(max_fallbacks),
+                max_drift_alerts: Some(max_drift_alerts),
+                max_missing_rate_increase: Some(max_missing_rate_increase),
+                max_p99_ratio: Some(max_p99_ratio),
+                max_error_rate_increase: Some(max_error_rate_increase),
+                ..Default::default()
+            };
+            for (gate, value) in gates {
+                let count = || Some(value.max(0.0) as u32);
+                match gate.as_str() {
+                    "shadow_agreement" => overrides.min_shadow_agreement = Some(value),
+                    "shadow_latency_ratio" => overrides.max_shadow_latency_ratio = Some(value),
+                    "shadow_mean_abs_error" => overrides.max_shadow_mean_abs_error = Some(value),
+                    "activation_failures" => overrides.max_activation_failures = count(),
+                    "self_test_failures" => overrides.max_self_test_failures = count(),
+                    "backend_fallbacks" => overrides.max_fallbacks = count(),
+                    "drift_alerts" => overrides.max_drift_alerts = count(),
+                    "missing_rate_increase" => overrides.max_missing_rate_increase = Some(value),
+                    "p99_ratio" => overrides.max_p99_ratio = Some(value),
+                    "error_rate_increase" => overrides.max_error_rate_increase = Some(value),
+                    _ => unreachable!("parse_gate knows the names"),
+                }
+            }
+            anyhow::ensure!(
+                shadow
+                    || (overrides.min_shadow_agreement.is_none()
+                        && overrides.max_shadow_latency_ratio.is_none()
+                        && overrides.max_shadow_mean_abs_error.is_none()),
+                "shadow_* gates apply to shadow rollouts: add --shadow"
+            );
             let r: RolloutView = client.post_as(
                 "/v1/rollouts",
                 &RolloutRequest {
@@ -119,22 +178,24 @@ pub(crate) fn rollout_command(server: &str, cmd: RolloutCommand) -> anyhow::Resu
                     quorum_pct: Some(quorum),
                     deadline_s: Some(wave_deadline.as_secs()),
                     auto_rollback,
-                    gates: Some(GateOverrides {
-                        max_activation_failures: Some(max_activation_failures),
-                        max_self_test_failures: Some(max_self_test_failures),
-                        max_fallbacks: Some(max_fallbacks),
-                        max_drift_alerts: Some(max_drift_alerts),
-                        max_missing_rate_increase: Some(max_missing_rate_increase),
-                        max_p99_ratio: Some(max_p99_ratio),
-                        max_error_rate_increase: Some(max_error_rate_increase),
-                    }),
+                    gates: Some(overrides),
+                    shadow_sample_permille: shadow.then_some(shadow_sample),
                 },
             )?;
             let id = r.id;
             println!(
-                "rollout {id} started: {name}@v{version} to {} device(s) in {} wave(s)",
+                "rollout {id} started: {name}@v{version} {}to {} device(s) in {} wave(s){}",
+                if shadow { "in shadow " } else { "" },
                 r.devices_total,
-                r.waves.len()
+                r.waves.len(),
+                if shadow {
+                    format!(
+                        ", on {} of requests (fleetctl rollout promote {id} once its gates pass)",
+                        percent(shadow_sample)
+                    )
+                } else {
+                    String::new()
+                }
             );
             if follow {
                 watch(&client, &id)?;
@@ -180,6 +241,20 @@ pub(crate) fn rollout_command(server: &str, cmd: RolloutCommand) -> anyhow::Resu
                     );
                 }
             }
+        }
+        RolloutCommand::Promote { id } => {
+            let r: RolloutView = client.post_as(
+                &format!("/v1/rollouts/{id}/promote"),
+                &serde_json::json!({}),
+            )?;
+            println!(
+                "shadow rollout {id} promoted: rollout {} of {}@v{} to {} device(s) (fleetctl rollout status {} --watch)",
+                r.id,
+                r.model,
+                r.version.unwrap_or_default(),
+                r.devices_total,
+                r.id
+            );
         }
         RolloutCommand::Pause { id } => control_rollout(&client, &id, "pause")?,
         RolloutCommand::Resume { id } => control_rollout(&client, &id, "resume")?,
@@ -230,5 +305,102 @@ pub(crate) fn watch(client: &fleet_control::client::Client, id: &str) -> anyhow:
             _ => {}
         }
         std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+}
+
+/// `--shadow-sample`: `25%`, `0.25` or `100%`, as requests per thousand.
+fn parse_sample(text: &str) -> Result<u16, String> {
+    let t = text.trim();
+    let share = match t.strip_suffix('%') {
+        Some(p) => p.trim().parse::<f64>().map(|p| p / 100.0),
+        None => t.parse::<f64>(),
+    }
+    .map_err(|_| format!("`{text}` is not a share like 25% or 0.25"))?;
+    let permille = (share * 1000.0).round();
+    if !(1.0..=1000.0).contains(&permille) {
+        return Err(format!("`{text}`: a shadow sample is 0.1% to 100%"));
+    }
+    Ok(permille as u16)
+}
+
+/// `N per thousand` as a percentage.
+fn percent(permille: u16) -> String {
+    format!("{}%", f64::from(permille) / 10.0)
+}
+
+/// The gates `--gate` knows, with the comparison each takes.
+const GATES: &[(&str, &str)] = &[
+    ("shadow_agreement", ">="),
+    ("shadow_latency_ratio", "<="),
+    ("shadow_mean_abs_error", "<="),
+    ("activation_failures", "<="),
+    ("self_test_failures", "<="),
+    ("backend_fallbacks", "<="),
+    ("drift_alerts", "<="),
+    ("missing_rate_increase", "<="),
+    ("p99_ratio", "<="),
+    ("error_rate_increase", "<="),
+];
+
+/// `--gate NAME>=VALUE` / `NAME<=VALUE`.
+fn parse_gate(text: &str) -> Result<(String, f64), String> {
+    let (name, op, value) = [">=", "<="]
+        .iter()
+        .find_map(|op| text.split_once(op).map(|(n, v)| (n.trim(), *op, v.trim())))
+        .ok_or_else(|| {
+            format!("`{text}` is not NAME>=VALUE or NAME<=VALUE (e.g. shadow_agreement>=0.98)")
+        })?;
+    let Some((_, wanted)) = GATES.iter().find(|(n, _)| *n == name) else {
+        let names: Vec<&str> = GATES.iter().map(|(n, _)| *n).collect();
+        return Err(format!(
+            "no gate `{name}`; the gates are {}",
+            names.join(", ")
+        ));
+    };
+    if op != *wanted {
+        return Err(format!(
+            "{name} is a {} limit: {name}{wanted}{value}",
+            if *wanted == ">=" { "lower" } else { "upper" }
+        ));
+    }
+    let v: f64 = value
+        .parse()
+        .map_err(|_| format!("`{value}` in `{text}` is not a number"))?;
+    if !v.is_finite() || v < 0.0 {
+        return Err(format!("`{text}`: a gate's limit is a number of 0 or more"));
+    }
+    Ok((name.to_string(), v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shadow_samples_and_gates_parse_with_clear_refusals() {
+        assert_eq!(parse_sample("100%"), Ok(1000));
+        assert_eq!(parse_sample("25%"), Ok(250));
+        assert_eq!(parse_sample("0.05"), Ok(50));
+        assert!(parse_sample("0%").is_err());
+        assert!(parse_sample("150%").is_err());
+        assert_eq!(
+            parse_gate("shadow_agreement>=0.98"),
+            Ok(("shadow_agreement".to_string(), 0.98))
+        );
+        assert_eq!(
+            parse_gate("p99_ratio<=2"),
+            Ok(("p99_ratio".to_string(), 2.0))
+        );
+        assert!(
+            parse_gate("shadow_agreement<=0.98")
+                .expect_err("refused")
+                .contains("lower limit")
+        );
+        assert!(
+            parse_gate("agreement>=1")
+                .expect_err("refused")
+                .contains("no gate")
+        );
+        assert!(parse_gate("shadow_agreement=1").is_err());
     }
 }

@@ -147,6 +147,7 @@ mod tests {
 
     fn policy() -> Policy {
         Policy {
+            shadow_first: false,
             model: "claims".into(),
             drift_share: 0.5,
             for_s: 600,

@@ -284,6 +284,32 @@ fn promote(plane: &Arc<Plane>, policy: &Policy, name: &str, version: u64) -> Str
             policy.margin
         );
     }
+    if policy.shadow_first {
+        return match crate::rollout::start::start_shadow(plane, name, version, policy.canary_pct) {
+            Ok(id) => {
+                audit(
+                    plane,
+                    name,
+                    "promote.shadow",
+                    &format!("{name}@v{version} {id}"),
+                    201,
+                );
+                format!(
+                    "{summary}: the challenger wins; shadow rollout {id} started (fleetctl rollout promote {id} starts its canary)"
+                )
+            }
+            Err(e) => {
+                audit(
+                    plane,
+                    name,
+                    "promote.shadow",
+                    &format!("{name}@v{version}"),
+                    500,
+                );
+                format!("{summary}: the challenger wins, but its shadow rollout was refused: {e}")
+            }
+        };
+    }
     match crate::rollout::start::start_canary(plane, name, version, policy.canary_pct) {
         Ok(id) => {
             audit(

@@ -164,6 +164,16 @@ pub struct Gates {
     pub max_p99_ratio: f64,
     /// Allowed rise of the error rate (backend errors, panics, timeouts per request).
     pub max_error_rate_increase: f64,
+    /// Shadow rollouts: the least share of compared rows whose class agrees with the
+    /// served answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_shadow_agreement: Option<f64>,
+    /// Shadow rollouts: the largest ratio of the shadow's p95 latency to the served one's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_shadow_latency_ratio: Option<f64>,
+    /// Shadow rollouts of scores: the largest mean absolute difference from the answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_shadow_mean_abs_error: Option<f64>,
 }
 
 impl Default for Gates {
@@ -176,6 +186,9 @@ impl Default for Gates {
             max_missing_rate_increase: 0.05,
             max_p99_ratio: 1.5,
             max_error_rate_increase: 0.01,
+            min_shadow_agreement: None,
+            max_shadow_latency_ratio: None,
+            max_shadow_mean_abs_error: None,
         }
     }
 }
@@ -243,6 +256,10 @@ pub struct Rollout {
     pub created_ms: u64,
     pub updated_ms: u64,
     pub by: String,
+    /// A shadow rollout: `version` runs beside what each device serves, on this many of
+    /// every thousand requests, and never answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<u16>,
 }
 
 /// How one device of a rollout is doing.
@@ -294,7 +311,63 @@ fn failure_kind(kind: Lifecycle) -> bool {
             | Lifecycle::SelfTestFailed
             | Lifecycle::VerificationFailed
             | Lifecycle::AssignmentRefused
+            | Lifecycle::ShadowFailed
     )
+}
+
+/// The version a target's device reports on: the shadow's in a shadow rollout.
+fn watched(t: &Target) -> u64 {
+    t.to.shadow.as_ref().map_or(t.to.version, |s| s.version)
+}
+
+/// The shadow comparison of the shadow rollout's reached devices: rows compared, the
+/// row-weighted agreement and mean absolute error, and the mean shadow and served p95
+/// latency (µs), from each device's newest window that carries one.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ShadowFigures {
+    pub rows: u64,
+    pub agreement: Option<f64>,
+    pub mean_abs_error: Option<f64>,
+    pub shadow_p95_us: Option<f64>,
+    pub served_p95_us: Option<f64>,
+}
+
+impl ShadowFigures {
+    /// Over `pairs` of (served window, its shadow report).
+    pub fn of(pairs: &[(&WindowReport, &fleetml_protocol::telemetry::ShadowReport)]) -> Self {
+        let mut f = ShadowFigures::default();
+        let (mut agree, mut classified, mut err, mut scored) = (0.0, 0u64, 0.0, 0u64);
+        let (mut sp, mut vp) = (Vec::new(), Vec::new());
+        for (w, s) in pairs {
+            f.rows += u64::from(s.rows);
+            if let Some(a) = s.agreement {
+                agree += a * f64::from(s.rows);
+                classified += u64::from(s.rows);
+            }
+            if let Some(e) = s.mean_abs_error {
+                err += e * f64::from(s.rows);
+                scored += u64::from(s.rows);
+            }
+            if let (Some(a), Some(b)) = (s.latency_us.p95, w.latency_us.p95) {
+                sp.push(a as f64);
+                vp.push(b as f64);
+            }
+        }
+        let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
+        f.agreement = (classified > 0).then(|| agree / classified as f64);
+        f.mean_abs_error = (scored > 0).then(|| err / scored as f64);
+        f.shadow_p95_us = mean(&sp);
+        f.served_p95_us = mean(&vp);
+        f
+    }
+
+    /// Shadow p95 over served p95.
+    pub fn latency_ratio(&self) -> Option<f64> {
+        match (self.shadow_p95_us, self.served_p95_us) {
+            (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+            _ => None,
+        }
+    }
 }
 
 /// What a new rollout is.
@@ -310,6 +383,8 @@ pub struct Plan {
     pub targets: Vec<Target>,
     pub baseline: Baseline,
     pub by: String,
+    /// A shadow rollout's sample (per thousand requests).
+    pub shadow: Option<u16>,
 }
 
 impl Rollout {
@@ -333,6 +408,7 @@ impl Rollout {
             created_ms: now_ms,
             updated_ms: now_ms,
             by: plan.by,
+            shadow: plan.shadow,
         }
     }
 
@@ -367,10 +443,18 @@ impl Rollout {
         let Some(st) = state else {
             return Progress::Pending;
         };
+        let version = watched(t);
+        let shadow = t.to.shadow.is_some();
         let running = st.status.as_ref().is_some_and(|(_, s)| {
-            s.models
-                .iter()
-                .any(|m| m.name == self.model && m.version == t.to.version)
+            s.models.iter().any(|m| {
+                m.name == self.model
+                    && if shadow {
+                        m.version == t.to.version
+                            && m.shadow.as_ref().is_some_and(|sh| sh.version == version)
+                    } else {
+                        m.version == version
+                    }
+            })
         });
         let mut progress = if running {
             Progress::Active
@@ -381,10 +465,15 @@ impl Rollout {
             if *at < since {
                 continue;
             }
-            let ours = e.model == self.model && e.version == t.to.version;
+            let ours = e.model == self.model && e.version == version;
+            let started = if shadow {
+                matches!(e.kind, Lifecycle::ShadowActivated)
+            } else {
+                matches!(e.kind, Lifecycle::Activated | Lifecycle::RolledBack)
+            };
             if failure_kind(e.kind) && (ours || e.kind == Lifecycle::AssignmentRefused) {
                 progress = Progress::Failed(format!("{}: {}", kind_str(e.kind), e.detail));
-            } else if ours && matches!(e.kind, Lifecycle::Activated | Lifecycle::RolledBack) {
+            } else if ours && started {
                 progress = Progress::Active;
             } else if ours
                 && matches!(e.kind, Lifecycle::Downloading | Lifecycle::Downloaded)
@@ -408,6 +497,7 @@ impl Rollout {
         let g = &self.strategy.gates;
         let (mut activation, mut self_test, mut fallbacks, mut drift) = (0u32, 0u32, 0u32, 0u32);
         let mut windows: Vec<&WindowReport> = Vec::new();
+        let mut shadows = Vec::new();
         for t in self.targets.iter().filter(|t| t.assigned_ms.is_some()) {
             let Some(st) = states.get(&t.device) else {
                 continue;
@@ -417,7 +507,7 @@ impl Rollout {
             let mut failed_self_test = false;
             let mut fell_back = false;
             for (_, e) in st.lifecycle.iter().filter(|(at, _)| *at >= since) {
-                let ours = e.model == self.model && e.version == t.to.version;
+                let ours = e.model == self.model && e.version == watched(t);
                 match e.kind {
                     Lifecycle::SelfTestFailed if ours => failed_self_test = true,
                     Lifecycle::FellBack if ours => fell_back = true,
@@ -434,7 +524,19 @@ impl Rollout {
                 && w.end_ms >= since
             {
                 windows.push(w);
-                if st.alerts.get(&self.model).is_some_and(|a| !a.is_empty()) {
+                let compared = match (&w.shadow, &t.to.shadow) {
+                    (Some(s), Some(want)) if s.version == want.version => Some(s),
+                    _ => None,
+                };
+                if let Some(s) = compared {
+                    shadows.push((w, s));
+                }
+                // A shadow rollout judges the shadow's drift, not the served version's.
+                let alerting = match &t.to.shadow {
+                    Some(_) => compared.is_some_and(|s| !s.alerts.is_empty()),
+                    None => st.alerts.get(&self.model).is_some_and(|a| !a.is_empty()),
+                };
+                if alerting {
                     drift += 1;
                 }
             }
@@ -460,7 +562,37 @@ impl Rollout {
                 ok,
             }
         };
-        vec![
+        let mut shadow_gates = Vec::new();
+        if self.shadow.is_some() {
+            let f = ShadowFigures::of(&shadows);
+            // Until rows were compared a shadow gate has no value and passes; `promote`
+            // wants a value.
+            let at_least = |gate, value: Option<f64>, min: Option<f64>| GateValue {
+                gate,
+                value,
+                threshold: min,
+                ok: match (value, min) {
+                    (Some(v), Some(m)) => v >= m,
+                    _ => true,
+                },
+            };
+            shadow_gates.push(at_least(
+                "shadow_agreement",
+                f.agreement,
+                g.min_shadow_agreement,
+            ));
+            shadow_gates.push(relative(
+                "shadow_latency_ratio",
+                f.latency_ratio(),
+                g.max_shadow_latency_ratio,
+            ));
+            shadow_gates.push(relative(
+                "shadow_mean_abs_error",
+                f.mean_abs_error,
+                g.max_shadow_mean_abs_error,
+            ));
+        }
+        let mut all = vec![
             count("activation_failures", activation, g.max_activation_failures),
             count("self_test_failures", self_test, g.max_self_test_failures),
             count("backend_fallbacks", fallbacks, g.max_fallbacks),
@@ -476,7 +608,9 @@ impl Rollout {
                 errors,
                 Some(b.error_rate.unwrap_or(0.0) + g.max_error_rate_increase),
             ),
-        ]
+        ];
+        all.extend(shadow_gates);
+        all
     }
 
     /// Advances a running rollout at `now_ms`: returns the assignments to make. Changes

@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use fleetml_protocol::assignment::AssignedModel;
+use fleetml_protocol::assignment::{AssignedModel, ShadowModel};
 use fleetml_protocol::crypto::Sha256;
 use fleetml_protocol::telemetry::DeviceId;
 use serde::{Deserialize, Serialize};
@@ -56,6 +56,10 @@ pub struct RolloutRequest {
     pub auto_rollback: bool,
     #[serde(default)]
     pub gates: Option<GateOverrides>,
+    /// A shadow rollout: the version runs beside what each selected device serves, on
+    /// this many of every thousand requests (1..=1000), and never answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow_sample_permille: Option<u16>,
 }
 
 /// Gate thresholds a rollout sets instead of the defaults ([`Gates::default`]).
@@ -69,6 +73,12 @@ pub struct GateOverrides {
     pub max_missing_rate_increase: Option<f64>,
     pub max_p99_ratio: Option<f64>,
     pub max_error_rate_increase: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_shadow_agreement: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_shadow_latency_ratio: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_shadow_mean_abs_error: Option<f64>,
 }
 
 fn gates_from(o: Option<GateOverrides>) -> Gates {
@@ -88,6 +98,9 @@ fn gates_from(o: Option<GateOverrides>) -> Gates {
         max_error_rate_increase: o
             .max_error_rate_increase
             .unwrap_or(d.max_error_rate_increase),
+        min_shadow_agreement: o.min_shadow_agreement,
+        max_shadow_latency_ratio: o.max_shadow_latency_ratio,
+        max_shadow_mean_abs_error: o.max_shadow_mean_abs_error,
     }
 }
 
@@ -114,12 +127,55 @@ pub fn start_canary(plane: &Plane, model: &str, version: u64, pct: u32) -> Resul
         deadline_s: None,
         auto_rollback: true,
         gates: None,
+        shadow_sample_permille: None,
+    };
+    create(plane, req, format!("policy:{model}")).map(|r| r.id)
+}
+
+/// A shadow rollout of `model@version` beside what every device assigned `model` serves,
+/// on every request, in the waves of a `pct` canary with auto-rollback, its shadow
+/// latency gated at 1.5 times the served one's; started by the retraining policy with
+/// `shadow_first`, promoted by an operator (`fleetctl rollout promote`). Returns its id.
+pub fn start_shadow(plane: &Plane, model: &str, version: u64, pct: u32) -> Result<String, Refusal> {
+    let serving: Vec<String> = plane
+        .assignments
+        .assignments()?
+        .into_iter()
+        .filter(|(_, r)| r.models.contains_key(model))
+        .map(|(d, _)| d.to_string())
+        .collect();
+    if serving.is_empty() {
+        return Err(Refusal::unprocessable(format!(
+            "no device is assigned {model}: a shadow needs a served version beside it"
+        )));
+    }
+    let req = RolloutRequest {
+        model: model.into(),
+        version,
+        to: format!("device={}", serving.join("|")),
+        waves: None,
+        canary: Some(pct.clamp(1, 99)),
+        soak_s: None,
+        quorum_pct: None,
+        deadline_s: None,
+        auto_rollback: true,
+        gates: Some(GateOverrides {
+            max_shadow_latency_ratio: Some(1.5),
+            ..Default::default()
+        }),
+        shadow_sample_permille: Some(1000),
     };
     create(plane, req, format!("policy:{model}")).map(|r| r.id)
 }
 
 /// Checks a rollout request, selects and plans its devices, and keeps it (blocking).
 pub fn create(plane: &Plane, req: RolloutRequest, by: String) -> Result<Rollout, Refusal> {
+    let _guard = plane.rollout_lock.lock().unwrap_or_else(|p| p.into_inner());
+    create_locked(plane, req, by)
+}
+
+/// [`create`], with the rollout lock held by the caller.
+fn create_locked(plane: &Plane, req: RolloutRequest, by: String) -> Result<Rollout, Refusal> {
     let record = plane
         .registry
         .get(&req.model, req.version)
@@ -139,7 +195,13 @@ pub fn create(plane: &Plane, req: RolloutRequest, by: String) -> Result<Rollout,
     let selector: Selector = req.to.parse().map_err(Refusal::unprocessable)?;
     let waves = crate::rollout::parse_waves(req.waves.as_deref(), req.canary)
         .map_err(Refusal::unprocessable)?;
-    let _guard = plane.rollout_lock.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(p) = req.shadow_sample_permille
+        && !(1..=1000).contains(&p)
+    {
+        return Err(Refusal::unprocessable(format!(
+            "a shadow sample of {p} per thousand: give 1 to 1000 (--shadow-sample 0.1% to 100%)"
+        )));
+    }
     if let Some(r) = active_of(plane, &req.model)? {
         return Err(Refusal::conflict(format!(
             "rollout {} of {} is {}; abort it (fleetctl rollout abort {}) before starting another",
@@ -152,6 +214,7 @@ pub fn create(plane: &Plane, req: RolloutRequest, by: String) -> Result<Rollout,
     let digest: Sha256 = record.digest.parse().map_err(Refusal::internal)?;
     let id = plane.rollouts.next_rollout_id()?;
     let to = AssignedModel {
+        shadow: None,
         version: req.version,
         digest,
         size: record.size,
@@ -172,19 +235,49 @@ pub fn create(plane: &Plane, req: RolloutRequest, by: String) -> Result<Rollout,
         )));
     }
     let mut targets = Vec::new();
+    let mut unserved = Vec::new();
     for d in &devices {
         let from = plane
             .assignments
             .assignment(&d.id)?
             .and_then(|r| r.models.get(&req.model).cloned());
+        // A shadow runs beside what the device serves: the assignment keeps its version
+        // and gains the shadow.
+        let to = match (req.shadow_sample_permille, &from) {
+            (None, _) => to.clone(),
+            (Some(sample), Some(serving)) if serving.version != req.version => AssignedModel {
+                shadow: Some(ShadowModel {
+                    version: req.version,
+                    digest,
+                    size: record.size,
+                    sample_permille: sample,
+                    rollout: Some(id.clone()),
+                }),
+                ..serving.clone()
+            },
+            (Some(_), _) => {
+                unserved.push(d.id.to_string());
+                continue;
+            }
+        };
         targets.push(Target {
             device: d.id.clone(),
             wave: 0,
-            to: to.clone(),
+            to,
             from,
             assigned_ms: None,
             generation: None,
         });
+    }
+    if !unserved.is_empty() {
+        return Err(Refusal::unprocessable(format!(
+            "a shadow runs beside the version a device serves, and {} serve{} no other version \
+             of {}: {} (roll a version out to them first, or select other devices)",
+            unserved.len(),
+            if unserved.len() == 1 { "s" } else { "" },
+            req.model,
+            unserved.join(", ")
+        )));
     }
     let states = states_of(plane, &targets)?;
     let rollout = Rollout::new(
@@ -205,11 +298,130 @@ pub fn create(plane: &Plane, req: RolloutRequest, by: String) -> Result<Rollout,
             baseline: crate::rollout::baseline(&req.model, &targets, &states),
             targets,
             by,
+            shadow: req.shadow_sample_permille,
         },
         now_ms(),
     );
     plane.rollouts.put_rollout(&rollout)?;
     Ok(rollout)
+}
+
+/// `POST /v1/rollouts/{id}/promote`: turns shadow rollout `id` into a real rollout of
+/// its version to the devices it reached (a new assignment generation each, the shadow
+/// dropped), with the same waves, soak and gates less the shadow ones. Refused unless
+/// every gate passes and each shadow gate with a limit has a value: rows were compared.
+pub fn promote(plane: &Plane, id: &str, by: String) -> Result<Rollout, Refusal> {
+    let _guard = plane.rollout_lock.lock().unwrap_or_else(|p| p.into_inner());
+    let mut shadow = plane
+        .rollouts
+        .rollout(id)?
+        .ok_or_else(|| Refusal::not_found(format!("no rollout `{id}`")))?;
+    let Some(sample) = shadow.shadow else {
+        return Err(Refusal::unprocessable(format!(
+            "rollout {id} is not a shadow rollout; only those are promoted"
+        )));
+    };
+    if matches!(shadow.state, RState::Aborted | RState::RolledBack)
+        || shadow
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.starts_with("promoted"))
+    {
+        return Err(Refusal::conflict(format!(
+            "shadow rollout {id} is {}{}; start a new one",
+            shadow.state.as_str(),
+            shadow
+                .reason
+                .as_ref()
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default()
+        )));
+    }
+    let states = states_of(plane, &shadow.targets)?;
+    let failing: Vec<String> = shadow
+        .gates(&states)
+        .into_iter()
+        .filter(|g| {
+            !g.ok || (g.gate.starts_with("shadow_") && g.threshold.is_some() && g.value.is_none())
+        })
+        .map(|g| {
+            format!(
+                "{} = {} (limit {})",
+                g.gate,
+                g.value
+                    .map_or("no value yet".into(), crate::rollout::fmt_num),
+                g.threshold.map_or("-".into(), crate::rollout::fmt_num)
+            )
+        })
+        .collect();
+    if !failing.is_empty() {
+        return Err(Refusal::conflict(format!(
+            "promotion of shadow rollout {id} refused by its gates: {}",
+            failing.join("; ")
+        )));
+    }
+    let reached: Vec<String> = shadow
+        .targets
+        .iter()
+        .filter(|t| t.assigned_ms.is_some())
+        .map(|t| t.device.to_string())
+        .collect();
+    if reached.is_empty() {
+        return Err(Refusal::conflict(format!(
+            "shadow rollout {id} reached no device yet"
+        )));
+    }
+    let version = shadow.version.unwrap_or(0);
+    let g = &shadow.strategy.gates;
+    let req = RolloutRequest {
+        model: shadow.model.clone(),
+        version,
+        to: format!("device={}", reached.join("|")),
+        waves: Some(
+            shadow
+                .strategy
+                .waves
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
+        canary: None,
+        soak_s: Some(shadow.strategy.soak_ms / 1000),
+        quorum_pct: Some(shadow.strategy.quorum_pct),
+        deadline_s: Some(shadow.strategy.deadline_ms / 1000),
+        auto_rollback: shadow.strategy.auto_rollback,
+        gates: Some(GateOverrides {
+            max_activation_failures: Some(g.max_activation_failures),
+            max_self_test_failures: Some(g.max_self_test_failures),
+            max_fallbacks: Some(g.max_fallbacks),
+            max_drift_alerts: Some(g.max_drift_alerts),
+            max_missing_rate_increase: Some(g.max_missing_rate_increase),
+            max_p99_ratio: Some(g.max_p99_ratio),
+            max_error_rate_increase: Some(g.max_error_rate_increase),
+            ..Default::default()
+        }),
+        shadow_sample_permille: None,
+    };
+    // The shadow rollout ends first: it is the model's active rollout.
+    let before = (shadow.state, shadow.reason.clone());
+    shadow.state = RState::Completed;
+    shadow.reason = Some("promoted".into());
+    shadow.updated_ms = now_ms();
+    plane.rollouts.put_rollout(&shadow)?;
+    match create_locked(plane, req, by) {
+        Ok(r) => {
+            shadow.reason = Some(format!("promoted: rollout {} of v{version}", r.id));
+            plane.rollouts.put_rollout(&shadow)?;
+            tracing::info!(shadow = %id, rollout = %r.id, sample, "shadow rollout promoted");
+            Ok(r)
+        }
+        Err(e) => {
+            (shadow.state, shadow.reason) = before;
+            plane.rollouts.put_rollout(&shadow)?;
+            Err(e)
+        }
+    }
 }
 
 /// `POST /v1/rollbacks`.
@@ -275,6 +487,7 @@ pub fn rollback(
                     Refusal::not_found(format!("{}@v{v} is not in the registry", req.model))
                 })?;
             Some(AssignedModel {
+                shadow: None,
                 version: v,
                 digest: r.digest.parse().map_err(Refusal::internal)?,
                 size: r.size,
@@ -378,6 +591,7 @@ pub fn rollback(
             baseline: Default::default(),
             targets,
             by,
+            shadow: None,
         },
         now_ms(),
     );

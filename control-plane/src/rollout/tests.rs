@@ -7,6 +7,7 @@ fn target(id: &str) -> Target {
         device: DeviceId::new(id).expect("test"),
         wave: 0,
         to: AssignedModel {
+            shadow: None,
             version: 2,
             digest: fleetml_protocol::crypto::sha256(b"x"),
             size: 1,
@@ -29,6 +30,7 @@ fn running(version: u64) -> DeviceState {
                 board: "b".into(),
                 backends: vec!["cpu".into()],
                 models: vec![ActiveModel {
+                    shadow: None,
                     name: "claims".into(),
                     version,
                     backend: "cpu".into(),
@@ -47,6 +49,7 @@ fn running(version: u64) -> DeviceState {
 
 fn rollout(ids: &[&str], waves: &[u32], quorum_pct: u32, auto_rollback: bool) -> Rollout {
     let from = AssignedModel {
+        shadow: None,
         version: 1,
         digest: fleetml_protocol::crypto::sha256(b"v1"),
         size: 1,
@@ -54,6 +57,7 @@ fn rollout(ids: &[&str], waves: &[u32], quorum_pct: u32, auto_rollback: bool) ->
     };
     Rollout::new(
         Plan {
+            shadow: None,
             id: "r1".into(),
             kind: Kind::Rollout,
             model: "claims".into(),

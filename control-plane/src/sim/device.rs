@@ -205,6 +205,7 @@ impl Device {
             .active()
             .iter()
             .map(|(name, (version, _))| ActiveModel {
+                shadow: None,
                 name: name.clone(),
                 version: *version,
                 backend: "cpu".into(),
@@ -269,6 +270,7 @@ pub(super) fn window(fleet: &Fleet, model: &str, version: u64, n: u64, rng: &mut
         drifting: false,
     };
     Body::Window(Box::new(WindowReport {
+        shadow: None,
         model: model.to_string(),
         version,
         window: n,

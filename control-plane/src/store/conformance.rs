@@ -48,6 +48,7 @@ fn message(name: &str, seq: u64) -> Envelope {
 
 fn model(version: u64, rollout: Option<&str>) -> AssignedModel {
     AssignedModel {
+        shadow: None,
         version,
         digest: fleetml_protocol::crypto::sha256(&version.to_be_bytes()),
         size: 100 + version,
@@ -58,6 +59,7 @@ fn model(version: u64, rollout: Option<&str>) -> AssignedModel {
 fn rollout(id_: &str, devices: &[&str], created_ms: u64) -> Rollout {
     Rollout::new(
         Plan {
+            shadow: None,
             id: id_.into(),
             kind: Kind::Rollout,
             model: "claims".into(),
@@ -682,6 +684,7 @@ fn with_body(name: &str, seq: u64, body: Body) -> Envelope {
 fn window(model: &str) -> Body {
     use fleetml_protocol::telemetry::{Quantiles, WindowReport};
     Body::Window(Box::new(WindowReport {
+        shadow: None,
         model: model.into(),
         version: 1,
         window: 0,

@@ -39,6 +39,7 @@ fn window(model: &str, n: u64) -> Body {
         drifting: false,
     };
     Body::Window(Box::new(WindowReport {
+        shadow: None,
         model: model.into(),
         version: 3,
         window: n,

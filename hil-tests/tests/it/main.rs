@@ -19,5 +19,6 @@ mod replicas;
 mod retrain;
 mod rollout;
 mod security;
+mod shadow;
 mod store_crash;
 mod tls;

@@ -707,6 +707,7 @@ fn replayed_expired_foreign_and_swapped_assignments_are_refused_and_the_old_mode
         models: [(
             "claims".to_string(),
             AssignedModel {
+                shadow: None,
                 version: 1,
                 digest,
                 size: 1,

@@ -2,8 +2,8 @@
 //! key, forged signature, wrong device, malformed bytes).
 
 use fleetml_protocol::assignment::{
-    AssignedModel, Assignment, AssignmentError, Checked, FORMAT, Held, SignedAssignment,
-    http_token, parse_http_token,
+    AssignedModel, Assignment, AssignmentError, Checked, FORMAT, Held, ShadowModel,
+    SignedAssignment, http_token, parse_http_token,
 };
 use fleetml_protocol::crypto::{SigningKey, sha256};
 use fleetml_protocol::telemetry::DeviceId;
@@ -39,6 +39,7 @@ fn assignment(generation: u64, version: u64) -> Assignment {
         models: [(
             "claims".to_string(),
             AssignedModel {
+                shadow: None,
                 version,
                 digest: sha256(format!("v{version}").as_bytes()),
                 size: 1234,
@@ -193,4 +194,45 @@ proptest! {
             }
         }
     }
+}
+
+fn with_shadow(sample_permille: u16) -> Assignment {
+    let mut a = assignment(2, 3);
+    if let Some(m) = a.models.get_mut("claims") {
+        m.shadow = Some(ShadowModel {
+            version: 4,
+            digest: sha256(b"v4"),
+            size: 99,
+            sample_permille,
+            rollout: Some("r2".into()),
+        });
+    }
+    a
+}
+
+proptest! {
+    /// A shadow version travels signed with its model; a sample outside 1..=1000 per
+    /// thousand is refused even when the signature is good.
+    #[test]
+    fn a_shadow_is_accepted_only_with_a_sample_between_one_and_a_thousand(sample in any::<u16>()) {
+        let key = fixture::key();
+        let p = policy(&key);
+        let a = with_shadow(sample);
+        let checked = check(&a.sign(&key), &p, None);
+        if (1..=1000).contains(&sample) {
+            prop_assert_eq!(checked, Ok(Checked::Newer(a)));
+        } else {
+            let refused = matches!(checked, Err(AssignmentError::Malformed(ref e)) if e.contains("shadow sample"));
+            prop_assert!(refused, "{:?}", checked);
+        }
+    }
+}
+
+/// An assignment without a shadow encodes as before shadows existed (agents that know
+/// nothing of them keep accepting it), and the shadow changes the signed bytes.
+#[test]
+fn a_shadow_is_part_of_the_signed_assignment_and_absent_ones_leave_no_trace() {
+    let plain = assignment(2, 3).to_cbor();
+    assert!(!plain.windows(6).any(|w| w == b"shadow"));
+    assert_ne!(with_shadow(1000).to_cbor(), plain);
 }

@@ -17,6 +17,7 @@ fn status() -> Body {
         board: "raspberry-pi-4".into(),
         backends: vec!["cpu".into()],
         models: vec![ActiveModel {
+            shadow: None,
             name: "claims".into(),
             version: 3,
             backend: "cpu".into(),
