@@ -144,33 +144,11 @@ pub fn install(
     limits: &Limits,
     now: u64,
 ) -> Result<Activated, ActivationError> {
-    let (verified, stored) = store.stage(source, policy, limits)?;
-    let m = &verified.manifest;
-    match prepare(&stored, &verified, board) {
-        Ok(selection) => {
-            let fallbacks = selection.report();
-            let state = store.activate(
-                &verified,
-                &backend::describe(selection.backend.as_ref()),
-                fallbacks.clone(),
-                now,
-            )?;
-            Ok(Activated {
-                state,
-                self_test: selection.self_test,
-                fallbacks,
-            })
-        }
-        Err(e) => {
-            store.record_failure(&verified, &e.to_string(), now)?;
-            let source = e.into_no_backend(board);
-            Err(ActivationError::NoBackend {
-                model: m.name.clone(),
-                version: m.version,
-                source,
-            })
-        }
-    }
+    install_as(
+        (store, source, policy, board, limits),
+        |verified, backend, fallbacks| store.activate(verified, backend, fallbacks, now),
+        |verified, reason| store.record_failure(verified, reason, now),
+    )
 }
 
 /// Verify → stage → prepare (backend selection and golden self-test) → record as the
@@ -185,16 +163,35 @@ pub fn install_shadow(
     sample_permille: u16,
     now: u64,
 ) -> Result<Activated, ActivationError> {
+    install_as(
+        (store, source, policy, board, limits),
+        |verified, backend, _| store.set_shadow(verified, backend, sample_permille, now),
+        |_, _| store.gc().map(drop),
+    )
+}
+
+/// Stage → prepare, then `keep` the prepared version (with its backend and fallbacks)
+/// or, when no backend took it, record `failed`.
+fn install_as(
+    (store, source, policy, board, limits): (
+        &ModelStore,
+        &Path,
+        &TrustPolicy,
+        &BoardProfile,
+        &Limits,
+    ),
+    keep: impl FnOnce(&VerifiedBundle, &str, Vec<String>) -> Result<ModelState, StoreError>,
+    failed: impl FnOnce(&VerifiedBundle, &str) -> Result<(), StoreError>,
+) -> Result<Activated, ActivationError> {
     let (verified, stored) = store.stage(source, policy, limits)?;
     let m = &verified.manifest;
     match prepare(&stored, &verified, board) {
         Ok(selection) => {
             let fallbacks = selection.report();
-            let state = store.set_shadow(
+            let state = keep(
                 &verified,
                 &backend::describe(selection.backend.as_ref()),
-                sample_permille,
-                now,
+                fallbacks.clone(),
             )?;
             Ok(Activated {
                 state,
@@ -203,12 +200,11 @@ pub fn install_shadow(
             })
         }
         Err(e) => {
-            store.gc()?;
-            let source = e.into_no_backend(board);
+            failed(&verified, &e.to_string())?;
             Err(ActivationError::NoBackend {
                 model: m.name.clone(),
                 version: m.version,
-                source,
+                source: e.into_no_backend(board),
             })
         }
     }

@@ -189,8 +189,8 @@ pub enum Outcome {
     Scored { abs_error: f64 },
 }
 
-/// Latencies of shadow runs kept per window for its quantiles (the first ones; the
-/// counts go on).
+/// Latencies and absolute differences of shadow runs kept per window for their
+/// quantiles (the first ones; the counts, sums and maxima go on).
 const SHADOW_LATENCIES_KEPT: usize = 4096;
 
 /// A shadow version beside the served one: what its runs showed in the current window,
@@ -216,6 +216,7 @@ struct ShadowCounts {
     abs_error_sum: f64,
     abs_error_max: f64,
     latencies_us: Vec<u64>,
+    abs_errors: Vec<f64>,
 }
 
 impl Comparison {
@@ -268,6 +269,9 @@ impl Comparison {
                 c.scored += 1;
                 c.abs_error_sum += d;
                 c.abs_error_max = c.abs_error_max.max(d);
+                if c.abs_errors.len() < SHADOW_LATENCIES_KEPT {
+                    c.abs_errors.push(d);
+                }
             }
         }
     }
@@ -281,6 +285,11 @@ impl Comparison {
             let n = c.latencies_us.len();
             (n > 0).then(|| c.latencies_us[((n - 1) as f64 * p).round() as usize])
         };
+        c.abs_errors.sort_by(f64::total_cmp);
+        let e = |p: f64| -> Option<f64> {
+            let n = c.abs_errors.len();
+            (n > 0).then(|| c.abs_errors[((n - 1) as f64 * p).round() as usize])
+        };
         let own = self.monitor.as_ref().and_then(|m| m.close_window(now));
         telemetry::ShadowReport {
             version: self.version,
@@ -291,6 +300,8 @@ impl Comparison {
             agreement: (c.classified > 0).then(|| f64::from(c.agreed) / f64::from(c.classified)),
             mean_abs_error: (c.scored > 0).then(|| c.abs_error_sum / f64::from(c.scored)),
             max_abs_error: (c.scored > 0).then_some(c.abs_error_max),
+            abs_error_p50: e(0.5),
+            abs_error_p95: e(0.95),
             latency_us: telemetry::Quantiles {
                 p50: q(0.5),
                 p95: q(0.95),
@@ -968,4 +979,32 @@ fn category_labels(values: &[String]) -> Vec<String> {
         .cloned()
         .chain(std::iter::once("other".to_string()))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_comparison_counts_class_agreement_and_score_differences_then_starts_again() {
+        let c = Comparison::new(2, None);
+        // Two classified rows, one agreeing; one scored row off by 0.5.
+        c.ran(
+            &[vec![0.9, 0.1], vec![0.2, 0.8]],
+            &[vec![0.6, 0.4], vec![0.7, 0.3]],
+            100,
+        );
+        c.ran(&[vec![1.0]], &[vec![1.5]], 300);
+        c.shed();
+        c.failed();
+        let r = c.take(0);
+        assert_eq!((r.version, r.runs, r.shed, r.failed, r.rows), (2, 3, 1, 1, 3));
+        assert_eq!(r.agreement, Some(0.5));
+        assert_eq!(r.mean_abs_error, Some(0.5));
+        assert_eq!(r.max_abs_error, Some(0.5));
+        assert_eq!(r.abs_error_p95, Some(0.5));
+        assert_eq!(r.latency_us.p50, Some(300));
+        let next = c.take(1);
+        assert_eq!((next.runs, next.rows, next.agreement), (0, 0, None));
+    }
 }

@@ -46,12 +46,14 @@ pub struct Config {
 /// What a reload changed, as lifecycle events.
 type Changes = Vec<telemetry::Event>;
 
-/// Verifies the stored bundle of `state` again and prepares it on the board's backends.
-fn load(bundles: &std::path::Path, state: &ModelState, config: &Config) -> anyhow::Result<Served> {
-    // Models load one at a time (reloads are serialized), so the growth of resident
-    // memory across this call is this model's: weights, plans, self-test buffers.
-    let before = crate::memory::resident_bytes();
-    let path = bundles.join(format!("{}.fmb", state.active.digest));
+/// The stored bundle of `installed` (a version of model `name`), verified again.
+fn verify_stored(
+    bundles: &std::path::Path,
+    installed: &crate::store::Installed,
+    name: &str,
+    config: &Config,
+) -> anyhow::Result<(PathBuf, bundle::VerifiedBundle)> {
+    let path = bundles.join(format!("{}.fmb", installed.digest));
     let file = std::fs::File::open(&path)
         .with_context(|| format!("stored bundle {} is missing", path.display()))?;
     let verified = bundle::verify(
@@ -61,10 +63,19 @@ fn load(bundles: &std::path::Path, state: &ModelState, config: &Config) -> anyho
     )
     .with_context(|| {
         format!(
-            "stored bundle of {} v{} no longer verifies",
-            state.name, state.active.version
+            "stored bundle of {name} v{} no longer verifies",
+            installed.version
         )
     })?;
+    Ok((path, verified))
+}
+
+/// Verifies the stored bundle of `state` again and prepares it on the board's backends.
+fn load(bundles: &std::path::Path, state: &ModelState, config: &Config) -> anyhow::Result<Served> {
+    // Models load one at a time (reloads are serialized), so the growth of resident
+    // memory across this call is this model's: weights, plans, self-test buffers.
+    let before = crate::memory::resident_bytes();
+    let (path, verified) = verify_stored(bundles, &state.active, &state.name, config)?;
     let selection = activation::prepare(&path, &verified, &config.board)?;
     for f in &selection.fallbacks {
         metrics::counter!(
@@ -144,20 +155,7 @@ fn load_shadow(
         return Ok(None);
     };
     let version = shadow.installed.version;
-    let path = bundles.join(format!("{}.fmb", shadow.installed.digest));
-    let file = std::fs::File::open(&path)
-        .with_context(|| format!("stored shadow bundle {} is missing", path.display()))?;
-    let verified = bundle::verify(
-        std::io::BufReader::with_capacity(bundle::CHUNK, file),
-        &config.policy,
-        &Limits::default(),
-    )
-    .with_context(|| {
-        format!(
-            "stored bundle of {} v{version} no longer verifies",
-            state.name
-        )
-    })?;
+    let (path, verified) = verify_stored(bundles, &shadow.installed, &state.name, config)?;
     anyhow::ensure!(
         verified.manifest.name == state.name,
         "the shadow bundle is of model `{}`, not `{}`",

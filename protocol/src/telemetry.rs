@@ -340,11 +340,16 @@ pub struct ShadowReport {
     /// Classifications: the share of rows whose class agreed with the answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agreement: Option<f64>,
-    /// Scores: the mean and largest absolute difference from the answer.
+    /// Scores: the mean and largest absolute difference from the answer (over every row).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mean_abs_error: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_abs_error: Option<f64>,
+    /// Scores: the median and 95th percentile of the absolute differences.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abs_error_p50: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abs_error_p95: Option<f64>,
     /// The shadow's own latency per request, microseconds.
     pub latency_us: Quantiles,
     /// The shadow's prediction drift against its own reference profile.

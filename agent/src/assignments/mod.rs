@@ -305,28 +305,11 @@ impl Puller {
         };
         let (source, downloaded) = match stored {
             Some(path) => (path, false),
-            None => match self.download(name, &as_model).await {
-                Ok(path) => (path, true),
-                Err(Failure::Mismatch(reason)) => {
-                    self.state.failed(shadow.digest);
-                    self.event(
-                        Lifecycle::ShadowFailed,
-                        name,
-                        shadow.version,
-                        reason.clone(),
-                    );
-                    return Err(reason);
-                }
-                Err(Failure::Transfer(reason) | Failure::DiskFull(reason)) => {
-                    self.event(
-                        Lifecycle::DownloadFailed,
-                        name,
-                        shadow.version,
-                        reason.clone(),
-                    );
-                    return Err(reason);
-                }
-            },
+            None => (
+                self.fetch_bundle(name, &as_model, Lifecycle::ShadowFailed)
+                    .await?,
+                true,
+            ),
         };
         let sample = shadow.sample_permille;
         let installed = {
@@ -397,28 +380,11 @@ impl Puller {
             (Step::Active | Step::Failed, _) => return Ok(()),
             // A version still in the store (the previous one: a rollback) needs no download.
             (Step::InstallStored, Some(path)) => (path, false),
-            (Step::InstallStored | Step::Download, _) => match self.download(name, model).await {
-                Ok(path) => (path, true),
-                Err(Failure::Mismatch(reason)) => {
-                    self.state.failed(model.digest);
-                    self.event(
-                        Lifecycle::VerificationFailed,
-                        name,
-                        model.version,
-                        reason.clone(),
-                    );
-                    return Err(reason);
-                }
-                Err(Failure::Transfer(reason) | Failure::DiskFull(reason)) => {
-                    self.event(
-                        Lifecycle::DownloadFailed,
-                        name,
-                        model.version,
-                        reason.clone(),
-                    );
-                    return Err(reason);
-                }
-            },
+            (Step::InstallStored | Step::Download, _) => (
+                self.fetch_bundle(name, model, Lifecycle::VerificationFailed)
+                    .await?,
+                true,
+            ),
         };
         let installed = {
             let (config, source) = (config.clone(), source.clone());
@@ -466,6 +432,34 @@ impl Puller {
             let _ = rx.await;
         }
         result
+    }
+
+    /// [`Self::download`], each failure reported: a bundle that does not match the
+    /// assignment as `mismatch` (and not tried again this generation), a transfer that
+    /// stopped as `download_failed` (resumed on the next pull).
+    async fn fetch_bundle(
+        &mut self,
+        name: &str,
+        model: &AssignedModel,
+        mismatch: Lifecycle,
+    ) -> Result<PathBuf, String> {
+        match self.download(name, model).await {
+            Ok(path) => Ok(path),
+            Err(Failure::Mismatch(reason)) => {
+                self.state.failed(model.digest);
+                self.event(mismatch, name, model.version, reason.clone());
+                Err(reason)
+            }
+            Err(Failure::Transfer(reason) | Failure::DiskFull(reason)) => {
+                self.event(
+                    Lifecycle::DownloadFailed,
+                    name,
+                    model.version,
+                    reason.clone(),
+                );
+                Err(reason)
+            }
+        }
     }
 
     /// Downloads the bundle of `model`, resuming a partial download; returns the file,
