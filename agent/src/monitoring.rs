@@ -998,7 +998,10 @@ mod tests {
         c.shed();
         c.failed();
         let r = c.take(0);
-        assert_eq!((r.version, r.runs, r.shed, r.failed, r.rows), (2, 3, 1, 1, 3));
+        assert_eq!(
+            (r.version, r.runs, r.shed, r.failed, r.rows),
+            (2, 3, 1, 1, 3)
+        );
         assert_eq!(r.agreement, Some(0.5));
         assert_eq!(r.mean_abs_error, Some(0.5));
         assert_eq!(r.max_abs_error, Some(0.5));
