@@ -58,6 +58,16 @@ pub const SERIES: &[(&str, &str, &str)] = &[
         "Sum over devices of the prediction rate in each device's newest window, by model, version, board.",
     ),
     (
+        "fleetml_fleet_shadow_agreement",
+        "gauge",
+        "Shadow versions: the row-weighted share of classes agreeing with the served answers in the devices' newest windows, by model, version (served), shadow_version, board.",
+    ),
+    (
+        "fleetml_fleet_shadow_shed",
+        "gauge",
+        "Shadow versions: requests not run in shadow in the devices' newest windows (devices busy or over the shadow's CPU share), by model, version, shadow_version, board.",
+    ),
+    (
         "fleetml_fleet_rollouts",
         "gauge",
         "Rollouts and rollbacks by state.",
@@ -123,6 +133,9 @@ fn labels(pairs: &[(&str, &str)]) -> String {
     format!("{{{}}}", inner.join(","))
 }
 
+/// Model, served version, shadow version, board.
+type ShadowKey = (String, String, String, String);
+
 #[derive(Default)]
 struct PerModel {
     drifting: u64,
@@ -173,6 +186,28 @@ pub fn render(snap: &Snapshot, alerts: &[AlertRecord]) -> String {
                     .entry((model.clone(), version, board.clone()))
                     .or_default()
                     .drifting += 1;
+            }
+        }
+    }
+    // (agreeing rows, classified rows, shed) per model, served version, shadow version, board.
+    let mut shadows: BTreeMap<ShadowKey, (f64, u64, u64)> = BTreeMap::new();
+    for (d, st) in &snap.devices {
+        let board = d.board.clone().unwrap_or_else(|| "unknown".into());
+        for (model, (_, w)) in &st.windows {
+            if let Some(sh) = &w.shadow {
+                let e = shadows
+                    .entry((
+                        model.clone(),
+                        w.version.to_string(),
+                        sh.version.to_string(),
+                        board.clone(),
+                    ))
+                    .or_default();
+                if let Some(a) = sh.agreement {
+                    e.0 += a * f64::from(sh.rows);
+                    e.1 += u64::from(sh.rows);
+                }
+                e.2 += u64::from(sh.shed);
             }
         }
     }
@@ -267,6 +302,29 @@ pub fn render(snap: &Snapshot, alerts: &[AlertRecord]) -> String {
     per_model(&mut out, "fleetml_fleet_predictions_per_second", &|m| {
         (!m.missing.is_empty()).then_some(m.per_second)
     });
+    let shadow_labels = |(model, version, shadow, board): &ShadowKey| {
+        labels(&[
+            ("model", model),
+            ("version", version),
+            ("shadow_version", shadow),
+            ("board", board),
+        ])
+    };
+    head(&mut out, "fleetml_fleet_shadow_agreement");
+    for (k, (agreed, rows, _)) in &shadows {
+        if *rows > 0 {
+            let _ = writeln!(
+                out,
+                "fleetml_fleet_shadow_agreement{} {}",
+                shadow_labels(k),
+                agreed / *rows as f64
+            );
+        }
+    }
+    head(&mut out, "fleetml_fleet_shadow_shed");
+    for (k, (_, _, shed)) in &shadows {
+        let _ = writeln!(out, "fleetml_fleet_shadow_shed{} {shed}", shadow_labels(k));
+    }
     head(&mut out, "fleetml_fleet_rollouts");
     for (state, n) in &rollouts {
         let _ = writeln!(

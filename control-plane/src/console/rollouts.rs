@@ -83,10 +83,54 @@ fn actions(v: &RolloutView) -> Vec<(&'static str, &'static str, &'static str)> {
     if !v.state.is_final() {
         out.push(("abort", "Abort", "/v1/rollouts/{id}/abort"));
     }
+    if v.shadow.is_some()
+        && !matches!(v.state, RState::Aborted | RState::RolledBack)
+        && !v
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.starts_with("promoted"))
+    {
+        out.push(("promote", "Promote", "/v1/rollouts/{id}/promote"));
+    }
     if v.kind == crate::rollout::Kind::Rollout {
         out.push(("rollback", "Roll back", "/v1/rollbacks"));
     }
     out
+}
+
+/// A shadow rollout's comparison: per board, then per device.
+fn shadow_table(v: &RolloutView) -> Markup {
+    let Some(sh) = &v.shadow else {
+        return html! {};
+    };
+    let pct = |x: Option<f64>| x.map_or("—".to_string(), |a| format!("{:.1} %", a * 100.0));
+    let ms = |x: Option<f64>| x.map_or("—".to_string(), |u| format!("{:.2} ms", u / 1000.0));
+    html! {
+        h2 { "Shadow v" (sh.version) }
+        p { "Runs beside what each device serves on " (f64::from(sh.sample_permille) / 10.0)
+            " % of requests, after they are answered; it never answers. From each device's newest window." }
+        div.scroll { table #shadow {
+            thead { tr { th scope="col" { "Board / device" } th scope="col" { "Rows" } th scope="col" { "Shed" }
+                th scope="col" { "Agreement" } th scope="col" { "Mean |difference|" } th scope="col" { "p95 shadow" }
+                th scope="col" { "p95 served" } th scope="col" { "Shadow alerts" } } }
+            tbody {
+                @for (rows, device) in [(&sh.boards, false), (&sh.devices, true)] {
+                    @for r in rows { tr {
+                        th scope="row" {
+                            @if device { a href=(format!("/ui/devices/{}", r.name)) { (r.name) } } @else { "board " (r.name) }
+                        }
+                        td.num { (r.rows) }
+                        td.num { (r.shed) }
+                        td.num { (pct(r.agreement)) }
+                        td.num { (h::num(r.mean_abs_error, 4)) }
+                        td.num { (ms(r.shadow_p95_us)) }
+                        td.num { (ms(r.served_p95_us)) }
+                        td { (r.alerts.join(", ")) }
+                    } }
+                }
+            }
+        } }
+    }
 }
 
 fn wave_bars(v: &RolloutView) -> Markup {
@@ -154,6 +198,7 @@ pub async fn show(State(c): State<Shared>, user: User, Path(id): Path<String>) -
                     } } }
                 } }
             }
+            (shadow_table(&v))
             h2 { "Timeline" }
             ol.timeline {
                 li { (h::at(Some(v.created_ms))) " created by " (v.by) }
@@ -221,6 +266,7 @@ pub async fn act(
         "pause" => "/v1/rollouts/{id}/pause",
         "resume" => "/v1/rollouts/{id}/resume",
         "abort" => "/v1/rollouts/{id}/abort",
+        "promote" => "/v1/rollouts/{id}/promote",
         "rollback" => "/v1/rollbacks",
         other => {
             return Err(h::error_page(
@@ -280,6 +326,12 @@ pub async fn act(
         )
         .await
         .map(|(_, body)| body.0["id"].as_str().unwrap_or(&id).to_string()),
+        "promote" => {
+            let (p, id2, by) = (plane.clone(), id.clone(), user.principal().who());
+            crate::api::blocking(move || Ok(crate::rollout::start::promote(&p, &id2, by)?))
+                .await
+                .map(|r| r.id)
+        }
         a => {
             let to = match a {
                 "pause" => RState::Paused,
@@ -316,6 +368,7 @@ fn confirm_page(
         "pause" => "Pause: no further devices are assigned until it is resumed; devices already assigned keep what they have.".to_string(),
         "resume" => "Resume: the rollout continues with its waves and gates.".to_string(),
         "abort" => "Abort: the rollout stops for good; devices already assigned keep what they have (roll back to return them).".to_string(),
+        "promote" => format!("Promote: v{} becomes what the devices this shadow reached serve, as a new rollout with the same waves and gates. Refused while a gate fails or a shadow gate has no comparison yet.", v.version.unwrap_or_default()),
         _ => format!("Roll back {}: each device of selector `{}` returns to its previous version as a new assignment generation.", v.model, v.selector),
     };
     let body = html! {

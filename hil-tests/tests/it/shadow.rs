@@ -179,6 +179,38 @@ fn answers_by_row(t: &Traffic) -> std::collections::BTreeMap<usize, Value> {
         .collect()
 }
 
+/// A console page, signed in with the admin token.
+fn console_page(plane: &ControlPlane, path: &str) -> String {
+    let body = format!("token={}&next=%2Fui%2F", plane.token);
+    let (status, head, _) = hil_tests::http_answer(
+        plane.connect(),
+        "POST",
+        "/ui/login",
+        &[("content-type", "application/x-www-form-urlencoded")],
+        body.as_bytes(),
+    )
+    .expect("HTTP");
+    assert_eq!(status, 303, "{head}");
+    let cookie = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("set-cookie")
+                .then(|| v.trim().split(';').next().unwrap_or("").to_string())
+        })
+        .expect("a session cookie");
+    let (status, page) = hil_tests::http_with(
+        plane.connect(),
+        "GET",
+        path,
+        &[("cookie", cookie.as_str())],
+        b"",
+    )
+    .expect("HTTP");
+    assert_eq!(status, 200);
+    String::from_utf8(page).expect("HTML")
+}
+
 /// The shadow comparison of `id` once every device reports one.
 fn wait_shadow(plane: &ControlPlane, id: &str, devices: usize) -> Value {
     wait_for(
@@ -279,6 +311,18 @@ fn a_shadow_rollout_compares_on_live_traffic_without_touching_answers_and_its_ga
     for (name, _, _) in LAB_FLEET {
         wait_running(&plane, name, 1);
     }
+    // The console's rollout page shows the comparison, and offers to promote.
+    let page = console_page(&plane, &format!("/ui/rollouts/{id}"));
+    assert!(
+        page.contains("Shadow v3")
+            && page.contains("id=\"shadow\"")
+            && page.contains("board jetson-orin-nano"),
+        "{page}"
+    );
+    assert!(
+        page.contains("/ui/rollouts/") && page.contains("Promote"),
+        "{page}"
+    );
 
     // A near-identical model (v2: the same weights, another version) agrees, and is
     // promoted: the devices then serve it, with no shadow.
