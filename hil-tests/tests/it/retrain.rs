@@ -297,6 +297,17 @@ fn labels(file: &str) -> Vec<u8> {
 
 #[test]
 fn drift_on_the_devices_retrains_the_model_and_a_better_challenger_goes_to_a_canary() {
+    drift_retrains_and_promotes(false);
+}
+
+/// The same loop with `--shadow-first`: the winner first runs as a shadow beside v1 on
+/// every device; an operator's `rollout promote` then starts its canary.
+#[test]
+fn with_shadow_first_a_better_challenger_runs_in_shadow_before_its_canary() {
+    drift_retrains_and_promotes(true);
+}
+
+fn drift_retrains_and_promotes(shadow_first: bool) {
     use crate::rollout::{enroll, rollout, run_agent, wait_running, wait_state};
     use hil_tests::fleet::wait_for;
     use serde_json::json;
@@ -432,7 +443,10 @@ fn drift_on_the_devices_retrains_the_model_and_a_better_challenger_goes_to_a_can
                 "50",
                 "--spec",
                 &spec,
-            ],
+            ]
+            .into_iter()
+            .chain(shadow_first.then_some("--shadow-first"))
+            .collect::<Vec<_>>(),
         )
         .success();
     let job = wait_for("the policy's training job to finish", WAIT, || {
@@ -522,8 +536,9 @@ fn drift_on_the_devices_retrains_the_model_and_a_better_challenger_goes_to_a_can
         table.stdout
     );
 
-    // Auto-promote: a canary rollout of the challenger.
-    let canary = wait_for("the canary rollout", WAIT, || {
+    // Auto-promote: a canary rollout of the challenger (with --shadow-first, a shadow
+    // rollout first, which an operator promotes to the canary).
+    let first = wait_for("the policy's rollout", WAIT, || {
         plane
             .get("/v1/rollouts")
             .as_array()?
@@ -531,7 +546,51 @@ fn drift_on_the_devices_retrains_the_model_and_a_better_challenger_goes_to_a_can
             .find(|r| r["version"] == 2)
             .cloned()
     });
-    assert_eq!(canary["by"], "policy:claims", "{canary:#}");
+    assert_eq!(first["by"], "policy:claims", "{first:#}");
+    let canary = if shadow_first {
+        let id = first["id"].as_str().expect("id").to_string();
+        let view = plane.get(&format!("/v1/rollouts/{id}"));
+        assert_eq!(view["strategy"]["waves"], json!([50, 100]), "{view:#}");
+        assert_eq!(view["shadow"]["version"], 2, "a shadow rollout: {view:#}");
+        assert!(
+            view["devices"]
+                .as_array()
+                .expect("devices")
+                .iter()
+                .all(|d| d["to"] == 1),
+            "the devices keep serving v1: {view:#}"
+        );
+        let traffic = crate::monitoring::rows("holdout.csv");
+        wait_for("the shadow compared on the devices", WAIT, || {
+            let v = plane.get(&format!("/v1/rollouts/{id}"));
+            let rows = v["shadow"]["devices"].as_array()?.clone();
+            if !rows.is_empty() && rows.iter().all(|r| r["runs"].as_u64() > Some(0)) {
+                return Some(());
+            }
+            // Devices run a shadow only on the traffic they serve: keep some flowing.
+            for a in &agents {
+                crate::monitoring::send(a, &traffic[..50]);
+            }
+            None
+        });
+        let promoted = plane.fleetctl(dir, &["rollout", "promote", &id]);
+        assert!(
+            promoted.success().contains("promoted"),
+            "{}",
+            promoted.stdout
+        );
+        plane
+            .get("/v1/rollouts")
+            .as_array()
+            .expect("rollouts")
+            .iter()
+            .find(|r| r["version"] == 2 && r["id"] != id.as_str())
+            .cloned()
+            .expect("the canary the promotion started")
+    } else {
+        first
+    };
+    assert_eq!(canary["version"], 2, "{canary:#}");
     let audit = plane.json(dir, &["audit", "--last", "1000"]);
     let actions: Vec<&str> = audit
         .as_array()
@@ -540,12 +599,21 @@ fn drift_on_the_devices_retrains_the_model_and_a_better_challenger_goes_to_a_can
         .filter(|e| e["who"] == "policy:claims")
         .filter_map(|e| e["action"].as_str())
         .collect();
-    for a in ["retrain.start", "retrain.finished", "promote.canary"] {
+    let promoted = if shadow_first {
+        "promote.shadow"
+    } else {
+        "promote.canary"
+    };
+    for a in ["retrain.start", "retrain.finished", promoted] {
         assert!(actions.contains(&a), "{actions:?}");
     }
     let shown = plane.fleetctl(dir, &["models", "policy", "show", "claims"]);
     assert!(
-        shown.success().contains("canary rollout"),
+        shown.success().contains(if shadow_first {
+            "shadow rollout"
+        } else {
+            "canary rollout"
+        }),
         "{}",
         shown.stdout
     );
