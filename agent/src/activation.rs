@@ -192,7 +192,11 @@ fn install_as(
                 &verified,
                 &backend::describe(selection.backend.as_ref()),
                 fallbacks.clone(),
-            )?;
+            )
+            .inspect_err(|_| {
+                // Staged but kept by nothing (a shadow of a model not installed).
+                let _ = store.gc();
+            })?;
             Ok(Activated {
                 state,
                 self_test: selection.self_test,

@@ -78,8 +78,19 @@ enum Command {
     /// Install a bundle from a local file and make it the active version of its model:
     /// verify, store, choose a backend and self-test on it, then swap atomically. On any
     /// failure the active version keeps serving and the reason is recorded.
+    ///
+    /// With --shadow the bundle runs instead *beside* the active version of its model, on
+    /// a share of the requests after they are answered, never answering itself; its
+    /// comparison is in each monitoring window (`shadow`). An agent enrolled with a
+    /// control plane keeps only the shadow its assignment names.
     InstallBundle {
         bundle: PathBuf,
+        /// Install it as the shadow of its model's active version.
+        #[arg(long)]
+        shadow: bool,
+        /// With --shadow: the share of requests it runs on, 0.1% to 100% (25% or 0.25).
+        #[arg(long, requires = "shadow", default_value = "100%", value_parser = parse_share)]
+        shadow_sample: u16,
         #[command(flatten)]
         config: ConfigArgs,
     },
@@ -342,11 +353,47 @@ fn open_store(c: &AgentConfig) -> anyhow::Result<ModelStore> {
     ModelStore::open(&dir).with_context(|| format!("opening the model store in {}", dir.display()))
 }
 
-fn install_bundle(bundle: PathBuf, config: ConfigArgs) -> anyhow::Result<()> {
+/// `25%`, `0.25` or `100%` as requests per thousand.
+fn parse_share(text: &str) -> Result<u16, String> {
+    let t = text.trim();
+    let share = match t.strip_suffix('%') {
+        Some(p) => p.trim().parse::<f64>().map(|p| p / 100.0),
+        None => t.parse::<f64>(),
+    }
+    .map_err(|_| format!("`{text}` is not a share like 25% or 0.25"))?;
+    let permille = (share * 1000.0).round();
+    if !(1.0..=1000.0).contains(&permille) {
+        return Err(format!("`{text}`: a shadow sample is 0.1% to 100%"));
+    }
+    Ok(permille as u16)
+}
+
+fn install_bundle(bundle: PathBuf, shadow: Option<u16>, config: ConfigArgs) -> anyhow::Result<()> {
     let c = config.resolve(AgentConfig::default())?;
     let policy = trust_of(&c)?;
     let board = board_of(&c)?;
     let models = open_store(&c)?;
+    if let Some(sample) = shadow {
+        let installed = activation::install_shadow(
+            &models,
+            &bundle,
+            &policy,
+            &board,
+            &Limits::default(),
+            sample,
+            now(),
+        )
+        .with_context(|| format!("installing {} as a shadow", bundle.display()))?;
+        print_self_test(installed.self_test.as_ref());
+        let s = &installed.state;
+        if let Some(sh) = &s.shadow {
+            println!(
+                "shadow {} v{} beside v{} on {}, {} per thousand requests (send SIGHUP to a running agent)",
+                s.name, sh.installed.version, s.active.version, sh.backend, sh.sample_permille
+            );
+        }
+        return Ok(());
+    }
     let activated =
         activation::install(&models, &bundle, &policy, &board, &Limits::default(), now())
             .with_context(|| format!("installing {}", bundle.display()))?;
@@ -423,6 +470,12 @@ fn models(config: ConfigArgs, json: bool) -> anyhow::Result<()> {
             .map(|p| format!("v{}", p.version))
             .unwrap_or_else(|| "-".into());
         let mut notes: Vec<String> = s.fallbacks.clone();
+        if let Some(sh) = &s.shadow {
+            notes.push(format!(
+                "shadow v{} on {}, {} per thousand requests",
+                sh.installed.version, sh.backend, sh.sample_permille
+            ));
+        }
         if let Some(f) = &s.last_failure {
             notes.push(format!("v{} failed to activate: {}", f.version, f.reason));
         }
@@ -579,7 +632,12 @@ fn main() -> ExitCode {
             trust,
             board,
         } => verify_bundle(bundle, trust, board),
-        Command::InstallBundle { bundle, config } => install_bundle(bundle, config),
+        Command::InstallBundle {
+            bundle,
+            shadow,
+            shadow_sample,
+            config,
+        } => install_bundle(bundle, shadow.then_some(shadow_sample), config),
         Command::Models { config, json } => models(config, json),
         Command::Rollback { name, config } => rollback(name, config),
         Command::Run(args) => fleet_agent_run(*args),

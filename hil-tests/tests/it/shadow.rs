@@ -413,3 +413,95 @@ fn a_busy_device_sheds_shadow_runs_first() {
     let lat = |t: &Traffic| t.answers.iter().map(|a| a.1).collect::<Vec<_>>();
     same_latency(&lat(&before[0]), &lat(&during[0]), "serving while shedding");
 }
+
+/// Offline, without a control plane: `fleet-agent install-bundle --shadow` puts a version
+/// beside the active one (refused, naming why, when there is none), `models` lists it, and
+/// the running agent's windows carry its comparison while answers come from the active one.
+#[test]
+fn install_bundle_shadow_runs_beside_the_active_version_offline() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    hil_tests::keys_and_policy(dir, "k");
+    let reference = hil_tests::claims("reference.csv");
+    for v in [1, 2] {
+        hil_tests::build_claims(
+            dir,
+            v,
+            &format!("v{v}.fmb"),
+            &["--reference", &reference, "--key", "keys/k.key"],
+        );
+    }
+    let args = |bundle: &'static str, shadow: bool| {
+        let mut a = vec![
+            "install-bundle",
+            bundle,
+            "--data-dir",
+            "data",
+            "--trust",
+            "trust.toml",
+        ];
+        if shadow {
+            a.extend(["--shadow", "--shadow-sample", "50%"]);
+        }
+        a
+    };
+    let refused = hil_tests::agent(dir, &args("v2.fmb", true));
+    assert!(
+        refused
+            .failure()
+            .contains("no model named `claims` is installed"),
+        "{}",
+        refused.stderr
+    );
+    hil_tests::agent(dir, &args("v1.fmb", false)).success();
+    let installed = hil_tests::agent(dir, &args("v2.fmb", true));
+    assert!(
+        installed.success().contains("shadow claims v2 beside v1"),
+        "{}",
+        installed.stdout
+    );
+    let listed: Value = serde_json::from_str(
+        hil_tests::agent(dir, &["models", "--data-dir", "data", "--json"]).success(),
+    )
+    .expect("JSON");
+    assert_eq!(listed[0]["shadow"]["installed"]["version"], 2, "{listed:#}");
+    assert_eq!(listed[0]["shadow"]["sample_permille"], 500, "{listed:#}");
+
+    let agent = RunningAgent::serve_store(dir, &["--window-predictions", "100"]);
+    let rows = crate::monitoring::rows("holdout.csv");
+    for chunk in rows[..400].chunks(1) {
+        let (status, reply) = agent.request(
+            "POST",
+            "/v1/models/claims/predict",
+            &json!({ "features": chunk[0] }),
+        );
+        assert_eq!(status, 200, "{reply}");
+        assert_eq!(reply["version"], 1, "answered by the active version");
+    }
+    let (_, view) = agent.request("GET", "/v1/models/claims/monitoring?limit=10", &Value::Null);
+    let shadows: Vec<&Value> = view["windows"]
+        .as_array()
+        .expect("windows")
+        .iter()
+        .filter_map(|w| w.get("shadow"))
+        .collect();
+    assert!(!shadows.is_empty(), "{view:#}");
+    let runs: u64 = shadows
+        .iter()
+        .map(|s| s["runs"].as_u64().unwrap_or(0))
+        .sum();
+    let shed: u64 = shadows
+        .iter()
+        .map(|s| s["shed"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(
+        runs > 0 && runs + shed >= 150,
+        "about half of 400 sampled: {shadows:?}"
+    );
+    assert!(
+        shadows
+            .iter()
+            .all(|s| s["version"] == 2 && (s["agreement"] == 1.0 || s["rows"] == 0)),
+        "{shadows:?}"
+    );
+}
