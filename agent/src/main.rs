@@ -89,7 +89,7 @@ enum Command {
         #[arg(long)]
         shadow: bool,
         /// With --shadow: the share of requests it runs on, 0.1% to 100% (25% or 0.25).
-        #[arg(long, requires = "shadow", default_value = "100%", value_parser = parse_share)]
+        #[arg(long, requires = "shadow", default_value = "100%", value_parser = fleetml_protocol::assignment::ShadowModel::parse_sample)]
         shadow_sample: u16,
         #[command(flatten)]
         config: ConfigArgs,
@@ -352,22 +352,6 @@ fn open_store(c: &AgentConfig) -> anyhow::Result<ModelStore> {
     let dir = data_dir(c);
     ModelStore::open(&dir).with_context(|| format!("opening the model store in {}", dir.display()))
 }
-
-/// `25%`, `0.25` or `100%` as requests per thousand.
-fn parse_share(text: &str) -> Result<u16, String> {
-    let t = text.trim();
-    let share = match t.strip_suffix('%') {
-        Some(p) => p.trim().parse::<f64>().map(|p| p / 100.0),
-        None => t.parse::<f64>(),
-    }
-    .map_err(|_| format!("`{text}` is not a share like 25% or 0.25"))?;
-    let permille = (share * 1000.0).round();
-    if !(1.0..=1000.0).contains(&permille) {
-        return Err(format!("`{text}`: a shadow sample is 0.1% to 100%"));
-    }
-    Ok(permille as u16)
-}
-
 fn install_bundle(bundle: PathBuf, shadow: Option<u16>, config: ConfigArgs) -> anyhow::Result<()> {
     let c = config.resolve(AgentConfig::default())?;
     let policy = trust_of(&c)?;

@@ -82,6 +82,24 @@ pub struct ShadowModel {
     pub rollout: Option<String>,
 }
 
+impl ShadowModel {
+    /// A shadow sample as operators write it — a percentage (`25%`) or a fraction
+    /// (`0.25`), 0.1 % to 100 % — in requests per thousand.
+    pub fn parse_sample(text: &str) -> Result<u16, String> {
+        let t = text.trim();
+        let share = match t.strip_suffix('%') {
+            Some(p) => p.trim().parse::<f64>().map(|p| p / 100.0),
+            None => t.parse::<f64>(),
+        }
+        .map_err(|_| format!("`{text}` is not a share like 25% or 0.25"))?;
+        let permille = (share * 1000.0).round();
+        if !(1.0..=1000.0).contains(&permille) {
+            return Err(format!("`{text}`: a shadow sample is 0.1% to 100%"));
+        }
+        Ok(permille as u16)
+    }
+}
+
 /// An assignment as it travels: its canonical CBOR and one signature over it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -66,7 +66,7 @@ pub(crate) enum RolloutCommand {
         shadow: bool,
         /// The share of requests a shadow runs on: a percentage (25%) or a fraction
         /// (0.25), 0.1% to 100%. Devices shed shadow runs first when busy.
-        #[arg(long, requires = "shadow", value_parser = parse_sample, default_value = "100%")]
+        #[arg(long, requires = "shadow", value_parser = fleetml_protocol::assignment::ShadowModel::parse_sample, default_value = "100%")]
         shadow_sample: u16,
         /// A gate as NAME OP VALUE, repeatable: shadow_agreement>=0.98,
         /// shadow_latency_ratio<=1.5, shadow_mean_abs_error<=0.05, and the flags above by
@@ -307,22 +307,6 @@ pub(crate) fn watch(client: &fleet_control::client::Client, id: &str) -> anyhow:
         std::thread::sleep(std::time::Duration::from_secs(1));
     }
 }
-
-/// `--shadow-sample`: `25%`, `0.25` or `100%`, as requests per thousand.
-fn parse_sample(text: &str) -> Result<u16, String> {
-    let t = text.trim();
-    let share = match t.strip_suffix('%') {
-        Some(p) => p.trim().parse::<f64>().map(|p| p / 100.0),
-        None => t.parse::<f64>(),
-    }
-    .map_err(|_| format!("`{text}` is not a share like 25% or 0.25"))?;
-    let permille = (share * 1000.0).round();
-    if !(1.0..=1000.0).contains(&permille) {
-        return Err(format!("`{text}`: a shadow sample is 0.1% to 100%"));
-    }
-    Ok(permille as u16)
-}
-
 /// `N per thousand` as a percentage.
 fn percent(permille: u16) -> String {
     format!("{}%", f64::from(permille) / 10.0)
@@ -378,6 +362,7 @@ mod tests {
 
     #[test]
     fn shadow_samples_and_gates_parse_with_clear_refusals() {
+        let parse_sample = fleetml_protocol::assignment::ShadowModel::parse_sample;
         assert_eq!(parse_sample("100%"), Ok(1000));
         assert_eq!(parse_sample("25%"), Ok(250));
         assert_eq!(parse_sample("0.05"), Ok(50));
