@@ -97,6 +97,14 @@ impl QueueOptions {
     }
 }
 
+impl QueueOptions {
+    /// The user and password the queue logs in with (the first URL that names them, as
+    /// [`connect`] takes them); `None` when it connects anonymously.
+    pub fn login(&self) -> Option<(String, String)> {
+        self.urls.iter().find_map(|u| split_credentials(u).1)
+    }
+}
+
 /// `url` with its user information (a password) left out, for messages.
 fn without_password(url: &str) -> String {
     match (url.split_once("://"), url.rfind('@')) {

@@ -33,6 +33,7 @@ pub mod keys;
 pub mod leader;
 pub mod mosquitto;
 pub mod multivariate;
+pub mod nats_auth;
 pub mod onnx;
 pub mod output;
 pub mod performance;

@@ -45,6 +45,9 @@ pub struct Plane {
     /// The ingest's user name on the broker, and its password when an external broker's
     /// `--mqtt-url` gave one.
     pub(crate) broker_login: (String, Option<String>),
+    /// When the replicas pull from a NATS ingest queue (`--ingest-queue`): the user and
+    /// password it logs in with, `None` when it connects anonymously.
+    pub(crate) queue_login: Option<Option<(String, String)>>,
     /// The session commands to devices are published on; the ingest has its own.
     pub(crate) client: AsyncClient,
     pub(crate) metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,

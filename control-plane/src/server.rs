@@ -698,6 +698,7 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
             },
             Mqtt::Embedded(_) => (INGEST_CLIENT.to_string(), None),
         },
+        queue_login: opts.ingest_queue.as_ref().map(|q| q.login()),
         public_mqtt_url: opts.public_mqtt_url.clone().unwrap_or(public_mqtt),
         client,
         metrics,

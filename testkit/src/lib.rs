@@ -472,6 +472,20 @@ impl NatsCluster {
             .join(",")
     }
 
+    /// Makes every running node read its configuration again (SIGHUP, what
+    /// `nats-server --signal reload` sends): an included `authorization` block's new
+    /// users and permissions apply, and connections they no longer allow are closed.
+    pub fn reload(&self) {
+        for child in self.nodes.iter().filter_map(|n| n.child.as_ref()) {
+            let status = Command::new("kill")
+                .arg("-HUP")
+                .arg(child.id().to_string())
+                .status()
+                .expect("kill -HUP");
+            assert!(status.success(), "kill -HUP {}", child.id());
+        }
+    }
+
     /// Kills node `i` (SIGKILL): its clients must go to another node.
     pub fn kill(&mut self, i: usize) {
         if let Some(mut c) = self.nodes[i].child.take() {

@@ -92,6 +92,7 @@ pub fn router(plane: Arc<Plane>) -> Router {
         .route("/v1/audit", get(t::audit_log))
         .route("/v1/audit/verify", get(t::audit_verify))
         .route("/v1/broker/mosquitto", get(crate::api::broker::mosquitto))
+        .route("/v1/broker/nats", get(crate::api::broker::nats))
         .route("/v1/trainers", get(crate::api::trainers::list))
         .route(
             "/v1/trainers/{name}",

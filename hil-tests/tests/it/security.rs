@@ -827,6 +827,11 @@ fn a_device_can_use_the_broker_only_as_itself() {
         plane.online("pi-a").then_some(())
     });
 
+    // The embedded broker's ingest has no password: a NATS block would lock it out.
+    let run = plane.fleetctl(dir, &["broker", "acl", "--broker", "nats", "--out", "nats"]);
+    assert!(run.failure().contains("--mqtt-url"), "{}", run.stderr);
+    assert!(!dir.join("nats/nats-auth.conf").exists());
+
     let secret = |id: &str| hex::decode(config_value(dir, id, "device_secret")).expect("hex");
     let (a, b) = (secret("pi-a"), secret("pi-b"));
     let password = telemetry::mqtt_password(&b);
@@ -1011,6 +1016,199 @@ fn fleetctl_broker_acl_makes_mosquitto_enforce_the_fleet_rules() {
             .expect("an event");
         assert!(first.is_err(), "{user:?} logged in: {first:?}");
     }
+}
+
+/// A logged-in MQTT session on `port` as `client` (user `user`, `password`), or `None`
+/// when the broker refused the login.
+fn mqtt_login(
+    port: u16,
+    client: &str,
+    user: Option<&str>,
+    password: &str,
+) -> Option<(rumqttc::Client, rumqttc::Connection)> {
+    let mut o = rumqttc::MqttOptions::new(client, "127.0.0.1", port);
+    if let Some(user) = user {
+        o.set_credentials(user, password);
+    }
+    let (client, mut conn) = rumqttc::Client::new(o, 10);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        match conn.recv_timeout(Duration::from_secs(10)) {
+            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(a)))) => {
+                return (a.code == rumqttc::ConnectReturnCode::Success).then_some((client, conn));
+            }
+            Ok(Ok(_)) => {}
+            _ => return None,
+        }
+    }
+    None
+}
+
+/// Whether the broker granted `filter` to the session.
+fn granted(session: &mut (rumqttc::Client, rumqttc::Connection), filter: &str) -> bool {
+    let (client, conn) = session;
+    client
+        .subscribe(filter, rumqttc::QoS::AtLeastOnce)
+        .expect("queued");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        if let Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(a)))) =
+            conn.recv_timeout(Duration::from_secs(1))
+        {
+            return a
+                .return_codes
+                .iter()
+                .all(|c| *c != rumqttc::SubscribeReasonCode::Failure);
+        }
+    }
+    panic!("no SUBACK for {filter}");
+}
+
+/// What a core NATS server answers a `CONNECT` as `user`: `+OK`/`PONG` when it lets the
+/// client in, `-ERR 'Authorization Violation'` when not.
+fn nats_core_login(port: u16, user: &str, password: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("nats port");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut buf = vec![0u8; 8192];
+    let n = s.read(&mut buf).expect("INFO");
+    assert!(
+        buf[..n].starts_with(b"INFO"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    let connect =
+        serde_json::json!({"user": user, "pass": password, "verbose": false, "pedantic": false});
+    write!(s, "CONNECT {connect}\r\nPING\r\n").expect("CONNECT");
+    let n = s.read(&mut buf).unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+/// `fleetctl broker acl --broker nats` makes a NATS server (MQTT enabled, JetStream
+/// ingest queue) enforce the fleet's rules: the control plane's two users (MQTT for
+/// commands, core NATS for the queue) and an enrolled device work as before — a
+/// rollout reaches it through the queue and commands — while another device's password
+/// reads none of its subjects (its `cmd`, `#`, the server's `$MQTT/sub/#` deliveries),
+/// writes none of them (a replayed will leaves the victim online), opens no core NATS
+/// connection (where `$MQTT.sub.>` would show it every delivery), and anonymous and
+/// wrong-password logins are refused; after a revocation the file is written again and
+/// reloaded, and the revoked device is refused. Before: NATS ran with anonymous logins
+/// (DEPLOY.md said the authorization was the operator's to write), and every probe
+/// below succeeded.
+#[test]
+fn fleetctl_broker_acl_makes_a_nats_server_enforce_the_fleet_rules() {
+    use crate::rollout::{bundle, config_value, enroll, rollout, run_agent, wait_running};
+    use fleetml_protocol::telemetry;
+    const WAIT: Duration = Duration::from_secs(90);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    hil_tests::keys_and_policy(dir, "k");
+    let auth = dir.join("acl/nats-auth.conf");
+    std::fs::create_dir_all(dir.join("acl")).expect("acl dir");
+    std::fs::write(&auth, "# written by fleetctl broker acl\n").expect("empty block");
+    // nats-server reads an include path relative to its configuration's folder (a
+    // sibling of this test's in the temporary folder).
+    let sibling = dir.file_name().expect("tempdir name").to_string_lossy();
+    let nats = hil_tests::fleet::NatsCluster::start_configured(
+        1,
+        &format!("include \"../{sibling}/acl/nats-auth.conf\"\n"),
+    );
+    let node = &nats.nodes()[0];
+    let (port, mqtt) = (node.port, node.mqtt_port);
+    let url = format!("mqtt://fleetml-ingest:ingest-password-0123456789@127.0.0.1:{mqtt}");
+    let queue = format!("nats://fleetml-queue:queue-password-0123456789@127.0.0.1:{port}");
+    let plane = ControlPlane::start_at(
+        dir,
+        "127.0.0.1",
+        None,
+        &["--trust", "trust.toml", "--mqtt-url", &url],
+        vec![("FLEETML_INGEST_QUEUE".into(), queue)],
+    );
+    enroll(dir, &plane, "pi-a", "raspberry-pi-4", "site=lab", "");
+    enroll(dir, &plane, "pi-b", "raspberry-pi-4", "site=lab", "");
+    let acl = |devices: &str| {
+        let run = plane.fleetctl(dir, &["broker", "acl", "--broker", "nats", "--out", "acl"]);
+        assert!(run.success().contains(devices), "{}", run.stdout);
+        assert_eq!(mode(&auth) & 0o777, 0o600);
+        nats.reload();
+    };
+    acl("2 devices");
+    let conf = std::fs::read_to_string(&auth).expect("conf");
+    assert!(!conf.contains("ingest-password"), "a password in clear");
+
+    // The fleet works through the guarded server: pi-a's status arrives through the
+    // queue, and a rollout reaches it over the command topic.
+    let _a = run_agent(dir, "pi-a", "raspberry-pi-4");
+    wait_for("pi-a online through the guarded server", WAIT, || {
+        plane.online("pi-a").then_some(())
+    });
+    bundle(dir, 1, "v1.fmb");
+    plane
+        .fleetctl(
+            dir,
+            &["models", "push", &dir.join("v1.fmb").display().to_string()],
+        )
+        .success();
+    rollout(&plane, dir, &["claims@1", "--to", "all", "--soak", "0s"]);
+    wait_running(&plane, "pi-a", 1);
+
+    let secret = |id: &str| hex::decode(config_value(dir, id, "device_secret")).expect("hex");
+    let password = telemetry::mqtt_password(&secret("pi-b"));
+    let mut b = mqtt_login(mqtt, "pi-b", Some("pi-b"), &password).expect("pi-b's own login");
+    assert!(granted(&mut b, "fleetml/v1/pi-b/cmd"), "its own commands");
+    for filter in [
+        "fleetml/v1/pi-a/cmd",
+        "#",
+        "fleetml/v1/+/status",
+        "$MQTT/sub/#",
+    ] {
+        assert!(!granted(&mut b, filter), "pi-b was granted {filter}");
+    }
+    let (topic, will) = forged_will("pi-a", &secret("pi-a"));
+    b.0.publish(topic, rumqttc::QoS::AtLeastOnce, true, will)
+        .expect("queued");
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < until {
+        if let Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)))) =
+            b.1.recv_timeout(Duration::from_millis(500))
+        {
+            panic!("pi-b read {}", p.topic);
+        }
+    }
+    assert!(plane.online("pi-a"), "the replayed will reached the ingest");
+
+    // Its password opens no core NATS connection; the queue's user no MQTT session;
+    // anonymous and wrong passwords nothing.
+    let core = nats_core_login(port, "pi-b", &password);
+    assert!(core.contains("Authorization Violation"), "{core}");
+    let core = nats_core_login(port, "fleetml-queue", "queue-password-0123456789");
+    assert!(core.contains("PONG"), "the queue's own login: {core}");
+    assert!(
+        mqtt_login(
+            mqtt,
+            "q",
+            Some("fleetml-queue"),
+            "queue-password-0123456789"
+        )
+        .is_none()
+    );
+    assert!(mqtt_login(mqtt, "pi-b", None, "").is_none(), "anonymous");
+    assert!(mqtt_login(mqtt, "pi-b", Some("pi-b"), "not-the-password").is_none());
+
+    // Revoked, written again and reloaded: pi-b is refused; pi-a carries on.
+    drop(b);
+    plane
+        .fleetctl(dir, &["devices", "revoke", "pi-b", "--yes"])
+        .success();
+    acl("1 devices");
+    assert!(
+        mqtt_login(mqtt, "pi-b", Some("pi-b"), &password).is_none(),
+        "revoked"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(plane.online("pi-a"), "pi-a lost by the reload");
+    assert_eq!(plane.get("/v1/ingest")["broker_connected"], true);
 }
 
 /// An operator token cannot run commands on the control-plane host. Before: `POST
