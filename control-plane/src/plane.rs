@@ -59,6 +59,8 @@ pub struct Plane {
     pub alert_store: Arc<dyn crate::store::AlertStore>,
     /// The fleet-level series `/metrics` adds to the process's own.
     pub fleet_metrics: crate::fleet_metrics::FleetMetrics,
+    /// The fleet read whole for the notifier and the fleet metrics, one at a time.
+    pub snapshots: crate::snapshot::Shared,
 }
 
 /// Mutating API calls admitted per second (0: no limit), each limit bursting to ten
@@ -179,11 +181,27 @@ pub(crate) fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Returns memory the allocator holds freed to the system: glibc's malloc keeps what a
+/// thread freed in that thread's arena, so after a burst the process would keep its
+/// peak; `malloc_trim` releases the free pages of every arena. A no-op with other C
+/// libraries. (fleet-agent makes the same call after large inputs.)
+#[allow(unsafe_code)]
+pub(crate) fn trim_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: malloc_trim takes a byte count, has no preconditions and is
+        // thread-safe; it only releases free memory.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+    }
+}
+
 /// Raises this process's open-file limit towards `want` (children inherit it): the soft
 /// limit up to the hard one, and the hard one too where the process may (root). Returns
 /// the soft limit now in force.
 ///
-/// `libc` is a direct dependency for this call alone (std has no setrlimit); the unsafe
+/// `libc` is a direct dependency for this call and malloc_trim (std has neither); the unsafe
 /// blocks only pass a struct owned here to the two system calls.
 #[allow(unsafe_code)]
 pub(crate) fn raise_open_file_limit(want: u64) -> anyhow::Result<u64> {

@@ -53,7 +53,9 @@ async fn round(plane: &Arc<Plane>) -> anyhow::Result<()> {
     let settings = plane.alerts.settings.clone();
     let p = plane.clone();
     let (mut book, silences, changes) = tokio::task::spawn_blocking(move || {
-        let snap = Snapshot::read(&*p.ingest.store, &*p.rollouts, &p.jobs)?;
+        let snap = p.snapshots.get(now, crate::snapshot::SHARED_MS, || {
+            Snapshot::read(&*p.ingest.store, &*p.rollouts, &p.jobs)
+        })?;
         let cfg = &p.alerts;
         let seen = conditions::seen(&cfg.rules, &snap, now);
         let mut book: Book = p

@@ -190,7 +190,20 @@ pub(crate) struct ServeArgs {
     /// removed.
     #[arg(long, default_value_t = 1 << 30)]
     capture_quota: u64,
+    /// MiB of DATA_DIR/fleet.db's pages kept in memory (sled's page cache; sled's own
+    /// default is 1024). Pages beyond it are read back from the file (and the kernel's
+    /// page cache). Unused with --database.
+    #[arg(long, env = "FLEETML_STORE_CACHE_MIB", default_value_t = crate::cli::serve::STORE_CACHE_MIB)]
+    store_cache_mib: u64,
+    /// How often freed memory is handed back to the system (glibc's malloc_trim): each
+    /// thread's malloc arena otherwise keeps what a burst (a rollout to thousands of
+    /// devices) freed. 0s never.
+    #[arg(long, env = "FLEETML_MALLOC_TRIM_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    malloc_trim_interval: std::time::Duration,
 }
+
+/// `--store-cache-mib`'s default.
+pub(crate) const STORE_CACHE_MIB: u64 = 256;
 
 pub(crate) fn serve_command(a: ServeArgs) -> anyhow::Result<()> {
     if let (Some(user), Some(trials)) = (&a.trial_user, &a.trials_dir)
@@ -267,6 +280,8 @@ pub(crate) fn serve_command(a: ServeArgs) -> anyhow::Result<()> {
             per_address: a.rate_limit_address,
         },
         capture_quota: a.capture_quota,
+        store_cache: a.store_cache_mib.saturating_mul(1 << 20),
+        malloc_trim_interval: a.malloc_trim_interval,
         tls,
         mqtts_listen: a.mqtts_listen,
         mqtt_ca: a.mqtt_ca,

@@ -132,8 +132,18 @@ fn be(v: Option<::sled::IVec>) -> Option<u64> {
 }
 
 impl SledStore {
+    /// [`SledStore::open_with_cache`] with a 64 MiB page cache (tests, tools).
     pub fn open(path: &Path) -> Result<SledStore, StoreError> {
-        let db = ::sled::open(path)
+        SledStore::open_with_cache(path, 64 << 20)
+    }
+
+    /// Opens (or creates) the store at `path`, keeping at most `cache` bytes of its
+    /// pages in memory.
+    pub fn open_with_cache(path: &Path, cache: u64) -> Result<SledStore, StoreError> {
+        let db = ::sled::Config::new()
+            .path(path)
+            .cache_capacity(cache)
+            .open()
             .map_err(|e| StoreError::unavailable(format_args!("opening {}", path.display()), e))?;
         let store = SledStore {
             devices: db.open_tree("devices")?,
@@ -363,6 +373,94 @@ impl FleetStore for SledStore {
             Some(v) => Ok(Some(serde_cbor::from_slice(&v)?)),
             None => Ok(None),
         }
+    }
+
+    /// One multi-tree transaction for the whole batch (messages, their meta records,
+    /// the high-water marks and the device states they change): a crash cannot keep a
+    /// message and lose its change of state, and an error stores nothing of the batch.
+    /// `change` runs once per envelope; should sled retry the transaction (a conflict
+    /// with a concurrent writer of the same keys) it runs again on the state read then,
+    /// which the ingest's change, a function of its inputs, allows.
+    fn store_messages(
+        &self,
+        envelopes: &[Envelope],
+        now_ms: u64,
+        change: &mut super::BatchChange<'_>,
+    ) -> Result<Vec<(bool, Option<u64>)>, StoreError> {
+        use ::sled::Transactional;
+        use ::sled::transaction::ConflictableTransactionError as Abort;
+        use std::collections::hash_map::{Entry, HashMap};
+        let rows = envelopes
+            .iter()
+            .map(|e| {
+                Ok((
+                    Self::key(&e.device, e.seq),
+                    serde_cbor::to_vec(e)?,
+                    Self::meta(e, now_ms),
+                ))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let change = std::cell::RefCell::new(change);
+        let stored = (&self.messages, &self.message_meta, &self.high, &self.state).transaction(
+            |(messages, meta, high, state)| {
+                let mut change = change.borrow_mut();
+                let mut highs: HashMap<&str, Option<u64>> = HashMap::new();
+                let mut states: HashMap<&str, DeviceState> = HashMap::new();
+                let mut out = Vec::with_capacity(envelopes.len());
+                for (i, (e, (key, bytes, m))) in envelopes.iter().zip(&rows).enumerate() {
+                    // Reads see this transaction's own writes: a duplicate within the
+                    // batch is a duplicate.
+                    let new = messages.get(key)?.is_none();
+                    if new {
+                        messages.insert(key.as_slice(), bytes.as_slice())?;
+                        meta.insert(key.as_slice(), m.as_slice())?;
+                    }
+                    let device = e.device.as_str();
+                    let before = match highs.get(device) {
+                        Some(h) => *h,
+                        None => be(high.get(device)?),
+                    };
+                    highs.insert(device, Some(before.map_or(e.seq, |b| b.max(e.seq))));
+                    let st = match states.entry(device) {
+                        Entry::Occupied(o) => o.into_mut(),
+                        Entry::Vacant(v) => v.insert(match state.get(device)? {
+                            Some(b) => serde_cbor::from_slice(&b)
+                                .map_err(|e| Abort::Abort(StoreError::from(e)))?,
+                            None => DeviceState::default(),
+                        }),
+                    };
+                    (*change)(i, st, new, before);
+                    out.push((new, before));
+                }
+                for (device, h) in highs {
+                    if let Some(h) = h {
+                        high.insert(device, h.to_be_bytes().to_vec())?;
+                    }
+                }
+                for (device, st) in &states {
+                    let bytes =
+                        serde_cbor::to_vec(st).map_err(|e| Abort::Abort(StoreError::from(e)))?;
+                    state.insert(*device, bytes)?;
+                }
+                Ok(out)
+            },
+        )?;
+        Ok(stored)
+    }
+
+    fn store_message(
+        &self,
+        envelope: &Envelope,
+        now_ms: u64,
+        change: &mut (dyn FnMut(&mut DeviceState, bool, Option<u64>) + Send),
+    ) -> Result<(bool, Option<u64>), StoreError> {
+        self.store_messages(
+            std::slice::from_ref(envelope),
+            now_ms,
+            &mut |_, st, new, b| change(st, new, b),
+        )?
+        .pop()
+        .ok_or_else(|| StoreError::Unavailable("sled stored no outcome".into()))
     }
 
     fn update_state(
@@ -855,6 +953,64 @@ impl JobStore for SledStore {
 mod tests {
     use super::*;
     use crate::store::{AgeRules, FleetStore};
+
+    /// A batch is one transaction: a device state that no longer decodes fails the
+    /// batch, and nothing of it is stored — not even the messages before that device's
+    /// (stored one by one, they were kept while the states they change were lost).
+    #[test]
+    fn a_batch_is_stored_whole_or_not_at_all() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = SledStore::open(&dir.path().join("fleet.db")).expect("open");
+        let (a, b) = (
+            DeviceId::new("a").expect("id"),
+            DeviceId::new("b").expect("id"),
+        );
+        let message = |device: &DeviceId, seq| Envelope {
+            v: 1,
+            device: device.clone(),
+            seq,
+            ts_ms: 0,
+            body: fleetml_protocol::telemetry::Body::Receipt(
+                fleetml_protocol::telemetry::Receipt {
+                    stored: vec![[seq, seq]],
+                },
+            ),
+            auth: vec![0; 32],
+        };
+        let count = |st: &mut DeviceState| st.stored += 1;
+        let batch = [
+            message(&a, 1),
+            message(&a, 2),
+            message(&a, 2),
+            message(&b, 7),
+        ];
+        let out = s
+            .store_messages(&batch, 5, &mut |_, st, _, _| count(st))
+            .expect("stored");
+        assert_eq!(
+            out,
+            [
+                (true, None),
+                (true, Some(1)),
+                (false, Some(2)),
+                (true, None)
+            ]
+        );
+        let state = |d: &DeviceId| s.state(d).expect("state").expect("some");
+        assert_eq!((state(&a).stored, state(&b).stored), (3, 1));
+
+        s.state.insert("b", b"not cbor".to_vec()).expect("spoil b");
+        let spoiled = [message(&a, 3), message(&b, 8)];
+        s.store_messages(&spoiled, 6, &mut |_, st, _, _| count(st))
+            .expect_err("b's state does not decode");
+        assert_eq!(
+            s.messages(&a, 0, 10).expect("messages").len(),
+            2,
+            "a's 3 kept"
+        );
+        assert_eq!(state(&a).stored, 3);
+        assert_eq!(be(s.high.get("a").expect("high")), Some(2));
+    }
 
     /// A log written by a release that kept no stored times or kinds gets them at the
     /// first retention pass, counted as stored then: retention by age starts from the
