@@ -31,6 +31,9 @@ use crate::plane::Plane;
 pub const STREAM: &str = "FLEETML_INGEST";
 /// The durable consumer every replica pulls from.
 pub const CONSUMER: &str = "fleetml-ingest";
+/// The prefix of the queue connection's reply subjects (not NATS's shared `_INBOX`, so
+/// that the queue's NATS user may read its own replies and nobody else's).
+pub const INBOX: &str = "_INBOX_fleetml";
 /// How long a replica may hold a message without acknowledging it before JetStream
 /// hands it to another.
 pub const ACK_WAIT: Duration = Duration::from_secs(10);
@@ -130,6 +133,7 @@ fn split_credentials(url: &str) -> (String, Option<(String, String)>) {
 async fn connect(opts: &QueueOptions) -> anyhow::Result<async_nats::Client> {
     let mut connect = async_nats::ConnectOptions::new()
         .name("fleetml-control-ingest")
+        .custom_inbox_prefix(INBOX)
         .connection_timeout(Duration::from_secs(10))
         // async-nats reports every failed reconnect at INFO; once is enough here.
         .event_callback(|event| async move {

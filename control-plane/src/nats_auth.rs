@@ -9,11 +9,13 @@
 //! - the control plane's MQTT user (`--mqtt-url`) reads every device's messages and
 //!   writes commands;
 //! - the ingest queue's user (`--ingest-queue`), a core NATS client, reaches only the
-//!   JetStream API of the stream [`STREAM`] and its consumer, their acknowledgements and
-//!   its own reply inboxes.
+//!   JetStream calls the ingest makes on the stream [`STREAM`] and its consumer (info,
+//!   create, next message, acknowledgements) and its own reply inboxes
+//!   ([`crate::ingest_queue::INBOX`]).
 //!
-//! NATS carries an MQTT topic on a subject (`/` becomes `.`, `.` becomes `//`), so the
-//! permissions name subjects. nats-server 2.9 (Debian 12's) also wants subscribe
+//! NATS carries an MQTT topic on a subject (`/` becomes `.`), so the permissions name
+//! subjects. (nats-server 2.10 and later carry a `.` in a topic as `//`; 2.9 refuses
+//! such topics, so devices whose ids hold a dot need 2.10 there.) nats-server 2.9 (Debian 12's) also wants subscribe
 //! permission on `$MQTT.sub.>` for an MQTT client's QoS 1 subscriptions: the server
 //! delivers them through JetStream consumers on that prefix. An MQTT client cannot
 //! subscribe to `$MQTT/…` topics itself (refused by the server; the system test tries).
@@ -21,15 +23,19 @@
 //! Passwords are bcrypt hashes (`$2a$`, what `nats server passwd` writes). A device's
 //! password is an HMAC of its secret (256 bits): no dictionary reaches it, so the cost
 //! factor only has to keep the file from being a list of passwords, and is kept low
-//! ([`COST`]) because nats-server checks it at every connection — a whole fleet
-//! reconnecting after a node restart pays it once per device.
+//! ([`DEVICE_COST`]) because nats-server checks it at every connection — a whole fleet
+//! reconnecting after a node restart pays it once per device. The control plane's
+//! users, whose passwords an operator chose, get bcrypt's usual cost
+//! ([`OPERATOR_COST`]): they log in a few times a day.
 
 use fleetml_protocol::telemetry::{self, Channel, DeviceId};
 
 use crate::ingest_queue::{CONSUMER, STREAM};
 
-/// bcrypt's cost factor (2^6 rounds): about a millisecond per login.
-pub const COST: u32 = 6;
+/// bcrypt's cost factor for device passwords (2^6 rounds): a few milliseconds per login.
+pub const DEVICE_COST: u32 = 6;
+/// bcrypt's cost factor for the control plane's own users (2^11 rounds).
+pub const OPERATOR_COST: u32 = 11;
 
 /// A user name and its password, in clear (hashed when written).
 #[derive(Debug, Clone, Copy)]
@@ -80,16 +86,17 @@ pub fn authorization(
         publish: vec![subject(&format!("{p}/+/{}", Channel::Cmd.as_str()))],
         subscribe: vec![subject(telemetry::INGEST_FILTER), "$MQTT.sub.>".to_string()],
     };
+    // What `ingest_queue` calls, no more: no delete, purge or update of either.
     let queue_allow = Permissions {
         publish: vec![
-            "$JS.API.INFO".to_string(),
-            format!("$JS.API.STREAM.*.{STREAM}"),
-            format!("$JS.API.CONSUMER.*.{STREAM}.{CONSUMER}"),
-            format!("$JS.API.CONSUMER.*.{STREAM}.{CONSUMER}.>"),
-            format!("$JS.API.CONSUMER.*.*.{STREAM}.{CONSUMER}"),
+            format!("$JS.API.STREAM.INFO.{STREAM}"),
+            format!("$JS.API.STREAM.CREATE.{STREAM}"),
+            format!("$JS.API.CONSUMER.INFO.{STREAM}.{CONSUMER}"),
+            format!("$JS.API.CONSUMER.CREATE.{STREAM}.{CONSUMER}"),
+            format!("$JS.API.CONSUMER.MSG.NEXT.{STREAM}.{CONSUMER}"),
             format!("$JS.ACK.{STREAM}.{CONSUMER}.>"),
         ],
-        subscribe: vec!["_INBOX.>".to_string()],
+        subscribe: vec![format!("{}.>", crate::ingest_queue::INBOX)],
     };
     match queue {
         Some(q) if q.user == mqtt.user => {
@@ -104,13 +111,32 @@ pub fn authorization(
                 publish: [mqtt_allow.publish, queue_allow.publish].concat(),
                 subscribe: [mqtt_allow.subscribe, queue_allow.subscribe].concat(),
             };
-            entries.push(entry(mqtt, &["MQTT", "STANDARD"], &both, &mut salt)?);
+            let kinds = ["MQTT", "STANDARD"];
+            entries.push(entry(mqtt, OPERATOR_COST, &kinds, &both, &mut salt)?);
         }
         Some(q) => {
-            entries.push(entry(mqtt, &["MQTT"], &mqtt_allow, &mut salt)?);
-            entries.push(entry(q, &["STANDARD"], &queue_allow, &mut salt)?);
+            entries.push(entry(
+                mqtt,
+                OPERATOR_COST,
+                &["MQTT"],
+                &mqtt_allow,
+                &mut salt,
+            )?);
+            entries.push(entry(
+                q,
+                OPERATOR_COST,
+                &["STANDARD"],
+                &queue_allow,
+                &mut salt,
+            )?);
         }
-        None => entries.push(entry(mqtt, &["MQTT"], &mqtt_allow, &mut salt)?),
+        None => entries.push(entry(
+            mqtt,
+            OPERATOR_COST,
+            &["MQTT"],
+            &mqtt_allow,
+            &mut salt,
+        )?),
     }
     for (id, secret) in devices {
         if [mqtt.user, queue.map_or("", |q| q.user)].contains(&id.as_str()) {
@@ -132,7 +158,7 @@ pub fn authorization(
             user: id.as_str(),
             password: &password,
         };
-        entries.push(entry(login, &["MQTT"], &allow, &mut salt)?);
+        entries.push(entry(login, DEVICE_COST, &["MQTT"], &allow, &mut salt)?);
     }
     Ok(format!(
         "# Written by `fleetctl broker acl --broker nats` for {} devices: include it in every\n\
@@ -153,11 +179,12 @@ struct Permissions {
 /// One user's line: its name, bcrypt hash, connection types and permissions.
 fn entry(
     login: Login<'_>,
+    cost: u32,
     kinds: &[&str],
     allow: &Permissions,
     salt: &mut impl FnMut() -> [u8; 16],
 ) -> Result<String, String> {
-    let hash = bcrypt::hash_with_salt(login.password, COST, salt())
+    let hash = bcrypt::hash_with_salt(login.password, cost, salt())
         .map_err(|e| format!("hashing the password of {:?}: {e}", login.user))?
         .format_for_version(bcrypt::Version::TwoA);
     let list = |items: &[String]| {
@@ -264,7 +291,12 @@ mod tests {
         let ingest = user(&text, "fleetml-ingest");
         assert!(ingest.contains("[\"MQTT\"]") && ingest.contains("\"fleetml.v1.*.cmd\""));
         let queue = user(&text, "fleetml-queue");
-        assert!(queue.contains("[\"STANDARD\"]") && queue.contains("\"_INBOX.>\""));
+        assert!(queue.contains("[\"STANDARD\"]") && queue.contains("\"_INBOX_fleetml.>\""));
+        assert!(
+            !queue.contains("DELETE") && !queue.contains("$JS.API.STREAM.*"),
+            "{queue}"
+        );
+        assert!(queue.contains("\"$2a$11$"), "the operator's cost: {queue}");
         assert!(
             !queue.contains("fleetml.v1"),
             "the queue user reads no device subject"

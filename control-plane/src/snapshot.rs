@@ -12,8 +12,8 @@ use crate::records::{DeviceRecord, DeviceState};
 use crate::rollout::Rollout;
 use crate::store::StoreError;
 
-/// How old a snapshot still in use may be for the fleet metrics or the notifier to take
-/// it instead of reading their own.
+/// How old a snapshot still in use may be for the fleet metrics to take it instead of
+/// reading their own (the notifier, which judges silence by the clock, reads afresh).
 pub const SHARED_MS: u64 = 5_000;
 
 /// Snapshots read one at a time, and shared: a caller that asks while the last one is

@@ -53,7 +53,8 @@ async fn round(plane: &Arc<Plane>) -> anyhow::Result<()> {
     let settings = plane.alerts.settings.clone();
     let p = plane.clone();
     let (mut book, silences, changes) = tokio::task::spawn_blocking(move || {
-        let snap = p.snapshots.get(now, crate::snapshot::SHARED_MS, || {
+        // Judged at `now`: a snapshot read now, not one the fleet metrics still hold.
+        let snap = p.snapshots.get(now, 0, || {
             Snapshot::read(&*p.ingest.store, &*p.rollouts, &p.jobs)
         })?;
         let cfg = &p.alerts;

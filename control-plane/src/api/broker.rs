@@ -27,6 +27,19 @@ fn enrolled(plane: &Plane) -> Result<Vec<(DeviceId, Vec<u8>)>, ApiError> {
         .collect())
 }
 
+/// Random salts of `N` bytes for the password hashes; the first failure to draw one is
+/// kept in `error` (the caller answers 500 then, writing nothing).
+fn salts<const N: usize>(error: &mut Option<anyhow::Error>) -> impl FnMut() -> [u8; N] + '_ {
+    move || {
+        let mut salt = [0u8; N];
+        match random_bytes(N) {
+            Ok(b) => salt.copy_from_slice(&b),
+            Err(e) => *error = error.take().or(Some(e)),
+        }
+        salt
+    }
+}
+
 pub(crate) async fn mosquitto(State(plane): State<Arc<Plane>>) -> Api<axum::Json<Value>> {
     blocking(move || {
         let devices = enrolled(&plane)?;
@@ -35,14 +48,7 @@ pub(crate) async fn mosquitto(State(plane): State<Arc<Plane>>) -> Api<axum::Json
         let passwd = crate::mosquitto::password_file(
             password.as_deref().map(|p| (ingest_user.as_str(), p)),
             &devices,
-            || {
-                let mut salt = [0u8; 12];
-                match random_bytes(12) {
-                    Ok(b) => salt.copy_from_slice(&b),
-                    Err(e) => salt_error = Some(e),
-                }
-                salt
-            },
+            salts(&mut salt_error),
         );
         if let Some(e) = salt_error {
             return Err(ApiError::internal(e));
@@ -98,14 +104,7 @@ pub(crate) async fn nats(State(plane): State<Arc<Plane>>) -> Api<axum::Json<Valu
                 .as_ref()
                 .map(|(user, password)| crate::nats_auth::Login { user, password }),
             &devices,
-            || {
-                let mut salt = [0u8; 16];
-                match random_bytes(16) {
-                    Ok(b) => salt.copy_from_slice(&b),
-                    Err(e) => salt_error = Some(e),
-                }
-                salt
-            },
+            salts(&mut salt_error),
         )
         .map_err(|e| ApiError(StatusCode::CONFLICT, e))?;
         if let Some(e) = salt_error {

@@ -954,6 +954,22 @@ mod tests {
     use super::*;
     use crate::store::{AgeRules, FleetStore};
 
+    /// A message of `device` numbered `seq` (its body does not matter to the store).
+    fn receipt(device: &DeviceId, seq: u64) -> Envelope {
+        Envelope {
+            v: 1,
+            device: device.clone(),
+            seq,
+            ts_ms: 0,
+            body: fleetml_protocol::telemetry::Body::Receipt(
+                fleetml_protocol::telemetry::Receipt {
+                    stored: vec![[seq, seq]],
+                },
+            ),
+            auth: vec![0; 32],
+        }
+    }
+
     /// A batch is one transaction: a device state that no longer decodes fails the
     /// batch, and nothing of it is stored — not even the messages before that device's
     /// (stored one by one, they were kept while the states they change were lost).
@@ -965,18 +981,7 @@ mod tests {
             DeviceId::new("a").expect("id"),
             DeviceId::new("b").expect("id"),
         );
-        let message = |device: &DeviceId, seq| Envelope {
-            v: 1,
-            device: device.clone(),
-            seq,
-            ts_ms: 0,
-            body: fleetml_protocol::telemetry::Body::Receipt(
-                fleetml_protocol::telemetry::Receipt {
-                    stored: vec![[seq, seq]],
-                },
-            ),
-            auth: vec![0; 32],
-        };
+        let message = receipt;
         let count = |st: &mut DeviceState| st.stored += 1;
         let batch = [
             message(&a, 1),
@@ -1020,18 +1025,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("fleet.db");
         let device = DeviceId::new("d1").expect("id");
-        let message = |seq| Envelope {
-            v: 1,
-            device: device.clone(),
-            seq,
-            ts_ms: 0,
-            body: fleetml_protocol::telemetry::Body::Receipt(
-                fleetml_protocol::telemetry::Receipt {
-                    stored: vec![[seq, seq]],
-                },
-            ),
-            auth: vec![0; 32],
-        };
+        let message = |seq| receipt(&device, seq);
         {
             let s = SledStore::open(&path).expect("open");
             s.insert(&message(1), 1).expect("insert");

@@ -1085,6 +1085,29 @@ fn nats_core_login(port: u16, user: &str, password: &str) -> String {
     String::from_utf8_lossy(&buf[..n]).into_owned()
 }
 
+/// The answer of an anonymous core NATS request to a JetStream API `subject` (empty
+/// body), as text.
+fn nats_request(port: u16, subject: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("nats port");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        s,
+        "CONNECT {{\"verbose\":false}}\r\nSUB _INBOX.test 1\r\nPUB {subject} _INBOX.test 0\r\n\r\n"
+    )
+    .expect("request");
+    let (mut text, mut buf) = (String::new(), [0u8; 4096]);
+    // A JetStream API answer is JSON with `success` or `error`.
+    while !text.contains("\"success\"") && !text.contains("\"error\"") {
+        match s.read(&mut buf) {
+            Ok(n) if n > 0 => text.push_str(&String::from_utf8_lossy(&buf[..n])),
+            _ => break,
+        }
+    }
+    text
+}
+
 /// `fleetctl broker acl --broker nats` makes a NATS server (MQTT enabled, JetStream
 /// ingest queue) enforce the fleet's rules: the control plane's two users (MQTT for
 /// commands, core NATS for the queue) and an enrolled device work as before — a
@@ -1118,7 +1141,7 @@ fn fleetctl_broker_acl_makes_a_nats_server_enforce_the_fleet_rules() {
     let (port, mqtt) = (node.port, node.mqtt_port);
     let url = format!("mqtt://fleetml-ingest:ingest-password-0123456789@127.0.0.1:{mqtt}");
     let queue = format!("nats://fleetml-queue:queue-password-0123456789@127.0.0.1:{port}");
-    let plane = ControlPlane::start_at(
+    let mut plane = ControlPlane::start_at(
         dir,
         "127.0.0.1",
         None,
@@ -1127,15 +1150,21 @@ fn fleetctl_broker_acl_makes_a_nats_server_enforce_the_fleet_rules() {
     );
     enroll(dir, &plane, "pi-a", "raspberry-pi-4", "site=lab", "");
     enroll(dir, &plane, "pi-b", "raspberry-pi-4", "site=lab", "");
-    let acl = |devices: &str| {
+    let write_acl = |plane: &ControlPlane, devices: &str| {
         let run = plane.fleetctl(dir, &["broker", "acl", "--broker", "nats", "--out", "acl"]);
         assert!(run.success().contains(devices), "{}", run.stdout);
         assert_eq!(mode(&auth) & 0o777, 0o600);
-        nats.reload();
     };
-    acl("2 devices");
+    write_acl(&plane, "2 devices");
     let conf = std::fs::read_to_string(&auth).expect("conf");
     assert!(!conf.contains("ingest-password"), "a password in clear");
+    // The ingest makes its stream and consumer again under the block: the control plane
+    // stops, the stream it made while the server was open goes, the block applies.
+    plane.stop();
+    let deleted = nats_request(port, "$JS.API.STREAM.DELETE.FLEETML_INGEST");
+    assert!(deleted.contains("\"success\":true"), "{deleted}");
+    nats.reload();
+    plane.restart();
 
     // The fleet works through the guarded server: pi-a's status arrives through the
     // queue, and a rollout reaches it over the command topic.
@@ -1201,7 +1230,8 @@ fn fleetctl_broker_acl_makes_a_nats_server_enforce_the_fleet_rules() {
     plane
         .fleetctl(dir, &["devices", "revoke", "pi-b", "--yes"])
         .success();
-    acl("1 devices");
+    write_acl(&plane, "1 devices");
+    nats.reload();
     assert!(
         mqtt_login(mqtt, "pi-b", Some("pi-b"), &password).is_none(),
         "revoked"
