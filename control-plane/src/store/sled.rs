@@ -378,9 +378,11 @@ impl FleetStore for SledStore {
     /// One multi-tree transaction for the whole batch (messages, their meta records,
     /// the high-water marks and the device states they change): a crash cannot keep a
     /// message and lose its change of state, and an error stores nothing of the batch.
-    /// `change` runs once per envelope; should sled retry the transaction (a conflict
-    /// with a concurrent writer of the same keys) it runs again on the state read then,
-    /// which the ingest's change, a function of its inputs, allows.
+    /// `change` runs once per envelope: sled 0.34 runs a transaction under its
+    /// process-wide write lock, which keeps out the concurrent writes that would make it
+    /// retry (a retry would run `change` again on the state read then, which the
+    /// ingest's change, a function of its inputs, allows). The lock also makes the
+    /// ingest's lanes store one batch at a time on sled (the cost is in BENCHMARKS.md).
     fn store_messages(
         &self,
         envelopes: &[Envelope],
