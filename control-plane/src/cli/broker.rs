@@ -15,9 +15,10 @@ pub(crate) enum BrokerCommand {
     ///
     /// nats: `nats-auth.conf` (mode 0600), an `authorization` block with every device
     /// (MQTT logins only), the --mqtt-url user and the --ingest-queue user, passwords as
-    /// bcrypt hashes; `include` it in every node's configuration (a path relative to that
-    /// file's folder) and reload each node (`nats-server --signal reload`). Refused when the server does not know one of its
-    /// own passwords (the block would lock the control plane out).
+    /// bcrypt hashes; `include` it in every node's configuration (a path relative to
+    /// that file's folder) and reload each node (`nats-server --signal reload`).
+    /// Refused when the server does not know one of its own passwords (the block would
+    /// lock the control plane out).
     #[command(verbatim_doc_comment)]
     Acl {
         /// The folder to write into (created; files replaced atomically).
