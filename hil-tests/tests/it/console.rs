@@ -208,6 +208,22 @@ fn post_form(
         .0
 }
 
+/// Signs in to the console with `token` over plain HTTP; the answer's head (a 303 that
+/// sets the session cookie).
+pub(crate) fn sign_in_head(plane: &ControlPlane, token: &str) -> String {
+    let body = format!("token={token}&next=%2Fui%2F");
+    let (status, head, _) = hil_tests::http_answer(
+        plane.connect(),
+        "POST",
+        "/ui/login",
+        &[("content-type", "application/x-www-form-urlencoded")],
+        body.as_bytes(),
+    )
+    .expect("HTTP");
+    assert_eq!(status, 303, "{head}");
+    head
+}
+
 fn get_with_cookie(plane: &ControlPlane, path: &str, cookie: &str) -> (u16, String) {
     let cookie = format!("__Host-fleetml-session={cookie}");
     let (status, head, _) = hil_tests::http_answer(
@@ -238,16 +254,7 @@ fn an_operator_signs_in_watches_a_rollout_pauses_it_sees_drift_and_a_viewer_cann
     let (operator, viewer) = (token("night-ops", "operator"), token("auditor", "viewer"));
 
     // The sign-in answer sets a locked-down cookie.
-    let body = format!("token={operator}&next=%2Fui%2F");
-    let (status, head, _) = hil_tests::http_answer(
-        plane.connect(),
-        "POST",
-        "/ui/login",
-        &[("content-type", "application/x-www-form-urlencoded")],
-        body.as_bytes(),
-    )
-    .expect("HTTP");
-    assert_eq!(status, 303, "{head}");
+    let head = sign_in_head(&plane, &operator);
     let set_cookie = head
         .lines()
         .find(|l| l.to_ascii_lowercase().starts_with("set-cookie:"))

@@ -181,16 +181,7 @@ fn answers_by_row(t: &Traffic) -> std::collections::BTreeMap<usize, Value> {
 
 /// A console page, signed in with the admin token.
 fn console_page(plane: &ControlPlane, path: &str) -> String {
-    let body = format!("token={}&next=%2Fui%2F", plane.token);
-    let (status, head, _) = hil_tests::http_answer(
-        plane.connect(),
-        "POST",
-        "/ui/login",
-        &[("content-type", "application/x-www-form-urlencoded")],
-        body.as_bytes(),
-    )
-    .expect("HTTP");
-    assert_eq!(status, 303, "{head}");
+    let head = crate::console::sign_in_head(plane, &plane.token);
     let cookie = head
         .lines()
         .find_map(|l| {
@@ -431,21 +422,18 @@ fn install_bundle_shadow_runs_beside_the_active_version_offline() {
             &["--reference", &reference, "--key", "keys/k.key"],
         );
     }
-    let args = |bundle: &'static str, shadow: bool| {
-        let mut a = vec![
-            "install-bundle",
-            bundle,
-            "--data-dir",
-            "data",
-            "--trust",
-            "trust.toml",
-        ];
-        if shadow {
-            a.extend(["--shadow", "--shadow-sample", "50%"]);
-        }
-        a
-    };
-    let refused = hil_tests::agent(dir, &args("v2.fmb", true));
+    let shadow = [
+        "install-bundle",
+        "v2.fmb",
+        "--data-dir",
+        "data",
+        "--trust",
+        "trust.toml",
+        "--shadow",
+        "--shadow-sample",
+        "50%",
+    ];
+    let refused = hil_tests::agent(dir, &shadow);
     assert!(
         refused
             .failure()
@@ -453,8 +441,8 @@ fn install_bundle_shadow_runs_beside_the_active_version_offline() {
         "{}",
         refused.stderr
     );
-    hil_tests::agent(dir, &args("v1.fmb", false)).success();
-    let installed = hil_tests::agent(dir, &args("v2.fmb", true));
+    hil_tests::install(dir, "v1.fmb");
+    let installed = hil_tests::agent(dir, &shadow);
     assert!(
         installed.success().contains("shadow claims v2 beside v1"),
         "{}",
