@@ -35,6 +35,30 @@ pub const INGEST_CLIENT: &str = "fleetml-ingest";
 /// ingest's credentials).
 pub const COMMANDS_CLIENT: &str = "fleetml-commands";
 
+/// The client ids of the ingest's and the commands' MQTT sessions: `fleetml-ingest` and
+/// `fleetml-commands`, then `-REPLICA` for a replica, then, on an external broker with
+/// a password, `-TAG`, 16 hex digits of SHA-256 over the login. A broker hands a client
+/// id to whoever connects with it last and drops the session that had it, and neither
+/// mosquitto nor NATS ties a client id to a user: with fixed ids any device with valid
+/// credentials could disconnect the control plane again and again. The tag is as
+/// secret as the password; it stays the same across restarts, so the ingest's
+/// persistent session is found again.
+pub fn session_ids(login: Option<(&str, &str)>, replica: Option<&str>) -> (String, String) {
+    let mut tail = replica.map(|id| format!("-{id}")).unwrap_or_default();
+    if let Some((user, password)) = login.filter(|(_, p)| !p.is_empty()) {
+        let digest = fleetml_protocol::crypto::sha256(
+            format!("fleetml mqtt client id\0{user}\0{password}").as_bytes(),
+        )
+        .to_string();
+        tail.push('-');
+        tail.push_str(&digest[..16]);
+    }
+    (
+        format!("{INGEST_CLIENT}{tail}"),
+        format!("{COMMANDS_CLIENT}{tail}"),
+    )
+}
+
 /// Which broker devices talk to.
 #[derive(Debug, Clone)]
 pub enum Mqtt {
@@ -447,20 +471,17 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
         (Some(url), Some(id)) => crate::leader::Leadership::elect(url, id.clone())?,
         (_, id) => crate::leader::Leadership::sole(id.clone().unwrap_or_else(|| "sole".into())),
     };
-    let (ingest_id, commands_id, ingest_filter) = match &opts.replica_id {
-        // The replicas' ingests share one subscription: the broker hands each
-        // message to one of them.
-        Some(id) => (
-            format!("{INGEST_CLIENT}-{id}"),
-            format!("{COMMANDS_CLIENT}-{id}"),
-            format!("$share/{INGEST_CLIENT}/{}", telemetry::INGEST_FILTER),
-        ),
-        None => (
-            INGEST_CLIENT.to_string(),
-            COMMANDS_CLIENT.to_string(),
-            telemetry::INGEST_FILTER.to_string(),
-        ),
+    // The replicas' ingests share one subscription: the broker hands each message to
+    // one of them.
+    let ingest_filter = match &opts.replica_id {
+        Some(_) => format!("$share/{INGEST_CLIENT}/{}", telemetry::INGEST_FILTER),
+        None => telemetry::INGEST_FILTER.to_string(),
     };
+    let external_login = match &opts.mqtt {
+        Mqtt::External(url) => url.username.as_deref().zip(url.password.as_deref()),
+        Mqtt::Embedded(_) => None,
+    };
+    let (ingest_id, commands_id) = session_ids(external_login, opts.replica_id.as_deref());
     let tokens = crate::auth::Tokens::new(store.clone());
     tokens.register(
         "admin",
@@ -659,6 +680,7 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
     options.set_clean_session(opts.replica_id.is_some());
     options.set_manual_acks(true);
     options.set_inflight(100);
+    let retire = options.clone();
     let (ingest_client, events) = AsyncClient::new(options, 1024);
     let registry = crate::registry::Registry::new(store.clone(), open_blobs(&opts)?);
     let audit_key = crate::auth::AuditKey::open(
@@ -716,6 +738,14 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
         fleet_metrics: Default::default(),
         snapshots: Default::default(),
     });
+    if opts.replica_id.is_none() && external_login.is_some() && opts.ingest_queue.is_none() {
+        // Releases before the tag kept the ingest's persistent session under the bare
+        // id; what waits there is ended (its messages come again from the devices'
+        // outboxes: no receipt named them). Before the ingest starts: one round trip.
+        let mut old = retire.clone();
+        old.set_client_id(INGEST_CLIENT.to_string());
+        retire_session(old).await;
+    }
     match &opts.ingest_queue {
         Some(queue) => crate::ingest_queue::spawn(plane.clone(), queue.clone()),
         None => crate::ingest_mqtt::spawn(
@@ -782,6 +812,40 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
     plane.audit.flush_unauthenticated()?;
     plane.ingest.store.flush()?;
     Ok(())
+}
+
+/// Connects once with `options`' client id and a clean session, which ends a
+/// persistent session a broker keeps under that id, and disconnects; gives up after
+/// five seconds (logged: the broker then keeps the session until its own expiry).
+async fn retire_session(mut options: MqttOptions) {
+    use rumqttc::{Event, Packet};
+    options.set_clean_session(true);
+    let id = options.client_id();
+    let (client, mut events) = AsyncClient::new(options, 10);
+    let connected = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
+                Ok(_) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    })
+    .await;
+    match connected {
+        Ok(Ok(())) => {
+            let _ = client.disconnect().await;
+            // Sends the DISCONNECT.
+            let _ = tokio::time::timeout(Duration::from_secs(2), events.poll()).await;
+            tracing::info!(client_id = %id, "ended the broker session of the old client id");
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(client_id = %id, error = %e, "could not end the old client id's broker session")
+        }
+        Err(_) => {
+            tracing::warn!(client_id = %id, "could not end the old client id's broker session within 5 s")
+        }
+    }
 }
 
 fn announce(line: &str) {
@@ -935,9 +999,17 @@ fn spawn_receipts(plane: Arc<Plane>, interval: Duration) {
                 // What was recorded was inserted first: after this flush it is durable.
                 p2.ingest.store.flush()?;
                 let now = now_ms();
+                let ids: Vec<DeviceId> = due.iter().map(|(d, _)| d.clone()).collect();
+                let mut records: std::collections::BTreeMap<DeviceId, _> = p2
+                    .ingest
+                    .store
+                    .devices_named(&ids)?
+                    .into_iter()
+                    .map(|d| (d.id.clone(), d))
+                    .collect();
                 let mut out = Vec::new();
                 for (device, seqs) in due {
-                    let Some(d) = p2.ingest.store.device(&device)? else {
+                    let Some(d) = records.remove(&device) else {
                         continue;
                     };
                     for r in telemetry::Receipt::covering(seqs) {
@@ -1007,6 +1079,44 @@ mod connection_cap_tests {
                 cap * DESCRIPTORS_PER_DEVICE <= nofile.max(3),
                 "{nofile}: {cap}"
             );
+        }
+    }
+}
+
+#[cfg(test)]
+mod session_id_tests {
+    use super::*;
+
+    /// The control plane's client ids cannot be named by whoever lacks its broker
+    /// password, and stay the same across restarts (the ingest's session is found
+    /// again); without a password, or on the embedded broker, they are the bare ones.
+    #[test]
+    fn the_session_ids_are_derived_from_the_broker_login() {
+        let (ingest, commands) = session_ids(Some(("fleetml-ingest", "pw-1")), None);
+        assert!(
+            ingest.starts_with("fleetml-ingest-") && ingest.len() == 15 + 16,
+            "{ingest}"
+        );
+        let tag = &ingest[14..];
+        assert_eq!(commands, format!("fleetml-commands{tag}"));
+        assert_eq!(
+            session_ids(Some(("fleetml-ingest", "pw-1")), None),
+            (ingest.clone(), commands),
+            "the same at every start"
+        );
+        assert_ne!(
+            session_ids(Some(("fleetml-ingest", "pw-2")), None).0,
+            ingest
+        );
+        assert_ne!(session_ids(Some(("other", "pw-1")), None).0, ingest);
+        let (replica, _) = session_ids(Some(("fleetml-ingest", "pw-1")), Some("cp-2"));
+        assert_eq!(replica, format!("fleetml-ingest-cp-2{tag}"));
+        for login in [None, Some(("fleetml-ingest", ""))] {
+            assert_eq!(
+                session_ids(login, None),
+                ("fleetml-ingest".into(), "fleetml-commands".into())
+            );
+            assert_eq!(session_ids(login, Some("cp-2")).0, "fleetml-ingest-cp-2");
         }
     }
 }

@@ -7,6 +7,8 @@
 
 use std::sync::{Arc, Mutex, Weak};
 
+use fleetml_protocol::telemetry::DeviceId;
+
 use crate::jobs::spec::Job;
 use crate::records::{DeviceRecord, DeviceState};
 use crate::rollout::Rollout;
@@ -62,14 +64,21 @@ impl Snapshot {
         rollouts: &dyn crate::store::RolloutStore,
         jobs: &crate::jobs::Jobs,
     ) -> Result<Snapshot, StoreError> {
-        let mut devices = Vec::new();
-        for d in fleet.devices()? {
-            if d.revoked_ms.is_some() {
-                continue;
-            }
-            let state = fleet.state(&d.id)?.unwrap_or_default();
-            devices.push((d, state));
-        }
+        let live: Vec<DeviceRecord> = fleet
+            .devices()?
+            .into_iter()
+            .filter(|d| d.revoked_ms.is_none())
+            .collect();
+        let ids: Vec<DeviceId> = live.iter().map(|d| d.id.clone()).collect();
+        let mut states: std::collections::BTreeMap<DeviceId, DeviceState> =
+            fleet.states_named(&ids)?.into_iter().collect();
+        let devices = live
+            .into_iter()
+            .map(|d| {
+                let state = states.remove(&d.id).unwrap_or_default();
+                (d, state)
+            })
+            .collect();
         Ok(Snapshot {
             devices,
             rollouts: rollouts.rollouts()?,

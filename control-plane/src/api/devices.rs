@@ -120,11 +120,14 @@ pub(crate) async fn rotate(
 
 pub(crate) async fn list_devices(State(plane): State<Arc<Plane>>) -> Api<axum::Json<Value>> {
     let store = &plane.ingest.store;
-    let mut out = Vec::new();
-    for d in store.devices()? {
-        let state = store.state(&d.id)?.unwrap_or_default();
-        out.push(views::device_summary(&d, &state));
-    }
+    let devices = store.devices()?;
+    let ids: Vec<_> = devices.iter().map(|d| d.id.clone()).collect();
+    let mut states: std::collections::BTreeMap<_, _> =
+        store.states_named(&ids)?.into_iter().collect();
+    let out = devices
+        .iter()
+        .map(|d| views::device_summary(d, &states.remove(&d.id).unwrap_or_default()))
+        .collect();
     Ok(axum::Json(Value::Array(out)))
 }
 

@@ -72,12 +72,8 @@ pub async fn advance(plane: &Arc<Plane>, id: &str) -> Api<()> {
     if notify.is_empty() {
         return Ok(());
     }
-    let mut devices = Vec::with_capacity(notify.len());
-    for id in &notify {
-        if let Some(d) = plane.ingest.store.device(id)? {
-            devices.push(d);
-        }
-    }
+    let mut devices = plane.ingest.store.devices_named(&notify)?;
+    devices.sort_by(|a, b| a.id.cmp(&b.id));
     // The devices also poll; a lost notification only delays one.
     let sent =
         crate::api::devices::send_all(plane, &devices, &CommandKind::AssignmentChanged).await?;
@@ -95,12 +91,8 @@ pub fn spawn_rollouts(plane: Arc<Plane>) {
             if !plane.leader.leads() {
                 continue;
             }
-            let running: Vec<String> = match plane.rollouts.rollouts() {
-                Ok(all) => all
-                    .into_iter()
-                    .filter(|r| r.state == RState::Running)
-                    .map(|r| r.id)
-                    .collect(),
+            let running = match plane.rollouts.running_rollout_ids() {
+                Ok(ids) => ids,
                 Err(e) => {
                     tracing::error!(error = %e, "reading rollouts");
                     continue;

@@ -26,13 +26,8 @@ pub(crate) fn states_of(
     plane: &Plane,
     targets: &[Target],
 ) -> Result<BTreeMap<DeviceId, DeviceState>, Refusal> {
-    let mut out = BTreeMap::new();
-    for t in targets {
-        if let Some(st) = plane.ingest.store.state(&t.device)? {
-            out.insert(t.device.clone(), st);
-        }
-    }
-    Ok(out)
+    let ids: Vec<DeviceId> = targets.iter().map(|t| t.device.clone()).collect();
+    Ok(plane.ingest.store.states_named(&ids)?.into_iter().collect())
 }
 
 /// `POST /v1/rollouts`: NAME@VERSION to the devices `to` selects, wave by wave.
@@ -108,9 +103,9 @@ fn gates_from(o: Option<GateOverrides>) -> Gates {
 fn active_of(plane: &Plane, model: &str) -> Result<Option<Rollout>, Refusal> {
     Ok(plane
         .rollouts
-        .rollouts()?
+        .unfinished_rollouts()?
         .into_iter()
-        .find(|r| r.model == model && !r.state.is_final()))
+        .find(|r| r.model == model))
 }
 
 /// A canary rollout of `model@version` to every device (auto-rollback on), started by
@@ -234,13 +229,18 @@ fn create_locked(plane: &Plane, req: RolloutRequest, by: String) -> Result<Rollo
             req.to
         )));
     }
+    let ids: Vec<DeviceId> = devices.iter().map(|d| d.id.clone()).collect();
+    let mut assigned: BTreeMap<DeviceId, _> = plane
+        .assignments
+        .assignments_named(&ids)?
+        .into_iter()
+        .collect();
     let mut targets = Vec::new();
     let mut unserved = Vec::new();
     for d in &devices {
-        let from = plane
-            .assignments
-            .assignment(&d.id)?
-            .and_then(|r| r.models.get(&req.model).cloned());
+        let from = assigned
+            .remove(&d.id)
+            .and_then(|mut r| r.models.remove(&req.model));
         // A shadow runs beside what the device serves: the assignment keeps its version
         // and gains the shadow.
         let to = match (req.shadow_sample_permille, &from) {
@@ -565,8 +565,8 @@ pub fn rollback(
         return Ok((None, plan));
     }
     // A rollback supersedes a rollout of the same model still going.
-    for mut r in plane.rollouts.rollouts()? {
-        if r.model == req.model && !r.state.is_final() {
+    for mut r in plane.rollouts.unfinished_rollouts()? {
+        if r.model == req.model {
             r.state = RState::Aborted;
             r.reason = Some(format!("superseded by rollback {id}"));
             plane.rollouts.put_rollout(&r)?;

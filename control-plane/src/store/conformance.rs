@@ -56,7 +56,7 @@ fn model(version: u64, rollout: Option<&str>) -> AssignedModel {
     }
 }
 
-fn rollout(id_: &str, devices: &[&str], created_ms: u64) -> Rollout {
+pub(super) fn rollout(id_: &str, devices: &[&str], created_ms: u64) -> Rollout {
     Rollout::new(
         Plan {
             shadow: None,
@@ -282,6 +282,45 @@ pub(super) fn command_sequence_numbers_count_per_device(s: &dyn Store) -> Result
         [2, 0, 3]
     );
     assert_eq!(s.next_command_seq(&id("d2"))?, 1);
+    // A device named again and again in one call, and one never named before.
+    assert_eq!(
+        s.next_command_seqs(&[id("d2"), id("d3"), id("d2"), id("d2"), id("d1")])?,
+        [2, 0, 3, 4, 4]
+    );
+    assert_eq!(s.next_command_seqs(&[])?, Vec::<u64>::new());
+    assert_eq!(s.next_command_seq(&id("d3"))?, 1);
+    Ok(())
+}
+
+/// The states and assignments of many devices come back with one call each: only the
+/// devices that have one, each with its own.
+pub(super) fn states_and_assignments_are_read_for_many_devices(
+    s: &dyn Store,
+) -> Result<(), StoreError> {
+    let none = [id("d1"), id("d2")];
+    assert!(s.states_named(&none)?.is_empty());
+    assert!(s.assignments_named(&none)?.is_empty());
+    for (d, n) in [("d1", 1), ("d2", 2), ("d3", 3)] {
+        s.update_state(&id(d), &mut |st| st.stored = n)?;
+    }
+    s.assign(&id("d1"), "claims", &model(1, None), 1)?;
+    s.assign(&id("d3"), "claims", &model(3, None), 1)?;
+    let asked = [id("d3"), id("nobody"), id("d1"), id("d4")];
+    let mut states: Vec<(String, u64)> = s
+        .states_named(&asked)?
+        .into_iter()
+        .map(|(d, st)| (d.to_string(), st.stored))
+        .collect();
+    states.sort();
+    assert_eq!(states, [("d1".into(), 1), ("d3".into(), 3)]);
+    let mut assigned: Vec<(String, u64)> = s
+        .assignments_named(&[id("d2"), id("d3"), id("d1")])?
+        .into_iter()
+        .map(|(d, r)| (d.to_string(), r.models["claims"].version))
+        .collect();
+    assigned.sort();
+    assert_eq!(assigned, [("d1".into(), 1), ("d3".into(), 3)]);
+    assert!(s.states_named(&[])?.is_empty());
     Ok(())
 }
 
@@ -345,6 +384,37 @@ pub(super) fn rollouts_keep_ids_and_order(s: &dyn Store) -> Result<(), StoreErro
     assert_eq!(s.rollout(&b)?, Some(changed));
     let order: Vec<String> = s.rollouts()?.into_iter().map(|r| r.id).collect();
     assert_eq!(order, [a, b], "oldest first");
+    Ok(())
+}
+
+/// The unfinished rollouts (running or paused) are listed without the finished ones,
+/// oldest first, and a rollout leaves the list when it finishes.
+pub(super) fn the_unfinished_rollouts_are_listed_apart(s: &dyn Store) -> Result<(), StoreError> {
+    let states = [
+        State::Completed,
+        State::Paused,
+        State::Aborted,
+        State::Running,
+        State::RolledBack,
+    ];
+    for (i, state) in states.into_iter().enumerate() {
+        let mut r = rollout(&format!("r{i}"), &["d1"], 100 - i as u64);
+        r.state = state;
+        s.put_rollout(&r)?;
+    }
+    let ids = |list: Vec<Rollout>| -> Vec<String> { list.into_iter().map(|r| r.id).collect() };
+    assert_eq!(ids(s.unfinished_rollouts()?), ["r3", "r1"], "oldest first");
+    assert_eq!(s.running_rollout_ids()?, ["r3"]);
+    let mut done = s.rollout("r3")?.expect("r3");
+    done.state = State::Completed;
+    s.put_rollout(&done)?;
+    let mut step = s.rollout("r1")?.expect("r1");
+    step.state = State::Running;
+    s.advance_rollout(&mut step, &[(id("d1"), model(2, Some("r1")))], 9)?;
+    let unfinished = s.unfinished_rollouts()?;
+    assert_eq!(unfinished, [step], "the whole record, as stored");
+    assert_eq!(s.running_rollout_ids()?, ["r1"]);
+    assert_eq!(s.rollouts()?.len(), 5);
     Ok(())
 }
 
@@ -847,9 +917,11 @@ macro_rules! each_case {
             a_message_is_stored_with_the_state_it_changes,
             a_batch_is_stored_as_one_message_after_another,
             command_sequence_numbers_count_per_device,
+            states_and_assignments_are_read_for_many_devices,
             an_assignment_moves_its_generation_only_when_it_changes,
             many_assignments_apply_in_order,
             rollouts_keep_ids_and_order,
+            the_unfinished_rollouts_are_listed_apart,
             advancing_a_rollout_writes_its_assignments_and_itself_together,
             a_token_is_found_by_hash_and_replaced_by_id,
             audit_appends_see_the_entry_before,

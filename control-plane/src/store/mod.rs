@@ -261,6 +261,17 @@ pub trait FleetStore: Send + Sync {
         }
         Ok(out)
     }
+    /// The stored states of the devices among `ids` that have one (in no particular
+    /// order), with one query where the store has them.
+    fn states_named(&self, ids: &[DeviceId]) -> Result<Vec<(DeviceId, DeviceState)>, StoreError> {
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(state) = self.state(id)? {
+                out.push((id.clone(), state));
+            }
+        }
+        Ok(out)
+    }
     /// Removes all but the newest `keep` messages of `device` (by sequence number);
     /// returns how many it removed. The highest sequence number stored stays known, so
     /// gaps and restarts are still told apart afterwards.
@@ -333,6 +344,9 @@ impl<T: FleetStore + ?Sized> FleetStore for std::sync::Arc<T> {
     fn devices_named(&self, ids: &[DeviceId]) -> Result<Vec<DeviceRecord>, StoreError> {
         (**self).devices_named(ids)
     }
+    fn states_named(&self, ids: &[DeviceId]) -> Result<Vec<(DeviceId, DeviceState)>, StoreError> {
+        (**self).states_named(ids)
+    }
     fn store_message(
         &self,
         envelope: &Envelope,
@@ -375,6 +389,20 @@ pub trait AssignmentStore: Send + Sync {
     ) -> Result<Vec<u64>, StoreError>;
     /// Every device's record.
     fn assignments(&self) -> Result<Vec<(DeviceId, AssignmentRecord)>, StoreError>;
+    /// The records of the devices among `ids` that have one (in no particular order),
+    /// with one query where the store has them.
+    fn assignments_named(
+        &self,
+        ids: &[DeviceId],
+    ) -> Result<Vec<(DeviceId, AssignmentRecord)>, StoreError> {
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(record) = self.assignment(id)? {
+                out.push((id.clone(), record));
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// Rollouts and rollbacks, keyed by their id.
@@ -386,6 +414,26 @@ pub trait RolloutStore: Send + Sync {
     fn rollout(&self, id: &str) -> Result<Option<Rollout>, StoreError>;
     /// Every rollout, oldest first.
     fn rollouts(&self) -> Result<Vec<Rollout>, StoreError>;
+    /// The rollouts not final yet (running or paused), oldest first: what the engine
+    /// advances every second, without reading the finished ones (a rollout to 10,000
+    /// devices is megabytes).
+    fn unfinished_rollouts(&self) -> Result<Vec<Rollout>, StoreError> {
+        Ok(self
+            .rollouts()?
+            .into_iter()
+            .filter(|r| !r.state.is_final())
+            .collect())
+    }
+    /// The ids of the running rollouts, oldest first: what the engine advances each
+    /// second (each step reads its rollout again, under the engine's lock).
+    fn running_rollout_ids(&self) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .unfinished_rollouts()?
+            .into_iter()
+            .filter(|r| r.state == crate::rollout::State::Running)
+            .map(|r| r.id)
+            .collect())
+    }
     /// One engine step, written together or not at all: `changes` as
     /// [`AssignmentStore::assign_all`] for `rollout.model`, each target the changes
     /// reach learns the generation that names its assignment, and `rollout` is stored.

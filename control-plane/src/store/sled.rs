@@ -558,6 +558,29 @@ impl AssignmentStore for SledStore {
     }
 }
 
+/// What a rollout record says first about itself, decoded alone: a rollout to 10,000
+/// devices is megabytes of targets that listing them does not need.
+#[derive(serde::Deserialize)]
+struct RolloutHead {
+    id: String,
+    state: crate::rollout::State,
+    created_ms: u64,
+}
+
+impl SledStore {
+    /// Every rollout's head with its record, oldest first.
+    fn rollout_heads(&self) -> Result<Vec<(RolloutHead, ::sled::IVec)>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.rollouts.iter() {
+            let (k, v) = kv?;
+            let what = format!("rollout {}", String::from_utf8_lossy(&k).escape_debug());
+            out.push((from_json::<RolloutHead>(&what, &v)?, v));
+        }
+        out.sort_by_key(|(head, _)| head.created_ms);
+        Ok(out)
+    }
+}
+
 impl RolloutStore for SledStore {
     fn next_rollout_id(&self) -> Result<String, StoreError> {
         Ok(format!("r{}", self.db.generate_id()? + 1))
@@ -578,6 +601,23 @@ impl RolloutStore for SledStore {
         let mut out: Vec<Rollout> = all_json(self.rollouts.iter(), "rollout")?;
         out.sort_by_key(|r| r.created_ms);
         Ok(out)
+    }
+
+    fn unfinished_rollouts(&self) -> Result<Vec<Rollout>, StoreError> {
+        self.rollout_heads()?
+            .into_iter()
+            .filter(|(head, _)| !head.state.is_final())
+            .map(|(head, v)| from_json(&format!("rollout {}", head.id.escape_debug()), &v))
+            .collect()
+    }
+
+    fn running_rollout_ids(&self) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .rollout_heads()?
+            .into_iter()
+            .filter(|(head, _)| head.state == crate::rollout::State::Running)
+            .map(|(head, _)| head.id)
+            .collect())
     }
 
     fn advance_rollout(

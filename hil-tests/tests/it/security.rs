@@ -946,8 +946,18 @@ fn fleetctl_broker_acl_makes_mosquitto_enforce_the_fleet_rules() {
     hil_tests::keys_and_policy(dir, "k");
     let port = hil_tests::fleet::free_port();
     let mut open = hil_tests::fleet::Mosquitto::start(dir, port);
+    // A release before the tagged client ids left its persistent session, with a
+    // subscription, under the bare id.
+    let mut legacy = mqtt_session(port, "fleetml-ingest", None, "", false);
+    assert!(granted(&mut legacy, "fleetml/v1/+/+"));
+    drop(legacy);
     let url = format!("mqtt://fleetml-ingest:ingest-password-0123456789@127.0.0.1:{port}");
     let plane = ControlPlane::start(dir, None, &["--trust", "trust.toml", "--mqtt-url", &url]);
+    // The control plane ended that session before its ingest started: nothing is kept
+    // for the bare id any more (before the tags, the control plane's own session was
+    // there).
+    let (_, present) = mqtt_connack(port, "fleetml-ingest", None, "", false);
+    assert_eq!(present, Some(false), "the old session is still kept");
     enroll(dir, &plane, "pi-a", "raspberry-pi-4", "site=lab", "");
     enroll(dir, &plane, "pi-b", "raspberry-pi-4", "site=lab", "");
     let run = plane.fleetctl(dir, &["broker", "acl", "--out", "acl"]);
@@ -1004,6 +1014,29 @@ fn fleetctl_broker_acl_makes_mosquitto_enforce_the_fleet_rules() {
     std::thread::sleep(Duration::from_secs(1));
     assert!(plane.online("pi-a"), "the replayed will reached the ingest");
 
+    // pi-b logs in under the control plane's bare client ids (mosquitto cannot tie a
+    // client id to a user). Before the tags these were the control plane's sessions:
+    // the broker dropped them for pi-b's, the ingest came back and dropped pi-b's in
+    // turn, and so on. Now neither side is dropped.
+    let mut squatters: Vec<_> = ["fleetml-ingest", "fleetml-commands"]
+        .into_iter()
+        .map(|id| mqtt_session(port, id, Some("pi-b"), &password, true))
+        .collect();
+    let until = std::time::Instant::now() + Duration::from_secs(4);
+    while std::time::Instant::now() < until {
+        assert_eq!(
+            plane.get("/v1/ingest")["broker_connected"],
+            true,
+            "a device dropped the ingest's session"
+        );
+        for (_, conn) in &mut squatters {
+            if let Ok(Err(e)) = conn.recv_timeout(Duration::from_millis(100)) {
+                panic!("the control plane took a client id back: {e}");
+            }
+        }
+    }
+    drop(squatters);
+
     // Anonymous, and a wrong password: refused.
     for (user, pass) in [(None, ""), (Some("pi-b"), "not-the-password")] {
         let mut o = rumqttc::MqttOptions::new("pi-b", "127.0.0.1", port);
@@ -1026,7 +1059,22 @@ fn mqtt_login(
     user: Option<&str>,
     password: &str,
 ) -> Option<(rumqttc::Client, rumqttc::Connection)> {
+    let (session, present) = mqtt_connack(port, client, user, password, true);
+    present.map(|_| session)
+}
+
+/// A session on `port` as `client` (user `user`, `password`, a clean session or not),
+/// and whether the broker still had one for `client` (CONNACK's session-present flag;
+/// `None` when it refused the login).
+fn mqtt_connack(
+    port: u16,
+    client: &str,
+    user: Option<&str>,
+    password: &str,
+    clean: bool,
+) -> ((rumqttc::Client, rumqttc::Connection), Option<bool>) {
     let mut o = rumqttc::MqttOptions::new(client, "127.0.0.1", port);
+    o.set_clean_session(clean);
     if let Some(user) = user {
         o.set_credentials(user, password);
     }
@@ -1035,13 +1083,28 @@ fn mqtt_login(
     while std::time::Instant::now() < deadline {
         match conn.recv_timeout(Duration::from_secs(10)) {
             Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(a)))) => {
-                return (a.code == rumqttc::ConnectReturnCode::Success).then_some((client, conn));
+                let present =
+                    (a.code == rumqttc::ConnectReturnCode::Success).then_some(a.session_present);
+                return ((client, conn), present);
             }
             Ok(Ok(_)) => {}
-            _ => return None,
+            _ => break,
         }
     }
-    None
+    ((client, conn), None)
+}
+
+/// [`mqtt_connack`]'s session, which the broker must have let in.
+fn mqtt_session(
+    port: u16,
+    client: &str,
+    user: Option<&str>,
+    password: &str,
+    clean: bool,
+) -> (rumqttc::Client, rumqttc::Connection) {
+    let (session, present) = mqtt_connack(port, client, user, password, clean);
+    assert!(present.is_some(), "{client} could not log in");
+    session
 }
 
 /// Whether the broker granted `filter` to the session.
