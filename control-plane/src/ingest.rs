@@ -56,6 +56,11 @@ pub struct Counters {
     pub logins_refused: std::sync::Arc<AtomicU64>,
     /// Whether the ingest holds a subscribed session with the broker now.
     pub connected: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Messages taken, at this start, from the persistent session an older release left
+    /// under the bare client id (`server::drain_old_session`).
+    pub old_session_drained: AtomicU64,
+    /// Whether that session was ended at this start.
+    pub old_session_ended: std::sync::atomic::AtomicBool,
 }
 
 impl Counters {
@@ -72,6 +77,8 @@ impl Counters {
             "sequence_restarts": g(&self.restarts),
             "logins_refused": g(&self.logins_refused),
             "broker_connected": self.connected.load(Ordering::Relaxed),
+            "old_session_drained": g(&self.old_session_drained),
+            "old_session_ended": self.old_session_ended.load(Ordering::Relaxed),
         })
     }
 }

@@ -738,14 +738,6 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
         fleet_metrics: Default::default(),
         snapshots: Default::default(),
     });
-    if opts.replica_id.is_none() && external_login.is_some() && opts.ingest_queue.is_none() {
-        // Releases before the tag kept the ingest's persistent session under the bare
-        // id; what waits there is ended (its messages come again from the devices'
-        // outboxes: no receipt named them). Before the ingest starts: one round trip.
-        let mut old = retire.clone();
-        old.set_client_id(INGEST_CLIENT.to_string());
-        retire_session(old).await;
-    }
     match &opts.ingest_queue {
         Some(queue) => crate::ingest_queue::spawn(plane.clone(), queue.clone()),
         None => crate::ingest_mqtt::spawn(
@@ -755,6 +747,11 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
             ingest_filter,
             crate::ingest_mqtt::LANES,
         ),
+    }
+    if opts.replica_id.is_none() && opts.ingest_queue.is_none() && ingest_id != INGEST_CLIENT {
+        // Releases before the tag kept the single ingest's persistent session under the
+        // bare id.
+        tokio::spawn(drain_old_session(plane.clone(), retire));
     }
     spawn_receipts(plane.clone(), opts.receipt_interval);
     spawn_audit_tally(plane.clone(), opts.audit_interval);
@@ -814,10 +811,101 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Takes what still waits in the persistent session an older release left under the
+/// bare client id `fleetml-ingest`, then ends that session. It starts once the ingest
+/// holds its own subscription, so that everything arriving from then on reaches the
+/// ingest too; until then messages queued only in the old session. Each is stored (and
+/// flushed) before it is acknowledged, as the ingest does, until none has come for two
+/// seconds or thirty seconds have passed (what comes later is the ingest's as well). A
+/// store that fails ends nothing: the next start tries again. `options` are the
+/// ingest's.
+async fn drain_old_session(plane: Arc<Plane>, mut options: MqttOptions) {
+    use std::sync::atomic::Ordering;
+    let counters = &plane.ingest.counters;
+    let subscribed = tokio::time::timeout(Duration::from_secs(60), async {
+        while !counters.connected.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    if subscribed.is_err() {
+        tracing::warn!(
+            "the ingest did not subscribe within 60 s: the old client id's session is left for the next start"
+        );
+        return;
+    }
+    options.set_client_id(INGEST_CLIENT.to_string());
+    options.set_clean_session(false);
+    options.set_manual_acks(true);
+    let (client, mut events) = AsyncClient::new(options.clone(), 64);
+    let drained = drain(&plane, &client, &mut events).await;
+    let _ = client.disconnect().await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), events.poll()).await;
+    match drained {
+        Ok(n) => {
+            counters.old_session_drained.store(n, Ordering::Relaxed);
+            if retire_session(options).await {
+                counters.old_session_ended.store(true, Ordering::Relaxed);
+                tracing::info!(
+                    client_id = INGEST_CLIENT,
+                    messages = n,
+                    "took what the old client id's session held and ended it"
+                );
+            }
+        }
+        Err(e) => tracing::warn!(
+            client_id = INGEST_CLIENT,
+            error = %e,
+            "could not take what the old client id's session holds; it is left for the next start"
+        ),
+    }
+}
+
+/// [`drain_old_session`]'s loop: the messages it stored and acknowledged.
+async fn drain(
+    plane: &Arc<Plane>,
+    client: &AsyncClient,
+    events: &mut rumqttc::EventLoop,
+) -> Result<u64, String> {
+    use rumqttc::{Event, Packet};
+    let started = std::time::Instant::now();
+    let (mut stored, mut present) = (0u64, false);
+    while started.elapsed() < Duration::from_secs(30) {
+        let wait = Duration::from_secs(if present { 2 } else { 10 });
+        match tokio::time::timeout(wait, events.poll()).await {
+            Err(_) if present => return Ok(stored),
+            Err(_) => return Err("the broker did not answer the login within 10 s".into()),
+            Ok(Ok(Event::Incoming(Packet::ConnAck(a)))) => {
+                if !a.session_present {
+                    return Ok(0);
+                }
+                present = true;
+            }
+            Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                let (plane2, topic, payload) = (plane.clone(), p.topic.clone(), p.payload.clone());
+                tokio::task::spawn_blocking(move || {
+                    plane2
+                        .ingest
+                        .store_batch([(topic.as_str(), payload.as_ref())], now_ms())?;
+                    plane2.ingest.store.flush()
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+                client.ack(&p).await.map_err(|e| e.to_string())?;
+                stored += 1;
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e.to_string()),
+        }
+    }
+    Ok(stored)
+}
+
 /// Connects once with `options`' client id and a clean session, which ends a
 /// persistent session a broker keeps under that id, and disconnects; gives up after
-/// five seconds (logged: the broker then keeps the session until its own expiry).
-async fn retire_session(mut options: MqttOptions) {
+/// five seconds (logged: the broker then keeps the session). Whether it ended it.
+async fn retire_session(mut options: MqttOptions) -> bool {
     use rumqttc::{Event, Packet};
     options.set_clean_session(true);
     let id = options.client_id();
@@ -837,13 +925,15 @@ async fn retire_session(mut options: MqttOptions) {
             let _ = client.disconnect().await;
             // Sends the DISCONNECT.
             let _ = tokio::time::timeout(Duration::from_secs(2), events.poll()).await;
-            tracing::info!(client_id = %id, "ended the broker session of the old client id");
+            true
         }
         Ok(Err(e)) => {
-            tracing::warn!(client_id = %id, error = %e, "could not end the old client id's broker session")
+            tracing::warn!(client_id = %id, error = %e, "could not end the old client id's broker session");
+            false
         }
         Err(_) => {
-            tracing::warn!(client_id = %id, "could not end the old client id's broker session within 5 s")
+            tracing::warn!(client_id = %id, "could not end the old client id's broker session within 5 s");
+            false
         }
     }
 }

@@ -140,14 +140,30 @@ pub fn access(method: &axum::http::Method, route: &str) -> Access {
 
 /// The principal of a bearer token: a device (its derived HTTP token) or an operator
 /// token.
-fn identify(plane: &Plane, token: &str) -> Option<Principal> {
-    if let Some((id, _)) = fleetml_protocol::assignment::parse_http_token(token) {
-        let record = plane.ingest.store.device(&id).ok()??;
-        // A revoked device's token is refused like an unknown one.
-        let expected = fleetml_protocol::assignment::http_token(&id, record.live_secret()?);
-        return same(token.as_bytes(), expected.as_bytes()).then_some(Principal::Device(id));
+/// `Err` only when the store cannot answer now (the caller gets 503, not a 401 that
+/// would send a device or an operator looking for a wrong token); a record that no
+/// longer decodes authenticates nobody.
+fn identify(plane: &Plane, token: &str) -> Result<Option<Principal>, crate::store::StoreError> {
+    use crate::store::StoreError;
+    fn known<T>(found: Result<Option<T>, StoreError>) -> Result<Option<T>, StoreError> {
+        match found {
+            Err(e @ StoreError::Unavailable(_)) => Err(e),
+            Err(_) => Ok(None),
+            Ok(found) => Ok(found),
+        }
     }
-    plane.tokens.find(token).ok()?.map(Principal::Operator)
+    if let Some((id, _)) = fleetml_protocol::assignment::parse_http_token(token) {
+        let Some(record) = known(plane.ingest.store.device(&id))? else {
+            return Ok(None);
+        };
+        // A revoked device's token is refused like an unknown one.
+        let Some(secret) = record.live_secret() else {
+            return Ok(None);
+        };
+        let expected = fleetml_protocol::assignment::http_token(&id, secret);
+        return Ok(same(token.as_bytes(), expected.as_bytes()).then_some(Principal::Device(id)));
+    }
+    Ok(known(plane.tokens.find(token))?.map(Principal::Operator))
 }
 
 /// Limits mutating calls per client address (before authentication) and per token or
@@ -193,10 +209,11 @@ pub(crate) async fn authorize(
     let principal = match given {
         Some(t) => {
             let (p2, t) = (plane.clone(), t.to_string());
-            tokio::task::spawn_blocking(move || identify(&p2, &t))
-                .await
-                .ok()
-                .flatten()
+            match tokio::task::spawn_blocking(move || identify(&p2, &t)).await {
+                Ok(Ok(found)) => found,
+                Ok(Err(e)) => return ApiError::from(e).into_response(),
+                Err(_) => None,
+            }
         }
         None => None,
     };

@@ -96,9 +96,9 @@ impl Pool {
 /// How the pool is sized and how long a caller waits for a connection. A connection is
 /// not tested with a query of its own at each checkout: that round trip was 6 % of the
 /// control plane's CPU during a rollout to 10,000 devices (a profile with `perf`), and
-/// doubled the wait of every small read. A connection PostgreSQL closed (a restart)
-/// fails its next call once (503, or an ingest batch that comes again) and is then
-/// replaced.
+/// doubled the wait of every small read. After PostgreSQL closed the connections (a
+/// restart), each pooled one fails its next call once — up to [`POOL_SIZE`] calls
+/// answered 503, or ingest batches that come again — and is then replaced.
 fn builder<M: r2d2::ManageConnection>() -> r2d2::Builder<M> {
     r2d2::Pool::builder()
         .max_size(POOL_SIZE)

@@ -946,20 +946,42 @@ fn fleetctl_broker_acl_makes_mosquitto_enforce_the_fleet_rules() {
     hil_tests::keys_and_policy(dir, "k");
     let port = hil_tests::fleet::free_port();
     let mut open = hil_tests::fleet::Mosquitto::start(dir, port);
-    // A release before the tagged client ids left its persistent session, with a
-    // subscription, under the bare id.
+    let url = format!("mqtt://fleetml-ingest:ingest-password-0123456789@127.0.0.1:{port}");
+    let mut plane = ControlPlane::start(dir, None, &["--trust", "trust.toml", "--mqtt-url", &url]);
+    enroll(dir, &plane, "pi-a", "raspberry-pi-4", "site=lab", "");
+    enroll(dir, &plane, "pi-b", "raspberry-pi-4", "site=lab", "");
+    let secret = |id: &str| hex::decode(config_value(dir, id, "device_secret")).expect("hex");
+
+    // A release before the tagged client ids left its persistent session under the bare
+    // id, subscribed, with a device's message waiting in it.
     let mut legacy = mqtt_session(port, "fleetml-ingest", None, "", false);
     assert!(granted(&mut legacy, "fleetml/v1/+/+"));
     drop(legacy);
-    let url = format!("mqtt://fleetml-ingest:ingest-password-0123456789@127.0.0.1:{port}");
-    let plane = ControlPlane::start(dir, None, &["--trust", "trust.toml", "--mqtt-url", &url]);
-    // The control plane ended that session before its ingest started: nothing is kept
-    // for the bare id any more (before the tags, the control plane's own session was
-    // there).
+    let (topic, will) = forged_will("pi-b", &secret("pi-b"));
+    let (publisher, mut acks) = mqtt_session(port, "publisher", None, "", true);
+    publisher
+        .publish(topic, rumqttc::QoS::AtLeastOnce, false, will)
+        .expect("queued");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !matches!(
+        acks.recv_timeout(Duration::from_secs(1)),
+        Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))))
+    ) {
+        assert!(std::time::Instant::now() < deadline, "no PUBACK");
+    }
+    drop((publisher, acks));
+    // At its start the control plane takes the message and ends that session: nothing
+    // is kept for the bare id any more (before the tags, the control plane's own
+    // session was there).
+    plane.restart();
+    wait_for(
+        "the old session taken and ended",
+        Duration::from_secs(60),
+        || (plane.get("/v1/ingest")["old_session_ended"] == true).then_some(()),
+    );
+    assert_eq!(plane.get("/v1/ingest")["old_session_drained"], 1);
     let (_, present) = mqtt_connack(port, "fleetml-ingest", None, "", false);
     assert_eq!(present, Some(false), "the old session is still kept");
-    enroll(dir, &plane, "pi-a", "raspberry-pi-4", "site=lab", "");
-    enroll(dir, &plane, "pi-b", "raspberry-pi-4", "site=lab", "");
     let run = plane.fleetctl(dir, &["broker", "acl", "--out", "acl"]);
     assert!(run.success().contains("2 devices"), "{}", run.stdout);
     use std::os::unix::fs::PermissionsExt;
@@ -985,7 +1007,6 @@ fn fleetctl_broker_acl_makes_mosquitto_enforce_the_fleet_rules() {
         || plane.online("pi-a").then_some(()),
     );
 
-    let secret = |id: &str| hex::decode(config_value(dir, id, "device_secret")).expect("hex");
     let password = telemetry::mqtt_password(&secret("pi-b"));
     // Everything, from pi-b: mosquitto may grant the filter (it checks read access per
     // message), but nothing of pi-a's — its retained status included — arrives.
