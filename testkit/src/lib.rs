@@ -37,6 +37,8 @@ pub struct Postgres {
     data: PathBuf,
     bin: PathBuf,
     root: bool,
+    /// `pg_ctl start`'s server options (for [`Postgres::start_again`]).
+    options: String,
     pub port: u16,
 }
 
@@ -88,6 +90,7 @@ impl Postgres {
             data,
             bin,
             root,
+            options: String::new(),
             port: free_port(),
         };
         let d = pg.data.display().to_string();
@@ -118,12 +121,27 @@ impl Postgres {
             .expect("pg_hba.conf");
             options.push_str(" -c ssl=on -c ssl_cert_file=server.crt -c ssl_key_file=server.key");
         }
-        let log = format!("{d}/server.log");
-        pg.run(
-            "pg_ctl",
-            &["-D", &d, "-o", &options, "-l", &log, "-w", "start"],
-        );
+        let mut pg = pg;
+        pg.options = options;
+        pg.start_again();
         pg
+    }
+
+    /// Stops the server (`pg_ctl stop -m fast`): its clients' connections are closed,
+    /// as in a restart or a failover.
+    pub fn stop(&self) {
+        let d = self.data.display().to_string();
+        self.run("pg_ctl", &["-D", &d, "-m", "fast", "-w", "stop"]);
+    }
+
+    /// Starts the server again after [`Postgres::stop`]: same data, same port.
+    pub fn start_again(&self) {
+        let d = self.data.display().to_string();
+        let log = format!("{d}/server.log");
+        self.run(
+            "pg_ctl",
+            &["-D", &d, "-o", &self.options, "-l", &log, "-w", "start"],
+        );
     }
 
     fn run(&self, tool: &str, args: &[&str]) {

@@ -1696,3 +1696,55 @@ fn reads_of_datasets_and_bundles_are_audited() {
     let verify = plane.fleetctl(dir, &["audit", "verify"]);
     verify.success();
 }
+
+/// While PostgreSQL is down the API says so (503) and tells no caller its credentials
+/// are wrong. Before: a store that could not answer read as an unknown token — 401 for a
+/// device and an operator alike, the operator's call counted as unauthenticated. Once
+/// PostgreSQL is back, calls succeed again after at most one failed call per pooled
+/// connection (the pool does not test connections at checkout).
+#[test]
+fn a_store_that_is_down_answers_503_not_401_and_comes_back() {
+    use crate::rollout::{device_token, enroll, get_as};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    hil_tests::keys_and_policy(dir, "k");
+    let pg = hil_tests::fleet::Postgres::start();
+    let url = pg.create_database("fleet");
+    let plane = ControlPlane::start_at(
+        dir,
+        "127.0.0.1",
+        None,
+        &["--trust", "trust.toml"],
+        vec![("FLEETML_DATABASE_URL".into(), url)],
+    );
+    enroll(dir, &plane, "pi-a", "raspberry-pi-4", "site=lab", "");
+    let device = device_token(dir, "pi-a");
+    let operator = plane.token.clone();
+    let status = |token: &str, path: &str| get_as(&plane, token, "GET", path).0;
+    let assignment = "/v1/devices/pi-a/assignment";
+    assert_eq!(status(&device, assignment), 404, "no assignment yet");
+    assert_eq!(status(&operator, "/v1/devices"), 200);
+
+    pg.stop();
+    assert_eq!(status(&device, assignment), 503);
+    assert_eq!(status(&operator, "/v1/devices"), 503);
+    assert_eq!(status(&operator, "/v1/devices/pi-a"), 503);
+
+    pg.start_again();
+    let mut failed = 0;
+    while status(&operator, "/v1/devices") != 200 {
+        failed += 1;
+        assert!(
+            failed <= 20,
+            "the API did not come back after PostgreSQL did"
+        );
+    }
+    assert!(
+        failed <= 8,
+        "{failed} calls failed: more than one per pooled connection"
+    );
+    for _ in 0..10 {
+        assert_eq!(status(&device, assignment), 404);
+        assert_eq!(status(&operator, "/v1/devices"), 200);
+    }
+}
