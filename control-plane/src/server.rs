@@ -680,7 +680,8 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
     options.set_clean_session(opts.replica_id.is_some());
     options.set_manual_acks(true);
     options.set_inflight(100);
-    let retire = options.clone();
+    // What the ingest's session is, for the session an older release left.
+    let ingest_options = options.clone();
     let (ingest_client, events) = AsyncClient::new(options, 1024);
     let registry = crate::registry::Registry::new(store.clone(), open_blobs(&opts)?);
     let audit_key = crate::auth::AuditKey::open(
@@ -751,7 +752,7 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
     if opts.replica_id.is_none() && opts.ingest_queue.is_none() && ingest_id != INGEST_CLIENT {
         // Releases before the tag kept the single ingest's persistent session under the
         // bare id.
-        tokio::spawn(drain_old_session(plane.clone(), retire));
+        tokio::spawn(drain_old_session(plane.clone(), ingest_options));
     }
     spawn_receipts(plane.clone(), opts.receipt_interval);
     spawn_audit_tally(plane.clone(), opts.audit_interval);

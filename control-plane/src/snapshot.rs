@@ -7,8 +7,6 @@
 
 use std::sync::{Arc, Mutex, Weak};
 
-use fleetml_protocol::telemetry::DeviceId;
-
 use crate::jobs::spec::Job;
 use crate::records::{DeviceRecord, DeviceState};
 use crate::rollout::Rollout;
@@ -69,16 +67,7 @@ impl Snapshot {
             .into_iter()
             .filter(|d| d.revoked_ms.is_none())
             .collect();
-        let ids: Vec<DeviceId> = live.iter().map(|d| d.id.clone()).collect();
-        let mut states: std::collections::BTreeMap<DeviceId, DeviceState> =
-            fleet.states_named(&ids)?.into_iter().collect();
-        let devices = live
-            .into_iter()
-            .map(|d| {
-                let state = states.remove(&d.id).unwrap_or_default();
-                (d, state)
-            })
-            .collect();
+        let devices = crate::store::with_states(fleet, live)?;
         Ok(Snapshot {
             devices,
             rollouts: rollouts.rollouts()?,

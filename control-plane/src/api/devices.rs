@@ -120,13 +120,9 @@ pub(crate) async fn rotate(
 
 pub(crate) async fn list_devices(State(plane): State<Arc<Plane>>) -> Api<axum::Json<Value>> {
     let store = &plane.ingest.store;
-    let devices = store.devices()?;
-    let ids: Vec<_> = devices.iter().map(|d| d.id.clone()).collect();
-    let mut states: std::collections::BTreeMap<_, _> =
-        store.states_named(&ids)?.into_iter().collect();
-    let out = devices
+    let out = crate::store::with_states(store, store.devices()?)?
         .iter()
-        .map(|d| views::device_summary(d, &states.remove(&d.id).unwrap_or_default()))
+        .map(|(d, state)| views::device_summary(d, state))
         .collect();
     Ok(axum::Json(Value::Array(out)))
 }

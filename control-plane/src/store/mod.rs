@@ -596,6 +596,24 @@ impl<T> Store for T where
 {
 }
 
+/// `devices`, in their order, each with its state ([`DeviceState::default`] when it has
+/// none yet), read with [`FleetStore::states_named`].
+pub fn with_states(
+    fleet: &dyn FleetStore,
+    devices: Vec<DeviceRecord>,
+) -> Result<Vec<(DeviceRecord, DeviceState)>, StoreError> {
+    let ids: Vec<DeviceId> = devices.iter().map(|d| d.id.clone()).collect();
+    let mut states: BTreeMap<DeviceId, DeviceState> =
+        fleet.states_named(&ids)?.into_iter().collect();
+    Ok(devices
+        .into_iter()
+        .map(|d| {
+            let state = states.remove(&d.id).unwrap_or_default();
+            (d, state)
+        })
+        .collect())
+}
+
 /// An audit entry that no longer decodes, as [`AuditStore::audit_entries`] returns it.
 pub fn unreadable_audit_entry(seq: u64, bytes: &[u8]) -> AuditEntry {
     AuditEntry {

@@ -223,23 +223,6 @@ fn all_records<T: serde::de::DeserializeOwned>(
     .collect()
 }
 
-/// `(device, CBOR record)` rows decoded, rows whose key is not a device id left out;
-/// `what` names a record in an error ("the state of").
-fn named_records<T: serde::de::DeserializeOwned>(
-    rows: Vec<::postgres::Row>,
-    what: &str,
-) -> Result<Vec<(DeviceId, T)>, StoreError> {
-    let mut out = Vec::with_capacity(rows.len());
-    for r in &rows {
-        let device: &str = r.get(0);
-        if let Ok(id) = DeviceId::new(device) {
-            let record = cbor(&format!("{what} {device}"), r.get(1))?;
-            out.push((id, record));
-        }
-    }
-    Ok(out)
-}
-
 /// The rollout states that are final ([`crate::rollout::State::is_final`]), by their
 /// name in a record.
 const FINAL_ROLLOUT_STATES: [crate::rollout::State; 3] = [
@@ -339,6 +322,28 @@ impl PgStore {
         off_runtime(|| {
             let mut c = self.pool.get()?;
             f(&mut c)
+        })
+    }
+
+    /// The `(device, CBOR record)` rows `sql` selects for the devices `ids` (its `$1`),
+    /// decoded; rows whose key is not a device id are left out. `what` names a record
+    /// in an error ("the state of").
+    fn named<T: serde::de::DeserializeOwned + Send>(
+        &self,
+        sql: &str,
+        ids: &[DeviceId],
+        what: &str,
+    ) -> Result<Vec<(DeviceId, T)>, StoreError> {
+        let ids: Vec<&str> = ids.iter().map(DeviceId::as_str).collect();
+        self.run(|c| {
+            let mut out = Vec::new();
+            for r in c.query(sql, &[&ids])? {
+                let device: &str = r.get(0);
+                if let Ok(id) = DeviceId::new(device) {
+                    out.push((id, cbor(&format!("{what} {device}"), r.get(1))?));
+                }
+            }
+            Ok(out)
         })
     }
 
@@ -668,16 +673,11 @@ impl FleetStore for PgStore {
     }
 
     fn states_named(&self, ids: &[DeviceId]) -> Result<Vec<(DeviceId, DeviceState)>, StoreError> {
-        let ids: Vec<&str> = ids.iter().map(DeviceId::as_str).collect();
-        self.run(|c| {
-            named_records(
-                c.query(
-                    "SELECT device, state FROM device_state WHERE device = ANY($1)",
-                    &[&ids],
-                )?,
-                "the state of",
-            )
-        })
+        self.named(
+            "SELECT device, state FROM device_state WHERE device = ANY($1)",
+            ids,
+            "the state of",
+        )
     }
 
     fn messages(
@@ -868,16 +868,11 @@ impl AssignmentStore for PgStore {
         &self,
         ids: &[DeviceId],
     ) -> Result<Vec<(DeviceId, AssignmentRecord)>, StoreError> {
-        let ids: Vec<&str> = ids.iter().map(DeviceId::as_str).collect();
-        self.run(|c| {
-            named_records(
-                c.query(
-                    "SELECT device, record FROM assignments WHERE device = ANY($1) AND length(record) > 0",
-                    &[&ids],
-                )?,
-                "the assignment of",
-            )
-        })
+        self.named(
+            "SELECT device, record FROM assignments WHERE device = ANY($1) AND length(record) > 0",
+            ids,
+            "the assignment of",
+        )
     }
 
     fn assignments(&self) -> Result<Vec<(DeviceId, AssignmentRecord)>, StoreError> {
