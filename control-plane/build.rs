@@ -10,6 +10,9 @@ fn main() {
         .filter(|c| !c.is_empty())
         .unwrap_or_else(|| "unknown".into());
     println!("cargo:rustc-env=FLEETML_GIT_COMMIT={commit}");
+    // The PostgreSQL migrations are embedded (`refinery::embed_migrations!`): a new one
+    // must rebuild the crate.
+    println!("cargo:rerun-if-changed=migrations");
     // A new commit moves a ref; HEAD moves on checkout. Only files that exist are
     // named: cargo reruns a build script on every build for a missing one (a fresh clone
     // has no packed-refs until git packs).

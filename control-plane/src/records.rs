@@ -7,6 +7,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use fleetml_protocol::telemetry::{self, DeviceId, Status, WindowReport};
 use serde::{Deserialize, Serialize};
 
+mod brief;
+pub use brief::Brief;
+
 /// A device in the registry.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceRecord {

@@ -21,13 +21,19 @@ use crate::rollout::{
 };
 use crate::store::FleetStore;
 
-/// Device states by id, for the devices of `targets`.
+/// Device states by id, for the devices of `targets`, brief
+/// ([`DeviceState::brief`]): what a rollout's progress, gates and views read.
 pub(crate) fn states_of(
     plane: &Plane,
     targets: &[Target],
 ) -> Result<BTreeMap<DeviceId, DeviceState>, Refusal> {
     let ids: Vec<DeviceId> = targets.iter().map(|t| t.device.clone()).collect();
-    Ok(plane.ingest.store.states_named(&ids)?.into_iter().collect())
+    Ok(plane
+        .ingest
+        .store
+        .brief_states_named(&ids)?
+        .into_iter()
+        .collect())
 }
 
 /// `POST /v1/rollouts`: NAME@VERSION to the devices `to` selects, wave by wave.

@@ -267,6 +267,22 @@ pub(super) fn a_batch_is_stored_as_one_message_after_another(
     assert_eq!(seqs("d2")?, [7, 9]);
     // The highest stays known after a batch: the next single insert sees it.
     assert_eq!(s.insert(&message("d2", 10), NOW)?, (true, Some(9)));
+    // Devices with their mark and state, and one (d3) with a state but no mark yet.
+    s.update_state(&id("d3"), &mut |st| st.gaps = 5)?;
+    let again = [message("d2", 11), message("d3", 1), message("d1", 5)];
+    let out = s.store_messages(&again, NOW, &mut |_, st, new, _| {
+        if new {
+            st.stored += 1;
+        }
+    })?;
+    assert_eq!(out, [(true, Some(10)), (true, None), (true, Some(4))]);
+    let stored = |d: &str| -> Result<Option<(u64, u64)>, StoreError> {
+        Ok(s.state(&id(d))?.map(|st| (st.stored, st.gaps)))
+    };
+    assert_eq!(stored("d1")?, Some((3, 0)));
+    assert_eq!(stored("d2")?, Some((3, 0)));
+    assert_eq!(stored("d3")?, Some((1, 5)), "the state it had, changed");
+    assert_eq!(s.insert(&message("d3", 2), NOW)?, (true, Some(1)));
     assert_eq!(
         s.store_messages(&[], NOW, &mut |_, _, _, _| {})?,
         Vec::new()
@@ -321,6 +337,35 @@ pub(super) fn states_and_assignments_are_read_for_many_devices(
     assigned.sort();
     assert_eq!(assigned, [("d1".into(), 1), ("d3".into(), 3)]);
     assert!(s.states_named(&[])?.is_empty());
+    // Read brief, a state is the full one less its windows' per-feature figures.
+    let Body::Window(mut w) = window("claims") else {
+        unreachable!("a window")
+    };
+    let drift: fleetml_protocol::telemetry::FeatureDrift =
+        serde_json::from_value(serde_json::json!({
+            "name": "temp", "values": 9, "missing_rate": 0.0, "out_of_range_rate": 0.0,
+            "unseen_rate": 0.0, "psi": 0.5, "ks": 0.4, "js": 0.3, "chi2_p": null,
+            "wasserstein": null, "usefulness": null, "drifting": true
+        }))
+        .expect("a feature's drift");
+    w.features = vec![drift.clone()];
+    w.prediction = Some(drift);
+    w.missing_ids = vec!["row-7".into()];
+    w.predictions = 9;
+    s.update_state(&id("d1"), &mut |st| {
+        st.windows.insert("claims".into(), (4, (*w).clone()));
+    })?;
+    let mut full = s.states_named(&asked)?;
+    let mut brief = s.brief_states_named(&asked)?;
+    full.sort_by(|a, b| a.0.cmp(&b.0));
+    brief.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(full[0].1.windows["claims"].1.features.len(), 1);
+    let stripped: Vec<_> = full.into_iter().map(|(d, st)| (d, st.brief())).collect();
+    assert_eq!(brief, stripped);
+    let kept = &brief[0].1.windows["claims"].1;
+    assert!(kept.features.is_empty() && kept.prediction.is_none());
+    assert_eq!((kept.predictions, brief[0].1.stored), (9, 1));
+    assert!(s.brief_states_named(&[id("nobody")])?.is_empty());
     Ok(())
 }
 

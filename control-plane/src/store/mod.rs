@@ -272,6 +272,20 @@ pub trait FleetStore: Send + Sync {
         }
         Ok(out)
     }
+    /// [`FleetStore::states_named`] as a rollout reads them: each state
+    /// [`DeviceState::brief`], decoded without the skipped figures where the store keeps
+    /// encoded states (the engine and the status view read every target's state at each
+    /// step).
+    fn brief_states_named(
+        &self,
+        ids: &[DeviceId],
+    ) -> Result<Vec<(DeviceId, DeviceState)>, StoreError> {
+        Ok(self
+            .states_named(ids)?
+            .into_iter()
+            .map(|(id, s)| (id, s.brief()))
+            .collect())
+    }
     /// Removes all but the newest `keep` messages of `device` (by sequence number);
     /// returns how many it removed. The highest sequence number stored stays known, so
     /// gaps and restarts are still told apart afterwards.
@@ -346,6 +360,12 @@ impl<T: FleetStore + ?Sized> FleetStore for std::sync::Arc<T> {
     }
     fn states_named(&self, ids: &[DeviceId]) -> Result<Vec<(DeviceId, DeviceState)>, StoreError> {
         (**self).states_named(ids)
+    }
+    fn brief_states_named(
+        &self,
+        ids: &[DeviceId],
+    ) -> Result<Vec<(DeviceId, DeviceState)>, StoreError> {
+        (**self).brief_states_named(ids)
     }
     fn store_message(
         &self,

@@ -33,7 +33,7 @@ use super::{
 use crate::assign::AssignmentRecord;
 use crate::jobs::spec::Job;
 use crate::records::{
-    AlertRecord, AuditEntry, CaptureRecord, DatasetManifest, DeviceRecord, DeviceState,
+    AlertRecord, AuditEntry, Brief, CaptureRecord, DatasetManifest, DeviceRecord, DeviceState,
     ModelRecord, Policy, PolicyState, Silence, TokenRecord,
 };
 use crate::rollout::Rollout;
@@ -48,6 +48,8 @@ const MIGRATION_LOCK: i64 = 0x666c_6565_746d_6c01;
 const AUDIT_LOCK: i64 = 0x666c_6565_746d_6c02;
 /// Connections a control plane opens to PostgreSQL at most.
 const POOL_SIZE: u32 = 8;
+/// The stored states of the devices named in `$1`.
+const STATES_NAMED: &str = "SELECT device, state FROM device_state WHERE device = ANY($1)";
 
 /// The newest schema version this binary knows.
 pub fn schema_version() -> u32 {
@@ -394,6 +396,26 @@ impl PgStore {
         Ok((new, u64::try_from(before).ok()))
     }
 
+    /// The highest sequence number and the state of each of `devices` that has both,
+    /// read and locked in one statement: in device order, each device's mark before its
+    /// state (the order every writer locks them in).
+    fn lock_high_and_state(
+        t: &mut Transaction<'_>,
+        devices: &[&str],
+    ) -> Result<std::collections::HashMap<String, (i64, DeviceState)>, StoreError> {
+        let mut rows = std::collections::HashMap::with_capacity(devices.len());
+        for r in t.query(
+            "SELECT h.device, h.high, s.state FROM device_high h JOIN device_state s ON s.device = h.device \
+             WHERE h.device = ANY($1) AND s.device = ANY($1) ORDER BY h.device FOR UPDATE",
+            &[&devices],
+        )? {
+            let device: String = r.get(0);
+            let state: DeviceState = cbor(&format!("the state of {device}"), r.get(2))?;
+            rows.insert(device, (r.get(1), state));
+        }
+        Ok(rows)
+    }
+
     /// [`FleetStore::update_state`] in transaction `t` (`fresh`: a new state, encoded).
     fn change_state_in(
         t: &mut Transaction<'_>,
@@ -555,11 +577,12 @@ impl FleetStore for PgStore {
         })
     }
 
-    /// One transaction for the batch, its statements over whole arrays: each device's
-    /// highest sequence number and state read and locked once (in device order, as
-    /// every writer locks them), the messages inserted in one statement that returns
-    /// which were new, the changes applied in memory in batch order, and each
-    /// device's highest and state written back once.
+    /// One transaction for the batch, three statements over whole arrays: each
+    /// device's highest sequence number and state read and locked once (one join, in
+    /// device order, as every writer locks them; a device without its rows yet gets
+    /// them first, two statements more), the messages inserted in one statement that
+    /// returns which were new, the changes applied in memory in batch order, and each
+    /// device's highest and state written back in one statement.
     fn store_messages(
         &self,
         envelopes: &[Envelope],
@@ -587,32 +610,23 @@ impl FleetStore for PgStore {
         }
         let fresh = serde_cbor::to_vec(&DeviceState::default())?;
         self.tx(|t| {
-            t.execute(
-                "INSERT INTO device_high (device, high) SELECT d, -1 FROM unnest($1::text[]) AS d \
-                 ON CONFLICT (device) DO NOTHING",
-                &[&devices],
-            )?;
-            let mut high: std::collections::HashMap<String, i64> = t
-                .query(
-                    "SELECT device, high FROM device_high WHERE device = ANY($1) ORDER BY device FOR UPDATE",
-                    &[&devices],
-                )?
-                .into_iter()
-                .map(|r| (r.get(0), r.get(1)))
-                .collect();
-            t.execute(
-                "INSERT INTO device_state (device, state) SELECT d, $2 FROM unnest($1::text[]) AS d \
-                 ON CONFLICT (device) DO NOTHING",
-                &[&devices, &fresh],
-            )?;
-            let mut states = std::collections::HashMap::with_capacity(devices.len());
-            for r in t.query(
-                "SELECT device, state FROM device_state WHERE device = ANY($1) ORDER BY device FOR UPDATE",
-                &[&devices],
-            )? {
-                let device: String = r.get(0);
-                let state: DeviceState = cbor(&format!("the state of {device}"), r.get(1))?;
-                states.insert(device, state);
+            let mut rows = Self::lock_high_and_state(t, &devices)?;
+            if rows.len() < devices.len() {
+                // A device's first message (or one whose state or mark is not there
+                // yet): its rows are made, then read and locked like the others.
+                let missing: Vec<&str> = devices
+                    .iter()
+                    .copied()
+                    .filter(|d| !rows.contains_key(*d))
+                    .collect();
+                t.execute(
+                    "WITH h AS (INSERT INTO device_high (device, high) \
+                     SELECT d, -1 FROM unnest($1::text[]) AS d ON CONFLICT (device) DO NOTHING) \
+                     INSERT INTO device_state (device, state) SELECT d, $2 FROM unnest($1::text[]) AS d \
+                     ON CONFLICT (device) DO NOTHING",
+                    &[&missing, &fresh],
+                )?;
+                rows.extend(Self::lock_high_and_state(t, &missing)?);
             }
             // A (device, seq) twice in the batch is inserted once: the first is new.
             let mut inserted: std::collections::HashSet<(String, i64)> = t
@@ -630,33 +644,26 @@ impl FleetStore for PgStore {
             for (i, (e, &seq)) in envelopes.iter().zip(&seqs).enumerate() {
                 let device = e.device.as_str();
                 let new = inserted.remove(&(device.to_string(), seq));
-                let h = high.get_mut(device).ok_or_else(|| {
-                    StoreError::corrupt("device_high", format!("no row for {device}"))
+                let (h, st) = rows.get_mut(device).ok_or_else(|| {
+                    StoreError::corrupt("device_state", format!("no row for {device}"))
                 })?;
                 let before = u64::try_from(*h).ok();
                 *h = (*h).max(seq);
-                let st = states.get_mut(device).ok_or_else(|| {
-                    StoreError::corrupt("device_state", format!("no row for {device}"))
-                })?;
                 change(i, st, new, before);
                 out.push((new, before));
             }
-            let (mut names, mut highs) = (Vec::new(), Vec::new());
-            for (d, h) in &high {
+            let (mut names, mut highs, mut states) = (Vec::new(), Vec::new(), Vec::new());
+            for (d, (h, st)) in &rows {
                 names.push(d.as_str());
                 highs.push(*h);
+                states.push(serde_cbor::to_vec(st)?);
             }
             t.execute(
-                "UPDATE device_high SET high = n.high FROM unnest($1::text[], $2::bigint[]) AS n(device, high) \
-                 WHERE device_high.device = n.device",
-                &[&names, &highs],
-            )?;
-            Self::write_encoded(
-                t,
-                "device_state",
-                "device",
-                "state",
-                states.iter().map(|(d, st)| (d.as_str(), st)),
+                "WITH h AS (UPDATE device_high SET high = n.high \
+                 FROM unnest($1::text[], $2::bigint[]) AS n(device, high) WHERE device_high.device = n.device) \
+                 UPDATE device_state SET state = n.state \
+                 FROM unnest($1::text[], $3::bytea[]) AS n(device, state) WHERE device_state.device = n.device",
+                &[&names, &highs, &states],
             )?;
             Ok(out)
         })
@@ -673,11 +680,15 @@ impl FleetStore for PgStore {
     }
 
     fn states_named(&self, ids: &[DeviceId]) -> Result<Vec<(DeviceId, DeviceState)>, StoreError> {
-        self.named(
-            "SELECT device, state FROM device_state WHERE device = ANY($1)",
-            ids,
-            "the state of",
-        )
+        self.named(STATES_NAMED, ids, "the state of")
+    }
+
+    fn brief_states_named(
+        &self,
+        ids: &[DeviceId],
+    ) -> Result<Vec<(DeviceId, DeviceState)>, StoreError> {
+        let brief: Vec<(DeviceId, Brief)> = self.named(STATES_NAMED, ids, "the state of")?;
+        Ok(brief.into_iter().map(|(id, Brief(s))| (id, s)).collect())
     }
 
     fn messages(
@@ -1465,8 +1476,48 @@ mod tests {
         assert!(ours >= 2, "the test needs a previous version to start from");
 
         let url = pg.create_database("empty");
-        PgStore::open(&url).expect("an empty database is migrated");
+        let store = PgStore::open(&url).expect("an empty database is migrated");
         assert_eq!(applied(&url), (1..=ours).collect::<Vec<_>>());
+        // Migration 6: what the ingest rewrites is compressed with lz4 (the server the
+        // tests start has it), a state written now included.
+        let mut c = Client::connect(&url, NoTls).expect("connect");
+        let methods: Vec<(String, String)> = c
+            .query(
+                "SELECT attrelid::regclass::text || '.' || attname, attcompression::text \
+                 FROM pg_attribute WHERE (attrelid::regclass::text, attname) IN \
+                 (('device_state', 'state'), ('messages', 'envelope'), ('rollouts', 'record')) \
+                 ORDER BY 1",
+                &[],
+            )
+            .expect("the columns' compression")
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let lz4 = |col: &str| (col.to_string(), "l".to_string());
+        assert_eq!(
+            methods,
+            [
+                lz4("device_state.state"),
+                lz4("messages.envelope"),
+                lz4("rollouts.record")
+            ]
+        );
+        let d1 = DeviceId::new("d1").expect("id");
+        store
+            .update_state(&d1, &mut |st| {
+                st.alerts
+                    .insert("m".into(), (0..400).map(|i| format!("f{i}")).collect());
+            })
+            .expect("a state big enough to compress");
+        let method: Option<String> = c
+            .query_one(
+                "SELECT pg_column_compression(state) FROM device_state WHERE device = 'd1'",
+                &[],
+            )
+            .expect("its compression")
+            .get(0);
+        assert_eq!(method.as_deref(), Some("lz4"));
+        drop(store);
         PgStore::open(&url).expect("reopening applies nothing more");
         assert_eq!(applied(&url), (1..=ours).collect::<Vec<_>>());
 

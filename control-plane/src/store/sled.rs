@@ -13,7 +13,7 @@ use super::{decode_assignment, stage};
 use crate::assign::{AssignmentRecord, point};
 use crate::jobs::spec::Job;
 use crate::records::{
-    AlertRecord, AuditEntry, CaptureRecord, DatasetManifest, DeviceRecord, DeviceState,
+    AlertRecord, AuditEntry, Brief, CaptureRecord, DatasetManifest, DeviceRecord, DeviceState,
     ModelRecord, Policy, PolicyState, Silence, TokenRecord,
 };
 use crate::rollout::Rollout;
@@ -373,6 +373,20 @@ impl FleetStore for SledStore {
             Some(v) => Ok(Some(serde_cbor::from_slice(&v)?)),
             None => Ok(None),
         }
+    }
+
+    fn brief_states_named(
+        &self,
+        ids: &[DeviceId],
+    ) -> Result<Vec<(DeviceId, DeviceState)>, StoreError> {
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(v) = self.state.get(id.as_str())? {
+                let Brief(state) = serde_cbor::from_slice(&v)?;
+                out.push((id.clone(), state));
+            }
+        }
+        Ok(out)
     }
 
     /// One multi-tree transaction for the whole batch (messages, their meta records,
