@@ -372,13 +372,9 @@ impl PgStore {
     ) -> Result<(bool, Option<u64>), StoreError> {
         let device = envelope.device.as_str();
         let (kind, model) = kind_and_model(envelope);
-        let new = t.execute(
-            "INSERT INTO messages (device, seq, envelope, kind, model, stored_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (device, seq) DO NOTHING",
-            &[&device, &seq, &bytes, &kind, &model, &now],
-        )? == 1;
-        // The row exists (and is locked) before it is read, so concurrent inserts for
-        // one device see each other's highest.
+        // The mark is locked before the message is inserted, as the ingest's batches
+        // lock it; the row exists (and is locked) before it is read, so concurrent
+        // inserts for one device see each other's highest.
         t.execute(
             "INSERT INTO device_high (device, high) VALUES ($1, -1) ON CONFLICT (device) DO NOTHING",
             &[&device],
@@ -389,6 +385,11 @@ impl PgStore {
                 &[&device],
             )?
             .get(0);
+        let new = t.execute(
+            "INSERT INTO messages (device, seq, envelope, kind, model, stored_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (device, seq) DO NOTHING",
+            &[&device, &seq, &bytes, &kind, &model, &now],
+        )? == 1;
         t.execute(
             "UPDATE device_high SET high = GREATEST(high, $2) WHERE device = $1",
             &[&device, &seq],
@@ -564,17 +565,15 @@ impl FleetStore for PgStore {
         now_ms: u64,
         change: &mut (dyn FnMut(&mut DeviceState, bool, Option<u64>) + Send),
     ) -> Result<(bool, Option<u64>), StoreError> {
-        let bytes = serde_cbor::to_vec(envelope)?;
-        let seq = big(envelope.seq, "sequence number")?;
-        let now = big(now_ms, "the time")?;
-        let fresh = serde_cbor::to_vec(&DeviceState::default())?;
-        self.tx(|t| {
-            let (new, before) = Self::insert_in(t, envelope, seq, &bytes, now)?;
-            Self::change_state_in(t, &envelope.device, &fresh, &mut |st| {
-                change(st, new, before)
-            })?;
-            Ok((new, before))
-        })
+        // The batch's transaction with one message: one path, and one lock order, for a
+        // message and the state it changes.
+        self.store_messages(
+            std::slice::from_ref(envelope),
+            now_ms,
+            &mut |_, st, new, before| change(st, new, before),
+        )?
+        .pop()
+        .ok_or_else(|| StoreError::corrupt("messages", "a batch of one stored nothing"))
     }
 
     /// One transaction for the batch, four statements over whole arrays: the rows of
