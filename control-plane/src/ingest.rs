@@ -399,21 +399,26 @@ mod tests {
         })
     }
 
-    /// An ingest on a memory store with device `pi-1` enrolled, and its secret.
-    fn one_device() -> OneDevice {
-        let store = Arc::new(crate::store::memory::MemoryStore::new());
-        let id = DeviceId::new("pi-1").expect("id");
-        let secret = vec![7u8; telemetry::SECRET_LEN];
+    /// Enrolls `id` with `secret` in `store`.
+    fn enroll(store: &dyn FleetStore, id: &DeviceId, secret: &[u8]) {
         store
             .enroll(&crate::records::DeviceRecord {
                 id: id.clone(),
                 board: None,
                 tags: Default::default(),
-                secret: secret.clone(),
+                secret: secret.to_vec(),
                 enrolled_ms: 0,
                 revoked_ms: None,
             })
             .expect("enrolled");
+    }
+
+    /// An ingest on a memory store with device `pi-1` enrolled, and its secret.
+    fn one_device() -> OneDevice {
+        let store = Arc::new(crate::store::memory::MemoryStore::new());
+        let id = DeviceId::new("pi-1").expect("id");
+        let secret = vec![7u8; telemetry::SECRET_LEN];
+        enroll(&*store, &id, &secret);
         let ingest = Ingest::new(store.clone() as Arc<dyn FleetStore>);
         (store, ingest, id, secret)
     }
@@ -456,6 +461,127 @@ mod tests {
             Outcome::Stored { .. }
         ));
         assert_eq!(send(5, status(false, None)), Outcome::Offline);
+    }
+
+    /// A batch with many messages of each device (the ingest takes up to thousands at a
+    /// time, several per device under load) leaves the same states and outcomes as the
+    /// same messages handled one at a time: duplicates within the batch, a gap, a last
+    /// will between a device's messages and an unknown device included. On memory and
+    /// on sled (whose batch reads and writes each device's state once).
+    #[test]
+    fn a_batch_with_many_messages_per_device_equals_them_one_at_a_time() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        // (name, the store the batch goes to, the store the messages go to one by one)
+        type Pair = (&'static str, Arc<dyn FleetStore>, Arc<dyn FleetStore>);
+        let stores: Vec<Pair> = vec![
+            (
+                "memory",
+                Arc::new(crate::store::memory::MemoryStore::new()),
+                Arc::new(crate::store::memory::MemoryStore::new()),
+            ),
+            (
+                "sled",
+                Arc::new(crate::store::sled::SledStore::open(&dir.path().join("a")).expect("a")),
+                Arc::new(crate::store::sled::SledStore::open(&dir.path().join("b")).expect("b")),
+            ),
+        ];
+        let devices: Vec<(DeviceId, Vec<u8>)> = (0..3u8)
+            .map(|i| {
+                let id = DeviceId::new(&format!("pi-{i}")).expect("id");
+                (id, vec![i + 1; telemetry::SECRET_LEN])
+            })
+            .collect();
+        let event = |kind| {
+            Body::Event(telemetry::Event {
+                kind,
+                model: "m".into(),
+                version: 1,
+                detail: String::new(),
+            })
+        };
+        let mut messages: Vec<(String, Vec<u8>)> = Vec::new();
+        for round in 0..6u64 {
+            for (d, (id, secret)) in devices.iter().enumerate() {
+                // Device 1 skips seq 2 (a gap); device 2's will comes after its seq 3.
+                if d == 1 && round == 2 {
+                    continue;
+                }
+                let body = match round % 3 {
+                    0 => status(true, Some(0)),
+                    1 => event(telemetry::Lifecycle::Downloading),
+                    _ => event(telemetry::Lifecycle::Downloaded),
+                };
+                messages.push(telemetry::seal(id, 100 + round, 0, body, secret));
+                if d == 2 && round == 3 {
+                    messages.push(telemetry::seal(id, 90, 0, status(false, Some(0)), secret));
+                }
+            }
+            // A device re-publishes what it has no receipt for.
+            if round == 4 {
+                let (id, secret) = &devices[0];
+                messages.push(telemetry::seal(
+                    id,
+                    101,
+                    0,
+                    event(telemetry::Lifecycle::Downloading),
+                    secret,
+                ));
+            }
+        }
+        let stranger = DeviceId::new("stranger").expect("id");
+        messages.push(telemetry::seal(
+            &stranger,
+            1,
+            0,
+            status(true, None),
+            &[9; telemetry::SECRET_LEN],
+        ));
+
+        for (name, batched, single) in stores {
+            for store in [&batched, &single] {
+                for (id, secret) in &devices {
+                    enroll(&**store, id, secret);
+                }
+            }
+            let batch: Vec<(&str, &[u8])> = messages
+                .iter()
+                .map(|(t, b)| (t.as_str(), b.as_slice()))
+                .collect();
+            let together = Ingest::new(batched.clone())
+                .handle_batch(&batch, 7)
+                .expect("batch");
+            let one_by_one = Ingest::new(single.clone());
+            let alone: Vec<Outcome> = batch
+                .iter()
+                .map(|(t, b)| one_by_one.handle(t, b, 7).expect("one"))
+                .collect();
+            assert_eq!(together, alone, "{name}: outcomes");
+            assert!(together.contains(&Outcome::Duplicate), "{name}");
+            assert!(together.contains(&Outcome::Offline), "{name}");
+            assert!(
+                together.contains(&Outcome::Stored {
+                    gap: Some((102, 102))
+                }),
+                "{name}"
+            );
+            assert!(
+                together.iter().any(|o| matches!(o, Outcome::Refused(_))),
+                "{name}"
+            );
+            for (id, _) in &devices {
+                let state = |s: &Arc<dyn FleetStore>| s.state(id).expect("state").expect("some");
+                assert_eq!(state(&batched), state(&single), "{name}: {id}");
+            }
+            assert_eq!(
+                batched
+                    .state(&devices[1].0)
+                    .expect("state")
+                    .expect("some")
+                    .gaps,
+                1,
+                "{name}"
+            );
+        }
     }
 
     /// A device whose data directory was wiped starts a new outbox at a higher base: its

@@ -25,15 +25,27 @@ use crate::plane::{Plane, now_ms, reconnect_wait};
 /// Storing pipelines (PostgreSQL: its transactions wait on the server and on WAL
 /// flushes, so several in flight store more).
 pub const LANES: usize = 4;
-/// Messages stored in one batch, at most.
-const BATCH: usize = 256;
+/// Messages stored in one batch, at most. Under load a lane's batch then holds several
+/// messages of each of its devices, and each device's state is read, decoded, encoded
+/// and written once per batch rather than once per message (1,000 devices at 10 msg/s
+/// each through mosquitto, sled: 256 per batch stored 5,800–6,300 msg/s and let the
+/// backlog grow to 3 GiB; 2,048 stores about 9,300, what the devices sent). Under light
+/// load a batch is whatever has arrived: nothing waits for it to fill.
+const BATCH: usize = 2048;
+/// Devices in one batch, at most: the batch holds each device's mark and decoded state
+/// too, and with one message per device a larger batch gains nothing (10,000 devices,
+/// sled: batches of 2,048 devices made rollouts 2–8 s slower and the peak 70–370 MiB
+/// higher than 256). Messages of further devices wait for the next batch rather than
+/// end this one, or a lane with a few more devices than this would store batches of
+/// one message per device again.
+const BATCH_DEVICES: usize = 256;
 
 /// The lane, of `lanes`, of the message on `topic`: by its device id, the third level
 /// (`fleetml/v1/DEVICE/CHANNEL`); a topic without one (it is refused) goes by its whole
 /// text.
 pub fn lane_of(topic: &str, lanes: usize) -> usize {
     use std::hash::{Hash, Hasher};
-    let device = topic.split('/').nth(2).unwrap_or(topic);
+    let device = device_of(topic);
     let mut h = std::collections::hash_map::DefaultHasher::new();
     device.hash(&mut h);
     (h.finish() % lanes.max(1) as u64) as usize
@@ -209,9 +221,8 @@ async fn store_lane(
     order: Arc<Mutex<AckOrder>>,
     wake: Arc<Notify>,
 ) {
-    let mut batch = Vec::with_capacity(BATCH);
-    while rx.recv_many(&mut batch, BATCH).await > 0 {
-        let mut publishes = std::mem::take(&mut batch);
+    let mut held = VecDeque::new();
+    while let Some(mut publishes) = next_batch(rx, &mut held).await {
         metrics::gauge!("fleetml_control_ingest_pending").decrement(publishes.len() as f64);
         let numbers: Vec<u64> = publishes.iter().map(|(n, _)| *n).collect();
         let mut failures = 0u32;
@@ -257,8 +268,47 @@ async fn store_lane(
                 }
             }
         }
-        batch.clear();
     }
+}
+
+/// The next batch: the messages `held` from earlier calls, then what has arrived on
+/// `rx`, up to [`BATCH`] messages from at most [`BATCH_DEVICES`] devices; waits only
+/// when there is nothing at all. The messages of devices beyond that many are held, in
+/// order, for the next batch (at most [`BATCH`] of them), so each device's messages
+/// keep their order. `None` once `rx` is closed and nothing is held.
+async fn next_batch(
+    rx: &mut mpsc::UnboundedReceiver<(u64, Publish)>,
+    held: &mut VecDeque<(u64, Publish)>,
+) -> Option<Vec<(u64, Publish)>> {
+    if held.is_empty() {
+        held.push_back(rx.recv().await?);
+    }
+    let mut devices = std::collections::HashSet::new();
+    let mut batch = Vec::new();
+    let mut later = VecDeque::new();
+    while batch.len() < BATCH && later.len() < BATCH {
+        let Some(m) = held.pop_front().or_else(|| rx.try_recv().ok()) else {
+            break;
+        };
+        let device = device_of(&m.1.topic);
+        if devices.contains(device) {
+            batch.push(m);
+        } else if devices.len() < BATCH_DEVICES {
+            devices.insert(device.to_owned());
+            batch.push(m);
+        } else {
+            later.push_back(m);
+        }
+    }
+    // What was put aside arrived before what is still held.
+    later.append(held);
+    *held = later;
+    Some(batch)
+}
+
+/// The device a topic names (`fleetml/v1/DEVICE/CHANNEL`), or the whole topic.
+fn device_of(topic: &str) -> &str {
+    topic.split('/').nth(2).unwrap_or(topic)
 }
 
 fn mark_stored(order: &Mutex<AckOrder>, wake: &Notify, numbers: &[u64]) {
@@ -317,6 +367,66 @@ mod tests {
         order.stored(new);
         assert_eq!(order.ready().len(), 1);
         assert_eq!(order.len(), 0);
+    }
+
+    /// A batch takes what has arrived, up to BATCH messages from at most BATCH_DEVICES
+    /// devices; the messages of devices beyond that wait for the next batch while those
+    /// of devices in it go on; nothing is lost or doubled, and each device's messages
+    /// keep their order.
+    #[tokio::test]
+    async fn batches_are_bounded_by_messages_and_by_devices() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut n = 0u64;
+        let mut send = |device: usize| {
+            let topic = format!("fleetml/v1/d-{device}/telemetry");
+            tx.send((n, Publish::new(topic, QoS::AtLeastOnce, vec![0u8])))
+                .expect("open");
+            n += 1;
+        };
+        // Many messages of few devices: bounded by messages.
+        for i in 0..BATCH + 10 {
+            send(i % 3);
+        }
+        // Then three rounds over more devices than a batch holds.
+        let many = BATCH_DEVICES + 44;
+        for _ in 0..3 {
+            for d in 0..many {
+                send(100 + d);
+            }
+        }
+        drop(tx);
+        let mut held = VecDeque::new();
+        let mut batches = Vec::new();
+        while let Some(b) = next_batch(&mut rx, &mut held).await {
+            batches.push(b);
+        }
+        let devices = |b: &[(u64, Publish)]| {
+            b.iter()
+                .map(|(_, p)| device_of(&p.topic).to_owned())
+                .collect::<std::collections::HashSet<_>>()
+                .len()
+        };
+        let sizes: Vec<(usize, usize)> = batches.iter().map(|b| (b.len(), devices(b))).collect();
+        let rest = many - (BATCH_DEVICES - 3);
+        assert_eq!(
+            sizes,
+            [
+                (BATCH, 3),
+                (10 + 3 * (BATCH_DEVICES - 3), BATCH_DEVICES),
+                (3 * rest, rest)
+            ]
+        );
+        let mut all: Vec<u64> = batches.iter().flatten().map(|(n, _)| *n).collect();
+        let mut per_device: std::collections::HashMap<String, Vec<u64>> = Default::default();
+        for (n, p) in batches.iter().flatten() {
+            per_device
+                .entry(device_of(&p.topic).to_owned())
+                .or_default()
+                .push(*n);
+        }
+        assert!(per_device.values().all(|ns| ns.is_sorted()), "in order");
+        all.sort_unstable();
+        assert_eq!(all, (0..n).collect::<Vec<_>>(), "each once");
     }
 
     #[test]

@@ -366,6 +366,35 @@ pub(super) fn states_and_assignments_are_read_for_many_devices(
     assert!(kept.features.is_empty() && kept.prediction.is_none());
     assert_eq!((kept.predictions, brief[0].1.stored), (9, 1));
     assert!(s.brief_states_named(&[id("nobody")])?.is_empty());
+    // A store may keep what it read brief: every way a state is written shows at the
+    // next read, and a device whose first state came after a read shows too.
+    let stored_brief = |d: &str| -> Result<Option<u64>, StoreError> {
+        Ok(s.brief_states_named(&[id(d)])?
+            .pop()
+            .map(|(_, st)| st.stored))
+    };
+    assert_eq!(stored_brief("d5")?, None);
+    s.update_state(&id("d1"), &mut |st| st.stored = 40)?;
+    assert_eq!(stored_brief("d1")?, Some(40));
+    assert_eq!(stored_brief("d1")?, Some(40), "read again, unchanged");
+    s.store_messages(
+        &[message("d1", 70), message("d5", 1)],
+        NOW,
+        &mut |_, st, _, _| st.stored += 1,
+    )?;
+    assert_eq!(stored_brief("d1")?, Some(41));
+    assert_eq!(stored_brief("d5")?, Some(1));
+    s.store_message(&message("d1", 71), NOW, &mut |st, _, _| st.stored = 50)?;
+    let mut all = s.brief_states_named(&[id("d5"), id("d1"), id("d3")])?;
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    let stored: Vec<(String, u64)> = all
+        .into_iter()
+        .map(|(d, st)| (d.to_string(), st.stored))
+        .collect();
+    assert_eq!(
+        stored,
+        [("d1".into(), 50), ("d3".into(), 3), ("d5".into(), 1)]
+    );
     Ok(())
 }
 

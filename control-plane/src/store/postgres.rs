@@ -1458,6 +1458,37 @@ mod tests {
         .collect()
     }
 
+    /// Two replicas on one database: brief reads on one see what the other wrote, by
+    /// either way of writing a state (a replica that kept what it read would fail this).
+    #[test]
+    fn brief_reads_see_another_replicas_writes() {
+        let pg = fleetml_testkit::Postgres::start();
+        let url = pg.create_database("replicas");
+        let (a, b) = (
+            PgStore::open(&url).expect("a"),
+            PgStore::open(&url).expect("b"),
+        );
+        let d1 = DeviceId::new("d1").expect("id");
+        let stored = |s: &PgStore| {
+            s.brief_states_named(std::slice::from_ref(&d1))
+                .expect("brief")
+                .pop()
+                .map(|(_, st)| st.stored)
+        };
+        b.update_state(&d1, &mut |st| st.stored = 1)
+            .expect("b writes");
+        assert_eq!(stored(&a), Some(1));
+        b.update_state(&d1, &mut |st| st.stored = 2)
+            .expect("b writes");
+        assert_eq!(stored(&a), Some(2), "a reads what b changed");
+        b.store_messages(&[message(5)], 1, &mut |_, st, _, _| st.stored = 3)
+            .expect("b stores");
+        assert_eq!((stored(&a), stored(&b)), (Some(3), Some(3)));
+        a.update_state(&d1, &mut |st| st.stored = 4)
+            .expect("a writes");
+        assert_eq!((stored(&a), stored(&b)), (Some(4), Some(4)));
+    }
+
     /// An empty database gets every migration; a database one version behind (data
     /// written in the old schema) is brought forward with its data; a database whose
     /// schema is newer than the binary is refused by name, and left as it was; replicas
