@@ -300,7 +300,9 @@ async fn next_batch(
             later.push_back(m);
         }
     }
-    // What was put aside arrived before what is still held.
+    // What was put aside arrived before anything still held. (Nothing is: what is held
+    // at the start is at most BATCH, and the loop takes at least that many before it
+    // stops for a full batch or a full `later`. Appending keeps the order regardless.)
     later.append(held);
     *held = later;
     Some(batch)
@@ -427,6 +429,59 @@ mod tests {
         assert!(per_device.values().all(|ns| ns.is_sorted()), "in order");
         all.sort_unstable();
         assert_eq!(all, (0..n).collect::<Vec<_>>(), "each once");
+    }
+
+    /// At most BATCH messages are put aside, the rest stay in the channel; a call with
+    /// messages held does not wait on the channel (its sender still open).
+    #[tokio::test]
+    async fn what_is_put_aside_is_bounded_and_comes_first() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let total = BATCH_DEVICES + BATCH + 5;
+        for n in 0..total as u64 {
+            let topic = format!("fleetml/v1/d-{n}/telemetry");
+            tx.send((n, Publish::new(topic, QoS::AtLeastOnce, vec![0u8])))
+                .expect("open");
+        }
+        let mut held = VecDeque::new();
+        async fn next(
+            rx: &mut mpsc::UnboundedReceiver<(u64, Publish)>,
+            held: &mut VecDeque<(u64, Publish)>,
+        ) -> Vec<u64> {
+            let wait = std::time::Duration::from_secs(5);
+            tokio::time::timeout(wait, next_batch(rx, held))
+                .await
+                .expect("no wait while messages are held")
+                .expect("a batch")
+                .into_iter()
+                .map(|(n, _)| n)
+                .collect()
+        }
+        let first = next(&mut rx, &mut held).await;
+        assert_eq!(first, (0..BATCH_DEVICES as u64).collect::<Vec<_>>());
+        assert_eq!(
+            held.len(),
+            BATCH,
+            "put aside: BATCH, the rest left in the channel"
+        );
+        let second = next(&mut rx, &mut held).await;
+        let third = next(&mut rx, &mut held).await;
+        assert_eq!(
+            [first.len(), second.len(), third.len()],
+            [BATCH_DEVICES; 3],
+            "one message of each of 256 devices"
+        );
+        assert!(held.len() <= BATCH);
+        let mut all = [first, second, third].concat();
+        while all.len() < total {
+            all.extend(next(&mut rx, &mut held).await);
+            assert!(held.len() <= BATCH);
+        }
+        assert_eq!(
+            all,
+            (0..total as u64).collect::<Vec<_>>(),
+            "in arrival order"
+        );
+        drop(tx);
     }
 
     #[test]
