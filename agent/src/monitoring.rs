@@ -278,7 +278,7 @@ impl Comparison {
 
     /// The window's report, closing the shadow monitor's window at `now`; the counts
     /// start again.
-    fn take(&self, now: u64) -> telemetry::ShadowReport {
+    pub(crate) fn take(&self, now: u64) -> telemetry::ShadowReport {
         let mut c = std::mem::take(&mut *self.counts());
         c.latencies_us.sort_unstable();
         let q = |p: f64| -> Option<u64> {

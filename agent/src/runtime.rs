@@ -18,6 +18,12 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn provider(&self) -> Option<(Provider, String)> {
         None
     }
+    /// Does, untimed, the one-off work running inputs of these shapes needs (tract
+    /// optimizes a plan per input shape on its first run); nothing for backends without
+    /// such work. A timed run that follows measures the run alone.
+    fn prepare(&self, _inputs: &[Tensor]) -> Result<(), RuntimeError> {
+        Ok(())
+    }
     /// Runs the model on `inputs`, in the model's input order.
     fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, RuntimeError>;
 }
@@ -25,6 +31,10 @@ pub trait Backend: Send + Sync + fmt::Debug {
 impl Backend for CpuModel {
     fn kind(&self) -> Kind {
         Kind::Cpu
+    }
+
+    fn prepare(&self, inputs: &[Tensor]) -> Result<(), RuntimeError> {
+        CpuModel::prepare(self, inputs)
     }
 
     fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, RuntimeError> {
