@@ -181,13 +181,19 @@ async fn consumer(
 ) -> anyhow::Result<consumer::PullConsumer> {
     let js = jetstream::new(client.clone());
     // As many copies as the cluster has nodes, up to 3: JetStream refuses more
-    // replicas than it has nodes, so the first count it accepts is the one.
+    // replicas than it has nodes, so the first count it accepts is the one. Only that
+    // refusal steps down: any other failure (a cluster still electing its leader, a
+    // timed-out request) is returned, and the caller tries again from 3, so that a
+    // slow start never leaves a three-node cluster with fewer copies.
     let counts = match replicas {
         Some(n) => vec![n],
         None => vec![3, 2, 1],
     };
     let mut made = None;
     for n in counts {
+        if matches!(&made, Some(Err((_, false)))) {
+            break;
+        }
         let created = js
             .get_or_create_stream(stream::Config {
                 name: STREAM.into(),
@@ -208,12 +214,15 @@ async fn consumer(
                 made = Some(Ok(s));
                 break;
             }
-            Err(e) => made = Some(Err(anyhow::anyhow!("{e}"))),
+            Err(e) => {
+                let fewer = too_few_nodes(&e);
+                made = Some(Err((anyhow::anyhow!("{e} ({n} replicas)"), fewer)));
+            }
         }
     }
     let mut stream = match made {
         Some(Ok(s)) => s,
-        Some(Err(e)) => {
+        Some(Err((e, _))) => {
             return Err(e.context(format!("creating the JetStream stream {STREAM}")));
         }
         None => anyhow::bail!("--ingest-queue-replicas: no replica count to try"),
@@ -240,6 +249,19 @@ async fn consumer(
         )
         .await
         .with_context(|| format!("creating the JetStream consumer {CONSUMER}"))
+}
+
+/// Whether JetStream refused a stream because the cluster has fewer nodes than the
+/// replicas asked for (a single server refuses any replicas beyond one).
+fn too_few_nodes(e: &jetstream::context::CreateStreamError) -> bool {
+    use jetstream::ErrorCode;
+    match e.kind() {
+        jetstream::context::CreateStreamErrorKind::JetStream(j) => matches!(
+            j.error_code(),
+            ErrorCode::INSUFFICIENT_RESOURCES | ErrorCode::STREAM_REPLICAS_NOT_SUPPORTED
+        ),
+        _ => false,
+    }
 }
 
 /// Pulls, stores and acknowledges until the connection or the stream fails.
