@@ -31,14 +31,14 @@ pub const LANES: usize = 4;
 /// each through mosquitto, sled: 256 per batch stored 5,800–6,300 msg/s and let the
 /// backlog grow to 3 GiB; 2,048 stores about 9,300, what the devices sent). Under light
 /// load a batch is whatever has arrived: nothing waits for it to fill.
-const BATCH: usize = 2048;
+pub(crate) const BATCH: usize = 2048;
 /// Devices in one batch, at most: the batch holds each device's mark and decoded state
 /// too, and with one message per device a larger batch gains nothing (10,000 devices,
 /// sled: batches of 2,048 devices made rollouts 2–8 s slower and the peak 70–370 MiB
 /// higher than 256). Messages of further devices wait for the next batch rather than
 /// end this one, or a lane with a few more devices than this would store batches of
 /// one message per device again.
-const BATCH_DEVICES: usize = 256;
+pub(crate) const BATCH_DEVICES: usize = 256;
 
 /// The lane, of `lanes`, of the message on `topic`: by its device id, the third level
 /// (`fleetml/v1/DEVICE/CHANNEL`); a topic without one (it is refused) goes by its whole

@@ -1,5 +1,7 @@
 //! `fleetctl sim`: simulated devices against a real control plane.
 
+use std::sync::Arc;
+
 use super::common::*;
 
 pub(crate) const SIM_ABOUT: &str = "\
@@ -24,7 +26,14 @@ install), a rollout of v2 and a rollback to v1 take until the control plane says
 `completed` (one wave, no soak); the control plane's resident memory idle, with N \
 enrolled, with N connected, at the end and at its peak, and per device; mosquitto's; \
 this simulator's. At the end every outbox is drained and each device's stored messages \
-are compared with what it sealed. Exits non-zero when a check fails.";
+are compared with what it sealed. Exits non-zero when a check fails.
+
+With --ingest-only, only the ingest's storing is measured, with nothing else on the \
+machine's cores: --devices N devices are enrolled straight into the store (sled in the \
+work directory, or --database), --messages window reports each are sealed beforehand \
+and handed to the store as the MQTT ingest stores a backlog (4 lanes at once, batches of \
+2,048 messages from at most 256 devices). Reports messages stored per second: the \
+ceiling of the store on this machine.";
 
 #[derive(Args, Debug)]
 pub(crate) struct SimArgs {
@@ -69,12 +78,89 @@ pub(crate) struct SimArgs {
     /// Work here (a new or empty folder, kept) instead of a temporary directory.
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Measure only the ingest's storing (no broker, no `fleetctl serve`, no devices
+    /// connected): see above.
+    #[arg(long, conflicts_with_all = ["broker", "replicas", "blobs", "rate", "duration"])]
+    ingest_only: bool,
+    /// With --ingest-only: window reports per device.
+    #[arg(long, requires = "ingest_only", default_value_t = 50)]
+    messages: usize,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
 }
 
+/// `--ingest-only`: the store's ceiling.
+fn ingest_only(a: &SimArgs) -> anyhow::Result<()> {
+    let (dir, _temporary) = match &a.dir {
+        Some(d) => {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+            (d.clone(), None)
+        }
+        None => {
+            let t = tempfile::Builder::new().prefix("fleetml-sim-").tempdir()?;
+            (t.path().to_path_buf(), Some(t))
+        }
+    };
+    let (store, name): (Arc<dyn fleet_control::store::FleetStore>, String) = match &a.database {
+        Some(url) => {
+            let store = fleet_control::store::postgres::PgStore::open(url)?;
+            let name = format!("postgresql ({})", store.describe());
+            (Arc::new(store), name)
+        }
+        None => {
+            let path = dir.join("fleet.db");
+            anyhow::ensure!(
+                !path.exists(),
+                "{}: a store is there already; give --dir a new folder",
+                path.display()
+            );
+            let store = fleet_control::store::sled::SledStore::open_with_cache(
+                &path,
+                crate::cli::serve::STORE_CACHE_MIB << 20,
+            )?;
+            (Arc::new(store), "sled".to_string())
+        }
+    };
+    let c = fleet_control::sim::ingest_capacity(
+        store,
+        &name,
+        &fleet_control::sim::CapacityOptions {
+            devices: a.devices,
+            messages: a.messages,
+        },
+    )?;
+    if a.json {
+        print_json(&serde_json::to_value(&c)?)?;
+    } else {
+        println!(
+            "{}: {} devices, {} messages of {} bytes in {:.2} s: {:.0} stored/s \
+             ({} lanes, batches of {} from at most {} devices)",
+            c.store,
+            c.devices,
+            c.stored,
+            c.message_bytes,
+            c.seconds,
+            c.stored_per_s,
+            c.lanes,
+            c.batch,
+            c.batch_devices
+        );
+    }
+    anyhow::ensure!(
+        c.stored == c.messages && c.refused == 0,
+        "the store kept {} of {} messages ({} refused)",
+        c.stored,
+        c.messages,
+        c.refused
+    );
+    Ok(())
+}
+
 pub(crate) fn sim_command(a: SimArgs) -> anyhow::Result<()> {
+    if a.ingest_only {
+        return ingest_only(&a);
+    }
     let report = fleet_control::sim::run(&fleet_control::sim::Options {
         devices: a.devices,
         broker: a.broker,

@@ -250,9 +250,17 @@ impl Rng {
 }
 
 /// A healthy monitoring window of `model@version`, the size of the claims model's.
-pub(super) fn window(fleet: &Fleet, model: &str, version: u64, n: u64, rng: &mut Rng) -> Body {
+/// `period`: the device's reporting period (default a minute); `features`: the model's.
+pub(super) fn window(
+    period: Option<Duration>,
+    features: &[String],
+    model: &str,
+    version: u64,
+    n: u64,
+    rng: &mut Rng,
+) -> Body {
     let end_ms = now_ms();
-    let span = fleet.period.unwrap_or(Duration::from_secs(60));
+    let span = period.unwrap_or(Duration::from_secs(60));
     let predictions = 100 + (rng.next() % 50) as u32;
     let feature = |name: &str, rng: &mut Rng| FeatureDrift {
         name: name.to_string(),
@@ -294,7 +302,7 @@ pub(super) fn window(fleet: &Fleet, model: &str, version: u64, n: u64, rng: &mut
         batch_rows: Quantiles::default(),
         outages: Vec::new(),
         outages_not_listed: 0,
-        features: fleet.features.iter().map(|f| feature(f, rng)).collect(),
+        features: features.iter().map(|f| feature(f, rng)).collect(),
         prediction: Some(feature("prediction", rng)),
         events: Vec::new(),
         alerts: Vec::new(),
@@ -350,7 +358,7 @@ pub(super) async fn run_telemetry(dev: Arc<Device>, fleet: Arc<Fleet>, mut rng: 
         }
         for (name, version) in serving {
             n += 1;
-            let body = window(&fleet, &name, version, n, &mut rng);
+            let body = window(fleet.period, &fleet.features, &name, version, n, &mut rng);
             dev.push(&fleet.stats, body);
         }
     }

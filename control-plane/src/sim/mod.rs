@@ -37,6 +37,7 @@
 //! per-device message counts and highest sequence numbers are compared with what each
 //! device sealed; a sample of devices' stored messages is checked for gaps.
 
+mod capacity;
 mod device;
 mod host;
 mod http;
@@ -50,6 +51,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
+pub use self::capacity::{Capacity, CapacityOptions, ingest_capacity};
 use self::host::*;
 use self::http::*;
 use self::options::NATS_NODES;

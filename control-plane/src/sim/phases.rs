@@ -241,6 +241,17 @@ pub(super) async fn timed_rollout(
     Ok(phase)
 }
 
+/// The compiled-in claims model's features (its training table's columns but the label).
+pub(super) fn claims_features() -> anyhow::Result<Vec<String>> {
+    Ok(crate::datasets::Table::from_csv(crate::demo::CLAIMS[3].1)
+        .map_err(anyhow::Error::msg)?
+        .columns
+        .iter()
+        .map(|(name, _)| name.clone())
+        .filter(|name| name != "investigate")
+        .collect())
+}
+
 /// Waits until `check` says yes, polling every `every`, for at most `within`.
 pub(super) async fn wait_until<F, Fut>(
     within: Duration,
@@ -335,13 +346,7 @@ pub(super) async fn orchestrate(setup: Setup) -> anyhow::Result<Report> {
     setup.say(&format!("enrolled {n} devices in {:.1} s", report.enroll_s));
     let enrolled = setup.server_rss();
 
-    let features: Vec<String> = crate::datasets::Table::from_csv(crate::demo::CLAIMS[3].1)
-        .map_err(anyhow::Error::msg)?
-        .columns
-        .iter()
-        .map(|(name, _)| name.clone())
-        .filter(|name| name != "investigate")
-        .collect();
+    let features = claims_features()?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let fleet = Arc::new(Fleet {
         http: setup.apis.clone(),

@@ -274,14 +274,8 @@ impl FleetStore for SledStore {
     fn insert(&self, envelope: &Envelope, now_ms: u64) -> Result<(bool, Option<u64>), StoreError> {
         let bytes = serde_cbor::to_vec(envelope)?;
         let key = Self::key(&envelope.device, envelope.seq);
-        let new = self
-            .messages
-            .compare_and_swap(&key, None as Option<&[u8]>, Some(bytes))?
-            .is_ok();
-        if new {
-            self.message_meta
-                .insert(key, Self::meta(envelope, now_ms))?;
-        }
+        // The mark moves before the message is written: after a crash between the two
+        // no stored message is above the mark, which `store_messages` relies on.
         let device = envelope.device.as_str().as_bytes();
         let before = be(self.high.fetch_and_update(device, |old| {
             let old = old
@@ -293,6 +287,14 @@ impl FleetStore for SledStore {
                     .to_vec(),
             )
         })?);
+        let new = self
+            .messages
+            .compare_and_swap(&key, None as Option<&[u8]>, Some(bytes))?
+            .is_ok();
+        if new {
+            self.message_meta
+                .insert(key, Self::meta(envelope, now_ms))?;
+        }
         Ok((new, before))
     }
 
@@ -424,19 +426,21 @@ impl FleetStore for SledStore {
                 let mut states: HashMap<&str, DeviceState> = HashMap::new();
                 let mut out = Vec::with_capacity(envelopes.len());
                 for (i, (e, (key, bytes, m))) in envelopes.iter().zip(&rows).enumerate() {
-                    // Reads see this transaction's own writes: a duplicate within the
-                    // batch is a duplicate.
-                    let new = messages.get(key)?.is_none();
-                    if new {
-                        messages.insert(key.as_slice(), bytes.as_slice())?;
-                        meta.insert(key.as_slice(), m.as_slice())?;
-                    }
                     let device = e.device.as_str();
                     let before = match highs.get(device) {
                         Some(h) => *h,
                         None => be(high.get(device)?),
                     };
                     highs.insert(device, Some(before.map_or(e.seq, |b| b.max(e.seq))));
+                    // No stored message of the device is above its mark (`insert` moves
+                    // the mark first too), so a message above it is new without a read,
+                    // as most are. Below it, reads see this transaction's own writes: a
+                    // duplicate within the batch is a duplicate.
+                    let new = before.is_none_or(|b| e.seq > b) || messages.get(key)?.is_none();
+                    if new {
+                        messages.insert(key.as_slice(), bytes.as_slice())?;
+                        meta.insert(key.as_slice(), m.as_slice())?;
+                    }
                     let st = match states.entry(device) {
                         Entry::Occupied(o) => o.into_mut(),
                         Entry::Vacant(v) => v.insert(match state.get(device)? {

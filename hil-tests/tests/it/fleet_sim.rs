@@ -170,3 +170,43 @@ fn sim_without_mosquitto_says_how_to_get_it() {
     );
     assert!(line.contains("--broker embedded"), "{line}");
 }
+
+/// `--ingest-only`: devices enrolled straight into the store and their sealed reports
+/// stored as the ingest's lanes store a backlog, on sled and on PostgreSQL; the rest of
+/// the simulation's flags are refused with it.
+#[test]
+fn sim_ingest_only_measures_the_store_on_sled_and_postgresql() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pg = Postgres::start();
+    let url = pg.create_database("capacity");
+    for (store, more) in [("sled", vec![]), ("postgresql", vec!["--database", &url])] {
+        let mut args = vec![
+            "sim",
+            "--ingest-only",
+            "--devices",
+            "20",
+            "--messages",
+            "5",
+            "--json",
+        ];
+        args.extend(more);
+        let run = fleetctl(tmp.path(), &args);
+        let report: Value = serde_json::from_str(run.success()).expect("JSON");
+        assert!(
+            report["store"]
+                .as_str()
+                .is_some_and(|s| s.starts_with(store)),
+            "{report:#}"
+        );
+        assert_eq!(report["messages"], 100, "{report:#}");
+        assert_eq!(report["stored"], 100, "{report:#}");
+        assert_eq!(report["refused"], 0, "{report:#}");
+        assert!(number(&report, &["stored_per_s"]) > 0.0, "{report:#}");
+    }
+    let run = fleetctl(tmp.path(), &["sim", "--ingest-only", "--broker", "nats"]);
+    assert!(
+        !run.ok() && run.stderr.contains("cannot be used with"),
+        "{}",
+        run.stderr
+    );
+}

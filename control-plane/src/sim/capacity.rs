@@ -1,0 +1,273 @@
+//! `fleetctl sim --ingest-only`: what the ingest's storing can take, without a broker,
+//! a control-plane process or simulated connections sharing the machine with it.
+//!
+//! The full simulation measures the ingest end to end, and on a small machine the
+//! devices, the broker and the control plane share the cores: the ingest keeps up with
+//! whatever the simulator manages to send, and its own ceiling stays unknown. Here N
+//! devices are enrolled straight into the store (sled in the work directory, or the
+//! PostgreSQL database of `--database`), their window reports are sealed beforehand,
+//! and then handed to [`Ingest::store_batch`] as the MQTT ingest does under a backlog:
+//! each device on its lane (`ingest_mqtt::lane_of`), [`LANES`] lanes storing at once,
+//! each batch [`BATCH`] messages from at most [`BATCH_DEVICES`] devices, in the
+//! devices' order. The clock runs from the first batch to the last flush; every
+//! device's first message (which makes its state) is stored before it starts.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use fleetml_protocol::telemetry::{self, Body, DeviceId, Status};
+use serde::Serialize;
+
+use super::device::{Rng, window};
+use crate::ingest::Ingest;
+use crate::ingest_mqtt::{BATCH, BATCH_DEVICES, LANES, lane_of};
+use crate::store::FleetStore;
+
+/// What to store.
+#[derive(Debug, Clone)]
+pub struct CapacityOptions {
+    pub devices: usize,
+    /// Window reports per device, after its first status.
+    pub messages: usize,
+}
+
+/// What the store took.
+#[derive(Debug, Clone, Serialize)]
+pub struct Capacity {
+    pub store: String,
+    pub devices: usize,
+    pub lanes: usize,
+    pub batch: usize,
+    pub batch_devices: usize,
+    /// Messages handed over while the clock ran, and how many of them were stored.
+    pub messages: u64,
+    pub stored: u64,
+    pub refused: u64,
+    pub duplicates: u64,
+    pub seconds: f64,
+    pub stored_per_s: f64,
+    /// Bytes of the sealed messages, on average.
+    pub message_bytes: u64,
+}
+
+type Sealed = (String, Vec<u8>);
+
+/// Enrolls `opts.devices` devices into `store` (described as `store_name`), stores each
+/// one's first status, then times the rest as the lanes would store a backlog.
+pub fn ingest_capacity(
+    store: Arc<dyn FleetStore>,
+    store_name: &str,
+    opts: &CapacityOptions,
+) -> anyhow::Result<Capacity> {
+    anyhow::ensure!(
+        (1..=100_000).contains(&opts.devices),
+        "--devices {}: give 1 to 100000",
+        opts.devices
+    );
+    anyhow::ensure!(
+        (1..=10_000).contains(&opts.messages),
+        "--messages {}: give 1 to 10000",
+        opts.messages
+    );
+    let features = super::phases::claims_features()?;
+    let mut rng = Rng(0x5eed);
+    // Per lane, its devices' messages: the first (a status) apart, the rest in rounds.
+    let mut firsts: Vec<Sealed> = Vec::with_capacity(opts.devices);
+    let mut lanes: Vec<Vec<Vec<Sealed>>> = vec![Vec::new(); LANES];
+    for i in 0..opts.devices {
+        let id = DeviceId::new(&format!("cap-{i:05}")).map_err(anyhow::Error::msg)?;
+        let mut secret = vec![0u8; telemetry::SECRET_LEN];
+        secret[..8].copy_from_slice(&rng.next().to_le_bytes());
+        store
+            .enroll(&crate::records::DeviceRecord {
+                id: id.clone(),
+                board: None,
+                tags: Default::default(),
+                secret: secret.clone(),
+                enrolled_ms: crate::plane::now_ms(),
+                revoked_ms: None,
+            })
+            .with_context(|| format!("enrolling {id}"))?;
+        let status = Body::Status(Status {
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            board: "generic-x86_64".into(),
+            backends: vec!["cpu".into()],
+            models: Vec::new(),
+            uptime_s: 0,
+            online: true,
+            outbox_depth: 0,
+            dropped_windows: 0,
+            will_seq: Some(1),
+        });
+        let first = telemetry::seal(&id, 1, crate::plane::now_ms(), status, &secret);
+        let lane = lane_of(&first.0, LANES);
+        firsts.push(first);
+        let reports = (0..opts.messages as u64)
+            .map(|n| {
+                let body = window(None, &features, "claims", 1, n + 1, &mut rng);
+                telemetry::seal(&id, n + 2, crate::plane::now_ms(), body, &secret)
+            })
+            .collect();
+        lanes[lane].push(reports);
+    }
+    let ingest = Ingest::new(store);
+    ingest
+        .store_batch(
+            firsts.iter().map(|(t, b)| (t.as_str(), &b[..])),
+            crate::plane::now_ms(),
+        )
+        .context("storing the devices' first statuses")?;
+    let batches: Vec<Vec<Vec<Sealed>>> = lanes.into_iter().map(backlog_batches).collect();
+    let messages: u64 = batches.iter().flatten().map(|b| b.len() as u64).sum();
+    let bytes: u64 = batches
+        .iter()
+        .flatten()
+        .flatten()
+        .map(|(_, b)| b.len() as u64)
+        .sum();
+    let before = counts(&ingest);
+    let started = Instant::now();
+    std::thread::scope(|scope| -> anyhow::Result<()> {
+        let workers: Vec<_> = batches
+            .iter()
+            .map(|lane| {
+                let ingest = &ingest;
+                scope.spawn(move || -> anyhow::Result<()> {
+                    for batch in lane {
+                        ingest.store_batch(
+                            batch.iter().map(|(t, b)| (t.as_str(), &b[..])),
+                            crate::plane::now_ms(),
+                        )?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join()
+                .map_err(|_| anyhow::anyhow!("a storing lane panicked"))??;
+        }
+        Ok(())
+    })?;
+    let seconds = started
+        .elapsed()
+        .max(Duration::from_micros(1))
+        .as_secs_f64();
+    let after = counts(&ingest);
+    let stored = after.0 - before.0;
+    Ok(Capacity {
+        store: store_name.to_string(),
+        devices: opts.devices,
+        lanes: LANES,
+        batch: BATCH,
+        batch_devices: BATCH_DEVICES,
+        messages,
+        stored,
+        refused: after.1 - before.1,
+        duplicates: after.2 - before.2,
+        seconds,
+        stored_per_s: stored as f64 / seconds,
+        message_bytes: bytes / messages.max(1),
+    })
+}
+
+/// (stored, refused, duplicates) so far.
+fn counts<S: FleetStore>(ingest: &Ingest<S>) -> (u64, u64, u64) {
+    let c = &ingest.counters;
+    (
+        c.stored.load(Ordering::Relaxed),
+        c.refused.load(Ordering::Relaxed),
+        c.duplicates.load(Ordering::Relaxed),
+    )
+}
+
+/// A lane's backlog as the MQTT ingest batches it: devices in groups of at most
+/// [`BATCH_DEVICES`], each group's messages round by round (every device's first,
+/// then every device's second, …), cut every [`BATCH`] messages.
+fn backlog_batches(devices: Vec<Vec<Sealed>>) -> Vec<Vec<Sealed>> {
+    let mut batches = Vec::new();
+    let mut devices = devices.into_iter().peekable();
+    while devices.peek().is_some() {
+        let group: Vec<Vec<Sealed>> = devices.by_ref().take(BATCH_DEVICES).collect();
+        let rounds = group.iter().map(Vec::len).max().unwrap_or(0);
+        let mut queues: Vec<std::vec::IntoIter<Sealed>> =
+            group.into_iter().map(Vec::into_iter).collect();
+        let mut batch = Vec::with_capacity(BATCH);
+        for _ in 0..rounds {
+            for q in &mut queues {
+                if let Some(m) = q.next() {
+                    batch.push(m);
+                    if batch.len() == BATCH {
+                        batches.push(std::mem::replace(&mut batch, Vec::with_capacity(BATCH)));
+                    }
+                }
+            }
+        }
+        if !batch.is_empty() {
+            batches.push(batch);
+        }
+    }
+    batches
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every message once, each device's in order, batches of at most BATCH messages
+    /// from at most BATCH_DEVICES devices.
+    #[test]
+    fn a_backlog_is_cut_as_the_lanes_cut_it() {
+        let devices: Vec<Vec<Sealed>> = (0..BATCH_DEVICES + 3)
+            .map(|d| {
+                (0..20)
+                    .map(|m| (format!("fleetml/v1/d{d}/telemetry"), vec![m as u8]))
+                    .collect()
+            })
+            .collect();
+        let batches = backlog_batches(devices);
+        let mut seen: std::collections::HashMap<String, Vec<u8>> = Default::default();
+        for b in &batches {
+            assert!(b.len() <= BATCH);
+            let in_it: std::collections::HashSet<&String> = b.iter().map(|(t, _)| t).collect();
+            assert!(in_it.len() <= BATCH_DEVICES, "{} devices", in_it.len());
+            for (t, m) in b {
+                seen.entry(t.clone()).or_default().push(m[0]);
+            }
+        }
+        assert_eq!(seen.len(), BATCH_DEVICES + 3);
+        for got in seen.values() {
+            assert_eq!(*got, (0..20).collect::<Vec<u8>>());
+        }
+        // 256 devices × 20 messages fill two full batches and a part; the last three
+        // devices' 60 messages make one more.
+        assert_eq!(
+            batches.iter().map(Vec::len).collect::<Vec<_>>(),
+            [2048, 2048, 1024, 60]
+        );
+    }
+
+    /// The measurement itself, on sled: everything stored, nothing refused.
+    #[test]
+    fn sled_stores_every_message_it_is_handed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store =
+            crate::store::sled::SledStore::open(&dir.path().join("fleet.db")).expect("sled");
+        let c = ingest_capacity(
+            Arc::new(store),
+            "sled",
+            &CapacityOptions {
+                devices: 10,
+                messages: 5,
+            },
+        )
+        .expect("measured");
+        assert_eq!(
+            (c.messages, c.stored, c.refused, c.duplicates),
+            (50, 50, 0, 0)
+        );
+        assert!(c.stored_per_s > 0.0 && c.message_bytes > 1000, "{c:?}");
+    }
+}
