@@ -82,6 +82,38 @@ pub struct GateOverrides {
     pub max_shadow_mean_abs_error: Option<f64>,
 }
 
+impl GateOverrides {
+    /// Every gate of `g` but the shadow ones: what the real rollout a shadow rollout is
+    /// promoted to keeps. Both sides are spelt out field by field, so that a new gate
+    /// does not compile until it is placed here.
+    fn serving(g: &Gates) -> GateOverrides {
+        let Gates {
+            max_activation_failures,
+            max_self_test_failures,
+            max_fallbacks,
+            max_drift_alerts,
+            max_missing_rate_increase,
+            max_p99_ratio,
+            max_error_rate_increase,
+            min_shadow_agreement: _,
+            max_shadow_latency_ratio: _,
+            max_shadow_mean_abs_error: _,
+        } = *g;
+        GateOverrides {
+            max_activation_failures: Some(max_activation_failures),
+            max_self_test_failures: Some(max_self_test_failures),
+            max_fallbacks: Some(max_fallbacks),
+            max_drift_alerts: Some(max_drift_alerts),
+            max_missing_rate_increase: Some(max_missing_rate_increase),
+            max_p99_ratio: Some(max_p99_ratio),
+            max_error_rate_increase: Some(max_error_rate_increase),
+            min_shadow_agreement: None,
+            max_shadow_latency_ratio: None,
+            max_shadow_mean_abs_error: None,
+        }
+    }
+}
+
 fn gates_from(o: Option<GateOverrides>) -> Gates {
     let o = o.unwrap_or_default();
     let d = Gates::default();
@@ -397,16 +429,7 @@ pub fn promote(plane: &Plane, id: &str, by: String) -> Result<Rollout, Refusal> 
         quorum_pct: Some(shadow.strategy.quorum_pct),
         deadline_s: Some(shadow.strategy.deadline_ms / 1000),
         auto_rollback: shadow.strategy.auto_rollback,
-        gates: Some(GateOverrides {
-            max_activation_failures: Some(g.max_activation_failures),
-            max_self_test_failures: Some(g.max_self_test_failures),
-            max_fallbacks: Some(g.max_fallbacks),
-            max_drift_alerts: Some(g.max_drift_alerts),
-            max_missing_rate_increase: Some(g.max_missing_rate_increase),
-            max_p99_ratio: Some(g.max_p99_ratio),
-            max_error_rate_increase: Some(g.max_error_rate_increase),
-            ..Default::default()
-        }),
+        gates: Some(GateOverrides::serving(g)),
         shadow_sample_permille: None,
     };
     // The shadow rollout ends first: it is the model's active rollout.
@@ -681,4 +704,37 @@ pub fn control(plane: &Plane, id: &str, to: RState) -> Result<(), Refusal> {
     r.updated_ms = now;
     plane.rollouts.put_rollout(&r)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A promoted shadow rollout keeps every serving gate of the shadow rollout, as set,
+    /// and none of its shadow gates.
+    #[test]
+    fn a_promotion_keeps_the_serving_gates_and_drops_the_shadow_ones() {
+        let shadow = Gates {
+            max_activation_failures: 1,
+            max_self_test_failures: 2,
+            max_fallbacks: 3,
+            max_drift_alerts: 4,
+            max_missing_rate_increase: 0.5,
+            max_p99_ratio: 2.5,
+            max_error_rate_increase: 0.25,
+            min_shadow_agreement: Some(0.9),
+            max_shadow_latency_ratio: Some(1.5),
+            max_shadow_mean_abs_error: Some(0.1),
+        };
+        let promoted = gates_from(Some(GateOverrides::serving(&shadow)));
+        assert_eq!(
+            promoted,
+            Gates {
+                min_shadow_agreement: None,
+                max_shadow_latency_ratio: None,
+                max_shadow_mean_abs_error: None,
+                ..shadow
+            }
+        );
+    }
 }
