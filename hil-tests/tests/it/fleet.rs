@@ -1247,3 +1247,111 @@ fn an_admin_sets_the_trust_policy_and_it_outlives_a_restart() {
         "{config}"
     );
 }
+
+/// While the store cannot answer (PostgreSQL stopped), what the devices send waits in the
+/// broker, not in the control plane: the ingest acknowledges a message only once it is
+/// stored, so it never holds more than mosquitto's in-flight window (20 by default)
+/// received and unstored. Once PostgreSQL is back every message is stored, once.
+#[test]
+fn a_stalled_store_leaves_the_backlog_in_the_broker_and_loses_nothing() {
+    const DEVICES: usize = 10;
+    const MESSAGES: u64 = 100;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let pg = hil_tests::fleet::Postgres::start();
+    let url = pg.create_database("fleet");
+    let broker = Mosquitto::start(dir, free_port());
+    let plane = ControlPlane::start_at(
+        dir,
+        "127.0.0.1",
+        Some(broker.port),
+        &["--insecure-listen"],
+        vec![("FLEETML_DATABASE_URL".into(), url)],
+    );
+    let devices: Vec<(DeviceId, Vec<u8>)> = (0..DEVICES)
+        .map(|i| {
+            let id = format!("stall-{i}");
+            let r = plane.post("/v1/devices", &serde_json::json!({ "id": id }));
+            let secret = hex::decode(r["device_secret"].as_str().expect("secret")).expect("hex");
+            (DeviceId::new(&id).expect("id"), secret)
+        })
+        .collect();
+    wait_for("the ingest's session", Duration::from_secs(30), || {
+        (plane.get("/v1/ingest")["broker_connected"] == true).then_some(())
+    });
+
+    pg.stop();
+    // Each device publishes its messages and waits for the broker's acknowledgements.
+    let publishers: Vec<_> = devices
+        .iter()
+        .cloned()
+        .map(|(id, secret)| {
+            let port = broker.port;
+            std::thread::spawn(move || {
+                let mut o = rumqttc::MqttOptions::new(id.as_str(), "127.0.0.1", port);
+                o.set_credentials(id.as_str(), telemetry::mqtt_password(&secret));
+                o.set_max_packet_size(1 << 20, 1 << 20);
+                let (client, mut conn) = rumqttc::Client::new(o, 16);
+                std::thread::spawn(move || {
+                    for seq in 1..=MESSAGES {
+                        let body = Body::Event(Event {
+                            kind: Lifecycle::Downloading,
+                            model: "claims".into(),
+                            version: 1,
+                            detail: "x".repeat(2000),
+                        });
+                        let (topic, bytes) = telemetry::seal(&id, seq, 0, body, &secret);
+                        if client
+                            .publish(topic, rumqttc::QoS::AtLeastOnce, false, bytes)
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                });
+                let mut acked = 0;
+                for event in conn.iter() {
+                    match event {
+                        Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => {
+                            acked += 1;
+                            if acked == MESSAGES {
+                                return;
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(e) => panic!("publishing: {e}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    for p in publishers {
+        p.join().expect("a publisher");
+    }
+    // The broker took all of them; give the ingest time to take what it would.
+    std::thread::sleep(Duration::from_secs(3));
+    let pending = crate::rollout::metric(&plane, "fleetml_control_ingest_pending");
+    assert!(
+        (1..=20).contains(&pending),
+        "{pending} messages received and not stored: more than mosquitto's in-flight window"
+    );
+
+    pg.start_again();
+    let total = DEVICES as u64 * MESSAGES;
+    wait_for("every message stored", Duration::from_secs(120), || {
+        let stored = plane.get("/v1/ingest")["stored"].as_u64().unwrap_or(0);
+        assert!(stored <= total, "{stored} stored of {total}");
+        (stored == total).then_some(())
+    });
+    for (id, _) in &devices {
+        let mut seqs: Vec<u64> = plane
+            .get(&format!("/v1/devices/{id}/messages?limit=1000"))
+            .as_array()
+            .expect("messages")
+            .iter()
+            .filter_map(|m| m["seq"].as_u64())
+            .collect();
+        seqs.sort_unstable();
+        assert_eq!(seqs, (1..=MESSAGES).collect::<Vec<_>>(), "{id}");
+    }
+}

@@ -208,7 +208,7 @@ pub(crate) fn get_as(
     hil_tests::http_with(stream, method, path, &headers, body).expect("HTTP")
 }
 
-fn metric(plane: &ControlPlane, name: &str) -> u64 {
+pub(crate) fn metric(plane: &ControlPlane, name: &str) -> u64 {
     let (status, text) = get_as(plane, "", "GET", "/metrics");
     assert_eq!(status, 200);
     String::from_utf8_lossy(&text)
