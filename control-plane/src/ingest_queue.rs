@@ -216,6 +216,14 @@ async fn consumer(
             }
             Err(e) => {
                 let fewer = too_few_nodes(&e);
+                if fewer {
+                    tracing::warn!(
+                        stream = STREAM,
+                        replicas = n,
+                        error = %e,
+                        "the cluster has too few nodes for this many copies of the stream; trying fewer"
+                    );
+                }
                 made = Some(Err((anyhow::anyhow!("{e} ({n} replicas)"), fewer)));
             }
         }
@@ -252,13 +260,17 @@ async fn consumer(
 }
 
 /// Whether JetStream refused a stream because the cluster has fewer nodes than the
-/// replicas asked for (a single server refuses any replicas beyond one).
+/// replicas asked for: "no suitable peers for placement" (nats-server 2.9 and later),
+/// "insufficient resources" (before), or a single server's refusal of any replicas
+/// beyond one.
 fn too_few_nodes(e: &jetstream::context::CreateStreamError) -> bool {
     use jetstream::ErrorCode;
     match e.kind() {
         jetstream::context::CreateStreamErrorKind::JetStream(j) => matches!(
             j.error_code(),
-            ErrorCode::INSUFFICIENT_RESOURCES | ErrorCode::STREAM_REPLICAS_NOT_SUPPORTED
+            ErrorCode::CLUSTER_NO_PEERS
+                | ErrorCode::INSUFFICIENT_RESOURCES
+                | ErrorCode::STREAM_REPLICAS_NOT_SUPPORTED
         ),
         _ => false,
     }

@@ -295,44 +295,77 @@ fn the_ingest_queue_logs_in_to_nats_and_never_logs_the_password() {
     );
     let node = &nats.nodes()[0];
     let serve = |name: &str, password: &str, wanted: &str| -> String {
-        let log = tmp.path().join(format!("{name}.log"));
-        /// Killed on drop, a failing wait included.
-        struct Serve(std::process::Child);
-        impl Drop for Serve {
-            fn drop(&mut self) {
-                let _ = self.0.kill();
-                let _ = self.0.wait();
-            }
-        }
-        let _serve = Serve(
-            std::process::Command::new(hil_tests::bin("fleetctl"))
-                .args(["serve", "--insecure-listen", "--data-dir"])
-                .arg(tmp.path().join(name))
-                .arg("--listen")
-                .arg(format!("127.0.0.1:{}", free_port()))
-                .arg("--mqtt-url")
-                .arg(format!(
-                    "mqtt://fleet:{password}@127.0.0.1:{}",
-                    node.mqtt_port
-                ))
-                .env(
-                    "FLEETML_INGEST_QUEUE",
-                    format!("nats://fleet:{password}@127.0.0.1:{}", node.port),
-                )
-                .env("RUST_LOG", "debug,sled=info")
-                .stdout(std::process::Stdio::null())
-                .stderr(std::fs::File::create(&log).expect("log"))
-                .spawn()
-                .expect("fleetctl serve starts"),
-        );
-        wait_for(&format!("{name}: {wanted}"), WAIT, || {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            text.contains(wanted).then_some(text)
-        })
+        serve_on_nats(
+            tmp.path(),
+            name,
+            &format!("mqtt://fleet:{password}@127.0.0.1:{}", node.mqtt_port),
+            &format!("nats://fleet:{password}@127.0.0.1:{}", node.port),
+            wanted,
+        )
     };
     let good = serve("good", "s3cret-pw-1", "ingest pulling from NATS");
     assert!(!good.contains("s3cret-pw-1"), "the password in the log");
     let bad = serve("bad", "wrong-pw-2", "the NATS ingest queue failed");
     assert!(!bad.contains("wrong-pw-2"), "the password in the log");
     assert!(bad.to_lowercase().contains("authoriz"), "{bad}");
+}
+
+/// `fleetctl serve` in `dir` with its MQTT session at `mqtt` and its ingest pulling from
+/// the NATS queue at `queue`, logging to NAME.log, until the log says `wanted`: the log
+/// then (the server is stopped, a failing wait included).
+fn serve_on_nats(dir: &Path, name: &str, mqtt: &str, queue: &str, wanted: &str) -> String {
+    struct Serve(std::process::Child);
+    impl Drop for Serve {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let log = dir.join(format!("{name}.log"));
+    let _serve = Serve(
+        std::process::Command::new(hil_tests::bin("fleetctl"))
+            .args(["serve", "--insecure-listen", "--data-dir"])
+            .arg(dir.join(name))
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", free_port()))
+            .arg("--mqtt-url")
+            .arg(mqtt)
+            .env("FLEETML_INGEST_QUEUE", queue)
+            .env("RUST_LOG", "debug,sled=info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("fleetctl serve starts"),
+    );
+    wait_for(&format!("{name}: {wanted}"), WAIT, || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.contains(wanted).then_some(text)
+    })
+}
+
+/// On a cluster of two nodes the ingest queue's stream is kept on both: JetStream
+/// refuses three copies there ("no suitable peers"), and the control plane takes two,
+/// saying so, rather than retrying three for ever.
+#[test]
+fn on_a_two_node_nats_cluster_the_ingest_queue_keeps_two_copies() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let nats = NatsCluster::start(2);
+    let node = &nats.nodes()[0];
+    let log = serve_on_nats(
+        tmp.path(),
+        "two",
+        &format!("mqtt://127.0.0.1:{}", node.mqtt_port),
+        &nats.urls(),
+        "ingest pulling from NATS",
+    );
+    assert!(log.contains("too few nodes"), "{log}");
+    let jsz = nats.monitor(0, "/jsz?accounts=true&streams=true&config=true");
+    let replicas = serde_json::from_str::<Value>(&jsz).ok().and_then(|v| {
+        v["account_details"].as_array()?.iter().find_map(|a| {
+            a["stream_detail"].as_array()?.iter().find_map(|s| {
+                (s["name"] == "FLEETML_INGEST").then(|| s["config"]["num_replicas"].as_u64())?
+            })
+        })
+    });
+    assert_eq!(replicas, Some(2), "the stream's replicas: {jsz}");
 }
