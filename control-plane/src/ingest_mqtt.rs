@@ -276,7 +276,7 @@ async fn store_lane(
 /// when there is nothing at all. The messages of devices beyond that many are held, in
 /// order, for the next batch (at most [`BATCH`] of them), so each device's messages
 /// keep their order. `None` once `rx` is closed and nothing is held.
-async fn next_batch(
+pub(crate) async fn next_batch(
     rx: &mut mpsc::UnboundedReceiver<(u64, Publish)>,
     held: &mut VecDeque<(u64, Publish)>,
 ) -> Option<Vec<(u64, Publish)>> {

@@ -80,7 +80,7 @@ pub(crate) struct SimArgs {
     dir: Option<PathBuf>,
     /// Measure only the ingest's storing (no broker, no `fleetctl serve`, no devices
     /// connected): see above.
-    #[arg(long, conflicts_with_all = ["broker", "replicas", "blobs", "rate", "duration"])]
+    #[arg(long, conflicts_with_all = ["broker", "mosquitto", "nats", "replicas", "blobs", "rate", "duration", "http_concurrency"])]
     ingest_only: bool,
     /// With --ingest-only: window reports per device.
     #[arg(long, requires = "ingest_only", default_value_t = 50)]
@@ -149,10 +149,11 @@ fn ingest_only(a: &SimArgs) -> anyhow::Result<()> {
     }
     anyhow::ensure!(
         c.stored == c.messages && c.refused == 0,
-        "the store kept {} of {} messages ({} refused)",
+        "the store kept {} of {} messages ({} refused, {} duplicates)",
         c.stored,
         c.messages,
-        c.refused
+        c.refused,
+        c.duplicates
     );
     Ok(())
 }

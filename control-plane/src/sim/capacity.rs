@@ -8,9 +8,12 @@
 //! PostgreSQL database of `--database`), their window reports are sealed beforehand,
 //! and then handed to [`Ingest::store_batch`] as the MQTT ingest does under a backlog:
 //! each device on its lane (`ingest_mqtt::lane_of`), [`LANES`] lanes storing at once,
-//! each batch [`BATCH`] messages from at most [`BATCH_DEVICES`] devices, in the
-//! devices' order. The clock runs from the first batch to the last flush; every
-//! device's first message (which makes its state) is stored before it starts.
+//! each lane's backlog arriving round by round (every device's first report, then every
+//! device's second, …) and cut into batches by the ingest's own `next_batch`: at most
+//! [`BATCH`] messages from at most [`BATCH_DEVICES`] devices (with more devices than
+//! that on a lane, about one message per device). The clock runs from the first batch
+//! to the last flush; every device's first message (which makes its state) is stored
+//! before it starts.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -71,6 +74,13 @@ pub fn ingest_capacity(
         "--messages {}: give 1 to 10000",
         opts.messages
     );
+    // Everything is sealed before the clock starts and held in memory, ~3 KB a message.
+    anyhow::ensure!(
+        opts.devices.saturating_mul(opts.messages) <= 1_000_000,
+        "--devices {} × --messages {}: at most 1,000,000 messages (about 3 GB held in memory)",
+        opts.devices,
+        opts.messages
+    );
     let features = super::phases::claims_features()?;
     let mut rng = Rng(0x5eed);
     // Per lane, its devices' messages: the first (a status) apart, the rest in rounds.
@@ -80,7 +90,7 @@ pub fn ingest_capacity(
         let id = DeviceId::new(&format!("cap-{i:05}")).map_err(anyhow::Error::msg)?;
         let mut secret = vec![0u8; telemetry::SECRET_LEN];
         secret[..8].copy_from_slice(&rng.next().to_le_bytes());
-        store
+        let new = store
             .enroll(&crate::records::DeviceRecord {
                 id: id.clone(),
                 board: None,
@@ -90,6 +100,11 @@ pub fn ingest_capacity(
                 revoked_ms: None,
             })
             .with_context(|| format!("enrolling {id}"))?;
+        anyhow::ensure!(
+            new,
+            "the store already holds device {id} (from an earlier run): give an empty \
+             database, or --dir a new folder"
+        );
         let status = Body::Status(Status {
             agent_version: env!("CARGO_PKG_VERSION").into(),
             board: "generic-x86_64".into(),
@@ -119,7 +134,10 @@ pub fn ingest_capacity(
             crate::plane::now_ms(),
         )
         .context("storing the devices' first statuses")?;
-    let batches: Vec<Vec<Vec<Sealed>>> = lanes.into_iter().map(backlog_batches).collect();
+    let batches: Vec<Vec<Vec<Sealed>>> = lanes
+        .into_iter()
+        .map(backlog_batches)
+        .collect::<anyhow::Result<_>>()?;
     let messages: u64 = batches.iter().flatten().map(|b| b.len() as u64).sum();
     let bytes: u64 = batches
         .iter()
@@ -183,33 +201,37 @@ fn counts<S: FleetStore>(ingest: &Ingest<S>) -> (u64, u64, u64) {
     )
 }
 
-/// A lane's backlog as the MQTT ingest batches it: devices in groups of at most
-/// [`BATCH_DEVICES`], each group's messages round by round (every device's first,
-/// then every device's second, …), cut every [`BATCH`] messages.
-fn backlog_batches(devices: Vec<Vec<Sealed>>) -> Vec<Vec<Sealed>> {
-    let mut batches = Vec::new();
-    let mut devices = devices.into_iter().peekable();
-    while devices.peek().is_some() {
-        let group: Vec<Vec<Sealed>> = devices.by_ref().take(BATCH_DEVICES).collect();
-        let rounds = group.iter().map(Vec::len).max().unwrap_or(0);
-        let mut queues: Vec<std::vec::IntoIter<Sealed>> =
-            group.into_iter().map(Vec::into_iter).collect();
-        let mut batch = Vec::with_capacity(BATCH);
-        for _ in 0..rounds {
-            for q in &mut queues {
-                if let Some(m) = q.next() {
-                    batch.push(m);
-                    if batch.len() == BATCH {
-                        batches.push(std::mem::replace(&mut batch, Vec::with_capacity(BATCH)));
-                    }
-                }
+/// A lane's backlog as the MQTT ingest batches it: its devices' messages arriving round
+/// by round, cut by `ingest_mqtt::next_batch` itself.
+fn backlog_batches(devices: Vec<Vec<Sealed>>) -> anyhow::Result<Vec<Vec<Sealed>>> {
+    use rumqttc::{Publish, QoS};
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u64, Publish)>();
+    let rounds = devices.iter().map(Vec::len).max().unwrap_or(0);
+    let mut queues: Vec<std::vec::IntoIter<Sealed>> =
+        devices.into_iter().map(Vec::into_iter).collect();
+    let mut n = 0u64;
+    for _ in 0..rounds {
+        for q in &mut queues {
+            if let Some((topic, bytes)) = q.next() {
+                tx.send((n, Publish::new(topic, QoS::AtLeastOnce, bytes)))
+                    .map_err(|_| anyhow::anyhow!("the backlog's channel closed"))?;
+                n += 1;
             }
         }
-        if !batch.is_empty() {
-            batches.push(batch);
-        }
     }
-    batches
+    drop(tx);
+    let runtime = tokio::runtime::Builder::new_current_thread().build()?;
+    let mut held = std::collections::VecDeque::new();
+    let mut batches = Vec::new();
+    while let Some(batch) = runtime.block_on(crate::ingest_mqtt::next_batch(&mut rx, &mut held)) {
+        batches.push(
+            batch
+                .into_iter()
+                .map(|(_, p)| (p.topic, p.payload.to_vec()))
+                .collect(),
+        );
+    }
+    Ok(batches)
 }
 
 #[cfg(test)]
@@ -217,36 +239,44 @@ mod tests {
     use super::*;
 
     /// Every message once, each device's in order, batches of at most BATCH messages
-    /// from at most BATCH_DEVICES devices.
+    /// from at most BATCH_DEVICES devices: several messages per device when a lane has
+    /// fewer devices than that, about one each when it has more.
     #[test]
     fn a_backlog_is_cut_as_the_lanes_cut_it() {
-        let devices: Vec<Vec<Sealed>> = (0..BATCH_DEVICES + 3)
-            .map(|d| {
-                (0..20)
-                    .map(|m| (format!("fleetml/v1/d{d}/telemetry"), vec![m as u8]))
-                    .collect()
-            })
-            .collect();
-        let batches = backlog_batches(devices);
-        let mut seen: std::collections::HashMap<String, Vec<u8>> = Default::default();
-        for b in &batches {
-            assert!(b.len() <= BATCH);
-            let in_it: std::collections::HashSet<&String> = b.iter().map(|(t, _)| t).collect();
-            assert!(in_it.len() <= BATCH_DEVICES, "{} devices", in_it.len());
-            for (t, m) in b {
-                seen.entry(t.clone()).or_default().push(m[0]);
+        let backlog = |devices: usize, messages: usize| -> Vec<Vec<Sealed>> {
+            (0..devices)
+                .map(|d| {
+                    (0..messages)
+                        .map(|m| (format!("fleetml/v1/d{d}/telemetry"), vec![m as u8]))
+                        .collect()
+                })
+                .collect()
+        };
+        for (devices, messages) in [(200, 20), (BATCH_DEVICES + 3, 20), (2500, 3)] {
+            let batches = backlog_batches(backlog(devices, messages)).expect("cut");
+            let mut seen: std::collections::HashMap<String, Vec<u8>> = Default::default();
+            for b in &batches {
+                assert!(b.len() <= BATCH);
+                let in_it: std::collections::HashSet<&String> = b.iter().map(|(t, _)| t).collect();
+                assert!(in_it.len() <= BATCH_DEVICES, "{} devices", in_it.len());
+                for (t, m) in b {
+                    seen.entry(t.clone()).or_default().push(m[0]);
+                }
+            }
+            assert_eq!(seen.len(), devices);
+            for got in seen.values() {
+                assert_eq!(*got, (0..messages as u8).collect::<Vec<u8>>());
+            }
+            let largest = batches.iter().map(Vec::len).max().unwrap_or(0);
+            if devices <= BATCH_DEVICES {
+                assert_eq!(largest, BATCH.min(devices * messages), "{devices} devices");
+            } else if devices > BATCH {
+                assert!(
+                    largest <= BATCH_DEVICES,
+                    "{largest}: one message per device"
+                );
             }
         }
-        assert_eq!(seen.len(), BATCH_DEVICES + 3);
-        for got in seen.values() {
-            assert_eq!(*got, (0..20).collect::<Vec<u8>>());
-        }
-        // 256 devices × 20 messages fill two full batches and a part; the last three
-        // devices' 60 messages make one more.
-        assert_eq!(
-            batches.iter().map(Vec::len).collect::<Vec<_>>(),
-            [2048, 2048, 1024, 60]
-        );
     }
 
     /// The measurement itself, on sled: everything stored, nothing refused.

@@ -203,6 +203,24 @@ fn sim_ingest_only_measures_the_store_on_sled_and_postgresql() {
         assert_eq!(report["refused"], 0, "{report:#}");
         assert!(number(&report, &["stored_per_s"]) > 0.0, "{report:#}");
     }
+    // Again on the same database: its devices are there already, and every message
+    // would be a duplicate.
+    let again = fleetctl(
+        tmp.path(),
+        &[
+            "sim",
+            "--ingest-only",
+            "--devices",
+            "20",
+            "--database",
+            &url,
+        ],
+    );
+    assert!(
+        again.failure().contains("already holds device cap-00000"),
+        "{}",
+        again.stderr
+    );
     let run = fleetctl(tmp.path(), &["sim", "--ingest-only", "--broker", "nats"]);
     assert!(
         !run.ok() && run.stderr.contains("cannot be used with"),

@@ -576,15 +576,25 @@ fn drift_retrains_and_promotes(shadow_first: bool) {
         // Each window here holds one 50-row request (`window_predictions = 50`), so the
         // latency gate weighs one shadow run against one served request per device: on a
         // loaded machine a single pair can pass 1.5. Like an operator, promote again once
-        // newer windows came in; any other refusal fails the test.
-        let promoted = wait_for("the shadow's gates to pass", WAIT, || {
+        // newer windows came in, while the latency gate is the only one refusing; any
+        // other refusal, or the same one for two minutes, fails the test with its text.
+        let deadline = std::time::Instant::now() + WAIT;
+        let promoted = loop {
             let run = plane.fleetctl(dir, &["rollout", "promote", &id]);
             if run.ok() {
-                return Some(run.stdout);
+                break run.stdout;
             }
-            assert!(
+            let only_latency =
                 run.stderr
-                    .contains("refused by its gates: shadow_latency_ratio"),
+                    .split_once("refused by its gates: ")
+                    .is_some_and(|(_, gates)| {
+                        gates
+                            .trim()
+                            .split("; ")
+                            .all(|g| g.starts_with("shadow_latency_ratio "))
+                    });
+            assert!(
+                only_latency && std::time::Instant::now() < deadline,
                 "promotion failed: {}",
                 run.stderr
             );
@@ -592,8 +602,7 @@ fn drift_retrains_and_promotes(shadow_first: bool) {
                 crate::monitoring::send(a, &traffic[..50]);
             }
             std::thread::sleep(Duration::from_secs(1));
-            None
-        });
+        };
         assert!(promoted.contains("promoted"), "{promoted}");
         plane
             .get("/v1/rollouts")
