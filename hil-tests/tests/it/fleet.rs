@@ -1328,24 +1328,35 @@ fn a_stalled_store_leaves_the_backlog_in_the_broker_and_loses_nothing() {
     for p in publishers {
         p.join().expect("a publisher");
     }
-    // The broker took all of them; give the ingest time to take what it would.
+    // The broker took all of them: once the ingest holds some, give it time to take
+    // whatever more it would.
+    let pending = || crate::rollout::metric(&plane, "fleetml_control_ingest_pending");
+    wait_for("the ingest to receive", Duration::from_secs(30), || {
+        (pending() > 0).then_some(())
+    });
     std::thread::sleep(Duration::from_secs(3));
-    let pending = crate::rollout::metric(&plane, "fleetml_control_ingest_pending");
+    let pending = pending();
     assert!(
-        (1..=20).contains(&pending),
+        pending <= 20,
         "{pending} messages received and not stored: more than mosquitto's in-flight window"
     );
 
     pg.start_again();
+    // The API answers 503 until each of its pooled connections has found PostgreSQL
+    // back (one failed call each).
+    let get = |path: &str| -> Option<Value> {
+        let (status, body) = crate::rollout::get_as(&plane, &plane.token, "GET", path);
+        (status == 200).then(|| serde_json::from_slice(&body).ok())?
+    };
     let total = DEVICES as u64 * MESSAGES;
     wait_for("every message stored", Duration::from_secs(120), || {
-        let stored = plane.get("/v1/ingest")["stored"].as_u64().unwrap_or(0);
+        let stored = get("/v1/ingest")?["stored"].as_u64().unwrap_or(0);
         assert!(stored <= total, "{stored} stored of {total}");
         (stored == total).then_some(())
     });
     for (id, _) in &devices {
-        let mut seqs: Vec<u64> = plane
-            .get(&format!("/v1/devices/{id}/messages?limit=1000"))
+        let path = format!("/v1/devices/{id}/messages?limit=1000");
+        let mut seqs: Vec<u64> = wait_for(&path, Duration::from_secs(30), || get(&path))
             .as_array()
             .expect("messages")
             .iter()
