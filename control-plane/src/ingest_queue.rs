@@ -189,11 +189,8 @@ async fn consumer(
         Some(n) => vec![n],
         None => vec![3, 2, 1],
     };
-    let mut made = None;
+    let (mut made, mut refused) = (None, None);
     for n in counts {
-        if matches!(&made, Some(Err((_, false)))) {
-            break;
-        }
         let created = js
             .get_or_create_stream(stream::Config {
                 name: STREAM.into(),
@@ -209,31 +206,31 @@ async fn consumer(
                 ..Default::default()
             })
             .await;
+        let failed =
+            |e: jetstream::context::CreateStreamError| anyhow::anyhow!("{e} ({n} replicas)");
         match created {
             Ok(s) => {
-                made = Some(Ok(s));
+                made = Some(s);
                 break;
             }
+            Err(e) if too_few_nodes(&e) => {
+                tracing::warn!(
+                    stream = STREAM,
+                    replicas = n,
+                    error = %e,
+                    "the cluster has too few nodes for this many copies of the stream"
+                );
+                refused = Some(failed(e));
+            }
             Err(e) => {
-                let fewer = too_few_nodes(&e);
-                if fewer {
-                    tracing::warn!(
-                        stream = STREAM,
-                        replicas = n,
-                        error = %e,
-                        "the cluster has too few nodes for this many copies of the stream; trying fewer"
-                    );
-                }
-                made = Some(Err((anyhow::anyhow!("{e} ({n} replicas)"), fewer)));
+                return Err(failed(e).context(format!("creating the JetStream stream {STREAM}")));
             }
         }
     }
-    let mut stream = match made {
-        Some(Ok(s)) => s,
-        Some(Err((e, _))) => {
-            return Err(e.context(format!("creating the JetStream stream {STREAM}")));
-        }
-        None => anyhow::bail!("--ingest-queue-replicas: no replica count to try"),
+    let Some(mut stream) = made else {
+        let e = refused
+            .unwrap_or_else(|| anyhow::anyhow!("--ingest-queue-replicas: no replica count to try"));
+        return Err(e.context(format!("creating the JetStream stream {STREAM}")));
     };
     let info = stream
         .info()
