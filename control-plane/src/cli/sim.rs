@@ -31,9 +31,9 @@ are compared with what it sealed. Exits non-zero when a check fails.
 With --ingest-only, only the ingest's storing is measured, with nothing else on the \
 machine's cores: --devices N devices are enrolled straight into the store (sled in the \
 work directory, or --database), --messages window reports each are sealed beforehand \
-and handed to the store as the MQTT ingest stores a backlog (4 lanes at once, batches of \
-2,048 messages from at most 256 devices). Reports messages stored per second: the \
-ceiling of the store on this machine.";
+and handed to the store as the MQTT ingest stores a backlog (4 lanes at once, cut into \
+batches as the ingest cuts them: at most 2,048 messages from at most 256 devices). \
+Reports messages stored per second: the ceiling of the store on this machine.";
 
 #[derive(Args, Debug)]
 pub(crate) struct SimArgs {
@@ -92,16 +92,8 @@ pub(crate) struct SimArgs {
 
 /// `--ingest-only`: the store's ceiling.
 fn ingest_only(a: &SimArgs) -> anyhow::Result<()> {
-    let (dir, _temporary) = match &a.dir {
-        Some(d) => {
-            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
-            (d.clone(), None)
-        }
-        None => {
-            let t = tempfile::Builder::new().prefix("fleetml-sim-").tempdir()?;
-            (t.path().to_path_buf(), Some(t))
-        }
-    };
+    // Removed at the end when it is a temporary folder (sled only).
+    let mut temporary = None;
     let (store, name): (Arc<dyn fleet_control::store::FleetStore>, String) = match &a.database {
         Some(url) => {
             let store = fleet_control::store::postgres::PgStore::open(url)?;
@@ -109,6 +101,17 @@ fn ingest_only(a: &SimArgs) -> anyhow::Result<()> {
             (Arc::new(store), name)
         }
         None => {
+            let dir = match &a.dir {
+                Some(d) => {
+                    std::fs::create_dir_all(d)
+                        .with_context(|| format!("creating {}", d.display()))?;
+                    d.clone()
+                }
+                None => {
+                    let t = tempfile::Builder::new().prefix("fleetml-sim-").tempdir()?;
+                    temporary.insert(t).path().to_path_buf()
+                }
+            };
             let path = dir.join("fleet.db");
             anyhow::ensure!(
                 !path.exists(),
