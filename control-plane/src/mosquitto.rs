@@ -86,12 +86,16 @@ pub fn conf_snippet(dir: &str) -> String {
          # a whole fleetml message and its headers, no more\n\
          message_size_limit {}\n\
          # the ingest acknowledges a batch once stored: at mosquitto's default of 20\n\
-         # unacknowledged messages per client a batch is 20 messages\n\
-         max_inflight_messages 1000\n\
+         # unacknowledged messages per client a batch is 20 messages; this lets each of\n\
+         # its storing lanes fill a batch, and bounds what waits in its memory\n\
+         max_inflight_messages {}\n\
+         max_inflight_bytes {}\n\
          # what waits for the ingest while it stores, or while the control plane is down\n\
          # (the default, 1000, drops the rest; devices publish it again, late)\n\
          max_queued_messages 1000000\n",
-        telemetry::MAX_MESSAGE + 1024
+        telemetry::MAX_MESSAGE + 1024,
+        crate::ingest_mqtt::BROKER_IN_FLIGHT,
+        crate::ingest_mqtt::BROKER_IN_FLIGHT_BYTES,
     )
 }
 

@@ -9,11 +9,12 @@
 //! and then handed to [`Ingest::store_batch`] as the MQTT ingest does under a backlog:
 //! each device on its lane (`ingest_mqtt::lane_of`), [`LANES`] lanes storing at once,
 //! each lane's backlog arriving round by round (every device's first report, then every
-//! device's second, …) and cut into batches by the ingest's own `next_batch`: at most
-//! [`BATCH`] messages from at most [`BATCH_DEVICES`] devices (with more devices than
-//! that on a lane, about one message per device). The clock runs from the first batch
-//! to the last flush; every device's first message (which makes its state) is stored
-//! before it starts.
+//! device's second, …), at most its share of the broker's in-flight window
+//! ([`BROKER_IN_FLIGHT`]) waiting at a time, and cut into batches by the ingest's own
+//! `next_batch`: a lane that far behind stores [`BATCH`] messages per batch, several per
+//! device when it has fewer devices than that, one each from [`BATCH`] devices when it
+//! has more. The clock runs from the first batch to the last flush; every device's
+//! first message (which makes its state) is stored before it starts.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -25,7 +26,7 @@ use serde::Serialize;
 
 use super::device::{Rng, window};
 use crate::ingest::Ingest;
-use crate::ingest_mqtt::{BATCH, BATCH_DEVICES, LANES, lane_of};
+use crate::ingest_mqtt::{BATCH, BATCH_DEVICES, BROKER_IN_FLIGHT, LANES, lane_of};
 use crate::store::FleetStore;
 
 /// What to store.
@@ -44,6 +45,8 @@ pub struct Capacity {
     pub lanes: usize,
     pub batch: usize,
     pub batch_devices: usize,
+    /// Messages waiting for a lane at most (its share of the broker's in-flight window).
+    pub lane_in_flight: usize,
     /// Messages handed over while the clock ran, and how many of them were stored.
     pub messages: u64,
     pub stored: u64,
@@ -136,7 +139,7 @@ pub fn ingest_capacity(
         .context("storing the devices' first statuses")?;
     let batches: Vec<Vec<Vec<Sealed>>> = lanes
         .into_iter()
-        .map(backlog_batches)
+        .map(|lane| backlog_batches(lane, BROKER_IN_FLIGHT / LANES))
         .collect::<anyhow::Result<_>>()?;
     let messages: u64 = batches.iter().flatten().map(|b| b.len() as u64).sum();
     let bytes: u64 = batches
@@ -181,6 +184,7 @@ pub fn ingest_capacity(
         lanes: LANES,
         batch: BATCH,
         batch_devices: BATCH_DEVICES,
+        lane_in_flight: BROKER_IN_FLIGHT / LANES,
         messages,
         stored,
         refused: after.1 - before.1,
@@ -202,28 +206,40 @@ fn counts<S: FleetStore>(ingest: &Ingest<S>) -> (u64, u64, u64) {
 }
 
 /// A lane's backlog as the MQTT ingest batches it: its devices' messages arriving round
-/// by round, cut by `ingest_mqtt::next_batch` itself.
-fn backlog_batches(devices: Vec<Vec<Sealed>>) -> anyhow::Result<Vec<Vec<Sealed>>> {
+/// by round, at most `in_flight` of them waiting at a time (the lane's share of the
+/// broker's in-flight window: the broker sends more as batches are stored and
+/// acknowledged), cut by `ingest_mqtt::next_batch` itself.
+fn backlog_batches(
+    devices: Vec<Vec<Sealed>>,
+    in_flight: usize,
+) -> anyhow::Result<Vec<Vec<Sealed>>> {
     use rumqttc::{Publish, QoS};
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u64, Publish)>();
     let rounds = devices.iter().map(Vec::len).max().unwrap_or(0);
     let mut queues: Vec<std::vec::IntoIter<Sealed>> =
         devices.into_iter().map(Vec::into_iter).collect();
-    let mut n = 0u64;
+    let mut order = Vec::new();
     for _ in 0..rounds {
-        for q in &mut queues {
-            if let Some((topic, bytes)) = q.next() {
-                tx.send((n, Publish::new(topic, QoS::AtLeastOnce, bytes)))
-                    .map_err(|_| anyhow::anyhow!("the backlog's channel closed"))?;
-                n += 1;
-            }
-        }
+        order.extend(queues.iter_mut().filter_map(Iterator::next));
     }
-    drop(tx);
+    let mut arrivals = order.into_iter().zip(0u64..);
     let runtime = tokio::runtime::Builder::new_current_thread().build()?;
     let mut held = std::collections::VecDeque::new();
     let mut batches = Vec::new();
-    while let Some(batch) = runtime.block_on(crate::ingest_mqtt::next_batch(&mut rx, &mut held)) {
+    loop {
+        while held.len() + rx.len() < in_flight.max(1) {
+            let Some(((topic, bytes), n)) = arrivals.next() else {
+                break;
+            };
+            tx.send((n, Publish::new(topic, QoS::AtLeastOnce, bytes)))
+                .map_err(|_| anyhow::anyhow!("the backlog's channel closed"))?;
+        }
+        if held.is_empty() && rx.is_empty() {
+            return Ok(batches);
+        }
+        let batch = runtime
+            .block_on(crate::ingest_mqtt::next_batch(&mut rx, &mut held))
+            .context("the backlog's channel closed")?;
         batches.push(
             batch
                 .into_iter()
@@ -231,16 +247,16 @@ fn backlog_batches(devices: Vec<Vec<Sealed>>) -> anyhow::Result<Vec<Vec<Sealed>>
                 .collect(),
         );
     }
-    Ok(batches)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Every message once, each device's in order, batches of at most BATCH messages
-    /// from at most BATCH_DEVICES devices: several messages per device when a lane has
-    /// fewer devices than that, about one each when it has more.
+    /// Every message once, each device's in order, batches of at most BATCH messages:
+    /// with a backlog of more than a batch, several messages per device when a lane has
+    /// fewer devices than a batch holds, one each from BATCH devices when it has more;
+    /// with less waiting, from at most BATCH_DEVICES devices.
     #[test]
     fn a_backlog_is_cut_as_the_lanes_cut_it() {
         let backlog = |devices: usize, messages: usize| -> Vec<Vec<Sealed>> {
@@ -252,30 +268,33 @@ mod tests {
                 })
                 .collect()
         };
-        for (devices, messages) in [(200, 20), (BATCH_DEVICES + 3, 20), (2500, 3)] {
-            let batches = backlog_batches(backlog(devices, messages)).expect("cut");
+        let lane = BROKER_IN_FLIGHT / LANES;
+        for (devices, messages, in_flight, largest, most_devices) in [
+            (200, 20, lane, BATCH, 200),
+            (BATCH_DEVICES + 3, 20, lane, BATCH, BATCH_DEVICES + 3),
+            (2500, 3, lane, BATCH, BATCH),
+            // A lane that keeps up: less than BEHIND waiting at a time.
+            (300, 3, 900, 3 * BATCH_DEVICES, BATCH_DEVICES),
+            (2500, 3, 20, 20, 20),
+        ] {
+            let case = format!("{devices} devices, {in_flight} in flight");
+            let batches = backlog_batches(backlog(devices, messages), in_flight).expect("cut");
             let mut seen: std::collections::HashMap<String, Vec<u8>> = Default::default();
+            let mut most = 0;
             for b in &batches {
-                assert!(b.len() <= BATCH);
                 let in_it: std::collections::HashSet<&String> = b.iter().map(|(t, _)| t).collect();
-                assert!(in_it.len() <= BATCH_DEVICES, "{} devices", in_it.len());
+                most = most.max(in_it.len());
                 for (t, m) in b {
                     seen.entry(t.clone()).or_default().push(m[0]);
                 }
             }
-            assert_eq!(seen.len(), devices);
+            assert_eq!(seen.len(), devices, "{case}");
             for got in seen.values() {
-                assert_eq!(*got, (0..messages as u8).collect::<Vec<u8>>());
+                assert_eq!(*got, (0..messages as u8).collect::<Vec<u8>>(), "{case}");
             }
-            let largest = batches.iter().map(Vec::len).max().unwrap_or(0);
-            if devices <= BATCH_DEVICES {
-                assert_eq!(largest, BATCH.min(devices * messages), "{devices} devices");
-            } else if devices > BATCH {
-                assert!(
-                    largest <= BATCH_DEVICES,
-                    "{largest}: one message per device"
-                );
-            }
+            let sizes = batches.iter().map(Vec::len);
+            assert_eq!(sizes.max(), Some(largest), "{case}");
+            assert_eq!(most, most_devices, "{case}");
         }
     }
 

@@ -160,9 +160,11 @@ pub(super) fn start_mosquitto(bin: &Path, dir: &Path, port: u16) -> anyhow::Resu
              max_queued_messages 1000000\n\
              # Unacknowledged messages on their way to one client (the ingest acknowledges\n\
              # a batch once stored): at mosquitto's default of 20 a batch is 20 messages.\n\
-             max_inflight_messages 1000\n\
+             max_inflight_messages {}\nmax_inflight_bytes {}\n\
              log_type error\nlog_type warning\nconnection_messages false\n{}",
             store.display(),
+            crate::ingest_mqtt::BROKER_IN_FLIGHT,
+            crate::ingest_mqtt::BROKER_IN_FLIGHT_BYTES,
             if running_as_root() { "user root\n" } else { "" }
         ),
     )?;

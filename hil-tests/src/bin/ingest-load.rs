@@ -4,6 +4,7 @@
 //! costs the agent's outbox (sealed, written, flushed).
 //!
 //! Usage: ingest-load [--devices N] [--messages M] [--broker embedded|mosquitto] [--tls]
+//!                    [--inflight N]
 //!        ingest-load --outbox [--messages M]
 //!        ingest-load --api N [--tls]
 //!
@@ -12,7 +13,8 @@
 //! runs from the first publish until the ingest's `stored` counter reaches N·M. With
 //! `--tls` the control plane runs `--self-signed` and the devices connect to the
 //! embedded broker over TLS; without, it runs `--insecure-listen` (both pass the same
-//! ACL relay).
+//! ACL relay). `--inflight N` sets mosquitto's `max_inflight_messages` (how many
+//! messages it sends the ingest unacknowledged; mosquitto's own default, 20, without).
 //!
 //! `--api N`: N calls of `GET /v1/ingest`, each on a new connection as fleetctl and the
 //! agents make them (over TLS: a full handshake each); p50 and p95 of each call.
@@ -128,7 +130,11 @@ fn main() {
     let devices: usize = arg("--devices").and_then(|v| v.parse().ok()).unwrap_or(20);
     let broker_kind = arg("--broker").unwrap_or_else(|| "embedded".into());
     let dir = tempfile::tempdir().expect("tempdir");
-    let mosquitto = (broker_kind == "mosquitto").then(|| Mosquitto::start(dir.path(), free_port()));
+    let inflight: Option<u32> =
+        arg("--inflight").map(|v| v.parse().expect("--inflight: give a number of messages"));
+    let conf = inflight.map_or(String::new(), |n| format!("max_inflight_messages {n}\n"));
+    let mosquitto = (broker_kind == "mosquitto")
+        .then(|| Mosquitto::start_configured(dir.path(), free_port(), &conf));
     eprintln!("starting the control plane");
     let plain: &[&str] = if tls { &[] } else { &["--insecure-listen"] };
     let plane = ControlPlane::start(dir.path(), mosquitto.as_ref().map(|m| m.port), plain);
@@ -227,8 +233,9 @@ fn main() {
         let _ = t.join();
     }
     println!(
-        "{{\"bench\": \"ingest\", \"broker\": \"{broker_kind}\", \"tls\": {}, \"devices\": {devices}, \"messages\": {total}, \"bytes_per_message\": {bytes}, \"seconds\": {:.2}, \"stored_per_s\": {:.0}}}",
+        "{{\"bench\": \"ingest\", \"broker\": \"{broker_kind}\", \"tls\": {}, \"inflight\": {}, \"devices\": {devices}, \"messages\": {total}, \"bytes_per_message\": {bytes}, \"seconds\": {:.2}, \"stored_per_s\": {:.0}}}",
         roots.is_some(),
+        inflight.map_or("null".to_string(), |n| n.to_string()),
         elapsed.as_secs_f64(),
         total as f64 / elapsed.as_secs_f64()
     );
