@@ -1,7 +1,8 @@
 #!/bin/bash
 # docs/BENCHMARKS.md, "The ingest's storing ceiling": `fleetctl sim --ingest-only`, sled
 # vs PostgreSQL (a private server on port 25434), ROUNDS rounds interleaved (default 3),
-# N devices (default 1000) x M window reports each (default 100); JSON reports and
+# N devices (default 1000) x M window reports each (default 100), IN_FLIGHT the broker's
+# in-flight window (default: what `fleetctl broker acl` sets); JSON reports and
 # uptime in $OUT. Run as root (initdb runs as postgres) on an idle machine, after
 # cargo build --release -p fleet-control (or FLEETCTL=path).
 set -u
@@ -15,6 +16,7 @@ uptime > $OUT/load.txt
 for run in $(seq 1 ${ROUNDS:-3}); do
   for store in sled pg; do
     args=(sim --ingest-only --devices ${N:-1000} --messages ${M:-100} --json)
+    if [ -n "${IN_FLIGHT:-}" ]; then args+=(--in-flight $IN_FLIGHT); fi
     if [ $store = pg ]; then
       runuser -u postgres -- $PGBIN/psql -h 127.0.0.1 -p 25434 -U postgres -qc "DROP DATABASE IF EXISTS cap" -c "CREATE DATABASE cap"
       args+=(--database postgres://postgres@127.0.0.1:25434/cap)

@@ -32,24 +32,20 @@ pub const LANES: usize = 4;
 /// backlog grow to 3 GiB; 2,048 stores about 9,300, what the devices sent). Under light
 /// load a batch is whatever has arrived: nothing waits for it to fill.
 pub(crate) const BATCH: usize = 2048;
-/// Devices in one batch, at most, while the lane keeps up: the batch holds each
-/// device's mark and decoded state too, and with one message per device a larger batch
-/// saves no state writes (10,000 devices, sled: batches of 2,048 devices made rollouts
-/// 2–8 s slower and the peak 70–370 MiB higher than 256). Messages of
-/// further devices wait for the next batch rather than end this one, or a lane with a
-/// few more devices than this would store batches of one message per device again.
+/// Devices in one batch, at most: the batch holds each device's mark and decoded state
+/// too, and with one message per device a larger batch gains nothing (10,000 devices,
+/// sled: batches of 2,048 devices made rollouts 2–8 s slower and the peak 70–370 MiB
+/// higher than 256; a backlog of one message per device was stored no faster in
+/// batches of 2,048 devices: docs/BENCHMARKS.md). Messages of further devices wait for
+/// the next batch rather than end this one, or a lane with a few more devices than this
+/// would store batches of one message per device again.
 pub(crate) const BATCH_DEVICES: usize = 256;
-/// Messages waiting in a lane (put aside and not yet taken) at which it is behind: its
-/// batches then take up to [`BATCH`] devices, so that more messages share each commit
-/// and flush (10,000 devices with one message each waiting: sled stored about 8,900
-/// msg/s in batches of 256 devices, 20,000 in batches of 2,048; docs/BENCHMARKS.md).
-pub(crate) const BEHIND: usize = BATCH / 2;
 
 /// Messages the broker should send the ingest unacknowledged (mosquitto's
 /// `max_inflight_messages`, set so by `fleetctl broker acl` and the simulator): a whole
 /// batch for every lane. The ingest acknowledges a message once it is stored, so this
 /// bounds what waits in the control plane's memory; with mosquitto's default of 20
-/// every batch is 20 messages, and with 1,000 a lane holds about 250, one message per
+/// every batch is 20 messages, and with 1,000 a lane holds about 250: one message per
 /// device at 1,000 devices and more.
 pub const BROKER_IN_FLIGHT: usize = LANES * BATCH;
 /// And the bytes of them (mosquitto's `max_inflight_bytes`): 8,192 of the simulator's
@@ -288,11 +284,10 @@ async fn store_lane(
 }
 
 /// The next batch: the messages `held` from earlier calls, then what has arrived on
-/// `rx`, up to [`BATCH`] messages from at most [`BATCH_DEVICES`] devices, or from up to
-/// [`BATCH`] devices while [`BEHIND`] or more messages wait; waits only when there is
-/// nothing at all. The messages of devices beyond that many are held, in order, for the
-/// next batch (at most [`BATCH`] of them), so each device's messages keep their order.
-/// `None` once `rx` is closed and nothing is held.
+/// `rx`, up to [`BATCH`] messages from at most [`BATCH_DEVICES`] devices; waits only
+/// when there is nothing at all. The messages of devices beyond that many are held, in
+/// order, for the next batch (at most [`BATCH`] of them), so each device's messages
+/// keep their order. `None` once `rx` is closed and nothing is held.
 pub(crate) async fn next_batch(
     rx: &mut mpsc::UnboundedReceiver<(u64, Publish)>,
     held: &mut VecDeque<(u64, Publish)>,
@@ -300,11 +295,6 @@ pub(crate) async fn next_batch(
     if held.is_empty() {
         held.push_back(rx.recv().await?);
     }
-    let most_devices = if held.len() + rx.len() >= BEHIND {
-        BATCH
-    } else {
-        BATCH_DEVICES
-    };
     let mut devices = std::collections::HashSet::new();
     let mut batch = Vec::new();
     let mut later = VecDeque::new();
@@ -315,7 +305,7 @@ pub(crate) async fn next_batch(
         let device = device_of(&m.1.topic);
         if devices.contains(device) {
             batch.push(m);
-        } else if devices.len() < most_devices {
+        } else if devices.len() < BATCH_DEVICES {
             devices.insert(device.to_owned());
             batch.push(m);
         } else {
@@ -453,70 +443,57 @@ mod tests {
         assert_eq!(all, (0..n).collect::<Vec<_>>(), "each once");
     }
 
-    /// One message of each of `total` devices waiting; the batches `next_batch` cuts,
-    /// each as the message numbers in it, checking that a call with messages held does
-    /// not wait on the channel (its sender still open) and that what is put aside stays
-    /// bounded.
-    async fn one_message_per_device(total: usize) -> Vec<Vec<u64>> {
+    /// At most BATCH messages are put aside, the rest stay in the channel; a call with
+    /// messages held does not wait on the channel (its sender still open).
+    #[tokio::test]
+    async fn what_is_put_aside_is_bounded_and_comes_first() {
         let (tx, mut rx) = mpsc::unbounded_channel();
+        let total = BATCH_DEVICES + BATCH + 5;
         for n in 0..total as u64 {
             let topic = format!("fleetml/v1/d-{n}/telemetry");
             tx.send((n, Publish::new(topic, QoS::AtLeastOnce, vec![0u8])))
                 .expect("open");
         }
         let mut held = VecDeque::new();
-        let mut batches = Vec::new();
-        let mut taken = 0;
-        while taken < total {
+        async fn next(
+            rx: &mut mpsc::UnboundedReceiver<(u64, Publish)>,
+            held: &mut VecDeque<(u64, Publish)>,
+        ) -> Vec<u64> {
             let wait = std::time::Duration::from_secs(5);
-            let batch: Vec<u64> = tokio::time::timeout(wait, next_batch(&mut rx, &mut held))
+            tokio::time::timeout(wait, next_batch(rx, held))
                 .await
-                .expect("no wait while messages are held or waiting")
+                .expect("no wait while messages are held")
                 .expect("a batch")
                 .into_iter()
                 .map(|(n, _)| n)
-                .collect();
-            assert!(held.len() <= BATCH, "put aside: {}", held.len());
-            taken += batch.len();
-            batches.push(batch);
+                .collect()
         }
-        drop(tx);
+        let first = next(&mut rx, &mut held).await;
+        assert_eq!(first, (0..BATCH_DEVICES as u64).collect::<Vec<_>>());
         assert_eq!(
-            batches.concat(),
-            (0..total as u64).collect::<Vec<_>>(),
-            "each once, in arrival order"
+            held.len(),
+            BATCH,
+            "put aside: BATCH, the rest left in the channel"
         );
-        batches
-    }
-
-    /// A lane that keeps up stores one message of each of at most BATCH_DEVICES devices
-    /// per batch and puts the rest aside, in order.
-    #[tokio::test]
-    async fn a_lane_keeping_up_takes_few_devices_per_batch() {
-        let batches = one_message_per_device(BEHIND - 1).await;
-        let sizes: Vec<usize> = batches.iter().map(Vec::len).collect();
-        let whole = (BEHIND - 1) / BATCH_DEVICES;
-        let mut expected = vec![BATCH_DEVICES; whole];
-        expected.push(BEHIND - 1 - whole * BATCH_DEVICES);
-        assert_eq!(sizes, expected);
-    }
-
-    /// A lane BEHIND or more messages behind stores up to BATCH devices per batch, and
-    /// goes back to BATCH_DEVICES once it has caught up.
-    #[tokio::test]
-    async fn a_lane_behind_takes_a_batch_of_devices() {
-        let total = 2 * BATCH + BEHIND - 1;
-        let sizes: Vec<usize> = one_message_per_device(total)
-            .await
-            .iter()
-            .map(Vec::len)
-            .collect();
-        let rest = BEHIND - 1;
-        let whole = rest / BATCH_DEVICES;
-        let mut expected = vec![BATCH, BATCH];
-        expected.extend(vec![BATCH_DEVICES; whole]);
-        expected.push(rest - whole * BATCH_DEVICES);
-        assert_eq!(sizes, expected);
+        let second = next(&mut rx, &mut held).await;
+        let third = next(&mut rx, &mut held).await;
+        assert_eq!(
+            [first.len(), second.len(), third.len()],
+            [BATCH_DEVICES; 3],
+            "one message of each of 256 devices"
+        );
+        assert!(held.len() <= BATCH);
+        let mut all = [first, second, third].concat();
+        while all.len() < total {
+            all.extend(next(&mut rx, &mut held).await);
+            assert!(held.len() <= BATCH);
+        }
+        assert_eq!(
+            all,
+            (0..total as u64).collect::<Vec<_>>(),
+            "in arrival order"
+        );
+        drop(tx);
     }
 
     #[test]

@@ -31,9 +31,10 @@ are compared with what it sealed. Exits non-zero when a check fails.
 With --ingest-only, only the ingest's storing is measured, with nothing else on the \
 machine's cores: --devices N devices are enrolled straight into the store (sled in the \
 work directory, or --database), --messages window reports each are sealed beforehand \
-and handed to the store as the MQTT ingest stores a backlog (4 lanes at once, cut into \
-batches as the ingest cuts them: at most 2,048 messages from at most 256 devices). \
-Reports messages stored per second: the ceiling of the store on this machine.";
+and handed to the store as the MQTT ingest stores a backlog (4 lanes at once, at most \
+--in-flight messages waiting, cut into batches as the ingest cuts them: at most 2,048 \
+messages from at most 256 devices). Reports messages stored per second: the ceiling of \
+the store on this machine.";
 
 #[derive(Args, Debug)]
 pub(crate) struct SimArgs {
@@ -85,6 +86,10 @@ pub(crate) struct SimArgs {
     /// With --ingest-only: window reports per device.
     #[arg(long, requires = "ingest_only", default_value_t = 50)]
     messages: usize,
+    /// With --ingest-only: the broker's in-flight window for the ingest (mosquitto's
+    /// `max_inflight_messages`; the default is what `fleetctl broker acl` sets).
+    #[arg(long, requires = "ingest_only", default_value_t = fleet_control::ingest_mqtt::BROKER_IN_FLIGHT)]
+    in_flight: usize,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -131,6 +136,7 @@ fn ingest_only(a: &SimArgs) -> anyhow::Result<()> {
         &fleet_control::sim::CapacityOptions {
             devices: a.devices,
             messages: a.messages,
+            in_flight: a.in_flight,
         },
     )?;
     if a.json {

@@ -9,12 +9,14 @@
 //! and then handed to [`Ingest::store_batch`] as the MQTT ingest does under a backlog:
 //! each device on its lane (`ingest_mqtt::lane_of`), [`LANES`] lanes storing at once,
 //! each lane's backlog arriving round by round (every device's first report, then every
-//! device's second, …), at most its share of the broker's in-flight window
-//! ([`BROKER_IN_FLIGHT`]) waiting at a time, and cut into batches by the ingest's own
-//! `next_batch`: a lane that far behind stores [`BATCH`] messages per batch, several per
-//! device when it has fewer devices than that, one each from [`BATCH`] devices when it
-//! has more. The clock runs from the first batch to the last flush; every device's
-//! first message (which makes its state) is stored before it starts.
+//! device's second, …), at most its share of the broker's in-flight window waiting at a
+//! time (`--in-flight`; by default
+//! [`BROKER_IN_FLIGHT`](crate::ingest_mqtt::BROKER_IN_FLIGHT), what `fleetctl broker
+//! acl` sets), and cut into batches by the ingest's own `next_batch`: at most [`BATCH`]
+//! messages from at most [`BATCH_DEVICES`] devices (with more devices than that on a
+//! lane, or a small window, about one message per device). The clock runs from the
+//! first batch to the last flush; every device's first message (which makes its state)
+//! is stored before it starts.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -26,7 +28,7 @@ use serde::Serialize;
 
 use super::device::{Rng, window};
 use crate::ingest::Ingest;
-use crate::ingest_mqtt::{BATCH, BATCH_DEVICES, BROKER_IN_FLIGHT, LANES, lane_of};
+use crate::ingest_mqtt::{BATCH, BATCH_DEVICES, LANES, lane_of};
 use crate::store::FleetStore;
 
 /// What to store.
@@ -35,6 +37,9 @@ pub struct CapacityOptions {
     pub devices: usize,
     /// Window reports per device, after its first status.
     pub messages: usize,
+    /// The broker's in-flight window (messages sent to the ingest unacknowledged),
+    /// shared by the lanes.
+    pub in_flight: usize,
 }
 
 /// What the store took.
@@ -71,6 +76,11 @@ pub fn ingest_capacity(
         (1..=100_000).contains(&opts.devices),
         "--devices {}: give 1 to 100000",
         opts.devices
+    );
+    anyhow::ensure!(
+        (1..=1_000_000).contains(&opts.in_flight),
+        "--in-flight {}: give 1 to 1000000 messages",
+        opts.in_flight
     );
     anyhow::ensure!(
         (1..=10_000).contains(&opts.messages),
@@ -139,7 +149,7 @@ pub fn ingest_capacity(
         .context("storing the devices' first statuses")?;
     let batches: Vec<Vec<Vec<Sealed>>> = lanes
         .into_iter()
-        .map(|lane| backlog_batches(lane, BROKER_IN_FLIGHT / LANES))
+        .map(|lane| backlog_batches(lane, opts.in_flight.div_ceil(LANES)))
         .collect::<anyhow::Result<_>>()?;
     let messages: u64 = batches.iter().flatten().map(|b| b.len() as u64).sum();
     let bytes: u64 = batches
@@ -184,7 +194,7 @@ pub fn ingest_capacity(
         lanes: LANES,
         batch: BATCH,
         batch_devices: BATCH_DEVICES,
-        lane_in_flight: BROKER_IN_FLIGHT / LANES,
+        lane_in_flight: opts.in_flight.div_ceil(LANES),
         messages,
         stored,
         refused: after.1 - before.1,
@@ -252,11 +262,12 @@ fn backlog_batches(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ingest_mqtt::BROKER_IN_FLIGHT;
 
-    /// Every message once, each device's in order, batches of at most BATCH messages:
-    /// with a backlog of more than a batch, several messages per device when a lane has
-    /// fewer devices than a batch holds, one each from BATCH devices when it has more;
-    /// with less waiting, from at most BATCH_DEVICES devices.
+    /// Every message once, each device's in order, batches of at most BATCH messages
+    /// from at most BATCH_DEVICES devices: several messages per device when a lane has
+    /// fewer devices than that and a window of a batch, about one each when it has more
+    /// or the window is small.
     #[test]
     fn a_backlog_is_cut_as_the_lanes_cut_it() {
         let backlog = |devices: usize, messages: usize| -> Vec<Vec<Sealed>> {
@@ -269,13 +280,28 @@ mod tests {
                 .collect()
         };
         let lane = BROKER_IN_FLIGHT / LANES;
+        assert_eq!(lane, BATCH, "the window lets every lane fill a batch");
+        // (devices, messages each, waiting at most, the largest batch, devices in it)
         for (devices, messages, in_flight, largest, most_devices) in [
-            (200, 20, lane, BATCH, 200),
-            (BATCH_DEVICES + 3, 20, lane, BATCH, BATCH_DEVICES + 3),
-            (2500, 3, lane, BATCH, BATCH),
-            // A lane that keeps up: less than BEHIND waiting at a time.
-            (300, 3, 900, 3 * BATCH_DEVICES, BATCH_DEVICES),
-            (2500, 3, 20, 20, 20),
+            (200, 20, lane, BATCH..=BATCH, 200),
+            // Three devices' messages wait while the others fill the batch.
+            (
+                BATCH_DEVICES + 3,
+                20,
+                lane,
+                BATCH - 30..=BATCH,
+                BATCH_DEVICES,
+            ),
+            (2500, 3, lane, BATCH_DEVICES..=BATCH_DEVICES, BATCH_DEVICES),
+            (
+                300,
+                3,
+                900,
+                3 * BATCH_DEVICES..=3 * BATCH_DEVICES,
+                BATCH_DEVICES,
+            ),
+            // mosquitto's own default window, 20, shared by four lanes.
+            (200, 20, 5, 5..=5, 5),
         ] {
             let case = format!("{devices} devices, {in_flight} in flight");
             let batches = backlog_batches(backlog(devices, messages), in_flight).expect("cut");
@@ -292,8 +318,11 @@ mod tests {
             for got in seen.values() {
                 assert_eq!(*got, (0..messages as u8).collect::<Vec<u8>>(), "{case}");
             }
-            let sizes = batches.iter().map(Vec::len);
-            assert_eq!(sizes.max(), Some(largest), "{case}");
+            let biggest = batches.iter().map(Vec::len).max().unwrap_or(0);
+            assert!(
+                largest.contains(&biggest),
+                "{case}: {biggest} in the largest batch"
+            );
             assert_eq!(most, most_devices, "{case}");
         }
     }
@@ -310,6 +339,7 @@ mod tests {
             &CapacityOptions {
                 devices: 10,
                 messages: 5,
+                in_flight: BROKER_IN_FLIGHT,
             },
         )
         .expect("measured");

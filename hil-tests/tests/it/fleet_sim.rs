@@ -202,7 +202,38 @@ fn sim_ingest_only_measures_the_store_on_sled_and_postgresql() {
         assert_eq!(report["stored"], 100, "{report:#}");
         assert_eq!(report["refused"], 0, "{report:#}");
         assert!(number(&report, &["stored_per_s"]) > 0.0, "{report:#}");
+        // Each lane's share of the window `fleetctl broker acl` gives mosquitto.
+        assert_eq!(report["lane_in_flight"], 2048, "{report:#}");
     }
+    // mosquitto's own default window (20): every message stored all the same.
+    let small = fleetctl(
+        tmp.path(),
+        &[
+            "sim",
+            "--ingest-only",
+            "--devices",
+            "20",
+            "--messages",
+            "5",
+            "--in-flight",
+            "20",
+            "--dir",
+            "small",
+            "--json",
+        ],
+    );
+    let report: Value = serde_json::from_str(small.success()).expect("JSON");
+    assert_eq!(
+        (&report["lane_in_flight"], &report["stored"]),
+        (&Value::from(5), &Value::from(100)),
+        "{report:#}"
+    );
+    let none = fleetctl(tmp.path(), &["sim", "--ingest-only", "--in-flight", "0"]);
+    assert!(
+        none.failure().contains("--in-flight 0: give 1 to"),
+        "{}",
+        none.stderr
+    );
     // Again on the same database: its devices are there already, and every message
     // would be a duplicate.
     let again = fleetctl(
