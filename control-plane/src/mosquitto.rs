@@ -87,7 +87,8 @@ pub fn conf_snippet(dir: &str) -> String {
          message_size_limit {}\n\
          # the ingest acknowledges a batch once stored: at mosquitto's default of 20\n\
          # unacknowledged messages per client a batch is 20 messages; this lets each of\n\
-         # its storing lanes fill a batch, and bounds what waits in its memory\n\
+         # its storing lanes fill a batch, and bounds what waits in its memory (both\n\
+         # apply to every client, devices included: they receive only small commands)\n\
          max_inflight_messages {}\n\
          max_inflight_bytes {}\n\
          # what waits for the ingest while it stores, or while the control plane is down\n\
@@ -102,6 +103,20 @@ pub fn conf_snippet(dir: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The snippet gives the ingest a window of a batch per lane, bounded in bytes.
+    #[test]
+    fn the_snippet_lets_every_lane_fill_a_batch() {
+        let conf = conf_snippet("/etc/mosquitto/fleetml");
+        for line in [
+            "max_inflight_messages 8192",
+            "max_inflight_bytes 67108864",
+            "max_queued_messages 1000000",
+            "password_file /etc/mosquitto/fleetml/passwd",
+        ] {
+            assert!(conf.lines().any(|l| l == line), "{line} missing:\n{conf}");
+        }
+    }
 
     /// The line verifies as mosquitto does: PBKDF2-HMAC-SHA512 of the password with the
     /// salt written in it.

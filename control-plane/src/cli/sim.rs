@@ -97,6 +97,13 @@ pub(crate) struct SimArgs {
 
 /// `--ingest-only`: the store's ceiling.
 fn ingest_only(a: &SimArgs) -> anyhow::Result<()> {
+    // Before any store is made (a refused run leaves nothing in --dir).
+    anyhow::ensure!(
+        (1..=1_000_000).contains(&a.in_flight),
+        "--in-flight {}: give 1 to 1000000 messages (mosquitto reads 0 as no limit; \
+         give the window it really has)",
+        a.in_flight
+    );
     // Removed at the end when it is a temporary folder (sled only).
     let mut temporary = None;
     let (store, name): (Arc<dyn fleet_control::store::FleetStore>, String) = match &a.database {

@@ -17,6 +17,10 @@
 //! lane, or a small window, about one message per device). The clock runs from the
 //! first batch to the last flush; every device's first message (which makes its state)
 //! is stored before it starts.
+//!
+//! An upper bound on what the MQTT ingest stores: the window is split evenly between
+//! the lanes and refilled as soon as a batch is cut, where the broker frees a slot only
+//! once the message is stored and acknowledged, in arrival order, across all lanes.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -50,8 +54,10 @@ pub struct Capacity {
     pub lanes: usize,
     pub batch: usize,
     pub batch_devices: usize,
-    /// Messages waiting for a lane at most (its share of the broker's in-flight window).
+    /// Messages waiting for a lane at most (its share of the broker's in-flight window,
+    /// rounded up), and the most messages one batch held.
     pub lane_in_flight: usize,
+    pub largest_batch: usize,
     /// Messages handed over while the clock ran, and how many of them were stored.
     pub messages: u64,
     pub stored: u64,
@@ -147,11 +153,15 @@ pub fn ingest_capacity(
             crate::plane::now_ms(),
         )
         .context("storing the devices' first statuses")?;
+    // Each lane's share of the window, rounded up (a window smaller than LANES gives
+    // each lane one message).
+    let lane_in_flight = opts.in_flight.div_ceil(LANES);
     let batches: Vec<Vec<Vec<Sealed>>> = lanes
         .into_iter()
-        .map(|lane| backlog_batches(lane, opts.in_flight.div_ceil(LANES)))
+        .map(|lane| backlog_batches(lane, lane_in_flight))
         .collect::<anyhow::Result<_>>()?;
     let messages: u64 = batches.iter().flatten().map(|b| b.len() as u64).sum();
+    let largest_batch = batches.iter().flatten().map(Vec::len).max().unwrap_or(0);
     let bytes: u64 = batches
         .iter()
         .flatten()
@@ -194,7 +204,8 @@ pub fn ingest_capacity(
         lanes: LANES,
         batch: BATCH,
         batch_devices: BATCH_DEVICES,
-        lane_in_flight: opts.in_flight.div_ceil(LANES),
+        lane_in_flight,
+        largest_batch,
         messages,
         stored,
         refused: after.1 - before.1,
@@ -300,6 +311,9 @@ mod tests {
                 3 * BATCH_DEVICES..=3 * BATCH_DEVICES,
                 BATCH_DEVICES,
             ),
+            // The window of 1,000 that mosquitto was given before: a lane's share holds
+            // one message of each of its 250 devices (its whole backlog: 2,048).
+            (250, 20, 250, 250..=250, 250),
             // mosquitto's own default window, 20, shared by four lanes.
             (200, 20, 5, 5..=5, 5),
         ] {

@@ -132,6 +132,10 @@ fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
     let inflight: Option<u32> =
         arg("--inflight").map(|v| v.parse().expect("--inflight: give a number of messages"));
+    assert!(
+        inflight.is_none() || broker_kind == "mosquitto",
+        "--inflight sets mosquitto's window: give --broker mosquitto (the embedded broker's is 100)"
+    );
     let conf = inflight.map_or(String::new(), |n| format!("max_inflight_messages {n}\n"));
     let mosquitto = (broker_kind == "mosquitto")
         .then(|| Mosquitto::start_configured(dir.path(), free_port(), &conf));

@@ -179,19 +179,15 @@ fn sim_ingest_only_measures_the_store_on_sled_and_postgresql() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let pg = Postgres::start();
     let url = pg.create_database("capacity");
-    for (store, more) in [("sled", vec![]), ("postgresql", vec!["--database", &url])] {
-        let mut args = vec![
-            "sim",
-            "--ingest-only",
-            "--devices",
-            "20",
-            "--messages",
-            "5",
-            "--json",
-        ];
+    // 20 devices × 5 reports, the JSON report.
+    let measure = |more: &[&str]| -> Value {
+        let mut args = vec!["sim", "--ingest-only", "--devices", "20", "--messages", "5"];
         args.extend(more);
-        let run = fleetctl(tmp.path(), &args);
-        let report: Value = serde_json::from_str(run.success()).expect("JSON");
+        args.push("--json");
+        serde_json::from_str(fleetctl(tmp.path(), &args).success()).expect("JSON")
+    };
+    for (store, more) in [("sled", vec![]), ("postgresql", vec!["--database", &url])] {
+        let report = measure(&more);
         assert!(
             report["store"]
                 .as_str()
@@ -206,28 +202,13 @@ fn sim_ingest_only_measures_the_store_on_sled_and_postgresql() {
         assert_eq!(report["lane_in_flight"], 2048, "{report:#}");
     }
     // mosquitto's own default window (20): every message stored all the same.
-    let small = fleetctl(
-        tmp.path(),
-        &[
-            "sim",
-            "--ingest-only",
-            "--devices",
-            "20",
-            "--messages",
-            "5",
-            "--in-flight",
-            "20",
-            "--dir",
-            "small",
-            "--json",
-        ],
-    );
-    let report: Value = serde_json::from_str(small.success()).expect("JSON");
+    let report = measure(&["--in-flight", "20", "--dir", "small"]);
     assert_eq!(
         (&report["lane_in_flight"], &report["stored"]),
         (&Value::from(5), &Value::from(100)),
         "{report:#}"
     );
+    assert!(number(&report, &["largest_batch"]) <= 5.0, "{report:#}");
     let none = fleetctl(tmp.path(), &["sim", "--ingest-only", "--in-flight", "0"]);
     assert!(
         none.failure().contains("--in-flight 0: give 1 to"),
