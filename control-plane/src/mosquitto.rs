@@ -85,16 +85,25 @@ pub fn conf_snippet(dir: &str) -> String {
          acl_file {dir}/acl\n\
          # a whole fleetml message and its headers, no more\n\
          message_size_limit {}\n\
-         # the ingest acknowledges a batch once stored: at mosquitto's default of 20\n\
-         # unacknowledged messages per client a batch is 20 messages; this lets each of\n\
-         # its storing lanes fill a batch, and bounds what waits in its memory (both\n\
-         # apply to every client, devices included: they receive only small commands)\n\
-         max_inflight_messages {}\n\
-         max_inflight_bytes {}\n\
+         {}\
          # what waits for the ingest while it stores, or while the control plane is down\n\
          # (the default, 1000, drops the rest; devices publish it again, late)\n\
          max_queued_messages 1000000\n",
         telemetry::MAX_MESSAGE + 1024,
+        in_flight_conf(),
+    )
+}
+
+/// mosquitto's in-flight window for the ingest, as `fleetctl broker acl` and the
+/// simulator's broker set it (lines of mosquitto.conf).
+pub(crate) fn in_flight_conf() -> String {
+    format!(
+        "# the ingest acknowledges a batch once stored: at mosquitto's default of 20\n\
+         # unacknowledged messages per client a batch is 20 messages; this lets each of\n\
+         # its storing lanes fill a batch, and bounds what waits in its memory (both\n\
+         # apply to every client, devices included: they receive only small commands)\n\
+         max_inflight_messages {}\n\
+         max_inflight_bytes {}\n",
         crate::ingest_mqtt::BROKER_IN_FLIGHT,
         crate::ingest_mqtt::BROKER_IN_FLIGHT_BYTES,
     )

@@ -97,13 +97,13 @@ pub(crate) struct SimArgs {
 
 /// `--ingest-only`: the store's ceiling.
 fn ingest_only(a: &SimArgs) -> anyhow::Result<()> {
+    let opts = fleet_control::sim::CapacityOptions {
+        devices: a.devices,
+        messages: a.messages,
+        in_flight: a.in_flight,
+    };
     // Before any store is made (a refused run leaves nothing in --dir).
-    anyhow::ensure!(
-        (1..=1_000_000).contains(&a.in_flight),
-        "--in-flight {}: give 1 to 1000000 messages (mosquitto reads 0 as no limit; \
-         give the window it really has)",
-        a.in_flight
-    );
+    opts.check()?;
     // Removed at the end when it is a temporary folder (sled only).
     let mut temporary = None;
     let (store, name): (Arc<dyn fleet_control::store::FleetStore>, String) = match &a.database {
@@ -137,15 +137,7 @@ fn ingest_only(a: &SimArgs) -> anyhow::Result<()> {
             (Arc::new(store), "sled".to_string())
         }
     };
-    let c = fleet_control::sim::ingest_capacity(
-        store,
-        &name,
-        &fleet_control::sim::CapacityOptions {
-            devices: a.devices,
-            messages: a.messages,
-            in_flight: a.in_flight,
-        },
-    )?;
+    let c = fleet_control::sim::ingest_capacity(store, &name, &opts)?;
     if a.json {
         print_json(&serde_json::to_value(&c)?)?;
     } else {

@@ -46,6 +46,36 @@ pub struct CapacityOptions {
     pub in_flight: usize,
 }
 
+impl CapacityOptions {
+    /// Refuses what cannot be measured, before anything is enrolled or stored.
+    pub fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            (1..=100_000).contains(&self.devices),
+            "--devices {}: give 1 to 100000",
+            self.devices
+        );
+        anyhow::ensure!(
+            (1..=1_000_000).contains(&self.in_flight),
+            "--in-flight {}: give 1 to 1000000 messages (mosquitto reads 0 as no limit; give \
+             the window it really has)",
+            self.in_flight
+        );
+        anyhow::ensure!(
+            (1..=10_000).contains(&self.messages),
+            "--messages {}: give 1 to 10000",
+            self.messages
+        );
+        // Everything is sealed before the clock starts and held in memory, ~3 KB a message.
+        anyhow::ensure!(
+            self.devices.saturating_mul(self.messages) <= 1_000_000,
+            "--devices {} × --messages {}: at most 1,000,000 messages (about 3 GB held in memory)",
+            self.devices,
+            self.messages
+        );
+        Ok(())
+    }
+}
+
 /// What the store took.
 #[derive(Debug, Clone, Serialize)]
 pub struct Capacity {
@@ -78,28 +108,7 @@ pub fn ingest_capacity(
     store_name: &str,
     opts: &CapacityOptions,
 ) -> anyhow::Result<Capacity> {
-    anyhow::ensure!(
-        (1..=100_000).contains(&opts.devices),
-        "--devices {}: give 1 to 100000",
-        opts.devices
-    );
-    anyhow::ensure!(
-        (1..=1_000_000).contains(&opts.in_flight),
-        "--in-flight {}: give 1 to 1000000 messages",
-        opts.in_flight
-    );
-    anyhow::ensure!(
-        (1..=10_000).contains(&opts.messages),
-        "--messages {}: give 1 to 10000",
-        opts.messages
-    );
-    // Everything is sealed before the clock starts and held in memory, ~3 KB a message.
-    anyhow::ensure!(
-        opts.devices.saturating_mul(opts.messages) <= 1_000_000,
-        "--devices {} × --messages {}: at most 1,000,000 messages (about 3 GB held in memory)",
-        opts.devices,
-        opts.messages
-    );
+    opts.check()?;
     let features = super::phases::claims_features()?;
     let mut rng = Rng(0x5eed);
     // Per lane, its devices' messages: the first (a status) apart, the rest in rounds.

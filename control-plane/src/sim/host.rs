@@ -158,14 +158,10 @@ pub(super) fn start_mosquitto(bin: &Path, dir: &Path, port: u16) -> anyhow::Resu
              persistence true\npersistence_location {}/\n\
              # The ingest's queue: devices' messages wait here while it stores a batch.\n\
              max_queued_messages 1000000\n\
-             # Unacknowledged messages on their way to one client (the ingest acknowledges\n\
-             # a batch once stored): at mosquitto's default of 20 a batch is 20 messages;\n\
-             # as `fleetctl broker acl` sets it, a batch for each of the ingest's lanes.\n\
-             max_inflight_messages {}\nmax_inflight_bytes {}\n\
+             {}\
              log_type error\nlog_type warning\nconnection_messages false\n{}",
             store.display(),
-            crate::ingest_mqtt::BROKER_IN_FLIGHT,
-            crate::ingest_mqtt::BROKER_IN_FLIGHT_BYTES,
+            crate::mosquitto::in_flight_conf(),
             if running_as_root() { "user root\n" } else { "" }
         ),
     )?;
