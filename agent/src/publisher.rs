@@ -39,6 +39,12 @@ pub struct Hooks {
     /// Called when the broker grants the subscription after refusing it: commands sent
     /// meanwhile were missed (the agent pulls its assignment at once).
     pub on_subscribed_late: Option<Box<dyn Fn() + Send>>,
+    /// Called on every connect after the first one, after [`Hooks::on_connect`]: the
+    /// broker may have lost what it queued for the device while it was away (a broker
+    /// restarted without persistence, a NATS cluster whose session consumers were kept
+    /// in memory restarted as a whole), so the agent pulls its assignment rather than
+    /// trust the commands to arrive.
+    pub on_reconnect: Option<Box<dyn Fn() + Send>>,
     /// How long a message the broker acknowledged may wait for the control plane's
     /// receipt before it is published again ([`RESEND_AFTER`] when `None`).
     pub resend_after: Option<Duration>,
@@ -78,6 +84,7 @@ pub async fn run_with(outbox: Arc<Outbox>, options: MqttOptions, wake: Arc<Notif
     let mut inflight: HashMap<u16, u64> = HashMap::new();
     let mut next: u64 = 0;
     let mut connected = false;
+    let mut ever_connected = false;
     let mut failures: u32 = 0;
     // The broker refused the command subscription (a NATS node too busy to create its
     // JetStream consumer answers SUBACK 0x80): subscribe again then, with back-off.
@@ -162,6 +169,10 @@ pub async fn run_with(outbox: Arc<Outbox>, options: MqttOptions, wake: Arc<Notif
                     if let Some(f) = &hooks.on_connect {
                         f();
                     }
+                    if ever_connected && let Some(f) = &hooks.on_reconnect {
+                        f();
+                    }
+                    ever_connected = true;
                 }
                 Ok(Event::Incoming(Packet::SubAck(ack))) => {
                     if ack.return_codes.contains(&SubscribeReasonCode::Failure) {

@@ -279,17 +279,21 @@ impl Telemetry {
             let (me, status) = (self.clone(), status.clone());
             Box::new(move || me.queue_status(status())) as Box<dyn Fn() + Send>
         };
-        let on_subscribed_late = {
+        // What an `assignment_changed` the device may have missed would have done: pull
+        // now. No answer goes out (no command came).
+        let pull = |why: &'static str| {
             let commands = commands.clone();
-            // What an `assignment_changed` sent while the subscription was refused would
-            // have done: pull now. No answer goes out (no command came).
             Box::new(move || {
                 let _ = commands(Command {
-                    id: "subscribed-late".into(),
+                    id: why.into(),
                     kind: telemetry::CommandKind::AssignmentChanged,
                 });
             }) as Box<dyn Fn() + Send>
         };
+        // Sent while the subscription was refused.
+        let on_subscribed_late = pull("subscribed-late");
+        // Sent while the device was away, and lost with the broker's session.
+        let on_reconnect = pull("reconnected");
         let on_message = {
             let me = self.clone();
             Box::new(move |topic: &str, bytes: &[u8]| me.command(topic, bytes, &*commands))
@@ -311,6 +315,7 @@ impl Telemetry {
             next_will: Some(next_will),
             on_message: Some(on_message),
             on_subscribed_late: Some(on_subscribed_late),
+            on_reconnect: Some(on_reconnect),
             resend_after: Some(settings.resend_after),
             progress,
             more_brokers,

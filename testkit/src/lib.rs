@@ -384,9 +384,10 @@ impl Drop for S3Server {
 }
 
 /// A private NATS cluster (Debian's `nats-server`): `n` nodes on 127.0.0.1, each with
-/// JetStream (its own store folder) and MQTT enabled, routed to each other (one node:
-/// a plain server); every node
-/// stopped (by PID) on drop. Anonymous clients, as the tests' mosquitto.
+/// JetStream (its own store folder) and MQTT enabled, the MQTT sessions' consumers in
+/// memory as docs/DEPLOY.md configures them, routed to each other (one node: a plain
+/// server); every node stopped (by PID) on drop. Anonymous clients, as the tests'
+/// mosquitto.
 #[derive(Debug)]
 pub struct NatsCluster {
     dir: tempfile::TempDir,
@@ -442,7 +443,8 @@ impl NatsCluster {
             let conf = format!(
                 "server_name: n{i}\nlisten: 127.0.0.1:{}\n\
                  jetstream {{ store_dir: \"{}\" }}\n{cluster}\
-                 mqtt {{ listen: 127.0.0.1:{} }}\nhttp: 127.0.0.1:{}\n{conf}",
+                 mqtt {{ listen: 127.0.0.1:{}, consumer_memory_storage: true }}\n\
+                 http: 127.0.0.1:{}\n{conf}",
                 node.port,
                 dir.path().join(format!("js{i}")).display(),
                 node.mqtt_port,

@@ -1,6 +1,7 @@
 //! The publisher drains the outbox to a real broker (mosquitto from Debian): in order,
 //! removing only what the broker acknowledged, and catching up once a broker that was
-//! down comes up, or moving to the next of several brokers when one is down.
+//! down comes up, or moving to the next of several brokers when one is down; every
+//! reconnect reported, so the agent pulls what a forgotten session held.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -151,6 +152,64 @@ fn messages_queued_while_the_broker_is_down_are_delivered_when_it_comes_up() {
         );
         let _broker = mosquitto(port);
         drained(&outbox, Duration::from_secs(60)).await;
+        task.abort();
+    });
+}
+
+/// A broker restarted without persistence has forgotten the device's session and the
+/// commands queued in it, so the publisher tells the agent of every connect after the
+/// first (it pulls its assignment then), and not of the first one.
+#[test]
+fn every_reconnect_is_reported_and_the_first_connect_is_not() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let port = free_port();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let outbox =
+        Arc::new(Outbox::open(&dir.path().join("outbox"), Limits::default()).expect("opens"));
+    let (connects, reconnects) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let broker = mosquitto(port);
+        let mut device = options("pi", port);
+        device.set_clean_session(false);
+        let (c, r) = (connects.clone(), reconnects.clone());
+        let task = tokio::spawn(fleet_agent::publisher::run_with(
+            outbox.clone(),
+            device,
+            Arc::new(tokio::sync::Notify::new()),
+            fleet_agent::publisher::Hooks {
+                subscribe: Some("fleetml/v1/pi/cmd".into()),
+                on_connect: Some(Box::new(move || {
+                    c.fetch_add(1, Ordering::SeqCst);
+                })),
+                on_reconnect: Some(Box::new(move || {
+                    r.fetch_add(1, Ordering::SeqCst);
+                })),
+                ..Default::default()
+            },
+        ));
+        let connected = |n: usize| {
+            let connects = connects.clone();
+            async move {
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while connects.load(Ordering::SeqCst) < n {
+                    assert!(Instant::now() < deadline, "connect {n} never came");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        connected(1).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(reconnects.load(Ordering::SeqCst), 0, "the first connect");
+        // The broker restarts and forgets the session.
+        drop(broker);
+        let broker = mosquitto(port);
+        connected(2).await;
+        assert_eq!(reconnects.load(Ordering::SeqCst), 1, "after one restart");
+        drop(broker);
+        let _broker = mosquitto(port);
+        connected(3).await;
+        assert_eq!(reconnects.load(Ordering::SeqCst), 2, "after two restarts");
         task.abort();
     });
 }

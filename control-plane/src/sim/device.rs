@@ -467,6 +467,9 @@ pub(super) async fn run_publisher(dev: Arc<Device>, fleet: Arc<Fleet>, mut rng: 
                     stats.connected.fetch_add(1, Ordering::Relaxed);
                     if ever_connected {
                         stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                        // The broker may have lost what it queued meanwhile: pull, as the
+                        // agent does.
+                        dev.pull.notify_one();
                     }
                     ever_connected = true;
                     if client.try_subscribe(cmd_topic.clone(), QoS::AtLeastOnce).is_err() {

@@ -196,7 +196,8 @@ pub(super) struct NatsNode {
 }
 
 /// A private NATS cluster of `n` nodes on loopback (JetStream and MQTT on each, its
-/// files under `dir/nats`), as docs/DEPLOY.md lays one out.
+/// files under `dir/nats`), as docs/DEPLOY.md lays one out: the devices' session
+/// consumers in memory, still replicated on every node.
 pub(super) fn start_nats(
     bin: &Path,
     dir: &Path,
@@ -224,7 +225,7 @@ pub(super) fn start_nats(
                 "server_name: n{i}\nlisten: 127.0.0.1:{}\nmax_connections: 1000000\n\
                  jetstream {{ store_dir: \"{}\" }}\n\
                  cluster {{ name: fleetml, listen: 127.0.0.1:{}, routes: [{}] }}\n\
-                 mqtt {{ listen: 127.0.0.1:{} }}\n",
+                 mqtt {{ listen: 127.0.0.1:{}, consumer_memory_storage: true }}\n",
                 node.port,
                 store.join(format!("js{i}")).display(),
                 routes[i],

@@ -320,8 +320,33 @@ fn run_in(
         open_file_limit,
         clock,
     };
-    let report = runtime.block_on(orchestrate(setup));
+    // Stopped by a signal (SIGTERM from `timeout` or a script, SIGINT, SIGHUP), the
+    // simulation still stops what it started: the brokers and replicas are not left
+    // running without it.
+    let report = runtime.block_on(async {
+        tokio::select! {
+            report = orchestrate(setup) => report,
+            signal = stop_signal() => {
+                let signal = signal?;
+                say(&format!("{signal}: stopping the simulation's processes"));
+                Err(anyhow::anyhow!("the simulation was stopped by {signal}"))
+            }
+        }
+    });
     runtime.shutdown_timeout(Duration::from_secs(5));
     drop(children);
     report
+}
+
+/// The first of SIGTERM, SIGINT and SIGHUP to arrive, by name.
+async fn stop_signal() -> anyhow::Result<&'static str> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
+    let mut hup = signal(SignalKind::hangup()).context("listening for SIGHUP")?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+        _ = hup.recv() => "SIGHUP",
+    })
 }

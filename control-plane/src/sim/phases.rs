@@ -422,6 +422,7 @@ pub(super) async fn orchestrate(setup: Setup) -> anyhow::Result<Report> {
     if all_online {
         let phases = run_phases(&setup, &fleet, &mut report, rollout_within).await;
         if let Err(e) = phases {
+            setup.say(&format!("failed: {e:#}"));
             report.failures.push(format!("{e:#}"));
         }
     }
@@ -458,6 +459,13 @@ pub(super) async fn orchestrate(setup: Setup) -> anyhow::Result<Report> {
     // Long enough for a device to re-publish what the broker acknowledged and no receipt
     // named (lost by the broker, or its receipt was).
     let drain_within = RESEND_AFTER + Duration::from_secs(60) + Duration::from_millis(5 * n as u64);
+    let depth = fleet.stats.depth.load(Ordering::Relaxed);
+    if depth > 0 {
+        setup.say(&format!(
+            "devices quiet; waiting up to {} s for {depth} messages in their outboxes to be acknowledged",
+            drain_within.as_secs()
+        ));
+    }
     let drained = wait_until(drain_within, Duration::from_millis(250), || async {
         Ok(fleet.stats.depth.load(Ordering::Relaxed) <= 0)
     })

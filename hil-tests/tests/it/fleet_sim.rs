@@ -240,3 +240,79 @@ fn sim_ingest_only_measures_the_store_on_sled_and_postgresql() {
         run.stderr
     );
 }
+
+/// `fleetctl sim` stopped by SIGTERM (as `timeout` or a script stops it) stops the
+/// processes it started — the broker and the control plane — instead of leaving them
+/// running, and says what stopped it.
+#[test]
+fn sim_stopped_by_sigterm_stops_the_broker_and_the_control_plane_it_started() {
+    use std::io::{BufRead, BufReader};
+    use std::time::{Duration, Instant};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut child = std::process::Command::new(bin("fleetctl"))
+        .current_dir(tmp.path())
+        .args(["sim", "--devices", "5", "--duration", "120", "--rate", "1"])
+        .args(["--broker", "mosquitto", "--json"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("fleetctl runs");
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let mut said = Vec::new();
+    // The control plane's pid, then the steady phase: every process is up.
+    let mut serve_pid = None;
+    for line in lines.by_ref() {
+        let line = line.expect("stderr line");
+        if let Some(pid) = line
+            .split("(pid ")
+            .nth(1)
+            .and_then(|rest| rest.trim_end_matches(')').parse::<i32>().ok())
+        {
+            serve_pid = Some(pid);
+        }
+        let steady = line.contains("steady telemetry");
+        said.push(line);
+        if steady {
+            break;
+        }
+    }
+    let serve_pid = serve_pid.unwrap_or_else(|| panic!("no control plane pid in {said:#?}"));
+    let alive = |pid: i32| std::path::Path::new(&format!("/proc/{pid}")).exists();
+    // mosquitto: the control plane's sibling, another child of the simulator.
+    let broker_pid = std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .find(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let ppid = stat
+                .rsplit(')')
+                .next()
+                .and_then(|s| s.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            ppid == Some(child.id()) && stat.contains("(mosquitto)")
+        })
+        .unwrap_or_else(|| panic!("no mosquitto started by the simulator; it said {said:#?}"));
+    assert!(alive(serve_pid) && alive(broker_pid));
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(term.success());
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let status = child.wait().expect("the simulator exits");
+    assert!(!status.success(), "a stopped simulation is not a result");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(serve_pid) || alive(broker_pid) {
+        assert!(
+            Instant::now() < deadline,
+            "the simulator exited and left its processes running (control plane {}, mosquitto {})",
+            alive(serve_pid),
+            alive(broker_pid)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        rest.iter().any(|l| l.contains("SIGTERM")),
+        "it says what stopped it: {rest:#?}"
+    );
+}
