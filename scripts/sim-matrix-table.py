@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The table of docs/BENCHMARKS.md's deployment matrix from scripts/sim-matrix-bench.sh's
 JSON reports: `python3 scripts/sim-matrix-table.py $OUT` prints one markdown row per
-(layout, N): medians over the runs, every run's value in brackets."""
+(layout, N): medians over the runs, every run's value in brackets; "lost" is the
+largest loss of any run, and a run stopped before it wrote its report is "no report"."""
 import glob
 import json
 import os
@@ -49,7 +50,9 @@ for (layout, n), reports in sorted(runs.items(), key=lambda kv: (kv[0][1], kv[0]
     def lost(r):
         c = r["checks"]
         return c["sealed"] - c["stored"]
-    oks = ["yes" if r and not r["failures"] else "FAILED" for r in reports]
+    oks = ["no report" if r is None else "FAILED" if r["failures"] else "yes" for r in reports]
+    # A loss in any run is the run's result: the largest, not the median.
+    losses = [lost(r) for r in reports if r]
     print("| {} | {:,} | {} | {} ({}) | {} | {} | {} | {} | {} | {}, lost {} |".format(
         layout, n,
         cell(reports, lambda r: get(r, "connect_s")),
@@ -61,7 +64,7 @@ for (layout, n), reports in sorted(runs.items(), key=lambda kv: (kv[0][1], kv[0]
         cell(reports, lambda r: (get(r, "memory", "control_plane_peak_kib") or 0) / 1024 or None, "{:.0f}"),
         cell(reports, lambda r: get(r, "memory", "broker_per_device_kib"), "{:.1f}"),
         "/".join(oks),
-        cell(reports, lost, "{:d}", each=False),
+        max(losses) if losses else "-",
     ))
     for r in reports:
         for f in (r or {}).get("failures", []):
