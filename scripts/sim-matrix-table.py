@@ -64,7 +64,7 @@ for (layout, n), reports in sorted(runs.items(), key=lambda kv: (kv[0][1], kv[0]
         cell(reports, lambda r: (get(r, "memory", "control_plane_peak_kib") or 0) / 1024 or None, "{:.0f}"),
         cell(reports, lambda r: get(r, "memory", "broker_per_device_kib"), "{:.1f}"),
         "/".join(oks),
-        max(losses) if losses else "-",
+        "{:,}".format(max(losses)) if losses else "-",
     ))
     for r in reports:
         for f in (r or {}).get("failures", []):

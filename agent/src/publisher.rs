@@ -39,11 +39,12 @@ pub struct Hooks {
     /// Called when the broker grants the subscription after refusing it: commands sent
     /// meanwhile were missed (the agent pulls its assignment at once).
     pub on_subscribed_late: Option<Box<dyn Fn() + Send>>,
-    /// Called on every connect after the first one, after [`Hooks::on_connect`]: the
-    /// broker may have lost what it queued for the device while it was away (a broker
-    /// restarted without persistence, a NATS cluster whose session consumers were kept
-    /// in memory restarted as a whole), so the agent pulls its assignment rather than
-    /// trust the commands to arrive.
+    /// Called once per connect after the first one: the broker may have lost what it
+    /// queued for the device while it was away (a broker restarted without persistence,
+    /// a NATS cluster whose session consumers were kept in memory restarted as a whole),
+    /// so the agent pulls its assignment rather than trust the commands to arrive. With
+    /// [`Hooks::subscribe`], once the broker has granted the subscription (a change made
+    /// before that would otherwise be missed); without, on the connect.
     pub on_reconnect: Option<Box<dyn Fn() + Send>>,
     /// How long a message the broker acknowledged may wait for the control plane's
     /// receipt before it is published again ([`RESEND_AFTER`] when `None`).
@@ -85,6 +86,8 @@ pub async fn run_with(outbox: Arc<Outbox>, options: MqttOptions, wake: Arc<Notif
     let mut next: u64 = 0;
     let mut connected = false;
     let mut ever_connected = false;
+    // A reconnect whose `on_reconnect` waits for the subscription to be granted.
+    let mut reconnected = false;
     let mut failures: u32 = 0;
     // The broker refused the command subscription (a NATS node too busy to create its
     // JetStream consumer answers SUBACK 0x80): subscribe again then, with back-off.
@@ -169,10 +172,14 @@ pub async fn run_with(outbox: Arc<Outbox>, options: MqttOptions, wake: Arc<Notif
                     if let Some(f) = &hooks.on_connect {
                         f();
                     }
-                    if ever_connected && let Some(f) = &hooks.on_reconnect {
-                        f();
-                    }
+                    reconnected = ever_connected;
                     ever_connected = true;
+                    if reconnected && hooks.subscribe.is_none() {
+                        reconnected = false;
+                        if let Some(f) = &hooks.on_reconnect {
+                            f();
+                        }
+                    }
                 }
                 Ok(Event::Incoming(Packet::SubAck(ack))) => {
                     if ack.return_codes.contains(&SubscribeReasonCode::Failure) {
@@ -187,8 +194,15 @@ pub async fn run_with(outbox: Arc<Outbox>, options: MqttOptions, wake: Arc<Notif
                         resubscribe_at = Some(std::time::Instant::now() + wait);
                     } else if refusals > 0 {
                         refusals = 0;
+                        // One pull for both reasons.
+                        reconnected = false;
                         tracing::info!("the broker granted the command subscription");
                         if let Some(f) = &hooks.on_subscribed_late {
+                            f();
+                        }
+                    } else if reconnected {
+                        reconnected = false;
+                        if let Some(f) = &hooks.on_reconnect {
                             f();
                         }
                     }

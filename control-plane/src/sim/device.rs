@@ -391,6 +391,7 @@ pub(super) async fn run_publisher(dev: Arc<Device>, fleet: Arc<Fleet>, mut rng: 
     let mut next: u64 = 0;
     let mut connected = false;
     let mut ever_connected = false;
+    let mut reconnected = false;
     let mut failures: u32 = 0;
     let mut refusals: u32 = 0;
     let mut resubscribe_at: Option<Instant> = None;
@@ -467,10 +468,10 @@ pub(super) async fn run_publisher(dev: Arc<Device>, fleet: Arc<Fleet>, mut rng: 
                     stats.connected.fetch_add(1, Ordering::Relaxed);
                     if ever_connected {
                         stats.reconnects.fetch_add(1, Ordering::Relaxed);
-                        // The broker may have lost what it queued meanwhile: pull, as the
-                        // agent does.
-                        dev.pull.notify_one();
                     }
+                    // The broker may have lost what it queued meanwhile: pull once the
+                    // subscription is granted, as the agent does.
+                    reconnected = ever_connected;
                     ever_connected = true;
                     if client.try_subscribe(cmd_topic.clone(), QoS::AtLeastOnce).is_err() {
                         tracing::warn!(device = %dev.id, "could not subscribe");
@@ -486,10 +487,11 @@ pub(super) async fn run_publisher(dev: Arc<Device>, fleet: Arc<Fleet>, mut rng: 
                         stats.subscribe_refusals.fetch_add(1, Ordering::Relaxed);
                         resubscribe_at =
                             Some(Instant::now() + backoff::reconnect(refusals, rng.next()));
-                    } else if refusals > 0 {
-                        // Commands sent while refused were missed: pull now, as the
-                        // agent does.
+                    } else if refusals > 0 || reconnected {
+                        // Commands sent while refused, or while away, were missed: pull
+                        // now, as the agent does.
                         refusals = 0;
+                        reconnected = false;
                         dev.pull.notify_one();
                     }
                 }

@@ -174,6 +174,20 @@ fn run_in(
 ) -> anyhow::Result<Report> {
     let clock = Instant::now();
     let say = |what: &str| eprintln!("[{:>7.1}s] {what}", clock.elapsed().as_secs_f64());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    // Stopped by SIGTERM (`timeout`, a script, a service manager), the simulation still
+    // stops what it started: the brokers and replicas are not left running without it.
+    // Listened for before anything starts; one that comes early is acted on once the
+    // setup is done. (SIGINT from a terminal reaches the whole process group, so the
+    // children stop with the simulator; SIGHUP is left to `nohup`.)
+    let mut term = {
+        let _entered = runtime.enter();
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("listening for SIGTERM")?
+    };
     say(&format!("working in {}", dir.display()));
     let fleetctl = std::env::current_exe().context("finding this fleetctl")?;
     prepare_bundles(&fleetctl, dir)?;
@@ -304,10 +318,6 @@ fn run_in(
         apis.push(Http::new(&address)?);
     }
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
     let setup = Setup {
         opts: opts.clone(),
         dir: dir.to_path_buf(),
@@ -320,33 +330,16 @@ fn run_in(
         open_file_limit,
         clock,
     };
-    // Stopped by a signal (SIGTERM from `timeout` or a script, SIGINT, SIGHUP), the
-    // simulation still stops what it started: the brokers and replicas are not left
-    // running without it.
     let report = runtime.block_on(async {
         tokio::select! {
             report = orchestrate(setup) => report,
-            signal = stop_signal() => {
-                let signal = signal?;
-                say(&format!("{signal}: stopping the simulation's processes"));
-                Err(anyhow::anyhow!("the simulation was stopped by {signal}"))
+            _ = term.recv() => {
+                say("SIGTERM: stopping the simulation's processes");
+                Err(anyhow::anyhow!("the simulation was stopped by SIGTERM"))
             }
         }
     });
     runtime.shutdown_timeout(Duration::from_secs(5));
     drop(children);
     report
-}
-
-/// The first of SIGTERM, SIGINT and SIGHUP to arrive, by name.
-async fn stop_signal() -> anyhow::Result<&'static str> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
-    let mut hup = signal(SignalKind::hangup()).context("listening for SIGHUP")?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-        _ = hup.recv() => "SIGHUP",
-    })
 }

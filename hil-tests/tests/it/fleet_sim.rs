@@ -243,76 +243,116 @@ fn sim_ingest_only_measures_the_store_on_sled_and_postgresql() {
 
 /// `fleetctl sim` stopped by SIGTERM (as `timeout` or a script stops it) stops the
 /// processes it started — the broker and the control plane — instead of leaving them
-/// running, and says what stopped it.
+/// running, and says what stopped it: during the run, and when the signal comes before
+/// it has started them (it finishes starting them, then stops them).
 #[test]
 fn sim_stopped_by_sigterm_stops_the_broker_and_the_control_plane_it_started() {
+    stop_sim_at("steady telemetry");
+    stop_sim_at("working in");
+}
+
+/// The pid in a line such as `control plane at http://… (pid 123)`.
+fn announced_pid(line: &str) -> Option<i32> {
+    line.split("(pid ")
+        .nth(1)?
+        .trim_end_matches(')')
+        .parse()
+        .ok()
+}
+
+/// The mosquitto that `parent` started, if one runs.
+fn mosquitto_of(parent: u32) -> Option<i32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .find(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // `pid (comm) state ppid …`; comm may hold spaces, so read after the last `)`.
+            let ppid = stat
+                .rsplit(')')
+                .next()
+                .and_then(|s| s.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            ppid == Some(parent) && stat.contains("(mosquitto)")
+        })
+}
+
+/// Runs a simulation through mosquitto, sends it SIGTERM once it has said `marker`, and
+/// checks that it fails, says why, and leaves none of its processes running.
+fn stop_sim_at(marker: &str) {
     use std::io::{BufRead, BufReader};
     use std::time::{Duration, Instant};
+    /// The simulator, killed if the test fails before it stops.
+    struct Sim(std::process::Child);
+    impl Drop for Sim {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
     let tmp = tempfile::tempdir().expect("tempdir");
-    let mut child = std::process::Command::new(bin("fleetctl"))
+    let mut sim = Sim(std::process::Command::new(bin("fleetctl"))
         .current_dir(tmp.path())
         .args(["sim", "--devices", "5", "--duration", "120", "--rate", "1"])
         .args(["--broker", "mosquitto", "--json"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .expect("fleetctl runs");
-    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
-    let mut said = Vec::new();
-    // The control plane's pid, then the steady phase: every process is up.
-    let mut serve_pid = None;
-    for line in lines.by_ref() {
-        let line = line.expect("stderr line");
-        if let Some(pid) = line
-            .split("(pid ")
-            .nth(1)
-            .and_then(|rest| rest.trim_end_matches(')').parse::<i32>().ok())
-        {
-            serve_pid = Some(pid);
+        .expect("fleetctl runs"));
+    let sim_pid = sim.0.id();
+    let stderr = BufReader::new(sim.0.stderr.take().expect("stderr"));
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
         }
-        let steady = line.contains("steady telemetry");
+    });
+    let mut said = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let line = lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|e| panic!("no `{marker}` within 120 s ({e}): {said:#?}"));
+        let seen = line.contains(marker);
         said.push(line);
-        if steady {
+        if seen {
             break;
         }
     }
-    let serve_pid = serve_pid.unwrap_or_else(|| panic!("no control plane pid in {said:#?}"));
-    let alive = |pid: i32| std::path::Path::new(&format!("/proc/{pid}")).exists();
-    // mosquitto: the control plane's sibling, another child of the simulator.
-    let broker_pid = std::fs::read_dir("/proc")
-        .expect("/proc")
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .find(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let ppid = stat
-                .rsplit(')')
-                .next()
-                .and_then(|s| s.split_whitespace().nth(1))
-                .and_then(|p| p.parse::<u32>().ok());
-            ppid == Some(child.id()) && stat.contains("(mosquitto)")
-        })
-        .unwrap_or_else(|| panic!("no mosquitto started by the simulator; it said {said:#?}"));
-    assert!(alive(serve_pid) && alive(broker_pid));
+    let broker_before = mosquitto_of(sim_pid);
     let term = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &sim_pid.to_string()])
         .status()
         .expect("kill");
     assert!(term.success());
-    let rest: Vec<String> = lines.map_while(Result::ok).collect();
-    let status = child.wait().expect("the simulator exits");
+    let status = sim.0.wait().expect("the simulator exits");
     assert!(!status.success(), "a stopped simulation is not a result");
+    // What it said to the end (its stderr closes as it exits; 10 s at most).
+    while let Ok(line) = lines.recv_timeout(Duration::from_secs(10)) {
+        said.push(line);
+    }
+    let serve_pid = said
+        .iter()
+        .find_map(|l| announced_pid(l))
+        .unwrap_or_else(|| panic!("no control plane was started: {said:#?}"));
+    let alive = |pid: i32| std::path::Path::new(&format!("/proc/{pid}")).exists();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while alive(serve_pid) || alive(broker_pid) {
+    while alive(serve_pid) || broker_before.is_some_and(alive) {
         assert!(
             Instant::now() < deadline,
-            "the simulator exited and left its processes running (control plane {}, mosquitto {})",
+            "the simulator exited and left its processes running (control plane {}, mosquitto {:?})",
             alive(serve_pid),
-            alive(broker_pid)
+            broker_before.map(alive)
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    if marker == "steady telemetry" {
+        assert!(broker_before.is_some(), "mosquitto ran: {said:#?}");
+    }
     assert!(
-        rest.iter().any(|l| l.contains("SIGTERM")),
-        "it says what stopped it: {rest:#?}"
+        said.iter().any(|l| l.contains("SIGTERM")),
+        "it says what stopped it: {said:#?}"
     );
 }
