@@ -8,8 +8,12 @@
 //! when it restarts. So:
 //!
 //! - a message acknowledged by the broker and *overtaken* by a receipt (one naming a
-//!   later message) was lost on the way, since the ingest stores a device's messages
-//!   in order: it is published again at once;
+//!   later message but not it) was most likely lost on the way. One ingest stores a
+//!   device's messages in order, but control-plane replicas sharing the ingest (a work
+//!   queue, a shared subscription) store their batches independently, so a later
+//!   message may be stored, and named, a moment before an earlier one. So an overtaken
+//!   message is published again when the next receipt overtakes it too, or
+//!   [`OVERTAKEN_GRACE_MS`] after its acknowledgement, whichever comes first;
 //! - one acknowledged and named by no receipt within the resend time is published
 //!   again too (a last resort: a slow ingest is not a lost message);
 //! - after a reconnect everything still held is published again in order, delivered or
@@ -23,6 +27,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use fleetml_protocol::telemetry::Receipt;
+
+/// How long after its acknowledgement a message one receipt overtook waits for a
+/// replica that may still be storing it (twice `fleetctl serve`'s default receipt
+/// interval), unless the next receipt overtakes it first; never longer than the resend
+/// time.
+pub const OVERTAKEN_GRACE_MS: u64 = 20_000;
 
 /// What to do with a message the broker has just acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,7 +65,11 @@ pub struct Delivery {
     inflight: BTreeSet<u64>,
     /// Acknowledged by the broker, awaiting a receipt: since when.
     delivered: BTreeMap<u64, u64>,
-    /// Acknowledged, and a receipt named a later message but not these: lost.
+    /// Acknowledged, and one receipt named a later message but not these: still in
+    /// `delivered`, due [`OVERTAKEN_GRACE_MS`] after their acknowledgement, or when the
+    /// next receipt overtakes them too.
+    suspect: BTreeSet<u64>,
+    /// Acknowledged, and two receipts in a row named a later message but not these: lost.
     overtaken: BTreeSet<u64>,
 }
 
@@ -93,6 +107,7 @@ impl Delivery {
     pub fn reconnected(&mut self) {
         self.inflight.clear();
         self.delivered.clear();
+        self.suspect.clear();
         self.overtaken.clear();
     }
 
@@ -124,33 +139,45 @@ impl Delivery {
             let named: Vec<u64> = self.delivered.range(a..=b).map(|(s, _)| *s).collect();
             for seq in named {
                 self.delivered.remove(&seq);
+                self.suspect.remove(&seq);
             }
         }
-        // What the broker acknowledged before the newest stored message and no receipt
-        // named is not coming: the ingest stores each device's messages in order.
+        // What the broker acknowledged before the newest stored message and this receipt
+        // did not name: suspect the first time (another replica may still be storing
+        // it), lost the second.
         if let Some(newest) = delete.iter().map(|&(_, b)| b).max() {
-            let lost: Vec<u64> = self.delivered.range(..newest).map(|(s, _)| *s).collect();
-            for seq in lost {
-                self.delivered.remove(&seq);
-                self.overtaken.insert(seq);
+            let skipped: Vec<u64> = self.delivered.range(..newest).map(|(s, _)| *s).collect();
+            for seq in skipped {
+                if self.suspect.remove(&seq) {
+                    self.delivered.remove(&seq);
+                    self.overtaken.insert(seq);
+                } else {
+                    self.suspect.insert(seq);
+                }
             }
         }
         Receipted { first, delete }
     }
 
-    /// Messages to publish again at `now_ms`, oldest first: those a receipt overtook, and
-    /// those acknowledged at least `after_ms` ago that no receipt has named. Each is
+    /// Messages to publish again at `now_ms`, oldest first: those two receipts overtook,
+    /// those one receipt overtook and acknowledged at least [`OVERTAKEN_GRACE_MS`] ago,
+    /// and those acknowledged at least `after_ms` ago that no receipt has named. Each is
     /// handed out once per acknowledgement.
     pub fn overdue(&mut self, after_ms: u64, now_ms: u64) -> Vec<u64> {
+        let grace = OVERTAKEN_GRACE_MS.min(after_ms);
         let mut due = std::mem::take(&mut self.overtaken);
         due.extend(
             self.delivered
                 .iter()
-                .filter(|(_, at)| now_ms.saturating_sub(**at) >= after_ms)
+                .filter(|(seq, at)| {
+                    let waited = now_ms.saturating_sub(**at);
+                    waited >= after_ms || (waited >= grace && self.suspect.contains(seq))
+                })
                 .map(|(seq, _)| *seq),
         );
         for seq in &due {
             self.delivered.remove(seq);
+            self.suspect.remove(seq);
         }
         due.into_iter().collect()
     }
@@ -174,8 +201,8 @@ mod tests {
     }
 
     /// A transcript on simulated time: before the first receipt a PUBACK deletes; after
-    /// it, messages wait, an overtaken one is due at once, a silent one after the resend
-    /// time, and a reconnect forgets what was in flight.
+    /// it, messages wait, one overtaken by two receipts is due then, a silent one after
+    /// the resend time, and a reconnect forgets what was in flight.
     #[test]
     fn pubacks_then_receipts_on_simulated_time() {
         let mut d = Delivery::new(false);
@@ -194,29 +221,40 @@ mod tests {
             assert_eq!(d.acked(seq, true, seq * S), Acked::AwaitReceipt);
         }
         assert_eq!(d.awaiting(), 4);
-        // The ingest stored 3 but not 1 or 2: those were lost; 4 is merely not named yet.
+        // The ingest stored 3 but not 1 or 2: another replica may still be storing
+        // them; 4 is merely not named yet.
         let r = d.receipt(&receipt(&[[3, 3], [9, 2]]));
         assert_eq!(r.delete, vec![(3, 3)], "a backwards range names nothing");
         assert_eq!(
             d.overdue(600 * S, 5 * S),
+            Vec::<u64>::new(),
+            "overtaken once: not yet"
+        );
+        // The next receipt names 4 but still not 1 or 2: lost.
+        d.receipt(&receipt(&[[4, 4]]));
+        assert_eq!(
+            d.overdue(600 * S, 5 * S),
             vec![1, 2],
-            "overtaken: due at once"
+            "overtaken twice: due at once"
         );
         assert_eq!(
             d.overdue(600 * S, 5 * S),
             Vec::<u64>::new(),
             "handed out once"
         );
+        // 5 acknowledged and never named: due after the resend time.
+        d.sent(5);
+        assert_eq!(d.acked(5, true, 5 * S), Acked::AwaitReceipt);
         assert_eq!(
-            d.overdue(600 * S, 603 * S),
+            d.overdue(600 * S, 604 * S),
             Vec::<u64>::new(),
-            "4 waited 599 s"
+            "5 waited 599 s"
         );
-        assert_eq!(d.overdue(600 * S, 604 * S), vec![4]);
+        assert_eq!(d.overdue(600 * S, 605 * S), vec![5]);
 
         // Acknowledged after a receipt already deleted it.
-        d.sent(5);
-        assert_eq!(d.acked(5, false, 700 * S), Acked::Gone);
+        d.sent(8);
+        assert_eq!(d.acked(8, false, 700 * S), Acked::Gone);
         // A reconnect: nothing in flight or awaited.
         d.sent(6);
         assert_eq!(d.acked(7, true, 700 * S), Acked::AwaitReceipt);
@@ -224,6 +262,37 @@ mod tests {
         assert!(!d.in_flight(6));
         assert_eq!(d.awaiting(), 0);
         assert_eq!(d.overdue(0, u64::MAX), Vec::<u64>::new());
+    }
+
+    /// Two replicas store a device's messages: 2 is named before 1, which the next
+    /// receipt names. Nothing is published again. Had no receipt named 1, it would
+    /// have been due the grace after its acknowledgement (a quiet device gets no
+    /// second receipt).
+    #[test]
+    fn a_message_stored_late_by_another_replica_is_not_published_again() {
+        let mut d = Delivery::new(true);
+        for seq in 1..=3 {
+            d.sent(seq);
+            d.acked(seq, true, 0);
+        }
+        d.receipt(&receipt(&[[2, 2]]));
+        assert_eq!(d.overdue(600 * S, S), Vec::<u64>::new());
+        d.receipt(&receipt(&[[1, 1], [3, 3]]));
+        assert_eq!(d.awaiting(), 0);
+        assert_eq!(d.overdue(0, u64::MAX), Vec::<u64>::new());
+
+        let mut quiet = Delivery::new(true);
+        for seq in 1..=2 {
+            quiet.sent(seq);
+            quiet.acked(seq, true, 0);
+        }
+        quiet.receipt(&receipt(&[[2, 2]]));
+        assert_eq!(
+            quiet.overdue(600 * S, OVERTAKEN_GRACE_MS - 1),
+            Vec::<u64>::new()
+        );
+        assert_eq!(quiet.overdue(600 * S, OVERTAKEN_GRACE_MS), vec![1]);
+        assert_eq!(quiet.overdue(600 * S, u64::MAX), Vec::<u64>::new(), "once");
     }
 
     #[test]

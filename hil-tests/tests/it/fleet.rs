@@ -290,8 +290,9 @@ fn a_broker_outage_with_a_sigkilled_agent_loses_nothing_and_duplicates_nothing()
 /// ingest while the control plane is down, as rumqttd's in-memory log does for a
 /// lagging ingest): the agent keeps each message until the control plane's receipt
 /// names it; when a receipt names a later message, it publishes the skipped ones again
-/// (the time-out, the last resort, is set to an hour so it cannot be what saves them),
-/// and every window arrives, once.
+/// (once a second receipt skips them too, or 20 s after their acknowledgement; the
+/// time-out, the last resort, is set to an hour so it cannot be what saves them), and
+/// every window arrives, once.
 #[test]
 fn what_the_broker_acknowledged_and_lost_arrives_because_only_receipts_delete() {
     let tmp = tempfile::tempdir().expect("tempdir");
