@@ -69,6 +69,14 @@ async fn observer(port: u16) -> (AsyncClient, rumqttc::EventLoop) {
     (sub, events)
 }
 
+/// An empty outbox in a folder of its own (kept while the folder is).
+fn fresh_outbox() -> (tempfile::TempDir, Arc<Outbox>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let outbox =
+        Arc::new(Outbox::open(&dir.path().join("outbox"), Limits::default()).expect("opens"));
+    (dir, outbox)
+}
+
 async fn drained(outbox: &Outbox, within: Duration) {
     let deadline = Instant::now() + within;
     while outbox.depth() > 0 {
@@ -85,9 +93,7 @@ async fn drained(outbox: &Outbox, within: Duration) {
 fn the_outbox_reaches_the_broker_in_order_and_empties_on_acks() {
     let port = free_port();
     let _broker = mosquitto(port);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let outbox =
-        Arc::new(Outbox::open(&dir.path().join("outbox"), Limits::default()).expect("opens"));
+    let (_dir, outbox) = fresh_outbox();
     for _ in 0..20 {
         outbox
             .push(Class::Window, "fleetml/v1/pi/telemetry", 0, |seq| {
@@ -125,9 +131,7 @@ fn the_outbox_reaches_the_broker_in_order_and_empties_on_acks() {
 #[test]
 fn messages_queued_while_the_broker_is_down_are_delivered_when_it_comes_up() {
     let port = free_port();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let outbox =
-        Arc::new(Outbox::open(&dir.path().join("outbox"), Limits::default()).expect("opens"));
+    let (_dir, outbox) = fresh_outbox();
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
         let wake = Arc::new(tokio::sync::Notify::new());
@@ -164,9 +168,7 @@ fn messages_queued_while_the_broker_is_down_are_delivered_when_it_comes_up() {
 fn every_reconnect_is_reported_and_the_first_connect_is_not() {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let port = free_port();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let outbox =
-        Arc::new(Outbox::open(&dir.path().join("outbox"), Limits::default()).expect("opens"));
+    let (_dir, outbox) = fresh_outbox();
     let (connects, reconnects) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
@@ -219,9 +221,7 @@ fn with_receipts_what_the_broker_acknowledged_is_published_again_until_confirmed
     use fleetml_protocol::telemetry::Receipt;
     let port = free_port();
     let _broker = mosquitto(port);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let outbox =
-        Arc::new(Outbox::open(&dir.path().join("outbox"), Limits::default()).expect("opens"));
+    let (_dir, outbox) = fresh_outbox();
     // The control plane has sent a receipt before (for nothing here).
     outbox
         .receipt(&Receipt { stored: vec![] })
@@ -287,9 +287,7 @@ fn with_receipts_what_the_broker_acknowledged_is_published_again_until_confirmed
 #[test]
 fn with_several_brokers_a_dead_one_is_passed_over_for_the_next() {
     let (dead, live) = (free_port(), free_port());
-    let dir = tempfile::tempdir().expect("tempdir");
-    let outbox =
-        Arc::new(Outbox::open(&dir.path().join("outbox"), Limits::default()).expect("opens"));
+    let (_dir, outbox) = fresh_outbox();
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
         let wake = Arc::new(tokio::sync::Notify::new());
