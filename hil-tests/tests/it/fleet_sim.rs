@@ -295,6 +295,9 @@ fn stop_sim_at(marker: &str) {
         .current_dir(tmp.path())
         .args(["sim", "--devices", "5", "--duration", "120", "--rate", "1"])
         .args(["--broker", "mosquitto", "--json"])
+        // A stopped run keeps its work directory: this one goes with the test's.
+        .arg("--dir")
+        .arg(tmp.path().join("work"))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
