@@ -3,8 +3,8 @@
 //! Every message is written to sled and flushed before anyone may publish it, and is
 //! deleted only when it is known to be delivered: the rule of
 //! [`fleetml_device::delivery`] (the broker's PUBACK until the control plane sends
-//! receipts, then a receipt naming it; what a receipt overtakes or none names in time
-//! is published again), which `fleetctl sim` follows too. The embedded broker drops
+//! receipts, then a receipt naming it; what receipts skip or none names in time is
+//! published again), which `fleetctl sim` follows too. The embedded broker drops
 //! what a lagging subscriber has not read once its in-memory log is full, and loses its
 //! log when it restarts (found with `fleetctl sim --devices 10000`): hence receipts.
 //! After a reconnect or a restart, everything still here is published again in
@@ -335,8 +335,9 @@ impl Outbox {
         Ok(removed)
     }
 
-    /// Messages to publish again, oldest first: those the broker acknowledged and a
-    /// receipt overtook (lost on the way), and those acknowledged at least `after` ago
+    /// Messages to publish again, oldest first: those the broker acknowledged and two
+    /// receipts skipped, or one receipt [`fleetml_device::delivery::OVERTAKEN_GRACE_MS`]
+    /// ago (lost on the way), and those acknowledged at least `after` ago
     /// that no receipt has named yet (a last resort: a slow ingest is not a lost
     /// message), as of `now`. Each is handed out once per acknowledgement.
     pub fn overdue(&self, after: std::time::Duration, now: std::time::Instant) -> Vec<u64> {

@@ -97,7 +97,7 @@ pub async fn run_with(outbox: Arc<Outbox>, options: MqttOptions, wake: Arc<Notif
     // before anything new.
     let resend_after = hooks.resend_after.unwrap_or(RESEND_AFTER);
     let mut resend: VecDeque<u64> = VecDeque::new();
-    // Often: what a receipt overtook is due at once.
+    // Often: what two receipts skipped is due at once, one after the grace.
     let mut overdue_check = tokio::time::interval(
         (resend_after / 4).clamp(Duration::from_millis(250), Duration::from_secs(2)),
     );
@@ -269,7 +269,7 @@ pub async fn run_with(outbox: Arc<Outbox>, options: MqttOptions, wake: Arc<Notif
                     tracing::warn!(
                         messages = due.len(),
                         first = due[0],
-                        "messages the broker acknowledged did not reach the control plane (a receipt skipped them, or none came within {} s); publishing them again",
+                        "messages the broker acknowledged did not reach the control plane (receipts skipped them, or none came within {} s); publishing them again",
                         resend_after.as_secs()
                     );
                     resend.extend(due);

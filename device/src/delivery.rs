@@ -12,8 +12,8 @@
 //!   device's messages in order, but control-plane replicas sharing the ingest (a work
 //!   queue, a shared subscription) store their batches independently, so a later
 //!   message may be stored, and named, a moment before an earlier one. So an overtaken
-//!   message is published again when the next receipt overtakes it too, or
-//!   [`OVERTAKEN_GRACE_MS`] after its acknowledgement, whichever comes first;
+//!   message is published again when a second receipt also skips it, or
+//!   [`OVERTAKEN_GRACE_MS`] after the first did, whichever comes first;
 //! - one acknowledged and named by no receipt within the resend time is published
 //!   again too (a last resort: a slow ingest is not a lost message);
 //! - after a reconnect everything still held is published again in order, delivered or
@@ -28,10 +28,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use fleetml_protocol::telemetry::Receipt;
 
-/// How long after its acknowledgement a message one receipt overtook waits for a
-/// replica that may still be storing it (twice `fleetctl serve`'s default receipt
-/// interval), unless the next receipt overtakes it first; never longer than the resend
-/// time.
+/// How long a message one receipt overtook waits for a replica that may still be
+/// storing it (twice `fleetctl serve`'s default receipt interval), unless a second
+/// receipt skips it first. Counted from the first [`Delivery::overdue`] call after the
+/// receipt (the callers ask every few seconds); the resend time still applies.
 pub const OVERTAKEN_GRACE_MS: u64 = 20_000;
 
 /// What to do with a message the broker has just acknowledged.
@@ -66,10 +66,11 @@ pub struct Delivery {
     /// Acknowledged by the broker, awaiting a receipt: since when.
     delivered: BTreeMap<u64, u64>,
     /// Acknowledged, and one receipt named a later message but not these: still in
-    /// `delivered`, due [`OVERTAKEN_GRACE_MS`] after their acknowledgement, or when the
-    /// next receipt overtakes them too.
-    suspect: BTreeSet<u64>,
-    /// Acknowledged, and two receipts in a row named a later message but not these: lost.
+    /// `delivered` (always a subset of it), due [`OVERTAKEN_GRACE_MS`] after the first
+    /// `overdue` that saw them (the time, once seen), or when a second receipt skips
+    /// them too.
+    suspect: BTreeMap<u64, Option<u64>>,
+    /// Acknowledged, and two receipts named a later message but not these: lost.
     overtaken: BTreeSet<u64>,
 }
 
@@ -120,6 +121,8 @@ impl Delivery {
             (true, false) => Acked::Forget,
             (true, true) => {
                 self.delivered.insert(seq, now_ms);
+                // A new publication: any earlier suspicion was about the old one.
+                self.suspect.remove(&seq);
                 Acked::AwaitReceipt
             }
         }
@@ -141,6 +144,11 @@ impl Delivery {
                 self.delivered.remove(&seq);
                 self.suspect.remove(&seq);
             }
+            // Stored after all (late): not to be published again.
+            let late: Vec<u64> = self.overtaken.range(a..=b).copied().collect();
+            for seq in late {
+                self.overtaken.remove(&seq);
+            }
         }
         // What the broker acknowledged before the newest stored message and this receipt
         // did not name: suspect the first time (another replica may still be storing
@@ -148,11 +156,11 @@ impl Delivery {
         if let Some(newest) = delete.iter().map(|&(_, b)| b).max() {
             let skipped: Vec<u64> = self.delivered.range(..newest).map(|(s, _)| *s).collect();
             for seq in skipped {
-                if self.suspect.remove(&seq) {
+                if self.suspect.remove(&seq).is_some() {
                     self.delivered.remove(&seq);
                     self.overtaken.insert(seq);
                 } else {
-                    self.suspect.insert(seq);
+                    self.suspect.insert(seq, None);
                 }
             }
         }
@@ -160,18 +168,25 @@ impl Delivery {
     }
 
     /// Messages to publish again at `now_ms`, oldest first: those two receipts overtook,
-    /// those one receipt overtook and acknowledged at least [`OVERTAKEN_GRACE_MS`] ago,
-    /// and those acknowledged at least `after_ms` ago that no receipt has named. Each is
-    /// handed out once per acknowledgement.
+    /// those one receipt overtook [`OVERTAKEN_GRACE_MS`] ago (counted from the first call
+    /// that saw them), and those acknowledged at least `after_ms` ago that no receipt has
+    /// named. Each is handed out once per acknowledgement.
     pub fn overdue(&mut self, after_ms: u64, now_ms: u64) -> Vec<u64> {
-        let grace = OVERTAKEN_GRACE_MS.min(after_ms);
         let mut due = std::mem::take(&mut self.overtaken);
+        for since in self.suspect.values_mut() {
+            since.get_or_insert(now_ms);
+        }
         due.extend(
             self.delivered
                 .iter()
                 .filter(|(seq, at)| {
-                    let waited = now_ms.saturating_sub(**at);
-                    waited >= after_ms || (waited >= grace && self.suspect.contains(seq))
+                    now_ms.saturating_sub(**at) >= after_ms
+                        || self
+                            .suspect
+                            .get(seq)
+                            .copied()
+                            .flatten()
+                            .is_some_and(|since| now_ms.saturating_sub(since) >= OVERTAKEN_GRACE_MS)
                 })
                 .map(|(seq, _)| *seq),
         );
@@ -266,8 +281,8 @@ mod tests {
 
     /// Two replicas store a device's messages: 2 is named before 1, which the next
     /// receipt names. Nothing is published again. Had no receipt named 1, it would
-    /// have been due the grace after its acknowledgement (a quiet device gets no
-    /// second receipt).
+    /// have been due the grace after the skip was seen (a quiet device gets no second
+    /// receipt).
     #[test]
     fn a_message_stored_late_by_another_replica_is_not_published_again() {
         let mut d = Delivery::new(true);
@@ -287,11 +302,14 @@ mod tests {
             quiet.acked(seq, true, 0);
         }
         quiet.receipt(&receipt(&[[2, 2]]));
+        // The grace starts when the caller next asks: at 30 s here, long after the
+        // acknowledgement (a lagging ingest sends its receipts late).
+        assert_eq!(quiet.overdue(600 * S, 30 * S), Vec::<u64>::new());
         assert_eq!(
-            quiet.overdue(600 * S, OVERTAKEN_GRACE_MS - 1),
+            quiet.overdue(600 * S, 30 * S + OVERTAKEN_GRACE_MS - 1),
             Vec::<u64>::new()
         );
-        assert_eq!(quiet.overdue(600 * S, OVERTAKEN_GRACE_MS), vec![1]);
+        assert_eq!(quiet.overdue(600 * S, 30 * S + OVERTAKEN_GRACE_MS), vec![1]);
         assert_eq!(quiet.overdue(600 * S, u64::MAX), Vec::<u64>::new(), "once");
     }
 
@@ -322,12 +340,24 @@ mod tests {
                 proptest::prop_assert_eq!(d.acked(seq, true, seq), Acked::AwaitReceipt);
             }
             let mut named = BTreeSet::new();
+            let mut newest = None;
             for &(a, b) in &receipts {
                 for (x, y) in d.receipt(&receipt(&[[a, b]])).delete {
                     named.extend(acks.range(x..=y).copied());
+                    newest = newest.max(Some(y));
                 }
             }
-            let again: BTreeSet<u64> = d.overdue(0, u64::MAX).into_iter().collect();
+            // Within the grace (long before the resend time), exactly what some receipt
+            // skipped and none named comes back.
+            let mut again: BTreeSet<u64> = d.overdue(600 * S, 0).into_iter().collect();
+            again.extend(d.overdue(600 * S, OVERTAKEN_GRACE_MS));
+            let skipped: BTreeSet<u64> = acks
+                .iter()
+                .copied()
+                .filter(|s| !named.contains(s) && newest.is_some_and(|n| *s < n))
+                .collect();
+            proptest::prop_assert_eq!(&again, &skipped);
+            again.extend(d.overdue(0, u64::MAX));
             for seq in &acks {
                 proptest::prop_assert!(named.contains(seq) || again.contains(seq), "{seq} lost");
             }

@@ -290,7 +290,7 @@ fn a_broker_outage_with_a_sigkilled_agent_loses_nothing_and_duplicates_nothing()
 /// ingest while the control plane is down, as rumqttd's in-memory log does for a
 /// lagging ingest): the agent keeps each message until the control plane's receipt
 /// names it; when a receipt names a later message, it publishes the skipped ones again
-/// (once a second receipt skips them too, or 20 s after their acknowledgement; the
+/// (once a second receipt skips them too, or 20 s after the first did; the
 /// time-out, the last resort, is set to an hour so it cannot be what saves them), and
 /// every window arrives, once.
 #[test]
