@@ -85,14 +85,12 @@ pub async fn run_with(outbox: Arc<Outbox>, options: MqttOptions, wake: Arc<Notif
     let mut inflight: HashMap<u16, u64> = HashMap::new();
     let mut next: u64 = 0;
     let mut connected = false;
-    let mut ever_connected = false;
-    // A reconnect whose `on_reconnect` waits for the subscription to be granted.
-    let mut reconnected = false;
+    // When missed commands call for `on_reconnect` or `on_subscribed_late`.
+    let mut subscription = fleetml_device::commands::Subscription::default();
     let mut failures: u32 = 0;
     // The broker refused the command subscription (a NATS node too busy to create its
     // JetStream consumer answers SUBACK 0x80): subscribe again then, with back-off.
     let mut resubscribe_at: Option<std::time::Instant> = None;
-    let mut refusals: u32 = 0;
     // Acknowledged by the broker, never confirmed by the control plane: published again
     // before anything new.
     let resend_after = hooks.resend_after.unwrap_or(RESEND_AFTER);
@@ -172,19 +170,15 @@ pub async fn run_with(outbox: Arc<Outbox>, options: MqttOptions, wake: Arc<Notif
                     if let Some(f) = &hooks.on_connect {
                         f();
                     }
-                    reconnected = ever_connected;
-                    ever_connected = true;
-                    if reconnected && hooks.subscribe.is_none() {
-                        reconnected = false;
-                        if let Some(f) = &hooks.on_reconnect {
-                            f();
-                        }
+                    if subscription.connected(hooks.subscribe.is_some()).is_some()
+                        && let Some(f) = &hooks.on_reconnect
+                    {
+                        f();
                     }
                 }
                 Ok(Event::Incoming(Packet::SubAck(ack))) => {
                     if ack.return_codes.contains(&SubscribeReasonCode::Failure) {
-                        refusals = refusals.saturating_add(1);
-                        let wait = backoff(refusals);
+                        let wait = backoff(subscription.refused());
                         tracing::warn!(
                             topic = hooks.subscribe.as_deref().unwrap_or(""),
                             retry_in_ms = wait.as_millis() as u64,
@@ -192,17 +186,17 @@ pub async fn run_with(outbox: Arc<Outbox>, options: MqttOptions, wake: Arc<Notif
                         );
                         metrics::counter!("fleetml_agent_command_subscribe_refused_total").increment(1);
                         resubscribe_at = Some(std::time::Instant::now() + wait);
-                    } else if refusals > 0 {
-                        refusals = 0;
-                        // One pull for both reasons.
-                        reconnected = false;
-                        tracing::info!("the broker granted the command subscription");
-                        if let Some(f) = &hooks.on_subscribed_late {
-                            f();
-                        }
-                    } else if reconnected {
-                        reconnected = false;
-                        if let Some(f) = &hooks.on_reconnect {
+                    } else {
+                        use fleetml_device::commands::Missed;
+                        let pull = match subscription.granted() {
+                            Some(Missed::WhileRefused) => {
+                                tracing::info!("the broker granted the command subscription");
+                                &hooks.on_subscribed_late
+                            }
+                            Some(Missed::WhileAway) => &hooks.on_reconnect,
+                            None => &None,
+                        };
+                        if let Some(f) = pull {
                             f();
                         }
                     }

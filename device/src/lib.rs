@@ -12,8 +12,11 @@
 //! - [`pull`]: what an assignment pull's answer means, and what to do per model.
 //! - [`download`]: resuming a bundle download and checking what the server sends.
 //! - [`backoff`]: reconnect back-off and poll jitter, given a random number.
+//! - [`commands`]: when missed commands call for an assignment pull (a refused command
+//!   subscription, a reconnect).
 
 pub mod backoff;
+pub mod commands;
 pub mod delivery;
 pub mod download;
 pub mod pull;

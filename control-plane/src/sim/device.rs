@@ -391,9 +391,8 @@ pub(super) async fn run_publisher(dev: Arc<Device>, fleet: Arc<Fleet>, mut rng: 
     let mut next: u64 = 0;
     let mut connected = false;
     let mut ever_connected = false;
-    let mut reconnected = false;
+    let mut subscription = fleetml_device::commands::Subscription::default();
     let mut failures: u32 = 0;
-    let mut refusals: u32 = 0;
     let mut resubscribe_at: Option<Instant> = None;
     let mut last_command: Option<u64> = None;
     let mut resend: VecDeque<u64> = VecDeque::new();
@@ -469,10 +468,10 @@ pub(super) async fn run_publisher(dev: Arc<Device>, fleet: Arc<Fleet>, mut rng: 
                     if ever_connected {
                         stats.reconnects.fetch_add(1, Ordering::Relaxed);
                     }
-                    // The broker may have lost what it queued meanwhile: pull once the
-                    // subscription is granted, as the agent does.
-                    reconnected = ever_connected;
                     ever_connected = true;
+                    // The broker may have lost what it queued meanwhile: pulled once the
+                    // subscription is granted (the device always subscribes).
+                    subscription.connected(true);
                     if client.try_subscribe(cmd_topic.clone(), QoS::AtLeastOnce).is_err() {
                         tracing::warn!(device = %dev.id, "could not subscribe");
                     }
@@ -483,15 +482,13 @@ pub(super) async fn run_publisher(dev: Arc<Device>, fleet: Arc<Fleet>, mut rng: 
                     // Refused (a busy NATS node answers 0x80): again, with back-off, as
                     // the agent does.
                     if ack.return_codes.contains(&SubscribeReasonCode::Failure) {
-                        refusals = refusals.saturating_add(1);
+                        let refusals = subscription.refused();
                         stats.subscribe_refusals.fetch_add(1, Ordering::Relaxed);
                         resubscribe_at =
                             Some(Instant::now() + backoff::reconnect(refusals, rng.next()));
-                    } else if refusals > 0 || reconnected {
+                    } else if subscription.granted().is_some() {
                         // Commands sent while refused, or while away, were missed: pull
                         // now, as the agent does.
-                        refusals = 0;
-                        reconnected = false;
                         dev.pull.notify_one();
                     }
                 }
