@@ -26,7 +26,8 @@ pub type OnMessage = Box<dyn Fn(&str, &[u8]) + Send>;
 /// What the publisher does besides draining the outbox.
 #[derive(Default)]
 pub struct Hooks {
-    /// Subscribed (QoS 1) after every connect: the device's `cmd` topic.
+    /// Subscribed after every connect, with QoS 0 ([`fleetml_device::commands::QOS`]):
+    /// the device's `cmd` topic.
     pub subscribe: Option<String>,
     /// Called on every connect, before draining (the agent queues a fresh status).
     pub on_connect: Option<Box<dyn Fn() + Send>>,
@@ -39,13 +40,12 @@ pub struct Hooks {
     /// Called when the broker grants the subscription after refusing it: commands sent
     /// meanwhile were missed (the agent pulls its assignment at once).
     pub on_subscribed_late: Option<Box<dyn Fn() + Send>>,
-    /// Called once per connect after the first one: the broker may have lost what it
-    /// queued for the device while it was away (a broker restarted without persistence,
-    /// a NATS cluster whose session consumers were kept in memory restarted as a whole),
-    /// so the agent pulls its assignment rather than trust the commands to arrive. With
-    /// [`Hooks::subscribe`], once the broker has granted the subscription (a change made
-    /// before that would otherwise be missed); without, on the connect.
-    pub on_reconnect: Option<Box<dyn Fn() + Send>>,
+    /// With [`Hooks::subscribe`], called once per connect when the broker grants the
+    /// subscription: a QoS 0 subscription keeps nothing for a device that is not
+    /// subscribed, so what the control plane sent before the grant (since the start's
+    /// pull, or while the device was away) was missed, and the agent pulls its
+    /// assignment. Without a subscription, called on each connect after the first.
+    pub on_subscribed: Option<Box<dyn Fn() + Send>>,
     /// How long a message the broker acknowledged may wait for the control plane's
     /// receipt before it is published again ([`RESEND_AFTER`] when `None`).
     pub resend_after: Option<Duration>,
@@ -55,6 +55,11 @@ pub struct Hooks {
     /// tried (round robin, starting from the options given to [`run_with`]), carrying
     /// the current last will.
     pub more_brokers: Vec<MqttOptions>,
+}
+
+/// The command subscription's QoS ([`fleetml_device::commands::QOS`]).
+fn command_qos() -> QoS {
+    rumqttc::qos(fleetml_device::commands::QOS).unwrap_or(QoS::AtMostOnce)
 }
 
 /// The default of [`Hooks::resend_after`].
@@ -85,7 +90,7 @@ pub async fn run_with(outbox: Arc<Outbox>, options: MqttOptions, wake: Arc<Notif
     let mut inflight: HashMap<u16, u64> = HashMap::new();
     let mut next: u64 = 0;
     let mut connected = false;
-    // When missed commands call for `on_reconnect` or `on_subscribed_late`.
+    // When missed commands call for `on_subscribed` or `on_subscribed_late`.
     let mut subscription = fleetml_device::commands::Subscription::default();
     let mut failures: u32 = 0;
     // The broker refused the command subscription (a NATS node too busy to create its
@@ -163,7 +168,7 @@ pub async fn run_with(outbox: Arc<Outbox>, options: MqttOptions, wake: Arc<Notif
                     resubscribe_at = None;
                     tracing::info!("telemetry connected");
                     if let Some(topic) = &hooks.subscribe
-                        && client.try_subscribe(topic.clone(), QoS::AtLeastOnce).is_err()
+                        && client.try_subscribe(topic.clone(), command_qos()).is_err()
                     {
                         tracing::warn!(topic, "could not subscribe");
                     }
@@ -171,7 +176,7 @@ pub async fn run_with(outbox: Arc<Outbox>, options: MqttOptions, wake: Arc<Notif
                         f();
                     }
                     if subscription.connected(hooks.subscribe.is_some()).is_some()
-                        && let Some(f) = &hooks.on_reconnect
+                        && let Some(f) = &hooks.on_subscribed
                     {
                         f();
                     }
@@ -193,7 +198,7 @@ pub async fn run_with(outbox: Arc<Outbox>, options: MqttOptions, wake: Arc<Notif
                                 tracing::info!("the broker granted the command subscription");
                                 &hooks.on_subscribed_late
                             }
-                            Some(Missed::WhileAway) => &hooks.on_reconnect,
+                            Some(Missed::WhileAway | Missed::BeforeFirstGrant) => &hooks.on_subscribed,
                             None => &None,
                         };
                         if let Some(f) = pull {
@@ -253,7 +258,7 @@ pub async fn run_with(outbox: Arc<Outbox>, options: MqttOptions, wake: Arc<Notif
                 if resubscribe_at.is_some_and(|at| std::time::Instant::now() >= at) {
                     resubscribe_at = None;
                     if let Some(topic) = &hooks.subscribe
-                        && client.try_subscribe(topic.clone(), QoS::AtLeastOnce).is_err()
+                        && client.try_subscribe(topic.clone(), command_qos()).is_err()
                     {
                         tracing::warn!(topic, "could not subscribe");
                     }

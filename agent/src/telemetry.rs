@@ -221,7 +221,9 @@ impl Telemetry {
     ) -> anyhow::Result<MqttOptions> {
         let mut o = MqttOptions::new(self.device.as_str(), b.host.clone(), b.port);
         o.set_keep_alive(Duration::from_secs(30));
-        // Commands sent while the device was away wait in its broker session.
+        // A persistent session, as in earlier releases. The command subscription is QoS 0,
+        // so the broker keeps no commands for the device while it is away: the publisher
+        // has the puller pull each time the subscription is granted.
         o.set_clean_session(false);
         o.set_max_packet_size(telemetry::MAX_MESSAGE + 1024, telemetry::MAX_MESSAGE + 1024);
         o.set_last_will(will);
@@ -292,8 +294,9 @@ impl Telemetry {
         };
         // Sent while the subscription was refused.
         let on_subscribed_late = pull("subscribed-late");
-        // Sent while the device was away, and lost with the broker's session.
-        let on_reconnect = pull("reconnected");
+        // Sent before the subscription was granted: since the start's pull, or while
+        // the device was away (a QoS 0 subscription keeps nothing meanwhile).
+        let on_subscribed = pull("subscribed");
         let on_message = {
             let me = self.clone();
             Box::new(move |topic: &str, bytes: &[u8]| me.command(topic, bytes, &*commands))
@@ -315,7 +318,7 @@ impl Telemetry {
             next_will: Some(next_will),
             on_message: Some(on_message),
             on_subscribed_late: Some(on_subscribed_late),
-            on_reconnect: Some(on_reconnect),
+            on_subscribed: Some(on_subscribed),
             resend_after: Some(settings.resend_after),
             progress,
             more_brokers,

@@ -17,7 +17,9 @@
 //! subjects. (nats-server 2.10 and later carry a `.` in a topic as `//`; 2.9 refuses
 //! such topics, so devices whose ids hold a dot need 2.10 there.) nats-server 2.9 (Debian 12's) also wants subscribe
 //! permission on `$MQTT.sub.>` for an MQTT client's QoS 1 subscriptions: the server
-//! delivers them through JetStream consumers on that prefix. An MQTT client cannot
+//! delivers them through JetStream consumers on that prefix. (This release's agents
+//! subscribe to commands with QoS 0; agents of earlier releases, with QoS 1, still need
+//! it.) An MQTT client cannot
 //! subscribe to `$MQTT/…` topics itself (refused by the server; the system test tries).
 //!
 //! Passwords are bcrypt hashes (`$2a$`, what `nats server passwd` writes). A device's

@@ -1,10 +1,17 @@
 //! When a device must pull its assignment because commands on its `cmd` subscription
-//! may have been missed: the broker refused the subscription for a while (a busy NATS
-//! node answers SUBACK 0x80), or the device reconnected and the broker may have forgotten
-//! what it queued meanwhile (restarted without persistence, or a NATS cluster restarted
-//! as a whole with its session consumers in memory). Commands are nudges; the pull is
-//! what a device acts on. The pull waits for the subscription's grant, so a change made
-//! before the subscription exists is not missed either.
+//! may have been missed. Devices subscribe with QoS 0 ([`QOS`]): no broker keeps
+//! commands for a device that is not subscribed, so every grant of the subscription is
+//! followed by a pull — the first of a run (a change made between the start's pull and
+//! the grant), each after a reconnect (while the device was away), and one after the
+//! broker refused the subscription for a while (a busy NATS node answers SUBACK 0x80).
+//! Commands are nudges; the pull is what a device acts on. The pull waits for the
+//! grant, so a change made before the subscription exists is not missed either.
+
+/// The QoS of the command subscription: 0. Every command is a nudge whose effect a pull
+/// (or the status every connect sends) also brings, and a QoS 1 subscription costs a
+/// clustered broker dearly: nats-server keeps a replicated JetStream consumer for each
+/// one (docs/BENCHMARKS.md, "Commands at QoS 0").
+pub const QOS: u8 = 0;
 
 /// Why commands may have been missed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -13,12 +20,15 @@ pub enum Missed {
     WhileRefused,
     /// The device was away (a reconnect).
     WhileAway,
+    /// The first grant of a run: nothing was subscribed before it.
+    BeforeFirstGrant,
 }
 
 /// The command subscription's history on one device's connections.
 #[derive(Debug, Default, Clone)]
 pub struct Subscription {
     ever_connected: bool,
+    ever_granted: bool,
     reconnected: bool,
     refusals: u32,
 }
@@ -43,14 +53,18 @@ impl Subscription {
     }
 
     /// The broker granted the subscription: whether to pull now, and why (one pull for
-    /// both reasons).
+    /// every reason at once; `None` for a grant the device did not ask for again, such
+    /// as a second SUBACK on the same connection).
     pub fn granted(&mut self) -> Option<Missed> {
         let refused = std::mem::take(&mut self.refusals) > 0;
         let away = std::mem::take(&mut self.reconnected);
+        let first = !std::mem::replace(&mut self.ever_granted, true);
         if refused {
             Some(Missed::WhileRefused)
         } else if away {
             Some(Missed::WhileAway)
+        } else if first {
+            Some(Missed::BeforeFirstGrant)
         } else {
             None
         }
@@ -62,10 +76,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_first_connect_pulls_nothing_a_reconnect_pulls_once_granted() {
+    fn every_connect_pulls_once_granted() {
         let mut s = Subscription::default();
-        assert_eq!(s.connected(true), None);
-        assert_eq!(s.granted(), None, "the first grant");
+        assert_eq!(s.connected(true), None, "waits for the grant");
+        assert_eq!(s.granted(), Some(Missed::BeforeFirstGrant));
+        assert_eq!(s.granted(), None, "once");
         assert_eq!(s.connected(true), None, "waits for the grant");
         assert_eq!(s.granted(), Some(Missed::WhileAway));
         assert_eq!(s.granted(), None, "once");
@@ -78,7 +93,9 @@ mod tests {
     fn refusals_count_up_and_one_grant_pulls_once_for_both_reasons() {
         let mut s = Subscription::default();
         s.connected(true);
-        s.granted();
+        assert_eq!(s.refused(), 1, "the first subscription refused");
+        assert_eq!(s.granted(), Some(Missed::WhileRefused), "one pull");
+        assert_eq!(s.granted(), None);
         s.connected(true);
         assert_eq!(s.refused(), 1);
         assert_eq!(s.refused(), 2);

@@ -1,7 +1,7 @@
 //! The publisher drains the outbox to a real broker (mosquitto from Debian): in order,
 //! removing only what the broker acknowledged, and catching up once a broker that was
 //! down comes up, or moving to the next of several brokers when one is down; every
-//! reconnect reported, so the agent pulls what a forgotten session held.
+//! grant of the command subscription reported, so the agent pulls what it missed.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -160,22 +160,22 @@ fn messages_queued_while_the_broker_is_down_are_delivered_when_it_comes_up() {
     });
 }
 
-/// A broker restarted without persistence has forgotten the device's session and the
-/// commands queued in it, so the publisher tells the agent of every connect after the
-/// first, once the command subscription is granted again (it pulls its assignment
-/// then), and not of the first one.
+/// Commands are subscribed with QoS 0, so no broker keeps them for a device that is not
+/// subscribed: the publisher tells the agent once per connect, when the broker grants
+/// the command subscription (it pulls its assignment then) — the first connect too, and
+/// after each restart of a broker that forgot the session.
 #[test]
-fn every_reconnect_is_reported_and_the_first_connect_is_not() {
+fn every_grant_of_the_command_subscription_is_reported_once() {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let port = free_port();
     let (_dir, outbox) = fresh_outbox();
-    let (connects, reconnects) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (connects, granted) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
         let mut broker = Some(mosquitto(port));
         let mut device = options("pi", port);
         device.set_clean_session(false);
-        let (c, r) = (connects.clone(), reconnects.clone());
+        let (c, g) = (connects.clone(), granted.clone());
         let task = tokio::spawn(fleet_agent::publisher::run_with(
             outbox.clone(),
             device,
@@ -185,8 +185,8 @@ fn every_reconnect_is_reported_and_the_first_connect_is_not() {
                 on_connect: Some(Box::new(move || {
                     c.fetch_add(1, Ordering::SeqCst);
                 })),
-                on_reconnect: Some(Box::new(move || {
-                    r.fetch_add(1, Ordering::SeqCst);
+                on_subscribed: Some(Box::new(move || {
+                    g.fetch_add(1, Ordering::SeqCst);
                 })),
                 ..Default::default()
             },
@@ -198,20 +198,18 @@ fn every_reconnect_is_reported_and_the_first_connect_is_not() {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         };
-        reached(connects.clone(), 1, "connect").await;
-        // Past the first subscription's grant, which reports nothing.
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        assert_eq!(reconnects.load(Ordering::SeqCst), 0, "the first connect");
+        reached(granted.clone(), 1, "the first grant's report").await;
+        assert_eq!(connects.load(Ordering::SeqCst), 1, "the first connect");
         // The broker restarts and forgets the session; the device reconnects and
         // subscribes again.
-        for n in 1..=2 {
+        for n in 2..=3 {
             drop(broker.take());
             broker = Some(mosquitto(port));
-            reached(reconnects.clone(), n, "reconnect report").await;
-            assert_eq!(connects.load(Ordering::SeqCst), n + 1, "once per reconnect");
+            reached(granted.clone(), n, "a reconnect's report").await;
+            assert_eq!(connects.load(Ordering::SeqCst), n, "once per connect");
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
-        assert_eq!(reconnects.load(Ordering::SeqCst), 2, "after two restarts");
+        assert_eq!(granted.load(Ordering::SeqCst), 3, "after two restarts");
         task.abort();
     });
 }

@@ -136,6 +136,11 @@ impl Outbox {
     }
 }
 
+/// The command subscription's QoS, the agent's ([`fleetml_device::commands::QOS`]).
+fn command_qos() -> QoS {
+    rumqttc::qos(fleetml_device::commands::QOS).unwrap_or(QoS::AtMostOnce)
+}
+
 /// Milliseconds since the simulator started, for the delivery rule.
 pub(super) fn since_start_ms() -> u64 {
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
@@ -469,10 +474,11 @@ pub(super) async fn run_publisher(dev: Arc<Device>, fleet: Arc<Fleet>, mut rng: 
                         stats.reconnects.fetch_add(1, Ordering::Relaxed);
                     }
                     ever_connected = true;
-                    // The broker may have lost what it queued meanwhile: pulled once the
-                    // subscription is granted (the device always subscribes).
+                    // Nothing was kept for the device before the subscription (QoS 0, as
+                    // the agent's): pulled once it is granted (the device always
+                    // subscribes).
                     subscription.connected(true);
-                    if client.try_subscribe(cmd_topic.clone(), QoS::AtLeastOnce).is_err() {
+                    if client.try_subscribe(cmd_topic.clone(), command_qos()).is_err() {
                         tracing::warn!(device = %dev.id, "could not subscribe");
                     }
                     resubscribe_at = None;
@@ -487,8 +493,8 @@ pub(super) async fn run_publisher(dev: Arc<Device>, fleet: Arc<Fleet>, mut rng: 
                         resubscribe_at =
                             Some(Instant::now() + backoff::reconnect(refusals, rng.next()));
                     } else if subscription.granted().is_some() {
-                        // Commands sent while refused, or while away, were missed: pull
-                        // now, as the agent does.
+                        // Commands sent before the grant (since the start, while refused,
+                        // while away) were missed: pull now, as the agent does.
                         dev.pull.notify_one();
                     }
                 }
@@ -542,7 +548,7 @@ pub(super) async fn run_publisher(dev: Arc<Device>, fleet: Arc<Fleet>, mut rng: 
             _ = overdue_check.tick(), if connected => {
                 if resubscribe_at.is_some_and(|at| Instant::now() >= at) {
                     resubscribe_at = None;
-                    let _ = client.try_subscribe(cmd_topic.clone(), QoS::AtLeastOnce);
+                    let _ = client.try_subscribe(cmd_topic.clone(), command_qos());
                 }
                 let due = dev
                     .outbox()
@@ -638,6 +644,15 @@ pub(super) struct Puller {
 impl Puller {
     pub(super) async fn run(mut self, mut rng: Rng) {
         let mut stop = self.fleet.stop.clone();
+        // The agent pulls at start and again when its command subscription is granted
+        // (it must work without a broker). A simulated device always has one, so its
+        // first pull waits for that grant (or a poll's time, should it never come):
+        // one pull per device at start, not two.
+        tokio::select! {
+            _ = tokio::time::sleep(backoff::jittered(POLL, rng.unit())) => {}
+            _ = self.dev.pull.notified() => {}
+            _ = stop.changed() => return,
+        }
         loop {
             if *stop.borrow() {
                 return;

@@ -99,20 +99,46 @@ fn on_a_nats_cluster_the_replicas_split_the_ingest_through_a_work_queue_and_lose
         "mqtt://127.0.0.1:{},mqtt://127.0.0.1:{}",
         nodes[2].1, nodes[0].1
     );
-    let (mut replicated, mut jsz) = (None, String::new());
+    let (mut replicated, mut command_consumers, mut jsz) = (None, None, String::new());
     two_replicas(
         tmp.path(),
         [nodes[0].1, nodes[1].1],
         &last,
         Some(&queue),
         || {
+            jsz = nats.monitor(
+                0,
+                "/jsz?accounts=true&streams=true&consumers=true&config=true",
+            );
+            let streams: Vec<Value> = serde_json::from_str::<Value>(&jsz)
+                .ok()
+                .and_then(|v| {
+                    let accounts = v["account_details"].as_array()?.clone();
+                    Some(
+                        accounts
+                            .iter()
+                            .filter_map(|a| a["stream_detail"].as_array().cloned())
+                            .flatten()
+                            .collect(),
+                    )
+                })
+                .unwrap_or_default();
             // The queue is kept on all three nodes: losing one loses nothing.
-            jsz = nats.monitor(0, "/jsz?accounts=true&streams=true&config=true");
-            replicated = serde_json::from_str::<Value>(&jsz).ok().and_then(|v| {
-                v["account_details"].as_array()?.iter().find_map(|a| {
-                    a["stream_detail"].as_array()?.iter().find_map(|s| {
-                        (s["name"] == "FLEETML_INGEST")
-                            .then(|| s["config"]["num_replicas"].as_u64())?
+            replicated = streams.iter().find_map(|s| {
+                (s["name"] == "FLEETML_INGEST").then(|| s["config"]["num_replicas"].as_u64())?
+            });
+            // The devices subscribe to their commands with QoS 0: nats-server keeps no
+            // JetStream consumer for them (one per device, replicated, at QoS 1).
+            command_consumers = streams.iter().find_map(|s| {
+                (s["name"] == "$MQTT_msgs").then(|| {
+                    s["consumer_detail"].as_array().map_or(0, |cs| {
+                        cs.iter()
+                            .filter(|c| {
+                                c["config"]["filter_subject"]
+                                    .as_str()
+                                    .is_some_and(|f| f.ends_with(".cmd"))
+                            })
+                            .count()
                     })
                 })
             });
@@ -120,6 +146,11 @@ fn on_a_nats_cluster_the_replicas_split_the_ingest_through_a_work_queue_and_lose
         },
     );
     assert_eq!(replicated, Some(3), "the stream's replicas: {jsz}");
+    assert_eq!(
+        command_consumers,
+        Some(0),
+        "consumers for the devices' command subscriptions: {jsz}"
+    );
 }
 
 /// The scenario both brokers pass: B (its MQTT session on `brokers[0]`) leads, A (on
