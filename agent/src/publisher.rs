@@ -93,8 +93,9 @@ pub async fn run_with(outbox: Arc<Outbox>, options: MqttOptions, wake: Arc<Notif
     // When missed commands call for `on_subscribed` or `on_subscribed_late`.
     let mut subscription = fleetml_device::commands::Subscription::default();
     let mut failures: u32 = 0;
-    // The broker refused the command subscription (a NATS node too busy to create its
-    // JetStream consumer answers SUBACK 0x80): subscribe again then, with back-off.
+    // The broker refused the command subscription (SUBACK 0x80: an ACL, an overloaded
+    // node), or the subscription could not be handed to the client: subscribe again
+    // then, with back-off.
     let mut resubscribe_at: Option<std::time::Instant> = None;
     // Acknowledged by the broker, never confirmed by the control plane: published again
     // before anything new.
@@ -170,7 +171,9 @@ pub async fn run_with(outbox: Arc<Outbox>, options: MqttOptions, wake: Arc<Notif
                     if let Some(topic) = &hooks.subscribe
                         && client.try_subscribe(topic.clone(), command_qos()).is_err()
                     {
-                        tracing::warn!(topic, "could not subscribe");
+                        // Only the grant brings the pull: try again shortly.
+                        tracing::warn!(topic, "could not subscribe; trying again");
+                        resubscribe_at = Some(std::time::Instant::now() + backoff(1));
                     }
                     if let Some(f) = &hooks.on_connect {
                         f();

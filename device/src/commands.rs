@@ -90,6 +90,15 @@ mod tests {
     }
 
     #[test]
+    fn a_reconnect_before_the_first_grant_still_pulls_once_granted() {
+        let mut s = Subscription::default();
+        assert_eq!(s.connected(true), None);
+        assert_eq!(s.connected(true), None, "lost before the SUBACK");
+        assert_eq!(s.granted(), Some(Missed::WhileAway));
+        assert_eq!(s.granted(), None);
+    }
+
+    #[test]
     fn refusals_count_up_and_one_grant_pulls_once_for_both_reasons() {
         let mut s = Subscription::default();
         s.connected(true);

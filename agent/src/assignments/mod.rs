@@ -1,8 +1,10 @@
 //! Pulling what this device should run from the control plane: signed assignments,
 //! resumable bundle downloads, and activation through the runtime's pipeline.
 //!
-//! The puller fetches `GET /v1/devices/{id}/assignment` when the agent starts, when the
-//! control plane says so on the `cmd` topic (`assignment_changed`), and every
+//! The puller fetches `GET /v1/devices/{id}/assignment` when the agent starts, each time
+//! the broker grants the `cmd` subscription (QoS 0: nothing is kept for the device
+//! before that), when the control plane says so on the `cmd` topic
+//! (`assignment_changed`), and every
 //! `assignment_poll_s` seconds (±20 % jitter, so a fleet does not poll in step). Every
 //! assignment is checked before anything happens ([`SignedAssignment::check`]: trusted
 //! key, this device, newer generation, not expired); a refusal is reported as an

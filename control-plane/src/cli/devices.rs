@@ -224,7 +224,9 @@ pub(crate) fn devices_command(server: &str, cmd: DevicesCommand) -> anyhow::Resu
                 &serde_json::json!({ "kind": "send_status" }),
             )?;
             println!(
-                "sent command {} to {id}; its acknowledgement shows in `fleetctl devices show {id}`",
+                "sent command {} to {id}; its acknowledgement shows in `fleetctl devices show {id}` \
+                 if the device is online (one that is away sends its status when it connects \
+                 and never sees this command)",
                 r["command"].as_str().unwrap_or("?")
             );
         }

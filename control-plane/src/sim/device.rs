@@ -478,10 +478,13 @@ pub(super) async fn run_publisher(dev: Arc<Device>, fleet: Arc<Fleet>, mut rng: 
                     // the agent's): pulled once it is granted (the device always
                     // subscribes).
                     subscription.connected(true);
-                    if client.try_subscribe(cmd_topic.clone(), command_qos()).is_err() {
-                        tracing::warn!(device = %dev.id, "could not subscribe");
-                    }
                     resubscribe_at = None;
+                    if client.try_subscribe(cmd_topic.clone(), command_qos()).is_err() {
+                        // Only the grant brings the pull: try again shortly.
+                        tracing::warn!(device = %dev.id, "could not subscribe");
+                        resubscribe_at =
+                            Some(Instant::now() + backoff::reconnect(1, rng.next()));
+                    }
                     dev.push_status(stats);
                 }
                 Ok(Event::Incoming(Packet::SubAck(ack))) => {

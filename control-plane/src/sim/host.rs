@@ -196,8 +196,9 @@ pub(super) struct NatsNode {
 }
 
 /// A private NATS cluster of `n` nodes on loopback (JetStream and MQTT on each, its
-/// files under `dir/nats`), as docs/DEPLOY.md lays one out: the devices' session
-/// consumers in memory, still replicated on every node.
+/// files under `dir/nats`), as docs/DEPLOY.md lays one out: consumers of QoS 1
+/// subscriptions (agents of earlier releases; this release's subscribe with QoS 0) in
+/// memory, still replicated on every node.
 pub(super) fn start_nats(
     bin: &Path,
     dir: &Path,

@@ -19,6 +19,8 @@
 //! - sends a status on every connect, after every activation and every 300 s while
 //!   its outbox is drained, and at `--rate` a monitoring window report per model it
 //!   serves (a status while it serves none);
+//! - subscribes to its `cmd` topic with QoS 0, as the agent does, and pulls its
+//!   assignment each time the broker grants the subscription;
 //! - on `assignment_changed` (and every 300 s ± 20 %) fetches its assignment with its
 //!   HTTP token, checks it with [`SignedAssignment::check`], downloads each bundle it
 //!   does not hold and checks its size and SHA-256, and reports the lifecycle events and
