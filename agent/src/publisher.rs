@@ -37,14 +37,12 @@ pub struct Hooks {
     pub next_will: Option<Box<dyn Fn() -> Option<rumqttc::LastWill> + Send>>,
     /// Called with each message received on a subscribed topic.
     pub on_message: Option<OnMessage>,
-    /// Called when the broker grants the subscription after refusing it: commands sent
-    /// meanwhile were missed (the agent pulls its assignment at once).
-    pub on_subscribed_late: Option<Box<dyn Fn() + Send>>,
     /// With [`Hooks::subscribe`], called once per connect when the broker grants the
-    /// subscription: a QoS 0 subscription keeps nothing for a device that is not
-    /// subscribed, so what the control plane sent before the grant (since the start's
-    /// pull, or while the device was away) was missed, and the agent pulls its
-    /// assignment. Without a subscription, called on each connect after the first.
+    /// subscription (after refusing it, too): a QoS 0 subscription keeps nothing for a
+    /// device that is not subscribed, so what the control plane sent before the grant
+    /// (since the start's pull, while the device was away or refused) was missed, and
+    /// the agent pulls its assignment. Without a subscription, called on each connect
+    /// after the first.
     pub on_subscribed: Option<Box<dyn Fn() + Send>>,
     /// How long a message the broker acknowledged may wait for the control plane's
     /// receipt before it is published again ([`RESEND_AFTER`] when `None`).
@@ -90,7 +88,7 @@ pub async fn run_with(outbox: Arc<Outbox>, options: MqttOptions, wake: Arc<Notif
     let mut inflight: HashMap<u16, u64> = HashMap::new();
     let mut next: u64 = 0;
     let mut connected = false;
-    // When missed commands call for `on_subscribed` or `on_subscribed_late`.
+    // When missed commands call for `on_subscribed`.
     let mut subscription = fleetml_device::commands::Subscription::default();
     let mut failures: u32 = 0;
     // The broker refused the command subscription (SUBACK 0x80: an ACL, an overloaded
@@ -194,17 +192,11 @@ pub async fn run_with(outbox: Arc<Outbox>, options: MqttOptions, wake: Arc<Notif
                         );
                         metrics::counter!("fleetml_agent_command_subscribe_refused_total").increment(1);
                         resubscribe_at = Some(std::time::Instant::now() + wait);
-                    } else {
-                        use fleetml_device::commands::Missed;
-                        let pull = match subscription.granted() {
-                            Some(Missed::WhileRefused) => {
-                                tracing::info!("the broker granted the command subscription");
-                                &hooks.on_subscribed_late
-                            }
-                            Some(Missed::WhileAway | Missed::BeforeFirstGrant) => &hooks.on_subscribed,
-                            None => &None,
-                        };
-                        if let Some(f) = pull {
+                    } else if let Some(missed) = subscription.granted() {
+                        if missed == fleetml_device::commands::Missed::WhileRefused {
+                            tracing::info!("the broker granted the command subscription");
+                        }
+                        if let Some(f) = &hooks.on_subscribed {
                             f();
                         }
                     }

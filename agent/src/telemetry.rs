@@ -281,22 +281,19 @@ impl Telemetry {
             let (me, status) = (self.clone(), status.clone());
             Box::new(move || me.queue_status(status())) as Box<dyn Fn() + Send>
         };
-        // What an `assignment_changed` the device may have missed would have done: pull
-        // now. No answer goes out (no command came).
-        let pull = |why: &'static str| {
+        // What an `assignment_changed` sent before the subscription was granted (since
+        // the start's pull, while the device was away or refused: a QoS 0 subscription
+        // keeps nothing meanwhile) would have done: pull now. No answer goes out (no
+        // command came).
+        let on_subscribed = {
             let commands = commands.clone();
             Box::new(move || {
                 let _ = commands(Command {
-                    id: why.into(),
+                    id: "subscribed".into(),
                     kind: telemetry::CommandKind::AssignmentChanged,
                 });
             }) as Box<dyn Fn() + Send>
         };
-        // Sent while the subscription was refused.
-        let on_subscribed_late = pull("subscribed-late");
-        // Sent before the subscription was granted: since the start's pull, or while
-        // the device was away (a QoS 0 subscription keeps nothing meanwhile).
-        let on_subscribed = pull("subscribed");
         let on_message = {
             let me = self.clone();
             Box::new(move |topic: &str, bytes: &[u8]| me.command(topic, bytes, &*commands))
@@ -317,7 +314,6 @@ impl Telemetry {
             on_connect: Some(on_connect),
             next_will: Some(next_will),
             on_message: Some(on_message),
-            on_subscribed_late: Some(on_subscribed_late),
             on_subscribed: Some(on_subscribed),
             resend_after: Some(settings.resend_after),
             progress,

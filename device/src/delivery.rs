@@ -173,21 +173,15 @@ impl Delivery {
     /// named. Each is handed out once per acknowledgement.
     pub fn overdue(&mut self, after_ms: u64, now_ms: u64) -> Vec<u64> {
         let mut due = std::mem::take(&mut self.overtaken);
-        for since in self.suspect.values_mut() {
-            since.get_or_insert(now_ms);
+        for (seq, since) in &mut self.suspect {
+            if now_ms.saturating_sub(*since.get_or_insert(now_ms)) >= OVERTAKEN_GRACE_MS {
+                due.insert(*seq);
+            }
         }
         due.extend(
             self.delivered
                 .iter()
-                .filter(|(seq, at)| {
-                    now_ms.saturating_sub(**at) >= after_ms
-                        || self
-                            .suspect
-                            .get(seq)
-                            .copied()
-                            .flatten()
-                            .is_some_and(|since| now_ms.saturating_sub(since) >= OVERTAKEN_GRACE_MS)
-                })
+                .filter(|(_, at)| now_ms.saturating_sub(**at) >= after_ms)
                 .map(|(seq, _)| *seq),
         );
         for seq in &due {

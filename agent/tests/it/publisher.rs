@@ -386,7 +386,7 @@ fn a_refused_command_subscription_is_tried_again_until_the_broker_allows_it() {
                 on_message: Some(Box::new(move |_, _| {
                     counted.fetch_add(1, Ordering::Relaxed);
                 })),
-                on_subscribed_late: Some(Box::new(move || {
+                on_subscribed: Some(Box::new(move || {
                     granted.fetch_add(1, Ordering::Relaxed);
                 })),
                 ..Default::default()

@@ -648,26 +648,21 @@ impl Puller {
     pub(super) async fn run(mut self, mut rng: Rng) {
         let mut stop = self.fleet.stop.clone();
         // The agent pulls at start and again when its command subscription is granted
-        // (it must work without a broker). A simulated device always has one, so its
-        // first pull waits for that grant (or a poll's time, should it never come):
-        // one pull per device at start, not two.
-        tokio::select! {
-            _ = tokio::time::sleep(backoff::jittered(POLL, rng.unit())) => {}
-            _ = self.dev.pull.notified() => {}
-            _ = stop.changed() => return,
-        }
+        // (it must work without a broker). A simulated device always has one, so even
+        // its first pull waits for a nudge — that grant — or a poll's time, should it
+        // never come: one pull per device at start, not two.
         loop {
-            if *stop.borrow() {
-                return;
-            }
-            if let Err(e) = self.once().await {
-                tracing::debug!(device = %self.dev.id, error = %format!("{e:#}"), "assignment pull failed");
-            }
             let poll = backoff::jittered(POLL, rng.unit());
             tokio::select! {
                 _ = tokio::time::sleep(poll) => {}
                 _ = self.dev.pull.notified() => {}
                 _ = stop.changed() => return,
+            }
+            if *stop.borrow() {
+                return;
+            }
+            if let Err(e) = self.once().await {
+                tracing::debug!(device = %self.dev.id, error = %format!("{e:#}"), "assignment pull failed");
             }
         }
     }
