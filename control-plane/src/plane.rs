@@ -32,6 +32,9 @@ pub struct Plane {
     pub audit: crate::auth::Audit,
     pub(crate) assignment_key: fleetml_protocol::crypto::SigningKey,
     pub(crate) assignment_ttl_ms: u64,
+    /// How long a running wave's device may stay silent after its assignment before the
+    /// engine tells it again (0: never; `Rollout::remind`).
+    pub(crate) rollout_remind_ms: u64,
     /// One rollout change at a time (the engine and the API both make them).
     pub(crate) rollout_lock: std::sync::Mutex<()>,
     /// The trust policy bundles are verified with and devices are given; an admin may

@@ -104,6 +104,9 @@ pub struct Options {
     pub public_mqtt_url: Option<String>,
     /// How long a signed assignment stays valid after a device fetched it.
     pub assignment_ttl: Duration,
+    /// How long the rollout engine waits for a device of the running wave to answer its
+    /// assignment before telling it again (`--rollout-remind-after`); zero never.
+    pub rollout_remind: Duration,
     /// The key candidate bundles of training jobs are signed with.
     pub signing_key: Option<PathBuf>,
     /// How often each device gets a receipt for the messages stored since the last one.
@@ -712,6 +715,7 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
         tokens,
         assignment_key,
         assignment_ttl_ms: opts.assignment_ttl.as_millis() as u64,
+        rollout_remind_ms: opts.rollout_remind.as_millis() as u64,
         rollout_lock: std::sync::Mutex::new(()),
         ingest,
         registry,

@@ -602,6 +602,13 @@ pub fn rollout_status(v: &RolloutView) -> String {
             w.passed_ms.map_or_else(|| "-".into(), utc)
         );
     }
+    for w in v.waves.iter().filter(|w| w.reminded > 0) {
+        let _ = writeln!(
+            out,
+            "wave {}: devices silent since their assignment were told again {} time(s)",
+            w.wave, w.reminded
+        );
+    }
     if !v.gates.is_empty() {
         let _ = writeln!(out, "\n{:<26} {:>12} {:>12}  OK", "GATE", "VALUE", "LIMIT");
         let num = |x: Option<f64>| {

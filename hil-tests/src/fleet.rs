@@ -593,3 +593,102 @@ pub fn hostile(route: impl Fn(&str) -> Hostile + Send + Sync + 'static) -> Strin
     });
     addr
 }
+
+/// A relay between MQTT 3.1.1 clients and a plain broker on `127.0.0.1:broker` that drops
+/// the QoS 0 PUBLISH packets `drop` picks by topic and payload on their way to the
+/// client, which stays connected: what a broker losing a message does (a cluster route
+/// dropped). Everything else passes byte for byte. Counts what it dropped and the
+/// SUBACKs it passed.
+#[derive(Debug)]
+pub struct MqttRelay {
+    pub port: u16,
+    pub dropped: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    pub subacks: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl MqttRelay {
+    pub fn start(broker: u16, drop: impl Fn(&str, &[u8]) -> bool + Send + Sync + 'static) -> Self {
+        use std::sync::Arc;
+        use std::sync::atomic::AtomicUsize;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let (dropped, subacks) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let relay = MqttRelay {
+            port,
+            dropped: dropped.clone(),
+            subacks: subacks.clone(),
+        };
+        let drop = Arc::new(drop);
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(upstream) = std::net::TcpStream::connect(("127.0.0.1", broker)) else {
+                    continue;
+                };
+                let (Ok(mut up_w), Ok(mut client_r)) = (upstream.try_clone(), client.try_clone())
+                else {
+                    continue;
+                };
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut client_r, &mut up_w);
+                    let _ = up_w.shutdown(std::net::Shutdown::Both);
+                });
+                let (drop, dropped, subacks) = (drop.clone(), dropped.clone(), subacks.clone());
+                std::thread::spawn(move || {
+                    let (mut up_r, mut client_w) = (upstream, client);
+                    while let Some(packet) = read_mqtt_packet(&mut up_r) {
+                        let kind = packet[0] >> 4;
+                        if kind == 9 {
+                            subacks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
+                        if kind == 3
+                            && (packet[0] >> 1) & 3 == 0
+                            && publish_parts(&packet).is_some_and(|(t, p)| drop(t, p))
+                        {
+                            dropped.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            continue;
+                        }
+                        if std::io::Write::write_all(&mut client_w, &packet).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = client_w.shutdown(std::net::Shutdown::Both);
+                    let _ = up_r.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        relay
+    }
+}
+
+/// One whole MQTT packet (fixed header included) from `r`; `None` at its end.
+fn read_mqtt_packet(r: &mut impl std::io::Read) -> Option<Vec<u8>> {
+    let mut packet = vec![0u8; 1];
+    r.read_exact(&mut packet).ok()?;
+    let (mut length, mut shift) = (0usize, 0);
+    loop {
+        let mut b = [0u8; 1];
+        r.read_exact(&mut b).ok()?;
+        packet.push(b[0]);
+        length |= usize::from(b[0] & 0x7f) << shift;
+        shift += 7;
+        if b[0] & 0x80 == 0 || shift > 21 {
+            break;
+        }
+    }
+    let start = packet.len();
+    packet.resize(start + length, 0);
+    r.read_exact(&mut packet[start..]).ok()?;
+    Some(packet)
+}
+
+/// The topic and payload of a QoS 0 PUBLISH packet.
+fn publish_parts(packet: &[u8]) -> Option<(&str, &[u8])> {
+    let mut at = 1;
+    while packet.get(at)? & 0x80 != 0 {
+        at += 1;
+    }
+    let body = &packet[at + 1..];
+    let n = usize::from(u16::from_be_bytes([*body.first()?, *body.get(1)?]));
+    let topic = std::str::from_utf8(body.get(2..2 + n)?).ok()?;
+    Some((topic, &body[2 + n..]))
+}

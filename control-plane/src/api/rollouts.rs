@@ -214,6 +214,7 @@ pub fn rollout_view(r: &Rollout, states: &BTreeMap<DeviceId, DeviceState>) -> Ro
                 percent: w.percent,
                 started_ms: w.started_ms,
                 wave: i + 1,
+                reminded: w.reminded,
             }
         })
         .collect();

@@ -127,6 +127,10 @@ pub struct WaveView {
     pub started_ms: Option<u64>,
     /// 1 for the first.
     pub wave: usize,
+    /// Times the engine told its devices that had reported nothing since their
+    /// assignment about it again.
+    #[serde(default)]
+    pub reminded: u32,
 }
 
 /// One device of a [`RolloutView`].
@@ -245,13 +249,22 @@ mod tests {
             "updated_ms": 2, "version": 2,
             "waves": [{
                 "counts": { "active": 1, "downloading": 0, "failed": 0, "pending": 0, "waiting": 0 },
-                "devices": 1, "passed_ms": 2, "percent": 100, "started_ms": 1, "wave": 1
+                "devices": 1, "passed_ms": 2, "percent": 100, "reminded": 0, "started_ms": 1,
+                "wave": 1
             }]
         });
         let view: RolloutView = serde_json::from_value(wire.clone()).expect("a rollout view");
         assert_eq!(view.state, RolloutState::RolledBack);
         assert_eq!(view.state.as_str(), "rolled_back");
         assert_eq!(serde_json::to_value(&view).expect("json"), wire);
+        // A server from before reminders sends its waves without `reminded`.
+        let mut older = wire.clone();
+        older["waves"][0]
+            .as_object_mut()
+            .expect("a wave")
+            .remove("reminded");
+        let older: RolloutView = serde_json::from_value(older).expect("an older view");
+        assert_eq!(older.waves[0].reminded, 0);
         let summary = serde_json::to_value(RolloutSummary::from(&view)).expect("json");
         assert_eq!(summary["devices_active"], 1);
         assert_eq!(summary["kind"], "rollout");

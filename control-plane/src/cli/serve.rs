@@ -125,6 +125,13 @@ pub(crate) struct ServeArgs {
     /// an attacker cannot hold a device on old assignments longer than this). Units s, m, h, d.
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     assignment_ttl: std::time::Duration,
+    /// How long the rollout engine waits for an online device of the running wave to
+    /// report anything after it was assigned before telling it again; then twice as long
+    /// each time, four times at most. Commands are QoS 0 nudges, and a clustered broker
+    /// can lose one while the device stays connected (devices also poll, every
+    /// `assignment_poll_s`, 5 minutes by default). 0 never reminds. Units ms, s, m, h.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    rollout_remind_after: std::time::Duration,
     /// Signing key (from `fleetctl keys generate`) for the candidate bundles training
     /// jobs build; the trust policy must list its public key.
     #[arg(long)]
@@ -267,6 +274,7 @@ pub(crate) fn serve_command(a: ServeArgs) -> anyhow::Result<()> {
         public_url: a.public_url,
         public_mqtt_url: a.public_mqtt_url,
         assignment_ttl: a.assignment_ttl,
+        rollout_remind: a.rollout_remind_after,
         signing_key: a.signing_key,
         receipt_interval: a.receipt_interval,
         audit_interval: a.audit_interval,

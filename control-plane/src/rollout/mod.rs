@@ -7,7 +7,9 @@
 //! `fleetctl serve`) assigns a wave's devices, then waits until the wave's quorum is
 //! active and its soak time has passed before it starts the next. Devices that stay
 //! offline keep their assignment and catch up when they return; the wave moves on once
-//! the quorum is active, and fails if that has not happened by the wave deadline.
+//! the quorum is active, and fails if that has not happened by the wave deadline. An
+//! online device of the running wave that has reported nothing since its assignment is
+//! told again ([`Rollout::remind`]: after 30 s, then 60, 120 and 240 s more by default).
 //!
 //! Health gates compare the new version's telemetry with the old one's (the window
 //! reports captured when the rollout started): activation failures, self-test failures,
@@ -227,7 +229,22 @@ pub struct Wave {
     pub devices: usize,
     pub started_ms: Option<u64>,
     pub passed_ms: Option<u64>,
+    /// Times the engine told this wave's unanswered devices again ([`Rollout::remind`]).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub reminded: u32,
+    /// When it last did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reminded_ms: Option<u64>,
 }
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// Reminders a wave gets at most: after `after`, then 2, 4 and 8 times `after` more (at
+/// the 30 s default the last comes 7.5 minutes into the wave, past the devices' own
+/// five-minute poll).
+pub const MAX_REMINDERS: u32 = 4;
 
 /// The old version's telemetry on the selected devices when the rollout started.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -428,6 +445,8 @@ impl Rollout {
                     devices: upto - done,
                     started_ms: None,
                     passed_ms: None,
+                    reminded: 0,
+                    reminded_ms: None,
                 });
                 done = upto;
             }
@@ -682,6 +701,61 @@ impl Rollout {
             ));
         }
         out
+    }
+
+    /// The devices of the running wave to tell about their assignment again at `now_ms`:
+    /// those online that have reported nothing since they were assigned, once `after_ms`
+    /// passed since the wave started, then after twice as long each time, at most
+    /// [`MAX_REMINDERS`] times. A command is a QoS 0 nudge: a broker can lose it while
+    /// the device stays connected (a cluster route dropped), and the device would wait
+    /// for its next poll. Offline devices pull when they reconnect; a device that
+    /// answered (even with a failure) is not nudged. Zero `after_ms` never reminds.
+    pub fn remind(
+        &mut self,
+        states: &BTreeMap<DeviceId, DeviceState>,
+        now_ms: u64,
+        after_ms: u64,
+    ) -> Vec<DeviceId> {
+        if self.state != State::Running || after_ms == 0 {
+            return Vec::new();
+        }
+        let Some(current) = self.waves.iter().position(|w| w.passed_ms.is_none()) else {
+            return Vec::new();
+        };
+        let wave = &self.waves[current];
+        let Some(started) = wave.started_ms else {
+            return Vec::new();
+        };
+        if wave.reminded >= MAX_REMINDERS {
+            return Vec::new();
+        }
+        let due = wave
+            .reminded_ms
+            .unwrap_or(started)
+            .saturating_add(after_ms.saturating_mul(1 << wave.reminded));
+        if now_ms < due {
+            return Vec::new();
+        }
+        let unanswered: Vec<DeviceId> = self
+            .targets
+            .iter()
+            .filter(|t| t.wave == current)
+            .filter(|t| {
+                let (Some(since), Some(st)) = (t.assigned_ms, states.get(&t.device)) else {
+                    return false;
+                };
+                st.online
+                    && st.lifecycle.iter().all(|(at, _)| *at < since)
+                    && self.progress(t, Some(st)) == Progress::Pending
+            })
+            .map(|t| t.device.clone())
+            .collect();
+        if !unanswered.is_empty() {
+            let wave = &mut self.waves[current];
+            wave.reminded += 1;
+            wave.reminded_ms = Some(now_ms);
+        }
+        unanswered
     }
 
     /// A gate failed: pause, or assign every reached device its previous version.

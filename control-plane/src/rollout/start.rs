@@ -629,7 +629,8 @@ pub fn rollback(
 }
 
 /// One engine step of rollout `id` (blocking): its assignments and its state kept in one
-/// transaction. The devices that got a new assignment, to be told.
+/// transaction. The devices to be told: those that got a new assignment, and those of
+/// the running wave reminded of theirs ([`Rollout::remind`]).
 pub fn step(plane: &Plane, id: &str) -> Result<Vec<DeviceId>, Refusal> {
     let _guard = plane.rollout_lock.lock().unwrap_or_else(|p| p.into_inner());
     let Some(mut r) = plane.rollouts.rollout(id)? else {
@@ -646,6 +647,14 @@ pub fn step(plane: &Plane, id: &str) -> Result<Vec<DeviceId>, Refusal> {
         .into_iter()
         .map(|Assign { device, to }| (device, to))
         .collect();
+    let reminded = r.remind(&states, now, plane.rollout_remind_ms);
+    if !reminded.is_empty() {
+        tracing::info!(
+            rollout = %r.id,
+            devices = reminded.len(),
+            "telling again the devices that have not answered their assignment"
+        );
+    }
     if r.state != before.0 {
         tracing::info!(rollout = %r.id, state = ?r.state, reason = ?r.reason, "rollout changed state");
     }
@@ -658,7 +667,11 @@ pub fn step(plane: &Plane, id: &str) -> Result<Vec<DeviceId>, Refusal> {
     if !changes.is_empty() {
         tracing::info!(rollout = %r.id, devices = changes.len(), "assigned");
     }
-    Ok(changes.into_iter().map(|(d, _)| d).collect::<Vec<_>>())
+    Ok(changes
+        .into_iter()
+        .map(|(d, _)| d)
+        .chain(reminded)
+        .collect())
 }
 
 /// Pauses, resumes or aborts rollout `id` (`to`: paused, running or aborted). Resuming
@@ -693,6 +706,8 @@ pub fn control(plane: &Plane, id: &str, to: RState) -> Result<(), Refusal> {
             .find(|w| w.passed_ms.is_none() && w.started_ms.is_some())
         {
             w.started_ms = Some(now);
+            w.reminded = 0;
+            w.reminded_ms = None;
         }
         r.reason = None;
     } else if to == RState::Aborted {

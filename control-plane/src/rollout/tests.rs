@@ -297,3 +297,119 @@ fn kind_and_state_names_are_their_wire_names() {
         );
     }
 }
+
+/// `Rollout::remind`: the running wave's online devices that reported nothing since
+/// their assignment, after 30 s, then 60, 120 and 240 s more, then never; not those that
+/// answered (with any event, a failure too), run the version, are offline or wait in a
+/// later wave; not while paused; a resumed wave counts anew.
+#[test]
+fn silent_online_devices_of_the_running_wave_are_reminded_four_times_at_growing_intervals() {
+    use fleetml_protocol::telemetry::Event;
+    const AFTER: u64 = 30_000;
+    let event = |at: u64, kind: Lifecycle, model: &str| {
+        (
+            at,
+            Event {
+                kind,
+                model: model.into(),
+                version: 2,
+                detail: String::new(),
+            },
+        )
+    };
+    let silent = running(1);
+    let mut states: BTreeMap<_, _> = [
+        (id("silent"), silent.clone()),
+        (
+            // Events from before the assignment do not count as an answer.
+            id("heard-before"),
+            DeviceState {
+                lifecycle: vec![event(0, Lifecycle::Activated, "claims")],
+                ..silent.clone()
+            },
+        ),
+        (
+            id("accepted"),
+            DeviceState {
+                lifecycle: vec![event(10, Lifecycle::AssignmentAccepted, "")],
+                ..silent.clone()
+            },
+        ),
+        (
+            id("failed"),
+            DeviceState {
+                lifecycle: vec![event(10, Lifecycle::DownloadFailed, "claims")],
+                ..silent.clone()
+            },
+        ),
+        (id("active"), running(2)),
+        (
+            id("offline"),
+            DeviceState {
+                online: false,
+                ..silent.clone()
+            },
+        ),
+    ]
+    .into();
+    let ids = [
+        "accepted",
+        "active",
+        "failed",
+        "heard-before",
+        "offline",
+        "silent",
+        "z-later",
+    ];
+    let mut r = rollout(&ids, &[80, 100], 100, false);
+    r.step(&states, 1);
+    assert_eq!(r.waves[0].devices, 6, "z-later waits in wave 2");
+    states.insert(id("z-later"), silent.clone());
+    let names = |v: Vec<DeviceId>| v.iter().map(|d| d.to_string()).collect::<Vec<_>>();
+    assert!(
+        r.remind(&states, AFTER, AFTER).is_empty(),
+        "30 s not passed"
+    );
+    assert!(r.remind(&states, 1 + AFTER, 0).is_empty(), "0: never");
+    let mut at = 1 + AFTER;
+    for (n, wait) in [0, 2 * AFTER, 4 * AFTER, 8 * AFTER].into_iter().enumerate() {
+        at += wait;
+        if n > 0 {
+            assert!(
+                r.remind(&states, at - 1, AFTER).is_empty(),
+                "reminder {n} early"
+            );
+        }
+        assert_eq!(
+            names(r.remind(&states, at, AFTER)),
+            ["heard-before", "silent"],
+            "reminder {n}"
+        );
+        assert_eq!(r.waves[0].reminded, n as u32 + 1);
+        assert_eq!(r.waves[0].reminded_ms, Some(at));
+        assert!(r.remind(&states, at, AFTER).is_empty(), "once at {at}");
+    }
+    assert!(
+        r.remind(&states, at + 100 * AFTER, AFTER).is_empty(),
+        "four reminders at most"
+    );
+
+    // Paused, nothing; resumed, the wave starts anew (`start::control` resets it).
+    let mut r = rollout(&ids, &[80, 100], 100, false);
+    r.step(&states, 1);
+    r.state = State::Paused;
+    assert!(r.remind(&states, 1 + AFTER, AFTER).is_empty(), "paused");
+    r.state = State::Running;
+    assert_eq!(
+        names(r.remind(&states, 1 + AFTER, AFTER)),
+        ["heard-before", "silent"]
+    );
+    // The reminder survives the record's round trip; an older record without it reads.
+    let json = serde_json::to_value(&r.waves[0]).expect("json");
+    assert_eq!(json["reminded"], 1);
+    let old: Wave = serde_json::from_value(serde_json::json!({
+        "percent": 80, "devices": 6, "started_ms": 1, "passed_ms": null
+    }))
+    .expect("a wave written before reminders");
+    assert_eq!((old.reminded, old.reminded_ms), (0, None));
+}

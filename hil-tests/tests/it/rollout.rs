@@ -1062,3 +1062,91 @@ fn every_route_answers_401_without_a_token_403_below_its_role_and_the_audit_chai
         tampered.stderr
     );
 }
+
+/// A command the broker loses while the device stays connected (QoS 0; a cluster route
+/// dropped) does not hold a rollout until the device's next poll: the engine tells a
+/// silent device of the running wave again (`--rollout-remind-after`). The agent polls
+/// once an hour here and its first `assignment_changed` is dropped by a relay between it
+/// and the broker; without the reminder it would not pull before the test gives up.
+#[test]
+fn a_command_the_broker_loses_is_sent_again_and_the_rollout_completes_without_a_poll() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    keys_and_policy(dir, "k");
+    let plane = ControlPlane::start(
+        dir,
+        None,
+        &[
+            "--trust",
+            "trust.toml",
+            "--insecure-listen",
+            "--rollout-remind-after",
+            "2s",
+        ],
+    );
+    bundle(dir, 1, "v1.fmb");
+    plane.fleetctl(dir, &["models", "push", "v1.fmb"]).success();
+    enroll(
+        dir,
+        &plane,
+        "pi-a",
+        "raspberry-pi-4",
+        "site=lab",
+        "assignment_poll_s = 3600",
+    );
+    let secret = hex::decode(config_value(dir, "pi-a", "device_secret")).expect("hex");
+    let lost = Arc::new(AtomicBool::new(false));
+    let relay = {
+        let lost = lost.clone();
+        hil_tests::fleet::MqttRelay::start(
+            plane.mqtt_port.expect("plain broker"),
+            move |topic, payload| {
+                let command = fleetml_protocol::telemetry::open(topic, payload, |_| Some(secret.clone()))
+                .is_ok_and(|e| {
+                    matches!(
+                        e.body,
+                        fleetml_protocol::telemetry::Body::Command(ref c)
+                            if c.command == fleetml_protocol::telemetry::CommandKind::AssignmentChanged
+                    )
+                });
+                command && !lost.swap(true, Ordering::SeqCst)
+            },
+        )
+    };
+    let config = dir.join("pi-a.toml");
+    let text = std::fs::read_to_string(&config).expect("config");
+    let url = config_value(dir, "pi-a", "mqtt_url");
+    std::fs::write(
+        &config,
+        text.replace(&url, &format!("mqtt://127.0.0.1:{}", relay.port)),
+    )
+    .expect("config");
+    let _agent = run_agent(dir, "pi-a", "raspberry-pi-4");
+    // Its pulls at start and on the subscription's grant are over before the rollout.
+    wait_for("the agent's command subscription granted", WAIT, || {
+        (relay.subacks.load(Ordering::SeqCst) > 0).then_some(())
+    });
+    wait_for("pi-a online", WAIT, || {
+        (plane.get("/v1/devices/pi-a")["online"] == true).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+
+    let id = rollout(&plane, dir, &["claims@1", "--to", "all", "--soak", "0s"]);
+    let done = wait_state(&plane, &id, "completed");
+    assert_eq!(
+        relay.dropped.load(Ordering::SeqCst),
+        1,
+        "the relay lost the first command"
+    );
+    assert!(
+        done["waves"][0]["reminded"].as_u64().unwrap_or(0) >= 1,
+        "completed without a reminder: {done:#}"
+    );
+    wait_running(&plane, "pi-a", 1);
+    let status = plane.fleetctl(dir, &["rollout", "status", &id]);
+    let shown = status.success();
+    assert!(
+        shown.contains("wave 1: devices silent since their assignment were told again"),
+        "{shown}"
+    );
+}
