@@ -60,6 +60,16 @@ fn command_qos() -> QoS {
     rumqttc::qos(fleetml_device::commands::QOS).unwrap_or(QoS::AtMostOnce)
 }
 
+/// Asks the client to subscribe to the command `topic`; when its request queue is full,
+/// when to try again (only the grant brings the pull, so a subscribe that was never sent
+/// must be tried again).
+fn subscribe_commands(client: &AsyncClient, topic: &str) -> Option<std::time::Instant> {
+    client.try_subscribe(topic, command_qos()).err().map(|_| {
+        tracing::warn!(topic, "could not subscribe; trying again");
+        std::time::Instant::now() + backoff(1)
+    })
+}
+
 /// The default of [`Hooks::resend_after`].
 pub const RESEND_AFTER: Duration = Duration::from_secs(600);
 
@@ -166,12 +176,8 @@ pub async fn run_with(outbox: Arc<Outbox>, options: MqttOptions, wake: Arc<Notif
                     failures = 0;
                     resubscribe_at = None;
                     tracing::info!("telemetry connected");
-                    if let Some(topic) = &hooks.subscribe
-                        && client.try_subscribe(topic.clone(), command_qos()).is_err()
-                    {
-                        // Only the grant brings the pull: try again shortly.
-                        tracing::warn!(topic, "could not subscribe; trying again");
-                        resubscribe_at = Some(std::time::Instant::now() + backoff(1));
+                    if let Some(topic) = &hooks.subscribe {
+                        resubscribe_at = subscribe_commands(&client, topic);
                     }
                     if let Some(f) = &hooks.on_connect {
                         f();
@@ -251,12 +257,10 @@ pub async fn run_with(outbox: Arc<Outbox>, options: MqttOptions, wake: Arc<Notif
             _ = wake.notified(), if connected => {}
             _ = overdue_check.tick(), if connected => {
                 if resubscribe_at.is_some_and(|at| std::time::Instant::now() >= at) {
-                    resubscribe_at = None;
-                    if let Some(topic) = &hooks.subscribe
-                        && client.try_subscribe(topic.clone(), command_qos()).is_err()
-                    {
-                        tracing::warn!(topic, "could not subscribe");
-                    }
+                    resubscribe_at = hooks
+                        .subscribe
+                        .as_deref()
+                        .and_then(|topic| subscribe_commands(&client, topic));
                 }
                 let due = outbox.overdue(resend_after, std::time::Instant::now());
                 if !due.is_empty() {
@@ -288,4 +292,32 @@ pub fn backoff(failures: u32) -> Duration {
         .map(|d| d.subsec_nanos() as u64)
         .unwrap_or(0);
     fleetml_device::backoff::reconnect(failures, nanos)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A command subscribe the client could not take (its request queue full, the event
+    /// loop busy) is given a time to be tried again, on the connect path and the timer's.
+    #[test]
+    fn a_subscribe_the_client_cannot_take_is_tried_again() {
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        let _in_runtime = rt.enter();
+        let (client, _events) = AsyncClient::new(MqttOptions::new("pi", "127.0.0.1", 1), 1);
+        let before = std::time::Instant::now();
+        assert_eq!(
+            subscribe_commands(&client, "fleetml/v1/pi/cmd"),
+            None,
+            "taken"
+        );
+        let again = subscribe_commands(&client, "fleetml/v1/pi/cmd").expect("a retry time");
+        // The reconnect back-off after one failure: 0.25–0.5 s.
+        assert!(
+            again >= before + Duration::from_millis(250),
+            "{:?}",
+            again - before
+        );
+        assert!(again <= std::time::Instant::now() + Duration::from_millis(500));
+    }
 }

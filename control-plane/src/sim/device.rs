@@ -142,6 +142,15 @@ fn command_qos() -> QoS {
 }
 
 /// Milliseconds since the simulator started, for the delivery rule.
+/// Asks the client to subscribe to the device's commands; when its request queue is
+/// full, when to try again (only the grant brings the pull, as in the agent).
+fn subscribe_commands(client: &AsyncClient, topic: &str, rng: &mut Rng) -> Option<Instant> {
+    client
+        .try_subscribe(topic, command_qos())
+        .err()
+        .map(|_| Instant::now() + backoff::reconnect(1, rng.next()))
+}
+
 pub(super) fn since_start_ms() -> u64 {
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     START.get_or_init(Instant::now).elapsed().as_millis() as u64
@@ -478,13 +487,7 @@ pub(super) async fn run_publisher(dev: Arc<Device>, fleet: Arc<Fleet>, mut rng: 
                     // the agent's): pulled once it is granted (the device always
                     // subscribes).
                     subscription.connected(true);
-                    resubscribe_at = None;
-                    if client.try_subscribe(cmd_topic.clone(), command_qos()).is_err() {
-                        // Only the grant brings the pull: try again shortly.
-                        tracing::warn!(device = %dev.id, "could not subscribe");
-                        resubscribe_at =
-                            Some(Instant::now() + backoff::reconnect(1, rng.next()));
-                    }
+                    resubscribe_at = subscribe_commands(&client, &cmd_topic, &mut rng);
                     dev.push_status(stats);
                 }
                 Ok(Event::Incoming(Packet::SubAck(ack))) => {
@@ -550,8 +553,7 @@ pub(super) async fn run_publisher(dev: Arc<Device>, fleet: Arc<Fleet>, mut rng: 
             _ = dev.publish.notified(), if connected => {}
             _ = overdue_check.tick(), if connected => {
                 if resubscribe_at.is_some_and(|at| Instant::now() >= at) {
-                    resubscribe_at = None;
-                    let _ = client.try_subscribe(cmd_topic.clone(), command_qos());
+                    resubscribe_at = subscribe_commands(&client, &cmd_topic, &mut rng);
                 }
                 let due = dev
                     .outbox()

@@ -198,13 +198,13 @@ pub(super) async fn timed_rollout(
         .to_string();
     setup.say(&format!("{name}: {id} started"));
     let mut devices_s = None;
-    loop {
+    let view = loop {
         if devices_s.is_none() && on(version) as usize >= n {
             devices_s = Some(started.elapsed().as_secs_f64());
         }
         let v = setup.get(&format!("/v1/rollouts/{id}")).await?;
         match v["state"].as_str() {
-            Some("completed") => break,
+            Some("completed") => break v,
             Some(s @ ("paused" | "aborted" | "rolled_back")) => {
                 bail!("{name} {id} is {s}: {}", v["reason"].as_str().unwrap_or(""))
             }
@@ -226,17 +226,24 @@ pub(super) async fn timed_rollout(
             2000
         };
         tokio::time::sleep(Duration::from_millis(pause)).await;
-    }
+    };
     let phase = Phase {
         name: name.to_string(),
         id,
         control_plane_s: started.elapsed().as_secs_f64(),
         devices_s: devices_s
             .or_else(|| (on(version) as usize >= n).then(|| started.elapsed().as_secs_f64())),
+        reminded: view["waves"]
+            .as_array()
+            .map_or(0, |w| w.iter().filter_map(|w| w["reminded"].as_u64()).sum()),
     };
     setup.say(&format!(
-        "{name}: completed in {:.1} s",
-        phase.control_plane_s
+        "{name}: completed in {:.1} s{}",
+        phase.control_plane_s,
+        match phase.reminded {
+            0 => String::new(),
+            n => format!(" (silent devices told again {n} time(s))"),
+        }
     ));
     Ok(phase)
 }

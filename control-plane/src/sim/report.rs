@@ -15,6 +15,9 @@ pub struct Phase {
     /// From the API call until the last device had activated the version (its status
     /// queued; the control plane may learn of it a moment later).
     pub devices_s: Option<f64>,
+    /// Times the rollout engine told the devices that had reported nothing since their
+    /// assignment again (`serve --rollout-remind-after`), over all waves.
+    pub reminded: u64,
 }
 
 /// Telemetry over the steady phase.

@@ -73,6 +73,8 @@ fn check(report: &Value) {
     for phase in ["rollout_install", "rollout", "rollback"] {
         assert!(number(report, &[phase, "control_plane_s"]) > 0.0, "{phase}");
         assert!(number(report, &[phase, "devices_s"]) > 0.0, "{phase}");
+        // Every device answered its command: none had to be told again.
+        assert_eq!(report[phase]["reminded"], 0, "{phase}: {report:#}");
     }
     for memory in [
         "control_plane_idle_kib",
