@@ -23,11 +23,11 @@ use crate::store::FleetStore;
 
 /// Device states by id, for the devices of `targets`, brief
 /// ([`DeviceState::brief`]): what a rollout's progress, gates and views read.
-pub(crate) fn states_of(
+pub(crate) fn states_of<'a>(
     plane: &Plane,
-    targets: &[Target],
+    targets: impl IntoIterator<Item = &'a Target>,
 ) -> Result<BTreeMap<DeviceId, DeviceState>, Refusal> {
-    let ids: Vec<DeviceId> = targets.iter().map(|t| t.device.clone()).collect();
+    let ids: Vec<DeviceId> = targets.into_iter().map(|t| t.device.clone()).collect();
     Ok(plane
         .ingest
         .store
@@ -639,7 +639,9 @@ pub fn step(plane: &Plane, id: &str) -> Result<Vec<DeviceId>, Refusal> {
     if r.state != RState::Running {
         return Ok(Vec::new());
     }
-    let states = states_of(plane, &r.targets)?;
+    // What a step judges (progress, gates, reminders) is the reached devices' states: a
+    // staged rollout's canary wave reads its few devices, not the whole selection.
+    let states = states_of(plane, r.targets.iter().filter(|t| t.assigned_ms.is_some()))?;
     let now = now_ms();
     let before = (r.state, r.waves.clone());
     let changes: Vec<_> = r

@@ -413,3 +413,71 @@ fn silent_online_devices_of_the_running_wave_are_reminded_four_times_at_growing_
     .expect("a wave written before reminders");
     assert_eq!((old.reminded, old.reminded_ms), (0, None));
 }
+
+/// The engine reads only the reached devices' states (`start::step`): a waiting
+/// device's state — even one full of failures, or running the new version already —
+/// changes nothing a step decides, reminds or gates on.
+#[test]
+fn a_step_depends_on_the_reached_devices_states_only() {
+    use fleetml_protocol::telemetry::Event;
+    let failing = DeviceState {
+        lifecycle: vec![(
+            40_000,
+            Event {
+                kind: Lifecycle::SelfTestFailed,
+                model: "claims".into(),
+                version: 2,
+                detail: "golden self-test failed".into(),
+            },
+        )],
+        ..running(2)
+    };
+    let mut all: BTreeMap<_, _> = [
+        (id("a"), running(1)),
+        (id("b"), failing.clone()),
+        (id("c"), failing),
+    ]
+    .into();
+    let (mut with_all, mut reached_only) = (
+        rollout(&["a", "b", "c"], &[33, 100], 100, false),
+        rollout(&["a", "b", "c"], &[33, 100], 100, false),
+    );
+    for now in [0, 10, 1_000, 31_000, 61_000] {
+        if now == 1_000 {
+            all.insert(id("a"), running(2));
+        }
+        let reached = |r: &Rollout| -> BTreeMap<DeviceId, DeviceState> {
+            r.targets
+                .iter()
+                .filter(|t| t.assigned_ms.is_some())
+                .filter_map(|t| Some((t.device.clone(), all.get(&t.device)?.clone())))
+                .collect()
+        };
+        // As the engine does: the states read before the step, for the step and the
+        // reminders.
+        let before = reached(&reached_only);
+        assert_eq!(
+            with_all.step(&all, now),
+            reached_only.step(&before, now),
+            "step at {now}"
+        );
+        assert_eq!(
+            with_all.remind(&all, now, 30_000),
+            reached_only.remind(&before, now, 30_000),
+            "remind at {now}"
+        );
+        let after = reached(&reached_only);
+        assert_eq!(
+            with_all.gates(&all),
+            reached_only.gates(&after),
+            "gates at {now}"
+        );
+        assert_eq!(with_all, reached_only, "at {now}");
+    }
+    assert_eq!(with_all.waves[0].passed_ms, Some(1_000), "a's wave passed");
+    assert_eq!(
+        with_all.state,
+        State::Paused,
+        "then b's and c's failures count"
+    );
+}
