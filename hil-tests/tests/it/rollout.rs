@@ -595,13 +595,19 @@ impl Attacker {
 
 /// Points the device's config at `url` (the real control plane or an attacker).
 pub(crate) fn point_at(dir: &Path, name: &str, url: &str) {
+    set_config(dir, name, "control_plane", url);
+}
+
+/// Sets the string `key` of the device's config to `value`.
+pub(crate) fn set_config(dir: &Path, name: &str, key: &str, value: &str) {
     let path = dir.join(format!("{name}.toml"));
     let text = std::fs::read_to_string(&path).expect("config");
+    let prefix = format!("{key} = ");
     let replaced: Vec<String> = text
         .lines()
         .map(|l| {
-            if l.starts_with("control_plane = ") {
-                format!("control_plane = \"{url}\"")
+            if l.starts_with(&prefix) {
+                format!("{prefix}\"{value}\"")
             } else {
                 l.to_string()
             }
@@ -1113,14 +1119,12 @@ fn a_command_the_broker_loses_is_sent_again_and_the_rollout_completes_without_a_
             },
         )
     };
-    let config = dir.join("pi-a.toml");
-    let text = std::fs::read_to_string(&config).expect("config");
-    let url = config_value(dir, "pi-a", "mqtt_url");
-    std::fs::write(
-        &config,
-        text.replace(&url, &format!("mqtt://127.0.0.1:{}", relay.port)),
-    )
-    .expect("config");
+    set_config(
+        dir,
+        "pi-a",
+        "mqtt_url",
+        &format!("mqtt://127.0.0.1:{}", relay.port),
+    );
     let _agent = run_agent(dir, "pi-a", "raspberry-pi-4");
     // Its pulls at start and on the subscription's grant are over before the rollout.
     wait_for("the agent's command subscription granted", WAIT, || {
