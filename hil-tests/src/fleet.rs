@@ -604,6 +604,17 @@ pub struct MqttRelay {
     pub port: u16,
     pub dropped: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     pub subacks: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Tells the accept loop to end (on drop); connections already made run on until
+    /// either side closes.
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for MqttRelay {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Wake the accept loop so that it sees the flag.
+        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
+    }
 }
 
 impl MqttRelay {
@@ -613,14 +624,19 @@ impl MqttRelay {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = listener.local_addr().expect("addr").port();
         let (dropped, subacks) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let relay = MqttRelay {
             port,
             dropped: dropped.clone(),
             subacks: subacks.clone(),
+            stop: stop.clone(),
         };
         let drop = Arc::new(drop);
         std::thread::spawn(move || {
             for client in listener.incoming().flatten() {
+                if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
                 let Ok(upstream) = std::net::TcpStream::connect(("127.0.0.1", broker)) else {
                     continue;
                 };

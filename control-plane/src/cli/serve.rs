@@ -125,9 +125,9 @@ pub(crate) struct ServeArgs {
     /// an attacker cannot hold a device on old assignments longer than this). Units s, m, h, d.
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     assignment_ttl: std::time::Duration,
-    /// How long the rollout engine waits for an online device of the running wave to
-    /// report anything after it was assigned before telling it again; then twice as long
-    /// each time, four times at most. Commands are QoS 0 nudges, and a clustered broker
+    /// How long after a wave starts the rollout engine tells its online devices that
+    /// have reported nothing since their assignment about it again; then after twice as
+    /// long each time, four times at most. Commands are QoS 0 nudges, and a clustered broker
     /// can lose one while the device stays connected (devices also poll, every
     /// `assignment_poll_s`, 5 minutes by default). 0 never reminds. Units ms, s, m, h.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]

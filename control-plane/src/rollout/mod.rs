@@ -237,6 +237,16 @@ pub struct Wave {
     pub reminded_ms: Option<u64>,
 }
 
+impl Wave {
+    /// Starts the wave anew at `now_ms` (a resumed rollout): its deadline and its
+    /// reminders count from then.
+    pub fn restart(&mut self, now_ms: u64) {
+        self.started_ms = Some(now_ms);
+        self.reminded = 0;
+        self.reminded_ms = None;
+    }
+}
+
 fn is_zero(n: &u32) -> bool {
     *n == 0
 }

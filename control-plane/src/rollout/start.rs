@@ -707,9 +707,7 @@ pub fn control(plane: &Plane, id: &str, to: RState) -> Result<(), Refusal> {
             .iter_mut()
             .find(|w| w.passed_ms.is_none() && w.started_ms.is_some())
         {
-            w.started_ms = Some(now);
-            w.reminded = 0;
-            w.reminded_ms = None;
+            w.restart(now);
         }
         r.reason = None;
     } else if to == RState::Aborted {

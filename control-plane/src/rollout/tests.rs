@@ -394,14 +394,23 @@ fn silent_online_devices_of_the_running_wave_are_reminded_four_times_at_growing_
         "four reminders at most"
     );
 
-    // Paused, nothing; resumed, the wave starts anew (`start::control` resets it).
-    let mut r = rollout(&ids, &[80, 100], 100, false);
-    r.step(&states, 1);
+    // Paused, nothing; resumed (`start::control` restarts the wave), the reminders
+    // count anew from then.
+    let resumed = at + 100 * AFTER;
+    r.waves[0].restart(resumed);
+    assert_eq!((r.waves[0].reminded, r.waves[0].reminded_ms), (0, None));
     r.state = State::Paused;
-    assert!(r.remind(&states, 1 + AFTER, AFTER).is_empty(), "paused");
+    assert!(
+        r.remind(&states, resumed + AFTER, AFTER).is_empty(),
+        "paused"
+    );
     r.state = State::Running;
+    assert!(
+        r.remind(&states, resumed + AFTER - 1, AFTER).is_empty(),
+        "early"
+    );
     assert_eq!(
-        names(r.remind(&states, 1 + AFTER, AFTER)),
+        names(r.remind(&states, resumed + AFTER, AFTER)),
         ["heard-before", "silent"]
     );
     // The reminder survives the record's round trip; an older record without it reads.

@@ -141,16 +141,16 @@ fn command_qos() -> QoS {
     rumqttc::qos(fleetml_device::commands::QOS).unwrap_or(QoS::AtMostOnce)
 }
 
-/// Milliseconds since the simulator started, for the delivery rule.
 /// Asks the client to subscribe to the device's commands; when its request queue is
 /// full, when to try again (only the grant brings the pull, as in the agent).
 fn subscribe_commands(client: &AsyncClient, topic: &str, rng: &mut Rng) -> Option<Instant> {
-    client
-        .try_subscribe(topic, command_qos())
-        .err()
-        .map(|_| Instant::now() + backoff::reconnect(1, rng.next()))
+    client.try_subscribe(topic, command_qos()).err().map(|_| {
+        tracing::warn!(topic, "could not subscribe; trying again");
+        Instant::now() + backoff::reconnect(1, rng.next())
+    })
 }
 
+/// Milliseconds since the simulator started, for the delivery rule.
 pub(super) fn since_start_ms() -> u64 {
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     START.get_or_init(Instant::now).elapsed().as_millis() as u64

@@ -1,8 +1,8 @@
 //! Registry → signed assignments → staged rollouts → rollback, end to end with real
 //! processes: `fleetctl serve` (embedded broker), `fleet-agent run` pulling its
 //! assignment over HTTP, real bundles and signatures. Attacks on assignments (replay,
-//! expiry, unknown key, swapped bundle), resumable downloads, and the RBAC matrix with
-//! the audit chain.
+//! expiry, unknown key, swapped bundle), resumable downloads, a command the broker loses
+//! (the engine's reminders), and the RBAC matrix with the audit chain.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -1103,21 +1103,17 @@ fn a_command_the_broker_loses_is_sent_again_and_the_rollout_completes_without_a_
     let secret = hex::decode(config_value(dir, "pi-a", "device_secret")).expect("hex");
     let lost = Arc::new(AtomicBool::new(false));
     let relay = {
+        use fleetml_protocol::telemetry::{Body, CommandKind, open};
         let lost = lost.clone();
-        hil_tests::fleet::MqttRelay::start(
-            plane.mqtt_port.expect("plain broker"),
-            move |topic, payload| {
-                let command = fleetml_protocol::telemetry::open(topic, payload, |_| Some(secret.clone()))
-                .is_ok_and(|e| {
-                    matches!(
-                        e.body,
-                        fleetml_protocol::telemetry::Body::Command(ref c)
-                            if c.command == fleetml_protocol::telemetry::CommandKind::AssignmentChanged
-                    )
-                });
-                command && !lost.swap(true, Ordering::SeqCst)
-            },
-        )
+        let broker = plane.mqtt_port.expect("plain broker");
+        hil_tests::fleet::MqttRelay::start(broker, move |topic, payload| {
+            let changed = |e: fleetml_protocol::telemetry::Envelope| match e.body {
+                Body::Command(c) => c.command == CommandKind::AssignmentChanged,
+                _ => false,
+            };
+            let command = open(topic, payload, |_| Some(secret.clone())).is_ok_and(changed);
+            command && !lost.swap(true, Ordering::SeqCst)
+        })
     };
     set_config(
         dir,
@@ -1126,14 +1122,16 @@ fn a_command_the_broker_loses_is_sent_again_and_the_rollout_completes_without_a_
         &format!("mqtt://127.0.0.1:{}", relay.port),
     );
     let _agent = run_agent(dir, "pi-a", "raspberry-pi-4");
-    // Its pulls at start and on the subscription's grant are over before the rollout.
+    // Its pulls at start and on the subscription's grant (each a 404 on loopback, a few
+    // milliseconds) must be over before the rollout: one that came after would find the
+    // rollout itself, and the check on `reminded` below would fail, not pass.
     wait_for("the agent's command subscription granted", WAIT, || {
         (relay.subacks.load(Ordering::SeqCst) > 0).then_some(())
     });
     wait_for("pi-a online", WAIT, || {
         (plane.get("/v1/devices/pi-a")["online"] == true).then_some(())
     });
-    std::thread::sleep(Duration::from_secs(2));
+    std::thread::sleep(Duration::from_secs(5));
 
     let id = rollout(&plane, dir, &["claims@1", "--to", "all", "--soak", "0s"]);
     let done = wait_state(&plane, &id, "completed");
