@@ -651,14 +651,14 @@ impl MqttRelay {
                 let (drop, dropped, subacks) = (drop.clone(), dropped.clone(), subacks.clone());
                 std::thread::spawn(move || {
                     let (mut up_r, mut client_w) = (upstream, client);
-                    while let Some(packet) = read_mqtt_packet(&mut up_r) {
+                    while let Some((packet, body)) = read_mqtt_packet(&mut up_r) {
                         let kind = packet[0] >> 4;
                         if kind == 9 {
                             subacks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         }
                         if kind == 3
                             && (packet[0] >> 1) & 3 == 0
-                            && publish_parts(&packet).is_some_and(|(t, p)| drop(t, p))
+                            && publish_parts(&packet[body..]).is_some_and(|(t, p)| drop(t, p))
                         {
                             dropped.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                             continue;
@@ -676,8 +676,9 @@ impl MqttRelay {
     }
 }
 
-/// One whole MQTT packet (fixed header included) from `r`; `None` at its end.
-fn read_mqtt_packet(r: &mut impl std::io::Read) -> Option<Vec<u8>> {
+/// One whole MQTT packet (fixed header included) from `r`, and where its variable
+/// header starts; `None` at its end.
+fn read_mqtt_packet(r: &mut impl std::io::Read) -> Option<(Vec<u8>, usize)> {
     let mut packet = vec![0u8; 1];
     r.read_exact(&mut packet).ok()?;
     let (mut length, mut shift) = (0usize, 0);
@@ -694,16 +695,11 @@ fn read_mqtt_packet(r: &mut impl std::io::Read) -> Option<Vec<u8>> {
     let start = packet.len();
     packet.resize(start + length, 0);
     r.read_exact(&mut packet[start..]).ok()?;
-    Some(packet)
+    Some((packet, start))
 }
 
-/// The topic and payload of a QoS 0 PUBLISH packet.
-fn publish_parts(packet: &[u8]) -> Option<(&str, &[u8])> {
-    let mut at = 1;
-    while packet.get(at)? & 0x80 != 0 {
-        at += 1;
-    }
-    let body = &packet[at + 1..];
+/// The topic and payload of a QoS 0 PUBLISH packet's `body` (after the fixed header).
+fn publish_parts(body: &[u8]) -> Option<(&str, &[u8])> {
     let n = usize::from(u16::from_be_bytes([*body.first()?, *body.get(1)?]));
     let topic = std::str::from_utf8(body.get(2..2 + n)?).ok()?;
     Some((topic, &body[2 + n..]))

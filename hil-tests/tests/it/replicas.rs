@@ -110,19 +110,14 @@ fn on_a_nats_cluster_the_replicas_split_the_ingest_through_a_work_queue_and_lose
                 0,
                 "/jsz?accounts=true&streams=true&consumers=true&config=true",
             );
-            let streams: Vec<Value> = serde_json::from_str::<Value>(&jsz)
-                .ok()
-                .and_then(|v| {
-                    let accounts = v["account_details"].as_array()?.clone();
-                    Some(
-                        accounts
-                            .iter()
-                            .filter_map(|a| a["stream_detail"].as_array().cloned())
-                            .flatten()
-                            .collect(),
-                    )
-                })
-                .unwrap_or_default();
+            let v: Value = serde_json::from_str(&jsz).unwrap_or_default();
+            let streams: Vec<&Value> = v["account_details"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|a| a["stream_detail"].as_array())
+                .flatten()
+                .collect();
             // The queue is kept on all three nodes: losing one loses nothing.
             replicated = streams.iter().find_map(|s| {
                 (s["name"] == "FLEETML_INGEST").then(|| s["config"]["num_replicas"].as_u64())?
