@@ -18,7 +18,7 @@ use fleetml_protocol::telemetry::{self, Body, Channel, DeviceId, MessageError};
 use crate::records::DeviceState;
 use crate::records::LIFECYCLE_KEPT;
 use crate::store::{FleetStore, StoreError};
-use fleetml_protocol::telemetry::Envelope;
+use fleetml_protocol::telemetry::{Envelope, Received};
 
 /// What happened to one received message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -183,14 +183,15 @@ impl<S: FleetStore> Ingest<S> {
             .collect();
         let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
         // Opened messages waiting to be stored together: (index in the batch, envelope).
-        let mut pending: Vec<(usize, Envelope)> = Vec::new();
+        let mut pending: Vec<(usize, Received)> = Vec::new();
         for (i, (topic, bytes)) in batch.iter().enumerate() {
             if let Ok((_, Channel::Cmd)) = telemetry::parse_topic(topic) {
                 outcomes[i] = Some(Outcome::Ignored);
                 continue;
             }
             self.counters.received.fetch_add(1, Ordering::Relaxed);
-            let envelope = match telemetry::open(topic, bytes, |d| secrets.get(d).cloned()) {
+            let envelope = match telemetry::open_received(topic, bytes, |d| secrets.get(d).cloned())
+            {
                 Ok(e) => e,
                 Err(e) => {
                     self.counters.refused.fetch_add(1, Ordering::Relaxed);
@@ -241,14 +242,14 @@ impl<S: FleetStore> Ingest<S> {
     /// writes each one's outcome; empties `pending`.
     fn store_pending(
         &self,
-        pending: &mut Vec<(usize, Envelope)>,
+        pending: &mut Vec<(usize, Received)>,
         outcomes: &mut [Option<Outcome>],
         now_ms: u64,
     ) -> Result<(), StoreError> {
         if pending.is_empty() {
             return Ok(());
         }
-        let (at, envelopes): (Vec<usize>, Vec<Envelope>) =
+        let (at, envelopes): (Vec<usize>, Vec<Received>) =
             std::mem::take(pending).into_iter().unzip();
         // Per envelope: (restarted from, gap).
         let mut seen: Vec<Seen> = vec![(None, None); envelopes.len()];

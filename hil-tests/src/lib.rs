@@ -113,7 +113,13 @@ pub fn root() -> PathBuf {
 /// the same profile as the test itself so the binaries are never stale. The path comes
 /// from cargo's own build messages rather than `target/<profile>/NAME`, which can hold a
 /// binary uplifted from another build sharing the target directory.
+///
+/// `FLEETML_BINS=DIR` takes `DIR/NAME` instead and builds nothing: a benchmark comparing
+/// two builds of `fleetctl` (`ingest-load`) runs each from its own folder.
 pub fn bin(name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os("FLEETML_BINS") {
+        return PathBuf::from(dir).join(name);
+    }
     static BUILT: OnceLock<Vec<(String, PathBuf)>> = OnceLock::new();
     let built = BUILT.get_or_init(|| {
         let exe = std::env::current_exe().expect("test executable path");

@@ -645,6 +645,53 @@ pub fn open(
     bytes: &[u8],
     secret_of: impl FnOnce(&DeviceId) -> Option<Vec<u8>>,
 ) -> Result<Envelope, MessageError> {
+    open_received(topic, bytes, secret_of).map(Received::into_envelope)
+}
+
+/// An authenticated message and its envelope's CBOR, which stores keep: for a message
+/// [`open_received`] opened, the bytes the device signed with its MAC added, so that
+/// storing a message does not encode it again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Received {
+    envelope: Envelope,
+    cbor: Vec<u8>,
+}
+
+impl Received {
+    /// A message made here rather than received (imports, tests): encoded once.
+    pub fn new(envelope: Envelope) -> Received {
+        let cbor = serde_cbor::to_vec(&envelope).expect("messages serialize to CBOR");
+        Received { envelope, cbor }
+    }
+
+    /// CBOR that decodes to [`Received::envelope`] (`serde_cbor::from_slice`).
+    pub fn cbor(&self) -> &[u8] {
+        &self.cbor
+    }
+
+    pub fn envelope(&self) -> &Envelope {
+        &self.envelope
+    }
+
+    pub fn into_envelope(self) -> Envelope {
+        self.envelope
+    }
+}
+
+impl std::ops::Deref for Received {
+    type Target = Envelope;
+
+    fn deref(&self) -> &Envelope {
+        &self.envelope
+    }
+}
+
+/// [`open`], keeping the envelope's CBOR as received ([`Received::cbor`]).
+pub fn open_received(
+    topic: &str,
+    bytes: &[u8],
+    secret_of: impl FnOnce(&DeviceId) -> Option<Vec<u8>>,
+) -> Result<Received, MessageError> {
     if bytes.len() > MAX_MESSAGE {
         return Err(MessageError::TooLarge(bytes.len()));
     }
@@ -653,7 +700,13 @@ pub fn open(
         Ok(sealed) => sealed,
         Err(e) => {
             return match serde_cbor::from_slice::<Envelope>(bytes) {
-                Ok(v1) if v1.v == FORMAT_V1 => open_v1(v1, topic_device, channel, secret_of),
+                // Format 1 is the envelope itself: kept as it came.
+                Ok(v1) if v1.v == FORMAT_V1 => {
+                    open_v1(v1, topic_device, channel, secret_of).map(|envelope| Received {
+                        envelope,
+                        cbor: bytes.to_vec(),
+                    })
+                }
                 Ok(other) => Err(MessageError::UnsupportedFormat(other.v)),
                 Err(_) => Err(MessageError::Malformed(e.to_string())),
             };
@@ -681,7 +734,32 @@ pub fn open(
         auth: sealed.auth.into_owned(),
     };
     check_route(&envelope, &topic_device, channel)?;
-    Ok(envelope)
+    let cbor = envelope_cbor(&sealed.msg, &envelope.auth)
+        .unwrap_or_else(|| serde_cbor::to_vec(&envelope).expect("messages serialize to CBOR"));
+    Ok(Received { envelope, cbor })
+}
+
+/// The envelope's CBOR made from a format-2 `msg` that decoded as [`Fields`]: a map of
+/// exactly the five signed fields (`Fields` takes no other, no field twice, nothing
+/// after the map), so the same map with `auth` added is the envelope. `None` when the
+/// map's length is not in its first byte (an encoding serde_cbor does not write): the
+/// caller encodes the envelope instead.
+fn envelope_cbor(msg: &[u8], auth: &[u8]) -> Option<Vec<u8>> {
+    /// A map (major type 5) of five entries, its length in the first byte.
+    const MAP_OF_FIVE: u8 = 0xa5;
+    #[derive(Serialize)]
+    struct Auth<'a> {
+        #[serde(with = "serde_bytes")]
+        auth: &'a [u8],
+    }
+    let fields = msg.strip_prefix(&[MAP_OF_FIVE])?;
+    // A map of one entry: its first byte is the map's head, then `auth` and its value.
+    let entry = serde_cbor::to_vec(&Auth { auth }).ok()?;
+    let mut out = Vec::with_capacity(msg.len() + entry.len());
+    out.push(MAP_OF_FIVE + 1);
+    out.extend_from_slice(fields);
+    out.extend_from_slice(entry.get(1..)?);
+    Some(out)
 }
 
 /// The message names the topic's device and belongs on the topic's channel.

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use fleetml_protocol::assignment::AssignedModel;
-use fleetml_protocol::telemetry::{Body, DeviceId, Envelope, Receipt};
+use fleetml_protocol::telemetry::{Body, DeviceId, Envelope, Receipt, Received};
 
 use super::{AssignmentStore, FleetStore, RolloutStore, Store, StoreError};
 use crate::auth::Role;
@@ -33,7 +33,35 @@ fn device(name: &str) -> DeviceRecord {
     }
 }
 
-fn message(name: &str, seq: u64) -> Envelope {
+/// A message as the ingest hands it to a store.
+fn message(name: &str, seq: u64) -> Received {
+    Received::new(envelope(name, seq))
+}
+
+/// A message sealed by a device that writes its fields in serde_cbor's `Value` order
+/// (not this build's), opened as the ingest opens it.
+fn from_the_wire(device: &DeviceId, seq: u64, body: Body) -> Received {
+    use serde_cbor::Value;
+    let secret = [7u8; 32];
+    let (topic, sealed) = fleetml_protocol::telemetry::seal(device, seq, 10 * seq, body, &secret);
+    let Ok(Value::Map(mut outer)) = serde_cbor::from_slice::<Value>(&sealed) else {
+        panic!("a sealed message is a map");
+    };
+    let Some(Value::Bytes(msg)) = outer.get(&Value::Text("msg".into())) else {
+        panic!("msg is a byte string");
+    };
+    let fields: Value = serde_cbor::from_slice(msg).expect("msg is CBOR");
+    let msg = serde_cbor::to_vec(&fields).expect("cbor");
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret);
+    let auth = ring::hmac::sign(&key, &msg).as_ref().to_vec();
+    outer.insert(Value::Text("msg".into()), Value::Bytes(msg));
+    outer.insert(Value::Text("auth".into()), Value::Bytes(auth));
+    let sealed = serde_cbor::to_vec(&Value::Map(outer)).expect("cbor");
+    fleetml_protocol::telemetry::open_received(&topic, &sealed, |_| Some(secret.to_vec()))
+        .expect("opens")
+}
+
+fn envelope(name: &str, seq: u64) -> Envelope {
     Envelope {
         v: 1,
         device: id(name),
@@ -138,9 +166,19 @@ pub(super) fn messages_are_stored_once_in_order_per_device(
     assert_eq!(s.messages(&id("d2"), 0, 100)?, Vec::new());
     assert_eq!(
         s.messages(&id("d1"), 2, 1)?,
-        vec![message("d1", 2)],
+        vec![envelope("d1", 2)],
         "whole"
     );
+    // A message from the wire is stored as the device encoded it (here its fields in
+    // another order than this build writes them), and read back as it was opened.
+    let wire = from_the_wire(&id("d1"), 9, window("m"));
+    assert_ne!(
+        wire.cbor(),
+        serde_cbor::to_vec(wire.envelope())?.as_slice(),
+        "the test needs an encoding of its own"
+    );
+    assert_eq!(s.insert(&wire, NOW)?, (true, Some(5)));
+    assert_eq!(s.messages(&id("d1"), 9, 1)?, vec![wire.into_envelope()]);
     s.flush()
 }
 
@@ -818,11 +856,11 @@ pub(super) fn the_message_log_keeps_the_newest_of_each_device(
     s.flush()
 }
 
-fn with_body(name: &str, seq: u64, body: Body) -> Envelope {
-    Envelope {
+fn with_body(name: &str, seq: u64, body: Body) -> Received {
+    Received::new(Envelope {
         body,
-        ..message(name, seq)
-    }
+        ..envelope(name, seq)
+    })
 }
 
 fn window(model: &str) -> Body {

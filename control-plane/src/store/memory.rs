@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use fleetml_protocol::assignment::AssignedModel;
-use fleetml_protocol::telemetry::{DeviceId, Envelope};
+use fleetml_protocol::telemetry::{DeviceId, Envelope, Received};
 
 use super::{
     AlertStore, AssignmentStore, AuditStore, CaptureStore, DatasetStore, FleetStore, JobStore,
@@ -116,13 +116,13 @@ impl FleetStore for MemoryStore {
         Ok(self.inner().devices.values().cloned().collect())
     }
 
-    fn insert(&self, envelope: &Envelope, now_ms: u64) -> Result<(bool, Option<u64>), StoreError> {
+    fn insert(&self, envelope: &Received, now_ms: u64) -> Result<(bool, Option<u64>), StoreError> {
         let mut inner = self.inner();
         let key = (envelope.device.clone(), envelope.seq);
         let new = !inner.messages.contains_key(&key);
         if new {
             inner.stored_ms.insert(key.clone(), now_ms);
-            inner.messages.insert(key, envelope.clone());
+            inner.messages.insert(key, envelope.envelope().clone());
         }
         let high = inner.high.entry(envelope.device.clone());
         let before = match high {

@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::fmt::Display;
 
 use fleetml_protocol::assignment::AssignedModel;
-use fleetml_protocol::telemetry::{DeviceId, Envelope};
+use fleetml_protocol::telemetry::{DeviceId, Envelope, Received};
 
 use crate::assign::AssignmentRecord;
 use crate::jobs::spec::Job;
@@ -204,7 +204,7 @@ pub trait FleetStore: Send + Sync {
     /// Stores `envelope` unless `(device, seq)` is already stored, as stored at
     /// `now_ms` (for retention by age); returns whether it was new, and the highest
     /// sequence number stored for the device before it.
-    fn insert(&self, envelope: &Envelope, now_ms: u64) -> Result<(bool, Option<u64>), StoreError>;
+    fn insert(&self, envelope: &Received, now_ms: u64) -> Result<(bool, Option<u64>), StoreError>;
     /// Up to `limit` messages of `device` from sequence number `from` on, in order.
     fn messages(
         &self,
@@ -225,7 +225,7 @@ pub trait FleetStore: Send + Sync {
     /// nothing). `change` runs once.
     fn store_message(
         &self,
-        envelope: &Envelope,
+        envelope: &Received,
         now_ms: u64,
         change: &mut (dyn FnMut(&mut DeviceState, bool, Option<u64>) + Send),
     ) -> Result<(bool, Option<u64>), StoreError> {
@@ -240,7 +240,7 @@ pub trait FleetStore: Send + Sync {
     /// transactions.
     fn store_messages(
         &self,
-        envelopes: &[Envelope],
+        envelopes: &[Received],
         now_ms: u64,
         change: &mut BatchChange<'_>,
     ) -> Result<Vec<(bool, Option<u64>)>, StoreError> {
@@ -320,7 +320,7 @@ impl<T: FleetStore + ?Sized> FleetStore for std::sync::Arc<T> {
     fn replace_device(&self, device: &DeviceRecord) -> Result<bool, StoreError> {
         (**self).replace_device(device)
     }
-    fn insert(&self, envelope: &Envelope, now_ms: u64) -> Result<(bool, Option<u64>), StoreError> {
+    fn insert(&self, envelope: &Received, now_ms: u64) -> Result<(bool, Option<u64>), StoreError> {
         (**self).insert(envelope, now_ms)
     }
     fn messages(
@@ -346,7 +346,7 @@ impl<T: FleetStore + ?Sized> FleetStore for std::sync::Arc<T> {
     }
     fn store_messages(
         &self,
-        envelopes: &[Envelope],
+        envelopes: &[Received],
         now_ms: u64,
         change: &mut BatchChange<'_>,
     ) -> Result<Vec<(bool, Option<u64>)>, StoreError> {
@@ -369,7 +369,7 @@ impl<T: FleetStore + ?Sized> FleetStore for std::sync::Arc<T> {
     }
     fn store_message(
         &self,
-        envelope: &Envelope,
+        envelope: &Received,
         now_ms: u64,
         change: &mut (dyn FnMut(&mut DeviceState, bool, Option<u64>) + Send),
     ) -> Result<(bool, Option<u64>), StoreError> {

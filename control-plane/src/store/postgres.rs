@@ -23,7 +23,7 @@
 
 use ::postgres::{Client, NoTls, Transaction};
 use fleetml_protocol::assignment::AssignedModel;
-use fleetml_protocol::telemetry::{DeviceId, Envelope};
+use fleetml_protocol::telemetry::{DeviceId, Envelope, Received};
 use r2d2_postgres::PostgresConnectionManager;
 
 use super::{
@@ -552,16 +552,16 @@ impl FleetStore for PgStore {
         })
     }
 
-    fn insert(&self, envelope: &Envelope, now_ms: u64) -> Result<(bool, Option<u64>), StoreError> {
-        let bytes = serde_cbor::to_vec(envelope)?;
+    fn insert(&self, envelope: &Received, now_ms: u64) -> Result<(bool, Option<u64>), StoreError> {
+        let bytes = envelope.cbor();
         let seq = big(envelope.seq, "sequence number")?;
         let now = big(now_ms, "the time")?;
-        self.tx(|t| Self::insert_in(t, envelope, seq, &bytes, now))
+        self.tx(|t| Self::insert_in(t, envelope, seq, bytes, now))
     }
 
     fn store_message(
         &self,
-        envelope: &Envelope,
+        envelope: &Received,
         now_ms: u64,
         change: &mut (dyn FnMut(&mut DeviceState, bool, Option<u64>) + Send),
     ) -> Result<(bool, Option<u64>), StoreError> {
@@ -584,7 +584,7 @@ impl FleetStore for PgStore {
     /// back in one statement.
     fn store_messages(
         &self,
-        envelopes: &[Envelope],
+        envelopes: &[Received],
         now_ms: u64,
         change: &mut crate::store::BatchChange<'_>,
     ) -> Result<Vec<(bool, Option<u64>)>, StoreError> {
@@ -602,7 +602,7 @@ impl FleetStore for PgStore {
         for e in envelopes {
             keys.push(e.device.as_str());
             seqs.push(big(e.seq, "sequence number")?);
-            bodies.push(serde_cbor::to_vec(e)?);
+            bodies.push(e.cbor());
             let (kind, model) = kind_and_model(e);
             kinds.push(kind);
             models.push(model);
@@ -1433,8 +1433,8 @@ mod tests {
     use super::*;
     use fleetml_protocol::telemetry::{Body, Receipt};
 
-    fn message(seq: u64) -> Envelope {
-        Envelope {
+    fn message(seq: u64) -> Received {
+        Received::new(Envelope {
             v: 1,
             device: DeviceId::new("d1").expect("id"),
             seq,
@@ -1443,7 +1443,7 @@ mod tests {
                 stored: vec![[seq, seq]],
             }),
             auth: vec![1; 32],
-        }
+        })
     }
 
     fn applied(url: &str) -> Vec<i32> {
@@ -1566,7 +1566,7 @@ mod tests {
                 .expect("the previous schema");
             c.execute(
                 "INSERT INTO messages (device, seq, envelope) VALUES ('d1', 7, $1)",
-                &[&serde_cbor::to_vec(&message(7)).expect("cbor")],
+                &[&message(7).cbor()],
             )
             .expect("a message in the previous schema");
             c.execute(
@@ -1588,7 +1588,7 @@ mod tests {
         let id = DeviceId::new("d1").expect("id");
         assert_eq!(
             store.messages(&id, 0, 10).expect("read"),
-            vec![message(7)],
+            vec![message(7).into_envelope()],
             "data written before the migration is still there"
         );
         assert_eq!(

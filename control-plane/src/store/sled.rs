@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use fleetml_protocol::assignment::AssignedModel;
-use fleetml_protocol::telemetry::{DeviceId, Envelope};
+use fleetml_protocol::telemetry::{DeviceId, Envelope, Received};
 
 use super::{
     AlertStore, AssignmentStore, AuditStore, CaptureStore, DatasetStore, FleetStore, JobStore,
@@ -271,8 +271,8 @@ impl FleetStore for SledStore {
             .collect()
     }
 
-    fn insert(&self, envelope: &Envelope, now_ms: u64) -> Result<(bool, Option<u64>), StoreError> {
-        let bytes = serde_cbor::to_vec(envelope)?;
+    fn insert(&self, envelope: &Received, now_ms: u64) -> Result<(bool, Option<u64>), StoreError> {
+        let bytes = envelope.cbor();
         let key = Self::key(&envelope.device, envelope.seq);
         // The mark moves before the message is written: after a crash between the two
         // no stored message is above the mark, which `store_messages` relies on.
@@ -401,23 +401,17 @@ impl FleetStore for SledStore {
     /// ingest's lanes store one batch at a time on sled (the cost is in BENCHMARKS.md).
     fn store_messages(
         &self,
-        envelopes: &[Envelope],
+        envelopes: &[Received],
         now_ms: u64,
         change: &mut super::BatchChange<'_>,
     ) -> Result<Vec<(bool, Option<u64>)>, StoreError> {
         use ::sled::Transactional;
         use ::sled::transaction::ConflictableTransactionError as Abort;
         use std::collections::hash_map::{Entry, HashMap};
-        let rows = envelopes
+        let rows: Vec<_> = envelopes
             .iter()
-            .map(|e| {
-                Ok((
-                    Self::key(&e.device, e.seq),
-                    serde_cbor::to_vec(e)?,
-                    Self::meta(e, now_ms),
-                ))
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
+            .map(|e| (Self::key(&e.device, e.seq), e.cbor(), Self::meta(e, now_ms)))
+            .collect();
         let change = std::cell::RefCell::new(change);
         let stored = (&self.messages, &self.message_meta, &self.high, &self.state).transaction(
             |(messages, meta, high, state)| {
@@ -438,7 +432,7 @@ impl FleetStore for SledStore {
                     // duplicate within the batch is a duplicate.
                     let new = before.is_none_or(|b| e.seq > b) || messages.get(key)?.is_none();
                     if new {
-                        messages.insert(key.as_slice(), bytes.as_slice())?;
+                        messages.insert(key.as_slice(), *bytes)?;
                         meta.insert(key.as_slice(), m.as_slice())?;
                     }
                     let st = match states.entry(device) {
@@ -470,7 +464,7 @@ impl FleetStore for SledStore {
 
     fn store_message(
         &self,
-        envelope: &Envelope,
+        envelope: &Received,
         now_ms: u64,
         change: &mut (dyn FnMut(&mut DeviceState, bool, Option<u64>) + Send),
     ) -> Result<(bool, Option<u64>), StoreError> {
@@ -1015,8 +1009,8 @@ mod tests {
     use crate::store::{AgeRules, FleetStore};
 
     /// A message of `device` numbered `seq` (its body does not matter to the store).
-    fn receipt(device: &DeviceId, seq: u64) -> Envelope {
-        Envelope {
+    fn receipt(device: &DeviceId, seq: u64) -> Received {
+        Received::new(Envelope {
             v: 1,
             device: device.clone(),
             seq,
@@ -1027,7 +1021,7 @@ mod tests {
                 },
             ),
             auth: vec![0; 32],
-        }
+        })
     }
 
     /// A batch is one transaction: a device state that no longer decodes fails the

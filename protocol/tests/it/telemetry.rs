@@ -194,6 +194,103 @@ fn the_mac_covers_the_msg_bytes_as_sent_and_format_1_still_opens() {
     );
 }
 
+/// Seals `msg` (any bytes) as format 2 under [`SECRET`], as a device would.
+fn seal_msg(msg: &[u8]) -> Vec<u8> {
+    use serde_cbor::Value;
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, SECRET);
+    let auth = ring::hmac::sign(&key, msg).as_ref().to_vec();
+    let sealed = Value::Map(
+        [
+            (Value::Text("v".into()), Value::Integer(2)),
+            (Value::Text("msg".into()), Value::Bytes(msg.to_vec())),
+            (Value::Text("auth".into()), Value::Bytes(auth)),
+        ]
+        .into(),
+    );
+    serde_cbor::to_vec(&sealed).expect("cbor")
+}
+
+/// The `msg` bytes inside a sealed message.
+fn msg_of(sealed: &[u8]) -> Vec<u8> {
+    use serde_cbor::Value;
+    let Ok(Value::Map(m)) = serde_cbor::from_slice::<Value>(sealed) else {
+        panic!("a map");
+    };
+    match m.get(&Value::Text("msg".into())) {
+        Some(Value::Bytes(b)) => b.clone(),
+        other => panic!("msg is a byte string, not {other:?}"),
+    }
+}
+
+/// What a store keeps of a received message is the envelope the device signed, made
+/// from its bytes without encoding it again: the same bytes as encoding the envelope
+/// when the device encodes as serde_cbor does (the agent), and for any other encoding
+/// of the same fields (another order, a map of indefinite length) bytes that decode to
+/// the same envelope.
+#[test]
+fn a_received_message_keeps_the_envelope_the_device_signed() {
+    let d = device("pi-07");
+    let (topic, bytes) = telemetry::seal(&d, 5, 9, status(), SECRET);
+    let received = telemetry::open_received(&topic, &bytes, secret_for("pi-07")).expect("opens");
+    let envelope = telemetry::open(&topic, &bytes, secret_for("pi-07")).expect("opens");
+    assert_eq!(received.envelope(), &envelope);
+    assert_eq!(
+        received.cbor(),
+        serde_cbor::to_vec(&envelope).expect("cbor").as_slice()
+    );
+    assert_eq!(telemetry::Received::new(envelope.clone()), received);
+
+    // The same fields in another order (a map in serde_cbor's Value order).
+    let msg = msg_of(&bytes);
+    let value: serde_cbor::Value = serde_cbor::from_slice(&msg).expect("cbor");
+    let reordered = serde_cbor::to_vec(&value).expect("cbor");
+    assert_ne!(reordered, msg, "the test needs another order");
+    // A map of indefinite length: its entries between 0xbf and 0xff.
+    let mut indefinite = vec![0xbf];
+    indefinite.extend_from_slice(&msg[1..]);
+    indefinite.push(0xff);
+    for (what, msg) in [("reordered", reordered), ("indefinite", indefinite)] {
+        let sealed = seal_msg(&msg);
+        let got = telemetry::open_received(&topic, &sealed, secret_for("pi-07"))
+            .unwrap_or_else(|e| panic!("{what} opens: {e}"));
+        let mut want = envelope.clone();
+        want.auth = got.auth.clone();
+        assert_eq!(got.envelope(), &want, "{what}");
+        let stored: telemetry::Envelope = serde_cbor::from_slice(got.cbor()).expect(what);
+        assert_eq!(stored, want, "{what}");
+    }
+
+    // Format 1 is kept as it came (it is the envelope).
+    let (_, v2) = telemetry::seal(&d, 6, 9, status(), SECRET);
+    let opened = telemetry::open(&topic, &v2, secret_for("pi-07")).expect("opens");
+    let mut v1 = opened.clone();
+    v1.v = 1;
+    v1.auth = {
+        #[derive(serde::Serialize)]
+        struct V1<'a> {
+            v: u16,
+            device: &'a DeviceId,
+            seq: u64,
+            ts_ms: u64,
+            body: &'a Body,
+        }
+        let fields = serde_cbor::to_vec(&V1 {
+            v: 1,
+            device: &v1.device,
+            seq: v1.seq,
+            ts_ms: v1.ts_ms,
+            body: &v1.body,
+        })
+        .expect("cbor");
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, SECRET);
+        ring::hmac::sign(&key, &fields).as_ref().to_vec()
+    };
+    let v1_bytes = serde_cbor::to_vec(&v1).expect("cbor");
+    let got = telemetry::open_received(&topic, &v1_bytes, secret_for("pi-07")).expect("opens");
+    assert_eq!(got.cbor(), v1_bytes.as_slice());
+    assert_eq!(got.envelope(), &v1);
+}
+
 #[test]
 fn bad_topics_and_ids_are_named() {
     for t in [
@@ -238,6 +335,38 @@ proptest! {
         let cut = cut % bytes.len();
         prop_assert!(telemetry::open(&topic, &bytes[..cut], secret_for("pi-07")).is_err());
         prop_assert!(telemetry::open(&topic, &bytes, secret_for("pi-07")).is_ok());
+    }
+
+    /// Whatever `msg` a device signs, a message that opens keeps CBOR that decodes to
+    /// the envelope opened (`msg`: a sealed message's own, cut, with a byte changed, or
+    /// with bytes added).
+    #[test]
+    fn what_a_received_message_keeps_decodes_to_what_was_opened(
+        seq in any::<u64>(),
+        uptime in any::<u64>(),
+        edit in 0usize..4,
+        at in any::<usize>(),
+        byte in any::<u8>(),
+    ) {
+        let d = device("pi-07");
+        let mut body = status();
+        if let Body::Status(s) = &mut body { s.uptime_s = uptime; }
+        let (topic, bytes) = telemetry::seal(&d, seq, 5, body, SECRET);
+        let mut msg = msg_of(&bytes);
+        let at = at % msg.len();
+        match edit {
+            0 => {}
+            1 => msg.truncate(at),
+            2 => msg[at] = byte,
+            _ => msg.insert(at, byte),
+        }
+        if let Ok(got) = telemetry::open_received(&topic, &seal_msg(&msg), secret_for("pi-07")) {
+            let stored: telemetry::Envelope = serde_cbor::from_slice(got.cbor())
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(&stored, got.envelope());
+        } else {
+            prop_assert!(edit != 0, "the message as sealed opens");
+        }
     }
 }
 
