@@ -90,7 +90,8 @@ fn from_json<T: serde::de::DeserializeOwned>(what: &str, bytes: &[u8]) -> Result
     serde_json::from_slice(bytes).map_err(|e| StoreError::corrupt(what, e))
 }
 
-/// The store in sled: trees `devices`, `messages` (keyed `device \0 seq`, big-endian),
+/// The store in sled: trees `devices`, `messages` (keyed `device \0 seq`, big-endian; the
+/// envelope's CBOR, or [`SNAPPY`] and that CBOR compressed),
 /// `message_meta` (same keys: stored time, kind, a window's model, for retention),
 /// `high` (highest seq per device), `state`, `commands` (next command seq per device),
 /// `assignments` (CBOR per device), `rollouts` (JSON per id), `tokens` (JSON by token
@@ -124,6 +125,54 @@ pub struct SledStore {
     audit_append: std::sync::Arc<std::sync::Mutex<()>>,
     /// Serializes job updates (read, change, write).
     job_update: std::sync::Arc<std::sync::Mutex<()>>,
+}
+
+/// The first byte of a message stored compressed: the envelope's CBOR in snappy's raw
+/// format follows. An envelope's CBOR is a map, whose first byte is 0xa0–0xbf, so the two
+/// forms cannot be taken for each other; messages a release stored before are CBOR.
+/// Compressed, a window report takes less than half its bytes (3,060 to 1,367 in the
+/// simulator's), and sled, which writes a leaf's values again each time it rewrites the
+/// leaf, writes that much less.
+const SNAPPY: u8 = 0x00;
+
+/// What the message tree keeps of a message's CBOR: compressed where that is smaller.
+fn pack(cbor: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    let mut out = vec![0; 1 + snap::raw::max_compress_len(cbor.len())];
+    out[0] = SNAPPY;
+    match snap::raw::Encoder::new().compress(cbor, &mut out[1..]) {
+        Ok(n) if 1 + n < cbor.len() => {
+            out.truncate(1 + n);
+            out.into()
+        }
+        _ => cbor.into(),
+    }
+}
+
+/// The envelope a message-tree value holds ([`pack`]); the key names it in errors.
+fn unpack(key: &[u8], value: &[u8]) -> Result<Envelope, StoreError> {
+    let what = || {
+        let (device, seq) = key.split_at(key.iter().position(|b| *b == 0).unwrap_or(key.len()));
+        let seq = seq
+            .get(1..)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map_or(0, u64::from_be_bytes);
+        format!("message {} {seq}", String::from_utf8_lossy(device))
+    };
+    let Some(packed) = value.strip_prefix(&[SNAPPY]) else {
+        return serde_cbor::from_slice(value).map_err(|e| StoreError::corrupt(what(), e));
+    };
+    // The length snappy's header claims is checked before anything is allocated for it.
+    let len = snap::raw::decompress_len(packed).map_err(|e| StoreError::corrupt(what(), e))?;
+    if len > fleetml_protocol::telemetry::MAX_MESSAGE {
+        return Err(StoreError::corrupt(
+            what(),
+            format_args!("{len} bytes uncompressed, more than a message can be"),
+        ));
+    }
+    let cbor = snap::raw::Decoder::new()
+        .decompress_vec(packed)
+        .map_err(|e| StoreError::corrupt(what(), e))?;
+    serde_cbor::from_slice(&cbor).map_err(|e| StoreError::corrupt(what(), e))
 }
 
 fn be(v: Option<::sled::IVec>) -> Option<u64> {
@@ -184,7 +233,7 @@ impl SledStore {
         for kv in self.messages.iter() {
             let (k, v) = kv?;
             if !self.message_meta.contains_key(&k)? {
-                let e: Envelope = serde_cbor::from_slice(&v)?;
+                let e = unpack(&k, &v)?;
                 self.message_meta.insert(k, Self::meta(&e, now))?;
             }
         }
@@ -272,7 +321,7 @@ impl FleetStore for SledStore {
     }
 
     fn insert(&self, envelope: &Received, now_ms: u64) -> Result<(bool, Option<u64>), StoreError> {
-        let bytes = envelope.cbor();
+        let bytes = pack(envelope.cbor());
         let key = Self::key(&envelope.device, envelope.seq);
         // The mark moves before the message is written: after a crash between the two
         // no stored message is above the mark, which `store_messages` relies on.
@@ -289,7 +338,7 @@ impl FleetStore for SledStore {
         })?);
         let new = self
             .messages
-            .compare_and_swap(&key, None as Option<&[u8]>, Some(bytes))?
+            .compare_and_swap(&key, None as Option<&[u8]>, Some(&*bytes))?
             .is_ok();
         if new {
             self.message_meta
@@ -309,7 +358,10 @@ impl FleetStore for SledStore {
         self.messages
             .range(Self::key(device, from)..end)
             .take(limit)
-            .map(|kv| Ok(serde_cbor::from_slice(&kv?.1)?))
+            .map(|kv| {
+                let (k, v) = kv?;
+                unpack(&k, &v)
+            })
             .collect()
     }
 
@@ -410,7 +462,13 @@ impl FleetStore for SledStore {
         use std::collections::hash_map::{Entry, HashMap};
         let rows: Vec<_> = envelopes
             .iter()
-            .map(|e| (Self::key(&e.device, e.seq), e.cbor(), Self::meta(e, now_ms)))
+            .map(|e| {
+                (
+                    Self::key(&e.device, e.seq),
+                    pack(e.cbor()),
+                    Self::meta(e, now_ms),
+                )
+            })
             .collect();
         let change = std::cell::RefCell::new(change);
         let stored = (&self.messages, &self.message_meta, &self.high, &self.state).transaction(
@@ -432,7 +490,7 @@ impl FleetStore for SledStore {
                     // duplicate within the batch is a duplicate.
                     let new = before.is_none_or(|b| e.seq > b) || messages.get(key)?.is_none();
                     if new {
-                        messages.insert(key.as_slice(), *bytes)?;
+                        messages.insert(key.as_slice(), &**bytes)?;
                         meta.insert(key.as_slice(), m.as_slice())?;
                     }
                     let st = match states.entry(device) {
@@ -1007,6 +1065,101 @@ impl JobStore for SledStore {
 mod tests {
     use super::*;
     use crate::store::{AgeRules, FleetStore};
+    use proptest::prelude::*;
+
+    /// A message whose CBOR is long and repetitive, as window reports are.
+    fn long(device: &DeviceId, seq: u64) -> Received {
+        Received::new(Envelope {
+            v: 2,
+            device: device.clone(),
+            seq,
+            ts_ms: 0,
+            body: fleetml_protocol::telemetry::Body::Receipt(
+                fleetml_protocol::telemetry::Receipt {
+                    stored: vec![[1_000_000, 1_000_000]; 300],
+                },
+            ),
+            auth: vec![0; 32],
+        })
+    }
+
+    /// A long message is kept compressed and a short one as CBOR; a message stored as
+    /// CBOR by an earlier release reads as before; every form reads back as stored.
+    #[test]
+    fn long_messages_are_kept_compressed_and_every_form_reads_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = SledStore::open(&dir.path().join("fleet.db")).expect("open");
+        let d = DeviceId::new("d").expect("id");
+        let small = Received::new(Envelope {
+            auth: (0..32).collect(),
+            ..receipt(&d, 2).into_envelope()
+        });
+        let (big, old) = (long(&d, 1), long(&d, 3));
+        s.store_messages(&[big.clone(), small.clone()], 5, &mut |_, _, _, _| {})
+            .expect("stored");
+        s.messages
+            .insert(SledStore::key(&d, 3), old.cbor())
+            .expect("as an earlier release stored it");
+        let kept = |seq| {
+            s.messages
+                .get(SledStore::key(&d, seq))
+                .expect("read")
+                .expect("kept")
+        };
+        assert_eq!(kept(1)[0], SNAPPY);
+        assert!(
+            kept(1).len() * 3 < big.cbor().len(),
+            "{} of {} bytes",
+            kept(1).len(),
+            big.cbor().len()
+        );
+        assert_eq!(&*kept(2), small.cbor(), "not worth compressing");
+        assert_eq!(
+            s.messages(&d, 0, 10).expect("read"),
+            [big, small, old].map(Received::into_envelope)
+        );
+    }
+
+    /// A compressed message spoiled on disk is an error naming it, and a length field
+    /// claiming more than a message can be is refused before it is allocated.
+    #[test]
+    fn a_spoiled_compressed_message_is_named() {
+        let d = DeviceId::new("d").expect("id");
+        let key = SledStore::key(&d, 7);
+        let mut packed = pack(long(&d, 7).cbor()).into_owned();
+        packed.truncate(packed.len() / 2);
+        let e = unpack(&key, &packed).expect_err("cut in half").to_string();
+        assert!(e.contains("message d 7"), "{e}");
+        // Snappy's header: the uncompressed length as a varint (here 2^32 - 1).
+        let huge = [SNAPPY, 0xff, 0xff, 0xff, 0xff, 0x0f, 0];
+        let e = unpack(&key, &huge).expect_err("too long").to_string();
+        assert!(e.contains("more than a message can be"), "{e}");
+    }
+
+    proptest! {
+        /// Whatever bytes the message tree holds, reading them errs or decodes, never
+        /// panics; and what `pack` makes of CBOR reads back as that CBOR's envelope.
+        #[test]
+        fn unpack_reads_what_pack_made_and_refuses_the_rest(
+            bytes in proptest::collection::vec(any::<u8>(), 0..2048),
+            ranges in 0u64..400,
+        ) {
+            let key = b"d\0\0\0\0\0\0\0\0\x01";
+            let _ = unpack(key, &bytes);
+            let mut spoiled = bytes.clone();
+            spoiled.insert(0, SNAPPY);
+            let _ = unpack(key, &spoiled);
+            let d = DeviceId::new("d").expect("id");
+            let mut m = long(&d, 1).into_envelope();
+            m.body = fleetml_protocol::telemetry::Body::Receipt(
+                fleetml_protocol::telemetry::Receipt {
+                    stored: (0..ranges).map(|i| [3 * i, 3 * i + 1]).collect(),
+                },
+            );
+            let r = Received::new(m);
+            prop_assert_eq!(unpack(key, &pack(r.cbor()))?, r.into_envelope());
+        }
+    }
 
     /// A message of `device` numbered `seq` (its body does not matter to the store).
     fn receipt(device: &DeviceId, seq: u64) -> Received {
