@@ -182,7 +182,7 @@ impl<S: FleetStore> Ingest<S> {
             .filter_map(|r| r.live_secret().map(<[u8]>::to_vec).map(|s| (r.id, s)))
             .collect();
         let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
-        // Opened messages waiting to be stored together: (index in the batch, envelope).
+        // Opened messages waiting to be stored together: (index in the batch, message).
         let mut pending: Vec<(usize, Received)> = Vec::new();
         for (i, (topic, bytes)) in batch.iter().enumerate() {
             if let Ok((_, Channel::Cmd)) = telemetry::parse_topic(topic) {

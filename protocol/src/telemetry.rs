@@ -645,12 +645,14 @@ pub fn open(
     bytes: &[u8],
     secret_of: impl FnOnce(&DeviceId) -> Option<Vec<u8>>,
 ) -> Result<Envelope, MessageError> {
-    open_received(topic, bytes, secret_of).map(Received::into_envelope)
+    open_sealed(topic, bytes, secret_of).map(|(envelope, _)| envelope)
 }
 
-/// An authenticated message and its envelope's CBOR, which stores keep: for a message
-/// [`open_received`] opened, the bytes the device signed with its MAC added, so that
-/// storing a message does not encode it again.
+/// An authenticated message and its envelope's CBOR, which stores keep. For a format-2
+/// message [`open_received`] opened, the CBOR is the `msg` bytes the device signed with
+/// `auth` added, so that storing a message does not encode it again (where `msg`'s map
+/// length is not in its first byte, and for format 1, whose MAC does not cover the
+/// encoding, the envelope is encoded here).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Received {
     envelope: Envelope,
@@ -692,6 +694,23 @@ pub fn open_received(
     bytes: &[u8],
     secret_of: impl FnOnce(&DeviceId) -> Option<Vec<u8>>,
 ) -> Result<Received, MessageError> {
+    let (envelope, msg) = open_sealed(topic, bytes, secret_of)?;
+    let cbor = msg
+        .and_then(|msg| envelope_cbor(&msg, &envelope.auth))
+        .unwrap_or_else(|| serde_cbor::to_vec(&envelope).expect("messages serialize to CBOR"));
+    Ok(Received { envelope, cbor })
+}
+
+/// An authenticated message's envelope and, for format 2, the `msg` bytes it was
+/// decoded from.
+type Opened<'a> = (Envelope, Option<std::borrow::Cow<'a, [u8]>>);
+
+/// Decodes and authenticates a message ([`open`]).
+fn open_sealed<'a>(
+    topic: &str,
+    bytes: &'a [u8],
+    secret_of: impl FnOnce(&DeviceId) -> Option<Vec<u8>>,
+) -> Result<Opened<'a>, MessageError> {
     if bytes.len() > MAX_MESSAGE {
         return Err(MessageError::TooLarge(bytes.len()));
     }
@@ -700,12 +719,8 @@ pub fn open_received(
         Ok(sealed) => sealed,
         Err(e) => {
             return match serde_cbor::from_slice::<Envelope>(bytes) {
-                // Format 1 is the envelope itself: kept as it came.
                 Ok(v1) if v1.v == FORMAT_V1 => {
-                    open_v1(v1, topic_device, channel, secret_of).map(|envelope| Received {
-                        envelope,
-                        cbor: bytes.to_vec(),
-                    })
+                    open_v1(v1, topic_device, channel, secret_of).map(|envelope| (envelope, None))
                 }
                 Ok(other) => Err(MessageError::UnsupportedFormat(other.v)),
                 Err(_) => Err(MessageError::Malformed(e.to_string())),
@@ -734,9 +749,7 @@ pub fn open_received(
         auth: sealed.auth.into_owned(),
     };
     check_route(&envelope, &topic_device, channel)?;
-    let cbor = envelope_cbor(&sealed.msg, &envelope.auth)
-        .unwrap_or_else(|| serde_cbor::to_vec(&envelope).expect("messages serialize to CBOR"));
-    Ok(Received { envelope, cbor })
+    Ok((envelope, Some(sealed.msg)))
 }
 
 /// The envelope's CBOR made from a format-2 `msg` that decoded as [`Fields`]: a map of

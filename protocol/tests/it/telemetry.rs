@@ -143,14 +143,6 @@ fn the_mac_covers_the_msg_bytes_as_sent_and_format_1_still_opens() {
     assert_eq!(outer.len(), 3);
 
     #[derive(serde::Serialize)]
-    struct V1<'a> {
-        v: u16,
-        device: &'a DeviceId,
-        seq: u64,
-        ts_ms: u64,
-        body: &'a Body,
-    }
-    #[derive(serde::Serialize)]
     struct V1Sealed<'a> {
         v: u16,
         device: &'a DeviceId,
@@ -161,21 +153,13 @@ fn the_mac_covers_the_msg_bytes_as_sent_and_format_1_still_opens() {
         auth: Vec<u8>,
     }
     let body = status();
-    let fields = serde_cbor::to_vec(&V1 {
-        v: 1,
-        device: &d,
-        seq: 6,
-        ts_ms: 9,
-        body: &body,
-    })
-    .expect("cbor");
     let v1 = serde_cbor::to_vec(&V1Sealed {
         v: 1,
         device: &d,
         seq: 6,
         ts_ms: 9,
         body: &body,
-        auth: ring::hmac::sign(&key, &fields).as_ref().to_vec(),
+        auth: v1_auth(&d, 6, 9, &body),
     })
     .expect("cbor");
     let opened = telemetry::open(&topic, &v1, secret_for("pi-07")).expect("format 1 opens");
@@ -192,6 +176,29 @@ fn the_mac_covers_the_msg_bytes_as_sent_and_format_1_still_opens() {
         ),
         Err(MessageError::UnsupportedFormat(3))
     );
+}
+
+/// The MAC of a format-1 message (what agents of earlier releases send): over the CBOR
+/// of its five fields, `v` 1, as serde_cbor writes them.
+fn v1_auth(device: &DeviceId, seq: u64, ts_ms: u64, body: &Body) -> Vec<u8> {
+    #[derive(serde::Serialize)]
+    struct V1<'a> {
+        v: u16,
+        device: &'a DeviceId,
+        seq: u64,
+        ts_ms: u64,
+        body: &'a Body,
+    }
+    let fields = serde_cbor::to_vec(&V1 {
+        v: 1,
+        device,
+        seq,
+        ts_ms,
+        body,
+    })
+    .expect("cbor");
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, SECRET);
+    ring::hmac::sign(&key, &fields).as_ref().to_vec()
 }
 
 /// Seals `msg` (any bytes) as format 2 under [`SECRET`], as a device would.
@@ -224,9 +231,10 @@ fn msg_of(sealed: &[u8]) -> Vec<u8> {
 
 /// What a store keeps of a received message is the envelope the device signed, made
 /// from its bytes without encoding it again: the same bytes as encoding the envelope
-/// when the device encodes as serde_cbor does (the agent), and for any other encoding
-/// of the same fields (another order, a map of indefinite length) bytes that decode to
-/// the same envelope.
+/// when the device encodes as serde_cbor does (the agent), the device's own order of the
+/// fields where it has another, and for a map of indefinite length (and format 1, whose
+/// MAC does not cover the encoding) the envelope encoded here; all decode to the
+/// envelope opened.
 #[test]
 fn a_received_message_keeps_the_envelope_the_device_signed() {
     let d = device("pi-07");
@@ -258,36 +266,26 @@ fn a_received_message_keeps_the_envelope_the_device_signed() {
         assert_eq!(got.envelope(), &want, "{what}");
         let stored: telemetry::Envelope = serde_cbor::from_slice(got.cbor()).expect(what);
         assert_eq!(stored, want, "{what}");
+        let encoded_here = serde_cbor::to_vec(&want).expect("cbor");
+        assert_eq!(got.cbor() == encoded_here, what == "indefinite", "{what}");
     }
 
-    // Format 1 is kept as it came (it is the envelope).
+    // Format 1 (its fields here in another order than serde_cbor writes them) is
+    // encoded here: its MAC covers the fields, not the bytes that came.
     let (_, v2) = telemetry::seal(&d, 6, 9, status(), SECRET);
     let opened = telemetry::open(&topic, &v2, secret_for("pi-07")).expect("opens");
     let mut v1 = opened.clone();
     v1.v = 1;
-    v1.auth = {
-        #[derive(serde::Serialize)]
-        struct V1<'a> {
-            v: u16,
-            device: &'a DeviceId,
-            seq: u64,
-            ts_ms: u64,
-            body: &'a Body,
-        }
-        let fields = serde_cbor::to_vec(&V1 {
-            v: 1,
-            device: &v1.device,
-            seq: v1.seq,
-            ts_ms: v1.ts_ms,
-            body: &v1.body,
-        })
-        .expect("cbor");
-        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, SECRET);
-        ring::hmac::sign(&key, &fields).as_ref().to_vec()
-    };
-    let v1_bytes = serde_cbor::to_vec(&v1).expect("cbor");
+    v1.auth = v1_auth(&v1.device, v1.seq, v1.ts_ms, &v1.body);
+    let v1_value: serde_cbor::Value =
+        serde_cbor::from_slice(&serde_cbor::to_vec(&v1).expect("cbor")).expect("cbor");
+    let v1_bytes = serde_cbor::to_vec(&v1_value).expect("cbor");
+    assert_ne!(v1_bytes, serde_cbor::to_vec(&v1).expect("cbor"));
     let got = telemetry::open_received(&topic, &v1_bytes, secret_for("pi-07")).expect("opens");
-    assert_eq!(got.cbor(), v1_bytes.as_slice());
+    assert_eq!(
+        got.cbor(),
+        serde_cbor::to_vec(&v1).expect("cbor").as_slice()
+    );
     assert_eq!(got.envelope(), &v1);
 }
 
