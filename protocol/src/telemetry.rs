@@ -766,12 +766,13 @@ fn envelope_cbor(msg: &[u8], auth: &[u8]) -> Option<Vec<u8>> {
         auth: &'a [u8],
     }
     let fields = msg.strip_prefix(&[MAP_OF_FIVE])?;
-    // A map of one entry: its first byte is the map's head, then `auth` and its value.
-    let entry = serde_cbor::to_vec(&Auth { auth }).ok()?;
-    let mut out = Vec::with_capacity(msg.len() + entry.len());
+    let mut out = Vec::with_capacity(msg.len() + auth.len() + 8);
     out.push(MAP_OF_FIVE + 1);
     out.extend_from_slice(fields);
-    out.extend_from_slice(entry.get(1..)?);
+    // `auth` as a map of one entry, whose first byte (the map's head) is then removed.
+    let head = out.len();
+    serde_cbor::to_writer(&mut out, &Auth { auth }).ok()?;
+    out.remove(head);
     Some(out)
 }
 

@@ -157,13 +157,9 @@ fn pack(cbor: &[u8]) -> std::borrow::Cow<'_, [u8]> {
 
 /// The envelope a message-tree value holds ([`pack`]); the key names it in errors.
 fn unpack(key: &[u8], value: &[u8]) -> Result<Envelope, StoreError> {
-    let what = || {
-        let (device, seq) = key.split_at(key.iter().position(|b| *b == 0).unwrap_or(key.len()));
-        let seq = seq
-            .get(1..)
-            .and_then(|b| <[u8; 8]>::try_from(b).ok())
-            .map_or(0, u64::from_be_bytes);
-        format!("message {} {seq}", String::from_utf8_lossy(device))
+    let what = || match (SledStore::device_of(key), SledStore::seq_of(key)) {
+        (Some(device), Some(seq)) => format!("message {device} {seq}"),
+        _ => format!("message {}", String::from_utf8_lossy(key).escape_debug()),
     };
     let Some(packed) = value.strip_prefix(&[SNAPPY]) else {
         return serde_cbor::from_slice(value).map_err(|e| StoreError::corrupt(what(), e));
@@ -270,6 +266,12 @@ impl SledStore {
     fn device_of(key: &[u8]) -> Option<DeviceId> {
         let end = key.len().checked_sub(9)?;
         DeviceId::new(std::str::from_utf8(&key[..end]).ok()?).ok()
+    }
+
+    /// The sequence number of a message key ([`SledStore::key`]).
+    fn seq_of(key: &[u8]) -> Option<u64> {
+        let at = key.len().checked_sub(8)?;
+        <[u8; 8]>::try_from(&key[at..]).ok().map(u64::from_be_bytes)
     }
 
     /// Allocates the device's next command sequence number (not flushed).
