@@ -120,7 +120,7 @@ pub(crate) async fn rotate(
 
 pub(crate) async fn list_devices(State(plane): State<Arc<Plane>>) -> Api<axum::Json<Value>> {
     let store = &plane.ingest.store;
-    let out = crate::store::with_states(store, store.devices()?)?
+    let out = crate::store::with_brief_states(store, store.devices()?)?
         .iter()
         .map(|(d, state)| views::device_summary(d, state))
         .collect();

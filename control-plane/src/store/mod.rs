@@ -616,15 +616,17 @@ impl<T> Store for T where
 {
 }
 
-/// `devices`, in their order, each with its state ([`DeviceState::default`] when it has
-/// none yet), read with [`FleetStore::states_named`].
-pub fn with_states(
+/// `devices`, in their order, each with its brief state ([`DeviceState::brief`];
+/// [`DeviceState::default`] when it has none yet), read with
+/// [`FleetStore::brief_states_named`]: what the device list, the fleet metrics and the
+/// alert rules read, none of which looks at a window's per-feature drift.
+pub fn with_brief_states(
     fleet: &dyn FleetStore,
     devices: Vec<DeviceRecord>,
 ) -> Result<Vec<(DeviceRecord, DeviceState)>, StoreError> {
     let ids: Vec<DeviceId> = devices.iter().map(|d| d.id.clone()).collect();
     let mut states: BTreeMap<DeviceId, DeviceState> =
-        fleet.states_named(&ids)?.into_iter().collect();
+        fleet.brief_states_named(&ids)?.into_iter().collect();
     Ok(devices
         .into_iter()
         .map(|d| {
