@@ -31,6 +31,7 @@ pub mod jobs;
 pub mod k8s;
 pub mod keys;
 pub mod leader;
+pub mod memory;
 pub mod mosquitto;
 pub mod multivariate;
 pub mod nats_auth;

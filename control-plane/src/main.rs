@@ -11,6 +11,15 @@ mod cli;
 use cli::*;
 
 /// `--version`: release, git commit, and what is compiled in.
+#[cfg(feature = "jemalloc")]
+const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (git ",
+    env!("FLEETML_GIT_COMMIT"),
+    ", features: embedded-mqtt, kubernetes, postgres, parquet, jemalloc)"
+);
+/// `--version`: release, git commit, and what is compiled in.
+#[cfg(not(feature = "jemalloc"))]
 const LONG_VERSION: &str = concat!(
     env!("CARGO_PKG_VERSION"),
     " (git ",
@@ -160,5 +169,28 @@ mod tests {
     fn cli_definition_is_consistent() {
         use clap::CommandFactory;
         super::Cli::command().debug_assert();
+    }
+
+    /// `--blocking-threads` defaults to 64 and refuses 0 (tokio would panic on it) and
+    /// more than 4,096, naming the flag.
+    #[test]
+    fn blocking_threads_are_bounded() {
+        use clap::Parser;
+        let serve =
+            |extra: &[&str]| super::Cli::try_parse_from(["fleetctl", "serve"].iter().chain(extra));
+        let Ok(super::Cli {
+            command: super::Command::Serve(a),
+            ..
+        }) = serve(&[])
+        else {
+            panic!("serve parses");
+        };
+        assert_eq!(a.blocking_threads(), 64);
+        for bad in ["0", "4097", "many"] {
+            let e = serve(&["--blocking-threads", bad])
+                .expect_err(bad)
+                .to_string();
+            assert!(e.contains("--blocking-threads"), "{bad}: {e}");
+        }
     }
 }

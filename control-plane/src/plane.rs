@@ -184,22 +184,6 @@ pub(crate) fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Returns memory the allocator holds freed to the system: glibc's malloc keeps what a
-/// thread freed in that thread's arena, so after a burst the process would keep its
-/// peak; `malloc_trim` releases the free pages of every arena. A no-op with other C
-/// libraries. (fleet-agent makes the same call after large inputs.)
-#[allow(unsafe_code)]
-pub(crate) fn trim_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        // SAFETY: malloc_trim takes a byte count, has no preconditions and is
-        // thread-safe; it only releases free memory.
-        unsafe {
-            libc::malloc_trim(0);
-        }
-    }
-}
-
 /// Raises this process's open-file limit towards `want` (children inherit it): the soft
 /// limit up to the hard one, and the hard one too where the process may (root). Returns
 /// the soft limit now in force.

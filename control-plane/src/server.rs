@@ -73,8 +73,8 @@ pub struct Options {
     pub data_dir: PathBuf,
     /// Bytes of the sled store's pages kept in memory (`--store-cache-mib`).
     pub store_cache: u64,
-    /// How often freed memory goes back to the system (`--malloc-trim-interval`); zero
-    /// never.
+    /// How soon freed memory goes back to the system (`--malloc-trim-interval`,
+    /// [`crate::memory::hand_back_freed`]); zero never.
     pub malloc_trim_interval: Duration,
     /// `postgres://…`: keep the state in PostgreSQL instead of DATA_DIR/fleet.db.
     pub database: Option<String>,
@@ -990,19 +990,28 @@ fn spawn_audit_tally(plane: Arc<Plane>, interval: Duration) {
     });
 }
 
-/// Hands freed memory back to the system every `every` (never when zero). Measured at
-/// 10,000 devices: the rollouts' bursts leave gigabytes freed but kept in the worker
-/// threads' malloc arenas (docs/BENCHMARKS.md, "At 10,000 devices").
+/// Makes freed memory go back to the system within `every` (never when zero): jemalloc
+/// does it itself ([`crate::memory`]); with glibc's malloc a task trims every `every`.
+/// Measured at 10,000 devices: the rollouts' bursts leave gigabytes freed but kept by
+/// the allocator otherwise (docs/BENCHMARKS.md, "At 10,000 devices").
 fn spawn_malloc_trim(every: Duration) {
-    if every.is_zero() {
-        return;
-    }
+    let every = match crate::memory::hand_back_freed(every) {
+        Ok(crate::memory::Handback::Trim(every)) => every,
+        Ok(_) => return,
+        Err(e) => {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "freed memory stays with the allocator: could not set how it goes back"
+            );
+            return;
+        }
+    };
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let _ = tokio::task::spawn_blocking(crate::plane::trim_freed_memory).await;
+            let _ = tokio::task::spawn_blocking(crate::memory::trim).await;
         }
     });
 }

@@ -202,17 +202,38 @@ pub(crate) struct ServeArgs {
     /// page cache). Unused with --database.
     #[arg(long, env = "FLEETML_STORE_CACHE_MIB", default_value_t = crate::cli::serve::STORE_CACHE_MIB)]
     store_cache_mib: u64,
-    /// How often freed memory is handed back to the system (glibc's malloc_trim): each
-    /// thread's malloc arena otherwise keeps what a burst (a rollout to thousands of
-    /// devices) freed. 0s never.
+    /// How soon freed memory goes back to the system: jemalloc's background threads
+    /// purge pages left unused this long (fleetctl built without its `jemalloc`
+    /// feature: glibc's malloc_trim this often). Otherwise the allocator keeps what a
+    /// burst (a rollout to thousands of devices) freed. 0s never.
     #[arg(long, env = "FLEETML_MALLOC_TRIM_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     malloc_trim_interval: std::time::Duration,
+    /// Threads for blocking work at most (store reads and writes, token checks, the
+    /// fleet snapshot); more work waits for one. Each thread keeps memory it freed
+    /// cached for reuse, so under a burst (a rollout to thousands of devices) memory
+    /// grows with the threads (docs/BENCHMARKS.md, "jemalloc, and at most 64 blocking
+    /// threads").
+    #[arg(long, env = "FLEETML_BLOCKING_THREADS", default_value_t = BLOCKING_THREADS,
+          value_parser = clap::value_parser!(u16).range(1..=4096))]
+    blocking_threads: u16,
 }
 
 /// `--store-cache-mib`'s default.
 pub(crate) const STORE_CACHE_MIB: u64 = 256;
 
+/// `--blocking-threads`' default.
+pub(crate) const BLOCKING_THREADS: u16 = 64;
+
+#[cfg(test)]
+impl ServeArgs {
+    /// `--blocking-threads` as parsed.
+    pub(crate) fn blocking_threads(&self) -> u16 {
+        self.blocking_threads
+    }
+}
+
 pub(crate) fn serve_command(a: ServeArgs) -> anyhow::Result<()> {
+    let blocking_threads = usize::from(a.blocking_threads);
     if let (Some(user), Some(trials)) = (&a.trial_user, &a.trials_dir)
         && std::path::absolute(trials)?.starts_with(std::path::absolute(&a.data_dir)?)
     {
@@ -295,6 +316,7 @@ pub(crate) fn serve_command(a: ServeArgs) -> anyhow::Result<()> {
         mqtt_ca: a.mqtt_ca,
     };
     tokio::runtime::Builder::new_multi_thread()
+        .max_blocking_threads(blocking_threads)
         .enable_all()
         .build()
         .context("starting the async runtime")?
