@@ -72,33 +72,51 @@ mod jemalloc {
     use std::time::Duration;
 
     use anyhow::Context;
-    use tikv_jemalloc_ctl::{arenas, background_thread, raw};
+    use tikv_jemalloc_ctl::{background_thread, opt, raw};
+
+    /// The longest decay written, about 34 years: jemalloc refuses more than about 570.
+    const LONGEST_MS: isize = 1 << 40;
 
     /// jemalloc's decay times in milliseconds (`ssize_t`; -1: never purge).
     fn millis(within: Duration) -> isize {
         if within.is_zero() {
             -1
         } else {
-            isize::try_from(within.as_millis()).unwrap_or(isize::MAX)
+            isize::try_from(within.as_millis()).map_or(LONGEST_MS, |ms| ms.min(LONGEST_MS))
         }
     }
 
-    /// Sets the dirty pages' decay of arenas made from now on and of every arena made
-    /// so far, releases muzzy pages at once, and starts the background purging threads.
+    /// Sets the dirty pages' decay of arenas made from now on and of every arena the
+    /// threads have made so far, releases muzzy pages at once, and starts (or, for
+    /// never, stops) the background purging threads. The arena of allocations from
+    /// 8 MiB up keeps its own setting: it hands them back as soon as they are freed.
     pub(super) fn decay(within: Duration) -> anyhow::Result<()> {
         let dirty = millis(within);
         write(b"arenas.dirty_decay_ms\0", dirty)?;
         write(b"arenas.muzzy_decay_ms\0", 0)?;
-        let made = arenas::narenas::read().context("reading jemalloc's arenas.narenas")?;
-        for i in 0..made {
-            // An arena no thread has used yet does not exist and answers EFAULT; it
-            // takes the defaults above when it is made.
-            let _ = write(format!("arena.{i}.dirty_decay_ms\0").as_bytes(), dirty);
-            let _ = write(format!("arena.{i}.muzzy_decay_ms\0").as_bytes(), 0);
+        // The threads' arenas are the first `opt.narenas`; the one for large
+        // allocations comes after them.
+        let threads = opt::narenas::read().context("reading jemalloc's opt.narenas")?;
+        for i in 0..threads {
+            let name = |what: &str| format!("arena.{i}.{what}_decay_ms\0");
+            // An arena no thread has used yet does not exist: reading its setting
+            // fails, and it takes the defaults above when it is made.
+            if read(name("dirty").as_bytes()).is_some() {
+                write(name("dirty").as_bytes(), dirty)?;
+                write(name("muzzy").as_bytes(), 0)?;
+            }
         }
         background_thread::write(!within.is_zero())
             .context("starting jemalloc's background threads")?;
         Ok(())
+    }
+
+    /// One of jemalloc's `ssize_t` settings, or None where it does not exist (yet).
+    #[allow(unsafe_code)]
+    fn read(name: &[u8]) -> Option<isize> {
+        // SAFETY: every name passed here is a jemalloc setting of type ssize_t, which
+        // is isize, and ends in NUL (raw::read's two conditions).
+        unsafe { raw::read(name) }.ok()
     }
 
     /// Writes one of jemalloc's `ssize_t` settings; `name` ends in NUL.

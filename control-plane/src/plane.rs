@@ -188,7 +188,7 @@ pub(crate) fn same(a: &[u8], b: &[u8]) -> bool {
 /// limit up to the hard one, and the hard one too where the process may (root). Returns
 /// the soft limit now in force.
 ///
-/// `libc` is a direct dependency for this call and malloc_trim (std has neither); the unsafe
+/// `libc` is a direct dependency for this call (std has none; `memory` uses it too); the unsafe
 /// blocks only pass a struct owned here to the two system calls.
 #[allow(unsafe_code)]
 pub(crate) fn raise_open_file_limit(want: u64) -> anyhow::Result<u64> {

@@ -1001,7 +1001,7 @@ fn spawn_malloc_trim(every: Duration) {
         Err(e) => {
             tracing::warn!(
                 error = format!("{e:#}"),
-                "freed memory stays with the allocator: could not set how it goes back"
+                "could not set how freed memory goes back to the system; the allocator's defaults stay"
             );
             return;
         }
