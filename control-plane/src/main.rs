@@ -176,8 +176,9 @@ mod tests {
     #[test]
     fn blocking_threads_are_bounded() {
         use clap::Parser;
-        let serve =
-            |extra: &[&str]| super::Cli::try_parse_from(["fleetctl", "serve"].iter().chain(extra));
+        let serve = |extra: &[&str]| {
+            super::Cli::try_parse_from(["fleetctl", "serve", "--data-dir", "d"].iter().chain(extra))
+        };
         let Ok(super::Cli {
             command: super::Command::Serve(a),
             ..
