@@ -28,8 +28,8 @@ pub enum Handback {
 
 /// Makes memory freed and left unused for about `within` go back to the system;
 /// never when `within` is zero. With jemalloc, every arena's dirty pages decay over
-/// `within`, unused pages are released at once rather than kept lazily, and background
-/// threads do the purging; with glibc's malloc the caller trims every `within`.
+/// `within`, purged straight back (jemalloc's default of no lazy "muzzy" stage, which
+/// `_RJEM_MALLOC_CONF` may change), and background threads do the purging; with glibc's malloc the caller trims every `within`.
 pub fn hand_back_freed(within: Duration) -> anyhow::Result<Handback> {
     #[cfg(feature = "jemalloc")]
     {
@@ -87,23 +87,21 @@ mod jemalloc {
     }
 
     /// Sets the dirty pages' decay of arenas made from now on and of every arena the
-    /// threads have made so far, releases muzzy pages at once, and starts (or, for
+    /// threads have made so far, and starts (or, for
     /// never, stops) the background purging threads. The arena of allocations from
     /// 8 MiB up keeps its own setting: it hands them back as soon as they are freed.
     pub(super) fn decay(within: Duration) -> anyhow::Result<()> {
         let dirty = millis(within);
         write(b"arenas.dirty_decay_ms\0", dirty)?;
-        write(b"arenas.muzzy_decay_ms\0", 0)?;
         // The threads' arenas are the first `opt.narenas`; the one for large
         // allocations comes after them.
         let threads = opt::narenas::read().context("reading jemalloc's opt.narenas")?;
         for i in 0..threads {
-            let name = |what: &str| format!("arena.{i}.{what}_decay_ms\0");
+            let name = format!("arena.{i}.dirty_decay_ms\0");
             // An arena no thread has used yet does not exist: reading its setting
-            // fails, and it takes the defaults above when it is made.
-            if read(name("dirty").as_bytes()).is_some() {
-                write(name("dirty").as_bytes(), dirty)?;
-                write(name("muzzy").as_bytes(), 0)?;
+            // fails, and it takes the default above when it is made.
+            if read(name.as_bytes()).is_some() {
+                write(name.as_bytes(), dirty)?;
             }
         }
         background_thread::write(!within.is_zero())

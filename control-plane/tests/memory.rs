@@ -70,7 +70,8 @@ fn freed_memory_goes_back_within_the_interval_and_stays_when_it_is_zero() {
     );
 
     // 200 ms: every arena made so far and every one made later decays its dirty pages
-    // over 200 ms, muzzy pages go at once, and the background threads purge.
+    // over 200 ms, muzzy pages go at once (jemalloc's default), and the background
+    // threads purge.
     assert_eq!(
         hand_back_freed(Duration::from_millis(200)).expect("200 ms"),
         Handback::Allocator
