@@ -229,18 +229,60 @@ pub(crate) async fn send(
 ) -> Api<String> {
     let seq = plane.ingest.store.next_command_seq(&d.id)?;
     let (command_id, topic, bytes) = seal_command(d, seq, command);
-    plane
-        .client
-        .publish(topic, QoS::AtLeastOnce, false, bytes)
-        .await
-        .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("broker: {e}")))?;
-    Ok(command_id)
+    match publish_within(plane, topic, bytes).await {
+        Ok(Ok(())) => Ok(command_id),
+        Ok(Err(e)) => Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("broker: {e}"),
+        )),
+        Err(Stalled) => {
+            metrics::counter!(UNSENT).increment(1);
+            Err(ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "the broker took no command for {} s (it is down, or too busy to \
+                     acknowledge); command {command_id} was not sent: check the broker \
+                     and send it again",
+                    COMMAND_STALL.as_secs()
+                ),
+            ))
+        }
+    }
+}
+
+/// How long one command may wait for room in the commands session's queue. Room
+/// frees as the broker acknowledges what was sent before; a broker that is away frees
+/// none, and waiting on it would hold the request (and the rollout engine) until it
+/// came back.
+pub(crate) const COMMAND_STALL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Counter: commands not sent because the broker took none for [`COMMAND_STALL`].
+const UNSENT: &str = "fleetml_control_commands_unsent_total";
+
+/// The commands session did not take a command within [`COMMAND_STALL`].
+struct Stalled;
+
+/// Hands one command to the commands session, waiting at most [`COMMAND_STALL`].
+async fn publish_within(
+    plane: &Plane,
+    topic: String,
+    bytes: Vec<u8>,
+) -> Result<Result<(), rumqttc::ClientError>, Stalled> {
+    tokio::time::timeout(
+        COMMAND_STALL,
+        plane.client.publish(topic, QoS::AtLeastOnce, false, bytes),
+    )
+    .await
+    .map_err(|_| Stalled)
 }
 
 /// [`send`] to many devices, their sequence numbers made durable with one flush (one
 /// per device took about a millisecond each: ten seconds for a rollout wave of 10,000
 /// devices, found with `fleetctl sim`). A device the broker could not be given the
-/// command for is logged and skipped; returns how many were published.
+/// command for is logged and skipped; once the broker takes none for
+/// [`COMMAND_STALL`], the rest are counted in `fleetml_control_commands_unsent_total`
+/// and not sent (they pull their assignment when they reconnect, at their next poll,
+/// or when the engine reminds them). Returns how many were published.
 pub(crate) async fn send_all(
     plane: &Plane,
     devices: &[DeviceRecord],
@@ -249,15 +291,23 @@ pub(crate) async fn send_all(
     let ids: Vec<DeviceId> = devices.iter().map(|d| d.id.clone()).collect();
     let seqs = plane.ingest.store.next_command_seqs(&ids)?;
     let mut sent = 0;
-    for (d, seq) in devices.iter().zip(seqs) {
+    for (i, (d, seq)) in devices.iter().zip(seqs).enumerate() {
         let (_, topic, bytes) = seal_command(d, seq, command.clone());
-        match plane
-            .client
-            .publish(topic, QoS::AtLeastOnce, false, bytes)
-            .await
-        {
-            Ok(()) => sent += 1,
-            Err(e) => tracing::warn!(device = %d.id, error = %e, "could not send a command"),
+        match publish_within(plane, topic, bytes).await {
+            Ok(Ok(())) => sent += 1,
+            Ok(Err(e)) => tracing::warn!(device = %d.id, error = %e, "could not send a command"),
+            Err(Stalled) => {
+                let unsent = devices.len() - i;
+                metrics::counter!(UNSENT).increment(unsent as u64);
+                tracing::warn!(
+                    unsent,
+                    "the broker took no command for {} s; {unsent} devices were not told \
+                     now and pull their assignment when they reconnect, at their next \
+                     poll, or when the rollout reminds them",
+                    COMMAND_STALL.as_secs()
+                );
+                break;
+            }
         }
     }
     Ok(sent)

@@ -2,7 +2,8 @@
 //! processes: `fleetctl serve` (embedded broker), `fleet-agent run` pulling its
 //! assignment over HTTP, real bundles and signatures. Attacks on assignments (replay,
 //! expiry, unknown key, swapped bundle), resumable downloads, a command the broker loses
-//! (the engine's reminders), and the RBAC matrix with the audit chain.
+//! (the engine's reminders), a rollout started while the broker is down, and the RBAC
+//! matrix with the audit chain.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -1151,4 +1152,61 @@ fn a_command_the_broker_loses_is_sent_again_and_the_rollout_completes_without_a_
         shown.contains("wave 1: devices silent since their assignment were told again"),
         "{shown}"
     );
+}
+
+/// The 3 a.m. case: the broker is down and an operator starts a rollout (or a rollback)
+/// to more devices than the commands session can queue. The call answers at once with
+/// the rollout recorded; the devices it could not tell are counted, and they pull their
+/// assignment when they reconnect. Before, every publish waited for room in the
+/// session's queue (1,024), which a broker that is away never frees: the call hung until
+/// the request limit, and with it the engine that steps every rollout.
+#[test]
+fn a_rollout_started_while_the_broker_is_down_answers_and_counts_the_devices_not_told() {
+    const DEVICES: usize = 1_100;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    keys_and_policy(dir, "k");
+    let mut broker = hil_tests::fleet::Mosquitto::start(dir, hil_tests::fleet::free_port());
+    let plane = ControlPlane::start(
+        dir,
+        Some(broker.port),
+        &[
+            "--trust",
+            "trust.toml",
+            "--insecure-listen",
+            // The enrolment below is one burst of changes.
+            "--rate-limit-token",
+            "0",
+            "--rate-limit-address",
+            "0",
+        ],
+    );
+    bundle(dir, 1, "v1.fmb");
+    plane.fleetctl(dir, &["models", "push", "v1.fmb"]).success();
+    for i in 0..DEVICES {
+        plane.post(
+            "/v1/devices",
+            &json!({ "id": format!("pi-{i:04}"), "board": "raspberry-pi-4", "tags": { "site": "lab" } }),
+        );
+    }
+    broker.stop();
+
+    let asked = std::time::Instant::now();
+    let id = rollout(&plane, dir, &["claims@1", "--to", "all", "--soak", "0s"]);
+    let took = asked.elapsed();
+    assert!(
+        took < Duration::from_secs(30),
+        "starting the rollout took {took:?} with the broker down"
+    );
+    let shown = status(&plane, &id);
+    assert_eq!(shown["state"], "running", "{shown:#}");
+    // The session queued what it could hold; the rest were counted, not waited for.
+    let unsent = metric(&plane, "fleetml_control_commands_unsent_total");
+    assert!(
+        (1..DEVICES as u64).contains(&unsent),
+        "{unsent} of {DEVICES} devices counted as not told"
+    );
+    // The engine still steps: a pause answers, and the rollout shows it.
+    plane.post(&format!("/v1/rollouts/{id}/pause"), &Value::Null);
+    wait_state(&plane, &id, "paused");
 }
