@@ -1,5 +1,6 @@
 //! Versioned datasets: immutable tables named by the SHA-256 of their Parquet file
-//! (`DATA_DIR/datasets/<sha256>.parquet`, readable by pandas, polars and DuckDB), each
+//! (`DATA_DIR/datasets/<sha256>.parquet`, or `PREFIX/datasets/` in the object storage
+//! `--blobs s3://` names; readable by pandas, polars and DuckDB), each
 //! with a manifest (sources, devices, time range, rows, schema, filters) in the store
 //! ([`DatasetStore`]). They come from files (CSV, JSON lines, Parquet), from query results, and
 //! from the data devices captured.
@@ -20,7 +21,7 @@ use serde_json::Value;
 
 pub use crate::records::{ColumnInfo, DatasetManifest};
 use crate::refusal::Refusal;
-use crate::store::{DatasetStore, StoreError};
+use crate::store::{BlobStore, DatasetStore, StoreError};
 
 /// Most rows one dataset holds.
 pub const MAX_ROWS: usize = 5_000_000;
@@ -473,33 +474,41 @@ pub struct Provenance {
     pub filters: Vec<String>,
 }
 
-/// Datasets on disk and their manifests in a [`DatasetStore`].
+/// Dataset files in a [`BlobStore`] (`DATA_DIR/datasets`, or object storage shared by
+/// the replicas), their manifests in a [`DatasetStore`].
 #[derive(Clone)]
 pub struct Datasets {
     store: Arc<dyn DatasetStore>,
-    dir: PathBuf,
+    files: Arc<dyn BlobStore>,
 }
 
 impl std::fmt::Debug for Datasets {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Datasets")
-            .field("dir", &self.dir)
-            .finish_non_exhaustive()
+        f.debug_struct("Datasets").finish_non_exhaustive()
     }
 }
 
 impl Datasets {
     /// Manifests in `store`, Parquet files under `dir` (created if missing).
     pub fn open(store: Arc<dyn DatasetStore>, dir: &Path) -> Result<Datasets, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|e| StoreError::unavailable(dir.display(), e))?;
-        Ok(Datasets {
-            store,
-            dir: dir.to_path_buf(),
-        })
+        let files = crate::store::blobs::FileBlobs::open_with_ext(dir, "parquet")
+            .map_err(|e| StoreError::unavailable(dir.display(), e))?;
+        Ok(Datasets::open_in(store, Arc::new(files)))
     }
 
-    pub fn path(&self, id: &str) -> PathBuf {
-        self.dir.join(format!("{id}.parquet"))
+    /// Manifests in `store`, Parquet files in `files`.
+    pub fn open_in(store: Arc<dyn DatasetStore>, files: Arc<dyn BlobStore>) -> Datasets {
+        Datasets { store, files }
+    }
+
+    /// A local file holding dataset `id` (fetched from object storage on first use).
+    pub fn local(&self, id: &str) -> std::io::Result<PathBuf> {
+        self.files.local(id)
+    }
+
+    /// Whether the file of dataset `id` is kept (without fetching it).
+    pub fn available(&self, id: &str) -> bool {
+        self.files.exists(id).unwrap_or(false)
     }
 
     /// Keeps `table` (once per content); `false` when it was already there.
@@ -529,12 +538,17 @@ impl Datasets {
             schema: table.schema(),
             filters: p.filters,
         };
-        crate::output::write_atomic(&self.path(&id), crate::output::PUBLIC_FILE, |f| {
+        let keep = || -> std::io::Result<()> {
             use std::io::Write;
-            f.write_all(&bytes)?;
-            Ok(())
-        })
-        .map_err(|e| format!("{e:#}"))?;
+            use std::os::unix::fs::PermissionsExt;
+            let mut file = self.files.incoming()?;
+            file.write_all(&bytes)?;
+            file.as_file()
+                .set_permissions(std::fs::Permissions::from_mode(crate::output::PUBLIC_FILE))?;
+            file.as_file().sync_all()?;
+            self.files.keep(file, &id)
+        };
+        keep().map_err(|e| format!("keeping dataset {id}: {e}"))?;
         self.store
             .put_dataset(&manifest)
             .map_err(|e| e.to_string())?;
@@ -574,7 +588,7 @@ impl Datasets {
 
     /// The table of dataset `id`, re-hashed on the way in.
     pub fn load(&self, id: &str) -> Result<Table, String> {
-        let bytes = std::fs::read(self.path(id)).map_err(|e| {
+        let bytes = self.local(id).and_then(std::fs::read).map_err(|e| {
             format!("dataset {id} is not available ({e}); it may have been deleted")
         })?;
         if sha256(&bytes).to_string() != id {
@@ -585,10 +599,12 @@ impl Datasets {
         Table::from_parquet(bytes)
     }
 
-    /// Deletes a dataset (its manifest and file); `false` when there was none.
+    /// Deletes a dataset (its manifest, then its file); `false` when there was none.
     pub fn delete(&self, id: &str) -> Result<bool, StoreError> {
         let existed = self.store.remove_dataset(id)?;
-        let _ = std::fs::remove_file(self.path(id));
+        self.files
+            .remove(id)
+            .map_err(|e| StoreError::unavailable(format_args!("removing dataset {id}"), e))?;
         Ok(existed)
     }
 }

@@ -194,4 +194,35 @@ mod tests {
             assert!(e.contains("--blocking-threads"), "{bad}: {e}");
         }
     }
+
+    /// `--retain-count KIND=N` takes a kind of message and a whole number, and says
+    /// which part of a bad one is wrong.
+    #[test]
+    fn retain_count_names_what_is_wrong() {
+        use clap::Parser;
+        let serve = |extra: &[&str]| {
+            super::Cli::try_parse_from(["fleetctl", "serve", "--data-dir", "d"].iter().chain(extra))
+        };
+        assert!(
+            serve(&[
+                "--retain-count",
+                "status=1000",
+                "--retain-count",
+                "window=0"
+            ])
+            .is_ok()
+        );
+        for (bad, says) in [
+            ("status", "expected KIND=N"),
+            ("statuses=5", "not a kind of message"),
+            ("status=-1", "not a count of messages"),
+            ("status=lots", "not a count of messages"),
+        ] {
+            let e = serve(&["--retain-count", bad]).expect_err(bad).to_string();
+            assert!(
+                e.contains("--retain-count") && e.contains(says),
+                "{bad}: {e}"
+            );
+        }
+    }
 }

@@ -87,6 +87,9 @@ pub struct Options {
     /// How long the message log keeps each kind of message, and when window reports
     /// are thinned; applied by the leader with `retain_messages`.
     pub retain: crate::store::AgeRules,
+    /// Per kind, the messages of that kind kept per device, newest first (`--retain-count`);
+    /// applied by the leader before `retain_messages`.
+    pub retain_count: std::collections::BTreeMap<String, usize>,
     /// This replica's name among several on one database and broker: its MQTT client
     /// ids carry it, the ingest shares the telemetry subscription with the other
     /// replicas, and leadership is elected. None: the only process.
@@ -295,17 +298,35 @@ fn open_store(opts: &Options) -> anyhow::Result<Arc<dyn Store>> {
 
 /// The blob store `--blobs` names: S3-compatible object storage (`s3://…`, cached in
 /// DATA_DIR/blob-cache) or a folder (default DATA_DIR/blobs).
-fn open_blobs(opts: &Options) -> anyhow::Result<Arc<dyn crate::store::BlobStore>> {
+/// Where bundle files and dataset files are kept (`--blobs`): with object storage both
+/// are there (datasets under `PREFIX/datasets/`); otherwise bundles are in the folder
+/// named and datasets in `DATA_DIR/datasets`.
+type Blobs = (
+    Arc<dyn crate::store::BlobStore>,
+    Arc<dyn crate::store::BlobStore>,
+);
+
+fn open_blobs(opts: &Options) -> anyhow::Result<Blobs> {
+    use crate::store::blobs::FileBlobs;
+    let datasets = opts.data_dir.join("datasets");
     Ok(match opts.blobs.as_deref() {
         Some(url) if url.starts_with("s3://") => {
-            let blobs = crate::store::s3::S3Blobs::open(url, &opts.data_dir.join("blob-cache"))?;
-            tracing::info!(blobs = url, "bundle files are in object storage");
-            Arc::new(blobs)
+            let bundles = crate::store::s3::S3Blobs::open(url, &opts.data_dir.join("blob-cache"))?;
+            let datasets = bundles.scoped("datasets", "parquet", &datasets)?;
+            tracing::info!(
+                blobs = url,
+                "bundle and dataset files are in object storage"
+            );
+            (Arc::new(bundles), Arc::new(datasets))
         }
-        Some(dir) => Arc::new(crate::store::blobs::FileBlobs::open(Path::new(dir))?),
-        None => Arc::new(crate::store::blobs::FileBlobs::open(
-            &opts.data_dir.join("blobs"),
-        )?),
+        Some(dir) => (
+            Arc::new(FileBlobs::open(Path::new(dir))?),
+            Arc::new(FileBlobs::open_with_ext(&datasets, "parquet")?),
+        ),
+        None => (
+            Arc::new(FileBlobs::open(&opts.data_dir.join("blobs"))?),
+            Arc::new(FileBlobs::open_with_ext(&datasets, "parquet")?),
+        ),
     })
 }
 
@@ -686,7 +707,8 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
     // What the ingest's session is, for the session an older release left.
     let ingest_options = options.clone();
     let (ingest_client, events) = AsyncClient::new(options, 1024);
-    let registry = crate::registry::Registry::new(store.clone(), open_blobs(&opts)?);
+    let (bundle_files, dataset_files) = open_blobs(&opts)?;
+    let registry = crate::registry::Registry::new(store.clone(), bundle_files);
     let audit_key = crate::auth::AuditKey::open(
         &opts
             .audit_key
@@ -704,7 +726,7 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
         assignments: store.clone(),
         captures: crate::captures::Captures::open(store.clone(), &opts.data_dir.join("captures"))?
             .with_quota(opts.capture_quota),
-        datasets: crate::datasets::Datasets::open(store.clone(), &opts.data_dir.join("datasets"))?,
+        datasets: crate::datasets::Datasets::open_in(store.clone(), dataset_files),
         jobs,
         trainers: crate::jobs::trainers::Trainers::open(&opts.data_dir)?,
         policies: store.clone(),
@@ -760,7 +782,12 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
     }
     spawn_receipts(plane.clone(), opts.receipt_interval);
     spawn_audit_tally(plane.clone(), opts.audit_interval);
-    spawn_retention(plane.clone(), opts.retain_messages, opts.retain.clone());
+    spawn_retention(
+        plane.clone(),
+        opts.retain_messages,
+        opts.retain.clone(),
+        opts.retain_count.clone(),
+    );
     spawn_commands(command_events);
     crate::api::rollouts::spawn_rollouts(plane.clone());
     crate::policy::spawn(plane.clone());
@@ -1049,10 +1076,16 @@ pub const RETENTION_EVERY: Duration = Duration::from_secs(600);
 
 /// On the leader, every [`RETENTION_EVERY`] (and at start): the message log's messages
 /// older than their kind allows removed and old window reports thinned (`rules`), then
+/// each device's messages of a kind in `per_kind` cut to the newest that many, then
 /// each device's log cut to its newest `keep` messages (0: no cut). Devices' derived
 /// state (status, latest windows, lifecycle, alerts) is kept apart from the log and is
 /// not touched.
-fn spawn_retention(plane: Arc<Plane>, keep: usize, rules: crate::store::AgeRules) {
+fn spawn_retention(
+    plane: Arc<Plane>,
+    keep: usize,
+    rules: crate::store::AgeRules,
+    per_kind: std::collections::BTreeMap<String, usize>,
+) {
     tokio::spawn(async move {
         let mut every = tokio::time::interval(RETENTION_EVERY);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1061,12 +1094,15 @@ fn spawn_retention(plane: Arc<Plane>, keep: usize, rules: crate::store::AgeRules
             if !plane.leader.leads() {
                 continue;
             }
-            let (p, rules) = (plane.clone(), rules.clone());
+            let (p, rules, per_kind) = (plane.clone(), rules.clone(), per_kind.clone());
             let pruned = tokio::task::spawn_blocking(move || {
                 let mut pruned = p.ingest.store.expire_messages(&rules, now_ms())?;
-                if keep > 0 {
+                if keep > 0 || !per_kind.is_empty() {
                     for d in p.ingest.store.devices()? {
-                        pruned += p.ingest.store.prune_messages(&d.id, keep)?;
+                        pruned += p.ingest.store.prune_kinds(&d.id, &per_kind)?;
+                        if keep > 0 {
+                            pruned += p.ingest.store.prune_messages(&d.id, keep)?;
+                        }
                     }
                 }
                 Ok::<_, crate::store::StoreError>(pruned)

@@ -127,7 +127,9 @@ pub async fn show(
     UrlPath(id): UrlPath<String>,
 ) -> Api<axum::Json<Value>> {
     let m = dataset(&plane, &id)?;
-    let available = plane.datasets.path(&m.id).is_file();
+    let (p, id) = (plane.clone(), m.id.clone());
+    // Object storage answers over the network.
+    let available = blocking(move || Ok(p.datasets.available(&id))).await?;
     let mut v = serde_json::to_value(m).map_err(ApiError::internal)?;
     v["available"] = json!(available);
     Ok(axum::Json(v))
@@ -149,12 +151,16 @@ pub async fn data(
     let p = plane.clone();
     blocking(move || match q.format.as_deref().unwrap_or("parquet") {
         "parquet" => {
-            let bytes = std::fs::read(p.datasets.path(&m.id)).map_err(|e| {
-                ApiError(
-                    StatusCode::GONE,
-                    format!("dataset {} is not available: {e}", m.id),
-                )
-            })?;
+            let bytes = p
+                .datasets
+                .local(&m.id)
+                .and_then(std::fs::read)
+                .map_err(|e| {
+                    ApiError(
+                        StatusCode::GONE,
+                        format!("dataset {} is not available: {e}", m.id),
+                    )
+                })?;
             Ok((
                 [(header::CONTENT_TYPE, "application/vnd.apache.parquet")],
                 bytes,

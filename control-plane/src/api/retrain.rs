@@ -162,7 +162,7 @@ pub async fn reproduce(
         let training = original.training_dataset.clone().ok_or_else(|| {
             ApiError::unprocessable(format!("job {origin} recorded no training dataset"))
         })?;
-        if p.datasets.get(&training)?.is_none() || !p.datasets.path(&training).is_file() {
+        if p.datasets.get(&training)?.is_none() || !p.datasets.available(&training) {
             return Err(ApiError(
                 StatusCode::CONFLICT,
                 format!(

@@ -20,7 +20,9 @@ pub(crate) struct ServeArgs {
     /// a mounted volume), or S3-compatible object storage, s3://BUCKET/PREFIX, with the
     /// endpoint, region and credentials from AWS_ENDPOINT_URL, AWS_REGION,
     /// AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (AWS_ALLOW_HTTP=true for a plain
-    /// endpoint); each replica caches what it serves in DATA_DIR/blob-cache.
+    /// endpoint); each replica caches what it serves in DATA_DIR/blob-cache. With
+    /// s3:// the datasets go there too (PREFIX/datasets/, cached in DATA_DIR/datasets);
+    /// otherwise they stay in DATA_DIR/datasets.
     /// [default: DATA_DIR/blobs]
     #[arg(long)]
     blobs: Option<String>,
@@ -62,6 +64,12 @@ pub(crate) struct ServeArgs {
     /// kind replaces its default only). Applied by the leader with --retain-messages.
     #[arg(long = "retain", value_name = "KIND=AGE", value_parser = parse_retain)]
     retain: Vec<(String, std::time::Duration)>,
+    /// How many messages of a kind the message log keeps per device, newest first:
+    /// KIND=N, repeatable (status=1000 keeps each device's last 1,000 statuses, whatever
+    /// their age). No default: a kind not named is limited by --retain and
+    /// --retain-messages only. Applied by the leader before --retain-messages.
+    #[arg(long = "retain-count", value_name = "KIND=N", value_parser = parse_retain_count)]
+    retain_count: Vec<(String, usize)>,
     /// Window reports older than this are thinned to the first of each device, model and
     /// hour (a chart over months keeps its shape at a 12th of the size with 5-minute
     /// windows); 0: never thinned.
@@ -274,6 +282,7 @@ pub(crate) fn serve_command(a: ServeArgs) -> anyhow::Result<()> {
             None => None,
         },
         retain_messages: a.retain_messages,
+        retain_count: a.retain_count.iter().cloned().collect(),
         retain: {
             let mut rules = fleet_control::store::AgeRules::defaults();
             for (kind, age) in &a.retain {
@@ -326,9 +335,24 @@ pub(crate) fn serve_command(a: ServeArgs) -> anyhow::Result<()> {
 
 /// `KIND=AGE` of `--retain`.
 fn parse_retain(text: &str) -> Result<(String, std::time::Duration), String> {
-    let (kind, age) = text
+    let (kind, age) = kind_and(text, "KIND=AGE, like window=90d")?;
+    Ok((kind, parse_duration(age)?))
+}
+
+/// `KIND=N` of `--retain-count`.
+fn parse_retain_count(text: &str) -> Result<(String, usize), String> {
+    let (kind, n) = kind_and(text, "KIND=N, like status=1000")?;
+    let n = n.trim().parse().map_err(|_| {
+        format!("`{text}`: `{n}` is not a count of messages (a whole number, 0 or more)")
+    })?;
+    Ok((kind, n))
+}
+
+/// The kind of message before `=` in `text`, and what follows.
+fn kind_and<'t>(text: &'t str, expected: &str) -> Result<(String, &'t str), String> {
+    let (kind, rest) = text
         .split_once('=')
-        .ok_or_else(|| format!("`{text}`: expected KIND=AGE, like window=90d"))?;
+        .ok_or_else(|| format!("`{text}`: expected {expected}"))?;
     let kind = kind.trim();
     if !fleet_control::store::KINDS.contains(&kind) {
         return Err(format!(
@@ -336,5 +360,5 @@ fn parse_retain(text: &str) -> Result<(String, std::time::Duration), String> {
             fleet_control::store::KINDS.join(", ")
         ));
     }
-    Ok((kind.to_string(), parse_duration(age)?))
+    Ok((kind.to_string(), rest))
 }

@@ -1,29 +1,37 @@
-//! Bundle files as content-addressed files in one directory: `<sha256>.fmb`. An upload
-//! is written beside them (`.incoming-*`) and renamed into place once verified, so a
-//! blob is either whole or absent.
+//! Content-addressed files in one directory: bundles as `<sha256>.fmb`, datasets as
+//! `<sha256>.parquet`. An upload is written beside them (`.incoming-*`) and renamed
+//! into place once verified, so a blob is either whole or absent.
 
 use std::path::{Path, PathBuf};
 
 use super::BlobStore;
 
-/// Blobs in a directory of the data directory (`DATA_DIR/blobs`).
+/// Blobs in a directory (`DATA_DIR/blobs`, `DATA_DIR/datasets`, or a shared folder).
 #[derive(Debug, Clone)]
 pub struct FileBlobs {
     dir: PathBuf,
+    /// The files' extension (`fmb`, `parquet`).
+    ext: &'static str,
 }
 
 impl FileBlobs {
-    /// The blobs in `dir`, created if missing.
+    /// Bundle files (`<sha256>.fmb`) in `dir`, created if missing.
     pub fn open(dir: &Path) -> std::io::Result<FileBlobs> {
+        FileBlobs::open_with_ext(dir, "fmb")
+    }
+
+    /// Blobs named `<sha256>.EXT` in `dir`, created if missing.
+    pub fn open_with_ext(dir: &Path, ext: &'static str) -> std::io::Result<FileBlobs> {
         std::fs::create_dir_all(dir)?;
         Ok(FileBlobs {
             dir: dir.to_path_buf(),
+            ext,
         })
     }
 
     /// Where blob `digest` is (it may not exist).
     pub fn path(&self, digest: &str) -> PathBuf {
-        self.dir.join(format!("{digest}.fmb"))
+        self.dir.join(format!("{digest}.{}", self.ext))
     }
 }
 
@@ -42,6 +50,17 @@ impl BlobStore for FileBlobs {
 
     fn local(&self, digest: &str) -> std::io::Result<PathBuf> {
         Ok(self.path(digest))
+    }
+
+    fn exists(&self, digest: &str) -> std::io::Result<bool> {
+        Ok(self.path(digest).is_file())
+    }
+
+    fn remove(&self, digest: &str) -> std::io::Result<()> {
+        match std::fs::remove_file(self.path(digest)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
     }
 }
 

@@ -856,6 +856,49 @@ pub(super) fn the_message_log_keeps_the_newest_of_each_device(
     s.flush()
 }
 
+pub(super) fn each_kind_keeps_its_newest_messages_per_device(
+    s: &dyn Store,
+) -> Result<(), StoreError> {
+    // d1: statuses 1, 3, 5, 7; windows 2, 4, 6; an event 8. d2: statuses 1, 2.
+    for seq in 1..=8 {
+        let body = match seq {
+            8 => event(),
+            _ if seq % 2 == 1 => status(),
+            _ => window("m"),
+        };
+        s.insert(&with_body("d1", seq, body), NOW)?;
+    }
+    for seq in 1..=2 {
+        s.insert(&with_body("d2", seq, status()), NOW)?;
+    }
+    let seqs = |d: &str| -> Result<Vec<u64>, StoreError> {
+        Ok(s.messages(&id(d), 0, 100)?
+            .into_iter()
+            .map(|e| e.seq)
+            .collect())
+    };
+    assert_eq!(s.prune_kinds(&id("d1"), &BTreeMap::new())?, 0, "no rule");
+    let keep = BTreeMap::from([("status".to_string(), 1), ("window".to_string(), 2)]);
+    assert_eq!(s.prune_kinds(&id("d1"), &keep)?, 4);
+    assert_eq!(
+        seqs("d1")?,
+        [4, 6, 7, 8],
+        "the newest status, the two newest windows, the event (no rule)"
+    );
+    assert_eq!(s.prune_kinds(&id("d1"), &keep)?, 0, "already within");
+    assert_eq!(seqs("d2")?, [1, 2], "another device's log is its own");
+    assert_eq!(
+        s.insert(&with_body("d1", 9, status()), NOW)?,
+        (true, Some(8)),
+        "the highest stored is still known"
+    );
+    let none = BTreeMap::from([("window".to_string(), 0)]);
+    assert_eq!(s.prune_kinds(&id("d1"), &none)?, 2);
+    assert_eq!(seqs("d1")?, [7, 8, 9]);
+    assert_eq!(s.prune_kinds(&id("nobody"), &keep)?, 0);
+    s.flush()
+}
+
 fn with_body(name: &str, seq: u64, body: Body) -> Received {
     Received::new(Envelope {
         body,
@@ -894,6 +937,15 @@ fn window(model: &str) -> Body {
     }))
 }
 
+fn event() -> Body {
+    Body::Event(fleetml_protocol::telemetry::Event {
+        kind: fleetml_protocol::telemetry::Lifecycle::AssignmentAccepted,
+        model: "a".into(),
+        version: 1,
+        detail: String::new(),
+    })
+}
+
 fn status() -> Body {
     Body::Status(fleetml_protocol::telemetry::Status {
         agent_version: "t".into(),
@@ -919,12 +971,7 @@ pub(super) fn retention_removes_by_kind_and_age_and_thins_old_windows(
     const DAY: u64 = 86_400_000;
     // On an hour's first millisecond: every message falls into that hour.
     let now = NOW;
-    let event = Body::Event(fleetml_protocol::telemetry::Event {
-        kind: fleetml_protocol::telemetry::Lifecycle::AssignmentAccepted,
-        model: "a".into(),
-        version: 1,
-        detail: String::new(),
-    });
+    let event = event();
     let d1 = [
         (1, window("a")),
         (2, window("a")),
@@ -1024,6 +1071,7 @@ macro_rules! each_case {
             devices_enroll_once,
             messages_are_stored_once_in_order_per_device,
             the_message_log_keeps_the_newest_of_each_device,
+            each_kind_keeps_its_newest_messages_per_device,
             retention_removes_by_kind_and_age_and_thins_old_windows,
             device_state_changes_in_place,
             a_message_is_stored_with_the_state_it_changes,

@@ -154,6 +154,34 @@ impl FleetStore for MemoryStore {
         Ok(drop as u64)
     }
 
+    fn prune_kinds(
+        &self,
+        device: &DeviceId,
+        keep: &std::collections::BTreeMap<String, usize>,
+    ) -> Result<u64, StoreError> {
+        let mut inner = self.inner();
+        let mut of_kind: std::collections::BTreeMap<&str, Vec<u64>> = Default::default();
+        for ((_, seq), e) in inner
+            .messages
+            .range((device.clone(), 0)..=(device.clone(), u64::MAX))
+        {
+            let kind = e.body.kind();
+            if keep.contains_key(kind) {
+                of_kind.entry(kind).or_default().push(*seq);
+            }
+        }
+        let mut gone = Vec::new();
+        for (kind, seqs) in &of_kind {
+            let drop = seqs.len().saturating_sub(keep[*kind]);
+            gone.extend_from_slice(&seqs[..drop]);
+        }
+        for s in &gone {
+            inner.messages.remove(&(device.clone(), *s));
+            inner.stored_ms.remove(&(device.clone(), *s));
+        }
+        Ok(gone.len() as u64)
+    }
+
     fn expire_messages(&self, rules: &super::AgeRules, now_ms: u64) -> Result<u64, StoreError> {
         let mut inner = self.inner();
         let mut expiry = super::Expiry::new(rules, now_ms);

@@ -290,6 +290,15 @@ pub trait FleetStore: Send + Sync {
     /// returns how many it removed. The highest sequence number stored stays known, so
     /// gaps and restarts are still told apart afterwards.
     fn prune_messages(&self, device: &DeviceId, keep: usize) -> Result<u64, StoreError>;
+    /// Removes all but the newest `keep[KIND]` messages of each kind named in `keep`
+    /// from `device`'s log (by sequence number; a message whose kind was not recorded
+    /// is not counted); returns how many it removed. As
+    /// [`FleetStore::prune_messages`], the highest sequence number stays known.
+    fn prune_kinds(
+        &self,
+        device: &DeviceId,
+        keep: &BTreeMap<String, usize>,
+    ) -> Result<u64, StoreError>;
     /// Applies `rules` to every device's message log at `now_ms`: removes what is older
     /// than its kind allows and thins window reports past the downsampling age to the
     /// first of each (device, model, hour). Returns how many messages it removed. As
@@ -343,6 +352,13 @@ impl<T: FleetStore + ?Sized> FleetStore for std::sync::Arc<T> {
     }
     fn prune_messages(&self, device: &DeviceId, keep: usize) -> Result<u64, StoreError> {
         (**self).prune_messages(device, keep)
+    }
+    fn prune_kinds(
+        &self,
+        device: &DeviceId,
+        keep: &BTreeMap<String, usize>,
+    ) -> Result<u64, StoreError> {
+        (**self).prune_kinds(device, keep)
     }
     fn store_messages(
         &self,
@@ -561,7 +577,7 @@ pub trait JobStore: Send + Sync {
     fn job_spec(&self, model: &str) -> Result<Option<String>, StoreError>;
 }
 
-/// Bundle files, content-addressed by their SHA-256 (hex).
+/// Bundle and dataset files, content-addressed by their SHA-256 (hex).
 pub trait BlobStore: Send + Sync {
     /// A new, empty file to upload into; keeping it is then a rename.
     fn incoming(&self) -> std::io::Result<tempfile::NamedTempFile>;
@@ -571,6 +587,10 @@ pub trait BlobStore: Send + Sync {
     /// not exist); in object storage, the replica's cached copy, fetched (and checked
     /// against the digest) on first use.
     fn local(&self, digest: &str) -> std::io::Result<std::path::PathBuf>;
+    /// Whether blob `digest` is kept (without fetching it).
+    fn exists(&self, digest: &str) -> std::io::Result<bool>;
+    /// Removes blob `digest` (and a cached copy); nothing when there is none.
+    fn remove(&self, digest: &str) -> std::io::Result<()>;
 }
 
 /// The notifier's alerts (what each receiver was told, so a restart or a new leader

@@ -721,6 +721,34 @@ impl FleetStore for PgStore {
         })
     }
 
+    fn prune_kinds(
+        &self,
+        device: &DeviceId,
+        keep: &std::collections::BTreeMap<String, usize>,
+    ) -> Result<u64, StoreError> {
+        if keep.is_empty() {
+            return Ok(0);
+        }
+        let (kinds, counts): (Vec<&str>, Vec<i64>) = keep
+            .iter()
+            .map(|(k, n)| (k.as_str(), i64::try_from(*n).unwrap_or(i64::MAX)))
+            .unzip();
+        // Each kept kind's messages of the device ranked newest first; past its count
+        // they go. One statement, one transaction.
+        self.run(|c| {
+            Ok(c.execute(
+                "DELETE FROM messages m USING (\
+                   SELECT x.seq FROM (\
+                     SELECT seq, kind, row_number() OVER (PARTITION BY kind ORDER BY seq DESC) AS n \
+                     FROM messages WHERE device = $1 AND kind = ANY($2)) x \
+                   JOIN unnest($2::text[], $3::bigint[]) AS r(kind, keep) ON x.kind = r.kind \
+                   WHERE x.n > r.keep) d \
+                 WHERE m.device = $1 AND m.seq = d.seq",
+                &[&device.as_str(), &kinds, &counts],
+            )?)
+        })
+    }
+
     /// Two statements in one transaction, ages first (so that a window report the age
     /// rule removes does not stand for its hour), then the thinning, both over the
     /// whole fleet: the same rule as [`super::Expiry`], every time the caller's.

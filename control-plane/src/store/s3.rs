@@ -1,8 +1,9 @@
-//! Bundle files in S3-compatible object storage: `fleetctl serve --blobs
+//! Bundle and dataset files in S3-compatible object storage: `fleetctl serve --blobs
 //! s3://BUCKET/PREFIX`, the endpoint, region and credentials from the usual
 //! environment variables (`AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`,
 //! `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`; `AWS_ALLOW_HTTP=true` for a plain
-//! endpoint on a private network). Objects are `PREFIX/<sha256>.fmb`.
+//! endpoint on a private network). Objects are `PREFIX/<sha256>.fmb` (bundles) and
+//! `PREFIX/datasets/<sha256>.parquet` (datasets, [`S3Blobs::scoped`]).
 //!
 //! The object store is the shared, durable copy; each replica keeps a local cache of the
 //! blobs it served (`DATA_DIR/blob-cache`), filled whole on first use and checked
@@ -24,6 +25,8 @@ use super::{BlobStore, off_runtime};
 pub struct S3Blobs {
     store: Arc<dyn ObjectStore>,
     prefix: String,
+    /// The objects' extension (`fmb`, `parquet`).
+    ext: &'static str,
     /// What the operator named (`s3://BUCKET/PREFIX`), for messages.
     url: String,
     cache: super::blobs::FileBlobs,
@@ -92,6 +95,7 @@ impl S3Blobs {
         let blobs = S3Blobs {
             store: Arc::new(store),
             prefix: prefix.trim_matches('/').to_string(),
+            ext: "fmb",
             url: url.to_string(),
             cache: super::blobs::FileBlobs::open(cache)?,
             runtime: Arc::new(OwnRuntime(Some(runtime))),
@@ -117,8 +121,26 @@ impl S3Blobs {
         Ok(blobs)
     }
 
+    /// The same bucket and connection for other blobs: objects `PREFIX/SUB/<sha256>.EXT`,
+    /// cached in `cache`.
+    pub fn scoped(&self, sub: &str, ext: &'static str, cache: &Path) -> std::io::Result<S3Blobs> {
+        let prefix = if self.prefix.is_empty() {
+            sub.to_string()
+        } else {
+            format!("{}/{sub}", self.prefix)
+        };
+        Ok(S3Blobs {
+            store: self.store.clone(),
+            url: format!("{}/{sub}", self.url.trim_end_matches('/')),
+            prefix,
+            ext,
+            cache: super::blobs::FileBlobs::open_with_ext(cache, ext)?,
+            runtime: self.runtime.clone(),
+        })
+    }
+
     fn object(&self, digest: &str) -> ObjectPath {
-        let name = format!("{digest}.fmb");
+        let name = format!("{digest}.{}", self.ext);
         if self.prefix.is_empty() {
             ObjectPath::from(name)
         } else {
@@ -165,7 +187,7 @@ impl S3Blobs {
             return Err(io(
                 format!("blob {digest} in {}", self.url),
                 format!(
-                    "its bytes hash to {seen}: the object was changed or damaged; push the bundle again"
+                    "its bytes hash to {seen}: the object was changed or damaged; push the bundle (or import the dataset) again"
                 ),
             ));
         }
@@ -213,6 +235,31 @@ impl BlobStore for S3Blobs {
             self.fetch(digest)?;
         }
         Ok(path)
+    }
+
+    fn exists(&self, digest: &str) -> std::io::Result<bool> {
+        if self.cache.path(digest).is_file() {
+            return Ok(true);
+        }
+        let object = self.object(digest);
+        self.block(async {
+            match self.store.head(&object).await {
+                Ok(_) => Ok(true),
+                Err(object_store::Error::NotFound { .. }) => Ok(false),
+                Err(e) => Err(io(format!("reading {object} from {}", self.url), e)),
+            }
+        })
+    }
+
+    fn remove(&self, digest: &str) -> std::io::Result<()> {
+        let object = self.object(digest);
+        self.block(async {
+            match self.store.delete(&object).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                Err(e) => Err(io(format!("removing {object} from {}", self.url), e)),
+            }
+        })?;
+        self.cache.remove(digest)
     }
 }
 
@@ -273,6 +320,60 @@ mod tests {
         assert!(e.to_string().contains("does not answer"), "{e}");
         let e = open(&server, "/not/s3", &tmp.path().join("four")).expect_err("not s3");
         assert!(e.to_string().contains("s3://BUCKET/PREFIX"), "{e}");
+    }
+
+    /// Datasets go to object storage beside the bundles (`PREFIX/datasets/`): one
+    /// replica imports a dataset, another (its own cache, the same manifests) reads it
+    /// and deletes it, and then the object is gone from the bucket and neither replica
+    /// can load it.
+    #[test]
+    fn a_dataset_kept_by_one_replica_is_read_and_deleted_by_another() {
+        use crate::datasets::{Datasets, Provenance, Table};
+        let server = fleetml_testkit::S3Server::start();
+        server.create_bucket("fleet");
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let manifests: Arc<dyn crate::store::DatasetStore> =
+            Arc::new(crate::store::memory::MemoryStore::default());
+        let files = |name: &str| {
+            let bundles =
+                open(&server, "s3://fleet/fleetml", &tmp.path().join(name)).expect("opens");
+            bundles
+                .scoped(
+                    "datasets",
+                    "parquet",
+                    &tmp.path().join(name).join("datasets"),
+                )
+                .expect("scoped")
+        };
+        let replica = |name: &str| Datasets::open_in(manifests.clone(), Arc::new(files(name)));
+        // A third view of the bucket, with a cache of its own that stays empty.
+        let bucket = files("c");
+        let (a, b) = (replica("a"), replica("b"));
+        let table = Table::from_csv(b"x,y\n1,a\n2,b\n").expect("csv");
+        let (new, m) = a.put(&table, Provenance::default(), 1).expect("kept");
+        assert!(new);
+        assert!(bucket.exists(&m.id).expect("head"), "in the bucket");
+        assert_eq!(
+            bucket.object(&m.id).to_string(),
+            format!("fleetml/datasets/{}.parquet", m.id)
+        );
+
+        assert!(
+            b.available(&m.id),
+            "seen by the other replica before it fetched"
+        );
+        assert_eq!(b.load(&m.id).expect("fetched by the other replica"), table);
+        assert!(
+            b.local(&m.id)
+                .expect("cached")
+                .starts_with(tmp.path().join("b"))
+        );
+
+        assert!(b.delete(&m.id).expect("deleted"));
+        assert!(!bucket.exists(&m.id).expect("head"), "gone from the bucket");
+        assert!(!b.available(&m.id));
+        assert!(b.load(&m.id).is_err());
+        assert!(a.get(&m.id).expect("reads").is_none(), "manifest gone too");
     }
 
     /// The last store dropped on an async runtime's worker (as at the control plane's

@@ -681,10 +681,11 @@ fn forged_and_malformed_messages_are_counted_and_never_stored() {
     assert!(plane.messages("pi-05").is_empty());
 }
 
-/// Retention by kind and age in a running control plane: with `--retain event=2s` the
-/// events a device sent are gone once the leader applies retention (at start and every
-/// 10 minutes), its status stays (`--retain status=0` keeps statuses), and the device's
-/// state still shows what it reported.
+/// Retention by kind, age and count in a running control plane: with `--retain
+/// event=2s` the events a device sent are gone once the leader applies retention (at
+/// start and every 10 minutes); `--retain status=0` keeps statuses whatever their age,
+/// and `--retain-count status=2` keeps the newest two of its three; the device's state
+/// still shows what it reported.
 #[test]
 fn the_leader_removes_messages_older_than_their_kind_allows() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -694,7 +695,14 @@ fn the_leader_removes_messages_older_than_their_kind_allows() {
     let mut plane = ControlPlane::start(
         dir,
         Some(broker.port),
-        &["--retain", "event=2s", "--retain", "status=0"],
+        &[
+            "--retain",
+            "event=2s",
+            "--retain",
+            "status=0",
+            "--retain-count",
+            "status=2",
+        ],
     );
     plane
         .fleetctl(dir, &["devices", "enroll", "pi-06", "--out", "pi-06.toml"])
@@ -725,10 +733,12 @@ fn the_leader_removes_messages_older_than_their_kind_allows() {
         dropped_windows: 0,
         will_seq: None,
     });
-    sent.push(telemetry::seal(&id, 3, 0, status, &secret));
+    for seq in 3..6 {
+        sent.push(telemetry::seal(&id, seq, 0, status.clone(), &secret));
+    }
     publish_raw(broker.port, "pi-06-test", &sent);
-    wait_for("four messages stored", WAIT, || {
-        (plane.messages("pi-06").len() == 4).then_some(())
+    wait_for("six messages stored", WAIT, || {
+        (plane.messages("pi-06").len() == 6).then_some(())
     });
     std::thread::sleep(Duration::from_secs(3));
     plane.restart();
@@ -737,7 +747,11 @@ fn the_leader_removes_messages_older_than_their_kind_allows() {
         (of_kind(&m, "event").is_empty()).then_some(())
     });
     let messages = plane.messages("pi-06");
-    assert_eq!(seqs(&messages), [3], "the status stays: {messages:#?}");
+    assert_eq!(
+        seqs(&messages),
+        [4, 5],
+        "the two newest statuses stay: {messages:#?}"
+    );
     let view = plane.get("/v1/devices/pi-06");
     assert!(view.to_string().contains("raspberry-pi-4"), "{view:#}");
 }

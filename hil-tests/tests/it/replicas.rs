@@ -205,7 +205,8 @@ fn two_replicas(
             name,
             board,
             "site=lab",
-            "telemetry_resend_after_s = 5",
+            // Small windows and an alert on the first drifted one, for the drift step.
+            "telemetry_resend_after_s = 5\nwindow_predictions = 200\nalert_windows = 1",
         );
         if i == 2 {
             let config = dir.join(format!("{name}.toml"));
@@ -221,6 +222,34 @@ fn two_replicas(
             (!b.messages(name).is_empty()).then_some(())
         });
     }
+    // A dataset imported through A lands in the bucket; B (its own cache) serves it.
+    let dataset = crate::retrain::import_reference(dir, &a);
+    let through = |plane: &ControlPlane| {
+        let (status, body) = hil_tests::http_with(
+            plane.connect(),
+            "GET",
+            &format!("/v1/datasets/{dataset}/data?format=csv"),
+            &[("authorization", &format!("Bearer {}", plane.token))],
+            b"",
+        )
+        .expect("HTTP");
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        body
+    };
+    let cached = |plane: &ControlPlane| {
+        plane
+            .data_dir
+            .join("datasets")
+            .join(format!("{dataset}.parquet"))
+            .is_file()
+    };
+    assert!(!cached(&b), "B never saw the file");
+    assert_eq!(
+        through(&b),
+        through(&a),
+        "the same rows through both replicas"
+    );
+    assert!(cached(&b), "B fetched it from the bucket");
     // A device keeps what the broker acknowledged until a receipt names it once it has
     // had its first receipt (every 500 ms here); before that a PUBACK is enough.
     std::thread::sleep(Duration::from_secs(2));
@@ -304,6 +333,34 @@ fn two_replicas(
     for (name, _) in devices {
         wait_running(&a, name, 1);
     }
+
+    // Drift after the rollback: drifted traffic on one device, reference traffic on
+    // another; the surviving replica's drift view alerts on the first only.
+    let (reference, drifted) = (
+        crate::monitoring::rows("reference.csv"),
+        crate::monitoring::rows("drifted.csv"),
+    );
+    crate::monitoring::send(&agents[1], &reference[..400]);
+    crate::monitoring::send(&agents[0], &drifted[..600]);
+    let alerting = |rows: &Value, device: &str| {
+        rows.as_array().is_some_and(|r| {
+            r.iter()
+                .any(|r| r["device"] == device && r["alerting"] == true)
+        })
+    };
+    let view = wait_for("pi-a's drift alert through replica a", WAIT, || {
+        let rows = a.get("/v1/drift?model=claims");
+        alerting(&rows, "pi-a").then_some(rows)
+    });
+    let seen = |device: &str| {
+        view.as_array()
+            .is_some_and(|r| r.iter().any(|r| r["device"] == device))
+    };
+    assert!(seen("x86-b"), "x86-b's windows reached the view: {view:#}");
+    assert!(
+        !alerting(&view, "x86-b"),
+        "reference traffic alerts: {view:#}"
+    );
     for agent in agents {
         kill(agent);
     }
