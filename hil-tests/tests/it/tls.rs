@@ -446,3 +446,113 @@ fn postgresql_import_uses_tls_when_the_url_asks_and_checks_the_server() {
         plain.stdout
     );
 }
+
+/// `fleetctl serve --database` over TLS: with `sslmode=require` the control plane keeps
+/// its records in a PostgreSQL that takes only TLS connections, checking the server's
+/// certificate against PGSSLROOTCERT; a server certified by another CA is refused at
+/// start. The URL's password appears in no log line, even at debug level, and not in
+/// the refusal.
+#[test]
+fn serve_keeps_its_records_in_postgresql_over_tls_and_never_logs_the_password() {
+    use hil_tests::fleet::Postgres;
+    const PASSWORD: &str = "pg-s3cret-7f3a";
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    for args in [
+        &["tls", "ca", "--dir", "pg-ca"][..],
+        &["tls", "ca", "--dir", "other-ca"],
+        &[
+            "tls",
+            "issue",
+            "--ca-dir",
+            "pg-ca",
+            "--name",
+            "127.0.0.1",
+            "--out",
+            "pg",
+        ],
+    ] {
+        fleetctl(dir, args).success();
+    }
+    let pg = Postgres::start_tls(&dir.join("pg.pem"), &dir.join("pg.key"));
+    let url = format!(
+        "{}?sslmode=require",
+        pg.create_database("fleet")
+            .replace("postgres@", &format!("postgres:{PASSWORD}@"))
+    );
+    let serve = |ca: &str, log: &Path| {
+        let mut cmd = Command::new(bin("fleetctl"));
+        cmd.current_dir(dir)
+            .args(["serve", "--data-dir", "plane", "--insecure-listen"])
+            .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--mqtt-listen", &format!("127.0.0.1:{}", free_port())])
+            .env("FLEETML_DATABASE_URL", &url)
+            .env("PGSSLROOTCERT", dir.join(ca).join("ca.pem"))
+            .env("RUST_LOG", "debug")
+            .stderr(std::fs::File::create(log).expect("log file"));
+        cmd
+    };
+
+    // Another CA's server: refused at start, the password in neither output.
+    // (exits_within reads its stderr.)
+    let (code, refused) = exits_within(
+        serve("other-ca", &dir.join("refused.log")),
+        Duration::from_secs(60),
+    );
+    assert_ne!(code, Some(0), "{refused}");
+    assert!(refused.contains("TLS"), "{refused}");
+    assert!(
+        !refused.contains(PASSWORD),
+        "the password leaked: {refused}"
+    );
+
+    // The right CA: it serves, and what it stores is in PostgreSQL.
+    let mut child = serve("pg-ca", &dir.join("serve.log"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("serve starts");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
+        &mut line,
+    )
+    .expect("serve prints its address");
+    let addr = line
+        .trim()
+        .strip_prefix("control plane listening on http://")
+        .unwrap_or_else(|| panic!("{line}"))
+        .to_string();
+    let token = std::fs::read_to_string(dir.join("plane/admin.token")).expect("token");
+    let call = |method: &str, path: &str, body: &[u8]| {
+        let stream = std::net::TcpStream::connect(&addr).expect("connects");
+        hil_tests::http_with(
+            stream,
+            method,
+            path,
+            &[
+                ("authorization", &format!("Bearer {}", token.trim())),
+                ("content-type", "application/json"),
+            ],
+            body,
+        )
+        .expect("HTTP")
+    };
+    let (status, body) = call("POST", "/v1/devices", br#"{"id": "pi-tls"}"#);
+    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
+    // Written through to the database: psql (over TLS, as pg_hba.conf allows no other
+    // way) removes the row, and the device is gone from the API.
+    pg.sql_in("fleet", "DELETE FROM devices WHERE id = 'pi-tls'");
+    let (_, list) = call("GET", "/v1/devices", b"");
+    assert!(
+        !String::from_utf8_lossy(&list).contains("pi-tls"),
+        "the device was not in PostgreSQL: {}",
+        String::from_utf8_lossy(&list)
+    );
+    hil_tests::fleet::terminate(&mut child);
+    let log = std::fs::read_to_string(dir.join("serve.log")).expect("log");
+    assert!(
+        log.contains("the control plane's state is in PostgreSQL"),
+        "{log}"
+    );
+    assert!(!log.contains(PASSWORD), "the password leaked into the log");
+}
