@@ -385,7 +385,7 @@ fn a_rollout_in_waves_reaches_exactly_the_selected_devices_in_order_and_a_rollba
 /// (dropped and created empty) and restored (`pg_restore`), and the control plane starts
 /// again with nothing of its state on its disk (no sled database): a rollback finds the
 /// rollout, assignments, devices, tokens and message log where they were, and the audit
-/// chain still verifies.
+/// chain still verifies. Last, a database a newer release migrated is refused at start.
 #[test]
 fn with_postgresql_the_fleet_survives_a_backup_wipe_and_restore() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -400,7 +400,7 @@ fn with_postgresql_the_fleet_survives_a_backup_wipe_and_restore() {
         "127.0.0.1",
         None,
         &["--trust", "trust.toml"],
-        vec![("FLEETML_DATABASE_URL".into(), url)],
+        vec![("FLEETML_DATABASE_URL".into(), url.clone())],
     );
     assert!(
         !plane.data_dir.join("fleet.db").exists(),
@@ -475,6 +475,41 @@ fn with_postgresql_the_fleet_survives_a_backup_wipe_and_restore() {
     for a in agents {
         kill(a);
     }
+
+    // A database a newer fleetctl migrated: serve refuses to start, naming both schema
+    // versions, and leaves it as it was.
+    plane.stop();
+    let future = "INSERT INTO refinery_schema_history (version, name, applied_on, checksum) \
+                  VALUES (9999, 'from_the_future', '2030-01-01T00:00:00Z', '0')";
+    pg.sql_in("fleet", future);
+    let mut serve = std::process::Command::new(hil_tests::bin("fleetctl"));
+    serve
+        .current_dir(dir)
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(&plane.data_dir)
+        .args(["--insecure-listen", "--trust", "trust.toml"])
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{}", hil_tests::fleet::free_port()),
+        ])
+        .args([
+            "--mqtt-listen",
+            &format!("127.0.0.1:{}", hil_tests::fleet::free_port()),
+        ])
+        .env("FLEETML_DATABASE_URL", &url);
+    let (code, refused) = crate::tls::exits_within(serve, Duration::from_secs(60));
+    assert_ne!(code, Some(0), "{refused}");
+    assert!(
+        refused.contains("version 9999") && !refused.contains("s3cret-pw"),
+        "{refused}"
+    );
+    // Still there: the refusal changed nothing.
+    pg.sql_in(
+        "fleet",
+        "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM refinery_schema_history WHERE version = 9999) \
+         THEN RAISE EXCEPTION 'the newer version was removed'; END IF; END $$",
+    );
 }
 
 #[test]

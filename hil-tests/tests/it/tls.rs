@@ -16,7 +16,7 @@ use hil_tests::{Run, bin, fleetctl};
 use crate::rollout::enroll;
 
 /// Runs `cmd` and expects it to exit within `within`: its exit code and stderr.
-fn exits_within(mut cmd: Command, within: Duration) -> (Option<i32>, String) {
+pub(crate) fn exits_within(mut cmd: Command, within: Duration) -> (Option<i32>, String) {
     let mut child = cmd
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
