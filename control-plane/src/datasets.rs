@@ -506,9 +506,10 @@ impl Datasets {
         self.files.local(id)
     }
 
-    /// Whether the file of dataset `id` is kept (without fetching it).
-    pub fn available(&self, id: &str) -> bool {
-        self.files.exists(id).unwrap_or(false)
+    /// Whether the file of dataset `id` is kept (without fetching it); an error when
+    /// the store that keeps it does not answer.
+    pub fn available(&self, id: &str) -> std::io::Result<bool> {
+        self.files.exists(id)
     }
 
     /// Keeps `table` (once per content); `false` when it was already there.
@@ -599,13 +600,14 @@ impl Datasets {
         Table::from_parquet(bytes)
     }
 
-    /// Deletes a dataset (its manifest, then its file); `false` when there was none.
+    /// Deletes a dataset (its file, then its manifest); `false` when there was none.
+    /// The file goes first: when removing it fails (object storage away), the manifest
+    /// stays, so the delete can be sent again rather than leaving a file no call finds.
     pub fn delete(&self, id: &str) -> Result<bool, StoreError> {
-        let existed = self.store.remove_dataset(id)?;
         self.files
             .remove(id)
             .map_err(|e| StoreError::unavailable(format_args!("removing dataset {id}"), e))?;
-        Ok(existed)
+        self.store.remove_dataset(id)
     }
 }
 

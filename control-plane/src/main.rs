@@ -208,12 +208,13 @@ mod tests {
                 "--retain-count",
                 "status=1000",
                 "--retain-count",
-                "window=0"
+                "window=1"
             ])
             .is_ok()
         );
         for (bad, says) in [
             ("status", "expected KIND=N"),
+            ("window=0", "would remove every window message"),
             ("statuses=5", "not a kind of message"),
             ("status=-1", "not a count of messages"),
             ("status=lots", "not a count of messages"),

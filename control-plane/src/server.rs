@@ -317,6 +317,11 @@ fn open_blobs(opts: &Options) -> anyhow::Result<Blobs> {
                 blobs = url,
                 "bundle and dataset files are in object storage"
             );
+            // Datasets an earlier release kept only on this replica's disk.
+            let pushed = datasets.push_cached()?;
+            if pushed > 0 {
+                tracing::info!(pushed, "datasets from DATA_DIR/datasets uploaded");
+            }
             (Arc::new(bundles), Arc::new(datasets))
         }
         Some(dir) => (

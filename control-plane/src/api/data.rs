@@ -122,6 +122,22 @@ pub async fn list(State(plane): State<Arc<Plane>>) -> Api<axum::Json<Value>> {
     ))
 }
 
+/// A dataset file that could not be read: 410 when it is gone, 503 when the store
+/// keeping it (object storage) does not answer.
+fn file_error(id: &str, e: std::io::Error) -> ApiError {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        ApiError(
+            StatusCode::GONE,
+            format!("dataset {id} is not available: {e}"),
+        )
+    } else {
+        ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("dataset {id} cannot be read now ({e}); try again"),
+        )
+    }
+}
+
 pub async fn show(
     State(plane): State<Arc<Plane>>,
     UrlPath(id): UrlPath<String>,
@@ -129,7 +145,8 @@ pub async fn show(
     let m = dataset(&plane, &id)?;
     let (p, id) = (plane.clone(), m.id.clone());
     // Object storage answers over the network.
-    let available = blocking(move || Ok(p.datasets.available(&id))).await?;
+    let available =
+        blocking(move || p.datasets.available(&id).map_err(|e| file_error(&id, e))).await?;
     let mut v = serde_json::to_value(m).map_err(ApiError::internal)?;
     v["available"] = json!(available);
     Ok(axum::Json(v))
@@ -155,12 +172,7 @@ pub async fn data(
                 .datasets
                 .local(&m.id)
                 .and_then(std::fs::read)
-                .map_err(|e| {
-                    ApiError(
-                        StatusCode::GONE,
-                        format!("dataset {} is not available: {e}", m.id),
-                    )
-                })?;
+                .map_err(|e| file_error(&m.id, e))?;
             Ok((
                 [(header::CONTENT_TYPE, "application/vnd.apache.parquet")],
                 bytes,

@@ -241,8 +241,8 @@ pub(crate) async fn send(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!(
                     "the broker took no command for {} s (it is down, or too busy to \
-                     acknowledge); command {command_id} was not sent: check the broker \
-                     and send it again",
+                     acknowledge); command {command_id} may not have been sent: check the \
+                     broker and send it again",
                     COMMAND_STALL.as_secs()
                 ),
             ))
@@ -251,9 +251,9 @@ pub(crate) async fn send(
 }
 
 /// How long one command may wait for room in the commands session's queue. Room
-/// frees as the broker acknowledges what was sent before; a broker that is away frees
-/// none, and waiting on it would hold the request (and the rollout engine) until it
-/// came back.
+/// frees as the session sends, which it stops doing while it is disconnected or while
+/// about 100 commands wait for the broker's acknowledgement; waiting on such a broker
+/// would hold the request (and the rollout engine) until it came back.
 pub(crate) const COMMAND_STALL: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Counter: commands not sent because the broker took none for [`COMMAND_STALL`].

@@ -162,7 +162,13 @@ pub async fn reproduce(
         let training = original.training_dataset.clone().ok_or_else(|| {
             ApiError::unprocessable(format!("job {origin} recorded no training dataset"))
         })?;
-        if p.datasets.get(&training)?.is_none() || !p.datasets.available(&training) {
+        let kept = p.datasets.available(&training).map_err(|e| {
+            ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("dataset {training} cannot be read now ({e}); try again"),
+            )
+        })?;
+        if p.datasets.get(&training)?.is_none() || !kept {
             return Err(ApiError(
                 StatusCode::CONFLICT,
                 format!(

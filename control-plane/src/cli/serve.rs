@@ -66,8 +66,8 @@ pub(crate) struct ServeArgs {
     retain: Vec<(String, std::time::Duration)>,
     /// How many messages of a kind the message log keeps per device, newest first:
     /// KIND=N, repeatable (status=1000 keeps each device's last 1,000 statuses, whatever
-    /// their age). No default: a kind not named is limited by --retain and
-    /// --retain-messages only. Applied by the leader before --retain-messages.
+    /// their age); N is 1 or more. No default: a kind not named is limited by --retain
+    /// and --retain-messages only. Applied by the leader before --retain-messages.
     #[arg(long = "retain-count", value_name = "KIND=N", value_parser = parse_retain_count)]
     retain_count: Vec<(String, usize)>,
     /// Window reports older than this are thinned to the first of each device, model and
@@ -342,9 +342,16 @@ fn parse_retain(text: &str) -> Result<(String, std::time::Duration), String> {
 /// `KIND=N` of `--retain-count`.
 fn parse_retain_count(text: &str) -> Result<(String, usize), String> {
     let (kind, n) = kind_and(text, "KIND=N, like status=1000")?;
-    let n = n.trim().parse().map_err(|_| {
-        format!("`{text}`: `{n}` is not a count of messages (a whole number, 0 or more)")
+    let n: usize = n.trim().parse().map_err(|_| {
+        format!("`{text}`: `{n}` is not a count of messages (a whole number, 1 or more)")
     })?;
+    if n == 0 {
+        // Elsewhere 0 means "no limit"; here it would delete every message of the kind.
+        return Err(format!(
+            "`{text}`: a count of 0 would remove every {kind} message; give 1 or more, or \
+             leave {kind} out to keep it without a count limit"
+        ));
+    }
     Ok((kind, n))
 }
 

@@ -29,6 +29,11 @@ impl FileBlobs {
         })
     }
 
+    /// The directory the blobs are in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Where blob `digest` is (it may not exist).
     pub fn path(&self, digest: &str) -> PathBuf {
         self.dir.join(format!("{digest}.{}", self.ext))

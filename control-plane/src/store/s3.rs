@@ -139,6 +139,59 @@ impl S3Blobs {
         })
     }
 
+    /// Uploads each blob the cache holds and the bucket lacks, after checking it against
+    /// its name: the datasets a release before this one kept only in
+    /// `DATA_DIR/datasets`, which would otherwise be read by this replica alone and left
+    /// out of the bucket's backups. Returns how many went up; a file whose bytes do not
+    /// hash to its name is reported and left where it is.
+    pub fn push_cached(&self) -> std::io::Result<usize> {
+        use std::io::Write;
+        let suffix = format!(".{}", self.ext);
+        let mut pushed = 0;
+        for entry in std::fs::read_dir(self.cache.dir())? {
+            let path = entry?.path();
+            let Some(digest) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(&suffix))
+                .filter(|d| d.len() == 64 && d.bytes().all(|b| b.is_ascii_hexdigit()))
+                .map(str::to_string)
+            else {
+                continue;
+            };
+            if self.in_bucket(&digest)? {
+                continue;
+            }
+            let bytes = std::fs::read(&path)?;
+            let seen = hex::encode(ring::digest::digest(&ring::digest::SHA256, &bytes));
+            if seen != digest {
+                tracing::warn!(
+                    file = %path.display(),
+                    "not uploaded: its bytes hash to {seen}, not to its name"
+                );
+                continue;
+            }
+            let mut file = self.cache.incoming()?;
+            file.write_all(&bytes)?;
+            file.as_file().sync_all()?;
+            self.keep(file, &digest)?;
+            pushed += 1;
+        }
+        Ok(pushed)
+    }
+
+    /// Whether object `digest` is in the bucket.
+    fn in_bucket(&self, digest: &str) -> std::io::Result<bool> {
+        let object = self.object(digest);
+        self.block(async {
+            match self.store.head(&object).await {
+                Ok(_) => Ok(true),
+                Err(object_store::Error::NotFound { .. }) => Ok(false),
+                Err(e) => Err(io(format!("reading {object} from {}", self.url), e)),
+            }
+        })
+    }
+
     fn object(&self, digest: &str) -> ObjectPath {
         let name = format!("{digest}.{}", self.ext);
         if self.prefix.is_empty() {
@@ -238,17 +291,7 @@ impl BlobStore for S3Blobs {
     }
 
     fn exists(&self, digest: &str) -> std::io::Result<bool> {
-        if self.cache.path(digest).is_file() {
-            return Ok(true);
-        }
-        let object = self.object(digest);
-        self.block(async {
-            match self.store.head(&object).await {
-                Ok(_) => Ok(true),
-                Err(object_store::Error::NotFound { .. }) => Ok(false),
-                Err(e) => Err(io(format!("reading {object} from {}", self.url), e)),
-            }
-        })
+        Ok(self.cache.path(digest).is_file() || self.in_bucket(digest)?)
     }
 
     fn remove(&self, digest: &str) -> std::io::Result<()> {
@@ -359,7 +402,7 @@ mod tests {
         );
 
         assert!(
-            b.available(&m.id),
+            b.available(&m.id).expect("head"),
             "seen by the other replica before it fetched"
         );
         assert_eq!(b.load(&m.id).expect("fetched by the other replica"), table);
@@ -369,9 +412,30 @@ mod tests {
                 .starts_with(tmp.path().join("b"))
         );
 
+        // A dataset an earlier release kept only in one replica's DATA_DIR/datasets goes
+        // up at start; a file whose bytes do not match its name does not.
+        let older = Table::from_csv(b"x,y\n3,c\n")
+            .expect("csv")
+            .to_parquet()
+            .expect("parquet");
+        let older_id = digest(&older);
+        let dir = tmp.path().join("d").join("datasets");
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join(format!("{older_id}.parquet")), &older).expect("write");
+        let bad = digest(b"claimed");
+        std::fs::write(dir.join(format!("{bad}.parquet")), b"other bytes").expect("write");
+        let d = files("d");
+        assert_eq!(d.push_cached().expect("pushed"), 1);
+        assert!(bucket.exists(&older_id).expect("head"), "uploaded");
+        assert!(
+            !bucket.exists(&bad).expect("head"),
+            "a mismatched file stays local"
+        );
+        assert_eq!(d.push_cached().expect("pushed"), 0, "once");
+
         assert!(b.delete(&m.id).expect("deleted"));
         assert!(!bucket.exists(&m.id).expect("head"), "gone from the bucket");
-        assert!(!b.available(&m.id));
+        assert!(!b.available(&m.id).expect("head"));
         assert!(b.load(&m.id).is_err());
         assert!(a.get(&m.id).expect("reads").is_none(), "manifest gone too");
     }

@@ -348,15 +348,18 @@ fn two_replicas(
                 .any(|r| r["device"] == device && r["alerting"] == true)
         })
     };
-    let view = wait_for("pi-a's drift alert through replica a", WAIT, || {
-        let rows = a.get("/v1/drift?model=claims");
-        alerting(&rows, "pi-a").then_some(rows)
-    });
-    let seen = |device: &str| {
-        view.as_array()
+    let seen = |rows: &Value, device: &str| {
+        rows.as_array()
             .is_some_and(|r| r.iter().any(|r| r["device"] == device))
     };
-    assert!(seen("x86-b"), "x86-b's windows reached the view: {view:#}");
+    let view = wait_for(
+        "pi-a's drift alert and x86-b's windows through replica a",
+        WAIT,
+        || {
+            let rows = a.get("/v1/drift?model=claims");
+            (alerting(&rows, "pi-a") && seen(&rows, "x86-b")).then_some(rows)
+        },
+    );
     assert!(
         !alerting(&view, "x86-b"),
         "reference traffic alerts: {view:#}"

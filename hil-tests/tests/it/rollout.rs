@@ -476,8 +476,8 @@ fn with_postgresql_the_fleet_survives_a_backup_wipe_and_restore() {
         kill(a);
     }
 
-    // A database a newer fleetctl migrated: serve refuses to start, naming both schema
-    // versions, and leaves it as it was.
+    // A database a newer fleetctl migrated: serve refuses to start, naming the newer
+    // version, and leaves it as it was.
     plane.stop();
     let future = "INSERT INTO refinery_schema_history (version, name, applied_on, checksum) \
                   VALUES (9999, 'from_the_future', '2030-01-01T00:00:00Z', '0')";
@@ -1197,7 +1197,9 @@ fn a_command_the_broker_loses_is_sent_again_and_the_rollout_completes_without_a_
 /// the request limit, and with it the engine that steps every rollout.
 #[test]
 fn a_rollout_started_while_the_broker_is_down_answers_and_counts_the_devices_not_told() {
-    const DEVICES: usize = 1_100;
+    // More than the session's queue (1,024) and the ~100 it may have in flight when it
+    // notices the broker is gone.
+    const DEVICES: usize = 1_500;
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
     keys_and_policy(dir, "k");
@@ -1225,6 +1227,11 @@ fn a_rollout_started_while_the_broker_is_down_answers_and_counts_the_devices_not
         );
     }
     broker.stop();
+    wait_for(
+        "the control plane to notice the broker is gone",
+        WAIT,
+        || (plane.get("/v1/ingest")["broker_connected"] == false).then_some(()),
+    );
 
     let asked = std::time::Instant::now();
     let id = rollout(&plane, dir, &["claims@1", "--to", "all", "--soak", "0s"]);
