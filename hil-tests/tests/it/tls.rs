@@ -381,17 +381,9 @@ fn wait_online(plane: &ControlPlane, id: &str, what: &str) {
     });
 }
 
-/// `fleetctl data import --postgres` speaks TLS when the URL asks (`sslmode=require`),
-/// checking the server's certificate against `--postgres-ca`. Before: the client was
-/// built without TLS, so a server that takes only TLS could not be imported from at all
-/// (the first import below failed with the server's "no pg_hba.conf entry … no
-/// encryption", as the plain one at the end still does).
-#[test]
-fn postgresql_import_uses_tls_when_the_url_asks_and_checks_the_server() {
-    use hil_tests::fleet::Postgres;
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let dir = tmp.path();
-    let plane = ControlPlane::start(dir, None, &[]);
+/// Two CAs in `dir` (`pg-ca`, `other-ca`), a server certificate for 127.0.0.1 from
+/// `pg-ca` (`pg.pem`, `pg.key`), and a PostgreSQL that presents it and takes only TLS.
+fn postgres_with_tls(dir: &Path) -> hil_tests::fleet::Postgres {
     for args in [
         &["tls", "ca", "--dir", "pg-ca"][..],
         &["tls", "ca", "--dir", "other-ca"],
@@ -406,9 +398,22 @@ fn postgresql_import_uses_tls_when_the_url_asks_and_checks_the_server() {
             "pg",
         ],
     ] {
-        plane.fleetctl(dir, args).success();
+        fleetctl(dir, args).success();
     }
-    let pg = Postgres::start_tls(&dir.join("pg.pem"), &dir.join("pg.key"));
+    hil_tests::fleet::Postgres::start_tls(&dir.join("pg.pem"), &dir.join("pg.key"))
+}
+
+/// `fleetctl data import --postgres` speaks TLS when the URL asks (`sslmode=require`),
+/// checking the server's certificate against `--postgres-ca`. Before: the client was
+/// built without TLS, so a server that takes only TLS could not be imported from at all
+/// (the first import below failed with the server's "no pg_hba.conf entry … no
+/// encryption", as the plain one at the end still does).
+#[test]
+fn postgresql_import_uses_tls_when_the_url_asks_and_checks_the_server() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let plane = ControlPlane::start(dir, None, &[]);
+    let pg = postgres_with_tls(dir);
     pg.sql("CREATE TABLE t (x float8, y text); INSERT INTO t VALUES (1.5, 'a'), (2.5, 'b');");
     let import = |url: &str, ca: &str| {
         plane.fleetctl(
@@ -454,27 +459,10 @@ fn postgresql_import_uses_tls_when_the_url_asks_and_checks_the_server() {
 /// the refusal.
 #[test]
 fn serve_keeps_its_records_in_postgresql_over_tls_and_never_logs_the_password() {
-    use hil_tests::fleet::Postgres;
     const PASSWORD: &str = "pg-s3cret-7f3a";
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
-    for args in [
-        &["tls", "ca", "--dir", "pg-ca"][..],
-        &["tls", "ca", "--dir", "other-ca"],
-        &[
-            "tls",
-            "issue",
-            "--ca-dir",
-            "pg-ca",
-            "--name",
-            "127.0.0.1",
-            "--out",
-            "pg",
-        ],
-    ] {
-        fleetctl(dir, args).success();
-    }
-    let pg = Postgres::start_tls(&dir.join("pg.pem"), &dir.join("pg.key"));
+    let pg = postgres_with_tls(dir);
     let url = format!(
         "{}?sslmode=require",
         pg.create_database("fleet")
