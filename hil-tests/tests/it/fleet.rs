@@ -853,7 +853,7 @@ fn webhook_receiver() -> (u16, std::sync::mpsc::Receiver<Value>) {
     (port, rx)
 }
 
-fn metric_sum(text: &str, name: &str, label: &str) -> f64 {
+pub(crate) fn metric_sum(text: &str, name: &str, label: &str) -> f64 {
     text.lines()
         .filter(|l| l.starts_with(name) && l.contains(label))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())

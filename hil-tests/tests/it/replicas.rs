@@ -364,6 +364,30 @@ fn two_replicas(
         !alerting(&view, "x86-b"),
         "reference traffic alerts: {view:#}"
     );
+
+    // Every message each agent sealed, through the kills, is stored exactly once: its
+    // outbox empties (a message leaves it only when a receipt names it, and a replica
+    // sends receipts only for what is stored), and what is stored is every sequence
+    // number from the agent's first (nothing older waits in the outbox), once.
+    for ((name, _), agent) in devices.iter().zip(&agents) {
+        wait_for(
+            &format!("{name}'s outbox to empty on receipts"),
+            WAIT,
+            || {
+                let (_, text) = agent.request("GET", "/metrics", &Value::Null);
+                let depth = crate::fleet::metric_sum(
+                    text.as_str().unwrap_or_default(),
+                    "fleetml_agent_outbox_depth",
+                    "",
+                );
+                (depth == 0.0).then_some(())
+            },
+        );
+        // An agent numbers its messages from a base of its own, without holes.
+        let seqs = stored(&a, name);
+        let all: Vec<u64> = (seqs[0]..seqs[0] + seqs.len() as u64).collect();
+        assert_eq!(seqs, all, "{name}: stored is not every sealed message once");
+    }
     for agent in agents {
         kill(agent);
     }
