@@ -11,7 +11,7 @@
 //! rows in the same order always get the same name.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use arrow_array::{Array, ArrayRef, Float64Array, RecordBatch, StringArray};
@@ -489,13 +489,6 @@ impl std::fmt::Debug for Datasets {
 }
 
 impl Datasets {
-    /// Manifests in `store`, Parquet files under `dir` (created if missing).
-    pub fn open(store: Arc<dyn DatasetStore>, dir: &Path) -> Result<Datasets, StoreError> {
-        let files = crate::store::blobs::FileBlobs::open_with_ext(dir, "parquet")
-            .map_err(|e| StoreError::unavailable(dir.display(), e))?;
-        Ok(Datasets::open_in(store, Arc::new(files)))
-    }
-
     /// Manifests in `store`, Parquet files in `files`.
     pub fn open_in(store: Arc<dyn DatasetStore>, files: Arc<dyn BlobStore>) -> Datasets {
         Datasets { store, files }

@@ -171,14 +171,16 @@ mod tests {
         super::Cli::command().debug_assert();
     }
 
+    /// `fleetctl serve --data-dir d EXTRA…` parsed.
+    fn serve(extra: &[&str]) -> Result<super::Cli, clap::Error> {
+        use clap::Parser;
+        super::Cli::try_parse_from(["fleetctl", "serve", "--data-dir", "d"].iter().chain(extra))
+    }
+
     /// `--blocking-threads` defaults to 64 and refuses 0 (tokio would panic on it) and
     /// more than 4,096, naming the flag.
     #[test]
     fn blocking_threads_are_bounded() {
-        use clap::Parser;
-        let serve = |extra: &[&str]| {
-            super::Cli::try_parse_from(["fleetctl", "serve", "--data-dir", "d"].iter().chain(extra))
-        };
         let Ok(super::Cli {
             command: super::Command::Serve(a),
             ..
@@ -199,10 +201,6 @@ mod tests {
     /// which part of a bad one is wrong.
     #[test]
     fn retain_count_names_what_is_wrong() {
-        use clap::Parser;
-        let serve = |extra: &[&str]| {
-            super::Cli::try_parse_from(["fleetctl", "serve", "--data-dir", "d"].iter().chain(extra))
-        };
         assert!(
             serve(&[
                 "--retain-count",

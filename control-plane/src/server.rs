@@ -296,20 +296,20 @@ fn open_store(opts: &Options) -> anyhow::Result<Arc<dyn Store>> {
     }
 }
 
-/// The blob store `--blobs` names: S3-compatible object storage (`s3://…`, cached in
-/// DATA_DIR/blob-cache) or a folder (default DATA_DIR/blobs).
-/// Where bundle files and dataset files are kept (`--blobs`): with object storage both
-/// are there (datasets under `PREFIX/datasets/`); otherwise bundles are in the folder
-/// named and datasets in `DATA_DIR/datasets`.
+/// Bundle files, then dataset files.
 type Blobs = (
     Arc<dyn crate::store::BlobStore>,
     Arc<dyn crate::store::BlobStore>,
 );
 
+/// Where bundle and dataset files are kept (`--blobs`): S3-compatible object storage
+/// (`s3://…`) holds both, datasets under `PREFIX/datasets/` (cached in DATA_DIR/blob-cache
+/// and DATA_DIR/datasets); otherwise bundles are in the folder named (default
+/// DATA_DIR/blobs) and datasets in DATA_DIR/datasets.
 fn open_blobs(opts: &Options) -> anyhow::Result<Blobs> {
     use crate::store::blobs::FileBlobs;
     let datasets = opts.data_dir.join("datasets");
-    Ok(match opts.blobs.as_deref() {
+    let bundles = match opts.blobs.as_deref() {
         Some(url) if url.starts_with("s3://") => {
             let bundles = crate::store::s3::S3Blobs::open(url, &opts.data_dir.join("blob-cache"))?;
             let datasets = bundles.scoped("datasets", "parquet", &datasets)?;
@@ -322,17 +322,15 @@ fn open_blobs(opts: &Options) -> anyhow::Result<Blobs> {
             if pushed > 0 {
                 tracing::info!(pushed, "datasets from DATA_DIR/datasets uploaded");
             }
-            (Arc::new(bundles), Arc::new(datasets))
+            return Ok((Arc::new(bundles), Arc::new(datasets)));
         }
-        Some(dir) => (
-            Arc::new(FileBlobs::open(Path::new(dir))?),
-            Arc::new(FileBlobs::open_with_ext(&datasets, "parquet")?),
-        ),
-        None => (
-            Arc::new(FileBlobs::open(&opts.data_dir.join("blobs"))?),
-            Arc::new(FileBlobs::open_with_ext(&datasets, "parquet")?),
-        ),
-    })
+        Some(dir) => FileBlobs::open(Path::new(dir))?,
+        None => FileBlobs::open(&opts.data_dir.join("blobs"))?,
+    };
+    Ok((
+        Arc::new(bundles),
+        Arc::new(FileBlobs::open_with_ext(&datasets, "parquet")?),
+    ))
 }
 
 /// Starts rumqttd on `addr` (its own threads) and waits until it accepts connections.
@@ -1104,7 +1102,9 @@ fn spawn_retention(
                 let mut pruned = p.ingest.store.expire_messages(&rules, now_ms())?;
                 if keep > 0 || !per_kind.is_empty() {
                     for d in p.ingest.store.devices()? {
-                        pruned += p.ingest.store.prune_kinds(&d.id, &per_kind)?;
+                        if !per_kind.is_empty() {
+                            pruned += p.ingest.store.prune_kinds(&d.id, &per_kind)?;
+                        }
                         if keep > 0 {
                             pruned += p.ingest.store.prune_messages(&d.id, keep)?;
                         }

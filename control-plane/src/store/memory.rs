@@ -160,21 +160,11 @@ impl FleetStore for MemoryStore {
         keep: &std::collections::BTreeMap<String, usize>,
     ) -> Result<u64, StoreError> {
         let mut inner = self.inner();
-        let mut of_kind: std::collections::BTreeMap<&str, Vec<u64>> = Default::default();
-        for ((_, seq), e) in inner
+        let messages = inner
             .messages
             .range((device.clone(), 0)..=(device.clone(), u64::MAX))
-        {
-            let kind = e.body.kind();
-            if keep.contains_key(kind) {
-                of_kind.entry(kind).or_default().push(*seq);
-            }
-        }
-        let mut gone = Vec::new();
-        for (kind, seqs) in &of_kind {
-            let drop = seqs.len().saturating_sub(keep[*kind]);
-            gone.extend_from_slice(&seqs[..drop]);
-        }
+            .map(|((_, seq), e)| (e.body.kind(), *seq));
+        let gone = super::beyond_kept(messages, keep);
         for s in &gone {
             inner.messages.remove(&(device.clone(), *s));
             inner.stored_ms.remove(&(device.clone(), *s));

@@ -636,6 +636,29 @@ impl<T> Store for T where
 {
 }
 
+/// Of one device's messages, oldest first as `(kind, id)`, the ids of those beyond the
+/// newest `keep[kind]` of their kind ([`FleetStore::prune_kinds`]); kinds `keep` does
+/// not name stay.
+pub(crate) fn beyond_kept<'k, I>(
+    messages: impl IntoIterator<Item = (&'k str, I)>,
+    keep: &BTreeMap<String, usize>,
+) -> Vec<I> {
+    let mut of_kind: BTreeMap<&str, Vec<I>> = BTreeMap::new();
+    for (kind, id) in messages {
+        if keep.contains_key(kind) {
+            of_kind.entry(kind).or_default().push(id);
+        }
+    }
+    of_kind
+        .into_iter()
+        .flat_map(|(kind, mut ids)| {
+            let newest = ids.len().saturating_sub(keep[kind]);
+            ids.truncate(newest);
+            ids
+        })
+        .collect()
+}
+
 /// `devices`, in their order, each with its brief state ([`DeviceState::brief`];
 /// [`DeviceState::default`] when it has none yet), read with
 /// [`FleetStore::brief_states_named`]: what the device list, the fleet metrics and the

@@ -726,9 +726,6 @@ impl FleetStore for PgStore {
         device: &DeviceId,
         keep: &std::collections::BTreeMap<String, usize>,
     ) -> Result<u64, StoreError> {
-        if keep.is_empty() {
-            return Ok(0);
-        }
         let (kinds, counts): (Vec<&str>, Vec<i64>) = keep
             .iter()
             .map(|(k, n)| (k.as_str(), i64::try_from(*n).unwrap_or(i64::MAX)))

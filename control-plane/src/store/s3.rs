@@ -163,7 +163,7 @@ impl S3Blobs {
                 continue;
             }
             let bytes = std::fs::read(&path)?;
-            let seen = hex::encode(ring::digest::digest(&ring::digest::SHA256, &bytes));
+            let seen = fleetml_protocol::crypto::sha256(&bytes).to_string();
             if seen != digest {
                 tracing::warn!(
                     file = %path.display(),

@@ -395,33 +395,25 @@ impl FleetStore for SledStore {
         device: &DeviceId,
         keep: &std::collections::BTreeMap<String, usize>,
     ) -> Result<u64, StoreError> {
-        if keep.is_empty() {
-            return Ok(0);
-        }
         let mut end = device.as_str().as_bytes().to_vec();
         end.push(1);
-        // Each kind's keys, oldest first (the meta tree has the message tree's keys).
-        let mut of_kind: std::collections::BTreeMap<&str, Vec<::sled::IVec>> = Default::default();
+        // The meta tree has the message tree's keys, oldest first, and each one's kind.
+        let mut messages = Vec::new();
         for kv in self.message_meta.range(Self::key(device, 0)..end) {
             let (key, v) = kv?;
-            let kind = v.get(8).and_then(|i| super::KINDS.get(*i as usize));
-            if let Some(kind) = kind.filter(|k| keep.contains_key(**k)) {
-                of_kind.entry(kind).or_default().push(key);
+            if let Some(kind) = v.get(8).and_then(|i| super::KINDS.get(*i as usize)) {
+                messages.push((*kind, key));
             }
         }
+        let gone = super::beyond_kept(messages, keep);
         let mut batch = ::sled::Batch::default();
-        let mut dropped = 0u64;
-        for (kind, keys) in &of_kind {
-            let drop = keys.len().saturating_sub(keep[*kind]);
-            for k in &keys[..drop] {
-                batch.remove(k.clone());
-            }
-            dropped += drop as u64;
+        for key in &gone {
+            batch.remove(key.clone());
         }
         self.message_meta.apply_batch(batch.clone())?;
         self.messages.apply_batch(batch)?;
         self.messages.flush()?;
-        Ok(dropped)
+        Ok(gone.len() as u64)
     }
 
     fn expire_messages(&self, rules: &super::AgeRules, now_ms: u64) -> Result<u64, StoreError> {
